@@ -1,0 +1,40 @@
+GO      ?= go
+GOFLAGS ?=
+BIN     := bin
+
+.PHONY: all build deps test vet bench generate clean demo-image
+
+all: build
+
+build: $(BIN)/fireworks $(BIN)/fireworks-init
+
+# The guest init must be static: it runs as PID 1 in an initramfs with no libc.
+$(BIN)/fireworks-init: FORCE
+	CGO_ENABLED=0 $(GO) build $(GOFLAGS) -trimpath -ldflags='-s -w' -o $@ ./cmd/fireworks-init
+
+$(BIN)/fireworks: FORCE
+	$(GO) build $(GOFLAGS) -trimpath -o $@ ./cmd/fireworks
+
+deps:
+	./scripts/install-deps.sh
+
+vet:
+	$(GO) vet ./...
+
+# The one test command (README and .ci/run use exactly this).
+test:
+	$(GO) test -count=1 -timeout 40m ./...
+
+bench: build
+	$(GO) run ./cmd/fireworks-bench -out bench-results.json
+
+generate:
+	protoc -I api -I /usr/include \
+	  --go_out=internal/api --go_opt=module=github.com/fireworks-sandbox/fireworks/internal/api \
+	  --connect-go_out=internal/api --connect-go_opt=module=github.com/fireworks-sandbox/fireworks/internal/api \
+	  api/fireworks/v1/fireworks.proto
+
+clean:
+	rm -rf $(BIN)
+
+FORCE:

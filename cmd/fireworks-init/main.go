@@ -1,0 +1,21 @@
+// Command fireworks-init is PID 1 inside every Fireworks guest. It is built
+// static (CGO_ENABLED=0) and placed at /init in the initramfs.
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/fireworks-sandbox/fireworks/internal/guest/initd"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	if os.Getpid() != 1 {
+		fmt.Fprintln(os.Stderr, "fireworks-init: must run as PID 1 inside a Fireworks guest")
+		os.Exit(2)
+	}
+	initd.Main(version)
+}

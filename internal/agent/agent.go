@@ -1,0 +1,788 @@
+// Package agent is the node side of Fireworks: it owns the VMM processes of the sandboxes
+// placed on this node, their disks, sockets and output logs, and reports every lifecycle
+// change to the replicated state store. In `fireworks dev` it runs in the server's process.
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+	"github.com/fireworks-sandbox/fireworks/internal/image"
+	"github.com/fireworks-sandbox/fireworks/internal/sandboxlog"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/vmm"
+)
+
+// Config is the node's configuration.
+type Config struct {
+	DataDir    string
+	Node       string
+	InitBinary string
+	// Accel forces "kvm" or "tcg"; empty means detect.
+	Accel string
+	// Limits on one sandbox; zero means derived from the host.
+	MaxVCPUs     int
+	MaxMemoryMiB int
+	// Defaults when a request names none.
+	DefaultVCPUs     int
+	DefaultMemoryMiB int
+	// ScratchMiB is the size of each sandbox's writable disk (sparse).
+	ScratchMiB int
+	// BootTimeout bounds the time from VMM start to the guest's handshake.
+	BootTimeout time.Duration
+	Logger      *slog.Logger
+}
+
+// Store is the part of the state store the agent writes to.
+type Store interface {
+	UpdateSandbox(ctx context.Context, id string, u state.Update) (state.Sandbox, error)
+	GetSandbox(ctx context.Context, idOrName string) (state.Sandbox, error)
+	ListSandboxes(ctx context.Context) ([]state.Sandbox, error)
+}
+
+// Agent runs sandboxes on this node.
+type Agent struct {
+	cfg     Config
+	log     *slog.Logger
+	store   Store
+	images  *image.Store
+	driver  vmm.Driver
+	kernel  *assets.Kernel
+	initrd  *assets.Initramfs
+	accel   vmm.AccelChoice
+	scratch string // template of an empty formatted scratch disk
+
+	ctx    context.Context // lifetime of all sandbox goroutines: a VM's life never hangs off a request
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu   sync.Mutex
+	live map[string]*sandbox
+}
+
+// ErrNotRunning means the sandbox has no live VM on this node.
+var ErrNotRunning = errors.New("sandbox is not running")
+
+// New prepares the node: guest kernel and initramfs, accelerator choice, image store, and a
+// sweep of what an earlier run left behind.
+func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Node == "" {
+		cfg.Node, _ = os.Hostname()
+	}
+	if cfg.MaxVCPUs == 0 {
+		cfg.MaxVCPUs = runtime.NumCPU()
+	}
+	if cfg.MaxMemoryMiB == 0 {
+		cfg.MaxMemoryMiB = int(hostMemoryMiB() * 3 / 4)
+	}
+	if cfg.DefaultVCPUs == 0 {
+		cfg.DefaultVCPUs = 1
+	}
+	if cfg.DefaultMemoryMiB == 0 {
+		cfg.DefaultMemoryMiB = 256
+	}
+	if cfg.ScratchMiB == 0 {
+		cfg.ScratchMiB = 2048
+	}
+	if cfg.BootTimeout == 0 {
+		cfg.BootTimeout = 90 * time.Second
+	}
+	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}}
+	for _, d := range []string{a.runRoot(), a.sandboxRoot(), a.assetDir()} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("create agent directory %s: %w", d, err)
+		}
+	}
+	var err error
+	if a.kernel, err = assets.EnsureKernel(ctx, a.assetDir()); err != nil {
+		return nil, fmt.Errorf("prepare guest kernel: %w", err)
+	}
+	if a.initrd, err = assets.BuildInitramfs(ctx, a.assetDir(), a.kernel, cfg.InitBinary); err != nil {
+		return nil, fmt.Errorf("build initramfs from %s: %w", cfg.InitBinary, err)
+	}
+	if a.images, err = image.Open(filepath.Join(cfg.DataDir, "images")); err != nil {
+		return nil, fmt.Errorf("open image store: %w", err)
+	}
+	a.accel = vmm.DetectAccel(ctx, a.assetDir(), cfg.Accel, a.kernel.Vmlinux)
+	a.log.Info("accelerator chosen", "accel", a.accel.Accel, "reason", a.accel.Reason)
+	limits := vmm.Limits{MaxVCPUs: cfg.MaxVCPUs, MinMemoryMiB: 64, MaxMemoryMiB: cfg.MaxMemoryMiB}
+	if a.driver, err = newDriver(a.accel, limits, cfg.Logger); err != nil {
+		return nil, err
+	}
+	if a.scratch, err = a.scratchTemplate(ctx); err != nil {
+		return nil, err
+	}
+	a.ctx, a.cancel = context.WithCancel(context.Background())
+	if err := a.recover(ctx); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+func (a *Agent) runRoot() string     { return filepath.Join(a.cfg.DataDir, "run") }
+func (a *Agent) sandboxRoot() string { return filepath.Join(a.cfg.DataDir, "sandboxes") }
+func (a *Agent) assetDir() string    { return filepath.Join(a.cfg.DataDir, "assets") }
+
+// LogPath is where a sandbox's output is kept (it outlives the VM).
+func (a *Agent) LogPath(id string) string {
+	return filepath.Join(a.sandboxRoot(), id, "output.log")
+}
+
+// Images is the node's image store.
+func (a *Agent) Images() *image.Store { return a.images }
+
+// Info describes the node.
+type Info struct {
+	Node          string
+	Accel         string
+	AccelReason   string
+	KernelRelease string
+	InitVersion   string
+	QEMUVersion   string
+	NodeVCPUs     int
+	NodeMemoryMiB int64
+	MaxVCPUs      int
+	MaxMemoryMiB  int
+	Running       int
+	DataDir       string
+}
+
+// Info reports what this node runs sandboxes with.
+func (a *Agent) Info() Info {
+	a.mu.Lock()
+	n := len(a.live)
+	a.mu.Unlock()
+	return Info{
+		Node: a.cfg.Node, Accel: a.accel.Accel, AccelReason: a.accel.Reason,
+		KernelRelease: a.kernel.Release, InitVersion: a.initrd.Version, QEMUVersion: qemuVersion(),
+		NodeVCPUs: runtime.NumCPU(), NodeMemoryMiB: hostMemoryMiB(),
+		MaxVCPUs: a.cfg.MaxVCPUs, MaxMemoryMiB: a.cfg.MaxMemoryMiB, Running: n, DataDir: a.cfg.DataDir,
+	}
+}
+
+// Validate checks a request against this node's limits before anything is created.
+func (a *Agent) Validate(spec *state.SandboxSpec) error {
+	if spec.Image == "" {
+		return errors.New("no image given")
+	}
+	if spec.VCPUs == 0 {
+		spec.VCPUs = a.cfg.DefaultVCPUs
+	}
+	if spec.MemoryMiB == 0 {
+		spec.MemoryMiB = a.cfg.DefaultMemoryMiB
+	}
+	if spec.VCPUs < 1 || spec.VCPUs > a.cfg.MaxVCPUs {
+		return fmt.Errorf("--cpus %d is outside this node's limit 1..%d", spec.VCPUs, a.cfg.MaxVCPUs)
+	}
+	if spec.MemoryMiB < 64 || spec.MemoryMiB > a.cfg.MaxMemoryMiB {
+		return fmt.Errorf("--memory %dMiB is outside this node's limit 64..%d MiB", spec.MemoryMiB, a.cfg.MaxMemoryMiB)
+	}
+	if spec.Timeout < 0 {
+		return fmt.Errorf("--timeout %s is negative", spec.Timeout)
+	}
+	return ValidateEnv(spec.Env)
+}
+
+// Close stops every sandbox goroutine's VM and waits for them. Sandboxes that were running
+// are left to the next start's recovery (marked lost), because state cannot be written after
+// the store closes.
+func (a *Agent) Close() error {
+	a.cancel()
+	a.wg.Wait()
+	return nil
+}
+
+// sandbox is the live, in-memory side of a sandbox on this node.
+type sandbox struct {
+	id    string
+	dir   string // run dir: sockets, scratch disk, console log, qemu cmdline
+	log   *sandboxlog.Writer
+	ready chan struct{} // closed once main is set (or the start failed)
+
+	mu       sync.Mutex
+	vm       vmm.VM
+	guest    *client.Client
+	main     *client.Session
+	stopping string // why a stop was requested; "" if none
+	stopCode int
+	done     chan struct{}
+}
+
+// Start launches a created sandbox. It returns at once; progress is written to the store.
+func (a *Agent) Start(sb state.Sandbox) error {
+	a.mu.Lock()
+	if _, ok := a.live[sb.ID]; ok {
+		a.mu.Unlock()
+		return fmt.Errorf("sandbox %s is already started", sb.ID)
+	}
+	if err := os.MkdirAll(filepath.Join(a.sandboxRoot(), sb.ID), 0o700); err != nil {
+		a.mu.Unlock()
+		return fmt.Errorf("create sandbox directory: %w", err)
+	}
+	w, err := sandboxlog.Create(a.LogPath(sb.ID))
+	if err != nil {
+		a.mu.Unlock()
+		return err
+	}
+	s := &sandbox{id: sb.ID, dir: filepath.Join(a.runRoot(), sb.ID), log: w, ready: make(chan struct{}), done: make(chan struct{})}
+	a.live[sb.ID] = s
+	a.mu.Unlock()
+
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		defer func() {
+			a.mu.Lock()
+			delete(a.live, sb.ID)
+			a.mu.Unlock()
+			close(s.done)
+		}()
+		a.run(s, sb)
+	}()
+	return nil
+}
+
+// update writes a lifecycle change; failures are logged because the sandbox goroutine has
+// nobody to return them to.
+func (a *Agent) update(id string, u state.Update) {
+	if u.Time.IsZero() {
+		u.Time = time.Now()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := a.store.UpdateSandbox(ctx, id, u); err != nil {
+		a.log.Error("record sandbox state", "sandbox", id, "err", err)
+	}
+}
+
+func status(s state.Status) *state.Status { return &s }
+
+func (a *Agent) fail(id string, reason string) {
+	a.log.Warn("sandbox failed", "sandbox", id, "reason", reason)
+	a.update(id, state.Update{Status: status(state.StatusFailed), Reason: reason})
+}
+
+// run is the whole life of one sandbox on this node.
+func (a *Agent) run(s *sandbox, sb state.Sandbox) {
+	defer s.log.Close()
+	readyOnce := sync.OnceFunc(func() { close(s.ready) })
+	defer readyOnce()
+	ctx := a.ctx
+	a.update(sb.ID, state.Update{Status: status(state.StatusStarting), Node: &a.cfg.Node, Accel: &a.accel.Accel})
+
+	img, err := a.images.Ensure(ctx, sb.Spec.Image, image.PullOptions{InsecureRegistries: sb.Spec.InsecureRegistries})
+	if err != nil {
+		a.fail(sb.ID, fmt.Sprintf("pull image %s: %v", sb.Spec.Image, err))
+		return
+	}
+	digest := img.Digest
+	a.update(sb.ID, state.Update{ImageDigest: &digest})
+	proc, err := resolveProcess(sb.Spec, img.Config)
+	if err != nil {
+		a.fail(sb.ID, err.Error())
+		return
+	}
+	rootDisk, rootFS, err := a.images.RootDisk(ctx, img)
+	if err != nil {
+		a.fail(sb.ID, fmt.Sprintf("build root disk for %s: %v", sb.Spec.Image, err))
+		return
+	}
+
+	var cleanup cleanupStack
+	defer cleanup.run(a.log)
+	if err := os.MkdirAll(s.dir, 0o700); err != nil {
+		a.fail(sb.ID, fmt.Sprintf("create run directory: %v", err))
+		return
+	}
+	cleanup.push("remove scratch disk", func() error { return os.Remove(filepath.Join(s.dir, "scratch.img")) })
+	scratch := filepath.Join(s.dir, "scratch.img")
+	if err := copySparse(a.scratch, scratch); err != nil {
+		a.fail(sb.ID, fmt.Sprintf("create scratch disk: %v", err))
+		return
+	}
+	sock := filepath.Join(s.dir, "agent.sock")
+	if len(sock) >= 100 {
+		a.fail(sb.ID, fmt.Sprintf("run directory path too long for a unix socket: %s (use a shorter --data-dir)", sock))
+		return
+	}
+	_ = os.Remove(sock)
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		a.fail(sb.ID, fmt.Sprintf("listen on guest channel %s: %v", sock, err))
+		return
+	}
+	cleanup.push("close guest channel listener", ln.Close)
+
+	vm, err := a.driver.Create(ctx, vmm.Spec{
+		ID: sb.ID, Dir: s.dir, Kernel: a.kernel.Vmlinux, Initrd: a.initrd.Path,
+		Cmdline:     assets.KernelCmdline(a.initrd.Modules),
+		VCPUs:       sb.Spec.VCPUs,
+		MemoryMiB:   sb.Spec.MemoryMiB,
+		Disks:       []vmm.Disk{{Path: rootDisk, ReadOnly: true}, {Path: scratch}},
+		AgentSocket: sock,
+	})
+	if err != nil {
+		a.fail(sb.ID, fmt.Sprintf("create VM: %v", err))
+		return
+	}
+	if err := vm.Start(ctx); err != nil {
+		a.fail(sb.ID, fmt.Sprintf("start VMM: %v", err))
+		return
+	}
+	// Whatever happens next, the VMM must not outlive this function.
+	cleanup.push("stop VM", func() error {
+		sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		return vm.Stop(sctx, 5*time.Second)
+	})
+	s.mu.Lock()
+	s.vm = vm
+	s.mu.Unlock()
+	info := vm.Info()
+	a.update(sb.ID, state.Update{Runtime: map[string]string{
+		"pid": strconv.Itoa(info.PID), "run_dir": s.dir, "console_log": info.ConsoleLog,
+		"qemu_cmdline": info.CmdlineFile, "vcpus": strconv.Itoa(sb.Spec.VCPUs),
+		"memory_mib": strconv.Itoa(sb.Spec.MemoryMiB), "root_fs": rootFS,
+		"kernel": a.kernel.Release, "init_version": a.initrd.Version,
+	}})
+
+	guest, err := a.connectGuest(ctx, ln, vm)
+	if err != nil {
+		a.fail(sb.ID, err.Error())
+		return
+	}
+	cleanup.push("close guest channel", guest.Close)
+	entropy := make([]byte, 64)
+	_, _ = rand.Read(entropy)
+	hostname := sb.Name
+	if hostname == "" || len(hostname) > 63 {
+		hostname = sb.ID[:12]
+	}
+	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	err = guest.Setup(setupCtx, proto.Setup{
+		Hostname: hostname, RootDevice: "/dev/vda", RootFSType: rootFS, ScratchDevice: "/dev/vdb",
+		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy,
+	})
+	cancel()
+	if err != nil {
+		a.fail(sb.ID, fmt.Sprintf("set up guest root filesystem: %v", err))
+		return
+	}
+	main, err := guest.Exec(ctx, proto.ExecRequest{
+		Argv: proc.Argv, Env: proc.Env, Dir: proc.Dir, User: proc.User,
+		TTY: sb.Spec.TTY, Stdin: sb.Spec.Stdin, Rows: 24, Cols: 80,
+	})
+	if err != nil {
+		a.fail(sb.ID, fmt.Sprintf("start %q in the guest: %v", proc.Argv[0], err))
+		return
+	}
+	s.mu.Lock()
+	s.guest, s.main = guest, main
+	s.mu.Unlock()
+	readyOnce()
+	a.update(sb.ID, state.Update{Status: status(state.StatusRunning)})
+
+	a.supervise(ctx, s, sb, vm, main)
+}
+
+// connectGuest waits for the VM to dial the guest channel and completes the handshake,
+// racing the VMM's death and the boot deadline.
+func (a *Agent) connectGuest(ctx context.Context, ln net.Listener, vm vmm.VM) (*client.Client, error) {
+	bootCtx, cancel := context.WithTimeout(ctx, a.cfg.BootTimeout)
+	defer cancel()
+	type result struct {
+		c   *client.Client
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				res <- result{err: fmt.Errorf("accept guest channel: %w", err)}
+				return
+			}
+			c, err := client.Handshake(bootCtx, conn)
+			if err != nil {
+				// QEMU reconnects; a failed handshake before the guest is up is retried
+				// until the boot deadline.
+				conn.Close()
+				if bootCtx.Err() != nil {
+					res <- result{err: fmt.Errorf("guest handshake: %w", err)}
+					return
+				}
+				continue
+			}
+			res <- result{c: c}
+			return
+		}
+	}()
+	select {
+	case r := <-res:
+		return r.c, r.err
+	case <-vm.Wait():
+		ln.Close()
+		<-res
+		return nil, fmt.Errorf("VMM exited during boot: %v", vm.ExitError())
+	case <-bootCtx.Done():
+		ln.Close()
+		<-res
+		return nil, fmt.Errorf("guest did not answer within %s (see the console log %s)", a.cfg.BootTimeout, vm.Info().ConsoleLog)
+	}
+}
+
+// supervise pumps the main process's output to the log and records how it ended.
+func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm vmm.VM, main *client.Session) {
+	var pumps sync.WaitGroup
+	pump := func(r io.Reader, stream int) {
+		defer pumps.Done()
+		if r == nil {
+			return
+		}
+		_, _ = io.Copy(s.log.StreamWriter(stream), r)
+	}
+	pumps.Add(2)
+	go pump(main.Stdout(), sandboxlog.Stdout)
+	go pump(main.Stderr(), sandboxlog.Stderr)
+	if !sb.Spec.Stdin {
+		_ = main.Stdin().Close()
+	}
+
+	var timeout <-chan time.Time
+	if sb.Spec.Timeout > 0 {
+		t := time.NewTimer(sb.Spec.Timeout)
+		defer t.Stop()
+		timeout = t.C
+	}
+	type exit struct {
+		st  proto.ExitStatus
+		err error
+	}
+	exited := make(chan exit, 1)
+	go func() {
+		st, err := main.Wait(context.Background())
+		exited <- exit{st, err}
+	}()
+
+	var (
+		st     proto.ExitStatus
+		reason string
+		failed bool
+	)
+	select {
+	case e := <-exited:
+		st = e.st
+		if e.err != nil {
+			failed, reason = true, fmt.Sprintf("lost the main process: %v", e.err)
+			if vm.ExitError() != nil {
+				reason = fmt.Sprintf("VMM died: %v", vm.ExitError())
+			}
+		}
+	case <-vm.Wait():
+		failed, reason = true, fmt.Sprintf("VMM died: %v", vm.ExitError())
+	case <-timeout:
+		_ = vm.Kill()
+		failed, reason = true, fmt.Sprintf("timed out after %s", sb.Spec.Timeout)
+		st = proto.ExitStatus{Code: 124}
+	case <-ctx.Done():
+		// The node is shutting down: leave the record running; the next start's recovery
+		// marks it lost (the VM does not survive this process's cleanup).
+		_ = vm.Kill()
+		pumps.Wait()
+		return
+	}
+	if !failed {
+		// The guest closes the output streams before it reports the exit; wait for the
+		// pumps so the log is complete before the status says the sandbox finished.
+		pumps.Wait()
+	} else {
+		_ = vm.Kill()
+		pumps.Wait()
+	}
+	s.mu.Lock()
+	stopping, stopCode := s.stopping, s.stopCode
+	s.mu.Unlock()
+	code, sig := st.Code, st.Signal
+	switch {
+	case stopping != "":
+		if failed || code == 0 && sig == 0 {
+			code = stopCode
+		}
+		a.update(sb.ID, state.Update{Status: status(state.StatusExited), Reason: stopping, ExitCode: &code, Signal: &sig})
+	case failed:
+		a.update(sb.ID, state.Update{Status: status(state.StatusFailed), Reason: reason, ExitCode: &code, Signal: &sig})
+	default:
+		reason := exitReason(st)
+		a.update(sb.ID, state.Update{Status: status(state.StatusExited), Reason: reason, ExitCode: &code, Signal: &sig})
+	}
+	// Ask the guest to power off cleanly; the cleanup stack escalates if it does not.
+	sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	s.mu.Lock()
+	g := s.guest
+	s.mu.Unlock()
+	_ = g.Shutdown(sctx)
+	cancel()
+}
+
+func exitReason(st proto.ExitStatus) string {
+	switch {
+	case st.ErrKind == proto.ErrKindNotFound:
+		return "command not found: " + st.Err
+	case st.ErrKind == proto.ErrKindNotExecutable:
+		return "command not executable: " + st.Err
+	case st.Err != "":
+		return st.Err
+	case st.Signal != 0:
+		return fmt.Sprintf("killed by signal %d", st.Signal)
+	default:
+		return fmt.Sprintf("exit code %d", st.Code)
+	}
+}
+
+func (a *Agent) lookup(id string) (*sandbox, error) {
+	a.mu.Lock()
+	s := a.live[id]
+	a.mu.Unlock()
+	if s == nil {
+		return nil, fmt.Errorf("sandbox %s: %w", id, ErrNotRunning)
+	}
+	return s, nil
+}
+
+// Live returns the writer of a sandbox's log while it runs on this node (nil otherwise), so
+// readers can follow it.
+func (a *Agent) Live(id string) *sandboxlog.Writer {
+	s, err := a.lookup(id)
+	if err != nil {
+		return nil
+	}
+	return s.log
+}
+
+// Done returns a channel closed when the sandbox's goroutine on this node has finished
+// (closed already if it is not live here).
+func (a *Agent) Done(id string) <-chan struct{} {
+	s, err := a.lookup(id)
+	if err != nil {
+		c := make(chan struct{})
+		close(c)
+		return c
+	}
+	return s.done
+}
+
+// MainSession waits until the main process started and returns it.
+func (a *Agent) MainSession(ctx context.Context, id string) (*client.Session, error) {
+	s, err := a.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case <-s.ready:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.main == nil {
+		return nil, fmt.Errorf("sandbox %s: %w", id, ErrNotRunning)
+	}
+	return s.main, nil
+}
+
+// Exec starts another process in a running sandbox.
+func (a *Agent) Exec(ctx context.Context, id string, req proto.ExecRequest) (*client.Session, error) {
+	s, err := a.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	g := s.guest
+	s.mu.Unlock()
+	if g == nil {
+		return nil, fmt.Errorf("sandbox %s is still starting: %w", id, ErrNotRunning)
+	}
+	return g.Exec(ctx, req)
+}
+
+// Stop ends a running sandbox: SIGTERM to its main process, then after grace the VM is
+// killed. It returns once the sandbox's VM is gone.
+func (a *Agent) Stop(ctx context.Context, id string, grace time.Duration) error {
+	s, err := a.lookup(id)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	if s.stopping == "" {
+		s.stopping, s.stopCode = "stopped by request", 128+int(syscall.SIGTERM)
+	}
+	main, vm := s.main, s.vm
+	s.mu.Unlock()
+	if main != nil {
+		_ = main.Signal(ctx, int(syscall.SIGTERM))
+	}
+	select {
+	case <-s.done:
+		return nil
+	case <-time.After(grace):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	s.mu.Lock()
+	s.stopCode = 128 + int(syscall.SIGKILL)
+	s.mu.Unlock()
+	if vm != nil {
+		_ = vm.Kill()
+	}
+	select {
+	case <-s.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Remove deletes what the node keeps for a finished sandbox.
+func (a *Agent) Remove(id string) error {
+	if _, err := a.lookup(id); err == nil {
+		return fmt.Errorf("sandbox %s is still running on this node", id)
+	}
+	if err := os.RemoveAll(filepath.Join(a.sandboxRoot(), id)); err != nil {
+		return fmt.Errorf("remove sandbox files of %s: %w", id, err)
+	}
+	if err := os.RemoveAll(filepath.Join(a.runRoot(), id)); err != nil {
+		return fmt.Errorf("remove run directory of %s: %w", id, err)
+	}
+	return nil
+}
+
+// recover runs at start: sandboxes the store believes are live on this node have lost their
+// supervisor (this process restarted). Their VMMs are killed and they are marked lost;
+// leftover run directories are swept.
+func (a *Agent) recover(ctx context.Context) error {
+	all, err := a.store.ListSandboxes(ctx)
+	if err != nil {
+		return fmt.Errorf("list sandboxes for recovery: %w", err)
+	}
+	for _, sb := range all {
+		if sb.Status.Terminal() || (sb.Node != "" && sb.Node != a.cfg.Node) {
+			continue
+		}
+		if pid, err := strconv.Atoi(sb.Runtime["pid"]); err == nil && pid > 0 {
+			killStaleVMM(pid, filepath.Join(a.runRoot(), sb.ID))
+		}
+		a.update(sb.ID, state.Update{Status: status(state.StatusLost),
+			Reason: "the node agent restarted while the sandbox was " + string(sb.Status) + "; its VM was stopped (re-adoption is not supported yet)"})
+	}
+	entries, _ := os.ReadDir(a.runRoot())
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(a.runRoot(), e.Name())); err != nil {
+			a.log.Warn("sweep leftover run directory", "dir", e.Name(), "err", err)
+		}
+	}
+	return nil
+}
+
+// killStaleVMM kills pid only if it is a VMM that was started for runDir, so a recycled pid
+// never takes down an unrelated process.
+func killStaleVMM(pid int, runDir string) {
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(cmdline), runDir) {
+		return
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+}
+
+// scratchTemplate formats one empty ext4 image that every sandbox's scratch disk is a sparse
+// copy of, so a start does not pay for mkfs.
+func (a *Agent) scratchTemplate(ctx context.Context) (string, error) {
+	path := filepath.Join(a.assetDir(), fmt.Sprintf("scratch-%dM.ext4", a.cfg.ScratchMiB))
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	tmp := path + ".tmp"
+	_ = os.Remove(tmp)
+	if err := os.WriteFile(tmp, nil, 0o600); err != nil {
+		return "", fmt.Errorf("create scratch template: %w", err)
+	}
+	if err := os.Truncate(tmp, int64(a.cfg.ScratchMiB)<<20); err != nil {
+		return "", fmt.Errorf("size scratch template: %w", err)
+	}
+	out, err := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", "-L", "scratch", tmp).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("mkfs.ext4 scratch template: %v: %s", err, out)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return "", fmt.Errorf("install scratch template: %w", err)
+	}
+	return path, nil
+}
+
+// copySparse copies src to dst keeping holes (cp knows SEEK_HOLE).
+func copySparse(src, dst string) error {
+	out, err := exec.Command("cp", "--sparse=always", src, dst).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("cp %s %s: %v: %s", src, dst, err, out)
+	}
+	return nil
+}
+
+func hostMemoryMiB() int64 {
+	var si syscall.Sysinfo_t
+	if err := syscall.Sysinfo(&si); err != nil {
+		return 1024
+	}
+	return int64(si.Totalram) * int64(si.Unit) >> 20
+}
+
+func qemuVersion() string {
+	out, err := exec.Command("qemu-system-x86_64", "--version").Output()
+	if err != nil {
+		return "unknown"
+	}
+	line, _, _ := strings.Cut(string(out), "\n")
+	return strings.TrimSpace(line)
+}
+
+// cleanupStack undoes a partial start in reverse order (the E2B pattern).
+type cleanupStack struct {
+	fns []struct {
+		what string
+		fn   func() error
+	}
+}
+
+func (c *cleanupStack) push(what string, fn func() error) {
+	c.fns = append(c.fns, struct {
+		what string
+		fn   func() error
+	}{what, fn})
+}
+
+func (c *cleanupStack) run(log *slog.Logger) {
+	for i := len(c.fns) - 1; i >= 0; i-- {
+		if err := c.fns[i].fn(); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, net.ErrClosed) {
+			log.Debug("cleanup", "step", c.fns[i].what, "err", err)
+		}
+	}
+}

@@ -1,0 +1,282 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"connectrpc.com/connect"
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/fireworks-sandbox/fireworks/internal/agent"
+	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/server"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/vmm"
+)
+
+// DefaultDataDir is where `fireworks dev` keeps state, images, assets and logs.
+func DefaultDataDir() string {
+	if d := os.Getenv("FIREWORKS_DATA_DIR"); d != "" {
+		return d
+	}
+	if os.Geteuid() == 0 {
+		return "/var/lib/fireworks"
+	}
+	home, _ := os.UserHomeDir()
+	return filepath.Join(home, ".local", "share", "fireworks")
+}
+
+// findInitBinary locates the guest init: flag, $FIREWORKS_INIT, or beside this executable.
+func findInitBinary(flag string) (string, error) {
+	if flag != "" {
+		return flag, nil
+	}
+	if p := os.Getenv("FIREWORKS_INIT"); p != "" {
+		return p, nil
+	}
+	exe, err := os.Executable()
+	if err == nil {
+		p := filepath.Join(filepath.Dir(exe), "fireworks-init")
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	return "", errors.New("cannot find the fireworks-init binary: build it with `make build` (it goes beside bin/fireworks), or pass --init-binary / set FIREWORKS_INIT")
+}
+
+type devFlags struct {
+	dataDir, listen, accel, initBinary, node string
+	logLevel                                string
+}
+
+func newDevCmd(g *globals) *cobra.Command {
+	var f devFlags
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run the whole platform on this machine: API server, single-node Raft state and a node agent",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runDev(cmd.Context(), g, f)
+		},
+	}
+	cmd.Flags().StringVar(&f.dataDir, "data-dir", DefaultDataDir(), "state, images, guest assets and logs")
+	cmd.Flags().StringVar(&f.listen, "listen", strings.TrimPrefix(DefaultServer, "http://"), "API listen address")
+	cmd.Flags().StringVar(&f.accel, "accel", "auto", "accelerator: auto, kvm or tcg")
+	cmd.Flags().StringVar(&f.initBinary, "init-binary", "", "guest init binary (default: fireworks-init beside this executable)")
+	cmd.Flags().StringVar(&f.node, "node", "", "node name (default: hostname)")
+	cmd.Flags().StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
+
+func newLogger(level string) *slog.Logger {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		l = slog.LevelInfo
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+}
+
+func accelFlag(s string) (string, error) {
+	switch s {
+	case "", "auto":
+		return "", nil
+	case "kvm", "tcg":
+		return s, nil
+	}
+	return "", fmt.Errorf("invalid --accel %q: want auto, kvm or tcg", s)
+}
+
+func runDev(ctx context.Context, g *globals, f devFlags) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	log := newLogger(f.logLevel)
+	accel, err := accelFlag(f.accel)
+	if err != nil {
+		return err
+	}
+	initBin, err := findInitBinary(f.initBinary)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(f.dataDir, 0o700); err != nil {
+		return fmt.Errorf("create data dir %s: %w", f.dataDir, err)
+	}
+	token, err := loadOrCreateToken(filepath.Join(f.dataDir, "token"))
+	if err != nil {
+		return err
+	}
+	store, err := state.Open(ctx, state.Options{Dir: filepath.Join(f.dataDir, "state"), NodeID: "dev", Logger: log})
+	if err != nil {
+		return fmt.Errorf("open state store: %w", err)
+	}
+	defer store.Close()
+	ag, err := agent.New(ctx, agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel, Logger: log}, store)
+	if err != nil {
+		return err
+	}
+	defer ag.Close()
+	ln, err := net.Listen("tcp", f.listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", f.listen, err)
+	}
+	addr := "http://" + ln.Addr().String()
+	if err := SaveClientConfig(ClientConfig{Server: addr, Token: token}); err != nil {
+		return err
+	}
+	info := ag.Info()
+	log.Info("fireworks dev ready", "api", addr, "accel", info.Accel, "kernel", info.KernelRelease, "data_dir", f.dataDir, "cli_config", ConfigPath())
+	return server.New(store, ag, token, log).Serve(ctx, ln)
+}
+
+// loadOrCreateToken keeps the dev token stable across restarts so a running CLI session and
+// scripts keep working.
+func loadOrCreateToken(path string) (string, error) {
+	data, err := os.ReadFile(path)
+	if err == nil && len(strings.TrimSpace(string(data))) > 0 {
+		return strings.TrimSpace(string(data)), nil
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("read API token %s: %w", path, err)
+	}
+	t := server.NewToken()
+	if err := os.WriteFile(path, []byte(t+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("write API token %s: %w", path, err)
+	}
+	return t, nil
+}
+
+func newSetupCmd(g *globals) *cobra.Command {
+	var dataDir, initBinary, accelName string
+	cmd := &cobra.Command{
+		Use:   "setup",
+		Short: "Fetch the guest kernel, build the initramfs and pick the accelerator (dev does this too)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			initBin, err := findInitBinary(initBinary)
+			if err != nil {
+				return err
+			}
+			accel, err := accelFlag(accelName)
+			if err != nil {
+				return err
+			}
+			dir := filepath.Join(dataDir, "assets")
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				return fmt.Errorf("create %s: %w", dir, err)
+			}
+			k, err := assets.EnsureKernel(ctx, dir)
+			if err != nil {
+				return err
+			}
+			ird, err := assets.BuildInitramfs(ctx, dir, k, initBin)
+			if err != nil {
+				return err
+			}
+			choice := vmm.DetectAccel(ctx, dir, accel, k.Vmlinux)
+			fmt.Fprintf(g.stdout, "guest kernel:  %s (%s)\ninitramfs:     %s (version %s)\naccelerator:   %s (%s)\n",
+				k.Release, k.Vmlinux, ird.Path, ird.Version, choice.Accel, choice.Reason)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dataDir, "data-dir", DefaultDataDir(), "data directory")
+	cmd.Flags().StringVar(&initBinary, "init-binary", "", "guest init binary")
+	cmd.Flags().StringVar(&accelName, "accel", "auto", "accelerator: auto, kvm or tcg")
+	return cmd
+}
+
+func newImageCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "image", Short: "Manage images on the node"}
+	var insecure []string
+	pull := &cobra.Command{
+		Use:   "pull IMAGE",
+		Short: "Pull an image (registry ref, oci:DIR[:TAG] or docker-archive:FILE[:TAG])",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			stream, err := c.Images.PullImage(cmd.Context(), connect.NewRequest(&pb.PullImageRequest{Ref: localImageRef(args[0]), InsecureRegistries: insecure}))
+			if err != nil {
+				return err
+			}
+			bars := map[string]*progressbar.ProgressBar{}
+			f, isFile := g.stderr.(*os.File)
+			showBars := isFile && term.IsTerminal(int(f.Fd()))
+			for stream.Receive() {
+				switch m := stream.Msg().Msg.(type) {
+				case *pb.PullImageResponse_Progress:
+					if !showBars {
+						continue
+					}
+					p := m.Progress
+					b := bars[p.GetLayer()]
+					if b == nil {
+						b = progressbar.DefaultBytes(p.GetTotal(), short(strings.TrimPrefix(p.GetLayer(), "sha256:")))
+						bars[p.GetLayer()] = b
+					}
+					_ = b.Set64(p.GetComplete())
+				case *pb.PullImageResponse_Image:
+					for _, b := range bars {
+						_ = b.Finish()
+					}
+					fmt.Fprintf(g.stdout, "%s %s\n", m.Image.GetRef(), m.Image.GetDigest())
+				}
+			}
+			return stream.Err()
+		},
+	}
+	pull.Flags().StringArrayVar(&insecure, "insecure-registry", nil, "registry host that speaks plain HTTP")
+	ls := &cobra.Command{
+		Use:   "ls",
+		Short: "List images",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			resp, err := c.Images.ListImages(cmd.Context(), connect.NewRequest(&pb.ListImagesRequest{}))
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(g.stdout, "%-60s %-20s %s\n", "REF", "DIGEST", "SIZE")
+			for _, i := range resp.Msg.GetImages() {
+				fmt.Fprintf(g.stdout, "%-60s %-20s %d\n", i.GetRef(), short(strings.TrimPrefix(i.GetDigest(), "sha256:")), i.GetSize())
+			}
+			return nil
+		},
+	}
+	rm := &cobra.Command{
+		Use:   "rm IMAGE...",
+		Short: "Remove images",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			for _, a := range args {
+				if _, err := c.Images.RemoveImage(cmd.Context(), connect.NewRequest(&pb.RemoveImageRequest{Ref: localImageRef(a)})); err != nil {
+					return err
+				}
+				fmt.Fprintln(g.stdout, a)
+			}
+			return nil
+		},
+	}
+	cmd.AddCommand(pull, ls, rm)
+	return cmd
+}

@@ -1,0 +1,99 @@
+// Package cli is the `fireworks` command line: the user verbs (run, ps, exec, ...) that talk
+// to the API, and the process verbs (dev) that run the platform.
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+)
+
+// Exit codes follow Docker: 125 when Fireworks itself fails, otherwise the command's own.
+const (
+	ExitFireworksError = 125
+	ExitNotExecutable  = 126
+	ExitNotFound       = 127
+)
+
+// ExitError carries a process exit code out of a command without printing anything more.
+type ExitError struct{ Code int }
+
+func (e ExitError) Error() string { return fmt.Sprintf("exit status %d", e.Code) }
+
+type globals struct {
+	server, token string
+	stdin         io.Reader
+	stdout        io.Writer
+	stderr        io.Writer
+}
+
+func (g *globals) client() (*Client, error) {
+	cfg, err := LoadClientConfig(g.server, g.token)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Token == "" {
+		return nil, fmt.Errorf("no API token: start `fireworks dev` (it writes %s) or set FIREWORKS_TOKEN", ConfigPath())
+	}
+	return NewClient(cfg), nil
+}
+
+// NewRoot builds the command tree.
+func NewRoot() *cobra.Command {
+	g := &globals{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr}
+	root := &cobra.Command{
+		Use:           "fireworks",
+		Short:         "Run commands in hardware-isolated microVMs booted from OCI images",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVar(&g.server, "server", "", "API address (default from $FIREWORKS_SERVER or the CLI config, else "+DefaultServer+")")
+	root.PersistentFlags().StringVar(&g.token, "token", "", "API token (default from $FIREWORKS_TOKEN or the CLI config)")
+	root.AddCommand(
+		newRunCmd(g), newPsCmd(g), newLogsCmd(g), newExecCmd(g), newInspectCmd(g),
+		newStopCmd(g), newRmCmd(g), newInfoCmd(g), newImageCmd(g), newDevCmd(g), newSetupCmd(g),
+	)
+	return root
+}
+
+// Main runs the CLI and returns the process exit code.
+func Main(ctx context.Context, args []string) int {
+	root := NewRoot()
+	root.SetArgs(args)
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return 0
+	}
+	var ee ExitError
+	if errors.As(err, &ee) {
+		return ee.Code
+	}
+	fmt.Fprintln(os.Stderr, "fireworks: "+describe(err))
+	return ExitFireworksError
+}
+
+// describe turns API errors into one readable line.
+func describe(err error) string {
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		msg := ce.Message()
+		switch ce.Code() {
+		case connect.CodeUnavailable:
+			return "cannot reach the Fireworks server (is `fireworks dev` running?): " + msg
+		case connect.CodeUnauthenticated:
+			return "not authenticated: " + msg
+		}
+		return msg
+	}
+	s := err.Error()
+	if strings.Contains(s, "connection refused") {
+		return "cannot reach the Fireworks server (is `fireworks dev` running?): " + s
+	}
+	return s
+}

@@ -1,0 +1,588 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+)
+
+type runFlags struct {
+	detach, interactive, tty, rm bool
+	name, workdir, user          string
+	entrypoint                   string
+	entrypointSet                bool
+	env, insecure                []string
+	cpus                         int
+	memory                       string
+	timeout                      time.Duration
+}
+
+func newRunCmd(g *globals) *cobra.Command {
+	var f runFlags
+	cmd := &cobra.Command{
+		Use:   "run [flags] IMAGE [-- COMMAND [ARG...]]",
+		Short: "Boot a microVM from IMAGE and run a command in it",
+		Long: `Boot a microVM from IMAGE and run COMMAND (or the image's Entrypoint/Cmd) in it.
+Attached by default: output streams back and the exit code is the command's.
+IMAGE is a registry reference, oci:DIR[:TAG] or docker-archive:FILE[:TAG].
+Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed out.`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			f.entrypointSet = cmd.Flags().Changed("entrypoint")
+			return runSandbox(cmd.Context(), g, f, args)
+		},
+	}
+	cmd.Flags().SetInterspersed(false)
+	fl := cmd.Flags()
+	fl.BoolVarP(&f.detach, "detach", "d", false, "start and print the sandbox ID without waiting")
+	fl.BoolVarP(&f.interactive, "interactive", "i", false, "keep stdin open and send it to the command")
+	fl.BoolVarP(&f.tty, "tty", "t", false, "allocate a terminal for the command")
+	fl.BoolVar(&f.rm, "rm", false, "remove the sandbox when it exits (attached runs only)")
+	fl.StringVar(&f.name, "name", "", "sandbox name (also its hostname)")
+	fl.StringArrayVarP(&f.env, "env", "e", nil, "set an environment variable (KEY=VALUE, or KEY to pass the local value)")
+	fl.StringVarP(&f.workdir, "workdir", "w", "", "working directory inside the sandbox")
+	fl.StringVarP(&f.user, "user", "u", "", "user: name, uid, uid:gid or name:group")
+	fl.StringVar(&f.entrypoint, "entrypoint", "", "override the image's entrypoint (\"\" clears it)")
+	fl.IntVar(&f.cpus, "cpus", 0, "vCPUs (default 1)")
+	fl.StringVar(&f.memory, "memory", "", "memory, e.g. 512M or 1G (default 256M)")
+	fl.DurationVar(&f.timeout, "timeout", 0, "kill the sandbox after this long (e.g. 30s)")
+	fl.StringArrayVar(&f.insecure, "insecure-registry", nil, "registry host that speaks plain HTTP")
+	return cmd
+}
+
+// parseMemory accepts 512, 512M, 512MiB, 1G, 1GiB (binary units; a bare number is MiB).
+func parseMemory(s string) (int, error) {
+	if s == "" {
+		return 0, nil
+	}
+	u := strings.ToUpper(strings.TrimSpace(s))
+	mult := 1
+	for _, suf := range []struct {
+		s string
+		m int
+	}{{"GIB", 1024}, {"GB", 1024}, {"G", 1024}, {"MIB", 1}, {"MB", 1}, {"M", 1}} {
+		if strings.HasSuffix(u, suf.s) {
+			u, mult = strings.TrimSuffix(u, suf.s), suf.m
+			break
+		}
+	}
+	n, err := strconv.Atoi(u)
+	if err != nil || n <= 0 || n > 1<<20 {
+		return 0, fmt.Errorf("invalid --memory %q: want a size like 512M or 2G", s)
+	}
+	return n * mult, nil
+}
+
+// localImageRef makes oci:/docker-archive: paths absolute, since the server resolves them.
+func localImageRef(ref string) string {
+	for _, p := range []string{"oci:", "docker-archive:"} {
+		if rest, ok := strings.CutPrefix(ref, p); ok {
+			path, tag, hasTag := rest, "", false
+			if i := strings.LastIndex(rest, ":"); i > 0 && !strings.Contains(rest[i:], "/") {
+				path, tag, hasTag = rest[:i], rest[i+1:], true
+			}
+			if abs, err := filepath.Abs(path); err == nil {
+				path = abs
+			}
+			if hasTag {
+				return p + path + ":" + tag
+			}
+			return p + path
+		}
+	}
+	return ref
+}
+
+func expandEnv(env []string) []string {
+	out := make([]string, 0, len(env))
+	for _, kv := range env {
+		if !strings.Contains(kv, "=") {
+			if v, ok := os.LookupEnv(kv); ok {
+				out = append(out, kv+"="+v)
+			}
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
+func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) error {
+	mem, err := parseMemory(f.memory)
+	if err != nil {
+		return err
+	}
+	if f.detach && (f.rm || f.interactive) {
+		return errors.New("--detach cannot be combined with --rm or -i")
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	spec := &pb.SandboxSpec{
+		Image: localImageRef(args[0]), Cmd: args[1:], Env: expandEnv(f.env), WorkingDir: f.workdir,
+		User: f.user, Vcpus: int32(f.cpus), MemoryMib: int32(mem), Tty: f.tty, Stdin: f.interactive,
+		InsecureRegistries: f.insecure,
+	}
+	if f.entrypointSet {
+		spec.EntrypointSet = true
+		if f.entrypoint != "" {
+			spec.Entrypoint = []string{f.entrypoint}
+		}
+	}
+	if f.timeout > 0 {
+		spec.Timeout = durationpb.New(f.timeout)
+	}
+	resp, err := c.Sandboxes.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Name: f.name, Spec: spec}))
+	if err != nil {
+		return err
+	}
+	id := resp.Msg.GetSandbox().GetId()
+	if f.detach {
+		fmt.Fprintln(g.stdout, id)
+		return nil
+	}
+	exit, err := attach(ctx, g, c, id, f.interactive, f.tty)
+	if err != nil {
+		return err
+	}
+	if f.rm {
+		if _, err := c.Sandboxes.RemoveSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: id, Force: true})); err != nil {
+			fmt.Fprintf(g.stderr, "fireworks: remove sandbox %s: %s\n", id, describe(err))
+		}
+	}
+	return exitFromStatus(g, exit)
+}
+
+// exitFromStatus maps a sandbox's end to the CLI's exit code.
+func exitFromStatus(g *globals, e *pb.Exit) error {
+	switch e.GetStatus() {
+	case "exited":
+		if e.GetCode() == ExitNotFound || e.GetCode() == ExitNotExecutable {
+			fmt.Fprintln(g.stderr, "fireworks: "+e.GetReason())
+		}
+		if e.GetCode() == 0 {
+			return nil
+		}
+		return ExitError{Code: int(e.GetCode())}
+	case "failed":
+		fmt.Fprintln(g.stderr, "fireworks: sandbox failed: "+e.GetReason())
+		if e.GetCode() == 124 {
+			return ExitError{Code: 124}
+		}
+		return ExitError{Code: ExitFireworksError}
+	default:
+		fmt.Fprintf(g.stderr, "fireworks: sandbox %s: %s\n", e.GetStatus(), e.GetReason())
+		return ExitError{Code: ExitFireworksError}
+	}
+}
+
+// attach streams a sandbox's output and forwards stdin/signals/resizes until it exits.
+func attach(ctx context.Context, g *globals, c *Client, id string, stdin, tty bool) (*pb.Exit, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream := c.Sandboxes.Attach(ctx)
+	var sendMu sync.Mutex
+	send := func(m *pb.AttachRequest) error {
+		sendMu.Lock()
+		defer sendMu.Unlock()
+		return stream.Send(m)
+	}
+	if err := send(&pb.AttachRequest{Msg: &pb.AttachRequest_Start{Start: &pb.AttachStart{Sandbox: id}}}); err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("attach to sandbox %s: %w", id, err)
+	}
+	restore := setupTerminal(g, tty, func(rows, cols uint16) {
+		_ = send(&pb.AttachRequest{Msg: &pb.AttachRequest_Resize{Resize: &pb.Resize{Rows: uint32(rows), Cols: uint32(cols)}}})
+	})
+	defer restore()
+	stopSignals := forwardSignals(tty, func(sig int32) {
+		_ = send(&pb.AttachRequest{Msg: &pb.AttachRequest_Signal{Signal: sig}})
+	})
+	defer stopSignals()
+	if stdin {
+		go func() {
+			buf := make([]byte, 32<<10)
+			for {
+				n, err := g.stdin.Read(buf)
+				if n > 0 {
+					if send(&pb.AttachRequest{Msg: &pb.AttachRequest_Stdin{Stdin: append([]byte(nil), buf[:n]...)}}) != nil {
+						return
+					}
+				}
+				if err != nil {
+					_ = send(&pb.AttachRequest{Msg: &pb.AttachRequest_StdinClose{StdinClose: true}})
+					return
+				}
+			}
+		}()
+	}
+	for {
+		msg, err := stream.Receive()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil, fmt.Errorf("attach to sandbox %s: the server ended the stream without an exit status", id)
+			}
+			return nil, err
+		}
+		switch m := msg.Msg.(type) {
+		case *pb.AttachResponse_Output:
+			out := g.stdout
+			if m.Output.GetStream() == 2 {
+				out = g.stderr
+			}
+			_, _ = out.Write(m.Output.GetData())
+		case *pb.AttachResponse_Exit:
+			return m.Exit, nil
+		}
+	}
+}
+
+// setupTerminal puts a local terminal in raw mode for -t and reports its size; it returns a
+// function that restores the terminal.
+func setupTerminal(g *globals, tty bool, resize func(rows, cols uint16)) func() {
+	f, ok := g.stdin.(*os.File)
+	if !tty || !ok || !term.IsTerminal(int(f.Fd())) {
+		return func() {}
+	}
+	old, err := term.MakeRaw(int(f.Fd()))
+	if err != nil {
+		return func() {}
+	}
+	report := func() {
+		if w, h, err := term.GetSize(int(f.Fd())); err == nil {
+			resize(uint16(h), uint16(w))
+		}
+	}
+	report()
+	winch := make(chan os.Signal, 1)
+	signal.Notify(winch, syscall.SIGWINCH)
+	done := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-winch:
+				report()
+			case <-done:
+				return
+			}
+		}
+	}()
+	return func() {
+		signal.Stop(winch)
+		close(done)
+		_ = term.Restore(int(f.Fd()), old)
+	}
+}
+
+// forwardSignals sends SIGINT/SIGTERM/SIGHUP to the sandbox's process (in raw TTY mode ^C
+// arrives as a byte instead).
+func forwardSignals(tty bool, fwd func(int32)) func() {
+	if tty {
+		return func() {}
+	}
+	ch := make(chan os.Signal, 4)
+	signal.Notify(ch, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	done := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case s := <-ch:
+				fwd(int32(s.(syscall.Signal)))
+			case <-done:
+				return
+			}
+		}
+	}()
+	return func() { signal.Stop(ch); close(done) }
+}
+
+func newExecCmd(g *globals) *cobra.Command {
+	var (
+		interactive, tty bool
+		env              []string
+		workdir, user    string
+	)
+	cmd := &cobra.Command{
+		Use:   "exec [flags] SANDBOX -- COMMAND [ARG...]",
+		Short: "Run another command in a running sandbox",
+		Args:  cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithCancel(cmd.Context())
+			defer cancel()
+			stream := c.Sandboxes.Exec(ctx)
+			var sendMu sync.Mutex
+			send := func(m *pb.ExecRequest) error {
+				sendMu.Lock()
+				defer sendMu.Unlock()
+				return stream.Send(m)
+			}
+			rows, cols := uint32(24), uint32(80)
+			if f, ok := g.stdin.(*os.File); ok && tty && term.IsTerminal(int(f.Fd())) {
+				if w, h, err := term.GetSize(int(f.Fd())); err == nil {
+					rows, cols = uint32(h), uint32(w)
+				}
+			}
+			err = send(&pb.ExecRequest{Msg: &pb.ExecRequest_Start{Start: &pb.ExecStart{
+				Sandbox: args[0], Argv: args[1:], Env: expandEnv(env), WorkingDir: workdir, User: user,
+				Tty: tty, Stdin: interactive, Rows: rows, Cols: cols,
+			}}})
+			if err != nil && !errors.Is(err, io.EOF) {
+				return err
+			}
+			restore := setupTerminal(g, tty, func(r, c uint16) {
+				_ = send(&pb.ExecRequest{Msg: &pb.ExecRequest_Resize{Resize: &pb.Resize{Rows: uint32(r), Cols: uint32(c)}}})
+			})
+			defer restore()
+			stopSignals := forwardSignals(tty, func(sig int32) { _ = send(&pb.ExecRequest{Msg: &pb.ExecRequest_Signal{Signal: sig}}) })
+			defer stopSignals()
+			if interactive {
+				go func() {
+					buf := make([]byte, 32<<10)
+					for {
+						n, err := g.stdin.Read(buf)
+						if n > 0 && send(&pb.ExecRequest{Msg: &pb.ExecRequest_Stdin{Stdin: append([]byte(nil), buf[:n]...)}}) != nil {
+							return
+						}
+						if err != nil {
+							_ = send(&pb.ExecRequest{Msg: &pb.ExecRequest_StdinClose{StdinClose: true}})
+							return
+						}
+					}
+				}()
+			}
+			for {
+				msg, err := stream.Receive()
+				if err != nil {
+					if errors.Is(err, io.EOF) {
+						return errors.New("exec: the server ended the stream without an exit status")
+					}
+					return err
+				}
+				switch m := msg.Msg.(type) {
+				case *pb.ExecResponse_Output:
+					out := g.stdout
+					if m.Output.GetStream() == 2 {
+						out = g.stderr
+					}
+					_, _ = out.Write(m.Output.GetData())
+				case *pb.ExecResponse_Exit:
+					return exitFromStatus(g, m.Exit)
+				}
+			}
+		},
+	}
+	cmd.Flags().SetInterspersed(false)
+	cmd.Flags().BoolVarP(&interactive, "interactive", "i", false, "send stdin to the command")
+	cmd.Flags().BoolVarP(&tty, "tty", "t", false, "allocate a terminal")
+	cmd.Flags().StringArrayVarP(&env, "env", "e", nil, "set an environment variable")
+	cmd.Flags().StringVarP(&workdir, "workdir", "w", "", "working directory")
+	cmd.Flags().StringVarP(&user, "user", "u", "", "user")
+	return cmd
+}
+
+func newPsCmd(g *globals) *cobra.Command {
+	var all, quiet bool
+	cmd := &cobra.Command{
+		Use:   "ps",
+		Short: "List sandboxes",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			resp, err := c.Sandboxes.ListSandboxes(cmd.Context(), connect.NewRequest(&pb.ListSandboxesRequest{All: all}))
+			if err != nil {
+				return err
+			}
+			if quiet {
+				for _, sb := range resp.Msg.GetSandboxes() {
+					fmt.Fprintln(g.stdout, sb.GetId())
+				}
+				return nil
+			}
+			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tNAME\tIMAGE\tSTATUS\tCREATED\tCOMMAND")
+			for _, sb := range resp.Msg.GetSandboxes() {
+				st := sb.GetStatus()
+				if st == "exited" {
+					st = fmt.Sprintf("exited (%d)", sb.GetExitCode())
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", short(sb.GetId()), sb.GetName(), sb.GetSpec().GetImage(), st,
+					ago(sb.GetCreatedAt().AsTime()), strings.Join(sb.GetSpec().GetCmd(), " "))
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVarP(&all, "all", "a", false, "include finished sandboxes")
+	cmd.Flags().BoolVarP(&quiet, "quiet", "q", false, "print IDs only")
+	return cmd
+}
+
+func short(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}
+
+func ago(t time.Time) string {
+	d := time.Since(t).Round(time.Second)
+	return d.String() + " ago"
+}
+
+func newLogsCmd(g *globals) *cobra.Command {
+	var follow bool
+	cmd := &cobra.Command{
+		Use:   "logs [-f] SANDBOX",
+		Short: "Print a sandbox's output (stdout to stdout, stderr to stderr)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			stream, err := c.Sandboxes.Logs(cmd.Context(), connect.NewRequest(&pb.LogsRequest{Sandbox: args[0], Follow: follow}))
+			if err != nil {
+				return err
+			}
+			for stream.Receive() {
+				o := stream.Msg().GetOutput()
+				out := g.stdout
+				if o.GetStream() == 2 {
+					out = g.stderr
+				}
+				_, _ = out.Write(o.GetData())
+			}
+			return stream.Err()
+		},
+	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep streaming until the sandbox exits")
+	return cmd
+}
+
+func newInspectCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "inspect SANDBOX...",
+		Short: "Show a sandbox's full record as JSON",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			for _, a := range args {
+				resp, err := c.Sandboxes.GetSandbox(cmd.Context(), connect.NewRequest(&pb.GetSandboxRequest{Sandbox: a}))
+				if err != nil {
+					return err
+				}
+				out, _ := protojson.MarshalOptions{Multiline: true, Indent: "  ", UseProtoNames: true}.Marshal(resp.Msg.GetSandbox())
+				fmt.Fprintln(g.stdout, string(out))
+			}
+			return nil
+		},
+	}
+}
+
+func newStopCmd(g *globals) *cobra.Command {
+	var grace time.Duration
+	cmd := &cobra.Command{
+		Use:   "stop SANDBOX...",
+		Short: "Stop running sandboxes (SIGTERM, then kill after the grace period)",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			for _, a := range args {
+				resp, err := c.Sandboxes.StopSandbox(cmd.Context(), connect.NewRequest(&pb.StopSandboxRequest{Sandbox: a, Grace: durationpb.New(grace)}))
+				if err != nil {
+					return err
+				}
+				fmt.Fprintln(g.stdout, resp.Msg.GetSandbox().GetId())
+			}
+			return nil
+		},
+	}
+	cmd.Flags().DurationVarP(&grace, "time", "t", 10*time.Second, "grace period before the VM is killed")
+	return cmd
+}
+
+func newRmCmd(g *globals) *cobra.Command {
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "rm [-f] SANDBOX...",
+		Short: "Remove sandboxes and their logs",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			for _, a := range args {
+				if _, err := c.Sandboxes.RemoveSandbox(cmd.Context(), connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: a, Force: force})); err != nil {
+					return err
+				}
+				fmt.Fprintln(g.stdout, a)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVarP(&force, "force", "f", false, "kill a running sandbox first")
+	return cmd
+}
+
+func newInfoCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "info",
+		Short: "Show the server's node, accelerator, guest kernel and limits",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			resp, err := c.System.Info(cmd.Context(), connect.NewRequest(&pb.InfoRequest{}))
+			if err != nil {
+				return err
+			}
+			i := resp.Msg
+			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
+			fmt.Fprintf(tw, "Server:\t%s\n", c.Server)
+			fmt.Fprintf(tw, "Version:\t%s\n", i.GetVersion())
+			fmt.Fprintf(tw, "Node:\t%s\n", i.GetNode())
+			fmt.Fprintf(tw, "Accelerator:\t%s (%s)\n", i.GetAccel(), i.GetAccelReason())
+			fmt.Fprintf(tw, "VMM:\t%s\n", i.GetQemuVersion())
+			fmt.Fprintf(tw, "Guest kernel:\t%s\n", i.GetKernelRelease())
+			fmt.Fprintf(tw, "Init version:\t%s\n", i.GetInitVersion())
+			fmt.Fprintf(tw, "Node capacity:\t%d vCPUs, %d MiB\n", i.GetNodeVcpus(), i.GetNodeMemoryMib())
+			fmt.Fprintf(tw, "Sandbox limits:\t1..%d vCPUs, 64..%d MiB\n", i.GetMaxVcpus(), i.GetMaxMemoryMib())
+			fmt.Fprintf(tw, "Running:\t%d\n", i.GetSandboxesRunning())
+			fmt.Fprintf(tw, "Data dir:\t%s\n", i.GetDataDir())
+			return tw.Flush()
+		},
+	}
+}

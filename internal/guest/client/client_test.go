@@ -1,0 +1,308 @@
+package client_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+)
+
+// fakeGuest answers the handshake and then does whatever the test says.
+type fakeGuest struct {
+	t    *testing.T
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+func newFake(t *testing.T) (*fakeGuest, net.Conn) {
+	host, guest := net.Pipe()
+	t.Cleanup(func() { host.Close(); guest.Close() })
+	return &fakeGuest{t: t, conn: guest, r: bufio.NewReader(guest)}, host
+}
+
+func (g *fakeGuest) read() (proto.Frame, error) { return proto.ReadFrame(g.r) }
+
+// answerHello reads frames until a hello and answers it with version v.
+func (g *fakeGuest) answerHello(v int) error {
+	for {
+		f, err := g.read()
+		if err != nil {
+			return err
+		}
+		if f.Type != proto.TypeHello {
+			continue
+		}
+		var h proto.Hello
+		if err := proto.Decode(f, &h); err != nil {
+			return err
+		}
+		rf, _ := proto.JSONFrame(proto.TypeHelloReply, f.ID, proto.HelloReply{Version: v, Nonce: h.Nonce, InitVersion: "fake", KernelRelease: "6.1-fake"})
+		return proto.WriteFrame(g.conn, rf)
+	}
+}
+
+// drain discards whatever the host sends until the connection closes.
+func (g *fakeGuest) drain() {
+	go func() { _, _ = io.Copy(io.Discard, g.r) }()
+}
+
+func handshake(t *testing.T, g *fakeGuest, host net.Conn) *client.Client {
+	t.Helper()
+	errc := make(chan error, 1)
+	go func() { errc <- g.answerHello(proto.Version) }()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := client.Handshake(ctx, host)
+	if err != nil {
+		t.Fatalf("handshake: %v", err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("fake guest: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if info := c.GuestInfo(); info.InitVersion != "fake" || info.KernelRelease != "6.1-fake" {
+		t.Fatalf("guest info %+v", info)
+	}
+	return c
+}
+
+func waitDone(t *testing.T, c *client.Client) error {
+	t.Helper()
+	select {
+	case <-c.Done():
+		return c.Err()
+	case <-time.After(10 * time.Second):
+		t.Fatal("client did not give up on a hostile guest")
+		return nil
+	}
+}
+
+func TestHandshakeTimesOut(t *testing.T) {
+	g, host := newFake(t)
+	g.drain() // reads hellos, never answers
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	_, err := client.HandshakeWithOptions(ctx, host, client.Options{HelloInterval: 50 * time.Millisecond})
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %v, want deadline exceeded", err)
+	}
+}
+
+func TestHandshakeRejectsOtherVersion(t *testing.T) {
+	g, host := newFake(t)
+	go func() { _ = g.answerHello(proto.Version + 1); g.drain() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := client.Handshake(ctx, host); err == nil {
+		t.Fatal("handshake accepted an unknown protocol version")
+	}
+}
+
+func TestHandshakeSurvivesLostHello(t *testing.T) {
+	g, host := newFake(t)
+	go func() {
+		// Drop the first hello, as a guest reopening its port would.
+		if _, err := g.read(); err != nil {
+			return
+		}
+		_ = g.answerHello(proto.Version)
+		g.drain()
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := client.HandshakeWithOptions(ctx, host, client.Options{HelloInterval: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+}
+
+// After a host reconnect the stream may start with the tail of an old
+// frame; the handshake skips to the reply.
+func TestHandshakeSkipsGarbageBeforeReply(t *testing.T) {
+	g, host := newFake(t)
+	go func() {
+		stale := mustFrame(proto.Frame{Type: proto.TypeStdout, ID: 3, Payload: []byte("old output")})
+		_, _ = g.conn.Write(append(bytes.Repeat([]byte{0xff}, 64), stale[4:]...))
+		_ = g.answerHello(proto.Version)
+		g.drain()
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := client.Handshake(ctx, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+}
+
+func TestHandshakeGivesUpOnEndlessGarbage(t *testing.T) {
+	g, host := newFake(t)
+	go func() {
+		junk := bytes.Repeat([]byte{0x02, 0, 0, 0, 0, 0, 0, 0x10, 0}, 1<<17) // hello-reply lookalikes, 1.1 MiB
+		_, _ = g.conn.Write(junk)
+	}()
+	g.drain()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	_, err := client.Handshake(ctx, host)
+	var pe *client.ProtocolError
+	if !errors.As(err, &pe) {
+		t.Fatalf("got %v, want a protocol error", err)
+	}
+}
+
+func TestGarbageAfterHandshake(t *testing.T) {
+	cases := map[string][]byte{
+		"unknown type":    mustFrame(proto.Frame{Type: 99, ID: 1}),
+		"oversize":        binary.BigEndian.AppendUint32([]byte{byte(proto.TypeStdout), 0, 0, 0, 1}, proto.MaxPayload+1),
+		"host-only type":  mustFrame(proto.Frame{Type: proto.TypeExec, ID: 1, Payload: []byte("{}")}),
+		"bad json":        mustFrame(proto.Frame{Type: proto.TypeResponse, ID: 1, Payload: []byte("{")}),
+		"random bytes":    []byte("\x07\x00\x00garbage that is not a frame at all"),
+		"truncated frame": []byte{byte(proto.TypeStdout), 0, 0, 0, 1, 0, 0, 0, 10, 'x'},
+	}
+	for name, junk := range cases {
+		t.Run(name, func(t *testing.T) {
+			g, host := newFake(t)
+			c := handshake(t, g, host)
+			go func() {
+				_, _ = g.conn.Write(junk)
+				if name == "truncated frame" {
+					g.conn.Close()
+				}
+			}()
+			g.drain()
+			if err := waitDone(t, c); err == nil {
+				t.Fatal("client stopped without an error")
+			}
+			// Everything fails cleanly afterwards.
+			if err := c.Ping(context.Background()); err == nil {
+				t.Fatal("ping succeeded on a dead client")
+			}
+			if _, err := c.Exec(context.Background(), proto.ExecRequest{Argv: []string{"x"}}); err == nil {
+				t.Fatal("exec succeeded on a dead client")
+			}
+		})
+	}
+}
+
+func mustFrame(f proto.Frame) []byte {
+	b, err := proto.AppendFrame(nil, f)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// startSession makes the fake guest accept one exec and returns its id.
+func startSession(t *testing.T, g *fakeGuest, c *client.Client) (*client.Session, uint32) {
+	t.Helper()
+	idc := make(chan uint32, 1)
+	go func() {
+		for {
+			f, err := g.read()
+			if err != nil {
+				return
+			}
+			if f.Type == proto.TypeExec {
+				sf, _ := proto.JSONFrame(proto.TypeStarted, f.ID, proto.Started{Pid: 42})
+				_ = proto.WriteFrame(g.conn, sf)
+				idc <- f.ID
+				_, _ = io.Copy(io.Discard, g.r)
+				return
+			}
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := c.Exec(ctx, proto.ExecRequest{Argv: []string{"x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Pid() != 42 {
+		t.Fatalf("pid %d", s.Pid())
+	}
+	return s, <-idc
+}
+
+func TestGuestOverrunningWindowIsCutOff(t *testing.T) {
+	g, host := newFake(t)
+	c := handshake(t, g, host)
+	s, id := startSession(t, g, c)
+	chunk := make([]byte, proto.MaxChunk)
+	go func() {
+		// Never read by the host: more than the window must be refused
+		// rather than buffered.
+		for range proto.InitialWindow/proto.MaxChunk + 2 {
+			if err := proto.WriteFrame(g.conn, proto.Frame{Type: proto.TypeStdout, ID: id, Payload: chunk}); err != nil {
+				return
+			}
+		}
+	}()
+	err := waitDone(t, c)
+	var pe *client.ProtocolError
+	if !errors.As(err, &pe) {
+		t.Fatalf("got %v, want a protocol error", err)
+	}
+	if _, err := s.Wait(context.Background()); err == nil {
+		t.Fatal("Wait returned a status from a dead connection")
+	}
+	// Buffered data is still readable, then the loss is reported.
+	n, err := io.Copy(io.Discard, s.Stdout())
+	if err == nil || n != proto.InitialWindow {
+		t.Fatalf("read %d bytes, err %v", n, err)
+	}
+}
+
+func TestExitStatusIsSanitised(t *testing.T) {
+	g, host := newFake(t)
+	c := handshake(t, g, host)
+	s, id := startSession(t, g, c)
+	huge := string(bytes.Repeat([]byte("e"), 100000))
+	ef, _ := proto.JSONFrame(proto.TypeExit, id, proto.ExitStatus{Code: 1, Err: huge, ErrKind: "weird"})
+	go func() { _ = proto.WriteFrame(g.conn, ef) }()
+	st, err := s.Wait(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Err) > proto.MaxErrLen+3 || st.ErrKind != proto.ErrKindSetup {
+		t.Fatalf("got err of %d bytes, kind %q", len(st.Err), st.ErrKind)
+	}
+	if _, err := io.Copy(io.Discard, s.Stdout()); err != nil {
+		t.Fatalf("stdout after exit: %v", err)
+	}
+}
+
+// FuzzClientGuestBytes sends arbitrary bytes from a handshaken guest: the
+// client may fail, but must not panic or hang.
+func FuzzClientGuestBytes(f *testing.F) {
+	f.Add(mustFrame(proto.Frame{Type: proto.TypeStdout, ID: 1, Payload: []byte("x")}))
+	f.Add(mustFrame(proto.Frame{Type: proto.TypeExit, ID: 1, Payload: []byte(`{"code":1}`)}))
+	f.Add(mustFrame(proto.Frame{Type: proto.TypeWindow, ID: 1, Payload: []byte{7, 0, 0, 0, 1}}))
+	f.Add([]byte{0, 1, 2, 3})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		g, host := newFake(t)
+		c := handshake(t, g, host)
+		go func() {
+			_, _ = g.conn.Write(data)
+			g.conn.Close()
+		}()
+		g.drain()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = c.Ping(ctx)
+		select {
+		case <-c.Done():
+		case <-time.After(5 * time.Second):
+			t.Fatal("client did not notice the closed connection")
+		}
+	})
+}

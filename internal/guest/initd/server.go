@@ -1,0 +1,332 @@
+// Package initd is fireworks-init, the PID 1 of every Fireworks guest: it
+// boots the initramfs (mounts, kernel modules), then serves the host over
+// the agent channel (see package proto): control requests and exec sessions.
+//
+// The serving part (Server) does no mounting and can run in any process, so
+// it is tested on the host over a socket pair; the PID 1 part (Main) adds
+// the boot steps and the privileged System operations.
+package initd
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+	"golang.org/x/sys/unix"
+)
+
+// System performs the privileged requests that change the whole guest.
+// PID 1 uses the real implementation; tests use a fake.
+type System interface {
+	// Setup mounts the sandbox root and switches into it.
+	Setup(ctx context.Context, s proto.Setup) error
+	// SetTime sets the clock and credits entropy.
+	SetTime(ctx context.Context, t proto.SetTime) error
+	// PowerOff stops all processes, syncs and powers the VM off. The server
+	// calls it after the reply to Shutdown has been written.
+	PowerOff(ctx context.Context)
+}
+
+// Options configures a Server.
+type Options struct {
+	// Root is where /etc/passwd and /etc/group are read for user lookup.
+	// Empty means "/". Paths of executables and working directories are
+	// always those of the process's own root.
+	Root string
+	// InitVersion is reported to the host in the handshake.
+	InitVersion string
+	// ReapAll makes the server reap every child with wait4(-1), which PID 1
+	// must do for orphans. Leave it off when running inside another process.
+	ReapAll bool
+	// System handles Setup, SetTime and Shutdown; nil rejects them.
+	System System
+	// Logger receives diagnostics; nil discards them.
+	Logger *slog.Logger
+	// MaxSessions bounds concurrently running sessions (default 1024).
+	MaxSessions int
+	// OnPanic, if set, is called with a recovered panic from any goroutine
+	// the server owns. PID 1 must never exit (the kernel panics), so it logs
+	// and powers off instead. If nil the panic propagates.
+	OnPanic func(v any)
+}
+
+// Server serves host connections. One Server lives for the whole boot and
+// serves one connection at a time; sessions outlive the connection that
+// started them.
+type Server struct {
+	opts   Options
+	log    *slog.Logger
+	reaper *reaper
+
+	wg sync.WaitGroup // session goroutines
+
+	mu        sync.Mutex
+	setupDone bool
+	baseEnv   []string
+	sessions  map[*session]struct{}
+	closed    bool
+	quit      chan struct{} // closed by Close
+}
+
+// NewServer returns a Server; call Close to stop it.
+func NewServer(opts Options) *Server {
+	if opts.Root == "" {
+		opts.Root = "/"
+	}
+	if opts.MaxSessions <= 0 {
+		opts.MaxSessions = 1024
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{
+		opts:     opts,
+		log:      log,
+		reaper:   newReaper(opts.ReapAll, log),
+		sessions: map[*session]struct{}{},
+		quit:     make(chan struct{}),
+	}
+}
+
+// Close kills the processes of all remaining sessions, waits for their
+// goroutines and stops the reaper.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if !s.closed {
+		close(s.quit)
+	}
+	s.closed = true
+	for sess := range s.sessions {
+		sess.kill(int(unix.SIGKILL))
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	s.reaper.close()
+	return nil
+}
+
+// goSafe runs fn in a goroutine owned by the server (Close waits for it).
+func (s *Server) goSafe(fn func()) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if s.opts.OnPanic != nil {
+			defer func() {
+				if v := recover(); v != nil {
+					s.opts.OnPanic(v)
+				}
+			}()
+		}
+		fn()
+	}()
+}
+
+// gconn is one host connection.
+type gconn struct {
+	rw       io.ReadWriteCloser
+	wmu      sync.Mutex
+	done     chan struct{}
+	sessions map[uint32]*session // guarded by Server.mu
+}
+
+var errConnClosed = errors.New("host connection closed")
+
+// send writes one frame. Frames from all goroutines are serialised; a write
+// that blocks (host not reading) is released when the connection closes.
+func (c *gconn) send(f proto.Frame) error {
+	select {
+	case <-c.done:
+		return errConnClosed
+	default:
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return proto.WriteFrame(c.rw, f)
+}
+
+func (c *gconn) sendJSON(t proto.Type, id uint32, v any) error {
+	f, err := proto.JSONFrame(t, id, v)
+	if err != nil {
+		return err
+	}
+	return c.send(f)
+}
+
+// ServeConn runs the handshake and serves rw until it fails or ctx ends.
+// It always closes rw. Sessions started on rw keep running afterwards; their
+// output is discarded and their stdin closed.
+func (s *Server) ServeConn(ctx context.Context, rw io.ReadWriteCloser) error {
+	c := &gconn{rw: rw, done: make(chan struct{}), sessions: map[uint32]*session{}}
+	stop := context.AfterFunc(ctx, func() { rw.Close() })
+	defer stop()
+	defer s.detach(c)
+
+	r := bufio.NewReaderSize(rw, 64<<10)
+	// Wait for the host's hello; anything before it is stale data from a
+	// previous connection and is dropped.
+	for {
+		f, err := proto.ReadFrame(r)
+		if err != nil {
+			return fmt.Errorf("waiting for hello: %w", err)
+		}
+		if f.Type == proto.TypeHello {
+			if err := s.answerHello(c, f); err != nil {
+				return err
+			}
+			break
+		}
+		s.log.Debug("dropping frame before hello", "type", f.Type)
+	}
+	s.log.Info("host connected")
+	err := s.serveFrames(ctx, c, r)
+	s.log.Info("host disconnected", "err", err)
+	return err
+}
+
+func (s *Server) serveFrames(ctx context.Context, c *gconn, r io.Reader) error {
+	for {
+		f, err := proto.ReadFrame(r)
+		if err != nil {
+			if errors.Is(err, proto.ErrUnknownType) {
+				s.log.Warn("ignoring frame", "err", err)
+				continue
+			}
+			return fmt.Errorf("reading from host: %w", err)
+		}
+		if err := s.handle(ctx, c, f); err != nil {
+			return err
+		}
+	}
+}
+
+func (s *Server) answerHello(c *gconn, f proto.Frame) error {
+	var h proto.Hello
+	if err := proto.Decode(f, &h); err != nil {
+		return err
+	}
+	reply := proto.HelloReply{Version: proto.Version, Nonce: h.Nonce, InitVersion: s.opts.InitVersion, KernelRelease: kernelRelease()}
+	if h.Version < proto.Version {
+		// Answer anyway so the host can report the mismatch.
+		s.log.Warn("host speaks an older protocol", "host_version", h.Version)
+	}
+	return c.sendJSON(proto.TypeHelloReply, f.ID, reply)
+}
+
+func kernelRelease() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return ""
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+// detach ends connection c: its sessions keep running without a host.
+func (s *Server) detach(c *gconn) {
+	s.mu.Lock()
+	close(c.done)
+	list := make([]*session, 0, len(c.sessions))
+	for _, sess := range c.sessions {
+		list = append(list, sess)
+	}
+	s.mu.Unlock()
+	c.rw.Close()
+	for _, sess := range list {
+		sess.closeStdin()
+	}
+}
+
+func (s *Server) handle(ctx context.Context, c *gconn, f proto.Frame) error {
+	switch f.Type {
+	case proto.TypeHello:
+		// The host re-sends hello until answered; answer every copy.
+		return s.answerHello(c, f)
+	case proto.TypeRequest:
+		var req proto.Request
+		if err := proto.Decode(f, &req); err != nil {
+			return c.sendJSON(proto.TypeResponse, f.ID, proto.Response{Error: err.Error()})
+		}
+		return s.handleRequest(ctx, c, f.ID, req)
+	case proto.TypeExec:
+		var req proto.ExecRequest
+		if err := proto.Decode(f, &req); err != nil {
+			return c.sendJSON(proto.TypeExit, f.ID, proto.ExitStatus{Code: -1, ErrKind: proto.ErrKindSetup, Err: err.Error()})
+		}
+		return s.startSession(c, f.ID, req)
+	case proto.TypeStdin, proto.TypeCloseStdin, proto.TypeWindow, proto.TypeSignal, proto.TypeResize:
+		s.mu.Lock()
+		sess := c.sessions[f.ID]
+		s.mu.Unlock()
+		if sess == nil {
+			// The session ended while the frame was in flight.
+			return nil
+		}
+		sess.handleFrame(f)
+		return nil
+	}
+	s.log.Warn("ignoring unexpected frame from host", "type", f.Type, "id", f.ID)
+	return nil
+}
+
+func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req proto.Request) error {
+	reply := func(err error) error {
+		var r proto.Response
+		if err != nil {
+			r.Error = err.Error()
+			s.log.Warn("request failed", "op", req.Op, "err", err)
+		}
+		return c.sendJSON(proto.TypeResponse, id, r)
+	}
+	sys := s.opts.System
+	switch req.Op {
+	case proto.OpPing:
+		return reply(nil)
+	case proto.OpSetup:
+		if req.Setup == nil {
+			return reply(errors.New("setup request without setup"))
+		}
+		s.mu.Lock()
+		done := s.setupDone
+		// A failed Setup may have mounted half the root, so it is not retried
+		// either: the host must start a fresh VM.
+		s.setupDone = true
+		s.mu.Unlock()
+		if done {
+			return reply(errors.New("setup already done"))
+		}
+		if sys == nil {
+			return reply(errors.New("setup is not supported by this server"))
+		}
+		if err := sys.Setup(ctx, *req.Setup); err != nil {
+			return reply(err)
+		}
+		s.mu.Lock()
+		s.baseEnv = append([]string(nil), req.Setup.Env...)
+		s.mu.Unlock()
+		s.log.Info("setup done", "hostname", req.Setup.Hostname)
+		return reply(nil)
+	case proto.OpSetTime:
+		if req.SetTime == nil {
+			return reply(errors.New("set_time request without set_time"))
+		}
+		if sys == nil {
+			return reply(errors.New("set_time is not supported by this server"))
+		}
+		return reply(sys.SetTime(ctx, *req.SetTime))
+	case proto.OpShutdown:
+		if sys == nil {
+			return reply(errors.New("shutdown is not supported by this server"))
+		}
+		if err := reply(nil); err != nil {
+			s.log.Warn("could not acknowledge shutdown", "err", err)
+		}
+		sys.PowerOff(ctx)
+		return errors.New("shut down")
+	}
+	return reply(fmt.Errorf("unknown request op %q", req.Op))
+}

@@ -1,0 +1,296 @@
+package initd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+	"unsafe"
+
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+	"golang.org/x/sys/unix"
+)
+
+// pid1System implements System for the real guest.
+type pid1System struct {
+	log *slog.Logger
+	// powerOffCmd is the reboot(2) command used to stop the VM.
+	powerOffCmd int
+}
+
+const (
+	// deviceWait bounds the wait for a disk's node after the host attached
+	// it (virtio_blk probes asynchronously).
+	deviceWait = 10 * time.Second
+	// maxEntropy bounds the entropy accepted per request.
+	maxEntropy = 4096
+	// stopGrace is how long processes get between SIGTERM and SIGKILL on
+	// shutdown.
+	stopGrace = 3 * time.Second
+)
+
+// Staging directories in the initramfs.
+const (
+	imageMnt   = "/mnt/image"
+	scratchMnt = "/mnt/scratch"
+	newRoot    = "/mnt/root"
+)
+
+func (p *pid1System) Setup(ctx context.Context, s proto.Setup) error {
+	if err := checkDevice(s.RootDevice); err != nil {
+		return fmt.Errorf("root device: %w", err)
+	}
+	if s.RootFSType != "ext4" && s.RootFSType != "erofs" {
+		return fmt.Errorf("root filesystem type %q: want ext4 or erofs", s.RootFSType)
+	}
+	if s.ScratchDevice != "" {
+		if err := checkDevice(s.ScratchDevice); err != nil {
+			return fmt.Errorf("scratch device: %w", err)
+		}
+	}
+	if len(s.Entropy) > maxEntropy {
+		return fmt.Errorf("entropy of %d bytes exceeds %d", len(s.Entropy), maxEntropy)
+	}
+	for _, d := range []string{imageMnt, scratchMnt, newRoot} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return fmt.Errorf("creating %s: %w", d, err)
+		}
+	}
+	if err := waitForPath(ctx, s.RootDevice, deviceWait); err != nil {
+		return err
+	}
+	if err := unix.Mount(s.RootDevice, imageMnt, s.RootFSType, unix.MS_RDONLY, ""); err != nil {
+		return fmt.Errorf("mounting image %s (%s) read-only on %s: %w", s.RootDevice, s.RootFSType, imageMnt, err)
+	}
+	if s.ScratchDevice != "" {
+		if err := waitForPath(ctx, s.ScratchDevice, deviceWait); err != nil {
+			return err
+		}
+		if err := unix.Mount(s.ScratchDevice, scratchMnt, "ext4", unix.MS_NOATIME, ""); err != nil {
+			return fmt.Errorf("mounting scratch %s on %s: %w", s.ScratchDevice, scratchMnt, err)
+		}
+	} else if err := unix.Mount("tmpfs", scratchMnt, "tmpfs", 0, "mode=0755"); err != nil {
+		return fmt.Errorf("mounting tmpfs scratch on %s: %w", scratchMnt, err)
+	}
+	upper, work := filepath.Join(scratchMnt, "upper"), filepath.Join(scratchMnt, "work")
+	for _, d := range []string{upper, work} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return fmt.Errorf("creating %s: %w", d, err)
+		}
+	}
+	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", imageMnt, upper, work)
+	if err := unix.Mount("overlay", newRoot, "overlay", 0, opts); err != nil {
+		return fmt.Errorf("mounting overlay (%s) on %s: %w", opts, newRoot, err)
+	}
+	// /dev carries /dev/pts and /dev/shm along: MS_MOVE moves submounts.
+	for _, d := range []string{"/proc", "/sys", "/dev"} {
+		target := filepath.Join(newRoot, d)
+		if err := os.MkdirAll(target, 0o755); err != nil {
+			return fmt.Errorf("creating %s: %w", target, err)
+		}
+		if err := unix.Mount(d, target, "", unix.MS_MOVE, ""); err != nil {
+			return fmt.Errorf("moving %s to %s: %w", d, target, err)
+		}
+	}
+	// pivot_root cannot leave the initramfs (rootfs cannot be unmounted),
+	// so do what switch_root does: move the new root over / and chroot.
+	if err := unix.Chdir(newRoot); err != nil {
+		return fmt.Errorf("entering %s: %w", newRoot, err)
+	}
+	if err := unix.Mount(".", "/", "", unix.MS_MOVE, ""); err != nil {
+		return fmt.Errorf("moving %s to /: %w", newRoot, err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return fmt.Errorf("chroot into new root: %w", err)
+	}
+	if err := unix.Chdir("/"); err != nil {
+		return fmt.Errorf("chdir / in new root: %w", err)
+	}
+	p.log.Info("switched root", "image", s.RootDevice, "fstype", s.RootFSType, "scratch", s.ScratchDevice)
+	if _, err := os.Lstat("/tmp"); errors.Is(err, fs.ErrNotExist) {
+		if err := os.Mkdir("/tmp", 0o755); err != nil {
+			return fmt.Errorf("creating /tmp: %w", err)
+		}
+		// Chmod, since the umask cleared bits of Mkdir's mode.
+		if err := unix.Chmod("/tmp", 0o1777); err != nil {
+			return fmt.Errorf("chmod /tmp: %w", err)
+		}
+	}
+	if s.Hostname != "" {
+		if err := unix.Sethostname([]byte(s.Hostname)); err != nil {
+			return fmt.Errorf("setting hostname %q: %w", s.Hostname, err)
+		}
+	}
+	return p.SetTime(ctx, proto.SetTime{TimeUnixNano: s.TimeUnixNano, Entropy: s.Entropy})
+}
+
+// checkDevice accepts only absolute paths under /dev, so a confused host
+// cannot make init mount arbitrary files.
+func checkDevice(dev string) error {
+	if !strings.HasPrefix(dev, "/dev/") || filepath.Clean(dev) != dev {
+		return fmt.Errorf("%q is not a device path under /dev", dev)
+	}
+	return nil
+}
+
+func waitForPath(ctx context.Context, path string, limit time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return nil
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for %s: %w", path, ctx.Err())
+		}
+	}
+}
+
+func (p *pid1System) SetTime(_ context.Context, t proto.SetTime) error {
+	if t.TimeUnixNano != 0 {
+		ts := unix.NsecToTimespec(t.TimeUnixNano)
+		if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
+			return fmt.Errorf("setting clock: %w", err)
+		}
+	}
+	if len(t.Entropy) > 0 {
+		if err := addEntropy(t.Entropy); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// addEntropy credits b to the kernel pool and reseeds the CRNG, so clones
+// of one snapshot stop producing the same random numbers.
+func addEntropy(b []byte) error {
+	if len(b) > maxEntropy {
+		return fmt.Errorf("entropy of %d bytes exceeds %d", len(b), maxEntropy)
+	}
+	fd, err := unix.Open("/dev/urandom", unix.O_WRONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("opening /dev/urandom: %w", err)
+	}
+	defer unix.Close(fd)
+	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+	buf := make([]byte, 8+len(b)+3)
+	binary.NativeEndian.PutUint32(buf[0:], uint32(len(b)*8))
+	binary.NativeEndian.PutUint32(buf[4:], uint32(len(b)))
+	copy(buf[8:], b)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0]))); errno != 0 {
+		return fmt.Errorf("RNDADDENTROPY: %w", errno)
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.RNDRESEEDCRNG, 0); errno != 0 {
+		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
+	}
+	return nil
+}
+
+// PowerOff stops every process, syncs, unmounts what it can and powers
+// off. It does not return.
+func (p *pid1System) PowerOff(_ context.Context) {
+	p.log.Info("shutting down")
+	_ = unix.Kill(-1, unix.SIGTERM)
+	deadline := time.Now().Add(stopGrace)
+	for time.Now().Before(deadline) && userProcesses() > 0 {
+		time.Sleep(50 * time.Millisecond)
+	}
+	_ = unix.Kill(-1, unix.SIGKILL)
+	for i := 0; i < 20 && userProcesses() > 0; i++ {
+		time.Sleep(25 * time.Millisecond)
+	}
+	unix.Sync()
+	unmountAll(p.log)
+	unix.Sync()
+	halt(p.log, p.powerOffCmd)
+}
+
+// userProcesses counts processes other than init and kernel threads.
+func userProcesses() int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	self := os.Getpid()
+	n := 0
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self || pid == 2 {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// Fields after the parenthesised comm: state ppid ...
+		i := strings.LastIndexByte(string(b), ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 2 || f[1] == "2" || f[0] == "Z" {
+			continue // kernel thread (child of kthreadd) or zombie
+		}
+		n++
+	}
+	return n
+}
+
+// unmountAll unmounts in reverse mount order and remounts / read-only;
+// failures are expected for busy mounts and only logged.
+func unmountAll(log *slog.Logger) {
+	f, err := os.Open("/proc/self/mounts")
+	if err != nil {
+		return
+	}
+	var targets []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) >= 2 {
+			targets = append(targets, fields[1])
+		}
+	}
+	f.Close()
+	for i := len(targets) - 1; i >= 0; i-- {
+		switch t := targets[i]; t {
+		case "/", "/proc", "/sys", "/dev":
+		default:
+			if err := unix.Unmount(t, 0); err != nil {
+				log.Debug("unmount failed", "target", t, "err", err)
+			}
+		}
+	}
+	if err := unix.Mount("", "/", "", unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+		log.Debug("remounting / read-only failed", "err", err)
+	}
+}
+
+// halt ends the VM. If reboot(2) returns, nothing else can be done: PID 1
+// must not exit, so it sleeps forever.
+func halt(log *slog.Logger, cmd int) {
+	if cmd == 0 {
+		cmd = unix.LINUX_REBOOT_CMD_POWER_OFF
+	}
+	err := unix.Reboot(cmd)
+	log.Error("reboot failed", "err", err)
+	if cmd != unix.LINUX_REBOOT_CMD_RESTART {
+		// With QEMU's -no-reboot a restart ends the VM as well.
+		_ = unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
+	}
+	for {
+		time.Sleep(time.Hour)
+	}
+}

@@ -1,0 +1,197 @@
+package proto
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+)
+
+// Hello opens a connection (host to guest). The host may send it more than
+// once until it gets a reply with the same Nonce: a hello written while the
+// guest was reopening its port can be discarded by the guest's kernel.
+type Hello struct {
+	Version int    `json:"version"`
+	Nonce   uint64 `json:"nonce"`
+}
+
+// HelloReply answers Hello. Version is the version the guest will speak.
+type HelloReply struct {
+	Version       int    `json:"version"`
+	Nonce         uint64 `json:"nonce"`
+	InitVersion   string `json:"init_version"`
+	KernelRelease string `json:"kernel_release"`
+}
+
+// Request operations.
+const (
+	OpSetup    = "setup"
+	OpSetTime  = "set_time"
+	OpPing     = "ping"
+	OpShutdown = "shutdown"
+)
+
+// Request is a control request (host to guest). Exactly the field that
+// matches Op is set.
+type Request struct {
+	Op      string   `json:"op"`
+	Setup   *Setup   `json:"setup,omitempty"`
+	SetTime *SetTime `json:"set_time,omitempty"`
+}
+
+// Response answers a Request with the same id. An empty Error means success.
+type Response struct {
+	Error string `json:"error,omitempty"`
+}
+
+// Setup turns the booted initramfs into the sandbox: it mounts the image
+// disk read-only under an overlay whose writable layer lives on the scratch
+// disk, switches root into it, and seeds hostname, clock and entropy. The
+// guest accepts it once per boot.
+type Setup struct {
+	Hostname string `json:"hostname"`
+	// RootDevice is the block device holding the image, e.g. /dev/vda.
+	RootDevice string `json:"root_device"`
+	// RootFSType is "ext4" or "erofs".
+	RootFSType string `json:"root_fs_type"`
+	// ScratchDevice is an ext4-formatted block device for the overlay's
+	// upper layer, e.g. /dev/vdb. Empty means a tmpfs upper layer.
+	ScratchDevice string `json:"scratch_device,omitempty"`
+	// TimeUnixNano sets the guest clock when non-zero.
+	TimeUnixNano int64 `json:"time_unix_nano,omitempty"`
+	// Entropy is credited to the guest's random pool, then the CRNG is
+	// reseeded.
+	Entropy []byte `json:"entropy,omitempty"`
+	// Env is the base environment of every exec session; ExecRequest.Env
+	// entries override it by key.
+	Env []string `json:"env,omitempty"`
+}
+
+// SetTime sets the guest clock and optionally refreshes its entropy, which
+// is what a guest needs after being restored from a snapshot (its clock is
+// stale and its CRNG state is shared with every other clone).
+type SetTime struct {
+	TimeUnixNano int64  `json:"time_unix_nano"`
+	Entropy      []byte `json:"entropy,omitempty"`
+}
+
+// ExecRequest starts a process in a new session.
+type ExecRequest struct {
+	// Argv is the command; Argv[0] is looked up in PATH (of the session's
+	// environment) unless it contains a slash, like execvp.
+	Argv []string `json:"argv"`
+	// Env overrides the base environment from Setup by key ("K=V").
+	Env []string `json:"env,omitempty"`
+	// Dir is the absolute working directory; empty means "/".
+	Dir string `json:"dir,omitempty"`
+	// CreateDir makes Dir (owned by root, mode 0755) if it does not exist,
+	// as Docker does for an image's WORKDIR on run.
+	CreateDir bool `json:"create_dir,omitempty"`
+	// User is "", "name", "uid", "uid:gid", "name:group" (or mixed), looked
+	// up in the guest root's /etc/passwd and /etc/group. Empty means root.
+	User string `json:"user,omitempty"`
+	// TTY runs the process on a pseudo-terminal: one output stream
+	// (TypeStdout) and a controlling terminal sized Rows x Cols.
+	TTY  bool   `json:"tty,omitempty"`
+	Rows uint16 `json:"rows,omitempty"`
+	Cols uint16 `json:"cols,omitempty"`
+	// Stdin connects the host's stdin stream; otherwise stdin is /dev/null.
+	Stdin bool `json:"stdin,omitempty"`
+}
+
+// Started tells the host that the session's process runs.
+type Started struct {
+	Pid int `json:"pid"`
+}
+
+// Signal asks the guest to send a signal to a session's process.
+type Signal struct {
+	Signal int `json:"signal"`
+}
+
+// Resize changes a TTY session's window size.
+type Resize struct {
+	Rows uint16 `json:"rows"`
+	Cols uint16 `json:"cols"`
+}
+
+// Error kinds of ExitStatus. They let the host report what Docker reports
+// distinctly.
+const (
+	// ErrKindNotFound: argv[0] does not exist (Docker exit code 127).
+	ErrKindNotFound = "not_found"
+	// ErrKindNotExecutable: argv[0] exists but cannot be executed (126).
+	ErrKindNotExecutable = "not_executable"
+	// ErrKindSetup: the session could not be prepared (bad user, bad
+	// working directory, no pty, ...). It is a Fireworks error, not an exit
+	// code of the user's command.
+	ErrKindSetup = "setup"
+)
+
+// MaxErrLen bounds ExitStatus.Err as kept by the host.
+const MaxErrLen = 4096
+
+// ExitStatus ends a session.
+type ExitStatus struct {
+	// Code is the exit code; 128+n if the process was killed by signal n;
+	// 127 for ErrKindNotFound, 126 for ErrKindNotExecutable, -1 for
+	// ErrKindSetup.
+	Code int `json:"code"`
+	// Signal is the signal that killed the process, or 0.
+	Signal int `json:"signal,omitempty"`
+	// Err describes why the process did not start.
+	Err     string `json:"err,omitempty"`
+	ErrKind string `json:"err_kind,omitempty"`
+}
+
+// Window grants the peer Increment more bytes of send credit on Stream
+// (TypeStdin, TypeStdout or TypeStderr) of the frame's session. It is
+// encoded as [stream u8][increment u32].
+type Window struct {
+	Stream    Type
+	Increment uint32
+}
+
+// WindowSize is the encoded size of a Window.
+const WindowSize = 5
+
+// Encode returns the payload of a Window frame.
+func (w Window) Encode() []byte {
+	b := make([]byte, 0, WindowSize)
+	b = append(b, byte(w.Stream))
+	return binary.BigEndian.AppendUint32(b, w.Increment)
+}
+
+// DecodeWindow parses a Window payload, rejecting anything but a data
+// stream and a positive increment.
+func DecodeWindow(p []byte) (Window, error) {
+	if len(p) != WindowSize {
+		return Window{}, fmt.Errorf("window payload has %d bytes, want %d", len(p), WindowSize)
+	}
+	w := Window{Stream: Type(p[0]), Increment: binary.BigEndian.Uint32(p[1:])}
+	switch w.Stream {
+	case TypeStdin, TypeStdout, TypeStderr:
+	default:
+		return Window{}, fmt.Errorf("window for %s: not a data stream", w.Stream)
+	}
+	if w.Increment == 0 || w.Increment > MaxPayload*16 {
+		return Window{}, fmt.Errorf("window increment %d out of range", w.Increment)
+	}
+	return w, nil
+}
+
+// JSONFrame builds a frame with v encoded as JSON.
+func JSONFrame(t Type, id uint32, v any) (Frame, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return Frame{}, fmt.Errorf("encoding %s payload: %w", t, err)
+	}
+	return Frame{Type: t, ID: id, Payload: b}, nil
+}
+
+// Decode parses a JSON payload of frame f into v.
+func Decode(f Frame, v any) error {
+	if err := json.Unmarshal(f.Payload, v); err != nil {
+		return fmt.Errorf("decoding %s frame %d: %w", f.Type, f.ID, err)
+	}
+	return nil
+}

@@ -1,0 +1,257 @@
+package image
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+)
+
+// Reference prefixes for local image sources.
+const (
+	OCIPrefix           = "oci:"
+	DockerArchivePrefix = "docker-archive:"
+)
+
+// refNameAnnotation names a manifest's tag in an OCI layout index.
+const refNameAnnotation = "org.opencontainers.image.ref.name"
+
+// sourceRef is a parsed image reference.
+type sourceRef struct {
+	registry name.Reference // set for registry references
+	prefix   string         // OCIPrefix or DockerArchivePrefix for local sources
+	path     string         // absolute path of the layout directory or tarball
+	tag      string         // optional tag inside a local source
+}
+
+// String is the canonical form stored in the index.
+func (p sourceRef) String() string {
+	if p.registry != nil {
+		return p.registry.Name()
+	}
+	if p.tag == "" {
+		return p.prefix + p.path
+	}
+	return p.prefix + p.path + ":" + p.tag
+}
+
+// parseRef parses any accepted reference without touching the network:
+//
+//	REGISTRY-REF                 docker.io/library/busybox:latest, busybox, host:5000/x@sha256:...
+//	oci:DIR[:TAG]                an OCI layout directory; TAG matches the
+//	                             org.opencontainers.image.ref.name annotation
+//	docker-archive:FILE[:TAG]    a `docker save` tarball; TAG like busybox:latest
+//
+// A local path may itself contain colons: the longest-existing-prefix rule
+// (see splitLocal) decides where the path ends.
+func parseRef(ref string) (sourceRef, error) {
+	if strings.TrimSpace(ref) == "" {
+		return sourceRef{}, errors.New("empty image reference")
+	}
+	for _, prefix := range []string{OCIPrefix, DockerArchivePrefix} {
+		rest, ok := strings.CutPrefix(ref, prefix)
+		if !ok {
+			continue
+		}
+		if rest == "" {
+			return sourceRef{}, fmt.Errorf("image reference %q: no path after %q", ref, prefix)
+		}
+		p, tag := splitLocal(rest, prefix == OCIPrefix)
+		abs, err := filepath.Abs(p)
+		if err != nil {
+			return sourceRef{}, fmt.Errorf("image reference %q: %w", ref, err)
+		}
+		return sourceRef{prefix: prefix, path: abs, tag: tag}, nil
+	}
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		return sourceRef{}, fmt.Errorf("malformed image reference %q: %w", ref, err)
+	}
+	return sourceRef{registry: r}, nil
+}
+
+// splitLocal splits PATH[:TAG]. The path is the shortest prefix ending
+// before a colon that exists as the right kind of file (a directory for OCI
+// layouts, a regular file for tarballs), or the whole string if it exists;
+// when nothing exists (e.g. looking up an image whose source is gone), the
+// text after the last colon is the tag if it contains no slash.
+func splitLocal(s string, wantDir bool) (path, tag string) {
+	ok := func(p string) bool {
+		fi, err := os.Stat(p)
+		return err == nil && fi.IsDir() == wantDir
+	}
+	if ok(s) {
+		return s, ""
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] == ':' && ok(s[:i]) {
+			return s[:i], s[i+1:]
+		}
+	}
+	if i := strings.LastIndex(s, ":"); i > 0 && !strings.Contains(s[i+1:], "/") {
+		return s[:i], s[i+1:]
+	}
+	return s, ""
+}
+
+// resolve turns a reference into the image to pull for platform.
+func resolve(ctx context.Context, p sourceRef, platform v1.Platform, insecure []string) (v1.Image, error) {
+	switch {
+	case p.registry != nil:
+		return resolveRegistry(ctx, p.registry, platform, insecure)
+	case p.prefix == OCIPrefix:
+		return resolveLayout(p, platform)
+	default:
+		return resolveArchive(p)
+	}
+}
+
+func resolveRegistry(ctx context.Context, ref name.Reference, platform v1.Platform, insecure []string) (v1.Image, error) {
+	if slices.Contains(insecure, ref.Context().RegistryStr()) {
+		// Re-parse so go-containerregistry speaks plain HTTP to this host.
+		r, err := name.ParseReference(ref.String(), name.Insecure)
+		if err != nil {
+			return nil, fmt.Errorf("malformed image reference %q: %w", ref, err)
+		}
+		ref = r
+	}
+	desc, err := remote.Get(ref,
+		remote.WithContext(ctx),
+		remote.WithAuthFromKeychain(authn.DefaultKeychain),
+		remote.WithUserAgent("fireworks"))
+	if err != nil {
+		return nil, fmt.Errorf("fetch manifest of %s: %w", ref, err)
+	}
+	switch {
+	case desc.MediaType.IsIndex():
+		idx, err := desc.ImageIndex()
+		if err != nil {
+			return nil, fmt.Errorf("read manifest list of %s: %w", ref, err)
+		}
+		return pickFromIndex(idx, ref.String(), platform)
+	case desc.MediaType.IsImage():
+		img, err := desc.Image()
+		if err != nil {
+			return nil, fmt.Errorf("read manifest of %s: %w", ref, err)
+		}
+		return img, nil
+	default:
+		return nil, fmt.Errorf("manifest of %s has unsupported media type %q", ref, desc.MediaType)
+	}
+}
+
+// pickFromIndex chooses the manifest for platform from an image index,
+// descending into nested indexes.
+func pickFromIndex(idx v1.ImageIndex, what string, platform v1.Platform) (v1.Image, error) {
+	im, err := idx.IndexManifest()
+	if err != nil {
+		return nil, fmt.Errorf("read manifest list of %s: %w", what, err)
+	}
+	var have []string
+	for _, d := range im.Manifests {
+		if d.Platform == nil {
+			continue
+		}
+		have = append(have, d.Platform.String())
+		if !platformMatches(*d.Platform, platform) {
+			continue
+		}
+		switch {
+		case d.MediaType.IsImage():
+			img, err := idx.Image(d.Digest)
+			if err != nil {
+				return nil, fmt.Errorf("read %s manifest %s of %s: %w", platform, d.Digest, what, err)
+			}
+			return img, nil
+		case d.MediaType.IsIndex():
+			child, err := idx.ImageIndex(d.Digest)
+			if err != nil {
+				return nil, fmt.Errorf("read nested manifest list %s of %s: %w", d.Digest, what, err)
+			}
+			return pickFromIndex(child, what, platform)
+		}
+	}
+	return nil, fmt.Errorf("manifest list of %s has no %s image (it has: %s)", what, platform, strings.Join(have, ", "))
+}
+
+func platformMatches(have, want v1.Platform) bool {
+	if have.OS != want.OS || have.Architecture != want.Architecture {
+		return false
+	}
+	return want.Variant == "" || have.Variant == want.Variant
+}
+
+func resolveLayout(p sourceRef, platform v1.Platform) (v1.Image, error) {
+	idx, err := layout.ImageIndexFromPath(p.path)
+	if err != nil {
+		return nil, fmt.Errorf("open OCI layout %s: %w", p.path, err)
+	}
+	im, err := idx.IndexManifest()
+	if err != nil {
+		return nil, fmt.Errorf("read index of OCI layout %s: %w", p.path, err)
+	}
+	var chosen *v1.Descriptor
+	var tags []string
+	for i, d := range im.Manifests {
+		t := d.Annotations[refNameAnnotation]
+		if t != "" {
+			tags = append(tags, t)
+		}
+		if p.tag != "" && t == p.tag {
+			chosen = &im.Manifests[i]
+			break
+		}
+	}
+	switch {
+	case chosen != nil:
+	case p.tag != "":
+		return nil, fmt.Errorf("OCI layout %s has no image tagged %q (tags: %s)", p.path, p.tag, strings.Join(tags, ", "))
+	case len(im.Manifests) == 1:
+		chosen = &im.Manifests[0]
+	default:
+		return nil, fmt.Errorf("OCI layout %s holds %d manifests: name one as oci:%s:TAG (tags: %s)", p.path, len(im.Manifests), p.path, strings.Join(tags, ", "))
+	}
+	what := p.String()
+	switch {
+	case chosen.MediaType.IsImage():
+		img, err := idx.Image(chosen.Digest)
+		if err != nil {
+			return nil, fmt.Errorf("read image %s from %s: %w", chosen.Digest, what, err)
+		}
+		return img, nil
+	case chosen.MediaType.IsIndex():
+		child, err := idx.ImageIndex(chosen.Digest)
+		if err != nil {
+			return nil, fmt.Errorf("read manifest list %s from %s: %w", chosen.Digest, what, err)
+		}
+		return pickFromIndex(child, what, platform)
+	default:
+		return nil, fmt.Errorf("%s: manifest %s has unsupported media type %q", what, chosen.Digest, chosen.MediaType)
+	}
+}
+
+func resolveArchive(p sourceRef) (v1.Image, error) {
+	var tag *name.Tag
+	if p.tag != "" {
+		t, err := name.NewTag(p.tag)
+		if err != nil {
+			return nil, fmt.Errorf("%s: malformed tag %q: %w", p, p.tag, err)
+		}
+		tag = &t
+	}
+	img, err := tarball.ImageFromPath(p.path, tag)
+	if err != nil {
+		return nil, fmt.Errorf("open docker archive %s: %w", p, err)
+	}
+	return img, nil
+}

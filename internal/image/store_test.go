@@ -1,0 +1,715 @@
+package image_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+
+	"archive/tar"
+
+	"github.com/fireworks-sandbox/fireworks/internal/image"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+)
+
+var ctx = context.Background()
+
+func openStore(t *testing.T, opts ...image.Option) (*image.Store, string) {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "images")
+	s, err := image.Open(dir, opts...)
+	if err != nil {
+		t.Fatalf("open: %v", err)
+	}
+	return s, dir
+}
+
+func insecure(host string) image.PullOptions {
+	return image.PullOptions{InsecureRegistries: []string{host}}
+}
+
+func digestOf(t *testing.T, img v1.Image) string {
+	t.Helper()
+	d, err := img.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d.String()
+}
+
+// requests records the registry requests a test server sees.
+type requests struct {
+	mu   sync.Mutex
+	seen []string
+}
+
+func (r *requests) wrap(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		r.mu.Lock()
+		r.seen = append(r.seen, req.Method+" "+req.URL.Path)
+		r.mu.Unlock()
+		h.ServeHTTP(w, req)
+	})
+}
+
+func (r *requests) count(substr string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, s := range r.seen {
+		if strings.Contains(s, substr) {
+			n++
+		}
+	}
+	return n
+}
+
+func (r *requests) reset() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.seen = nil
+}
+
+func layerDigests(t *testing.T, img v1.Image) []string {
+	t.Helper()
+	ls, err := img.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range ls {
+		d, err := l.Digest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, d.String())
+	}
+	return out
+}
+
+func TestPullFromRegistry(t *testing.T) {
+	src := testimage.Busybox(t, testimage.Entrypoint("/bin/sh", "-c"), testimage.Cmd("echo hi"), testimage.User("app"))
+	host := testimage.Serve(t, map[string]v1.Image{"busybox:latest": src})
+	s, _ := openStore(t)
+
+	var progress []image.Progress
+	opts := insecure(host)
+	opts.Progress = func(p image.Progress) { progress = append(progress, p) }
+	img, err := s.Pull(ctx, host+"/busybox:latest", opts)
+	if err != nil {
+		t.Fatalf("pull: %v", err)
+	}
+	if img.Ref != host+"/busybox:latest" || img.Digest != digestOf(t, src) {
+		t.Errorf("pulled %q %s, want %s/busybox:latest %s", img.Ref, img.Digest, host, digestOf(t, src))
+	}
+	want := image.Config{Entrypoint: []string{"/bin/sh", "-c"}, Cmd: []string{"echo hi"},
+		Env: []string{testimage.DefaultPath, testimage.FooEnv}, WorkingDir: "/home/app", User: "app"}
+	if fmt.Sprint(img.Config) != fmt.Sprint(want) {
+		t.Errorf("config = %+v, want %+v", img.Config, want)
+	}
+	if !img.Created.Equal(testimage.Epoch) || img.Size <= 0 {
+		t.Errorf("created %v size %d", img.Created, img.Size)
+	}
+	layer := layerDigests(t, src)[0]
+	if len(progress) == 0 || !progress[len(progress)-1].Done || progress[len(progress)-1].Layer != layer {
+		t.Errorf("progress = %+v, want it to end with %s done", progress, layer)
+	}
+
+	// Any spelling of the ref, the digest and a digest prefix find it.
+	hex := strings.TrimPrefix(img.Digest, "sha256:")
+	for _, q := range []string{host + "/busybox:latest", host + "/busybox", img.Digest, hex[:12], "sha256:" + hex[:8]} {
+		got, err := s.Get(ctx, q)
+		if err != nil || got.Digest != img.Digest {
+			t.Errorf("Get(%q) = %v, %v", q, got, err)
+		}
+	}
+	if _, err := s.Get(ctx, "busybox"); !errors.Is(err, image.ErrNotFound) {
+		t.Errorf("Get(busybox) = %v, want ErrNotFound", err)
+	}
+	list, err := s.List(ctx)
+	if err != nil || len(list) != 1 || list[0].Digest != img.Digest {
+		t.Errorf("List = %+v, %v", list, err)
+	}
+
+	// By digest: the same image under a second name.
+	byDigest := host + "/busybox@" + img.Digest
+	img2, err := s.Pull(ctx, byDigest, insecure(host))
+	if err != nil || img2.Digest != img.Digest || img2.Ref != byDigest {
+		t.Fatalf("pull by digest = %+v, %v", img2, err)
+	}
+	if list, _ := s.List(ctx); len(list) != 2 {
+		t.Errorf("List after pull by digest = %+v, want two names", list)
+	}
+}
+
+func TestSecondPullUsesLayerCache(t *testing.T) {
+	var reqs requests
+	a := testimage.Busybox(t, testimage.Cmd("a"))
+	b := testimage.Busybox(t, testimage.Cmd("b")) // same layer, other config
+	host := testimage.ServeWrapped(t, map[string]v1.Image{"img:a": a, "img:b": b}, reqs.wrap)
+	s, _ := openStore(t)
+	layer := layerDigests(t, a)[0]
+
+	if _, err := s.Pull(ctx, host+"/img:a", insecure(host)); err != nil {
+		t.Fatal(err)
+	}
+	if n := reqs.count("GET /v2/img/blobs/" + layer); n != 1 {
+		t.Fatalf("first pull fetched the layer %d times, want 1", n)
+	}
+	reqs.reset()
+	if _, err := s.Pull(ctx, host+"/img:a", insecure(host)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Pull(ctx, host+"/img:b", insecure(host)); err != nil {
+		t.Fatal(err)
+	}
+	if n := reqs.count("/blobs/" + layer); n != 0 {
+		t.Errorf("later pulls fetched the cached layer %d times", n)
+	}
+	if n := reqs.count("/blobs/"); n != 1 {
+		t.Errorf("later pulls fetched %d blobs, want 1 (b's config): %v", n, reqs.seen)
+	}
+
+	// Ensure of a present image does not touch the registry at all.
+	reqs.reset()
+	if _, err := s.Ensure(ctx, host+"/img:a", insecure(host)); err != nil {
+		t.Fatal(err)
+	}
+	if len(reqs.seen) != 0 {
+		t.Errorf("Ensure of a local image made requests: %v", reqs.seen)
+	}
+}
+
+func TestEnsurePullsWhenMissing(t *testing.T) {
+	src := testimage.Busybox(t)
+	host := testimage.Serve(t, map[string]v1.Image{"busybox:1": src})
+	s, _ := openStore(t)
+	img, err := s.Ensure(ctx, host+"/busybox:1", insecure(host))
+	if err != nil || img.Digest != digestOf(t, src) {
+		t.Fatalf("Ensure = %v, %v", img, err)
+	}
+}
+
+func TestPlatformFromIndex(t *testing.T) {
+	amd := testimage.Busybox(t, testimage.Cmd("amd64"))
+	armCfg, _ := amd.ConfigFile()
+	armCfg = armCfg.DeepCopy()
+	armCfg.Architecture = "arm64"
+	arm, err := mutate.ConfigFile(amd, armCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	both := mutate.AppendManifests(empty.Index,
+		mutate.IndexAddendum{Add: arm, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "arm64"}}},
+		mutate.IndexAddendum{Add: amd, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "amd64"}}},
+	)
+	armOnly := mutate.AppendManifests(empty.Index,
+		mutate.IndexAddendum{Add: arm, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "arm64"}}})
+	host := testimage.Serve(t, nil)
+	testimage.PushIndex(t, host, "multi:latest", both)
+	testimage.PushIndex(t, host, "armonly:latest", armOnly)
+	s, _ := openStore(t)
+
+	img, err := s.Pull(ctx, host+"/multi:latest", insecure(host))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img.Digest != digestOf(t, amd) || img.Config.Cmd[0] != "amd64" {
+		t.Errorf("picked %s, want the amd64 image %s", img.Digest, digestOf(t, amd))
+	}
+	_, err = s.Pull(ctx, host+"/armonly:latest", insecure(host))
+	if err == nil || !strings.Contains(err.Error(), "no linux/amd64 image") || !strings.Contains(err.Error(), "linux/arm64") {
+		t.Errorf("pull of an arm64-only list = %v, want a clear platform error", err)
+	}
+	// A single-platform image for another architecture is refused too.
+	testimage.Push(t, host, "arm:latest", arm)
+	if _, err := s.Pull(ctx, host+"/arm:latest", insecure(host)); err == nil || !strings.Contains(err.Error(), "linux/arm64") {
+		t.Errorf("pull of an arm64 image = %v", err)
+	}
+}
+
+func TestPullLocalSources(t *testing.T) {
+	src := testimage.Busybox(t, testimage.Cmd("local"))
+	other := testimage.Busybox(t, testimage.Cmd("other"))
+	dir := t.TempDir()
+	single := filepath.Join(dir, "single")
+	multi := filepath.Join(dir, "multi:with:colons")
+	archive := filepath.Join(dir, "busybox.tar")
+	testimage.WriteOCILayout(t, single, src, "")
+	testimage.WriteOCILayout(t, multi, src, "v1")
+	testimage.WriteOCILayout(t, multi, other, "v2")
+	testimage.WriteDockerArchive(t, archive, src, "busybox:latest")
+	s, _ := openStore(t)
+
+	for _, tc := range []struct{ ref, cmd string }{
+		{"oci:" + single, "local"},
+		{"oci:" + multi + ":v1", "local"},
+		{"oci:" + multi + ":v2", "other"},
+		{"docker-archive:" + archive, "local"},
+		{"docker-archive:" + archive + ":busybox:latest", "local"},
+	} {
+		img, err := s.Pull(ctx, tc.ref, image.PullOptions{})
+		if err != nil {
+			t.Errorf("pull %s: %v", tc.ref, err)
+			continue
+		}
+		if img.Config.Cmd[0] != tc.cmd || img.Ref != tc.ref {
+			t.Errorf("pull %s = %s %v", tc.ref, img.Ref, img.Config.Cmd)
+		}
+		if strings.HasPrefix(tc.ref, "oci:") && img.Digest != digestOf(t, map[string]v1.Image{"local": src, "other": other}[tc.cmd]) {
+			t.Errorf("pull %s: digest %s differs from the layout's", tc.ref, img.Digest)
+		}
+		if got, err := s.Get(ctx, tc.ref); err != nil || got.Digest != img.Digest {
+			t.Errorf("Get(%s) = %v, %v", tc.ref, got, err)
+		}
+	}
+	// Relative paths are stored absolute.
+	t.Chdir(dir)
+	img, err := s.Pull(ctx, "oci:single", image.PullOptions{})
+	if err != nil || img.Ref != "oci:"+single {
+		t.Errorf("pull oci:single = %v, %v", img, err)
+	}
+}
+
+func TestBadReferences(t *testing.T) {
+	src := testimage.Busybox(t)
+	dir := t.TempDir()
+	multi := filepath.Join(dir, "multi")
+	testimage.WriteOCILayout(t, multi, src, "v1")
+	testimage.WriteOCILayout(t, multi, testimage.Busybox(t, testimage.Cmd("x")), "v2")
+	notTar := filepath.Join(dir, "not.tar")
+	os.WriteFile(notTar, []byte("hello"), 0o644)
+	host := testimage.Serve(t, map[string]v1.Image{"busybox:latest": src})
+	s, _ := openStore(t)
+
+	for _, tc := range []struct{ ref, want string }{
+		{"", "empty image reference"},
+		{"UPPER/Case:tag", "malformed image reference"},
+		{"busybox:bad tag", "malformed image reference"},
+		{host + "/busybox:nosuchtag", host + "/busybox:nosuchtag"},
+		{host + "/nosuchrepo:latest", host + "/nosuchrepo:latest"},
+		{"oci:" + filepath.Join(dir, "missing"), filepath.Join(dir, "missing")},
+		{"oci:" + multi, "name one as oci:"},
+		{"oci:" + multi + ":v3", `no image tagged "v3"`},
+		{"docker-archive:" + filepath.Join(dir, "missing.tar"), "missing.tar"},
+		{"docker-archive:" + notTar, "not.tar"},
+	} {
+		_, err := s.Pull(ctx, tc.ref, insecure(host))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Pull(%q) = %v, want an error containing %q", tc.ref, err, tc.want)
+		}
+		t.Logf("%v", err)
+	}
+	if list, _ := s.List(ctx); len(list) != 0 {
+		t.Errorf("failed pulls left images: %v", list)
+	}
+}
+
+func TestCorruptBlobFromRegistry(t *testing.T) {
+	src := testimage.Busybox(t)
+	layer := layerDigests(t, src)[0]
+	host := testimage.ServeWrapped(t, map[string]v1.Image{"busybox:latest": src}, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method != http.MethodGet || !strings.HasSuffix(r.URL.Path, "/blobs/"+layer) {
+				h.ServeHTTP(w, r)
+				return
+			}
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, r)
+			body := rec.Body.Bytes()
+			body[len(body)/2] ^= 0xff
+			for k, v := range rec.Header() {
+				w.Header()[k] = v
+			}
+			w.WriteHeader(rec.Code)
+			w.Write(body)
+		})
+	})
+	s, dir := openStore(t)
+	_, err := s.Pull(ctx, host+"/busybox:latest", insecure(host))
+	if err == nil || !strings.Contains(err.Error(), layer) {
+		t.Fatalf("pull of a corrupt layer = %v, want an error naming %s", err, layer)
+	}
+	t.Logf("corrupt blob: %v", err)
+	if _, err := os.Stat(filepath.Join(dir, "blobs", "sha256", strings.TrimPrefix(layer, "sha256:"))); err == nil {
+		t.Error("corrupt layer was stored")
+	}
+}
+
+func requireRootDiskTools(t *testing.T, tools ...string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("building root disks needs root (ownership of unpacked files)")
+	}
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not found", tool)
+		}
+	}
+}
+
+// extract shows a root disk's contents as the guest will see them: mounted
+// read-only through a loop device where the host allows it, or else unpacked
+// by the filesystem's own tools, which drop set-id and sticky bits (exact
+// reports which one it was).
+func extract(t *testing.T, disk, fsType string) (root string, exact bool) {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "x")
+	if err := os.Mkdir(out, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b, err := exec.Command("mount", "-t", fsType, "-o", "loop,ro", disk, out).CombinedOutput()
+	if err == nil {
+		t.Cleanup(func() {
+			if b, err := exec.Command("umount", out).CombinedOutput(); err != nil {
+				t.Errorf("umount %s: %v: %s", out, err, b)
+			}
+		})
+		return out, true
+	}
+	t.Logf("cannot mount %s (%v: %s); checking with the %s tools instead", disk, err, bytes.TrimSpace(b), fsType)
+	var cmd *exec.Cmd
+	switch fsType {
+	case image.FSTypeErofs:
+		os.Remove(out)
+		cmd = exec.Command("fsck.erofs", "--extract="+out, "--preserve", disk)
+	case image.FSTypeExt4:
+		cmd = exec.Command("debugfs", "-R", "rdump / "+out, disk)
+	}
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v: %v\n%s", cmd.Args, err, b)
+	}
+	return out, false
+}
+
+func checkBusyboxTree(t *testing.T, root string, exact bool) {
+	t.Helper()
+	check := func(p string, mode os.FileMode, uid uint32) {
+		t.Helper()
+		if !exact {
+			mode &^= os.ModeSetuid | os.ModeSetgid | os.ModeSticky
+		}
+		fi, err := os.Lstat(filepath.Join(root, p))
+		if err != nil {
+			t.Errorf("%s: %v", p, err)
+			return
+		}
+		got := fi.Mode()
+		if !exact {
+			got &^= os.ModeSetuid | os.ModeSetgid | os.ModeSticky
+		}
+		if got != mode || fi.Sys().(*syscall.Stat_t).Uid != uid {
+			t.Errorf("%s: %v uid %d, want %v uid %d", p, fi.Mode(), fi.Sys().(*syscall.Stat_t).Uid, mode, uid)
+		}
+	}
+	check("bin/busybox", 0o755, 0)
+	if fi, err := os.Lstat(filepath.Join(root, "bin/busybox")); err == nil && !fi.ModTime().Equal(testimage.Epoch) {
+		t.Errorf("bin/busybox mtime %v, want %v", fi.ModTime(), testimage.Epoch)
+	}
+	check("bin/notexec", 0o644, 0)
+	check("home/app", os.ModeDir|0o755, testimage.AppUID)
+	check("tmp", os.ModeDir|os.ModeSticky|0o777, 0)
+	if l, err := os.Readlink(filepath.Join(root, "bin/sh")); err != nil || l != "busybox" {
+		t.Errorf("bin/sh -> %q, %v", l, err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "etc/passwd")); !bytes.Contains(b, []byte("app:x:1000:1000:")) {
+		t.Errorf("etc/passwd = %q", b)
+	}
+	out, err := exec.Command(filepath.Join(root, "bin/busybox"), "echo", "runs").Output()
+	if err != nil || string(out) != "runs\n" {
+		t.Errorf("extracted busybox: %q, %v", out, err)
+	}
+}
+
+func TestRootDiskBuiltOnceForConcurrentCallers(t *testing.T) {
+	for _, fsType := range []string{image.FSTypeErofs, image.FSTypeExt4} {
+		t.Run(fsType, func(t *testing.T) {
+			requireRootDiskTools(t, map[string][]string{
+				image.FSTypeErofs: {"mkfs.erofs", "fsck.erofs"},
+				image.FSTypeExt4:  {"mkfs.ext4", "debugfs"},
+			}[fsType]...)
+			dir := t.TempDir()
+			testimage.WriteOCILayout(t, dir, testimage.Busybox(t), "")
+			s, storeDir := openStore(t, image.WithFSType(fsType))
+			img, err := s.Pull(ctx, "oci:"+dir, image.PullOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			const callers = 4
+			paths := make([]string, callers)
+			errs := make([]error, callers)
+			var wg sync.WaitGroup
+			for i := range callers {
+				wg.Go(func() {
+					var got string
+					var fs string
+					cp := *img
+					got, fs, errs[i] = s.RootDisk(ctx, &cp)
+					if errs[i] == nil && fs != fsType {
+						errs[i] = fmt.Errorf("fsType %q", fs)
+					}
+					paths[i] = got
+				})
+			}
+			wg.Wait()
+			for i := range callers {
+				if errs[i] != nil || paths[i] != paths[0] {
+					t.Fatalf("caller %d: %q, %v (first: %q)", i, paths[i], errs[i], paths[0])
+				}
+			}
+			if n := image.BuildCount(s); n != 1 {
+				t.Errorf("built %d times, want 1", n)
+			}
+			if got, _ := s.Get(ctx, img.Digest); got.RootDisk != paths[0] {
+				t.Errorf("Get().RootDisk = %q, want %q", got.RootDisk, paths[0])
+			}
+			if ents, _ := os.ReadDir(filepath.Join(storeDir, "tmp")); len(ents) != 0 {
+				t.Errorf("tmp not cleaned: %v", ents)
+			}
+			root, exact := extract(t, paths[0], fsType)
+			checkBusyboxTree(t, root, exact)
+		})
+	}
+}
+
+func TestRootDiskLayersAndWhiteouts(t *testing.T) {
+	requireRootDiskTools(t, "mkfs.erofs", "fsck.erofs")
+	type E = testimage.Entry
+	src := testimage.WithLayers(t, testimage.Busybox(t),
+		testimage.Layer(t,
+			E{Name: "bin/.wh.notexec"},
+			E{Name: "run/", Type: tar.TypeDir},
+			E{Name: "var/run", Type: tar.TypeSymlink, Link: "/run"},
+			E{Name: "opt/old/file", Body: "old"},
+		),
+		testimage.Layer(t,
+			E{Name: "var/run/x", Body: "lands in /run"},
+			E{Name: "opt/", Type: tar.TypeDir},
+			E{Name: "opt/.wh..wh..opq"},
+			E{Name: "opt/new", Body: "new", Mode: 0o4755},
+		),
+	)
+	host := testimage.Serve(t, map[string]v1.Image{"layered:latest": src})
+	s, _ := openStore(t)
+	img, err := s.Pull(ctx, host+"/layered:latest", insecure(host))
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk, _, err := s.RootDisk(ctx, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, exact := extract(t, disk, image.FSTypeErofs)
+	if b, err := os.ReadFile(filepath.Join(root, "run/x")); err != nil || string(b) != "lands in /run" {
+		t.Errorf("run/x = %q, %v", b, err)
+	}
+	for p, want := range map[string]bool{"bin/notexec": false, "bin/busybox": true, "opt/old": false, "opt/new": true} {
+		if _, err := os.Lstat(filepath.Join(root, p)); (err == nil) != want {
+			t.Errorf("%s exists = %v, want %v", p, err == nil, want)
+		}
+	}
+	if fi, err := os.Stat(filepath.Join(root, "opt/new")); err != nil || exact && fi.Mode() != os.ModeSetuid|0o755 {
+		t.Errorf("opt/new mode = %v, %v", fi, err)
+	}
+}
+
+func TestRootDiskRefusesHostileLayer(t *testing.T) {
+	requireRootDiskTools(t, "mkfs.erofs")
+	passwd, _ := os.ReadFile("/etc/passwd")
+	for _, kind := range []string{testimage.HostileDotDot, testimage.HostileHardlink, testimage.HostileDevice, testimage.HostileGiant} {
+		t.Run(kind, func(t *testing.T) {
+			src := testimage.WithLayers(t, testimage.Busybox(t), testimage.HostileLayer(t, kind))
+			host := testimage.Serve(t, map[string]v1.Image{"evil:latest": src})
+			s, storeDir := openStore(t)
+			img, err := s.Pull(ctx, host+"/evil:latest", insecure(host))
+			if err != nil {
+				t.Fatal(err) // pulling is harmless; unpacking is where it is refused
+			}
+			_, _, err = s.RootDisk(ctx, img)
+			if !errors.Is(err, image.ErrHostileLayer) {
+				t.Fatalf("RootDisk = %v, want ErrHostileLayer", err)
+			}
+			t.Logf("refused: %v", err)
+			if ents, _ := os.ReadDir(filepath.Join(storeDir, "tmp")); len(ents) != 0 {
+				t.Errorf("staging left behind: %v", ents)
+			}
+			if ents, _ := os.ReadDir(filepath.Join(storeDir, "disks")); len(ents) != 0 {
+				t.Errorf("disk left behind: %v", ents)
+			}
+			filepath.Walk(filepath.Dir(storeDir), func(p string, fi os.FileInfo, err error) error {
+				if err == nil && (fi.Name() == "pwned" || fi.Name() == testimage.HostileSentinel) {
+					t.Errorf("hostile write landed at %s", p)
+				}
+				return nil
+			})
+			if now, _ := os.ReadFile("/etc/passwd"); !bytes.Equal(now, passwd) {
+				t.Fatal("host /etc/passwd changed")
+			}
+		})
+	}
+}
+
+func TestDamagedCachedBlobIsRefetched(t *testing.T) {
+	requireRootDiskTools(t, "mkfs.erofs")
+	src := testimage.Busybox(t)
+	host := testimage.Serve(t, map[string]v1.Image{"busybox:latest": src})
+	s, storeDir := openStore(t)
+	img, err := s.Pull(ctx, host+"/busybox:latest", insecure(host))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob := filepath.Join(storeDir, "blobs", "sha256", strings.TrimPrefix(layerDigests(t, src)[0], "sha256:"))
+	f, err := os.OpenFile(blob, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte("garbage"), 100)
+	f.Close()
+	if _, _, err := s.RootDisk(ctx, img); err == nil || !strings.Contains(err.Error(), "pull the image again") {
+		t.Fatalf("RootDisk with a damaged blob = %v", err)
+	}
+	if img, err = s.Pull(ctx, host+"/busybox:latest", insecure(host)); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.RootDisk(ctx, img); err != nil {
+		t.Fatalf("RootDisk after re-pull: %v", err)
+	}
+}
+
+func TestRemove(t *testing.T) {
+	requireRootDiskTools(t, "mkfs.erofs")
+	a := testimage.Busybox(t, testimage.Cmd("a"))
+	b := testimage.Busybox(t, testimage.Cmd("b"))
+	host := testimage.Serve(t, map[string]v1.Image{"x:a": a, "x:a2": a, "x:b": b})
+	s, storeDir := openStore(t)
+	for _, tag := range []string{"a", "a2", "b"} {
+		if _, err := s.Pull(ctx, host+"/x:"+tag, insecure(host)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	imgA, _ := s.Get(ctx, host+"/x:a")
+	if _, _, err := s.RootDisk(ctx, imgA); err != nil {
+		t.Fatal(err)
+	}
+
+	// Removing one of two names keeps the image.
+	if err := s.Remove(ctx, host+"/x:a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get(ctx, host+"/x:a"); !errors.Is(err, image.ErrNotFound) {
+		t.Errorf("Get after Remove = %v, want ErrNotFound", err)
+	}
+	if got, err := s.Get(ctx, host+"/x:a2"); err != nil || got.RootDisk == "" {
+		t.Errorf("other name of the image: %v, %v", got, err)
+	}
+	// Removing by digest removes the image, its disk and its config; the
+	// shared layer stays for b.
+	if err := s.Remove(ctx, strings.TrimPrefix(imgA.Digest, "sha256:")[:12]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get(ctx, host+"/x:a2"); !errors.Is(err, image.ErrNotFound) {
+		t.Errorf("Get after Remove by digest = %v, want ErrNotFound", err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(storeDir, "disks")); len(ents) != 0 {
+		t.Errorf("disks left: %v", ents)
+	}
+	if err := s.Remove(ctx, host+"/x:b"); err != nil {
+		t.Fatal(err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(storeDir, "blobs", "sha256")); len(ents) != 0 {
+		t.Errorf("blobs left after removing every image: %v", ents)
+	}
+	if err := s.Remove(ctx, host+"/x:b"); !errors.Is(err, image.ErrNotFound) {
+		t.Errorf("second Remove = %v, want ErrNotFound", err)
+	}
+	if list, _ := s.List(ctx); len(list) != 0 {
+		t.Errorf("List = %v", list)
+	}
+}
+
+func TestRetagLeavesOldImageListed(t *testing.T) {
+	host := testimage.Serve(t, nil)
+	s, _ := openStore(t)
+	old := testimage.Busybox(t, testimage.Cmd("old"))
+	testimage.Push(t, host, "x:latest", old)
+	if _, err := s.Pull(ctx, host+"/x:latest", insecure(host)); err != nil {
+		t.Fatal(err)
+	}
+	testimage.Push(t, host, "x:latest", testimage.Busybox(t, testimage.Cmd("new")))
+	img, err := s.Pull(ctx, host+"/x:latest", insecure(host))
+	if err != nil || img.Config.Cmd[0] != "new" {
+		t.Fatalf("re-pull = %v, %v", img, err)
+	}
+	list, _ := s.List(ctx)
+	refs := []string{}
+	for _, i := range list {
+		refs = append(refs, i.Ref)
+	}
+	if len(list) != 2 || !slices.Contains(refs, "") || !slices.Contains(refs, host+"/x:latest") {
+		t.Errorf("List refs = %q, want the new image named and the old one unnamed", refs)
+	}
+	if _, err := s.Get(ctx, digestOf(t, old)); err != nil {
+		t.Errorf("old image by digest: %v", err)
+	}
+}
+
+func TestOpenSweepsLeftovers(t *testing.T) {
+	src := testimage.Busybox(t)
+	host := testimage.Serve(t, map[string]v1.Image{"busybox:latest": src})
+	s, dir := openStore(t)
+	if _, err := s.Pull(ctx, host+"/busybox:latest", insecure(host)); err != nil {
+		t.Fatal(err)
+	}
+	stray := filepath.Join(dir, "blobs", "sha256", strings.Repeat("ab", 32))
+	os.WriteFile(stray, []byte("x"), 0o600)
+	os.WriteFile(filepath.Join(dir, "tmp", "blob-123"), []byte("x"), 0o600)
+	os.WriteFile(filepath.Join(dir, "disks", strings.Repeat("cd", 32)+".erofs"), []byte("x"), 0o600)
+
+	s2, err := image.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sub := range []string{"tmp", "disks"} {
+		if ents, _ := os.ReadDir(filepath.Join(dir, sub)); len(ents) != 0 {
+			t.Errorf("%s not swept: %v", sub, ents)
+		}
+	}
+	if _, err := os.Stat(stray); err == nil {
+		t.Error("unreferenced blob not swept")
+	}
+	if _, err := s2.Get(ctx, host+"/busybox:latest"); err != nil {
+		t.Errorf("image lost by reopening: %v", err)
+	}
+}
+
+func TestCorruptIndexIsSetAside(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "images")
+	if _, err := image.Open(dir); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "index.json"), []byte("{not json"), 0o600)
+	s, err := image.Open(dir, image.WithLogger(nil))
+	if err == nil {
+		_, err = s.List(ctx)
+	}
+	if err != nil {
+		t.Fatalf("open with a corrupt index: %v", err)
+	}
+	matches, _ := filepath.Glob(filepath.Join(dir, "index.json.corrupt-*"))
+	if len(matches) != 1 {
+		t.Errorf("corrupt index not kept aside: %v", matches)
+	}
+}

@@ -1,0 +1,67 @@
+package server
+
+import (
+	"context"
+	"fmt"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/image"
+)
+
+type imageService struct{ s *Server }
+
+func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.PullImageRequest], stream *connect.ServerStream[pb.PullImageResponse]) error {
+	if req.Msg.GetRef() == "" {
+		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("no image reference given"))
+	}
+	img, err := h.s.agent.Images().Pull(ctx, req.Msg.GetRef(), image.PullOptions{
+		InsecureRegistries: req.Msg.GetInsecureRegistries(),
+		Progress: func(p image.Progress) {
+			// Progress is best effort: a slow client must not fail the pull.
+			_ = stream.Send(&pb.PullImageResponse{Msg: &pb.PullImageResponse_Progress{Progress: &pb.PullProgress{
+				Layer: p.Layer, Complete: p.Complete, Total: p.Total}}})
+		},
+	})
+	if err != nil {
+		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("pull %s: %w", req.Msg.GetRef(), err))
+	}
+	return stream.Send(&pb.PullImageResponse{Msg: &pb.PullImageResponse_Image{Image: imageToPB(*img)}})
+}
+
+func (h *imageService) ListImages(ctx context.Context, _ *connect.Request[pb.ListImagesRequest]) (*connect.Response[pb.ListImagesResponse], error) {
+	imgs, err := h.s.agent.Images().List(ctx)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	resp := &pb.ListImagesResponse{}
+	for _, img := range imgs {
+		resp.Images = append(resp.Images, imageToPB(img))
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (h *imageService) RemoveImage(ctx context.Context, req *connect.Request[pb.RemoveImageRequest]) (*connect.Response[pb.RemoveImageResponse], error) {
+	if err := h.s.agent.Images().Remove(ctx, req.Msg.GetRef()); err != nil {
+		return nil, toConnectError(fmt.Errorf("remove image %s: %w", req.Msg.GetRef(), err))
+	}
+	return connect.NewResponse(&pb.RemoveImageResponse{}), nil
+}
+
+func imageToPB(img image.Image) *pb.Image {
+	return &pb.Image{Ref: img.Ref, Digest: img.Digest, Size: img.Size, Created: ts(img.Created),
+		Entrypoint: img.Config.Entrypoint, Cmd: img.Config.Cmd}
+}
+
+type systemService struct{ s *Server }
+
+func (h *systemService) Info(ctx context.Context, _ *connect.Request[pb.InfoRequest]) (*connect.Response[pb.InfoResponse], error) {
+	i := h.s.agent.Info()
+	return connect.NewResponse(&pb.InfoResponse{
+		Version: Version, Node: i.Node, Accel: i.Accel, AccelReason: i.AccelReason,
+		KernelRelease: i.KernelRelease, InitVersion: i.InitVersion, QemuVersion: i.QEMUVersion,
+		NodeVcpus: int32(i.NodeVCPUs), NodeMemoryMib: i.NodeMemoryMiB, MaxVcpus: int32(i.MaxVCPUs),
+		MaxMemoryMib: int32(i.MaxMemoryMiB), SandboxesRunning: int32(i.Running), DataDir: i.DataDir,
+	}), nil
+}

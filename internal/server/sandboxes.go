@@ -1,0 +1,383 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/fireworks-sandbox/fireworks/internal/agent"
+	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+	"github.com/fireworks-sandbox/fireworks/internal/sandboxlog"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+)
+
+type sandboxService struct{ s *Server }
+
+func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request[pb.CreateSandboxRequest]) (*connect.Response[pb.CreateSandboxResponse], error) {
+	spec := specFromPB(req.Msg.GetSpec())
+	if err := validName(req.Msg.GetName()); err != nil {
+		return nil, toConnectError(err)
+	}
+	if err := h.s.agent.Validate(&spec); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	now := h.s.now()
+	sb := state.Sandbox{
+		ID: state.NewID(), Name: req.Msg.GetName(), Spec: spec, Status: state.StatusPending,
+		CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "accepted"}},
+	}
+	if err := h.s.store.CreateSandbox(ctx, sb); err != nil {
+		return nil, toConnectError(fmt.Errorf("create sandbox: %w", err))
+	}
+	if err := h.s.agent.Start(sb); err != nil {
+		st := state.StatusFailed
+		_, _ = h.s.store.UpdateSandbox(ctx, sb.ID, state.Update{Status: &st, Reason: err.Error(), Time: h.s.now()})
+		return nil, toConnectError(err)
+	}
+	got, err := h.s.store.GetSandbox(ctx, sb.ID)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.CreateSandboxResponse{Sandbox: sandboxToPB(got)}), nil
+}
+
+func (h *sandboxService) GetSandbox(ctx context.Context, req *connect.Request[pb.GetSandboxRequest]) (*connect.Response[pb.GetSandboxResponse], error) {
+	sb, err := h.s.store.GetSandbox(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.GetSandboxResponse{Sandbox: sandboxToPB(sb)}), nil
+}
+
+func (h *sandboxService) ListSandboxes(ctx context.Context, req *connect.Request[pb.ListSandboxesRequest]) (*connect.Response[pb.ListSandboxesResponse], error) {
+	all, err := h.s.store.ListSandboxes(ctx)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	resp := &pb.ListSandboxesResponse{}
+	for _, sb := range all {
+		if !req.Msg.GetAll() && sb.Status.Terminal() {
+			continue
+		}
+		resp.Sandboxes = append(resp.Sandboxes, sandboxToPB(sb))
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (h *sandboxService) StopSandbox(ctx context.Context, req *connect.Request[pb.StopSandboxRequest]) (*connect.Response[pb.StopSandboxResponse], error) {
+	sb, err := h.s.store.GetSandbox(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	grace := 10 * time.Second
+	if g := req.Msg.GetGrace(); g != nil {
+		grace = g.AsDuration()
+	}
+	if grace < 0 || grace > 10*time.Minute {
+		return nil, toConnectError(invalid("grace %s must be between 0 and 10m", grace))
+	}
+	if !sb.Status.Terminal() {
+		if err := h.s.agent.Stop(ctx, sb.ID, grace); err != nil && !errors.Is(err, agent.ErrNotRunning) {
+			return nil, toConnectError(fmt.Errorf("stop sandbox %s: %w", sb.ID, err))
+		}
+	}
+	sb, err = h.s.store.GetSandbox(ctx, sb.ID)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.StopSandboxResponse{Sandbox: sandboxToPB(sb)}), nil
+}
+
+func (h *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request[pb.RemoveSandboxRequest]) (*connect.Response[pb.RemoveSandboxResponse], error) {
+	sb, err := h.s.store.GetSandbox(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if !sb.Status.Terminal() {
+		if !req.Msg.GetForce() {
+			return nil, connect.NewError(connect.CodeFailedPrecondition,
+				fmt.Errorf("sandbox %s is %s: stop it first or use rm -f", sb.ID, sb.Status))
+		}
+		if err := h.s.agent.Stop(ctx, sb.ID, 0); err != nil && !errors.Is(err, agent.ErrNotRunning) {
+			return nil, toConnectError(fmt.Errorf("kill sandbox %s: %w", sb.ID, err))
+		}
+	}
+	if err := h.s.agent.Remove(sb.ID); err != nil {
+		return nil, toConnectError(err)
+	}
+	if err := h.s.store.DeleteSandbox(ctx, sb.ID); err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.RemoveSandboxResponse{}), nil
+}
+
+// Attach replays the main process's output from the start, follows it, forwards stdin and
+// signals, and ends with the exit.
+func (h *sandboxService) Attach(ctx context.Context, stream *connect.BidiStream[pb.AttachRequest, pb.AttachResponse]) error {
+	first, err := stream.Receive()
+	if err != nil {
+		return toConnectError(fmt.Errorf("read attach request: %w", err))
+	}
+	start := first.GetStart()
+	if start == nil {
+		return connect.NewError(connect.CodeInvalidArgument, errors.New("the first attach message must be start"))
+	}
+	sb, err := h.s.store.GetSandbox(ctx, start.GetSandbox())
+	if err != nil {
+		return toConnectError(err)
+	}
+	var sendMu sync.Mutex
+	send := func(r *pb.AttachResponse) error {
+		sendMu.Lock()
+		defer sendMu.Unlock()
+		return stream.Send(r)
+	}
+
+	// Input: runs until the client closes its side or the call ends.
+	inputCtx, stopInput := context.WithCancel(ctx)
+	defer stopInput()
+	go func() {
+		var main *client.Session
+		for {
+			msg, err := stream.Receive()
+			if err != nil {
+				if main != nil && sb.Spec.Stdin && errors.Is(err, io.EOF) {
+					_ = main.Stdin().Close()
+				}
+				return
+			}
+			if main == nil {
+				main, err = h.s.agent.MainSession(inputCtx, sb.ID)
+				if err != nil {
+					return
+				}
+			}
+			switch m := msg.Msg.(type) {
+			case *pb.AttachRequest_Stdin:
+				if sb.Spec.Stdin {
+					_, _ = main.Stdin().Write(m.Stdin)
+				}
+			case *pb.AttachRequest_StdinClose:
+				if sb.Spec.Stdin {
+					_ = main.Stdin().Close()
+				}
+			case *pb.AttachRequest_Resize:
+				_ = main.Resize(inputCtx, uint16(m.Resize.GetRows()), uint16(m.Resize.GetCols()))
+			case *pb.AttachRequest_Signal:
+				_ = main.Signal(inputCtx, int(m.Signal))
+			}
+		}
+	}()
+
+	err = sandboxlog.Read(ctx, h.s.agent.LogPath(sb.ID), h.s.agent.Live(sb.ID), func(r sandboxlog.Record) error {
+		return send(&pb.AttachResponse{Msg: &pb.AttachResponse_Output{Output: &pb.Output{Stream: int32(r.Stream), Data: r.Data}}})
+	})
+	if err != nil {
+		return toConnectError(err)
+	}
+	// The log closes when the sandbox goroutine ends; the final status is written just
+	// before, but wait for it to be sure the exit we report is the recorded one.
+	select {
+	case <-h.s.agent.Done(sb.ID):
+	case <-ctx.Done():
+		return toConnectError(ctx.Err())
+	}
+	sb, err = h.s.store.GetSandbox(ctx, sb.ID)
+	if err != nil {
+		return toConnectError(err)
+	}
+	return send(&pb.AttachResponse{Msg: &pb.AttachResponse_Exit{Exit: exitOf(sb)}})
+}
+
+func exitOf(sb state.Sandbox) *pb.Exit {
+	return &pb.Exit{Code: int32(sb.ExitCode), Signal: int32(sb.Signal), Status: string(sb.Status), Reason: sb.Reason}
+}
+
+func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsRequest], stream *connect.ServerStream[pb.LogsResponse]) error {
+	sb, err := h.s.store.GetSandbox(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return toConnectError(err)
+	}
+	var live *sandboxlog.Writer
+	if req.Msg.GetFollow() {
+		live = h.s.agent.Live(sb.ID)
+	}
+	err = sandboxlog.Read(ctx, h.s.agent.LogPath(sb.ID), live, func(r sandboxlog.Record) error {
+		return stream.Send(&pb.LogsResponse{Output: &pb.Output{Stream: int32(r.Stream), Data: r.Data}})
+	})
+	return toConnectError(err)
+}
+
+func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {
+	first, err := stream.Receive()
+	if err != nil {
+		return toConnectError(fmt.Errorf("read exec request: %w", err))
+	}
+	start := first.GetStart()
+	if start == nil || len(start.GetArgv()) == 0 {
+		return connect.NewError(connect.CodeInvalidArgument, errors.New("the first exec message must be start with a non-empty argv"))
+	}
+	if err := validateEnvPB(start.GetEnv()); err != nil {
+		return connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	sb, err := h.s.store.GetSandbox(ctx, start.GetSandbox())
+	if err != nil {
+		return toConnectError(err)
+	}
+	if sb.Status != state.StatusRunning {
+		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s, not running", sb.ID, sb.Status))
+	}
+	env := start.GetEnv()
+	sess, err := h.s.agent.Exec(ctx, sb.ID, proto.ExecRequest{
+		Argv: start.GetArgv(), Env: env, Dir: start.GetWorkingDir(), User: start.GetUser(),
+		TTY: start.GetTty(), Stdin: start.GetStdin(), Rows: uint16(start.GetRows()), Cols: uint16(start.GetCols()),
+	})
+	if err != nil {
+		return toConnectError(fmt.Errorf("exec in sandbox %s: %w", sb.ID, err))
+	}
+	if !start.GetStdin() {
+		_ = sess.Stdin().Close()
+	}
+	var sendMu sync.Mutex
+	send := func(r *pb.ExecResponse) error {
+		sendMu.Lock()
+		defer sendMu.Unlock()
+		return stream.Send(r)
+	}
+	go func() {
+		for {
+			msg, err := stream.Receive()
+			if err != nil {
+				if errors.Is(err, io.EOF) {
+					_ = sess.Stdin().Close()
+				}
+				return
+			}
+			switch m := msg.Msg.(type) {
+			case *pb.ExecRequest_Stdin:
+				_, _ = sess.Stdin().Write(m.Stdin)
+			case *pb.ExecRequest_StdinClose:
+				_ = sess.Stdin().Close()
+			case *pb.ExecRequest_Resize:
+				_ = sess.Resize(ctx, uint16(m.Resize.GetRows()), uint16(m.Resize.GetCols()))
+			case *pb.ExecRequest_Signal:
+				_ = sess.Signal(ctx, int(m.Signal))
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	pump := func(r io.Reader, streamNo int32) {
+		defer wg.Done()
+		if r == nil {
+			return
+		}
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := r.Read(buf)
+			if n > 0 {
+				if serr := send(&pb.ExecResponse{Msg: &pb.ExecResponse_Output{Output: &pb.Output{Stream: streamNo, Data: append([]byte(nil), buf[:n]...)}}}); serr != nil {
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}
+	wg.Add(2)
+	go pump(sess.Stdout(), sandboxlog.Stdout)
+	go pump(sess.Stderr(), sandboxlog.Stderr)
+	st, err := sess.Wait(ctx)
+	wg.Wait()
+	if err != nil {
+		return toConnectError(fmt.Errorf("exec in sandbox %s: %w", sb.ID, err))
+	}
+	code := st.Code
+	reason := ""
+	switch st.ErrKind {
+	case proto.ErrKindNotFound:
+		code, reason = 127, "command not found: "+st.Err
+	case proto.ErrKindNotExecutable:
+		code, reason = 126, "command not executable: "+st.Err
+	case "":
+	default:
+		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("exec %q: %s", start.GetArgv()[0], st.Err))
+	}
+	return send(&pb.ExecResponse{Msg: &pb.ExecResponse_Exit{Exit: &pb.Exit{Code: int32(code), Signal: int32(st.Signal), Status: "exited", Reason: reason}}})
+}
+
+func validateEnvPB(env []string) error {
+	for _, kv := range env {
+		if k, _, ok := cutEq(kv); !ok || k == "" {
+			return fmt.Errorf("invalid environment entry %q: want KEY=VALUE", kv)
+		}
+	}
+	return nil
+}
+
+func cutEq(s string) (string, string, bool) {
+	for i := 0; i < len(s); i++ {
+		if s[i] == '=' {
+			return s[:i], s[i+1:], true
+		}
+	}
+	return s, "", false
+}
+
+func specFromPB(p *pb.SandboxSpec) state.SandboxSpec {
+	spec := state.SandboxSpec{
+		Image: p.GetImage(), Cmd: p.GetCmd(), Env: p.GetEnv(), WorkingDir: p.GetWorkingDir(),
+		User: p.GetUser(), VCPUs: int(p.GetVcpus()), MemoryMiB: int(p.GetMemoryMib()),
+		TTY: p.GetTty(), Stdin: p.GetStdin(), InsecureRegistries: p.GetInsecureRegistries(),
+	}
+	if p.GetEntrypointSet() {
+		spec.Entrypoint = append([]string{}, p.GetEntrypoint()...)
+		if len(spec.Entrypoint) == 0 {
+			spec.Entrypoint = []string{""}
+		}
+	}
+	if t := p.GetTimeout(); t != nil {
+		spec.Timeout = t.AsDuration()
+	}
+	return spec
+}
+
+func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
+	spec := &pb.SandboxSpec{
+		Image: sb.Spec.Image, Cmd: sb.Spec.Cmd, Env: sb.Spec.Env, WorkingDir: sb.Spec.WorkingDir,
+		User: sb.Spec.User, Vcpus: int32(sb.Spec.VCPUs), MemoryMib: int32(sb.Spec.MemoryMiB),
+		Tty: sb.Spec.TTY, Stdin: sb.Spec.Stdin, InsecureRegistries: sb.Spec.InsecureRegistries,
+	}
+	if sb.Spec.Entrypoint != nil {
+		spec.EntrypointSet, spec.Entrypoint = true, sb.Spec.Entrypoint
+	}
+	if sb.Spec.Timeout > 0 {
+		spec.Timeout = durationpb.New(sb.Spec.Timeout)
+	}
+	out := &pb.Sandbox{
+		Id: sb.ID, Name: sb.Name, Spec: spec, Status: string(sb.Status), Reason: sb.Reason,
+		ExitCode: int32(sb.ExitCode), Signal: int32(sb.Signal), Node: sb.Node, ImageDigest: sb.ImageDigest,
+		Accel: sb.Accel, CreatedAt: ts(sb.CreatedAt), StartedAt: ts(sb.StartedAt), FinishedAt: ts(sb.FinishedAt),
+		Details: sb.Runtime,
+	}
+	for _, e := range sb.Events {
+		out.Events = append(out.Events, &pb.Event{Time: ts(e.Time), Status: string(e.Status), Reason: e.Reason})
+	}
+	return out
+}
+
+func ts(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}

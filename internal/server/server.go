@@ -1,0 +1,165 @@
+// Package server is the Fireworks API: authentication, sandbox lifecycle on top of the
+// replicated state store, and the node agent that runs the VMs. One port serves gRPC,
+// gRPC-Web and Connect's HTTP/JSON.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/fireworks-sandbox/fireworks/internal/agent"
+	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/image"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+)
+
+// Version is the Fireworks version reported by Info.
+var Version = "0.1.0-dev"
+
+// Server serves the API.
+type Server struct {
+	store *state.Store
+	agent *agent.Agent
+	log   *slog.Logger
+	token string
+	now   func() time.Time
+}
+
+// New wires a server over an open store and a running agent.
+func New(store *state.Store, ag *agent.Agent, token string, log *slog.Logger) *Server {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Server{store: store, agent: ag, log: log, token: token, now: time.Now}
+}
+
+// Handler returns the HTTP handler with every service mounted behind the token check.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	opts := []connect.HandlerOption{connect.WithInterceptors(recoverInterceptor(s.log))}
+	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&sandboxService{s}, opts...))
+	mux.Handle(fireworksv1connect.NewImageServiceHandler(&imageService{s}, opts...))
+	mux.Handle(fireworksv1connect.NewSystemServiceHandler(&systemService{s}, opts...))
+	return requireToken(s.token, mux)
+}
+
+// Serve listens until ctx ends. HTTP/2 without TLS is enabled so gRPC clients and the
+// CLI's bidirectional streams (attach, exec) work on the same plain port.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	var protocols http.Protocols
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true)
+	srv := &http.Server{Handler: s.Handler(), Protocols: &protocols, ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+		return nil
+	case err := <-errc:
+		return fmt.Errorf("serve API on %s: %w", ln.Addr(), err)
+	}
+}
+
+// recoverInterceptor turns a handler panic into an internal error so no panic reaches a user
+// or takes the server down.
+func recoverInterceptor(log *slog.Logger) connect.Interceptor {
+	return &panicGuard{log: log}
+}
+
+type panicGuard struct{ log *slog.Logger }
+
+func (p *panicGuard) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (resp connect.AnyResponse, err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				p.log.Error("panic in handler", "procedure", req.Spec().Procedure, "panic", r)
+				err = connect.NewError(connect.CodeInternal, fmt.Errorf("internal error in %s", req.Spec().Procedure))
+			}
+		}()
+		return next(ctx, req)
+	}
+}
+
+func (p *panicGuard) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next
+}
+
+func (p *panicGuard) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return func(ctx context.Context, conn connect.StreamingHandlerConn) (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				p.log.Error("panic in handler", "procedure", conn.Spec().Procedure, "panic", r)
+				err = connect.NewError(connect.CodeInternal, fmt.Errorf("internal error in %s", conn.Spec().Procedure))
+			}
+		}()
+		return next(ctx, conn)
+	}
+}
+
+// toConnectError maps domain errors to API codes so clients can tell "you asked for
+// something that does not exist" from "Fireworks broke".
+func toConnectError(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return err
+	}
+	switch {
+	case errors.Is(err, state.ErrNotFound), errors.Is(err, image.ErrNotFound):
+		return connect.NewError(connect.CodeNotFound, err)
+	case errors.Is(err, state.ErrAmbiguous), errors.Is(err, errInvalid):
+		return connect.NewError(connect.CodeInvalidArgument, err)
+	case errors.Is(err, state.ErrNameTaken):
+		return connect.NewError(connect.CodeAlreadyExists, err)
+	case errors.Is(err, agent.ErrNotRunning), errors.Is(err, errNotRunning):
+		return connect.NewError(connect.CodeFailedPrecondition, err)
+	case errors.Is(err, context.Canceled):
+		return connect.NewError(connect.CodeCanceled, err)
+	case errors.Is(err, context.DeadlineExceeded):
+		return connect.NewError(connect.CodeDeadlineExceeded, err)
+	}
+	return connect.NewError(connect.CodeInternal, err)
+}
+
+var (
+	errInvalid    = errors.New("invalid request")
+	errNotRunning = errors.New("not running")
+)
+
+func invalid(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", errInvalid, fmt.Sprintf(format, args...))
+}
+
+// validName keeps names usable as hostnames and in URLs.
+func validName(n string) error {
+	if n == "" {
+		return nil
+	}
+	if len(n) > 63 {
+		return invalid("name %q is longer than 63 characters", n)
+	}
+	for i, r := range n {
+		ok := r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r >= 'A' && r <= 'Z'
+		if !ok || (r == '-' && (i == 0 || i == len(n)-1)) {
+			return invalid("name %q: use letters, digits and inner hyphens", n)
+		}
+	}
+	if strings.Trim(n, "0123456789abcdef") == "" && len(n) >= 4 {
+		// An all-hex name could shadow an ID prefix.
+		return invalid("name %q looks like a sandbox ID; pick a name with a non-hex letter", n)
+	}
+	return nil
+}

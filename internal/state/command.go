@@ -1,0 +1,85 @@
+package state
+
+import (
+	"encoding/json"
+	"fmt"
+)
+
+// cmdType is the first byte of every Raft log entry the Store writes; the rest is the
+// command body as JSON. The byte is the version: a body that changes incompatibly gets a
+// new type rather than a flag inside the old one, so a replayed old log stays readable.
+// Additive changes (new optional fields) keep the type, because JSON ignores unknown
+// fields and zero-values missing ones.
+type cmdType byte
+
+const (
+	cmdCreateSandbox cmdType = 1
+	cmdUpdateSandbox cmdType = 2
+	cmdDeleteSandbox cmdType = 3
+	cmdSetMeta       cmdType = 4
+
+	// cmdIgnorable marks command types that an FSM which does not know them may skip
+	// without diverging in anything it does know (e.g. new, purely additive state). A
+	// newer server can then write them during a rolling upgrade. Unknown types without
+	// the bit are an error result.
+	cmdIgnorable cmdType = 0x80
+)
+
+func (t cmdType) String() string {
+	switch t {
+	case cmdCreateSandbox:
+		return "create-sandbox"
+	case cmdUpdateSandbox:
+		return "update-sandbox"
+	case cmdDeleteSandbox:
+		return "delete-sandbox"
+	case cmdSetMeta:
+		return "set-meta"
+	}
+	return fmt.Sprintf("type-%d", byte(t))
+}
+
+// maxCommandBytes bounds one log entry: the state is metadata, and an entry this large
+// means a bug (or an abusive request) that would bloat every replica's log.
+const maxCommandBytes = 1 << 20
+
+type createSandboxCmd struct {
+	Sandbox Sandbox `json:"sandbox"`
+}
+
+type updateSandboxCmd struct {
+	ID     string `json:"id"`
+	Update Update `json:"update"`
+}
+
+type deleteSandboxCmd struct {
+	ID string `json:"id"`
+}
+
+// setMetaCmd sets or (Delete) removes one key of the small generic KV namespace.
+type setMetaCmd struct {
+	Key    string `json:"key"`
+	Value  []byte `json:"value,omitempty"`
+	Delete bool   `json:"delete,omitempty"`
+}
+
+func encodeCommand(t cmdType, body any) ([]byte, error) {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return nil, fmt.Errorf("encode %s command: %w", t, err)
+	}
+	data := make([]byte, 0, 1+len(b))
+	data = append(data, byte(t))
+	data = append(data, b...)
+	if len(data) > maxCommandBytes {
+		return nil, fmt.Errorf("%w: %s command is %d bytes, limit %d", ErrInvalid, t, len(data), maxCommandBytes)
+	}
+	return data, nil
+}
+
+func decodeBody(t cmdType, b []byte, v any) error {
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("%w: decode %s command: %v", ErrInvalid, t, err)
+	}
+	return nil
+}

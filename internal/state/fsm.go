@@ -1,0 +1,286 @@
+package state
+
+import (
+	"cmp"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/hashicorp/raft"
+)
+
+// minPrefix is the shortest ID prefix GetSandbox resolves; shorter ones would match too
+// much by accident.
+const minPrefix = 4
+
+// fsm is the deterministic state machine. Apply depends only on the current state and
+// the log entry: IDs and times come in the command, nothing reads the clock or a random
+// source, and map iteration never decides an outcome.
+//
+// Stored values are copy-on-write: a *Sandbox or meta []byte in the maps is never
+// mutated after insertion, only replaced. That lets Snapshot copy just the maps and
+// Persist encode them while Apply carries on.
+type fsm struct {
+	log *slog.Logger
+
+	mu        sync.RWMutex
+	sandboxes map[string]*Sandbox // by ID
+	names     map[string]string   // name → ID, for sandboxes with a name
+	meta      map[string][]byte
+}
+
+var _ raft.FSM = (*fsm)(nil)
+
+func newFSM(log *slog.Logger) *fsm {
+	return &fsm{
+		log:       log,
+		sandboxes: map[string]*Sandbox{},
+		names:     map[string]string{},
+		meta:      map[string][]byte{},
+	}
+}
+
+// Apply executes one committed command. The result is what Store sees as the future's
+// Response: an error, a Sandbox (for updates), or nil. It never panics on bad input: a log
+// entry is replayed on every start, so a panic would brick the store.
+func (f *fsm) Apply(l *raft.Log) any {
+	if l.Type != raft.LogCommand {
+		return nil
+	}
+	if len(l.Data) == 0 {
+		return fmt.Errorf("%w: empty command at index %d", ErrInvalid, l.Index)
+	}
+	t, body := cmdType(l.Data[0]), l.Data[1:]
+
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	switch t {
+	case cmdCreateSandbox:
+		var c createSandboxCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.createSandbox(c.Sandbox)
+	case cmdUpdateSandbox:
+		var c updateSandboxCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.updateSandbox(c.ID, c.Update)
+	case cmdDeleteSandbox:
+		var c deleteSandboxCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.deleteSandbox(c.ID)
+	case cmdSetMeta:
+		var c setMetaCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.setMeta(c)
+	}
+	if t&cmdIgnorable != 0 {
+		f.log.Warn("skipping unknown ignorable state command; a newer server wrote it", "type", byte(t), "index", l.Index)
+		return nil
+	}
+	return fmt.Errorf("%w %d at index %d (written by a newer server?)", ErrUnknownCommand, byte(t), l.Index)
+}
+
+func (f *fsm) createSandbox(sb Sandbox) any {
+	sb = *sb.clone() // the decoded value is ours already, but keep ownership obvious
+	if err := sb.validateNew(); err != nil {
+		return err
+	}
+	sb.normalize()
+	if _, ok := f.sandboxes[sb.ID]; ok {
+		return fmt.Errorf("ID %w", ErrExists)
+	}
+	if sb.Name != "" {
+		if id, ok := f.names[sb.Name]; ok {
+			return fmt.Errorf("name %q (used by %s): %w", sb.Name, id, ErrNameTaken)
+		}
+		// A name equal to another sandbox's ID would be shadowed by the ID in lookups.
+		if _, ok := f.sandboxes[sb.Name]; ok {
+			return fmt.Errorf("name %q is another sandbox's ID: %w", sb.Name, ErrNameTaken)
+		}
+		f.names[sb.Name] = sb.ID
+	}
+	f.sandboxes[sb.ID] = &sb
+	return nil
+}
+
+func (f *fsm) updateSandbox(id string, u Update) any {
+	cur, ok := f.sandboxes[id]
+	if !ok {
+		return ErrNotFound
+	}
+	next := cur.clone()
+	if err := next.apply(u); err != nil {
+		return err
+	}
+	f.sandboxes[id] = next
+	return *next.clone()
+}
+
+func (f *fsm) deleteSandbox(id string) any {
+	sb, ok := f.sandboxes[id]
+	if !ok {
+		return ErrNotFound
+	}
+	delete(f.sandboxes, id)
+	if sb.Name != "" {
+		delete(f.names, sb.Name)
+	}
+	return nil
+}
+
+func (f *fsm) setMeta(c setMetaCmd) any {
+	if c.Key == "" {
+		return fmt.Errorf("%w: empty meta key", ErrInvalid)
+	}
+	if c.Delete {
+		delete(f.meta, c.Key)
+		return nil
+	}
+	f.meta[c.Key] = slices.Clone(c.Value)
+	return nil
+}
+
+// get resolves a full ID, then an exact name, then a unique ID prefix of at least
+// minPrefix characters.
+func (f *fsm) get(idOrName string) (Sandbox, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if sb, ok := f.sandboxes[idOrName]; ok {
+		return *sb.clone(), nil
+	}
+	if id, ok := f.names[idOrName]; ok {
+		return *f.sandboxes[id].clone(), nil
+	}
+	if len(idOrName) < minPrefix {
+		return Sandbox{}, fmt.Errorf("sandbox %q (ID prefixes need at least %d characters): %w", idOrName, minPrefix, ErrNotFound)
+	}
+	var match *Sandbox
+	n := 0
+	for id, sb := range f.sandboxes {
+		if strings.HasPrefix(id, idOrName) {
+			match = sb
+			n++
+		}
+	}
+	switch n {
+	case 0:
+		return Sandbox{}, fmt.Errorf("sandbox %q: %w", idOrName, ErrNotFound)
+	case 1:
+		return *match.clone(), nil
+	}
+	return Sandbox{}, fmt.Errorf("sandbox ID prefix %q matches %d sandboxes: %w", idOrName, n, ErrAmbiguous)
+}
+
+// list returns copies sorted by creation time, then ID, so the order is stable.
+func (f *fsm) list() []Sandbox {
+	f.mu.RLock()
+	out := make([]Sandbox, 0, len(f.sandboxes))
+	for _, sb := range f.sandboxes {
+		out = append(out, *sb.clone())
+	}
+	f.mu.RUnlock()
+	slices.SortFunc(out, func(a, b Sandbox) int {
+		if c := a.CreatedAt.Compare(b.CreatedAt); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.ID, b.ID)
+	})
+	return out
+}
+
+func (f *fsm) getMeta(key string) ([]byte, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	v, ok := f.meta[key]
+	if !ok {
+		return nil, fmt.Errorf("meta key %q: %w", key, ErrNotFound)
+	}
+	return slices.Clone(v), nil
+}
+
+// snapshotVersion is the format of Persist's output; Restore refuses others.
+const snapshotVersion = 1
+
+type snapshotData struct {
+	Version   int               `json:"version"`
+	Sandboxes []*Sandbox        `json:"sandboxes"` // sorted by ID: same state, same bytes
+	Meta      map[string][]byte `json:"meta,omitempty"`
+}
+
+// Snapshot captures the state cheaply (values are copy-on-write, so copying the maps is
+// enough); the encoding happens in Persist, off raft's main loop.
+func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return &fsmSnapshot{
+		sandboxes: slices.Collect(maps.Values(f.sandboxes)),
+		meta:      maps.Clone(f.meta),
+	}, nil
+}
+
+// Restore replaces the whole state with a snapshot's.
+func (f *fsm) Restore(rc io.ReadCloser) error {
+	defer rc.Close()
+	var d snapshotData
+	if err := json.NewDecoder(rc).Decode(&d); err != nil {
+		return fmt.Errorf("decode state snapshot: %w", err)
+	}
+	if d.Version != snapshotVersion {
+		return fmt.Errorf("state snapshot has version %d, this server reads %d", d.Version, snapshotVersion)
+	}
+	sandboxes := make(map[string]*Sandbox, len(d.Sandboxes))
+	names := map[string]string{}
+	for _, sb := range d.Sandboxes {
+		if sb == nil || sb.ID == "" {
+			return fmt.Errorf("state snapshot holds a sandbox without ID")
+		}
+		sb.normalize()
+		sandboxes[sb.ID] = sb
+		if sb.Name != "" {
+			names[sb.Name] = sb.ID
+		}
+	}
+	if d.Meta == nil {
+		d.Meta = map[string][]byte{}
+	}
+	f.mu.Lock()
+	f.sandboxes, f.names, f.meta = sandboxes, names, d.Meta
+	f.mu.Unlock()
+	return nil
+}
+
+type fsmSnapshot struct {
+	sandboxes []*Sandbox
+	meta      map[string][]byte
+}
+
+func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
+	err := s.write(sink)
+	if err != nil {
+		_ = sink.Cancel()
+		return fmt.Errorf("persist state snapshot: %w", err)
+	}
+	if err := sink.Close(); err != nil {
+		return fmt.Errorf("close state snapshot: %w", err)
+	}
+	return nil
+}
+
+func (s *fsmSnapshot) write(w io.Writer) error {
+	slices.SortFunc(s.sandboxes, func(a, b *Sandbox) int { return cmp.Compare(a.ID, b.ID) })
+	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta})
+}
+
+func (s *fsmSnapshot) Release() {}

@@ -1,0 +1,361 @@
+package state
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+var t0 = time.Date(2025, 1, 2, 3, 4, 5, 6, time.UTC)
+
+func quietLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+func mustCmd(t *testing.T, typ cmdType, body any) []byte {
+	t.Helper()
+	b, err := encodeCommand(typ, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// memSink is a raft.SnapshotSink in memory.
+type memSink struct {
+	bytes.Buffer
+	cancelled bool
+}
+
+func (s *memSink) ID() string    { return "mem" }
+func (s *memSink) Cancel() error { s.cancelled = true; return nil }
+func (s *memSink) Close() error  { return nil }
+
+func persist(t *testing.T, f *fsm) []byte {
+	t.Helper()
+	snap, err := f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sink memSink
+	if err := snap.Persist(&sink); err != nil {
+		t.Fatal(err)
+	}
+	snap.Release()
+	return sink.Bytes()
+}
+
+// applyAll applies the entries in order and returns each result.
+func applyAll(f *fsm, data [][]byte) []any {
+	var out []any
+	for i, d := range data {
+		out = append(out, f.Apply(&raft.Log{Index: uint64(i + 1), Type: raft.LogCommand, Data: d}))
+	}
+	return out
+}
+
+// testLog is a log with valid and invalid commands of every kind.
+func testLog(t *testing.T) [][]byte {
+	sb := func(id, name string, at time.Duration) Sandbox {
+		return Sandbox{ID: id, Name: name, Spec: SandboxSpec{Image: "alpine", Cmd: []string{"echo", id}}, CreatedAt: t0.Add(at)}
+	}
+	upd := func(id string, st Status, reason string, at time.Duration) updateSandboxCmd {
+		return updateSandboxCmd{ID: id, Update: Update{Status: ptr(st), Reason: reason, Time: t0.Add(at)}}
+	}
+	return [][]byte{
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{sb("aaaa0001", "web", 0)}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{sb("aaaa0002", "", time.Second)}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{sb("aaaa0003", "web", 2*time.Second)}), // name taken
+		mustCmd(t, cmdUpdateSandbox, upd("aaaa0001", StatusStarting, "", 3*time.Second)),
+		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "aaaa0001", Update: Update{Node: ptr("n1"), Runtime: map[string]string{"pid": "42", "dir": "/run/x"}, Time: t0.Add(4 * time.Second)}}),
+		mustCmd(t, cmdUpdateSandbox, upd("aaaa0001", StatusRunning, "", 5*time.Second)),
+		mustCmd(t, cmdUpdateSandbox, upd("aaaa0001", StatusPending, "", 6*time.Second)), // invalid
+		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "aaaa0001", Update: Update{Status: ptr(StatusExited), ExitCode: ptr(3), Time: t0.Add(7 * time.Second)}}),
+		mustCmd(t, cmdUpdateSandbox, upd("aaaa0002", StatusFailed, "image not found", 8*time.Second)),
+		mustCmd(t, cmdSetMeta, setMetaCmd{Key: "k", Value: []byte("v")}),
+		{byte(cmdIgnorable | 7), '{', '}'},
+		{99, 'x'},
+		mustCmd(t, cmdDeleteSandbox, deleteSandboxCmd{ID: "aaaa0002"}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{sb("aaaa0004", "db", 9*time.Second)}),
+	}
+}
+
+func TestFSMReplayIsDeterministic(t *testing.T) {
+	log := testLog(t)
+	a, b := newFSM(quietLogger(t)), newFSM(quietLogger(t))
+	ra, rb := applyAll(a, log), applyAll(b, log)
+	for i := range ra {
+		if (ra[i] == nil) != (rb[i] == nil) {
+			t.Fatalf("entry %d: results differ: %v vs %v", i+1, ra[i], rb[i])
+		}
+	}
+	sa, sbytes := persist(t, a), persist(t, b)
+	if !bytes.Equal(sa, sbytes) {
+		t.Fatalf("same log, different state:\n%s\n%s", sa, sbytes)
+	}
+	// The state is what the log says, not trivially empty.
+	for _, want := range []string{`"aaaa0001"`, `"aaaa0004"`, `"exited"`, `"pid":"42"`} {
+		if !strings.Contains(string(sa), want) {
+			t.Errorf("snapshot lacks %s: %s", want, sa)
+		}
+	}
+	if strings.Contains(string(sa), `"aaaa0002"`) || strings.Contains(string(sa), `"aaaa0003"`) {
+		t.Errorf("snapshot holds a deleted or rejected sandbox: %s", sa)
+	}
+
+	// Restoring the snapshot gives the same state again.
+	c := newFSM(quietLogger(t))
+	if err := c.Restore(io.NopCloser(bytes.NewReader(sa))); err != nil {
+		t.Fatal(err)
+	}
+	if sc := persist(t, c); !bytes.Equal(sa, sc) {
+		t.Fatalf("restored state differs:\n%s\n%s", sa, sc)
+	}
+	got, err := c.get("web")
+	if err != nil || got.ID != "aaaa0001" {
+		t.Fatalf("get web after restore = %v, %v", got.ID, err)
+	}
+}
+
+func TestFSMResults(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	res := applyAll(f, testLog(t))
+	wantErr := map[int]error{
+		3:  ErrNameTaken,
+		7:  ErrInvalidTransition,
+		12: ErrUnknownCommand,
+	}
+	for i, r := range res {
+		idx := i + 1
+		err, _ := r.(error)
+		if want := wantErr[idx]; want != nil {
+			if !errors.Is(err, want) {
+				t.Errorf("entry %d: got %v, want %v", idx, r, want)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("entry %d: unexpected error %v", idx, err)
+		}
+	}
+	sb, err := f.get("aaaa0001")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sb.Status != StatusExited || sb.ExitCode != 3 || sb.Node != "n1" {
+		t.Errorf("sandbox = %+v", sb)
+	}
+	if !sb.StartedAt.Equal(t0.Add(5*time.Second)) || !sb.FinishedAt.Equal(t0.Add(7*time.Second)) {
+		t.Errorf("started %v finished %v", sb.StartedAt, sb.FinishedAt)
+	}
+	var statuses []Status
+	for _, e := range sb.Events {
+		statuses = append(statuses, e.Status)
+	}
+	if got, want := statuses, []Status{StatusPending, StatusStarting, StatusRunning, StatusExited}; !equalStatuses(got, want) {
+		t.Errorf("events = %v, want %v", got, want)
+	}
+	if _, err := f.get("aaaa0002"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("deleted sandbox: %v", err)
+	}
+}
+
+func equalStatuses(a, b []Status) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func TestTransitions(t *testing.T) {
+	all := []Status{StatusPending, StatusStarting, StatusRunning, StatusExited, StatusFailed, StatusLost}
+	allowed := map[[2]Status]bool{
+		{StatusPending, StatusStarting}: true,
+		{StatusPending, StatusFailed}:   true,
+		{StatusStarting, StatusRunning}: true,
+		{StatusStarting, StatusFailed}:  true,
+		{StatusStarting, StatusLost}:    true,
+		{StatusRunning, StatusExited}:   true,
+		{StatusRunning, StatusFailed}:   true,
+		{StatusRunning, StatusLost}:     true,
+	}
+	for _, from := range all {
+		for _, to := range all {
+			err := checkTransition(from, to)
+			switch {
+			case from == to:
+				if err != nil {
+					t.Errorf("%s→%s (idempotent): %v", from, to, err)
+				}
+			case allowed[[2]Status{from, to}]:
+				if err != nil {
+					t.Errorf("%s→%s: %v", from, to, err)
+				}
+			default:
+				if !errors.Is(err, ErrInvalidTransition) {
+					t.Errorf("%s→%s: got %v, want ErrInvalidTransition", from, to, err)
+				}
+			}
+		}
+	}
+	if err := checkTransition(StatusExited, StatusRunning); err == nil || !strings.Contains(err.Error(), "final") {
+		t.Errorf("leaving a terminal state: %v, want an error saying it is final", err)
+	}
+	if err := checkTransition(StatusPending, "bogus"); !errors.Is(err, ErrInvalid) {
+		t.Errorf("unknown status: %v", err)
+	}
+}
+
+func TestFSMRejectedUpdateChangesNothing(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id1", CreatedAt: t0}})})
+	before := persist(t, f)
+	// Invalid status together with other fields: nothing of it may land.
+	r := f.Apply(&raft.Log{Index: 2, Type: raft.LogCommand, Data: mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{
+		ID: "id1", Update: Update{Status: ptr(StatusRunning), Node: ptr("n"), Time: t0},
+	})})
+	if err, _ := r.(error); !errors.Is(err, ErrInvalidTransition) {
+		t.Fatalf("pending→running: %v", r)
+	}
+	r = f.Apply(&raft.Log{Index: 3, Type: raft.LogCommand, Data: mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{
+		ID: "id1", Update: Update{Node: ptr("n")},
+	})})
+	if err, _ := r.(error); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("update without time: %v", r)
+	}
+	if after := persist(t, f); !bytes.Equal(before, after) {
+		t.Fatalf("rejected updates changed state:\n%s\n%s", before, after)
+	}
+}
+
+func TestFSMTerminalIsFinalButIdempotent(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	upd := func(i uint64, st Status, reason string) any {
+		return f.Apply(&raft.Log{Index: i, Type: raft.LogCommand, Data: mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{
+			ID: "id1", Update: Update{Status: ptr(st), Reason: reason, Time: t0.Add(time.Duration(i) * time.Second)},
+		})})
+	}
+	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id1", CreatedAt: t0}})})
+	if r := upd(2, StatusFailed, "boom"); r == nil {
+		t.Fatal("update returned nil, want the sandbox")
+	}
+	r := upd(3, StatusFailed, "again")
+	sb, ok := r.(Sandbox)
+	if !ok {
+		t.Fatalf("failed→failed: %v, want the unchanged sandbox", r)
+	}
+	if len(sb.Events) != 2 || sb.Reason != "boom" || !sb.FinishedAt.Equal(t0.Add(2*time.Second)) {
+		t.Errorf("idempotent update changed the sandbox: %+v", sb)
+	}
+	for _, to := range []Status{StatusRunning, StatusPending, StatusExited, StatusLost} {
+		if err, _ := upd(4, to, "").(error); !errors.Is(err, ErrInvalidTransition) {
+			t.Errorf("failed→%s: %v", to, err)
+		}
+	}
+}
+
+func TestFSMUnknownAndMalformedCommands(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	before := persist(t, f)
+	cases := []struct {
+		name string
+		data []byte
+		want error // nil: skipped without error
+	}{
+		{"ignorable", []byte{0x80, 1, 2, 3}, nil},
+		{"ignorable high", []byte{0xff}, nil},
+		{"unknown", []byte{0x7f, '{', '}'}, ErrUnknownCommand},
+		{"zero type", []byte{0}, ErrUnknownCommand},
+		{"empty", nil, ErrInvalid},
+		{"bad json", []byte{byte(cmdCreateSandbox), '{'}, ErrInvalid},
+		{"create without id", mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{CreatedAt: t0}}), ErrInvalid},
+		{"create without time", mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "x"}}), ErrInvalid},
+		{"create running", mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "x", CreatedAt: t0, Status: StatusRunning}}), ErrInvalid},
+		{"update missing", mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "nope", Update: Update{Time: t0}}), ErrNotFound},
+		{"delete missing", mustCmd(t, cmdDeleteSandbox, deleteSandboxCmd{ID: "nope"}), ErrNotFound},
+		{"meta empty key", mustCmd(t, cmdSetMeta, setMetaCmd{}), ErrInvalid},
+	}
+	for i, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := f.Apply(&raft.Log{Index: uint64(i + 1), Type: raft.LogCommand, Data: c.data})
+			if c.want == nil {
+				if r != nil {
+					t.Fatalf("got %v, want skipped", r)
+				}
+				return
+			}
+			if err, _ := r.(error); !errors.Is(err, c.want) {
+				t.Fatalf("got %v, want %v", r, c.want)
+			}
+		})
+	}
+	if after := persist(t, f); !bytes.Equal(before, after) {
+		t.Fatalf("rejected commands changed state:\n%s\n%s", before, after)
+	}
+}
+
+func TestFSMCopyOnRead(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	applyAll(f, [][]byte{
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id1", CreatedAt: t0, Spec: SandboxSpec{Cmd: []string{"a"}}}}),
+		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "id1", Update: Update{Runtime: map[string]string{"k": "v"}, Time: t0}}),
+	})
+	snap, err := f.Snapshot() // taken before the mutation attempts below; must not see them
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb, _ := f.get("id1")
+	sb.Spec.Cmd[0] = "mutated"
+	sb.Runtime["k"] = "mutated"
+	sb.Events[0].Reason = "mutated"
+	list := f.list()
+	list[0].Runtime["k"] = "mutated"
+	again, _ := f.get("id1")
+	if again.Spec.Cmd[0] != "a" || again.Runtime["k"] != "v" || again.Events[0].Reason != "created" {
+		t.Fatalf("caller mutation reached FSM state: %+v", again)
+	}
+	// An update after Snapshot must not show up in that snapshot (copy-on-write).
+	applyAll(f, [][]byte{mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "id1", Update: Update{Runtime: map[string]string{"k": "later"}, Time: t0}})})
+	var sink memSink
+	if err := snap.Persist(&sink); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(sink.String(), "later") || strings.Contains(sink.String(), "mutated") {
+		t.Fatalf("snapshot saw later changes: %s", sink.String())
+	}
+}
+
+func TestFSMRuntimeMergeAndNames(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	res := applyAll(f, [][]byte{
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id1", Name: "a", CreatedAt: t0}}),
+		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "id1", Update: Update{Runtime: map[string]string{"x": "1", "y": "2"}, Time: t0}}),
+		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "id1", Update: Update{Runtime: map[string]string{"x": "", "z": "3"}, Time: t0}}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id2", Name: "id1", CreatedAt: t0}}), // name = other's ID
+		mustCmd(t, cmdDeleteSandbox, deleteSandboxCmd{ID: "id1"}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id3", Name: "a", CreatedAt: t0}}), // name free again
+	})
+	rt := res[2].(Sandbox).Runtime
+	if len(rt) != 2 || rt["y"] != "2" || rt["z"] != "3" {
+		t.Errorf("runtime after merge = %v", rt)
+	}
+	if err, _ := res[3].(error); !errors.Is(err, ErrNameTaken) {
+		t.Errorf("name equal to an ID: %v", res[3])
+	}
+	if res[5] != nil {
+		t.Errorf("reusing a deleted sandbox's name: %v", res[5])
+	}
+}

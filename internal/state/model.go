@@ -1,0 +1,264 @@
+// Package state is Fireworks' replicated state: the sandbox model, a deterministic Raft
+// FSM over it, and a Store that runs hashicorp/raft with a bolt log and file snapshots.
+//
+// The JSON tags on the model types are the persisted format (Raft log entries and
+// snapshots): renaming a Go field is safe, changing a tag is a format change.
+package state
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"time"
+)
+
+// Status is a sandbox's lifecycle state.
+type Status string
+
+const (
+	StatusPending  Status = "pending"
+	StatusStarting Status = "starting"
+	StatusRunning  Status = "running"
+	StatusExited   Status = "exited"
+	StatusFailed   Status = "failed"
+	StatusLost     Status = "lost"
+)
+
+// Terminal reports whether no transition may leave s.
+func (s Status) Terminal() bool {
+	return s == StatusExited || s == StatusFailed || s == StatusLost
+}
+
+func (s Status) valid() bool {
+	switch s {
+	case StatusPending, StatusStarting, StatusRunning, StatusExited, StatusFailed, StatusLost:
+		return true
+	}
+	return false
+}
+
+// transitions lists the allowed moves between different states. Terminal states have no
+// entry: they are final.
+var transitions = map[Status][]Status{
+	StatusPending:  {StatusStarting, StatusFailed},
+	StatusStarting: {StatusRunning, StatusFailed, StatusLost},
+	StatusRunning:  {StatusExited, StatusFailed, StatusLost},
+}
+
+var (
+	// ErrNotFound: no sandbox (or meta key) matches.
+	ErrNotFound = errors.New("not found")
+	// ErrAmbiguous: an ID prefix matches more than one sandbox.
+	ErrAmbiguous = errors.New("ambiguous")
+	// ErrNameTaken: another existing sandbox already has the name.
+	ErrNameTaken = errors.New("name already in use")
+	// ErrExists: a sandbox with the same ID already exists.
+	ErrExists = errors.New("already exists")
+	// ErrInvalidTransition: the lifecycle does not allow the requested status change.
+	ErrInvalidTransition = errors.New("invalid status transition")
+	// ErrInvalid: a command is malformed (missing ID, zero time, unknown status...).
+	ErrInvalid = errors.New("invalid")
+	// ErrUnknownCommand: a log entry has a command type this FSM does not know and that
+	// is not marked ignorable.
+	ErrUnknownCommand = errors.New("unknown command type")
+)
+
+// checkTransition says whether a sandbox in from may move to to. The same state is an
+// idempotent no-op, so a retried update does not fail.
+func checkTransition(from, to Status) error {
+	if !to.valid() {
+		return fmt.Errorf("%w: unknown status %q", ErrInvalid, to)
+	}
+	if from == to {
+		return nil
+	}
+	if from.Terminal() {
+		return fmt.Errorf("%w: %s is final, cannot become %s", ErrInvalidTransition, from, to)
+	}
+	if slices.Contains(transitions[from], to) {
+		return nil
+	}
+	return fmt.Errorf("%w: %s cannot become %s", ErrInvalidTransition, from, to)
+}
+
+// SandboxSpec is what the user asked for.
+type SandboxSpec struct {
+	Image string `json:"image"` // ref as the user gave it
+	// Entrypoint and Cmd keep nil ("the image's") apart from empty, so no omitempty.
+	Entrypoint []string      `json:"entrypoint"` // override; nil = the image's
+	Cmd        []string      `json:"cmd"`        // args; nil = the image's Cmd (Docker semantics applied by the runtime)
+	Env        []string      `json:"env,omitempty"`
+	WorkingDir string        `json:"working_dir,omitempty"`
+	User       string        `json:"user,omitempty"`
+	VCPUs      int           `json:"vcpus,omitempty"`
+	MemoryMiB  int           `json:"memory_mib,omitempty"`
+	Timeout    time.Duration `json:"timeout,omitempty"` // 0 = none
+	TTY        bool          `json:"tty,omitempty"`
+	Stdin      bool          `json:"stdin,omitempty"`
+	// InsecureRegistries are registry hosts the image may be pulled from over plain HTTP.
+	InsecureRegistries []string `json:"insecure_registries,omitempty"`
+}
+
+// Event records one status transition.
+type Event struct {
+	Time   time.Time `json:"time"`
+	Status Status    `json:"status"`
+	Reason string    `json:"reason,omitempty"`
+}
+
+// Sandbox is one sandbox as the cluster knows it.
+type Sandbox struct {
+	ID          string            `json:"id"`
+	Name        string            `json:"name,omitempty"`
+	Spec        SandboxSpec       `json:"spec"`
+	Status      Status            `json:"status"`
+	Reason      string            `json:"reason,omitempty"`
+	ExitCode    int               `json:"exit_code"`
+	Signal      int               `json:"signal,omitempty"`
+	Node        string            `json:"node,omitempty"`
+	ImageDigest string            `json:"image_digest,omitempty"`
+	Accel       string            `json:"accel,omitempty"`
+	CreatedAt   time.Time         `json:"created_at"`
+	StartedAt   time.Time         `json:"started_at"`
+	FinishedAt  time.Time         `json:"finished_at"`
+	Events      []Event           `json:"events,omitempty"`  // every transition, with time and reason
+	Runtime     map[string]string `json:"runtime,omitempty"` // free-form node-side details, set by the runtime
+}
+
+// Update is a partial change to a sandbox. Nil pointers leave fields alone.
+type Update struct {
+	// Status, if set, is validated against the lifecycle and, when it changes, appended
+	// to Events with Time and Reason. Setting the current status again is a no-op.
+	Status *Status `json:"status,omitempty"`
+	// Reason goes with a status change; it is ignored when the status does not change so
+	// that the first reason for a state (usually the root cause) is kept.
+	Reason   string  `json:"reason,omitempty"`
+	ExitCode *int    `json:"exit_code,omitempty"`
+	Signal   *int    `json:"signal,omitempty"`
+	Node     *string `json:"node,omitempty"`
+	// ImageDigest and Accel are what the runtime actually used.
+	ImageDigest *string `json:"image_digest,omitempty"`
+	Accel       *string `json:"accel,omitempty"`
+	// Runtime is merged into Sandbox.Runtime; an empty value deletes the key.
+	Runtime map[string]string `json:"runtime,omitempty"`
+	// Time is when the change happened (required). It is an input rather than read by the
+	// FSM so that every replica, and every replay, computes the same state.
+	Time time.Time `json:"time"`
+}
+
+// NewID returns a random sandbox ID: 16 hex characters (64 bits), short enough to type
+// and, with prefix lookup, collision-free in practice. The FSM still rejects duplicates.
+func NewID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (it aborts the program instead)
+	return hex.EncodeToString(b[:])
+}
+
+// clone returns a deep copy: the FSM shares stored sandboxes with snapshots in progress and
+// hands copies to callers, so nobody may alias its slices or maps.
+func (sb *Sandbox) clone() *Sandbox {
+	c := *sb
+	c.Spec.Entrypoint = slices.Clone(sb.Spec.Entrypoint)
+	c.Spec.Cmd = slices.Clone(sb.Spec.Cmd)
+	c.Spec.Env = slices.Clone(sb.Spec.Env)
+	c.Spec.InsecureRegistries = slices.Clone(sb.Spec.InsecureRegistries)
+	c.Events = slices.Clone(sb.Events)
+	c.Runtime = maps.Clone(sb.Runtime)
+	return &c
+}
+
+// normalize puts every time in UTC without a monotonic reading, so that the value a
+// caller passed and the value decoded from the log or a snapshot compare equal.
+func (sb *Sandbox) normalize() {
+	sb.CreatedAt = utc(sb.CreatedAt)
+	sb.StartedAt = utc(sb.StartedAt)
+	sb.FinishedAt = utc(sb.FinishedAt)
+	for i := range sb.Events {
+		sb.Events[i].Time = utc(sb.Events[i].Time)
+	}
+}
+
+func utc(t time.Time) time.Time {
+	if t.IsZero() {
+		return time.Time{}
+	}
+	return t.UTC()
+}
+
+// validateNew checks a sandbox about to be created and fills in what creation implies.
+func (sb *Sandbox) validateNew() error {
+	if sb.ID == "" {
+		return fmt.Errorf("%w: no ID", ErrInvalid)
+	}
+	if sb.CreatedAt.IsZero() {
+		return fmt.Errorf("%w: no creation time", ErrInvalid)
+	}
+	if sb.Status == "" {
+		sb.Status = StatusPending
+	}
+	if sb.Status != StatusPending {
+		return fmt.Errorf("%w: a sandbox is created %s, not %s", ErrInvalid, StatusPending, sb.Status)
+	}
+	if len(sb.Events) == 0 {
+		sb.Events = []Event{{Time: sb.CreatedAt, Status: sb.Status, Reason: "created"}}
+	}
+	return nil
+}
+
+// apply changes sb in place according to u; on error sb may be partly changed, so callers
+// apply to a clone.
+func (sb *Sandbox) apply(u Update) error {
+	if u.Time.IsZero() {
+		return fmt.Errorf("%w: update has no time", ErrInvalid)
+	}
+	t := utc(u.Time)
+	if u.Status != nil {
+		to := *u.Status
+		if err := checkTransition(sb.Status, to); err != nil {
+			return err
+		}
+		if to != sb.Status {
+			sb.Status = to
+			sb.Reason = u.Reason
+			sb.Events = append(sb.Events, Event{Time: t, Status: to, Reason: u.Reason})
+			if to == StatusRunning {
+				sb.StartedAt = t
+			}
+			if to.Terminal() {
+				sb.FinishedAt = t
+			}
+		}
+	}
+	if u.ExitCode != nil {
+		sb.ExitCode = *u.ExitCode
+	}
+	if u.Signal != nil {
+		sb.Signal = *u.Signal
+	}
+	if u.Node != nil {
+		sb.Node = *u.Node
+	}
+	if u.ImageDigest != nil {
+		sb.ImageDigest = *u.ImageDigest
+	}
+	if u.Accel != nil {
+		sb.Accel = *u.Accel
+	}
+	for k, v := range u.Runtime {
+		if v == "" {
+			delete(sb.Runtime, k)
+			continue
+		}
+		if sb.Runtime == nil {
+			sb.Runtime = map[string]string{}
+		}
+		sb.Runtime[k] = v
+	}
+	if len(sb.Runtime) == 0 {
+		sb.Runtime = nil // one representation for "no details", so replays compare equal
+	}
+	return nil
+}

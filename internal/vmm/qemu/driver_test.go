@@ -1,0 +1,127 @@
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/fireworks-sandbox/fireworks/internal/vmm"
+)
+
+func testSpec(t *testing.T) vmm.Spec {
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "vmlinux")
+	disk := filepath.Join(dir, "a,b.img") // a comma must be escaped for QEMU's option parser
+	for _, f := range []string{kernel, disk} {
+		if err := os.WriteFile(f, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return vmm.Spec{ID: "t1", Dir: filepath.Join(dir, "run"), Kernel: kernel, Cmdline: "console=ttyS0",
+		VCPUs: 1, MemoryMiB: 128, Disks: []vmm.Disk{{Path: disk, ReadOnly: true}, {Path: kernel}}, AgentSocket: filepath.Join(dir, "agent.sock")}
+}
+
+func TestCommandLine(t *testing.T) {
+	d := &Driver{cfg: Config{Binary: "qemu-system-x86_64", Accel: "tcg", CPU: "qemu64"}}
+	s := testSpec(t)
+	args := d.args(s)
+	joined := strings.Join(args, "\n")
+	for _, want := range []string{"microvm,acpi=on", "-no-reboot", "-S", "-sandbox", "virtio-mmio.force-legacy=false",
+		"file=" + strings.ReplaceAll(s.Disks[0].Path, ",", ",,") + ",if=none,id=disk0,format=raw,readonly=on",
+		"path=" + s.AgentSocket + ",reconnect=1", "name=fireworks.0", "128M"} {
+		if !strings.Contains(joined, want) {
+			t.Errorf("command line lacks %q:\n%s", want, joined)
+		}
+	}
+	// vda must be the first disk: its device comes before the second disk's.
+	i0 := slices.Index(args, "virtio-blk-device,drive=disk0")
+	i1 := slices.Index(args, "virtio-blk-device,drive=disk1")
+	if i0 < 0 || i1 < 0 || i0 > i1 {
+		t.Errorf("disk devices out of order: %d, %d", i0, i1)
+	}
+}
+
+func TestCreateValidates(t *testing.T) {
+	d := &Driver{log: discardLogger(), cfg: Config{Binary: "qemu-system-x86_64", Accel: "tcg", CPU: "qemu64",
+		Limits: vmm.Limits{MaxVCPUs: 2, MinMemoryMiB: 64, MaxMemoryMiB: 1024}}}
+	s := testSpec(t)
+	vm, err := d.Create(context.Background(), s)
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	if b, err := os.ReadFile(vm.Info().CmdlineFile); err != nil || !strings.HasPrefix(string(b), "qemu-system-x86_64\n") {
+		t.Errorf("qemu.cmdline = %q, %v", b, err)
+	}
+	long := s
+	long.AgentSocket = "/tmp/" + strings.Repeat("x", 120)
+	if _, err := d.Create(context.Background(), long); err == nil || !strings.Contains(err.Error(), "longer than") {
+		t.Errorf("overlong socket path: %v", err)
+	}
+	if err := vm.Stop(context.Background(), 0); err != nil {
+		t.Errorf("Stop of a never-started VM: %v", err)
+	}
+	if !isDone(vm.Wait()) {
+		t.Error("Wait of a stopped never-started VM is open")
+	}
+}
+
+func TestAdoptRefusesForeignProcess(t *testing.T) {
+	d := &Driver{cfg: Config{Accel: "tcg"}, log: discardLogger()}
+	dir := t.TempDir()
+	// Our own pid, but with a start time that does not match: a recycled pid.
+	st := persisted{ID: "x", PID: os.Getpid(), StartTime: 1, QMP: filepath.Join(dir, qmpSocket), Accel: "tcg"}
+	b, _ := json.Marshal(st)
+	if err := os.WriteFile(filepath.Join(dir, stateFile), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Adopt(context.Background(), dir); err == nil || !strings.Contains(err.Error(), "pid reused") {
+		t.Errorf("Adopt of a recycled pid: %v", err)
+	}
+	// Right start time, but the process is not a QEMU of this directory.
+	st.StartTime = procStartTime(os.Getpid())
+	b, _ = json.Marshal(st)
+	_ = os.WriteFile(filepath.Join(dir, stateFile), b, 0o600)
+	if _, err := d.Adopt(context.Background(), dir); err == nil || !strings.Contains(err.Error(), "not the QEMU") {
+		t.Errorf("Adopt of a foreign process: %v", err)
+	}
+	if _, err := d.Adopt(context.Background(), t.TempDir()); err == nil {
+		t.Error("Adopt of an empty directory succeeded")
+	}
+}
+
+func TestTrimLog(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "console.log")
+	data := strings.Repeat("a", 900) + strings.Repeat("z", 300)
+	if err := os.WriteFile(p, []byte(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := trimLog(p, 1000); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(p)
+	if len(b) > 400 || !strings.HasSuffix(string(b), strings.Repeat("z", 250)) || !strings.Contains(string(b), "cut") {
+		t.Errorf("trimmed log (%d bytes) = %q", len(b), b)
+	}
+	if err := trimLog(p, 1000); err != nil {
+		t.Fatal(err)
+	}
+	if b2, _ := os.ReadFile(p); string(b2) != string(b) {
+		t.Error("a log under the limit was changed")
+	}
+}
+
+func TestPanicMessage(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "console.log")
+	log := "[ 1.0] sysrq: Trigger a crash\n[ 1.1] Kernel panic - not syncing: sysrq triggered crash\n[ 1.2] CPU: 0 PID: 1\n" + strings.Repeat("[ 1.3] trace\n", 400)
+	_ = os.WriteFile(p, []byte(log), 0o600)
+	if got := panicMessage(p); got != "sysrq triggered crash" {
+		t.Errorf("panicMessage = %q", got)
+	}
+}
+
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }

@@ -1,0 +1,603 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/fireworks-sandbox/fireworks/internal/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/vmm/qemu/qmp"
+)
+
+var lookPath = exec.LookPath
+
+// persisted is what Start writes to the run directory for Adopt.
+type persisted struct {
+	ID        string `json:"id"`
+	PID       int    `json:"pid"`
+	StartTime uint64 `json:"start_time"` // /proc/<pid>/stat field 22: tells a recycled pid apart
+	QMP       string `json:"qmp"`
+	Accel     string `json:"accel"`
+}
+
+// proc is the VMM process: either our child or, after Adopt, a process we only watch.
+type proc interface {
+	signal(sig syscall.Signal) error
+}
+
+type childProc struct{ p *os.Process }
+
+func (c childProc) signal(sig syscall.Signal) error { return c.p.Signal(sig) }
+
+// adoptedProc signals through a pidfd, which cannot reach a recycled pid.
+type adoptedProc struct{ f *os.File }
+
+func (a adoptedProc) signal(sig syscall.Signal) error {
+	rc, err := a.f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.PidfdSendSignal(int(fd), sig, nil, 0) }); err != nil {
+		return err
+	}
+	return serr
+}
+
+func (a adoptedProc) release() { a.f.Close() }
+
+type vm struct {
+	d    *Driver
+	id   string
+	dir  string
+	args []string
+	log  *slog.Logger
+
+	done chan struct{} // closed when the VMM process has ended
+
+	mu        sync.Mutex
+	state     string // created, running, ended
+	pid       int
+	p         proc
+	qmp       *qmp.Client
+	detached  bool
+	shutdown  string // reason of the last SHUTDOWN event
+	stopping  bool   // the host asked for the end (Stop or Kill)
+	killed    string // set when the host sent SIGKILL: why
+	exitErr   error
+	guardStop chan struct{}
+}
+
+var (
+	_ vmm.VM       = (*vm)(nil)
+	_ vmm.Pauser   = (*vm)(nil)
+	_ vmm.Detacher = (*vm)(nil)
+)
+
+func newVM(d *Driver, id, dir string, args []string) *vm {
+	return &vm{d: d, id: id, dir: dir, args: args, log: d.log.With("vm", id), done: make(chan struct{}), state: "created", guardStop: make(chan struct{})}
+}
+
+func (v *vm) ID() string { return v.id }
+
+func (v *vm) Wait() <-chan struct{} { return v.done }
+
+func (v *vm) ExitError() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.exitErr
+}
+
+func (v *vm) Info() vmm.Info {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return vmm.Info{PID: v.pid, Accel: v.d.cfg.Accel, ConsoleLog: filepath.Join(v.dir, consoleLog), CmdlineFile: filepath.Join(v.dir, cmdlineFile)}
+}
+
+// Start launches QEMU (paused), attaches QMP, records what Adopt needs, then resumes the
+// guest. The process is not tied to ctx: it runs in its own process group, so neither a
+// cancelled request nor a signal to the host's process group ends it.
+func (v *vm) Start(ctx context.Context) error {
+	v.mu.Lock()
+	if v.state != "created" {
+		v.mu.Unlock()
+		return fmt.Errorf("start VM %s: already %s", v.id, v.state)
+	}
+	v.state = "starting"
+	v.mu.Unlock()
+
+	if err := v.start(ctx); err != nil {
+		return fmt.Errorf("start VM %s: %w", v.id, err)
+	}
+	return nil
+}
+
+func (v *vm) start(ctx context.Context) error {
+	qmpPath := filepath.Join(v.dir, qmpSocket)
+	_ = os.Remove(qmpPath)
+	stderr, err := os.OpenFile(filepath.Join(v.dir, stderrFile), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", stderrFile, err)
+	}
+	defer stderr.Close() // the child has its own copy
+	cmd := exec.Command(v.d.cfg.Binary, v.args...)
+	cmd.Dir = v.dir
+	cmd.Stdout = stderr
+	cmd.Stderr = stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		err = fmt.Errorf("run %s: %w", v.d.cfg.Binary, err)
+		v.end(&vmm.ExitError{Reason: err.Error(), Code: -1})
+		return err
+	}
+	v.mu.Lock()
+	v.pid = cmd.Process.Pid
+	v.p = childProc{cmd.Process}
+	v.state = "running"
+	v.mu.Unlock()
+
+	exited := make(chan struct{})
+	go func() {
+		werr := cmd.Wait()
+		close(exited)
+		v.finish(exitFromChild(cmd.ProcessState, werr))
+	}()
+
+	fail := func(err error) error {
+		v.mu.Lock()
+		v.stopping = true
+		v.killed = "VMM killed: start failed: " + err.Error()
+		v.mu.Unlock()
+		_ = cmd.Process.Kill()
+		<-v.done
+		return fmt.Errorf("%w%s", err, v.stderrTail())
+	}
+	client, err := v.dialQMP(ctx, qmpPath, exited)
+	if err != nil {
+		return fail(err)
+	}
+	v.mu.Lock()
+	v.qmp = client
+	v.mu.Unlock()
+
+	st := persisted{ID: v.id, PID: cmd.Process.Pid, StartTime: procStartTime(cmd.Process.Pid), QMP: qmpPath, Accel: v.d.cfg.Accel}
+	if err := writeJSON(filepath.Join(v.dir, stateFile), st); err != nil {
+		return fail(err)
+	}
+	_ = os.WriteFile(filepath.Join(v.dir, pidFile), []byte(strconv.Itoa(st.PID)+"\n"), 0o600)
+	if err := client.Execute(ctx, "cont", nil, nil); err != nil {
+		return fail(fmt.Errorf("resume the guest: %w", err))
+	}
+	go v.guardConsole()
+	return nil
+}
+
+// dialQMP connects to QEMU's QMP socket, retrying until QEMU has created it.
+func (v *vm) dialQMP(ctx context.Context, path string, exited <-chan struct{}) (*qmp.Client, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+	}
+	for {
+		c, err := qmp.Dial(ctx, path, v.onEvent)
+		if err == nil {
+			return c, nil
+		}
+		select {
+		case <-exited:
+			return nil, errors.New("QEMU exited during startup")
+		case <-ctx.Done():
+			return nil, fmt.Errorf("attach QMP at %s: %w (last error: %v)", path, ctx.Err(), err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+func (v *vm) onEvent(ev qmp.Event) {
+	switch ev.Name {
+	case "SHUTDOWN":
+		var data struct {
+			Guest  bool   `json:"guest"`
+			Reason string `json:"reason"`
+		}
+		_ = json.Unmarshal(ev.Data, &data)
+		v.mu.Lock()
+		v.shutdown = data.Reason
+		v.mu.Unlock()
+		v.log.Debug("VM shutdown", "reason", data.Reason)
+	case "GUEST_PANICKED":
+		v.mu.Lock()
+		v.shutdown = "guest-panic"
+		v.mu.Unlock()
+	}
+}
+
+// exit describes how the process ended, as far as the watcher can tell.
+type exit struct {
+	known  bool // exit status known (our child)
+	code   int
+	signal syscall.Signal
+}
+
+func exitFromChild(ps *os.ProcessState, err error) exit {
+	if ps == nil {
+		return exit{}
+	}
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return exit{known: true, code: -1, signal: ws.Signal()}
+	}
+	return exit{known: true, code: ps.ExitCode()}
+}
+
+// finish records why the VM ended and closes done. It runs once, from the process watcher.
+func (v *vm) finish(e exit) {
+	v.mu.Lock()
+	c := v.qmp
+	v.mu.Unlock()
+	if c != nil {
+		// The SHUTDOWN event is written before QEMU exits; let the reader catch up with
+		// the stream (it ends at EOF now that the process is gone).
+		select {
+		case <-c.Done():
+		case <-time.After(time.Second):
+		}
+		c.Close()
+	}
+	v.mu.Lock()
+	reason := v.classify(e)
+	v.mu.Unlock()
+	var err error
+	if reason != "" {
+		err = &vmm.ExitError{Reason: reason, Code: e.code, Signal: e.signal, ConsoleTail: consoleTail(filepath.Join(v.dir, consoleLog))}
+		if !e.known {
+			err.(*vmm.ExitError).Code = -1
+		}
+	}
+	v.end(err)
+}
+
+func (v *vm) end(err error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.state == "ended" {
+		return
+	}
+	v.state = "ended"
+	v.exitErr = err
+	close(v.guardStop)
+	close(v.done)
+}
+
+// classify turns the exit and the last SHUTDOWN reason into an ExitError reason, "" for a
+// clean end. Called with v.mu held.
+func (v *vm) classify(e exit) string {
+	switch {
+	case v.killed != "":
+		return v.killed
+	case e.known && e.signal != 0:
+		return fmt.Sprintf("VMM killed by signal %s", signalName(e.signal))
+	case e.known && e.code != 0:
+		return fmt.Sprintf("VMM exited with code %d%s", e.code, v.stderrTailLocked())
+	}
+	if v.detached && v.shutdown == "" && e.known {
+		return "" // ended cleanly under another handle (the one that adopted it)
+	}
+	switch v.shutdown {
+	case "guest-shutdown":
+		return ""
+	case "host-qmp-quit", "host-signal", "host-ui":
+		if v.stopping {
+			return ""
+		}
+		return fmt.Sprintf("VMM shut down by the host outside this driver (%s)", v.shutdown)
+	case "guest-reset":
+		if msg := panicMessage(filepath.Join(v.dir, consoleLog)); msg != "" {
+			return "guest kernel panic: " + msg
+		}
+		return "guest reset (reboot or kernel panic; -no-reboot turns a reset into an exit)"
+	case "guest-panic":
+		return "guest kernel panicked"
+	case "":
+		if !e.known {
+			return "VMM process ended (exit status unknown: the VM was adopted, so it is not this process's child)"
+		}
+		return "VMM exited without a shutdown event"
+	default:
+		return "VMM shut down: " + v.shutdown
+	}
+}
+
+// Stop asks QEMU to quit over QMP, then sends SIGTERM, then SIGKILL, spending at most grace
+// before the SIGKILL. A cancelled ctx goes straight to SIGKILL.
+func (v *vm) Stop(ctx context.Context, grace time.Duration) error {
+	v.mu.Lock()
+	switch v.state {
+	case "created":
+		v.mu.Unlock()
+		v.end(nil)
+		return nil
+	case "ended":
+		v.mu.Unlock()
+		return nil
+	}
+	if v.detached {
+		v.mu.Unlock()
+		return fmt.Errorf("stop VM %s: detached from this process", v.id)
+	}
+	v.stopping = true
+	c, p := v.qmp, v.p
+	v.mu.Unlock()
+
+	deadline := time.Now().Add(grace)
+	waitUntil := func(t time.Time) bool {
+		timer := time.NewTimer(time.Until(t))
+		defer timer.Stop()
+		select {
+		case <-v.done:
+			return true
+		case <-timer.C:
+			return false
+		case <-ctx.Done():
+			return false
+		}
+	}
+	if c != nil {
+		qctx, cancel := context.WithDeadline(ctx, time.Now().Add(grace/2))
+		err := c.Execute(qctx, "quit", nil, nil)
+		cancel()
+		if err != nil {
+			v.log.Debug("QMP quit failed; escalating", "err", err)
+		} else if waitUntil(time.Now().Add(grace / 2)) {
+			return nil
+		}
+	}
+	if ctx.Err() == nil {
+		if err := p.signal(syscall.SIGTERM); err == nil && waitUntil(deadline) {
+			return nil
+		}
+	}
+	v.mu.Lock()
+	if v.killed == "" {
+		v.killed = fmt.Sprintf("VMM did not stop within %s; killed with SIGKILL", grace)
+	}
+	v.mu.Unlock()
+	if err := p.signal(syscall.SIGKILL); err != nil && !isDone(v.done) && !errors.Is(err, os.ErrProcessDone) && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("stop VM %s: SIGKILL: %w", v.id, err)
+	}
+	select {
+	case <-v.done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("stop VM %s: %w", v.id, ctx.Err())
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("stop VM %s: process %d survived SIGKILL for 10s", v.id, v.Info().PID)
+	}
+}
+
+// Kill sends SIGKILL to the VMM.
+func (v *vm) Kill() error {
+	v.mu.Lock()
+	switch v.state {
+	case "created":
+		v.mu.Unlock()
+		v.end(&vmm.ExitError{Reason: "killed before it started", Code: -1})
+		return nil
+	case "ended":
+		v.mu.Unlock()
+		return nil
+	}
+	v.stopping = true
+	if v.killed == "" {
+		v.killed = "VMM killed by the host (SIGKILL)"
+	}
+	p := v.p
+	v.mu.Unlock()
+	if err := p.signal(syscall.SIGKILL); err != nil && !isDone(v.done) && !errors.Is(err, os.ErrProcessDone) && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("kill VM %s: %w", v.id, err)
+	}
+	return nil
+}
+
+// Pause freezes the guest's vCPUs (QMP stop).
+func (v *vm) Pause(ctx context.Context) error { return v.command(ctx, "pause", "stop") }
+
+// Resume thaws them (QMP cont).
+func (v *vm) Resume(ctx context.Context) error { return v.command(ctx, "resume", "cont") }
+
+func (v *vm) command(ctx context.Context, what, cmd string) error {
+	v.mu.Lock()
+	c, state, detached := v.qmp, v.state, v.detached
+	v.mu.Unlock()
+	if state != "running" || c == nil || detached {
+		return fmt.Errorf("%s VM %s: not running under this process (%s)", what, v.id, state)
+	}
+	if err := c.Execute(ctx, cmd, nil, nil); err != nil {
+		return fmt.Errorf("%s VM %s: %w", what, v.id, err)
+	}
+	return nil
+}
+
+// Detach closes the QMP connection and stops the console guard, leaving QEMU running for
+// another process to Adopt. The process watcher stays: it is what reaps our child.
+func (v *vm) Detach() error {
+	v.mu.Lock()
+	if v.detached || v.state != "running" {
+		v.mu.Unlock()
+		return nil
+	}
+	v.detached = true
+	c := v.qmp
+	v.qmp = nil
+	if a, ok := v.p.(adoptedProc); ok {
+		a.release() // stops the pidfd watcher
+	}
+	v.mu.Unlock()
+	if c != nil {
+		return c.Close()
+	}
+	return nil
+}
+
+func isDone(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
+func signalName(s syscall.Signal) string {
+	if n := unix.SignalName(s); n != "" {
+		return n
+	}
+	return s.String()
+}
+
+// guardConsole bounds console.log, which the guest fills at will: past ConsoleLogMax it is
+// cut to its last quarter. QEMU opened it with O_APPEND, so its writes continue at the new
+// end; output written during the cut itself may be lost, which is acceptable for a log.
+func (v *vm) guardConsole() {
+	path := filepath.Join(v.dir, consoleLog)
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-v.guardStop:
+			return
+		case <-t.C:
+		}
+		v.mu.Lock()
+		detached := v.detached
+		v.mu.Unlock()
+		if detached {
+			return
+		}
+		if err := trimLog(path, v.d.cfg.ConsoleLogMax); err != nil {
+			v.log.Debug("bound console log", "err", err)
+		}
+	}
+}
+
+func trimLog(path string, max int64) error {
+	fi, err := os.Stat(path)
+	if err != nil || fi.Size() <= max {
+		return err
+	}
+	keep := max / 4
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	tail := make([]byte, keep)
+	n, err := f.ReadAt(tail, fi.Size()-keep)
+	if err != nil && err != io.EOF {
+		return err
+	}
+	if err := f.Truncate(0); err != nil {
+		return err
+	}
+	_, err = f.Write(append([]byte("[fireworks: console log cut to its last part]\n"), tail[:n]...))
+	return err
+}
+
+// panicMessage finds the kernel's "Kernel panic - not syncing: ..." line near the end of
+// the console log; the stack trace after it pushes it out of the short tail.
+func panicMessage(path string) string {
+	tail := readTail(path, 64<<10)
+	const marker = "Kernel panic - not syncing: "
+	i := strings.LastIndex(tail, marker)
+	if i < 0 {
+		return ""
+	}
+	msg, _, _ := strings.Cut(tail[i+len(marker):], "\n")
+	return strings.TrimSpace(msg)
+}
+
+// consoleTail returns the last lines of the console log (at most ~4 KiB).
+func consoleTail(path string) string { return readTail(path, 4096) }
+
+func readTail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return ""
+	}
+	off := max(fi.Size()-n, 0)
+	b := make([]byte, n)
+	k, _ := f.ReadAt(b, off)
+	b = b[:k]
+	if off > 0 {
+		if i := bytes.IndexByte(b, '\n'); i >= 0 {
+			b = b[i+1:]
+		}
+	}
+	return strings.ToValidUTF8(string(b), "?")
+}
+
+func (v *vm) stderrTail() string {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.stderrTailLocked()
+}
+
+func (v *vm) stderrTailLocked() string {
+	b, err := os.ReadFile(filepath.Join(v.dir, stderrFile))
+	if err != nil || len(bytes.TrimSpace(b)) == 0 {
+		return ""
+	}
+	if len(b) > 1024 {
+		b = b[len(b)-1024:]
+	}
+	return ": " + strings.TrimSpace(string(b))
+}
+
+func writeJSON(path string, x any) error {
+	b, err := json.MarshalIndent(x, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return os.Rename(tmp, path)
+}
+
+// procStartTime reads field 22 of /proc/<pid>/stat (start time in clock ticks since boot).
+func procStartTime(pid int) uint64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return 0
+	}
+	v, _ := strconv.ParseUint(f[19], 10, 64)
+	return v
+}

@@ -1,0 +1,151 @@
+// Package vmm is the seam between Fireworks and the virtual machine monitors it drives
+// (QEMU today, Firecracker later). One small core interface every driver implements,
+// optional capabilities as extra interfaces discovered with a type assertion (the Nomad
+// driver pattern), and a shared conformance suite in vmmtest that every driver runs.
+//
+// Lifetimes: a VM's life never hangs off a request. Create and Start use their context only
+// for the setup they do; the VMM process runs until Stop, Kill, the guest powering off, or
+// its own death, and it survives the controlling process (Adopt reattaches to it).
+package vmm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// ErrNotSupported is returned (wrapped) for operations a driver cannot do.
+var ErrNotSupported = errors.New("operation not supported by this VMM driver")
+
+// Disk is a raw disk image attached as a virtio block device, in order (/dev/vda, vdb, ...).
+type Disk struct {
+	Path     string
+	ReadOnly bool
+}
+
+// Spec describes one VM.
+type Spec struct {
+	// ID names the VM in logs and in the VMM's process title.
+	ID string
+	// Dir is the VM's private run directory: control sockets, console.log, the VMM's
+	// command line, its pid. Drivers persist there what Adopt needs. Unix socket paths
+	// are limited to 107 bytes, so keep it short.
+	Dir string
+	// Kernel is an uncompressed PVH ELF kernel, Initrd an initramfs, Cmdline the kernel
+	// command line.
+	Kernel, Initrd, Cmdline string
+	VCPUs                   int
+	MemoryMiB               int
+	Disks                   []Disk
+	// AgentSocket is a unix socket the host listens on; the VMM connects to it and carries
+	// the guest agent's channel (a virtio-serial port named "fireworks.0" under QEMU). The
+	// VMM reconnects if the host side goes away, so a restarted host can listen again.
+	AgentSocket string
+}
+
+// Info describes a started VM.
+type Info struct {
+	PID         int
+	Accel       string
+	ConsoleLog  string
+	CmdlineFile string
+}
+
+// Driver creates and adopts VMs of one VMM kind.
+type Driver interface {
+	// Name is the driver's name, e.g. "qemu".
+	Name() string
+	// Accel is the accelerator its VMs run with, e.g. "kvm" or "tcg".
+	Accel() string
+	// Create validates spec and prepares the VM without starting it.
+	Create(ctx context.Context, spec Spec) (VM, error)
+	// Adopt reattaches to a VMM that a previous process started in dir (after a host
+	// process restart), from what Create and Start persisted there.
+	Adopt(ctx context.Context, dir string) (VM, error)
+}
+
+// VM is one virtual machine.
+type VM interface {
+	ID() string
+	// Start launches the VMM and returns once the guest is running. ctx bounds only the
+	// launch; cancelling it later does not affect the VM.
+	Start(ctx context.Context) error
+	// Stop ends the VM, asking the VMM to quit and escalating to signals if it does not
+	// within grace. It returns once the VMM is gone (or ctx ends).
+	Stop(ctx context.Context, grace time.Duration) error
+	// Kill ends the VMM at once (SIGKILL) and does not wait; use Wait.
+	Kill() error
+	// Wait is closed when the VMM process has ended, however it ended.
+	Wait() <-chan struct{}
+	// ExitError says why the VM ended: nil while it runs and after a clean end (the guest
+	// powered off, or Stop succeeded without force); otherwise an *ExitError.
+	ExitError() error
+	Info() Info
+}
+
+// Pauser is implemented by drivers that can freeze and thaw a VM's vCPUs.
+type Pauser interface {
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
+}
+
+// Detacher is implemented by VMs whose host-side handles (control connections, watchers) can
+// be released while the VM keeps running, so another process (or a test) can Adopt it.
+// An agent that shuts down without stopping its VMs detaches them.
+type Detacher interface {
+	Detach() error
+}
+
+// ExitError describes an unclean end of a VM.
+type ExitError struct {
+	// Reason is a short human-readable cause, e.g. "guest reset (kernel panic or reboot)"
+	// or "VMM killed by signal SIGKILL".
+	Reason string
+	// Code is the VMM's exit code, -1 if it was killed by a signal or is unknown.
+	Code int
+	// Signal is the signal that killed the VMM, 0 if none or unknown.
+	Signal syscall.Signal
+	// ConsoleTail is the end of the guest's serial console log.
+	ConsoleTail string
+}
+
+func (e *ExitError) Error() string {
+	var b strings.Builder
+	b.WriteString(e.Reason)
+	if tail := strings.TrimSpace(e.ConsoleTail); tail != "" {
+		fmt.Fprintf(&b, "; console log ends with:\n%s", tail)
+	}
+	return b.String()
+}
+
+// Limits bound the resources of one VM.
+type Limits struct {
+	MaxVCPUs     int
+	MinMemoryMiB int
+	MaxMemoryMiB int
+}
+
+// Validate checks a spec's resources and paths against limits, with errors that name the
+// offending value and the allowed range.
+func (l Limits) Validate(s Spec) error {
+	var errs []error
+	if s.ID == "" {
+		errs = append(errs, errors.New("VM id is empty"))
+	}
+	if s.Dir == "" {
+		errs = append(errs, errors.New("VM run directory is empty"))
+	}
+	if s.Kernel == "" {
+		errs = append(errs, errors.New("no kernel given"))
+	}
+	if s.VCPUs < 1 || s.VCPUs > l.MaxVCPUs {
+		errs = append(errs, fmt.Errorf("vcpus %d is outside 1..%d (this host's limit)", s.VCPUs, l.MaxVCPUs))
+	}
+	if s.MemoryMiB < l.MinMemoryMiB || s.MemoryMiB > l.MaxMemoryMiB {
+		errs = append(errs, fmt.Errorf("memory %d MiB is outside %d..%d MiB (this host's limit)", s.MemoryMiB, l.MinMemoryMiB, l.MaxMemoryMiB))
+	}
+	return errors.Join(errs...)
+}

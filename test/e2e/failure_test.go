@@ -1,0 +1,95 @@
+package e2e
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// A layer that tries to write outside its root is refused with a clear error, the sandbox
+// fails, and nothing lands outside the extraction root.
+func TestHostileLayerRejected(t *testing.T) {
+	need(t)
+	r := world.cli(context.Background(), nil, "run", image("hostile:latest"), "--", "true")
+	if r.code != 125 || !strings.Contains(r.stderr, "hostile:latest") {
+		t.Fatalf("hostile image: exit %d stderr %q; want 125 naming the image", r.code, r.stderr)
+	}
+	if !strings.Contains(strings.ToLower(r.stderr), "outside") && !strings.Contains(strings.ToLower(r.stderr), "escape") {
+		t.Errorf("error should say the layer escapes its root: %q", r.stderr)
+	}
+	// The hostile layer aims at these; none may exist.
+	for _, p := range hostileTargets() {
+		if _, err := os.Lstat(p); err == nil {
+			t.Errorf("hostile layer wrote %s", p)
+		}
+	}
+}
+
+// Killing the VMM process is noticed and reported as a failure with the reason.
+func TestKilledVMMReportedFailed(t *testing.T) {
+	need(t)
+	id := strings.TrimSpace(fw(t, 0, "run", "-d", image("busybox:latest"), "--", "sleep", "600").stdout)
+	sb := waitStatus(t, id, "running")
+	details, _ := sb["details"].(map[string]any)
+	pid, err := strconv.Atoi(details["pid"].(string))
+	if err != nil || pid <= 0 {
+		t.Fatalf("inspect shows no VMM pid: %v", details)
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill VMM %d: %v", pid, err)
+	}
+	sb = waitStatus(t, id, "failed")
+	if reason, _ := sb["reason"].(string); !strings.Contains(reason, "VMM") || !strings.Contains(reason, "killed") {
+		t.Errorf("reason %q should say the VMM was killed", reason)
+	}
+}
+
+// Restarting `fireworks dev` loses nothing: finished sandboxes keep status and logs, and a
+// sandbox whose VM was running is accounted for (marked lost with a reason, its VMM gone).
+func TestStateSurvivesServerRestart(t *testing.T) {
+	need(t)
+	fw(t, 0, "run", "--name", "before-restart", image("busybox:latest"), "--", "sh", "-c", "echo kept-output; echo kept-err >&2; exit 7")
+	_ = world.cli(context.Background(), nil, "run", "--name", "before-restart", image("busybox:latest"), "--", "true")
+	running := strings.TrimSpace(fw(t, 0, "run", "-d", "--name", "running-at-restart", image("busybox:latest"), "--", "sleep", "600").stdout)
+	sb := waitStatus(t, running, "running")
+	pid, _ := strconv.Atoi(sb["details"].(map[string]any)["pid"].(string))
+
+	world.stopDev()
+	if err := world.startDev(); err != nil {
+		world.dumpDevLog()
+		t.Fatalf("restart fireworks dev: %v", err)
+	}
+
+	done := inspect(t, "before-restart")
+	if done["status"] != "exited" || done["exit_code"] != float64(7) {
+		t.Errorf("finished sandbox after restart: status %v exit %v", done["status"], done["exit_code"])
+	}
+	r := fw(t, 0, "logs", "before-restart")
+	if strings.TrimSpace(r.stdout) != "kept-output" || strings.TrimSpace(r.stderr) != "kept-err" {
+		t.Errorf("logs after restart: %q / %q", r.stdout, r.stderr)
+	}
+	lost := inspect(t, running)
+	if lost["status"] != "lost" && lost["status"] != "running" {
+		t.Errorf("sandbox running at restart: status %v, want lost (or re-adopted running)", lost["status"])
+	}
+	if lost["status"] == "lost" {
+		if reason, _ := lost["reason"].(string); !strings.Contains(reason, "restart") {
+			t.Errorf("lost reason %q should say why", reason)
+		}
+		if pid > 0 {
+			if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err == nil {
+				if cmd, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline")); strings.Contains(string(cmd), "qemu") {
+					t.Errorf("VMM %d of a lost sandbox still runs", pid)
+				}
+			}
+		}
+	}
+	// And the restarted server runs new sandboxes.
+	if r := fw(t, 0, "run", image("busybox:latest"), "--", "echo", "after-restart"); strings.TrimSpace(r.stdout) != "after-restart" {
+		t.Errorf("run after restart: %q", r.stdout)
+	}
+}

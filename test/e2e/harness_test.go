@@ -1,0 +1,246 @@
+// Package e2e drives Fireworks from the outside, as a user would: it builds the real
+// binaries, starts `fireworks dev` as a process, serves test images from an in-process OCI
+// registry, and runs the `fireworks` CLI. Every sandbox here boots a real guest kernel
+// (under TCG on these machines), so tests share one server and keep boots few.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/registry"
+)
+
+// env is the shared world of the e2e tests.
+type env struct {
+	root      string // temp dir for everything below
+	bin       string // fireworks binary
+	initBin   string
+	dataDir   string
+	config    string // CLI config path
+	registry  string // host:port of the in-process registry
+	skip      string // why the e2e tests cannot run here, if they cannot
+	mu        sync.Mutex
+	dev       *exec.Cmd
+	devLog    *os.File
+	devExited chan struct{}
+}
+
+var world env
+
+// assetCache keeps the guest kernel between runs (the first run fetches it with apt-get).
+func assetCache() string {
+	if d := os.Getenv("FIREWORKS_TEST_ASSETS"); d != "" {
+		return d
+	}
+	return "/var/tmp/fireworks-test-assets"
+}
+
+func TestMain(m *testing.M) {
+	code := func() int {
+		for _, tool := range []string{"qemu-system-x86_64", "mkfs.ext4", "apt-get", "dpkg-deb", "lz4"} {
+			if _, err := exec.LookPath(tool); err != nil {
+				world.skip = tool + " not found (run ./scripts/install-deps.sh)"
+				return m.Run()
+			}
+		}
+		if os.Geteuid() != 0 {
+			world.skip = "e2e tests need root (apt-get download of the guest kernel, VM disks)"
+			return m.Run()
+		}
+		root, err := os.MkdirTemp("", "fwe2e")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(root)
+		world.root = root
+		if err := world.build(); err != nil {
+			fmt.Fprintln(os.Stderr, "e2e: build:", err)
+			return 1
+		}
+		reg := httptest.NewServer(registry.New(registry.Logger(nopLogger())))
+		defer reg.Close()
+		world.registry = strings.TrimPrefix(reg.URL, "http://")
+		if err := pushTestImages(world.registry); err != nil {
+			fmt.Fprintln(os.Stderr, "e2e: push test images:", err)
+			return 1
+		}
+		world.dataDir = filepath.Join(root, "d")
+		world.config = filepath.Join(root, "cli.json")
+		if err := os.MkdirAll(world.dataDir, 0o700); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		// Share the guest kernel cache across runs; the initramfs is rebuilt when the
+		// freshly built init differs.
+		if err := os.MkdirAll(assetCache(), 0o755); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		if err := os.Symlink(assetCache(), filepath.Join(world.dataDir, "assets")); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		if err := world.startDev(); err != nil {
+			fmt.Fprintln(os.Stderr, "e2e: start fireworks dev:", err)
+			world.dumpDevLog()
+			return 1
+		}
+		defer world.stopDev()
+		rc := m.Run()
+		if rc != 0 {
+			world.dumpDevLog()
+		}
+		return rc
+	}()
+	os.Exit(code)
+}
+
+func (e *env) build() error {
+	e.bin = filepath.Join(e.root, "fireworks")
+	e.initBin = filepath.Join(e.root, "fireworks-init")
+	modRoot, err := filepath.Abs("../..")
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("go", "build", "-o", e.bin, "./cmd/fireworks")
+	cmd.Dir = modRoot
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build fireworks: %v: %s", err, out)
+	}
+	cmd = exec.Command("go", "build", "-trimpath", "-o", e.initBin, "./cmd/fireworks-init")
+	cmd.Dir = modRoot
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build fireworks-init: %v: %s", err, out)
+	}
+	return nil
+}
+
+// startDev starts `fireworks dev` and waits until the API answers.
+func (e *env) startDev() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	logf, err := os.OpenFile(filepath.Join(e.root, "dev.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		return err
+	}
+	_ = os.Remove(e.config)
+	cmd := exec.Command(e.bin, "dev", "--data-dir", e.dataDir, "--listen", "127.0.0.1:0", "--init-binary", e.initBin, "--log-level", "debug")
+	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+e.config)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	e.dev, e.devLog, e.devExited = cmd, logf, exited
+	// The first start fetches the guest kernel with apt-get: allow minutes.
+	deadline := time.Now().Add(5 * time.Minute)
+	for time.Now().Before(deadline) {
+		select {
+		case <-exited:
+			return errors.New("fireworks dev exited during start-up")
+		default:
+		}
+		if _, err := os.Stat(e.config); err == nil {
+			if r := e.cli(context.Background(), nil, "info"); r.code == 0 {
+				return nil
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return errors.New("fireworks dev did not answer within 5 minutes")
+}
+
+// stopDev stops the server the way an operator would (SIGTERM) and waits for it.
+func (e *env) stopDev() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.dev == nil {
+		return
+	}
+	_ = e.dev.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-e.devExited:
+	case <-time.After(30 * time.Second):
+		_ = syscall.Kill(-e.dev.Process.Pid, syscall.SIGKILL)
+		<-e.devExited
+	}
+	e.dev = nil
+	_ = e.devLog.Close()
+}
+
+func (e *env) dumpDevLog() {
+	data, err := os.ReadFile(filepath.Join(e.root, "dev.log"))
+	if err != nil {
+		return
+	}
+	if len(data) > 20000 {
+		data = data[len(data)-20000:]
+	}
+	fmt.Fprintf(os.Stderr, "---- fireworks dev log (tail) ----\n%s\n----\n", data)
+}
+
+// result is what one CLI invocation produced.
+type result struct {
+	stdout, stderr string
+	code           int
+}
+
+// cli runs the fireworks CLI as a user would, with stdin from in (may be nil).
+func (e *env) cli(ctx context.Context, in []byte, args ...string) result {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, e.bin, args...)
+	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+e.config)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if in != nil {
+		cmd.Stdin = bytes.NewReader(in)
+	}
+	err := cmd.Run()
+	code := 0
+	if err != nil {
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) {
+			return result{stderr: err.Error(), code: -1}
+		}
+		code = ee.ExitCode()
+	}
+	return result{stdout: stdout.String(), stderr: stderr.String(), code: code}
+}
+
+// need skips a test, naming what is missing, when the e2e world could not be built here.
+func need(t *testing.T) {
+	t.Helper()
+	if world.skip != "" {
+		t.Skip("e2e: " + world.skip)
+	}
+}
+
+// fw runs the CLI and fails the test with full output when the exit code is not want.
+func fw(t *testing.T, want int, args ...string) result {
+	t.Helper()
+	r := world.cli(context.Background(), nil, args...)
+	if r.code != want {
+		t.Fatalf("fireworks %s: exit %d, want %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), r.code, want, r.stdout, r.stderr)
+	}
+	return r
+}
+
+// image is the ref of a test image in the in-process registry.
+func image(name string) string { return world.registry + "/" + name }
