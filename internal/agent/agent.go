@@ -494,6 +494,12 @@ func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm 
 		st = e.st
 		if e.err != nil {
 			failed, reason = true, fmt.Sprintf("lost the main process: %v", e.err)
+			// The guest channel breaking is most often the VMM dying; give the driver a
+			// moment to reap it so the reason names the real cause.
+			select {
+			case <-vm.Wait():
+			case <-time.After(2 * time.Second):
+			}
 			if vm.ExitError() != nil {
 				reason = fmt.Sprintf("VMM died: %v", vm.ExitError())
 			}

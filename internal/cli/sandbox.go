@@ -125,7 +125,17 @@ func expandEnv(env []string) []string {
 	return out
 }
 
+// dropDash removes the "--" that separates a positional (IMAGE, SANDBOX) from the command:
+// flag parsing stops at the first positional, so cobra leaves it in args.
+func dropDash(args []string) []string {
+	if len(args) > 1 && args[1] == "--" {
+		return append([]string{args[0]}, args[2:]...)
+	}
+	return args
+}
+
 func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) error {
+	args = dropDash(args)
 	mem, err := parseMemory(f.memory)
 	if err != nil {
 		return err
@@ -325,6 +335,9 @@ func newExecCmd(g *globals) *cobra.Command {
 		Short: "Run another command in a running sandbox",
 		Args:  cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if args = dropDash(args); len(args) < 2 {
+				return errors.New("exec needs a command: fireworks exec SANDBOX -- COMMAND [ARG...]")
+			}
 			c, err := g.client()
 			if err != nil {
 				return err

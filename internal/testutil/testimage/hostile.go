@@ -2,9 +2,13 @@ package testimage
 
 import (
 	"archive/tar"
+	"fmt"
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+
+	"github.com/fireworks-sandbox/fireworks/internal/image/busybox"
 )
 
 // Hostile layer kinds. Escapes aim at a directory named "sentinel" beside
@@ -54,43 +58,76 @@ func HostileKinds() []string {
 // HostileEntries returns the tar entries of a hostile layer of kind.
 func HostileEntries(t testing.TB, kind string) []Entry {
 	t.Helper()
+	e, err := hostileEntries(kind)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func hostileEntries(kind string) ([]Entry, error) {
 	switch kind {
 	case HostileDotDot:
-		return []Entry{{Name: "../" + HostileSentinel + "/pwned", Body: "pwned\n"}}
+		return []Entry{{Name: "../" + HostileSentinel + "/pwned", Body: "pwned\n"}}, nil
 	case HostileAbsolute:
-		return []Entry{{Name: HostileAbsolutePath, Body: "pwned\n"}}
+		return []Entry{{Name: HostileAbsolutePath, Body: "pwned\n"}}, nil
 	case HostileSymlink:
 		return []Entry{
 			{Name: "escape", Type: tar.TypeSymlink, Link: "/../../.."},
 			{Name: "escape/" + HostileSentinel + "/pwned", Body: "pwned\n"},
-		}
+		}, nil
 	case HostileSymlinkRelative:
 		return []Entry{
 			{Name: "escape", Type: tar.TypeSymlink, Link: "../" + HostileSentinel},
 			{Name: "escape/pwned", Body: "pwned\n"},
-		}
+		}, nil
 	case HostileHardlink:
-		return []Entry{{Name: "passwd", Type: tar.TypeLink, Link: "../../../../../../../../etc/passwd"}}
+		return []Entry{{Name: "passwd", Type: tar.TypeLink, Link: "../../../../../../../../etc/passwd"}}, nil
 	case HostileHardlinkViaSymlink:
 		return []Entry{
 			{Name: "etc-link", Type: tar.TypeSymlink, Link: "/../../../../etc"},
 			{Name: "passwd", Type: tar.TypeLink, Link: "etc-link/passwd"},
-		}
+		}, nil
 	case HostileDevice:
-		return []Entry{{Name: "disk", Type: tar.TypeBlock, Mode: 0o666, Devmajor: 8, Devmin: 0}}
+		return []Entry{{Name: "disk", Type: tar.TypeBlock, Mode: 0o666, Devmajor: 8, Devmin: 0}}, nil
 	case HostileCharDevice:
-		return []Entry{{Name: "mem", Type: tar.TypeChar, Mode: 0o666, Devmajor: 1, Devmin: 1}}
+		return []Entry{{Name: "mem", Type: tar.TypeChar, Mode: 0o666, Devmajor: 1, Devmin: 1}}, nil
 	case HostileGiant:
-		return []Entry{{Name: "giant", Size: 1 << 40}}
+		return []Entry{{Name: "giant", Size: 1 << 40}}, nil
 	case HostileWhiteout:
-		return []Entry{{Name: "dir/", Type: tar.TypeDir}, {Name: "dir/.wh...", Body: ""}}
+		return []Entry{{Name: "dir/", Type: tar.TypeDir}, {Name: "dir/.wh...", Body: ""}}, nil
 	}
-	t.Fatalf("unknown hostile layer kind %q", kind)
-	return nil
+	return nil, fmt.Errorf("unknown hostile layer kind %q", kind)
 }
 
 // HostileLayer returns a gzip OCI layer of kind (one of HostileKinds).
 func HostileLayer(t testing.TB, kind string) v1.Layer {
 	t.Helper()
 	return Layer(t, HostileEntries(t, kind)...)
+}
+
+// BuildHostile returns the busybox image with a hostile layer of kind on
+// top, for callers without a testing.TB.
+func BuildHostile(kind string) (v1.Image, error) {
+	base, err := BuildBusybox()
+	if err != nil {
+		return nil, err
+	}
+	entries, err := hostileEntries(kind)
+	if err != nil {
+		return nil, err
+	}
+	b, err := busybox.Tar(entries...)
+	if err != nil {
+		return nil, err
+	}
+	l, err := busybox.LayerFromTar(b)
+	if err != nil {
+		return nil, err
+	}
+	img, err := mutate.AppendLayers(base, l)
+	if err != nil {
+		return nil, fmt.Errorf("append hostile layer: %w", err)
+	}
+	return img, nil
 }

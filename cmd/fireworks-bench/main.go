@@ -1,0 +1,40 @@
+// Command fireworks-bench measures sandbox start latency against crun on the same image
+// and command, prints a table and writes the figures as JSON (see internal/bench).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/fireworks-sandbox/fireworks/internal/bench"
+)
+
+func main() {
+	var cfg bench.Config
+	var command string
+	flag.IntVar(&cfg.Runs, "runs", 20, "measured starts per series")
+	flag.StringVar(&cfg.Fireworks, "fireworks", "bin/fireworks", "fireworks binary (fireworks-init beside it)")
+	flag.StringVar(&cfg.DataDir, "data-dir", "/var/tmp/fireworks-bench", "data dir of the bench's own `fireworks dev` (keeps the guest kernel between runs)")
+	flag.StringVar(&cfg.Out, "out", "bench-results.json", "JSON report path")
+	flag.StringVar(&command, "command", "echo ready", "command to run (split on spaces)")
+	flag.BoolVar(&cfg.SkipCrun, "skip-crun", false, "do not measure the crun baseline")
+	flag.Parse()
+	cfg.Command = strings.Fields(command)
+	cfg.StdoutView = os.Stdout
+	if abs, err := filepath.Abs(cfg.Fireworks); err == nil {
+		cfg.Fireworks = abs
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if _, err := bench.Run(ctx, cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "fireworks-bench:", err)
+		os.Exit(1)
+	}
+	fmt.Printf("wrote %s\n", cfg.Out)
+}

@@ -1,0 +1,220 @@
+// Package bench measures what a user waits for: from asking for a sandbox to the
+// command's first output byte, and to its exit. It drives the real binaries as a user
+// would (a `fireworks dev` process, the `fireworks` CLI) and runs the same image and
+// command under crun in the same run, as the no-VM baseline.
+package bench
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+
+	"github.com/fireworks-sandbox/fireworks/internal/image/busybox"
+)
+
+// Config says what to measure and where to put things.
+type Config struct {
+	Runs       int    // measured starts per series
+	Fireworks  string // path to the fireworks binary (fireworks-init beside it)
+	DataDir    string // dev server data dir; its assets/ caches the guest kernel between runs
+	Out        string // JSON report path
+	Command    []string
+	SkipCrun   bool
+	Log        *slog.Logger
+	StdoutView io.Writer // where the table goes
+}
+
+// Series is one way of starting the command, measured Runs times.
+type Series struct {
+	Name       string    `json:"name"`
+	Runs       int       `json:"runs"`
+	FirstByte  Summary   `json:"first_byte_ms"`
+	Exit       Summary   `json:"exit_ms"`
+	FirstBytes []float64 `json:"first_byte_samples_ms"`
+	Exits      []float64 `json:"exit_samples_ms"`
+}
+
+// Summary is a distribution in milliseconds.
+type Summary struct {
+	P50 float64 `json:"p50"`
+	P95 float64 `json:"p95"`
+	P99 float64 `json:"p99"`
+	Min float64 `json:"min"`
+	Max float64 `json:"max"`
+}
+
+// Report is what one bench run writes.
+type Report struct {
+	Time        time.Time `json:"time"`
+	Accelerator string    `json:"accelerator"`
+	Kernel      string    `json:"guest_kernel"`
+	Image       string    `json:"image"`
+	Command     []string  `json:"command"`
+	Series      []Series  `json:"series"`
+}
+
+// Run measures every series and writes the report.
+func Run(ctx context.Context, cfg Config) (*Report, error) {
+	if cfg.Runs <= 0 {
+		cfg.Runs = 20
+	}
+	if len(cfg.Command) == 0 {
+		cfg.Command = []string{"echo", "ready"}
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	work, err := os.MkdirTemp("", "fireworks-bench-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(work)
+
+	img, err := busybox.Image()
+	if err != nil {
+		return nil, fmt.Errorf("build bench image: %w", err)
+	}
+	ociDir := filepath.Join(work, "oci")
+	p, err := layout.Write(ociDir, empty.Index)
+	if err != nil {
+		return nil, fmt.Errorf("write OCI layout %s: %w", ociDir, err)
+	}
+	if err := p.AppendImage(img); err != nil {
+		return nil, fmt.Errorf("write bench image to %s: %w", ociDir, err)
+	}
+	ref := "oci:" + ociDir
+
+	dev, err := startDev(ctx, cfg, work)
+	if err != nil {
+		return nil, err
+	}
+	defer dev.stop()
+	rep := &Report{Time: time.Now().UTC(), Image: "busybox (from the host's busybox-static)", Command: cfg.Command}
+	rep.Accelerator, rep.Kernel = dev.info(ctx)
+
+	// The first run pulls the image and builds its root disk: "image cached" means every
+	// measured run after it finds both ready.
+	cfg.Log.Info("warming the image cache")
+	if _, _, err := timeCommand(ctx, dev.command(append([]string{"run", "--rm", ref, "--"}, cfg.Command...)...)); err != nil {
+		return nil, fmt.Errorf("warm-up run: %w", err)
+	}
+	cold, err := measure(ctx, cfg, "fireworks cold boot ("+rep.Accelerator+")", func() *exec.Cmd {
+		return dev.command(append([]string{"run", "--rm", ref, "--"}, cfg.Command...)...)
+	})
+	if err != nil {
+		return nil, err
+	}
+	rep.Series = append(rep.Series, cold)
+
+	if !cfg.SkipCrun {
+		bundle, err := crunBundle(ctx, img, filepath.Join(work, "crun"), cfg.Command)
+		if err != nil {
+			return nil, err
+		}
+		n := 0
+		s, err := measure(ctx, cfg, "crun (no VM)", func() *exec.Cmd {
+			n++
+			return exec.CommandContext(ctx, "crun", "run", "--bundle", bundle, fmt.Sprintf("fireworks-bench-%d-%d", os.Getpid(), n))
+		})
+		if err != nil {
+			return nil, err
+		}
+		rep.Series = append(rep.Series, s)
+	}
+
+	if cfg.Out != "" {
+		data, _ := json.MarshalIndent(rep, "", "  ")
+		if err := os.WriteFile(cfg.Out, append(data, '\n'), 0o644); err != nil {
+			return nil, fmt.Errorf("write report %s: %w", cfg.Out, err)
+		}
+	}
+	if cfg.StdoutView != nil {
+		PrintTable(cfg.StdoutView, rep)
+	}
+	return rep, nil
+}
+
+// PrintTable writes the report as an aligned table.
+func PrintTable(w io.Writer, rep *Report) {
+	fmt.Fprintf(w, "accelerator: %s   guest kernel: %s   command: %s\n", rep.Accelerator, rep.Kernel, strings.Join(rep.Command, " "))
+	fmt.Fprintf(w, "%-36s %5s %12s %12s %12s %12s\n", "start path", "runs", "p50 1st byte", "p95 1st byte", "p50 exit", "p95 exit")
+	for _, s := range rep.Series {
+		fmt.Fprintf(w, "%-36s %5d %10.1fms %10.1fms %10.1fms %10.1fms\n", s.Name, s.Runs, s.FirstByte.P50, s.FirstByte.P95, s.Exit.P50, s.Exit.P95)
+	}
+}
+
+func measure(ctx context.Context, cfg Config, name string, mk func() *exec.Cmd) (Series, error) {
+	s := Series{Name: name, Runs: cfg.Runs}
+	cfg.Log.Info("measuring", "series", name, "runs", cfg.Runs)
+	for i := 0; i < cfg.Runs; i++ {
+		first, exit, err := timeCommand(ctx, mk())
+		if err != nil {
+			return s, fmt.Errorf("%s, run %d: %w", name, i+1, err)
+		}
+		s.FirstBytes = append(s.FirstBytes, ms(first))
+		s.Exits = append(s.Exits, ms(exit))
+	}
+	s.FirstByte, s.Exit = summarize(s.FirstBytes), summarize(s.Exits)
+	return s, nil
+}
+
+func ms(d time.Duration) float64 { return math.Round(float64(d)/float64(time.Microsecond)) / 1000 }
+
+// timeCommand runs cmd and returns when its first stdout byte arrived and when it exited,
+// both from the moment it was started.
+func timeCommand(ctx context.Context, cmd *exec.Cmd) (first, exit time.Duration, err error) {
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return 0, 0, err
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return 0, 0, err
+	}
+	r := bufio.NewReader(out)
+	if _, err := r.ReadByte(); err == nil {
+		first = time.Since(start)
+	}
+	_, _ = io.Copy(io.Discard, r)
+	if err := cmd.Wait(); err != nil {
+		return 0, 0, fmt.Errorf("%s: %w: %s", strings.Join(cmd.Args, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	exit = time.Since(start)
+	if first == 0 {
+		return 0, 0, fmt.Errorf("%s printed nothing", strings.Join(cmd.Args, " "))
+	}
+	return first, exit, nil
+}
+
+func summarize(xs []float64) Summary {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	q := func(p float64) float64 {
+		if len(s) == 0 {
+			return 0
+		}
+		// Nearest rank: the smallest sample with at least p of the samples at or below it.
+		i := int(math.Ceil(p*float64(len(s)))) - 1
+		return s[max(0, min(i, len(s)-1))]
+	}
+	if len(s) == 0 {
+		return Summary{}
+	}
+	return Summary{P50: q(0.50), P95: q(0.95), P99: q(0.99), Min: s[0], Max: s[len(s)-1]}
+}
+

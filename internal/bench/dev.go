@@ -1,0 +1,100 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// devServer is a `fireworks dev` process owned by the bench.
+type devServer struct {
+	bin, config string
+	cmd         *exec.Cmd
+	exited      chan struct{}
+}
+
+func startDev(ctx context.Context, cfg Config, work string) (*devServer, error) {
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("bench data dir %s: %w", cfg.DataDir, err)
+	}
+	logPath := filepath.Join(work, "dev.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	d := &devServer{bin: cfg.Fireworks, config: filepath.Join(work, "cli.json"), exited: make(chan struct{})}
+	// The server's lifetime is the bench's, not ctx's: stop() ends it with SIGTERM so it
+	// cleans up its VMs.
+	d.cmd = exec.Command(cfg.Fireworks, "dev", "--data-dir", cfg.DataDir, "--listen", "127.0.0.1:0")
+	d.cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+d.config)
+	d.cmd.Stdout, d.cmd.Stderr = logf, logf
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := d.cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("start %s dev: %w", cfg.Fireworks, err)
+	}
+	go func() { _ = d.cmd.Wait(); logf.Close(); close(d.exited) }()
+	deadline := time.Now().Add(5 * time.Minute) // the first start fetches the guest kernel
+	for time.Now().Before(deadline) {
+		select {
+		case <-d.exited:
+			tail, _ := os.ReadFile(logPath)
+			return nil, fmt.Errorf("fireworks dev exited during start-up:\n%s", tail)
+		case <-ctx.Done():
+			d.stop()
+			return nil, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+		if _, err := os.Stat(d.config); err == nil {
+			if err := d.command("info").Run(); err == nil {
+				return d, nil
+			}
+		}
+	}
+	d.stop()
+	return nil, errors.New("fireworks dev did not answer within 5 minutes")
+}
+
+func (d *devServer) command(args ...string) *exec.Cmd {
+	cmd := exec.Command(d.bin, args...)
+	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+d.config)
+	return cmd
+}
+
+// info returns the accelerator and guest kernel the server reports.
+func (d *devServer) info(ctx context.Context) (accel, kernel string) {
+	out, err := d.command("info").Output()
+	if err != nil {
+		return "unknown", "unknown"
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		v = strings.TrimSpace(v)
+		switch strings.TrimSpace(k) {
+		case "Accelerator":
+			accel, _, _ = strings.Cut(v, " ")
+		case "Guest kernel":
+			kernel = v
+		}
+	}
+	return accel, kernel
+}
+
+func (d *devServer) stop() {
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.exited:
+	case <-time.After(30 * time.Second):
+		_ = syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
+		<-d.exited
+	}
+}
