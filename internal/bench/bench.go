@@ -217,4 +217,3 @@ func summarize(xs []float64) Summary {
 	}
 	return Summary{P50: q(0.50), P95: q(0.95), P99: q(0.99), Min: s[0], Max: s[len(s)-1]}
 }
-

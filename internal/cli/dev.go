@@ -57,7 +57,7 @@ func findInitBinary(flag string) (string, error) {
 
 type devFlags struct {
 	dataDir, listen, accel, initBinary, node string
-	logLevel                                string
+	logLevel                                 string
 }
 
 func newDevCmd(g *globals) *cobra.Command {
