@@ -432,6 +432,17 @@ func (c *Client) request(ctx context.Context, req proto.Request) error {
 		}
 		return nil
 	case <-c.done:
+		// The reader delivers a reply before it notices the end of the stream, and select
+		// picks at random among ready cases: a guest that answers and then goes away (as
+		// shutdown does) must still count as having answered.
+		select {
+		case resp := <-ch:
+			if resp.Error != "" {
+				return &GuestError{Op: req.Op, Msg: truncate(resp.Error)}
+			}
+			return nil
+		default:
+		}
 		return fmt.Errorf("guest %s: %w", req.Op, c.Err())
 	case <-ctx.Done():
 		return fmt.Errorf("guest %s: %w", req.Op, ctx.Err())
