@@ -125,9 +125,21 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			return nil, err
 		}
 		n := 0
-		s, err := measure(ctx, cfg, "crun (no VM)", func() *exec.Cmd {
+		name, wrap := "crun (no VM)", hybridCgroups()
+		if wrap {
+			name = "crun (no VM, via unshare -m)"
+		}
+		s, err := measure(ctx, cfg, name, func() *exec.Cmd {
 			n++
-			return exec.CommandContext(ctx, "crun", "run", "--bundle", bundle, fmt.Sprintf("fireworks-bench-%d-%d", os.Getpid(), n))
+			id := fmt.Sprintf("fireworks-bench-%d-%d", os.Getpid(), n)
+			if wrap {
+				// crun refuses a cgroup v1/v2 hybrid whose v2 half has controllers; hide the
+				// v2 mount in a private mount namespace. This adds a couple of ms to the
+				// baseline, which only flatters the VM.
+				return exec.CommandContext(ctx, "unshare", "-m", "sh", "-c",
+					`umount /sys/fs/cgroup/unified && exec crun run --bundle "$1" "$2"`, "sh", bundle, id)
+			}
+			return exec.CommandContext(ctx, "crun", "run", "--bundle", bundle, id)
 		})
 		if err != nil {
 			return nil, err
@@ -216,4 +228,11 @@ func summarize(xs []float64) Summary {
 		return Summary{}
 	}
 	return Summary{P50: q(0.50), P95: q(0.95), P99: q(0.99), Min: s[0], Max: s[len(s)-1]}
+}
+
+// hybridCgroups reports a cgroup v1 hierarchy with a v2 mount beside it that has
+// controllers, which crun refuses to run under.
+func hybridCgroups() bool {
+	b, err := os.ReadFile("/sys/fs/cgroup/unified/cgroup.controllers")
+	return err == nil && strings.TrimSpace(string(b)) != ""
 }
