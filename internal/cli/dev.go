@@ -101,6 +101,8 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	log := newLogger(f.logLevel)
+	// Packages that log through slog.Default (asset fetching) should match the server's format.
+	slog.SetDefault(log)
 	accel, err := accelFlag(f.accel)
 	if err != nil {
 		return err
