@@ -17,6 +17,11 @@ const (
 	cmdUpdateSandbox cmdType = 2
 	cmdDeleteSandbox cmdType = 3
 	cmdSetMeta       cmdType = 4
+	cmdUpsertNode    cmdType = 5
+	cmdUpdateNode    cmdType = 6
+	cmdDeleteNode    cmdType = 7
+	cmdCreateToken   cmdType = 8
+	cmdDeleteToken   cmdType = 9
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -35,6 +40,16 @@ func (t cmdType) String() string {
 		return "delete-sandbox"
 	case cmdSetMeta:
 		return "set-meta"
+	case cmdUpsertNode:
+		return "upsert-node"
+	case cmdUpdateNode:
+		return "update-node"
+	case cmdDeleteNode:
+		return "delete-node"
+	case cmdCreateToken:
+		return "create-token"
+	case cmdDeleteToken:
+		return "delete-token"
 	}
 	return fmt.Sprintf("type-%d", byte(t))
 }

@@ -32,6 +32,8 @@ type fsm struct {
 	sandboxes map[string]*Sandbox // by ID
 	names     map[string]string   // name → ID, for sandboxes with a name
 	meta      map[string][]byte
+	nodes     map[string]*Node  // by ID
+	tokens    map[string]*Token // by ID
 }
 
 var _ raft.FSM = (*fsm)(nil)
@@ -42,6 +44,8 @@ func newFSM(log *slog.Logger) *fsm {
 		sandboxes: map[string]*Sandbox{},
 		names:     map[string]string{},
 		meta:      map[string][]byte{},
+		nodes:     map[string]*Node{},
+		tokens:    map[string]*Token{},
 	}
 }
 
@@ -84,6 +88,36 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return err
 		}
 		return f.setMeta(c)
+	case cmdUpsertNode:
+		var c upsertNodeCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.upsertNode(c.Node)
+	case cmdUpdateNode:
+		var c updateNodeCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.updateNode(c.ID, c.Update)
+	case cmdDeleteNode:
+		var c deleteNodeCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.deleteNode(c.ID)
+	case cmdCreateToken:
+		var c createTokenCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.createToken(c.Token)
+	case cmdDeleteToken:
+		var c deleteTokenCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.deleteToken(c.ID)
 	}
 	if t&cmdIgnorable != 0 {
 		f.log.Warn("skipping unknown ignorable state command; a newer server wrote it", "type", byte(t), "index", l.Index)
@@ -217,6 +251,10 @@ type snapshotData struct {
 	Version   int               `json:"version"`
 	Sandboxes []*Sandbox        `json:"sandboxes"` // sorted by ID: same state, same bytes
 	Meta      map[string][]byte `json:"meta,omitempty"`
+	// Nodes and Tokens were added without a version bump: an older snapshot simply has
+	// none, which is what an older cluster had.
+	Nodes  []*Node  `json:"nodes,omitempty"`  // sorted by ID
+	Tokens []*Token `json:"tokens,omitempty"` // sorted by ID
 }
 
 // Snapshot captures the state cheaply (values are copy-on-write, so copying the maps is
@@ -227,6 +265,8 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 	return &fsmSnapshot{
 		sandboxes: slices.Collect(maps.Values(f.sandboxes)),
 		meta:      maps.Clone(f.meta),
+		nodes:     slices.Collect(maps.Values(f.nodes)),
+		tokens:    slices.Collect(maps.Values(f.tokens)),
 	}, nil
 }
 
@@ -255,8 +295,24 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	if d.Meta == nil {
 		d.Meta = map[string][]byte{}
 	}
+	nodes := make(map[string]*Node, len(d.Nodes))
+	for _, n := range d.Nodes {
+		if n == nil || n.ID == "" {
+			return fmt.Errorf("state snapshot holds a node without ID")
+		}
+		n.RegisteredAt, n.UpdatedAt = utc(n.RegisteredAt), utc(n.UpdatedAt)
+		nodes[n.ID] = n
+	}
+	tokens := make(map[string]*Token, len(d.Tokens))
+	for _, t := range d.Tokens {
+		if t == nil || t.ID == "" {
+			return fmt.Errorf("state snapshot holds a token without ID")
+		}
+		t.CreatedAt, t.ExpiresAt = utc(t.CreatedAt), utc(t.ExpiresAt)
+		tokens[t.ID] = t
+	}
 	f.mu.Lock()
-	f.sandboxes, f.names, f.meta = sandboxes, names, d.Meta
+	f.sandboxes, f.names, f.meta, f.nodes, f.tokens = sandboxes, names, d.Meta, nodes, tokens
 	f.mu.Unlock()
 	return nil
 }
@@ -264,6 +320,8 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 type fsmSnapshot struct {
 	sandboxes []*Sandbox
 	meta      map[string][]byte
+	nodes     []*Node
+	tokens    []*Token
 }
 
 func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
@@ -280,7 +338,9 @@ func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
 
 func (s *fsmSnapshot) write(w io.Writer) error {
 	slices.SortFunc(s.sandboxes, func(a, b *Sandbox) int { return cmp.Compare(a.ID, b.ID) })
-	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta})
+	slices.SortFunc(s.nodes, func(a, b *Node) int { return cmp.Compare(a.ID, b.ID) })
+	slices.SortFunc(s.tokens, func(a, b *Token) int { return cmp.Compare(a.ID, b.ID) })
+	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta, Nodes: s.nodes, Tokens: s.tokens})
 }
 
 func (s *fsmSnapshot) Release() {}

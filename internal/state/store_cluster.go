@@ -1,0 +1,89 @@
+package state
+
+import (
+	"context"
+	"fmt"
+)
+
+// RegisterNode records a node's registration (or refreshes it) and marks it ready.
+// n.UpdatedAt is the registration time (required).
+func (s *Store) RegisterNode(ctx context.Context, n Node) (Node, error) {
+	resp, err := s.apply(ctx, cmdUpsertNode, upsertNodeCmd{Node: n})
+	if err != nil {
+		return Node{}, fmt.Errorf("register node %s: %w", n.ID, err)
+	}
+	out, ok := resp.(Node)
+	if !ok {
+		return Node{}, fmt.Errorf("register node %s: state machine answered %T", n.ID, resp)
+	}
+	return out, nil
+}
+
+// UpdateNode applies u to node id. Errors: ErrNotFound, ErrInvalid.
+func (s *Store) UpdateNode(ctx context.Context, id string, u NodeUpdate) (Node, error) {
+	resp, err := s.apply(ctx, cmdUpdateNode, updateNodeCmd{ID: id, Update: u})
+	if err != nil {
+		return Node{}, fmt.Errorf("update node %s: %w", id, err)
+	}
+	out, ok := resp.(Node)
+	if !ok {
+		return Node{}, fmt.Errorf("update node %s: state machine answered %T", id, resp)
+	}
+	return out, nil
+}
+
+// DeleteNode forgets a node that holds no live sandbox. Errors: ErrNotFound, ErrInvalid.
+func (s *Store) DeleteNode(ctx context.Context, id string) error {
+	if _, err := s.apply(ctx, cmdDeleteNode, deleteNodeCmd{ID: id}); err != nil {
+		return fmt.Errorf("delete node %s: %w", id, err)
+	}
+	return nil
+}
+
+// GetNode returns node id. Errors: ErrNotFound.
+func (s *Store) GetNode(ctx context.Context, id string) (Node, error) {
+	if err := s.read(ctx); err != nil {
+		return Node{}, fmt.Errorf("get node %q: %w", id, err)
+	}
+	return s.fsm.getNode(id)
+}
+
+// ListNodes returns every node sorted by ID.
+func (s *Store) ListNodes(ctx context.Context) ([]Node, error) {
+	if err := s.read(ctx); err != nil {
+		return nil, fmt.Errorf("list nodes: %w", err)
+	}
+	return s.fsm.listNodes(), nil
+}
+
+// CreateToken stores a token (its secret already hashed). Errors: ErrExists, ErrInvalid.
+func (s *Store) CreateToken(ctx context.Context, t Token) error {
+	if _, err := s.apply(ctx, cmdCreateToken, createTokenCmd{Token: t}); err != nil {
+		return fmt.Errorf("create token %s: %w", t.ID, err)
+	}
+	return nil
+}
+
+// DeleteToken revokes token id. Errors: ErrNotFound.
+func (s *Store) DeleteToken(ctx context.Context, id string) error {
+	if _, err := s.apply(ctx, cmdDeleteToken, deleteTokenCmd{ID: id}); err != nil {
+		return fmt.Errorf("revoke token %s: %w", id, err)
+	}
+	return nil
+}
+
+// GetToken returns token id. Errors: ErrNotFound.
+func (s *Store) GetToken(ctx context.Context, id string) (Token, error) {
+	if err := s.read(ctx); err != nil {
+		return Token{}, fmt.Errorf("get token %q: %w", id, err)
+	}
+	return s.fsm.getToken(id)
+}
+
+// ListTokens returns every token (with secret hashes) sorted by creation time.
+func (s *Store) ListTokens(ctx context.Context) ([]Token, error) {
+	if err := s.read(ctx); err != nil {
+		return nil, fmt.Errorf("list tokens: %w", err)
+	}
+	return s.fsm.listTokens(), nil
+}
