@@ -85,6 +85,13 @@ func testLog(t *testing.T) [][]byte {
 		{99, 'x'},
 		mustCmd(t, cmdDeleteSandbox, deleteSandboxCmd{ID: "aaaa0002"}),
 		mustCmd(t, cmdCreateSandbox, createSandboxCmd{sb("aaaa0004", "db", 9*time.Second)}),
+		// 15..: nodes and tokens, in an order where map iteration could matter.
+		mustCmd(t, cmdUpsertNode, upsertNodeCmd{Node{ID: "n2", Address: "b:1", Labels: map[string]string{"z": "2", "a": "1"}, UpdatedAt: t0}}),
+		mustCmd(t, cmdUpsertNode, upsertNodeCmd{Node{ID: "n1", Address: "a:1", UpdatedAt: t0}}),
+		mustCmd(t, cmdUpdateNode, updateNodeCmd{ID: "n2", Update: NodeUpdate{Cordoned: ptr(true), Time: t0.Add(10 * time.Second)}}),
+		mustCmd(t, cmdCreateToken, createTokenCmd{Token{ID: "tok-b", Role: RoleUser, SecretHash: "hb", CreatedAt: t0}}),
+		mustCmd(t, cmdCreateToken, createTokenCmd{Token{ID: "tok-a", Role: RoleAdmin, SecretHash: "ha", CreatedAt: t0}}),
+		mustCmd(t, cmdUpdateNode, updateNodeCmd{ID: "ghost", Update: NodeUpdate{Cordoned: ptr(true), Time: t0}}), // 20: not found
 	}
 }
 
@@ -102,7 +109,7 @@ func TestFSMReplayIsDeterministic(t *testing.T) {
 		t.Fatalf("same log, different state:\n%s\n%s", sa, sbytes)
 	}
 	// The state is what the log says, not trivially empty.
-	for _, want := range []string{`"aaaa0001"`, `"aaaa0004"`, `"exited"`, `"pid":"42"`} {
+	for _, want := range []string{`"aaaa0001"`, `"aaaa0004"`, `"exited"`, `"pid":"42"`, `"n2"`, `"cordoned":true`, `"tok-a"`} {
 		if !strings.Contains(string(sa), want) {
 			t.Errorf("snapshot lacks %s: %s", want, sa)
 		}
@@ -132,6 +139,7 @@ func TestFSMResults(t *testing.T) {
 		3:  ErrNameTaken,
 		7:  ErrInvalidTransition,
 		12: ErrUnknownCommand,
+		20: ErrNotFound,
 	}
 	for i, r := range res {
 		idx := i + 1
