@@ -131,3 +131,43 @@ func TestStoreNodesAndTokensSurviveSnapshot(t *testing.T) {
 		t.Errorf("unknown node: %v", err)
 	}
 }
+
+func TestRestartAndStopRequest(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	upd := func(u Update) any {
+		return applyAll(f, [][]byte{mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "s1", Update: u})})[0]
+	}
+	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "s1", Spec: SandboxSpec{Image: "x", Restart: RestartAlways}, CreatedAt: t0}})})
+	upd(Update{Status: ptr(StatusStarting), Node: ptr("n1"), Time: t0.Add(time.Second)})
+	upd(Update{Status: ptr(StatusRunning), Runtime: map[string]string{"pid": "1"}, Time: t0.Add(2 * time.Second)})
+	upd(Update{Status: ptr(StatusLost), Reason: "node n1 down", Time: t0.Add(3 * time.Second)})
+
+	if err, _ := upd(Update{Restart: true, Time: t0.Add(4 * time.Second)}).(error); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("restart without status pending: %v", err)
+	}
+	got, ok := upd(Update{Restart: true, Status: ptr(StatusPending), Reason: "restarting: node n1 down", Time: t0.Add(4 * time.Second)}).(Sandbox)
+	if !ok || got.Status != StatusPending || got.Restarts != 1 || got.Node != "" || got.Runtime != nil || !got.StartedAt.IsZero() {
+		t.Fatalf("after restart: %#v", got)
+	}
+	if last := got.Events[len(got.Events)-1]; last.Status != StatusPending || last.Reason != "restarting: node n1 down" {
+		t.Errorf("restart event: %#v", last)
+	}
+	// A user's stop wins over the restart policy.
+	grace := 5 * time.Second
+	got = upd(Update{StopGrace: &grace, Time: t0.Add(5 * time.Second)}).(Sandbox)
+	if !got.StopRequestedAt.Equal(t0.Add(5*time.Second)) || got.StopGrace != grace {
+		t.Fatalf("stop request: %#v", got)
+	}
+	upd(Update{Status: ptr(StatusFailed), Time: t0.Add(6 * time.Second)})
+	if err, _ := upd(Update{Restart: true, Status: ptr(StatusPending), Time: t0.Add(7 * time.Second)}).(error); !errors.Is(err, ErrInvalidTransition) {
+		t.Fatalf("restart after a user stop: %v", err)
+	}
+	for _, p := range []string{"", "never", "on-failure", "always"} {
+		if _, err := ParseRestartPolicy(p); err != nil {
+			t.Errorf("policy %q: %v", p, err)
+		}
+	}
+	if _, err := ParseRestartPolicy("sometimes"); !errors.Is(err, ErrInvalid) {
+		t.Errorf("bad policy: %v", err)
+	}
+}

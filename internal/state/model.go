@@ -100,6 +100,37 @@ type SandboxSpec struct {
 	Stdin      bool          `json:"stdin,omitempty"`
 	// InsecureRegistries are registry hosts the image may be pulled from over plain HTTP.
 	InsecureRegistries []string `json:"insecure_registries,omitempty"`
+	// Restart says what the control plane does when the sandbox ends or its node dies.
+	Restart RestartPolicy `json:"restart,omitempty"`
+	// Constraints select nodes by label ("zone==a", "gpu!=true", "ssd"); Spread asks the
+	// scheduler to spread instead of bin-pack.
+	Constraints []string `json:"constraints,omitempty"`
+	Spread      bool     `json:"spread,omitempty"`
+	// DiskMiB is the scratch disk the sandbox reserves on its node.
+	DiskMiB int `json:"disk_mib,omitempty"`
+}
+
+// RestartPolicy is what happens when a sandbox ends or is lost.
+type RestartPolicy string
+
+const (
+	// RestartNever (the default): a sandbox runs once.
+	RestartNever RestartPolicy = "never"
+	// RestartOnFailure: re-run after a non-zero exit, a failure, or a lost node.
+	RestartOnFailure RestartPolicy = "on-failure"
+	// RestartAlways: re-run whenever it ends, unless a user stopped it.
+	RestartAlways RestartPolicy = "always"
+)
+
+// ParseRestartPolicy accepts "", never, on-failure and always.
+func ParseRestartPolicy(s string) (RestartPolicy, error) {
+	switch RestartPolicy(s) {
+	case "", RestartNever:
+		return RestartNever, nil
+	case RestartOnFailure, RestartAlways:
+		return RestartPolicy(s), nil
+	}
+	return "", fmt.Errorf("%w: restart policy %q (want never, on-failure or always)", ErrInvalid, s)
 }
 
 // Event records one status transition.
@@ -126,6 +157,14 @@ type Sandbox struct {
 	FinishedAt  time.Time         `json:"finished_at"`
 	Events      []Event           `json:"events,omitempty"`  // every transition, with time and reason
 	Runtime     map[string]string `json:"runtime,omitempty"` // free-form node-side details, set by the runtime
+	// Owner is the ID of the token that created the sandbox ("" for the dev token).
+	Owner string `json:"owner,omitempty"`
+	// Restarts counts how many times the control plane re-ran the sandbox.
+	Restarts int `json:"restarts,omitempty"`
+	// StopRequestedAt is set when a user asked for the sandbox to stop: the node stops it
+	// (SIGTERM, then a kill after StopGrace) and the restart policy no longer applies.
+	StopRequestedAt time.Time     `json:"stop_requested_at,omitzero"`
+	StopGrace       time.Duration `json:"stop_grace,omitempty"`
 }
 
 // Update is a partial change to a sandbox. Nil pointers leave fields alone.
@@ -144,6 +183,11 @@ type Update struct {
 	Accel       *string `json:"accel,omitempty"`
 	// Runtime is merged into Sandbox.Runtime; an empty value deletes the key.
 	Runtime map[string]string `json:"runtime,omitempty"`
+	// Restart re-runs the sandbox: it must come with Status pending, is allowed from any
+	// status (even a final one), clears the node and exit details and counts a restart.
+	Restart bool `json:"restart,omitempty"`
+	// StopGrace, when set, records a user's stop request (at Time) with this grace.
+	StopGrace *time.Duration `json:"stop_grace,omitempty"`
 	// Time is when the change happened (required). It is an input rather than read by the
 	// FSM so that every replica, and every replay, computes the same state.
 	Time time.Time `json:"time"`
@@ -167,6 +211,7 @@ func (sb *Sandbox) clone() *Sandbox {
 	c.Spec.InsecureRegistries = slices.Clone(sb.Spec.InsecureRegistries)
 	c.Events = slices.Clone(sb.Events)
 	c.Runtime = maps.Clone(sb.Runtime)
+	c.Spec.Constraints = slices.Clone(sb.Spec.Constraints)
 	return &c
 }
 
@@ -176,6 +221,7 @@ func (sb *Sandbox) normalize() {
 	sb.CreatedAt = utc(sb.CreatedAt)
 	sb.StartedAt = utc(sb.StartedAt)
 	sb.FinishedAt = utc(sb.FinishedAt)
+	sb.StopRequestedAt = utc(sb.StopRequestedAt)
 	for i := range sb.Events {
 		sb.Events[i].Time = utc(sb.Events[i].Time)
 	}
@@ -215,6 +261,25 @@ func (sb *Sandbox) apply(u Update) error {
 		return fmt.Errorf("%w: update has no time", ErrInvalid)
 	}
 	t := utc(u.Time)
+	if u.Restart {
+		if u.Status == nil || *u.Status != StatusPending {
+			return fmt.Errorf("%w: a restart must set status %s", ErrInvalid, StatusPending)
+		}
+		if !sb.StopRequestedAt.IsZero() {
+			return fmt.Errorf("%w: sandbox was stopped by a user, it is not restarted", ErrInvalidTransition)
+		}
+		sb.Status = StatusPending
+		sb.Reason = u.Reason
+		sb.Events = append(sb.Events, Event{Time: t, Status: StatusPending, Reason: u.Reason})
+		sb.Restarts++
+		sb.Node, sb.ExitCode, sb.Signal = "", 0, 0
+		sb.StartedAt, sb.FinishedAt = time.Time{}, time.Time{}
+		sb.Runtime = nil
+		u.Status = nil // handled
+	}
+	if u.StopGrace != nil && sb.StopRequestedAt.IsZero() {
+		sb.StopRequestedAt, sb.StopGrace = t, *u.StopGrace
+	}
 	if u.Status != nil {
 		to := *u.Status
 		if err := checkTransition(sb.Status, to); err != nil {
