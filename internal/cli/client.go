@@ -86,6 +86,7 @@ type Client struct {
 	Sandboxes fireworksv1connect.SandboxServiceClient
 	Images    fireworksv1connect.ImageServiceClient
 	System    fireworksv1connect.SystemServiceClient
+	Tokens    fireworksv1connect.TokenServiceClient
 	Server    string
 }
 
@@ -101,6 +102,7 @@ func NewClient(cfg ClientConfig) *Client {
 		Sandboxes: fireworksv1connect.NewSandboxServiceClient(hc, cfg.Server, opts...),
 		Images:    fireworksv1connect.NewImageServiceClient(hc, cfg.Server, opts...),
 		System:    fireworksv1connect.NewSystemServiceClient(hc, cfg.Server, opts...),
+		Tokens:    fireworksv1connect.NewTokenServiceClient(hc, cfg.Server, opts...),
 		Server:    cfg.Server,
 	}
 }

@@ -114,15 +114,17 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 	if err := os.MkdirAll(f.dataDir, 0o700); err != nil {
 		return fmt.Errorf("create data dir %s: %w", f.dataDir, err)
 	}
-	token, err := loadOrCreateToken(filepath.Join(f.dataDir, "token"))
-	if err != nil {
-		return err
-	}
 	store, err := state.Open(ctx, state.Options{Dir: filepath.Join(f.dataDir, "state"), NodeID: "dev", Logger: log})
 	if err != nil {
 		return fmt.Errorf("open state store: %w", err)
 	}
 	defer store.Close()
+	// The dev admin token stays the same across restarts so a CLI session and scripts
+	// keep working; it is a normal admin token in the state (revocable, listable).
+	token, err := server.EnsureAdminToken(ctx, store, filepath.Join(f.dataDir, "token"), "dev")
+	if err != nil {
+		return err
+	}
 	ag, err := agent.New(ctx, agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel, Logger: log}, store)
 	if err != nil {
 		return err
@@ -138,24 +140,7 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 	}
 	info := ag.Info()
 	log.Info("fireworks dev ready", "api", addr, "accel", info.Accel, "kernel", info.KernelRelease, "data_dir", f.dataDir, "cli_config", ConfigPath())
-	return server.New(store, ag, token, log).Serve(ctx, ln)
-}
-
-// loadOrCreateToken keeps the dev token stable across restarts so a running CLI session and
-// scripts keep working.
-func loadOrCreateToken(path string) (string, error) {
-	data, err := os.ReadFile(path)
-	if err == nil && len(strings.TrimSpace(string(data))) > 0 {
-		return strings.TrimSpace(string(data)), nil
-	}
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return "", fmt.Errorf("read API token %s: %w", path, err)
-	}
-	t := server.NewToken()
-	if err := os.WriteFile(path, []byte(t+"\n"), 0o600); err != nil {
-		return "", fmt.Errorf("write API token %s: %w", path, err)
-	}
-	return t, nil
+	return server.New(store, ag, log).Serve(ctx, ln)
 }
 
 func newSetupCmd(g *globals) *cobra.Command {

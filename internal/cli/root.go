@@ -58,7 +58,7 @@ func NewRoot() *cobra.Command {
 	root.AddCommand(
 		newRunCmd(g), newPsCmd(g), newLogsCmd(g), newExecCmd(g), newInspectCmd(g),
 		newStopCmd(g), newRmCmd(g), newInfoCmd(g), newImageCmd(g), newDevCmd(g), newSetupCmd(g),
-		newDemoImageCmd(g),
+		newDemoImageCmd(g), newTokenCmd(g),
 	)
 	return root
 }

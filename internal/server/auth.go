@@ -1,40 +1,82 @@
 package server
 
 import (
-	"crypto/rand"
-	"crypto/sha256"
-	"crypto/subtle"
-	"encoding/hex"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
 	"net/http"
 	"strings"
+
+	"connectrpc.com/connect"
+
+	"github.com/fireworks-sandbox/fireworks/internal/auth"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
 
-// NewToken returns a fresh random API token.
-func NewToken() string {
-	b := make([]byte, 32)
-	_, _ = rand.Read(b)
-	return "fwk_" + hex.EncodeToString(b)
-}
-
-// requireToken rejects every request that does not carry the token. Comparing hashes in
-// constant time keeps the check independent of where a guess first differs.
-func requireToken(token string, next http.Handler) http.Handler {
-	want := sha256.Sum256([]byte(token))
+// authenticate resolves the bearer token of every request to an identity, or answers
+// "unauthenticated" without calling anything behind it. Tokens are checked against the
+// replicated state; only join tokens are refused here (they only buy a node certificate).
+func (s *Server) authenticate(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		h := sha256.Sum256([]byte(got))
-		if !ok || subtle.ConstantTimeCompare(h[:], want[:]) != 1 {
-			unauthenticated(w, r)
+		if !ok {
+			unauthenticated(w, r, "missing API token (send Authorization: Bearer <token>; `fireworks dev` writes it to the CLI config)")
 			return
 		}
-		next.ServeHTTP(w, r)
+		id, err := s.verifyToken(r.Context(), strings.TrimSpace(got))
+		if err != nil {
+			unauthenticated(w, r, err.Error())
+			return
+		}
+		next.ServeHTTP(w, r.WithContext(auth.With(r.Context(), id)))
 	})
+}
+
+// verifyToken checks a token string against the state. The FSM is read locally: requests
+// are served by the leader, whose FSM holds every committed token change.
+func (s *Server) verifyToken(ctx context.Context, tok string) (auth.Identity, error) {
+	id, secret, err := auth.Parse(tok)
+	if err != nil {
+		return auth.Identity{}, fmt.Errorf("invalid API token: %w", err)
+	}
+	rec, err := s.store.LocalToken(id)
+	if err != nil || !auth.Verify(rec, secret, s.now()) {
+		// One message for unknown, revoked, expired and wrong: no oracle for guessing.
+		return auth.Identity{}, errors.New("invalid API token: unknown, revoked or expired")
+	}
+	if rec.Role == state.RoleJoin {
+		return auth.Identity{}, errors.New("a join token cannot call the API; it only lets an agent join the cluster")
+	}
+	return auth.Identity{TokenID: rec.ID, Name: rec.Name, Role: rec.Role}, nil
+}
+
+// caller returns the request's identity; every handler runs behind authenticate, so a
+// missing one is a wiring bug and refused rather than trusted.
+func caller(ctx context.Context) (auth.Identity, error) {
+	id, ok := auth.From(ctx)
+	if !ok {
+		return auth.Identity{}, connect.NewError(connect.CodeUnauthenticated, errors.New("request has no verified identity"))
+	}
+	return id, nil
+}
+
+// requireAdmin refuses callers without the admin role, naming what they tried.
+func requireAdmin(ctx context.Context, what string) (auth.Identity, error) {
+	id, err := caller(ctx)
+	if err != nil {
+		return id, err
+	}
+	if !id.Admin() {
+		return id, connect.NewError(connect.CodePermissionDenied,
+			fmt.Errorf("%s needs an admin token; token %s has role %s", what, id.TokenID, id.Role))
+	}
+	return id, nil
 }
 
 // unauthenticated answers in the caller's protocol so gRPC and Connect clients both see a
 // proper "unauthenticated" code rather than a transport error.
-func unauthenticated(w http.ResponseWriter, r *http.Request) {
-	const msg = "missing or invalid API token (send Authorization: Bearer <token>; `fireworks dev` writes it to the CLI config)"
+func unauthenticated(w http.ResponseWriter, r *http.Request, msg string) {
 	ct := r.Header.Get("Content-Type")
 	if strings.HasPrefix(ct, "application/grpc") {
 		w.Header().Set("Content-Type", ct)
@@ -45,5 +87,6 @@ func unauthenticated(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(http.StatusUnauthorized)
-	_, _ = w.Write([]byte(`{"code":"unauthenticated","message":"` + msg + `"}`))
+	body, _ := json.Marshal(map[string]string{"code": "unauthenticated", "message": msg})
+	_, _ = w.Write(body)
 }

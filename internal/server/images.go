@@ -43,6 +43,10 @@ func (h *imageService) ListImages(ctx context.Context, _ *connect.Request[pb.Lis
 }
 
 func (h *imageService) RemoveImage(ctx context.Context, req *connect.Request[pb.RemoveImageRequest]) (*connect.Response[pb.RemoveImageResponse], error) {
+	// Images are shared by every user's sandboxes on the node.
+	if _, err := requireAdmin(ctx, "removing an image"); err != nil {
+		return nil, err
+	}
 	if err := h.s.agent.Images().Remove(ctx, req.Msg.GetRef()); err != nil {
 		return nil, toConnectError(fmt.Errorf("remove image %s: %w", req.Msg.GetRef(), err))
 	}

@@ -23,6 +23,10 @@ import (
 type sandboxService struct{ s *Server }
 
 func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request[pb.CreateSandboxRequest]) (*connect.Response[pb.CreateSandboxResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
 	spec := specFromPB(req.Msg.GetSpec())
 	if err := validName(req.Msg.GetName()); err != nil {
 		return nil, toConnectError(err)
@@ -32,7 +36,7 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	}
 	now := h.s.now()
 	sb := state.Sandbox{
-		ID: state.NewID(), Name: req.Msg.GetName(), Spec: spec, Status: state.StatusPending,
+		ID: state.NewID(), Name: req.Msg.GetName(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID,
 		CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "accepted"}},
 	}
 	if err := h.s.store.CreateSandbox(ctx, sb); err != nil {
@@ -51,7 +55,7 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 }
 
 func (h *sandboxService) GetSandbox(ctx context.Context, req *connect.Request[pb.GetSandboxRequest]) (*connect.Response[pb.GetSandboxResponse], error) {
-	sb, err := h.s.store.GetSandbox(ctx, req.Msg.GetSandbox())
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
 	if err != nil {
 		return nil, toConnectError(err)
 	}
@@ -59,13 +63,17 @@ func (h *sandboxService) GetSandbox(ctx context.Context, req *connect.Request[pb
 }
 
 func (h *sandboxService) ListSandboxes(ctx context.Context, req *connect.Request[pb.ListSandboxesRequest]) (*connect.Response[pb.ListSandboxesResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
 	all, err := h.s.store.ListSandboxes(ctx)
 	if err != nil {
 		return nil, toConnectError(err)
 	}
 	resp := &pb.ListSandboxesResponse{}
 	for _, sb := range all {
-		if !req.Msg.GetAll() && sb.Status.Terminal() {
+		if !req.Msg.GetAll() && sb.Status.Terminal() || !who.CanAccess(sb.Owner) {
 			continue
 		}
 		resp.Sandboxes = append(resp.Sandboxes, sandboxToPB(sb))
@@ -74,7 +82,7 @@ func (h *sandboxService) ListSandboxes(ctx context.Context, req *connect.Request
 }
 
 func (h *sandboxService) StopSandbox(ctx context.Context, req *connect.Request[pb.StopSandboxRequest]) (*connect.Response[pb.StopSandboxResponse], error) {
-	sb, err := h.s.store.GetSandbox(ctx, req.Msg.GetSandbox())
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
 	if err != nil {
 		return nil, toConnectError(err)
 	}
@@ -98,7 +106,7 @@ func (h *sandboxService) StopSandbox(ctx context.Context, req *connect.Request[p
 }
 
 func (h *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request[pb.RemoveSandboxRequest]) (*connect.Response[pb.RemoveSandboxResponse], error) {
-	sb, err := h.s.store.GetSandbox(ctx, req.Msg.GetSandbox())
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
 	if err != nil {
 		return nil, toConnectError(err)
 	}
@@ -131,7 +139,7 @@ func (h *sandboxService) Attach(ctx context.Context, stream *connect.BidiStream[
 	if start == nil {
 		return connect.NewError(connect.CodeInvalidArgument, errors.New("the first attach message must be start"))
 	}
-	sb, err := h.s.store.GetSandbox(ctx, start.GetSandbox())
+	sb, err := h.s.lookup(ctx, start.GetSandbox())
 	if err != nil {
 		return toConnectError(err)
 	}
@@ -203,7 +211,7 @@ func exitOf(sb state.Sandbox) *pb.Exit {
 }
 
 func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsRequest], stream *connect.ServerStream[pb.LogsResponse]) error {
-	sb, err := h.s.store.GetSandbox(ctx, req.Msg.GetSandbox())
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
 	if err != nil {
 		return toConnectError(err)
 	}
@@ -229,7 +237,7 @@ func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb
 	if err := validateEnvPB(start.GetEnv()); err != nil {
 		return connect.NewError(connect.CodeInvalidArgument, err)
 	}
-	sb, err := h.s.store.GetSandbox(ctx, start.GetSandbox())
+	sb, err := h.s.lookup(ctx, start.GetSandbox())
 	if err != nil {
 		return toConnectError(err)
 	}
@@ -367,7 +375,7 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 		Id: sb.ID, Name: sb.Name, Spec: spec, Status: string(sb.Status), Reason: sb.Reason,
 		ExitCode: int32(sb.ExitCode), Signal: int32(sb.Signal), Node: sb.Node, ImageDigest: sb.ImageDigest,
 		Accel: sb.Accel, CreatedAt: ts(sb.CreatedAt), StartedAt: ts(sb.StartedAt), FinishedAt: ts(sb.FinishedAt),
-		Details: sb.Runtime,
+		Details: sb.Runtime, Owner: sb.Owner, Restarts: int32(sb.Restarts),
 	}
 	for _, e := range sb.Events {
 		out.Events = append(out.Events, &pb.Event{Time: ts(e.Time), Status: string(e.Status), Reason: e.Reason})
@@ -380,4 +388,22 @@ func ts(t time.Time) *timestamppb.Timestamp {
 		return nil
 	}
 	return timestamppb.New(t)
+}
+
+// lookup resolves a sandbox reference the caller gave (ID, name or ID prefix) and checks
+// the caller may act on it: admins on every sandbox, users on the ones they created.
+func (s *Server) lookup(ctx context.Context, ref string) (state.Sandbox, error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return state.Sandbox{}, err
+	}
+	sb, err := s.store.GetSandbox(ctx, ref)
+	if err != nil {
+		return state.Sandbox{}, err
+	}
+	if !who.CanAccess(sb.Owner) {
+		return state.Sandbox{}, connect.NewError(connect.CodePermissionDenied,
+			fmt.Errorf("sandbox %q belongs to another token; a user token acts only on its own sandboxes", ref))
+	}
+	return sb, nil
 }

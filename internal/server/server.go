@@ -29,16 +29,16 @@ type Server struct {
 	store *state.Store
 	agent *agent.Agent
 	log   *slog.Logger
-	token string
 	now   func() time.Time
 }
 
-// New wires a server over an open store and a running agent.
-func New(store *state.Store, ag *agent.Agent, token string, log *slog.Logger) *Server {
+// New wires a server over an open store and a running agent. API tokens live in the
+// store (see EnsureAdminToken).
+func New(store *state.Store, ag *agent.Agent, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{store: store, agent: ag, log: log, token: token, now: time.Now}
+	return &Server{store: store, agent: ag, log: log, now: time.Now}
 }
 
 // Handler returns the HTTP handler with every service mounted behind the token check.
@@ -48,7 +48,8 @@ func (s *Server) Handler() http.Handler {
 	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&sandboxService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewImageServiceHandler(&imageService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewSystemServiceHandler(&systemService{s}, opts...))
-	return requireToken(s.token, mux)
+	mux.Handle(fireworksv1connect.NewTokenServiceHandler(&tokenService{s}, opts...))
+	return s.authenticate(mux)
 }
 
 // Serve listens until ctx ends. HTTP/2 without TLS is enabled so gRPC clients and the

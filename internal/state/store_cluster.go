@@ -87,3 +87,10 @@ func (s *Store) ListTokens(ctx context.Context) ([]Token, error) {
 	}
 	return s.fsm.listTokens(), nil
 }
+
+// LocalToken reads token id from this server's copy of the state without a Raft round
+// trip. It is for authenticating requests on the leader, whose copy holds every committed
+// change; on a follower it may lag (a just-revoked token may still pass there).
+func (s *Store) LocalToken(id string) (Token, error) {
+	return s.fsm.getToken(id)
+}

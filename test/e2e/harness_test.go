@@ -203,10 +203,15 @@ type result struct {
 
 // cli runs the fireworks CLI as a user would, with stdin from in (may be nil).
 func (e *env) cli(ctx context.Context, in []byte, args ...string) result {
+	return e.cliEnv(ctx, nil, in, args...)
+}
+
+// cliEnv is cli with extra environment variables (e.g. FIREWORKS_TOKEN=...).
+func (e *env) cliEnv(ctx context.Context, extraEnv []string, in []byte, args ...string) result {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, e.bin, args...)
-	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+e.config)
+	cmd.Env = append(append(os.Environ(), "FIREWORKS_CONFIG="+e.config), extraEnv...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if in != nil {

@@ -44,8 +44,15 @@ type SandboxSpec struct {
 	Tty                bool                 `protobuf:"varint,11,opt,name=tty,proto3" json:"tty,omitempty"`
 	Stdin              bool                 `protobuf:"varint,12,opt,name=stdin,proto3" json:"stdin,omitempty"`
 	InsecureRegistries []string             `protobuf:"bytes,13,rep,name=insecure_registries,json=insecureRegistries,proto3" json:"insecure_registries,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// never (default), on-failure or always.
+	Restart string `protobuf:"bytes,14,opt,name=restart,proto3" json:"restart,omitempty"`
+	// Node label selectors: key==value, key!=value, or key (label present).
+	Constraints []string `protobuf:"bytes,15,rep,name=constraints,proto3" json:"constraints,omitempty"`
+	// Spread over nodes instead of bin-packing.
+	Spread        bool  `protobuf:"varint,16,opt,name=spread,proto3" json:"spread,omitempty"`
+	DiskMib       int32 `protobuf:"varint,17,opt,name=disk_mib,json=diskMib,proto3" json:"disk_mib,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SandboxSpec) Reset() {
@@ -169,6 +176,34 @@ func (x *SandboxSpec) GetInsecureRegistries() []string {
 	return nil
 }
 
+func (x *SandboxSpec) GetRestart() string {
+	if x != nil {
+		return x.Restart
+	}
+	return ""
+}
+
+func (x *SandboxSpec) GetConstraints() []string {
+	if x != nil {
+		return x.Constraints
+	}
+	return nil
+}
+
+func (x *SandboxSpec) GetSpread() bool {
+	if x != nil {
+		return x.Spread
+	}
+	return false
+}
+
+func (x *SandboxSpec) GetDiskMib() int32 {
+	if x != nil {
+		return x.DiskMib
+	}
+	return 0
+}
+
 type Event struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Time          *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
@@ -242,12 +277,15 @@ type Sandbox struct {
 	Node        string `protobuf:"bytes,8,opt,name=node,proto3" json:"node,omitempty"`
 	ImageDigest string `protobuf:"bytes,9,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"`
 	// kvm or tcg
-	Accel         string                 `protobuf:"bytes,10,opt,name=accel,proto3" json:"accel,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	StartedAt     *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
-	FinishedAt    *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=finished_at,json=finishedAt,proto3" json:"finished_at,omitempty"`
-	Events        []*Event               `protobuf:"bytes,14,rep,name=events,proto3" json:"events,omitempty"`
-	Details       map[string]string      `protobuf:"bytes,15,rep,name=details,proto3" json:"details,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Accel      string                 `protobuf:"bytes,10,opt,name=accel,proto3" json:"accel,omitempty"`
+	CreatedAt  *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	StartedAt  *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
+	FinishedAt *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=finished_at,json=finishedAt,proto3" json:"finished_at,omitempty"`
+	Events     []*Event               `protobuf:"bytes,14,rep,name=events,proto3" json:"events,omitempty"`
+	Details    map[string]string      `protobuf:"bytes,15,rep,name=details,proto3" json:"details,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// ID of the token that created the sandbox.
+	Owner         string `protobuf:"bytes,16,opt,name=owner,proto3" json:"owner,omitempty"`
+	Restarts      int32  `protobuf:"varint,17,opt,name=restarts,proto3" json:"restarts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -385,6 +423,20 @@ func (x *Sandbox) GetDetails() map[string]string {
 		return x.Details
 	}
 	return nil
+}
+
+func (x *Sandbox) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *Sandbox) GetRestarts() int32 {
+	if x != nil {
+		return x.Restarts
+	}
+	return 0
 }
 
 type CreateSandboxRequest struct {
@@ -2303,11 +2355,371 @@ func (x *InfoResponse) GetDataDir() string {
 	return ""
 }
 
+// Tokens: API credentials (admin, user) and node join tokens. Admin only.
+type Token struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name  string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// admin, user or join
+	Role          string                 `protobuf:"bytes,3,opt,name=role,proto3" json:"role,omitempty"`
+	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	CreatedBy     string                 `protobuf:"bytes,6,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Token) Reset() {
+	*x = Token{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Token) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Token) ProtoMessage() {}
+
+func (x *Token) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Token.ProtoReflect.Descriptor instead.
+func (*Token) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *Token) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Token) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Token) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *Token) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Token) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *Token) GetCreatedBy() string {
+	if x != nil {
+		return x.CreatedBy
+	}
+	return ""
+}
+
+type CreateTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Role  string                 `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"`
+	// Zero means no expiry (API tokens); join tokens default to 24h.
+	Ttl           *durationpb.Duration `protobuf:"bytes,3,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateTokenRequest) Reset() {
+	*x = CreateTokenRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateTokenRequest) ProtoMessage() {}
+
+func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
+func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *CreateTokenRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateTokenRequest) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *CreateTokenRequest) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+type CreateTokenResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Token *Token                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// The token string. It is shown once: only a hash of its secret is stored.
+	Secret        string `protobuf:"bytes,2,opt,name=secret,proto3" json:"secret,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateTokenResponse) Reset() {
+	*x = CreateTokenResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateTokenResponse) ProtoMessage() {}
+
+func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
+func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *CreateTokenResponse) GetToken() *Token {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+func (x *CreateTokenResponse) GetSecret() string {
+	if x != nil {
+		return x.Secret
+	}
+	return ""
+}
+
+type ListTokensRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTokensRequest) Reset() {
+	*x = ListTokensRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTokensRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTokensRequest) ProtoMessage() {}
+
+func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
+func (*ListTokensRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
+}
+
+type ListTokensResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tokens        []*Token               `protobuf:"bytes,1,rep,name=tokens,proto3" json:"tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTokensResponse) Reset() {
+	*x = ListTokensResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTokensResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTokensResponse) ProtoMessage() {}
+
+func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
+func (*ListTokensResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *ListTokensResponse) GetTokens() []*Token {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+type RevokeTokenRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeTokenRequest) Reset() {
+	*x = RevokeTokenRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeTokenRequest) ProtoMessage() {}
+
+func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
+func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *RevokeTokenRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type RevokeTokenResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeTokenResponse) Reset() {
+	*x = RevokeTokenResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeTokenResponse) ProtoMessage() {}
+
+func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
+func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
+}
+
 var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
 
 const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
-	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x03\n" +
+	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x03\n" +
 	"\vSandboxSpec\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x1e\n" +
 	"\n" +
@@ -2326,11 +2738,15 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	" \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12\x10\n" +
 	"\x03tty\x18\v \x01(\bR\x03tty\x12\x14\n" +
 	"\x05stdin\x18\f \x01(\bR\x05stdin\x12/\n" +
-	"\x13insecure_registries\x18\r \x03(\tR\x12insecureRegistries\"g\n" +
+	"\x13insecure_registries\x18\r \x03(\tR\x12insecureRegistries\x12\x18\n" +
+	"\arestart\x18\x0e \x01(\tR\arestart\x12 \n" +
+	"\vconstraints\x18\x0f \x03(\tR\vconstraints\x12\x16\n" +
+	"\x06spread\x18\x10 \x01(\bR\x06spread\x12\x19\n" +
+	"\bdisk_mib\x18\x11 \x01(\x05R\adiskMib\"g\n" +
 	"\x05Event\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
 	"\x06status\x18\x02 \x01(\tR\x06status\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xe8\x04\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\x9a\x05\n" +
 	"\aSandbox\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12-\n" +
@@ -2350,7 +2766,9 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\vfinished_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"finishedAt\x12+\n" +
 	"\x06events\x18\x0e \x03(\v2\x13.fireworks.v1.EventR\x06events\x12<\n" +
-	"\adetails\x18\x0f \x03(\v2\".fireworks.v1.Sandbox.DetailsEntryR\adetails\x1a:\n" +
+	"\adetails\x18\x0f \x03(\v2\".fireworks.v1.Sandbox.DetailsEntryR\adetails\x12\x14\n" +
+	"\x05owner\x18\x10 \x01(\tR\x05owner\x12\x1a\n" +
+	"\brestarts\x18\x11 \x01(\x05R\brestarts\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"Y\n" +
@@ -2471,7 +2889,30 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	" \x01(\x05R\bmaxVcpus\x12$\n" +
 	"\x0emax_memory_mib\x18\v \x01(\x05R\fmaxMemoryMib\x12+\n" +
 	"\x11sandboxes_running\x18\f \x01(\x05R\x10sandboxesRunning\x12\x19\n" +
-	"\bdata_dir\x18\r \x01(\tR\adataDir2\x90\x05\n" +
+	"\bdata_dir\x18\r \x01(\tR\adataDir\"\xd4\x01\n" +
+	"\x05Token\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
+	"\x04role\x18\x03 \x01(\tR\x04role\x129\n" +
+	"\n" +
+	"created_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
+	"\n" +
+	"expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x1d\n" +
+	"\n" +
+	"created_by\x18\x06 \x01(\tR\tcreatedBy\"i\n" +
+	"\x12CreateTokenRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04role\x18\x02 \x01(\tR\x04role\x12+\n" +
+	"\x03ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"X\n" +
+	"\x13CreateTokenResponse\x12)\n" +
+	"\x05token\x18\x01 \x01(\v2\x13.fireworks.v1.TokenR\x05token\x12\x16\n" +
+	"\x06secret\x18\x02 \x01(\tR\x06secret\"\x13\n" +
+	"\x11ListTokensRequest\"A\n" +
+	"\x12ListTokensResponse\x12+\n" +
+	"\x06tokens\x18\x01 \x03(\v2\x13.fireworks.v1.TokenR\x06tokens\"$\n" +
+	"\x12RevokeTokenRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
+	"\x13RevokeTokenResponse2\x90\x05\n" +
 	"\x0eSandboxService\x12X\n" +
 	"\rCreateSandbox\x12\".fireworks.v1.CreateSandboxRequest\x1a#.fireworks.v1.CreateSandboxResponse\x12O\n" +
 	"\n" +
@@ -2488,7 +2929,12 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"ListImages\x12\x1f.fireworks.v1.ListImagesRequest\x1a .fireworks.v1.ListImagesResponse\x12R\n" +
 	"\vRemoveImage\x12 .fireworks.v1.RemoveImageRequest\x1a!.fireworks.v1.RemoveImageResponse2N\n" +
 	"\rSystemService\x12=\n" +
-	"\x04Info\x12\x19.fireworks.v1.InfoRequest\x1a\x1a.fireworks.v1.InfoResponseBMZKgithub.com/fireworks-sandbox/fireworks/internal/api/fireworksv1;fireworksv1b\x06proto3"
+	"\x04Info\x12\x19.fireworks.v1.InfoRequest\x1a\x1a.fireworks.v1.InfoResponse2\x87\x02\n" +
+	"\fTokenService\x12R\n" +
+	"\vCreateToken\x12 .fireworks.v1.CreateTokenRequest\x1a!.fireworks.v1.CreateTokenResponse\x12O\n" +
+	"\n" +
+	"ListTokens\x12\x1f.fireworks.v1.ListTokensRequest\x1a .fireworks.v1.ListTokensResponse\x12R\n" +
+	"\vRevokeToken\x12 .fireworks.v1.RevokeTokenRequest\x1a!.fireworks.v1.RevokeTokenResponseBMZKgithub.com/fireworks-sandbox/fireworks/internal/api/fireworksv1;fireworksv1b\x06proto3"
 
 var (
 	file_fireworks_v1_fireworks_proto_rawDescOnce sync.Once
@@ -2502,7 +2948,7 @@ func file_fireworks_v1_fireworks_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_fireworks_proto_rawDescData
 }
 
-var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*SandboxSpec)(nil),           // 0: fireworks.v1.SandboxSpec
 	(*Event)(nil),                 // 1: fireworks.v1.Event
@@ -2538,24 +2984,31 @@ var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*RemoveImageResponse)(nil),   // 31: fireworks.v1.RemoveImageResponse
 	(*InfoRequest)(nil),           // 32: fireworks.v1.InfoRequest
 	(*InfoResponse)(nil),          // 33: fireworks.v1.InfoResponse
-	nil,                           // 34: fireworks.v1.Sandbox.DetailsEntry
-	(*durationpb.Duration)(nil),   // 35: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 36: google.protobuf.Timestamp
+	(*Token)(nil),                 // 34: fireworks.v1.Token
+	(*CreateTokenRequest)(nil),    // 35: fireworks.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),   // 36: fireworks.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),     // 37: fireworks.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),    // 38: fireworks.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),    // 39: fireworks.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),   // 40: fireworks.v1.RevokeTokenResponse
+	nil,                           // 41: fireworks.v1.Sandbox.DetailsEntry
+	(*durationpb.Duration)(nil),   // 42: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 43: google.protobuf.Timestamp
 }
 var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
-	35, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
-	36, // 1: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
+	42, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
+	43, // 1: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
 	0,  // 2: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
-	36, // 3: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	36, // 4: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
-	36, // 5: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
+	43, // 3: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	43, // 4: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
+	43, // 5: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
 	1,  // 6: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
-	34, // 7: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
+	41, // 7: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
 	0,  // 8: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
 	2,  // 9: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
 	2,  // 10: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
 	2,  // 11: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
-	35, // 12: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
+	42, // 12: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
 	2,  // 13: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
 	16, // 14: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
 	13, // 15: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
@@ -2566,39 +3019,50 @@ var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
 	13, // 20: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
 	14, // 21: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
 	15, // 22: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
-	36, // 23: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
+	43, // 23: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
 	27, // 24: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
 	24, // 25: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
 	24, // 26: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
-	3,  // 27: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
-	5,  // 28: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
-	7,  // 29: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
-	9,  // 30: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
-	11, // 31: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
-	17, // 32: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
-	19, // 33: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
-	22, // 34: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
-	25, // 35: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
-	28, // 36: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
-	30, // 37: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
-	32, // 38: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
-	4,  // 39: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
-	6,  // 40: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
-	8,  // 41: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
-	10, // 42: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
-	12, // 43: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
-	18, // 44: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
-	20, // 45: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
-	23, // 46: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
-	26, // 47: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
-	29, // 48: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
-	31, // 49: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
-	33, // 50: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
-	39, // [39:51] is the sub-list for method output_type
-	27, // [27:39] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	43, // 27: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
+	43, // 28: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	42, // 29: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	34, // 30: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
+	34, // 31: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
+	3,  // 32: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
+	5,  // 33: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
+	7,  // 34: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
+	9,  // 35: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
+	11, // 36: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
+	17, // 37: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
+	19, // 38: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
+	22, // 39: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
+	25, // 40: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
+	28, // 41: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
+	30, // 42: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
+	32, // 43: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
+	35, // 44: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
+	37, // 45: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
+	39, // 46: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
+	4,  // 47: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
+	6,  // 48: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
+	8,  // 49: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
+	10, // 50: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
+	12, // 51: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
+	18, // 52: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
+	20, // 53: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
+	23, // 54: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
+	26, // 55: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
+	29, // 56: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
+	31, // 57: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
+	33, // 58: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
+	36, // 59: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
+	38, // 60: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
+	40, // 61: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
+	47, // [47:62] is the sub-list for method output_type
+	32, // [32:47] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_fireworks_proto_init() }
@@ -2638,9 +3102,9 @@ func file_fireworks_v1_fireworks_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_fireworks_proto_rawDesc), len(file_fireworks_v1_fireworks_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   35,
+			NumMessages:   42,
 			NumExtensions: 0,
-			NumServices:   3,
+			NumServices:   4,
 		},
 		GoTypes:           file_fireworks_v1_fireworks_proto_goTypes,
 		DependencyIndexes: file_fireworks_v1_fireworks_proto_depIdxs,

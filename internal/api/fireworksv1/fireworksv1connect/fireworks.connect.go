@@ -30,6 +30,8 @@ const (
 	ImageServiceName = "fireworks.v1.ImageService"
 	// SystemServiceName is the fully-qualified name of the SystemService service.
 	SystemServiceName = "fireworks.v1.SystemService"
+	// TokenServiceName is the fully-qualified name of the TokenService service.
+	TokenServiceName = "fireworks.v1.TokenService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -70,6 +72,14 @@ const (
 	ImageServiceRemoveImageProcedure = "/fireworks.v1.ImageService/RemoveImage"
 	// SystemServiceInfoProcedure is the fully-qualified name of the SystemService's Info RPC.
 	SystemServiceInfoProcedure = "/fireworks.v1.SystemService/Info"
+	// TokenServiceCreateTokenProcedure is the fully-qualified name of the TokenService's CreateToken
+	// RPC.
+	TokenServiceCreateTokenProcedure = "/fireworks.v1.TokenService/CreateToken"
+	// TokenServiceListTokensProcedure is the fully-qualified name of the TokenService's ListTokens RPC.
+	TokenServiceListTokensProcedure = "/fireworks.v1.TokenService/ListTokens"
+	// TokenServiceRevokeTokenProcedure is the fully-qualified name of the TokenService's RevokeToken
+	// RPC.
+	TokenServiceRevokeTokenProcedure = "/fireworks.v1.TokenService/RevokeToken"
 )
 
 // SandboxServiceClient is a client for the fireworks.v1.SandboxService service.
@@ -516,4 +526,126 @@ type UnimplementedSystemServiceHandler struct{}
 
 func (UnimplementedSystemServiceHandler) Info(context.Context, *connect.Request[fireworksv1.InfoRequest]) (*connect.Response[fireworksv1.InfoResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SystemService.Info is not implemented"))
+}
+
+// TokenServiceClient is a client for the fireworks.v1.TokenService service.
+type TokenServiceClient interface {
+	CreateToken(context.Context, *connect.Request[fireworksv1.CreateTokenRequest]) (*connect.Response[fireworksv1.CreateTokenResponse], error)
+	ListTokens(context.Context, *connect.Request[fireworksv1.ListTokensRequest]) (*connect.Response[fireworksv1.ListTokensResponse], error)
+	RevokeToken(context.Context, *connect.Request[fireworksv1.RevokeTokenRequest]) (*connect.Response[fireworksv1.RevokeTokenResponse], error)
+}
+
+// NewTokenServiceClient constructs a client for the fireworks.v1.TokenService service. By default,
+// it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses, and
+// sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the connect.WithGRPC()
+// or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewTokenServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) TokenServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	tokenServiceMethods := fireworksv1.File_fireworks_v1_fireworks_proto.Services().ByName("TokenService").Methods()
+	return &tokenServiceClient{
+		createToken: connect.NewClient[fireworksv1.CreateTokenRequest, fireworksv1.CreateTokenResponse](
+			httpClient,
+			baseURL+TokenServiceCreateTokenProcedure,
+			connect.WithSchema(tokenServiceMethods.ByName("CreateToken")),
+			connect.WithClientOptions(opts...),
+		),
+		listTokens: connect.NewClient[fireworksv1.ListTokensRequest, fireworksv1.ListTokensResponse](
+			httpClient,
+			baseURL+TokenServiceListTokensProcedure,
+			connect.WithSchema(tokenServiceMethods.ByName("ListTokens")),
+			connect.WithClientOptions(opts...),
+		),
+		revokeToken: connect.NewClient[fireworksv1.RevokeTokenRequest, fireworksv1.RevokeTokenResponse](
+			httpClient,
+			baseURL+TokenServiceRevokeTokenProcedure,
+			connect.WithSchema(tokenServiceMethods.ByName("RevokeToken")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// tokenServiceClient implements TokenServiceClient.
+type tokenServiceClient struct {
+	createToken *connect.Client[fireworksv1.CreateTokenRequest, fireworksv1.CreateTokenResponse]
+	listTokens  *connect.Client[fireworksv1.ListTokensRequest, fireworksv1.ListTokensResponse]
+	revokeToken *connect.Client[fireworksv1.RevokeTokenRequest, fireworksv1.RevokeTokenResponse]
+}
+
+// CreateToken calls fireworks.v1.TokenService.CreateToken.
+func (c *tokenServiceClient) CreateToken(ctx context.Context, req *connect.Request[fireworksv1.CreateTokenRequest]) (*connect.Response[fireworksv1.CreateTokenResponse], error) {
+	return c.createToken.CallUnary(ctx, req)
+}
+
+// ListTokens calls fireworks.v1.TokenService.ListTokens.
+func (c *tokenServiceClient) ListTokens(ctx context.Context, req *connect.Request[fireworksv1.ListTokensRequest]) (*connect.Response[fireworksv1.ListTokensResponse], error) {
+	return c.listTokens.CallUnary(ctx, req)
+}
+
+// RevokeToken calls fireworks.v1.TokenService.RevokeToken.
+func (c *tokenServiceClient) RevokeToken(ctx context.Context, req *connect.Request[fireworksv1.RevokeTokenRequest]) (*connect.Response[fireworksv1.RevokeTokenResponse], error) {
+	return c.revokeToken.CallUnary(ctx, req)
+}
+
+// TokenServiceHandler is an implementation of the fireworks.v1.TokenService service.
+type TokenServiceHandler interface {
+	CreateToken(context.Context, *connect.Request[fireworksv1.CreateTokenRequest]) (*connect.Response[fireworksv1.CreateTokenResponse], error)
+	ListTokens(context.Context, *connect.Request[fireworksv1.ListTokensRequest]) (*connect.Response[fireworksv1.ListTokensResponse], error)
+	RevokeToken(context.Context, *connect.Request[fireworksv1.RevokeTokenRequest]) (*connect.Response[fireworksv1.RevokeTokenResponse], error)
+}
+
+// NewTokenServiceHandler builds an HTTP handler from the service implementation. It returns the
+// path on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewTokenServiceHandler(svc TokenServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	tokenServiceMethods := fireworksv1.File_fireworks_v1_fireworks_proto.Services().ByName("TokenService").Methods()
+	tokenServiceCreateTokenHandler := connect.NewUnaryHandler(
+		TokenServiceCreateTokenProcedure,
+		svc.CreateToken,
+		connect.WithSchema(tokenServiceMethods.ByName("CreateToken")),
+		connect.WithHandlerOptions(opts...),
+	)
+	tokenServiceListTokensHandler := connect.NewUnaryHandler(
+		TokenServiceListTokensProcedure,
+		svc.ListTokens,
+		connect.WithSchema(tokenServiceMethods.ByName("ListTokens")),
+		connect.WithHandlerOptions(opts...),
+	)
+	tokenServiceRevokeTokenHandler := connect.NewUnaryHandler(
+		TokenServiceRevokeTokenProcedure,
+		svc.RevokeToken,
+		connect.WithSchema(tokenServiceMethods.ByName("RevokeToken")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/fireworks.v1.TokenService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case TokenServiceCreateTokenProcedure:
+			tokenServiceCreateTokenHandler.ServeHTTP(w, r)
+		case TokenServiceListTokensProcedure:
+			tokenServiceListTokensHandler.ServeHTTP(w, r)
+		case TokenServiceRevokeTokenProcedure:
+			tokenServiceRevokeTokenHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedTokenServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedTokenServiceHandler struct{}
+
+func (UnimplementedTokenServiceHandler) CreateToken(context.Context, *connect.Request[fireworksv1.CreateTokenRequest]) (*connect.Response[fireworksv1.CreateTokenResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.TokenService.CreateToken is not implemented"))
+}
+
+func (UnimplementedTokenServiceHandler) ListTokens(context.Context, *connect.Request[fireworksv1.ListTokensRequest]) (*connect.Response[fireworksv1.ListTokensResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.TokenService.ListTokens is not implemented"))
+}
+
+func (UnimplementedTokenServiceHandler) RevokeToken(context.Context, *connect.Request[fireworksv1.RevokeTokenRequest]) (*connect.Response[fireworksv1.RevokeTokenResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.TokenService.RevokeToken is not implemented"))
 }

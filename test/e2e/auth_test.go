@@ -1,0 +1,90 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+)
+
+// Tokens: an admin creates a user token; the user runs and sees only its own sandboxes,
+// cannot touch the admin's or manage tokens; once revoked, the token is refused. Calls
+// without a valid token change nothing.
+func TestTokensAndRoles(t *testing.T) {
+	need(t)
+	ctx := context.Background()
+	adminBox := strings.TrimSpace(fw(t, 0, "run", "-d", "--name", "admins-box", image("busybox:latest"), "--", "true").stdout)
+
+	secret := strings.TrimSpace(fw(t, 0, "token", "create", "--role", "user", "--name", "e2e-user").stdout)
+	if !strings.HasPrefix(secret, "fwk_") {
+		t.Fatalf("token create printed %q", secret)
+	}
+	var userID string
+	for _, line := range strings.Split(fw(t, 0, "token", "ls").stdout, "\n") {
+		if f := strings.Fields(line); len(f) >= 3 && f[1] == "e2e-user" && f[2] == "user" {
+			userID = f[0]
+		}
+	}
+	if userID == "" || strings.Contains(fw(t, 0, "token", "ls").stdout, secret) {
+		t.Fatalf("token ls should list the token without its secret")
+	}
+	user := []string{"FIREWORKS_TOKEN=" + secret}
+
+	r := world.cliEnv(ctx, user, nil, "run", "--name", "users-box", image("busybox:latest"), "--", "echo", "hi-from-user")
+	if r.code != 0 || strings.TrimSpace(r.stdout) != "hi-from-user" {
+		t.Fatalf("user run: exit %d %q %q", r.code, r.stdout, r.stderr)
+	}
+	ps := world.cliEnv(ctx, user, nil, "ps", "-a")
+	if !strings.Contains(ps.stdout, "users-box") || strings.Contains(ps.stdout, "admins-box") {
+		t.Errorf("user ps should list only the user's sandboxes:\n%s", ps.stdout)
+	}
+	if ins := inspect(t, "users-box"); ins["owner"] != userID {
+		t.Errorf("owner of users-box = %v, want %s", ins["owner"], userID)
+	}
+	for _, args := range [][]string{{"inspect", adminBox}, {"rm", "-f", "admins-box"}, {"logs", "admins-box"}} {
+		r := world.cliEnv(ctx, user, nil, args...)
+		if r.code != 125 || !strings.Contains(r.stderr, "another token") {
+			t.Errorf("user %v: exit %d stderr %q; want a permission error", args, r.code, r.stderr)
+		}
+	}
+	if r := world.cliEnv(ctx, user, nil, "token", "create"); r.code != 125 || !strings.Contains(r.stderr, "admin") {
+		t.Errorf("user token create: exit %d %q", r.code, r.stderr)
+	}
+	if inspect(t, "admins-box")["status"] == nil {
+		t.Error("admin's sandbox disappeared")
+	}
+
+	fw(t, 0, "token", "revoke", userID)
+	if r := world.cliEnv(ctx, user, nil, "ps"); r.code != 125 || !strings.Contains(r.stderr, "revoked") {
+		t.Errorf("revoked token: exit %d %q", r.code, r.stderr)
+	}
+	if r := world.cliEnv(ctx, []string{"FIREWORKS_TOKEN=fwk_nonsense"}, nil, "ps"); r.code != 125 || !strings.Contains(r.stderr, "invalid API token") {
+		t.Errorf("malformed token: exit %d %q", r.code, r.stderr)
+	}
+
+	// Raw HTTP, as any client would: no token and a wrong token are refused with 401
+	// before anything runs, on the JSON and on the gRPC protocol.
+	var cfg struct{ Server string }
+	data, _ := os.ReadFile(world.config)
+	_ = json.Unmarshal(data, &cfg)
+	for _, hdr := range []string{"", "Bearer fwk_0000000000000000_" + strings.Repeat("0", 64)} {
+		req, _ := http.NewRequest("POST", cfg.Server+"/fireworks.v1.SandboxService/RemoveSandbox", strings.NewReader(`{"sandbox":"admins-box","force":true}`))
+		req.Header.Set("Content-Type", "application/json")
+		if hdr != "" {
+			req.Header.Set("Authorization", hdr)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("RemoveSandbox with auth %q: HTTP %d, want 401", hdr, resp.StatusCode)
+		}
+	}
+	if inspect(t, "admins-box")["id"] != adminBox {
+		t.Error("an unauthenticated call removed a sandbox")
+	}
+}
