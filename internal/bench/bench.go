@@ -23,6 +23,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 
 	"github.com/fireworks-sandbox/fireworks/internal/image/busybox"
+	"github.com/fireworks-sandbox/fireworks/internal/scheduler"
 )
 
 // Config says what to measure and where to put things.
@@ -64,6 +65,18 @@ type Report struct {
 	Image       string    `json:"image"`
 	Command     []string  `json:"command"`
 	Series      []Series  `json:"series"`
+	// Scheduler is placement latency of the pure scheduler on synthetic clusters.
+	Scheduler []SchedulerRow `json:"scheduler,omitempty"`
+}
+
+// SchedulerRow is one synthetic cluster size.
+type SchedulerRow struct {
+	Nodes       int     `json:"nodes"`
+	Allocations int     `json:"allocations"`
+	Iterations  int     `json:"iterations"`
+	IndexMs     float64 `json:"index_build_ms"`
+	P50Ms       float64 `json:"place_p50_ms"`
+	P99Ms       float64 `json:"place_p99_ms"`
 }
 
 // Run measures every series and writes the report.
@@ -147,6 +160,15 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		rep.Series = append(rep.Series, s)
 	}
 
+	for _, n := range []int{100, 1000, 10000} {
+		r, err := scheduler.BenchPlacement(n, 500)
+		if err != nil {
+			return nil, fmt.Errorf("scheduler bench at %d nodes: %w", n, err)
+		}
+		rep.Scheduler = append(rep.Scheduler, SchedulerRow{Nodes: r.Nodes, Allocations: r.Allocations, Iterations: r.Iterations,
+			IndexMs: ms(r.Index), P50Ms: ms(r.P50), P99Ms: ms(r.P99)})
+	}
+
 	if cfg.Out != "" {
 		data, _ := json.MarshalIndent(rep, "", "  ")
 		if err := os.WriteFile(cfg.Out, append(data, '\n'), 0o644); err != nil {
@@ -165,6 +187,12 @@ func PrintTable(w io.Writer, rep *Report) {
 	fmt.Fprintf(w, "%-36s %5s %12s %12s %12s %12s\n", "start path", "runs", "p50 1st byte", "p95 1st byte", "p50 exit", "p95 exit")
 	for _, s := range rep.Series {
 		fmt.Fprintf(w, "%-36s %5d %10.1fms %10.1fms %10.1fms %10.1fms\n", s.Name, s.Runs, s.FirstByte.P50, s.FirstByte.P95, s.Exit.P50, s.Exit.P95)
+	}
+	if len(rep.Scheduler) > 0 {
+		fmt.Fprintf(w, "\n%-12s %12s %12s %12s %12s\n", "scheduler", "allocations", "index build", "place p50", "place p99")
+		for _, r := range rep.Scheduler {
+			fmt.Fprintf(w, "%6d nodes %12d %10.3fms %10.3fms %10.3fms\n", r.Nodes, r.Allocations, r.IndexMs, r.P50Ms, r.P99Ms)
+		}
 	}
 }
 

@@ -30,9 +30,9 @@ func TestPrintTable(t *testing.T) {
 	PrintTable(&b, &Report{Accelerator: "tcg", Command: []string{"echo", "ready"}, Series: []Series{
 		{Name: "fireworks cold boot (tcg)", Runs: 3, FirstByte: Summary{P50: 3000, P95: 3500}, Exit: Summary{P50: 3100, P95: 3600}},
 		{Name: "crun (no VM)", Runs: 3, FirstByte: Summary{P50: 17, P95: 29}, Exit: Summary{P50: 19, P95: 31}},
-	}})
+	}, Scheduler: []SchedulerRow{{Nodes: 10000, Allocations: 100000, P50Ms: 0.41, P99Ms: 0.98}}})
 	out := b.String()
-	for _, want := range []string{"accelerator: tcg", "fireworks cold boot (tcg)", "3000.0ms", "crun (no VM)", "31.0ms"} {
+	for _, want := range []string{"accelerator: tcg", "fireworks cold boot (tcg)", "3000.0ms", "crun (no VM)", "31.0ms", " 10000 nodes", "0.980ms"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
