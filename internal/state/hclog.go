@@ -120,3 +120,6 @@ func (w stdWriter) Write(p []byte) (int, error) {
 	w.h.Log(w.level, strings.TrimRight(string(p), "\n"))
 	return len(p), nil
 }
+
+// HCLogger adapts an slog logger for hashicorp libraries (e.g. the raft transport).
+func HCLogger(l *slog.Logger, name string) hclog.Logger { return newHCLog(l, name) }

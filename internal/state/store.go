@@ -43,6 +43,19 @@ type Options struct {
 	TrailingLogs uint64
 	// LeaderTimeout bounds how long Open waits to become leader and catch up. Default 30s.
 	LeaderTimeout time.Duration
+
+	// Peers, when set, is the full set of voters of a multi-server cluster (this node
+	// included), bootstrapped on first start. Every server is given the same list, and
+	// raft accepts the identical bootstrap on each. With Peers, Open waits until some
+	// leader is known instead of for this node to lead.
+	Peers []Peer
+}
+
+// Peer is one voting server: its Raft ID and transport address (host:port; a DNS name is
+// kept as written and resolved on each dial).
+type Peer struct {
+	ID      string
+	Address string
 }
 
 // retainSnapshots is how many snapshot files are kept: the newest, plus one in case the
@@ -151,6 +164,12 @@ func Open(ctx context.Context, opts Options) (_ *Store, err error) {
 	}
 	if !existing {
 		cfg := raft.Configuration{Servers: []raft.Server{{Suffrage: raft.Voter, ID: conf.LocalID, Address: trans.LocalAddr()}}}
+		if len(opts.Peers) > 0 {
+			cfg.Servers = nil
+			for _, p := range opts.Peers {
+				cfg.Servers = append(cfg.Servers, raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(p.ID), Address: raft.ServerAddress(p.Address)})
+			}
+		}
 		if err := raft.BootstrapCluster(conf, logs, bolt, snaps, trans, cfg); err != nil {
 			return nil, fmt.Errorf("bootstrap state in %s: %w", opts.Dir, err)
 		}
@@ -176,6 +195,13 @@ func Open(ctx context.Context, opts Options) (_ *Store, err error) {
 	timeout := orDefault(opts.LeaderTimeout, 30*time.Second)
 	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	if len(opts.Peers) > 0 {
+		// A cluster member serves as soon as it knows a leader: followers forward.
+		if err := s.waitAnyLeader(wctx); err != nil {
+			return nil, fmt.Errorf("open state store %s: %w", opts.Dir, err)
+		}
+		return s, nil
+	}
 	if err := s.waitLeader(wctx); err != nil {
 		return nil, fmt.Errorf("open state store %s: %w", opts.Dir, err)
 	}
@@ -211,6 +237,33 @@ func (s *Store) checkMember(nodeID string) error {
 	}
 	return fmt.Errorf("node %q is not a voter of the state in this directory (voters: %v); was it created with another node ID?", nodeID, ids)
 }
+
+func (s *Store) waitAnyLeader(ctx context.Context) error {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if addr, _ := s.raft.LeaderWithID(); addr != "" {
+			return nil
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return fmt.Errorf("no leader elected (raft state %s): %w", s.raft.State(), context.Cause(ctx))
+		}
+	}
+}
+
+// Leader returns the current leader's Raft ID and address ("" when none is known).
+func (s *Store) Leader() (id, addr string) {
+	a, i := s.raft.LeaderWithID()
+	return string(i), string(a)
+}
+
+// IsLeader reports whether this server currently leads.
+func (s *Store) IsLeader() bool { return s.raft.State() == raft.Leader }
+
+// ErrNotLeader: a write or linearizable read reached a follower; send it to Leader().
+var ErrNotLeader = raft.ErrNotLeader
 
 func (s *Store) waitLeader(ctx context.Context) error {
 	if s.raft.State() == raft.Leader {
