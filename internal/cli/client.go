@@ -10,6 +10,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -61,9 +63,6 @@ func LoadClientConfig(flagServer, flagToken string) (ClientConfig, error) {
 	if flagToken != "" {
 		cfg.Token = flagToken
 	}
-	if !strings.Contains(cfg.Server, "://") {
-		cfg.Server = "http://" + cfg.Server
-	}
 	return cfg, nil
 }
 
@@ -91,20 +90,79 @@ type Client struct {
 }
 
 // NewClient connects (lazily) to the server. HTTP/2 without TLS carries the bidirectional
-// attach and exec streams.
+// attach and exec streams. cfg.Server may list several servers separated by commas; each
+// new connection goes to the first that accepts, starting with the last one that did, so
+// the CLI keeps working when a server (or the leader) goes away.
 func NewClient(cfg ClientConfig) *Client {
+	scheme, addrs := parseServers(cfg.Server)
 	var protocols http.Protocols
 	protocols.SetUnencryptedHTTP2(true)
-	tr := &http.Transport{Protocols: &protocols, DialContext: (&net.Dialer{}).DialContext}
+	fd := &failoverDialer{addrs: addrs}
+	tr := &http.Transport{Protocols: &protocols, DialContext: fd.DialContext}
 	hc := &http.Client{Transport: tr}
+	base := scheme + "://" + addrs[0]
 	opts := []connect.ClientOption{connect.WithInterceptors(bearer(cfg.Token)), connect.WithReadMaxBytes(64 << 20)}
 	return &Client{
-		Sandboxes: fireworksv1connect.NewSandboxServiceClient(hc, cfg.Server, opts...),
-		Images:    fireworksv1connect.NewImageServiceClient(hc, cfg.Server, opts...),
-		System:    fireworksv1connect.NewSystemServiceClient(hc, cfg.Server, opts...),
-		Tokens:    fireworksv1connect.NewTokenServiceClient(hc, cfg.Server, opts...),
-		Server:    cfg.Server,
+		Sandboxes: fireworksv1connect.NewSandboxServiceClient(hc, base, opts...),
+		Images:    fireworksv1connect.NewImageServiceClient(hc, base, opts...),
+		System:    fireworksv1connect.NewSystemServiceClient(hc, base, opts...),
+		Tokens:    fireworksv1connect.NewTokenServiceClient(hc, base, opts...),
+		Server:    strings.Join(addrs, ","),
 	}
+}
+
+// parseServers splits "http://a:1,b:2" into the scheme (of the first entry, default http)
+// and host:port addresses.
+func parseServers(s string) (scheme string, addrs []string) {
+	scheme = "http"
+	for i, part := range strings.Split(s, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		if sch, rest, ok := strings.Cut(part, "://"); ok {
+			if i == 0 {
+				scheme = sch
+			}
+			part = rest
+		}
+		addrs = append(addrs, strings.TrimSuffix(part, "/"))
+	}
+	if len(addrs) == 0 {
+		addrs = []string{strings.TrimPrefix(DefaultServer, "http://")}
+	}
+	return scheme, addrs
+}
+
+// failoverDialer dials the servers in turn, starting from the last one that answered.
+type failoverDialer struct {
+	addrs []string
+	mu    sync.Mutex
+	next  int
+}
+
+func (d *failoverDialer) DialContext(ctx context.Context, network, _ string) (net.Conn, error) {
+	d.mu.Lock()
+	start := d.next
+	d.mu.Unlock()
+	var errs []error
+	for i := range d.addrs {
+		idx := (start + i) % len(d.addrs)
+		dctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		conn, err := (&net.Dialer{}).DialContext(dctx, network, d.addrs[idx])
+		cancel()
+		if err == nil {
+			d.mu.Lock()
+			d.next = idx
+			d.mu.Unlock()
+			return conn, nil
+		}
+		errs = append(errs, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, fmt.Errorf("no Fireworks server answered (%s): %w", strings.Join(d.addrs, ", "), errors.Join(errs...))
 }
 
 type bearerInterceptor struct{ token string }
