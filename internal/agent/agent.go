@@ -389,7 +389,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		return
 	}
 	main, err := guest.Exec(ctx, proto.ExecRequest{
-		Argv: proc.Argv, Env: proc.Env, Dir: proc.Dir, User: proc.User,
+		Argv: proc.Argv, Env: proc.Env, Dir: proc.Dir, CreateDir: true, User: proc.User, // Docker creates a missing WORKDIR
 		TTY: sb.Spec.TTY, Stdin: sb.Spec.Stdin, Rows: 24, Cols: 80,
 	})
 	if err != nil {
@@ -528,7 +528,20 @@ func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm 
 	s.mu.Lock()
 	stopping, stopCode := s.stopping, s.stopCode
 	s.mu.Unlock()
+	// The guest is untrusted: keep what it reports in the ranges a process can have.
 	code, sig := st.Code, st.Signal
+	if code < -1 || code > 255 {
+		code = -1
+	}
+	if sig < 0 || sig > 64 {
+		sig = 0
+	}
+	if !failed && st.ErrKind == proto.ErrKindSetup {
+		// The command never started (unknown user, unusable working directory, an
+		// environment too large for exec): that is a failure to run, not an exit code.
+		failed, reason = true, "cannot start the command: "+st.Err
+		code = 125
+	}
 	switch {
 	case stopping != "":
 		if failed || code == 0 && sig == 0 {

@@ -255,6 +255,21 @@ func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb
 	if !start.GetStdin() {
 		_ = sess.Stdin().Close()
 	}
+	// A client that goes away takes its command with it (as a hung-up terminal would):
+	// kill the process and stop reading its output, so nothing stays blocked in the
+	// guest on a full pipe and the session does not count against the guest's limit.
+	finished := make(chan struct{})
+	defer close(finished)
+	go func() {
+		select {
+		case <-ctx.Done():
+			kctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_ = sess.Signal(kctx, 9)
+			cancel()
+			_ = sess.Close()
+		case <-finished:
+		}
+	}()
 	var sendMu sync.Mutex
 	send := func(r *pb.ExecResponse) error {
 		sendMu.Lock()

@@ -248,3 +248,17 @@ func waitStatus(t *testing.T, id, status string) map[string]any {
 	t.Fatalf("sandbox %s did not reach %s: %v", id, status, sb)
 	return nil
 }
+
+// A command that cannot even start (unknown user) is a Fireworks error (125) with the
+// reason, not a mysterious exit code; a missing working directory is created, as Docker does.
+func TestStartErrorsAndWorkdirCreation(t *testing.T) {
+	need(t)
+	r := world.cli(context.Background(), nil, "run", "-u", "nosuchuser", image("busybox:latest"), "--", "true")
+	if r.code != 125 || !strings.Contains(r.stderr, "nosuchuser") {
+		t.Errorf("unknown user: exit %d stderr %q; want 125 naming the user", r.code, r.stderr)
+	}
+	r = fw(t, 0, "run", "-w", "/new/dir", image("busybox:latest"), "--", "pwd")
+	if strings.TrimSpace(r.stdout) != "/new/dir" {
+		t.Errorf("-w /new/dir: pwd printed %q", r.stdout)
+	}
+}
