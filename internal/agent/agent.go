@@ -125,7 +125,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	}
 	a.accel = vmm.DetectAccel(ctx, a.assetDir(), cfg.Accel, a.kernel.Vmlinux)
 	a.log.Info("accelerator chosen", "accel", a.accel.Accel, "reason", a.accel.Reason)
-	limits := vmm.Limits{MaxVCPUs: cfg.MaxVCPUs, MinMemoryMiB: 64, MaxMemoryMiB: cfg.MaxMemoryMiB}
+	limits := vmm.Limits{MaxVCPUs: cfg.MaxVCPUs, MinMemoryMiB: minMemoryMiB, MaxMemoryMiB: cfg.MaxMemoryMiB}
 	if a.driver, err = newDriver(a.accel, limits, cfg.Logger); err != nil {
 		return nil, err
 	}
@@ -194,8 +194,8 @@ func (a *Agent) Validate(spec *state.SandboxSpec) error {
 	if spec.VCPUs < 1 || spec.VCPUs > a.cfg.MaxVCPUs {
 		return fmt.Errorf("--cpus %d is outside this node's limit 1..%d", spec.VCPUs, a.cfg.MaxVCPUs)
 	}
-	if spec.MemoryMiB < 64 || spec.MemoryMiB > a.cfg.MaxMemoryMiB {
-		return fmt.Errorf("--memory %dMiB is outside this node's limit 64..%d MiB", spec.MemoryMiB, a.cfg.MaxMemoryMiB)
+	if spec.MemoryMiB < minMemoryMiB || spec.MemoryMiB > a.cfg.MaxMemoryMiB {
+		return fmt.Errorf("--memory %dMiB is outside this node's limit %d..%d MiB", spec.MemoryMiB, minMemoryMiB, a.cfg.MaxMemoryMiB)
 	}
 	if spec.Timeout < 0 {
 		return fmt.Errorf("--timeout %s is negative", spec.Timeout)
@@ -765,6 +765,10 @@ func copySparse(src, dst string) error {
 	}
 	return nil
 }
+
+// minMemoryMiB is the smallest guest that boots reliably: the Debian cloud kernel plus
+// the initramfs deadlock on memory at 64 MiB and fail intermittently below ~96 MiB.
+const minMemoryMiB = 128
 
 func hostMemoryMiB() int64 {
 	var si syscall.Sysinfo_t

@@ -592,7 +592,7 @@ func newInfoCmd(g *globals) *cobra.Command {
 			fmt.Fprintf(tw, "Guest kernel:\t%s\n", i.GetKernelRelease())
 			fmt.Fprintf(tw, "Init version:\t%s\n", i.GetInitVersion())
 			fmt.Fprintf(tw, "Node capacity:\t%d vCPUs, %d MiB\n", i.GetNodeVcpus(), i.GetNodeMemoryMib())
-			fmt.Fprintf(tw, "Sandbox limits:\t1..%d vCPUs, 64..%d MiB\n", i.GetMaxVcpus(), i.GetMaxMemoryMib())
+			fmt.Fprintf(tw, "Sandbox limits:\t1..%d vCPUs, 128..%d MiB\n", i.GetMaxVcpus(), i.GetMaxMemoryMib())
 			fmt.Fprintf(tw, "Running:\t%d\n", i.GetSandboxesRunning())
 			fmt.Fprintf(tw, "Data dir:\t%s\n", i.GetDataDir())
 			return tw.Flush()
