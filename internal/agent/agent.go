@@ -47,6 +47,8 @@ type Config struct {
 	ScratchMiB int
 	// BootTimeout bounds the time from VMM start to the guest's handshake.
 	BootTimeout time.Duration
+	// PullTimeout bounds fetching an image (default 15m).
+	PullTimeout time.Duration
 	Logger      *slog.Logger
 }
 
@@ -103,6 +105,9 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	}
 	if cfg.ScratchMiB == 0 {
 		cfg.ScratchMiB = 2048
+	}
+	if cfg.PullTimeout == 0 {
+		cfg.PullTimeout = 15 * time.Minute
 	}
 	if cfg.BootTimeout == 0 {
 		cfg.BootTimeout = 90 * time.Second
@@ -214,7 +219,11 @@ func (a *Agent) Close() error {
 
 // sandbox is the live, in-memory side of a sandbox on this node.
 type sandbox struct {
-	id    string
+	// ctx is the sandbox's own life: cancelled by a stop that arrives while it is still
+	// starting (pull, boot), and by the agent shutting down.
+	ctx    context.Context
+	cancel context.CancelFunc
+	id     string
 	dir   string // run dir: sockets, scratch disk, console log, qemu cmdline
 	log   *sandboxlog.Writer
 	ready chan struct{} // closed once main is set (or the start failed)
@@ -245,6 +254,7 @@ func (a *Agent) Start(sb state.Sandbox) error {
 		return err
 	}
 	s := &sandbox{id: sb.ID, dir: filepath.Join(a.runRoot(), sb.ID), log: w, ready: make(chan struct{}), done: make(chan struct{})}
+	s.ctx, s.cancel = context.WithCancel(a.ctx)
 	a.live[sb.ID] = s
 	a.mu.Unlock()
 
@@ -255,6 +265,7 @@ func (a *Agent) Start(sb state.Sandbox) error {
 			a.mu.Lock()
 			delete(a.live, sb.ID)
 			a.mu.Unlock()
+			s.cancel()
 			close(s.done)
 		}()
 		a.run(s, sb)
@@ -277,9 +288,19 @@ func (a *Agent) update(id string, u state.Update) {
 
 func status(s state.Status) *state.Status { return &s }
 
-func (a *Agent) fail(id string, reason string) {
-	a.log.Warn("sandbox failed", "sandbox", id, "reason", reason)
-	a.update(id, state.Update{Status: status(state.StatusFailed), Reason: reason})
+// fail records a start that did not get as far as running the command. A start aborted
+// by a user's stop is recorded as stopped, not as a failure.
+func (a *Agent) fail(s *sandbox, reason string) {
+	s.mu.Lock()
+	stopping, code := s.stopping, s.stopCode
+	s.mu.Unlock()
+	if stopping != "" {
+		sig := 0
+		a.update(s.id, state.Update{Status: status(state.StatusExited), Reason: stopping + " while starting", ExitCode: &code, Signal: &sig})
+		return
+	}
+	a.log.Warn("sandbox failed", "sandbox", s.id, "reason", reason)
+	a.update(s.id, state.Update{Status: status(state.StatusFailed), Reason: reason})
 }
 
 // run is the whole life of one sandbox on this node.
@@ -287,48 +308,50 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	defer s.log.Close()
 	readyOnce := sync.OnceFunc(func() { close(s.ready) })
 	defer readyOnce()
-	ctx := a.ctx
+	ctx := s.ctx
 	a.update(sb.ID, state.Update{Status: status(state.StatusStarting), Node: &a.cfg.Node, Accel: &a.accel.Accel})
 
-	img, err := a.images.Ensure(ctx, sb.Spec.Image, image.PullOptions{InsecureRegistries: sb.Spec.InsecureRegistries})
+	pullCtx, cancelPull := context.WithTimeout(ctx, a.cfg.PullTimeout)
+	img, err := a.images.Ensure(pullCtx, sb.Spec.Image, image.PullOptions{InsecureRegistries: sb.Spec.InsecureRegistries})
+	cancelPull()
 	if err != nil {
-		a.fail(sb.ID, fmt.Sprintf("pull image %s: %v", sb.Spec.Image, err))
+		a.fail(s, fmt.Sprintf("pull image %s: %v", sb.Spec.Image, err))
 		return
 	}
 	digest := img.Digest
 	a.update(sb.ID, state.Update{ImageDigest: &digest})
 	proc, err := resolveProcess(sb.Spec, img.Config)
 	if err != nil {
-		a.fail(sb.ID, err.Error())
+		a.fail(s, err.Error())
 		return
 	}
 	rootDisk, rootFS, err := a.images.RootDisk(ctx, img)
 	if err != nil {
-		a.fail(sb.ID, fmt.Sprintf("build root disk for %s: %v", sb.Spec.Image, err))
+		a.fail(s, fmt.Sprintf("build root disk for %s: %v", sb.Spec.Image, err))
 		return
 	}
 
 	var cleanup cleanupStack
 	defer cleanup.run(a.log)
 	if err := os.MkdirAll(s.dir, 0o700); err != nil {
-		a.fail(sb.ID, fmt.Sprintf("create run directory: %v", err))
+		a.fail(s, fmt.Sprintf("create run directory: %v", err))
 		return
 	}
 	cleanup.push("remove scratch disk", func() error { return os.Remove(filepath.Join(s.dir, "scratch.img")) })
 	scratch := filepath.Join(s.dir, "scratch.img")
 	if err := copySparse(a.scratch, scratch); err != nil {
-		a.fail(sb.ID, fmt.Sprintf("create scratch disk: %v", err))
+		a.fail(s, fmt.Sprintf("create scratch disk: %v", err))
 		return
 	}
 	sock := filepath.Join(s.dir, "agent.sock")
 	if len(sock) >= 100 {
-		a.fail(sb.ID, fmt.Sprintf("run directory path too long for a unix socket: %s (use a shorter --data-dir)", sock))
+		a.fail(s, fmt.Sprintf("run directory path too long for a unix socket: %s (use a shorter --data-dir)", sock))
 		return
 	}
 	_ = os.Remove(sock)
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
-		a.fail(sb.ID, fmt.Sprintf("listen on guest channel %s: %v", sock, err))
+		a.fail(s, fmt.Sprintf("listen on guest channel %s: %v", sock, err))
 		return
 	}
 	cleanup.push("close guest channel listener", ln.Close)
@@ -342,11 +365,11 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		AgentSocket: sock,
 	})
 	if err != nil {
-		a.fail(sb.ID, fmt.Sprintf("create VM: %v", err))
+		a.fail(s, fmt.Sprintf("create VM: %v", err))
 		return
 	}
 	if err := vm.Start(ctx); err != nil {
-		a.fail(sb.ID, fmt.Sprintf("start VMM: %v", err))
+		a.fail(s, fmt.Sprintf("start VMM: %v", err))
 		return
 	}
 	// Whatever happens next, the VMM must not outlive this function.
@@ -368,7 +391,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 
 	guest, err := a.connectGuest(ctx, ln, vm)
 	if err != nil {
-		a.fail(sb.ID, err.Error())
+		a.fail(s, err.Error())
 		return
 	}
 	cleanup.push("close guest channel", guest.Close)
@@ -385,7 +408,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	})
 	cancel()
 	if err != nil {
-		a.fail(sb.ID, fmt.Sprintf("set up guest root filesystem: %v", err))
+		a.fail(s, fmt.Sprintf("set up guest root filesystem: %v", err))
 		return
 	}
 	main, err := guest.Exec(ctx, proto.ExecRequest{
@@ -393,7 +416,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		TTY: sb.Spec.TTY, Stdin: sb.Spec.Stdin, Rows: 24, Cols: 80,
 	})
 	if err != nil {
-		a.fail(sb.ID, fmt.Sprintf("start %q in the guest: %v", proc.Argv[0], err))
+		a.fail(s, fmt.Sprintf("start %q in the guest: %v", proc.Argv[0], err))
 		return
 	}
 	s.mu.Lock()
@@ -511,11 +534,15 @@ func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm 
 		failed, reason = true, fmt.Sprintf("timed out after %s", sb.Spec.Timeout)
 		st = proto.ExitStatus{Code: 124}
 	case <-ctx.Done():
-		// The node is shutting down: leave the record running; the next start's recovery
-		// marks it lost (the VM does not survive this process's cleanup).
-		_ = vm.Kill()
-		pumps.Wait()
-		return
+		if a.ctx.Err() != nil {
+			// The node is shutting down: leave the record running; the next start's
+			// recovery marks it lost (the VM does not survive this process's cleanup).
+			_ = vm.Kill()
+			pumps.Wait()
+			return
+		}
+		// A stop cancelled the sandbox just as it started running.
+		failed, reason = true, "stopped"
 	}
 	if !failed {
 		// The guest closes the output streams before it reports the exit; wait for the
@@ -544,8 +571,10 @@ func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm 
 	}
 	switch {
 	case stopping != "":
-		if failed || code == 0 && sig == 0 {
-			code = stopCode
+		// A command that exits by itself after SIGTERM keeps its own code; one the stop
+		// had to kill gets 128+signal.
+		if failed {
+			code, sig = stopCode, 0
 		}
 		a.update(sb.ID, state.Update{Status: status(state.StatusExited), Reason: stopping, ExitCode: &code, Signal: &sig})
 	case failed:
@@ -655,9 +684,12 @@ func (a *Agent) Stop(ctx context.Context, id string, grace time.Duration) error 
 	if s.stopping == "" {
 		s.stopping, s.stopCode = "stopped by request", 128+int(syscall.SIGTERM)
 	}
-	main, vm := s.main, s.vm
+	main := s.main
 	s.mu.Unlock()
-	if main != nil {
+	if main == nil {
+		// Still pulling or booting: there is no process to signal, so abort the start.
+		s.cancel()
+	} else {
 		_ = main.Signal(ctx, int(syscall.SIGTERM))
 	}
 	select {
@@ -669,7 +701,9 @@ func (a *Agent) Stop(ctx context.Context, id string, grace time.Duration) error 
 	}
 	s.mu.Lock()
 	s.stopCode = 128 + int(syscall.SIGKILL)
+	vm := s.vm // read again: the VM may have been created during the grace period
 	s.mu.Unlock()
+	s.cancel()
 	if vm != nil {
 		_ = vm.Kill()
 	}

@@ -4,10 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -116,6 +119,17 @@ func resolve(ctx context.Context, p sourceRef, platform v1.Platform, insecure []
 	}
 }
 
+// registryTransport bounds each step of talking to a registry, so one that accepts
+// connections and never answers fails the pull instead of hanging it. Bodies (layers) are
+// bounded by the caller's context.
+var registryTransport = func() http.RoundTripper {
+	t := remote.DefaultTransport.(*http.Transport).Clone()
+	t.DialContext = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+	t.TLSHandshakeTimeout = 30 * time.Second
+	t.ResponseHeaderTimeout = 60 * time.Second
+	return t
+}()
+
 func resolveRegistry(ctx context.Context, ref name.Reference, platform v1.Platform, insecure []string) (v1.Image, error) {
 	if slices.Contains(insecure, ref.Context().RegistryStr()) {
 		// Re-parse so go-containerregistry speaks plain HTTP to this host.
@@ -127,6 +141,7 @@ func resolveRegistry(ctx context.Context, ref name.Reference, platform v1.Platfo
 	}
 	desc, err := remote.Get(ref,
 		remote.WithContext(ctx),
+		remote.WithTransport(registryTransport),
 		remote.WithAuthFromKeychain(authn.DefaultKeychain),
 		remote.WithUserAgent("fireworks"))
 	if err != nil {

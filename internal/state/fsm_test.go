@@ -193,6 +193,8 @@ func TestTransitions(t *testing.T) {
 	allowed := map[[2]Status]bool{
 		{StatusPending, StatusStarting}: true,
 		{StatusPending, StatusFailed}:   true,
+		{StatusPending, StatusExited}:   true, // stopped by a user before it started
+		{StatusStarting, StatusExited}:  true,
 		{StatusStarting, StatusRunning}: true,
 		{StatusStarting, StatusFailed}:  true,
 		{StatusStarting, StatusLost}:    true,

@@ -43,8 +43,8 @@ func (s Status) valid() bool {
 // transitions lists the allowed moves between different states. Terminal states have no
 // entry: they are final.
 var transitions = map[Status][]Status{
-	StatusPending:  {StatusStarting, StatusFailed},
-	StatusStarting: {StatusRunning, StatusFailed, StatusLost},
+	StatusPending:  {StatusStarting, StatusFailed, StatusExited},
+	StatusStarting: {StatusRunning, StatusFailed, StatusLost, StatusExited},
 	StatusRunning:  {StatusExited, StatusFailed, StatusLost},
 }
 

@@ -2,10 +2,12 @@ package e2e
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 )
@@ -88,5 +90,58 @@ func TestStateSurvivesServerRestart(t *testing.T) {
 	// And the restarted server runs new sandboxes.
 	if r := fw(t, 0, "run", image("busybox:latest"), "--", "echo", "after-restart"); strings.TrimSpace(r.stdout) != "after-restart" {
 		t.Errorf("run after restart: %q", r.stdout)
+	}
+}
+
+// A stop that arrives while the sandbox is still booting aborts the start: the command
+// never runs and the sandbox is recorded as stopped.
+func TestStopDuringBoot(t *testing.T) {
+	need(t)
+	id := strings.TrimSpace(fw(t, 0, "run", "-d", image("busybox:latest"), "--", "sh", "-c", "echo I-RAN; sleep 600").stdout)
+	fw(t, 0, "stop", "-t", "1s", id)
+	sb := inspect(t, id)
+	if sb["status"] != "exited" || !strings.Contains(sb["reason"].(string), "while starting") {
+		t.Errorf("stopped during boot: status %v reason %v", sb["status"], sb["reason"])
+	}
+	if r := fw(t, 0, "logs", id); strings.Contains(r.stdout, "I-RAN") {
+		t.Errorf("the command ran after the sandbox was stopped: %q", r.stdout)
+	}
+}
+
+// A registry that accepts connections and never answers does not wedge a sandbox:
+// `rm -f` during the pull ends it.
+func TestRemoveDuringHungPull(t *testing.T) {
+	need(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c) // accept and say nothing
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		mu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		mu.Unlock()
+	}()
+	host := ln.Addr().String()
+	id := strings.TrimSpace(fw(t, 0, "run", "-d", "--insecure-registry", host, host+"/never:latest", "--", "true").stdout)
+	waitStatus(t, id, "starting")
+	fw(t, 0, "rm", "-f", id)
+	if r := world.cli(context.Background(), nil, "inspect", id); r.code == 0 {
+		t.Errorf("sandbox %s still exists after rm -f: %s", id, r.stdout)
 	}
 }
