@@ -224,9 +224,9 @@ type sandbox struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	id     string
-	dir   string // run dir: sockets, scratch disk, console log, qemu cmdline
-	log   *sandboxlog.Writer
-	ready chan struct{} // closed once main is set (or the start failed)
+	dir    string // run dir: sockets, scratch disk, console log, qemu cmdline
+	log    *sandboxlog.Writer
+	ready  chan struct{} // closed once main is set (or the start failed)
 
 	mu       sync.Mutex
 	vm       vmm.VM
