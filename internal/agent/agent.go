@@ -49,6 +49,9 @@ type Config struct {
 	BootTimeout time.Duration
 	// PullTimeout bounds fetching an image (default 15m).
 	PullTimeout time.Duration
+	// MaxLogBytes caps each sandbox's stored output (default 256 MiB): a guest must not
+	// be able to fill the host's disk. Output past it is discarded.
+	MaxLogBytes int64
 	Logger      *slog.Logger
 }
 
@@ -105,6 +108,9 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	}
 	if cfg.ScratchMiB == 0 {
 		cfg.ScratchMiB = 2048
+	}
+	if cfg.MaxLogBytes == 0 {
+		cfg.MaxLogBytes = 256 << 20
 	}
 	if cfg.PullTimeout == 0 {
 		cfg.PullTimeout = 15 * time.Minute
@@ -248,7 +254,7 @@ func (a *Agent) Start(sb state.Sandbox) error {
 		a.mu.Unlock()
 		return fmt.Errorf("create sandbox directory: %w", err)
 	}
-	w, err := sandboxlog.Create(a.LogPath(sb.ID))
+	w, err := sandboxlog.CreateLimited(a.LogPath(sb.ID), a.cfg.MaxLogBytes)
 	if err != nil {
 		a.mu.Unlock()
 		return err

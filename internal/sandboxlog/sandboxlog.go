@@ -26,19 +26,46 @@ const maxRecord = 1 << 20
 
 // Writer appends records. It is safe for concurrent use.
 type Writer struct {
-	mu     sync.Mutex
-	f      *os.File
-	closed bool
-	notify chan struct{} // closed and replaced on every append and on Close
+	mu        sync.Mutex
+	f         *os.File
+	closed    bool
+	notify    chan struct{} // closed and replaced on every append and on Close
+	size      int64         // bytes in the file
+	limit     int64         // 0 = none
+	truncated bool
+	dropped   int64
 }
 
-// Create opens path for appending (creating it if needed).
-func Create(path string) (*Writer, error) {
+// Create opens path for appending (creating it if needed), without a size limit.
+func Create(path string) (*Writer, error) { return CreateLimited(path, 0) }
+
+// CreateLimited opens path for appending with a cap on the file's size: the output of an
+// untrusted guest must not be able to fill the host's disk. Past the cap, output is
+// counted and discarded (writes still succeed, so the guest is never blocked on a full
+// pipe), after one notice on the stderr stream.
+func CreateLimited(path string, limit int64) (*Writer, error) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
 		return nil, fmt.Errorf("open sandbox log %s: %w", path, err)
 	}
-	return &Writer{f: f, notify: make(chan struct{})}, nil
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("stat sandbox log %s: %w", path, err)
+	}
+	return &Writer{f: f, notify: make(chan struct{}), size: fi.Size(), limit: limit}, nil
+}
+
+// Dropped is how many bytes of output were discarded because of the size limit.
+func (w *Writer) Dropped() int64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.dropped
+}
+
+// TruncationNotice is the stderr record written when the log reaches its limit.
+func TruncationNotice(limit int64) string {
+	return fmt.Sprintf("\n[fireworks: output exceeded the %d MiB log limit; further output is discarded]\n", limit>>20)
 }
 
 // Write appends data as one or more records of the given stream.
@@ -48,6 +75,27 @@ func (w *Writer) Write(stream int, data []byte) error {
 	if w.closed {
 		return errors.New("sandbox log is closed")
 	}
+	if w.limit > 0 {
+		if w.truncated {
+			w.dropped += int64(len(data))
+			return nil
+		}
+		if room := w.limit - w.size - 5*int64(len(data)/maxRecord+1); int64(len(data)) > room {
+			keep := max(room, 0)
+			w.dropped += int64(len(data)) - keep
+			data = data[:keep]
+			w.truncated = true
+			defer func() {
+				// The notice may take the file slightly past the limit; it is small.
+				_ = w.writeRecords(Stderr, []byte(TruncationNotice(w.limit)))
+			}()
+		}
+	}
+	return w.writeRecords(stream, data)
+}
+
+// writeRecords appends data as records and wakes followers. Called with w.mu held.
+func (w *Writer) writeRecords(stream int, data []byte) error {
 	for len(data) > 0 {
 		n := min(len(data), maxRecord)
 		var hdr [5]byte
@@ -58,6 +106,7 @@ func (w *Writer) Write(stream int, data []byte) error {
 		if _, err := w.f.Write(buf); err != nil {
 			return fmt.Errorf("append to sandbox log %s: %w", w.f.Name(), err)
 		}
+		w.size += int64(len(buf))
 		data = data[n:]
 	}
 	close(w.notify)

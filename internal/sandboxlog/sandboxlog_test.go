@@ -3,6 +3,7 @@ package sandboxlog
 import (
 	"bytes"
 	"context"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -78,5 +79,62 @@ func TestMissingLogIsEmpty(t *testing.T) {
 		return nil
 	}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Past its limit the log stops growing, says so once on stderr, and keeps accepting
+// writes (so a flooding guest is drained, not blocked).
+func TestLimitedLogStopsGrowing(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "out.log")
+	const limit = 1 << 20
+	w, err := CreateLimited(path, limit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := bytes.Repeat([]byte("x"), 64<<10)
+	for range 64 { // 4 MiB offered
+		if n, err := w.StreamWriter(Stdout).Write(chunk); err != nil || n != len(chunk) {
+			t.Fatalf("write past the limit: %d, %v", n, err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Size() > limit+512 {
+		t.Fatalf("log grew to %d bytes, limit %d", fi.Size(), limit)
+	}
+	var stdout, stderr int
+	var notice string
+	err = Read(context.Background(), path, nil, func(r Record) error {
+		if r.Stream == Stdout {
+			stdout += len(r.Data)
+		} else {
+			stderr++
+			notice += string(r.Data)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stdout < limit-1024 || stderr != 1 || notice != TruncationNotice(limit) {
+		t.Fatalf("kept %d stdout bytes, %d stderr records %q", stdout, stderr, notice)
+	}
+	if d := w.Dropped(); d != int64(64*len(chunk)-stdout) {
+		t.Errorf("dropped %d, want %d", d, 64*len(chunk)-stdout)
+	}
+	// Reopening (a restarted node) keeps the limit on the existing size.
+	w2, err := CreateLimited(path, limit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = w2.Write(Stdout, chunk)
+	w2.Close()
+	if fi2, _ := os.Stat(path); fi2.Size() > fi.Size()+512 {
+		t.Errorf("reopened log grew from %d to %d", fi.Size(), fi2.Size())
 	}
 }
