@@ -238,7 +238,8 @@ type sandbox struct {
 	vm       vmm.VM
 	guest    *client.Client
 	main     *client.Session
-	stopping string // why a stop was requested; "" if none
+	proc     process // the main process as resolved; exec inherits from it
+	stopping string  // why a stop was requested; "" if none
 	stopCode int
 	done     chan struct{}
 }
@@ -426,7 +427,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		return
 	}
 	s.mu.Lock()
-	s.guest, s.main = guest, main
+	s.guest, s.main, s.proc = guest, main, proc
 	s.mu.Unlock()
 	readyOnce()
 	a.update(sb.ID, state.Update{Status: status(state.StatusRunning)})
@@ -671,12 +672,12 @@ func (a *Agent) Exec(ctx context.Context, id string, req proto.ExecRequest) (*cl
 		return nil, err
 	}
 	s.mu.Lock()
-	g := s.guest
+	g, main := s.guest, s.proc
 	s.mu.Unlock()
 	if g == nil {
 		return nil, fmt.Errorf("sandbox %s is still starting: %w", id, ErrNotRunning)
 	}
-	return g.Exec(ctx, req)
+	return g.Exec(ctx, execDefaults(main, req))
 }
 
 // Stop ends a running sandbox: SIGTERM to its main process, then after grace the VM is

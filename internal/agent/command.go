@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/image"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
@@ -60,6 +61,20 @@ func resolveProcess(spec state.SandboxSpec, cfg image.Config) (process, error) {
 		p.Env = append(p.Env, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 	}
 	return p, nil
+}
+
+// execDefaults fills an exec request from the sandbox's main process, as `docker exec`
+// does: its environment (overridden by the request's, key by key), its working directory
+// and its user, unless the request names its own.
+func execDefaults(main process, req proto.ExecRequest) proto.ExecRequest {
+	req.Env = mergeEnv(main.Env, req.Env)
+	if req.Dir == "" {
+		req.Dir = main.Dir
+	}
+	if req.User == "" {
+		req.User = main.User
+	}
+	return req
 }
 
 // mergeEnv returns base with every KEY=VALUE of over replacing the same key. A bare KEY in

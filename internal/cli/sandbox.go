@@ -511,7 +511,7 @@ func newInspectCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				out, _ := protojson.MarshalOptions{Multiline: true, Indent: "  ", UseProtoNames: true}.Marshal(resp.Msg.GetSandbox())
+				out, _ := protojson.MarshalOptions{Multiline: true, Indent: "  ", UseProtoNames: true, EmitDefaultValues: true}.Marshal(resp.Msg.GetSandbox())
 				fmt.Fprintln(g.stdout, string(out))
 			}
 			return nil

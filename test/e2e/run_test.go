@@ -147,8 +147,16 @@ func TestThreeSandboxesAtOnce(t *testing.T) {
 // A detached sandbox serves exec, logs and stop.
 func TestDetachedExecLogsStop(t *testing.T) {
 	need(t)
-	id := strings.TrimSpace(fw(t, 0, "run", "-d", "--name", "bg", image("busybox:latest"), "--", "sh", "-c", "echo started; trap 'echo got-term; exit 0' TERM; while true; do sleep 0.2; done").stdout)
+	id := strings.TrimSpace(fw(t, 0, "run", "-d", "--name", "bg", "-e", "RUNENV=yes", image("busybox:latest"), "--", "sh", "-c", "echo started; trap 'echo got-term; exit 0' TERM; while true; do sleep 0.2; done").stdout)
 	waitStatus(t, id, "running")
+	// exec runs like the main process (its env, workdir and user), as docker exec does,
+	// unless told otherwise.
+	if r := fw(t, 0, "exec", "bg", "--", "sh", "-c", `echo "$FOO $RUNENV $(pwd) $(id -u)"`); strings.TrimSpace(r.stdout) != "from-image yes /home/app 1000" {
+		t.Errorf("exec environment: %q, want the main process's", r.stdout)
+	}
+	if r := fw(t, 0, "exec", "-u", "0", "-w", "/tmp", "-e", "RUNENV=no", "bg", "--", "sh", "-c", `echo "$RUNENV $(pwd) $(id -u)"`); strings.TrimSpace(r.stdout) != "no /tmp 0" {
+		t.Errorf("exec overrides: %q", r.stdout)
+	}
 	r := fw(t, 0, "exec", "bg", "--", "sh", "-c", "echo exec-out; echo exec-err >&2; hostname")
 	if !strings.Contains(r.stdout, "exec-out") || !strings.Contains(r.stdout, "bg") || !strings.Contains(r.stderr, "exec-err") {
 		t.Errorf("exec output: %q / %q", r.stdout, r.stderr)
@@ -167,7 +175,10 @@ func TestDetachedExecLogsStop(t *testing.T) {
 	if logs := fw(t, 0, "logs", "bg").stdout; !strings.Contains(logs, "started") || !strings.Contains(logs, "got-term") {
 		t.Errorf("logs after stop: %q", logs)
 	}
-	_ = sb
+	// It exited by itself on SIGTERM, so it keeps its own exit code.
+	if sb["exit_code"] != float64(0) {
+		t.Errorf("exit code after a graceful stop = %v, want 0", sb["exit_code"])
+	}
 	fw(t, 0, "rm", "bg")
 	r = world.cli(context.Background(), nil, "inspect", "bg")
 	if r.code != 125 || !strings.Contains(r.stderr, "not found") {
