@@ -3,6 +3,7 @@ package assets
 import (
 	"bytes"
 	"context"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,7 +20,7 @@ func kernelForTest(t *testing.T) (*Kernel, string) {
 	t.Helper()
 	for _, tool := range []string{"apt-get", "apt-cache", "dpkg-deb", "lz4"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not found: cannot fetch the Debian guest kernel", tool)
+			testutil.Skipf(t, "%s not found: cannot fetch the Debian guest kernel", tool)
 		}
 	}
 	cache := t.TempDir()
@@ -41,7 +42,7 @@ func kernelForTest(t *testing.T) (*Kernel, string) {
 	for _, err := range errs {
 		if err != nil {
 			if strings.Contains(err.Error(), "apt-cache") || strings.Contains(err.Error(), "apt-get download") {
-				t.Skipf("cannot fetch the guest kernel package (apt lookups or download failed): %v", err)
+				testutil.Skipf(t, "cannot fetch the guest kernel package (apt lookups or download failed): %v", err)
 			}
 			t.Fatal(err)
 		}
@@ -88,7 +89,7 @@ func TestEnsureKernel(t *testing.T) {
 
 func TestBuildInitramfs(t *testing.T) {
 	if _, err := exec.LookPath("cpio"); err != nil {
-		t.Skip("cpio(1) not found: cannot list the built initramfs")
+		testutil.Skipf(t, "cpio(1) not found: cannot list the built initramfs")
 	}
 	// A fake kernel with two tiny modules keeps this test independent of the download.
 	modDir := t.TempDir()

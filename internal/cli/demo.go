@@ -3,6 +3,7 @@ package cli
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
@@ -26,7 +27,13 @@ func newDemoImageCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("build demo image: %w", err)
 			}
-			// Start from a clean layout so repeated runs do not pile up manifests.
+			// Start from a clean layout so repeated runs do not pile up manifests, but never
+			// delete a directory that is something else.
+			if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
+				if _, err := os.Stat(filepath.Join(dir, "oci-layout")); err != nil {
+					return fmt.Errorf("%s exists and is not an OCI layout; refusing to replace it", dir)
+				}
+			}
 			if err := os.RemoveAll(dir); err != nil {
 				return fmt.Errorf("clear %s: %w", dir, err)
 			}

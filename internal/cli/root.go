@@ -75,7 +75,7 @@ func Main(ctx context.Context, args []string) int {
 	if errors.As(err, &ee) {
 		return ee.Code
 	}
-	fmt.Fprintln(os.Stderr, "fireworks: "+describe(err))
+	fmt.Fprintln(os.Stderr, "fireworks: "+printable(describe(err)))
 	return ExitFireworksError
 }
 
@@ -97,4 +97,16 @@ func describe(err error) string {
 		return "cannot reach the Fireworks server (is `fireworks dev` running?): " + s
 	}
 	return s
+}
+
+// printable replaces control characters (other than newline and tab) in text that may
+// come from inside a guest (error reasons, console tails), so a guest cannot send escape
+// sequences to the user's terminal.
+func printable(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r == '\n' || r == '\t' || (r >= 0x20 && r != 0x7f && !(r >= 0x80 && r < 0xa0)) {
+			return r
+		}
+		return '?'
+	}, s)
 }

@@ -143,6 +143,12 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 	if f.detach && (f.rm || f.interactive) {
 		return errors.New("--detach cannot be combined with --rm or -i")
 	}
+	if f.cpus < 0 || f.cpus > 1024 {
+		return fmt.Errorf("invalid --cpus %d: want 1..1024 (the node's limit is checked by the server)", f.cpus)
+	}
+	if f.timeout < 0 {
+		return fmt.Errorf("invalid --timeout %s: must not be negative (0 means none)", f.timeout)
+	}
 	c, err := g.client()
 	if err != nil {
 		return err
@@ -187,20 +193,20 @@ func exitFromStatus(g *globals, e *pb.Exit) error {
 	switch e.GetStatus() {
 	case "exited":
 		if e.GetCode() == ExitNotFound || e.GetCode() == ExitNotExecutable {
-			fmt.Fprintln(g.stderr, "fireworks: "+e.GetReason())
+			fmt.Fprintln(g.stderr, "fireworks: "+printable(e.GetReason()))
 		}
 		if e.GetCode() == 0 {
 			return nil
 		}
 		return ExitError{Code: int(e.GetCode())}
 	case "failed":
-		fmt.Fprintln(g.stderr, "fireworks: sandbox failed: "+e.GetReason())
+		fmt.Fprintln(g.stderr, "fireworks: sandbox failed: "+printable(e.GetReason()))
 		if e.GetCode() == 124 {
 			return ExitError{Code: 124}
 		}
 		return ExitError{Code: ExitFireworksError}
 	default:
-		fmt.Fprintf(g.stderr, "fireworks: sandbox %s: %s\n", e.GetStatus(), e.GetReason())
+		fmt.Fprintf(g.stderr, "fireworks: sandbox %s: %s\n", e.GetStatus(), printable(e.GetReason()))
 		return ExitError{Code: ExitFireworksError}
 	}
 }
@@ -219,11 +225,14 @@ func attach(ctx context.Context, g *globals, c *Client, id string, stdin, tty bo
 	if err := send(&pb.AttachRequest{Msg: &pb.AttachRequest_Start{Start: &pb.AttachStart{Sandbox: id}}}); err != nil && !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("attach to sandbox %s: %w", id, err)
 	}
-	restore := setupTerminal(g, tty, func(rows, cols uint16) {
+	// Raw mode only when keystrokes go to the sandbox (-i with -t): with -t alone ^C must
+	// stay a signal here, to be forwarded.
+	raw := tty && stdin
+	restore := setupTerminal(g, raw, func(rows, cols uint16) {
 		_ = send(&pb.AttachRequest{Msg: &pb.AttachRequest_Resize{Resize: &pb.Resize{Rows: uint32(rows), Cols: uint32(cols)}}})
 	})
 	defer restore()
-	stopSignals := forwardSignals(tty, func(sig int32) {
+	stopSignals := forwardSignals(raw, func(sig int32) {
 		_ = send(&pb.AttachRequest{Msg: &pb.AttachRequest_Signal{Signal: sig}})
 	})
 	defer stopSignals()
@@ -304,8 +313,8 @@ func setupTerminal(g *globals, tty bool, resize func(rows, cols uint16)) func() 
 
 // forwardSignals sends SIGINT/SIGTERM/SIGHUP to the sandbox's process (in raw TTY mode ^C
 // arrives as a byte instead).
-func forwardSignals(tty bool, fwd func(int32)) func() {
-	if tty {
+func forwardSignals(raw bool, fwd func(int32)) func() {
+	if raw {
 		return func() {}
 	}
 	ch := make(chan os.Signal, 4)
@@ -364,11 +373,12 @@ func newExecCmd(g *globals) *cobra.Command {
 			if err != nil && !errors.Is(err, io.EOF) {
 				return err
 			}
-			restore := setupTerminal(g, tty, func(r, c uint16) {
+			raw := tty && interactive // see attach
+			restore := setupTerminal(g, raw, func(r, c uint16) {
 				_ = send(&pb.ExecRequest{Msg: &pb.ExecRequest_Resize{Resize: &pb.Resize{Rows: uint32(r), Cols: uint32(c)}}})
 			})
 			defer restore()
-			stopSignals := forwardSignals(tty, func(sig int32) { _ = send(&pb.ExecRequest{Msg: &pb.ExecRequest_Signal{Signal: sig}}) })
+			stopSignals := forwardSignals(raw, func(sig int32) { _ = send(&pb.ExecRequest{Msg: &pb.ExecRequest_Signal{Signal: sig}}) })
 			defer stopSignals()
 			if interactive {
 				go func() {
@@ -540,7 +550,8 @@ func newStopCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().DurationVarP(&grace, "time", "t", 10*time.Second, "grace period before the VM is killed")
+	grace = 10 * time.Second
+	cmd.Flags().VarP((*seconds)(&grace), "time", "t", "grace period before the VM is killed (seconds, or a duration like 500ms)")
 	return cmd
 }
 
@@ -598,4 +609,22 @@ func newInfoCmd(g *globals) *cobra.Command {
 			return tw.Flush()
 		},
 	}
+}
+
+// seconds is a duration flag that also takes a bare number of seconds, as `docker stop -t`.
+type seconds time.Duration
+
+func (s *seconds) String() string { return time.Duration(*s).String() }
+func (s *seconds) Type() string   { return "duration" }
+func (s *seconds) Set(v string) error {
+	if n, err := strconv.Atoi(v); err == nil {
+		*s = seconds(time.Duration(n) * time.Second)
+		return nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		return fmt.Errorf("%q: want seconds (10) or a duration (1m30s)", v)
+	}
+	*s = seconds(d)
+	return nil
 }

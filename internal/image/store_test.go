@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -352,11 +353,11 @@ func TestCorruptBlobFromRegistry(t *testing.T) {
 func requireRootDiskTools(t *testing.T, tools ...string) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("building root disks needs root (ownership of unpacked files)")
+		testutil.Skipf(t, "building root disks needs root (ownership of unpacked files)")
 	}
 	for _, tool := range tools {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not found", tool)
+			testutil.Skipf(t, "%s not found", tool)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"connectrpc.com/connect"
 
@@ -15,6 +16,9 @@ type imageService struct{ s *Server }
 func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.PullImageRequest], stream *connect.ServerStream[pb.PullImageResponse]) error {
 	if req.Msg.GetRef() == "" {
 		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("no image reference given"))
+	}
+	if err := checkImageSource(ctx, req.Msg.GetRef()); err != nil {
+		return err
 	}
 	img, err := h.s.agent.Images().Pull(ctx, req.Msg.GetRef(), image.PullOptions{
 		InsecureRegistries: req.Msg.GetInsecureRegistries(),
@@ -68,4 +72,14 @@ func (h *systemService) Info(ctx context.Context, _ *connect.Request[pb.InfoRequ
 		NodeVcpus: int32(i.NodeVCPUs), NodeMemoryMib: i.NodeMemoryMiB, MaxVcpus: int32(i.MaxVCPUs),
 		MaxMemoryMib: int32(i.MaxMemoryMiB), SandboxesRunning: int32(i.Running), DataDir: i.DataDir,
 	}), nil
+}
+
+// checkImageSource keeps local image sources to admins: oci:DIR and docker-archive:FILE are
+// read by the server with its own privileges, so a user token must not name server paths.
+func checkImageSource(ctx context.Context, ref string) error {
+	if !strings.HasPrefix(ref, image.OCIPrefix) && !strings.HasPrefix(ref, image.DockerArchivePrefix) {
+		return nil
+	}
+	_, err := requireAdmin(ctx, "a local image source ("+image.OCIPrefix+" or "+image.DockerArchivePrefix+", read from the server's filesystem)")
+	return err
 }

@@ -28,6 +28,9 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 		return nil, err
 	}
 	spec := specFromPB(req.Msg.GetSpec())
+	if err := checkImageSource(ctx, spec.Image); err != nil {
+		return nil, err
+	}
 	if err := validName(req.Msg.GetName()); err != nil {
 		return nil, toConnectError(err)
 	}

@@ -121,7 +121,7 @@ func toConnectError(err error) error {
 	switch {
 	case errors.Is(err, state.ErrNotFound), errors.Is(err, image.ErrNotFound):
 		return connect.NewError(connect.CodeNotFound, err)
-	case errors.Is(err, state.ErrAmbiguous), errors.Is(err, errInvalid):
+	case errors.Is(err, state.ErrAmbiguous), errors.Is(err, errInvalid), errors.Is(err, state.ErrInvalid):
 		return connect.NewError(connect.CodeInvalidArgument, err)
 	case errors.Is(err, state.ErrNameTaken):
 		return connect.NewError(connect.CodeAlreadyExists, err)

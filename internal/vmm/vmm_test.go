@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"context"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -62,10 +63,10 @@ func TestDetectAccelOnThisHost(t *testing.T) {
 // The probe itself: on a PVM host a standard kernel prints nothing under -accel kvm.
 func TestProbeKVM(t *testing.T) {
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("qemu-system-x86_64 not found")
+		testutil.Skipf(t, "qemu-system-x86_64 not found")
 	}
 	if err := kvmUsable(); err != nil {
-		t.Skip(err)
+		testutil.Skipf(t, "%v", err)
 	}
 	// Same cache as vmmtest.CacheDir (importing vmmtest here would be a cycle).
 	cache := os.Getenv("FIREWORKS_TEST_CACHE")
@@ -74,7 +75,7 @@ func TestProbeKVM(t *testing.T) {
 	}
 	k, err := assets.EnsureKernel(context.Background(), cache)
 	if err != nil {
-		t.Skipf("guest kernel unavailable: %v", err)
+		testutil.Skipf(t, "guest kernel unavailable: %v", err)
 	}
 	kernel := k.Vmlinux
 	old := ProbeTimeout

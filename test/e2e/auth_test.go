@@ -49,6 +49,10 @@ func TestTokensAndRoles(t *testing.T) {
 			t.Errorf("user %v: exit %d stderr %q; want a permission error", args, r.code, r.stderr)
 		}
 	}
+	// Local image sources read the server's files: admins only.
+	if r := world.cliEnv(ctx, user, nil, "run", "oci:/etc", "--", "true"); r.code != 125 || !strings.Contains(r.stderr, "admin token") {
+		t.Errorf("user run oci:/etc: exit %d %q; want a permission error", r.code, r.stderr)
+	}
 	if r := world.cliEnv(ctx, user, nil, "token", "create"); r.code != 125 || !strings.Contains(r.stderr, "admin") {
 		t.Errorf("user token create: exit %d %q", r.code, r.stderr)
 	}

@@ -72,10 +72,12 @@ func TestStateSurvivesServerRestart(t *testing.T) {
 		t.Errorf("logs after restart: %q / %q", r.stdout, r.stderr)
 	}
 	lost := inspect(t, running)
-	if lost["status"] != "lost" && lost["status"] != "running" {
-		t.Errorf("sandbox running at restart: status %v, want lost (or re-adopted running)", lost["status"])
+	// Re-adoption of running VMs is not implemented for dev yet: the sandbox must be
+	// accounted for as lost, with its VMM gone.
+	if lost["status"] != "lost" {
+		t.Errorf("sandbox running at restart: status %v, want lost", lost["status"])
 	}
-	if lost["status"] == "lost" {
+	{
 		if reason, _ := lost["reason"].(string); !strings.Contains(reason, "restart") {
 			t.Errorf("lost reason %q should say why", reason)
 		}

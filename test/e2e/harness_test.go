@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/registry"
+
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
 
 // env is the shared world of the e2e tests.
@@ -233,7 +235,7 @@ func (e *env) cliEnv(ctx context.Context, extraEnv []string, in []byte, args ...
 func need(t *testing.T) {
 	t.Helper()
 	if world.skip != "" {
-		t.Skip("e2e: " + world.skip)
+		testutil.Skipf(t, "e2e: %s", world.skip)
 	}
 }
 

@@ -7,13 +7,19 @@ import (
 	"log"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
+	"github.com/fireworks-sandbox/fireworks/internal/image/busybox"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
+
+// hostileTarget is where the hostile layer tries to write on the host.
+var hostileTarget = fmt.Sprintf("/tmp/fireworks-e2e-hostile-%d", os.Getpid())
 
 func nopLogger() *log.Logger { return log.New(io.Discard, "", 0) }
 
@@ -21,15 +27,29 @@ func nopLogger() *log.Logger { return log.New(io.Discard, "", 0) }
 // busybox:latest runs as the unprivileged app user (so the tests see the image's USER
 // honoured), hostile:latest carries a layer that climbs out of its root.
 func pushTestImages(host string) error {
-	busybox, err := testimage.BuildBusybox(testimage.User(testimage.AppUser))
+	busyboxImg, err := testimage.BuildBusybox(testimage.User(testimage.AppUser))
 	if err != nil {
 		return err
 	}
-	hostile, err := testimage.BuildHostile(testimage.HostileDotDot)
+	// The hostile layer climbs far enough to reach the host's /tmp from any data dir: a
+	// naive extractor would leave a file there that outlives the unpack staging.
+	base, err := testimage.BuildBusybox()
 	if err != nil {
 		return err
 	}
-	for tag, img := range map[string]v1.Image{"busybox:latest": busybox, "hostile:latest": hostile} {
+	tarball, err := busybox.Tar(busybox.Entry{Name: strings.Repeat("../", 32) + strings.TrimPrefix(hostileTarget, "/"), Body: "pwned\n"})
+	if err != nil {
+		return err
+	}
+	layer, err := busybox.LayerFromTar(tarball)
+	if err != nil {
+		return err
+	}
+	hostile, err := mutate.AppendLayers(base, layer)
+	if err != nil {
+		return err
+	}
+	for tag, img := range map[string]v1.Image{"busybox:latest": busyboxImg, "hostile:latest": hostile} {
 		ref, err := name.ParseReference(host+"/"+tag, name.Insecure)
 		if err != nil {
 			return fmt.Errorf("parse %s: %w", tag, err)
@@ -41,9 +61,9 @@ func pushTestImages(host string) error {
 	return nil
 }
 
-// hostileLeftovers lists what a hostile layer managed to leave behind: any file it named
-// "pwned" anywhere in the data dir (its ../ escape aims beside the unpack root), and
-// unpack staging directories that were not cleaned up.
+// hostileLeftovers lists what a hostile layer managed to leave behind: its target in the
+// host's /tmp, any file named "pwned" in the data dir, and unpack staging directories that
+// were not cleaned up.
 func hostileLeftovers() []string {
 	var found []string
 	_ = filepath.WalkDir(world.dataDir, func(p string, d fs.DirEntry, err error) error {
@@ -54,8 +74,8 @@ func hostileLeftovers() []string {
 	})
 	staging, _ := filepath.Glob(filepath.Join(world.dataDir, "images", "tmp", "rootfs-*"))
 	found = append(found, staging...)
-	if _, err := os.Lstat(testimage.HostileAbsolutePath); err == nil {
-		found = append(found, testimage.HostileAbsolutePath)
+	if _, err := os.Lstat(hostileTarget); err == nil {
+		found = append(found, hostileTarget)
 	}
 	return found
 }

@@ -2,6 +2,7 @@ package cpio
 
 import (
 	"bytes"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,7 +34,7 @@ func sample(t *testing.T) []byte {
 // The archive must be readable by GNU cpio, the independent reference for the format.
 func TestArchiveReadableByGNUCpio(t *testing.T) {
 	if _, err := exec.LookPath("cpio"); err != nil {
-		t.Skip("cpio(1) not found: cannot cross-check the archive format")
+		testutil.Skipf(t, "cpio(1) not found: cannot cross-check the archive format")
 	}
 	data := sample(t)
 	if len(data)%4 != 0 {

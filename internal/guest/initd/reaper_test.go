@@ -1,6 +1,7 @@
 package initd_test
 
 import (
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -42,7 +43,7 @@ func children(t *testing.T) []int {
 func TestReapAllReapsOrphans(t *testing.T) {
 	// A child subreaper gets orphans like PID 1 does.
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
-		t.Skipf("PR_SET_CHILD_SUBREAPER: %v", err)
+		testutil.Skipf(t, "PR_SET_CHILD_SUBREAPER: %v", err)
 	}
 	defer unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"io"
 	"net"
 	"os"
@@ -291,7 +292,7 @@ func TestExecLargeOutputIntact(t *testing.T) {
 
 func TestExecTTY(t *testing.T) {
 	if _, err := os.Stat("/dev/ptmx"); err != nil {
-		t.Skip("/dev/ptmx not available")
+		testutil.Skipf(t, "/dev/ptmx not available")
 	}
 	_, c := startGuest(t)
 	r := run(t, c, proto.ExecRequest{Argv: []string{"/bin/sh", "-c", "tty; stty size; echo err >&2; echo TERM=$TERM"}, TTY: true, Rows: 30, Cols: 100}, nil)
@@ -379,7 +380,7 @@ func TestExecWorkdirAndEnv(t *testing.T) {
 
 func TestUsers(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("switching users needs root")
+		testutil.Skipf(t, "switching users needs root")
 	}
 	root := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {

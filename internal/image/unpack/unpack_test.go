@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"os"
 	"path/filepath"
 	"slices"
@@ -22,7 +23,7 @@ type E = testimage.Entry
 func requireRoot(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("unpacking needs root (chown of extracted files)")
+		testutil.Skipf(t, "unpacking needs root (chown of extracted files)")
 	}
 }
 

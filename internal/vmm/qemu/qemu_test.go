@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"os/exec"
 	"testing"
 
@@ -11,7 +12,7 @@ import (
 func newTestDriver(t *testing.T) *Driver {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+		testutil.Skipf(t, "qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
 	}
 	// Conformance runs under TCG everywhere: it is what works on every host, and a
 	// KVM-capable CI host still proves the driver's behaviour.

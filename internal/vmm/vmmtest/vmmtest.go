@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"net"
 	"os"
 	"os/exec"
@@ -60,18 +61,18 @@ func DefaultHarness(t testing.TB) Harness {
 	t.Helper()
 	for _, tool := range []string{"apt-get", "apt-cache", "dpkg-deb", "lz4"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not found: cannot fetch the Debian guest kernel", tool)
+			testutil.Skipf(t, "%s not found: cannot fetch the Debian guest kernel", tool)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	k, err := assets.EnsureKernel(ctx, CacheDir())
 	if err != nil {
-		t.Skipf("guest kernel unavailable: %v", err)
+		testutil.Skipf(t, "guest kernel unavailable: %v", err)
 	}
 	ir, err := BuildGuest(ctx, CacheDir(), k)
 	if err != nil {
-		t.Skipf("test guest initramfs: %v", err)
+		testutil.Skipf(t, "test guest initramfs: %v", err)
 	}
 	return Harness{Kernel: k.Vmlinux, Initrd: ir.Path, Cmdline: assets.KernelCmdline(BootModules)}
 }
