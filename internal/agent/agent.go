@@ -754,6 +754,12 @@ func (a *Agent) recover(ctx context.Context) error {
 		a.update(sb.ID, state.Update{Status: status(state.StatusLost),
 			Reason: "the node agent restarted while the sandbox was " + string(sb.Status) + "; its VM was stopped (re-adoption is not supported yet)"})
 	}
+	// A VMM started just before the crash may not have had its pid recorded: find every
+	// process still running from a run directory of this node and end it.
+	for _, pid := range vmmsUnder(a.runRoot()) {
+		a.log.Warn("killing leftover VMM from before the restart", "pid", pid)
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
 	entries, _ := os.ReadDir(a.runRoot())
 	for _, e := range entries {
 		if err := os.RemoveAll(filepath.Join(a.runRoot(), e.Name())); err != nil {
@@ -765,6 +771,30 @@ func (a *Agent) recover(ctx context.Context) error {
 
 // killStaleVMM kills pid only if it is a VMM that was started for runDir, so a recycled pid
 // never takes down an unrelated process.
+// vmmsUnder returns the pids of processes whose command line names a path under dir (every
+// VMM this node starts is given its run directory's sockets and disks).
+func vmmsUnder(dir string) []int {
+	procs, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", p.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		if strings.Contains(string(cmdline), dir+"/") {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
 func killStaleVMM(pid int, runDir string) {
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	if err != nil || !strings.Contains(string(cmdline), runDir) {
