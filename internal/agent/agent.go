@@ -771,8 +771,8 @@ func (a *Agent) recover(ctx context.Context) error {
 
 // killStaleVMM kills pid only if it is a VMM that was started for runDir, so a recycled pid
 // never takes down an unrelated process.
-// vmmsUnder returns the pids of processes whose command line names a path under dir (every
-// VMM this node starts is given its run directory's sockets and disks).
+// vmmsUnder returns the pids of QEMU processes whose command line names a path under dir
+// (every VMM this node starts is given its run directory's sockets and disks).
 func vmmsUnder(dir string) []int {
 	procs, err := os.ReadDir("/proc")
 	if err != nil {
@@ -788,7 +788,8 @@ func vmmsUnder(dir string) []int {
 		if err != nil {
 			continue
 		}
-		if strings.Contains(string(cmdline), dir+"/") {
+		argv0, _, _ := strings.Cut(string(cmdline), "\x00")
+		if strings.Contains(filepath.Base(argv0), "qemu") && strings.Contains(string(cmdline), dir+"/") {
 			pids = append(pids, pid)
 		}
 	}
