@@ -34,6 +34,10 @@ type fsm struct {
 	meta      map[string][]byte
 	nodes     map[string]*Node  // by ID
 	tokens    map[string]*Token // by ID
+
+	// changed is closed (and replaced) after every applied command and restore, so
+	// watchers (assignment streams, the leader's loops) wake on any change.
+	changed chan struct{}
 }
 
 var _ raft.FSM = (*fsm)(nil)
@@ -46,7 +50,21 @@ func newFSM(log *slog.Logger) *fsm {
 		meta:      map[string][]byte{},
 		nodes:     map[string]*Node{},
 		tokens:    map[string]*Token{},
+		changed:   make(chan struct{}),
 	}
+}
+
+// notifyLocked wakes watchers; called with f.mu held for writing.
+func (f *fsm) notifyLocked() {
+	close(f.changed)
+	f.changed = make(chan struct{})
+}
+
+// watch returns a channel closed at the next change.
+func (f *fsm) watch() <-chan struct{} {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.changed
 }
 
 // Apply executes one committed command. The result is what Store sees as the future's
@@ -63,6 +81,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	defer f.notifyLocked()
 	switch t {
 	case cmdCreateSandbox:
 		var c createSandboxCmd
@@ -313,6 +332,7 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	}
 	f.mu.Lock()
 	f.sandboxes, f.names, f.meta, f.nodes, f.tokens = sandboxes, names, d.Meta, nodes, tokens
+	f.notifyLocked()
 	f.mu.Unlock()
 	return nil
 }

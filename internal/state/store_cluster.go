@@ -94,3 +94,15 @@ func (s *Store) ListTokens(ctx context.Context) ([]Token, error) {
 func (s *Store) LocalToken(id string) (Token, error) {
 	return s.fsm.getToken(id)
 }
+
+// Changed returns a channel closed at the next change this server applies (any command,
+// or a snapshot restore). Watchers re-read what they need and call Changed again.
+func (s *Store) Changed() <-chan struct{} { return s.fsm.watch() }
+
+// LocalSandboxes returns this server's copy of every sandbox without a Raft round trip:
+// for watchers that follow changes (assignment streams), where staleness is bounded by
+// replication and corrected by the next change.
+func (s *Store) LocalSandboxes() []Sandbox { return s.fsm.list() }
+
+// LocalNodes is LocalSandboxes for nodes.
+func (s *Store) LocalNodes() []Node { return s.fsm.listNodes() }
