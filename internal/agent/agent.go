@@ -78,8 +78,10 @@ type Agent struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu   sync.Mutex
-	live map[string]*sandbox
+	mu        sync.Mutex
+	live      map[string]*sandbox
+	started   map[string]bool // incarnations ("id/restarts") started by Reconcile
+	stopsSent map[string]bool // sandboxes Reconcile has begun stopping
 }
 
 // ErrNotRunning means the sandbox has no live VM on this node.
@@ -118,7 +120,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if cfg.BootTimeout == 0 {
 		cfg.BootTimeout = 90 * time.Second
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}}
+	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, started: map[string]bool{}, stopsSent: map[string]bool{}}
 	for _, d := range []string{a.runRoot(), a.sandboxRoot(), a.assetDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("create agent directory %s: %w", d, err)

@@ -19,6 +19,10 @@ import (
 // replicated state; only join tokens are refused here (they only buy a node certificate).
 func (s *Server) authenticate(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, nodeServicePrefix) {
+			s.authenticateAgent(w, r, next)
+			return
+		}
 		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if !ok {
 			unauthenticated(w, r, "missing API token (send Authorization: Bearer <token>; `fireworks dev` writes it to the CLI config)")

@@ -30,6 +30,8 @@ type Server struct {
 	agent *agent.Agent
 	log   *slog.Logger
 	now   func() time.Time
+	// cluster is set by EnableCluster; its CA is nil on a single-node dev server.
+	cluster ClusterOptions
 }
 
 // New wires a server over an open store and a running agent. API tokens live in the
@@ -49,6 +51,10 @@ func (s *Server) Handler() http.Handler {
 	mux.Handle(fireworksv1connect.NewImageServiceHandler(&imageService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewSystemServiceHandler(&systemService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewTokenServiceHandler(&tokenService{s}, opts...))
+	mux.Handle(fireworksv1connect.NewClusterServiceHandler(&clusterService{s}, opts...))
+	if s.cluster.CA != nil {
+		mux.Handle(fireworksv1connect.NewNodeServiceHandler(&nodeService{s}, opts...))
+	}
 	return s.authenticate(mux)
 }
 

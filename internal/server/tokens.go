@@ -14,6 +14,7 @@ import (
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/auth"
+	"github.com/fireworks-sandbox/fireworks/internal/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
 
@@ -51,6 +52,15 @@ func (h *tokenService) CreateToken(ctx context.Context, req *connect.Request[pb.
 		ttl = defaultJoinTTL
 	}
 	secret, rec := auth.New(role, name, who.TokenID, h.s.now(), ttl)
+	if role == state.RoleJoin {
+		// A join token carries the cluster CA's fingerprint, so it needs the cluster CA.
+		if h.s.cluster.CA == nil {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, errors.New("join tokens exist only on a cluster server (`fireworks server`); `fireworks dev` runs its own node"))
+		}
+		tok, id, hash := pki.NewJoinToken(h.s.cluster.CA)
+		secret = tok
+		rec.ID, rec.SecretHash = id, hash
+	}
 	if err := h.s.store.CreateToken(ctx, rec); err != nil {
 		return nil, toConnectError(err)
 	}

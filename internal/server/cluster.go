@@ -1,0 +1,371 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"slices"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+)
+
+// ControlPlane is what the API needs from the leader's loops (internal/controlplane).
+type ControlPlane interface {
+	// Heartbeat records that node's agent is alive (kept in the leader's memory).
+	Heartbeat(node string)
+	// Notify asks for a scheduling pass now (after a create, a stop, a node change).
+	Notify()
+}
+
+// ClusterOptions turn a server into a cluster member: agents join and talk to it over
+// mutual TLS, and sandboxes are placed on nodes by the control plane.
+type ClusterOptions struct {
+	CA                *pki.CA
+	ControlPlane      ControlPlane
+	HeartbeatInterval time.Duration
+	// AgentClientTLS dials agents' internal API (this server's certificate, CA roots).
+	AgentClientTLS func(serverName string) *tls.Config
+	// LeaderAPI maps a Raft server ID to its API address, for leader hints.
+	LeaderAPI func(id string) string
+}
+
+// nodeHeader carries the leader's API address when a node call reaches a follower.
+const leaderHeader = "Fireworks-Leader"
+
+type agentKey struct{}
+
+// agentFrom returns the node name of the verified agent certificate on the request.
+func agentFrom(ctx context.Context) (string, bool) {
+	n, ok := ctx.Value(agentKey{}).(string)
+	return n, ok
+}
+
+// nodeServicePrefix is the HTTP path prefix of the agent protocol.
+var nodeServicePrefix = "/" + fireworksv1connect.NodeServiceName + "/"
+
+// authenticateAgent admits agent-protocol calls: Join is authenticated by its join token
+// (checked in the handler), everything else by an agent certificate from the cluster CA.
+func (s *Server) authenticateAgent(w http.ResponseWriter, r *http.Request, next http.Handler) {
+	if r.URL.Path == fireworksv1connect.NodeServiceJoinProcedure {
+		next.ServeHTTP(w, r)
+		return
+	}
+	role, node, err := pki.PeerIdentity(r.TLS)
+	if err != nil || role != pki.RoleAgent {
+		unauthenticated(w, r, "the node protocol needs an agent certificate from the cluster CA (join with a join token first)")
+		return
+	}
+	next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), agentKey{}, node)))
+}
+
+type nodeService struct{ s *Server }
+
+// leaderOnly refuses node calls on a follower, naming the leader: agents talk to the
+// leader, which holds heartbeats in memory and commits their reports.
+func (h *nodeService) leaderOnly() error {
+	if h.s.store.IsLeader() {
+		return nil
+	}
+	id, _ := h.s.store.Leader()
+	err := connect.NewError(connect.CodeUnavailable, fmt.Errorf("this server is not the leader (leader: %q)", id))
+	if h.s.cluster.LeaderAPI != nil && id != "" {
+		err.Meta().Set(leaderHeader, h.s.cluster.LeaderAPI(id))
+	}
+	return err
+}
+
+func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequest]) (*connect.Response[pb.JoinResponse], error) {
+	if err := h.leaderOnly(); err != nil {
+		return nil, err
+	}
+	m := req.Msg
+	// One message for every token problem: no oracle for guessing.
+	bad := connect.NewError(connect.CodeUnauthenticated, errors.New("join token unknown, expired or not a join token"))
+	tok, err := h.s.store.GetToken(ctx, m.GetTokenId())
+	if err != nil || tok.Role != state.RoleJoin || !tok.ValidAt(h.s.now()) || !pki.VerifySecret(m.GetTokenSecret(), tok.SecretHash) {
+		return nil, bad
+	}
+	if err := validNodeName(m.GetNode()); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	var ips []net.IP
+	var names []string
+	for _, a := range m.GetAddresses() {
+		host := a
+		if h, _, err := net.SplitHostPort(a); err == nil {
+			host = h
+		}
+		if ip := net.ParseIP(host); ip != nil {
+			ips = append(ips, ip)
+		} else if host != "" && len(names) < 8 {
+			names = append(names, host)
+		}
+	}
+	if len(ips) > 8 {
+		ips = ips[:8]
+	}
+	certPEM, err := h.s.cluster.CA.SignCSR(m.GetCsr(), pki.IssueRequest{CommonName: m.GetNode(), Role: pki.RoleAgent, DNSNames: names, IPs: ips})
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("sign node certificate: %w", err))
+	}
+	h.s.log.Info("node joined", "node", m.GetNode(), "token", tok.ID)
+	return connect.NewResponse(&pb.JoinResponse{CertPem: certPEM, CaPem: h.s.cluster.CA.CertPEM()}), nil
+}
+
+func (h *nodeService) Register(ctx context.Context, req *connect.Request[pb.RegisterRequest]) (*connect.Response[pb.RegisterResponse], error) {
+	if err := h.leaderOnly(); err != nil {
+		return nil, err
+	}
+	node, _ := agentFrom(ctx)
+	in := req.Msg.GetNode()
+	if in.GetId() != node {
+		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("certificate is for node %q, registration says %q", node, in.GetId()))
+	}
+	if in.GetVcpus() <= 0 || in.GetMemoryMib() <= 0 || in.GetAddress() == "" {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("node %s: registration needs capacity and an address", node))
+	}
+	n, err := h.s.store.RegisterNode(ctx, state.Node{
+		ID: node, Address: in.GetAddress(), Labels: in.GetLabels(),
+		Capacity: state.Resources{VCPUs: int(in.GetVcpus()), MemoryMiB: int(in.GetMemoryMib()), DiskMiB: int(in.GetDiskMib())},
+		Accel:    in.GetAccel(), Kernel: in.GetKernel(), Version: in.GetVersion(), Images: in.GetImages(),
+		UpdatedAt: h.s.now(),
+	})
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if cp := h.s.cluster.ControlPlane; cp != nil {
+		cp.Heartbeat(node)
+		cp.Notify()
+	}
+	h.s.log.Info("node registered", "node", node, "address", n.Address, "vcpus", n.Capacity.VCPUs, "memory_mib", n.Capacity.MemoryMiB)
+	return connect.NewResponse(&pb.RegisterResponse{Node: nodeToPB(n, nil), HeartbeatInterval: durationpb.New(h.s.cluster.HeartbeatInterval)}), nil
+}
+
+func (h *nodeService) Heartbeat(ctx context.Context, req *connect.Request[pb.HeartbeatRequest]) (*connect.Response[pb.HeartbeatResponse], error) {
+	if err := h.leaderOnly(); err != nil {
+		return nil, err
+	}
+	node, _ := agentFrom(ctx)
+	n, err := h.s.store.GetNode(ctx, node)
+	if err != nil {
+		// Unknown (e.g. removed) or not registered yet: the agent must register again.
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("node %s is not registered: %w", node, err))
+	}
+	if n.Status != state.NodeReady {
+		// A node declared down must re-register (its sandboxes were given up).
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("node %s is %s (%s): register again", node, n.Status, n.StatusReason))
+	}
+	if cp := h.s.cluster.ControlPlane; cp != nil {
+		cp.Heartbeat(node)
+	}
+	if req.Msg.GetImagesChanged() && !slices.Equal(req.Msg.GetImages(), n.Images) {
+		imgs := slices.Clone(req.Msg.GetImages())
+		if len(imgs) > 4096 {
+			imgs = imgs[:4096]
+		}
+		if _, err := h.s.store.UpdateNode(ctx, node, state.NodeUpdate{Images: &imgs, Time: h.s.now()}); err != nil {
+			return nil, toConnectError(err)
+		}
+	}
+	return connect.NewResponse(&pb.HeartbeatResponse{}), nil
+}
+
+// WatchAssignments streams the node's sandboxes whenever they change. It reads this
+// server's copy of the state: the stream lives on the leader, and each change wakes it.
+func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request[pb.WatchAssignmentsRequest], stream *connect.ServerStream[pb.Assignments]) error {
+	if err := h.leaderOnly(); err != nil {
+		return err
+	}
+	node, _ := agentFrom(ctx)
+	var last [][]byte
+	for {
+		changed := h.s.store.Changed()
+		if !h.s.store.IsLeader() {
+			return h.leaderOnly()
+		}
+		var cur [][]byte
+		for _, sb := range h.s.store.LocalSandboxes() {
+			if sb.Node != node {
+				continue
+			}
+			b, err := json.Marshal(sb)
+			if err != nil {
+				return connect.NewError(connect.CodeInternal, err)
+			}
+			cur = append(cur, b)
+		}
+		if last == nil || !slices.EqualFunc(cur, last, func(a, b []byte) bool { return string(a) == string(b) }) {
+			if err := stream.Send(&pb.Assignments{SandboxesJson: cur}); err != nil {
+				return err
+			}
+			last = cur
+			if last == nil {
+				last = [][]byte{}
+			}
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil
+		case <-time.After(30 * time.Second):
+			// Also re-check leadership now and then when nothing changes.
+		}
+	}
+}
+
+// ReportSandbox applies an agent's progress report, taking only what a node may decide.
+func (h *nodeService) ReportSandbox(ctx context.Context, req *connect.Request[pb.ReportSandboxRequest]) (*connect.Response[pb.ReportSandboxResponse], error) {
+	if err := h.leaderOnly(); err != nil {
+		return nil, err
+	}
+	node, _ := agentFrom(ctx)
+	var u state.Update
+	if err := json.Unmarshal(req.Msg.GetUpdateJson(), &u); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("decode sandbox report: %w", err))
+	}
+	sb, err := h.s.store.GetSandbox(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if sb.ID != req.Msg.GetSandbox() || sb.Node != node {
+		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("sandbox %s is not assigned to node %s", req.Msg.GetSandbox(), node))
+	}
+	// A node reports what happened on it; placement, restarts and stop requests belong
+	// to the control plane and users.
+	clean := state.Update{Status: u.Status, Reason: u.Reason, ExitCode: u.ExitCode, Signal: u.Signal,
+		ImageDigest: u.ImageDigest, Accel: u.Accel, Runtime: u.Runtime, Time: h.s.now()}
+	if clean.Status != nil && *clean.Status == state.StatusPending {
+		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("a node cannot make a sandbox pending"))
+	}
+	if len(clean.Reason) > 4096 {
+		clean.Reason = clean.Reason[:4096]
+	}
+	if _, err := h.s.store.UpdateSandbox(ctx, sb.ID, clean); err != nil {
+		return nil, toConnectError(err)
+	}
+	if clean.Status != nil && clean.Status.Terminal() {
+		if cp := h.s.cluster.ControlPlane; cp != nil {
+			cp.Notify() // capacity freed; restart policies may apply
+		}
+	}
+	return connect.NewResponse(&pb.ReportSandboxResponse{}), nil
+}
+
+// validNodeName keeps node names usable in certificates, URLs and logs.
+func validNodeName(n string) error {
+	if n == "" || len(n) > 63 {
+		return fmt.Errorf("node name %q: 1 to 63 characters", n)
+	}
+	for i, r := range n {
+		ok := r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '.' || r >= 'A' && r <= 'Z'
+		if !ok || ((r == '-' || r == '.') && (i == 0 || i == len(n)-1)) {
+			return fmt.Errorf("node name %q: use letters, digits, inner dots and hyphens", n)
+		}
+	}
+	return nil
+}
+
+type clusterService struct{ s *Server }
+
+func (h *clusterService) ListNodes(ctx context.Context, _ *connect.Request[pb.ListNodesRequest]) (*connect.Response[pb.ListNodesResponse], error) {
+	if _, err := caller(ctx); err != nil {
+		return nil, err
+	}
+	nodes, err := h.s.store.ListNodes(ctx)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	sbs, err := h.s.store.ListSandboxes(ctx)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	resp := &pb.ListNodesResponse{}
+	for _, n := range nodes {
+		resp.Nodes = append(resp.Nodes, nodeToPB(n, sbs))
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (h *clusterService) CordonNode(ctx context.Context, req *connect.Request[pb.NodeActionRequest]) (*connect.Response[pb.NodeActionResponse], error) {
+	return h.nodeAction(ctx, req.Msg.GetNode(), "cordoning a node", state.NodeUpdate{Cordoned: ptr(true)})
+}
+
+func (h *clusterService) UncordonNode(ctx context.Context, req *connect.Request[pb.NodeActionRequest]) (*connect.Response[pb.NodeActionResponse], error) {
+	return h.nodeAction(ctx, req.Msg.GetNode(), "uncordoning a node", state.NodeUpdate{Cordoned: ptr(false), Draining: ptr(false)})
+}
+
+func (h *clusterService) DrainNode(ctx context.Context, req *connect.Request[pb.NodeActionRequest]) (*connect.Response[pb.NodeActionResponse], error) {
+	return h.nodeAction(ctx, req.Msg.GetNode(), "draining a node", state.NodeUpdate{Draining: ptr(true)})
+}
+
+func (h *clusterService) nodeAction(ctx context.Context, node, what string, u state.NodeUpdate) (*connect.Response[pb.NodeActionResponse], error) {
+	if _, err := requireAdmin(ctx, what); err != nil {
+		return nil, err
+	}
+	u.Time = h.s.now()
+	n, err := h.s.store.UpdateNode(ctx, node, u)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if cp := h.s.cluster.ControlPlane; cp != nil {
+		cp.Notify()
+	}
+	sbs, _ := h.s.store.ListSandboxes(ctx)
+	return connect.NewResponse(&pb.NodeActionResponse{Node: nodeToPB(n, sbs)}), nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func nodeToPB(n state.Node, sbs []state.Sandbox) *pb.Node {
+	out := &pb.Node{
+		Id: n.ID, Address: n.Address, Labels: n.Labels, Vcpus: int32(n.Capacity.VCPUs),
+		MemoryMib: int64(n.Capacity.MemoryMiB), DiskMib: int64(n.Capacity.DiskMiB), Accel: n.Accel,
+		Kernel: n.Kernel, Version: n.Version, Status: string(n.Status), StatusReason: n.StatusReason,
+		Cordoned: n.Cordoned, Draining: n.Draining, Images: n.Images,
+		RegisteredAt: timestamppb.New(n.RegisteredAt), UpdatedAt: timestamppb.New(n.UpdatedAt),
+	}
+	for _, sb := range sbs {
+		if sb.Node != n.ID || sb.Status.Terminal() {
+			continue
+		}
+		r := SandboxResources(sb.Spec)
+		out.UsedVcpus += int32(r.VCPUs)
+		out.UsedMemoryMib += int64(r.MemoryMiB)
+		out.Sandboxes++
+	}
+	return out
+}
+
+// SandboxResources is what a sandbox reserves on its node, with the defaults a node
+// applies to a request that names none.
+func SandboxResources(spec state.SandboxSpec) state.Resources {
+	r := state.Resources{VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, DiskMiB: spec.DiskMiB}
+	if r.VCPUs <= 0 {
+		r.VCPUs = 1
+	}
+	if r.MemoryMiB <= 0 {
+		r.MemoryMiB = 256
+	}
+	return r
+}
+
+// EnableCluster makes this server a cluster member (see ClusterOptions). Call before
+// Handler.
+func (s *Server) EnableCluster(o ClusterOptions) {
+	if o.HeartbeatInterval == 0 {
+		o.HeartbeatInterval = 5 * time.Second
+	}
+	s.cluster = o
+}
