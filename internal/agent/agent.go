@@ -241,7 +241,8 @@ type sandbox struct {
 	guest    *client.Client
 	main     *client.Session
 	proc     process // the main process as resolved; exec inherits from it
-	stopping string  // why a stop was requested; "" if none
+	spec     state.SandboxSpec
+	stopping string // why a stop was requested; "" if none
 	stopCode int
 	done     chan struct{}
 }
@@ -262,7 +263,7 @@ func (a *Agent) Start(sb state.Sandbox) error {
 		a.mu.Unlock()
 		return err
 	}
-	s := &sandbox{id: sb.ID, dir: filepath.Join(a.runRoot(), sb.ID), log: w, ready: make(chan struct{}), done: make(chan struct{})}
+	s := &sandbox{id: sb.ID, dir: filepath.Join(a.runRoot(), sb.ID), log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: sb.Spec}
 	s.ctx, s.cancel = context.WithCancel(a.ctx)
 	a.live[sb.ID] = s
 	a.mu.Unlock()
@@ -624,6 +625,18 @@ func (a *Agent) lookup(id string) (*sandbox, error) {
 		return nil, fmt.Errorf("sandbox %s: %w", id, ErrNotRunning)
 	}
 	return s, nil
+}
+
+// NodeName is the name this node goes by in the cluster.
+func (a *Agent) NodeName() string { return a.cfg.Node }
+
+// Spec returns the spec of a sandbox live on this node.
+func (a *Agent) Spec(id string) (state.SandboxSpec, bool) {
+	s, err := a.lookup(id)
+	if err != nil {
+		return state.SandboxSpec{}, false
+	}
+	return s.spec, true
 }
 
 // Live returns the writer of a sandbox's log while it runs on this node (nil otherwise), so

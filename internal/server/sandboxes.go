@@ -146,6 +146,32 @@ func (h *sandboxService) Attach(ctx context.Context, stream *connect.BidiStream[
 	if err != nil {
 		return toConnectError(err)
 	}
+	if !h.s.isLocal(sb) {
+		// A new sandbox waits for a node; attach once the node has it.
+		if sb, err = h.s.waitStarted(ctx, sb.ID); err != nil {
+			return toConnectError(err)
+		}
+		return h.s.attachRemote(ctx, sb, first, stream)
+	}
+	return attachLocal(ctx, h.s.agent, sb.ID, sb.Spec.Stdin, stream, func(ctx context.Context) (*pb.Exit, error) {
+		sb, err := h.s.store.GetSandbox(ctx, sb.ID)
+		if err != nil {
+			return nil, err
+		}
+		return exitOf(sb), nil
+	})
+}
+
+// attachStream is the server side of an Attach call.
+type attachStream interface {
+	Receive() (*pb.AttachRequest, error)
+	Send(*pb.AttachResponse) error
+}
+
+// attachLocal serves an attach to a sandbox on this node: it replays and follows the
+// output, forwards stdin, resizes and signals, and, when the sandbox's run on this node is
+// over, sends the exit that finalExit returns (none when it returns nil).
+func attachLocal(ctx context.Context, ag *agent.Agent, id string, stdin bool, stream attachStream, finalExit func(context.Context) (*pb.Exit, error)) error {
 	var sendMu sync.Mutex
 	send := func(r *pb.AttachResponse) error {
 		sendMu.Lock()
@@ -161,24 +187,24 @@ func (h *sandboxService) Attach(ctx context.Context, stream *connect.BidiStream[
 		for {
 			msg, err := stream.Receive()
 			if err != nil {
-				if main != nil && sb.Spec.Stdin && errors.Is(err, io.EOF) {
+				if main != nil && stdin && errors.Is(err, io.EOF) {
 					_ = main.Stdin().Close()
 				}
 				return
 			}
 			if main == nil {
-				main, err = h.s.agent.MainSession(inputCtx, sb.ID)
+				main, err = ag.MainSession(inputCtx, id)
 				if err != nil {
 					return
 				}
 			}
 			switch m := msg.Msg.(type) {
 			case *pb.AttachRequest_Stdin:
-				if sb.Spec.Stdin {
+				if stdin {
 					_, _ = main.Stdin().Write(m.Stdin)
 				}
 			case *pb.AttachRequest_StdinClose:
-				if sb.Spec.Stdin {
+				if stdin {
 					_ = main.Stdin().Close()
 				}
 			case *pb.AttachRequest_Resize:
@@ -189,7 +215,7 @@ func (h *sandboxService) Attach(ctx context.Context, stream *connect.BidiStream[
 		}
 	}()
 
-	err = sandboxlog.Read(ctx, h.s.agent.LogPath(sb.ID), h.s.agent.Live(sb.ID), func(r sandboxlog.Record) error {
+	err := sandboxlog.Read(ctx, ag.LogPath(id), ag.Live(id), func(r sandboxlog.Record) error {
 		return send(&pb.AttachResponse{Msg: &pb.AttachResponse_Output{Output: &pb.Output{Stream: int32(r.Stream), Data: r.Data}}})
 	})
 	if err != nil {
@@ -198,15 +224,15 @@ func (h *sandboxService) Attach(ctx context.Context, stream *connect.BidiStream[
 	// The log closes when the sandbox goroutine ends; the final status is written just
 	// before, but wait for it to be sure the exit we report is the recorded one.
 	select {
-	case <-h.s.agent.Done(sb.ID):
+	case <-ag.Done(id):
 	case <-ctx.Done():
 		return toConnectError(ctx.Err())
 	}
-	sb, err = h.s.store.GetSandbox(ctx, sb.ID)
-	if err != nil {
+	exit, err := finalExit(ctx)
+	if err != nil || exit == nil {
 		return toConnectError(err)
 	}
-	return send(&pb.AttachResponse{Msg: &pb.AttachResponse_Exit{Exit: exitOf(sb)}})
+	return send(&pb.AttachResponse{Msg: &pb.AttachResponse_Exit{Exit: exit}})
 }
 
 func exitOf(sb state.Sandbox) *pb.Exit {
@@ -218,12 +244,23 @@ func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsR
 	if err != nil {
 		return toConnectError(err)
 	}
-	var live *sandboxlog.Writer
-	if req.Msg.GetFollow() {
-		live = h.s.agent.Live(sb.ID)
+	if !h.s.isLocal(sb) {
+		if sb.Node == "" {
+			return nil // not placed yet: no output
+		}
+		return h.s.logsRemote(ctx, sb, req.Msg, stream)
 	}
-	err = sandboxlog.Read(ctx, h.s.agent.LogPath(sb.ID), live, func(r sandboxlog.Record) error {
-		return stream.Send(&pb.LogsResponse{Output: &pb.Output{Stream: int32(r.Stream), Data: r.Data}})
+	return logsLocal(ctx, h.s.agent, sb.ID, req.Msg.GetFollow(), stream.Send)
+}
+
+// logsLocal replays (and with follow, follows) the output of a sandbox on this node.
+func logsLocal(ctx context.Context, ag *agent.Agent, id string, follow bool, send func(*pb.LogsResponse) error) error {
+	var live *sandboxlog.Writer
+	if follow {
+		live = ag.Live(id)
+	}
+	err := sandboxlog.Read(ctx, ag.LogPath(id), live, func(r sandboxlog.Record) error {
+		return send(&pb.LogsResponse{Output: &pb.Output{Stream: int32(r.Stream), Data: r.Data}})
 	})
 	return toConnectError(err)
 }
@@ -247,8 +284,23 @@ func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb
 	if sb.Status != state.StatusRunning {
 		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s, not running", sb.ID, sb.Status))
 	}
+	if !h.s.isLocal(sb) {
+		return h.s.execRemote(ctx, sb, first, stream)
+	}
+	return execLocal(ctx, h.s.agent, sb.ID, start, stream)
+}
+
+// execStream is the server side of an Exec call.
+type execStream interface {
+	Receive() (*pb.ExecRequest, error)
+	Send(*pb.ExecResponse) error
+}
+
+// execLocal runs an exec session in a sandbox on this node and streams it.
+func execLocal(ctx context.Context, ag *agent.Agent, id string, start *pb.ExecStart, stream execStream) error {
+	sb := struct{ ID string }{id}
 	env := start.GetEnv()
-	sess, err := h.s.agent.Exec(ctx, sb.ID, proto.ExecRequest{
+	sess, err := ag.Exec(ctx, sb.ID, proto.ExecRequest{
 		Argv: start.GetArgv(), Env: env, Dir: start.GetWorkingDir(), User: start.GetUser(),
 		TTY: start.GetTty(), Stdin: start.GetStdin(), Rows: uint16(start.GetRows()), Cols: uint16(start.GetCols()),
 	})

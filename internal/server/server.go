@@ -32,6 +32,7 @@ type Server struct {
 	now   func() time.Time
 	// cluster is set by EnableCluster; its CA is nil on a single-node dev server.
 	cluster ClusterOptions
+	nodes   nodeClients
 }
 
 // New wires a server over an open store and a running agent. API tokens live in the
