@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -114,4 +115,33 @@ func (a *Agent) background(fn func(ctx context.Context)) {
 		defer cancel()
 		fn(ctx)
 	}()
+}
+
+// Running returns the IDs of the sandboxes live on this node.
+func (a *Agent) Running() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	ids := make([]string, 0, len(a.live))
+	for id := range a.live {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// ImageDigests returns the digests of the images whose root disk this node holds, for
+// the scheduler's locality preference.
+func (a *Agent) ImageDigests(ctx context.Context) []string {
+	imgs, err := a.images.List(ctx)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, img := range imgs {
+		if img.RootDisk != "" && !slices.Contains(out, img.Digest) {
+			out = append(out, img.Digest)
+		}
+	}
+	slices.Sort(out)
+	return out
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -20,6 +21,9 @@ func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.Pu
 	if err := checkImageSource(ctx, req.Msg.GetRef()); err != nil {
 		return err
 	}
+	if h.s.agent == nil {
+		return errNoLocalNode
+	}
 	img, err := h.s.agent.Images().Pull(ctx, req.Msg.GetRef(), image.PullOptions{
 		InsecureRegistries: req.Msg.GetInsecureRegistries(),
 		Progress: func(p image.Progress) {
@@ -35,6 +39,9 @@ func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.Pu
 }
 
 func (h *imageService) ListImages(ctx context.Context, _ *connect.Request[pb.ListImagesRequest]) (*connect.Response[pb.ListImagesResponse], error) {
+	if h.s.agent == nil {
+		return nil, errNoLocalNode
+	}
 	imgs, err := h.s.agent.Images().List(ctx)
 	if err != nil {
 		return nil, toConnectError(err)
@@ -51,6 +58,9 @@ func (h *imageService) RemoveImage(ctx context.Context, req *connect.Request[pb.
 	if _, err := requireAdmin(ctx, "removing an image"); err != nil {
 		return nil, err
 	}
+	if h.s.agent == nil {
+		return nil, errNoLocalNode
+	}
 	if err := h.s.agent.Images().Remove(ctx, req.Msg.GetRef()); err != nil {
 		return nil, toConnectError(fmt.Errorf("remove image %s: %w", req.Msg.GetRef(), err))
 	}
@@ -65,6 +75,21 @@ func imageToPB(img image.Image) *pb.Image {
 type systemService struct{ s *Server }
 
 func (h *systemService) Info(ctx context.Context, _ *connect.Request[pb.InfoRequest]) (*connect.Response[pb.InfoResponse], error) {
+	if h.s.agent == nil {
+		id, _ := h.s.store.Leader()
+		nodes := h.s.store.LocalNodes()
+		resp := &pb.InfoResponse{Version: Version, Node: fmt.Sprintf("cluster (leader %s, %d nodes)", id, len(nodes))}
+		for _, n := range nodes {
+			resp.NodeVcpus += int32(n.Capacity.VCPUs)
+			resp.NodeMemoryMib += int64(n.Capacity.MemoryMiB)
+			resp.MaxVcpus = max(resp.MaxVcpus, int32(n.Capacity.VCPUs))
+			resp.MaxMemoryMib = max(resp.MaxMemoryMib, int32(n.Capacity.MemoryMiB))
+			if resp.Accel == "" {
+				resp.Accel, resp.KernelRelease = n.Accel, n.Kernel
+			}
+		}
+		return connect.NewResponse(resp), nil
+	}
 	i := h.s.agent.Info()
 	return connect.NewResponse(&pb.InfoResponse{
 		Version: Version, Node: i.Node, Accel: i.Accel, AccelReason: i.AccelReason,
@@ -83,3 +108,8 @@ func checkImageSource(ctx context.Context, ref string) error {
 	_, err := requireAdmin(ctx, "a local image source ("+image.OCIPrefix+" or "+image.DockerArchivePrefix+", read from the server's filesystem)")
 	return err
 }
+
+// errNoLocalNode answers image calls on a cluster server: images live on the nodes, which
+// pull them when a sandbox starts there.
+var errNoLocalNode = connect.NewError(connect.CodeFailedPrecondition,
+	errors.New("this server runs no sandboxes: images are pulled by each node when a sandbox starts there (see `fireworks node ls` for what nodes hold)"))

@@ -17,6 +17,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/sandboxlog"
+	"github.com/fireworks-sandbox/fireworks/internal/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
 
@@ -34,7 +35,12 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if err := validName(req.Msg.GetName()); err != nil {
 		return nil, toConnectError(err)
 	}
-	if err := h.s.agent.Validate(&spec); err != nil {
+	if h.s.agent != nil {
+		err = h.s.agent.Validate(&spec)
+	} else {
+		err = validateClusterSpec(&spec)
+	}
+	if err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
 	now := h.s.now()
@@ -45,10 +51,14 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if err := h.s.store.CreateSandbox(ctx, sb); err != nil {
 		return nil, toConnectError(fmt.Errorf("create sandbox: %w", err))
 	}
-	if err := h.s.agent.Start(sb); err != nil {
-		st := state.StatusFailed
-		_, _ = h.s.store.UpdateSandbox(ctx, sb.ID, state.Update{Status: &st, Reason: err.Error(), Time: h.s.now()})
-		return nil, toConnectError(err)
+	if h.s.agent != nil {
+		if err := h.s.agent.Start(sb); err != nil {
+			st := state.StatusFailed
+			_, _ = h.s.store.UpdateSandbox(ctx, sb.ID, state.Update{Status: &st, Reason: err.Error(), Time: h.s.now()})
+			return nil, toConnectError(err)
+		}
+	} else if cp := h.s.cluster.ControlPlane; cp != nil {
+		cp.Notify() // place it now rather than at the next periodic pass
 	}
 	got, err := h.s.store.GetSandbox(ctx, sb.ID)
 	if err != nil {
@@ -97,7 +107,7 @@ func (h *sandboxService) StopSandbox(ctx context.Context, req *connect.Request[p
 		return nil, toConnectError(invalid("grace %s must be between 0 and 10m", grace))
 	}
 	if !sb.Status.Terminal() {
-		if err := h.s.agent.Stop(ctx, sb.ID, grace); err != nil && !errors.Is(err, agent.ErrNotRunning) {
+		if err := h.s.stop(ctx, sb, grace); err != nil {
 			return nil, toConnectError(fmt.Errorf("stop sandbox %s: %w", sb.ID, err))
 		}
 	}
@@ -118,12 +128,16 @@ func (h *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request
 			return nil, connect.NewError(connect.CodeFailedPrecondition,
 				fmt.Errorf("sandbox %s is %s: stop it first or use rm -f", sb.ID, sb.Status))
 		}
-		if err := h.s.agent.Stop(ctx, sb.ID, 0); err != nil && !errors.Is(err, agent.ErrNotRunning) {
+		if err := h.s.stop(ctx, sb, 0); err != nil {
 			return nil, toConnectError(fmt.Errorf("kill sandbox %s: %w", sb.ID, err))
 		}
 	}
-	if err := h.s.agent.Remove(sb.ID); err != nil {
-		return nil, toConnectError(err)
+	// A local sandbox's files go now; a remote node removes its own when the record is
+	// gone from its assignments.
+	if h.s.agent != nil && h.s.isLocal(sb) {
+		if err := h.s.agent.Remove(sb.ID); err != nil {
+			return nil, toConnectError(err)
+		}
 	}
 	if err := h.s.store.DeleteSandbox(ctx, sb.ID); err != nil {
 		return nil, toConnectError(err)
@@ -416,6 +430,8 @@ func specFromPB(p *pb.SandboxSpec) state.SandboxSpec {
 		Image: p.GetImage(), Cmd: p.GetCmd(), Env: p.GetEnv(), WorkingDir: p.GetWorkingDir(),
 		User: p.GetUser(), VCPUs: int(p.GetVcpus()), MemoryMiB: int(p.GetMemoryMib()),
 		TTY: p.GetTty(), Stdin: p.GetStdin(), InsecureRegistries: p.GetInsecureRegistries(),
+		Restart: state.RestartPolicy(p.GetRestart()), Constraints: p.GetConstraints(), Spread: p.GetSpread(),
+		DiskMiB: int(p.GetDiskMib()),
 	}
 	if p.GetEntrypointSet() {
 		spec.Entrypoint = append([]string{}, p.GetEntrypoint()...)
@@ -434,6 +450,8 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 		Image: sb.Spec.Image, Cmd: sb.Spec.Cmd, Env: sb.Spec.Env, WorkingDir: sb.Spec.WorkingDir,
 		User: sb.Spec.User, Vcpus: int32(sb.Spec.VCPUs), MemoryMib: int32(sb.Spec.MemoryMiB),
 		Tty: sb.Spec.TTY, Stdin: sb.Spec.Stdin, InsecureRegistries: sb.Spec.InsecureRegistries,
+		Restart: string(sb.Spec.Restart), Constraints: sb.Spec.Constraints, Spread: sb.Spec.Spread,
+		DiskMib: int32(sb.Spec.DiskMiB),
 	}
 	if sb.Spec.Entrypoint != nil {
 		spec.EntrypointSet, spec.Entrypoint = true, sb.Spec.Entrypoint
@@ -476,4 +494,72 @@ func (s *Server) lookup(ctx context.Context, ref string) (state.Sandbox, error) 
 			fmt.Errorf("sandbox %q belongs to another token; a user token acts only on its own sandboxes", ref))
 	}
 	return sb, nil
+}
+
+// stop ends a sandbox that is not over yet and returns once it is recorded as over (or ctx
+// ends). On this process's own node it stops the VM directly; elsewhere it records the
+// request, which the node acts on (SIGTERM, then a kill after grace).
+func (s *Server) stop(ctx context.Context, sb state.Sandbox, grace time.Duration) error {
+	if s.agent != nil && s.isLocal(sb) {
+		if err := s.agent.Stop(ctx, sb.ID, grace); err != nil && !errors.Is(err, agent.ErrNotRunning) {
+			return err
+		}
+		if sb.Status == state.StatusPending && sb.Node == "" {
+			// Never started here: nothing runs, so record the stop itself.
+			return s.recordStoppedBeforeStart(ctx, sb.ID)
+		}
+		return nil
+	}
+	if _, err := s.store.UpdateSandbox(ctx, sb.ID, state.Update{StopGrace: &grace, Time: s.now()}); err != nil {
+		return err
+	}
+	if sb.Status == state.StatusPending && sb.Node == "" {
+		return s.recordStoppedBeforeStart(ctx, sb.ID)
+	}
+	if cp := s.cluster.ControlPlane; cp != nil {
+		cp.Notify()
+	}
+	wctx, cancel := context.WithTimeout(ctx, grace+30*time.Second)
+	defer cancel()
+	_, err := s.waitFor(wctx, sb.ID, func(sb state.Sandbox) bool { return sb.Status.Terminal() })
+	if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+		return fmt.Errorf("node %s has not confirmed the stop yet; it stops the sandbox when it reconnects", sb.Node)
+	}
+	return err
+}
+
+func (s *Server) recordStoppedBeforeStart(ctx context.Context, id string) error {
+	st, code := state.StatusExited, 128+15
+	_, err := s.store.UpdateSandbox(ctx, id, state.Update{Status: &st, Reason: "stopped by request before it started", ExitCode: &code, Time: s.now()})
+	if errors.Is(err, state.ErrInvalidTransition) {
+		return nil // it moved on meanwhile; the node handles the request
+	}
+	return err
+}
+
+// validateClusterSpec checks a request on a cluster server, where no single node's limits
+// apply: absurd amounts are refused, the rest is the scheduler's business (a sandbox that
+// fits no node stays pending with the reason).
+func validateClusterSpec(spec *state.SandboxSpec) error {
+	r := SandboxResources(*spec)
+	spec.VCPUs, spec.MemoryMiB = r.VCPUs, r.MemoryMiB
+	switch {
+	case spec.VCPUs > 1024:
+		return fmt.Errorf("--cpus %d is more than any node has (limit 1024)", spec.VCPUs)
+	case spec.MemoryMiB < 128 || spec.MemoryMiB > 4<<20:
+		return fmt.Errorf("--memory %dMiB is outside 128 MiB..4 TiB", spec.MemoryMiB)
+	case spec.DiskMiB < 0 || spec.DiskMiB > 64<<20:
+		return fmt.Errorf("disk %dMiB is outside 0..64 TiB", spec.DiskMiB)
+	case spec.Timeout < 0:
+		return fmt.Errorf("--timeout %s is negative", spec.Timeout)
+	}
+	if _, err := state.ParseRestartPolicy(string(spec.Restart)); err != nil {
+		return err
+	}
+	for _, c := range spec.Constraints {
+		if _, err := scheduler.ParseConstraint(c); err != nil {
+			return err
+		}
+	}
+	return agent.ValidateEnv(spec.Env)
 }

@@ -1,0 +1,328 @@
+package agentlink
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+)
+
+// Link is the node's connection to the servers. It implements the agent's Store: progress
+// reports go to the leader (retried until committed), reads come from the latest
+// assignment set.
+type Link struct {
+	id     *Identity
+	log    *slog.Logger
+	dialer *leaderDialer
+	tr     *http.Transport
+	client fireworksv1connect.NodeServiceClient
+
+	mu       sync.Mutex
+	assigned []state.Sandbox
+	have     chan struct{} // closed once the first assignment set arrived
+	haveOnce sync.Once
+}
+
+// New prepares a link to servers (API addresses, host:port).
+func New(id *Identity, servers []string, log *slog.Logger) *Link {
+	if log == nil {
+		log = slog.Default()
+	}
+	d := &leaderDialer{addrs: slices.Clone(servers), tlsFor: func(host string) *tls.Config {
+		cfg := pki.ClientTLS(id.CA, &id.Cert, host)
+		cfg.NextProtos = []string{"h2"}
+		return cfg
+	}}
+	tr := &http.Transport{DialTLSContext: d.DialTLSContext, ForceAttemptHTTP2: true}
+	l := &Link{id: id, log: log.With("component", "agentlink"), dialer: d, tr: tr, have: make(chan struct{})}
+	l.client = fireworksv1connect.NewNodeServiceClient(&http.Client{Transport: tr}, "https://fireworks-servers")
+	return l
+}
+
+// follow handles a follower's "not the leader" answer: the next connection goes to the
+// leader it named.
+func (l *Link) follow(err error) {
+	var ce *connect.Error
+	if errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable {
+		if leader := ce.Meta().Get(leaderHeader); leader != "" {
+			l.dialer.prefer(leader)
+		} else {
+			l.dialer.skip()
+		}
+		l.tr.CloseIdleConnections()
+	}
+}
+
+// UpdateSandbox reports progress of a sandbox to the leader, retrying until it is
+// committed, ctx ends, or the server refuses it for good (the sandbox is gone or moved).
+func (l *Link) UpdateSandbox(ctx context.Context, id string, u state.Update) (state.Sandbox, error) {
+	body, err := json.Marshal(u)
+	if err != nil {
+		return state.Sandbox{}, err
+	}
+	backoff := 200 * time.Millisecond
+	for {
+		_, err := l.client.ReportSandbox(ctx, connect.NewRequest(&pb.ReportSandboxRequest{Sandbox: id, UpdateJson: body}))
+		if err == nil {
+			return l.GetSandbox(ctx, id)
+		}
+		var ce *connect.Error
+		if errors.As(err, &ce) {
+			switch ce.Code() {
+			case connect.CodeNotFound, connect.CodePermissionDenied, connect.CodeInvalidArgument, connect.CodeFailedPrecondition, connect.CodeUnauthenticated:
+				return state.Sandbox{}, fmt.Errorf("report sandbox %s: %w", id, err)
+			}
+		}
+		l.follow(err)
+		select {
+		case <-ctx.Done():
+			return state.Sandbox{}, fmt.Errorf("report sandbox %s: %w (last error: %v)", id, ctx.Err(), err)
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+// GetSandbox returns a sandbox from the latest assignment set.
+func (l *Link) GetSandbox(ctx context.Context, id string) (state.Sandbox, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, sb := range l.assigned {
+		if sb.ID == id {
+			return sb, nil
+		}
+	}
+	return state.Sandbox{}, fmt.Errorf("sandbox %s is not assigned to this node: %w", id, state.ErrNotFound)
+}
+
+// ListSandboxes returns the node's assignment set, fetching it first if none arrived yet
+// (the agent's recovery at start runs before Run).
+func (l *Link) ListSandboxes(ctx context.Context) ([]state.Sandbox, error) {
+	select {
+	case <-l.have:
+	default:
+		if err := l.fetchOnce(ctx); err != nil {
+			return nil, err
+		}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.assigned), nil
+}
+
+func (l *Link) fetchOnce(ctx context.Context) error {
+	backoff := 200 * time.Millisecond
+	for {
+		sctx, cancel := context.WithCancel(ctx)
+		st, err := l.client.WatchAssignments(sctx, connect.NewRequest(&pb.WatchAssignmentsRequest{Node: l.id.Node}))
+		if err == nil && st.Receive() {
+			err = l.setAssigned(st.Msg())
+			cancel()
+			st.Close()
+			return err
+		}
+		if err == nil {
+			err = st.Err()
+			st.Close()
+		}
+		cancel()
+		l.follow(err)
+		l.log.Warn("fetch assignments", "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("fetch this node's assignments: %w (last error: %v)", ctx.Err(), err)
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+func (l *Link) setAssigned(m *pb.Assignments) error {
+	var out []state.Sandbox
+	for _, b := range m.GetSandboxesJson() {
+		var sb state.Sandbox
+		if err := json.Unmarshal(b, &sb); err != nil {
+			return fmt.Errorf("decode assignment: %w", err)
+		}
+		if sb.Node != l.id.Node {
+			continue
+		}
+		out = append(out, sb)
+	}
+	l.mu.Lock()
+	l.assigned = out
+	l.mu.Unlock()
+	l.haveOnce.Do(func() { close(l.have) })
+	return nil
+}
+
+// Node describes this node at registration.
+type Node struct {
+	Info    func() *pb.Node
+	Images  func() []string
+	Running func() []string
+	// Reconcile is called with every assignment set.
+	Reconcile func(ctx context.Context, assigned []state.Sandbox)
+}
+
+// Run registers the node and keeps it connected until ctx ends: heartbeats, and
+// assignments applied through n.Reconcile. Connection failures are retried forever; a
+// server that no longer knows the node (or declared it down) gets a new registration.
+func (l *Link) Run(ctx context.Context, n Node) error {
+	backoff := 200 * time.Millisecond
+	for ctx.Err() == nil {
+		err := l.session(ctx, n)
+		if ctx.Err() != nil {
+			return nil
+		}
+		l.follow(err)
+		l.log.Warn("control plane connection lost; reconnecting", "err", err, "in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+	return nil
+}
+
+// session is one registration: it ends with the first error.
+func (l *Link) session(ctx context.Context, n Node) error {
+	info := n.Info()
+	info.Id = l.id.Node
+	info.Images = n.Images()
+	reg, err := l.client.Register(ctx, connect.NewRequest(&pb.RegisterRequest{Node: info, Running: n.Running()}))
+	if err != nil {
+		return fmt.Errorf("register: %w", err)
+	}
+	interval := reg.Msg.GetHeartbeatInterval().AsDuration()
+	if interval <= 0 {
+		interval = 5 * time.Second
+	}
+	l.log.Info("registered with the control plane", "node", l.id.Node, "heartbeat", interval)
+
+	sctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		last := info.Images
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-sctx.Done():
+				return
+			case <-t.C:
+			}
+			imgs := n.Images()
+			changed := !slices.Equal(imgs, last)
+			hctx, hcancel := context.WithTimeout(sctx, interval)
+			_, err := l.client.Heartbeat(hctx, connect.NewRequest(&pb.HeartbeatRequest{Node: l.id.Node, Images: imgs, ImagesChanged: changed}))
+			hcancel()
+			if err != nil {
+				if sctx.Err() == nil {
+					cancel(fmt.Errorf("heartbeat: %w", err))
+				}
+				return
+			}
+			last = imgs
+		}
+	}()
+
+	st, err := l.client.WatchAssignments(sctx, connect.NewRequest(&pb.WatchAssignmentsRequest{Node: l.id.Node}))
+	if err != nil {
+		return fmt.Errorf("watch assignments: %w", err)
+	}
+	defer st.Close()
+	for st.Receive() {
+		if err := l.setAssigned(st.Msg()); err != nil {
+			return err
+		}
+		l.mu.Lock()
+		cur := slices.Clone(l.assigned)
+		l.mu.Unlock()
+		n.Reconcile(sctx, cur)
+	}
+	if cause := context.Cause(sctx); cause != nil && !errors.Is(cause, context.Canceled) {
+		return cause
+	}
+	if err := st.Err(); err != nil {
+		return fmt.Errorf("watch assignments: %w", err)
+	}
+	return errors.New("the server ended the assignment stream")
+}
+
+// leaderDialer dials the servers in turn (TLS with each server's own name), starting
+// with the one most recently named leader or that last answered.
+type leaderDialer struct {
+	tlsFor func(host string) *tls.Config
+	mu     sync.Mutex
+	addrs  []string
+	next   int
+}
+
+func (d *leaderDialer) prefer(addr string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	i := slices.Index(d.addrs, addr)
+	if i < 0 {
+		d.addrs = append(d.addrs, addr)
+		i = len(d.addrs) - 1
+	}
+	d.next = i
+}
+
+func (d *leaderDialer) skip() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.addrs) > 0 {
+		d.next = (d.next + 1) % len(d.addrs)
+	}
+}
+
+func (d *leaderDialer) DialTLSContext(ctx context.Context, network, _ string) (net.Conn, error) {
+	d.mu.Lock()
+	addrs, start := slices.Clone(d.addrs), d.next
+	d.mu.Unlock()
+	var errs []error
+	for i := range addrs {
+		idx := (start + i) % len(addrs)
+		host, _, err := net.SplitHostPort(addrs[idx])
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		conn, err := (&tls.Dialer{NetDialer: &net.Dialer{}, Config: d.tlsFor(host)}).DialContext(dctx, network, addrs[idx])
+		cancel()
+		if err == nil {
+			d.mu.Lock()
+			d.next = idx
+			d.mu.Unlock()
+			return conn, nil
+		}
+		errs = append(errs, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, fmt.Errorf("no server answered: %w", errors.Join(errs...))
+}

@@ -1,0 +1,99 @@
+package cluster
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/agent"
+	"github.com/fireworks-sandbox/fireworks/internal/agentlink"
+	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/server"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+)
+
+// AgentConfig configures `fireworks agent`.
+type AgentConfig struct {
+	// Servers are the servers' API addresses (host:port); any one will do.
+	Servers   []string
+	JoinToken string
+	// Listen is the node's internal API (mutual TLS; servers relay attach/logs/exec to it).
+	Listen string
+	// Advertise is how servers reach Listen (host:port); default Listen.
+	Advertise string
+	Labels    map[string]string
+	// Agent is the node's runtime configuration (data dir, node name, limits...).
+	Agent agent.Config
+	Log   *slog.Logger
+}
+
+// RunAgent joins the cluster (first start) and runs the node until ctx ends.
+func RunAgent(ctx context.Context, cfg AgentConfig) error {
+	log := cfg.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	cfg.Agent.Logger = log
+	if cfg.Advertise == "" {
+		cfg.Advertise = cfg.Listen
+	}
+	id, err := agentlink.EnsureIdentity(ctx, filepath.Join(cfg.Agent.DataDir, "pki"), cfg.Agent.Node, cfg.JoinToken, cfg.Servers, []string{cfg.Advertise})
+	if err != nil {
+		return err
+	}
+	cfg.Agent.Node = id.Node
+	link := agentlink.New(id, cfg.Servers, log)
+	ag, err := agent.New(ctx, cfg.Agent, link)
+	if err != nil {
+		return err
+	}
+	defer ag.Close()
+
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	hs := &http.Server{Handler: server.NodeHandler(ag, log), TLSConfig: server.NodeTLS(id.CA, id.Cert), ReadHeaderTimeout: 10 * time.Second}
+	var wg sync.WaitGroup
+	ctx, cancel := context.WithCancel(ctx)
+	defer func() { cancel(); wg.Wait() }()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := hs.Serve(tls.NewListener(ln, hs.TLSConfig)); err != nil && err != http.ErrServerClosed {
+			log.Error("node API stopped", "err", err)
+			cancel()
+		}
+	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		<-ctx.Done()
+		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer scancel()
+		_ = hs.Shutdown(sctx)
+	}()
+
+	info := ag.Info()
+	log.Info("fireworks agent ready", "node", id.Node, "api", ln.Addr().String(), "accel", info.Accel, "servers", cfg.Servers)
+	return link.Run(ctx, agentlink.Node{
+		Info: func() *pb.Node {
+			i := ag.Info()
+			return &pb.Node{
+				Address: cfg.Advertise, Labels: cfg.Labels, Vcpus: int32(i.NodeVCPUs), MemoryMib: int64(i.MaxMemoryMiB),
+				Accel: i.Accel, Kernel: i.KernelRelease, Version: server.Version,
+			}
+		},
+		Images:  func() []string { return ag.ImageDigests(ctx) },
+		Running: ag.Running,
+		Reconcile: func(ctx context.Context, assigned []state.Sandbox) {
+			ag.Reconcile(ctx, assigned)
+		},
+	})
+}

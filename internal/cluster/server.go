@@ -1,0 +1,364 @@
+// Package cluster runs the multi-host processes: `fireworks server` (API, Raft state over
+// mutual TLS, the leader's control loops) and `fireworks agent` (a node that joins the
+// cluster and runs the sandboxes placed on it). The CLI only parses flags into these
+// configs.
+package cluster
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/auth"
+	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/server"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+)
+
+// Peer is one server of the cluster: its Raft ID, Raft address and API address.
+type Peer struct {
+	ID      string
+	Raft    string
+	API     string
+	IsLocal bool
+}
+
+// ParsePeers reads "id=raft-host:port[/api-host:port],..." (a DNS name is kept as
+// written, for a Kubernetes headless Service). A missing API address is the Raft host
+// with apiPort.
+func ParsePeers(s string, apiPort string) ([]Peer, error) {
+	var out []Peer
+	seen := map[string]bool{}
+	for _, part := range strings.Split(s, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		id, rest, ok := strings.Cut(part, "=")
+		if !ok || id == "" || rest == "" {
+			return nil, fmt.Errorf("peer %q: want id=host:port[/api-host:port]", part)
+		}
+		if seen[id] {
+			return nil, fmt.Errorf("peer %q listed twice", id)
+		}
+		seen[id] = true
+		raftAddr, apiAddr, _ := strings.Cut(rest, "/")
+		host, _, err := net.SplitHostPort(raftAddr)
+		if err != nil {
+			return nil, fmt.Errorf("peer %s: Raft address %q: %w", id, raftAddr, err)
+		}
+		if apiAddr == "" {
+			apiAddr = net.JoinHostPort(host, apiPort)
+		}
+		if _, _, err := net.SplitHostPort(apiAddr); err != nil {
+			return nil, fmt.Errorf("peer %s: API address %q: %w", id, apiAddr, err)
+		}
+		out = append(out, Peer{ID: id, Raft: raftAddr, API: apiAddr})
+	}
+	return out, nil
+}
+
+// ServerConfig configures `fireworks server`.
+type ServerConfig struct {
+	NodeID  string
+	DataDir string
+	// Listen is the API address (TLS; users with tokens, agents with certificates).
+	Listen string
+	// RaftListen is the Raft address (mutual TLS between servers).
+	RaftListen string
+	// Peers lists every server, this one included; empty means a cluster of one.
+	Peers []Peer
+	// CADir holds ca.pem and ca-key.pem, the same on every server. A missing CA is
+	// created only when InitCA is set (or for a cluster of one).
+	CADir  string
+	InitCA bool
+	// SANs are extra names and addresses for this server's certificate.
+	SANs []string
+	// BootstrapToken, when set, is an API token (fwk_...) the leader makes sure exists as
+	// an admin token, so operators hold a credential from the first start. Without it, a
+	// generated admin token is written to DataDir/admin-token by the server that creates it.
+	BootstrapToken string
+	// ControlPlane builds the leader's loops over the open store; nil runs none.
+	ControlPlane func(store *state.Store, log *slog.Logger) ControlPlane
+	Log          *slog.Logger
+	// Ready, if set, is called once the API serves.
+	Ready func(apiAddr string)
+}
+
+// ControlPlane is the leader's loops as the server runs them.
+type ControlPlane interface {
+	server.ControlPlane
+	Run(ctx context.Context) error
+}
+
+// RunServer runs a cluster server until ctx ends.
+func RunServer(ctx context.Context, cfg ServerConfig) error {
+	log := cfg.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	if cfg.NodeID == "" {
+		return errors.New("server needs a node ID")
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
+	}
+	if cfg.CADir == "" {
+		cfg.CADir = filepath.Join(cfg.DataDir, "ca")
+	}
+	peers := cfg.Peers
+	var self *Peer
+	for i := range peers {
+		if peers[i].ID == cfg.NodeID {
+			peers[i].IsLocal = true
+			self = &peers[i]
+		}
+	}
+	if len(peers) == 0 {
+		peers = []Peer{{ID: cfg.NodeID, Raft: cfg.RaftListen, API: cfg.Listen, IsLocal: true}}
+		self = &peers[0]
+	}
+	if self == nil {
+		return fmt.Errorf("this server (%s) is not in the peer list", cfg.NodeID)
+	}
+
+	var ca *pki.CA
+	var err error
+	if cfg.InitCA || len(peers) == 1 {
+		ca, err = pki.LoadOrCreateCA(cfg.CADir, "fireworks")
+	} else {
+		ca, err = pki.LoadCA(cfg.CADir)
+		if err != nil {
+			err = fmt.Errorf("%w (every server needs the same cluster CA: create one with `fireworks ca create DIR` and give it to each server with --ca-dir)", err)
+		}
+	}
+	if err != nil {
+		return err
+	}
+	cert, err := issueServerCert(ca, cfg.NodeID, *self, cfg.SANs)
+	if err != nil {
+		return err
+	}
+
+	trans, err := pki.NewRaftTransport(cfg.RaftListen, self.Raft, ca, cert, state.HCLogger(log, "raft-transport"))
+	if err != nil {
+		return fmt.Errorf("raft transport on %s: %w", cfg.RaftListen, err)
+	}
+	var statePeers []state.Peer
+	for _, p := range peers {
+		statePeers = append(statePeers, state.Peer{ID: p.ID, Address: p.Raft})
+	}
+	store, err := state.Open(ctx, state.Options{Dir: filepath.Join(cfg.DataDir, "state"), NodeID: cfg.NodeID,
+		Logger: log, Transport: trans, Peers: statePeers, LeaderTimeout: 2 * time.Minute})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	var cp ControlPlane
+	if cfg.ControlPlane != nil {
+		cp = cfg.ControlPlane(store, log)
+	}
+	apiOf := map[string]string{}
+	for _, p := range peers {
+		apiOf[p.ID] = p.API
+	}
+	srv := server.New(store, nil, log)
+	opts := server.ClusterOptions{
+		CA: ca,
+		AgentClientTLS: func(host string) *tls.Config {
+			return pki.ClientTLS(ca, &cert, host)
+		},
+		LeaderAPI: func(id string) string { return apiOf[id] },
+	}
+	if cp != nil {
+		opts.ControlPlane = cp
+	}
+	srv.EnableCluster(opts)
+
+	var wg sync.WaitGroup
+	ctx, cancel := context.WithCancel(ctx)
+	defer func() { cancel(); wg.Wait() }()
+	if cp != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := cp.Run(ctx); err != nil && ctx.Err() == nil {
+				log.Error("control plane stopped", "err", err)
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		ensureBootstrapToken(ctx, store, cfg, log)
+	}()
+
+	tlsCfg := pki.ServerTLS(ca, cert, false)
+	tlsCfg.NextProtos = []string{"h2", "http/1.1"}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	handler := forwardToLeader(store, srv.Handler(), apiOf, ca, cert, log)
+	hs := &http.Server{Handler: handler, TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(tls.NewListener(ln, tlsCfg)) }()
+	log.Info("fireworks server ready", "node", cfg.NodeID, "api", ln.Addr().String(), "raft", self.Raft, "peers", len(peers), "ca", ca.Fingerprint())
+	if cfg.Ready != nil {
+		cfg.Ready(ln.Addr().String())
+	}
+	select {
+	case <-ctx.Done():
+		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer scancel()
+		_ = hs.Shutdown(sctx)
+		return nil
+	case err := <-errc:
+		return fmt.Errorf("serve API on %s: %w", cfg.Listen, err)
+	}
+}
+
+// issueServerCert gives this server a certificate for every name it is reached by.
+func issueServerCert(ca *pki.CA, id string, self Peer, extra []string) (tls.Certificate, error) {
+	names := map[string]bool{"localhost": true, id: true}
+	ips := []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}
+	add := func(hostport string) {
+		h := hostport
+		if hh, _, err := net.SplitHostPort(hostport); err == nil {
+			h = hh
+		}
+		if ip := net.ParseIP(h); ip != nil {
+			if !ip.IsUnspecified() {
+				ips = append(ips, ip)
+			}
+		} else if h != "" {
+			names[h] = true
+		}
+	}
+	add(self.Raft)
+	add(self.API)
+	for _, s := range extra {
+		add(s)
+	}
+	if hn, err := os.Hostname(); err == nil {
+		names[hn] = true
+	}
+	var dns []string
+	for n := range names {
+		dns = append(dns, n)
+	}
+	certPEM, keyPEM, err := ca.Issue(pki.IssueRequest{CommonName: id, Role: pki.RoleServer, DNSNames: dns, IPs: ips})
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("issue this server's certificate: %w", err)
+	}
+	return pki.KeyPair(certPEM, keyPEM)
+}
+
+// ensureBootstrapToken makes sure an admin credential exists once this server leads.
+func ensureBootstrapToken(ctx context.Context, store *state.Store, cfg ServerConfig, log *slog.Logger) {
+	for ctx.Err() == nil {
+		if store.IsLeader() {
+			err := bootstrapToken(ctx, store, cfg, log)
+			if err == nil {
+				return
+			}
+			log.Warn("bootstrap admin token", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+func bootstrapToken(ctx context.Context, store *state.Store, cfg ServerConfig, log *slog.Logger) error {
+	if cfg.BootstrapToken != "" {
+		id, secret, err := auth.Parse(cfg.BootstrapToken)
+		if err != nil {
+			return fmt.Errorf("--bootstrap-token: %w", err)
+		}
+		if rec, err := store.GetToken(ctx, id); err == nil {
+			if !auth.Verify(rec, secret, time.Now()) {
+				return fmt.Errorf("--bootstrap-token: a different token with ID %s exists", id)
+			}
+			return nil
+		}
+		return store.CreateToken(ctx, state.Token{ID: id, Name: "bootstrap", Role: state.RoleAdmin,
+			SecretHash: auth.HashSecret(secret), CreatedAt: time.Now(), CreatedBy: "bootstrap"})
+	}
+	toks, err := store.ListTokens(ctx)
+	if err != nil {
+		return err
+	}
+	for _, t := range toks {
+		if t.Role == state.RoleAdmin {
+			return nil
+		}
+	}
+	path := filepath.Join(cfg.DataDir, "admin-token")
+	if _, err := server.EnsureAdminToken(ctx, store, path, "bootstrap"); err != nil {
+		return err
+	}
+	log.Info("created the first admin token", "file", path)
+	return nil
+}
+
+// forwardToLeader sends every user API call that reaches a follower to the leader, so
+// writes are committed there and reads are linearizable; agents' node protocol calls are
+// answered locally (with a leader hint) because their identity is their TLS certificate.
+func forwardToLeader(store *state.Store, local http.Handler, apiOf map[string]string, ca *pki.CA, cert tls.Certificate, log *slog.Logger) http.Handler {
+	nodePrefix := "/" + fireworksv1connect.NodeServiceName + "/"
+	var mu sync.Mutex
+	proxies := map[string]*httputil.ReverseProxy{}
+	proxyFor := func(addr string) *httputil.ReverseProxy {
+		mu.Lock()
+		defer mu.Unlock()
+		if p, ok := proxies[addr]; ok {
+			return p
+		}
+		host, _, _ := net.SplitHostPort(addr)
+		tcfg := pki.ClientTLS(ca, &cert, host)
+		tcfg.NextProtos = []string{"h2"}
+		target := &url.URL{Scheme: "https", Host: addr}
+		p := &httputil.ReverseProxy{
+			Rewrite: func(r *httputil.ProxyRequest) {
+				r.SetURL(target)
+				r.Out.Host = r.In.Host
+			},
+			Transport:     &http.Transport{TLSClientConfig: tcfg, ForceAttemptHTTP2: true},
+			FlushInterval: -1, // stream attach/exec/logs as they come
+			ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+				log.Warn("forward to leader", "leader", addr, "err", err)
+				http.Error(w, "the leader ("+addr+") is unreachable: "+err.Error(), http.StatusBadGateway)
+			},
+		}
+		proxies[addr] = p
+		return p
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if store.IsLeader() || strings.HasPrefix(r.URL.Path, nodePrefix) {
+			local.ServeHTTP(w, r)
+			return
+		}
+		id, _ := store.Leader()
+		addr := apiOf[id]
+		if addr == "" {
+			http.Error(w, "no leader elected yet; retry", http.StatusServiceUnavailable)
+			return
+		}
+		proxyFor(addr).ServeHTTP(w, r)
+	})
+}
