@@ -22,6 +22,7 @@ const (
 	cmdDeleteNode    cmdType = 7
 	cmdCreateToken   cmdType = 8
 	cmdDeleteToken   cmdType = 9
+	cmdPlace         cmdType = 10
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -50,6 +51,8 @@ func (t cmdType) String() string {
 		return "create-token"
 	case cmdDeleteToken:
 		return "delete-token"
+	case cmdPlace:
+		return "place-sandboxes"
 	}
 	return fmt.Sprintf("type-%d", byte(t))
 }

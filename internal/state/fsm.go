@@ -137,6 +137,12 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return err
 		}
 		return f.deleteToken(c.ID)
+	case cmdPlace:
+		var c placeSandboxesCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.placeSandboxes(c)
 	}
 	if t&cmdIgnorable != 0 {
 		f.log.Warn("skipping unknown ignorable state command; a newer server wrote it", "type", byte(t), "index", l.Index)

@@ -188,6 +188,9 @@ type Update struct {
 	Restart bool `json:"restart,omitempty"`
 	// StopGrace, when set, records a user's stop request (at Time) with this grace.
 	StopGrace *time.Duration `json:"stop_grace,omitempty"`
+	// PendingReason replaces the reason of a pending sandbox (why it waits, e.g. "no node
+	// fits: ...") without an event; ignored in any other status.
+	PendingReason *string `json:"pending_reason,omitempty"`
 	// Time is when the change happened (required). It is an input rather than read by the
 	// FSM so that every replica, and every replay, computes the same state.
 	Time time.Time `json:"time"`
@@ -276,6 +279,9 @@ func (sb *Sandbox) apply(u Update) error {
 		sb.StartedAt, sb.FinishedAt = time.Time{}, time.Time{}
 		sb.Runtime = nil
 		u.Status = nil // handled
+	}
+	if u.PendingReason != nil && sb.Status == StatusPending {
+		sb.Reason = *u.PendingReason
 	}
 	if u.StopGrace != nil && sb.StopRequestedAt.IsZero() {
 		sb.StopRequestedAt, sb.StopGrace = t, *u.StopGrace

@@ -3,6 +3,9 @@ package state
 import (
 	"context"
 	"fmt"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/scheduler"
 )
 
 // RegisterNode records a node's registration (or refreshes it) and marks it ready.
@@ -106,3 +109,24 @@ func (s *Store) LocalSandboxes() []Sandbox { return s.fsm.list() }
 
 // LocalNodes is LocalSandboxes for nodes.
 func (s *Store) LocalNodes() []Node { return s.fsm.listNodes() }
+
+// PlaceSandboxes commits placement plans; each is re-checked against the state at commit
+// time and applied only if it still fits (see PlanResult.Err).
+func (s *Store) PlaceSandboxes(ctx context.Context, plans []Plan, cfg scheduler.Config, now time.Time) ([]PlanResult, error) {
+	resp, err := s.apply(ctx, cmdPlace, placeSandboxesCmd{Plans: plans, Config: cfg, Time: now})
+	if err != nil {
+		return nil, fmt.Errorf("place sandboxes: %w", err)
+	}
+	out, ok := resp.([]PlanResult)
+	if !ok {
+		return nil, fmt.Errorf("place sandboxes: state machine answered %T", resp)
+	}
+	return out, nil
+}
+
+// SchedulerSnapshot returns the scheduler's view of this server's state.
+func (s *Store) SchedulerSnapshot() *scheduler.Snapshot {
+	s.fsm.mu.RLock()
+	defer s.fsm.mu.RUnlock()
+	return s.fsm.schedulerSnapshot()
+}
