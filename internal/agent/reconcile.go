@@ -36,6 +36,12 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 					}
 				})
 			}
+		case sb.Status.Terminal() && live:
+			// The control plane has given the sandbox up (its node was declared down
+			// and came back): it must not keep running here.
+			if a.markStopping(id) {
+				a.background(func(ctx context.Context) { _ = a.Stop(ctx, id, 0) })
+			}
 		case sb.Status == state.StatusPending && !live:
 			if !a.claimIncarnation(id, sb.Restarts) {
 				continue

@@ -2,6 +2,8 @@ package cli
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -22,6 +24,8 @@ import (
 type ClientConfig struct {
 	Server string `json:"server"`
 	Token  string `json:"token"`
+	// CA is the cluster CA certificate file (PEM) to trust for https:// servers.
+	CA string `json:"ca,omitempty"`
 }
 
 // DefaultServer is the address `fireworks dev` listens on by default.
@@ -57,6 +61,9 @@ func LoadClientConfig(flagServer, flagToken string) (ClientConfig, error) {
 	if v := os.Getenv("FIREWORKS_TOKEN"); v != "" {
 		cfg.Token = v
 	}
+	if v := os.Getenv("FIREWORKS_CA"); v != "" {
+		cfg.CA = v
+	}
 	if flagServer != "" {
 		cfg.Server = flagServer
 	}
@@ -86,6 +93,7 @@ type Client struct {
 	Images    fireworksv1connect.ImageServiceClient
 	System    fireworksv1connect.SystemServiceClient
 	Tokens    fireworksv1connect.TokenServiceClient
+	Cluster   fireworksv1connect.ClusterServiceClient
 	Server    string
 }
 
@@ -93,12 +101,25 @@ type Client struct {
 // attach and exec streams. cfg.Server may list several servers separated by commas; each
 // new connection goes to the first that accepts, starting with the last one that did, so
 // the CLI keeps working when a server (or the leader) goes away.
-func NewClient(cfg ClientConfig) *Client {
+func NewClient(cfg ClientConfig) (*Client, error) {
 	scheme, addrs := parseServers(cfg.Server)
-	var protocols http.Protocols
-	protocols.SetUnencryptedHTTP2(true)
 	fd := &failoverDialer{addrs: addrs}
-	tr := &http.Transport{Protocols: &protocols, DialContext: fd.DialContext}
+	var tr *http.Transport
+	if scheme == "https" {
+		// Cluster servers: TLS with the cluster CA, each server checked under its own name.
+		pool, err := caPool(cfg.CA)
+		if err != nil {
+			return nil, err
+		}
+		fd.tlsFor = func(host string) *tls.Config {
+			return &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ServerName: host, NextProtos: []string{"h2"}}
+		}
+		tr = &http.Transport{DialTLSContext: fd.DialContext, ForceAttemptHTTP2: true}
+	} else {
+		var protocols http.Protocols
+		protocols.SetUnencryptedHTTP2(true)
+		tr = &http.Transport{Protocols: &protocols, DialContext: fd.DialContext}
+	}
 	hc := &http.Client{Transport: tr}
 	base := scheme + "://" + addrs[0]
 	opts := []connect.ClientOption{connect.WithInterceptors(bearer(cfg.Token)), connect.WithReadMaxBytes(64 << 20)}
@@ -107,8 +128,25 @@ func NewClient(cfg ClientConfig) *Client {
 		Images:    fireworksv1connect.NewImageServiceClient(hc, base, opts...),
 		System:    fireworksv1connect.NewSystemServiceClient(hc, base, opts...),
 		Tokens:    fireworksv1connect.NewTokenServiceClient(hc, base, opts...),
+		Cluster:   fireworksv1connect.NewClusterServiceClient(hc, base, opts...),
 		Server:    strings.Join(addrs, ","),
+	}, nil
+}
+
+// caPool loads the cluster CA to trust; without one, the system roots are used.
+func caPool(file string) (*x509.CertPool, error) {
+	if file == "" {
+		return nil, nil
 	}
+	pem, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("read cluster CA %s: %w", file, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("cluster CA %s holds no PEM certificate", file)
+	}
+	return pool, nil
 }
 
 // parseServers splits "http://a:1,b:2" into the scheme (of the first entry, default http)
@@ -136,9 +174,11 @@ func parseServers(s string) (scheme string, addrs []string) {
 
 // failoverDialer dials the servers in turn, starting from the last one that answered.
 type failoverDialer struct {
-	addrs []string
-	mu    sync.Mutex
-	next  int
+	// tlsFor, when set, makes DialContext dial TLS with the server's own name.
+	tlsFor func(host string) *tls.Config
+	addrs  []string
+	mu     sync.Mutex
+	next   int
 }
 
 func (d *failoverDialer) DialContext(ctx context.Context, network, _ string) (net.Conn, error) {
@@ -149,7 +189,14 @@ func (d *failoverDialer) DialContext(ctx context.Context, network, _ string) (ne
 	for i := range d.addrs {
 		idx := (start + i) % len(d.addrs)
 		dctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		conn, err := (&net.Dialer{}).DialContext(dctx, network, d.addrs[idx])
+		var conn net.Conn
+		var err error
+		if d.tlsFor != nil {
+			host, _, _ := net.SplitHostPort(d.addrs[idx])
+			conn, err = (&tls.Dialer{Config: d.tlsFor(host)}).DialContext(dctx, network, d.addrs[idx])
+		} else {
+			conn, err = (&net.Dialer{}).DialContext(dctx, network, d.addrs[idx])
+		}
 		cancel()
 		if err == nil {
 			d.mu.Lock()

@@ -41,7 +41,7 @@ func (g *globals) client() (*Client, error) {
 	if cfg.Token == "" {
 		return nil, fmt.Errorf("no API token: start `fireworks dev` (it writes %s) or set FIREWORKS_TOKEN", ConfigPath())
 	}
-	return NewClient(cfg), nil
+	return NewClient(cfg)
 }
 
 // NewRoot builds the command tree.
@@ -59,6 +59,7 @@ func NewRoot() *cobra.Command {
 		newRunCmd(g), newPsCmd(g), newLogsCmd(g), newExecCmd(g), newInspectCmd(g),
 		newStopCmd(g), newRmCmd(g), newInfoCmd(g), newImageCmd(g), newDevCmd(g), newSetupCmd(g),
 		newDemoImageCmd(g), newTokenCmd(g),
+		newServerCmd(g), newAgentCmd(g), newNodeCmd(g), newCACmd(g),
 	)
 	return root
 }

@@ -92,7 +92,9 @@ type ServerConfig struct {
 	BootstrapToken string
 	// ControlPlane builds the leader's loops over the open store; nil runs none.
 	ControlPlane func(store *state.Store, log *slog.Logger) ControlPlane
-	Log          *slog.Logger
+	// HeartbeatInterval is how often agents beat (a third of the control plane's TTL).
+	HeartbeatInterval time.Duration
+	Log               *slog.Logger
 	// Ready, if set, is called once the API serves.
 	Ready func(apiAddr string)
 }
@@ -181,7 +183,8 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 		AgentClientTLS: func(host string) *tls.Config {
 			return pki.ClientTLS(ca, &cert, host)
 		},
-		LeaderAPI: func(id string) string { return apiOf[id] },
+		LeaderAPI:         func(id string) string { return apiOf[id] },
+		HeartbeatInterval: cfg.HeartbeatInterval,
 	}
 	if cp != nil {
 		opts.ControlPlane = cp

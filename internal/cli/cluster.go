@@ -1,0 +1,243 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+
+	"github.com/fireworks-sandbox/fireworks/internal/agent"
+	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/cluster"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane"
+	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+)
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func newServerCmd(g *globals) *cobra.Command {
+	var (
+		cfg                   cluster.ServerConfig
+		peers, logLevel, sans string
+		heartbeatTTL          time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "server",
+		Short: "Run a control-plane server (API, Raft-replicated state, scheduler) of a cluster",
+		Long: `Run one server of a Fireworks cluster. Give every server the same --peers list
+(id=raft-host:port[/api-host:port], comma-separated; DNS names are fine) and the same
+cluster CA (--ca-dir; create it once with ` + "`fireworks ca create DIR`" + `). Agents join with a
+join token from ` + "`fireworks token create --role join`" + `.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			log := newLogger(logLevel)
+			cfg.Log = log
+			_, apiPort, err := splitPort(cfg.Listen)
+			if err != nil {
+				return fmt.Errorf("--listen %q: %w", cfg.Listen, err)
+			}
+			if cfg.Peers, err = cluster.ParsePeers(peers, apiPort); err != nil {
+				return err
+			}
+			for _, s := range strings.Split(sans, ",") {
+				if s = strings.TrimSpace(s); s != "" {
+					cfg.SANs = append(cfg.SANs, s)
+				}
+			}
+			cfg.ControlPlane = func(store *state.Store, log *slog.Logger) cluster.ControlPlane {
+				return controlplane.New(store, controlplane.Config{HeartbeatTTL: heartbeatTTL}, log)
+			}
+			cfg.HeartbeatInterval = heartbeatTTL / 3
+			return cluster.RunServer(ctx, cfg)
+		},
+	}
+	host, _ := os.Hostname()
+	fl := cmd.Flags()
+	fl.StringVar(&cfg.NodeID, "node-id", envOr("FIREWORKS_NODE_ID", host), "this server's ID in the peer list ($FIREWORKS_NODE_ID)")
+	fl.StringVar(&cfg.DataDir, "data-dir", envOr("FIREWORKS_DATA_DIR", "/var/lib/fireworks-server"), "state directory")
+	fl.StringVar(&cfg.Listen, "listen", ":7766", "API address (TLS)")
+	fl.StringVar(&cfg.RaftListen, "raft-listen", ":7767", "Raft address (mutual TLS between servers)")
+	fl.StringVar(&peers, "peers", os.Getenv("FIREWORKS_PEERS"), "all servers: id=host:raft-port[/host:api-port],... ($FIREWORKS_PEERS; empty = a cluster of one)")
+	fl.StringVar(&cfg.CADir, "ca-dir", os.Getenv("FIREWORKS_CA_DIR"), "cluster CA directory, the same on every server (default DATA/ca)")
+	fl.BoolVar(&cfg.InitCA, "init-ca", false, "create the cluster CA if --ca-dir has none")
+	fl.StringVar(&sans, "san", "", "extra names/addresses for this server's certificate, comma-separated")
+	fl.StringVar(&cfg.BootstrapToken, "bootstrap-token", os.Getenv("FIREWORKS_BOOTSTRAP_TOKEN"), "an admin API token (fwk_...) to create at bootstrap ($FIREWORKS_BOOTSTRAP_TOKEN); default: one is generated into DATA/admin-token")
+	fl.DurationVar(&heartbeatTTL, "heartbeat-ttl", 15*time.Second, "a node silent this long is declared down (agents beat every third of it)")
+	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
+
+func splitPort(hostport string) (string, string, error) {
+	i := strings.LastIndex(hostport, ":")
+	if i < 0 {
+		return "", "", fmt.Errorf("want host:port")
+	}
+	return hostport[:i], hostport[i+1:], nil
+}
+
+func newAgentCmd(g *globals) *cobra.Command {
+	var (
+		cfg                                   cluster.AgentConfig
+		servers, labels, logLevel, accel, ini string
+	)
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run a node agent: join a cluster and run the sandboxes placed on this host",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			log := newLogger(logLevel)
+			cfg.Log = log
+			for _, s := range strings.Split(servers, ",") {
+				if s = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(s), "https://")); s != "" {
+					cfg.Servers = append(cfg.Servers, s)
+				}
+			}
+			if len(cfg.Servers) == 0 {
+				return fmt.Errorf("no servers: pass --server host:port[,host:port...] or set FIREWORKS_SERVER")
+			}
+			cfg.Labels = map[string]string{}
+			for _, kv := range strings.Split(labels, ",") {
+				if kv = strings.TrimSpace(kv); kv == "" {
+					continue
+				}
+				k, v, ok := strings.Cut(kv, "=")
+				if !ok || k == "" {
+					return fmt.Errorf("--label %q: want key=value", kv)
+				}
+				cfg.Labels[k] = v
+			}
+			a, err := accelFlag(accel)
+			if err != nil {
+				return err
+			}
+			initBin, err := findInitBinary(ini)
+			if err != nil {
+				return err
+			}
+			cfg.Agent.Accel, cfg.Agent.InitBinary = a, initBin
+			return cluster.RunAgent(ctx, cfg)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&servers, "server", os.Getenv("FIREWORKS_SERVER"), "servers' API addresses, comma-separated ($FIREWORKS_SERVER)")
+	fl.StringVar(&cfg.JoinToken, "join-token", os.Getenv("FIREWORKS_JOIN_TOKEN"), "join token for the first start ($FIREWORKS_JOIN_TOKEN)")
+	fl.StringVar(&cfg.Agent.DataDir, "data-dir", envOr("FIREWORKS_DATA_DIR", "/var/lib/fireworks-agent"), "node data directory")
+	fl.StringVar(&cfg.Agent.Node, "node", "", "node name (default: hostname; fixed by the node certificate once joined)")
+	fl.StringVar(&cfg.Listen, "listen", ":7768", "internal node API (mutual TLS)")
+	fl.StringVar(&cfg.Advertise, "advertise", "", "host:port servers reach the node API at (default --listen)")
+	fl.StringVar(&labels, "label", "", "node labels key=value, comma-separated (for --constraint)")
+	fl.StringVar(&accel, "accel", "auto", "accelerator: auto, kvm or tcg")
+	fl.StringVar(&ini, "init-binary", "", "guest init binary")
+	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
+
+var _ = agent.Config{}
+
+func newNodeCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "node", Short: "List and manage the cluster's nodes"}
+	ls := &cobra.Command{
+		Use: "ls", Short: "List nodes with their status and load", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			resp, err := c.Cluster.ListNodes(cmd.Context(), connect.NewRequest(&pb.ListNodesRequest{}))
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NODE\tSTATUS\tSCHEDULING\tSANDBOXES\tVCPUS\tMEMORY\tACCEL\tADDRESS")
+			for _, n := range resp.Msg.GetNodes() {
+				sched := "eligible"
+				switch {
+				case n.GetDraining():
+					sched = "draining"
+				case n.GetCordoned():
+					sched = "cordoned"
+				}
+				status := n.GetStatus()
+				if n.GetStatus() != "ready" && n.GetStatusReason() != "" {
+					status += " (" + n.GetStatusReason() + ")"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d/%d\t%d/%d MiB\t%s\t%s\n", n.GetId(), status, sched, n.GetSandboxes(),
+					n.GetUsedVcpus(), n.GetVcpus(), n.GetUsedMemoryMib(), n.GetMemoryMib(), n.GetAccel(), n.GetAddress())
+			}
+			return tw.Flush()
+		},
+	}
+	action := func(use, short string, call func(context.Context, *Client, string) (*pb.Node, error)) *cobra.Command {
+		return &cobra.Command{
+			Use: use + " NODE", Short: short, Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				c, err := g.client()
+				if err != nil {
+					return err
+				}
+				n, err := call(cmd.Context(), c, args[0])
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(g.stdout, "%s: status %s, cordoned %v, draining %v\n", n.GetId(), n.GetStatus(), n.GetCordoned(), n.GetDraining())
+				return nil
+			},
+		}
+	}
+	req := func(node string) *connect.Request[pb.NodeActionRequest] {
+		return connect.NewRequest(&pb.NodeActionRequest{Node: node})
+	}
+	cmd.AddCommand(ls,
+		action("cordon", "Stop placing new sandboxes on a node", func(ctx context.Context, c *Client, n string) (*pb.Node, error) {
+			r, err := c.Cluster.CordonNode(ctx, req(n))
+			return r.Msg.GetNode(), err
+		}),
+		action("uncordon", "Let a node take sandboxes again", func(ctx context.Context, c *Client, n string) (*pb.Node, error) {
+			r, err := c.Cluster.UncordonNode(ctx, req(n))
+			return r.Msg.GetNode(), err
+		}),
+		action("drain", "Cordon a node and move its sandboxes elsewhere (stop and re-place)", func(ctx context.Context, c *Client, n string) (*pb.Node, error) {
+			r, err := c.Cluster.DrainNode(ctx, req(n))
+			return r.Msg.GetNode(), err
+		}),
+	)
+	return cmd
+}
+
+func newCACmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "ca", Short: "Manage the cluster CA"}
+	create := &cobra.Command{
+		Use:   "create DIR",
+		Short: "Create a cluster CA in DIR (ca.pem, ca-key.pem) to give every server (--ca-dir)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ca, err := pki.CreateCA(args[0], "fireworks")
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(g.stdout, "created %s (fingerprint %s)\n", filepath.Join(args[0], pki.CACertFile), ca.Fingerprint())
+			return nil
+		},
+	}
+	cmd.AddCommand(create)
+	return cmd
+}
