@@ -26,6 +26,8 @@ type ClientConfig struct {
 	Token  string `json:"token"`
 	// CA is the cluster CA certificate file (PEM) to trust for https:// servers.
 	CA string `json:"ca,omitempty"`
+	// Stale asks for reads from the contacted server's own state (not saved).
+	Stale bool `json:"-"`
 }
 
 // DefaultServer is the address `fireworks dev` listens on by default.
@@ -122,7 +124,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	}
 	hc := &http.Client{Transport: tr}
 	base := scheme + "://" + addrs[0]
-	opts := []connect.ClientOption{connect.WithInterceptors(bearer(cfg.Token)), connect.WithReadMaxBytes(64 << 20)}
+	opts := []connect.ClientOption{connect.WithInterceptors(bearer(cfg.Token, cfg.Stale)), connect.WithReadMaxBytes(64 << 20)}
 	return &Client{
 		Sandboxes: fireworksv1connect.NewSandboxServiceClient(hc, base, opts...),
 		Images:    fireworksv1connect.NewImageServiceClient(hc, base, opts...),
@@ -212,13 +214,23 @@ func (d *failoverDialer) DialContext(ctx context.Context, network, _ string) (ne
 	return nil, fmt.Errorf("no Fireworks server answered (%s): %w", strings.Join(d.addrs, ", "), errors.Join(errs...))
 }
 
-type bearerInterceptor struct{ token string }
+type bearerInterceptor struct {
+	token string
+	stale bool
+}
 
-func bearer(token string) connect.Interceptor { return bearerInterceptor{token} }
+func bearer(token string, stale bool) connect.Interceptor { return bearerInterceptor{token, stale} }
+
+func (b bearerInterceptor) set(h http.Header) {
+	h.Set("Authorization", "Bearer "+b.token)
+	if b.stale {
+		h.Set("Fireworks-Stale", "1")
+	}
+}
 
 func (b bearerInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-		req.Header().Set("Authorization", "Bearer "+b.token)
+		b.set(req.Header())
 		return next(ctx, req)
 	}
 }
@@ -226,7 +238,7 @@ func (b bearerInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 func (b bearerInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
 	return func(ctx context.Context, spec connect.Spec) connect.StreamingClientConn {
 		conn := next(ctx, spec)
-		conn.RequestHeader().Set("Authorization", "Bearer "+b.token)
+		b.set(conn.RequestHeader())
 		return conn
 	}
 }

@@ -28,6 +28,7 @@ func (e ExitError) Error() string { return fmt.Sprintf("exit status %d", e.Code)
 
 type globals struct {
 	server, token string
+	stale         bool
 	stdin         io.Reader
 	stdout        io.Writer
 	stderr        io.Writer
@@ -41,6 +42,7 @@ func (g *globals) client() (*Client, error) {
 	if cfg.Token == "" {
 		return nil, fmt.Errorf("no API token: start `fireworks dev` (it writes %s) or set FIREWORKS_TOKEN", ConfigPath())
 	}
+	cfg.Stale = g.stale
 	return NewClient(cfg)
 }
 
@@ -54,6 +56,7 @@ func NewRoot() *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().StringVar(&g.server, "server", "", "API address (default from $FIREWORKS_SERVER or the CLI config, else "+DefaultServer+")")
+	root.PersistentFlags().BoolVar(&g.stale, "stale", false, "answer reads (ps, inspect, node ls, info) from the contacted server's own copy of the state, which may lag the leader")
 	root.PersistentFlags().StringVar(&g.token, "token", "", "API token (default from $FIREWORKS_TOKEN or the CLI config)")
 	root.AddCommand(
 		newRunCmd(g), newPsCmd(g), newLogsCmd(g), newExecCmd(g), newInspectCmd(g),

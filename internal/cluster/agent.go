@@ -86,7 +86,7 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 		Info: func() *pb.Node {
 			i := ag.Info()
 			return &pb.Node{
-				Address: cfg.Advertise, Labels: cfg.Labels, Vcpus: int32(i.NodeVCPUs), MemoryMib: int64(i.MaxMemoryMiB),
+				Address: cfg.Advertise, Labels: cfg.Labels, Vcpus: int32(i.MaxVCPUs), MemoryMib: int64(i.MaxMemoryMiB),
 				Accel: i.Accel, Kernel: i.KernelRelease, Version: server.Version,
 			}
 		},

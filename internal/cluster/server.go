@@ -352,7 +352,7 @@ func forwardToLeader(store *state.Store, local http.Handler, apiOf map[string]st
 		return p
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if store.IsLeader() || strings.HasPrefix(r.URL.Path, nodePrefix) {
+		if store.IsLeader() || strings.HasPrefix(r.URL.Path, nodePrefix) || server.StaleRead(r) {
 			local.ServeHTTP(w, r)
 			return
 		}

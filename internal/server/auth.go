@@ -10,6 +10,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/auth"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
@@ -33,7 +34,11 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 			unauthenticated(w, r, err.Error())
 			return
 		}
-		next.ServeHTTP(w, r.WithContext(auth.With(r.Context(), id)))
+		ctx := auth.With(r.Context(), id)
+		if StaleRead(r) {
+			ctx = state.WithStaleReads(ctx)
+		}
+		next.ServeHTTP(w, r.WithContext(ctx))
 	})
 }
 
@@ -93,4 +98,22 @@ func unauthenticated(w http.ResponseWriter, r *http.Request, msg string) {
 	w.WriteHeader(http.StatusUnauthorized)
 	body, _ := json.Marshal(map[string]string{"code": "unauthenticated", "message": msg})
 	_, _ = w.Write(body)
+}
+
+// StaleHeader asks a server to answer a read from its own copy of the state (which may
+// lag the leader) instead of forwarding it: for looking at a follower or a partitioned
+// server.
+const StaleHeader = "Fireworks-Stale"
+
+// staleProcedures are the read-only calls a stale read may serve locally.
+var staleProcedures = map[string]bool{
+	fireworksv1connect.SandboxServiceGetSandboxProcedure:    true,
+	fireworksv1connect.SandboxServiceListSandboxesProcedure: true,
+	fireworksv1connect.ClusterServiceListNodesProcedure:     true,
+	fireworksv1connect.SystemServiceInfoProcedure:           true,
+}
+
+// StaleRead reports whether r is a read-only call that asked for a stale read.
+func StaleRead(r *http.Request) bool {
+	return r.Header.Get(StaleHeader) == "1" && staleProcedures[r.URL.Path]
 }

@@ -365,13 +365,26 @@ func (s *Store) readBarrier(ctx context.Context) error {
 	return nil
 }
 
-// read prepares a linearizable read of the FSM.
+// read prepares a linearizable read of the FSM, or, for a context marked WithStaleReads,
+// a read of this server's copy as it is.
 func (s *Store) read(ctx context.Context) error {
 	if err := s.enter(); err != nil {
 		return err
 	}
 	defer s.mu.RUnlock()
+	if stale, _ := ctx.Value(staleKey{}).(bool); stale {
+		return nil
+	}
 	return s.readBarrier(ctx)
+}
+
+type staleKey struct{}
+
+// WithStaleReads marks ctx so reads answer from this server's copy of the state without
+// checking leadership: possibly behind the leader, but available on a follower or a
+// partitioned server (for diagnosis, `--stale` in the CLI).
+func WithStaleReads(ctx context.Context) context.Context {
+	return context.WithValue(ctx, staleKey{}, true)
 }
 
 // enter admits one call into raft unless the store is closed; the caller must call

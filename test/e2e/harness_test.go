@@ -42,12 +42,7 @@ type env struct {
 var world env
 
 // assetCache keeps the guest kernel between runs (the first run fetches it with apt-get).
-func assetCache() string {
-	if d := os.Getenv("FIREWORKS_TEST_ASSETS"); d != "" {
-		return d
-	}
-	return "/var/tmp/fireworks-test-assets"
-}
+func assetCache() string { return testutil.AssetCache() }
 
 func TestMain(m *testing.M) {
 	code := func() int {
@@ -111,24 +106,9 @@ func TestMain(m *testing.M) {
 }
 
 func (e *env) build() error {
-	e.bin = filepath.Join(e.root, "fireworks")
-	e.initBin = filepath.Join(e.root, "fireworks-init")
-	modRoot, err := filepath.Abs("../..")
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command("go", "build", "-o", e.bin, "./cmd/fireworks")
-	cmd.Dir = modRoot
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build fireworks: %v: %s", err, out)
-	}
-	cmd = exec.Command("go", "build", "-trimpath", "-o", e.initBin, "./cmd/fireworks-init")
-	cmd.Dir = modRoot
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build fireworks-init: %v: %s", err, out)
-	}
-	return nil
+	var err error
+	e.bin, e.initBin, err = testutil.BuildBinaries(e.root)
+	return err
 }
 
 // startDev starts `fireworks dev` and waits until the API answers.
