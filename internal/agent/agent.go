@@ -213,6 +213,9 @@ func (a *Agent) Validate(spec *state.SandboxSpec) error {
 	if spec.Timeout < 0 {
 		return fmt.Errorf("--timeout %s is negative", spec.Timeout)
 	}
+	if _, err := state.ParseRestartPolicy(string(spec.Restart)); err != nil {
+		return err
+	}
 	return ValidateEnv(spec.Env)
 }
 

@@ -31,6 +31,9 @@ type runFlags struct {
 	entrypointSet                bool
 	env, insecure                []string
 	cpus                         int
+	restart                      string
+	constraints                  []string
+	spread                       bool
 	memory                       string
 	timeout                      time.Duration
 }
@@ -65,6 +68,9 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 	fl.StringVar(&f.memory, "memory", "", "memory, e.g. 512M or 1G (default 256M)")
 	fl.DurationVar(&f.timeout, "timeout", 0, "kill the sandbox after this long (e.g. 30s)")
 	fl.StringArrayVar(&f.insecure, "insecure-registry", nil, "registry host that speaks plain HTTP")
+	fl.StringVar(&f.restart, "restart", "never", "cluster: re-run when it ends or its node dies: never, on-failure or always")
+	fl.StringArrayVar(&f.constraints, "constraint", nil, "cluster: only nodes whose labels match (key==value, key!=value, key)")
+	fl.BoolVar(&f.spread, "spread", false, "cluster: prefer the least loaded node instead of packing")
 	return cmd
 }
 
@@ -156,7 +162,7 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 	spec := &pb.SandboxSpec{
 		Image: localImageRef(args[0]), Cmd: args[1:], Env: expandEnv(f.env), WorkingDir: f.workdir,
 		User: f.user, Vcpus: int32(f.cpus), MemoryMib: int32(mem), Tty: f.tty, Stdin: f.interactive,
-		InsecureRegistries: f.insecure,
+		InsecureRegistries: f.insecure, Restart: f.restart, Constraints: f.constraints, Spread: f.spread,
 	}
 	if f.entrypointSet {
 		spec.EntrypointSet = true
