@@ -161,10 +161,13 @@ func (m *Manager) Pass(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// checkHeartbeats declares silent ready nodes down and their sandboxes lost.
+// checkHeartbeats declares silent ready nodes down, then gives up what every down node
+// held. The second step looks at all down nodes, not only the ones this pass declared:
+// a leader that stopped between the two writes (or a write that failed) leaves sandboxes
+// "running" on a dead node, and only a later pass, maybe another leader's, can finish.
 func (m *Manager) checkHeartbeats(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox) error {
 	var errs []error
-	for _, n := range nodes {
+	for i, n := range nodes {
 		m.mu.Lock()
 		last, ok := m.beats[n.ID]
 		if !ok {
@@ -182,19 +185,38 @@ func (m *Manager) checkHeartbeats(ctx context.Context, now time.Time, nodes []st
 			continue
 		}
 		m.log.Warn("node down", "node", n.ID, "reason", reason)
-		for _, sb := range sbs {
-			if sb.Node != n.ID || sb.Status.Terminal() {
+		nodes[i].Status, nodes[i].StatusReason = down, reason
+	}
+	downs := map[string]state.Node{}
+	for _, n := range nodes {
+		if n.Status == state.NodeDown {
+			downs[n.ID] = n
+		}
+	}
+	for _, sb := range sbs {
+		n, ok := downs[sb.Node]
+		if !ok || sb.Status.Terminal() {
+			continue
+		}
+		if sb.Status == state.StatusPending {
+			if !sb.StopRequestedAt.IsZero() {
+				// Placed, never started, and its user asked for a stop: end it here, as
+				// the server does for a sandbox stopped before placement (the node that
+				// would have acted on the request is gone).
+				exited, code := state.StatusExited, 128+15
+				if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Status: &exited, ExitCode: &code, Time: now,
+					Reason: fmt.Sprintf("stopped by request before it started (node %s is down)", n.ID)}); err != nil {
+					errs = append(errs, err)
+				}
 				continue
 			}
-			lost := state.StatusLost
-			if sb.Status == state.StatusPending {
-				// Placed but never started: just place it again.
-				errs = append(errs, m.replace(ctx, now, sb, fmt.Sprintf("node %s is down before the sandbox started; placing it again", n.ID)))
-				continue
-			}
-			if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Status: &lost, Reason: fmt.Sprintf("node %s is down (%s)", n.ID, reason), Time: now}); err != nil {
-				errs = append(errs, err)
-			}
+			// Placed but never started: just place it again.
+			errs = append(errs, m.replace(ctx, now, sb, fmt.Sprintf("node %s is down before the sandbox started; placing it again", n.ID)))
+			continue
+		}
+		lost := state.StatusLost
+		if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Status: &lost, Reason: fmt.Sprintf("node %s is down (%s)", n.ID, n.StatusReason), Time: now}); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
@@ -241,14 +263,31 @@ func (m *Manager) restart(ctx context.Context, now time.Time, sbs []state.Sandbo
 		if why == "" {
 			continue
 		}
+		var restarts []time.Time // when the control plane re-ran it, oldest first
 		recent := 0
 		for _, e := range sb.Events {
-			if e.Status == state.StatusPending && strings.HasPrefix(e.Reason, "restarting") && now.Sub(e.Time) < m.cfg.RestartWindow {
-				recent++
+			if e.Status == state.StatusPending && strings.HasPrefix(e.Reason, "restarting") {
+				restarts = append(restarts, e.Time)
+				if now.Sub(e.Time) < m.cfg.RestartWindow {
+					recent++
+				}
 			}
 		}
-		if recent >= m.cfg.MaxRestarts {
-			continue // given up: the record keeps how it last ended
+		// Given up once MaxRestarts restarts fell within one RestartWindow and it ended
+		// again. That is judged from the restarts themselves, not from now, so it is
+		// final: a sliding window would resume the loop later, forever, growing the
+		// event history with it.
+		if k := m.cfg.MaxRestarts; len(restarts) >= k && restarts[len(restarts)-1].Sub(restarts[len(restarts)-k]) < m.cfg.RestartWindow {
+			if sb.Runtime[restartDetail] == "" {
+				// The status is final and keeps its reason (how it last ended), so the
+				// verdict goes into the details that inspect shows.
+				note := fmt.Sprintf("not restarted any more: %d restarts within %s (policy %s)", k, m.cfg.RestartWindow, sb.Spec.Restart)
+				if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Runtime: map[string]string{restartDetail: note}, Time: now}); err != nil {
+					errs = append(errs, err)
+				}
+				m.log.Warn("sandbox keeps ending; restart limit reached", "sandbox", sb.ID, "restarts", sb.Restarts)
+			}
+			continue
 		}
 		// Back off: 1s, 2s, 4s... after the end, so a crash loop does not spin.
 		if wait := time.Second << min(recent, 6); now.Sub(sb.FinishedAt) < wait {
@@ -258,6 +297,9 @@ func (m *Manager) restart(ctx context.Context, now time.Time, sbs []state.Sandbo
 	}
 	return errors.Join(errs...)
 }
+
+// restartDetail is the Sandbox.Runtime key saying why the restart policy stopped applying.
+const restartDetail = "restart"
 
 // restartReason says why sb should run again under its policy, or "" if it should not.
 func restartReason(sb state.Sandbox) string {
