@@ -58,12 +58,12 @@ type proc struct {
 
 type world struct {
 	root, bin, initBin, caDir string
-	registry              string
-	hosts                 []*host
-	servers, agents       []*proc
-	token                 string
-	skip                  string
-	mu                    sync.Mutex
+	registry                  string
+	hosts                     []*host
+	servers, agents           []*proc
+	token                     string
+	skip                      string
+	mu                        sync.Mutex
 }
 
 var w world
