@@ -5,10 +5,12 @@
 package cluster
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -322,46 +324,100 @@ func bootstrapToken(ctx context.Context, store *state.Store, cfg ServerConfig, l
 // forwardToLeader sends every user API call that reaches a follower to the leader, so
 // writes are committed there and reads are linearizable; agents' node protocol calls are
 // answered locally (with a leader hint) because their identity is their TLS certificate.
+//
+// During an election there is no leader to forward to: the call waits for one (up to
+// leaderWait). A unary call whose forward fails before it reached the leader (the old
+// leader is dead, the dial fails) is tried again with the next leader; its body is small
+// and kept for that. Streaming calls are forwarded once.
 func forwardToLeader(store *state.Store, local http.Handler, apiOf map[string]string, ca *pki.CA, cert tls.Certificate, log *slog.Logger) http.Handler {
 	nodePrefix := "/" + fireworksv1connect.NodeServiceName + "/"
+	const leaderWait = 20 * time.Second
 	var mu sync.Mutex
-	proxies := map[string]*httputil.ReverseProxy{}
-	proxyFor := func(addr string) *httputil.ReverseProxy {
+	transports := map[string]*http.Transport{}
+	transportFor := func(addr string) *http.Transport {
 		mu.Lock()
 		defer mu.Unlock()
-		if p, ok := proxies[addr]; ok {
-			return p
+		if t, ok := transports[addr]; ok {
+			return t
 		}
 		host, _, _ := net.SplitHostPort(addr)
 		tcfg := pki.ClientTLS(ca, &cert, host)
 		tcfg.NextProtos = []string{"h2"}
-		target := &url.URL{Scheme: "https", Host: addr}
-		p := &httputil.ReverseProxy{
-			Rewrite: func(r *httputil.ProxyRequest) {
-				r.SetURL(target)
-				r.Out.Host = r.In.Host
-			},
-			Transport:     &http.Transport{TLSClientConfig: tcfg, ForceAttemptHTTP2: true},
-			FlushInterval: -1, // stream attach/exec/logs as they come
-			ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-				log.Warn("forward to leader", "leader", addr, "err", err)
-				http.Error(w, "the leader ("+addr+") is unreachable: "+err.Error(), http.StatusBadGateway)
-			},
+		t := &http.Transport{TLSClientConfig: tcfg, ForceAttemptHTTP2: true,
+			DialContext: (&net.Dialer{Timeout: 3 * time.Second}).DialContext}
+		transports[addr] = t
+		return t
+	}
+	// leaderAddr waits for a leader; "" with isSelf means this server now leads.
+	leaderAddr := func(ctx context.Context, avoid string) (addr string, isSelf bool, err error) {
+		deadline := time.Now().Add(leaderWait)
+		for {
+			if store.IsLeader() {
+				return "", true, nil
+			}
+			if id, _ := store.Leader(); id != "" && apiOf[id] != "" && apiOf[id] != avoid {
+				return apiOf[id], false, nil
+			}
+			if time.Now().After(deadline) {
+				return "", false, errors.New("no leader elected within " + leaderWait.String())
+			}
+			select {
+			case <-ctx.Done():
+				return "", false, ctx.Err()
+			case <-time.After(100 * time.Millisecond):
+			}
 		}
-		proxies[addr] = p
-		return p
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if store.IsLeader() || strings.HasPrefix(r.URL.Path, nodePrefix) || server.StaleRead(r) {
 			local.ServeHTTP(w, r)
 			return
 		}
-		id, _ := store.Leader()
-		addr := apiOf[id]
-		if addr == "" {
-			http.Error(w, "no leader elected yet; retry", http.StatusServiceUnavailable)
-			return
+		unary := !strings.Contains(r.Header.Get("Content-Type"), "connect+") && !strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")
+		var body []byte
+		if unary {
+			b, err := io.ReadAll(io.LimitReader(r.Body, 8<<20))
+			if err != nil {
+				http.Error(w, "read request: "+err.Error(), http.StatusBadRequest)
+				return
+			}
+			body = b
 		}
-		proxyFor(addr).ServeHTTP(w, r)
+		avoid := ""
+		for attempt := 0; ; attempt++ {
+			addr, isSelf, err := leaderAddr(r.Context(), avoid)
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+			if unary {
+				r.Body = io.NopCloser(bytes.NewReader(body))
+			}
+			if isSelf {
+				local.ServeHTTP(w, r)
+				return
+			}
+			var dialFailed bool
+			target := &url.URL{Scheme: "https", Host: addr}
+			p := &httputil.ReverseProxy{
+				Rewrite:       func(pr *httputil.ProxyRequest) { pr.SetURL(target); pr.Out.Host = pr.In.Host },
+				Transport:     transportFor(addr),
+				FlushInterval: -1, // stream attach/exec/logs as they come
+				ErrorHandler: func(w http.ResponseWriter, _ *http.Request, err error) {
+					var op *net.OpError
+					if unary && errors.As(err, &op) && op.Op == "dial" && attempt < 5 {
+						dialFailed = true // nothing reached the leader: try the next one
+						return
+					}
+					log.Warn("forward to leader", "leader", addr, "err", err)
+					http.Error(w, "the leader ("+addr+") is unreachable: "+err.Error(), http.StatusBadGateway)
+				},
+			}
+			p.ServeHTTP(w, r)
+			if !dialFailed {
+				return
+			}
+			avoid = addr
+		}
 	})
 }

@@ -422,3 +422,15 @@ func waitSandbox(t *testing.T, id string, d time.Duration, what string, cond fun
 }
 
 func image() string { return w.registry + "/busybox:latest" }
+
+// ensureRunning restarts any server or agent a test stopped, so later tests find the
+// whole cluster.
+func (w *world) ensureRunning() {
+	for _, p := range append(append([]*proc{}, w.servers...), w.agents...) {
+		if p.cmd == nil {
+			if err := w.start(p); err != nil {
+				fmt.Fprintln(os.Stderr, "restart", p.log, err)
+			}
+		}
+	}
+}
