@@ -1,0 +1,111 @@
+package cluster
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// An agent (its host) dies: the node is declared down, its sandboxes are lost, and the
+// one whose policy says so runs again on another node.
+func TestAgentKilledSandboxesReplaced(t *testing.T) {
+	need(t)
+	defer w.ensureRunning()
+	// zone b is a0 and a1; bin-packing puts both on the same node.
+	always := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "keeps-running", "--restart", "always", "--constraint", "zone==b",
+		"--insecure-registry", w.registry, image(), "--", "sh", "-c", "echo started-on-$(hostname); sleep 600"))
+	never := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "runs-once", "--restart", "never", "--constraint", "zone==b",
+		"--insecure-registry", w.registry, image(), "--", "sleep", "600"))
+	a := waitSandbox(t, always, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+	waitSandbox(t, never, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+	node := a["node"].(string)
+	if n := inspect(t, never)["node"]; n != node {
+		t.Fatalf("bin-packing put the two sandboxes on %v and %v", node, n)
+	}
+	var victim *proc
+	for i, p := range w.agents {
+		if node == "a"+string(rune('0'+i)) {
+			victim = p
+		}
+	}
+	w.stop(victim, true)
+
+	waitFor(t, time.Minute, "node "+node+" declared down", func() bool {
+		m, err := w.nodes()
+		return err == nil && m[node] == "down"
+	})
+	lost := waitSandbox(t, never, time.Minute, "lost", func(sb map[string]any) bool { return sb["status"] == "lost" })
+	if reason, _ := lost["reason"].(string); !strings.Contains(reason, node) || !strings.Contains(reason, "down") {
+		t.Errorf("lost reason %q should name the down node", reason)
+	}
+	moved := waitSandbox(t, always, 3*minute, "running again elsewhere", func(sb map[string]any) bool {
+		return sb["status"] == "running" && sb["node"] != node
+	})
+	if moved["restarts"] != float64(1) {
+		t.Errorf("restarts = %v, want 1", moved["restarts"])
+	}
+	if n := moved["node"]; n != "a0" && n != "a1" {
+		t.Errorf("re-placed on %v, which is outside the constraint zone==b", n)
+	}
+	time.Sleep(2 * time.Second)
+	if sb := inspect(t, never); sb["status"] != "lost" {
+		t.Errorf("restart never: status %v, want it to stay lost", sb["status"])
+	}
+
+	// The host comes back: the node registers again and does not run what moved away.
+	w.ensureRunning()
+	if err := w.waitNodes(3, "ready", 2*minute); err != nil {
+		t.Fatal(err)
+	}
+	mustFW(t, "rm", "-f", always, never)
+}
+
+// A full cluster keeps a new sandbox pending with the reason, and places it as soon as
+// capacity frees.
+func TestFullClusterThenPlaced(t *testing.T) {
+	need(t)
+	// Each node offers 700 MiB: one 512 MiB sandbox fills it.
+	var ids []string
+	for range 3 {
+		id := strings.TrimSpace(mustFW(t, "run", "-d", "--memory", "512M", "--spread", "--insecure-registry", w.registry, image(), "--", "sleep", "600"))
+		ids = append(ids, id)
+	}
+	for _, id := range ids {
+		waitSandbox(t, id, 3*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+	}
+	extra := strings.TrimSpace(mustFW(t, "run", "-d", "--memory", "512M", "--insecure-registry", w.registry, image(), "--", "sh", "-c", "echo finally; sleep 600"))
+	sb := waitSandbox(t, extra, time.Minute, "pending with a reason", func(sb map[string]any) bool {
+		r, _ := sb["reason"].(string)
+		return sb["status"] == "pending" && strings.Contains(r, "memory")
+	})
+	t.Logf("pending reason: %v", sb["reason"])
+	mustFW(t, "stop", "-t", "0", ids[0])
+	waitSandbox(t, extra, 3*minute, "placed and running after capacity freed", func(sb map[string]any) bool { return sb["status"] == "running" })
+	if out := mustFW(t, "logs", extra); strings.TrimSpace(out) != "finally" {
+		t.Errorf("logs of the late sandbox: %q", out)
+	}
+	mustFW(t, append([]string{"rm", "-f", extra}, ids...)...)
+}
+
+// Cordoned nodes take nothing new; drain moves sandboxes off.
+func TestCordonAndDrain(t *testing.T) {
+	need(t)
+	mustFW(t, "node", "cordon", "a0")
+	mustFW(t, "node", "cordon", "a1")
+	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "drained", "--insecure-registry", w.registry, image(), "--", "sleep", "600"))
+	sb := waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+	if sb["node"] != "a2" {
+		t.Fatalf("with a0 and a1 cordoned, the sandbox went to %v", sb["node"])
+	}
+	mustFW(t, "node", "uncordon", "a1")
+	mustFW(t, "node", "drain", "a2")
+	moved := waitSandbox(t, id, 3*minute, "moved off the drained node", func(sb map[string]any) bool {
+		return sb["status"] == "running" && sb["node"] == "a1"
+	})
+	if r, _ := moved["events"].([]any); len(r) == 0 {
+		t.Error("no events")
+	}
+	mustFW(t, "node", "uncordon", "a0")
+	mustFW(t, "node", "uncordon", "a2")
+	mustFW(t, "rm", "-f", id)
+}
