@@ -24,6 +24,7 @@ func main() {
 	flag.StringVar(&cfg.Out, "out", "bench-results.json", "JSON report path")
 	flag.StringVar(&command, "command", "echo ready", "command to run (split on spaces)")
 	flag.BoolVar(&cfg.SkipCrun, "skip-crun", false, "do not measure the crun baseline")
+	flag.IntVar(&cfg.Creates, "creates", 500, "control-plane creates per concurrency level")
 	flag.Parse()
 	cfg.Command = strings.Fields(command)
 	cfg.StdoutView = os.Stdout

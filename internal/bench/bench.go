@@ -34,6 +34,7 @@ type Config struct {
 	Out        string // JSON report path
 	Command    []string
 	SkipCrun   bool
+	Creates    int // control-plane creates per concurrency level (default 500)
 	Log        *slog.Logger
 	StdoutView io.Writer // where the table goes
 }
@@ -67,6 +68,8 @@ type Report struct {
 	Series      []Series  `json:"series"`
 	// Scheduler is placement latency of the pure scheduler on synthetic clusters.
 	Scheduler []SchedulerRow `json:"scheduler,omitempty"`
+	// ControlPlane is create commit throughput and latency through 3 Raft servers.
+	ControlPlane []RaftRow `json:"control_plane,omitempty"`
 }
 
 // SchedulerRow is one synthetic cluster size.
@@ -83,6 +86,9 @@ type SchedulerRow struct {
 func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if cfg.Runs <= 0 {
 		cfg.Runs = 20
+	}
+	if cfg.Creates <= 0 {
+		cfg.Creates = 500
 	}
 	if len(cfg.Command) == 0 {
 		cfg.Command = []string{"echo", "ready"}
@@ -169,6 +175,12 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			IndexMs: ms(r.Index), P50Ms: ms(r.P50), P99Ms: ms(r.P99)})
 	}
 
+	cpRows, err := BenchRaft(ctx, filepath.Join(work, "raft"), cfg.Creates, []int{1, 16, 64})
+	if err != nil {
+		return nil, fmt.Errorf("control-plane bench: %w", err)
+	}
+	rep.ControlPlane = cpRows
+
 	if cfg.Out != "" {
 		data, _ := json.MarshalIndent(rep, "", "  ")
 		if err := os.WriteFile(cfg.Out, append(data, '\n'), 0o644); err != nil {
@@ -192,6 +204,12 @@ func PrintTable(w io.Writer, rep *Report) {
 		fmt.Fprintf(w, "\n%-12s %12s %12s %12s %12s\n", "scheduler", "allocations", "index build", "place p50", "place p99")
 		for _, r := range rep.Scheduler {
 			fmt.Fprintf(w, "%6d nodes %12d %10.3fms %10.3fms %10.3fms\n", r.Nodes, r.Allocations, r.IndexMs, r.P50Ms, r.P99Ms)
+		}
+	}
+	if len(rep.ControlPlane) > 0 {
+		fmt.Fprintf(w, "\n%-28s %8s %12s %12s %12s\n", "control plane (3 servers)", "creates", "creates/s", "commit p50", "commit p99")
+		for _, r := range rep.ControlPlane {
+			fmt.Fprintf(w, "%-28s %8d %12.0f %10.2fms %10.2fms\n", fmt.Sprintf("%d concurrent clients", r.Concurrency), r.Creates, r.PerSecond, r.P50Ms, r.P99Ms)
 		}
 	}
 }
