@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -29,6 +30,10 @@ type GuestInfo struct {
 	ProtocolVersion int
 	InitVersion     string
 	KernelRelease   string
+	// Sessions are the ids of sessions earlier connections left in the
+	// guest (running, or awaiting reattach); see Client.Reattach. Sessions
+	// this client opens never use them.
+	Sessions []uint32
 }
 
 // Options tunes a Client. Zero values mean the defaults.
@@ -103,13 +108,23 @@ type Client struct {
 
 	mu          sync.Mutex
 	nextID      uint32
-	pending     map[uint32]chan proto.Response
+	pending     map[uint32]*call
 	sessions    map[uint32]*Session
+	reserved    map[uint32]struct{} // ids of sessions of earlier connections
 	creditDue   map[*stream]struct{}
 	err         error
 	done        chan struct{}
 	wg          sync.WaitGroup
 	closeCalled bool
+}
+
+// call is a control request waiting for its response.
+type call struct {
+	ch chan proto.Response // buffered
+	// apply, if set, runs on the read loop when the response arrives,
+	// before any later frame is dispatched; an error is a protocol
+	// violation.
+	apply func(proto.Response) error
 }
 
 type outFrame struct {
@@ -143,8 +158,9 @@ func HandshakeWithOptions(ctx context.Context, conn io.ReadWriteCloser, opts Opt
 		creditKick: make(chan struct{}, 1),
 		helloCh:    make(chan proto.HelloReply, 1),
 		nonce:      binary.LittleEndian.Uint64(nb[:]),
-		pending:    map[uint32]chan proto.Response{},
+		pending:    map[uint32]*call{},
 		sessions:   map[uint32]*Session{},
+		reserved:   map[uint32]struct{}{},
 		creditDue:  map[*stream]struct{}{},
 		done:       make(chan struct{}),
 	}
@@ -167,7 +183,16 @@ func HandshakeWithOptions(ctx context.Context, conn io.ReadWriteCloser, opts Opt
 				c.Close()
 				return nil, fmt.Errorf("guest speaks protocol version %d, host supports %d", hr.Version, proto.Version)
 			}
-			c.info = GuestInfo{ProtocolVersion: hr.Version, InitVersion: hr.InitVersion, KernelRelease: hr.KernelRelease}
+			ids := hr.Sessions
+			if len(ids) > proto.MaxHelloSessions {
+				ids = ids[:proto.MaxHelloSessions]
+			}
+			c.mu.Lock()
+			for _, id := range ids {
+				c.reserved[id] = struct{}{}
+			}
+			c.mu.Unlock()
+			c.info = GuestInfo{ProtocolVersion: hr.Version, InitVersion: hr.InitVersion, KernelRelease: hr.KernelRelease, Sessions: slices.Clone(ids)}
 			return c, nil
 		case <-tick.C:
 		case <-c.done:
@@ -180,7 +205,11 @@ func HandshakeWithOptions(ctx context.Context, conn io.ReadWriteCloser, opts Opt
 }
 
 // GuestInfo returns what the guest reported in the handshake.
-func (c *Client) GuestInfo() GuestInfo { return c.info }
+func (c *Client) GuestInfo() GuestInfo {
+	info := c.info
+	info.Sessions = slices.Clone(info.Sessions)
+	return info
+}
 
 // Done is closed when the connection is no longer usable.
 func (c *Client) Done() <-chan struct{} { return c.done }
@@ -226,22 +255,29 @@ func (c *Client) enqueue(f proto.Frame) {
 
 // send queues a frame and waits until it is written.
 func (c *Client) send(ctx context.Context, f proto.Frame) error {
+	_, err := c.sendQueued(ctx, f)
+	return err
+}
+
+// sendQueued is send that also reports whether the frame was queued (and
+// so will be written unless the connection fails).
+func (c *Client) sendQueued(ctx context.Context, f proto.Frame) (bool, error) {
 	of := &outFrame{f: f, res: make(chan error, 1)}
 	select {
 	case c.wq <- of:
 	case <-c.done:
-		return c.Err()
+		return false, c.Err()
 	case <-ctx.Done():
-		return ctx.Err()
+		return false, ctx.Err()
 	}
 	select {
 	case err := <-of.res:
-		return err
+		return true, err
 	case <-c.done:
-		return c.Err()
+		return true, c.Err()
 	case <-ctx.Done():
 		// The writer still writes it whole; only the wait is abandoned.
-		return ctx.Err()
+		return true, ctx.Err()
 	}
 }
 
@@ -336,8 +372,6 @@ func (c *Client) readLoop() {
 }
 
 const (
-	// maxHelloReply bounds a hello reply; real ones are ~100 bytes.
-	maxHelloReply = 1024
 	// maxResync bounds the bytes skipped while looking for the reply.
 	maxResync = 1 << 20
 )
@@ -356,8 +390,19 @@ func (c *Client) readHello(r *bufio.Reader) error {
 			return err
 		}
 		n := int(binary.BigEndian.Uint32(hdr[5:9]))
-		if proto.Type(hdr[0]) == proto.TypeHelloReply && binary.BigEndian.Uint32(hdr[1:5]) == 0 && n <= maxHelloReply {
-			b, err := r.Peek(proto.HeaderSize + n)
+		if proto.Type(hdr[0]) == proto.TypeHelloReply && binary.BigEndian.Uint32(hdr[1:5]) == 0 && n > 0 && n <= proto.MaxHelloReply {
+			// A JSON object starts with '{': checking it first keeps
+			// lookalike headers in stale bytes from making us wait for a
+			// payload that is not coming.
+			b, err := r.Peek(proto.HeaderSize + 1)
+			if err != nil {
+				return err
+			}
+			if b[proto.HeaderSize] != '{' {
+				_, _ = r.Discard(1)
+				continue
+			}
+			b, err = r.Peek(proto.HeaderSize + n)
 			if err != nil {
 				return err
 			}
@@ -385,11 +430,16 @@ func (c *Client) dispatch(f proto.Frame) error {
 			return violation("%v", err)
 		}
 		c.mu.Lock()
-		ch := c.pending[f.ID]
+		cl := c.pending[f.ID]
 		delete(c.pending, f.ID)
 		c.mu.Unlock()
-		if ch != nil {
-			ch <- resp
+		if cl != nil {
+			if cl.apply != nil {
+				if err := cl.apply(resp); err != nil {
+					return err
+				}
+			}
+			cl.ch <- resp
 		}
 		return nil
 	case proto.TypeStarted, proto.TypeStdout, proto.TypeStderr, proto.TypeWindow, proto.TypeExit:
@@ -411,7 +461,7 @@ func (c *Client) request(ctx context.Context, req proto.Request) error {
 	ch := make(chan proto.Response, 1)
 	c.mu.Lock()
 	id := c.allocIDLocked()
-	c.pending[id] = ch
+	c.pending[id] = &call{ch: ch}
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
@@ -422,34 +472,53 @@ func (c *Client) request(ctx context.Context, req proto.Request) error {
 	if err != nil {
 		return err
 	}
-	if err := c.send(ctx, f); err != nil {
+	resp, err := c.awaitResponse(ctx, ch, c.send(ctx, f))
+	if err != nil {
 		return fmt.Errorf("guest %s: %w", req.Op, err)
+	}
+	if resp.Error != "" {
+		return &GuestError{Op: req.Op, Msg: truncate(resp.Error)}
+	}
+	return nil
+}
+
+// awaitResponse waits for the response on ch to a request whose frame
+// send reported sendErr.
+func (c *Client) awaitResponse(ctx context.Context, ch chan proto.Response, sendErr error) (proto.Response, error) {
+	// The reader delivers a reply before it notices the end of the stream,
+	// and select picks at random among ready cases: a guest that answers
+	// and then goes away (as shutdown does) must still count as having
+	// answered, even if the send itself saw the end first.
+	answered := func() (proto.Response, bool) {
+		select {
+		case resp := <-ch:
+			return resp, true
+		default:
+			return proto.Response{}, false
+		}
+	}
+	if sendErr != nil {
+		if resp, ok := answered(); ok {
+			return resp, nil
+		}
+		return proto.Response{}, sendErr
 	}
 	select {
 	case resp := <-ch:
-		if resp.Error != "" {
-			return &GuestError{Op: req.Op, Msg: truncate(resp.Error)}
-		}
-		return nil
+		return resp, nil
 	case <-c.done:
-		// The reader delivers a reply before it notices the end of the stream, and select
-		// picks at random among ready cases: a guest that answers and then goes away (as
-		// shutdown does) must still count as having answered.
-		select {
-		case resp := <-ch:
-			if resp.Error != "" {
-				return &GuestError{Op: req.Op, Msg: truncate(resp.Error)}
-			}
-			return nil
-		default:
+		if resp, ok := answered(); ok {
+			return resp, nil
 		}
-		return fmt.Errorf("guest %s: %w", req.Op, c.Err())
+		return proto.Response{}, c.Err()
 	case <-ctx.Done():
-		return fmt.Errorf("guest %s: %w", req.Op, ctx.Err())
+		return proto.Response{}, ctx.Err()
 	}
 }
 
-// allocIDLocked returns an id not used by a pending request or session.
+// allocIDLocked returns an id not used by a pending request or a session,
+// including sessions of earlier connections (which a reattach may bind
+// here).
 func (c *Client) allocIDLocked() uint32 {
 	for {
 		c.nextID++
@@ -461,6 +530,9 @@ func (c *Client) allocIDLocked() uint32 {
 			continue
 		}
 		if _, ok := c.sessions[id]; ok {
+			continue
+		}
+		if _, ok := c.reserved[id]; ok {
 			continue
 		}
 		return id

@@ -306,3 +306,131 @@ func FuzzClientGuestBytes(f *testing.F) {
 		}
 	})
 }
+
+// handshakeWithSessions handshakes with a fake guest whose hello reply
+// lists sessions of earlier connections.
+func handshakeWithSessions(t *testing.T, g *fakeGuest, host net.Conn, ids []uint32) *client.Client {
+	t.Helper()
+	go func() {
+		for {
+			f, err := g.read()
+			if err != nil {
+				return
+			}
+			if f.Type == proto.TypeHello {
+				var h proto.Hello
+				_ = proto.Decode(f, &h)
+				rf, _ := proto.JSONFrame(proto.TypeHelloReply, 0, proto.HelloReply{Version: proto.Version, Nonce: h.Nonce, Sessions: ids})
+				_ = proto.WriteFrame(g.conn, rf)
+				return
+			}
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := client.Handshake(ctx, host)
+	if err != nil {
+		t.Fatalf("handshake: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestExecAvoidsIDsOfEarlierSessions(t *testing.T) {
+	g, host := newFake(t)
+	c := handshakeWithSessions(t, g, host, []uint32{1, 2, 4})
+	if got := c.GuestInfo().Sessions; len(got) != 3 || got[2] != 4 {
+		t.Fatalf("guest info sessions %v", got)
+	}
+	// A ping takes id 3, the session the next free one.
+	go func() {
+		f, err := g.read()
+		if err != nil || f.Type != proto.TypeRequest || f.ID != 3 {
+			t.Errorf("ping frame %v/%d: %v, want request 3", f.Type, f.ID, err)
+			return
+		}
+		rf, _ := proto.JSONFrame(proto.TypeResponse, f.ID, proto.Response{})
+		_ = proto.WriteFrame(g.conn, rf)
+	}()
+	if err := c.Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, id := startSession(t, g, c); id != 5 {
+		t.Fatalf("new session got id %d, want 5", id)
+	}
+}
+
+func TestReattach(t *testing.T) {
+	g, host := newFake(t)
+	c := handshakeWithSessions(t, g, host, []uint32{7})
+	go func() {
+		f, err := g.read()
+		if err != nil {
+			return
+		}
+		var req proto.Request
+		if err := proto.Decode(f, &req); err != nil || req.Op != proto.OpReattach || req.Reattach == nil || req.Reattach.Session != 7 {
+			t.Errorf("reattach request %+v: %v", req, err)
+			return
+		}
+		rf, _ := proto.JSONFrame(proto.TypeResponse, f.ID, proto.Response{Reattached: &proto.Reattached{Pid: 99, TTY: true}})
+		ef, _ := proto.JSONFrame(proto.TypeExit, 7, proto.ExitStatus{Code: 7})
+		var b []byte
+		for _, fr := range []proto.Frame{rf, {Type: proto.TypeStdout, ID: 7, Payload: []byte("held back")}, ef} {
+			b, _ = proto.AppendFrame(b, fr)
+		}
+		_, _ = g.conn.Write(b) // all at once: output right behind the reply
+		_, _ = io.Copy(io.Discard, g.r)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := c.Reattach(ctx, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.ID() != 7 || s.Pid() != 99 {
+		t.Fatalf("session id %d pid %d", s.ID(), s.Pid())
+	}
+	out, err := io.ReadAll(s.Stdout())
+	if err != nil || string(out) != "held back" {
+		t.Fatalf("stdout %q %v", out, err)
+	}
+	if st, err := s.Wait(ctx); err != nil || st.Code != 7 {
+		t.Fatalf("wait: %+v %v", st, err)
+	}
+	if err := s.Resize(ctx, 1, 1); err != nil {
+		t.Fatalf("resize of a TTY session: %v", err)
+	}
+}
+
+func TestReattachRefusedOrMalformed(t *testing.T) {
+	for name, resp := range map[string]proto.Response{
+		"refused":      {Error: "no such session"},
+		"without info": {},
+	} {
+		t.Run(name, func(t *testing.T) {
+			g, host := newFake(t)
+			c := handshake(t, g, host)
+			go func() {
+				f, err := g.read()
+				if err != nil {
+					return
+				}
+				rf, _ := proto.JSONFrame(proto.TypeResponse, f.ID, resp)
+				_ = proto.WriteFrame(g.conn, rf)
+				_, _ = io.Copy(io.Discard, g.r)
+			}()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_, err := c.Reattach(ctx, 3)
+			var gerr *client.GuestError
+			var perr *client.ProtocolError
+			switch {
+			case resp.Error != "" && !errors.As(err, &gerr):
+				t.Fatalf("got %v, want a guest error", err)
+			case resp.Error == "" && (err == nil || !errors.As(waitDone(t, c), &perr)):
+				t.Fatalf("got %v / %v, want the connection closed for a protocol violation", err, c.Err())
+			}
+		})
+	}
+}

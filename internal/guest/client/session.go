@@ -17,10 +17,11 @@ var ErrSessionExited = errors.New("session exited")
 // drained (or the session Closed): the guest stops sending once a stream's
 // window is full, and the exit is reported only after all output.
 type Session struct {
-	c     *Client
-	id    uint32
-	tty   bool
-	stdin bool
+	c          *Client
+	id         uint32
+	tty        bool // for Reattach: set by the read loop before any output
+	stdin      bool
+	reattached bool
 
 	started chan struct{} // closed on Started or Exit
 	exitCh  chan struct{} // closed on Exit
@@ -41,15 +42,7 @@ type Session struct {
 // process or reported that it could not (then Wait returns an ExitStatus
 // with ErrKind set: not_found, not_executable or setup).
 func (c *Client) Exec(ctx context.Context, req proto.ExecRequest) (*Session, error) {
-	s := &Session{
-		c: c, tty: req.TTY, stdin: req.Stdin,
-		started:     make(chan struct{}),
-		exitCh:      make(chan struct{}),
-		stdinCredit: proto.InitialWindow,
-		stdinKick:   make(chan struct{}, 1),
-	}
-	s.out[0] = newStream(s, proto.TypeStdout)
-	s.out[1] = newStream(s, proto.TypeStderr)
+	s := newSession(c, req.TTY, req.Stdin)
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
@@ -88,6 +81,108 @@ func (c *Client) Exec(ctx context.Context, req proto.ExecRequest) (*Session, err
 	return nil, fmt.Errorf("exec %q: %w", first(req.Argv), err)
 }
 
+func newSession(c *Client, tty, stdin bool) *Session {
+	s := &Session{
+		c: c, tty: tty, stdin: stdin,
+		started:     make(chan struct{}),
+		exitCh:      make(chan struct{}),
+		stdinCredit: proto.InitialWindow,
+		stdinKick:   make(chan struct{}, 1),
+	}
+	s.out[0] = newStream(s, proto.TypeStdout)
+	s.out[1] = newStream(s, proto.TypeStderr)
+	return s
+}
+
+// Reattach takes back session id, which an earlier connection to this
+// guest started (see Session.ID and GuestInfo.Sessions), typically after
+// the host process restarted. The Session behaves like one from Exec: it
+// delivers the output the guest held back while no host was connected,
+// then further output, then the exit status (even if the process exited
+// while detached). Its stdin is closed: the guest closed it when the
+// earlier connection went away.
+//
+// The guest keeps a detached session for a grace period (2 minutes by
+// default); after it, for an id it does not know, or for a session
+// attached to another live connection, Reattach fails with a *GuestError.
+// Guests that predate reattach fail it the same way.
+func (c *Client) Reattach(ctx context.Context, id uint32) (*Session, error) {
+	if id == 0 {
+		return nil, errors.New("reattach session 0: not a session id")
+	}
+	s := newSession(c, false, false)
+	s.id = id
+	s.reattached = true
+	close(s.started)
+	ch := make(chan proto.Response, 1)
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return nil, fmt.Errorf("reattach session %d: %w", id, err)
+	}
+	if _, ok := c.sessions[id]; ok {
+		c.mu.Unlock()
+		return nil, fmt.Errorf("reattach session %d: already open on this connection", id)
+	}
+	if len(c.sessions) >= c.opts.MaxSessions {
+		c.mu.Unlock()
+		return nil, fmt.Errorf("reattach session %d: too many sessions (%d)", id, c.opts.MaxSessions)
+	}
+	// Registered before asking, so frames that follow the reply are
+	// routed; the guest sends none before it.
+	c.sessions[id] = s
+	reqID := c.allocIDLocked()
+	c.pending[reqID] = &call{ch: ch, apply: s.applyReattach}
+	c.mu.Unlock()
+
+	f, err := proto.JSONFrame(proto.TypeRequest, reqID, proto.Request{Op: proto.OpReattach, Reattach: &proto.Reattach{Session: id}})
+	queued := false
+	if err == nil {
+		queued, err = c.sendQueued(ctx, f)
+		var resp proto.Response
+		if resp, err = c.awaitResponse(ctx, ch, err); err == nil {
+			if resp.Error != "" {
+				return nil, &GuestError{Op: proto.OpReattach, Msg: truncate(resp.Error)}
+			}
+			return s, nil
+		}
+	}
+	if !queued {
+		c.mu.Lock()
+		delete(c.pending, reqID)
+		if c.sessions[id] == s {
+			delete(c.sessions, id)
+		}
+		c.mu.Unlock()
+	} else {
+		// The guest may still bind the session here: let its output flow
+		// unread so it can finish. A refusal unregisters it (applyReattach).
+		s.Close()
+	}
+	return nil, fmt.Errorf("reattach session %d: %w", id, err)
+}
+
+// applyReattach takes the guest's answer to Reattach, on the read loop.
+func (s *Session) applyReattach(resp proto.Response) error {
+	if resp.Error != "" {
+		s.c.mu.Lock()
+		if s.c.sessions[s.id] == s {
+			delete(s.c.sessions, s.id)
+		}
+		s.c.mu.Unlock()
+		return nil
+	}
+	if resp.Reattached == nil {
+		return violation("reattach of session %d answered without the session", s.id)
+	}
+	s.mu.Lock()
+	s.pid = resp.Reattached.Pid
+	s.tty = resp.Reattached.TTY
+	s.mu.Unlock()
+	return nil
+}
+
 func first(a []string) string {
 	if len(a) == 0 {
 		return ""
@@ -95,7 +190,8 @@ func first(a []string) string {
 	return a[0]
 }
 
-// ID is the session id on the connection.
+// ID is the session id. It stays the session's id in the guest across
+// connections: pass it to Reattach on a later connection.
 func (s *Session) ID() uint32 { return s.id }
 
 // Pid is the process id in the guest, 0 if the process did not start.
@@ -252,6 +348,9 @@ type stdinWriter struct{ s *Session }
 
 func (w stdinWriter) Write(p []byte) (int, error) {
 	s := w.s
+	if s.reattached {
+		return 0, errors.New("stdin: closed when the session's earlier connection went away")
+	}
 	if !s.stdin {
 		return 0, errors.New("stdin: session was started without stdin")
 	}
@@ -289,6 +388,9 @@ func (w stdinWriter) Write(p []byte) (int, error) {
 
 func (w stdinWriter) Close() error {
 	s := w.s
+	if s.reattached {
+		return nil // the guest closed it already
+	}
 	s.mu.Lock()
 	if s.stdinClosed {
 		s.mu.Unlock()

@@ -14,7 +14,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"sync"
+	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"golang.org/x/sys/unix"
@@ -49,11 +51,22 @@ type Options struct {
 	Logger *slog.Logger
 	// MaxSessions bounds concurrently running sessions (default 1024).
 	MaxSessions int
+	// ReattachGrace is how long a session whose connection went away is
+	// kept for a new connection to take back (proto.OpReattach): its
+	// output is held back (the process blocks once its pipe is full) and
+	// its exit status kept. After the grace its output is discarded and
+	// its exit dropped. Zero means DefaultReattachGrace; negative disables
+	// reattach (sessions are forgotten as soon as their connection ends).
+	ReattachGrace time.Duration
 	// OnPanic, if set, is called with a recovered panic from any goroutine
 	// the server owns. PID 1 must never exit (the kernel panics), so it logs
 	// and powers off instead. If nil the panic propagates.
 	OnPanic func(v any)
 }
+
+// DefaultReattachGrace is the default of Options.ReattachGrace: long enough
+// for a node agent to restart and reconnect to its VMs.
+const DefaultReattachGrace = 2 * time.Minute
 
 // Server serves host connections. One Server lives for the whole boot and
 // serves one connection at a time; sessions outlive the connection that
@@ -69,8 +82,12 @@ type Server struct {
 	setupDone bool
 	baseEnv   []string
 	sessions  map[*session]struct{}
-	closed    bool
-	quit      chan struct{} // closed by Close
+	// byID holds the sessions that can still be addressed: attached to a
+	// connection or awaiting reattach. Session ids are unique among them
+	// across connections, so a reattached session never meets a namesake.
+	byID   map[uint32]*session
+	closed bool
+	quit   chan struct{} // closed by Close
 }
 
 // NewServer returns a Server; call Close to stop it.
@@ -81,6 +98,9 @@ func NewServer(opts Options) *Server {
 	if opts.MaxSessions <= 0 {
 		opts.MaxSessions = 1024
 	}
+	if opts.ReattachGrace == 0 {
+		opts.ReattachGrace = DefaultReattachGrace
+	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -90,6 +110,7 @@ func NewServer(opts Options) *Server {
 		log:      log,
 		reaper:   newReaper(opts.ReapAll, log),
 		sessions: map[*session]struct{}{},
+		byID:     map[uint32]*session{},
 		quit:     make(chan struct{}),
 	}
 }
@@ -103,6 +124,7 @@ func (s *Server) Close() error {
 	}
 	s.closed = true
 	for sess := range s.sessions {
+		sess.stopGrace()
 		sess.kill(int(unix.SIGKILL))
 	}
 	s.mu.Unlock()
@@ -159,8 +181,9 @@ func (c *gconn) sendJSON(t proto.Type, id uint32, v any) error {
 }
 
 // ServeConn runs the handshake and serves rw until it fails or ctx ends.
-// It always closes rw. Sessions started on rw keep running afterwards; their
-// output is discarded and their stdin closed.
+// It always closes rw. Sessions started on rw keep running afterwards with
+// their stdin closed; for Options.ReattachGrace a later connection can take
+// them back (proto.OpReattach) and get their held-back output and exit.
 func (s *Server) ServeConn(ctx context.Context, rw io.ReadWriteCloser) error {
 	c := &gconn{rw: rw, done: make(chan struct{}), sessions: map[uint32]*session{}}
 	stop := context.AfterFunc(ctx, func() { rw.Close() })
@@ -210,7 +233,7 @@ func (s *Server) answerHello(c *gconn, f proto.Frame) error {
 	if err := proto.Decode(f, &h); err != nil {
 		return err
 	}
-	reply := proto.HelloReply{Version: proto.Version, Nonce: h.Nonce, InitVersion: s.opts.InitVersion, KernelRelease: kernelRelease()}
+	reply := proto.HelloReply{Version: proto.Version, Nonce: h.Nonce, InitVersion: s.opts.InitVersion, KernelRelease: kernelRelease(), Sessions: s.liveIDs(c)}
 	if h.Version < proto.Version {
 		// Answer anyway so the host can report the mismatch.
 		s.log.Warn("host speaks an older protocol", "host_version", h.Version)
@@ -226,13 +249,35 @@ func kernelRelease() string {
 	return unix.ByteSliceToString(u.Release[:])
 }
 
-// detach ends connection c: its sessions keep running without a host.
+// liveIDs returns the ids of addressable sessions not attached to c, which
+// the host on c must not reuse.
+func (s *Server) liveIDs(c *gconn) []uint32 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var ids []uint32
+	for id, sess := range s.byID {
+		if sess.attachedTo() != c {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	if len(ids) > proto.MaxHelloSessions {
+		// Exec of a colliding id still fails cleanly; see startSession.
+		ids = ids[:proto.MaxHelloSessions]
+	}
+	return ids
+}
+
+// detach ends connection c: its sessions keep running without a host and
+// wait for a reattach. Their stdin is closed: a process reading it sees
+// EOF rather than hanging on a host that may never come back.
 func (s *Server) detach(c *gconn) {
 	s.mu.Lock()
 	close(c.done)
 	list := make([]*session, 0, len(c.sessions))
 	for _, sess := range c.sessions {
 		list = append(list, sess)
+		sess.detach(c)
 	}
 	s.mu.Unlock()
 	c.rw.Close()
@@ -266,7 +311,7 @@ func (s *Server) handle(ctx context.Context, c *gconn, f proto.Frame) error {
 			// The session ended while the frame was in flight.
 			return nil
 		}
-		sess.handleFrame(f)
+		sess.handleFrame(c, f)
 		return nil
 	}
 	s.log.Warn("ignoring unexpected frame from host", "type", f.Type, "id", f.ID)
@@ -318,6 +363,22 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 			return reply(errors.New("set_time is not supported by this server"))
 		}
 		return reply(sys.SetTime(ctx, *req.SetTime))
+	case proto.OpReattach:
+		if req.Reattach == nil {
+			return reply(errors.New("reattach request without reattach"))
+		}
+		sess, err := s.claim(c, req.Reattach.Session)
+		if err != nil {
+			return reply(err)
+		}
+		// The reply goes out before the session is bound, so that it
+		// precedes the session's frames on c.
+		err = c.sendJSON(proto.TypeResponse, id, proto.Response{Reattached: &proto.Reattached{Pid: sess.pid, TTY: sess.tty}})
+		s.bind(sess, c, err == nil)
+		if err == nil {
+			s.log.Info("session reattached", "session", sess.id, "pid", sess.pid)
+		}
+		return err
 	case proto.OpShutdown:
 		if sys == nil {
 			return reply(errors.New("shutdown is not supported by this server"))

@@ -93,11 +93,21 @@ func newGuest(t *testing.T, opts initd.Options) *guest {
 // connect serves a new connection and returns the handshaken client.
 func (g *guest) connect(t *testing.T) *client.Client {
 	t.Helper()
+	c, _ := g.connectServe(t)
+	return c
+}
+
+// connectServe is connect that also returns a channel closed when the
+// guest is done with the connection (its sessions are detached).
+func (g *guest) connectServe(t *testing.T) (*client.Client, <-chan struct{}) {
+	t.Helper()
 	host, guestEnd := socketPair(t)
 	g.wg.Add(1)
 	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan struct{})
 	go func() {
 		defer g.wg.Done()
+		defer close(served)
 		_ = g.srv.ServeConn(ctx, guestEnd)
 	}()
 	hctx, hcancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -110,7 +120,7 @@ func (g *guest) connect(t *testing.T) *client.Client {
 		c.Close()
 		cancel()
 	})
-	return c
+	return c, served
 }
 
 func startGuest(t *testing.T) (*guest, *client.Client) {
@@ -451,12 +461,13 @@ func TestControlRequests(t *testing.T) {
 }
 
 func TestSessionSurvivesDisconnect(t *testing.T) {
-	g := newGuest(t, initd.Options{})
+	// Without reattach, output while disconnected must be drained at once,
+	// or the process would block.
+	g := newGuest(t, initd.Options{ReattachGrace: -1})
 	c1 := g.connect(t)
 	marker := filepath.Join(t.TempDir(), "marker")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	// Output while disconnected must be drained, or the process would block.
 	s, err := c1.Exec(ctx, sh(fmt.Sprintf("sleep 0.5; head -c 3000000 /dev/zero; touch %s", marker)))
 	if err != nil {
 		t.Fatal(err)

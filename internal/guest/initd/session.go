@@ -2,6 +2,7 @@ package initd
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
@@ -26,9 +27,13 @@ const (
 )
 
 // session is one exec'd process and its streams.
+//
+// A session reports to one connection at a time. When that connection goes
+// away the session is detached: its output and exit are held back until a
+// new connection reattaches it (Server.claim, Server.bind) or the grace
+// runs out, after which they are discarded (the session is forgotten).
 type session struct {
 	srv *Server
-	c   *gconn
 	id  uint32
 	pid int
 	tty bool
@@ -41,12 +46,27 @@ type session struct {
 	mu       sync.Mutex
 	credit   [2]int           // send credit for stdout, stderr
 	creditCh [2]chan struct{} // poked when credit grows
+	// The attachment, guarded by mu; changed only with Server.mu held too
+	// (lock order: Server.mu, then session.mu).
+	c        *gconn        // where output and exit go; nil while detached
+	claimed  bool          // a reattach was granted and is being bound
+	discard  bool          // forgotten: output is discarded, the exit dropped
+	changed  chan struct{} // closed and replaced whenever c or discard changes
+	grace    *time.Timer   // runs while detached; expire forgets the session
+	deadline time.Time     // end of the grace while detached
 
 	inMu     sync.Mutex
-	inQ      [][]byte
+	inQ      []stdinChunk
 	inQueued int
 	inEOF    bool
 	inCh     chan struct{}
+}
+
+// stdinChunk is host stdin waiting to be written; its credit is returned to
+// the connection it came from.
+type stdinChunk struct {
+	b []byte
+	c *gconn
 }
 
 func exitFor(err *startError) proto.ExitStatus {
@@ -69,7 +89,9 @@ func (s *Server) startSession(c *gconn, id uint32, req proto.ExecRequest) error 
 	case s.closed:
 		s.mu.Unlock()
 		return c.sendJSON(proto.TypeExit, id, exitFor(setupErr("server is shutting down")))
-	case c.sessions[id] != nil:
+	case s.byID[id] != nil:
+		// Also an id held by a detached session: the host learnt those in
+		// the hello reply.
 		s.mu.Unlock()
 		return c.sendJSON(proto.TypeExit, id, exitFor(setupErr("session %d already exists", id)))
 	case len(s.sessions) >= s.opts.MaxSessions:
@@ -148,7 +170,7 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 		return setupErr("cannot run as %d:%d: init is not root", u.UID, u.GID)
 	}
 
-	sess := &session{srv: s, c: c, id: id, tty: req.TTY, exited: make(chan struct{}), inCh: make(chan struct{}, 1)}
+	sess := &session{srv: s, c: c, id: id, tty: req.TTY, exited: make(chan struct{}), inCh: make(chan struct{}, 1), changed: make(chan struct{})}
 	sess.credit = [2]int{proto.InitialWindow, proto.InitialWindow}
 	sess.creditCh = [2]chan struct{}{make(chan struct{}, 1), make(chan struct{}, 1)}
 
@@ -221,6 +243,7 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 		sess.pid = pid
 		c.sessions[id] = sess
 		s.sessions[sess] = struct{}{}
+		s.byID[id] = sess
 	}
 	s.mu.Unlock()
 	closeAll(childFiles)
@@ -277,20 +300,222 @@ func (sess *session) wait(ws <-chan unix.WaitStatus, outWG *sync.WaitGroup) {
 	}
 	s := sess.srv
 	s.log.Debug("exited", "session", sess.id, "pid", sess.pid, "code", es.Code)
-	if err := sess.c.sendJSON(proto.TypeExit, sess.id, es); err != nil && !errors.Is(err, errConnClosed) {
-		s.log.Debug("could not report exit", "session", sess.id, "err", err)
+	f, err := proto.JSONFrame(proto.TypeExit, sess.id, es)
+	for err == nil {
+		c, sent := sess.sendAttached(f, -1)
+		if !sent {
+			s.log.Info("exit status dropped: session was not reattached", "session", sess.id, "pid", sess.pid, "code", es.Code)
+			break
+		}
+		if sess.finish(c) {
+			return
+		}
+		// c went away and another connection took the session before the
+		// exit was settled: c may never have read it, so tell the new one.
 	}
+	sess.finish(nil)
+}
+
+// finish forgets the session once its exit went to c (nil: was dropped).
+// It returns false if the session was reattached elsewhere meanwhile.
+func (sess *session) finish(c *gconn) bool {
+	s := sess.srv
 	s.mu.Lock()
-	if sess.c.sessions[sess.id] == sess {
+	defer s.mu.Unlock()
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	if c != nil && sess.c != c && (sess.c != nil || sess.claimed) {
+		return false
+	}
+	if sess.c != nil && sess.c.sessions[sess.id] == sess {
 		delete(sess.c.sessions, sess.id)
 	}
+	if s.byID[sess.id] == sess {
+		delete(s.byID, sess.id)
+	}
+	if sess.grace != nil {
+		sess.grace.Stop()
+		sess.grace = nil
+	}
+	sess.discard = true
 	delete(s.sessions, sess)
-	s.mu.Unlock()
+	return true
+}
+
+// sendAttached sends f on the session's connection, following the session
+// across reattaches: a frame that could not be written is sent again on the
+// next connection, so nothing is lost within the grace. idx >= 0 charges
+// the frame to that output stream's credit, which the caller obtained with
+// waitCredit (a reattach only raises it). It returns the connection that
+// took the frame, or false if the frame was dropped because the session
+// was forgotten or the server is closing.
+func (sess *session) sendAttached(f proto.Frame, idx int) (*gconn, bool) {
+	var failed *gconn
+	for {
+		sess.mu.Lock()
+		c, discard, changed := sess.c, sess.discard, sess.changed
+		if discard {
+			sess.mu.Unlock()
+			return nil, false
+		}
+		if c != nil && c != failed {
+			if idx >= 0 {
+				sess.credit[idx] -= len(f.Payload)
+			}
+			sess.mu.Unlock()
+			err := c.send(f)
+			if err == nil {
+				return c, true
+			}
+			if !errors.Is(err, errConnClosed) {
+				sess.srv.log.Debug("could not send to host", "session", sess.id, "type", f.Type, "err", err)
+				// A connection that cannot be written is of no use; closing
+				// it ends its serve loop, which detaches the session.
+				c.rw.Close()
+			}
+			failed = c
+			continue
+		}
+		sess.mu.Unlock()
+		select {
+		case <-changed:
+		case <-sess.srv.quit:
+			return nil, false
+		}
+	}
+}
+
+// attachedTo returns the session's connection, nil while detached.
+func (sess *session) attachedTo() *gconn {
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	return sess.c
+}
+
+// notifyLocked wakes everything waiting for the attachment to change.
+func (sess *session) notifyLocked() {
+	close(sess.changed)
+	sess.changed = make(chan struct{})
+}
+
+// forgetLocked makes the session unaddressable and its output and exit
+// discarded. Server.mu and sess.mu are held.
+func (sess *session) forgetLocked() {
+	s := sess.srv
+	if s.byID[sess.id] == sess {
+		delete(s.byID, sess.id)
+	}
+	sess.discard = true
+	sess.notifyLocked()
+}
+
+// detach is called with Server.mu held when c, the session's connection,
+// went away: the session now waits for a reattach until the grace ends.
+func (sess *session) detach(c *gconn) {
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	if sess.c != c {
+		return
+	}
+	sess.c = nil
+	grace := sess.srv.opts.ReattachGrace
+	if grace < 0 {
+		sess.forgetLocked()
+		return
+	}
+	sess.deadline = time.Now().Add(grace)
+	sess.grace = time.AfterFunc(grace, sess.expire)
+	sess.notifyLocked()
+}
+
+// expire forgets the session if it is still detached at the end of its
+// grace. It runs on the grace timer.
+func (sess *session) expire() {
+	s := sess.srv
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	// A timer stopped too late by a reattach finds the session attached,
+	// claimed or detached again with a later deadline.
+	if sess.c != nil || sess.claimed || sess.discard || time.Now().Before(sess.deadline) {
+		return
+	}
+	sess.grace = nil
+	s.log.Info("session not reattached within grace; discarding its output", "session", sess.id, "pid", sess.pid)
+	sess.forgetLocked()
+}
+
+// stopGrace stops the grace timer (server shutdown).
+func (sess *session) stopGrace() {
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	if sess.grace != nil {
+		sess.grace.Stop()
+		sess.grace = nil
+	}
+}
+
+// claim grants connection c the reattach of session id. The caller answers
+// the host and then calls bind, so that the answer precedes the session's
+// frames on c.
+func (s *Server) claim(c *gconn, id uint32) (*session, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, errors.New("reattach: server is shutting down")
+	}
+	sess := s.byID[id]
+	if sess == nil {
+		return nil, fmt.Errorf("reattach session %d: no such session (never started, ended, or not reattached within %s)", id, s.opts.ReattachGrace)
+	}
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	switch {
+	case sess.c == c:
+		return nil, fmt.Errorf("reattach session %d: already attached to this connection", id)
+	case sess.c != nil:
+		return nil, fmt.Errorf("reattach session %d: attached to another live connection", id)
+	case sess.claimed:
+		return nil, fmt.Errorf("reattach session %d: being reattached by another connection", id)
+	}
+	sess.claimed = true
+	if sess.grace != nil {
+		sess.grace.Stop()
+		sess.grace = nil
+	}
+	return sess, nil
+}
+
+// bind attaches a claimed session to c, unless answering the host failed
+// (ok false) or c went away meanwhile; then the rest of the grace applies.
+// Send credit starts afresh, as the host's view of the session does.
+func (s *Server) bind(sess *session, c *gconn, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	sess.claimed = false
+	select {
+	case <-c.done:
+		ok = false
+	default:
+	}
+	if !ok || s.closed {
+		sess.grace = time.AfterFunc(max(time.Until(sess.deadline), 0), sess.expire)
+		return
+	}
+	sess.c = c
+	c.sessions[sess.id] = sess
+	sess.credit = [2]int{proto.InitialWindow, proto.InitialWindow}
+	sess.notifyLocked()
 }
 
 // pump forwards one output stream to the host within the credit the host
-// grants. Without a host (connection gone) it keeps reading and discards, so
-// the process never blocks on a full pipe.
+// grants. While the session is detached it waits (the process may block on
+// a full pipe) and forwards to the connection that reattaches it; once the
+// session is forgotten it keeps reading and discards, so the process never
+// blocks for good.
 func (sess *session) pump(idx int, stream proto.Type, f *os.File) {
 	buf := make([]byte, proto.MaxChunk)
 	discard := false
@@ -320,10 +545,7 @@ func (sess *session) pump(idx int, stream proto.Type, f *os.File) {
 			drained += m
 		}
 		if m > 0 && !discard {
-			sess.mu.Lock()
-			sess.credit[idx] -= m
-			sess.mu.Unlock()
-			if err := sess.c.send(proto.Frame{Type: stream, ID: sess.id, Payload: buf[:m]}); err != nil {
+			if _, ok := sess.sendAttached(proto.Frame{Type: stream, ID: sess.id, Payload: buf[:m]}, idx); !ok {
 				discard = true
 			}
 		}
@@ -347,29 +569,34 @@ func isEOF(err error) bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, syscall.EIO)
 }
 
-// waitCredit blocks until stream idx may send, returning the credit, or
-// false once the host connection is gone.
+// waitCredit blocks until stream idx may send on an attached connection,
+// returning the credit, or false once output is to be discarded (the
+// session was forgotten or the server is closing).
 func (sess *session) waitCredit(idx int) (int, bool) {
 	for {
 		sess.mu.Lock()
-		c := sess.credit[idx]
+		c, credit, discard, changed := sess.c, sess.credit[idx], sess.discard, sess.changed
 		sess.mu.Unlock()
-		if c > 0 {
-			return c, true
+		if discard {
+			return 0, false
 		}
+		if c != nil && credit > 0 {
+			return credit, true
+		}
+		// A connection that went away is detached under Server.mu, which
+		// closes changed.
 		select {
 		case <-sess.creditCh[idx]:
-		case <-sess.c.done:
-			return 0, false
+		case <-changed:
 		case <-sess.srv.quit:
 			return 0, false
 		}
 	}
 }
 
-// handleFrame applies a host frame to the session. It never blocks: the
-// read loop serves every session.
-func (sess *session) handleFrame(f proto.Frame) {
+// handleFrame applies a frame from host connection c to the session. It
+// never blocks: the read loop serves every session.
+func (sess *session) handleFrame(c *gconn, f proto.Frame) {
 	log := sess.srv.log
 	switch f.Type {
 	case proto.TypeStdin:
@@ -379,7 +606,7 @@ func (sess *session) handleFrame(f proto.Frame) {
 			log.Warn("dropping stdin beyond window or after close", "session", sess.id)
 			return
 		}
-		sess.inQ = append(sess.inQ, f.Payload)
+		sess.inQ = append(sess.inQ, stdinChunk{b: f.Payload, c: c})
 		sess.inQueued += len(f.Payload)
 		sess.inMu.Unlock()
 		poke(sess.inCh)
@@ -453,26 +680,29 @@ func (sess *session) feedStdin(w *os.File, closeOnEOF bool) {
 	broken := false
 	for {
 		sess.inMu.Lock()
-		var chunk []byte
-		if len(sess.inQ) > 0 {
+		var chunk stdinChunk
+		ok := len(sess.inQ) > 0
+		if ok {
 			chunk = sess.inQ[0]
-			sess.inQ[0] = nil
+			sess.inQ[0] = stdinChunk{}
 			sess.inQ = sess.inQ[1:]
 		}
-		eof := sess.inEOF && chunk == nil
+		eof := sess.inEOF && !ok
 		sess.inMu.Unlock()
-		if chunk != nil {
+		if ok {
 			if !broken {
-				if _, err := w.Write(chunk); err != nil {
+				if _, err := w.Write(chunk.b); err != nil {
 					broken = true
 				}
 			}
 			sess.inMu.Lock()
-			sess.inQueued -= len(chunk)
+			sess.inQueued -= len(chunk.b)
 			sess.inMu.Unlock()
-			if len(chunk) > 0 {
-				_ = sess.c.send(proto.Frame{Type: proto.TypeWindow, ID: sess.id,
-					Payload: proto.Window{Stream: proto.TypeStdin, Increment: uint32(len(chunk))}.Encode()})
+			if len(chunk.b) > 0 {
+				// Only the connection that sent the data expects its credit
+				// back; if it went away, send fails harmlessly.
+				_ = chunk.c.send(proto.Frame{Type: proto.TypeWindow, ID: sess.id,
+					Payload: proto.Window{Stream: proto.TypeStdin, Increment: uint32(len(chunk.b))}.Encode()})
 			}
 			continue
 		}

@@ -24,7 +24,10 @@ import (
 
 // Version is the protocol version this build speaks. The host sends the
 // highest version it supports in Hello; the guest answers with the version it
-// will use. Both sides refuse versions they do not know.
+// will use. Both sides refuse versions they do not know, so only changes an
+// older peer would misread bump it; additions an older peer rejects cleanly
+// or ignores (a new request op, a new optional JSON field such as
+// OpReattach and HelloReply.Sessions) do not.
 const Version = 1
 
 // HeaderSize is the size of a frame header on the wire.

@@ -20,7 +20,21 @@ type HelloReply struct {
 	Nonce         uint64 `json:"nonce"`
 	InitVersion   string `json:"init_version"`
 	KernelRelease string `json:"kernel_release"`
+	// Sessions lists the ids of sessions that outlive an earlier
+	// connection (running or awaiting reattach), at most MaxHelloSessions
+	// of them. The host must not start new sessions with these ids, and
+	// may take them back with OpReattach. Guests that predate reattach
+	// leave it empty.
+	Sessions []uint32 `json:"sessions,omitempty"`
 }
+
+// MaxHelloSessions bounds HelloReply.Sessions so that a hello reply stays
+// small (the host bounds it by MaxHelloReply).
+const MaxHelloSessions = 1024
+
+// MaxHelloReply bounds the payload of a HelloReply as read by the host:
+// MaxHelloSessions ids plus the fixed fields.
+const MaxHelloReply = 16 << 10
 
 // Request operations.
 const (
@@ -28,19 +42,48 @@ const (
 	OpSetTime  = "set_time"
 	OpPing     = "ping"
 	OpShutdown = "shutdown"
+	// OpReattach binds a session that outlived its connection to this
+	// one. Guests that predate it answer "unknown request op", so it
+	// needs no version bump.
+	OpReattach = "reattach"
 )
 
 // Request is a control request (host to guest). Exactly the field that
 // matches Op is set.
 type Request struct {
-	Op      string   `json:"op"`
-	Setup   *Setup   `json:"setup,omitempty"`
-	SetTime *SetTime `json:"set_time,omitempty"`
+	Op       string    `json:"op"`
+	Setup    *Setup    `json:"setup,omitempty"`
+	SetTime  *SetTime  `json:"set_time,omitempty"`
+	Reattach *Reattach `json:"reattach,omitempty"`
 }
 
 // Response answers a Request with the same id. An empty Error means success.
 type Response struct {
 	Error string `json:"error,omitempty"`
+	// Reattached is set on a successful OpReattach.
+	Reattached *Reattached `json:"reattached,omitempty"`
+}
+
+// Reattach asks the guest to bind Session, a session started on an earlier
+// connection, to this connection. The guest keeps a session whose
+// connection went away for a grace period (2 minutes by default), holding
+// back its output and exit status; after the grace it discards both and
+// the session can no longer be reattached.
+//
+// On success the guest answers with Reattached and then, on this
+// connection and under the same session id: the output held back and any
+// further output (send credit starts afresh at InitialWindow per stream,
+// as for a new session), then the Exit frame. There is no Started frame.
+// The session's stdin was closed when its connection went away; the host
+// must not send stdin for it.
+type Reattach struct {
+	Session uint32 `json:"session"`
+}
+
+// Reattached describes a reattached session.
+type Reattached struct {
+	Pid int  `json:"pid"`
+	TTY bool `json:"tty,omitempty"`
 }
 
 // Setup turns the booted initramfs into the sandbox: it mounts the image
