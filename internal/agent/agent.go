@@ -96,6 +96,13 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if cfg.Node == "" {
 		cfg.Node, _ = os.Hostname()
 	}
+	// Everything the VMMs are given (and recovery matches them by) is under DataDir:
+	// it must be absolute to identify this node's processes exactly.
+	abs, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("data dir %s: %w", cfg.DataDir, err)
+	}
+	cfg.DataDir = abs
 	if cfg.MaxVCPUs == 0 {
 		cfg.MaxVCPUs = runtime.NumCPU()
 	}
@@ -126,7 +133,6 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 			return nil, fmt.Errorf("create agent directory %s: %w", d, err)
 		}
 	}
-	var err error
 	if a.kernel, err = assets.EnsureKernel(ctx, a.assetDir()); err != nil {
 		return nil, fmt.Errorf("prepare guest kernel: %w", err)
 	}
@@ -246,6 +252,7 @@ type sandbox struct {
 	proc     process // the main process as resolved; exec inherits from it
 	spec     state.SandboxSpec
 	stopping string // why a stop was requested; "" if none
+	keep     bool   // the VM was detached for the next agent to adopt: cleanups leave it
 	stopCode int
 	done     chan struct{}
 }
@@ -304,6 +311,11 @@ func status(s state.Status) *state.Status { return &s }
 // fail records a start that did not get as far as running the command. A start aborted
 // by a user's stop is recorded as stopped, not as a failure.
 func (a *Agent) fail(s *sandbox, reason string) {
+	if a.ctx.Err() != nil {
+		// The agent is shutting down, which is why the start broke off: record nothing;
+		// the next start's recovery accounts for the sandbox.
+		return
+	}
 	s.mu.Lock()
 	stopping, code := s.stopping, s.stopCode
 	s.mu.Unlock()
@@ -350,7 +362,12 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		a.fail(s, fmt.Sprintf("create run directory: %v", err))
 		return
 	}
-	cleanup.push("remove scratch disk", func() error { return os.Remove(filepath.Join(s.dir, "scratch.img")) })
+	cleanup.push("remove scratch disk", func() error {
+		if s.kept() {
+			return nil // the VM was left running for adoption and still uses it
+		}
+		return os.Remove(filepath.Join(s.dir, "scratch.img"))
+	})
 	scratch := filepath.Join(s.dir, "scratch.img")
 	if err := copySparse(a.scratch, scratch); err != nil {
 		a.fail(s, fmt.Sprintf("create scratch disk: %v", err))
@@ -387,6 +404,9 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	}
 	// Whatever happens next, the VMM must not outlive this function.
 	cleanup.push("stop VM", func() error {
+		if s.kept() {
+			return nil
+		}
 		sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 		defer cancel()
 		return vm.Stop(sctx, 5*time.Second)
@@ -435,6 +455,9 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	s.mu.Lock()
 	s.guest, s.main, s.proc = guest, main, proc
 	s.mu.Unlock()
+	if err := writeAdoptRecord(s.dir, adoptRecord{Sandbox: sb, Proc: proc, Main: main.ID(), RootFS: rootFS}); err != nil {
+		a.log.Warn("cannot record what re-adoption needs; this sandbox will not survive an agent restart", "sandbox", sb.ID, "err", err)
+	}
 	readyOnce()
 	a.update(sb.ID, state.Update{Status: status(state.StatusRunning)})
 
@@ -548,9 +571,12 @@ func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm 
 		st = proto.ExitStatus{Code: 124}
 	case <-ctx.Done():
 		if a.ctx.Err() != nil {
-			// The node is shutting down: leave the record running; the next start's
-			// recovery marks it lost (the VM does not survive this process's cleanup).
-			_ = vm.Kill()
+			// The node agent is shutting down: leave the VM running for the next agent
+			// to adopt (the record stays running); without a way to detach, stop it and
+			// let the next start's recovery mark it lost.
+			if !a.detachForAdoption(s, vm) {
+				_ = vm.Kill()
+			}
 			pumps.Wait()
 			return
 		}
@@ -762,29 +788,67 @@ func (a *Agent) recover(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("list sandboxes for recovery: %w", err)
 	}
+	var mine []state.Sandbox
 	for _, sb := range all {
 		if sb.Status.Terminal() || (sb.Node != "" && sb.Node != a.cfg.Node) {
 			continue
 		}
+		mine = append(mine, sb)
+	}
+	// Running sandboxes whose VM the previous agent left behind are taken back; the rest
+	// (still starting, or not adoptable) lose their VM and are marked lost.
+	var running []state.Sandbox
+	for _, sb := range mine {
+		if sb.Status == state.StatusRunning {
+			running = append(running, sb)
+		}
+	}
+	failed := a.adoptAll(ctx, running)
+	for _, sb := range mine {
+		if a.isLive(sb.ID) {
+			continue
+		}
+		reason := "the node agent restarted while the sandbox was " + string(sb.Status) + "; its VM was stopped"
+		if err := failed[sb.ID]; err != nil {
+			reason = "the node agent restarted and could not re-adopt the sandbox's VM (" + err.Error() + ")"
+		}
 		if pid, err := strconv.Atoi(sb.Runtime["pid"]); err == nil && pid > 0 {
 			killStaleVMM(pid, filepath.Join(a.runRoot(), sb.ID))
 		}
-		a.update(sb.ID, state.Update{Status: status(state.StatusLost),
-			Reason: "the node agent restarted while the sandbox was " + string(sb.Status) + "; its VM was stopped (re-adoption is not supported yet)"})
+		a.update(sb.ID, state.Update{Status: status(state.StatusLost), Reason: reason})
 	}
 	// A VMM started just before the crash may not have had its pid recorded: find every
-	// process still running from a run directory of this node and end it.
+	// process still running from a run directory of this node that is not adopted, and
+	// end it.
 	for _, pid := range vmmsUnder(a.runRoot()) {
+		if a.adoptedPID(pid) {
+			continue
+		}
 		a.log.Warn("killing leftover VMM from before the restart", "pid", pid)
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 	entries, _ := os.ReadDir(a.runRoot())
 	for _, e := range entries {
+		if a.isLive(e.Name()) {
+			continue
+		}
 		if err := os.RemoveAll(filepath.Join(a.runRoot(), e.Name())); err != nil {
 			a.log.Warn("sweep leftover run directory", "dir", e.Name(), "err", err)
 		}
 	}
 	return nil
+}
+
+// adoptedPID reports whether pid is the VMM of a sandbox this agent adopted.
+func (a *Agent) adoptedPID(pid int) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, s := range a.live {
+		if s.vm != nil && s.vm.Info().PID == pid {
+			return true
+		}
+	}
+	return false
 }
 
 // killStaleVMM kills pid only if it is a VMM that was started for runDir, so a recycled pid
@@ -807,8 +871,16 @@ func vmmsUnder(dir string) []int {
 			continue
 		}
 		argv0, _, _ := strings.Cut(string(cmdline), "\x00")
-		if strings.Contains(filepath.Base(argv0), "qemu") && strings.Contains(string(cmdline), dir+"/") {
-			pids = append(pids, pid)
+		if !strings.Contains(filepath.Base(argv0), "qemu") {
+			continue
+		}
+		// Whole arguments (or their "path=" values) under dir: a substring match would
+		// also catch another instance whose data dir merely contains ours.
+		for _, arg := range strings.Split(string(cmdline), "\x00") {
+			if strings.HasPrefix(arg, dir+"/") || strings.Contains(arg, "="+dir+"/") {
+				pids = append(pids, pid)
+				break
+			}
 		}
 	}
 	return pids

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -38,6 +39,11 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 		if StaleRead(r) {
 			ctx = state.WithStaleReads(ctx)
 		}
+		// A token revoked (or expiring) while a call streams ends the call: logs -f,
+		// attach and exec must not outlive the credential that opened them.
+		ctx, cancel := context.WithCancelCause(ctx)
+		defer cancel(nil)
+		go s.watchToken(ctx, cancel, id.TokenID)
 		next.ServeHTTP(w, r.WithContext(ctx))
 	})
 }
@@ -116,4 +122,23 @@ var staleProcedures = map[string]bool{
 // StaleRead reports whether r is a read-only call that asked for a stale read.
 func StaleRead(r *http.Request) bool {
 	return r.Header.Get(StaleHeader) == "1" && staleProcedures[r.URL.Path]
+}
+
+// watchToken cancels a call's context once its token is revoked or expires. It ends with
+// the call (its context).
+func (s *Server) watchToken(ctx context.Context, cancel context.CancelCauseFunc, tokenID string) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rec, err := s.store.LocalToken(tokenID)
+		if err != nil || !rec.ValidAt(s.now()) {
+			cancel(errors.New("API token revoked or expired"))
+			return
+		}
+	}
 }

@@ -32,6 +32,10 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if err := checkImageSource(ctx, spec.Image); err != nil {
 		return nil, err
 	}
+	if len(spec.InsecureRegistries) > 0 && !who.Admin() {
+		// Plain-HTTP registries make the node connect wherever told: admins only.
+		return nil, connect.NewError(connect.CodePermissionDenied, errors.New("--insecure-registry needs an admin token"))
+	}
 	if err := validName(req.Msg.GetName()); err != nil {
 		return nil, toConnectError(err)
 	}

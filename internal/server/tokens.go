@@ -38,7 +38,7 @@ func (h *tokenService) CreateToken(ctx context.Context, req *connect.Request[pb.
 		return nil, toConnectError(invalid("role %q: want admin, user or join", req.Msg.GetRole()))
 	}
 	name := req.Msg.GetName()
-	if len(name) > 64 || strings.ContainsAny(name, "\n\r\t") {
+	if len(name) > 64 || strings.IndexFunc(name, func(r rune) bool { return r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) }) >= 0 {
 		return nil, toConnectError(invalid("token name %q: at most 64 characters, no control characters", name))
 	}
 	var ttl time.Duration
