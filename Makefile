@@ -23,7 +23,7 @@ vet:
 
 # The one test command (README and .ci/run use exactly this).
 test:
-	$(GO) test -count=1 -timeout 40m ./...
+	$(GO) test -count=1 -p 1 -timeout 40m ./...
 
 bench: build
 	$(GO) run ./cmd/fireworks-bench -out bench-results.json

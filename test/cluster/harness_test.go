@@ -37,7 +37,7 @@ const (
 	apiPort    = "7766"
 	raftPort   = "7767"
 	nodePort   = "7768"
-	heartbeat  = "3s" // TTL: a killed agent is declared down quickly
+	heartbeat  = "6s" // TTL: a killed agent is declared down quickly
 	nodeMemory = "700"
 )
 

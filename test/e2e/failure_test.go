@@ -2,14 +2,14 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"net"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // A layer that tries to write outside its root is refused with a clear error, the sandbox
@@ -53,9 +53,13 @@ func TestStateSurvivesServerRestart(t *testing.T) {
 	need(t)
 	fw(t, 7, "run", "--name", "before-restart", image("busybox:latest"), "--", "sh", "-c", "echo kept-output; echo kept-err >&2; exit 7")
 	_ = world.cli(context.Background(), nil, "run", "--name", "before-restart", image("busybox:latest"), "--", "true")
-	running := strings.TrimSpace(fw(t, 0, "run", "-d", "--name", "running-at-restart", image("busybox:latest"), "--", "sleep", "600").stdout)
+	// A sandbox that counts while the server restarts: its VM is re-adopted, nothing it
+	// printed is lost, and it still answers exec and stop afterwards.
+	running := strings.TrimSpace(fw(t, 0, "run", "-d", "--name", "running-at-restart", image("busybox:latest"), "--",
+		"sh", "-c", "i=0; trap 'echo stopping; exit 5' TERM; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done").stdout)
 	sb := waitStatus(t, running, "running")
-	pid, _ := strconv.Atoi(sb["details"].(map[string]any)["pid"].(string))
+	pid := sb["details"].(map[string]any)["pid"]
+	fw(t, 0, "exec", running, "--", "sh", "-c", "echo before > /tmp/marker")
 
 	world.stopDev()
 	if err := world.startDev(); err != nil {
@@ -71,23 +75,34 @@ func TestStateSurvivesServerRestart(t *testing.T) {
 	if strings.TrimSpace(r.stdout) != "kept-output" || strings.TrimSpace(r.stderr) != "kept-err" {
 		t.Errorf("logs after restart: %q / %q", r.stdout, r.stderr)
 	}
-	lost := inspect(t, running)
-	// Re-adoption of running VMs is not implemented for dev yet: the sandbox must be
-	// accounted for as lost, with its VMM gone.
-	if lost["status"] != "lost" {
-		t.Errorf("sandbox running at restart: status %v, want lost", lost["status"])
+	adopted := inspect(t, running)
+	if adopted["status"] != "running" || adopted["details"].(map[string]any)["pid"] != pid {
+		t.Fatalf("sandbox running at restart: status %v pid %v (was %v); want the same VM re-adopted, reason %v",
+			adopted["status"], adopted["details"].(map[string]any)["pid"], pid, adopted["reason"])
 	}
-	{
-		if reason, _ := lost["reason"].(string); !strings.Contains(reason, "restart") {
-			t.Errorf("lost reason %q should say why", reason)
-		}
-		if pid > 0 {
-			if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err == nil {
-				if cmd, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline")); strings.Contains(string(cmd), "qemu") {
-					t.Errorf("VMM %d of a lost sandbox still runs", pid)
-				}
+	if r := fw(t, 0, "exec", running, "--", "cat", "/tmp/marker"); strings.TrimSpace(r.stdout) != "before" {
+		t.Errorf("exec after re-adoption: %q", r.stdout)
+	}
+	time.Sleep(time.Second)
+	fw(t, 0, "stop", running)
+	final := waitStatus(t, running, "exited")
+	if final["exit_code"] != float64(5) {
+		t.Errorf("exit code after re-adoption = %v, want 5 (from its TERM trap)", final["exit_code"])
+	}
+	// The ticks are consecutive: nothing printed during the restart was lost.
+	logs := fw(t, 0, "logs", running).stdout
+	lines := strings.Fields(logs)
+	n := 0
+	for _, l := range lines {
+		if strings.HasPrefix(l, "tick-") {
+			n++
+			if l != fmt.Sprintf("tick-%d", n) {
+				t.Fatalf("tick %d is %q: output lost across the restart\n%s", n, l, logs)
 			}
 		}
+	}
+	if n < 5 || !strings.Contains(logs, "stopping") {
+		t.Errorf("logs after re-adoption: %d ticks, stopping=%v", n, strings.Contains(logs, "stopping"))
 	}
 	// And the restarted server runs new sandboxes.
 	if r := fw(t, 0, "run", image("busybox:latest"), "--", "echo", "after-restart"); strings.TrimSpace(r.stdout) != "after-restart" {
