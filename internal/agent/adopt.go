@@ -132,7 +132,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) error {
 		return err
 	}
 	s := &sandbox{id: sb.ID, dir: dir, log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: rec.Sandbox.Spec,
-		vm: vm, guest: guest, main: main, proc: rec.Proc}
+		vm: vm, guest: guest, main: main, proc: rec.Proc, restarts: sb.Restarts, node: sb.Node}
 	close(s.ready)
 	s.ctx, s.cancel = context.WithCancel(a.ctx)
 	a.mu.Lock()

@@ -251,6 +251,8 @@ type sandbox struct {
 	main     *client.Session
 	proc     process // the main process as resolved; exec inherits from it
 	spec     state.SandboxSpec
+	restarts int    // the run (restart count) this node executes
+	node     string // the node the control plane placed it on ("" in dev before the first report)
 	stopping string // why a stop was requested; "" if none
 	keep     bool   // the VM was detached for the next agent to adopt: cleanups leave it
 	stopCode int
@@ -273,7 +275,7 @@ func (a *Agent) Start(sb state.Sandbox) error {
 		a.mu.Unlock()
 		return err
 	}
-	s := &sandbox{id: sb.ID, dir: filepath.Join(a.runRoot(), sb.ID), log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: sb.Spec}
+	s := &sandbox{id: sb.ID, dir: filepath.Join(a.runRoot(), sb.ID), log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: sb.Spec, restarts: sb.Restarts, node: sb.Node}
 	s.ctx, s.cancel = context.WithCancel(a.ctx)
 	a.live[sb.ID] = s
 	a.mu.Unlock()
@@ -299,6 +301,18 @@ func (a *Agent) update(id string, u state.Update) {
 	if u.Time.IsZero() {
 		u.Time = time.Now()
 	}
+	// Pin the report to the run this node is executing, so it cannot land on a later
+	// run of the same sandbox (restarted, possibly on this node again).
+	a.mu.Lock()
+	if s := a.live[id]; s != nil {
+		r := s.restarts
+		u.IfRestarts = &r
+		if s.node != "" {
+			n := s.node
+			u.IfNode = &n
+		}
+	}
+	a.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if _, err := a.store.UpdateSandbox(ctx, id, u); err != nil {

@@ -146,6 +146,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	fl.StringVar(&cfg.Advertise, "advertise", "", "host:port servers reach the node API at (default --listen)")
 	fl.StringVar(&labels, "label", "", "node labels key=value, comma-separated (for --constraint)")
 	fl.IntVar(&cfg.Agent.MaxVCPUs, "cpus", 0, "vCPUs offered to sandboxes (default: the host's cores)")
+	fl.IntVar(&cfg.DiskMiB, "disk", 0, "scratch disk space offered to sandboxes, MiB (default: free space of --data-dir)")
 	fl.IntVar(&cfg.Agent.MaxMemoryMiB, "memory", 0, "memory offered to sandboxes, MiB (default: 75% of the host's)")
 	fl.StringVar(&accel, "accel", "auto", "accelerator: auto, kvm or tcg")
 	fl.StringVar(&ini, "init-binary", "", "guest init binary")

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/fireworks-sandbox/fireworks/internal/agent"
 	"github.com/fireworks-sandbox/fireworks/internal/agentlink"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
@@ -28,6 +30,9 @@ type AgentConfig struct {
 	// Advertise is how servers reach Listen (host:port); default Listen.
 	Advertise string
 	Labels    map[string]string
+	// DiskMiB is the scratch space offered to sandboxes (default: free space of the data
+	// dir's filesystem at registration).
+	DiskMiB int
 	// Agent is the node's runtime configuration (data dir, node name, limits...).
 	Agent agent.Config
 	Log   *slog.Logger
@@ -85,8 +90,12 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 	return link.Run(ctx, agentlink.Node{
 		Info: func() *pb.Node {
 			i := ag.Info()
+			disk := int64(cfg.DiskMiB)
+			if disk == 0 {
+				disk = freeMiB(cfg.Agent.DataDir)
+			}
 			return &pb.Node{
-				Address: cfg.Advertise, Labels: cfg.Labels, Vcpus: int32(i.MaxVCPUs), MemoryMib: int64(i.MaxMemoryMiB),
+				DiskMib: disk, Address: cfg.Advertise, Labels: cfg.Labels, Vcpus: int32(i.MaxVCPUs), MemoryMib: int64(i.MaxMemoryMiB),
 				Accel: i.Accel, Kernel: i.KernelRelease, Version: server.Version,
 			}
 		},
@@ -96,4 +105,13 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 			ag.Reconcile(ctx, assigned)
 		},
 	})
+}
+
+// freeMiB is the space available to unprivileged writers on dir's filesystem.
+func freeMiB(dir string) int64 {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0
+	}
+	return int64(st.Bavail) * int64(st.Bsize) >> 20
 }

@@ -376,9 +376,13 @@ func forwardToLeader(store *state.Store, local http.Handler, apiOf map[string]st
 		unary := !strings.Contains(r.Header.Get("Content-Type"), "connect+") && !strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")
 		var body []byte
 		if unary {
-			b, err := io.ReadAll(io.LimitReader(r.Body, 8<<20))
+			b, err := io.ReadAll(io.LimitReader(r.Body, 8<<20+1))
 			if err != nil {
 				http.Error(w, "read request: "+err.Error(), http.StatusBadRequest)
+				return
+			}
+			if len(b) > 8<<20 {
+				http.Error(w, "request larger than 8 MiB", http.StatusRequestEntityTooLarge)
 				return
 			}
 			body = b

@@ -145,6 +145,14 @@ func (m *Manager) Pass(ctx context.Context) error {
 	}
 	var errs []error
 	errs = append(errs, m.checkHeartbeats(ctx, now, nodes, sbs))
+	// Re-read: a node just declared down changed its sandboxes (lost ones must not be
+	// "drained" back to life against their restart policy).
+	if sbs, err = m.store.ListSandboxes(ctx); err != nil {
+		return err
+	}
+	if nodes, err = m.store.ListNodes(ctx); err != nil {
+		return err
+	}
 	errs = append(errs, m.drain(ctx, now, nodes, sbs))
 	// Re-read: the steps above changed sandboxes the next ones look at.
 	if sbs, err = m.store.ListSandboxes(ctx); err != nil {

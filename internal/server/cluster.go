@@ -100,6 +100,12 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 	if err := validNodeName(m.GetNode()); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
+	// A join token must not buy a certificate for a node that is alive: that would let
+	// its holder impersonate it. A host rebuilt under the same name joins once the old
+	// node is down.
+	if n, err := h.s.store.GetNode(ctx, m.GetNode()); err == nil && n.Status == state.NodeReady {
+		return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("node %q is registered and ready; a second host cannot join under its name", m.GetNode()))
+	}
 	var ips []net.IP
 	var names []string
 	for _, a := range m.GetAddresses() {
@@ -244,8 +250,11 @@ func (h *nodeService) ReportSandbox(ctx context.Context, req *connect.Request[pb
 	}
 	// A node reports what happened on it; placement, restarts and stop requests belong
 	// to the control plane and users.
+	// IfNode is the caller's own node: the state machine re-checks it at commit, with the
+	// run the report is for, so a report racing a re-placement is refused.
 	clean := state.Update{Status: u.Status, Reason: u.Reason, ExitCode: u.ExitCode, Signal: u.Signal,
-		ImageDigest: u.ImageDigest, Accel: u.Accel, Runtime: u.Runtime, Time: h.s.now()}
+		ImageDigest: u.ImageDigest, Accel: u.Accel, Runtime: u.Runtime, Time: h.s.now(),
+		IfNode: &node, IfRestarts: u.IfRestarts}
 	if clean.Status != nil && *clean.Status == state.StatusPending {
 		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("a node cannot make a sandbox pending"))
 	}

@@ -132,7 +132,7 @@ func toConnectError(err error) error {
 		return connect.NewError(connect.CodeInvalidArgument, err)
 	case errors.Is(err, state.ErrNameTaken):
 		return connect.NewError(connect.CodeAlreadyExists, err)
-	case errors.Is(err, agent.ErrNotRunning), errors.Is(err, errNotRunning):
+	case errors.Is(err, agent.ErrNotRunning), errors.Is(err, errNotRunning), errors.Is(err, state.ErrStaleReport):
 		return connect.NewError(connect.CodeFailedPrecondition, err)
 	case errors.Is(err, context.Canceled):
 		return connect.NewError(connect.CodeCanceled, err)

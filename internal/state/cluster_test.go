@@ -171,3 +171,24 @@ func TestRestartAndStopRequest(t *testing.T) {
 		t.Errorf("bad policy: %v", err)
 	}
 }
+
+// A report pinned to an earlier run (restart count) or another node is refused.
+func TestStaleReportsRefused(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	upd := func(u Update) any {
+		return applyAll(f, [][]byte{mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "s1", Update: u})})[0]
+	}
+	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "s1", Spec: SandboxSpec{Image: "x"}, CreatedAt: t0}})})
+	upd(Update{Status: ptr(StatusStarting), Node: ptr("n1"), Time: t0})
+	upd(Update{Restart: true, Status: ptr(StatusPending), Time: t0.Add(time.Second)})
+	upd(Update{Node: ptr("n1"), Time: t0.Add(2 * time.Second)})
+	if err, _ := upd(Update{Status: ptr(StatusStarting), IfNode: ptr("n1"), IfRestarts: ptr(0), Time: t0.Add(3 * time.Second)}).(error); !errors.Is(err, ErrStaleReport) {
+		t.Fatalf("report from run 0 on run 1: %v", err)
+	}
+	if err, _ := upd(Update{Status: ptr(StatusStarting), IfNode: ptr("n2"), IfRestarts: ptr(1), Time: t0.Add(3 * time.Second)}).(error); !errors.Is(err, ErrStaleReport) {
+		t.Fatalf("report from another node: %v", err)
+	}
+	if sb, ok := upd(Update{Status: ptr(StatusStarting), IfNode: ptr("n1"), IfRestarts: ptr(1), Time: t0.Add(3 * time.Second)}).(Sandbox); !ok || sb.Status != StatusStarting {
+		t.Fatalf("current report refused")
+	}
+}

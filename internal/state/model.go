@@ -61,6 +61,8 @@ var (
 	ErrInvalidTransition = errors.New("invalid status transition")
 	// ErrInvalid: a command is malformed (missing ID, zero time, unknown status...).
 	ErrInvalid = errors.New("invalid")
+	// ErrStaleReport: an update meant for an earlier run of a sandbox.
+	ErrStaleReport = errors.New("stale report")
 	// ErrUnknownCommand: a log entry has a command type this FSM does not know and that
 	// is not marked ignorable.
 	ErrUnknownCommand = errors.New("unknown command type")
@@ -188,6 +190,11 @@ type Update struct {
 	Restart bool `json:"restart,omitempty"`
 	// StopGrace, when set, records a user's stop request (at Time) with this grace.
 	StopGrace *time.Duration `json:"stop_grace,omitempty"`
+	// IfNode and IfRestarts, when set, make the update apply only to that run of the
+	// sandbox (on that node, after that many restarts): a late report from an earlier run
+	// must not land on a new one.
+	IfNode     *string `json:"if_node,omitempty"`
+	IfRestarts *int    `json:"if_restarts,omitempty"`
 	// PendingReason replaces the reason of a pending sandbox (why it waits, e.g. "no node
 	// fits: ...") without an event; ignored in any other status.
 	PendingReason *string `json:"pending_reason,omitempty"`
@@ -264,6 +271,9 @@ func (sb *Sandbox) apply(u Update) error {
 		return fmt.Errorf("%w: update has no time", ErrInvalid)
 	}
 	t := utc(u.Time)
+	if (u.IfNode != nil && *u.IfNode != sb.Node) || (u.IfRestarts != nil && *u.IfRestarts != sb.Restarts) {
+		return fmt.Errorf("%w: report for an earlier run of the sandbox", ErrStaleReport)
+	}
 	if u.Restart {
 		if u.Status == nil || *u.Status != StatusPending {
 			return fmt.Errorf("%w: a restart must set status %s", ErrInvalid, StatusPending)
