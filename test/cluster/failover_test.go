@@ -2,10 +2,10 @@ package cluster
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"fmt"
 	"regexp"
 	"strings"
 	"sync"
