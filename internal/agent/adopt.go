@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -12,7 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
 	"github.com/fireworks-sandbox/fireworks/internal/sandboxlog"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
@@ -140,16 +138,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) error {
 	a.started[fmt.Sprintf("%s/%d", sb.ID, sb.Restarts)] = true
 	a.mu.Unlock()
 
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		defer func() {
-			a.mu.Lock()
-			delete(a.live, sb.ID)
-			a.mu.Unlock()
-			s.cancel()
-			close(s.done)
-		}()
+	a.goSandbox(s, func() {
 		defer s.log.Close()
 		var cleanup cleanupStack
 		defer cleanup.run(a.log)
@@ -171,7 +160,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) error {
 		cleanup.push("close guest channel", guest.Close)
 		a.update(sb.ID, state.Update{Runtime: map[string]string{"pid": strconv.Itoa(vm.Info().PID), "adopted_at": time.Now().UTC().Format(time.RFC3339)}})
 		a.supervise(s.ctx, s, rec.Sandbox, vm, main)
-	}()
+	})
 	return nil
 }
 
@@ -200,6 +189,3 @@ func (a *Agent) adoptAll(ctx context.Context, sbs []state.Sandbox) map[string]er
 	wg.Wait()
 	return failed
 }
-
-var _ = errors.New
-var _ = client.Handshake

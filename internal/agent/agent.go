@@ -280,19 +280,25 @@ func (a *Agent) Start(sb state.Sandbox) error {
 	a.live[sb.ID] = s
 	a.mu.Unlock()
 
+	a.goSandbox(s, func() { a.run(s, sb) })
+	return nil
+}
+
+// goSandbox runs a live sandbox's goroutine, owned by the agent: when fn returns, the
+// sandbox stops being live here and its waiters are released.
+func (a *Agent) goSandbox(s *sandbox, fn func()) {
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
 		defer func() {
 			a.mu.Lock()
-			delete(a.live, sb.ID)
+			delete(a.live, s.id)
 			a.mu.Unlock()
 			s.cancel()
 			close(s.done)
 		}()
-		a.run(s, sb)
+		fn()
 	}()
-	return nil
 }
 
 // update writes a lifecycle change; failures are logged because the sandbox goroutine has

@@ -15,7 +15,6 @@ import (
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
 
-	"github.com/fireworks-sandbox/fireworks/internal/agent"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/cluster"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane"
@@ -153,8 +152,6 @@ func newAgentCmd(g *globals) *cobra.Command {
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }
-
-var _ = agent.Config{}
 
 func newNodeCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "List and manage the cluster's nodes"}

@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -391,21 +390,13 @@ func (m *Manager) place(ctx context.Context, now time.Time, nodes []state.Node, 
 }
 
 func snapshot(nodes []state.Node, sbs []state.Sandbox) *scheduler.Snapshot {
-	snap := &scheduler.Snapshot{}
-	for _, n := range nodes {
-		snap.Nodes = append(snap.Nodes, scheduler.Node{
-			ID: n.ID, Labels: n.Labels, Status: scheduler.NodeStatus(n.Status), Cordoned: n.Cordoned, Draining: n.Draining,
-			Capacity: scheduler.Resources{VCPUs: n.Capacity.VCPUs, MemoryMiB: n.Capacity.MemoryMiB, DiskMiB: n.Capacity.DiskMiB},
-			Images:   slices.Clone(n.Images),
-		})
+	np := make([]*state.Node, len(nodes))
+	for i := range nodes {
+		np[i] = &nodes[i]
 	}
-	for _, sb := range sbs {
-		if sb.Node == "" || sb.Status.Terminal() {
-			continue
-		}
-		r := sb.Spec.Reserved()
-		snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: sb.ID, NodeID: sb.Node,
-			Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}})
+	sp := make([]*state.Sandbox, len(sbs))
+	for i := range sbs {
+		sp[i] = &sbs[i]
 	}
-	return snap
+	return state.SchedulerSnapshot(np, sp)
 }

@@ -98,18 +98,7 @@ func (s *Server) attachRemote(ctx context.Context, sb state.Sandbox, first *pb.A
 	if err := rs.Send(first); err != nil && !errors.Is(err, io.EOF) {
 		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("attach on node %s: %w", sb.Node, err))
 	}
-	go func() {
-		for {
-			m, err := stream.Receive()
-			if err != nil {
-				_ = rs.CloseRequest()
-				return
-			}
-			if rs.Send(m) != nil {
-				return
-			}
-		}
-	}()
+	go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
 	for {
 		m, err := rs.Receive()
 		if errors.Is(err, io.EOF) {
@@ -169,18 +158,7 @@ func (s *Server) execRemote(ctx context.Context, sb state.Sandbox, first *pb.Exe
 	if err := rs.Send(fwd); err != nil && !errors.Is(err, io.EOF) {
 		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("exec on node %s: %w", sb.Node, err))
 	}
-	go func() {
-		for {
-			m, err := stream.Receive()
-			if err != nil {
-				_ = rs.CloseRequest()
-				return
-			}
-			if rs.Send(m) != nil {
-				return
-			}
-		}
-	}()
+	go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
 	for {
 		m, err := rs.Receive()
 		if errors.Is(err, io.EOF) {
@@ -195,6 +173,21 @@ func (s *Server) execRemote(ctx context.Context, sb state.Sandbox, first *pb.Exe
 		}
 		if err := stream.Send(m); err != nil {
 			return err
+		}
+	}
+}
+
+// relayRequests copies a client's messages to the node until either side ends; the call's
+// context (cancelled when the handler returns) ends it.
+func relayRequests[T any](recv func() (*T, error), send func(*T) error, closeSend func() error) {
+	for {
+		m, err := recv()
+		if err != nil {
+			_ = closeSend()
+			return
+		}
+		if send(m) != nil {
+			return
 		}
 	}
 }
@@ -243,13 +236,9 @@ func (n *nodeSandboxService) Logs(ctx context.Context, req *connect.Request[pb.L
 }
 
 func (n *nodeSandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {
-	first, err := stream.Receive()
+	_, start, err := readExecStart(stream)
 	if err != nil {
-		return toConnectError(fmt.Errorf("read exec request: %w", err))
-	}
-	start := first.GetStart()
-	if start == nil || len(start.GetArgv()) == 0 {
-		return connect.NewError(connect.CodeInvalidArgument, errors.New("the first exec message must be start with a non-empty argv"))
+		return err
 	}
 	return execLocal(ctx, n.ag, start.GetSandbox(), start, stream)
 }

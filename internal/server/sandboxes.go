@@ -283,14 +283,23 @@ func logsLocal(ctx context.Context, ag *agent.Agent, id string, follow bool, sen
 	return toConnectError(err)
 }
 
-func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {
+// readExecStart reads and checks the first message of an Exec call.
+func readExecStart(stream execStream) (*pb.ExecRequest, *pb.ExecStart, error) {
 	first, err := stream.Receive()
 	if err != nil {
-		return toConnectError(fmt.Errorf("read exec request: %w", err))
+		return nil, nil, toConnectError(fmt.Errorf("read exec request: %w", err))
 	}
 	start := first.GetStart()
 	if start == nil || len(start.GetArgv()) == 0 {
-		return connect.NewError(connect.CodeInvalidArgument, errors.New("the first exec message must be start with a non-empty argv"))
+		return nil, nil, connect.NewError(connect.CodeInvalidArgument, errors.New("the first exec message must be start with a non-empty argv"))
+	}
+	return first, start, nil
+}
+
+func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {
+	first, start, err := readExecStart(stream)
+	if err != nil {
+		return err
 	}
 	if err := validateEnvPB(start.GetEnv()); err != nil {
 		return connect.NewError(connect.CodeInvalidArgument, err)

@@ -2,6 +2,8 @@ package state
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/scheduler"
@@ -45,18 +47,18 @@ func (spec SandboxSpec) Reserved() Resources {
 	return r
 }
 
-// SchedulerSnapshot is the scheduler's view of the state: nodes, and what every live
+// SchedulerSnapshot is the scheduler's view of a state: nodes, and what every live
 // sandbox already reserves on its node.
-func (f *fsm) schedulerSnapshot() *scheduler.Snapshot {
+func SchedulerSnapshot(nodes []*Node, sbs []*Sandbox) *scheduler.Snapshot {
 	snap := &scheduler.Snapshot{}
-	for _, n := range f.nodes {
+	for _, n := range nodes {
 		snap.Nodes = append(snap.Nodes, scheduler.Node{
 			ID: n.ID, Labels: n.Labels, Status: scheduler.NodeStatus(n.Status), Cordoned: n.Cordoned, Draining: n.Draining,
 			Capacity: scheduler.Resources{VCPUs: n.Capacity.VCPUs, MemoryMiB: n.Capacity.MemoryMiB, DiskMiB: n.Capacity.DiskMiB},
 			Images:   n.Images,
 		})
 	}
-	for _, sb := range f.sandboxes {
+	for _, sb := range sbs {
 		if sb.Node == "" || sb.Status.Terminal() {
 			continue
 		}
@@ -65,6 +67,10 @@ func (f *fsm) schedulerSnapshot() *scheduler.Snapshot {
 			Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}})
 	}
 	return snap
+}
+
+func (f *fsm) schedulerSnapshot() *scheduler.Snapshot {
+	return SchedulerSnapshot(slices.Collect(maps.Values(f.nodes)), slices.Collect(maps.Values(f.sandboxes)))
 }
 
 // SchedulerRequest is the scheduler's view of placing sb.

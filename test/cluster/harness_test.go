@@ -338,8 +338,6 @@ func (w *world) waitAPI(d time.Duration) error {
 	return fmt.Errorf("cluster API did not answer: %w", err)
 }
 
-type nodeRow struct{ id, status string }
-
 func (w *world) nodes() (map[string]string, error) {
 	out, err := w.fw(nil, "node", "ls")
 	if err != nil {
