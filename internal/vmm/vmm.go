@@ -44,6 +44,31 @@ type Spec struct {
 	// the guest agent's channel (a virtio-serial port named "fireworks.0" under QEMU). The
 	// VMM reconnects if the host side goes away, so a restarted host can listen again.
 	AgentSocket string
+	// MemoryFile, when set, backs guest RAM with this file, mapped shared: what the guest
+	// writes lands in it. That is what lets Snapshotter save a VM without copying its
+	// memory: the file is the snapshot's memory once the VM is stopped.
+	MemoryFile string
+	// Restore, when set, starts the VM from a snapshot instead of booting the kernel. The
+	// rest of the spec (kernel, shape, disks in order and their read-only flags) must be
+	// what the snapshotted VM had; disk paths may differ (a fresh scratch disk per VM).
+	Restore *Snapshot
+}
+
+// Snapshot is a saved VM: guest RAM and the VMM's device state. Restored VMs map the memory
+// file copy-on-write (private), so any number of them share one file and none can change
+// it; the files must never be rewritten in place.
+type Snapshot struct {
+	MemoryFile string
+	StateFile  string
+}
+
+// Snapshotter is implemented by VMs that can be saved. The VM must have been created with
+// Spec.MemoryFile.
+type Snapshotter interface {
+	// Snapshot stops the guest's vCPUs and writes the device state to stateFile; guest
+	// memory is Spec.MemoryFile as it stands. The VM stays stopped for good (resuming it
+	// would change the snapshot's memory): the caller ends it after the save.
+	Snapshot(ctx context.Context, stateFile string) error
 }
 
 // Info describes a started VM.

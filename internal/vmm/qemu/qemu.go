@@ -30,7 +30,14 @@ const (
 	stderrFile  = "qemu.stderr"
 	pidFile     = "qemu.pid"
 	stateFile   = "vm.json"
+	// migrateSocket is where Snapshot listens for QEMU's migration stream (QEMU's seccomp
+	// sandbox forbids exec: URIs, and a socket needs no fd passing over QMP).
+	migrateSocket = "migrate.sock"
 )
+
+// restoreFD is the descriptor a restored QEMU reads its device state from (-incoming fd:3,
+// the first of exec.Cmd's ExtraFiles).
+const restoreFD = 3
 
 // maxSocketPath is the longest unix socket path the kernel accepts (sun_path is 108 bytes
 // including the terminating NUL).
@@ -125,7 +132,12 @@ func (d *Driver) Create(ctx context.Context, spec vmm.Spec) (vmm.VM, error) {
 	if err := os.WriteFile(filepath.Join(spec.Dir, cmdlineFile), []byte(b.String()), 0o600); err != nil {
 		return nil, fmt.Errorf("create VM %s: write command line: %w", spec.ID, err)
 	}
-	return newVM(d, spec.ID, spec.Dir, args), nil
+	v := newVM(d, spec.ID, spec.Dir, args)
+	v.memFile = spec.MemoryFile
+	if spec.Restore != nil {
+		v.restoreFrom = spec.Restore.StateFile
+	}
+	return v, nil
 }
 
 func (d *Driver) validate(s vmm.Spec) error {
@@ -149,6 +161,28 @@ func (d *Driver) validate(s vmm.Spec) error {
 	if s.AgentSocket == "" {
 		errs = append(errs, errors.New("no agent socket given"))
 	}
+	if s.Restore != nil {
+		if s.MemoryFile != "" {
+			errs = append(errs, errors.New("a restored VM cannot also save its memory to a file (MemoryFile and Restore are exclusive)"))
+		}
+		if fi, err := os.Stat(s.Restore.MemoryFile); err != nil || !fi.Mode().IsRegular() {
+			errs = append(errs, fmt.Errorf("snapshot memory %s is not a readable file", s.Restore.MemoryFile))
+		} else if fi.Size() != int64(s.MemoryMiB)<<20 {
+			// QEMU would grow the file to fit, i.e. write to a shared snapshot.
+			errs = append(errs, fmt.Errorf("snapshot memory %s holds %d bytes, not the %d MiB this VM has", s.Restore.MemoryFile, fi.Size(), s.MemoryMiB))
+		}
+		if fi, err := os.Stat(s.Restore.StateFile); err != nil || !fi.Mode().IsRegular() {
+			errs = append(errs, fmt.Errorf("snapshot state %s is not a readable file", s.Restore.StateFile))
+		}
+	}
+	if s.MemoryFile != "" {
+		if fi, err := os.Stat(filepath.Dir(s.MemoryFile)); err != nil || !fi.IsDir() {
+			errs = append(errs, fmt.Errorf("memory file directory %s does not exist", filepath.Dir(s.MemoryFile)))
+		}
+		if len(filepath.Join(s.Dir, migrateSocket)) > maxSocketPath {
+			errs = append(errs, fmt.Errorf("run directory %s is too long for the migration socket", s.Dir))
+		}
+	}
 	for _, p := range []string{filepath.Join(s.Dir, qmpSocket), s.AgentSocket} {
 		if len(p) > maxSocketPath {
 			errs = append(errs, fmt.Errorf("socket path %s is %d bytes, longer than the %d unix sockets allow (use a shorter run directory)", p, len(p), maxSocketPath))
@@ -164,6 +198,22 @@ func (d *Driver) validate(s vmm.Spec) error {
 // value is written twice).
 func (d *Driver) args(s vmm.Spec) []string {
 	esc := func(p string) string { return strings.ReplaceAll(p, ",", ",,") }
+	machine := "microvm,acpi=on"
+	var memObj []string
+	if s.MemoryFile != "" || s.Restore != nil {
+		// Guest RAM in a named file: shared while a template VM fills it, private
+		// (copy-on-write over the page cache) in restored VMs. The x-ignore-shared
+		// migration capability (set over QMP on both sides: it changes the stream's
+		// format) keeps such RAM out of the device state.
+		path, share := s.MemoryFile, "on"
+		if s.Restore != nil {
+			path, share = s.Restore.MemoryFile, "off"
+		}
+		machine += ",memory-backend=mem0"
+		memObj = []string{
+			"-object", "memory-backend-file,id=mem0,size=" + strconv.Itoa(s.MemoryMiB) + "M,mem-path=" + esc(path) + ",share=" + share,
+		}
+	}
 	a := []string{
 		"-name", "guest=" + esc(s.ID),
 		"-nodefaults", "-no-user-config", "-display", "none",
@@ -175,7 +225,7 @@ func (d *Driver) args(s vmm.Spec) []string {
 		// no scheduler or resource changes. (Consequence: migration to exec: URIs is not
 		// possible; snapshots must use fd: or a socket.)
 		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-		"-M", "microvm,acpi=on",
+		"-M", machine,
 		"-accel", d.cfg.Accel,
 		"-cpu", d.cfg.CPU,
 		"-m", strconv.Itoa(s.MemoryMiB) + "M",
@@ -184,6 +234,12 @@ func (d *Driver) args(s vmm.Spec) []string {
 		// guest kernel support them.
 		"-global", "virtio-mmio.force-legacy=false",
 		"-kernel", s.Kernel,
+	}
+	a = append(a, memObj...)
+	if s.Restore != nil {
+		// Start sets the migration capability, then has QEMU read the device state from
+		// an inherited descriptor (migrate-incoming fd:3).
+		a = append(a, "-incoming", "defer")
 	}
 	if s.Initrd != "" {
 		a = append(a, "-initrd", s.Initrd)

@@ -80,12 +80,17 @@ type vm struct {
 	killed    string // set when the host sent SIGKILL: why
 	exitErr   error
 	guardStop chan struct{}
+
+	memFile     string // Spec.MemoryFile: the VM can be snapshotted
+	restoreFrom string // Spec.Restore.StateFile: Start restores instead of booting
+	snapshotted bool   // saved: must never run again
 }
 
 var (
 	_ vmm.VM       = (*vm)(nil)
 	_ vmm.Pauser   = (*vm)(nil)
 	_ vmm.Detacher = (*vm)(nil)
+	_ vmm.Snapshotter = (*vm)(nil)
 )
 
 func newVM(d *Driver, id, dir string, args []string) *vm {
@@ -139,6 +144,14 @@ func (v *vm) start(ctx context.Context) error {
 	cmd.Stdout = stderr
 	cmd.Stderr = stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if v.restoreFrom != "" {
+		f, err := os.Open(v.restoreFrom)
+		if err != nil {
+			return fmt.Errorf("open snapshot state: %w", err)
+		}
+		defer f.Close() // the child has its own copy
+		cmd.ExtraFiles = []*os.File{f}
+	}
 	if err := cmd.Start(); err != nil {
 		err = fmt.Errorf("run %s: %w", v.d.cfg.Binary, err)
 		v.end(&vmm.ExitError{Reason: err.Error(), Code: -1})
@@ -179,10 +192,63 @@ func (v *vm) start(ctx context.Context) error {
 		return fail(err)
 	}
 	_ = os.WriteFile(filepath.Join(v.dir, pidFile), []byte(strconv.Itoa(st.PID)+"\n"), 0o600)
+	if v.restoreFrom != "" {
+		if err := ignoreShared(ctx, client); err != nil {
+			return fail(err)
+		}
+		if err := client.Execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(restoreFD)}, nil); err != nil {
+			return fail(fmt.Errorf("restore device state from %s: %w", v.restoreFrom, err))
+		}
+		// The guest comes back in the run state it was saved in (stopped), whatever
+		// autostart says, so wait for the load to finish before resuming it.
+		if err := waitIncoming(ctx, client, exited); err != nil {
+			return fail(fmt.Errorf("restore device state from %s: %w", v.restoreFrom, err))
+		}
+	} else if v.memFile != "" {
+		if err := ignoreShared(ctx, client); err != nil {
+			return fail(err)
+		}
+	}
 	if err := client.Execute(ctx, "cont", nil, nil); err != nil {
 		return fail(fmt.Errorf("resume the guest: %w", err))
 	}
 	go v.guardConsole()
+	return nil
+}
+
+// waitIncoming polls the run state until an incoming migration has been loaded.
+func waitIncoming(ctx context.Context, c *qmp.Client, exited <-chan struct{}) error {
+	for {
+		var st struct {
+			Status string `json:"status"`
+		}
+		if err := c.Execute(ctx, "query-status", nil, &st); err != nil {
+			return err
+		}
+		switch st.Status {
+		case "inmigrate":
+		case "paused", "running", "prelaunch":
+			return nil
+		default:
+			return fmt.Errorf("VM is %s after loading its state", st.Status)
+		}
+		select {
+		case <-exited:
+			return errors.New("QEMU exited while loading the state")
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+}
+
+// ignoreShared keeps file-backed guest RAM out of the migration stream. Both ends of a
+// save/restore must set it: it changes the stream's format.
+func ignoreShared(ctx context.Context, c *qmp.Client) error {
+	caps := map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}
+	if err := c.Execute(ctx, "migrate-set-capabilities", caps, nil); err != nil {
+		return fmt.Errorf("enable x-ignore-shared: %w", err)
+	}
 	return nil
 }
 
@@ -417,7 +483,15 @@ func (v *vm) Kill() error {
 func (v *vm) Pause(ctx context.Context) error { return v.command(ctx, "pause", "stop") }
 
 // Resume thaws them (QMP cont).
-func (v *vm) Resume(ctx context.Context) error { return v.command(ctx, "resume", "cont") }
+func (v *vm) Resume(ctx context.Context) error {
+	v.mu.Lock()
+	saved := v.snapshotted
+	v.mu.Unlock()
+	if saved {
+		return fmt.Errorf("resume VM %s: it was snapshotted, and running it would change the snapshot's memory", v.id)
+	}
+	return v.command(ctx, "resume", "cont")
+}
 
 func (v *vm) command(ctx context.Context, what, cmd string) error {
 	v.mu.Lock()

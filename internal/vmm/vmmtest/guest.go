@@ -25,6 +25,9 @@ const PortName = "fireworks.0"
 //	cpus        -> number of online CPUs
 //	mem         -> MemTotal in kB
 //	disk N      -> "ro=R bytes=HEX" for the N-th virtio disk (0 = vda): read-only flag and first 16 bytes
+//	put V       -> stores V in a shell variable (guest memory), answers "ok"
+//	get         -> the stored value
+//	rand        -> 16 bytes of /dev/urandom in hex
 //	poweroff    -> powers the guest off
 //	panic       -> crashes the guest kernel (sysrq c)
 //
@@ -61,6 +64,9 @@ while :; do
 		disk)
 			d=vd$(echo abcdefgh | cut -c$((arg + 1)))
 			echo "ro=$(cat /sys/block/$d/ro 2>/dev/null) bytes=$(head -c 16 /dev/$d 2>/dev/null | od -An -tx1 | tr -d ' \n')" >&3 ;;
+		put) val="$arg"; echo ok >&3 ;;
+		get) echo "$val" >&3 ;;
+		rand) head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' >&3; echo >&3 ;;
 		poweroff) echo bye >&3; poweroff -f ;;
 		panic) echo c >/proc/sysrq-trigger ;;
 		*) echo "unknown command $cmd" >&3 ;;

@@ -92,6 +92,7 @@ func Run(t *testing.T, d vmm.Driver, h Harness) {
 	t.Run("GuestPanicIsReported", s.testPanic)
 	t.Run("KilledVMMIsDetected", s.testKill9)
 	t.Run("StopEscalatesOnStuckVMM", s.testStuckStop)
+	t.Run("SnapshotRestore", s.testSnapshot)
 }
 
 type suite struct {
@@ -118,6 +119,8 @@ type bootOpts struct {
 	vcpus, mem int
 	disks      []vmm.Disk
 	noWait     bool // return once started, without waiting for the guest
+	memFile    string
+	restore    *vmm.Snapshot
 }
 
 // guest is a booted test VM and the host end of its agent channel.
@@ -154,6 +157,7 @@ func (s *suite) spec(t *testing.T, o bootOpts) vmm.Spec {
 		Kernel: s.h.Kernel, Initrd: s.h.Initrd, Cmdline: s.h.Cmdline,
 		VCPUs: o.vcpus, MemoryMiB: o.mem, Disks: o.disks,
 		AgentSocket: filepath.Join(dir, "agent.sock"),
+		MemoryFile:  o.memFile, Restore: o.restore,
 	}
 }
 
@@ -188,6 +192,14 @@ func (s *suite) boot(t *testing.T, o bootOpts) *guest {
 		t.Errorf("Info().PID = %d after Start", info.PID)
 	}
 	if o.noWait {
+		return g
+	}
+	if o.restore != nil {
+		// A restored guest printed its marker before the save; it answers on the channel.
+		// Its port may see the host side reconnect (and reopen, dropping what was sent
+		// meanwhile), so ping until it answers, as fireworks's hello does.
+		g.accept(30 * time.Second)
+		g.waitAnswer(30 * time.Second)
 		return g
 	}
 	g.waitMarker(s.h.BootTimeout)
@@ -231,6 +243,34 @@ func (g *guest) accept(timeout time.Duration) {
 	}
 	g.t.Cleanup(func() { conn.Close() })
 	g.conn, g.r = conn, bufio.NewReader(conn)
+}
+
+// waitAnswer sends pings until the guest answers one.
+func (g *guest) waitAnswer(timeout time.Duration) {
+	g.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for i := 0; time.Now().Before(deadline); i++ {
+		want := "ping-" + strconv.Itoa(i)
+		_ = g.conn.SetDeadline(time.Now().Add(500 * time.Millisecond))
+		if _, err := fmt.Fprintf(g.conn, "echo %s\n", want); err != nil {
+			g.t.Fatalf("write to restored guest: %v", err)
+		}
+		for {
+			line, err := g.r.ReadString('\n')
+			if err != nil {
+				break
+			}
+			if strings.TrimSpace(line) == want {
+				_ = g.conn.SetDeadline(time.Time{})
+				return
+			}
+		}
+		if isClosed(g.vm.Wait()) {
+			g.t.Fatalf("restored VM ended: %v", g.vm.ExitError())
+		}
+	}
+	b, _ := os.ReadFile(g.vm.Info().ConsoleLog)
+	g.t.Fatalf("restored guest did not answer within %s; console:\n%s", timeout, b)
 }
 
 // call sends one protocol line and reads one line back.
@@ -516,5 +556,80 @@ func isClosed(c <-chan struct{}) bool {
 		return true
 	default:
 		return false
+	}
+}
+
+// testSnapshot saves a running guest and restores it several times from the one memory
+// file: every restore continues from the saved state, restores do not see each other's
+// changes, killing them leaves the snapshot intact, and the original cannot be resumed.
+func (s *suite) testSnapshot(t *testing.T) {
+	dir := shortDir(t)
+	mem := filepath.Join(dir, "mem")
+	disk := diskImage(t, "snapshot-disk-01")
+	g := s.boot(t, bootOpts{memFile: mem, disks: []vmm.Disk{{Path: disk}}})
+	snap, ok := g.vm.(vmm.Snapshotter)
+	if !ok {
+		t.Skipf("%s does not implement vmm.Snapshotter", s.d.Name())
+	}
+	if got := g.mustCall("put saved-state"); got != "ok" {
+		t.Fatalf("put: %q", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := snap.Snapshot(ctx, filepath.Join(dir, "state")); err != nil {
+		t.Fatalf("Snapshot: %v", err)
+	}
+	if p, ok := g.vm.(vmm.Pauser); ok {
+		if err := p.Resume(ctx); err == nil {
+			t.Error("a snapshotted VM could be resumed (it would change the snapshot's memory)")
+		}
+	}
+	if err := g.vm.Stop(ctx, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	sum := func() string {
+		out, err := exec.Command("sha256sum", mem).Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(out)
+	}
+	before := sum()
+	sn := &vmm.Snapshot{MemoryFile: mem, StateFile: filepath.Join(dir, "state")}
+	restore := func() *guest {
+		// Each restore gets its own copy of the disk, as each sandbox gets its own scratch.
+		d := diskImage(t, "snapshot-disk-01")
+		return s.boot(t, bootOpts{restore: sn, disks: []vmm.Disk{{Path: d}}})
+	}
+	a, b := restore(), restore()
+	for _, r := range []*guest{a, b} {
+		if got := r.mustCall("get"); got != "saved-state" {
+			t.Errorf("restored guest remembers %q, want saved-state", got)
+		}
+	}
+	if got := a.mustCall("put changed-in-a"); got != "ok" {
+		t.Fatal(got)
+	}
+	if got := b.mustCall("get"); got != "saved-state" {
+		t.Errorf("restore b sees %q after restore a changed its memory", got)
+	}
+	a.vm.Kill()
+	waitEnd(t, a.vm, 30*time.Second)
+	b.vm.Kill()
+	waitEnd(t, b.vm, 30*time.Second)
+	if after := sum(); after != before {
+		t.Errorf("the snapshot's memory file changed: %s -> %s", before, after)
+	}
+	c := restore()
+	if got := c.mustCall("get"); got != "saved-state" {
+		t.Errorf("restore after killed restores remembers %q", got)
+	}
+	// A snapshot for another shape is refused with a clear error, not a confused guest.
+	spec := s.spec(t, bootOpts{restore: sn, mem: 256})
+	if vm, err := s.d.Create(ctx, spec); err == nil {
+		_ = vm.Kill()
+		t.Error("Create accepted a restore into a VM with a different memory size")
+	} else if !strings.Contains(err.Error(), "MiB") {
+		t.Errorf("shape mismatch error %q does not say why", err)
 	}
 }

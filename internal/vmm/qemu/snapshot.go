@@ -1,0 +1,134 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// maxStateBytes bounds the device state a snapshot may write. With guest RAM excluded
+// (x-ignore-shared) a microvm's state is ~60 KB; anything near this bound means RAM is in
+// the stream, i.e. the VM was not set up for snapshots.
+const maxStateBytes = 64 << 20
+
+// Snapshot implements vmm.Snapshotter: stop the vCPUs, then migrate the device state (guest
+// RAM is excluded: it is already in the shared memory file) into stateFile through a unix
+// socket the driver listens on.
+func (v *vm) Snapshot(ctx context.Context, stateFile string) error {
+	if err := v.snapshot(ctx, stateFile); err != nil {
+		return fmt.Errorf("snapshot VM %s to %s: %w", v.id, stateFile, err)
+	}
+	return nil
+}
+
+func (v *vm) snapshot(ctx context.Context, stateFile string) error {
+	v.mu.Lock()
+	c, state, detached, mem := v.qmp, v.state, v.detached, v.memFile
+	v.mu.Unlock()
+	if mem == "" {
+		return errors.New("the VM's memory is not in a file (create it with Spec.MemoryFile)")
+	}
+	if state != "running" || c == nil || detached {
+		return fmt.Errorf("not running under this process (%s)", state)
+	}
+	// From here on the VM must not run again, whatever happens: its memory file is (part
+	// of) a snapshot the moment the vCPUs stop.
+	v.mu.Lock()
+	v.snapshotted = true
+	v.mu.Unlock()
+	if err := c.Execute(ctx, "stop", nil, nil); err != nil {
+		return fmt.Errorf("stop vCPUs: %w", err)
+	}
+
+	sock := filepath.Join(v.dir, migrateSocket)
+	_ = os.Remove(sock)
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return fmt.Errorf("listen for the migration stream: %w", err)
+	}
+	defer os.Remove(sock)
+	defer ln.Close()
+	tmp := stateFile + ".tmp"
+	out, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("create state file: %w", err)
+	}
+	defer os.Remove(tmp) // after a successful rename this finds nothing
+	defer out.Close()
+
+	copied := make(chan error, 1)
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			copied <- fmt.Errorf("accept QEMU's migration connection: %w", err)
+			return
+		}
+		defer conn.Close()
+		n, err := io.Copy(out, io.LimitReader(conn, maxStateBytes+1))
+		if err == nil && n > maxStateBytes {
+			err = fmt.Errorf("device state exceeds %d bytes (is guest RAM in the stream?)", maxStateBytes)
+		}
+		copied <- err
+	}()
+	if err := c.Execute(ctx, "migrate", map[string]any{"uri": "unix:" + sock}, nil); err != nil {
+		ln.Close()
+		<-copied
+		return fmt.Errorf("start migration: %w", err)
+	}
+	if err := v.waitMigration(ctx); err != nil {
+		ln.Close()
+		<-copied
+		return err
+	}
+	select {
+	case err := <-copied:
+		if err != nil {
+			return err
+		}
+	case <-ctx.Done():
+		ln.Close()
+		return ctx.Err()
+	}
+	if err := out.Sync(); err != nil {
+		return fmt.Errorf("sync state file: %w", err)
+	}
+	if err := out.Close(); err != nil {
+		return fmt.Errorf("close state file: %w", err)
+	}
+	return os.Rename(tmp, stateFile)
+}
+
+// waitMigration polls query-migrate until the outgoing migration ends.
+func (v *vm) waitMigration(ctx context.Context) error {
+	v.mu.Lock()
+	c := v.qmp
+	v.mu.Unlock()
+	for {
+		var st struct {
+			Status    string `json:"status"`
+			ErrorDesc string `json:"error-desc"`
+		}
+		if err := c.Execute(ctx, "query-migrate", nil, &st); err != nil {
+			return fmt.Errorf("query migration: %w", err)
+		}
+		switch st.Status {
+		case "completed":
+			return nil
+		case "failed", "cancelled":
+			return fmt.Errorf("migration %s: %s", st.Status, st.ErrorDesc)
+		}
+		select {
+		case <-ctx.Done():
+			_ = c.Execute(context.Background(), "migrate_cancel", nil, nil)
+			return ctx.Err()
+		case <-v.done:
+			return fmt.Errorf("VMM ended during the save: %v", v.ExitError())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}
