@@ -82,6 +82,8 @@ type Agent struct {
 	live      map[string]*sandbox
 	started   map[string]bool // incarnations ("id/restarts") started by Reconcile
 	stopsSent map[string]bool // sandboxes Reconcile has begun stopping
+
+	warm *warmManager
 }
 
 // ErrNotRunning means the sandbox has no live VM on this node.

@@ -110,7 +110,54 @@ type SandboxSpec struct {
 	Spread      bool     `json:"spread,omitempty"`
 	// DiskMiB is the scratch disk the sandbox reserves on its node.
 	DiskMiB int `json:"disk_mib,omitempty"`
+	// Boot says how the node may start the VM (see BootMode); "" is BootAuto.
+	Boot BootMode `json:"boot,omitempty"`
 }
+
+// BootMode says how a node may start a sandbox's VM.
+type BootMode string
+
+const (
+	// BootAuto: claim a warm-pool VM if the node has one for the image and shape, else
+	// restore the image's template snapshot (building it on first use), else boot.
+	BootAuto BootMode = "auto"
+	// BootRestore: restore the template snapshot, never a pool VM.
+	BootRestore BootMode = "restore"
+	// BootCold: boot the guest kernel from scratch (for measuring and debugging).
+	BootCold BootMode = "cold"
+)
+
+// ParseBootMode accepts "", auto, restore and cold.
+func ParseBootMode(s string) (BootMode, error) {
+	switch BootMode(s) {
+	case "", BootAuto:
+		return BootAuto, nil
+	case BootRestore, BootCold:
+		return BootMode(s), nil
+	}
+	return "", fmt.Errorf("%w: boot mode %q (want auto, restore or cold)", ErrInvalid, s)
+}
+
+// Pool asks every node to keep warm VMs of an image ready: restored from the image's
+// template snapshot, root filesystem mounted, paused until a start claims one.
+type Pool struct {
+	// Image is the reference as users start it (the pool serves starts of this ref).
+	Image string `json:"image"`
+	// Size is the number of warm VMs each node keeps at least; Max bounds what the
+	// node's autoscaler may grow the pool to from the recent claim rate (0 = Size).
+	Size int `json:"size"`
+	Max  int `json:"max,omitempty"`
+	// VCPUs and MemoryMiB are the shape of the pool's VMs (0 = the node's defaults); only
+	// starts asking for this shape claim them.
+	VCPUs     int `json:"vcpus,omitempty"`
+	MemoryMiB int `json:"memory_mib,omitempty"`
+	// InsecureRegistries as in SandboxSpec, for pulling Image.
+	InsecureRegistries []string  `json:"insecure_registries,omitempty"`
+	UpdatedAt          time.Time `json:"updated_at"`
+}
+
+// MaxPoolSize bounds Pool.Size and Pool.Max per node.
+const MaxPoolSize = 64
 
 // RestartPolicy is what happens when a sandbox ends or is lost.
 type RestartPolicy string

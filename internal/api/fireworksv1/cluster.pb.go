@@ -50,6 +50,7 @@ type Node struct {
 	UsedMemoryMib int64    `protobuf:"varint,17,opt,name=used_memory_mib,json=usedMemoryMib,proto3" json:"used_memory_mib,omitempty"`
 	Sandboxes     int32    `protobuf:"varint,18,opt,name=sandboxes,proto3" json:"sandboxes,omitempty"`
 	Images        []string `protobuf:"bytes,19,rep,name=images,proto3" json:"images,omitempty"`
+	Warm          []string `protobuf:"bytes,20,rep,name=warm,proto3" json:"warm,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -213,6 +214,13 @@ func (x *Node) GetSandboxes() int32 {
 func (x *Node) GetImages() []string {
 	if x != nil {
 		return x.Images
+	}
+	return nil
+}
+
+func (x *Node) GetWarm() []string {
+	if x != nil {
+		return x.Warm
 	}
 	return nil
 }
@@ -628,6 +636,12 @@ type HeartbeatRequest struct {
 	// Image digests whose root disks the node holds (scheduler locality); sent when changed.
 	Images        []string `protobuf:"bytes,2,rep,name=images,proto3" json:"images,omitempty"`
 	ImagesChanged bool     `protobuf:"varint,3,opt,name=images_changed,json=imagesChanged,proto3" json:"images_changed,omitempty"`
+	// Image digests and references the node holds a template snapshot or warm pool for
+	// (scheduler locality); sent when changed.
+	Warm        []string `protobuf:"bytes,4,rep,name=warm,proto3" json:"warm,omitempty"`
+	WarmChanged bool     `protobuf:"varint,5,opt,name=warm_changed,json=warmChanged,proto3" json:"warm_changed,omitempty"`
+	// The node's warm pools, reported every heartbeat (kept in the leader's memory).
+	Pools         []*PoolNodeStatus `protobuf:"bytes,6,rep,name=pools,proto3" json:"pools,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -683,8 +697,31 @@ func (x *HeartbeatRequest) GetImagesChanged() bool {
 	return false
 }
 
+func (x *HeartbeatRequest) GetWarm() []string {
+	if x != nil {
+		return x.Warm
+	}
+	return nil
+}
+
+func (x *HeartbeatRequest) GetWarmChanged() bool {
+	if x != nil {
+		return x.WarmChanged
+	}
+	return false
+}
+
+func (x *HeartbeatRequest) GetPools() []*PoolNodeStatus {
+	if x != nil {
+		return x.Pools
+	}
+	return nil
+}
+
+// The warm-pool configuration the node must apply, sent with every heartbeat reply.
 type HeartbeatResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pools         []*Pool                `protobuf:"bytes,1,rep,name=pools,proto3" json:"pools,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -717,6 +754,13 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
 	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *HeartbeatResponse) GetPools() []*Pool {
+	if x != nil {
+		return x.Pools
+	}
+	return nil
 }
 
 type WatchAssignmentsRequest struct {
@@ -903,7 +947,7 @@ var File_fireworks_v1_cluster_proto protoreflect.FileDescriptor
 
 const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\n" +
-	"\x1afireworks/v1/cluster.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x05\n" +
+	"\x1afireworks/v1/cluster.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cfireworks/v1/fireworks.proto\"\xbd\x05\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x126\n" +
@@ -927,7 +971,8 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"used_vcpus\x18\x10 \x01(\x05R\tusedVcpus\x12&\n" +
 	"\x0fused_memory_mib\x18\x11 \x01(\x03R\rusedMemoryMib\x12\x1c\n" +
 	"\tsandboxes\x18\x12 \x01(\x05R\tsandboxes\x12\x16\n" +
-	"\x06images\x18\x13 \x03(\tR\x06images\x1a9\n" +
+	"\x06images\x18\x13 \x03(\tR\x06images\x12\x12\n" +
+	"\x04warm\x18\x14 \x03(\tR\x04warm\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x12\n" +
@@ -952,12 +997,16 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\arunning\x18\x02 \x03(\tR\arunning\"\x84\x01\n" +
 	"\x10RegisterResponse\x12&\n" +
 	"\x04node\x18\x01 \x01(\v2\x12.fireworks.v1.NodeR\x04node\x12H\n" +
-	"\x12heartbeat_interval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x11heartbeatInterval\"e\n" +
+	"\x12heartbeat_interval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x11heartbeatInterval\"\xd0\x01\n" +
 	"\x10HeartbeatRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
 	"\x06images\x18\x02 \x03(\tR\x06images\x12%\n" +
-	"\x0eimages_changed\x18\x03 \x01(\bR\rimagesChanged\"\x13\n" +
-	"\x11HeartbeatResponse\"-\n" +
+	"\x0eimages_changed\x18\x03 \x01(\bR\rimagesChanged\x12\x12\n" +
+	"\x04warm\x18\x04 \x03(\tR\x04warm\x12!\n" +
+	"\fwarm_changed\x18\x05 \x01(\bR\vwarmChanged\x122\n" +
+	"\x05pools\x18\x06 \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05pools\"=\n" +
+	"\x11HeartbeatResponse\x12(\n" +
+	"\x05pools\x18\x01 \x03(\v2\x12.fireworks.v1.PoolR\x05pools\"-\n" +
 	"\x17WatchAssignmentsRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\"4\n" +
 	"\vAssignments\x12%\n" +
@@ -1012,6 +1061,8 @@ var file_fireworks_v1_cluster_proto_goTypes = []any{
 	nil,                             // 15: fireworks.v1.Node.LabelsEntry
 	(*timestamppb.Timestamp)(nil),   // 16: google.protobuf.Timestamp
 	(*durationpb.Duration)(nil),     // 17: google.protobuf.Duration
+	(*PoolNodeStatus)(nil),          // 18: fireworks.v1.PoolNodeStatus
+	(*Pool)(nil),                    // 19: fireworks.v1.Pool
 }
 var file_fireworks_v1_cluster_proto_depIdxs = []int32{
 	15, // 0: fireworks.v1.Node.labels:type_name -> fireworks.v1.Node.LabelsEntry
@@ -1022,29 +1073,31 @@ var file_fireworks_v1_cluster_proto_depIdxs = []int32{
 	0,  // 5: fireworks.v1.RegisterRequest.node:type_name -> fireworks.v1.Node
 	0,  // 6: fireworks.v1.RegisterResponse.node:type_name -> fireworks.v1.Node
 	17, // 7: fireworks.v1.RegisterResponse.heartbeat_interval:type_name -> google.protobuf.Duration
-	1,  // 8: fireworks.v1.ClusterService.ListNodes:input_type -> fireworks.v1.ListNodesRequest
-	3,  // 9: fireworks.v1.ClusterService.CordonNode:input_type -> fireworks.v1.NodeActionRequest
-	3,  // 10: fireworks.v1.ClusterService.UncordonNode:input_type -> fireworks.v1.NodeActionRequest
-	3,  // 11: fireworks.v1.ClusterService.DrainNode:input_type -> fireworks.v1.NodeActionRequest
-	5,  // 12: fireworks.v1.NodeService.Join:input_type -> fireworks.v1.JoinRequest
-	7,  // 13: fireworks.v1.NodeService.Register:input_type -> fireworks.v1.RegisterRequest
-	9,  // 14: fireworks.v1.NodeService.Heartbeat:input_type -> fireworks.v1.HeartbeatRequest
-	11, // 15: fireworks.v1.NodeService.WatchAssignments:input_type -> fireworks.v1.WatchAssignmentsRequest
-	13, // 16: fireworks.v1.NodeService.ReportSandbox:input_type -> fireworks.v1.ReportSandboxRequest
-	2,  // 17: fireworks.v1.ClusterService.ListNodes:output_type -> fireworks.v1.ListNodesResponse
-	4,  // 18: fireworks.v1.ClusterService.CordonNode:output_type -> fireworks.v1.NodeActionResponse
-	4,  // 19: fireworks.v1.ClusterService.UncordonNode:output_type -> fireworks.v1.NodeActionResponse
-	4,  // 20: fireworks.v1.ClusterService.DrainNode:output_type -> fireworks.v1.NodeActionResponse
-	6,  // 21: fireworks.v1.NodeService.Join:output_type -> fireworks.v1.JoinResponse
-	8,  // 22: fireworks.v1.NodeService.Register:output_type -> fireworks.v1.RegisterResponse
-	10, // 23: fireworks.v1.NodeService.Heartbeat:output_type -> fireworks.v1.HeartbeatResponse
-	12, // 24: fireworks.v1.NodeService.WatchAssignments:output_type -> fireworks.v1.Assignments
-	14, // 25: fireworks.v1.NodeService.ReportSandbox:output_type -> fireworks.v1.ReportSandboxResponse
-	17, // [17:26] is the sub-list for method output_type
-	8,  // [8:17] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	18, // 8: fireworks.v1.HeartbeatRequest.pools:type_name -> fireworks.v1.PoolNodeStatus
+	19, // 9: fireworks.v1.HeartbeatResponse.pools:type_name -> fireworks.v1.Pool
+	1,  // 10: fireworks.v1.ClusterService.ListNodes:input_type -> fireworks.v1.ListNodesRequest
+	3,  // 11: fireworks.v1.ClusterService.CordonNode:input_type -> fireworks.v1.NodeActionRequest
+	3,  // 12: fireworks.v1.ClusterService.UncordonNode:input_type -> fireworks.v1.NodeActionRequest
+	3,  // 13: fireworks.v1.ClusterService.DrainNode:input_type -> fireworks.v1.NodeActionRequest
+	5,  // 14: fireworks.v1.NodeService.Join:input_type -> fireworks.v1.JoinRequest
+	7,  // 15: fireworks.v1.NodeService.Register:input_type -> fireworks.v1.RegisterRequest
+	9,  // 16: fireworks.v1.NodeService.Heartbeat:input_type -> fireworks.v1.HeartbeatRequest
+	11, // 17: fireworks.v1.NodeService.WatchAssignments:input_type -> fireworks.v1.WatchAssignmentsRequest
+	13, // 18: fireworks.v1.NodeService.ReportSandbox:input_type -> fireworks.v1.ReportSandboxRequest
+	2,  // 19: fireworks.v1.ClusterService.ListNodes:output_type -> fireworks.v1.ListNodesResponse
+	4,  // 20: fireworks.v1.ClusterService.CordonNode:output_type -> fireworks.v1.NodeActionResponse
+	4,  // 21: fireworks.v1.ClusterService.UncordonNode:output_type -> fireworks.v1.NodeActionResponse
+	4,  // 22: fireworks.v1.ClusterService.DrainNode:output_type -> fireworks.v1.NodeActionResponse
+	6,  // 23: fireworks.v1.NodeService.Join:output_type -> fireworks.v1.JoinResponse
+	8,  // 24: fireworks.v1.NodeService.Register:output_type -> fireworks.v1.RegisterResponse
+	10, // 25: fireworks.v1.NodeService.Heartbeat:output_type -> fireworks.v1.HeartbeatResponse
+	12, // 26: fireworks.v1.NodeService.WatchAssignments:output_type -> fireworks.v1.Assignments
+	14, // 27: fireworks.v1.NodeService.ReportSandbox:output_type -> fireworks.v1.ReportSandboxResponse
+	19, // [19:28] is the sub-list for method output_type
+	10, // [10:19] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_cluster_proto_init() }
@@ -1052,6 +1105,7 @@ func file_fireworks_v1_cluster_proto_init() {
 	if File_fireworks_v1_cluster_proto != nil {
 		return
 	}
+	file_fireworks_v1_fireworks_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

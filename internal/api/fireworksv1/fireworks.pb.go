@@ -49,8 +49,11 @@ type SandboxSpec struct {
 	// Node label selectors: key==value, key!=value, or key (label present).
 	Constraints []string `protobuf:"bytes,15,rep,name=constraints,proto3" json:"constraints,omitempty"`
 	// Spread over nodes instead of bin-packing.
-	Spread        bool  `protobuf:"varint,16,opt,name=spread,proto3" json:"spread,omitempty"`
-	DiskMib       int32 `protobuf:"varint,17,opt,name=disk_mib,json=diskMib,proto3" json:"disk_mib,omitempty"`
+	Spread  bool  `protobuf:"varint,16,opt,name=spread,proto3" json:"spread,omitempty"`
+	DiskMib int32 `protobuf:"varint,17,opt,name=disk_mib,json=diskMib,proto3" json:"disk_mib,omitempty"`
+	// How the node may start the VM: auto (default: warm pool, else template snapshot,
+	// else boot), restore (template snapshot, never a pool VM) or cold (boot the kernel).
+	Boot          string `protobuf:"bytes,18,opt,name=boot,proto3" json:"boot,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -202,6 +205,13 @@ func (x *SandboxSpec) GetDiskMib() int32 {
 		return x.DiskMib
 	}
 	return 0
+}
+
+func (x *SandboxSpec) GetBoot() string {
+	if x != nil {
+		return x.Boot
+	}
+	return ""
 }
 
 type Event struct {
@@ -2179,6 +2189,735 @@ func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
 	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
 }
 
+// A warm pool: every node keeps up to this many VMs of the image restored and paused.
+type Pool struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Image string                 `protobuf:"bytes,1,opt,name=image,proto3" json:"image,omitempty"`
+	Size  int32                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	// Upper bound for the node's autoscaler (0 = size).
+	Max                int32                  `protobuf:"varint,3,opt,name=max,proto3" json:"max,omitempty"`
+	Vcpus              int32                  `protobuf:"varint,4,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	MemoryMib          int32                  `protobuf:"varint,5,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	InsecureRegistries []string               `protobuf:"bytes,6,rep,name=insecure_registries,json=insecureRegistries,proto3" json:"insecure_registries,omitempty"`
+	UpdatedAt          *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	// What nodes report (one entry per node that runs sandboxes in this server's reach;
+	// in a cluster, what each node last reported).
+	Nodes         []*PoolNodeStatus `protobuf:"bytes,8,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Pool) Reset() {
+	*x = Pool{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Pool) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Pool) ProtoMessage() {}
+
+func (x *Pool) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Pool.ProtoReflect.Descriptor instead.
+func (*Pool) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *Pool) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *Pool) GetSize() int32 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *Pool) GetMax() int32 {
+	if x != nil {
+		return x.Max
+	}
+	return 0
+}
+
+func (x *Pool) GetVcpus() int32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
+func (x *Pool) GetMemoryMib() int32 {
+	if x != nil {
+		return x.MemoryMib
+	}
+	return 0
+}
+
+func (x *Pool) GetInsecureRegistries() []string {
+	if x != nil {
+		return x.InsecureRegistries
+	}
+	return nil
+}
+
+func (x *Pool) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
+func (x *Pool) GetNodes() []*PoolNodeStatus {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+type PoolNodeStatus struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Node             string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Digest           string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	Target           int32                  `protobuf:"varint,3,opt,name=target,proto3" json:"target,omitempty"`
+	Ready            int32                  `protobuf:"varint,4,opt,name=ready,proto3" json:"ready,omitempty"`
+	Filling          int32                  `protobuf:"varint,5,opt,name=filling,proto3" json:"filling,omitempty"`
+	ClaimsLastMinute int32                  `protobuf:"varint,6,opt,name=claims_last_minute,json=claimsLastMinute,proto3" json:"claims_last_minute,omitempty"`
+	Error            string                 `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *PoolNodeStatus) Reset() {
+	*x = PoolNodeStatus{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PoolNodeStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PoolNodeStatus) ProtoMessage() {}
+
+func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PoolNodeStatus.ProtoReflect.Descriptor instead.
+func (*PoolNodeStatus) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *PoolNodeStatus) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *PoolNodeStatus) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *PoolNodeStatus) GetTarget() int32 {
+	if x != nil {
+		return x.Target
+	}
+	return 0
+}
+
+func (x *PoolNodeStatus) GetReady() int32 {
+	if x != nil {
+		return x.Ready
+	}
+	return 0
+}
+
+func (x *PoolNodeStatus) GetFilling() int32 {
+	if x != nil {
+		return x.Filling
+	}
+	return 0
+}
+
+func (x *PoolNodeStatus) GetClaimsLastMinute() int32 {
+	if x != nil {
+		return x.ClaimsLastMinute
+	}
+	return 0
+}
+
+func (x *PoolNodeStatus) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type SetPoolRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pool          *Pool                  `protobuf:"bytes,1,opt,name=pool,proto3" json:"pool,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPoolRequest) Reset() {
+	*x = SetPoolRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPoolRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPoolRequest) ProtoMessage() {}
+
+func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPoolRequest.ProtoReflect.Descriptor instead.
+func (*SetPoolRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *SetPoolRequest) GetPool() *Pool {
+	if x != nil {
+		return x.Pool
+	}
+	return nil
+}
+
+type SetPoolResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pool          *Pool                  `protobuf:"bytes,1,opt,name=pool,proto3" json:"pool,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPoolResponse) Reset() {
+	*x = SetPoolResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPoolResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPoolResponse) ProtoMessage() {}
+
+func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPoolResponse.ProtoReflect.Descriptor instead.
+func (*SetPoolResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *SetPoolResponse) GetPool() *Pool {
+	if x != nil {
+		return x.Pool
+	}
+	return nil
+}
+
+type ListPoolsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPoolsRequest) Reset() {
+	*x = ListPoolsRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPoolsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPoolsRequest) ProtoMessage() {}
+
+func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPoolsRequest.ProtoReflect.Descriptor instead.
+func (*ListPoolsRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
+}
+
+type ListPoolsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pools         []*Pool                `protobuf:"bytes,1,rep,name=pools,proto3" json:"pools,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPoolsResponse) Reset() {
+	*x = ListPoolsResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPoolsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPoolsResponse) ProtoMessage() {}
+
+func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPoolsResponse.ProtoReflect.Descriptor instead.
+func (*ListPoolsResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *ListPoolsResponse) GetPools() []*Pool {
+	if x != nil {
+		return x.Pools
+	}
+	return nil
+}
+
+type DeletePoolRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Image         string                 `protobuf:"bytes,1,opt,name=image,proto3" json:"image,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeletePoolRequest) Reset() {
+	*x = DeletePoolRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeletePoolRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeletePoolRequest) ProtoMessage() {}
+
+func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeletePoolRequest.ProtoReflect.Descriptor instead.
+func (*DeletePoolRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *DeletePoolRequest) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+type DeletePoolResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeletePoolResponse) Reset() {
+	*x = DeletePoolResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeletePoolResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeletePoolResponse) ProtoMessage() {}
+
+func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeletePoolResponse.ProtoReflect.Descriptor instead.
+func (*DeletePoolResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
+}
+
+type Template struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Image         string                 `protobuf:"bytes,2,opt,name=image,proto3" json:"image,omitempty"`
+	Digest        string                 `protobuf:"bytes,3,opt,name=digest,proto3" json:"digest,omitempty"`
+	Vcpus         int32                  `protobuf:"varint,4,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	MemoryMib     int32                  `protobuf:"varint,5,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	Size          int64                  `protobuf:"varint,6,opt,name=size,proto3" json:"size,omitempty"`
+	LastUsed      *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=last_used,json=lastUsed,proto3" json:"last_used,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Template) Reset() {
+	*x = Template{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Template) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Template) ProtoMessage() {}
+
+func (x *Template) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Template.ProtoReflect.Descriptor instead.
+func (*Template) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *Template) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *Template) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *Template) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *Template) GetVcpus() int32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
+func (x *Template) GetMemoryMib() int32 {
+	if x != nil {
+		return x.MemoryMib
+	}
+	return 0
+}
+
+func (x *Template) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *Template) GetLastUsed() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastUsed
+	}
+	return nil
+}
+
+type WarmImageRequest struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	Ref                string                 `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
+	InsecureRegistries []string               `protobuf:"bytes,2,rep,name=insecure_registries,json=insecureRegistries,proto3" json:"insecure_registries,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *WarmImageRequest) Reset() {
+	*x = WarmImageRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WarmImageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WarmImageRequest) ProtoMessage() {}
+
+func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WarmImageRequest.ProtoReflect.Descriptor instead.
+func (*WarmImageRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *WarmImageRequest) GetRef() string {
+	if x != nil {
+		return x.Ref
+	}
+	return ""
+}
+
+func (x *WarmImageRequest) GetInsecureRegistries() []string {
+	if x != nil {
+		return x.InsecureRegistries
+	}
+	return nil
+}
+
+type WarmImageResponse struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Template *Template              `protobuf:"bytes,1,opt,name=template,proto3" json:"template,omitempty"`
+	// True if this call built the template; false if it existed.
+	Built         bool                 `protobuf:"varint,2,opt,name=built,proto3" json:"built,omitempty"`
+	BuildTime     *durationpb.Duration `protobuf:"bytes,3,opt,name=build_time,json=buildTime,proto3" json:"build_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WarmImageResponse) Reset() {
+	*x = WarmImageResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WarmImageResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WarmImageResponse) ProtoMessage() {}
+
+func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WarmImageResponse.ProtoReflect.Descriptor instead.
+func (*WarmImageResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *WarmImageResponse) GetTemplate() *Template {
+	if x != nil {
+		return x.Template
+	}
+	return nil
+}
+
+func (x *WarmImageResponse) GetBuilt() bool {
+	if x != nil {
+		return x.Built
+	}
+	return false
+}
+
+func (x *WarmImageResponse) GetBuildTime() *durationpb.Duration {
+	if x != nil {
+		return x.BuildTime
+	}
+	return nil
+}
+
+type ListTemplatesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTemplatesRequest) Reset() {
+	*x = ListTemplatesRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTemplatesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTemplatesRequest) ProtoMessage() {}
+
+func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTemplatesRequest.ProtoReflect.Descriptor instead.
+func (*ListTemplatesRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
+}
+
+type ListTemplatesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Templates     []*Template            `protobuf:"bytes,1,rep,name=templates,proto3" json:"templates,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTemplatesResponse) Reset() {
+	*x = ListTemplatesResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTemplatesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTemplatesResponse) ProtoMessage() {}
+
+func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTemplatesResponse.ProtoReflect.Descriptor instead.
+func (*ListTemplatesResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *ListTemplatesResponse) GetTemplates() []*Template {
+	if x != nil {
+		return x.Templates
+	}
+	return nil
+}
+
 type InfoRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -2187,7 +2926,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2199,7 +2938,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2212,7 +2951,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
 }
 
 type InfoResponse struct {
@@ -2236,7 +2975,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2248,7 +2987,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2261,7 +3000,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *InfoResponse) GetVersion() string {
@@ -2371,7 +3110,7 @@ type Token struct {
 
 func (x *Token) Reset() {
 	*x = Token{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2383,7 +3122,7 @@ func (x *Token) String() string {
 func (*Token) ProtoMessage() {}
 
 func (x *Token) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2396,7 +3135,7 @@ func (x *Token) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Token.ProtoReflect.Descriptor instead.
 func (*Token) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *Token) GetId() string {
@@ -2453,7 +3192,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2465,7 +3204,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2478,7 +3217,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *CreateTokenRequest) GetName() string {
@@ -2513,7 +3252,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2525,7 +3264,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2538,7 +3277,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *CreateTokenResponse) GetToken() *Token {
@@ -2563,7 +3302,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2575,7 +3314,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2588,7 +3327,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
 }
 
 type ListTokensResponse struct {
@@ -2600,7 +3339,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2612,7 +3351,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2625,7 +3364,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ListTokensResponse) GetTokens() []*Token {
@@ -2644,7 +3383,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2656,7 +3395,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2669,7 +3408,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -2687,7 +3426,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2699,7 +3438,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2712,14 +3451,14 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
 }
 
 var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
 
 const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
-	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x03\n" +
+	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x04\n" +
 	"\vSandboxSpec\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x1e\n" +
 	"\n" +
@@ -2742,7 +3481,8 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\arestart\x18\x0e \x01(\tR\arestart\x12 \n" +
 	"\vconstraints\x18\x0f \x03(\tR\vconstraints\x12\x16\n" +
 	"\x06spread\x18\x10 \x01(\bR\x06spread\x12\x19\n" +
-	"\bdisk_mib\x18\x11 \x01(\x05R\adiskMib\"g\n" +
+	"\bdisk_mib\x18\x11 \x01(\x05R\adiskMib\x12\x12\n" +
+	"\x04boot\x18\x12 \x01(\tR\x04boot\"g\n" +
 	"\x05Event\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
 	"\x06status\x18\x02 \x01(\tR\x06status\x12\x16\n" +
@@ -2872,7 +3612,56 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06images\x18\x01 \x03(\v2\x13.fireworks.v1.ImageR\x06images\"&\n" +
 	"\x12RemoveImageRequest\x12\x10\n" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\"\x15\n" +
-	"\x13RemoveImageResponse\"\r\n" +
+	"\x13RemoveImageResponse\"\x97\x02\n" +
+	"\x04Pool\x12\x14\n" +
+	"\x05image\x18\x01 \x01(\tR\x05image\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x05R\x04size\x12\x10\n" +
+	"\x03max\x18\x03 \x01(\x05R\x03max\x12\x14\n" +
+	"\x05vcpus\x18\x04 \x01(\x05R\x05vcpus\x12\x1d\n" +
+	"\n" +
+	"memory_mib\x18\x05 \x01(\x05R\tmemoryMib\x12/\n" +
+	"\x13insecure_registries\x18\x06 \x03(\tR\x12insecureRegistries\x129\n" +
+	"\n" +
+	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x122\n" +
+	"\x05nodes\x18\b \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05nodes\"\xc8\x01\n" +
+	"\x0ePoolNodeStatus\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
+	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x16\n" +
+	"\x06target\x18\x03 \x01(\x05R\x06target\x12\x14\n" +
+	"\x05ready\x18\x04 \x01(\x05R\x05ready\x12\x18\n" +
+	"\afilling\x18\x05 \x01(\x05R\afilling\x12,\n" +
+	"\x12claims_last_minute\x18\x06 \x01(\x05R\x10claimsLastMinute\x12\x14\n" +
+	"\x05error\x18\a \x01(\tR\x05error\"8\n" +
+	"\x0eSetPoolRequest\x12&\n" +
+	"\x04pool\x18\x01 \x01(\v2\x12.fireworks.v1.PoolR\x04pool\"9\n" +
+	"\x0fSetPoolResponse\x12&\n" +
+	"\x04pool\x18\x01 \x01(\v2\x12.fireworks.v1.PoolR\x04pool\"\x12\n" +
+	"\x10ListPoolsRequest\"=\n" +
+	"\x11ListPoolsResponse\x12(\n" +
+	"\x05pools\x18\x01 \x03(\v2\x12.fireworks.v1.PoolR\x05pools\")\n" +
+	"\x11DeletePoolRequest\x12\x14\n" +
+	"\x05image\x18\x01 \x01(\tR\x05image\"\x14\n" +
+	"\x12DeletePoolResponse\"\xcc\x01\n" +
+	"\bTemplate\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05image\x18\x02 \x01(\tR\x05image\x12\x16\n" +
+	"\x06digest\x18\x03 \x01(\tR\x06digest\x12\x14\n" +
+	"\x05vcpus\x18\x04 \x01(\x05R\x05vcpus\x12\x1d\n" +
+	"\n" +
+	"memory_mib\x18\x05 \x01(\x05R\tmemoryMib\x12\x12\n" +
+	"\x04size\x18\x06 \x01(\x03R\x04size\x127\n" +
+	"\tlast_used\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\"U\n" +
+	"\x10WarmImageRequest\x12\x10\n" +
+	"\x03ref\x18\x01 \x01(\tR\x03ref\x12/\n" +
+	"\x13insecure_registries\x18\x02 \x03(\tR\x12insecureRegistries\"\x97\x01\n" +
+	"\x11WarmImageResponse\x122\n" +
+	"\btemplate\x18\x01 \x01(\v2\x16.fireworks.v1.TemplateR\btemplate\x12\x14\n" +
+	"\x05built\x18\x02 \x01(\bR\x05built\x128\n" +
+	"\n" +
+	"build_time\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\tbuildTime\"\x16\n" +
+	"\x14ListTemplatesRequest\"M\n" +
+	"\x15ListTemplatesResponse\x124\n" +
+	"\ttemplates\x18\x01 \x03(\v2\x16.fireworks.v1.TemplateR\ttemplates\"\r\n" +
 	"\vInfoRequest\"\xb4\x03\n" +
 	"\fInfoResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x12\n" +
@@ -2922,12 +3711,18 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\rRemoveSandbox\x12\".fireworks.v1.RemoveSandboxRequest\x1a#.fireworks.v1.RemoveSandboxResponse\x12G\n" +
 	"\x06Attach\x12\x1b.fireworks.v1.AttachRequest\x1a\x1c.fireworks.v1.AttachResponse(\x010\x01\x12?\n" +
 	"\x04Logs\x12\x19.fireworks.v1.LogsRequest\x1a\x1a.fireworks.v1.LogsResponse0\x01\x12A\n" +
-	"\x04Exec\x12\x19.fireworks.v1.ExecRequest\x1a\x1a.fireworks.v1.ExecResponse(\x010\x012\x83\x02\n" +
+	"\x04Exec\x12\x19.fireworks.v1.ExecRequest\x1a\x1a.fireworks.v1.ExecResponse(\x010\x012\x92\x05\n" +
 	"\fImageService\x12N\n" +
 	"\tPullImage\x12\x1e.fireworks.v1.PullImageRequest\x1a\x1f.fireworks.v1.PullImageResponse0\x01\x12O\n" +
 	"\n" +
 	"ListImages\x12\x1f.fireworks.v1.ListImagesRequest\x1a .fireworks.v1.ListImagesResponse\x12R\n" +
-	"\vRemoveImage\x12 .fireworks.v1.RemoveImageRequest\x1a!.fireworks.v1.RemoveImageResponse2N\n" +
+	"\vRemoveImage\x12 .fireworks.v1.RemoveImageRequest\x1a!.fireworks.v1.RemoveImageResponse\x12L\n" +
+	"\tWarmImage\x12\x1e.fireworks.v1.WarmImageRequest\x1a\x1f.fireworks.v1.WarmImageResponse\x12X\n" +
+	"\rListTemplates\x12\".fireworks.v1.ListTemplatesRequest\x1a#.fireworks.v1.ListTemplatesResponse\x12F\n" +
+	"\aSetPool\x12\x1c.fireworks.v1.SetPoolRequest\x1a\x1d.fireworks.v1.SetPoolResponse\x12L\n" +
+	"\tListPools\x12\x1e.fireworks.v1.ListPoolsRequest\x1a\x1f.fireworks.v1.ListPoolsResponse\x12O\n" +
+	"\n" +
+	"DeletePool\x12\x1f.fireworks.v1.DeletePoolRequest\x1a .fireworks.v1.DeletePoolResponse2N\n" +
 	"\rSystemService\x12=\n" +
 	"\x04Info\x12\x19.fireworks.v1.InfoRequest\x1a\x1a.fireworks.v1.InfoResponse2\x87\x02\n" +
 	"\fTokenService\x12R\n" +
@@ -2948,7 +3743,7 @@ func file_fireworks_v1_fireworks_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_fireworks_proto_rawDescData
 }
 
-var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 55)
 var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*SandboxSpec)(nil),           // 0: fireworks.v1.SandboxSpec
 	(*Event)(nil),                 // 1: fireworks.v1.Event
@@ -2982,33 +3777,46 @@ var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*ListImagesResponse)(nil),    // 29: fireworks.v1.ListImagesResponse
 	(*RemoveImageRequest)(nil),    // 30: fireworks.v1.RemoveImageRequest
 	(*RemoveImageResponse)(nil),   // 31: fireworks.v1.RemoveImageResponse
-	(*InfoRequest)(nil),           // 32: fireworks.v1.InfoRequest
-	(*InfoResponse)(nil),          // 33: fireworks.v1.InfoResponse
-	(*Token)(nil),                 // 34: fireworks.v1.Token
-	(*CreateTokenRequest)(nil),    // 35: fireworks.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),   // 36: fireworks.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),     // 37: fireworks.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),    // 38: fireworks.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),    // 39: fireworks.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),   // 40: fireworks.v1.RevokeTokenResponse
-	nil,                           // 41: fireworks.v1.Sandbox.DetailsEntry
-	(*durationpb.Duration)(nil),   // 42: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 43: google.protobuf.Timestamp
+	(*Pool)(nil),                  // 32: fireworks.v1.Pool
+	(*PoolNodeStatus)(nil),        // 33: fireworks.v1.PoolNodeStatus
+	(*SetPoolRequest)(nil),        // 34: fireworks.v1.SetPoolRequest
+	(*SetPoolResponse)(nil),       // 35: fireworks.v1.SetPoolResponse
+	(*ListPoolsRequest)(nil),      // 36: fireworks.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),     // 37: fireworks.v1.ListPoolsResponse
+	(*DeletePoolRequest)(nil),     // 38: fireworks.v1.DeletePoolRequest
+	(*DeletePoolResponse)(nil),    // 39: fireworks.v1.DeletePoolResponse
+	(*Template)(nil),              // 40: fireworks.v1.Template
+	(*WarmImageRequest)(nil),      // 41: fireworks.v1.WarmImageRequest
+	(*WarmImageResponse)(nil),     // 42: fireworks.v1.WarmImageResponse
+	(*ListTemplatesRequest)(nil),  // 43: fireworks.v1.ListTemplatesRequest
+	(*ListTemplatesResponse)(nil), // 44: fireworks.v1.ListTemplatesResponse
+	(*InfoRequest)(nil),           // 45: fireworks.v1.InfoRequest
+	(*InfoResponse)(nil),          // 46: fireworks.v1.InfoResponse
+	(*Token)(nil),                 // 47: fireworks.v1.Token
+	(*CreateTokenRequest)(nil),    // 48: fireworks.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),   // 49: fireworks.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),     // 50: fireworks.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),    // 51: fireworks.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),    // 52: fireworks.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),   // 53: fireworks.v1.RevokeTokenResponse
+	nil,                           // 54: fireworks.v1.Sandbox.DetailsEntry
+	(*durationpb.Duration)(nil),   // 55: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 56: google.protobuf.Timestamp
 }
 var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
-	42, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
-	43, // 1: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
+	55, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
+	56, // 1: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
 	0,  // 2: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
-	43, // 3: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	43, // 4: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
-	43, // 5: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
+	56, // 3: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	56, // 4: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
+	56, // 5: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
 	1,  // 6: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
-	41, // 7: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
+	54, // 7: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
 	0,  // 8: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
 	2,  // 9: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
 	2,  // 10: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
 	2,  // 11: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
-	42, // 12: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
+	55, // 12: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
 	2,  // 13: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
 	16, // 14: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
 	13, // 15: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
@@ -3019,50 +3827,69 @@ var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
 	13, // 20: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
 	14, // 21: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
 	15, // 22: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
-	43, // 23: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
+	56, // 23: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
 	27, // 24: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
 	24, // 25: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
 	24, // 26: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
-	43, // 27: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
-	43, // 28: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	42, // 29: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	34, // 30: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
-	34, // 31: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
-	3,  // 32: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
-	5,  // 33: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
-	7,  // 34: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
-	9,  // 35: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
-	11, // 36: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
-	17, // 37: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
-	19, // 38: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
-	22, // 39: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
-	25, // 40: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
-	28, // 41: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
-	30, // 42: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
-	32, // 43: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
-	35, // 44: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
-	37, // 45: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
-	39, // 46: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
-	4,  // 47: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
-	6,  // 48: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
-	8,  // 49: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
-	10, // 50: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
-	12, // 51: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
-	18, // 52: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
-	20, // 53: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
-	23, // 54: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
-	26, // 55: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
-	29, // 56: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
-	31, // 57: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
-	33, // 58: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
-	36, // 59: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
-	38, // 60: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
-	40, // 61: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
-	47, // [47:62] is the sub-list for method output_type
-	32, // [32:47] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	56, // 27: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
+	33, // 28: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
+	32, // 29: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
+	32, // 30: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
+	32, // 31: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
+	56, // 32: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
+	40, // 33: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
+	55, // 34: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
+	40, // 35: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
+	56, // 36: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
+	56, // 37: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	55, // 38: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	47, // 39: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
+	47, // 40: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
+	3,  // 41: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
+	5,  // 42: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
+	7,  // 43: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
+	9,  // 44: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
+	11, // 45: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
+	17, // 46: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
+	19, // 47: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
+	22, // 48: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
+	25, // 49: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
+	28, // 50: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
+	30, // 51: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
+	41, // 52: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
+	43, // 53: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
+	34, // 54: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
+	36, // 55: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
+	38, // 56: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
+	45, // 57: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
+	48, // 58: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
+	50, // 59: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
+	52, // 60: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
+	4,  // 61: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
+	6,  // 62: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
+	8,  // 63: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
+	10, // 64: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
+	12, // 65: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
+	18, // 66: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
+	20, // 67: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
+	23, // 68: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
+	26, // 69: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
+	29, // 70: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
+	31, // 71: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
+	42, // 72: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
+	44, // 73: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
+	35, // 74: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
+	37, // 75: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
+	39, // 76: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
+	46, // 77: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
+	49, // 78: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
+	51, // 79: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
+	53, // 80: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
+	61, // [61:81] is the sub-list for method output_type
+	41, // [41:61] is the sub-list for method input_type
+	41, // [41:41] is the sub-list for extension type_name
+	41, // [41:41] is the sub-list for extension extendee
+	0,  // [0:41] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_fireworks_proto_init() }
@@ -3102,7 +3929,7 @@ func file_fireworks_v1_fireworks_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_fireworks_proto_rawDesc), len(file_fireworks_v1_fireworks_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   42,
+			NumMessages:   55,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

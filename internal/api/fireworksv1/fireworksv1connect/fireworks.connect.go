@@ -70,6 +70,17 @@ const (
 	// ImageServiceRemoveImageProcedure is the fully-qualified name of the ImageService's RemoveImage
 	// RPC.
 	ImageServiceRemoveImageProcedure = "/fireworks.v1.ImageService/RemoveImage"
+	// ImageServiceWarmImageProcedure is the fully-qualified name of the ImageService's WarmImage RPC.
+	ImageServiceWarmImageProcedure = "/fireworks.v1.ImageService/WarmImage"
+	// ImageServiceListTemplatesProcedure is the fully-qualified name of the ImageService's
+	// ListTemplates RPC.
+	ImageServiceListTemplatesProcedure = "/fireworks.v1.ImageService/ListTemplates"
+	// ImageServiceSetPoolProcedure is the fully-qualified name of the ImageService's SetPool RPC.
+	ImageServiceSetPoolProcedure = "/fireworks.v1.ImageService/SetPool"
+	// ImageServiceListPoolsProcedure is the fully-qualified name of the ImageService's ListPools RPC.
+	ImageServiceListPoolsProcedure = "/fireworks.v1.ImageService/ListPools"
+	// ImageServiceDeletePoolProcedure is the fully-qualified name of the ImageService's DeletePool RPC.
+	ImageServiceDeletePoolProcedure = "/fireworks.v1.ImageService/DeletePool"
 	// SystemServiceInfoProcedure is the fully-qualified name of the SystemService's Info RPC.
 	SystemServiceInfoProcedure = "/fireworks.v1.SystemService/Info"
 	// TokenServiceCreateTokenProcedure is the fully-qualified name of the TokenService's CreateToken
@@ -341,6 +352,13 @@ type ImageServiceClient interface {
 	PullImage(context.Context, *connect.Request[fireworksv1.PullImageRequest]) (*connect.ServerStreamForClient[fireworksv1.PullImageResponse], error)
 	ListImages(context.Context, *connect.Request[fireworksv1.ListImagesRequest]) (*connect.Response[fireworksv1.ListImagesResponse], error)
 	RemoveImage(context.Context, *connect.Request[fireworksv1.RemoveImageRequest]) (*connect.Response[fireworksv1.RemoveImageResponse], error)
+	// WarmImage builds the image's template snapshot on this node (dev server / node only).
+	WarmImage(context.Context, *connect.Request[fireworksv1.WarmImageRequest]) (*connect.Response[fireworksv1.WarmImageResponse], error)
+	ListTemplates(context.Context, *connect.Request[fireworksv1.ListTemplatesRequest]) (*connect.Response[fireworksv1.ListTemplatesResponse], error)
+	// Warm pools are cluster-wide configuration (replicated state), applied by every node.
+	SetPool(context.Context, *connect.Request[fireworksv1.SetPoolRequest]) (*connect.Response[fireworksv1.SetPoolResponse], error)
+	ListPools(context.Context, *connect.Request[fireworksv1.ListPoolsRequest]) (*connect.Response[fireworksv1.ListPoolsResponse], error)
+	DeletePool(context.Context, *connect.Request[fireworksv1.DeletePoolRequest]) (*connect.Response[fireworksv1.DeletePoolResponse], error)
 }
 
 // NewImageServiceClient constructs a client for the fireworks.v1.ImageService service. By default,
@@ -372,14 +390,49 @@ func NewImageServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(imageServiceMethods.ByName("RemoveImage")),
 			connect.WithClientOptions(opts...),
 		),
+		warmImage: connect.NewClient[fireworksv1.WarmImageRequest, fireworksv1.WarmImageResponse](
+			httpClient,
+			baseURL+ImageServiceWarmImageProcedure,
+			connect.WithSchema(imageServiceMethods.ByName("WarmImage")),
+			connect.WithClientOptions(opts...),
+		),
+		listTemplates: connect.NewClient[fireworksv1.ListTemplatesRequest, fireworksv1.ListTemplatesResponse](
+			httpClient,
+			baseURL+ImageServiceListTemplatesProcedure,
+			connect.WithSchema(imageServiceMethods.ByName("ListTemplates")),
+			connect.WithClientOptions(opts...),
+		),
+		setPool: connect.NewClient[fireworksv1.SetPoolRequest, fireworksv1.SetPoolResponse](
+			httpClient,
+			baseURL+ImageServiceSetPoolProcedure,
+			connect.WithSchema(imageServiceMethods.ByName("SetPool")),
+			connect.WithClientOptions(opts...),
+		),
+		listPools: connect.NewClient[fireworksv1.ListPoolsRequest, fireworksv1.ListPoolsResponse](
+			httpClient,
+			baseURL+ImageServiceListPoolsProcedure,
+			connect.WithSchema(imageServiceMethods.ByName("ListPools")),
+			connect.WithClientOptions(opts...),
+		),
+		deletePool: connect.NewClient[fireworksv1.DeletePoolRequest, fireworksv1.DeletePoolResponse](
+			httpClient,
+			baseURL+ImageServiceDeletePoolProcedure,
+			connect.WithSchema(imageServiceMethods.ByName("DeletePool")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // imageServiceClient implements ImageServiceClient.
 type imageServiceClient struct {
-	pullImage   *connect.Client[fireworksv1.PullImageRequest, fireworksv1.PullImageResponse]
-	listImages  *connect.Client[fireworksv1.ListImagesRequest, fireworksv1.ListImagesResponse]
-	removeImage *connect.Client[fireworksv1.RemoveImageRequest, fireworksv1.RemoveImageResponse]
+	pullImage     *connect.Client[fireworksv1.PullImageRequest, fireworksv1.PullImageResponse]
+	listImages    *connect.Client[fireworksv1.ListImagesRequest, fireworksv1.ListImagesResponse]
+	removeImage   *connect.Client[fireworksv1.RemoveImageRequest, fireworksv1.RemoveImageResponse]
+	warmImage     *connect.Client[fireworksv1.WarmImageRequest, fireworksv1.WarmImageResponse]
+	listTemplates *connect.Client[fireworksv1.ListTemplatesRequest, fireworksv1.ListTemplatesResponse]
+	setPool       *connect.Client[fireworksv1.SetPoolRequest, fireworksv1.SetPoolResponse]
+	listPools     *connect.Client[fireworksv1.ListPoolsRequest, fireworksv1.ListPoolsResponse]
+	deletePool    *connect.Client[fireworksv1.DeletePoolRequest, fireworksv1.DeletePoolResponse]
 }
 
 // PullImage calls fireworks.v1.ImageService.PullImage.
@@ -397,11 +450,43 @@ func (c *imageServiceClient) RemoveImage(ctx context.Context, req *connect.Reque
 	return c.removeImage.CallUnary(ctx, req)
 }
 
+// WarmImage calls fireworks.v1.ImageService.WarmImage.
+func (c *imageServiceClient) WarmImage(ctx context.Context, req *connect.Request[fireworksv1.WarmImageRequest]) (*connect.Response[fireworksv1.WarmImageResponse], error) {
+	return c.warmImage.CallUnary(ctx, req)
+}
+
+// ListTemplates calls fireworks.v1.ImageService.ListTemplates.
+func (c *imageServiceClient) ListTemplates(ctx context.Context, req *connect.Request[fireworksv1.ListTemplatesRequest]) (*connect.Response[fireworksv1.ListTemplatesResponse], error) {
+	return c.listTemplates.CallUnary(ctx, req)
+}
+
+// SetPool calls fireworks.v1.ImageService.SetPool.
+func (c *imageServiceClient) SetPool(ctx context.Context, req *connect.Request[fireworksv1.SetPoolRequest]) (*connect.Response[fireworksv1.SetPoolResponse], error) {
+	return c.setPool.CallUnary(ctx, req)
+}
+
+// ListPools calls fireworks.v1.ImageService.ListPools.
+func (c *imageServiceClient) ListPools(ctx context.Context, req *connect.Request[fireworksv1.ListPoolsRequest]) (*connect.Response[fireworksv1.ListPoolsResponse], error) {
+	return c.listPools.CallUnary(ctx, req)
+}
+
+// DeletePool calls fireworks.v1.ImageService.DeletePool.
+func (c *imageServiceClient) DeletePool(ctx context.Context, req *connect.Request[fireworksv1.DeletePoolRequest]) (*connect.Response[fireworksv1.DeletePoolResponse], error) {
+	return c.deletePool.CallUnary(ctx, req)
+}
+
 // ImageServiceHandler is an implementation of the fireworks.v1.ImageService service.
 type ImageServiceHandler interface {
 	PullImage(context.Context, *connect.Request[fireworksv1.PullImageRequest], *connect.ServerStream[fireworksv1.PullImageResponse]) error
 	ListImages(context.Context, *connect.Request[fireworksv1.ListImagesRequest]) (*connect.Response[fireworksv1.ListImagesResponse], error)
 	RemoveImage(context.Context, *connect.Request[fireworksv1.RemoveImageRequest]) (*connect.Response[fireworksv1.RemoveImageResponse], error)
+	// WarmImage builds the image's template snapshot on this node (dev server / node only).
+	WarmImage(context.Context, *connect.Request[fireworksv1.WarmImageRequest]) (*connect.Response[fireworksv1.WarmImageResponse], error)
+	ListTemplates(context.Context, *connect.Request[fireworksv1.ListTemplatesRequest]) (*connect.Response[fireworksv1.ListTemplatesResponse], error)
+	// Warm pools are cluster-wide configuration (replicated state), applied by every node.
+	SetPool(context.Context, *connect.Request[fireworksv1.SetPoolRequest]) (*connect.Response[fireworksv1.SetPoolResponse], error)
+	ListPools(context.Context, *connect.Request[fireworksv1.ListPoolsRequest]) (*connect.Response[fireworksv1.ListPoolsResponse], error)
+	DeletePool(context.Context, *connect.Request[fireworksv1.DeletePoolRequest]) (*connect.Response[fireworksv1.DeletePoolResponse], error)
 }
 
 // NewImageServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -429,6 +514,36 @@ func NewImageServiceHandler(svc ImageServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(imageServiceMethods.ByName("RemoveImage")),
 		connect.WithHandlerOptions(opts...),
 	)
+	imageServiceWarmImageHandler := connect.NewUnaryHandler(
+		ImageServiceWarmImageProcedure,
+		svc.WarmImage,
+		connect.WithSchema(imageServiceMethods.ByName("WarmImage")),
+		connect.WithHandlerOptions(opts...),
+	)
+	imageServiceListTemplatesHandler := connect.NewUnaryHandler(
+		ImageServiceListTemplatesProcedure,
+		svc.ListTemplates,
+		connect.WithSchema(imageServiceMethods.ByName("ListTemplates")),
+		connect.WithHandlerOptions(opts...),
+	)
+	imageServiceSetPoolHandler := connect.NewUnaryHandler(
+		ImageServiceSetPoolProcedure,
+		svc.SetPool,
+		connect.WithSchema(imageServiceMethods.ByName("SetPool")),
+		connect.WithHandlerOptions(opts...),
+	)
+	imageServiceListPoolsHandler := connect.NewUnaryHandler(
+		ImageServiceListPoolsProcedure,
+		svc.ListPools,
+		connect.WithSchema(imageServiceMethods.ByName("ListPools")),
+		connect.WithHandlerOptions(opts...),
+	)
+	imageServiceDeletePoolHandler := connect.NewUnaryHandler(
+		ImageServiceDeletePoolProcedure,
+		svc.DeletePool,
+		connect.WithSchema(imageServiceMethods.ByName("DeletePool")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/fireworks.v1.ImageService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ImageServicePullImageProcedure:
@@ -437,6 +552,16 @@ func NewImageServiceHandler(svc ImageServiceHandler, opts ...connect.HandlerOpti
 			imageServiceListImagesHandler.ServeHTTP(w, r)
 		case ImageServiceRemoveImageProcedure:
 			imageServiceRemoveImageHandler.ServeHTTP(w, r)
+		case ImageServiceWarmImageProcedure:
+			imageServiceWarmImageHandler.ServeHTTP(w, r)
+		case ImageServiceListTemplatesProcedure:
+			imageServiceListTemplatesHandler.ServeHTTP(w, r)
+		case ImageServiceSetPoolProcedure:
+			imageServiceSetPoolHandler.ServeHTTP(w, r)
+		case ImageServiceListPoolsProcedure:
+			imageServiceListPoolsHandler.ServeHTTP(w, r)
+		case ImageServiceDeletePoolProcedure:
+			imageServiceDeletePoolHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -456,6 +581,26 @@ func (UnimplementedImageServiceHandler) ListImages(context.Context, *connect.Req
 
 func (UnimplementedImageServiceHandler) RemoveImage(context.Context, *connect.Request[fireworksv1.RemoveImageRequest]) (*connect.Response[fireworksv1.RemoveImageResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ImageService.RemoveImage is not implemented"))
+}
+
+func (UnimplementedImageServiceHandler) WarmImage(context.Context, *connect.Request[fireworksv1.WarmImageRequest]) (*connect.Response[fireworksv1.WarmImageResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ImageService.WarmImage is not implemented"))
+}
+
+func (UnimplementedImageServiceHandler) ListTemplates(context.Context, *connect.Request[fireworksv1.ListTemplatesRequest]) (*connect.Response[fireworksv1.ListTemplatesResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ImageService.ListTemplates is not implemented"))
+}
+
+func (UnimplementedImageServiceHandler) SetPool(context.Context, *connect.Request[fireworksv1.SetPoolRequest]) (*connect.Response[fireworksv1.SetPoolResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ImageService.SetPool is not implemented"))
+}
+
+func (UnimplementedImageServiceHandler) ListPools(context.Context, *connect.Request[fireworksv1.ListPoolsRequest]) (*connect.Response[fireworksv1.ListPoolsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ImageService.ListPools is not implemented"))
+}
+
+func (UnimplementedImageServiceHandler) DeletePool(context.Context, *connect.Request[fireworksv1.DeletePoolRequest]) (*connect.Response[fireworksv1.DeletePoolResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ImageService.DeletePool is not implemented"))
 }
 
 // SystemServiceClient is a client for the fireworks.v1.SystemService service.
