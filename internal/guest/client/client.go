@@ -557,6 +557,12 @@ func (c *Client) Setup(ctx context.Context, s proto.Setup) error {
 	return c.request(ctx, proto.Request{Op: proto.OpSetup, Setup: &s})
 }
 
+// Identity makes a set-up guest a particular sandbox (hostname, base
+// environment, clock, fresh entropy): what a warm-pool VM gets when claimed.
+func (c *Client) Identity(ctx context.Context, id proto.Identity) error {
+	return c.request(ctx, proto.Request{Op: proto.OpIdentity, Identity: &id})
+}
+
 // SetTime sets the guest clock and, if entropy is given, reseeds its CRNG;
 // use it after restoring a snapshot.
 func (c *Client) SetTime(ctx context.Context, t proto.SetTime) error {

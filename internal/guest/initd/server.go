@@ -29,6 +29,8 @@ type System interface {
 	Setup(ctx context.Context, s proto.Setup) error
 	// SetTime sets the clock and credits entropy.
 	SetTime(ctx context.Context, t proto.SetTime) error
+	// SetHostname sets the guest's hostname.
+	SetHostname(name string) error
 	// PowerOff stops all processes, syncs and powers the VM off. The server
 	// calls it after the reply to Shutdown has been written.
 	PowerOff(ctx context.Context)
@@ -354,6 +356,33 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		s.baseEnv = append([]string(nil), req.Setup.Env...)
 		s.mu.Unlock()
 		s.log.Info("setup done", "hostname", req.Setup.Hostname)
+		return reply(nil)
+	case proto.OpIdentity:
+		id := req.Identity
+		if id == nil {
+			return reply(errors.New("identity request without identity"))
+		}
+		s.mu.Lock()
+		done := s.setupDone
+		s.mu.Unlock()
+		if !done {
+			return reply(errors.New("identity before setup"))
+		}
+		if sys == nil {
+			return reply(errors.New("identity is not supported by this server"))
+		}
+		if id.Hostname != "" {
+			if err := sys.SetHostname(id.Hostname); err != nil {
+				return reply(err)
+			}
+		}
+		if err := sys.SetTime(ctx, proto.SetTime{TimeUnixNano: id.TimeUnixNano, Entropy: id.Entropy}); err != nil {
+			return reply(err)
+		}
+		s.mu.Lock()
+		s.baseEnv = append([]string(nil), id.Env...)
+		s.mu.Unlock()
+		s.log.Info("identity set", "hostname", id.Hostname)
 		return reply(nil)
 	case proto.OpSetTime:
 		if req.SetTime == nil {

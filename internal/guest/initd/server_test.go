@@ -27,7 +27,15 @@ type fakeSystem struct {
 	mu       sync.Mutex
 	setups   []proto.Setup
 	times    []proto.SetTime
+	hosts    []string
 	poweroff int
+}
+
+func (f *fakeSystem) SetHostname(name string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.hosts = append(f.hosts, name)
+	return nil
 }
 
 func (f *fakeSystem) Setup(_ context.Context, s proto.Setup) error {
@@ -429,6 +437,40 @@ func TestUsers(t *testing.T) {
 		if r := run(t, c, req, nil); r.status.ErrKind != proto.ErrKindSetup {
 			t.Errorf("user %q: got %+v, want setup error", bad, r.status)
 		}
+	}
+}
+
+func TestIdentity(t *testing.T) {
+	g, c := startGuest(t)
+	ctx := context.Background()
+	var gerr *client.GuestError
+	if err := c.Identity(ctx, proto.Identity{Hostname: "x"}); !errors.As(err, &gerr) || !strings.Contains(err.Error(), "before setup") {
+		t.Fatalf("identity before setup: got %v, want a guest error", err)
+	}
+	if err := c.Setup(ctx, proto.Setup{Hostname: "pool", Env: []string{"A=pool"}}); err != nil {
+		t.Fatal(err)
+	}
+	// Identity may be applied more than once (a claimed VM, then e.g. a rename).
+	for _, h := range []string{"sb-1", "sb-2"} {
+		if err := c.Identity(ctx, proto.Identity{Hostname: h, Env: []string{"A=" + h}, TimeUnixNano: 7, Entropy: []byte{9}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s, err := c.Exec(ctx, proto.ExecRequest{Argv: []string{"sh", "-c", "echo $A"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _ := io.ReadAll(s.Stdout())
+	if _, err := s.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if strings.TrimSpace(string(out)) != "sb-2" {
+		t.Errorf("exec after identity sees A=%q, want sb-2", out)
+	}
+	g.sys.mu.Lock()
+	defer g.sys.mu.Unlock()
+	if len(g.sys.hosts) != 2 || g.sys.hosts[1] != "sb-2" || len(g.sys.times) != 2 || g.sys.times[1].TimeUnixNano != 7 || string(g.sys.times[1].Entropy) != "\x09" {
+		t.Errorf("system saw hosts=%v times=%+v", g.sys.hosts, g.sys.times)
 	}
 }
 

@@ -124,10 +124,8 @@ func (p *pid1System) Setup(ctx context.Context, s proto.Setup) error {
 			return fmt.Errorf("chmod /tmp: %w", err)
 		}
 	}
-	if s.Hostname != "" {
-		if err := unix.Sethostname([]byte(s.Hostname)); err != nil {
-			return fmt.Errorf("setting hostname %q: %w", s.Hostname, err)
-		}
+	if err := p.SetHostname(s.Hostname); err != nil {
+		return err
 	}
 	return p.SetTime(ctx, proto.SetTime{TimeUnixNano: s.TimeUnixNano, Entropy: s.Entropy})
 }
@@ -156,6 +154,17 @@ func waitForPath(ctx context.Context, path string, limit time.Duration) error {
 			return fmt.Errorf("waiting for %s: %w", path, ctx.Err())
 		}
 	}
+}
+
+// SetHostname sets the hostname; "" leaves it.
+func (p *pid1System) SetHostname(name string) error {
+	if name == "" {
+		return nil
+	}
+	if err := unix.Sethostname([]byte(name)); err != nil {
+		return fmt.Errorf("setting hostname %q: %w", name, err)
+	}
+	return nil
 }
 
 func (p *pid1System) SetTime(_ context.Context, t proto.SetTime) error {

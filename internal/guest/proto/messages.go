@@ -46,6 +46,9 @@ const (
 	// one. Guests that predate it answer "unknown request op", so it
 	// needs no version bump.
 	OpReattach = "reattach"
+	// OpIdentity gives a set-up guest a new identity: a warm-pool VM set up
+	// ahead of time becomes a particular sandbox when a start claims it.
+	OpIdentity = "identity"
 )
 
 // Request is a control request (host to guest). Exactly the field that
@@ -55,6 +58,7 @@ type Request struct {
 	Setup    *Setup    `json:"setup,omitempty"`
 	SetTime  *SetTime  `json:"set_time,omitempty"`
 	Reattach *Reattach `json:"reattach,omitempty"`
+	Identity *Identity `json:"identity,omitempty"`
 }
 
 // Response answers a Request with the same id. An empty Error means success.
@@ -107,6 +111,17 @@ type Setup struct {
 	// Env is the base environment of every exec session; ExecRequest.Env
 	// entries override it by key.
 	Env []string `json:"env,omitempty"`
+}
+
+// Identity makes a guest that is already set up (root mounted) a
+// particular sandbox: hostname, the base environment of every later exec
+// session, the clock, and fresh entropy (the CRNG is reseeded: VMs restored
+// from one snapshot must not share random numbers).
+type Identity struct {
+	Hostname     string   `json:"hostname"`
+	Env          []string `json:"env,omitempty"`
+	TimeUnixNano int64    `json:"time_unix_nano,omitempty"`
+	Entropy      []byte   `json:"entropy,omitempty"`
 }
 
 // SetTime sets the guest clock and optionally refreshes its entropy, which
