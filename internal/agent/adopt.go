@@ -98,7 +98,13 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) error {
 	if err != nil {
 		return fmt.Errorf("no adoption record: %w", err)
 	}
-	vm, err := a.driver.Adopt(ctx, dir)
+	// A sandbox that claimed a warm VM has run/<id> linking to the VM's own directory,
+	// which is what its VMM's command line names.
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return fmt.Errorf("run directory: %w", err)
+	}
+	vm, err := a.driver.Adopt(ctx, real)
 	if err != nil {
 		return err
 	}

@@ -5,7 +5,8 @@ package agent
 
 import (
 	"context"
-	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -52,7 +53,13 @@ type Config struct {
 	// MaxLogBytes caps each sandbox's stored output (default 256 MiB): a guest must not
 	// be able to fill the host's disk. Output past it is discarded.
 	MaxLogBytes int64
-	Logger      *slog.Logger
+	// TemplateDiskMiB bounds the disk space of template snapshots (default 8192); the
+	// least recently used go first.
+	TemplateDiskMiB int
+	// Pools are warm pools this node keeps by its own configuration; pools set through
+	// the API (SetPools) override them for the same image and shape.
+	Pools  []state.Pool
+	Logger *slog.Logger
 }
 
 // Store is the part of the state store the agent writes to.
@@ -73,6 +80,9 @@ type Agent struct {
 	initrd  *assets.Initramfs
 	accel   vmm.AccelChoice
 	scratch string // template of an empty formatted scratch disk
+
+	kernelHash string // sha256 of vmlinux (template snapshots depend on the exact kernel)
+	vmmVersion string
 
 	ctx    context.Context // lifetime of all sandbox goroutines: a VM's life never hangs off a request
 	cancel context.CancelFunc
@@ -129,6 +139,9 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if cfg.BootTimeout == 0 {
 		cfg.BootTimeout = 90 * time.Second
 	}
+	if cfg.TemplateDiskMiB == 0 {
+		cfg.TemplateDiskMiB = 8192
+	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, started: map[string]bool{}, stopsSent: map[string]bool{}}
 	for _, d := range []string{a.runRoot(), a.sandboxRoot(), a.assetDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -153,8 +166,16 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if a.scratch, err = a.scratchTemplate(ctx); err != nil {
 		return nil, err
 	}
+	if a.kernelHash, err = fileHash(a.kernel.Vmlinux); err != nil {
+		return nil, fmt.Errorf("hash guest kernel: %w", err)
+	}
+	a.vmmVersion = qemuVersion()
 	a.ctx, a.cancel = context.WithCancel(context.Background())
+	a.warm = newWarmManager(a)
 	if err := a.recover(ctx); err != nil {
+		return nil, err
+	}
+	if err := a.warm.start(); err != nil {
 		return nil, err
 	}
 	return a, nil
@@ -233,6 +254,7 @@ func (a *Agent) Validate(spec *state.SandboxSpec) error {
 func (a *Agent) Close() error {
 	a.cancel()
 	a.wg.Wait()
+	a.warm.close()
 	return nil
 }
 
@@ -358,6 +380,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	ctx := s.ctx
 	a.update(sb.ID, state.Update{Status: status(state.StatusStarting), Node: &a.cfg.Node, Accel: &a.accel.Accel})
 
+	ph := newPhases()
 	pullCtx, cancelPull := context.WithTimeout(ctx, a.cfg.PullTimeout)
 	img, err := a.images.Ensure(pullCtx, sb.Spec.Image, image.PullOptions{InsecureRegistries: sb.Spec.InsecureRegistries})
 	cancelPull()
@@ -372,98 +395,104 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		a.fail(s, err.Error())
 		return
 	}
+	ph.mark("pull")
 	rootDisk, rootFS, err := a.images.RootDisk(ctx, img)
 	if err != nil {
 		a.fail(s, fmt.Sprintf("build root disk for %s: %v", sb.Spec.Image, err))
 		return
 	}
+	ph.mark("rootdisk")
 
 	var cleanup cleanupStack
 	defer cleanup.run(a.log)
-	if err := os.MkdirAll(s.dir, 0o700); err != nil {
-		a.fail(s, fmt.Sprintf("create run directory: %v", err))
-		return
-	}
-	cleanup.push("remove scratch disk", func() error {
-		if s.kept() {
-			return nil // the VM was left running for adoption and still uses it
+	mode, _ := state.ParseBootMode(string(sb.Spec.Boot))
+	key := a.templateKeyFor(digest, rootDisk, rootFS, sb.Spec.VCPUs, sb.Spec.MemoryMiB)
+	var (
+		h        *vmHandle
+		how      string // how the VM started: warm, restore or cold
+		fallback string // why a snapshot start fell back to a cold boot
+	)
+	if mode == state.BootAuto {
+		if pv := a.warm.claim(key.hash()); pv != nil {
+			h, how = a.adoptPoolVM(s, pv, &cleanup), "warm"
 		}
-		return os.Remove(filepath.Join(s.dir, "scratch.img"))
-	})
-	scratch := filepath.Join(s.dir, "scratch.img")
-	if err := copySparse(a.scratch, scratch); err != nil {
-		a.fail(s, fmt.Sprintf("create scratch disk: %v", err))
-		return
 	}
-	sock := filepath.Join(s.dir, "agent.sock")
-	if len(sock) >= 100 {
-		a.fail(s, fmt.Sprintf("run directory path too long for a unix socket: %s (use a shorter --data-dir)", sock))
-		return
-	}
-	_ = os.Remove(sock)
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		a.fail(s, fmt.Sprintf("listen on guest channel %s: %v", sock, err))
-		return
-	}
-	cleanup.push("close guest channel listener", ln.Close)
-
-	vm, err := a.driver.Create(ctx, vmm.Spec{
-		ID: sb.ID, Dir: s.dir, Kernel: a.kernel.Vmlinux, Initrd: a.initrd.Path,
-		Cmdline:     assets.KernelCmdline(a.initrd.Modules),
-		VCPUs:       sb.Spec.VCPUs,
-		MemoryMiB:   sb.Spec.MemoryMiB,
-		Disks:       []vmm.Disk{{Path: rootDisk, ReadOnly: true}, {Path: scratch}},
-		AgentSocket: sock,
-	})
-	if err != nil {
-		a.fail(s, fmt.Sprintf("create VM: %v", err))
-		return
-	}
-	if err := vm.Start(ctx); err != nil {
-		a.fail(s, fmt.Sprintf("start VMM: %v", err))
-		return
-	}
-	// Whatever happens next, the VMM must not outlive this function.
-	cleanup.push("stop VM", func() error {
-		if s.kept() {
-			return nil
+	if h == nil {
+		// A placed sandbox always fits: end warm VMs that hold its capacity.
+		a.warm.makeRoom()
+		in := vmInput{id: sb.ID, dir: s.dir, rootDisk: rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB}
+		how = "cold"
+		var tmpl *template
+		if mode != state.BootCold {
+			t, built, err := a.warm.template(ctx, key, sb.Spec.Image, rootDisk)
+			switch {
+			case err == nil:
+				tmpl, in.tmpl, how = t, t, "restore"
+				if built {
+					ph.mark("template_build")
+				} else {
+					ph.mark("template")
+				}
+			case ctx.Err() != nil:
+				a.fail(s, fmt.Sprintf("stopped while waiting for the template snapshot: %v", err))
+				return
+			default:
+				// A start never fails for want of a snapshot: boot instead, and say so.
+				fallback = err.Error()
+				a.log.Warn("no template snapshot; booting", "sandbox", sb.ID, "err", err)
+				ph.mark("template_failed")
+			}
 		}
-		sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-		defer cancel()
-		return vm.Stop(sctx, 5*time.Second)
-	})
-	s.mu.Lock()
-	s.vm = vm
-	s.mu.Unlock()
+		h, err = a.startVM(ctx, in)
+		if tmpl != nil {
+			a.warm.release(tmpl) // the VMM has mapped the files (or failed)
+		}
+		if err != nil {
+			a.fail(s, err.Error())
+			return
+		}
+		ph.add("vmm", h.vmmTime)
+		ph.add("guest", h.guestT)
+		ph.last = time.Now()
+		a.ownVM(s, h, &cleanup)
+	}
+	vm, guest := h.vm, h.guest
 	info := vm.Info()
-	a.update(sb.ID, state.Update{Runtime: map[string]string{
+	rt := map[string]string{
 		"pid": strconv.Itoa(info.PID), "run_dir": s.dir, "console_log": info.ConsoleLog,
 		"qemu_cmdline": info.CmdlineFile, "vcpus": strconv.Itoa(sb.Spec.VCPUs),
 		"memory_mib": strconv.Itoa(sb.Spec.MemoryMiB), "root_fs": rootFS,
-		"kernel": a.kernel.Release, "init_version": a.initrd.Version,
-	}})
-
-	guest, err := a.connectGuest(ctx, ln, vm)
-	if err != nil {
-		a.fail(s, err.Error())
-		return
+		"kernel": a.kernel.Release, "init_version": a.initrd.Version, "start_mode": how,
 	}
-	cleanup.push("close guest channel", guest.Close)
-	entropy := make([]byte, 64)
-	_, _ = rand.Read(entropy)
+	if how != "cold" {
+		rt["template"] = key.hash()
+	}
+	if fallback != "" {
+		rt["start_fallback"] = fallback
+	}
+	a.update(sb.ID, state.Update{Runtime: rt})
+
 	hostname := sb.Name
 	if hostname == "" || len(hostname) > 63 {
 		hostname = sb.ID[:12]
 	}
+	baseEnv := []string{"FIREWORKS_SANDBOX_ID=" + sb.ID}
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	err = guest.Setup(setupCtx, proto.Setup{
-		Hostname: hostname, RootDevice: "/dev/vda", RootFSType: rootFS, ScratchDevice: "/dev/vdb",
-		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy,
-	})
+	if how != "cold" {
+		// The template's guest has its root mounted already: it only needs to become
+		// this sandbox.
+		err = guest.Identity(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()})
+		ph.mark("identity")
+	} else {
+		err = guest.Setup(setupCtx, proto.Setup{
+			Hostname: hostname, RootDevice: "/dev/vda", RootFSType: rootFS, ScratchDevice: "/dev/vdb",
+			TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Env: baseEnv,
+		})
+		ph.mark("setup")
+	}
 	cancel()
 	if err != nil {
-		a.fail(s, fmt.Sprintf("set up guest root filesystem: %v", err))
+		a.fail(s, fmt.Sprintf("set up the guest (%s start): %v", how, err))
 		return
 	}
 	main, err := guest.Exec(ctx, proto.ExecRequest{
@@ -474,6 +503,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		a.fail(s, fmt.Sprintf("start %q in the guest: %v", proc.Argv[0], err))
 		return
 	}
+	ph.mark("exec")
 	s.mu.Lock()
 	s.guest, s.main, s.proc = guest, main, proc
 	s.mu.Unlock()
@@ -481,7 +511,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		a.log.Warn("cannot record what re-adoption needs; this sandbox will not survive an agent restart", "sandbox", sb.ID, "err", err)
 	}
 	readyOnce()
-	a.update(sb.ID, state.Update{Status: status(state.StatusRunning)})
+	a.update(sb.ID, state.Update{Status: status(state.StatusRunning), Runtime: map[string]string{"start_phases": ph.String()}})
 
 	a.supervise(ctx, s, sb, vm, main)
 }
@@ -796,10 +826,21 @@ func (a *Agent) Remove(id string) error {
 	if err := os.RemoveAll(filepath.Join(a.sandboxRoot(), id)); err != nil {
 		return fmt.Errorf("remove sandbox files of %s: %w", id, err)
 	}
-	if err := os.RemoveAll(filepath.Join(a.runRoot(), id)); err != nil {
+	if err := a.removeRunDir(id); err != nil {
 		return fmt.Errorf("remove run directory of %s: %w", id, err)
 	}
 	return nil
+}
+
+// removeRunDir removes run/<name>, and the warm VM directory it links to if it is a link.
+func (a *Agent) removeRunDir(name string) error {
+	p := filepath.Join(a.runRoot(), name)
+	if target, err := os.Readlink(p); err == nil && filepath.Base(target) == target && target != "" {
+		if err := os.RemoveAll(filepath.Join(a.runRoot(), target)); err != nil {
+			return err
+		}
+	}
+	return os.RemoveAll(p)
 }
 
 // recover runs at start: sandboxes the store believes are live on this node have lost their
@@ -850,8 +891,17 @@ func (a *Agent) recover(ctx context.Context) error {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 	entries, _ := os.ReadDir(a.runRoot())
+	keep := map[string]bool{}
 	for _, e := range entries {
 		if a.isLive(e.Name()) {
+			keep[e.Name()] = true
+			if target, err := os.Readlink(filepath.Join(a.runRoot(), e.Name())); err == nil {
+				keep[filepath.Base(target)] = true // the warm VM directory a sandbox claimed
+			}
+		}
+	}
+	for _, e := range entries {
+		if keep[e.Name()] {
 			continue
 		}
 		if err := os.RemoveAll(filepath.Join(a.runRoot(), e.Name())); err != nil {
@@ -939,6 +989,20 @@ func (a *Agent) scratchTemplate(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("install scratch template: %w", err)
 	}
 	return path, nil
+}
+
+// fileHash is the hex sha256 of a file's content.
+func fileHash(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // copySparse copies src to dst keeping holes (cp knows SEEK_HOLE).

@@ -2,19 +2,535 @@ package agent
 
 import (
 	"context"
-	"errors"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/image"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/vmm"
 )
 
-// warmManager owns template snapshots and warm pools (work in progress).
-type warmManager struct{}
+// Warm pools: per image and shape, the node keeps VMs restored from the template snapshot,
+// root filesystem already mounted, paused. A start claims one: resume, give it the
+// sandbox's identity (hostname, env, clock, fresh entropy), exec. One goroutine (the
+// manager's loop) fills and trims pools, one VM at a time so that refills never crowd out
+// the starts they exist to speed up.
 
-func (w *warmManager) setPools([]state.Pool)        {}
-func (w *warmManager) status() []PoolStatus         { return nil }
-func (w *warmManager) templateList() []TemplateInfo { return nil }
-func (w *warmManager) warmKeys() []string           { return nil }
+const (
+	// claimWindow is how far back the autoscaler looks at claims.
+	claimWindow = time.Minute
+	// burstWindow: the pool aims to absorb the largest burst of claims seen in any
+	// burstWindow within claimWindow.
+	burstWindow = 10 * time.Second
+	// fillRetry is how long a pool waits after a failed fill.
+	fillRetry = 10 * time.Second
+)
+
+// warmManager owns this node's template snapshots and warm pools.
+type warmManager struct {
+	a      *Agent
+	dir    string // templates/
+	budget int64  // bytes of template snapshots kept
+	static []state.Pool
+	log    *slog.Logger
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	wake   chan struct{}
+
+	mu        sync.Mutex
+	templates map[string]*template // by key hash
+	pools     map[string]*pool     // by poolID
+}
+
+// pool is the node's side of one configured warm pool.
+type pool struct {
+	cfg   state.Pool
+	vcpus int
+	mem   int
+	// Resolved from cfg.Image by the loop.
+	digest, rootDisk, rootFS string
+	key                      string // template key hash
+	ready                    []*poolVM
+	filling                  int
+	claims                   []time.Time
+	lastErr                  string
+	retryAt                  time.Time
+}
+
+// poolVM is a restored, set-up, paused VM waiting for a claim.
+type poolVM struct {
+	dir   string // run directory (runRoot/w-...)
+	vm    vmm.VM
+	guest *client.Client
+	ln    net.Listener
+	key   string
+	since time.Time
+}
+
+func (p *poolVM) destroy() {
+	if p.guest != nil {
+		p.guest.Close()
+	}
+	p.ln.Close()
+	_ = p.vm.Kill()
+	<-p.vm.Wait()
+	_ = os.RemoveAll(p.dir)
+}
+
+func poolID(image string, vcpus, mem int) string {
+	return image + "|" + strconv.Itoa(vcpus) + "|" + strconv.Itoa(mem)
+}
+
+func newWarmManager(a *Agent) *warmManager {
+	w := &warmManager{a: a, dir: filepath.Join(a.cfg.DataDir, "templates"), budget: int64(a.cfg.TemplateDiskMiB) << 20,
+		static: a.cfg.Pools, log: a.log.With("part", "warm"), wake: make(chan struct{}, 1),
+		templates: map[string]*template{}, pools: map[string]*pool{}}
+	w.ctx, w.cancel = context.WithCancel(context.Background())
+	return w
+}
+
+// start loads the templates on disk and runs the pool loop until close.
+func (w *warmManager) start() error {
+	if err := os.MkdirAll(w.dir, 0o700); err != nil {
+		return fmt.Errorf("create template directory: %w", err)
+	}
+	w.loadTemplates()
+	w.collect()
+	w.setPools(nil)
+	w.wg.Add(1)
+	go func() {
+		defer w.wg.Done()
+		w.loop()
+	}()
+	return nil
+}
+
+// close stops the loop and builds, and ends every pool VM (they are cheap to make again;
+// a restarted agent sweeps any it could not end).
+func (w *warmManager) close() {
+	w.cancel()
+	w.wg.Wait()
+	w.mu.Lock()
+	var vms []*poolVM
+	for _, p := range w.pools {
+		vms = append(vms, p.ready...)
+		p.ready = nil
+	}
+	w.mu.Unlock()
+	for _, v := range vms {
+		v.destroy()
+	}
+}
+
+func (w *warmManager) poke() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+// setPools applies the configured pools: the API's (replicated state) over the node's own
+// static ones for the same image and shape.
+func (w *warmManager) setPools(api []state.Pool) {
+	want := map[string]state.Pool{}
+	for _, src := range [][]state.Pool{w.static, api} {
+		for _, c := range src {
+			v, m := c.VCPUs, c.MemoryMiB
+			if v == 0 {
+				v = w.a.cfg.DefaultVCPUs
+			}
+			if m == 0 {
+				m = w.a.cfg.DefaultMemoryMiB
+			}
+			want[poolID(c.Image, v, m)] = c
+		}
+	}
+	var drop []*poolVM
+	w.mu.Lock()
+	for id, p := range w.pools {
+		if _, ok := want[id]; !ok {
+			drop = append(drop, p.ready...)
+			delete(w.pools, id)
+		}
+	}
+	for id, c := range want {
+		if p := w.pools[id]; p != nil {
+			p.cfg = c
+			continue
+		}
+		v, m := c.VCPUs, c.MemoryMiB
+		if v == 0 {
+			v = w.a.cfg.DefaultVCPUs
+		}
+		if m == 0 {
+			m = w.a.cfg.DefaultMemoryMiB
+		}
+		w.pools[id] = &pool{cfg: c, vcpus: v, mem: m}
+	}
+	w.mu.Unlock()
+	for _, v := range drop {
+		v.destroy()
+	}
+	w.poke()
+}
+
+// target is the autoscaler: the largest burst of claims in any burstWindow of the last
+// claimWindow, at least Size and at most Max.
+func (p *pool) target(now time.Time) int {
+	p.claims = slices.DeleteFunc(p.claims, func(t time.Time) bool { return now.Sub(t) > claimWindow })
+	burst := 0
+	for i, t := range p.claims {
+		n := 0
+		for _, u := range p.claims[i:] {
+			if u.Sub(t) < burstWindow {
+				n++
+			}
+		}
+		burst = max(burst, n)
+	}
+	lo, hi := p.cfg.Size, p.cfg.Max
+	if hi < lo {
+		hi = lo
+	}
+	return min(max(burst, lo), hi, state.MaxPoolSize)
+}
+
+// loop keeps every pool at its target: resolve its image, fill one VM at a time, trim
+// extras, drop VMs that died.
+func (w *warmManager) loop() {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		for w.ctx.Err() == nil && w.step() {
+		}
+		select {
+		case <-w.ctx.Done():
+			return
+		case <-w.wake:
+		case <-t.C:
+		}
+	}
+}
+
+// step does one unit of pool work and reports whether there may be more.
+func (w *warmManager) step() bool {
+	now := time.Now()
+	var (
+		dead, extra []*poolVM
+		fill        *pool
+		resolve     *pool
+	)
+	w.mu.Lock()
+	ids := slices.Sorted(maps.Keys(w.pools))
+	for _, id := range ids {
+		p := w.pools[id]
+		p.ready = slices.DeleteFunc(p.ready, func(v *poolVM) bool {
+			if isClosed(v.vm.Wait()) {
+				dead = append(dead, v)
+				return true
+			}
+			return false
+		})
+		tgt := p.target(now)
+		for len(p.ready) > tgt {
+			extra = append(extra, p.ready[0])
+			p.ready = p.ready[1:]
+		}
+		if now.Before(p.retryAt) {
+			continue
+		}
+		if p.key == "" {
+			if resolve == nil && tgt > 0 {
+				resolve = p
+			}
+			continue
+		}
+		if fill == nil && len(p.ready)+p.filling < tgt && w.fitsLocked(p.vcpus, p.mem) {
+			fill = p
+			p.filling++
+		}
+	}
+	w.mu.Unlock()
+	for _, v := range append(dead, extra...) {
+		v.destroy()
+	}
+	switch {
+	case resolve != nil:
+		w.resolve(resolve)
+		return true
+	case fill != nil:
+		v, err := w.fill(fill)
+		w.mu.Lock()
+		fill.filling--
+		if err != nil {
+			fill.lastErr = err.Error()
+			fill.retryAt = time.Now().Add(fillRetry)
+		} else {
+			fill.lastErr = ""
+			if w.pools[poolID(fill.cfg.Image, fill.vcpus, fill.mem)] == fill && v.key == fill.key {
+				fill.ready = append(fill.ready, v)
+				v = nil
+			}
+		}
+		w.mu.Unlock()
+		if err != nil {
+			w.log.Warn("warm pool fill failed", "image", fill.cfg.Image, "err", err)
+		}
+		if v != nil {
+			v.destroy() // the pool went away or changed while it was filled
+		}
+		return err == nil
+	}
+	return false
+}
+
+// resolve pulls a pool's image and builds its root disk, which name the template its VMs
+// come from.
+func (w *warmManager) resolve(p *pool) {
+	a := w.a
+	ctx, cancel := context.WithTimeout(w.ctx, a.cfg.PullTimeout)
+	defer cancel()
+	img, err := a.images.Ensure(ctx, p.cfg.Image, image.PullOptions{InsecureRegistries: p.cfg.InsecureRegistries})
+	var disk, fs string
+	if err == nil {
+		disk, fs, err = a.images.RootDisk(ctx, img)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err != nil {
+		p.lastErr = fmt.Sprintf("pull %s: %v", p.cfg.Image, err)
+		p.retryAt = time.Now().Add(fillRetry)
+		w.log.Warn("warm pool image", "image", p.cfg.Image, "err", err)
+		return
+	}
+	p.digest, p.rootDisk, p.rootFS = img.Digest, disk, fs
+	p.key = a.templateKeyFor(img.Digest, disk, fs, p.vcpus, p.mem).hash()
+}
+
+// fill restores one VM from the pool's template, sets up its root filesystem and pauses it.
+func (w *warmManager) fill(p *pool) (*poolVM, error) {
+	a := w.a
+	w.mu.Lock()
+	digest, disk, fs, vcpus, mem, ref := p.digest, p.rootDisk, p.rootFS, p.vcpus, p.mem, p.cfg.Image
+	w.mu.Unlock()
+	key := a.templateKeyFor(digest, disk, fs, vcpus, mem)
+	t, _, err := w.template(w.ctx, key, ref, disk)
+	if err != nil {
+		return nil, err
+	}
+	defer w.release(t)
+	dir := filepath.Join(a.runRoot(), "w-"+randHex(6))
+	r, err := a.startVM(w.ctx, vmInput{id: filepath.Base(dir), dir: dir, rootDisk: disk, vcpus: vcpus, mem: mem, tmpl: t})
+	if err != nil {
+		return nil, err
+	}
+	v := &poolVM{dir: dir, vm: r.vm, guest: r.guest, ln: r.ln, key: key.hash(), since: time.Now()}
+	ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
+	defer cancel()
+	// Run one command so that the paths every start takes (exec, process exit, output)
+	// are translated before a claim: under TCG the first run of guest code is slow. The
+	// command may not exist in the image; the attempt alone does most of the work.
+	err = warmUp(ctx, r.guest)
+	if err == nil {
+		if pz, ok := r.vm.(vmm.Pauser); ok {
+			err = pz.Pause(ctx)
+		}
+	}
+	if err != nil {
+		v.destroy()
+		return nil, fmt.Errorf("prepare warm VM: %w", err)
+	}
+	return v, nil
+}
+
+// claim takes a ready pool VM for a template key, if there is one. The caller owns it.
+func (w *warmManager) claim(key string) *poolVM {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, id := range slices.Sorted(maps.Keys(w.pools)) {
+		p := w.pools[id]
+		if p.key != key {
+			continue
+		}
+		p.claims = append(p.claims, time.Now())
+		for len(p.ready) > 0 {
+			v := p.ready[0]
+			p.ready = p.ready[1:]
+			if isClosed(v.vm.Wait()) {
+				go v.destroy()
+				continue
+			}
+			w.poke() // refill
+			return v
+		}
+		w.poke() // no VM: the claim still counts for the autoscaler
+		return nil
+	}
+	return nil
+}
+
+// poolUsesLocked reports whether a configured pool draws on the template.
+func (w *warmManager) poolUsesLocked(hash string) bool {
+	for _, p := range w.pools {
+		if p.key == hash {
+			return true
+		}
+	}
+	return false
+}
+
+// fitsLocked reports whether one more pool VM of this shape fits the node's capacity
+// beside the sandboxes and the pool VMs already there: pools only use capacity that
+// placed sandboxes leave free.
+func (w *warmManager) fitsLocked(vcpus, mem int) bool {
+	usedC, usedM := w.a.sandboxUsage()
+	for _, p := range w.pools {
+		n := len(p.ready) + p.filling
+		usedC += n * p.vcpus
+		usedM += n * p.mem
+	}
+	return usedC+vcpus <= w.a.cfg.MaxVCPUs && usedM+mem <= w.a.cfg.MaxMemoryMiB
+}
+
+// makeRoom ends ready pool VMs until a sandbox of this shape fits beside the others: a
+// placed sandbox always wins over a warm VM.
+func (w *warmManager) makeRoom() {
+	var drop []*poolVM
+	w.mu.Lock()
+	usedC, usedM := w.a.sandboxUsage()
+	poolC, poolM := 0, 0
+	for _, p := range w.pools {
+		n := len(p.ready) + p.filling
+		poolC += n * p.vcpus
+		poolM += n * p.mem
+	}
+	for _, id := range slices.Sorted(maps.Keys(w.pools)) {
+		p := w.pools[id]
+		for len(p.ready) > 0 && (usedC+poolC > w.a.cfg.MaxVCPUs || usedM+poolM > w.a.cfg.MaxMemoryMiB) {
+			drop = append(drop, p.ready[0])
+			p.ready = p.ready[1:]
+			poolC -= p.vcpus
+			poolM -= p.mem
+		}
+	}
+	w.mu.Unlock()
+	for _, v := range drop {
+		w.log.Info("ending a warm VM to make room for a sandbox", "dir", v.dir)
+		v.destroy()
+	}
+}
+
+func (w *warmManager) status() []PoolStatus {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	now := time.Now()
+	var out []PoolStatus
+	for _, id := range slices.Sorted(maps.Keys(w.pools)) {
+		p := w.pools[id]
+		out = append(out, PoolStatus{Image: p.cfg.Image, Digest: p.digest, VCPUs: p.vcpus, MemoryMiB: p.mem,
+			Size: p.cfg.Size, Max: max(p.cfg.Max, p.cfg.Size), Target: p.target(now), Ready: len(p.ready), Filling: p.filling,
+			Claims: len(p.claims), Error: p.lastErr})
+	}
+	return out
+}
+
+func (w *warmManager) templateList() []TemplateInfo {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []TemplateInfo
+	for _, h := range slices.Sorted(maps.Keys(w.templates)) {
+		t := w.templates[h]
+		if !isClosed(t.ready) || t.err != nil {
+			continue
+		}
+		out = append(out, t.info())
+	}
+	return out
+}
+
+func (t *template) info() TemplateInfo {
+	return TemplateInfo{Key: t.hash, Image: t.image, Digest: t.key.Digest, VCPUs: t.key.VCPUs, MemoryMiB: t.key.MemoryMiB,
+		Dir: t.dir, SizeBytes: t.size, BuildTime: t.buildTime, LastUsed: t.lastUsed}
+}
+
+// warmKeys lists the digests and references of images with a template or a pool here.
+func (w *warmManager) warmKeys() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	set := map[string]bool{}
+	for _, t := range w.templates {
+		if !isClosed(t.ready) || t.err != nil {
+			continue
+		}
+		set[t.key.Digest] = true
+		for r := range t.refs {
+			set[r] = true
+		}
+	}
+	for _, p := range w.pools {
+		if len(p.ready) > 0 {
+			set[p.cfg.Image] = true
+			set[p.digest] = true
+		}
+	}
+	delete(set, "")
+	return slices.Sorted(maps.Keys(set))
+}
+
 func (w *warmManager) warmImage(ctx context.Context, ref string, opts image.PullOptions) (TemplateInfo, error) {
-	return TemplateInfo{}, errors.New("not yet")
+	a := w.a
+	img, err := a.images.Ensure(ctx, ref, opts)
+	if err != nil {
+		return TemplateInfo{}, fmt.Errorf("pull %s: %w", ref, err)
+	}
+	disk, fs, err := a.images.RootDisk(ctx, img)
+	if err != nil {
+		return TemplateInfo{}, fmt.Errorf("build root disk for %s: %w", ref, err)
+	}
+	t, built, err := w.template(ctx, a.templateKeyFor(img.Digest, disk, fs, a.cfg.DefaultVCPUs, a.cfg.DefaultMemoryMiB), ref, disk)
+	if err != nil {
+		return TemplateInfo{}, err
+	}
+	defer w.release(t)
+	info := t.info()
+	info.Built = built
+	return info, nil
+}
+
+// warmUp runs `true` in the guest and drains it.
+func warmUp(ctx context.Context, g *client.Client) error {
+	s, err := g.Exec(ctx, proto.ExecRequest{Argv: []string{"true"}})
+	if err != nil {
+		return fmt.Errorf("warm-up exec: %w", err)
+	}
+	go func() { _, _ = io.Copy(io.Discard, s.Stderr()) }()
+	_, _ = io.Copy(io.Discard, s.Stdout())
+	_, err = s.Wait(ctx)
+	return err
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func entropy() []byte {
+	b := make([]byte, 64)
+	_, _ = rand.Read(b)
+	return b
 }

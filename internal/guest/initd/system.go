@@ -127,6 +127,9 @@ func (p *pid1System) Setup(ctx context.Context, s proto.Setup) error {
 	if err := p.SetHostname(s.Hostname); err != nil {
 		return err
 	}
+	// Make the new mounts' on-disk state complete: a host that snapshots the VM now
+	// copies the scratch disk for every VM restored from it.
+	unix.Sync()
 	return p.SetTime(ctx, proto.SetTime{TimeUnixNano: s.TimeUnixNano, Entropy: s.Entropy})
 }
 

@@ -1,0 +1,375 @@
+package agent
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+	"github.com/fireworks-sandbox/fireworks/internal/vmm"
+)
+
+// A template snapshot is a VM of one image and shape saved right after fireworks-init came
+// up and mounted the image's root filesystem, before any sandbox identity exists: guest
+// RAM (mem), device state (state) and the scratch disk as the guest left it (scratch.img,
+// whose mounted ext4 the saved kernel has in memory) in templates/<key>/. Every start of
+// that image and shape on this node restores it instead of booting a kernel, with its own
+// copy of the scratch disk, then gives the guest its identity. The key hashes everything that makes it valid, so a
+// new kernel, init, image digest, shape, QEMU or accelerator simply makes a new one; old
+// ones age out under the disk budget.
+
+// templateKey is everything a saved VM depends on.
+type templateKey struct {
+	// Layout versions what a template holds (2: root filesystem mounted before the save).
+	Layout int    `json:"layout"`
+	Digest string `json:"digest"`
+	// RootDisk identifies the root disk file (inode, size, mtime): the saved guest has its
+	// filesystem's metadata cached, so a rebuilt disk (same image) needs a new template.
+	RootDisk    string `json:"root_disk"`
+	RootFS      string `json:"root_fs"`
+	Kernel      string `json:"kernel"`       // release
+	KernelHash  string `json:"kernel_hash"`  // of vmlinux: a rebuilt kernel of the same release
+	InitVersion string `json:"init_version"` // hash of the initramfs (init binary + modules)
+	Cmdline     string `json:"cmdline"`
+	VCPUs       int    `json:"vcpus"`
+	MemoryMiB   int    `json:"memory_mib"`
+	ScratchMiB  int    `json:"scratch_mib"`
+	Accel       string `json:"accel"`
+	VMM         string `json:"vmm"` // driver and version: device state formats change between releases
+}
+
+func (k templateKey) hash() string {
+	b, _ := json.Marshal(k)
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:16])
+}
+
+// templateMeta is templates/<key>/meta.json.
+type templateMeta struct {
+	Key       templateKey `json:"key"`
+	Image     string      `json:"image"`
+	Created   time.Time   `json:"created"`
+	BuildTime string      `json:"build_time"`
+}
+
+type template struct {
+	key   templateKey
+	hash  string
+	ready chan struct{} // closed when the build ended (err says how)
+	err   error
+
+	// Set once ready without error.
+	dir       string
+	size      int64
+	image     string
+	buildTime time.Duration
+
+	// Guarded by warmManager.mu.
+	refs     map[string]bool // image references that resolved to it
+	lastUsed time.Time
+	users    int // restores in progress (their QEMU has not mapped the files yet)
+}
+
+func (t *template) scratch() string { return filepath.Join(t.dir, "scratch.img") }
+
+func (t *template) snapshot() *vmm.Snapshot {
+	return &vmm.Snapshot{MemoryFile: filepath.Join(t.dir, "mem"), StateFile: filepath.Join(t.dir, "state")}
+}
+
+// templateKeyFor is the key of a VM of this node for an image root disk and shape.
+func (a *Agent) templateKeyFor(digest, rootDisk, rootFS string, vcpus, memMiB int) templateKey {
+	id := "?"
+	if fi, err := os.Stat(rootDisk); err == nil {
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			id = fmt.Sprintf("%d-%d-%d", st.Ino, fi.Size(), fi.ModTime().UnixNano())
+		}
+	}
+	return templateKey{
+		Layout: 2, Digest: digest, RootDisk: id, RootFS: rootFS, Kernel: a.kernel.Release, KernelHash: a.kernelHash,
+		InitVersion: a.initrd.Version, Cmdline: assets.KernelCmdline(a.initrd.Modules),
+		VCPUs: vcpus, MemoryMiB: memMiB, ScratchMiB: a.cfg.ScratchMiB,
+		Accel: a.accel.Accel, VMM: a.driver.Name() + " " + a.vmmVersion,
+	}
+}
+
+// loadTemplates reads the templates a previous run left; half-built ones are removed.
+func (w *warmManager) loadTemplates() {
+	entries, _ := os.ReadDir(w.dir)
+	for _, e := range entries {
+		p := filepath.Join(w.dir, e.Name())
+		if !e.IsDir() || strings.HasSuffix(e.Name(), ".tmp") {
+			_ = os.RemoveAll(p)
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(p, "meta.json"))
+		var m templateMeta
+		if err == nil {
+			err = json.Unmarshal(b, &m)
+		}
+		if err != nil || m.Key.hash() != e.Name() {
+			w.log.Warn("removing an unreadable template snapshot", "dir", p, "err", err)
+			_ = os.RemoveAll(p)
+			continue
+		}
+		fi, _ := os.Stat(filepath.Join(p, "meta.json"))
+		t := &template{key: m.Key, hash: e.Name(), ready: make(chan struct{}), dir: p, size: dirSize(p), image: m.Image,
+			refs: map[string]bool{m.Image: true}, lastUsed: fi.ModTime()}
+		close(t.ready)
+		w.templates[t.hash] = t
+	}
+}
+
+// template returns the ready template for key, building it first if this node has none.
+// Concurrent callers for one key share one build; a failed build is forgotten (a later
+// start tries again) and a waiter whose shared build failed tries once itself. The
+// template is held for the caller (not garbage collected) until it calls release.
+func (w *warmManager) template(ctx context.Context, key templateKey, ref, rootDisk string) (t *template, built bool, err error) {
+	h := key.hash()
+	for attempt := 0; ; attempt++ {
+		w.mu.Lock()
+		t, built = w.templates[h], false
+		if t == nil {
+			t = &template{key: key, hash: h, ready: make(chan struct{}), refs: map[string]bool{}, image: ref}
+			w.templates[h] = t
+			built = true
+			w.wg.Add(1)
+			go func() {
+				defer w.wg.Done()
+				w.build(t, rootDisk)
+			}()
+		}
+		t.users++
+		w.mu.Unlock()
+		select {
+		case <-t.ready:
+		case <-ctx.Done():
+			w.release(t)
+			return nil, false, ctx.Err()
+		}
+		if t.err == nil {
+			w.mu.Lock()
+			t.refs[ref] = true
+			t.lastUsed = time.Now()
+			w.mu.Unlock()
+			return t, built, nil
+		}
+		w.release(t)
+		w.mu.Lock()
+		if w.templates[h] == t {
+			delete(w.templates, h)
+		}
+		w.mu.Unlock()
+		if built || attempt > 0 || ctx.Err() != nil {
+			return nil, built, t.err
+		}
+	}
+}
+
+func (w *warmManager) release(t *template) {
+	w.mu.Lock()
+	t.users--
+	w.mu.Unlock()
+}
+
+// build boots a VM for the template, waits for fireworks-init to answer and saves it.
+func (w *warmManager) build(t *template, rootDisk string) {
+	start := time.Now()
+	err := w.buildFiles(w.ctx, t, rootDisk)
+	if err != nil {
+		t.err = fmt.Errorf("build template snapshot for %s: %w", t.image, err)
+		w.log.Warn("template snapshot failed", "image", t.image, "key", t.hash, "err", err)
+	} else {
+		t.buildTime = time.Since(start)
+		w.log.Info("template snapshot built", "image", t.image, "key", t.hash, "vcpus", t.key.VCPUs, "memory_mib", t.key.MemoryMiB,
+			"size_mib", t.size>>20, "took", t.buildTime.Round(time.Millisecond))
+	}
+	w.mu.Lock()
+	t.lastUsed = time.Now()
+	w.mu.Unlock()
+	close(t.ready)
+	if err == nil {
+		w.collect()
+	}
+}
+
+func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk string) error {
+	a := w.a
+	final := filepath.Join(w.dir, t.hash)
+	tmp := final + ".tmp"
+	_ = os.RemoveAll(tmp)
+	if err := os.MkdirAll(tmp, 0o700); err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp) // nothing is left after the rename
+	// The VM the template is taken from: a run directory of its own (short: socket paths)
+	// and a throwaway scratch disk (the guest never mounts it before the save, but its
+	// device must exist so that restored VMs have the same devices).
+	runDir := filepath.Join(a.runRoot(), "t-"+t.hash[:12])
+	_ = os.RemoveAll(runDir)
+	if err := os.MkdirAll(runDir, 0o700); err != nil {
+		return err
+	}
+	defer os.RemoveAll(runDir)
+	scratch := filepath.Join(runDir, "scratch.img")
+	if err := copySparse(a.scratch, scratch); err != nil {
+		return err
+	}
+	sock := filepath.Join(runDir, "agent.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return fmt.Errorf("listen on guest channel: %w", err)
+	}
+	defer ln.Close()
+	vm, err := a.driver.Create(ctx, vmm.Spec{
+		ID: "template-" + t.hash[:12], Dir: runDir, Kernel: a.kernel.Vmlinux, Initrd: a.initrd.Path,
+		Cmdline: t.key.Cmdline, VCPUs: t.key.VCPUs, MemoryMiB: t.key.MemoryMiB,
+		Disks:       []vmm.Disk{{Path: rootDisk, ReadOnly: true}, {Path: scratch}},
+		AgentSocket: sock, MemoryFile: filepath.Join(tmp, "mem"),
+	})
+	if err != nil {
+		return err
+	}
+	snap, ok := vm.(vmm.Snapshotter)
+	if !ok {
+		return fmt.Errorf("the %s driver cannot snapshot VMs: %w", a.driver.Name(), vmm.ErrNotSupported)
+	}
+	if err := vm.Start(ctx); err != nil {
+		return err
+	}
+	defer func() {
+		_ = vm.Kill()
+		<-vm.Wait()
+	}()
+	guest, err := a.connectGuest(ctx, ln, vm)
+	if err != nil {
+		return err
+	}
+	defer guest.Close()
+	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := guest.Ping(pctx); err != nil {
+		return fmt.Errorf("guest did not answer a ping: %w", err)
+	}
+	// Mount the root now, so no start pays for it; the guest syncs the scratch disk
+	// before answering, and the copy of that disk each restore gets matches what the saved
+	// kernel believes is on it.
+	if err := guest.Setup(pctx, proto.Setup{Hostname: "template", RootDevice: "/dev/vda", RootFSType: t.key.RootFS,
+		ScratchDevice: "/dev/vdb", TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}); err != nil {
+		return fmt.Errorf("set up the template guest: %w", err)
+	}
+	// One command before the save leaves exec's path (and, if the image has `true`, its
+	// binary's pages) in the guest's memory, so restored VMs do not read it from disk.
+	if err := warmUp(pctx, guest); err != nil {
+		return err
+	}
+	if err := snap.Snapshot(pctx, filepath.Join(tmp, "state")); err != nil {
+		return err
+	}
+	// The VMM must be gone before the memory file is final: it maps it shared.
+	_ = vm.Kill()
+	<-vm.Wait()
+	if err := os.Rename(scratch, filepath.Join(tmp, "scratch.img")); err != nil {
+		return fmt.Errorf("keep the template's scratch disk: %w", err)
+	}
+	for _, f := range []string{"mem", "state", "scratch.img"} {
+		if err := syncReadOnly(filepath.Join(tmp, f)); err != nil {
+			return err
+		}
+	}
+	meta, _ := json.MarshalIndent(templateMeta{Key: t.key, Image: t.image, Created: time.Now().UTC()}, "", "  ")
+	if err := os.WriteFile(filepath.Join(tmp, "meta.json"), meta, 0o400); err != nil {
+		return err
+	}
+	_ = os.RemoveAll(final)
+	if err := os.Rename(tmp, final); err != nil {
+		return err
+	}
+	t.dir = final
+	t.size = dirSize(final)
+	return nil
+}
+
+// syncReadOnly flushes a snapshot file to disk and makes it read-only: snapshot files are
+// never written again (restored VMs map them privately).
+func syncReadOnly(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	return os.Chmod(path, 0o400)
+}
+
+// collect removes least recently used templates until the rest fit the disk budget. A
+// template in use (a restore in progress, or the newest) stays; VMs already restored
+// from a removed one keep running (their mapping holds the file).
+func (w *warmManager) collect() {
+	w.mu.Lock()
+	var total int64
+	var list []*template
+	for _, t := range w.templates {
+		if !isClosed(t.ready) || t.err != nil {
+			continue
+		}
+		total += t.size
+		list = append(list, t)
+	}
+	slices.SortFunc(list, func(x, y *template) int { return x.lastUsed.Compare(y.lastUsed) })
+	var drop []*template
+	for i := 0; total > w.budget && i < len(list)-1; i++ {
+		t := list[i]
+		if t.users > 0 || w.poolUsesLocked(t.hash) {
+			continue
+		}
+		delete(w.templates, t.hash)
+		total -= t.size
+		drop = append(drop, t)
+	}
+	w.mu.Unlock()
+	for _, t := range drop {
+		w.log.Info("removing template snapshot over the disk budget", "image", t.image, "key", t.hash, "size_mib", t.size>>20, "budget_mib", w.budget>>20)
+		if err := os.RemoveAll(t.dir); err != nil {
+			w.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
+		}
+	}
+}
+
+// dirSize is the disk space the files of dir take (allocated blocks: memory files are sparse).
+func dirSize(dir string) int64 {
+	var n int64
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		fi, err := e.Info()
+		if err != nil {
+			continue
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			n += st.Blocks * 512
+		} else {
+			n += fi.Size()
+		}
+	}
+	return n
+}
+
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}

@@ -1,0 +1,203 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
+	"github.com/fireworks-sandbox/fireworks/internal/vmm"
+)
+
+// vmInput is one VM to start for a sandbox or a warm pool.
+type vmInput struct {
+	id, dir    string
+	rootDisk   string
+	vcpus, mem int
+	// tmpl, if set, is restored instead of booting the kernel; its scratch disk is copied.
+	tmpl *template
+}
+
+// vmHandle is a started VM whose guest answered.
+type vmHandle struct {
+	vm      vmm.VM
+	guest   *client.Client
+	ln      net.Listener
+	scratch string
+	vmmTime time.Duration // VMM create and start (with a restore: loading the state)
+	guestT  time.Duration // until the guest's handshake
+}
+
+// startVM makes the run directory's scratch disk and guest channel, starts the VMM (boot
+// or restore) and completes the guest handshake. On error it undoes all of it.
+func (a *Agent) startVM(ctx context.Context, in vmInput) (h *vmHandle, err error) {
+	if err := os.MkdirAll(in.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create run directory: %w", err)
+	}
+	h = &vmHandle{scratch: filepath.Join(in.dir, "scratch.img")}
+	defer func() {
+		if err == nil {
+			return
+		}
+		if h.guest != nil {
+			h.guest.Close()
+		}
+		if h.vm != nil {
+			_ = h.vm.Kill()
+			<-h.vm.Wait()
+		}
+		if h.ln != nil {
+			h.ln.Close()
+		}
+		_ = os.Remove(h.scratch)
+	}()
+	base := a.scratch
+	var snap *vmm.Snapshot
+	if in.tmpl != nil {
+		base, snap = in.tmpl.scratch(), in.tmpl.snapshot()
+	}
+	if err := copySparse(base, h.scratch); err != nil {
+		return h, fmt.Errorf("create scratch disk: %w", err)
+	}
+	sock := filepath.Join(in.dir, "agent.sock")
+	if len(sock) >= 100 {
+		return h, fmt.Errorf("run directory path too long for a unix socket: %s (use a shorter --data-dir)", sock)
+	}
+	_ = os.Remove(sock)
+	if h.ln, err = net.Listen("unix", sock); err != nil {
+		return h, fmt.Errorf("listen on guest channel %s: %w", sock, err)
+	}
+	t0 := time.Now()
+	vm, err := a.driver.Create(ctx, vmm.Spec{
+		ID: in.id, Dir: in.dir, Kernel: a.kernel.Vmlinux, Initrd: a.initrd.Path,
+		Cmdline: a.cmdline(), VCPUs: in.vcpus, MemoryMiB: in.mem,
+		Disks:       []vmm.Disk{{Path: in.rootDisk, ReadOnly: true}, {Path: h.scratch}},
+		AgentSocket: sock, Restore: snap,
+	})
+	if err != nil {
+		return h, fmt.Errorf("create VM: %w", err)
+	}
+	if err := vm.Start(ctx); err != nil {
+		return h, fmt.Errorf("start VMM: %w", err)
+	}
+	h.vm = vm
+	t1 := time.Now()
+	h.vmmTime = t1.Sub(t0)
+	if h.guest, err = a.connectGuest(ctx, h.ln, vm); err != nil {
+		return h, err
+	}
+	h.guestT = time.Since(t1)
+	return h, nil
+}
+
+// phases records how long each step of a start took, for inspect.
+type phases struct {
+	names []string
+	took  []time.Duration
+	last  time.Time
+}
+
+func newPhases() *phases { return &phases{last: time.Now()} }
+
+// mark ends the phase called name at now.
+func (p *phases) mark(name string) {
+	now := time.Now()
+	p.add(name, now.Sub(p.last))
+	p.last = now
+}
+
+func (p *phases) add(name string, d time.Duration) {
+	p.names = append(p.names, name)
+	p.took = append(p.took, d)
+}
+
+func (p *phases) String() string {
+	var b strings.Builder
+	for i, n := range p.names {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		fmt.Fprintf(&b, "%s=%s", n, fmtMs(p.took[i]))
+	}
+	return b.String()
+}
+
+func fmtMs(d time.Duration) string {
+	if d < 10*time.Millisecond {
+		return fmt.Sprintf("%.1fms", float64(d)/float64(time.Millisecond))
+	}
+	return fmt.Sprintf("%dms", d.Milliseconds())
+}
+
+// ownVM makes a started VM the sandbox's: the cleanup stack ends it with the sandbox
+// (unless it was left running for the next agent to adopt).
+func (a *Agent) ownVM(s *sandbox, h *vmHandle, cleanup *cleanupStack) {
+	cleanup.push("remove scratch disk", func() error {
+		if s.kept() {
+			return nil // the VM was left running for adoption and still uses it
+		}
+		return os.Remove(h.scratch)
+	})
+	cleanup.push("close guest channel listener", h.ln.Close)
+	cleanup.push("stop VM", func() error {
+		if s.kept() {
+			return nil
+		}
+		sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		return h.vm.Stop(sctx, 5*time.Second)
+	})
+	cleanup.push("close guest channel", h.guest.Close)
+	s.mu.Lock()
+	s.vm = h.vm
+	s.mu.Unlock()
+}
+
+// adoptPoolVM turns a claimed warm VM into the sandbox's: its run directory becomes the
+// sandbox's (run/<id> links to it, so adoption, inspect and removal find it by ID), and
+// it is resumed. It returns nil if the VM cannot be used, after ending it.
+func (a *Agent) adoptPoolVM(s *sandbox, pv *poolVM, cleanup *cleanupStack) *vmHandle {
+	_ = os.RemoveAll(s.dir)
+	if err := os.Symlink(filepath.Base(pv.dir), s.dir); err != nil {
+		a.log.Warn("claim warm VM", "sandbox", s.id, "err", err)
+		pv.destroy()
+		return nil
+	}
+	h := &vmHandle{vm: pv.vm, guest: pv.guest, ln: pv.ln, scratch: filepath.Join(pv.dir, "scratch.img")}
+	a.ownVM(s, h, cleanup)
+	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+	defer cancel()
+	if p, ok := pv.vm.(vmm.Pauser); ok {
+		if err := p.Resume(ctx); err != nil {
+			a.log.Warn("resume warm VM", "sandbox", s.id, "err", err)
+			_ = pv.vm.Kill()
+			return nil
+		}
+	}
+	return h
+}
+
+// sandboxUsage is what the sandboxes live on this node reserve.
+func (a *Agent) sandboxUsage() (vcpus, memMiB int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, s := range a.live {
+		v, m := s.spec.VCPUs, s.spec.MemoryMiB
+		if v == 0 {
+			v = a.cfg.DefaultVCPUs
+		}
+		if m == 0 {
+			m = a.cfg.DefaultMemoryMiB
+		}
+		vcpus += v
+		memMiB += m
+	}
+	return vcpus, memMiB
+}
+
+func (a *Agent) cmdline() string { return assets.KernelCmdline(a.initrd.Modules) }
