@@ -112,7 +112,10 @@ func (e *env) build() error {
 }
 
 // startDev starts `fireworks dev` and waits until the API answers.
-func (e *env) startDev() error {
+func (e *env) startDev() error { return e.startDevWith() }
+
+// startDevWith is startDev with extra flags (later flags override earlier ones).
+func (e *env) startDevWith(extra ...string) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	logf, err := os.OpenFile(filepath.Join(e.root, "dev.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
@@ -120,7 +123,8 @@ func (e *env) startDev() error {
 		return err
 	}
 	_ = os.Remove(e.config)
-	cmd := exec.Command(e.bin, "dev", "--data-dir", e.dataDir, "--listen", "127.0.0.1:0", "--init-binary", e.initBin, "--log-level", "debug")
+	args := append([]string{"dev", "--data-dir", e.dataDir, "--listen", "127.0.0.1:0", "--init-binary", e.initBin, "--log-level", "debug"}, extra...)
+	cmd := exec.Command(e.bin, args...)
 	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+e.config)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
