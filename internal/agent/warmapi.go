@@ -10,9 +10,9 @@ import (
 
 // TemplateInfo describes a template snapshot on this node.
 type TemplateInfo struct {
-	Key       string        // hash of everything that makes the snapshot valid
-	Image     string        // the reference it was built for
-	Digest    string        // image digest
+	Key       string // hash of everything that makes the snapshot valid
+	Image     string // the reference it was built for
+	Digest    string // image digest
 	VCPUs     int
 	MemoryMiB int
 	Dir       string
@@ -28,11 +28,11 @@ type PoolStatus struct {
 	Digest    string // "" until the image is pulled
 	VCPUs     int
 	MemoryMiB int
-	Size, Max int // configured
-	Target    int // what the autoscaler currently aims for (Size <= Target <= Max)
-	Ready     int // paused VMs waiting for a claim
-	Filling   int // VMs being restored
-	Claims    int // claims in the last minute
+	Size, Max int    // configured
+	Target    int    // what the autoscaler currently aims for (Size <= Target <= Max)
+	Ready     int    // paused VMs waiting for a claim
+	Filling   int    // VMs being restored
+	Claims    int    // claims in the last minute
 	Error     string // the last fill error, if the pool cannot be filled
 }
 

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"reflect"
 	"slices"
 	"sync"
 	"time"
@@ -177,6 +178,45 @@ type Node struct {
 	Running func() []string
 	// Reconcile is called with every assignment set.
 	Reconcile func(ctx context.Context, assigned []state.Sandbox)
+	// Warm lists the image digests and references the node holds a template snapshot or
+	// warm pool for (scheduler locality); sent at registration and when it changes.
+	Warm func() []string
+	// Pools reports the node's warm pools with every heartbeat.
+	Pools func() []*pb.PoolNodeStatus
+	// SetPools applies the cluster's warm-pool configuration, which every heartbeat reply
+	// carries; it is called when that configuration changes (and once per registration).
+	SetPools func([]state.Pool)
+}
+
+// warm is n.Warm sorted, so that the same set is never sent as a change.
+func (n Node) warm() []string {
+	if n.Warm == nil {
+		return nil
+	}
+	w := slices.Clone(n.Warm())
+	slices.Sort(w)
+	return slices.Compact(w)
+}
+
+func (n Node) pools() []*pb.PoolNodeStatus {
+	if n.Pools == nil {
+		return nil
+	}
+	return n.Pools()
+}
+
+// poolsFromPB is the pool configuration of a heartbeat reply.
+func poolsFromPB(in []*pb.Pool) []state.Pool {
+	out := make([]state.Pool, 0, len(in))
+	for _, p := range in {
+		sp := state.Pool{Image: p.GetImage(), Size: int(p.GetSize()), Max: int(p.GetMax()), VCPUs: int(p.GetVcpus()),
+			MemoryMiB: int(p.GetMemoryMib()), InsecureRegistries: p.GetInsecureRegistries()}
+		if t := p.GetUpdatedAt(); t != nil {
+			sp.UpdatedAt = t.AsTime()
+		}
+		out = append(out, sp)
+	}
+	return out
 }
 
 // Run registers the node and keeps it connected until ctx ends: heartbeats, and
@@ -206,6 +246,7 @@ func (l *Link) session(ctx context.Context, n Node) error {
 	info := n.Info()
 	info.Id = l.id.Node
 	info.Images = n.Images()
+	info.Warm = n.warm()
 	reg, err := l.client.Register(ctx, connect.NewRequest(&pb.RegisterRequest{Node: info, Running: n.Running()}))
 	if err != nil {
 		return fmt.Errorf("register: %w", err)
@@ -223,19 +264,26 @@ func (l *Link) session(ctx context.Context, n Node) error {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		last := info.Images
+		lastImgs, lastWarm := info.Images, info.Warm
+		var lastPools []state.Pool
+		applied := false
 		t := time.NewTicker(interval)
 		defer t.Stop()
-		for {
-			select {
-			case <-sctx.Done():
-				return
-			case <-t.C:
+		// The first beat goes out at once: its reply carries the warm-pool configuration.
+		for first := true; ; first = false {
+			if !first {
+				select {
+				case <-sctx.Done():
+					return
+				case <-t.C:
+				}
 			}
-			imgs := n.Images()
-			changed := !slices.Equal(imgs, last)
+			imgs, warm := n.Images(), n.warm()
 			hctx, hcancel := context.WithTimeout(sctx, interval)
-			_, err := l.client.Heartbeat(hctx, connect.NewRequest(&pb.HeartbeatRequest{Node: l.id.Node, Images: imgs, ImagesChanged: changed}))
+			resp, err := l.client.Heartbeat(hctx, connect.NewRequest(&pb.HeartbeatRequest{
+				Node: l.id.Node, Images: imgs, ImagesChanged: !slices.Equal(imgs, lastImgs),
+				Warm: warm, WarmChanged: !slices.Equal(warm, lastWarm), Pools: n.pools(),
+			}))
 			hcancel()
 			if err != nil {
 				if sctx.Err() == nil {
@@ -243,7 +291,11 @@ func (l *Link) session(ctx context.Context, n Node) error {
 				}
 				return
 			}
-			last = imgs
+			lastImgs, lastWarm = imgs, warm
+			if pools := poolsFromPB(resp.Msg.GetPools()); n.SetPools != nil && (!applied || !reflect.DeepEqual(pools, lastPools)) {
+				n.SetPools(pools)
+				lastPools, applied = pools, true
+			}
 		}
 	}()
 

@@ -95,6 +95,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	var (
 		cfg                                   cluster.AgentConfig
 		servers, labels, logLevel, accel, ini string
+		warm                                  warmFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -133,6 +134,9 @@ func newAgentCmd(g *globals) *cobra.Command {
 				return err
 			}
 			cfg.Agent.Accel, cfg.Agent.InitBinary = a, initBin
+			if err := warm.apply(&cfg.Agent); err != nil {
+				return err
+			}
 			return cluster.RunAgent(ctx, cfg)
 		},
 	}
@@ -150,6 +154,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	fl.StringVar(&accel, "accel", "auto", "accelerator: auto, kvm or tcg")
 	fl.StringVar(&ini, "init-binary", "", "guest init binary")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	warm.register(fl)
 	return cmd
 }
 

@@ -58,6 +58,7 @@ func findInitBinary(flag string) (string, error) {
 type devFlags struct {
 	dataDir, listen, accel, initBinary, node string
 	logLevel                                 string
+	warm                                     warmFlags
 }
 
 func newDevCmd(g *globals) *cobra.Command {
@@ -76,6 +77,7 @@ func newDevCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&f.initBinary, "init-binary", "", "guest init binary (default: fireworks-init beside this executable)")
 	cmd.Flags().StringVar(&f.node, "node", "", "node name (default: hostname)")
 	cmd.Flags().StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.warm.register(cmd.Flags())
 	return cmd
 }
 
@@ -125,7 +127,11 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 	if err != nil {
 		return err
 	}
-	ag, err := agent.New(ctx, agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel, Logger: log}, store)
+	cfg := agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel, Logger: log}
+	if err := f.warm.apply(&cfg); err != nil {
+		return err
+	}
+	ag, err := agent.New(ctx, cfg, store)
 	if err != nil {
 		return err
 	}
@@ -264,6 +270,6 @@ func newImageCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	cmd.AddCommand(pull, ls, rm)
+	cmd.AddCommand(pull, ls, rm, newImageWarmCmd(g), newImageTemplatesCmd(g))
 	return cmd
 }

@@ -62,7 +62,7 @@ func NewRoot() *cobra.Command {
 		newRunCmd(g), newPsCmd(g), newLogsCmd(g), newExecCmd(g), newInspectCmd(g),
 		newStopCmd(g), newRmCmd(g), newInfoCmd(g), newImageCmd(g), newDevCmd(g), newSetupCmd(g),
 		newDemoImageCmd(g), newTokenCmd(g),
-		newServerCmd(g), newAgentCmd(g), newNodeCmd(g), newCACmd(g),
+		newServerCmd(g), newAgentCmd(g), newNodeCmd(g), newCACmd(g), newPoolCmd(g),
 	)
 	return root
 }

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
 
 type runFlags struct {
@@ -36,6 +37,7 @@ type runFlags struct {
 	spread                       bool
 	memory                       string
 	timeout                      time.Duration
+	boot                         string
 }
 
 func newRunCmd(g *globals) *cobra.Command {
@@ -71,6 +73,7 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 	fl.StringVar(&f.restart, "restart", "never", "cluster: re-run when it ends or its node dies: never, on-failure or always")
 	fl.StringArrayVar(&f.constraints, "constraint", nil, "cluster: only nodes whose labels match (key==value, key!=value, key)")
 	fl.BoolVar(&f.spread, "spread", false, "cluster: prefer the least loaded node instead of packing")
+	fl.StringVar(&f.boot, "boot", "auto", "how the VM starts: auto (warm pool, else template snapshot, else boot), restore (template snapshot) or cold (boot the kernel)")
 	return cmd
 }
 
@@ -155,6 +158,9 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 	if f.timeout < 0 {
 		return fmt.Errorf("invalid --timeout %s: must not be negative (0 means none)", f.timeout)
 	}
+	if _, err := state.ParseBootMode(f.boot); err != nil {
+		return fmt.Errorf("invalid --boot %q: want auto, restore or cold", f.boot)
+	}
 	c, err := g.client()
 	if err != nil {
 		return err
@@ -163,6 +169,7 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 		Image: localImageRef(args[0]), Cmd: args[1:], Env: expandEnv(f.env), WorkingDir: f.workdir,
 		User: f.user, Vcpus: int32(f.cpus), MemoryMib: int32(mem), Tty: f.tty, Stdin: f.interactive,
 		InsecureRegistries: f.insecure, Restart: f.restart, Constraints: f.constraints, Spread: f.spread,
+		Boot: f.boot,
 	}
 	if f.entrypointSet {
 		spec.EntrypointSet = true
@@ -513,11 +520,19 @@ func newLogsCmd(g *globals) *cobra.Command {
 }
 
 func newInspectCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
-		Use:   "inspect SANDBOX...",
-		Short: "Show a sandbox's full record as JSON",
-		Args:  cobra.MinimumNArgs(1),
+	var format string
+	cmd := &cobra.Command{
+		Use:   "inspect [--format json|text] SANDBOX...",
+		Short: "Show a sandbox's full record (JSON, or a readable summary with --format text)",
+		Long: `Show a sandbox's full record. JSON by default; its "details" hold what the node
+recorded, among them start_mode (cold, restore or warm) and start_phases (how long
+each step of the start took). --format text shows the same as a readable summary,
+how the sandbox started first.`,
+		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if format != "json" && format != "text" {
+				return fmt.Errorf("invalid --format %q: want json or text", format)
+			}
 			c, err := g.client()
 			if err != nil {
 				return err
@@ -527,12 +542,18 @@ func newInspectCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
+				if format == "text" {
+					writeSandboxText(g.stdout, resp.Msg.GetSandbox())
+					continue
+				}
 				out, _ := protojson.MarshalOptions{Multiline: true, Indent: "  ", UseProtoNames: true, EmitDefaultValues: true}.Marshal(resp.Msg.GetSandbox())
 				fmt.Fprintln(g.stdout, string(out))
 			}
 			return nil
 		},
 	}
+	cmd.Flags().StringVar(&format, "format", "json", "json or text")
+	return cmd
 }
 
 func newStopCmd(g *globals) *cobra.Command {

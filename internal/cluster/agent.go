@@ -104,6 +104,15 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 		Reconcile: func(ctx context.Context, assigned []state.Sandbox) {
 			ag.Reconcile(ctx, assigned)
 		},
+		Warm:     ag.Warm,
+		SetPools: ag.SetPools,
+		Pools: func() []*pb.PoolNodeStatus {
+			var out []*pb.PoolNodeStatus
+			for _, p := range ag.Pools() {
+				out = append(out, server.PoolStatusToPB(id.Node, p))
+			}
+			return out
+		},
 	})
 }
 

@@ -145,12 +145,13 @@ func (h *nodeService) Register(ctx context.Context, req *connect.Request[pb.Regi
 	n, err := h.s.store.RegisterNode(ctx, state.Node{
 		ID: node, Address: in.GetAddress(), Labels: in.GetLabels(),
 		Capacity: state.Resources{VCPUs: int(in.GetVcpus()), MemoryMiB: int(in.GetMemoryMib()), DiskMiB: int(in.GetDiskMib())},
-		Accel:    in.GetAccel(), Kernel: in.GetKernel(), Version: in.GetVersion(), Images: in.GetImages(),
-		UpdatedAt: h.s.now(),
+		Accel:    in.GetAccel(), Kernel: in.GetKernel(), Version: in.GetVersion(), Images: capList(in.GetImages()),
+		Warm: capList(in.GetWarm()), UpdatedAt: h.s.now(),
 	})
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	h.s.pools.forget(node) // a new session: its pools report again with the first heartbeat
 	if cp := h.s.cluster.ControlPlane; cp != nil {
 		cp.Heartbeat(node)
 		cp.Notify()
@@ -176,16 +177,42 @@ func (h *nodeService) Heartbeat(ctx context.Context, req *connect.Request[pb.Hea
 	if cp := h.s.cluster.ControlPlane; cp != nil {
 		cp.Heartbeat(node)
 	}
-	if req.Msg.GetImagesChanged() && !slices.Equal(req.Msg.GetImages(), n.Images) {
-		imgs := slices.Clone(req.Msg.GetImages())
-		if len(imgs) > 4096 {
-			imgs = imgs[:4096]
-		}
-		if _, err := h.s.store.UpdateNode(ctx, node, state.NodeUpdate{Images: &imgs, Time: h.s.now()}); err != nil {
+	// Locality lists are written to the state only when they change (rarely): a
+	// heartbeat itself never touches the Raft log.
+	var u state.NodeUpdate
+	if imgs := capList(req.Msg.GetImages()); req.Msg.GetImagesChanged() && !slices.Equal(imgs, n.Images) {
+		u.Images = &imgs
+	}
+	if warm := capList(req.Msg.GetWarm()); req.Msg.GetWarmChanged() && !slices.Equal(warm, n.Warm) {
+		u.Warm = &warm
+	}
+	if u.Images != nil || u.Warm != nil {
+		u.Time = h.s.now()
+		if _, err := h.s.store.UpdateNode(ctx, node, u); err != nil {
 			return nil, toConnectError(err)
 		}
 	}
-	return connect.NewResponse(&pb.HeartbeatResponse{}), nil
+	h.s.pools.set(node, req.Msg.GetPools())
+	return connect.NewResponse(&pb.HeartbeatResponse{Pools: h.s.heartbeatPools()}), nil
+}
+
+// capList bounds a node's locality list (image digests, warm keys) in the state, sorted
+// and without duplicates: the order means nothing, and a node listing the same set in
+// another order must not cost a state write.
+func capList(l []string) []string {
+	const maxEntries, maxLen = 4096, 512
+	var out []string
+	for _, s := range l {
+		if len(s) <= maxLen {
+			out = append(out, s)
+		}
+	}
+	slices.Sort(out)
+	out = slices.Compact(out)
+	if len(out) > maxEntries {
+		out = out[:maxEntries]
+	}
+	return out
 }
 
 // WatchAssignments streams the node's sandboxes whenever they change. It reads this
@@ -342,7 +369,7 @@ func nodeToPB(n state.Node, sbs []state.Sandbox) *pb.Node {
 		Id: n.ID, Address: n.Address, Labels: n.Labels, Vcpus: int32(n.Capacity.VCPUs),
 		MemoryMib: int64(n.Capacity.MemoryMiB), DiskMib: int64(n.Capacity.DiskMiB), Accel: n.Accel,
 		Kernel: n.Kernel, Version: n.Version, Status: string(n.Status), StatusReason: n.StatusReason,
-		Cordoned: n.Cordoned, Draining: n.Draining, Images: n.Images,
+		Cordoned: n.Cordoned, Draining: n.Draining, Images: n.Images, Warm: n.Warm,
 		RegisteredAt: timestamppb.New(n.RegisteredAt), UpdatedAt: timestamppb.New(n.UpdatedAt),
 	}
 	for _, sb := range sbs {

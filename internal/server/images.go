@@ -113,20 +113,3 @@ func checkImageSource(ctx context.Context, ref string) error {
 // pull them when a sandbox starts there.
 var errNoLocalNode = connect.NewError(connect.CodeFailedPrecondition,
 	errors.New("this server runs no sandboxes: images are pulled by each node when a sandbox starts there (see `fireworks node ls` for what nodes hold)"))
-
-// Warm-pool and template handlers (being implemented).
-func (h *imageService) WarmImage(context.Context, *connect.Request[pb.WarmImageRequest]) (*connect.Response[pb.WarmImageResponse], error) {
-	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("not yet"))
-}
-func (h *imageService) ListTemplates(context.Context, *connect.Request[pb.ListTemplatesRequest]) (*connect.Response[pb.ListTemplatesResponse], error) {
-	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("not yet"))
-}
-func (h *imageService) SetPool(context.Context, *connect.Request[pb.SetPoolRequest]) (*connect.Response[pb.SetPoolResponse], error) {
-	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("not yet"))
-}
-func (h *imageService) ListPools(context.Context, *connect.Request[pb.ListPoolsRequest]) (*connect.Response[pb.ListPoolsResponse], error) {
-	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("not yet"))
-}
-func (h *imageService) DeletePool(context.Context, *connect.Request[pb.DeletePoolRequest]) (*connect.Response[pb.DeletePoolResponse], error) {
-	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("not yet"))
-}

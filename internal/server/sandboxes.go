@@ -39,6 +39,9 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if err := validName(req.Msg.GetName()); err != nil {
 		return nil, toConnectError(err)
 	}
+	if spec.Boot, err = state.ParseBootMode(string(spec.Boot)); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("--boot: %w", err))
+	}
 	if h.s.agent != nil {
 		err = h.s.agent.Validate(&spec)
 	} else {
@@ -444,7 +447,7 @@ func specFromPB(p *pb.SandboxSpec) state.SandboxSpec {
 		User: p.GetUser(), VCPUs: int(p.GetVcpus()), MemoryMiB: int(p.GetMemoryMib()),
 		TTY: p.GetTty(), Stdin: p.GetStdin(), InsecureRegistries: p.GetInsecureRegistries(),
 		Restart: state.RestartPolicy(p.GetRestart()), Constraints: p.GetConstraints(), Spread: p.GetSpread(),
-		DiskMiB: int(p.GetDiskMib()),
+		DiskMiB: int(p.GetDiskMib()), Boot: state.BootMode(p.GetBoot()),
 	}
 	if p.GetEntrypointSet() {
 		spec.Entrypoint = append([]string{}, p.GetEntrypoint()...)
@@ -464,7 +467,7 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 		User: sb.Spec.User, Vcpus: int32(sb.Spec.VCPUs), MemoryMib: int32(sb.Spec.MemoryMiB),
 		Tty: sb.Spec.TTY, Stdin: sb.Spec.Stdin, InsecureRegistries: sb.Spec.InsecureRegistries,
 		Restart: string(sb.Spec.Restart), Constraints: sb.Spec.Constraints, Spread: sb.Spec.Spread,
-		DiskMib: int32(sb.Spec.DiskMiB),
+		DiskMib: int32(sb.Spec.DiskMiB), Boot: string(sb.Spec.Boot),
 	}
 	if sb.Spec.Entrypoint != nil {
 		spec.EntrypointSet, spec.Entrypoint = true, sb.Spec.Entrypoint

@@ -33,6 +33,8 @@ type Server struct {
 	// cluster is set by EnableCluster; its CA is nil on a single-node dev server.
 	cluster ClusterOptions
 	nodes   nodeClients
+	// pools holds the nodes' last warm-pool reports (cluster leader).
+	pools poolReports
 }
 
 // New wires a server over an open store and a running agent. API tokens live in the
@@ -66,6 +68,13 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
 	srv := &http.Server{Handler: s.Handler(), Protocols: &protocols, ReadHeaderTimeout: 10 * time.Second}
+	if s.agent != nil {
+		// This process's own node applies the warm-pool configuration as it changes.
+		fctx, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); s.feedAgentPools(fctx) }()
+		defer func() { stop(); <-done }()
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {

@@ -36,7 +36,11 @@ type Node struct {
 	Kernel   string            `json:"kernel,omitempty"`
 	Version  string            `json:"version,omitempty"`
 	// Images are the digests whose root disk the node holds (scheduler locality).
-	Images []string   `json:"images,omitempty"`
+	Images []string `json:"images,omitempty"`
+	// Warm are the image digests and references the node holds a template snapshot or
+	// warm pool for (scheduler locality): references too, so a sandbox whose image has not
+	// been resolved to a digest yet still finds them.
+	Warm   []string   `json:"warm,omitempty"`
 	Status NodeStatus `json:"status"`
 	// StatusReason says why the node has its status ("missed heartbeats for 15s").
 	StatusReason string `json:"status_reason,omitempty"`
@@ -51,6 +55,7 @@ func (n *Node) clone() *Node {
 	c := *n
 	c.Labels = maps.Clone(n.Labels)
 	c.Images = slices.Clone(n.Images)
+	c.Warm = slices.Clone(n.Warm)
 	return &c
 }
 
@@ -61,6 +66,7 @@ type NodeUpdate struct {
 	Cordoned     *bool       `json:"cordoned,omitempty"`
 	Draining     *bool       `json:"draining,omitempty"`
 	Images       *[]string   `json:"images,omitempty"`
+	Warm         *[]string   `json:"warm,omitempty"`
 	Time         time.Time   `json:"time"`
 }
 
@@ -170,6 +176,9 @@ func (f *fsm) updateNode(id string, u NodeUpdate) any {
 	}
 	if u.Images != nil {
 		n.Images = slices.Clone(*u.Images)
+	}
+	if u.Warm != nil {
+		n.Warm = slices.Clone(*u.Warm)
 	}
 	n.UpdatedAt = utc(u.Time)
 	f.nodes[id] = n

@@ -23,6 +23,9 @@ const (
 	cmdCreateToken   cmdType = 8
 	cmdDeleteToken   cmdType = 9
 	cmdPlace         cmdType = 10
+	// cmdSetPool is ignorable: warm pools are purely additive state, so a server that
+	// predates them may skip the command during a rolling upgrade without diverging.
+	cmdSetPool = cmdIgnorable | 11
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -53,6 +56,8 @@ func (t cmdType) String() string {
 		return "delete-token"
 	case cmdPlace:
 		return "place-sandboxes"
+	case cmdSetPool:
+		return "set-pool"
 	}
 	return fmt.Sprintf("type-%d", byte(t))
 }

@@ -34,6 +34,7 @@ type fsm struct {
 	meta      map[string][]byte
 	nodes     map[string]*Node  // by ID
 	tokens    map[string]*Token // by ID
+	pools     map[string]*Pool  // by image
 
 	// changed is closed (and replaced) after every applied command and restore, so
 	// watchers (assignment streams, the leader's loops) wake on any change.
@@ -50,6 +51,7 @@ func newFSM(log *slog.Logger) *fsm {
 		meta:      map[string][]byte{},
 		nodes:     map[string]*Node{},
 		tokens:    map[string]*Token{},
+		pools:     map[string]*Pool{},
 		changed:   make(chan struct{}),
 	}
 }
@@ -143,6 +145,12 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return err
 		}
 		return f.placeSandboxes(c)
+	case cmdSetPool:
+		var c setPoolCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.setPool(c.Pool)
 	}
 	if t&cmdIgnorable != 0 {
 		f.log.Warn("skipping unknown ignorable state command; a newer server wrote it", "type", byte(t), "index", l.Index)
@@ -280,6 +288,8 @@ type snapshotData struct {
 	// none, which is what an older cluster had.
 	Nodes  []*Node  `json:"nodes,omitempty"`  // sorted by ID
 	Tokens []*Token `json:"tokens,omitempty"` // sorted by ID
+	// Pools likewise: an older snapshot has none.
+	Pools []*Pool `json:"pools,omitempty"` // sorted by image
 }
 
 // Snapshot captures the state cheaply (values are copy-on-write, so copying the maps is
@@ -292,6 +302,7 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 		meta:      maps.Clone(f.meta),
 		nodes:     slices.Collect(maps.Values(f.nodes)),
 		tokens:    slices.Collect(maps.Values(f.tokens)),
+		pools:     slices.Collect(maps.Values(f.pools)),
 	}, nil
 }
 
@@ -336,8 +347,16 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 		t.CreatedAt, t.ExpiresAt = utc(t.CreatedAt), utc(t.ExpiresAt)
 		tokens[t.ID] = t
 	}
+	pools := make(map[string]*Pool, len(d.Pools))
+	for _, p := range d.Pools {
+		if p == nil || p.Image == "" {
+			return fmt.Errorf("state snapshot holds a pool without image")
+		}
+		np := p.normalize()
+		pools[p.Image] = &np
+	}
 	f.mu.Lock()
-	f.sandboxes, f.names, f.meta, f.nodes, f.tokens = sandboxes, names, d.Meta, nodes, tokens
+	f.sandboxes, f.names, f.meta, f.nodes, f.tokens, f.pools = sandboxes, names, d.Meta, nodes, tokens, pools
 	f.notifyLocked()
 	f.mu.Unlock()
 	return nil
@@ -348,6 +367,7 @@ type fsmSnapshot struct {
 	meta      map[string][]byte
 	nodes     []*Node
 	tokens    []*Token
+	pools     []*Pool
 }
 
 func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
@@ -366,7 +386,8 @@ func (s *fsmSnapshot) write(w io.Writer) error {
 	slices.SortFunc(s.sandboxes, func(a, b *Sandbox) int { return cmp.Compare(a.ID, b.ID) })
 	slices.SortFunc(s.nodes, func(a, b *Node) int { return cmp.Compare(a.ID, b.ID) })
 	slices.SortFunc(s.tokens, func(a, b *Token) int { return cmp.Compare(a.ID, b.ID) })
-	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta, Nodes: s.nodes, Tokens: s.tokens})
+	slices.SortFunc(s.pools, func(a, b *Pool) int { return cmp.Compare(a.Image, b.Image) })
+	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta, Nodes: s.nodes, Tokens: s.tokens, Pools: s.pools})
 }
 
 func (s *fsmSnapshot) Release() {}

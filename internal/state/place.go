@@ -55,7 +55,7 @@ func SchedulerSnapshot(nodes []*Node, sbs []*Sandbox) *scheduler.Snapshot {
 		snap.Nodes = append(snap.Nodes, scheduler.Node{
 			ID: n.ID, Labels: n.Labels, Status: scheduler.NodeStatus(n.Status), Cordoned: n.Cordoned, Draining: n.Draining,
 			Capacity: scheduler.Resources{VCPUs: n.Capacity.VCPUs, MemoryMiB: n.Capacity.MemoryMiB, DiskMiB: n.Capacity.DiskMiB},
-			Images:   n.Images,
+			Images:   n.Images, Warm: n.Warm,
 		})
 	}
 	for _, sb := range sbs {
@@ -73,10 +73,15 @@ func (f *fsm) schedulerSnapshot() *scheduler.Snapshot {
 	return SchedulerSnapshot(slices.Collect(maps.Values(f.nodes)), slices.Collect(maps.Values(f.sandboxes)))
 }
 
-// SchedulerRequest is the scheduler's view of placing sb.
+// SchedulerRequest is the scheduler's view of placing sb. Before its first pull a
+// sandbox has no digest; its image reference stands in, which nodes list in Warm.
 func SchedulerRequest(sb Sandbox) (scheduler.Request, error) {
 	r := sb.Spec.Reserved()
-	req := scheduler.Request{SandboxID: sb.ID, ImageDigest: sb.ImageDigest, Spread: sb.Spec.Spread,
+	img := sb.ImageDigest
+	if img == "" {
+		img = sb.Spec.Image
+	}
+	req := scheduler.Request{SandboxID: sb.ID, ImageDigest: img, Spread: sb.Spec.Spread,
 		Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}}
 	for _, c := range sb.Spec.Constraints {
 		pc, err := scheduler.ParseConstraint(c)

@@ -141,7 +141,7 @@ func poolOf(t *testing.T, img string) (poolState, bool) {
 				Target  int `json:"target"`
 				Ready   int `json:"ready"`
 				Filling int `json:"filling"`
-				Claims  int `json:"claimsLastMinute"`
+				Claims  int `json:"claims_last_minute"`
 			} `json:"nodes"`
 		} `json:"pools"`
 	}
@@ -255,8 +255,8 @@ func TestTemplateRebuiltWhenInitChanges(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(world.dataDir, "templates", k1)); !os.IsNotExist(err) {
 		t.Errorf("old template %s still on disk over the budget (%v)", k1, err)
 	}
-	out := fw(t, 0, "image", "templates").stdout
-	if strings.Contains(out, k1) || !strings.Contains(out, str(d2, "template")) {
+	out := fw(t, 0, "image", "templates").stdout // shows keys' first 12 characters
+	if strings.Contains(out, k1[:12]) || !strings.Contains(out, str(d2, "template")[:12]) {
 		t.Errorf("image templates after collection:\n%s", out)
 	}
 }

@@ -2302,8 +2302,10 @@ type PoolNodeStatus struct {
 	Filling          int32                  `protobuf:"varint,5,opt,name=filling,proto3" json:"filling,omitempty"`
 	ClaimsLastMinute int32                  `protobuf:"varint,6,opt,name=claims_last_minute,json=claimsLastMinute,proto3" json:"claims_last_minute,omitempty"`
 	Error            string                 `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The pool's image reference (what a node reports in heartbeats is matched by it).
+	Image         string `protobuf:"bytes,8,opt,name=image,proto3" json:"image,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PoolNodeStatus) Reset() {
@@ -2381,6 +2383,13 @@ func (x *PoolNodeStatus) GetClaimsLastMinute() int32 {
 func (x *PoolNodeStatus) GetError() string {
 	if x != nil {
 		return x.Error
+	}
+	return ""
+}
+
+func (x *PoolNodeStatus) GetImage() string {
+	if x != nil {
+		return x.Image
 	}
 	return ""
 }
@@ -3623,7 +3632,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x13insecure_registries\x18\x06 \x03(\tR\x12insecureRegistries\x129\n" +
 	"\n" +
 	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x122\n" +
-	"\x05nodes\x18\b \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05nodes\"\xc8\x01\n" +
+	"\x05nodes\x18\b \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05nodes\"\xde\x01\n" +
 	"\x0ePoolNodeStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x16\n" +
@@ -3631,7 +3640,8 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x05ready\x18\x04 \x01(\x05R\x05ready\x12\x18\n" +
 	"\afilling\x18\x05 \x01(\x05R\afilling\x12,\n" +
 	"\x12claims_last_minute\x18\x06 \x01(\x05R\x10claimsLastMinute\x12\x14\n" +
-	"\x05error\x18\a \x01(\tR\x05error\"8\n" +
+	"\x05error\x18\a \x01(\tR\x05error\x12\x14\n" +
+	"\x05image\x18\b \x01(\tR\x05image\"8\n" +
 	"\x0eSetPoolRequest\x12&\n" +
 	"\x04pool\x18\x01 \x01(\v2\x12.fireworks.v1.PoolR\x04pool\"9\n" +
 	"\x0fSetPoolResponse\x12&\n" +

@@ -87,9 +87,9 @@ type vm struct {
 }
 
 var (
-	_ vmm.VM       = (*vm)(nil)
-	_ vmm.Pauser   = (*vm)(nil)
-	_ vmm.Detacher = (*vm)(nil)
+	_ vmm.VM          = (*vm)(nil)
+	_ vmm.Pauser      = (*vm)(nil)
+	_ vmm.Detacher    = (*vm)(nil)
 	_ vmm.Snapshotter = (*vm)(nil)
 )
 

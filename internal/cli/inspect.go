@@ -1,0 +1,105 @@
+package cli
+
+import (
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+)
+
+// Runtime detail keys the node writes about how it started a sandbox.
+const (
+	detailStartMode   = "start_mode"   // cold, restore or warm
+	detailStartPhases = "start_phases" // "pull=3ms template=0ms restore=180ms ..."
+)
+
+// startSummary says how a sandbox started, e.g. "warm pool (pull=0s restore=2ms ...)";
+// "" when the node has not said (yet).
+func startSummary(details map[string]string) string {
+	mode, phases := details[detailStartMode], details[detailStartPhases]
+	if mode == "" && phases == "" {
+		return ""
+	}
+	label := map[string]string{"cold": "cold boot", "restore": "template snapshot restore", "warm": "warm pool"}[mode]
+	if label == "" {
+		label = mode
+	}
+	if phases == "" {
+		return label
+	}
+	if label == "" {
+		return "(" + phases + ")"
+	}
+	return label + " (" + phases + ")"
+}
+
+// writeSandboxText is `inspect --format text`: the record for a person, how it started
+// first. Text that may come from inside the guest goes through printable.
+func writeSandboxText(w io.Writer, sb *pb.Sandbox) {
+	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+	row := func(k, v string) {
+		if v != "" {
+			fmt.Fprintf(tw, "%s:\t%s\n", k, printable(v))
+		}
+	}
+	row("ID", sb.GetId())
+	row("Name", sb.GetName())
+	img := sb.GetSpec().GetImage()
+	if d := sb.GetImageDigest(); d != "" {
+		img += " (" + d + ")"
+	}
+	row("Image", img)
+	status := sb.GetStatus()
+	if status == "exited" || status == "failed" {
+		status += fmt.Sprintf(" (exit code %d)", sb.GetExitCode())
+	}
+	if r := sb.GetReason(); r != "" {
+		status += ": " + r
+	}
+	row("Status", status)
+	row("Started", startSummary(sb.GetDetails()))
+	row("Boot", sb.GetSpec().GetBoot())
+	node := sb.GetNode()
+	if a := sb.GetAccel(); a != "" {
+		node += " (accel " + a + ")"
+	}
+	row("Node", node)
+	row("Command", strings.Join(sb.GetSpec().GetCmd(), " "))
+	row("Created at", tsText(sb.GetCreatedAt()))
+	row("Running since", tsText(sb.GetStartedAt()))
+	row("Finished at", tsText(sb.GetFinishedAt()))
+	if n := sb.GetRestarts(); n > 0 {
+		row("Restarts", fmt.Sprint(n))
+	}
+	if evs := sb.GetEvents(); len(evs) > 0 {
+		fmt.Fprintln(tw, "Events:")
+		for _, e := range evs {
+			fmt.Fprintf(tw, "  %s\t%s\t%s\n", tsText(e.GetTime()), e.GetStatus(), printable(e.GetReason()))
+		}
+	}
+	if d := sb.GetDetails(); len(d) > 0 {
+		fmt.Fprintln(tw, "Details:")
+		keys := make([]string, 0, len(d))
+		for k := range d {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		for _, k := range keys {
+			fmt.Fprintf(tw, "  %s\t%s\n", printable(k), printable(d[k]))
+		}
+	}
+	_ = tw.Flush()
+}
+
+func tsText(t *timestamppb.Timestamp) string {
+	if t == nil {
+		return ""
+	}
+	return t.AsTime().Local().Format(time.RFC3339Nano)
+}

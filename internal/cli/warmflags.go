@@ -1,0 +1,59 @@
+package cli
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/pflag"
+
+	"github.com/fireworks-sandbox/fireworks/internal/agent"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+)
+
+// warmFlags are a node's own template and warm-pool settings (dev and agent).
+type warmFlags struct {
+	templateDiskMiB int
+	pools           []string
+}
+
+func (w *warmFlags) register(fl *pflag.FlagSet) {
+	fl.IntVar(&w.templateDiskMiB, "template-disk-mib", 8192, "disk space for template snapshots, MiB; the least recently used are removed past it")
+	fl.StringArrayVar(&w.pools, "warm-pool", nil, "keep warm VMs of an image on this node: IMAGE=SIZE[:MAX] (repeatable; `fireworks pool set` overrides it cluster-wide)")
+}
+
+func (w *warmFlags) apply(cfg *agent.Config) error {
+	if w.templateDiskMiB < 1 {
+		return fmt.Errorf("--template-disk-mib %d: want at least 1", w.templateDiskMiB)
+	}
+	cfg.TemplateDiskMiB = w.templateDiskMiB
+	for _, p := range w.pools {
+		pool, err := parseWarmPool(p)
+		if err != nil {
+			return err
+		}
+		cfg.Pools = append(cfg.Pools, pool)
+	}
+	return nil
+}
+
+// parseWarmPool reads IMAGE=SIZE[:MAX]. The image may contain ':' and '=' is the last one.
+func parseWarmPool(s string) (state.Pool, error) {
+	i := strings.LastIndex(s, "=")
+	if i <= 0 {
+		return state.Pool{}, fmt.Errorf("--warm-pool %q: want IMAGE=SIZE[:MAX]", s)
+	}
+	img, sizes := localImageRef(s[:i]), s[i+1:]
+	sz, mx, hasMax := strings.Cut(sizes, ":")
+	size, err := strconv.Atoi(sz)
+	if err != nil || size < 0 || size > state.MaxPoolSize {
+		return state.Pool{}, fmt.Errorf("--warm-pool %q: size %q is not a number in 0..%d", s, sz, state.MaxPoolSize)
+	}
+	max := size
+	if hasMax {
+		if max, err = strconv.Atoi(mx); err != nil || max < size || max > state.MaxPoolSize {
+			return state.Pool{}, fmt.Errorf("--warm-pool %q: max %q is not a number in %d..%d", s, mx, size, state.MaxPoolSize)
+		}
+	}
+	return state.Pool{Image: img, Size: size, Max: max}, nil
+}
