@@ -82,7 +82,14 @@ func TestFullClusterThenPlaced(t *testing.T) {
 	t.Logf("pending reason: %v", sb["reason"])
 	mustFW(t, "stop", "-t", "0", ids[0])
 	waitSandbox(t, extra, 3*minute, "placed and running after capacity freed", func(sb map[string]any) bool { return sb["status"] == "running" })
-	if out := mustFW(t, "logs", extra); strings.TrimSpace(out) != "finally" {
+	// "running" means the command started; its first line may still be on its way.
+	var out string
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		if out = mustFW(t, "logs", extra); strings.TrimSpace(out) == "finally" {
+			break
+		}
+	}
+	if strings.TrimSpace(out) != "finally" {
 		t.Errorf("logs of the late sandbox: %q", out)
 	}
 	mustFW(t, append([]string{"rm", "-f", extra}, ids...)...)
