@@ -1,5 +1,6 @@
-// Command fireworks-bench measures sandbox start latency against crun on the same image
-// and command, prints a table and writes the figures as JSON (see internal/bench).
+// Command fireworks-bench measures sandbox start latency (cold boot, snapshot restore,
+// warm-pool claim, exec) against crun on the same image and command, prints a table,
+// writes the figures as JSON and draws their distributions as a PNG (see internal/bench).
 package main
 
 import (
@@ -18,15 +19,23 @@ import (
 func main() {
 	var cfg bench.Config
 	var command string
-	flag.IntVar(&cfg.Runs, "runs", 20, "measured starts per series")
+	flag.IntVar(&cfg.Runs, "runs", 50, "measured starts per series")
 	flag.StringVar(&cfg.Fireworks, "fireworks", "bin/fireworks", "fireworks binary (fireworks-init beside it)")
 	flag.StringVar(&cfg.DataDir, "data-dir", "/var/tmp/fireworks-bench", "data dir of the bench's own `fireworks dev` (keeps the guest kernel between runs)")
 	flag.StringVar(&cfg.Out, "out", "bench-results.json", "JSON report path")
+	flag.StringVar(&cfg.PNG, "png", "", "chart path (default: the JSON path with .png; \"-\" for none)")
+	flag.IntVar(&cfg.PoolSize, "pool-size", 2, "warm VMs the warm-pool series keeps ready")
 	flag.StringVar(&command, "command", "echo ready", "command to run (split on spaces)")
 	flag.BoolVar(&cfg.SkipCrun, "skip-crun", false, "do not measure the crun baseline")
 	flag.IntVar(&cfg.Creates, "creates", 500, "control-plane creates per concurrency level")
 	flag.Parse()
 	cfg.Command = strings.Fields(command)
+	switch {
+	case cfg.PNG == "-" || (cfg.PNG == "" && cfg.Out == ""):
+		cfg.PNG = ""
+	case cfg.PNG == "":
+		cfg.PNG = strings.TrimSuffix(cfg.Out, filepath.Ext(cfg.Out)) + ".png"
+	}
 	cfg.StdoutView = os.Stdout
 	if abs, err := filepath.Abs(cfg.Fireworks); err == nil {
 		cfg.Fireworks = abs
@@ -38,4 +47,7 @@ func main() {
 		os.Exit(1)
 	}
 	fmt.Printf("wrote %s\n", cfg.Out)
+	if cfg.PNG != "" {
+		fmt.Printf("wrote %s\n", cfg.PNG)
+	}
 }

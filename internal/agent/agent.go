@@ -380,6 +380,11 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	ctx := s.ctx
 	a.update(sb.ID, state.Update{Status: status(state.StatusStarting), Node: &a.cfg.Node, Accel: &a.accel.Accel})
 
+	// A restarted sandbox starts from a clean run directory (and drops the warm VM
+	// directory an earlier run claimed).
+	if err := a.removeRunDir(sb.ID); err != nil {
+		a.log.Warn("remove the previous run's directory", "sandbox", sb.ID, "err", err)
+	}
 	ph := newPhases()
 	pullCtx, cancelPull := context.WithTimeout(ctx, a.cfg.PullTimeout)
 	img, err := a.images.Ensure(pullCtx, sb.Spec.Image, image.PullOptions{InsecureRegistries: sb.Spec.InsecureRegistries})

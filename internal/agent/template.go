@@ -267,11 +267,8 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 		ScratchDevice: "/dev/vdb", TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}); err != nil {
 		return fmt.Errorf("set up the template guest: %w", err)
 	}
-	// One command before the save leaves exec's path (and, if the image has `true`, its
-	// binary's pages) in the guest's memory, so restored VMs do not read it from disk.
-	if err := warmUp(pctx, guest); err != nil {
-		return err
-	}
+	// No image code runs before the save: a template is shared by every sandbox of the
+	// image, and nothing a process could leave behind may be shared with them.
 	if err := snap.Snapshot(pctx, filepath.Join(tmp, "state")); err != nil {
 		return err
 	}

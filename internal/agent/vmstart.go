@@ -162,7 +162,6 @@ func (a *Agent) ownVM(s *sandbox, h *vmHandle, cleanup *cleanupStack) {
 // sandbox's (run/<id> links to it, so adoption, inspect and removal find it by ID), and
 // it is resumed. It returns nil if the VM cannot be used, after ending it.
 func (a *Agent) adoptPoolVM(s *sandbox, pv *poolVM, cleanup *cleanupStack) *vmHandle {
-	_ = os.RemoveAll(s.dir)
 	if err := os.Symlink(filepath.Base(pv.dir), s.dir); err != nil {
 		a.log.Warn("claim warm VM", "sandbox", s.id, "err", err)
 		pv.destroy()

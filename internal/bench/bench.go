@@ -1,7 +1,9 @@
-// Package bench measures what a user waits for: from asking for a sandbox to the
-// command's first output byte, and to its exit. It drives the real binaries as a user
-// would (a `fireworks dev` process, the `fireworks` CLI) and runs the same image and
-// command under crun in the same run, as the no-VM baseline.
+// Package bench measures what a user waits for: from the API call that asks for a
+// sandbox to the command's first output byte, and to its exit. It starts the real server
+// (a `fireworks dev` process) and talks to it in-process with the API client, so no CLI
+// start-up is counted. One run measures, on the same image and command: cold boot,
+// snapshot restore, warm-pool claim, exec in a running sandbox, and crun as the no-VM
+// baseline; then the scheduler and the control plane.
 package bench
 
 import (
@@ -32,21 +34,57 @@ type Config struct {
 	Fireworks  string // path to the fireworks binary (fireworks-init beside it)
 	DataDir    string // dev server data dir; its assets/ caches the guest kernel between runs
 	Out        string // JSON report path
+	PNG        string // chart path ("" = none)
 	Command    []string
 	SkipCrun   bool
+	PoolSize   int // warm VMs the pool series keeps ready (default 2)
 	Creates    int // control-plane creates per concurrency level (default 500)
 	Log        *slog.Logger
 	StdoutView io.Writer // where the table goes
 }
 
+// Series keys: how a series started the command.
+const (
+	KeyCold    = "cold"    // fireworks, --boot cold: boot the guest kernel
+	KeyRestore = "restore" // fireworks, --boot restore: restore the image's template snapshot
+	KeyPool    = "pool"    // fireworks, --boot auto with a warm pool: claim a paused VM
+	KeyCrun    = "crun"    // crun on the same image: the no-VM baseline
+	KeyExec    = "exec"    // exec in an already running sandbox
+)
+
+// Targets for the first-byte p50 under TCG (issue #4); printed beside the table, never
+// asserted.
+var targets = map[string]float64{KeyPool: 100, KeyRestore: 400}
+
 // Series is one way of starting the command, measured Runs times.
 type Series struct {
-	Name       string    `json:"name"`
-	Runs       int       `json:"runs"`
+	Key  string `json:"key"`
+	Name string `json:"name"`
+	Runs int    `json:"runs"`
+	// Boot is the boot mode the starts asked for; StartedBy is how the node says it
+	// started them (from the sandbox's details), counted.
+	Boot      string         `json:"boot,omitempty"`
+	StartedBy map[string]int `json:"started_by,omitempty"`
+	// NodePhases is the node's own timing of its start steps (p50 of each), which shows
+	// where the first-byte time goes; the rest is the API, scheduling and output path.
+	NodePhases []PhaseP50 `json:"node_phases_p50_ms,omitempty"`
+	// CreateCall is the CreateSandbox call alone (the sandbox recorded, not yet started).
+	CreateCall *Summary `json:"create_call_ms,omitempty"`
+	// TargetP50 is the first-byte p50 this path should reach (0: none); TargetMet says
+	// whether it did.
+	TargetP50  float64   `json:"target_p50_ms,omitempty"`
+	TargetMet  *bool     `json:"target_met,omitempty"`
 	FirstByte  Summary   `json:"first_byte_ms"`
 	Exit       Summary   `json:"exit_ms"`
 	FirstBytes []float64 `json:"first_byte_samples_ms"`
 	Exits      []float64 `json:"exit_samples_ms"`
+}
+
+// PhaseP50 is the median of one start step as the node timed it, over Count samples.
+type PhaseP50 struct {
+	Name  string  `json:"name"`
+	P50   float64 `json:"p50"`
+	Count int     `json:"count"`
 }
 
 // Summary is a distribution in milliseconds.
@@ -65,7 +103,12 @@ type Report struct {
 	Kernel      string    `json:"guest_kernel"`
 	Image       string    `json:"image"`
 	Command     []string  `json:"command"`
-	Series      []Series  `json:"series"`
+	// TemplateBuildMs is how long building the image's template snapshot took (boot to
+	// ready, save), before the measured series.
+	TemplateBuildMs float64 `json:"template_build_ms,omitempty"`
+	// TemplateReused: the data dir held a valid template from an earlier run.
+	TemplateReused bool     `json:"template_reused,omitempty"`
+	Series         []Series `json:"series"`
 	// Scheduler is placement latency of the pure scheduler on synthetic clusters.
 	Scheduler []SchedulerRow `json:"scheduler,omitempty"`
 	// ControlPlane is create commit throughput and latency through 3 Raft servers.
@@ -85,10 +128,13 @@ type SchedulerRow struct {
 // Run measures every series and writes the report.
 func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if cfg.Runs <= 0 {
-		cfg.Runs = 20
+		cfg.Runs = 50
 	}
 	if cfg.Creates <= 0 {
 		cfg.Creates = 500
+	}
+	if cfg.PoolSize <= 0 {
+		cfg.PoolSize = 2
 	}
 	if len(cfg.Command) == 0 {
 		cfg.Command = []string{"echo", "ready"}
@@ -121,22 +167,17 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		return nil, err
 	}
 	defer dev.stop()
-	rep := &Report{Time: time.Now().UTC(), Image: "busybox (from the host's busybox-static)", Command: cfg.Command}
-	rep.Accelerator, rep.Kernel = dev.info(ctx)
-
-	// The first run pulls the image and builds its root disk: "image cached" means every
-	// measured run after it finds both ready.
-	cfg.Log.Info("warming the image cache")
-	if _, _, err := timeCommand(ctx, dev.command(append([]string{"run", "--rm", ref, "--"}, cfg.Command...)...)); err != nil {
-		return nil, fmt.Errorf("warm-up run: %w", err)
-	}
-	cold, err := measure(ctx, cfg, "fireworks cold boot ("+rep.Accelerator+")", func() *exec.Cmd {
-		return dev.command(append([]string{"run", "--rm", ref, "--"}, cfg.Command...)...)
-	})
+	api, err := newAPIClient(dev.config)
 	if err != nil {
 		return nil, err
 	}
-	rep.Series = append(rep.Series, cold)
+	defer api.close()
+	rep := &Report{Time: time.Now().UTC(), Image: "busybox (from the host's busybox-static)", Command: cfg.Command}
+	rep.Accelerator, rep.Kernel = api.info(ctx)
+
+	if err := measureVMs(ctx, cfg, api, ref, rep); err != nil {
+		return nil, err
+	}
 
 	if !cfg.SkipCrun {
 		bundle, err := crunBundle(ctx, img, filepath.Join(work, "crun"), cfg.Command)
@@ -148,17 +189,21 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		if wrap {
 			name = "crun (no VM, via unshare -m)"
 		}
-		s, err := measure(ctx, cfg, name, func() *exec.Cmd {
+		s, err := measure(ctx, cfg, KeyCrun, name, func() (sample, error) {
 			n++
 			id := fmt.Sprintf("fireworks-bench-%d-%d", os.Getpid(), n)
+			var cmd *exec.Cmd
 			if wrap {
 				// crun refuses a cgroup v1/v2 hybrid whose v2 half has controllers; hide the
 				// v2 mount in a private mount namespace. This adds a couple of ms to the
 				// baseline, which only flatters the VM.
-				return exec.CommandContext(ctx, "unshare", "-m", "sh", "-c",
+				cmd = exec.CommandContext(ctx, "unshare", "-m", "sh", "-c",
 					`umount /sys/fs/cgroup/unified && exec crun run --bundle "$1" "$2"`, "sh", bundle, id)
+			} else {
+				cmd = exec.CommandContext(ctx, "crun", "run", "--bundle", bundle, id)
 			}
-			return exec.CommandContext(ctx, "crun", "run", "--bundle", bundle, id)
+			first, exit, err := timeCommand(ctx, cmd)
+			return sample{first: first, exit: exit}, err
 		})
 		if err != nil {
 			return nil, err
@@ -187,18 +232,137 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			return nil, fmt.Errorf("write report %s: %w", cfg.Out, err)
 		}
 	}
+	if cfg.PNG != "" {
+		if err := WriteChart(cfg.PNG, rep); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.StdoutView != nil {
 		PrintTable(cfg.StdoutView, rep)
 	}
 	return rep, nil
 }
 
-// PrintTable writes the report as an aligned table.
+// measureVMs measures the fireworks series through the API: cold boot, snapshot restore,
+// warm-pool claim, and exec in a running sandbox.
+func measureVMs(ctx context.Context, cfg Config, api *apiClient, ref string, rep *Report) error {
+	accel := " (" + rep.Accelerator + ")"
+	// The first start pulls the image and builds its root disk; then the template
+	// snapshot is built once. Every measured start after that finds all three ready.
+	cfg.Log.Info("warming the image cache")
+	if _, err := api.startOnce(ctx, ref, cfg.Command, "cold"); err != nil {
+		return fmt.Errorf("warm-up start: %w", err)
+	}
+	cfg.Log.Info("building the template snapshot")
+	built, build, err := api.warmImage(ctx, ref)
+	if err != nil {
+		return err
+	}
+	rep.TemplateBuildMs, rep.TemplateReused = ms(build), !built
+
+	for _, m := range []struct{ key, boot, name string }{
+		{KeyCold, "cold", "fireworks cold boot"},
+		{KeyRestore, "restore", "fireworks snapshot restore"},
+	} {
+		// One unmeasured restore first: the first one after the build pages the
+		// template's memory file in, which no later start pays. (The cold series' warm-up
+		// was the image cache's.)
+		if m.key == KeyRestore {
+			if _, err := api.startOnce(ctx, ref, cfg.Command, m.boot); err != nil {
+				return fmt.Errorf("%s warm-up start: %w", m.name, err)
+			}
+		}
+		s, err := measure(ctx, cfg, m.key, m.name+accel, func() (sample, error) {
+			return api.startOnce(ctx, ref, cfg.Command, m.boot)
+		})
+		if err != nil {
+			return err
+		}
+		s.Boot = m.boot
+		rep.Series = append(rep.Series, s)
+	}
+
+	// Warm pool: every measured start claims a VM that waited ready; the refill after
+	// each claim runs between starts and is not counted.
+	if err := api.setPool(ctx, ref, cfg.PoolSize); err != nil {
+		return err
+	}
+	poolWait := 5 * time.Minute // the first fill restores PoolSize VMs
+	s, err := measure(ctx, cfg, KeyPool, "fireworks warm-pool claim"+accel, func() (sample, error) {
+		if err := api.waitPoolReady(ctx, ref, poolWait); err != nil {
+			return sample{}, err
+		}
+		poolWait = time.Minute
+		return api.startOnce(ctx, ref, cfg.Command, "auto")
+	})
+	// The pool goes whatever happened, so the exec series and the server's shutdown do
+	// not share the machine with paused VMs.
+	if derr := api.deletePool(context.WithoutCancel(ctx), ref); derr != nil && err == nil {
+		err = derr
+	}
+	if err != nil {
+		return err
+	}
+	s.Boot = "auto"
+	rep.Series = append(rep.Series, s)
+
+	id, err := api.startLongRunning(ctx, ref, []string{"sleep", "3600"})
+	if err != nil {
+		return err
+	}
+	defer api.remove(context.WithoutCancel(ctx), id)
+	if _, err := api.execOnce(ctx, id, cfg.Command); err != nil {
+		return fmt.Errorf("warm-up exec: %w", err)
+	}
+	s, err = measure(ctx, cfg, KeyExec, "fireworks exec in a running sandbox"+accel, func() (sample, error) {
+		return api.execOnce(ctx, id, cfg.Command)
+	})
+	if err != nil {
+		return err
+	}
+	rep.Series = append(rep.Series, s)
+	return nil
+}
+
+// PrintTable writes the report as aligned tables.
 func PrintTable(w io.Writer, rep *Report) {
 	fmt.Fprintf(w, "accelerator: %s   guest kernel: %s   command: %s\n", rep.Accelerator, rep.Kernel, strings.Join(rep.Command, " "))
-	fmt.Fprintf(w, "%-36s %5s %12s %12s %12s %12s\n", "start path", "runs", "p50 1st byte", "p95 1st byte", "p50 exit", "p95 exit")
+	switch {
+	case rep.TemplateBuildMs > 0:
+		fmt.Fprintf(w, "template snapshot built in %.0f ms\n", rep.TemplateBuildMs)
+	case rep.TemplateReused:
+		fmt.Fprintf(w, "template snapshot: kept in the data dir from an earlier run\n")
+	}
+	fmt.Fprintf(w, "first byte = API call to the command's first stdout byte (crun: process start); exit = to the exit; all in ms\n")
+	fmt.Fprintf(w, "%-42s %4s %9s %9s %9s %9s %9s %9s %9s  %-10s %-4s %s\n",
+		"start path", "runs", "p50", "p95", "p99", "min", "max", "p50 exit", "p95 exit", "target p50", "met?", "started by (node says)")
 	for _, s := range rep.Series {
-		fmt.Fprintf(w, "%-36s %5d %10.1fms %10.1fms %10.1fms %10.1fms\n", s.Name, s.Runs, s.FirstByte.P50, s.FirstByte.P95, s.Exit.P50, s.Exit.P95)
+		target, met := "", ""
+		if s.TargetP50 > 0 {
+			target = fmt.Sprintf("<= %.0f", s.TargetP50)
+			if s.TargetMet != nil {
+				met = map[bool]string{true: "yes", false: "no"}[*s.TargetMet]
+			}
+		}
+		f := s.FirstByte
+		fmt.Fprintf(w, "%-42s %4d %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f  %-10s %-4s %s\n",
+			s.Name, s.Runs, f.P50, f.P95, f.P99, f.Min, f.Max, s.Exit.P50, s.Exit.P95, target, met, describeHow(s.StartedBy))
+	}
+	for _, s := range rep.Series {
+		if len(s.NodePhases) == 0 {
+			continue
+		}
+		var parts []string
+		sum := 0.0
+		for _, p := range s.NodePhases {
+			parts = append(parts, fmt.Sprintf("%s %.1f", p.Name, p.P50))
+			sum += p.P50
+		}
+		create := ""
+		if s.CreateCall != nil {
+			create = fmt.Sprintf("; CreateSandbox call p50 %.1f", s.CreateCall.P50)
+		}
+		fmt.Fprintf(w, "  %s, node phases p50 (sum %.1f of first-byte p50 %.1f): %s%s\n", s.Name, sum, s.FirstByte.P50, strings.Join(parts, ", "), create)
 	}
 	if len(rep.Scheduler) > 0 {
 		fmt.Fprintf(w, "\n%-12s %12s %12s %12s %12s\n", "scheduler", "allocations", "index build", "place p50", "place p99")
@@ -214,18 +378,39 @@ func PrintTable(w io.Writer, rep *Report) {
 	}
 }
 
-func measure(ctx context.Context, cfg Config, name string, mk func() *exec.Cmd) (Series, error) {
-	s := Series{Name: name, Runs: cfg.Runs}
+func measure(ctx context.Context, cfg Config, key, name string, one func() (sample, error)) (Series, error) {
+	s := Series{Key: key, Name: name, Runs: cfg.Runs}
 	cfg.Log.Info("measuring", "series", name, "runs", cfg.Runs)
+	var samples []sample
 	for i := 0; i < cfg.Runs; i++ {
-		first, exit, err := timeCommand(ctx, mk())
+		if err := ctx.Err(); err != nil {
+			return s, fmt.Errorf("%s, run %d: %w", name, i+1, err)
+		}
+		x, err := one()
 		if err != nil {
 			return s, fmt.Errorf("%s, run %d: %w", name, i+1, err)
 		}
-		s.FirstBytes = append(s.FirstBytes, ms(first))
-		s.Exits = append(s.Exits, ms(exit))
+		samples = append(samples, x)
+		s.FirstBytes = append(s.FirstBytes, ms(x.first))
+		s.Exits = append(s.Exits, ms(x.exit))
+	}
+	s.StartedBy = countHow(samples)
+	s.NodePhases = summarizePhases(samples)
+	var creates []float64
+	for _, x := range samples {
+		if x.create > 0 {
+			creates = append(creates, ms(x.create))
+		}
+	}
+	if len(creates) > 0 {
+		c := summarize(creates)
+		s.CreateCall = &c
 	}
 	s.FirstByte, s.Exit = summarize(s.FirstBytes), summarize(s.Exits)
+	if t, ok := targets[key]; ok {
+		met := s.FirstByte.P50 <= t
+		s.TargetP50, s.TargetMet = t, &met
+	}
 	return s, nil
 }
 

@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 )
@@ -65,28 +64,6 @@ func (d *devServer) command(args ...string) *exec.Cmd {
 	cmd := exec.Command(d.bin, args...)
 	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+d.config)
 	return cmd
-}
-
-// info returns the accelerator and guest kernel the server reports.
-func (d *devServer) info(ctx context.Context) (accel, kernel string) {
-	out, err := d.command("info").Output()
-	if err != nil {
-		return "unknown", "unknown"
-	}
-	for _, line := range strings.Split(string(out), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		v = strings.TrimSpace(v)
-		switch strings.TrimSpace(k) {
-		case "Accelerator":
-			accel, _, _ = strings.Cut(v, " ")
-		case "Guest kernel":
-			kernel = v
-		}
-	}
-	return accel, kernel
 }
 
 func (d *devServer) stop() {
