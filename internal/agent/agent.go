@@ -281,6 +281,10 @@ type sandbox struct {
 	keep     bool   // the VM was detached for the next agent to adopt: cleanups leave it
 	stopCode int
 	done     chan struct{}
+	// started holds what the start learned (image digest, runtime details); it is
+	// written with the running (or failed) status, one state write instead of several
+	// on the start's critical path.
+	started state.Update
 }
 
 // Start launches a created sandbox. It returns at once; progress is written to the store.
@@ -361,15 +365,17 @@ func (a *Agent) fail(s *sandbox, reason string) {
 		return
 	}
 	s.mu.Lock()
-	stopping, code := s.stopping, s.stopCode
+	stopping, code, u := s.stopping, s.stopCode, s.started
 	s.mu.Unlock()
 	if stopping != "" {
 		sig := 0
-		a.update(s.id, state.Update{Status: status(state.StatusExited), Reason: stopping + " while starting", ExitCode: &code, Signal: &sig})
+		u.Status, u.Reason, u.ExitCode, u.Signal = status(state.StatusExited), stopping+" while starting", &code, &sig
+		a.update(s.id, u)
 		return
 	}
 	a.log.Warn("sandbox failed", "sandbox", s.id, "reason", reason)
-	a.update(s.id, state.Update{Status: status(state.StatusFailed), Reason: reason})
+	u.Status, u.Reason = status(state.StatusFailed), reason
+	a.update(s.id, u)
 }
 
 // run is the whole life of one sandbox on this node.
@@ -394,7 +400,9 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		return
 	}
 	digest := img.Digest
-	a.update(sb.ID, state.Update{ImageDigest: &digest})
+	s.mu.Lock()
+	s.started.ImageDigest = &digest
+	s.mu.Unlock()
 	proc, err := resolveProcess(sb.Spec, img.Config)
 	if err != nil {
 		a.fail(s, err.Error())
@@ -475,7 +483,13 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	if fallback != "" {
 		rt["start_fallback"] = fallback
 	}
-	a.update(sb.ID, state.Update{Runtime: rt})
+	s.mu.Lock()
+	s.started.Runtime = rt
+	s.mu.Unlock()
+	if how == "cold" {
+		// A boot takes seconds and may hang: show where its console log is right away.
+		a.update(sb.ID, state.Update{Runtime: rt})
+	}
 
 	hostname := sb.Name
 	if hostname == "" || len(hostname) > 63 {
@@ -516,7 +530,12 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		a.log.Warn("cannot record what re-adoption needs; this sandbox will not survive an agent restart", "sandbox", sb.ID, "err", err)
 	}
 	readyOnce()
-	a.update(sb.ID, state.Update{Status: status(state.StatusRunning), Runtime: map[string]string{"start_phases": ph.String()}})
+	rt["start_phases"] = ph.String()
+	s.mu.Lock()
+	u := s.started
+	s.mu.Unlock()
+	u.Status = status(state.StatusRunning)
+	a.update(sb.ID, u)
 
 	a.supervise(ctx, s, sb, vm, main)
 }
