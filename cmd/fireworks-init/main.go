@@ -5,6 +5,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"runtime/debug"
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/initd"
 )
@@ -17,5 +18,10 @@ func main() {
 		fmt.Fprintln(os.Stderr, "fireworks-init: must run as PID 1 inside a Fireworks guest")
 		os.Exit(2)
 	}
+	// Collect garbage only near a memory limit, not on every doubling of a small heap:
+	// under software emulation a GC cycle in the middle of a start costs milliseconds, and
+	// init's heap stays small (frames are bounded, output is streamed).
+	debug.SetGCPercent(-1)
+	debug.SetMemoryLimit(32 << 20)
 	initd.Main(version)
 }

@@ -437,7 +437,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		how = "cold"
 		var tmpl *template
 		if mode != state.BootCold {
-			t, built, err := a.warm.template(ctx, key, sb.Spec.Image, rootDisk)
+			t, built, err := a.warm.template(ctx, key, sb.Spec.Image, rootDisk, prefetchFor(img.Config))
 			switch {
 			case err == nil:
 				tmpl, in.tmpl, how = t, t, "restore"
@@ -496,33 +496,39 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		hostname = sb.ID[:12]
 	}
 	baseEnv := []string{"FIREWORKS_SANDBOX_ID=" + sb.ID}
+	execReq := proto.ExecRequest{
+		Argv: proc.Argv, Env: proc.Env, Dir: proc.Dir, CreateDir: true, User: proc.User, // Docker creates a missing WORKDIR
+		TTY: sb.Spec.TTY, Stdin: sb.Spec.Stdin, Rows: 24, Cols: 80,
+	}
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	var main *client.Session
 	if how != "cold" {
 		// The template's guest has its root mounted already: it only needs to become
-		// this sandbox.
-		err = guest.Identity(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()})
-		ph.mark("identity")
+		// this sandbox, and the command follows in the same breath.
+		main, err = guest.IdentityAndExec(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}, execReq)
+		ph.mark("identity+exec")
 	} else {
 		err = guest.Setup(setupCtx, proto.Setup{
 			Hostname: hostname, RootDevice: "/dev/vda", RootFSType: rootFS, ScratchDevice: "/dev/vdb",
 			TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Env: baseEnv,
 		})
 		ph.mark("setup")
+		if err == nil {
+			main, err = guest.Exec(ctx, execReq)
+			ph.mark("exec")
+		}
 	}
 	cancel()
 	if err != nil {
-		a.fail(s, fmt.Sprintf("set up the guest (%s start): %v", how, err))
+		var gerr *client.GuestError
+		if errors.As(err, &gerr) && (gerr.Op == proto.OpSetup || gerr.Op == proto.OpIdentity) {
+			a.fail(s, fmt.Sprintf("set up the guest (%s start): %v", how, err))
+		} else {
+			a.fail(s, fmt.Sprintf("start %q in the guest: %v", proc.Argv[0], err))
+		}
 		return
 	}
-	main, err := guest.Exec(ctx, proto.ExecRequest{
-		Argv: proc.Argv, Env: proc.Env, Dir: proc.Dir, CreateDir: true, User: proc.User, // Docker creates a missing WORKDIR
-		TTY: sb.Spec.TTY, Stdin: sb.Spec.Stdin, Rows: 24, Cols: 80,
-	})
-	if err != nil {
-		a.fail(s, fmt.Sprintf("start %q in the guest: %v", proc.Argv[0], err))
-		return
-	}
-	ph.mark("exec")
+
 	s.mu.Lock()
 	s.guest, s.main, s.proc = guest, main, proc
 	s.mu.Unlock()

@@ -16,6 +16,7 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/assets"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+	"github.com/fireworks-sandbox/fireworks/internal/image"
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
 )
 
@@ -30,7 +31,8 @@ import (
 
 // templateKey is everything a saved VM depends on.
 type templateKey struct {
-	// Layout versions what a template holds (2: root filesystem mounted before the save).
+	// Layout versions what a template holds (3: root filesystem mounted and the image's
+	// likely first binaries read before the save).
 	Layout int    `json:"layout"`
 	Digest string `json:"digest"`
 	// RootDisk identifies the root disk file (inode, size, mtime): the saved guest has its
@@ -95,7 +97,7 @@ func (a *Agent) templateKeyFor(digest, rootDisk, rootFS string, vcpus, memMiB in
 		}
 	}
 	return templateKey{
-		Layout: 2, Digest: digest, RootDisk: id, RootFS: rootFS, Kernel: a.kernel.Release, KernelHash: a.kernelHash,
+		Layout: 3, Digest: digest, RootDisk: id, RootFS: rootFS, Kernel: a.kernel.Release, KernelHash: a.kernelHash,
 		InitVersion: a.initrd.Version, Cmdline: assets.KernelCmdline(a.initrd.Modules),
 		VCPUs: vcpus, MemoryMiB: memMiB, ScratchMiB: a.cfg.ScratchMiB,
 		Accel: a.accel.Accel, VMM: a.driver.Name() + " " + a.vmmVersion,
@@ -133,7 +135,7 @@ func (w *warmManager) loadTemplates() {
 // Concurrent callers for one key share one build; a failed build is forgotten (a later
 // start tries again) and a waiter whose shared build failed tries once itself. The
 // template is held for the caller (not garbage collected) until it calls release.
-func (w *warmManager) template(ctx context.Context, key templateKey, ref, rootDisk string) (t *template, built bool, err error) {
+func (w *warmManager) template(ctx context.Context, key templateKey, ref, rootDisk string, prefetch []string) (t *template, built bool, err error) {
 	h := key.hash()
 	for attempt := 0; ; attempt++ {
 		w.mu.Lock()
@@ -145,7 +147,7 @@ func (w *warmManager) template(ctx context.Context, key templateKey, ref, rootDi
 			w.wg.Add(1)
 			go func() {
 				defer w.wg.Done()
-				w.build(t, rootDisk)
+				w.build(t, rootDisk, prefetch)
 			}()
 		}
 		t.users++
@@ -175,6 +177,26 @@ func (w *warmManager) template(ctx context.Context, key templateKey, ref, rootDi
 	}
 }
 
+// prefetchFor lists the files a start of the image most likely reads first: its
+// entrypoint (or command) and the shell, as paths in the image.
+func prefetchFor(cfg image.Config) []string {
+	out := []string{"/bin/sh"}
+	argv := append(append([]string(nil), cfg.Entrypoint...), cfg.Cmd...)
+	if len(argv) == 0 || argv[0] == "" {
+		return out
+	}
+	if strings.HasPrefix(argv[0], "/") {
+		return append(out, argv[0])
+	}
+	if strings.Contains(argv[0], "/") {
+		return out
+	}
+	for _, dir := range []string{"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"} {
+		out = append(out, dir+"/"+argv[0])
+	}
+	return out
+}
+
 func (w *warmManager) release(t *template) {
 	w.mu.Lock()
 	t.users--
@@ -182,9 +204,9 @@ func (w *warmManager) release(t *template) {
 }
 
 // build boots a VM for the template, waits for fireworks-init to answer and saves it.
-func (w *warmManager) build(t *template, rootDisk string) {
+func (w *warmManager) build(t *template, rootDisk string, prefetch []string) {
 	start := time.Now()
-	err := w.buildFiles(w.ctx, t, rootDisk)
+	err := w.buildFiles(w.ctx, t, rootDisk, prefetch)
 	if err != nil {
 		t.err = fmt.Errorf("build template snapshot for %s: %w", t.image, err)
 		w.log.Warn("template snapshot failed", "image", t.image, "key", t.hash, "err", err)
@@ -202,7 +224,7 @@ func (w *warmManager) build(t *template, rootDisk string) {
 	}
 }
 
-func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk string) error {
+func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk string, prefetch []string) error {
 	a := w.a
 	final := filepath.Join(w.dir, t.hash)
 	tmp := final + ".tmp"
@@ -260,11 +282,12 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 	if err := guest.Ping(pctx); err != nil {
 		return fmt.Errorf("guest did not answer a ping: %w", err)
 	}
-	// Mount the root now, so no start pays for it; the guest syncs the scratch disk
+	// Mount the root now, so no start pays for it, and read the image's likely first
+	// binaries into the page cache (reading runs no image code); the guest syncs the scratch disk
 	// before answering, and the copy of that disk each restore gets matches what the saved
 	// kernel believes is on it.
 	if err := guest.Setup(pctx, proto.Setup{Hostname: "template", RootDevice: "/dev/vda", RootFSType: t.key.RootFS,
-		ScratchDevice: "/dev/vdb", TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}); err != nil {
+		ScratchDevice: "/dev/vdb", TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Prefetch: prefetch}); err != nil {
 		return fmt.Errorf("set up the template guest: %w", err)
 	}
 	// No image code runs before the save: a template is shared by every sandbox of the

@@ -63,6 +63,7 @@ type pool struct {
 	mem   int
 	// Resolved from cfg.Image by the loop.
 	digest, rootDisk, rootFS string
+	prefetch                 []string
 	key                      string // template key hash
 	ready                    []*poolVM
 	filling                  int
@@ -317,7 +318,7 @@ func (w *warmManager) resolve(p *pool) {
 		w.log.Warn("warm pool image", "image", p.cfg.Image, "err", err)
 		return
 	}
-	p.digest, p.rootDisk, p.rootFS = img.Digest, disk, fs
+	p.digest, p.rootDisk, p.rootFS, p.prefetch = img.Digest, disk, fs, prefetchFor(img.Config)
 	p.key = a.templateKeyFor(img.Digest, disk, fs, p.vcpus, p.mem).hash()
 }
 
@@ -325,10 +326,10 @@ func (w *warmManager) resolve(p *pool) {
 func (w *warmManager) fill(p *pool) (*poolVM, error) {
 	a := w.a
 	w.mu.Lock()
-	digest, disk, fs, vcpus, mem, ref := p.digest, p.rootDisk, p.rootFS, p.vcpus, p.mem, p.cfg.Image
+	digest, disk, fs, vcpus, mem, ref, pre := p.digest, p.rootDisk, p.rootFS, p.vcpus, p.mem, p.cfg.Image, p.prefetch
 	w.mu.Unlock()
 	key := a.templateKeyFor(digest, disk, fs, vcpus, mem)
-	t, _, err := w.template(w.ctx, key, ref, disk)
+	t, _, err := w.template(w.ctx, key, ref, disk, pre)
 	if err != nil {
 		return nil, err
 	}
@@ -501,7 +502,7 @@ func (w *warmManager) warmImage(ctx context.Context, ref string, opts image.Pull
 	if err != nil {
 		return TemplateInfo{}, fmt.Errorf("build root disk for %s: %w", ref, err)
 	}
-	t, built, err := w.template(ctx, a.templateKeyFor(img.Digest, disk, fs, a.cfg.DefaultVCPUs, a.cfg.DefaultMemoryMiB), ref, disk)
+	t, built, err := w.template(ctx, a.templateKeyFor(img.Digest, disk, fs, a.cfg.DefaultVCPUs, a.cfg.DefaultMemoryMiB), ref, disk, prefetchFor(img.Config))
 	if err != nil {
 		return TemplateInfo{}, err
 	}
@@ -511,16 +512,21 @@ func (w *warmManager) warmImage(ctx context.Context, ref string, opts image.Pull
 	return info, nil
 }
 
-// warmUp runs `true` in the guest and drains it.
+// warmUp runs two short commands in the guest and drains them, so that exec, process exit
+// and the output path (pipe, frames, virtio-serial) have all run once in this QEMU process.
 func warmUp(ctx context.Context, g *client.Client) error {
-	s, err := g.Exec(ctx, proto.ExecRequest{Argv: []string{"true"}})
-	if err != nil {
-		return fmt.Errorf("warm-up exec: %w", err)
+	for _, argv := range [][]string{{"true"}, {"echo", "fireworks-warm-up"}} {
+		s, err := g.Exec(ctx, proto.ExecRequest{Argv: argv})
+		if err != nil {
+			return fmt.Errorf("warm-up exec: %w", err)
+		}
+		go func() { _, _ = io.Copy(io.Discard, s.Stderr()) }()
+		_, _ = io.Copy(io.Discard, s.Stdout())
+		if _, err := s.Wait(ctx); err != nil {
+			return fmt.Errorf("warm-up exec: %w", err)
+		}
 	}
-	go func() { _, _ = io.Copy(io.Discard, s.Stderr()) }()
-	_, _ = io.Copy(io.Discard, s.Stdout())
-	_, err = s.Wait(ctx)
-	return err
+	return nil
 }
 
 func randHex(n int) string {

@@ -170,7 +170,7 @@ func BuildInitramfsFiles(ctx context.Context, cacheDir string, k *Kernel, files 
 // init reads them from /proc/cmdline.
 func KernelCmdline(mods []string, extra ...string) string {
 	khz, _ := HostTSCKHz()
-	args := []string{"console=ttyS0", "quiet", fmt.Sprintf("tsc_early_khz=%d", khz), "cryptomgr.notests", "no_timer_check", "panic=-1"}
+	args := []string{"console=ttyS0", "quiet", fmt.Sprintf("tsc_early_khz=%d", khz), "cryptomgr.notests", "no_timer_check", "panic=-1", "mitigations=off"}
 	if len(mods) > 0 {
 		args = append(args, "fw.mods="+strings.Join(mods, ","))
 	}

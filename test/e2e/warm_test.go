@@ -76,7 +76,7 @@ func TestTemplateRestoresAreIndependent(t *testing.T) {
 		if str(d, "start_mode") != "restore" || str(d, "template") == "" {
 			t.Fatalf("sandbox %v started %q from template %q; want a restore", s["id"], str(d, "start_mode"), str(d, "template"))
 		}
-		if !strings.Contains(str(d, "start_phases"), "identity=") {
+		if !strings.Contains(str(d, "start_phases"), "identity+exec=") {
 			t.Errorf("start phases %q do not show the identity step", str(d, "start_phases"))
 		}
 	}
@@ -188,7 +188,7 @@ func TestWarmPoolClaimAndRefill(t *testing.T) {
 		t.Errorf("claimed VM did not take the sandbox's hostname: %q", r.stdout)
 	}
 	w1 := details(t, inspect(t, "warm-1"))
-	if str(w1, "start_mode") != "warm" || !strings.Contains(str(w1, "start_phases"), "identity=") {
+	if str(w1, "start_mode") != "warm" || !strings.Contains(str(w1, "start_phases"), "identity+exec=") {
 		t.Fatalf("first start with a ready pool: mode %q phases %q", str(w1, "start_mode"), str(w1, "start_phases"))
 	}
 	// The claimed VM is replaced by a new one, and a second claim gets that one.

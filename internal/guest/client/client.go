@@ -563,6 +563,45 @@ func (c *Client) Identity(ctx context.Context, id proto.Identity) error {
 	return c.request(ctx, proto.Request{Op: proto.OpIdentity, Identity: &id})
 }
 
+// IdentityAndExec applies an identity and starts a process with it, sending both frames
+// back to back: the guest handles them in order, so the exec sees the new identity, and a
+// start's critical path saves a round trip. If the identity fails, the process (if it
+// started) is killed and the identity's error returned.
+func (c *Client) IdentityAndExec(ctx context.Context, id proto.Identity, req proto.ExecRequest) (*Session, error) {
+	ch := make(chan proto.Response, 1)
+	c.mu.Lock()
+	rid := c.allocIDLocked()
+	c.pending[rid] = &call{ch: ch}
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.pending, rid)
+		c.mu.Unlock()
+	}()
+	f, err := proto.JSONFrame(proto.TypeRequest, rid, proto.Request{Op: proto.OpIdentity, Identity: &id})
+	if err != nil {
+		return nil, err
+	}
+	if err := c.send(ctx, f); err != nil {
+		return nil, fmt.Errorf("guest %s: %w", proto.OpIdentity, err)
+	}
+	sess, execErr := c.Exec(ctx, req)
+	resp, err := c.awaitResponse(ctx, ch, nil)
+	if err == nil && resp.Error != "" {
+		err = &GuestError{Op: proto.OpIdentity, Msg: truncate(resp.Error)}
+	} else if err != nil {
+		err = fmt.Errorf("guest %s: %w", proto.OpIdentity, err)
+	}
+	if err != nil {
+		if sess != nil {
+			_ = sess.Signal(ctx, 9)
+			sess.Close()
+		}
+		return nil, err
+	}
+	return sess, execErr
+}
+
 // SetTime sets the guest clock and, if entropy is given, reseeds its CRNG;
 // use it after restoring a snapshot.
 func (c *Client) SetTime(ctx context.Context, t proto.SetTime) error {

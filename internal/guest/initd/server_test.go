@@ -447,6 +447,15 @@ func TestIdentity(t *testing.T) {
 	if err := c.Identity(ctx, proto.Identity{Hostname: "x"}); !errors.As(err, &gerr) || !strings.Contains(err.Error(), "before setup") {
 		t.Fatalf("identity before setup: got %v, want a guest error", err)
 	}
+	// A failed identity does not leave the exec sent behind it running.
+	marker := filepath.Join(t.TempDir(), "ran")
+	if _, err := c.IdentityAndExec(ctx, proto.Identity{Hostname: "x"}, proto.ExecRequest{Argv: []string{"sh", "-c", "sleep 1; touch " + marker}}); !errors.As(err, &gerr) {
+		t.Fatalf("identity+exec before setup: got %v, want the identity's guest error", err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	if _, err := os.Stat(marker); err == nil {
+		t.Error("the exec behind a failed identity kept running")
+	}
 	if err := c.Setup(ctx, proto.Setup{Hostname: "pool", Env: []string{"A=pool"}}); err != nil {
 		t.Fatal(err)
 	}
@@ -467,9 +476,21 @@ func TestIdentity(t *testing.T) {
 	if strings.TrimSpace(string(out)) != "sb-2" {
 		t.Errorf("exec after identity sees A=%q, want sb-2", out)
 	}
+	// Identity and exec sent back to back: the exec runs with the new identity.
+	s, err = c.IdentityAndExec(ctx, proto.Identity{Hostname: "sb-3", Env: []string{"A=sb-3"}}, proto.ExecRequest{Argv: []string{"sh", "-c", "echo $A"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _ = io.ReadAll(s.Stdout())
+	if _, err := s.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if strings.TrimSpace(string(out)) != "sb-3" {
+		t.Errorf("pipelined exec sees A=%q, want sb-3", out)
+	}
 	g.sys.mu.Lock()
 	defer g.sys.mu.Unlock()
-	if len(g.sys.hosts) != 2 || g.sys.hosts[1] != "sb-2" || len(g.sys.times) != 2 || g.sys.times[1].TimeUnixNano != 7 || string(g.sys.times[1].Entropy) != "\x09" {
+	if len(g.sys.hosts) != 3 || g.sys.hosts[1] != "sb-2" || len(g.sys.times) != 3 || g.sys.times[1].TimeUnixNano != 7 || string(g.sys.times[1].Entropy) != "\x09" {
 		t.Errorf("system saw hosts=%v times=%+v", g.sys.hosts, g.sys.times)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -127,10 +128,31 @@ func (p *pid1System) Setup(ctx context.Context, s proto.Setup) error {
 	if err := p.SetHostname(s.Hostname); err != nil {
 		return err
 	}
+	prefetch(s.Prefetch)
 	// Make the new mounts' on-disk state complete: a host that snapshots the VM now
 	// copies the scratch disk for every VM restored from it.
 	unix.Sync()
 	return p.SetTime(ctx, proto.SetTime{TimeUnixNano: s.TimeUnixNano, Entropy: s.Entropy})
+}
+
+// prefetch reads the named files (in the new root) into the page cache, at most
+// proto.MaxPrefetch bytes in all. Errors only mean less is cached.
+func prefetch(paths []string) {
+	budget := int64(proto.MaxPrefetch)
+	for _, p := range paths {
+		if budget <= 0 || !filepath.IsAbs(p) {
+			continue
+		}
+		f, err := os.Open(p)
+		if err != nil {
+			continue
+		}
+		if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() {
+			n, _ := io.Copy(io.Discard, io.LimitReader(f, budget))
+			budget -= n
+		}
+		f.Close()
+	}
 }
 
 // checkDevice accepts only absolute paths under /dev, so a confused host

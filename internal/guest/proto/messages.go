@@ -111,7 +111,15 @@ type Setup struct {
 	// Env is the base environment of every exec session; ExecRequest.Env
 	// entries override it by key.
 	Env []string `json:"env,omitempty"`
+	// Prefetch names files in the new root to read into the page cache
+	// (missing ones are skipped; MaxPrefetch bytes at most): a template
+	// snapshot taken after Setup then carries them, and restored VMs do
+	// not read them from disk.
+	Prefetch []string `json:"prefetch,omitempty"`
 }
+
+// MaxPrefetch bounds the bytes Setup.Prefetch reads.
+const MaxPrefetch = 64 << 20
 
 // Identity makes a guest that is already set up (root mounted) a
 // particular sandbox: hostname, the base environment of every later exec
