@@ -459,6 +459,17 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		h, err = a.startVM(ctx, in)
 		if tmpl != nil {
 			a.warm.release(tmpl) // the VMM has mapped the files (or failed)
+			if err != nil && ctx.Err() == nil {
+				// A template that does not restore (damaged files, a QEMU that cannot
+				// load it) is dropped, so the next start builds a new one; this start
+				// boots instead of failing.
+				a.warm.invalidate(tmpl, err)
+				fallback = "restore failed: " + err.Error()
+				a.log.Warn("restore from template failed; booting", "sandbox", sb.ID, "err", err)
+				ph.mark("restore_failed")
+				in.tmpl, how = nil, "cold"
+				h, err = a.startVM(ctx, in)
+			}
 		}
 		if err != nil {
 			a.fail(s, err.Error())

@@ -197,6 +197,23 @@ func prefetchFor(cfg image.Config) []string {
 	return out
 }
 
+// invalidate drops a template that failed to restore: it is forgotten and its files
+// removed (VMs restored from it earlier keep their mappings), so the next start of the
+// image builds it again.
+func (w *warmManager) invalidate(t *template, why error) {
+	w.mu.Lock()
+	if w.templates[t.hash] == t {
+		delete(w.templates, t.hash)
+	}
+	w.mu.Unlock()
+	w.log.Warn("dropping a template snapshot that does not restore", "image", t.image, "key", t.hash, "err", why)
+	if t.dir != "" {
+		if err := os.RemoveAll(t.dir); err != nil {
+			w.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
+		}
+	}
+}
+
 func (w *warmManager) release(t *template) {
 	w.mu.Lock()
 	t.users--

@@ -337,6 +337,10 @@ func (w *warmManager) fill(p *pool) (*poolVM, error) {
 	dir := filepath.Join(a.runRoot(), "w-"+randHex(6))
 	r, err := a.startVM(w.ctx, vmInput{id: filepath.Base(dir), dir: dir, rootDisk: disk, vcpus: vcpus, mem: mem, tmpl: t})
 	if err != nil {
+		_ = os.RemoveAll(dir)
+		if w.ctx.Err() == nil {
+			w.invalidate(t, err)
+		}
 		return nil, err
 	}
 	v := &poolVM{dir: dir, vm: r.vm, guest: r.guest, ln: r.ln, key: key.hash(), since: time.Now()}

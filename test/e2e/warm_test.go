@@ -270,3 +270,32 @@ func restartDev(t *testing.T, extra ...string) {
 		t.Fatalf("restart fireworks dev %v: %v", extra, err)
 	}
 }
+
+// A damaged template does not fail starts: the start that finds it boots instead (and
+// says why), and the next one builds a new template.
+func TestDamagedTemplateFallsBack(t *testing.T) {
+	need(t)
+	img := image("busybox:latest")
+	fw(t, 0, "run", "--name", "before-damage", img, "--", "true")
+	key := str(details(t, inspect(t, "before-damage")), "template")
+	if key == "" {
+		t.Fatal("no template used")
+	}
+	// Keep the first bytes (a valid stream header) and cut the rest.
+	if err := os.Truncate(filepath.Join(world.dataDir, "templates", key, "state"), 64); err != nil {
+		t.Fatal(err)
+	}
+	r := fw(t, 0, "run", "--name", "after-damage", "--boot", "restore", img, "--", "echo", "still-runs")
+	if strings.TrimSpace(r.stdout) != "still-runs" {
+		t.Errorf("output %q", r.stdout)
+	}
+	d := details(t, inspect(t, "after-damage"))
+	if str(d, "start_mode") != "cold" || !strings.Contains(str(d, "start_fallback"), "restore failed") {
+		t.Errorf("start from a damaged template: mode %q fallback %q", str(d, "start_mode"), str(d, "start_fallback"))
+	}
+	fw(t, 0, "run", "--name", "rebuilt", img, "--", "true")
+	d = details(t, inspect(t, "rebuilt"))
+	if str(d, "start_mode") != "restore" || !strings.Contains(str(d, "start_phases"), "template_build") {
+		t.Errorf("start after the damage: mode %q phases %q; want a rebuilt template", str(d, "start_mode"), str(d, "start_phases"))
+	}
+}
