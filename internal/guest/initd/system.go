@@ -147,9 +147,19 @@ func prefetch(paths []string) {
 		if err != nil {
 			continue
 		}
-		if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() {
-			n, _ := io.Copy(io.Discard, io.LimitReader(f, budget))
-			budget -= n
+		if fi, err := f.Stat(); err == nil {
+			switch {
+			case fi.Mode().IsRegular():
+				n, _ := io.Copy(io.Discard, io.LimitReader(f, budget))
+				budget -= n
+			case fi.IsDir():
+				// Looking names up (PATH search) then finds the entries cached.
+				if names, err := f.Readdirnames(4096); err == nil {
+					for _, n := range names {
+						_, _ = os.Lstat(filepath.Join(p, n))
+					}
+				}
+			}
 		}
 		f.Close()
 	}

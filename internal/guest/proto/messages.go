@@ -111,8 +111,9 @@ type Setup struct {
 	// Env is the base environment of every exec session; ExecRequest.Env
 	// entries override it by key.
 	Env []string `json:"env,omitempty"`
-	// Prefetch names files in the new root to read into the page cache
-	// (missing ones are skipped; MaxPrefetch bytes at most): a template
+	// Prefetch names files in the new root to read into the page cache, and
+	// directories whose entries to look up (missing ones are skipped;
+	// MaxPrefetch bytes at most): a template
 	// snapshot taken after Setup then carries them, and restored VMs do
 	// not read them from disk.
 	Prefetch []string `json:"prefetch,omitempty"`
