@@ -5,11 +5,13 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -155,6 +157,10 @@ func (w *warmManager) template(ctx context.Context, key templateKey, ref, rootDi
 		w.mu.Lock()
 		t, built = w.templates[h], false
 		if t == nil {
+			if w.ctx.Err() != nil {
+				w.mu.Unlock()
+				return nil, false, errors.New("the node agent is shutting down")
+			}
 			t = &template{key: key, hash: h, ready: make(chan struct{}), refs: map[string]bool{}, image: ref}
 			w.templates[h] = t
 			built = true
@@ -222,15 +228,14 @@ func prefetchFor(cfg image.Config) []string {
 // image builds it again.
 func (w *warmManager) invalidate(t *template, why error) {
 	w.mu.Lock()
-	if w.templates[t.hash] == t {
-		delete(w.templates, t.hash)
+	defer w.mu.Unlock()
+	if w.templates[t.hash] != t {
+		return // dropped already (and maybe rebuilt: the files are not t's any more)
 	}
-	w.mu.Unlock()
+	delete(w.templates, t.hash)
 	w.log.Warn("dropping a template snapshot that does not restore", "image", t.image, "key", t.hash, "err", why)
-	if t.dir != "" {
-		if err := os.RemoveAll(t.dir); err != nil {
-			w.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
-		}
+	if err := os.RemoveAll(t.dir); err != nil {
+		w.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
 	}
 }
 
@@ -347,8 +352,13 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 	if err := os.WriteFile(filepath.Join(tmp, "meta.json"), meta, 0o400); err != nil {
 		return err
 	}
+	// Installing and removing template directories happen under the lock, so a late
+	// removal of a dropped template can never hit a new one built under the same key.
+	w.mu.Lock()
 	_ = os.RemoveAll(final)
-	if err := os.Rename(tmp, final); err != nil {
+	err = os.Rename(tmp, final)
+	w.mu.Unlock()
+	if err != nil {
 		return err
 	}
 	t.dir = final
@@ -375,6 +385,7 @@ func syncReadOnly(path string) error {
 // from a removed one keep running (their mapping holds the file).
 func (w *warmManager) collect() {
 	w.mu.Lock()
+	defer w.mu.Unlock()
 	var total int64
 	var list []*template
 	for _, t := range w.templates {
@@ -385,19 +396,31 @@ func (w *warmManager) collect() {
 		list = append(list, t)
 	}
 	slices.SortFunc(list, func(x, y *template) int { return x.lastUsed.Compare(y.lastUsed) })
-	var drop []*template
-	for i := 0; total > w.budget && i < len(list)-1; i++ {
-		t := list[i]
+	imageShape := func(t *template) string {
+		return t.key.Digest + "|" + strconv.Itoa(t.key.VCPUs) + "|" + strconv.Itoa(t.key.MemoryMiB)
+	}
+	newest := map[string]*template{}
+	for _, t := range list {
+		newest[imageShape(t)] = t // list is oldest first
+	}
+	for i, t := range list {
 		if t.users > 0 || w.poolUsesLocked(t.hash) {
+			continue
+		}
+		why := ""
+		switch {
+		case newest[imageShape(t)] != t:
+			// A newer template of the same image and shape exists (its root disk was
+			// rebuilt): this one will not be used again.
+			why = "superseded"
+		case total > w.budget && i < len(list)-1:
+			why = "over the disk budget"
+		default:
 			continue
 		}
 		delete(w.templates, t.hash)
 		total -= t.size
-		drop = append(drop, t)
-	}
-	w.mu.Unlock()
-	for _, t := range drop {
-		w.log.Info("removing template snapshot over the disk budget", "image", t.image, "key", t.hash, "size_mib", t.size>>20, "budget_mib", w.budget>>20)
+		w.log.Info("removing template snapshot", "why", why, "image", t.image, "key", t.hash, "size_mib", t.size>>20, "budget_mib", w.budget>>20)
 		if err := os.RemoveAll(t.dir); err != nil {
 			w.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
 		}

@@ -162,6 +162,15 @@ func (a *Agent) ownVM(s *sandbox, h *vmHandle, cleanup *cleanupStack) {
 // sandbox's (run/<id> links to it, so adoption, inspect and removal find it by ID), and
 // it is resumed. It returns nil if the VM cannot be used, after ending it.
 func (a *Agent) adoptPoolVM(s *sandbox, pv *poolVM, cleanup *cleanupStack) *vmHandle {
+	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+	defer cancel()
+	if p, ok := pv.vm.(vmm.Pauser); ok {
+		if err := p.Resume(ctx); err != nil {
+			a.log.Warn("resume warm VM", "sandbox", s.id, "err", err)
+			pv.destroy()
+			return nil
+		}
+	}
 	if err := os.Symlink(filepath.Base(pv.dir), s.dir); err != nil {
 		a.log.Warn("claim warm VM", "sandbox", s.id, "err", err)
 		pv.destroy()
@@ -169,15 +178,6 @@ func (a *Agent) adoptPoolVM(s *sandbox, pv *poolVM, cleanup *cleanupStack) *vmHa
 	}
 	h := &vmHandle{vm: pv.vm, guest: pv.guest, ln: pv.ln, scratch: filepath.Join(pv.dir, "scratch.img")}
 	a.ownVM(s, h, cleanup)
-	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
-	defer cancel()
-	if p, ok := pv.vm.(vmm.Pauser); ok {
-		if err := p.Resume(ctx); err != nil {
-			a.log.Warn("resume warm VM", "sandbox", s.id, "err", err)
-			_ = pv.vm.Kill()
-			return nil
-		}
-	}
 	return h
 }
 

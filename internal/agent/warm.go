@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -69,6 +70,7 @@ type pool struct {
 	filling                  int
 	claims                   []time.Time
 	lastErr                  string
+	limited                  string // why the pool is below target for want of capacity
 	retryAt                  time.Time
 }
 
@@ -123,7 +125,11 @@ func (w *warmManager) start() error {
 // close stops the loop and builds, and ends every pool VM (they are cheap to make again;
 // a restarted agent sweeps any it could not end).
 func (w *warmManager) close() {
+	// Cancelled under the lock: template() checks it and adds to wg under the lock, so no
+	// build can start once Wait has begun.
+	w.mu.Lock()
 	w.cancel()
+	w.mu.Unlock()
 	w.wg.Wait()
 	w.mu.Lock()
 	var vms []*poolVM
@@ -260,10 +266,24 @@ func (w *warmManager) step() bool {
 			}
 			continue
 		}
-		if fill == nil && len(p.ready)+p.filling < tgt && w.fitsLocked(p.vcpus, p.mem) {
-			fill = p
-			p.filling++
+		if len(p.ready)+p.filling >= tgt {
+			p.limited = ""
+			continue
 		}
+		if !w.fitsLocked(p.vcpus, p.mem) {
+			p.limited = fmt.Sprintf("node capacity: %d of %d wanted (pool VMs only use vCPUs and memory that sandboxes leave free)", len(p.ready)+p.filling, tgt)
+			continue
+		}
+		p.limited = ""
+		if fill == nil {
+			fill = p
+		}
+	}
+	if resolve != nil {
+		fill = nil // one unit of work per step: resolving first
+	}
+	if fill != nil {
+		fill.filling++
 	}
 	w.mu.Unlock()
 	for _, v := range append(dead, extra...) {
@@ -277,12 +297,23 @@ func (w *warmManager) step() bool {
 		v, err := w.fill(fill)
 		w.mu.Lock()
 		fill.filling--
+		stale := false
 		if err != nil {
 			fill.lastErr = err.Error()
 			fill.retryAt = time.Now().Add(fillRetry)
 		} else {
 			fill.lastErr = ""
-			if w.pools[poolID(fill.cfg.Image, fill.vcpus, fill.mem)] == fill && v.key == fill.key {
+			switch {
+			case w.pools[poolID(fill.cfg.Image, fill.vcpus, fill.mem)] != fill:
+				// The pool went away while it was filled.
+			case v.key != fill.key:
+				// The image's root disk was rebuilt (or the tag moved) since the pool
+				// was resolved: resolve it again; VMs of the old key go.
+				stale = true
+				fill.key = ""
+				extra = append(extra[:0], fill.ready...)
+				fill.ready = nil
+			default:
 				fill.ready = append(fill.ready, v)
 				v = nil
 			}
@@ -291,8 +322,14 @@ func (w *warmManager) step() bool {
 		if err != nil {
 			w.log.Warn("warm pool fill failed", "image", fill.cfg.Image, "err", err)
 		}
+		if stale {
+			w.log.Info("warm pool's image changed under it; resolving it again", "image", fill.cfg.Image)
+			for _, old := range extra {
+				old.destroy()
+			}
+		}
 		if v != nil {
-			v.destroy() // the pool went away or changed while it was filled
+			v.destroy()
 		}
 		return err == nil
 	}
@@ -346,10 +383,18 @@ func (w *warmManager) fill(p *pool) (*poolVM, error) {
 	v := &poolVM{dir: dir, vm: r.vm, guest: r.guest, ln: r.ln, key: key.hash(), since: time.Now()}
 	ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
 	defer cancel()
-	// Run one command so that the paths every start takes (exec, process exit, output)
-	// are translated before a claim: under TCG the first run of guest code is slow. The
-	// command may not exist in the image; the attempt alone does most of the work.
-	err = warmUp(ctx, r.guest)
+	// Run two short commands so that the paths every start takes (exec, process exit,
+	// output) are translated before a claim: under TCG the first run of guest code is
+	// slow. They run with an identity and entropy of this VM's own (never the template's
+	// shared random state), and nothing they leave behind survives: every process but
+	// init is killed before the pause. The claim reseeds again.
+	err = r.guest.Identity(ctx, proto.Identity{Hostname: "warm", TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()})
+	if err == nil {
+		err = warmUp(ctx, r.guest)
+	}
+	if err == nil {
+		err = r.guest.KillAll(ctx)
+	}
 	if err == nil {
 		if pz, ok := r.vm.(vmm.Pauser); ok {
 			err = pz.Pause(ctx)
@@ -456,7 +501,7 @@ func (w *warmManager) status() []PoolStatus {
 		p := w.pools[id]
 		out = append(out, PoolStatus{Image: p.cfg.Image, Digest: p.digest, VCPUs: p.vcpus, MemoryMiB: p.mem,
 			Size: p.cfg.Size, Max: max(p.cfg.Max, p.cfg.Size), Target: p.target(now), Ready: len(p.ready), Filling: p.filling,
-			Claims: len(p.claims), Error: p.lastErr})
+			Claims: len(p.claims), Error: cmp.Or(p.lastErr, p.limited)})
 	}
 	return out
 }

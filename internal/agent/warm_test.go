@@ -1,10 +1,15 @@
 package agent
 
 import (
+	"context"
+	"log/slog"
+	"net"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/vmm"
 )
 
 // The autoscaler aims for the largest burst of claims in any 10 s of the last minute,
@@ -59,5 +64,81 @@ func TestTemplateKeyCoversItsInputs(t *testing.T) {
 		if k.hash() == base.hash() {
 			t.Errorf("changing the %s keeps the template key", name)
 		}
+	}
+}
+
+// stubVM stands in for a VM in the capacity accounting test, which needs VM handles to
+// end but no guest (the real driver is exercised by the e2e tests).
+type stubVM struct {
+	done   chan struct{}
+	killed bool
+}
+
+func newStubVM() *stubVM                                    { return &stubVM{done: make(chan struct{})} }
+func (v *stubVM) ID() string                                { return "stub" }
+func (v *stubVM) Start(context.Context) error               { return nil }
+func (v *stubVM) Stop(context.Context, time.Duration) error { return v.Kill() }
+func (v *stubVM) Wait() <-chan struct{}                     { return v.done }
+func (v *stubVM) ExitError() error                          { return nil }
+func (v *stubVM) Info() vmm.Info                            { return vmm.Info{} }
+func (v *stubVM) Kill() error {
+	if !v.killed {
+		v.killed = true
+		close(v.done)
+	}
+	return nil
+}
+
+// Pool VMs only use capacity that sandboxes leave free: a full node fills no more, and a
+// sandbox that needs room ends ready pool VMs first.
+func TestPoolCapacityGuard(t *testing.T) {
+	a := &Agent{cfg: Config{MaxVCPUs: 3, MaxMemoryMiB: 1024, DefaultVCPUs: 1, DefaultMemoryMiB: 256},
+		live: map[string]*sandbox{}, log: slog.New(slog.DiscardHandler)}
+	w := &warmManager{a: a, log: a.log, pools: map[string]*pool{}, templates: map[string]*template{}}
+	var vms []*stubVM
+	ready := func() []*poolVM {
+		var out []*poolVM
+		for range 2 {
+			v := newStubVM()
+			vms = append(vms, v)
+			ln, err := net.Listen("unix", filepath.Join(t.TempDir(), "s"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, &poolVM{dir: t.TempDir(), vm: v, ln: ln})
+		}
+		return out
+	}
+	p := &pool{cfg: state.Pool{Image: "img", Size: 2}, vcpus: 1, mem: 256, key: "k", ready: ready()}
+	w.pools["img"] = p
+
+	w.mu.Lock()
+	if !w.fitsLocked(1, 256) {
+		t.Error("a third 1-vCPU VM should fit 3 vCPUs with 2 pool VMs")
+	}
+	if w.fitsLocked(2, 256) {
+		t.Error("a 2-vCPU VM fits beside 2 pool VMs on 3 vCPUs")
+	}
+	if w.fitsLocked(1, 600) {
+		t.Error("600 MiB fits beside 512 MiB of pool VMs in 1024 MiB")
+	}
+	w.mu.Unlock()
+
+	// A sandbox of 2 vCPUs arrives: 2 + 2 pool vCPUs > 3, so one pool VM goes.
+	a.live["sb1"] = &sandbox{spec: state.SandboxSpec{VCPUs: 2, MemoryMiB: 256}}
+	w.makeRoom()
+	if len(p.ready) != 1 || !vms[0].killed || vms[1].killed {
+		t.Fatalf("after a 2-vCPU sandbox: %d ready, killed %v %v; want the first pool VM ended", len(p.ready), vms[0].killed, vms[1].killed)
+	}
+	w.mu.Lock()
+	if w.fitsLocked(1, 256) {
+		t.Error("a refill fits while the node is full")
+	}
+	w.mu.Unlock()
+	// Another sandbox: the last pool VM goes too.
+	a.live["sb2"] = &sandbox{spec: state.SandboxSpec{VCPUs: 1, MemoryMiB: 256}}
+	w.makeRoom()
+	if len(p.ready) != 0 || !vms[1].killed {
+		t.Fatalf("after the node filled with sandboxes: %d pool VMs ready", len(p.ready))
 	}
 }

@@ -156,7 +156,9 @@ func (c *apiClient) waitPoolReady(ctx context.Context, ref string, timeout time.
 				if n.GetError() != "" {
 					last += ", error: " + n.GetError()
 				}
-				if n.GetReady() >= 1 && n.GetFilling() == 0 {
+				// Full again (the refill after the last claim is done), and nothing
+				// filling: the measured start does not share the CPUs with a refill.
+				if n.GetReady() >= 1 && n.GetReady() >= n.GetTarget() && n.GetFilling() == 0 {
 					return nil
 				}
 			}

@@ -31,14 +31,14 @@ func shape(vcpus, memMiB int32) string {
 	if vcpus == 0 && memMiB == 0 {
 		return "default"
 	}
-	c, m := "default", "default"
+	c, m := "default-vCPUs", "default-memory"
 	if vcpus > 0 {
-		c = fmt.Sprint(vcpus)
+		c = fmt.Sprintf("%dvCPU", vcpus)
 	}
 	if memMiB > 0 {
 		m = fmt.Sprintf("%dM", memMiB)
 	}
-	return c + "vCPU/" + m // no space: one table column
+	return c + "/" + m // no space: one table column
 }
 
 func newPoolCmd(g *globals) *cobra.Command {

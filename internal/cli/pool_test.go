@@ -182,7 +182,7 @@ func TestPoolLsAndRm(t *testing.T) {
 	if !strings.Contains(lines[2], "pull failed: ?[31mboom") {
 		t.Errorf("n2 row (error on one line, escapes neutralised): %q", lines[2])
 	}
-	if f := strings.Fields(lines[3]); len(f) < 5 || f[0] != "reg/new:1" || f[3] != "2vCPU/default" || f[4] != "-" {
+	if f := strings.Fields(lines[3]); len(f) < 5 || f[0] != "reg/new:1" || f[3] != "2vCPU/default-memory" || f[4] != "-" {
 		t.Errorf("unreported pool row: %q", lines[3])
 	}
 

@@ -43,7 +43,22 @@ func fileSum(t *testing.T, path string) string {
 }
 
 // identityProbe prints what must differ between two VMs restored from one template.
-const identityProbe = `echo host=$(hostname); echo id=$FIREWORKS_SANDBOX_ID; echo uuid=$(cat /proc/sys/kernel/random/uuid); echo rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')`
+const identityProbe = `echo host=$(hostname); echo id=$FIREWORKS_SANDBOX_ID; echo uuid=$(cat /proc/sys/kernel/random/uuid); echo rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'); echo now=$(date +%s)`
+
+// checkClock fails unless a guest's clock (Unix seconds as printed by the probe) is
+// within a few seconds of the host's: restored and pooled VMs must not keep the
+// template's time.
+func checkClock(t *testing.T, who, guestNow string) {
+	t.Helper()
+	n, err := strconv.ParseInt(guestNow, 10, 64)
+	if err != nil {
+		t.Errorf("%s: guest clock %q", who, guestNow)
+		return
+	}
+	if d := time.Now().Unix() - n; d > 10 || d < -10 {
+		t.Errorf("%s: guest clock is %d s off the host's", who, d)
+	}
+}
 
 func probe(t *testing.T, id string) map[string]string {
 	t.Helper()
@@ -53,7 +68,7 @@ func probe(t *testing.T, id string) map[string]string {
 		k, v, _ := strings.Cut(l, "=")
 		m[k] = v
 	}
-	for _, k := range []string{"host", "id", "uuid", "rand"} {
+	for _, k := range []string{"host", "id", "uuid", "rand", "now"} {
 		if m[k] == "" {
 			t.Fatalf("probe of %s printed no %s:\n%s", id, k, out)
 		}
@@ -84,6 +99,8 @@ func TestTemplateRestoresAreIndependent(t *testing.T) {
 		t.Fatalf("same image and shape restored from different templates")
 	}
 	pa, pb := probe(t, a), probe(t, b)
+	checkClock(t, "restore a", pa["now"])
+	checkClock(t, "restore b", pb["now"])
 	if pa["host"] != "restored-a" || pb["host"] != "restored-b" {
 		t.Errorf("hostnames %q, %q; want the sandbox names", pa["host"], pb["host"])
 	}
@@ -95,7 +112,7 @@ func TestTemplateRestoresAreIndependent(t *testing.T) {
 			t.Errorf("both restores produced the same %s %q: the RNG was not reseeded", k, pa[k])
 		}
 	}
-	fw(t, 0, "exec", a, "--", "sh", "-c", "echo from-a > /tmp/written-by-a")
+	fw(t, 0, "exec", a, "--", "sh", "-c", "echo from-a > /tmp/written-by-a; dd if=/dev/zero of=/tmp/fill bs=1M count=8 2>/dev/null; sync")
 	if r := fw(t, 0, "exec", b, "--", "sh", "-c", "cat /tmp/written-by-a 2>/dev/null || echo absent"); strings.TrimSpace(r.stdout) != "absent" {
 		t.Errorf("sandbox b sees a's file: %q", r.stdout)
 	}
@@ -103,15 +120,18 @@ func TestTemplateRestoresAreIndependent(t *testing.T) {
 	// Kill a's VMM outright; the template's memory file must not change, and the next
 	// start restores from it and sees none of a's files.
 	tmplDir := filepath.Join(world.dataDir, "templates", str(details(t, sa), "template"))
-	before := fileSum(t, filepath.Join(tmplDir, "mem"))
+	sums := func() string {
+		return fileSum(t, filepath.Join(tmplDir, "mem")) + fileSum(t, filepath.Join(tmplDir, "state")) + fileSum(t, filepath.Join(tmplDir, "scratch.img"))
+	}
+	before := sums()
 	pid, _ := strconv.Atoi(str(details(t, sa), "pid"))
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatalf("kill VMM %d: %v", pid, err)
 	}
 	waitStatus(t, a, "failed")
 	fw(t, 0, "stop", b)
-	if after := fileSum(t, filepath.Join(tmplDir, "mem")); after != before {
-		t.Errorf("template memory changed after its restores ran and one was killed")
+	if after := sums(); after != before {
+		t.Errorf("template files changed after its restores ran (one writing to its disks) and one was killed")
 	}
 	r := fw(t, 0, "run", "--name", "restored-c", img, "--", "sh", "-c", "cat /tmp/written-by-a 2>/dev/null || echo absent; "+identityProbe)
 	if !strings.HasPrefix(r.stdout, "absent\n") || !strings.Contains(r.stdout, "host=restored-c") {
@@ -179,9 +199,22 @@ func waitPool(t *testing.T, img string, ok func(poolState) bool) poolState {
 func TestWarmPoolClaimAndRefill(t *testing.T) {
 	need(t)
 	img := image("busybox:latest")
+	// A pool whose image cannot be pulled says so, and does not hold up another pool.
+	bad := image("no-such-image:latest")
+	fw(t, 0, "pool", "set", bad, "--size", "1")
+	defer world.cli(context.Background(), nil, "pool", "rm", bad)
 	fw(t, 0, "pool", "set", img, "--size", "1", "--max", "2")
 	defer world.cli(context.Background(), nil, "pool", "rm", img)
 	waitPool(t, img, func(s poolState) bool { return s.Ready == 1 })
+	if out := fw(t, 0, "pool", "ls").stdout; !strings.Contains(out, "no-such-image") || !strings.Contains(out, "pull") {
+		t.Errorf("pool ls does not show why the bad pool is empty:\n%s", out)
+	}
+	fw(t, 0, "pool", "rm", bad)
+	// The good pool stays full after the bad one goes (no phantom fill).
+	time.Sleep(2 * time.Second)
+	if st, _ := poolOf(t, img); st.Ready != 1 || st.Filling != 0 {
+		t.Errorf("pool after removing the bad one: %+v", st)
+	}
 
 	r := fw(t, 0, "run", "--name", "warm-1", img, "--", "sh", "-c", identityProbe)
 	if !strings.Contains(r.stdout, "host=warm-1\n") {
@@ -191,6 +224,7 @@ func TestWarmPoolClaimAndRefill(t *testing.T) {
 	if str(w1, "start_mode") != "warm" || !strings.Contains(str(w1, "start_phases"), "identity+exec=") {
 		t.Fatalf("first start with a ready pool: mode %q phases %q", str(w1, "start_mode"), str(w1, "start_phases"))
 	}
+	checkClock(t, "claimed pool VM", field(r.stdout, "now="))
 	// The claimed VM is replaced by a new one, and a second claim gets that one.
 	waitPool(t, img, func(s poolState) bool { return s.Ready >= 1 })
 	r2 := fw(t, 0, "run", "--name", "warm-2", img, "--", "sh", "-c", identityProbe)

@@ -602,6 +602,11 @@ func (c *Client) IdentityAndExec(ctx context.Context, id proto.Identity, req pro
 	return sess, execErr
 }
 
+// KillAll ends every process in the guest but init.
+func (c *Client) KillAll(ctx context.Context) error {
+	return c.request(ctx, proto.Request{Op: proto.OpKillAll})
+}
+
 // SetTime sets the guest clock and, if entropy is given, reseeds its CRNG;
 // use it after restoring a snapshot.
 func (c *Client) SetTime(ctx context.Context, t proto.SetTime) error {

@@ -31,6 +31,8 @@ type System interface {
 	SetTime(ctx context.Context, t proto.SetTime) error
 	// SetHostname sets the guest's hostname.
 	SetHostname(name string) error
+	// KillAll ends every process but init and waits (bounded) until they are gone.
+	KillAll(ctx context.Context) error
 	// PowerOff stops all processes, syncs and powers the VM off. The server
 	// calls it after the reply to Shutdown has been written.
 	PowerOff(ctx context.Context)
@@ -384,6 +386,11 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		s.mu.Unlock()
 		s.log.Info("identity set", "hostname", id.Hostname)
 		return reply(nil)
+	case proto.OpKillAll:
+		if sys == nil {
+			return reply(errors.New("kill_all is not supported by this server"))
+		}
+		return reply(sys.KillAll(ctx))
 	case proto.OpSetTime:
 		if req.SetTime == nil {
 			return reply(errors.New("set_time request without set_time"))

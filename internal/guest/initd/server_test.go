@@ -28,7 +28,15 @@ type fakeSystem struct {
 	setups   []proto.Setup
 	times    []proto.SetTime
 	hosts    []string
+	killAll  int
 	poweroff int
+}
+
+func (f *fakeSystem) KillAll(context.Context) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.killAll++
+	return nil
 }
 
 func (f *fakeSystem) SetHostname(name string) error {

@@ -242,6 +242,21 @@ func addEntropy(b []byte) error {
 	return nil
 }
 
+// KillAll sends SIGKILL to every process but init and waits up to 2 s for them to go
+// (the reaper collects them).
+func (p *pid1System) KillAll(_ context.Context) error {
+	if err := unix.Kill(-1, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("kill all processes: %w", err)
+	}
+	for i := 0; i < 200 && userProcesses() > 0; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := userProcesses(); n > 0 {
+		return fmt.Errorf("%d processes survived SIGKILL", n)
+	}
+	return nil
+}
+
 // PowerOff stops every process, syncs, unmounts what it can and powers
 // off. It does not return.
 func (p *pid1System) PowerOff(_ context.Context) {

@@ -49,6 +49,10 @@ const (
 	// OpIdentity gives a set-up guest a new identity: a warm-pool VM set up
 	// ahead of time becomes a particular sandbox when a start claims it.
 	OpIdentity = "identity"
+	// OpKillAll ends every process but init (SIGKILL) and answers once they
+	// are gone: a VM prepared ahead of time keeps nothing running from its
+	// preparation.
+	OpKillAll = "kill_all"
 )
 
 // Request is a control request (host to guest). Exactly the field that
