@@ -62,6 +62,14 @@ type Snapshot struct {
 	StateFile  string
 }
 
+// Prestarter is implemented by VMs that can launch their VMM ahead of time: Prestart
+// starts the VMM process and readies it (for a restore: ready to load Spec.Restore) with
+// the guest not yet running; a later Start only loads the state and lets the guest run.
+// What it saves is the VMM's own start-up (tens of ms), not guest work.
+type Prestarter interface {
+	Prestart(ctx context.Context) error
+}
+
 // Snapshotter is implemented by VMs that can be saved. The VM must have been created with
 // Spec.MemoryFile.
 type Snapshotter interface {

@@ -84,6 +84,9 @@ type vm struct {
 	memFile     string // Spec.MemoryFile: the VM can be snapshotted
 	restoreFrom string // Spec.Restore.StateFile: Start restores instead of booting
 	snapshotted bool   // saved: must never run again
+	prestarted  bool   // launched by Prestart; Start loads and resumes
+	resumed     bool   // the guest has been let run
+	exited      chan struct{}
 }
 
 var (
@@ -91,6 +94,7 @@ var (
 	_ vmm.Pauser      = (*vm)(nil)
 	_ vmm.Detacher    = (*vm)(nil)
 	_ vmm.Snapshotter = (*vm)(nil)
+	_ vmm.Prestarter  = (*vm)(nil)
 )
 
 func newVM(d *Driver, id, dir string, args []string) *vm {
@@ -114,24 +118,54 @@ func (v *vm) Info() vmm.Info {
 }
 
 // Start launches QEMU (paused), attaches QMP, records what Adopt needs, then resumes the
-// guest. The process is not tied to ctx: it runs in its own process group, so neither a
-// cancelled request nor a signal to the host's process group ends it.
+// guest (a restore first loads its state). The process is not tied to ctx: it runs in its
+// own process group, so neither a cancelled request nor a signal to the host's process
+// group ends it. After Prestart, Start only does the loading and resuming.
 func (v *vm) Start(ctx context.Context) error {
 	v.mu.Lock()
-	if v.state != "created" {
+	switch {
+	case v.state == "created":
+		v.state = "starting"
 		v.mu.Unlock()
-		return fmt.Errorf("start VM %s: already %s", v.id, v.state)
+		if err := v.launch(ctx); err != nil {
+			return fmt.Errorf("start VM %s: %w", v.id, err)
+		}
+	case v.state == "running" && v.prestarted && !v.resumed:
+		v.mu.Unlock()
+	default:
+		state := v.state
+		v.mu.Unlock()
+		return fmt.Errorf("start VM %s: already %s", v.id, state)
 	}
-	v.state = "starting"
-	v.mu.Unlock()
-
-	if err := v.start(ctx); err != nil {
+	if err := v.resume(ctx); err != nil {
 		return fmt.Errorf("start VM %s: %w", v.id, err)
 	}
 	return nil
 }
 
-func (v *vm) start(ctx context.Context) error {
+// Prestart implements vmm.Prestarter: it launches QEMU and attaches QMP, ready to load
+// the snapshot, without loading it; Start does the rest.
+func (v *vm) Prestart(ctx context.Context) error {
+	v.mu.Lock()
+	if v.state != "created" {
+		state := v.state
+		v.mu.Unlock()
+		return fmt.Errorf("prestart VM %s: already %s", v.id, state)
+	}
+	v.state = "starting"
+	v.mu.Unlock()
+	if err := v.launch(ctx); err != nil {
+		return fmt.Errorf("prestart VM %s: %w", v.id, err)
+	}
+	v.mu.Lock()
+	v.prestarted = true
+	v.mu.Unlock()
+	return nil
+}
+
+// launch starts the QEMU process with its vCPUs stopped, attaches QMP and persists what
+// Adopt needs.
+func (v *vm) launch(ctx context.Context) error {
 	qmpPath := filepath.Join(v.dir, qmpSocket)
 	_ = os.Remove(qmpPath)
 	stderr, err := os.OpenFile(filepath.Join(v.dir, stderrFile), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
@@ -157,31 +191,23 @@ func (v *vm) start(ctx context.Context) error {
 		v.end(&vmm.ExitError{Reason: err.Error(), Code: -1})
 		return err
 	}
+	exited := make(chan struct{})
 	v.mu.Lock()
 	v.pid = cmd.Process.Pid
 	v.p = childProc{cmd.Process}
 	v.state = "running"
+	v.exited = exited
 	v.mu.Unlock()
 
-	exited := make(chan struct{})
 	go func() {
 		werr := cmd.Wait()
 		close(exited)
 		v.finish(exitFromChild(cmd.ProcessState, werr))
 	}()
 
-	fail := func(err error) error {
-		v.mu.Lock()
-		v.stopping = true
-		v.killed = "VMM killed: start failed: " + err.Error()
-		v.mu.Unlock()
-		_ = cmd.Process.Kill()
-		<-v.done
-		return fmt.Errorf("%w%s", err, v.stderrTail())
-	}
 	client, err := v.dialQMP(ctx, qmpPath, exited)
 	if err != nil {
-		return fail(err)
+		return v.failStart(err)
 	}
 	v.mu.Lock()
 	v.qmp = client
@@ -189,57 +215,52 @@ func (v *vm) start(ctx context.Context) error {
 
 	st := persisted{ID: v.id, PID: cmd.Process.Pid, StartTime: procStartTime(cmd.Process.Pid), QMP: qmpPath, Accel: v.d.cfg.Accel}
 	if err := writeJSON(filepath.Join(v.dir, stateFile), st); err != nil {
-		return fail(err)
+		return v.failStart(err)
 	}
 	_ = os.WriteFile(filepath.Join(v.dir, pidFile), []byte(strconv.Itoa(st.PID)+"\n"), 0o600)
-	if v.restoreFrom != "" {
+	if v.restoreFrom != "" || v.memFile != "" {
 		if err := ignoreShared(ctx, client); err != nil {
-			return fail(err)
+			return v.failStart(err)
 		}
+	}
+	return nil
+}
+
+// resume loads a restore's state, then lets the guest run.
+func (v *vm) resume(ctx context.Context) error {
+	v.mu.Lock()
+	client, exited := v.qmp, v.exited
+	v.mu.Unlock()
+	if v.restoreFrom != "" {
 		if err := client.Execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(restoreFD)}, nil); err != nil {
-			return fail(fmt.Errorf("restore device state from %s: %w", v.restoreFrom, err))
+			return v.failStart(fmt.Errorf("restore device state from %s: %w", v.restoreFrom, err))
 		}
 		// The guest comes back in the run state it was saved in (stopped), whatever
 		// autostart says, so wait for the load to finish before resuming it.
 		if err := waitIncoming(ctx, client, exited); err != nil {
-			return fail(fmt.Errorf("restore device state from %s: %w", v.restoreFrom, err))
-		}
-	} else if v.memFile != "" {
-		if err := ignoreShared(ctx, client); err != nil {
-			return fail(err)
+			return v.failStart(fmt.Errorf("restore device state from %s: %w", v.restoreFrom, err))
 		}
 	}
 	if err := client.Execute(ctx, "cont", nil, nil); err != nil {
-		return fail(fmt.Errorf("resume the guest: %w", err))
+		return v.failStart(fmt.Errorf("resume the guest: %w", err))
 	}
+	v.mu.Lock()
+	v.resumed = true
+	v.mu.Unlock()
 	go v.guardConsole()
 	return nil
 }
 
-// waitIncoming polls the run state until an incoming migration has been loaded.
-func waitIncoming(ctx context.Context, c *qmp.Client, exited <-chan struct{}) error {
-	for {
-		var st struct {
-			Status string `json:"status"`
-		}
-		if err := c.Execute(ctx, "query-status", nil, &st); err != nil {
-			return err
-		}
-		switch st.Status {
-		case "inmigrate":
-		case "paused", "running", "prelaunch":
-			return nil
-		default:
-			return fmt.Errorf("VM is %s after loading its state", st.Status)
-		}
-		select {
-		case <-exited:
-			return errors.New("QEMU exited while loading the state")
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Millisecond):
-		}
-	}
+// failStart kills a VMM whose start went wrong and returns err with QEMU's last words.
+func (v *vm) failStart(err error) error {
+	v.mu.Lock()
+	v.stopping = true
+	v.killed = "VMM killed: start failed: " + err.Error()
+	p := v.p
+	v.mu.Unlock()
+	_ = p.signal(syscall.SIGKILL)
+	<-v.done
+	return fmt.Errorf("%w%s", err, v.stderrTail())
 }
 
 // ignoreShared keeps file-backed guest RAM out of the migration stream. Both ends of a
@@ -270,6 +291,32 @@ func (v *vm) dialQMP(ctx context.Context, path string, exited <-chan struct{}) (
 		case <-ctx.Done():
 			return nil, fmt.Errorf("attach QMP at %s: %w (last error: %v)", path, ctx.Err(), err)
 		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// waitIncoming polls the run state until an incoming migration has been loaded.
+func waitIncoming(ctx context.Context, c *qmp.Client, exited <-chan struct{}) error {
+	for {
+		var st struct {
+			Status string `json:"status"`
+		}
+		if err := c.Execute(ctx, "query-status", nil, &st); err != nil {
+			return err
+		}
+		switch st.Status {
+		case "inmigrate":
+		case "paused", "running", "prelaunch":
+			return nil
+		default:
+			return fmt.Errorf("VM is %s after loading its state", st.Status)
+		}
+		select {
+		case <-exited:
+			return errors.New("QEMU exited while loading the state")
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
 		}
 	}
 }

@@ -121,6 +121,7 @@ type bootOpts struct {
 	noWait     bool // return once started, without waiting for the guest
 	memFile    string
 	restore    *vmm.Snapshot
+	prestart   bool // launch the VMM with Prestart before Start
 }
 
 // guest is a booted test VM and the host end of its agent channel.
@@ -174,6 +175,18 @@ func (s *suite) boot(t *testing.T, o bootOpts) *guest {
 	vm, err := s.d.Create(ctx, spec)
 	if err != nil {
 		t.Fatalf("Create: %v", err)
+	}
+	if o.prestart {
+		ps, ok := vm.(vmm.Prestarter)
+		if !ok {
+			t.Skipf("%s does not implement vmm.Prestarter", s.d.Name())
+		}
+		if err := ps.Prestart(ctx); err != nil {
+			t.Fatalf("Prestart: %v", err)
+		}
+		if info := vm.Info(); info.PID <= 0 {
+			t.Errorf("Info().PID = %d after Prestart", info.PID)
+		}
 	}
 	t0 := time.Now()
 	if err := vm.Start(ctx); err != nil {
@@ -623,6 +636,12 @@ func (s *suite) testSnapshot(t *testing.T) {
 	c := restore()
 	if got := c.mustCall("get"); got != "saved-state" {
 		t.Errorf("restore after killed restores remembers %q", got)
+	}
+	// A VMM launched ahead (Prestart) restores on Start like any other.
+	pd := diskImage(t, "snapshot-disk-01")
+	pre := s.boot(t, bootOpts{restore: sn, disks: []vmm.Disk{{Path: pd}}, prestart: true})
+	if got := pre.mustCall("get"); got != "saved-state" {
+		t.Errorf("prestarted restore remembers %q", got)
 	}
 	// A snapshot for another shape is refused with a clear error, not a confused guest.
 	spec := s.spec(t, bootOpts{restore: sn, mem: 256})
