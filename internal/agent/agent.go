@@ -456,7 +456,16 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 				ph.mark("template_failed")
 			}
 		}
-		h, err = a.startVM(ctx, in)
+		if tmpl != nil {
+			if sl := a.warm.takeSlot(tmpl.hash); sl != nil {
+				h, err = a.useSlot(ctx, s, sl)
+			} else {
+				h, err = a.startVM(ctx, in)
+			}
+			a.warm.wantSlot(tmpl, rootDisk, sb.Spec.VCPUs, sb.Spec.MemoryMiB)
+		} else {
+			h, err = a.startVM(ctx, in)
+		}
 		if tmpl != nil {
 			a.warm.release(tmpl) // the VMM has mapped the files (or failed)
 			if err != nil && ctx.Err() == nil {
@@ -493,6 +502,9 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	}
 	if fallback != "" {
 		rt["start_fallback"] = fallback
+	}
+	if h.ahead {
+		rt["vmm_launched_ahead"] = "yes"
 	}
 	s.mu.Lock()
 	s.started.Runtime = rt

@@ -228,8 +228,8 @@ func prefetchFor(cfg image.Config) []string {
 // image builds it again.
 func (w *warmManager) invalidate(t *template, why error) {
 	w.mu.Lock()
-	defer w.mu.Unlock()
 	if w.templates[t.hash] != t {
+		w.mu.Unlock()
 		return // dropped already (and maybe rebuilt: the files are not t's any more)
 	}
 	delete(w.templates, t.hash)
@@ -237,6 +237,8 @@ func (w *warmManager) invalidate(t *template, why error) {
 	if err := os.RemoveAll(t.dir); err != nil {
 		w.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
 	}
+	w.mu.Unlock()
+	w.dropSlots(t.hash)
 }
 
 func (w *warmManager) release(t *template) {

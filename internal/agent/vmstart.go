@@ -31,30 +31,34 @@ type vmHandle struct {
 	scratch string
 	vmmTime time.Duration // VMM create and start (with a restore: loading the state)
 	guestT  time.Duration // until the guest's handshake
+	ahead   bool          // the VMM was launched ahead (a restore slot)
 }
 
 // startVM makes the run directory's scratch disk and guest channel, starts the VMM (boot
 // or restore) and completes the guest handshake. On error it undoes all of it.
-func (a *Agent) startVM(ctx context.Context, in vmInput) (h *vmHandle, err error) {
+func (a *Agent) startVM(ctx context.Context, in vmInput) (*vmHandle, error) {
+	h, err := a.prepareVM(ctx, in, false)
+	if err != nil {
+		return nil, err
+	}
+	if err := a.runVM(ctx, h); err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+// prepareVM makes the run directory's scratch disk and guest channel and creates the VM;
+// with prestart it also launches the VMM ahead of the restore (vmm.Prestarter). On error
+// it undoes all of it.
+func (a *Agent) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHandle, err error) {
 	if err := os.MkdirAll(in.dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create run directory: %w", err)
 	}
 	h = &vmHandle{scratch: filepath.Join(in.dir, "scratch.img")}
 	defer func() {
-		if err == nil {
-			return
+		if err != nil {
+			h.undo()
 		}
-		if h.guest != nil {
-			h.guest.Close()
-		}
-		if h.vm != nil {
-			_ = h.vm.Kill()
-			<-h.vm.Wait()
-		}
-		if h.ln != nil {
-			h.ln.Close()
-		}
-		_ = os.Remove(h.scratch)
 	}()
 	base := a.scratch
 	var snap *vmm.Snapshot
@@ -82,17 +86,52 @@ func (a *Agent) startVM(ctx context.Context, in vmInput) (h *vmHandle, err error
 	if err != nil {
 		return h, fmt.Errorf("create VM: %w", err)
 	}
-	if err := vm.Start(ctx); err != nil {
-		return h, fmt.Errorf("start VMM: %w", err)
-	}
 	h.vm = vm
+	if prestart {
+		ps, ok := vm.(vmm.Prestarter)
+		if !ok {
+			return h, fmt.Errorf("the %s driver cannot launch VMMs ahead: %w", a.driver.Name(), vmm.ErrNotSupported)
+		}
+		if err := ps.Prestart(ctx); err != nil {
+			return h, fmt.Errorf("launch VMM ahead: %w", err)
+		}
+	}
+	h.vmmTime = time.Since(t0)
+	return h, nil
+}
+
+// runVM starts a prepared VM (a prestarted one only loads its state and resumes) and
+// completes the guest handshake. On error it undoes the VM and its files.
+func (a *Agent) runVM(ctx context.Context, h *vmHandle) error {
+	t0 := time.Now()
+	if err := h.vm.Start(ctx); err != nil {
+		h.undo()
+		return fmt.Errorf("start VMM: %w", err)
+	}
 	t1 := time.Now()
-	h.vmmTime = t1.Sub(t0)
-	if h.guest, err = a.connectGuest(ctx, h.ln, vm); err != nil {
-		return h, err
+	h.vmmTime += t1.Sub(t0)
+	var err error
+	if h.guest, err = a.connectGuest(ctx, h.ln, h.vm); err != nil {
+		h.undo()
+		return err
 	}
 	h.guestT = time.Since(t1)
-	return h, nil
+	return nil
+}
+
+// undo ends whatever of the VM exists and removes its scratch disk.
+func (h *vmHandle) undo() {
+	if h.guest != nil {
+		h.guest.Close()
+	}
+	if h.vm != nil {
+		_ = h.vm.Kill()
+		<-h.vm.Wait()
+	}
+	if h.ln != nil {
+		h.ln.Close()
+	}
+	_ = os.Remove(h.scratch)
 }
 
 // phases records how long each step of a start took, for inspect.
@@ -179,6 +218,22 @@ func (a *Agent) adoptPoolVM(s *sandbox, pv *poolVM, cleanup *cleanupStack) *vmHa
 	h := &vmHandle{vm: pv.vm, guest: pv.guest, ln: pv.ln, scratch: filepath.Join(pv.dir, "scratch.img")}
 	a.ownVM(s, h, cleanup)
 	return h
+}
+
+// useSlot restores the sandbox's VM in a VMM launched ahead: run/<id> links to the slot's
+// directory, and only the state is loaded. On error the slot and the link are gone, so the
+// caller can start afresh in run/<id>.
+func (a *Agent) useSlot(ctx context.Context, s *sandbox, sl *slot) (*vmHandle, error) {
+	if err := os.Symlink(filepath.Base(sl.dir), s.dir); err != nil {
+		sl.destroy()
+		return nil, fmt.Errorf("claim a launched VMM: %w", err)
+	}
+	sl.h.vmmTime, sl.h.ahead = 0, true // its launch is not part of this start
+	if err := a.runVM(ctx, sl.h); err != nil {
+		_ = a.removeRunDir(s.id)
+		return nil, err
+	}
+	return sl.h, nil
 }
 
 // sandboxUsage is what the sandboxes live on this node reserve.

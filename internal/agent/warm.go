@@ -55,6 +55,8 @@ type warmManager struct {
 	mu        sync.Mutex
 	templates map[string]*template // by key hash
 	pools     map[string]*pool     // by poolID
+	slots     map[string]*slot     // by template key hash
+	slotWants map[string]slotWant  // by template key hash
 }
 
 // pool is the node's side of one configured warm pool.
@@ -101,7 +103,7 @@ func poolID(image string, vcpus, mem int) string {
 func newWarmManager(a *Agent) *warmManager {
 	w := &warmManager{a: a, dir: filepath.Join(a.cfg.DataDir, "templates"), budget: int64(a.cfg.TemplateDiskMiB) << 20,
 		static: a.cfg.Pools, log: a.log.With("part", "warm"), wake: make(chan struct{}, 1),
-		templates: map[string]*template{}, pools: map[string]*pool{}}
+		templates: map[string]*template{}, pools: map[string]*pool{}, slots: map[string]*slot{}, slotWants: map[string]slotWant{}}
 	w.ctx, w.cancel = context.WithCancel(context.Background())
 	return w
 }
@@ -141,6 +143,7 @@ func (w *warmManager) close() {
 	for _, v := range vms {
 		v.destroy()
 	}
+	w.dropSlots("")
 }
 
 func (w *warmManager) poke() {
@@ -222,7 +225,7 @@ func (w *warmManager) loop() {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
-		for w.ctx.Err() == nil && w.step() {
+		for w.ctx.Err() == nil && (w.step() || w.slotStep()) {
 		}
 		select {
 		case <-w.ctx.Done():
@@ -596,4 +599,129 @@ func entropy() []byte {
 	b := make([]byte, 64)
 	_, _ = rand.Read(b)
 	return b
+}
+
+// Restore slots: for each template recently restored from, the node keeps one VMM
+// launched ahead (vmm.Prestarter) with its scratch disk and guest channel ready. A restore
+// start takes it and only loads the device state, saving the VMM's own start-up (~40 ms of
+// QEMU initialisation); the slot is refilled in the background. A slot runs no guest code
+// and has touched no guest memory, so it holds no sandbox capacity.
+const (
+	// slotIdle: a template not restored from for this long keeps no slot.
+	slotIdle = 10 * time.Minute
+	// maxSlots bounds the slots of a node.
+	maxSlots = 4
+)
+
+type slot struct {
+	dir string
+	h   *vmHandle
+}
+
+func (s *slot) destroy() {
+	s.h.undo()
+	_ = os.RemoveAll(s.dir)
+}
+
+// slotWant records a template's recent use, for keeping a slot for it.
+type slotWant struct {
+	rootDisk   string
+	vcpus, mem int
+	last       time.Time
+}
+
+// wantSlot notes that a start restored from t (so its next start should find a slot).
+func (w *warmManager) wantSlot(t *template, rootDisk string, vcpus, mem int) {
+	w.mu.Lock()
+	w.slotWants[t.hash] = slotWant{rootDisk: rootDisk, vcpus: vcpus, mem: mem, last: time.Now()}
+	w.mu.Unlock()
+	w.poke()
+}
+
+// takeSlot hands over the slot for a template, if there is a live one.
+func (w *warmManager) takeSlot(hash string) *slot {
+	w.mu.Lock()
+	sl := w.slots[hash]
+	delete(w.slots, hash)
+	w.mu.Unlock()
+	if sl != nil && isClosed(sl.h.vm.Wait()) {
+		sl.destroy()
+		return nil
+	}
+	return sl
+}
+
+// slotStep keeps the slots: drops idle or dead ones and launches one missing slot. It
+// reports whether it did any launching.
+func (w *warmManager) slotStep() bool {
+	now := time.Now()
+	var drop []*slot
+	var (
+		t    *template
+		want slotWant
+	)
+	w.mu.Lock()
+	for hash, sw := range w.slotWants {
+		sl := w.slots[hash]
+		tm := w.templates[hash]
+		if now.Sub(sw.last) > slotIdle || tm == nil {
+			delete(w.slotWants, hash)
+			if sl != nil {
+				drop = append(drop, sl)
+				delete(w.slots, hash)
+			}
+			continue
+		}
+		if sl != nil && isClosed(sl.h.vm.Wait()) {
+			drop = append(drop, sl)
+			delete(w.slots, hash)
+			sl = nil
+		}
+		if sl == nil && t == nil && len(w.slots) < maxSlots && isClosed(tm.ready) && tm.err == nil {
+			t, want = tm, sw
+			t.users++ // held until its files are open in the new VMM
+		}
+	}
+	w.mu.Unlock()
+	for _, sl := range drop {
+		sl.destroy()
+	}
+	if t == nil {
+		return false
+	}
+	defer w.release(t)
+	dir := filepath.Join(w.a.runRoot(), "s-"+randHex(6))
+	h, err := w.a.prepareVM(w.ctx, vmInput{id: filepath.Base(dir), dir: dir, rootDisk: want.rootDisk, vcpus: want.vcpus, mem: want.mem, tmpl: t}, true)
+	if err != nil {
+		_ = os.RemoveAll(dir)
+		w.log.Warn("launch a VMM ahead of restores", "key", t.hash, "err", err)
+		return false
+	}
+	sl := &slot{dir: dir, h: h}
+	w.mu.Lock()
+	if w.slots[t.hash] == nil && w.ctx.Err() == nil {
+		w.slots[t.hash] = sl
+		sl = nil
+	}
+	w.mu.Unlock()
+	if sl != nil {
+		sl.destroy()
+	}
+	return true
+}
+
+// dropSlots ends the slot of a template (it was dropped) or, for "", every slot.
+func (w *warmManager) dropSlots(hash string) {
+	w.mu.Lock()
+	var drop []*slot
+	for h, sl := range w.slots {
+		if hash == "" || h == hash {
+			drop = append(drop, sl)
+			delete(w.slots, h)
+		}
+	}
+	w.mu.Unlock()
+	for _, sl := range drop {
+		sl.destroy()
+	}
 }

@@ -139,6 +139,9 @@ func TestTemplateRestoresAreIndependent(t *testing.T) {
 	}
 	if d := details(t, inspect(t, "restored-c")); str(d, "start_mode") != "restore" {
 		t.Errorf("next start was %q, want a restore", str(d, "start_mode"))
+	} else if str(d, "vmm_launched_ahead") != "yes" {
+		// Restores since the template was first used keep a VMM launched ahead.
+		t.Errorf("restored-c did not use a VMM launched ahead: %v", d)
 	}
 	// --boot cold still boots a kernel.
 	fw(t, 0, "run", "--name", "booted-cold", "--boot", "cold", img, "--", "true")
