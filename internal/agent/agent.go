@@ -421,9 +421,10 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	mode, _ := state.ParseBootMode(string(sb.Spec.Boot))
 	key := a.templateKeyFor(digest, rootDisk, rootFS, sb.Spec.VCPUs, sb.Spec.MemoryMiB)
 	var (
-		h        *vmHandle
-		how      string // how the VM started: warm, restore or cold
-		fallback string // why a snapshot start fell back to a cold boot
+		h            *vmHandle
+		how          string    // how the VM started: warm, restore or cold
+		fallback     string    // why a snapshot start fell back to a cold boot
+		restoredFrom *template // the template a restore used
 	)
 	if mode == state.BootAuto {
 		if pv := a.warm.claim(key.hash()); pv != nil {
@@ -456,13 +457,14 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 				ph.mark("template_failed")
 			}
 		}
-		if tmpl != nil {
-			if sl := a.warm.takeSlot(tmpl.hash); sl != nil {
-				h, err = a.useSlot(ctx, s, sl)
-			} else {
+		if sl := a.warm.takeSlot(tmpl); sl != nil {
+			h, err = a.useSlot(ctx, s, sl)
+			if err != nil && ctx.Err() == nil {
+				// The launched-ahead VMM failed (it may have died while idle): that says
+				// nothing about the template yet, so restore afresh.
+				a.log.Warn("restore in a VMM launched ahead failed; restoring afresh", "sandbox", sb.ID, "err", err)
 				h, err = a.startVM(ctx, in)
 			}
-			a.warm.wantSlot(tmpl, rootDisk, sb.Spec.VCPUs, sb.Spec.MemoryMiB)
 		} else {
 			h, err = a.startVM(ctx, in)
 		}
@@ -488,6 +490,9 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		ph.add("guest", h.guestT)
 		ph.last = time.Now()
 		a.ownVM(s, h, &cleanup)
+		if how == "restore" {
+			restoredFrom = tmpl
+		}
 	}
 	vm, guest := h.vm, h.guest
 	info := vm.Info()
@@ -565,6 +570,11 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	s.mu.Unlock()
 	u.Status = status(state.StatusRunning)
 	a.update(sb.ID, u)
+	if restoredFrom != nil {
+		// Keep a VMM launched ahead for this template's next restore; asked for only now,
+		// so that launching it does not compete with this start for the CPUs.
+		a.warm.wantSlot(restoredFrom, rootDisk, sb.Spec.VCPUs, sb.Spec.MemoryMiB)
+	}
 
 	a.supervise(ctx, s, sb, vm, main)
 }

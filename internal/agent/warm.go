@@ -614,6 +614,7 @@ const (
 )
 
 type slot struct {
+	t   *template // the template it restores: only a start from this very template takes it
 	dir string
 	h   *vmHandle
 }
@@ -628,23 +629,30 @@ type slotWant struct {
 	rootDisk   string
 	vcpus, mem int
 	last       time.Time
+	retryAt    time.Time // after a failed launch
 }
 
 // wantSlot notes that a start restored from t (so its next start should find a slot).
 func (w *warmManager) wantSlot(t *template, rootDisk string, vcpus, mem int) {
 	w.mu.Lock()
-	w.slotWants[t.hash] = slotWant{rootDisk: rootDisk, vcpus: vcpus, mem: mem, last: time.Now()}
+	sw := w.slotWants[t.hash]
+	sw.rootDisk, sw.vcpus, sw.mem, sw.last = rootDisk, vcpus, mem, time.Now()
+	w.slotWants[t.hash] = sw
 	w.mu.Unlock()
 	w.poke()
 }
 
-// takeSlot hands over the slot for a template, if there is a live one.
-func (w *warmManager) takeSlot(hash string) *slot {
+// takeSlot hands over the slot for template t, if there is a live one launched for t
+// itself (not for an earlier template under the same key, which was dropped).
+func (w *warmManager) takeSlot(t *template) *slot {
+	if t == nil {
+		return nil
+	}
 	w.mu.Lock()
-	sl := w.slots[hash]
-	delete(w.slots, hash)
+	sl := w.slots[t.hash]
+	delete(w.slots, t.hash)
 	w.mu.Unlock()
-	if sl != nil && isClosed(sl.h.vm.Wait()) {
+	if sl != nil && (sl.t != t || isClosed(sl.h.vm.Wait())) {
 		sl.destroy()
 		return nil
 	}
@@ -664,6 +672,12 @@ func (w *warmManager) slotStep() bool {
 	for hash, sw := range w.slotWants {
 		sl := w.slots[hash]
 		tm := w.templates[hash]
+		if sl != nil && sl.t != tm {
+			// Its template was dropped (and maybe rebuilt under the same key).
+			drop = append(drop, sl)
+			delete(w.slots, hash)
+			sl = nil
+		}
 		if now.Sub(sw.last) > slotIdle || tm == nil {
 			delete(w.slotWants, hash)
 			if sl != nil {
@@ -677,7 +691,7 @@ func (w *warmManager) slotStep() bool {
 			delete(w.slots, hash)
 			sl = nil
 		}
-		if sl == nil && t == nil && len(w.slots) < maxSlots && isClosed(tm.ready) && tm.err == nil {
+		if sl == nil && t == nil && len(w.slots) < maxSlots && isClosed(tm.ready) && tm.err == nil && !now.Before(sw.retryAt) {
 			t, want = tm, sw
 			t.users++ // held until its files are open in the new VMM
 		}
@@ -695,11 +709,18 @@ func (w *warmManager) slotStep() bool {
 	if err != nil {
 		_ = os.RemoveAll(dir)
 		w.log.Warn("launch a VMM ahead of restores", "key", t.hash, "err", err)
+		w.mu.Lock()
+		if sw, ok := w.slotWants[t.hash]; ok {
+			sw.retryAt = time.Now().Add(fillRetry)
+			w.slotWants[t.hash] = sw
+		}
+		w.mu.Unlock()
 		return false
 	}
-	sl := &slot{dir: dir, h: h}
+	sl := &slot{t: t, dir: dir, h: h}
 	w.mu.Lock()
-	if w.slots[t.hash] == nil && w.ctx.Err() == nil {
+	// Only for the template as it stands: one dropped meanwhile gets no slot.
+	if w.slots[t.hash] == nil && w.templates[t.hash] == t && w.ctx.Err() == nil {
 		w.slots[t.hash] = sl
 		sl = nil
 	}

@@ -85,6 +85,7 @@ type vm struct {
 	restoreFrom string // Spec.Restore.StateFile: Start restores instead of booting
 	snapshotted bool   // saved: must never run again
 	prestarted  bool   // launched by Prestart; Start loads and resumes
+	resuming    bool   // Start is loading and resuming a prestarted VM
 	resumed     bool   // the guest has been let run
 	exited      chan struct{}
 }
@@ -130,7 +131,8 @@ func (v *vm) Start(ctx context.Context) error {
 		if err := v.launch(ctx); err != nil {
 			return fmt.Errorf("start VM %s: %w", v.id, err)
 		}
-	case v.state == "running" && v.prestarted && !v.resumed:
+	case v.state == "running" && v.prestarted && !v.resumed && !v.resuming && !v.detached:
+		v.resuming = true
 		v.mu.Unlock()
 	default:
 		state := v.state
@@ -168,9 +170,14 @@ func (v *vm) Prestart(ctx context.Context) error {
 func (v *vm) launch(ctx context.Context) error {
 	qmpPath := filepath.Join(v.dir, qmpSocket)
 	_ = os.Remove(qmpPath)
+	// Until the process exists, a failure ends the VM here (Kill and Wait then work).
+	early := func(err error) error {
+		v.end(&vmm.ExitError{Reason: err.Error(), Code: -1})
+		return err
+	}
 	stderr, err := os.OpenFile(filepath.Join(v.dir, stderrFile), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", stderrFile, err)
+		return early(fmt.Errorf("open %s: %w", stderrFile, err))
 	}
 	defer stderr.Close() // the child has its own copy
 	cmd := exec.Command(v.d.cfg.Binary, v.args...)
@@ -181,15 +188,13 @@ func (v *vm) launch(ctx context.Context) error {
 	if v.restoreFrom != "" {
 		f, err := os.Open(v.restoreFrom)
 		if err != nil {
-			return fmt.Errorf("open snapshot state: %w", err)
+			return early(fmt.Errorf("open snapshot state: %w", err))
 		}
 		defer f.Close() // the child has its own copy
 		cmd.ExtraFiles = []*os.File{f}
 	}
 	if err := cmd.Start(); err != nil {
-		err = fmt.Errorf("run %s: %w", v.d.cfg.Binary, err)
-		v.end(&vmm.ExitError{Reason: err.Error(), Code: -1})
-		return err
+		return early(fmt.Errorf("run %s: %w", v.d.cfg.Binary, err))
 	}
 	exited := make(chan struct{})
 	v.mu.Lock()
@@ -197,7 +202,11 @@ func (v *vm) launch(ctx context.Context) error {
 	v.p = childProc{cmd.Process}
 	v.state = "running"
 	v.exited = exited
+	killedWhileLaunching := v.stopping
 	v.mu.Unlock()
+	if killedWhileLaunching {
+		_ = cmd.Process.Kill() // Kill came before there was a process to signal
+	}
 
 	go func() {
 		werr := cmd.Wait()
@@ -455,6 +464,9 @@ func (v *vm) Stop(ctx context.Context, grace time.Duration) error {
 	v.stopping = true
 	c, p := v.qmp, v.p
 	v.mu.Unlock()
+	if p == nil {
+		return fmt.Errorf("stop VM %s: still launching (Kill ends it)", v.id)
+	}
 
 	deadline := time.Now().Add(grace)
 	waitUntil := func(t time.Time) bool {
@@ -520,6 +532,9 @@ func (v *vm) Kill() error {
 	}
 	p := v.p
 	v.mu.Unlock()
+	if p == nil {
+		return nil // still launching: the launch sees stopping and ends it
+	}
 	if err := p.signal(syscall.SIGKILL); err != nil && !isDone(v.done) && !errors.Is(err, os.ErrProcessDone) && !errors.Is(err, unix.ESRCH) {
 		return fmt.Errorf("kill VM %s: %w", v.id, err)
 	}
@@ -542,10 +557,13 @@ func (v *vm) Resume(ctx context.Context) error {
 
 func (v *vm) command(ctx context.Context, what, cmd string) error {
 	v.mu.Lock()
-	c, state, detached := v.qmp, v.state, v.detached
+	c, state, detached, notYet := v.qmp, v.state, v.detached, v.prestarted && !v.resumed
 	v.mu.Unlock()
 	if state != "running" || c == nil || detached {
 		return fmt.Errorf("%s VM %s: not running under this process (%s)", what, v.id, state)
+	}
+	if notYet {
+		return fmt.Errorf("%s VM %s: launched ahead but not started", what, v.id)
 	}
 	if err := c.Execute(ctx, cmd, nil, nil); err != nil {
 		return fmt.Errorf("%s VM %s: %w", what, v.id, err)

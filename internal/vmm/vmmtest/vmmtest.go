@@ -643,6 +643,29 @@ func (s *suite) testSnapshot(t *testing.T) {
 	if got := pre.mustCall("get"); got != "saved-state" {
 		t.Errorf("prestarted restore remembers %q", got)
 	}
+	// A restore whose state file vanished between Create and Start fails cleanly: the VM
+	// ends, and Kill and Wait work on it.
+	gone := filepath.Join(dir, "state-gone")
+	if data, err := os.ReadFile(filepath.Join(dir, "state")); err != nil || os.WriteFile(gone, data, 0o600) != nil {
+		t.Fatal("copy state")
+	}
+	gspec := s.spec(t, bootOpts{restore: &vmm.Snapshot{MemoryFile: mem, StateFile: gone}, disks: []vmm.Disk{{Path: diskImage(t, "x")}}})
+	gvm, err := s.d.Create(ctx, gspec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = os.Remove(gone)
+	if err := gvm.Start(ctx); err == nil {
+		t.Error("Start restored from a state file that is gone")
+	}
+	if err := gvm.Kill(); err != nil {
+		t.Errorf("Kill after a failed start: %v", err)
+	}
+	select {
+	case <-gvm.Wait():
+	case <-time.After(5 * time.Second):
+		t.Error("Wait did not end after a start that failed before QEMU ran")
+	}
 	// A snapshot for another shape is refused with a clear error, not a confused guest.
 	spec := s.spec(t, bootOpts{restore: sn, mem: 256})
 	if vm, err := s.d.Create(ctx, spec); err == nil {
