@@ -1,0 +1,127 @@
+package network
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
+)
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		testutil.Skipf(t, "network namespaces need root")
+	}
+	for _, tool := range []string{"ip", "busybox"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			testutil.Skipf(t, "%s not found (iproute2, busybox-static)", tool)
+		}
+	}
+}
+
+func ping(ns, addr string) error {
+	args := []string{"busybox", "ping", "-c", "1", "-W", "2", addr}
+	if ns != "" {
+		args = append([]string{"ip", "netns", "exec", ns}, args...)
+	}
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s: %w: %s", strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+// A sandbox's namespace reaches the host over its veth pair and back, has a tap for the
+// guest, and is gone without a trace after Delete; Sweep removes exactly the leaked ones.
+func TestNamespaceLifecycle(t *testing.T) {
+	needRoot(t)
+	// The "host" side lives in a network namespace of this test's own, not the machine's:
+	// this goroutine keeps its thread, which leaves the machine's namespace, and the ip
+	// commands it runs are forked from that thread. (The thread is discarded at the end.)
+	runtime.LockOSThread()
+	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+		t.Fatalf("unshare the network namespace: %v", err)
+	}
+	if err := exec.Command("ip", "link", "set", "lo", "up").Run(); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	m, err := OpenIPAM(filepath.Join(t.TempDir(), "ipam.json"), netip.MustParsePrefix("10.231.240.0/28"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tag := "t" + strconv.Itoa(os.Getpid())
+	var made []Namespace
+	for _, id := range []string{tag + "-a", tag + "-b", tag + "-leak"} {
+		b, err := m.Allocate(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := NamespaceFor(id, b)
+		if err := Create(ctx, n); err != nil {
+			t.Fatal(err)
+		}
+		made = append(made, n)
+	}
+	t.Cleanup(func() {
+		for _, n := range made {
+			_ = Delete(context.Background(), n)
+		}
+	})
+	a := made[0]
+	if err := ping("", a.Block.Sandbox().String()); err != nil {
+		t.Errorf("host cannot reach sandbox address %s: %v", a.Block.Sandbox(), err)
+	}
+	if err := ping(a.Name, a.Block.Host().String()); err != nil {
+		t.Errorf("namespace %s cannot reach its host address %s: %v", a.Name, a.Block.Host(), err)
+	}
+	out, err := exec.Command("ip", "-n", a.Name, "-o", "link", "show", Tap).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "tap0") {
+		t.Errorf("no tap in %s: %v %s", a.Name, err, out)
+	}
+	if err := Create(ctx, a); err == nil {
+		t.Error("creating an existing namespace again succeeded")
+	}
+	if err := Create(ctx, Namespace{Name: "fw-../x"}); err == nil {
+		t.Error("a namespace name with a path in it was accepted")
+	}
+
+	// The leaked one goes; the kept ones (and any unrelated namespace) stay.
+	keep := func(id string) bool { return id != tag+"-leak" }
+	removed, err := Sweep(ctx, keep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(removed, made[2].Name) {
+		t.Errorf("sweep removed %v, not the leaked %s", removed, made[2].Name)
+	}
+	for _, n := range made[:2] {
+		if _, err := os.Stat(n.Path()); err != nil || !linkExists(n.HostIf) {
+			t.Errorf("sweep removed kept %s (%v; removed %v)", n.Name, err, removed)
+		}
+	}
+	if _, err := os.Stat(made[2].Path()); err == nil || linkExists(made[2].HostIf) {
+		t.Errorf("leaked %s still there after the sweep", made[2].Name)
+	}
+
+	if err := Delete(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(a.Path()); err == nil || linkExists(a.HostIf) {
+		t.Errorf("%s left behind after Delete", a.Name)
+	}
+	if err := Delete(ctx, a); err != nil {
+		t.Errorf("deleting twice: %v", err)
+	}
+}
