@@ -75,10 +75,10 @@ func TestIPAMRefusesBadInput(t *testing.T) {
 		t.Errorf("reopening for another range: %v", err)
 	}
 	for name, content := range map[string]string{
-		"garbage":   "{not json",
-		"outside":   `{"range":"10.1.0.0/24","owners":{"a":"10.9.0.0/30"}}`,
-		"twice":     `{"range":"10.1.0.0/24","owners":{"a":"10.1.0.4/30","b":"10.1.0.4/30"}}`,
-		"wide": `{"range":"10.1.0.0/24","owners":{"a":"10.1.0.0/29"}}`,
+		"garbage": "{not json",
+		"outside": `{"range":"10.1.0.0/24","owners":{"a":"10.9.0.0/30"}}`,
+		"twice":   `{"range":"10.1.0.0/24","owners":{"a":"10.1.0.4/30","b":"10.1.0.4/30"}}`,
+		"wide":    `{"range":"10.1.0.0/24","owners":{"a":"10.1.0.0/29"}}`,
 	} {
 		p := filepath.Join(dir, name+".json")
 		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
