@@ -6,7 +6,8 @@
 // an LPM trie maps a CIDR to up to MaxRulesPerCIDR (protocol, port range, action) rules;
 // the longest matching prefix decides, its first matching rule wins, otherwise the
 // policy's default action applies. ARP always passes (the sandbox must find its gateway).
-// Allowed and dropped packets are counted.
+// A policy may also pin the sandbox's source address (anything else is dropped as
+// spoofed). Allowed and dropped packets are counted.
 package netpolicy
 
 import (
@@ -53,6 +54,9 @@ type Rule struct {
 type Policy struct {
 	Default Action
 	Rules   []Rule
+	// Source, when set, is the only IPv4 source address the sandbox may send from: any
+	// other (a spoofed one) is dropped whatever the rules say.
+	Source netip.Addr
 }
 
 // Validate checks a policy before anything is changed in the kernel.
@@ -60,6 +64,9 @@ func (p Policy) Validate() error {
 	var errs []error
 	if p.Default != Allow && p.Default != Deny {
 		errs = append(errs, fmt.Errorf("default action %d: want allow or deny", p.Default))
+	}
+	if p.Source.IsValid() && (!p.Source.Is4() || p.Source.IsUnspecified()) {
+		errs = append(errs, fmt.Errorf("source %s: want an IPv4 address", p.Source))
 	}
 	per := map[netip.Prefix]int{}
 	for i, r := range p.Rules {
@@ -126,7 +133,7 @@ func Attach(ifname string, p Policy) (*Enforcer, error) {
 		MaxEntries: 1024, Flags: 1 /* BPF_F_NO_PREALLOC, required for LPM tries */}); err != nil {
 		return nil, fmt.Errorf("create rules map: %w", err)
 	}
-	if e.config, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_config", Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1}); err != nil {
+	if e.config, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_config", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1}); err != nil {
 		return nil, fmt.Errorf("create config map: %w", err)
 	}
 	if e.counters, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_counters", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 2}); err != nil {
@@ -180,7 +187,14 @@ func (e *Enforcer) Apply(p Policy) error {
 	for cidr := range byCIDR {
 		e.current[cidr] = true
 	}
-	if err := e.config.Put(uint32(0), uint32(p.Default)); err != nil {
+	// config: default action (u32), allowed source address (network order; 0 = any).
+	cfg := make([]byte, 8)
+	binary.LittleEndian.PutUint32(cfg, uint32(p.Default))
+	if p.Source.IsValid() {
+		a := p.Source.As4()
+		copy(cfg[4:], a[:])
+	}
+	if err := e.config.Put(uint32(0), cfg); err != nil {
 		return fmt.Errorf("write default action: %w", err)
 	}
 	return nil
@@ -280,7 +294,7 @@ func ParseRule(s string) (Rule, error) {
 
 // program assembles the filter. Registers: r6 ctx, r7 data, r8 data_end, r9 protocol,
 // stack: fp-8 LPM key (prefixlen, daddr), fp-12 destination port (host order), fp-16
-// counter index.
+// map index, fp-20 source address.
 func program(rulesFD, configFD, countersFD int) asm.Instructions {
 	const (
 		skbData    = 76
@@ -302,7 +316,20 @@ func program(rulesFD, configFD, countersFD int) asm.Instructions {
 		asm.Mov.Reg(asm.R2, asm.R7),
 		asm.Add.Imm(asm.R2, 34),
 		asm.JGT.Reg(asm.R2, asm.R8, "default"),
-		asm.LoadMem(asm.R9, asm.R7, 14+9, asm.Byte),
+		// Source address check (anti-spoofing) first: config[0].source, 0 = none.
+		asm.LoadMem(asm.R3, asm.R7, 14+12, asm.Word),
+		asm.StoreMem(asm.RFP, -20, asm.R3, asm.Word),
+		asm.StoreImm(asm.RFP, -16, 0, asm.Word),
+		asm.LoadMapPtr(asm.R1, configFD),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, -16),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "drop"),
+		asm.LoadMem(asm.R2, asm.R0, 4, asm.Word),
+		asm.JEq.Imm(asm.R2, 0, "checked"),
+		asm.LoadMem(asm.R3, asm.RFP, -20, asm.Word),
+		asm.JNE.Reg(asm.R2, asm.R3, "drop"),
+		asm.LoadMem(asm.R9, asm.R7, 14+9, asm.Byte).WithSymbol("checked"),
 		asm.LoadMem(asm.R3, asm.R7, 14+16, asm.Word),
 		asm.StoreImm(asm.RFP, -8, 32, asm.Word),
 		asm.StoreMem(asm.RFP, -4, asm.R3, asm.Word),

@@ -113,6 +113,30 @@ func TestPolicyDropsAndChangesLive(t *testing.T) {
 	if err := connect(n.Name, host, 9090); err == nil {
 		t.Error("9090 answered after a refused policy (the old one should stay)")
 	}
+	// Sending from an address that is not the sandbox's is dropped.
+	pin := Policy{Default: Allow, Source: b.Sandbox()}
+	if err := e.Apply(pin); err != nil {
+		t.Fatal(err)
+	}
+	if err := connect(n.Name, host, 9090); err != nil {
+		t.Errorf("from its own address under a source pin: %v", err)
+	}
+	before, _ := e.Counters()
+	spoof := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", append([]string{"-n", n.Name}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v %s", args, err, out)
+		}
+	}
+	spoof("addr", "add", "192.0.2.7/32", "dev", "veth0")
+	spoof("route", "replace", b.Prefix.String(), "dev", "veth0", "src", "192.0.2.7")
+	if err := connect(n.Name, host, 9090); err == nil {
+		t.Error("a spoofed source address got through")
+	}
+	if after, _ := e.Counters(); after.Dropped <= before.Dropped {
+		t.Errorf("spoofed packets not counted as dropped: %+v -> %+v", before, after)
+	}
+	spoof("route", "replace", b.Prefix.String(), "dev", "veth0", "src", b.Sandbox().String())
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
