@@ -2,8 +2,10 @@
 // (assembled in Go with cilium/ebpf, no C toolchain) attached with tcx to the host end of
 // the sandbox's veth pair, with the rules in maps so they change without reattaching.
 //
-// This first part filters what the sandbox sends (the host end's ingress), by destination:
-// an LPM trie maps a CIDR to up to MaxRulesPerCIDR (protocol, port range, action) rules;
+// One program per direction: what the sandbox sends (the host end's tcx ingress, rules
+// match the destination) and what it receives (the host end's tcx egress, rules match the
+// source; ports are always the destination port). An LPM trie maps a CIDR to up to
+// MaxRulesPerCIDR (protocol, port range, action) rules;
 // the longest matching prefix decides, its first matching rule wins, otherwise the
 // policy's default action applies. ARP always passes (the sandbox must find its gateway).
 // A policy may also pin the sandbox's source address (anything else is dropped as
@@ -92,6 +94,17 @@ func (p Policy) Validate() error {
 	return errors.Join(errs...)
 }
 
+// Direction says which traffic a policy filters.
+type Direction int
+
+const (
+	// FromSandbox filters what the sandbox sends (rules match the destination).
+	FromSandbox Direction = iota
+	// ToSandbox filters what reaches the sandbox (rules match the source; ports are the
+	// sandbox's own, i.e. the destination port).
+	ToSandbox
+)
+
 // Counters are packets the program let through and dropped.
 type Counters struct{ Allowed, Dropped uint64 }
 
@@ -112,11 +125,19 @@ const (
 	valueSize = 8 + MaxRulesPerCIDR*entrySize
 )
 
-// Attach loads the program and attaches it to ifname's tcx ingress (what the peer sends:
-// for a sandbox's host-side veth end, the sandbox's egress), with policy p in force.
-func Attach(ifname string, p Policy) (*Enforcer, error) {
+// Attach loads the program and attaches it to the host-side veth end ifname with policy
+// p in force: FromSandbox on the end's tcx ingress (what the sandbox sends), ToSandbox on
+// its tcx egress (what is sent to the sandbox).
+func Attach(ifname string, dir Direction, p Policy) (*Enforcer, error) {
 	if err := p.Validate(); err != nil {
 		return nil, fmt.Errorf("network policy: %w", err)
+	}
+	if dir == ToSandbox && p.Source.IsValid() {
+		return nil, errors.New("network policy: a source pin applies to what the sandbox sends (FromSandbox)")
+	}
+	attach := ebpf.AttachTCXIngress
+	if dir == ToSandbox {
+		attach = ebpf.AttachTCXEgress
 	}
 	iface, err := net.InterfaceByName(ifname)
 	if err != nil {
@@ -143,11 +164,11 @@ func Attach(ifname string, p Policy) (*Enforcer, error) {
 		return nil, err
 	}
 	if e.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{Name: "fw_policy", Type: ebpf.SchedCLS, License: "Apache-2.0",
-		Instructions: program(e.rules.FD(), e.config.FD(), e.counters.FD())}); err != nil {
+		Instructions: program(dir, e.rules.FD(), e.config.FD(), e.counters.FD())}); err != nil {
 		return nil, fmt.Errorf("load policy program: %w", err)
 	}
-	if e.link, err = link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: e.prog, Attach: ebpf.AttachTCXIngress}); err != nil {
-		return nil, fmt.Errorf("attach policy program to %s (tcx ingress): %w", ifname, err)
+	if e.link, err = link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: e.prog, Attach: attach}); err != nil {
+		return nil, fmt.Errorf("attach policy program to %s (tcx %s): %w", ifname, attach, err)
 	}
 	ok = true
 	return e, nil
@@ -295,7 +316,13 @@ func ParseRule(s string) (Rule, error) {
 // program assembles the filter. Registers: r6 ctx, r7 data, r8 data_end, r9 protocol,
 // stack: fp-8 LPM key (prefixlen, daddr), fp-12 destination port (host order), fp-16
 // map index, fp-20 source address.
-func program(rulesFD, configFD, countersFD int) asm.Instructions {
+func program(dir Direction, rulesFD, configFD, countersFD int) asm.Instructions {
+	// The address the rules match: the destination of what the sandbox sends, the source
+	// of what it receives.
+	matchOff := int16(14 + 16)
+	if dir == ToSandbox {
+		matchOff = 14 + 12
+	}
 	const (
 		skbData    = 76
 		skbDataEnd = 80
@@ -330,7 +357,7 @@ func program(rulesFD, configFD, countersFD int) asm.Instructions {
 		asm.LoadMem(asm.R3, asm.RFP, -20, asm.Word),
 		asm.JNE.Reg(asm.R2, asm.R3, "drop"),
 		asm.LoadMem(asm.R9, asm.R7, 14+9, asm.Byte).WithSymbol("checked"),
-		asm.LoadMem(asm.R3, asm.R7, 14+16, asm.Word),
+		asm.LoadMem(asm.R3, asm.R7, matchOff, asm.Word),
 		asm.StoreImm(asm.RFP, -8, 32, asm.Word),
 		asm.StoreMem(asm.RFP, -4, asm.R3, asm.Word),
 		asm.StoreImm(asm.RFP, -12, 0, asm.Word),
