@@ -434,3 +434,55 @@ func program(dir Direction, rulesFD, configFD, countersFD int) asm.Instructions 
 	)
 	return ins
 }
+
+// MaxPolicyBytes bounds a policy file.
+const MaxPolicyBytes = 64 << 10
+
+// ParsePolicy reads a policy file: one statement per line, `#` starts a comment.
+//
+//	default allow|deny
+//	allow|deny CIDR [tcp|udp [PORT[-PORT]]]
+//
+// The default is deny when the file does not say. Errors name the line.
+func ParsePolicy(text string) (Policy, error) {
+	if len(text) > MaxPolicyBytes {
+		return Policy{}, fmt.Errorf("policy is %d bytes, more than %d", len(text), MaxPolicyBytes)
+	}
+	p := Policy{Default: Deny}
+	seenDefault := false
+	var errs []error
+	for i, line := range strings.Split(text, "\n") {
+		if c := strings.IndexByte(line, '#'); c >= 0 {
+			line = line[:c]
+		}
+		f := strings.Fields(line)
+		switch {
+		case len(f) == 0:
+			continue
+		case f[0] == "default":
+			if len(f) != 2 || (f[1] != "allow" && f[1] != "deny") {
+				errs = append(errs, fmt.Errorf("line %d: want `default allow` or `default deny`", i+1))
+				continue
+			}
+			if seenDefault {
+				errs = append(errs, fmt.Errorf("line %d: a second default", i+1))
+			}
+			seenDefault = true
+			p.Default = Deny
+			if f[1] == "allow" {
+				p.Default = Allow
+			}
+		default:
+			r, err := ParseRule(strings.Join(f, " "))
+			if err != nil {
+				errs = append(errs, fmt.Errorf("line %d: %w", i+1, err))
+				continue
+			}
+			p.Rules = append(p.Rules, r)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return Policy{}, err
+	}
+	return p, p.Validate()
+}

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -252,5 +253,36 @@ func TestPolicyToSandbox(t *testing.T) {
 	}
 	if err := dial(); err != nil {
 		t.Errorf("after allowing the host's range: %v", err)
+	}
+}
+
+func TestParsePolicy(t *testing.T) {
+	p, err := ParsePolicy("# egress for a build sandbox\ndefault deny\nallow 10.0.0.0/8 tcp 443   # registry\nallow 8.8.8.8 udp 53\n\ndeny 169.254.0.0/16\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Default != Deny || len(p.Rules) != 3 || p.Rules[0].PortLo != 443 || p.Rules[1].Proto != UDP || p.Rules[2].Action != Deny {
+		t.Errorf("parsed %+v", p)
+	}
+	if p, err := ParsePolicy(""); err != nil || p.Default != Deny || len(p.Rules) != 0 {
+		t.Errorf("empty policy: %+v %v (want default deny, no rules)", p, err)
+	}
+	for text, want := range map[string]string{
+		"default maybe":                               "line 1",
+		"default allow\ndefault deny":                 "line 2: a second default",
+		"allow 10.0.0.0/8\nallow 10.1.0.0/16 tcp 9-1": "line 2",
+		"allow ::1":                                   "line 1",
+		strings.Repeat("#", MaxPolicyBytes+1):         "bytes",
+	} {
+		if _, err := ParsePolicy(text); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("ParsePolicy(%.30q): %v, want an error with %q", text, err, want)
+		}
+	}
+	var many strings.Builder
+	for i := 0; i <= MaxRulesPerCIDR; i++ {
+		fmt.Fprintf(&many, "allow 10.0.0.0/8 tcp %d\n", 100+i)
+	}
+	if _, err := ParsePolicy(many.String()); err == nil {
+		t.Errorf("more than %d rules for one prefix accepted", MaxRulesPerCIDR)
 	}
 }
