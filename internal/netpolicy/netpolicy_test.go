@@ -20,6 +20,28 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
 
+// sandboxNS plays a host in a private network namespace and makes one sandbox network
+// namespace wired to it, addressed from rng; it is deleted when the test ends.
+func sandboxNS(t *testing.T, rng, prefix string) (network.Namespace, network.Block) {
+	t.Helper()
+	testutil.PrivateNetNS(t)
+	m, err := network.OpenIPAM(filepath.Join(t.TempDir(), "ipam.json"), netip.MustParsePrefix(rng))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := prefix + strconv.Itoa(os.Getpid())
+	b, err := m.Allocate(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := network.NamespaceFor(id, b)
+	if err := network.Create(context.Background(), n); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = network.Delete(context.Background(), n) })
+	return n, b
+}
+
 // connect tries a TCP connection from inside namespace ns (busybox nc, 2 s timeout).
 func connect(ns string, addr netip.Addr, port int) error {
 	out, err := exec.Command("ip", "netns", "exec", ns, "busybox", "nc", "-w", "2", addr.String(), strconv.Itoa(port)).CombinedOutput()
@@ -33,34 +55,7 @@ func connect(ns string, addr netip.Addr, port int) error {
 // its veth pair: denied ports are dropped and counted, a new policy takes effect on the
 // running program, a malformed one changes nothing, and detaching lets everything pass.
 func TestPolicyDropsAndChangesLive(t *testing.T) {
-	if os.Geteuid() != 0 {
-		testutil.Skipf(t, "eBPF and network namespaces need root")
-	}
-	for _, tool := range []string{"ip", "busybox"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			testutil.Skipf(t, "%s not found (iproute2, busybox-static)", tool)
-		}
-	}
-	// A private network namespace plays the host (see internal/network's test).
-	runtime.LockOSThread()
-	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-		t.Fatalf("unshare the network namespace: %v", err)
-	}
-	if err := exec.Command("ip", "link", "set", "lo", "up").Run(); err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	m, err := network.OpenIPAM(filepath.Join(t.TempDir(), "ipam.json"), netip.MustParsePrefix("10.231.241.0/30"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := "pol" + strconv.Itoa(os.Getpid())
-	b, _ := m.Allocate(id)
-	n := network.NamespaceFor(id, b)
-	if err := network.Create(ctx, n); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = network.Delete(context.Background(), n) })
+	n, b := sandboxNS(t, "10.231.241.0/30", "pol")
 	host := b.Host()
 	for _, port := range []int{8080, 9090} {
 		ln, err := net.Listen("tcp", netip.AddrPortFrom(host, uint16(port)).String())
@@ -168,30 +163,7 @@ func TestParseRule(t *testing.T) {
 // What reaches a sandbox is filtered by source: the host's connection to a port in the
 // sandbox is dropped when denied and passes when allowed.
 func TestPolicyToSandbox(t *testing.T) {
-	if os.Geteuid() != 0 {
-		testutil.Skipf(t, "eBPF and network namespaces need root")
-	}
-	for _, tool := range []string{"ip", "busybox"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			testutil.Skipf(t, "%s not found (iproute2, busybox-static)", tool)
-		}
-	}
-	runtime.LockOSThread()
-	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-		t.Fatalf("unshare the network namespace: %v", err)
-	}
-	if err := exec.Command("ip", "link", "set", "lo", "up").Run(); err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	m, _ := network.OpenIPAM(filepath.Join(t.TempDir(), "ipam.json"), netip.MustParsePrefix("10.231.242.0/30"))
-	id := "in" + strconv.Itoa(os.Getpid())
-	b, _ := m.Allocate(id)
-	n := network.NamespaceFor(id, b)
-	if err := network.Create(ctx, n); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = network.Delete(context.Background(), n) })
+	n, b := sandboxNS(t, "10.231.242.0/30", "in")
 	// A server inside the sandbox namespace: a listener made on a thread that entered it
 	// (the thread is discarded afterwards; the socket stays in that namespace).
 	lnc := make(chan net.Listener, 1)

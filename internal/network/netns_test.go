@@ -7,28 +7,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
-
-func needRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		testutil.Skipf(t, "network namespaces need root")
-	}
-	for _, tool := range []string{"ip", "busybox"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			testutil.Skipf(t, "%s not found (iproute2, busybox-static)", tool)
-		}
-	}
-}
 
 func ping(ns, addr string) error {
 	args := []string{"busybox", "ping", "-c", "1", "-W", "2", addr}
@@ -45,17 +30,8 @@ func ping(ns, addr string) error {
 // A sandbox's namespace reaches the host over its veth pair and back, has a tap for the
 // guest, and is gone without a trace after Delete; Sweep removes exactly the leaked ones.
 func TestNamespaceLifecycle(t *testing.T) {
-	needRoot(t)
-	// The "host" side lives in a network namespace of this test's own, not the machine's:
-	// this goroutine keeps its thread, which leaves the machine's namespace, and the ip
-	// commands it runs are forked from that thread. (The thread is discarded at the end.)
-	runtime.LockOSThread()
-	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-		t.Fatalf("unshare the network namespace: %v", err)
-	}
-	if err := exec.Command("ip", "link", "set", "lo", "up").Run(); err != nil {
-		t.Fatal(err)
-	}
+	// The "host" side is a network namespace of this test's own, not the machine's.
+	testutil.PrivateNetNS(t)
 	ctx := context.Background()
 	m, err := OpenIPAM(filepath.Join(t.TempDir(), "ipam.json"), netip.MustParsePrefix("10.231.240.0/28"))
 	if err != nil {

@@ -179,7 +179,7 @@ func (s *suite) boot(t *testing.T, o bootOpts) *guest {
 	if o.prestart {
 		ps, ok := vm.(vmm.Prestarter)
 		if !ok {
-			t.Skipf("%s does not implement vmm.Prestarter", s.d.Name())
+			testutil.Skipf(t, "the %s driver does not implement vmm.Prestarter (launching a VMM ahead of a restore)", s.d.Name())
 		}
 		if err := ps.Prestart(ctx); err != nil {
 			t.Fatalf("Prestart: %v", err)
@@ -582,7 +582,7 @@ func (s *suite) testSnapshot(t *testing.T) {
 	g := s.boot(t, bootOpts{memFile: mem, disks: []vmm.Disk{{Path: disk}}})
 	snap, ok := g.vm.(vmm.Snapshotter)
 	if !ok {
-		t.Skipf("%s does not implement vmm.Snapshotter", s.d.Name())
+		testutil.Skipf(t, "the %s driver does not implement vmm.Snapshotter (template snapshots)", s.d.Name())
 	}
 	if got := g.mustCall("put saved-state"); got != "ok" {
 		t.Fatalf("put: %q", got)
