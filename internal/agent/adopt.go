@@ -148,22 +148,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) error {
 		defer s.log.Close()
 		var cleanup cleanupStack
 		defer cleanup.run(a.log)
-		cleanup.push("remove scratch disk", func() error {
-			if s.kept() {
-				return nil
-			}
-			return os.Remove(filepath.Join(dir, "scratch.img"))
-		})
-		cleanup.push("close guest channel listener", ln.Close)
-		cleanup.push("stop VM", func() error {
-			if s.kept() {
-				return nil
-			}
-			sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-			defer cancel()
-			return vm.Stop(sctx, 5*time.Second)
-		})
-		cleanup.push("close guest channel", guest.Close)
+		a.ownVM(s, &vmHandle{vm: vm, guest: guest, ln: ln, scratch: filepath.Join(dir, "scratch.img")}, &cleanup)
 		a.update(sb.ID, state.Update{Runtime: map[string]string{"pid": strconv.Itoa(vm.Info().PID), "adopted_at": time.Now().UTC().Format(time.RFC3339)}})
 		a.supervise(s.ctx, s, rec.Sandbox, vm, main)
 	})

@@ -227,12 +227,7 @@ func (a *Agent) Validate(spec *state.SandboxSpec) error {
 	if spec.Image == "" {
 		return errors.New("no image given")
 	}
-	if spec.VCPUs == 0 {
-		spec.VCPUs = a.cfg.DefaultVCPUs
-	}
-	if spec.MemoryMiB == 0 {
-		spec.MemoryMiB = a.cfg.DefaultMemoryMiB
-	}
+	spec.VCPUs, spec.MemoryMiB = a.shape(spec.VCPUs, spec.MemoryMiB)
 	if spec.VCPUs < 1 || spec.VCPUs > a.cfg.MaxVCPUs {
 		return fmt.Errorf("--cpus %d is outside this node's limit 1..%d", spec.VCPUs, a.cfg.MaxVCPUs)
 	}

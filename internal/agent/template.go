@@ -16,7 +16,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/fireworks-sandbox/fireworks/internal/assets"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/image"
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
@@ -100,7 +99,7 @@ func (a *Agent) templateKeyFor(digest, rootDisk, rootFS string, vcpus, memMiB in
 	}
 	return templateKey{
 		Layout: 5, Digest: digest, RootDisk: id, RootFS: rootFS, Kernel: a.kernel.Release, KernelHash: a.kernelHash,
-		InitVersion: a.initrd.Version, Cmdline: assets.KernelCmdline(a.initrd.Modules),
+		InitVersion: a.initrd.Version, Cmdline: a.cmdline(),
 		VCPUs: vcpus, MemoryMiB: memMiB, ScratchMiB: a.cfg.ScratchMiB,
 		Accel: a.accel.Accel, VMM: a.driver.Name() + " " + a.vmmVersion,
 	}

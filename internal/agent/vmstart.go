@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"net"
@@ -203,30 +204,27 @@ func (a *Agent) ownVM(s *sandbox, h *vmHandle, cleanup *cleanupStack) {
 func (a *Agent) adoptPoolVM(s *sandbox, pv *poolVM, cleanup *cleanupStack) *vmHandle {
 	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
 	defer cancel()
-	if p, ok := pv.vm.(vmm.Pauser); ok {
+	if p, ok := pv.h.vm.(vmm.Pauser); ok {
 		if err := p.Resume(ctx); err != nil {
 			a.log.Warn("resume warm VM", "sandbox", s.id, "err", err)
 			pv.destroy()
 			return nil
 		}
 	}
-	if err := os.Symlink(filepath.Base(pv.dir), s.dir); err != nil {
+	if err := pv.claim(s.dir); err != nil {
 		a.log.Warn("claim warm VM", "sandbox", s.id, "err", err)
-		pv.destroy()
 		return nil
 	}
-	h := &vmHandle{vm: pv.vm, guest: pv.guest, ln: pv.ln, scratch: filepath.Join(pv.dir, "scratch.img")}
-	a.ownVM(s, h, cleanup)
-	return h
+	a.ownVM(s, pv.h, cleanup)
+	return pv.h
 }
 
 // useSlot restores the sandbox's VM in a VMM launched ahead: run/<id> links to the slot's
 // directory, and only the state is loaded. On error the slot and the link are gone, so the
 // caller can start afresh in run/<id>.
 func (a *Agent) useSlot(ctx context.Context, s *sandbox, sl *slot) (*vmHandle, error) {
-	if err := os.Symlink(filepath.Base(sl.dir), s.dir); err != nil {
-		sl.destroy()
-		return nil, fmt.Errorf("claim a launched VMM: %w", err)
+	if err := sl.claim(s.dir); err != nil {
+		return nil, err
 	}
 	sl.h.vmmTime, sl.h.ahead = 0, true // its launch is not part of this start
 	if err := a.runVM(ctx, sl.h); err != nil {
@@ -236,18 +234,17 @@ func (a *Agent) useSlot(ctx context.Context, s *sandbox, sl *slot) (*vmHandle, e
 	return sl.h, nil
 }
 
+// shape fills in the node's default vCPUs and memory where a request names none.
+func (a *Agent) shape(vcpus, memMiB int) (int, int) {
+	return cmp.Or(vcpus, a.cfg.DefaultVCPUs), cmp.Or(memMiB, a.cfg.DefaultMemoryMiB)
+}
+
 // sandboxUsage is what the sandboxes live on this node reserve.
 func (a *Agent) sandboxUsage() (vcpus, memMiB int) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, s := range a.live {
-		v, m := s.spec.VCPUs, s.spec.MemoryMiB
-		if v == 0 {
-			v = a.cfg.DefaultVCPUs
-		}
-		if m == 0 {
-			m = a.cfg.DefaultMemoryMiB
-		}
+		v, m := a.shape(s.spec.VCPUs, s.spec.MemoryMiB)
 		vcpus += v
 		memMiB += m
 	}

@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"maps"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -76,24 +75,33 @@ type pool struct {
 	retryAt                  time.Time
 }
 
-// poolVM is a restored, set-up, paused VM waiting for a claim.
-type poolVM struct {
-	dir   string // run directory (runRoot/w-...)
-	vm    vmm.VM
-	guest *client.Client
-	ln    net.Listener
-	key   string
-	since time.Time
+// spareVM is a VM the node made ahead of a start, in a run directory of its own, that a
+// start may take over (run/<id> then links to dir).
+type spareVM struct {
+	dir string
+	h   *vmHandle
 }
 
-func (p *poolVM) destroy() {
-	if p.guest != nil {
-		p.guest.Close()
+// claim makes it the sandbox's whose run directory is runDir (a link to v.dir, so
+// adoption, inspect and removal find it by the sandbox's ID). On error it is destroyed.
+func (v *spareVM) claim(runDir string) error {
+	if err := os.Symlink(filepath.Base(v.dir), runDir); err != nil {
+		v.destroy()
+		return fmt.Errorf("take over VM in %s: %w", v.dir, err)
 	}
-	p.ln.Close()
-	_ = p.vm.Kill()
-	<-p.vm.Wait()
-	_ = os.RemoveAll(p.dir)
+	return nil
+}
+
+// destroy ends the VM and removes its run directory.
+func (v *spareVM) destroy() {
+	v.h.undo()
+	_ = os.RemoveAll(v.dir)
+}
+
+// poolVM is a restored, set-up, paused VM waiting for a claim.
+type poolVM struct {
+	spareVM
+	key string // template key hash
 }
 
 func poolID(image string, vcpus, mem int) string {
@@ -159,13 +167,7 @@ func (w *warmManager) setPools(api []state.Pool) {
 	want := map[string]state.Pool{}
 	for _, src := range [][]state.Pool{w.static, api} {
 		for _, c := range src {
-			v, m := c.VCPUs, c.MemoryMiB
-			if v == 0 {
-				v = w.a.cfg.DefaultVCPUs
-			}
-			if m == 0 {
-				m = w.a.cfg.DefaultMemoryMiB
-			}
+			v, m := w.a.shape(c.VCPUs, c.MemoryMiB)
 			want[poolID(c.Image, v, m)] = c
 		}
 	}
@@ -182,13 +184,7 @@ func (w *warmManager) setPools(api []state.Pool) {
 			p.cfg = c
 			continue
 		}
-		v, m := c.VCPUs, c.MemoryMiB
-		if v == 0 {
-			v = w.a.cfg.DefaultVCPUs
-		}
-		if m == 0 {
-			m = w.a.cfg.DefaultMemoryMiB
-		}
+		v, m := w.a.shape(c.VCPUs, c.MemoryMiB)
 		w.pools[id] = &pool{cfg: c, vcpus: v, mem: m}
 	}
 	w.mu.Unlock()
@@ -249,7 +245,7 @@ func (w *warmManager) step() bool {
 	for _, id := range ids {
 		p := w.pools[id]
 		p.ready = slices.DeleteFunc(p.ready, func(v *poolVM) bool {
-			if isClosed(v.vm.Wait()) {
+			if isClosed(v.h.vm.Wait()) {
 				dead = append(dead, v)
 				return true
 			}
@@ -383,7 +379,7 @@ func (w *warmManager) fill(p *pool) (*poolVM, error) {
 		}
 		return nil, err
 	}
-	v := &poolVM{dir: dir, vm: r.vm, guest: r.guest, ln: r.ln, key: key.hash(), since: time.Now()}
+	v := &poolVM{spareVM: spareVM{dir: dir, h: r}, key: key.hash()}
 	ctx, cancel := context.WithTimeout(w.ctx, 30*time.Second)
 	defer cancel()
 	// Run two short commands so that the paths every start takes (exec, process exit,
@@ -428,7 +424,7 @@ func (w *warmManager) claim(key string) *poolVM {
 		for len(p.ready) > 0 {
 			v := p.ready[0]
 			p.ready = p.ready[1:]
-			if isClosed(v.vm.Wait()) {
+			if isClosed(v.h.vm.Wait()) {
 				go v.destroy()
 				continue
 			}
@@ -562,7 +558,8 @@ func (w *warmManager) warmImage(ctx context.Context, ref string, opts image.Pull
 	if err != nil {
 		return TemplateInfo{}, fmt.Errorf("build root disk for %s: %w", ref, err)
 	}
-	t, built, err := w.template(ctx, a.templateKeyFor(img.Digest, disk, fs, a.cfg.DefaultVCPUs, a.cfg.DefaultMemoryMiB), ref, disk, prefetchFor(img.Config))
+	v, m := a.shape(0, 0)
+	t, built, err := w.template(ctx, a.templateKeyFor(img.Digest, disk, fs, v, m), ref, disk, prefetchFor(img.Config))
 	if err != nil {
 		return TemplateInfo{}, err
 	}
@@ -614,14 +611,8 @@ const (
 )
 
 type slot struct {
-	t   *template // the template it restores: only a start from this very template takes it
-	dir string
-	h   *vmHandle
-}
-
-func (s *slot) destroy() {
-	s.h.undo()
-	_ = os.RemoveAll(s.dir)
+	spareVM
+	t *template // the template it restores: only a start from this very template takes it
 }
 
 // slotWant records a template's recent use, for keeping a slot for it.
@@ -717,7 +708,7 @@ func (w *warmManager) slotStep() bool {
 		w.mu.Unlock()
 		return false
 	}
-	sl := &slot{t: t, dir: dir, h: h}
+	sl := &slot{spareVM: spareVM{dir: dir, h: h}, t: t}
 	w.mu.Lock()
 	// Only for the template as it stands: one dropped meanwhile gets no slot.
 	if w.slots[t.hash] == nil && w.templates[t.hash] == t && w.ctx.Err() == nil {

@@ -105,7 +105,7 @@ func TestPoolCapacityGuard(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			out = append(out, &poolVM{dir: t.TempDir(), vm: v, ln: ln})
+			out = append(out, &poolVM{spareVM: spareVM{dir: t.TempDir(), h: &vmHandle{vm: v, ln: ln}}})
 		}
 		return out
 	}

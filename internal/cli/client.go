@@ -45,17 +45,31 @@ func ConfigPath() string {
 	return filepath.Join(dir, "fireworks", "config.json")
 }
 
+// ReadClientConfig reads a config file as `fireworks dev` writes it (no defaults, no
+// environment).
+func ReadClientConfig(path string) (ClientConfig, error) {
+	var cfg ClientConfig
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return cfg, fmt.Errorf("read CLI config %s: %w", path, err)
+	}
+	if err := json.Unmarshal(data, &cfg); err != nil {
+		return cfg, fmt.Errorf("parse CLI config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
 // LoadClientConfig reads the config file, then lets the environment and flags override it.
 func LoadClientConfig(flagServer, flagToken string) (ClientConfig, error) {
 	cfg := ClientConfig{Server: DefaultServer}
-	data, err := os.ReadFile(ConfigPath())
-	switch {
+	switch c, err := ReadClientConfig(ConfigPath()); {
 	case err == nil:
-		if err := json.Unmarshal(data, &cfg); err != nil {
-			return cfg, fmt.Errorf("parse CLI config %s: %w", ConfigPath(), err)
+		cfg = c
+		if cfg.Server == "" {
+			cfg.Server = DefaultServer
 		}
 	case !errors.Is(err, os.ErrNotExist):
-		return cfg, fmt.Errorf("read CLI config %s: %w", ConfigPath(), err)
+		return cfg, err
 	}
 	if v := os.Getenv("FIREWORKS_SERVER"); v != "" {
 		cfg.Server = v

@@ -239,22 +239,15 @@ func (e *Enforcer) Close() error {
 	if e.link != nil {
 		errs = append(errs, e.link.Close())
 	}
-	for _, c := range []interface{ Close() error }{e.prog, e.rules, e.config, e.counters} {
-		if c != nil && !isNil(c) {
-			errs = append(errs, c.Close())
+	if e.prog != nil {
+		errs = append(errs, e.prog.Close())
+	}
+	for _, m := range []*ebpf.Map{e.rules, e.config, e.counters} {
+		if m != nil {
+			errs = append(errs, m.Close())
 		}
 	}
 	return errors.Join(errs...)
-}
-
-func isNil(c interface{ Close() error }) bool {
-	switch v := c.(type) {
-	case *ebpf.Program:
-		return v == nil
-	case *ebpf.Map:
-		return v == nil
-	}
-	return false
 }
 
 func lpmKey(p netip.Prefix) []byte {
@@ -265,6 +258,16 @@ func lpmKey(p netip.Prefix) []byte {
 	return k
 }
 
+func parseAction(word string) (Action, bool) {
+	switch word {
+	case "allow":
+		return Allow, true
+	case "deny":
+		return Deny, true
+	}
+	return Deny, false
+}
+
 // ParseRule reads "allow|deny CIDR [tcp|udp [PORT[-PORT]]]".
 func ParseRule(s string) (Rule, error) {
 	f := strings.Fields(s)
@@ -272,12 +275,8 @@ func ParseRule(s string) (Rule, error) {
 		return Rule{}, fmt.Errorf("rule %q: want allow|deny CIDR [tcp|udp [PORT[-PORT]]]", s)
 	}
 	var r Rule
-	switch f[0] {
-	case "allow":
-		r.Action = Allow
-	case "deny":
-		r.Action = Deny
-	default:
+	var ok bool
+	if r.Action, ok = parseAction(f[0]); !ok {
 		return Rule{}, fmt.Errorf("rule %q: action %q: want allow or deny", s, f[0])
 	}
 	p, err := netip.ParsePrefix(f[1])
@@ -460,18 +459,18 @@ func ParsePolicy(text string) (Policy, error) {
 		case len(f) == 0:
 			continue
 		case f[0] == "default":
-			if len(f) != 2 || (f[1] != "allow" && f[1] != "deny") {
+			a, ok := Deny, false
+			if len(f) == 2 {
+				a, ok = parseAction(f[1])
+			}
+			if !ok {
 				errs = append(errs, fmt.Errorf("line %d: want `default allow` or `default deny`", i+1))
 				continue
 			}
 			if seenDefault {
 				errs = append(errs, fmt.Errorf("line %d: a second default", i+1))
 			}
-			seenDefault = true
-			p.Default = Deny
-			if f[1] == "allow" {
-				p.Default = Allow
-			}
+			seenDefault, p.Default = true, a
 		default:
 			r, err := ParseRule(strings.Join(f, " "))
 			if err != nil {

@@ -42,6 +42,20 @@ func sandboxNS(t *testing.T, rng, prefix string) (network.Namespace, network.Blo
 	return n, b
 }
 
+// acceptAll accepts and closes connections on ln until the test ends (which closes it).
+func acceptAll(t *testing.T, ln net.Listener) {
+	t.Cleanup(func() { ln.Close() })
+	go func() { // ends when the listener is closed
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+}
+
 // connect tries a TCP connection from inside namespace ns (busybox nc, 2 s timeout).
 func connect(ns string, addr netip.Addr, port int) error {
 	out, err := exec.Command("ip", "netns", "exec", ns, "busybox", "nc", "-w", "2", addr.String(), strconv.Itoa(port)).CombinedOutput()
@@ -62,16 +76,7 @@ func TestPolicyDropsAndChangesLive(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { ln.Close() })
-		go func() { // ends when the listener is closed
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				c.Close()
-			}
-		}()
+		acceptAll(t, ln)
 	}
 	if err := connect(n.Name, host, 8080); err != nil {
 		t.Fatalf("without a policy: %v", err)
@@ -186,16 +191,7 @@ func TestPolicyToSandbox(t *testing.T) {
 	if err != nil {
 		t.Fatalf("listen in the sandbox namespace: %v", err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() { // ends when the listener is closed
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	acceptAll(t, ln)
 	dial := func() error {
 		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(b.Sandbox(), 7000).String(), 2*time.Second)
 		if err == nil {
