@@ -82,7 +82,7 @@ func TestPolicyDropsAndChangesLive(t *testing.T) {
 		t.Fatalf("without a policy: %v", err)
 	}
 
-	e, err := Attach(n.HostIf, FromSandbox, Policy{Default: Allow, Rules: []Rule{{CIDR: netip.PrefixFrom(host, 32), Proto: TCP, PortLo: 8080, PortHi: 8080, Action: Deny}}})
+	e, err := Attach(n.HostIf, out(Policy{Default: Allow, Rules: []Rule{{CIDR: netip.PrefixFrom(host, 32), Proto: TCP, PortLo: 8080, PortHi: 8080, Action: Deny}}}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,13 +93,13 @@ func TestPolicyDropsAndChangesLive(t *testing.T) {
 	if err := connect(n.Name, host, 8080); err == nil {
 		t.Error("denied port 8080 answered")
 	}
-	c, err := e.Counters()
+	c, _, err := e.Counters()
 	if err != nil || c.Dropped == 0 || c.Allowed == 0 {
 		t.Errorf("counters %+v, %v: want both allowed and dropped packets", c, err)
 	}
 
 	// Default deny, only 8080 allowed: on the running program.
-	if err := e.Apply(Policy{Default: Deny, Rules: []Rule{{CIDR: netip.PrefixFrom(host, 24).Masked(), Proto: TCP, PortLo: 8000, PortHi: 8100, Action: Allow}}}); err != nil {
+	if err := e.Apply(out(Policy{Default: Deny, Rules: []Rule{{CIDR: netip.PrefixFrom(host, 24).Masked(), Proto: TCP, PortLo: 8000, PortHi: 8100, Action: Allow}}})); err != nil {
 		t.Fatal(err)
 	}
 	if err := connect(n.Name, host, 8080); err != nil {
@@ -109,7 +109,7 @@ func TestPolicyDropsAndChangesLive(t *testing.T) {
 		t.Error("9090 answered under default deny")
 	}
 	// A malformed policy is refused and the old one stays.
-	if err := e.Apply(Policy{Default: Allow, Rules: []Rule{{CIDR: netip.PrefixFrom(host, 32), Proto: TCP, PortLo: 9, PortHi: 1, Action: Allow}}}); err == nil {
+	if err := e.Apply(out(Policy{Default: Allow, Rules: []Rule{{CIDR: netip.PrefixFrom(host, 32), Proto: TCP, PortLo: 9, PortHi: 1, Action: Allow}}})); err == nil {
 		t.Error("a backwards port range was accepted")
 	}
 	if err := connect(n.Name, host, 9090); err == nil {
@@ -117,13 +117,13 @@ func TestPolicyDropsAndChangesLive(t *testing.T) {
 	}
 	// Sending from an address that is not the sandbox's is dropped.
 	pin := Policy{Default: Allow, Source: b.Sandbox()}
-	if err := e.Apply(pin); err != nil {
+	if err := e.Apply(out(pin)); err != nil {
 		t.Fatal(err)
 	}
 	if err := connect(n.Name, host, 9090); err != nil {
 		t.Errorf("from its own address under a source pin: %v", err)
 	}
-	before, _ := e.Counters()
+	before, _, _ := e.Counters()
 	spoof := func(args ...string) {
 		t.Helper()
 		if out, err := exec.Command("ip", append([]string{"-n", n.Name}, args...)...).CombinedOutput(); err != nil {
@@ -135,7 +135,7 @@ func TestPolicyDropsAndChangesLive(t *testing.T) {
 	if err := connect(n.Name, host, 9090); err == nil {
 		t.Error("a spoofed source address got through")
 	}
-	if after, _ := e.Counters(); after.Dropped <= before.Dropped {
+	if after, _, _ := e.Counters(); after.Dropped <= before.Dropped {
 		t.Errorf("spoofed packets not counted as dropped: %+v -> %+v", before, after)
 	}
 	spoof("route", "replace", b.Prefix.String(), "dev", "veth0", "src", b.Sandbox().String())
@@ -202,10 +202,10 @@ func TestPolicyToSandbox(t *testing.T) {
 	if err := dial(); err != nil {
 		t.Fatalf("without a policy: %v", err)
 	}
-	if _, err := Attach(n.HostIf, ToSandbox, Policy{Default: Allow, Source: b.Sandbox()}); err == nil {
-		t.Error("a source pin on the ToSandbox direction was accepted")
+	if _, err := Attach(n.HostIf, Set{Egress: allowAll, Ingress: Policy{Default: Allow, Source: b.Sandbox()}}); err == nil {
+		t.Error("a source pin on the ingress direction was accepted")
 	}
-	e, err := Attach(n.HostIf, ToSandbox, Policy{Default: Allow, Rules: []Rule{{CIDR: netip.PrefixFrom(b.Host(), 32), Proto: TCP, PortLo: 7000, PortHi: 7000, Action: Deny}}})
+	e, err := Attach(n.HostIf, Set{Egress: allowAll, Ingress: Policy{Default: Allow, Rules: []Rule{{CIDR: netip.PrefixFrom(b.Host(), 32), Proto: TCP, PortLo: 7000, PortHi: 7000, Action: Deny}}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -213,10 +213,10 @@ func TestPolicyToSandbox(t *testing.T) {
 	if err := dial(); err == nil {
 		t.Error("denied connection to the sandbox's port 7000 got through")
 	}
-	if c, _ := e.Counters(); c.Dropped == 0 {
+	if _, c, _ := e.Counters(); c.Dropped == 0 {
 		t.Errorf("counters %+v: want drops", c)
 	}
-	if err := e.Apply(Policy{Default: Deny, Rules: []Rule{{CIDR: netip.MustParsePrefix("10.231.242.0/30"), Action: Allow}}}); err != nil {
+	if err := e.Apply(Set{Egress: allowAll, Ingress: Policy{Default: Deny, Rules: []Rule{{CIDR: netip.MustParsePrefix("10.231.242.0/30"), Action: Allow}}}}); err != nil {
 		t.Fatal(err)
 	}
 	if err := dial(); err != nil {
@@ -225,24 +225,41 @@ func TestPolicyToSandbox(t *testing.T) {
 }
 
 func TestParsePolicy(t *testing.T) {
-	p, err := ParsePolicy("# egress for a build sandbox\ndefault deny\nallow 10.0.0.0/8 tcp 443   # registry\nallow 8.8.8.8 udp 53\n\ndeny 169.254.0.0/16\n")
+	s, err := ParsePolicy("# egress for a build sandbox\ndefault deny\nallow 10.0.0.0/8 tcp 443   # registry\nallow out 8.8.8.8 udp 53\n\ndeny 169.254.0.0/16\ndefault in deny\nallow in 10.0.0.0/8 tcp 8080\n")
 	if err != nil {
 		t.Fatal(err)
 	}
+	p := s.Egress
 	if p.Default != Deny || len(p.Rules) != 3 || p.Rules[0].PortLo != 443 || p.Rules[1].Proto != UDP || p.Rules[2].Action != Deny {
-		t.Errorf("parsed %+v", p)
+		t.Errorf("parsed egress %+v", p)
 	}
-	if p, err := ParsePolicy(""); err != nil || p.Default != Deny || len(p.Rules) != 0 {
-		t.Errorf("empty policy: %+v %v (want default deny, no rules)", p, err)
+	if s.Ingress.Default != Deny || len(s.Ingress.Rules) != 1 || s.Ingress.Rules[0].PortLo != 8080 {
+		t.Errorf("parsed ingress %+v", s.Ingress)
+	}
+	// Its rendering reads back the same.
+	if back, err := ParsePolicy(s.String()); err != nil || back.String() != s.String() {
+		t.Errorf("round trip of\n%s: %v\n%s", s, err, back)
+	}
+	if s, err := ParsePolicy(""); err != nil || s.Egress.Default != Deny || s.Ingress.Default != Allow || len(s.Egress.Rules) != 0 {
+		t.Errorf("empty policy: %+v %v (want egress default deny, ingress allow, no rules)", s, err)
 	}
 	for text, want := range map[string]string{
 		"default maybe":                               "line 1",
 		"default allow\ndefault deny":                 "line 2: a second default",
+		"default in allow\ndefault out deny":          "",
 		"allow 10.0.0.0/8\nallow 10.1.0.0/16 tcp 9-1": "line 2",
 		"allow ::1":                                   "line 1",
+		"allow sideways 10.0.0.0/8":                   "line 1",
 		strings.Repeat("#", MaxPolicyBytes+1):         "bytes",
 	} {
-		if _, err := ParsePolicy(text); err == nil || !strings.Contains(err.Error(), want) {
+		_, err := ParsePolicy(text)
+		if want == "" {
+			if err != nil {
+				t.Errorf("ParsePolicy(%.30q): %v", text, err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("ParsePolicy(%.30q): %v, want an error with %q", text, err, want)
 		}
 	}
@@ -254,3 +271,24 @@ func TestParsePolicy(t *testing.T) {
 		t.Errorf("more than %d rules for one prefix accepted", MaxRulesPerCIDR)
 	}
 }
+
+func TestMerge(t *testing.T) {
+	base := Policy{Default: Allow, Source: netip.MustParseAddr("10.0.0.2"), Rules: []Rule{
+		{CIDR: netip.MustParsePrefix("169.254.0.0/16"), Action: Deny},
+		{CIDR: netip.MustParsePrefix("10.0.0.0/16"), Action: Deny},
+	}}
+	user := Policy{Default: Deny, Rules: []Rule{{CIDR: netip.MustParsePrefix("10.0.0.0/16"), Proto: TCP, PortLo: 80, PortHi: 80, Action: Allow}}}
+	m := Merge(base, user)
+	if m.Default != Deny || m.Source != base.Source || len(m.Rules) != 2 {
+		t.Fatalf("merged %+v", m)
+	}
+	// The user's rules for a prefix replace the base's for it; others stay.
+	if m.Rules[0] != user.Rules[0] || m.Rules[1] != base.Rules[0] {
+		t.Errorf("merged rules %+v", m.Rules)
+	}
+}
+
+var allowAll = Policy{Default: Allow}
+
+// out is a set that filters only what the sandbox sends.
+func out(p Policy) Set { return Set{Egress: p, Ingress: allowAll} }

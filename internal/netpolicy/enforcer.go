@@ -1,0 +1,376 @@
+package netpolicy
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+// Counters are packets a program let through and dropped.
+type Counters struct{ Allowed, Dropped uint64 }
+
+// value layout of the LPM map: count, then MaxRulesPerCIDR entries of
+// {proto u8, action u8, pad u16, portLo u16, portHi u16} (8 bytes each).
+const (
+	entrySize = 8
+	valueSize = 8 + MaxRulesPerCIDR*entrySize
+)
+
+// MaxFlows bounds the flows remembered per sandbox (an LRU map: the oldest go first).
+const MaxFlows = 4096
+
+// direction is one attached program and its maps.
+type direction struct {
+	rules, config, counters *ebpf.Map
+	link                    link.Link
+	current                 map[netip.Prefix]bool
+}
+
+// Enforcer is a sandbox's policy: two programs on the host end of its veth pair sharing
+// a flow map. It may be pinned to a bpffs directory, so the programs stay attached when
+// the process holding it exits (an agent restart must not open a sandbox's network), and
+// loaded again from there.
+type Enforcer struct {
+	out, in direction
+	flows   *ebpf.Map
+	pinned  string
+}
+
+// Attach loads the programs and attaches them to the host-side veth end ifname with s in
+// force: the egress policy on the end's tcx ingress (what the sandbox sends), the ingress
+// policy on its tcx egress (what is sent to the sandbox).
+func Attach(ifname string, s Set) (*Enforcer, error) {
+	if err := s.Validate(); err != nil {
+		return nil, fmt.Errorf("network policy: %w", err)
+	}
+	iface, err := net.InterfaceByName(ifname)
+	if err != nil {
+		return nil, fmt.Errorf("attach network policy to %s: %w", ifname, err)
+	}
+	e := &Enforcer{}
+	ok := false
+	defer func() {
+		if !ok {
+			e.detach()
+		}
+	}()
+	if e.flows, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_flows", Type: ebpf.LRUHash, KeySize: flowKeySize, ValueSize: 8, MaxEntries: MaxFlows}); err != nil {
+		return nil, fmt.Errorf("create flow map: %w", err)
+	}
+	for _, d := range []struct {
+		dir    Direction
+		d      *direction
+		p      Policy
+		attach ebpf.AttachType
+	}{{FromSandbox, &e.out, s.Egress, ebpf.AttachTCXIngress}, {ToSandbox, &e.in, s.Ingress, ebpf.AttachTCXEgress}} {
+		if err := d.d.create(); err != nil {
+			return nil, err
+		}
+		if err := d.d.apply(d.p); err != nil {
+			return nil, err
+		}
+		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Name: "fw_policy", Type: ebpf.SchedCLS, License: "Apache-2.0",
+			Instructions: program(d.dir, d.d.rules.FD(), d.d.config.FD(), d.d.counters.FD(), e.flows.FD())})
+		if err != nil {
+			return nil, fmt.Errorf("load policy program: %w", err)
+		}
+		d.d.link, err = link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: prog, Attach: d.attach})
+		prog.Close() // the link holds it
+		if err != nil {
+			return nil, fmt.Errorf("attach policy program to %s (tcx %s): %w", ifname, d.attach, err)
+		}
+	}
+	ok = true
+	return e, nil
+}
+
+func (d *direction) create() (err error) {
+	d.current = map[netip.Prefix]bool{}
+	if d.rules, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_rules", Type: ebpf.LPMTrie, KeySize: 8, ValueSize: valueSize,
+		MaxEntries: 1024, Flags: 1 /* BPF_F_NO_PREALLOC, required for LPM tries */}); err != nil {
+		return fmt.Errorf("create rules map: %w", err)
+	}
+	if d.config, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_config", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1}); err != nil {
+		return fmt.Errorf("create config map: %w", err)
+	}
+	if d.counters, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_counters", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 2}); err != nil {
+		return fmt.Errorf("create counters map: %w", err)
+	}
+	return nil
+}
+
+// Apply replaces the rules in force, both directions. A set that does not validate
+// changes nothing.
+func (e *Enforcer) Apply(s Set) error {
+	if err := s.Validate(); err != nil {
+		return fmt.Errorf("network policy: %w", err)
+	}
+	if err := e.out.apply(s.Egress); err != nil {
+		return err
+	}
+	return e.in.apply(s.Ingress)
+}
+
+func (d *direction) apply(p Policy) error {
+	byCIDR := map[netip.Prefix][]Rule{}
+	for _, r := range p.Rules {
+		byCIDR[r.CIDR.Masked()] = append(byCIDR[r.CIDR.Masked()], r)
+	}
+	for cidr, rs := range byCIDR {
+		v := make([]byte, valueSize)
+		binary.LittleEndian.PutUint32(v[0:], uint32(len(rs)))
+		for i, r := range rs {
+			o := 8 + i*entrySize
+			v[o], v[o+1] = r.Proto, byte(r.Action)
+			binary.LittleEndian.PutUint16(v[o+4:], r.PortLo)
+			binary.LittleEndian.PutUint16(v[o+6:], r.PortHi)
+		}
+		if err := d.rules.Put(lpmKey(cidr), v); err != nil {
+			return fmt.Errorf("write rule for %s: %w", cidr, err)
+		}
+	}
+	// Rules that went away, after the new ones are in (no window without them).
+	for cidr := range d.current {
+		if _, keep := byCIDR[cidr]; !keep {
+			if err := d.rules.Delete(lpmKey(cidr)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("remove rule for %s: %w", cidr, err)
+			}
+		}
+	}
+	d.current = map[netip.Prefix]bool{}
+	for cidr := range byCIDR {
+		d.current[cidr] = true
+	}
+	// config: default action (u32), allowed source address (network order; 0 = any).
+	cfg := make([]byte, 8)
+	binary.LittleEndian.PutUint32(cfg, uint32(p.Default))
+	if p.Source.IsValid() {
+		a := p.Source.As4()
+		copy(cfg[4:], a[:])
+	}
+	if err := d.config.Put(uint32(0), cfg); err != nil {
+		return fmt.Errorf("write default action: %w", err)
+	}
+	return nil
+}
+
+// Counters reads the packets allowed and dropped: what the sandbox sent (egress) and
+// what was sent to it (ingress).
+func (e *Enforcer) Counters() (egress, ingress Counters, err error) {
+	if egress, err = readCounters(e.out.counters); err != nil {
+		return
+	}
+	ingress, err = readCounters(e.in.counters)
+	return
+}
+
+func readCounters(m *ebpf.Map) (Counters, error) {
+	var c Counters
+	if err := m.Lookup(uint32(0), &c.Allowed); err != nil {
+		return c, fmt.Errorf("read counters: %w", err)
+	}
+	if err := m.Lookup(uint32(1), &c.Dropped); err != nil {
+		return c, fmt.Errorf("read counters: %w", err)
+	}
+	return c, nil
+}
+
+// Pin keeps the programs attached and the maps alive beyond this process, under dir (on
+// a bpffs mount; made if missing).
+func (e *Enforcer) Pin(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("pin network policy: %w", err)
+	}
+	for name, p := range e.objects() {
+		if err := p.Pin(filepath.Join(dir, name)); err != nil {
+			return fmt.Errorf("pin network policy %s in %s: %w", name, dir, err)
+		}
+	}
+	e.pinned = dir
+	return nil
+}
+
+type pinner interface{ Pin(string) error }
+
+func (e *Enforcer) objects() map[string]pinner {
+	return map[string]pinner{
+		"flows": e.flows, "out_link": e.out.link, "out_rules": e.out.rules, "out_config": e.out.config, "out_counters": e.out.counters,
+		"in_link": e.in.link, "in_rules": e.in.rules, "in_config": e.in.config, "in_counters": e.in.counters,
+	}
+}
+
+// LoadPinned opens a pinned enforcer (after a restart of the process that attached it).
+func LoadPinned(dir string) (*Enforcer, error) {
+	e := &Enforcer{pinned: dir}
+	ok := false
+	defer func() {
+		if !ok {
+			e.Close()
+		}
+	}()
+	var err error
+	loadMap := func(name string) *ebpf.Map {
+		if err != nil {
+			return nil
+		}
+		var m *ebpf.Map
+		if m, err = ebpf.LoadPinnedMap(filepath.Join(dir, name), nil); err != nil {
+			err = fmt.Errorf("load pinned network policy %s: %w", filepath.Join(dir, name), err)
+		}
+		return m
+	}
+	loadLink := func(name string) link.Link {
+		if err != nil {
+			return nil
+		}
+		var l link.Link
+		if l, err = link.LoadPinnedLink(filepath.Join(dir, name), nil); err != nil {
+			err = fmt.Errorf("load pinned network policy %s: %w", filepath.Join(dir, name), err)
+		}
+		return l
+	}
+	e.flows = loadMap("flows")
+	e.out = direction{rules: loadMap("out_rules"), config: loadMap("out_config"), counters: loadMap("out_counters"), link: loadLink("out_link")}
+	e.in = direction{rules: loadMap("in_rules"), config: loadMap("in_config"), counters: loadMap("in_counters"), link: loadLink("in_link")}
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range []*direction{&e.out, &e.in} {
+		d.current = map[netip.Prefix]bool{}
+		var k [8]byte
+		var v [valueSize]byte
+		it := d.rules.Iterate()
+		for it.Next(&k, &v) {
+			a := netip.AddrFrom4([4]byte(k[4:8]))
+			d.current[netip.PrefixFrom(a, int(binary.LittleEndian.Uint32(k[:4])))] = true
+		}
+		if err := it.Err(); err != nil {
+			return nil, fmt.Errorf("read pinned rules in %s: %w", dir, err)
+		}
+	}
+	ok = true
+	return e, nil
+}
+
+// Close releases this process's hold. A pinned enforcer stays in force; an unpinned one
+// is detached.
+func (e *Enforcer) Close() error {
+	var errs []error
+	for _, c := range []interface{ Close() error }{e.out.link, e.in.link, e.flows, e.out.rules, e.out.config, e.out.counters, e.in.rules, e.in.config, e.in.counters} {
+		if c != nil && !isNil(c) {
+			errs = append(errs, c.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Detach removes the policy for good: unpinned and closed, the programs come off the
+// interface.
+func (e *Enforcer) Detach() error { return e.detach() }
+
+func (e *Enforcer) detach() error {
+	var errs []error
+	if e.pinned != "" {
+		errs = append(errs, os.RemoveAll(e.pinned))
+	}
+	errs = append(errs, e.Close())
+	return errors.Join(errs...)
+}
+
+// isNil reports a typed nil inside an interface (a map or link never created).
+func isNil(c interface{ Close() error }) bool {
+	switch v := c.(type) {
+	case *ebpf.Map:
+		return v == nil
+	case link.Link:
+		return v == nil
+	}
+	return false
+}
+
+func lpmKey(p netip.Prefix) []byte {
+	k := make([]byte, 8)
+	binary.LittleEndian.PutUint32(k, uint32(p.Bits()))
+	a := p.Addr().As4()
+	copy(k[4:], a[:])
+	return k
+}
+
+// Guard is the anti-spoofing program on a guest's tap.
+type Guard struct {
+	counters *ebpf.Map
+	link     link.Link
+	pinned   string
+}
+
+// AttachGuard attaches the guard to the tap with index ifindex (an index in the calling
+// thread's network namespace: callers inside a sandbox's namespace pass its tap), letting
+// through only frames from mac and, for IPv4 and ARP, from addr.
+func AttachGuard(ifindex int, mac net.HardwareAddr, addr netip.Addr) (*Guard, error) {
+	if len(mac) != 6 || !addr.Is4() {
+		return nil, fmt.Errorf("guard for %s %s: want a 6-byte MAC and an IPv4 address", mac, addr)
+	}
+	g := &Guard{}
+	var err error
+	if g.counters, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_guard", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 2}); err != nil {
+		return nil, fmt.Errorf("create guard counters: %w", err)
+	}
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Name: "fw_guard", Type: ebpf.SchedCLS, License: "Apache-2.0",
+		Instructions: guardProgram(mac, addr, g.counters.FD())})
+	if err != nil {
+		g.counters.Close()
+		return nil, fmt.Errorf("load guard program: %w", err)
+	}
+	defer prog.Close()
+	// The guest's frames enter the host stack at the tap: its tcx ingress.
+	if g.link, err = link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: ebpf.AttachTCXIngress}); err != nil {
+		g.counters.Close()
+		return nil, fmt.Errorf("attach guard to interface %d: %w", ifindex, err)
+	}
+	return g, nil
+}
+
+// Dropped counts frames the guard dropped.
+func (g *Guard) Dropped() (uint64, error) {
+	c, err := readCounters(g.counters)
+	return c.Dropped, err
+}
+
+// Pin keeps the guard beyond this process, under dir.
+func (g *Guard) Pin(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("pin guard: %w", err)
+	}
+	if err := g.link.Pin(filepath.Join(dir, "guard_link")); err != nil {
+		return fmt.Errorf("pin guard in %s: %w", dir, err)
+	}
+	if err := g.counters.Pin(filepath.Join(dir, "guard_counters")); err != nil {
+		return fmt.Errorf("pin guard in %s: %w", dir, err)
+	}
+	g.pinned = dir
+	return nil
+}
+
+// LoadPinnedGuard opens a pinned guard.
+func LoadPinnedGuard(dir string) (*Guard, error) {
+	l, err := link.LoadPinnedLink(filepath.Join(dir, "guard_link"), nil)
+	if err != nil {
+		return nil, fmt.Errorf("load pinned guard in %s: %w", dir, err)
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, "guard_counters"), nil)
+	if err != nil {
+		l.Close()
+		return nil, fmt.Errorf("load pinned guard in %s: %w", dir, err)
+	}
+	return &Guard{counters: m, link: l, pinned: dir}, nil
+}
+
+// Close releases this process's hold (a pinned guard stays attached).
+func (g *Guard) Close() error { return errors.Join(g.link.Close(), g.counters.Close()) }
