@@ -7,7 +7,8 @@ pkgs=(
   busybox-static               # the demo/test image is built from it
   lz4 kmod                     # guest kernel extraction
   crun                         # non-VM baseline for benchmarks
-  iproute2 ca-certificates
+  iproute2 nftables           # sandbox networks: namespaces, veths, taps, NAT
+  ca-certificates
   curl unzip                   # fetching the Go toolchain from the module proxy
 )
 missing=()

@@ -8,13 +8,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/fireworks-sandbox/fireworks/internal/network"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
@@ -169,29 +166,7 @@ func TestParseRule(t *testing.T) {
 // sandbox is dropped when denied and passes when allowed.
 func TestPolicyToSandbox(t *testing.T) {
 	n, b := sandboxNS(t, "10.231.242.0/30", "in")
-	// A server inside the sandbox namespace: a listener made on a thread that entered it
-	// (the thread is discarded afterwards; the socket stays in that namespace).
-	lnc := make(chan net.Listener, 1)
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		f, err := os.Open(n.Path())
-		if err == nil {
-			err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
-			f.Close()
-		}
-		var ln net.Listener
-		if err == nil {
-			ln, err = net.Listen("tcp", netip.AddrPortFrom(b.Sandbox(), 7000).String())
-		}
-		lnc <- ln
-		errc <- err
-	}()
-	ln, err := <-lnc, <-errc
-	if err != nil {
-		t.Fatalf("listen in the sandbox namespace: %v", err)
-	}
-	acceptAll(t, ln)
+	listenIn(t, n, 7000)
 	dial := func() error {
 		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(b.Sandbox(), 7000).String(), 2*time.Second)
 		if err == nil {
@@ -248,9 +223,9 @@ func TestParsePolicy(t *testing.T) {
 		"default allow\ndefault deny":                 "line 2: a second default",
 		"default in allow\ndefault out deny":          "",
 		"allow 10.0.0.0/8\nallow 10.1.0.0/16 tcp 9-1": "line 2",
-		"allow ::1":                                   "line 1",
-		"allow sideways 10.0.0.0/8":                   "line 1",
-		strings.Repeat("#", MaxPolicyBytes+1):         "bytes",
+		"allow ::1":                           "line 1",
+		"allow sideways 10.0.0.0/8":           "line 1",
+		strings.Repeat("#", MaxPolicyBytes+1): "bytes",
 	} {
 		_, err := ParsePolicy(text)
 		if want == "" {

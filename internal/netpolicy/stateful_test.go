@@ -14,10 +14,15 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/network"
 )
 
-// listenIn opens a TCP listener inside namespace n (on a thread that entered it; the
-// socket stays in that namespace) and accepts until the test ends.
-func listenIn(t *testing.T, n network.Namespace, addr netip.AddrPort) {
+// listenIn plays the guest: a TCP listener on the guest's address and port inside
+// namespace n (where what arrives for the sandbox's address is translated to the
+// guest's), accepting until the test ends.
+func listenIn(t *testing.T, n network.Namespace, port uint16) {
 	t.Helper()
+	if out, err := exec.Command("ip", "-n", n.Name, "addr", "add", network.GuestAddr.String()+"/32", "dev", "lo").CombinedOutput(); err != nil {
+		t.Fatalf("give %s the guest's address: %v %s", n.Name, err, out)
+	}
+	addr := netip.AddrPortFrom(network.GuestAddr, port)
 	type res struct {
 		ln  net.Listener
 		err error
@@ -57,7 +62,7 @@ func dialFromHost(addr netip.AddrPort) error {
 func TestPolicyIsStateful(t *testing.T) {
 	n, b := sandboxNS(t, "10.231.243.0/30", "st")
 	srv := netip.AddrPortFrom(b.Sandbox(), 7100)
-	listenIn(t, n, srv)
+	listenIn(t, n, srv.Port())
 	ln, err := net.Listen("tcp", netip.AddrPortFrom(b.Host(), 7200).String())
 	if err != nil {
 		t.Fatal(err)

@@ -76,6 +76,9 @@ func Create(ctx context.Context, n Namespace) (err error) {
 			return fmt.Errorf("create network of %s: %w", n.Name, err)
 		}
 	}
+	if err := setupGuestSide(ctx, n); err != nil {
+		return fmt.Errorf("create network of %s: %w", n.Name, err)
+	}
 	return nil
 }
 
@@ -99,16 +102,21 @@ func Delete(ctx context.Context, n Namespace) error {
 	return nil
 }
 
-// Sweep removes namespaces and host interfaces this node made for sandboxes that keep
-// reports false for (leaked by a crash), and returns what it removed.
-func Sweep(ctx context.Context, keep func(id string) bool) ([]string, error) {
+// Sweep removes namespaces whose owner starts with ownerPrefix and that keep reports false
+// for (leaked by a crash), and host interfaces of namespaces that are gone, and returns
+// what it removed. The prefix keeps one agent from sweeping another's namespaces when
+// several share a host's /run/netns (each agent in its own network namespace).
+func Sweep(ctx context.Context, ownerPrefix string, keep func(id string) bool) ([]string, error) {
 	var removed []string
 	var errs []error
 	keepLinks := map[string]bool{}
 	entries, _ := os.ReadDir("/run/netns")
 	for _, e := range entries {
 		id, ok := strings.CutPrefix(e.Name(), nsPrefix)
-		if !ok {
+		if !ok || !strings.HasPrefix(id, ownerPrefix) {
+			if ok {
+				keepLinks[NamespaceFor(id, Block{}).HostIf] = true // another agent's, or not ours to judge
+			}
 			continue
 		}
 		if keep(id) {

@@ -39,7 +39,7 @@ func TestNamespaceLifecycle(t *testing.T) {
 	}
 	tag := "t" + strconv.Itoa(os.Getpid())
 	var made []Namespace
-	for _, id := range []string{tag + "-a", tag + "-b", tag + "-leak"} {
+	for _, id := range []string{tag + "-a", tag + "-b", tag + "-leak", "other-" + tag} {
 		b, err := m.Allocate(id)
 		if err != nil {
 			t.Fatal(err)
@@ -56,15 +56,17 @@ func TestNamespaceLifecycle(t *testing.T) {
 		}
 	})
 	a := made[0]
-	if err := ping("", a.Block.Sandbox().String()); err != nil {
-		t.Errorf("host cannot reach sandbox address %s: %v", a.Block.Sandbox(), err)
-	}
 	if err := ping(a.Name, a.Block.Host().String()); err != nil {
 		t.Errorf("namespace %s cannot reach its host address %s: %v", a.Name, a.Block.Host(), err)
 	}
-	out, err := exec.Command("ip", "-n", a.Name, "-o", "link", "show", Tap).CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "tap0") {
-		t.Errorf("no tap in %s: %v %s", a.Name, err, out)
+	out, err := exec.Command("ip", "-n", a.Name, "-o", "addr", "show", Tap).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), GuestGateway.String()+"/30") {
+		t.Errorf("no tap with the guest's gateway address in %s: %v %s", a.Name, err, out)
+	}
+	// The translation between the guest's fixed address and the sandbox's own.
+	out, err = exec.Command("ip", "netns", "exec", a.Name, "nft", "list", "table", "ip", "fireworks").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "dnat to "+GuestAddr.String()) || !strings.Contains(string(out), "snat to "+a.Block.Sandbox().String()) {
+		t.Errorf("address translation in %s: %v\n%s", a.Name, err, out)
 	}
 	if err := Create(ctx, a); err == nil {
 		t.Error("creating an existing namespace again succeeded")
@@ -75,14 +77,14 @@ func TestNamespaceLifecycle(t *testing.T) {
 
 	// The leaked one goes; the kept ones (and any unrelated namespace) stay.
 	keep := func(id string) bool { return id != tag+"-leak" }
-	removed, err := Sweep(ctx, keep)
+	removed, err := Sweep(ctx, tag, keep)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !slices.Contains(removed, made[2].Name) {
 		t.Errorf("sweep removed %v, not the leaked %s", removed, made[2].Name)
 	}
-	for _, n := range made[:2] {
+	for _, n := range append(made[:2:2], made[3]) { // kept, and another agent's
 		if _, err := os.Stat(n.Path()); err != nil || !linkExists(n.HostIf) {
 			t.Errorf("sweep removed kept %s (%v; removed %v)", n.Name, err, removed)
 		}
@@ -99,5 +101,40 @@ func TestNamespaceLifecycle(t *testing.T) {
 	}
 	if err := Delete(ctx, a); err != nil {
 		t.Errorf("deleting twice: %v", err)
+	}
+}
+
+// The node's own side: forwarding and masquerading, idempotent.
+func TestSetupHost(t *testing.T) {
+	testutil.PrivateNetNS(t)
+	ctx := context.Background()
+	rng := netip.MustParsePrefix("10.231.0.0/16")
+	for i := 0; i < 2; i++ {
+		if err := SetupHost(ctx, "t-1", rng); err != nil {
+			t.Fatalf("run %d: %v", i+1, err)
+		}
+	}
+	out, err := exec.Command("nft", "list", "table", "ip", "fireworks_t_1").CombinedOutput()
+	if err != nil || strings.Count(string(out), "masquerade") != 1 {
+		t.Errorf("host table after two runs: %v\n%s", err, out)
+	}
+	if b, _ := os.ReadFile("/proc/sys/net/ipv4/ip_forward"); strings.TrimSpace(string(b)) != "1" {
+		t.Errorf("ip_forward = %q", b)
+	}
+	if err := SetupHost(ctx, "bad tag", rng); err == nil {
+		t.Error("a tag with a space was accepted")
+	}
+}
+
+func TestNameservers(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "resolv.conf")
+	if err := os.WriteFile(f, []byte("# c\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nnameserver fe80::1\nsearch x\nnameserver 1.1.1.1\nnameserver 8.8.8.8\nnameserver 9.9.9.9\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := Nameservers(f); !slices.Equal(got, []string{"10.0.0.2", "1.1.1.1", "8.8.8.8"}) {
+		t.Errorf("Nameservers = %v", got)
+	}
+	if got := Nameservers(filepath.Join(t.TempDir(), "missing")); got != nil {
+		t.Errorf("missing file: %v", got)
 	}
 }

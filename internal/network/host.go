@@ -1,0 +1,91 @@
+package network
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+)
+
+// SetupHost prepares the node's own network namespace for sandboxes addressed from rng:
+// IPv4 forwarding, and masquerading of what they send anywhere but to another sandbox's
+// host end (table "ip fireworks_<tag>", replaced as a whole, so re-running it is safe).
+// tag tells this node's table apart from another agent's on the same host.
+func SetupHost(ctx context.Context, tag string, rng netip.Prefix) error {
+	if !validName(tag) {
+		return fmt.Errorf("host network tag %q: want letters, digits, '-' and '_'", tag)
+	}
+	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
+		return fmt.Errorf("enable IPv4 forwarding: %w", err)
+	}
+	table := "fireworks_" + strings.ReplaceAll(tag, "-", "_")
+	// "add table" then "delete table" then the definition: one transaction that
+	// replaces whatever an earlier run left.
+	ruleset := fmt.Sprintf(`add table ip %[1]s
+delete table ip %[1]s
+table ip %[1]s {
+	chain postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		ip saddr %[2]s oifname != "%[3]s*" masquerade
+	}
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		iifname "%[3]s*" accept
+		oifname "%[3]s*" ct state established,related accept
+	}
+}
+`, table, rng.Masked(), hostPrefix)
+	return nft(ctx, ruleset)
+}
+
+// HostAddrs lists the IPv4 addresses of the node's own interfaces (not the sandboxes'
+// host ends): what sandboxes must not reach unless allowed.
+func HostAddrs() ([]netip.Addr, error) {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces: %w", err)
+	}
+	var out []netip.Addr
+	for _, i := range ifs {
+		if strings.HasPrefix(i.Name, hostPrefix) {
+			continue
+		}
+		addrs, err := i.Addrs()
+		if err != nil {
+			continue
+		}
+		for _, a := range addrs {
+			if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().Is4() {
+				out = append(out, p.Addr())
+			}
+		}
+	}
+	return out, nil
+}
+
+// Nameservers are the node's resolvers for guests: those in resolvConf that a guest can
+// reach through NAT (loopback resolvers such as systemd-resolved's 127.0.0.53 cannot be,
+// so they are skipped). IPv4 only, at most three.
+func Nameservers(resolvConf string) []string {
+	b, err := os.ReadFile(resolvConf)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || f[0] != "nameserver" {
+			continue
+		}
+		a, err := netip.ParseAddr(f[1])
+		if err != nil || !a.Is4() || a.IsLoopback() || a.IsUnspecified() {
+			continue
+		}
+		if len(out) < 3 {
+			out = append(out, a.String())
+		}
+	}
+	return out
+}
