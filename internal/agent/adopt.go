@@ -92,7 +92,7 @@ func (a *Agent) detachForAdoption(s *sandbox, vm vmm.VM) bool {
 // adopt takes back a sandbox whose VM an earlier agent process left running: it
 // reattaches to the VMM, lets QEMU reconnect the guest channel, reattaches to the main
 // process in the guest and supervises it as if it had started it.
-func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) error {
+func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 	dir := filepath.Join(a.runRoot(), sb.ID)
 	rec, err := readAdoptRecord(dir)
 	if err != nil {
@@ -103,6 +103,19 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) error {
 	real, err := filepath.EvalSymlinks(dir)
 	if err != nil {
 		return fmt.Errorf("run directory: %w", err)
+	}
+	// The network's programs stayed attached through their pins; take them back with
+	// the policy the state holds now (it may have changed while no agent ran).
+	var sn *sbNet
+	defer func() {
+		if err != nil && sn != nil {
+			_ = sn.remove() // the VM is gone (killed below), and so is its network
+		}
+	}()
+	if rec.Sandbox.Spec.Network != state.NetworkNone {
+		if sn, err = a.net.load(filepath.Base(real), sb.Spec.Policy); err != nil {
+			return fmt.Errorf("sandbox network: %w", err)
+		}
 	}
 	vm, err := a.driver.Adopt(ctx, real)
 	if err != nil {
@@ -148,7 +161,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) error {
 		defer s.log.Close()
 		var cleanup cleanupStack
 		defer cleanup.run(a.log)
-		a.ownVM(s, &vmHandle{vm: vm, guest: guest, ln: ln, scratch: filepath.Join(dir, "scratch.img")}, &cleanup)
+		a.ownVM(s, &vmHandle{vm: vm, guest: guest, ln: ln, scratch: filepath.Join(dir, "scratch.img"), net: sn}, &cleanup)
 		a.update(sb.ID, state.Update{Runtime: map[string]string{"pid": strconv.Itoa(vm.Info().PID), "adopted_at": time.Now().UTC().Format(time.RFC3339)}})
 		a.supervise(s.ctx, s, rec.Sandbox, vm, main)
 	})

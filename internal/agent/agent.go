@@ -12,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -26,6 +27,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/image"
+	"github.com/fireworks-sandbox/fireworks/internal/network"
 	"github.com/fireworks-sandbox/fireworks/internal/sandboxlog"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
@@ -58,8 +60,14 @@ type Config struct {
 	TemplateDiskMiB int
 	// Pools are warm pools this node keeps by its own configuration; pools set through
 	// the API (SetPools) override them for the same image and shape.
-	Pools  []state.Pool
-	Logger *slog.Logger
+	Pools []state.Pool
+	// SandboxCIDR is where sandbox addresses come from (default DefaultSandboxCIDR); each
+	// sandbox takes a /30 of it.
+	SandboxCIDR string
+	// Nameservers are the resolvers guests get (default: the node's own from
+	// /etc/resolv.conf that a guest can reach; loopback ones cannot be).
+	Nameservers []string
+	Logger      *slog.Logger
 }
 
 // Store is the part of the state store the agent writes to.
@@ -94,6 +102,7 @@ type Agent struct {
 	stopsSent map[string]bool // sandboxes Reconcile has begun stopping
 
 	warm *warmManager
+	net  *netManager
 }
 
 // ErrNotRunning means the sandbox has no live VM on this node.
@@ -170,6 +179,26 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 		return nil, fmt.Errorf("hash guest kernel: %w", err)
 	}
 	a.vmmVersion = qemuVersion()
+	if cfg.SandboxCIDR == "" {
+		cfg.SandboxCIDR = DefaultSandboxCIDR
+	}
+	rng, err := netip.ParsePrefix(cfg.SandboxCIDR)
+	if err != nil || !rng.Addr().Is4() || rng.Bits() > 29 {
+		return nil, fmt.Errorf("sandbox CIDR %q: want an IPv4 prefix of /29 or wider", cfg.SandboxCIDR)
+	}
+	if cfg.Nameservers == nil {
+		cfg.Nameservers = network.Nameservers("/etc/resolv.conf")
+		if len(cfg.Nameservers) == 0 {
+			a.log.Warn("no nameserver in /etc/resolv.conf that guests can reach; guests get no DNS (set the agent's nameservers)")
+		}
+	}
+	if err := proto.ValidateNameservers(cfg.Nameservers); err != nil {
+		return nil, fmt.Errorf("nameservers for guests: %w", err)
+	}
+	a.cfg = cfg
+	if a.net, err = newNetManager(ctx, a.log, cfg.DataDir, rng, cfg.Nameservers); err != nil {
+		return nil, err
+	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	a.warm = newWarmManager(a)
 	if err := a.recover(ctx); err != nil {
@@ -266,6 +295,7 @@ type sandbox struct {
 
 	mu       sync.Mutex
 	vm       vmm.VM
+	net      *sbNet // nil without a network
 	guest    *client.Client
 	main     *client.Session
 	proc     process // the main process as resolved; exec inherits from it
@@ -414,7 +444,8 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	var cleanup cleanupStack
 	defer cleanup.run(a.log)
 	mode, _ := state.ParseBootMode(string(sb.Spec.Boot))
-	key := a.templateKeyFor(digest, rootDisk, rootFS, sb.Spec.VCPUs, sb.Spec.MemoryMiB)
+	withNet := sb.Spec.Network != state.NetworkNone
+	key := a.templateKeyFor(digest, rootDisk, rootFS, sb.Spec.VCPUs, sb.Spec.MemoryMiB, withNet)
 	var (
 		h            *vmHandle
 		how          string    // how the VM started: warm, restore or cold
@@ -426,10 +457,18 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 			h, how = a.adoptPoolVM(s, pv, &cleanup), "warm"
 		}
 	}
+	if h != nil && h.net != nil {
+		// The warm VM's network let nothing through while it waited: now it gets this
+		// sandbox's policy (validated by the control plane; a failure ends the start).
+		if err := h.net.apply(sb.Spec.Policy); err != nil {
+			a.fail(s, fmt.Sprintf("network policy: %v", err))
+			return
+		}
+	}
 	if h == nil {
 		// A placed sandbox always fits: end warm VMs that hold its capacity.
 		a.warm.makeRoom()
-		in := vmInput{id: sb.ID, dir: s.dir, rootDisk: rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB}
+		in := vmInput{id: sb.ID, dir: s.dir, rootDisk: rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB, net: withNet, policy: sb.Spec.Policy}
 		how = "cold"
 		var tmpl *template
 		if mode != state.BootCold {
@@ -531,10 +570,14 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		main, err = guest.IdentityAndExec(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}, execReq)
 		ph.mark("identity+exec")
 	} else {
-		err = guest.Setup(setupCtx, proto.Setup{
+		setup := proto.Setup{
 			Hostname: hostname, RootDevice: "/dev/vda", RootFSType: rootFS, ScratchDevice: "/dev/vdb",
 			TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Env: baseEnv,
-		})
+		}
+		if withNet {
+			setup.Net, setup.Nameservers = guestNet(), a.cfg.Nameservers
+		}
+		err = guest.Setup(setupCtx, setup)
 		ph.mark("setup")
 		if err == nil {
 			main, err = guest.Exec(ctx, execReq)
@@ -966,6 +1009,8 @@ func (a *Agent) recover(ctx context.Context) error {
 			a.log.Warn("sweep leftover run directory", "dir", e.Name(), "err", err)
 		}
 	}
+	// Networks belong to run directories: those of VMs that are gone go too.
+	a.net.sweep(ctx, func(owner string) bool { return keep[owner] })
 	return nil
 }
 

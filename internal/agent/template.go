@@ -18,6 +18,7 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/image"
+	"github.com/fireworks-sandbox/fireworks/internal/network"
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
 )
 
@@ -49,6 +50,10 @@ type templateKey struct {
 	ScratchMiB  int    `json:"scratch_mib"`
 	Accel       string `json:"accel"`
 	VMM         string `json:"vmm"` // driver and version: device state formats change between releases
+	// Network is "nat" (a NIC, configured with the fixed guest address, and the node's
+	// nameservers in resolv.conf) or "none" (no NIC: a different device set).
+	Network     string   `json:"network"`
+	Nameservers []string `json:"nameservers,omitempty"`
 }
 
 func (k templateKey) hash() string {
@@ -90,27 +95,33 @@ func (t *template) snapshot() *vmm.Snapshot {
 }
 
 // templateKeyFor is the key of a VM of this node for an image root disk and shape.
-func (a *Agent) templateKeyFor(digest, rootDisk, rootFS string, vcpus, memMiB int) templateKey {
+func (a *Agent) templateKeyFor(digest, rootDisk, rootFS string, vcpus, memMiB int, withNet bool) templateKey {
 	id := "?"
 	if fi, err := os.Stat(rootDisk); err == nil {
 		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 			id = fmt.Sprintf("%d-%d-%d", st.Ino, fi.Size(), fi.ModTime().UnixNano())
 		}
 	}
-	return templateKey{
-		Layout: 5, Digest: digest, RootDisk: id, RootFS: rootFS, Kernel: a.kernel.Release, KernelHash: a.kernelHash,
+	k := templateKey{
+		Layout: 6, Digest: digest, RootDisk: id, RootFS: rootFS, Kernel: a.kernel.Release, KernelHash: a.kernelHash,
 		InitVersion: a.initrd.Version, Cmdline: a.cmdline(),
 		VCPUs: vcpus, MemoryMiB: memMiB, ScratchMiB: a.cfg.ScratchMiB,
-		Accel: a.accel.Accel, VMM: a.driver.Name() + " " + a.vmmVersion,
+		Accel: a.accel.Accel, VMM: a.driver.Name() + " " + a.vmmVersion, Network: "none",
 	}
+	if withNet {
+		k.Network, k.Nameservers = "nat", a.cfg.Nameservers
+	}
+	return k
 }
+
+func (k templateKey) withNet() bool { return k.Network == "nat" }
 
 // sameNode reports whether a template key's node-wide inputs (everything but the image
 // and the shape) are this node's.
 func (a *Agent) sameNode(k templateKey) bool {
-	cur := a.templateKeyFor("", "", "", 0, 0)
+	cur := a.templateKeyFor("", "", "", 0, 0, k.withNet())
 	k.Digest, k.RootDisk, k.RootFS, k.VCPUs, k.MemoryMiB = "", cur.RootDisk, "", 0, 0
-	return k == cur
+	return k.hash() == cur.hash()
 }
 
 // loadTemplates reads the templates a previous run left; half-built ones are removed.
@@ -295,11 +306,28 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 		return fmt.Errorf("listen on guest channel: %w", err)
 	}
 	defer ln.Close()
+	// The template's guest configures its NIC (every guest has the same address; see
+	// network.GuestAddr) behind a network that lets nothing through: no image code runs,
+	// and nothing should reach it.
+	var nics []vmm.NIC
+	if t.key.withNet() {
+		n, err := a.net.create(ctx, filepath.Base(runDir), "", true)
+		if err != nil {
+			return fmt.Errorf("template network: %w", err)
+		}
+		defer n.remove()
+		tap, err := n.tapFile()
+		if err != nil {
+			return err
+		}
+		defer tap.Close()
+		nics = []vmm.NIC{{Tap: tap, MAC: network.GuestMAC}}
+	}
 	vm, err := a.driver.Create(ctx, vmm.Spec{
 		ID: "template-" + t.hash[:12], Dir: runDir, Kernel: a.kernel.Vmlinux, Initrd: a.initrd.Path,
 		Cmdline: t.key.Cmdline, VCPUs: t.key.VCPUs, MemoryMiB: t.key.MemoryMiB,
 		Disks:       []vmm.Disk{{Path: rootDisk, ReadOnly: true}, {Path: scratch}},
-		AgentSocket: sock, MemoryFile: filepath.Join(tmp, "mem"),
+		AgentSocket: sock, MemoryFile: filepath.Join(tmp, "mem"), NICs: nics,
 	})
 	if err != nil {
 		return err
@@ -329,8 +357,12 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 	// binaries into the page cache (reading runs no image code); the guest syncs the scratch disk
 	// before answering, and the copy of that disk each restore gets matches what the saved
 	// kernel believes is on it.
-	if err := guest.Setup(pctx, proto.Setup{Hostname: "template", RootDevice: "/dev/vda", RootFSType: t.key.RootFS,
-		ScratchDevice: "/dev/vdb", TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Prefetch: prefetch}); err != nil {
+	setup := proto.Setup{Hostname: "template", RootDevice: "/dev/vda", RootFSType: t.key.RootFS,
+		ScratchDevice: "/dev/vdb", TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Prefetch: prefetch}
+	if t.key.withNet() {
+		setup.Net, setup.Nameservers = guestNet(), t.key.Nameservers
+	}
+	if err := guest.Setup(pctx, setup); err != nil {
 		return fmt.Errorf("set up the template guest: %w", err)
 	}
 	// No image code runs before the save: a template is shared by every sandbox of the

@@ -12,6 +12,7 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/assets"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
+	"github.com/fireworks-sandbox/fireworks/internal/network"
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
 )
 
@@ -22,6 +23,11 @@ type vmInput struct {
 	vcpus, mem int
 	// tmpl, if set, is restored instead of booting the kernel; its scratch disk is copied.
 	tmpl *template
+	// net gives the VM a network (owned by the run directory's name) with policy in
+	// force, or, with closedNet, one that lets nothing through until a sandbox claims it.
+	net       bool
+	policy    string
+	closedNet bool
 }
 
 // vmHandle is a started VM whose guest answered.
@@ -30,6 +36,8 @@ type vmHandle struct {
 	guest   *client.Client
 	ln      net.Listener
 	scratch string
+	net     *sbNet        // nil without a network
+	tap     *os.File      // the tap for the VMM, closed once the VMM has its own copy
 	vmmTime time.Duration // VMM create and start (with a restore: loading the state)
 	guestT  time.Duration // until the guest's handshake
 	ahead   bool          // the VMM was launched ahead (a restore slot)
@@ -78,11 +86,21 @@ func (a *Agent) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vm
 		return h, fmt.Errorf("listen on guest channel %s: %w", sock, err)
 	}
 	t0 := time.Now()
+	var nics []vmm.NIC
+	if in.net {
+		if h.net, err = a.net.create(ctx, filepath.Base(in.dir), in.policy, in.closedNet); err != nil {
+			return h, fmt.Errorf("create the sandbox network: %w", err)
+		}
+		if h.tap, err = h.net.tapFile(); err != nil {
+			return h, err
+		}
+		nics = []vmm.NIC{{Tap: h.tap, MAC: network.GuestMAC}}
+	}
 	vm, err := a.driver.Create(ctx, vmm.Spec{
 		ID: in.id, Dir: in.dir, Kernel: a.kernel.Vmlinux, Initrd: a.initrd.Path,
 		Cmdline: a.cmdline(), VCPUs: in.vcpus, MemoryMiB: in.mem,
 		Disks:       []vmm.Disk{{Path: in.rootDisk, ReadOnly: true}, {Path: h.scratch}},
-		AgentSocket: sock, Restore: snap,
+		AgentSocket: sock, Restore: snap, NICs: nics,
 	})
 	if err != nil {
 		return h, fmt.Errorf("create VM: %w", err)
@@ -96,6 +114,7 @@ func (a *Agent) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vm
 		if err := ps.Prestart(ctx); err != nil {
 			return h, fmt.Errorf("launch VMM ahead: %w", err)
 		}
+		h.closeTap()
 	}
 	h.vmmTime = time.Since(t0)
 	return h, nil
@@ -105,13 +124,14 @@ func (a *Agent) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vm
 // completes the guest handshake. On error it undoes the VM and its files.
 func (a *Agent) runVM(ctx context.Context, h *vmHandle) error {
 	t0 := time.Now()
-	if err := h.vm.Start(ctx); err != nil {
+	err := h.vm.Start(ctx)
+	h.closeTap()
+	if err != nil {
 		h.undo()
 		return fmt.Errorf("start VMM: %w", err)
 	}
 	t1 := time.Now()
 	h.vmmTime += t1.Sub(t0)
-	var err error
 	if h.guest, err = a.connectGuest(ctx, h.ln, h.vm); err != nil {
 		h.undo()
 		return err
@@ -120,8 +140,21 @@ func (a *Agent) runVM(ctx context.Context, h *vmHandle) error {
 	return nil
 }
 
-// undo ends whatever of the VM exists and removes its scratch disk.
+func (h *vmHandle) closeTap() {
+	if h.tap != nil {
+		h.tap.Close()
+		h.tap = nil
+	}
+}
+
+// undo ends whatever of the VM exists and removes its scratch disk and network.
 func (h *vmHandle) undo() {
+	defer func() {
+		if h.net != nil {
+			_ = h.net.remove()
+		}
+	}()
+	h.closeTap()
 	if h.guest != nil {
 		h.guest.Close()
 	}
@@ -183,6 +216,14 @@ func (a *Agent) ownVM(s *sandbox, h *vmHandle, cleanup *cleanupStack) {
 		}
 		return os.Remove(h.scratch)
 	})
+	if h.net != nil {
+		cleanup.push("remove sandbox network", func() error {
+			if s.kept() {
+				return nil // the VM was left running for adoption and still uses it
+			}
+			return h.net.remove()
+		})
+	}
 	cleanup.push("close guest channel listener", h.ln.Close)
 	cleanup.push("stop VM", func() error {
 		if s.kept() {
@@ -194,7 +235,7 @@ func (a *Agent) ownVM(s *sandbox, h *vmHandle, cleanup *cleanupStack) {
 	})
 	cleanup.push("close guest channel", h.guest.Close)
 	s.mu.Lock()
-	s.vm = h.vm
+	s.vm, s.net = h.vm, h.net
 	s.mu.Unlock()
 }
 
@@ -225,6 +266,14 @@ func (a *Agent) adoptPoolVM(s *sandbox, pv *poolVM, cleanup *cleanupStack) *vmHa
 func (a *Agent) useSlot(ctx context.Context, s *sandbox, sl *slot) (*vmHandle, error) {
 	if err := sl.claim(s.dir); err != nil {
 		return nil, err
+	}
+	if sl.h.net != nil {
+		// Made ahead with a network that lets nothing through: this sandbox's policy now.
+		if err := sl.h.net.apply(s.spec.Policy); err != nil {
+			sl.destroy()
+			_ = a.removeRunDir(s.id)
+			return nil, fmt.Errorf("network policy: %w", err)
+		}
 	}
 	sl.h.vmmTime, sl.h.ahead = 0, true // its launch is not part of this start
 	if err := a.runVM(ctx, sl.h); err != nil {

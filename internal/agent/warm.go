@@ -355,7 +355,7 @@ func (w *warmManager) resolve(p *pool) {
 		return
 	}
 	p.digest, p.rootDisk, p.rootFS, p.prefetch = img.Digest, disk, fs, prefetchFor(img.Config)
-	p.key = a.templateKeyFor(img.Digest, disk, fs, p.vcpus, p.mem).hash()
+	p.key = a.templateKeyFor(img.Digest, disk, fs, p.vcpus, p.mem, true).hash()
 }
 
 // fill restores one VM from the pool's template, sets up its root filesystem and pauses it.
@@ -364,14 +364,14 @@ func (w *warmManager) fill(p *pool) (*poolVM, error) {
 	w.mu.Lock()
 	digest, disk, fs, vcpus, mem, ref, pre := p.digest, p.rootDisk, p.rootFS, p.vcpus, p.mem, p.cfg.Image, p.prefetch
 	w.mu.Unlock()
-	key := a.templateKeyFor(digest, disk, fs, vcpus, mem)
+	key := a.templateKeyFor(digest, disk, fs, vcpus, mem, true)
 	t, _, err := w.template(w.ctx, key, ref, disk, pre)
 	if err != nil {
 		return nil, err
 	}
 	defer w.release(t)
 	dir := filepath.Join(a.runRoot(), "w-"+randHex(6))
-	r, err := a.startVM(w.ctx, vmInput{id: filepath.Base(dir), dir: dir, rootDisk: disk, vcpus: vcpus, mem: mem, tmpl: t})
+	r, err := a.startVM(w.ctx, vmInput{id: filepath.Base(dir), dir: dir, rootDisk: disk, vcpus: vcpus, mem: mem, tmpl: t, net: true, closedNet: true})
 	if err != nil {
 		_ = os.RemoveAll(dir)
 		if w.ctx.Err() == nil {
@@ -559,7 +559,7 @@ func (w *warmManager) warmImage(ctx context.Context, ref string, opts image.Pull
 		return TemplateInfo{}, fmt.Errorf("build root disk for %s: %w", ref, err)
 	}
 	v, m := a.shape(0, 0)
-	t, built, err := w.template(ctx, a.templateKeyFor(img.Digest, disk, fs, v, m), ref, disk, prefetchFor(img.Config))
+	t, built, err := w.template(ctx, a.templateKeyFor(img.Digest, disk, fs, v, m, true), ref, disk, prefetchFor(img.Config))
 	if err != nil {
 		return TemplateInfo{}, err
 	}
@@ -696,7 +696,8 @@ func (w *warmManager) slotStep() bool {
 	}
 	defer w.release(t)
 	dir := filepath.Join(w.a.runRoot(), "s-"+randHex(6))
-	h, err := w.a.prepareVM(w.ctx, vmInput{id: filepath.Base(dir), dir: dir, rootDisk: want.rootDisk, vcpus: want.vcpus, mem: want.mem, tmpl: t}, true)
+	h, err := w.a.prepareVM(w.ctx, vmInput{id: filepath.Base(dir), dir: dir, rootDisk: want.rootDisk, vcpus: want.vcpus, mem: want.mem, tmpl: t,
+		net: t.key.withNet(), closedNet: true}, true)
 	if err != nil {
 		_ = os.RemoveAll(dir)
 		w.log.Warn("launch a VMM ahead of restores", "key", t.hash, "err", err)

@@ -25,6 +25,9 @@ var (
 	GuestGateway   = netip.MustParseAddr("169.254.0.22")
 	GuestPrefixLen = 30
 	GuestMAC       = net.HardwareAddr{0x02, 0xfc, 0x00, 0x00, 0x00, 0x01}
+	// GatewayMAC is the tap's: fixed too, because a restored guest's neighbour cache
+	// already holds the gateway's MAC from when its template was saved.
+	GatewayMAC = net.HardwareAddr{0x02, 0xfc, 0x00, 0x00, 0x00, 0x02}
 )
 
 // GuestCIDR is the guest's address with its prefix length, as the guest configures it.
@@ -74,6 +77,7 @@ func Do(nsPath string, fn func() error) error {
 //     from other addresses are not translated, and the host side's source pin drops them).
 func setupGuestSide(ctx context.Context, n Namespace) error {
 	steps := [][]string{
+		{"-n", n.Name, "link", "set", Tap, "address", GatewayMAC.String()},
 		{"-n", n.Name, "addr", "add", netip.PrefixFrom(GuestGateway, GuestPrefixLen).String(), "dev", Tap},
 	}
 	for _, s := range steps {

@@ -42,6 +42,9 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if spec.Boot, err = state.ParseBootMode(string(spec.Boot)); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("--boot: %w", err))
 	}
+	if err := validateNetworkSpec(&spec); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+	}
 	if h.s.agent != nil {
 		err = h.s.agent.Validate(&spec)
 	} else {
@@ -53,7 +56,7 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	now := h.s.now()
 	sb := state.Sandbox{
 		ID: state.NewID(), Name: req.Msg.GetName(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID,
-		CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "accepted"}},
+		AccessToken: newAccessToken(), CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "accepted"}},
 	}
 	if err := h.s.store.CreateSandbox(ctx, sb); err != nil {
 		return nil, toConnectError(fmt.Errorf("create sandbox: %w", err))
@@ -79,7 +82,16 @@ func (h *sandboxService) GetSandbox(ctx context.Context, req *connect.Request[pb
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	return connect.NewResponse(&pb.GetSandboxResponse{Sandbox: sandboxToPB(sb)}), nil
+	out := sandboxToPB(sb)
+	if sb.Status == state.StatusRunning && sb.Spec.Network != state.NetworkNone {
+		// Live counters, best effort: inspect must not hang on a slow node.
+		nctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		if st, err := h.s.netStatus(nctx, sb); err == nil {
+			out.Network = st
+		}
+		cancel()
+	}
+	return connect.NewResponse(&pb.GetSandboxResponse{Sandbox: out}), nil
 }
 
 func (h *sandboxService) ListSandboxes(ctx context.Context, req *connect.Request[pb.ListSandboxesRequest]) (*connect.Response[pb.ListSandboxesResponse], error) {
@@ -448,6 +460,14 @@ func specFromPB(p *pb.SandboxSpec) state.SandboxSpec {
 		TTY: p.GetTty(), Stdin: p.GetStdin(), InsecureRegistries: p.GetInsecureRegistries(),
 		Restart: state.RestartPolicy(p.GetRestart()), Constraints: p.GetConstraints(), Spread: p.GetSpread(),
 		DiskMiB: int(p.GetDiskMib()), Boot: state.BootMode(p.GetBoot()),
+		Network: p.GetNetwork(), Policy: p.GetPolicy(),
+	}
+	for _, pp := range p.GetPorts() {
+		port := uint16(pp.GetPort())
+		if pp.GetPort() > 65535 {
+			port = 0 // refused by validation
+		}
+		spec.Ports = append(spec.Ports, state.Port{Port: port, Public: pp.GetPublic()})
 	}
 	if p.GetEntrypointSet() {
 		spec.Entrypoint = append([]string{}, p.GetEntrypoint()...)
@@ -468,6 +488,10 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 		Tty: sb.Spec.TTY, Stdin: sb.Spec.Stdin, InsecureRegistries: sb.Spec.InsecureRegistries,
 		Restart: string(sb.Spec.Restart), Constraints: sb.Spec.Constraints, Spread: sb.Spec.Spread,
 		DiskMib: int32(sb.Spec.DiskMiB), Boot: string(sb.Spec.Boot),
+		Network: sb.Spec.Network, Policy: sb.Spec.Policy,
+	}
+	for _, p := range sb.Spec.Ports {
+		spec.Ports = append(spec.Ports, &pb.Port{Port: uint32(p.Port), Public: p.Public})
 	}
 	if sb.Spec.Entrypoint != nil {
 		spec.EntrypointSet, spec.Entrypoint = true, sb.Spec.Entrypoint
@@ -479,7 +503,7 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 		Id: sb.ID, Name: sb.Name, Spec: spec, Status: string(sb.Status), Reason: sb.Reason,
 		ExitCode: int32(sb.ExitCode), Signal: int32(sb.Signal), Node: sb.Node, ImageDigest: sb.ImageDigest,
 		Accel: sb.Accel, CreatedAt: ts(sb.CreatedAt), StartedAt: ts(sb.StartedAt), FinishedAt: ts(sb.FinishedAt),
-		Details: sb.Runtime, Owner: sb.Owner, Restarts: int32(sb.Restarts),
+		Details: sb.Runtime, Owner: sb.Owner, Restarts: int32(sb.Restarts), AccessToken: sb.AccessToken,
 	}
 	for _, e := range sb.Events {
 		out.Events = append(out.Events, &pb.Event{Time: ts(e.Time), Status: string(e.Status), Reason: e.Reason})

@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -112,6 +114,42 @@ type SandboxSpec struct {
 	DiskMiB int `json:"disk_mib,omitempty"`
 	// Boot says how the node may start the VM (see BootMode); "" is BootAuto.
 	Boot BootMode `json:"boot,omitempty"`
+	// Network is "" (a network of its own: NAT to the outside under its policy) or
+	// NetworkNone (no interface at all).
+	Network string `json:"network,omitempty"`
+	// Policy is the network policy in the policy file format (see netpolicy.ParsePolicy);
+	// "" leaves only the node's defaults. Changed on a running sandbox by Update.Policy.
+	Policy string `json:"policy,omitempty"`
+	// Ports are guest TCP ports published through the ingress.
+	Ports []Port `json:"ports,omitempty"`
+}
+
+// NetworkNone is SandboxSpec.Network for a sandbox without a network interface.
+const NetworkNone = "none"
+
+// Port is a published guest port: reachable through the ingress as
+// <port>-<sandbox>.<domain>, by anyone if Public, else with the sandbox's access token.
+type Port struct {
+	Port   uint16 `json:"port"`
+	Public bool   `json:"public,omitempty"`
+}
+
+// ParsePort reads "PORT" or "PORT:public" (or "PORT:private").
+func ParsePort(s string) (Port, error) {
+	num, vis, _ := strings.Cut(s, ":")
+	n, err := strconv.ParseUint(num, 10, 16)
+	if err != nil || n == 0 {
+		return Port{}, fmt.Errorf("%w: port %q: want PORT or PORT:public with PORT in 1..65535", ErrInvalid, s)
+	}
+	p := Port{Port: uint16(n)}
+	switch vis {
+	case "", "private":
+	case "public":
+		p.Public = true
+	default:
+		return Port{}, fmt.Errorf("%w: port %q: visibility %q, want public or private", ErrInvalid, s, vis)
+	}
+	return p, nil
 }
 
 // BootMode says how a node may start a sandbox's VM.
@@ -214,6 +252,9 @@ type Sandbox struct {
 	// (SIGTERM, then a kill after StopGrace) and the restart policy no longer applies.
 	StopRequestedAt time.Time     `json:"stop_requested_at,omitzero"`
 	StopGrace       time.Duration `json:"stop_grace,omitempty"`
+	// AccessToken opens the sandbox's private ports through the ingress (header
+	// Fireworks-Access-Token). Made at creation; shown only to its owner and admins.
+	AccessToken string `json:"access_token,omitempty"`
 }
 
 // Update is a partial change to a sandbox. Nil pointers leave fields alone.
@@ -242,6 +283,8 @@ type Update struct {
 	// must not land on a new one.
 	IfNode     *string `json:"if_node,omitempty"`
 	IfRestarts *int    `json:"if_restarts,omitempty"`
+	// Policy, when set, replaces the sandbox's network policy (Spec.Policy).
+	Policy *string `json:"policy,omitempty"`
 	// PendingReason replaces the reason of a pending sandbox (why it waits, e.g. "no node
 	// fits: ...") without an event; ignored in any other status.
 	PendingReason *string `json:"pending_reason,omitempty"`
@@ -269,6 +312,7 @@ func (sb *Sandbox) clone() *Sandbox {
 	c.Events = slices.Clone(sb.Events)
 	c.Runtime = maps.Clone(sb.Runtime)
 	c.Spec.Constraints = slices.Clone(sb.Spec.Constraints)
+	c.Spec.Ports = slices.Clone(sb.Spec.Ports)
 	return &c
 }
 
@@ -336,6 +380,9 @@ func (sb *Sandbox) apply(u Update) error {
 		sb.StartedAt, sb.FinishedAt = time.Time{}, time.Time{}
 		sb.Runtime = nil
 		u.Status = nil // handled
+	}
+	if u.Policy != nil {
+		sb.Spec.Policy = *u.Policy
 	}
 	if u.PendingReason != nil && sb.Status == StatusPending {
 		sb.Reason = *u.PendingReason

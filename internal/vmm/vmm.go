@@ -9,9 +9,12 @@
 package vmm
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"os"
 	"strings"
 	"syscall"
 	"time"
@@ -48,10 +51,31 @@ type Spec struct {
 	// writes lands in it. That is what lets Snapshotter save a VM without copying its
 	// memory: the file is the snapshot's memory once the VM is stopped.
 	MemoryFile string
+	// NICs are the VM's network interfaces, in order (the guest's eth0, eth1, ...). A
+	// spec without NICs gives a VM with no network device at all.
+	//
+	// A VM with a NIC and one without are different device sets: a snapshot (template)
+	// of one cannot restore as the other, so templates with and without a network are
+	// kept apart.
+	NICs []NIC
 	// Restore, when set, starts the VM from a snapshot instead of booting the kernel. The
-	// rest of the spec (kernel, shape, disks in order and their read-only flags) must be
-	// what the snapshotted VM had; disk paths may differ (a fresh scratch disk per VM).
+	// rest of the spec (kernel, shape, disks in order and their read-only flags, the
+	// number of NICs) must be what the snapshotted VM had; disk paths may differ (a fresh
+	// scratch disk per VM), and so may the taps (a fresh tap per VM). The guest keeps the
+	// MAC addresses it had when it was saved.
 	Restore *Snapshot
+}
+
+// NIC is a virtio network interface backed by a tap.
+type NIC struct {
+	// Tap is an open tap queue (see network.OpenTap: IFF_TAP|IFF_NO_PI|IFF_VNET_HDR). The
+	// VMM gets its own copy of the descriptor when it is launched; the caller keeps
+	// ownership of this one, must keep it open until Start (or Prestart) has returned,
+	// and closes it after that.
+	Tap *os.File
+	// MAC is the guest's hardware address: a unicast address, by convention locally
+	// administered (02:...). Nil lets the VMM choose.
+	MAC net.HardwareAddr
 }
 
 // Snapshot is a saved VM: guest RAM and the VMM's device state. Restored VMs map the memory
@@ -180,5 +204,34 @@ func (l Limits) Validate(s Spec) error {
 	if s.MemoryMiB < l.MinMemoryMiB || s.MemoryMiB > l.MaxMemoryMiB {
 		errs = append(errs, fmt.Errorf("memory %d MiB is outside %d..%d MiB (this host's limit)", s.MemoryMiB, l.MinMemoryMiB, l.MaxMemoryMiB))
 	}
+	for i, n := range s.NICs {
+		if err := n.validate(); err != nil {
+			errs = append(errs, fmt.Errorf("nic %d: %w", i, err))
+		}
+	}
 	return errors.Join(errs...)
+}
+
+func (n NIC) validate() error {
+	if n.Tap == nil {
+		return errors.New("no tap given")
+	}
+	if fi, err := n.Tap.Stat(); err != nil {
+		return fmt.Errorf("tap %s: %w", n.Tap.Name(), err)
+	} else if fi.Mode()&os.ModeCharDevice == 0 {
+		return fmt.Errorf("tap %s is not a tun/tap character device", n.Tap.Name())
+	}
+	if n.MAC == nil {
+		return nil
+	}
+	if len(n.MAC) != 6 {
+		return fmt.Errorf("MAC %s is not a 6-byte ethernet address", n.MAC)
+	}
+	if n.MAC[0]&1 != 0 {
+		return fmt.Errorf("MAC %s is a multicast address", n.MAC)
+	}
+	if bytes.Equal(n.MAC, make([]byte, 6)) {
+		return fmt.Errorf("MAC %s is all zeros", n.MAC)
+	}
+	return nil
 }

@@ -53,7 +53,14 @@ type SandboxSpec struct {
 	DiskMib int32 `protobuf:"varint,17,opt,name=disk_mib,json=diskMib,proto3" json:"disk_mib,omitempty"`
 	// How the node may start the VM: auto (default: warm pool, else template snapshot,
 	// else boot), restore (template snapshot, never a pool VM) or cold (boot the kernel).
-	Boot          string `protobuf:"bytes,18,opt,name=boot,proto3" json:"boot,omitempty"`
+	Boot string `protobuf:"bytes,18,opt,name=boot,proto3" json:"boot,omitempty"`
+	// "" (a network of its own: NAT to the outside under its policy) or "none" (no
+	// network interface at all).
+	Network string `protobuf:"bytes,19,opt,name=network,proto3" json:"network,omitempty"`
+	// Network policy in the policy file format ("" = the node's defaults only).
+	Policy string `protobuf:"bytes,20,opt,name=policy,proto3" json:"policy,omitempty"`
+	// Guest TCP ports published through the ingress.
+	Ports         []*Port `protobuf:"bytes,21,rep,name=ports,proto3" json:"ports,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -214,6 +221,185 @@ func (x *SandboxSpec) GetBoot() string {
 	return ""
 }
 
+func (x *SandboxSpec) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *SandboxSpec) GetPolicy() string {
+	if x != nil {
+		return x.Policy
+	}
+	return ""
+}
+
+func (x *SandboxSpec) GetPorts() []*Port {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+type Port struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Port  uint32                 `protobuf:"varint,1,opt,name=port,proto3" json:"port,omitempty"`
+	// Public ports need no access token at the ingress.
+	Public        bool `protobuf:"varint,2,opt,name=public,proto3" json:"public,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Port) Reset() {
+	*x = Port{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Port) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Port) ProtoMessage() {}
+
+func (x *Port) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Port.ProtoReflect.Descriptor instead.
+func (*Port) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Port) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *Port) GetPublic() bool {
+	if x != nil {
+		return x.Public
+	}
+	return false
+}
+
+// NetworkStatus is a sandbox's network as its node sees it now.
+type NetworkStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The sandbox's own address on its node (what its traffic carries before NAT).
+	Address        string `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"`
+	EgressAllowed  uint64 `protobuf:"varint,2,opt,name=egress_allowed,json=egressAllowed,proto3" json:"egress_allowed,omitempty"`
+	EgressDropped  uint64 `protobuf:"varint,3,opt,name=egress_dropped,json=egressDropped,proto3" json:"egress_dropped,omitempty"`
+	IngressAllowed uint64 `protobuf:"varint,4,opt,name=ingress_allowed,json=ingressAllowed,proto3" json:"ingress_allowed,omitempty"`
+	IngressDropped uint64 `protobuf:"varint,5,opt,name=ingress_dropped,json=ingressDropped,proto3" json:"ingress_dropped,omitempty"`
+	// Frames from the guest with a source MAC or address not its own.
+	SpoofedDropped uint64 `protobuf:"varint,6,opt,name=spoofed_dropped,json=spoofedDropped,proto3" json:"spoofed_dropped,omitempty"`
+	// The user's policy in force, and the whole rule set enforced (with the node's
+	// defaults merged in), in the policy file format.
+	Policy        string `protobuf:"bytes,7,opt,name=policy,proto3" json:"policy,omitempty"`
+	Effective     string `protobuf:"bytes,8,opt,name=effective,proto3" json:"effective,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkStatus) Reset() {
+	*x = NetworkStatus{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkStatus) ProtoMessage() {}
+
+func (x *NetworkStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkStatus.ProtoReflect.Descriptor instead.
+func (*NetworkStatus) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *NetworkStatus) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *NetworkStatus) GetEgressAllowed() uint64 {
+	if x != nil {
+		return x.EgressAllowed
+	}
+	return 0
+}
+
+func (x *NetworkStatus) GetEgressDropped() uint64 {
+	if x != nil {
+		return x.EgressDropped
+	}
+	return 0
+}
+
+func (x *NetworkStatus) GetIngressAllowed() uint64 {
+	if x != nil {
+		return x.IngressAllowed
+	}
+	return 0
+}
+
+func (x *NetworkStatus) GetIngressDropped() uint64 {
+	if x != nil {
+		return x.IngressDropped
+	}
+	return 0
+}
+
+func (x *NetworkStatus) GetSpoofedDropped() uint64 {
+	if x != nil {
+		return x.SpoofedDropped
+	}
+	return 0
+}
+
+func (x *NetworkStatus) GetPolicy() string {
+	if x != nil {
+		return x.Policy
+	}
+	return ""
+}
+
+func (x *NetworkStatus) GetEffective() string {
+	if x != nil {
+		return x.Effective
+	}
+	return ""
+}
+
 type Event struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Time          *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
@@ -225,7 +411,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[1]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -237,7 +423,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[1]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -250,7 +436,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{1}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Event) GetTime() *timestamppb.Timestamp {
@@ -294,15 +480,19 @@ type Sandbox struct {
 	Events     []*Event               `protobuf:"bytes,14,rep,name=events,proto3" json:"events,omitempty"`
 	Details    map[string]string      `protobuf:"bytes,15,rep,name=details,proto3" json:"details,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// ID of the token that created the sandbox.
-	Owner         string `protobuf:"bytes,16,opt,name=owner,proto3" json:"owner,omitempty"`
-	Restarts      int32  `protobuf:"varint,17,opt,name=restarts,proto3" json:"restarts,omitempty"`
+	Owner    string `protobuf:"bytes,16,opt,name=owner,proto3" json:"owner,omitempty"`
+	Restarts int32  `protobuf:"varint,17,opt,name=restarts,proto3" json:"restarts,omitempty"`
+	// Opens the sandbox's private ports at the ingress (header Fireworks-Access-Token).
+	AccessToken string `protobuf:"bytes,18,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
+	// Live network counters (GetSandbox of a running sandbox with a network).
+	Network       *NetworkStatus `protobuf:"bytes,19,opt,name=network,proto3" json:"network,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Sandbox) Reset() {
 	*x = Sandbox{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[2]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -314,7 +504,7 @@ func (x *Sandbox) String() string {
 func (*Sandbox) ProtoMessage() {}
 
 func (x *Sandbox) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[2]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -327,7 +517,7 @@ func (x *Sandbox) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Sandbox.ProtoReflect.Descriptor instead.
 func (*Sandbox) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{2}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Sandbox) GetId() string {
@@ -449,6 +639,20 @@ func (x *Sandbox) GetRestarts() int32 {
 	return 0
 }
 
+func (x *Sandbox) GetAccessToken() string {
+	if x != nil {
+		return x.AccessToken
+	}
+	return ""
+}
+
+func (x *Sandbox) GetNetwork() *NetworkStatus {
+	if x != nil {
+		return x.Network
+	}
+	return nil
+}
+
 type CreateSandboxRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -459,7 +663,7 @@ type CreateSandboxRequest struct {
 
 func (x *CreateSandboxRequest) Reset() {
 	*x = CreateSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[3]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -471,7 +675,7 @@ func (x *CreateSandboxRequest) String() string {
 func (*CreateSandboxRequest) ProtoMessage() {}
 
 func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[3]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -484,7 +688,7 @@ func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxRequest.ProtoReflect.Descriptor instead.
 func (*CreateSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{3}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateSandboxRequest) GetName() string {
@@ -510,7 +714,7 @@ type CreateSandboxResponse struct {
 
 func (x *CreateSandboxResponse) Reset() {
 	*x = CreateSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[4]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -522,7 +726,7 @@ func (x *CreateSandboxResponse) String() string {
 func (*CreateSandboxResponse) ProtoMessage() {}
 
 func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[4]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -535,7 +739,7 @@ func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxResponse.ProtoReflect.Descriptor instead.
 func (*CreateSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{4}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CreateSandboxResponse) GetSandbox() *Sandbox {
@@ -555,7 +759,7 @@ type GetSandboxRequest struct {
 
 func (x *GetSandboxRequest) Reset() {
 	*x = GetSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -567,7 +771,7 @@ func (x *GetSandboxRequest) String() string {
 func (*GetSandboxRequest) ProtoMessage() {}
 
 func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -580,7 +784,7 @@ func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{5}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetSandboxRequest) GetSandbox() string {
@@ -599,7 +803,7 @@ type GetSandboxResponse struct {
 
 func (x *GetSandboxResponse) Reset() {
 	*x = GetSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -611,7 +815,7 @@ func (x *GetSandboxResponse) String() string {
 func (*GetSandboxResponse) ProtoMessage() {}
 
 func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -624,7 +828,7 @@ func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{6}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetSandboxResponse) GetSandbox() *Sandbox {
@@ -643,7 +847,7 @@ type ListSandboxesRequest struct {
 
 func (x *ListSandboxesRequest) Reset() {
 	*x = ListSandboxesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -655,7 +859,7 @@ func (x *ListSandboxesRequest) String() string {
 func (*ListSandboxesRequest) ProtoMessage() {}
 
 func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -668,7 +872,7 @@ func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesRequest.ProtoReflect.Descriptor instead.
 func (*ListSandboxesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{7}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListSandboxesRequest) GetAll() bool {
@@ -687,7 +891,7 @@ type ListSandboxesResponse struct {
 
 func (x *ListSandboxesResponse) Reset() {
 	*x = ListSandboxesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -699,7 +903,7 @@ func (x *ListSandboxesResponse) String() string {
 func (*ListSandboxesResponse) ProtoMessage() {}
 
 func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -712,7 +916,7 @@ func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesResponse.ProtoReflect.Descriptor instead.
 func (*ListSandboxesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{8}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListSandboxesResponse) GetSandboxes() []*Sandbox {
@@ -732,7 +936,7 @@ type StopSandboxRequest struct {
 
 func (x *StopSandboxRequest) Reset() {
 	*x = StopSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -744,7 +948,7 @@ func (x *StopSandboxRequest) String() string {
 func (*StopSandboxRequest) ProtoMessage() {}
 
 func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -757,7 +961,7 @@ func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxRequest.ProtoReflect.Descriptor instead.
 func (*StopSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{9}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *StopSandboxRequest) GetSandbox() string {
@@ -783,7 +987,7 @@ type StopSandboxResponse struct {
 
 func (x *StopSandboxResponse) Reset() {
 	*x = StopSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -795,7 +999,7 @@ func (x *StopSandboxResponse) String() string {
 func (*StopSandboxResponse) ProtoMessage() {}
 
 func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -808,7 +1012,7 @@ func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxResponse.ProtoReflect.Descriptor instead.
 func (*StopSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{10}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *StopSandboxResponse) GetSandbox() *Sandbox {
@@ -828,7 +1032,7 @@ type RemoveSandboxRequest struct {
 
 func (x *RemoveSandboxRequest) Reset() {
 	*x = RemoveSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -840,7 +1044,7 @@ func (x *RemoveSandboxRequest) String() string {
 func (*RemoveSandboxRequest) ProtoMessage() {}
 
 func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -853,7 +1057,7 @@ func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxRequest.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{11}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RemoveSandboxRequest) GetSandbox() string {
@@ -878,7 +1082,7 @@ type RemoveSandboxResponse struct {
 
 func (x *RemoveSandboxResponse) Reset() {
 	*x = RemoveSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -890,7 +1094,7 @@ func (x *RemoveSandboxResponse) String() string {
 func (*RemoveSandboxResponse) ProtoMessage() {}
 
 func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -903,7 +1107,7 @@ func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxResponse.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{12}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{14}
 }
 
 type Resize struct {
@@ -916,7 +1120,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -928,7 +1132,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -941,7 +1145,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{13}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -969,7 +1173,7 @@ type Output struct {
 
 func (x *Output) Reset() {
 	*x = Output{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -981,7 +1185,7 @@ func (x *Output) String() string {
 func (*Output) ProtoMessage() {}
 
 func (x *Output) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -994,7 +1198,7 @@ func (x *Output) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Output.ProtoReflect.Descriptor instead.
 func (*Output) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{14}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Output) GetStream() int32 {
@@ -1023,7 +1227,7 @@ type Exit struct {
 
 func (x *Exit) Reset() {
 	*x = Exit{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1035,7 +1239,7 @@ func (x *Exit) String() string {
 func (*Exit) ProtoMessage() {}
 
 func (x *Exit) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1048,7 +1252,7 @@ func (x *Exit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Exit.ProtoReflect.Descriptor instead.
 func (*Exit) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{15}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Exit) GetCode() int32 {
@@ -1088,7 +1292,7 @@ type AttachStart struct {
 
 func (x *AttachStart) Reset() {
 	*x = AttachStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1100,7 +1304,7 @@ func (x *AttachStart) String() string {
 func (*AttachStart) ProtoMessage() {}
 
 func (x *AttachStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1113,7 +1317,7 @@ func (x *AttachStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachStart.ProtoReflect.Descriptor instead.
 func (*AttachStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{16}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *AttachStart) GetSandbox() string {
@@ -1139,7 +1343,7 @@ type AttachRequest struct {
 
 func (x *AttachRequest) Reset() {
 	*x = AttachRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1151,7 +1355,7 @@ func (x *AttachRequest) String() string {
 func (*AttachRequest) ProtoMessage() {}
 
 func (x *AttachRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1164,7 +1368,7 @@ func (x *AttachRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachRequest.ProtoReflect.Descriptor instead.
 func (*AttachRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{17}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *AttachRequest) GetMsg() isAttachRequest_Msg {
@@ -1266,7 +1470,7 @@ type AttachResponse struct {
 
 func (x *AttachResponse) Reset() {
 	*x = AttachResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1278,7 +1482,7 @@ func (x *AttachResponse) String() string {
 func (*AttachResponse) ProtoMessage() {}
 
 func (x *AttachResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1291,7 +1495,7 @@ func (x *AttachResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachResponse.ProtoReflect.Descriptor instead.
 func (*AttachResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{18}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AttachResponse) GetMsg() isAttachResponse_Msg {
@@ -1345,7 +1549,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1357,7 +1561,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1370,7 +1574,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{19}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *LogsRequest) GetSandbox() string {
@@ -1396,7 +1600,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1408,7 +1612,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1421,7 +1625,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{20}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *LogsResponse) GetOutput() *Output {
@@ -1448,7 +1652,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1460,7 +1664,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1473,7 +1677,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{21}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ExecStart) GetSandbox() string {
@@ -1555,7 +1759,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1567,7 +1771,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1580,7 +1784,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{22}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -1682,7 +1886,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1694,7 +1898,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1707,7 +1911,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{23}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -1751,6 +1955,304 @@ func (*ExecResponse_Output) isExecResponse_Msg() {}
 
 func (*ExecResponse_Exit) isExecResponse_Msg() {}
 
+type SetPolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox       string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	Policy        string                 `protobuf:"bytes,2,opt,name=policy,proto3" json:"policy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPolicyRequest) Reset() {
+	*x = SetPolicyRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPolicyRequest) ProtoMessage() {}
+
+func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
+func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *SetPolicyRequest) GetSandbox() string {
+	if x != nil {
+		return x.Sandbox
+	}
+	return ""
+}
+
+func (x *SetPolicyRequest) GetPolicy() string {
+	if x != nil {
+		return x.Policy
+	}
+	return ""
+}
+
+type SetPolicyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Network       *NetworkStatus         `protobuf:"bytes,1,opt,name=network,proto3" json:"network,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPolicyResponse) Reset() {
+	*x = SetPolicyResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPolicyResponse) ProtoMessage() {}
+
+func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
+func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *SetPolicyResponse) GetNetwork() *NetworkStatus {
+	if x != nil {
+		return x.Network
+	}
+	return nil
+}
+
+type GetPolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox       string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetPolicyRequest) Reset() {
+	*x = GetPolicyRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetPolicyRequest) ProtoMessage() {}
+
+func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
+func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *GetPolicyRequest) GetSandbox() string {
+	if x != nil {
+		return x.Sandbox
+	}
+	return ""
+}
+
+type GetPolicyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Network       *NetworkStatus         `protobuf:"bytes,1,opt,name=network,proto3" json:"network,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetPolicyResponse) Reset() {
+	*x = GetPolicyResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetPolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetPolicyResponse) ProtoMessage() {}
+
+func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
+func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *GetPolicyResponse) GetNetwork() *NetworkStatus {
+	if x != nil {
+		return x.Network
+	}
+	return nil
+}
+
+type PortForwardRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// First message: which sandbox and guest port; later ones: data.
+	Sandbox string `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	Port    uint32 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	Data    []byte `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
+	// The client has no more data (half-close).
+	CloseWrite    bool `protobuf:"varint,4,opt,name=close_write,json=closeWrite,proto3" json:"close_write,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PortForwardRequest) Reset() {
+	*x = PortForwardRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PortForwardRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PortForwardRequest) ProtoMessage() {}
+
+func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PortForwardRequest.ProtoReflect.Descriptor instead.
+func (*PortForwardRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *PortForwardRequest) GetSandbox() string {
+	if x != nil {
+		return x.Sandbox
+	}
+	return ""
+}
+
+func (x *PortForwardRequest) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *PortForwardRequest) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *PortForwardRequest) GetCloseWrite() bool {
+	if x != nil {
+		return x.CloseWrite
+	}
+	return false
+}
+
+type PortForwardResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PortForwardResponse) Reset() {
+	*x = PortForwardResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PortForwardResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PortForwardResponse) ProtoMessage() {}
+
+func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PortForwardResponse.ProtoReflect.Descriptor instead.
+func (*PortForwardResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *PortForwardResponse) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 type Image struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ref           string                 `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
@@ -1765,7 +2267,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1777,7 +2279,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1790,7 +2292,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Image) GetRef() string {
@@ -1845,7 +2347,7 @@ type PullImageRequest struct {
 
 func (x *PullImageRequest) Reset() {
 	*x = PullImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1857,7 +2359,7 @@ func (x *PullImageRequest) String() string {
 func (*PullImageRequest) ProtoMessage() {}
 
 func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1870,7 +2372,7 @@ func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageRequest.ProtoReflect.Descriptor instead.
 func (*PullImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *PullImageRequest) GetRef() string {
@@ -1900,7 +2402,7 @@ type PullImageResponse struct {
 
 func (x *PullImageResponse) Reset() {
 	*x = PullImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1912,7 +2414,7 @@ func (x *PullImageResponse) String() string {
 func (*PullImageResponse) ProtoMessage() {}
 
 func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1925,7 +2427,7 @@ func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageResponse.ProtoReflect.Descriptor instead.
 func (*PullImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *PullImageResponse) GetMsg() isPullImageResponse_Msg {
@@ -1980,7 +2482,7 @@ type PullProgress struct {
 
 func (x *PullProgress) Reset() {
 	*x = PullProgress{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1992,7 +2494,7 @@ func (x *PullProgress) String() string {
 func (*PullProgress) ProtoMessage() {}
 
 func (x *PullProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2005,7 +2507,7 @@ func (x *PullProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullProgress.ProtoReflect.Descriptor instead.
 func (*PullProgress) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *PullProgress) GetLayer() string {
@@ -2037,7 +2539,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2049,7 +2551,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2062,7 +2564,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
 }
 
 type ListImagesResponse struct {
@@ -2074,7 +2576,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2086,7 +2588,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2099,7 +2601,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -2118,7 +2620,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2130,7 +2632,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2143,7 +2645,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -2161,7 +2663,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2173,7 +2675,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2186,7 +2688,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
 }
 
 // A warm pool: every node keeps up to this many VMs of the image restored and paused.
@@ -2209,7 +2711,7 @@ type Pool struct {
 
 func (x *Pool) Reset() {
 	*x = Pool{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2221,7 +2723,7 @@ func (x *Pool) String() string {
 func (*Pool) ProtoMessage() {}
 
 func (x *Pool) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2234,7 +2736,7 @@ func (x *Pool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pool.ProtoReflect.Descriptor instead.
 func (*Pool) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Pool) GetImage() string {
@@ -2310,7 +2812,7 @@ type PoolNodeStatus struct {
 
 func (x *PoolNodeStatus) Reset() {
 	*x = PoolNodeStatus{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2322,7 +2824,7 @@ func (x *PoolNodeStatus) String() string {
 func (*PoolNodeStatus) ProtoMessage() {}
 
 func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2335,7 +2837,7 @@ func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolNodeStatus.ProtoReflect.Descriptor instead.
 func (*PoolNodeStatus) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *PoolNodeStatus) GetNode() string {
@@ -2403,7 +2905,7 @@ type SetPoolRequest struct {
 
 func (x *SetPoolRequest) Reset() {
 	*x = SetPoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2415,7 +2917,7 @@ func (x *SetPoolRequest) String() string {
 func (*SetPoolRequest) ProtoMessage() {}
 
 func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2428,7 +2930,7 @@ func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolRequest.ProtoReflect.Descriptor instead.
 func (*SetPoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *SetPoolRequest) GetPool() *Pool {
@@ -2447,7 +2949,7 @@ type SetPoolResponse struct {
 
 func (x *SetPoolResponse) Reset() {
 	*x = SetPoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2459,7 +2961,7 @@ func (x *SetPoolResponse) String() string {
 func (*SetPoolResponse) ProtoMessage() {}
 
 func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2472,7 +2974,7 @@ func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolResponse.ProtoReflect.Descriptor instead.
 func (*SetPoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *SetPoolResponse) GetPool() *Pool {
@@ -2490,7 +2992,7 @@ type ListPoolsRequest struct {
 
 func (x *ListPoolsRequest) Reset() {
 	*x = ListPoolsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2502,7 +3004,7 @@ func (x *ListPoolsRequest) String() string {
 func (*ListPoolsRequest) ProtoMessage() {}
 
 func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2515,7 +3017,7 @@ func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsRequest.ProtoReflect.Descriptor instead.
 func (*ListPoolsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
 }
 
 type ListPoolsResponse struct {
@@ -2527,7 +3029,7 @@ type ListPoolsResponse struct {
 
 func (x *ListPoolsResponse) Reset() {
 	*x = ListPoolsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2539,7 +3041,7 @@ func (x *ListPoolsResponse) String() string {
 func (*ListPoolsResponse) ProtoMessage() {}
 
 func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2552,7 +3054,7 @@ func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsResponse.ProtoReflect.Descriptor instead.
 func (*ListPoolsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ListPoolsResponse) GetPools() []*Pool {
@@ -2571,7 +3073,7 @@ type DeletePoolRequest struct {
 
 func (x *DeletePoolRequest) Reset() {
 	*x = DeletePoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2583,7 +3085,7 @@ func (x *DeletePoolRequest) String() string {
 func (*DeletePoolRequest) ProtoMessage() {}
 
 func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2596,7 +3098,7 @@ func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolRequest.ProtoReflect.Descriptor instead.
 func (*DeletePoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *DeletePoolRequest) GetImage() string {
@@ -2614,7 +3116,7 @@ type DeletePoolResponse struct {
 
 func (x *DeletePoolResponse) Reset() {
 	*x = DeletePoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2626,7 +3128,7 @@ func (x *DeletePoolResponse) String() string {
 func (*DeletePoolResponse) ProtoMessage() {}
 
 func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2639,7 +3141,7 @@ func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolResponse.ProtoReflect.Descriptor instead.
 func (*DeletePoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
 }
 
 type Template struct {
@@ -2657,7 +3159,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2669,7 +3171,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2682,7 +3184,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *Template) GetKey() string {
@@ -2744,7 +3246,7 @@ type WarmImageRequest struct {
 
 func (x *WarmImageRequest) Reset() {
 	*x = WarmImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2756,7 +3258,7 @@ func (x *WarmImageRequest) String() string {
 func (*WarmImageRequest) ProtoMessage() {}
 
 func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2769,7 +3271,7 @@ func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageRequest.ProtoReflect.Descriptor instead.
 func (*WarmImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *WarmImageRequest) GetRef() string {
@@ -2798,7 +3300,7 @@ type WarmImageResponse struct {
 
 func (x *WarmImageResponse) Reset() {
 	*x = WarmImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2810,7 +3312,7 @@ func (x *WarmImageResponse) String() string {
 func (*WarmImageResponse) ProtoMessage() {}
 
 func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2823,7 +3325,7 @@ func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageResponse.ProtoReflect.Descriptor instead.
 func (*WarmImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *WarmImageResponse) GetTemplate() *Template {
@@ -2855,7 +3357,7 @@ type ListTemplatesRequest struct {
 
 func (x *ListTemplatesRequest) Reset() {
 	*x = ListTemplatesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2867,7 +3369,7 @@ func (x *ListTemplatesRequest) String() string {
 func (*ListTemplatesRequest) ProtoMessage() {}
 
 func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2880,7 +3382,7 @@ func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesRequest.ProtoReflect.Descriptor instead.
 func (*ListTemplatesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
 }
 
 type ListTemplatesResponse struct {
@@ -2892,7 +3394,7 @@ type ListTemplatesResponse struct {
 
 func (x *ListTemplatesResponse) Reset() {
 	*x = ListTemplatesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2904,7 +3406,7 @@ func (x *ListTemplatesResponse) String() string {
 func (*ListTemplatesResponse) ProtoMessage() {}
 
 func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2917,7 +3419,7 @@ func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesResponse.ProtoReflect.Descriptor instead.
 func (*ListTemplatesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ListTemplatesResponse) GetTemplates() []*Template {
@@ -2935,7 +3437,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2947,7 +3449,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2960,7 +3462,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
 }
 
 type InfoResponse struct {
@@ -2984,7 +3486,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2996,7 +3498,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3009,7 +3511,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *InfoResponse) GetVersion() string {
@@ -3119,7 +3621,7 @@ type Token struct {
 
 func (x *Token) Reset() {
 	*x = Token{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3131,7 +3633,7 @@ func (x *Token) String() string {
 func (*Token) ProtoMessage() {}
 
 func (x *Token) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3144,7 +3646,7 @@ func (x *Token) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Token.ProtoReflect.Descriptor instead.
 func (*Token) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *Token) GetId() string {
@@ -3201,7 +3703,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3213,7 +3715,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3226,7 +3728,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *CreateTokenRequest) GetName() string {
@@ -3261,7 +3763,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3273,7 +3775,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3286,7 +3788,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *CreateTokenResponse) GetToken() *Token {
@@ -3311,7 +3813,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3323,7 +3825,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3336,7 +3838,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
 }
 
 type ListTokensResponse struct {
@@ -3348,7 +3850,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3360,7 +3862,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3373,7 +3875,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ListTokensResponse) GetTokens() []*Token {
@@ -3392,7 +3894,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3404,7 +3906,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3417,7 +3919,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -3435,7 +3937,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3447,7 +3949,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3460,14 +3962,14 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
 }
 
 var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
 
 const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
-	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x04\n" +
+	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x04\n" +
 	"\vSandboxSpec\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x1e\n" +
 	"\n" +
@@ -3491,11 +3993,26 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\vconstraints\x18\x0f \x03(\tR\vconstraints\x12\x16\n" +
 	"\x06spread\x18\x10 \x01(\bR\x06spread\x12\x19\n" +
 	"\bdisk_mib\x18\x11 \x01(\x05R\adiskMib\x12\x12\n" +
-	"\x04boot\x18\x12 \x01(\tR\x04boot\"g\n" +
+	"\x04boot\x18\x12 \x01(\tR\x04boot\x12\x18\n" +
+	"\anetwork\x18\x13 \x01(\tR\anetwork\x12\x16\n" +
+	"\x06policy\x18\x14 \x01(\tR\x06policy\x12(\n" +
+	"\x05ports\x18\x15 \x03(\v2\x12.fireworks.v1.PortR\x05ports\"2\n" +
+	"\x04Port\x12\x12\n" +
+	"\x04port\x18\x01 \x01(\rR\x04port\x12\x16\n" +
+	"\x06public\x18\x02 \x01(\bR\x06public\"\xa8\x02\n" +
+	"\rNetworkStatus\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\x12%\n" +
+	"\x0eegress_allowed\x18\x02 \x01(\x04R\regressAllowed\x12%\n" +
+	"\x0eegress_dropped\x18\x03 \x01(\x04R\regressDropped\x12'\n" +
+	"\x0fingress_allowed\x18\x04 \x01(\x04R\x0eingressAllowed\x12'\n" +
+	"\x0fingress_dropped\x18\x05 \x01(\x04R\x0eingressDropped\x12'\n" +
+	"\x0fspoofed_dropped\x18\x06 \x01(\x04R\x0espoofedDropped\x12\x16\n" +
+	"\x06policy\x18\a \x01(\tR\x06policy\x12\x1c\n" +
+	"\teffective\x18\b \x01(\tR\teffective\"g\n" +
 	"\x05Event\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
 	"\x06status\x18\x02 \x01(\tR\x06status\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"\x9a\x05\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xf4\x05\n" +
 	"\aSandbox\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12-\n" +
@@ -3517,7 +4034,9 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06events\x18\x0e \x03(\v2\x13.fireworks.v1.EventR\x06events\x12<\n" +
 	"\adetails\x18\x0f \x03(\v2\".fireworks.v1.Sandbox.DetailsEntryR\adetails\x12\x14\n" +
 	"\x05owner\x18\x10 \x01(\tR\x05owner\x12\x1a\n" +
-	"\brestarts\x18\x11 \x01(\x05R\brestarts\x1a:\n" +
+	"\brestarts\x18\x11 \x01(\x05R\brestarts\x12!\n" +
+	"\faccess_token\x18\x12 \x01(\tR\vaccessToken\x125\n" +
+	"\anetwork\x18\x13 \x01(\v2\x1b.fireworks.v1.NetworkStatusR\anetwork\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"Y\n" +
@@ -3595,7 +4114,24 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\fExecResponse\x12.\n" +
 	"\x06output\x18\x01 \x01(\v2\x14.fireworks.v1.OutputH\x00R\x06output\x12(\n" +
 	"\x04exit\x18\x02 \x01(\v2\x12.fireworks.v1.ExitH\x00R\x04exitB\x05\n" +
-	"\x03msg\"\xad\x01\n" +
+	"\x03msg\"D\n" +
+	"\x10SetPolicyRequest\x12\x18\n" +
+	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x16\n" +
+	"\x06policy\x18\x02 \x01(\tR\x06policy\"J\n" +
+	"\x11SetPolicyResponse\x125\n" +
+	"\anetwork\x18\x01 \x01(\v2\x1b.fireworks.v1.NetworkStatusR\anetwork\",\n" +
+	"\x10GetPolicyRequest\x12\x18\n" +
+	"\asandbox\x18\x01 \x01(\tR\asandbox\"J\n" +
+	"\x11GetPolicyResponse\x125\n" +
+	"\anetwork\x18\x01 \x01(\v2\x1b.fireworks.v1.NetworkStatusR\anetwork\"w\n" +
+	"\x12PortForwardRequest\x12\x18\n" +
+	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\x12\x12\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\x12\x1f\n" +
+	"\vclose_write\x18\x04 \x01(\bR\n" +
+	"closeWrite\")\n" +
+	"\x13PortForwardResponse\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"\xad\x01\n" +
 	"\x05Image\x12\x10\n" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x12\n" +
@@ -3711,7 +4247,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06tokens\x18\x01 \x03(\v2\x13.fireworks.v1.TokenR\x06tokens\"$\n" +
 	"\x12RevokeTokenRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
-	"\x13RevokeTokenResponse2\x90\x05\n" +
+	"\x13RevokeTokenResponse2\x84\a\n" +
 	"\x0eSandboxService\x12X\n" +
 	"\rCreateSandbox\x12\".fireworks.v1.CreateSandboxRequest\x1a#.fireworks.v1.CreateSandboxResponse\x12O\n" +
 	"\n" +
@@ -3721,7 +4257,10 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\rRemoveSandbox\x12\".fireworks.v1.RemoveSandboxRequest\x1a#.fireworks.v1.RemoveSandboxResponse\x12G\n" +
 	"\x06Attach\x12\x1b.fireworks.v1.AttachRequest\x1a\x1c.fireworks.v1.AttachResponse(\x010\x01\x12?\n" +
 	"\x04Logs\x12\x19.fireworks.v1.LogsRequest\x1a\x1a.fireworks.v1.LogsResponse0\x01\x12A\n" +
-	"\x04Exec\x12\x19.fireworks.v1.ExecRequest\x1a\x1a.fireworks.v1.ExecResponse(\x010\x012\x92\x05\n" +
+	"\x04Exec\x12\x19.fireworks.v1.ExecRequest\x1a\x1a.fireworks.v1.ExecResponse(\x010\x01\x12L\n" +
+	"\tSetPolicy\x12\x1e.fireworks.v1.SetPolicyRequest\x1a\x1f.fireworks.v1.SetPolicyResponse\x12L\n" +
+	"\tGetPolicy\x12\x1e.fireworks.v1.GetPolicyRequest\x1a\x1f.fireworks.v1.GetPolicyResponse\x12V\n" +
+	"\vPortForward\x12 .fireworks.v1.PortForwardRequest\x1a!.fireworks.v1.PortForwardResponse(\x010\x012\x92\x05\n" +
 	"\fImageService\x12N\n" +
 	"\tPullImage\x12\x1e.fireworks.v1.PullImageRequest\x1a\x1f.fireworks.v1.PullImageResponse0\x01\x12O\n" +
 	"\n" +
@@ -3753,153 +4292,171 @@ func file_fireworks_v1_fireworks_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_fireworks_proto_rawDescData
 }
 
-var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 55)
+var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
 var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*SandboxSpec)(nil),           // 0: fireworks.v1.SandboxSpec
-	(*Event)(nil),                 // 1: fireworks.v1.Event
-	(*Sandbox)(nil),               // 2: fireworks.v1.Sandbox
-	(*CreateSandboxRequest)(nil),  // 3: fireworks.v1.CreateSandboxRequest
-	(*CreateSandboxResponse)(nil), // 4: fireworks.v1.CreateSandboxResponse
-	(*GetSandboxRequest)(nil),     // 5: fireworks.v1.GetSandboxRequest
-	(*GetSandboxResponse)(nil),    // 6: fireworks.v1.GetSandboxResponse
-	(*ListSandboxesRequest)(nil),  // 7: fireworks.v1.ListSandboxesRequest
-	(*ListSandboxesResponse)(nil), // 8: fireworks.v1.ListSandboxesResponse
-	(*StopSandboxRequest)(nil),    // 9: fireworks.v1.StopSandboxRequest
-	(*StopSandboxResponse)(nil),   // 10: fireworks.v1.StopSandboxResponse
-	(*RemoveSandboxRequest)(nil),  // 11: fireworks.v1.RemoveSandboxRequest
-	(*RemoveSandboxResponse)(nil), // 12: fireworks.v1.RemoveSandboxResponse
-	(*Resize)(nil),                // 13: fireworks.v1.Resize
-	(*Output)(nil),                // 14: fireworks.v1.Output
-	(*Exit)(nil),                  // 15: fireworks.v1.Exit
-	(*AttachStart)(nil),           // 16: fireworks.v1.AttachStart
-	(*AttachRequest)(nil),         // 17: fireworks.v1.AttachRequest
-	(*AttachResponse)(nil),        // 18: fireworks.v1.AttachResponse
-	(*LogsRequest)(nil),           // 19: fireworks.v1.LogsRequest
-	(*LogsResponse)(nil),          // 20: fireworks.v1.LogsResponse
-	(*ExecStart)(nil),             // 21: fireworks.v1.ExecStart
-	(*ExecRequest)(nil),           // 22: fireworks.v1.ExecRequest
-	(*ExecResponse)(nil),          // 23: fireworks.v1.ExecResponse
-	(*Image)(nil),                 // 24: fireworks.v1.Image
-	(*PullImageRequest)(nil),      // 25: fireworks.v1.PullImageRequest
-	(*PullImageResponse)(nil),     // 26: fireworks.v1.PullImageResponse
-	(*PullProgress)(nil),          // 27: fireworks.v1.PullProgress
-	(*ListImagesRequest)(nil),     // 28: fireworks.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),    // 29: fireworks.v1.ListImagesResponse
-	(*RemoveImageRequest)(nil),    // 30: fireworks.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),   // 31: fireworks.v1.RemoveImageResponse
-	(*Pool)(nil),                  // 32: fireworks.v1.Pool
-	(*PoolNodeStatus)(nil),        // 33: fireworks.v1.PoolNodeStatus
-	(*SetPoolRequest)(nil),        // 34: fireworks.v1.SetPoolRequest
-	(*SetPoolResponse)(nil),       // 35: fireworks.v1.SetPoolResponse
-	(*ListPoolsRequest)(nil),      // 36: fireworks.v1.ListPoolsRequest
-	(*ListPoolsResponse)(nil),     // 37: fireworks.v1.ListPoolsResponse
-	(*DeletePoolRequest)(nil),     // 38: fireworks.v1.DeletePoolRequest
-	(*DeletePoolResponse)(nil),    // 39: fireworks.v1.DeletePoolResponse
-	(*Template)(nil),              // 40: fireworks.v1.Template
-	(*WarmImageRequest)(nil),      // 41: fireworks.v1.WarmImageRequest
-	(*WarmImageResponse)(nil),     // 42: fireworks.v1.WarmImageResponse
-	(*ListTemplatesRequest)(nil),  // 43: fireworks.v1.ListTemplatesRequest
-	(*ListTemplatesResponse)(nil), // 44: fireworks.v1.ListTemplatesResponse
-	(*InfoRequest)(nil),           // 45: fireworks.v1.InfoRequest
-	(*InfoResponse)(nil),          // 46: fireworks.v1.InfoResponse
-	(*Token)(nil),                 // 47: fireworks.v1.Token
-	(*CreateTokenRequest)(nil),    // 48: fireworks.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),   // 49: fireworks.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),     // 50: fireworks.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),    // 51: fireworks.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),    // 52: fireworks.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),   // 53: fireworks.v1.RevokeTokenResponse
-	nil,                           // 54: fireworks.v1.Sandbox.DetailsEntry
-	(*durationpb.Duration)(nil),   // 55: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 56: google.protobuf.Timestamp
+	(*Port)(nil),                  // 1: fireworks.v1.Port
+	(*NetworkStatus)(nil),         // 2: fireworks.v1.NetworkStatus
+	(*Event)(nil),                 // 3: fireworks.v1.Event
+	(*Sandbox)(nil),               // 4: fireworks.v1.Sandbox
+	(*CreateSandboxRequest)(nil),  // 5: fireworks.v1.CreateSandboxRequest
+	(*CreateSandboxResponse)(nil), // 6: fireworks.v1.CreateSandboxResponse
+	(*GetSandboxRequest)(nil),     // 7: fireworks.v1.GetSandboxRequest
+	(*GetSandboxResponse)(nil),    // 8: fireworks.v1.GetSandboxResponse
+	(*ListSandboxesRequest)(nil),  // 9: fireworks.v1.ListSandboxesRequest
+	(*ListSandboxesResponse)(nil), // 10: fireworks.v1.ListSandboxesResponse
+	(*StopSandboxRequest)(nil),    // 11: fireworks.v1.StopSandboxRequest
+	(*StopSandboxResponse)(nil),   // 12: fireworks.v1.StopSandboxResponse
+	(*RemoveSandboxRequest)(nil),  // 13: fireworks.v1.RemoveSandboxRequest
+	(*RemoveSandboxResponse)(nil), // 14: fireworks.v1.RemoveSandboxResponse
+	(*Resize)(nil),                // 15: fireworks.v1.Resize
+	(*Output)(nil),                // 16: fireworks.v1.Output
+	(*Exit)(nil),                  // 17: fireworks.v1.Exit
+	(*AttachStart)(nil),           // 18: fireworks.v1.AttachStart
+	(*AttachRequest)(nil),         // 19: fireworks.v1.AttachRequest
+	(*AttachResponse)(nil),        // 20: fireworks.v1.AttachResponse
+	(*LogsRequest)(nil),           // 21: fireworks.v1.LogsRequest
+	(*LogsResponse)(nil),          // 22: fireworks.v1.LogsResponse
+	(*ExecStart)(nil),             // 23: fireworks.v1.ExecStart
+	(*ExecRequest)(nil),           // 24: fireworks.v1.ExecRequest
+	(*ExecResponse)(nil),          // 25: fireworks.v1.ExecResponse
+	(*SetPolicyRequest)(nil),      // 26: fireworks.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),     // 27: fireworks.v1.SetPolicyResponse
+	(*GetPolicyRequest)(nil),      // 28: fireworks.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),     // 29: fireworks.v1.GetPolicyResponse
+	(*PortForwardRequest)(nil),    // 30: fireworks.v1.PortForwardRequest
+	(*PortForwardResponse)(nil),   // 31: fireworks.v1.PortForwardResponse
+	(*Image)(nil),                 // 32: fireworks.v1.Image
+	(*PullImageRequest)(nil),      // 33: fireworks.v1.PullImageRequest
+	(*PullImageResponse)(nil),     // 34: fireworks.v1.PullImageResponse
+	(*PullProgress)(nil),          // 35: fireworks.v1.PullProgress
+	(*ListImagesRequest)(nil),     // 36: fireworks.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),    // 37: fireworks.v1.ListImagesResponse
+	(*RemoveImageRequest)(nil),    // 38: fireworks.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),   // 39: fireworks.v1.RemoveImageResponse
+	(*Pool)(nil),                  // 40: fireworks.v1.Pool
+	(*PoolNodeStatus)(nil),        // 41: fireworks.v1.PoolNodeStatus
+	(*SetPoolRequest)(nil),        // 42: fireworks.v1.SetPoolRequest
+	(*SetPoolResponse)(nil),       // 43: fireworks.v1.SetPoolResponse
+	(*ListPoolsRequest)(nil),      // 44: fireworks.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),     // 45: fireworks.v1.ListPoolsResponse
+	(*DeletePoolRequest)(nil),     // 46: fireworks.v1.DeletePoolRequest
+	(*DeletePoolResponse)(nil),    // 47: fireworks.v1.DeletePoolResponse
+	(*Template)(nil),              // 48: fireworks.v1.Template
+	(*WarmImageRequest)(nil),      // 49: fireworks.v1.WarmImageRequest
+	(*WarmImageResponse)(nil),     // 50: fireworks.v1.WarmImageResponse
+	(*ListTemplatesRequest)(nil),  // 51: fireworks.v1.ListTemplatesRequest
+	(*ListTemplatesResponse)(nil), // 52: fireworks.v1.ListTemplatesResponse
+	(*InfoRequest)(nil),           // 53: fireworks.v1.InfoRequest
+	(*InfoResponse)(nil),          // 54: fireworks.v1.InfoResponse
+	(*Token)(nil),                 // 55: fireworks.v1.Token
+	(*CreateTokenRequest)(nil),    // 56: fireworks.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),   // 57: fireworks.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),     // 58: fireworks.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),    // 59: fireworks.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),    // 60: fireworks.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),   // 61: fireworks.v1.RevokeTokenResponse
+	nil,                           // 62: fireworks.v1.Sandbox.DetailsEntry
+	(*durationpb.Duration)(nil),   // 63: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 64: google.protobuf.Timestamp
 }
 var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
-	55, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
-	56, // 1: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
-	0,  // 2: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
-	56, // 3: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	56, // 4: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
-	56, // 5: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
-	1,  // 6: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
-	54, // 7: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
-	0,  // 8: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
-	2,  // 9: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	2,  // 10: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	2,  // 11: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
-	55, // 12: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
-	2,  // 13: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	16, // 14: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
-	13, // 15: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
-	14, // 16: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
-	15, // 17: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
-	14, // 18: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
-	21, // 19: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
-	13, // 20: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
-	14, // 21: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
-	15, // 22: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
-	56, // 23: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
-	27, // 24: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
-	24, // 25: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
-	24, // 26: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
-	56, // 27: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
-	33, // 28: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
-	32, // 29: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
-	32, // 30: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
-	32, // 31: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
-	56, // 32: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
-	40, // 33: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
-	55, // 34: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
-	40, // 35: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
-	56, // 36: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
-	56, // 37: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	55, // 38: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	47, // 39: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
-	47, // 40: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
-	3,  // 41: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
-	5,  // 42: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
-	7,  // 43: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
-	9,  // 44: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
-	11, // 45: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
-	17, // 46: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
-	19, // 47: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
-	22, // 48: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
-	25, // 49: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
-	28, // 50: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
-	30, // 51: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
-	41, // 52: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
-	43, // 53: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
-	34, // 54: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
-	36, // 55: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
-	38, // 56: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
-	45, // 57: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
-	48, // 58: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
-	50, // 59: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
-	52, // 60: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
-	4,  // 61: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
-	6,  // 62: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
-	8,  // 63: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
-	10, // 64: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
-	12, // 65: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
-	18, // 66: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
-	20, // 67: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
-	23, // 68: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
-	26, // 69: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
-	29, // 70: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
-	31, // 71: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
-	42, // 72: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
-	44, // 73: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
-	35, // 74: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
-	37, // 75: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
-	39, // 76: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
-	46, // 77: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
-	49, // 78: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
-	51, // 79: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
-	53, // 80: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
-	61, // [61:81] is the sub-list for method output_type
-	41, // [41:61] is the sub-list for method input_type
-	41, // [41:41] is the sub-list for extension type_name
-	41, // [41:41] is the sub-list for extension extendee
-	0,  // [0:41] is the sub-list for field type_name
+	63, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
+	1,  // 1: fireworks.v1.SandboxSpec.ports:type_name -> fireworks.v1.Port
+	64, // 2: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
+	0,  // 3: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
+	64, // 4: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	64, // 5: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
+	64, // 6: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
+	3,  // 7: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
+	62, // 8: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
+	2,  // 9: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
+	0,  // 10: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
+	4,  // 11: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	4,  // 12: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	4,  // 13: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
+	63, // 14: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
+	4,  // 15: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	18, // 16: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
+	15, // 17: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
+	16, // 18: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
+	17, // 19: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
+	16, // 20: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
+	23, // 21: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
+	15, // 22: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
+	16, // 23: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
+	17, // 24: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
+	2,  // 25: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	2,  // 26: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	64, // 27: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
+	35, // 28: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
+	32, // 29: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
+	32, // 30: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
+	64, // 31: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
+	41, // 32: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
+	40, // 33: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
+	40, // 34: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
+	40, // 35: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
+	64, // 36: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
+	48, // 37: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
+	63, // 38: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
+	48, // 39: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
+	64, // 40: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
+	64, // 41: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	63, // 42: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	55, // 43: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
+	55, // 44: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
+	5,  // 45: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
+	7,  // 46: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
+	9,  // 47: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
+	11, // 48: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
+	13, // 49: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
+	19, // 50: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
+	21, // 51: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
+	24, // 52: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
+	26, // 53: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
+	28, // 54: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
+	30, // 55: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
+	33, // 56: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
+	36, // 57: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
+	38, // 58: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
+	49, // 59: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
+	51, // 60: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
+	42, // 61: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
+	44, // 62: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
+	46, // 63: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
+	53, // 64: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
+	56, // 65: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
+	58, // 66: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
+	60, // 67: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
+	6,  // 68: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
+	8,  // 69: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
+	10, // 70: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
+	12, // 71: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
+	14, // 72: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
+	20, // 73: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
+	22, // 74: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
+	25, // 75: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
+	27, // 76: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
+	29, // 77: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
+	31, // 78: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
+	34, // 79: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
+	37, // 80: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
+	39, // 81: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
+	50, // 82: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
+	52, // 83: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
+	43, // 84: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
+	45, // 85: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
+	47, // 86: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
+	54, // 87: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
+	57, // 88: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
+	59, // 89: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
+	61, // 90: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
+	68, // [68:91] is the sub-list for method output_type
+	45, // [45:68] is the sub-list for method input_type
+	45, // [45:45] is the sub-list for extension type_name
+	45, // [45:45] is the sub-list for extension extendee
+	0,  // [0:45] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_fireworks_proto_init() }
@@ -3907,29 +4464,29 @@ func file_fireworks_v1_fireworks_proto_init() {
 	if File_fireworks_v1_fireworks_proto != nil {
 		return
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[17].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[19].OneofWrappers = []any{
 		(*AttachRequest_Start)(nil),
 		(*AttachRequest_Stdin)(nil),
 		(*AttachRequest_StdinClose)(nil),
 		(*AttachRequest_Resize)(nil),
 		(*AttachRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[18].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[20].OneofWrappers = []any{
 		(*AttachResponse_Output)(nil),
 		(*AttachResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[22].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[24].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinClose)(nil),
 		(*ExecRequest_Resize)(nil),
 		(*ExecRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[23].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[25].OneofWrappers = []any{
 		(*ExecResponse_Output)(nil),
 		(*ExecResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[26].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[34].OneofWrappers = []any{
 		(*PullImageResponse_Progress)(nil),
 		(*PullImageResponse_Image)(nil),
 	}
@@ -3939,7 +4496,7 @@ func file_fireworks_v1_fireworks_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_fireworks_proto_rawDesc), len(file_fireworks_v1_fireworks_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   55,
+			NumMessages:   63,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

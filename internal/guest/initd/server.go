@@ -31,6 +31,9 @@ type System interface {
 	SetTime(ctx context.Context, t proto.SetTime) error
 	// SetHostname sets the guest's hostname.
 	SetHostname(name string) error
+	// SetNameservers replaces /etc/resolv.conf of the (set-up) root with these
+	// nameservers, already validated.
+	SetNameservers(servers []string) error
 	// KillAll ends every process but init and waits (bounded) until they are gone.
 	KillAll(ctx context.Context) error
 	// PowerOff stops all processes, syncs and powers the VM off. The server
@@ -339,6 +342,11 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		if req.Setup == nil {
 			return reply(errors.New("setup request without setup"))
 		}
+		// Checked before anything is touched, so a refused Setup can be corrected
+		// and sent again.
+		if err := validateSetup(req.Setup); err != nil {
+			return reply(err)
+		}
 		s.mu.Lock()
 		done := s.setupDone
 		// A failed Setup may have mounted half the root, so it is not retried
@@ -364,6 +372,9 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		if id == nil {
 			return reply(errors.New("identity request without identity"))
 		}
+		if err := proto.ValidateNameservers(id.Nameservers); err != nil {
+			return reply(fmt.Errorf("identity: %w", err))
+		}
 		s.mu.Lock()
 		done := s.setupDone
 		s.mu.Unlock()
@@ -380,6 +391,13 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		}
 		if err := sys.SetTime(ctx, proto.SetTime{TimeUnixNano: id.TimeUnixNano, Entropy: id.Entropy}); err != nil {
 			return reply(err)
+		}
+		// Identity is on the warm start's critical path: without nameservers it
+		// touches no file.
+		if len(id.Nameservers) > 0 {
+			if err := sys.SetNameservers(id.Nameservers); err != nil {
+				return reply(err)
+			}
 		}
 		s.mu.Lock()
 		s.baseEnv = append([]string(nil), id.Env...)
@@ -426,4 +444,16 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		return errors.New("shut down")
 	}
 	return reply(fmt.Errorf("unknown request op %q", req.Op))
+}
+
+// validateSetup checks the parts of a Setup that are plain data (the network and the
+// nameservers); devices are checked by System.Setup.
+func validateSetup(su *proto.Setup) error {
+	if err := su.Net.Validate(); err != nil {
+		return fmt.Errorf("setup: %w", err)
+	}
+	if err := proto.ValidateNameservers(su.Nameservers); err != nil {
+		return fmt.Errorf("setup: %w", err)
+	}
+	return nil
 }

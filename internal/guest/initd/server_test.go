@@ -28,6 +28,7 @@ type fakeSystem struct {
 	setups   []proto.Setup
 	times    []proto.SetTime
 	hosts    []string
+	dns      [][]string
 	killAll  int
 	poweroff int
 }
@@ -43,6 +44,13 @@ func (f *fakeSystem) SetHostname(name string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.hosts = append(f.hosts, name)
+	return nil
+}
+
+func (f *fakeSystem) SetNameservers(servers []string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.dns = append(f.dns, servers)
 	return nil
 }
 
@@ -586,5 +594,50 @@ func TestBackgroundChildDoesNotHoldSession(t *testing.T) {
 	r := run(t, c, sh("echo parent; (sleep 3) & exit 0"), nil)
 	if r.stdout != "parent\n" || r.status.Code != 0 {
 		t.Fatalf("got %+v", r)
+	}
+}
+
+// TestNetworkRequestsValidated: bad network settings are refused before the guest is
+// touched (a refused Setup can be sent again), and Identity touches resolv.conf only when
+// it carries nameservers.
+func TestNetworkRequestsValidated(t *testing.T) {
+	g, c := startGuest(t)
+	ctx := context.Background()
+	for _, bad := range []proto.Setup{
+		{Net: &proto.NetConfig{Address: "169.254.0.21", Gateway: "169.254.0.22"}},
+		{Net: &proto.NetConfig{Address: "fd00::2/64", Gateway: "fd00::1"}},
+		{Net: &proto.NetConfig{Address: "169.254.0.21/30", Gateway: "10.0.0.1"}},
+		{Nameservers: []string{"1.1.1.1", "8.8.8.8", "9.9.9.9", "1.0.0.1"}},
+		{Nameservers: []string{"2606:4700:4700::1111"}},
+	} {
+		err := c.Setup(ctx, bad)
+		var gerr *client.GuestError
+		if !errors.As(err, &gerr) || !strings.Contains(err.Error(), "setup: ") {
+			t.Errorf("setup %+v: got %v, want the guest to refuse it", bad, err)
+		}
+	}
+	good := proto.Setup{Hostname: "n", Net: &proto.NetConfig{Address: "169.254.0.21/30", Gateway: "169.254.0.22"}, Nameservers: []string{"169.254.0.22"}}
+	if err := c.Setup(ctx, good); err != nil {
+		t.Fatalf("a corrected setup after refused ones: %v", err)
+	}
+	if err := c.Identity(ctx, proto.Identity{Hostname: "a", Nameservers: []string{"not-an-ip"}}); err == nil || !strings.Contains(err.Error(), "not-an-ip") {
+		t.Errorf("identity with a bad nameserver: %v", err)
+	}
+	if err := c.Identity(ctx, proto.Identity{Hostname: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Identity(ctx, proto.Identity{Hostname: "c", Nameservers: []string{"10.0.0.53"}}); err != nil {
+		t.Fatal(err)
+	}
+	g.sys.mu.Lock()
+	defer g.sys.mu.Unlock()
+	if len(g.sys.setups) != 1 || g.sys.setups[0].Net == nil || g.sys.setups[0].Net.Gateway != "169.254.0.22" {
+		t.Errorf("system saw setups %+v", g.sys.setups)
+	}
+	if len(g.sys.dns) != 1 || len(g.sys.dns[0]) != 1 || g.sys.dns[0][0] != "10.0.0.53" {
+		t.Errorf("system was asked to write nameservers %v, want only the last identity's", g.sys.dns)
+	}
+	if len(g.sys.hosts) != 2 || g.sys.hosts[0] != "b" {
+		t.Errorf("a refused identity changed the hostname: %v", g.sys.hosts)
 	}
 }

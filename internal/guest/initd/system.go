@@ -116,6 +116,20 @@ func (p *pid1System) Setup(ctx context.Context, s proto.Setup) error {
 		return fmt.Errorf("chdir / in new root: %w", err)
 	}
 	p.log.Info("switched root", "image", s.RootDevice, "fstype", s.RootFSType, "scratch", s.ScratchDevice)
+	if s.Net != nil {
+		ifc, err := configureNet(ctx, s.Net)
+		if err != nil {
+			return fmt.Errorf("network: %w", err)
+		}
+		p.log.Info("network up", "interface", ifc, "address", s.Net.Address, "gateway", s.Net.Gateway)
+	} else if err := loopbackUp(); err != nil {
+		return fmt.Errorf("bring lo up: %w", err)
+	}
+	if len(s.Nameservers) > 0 {
+		if err := p.SetNameservers(s.Nameservers); err != nil {
+			return err
+		}
+	}
 	if _, err := os.Lstat("/tmp"); errors.Is(err, fs.ErrNotExist) {
 		if err := os.Mkdir("/tmp", 0o755); err != nil {
 			return fmt.Errorf("creating /tmp: %w", err)
@@ -200,6 +214,12 @@ func (p *pid1System) SetHostname(name string) error {
 		return fmt.Errorf("setting hostname %q: %w", name, err)
 	}
 	return nil
+}
+
+// SetNameservers replaces /etc/resolv.conf of the root init runs in (after Setup, the
+// sandbox's overlay).
+func (p *pid1System) SetNameservers(servers []string) error {
+	return writeResolvConf("/", servers)
 }
 
 func (p *pid1System) SetTime(_ context.Context, t proto.SetTime) error {

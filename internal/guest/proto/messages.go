@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 )
 
 // Hello opens a connection (host to guest). The host may send it more than
@@ -121,6 +122,103 @@ type Setup struct {
 	// snapshot taken after Setup then carries them, and restored VMs do
 	// not read them from disk.
 	Prefetch []string `json:"prefetch,omitempty"`
+	// Net configures the guest's network interface; nil leaves the guest
+	// without a network (lo stays down).
+	Net *NetConfig `json:"net,omitempty"`
+	// Nameservers replace /etc/resolv.conf in the new root (see
+	// ValidateNameservers); empty leaves the image's file.
+	Nameservers []string `json:"nameservers,omitempty"`
+}
+
+// NetConfig is the guest's network: the first ethernet interface (the
+// VM's only NIC) gets Address, lo and it are brought up, and the default
+// route goes via Gateway. IPv4 only for now.
+type NetConfig struct {
+	// Address is the interface's address with its prefix, e.g.
+	// "169.254.0.21/30".
+	Address string `json:"address"`
+	// Gateway is the default route's next hop, inside Address's prefix.
+	// Empty means no default route.
+	Gateway string `json:"gateway,omitempty"`
+	// MTU sets the interface's MTU (68..65535); 0 leaves the driver's.
+	MTU int `json:"mtu,omitempty"`
+}
+
+// MaxNameservers is the most nameservers resolv.conf takes (glibc and musl
+// read only the first three).
+const MaxNameservers = 3
+
+// Validate checks a network configuration, naming the offending value.
+func (n *NetConfig) Validate() error {
+	if n == nil {
+		return nil
+	}
+	pfx, err := netip.ParsePrefix(n.Address)
+	if err != nil {
+		return fmt.Errorf("network address %q: want an IPv4 address with its prefix length, e.g. 169.254.0.21/30", n.Address)
+	}
+	addr := pfx.Addr()
+	if !addr.Is4() {
+		return fmt.Errorf("network address %q: only IPv4 is supported", n.Address)
+	}
+	if pfx.Bits() == 0 || pfx.Bits() == 32 {
+		return fmt.Errorf("network address %q: prefix length must be 1..31 (the gateway must be on the link)", n.Address)
+	}
+	if !unicast4(addr) {
+		return fmt.Errorf("network address %q: not a unicast host address", n.Address)
+	}
+	if pfx.Bits() < 31 && (addr == pfx.Masked().Addr() || addr == broadcast4(pfx)) {
+		return fmt.Errorf("network address %q: is the network's or its broadcast address", n.Address)
+	}
+	if n.Gateway != "" {
+		gw, err := netip.ParseAddr(n.Gateway)
+		switch {
+		case err != nil || !gw.Is4():
+			return fmt.Errorf("gateway %q: not an IPv4 address", n.Gateway)
+		case !pfx.Contains(gw):
+			return fmt.Errorf("gateway %s is outside the interface's network %s", gw, pfx.Masked())
+		case gw == addr:
+			return fmt.Errorf("gateway %s is the interface's own address", gw)
+		case !unicast4(gw) || pfx.Bits() < 31 && (gw == pfx.Masked().Addr() || gw == broadcast4(pfx)):
+			return fmt.Errorf("gateway %s: not a unicast host address of %s", gw, pfx.Masked())
+		}
+	}
+	if n.MTU != 0 && (n.MTU < 68 || n.MTU > 65535) {
+		return fmt.Errorf("MTU %d is outside 68..65535", n.MTU)
+	}
+	return nil
+}
+
+// ValidateNameservers checks nameserver addresses for resolv.conf: at most
+// MaxNameservers, each an IPv4 unicast address.
+func ValidateNameservers(servers []string) error {
+	if len(servers) > MaxNameservers {
+		return fmt.Errorf("%d nameservers given; resolvers read at most %d", len(servers), MaxNameservers)
+	}
+	for _, s := range servers {
+		a, err := netip.ParseAddr(s)
+		switch {
+		case err != nil:
+			return fmt.Errorf("nameserver %q is not an IP address", s)
+		case !a.Is4():
+			return fmt.Errorf("nameserver %q: only IPv4 is supported", s)
+		case a.IsUnspecified() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+			return fmt.Errorf("nameserver %q is not a unicast address", s)
+		}
+	}
+	return nil
+}
+
+func unicast4(a netip.Addr) bool {
+	return a.Is4() && !a.IsUnspecified() && !a.IsLoopback() && !a.IsMulticast() && a != netip.AddrFrom4([4]byte{255, 255, 255, 255})
+}
+
+// broadcast4 is the last address of an IPv4 prefix.
+func broadcast4(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().As4()
+	v := binary.BigEndian.Uint32(b[:]) | (1<<(32-p.Bits()) - 1)
+	binary.BigEndian.PutUint32(b[:], v)
+	return netip.AddrFrom4(b)
 }
 
 // MaxPrefetch bounds the bytes Setup.Prefetch reads.
@@ -135,6 +233,9 @@ type Identity struct {
 	Env          []string `json:"env,omitempty"`
 	TimeUnixNano int64    `json:"time_unix_nano,omitempty"`
 	Entropy      []byte   `json:"entropy,omitempty"`
+	// Nameservers replace /etc/resolv.conf, as in Setup; empty leaves it
+	// as it is (and costs nothing).
+	Nameservers []string `json:"nameservers,omitempty"`
 }
 
 // SetTime sets the guest clock and optionally refreshes its entropy, which

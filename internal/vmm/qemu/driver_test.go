@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -125,3 +126,71 @@ func TestPanicMessage(t *testing.T) {
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+func TestCommandLineNICs(t *testing.T) {
+	d := &Driver{cfg: Config{Binary: "qemu-system-x86_64", Accel: "tcg", CPU: "qemu64"}}
+	s := testSpec(t)
+	if joined := strings.Join(d.args(s), "\n"); strings.Contains(joined, "netdev") {
+		t.Errorf("a spec without NICs has a network device:\n%s", joined)
+	}
+	tap, err := os.Open("/dev/null")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tap.Close()
+	mac := net.HardwareAddr{0x02, 0xfc, 0, 0, 0, 0x21}
+	s.NICs = []vmm.NIC{{Tap: tap, MAC: mac}, {Tap: tap}}
+	args := d.args(s)
+	for _, want := range []string{"tap,id=net0,fd=3,vhost=off", "virtio-net-device,netdev=net0,mac=02:fc:00:00:00:21",
+		"tap,id=net1,fd=4,vhost=off", "virtio-net-device,netdev=net1"} {
+		if !slices.Contains(args, want) {
+			t.Errorf("command line lacks %q:\n%s", want, strings.Join(args, "\n"))
+		}
+	}
+	// A restore's state file is fd 3: the taps follow it.
+	s.Restore = &vmm.Snapshot{MemoryFile: "/m", StateFile: "/s"}
+	args = d.args(s)
+	if !slices.Contains(args, "tap,id=net0,fd=4,vhost=off") || !slices.Contains(args, "tap,id=net1,fd=5,vhost=off") {
+		t.Errorf("restore command line numbers the taps wrongly:\n%s", strings.Join(args, "\n"))
+	}
+}
+
+func TestCreateValidatesNICs(t *testing.T) {
+	d := &Driver{log: discardLogger(), cfg: Config{Binary: "qemu-system-x86_64", Accel: "tcg", CPU: "qemu64",
+		Limits: vmm.Limits{MaxVCPUs: 2, MinMemoryMiB: 64, MaxMemoryMiB: 1024}}}
+	dev, err := os.Open("/dev/null") // stands in for a tap: a character device
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	regular, err := os.Open(testSpec(t).Kernel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer regular.Close()
+	closed, _ := os.Open("/dev/null")
+	closed.Close()
+	for _, c := range []struct {
+		nic  vmm.NIC
+		want string
+	}{
+		{vmm.NIC{}, "no tap"},
+		{vmm.NIC{Tap: regular}, "not a tun/tap"},
+		{vmm.NIC{Tap: closed}, "nic 0"},
+		{vmm.NIC{Tap: dev, MAC: net.HardwareAddr{1, 0, 0x5e, 0, 0, 1}}, "multicast"},
+		{vmm.NIC{Tap: dev, MAC: net.HardwareAddr{0, 0, 0, 0, 0, 0}}, "all zeros"},
+		{vmm.NIC{Tap: dev, MAC: net.HardwareAddr{2, 0, 0, 0, 0, 0, 0, 1}}, "6-byte"},
+	} {
+		s := testSpec(t)
+		s.NICs = []vmm.NIC{c.nic}
+		vm, err := d.Create(context.Background(), s)
+		if err == nil {
+			_ = vm.Kill()
+			t.Errorf("Create accepted NIC %+v", c.nic)
+			continue
+		}
+		if !strings.Contains(err.Error(), c.want) {
+			t.Errorf("NIC %+v: error %q does not mention %q", c.nic, err, c.want)
+		}
+	}
+}

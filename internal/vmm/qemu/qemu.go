@@ -39,6 +39,15 @@ const (
 // the first of exec.Cmd's ExtraFiles).
 const restoreFD = 3
 
+// tapFD is the descriptor QEMU finds NIC i's tap on: the ExtraFiles after the restore's
+// state file, if any.
+func tapFD(s vmm.Spec, i int) int {
+	if s.Restore != nil {
+		return restoreFD + 1 + i
+	}
+	return restoreFD + i
+}
+
 // maxSocketPath is the longest unix socket path the kernel accepts (sun_path is 108 bytes
 // including the terminating NUL).
 const maxSocketPath = 107
@@ -134,6 +143,9 @@ func (d *Driver) Create(ctx context.Context, spec vmm.Spec) (vmm.VM, error) {
 	}
 	v := newVM(d, spec.ID, spec.Dir, args)
 	v.memFile = spec.MemoryFile
+	for _, n := range spec.NICs {
+		v.taps = append(v.taps, n.Tap)
+	}
 	if spec.Restore != nil {
 		v.restoreFrom = spec.Restore.StateFile
 	}
@@ -270,7 +282,37 @@ func (d *Driver) args(s vmm.Spec) []string {
 		"-object", "rng-random,id=rng0,filename=/dev/urandom",
 		"-device", "virtio-rng-device,rng=rng0",
 	)
+	// NICs last, so that a VM without one has exactly the devices it always had. The tap
+	// comes as an inherited descriptor: QEMU never opens or configures interfaces itself.
+	vhost := "off"
+	if len(s.NICs) > 0 && d.vhostNet() {
+		vhost = "on"
+	}
+	for i, n := range s.NICs {
+		id := "net" + strconv.Itoa(i)
+		dev := "virtio-net-device,netdev=" + id
+		if n.MAC != nil {
+			dev += ",mac=" + n.MAC.String()
+		}
+		a = append(a,
+			"-netdev", "tap,id="+id+",fd="+strconv.Itoa(tapFD(s, i))+",vhost="+vhost,
+			"-device", dev)
+	}
 	return a
+}
+
+// vhostNet says whether NICs get the in-kernel virtio-net backend: only under KVM (TCG
+// cannot use it) and only if /dev/vhost-net opens here.
+func (d *Driver) vhostNet() bool {
+	if d.cfg.Accel != "kvm" {
+		return false
+	}
+	f, err := os.OpenFile("/dev/vhost-net", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	f.Close()
+	return true
 }
 
 func hostMemoryMiB() int {

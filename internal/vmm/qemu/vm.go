@@ -81,12 +81,13 @@ type vm struct {
 	exitErr   error
 	guardStop chan struct{}
 
-	memFile     string // Spec.MemoryFile: the VM can be snapshotted
-	restoreFrom string // Spec.Restore.StateFile: Start restores instead of booting
-	snapshotted bool   // saved: must never run again
-	prestarted  bool   // launched by Prestart; Start loads and resumes
-	resuming    bool   // Start is loading and resuming a prestarted VM
-	resumed     bool   // the guest has been let run
+	memFile     string     // Spec.MemoryFile: the VM can be snapshotted
+	taps        []*os.File // Spec.NICs' taps, the caller's: passed to QEMU at launch
+	restoreFrom string     // Spec.Restore.StateFile: Start restores instead of booting
+	snapshotted bool       // saved: must never run again
+	prestarted  bool       // launched by Prestart; Start loads and resumes
+	resuming    bool       // Start is loading and resuming a prestarted VM
+	resumed     bool       // the guest has been let run
 	exited      chan struct{}
 }
 
@@ -185,6 +186,8 @@ func (v *vm) launch(ctx context.Context) error {
 	cmd.Stdout = stderr
 	cmd.Stderr = stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// The order of ExtraFiles is the fd numbering the command line names (restoreFD,
+	// tapFD).
 	if v.restoreFrom != "" {
 		f, err := os.Open(v.restoreFrom)
 		if err != nil {
@@ -193,11 +196,13 @@ func (v *vm) launch(ctx context.Context) error {
 		defer f.Close() // the child has its own copy
 		cmd.ExtraFiles = []*os.File{f}
 	}
+	cmd.ExtraFiles = append(cmd.ExtraFiles, v.taps...)
 	if err := cmd.Start(); err != nil {
 		return early(fmt.Errorf("run %s: %w", v.d.cfg.Binary, err))
 	}
 	exited := make(chan struct{})
 	v.mu.Lock()
+	v.taps = nil // QEMU has its copies; the caller closes its own
 	v.pid = cmd.Process.Pid
 	v.p = childProc{cmd.Process}
 	v.state = "running"

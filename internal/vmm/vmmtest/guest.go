@@ -14,6 +14,9 @@ import (
 // loaded and it is about to serve the agent port.
 const ReadyMarker = "FIREWORKS-VMMTEST-READY"
 
+// ServeBody is what the test guest's web server (the serve command) answers.
+const ServeBody = "hello-from-the-guest"
+
 // PortName is the name of the virtio-serial port (or equivalent) the test guest serves.
 const PortName = "fireworks.0"
 
@@ -28,6 +31,11 @@ const PortName = "fireworks.0"
 //	put V       -> stores V in a shell variable (guest memory), answers "ok"
 //	get         -> the stored value
 //	rand        -> 16 bytes of /dev/urandom in hex
+//	ifaces      -> the names of the network interfaces other than lo, space separated
+//	net CIDR GW -> brings lo and the first other interface up with address CIDR and a
+//	               default route via GW: "ok IFACE", or "error ..."
+//	fetch URL   -> the first line of the body wget gets from URL (or wget's error)
+//	serve PORT  -> starts busybox httpd on PORT serving "` + ServeBody + `" at /: "ok"
 //	poweroff    -> powers the guest off
 //	panic       -> crashes the guest kernel (sysrq c)
 //
@@ -67,6 +75,21 @@ while :; do
 		put) val="$arg"; echo ok >&3 ;;
 		get) echo "$val" >&3 ;;
 		rand) head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' >&3; echo >&3 ;;
+		ifaces) echo $(ls /sys/class/net | grep -vx lo) >&3 ;;
+		net)
+			set -- $arg
+			ifc=$(ls /sys/class/net | grep -vx lo | head -n 1)
+			if [ -z "$ifc" ]; then
+				echo "error no network interface" >&3
+			elif out=$(ip link set lo up 2>&1 && ip link set "$ifc" up 2>&1 && ip addr add "$1" dev "$ifc" 2>&1 && ip route add default via "$2" 2>&1); then
+				echo "ok $ifc" >&3
+			else
+				echo "error" $out >&3
+			fi ;;
+		fetch) echo $(timeout 20 wget -q -O - "$arg" 2>&1 | head -n 1) >&3 ;;
+		serve)
+			mkdir -p /www && echo "` + ServeBody + `" >/www/index.html
+			if out=$(httpd -p "$arg" -h /www 2>&1); then echo ok >&3; else echo "error" $out >&3; fi ;;
 		poweroff) echo bye >&3; poweroff -f ;;
 		panic) echo c >/proc/sysrq-trigger ;;
 		*) echo "unknown command $cmd" >&3 ;;

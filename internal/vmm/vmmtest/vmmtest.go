@@ -44,7 +44,8 @@ type Harness struct {
 }
 
 // BootModules are the modules the test guest loads.
-var BootModules = []string{"virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng"}
+var BootModules = []string{"virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng",
+	"failover", "net_failover", "virtio_net"}
 
 // CacheDir is where test runs keep the downloaded kernel and built initramfs between runs:
 // $FIREWORKS_TEST_CACHE, else <tmp>/fireworks-test-cache.
@@ -93,6 +94,7 @@ func Run(t *testing.T, d vmm.Driver, h Harness) {
 	t.Run("KilledVMMIsDetected", s.testKill9)
 	t.Run("StopEscalatesOnStuckVMM", s.testStuckStop)
 	t.Run("SnapshotRestore", s.testSnapshot)
+	t.Run("Network", s.testNetwork)
 }
 
 type suite struct {
@@ -122,6 +124,7 @@ type bootOpts struct {
 	memFile    string
 	restore    *vmm.Snapshot
 	prestart   bool // launch the VMM with Prestart before Start
+	nics       []vmm.NIC
 }
 
 // guest is a booted test VM and the host end of its agent channel.
@@ -158,7 +161,7 @@ func (s *suite) spec(t *testing.T, o bootOpts) vmm.Spec {
 		Kernel: s.h.Kernel, Initrd: s.h.Initrd, Cmdline: s.h.Cmdline,
 		VCPUs: o.vcpus, MemoryMiB: o.mem, Disks: o.disks,
 		AgentSocket: filepath.Join(dir, "agent.sock"),
-		MemoryFile:  o.memFile, Restore: o.restore,
+		MemoryFile:  o.memFile, Restore: o.restore, NICs: o.nics,
 	}
 }
 
@@ -398,6 +401,11 @@ func (s *suite) testRunningGuest(t *testing.T) {
 			if got := g.mustCall("disk " + strconv.Itoa(i)); got != want {
 				t.Errorf("disk %d: guest reports %q, want %q", i, got, want)
 			}
+		}
+	})
+	t.Run("NoNetworkWithoutNIC", func(t *testing.T) {
+		if got := g.mustCall("ifaces"); got != "" {
+			t.Errorf("a VM without NICs has network interfaces %q", got)
 		}
 	})
 	t.Run("PauseResume", func(t *testing.T) {

@@ -63,6 +63,15 @@ const (
 	SandboxServiceLogsProcedure = "/fireworks.v1.SandboxService/Logs"
 	// SandboxServiceExecProcedure is the fully-qualified name of the SandboxService's Exec RPC.
 	SandboxServiceExecProcedure = "/fireworks.v1.SandboxService/Exec"
+	// SandboxServiceSetPolicyProcedure is the fully-qualified name of the SandboxService's SetPolicy
+	// RPC.
+	SandboxServiceSetPolicyProcedure = "/fireworks.v1.SandboxService/SetPolicy"
+	// SandboxServiceGetPolicyProcedure is the fully-qualified name of the SandboxService's GetPolicy
+	// RPC.
+	SandboxServiceGetPolicyProcedure = "/fireworks.v1.SandboxService/GetPolicy"
+	// SandboxServicePortForwardProcedure is the fully-qualified name of the SandboxService's
+	// PortForward RPC.
+	SandboxServicePortForwardProcedure = "/fireworks.v1.SandboxService/PortForward"
 	// ImageServicePullImageProcedure is the fully-qualified name of the ImageService's PullImage RPC.
 	ImageServicePullImageProcedure = "/fireworks.v1.ImageService/PullImage"
 	// ImageServiceListImagesProcedure is the fully-qualified name of the ImageService's ListImages RPC.
@@ -104,6 +113,12 @@ type SandboxServiceClient interface {
 	Attach(context.Context) *connect.BidiStreamForClient[fireworksv1.AttachRequest, fireworksv1.AttachResponse]
 	Logs(context.Context, *connect.Request[fireworksv1.LogsRequest]) (*connect.ServerStreamForClient[fireworksv1.LogsResponse], error)
 	Exec(context.Context) *connect.BidiStreamForClient[fireworksv1.ExecRequest, fireworksv1.ExecResponse]
+	// Network policy of a running sandbox: replaced live (within a second, no restart);
+	// a malformed policy is refused and the old one stays.
+	SetPolicy(context.Context, *connect.Request[fireworksv1.SetPolicyRequest]) (*connect.Response[fireworksv1.SetPolicyResponse], error)
+	GetPolicy(context.Context, *connect.Request[fireworksv1.GetPolicyRequest]) (*connect.Response[fireworksv1.GetPolicyResponse], error)
+	// Port forwarding: a TCP stream to a guest port (first message names it).
+	PortForward(context.Context) *connect.BidiStreamForClient[fireworksv1.PortForwardRequest, fireworksv1.PortForwardResponse]
 }
 
 // NewSandboxServiceClient constructs a client for the fireworks.v1.SandboxService service. By
@@ -165,6 +180,24 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			connect.WithSchema(sandboxServiceMethods.ByName("Exec")),
 			connect.WithClientOptions(opts...),
 		),
+		setPolicy: connect.NewClient[fireworksv1.SetPolicyRequest, fireworksv1.SetPolicyResponse](
+			httpClient,
+			baseURL+SandboxServiceSetPolicyProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("SetPolicy")),
+			connect.WithClientOptions(opts...),
+		),
+		getPolicy: connect.NewClient[fireworksv1.GetPolicyRequest, fireworksv1.GetPolicyResponse](
+			httpClient,
+			baseURL+SandboxServiceGetPolicyProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("GetPolicy")),
+			connect.WithClientOptions(opts...),
+		),
+		portForward: connect.NewClient[fireworksv1.PortForwardRequest, fireworksv1.PortForwardResponse](
+			httpClient,
+			baseURL+SandboxServicePortForwardProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("PortForward")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -178,6 +211,9 @@ type sandboxServiceClient struct {
 	attach        *connect.Client[fireworksv1.AttachRequest, fireworksv1.AttachResponse]
 	logs          *connect.Client[fireworksv1.LogsRequest, fireworksv1.LogsResponse]
 	exec          *connect.Client[fireworksv1.ExecRequest, fireworksv1.ExecResponse]
+	setPolicy     *connect.Client[fireworksv1.SetPolicyRequest, fireworksv1.SetPolicyResponse]
+	getPolicy     *connect.Client[fireworksv1.GetPolicyRequest, fireworksv1.GetPolicyResponse]
+	portForward   *connect.Client[fireworksv1.PortForwardRequest, fireworksv1.PortForwardResponse]
 }
 
 // CreateSandbox calls fireworks.v1.SandboxService.CreateSandbox.
@@ -220,6 +256,21 @@ func (c *sandboxServiceClient) Exec(ctx context.Context) *connect.BidiStreamForC
 	return c.exec.CallBidiStream(ctx)
 }
 
+// SetPolicy calls fireworks.v1.SandboxService.SetPolicy.
+func (c *sandboxServiceClient) SetPolicy(ctx context.Context, req *connect.Request[fireworksv1.SetPolicyRequest]) (*connect.Response[fireworksv1.SetPolicyResponse], error) {
+	return c.setPolicy.CallUnary(ctx, req)
+}
+
+// GetPolicy calls fireworks.v1.SandboxService.GetPolicy.
+func (c *sandboxServiceClient) GetPolicy(ctx context.Context, req *connect.Request[fireworksv1.GetPolicyRequest]) (*connect.Response[fireworksv1.GetPolicyResponse], error) {
+	return c.getPolicy.CallUnary(ctx, req)
+}
+
+// PortForward calls fireworks.v1.SandboxService.PortForward.
+func (c *sandboxServiceClient) PortForward(ctx context.Context) *connect.BidiStreamForClient[fireworksv1.PortForwardRequest, fireworksv1.PortForwardResponse] {
+	return c.portForward.CallBidiStream(ctx)
+}
+
 // SandboxServiceHandler is an implementation of the fireworks.v1.SandboxService service.
 type SandboxServiceHandler interface {
 	CreateSandbox(context.Context, *connect.Request[fireworksv1.CreateSandboxRequest]) (*connect.Response[fireworksv1.CreateSandboxResponse], error)
@@ -231,6 +282,12 @@ type SandboxServiceHandler interface {
 	Attach(context.Context, *connect.BidiStream[fireworksv1.AttachRequest, fireworksv1.AttachResponse]) error
 	Logs(context.Context, *connect.Request[fireworksv1.LogsRequest], *connect.ServerStream[fireworksv1.LogsResponse]) error
 	Exec(context.Context, *connect.BidiStream[fireworksv1.ExecRequest, fireworksv1.ExecResponse]) error
+	// Network policy of a running sandbox: replaced live (within a second, no restart);
+	// a malformed policy is refused and the old one stays.
+	SetPolicy(context.Context, *connect.Request[fireworksv1.SetPolicyRequest]) (*connect.Response[fireworksv1.SetPolicyResponse], error)
+	GetPolicy(context.Context, *connect.Request[fireworksv1.GetPolicyRequest]) (*connect.Response[fireworksv1.GetPolicyResponse], error)
+	// Port forwarding: a TCP stream to a guest port (first message names it).
+	PortForward(context.Context, *connect.BidiStream[fireworksv1.PortForwardRequest, fireworksv1.PortForwardResponse]) error
 }
 
 // NewSandboxServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -288,6 +345,24 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		connect.WithSchema(sandboxServiceMethods.ByName("Exec")),
 		connect.WithHandlerOptions(opts...),
 	)
+	sandboxServiceSetPolicyHandler := connect.NewUnaryHandler(
+		SandboxServiceSetPolicyProcedure,
+		svc.SetPolicy,
+		connect.WithSchema(sandboxServiceMethods.ByName("SetPolicy")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServiceGetPolicyHandler := connect.NewUnaryHandler(
+		SandboxServiceGetPolicyProcedure,
+		svc.GetPolicy,
+		connect.WithSchema(sandboxServiceMethods.ByName("GetPolicy")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServicePortForwardHandler := connect.NewBidiStreamHandler(
+		SandboxServicePortForwardProcedure,
+		svc.PortForward,
+		connect.WithSchema(sandboxServiceMethods.ByName("PortForward")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/fireworks.v1.SandboxService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case SandboxServiceCreateSandboxProcedure:
@@ -306,6 +381,12 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 			sandboxServiceLogsHandler.ServeHTTP(w, r)
 		case SandboxServiceExecProcedure:
 			sandboxServiceExecHandler.ServeHTTP(w, r)
+		case SandboxServiceSetPolicyProcedure:
+			sandboxServiceSetPolicyHandler.ServeHTTP(w, r)
+		case SandboxServiceGetPolicyProcedure:
+			sandboxServiceGetPolicyHandler.ServeHTTP(w, r)
+		case SandboxServicePortForwardProcedure:
+			sandboxServicePortForwardHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -345,6 +426,18 @@ func (UnimplementedSandboxServiceHandler) Logs(context.Context, *connect.Request
 
 func (UnimplementedSandboxServiceHandler) Exec(context.Context, *connect.BidiStream[fireworksv1.ExecRequest, fireworksv1.ExecResponse]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.Exec is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) SetPolicy(context.Context, *connect.Request[fireworksv1.SetPolicyRequest]) (*connect.Response[fireworksv1.SetPolicyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.SetPolicy is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) GetPolicy(context.Context, *connect.Request[fireworksv1.GetPolicyRequest]) (*connect.Response[fireworksv1.GetPolicyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.GetPolicy is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) PortForward(context.Context, *connect.BidiStream[fireworksv1.PortForwardRequest, fireworksv1.PortForwardResponse]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.PortForward is not implemented"))
 }
 
 // ImageServiceClient is a client for the fireworks.v1.ImageService service.
