@@ -83,6 +83,23 @@ func writeSandboxText(w io.Writer, sb *pb.Sandbox) {
 			fmt.Fprintf(tw, "  %s\t%s\t%s\n", tsText(e.GetTime()), e.GetStatus(), printable(e.GetReason()))
 		}
 	}
+	if n := sb.GetNetwork(); n != nil {
+		row("Address", n.GetAddress())
+		row("Egress", fmt.Sprintf("%d packets allowed, %d dropped", n.GetEgressAllowed(), n.GetEgressDropped()))
+		row("Ingress", fmt.Sprintf("%d packets allowed, %d dropped", n.GetIngressAllowed(), n.GetIngressDropped()))
+		row("Spoofed", fmt.Sprintf("%d frames dropped", n.GetSpoofedDropped()))
+	} else if sb.GetSpec().GetNetwork() == "none" {
+		row("Network", "none")
+	}
+	var ports []string
+	for _, p := range sb.GetSpec().GetPorts() {
+		v := fmt.Sprint(p.GetPort())
+		if p.GetPublic() {
+			v += " (public)"
+		}
+		ports = append(ports, v)
+	}
+	row("Ports", strings.Join(ports, ", "))
 	if d := sb.GetDetails(); len(d) > 0 {
 		fmt.Fprintln(tw, "Details:")
 		keys := make([]string, 0, len(d))

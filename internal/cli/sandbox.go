@@ -38,6 +38,8 @@ type runFlags struct {
 	memory                       string
 	timeout                      time.Duration
 	boot                         string
+	network, policyFile          string
+	ports                        []string
 }
 
 func newRunCmd(g *globals) *cobra.Command {
@@ -73,6 +75,9 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 	fl.StringVar(&f.restart, "restart", "never", "cluster: re-run when it ends or its node dies: never, on-failure or always")
 	fl.StringArrayVar(&f.constraints, "constraint", nil, "cluster: only nodes whose labels match (key==value, key!=value, key)")
 	fl.BoolVar(&f.spread, "spread", false, "cluster: prefer the least loaded node instead of packing")
+	fl.StringVar(&f.network, "network", "", "none: no network interface at all (default: a network of its own, NAT to the outside)")
+	fl.StringVar(&f.policyFile, "policy", "", "network policy file (see README \"Networking\"; - reads stdin)")
+	fl.StringArrayVarP(&f.ports, "port", "p", nil, "publish a guest TCP port through the ingress: PORT (private: needs the access token) or PORT:public")
 	fl.StringVar(&f.boot, "boot", "auto", "how the VM starts: auto (warm pool, else template snapshot, else boot), restore (template snapshot) or cold (boot the kernel)")
 	return cmd
 }
@@ -161,6 +166,23 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 	if _, err := state.ParseBootMode(f.boot); err != nil {
 		return fmt.Errorf("invalid --boot %q: want auto, restore or cold", f.boot)
 	}
+	if f.network != "" && f.network != state.NetworkNone {
+		return fmt.Errorf("invalid --network %q: want none (or leave it out for a network of its own)", f.network)
+	}
+	var policy string
+	if f.policyFile != "" {
+		if policy, err = readPolicyFile(f.policyFile, g.stdin); err != nil {
+			return err
+		}
+	}
+	var ports []*pb.Port
+	for _, p := range f.ports {
+		pp, err := state.ParsePort(p)
+		if err != nil {
+			return fmt.Errorf("invalid --port %q: want PORT or PORT:public (PORT in 1..65535)", p)
+		}
+		ports = append(ports, &pb.Port{Port: uint32(pp.Port), Public: pp.Public})
+	}
 	c, err := g.client()
 	if err != nil {
 		return err
@@ -169,7 +191,7 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 		Image: localImageRef(args[0]), Cmd: args[1:], Env: expandEnv(f.env), WorkingDir: f.workdir,
 		User: f.user, Vcpus: int32(f.cpus), MemoryMib: int32(mem), Tty: f.tty, Stdin: f.interactive,
 		InsecureRegistries: f.insecure, Restart: f.restart, Constraints: f.constraints, Spread: f.spread,
-		Boot: f.boot,
+		Boot: f.boot, Network: f.network, Policy: policy, Ports: ports,
 	}
 	if f.entrypointSet {
 		spec.EntrypointSet = true

@@ -207,7 +207,8 @@ func program(dir Direction, rulesFD, configFD, countersFD, flowsFD int) asm.Inst
 // guardProgram checks every frame the guest sends on its tap: the Ethernet source must be
 // the guest's MAC; IPv4 must come from the guest's address; ARP must name both as its
 // sender. Everything else (other addresses, other MACs, IPv6, other ethertypes) is
-// dropped and counted: the guest cannot pose as anyone else even on its own link.
+// dropped and counted: the guest cannot pose as anyone else even on its own link. (RARP
+// from the guest's MAC passes: QEMU sends it for a restored guest.)
 func guardProgram(mac net.HardwareAddr, addr netip.Addr, countersFD int) asm.Instructions {
 	a4 := addr.As4()
 	macHi := int64(binary.LittleEndian.Uint32(mac[0:4])) // the bytes as a little-endian load sees them
@@ -230,6 +231,9 @@ func guardProgram(mac net.HardwareAddr, addr netip.Addr, countersFD int) asm.Ins
 		asm.LoadMem(asm.R3, asm.R7, 12, asm.Half),
 		asm.HostTo(asm.BE, asm.R3, asm.Half),
 		asm.JEq.Imm(asm.R3, 0x0800, "ipv4"),
+		// RARP from the guest's MAC: QEMU announces a restored or migrated guest's
+		// location with these; they carry no address of the guest's choosing.
+		asm.JEq.Imm(asm.R3, 0x8035, "pass"),
 		asm.JNE.Imm(asm.R3, 0x0806, "drop"),
 		// ARP (Ethernet/IPv4): sender MAC at 14+8, sender address at 14+14.
 		asm.Mov.Reg(asm.R2, asm.R7),

@@ -110,11 +110,18 @@ func (h *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.
 		return nil, toConnectError(err)
 	}
 	if sb.Status != state.StatusRunning {
+		// Still starting: the node applies the recorded policy when its network is made,
+		// but the caller wants to know it is in force, so wait for the start to end.
 		wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-		sb, err = h.s.waitStarted(wctx, sb.ID)
+		sb, err = h.s.waitFor(wctx, sb.ID, func(sb state.Sandbox) bool {
+			return sb.Status != state.StatusPending && sb.Status != state.StatusStarting
+		})
 		cancel()
 		if err != nil {
 			return nil, toConnectError(err)
+		}
+		if sb.Status != state.StatusRunning {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s", sb.ID, sb.Status))
 		}
 	}
 	if h.s.isLocal(sb) {
