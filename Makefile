@@ -32,7 +32,7 @@ generate:
 	protoc -I api -I /usr/include \
 	  --go_out=internal/api --go_opt=module=github.com/fireworks-sandbox/fireworks/internal/api \
 	  --connect-go_out=internal/api --connect-go_opt=module=github.com/fireworks-sandbox/fireworks/internal/api \
-	  api/fireworks/v1/fireworks.proto api/fireworks/v1/cluster.proto
+	  api/fireworks/v1/fireworks.proto api/fireworks/v1/cluster.proto api/fireworks/v1/ingress.proto
 
 clean:
 	rm -rf $(BIN)

@@ -545,6 +545,9 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	if h.ahead {
 		rt["vmm_launched_ahead"] = "yes"
 	}
+	if h.net != nil {
+		rt["netns"], rt["address"] = h.net.ns.Name, h.net.ns.Block.Sandbox().String()
+	}
 	s.mu.Lock()
 	s.started.Runtime = rt
 	s.mu.Unlock()

@@ -430,7 +430,7 @@ func (w *warmManager) collect() {
 	}
 	slices.SortFunc(list, func(x, y *template) int { return x.lastUsed.Compare(y.lastUsed) })
 	imageShape := func(t *template) string {
-		return t.key.Digest + "|" + strconv.Itoa(t.key.VCPUs) + "|" + strconv.Itoa(t.key.MemoryMiB)
+		return t.key.Digest + "|" + strconv.Itoa(t.key.VCPUs) + "|" + strconv.Itoa(t.key.MemoryMiB) + "|" + t.key.Network
 	}
 	newest := map[string]*template{}
 	for _, t := range list {

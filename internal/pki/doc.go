@@ -4,7 +4,7 @@
 //
 // # Identity
 //
-// A certificate's role (server, agent, client) is its single Subject OrganizationalUnit
+// A certificate's role (server, agent, client, ingress) is its single Subject OrganizationalUnit
 // "fireworks-<role>"; its CommonName is the node or client name. Authorisation between
 // cluster members is "chains to the cluster CA and carries the expected role": peer
 // addresses (pod IPs, headless-Service names) change, the CA and the role do not, so the

@@ -26,6 +26,10 @@ const (
 	RoleAgent Role = "agent"
 	// RoleClient is a client only (CLI, automation): client-auth only.
 	RoleClient Role = "client"
+	// RoleIngress is an HTTP edge (`fireworks ingress`, or Envoy with its certificate): it
+	// opens tunnels to nodes' data addresses and reads the servers' xDS feed. Client-auth
+	// only; nodes admit it to their ingress handler and nothing else.
+	RoleIngress Role = "ingress"
 )
 
 // ouPrefix makes the role's OrganizationalUnit unmistakable in `openssl x509 -text`.
@@ -35,10 +39,12 @@ const ouPrefix = "fireworks-"
 const DefaultLeafTTL = 365 * 24 * time.Hour
 
 // Valid reports whether r is one of the defined roles.
-func (r Role) Valid() bool { return r == RoleServer || r == RoleAgent || r == RoleClient }
+func (r Role) Valid() bool {
+	return r == RoleServer || r == RoleAgent || r == RoleClient || r == RoleIngress
+}
 
 func (r Role) extKeyUsage() []x509.ExtKeyUsage {
-	if r == RoleClient {
+	if r == RoleClient || r == RoleIngress {
 		return []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
 	}
 	return []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}

@@ -80,9 +80,14 @@ const (
 	RoleUser Role = "user"
 	// RoleJoin is a node join token: it only lets an agent obtain a certificate.
 	RoleJoin Role = "join"
+	// RoleIngress is an HTTP edge's token: it may watch the route table (which holds the
+	// access tokens of private ports) and get an edge certificate, and nothing else.
+	RoleIngress Role = "ingress"
 )
 
-func (r Role) valid() bool { return r == RoleAdmin || r == RoleUser || r == RoleJoin }
+func (r Role) valid() bool {
+	return r == RoleAdmin || r == RoleUser || r == RoleJoin || r == RoleIngress
+}
 
 // Token is an API or join credential. Only a hash of its secret is stored: a leaked
 // snapshot or Raft log does not leak usable tokens.

@@ -56,6 +56,9 @@ func TestMain(m *testing.M) {
 			world.skip = "e2e tests need root (apt-get download of the guest kernel, VM disks)"
 			return m.Run()
 		}
+		if rc, again := inPrivateNetNS(); again {
+			return rc
+		}
 		root, err := os.MkdirTemp("", "fwe2e")
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)

@@ -1,0 +1,310 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/network"
+)
+
+// The e2e run has a network namespace of its own (see netns_test.go): it is the node.
+// outside is another namespace the test makes, wired to the node like a host on the
+// internet would be (sandboxes reach it through the node's NAT). It serves HTTP on
+// outsideAddr:8080 and :9090, and on the metadata address 169.254.169.254:80 (the node
+// routes that address to it, as a cloud would). The node itself serves on nodeAddr:7001.
+const (
+	outsideNS   = "fwe2e-outside"
+	nodeAddr    = "10.231.100.1"
+	outsideAddr = "10.231.100.2"
+	metadata    = "169.254.169.254"
+)
+
+func ipCmd(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		t.Fatalf("ip %s: %v %s", strings.Join(args, " "), err, out)
+	}
+}
+
+// serveHTTP answers "<name>" on addr from inside the network namespace at nsPath ("" =
+// the node's own), until the test ends.
+func serveHTTP(t *testing.T, nsPath, addr, name string) {
+	t.Helper()
+	var ln net.Listener
+	listen := func() error {
+		var err error
+		ln, err = net.Listen("tcp", addr)
+		return err
+	}
+	var err error
+	if nsPath == "" {
+		err = listen()
+	} else {
+		err = network.Do(nsPath, listen)
+	}
+	if err != nil {
+		t.Fatalf("listen on %s: %v", addr, err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, name) })}
+	go srv.Serve(ln) // ends when the test's cleanup closes it
+	t.Cleanup(func() { srv.Close() })
+}
+
+// setUpOutside makes the outside host (once per test that needs it).
+func setUpOutside(t *testing.T) {
+	t.Helper()
+	_ = exec.Command("ip", "netns", "delete", outsideNS).Run()
+	ipCmd(t, "netns", "add", outsideNS)
+	t.Cleanup(func() {
+		_ = exec.Command("ip", "netns", "delete", outsideNS).Run()
+		_ = exec.Command("ip", "link", "delete", "fwe2e-o0").Run()
+	})
+	ipCmd(t, "link", "add", "fwe2e-o0", "type", "veth", "peer", "name", "eth0", "netns", outsideNS)
+	ipCmd(t, "addr", "add", nodeAddr+"/24", "dev", "fwe2e-o0")
+	ipCmd(t, "link", "set", "fwe2e-o0", "up")
+	ipCmd(t, "-n", outsideNS, "addr", "add", outsideAddr+"/24", "dev", "eth0")
+	ipCmd(t, "-n", outsideNS, "addr", "add", metadata+"/32", "dev", "eth0")
+	ipCmd(t, "-n", outsideNS, "link", "set", "eth0", "up")
+	ipCmd(t, "-n", outsideNS, "link", "set", "lo", "up")
+	ipCmd(t, "-n", outsideNS, "route", "add", "default", "via", nodeAddr)
+	ipCmd(t, "route", "replace", metadata+"/32", "via", outsideAddr)
+	ns := filepath.Join("/run/netns", outsideNS)
+	serveHTTP(t, ns, outsideAddr+":8080", "outside-8080")
+	serveHTTP(t, ns, outsideAddr+":9090", "outside-9090")
+	serveHTTP(t, ns, metadata+":80", "metadata")
+	serveHTTP(t, "", nodeAddr+":7001", "node")
+}
+
+// startServer runs a detached sandbox serving "hello-<tag>" on guest port 8080.
+func startServer(t *testing.T, tag string, extra ...string) (id string, sb map[string]any) {
+	t.Helper()
+	args := append([]string{"run", "-d"}, extra...)
+	args = append(args, image("busybox:latest"), "--", "sh", "-c",
+		"mkdir -p /tmp/www && echo hello-"+tag+" > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www")
+	id = strings.TrimSpace(fw(t, 0, args...).stdout)
+	t.Cleanup(func() { world.cli(context.Background(), nil, "rm", "-f", id) })
+	return id, waitStatus(t, id, "running")
+}
+
+// fetch asks for / at addr:port from inside sandbox id (busybox nc) and returns the body
+// line, or "" when the connection failed.
+func fetch(t *testing.T, id, addr string, port int) string {
+	t.Helper()
+	r := fw(t, 0, "exec", id, "--", "sh", "-c",
+		fmt.Sprintf(`printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 %s %d 2>/dev/null | tail -n 1; true`, addr, port))
+	return strings.TrimSpace(r.stdout)
+}
+
+// counters reads a sandbox's network counters from inspect.
+func counters(t *testing.T, id string) map[string]uint64 {
+	t.Helper()
+	n, _ := inspect(t, id)["network"].(map[string]any)
+	if n == nil {
+		t.Fatalf("inspect %s has no network status", id)
+	}
+	out := map[string]uint64{}
+	for _, k := range []string{"egress_allowed", "egress_dropped", "ingress_allowed", "ingress_dropped", "spoofed_dropped"} {
+		switch v := n[k].(type) {
+		case string:
+			out[k], _ = strconv.ParseUint(v, 10, 64)
+		case float64:
+			out[k] = uint64(v)
+		}
+	}
+	return out
+}
+
+func writePolicy(t *testing.T, text string) string {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "policy")
+	if err := os.WriteFile(f, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// A sandbox reaches the outside through NAT, but not the node's own addresses or the
+// metadata address; a policy applied to the running sandbox takes effect at once (same
+// VM), a malformed one is refused and the old one stays, and what was blocked by default
+// passes once allowed. Dropped packets are counted.
+func TestNetworkPolicy(t *testing.T) {
+	need(t)
+	setUpOutside(t)
+	id, sb := startServer(t, "a")
+	pid := str(details(t, sb), "pid")
+
+	if got := fetch(t, id, outsideAddr, 8080); got != "outside-8080" {
+		t.Fatalf("outside:8080 from the sandbox: %q", got)
+	}
+	if got := fetch(t, id, outsideAddr, 9090); got != "outside-9090" {
+		t.Fatalf("outside:9090 from the sandbox: %q", got)
+	}
+	before := counters(t, id)
+	if got := fetch(t, id, nodeAddr, 7001); got != "" {
+		t.Errorf("the node's own address answered the sandbox: %q", got)
+	}
+	if got := fetch(t, id, metadata, 80); got != "" {
+		t.Errorf("the metadata address answered the sandbox: %q", got)
+	}
+	after := counters(t, id)
+	if after["egress_dropped"] <= before["egress_dropped"] {
+		t.Errorf("egress drops did not rise: %v -> %v", before, after)
+	}
+
+	// A live change: 9090 denied, the rest allowed.
+	fw(t, 0, "policy", "apply", id, writePolicy(t, "default allow\ndeny 10.231.100.2 tcp 9090\n"))
+	if got := fetch(t, id, outsideAddr, 9090); got != "" {
+		t.Errorf("outside:9090 answered after it was denied: %q", got)
+	}
+	if got := fetch(t, id, outsideAddr, 8080); got != "outside-8080" {
+		t.Errorf("outside:8080 after denying 9090: %q", got)
+	}
+	// Malformed: refused with the line, old policy stays.
+	r := fw(t, 125, "policy", "apply", id, writePolicy(t, "default allow\nallow 10.0.0.0/8 tcp 99999\n"))
+	if !strings.Contains(r.stderr, "line 2") {
+		t.Errorf("malformed policy error does not name the line: %s", r.stderr)
+	}
+	if got := fetch(t, id, outsideAddr, 9090); got != "" {
+		t.Errorf("outside:9090 answered after a refused policy (the old one must stay): %q", got)
+	}
+	show := fw(t, 0, "policy", "show", id).stdout
+	if !strings.Contains(show, "deny 10.231.100.2/32 tcp 9090") && !strings.Contains(show, "deny 10.231.100.2 tcp 9090") {
+		t.Errorf("policy show does not list the rule in force:\n%s", show)
+	}
+	// The metadata block is a policy default: allowing it opens it.
+	fw(t, 0, "policy", "apply", id, writePolicy(t, "default allow\nallow 169.254.169.254\n"))
+	if got := fetch(t, id, metadata, 80); got != "metadata" {
+		t.Errorf("metadata address after allowing it: %q", got)
+	}
+	if got := str(details(t, inspect(t, id)), "pid"); got != pid {
+		t.Errorf("the VM changed (pid %s -> %s): policies must apply without a restart", pid, got)
+	}
+}
+
+// The guest cannot send from an address or MAC that is not its own: such frames are
+// dropped at its tap and counted.
+func TestNetworkAntiSpoofing(t *testing.T) {
+	need(t)
+	setUpOutside(t)
+	id, _ := startServer(t, "s")
+	if got := fetch(t, id, outsideAddr, 8080); got != "outside-8080" {
+		t.Fatalf("outside:8080 from the sandbox: %q", got)
+	}
+	before := counters(t, id)
+	// Another source address for the outside's subnet.
+	fw(t, 0, "exec", "-u", "root", id, "--", "sh", "-c", "ip addr add 10.99.0.5/32 dev eth0 && ip route add 10.231.100.0/24 via 169.254.0.22 src 10.99.0.5")
+	if got := fetch(t, id, outsideAddr, 8080); got != "" {
+		t.Errorf("a spoofed source address reached the outside: %q", got)
+	}
+	mid := counters(t, id)
+	if mid["spoofed_dropped"] <= before["spoofed_dropped"] {
+		t.Errorf("spoofed-address frames not counted: %v -> %v", before, mid)
+	}
+	fw(t, 0, "exec", "-u", "root", id, "--", "sh", "-c", "ip route del 10.231.100.0/24 && ip addr del 10.99.0.5/32 dev eth0")
+	if got := fetch(t, id, outsideAddr, 8080); got != "outside-8080" {
+		t.Fatalf("back on its own address: %q", got)
+	}
+	// Another MAC.
+	fw(t, 0, "exec", "-u", "root", id, "--", "ip", "link", "set", "eth0", "address", "02:fc:00:00:00:09")
+	if got := fetch(t, id, outsideAddr, 8080); got != "" {
+		t.Errorf("a spoofed MAC reached the outside: %q", got)
+	}
+	if end := counters(t, id); end["spoofed_dropped"] <= mid["spoofed_dropped"] {
+		t.Errorf("spoofed-MAC frames not counted: %v -> %v", mid, end)
+	}
+}
+
+// Two sandboxes cannot reach each other by default, and can once a policy allows it; a
+// policy given at `run` is in force from the start.
+func TestNetworkSandboxesIsolated(t *testing.T) {
+	need(t)
+	setUpOutside(t)
+	a, sa := startServer(t, "a")
+	aAddr := str(details(t, sa), "address")
+	if aAddr == "" {
+		t.Fatalf("sandbox %s has no address in its details: %v", a, details(t, sa))
+	}
+	b, _ := startServer(t, "b", "--policy", writePolicy(t, "default allow\ndeny 10.231.100.2 tcp 8080\n"))
+	if got := fetch(t, b, outsideAddr, 8080); got != "" {
+		t.Errorf("outside:8080 answered a sandbox started with a policy denying it: %q", got)
+	}
+	if got := fetch(t, b, outsideAddr, 9090); got != "outside-9090" {
+		t.Errorf("outside:9090 from a sandbox whose policy allows it: %q", got)
+	}
+	if got := fetch(t, b, aAddr, 8080); got != "" {
+		t.Errorf("sandbox b reached sandbox a (%s) by default: %q", aAddr, got)
+	}
+	fw(t, 0, "policy", "apply", b, writePolicy(t, "default allow\nallow "+aAddr+" tcp 8080\n"))
+	if got := fetch(t, b, aAddr, 8080); got != "hello-a" {
+		t.Errorf("sandbox b to sandbox a after allowing it: %q", got)
+	}
+	// a did not allow b: a cannot reach b's server.
+	bAddr := str(details(t, inspect(t, b)), "address")
+	if got := fetch(t, a, bAddr, 8080); got != "" {
+		t.Errorf("sandbox a reached sandbox b without a policy allowing it: %q", got)
+	}
+}
+
+// port-forward carries a local port to a guest port; a sandbox's network is gone when
+// the sandbox is; --network none gives a VM without a network interface.
+func TestPortForwardAndNetworkLifecycle(t *testing.T) {
+	need(t)
+	id, sb := startServer(t, "pf")
+	netns := str(details(t, sb), "netns")
+	if _, err := os.Stat(filepath.Join("/run/netns", netns)); netns == "" || err != nil {
+		t.Fatalf("network namespace %q of a running sandbox: %v", netns, err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pf := exec.CommandContext(ctx, world.bin, "port-forward", id, fmt.Sprintf("%d:8080", port))
+	pf.Env = append(os.Environ(), "FIREWORKS_CONFIG="+world.config)
+	if err := pf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer pf.Wait()
+	var body string
+	for i := 0; i < 100; i++ {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", port))
+		if err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			body = strings.TrimSpace(string(b))
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if body != "hello-pf" {
+		t.Errorf("through port-forward: %q", body)
+	}
+	cancel()
+
+	fw(t, 0, "rm", "-f", id)
+	if _, err := os.Stat(filepath.Join("/run/netns", netns)); err == nil {
+		t.Errorf("network namespace %s still there after the sandbox was removed", netns)
+	}
+
+	r := fw(t, 0, "run", "--network", "none", "-u", "root", image("busybox:latest"), "--", "sh", "-c", "ls /sys/class/net; ping -c1 -W1 127.0.0.1 >/dev/null && echo lo-ok")
+	if got := strings.Fields(r.stdout); len(got) != 2 || got[0] != "lo" || got[1] != "lo-ok" {
+		t.Errorf("--network none: interfaces and loopback %q, want only a working lo", r.stdout)
+	}
+	r = fw(t, 125, "run", "--network", "none", "-p", "8080", image("busybox:latest"), "--", "true")
+	if !strings.Contains(r.stderr, "need a network") {
+		t.Errorf("--network none with a published port: %s", r.stderr)
+	}
+}
