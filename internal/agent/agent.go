@@ -67,7 +67,9 @@ type Config struct {
 	// Nameservers are the resolvers guests get (default: the node's own from
 	// /etc/resolv.conf that a guest can reach; loopback ones cannot be).
 	Nameservers []string
-	Logger      *slog.Logger
+	// MetricsListen, if set, serves Prometheus metrics (/metrics, plain HTTP) there.
+	MetricsListen string
+	Logger        *slog.Logger
 }
 
 // Store is the part of the state store the agent writes to.
@@ -206,6 +208,12 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	}
 	if err := a.warm.start(); err != nil {
 		return nil, err
+	}
+	if cfg.MetricsListen != "" {
+		if err := a.serveMetrics(cfg.MetricsListen); err != nil {
+			a.Close()
+			return nil, err
+		}
 	}
 	return a, nil
 }
@@ -519,6 +527,9 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		if err != nil {
 			a.fail(s, err.Error())
 			return
+		}
+		if h.netTime > 0 {
+			ph.add("net", h.netTime)
 		}
 		ph.add("vmm", h.vmmTime)
 		ph.add("guest", h.guestT)

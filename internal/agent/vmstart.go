@@ -38,6 +38,7 @@ type vmHandle struct {
 	scratch string
 	net     *sbNet        // nil without a network
 	tap     *os.File      // the tap for the VMM, closed once the VMM has its own copy
+	netTime time.Duration // making the network (namespace, NAT, programs)
 	vmmTime time.Duration // VMM create and start (with a restore: loading the state)
 	guestT  time.Duration // until the guest's handshake
 	ahead   bool          // the VMM was launched ahead (a restore slot)
@@ -85,9 +86,9 @@ func (a *Agent) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vm
 	if h.ln, err = net.Listen("unix", sock); err != nil {
 		return h, fmt.Errorf("listen on guest channel %s: %w", sock, err)
 	}
-	t0 := time.Now()
 	var nics []vmm.NIC
 	if in.net {
+		tn := time.Now()
 		if h.net, err = a.net.create(ctx, filepath.Base(in.dir), in.policy, in.closedNet); err != nil {
 			return h, fmt.Errorf("create the sandbox network: %w", err)
 		}
@@ -95,7 +96,9 @@ func (a *Agent) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vm
 			return h, err
 		}
 		nics = []vmm.NIC{{Tap: h.tap, MAC: network.GuestMAC}}
+		h.netTime = time.Since(tn)
 	}
+	t0 := time.Now()
 	vm, err := a.driver.Create(ctx, vmm.Spec{
 		ID: in.id, Dir: in.dir, Kernel: a.kernel.Vmlinux, Initrd: a.initrd.Path,
 		Cmdline: a.cmdline(), VCPUs: in.vcpus, MemoryMiB: in.mem,
@@ -275,7 +278,7 @@ func (a *Agent) useSlot(ctx context.Context, s *sandbox, sl *slot) (*vmHandle, e
 			return nil, fmt.Errorf("network policy: %w", err)
 		}
 	}
-	sl.h.vmmTime, sl.h.ahead = 0, true // its launch is not part of this start
+	sl.h.vmmTime, sl.h.netTime, sl.h.ahead = 0, 0, true // its launch and network are not part of this start
 	if err := a.runVM(ctx, sl.h); err != nil {
 		_ = a.removeRunDir(s.id)
 		return nil, err

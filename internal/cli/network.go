@@ -14,7 +14,9 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
+	"github.com/fireworks-sandbox/fireworks/internal/agent"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/netpolicy"
 )
@@ -231,5 +233,24 @@ func forwardConn(ctx context.Context, c *Client, sandbox string, port uint16, co
 		if _, err := conn.Write(m.GetData()); err != nil {
 			return nil // the local side went away
 		}
+	}
+}
+
+// nodeNetFlags are a node's networking options (dev and agent).
+type nodeNetFlags struct {
+	metrics, cidr string
+	nameservers   []string
+}
+
+func (f *nodeNetFlags) register(fl *pflag.FlagSet) {
+	fl.StringVar(&f.metrics, "metrics-listen", "", "serve Prometheus metrics (sandbox packet counters) at http://ADDR/metrics (default: off)")
+	fl.StringVar(&f.cidr, "sandbox-cidr", agent.DefaultSandboxCIDR, "IPv4 range sandbox addresses come from (a /30 per sandbox)")
+	fl.StringArrayVar(&f.nameservers, "nameserver", nil, "DNS server for guests (repeatable, at most 3; default: the node's own from /etc/resolv.conf that guests can reach)")
+}
+
+func (f *nodeNetFlags) apply(cfg *agent.Config) {
+	cfg.MetricsListen, cfg.SandboxCIDR = f.metrics, f.cidr
+	if len(f.nameservers) > 0 {
+		cfg.Nameservers = f.nameservers
 	}
 }

@@ -14,6 +14,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
 	"github.com/fireworks-sandbox/fireworks/internal/network"
 )
 
@@ -306,5 +309,78 @@ func TestPortForwardAndNetworkLifecycle(t *testing.T) {
 	r = fw(t, 125, "run", "--network", "none", "-p", "8080", image("busybox:latest"), "--", "true")
 	if !strings.Contains(r.stderr, "need a network") {
 		t.Errorf("--network none with a published port: %s", r.stderr)
+	}
+}
+
+// metricsAddr is where the e2e dev server serves Prometheus metrics (the whole run has
+// a network namespace of its own, so a fixed port cannot collide).
+const metricsAddr = "127.0.0.1:9464"
+
+// scrape reads one sandbox's packet counters from the node's Prometheus metrics.
+func scrape(t *testing.T, id string) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatalf("scrape metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	parser := expfmt.NewTextParser(model.LegacyValidation)
+	families, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatalf("parse metrics: %v", err)
+	}
+	out := map[string]float64{}
+	for _, m := range families["fireworks_sandbox_network_packets_total"].GetMetric() {
+		labels := map[string]string{}
+		for _, l := range m.GetLabel() {
+			labels[l.GetName()] = l.GetValue()
+		}
+		if labels["sandbox"] == id {
+			out[labels["direction"]+"_"+labels["verdict"]] = m.GetCounter().GetValue()
+		}
+	}
+	for _, m := range families["fireworks_sandbox_network_spoofed_frames_total"].GetMetric() {
+		for _, l := range m.GetLabel() {
+			if l.GetName() == "sandbox" && l.GetValue() == id {
+				out["spoofed"] = m.GetCounter().GetValue()
+			}
+		}
+	}
+	return out
+}
+
+// The node exports every sandbox's counters as Prometheus metrics; an agent restart
+// keeps the sandbox's policy in force (its programs are pinned) and the agent takes it
+// back, counters and all.
+func TestNetworkMetricsAndAgentRestart(t *testing.T) {
+	need(t)
+	setUpOutside(t)
+	id, _ := startServer(t, "m")
+	fw(t, 0, "policy", "apply", id, writePolicy(t, "default allow\ndeny 10.231.100.2 tcp 9090\n"))
+	if got := fetch(t, id, outsideAddr, 9090); got != "" {
+		t.Fatalf("outside:9090 answered under a policy denying it: %q", got)
+	}
+	m := scrape(t, id)
+	if m["egress_dropped"] == 0 || m["egress_allowed"] == 0 {
+		t.Errorf("metrics for %s: %v, want allowed and dropped egress packets", id, m)
+	}
+	inspected := counters(t, id)
+	if float64(inspected["egress_dropped"]) < m["egress_dropped"] {
+		t.Errorf("inspect shows fewer drops (%d) than the earlier scrape (%v)", inspected["egress_dropped"], m["egress_dropped"])
+	}
+
+	restartDev(t)
+	waitStatus(t, id, "running")
+	if got := fetch(t, id, outsideAddr, 9090); got != "" {
+		t.Errorf("outside:9090 answered after an agent restart (the policy must stay in force): %q", got)
+	}
+	if got := fetch(t, id, outsideAddr, 8080); got != "outside-8080" {
+		t.Errorf("outside:8080 after an agent restart: %q", got)
+	}
+	if after := scrape(t, id); after["egress_dropped"] <= m["egress_dropped"] {
+		t.Errorf("drops after the restart %v, before %v: counters must carry on", after, m)
+	}
+	if show := fw(t, 0, "policy", "show", id).stdout; !strings.Contains(show, "tcp 9090") {
+		t.Errorf("policy show after an agent restart:\n%s", show)
 	}
 }
