@@ -113,7 +113,11 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		}
 	}()
 	if rec.Sandbox.Spec.Network != state.NetworkNone {
-		if sn, err = a.net.load(filepath.Base(real), sb.Spec.Policy); err != nil {
+		owner := netOwner(real)
+		if owner == "" {
+			return fmt.Errorf("sandbox network: no %s in %s", netOwnerFile, real)
+		}
+		if sn, err = a.net.load(owner, sb.Spec.Policy); err != nil {
 			return fmt.Errorf("sandbox network: %w", err)
 		}
 	}

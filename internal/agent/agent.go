@@ -209,6 +209,11 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if err := a.warm.start(); err != nil {
 		return nil, err
 	}
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		a.net.keepSpares(a.ctx)
+	}()
 	if cfg.MetricsListen != "" {
 		if err := a.serveMetrics(cfg.MetricsListen); err != nil {
 			a.Close()
@@ -1023,8 +1028,17 @@ func (a *Agent) recover(ctx context.Context) error {
 			a.log.Warn("sweep leftover run directory", "dir", e.Name(), "err", err)
 		}
 	}
-	// Networks belong to run directories: those of VMs that are gone go too.
-	a.net.sweep(ctx, func(owner string) bool { return keep[owner] })
+	// Networks belong to VMs (their run directories name them): those of VMs that are
+	// gone go too.
+	keepNets := map[string]bool{}
+	for name := range keep {
+		if real, err := filepath.EvalSymlinks(filepath.Join(a.runRoot(), name)); err == nil {
+			if o := netOwner(real); o != "" {
+				keepNets[o] = true
+			}
+		}
+	}
+	a.net.sweep(ctx, func(owner string) bool { return keepNets[owner] })
 	return nil
 }
 

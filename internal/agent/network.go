@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -42,8 +43,10 @@ type netManager struct {
 	pins        string // bpffs directory of this agent's pins
 	nameservers []string
 
-	mu   sync.Mutex
-	nets map[string]*sbNet // by owner
+	mu     sync.Mutex
+	nets   map[string]*sbNet // by owner
+	spares []*sbNet          // made ahead, closed, for acquire
+	wake   chan struct{}     // wakes keepSpares
 }
 
 // sbNet is one VM's network.
@@ -60,7 +63,7 @@ type sbNet struct {
 // directory) tells this agent's objects apart from another agent's on the same host.
 func newNetManager(ctx context.Context, log *slog.Logger, dataDir string, rng netip.Prefix, nameservers []string) (*netManager, error) {
 	sum := sha256.Sum256([]byte(dataDir))
-	m := &netManager{log: log, tag: hex.EncodeToString(sum[:])[:6], rng: rng.Masked(), nameservers: nameservers, nets: map[string]*sbNet{}}
+	m := &netManager{log: log, tag: hex.EncodeToString(sum[:])[:6], rng: rng.Masked(), nameservers: nameservers, nets: map[string]*sbNet{}, wake: make(chan struct{}, 1)}
 	var err error
 	if m.ipam, err = network.OpenIPAM(filepath.Join(dataDir, "network", "ipam.json"), m.rng); err != nil {
 		return nil, err
@@ -403,4 +406,115 @@ func (a *Agent) DialSandbox(ctx context.Context, id string, port uint16) (net.Co
 		return nil, fmt.Errorf("connect to port %d of sandbox %s: %w", port, id, err)
 	}
 	return c, nil
+}
+
+// spareNets is how many networks the node keeps made ahead (closed), so that a start
+// does not wait the ~100 ms a namespace, its address translation and its programs take.
+const spareNets = 2
+
+// netOwnerFile, in a VM's run directory, names the owner of the VM's network (a spare
+// network's owner differs from the directory's name).
+const netOwnerFile = "net-owner"
+
+// acquire hands out a network for the VM in runDir with policy text in force (or closed):
+// a spare one if there is one, else a new one. The owner is recorded in runDir for
+// adoption and sweeps.
+func (m *netManager) acquire(ctx context.Context, runDir, text string, closed bool) (*sbNet, error) {
+	m.mu.Lock()
+	var n *sbNet
+	if len(m.spares) > 0 {
+		n, m.spares = m.spares[len(m.spares)-1], m.spares[:len(m.spares)-1]
+	}
+	m.mu.Unlock()
+	m.kick()
+	var err error
+	if n == nil {
+		if n, err = m.create(ctx, "n-"+randHex(6), text, closed); err != nil {
+			return nil, err
+		}
+	} else if !closed {
+		if err := n.apply(text); err != nil {
+			m.giveBack(n)
+			return nil, err
+		}
+	}
+	if err := os.WriteFile(filepath.Join(runDir, netOwnerFile), []byte(n.owner), 0o600); err != nil {
+		_ = n.remove()
+		return nil, fmt.Errorf("record the network's owner: %w", err)
+	}
+	return n, nil
+}
+
+// giveBack returns an unused network to the spares (closing it again), or removes it.
+func (m *netManager) giveBack(n *sbNet) {
+	if err := n.enf.Apply(closedSet(n.ns.Block)); err == nil {
+		m.mu.Lock()
+		if len(m.spares) < spareNets {
+			m.spares = append(m.spares, n)
+			n = nil
+		}
+		m.mu.Unlock()
+	}
+	if n != nil {
+		_ = n.remove()
+	}
+}
+
+// netOwner reads the owner of the network of the VM in runDir ("" if it has none).
+func netOwner(runDir string) string {
+	b, err := os.ReadFile(filepath.Join(runDir, netOwnerFile))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// kick wakes the spare keeper.
+func (m *netManager) kick() {
+	select {
+	case m.wake <- struct{}{}:
+	default:
+	}
+}
+
+// keepSpares makes spare networks until ctx ends, then removes them.
+func (m *netManager) keepSpares(ctx context.Context) {
+	defer func() {
+		m.mu.Lock()
+		spares := m.spares
+		m.spares = nil
+		m.mu.Unlock()
+		for _, n := range spares {
+			_ = n.remove()
+		}
+	}()
+	for {
+		m.mu.Lock()
+		missing := len(m.spares) < spareNets
+		m.mu.Unlock()
+		if missing {
+			n, err := m.create(ctx, "n-"+randHex(6), "", true)
+			if err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				m.log.Warn("make a spare sandbox network", "err", err)
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(10 * time.Second):
+				}
+				continue
+			}
+			m.mu.Lock()
+			m.spares = append(m.spares, n)
+			m.mu.Unlock()
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-m.wake:
+		}
+	}
 }

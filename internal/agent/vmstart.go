@@ -89,7 +89,7 @@ func (a *Agent) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vm
 	var nics []vmm.NIC
 	if in.net {
 		tn := time.Now()
-		if h.net, err = a.net.create(ctx, filepath.Base(in.dir), in.policy, in.closedNet); err != nil {
+		if h.net, err = a.net.acquire(ctx, in.dir, in.policy, in.closedNet); err != nil {
 			return h, fmt.Errorf("create the sandbox network: %w", err)
 		}
 		if h.tap, err = h.net.tapFile(); err != nil {
