@@ -41,6 +41,10 @@ const (
 // MaxRulesPerCIDR bounds the rules one destination prefix holds (one map value).
 const MaxRulesPerCIDR = 8
 
+// MaxPrefixes bounds the distinct prefixes of one direction's policy (the rules map holds
+// 1024, with room left for the node's defaults merged in).
+const MaxPrefixes = 512
+
 // Rule matches packets to a destination prefix, protocol and destination port range.
 type Rule struct {
 	CIDR   netip.Prefix
@@ -88,6 +92,9 @@ func (p Policy) Validate() error {
 				errs = append(errs, fmt.Errorf("more than %d rules for %s", MaxRulesPerCIDR, r.CIDR.Masked()))
 			}
 		}
+	}
+	if len(per) > MaxPrefixes {
+		errs = append(errs, fmt.Errorf("%d distinct prefixes: at most %d", len(per), MaxPrefixes))
 	}
 	return errors.Join(errs...)
 }

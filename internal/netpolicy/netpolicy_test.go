@@ -267,3 +267,13 @@ var allowAll = Policy{Default: Allow}
 
 // out is a set that filters only what the sandbox sends.
 func out(p Policy) Set { return Set{Egress: p, Ingress: allowAll} }
+
+func TestTooManyPrefixes(t *testing.T) {
+	var b strings.Builder
+	for i := 0; i <= MaxPrefixes; i++ {
+		fmt.Fprintf(&b, "allow 10.%d.%d.0/24\n", i/256, i%256)
+	}
+	if _, err := ParsePolicy(b.String()); err == nil || !strings.Contains(err.Error(), "distinct prefixes") {
+		t.Errorf("%d prefixes: %v", MaxPrefixes+1, err)
+	}
+}

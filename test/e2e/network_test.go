@@ -297,6 +297,10 @@ func TestPortForwardAndNetworkLifecycle(t *testing.T) {
 	}
 	cancel()
 
+	// DNS: the guest's resolv.conf names the node's resolvers.
+	if r := fw(t, 0, "exec", id, "--", "cat", "/etc/resolv.conf"); !strings.Contains(r.stdout, "nameserver ") {
+		t.Errorf("guest resolv.conf has no nameserver:\n%s", r.stdout)
+	}
 	fw(t, 0, "rm", "-f", id)
 	if _, err := os.Stat(filepath.Join("/run/netns", netns)); err == nil {
 		t.Errorf("network namespace %s still there after the sandbox was removed", netns)
@@ -369,8 +373,22 @@ func TestNetworkMetricsAndAgentRestart(t *testing.T) {
 		t.Errorf("inspect shows fewer drops (%d) than the earlier scrape (%v)", inspected["egress_dropped"], m["egress_dropped"])
 	}
 
+	// A namespace a crashed agent left behind (named like this node's) is swept at start;
+	// the running sandbox's is kept.
+	netns := str(details(t, inspect(t, id)), "netns")
+	tag := strings.Join(strings.SplitN(netns, "-", 3)[:2], "-") // fw-<node tag>
+	leaked := tag + "-n-leaked0"
+	ipCmd(t, "netns", "add", leaked)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "delete", leaked).Run() })
+
 	restartDev(t)
 	waitStatus(t, id, "running")
+	if _, err := os.Stat(filepath.Join("/run/netns", leaked)); err == nil {
+		t.Errorf("leaked namespace %s survived the agent's start", leaked)
+	}
+	if _, err := os.Stat(filepath.Join("/run/netns", netns)); err != nil {
+		t.Errorf("the running sandbox's namespace %s after the agent's restart: %v", netns, err)
+	}
 	if got := fetch(t, id, outsideAddr, 9090); got != "" {
 		t.Errorf("outside:9090 answered after an agent restart (the policy must stay in force): %q", got)
 	}
