@@ -19,7 +19,9 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/cluster"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane"
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/server"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/xds"
 )
 
 func envOr(key, def string) string {
@@ -34,6 +36,8 @@ func newServerCmd(g *globals) *cobra.Command {
 		cfg                   cluster.ServerConfig
 		peers, logLevel, sans string
 		heartbeatTTL          time.Duration
+		envoyPort             uint32
+		envoyTLSDir           string
 	)
 	cmd := &cobra.Command{
 		Use:   "server",
@@ -64,6 +68,10 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 				return controlplane.New(store, controlplane.Config{HeartbeatTTL: heartbeatTTL}, log)
 			}
 			cfg.HeartbeatInterval = heartbeatTTL / 3
+			cfg.XDS = xds.Config{ListenPort: envoyPort}
+			if envoyTLSDir != "" {
+				cfg.XDS.NodeTLS = envoyNodeTLS(envoyTLSDir)
+			}
 			return cluster.RunServer(ctx, cfg)
 		},
 	}
@@ -79,6 +87,10 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.StringVar(&sans, "san", "", "extra names/addresses for this server's certificate, comma-separated")
 	fl.StringVar(&cfg.BootstrapToken, "bootstrap-token", os.Getenv("FIREWORKS_BOOTSTRAP_TOKEN"), "an admin API token (fwk_...) to create at bootstrap ($FIREWORKS_BOOTSTRAP_TOKEN); default: one is generated into DATA/admin-token")
 	fl.DurationVar(&heartbeatTTL, "heartbeat-ttl", 15*time.Second, "a node silent this long is declared down (agents beat every third of it)")
+	fl.StringVar(&cfg.IngressDomain, "ingress-domain", server.DefaultIngressDomain, "ingress domain: sandbox ports answer to <port>-<sandbox>.DOMAIN (same on servers, agents and edges)")
+	fl.StringVar(&cfg.XDSListen, "xds-listen", "", "serve the ingress routes over xDS (gRPC) here, for Envoy; mutual TLS: clients need an ingress certificate (`fireworks ingress certificate`)")
+	fl.Uint32Var(&envoyPort, "xds-envoy-port", xds.DefaultListenPort, "port of the listener Envoy gets over xDS")
+	fl.StringVar(&envoyTLSDir, "xds-envoy-tls-dir", "/etc/fireworks/ingress", "directory on Envoy's host with the files `fireworks ingress certificate --out` writes (Envoy's client certificate for the nodes); empty: Envoy speaks plain HTTP to nodes (which refuse it)")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }
@@ -96,6 +108,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 		cfg                                   cluster.AgentConfig
 		servers, labels, logLevel, accel, ini string
 		warm                                  warmFlags
+		netf                                  nodeNetFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -134,6 +147,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 				return err
 			}
 			cfg.Agent.Accel, cfg.Agent.InitBinary = a, initBin
+			netf.apply(&cfg.Agent)
 			if err := warm.apply(&cfg.Agent); err != nil {
 				return err
 			}
@@ -146,7 +160,8 @@ func newAgentCmd(g *globals) *cobra.Command {
 	fl.StringVar(&cfg.Agent.DataDir, "data-dir", envOr("FIREWORKS_DATA_DIR", "/var/lib/fireworks-agent"), "node data directory")
 	fl.StringVar(&cfg.Agent.Node, "node", "", "node name (default: hostname; fixed by the node certificate once joined)")
 	fl.StringVar(&cfg.Listen, "listen", ":7768", "internal node API (mutual TLS)")
-	fl.StringVar(&cfg.Advertise, "advertise", "", "host:port servers reach the node API at (default --listen)")
+	fl.StringVar(&cfg.Advertise, "advertise", "", "host:port servers and ingress edges reach the node API at (default --listen)")
+	fl.StringVar(&cfg.IngressDomain, "ingress-domain", server.DefaultIngressDomain, "ingress domain (as on the servers): requests for <port>-<sandbox>.DOMAIN on --listen go to the sandbox (Envoy's data path)")
 	fl.StringVar(&labels, "label", "", "node labels key=value, comma-separated (for --constraint)")
 	fl.IntVar(&cfg.Agent.MaxVCPUs, "cpus", 0, "vCPUs offered to sandboxes (default: the host's cores)")
 	fl.IntVar(&cfg.DiskMiB, "disk", 0, "scratch disk space offered to sandboxes, MiB (default: free space of --data-dir)")
@@ -155,6 +170,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	fl.StringVar(&ini, "init-binary", "", "guest init binary")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	warm.register(fl)
+	netf.register(fl)
 	return cmd
 }
 

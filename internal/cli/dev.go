@@ -59,6 +59,9 @@ type devFlags struct {
 	dataDir, listen, accel, initBinary, node string
 	logLevel                                 string
 	warm                                     warmFlags
+	net                                      nodeNetFlags
+	// The built-in ingress, in-process, and the xDS feed (see runDevIngress).
+	ingressListen, ingressDomain, xdsListen string
 }
 
 func newDevCmd(g *globals) *cobra.Command {
@@ -78,6 +81,8 @@ func newDevCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&f.node, "node", "", "node name (default: hostname)")
 	cmd.Flags().StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.warm.register(cmd.Flags())
+	f.net.register(cmd.Flags())
+	registerDevIngressFlags(cmd, &f)
 	return cmd
 }
 
@@ -128,6 +133,7 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 		return err
 	}
 	cfg := agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel, Logger: log}
+	f.net.apply(&cfg)
 	if err := f.warm.apply(&cfg); err != nil {
 		return err
 	}
@@ -146,7 +152,14 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 	}
 	info := ag.Info()
 	log.Info("fireworks dev ready", "api", addr, "accel", info.Accel, "kernel", info.KernelRelease, "data_dir", f.dataDir, "cli_config", ConfigPath())
-	return server.New(store, ag, log).Serve(ctx, ln)
+	srv := server.New(store, ag, log)
+	stopIngress, err := runDevIngress(ctx, srv, f, log)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer stopIngress()
+	return srv.Serve(ctx, ln)
 }
 
 func newSetupCmd(g *globals) *cobra.Command {

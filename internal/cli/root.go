@@ -63,7 +63,7 @@ func NewRoot() *cobra.Command {
 		newStopCmd(g), newRmCmd(g), newInfoCmd(g), newImageCmd(g), newDevCmd(g), newSetupCmd(g),
 		newDemoImageCmd(g), newTokenCmd(g),
 		newServerCmd(g), newAgentCmd(g), newNodeCmd(g), newCACmd(g), newPoolCmd(g),
-		newPolicyCmd(g), newPortForwardCmd(g),
+		newPolicyCmd(g), newPortForwardCmd(g), newIngressCmd(g),
 	)
 	return root
 }

@@ -19,7 +19,7 @@ func newTokenCmd(g *globals) *cobra.Command {
 		ttl        time.Duration
 	)
 	create := &cobra.Command{
-		Use:   "create [--role admin|user|join] [--name NAME] [--ttl 720h]",
+		Use:   "create [--role admin|user|join|ingress] [--name NAME] [--ttl 720h]",
 		Short: "Create a token and print it (it is shown only once)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -41,7 +41,7 @@ func newTokenCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	create.Flags().StringVar(&role, "role", "user", "admin, user (own sandboxes only) or join (lets an agent join)")
+	create.Flags().StringVar(&role, "role", "user", "admin, user (own sandboxes only), join (lets an agent join) or ingress (an HTTP edge: watches routes, gets an edge certificate)")
 	create.Flags().StringVar(&name, "name", "", "a name to recognise the token by")
 	create.Flags().DurationVar(&ttl, "ttl", 0, "expire after this long (default: never; join tokens 24h)")
 

@@ -2,20 +2,18 @@ package cluster
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"path/filepath"
 	"sync"
-	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/fireworks-sandbox/fireworks/internal/agent"
 	"github.com/fireworks-sandbox/fireworks/internal/agentlink"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/ingress"
 	"github.com/fireworks-sandbox/fireworks/internal/server"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
@@ -27,9 +25,13 @@ type AgentConfig struct {
 	JoinToken string
 	// Listen is the node's internal API (mutual TLS; servers relay attach/logs/exec to it).
 	Listen string
-	// Advertise is how servers reach Listen (host:port); default Listen.
+	// Advertise is how servers reach Listen (host:port); default Listen. It is also the
+	// node's data address: edges open tunnels to sandboxes there.
 	Advertise string
-	Labels    map[string]string
+	// IngressDomain is the ingress domain (default server.DefaultIngressDomain): requests
+	// on Listen whose Host names a sandbox port under it are the ingress's (Envoy).
+	IngressDomain string
+	Labels        map[string]string
 	// DiskMiB is the scratch space offered to sandboxes (default: free space of the data
 	// dir's filesystem at registration).
 	DiskMiB int
@@ -64,25 +66,19 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	hs := &http.Server{Handler: server.NodeHandler(ag, log), TLSConfig: server.NodeTLS(id.CA, id.Cert), ReadHeaderTimeout: 10 * time.Second}
+	// ingress.Serve, unlike a bare http.Server, also ends hijacked CONNECT tunnels and
+	// WebSockets at shutdown (after a grace period for in-flight requests).
+	handler := server.NodeHandler(ag, server.NodeOptions{IngressDomain: cfg.IngressDomain}, log)
 	var wg sync.WaitGroup
 	ctx, cancel := context.WithCancel(ctx)
 	defer func() { cancel(); wg.Wait() }()
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		if err := hs.Serve(tls.NewListener(ln, hs.TLSConfig)); err != nil && err != http.ErrServerClosed {
+		if err := ingress.Serve(ctx, ln, handler, server.NodeTLS(id.CA, id.Cert), log); err != nil {
 			log.Error("node API stopped", "err", err)
 			cancel()
 		}
-	}()
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		<-ctx.Done()
-		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer scancel()
-		_ = hs.Shutdown(sctx)
 	}()
 
 	info := ag.Info()

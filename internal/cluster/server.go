@@ -27,6 +27,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/server"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/xds"
 )
 
 // Peer is one server of the cluster: its Raft ID, Raft address and API address.
@@ -96,7 +97,15 @@ type ServerConfig struct {
 	ControlPlane func(store *state.Store, log *slog.Logger) ControlPlane
 	// HeartbeatInterval is how often agents beat (a third of the control plane's TTL).
 	HeartbeatInterval time.Duration
-	Log               *slog.Logger
+	// IngressDomain is the ingress domain (default server.DefaultIngressDomain).
+	IngressDomain string
+	// XDSListen, when set, serves the route table over xDS there (gRPC, mutual TLS: only
+	// ingress and server certificates from the cluster CA).
+	XDSListen string
+	// XDS shapes the Envoy resources (listener port, Envoy's upstream TLS files); its
+	// Domain defaults to IngressDomain.
+	XDS xds.Config
+	Log *slog.Logger
 	// Ready, if set, is called once the API serves.
 	Ready func(apiAddr string)
 }
@@ -192,6 +201,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 		opts.ControlPlane = cp
 	}
 	srv.EnableCluster(opts)
+	srv.SetIngress(server.IngressOptions{Domain: cfg.IngressDomain})
 
 	var wg sync.WaitGroup
 	ctx, cancel := context.WithCancel(ctx)
@@ -210,6 +220,20 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 		defer wg.Done()
 		ensureBootstrapToken(ctx, store, cfg, log)
 	}()
+	if cfg.XDSListen != "" {
+		xln, err := net.Listen("tcp", cfg.XDSListen)
+		if err != nil {
+			return fmt.Errorf("listen for xDS on %s: %w", cfg.XDSListen, err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.ServeXDS(ctx, xln, server.XDSTLS(ca, cert), cfg.XDS); err != nil {
+				log.Error("xDS stopped", "err", err)
+				cancel()
+			}
+		}()
+	}
 
 	tlsCfg := pki.ServerTLS(ca, cert, false)
 	tlsCfg.NextProtos = []string{"h2", "http/1.1"}

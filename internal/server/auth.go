@@ -35,6 +35,11 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 			unauthenticated(w, r, err.Error())
 			return
 		}
+		if id.Role == state.RoleIngress && !strings.HasPrefix(r.URL.Path, ingressServicePrefix) {
+			// An edge's token opens the route feed only: it must not act as a user.
+			edgeOnly(w, r)
+			return
+		}
 		ctx := auth.With(r.Context(), id)
 		if StaleRead(r) {
 			ctx = state.WithStaleReads(ctx)

@@ -193,13 +193,24 @@ func relayRequests[T any](recv func() (*T, error), send func(*T) error, closeSen
 }
 
 // NodeHandler is a node agent's internal API: the data plane (attach, logs, exec) of the
-// sandboxes it runs, for the servers. Only clients with a server certificate from the
-// cluster CA are admitted; authorisation of the user happened on the server.
-func NodeHandler(ag *agent.Agent, log *slog.Logger) http.Handler {
+// sandboxes it runs, for the servers, and the node's data address for the ingress (CONNECT
+// tunnels and Host-routed requests under the ingress domain, see internal/ingress). Only
+// clients with a server certificate from the cluster CA reach the internal API; the
+// ingress side also admits ingress certificates. Authorisation of the user happened on
+// the server (or, for private ports, at the edge).
+func NodeHandler(ag *agent.Agent, opts NodeOptions, log *slog.Logger) http.Handler {
+	if opts.IngressDomain == "" {
+		opts.IngressDomain = DefaultIngressDomain
+	}
 	mux := http.NewServeMux()
 	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&nodeSandboxService{ag: ag},
 		connect.WithInterceptors(recoverInterceptor(log))))
+	ing := nodeIngressHandler(ag, opts.IngressDomain, log)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if isIngressRequest(r, opts.IngressDomain) {
+			ing.ServeHTTP(w, r)
+			return
+		}
 		if role, _, err := pki.PeerIdentity(r.TLS); err != nil || role != pki.RoleServer {
 			unauthenticated(w, r, "a node's internal API serves only cluster servers")
 			return
@@ -208,10 +219,11 @@ func NodeHandler(ag *agent.Agent, log *slog.Logger) http.Handler {
 	})
 }
 
-// NodeTLS is the listener configuration for NodeHandler.
+// NodeTLS is the listener configuration for NodeHandler: HTTP/2 for the servers' calls,
+// HTTP/1.1 for the ingress (CONNECT tunnels, WebSocket upgrades).
 func NodeTLS(ca *pki.CA, cert tls.Certificate) *tls.Config {
 	cfg := pki.ServerTLS(ca, cert, true)
-	cfg.NextProtos = []string{"h2"}
+	cfg.NextProtos = []string{"h2", "http/1.1"}
 	return cfg
 }
 

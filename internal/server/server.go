@@ -35,6 +35,9 @@ type Server struct {
 	nodes   nodeClients
 	// pools holds the nodes' last warm-pool reports (cluster leader).
 	pools poolReports
+	// ingress configures the route feed; routes is its current table.
+	ingress IngressOptions
+	routes  routeFeed
 }
 
 // New wires a server over an open store and a running agent. API tokens live in the
@@ -55,6 +58,7 @@ func (s *Server) Handler() http.Handler {
 	mux.Handle(fireworksv1connect.NewSystemServiceHandler(&systemService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewTokenServiceHandler(&tokenService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewClusterServiceHandler(&clusterService{s}, opts...))
+	mux.Handle(fireworksv1connect.NewIngressServiceHandler(&ingressService{s}, opts...))
 	if s.cluster.CA != nil {
 		mux.Handle(fireworksv1connect.NewNodeServiceHandler(&nodeService{s}, opts...))
 	}

@@ -33,9 +33,9 @@ func (h *tokenService) CreateToken(ctx context.Context, req *connect.Request[pb.
 	switch role {
 	case "":
 		role = state.RoleUser
-	case state.RoleAdmin, state.RoleUser, state.RoleJoin:
+	case state.RoleAdmin, state.RoleUser, state.RoleJoin, state.RoleIngress:
 	default:
-		return nil, toConnectError(invalid("role %q: want admin, user or join", req.Msg.GetRole()))
+		return nil, toConnectError(invalid("role %q: want admin, user, join or ingress", req.Msg.GetRole()))
 	}
 	name := req.Msg.GetName()
 	if len(name) > 64 || strings.IndexFunc(name, func(r rune) bool { return r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) }) >= 0 {

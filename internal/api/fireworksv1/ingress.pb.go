@@ -14,6 +14,7 @@ package fireworksv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -229,7 +230,10 @@ type IssueIngressCertificateRequest struct {
 	// PKCS#10 request (DER). Only its public key is used.
 	Csr []byte `protobuf:"bytes,1,opt,name=csr,proto3" json:"csr,omitempty"`
 	// A name for the certificate (its common name); default: the token's name or ID.
-	Name          string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// How long the certificate lasts: default 24h, at most 90 days (for an Envoy whose
+	// certificate files are renewed by hand).
+	Ttl           *durationpb.Duration `protobuf:"bytes,3,opt,name=ttl,proto3" json:"ttl,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -278,13 +282,20 @@ func (x *IssueIngressCertificateRequest) GetName() string {
 	return ""
 }
 
+func (x *IssueIngressCertificateRequest) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
 type IssueIngressCertificateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The edge's certificate (role ingress, client-auth only) and the cluster CA.
 	CertPem []byte `protobuf:"bytes,1,opt,name=cert_pem,json=certPem,proto3" json:"cert_pem,omitempty"`
 	CaPem   []byte `protobuf:"bytes,2,opt,name=ca_pem,json=caPem,proto3" json:"ca_pem,omitempty"`
-	// Renew before this: the certificate is short-lived so that revoking the token that
-	// obtained it ends the edge's access within a day.
+	// Renew before this: certificates are short-lived so that revoking the token that
+	// obtained one ends the edge's access soon (within a day by default).
 	NotAfter      *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -345,7 +356,7 @@ var File_fireworks_v1_ingress_proto protoreflect.FileDescriptor
 
 const file_fireworks_v1_ingress_proto_rawDesc = "" +
 	"\n" +
-	"\x1afireworks/v1/ingress.proto\x12\ffireworks.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbb\x01\n" +
+	"\x1afireworks/v1/ingress.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbb\x01\n" +
 	"\fIngressRoute\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x12\n" +
 	"\x04port\x18\x02 \x01(\rR\x04port\x12\x16\n" +
@@ -359,10 +370,11 @@ const file_fireworks_v1_ingress_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x122\n" +
 	"\x06routes\x18\x02 \x03(\v2\x1a.fireworks.v1.IngressRouteR\x06routes\x12\x16\n" +
 	"\x06domain\x18\x03 \x01(\tR\x06domain\"\x14\n" +
-	"\x12WatchRoutesRequest\"F\n" +
+	"\x12WatchRoutesRequest\"s\n" +
 	"\x1eIssueIngressCertificateRequest\x12\x10\n" +
 	"\x03csr\x18\x01 \x01(\fR\x03csr\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"\x8c\x01\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12+\n" +
+	"\x03ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\x8c\x01\n" +
 	"\x1fIssueIngressCertificateResponse\x12\x19\n" +
 	"\bcert_pem\x18\x01 \x01(\fR\acertPem\x12\x15\n" +
 	"\x06ca_pem\x18\x02 \x01(\fR\x05caPem\x127\n" +
@@ -390,20 +402,22 @@ var file_fireworks_v1_ingress_proto_goTypes = []any{
 	(*WatchRoutesRequest)(nil),              // 2: fireworks.v1.WatchRoutesRequest
 	(*IssueIngressCertificateRequest)(nil),  // 3: fireworks.v1.IssueIngressCertificateRequest
 	(*IssueIngressCertificateResponse)(nil), // 4: fireworks.v1.IssueIngressCertificateResponse
-	(*timestamppb.Timestamp)(nil),           // 5: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),             // 5: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),           // 6: google.protobuf.Timestamp
 }
 var file_fireworks_v1_ingress_proto_depIdxs = []int32{
 	0, // 0: fireworks.v1.RouteTable.routes:type_name -> fireworks.v1.IngressRoute
-	5, // 1: fireworks.v1.IssueIngressCertificateResponse.not_after:type_name -> google.protobuf.Timestamp
-	2, // 2: fireworks.v1.IngressService.WatchRoutes:input_type -> fireworks.v1.WatchRoutesRequest
-	3, // 3: fireworks.v1.IngressService.IssueIngressCertificate:input_type -> fireworks.v1.IssueIngressCertificateRequest
-	1, // 4: fireworks.v1.IngressService.WatchRoutes:output_type -> fireworks.v1.RouteTable
-	4, // 5: fireworks.v1.IngressService.IssueIngressCertificate:output_type -> fireworks.v1.IssueIngressCertificateResponse
-	4, // [4:6] is the sub-list for method output_type
-	2, // [2:4] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	5, // 1: fireworks.v1.IssueIngressCertificateRequest.ttl:type_name -> google.protobuf.Duration
+	6, // 2: fireworks.v1.IssueIngressCertificateResponse.not_after:type_name -> google.protobuf.Timestamp
+	2, // 3: fireworks.v1.IngressService.WatchRoutes:input_type -> fireworks.v1.WatchRoutesRequest
+	3, // 4: fireworks.v1.IngressService.IssueIngressCertificate:input_type -> fireworks.v1.IssueIngressCertificateRequest
+	1, // 5: fireworks.v1.IngressService.WatchRoutes:output_type -> fireworks.v1.RouteTable
+	4, // 6: fireworks.v1.IngressService.IssueIngressCertificate:output_type -> fireworks.v1.IssueIngressCertificateResponse
+	5, // [5:7] is the sub-list for method output_type
+	3, // [3:5] is the sub-list for method input_type
+	3, // [3:3] is the sub-list for extension type_name
+	3, // [3:3] is the sub-list for extension extendee
+	0, // [0:3] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_ingress_proto_init() }

@@ -1,0 +1,419 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/fireworks-sandbox/fireworks/internal/agent"
+	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/auth"
+	"github.com/fireworks-sandbox/fireworks/internal/ingress"
+	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/xds"
+)
+
+// DefaultIngressDomain is the ingress domain servers, agents and edges use unless told
+// otherwise. Names under .localhost resolve to the loopback address in browsers and curl,
+// so `fireworks dev --ingress-listen :8080` is reachable as
+// http://8080-<sandbox>.fireworks.localhost:8080 without any DNS set-up.
+const DefaultIngressDomain = "fireworks.localhost"
+
+// Ingress certificate lifetimes: short by default, so that revoking the token that got
+// one ends the edge's access soon (there is no revocation list); longer on request for
+// an Envoy whose certificate files an operator renews.
+const (
+	DefaultIngressCertTTL = 24 * time.Hour
+	MaxIngressCertTTL     = 90 * 24 * time.Hour
+)
+
+// IngressOptions configure the route feed.
+type IngressOptions struct {
+	// Domain is the ingress domain (default DefaultIngressDomain).
+	Domain string
+	// LocalDataAddr is the data address of this process's own node (`fireworks dev`
+	// serving a node data listener for Envoy); "" when there is none.
+	LocalDataAddr string
+}
+
+// SetIngress configures the route feed. Call before serving.
+func (s *Server) SetIngress(o IngressOptions) {
+	if o.Domain == "" {
+		o.Domain = DefaultIngressDomain
+	}
+	s.ingress = o
+}
+
+// IngressDomain is the configured ingress domain.
+func (s *Server) IngressDomain() string {
+	if s.ingress.Domain == "" {
+		return DefaultIngressDomain
+	}
+	return s.ingress.Domain
+}
+
+// routeFeed is the route table derived from this server's copy of the state, with a
+// version that grows with every change of the table (not of the state: a heartbeat or a
+// log line does not make edges reload).
+type routeFeed struct {
+	mu    sync.Mutex
+	table routes.Table
+}
+
+// RouteTable is the current route table. Its Routes must not be modified.
+//
+// The version is this server's: it starts at the current time in microseconds and grows
+// by at least one per change, so it also grows across a restart or a change of leader as
+// long as the servers' clocks agree to within the time between two changes. Edges do not
+// depend on that (see cli's ingress, which orders tables by stream), xDS clients compare
+// versions only for equality.
+func (s *Server) RouteTable() routes.Table {
+	rs := buildRoutes(s.store.LocalSandboxes(), s.store.LocalNodes(), s.localNode(), s.ingress.LocalDataAddr)
+	f := &s.routes
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.table.Version != 0 && slices.Equal(rs, f.table.Routes) {
+		return f.table
+	}
+	f.table = routes.Table{Version: max(f.table.Version+1, uint64(s.now().UnixMicro())), Routes: rs}
+	return f.table
+}
+
+func (s *Server) localNode() string {
+	if s.agent == nil {
+		return ""
+	}
+	return s.agent.NodeName()
+}
+
+// buildRoutes derives the routes of every sandbox that publishes ports and still exists.
+// A sandbox that is not running (yet, or any more) or whose node is down keeps its routes
+// with Running false, so an edge answers 502 at once; a removed one has none (404).
+// localNode/localAddr describe this process's own node in `fireworks dev`, which has no
+// node record.
+func buildRoutes(sbs []state.Sandbox, nodes []state.Node, localNode, localAddr string) []routes.Route {
+	byID := make(map[string]state.Node, len(nodes))
+	for _, n := range nodes {
+		byID[n.ID] = n
+	}
+	var out []routes.Route
+	for _, sb := range sbs {
+		if len(sb.Spec.Ports) == 0 {
+			continue
+		}
+		var addr string
+		up := false
+		if n, ok := byID[sb.Node]; ok {
+			addr, up = n.Address, n.Status == state.NodeReady
+		} else if localNode != "" && (sb.Node == "" || sb.Node == localNode) {
+			addr, up = localAddr, true
+		}
+		for _, p := range sb.Spec.Ports {
+			r := routes.Route{Sandbox: sb.ID, Port: p.Port, Public: p.Public, Node: sb.Node, NodeAddr: addr,
+				Running: up && sb.Status == state.StatusRunning}
+			if !p.Public {
+				// Only private ports need it; public ones do not spread it further.
+				r.Token = sb.AccessToken
+			}
+			out = append(out, r)
+		}
+	}
+	return routes.Table{Routes: out}.Sorted()
+}
+
+// FollowRoutes calls fn with the route table now and after every change until ctx ends.
+// fn runs on the caller's goroutine.
+func (s *Server) FollowRoutes(ctx context.Context, fn func(routes.Table)) {
+	var last uint64
+	for {
+		changed := s.store.Changed()
+		if t := s.RouteTable(); t.Version != last {
+			fn(t)
+			last = t.Version
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+	}
+}
+
+// ingressServicePrefix is the HTTP path prefix of IngressService: the only calls an
+// ingress token may make.
+var ingressServicePrefix = "/" + fireworksv1connect.IngressServiceName + "/"
+
+// requireEdge admits admin and ingress tokens: the route table holds the access tokens of
+// every private port, so a user token must never read it.
+func requireEdge(ctx context.Context, what string) (auth.Identity, error) {
+	id, err := caller(ctx)
+	if err != nil {
+		return id, err
+	}
+	if id.Role != state.RoleAdmin && id.Role != state.RoleIngress {
+		return id, connect.NewError(connect.CodePermissionDenied,
+			fmt.Errorf("%s needs an ingress or admin token (`fireworks token create --role ingress`); token %s has role %s", what, id.TokenID, id.Role))
+	}
+	return id, nil
+}
+
+type ingressService struct{ s *Server }
+
+func routeTableToPB(t routes.Table, domain string) *pb.RouteTable {
+	out := &pb.RouteTable{Version: t.Version, Domain: domain, Routes: make([]*pb.IngressRoute, 0, len(t.Routes))}
+	for _, r := range t.Routes {
+		out.Routes = append(out.Routes, &pb.IngressRoute{Sandbox: r.Sandbox, Port: uint32(r.Port), Public: r.Public,
+			Token: r.Token, Node: r.Node, NodeAddress: r.NodeAddr, Running: r.Running})
+	}
+	return out
+}
+
+// RouteTableFromPB is the inverse of what WatchRoutes sends; routes with a port outside
+// 1..65535 are dropped.
+func RouteTableFromPB(m *pb.RouteTable) routes.Table {
+	t := routes.Table{Version: m.GetVersion()}
+	for _, r := range m.GetRoutes() {
+		if r.GetPort() == 0 || r.GetPort() > 65535 {
+			continue
+		}
+		t.Routes = append(t.Routes, routes.Route{Sandbox: r.GetSandbox(), Port: uint16(r.GetPort()), Public: r.GetPublic(),
+			Token: r.GetToken(), Node: r.GetNode(), NodeAddr: r.GetNodeAddress(), Running: r.GetRunning()})
+	}
+	return t
+}
+
+// WatchRoutes streams the route table. In a cluster the call runs on the leader (followers
+// forward user calls), whose state has every committed change; when this server stops
+// leading, the stream ends with "unavailable" and the edge reconnects to the new leader.
+func (h *ingressService) WatchRoutes(ctx context.Context, _ *connect.Request[pb.WatchRoutesRequest], stream *connect.ServerStream[pb.RouteTable]) error {
+	if _, err := requireEdge(ctx, "watching the route table"); err != nil {
+		return err
+	}
+	var sent uint64
+	for {
+		changed := h.s.store.Changed()
+		if h.s.cluster.CA != nil && !h.s.store.IsLeader() {
+			return connect.NewError(connect.CodeUnavailable, errors.New("this server stopped leading; reconnect to follow the new leader"))
+		}
+		if t := h.s.RouteTable(); t.Version != sent {
+			if err := stream.Send(routeTableToPB(t, h.s.IngressDomain())); err != nil {
+				return err
+			}
+			sent = t.Version
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		case <-time.After(5 * time.Second):
+			// Leadership can end without a state change; look again now and then.
+		}
+	}
+}
+
+func (h *ingressService) IssueIngressCertificate(ctx context.Context, req *connect.Request[pb.IssueIngressCertificateRequest]) (*connect.Response[pb.IssueIngressCertificateResponse], error) {
+	who, err := requireEdge(ctx, "getting an ingress certificate")
+	if err != nil {
+		return nil, err
+	}
+	ca := h.s.cluster.CA
+	if ca == nil || !ca.CanIssue() {
+		return nil, connect.NewError(connect.CodeFailedPrecondition,
+			errors.New("this server has no cluster CA to sign with (`fireworks dev` runs its ingress in-process with --ingress-listen, no certificate needed)"))
+	}
+	name := req.Msg.GetName()
+	if name != "" {
+		if err := validNodeName(name); err != nil {
+			return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("ingress certificate name: %w", err))
+		}
+	} else if name = who.Name; validNodeName(name) != nil {
+		// Token names are free text; the certificate needs a plain one.
+		name = "ingress-" + who.TokenID
+	}
+	ttl := DefaultIngressCertTTL
+	if d := req.Msg.GetTtl(); d != nil {
+		ttl = d.AsDuration()
+	}
+	if ttl <= 0 || ttl > MaxIngressCertTTL {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("ingress certificate TTL %s: want more than 0 and at most %s", ttl, MaxIngressCertTTL))
+	}
+	certPEM, err := ca.SignCSR(req.Msg.GetCsr(), pki.IssueRequest{CommonName: name, Role: pki.RoleIngress, TTL: ttl})
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("sign ingress certificate: %w", err))
+	}
+	cert, err := parseCertPEM(certPEM)
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInternal, err)
+	}
+	h.s.log.Info("ingress certificate issued", "name", name, "token", who.TokenID, "not_after", cert.NotAfter)
+	return connect.NewResponse(&pb.IssueIngressCertificateResponse{CertPem: certPEM, CaPem: ca.CertPEM(),
+		NotAfter: timestamppb.New(cert.NotAfter)}), nil
+}
+
+func parseCertPEM(b []byte) (*x509.Certificate, error) {
+	blk, _ := pem.Decode(b)
+	if blk == nil || blk.Type != "CERTIFICATE" {
+		return nil, errors.New("issued certificate is not PEM")
+	}
+	c, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("parse issued certificate: %w", err)
+	}
+	return c, nil
+}
+
+// --- the node side: a node's data address ---
+
+// NodeOptions configure a node's internal listener (NodeHandler).
+type NodeOptions struct {
+	// IngressDomain is the ingress domain (default DefaultIngressDomain): requests whose
+	// Host names a sandbox port under it go to the ingress node handler.
+	IngressDomain string
+}
+
+// publishedDialer connects to a sandbox on this node, and only to a port the sandbox
+// publishes: the data address is for the ingress, not a way to any guest port.
+type publishedDialer struct{ ag *agent.Agent }
+
+func (d publishedDialer) DialSandbox(ctx context.Context, r routes.Route) (net.Conn, error) {
+	spec, ok := d.ag.Spec(r.Sandbox)
+	if !ok {
+		return nil, fmt.Errorf("sandbox %s is not running on this node", r.Sandbox)
+	}
+	if !slices.ContainsFunc(spec.Ports, func(p state.Port) bool { return p.Port == r.Port }) {
+		return nil, fmt.Errorf("sandbox %s does not publish port %d", r.Sandbox, r.Port)
+	}
+	return d.ag.DialSandbox(ctx, r.Sandbox, r.Port)
+}
+
+// LocalIngressDialer is the dialer of an edge that runs in the same process as the node
+// (`fireworks dev --ingress-listen`): it calls the local agent directly, with no node hop
+// and no TLS. It reaches published ports only.
+func (s *Server) LocalIngressDialer() ingress.Dialer {
+	return publishedDialer{ag: s.agent}
+}
+
+// LocalNodeDataHandler is the node side of the data path for this process's own node,
+// without peer authentication: `fireworks dev` serves it on a loopback address for an
+// Envoy fed over xDS.
+func (s *Server) LocalNodeDataHandler() http.Handler {
+	return ingress.NewNodeHandler(s.IngressDomain(), publishedDialer{ag: s.agent}, s.log)
+}
+
+// nodeIngressHandler is the ingress part of NodeHandler: edges (servers and ingress
+// certificates) may open tunnels and send Host-routed requests.
+func nodeIngressHandler(ag *agent.Agent, domain string, log *slog.Logger) http.Handler {
+	h := ingress.NewNodeHandler(domain, publishedDialer{ag: ag}, log)
+	h.Authorize = func(r *http.Request) error {
+		role, _, err := pki.PeerIdentity(r.TLS)
+		if err != nil {
+			return err
+		}
+		if role != pki.RoleIngress && role != pki.RoleServer {
+			return fmt.Errorf("a node's data path serves edges (ingress or server certificates), not %s", role)
+		}
+		return nil
+	}
+	return h
+}
+
+// isIngressRequest tells the ingress node side's requests (CONNECT tunnels, Host-routed
+// requests for a sandbox port) from internal API calls on a node's listener.
+func isIngressRequest(r *http.Request, domain string) bool {
+	if r.Method == http.MethodConnect {
+		return true
+	}
+	_, _, ok := routes.ParseHost(r.Host, domain)
+	return ok
+}
+
+// --- xDS ---
+
+// XDSTLS is the listener configuration of a cluster server's xDS endpoint: the xDS
+// resources hold the access tokens of private ports, so only edges (ingress
+// certificates) and servers may connect.
+func XDSTLS(ca *pki.CA, cert tls.Certificate) *tls.Config {
+	cfg := pki.ServerTLS(ca, cert, true)
+	cfg.VerifyConnection = pki.VerifyPeerRole(ca, x509.ExtKeyUsageClientAuth, pki.RoleIngress, pki.RoleServer)
+	return cfg
+}
+
+// ServeXDS serves the route table over xDS (gRPC) on ln until ctx ends, fed from this
+// server's copy of the state (any server can serve Envoy; a follower lags the leader by
+// its replication delay). tlsCfg nil serves without TLS (`fireworks dev` on loopback).
+func (s *Server) ServeXDS(ctx context.Context, ln net.Listener, tlsCfg *tls.Config, cfg xds.Config) error {
+	if cfg.Domain == "" {
+		cfg.Domain = s.IngressDomain()
+	}
+	x := xds.New(cfg, s.log)
+	var opts []grpc.ServerOption
+	if tlsCfg != nil {
+		opts = append(opts, grpc.Creds(credentials.NewTLS(tlsCfg)))
+	}
+	g := grpc.NewServer(opts...)
+	x.Register(g)
+
+	fctx, stopFeed := context.WithCancel(ctx)
+	fed := make(chan struct{})
+	go func() {
+		defer close(fed)
+		s.FollowRoutes(fctx, func(t routes.Table) {
+			if err := x.SetTable(fctx, t); err != nil && fctx.Err() == nil {
+				s.log.Error("xds: publish route table", "version", t.Version, "err", err)
+			}
+		})
+	}()
+	errc := make(chan error, 1)
+	go func() { errc <- g.Serve(ln) }()
+	s.log.Info("xds serving routes", "addr", ln.Addr().String(), "tls", tlsCfg != nil, "domain", cfg.Domain)
+
+	var err error
+	select {
+	case <-ctx.Done():
+		x.Close() // ends the streams, so GracefulStop does not wait on them
+		g.GracefulStop()
+		<-errc
+	case err = <-errc:
+		x.Close()
+		g.Stop()
+		err = fmt.Errorf("serve xDS on %s: %w", ln.Addr(), err)
+	}
+	stopFeed()
+	<-fed
+	return err
+}
+
+// edgeOnly answers a call an ingress token may not make, in the caller's protocol.
+func edgeOnly(w http.ResponseWriter, r *http.Request) {
+	msg := "an ingress token may only watch routes and get an ingress certificate"
+	if ct := r.Header.Get("Content-Type"); strings.HasPrefix(ct, "application/grpc") {
+		w.Header().Set("Content-Type", ct)
+		w.Header().Set("Grpc-Status", "7")
+		w.Header().Set("Grpc-Message", msg)
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusForbidden)
+	body, _ := json.Marshal(map[string]string{"code": "permission_denied", "message": msg})
+	_, _ = w.Write(body)
+}

@@ -1,0 +1,314 @@
+package cluster
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/fireworks-sandbox/fireworks/internal/ingress"
+	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/xds"
+)
+
+const (
+	ingressDomain = "fireworks.localhost" // the servers' and agents' default
+	xdsPort       = "7770"
+)
+
+// edge is a `fireworks ingress` process in the test's own (root) namespace, which reaches
+// the servers and the nodes over the bridge like any other host.
+type edge struct {
+	addr string
+	cmd  *exec.Cmd
+	done chan struct{}
+	log  string
+}
+
+func startEdge(t *testing.T, token string) *edge {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &edge{addr: ln.Addr().String(), done: make(chan struct{}), log: filepath.Join(w.root, "ingress.log")}
+	ln.Close()
+	logf, err := os.Create(e.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.cmd = exec.Command(w.bin, "ingress", "--server", "https://"+w.serverList(), "--token", token,
+		"--ca", filepath.Join(w.caDir, pki.CACertFile), "--listen", e.addr, "--name", "test-edge", "--log-level", "debug")
+	e.cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+filepath.Join(w.root, "none.json"))
+	e.cmd.Stdout, e.cmd.Stderr = logf, logf
+	e.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := e.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = e.cmd.Wait(); logf.Close(); close(e.done) }()
+	t.Cleanup(func() {
+		_ = e.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-e.done:
+		case <-time.After(30 * time.Second):
+			_ = syscall.Kill(-e.cmd.Process.Pid, syscall.SIGKILL)
+			<-e.done
+		}
+		if t.Failed() {
+			data, _ := os.ReadFile(e.log)
+			if len(data) > 6000 {
+				data = data[len(data)-6000:]
+			}
+			fmt.Fprintf(os.Stderr, "---- ingress.log (tail) ----\n%s\n", data)
+		}
+	})
+	return e
+}
+
+// get sends GET / for host to the edge; code -1 when the edge did not answer.
+func (e *edge) get(host string, header http.Header) (int, string) {
+	req, _ := http.NewRequest(http.MethodGet, "http://"+e.addr+"/", nil)
+	req.Host = host
+	for k, v := range header {
+		req.Header[k] = v
+	}
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Do(req)
+	if err != nil {
+		return -1, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// waitFor polls host until it answers want.
+func (e *edge) waitFor(t *testing.T, host string, header http.Header, want int, d time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	var (
+		code int
+		body string
+	)
+	for time.Now().Before(deadline) {
+		if code, body = e.get(host, header); code == want {
+			return body
+		}
+		select {
+		case <-e.done:
+			t.Fatalf("fireworks ingress exited (log %s)", e.log)
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
+	t.Fatalf("%s through the ingress: last %d %q, want %d", host, code, body, want)
+	return ""
+}
+
+// ingressCert gets an ingress certificate with `fireworks ingress certificate`.
+func ingressCert(t *testing.T, token string) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
+	dir := t.TempDir()
+	if _, err := w.fw([]string{"FIREWORKS_TOKEN=" + token}, "ingress", "certificate", "--out", dir, "--name", "test-certs"); err != nil {
+		t.Fatal(err)
+	}
+	cert, err := pki.LoadKeyPair(dir, "ingress")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caPEM, err := os.ReadFile(filepath.Join(dir, pki.CACertFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	return cert, pool
+}
+
+func agentAddr(node string) string {
+	for i, a := range w.agents {
+		if fmt.Sprintf("a%d", i) == node {
+			return a.h.ip + ":" + nodePort
+		}
+	}
+	return ""
+}
+
+// A standalone `fireworks ingress` follows the 3-server cluster's route table with an
+// ingress token, gets its node certificate with it, and routes each host to the sandbox
+// on its own node; it keeps serving while the server it follows restarts and picks the
+// feed up again. The servers' xDS endpoint serves the same table to mutual-TLS clients.
+func TestIngressCluster(t *testing.T) {
+	need(t)
+	t.Cleanup(w.ensureRunning)
+	// Who may follow routes: ingress and admin tokens; user tokens are refused, and an
+	// ingress token opens nothing else.
+	edgeToken := strings.TrimSpace(mustFW(t, "token", "create", "--role", "ingress", "--name", "edge"))
+	userToken := strings.TrimSpace(mustFW(t, "token", "create", "--role", "user", "--name", "not-an-edge"))
+	if _, errOut, code := w.cli(context.Background(), []string{"FIREWORKS_TOKEN=" + userToken}, "ingress", "certificate", "--out", t.TempDir()); code == 0 || !strings.Contains(errOut, "ingress or admin token") {
+		t.Errorf("a user token got an ingress certificate: exit %d %s", code, errOut)
+	}
+	if _, errOut, code := w.cli(context.Background(), []string{"FIREWORKS_TOKEN=" + edgeToken}, "ps"); code == 0 || !strings.Contains(errOut, "ingress token") {
+		t.Errorf("an ingress token listed sandboxes: exit %d %s", code, errOut)
+	}
+
+	// Two sandboxes on two nodes, each serving its own name.
+	serve := func(name, node string, port string) string {
+		return strings.TrimSpace(mustFW(t, "run", "-d", "--name", name, "--constraint", "host=="+node, "-p", port, image(), "--",
+			"sh", "-c", "mkdir -p /tmp/www && echo served-by-"+name+" > /tmp/www/index.html && exec httpd -f -p 8000 -h /tmp/www"))
+	}
+	idA := serve("ingress-a", "a0", "8000")        // private
+	idB := serve("ingress-b", "a2", "8000:public") // public
+	t.Cleanup(func() { _, _ = w.fw(nil, "rm", "-f", idA, idB) })
+	sbA := waitSandbox(t, idA, 3*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+	waitSandbox(t, idB, 3*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+	tokenA, _ := sbA["access_token"].(string)
+	hostA, hostB := routes.Host(8000, idA, ingressDomain), routes.Host(8000, idB, ingressDomain)
+	withToken := http.Header{routes.TokenHeader: {tokenA}}
+
+	e := startEdge(t, edgeToken)
+	if body := e.waitFor(t, hostA, withToken, http.StatusOK, minute); strings.TrimSpace(body) != "served-by-ingress-a" {
+		t.Errorf("%s (node a0): %q", hostA, body)
+	}
+	if body := e.waitFor(t, hostB, nil, http.StatusOK, minute); strings.TrimSpace(body) != "served-by-ingress-b" {
+		t.Errorf("%s (node a2): %q", hostB, body)
+	}
+	if code, body := e.get(hostA, nil); code != http.StatusUnauthorized {
+		t.Errorf("private port without token: %d %q", code, body)
+	}
+	if code, _ := e.get(routes.Host(8001, idB, ingressDomain), nil); code != http.StatusNotFound {
+		t.Errorf("unpublished port: %d, want 404", code)
+	}
+
+	// The node side: only edges with a certificate get in, and only to published ports of
+	// sandboxes that node runs.
+	cert, pool := ingressCert(t, edgeToken)
+	td := &ingress.TunnelDialer{TLS: &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool}, Timeout: 10 * time.Second}
+	tunnelGet := func(r routes.Route) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		c, err := td.DialSandbox(ctx, r)
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b), nil
+	}
+	if body, err := tunnelGet(routes.Route{Sandbox: idA, Port: 8000, NodeAddr: agentAddr("a0")}); err != nil || !strings.Contains(body, "served-by-ingress-a") {
+		t.Errorf("tunnel to a0 with an ingress certificate: %q %v", body, err)
+	}
+	if _, err := tunnelGet(routes.Route{Sandbox: idA, Port: 22, NodeAddr: agentAddr("a0")}); err == nil || !strings.Contains(err.Error(), "502") {
+		t.Errorf("tunnel to an unpublished port: %v, want a 502 refusal", err)
+	}
+	if _, err := tunnelGet(routes.Route{Sandbox: idA, Port: 8000, NodeAddr: agentAddr("a1")}); err == nil {
+		t.Error("node a1 opened a tunnel to a sandbox it does not run")
+	}
+	noCert := &ingress.TunnelDialer{TLS: &tls.Config{RootCAs: pool}, Timeout: 10 * time.Second}
+	if _, err := noCert.DialSandbox(context.Background(), routes.Route{Sandbox: idA, Port: 8000, NodeAddr: agentAddr("a0")}); err == nil {
+		t.Error("a node opened a tunnel for a client without a certificate")
+	}
+
+	// s0 (first in the edge's server list, so the one it follows through) restarts with
+	// an xDS listener. The edge keeps serving the last table meanwhile, then reconnects.
+	s0 := w.servers[0]
+	origArgs := slices.Clone(s0.args)
+	t.Cleanup(func() { s0.args = origArgs })
+	w.stop(s0, false)
+	if code, body := e.get(hostB, nil); code != http.StatusOK {
+		t.Errorf("with the followed server down: %d %q, want the last table to keep serving", code, body)
+	}
+	s0.args = append(slices.Clone(origArgs), "--xds-listen", s0.h.ip+":"+xdsPort)
+	if err := w.start(s0); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.waitAPI(time.Minute); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("xds", func(t *testing.T) {
+		xdsAddr := s0.h.ip + ":" + xdsPort
+		names := func(creds credentials.TransportCredentials) ([]string, error) {
+			conn, err := grpc.NewClient(xdsAddr, grpc.WithTransportCredentials(creds))
+			if err != nil {
+				return nil, err
+			}
+			defer conn.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+			if err != nil {
+				return nil, err
+			}
+			if err := stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: "test-envoy", UserAgentName: "envoy"},
+				TypeUrl: resourcev3.RouteType, ResourceNames: []string{xds.RouteConfigName}}); err != nil {
+				return nil, err
+			}
+			resp, err := stream.Recv()
+			if err != nil {
+				return nil, err
+			}
+			var out []string
+			for _, a := range resp.GetResources() {
+				var rc routev3.RouteConfiguration
+				if err := a.UnmarshalTo(&rc); err != nil {
+					return nil, err
+				}
+				for _, vh := range rc.GetVirtualHosts() {
+					out = append(out, vh.GetName())
+				}
+			}
+			return out, nil
+		}
+		mtls := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: s0.h.ip})
+		deadline := time.Now().Add(minute)
+		for {
+			got, err := names(mtls)
+			if err == nil && slices.Contains(got, hostA) && slices.Contains(got, hostB) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("xDS route configuration from s0: %v %v; want virtual hosts %s and %s", got, err, hostA, hostB)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		if got, err := names(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: s0.h.ip})); err == nil {
+			t.Errorf("xDS answered a client without a certificate: %v", got)
+		}
+	})
+
+	// The edge follows the feed again: a stop shows as 502, a removal as 404.
+	mustFW(t, "stop", idB)
+	e.waitFor(t, hostB, nil, http.StatusBadGateway, minute)
+	mustFW(t, "rm", idB)
+	e.waitFor(t, hostB, nil, http.StatusNotFound, minute)
+	if body := e.waitFor(t, hostA, withToken, http.StatusOK, minute); strings.TrimSpace(body) != "served-by-ingress-a" {
+		t.Errorf("%s after the feed reconnected: %q", hostA, body)
+	}
+}
