@@ -88,9 +88,9 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.StringVar(&cfg.BootstrapToken, "bootstrap-token", os.Getenv("FIREWORKS_BOOTSTRAP_TOKEN"), "an admin API token (fwk_...) to create at bootstrap ($FIREWORKS_BOOTSTRAP_TOKEN); default: one is generated into DATA/admin-token")
 	fl.DurationVar(&heartbeatTTL, "heartbeat-ttl", 15*time.Second, "a node silent this long is declared down (agents beat every third of it)")
 	fl.StringVar(&cfg.IngressDomain, "ingress-domain", server.DefaultIngressDomain, "ingress domain: sandbox ports answer to <port>-<sandbox>.DOMAIN (same on servers, agents and edges)")
-	fl.StringVar(&cfg.XDSListen, "xds-listen", "", "serve the ingress routes over xDS (gRPC) here, for Envoy; mutual TLS: clients need an ingress certificate (`fireworks ingress certificate`)")
+	fl.StringVar(&cfg.XDSListen, "xds-listen", "", "serve the ingress routes over xDS (gRPC) here, for Envoy; mutual TLS: clients need an ingress certificate (from 'fireworks ingress certificate')")
 	fl.Uint32Var(&envoyPort, "xds-envoy-port", xds.DefaultListenPort, "port of the listener Envoy gets over xDS")
-	fl.StringVar(&envoyTLSDir, "xds-envoy-tls-dir", "/etc/fireworks/ingress", "directory on Envoy's host with the files `fireworks ingress certificate --out` writes (Envoy's client certificate for the nodes); empty: Envoy speaks plain HTTP to nodes (which refuse it)")
+	fl.StringVar(&envoyTLSDir, "xds-envoy-tls-dir", "/etc/fireworks/ingress", "directory on Envoy's host with the files 'fireworks ingress certificate --out' writes (Envoy's client certificate for the nodes); empty: Envoy speaks plain HTTP to nodes (which refuse it)")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }

@@ -19,7 +19,7 @@ type warmFlags struct {
 
 func (w *warmFlags) register(fl *pflag.FlagSet) {
 	fl.IntVar(&w.templateDiskMiB, "template-disk-mib", 8192, "disk space for template snapshots, MiB; the least recently used are removed past it")
-	fl.StringArrayVar(&w.pools, "warm-pool", nil, "keep warm VMs of an image on this node: IMAGE=SIZE[:MAX] (repeatable; `fireworks pool set` overrides it cluster-wide)")
+	fl.StringArrayVar(&w.pools, "warm-pool", nil, "keep warm VMs of an image on this node: IMAGE=SIZE[:MAX] (repeatable; 'fireworks pool set' overrides it cluster-wide)")
 }
 
 func (w *warmFlags) apply(cfg *agent.Config) error {
