@@ -1,6 +1,8 @@
 // Command fireworks-bench measures sandbox start latency (cold boot, snapshot restore,
-// warm-pool claim, exec) against crun on the same image and command, prints a table,
-// writes the figures as JSON and draws their distributions as a PNG (see internal/bench).
+// warm-pool claim, exec) against crun on the same image and command, and guest↔host TCP
+// with the network policy attached and detached and HTTP through the ingress; it prints
+// a table, writes the figures as JSON and draws the start distributions as a PNG (see
+// internal/bench). It runs in a network namespace of its own unless told otherwise.
 package main
 
 import (
@@ -12,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/bench"
 )
@@ -28,6 +31,10 @@ func main() {
 	flag.StringVar(&command, "command", "echo ready", "command to run (split on spaces)")
 	flag.BoolVar(&cfg.SkipCrun, "skip-crun", false, "do not measure the crun baseline")
 	flag.IntVar(&cfg.Creates, "creates", 500, "control-plane creates per concurrency level")
+	flag.BoolVar(&cfg.SkipNetwork, "skip-network", false, "do not measure the network series")
+	flag.DurationVar(&cfg.NetSeconds, "net-time", 2*time.Second, "how long each throughput sample streams")
+	flag.IntVar(&cfg.NetRepeats, "net-repeats", 3, "throughput samples per direction, policy attached and detached")
+	hostNetwork := flag.Bool("host-network", false, "run in the machine's network namespace instead of a private one (sandbox networks and NAT rules then land on the machine)")
 	flag.Parse()
 	cfg.Command = strings.Fields(command)
 	switch {
@@ -42,6 +49,16 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if !*hostNetwork {
+		code, again, err := bench.InPrivateNetNS(ctx, cfg.DataDir)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "fireworks-bench:", err)
+		}
+		if again {
+			stop()
+			os.Exit(code)
+		}
+	}
 	if _, err := bench.Run(ctx, cfg); err != nil {
 		fmt.Fprintln(os.Stderr, "fireworks-bench:", err)
 		os.Exit(1)

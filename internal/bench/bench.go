@@ -3,7 +3,8 @@
 // (a `fireworks dev` process) and talks to it in-process with the API client, so no CLI
 // start-up is counted. One run measures, on the same image and command: cold boot,
 // snapshot restore, warm-pool claim, exec in a running sandbox, and crun as the no-VM
-// baseline; then the scheduler and the control plane.
+// baseline; then guest↔host TCP with the network policy attached and detached, and HTTP
+// through the ingress; then the scheduler and the control plane.
 package bench
 
 import (
@@ -30,17 +31,22 @@ import (
 
 // Config says what to measure and where to put things.
 type Config struct {
-	Runs       int    // measured starts per series
-	Fireworks  string // path to the fireworks binary (fireworks-init beside it)
-	DataDir    string // dev server data dir; its assets/ caches the guest kernel between runs
-	Out        string // JSON report path
-	PNG        string // chart path ("" = none)
-	Command    []string
-	SkipCrun   bool
-	PoolSize   int // warm VMs the pool series keeps ready (default 2)
-	Creates    int // control-plane creates per concurrency level (default 500)
-	Log        *slog.Logger
-	StdoutView io.Writer // where the table goes
+	Runs      int    // measured starts per series
+	Fireworks string // path to the fireworks binary (fireworks-init beside it)
+	DataDir   string // dev server data dir; its assets/ caches the guest kernel between runs
+	Out       string // JSON report path
+	PNG       string // chart path ("" = none)
+	Command   []string
+	SkipCrun  bool
+	PoolSize  int // warm VMs the pool series keeps ready (default 2)
+	Creates   int // control-plane creates per concurrency level (default 500)
+	// The network series: SkipNetwork leaves it out; each throughput sample streams
+	// NetSeconds (default 2s), NetRepeats times per direction and policy (default 3).
+	SkipNetwork bool
+	NetSeconds  time.Duration
+	NetRepeats  int
+	Log         *slog.Logger
+	StdoutView  io.Writer // where the table goes
 }
 
 // Series keys: how a series started the command.
@@ -113,6 +119,8 @@ type Report struct {
 	Scheduler []SchedulerRow `json:"scheduler,omitempty"`
 	// ControlPlane is create commit throughput and latency through 3 Raft servers.
 	ControlPlane []RaftRow `json:"control_plane,omitempty"`
+	// Network is guest↔host TCP and ingress HTTP (nil: not measured).
+	Network *NetworkReport `json:"network,omitempty"`
 }
 
 // SchedulerRow is one synthetic cluster size.
@@ -135,6 +143,12 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	if cfg.PoolSize <= 0 {
 		cfg.PoolSize = 2
+	}
+	if cfg.NetSeconds <= 0 {
+		cfg.NetSeconds = 2 * time.Second
+	}
+	if cfg.NetRepeats <= 0 {
+		cfg.NetRepeats = 3
 	}
 	if len(cfg.Command) == 0 {
 		cfg.Command = []string{"echo", "ready"}
@@ -162,7 +176,23 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	ref := "oci:" + ociDir
 
-	dev, err := startDev(ctx, cfg, work)
+	// The dev server's built-in ingress, when this fireworks has one, for the network
+	// series.
+	var devFlags []string
+	var ing *ingressTarget
+	ingressNote := ""
+	if !cfg.SkipNetwork {
+		var ok bool
+		if ok, ingressNote = ingressSupport(ctx, cfg.Fireworks); ok {
+			addr, err := freeLoopbackAddr()
+			if err != nil {
+				return nil, err
+			}
+			ing = &ingressTarget{addr: addr, domain: "bench.fireworks.test"}
+			devFlags = []string{"--ingress-listen", ing.addr, "--ingress-domain", ing.domain}
+		}
+	}
+	dev, err := startDev(ctx, cfg, work, devFlags...)
 	if err != nil {
 		return nil, err
 	}
@@ -176,6 +206,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 
 	if err := measureVMs(ctx, cfg, api, ref, rep); err != nil {
 		return nil, err
+	}
+	if !cfg.SkipNetwork {
+		if rep.Network, err = measureNetwork(ctx, cfg, api, ref, ing, ingressNote); err != nil {
+			return nil, fmt.Errorf("network series: %w", err)
+		}
 	}
 
 	if !cfg.SkipCrun {
@@ -362,6 +397,9 @@ func PrintTable(w io.Writer, rep *Report) {
 			create = fmt.Sprintf("; CreateSandbox call p50 %.1f", s.CreateCall.P50)
 		}
 		fmt.Fprintf(w, "  %s, node phases p50 (sum %.1f of first-byte p50 %.1f): %s%s\n", s.Name, sum, s.FirstByte.P50, strings.Join(parts, ", "), create)
+	}
+	if rep.Network != nil {
+		printNetwork(w, rep.Network, rep.Accelerator)
 	}
 	if len(rep.Scheduler) > 0 {
 		fmt.Fprintf(w, "\n%-12s %12s %12s %12s %12s\n", "scheduler", "allocations", "index build", "place p50", "place p99")

@@ -18,7 +18,8 @@ type devServer struct {
 	exited      chan struct{}
 }
 
-func startDev(ctx context.Context, cfg Config, work string) (*devServer, error) {
+// startDev starts `fireworks dev` with the bench's data dir and extra flags.
+func startDev(ctx context.Context, cfg Config, work string, extra ...string) (*devServer, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("bench data dir %s: %w", cfg.DataDir, err)
 	}
@@ -30,7 +31,7 @@ func startDev(ctx context.Context, cfg Config, work string) (*devServer, error) 
 	d := &devServer{bin: cfg.Fireworks, config: filepath.Join(work, "cli.json"), exited: make(chan struct{})}
 	// The server's lifetime is the bench's, not ctx's: stop() ends it with SIGTERM so it
 	// cleans up its VMs.
-	d.cmd = exec.Command(cfg.Fireworks, "dev", "--data-dir", cfg.DataDir, "--listen", "127.0.0.1:0")
+	d.cmd = exec.Command(cfg.Fireworks, append([]string{"dev", "--data-dir", cfg.DataDir, "--listen", "127.0.0.1:0"}, extra...)...)
 	d.cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+d.config)
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
 	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

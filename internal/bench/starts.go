@@ -208,7 +208,13 @@ func (c *apiClient) info(ctx context.Context) (accel, kernel string) {
 
 // startLongRunning starts argv in a sandbox of ref and waits until it runs.
 func (c *apiClient) startLongRunning(ctx context.Context, ref string, argv []string) (string, error) {
-	resp, err := c.sandboxes.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Spec: &pb.SandboxSpec{Image: ref, Cmd: argv}}))
+	return c.startSpec(ctx, &pb.SandboxSpec{Image: ref, Cmd: argv})
+}
+
+// startSpec creates a sandbox of spec and waits until it runs.
+func (c *apiClient) startSpec(ctx context.Context, spec *pb.SandboxSpec) (string, error) {
+	ref, argv := spec.GetImage(), spec.GetCmd()
+	resp, err := c.sandboxes.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Spec: spec}))
 	if err != nil {
 		return "", fmt.Errorf("create sandbox of %s running %s: %w", ref, strings.Join(argv, " "), err)
 	}
