@@ -993,6 +993,7 @@ func (a *Agent) recover(ctx context.Context) error {
 		}
 		reason := "the node agent restarted while the sandbox was " + string(sb.Status) + "; its VM was stopped"
 		if err := failed[sb.ID]; err != nil {
+			a.log.Warn("could not re-adopt a running sandbox; ending it", "sandbox", sb.ID, "err", err)
 			reason = "the node agent restarted and could not re-adopt the sandbox's VM (" + err.Error() + ")"
 		}
 		if pid, err := strconv.Atoi(sb.Runtime["pid"]); err == nil && pid > 0 {

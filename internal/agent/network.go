@@ -87,6 +87,14 @@ func ensureBPFFS() error {
 	if out, err := exec.Command("mount", "-t", "bpf", "bpf", bpffsRoot).CombinedOutput(); err != nil {
 		return fmt.Errorf("mount the BPF filesystem on %s (policy programs are pinned there): %w: %s", bpffsRoot, err, strings.TrimSpace(string(out)))
 	}
+	// A mount made in a mount namespace of the agent's own (`ip netns exec`, a container
+	// without the host's /sys/fs/bpf) goes away with the process, and the pins with it:
+	// the next agent could not take its sandboxes' policies back.
+	own, err1 := os.Readlink("/proc/self/ns/mnt")
+	host, err2 := os.Readlink("/proc/1/ns/mnt")
+	if err1 == nil && err2 == nil && own != host {
+		slog.Warn("mounted a BPF filesystem in the agent's own mount namespace: sandbox policies will not survive an agent restart (share the host's /sys/fs/bpf with the agent)", "path", bpffsRoot)
+	}
 	return nil
 }
 
@@ -487,6 +495,7 @@ func (m *netManager) keepSpares(ctx context.Context) {
 		for _, n := range spares {
 			_ = n.remove()
 		}
+		_ = os.Remove(m.pins) // this agent's pin directory, if no sandbox's pins are left in it
 	}()
 	for {
 		m.mu.Lock()

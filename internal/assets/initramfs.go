@@ -170,7 +170,10 @@ func BuildInitramfsFiles(ctx context.Context, cacheDir string, k *Kernel, files 
 // init reads them from /proc/cmdline.
 func KernelCmdline(mods []string, extra ...string) string {
 	khz, _ := HostTSCKHz()
-	args := []string{"console=ttyS0", "quiet", fmt.Sprintf("tsc_early_khz=%d", khz), "cryptomgr.notests", "no_timer_check", "panic=-1", "mitigations=off"}
+	// tsc=reliable: under TCG the clocksource watchdog otherwise declares the TSC unstable
+	// a few seconds into boot and falls back to a 4 ms clock (coarse timestamps, lost
+	// ticks under load); the TSC QEMU emulates is steady.
+	args := []string{"console=ttyS0", "quiet", fmt.Sprintf("tsc_early_khz=%d", khz), "tsc=reliable", "cryptomgr.notests", "no_timer_check", "panic=-1", "mitigations=off"}
 	if len(mods) > 0 {
 		args = append(args, "fw.mods="+strings.Join(mods, ","))
 	}

@@ -239,7 +239,12 @@ func (w *world) start(p *proc) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command("ip", append([]string{"netns", "exec", p.h.ns, w.bin}, p.args...)...)
+	// nsenter, not `ip netns exec`: only the network namespace changes. `ip netns exec`
+	// also gives the process a mount namespace of its own with a fresh /sys, so the bpffs
+	// an agent pins its sandboxes' policy programs in would die with the process, and a
+	// restarted agent could not take them back (on a real host the agent shares the
+	// host's /sys/fs/bpf).
+	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + p.h.ns, "--", w.bin}, p.args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
