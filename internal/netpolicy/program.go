@@ -20,11 +20,12 @@ const (
 	stLPM     = -8  // LPM key: prefix length (u32), then the address the rules match
 	stPort    = -12 // destination port, host order (0 when there is none)
 	stIndex   = -16 // array map index
-	stSource  = -20 // source address, for the anti-spoofing pin
+	stPin     = -20 // the allowed source address from config (0 = any)
 	stFlags   = -24 // TCP flags byte (0 when not TCP)
 	stReverse = -40 // flow key of the reply direction (16 bytes)
 	stForward = -56 // flow key of this packet (16 bytes)
 	stOne     = -64 // value written to the flow map
+	stDefault = -68 // the default action from config
 )
 
 // Flow keys are {saddr, daddr (network order), sport, dport (as on the wire), proto, 0,0,0}.
@@ -50,6 +51,17 @@ func program(dir Direction, rulesFD, configFD, countersFD, flowsFD int) asm.Inst
 	ins := asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1),
 		asm.Mov.Imm(asm.R9, 0), // no protocol (yet): nothing to record as a flow
+		// The config (default action, source pin), read once onto the stack.
+		asm.StoreImm(asm.RFP, stIndex, 0, asm.Word),
+		asm.LoadMapPtr(asm.R1, configFD),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, stIndex),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "drop"),
+		asm.LoadMem(asm.R2, asm.R0, 0, asm.Word),
+		asm.StoreMem(asm.RFP, stDefault, asm.R2, asm.Word),
+		asm.LoadMem(asm.R2, asm.R0, 4, asm.Word),
+		asm.StoreMem(asm.RFP, stPin, asm.R2, asm.Word),
 		asm.LoadMem(asm.R7, asm.R6, skbData, asm.Word),
 		asm.LoadMem(asm.R8, asm.R6, skbDataEnd, asm.Word),
 		// Ethernet header.
@@ -64,18 +76,10 @@ func program(dir Direction, rulesFD, configFD, countersFD, flowsFD int) asm.Inst
 		asm.Mov.Reg(asm.R2, asm.R7),
 		asm.Add.Imm(asm.R2, 34),
 		asm.JGT.Reg(asm.R2, asm.R8, "default"),
-		// Source address check (anti-spoofing) first: config[0].source, 0 = none.
-		asm.LoadMem(asm.R3, asm.R7, 14+12, asm.Word),
-		asm.StoreMem(asm.RFP, stSource, asm.R3, asm.Word),
-		asm.StoreImm(asm.RFP, stIndex, 0, asm.Word),
-		asm.LoadMapPtr(asm.R1, configFD),
-		asm.Mov.Reg(asm.R2, asm.RFP),
-		asm.Add.Imm(asm.R2, stIndex),
-		asm.FnMapLookupElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "drop"),
-		asm.LoadMem(asm.R2, asm.R0, 4, asm.Word),
+		// Source address check (anti-spoofing) first.
+		asm.LoadMem(asm.R2, asm.RFP, stPin, asm.Word),
 		asm.JEq.Imm(asm.R2, 0, "checked"),
-		asm.LoadMem(asm.R3, asm.RFP, stSource, asm.Word),
+		asm.LoadMem(asm.R3, asm.R7, 14+12, asm.Word),
 		asm.JNE.Reg(asm.R2, asm.R3, "drop"),
 		// Flow keys: zeroed, then addresses and protocol.
 		asm.Mov.Imm(asm.R1, 0).WithSymbol("checked"),
@@ -162,13 +166,7 @@ func program(dir Direction, rulesFD, configFD, countersFD, flowsFD int) asm.Inst
 	ins = append(ins,
 		asm.Ja.Label("default").WithSymbol(fmt.Sprintf("rule%d", MaxRulesPerCIDR)),
 		// The policy's default.
-		asm.StoreImm(asm.RFP, stIndex, 0, asm.Word).WithSymbol("default"),
-		asm.LoadMapPtr(asm.R1, configFD),
-		asm.Mov.Reg(asm.R2, asm.RFP),
-		asm.Add.Imm(asm.R2, stIndex),
-		asm.FnMapLookupElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "drop"),
-		asm.LoadMem(asm.R2, asm.R0, 0, asm.Word),
+		asm.LoadMem(asm.R2, asm.RFP, stDefault, asm.Word).WithSymbol("default"),
 		asm.JEq.Imm(asm.R2, int32(Allow), "allow"),
 		// Count and decide.
 		asm.StoreImm(asm.RFP, stIndex, 1, asm.Word).WithSymbol("drop"),

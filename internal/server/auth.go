@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -97,17 +98,23 @@ func requireAdmin(ctx context.Context, what string) (auth.Identity, error) {
 // unauthenticated answers in the caller's protocol so gRPC and Connect clients both see a
 // proper "unauthenticated" code rather than a transport error.
 func unauthenticated(w http.ResponseWriter, r *http.Request, msg string) {
+	refuse(w, r, connect.CodeUnauthenticated, http.StatusUnauthorized, msg)
+}
+
+// refuse answers a call with an error code without calling the handler behind, in the
+// caller's protocol (gRPC status trailers-only, or Connect's JSON error).
+func refuse(w http.ResponseWriter, r *http.Request, code connect.Code, httpStatus int, msg string) {
 	ct := r.Header.Get("Content-Type")
 	if strings.HasPrefix(ct, "application/grpc") {
 		w.Header().Set("Content-Type", ct)
-		w.Header().Set("Grpc-Status", "16")
+		w.Header().Set("Grpc-Status", strconv.Itoa(int(code)))
 		w.Header().Set("Grpc-Message", msg)
 		w.WriteHeader(http.StatusOK)
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusUnauthorized)
-	body, _ := json.Marshal(map[string]string{"code": "unauthenticated", "message": msg})
+	w.WriteHeader(httpStatus)
+	body, _ := json.Marshal(map[string]string{"code": code.String(), "message": msg})
 	_, _ = w.Write(body)
 }
 

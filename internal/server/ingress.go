@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -12,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -404,16 +402,5 @@ func (s *Server) ServeXDS(ctx context.Context, ln net.Listener, tlsCfg *tls.Conf
 
 // edgeOnly answers a call an ingress token may not make, in the caller's protocol.
 func edgeOnly(w http.ResponseWriter, r *http.Request) {
-	msg := "an ingress token may only watch routes and get an ingress certificate"
-	if ct := r.Header.Get("Content-Type"); strings.HasPrefix(ct, "application/grpc") {
-		w.Header().Set("Content-Type", ct)
-		w.Header().Set("Grpc-Status", "7")
-		w.Header().Set("Grpc-Message", msg)
-		w.WriteHeader(http.StatusOK)
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusForbidden)
-	body, _ := json.Marshal(map[string]string{"code": "permission_denied", "message": msg})
-	_, _ = w.Write(body)
+	refuse(w, r, connect.CodePermissionDenied, http.StatusForbidden, "an ingress token may only watch routes and get an ingress certificate")
 }

@@ -196,18 +196,7 @@ func (h *sandboxService) PortForward(ctx context.Context, stream *connect.BidiSt
 			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("port-forward on node %s: %w", sb.Node, err))
 		}
 		go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
-		for {
-			m, err := rs.Receive()
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			if err != nil {
-				return err
-			}
-			if err := stream.Send(m); err != nil {
-				return err
-			}
-		}
+		return relayResponses(rs.Receive, stream.Send, "port-forward", sb.Node)
 	}
 	return portForwardLocal(ctx, h.s.agent, sb.ID, uint16(port), first, stream)
 }

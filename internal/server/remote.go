@@ -159,19 +159,25 @@ func (s *Server) execRemote(ctx context.Context, sb state.Sandbox, first *pb.Exe
 		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("exec on node %s: %w", sb.Node, err))
 	}
 	go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
+	return relayResponses(rs.Receive, stream.Send, "exec", sb.Node)
+}
+
+// relayResponses copies a node's stream to the client until the node ends it. The node's
+// own verdicts (bad user, not running...) pass through; a broken stream is "unavailable".
+func relayResponses[T any](recv func() (*T, error), send func(*T) error, what, node string) error {
 	for {
-		m, err := rs.Receive()
+		m, err := recv()
 		if errors.Is(err, io.EOF) {
 			return nil
 		}
 		if err != nil {
 			var ce *connect.Error
 			if errors.As(err, &ce) && ce.Code() != connect.CodeUnknown && ce.Code() != connect.CodeUnavailable {
-				return err // the node's verdict (bad user, not running...) passes through
+				return err
 			}
-			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("lost the exec stream from node %s: %w", sb.Node, err))
+			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("lost the %s stream from node %s: %w", what, node, err))
 		}
-		if err := stream.Send(m); err != nil {
+		if err := send(m); err != nil {
 			return err
 		}
 	}
