@@ -10,8 +10,13 @@ import (
 )
 
 // SetupHost prepares the node's own network namespace for sandboxes addressed from rng:
-// IPv4 forwarding, and masquerading of what they send anywhere but to another sandbox's
-// host end (table "ip fireworks_<tag>", replaced as a whole, so re-running it is safe).
+// IPv4 forwarding, masquerading of what they send anywhere but to another sandbox's host
+// end, and no forwarding of connections from outside the node into sandboxes (only
+// answers to theirs): otherwise anyone who can route to the node could open flows to a
+// sandbox, and a policy's stateful answers would let the sandbox talk back to a host its
+// policy denies. The node's own processes (port-forward, ingress) are not forwarded
+// traffic and are not affected; sandbox-to-sandbox traffic is left to their policies.
+// Table "ip fireworks_<tag>" is replaced as a whole, so re-running it is safe.
 // tag tells this node's table apart from another agent's on the same host.
 func SetupHost(ctx context.Context, tag string, rng netip.Prefix) error {
 	if !validName(tag) {
@@ -34,6 +39,7 @@ table ip %[1]s {
 		type filter hook forward priority filter; policy accept;
 		iifname "%[3]s*" accept
 		oifname "%[3]s*" ct state established,related accept
+		oifname "%[3]s*" drop
 	}
 }
 `, table, rng.Masked(), hostPrefix)

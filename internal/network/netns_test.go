@@ -115,7 +115,7 @@ func TestSetupHost(t *testing.T) {
 		}
 	}
 	out, err := exec.Command("nft", "list", "table", "ip", "fireworks_t_1").CombinedOutput()
-	if err != nil || strings.Count(string(out), "masquerade") != 1 {
+	if err != nil || strings.Count(string(out), "masquerade") != 1 || !strings.Contains(string(out), `oifname "fwv*" drop`) {
 		t.Errorf("host table after two runs: %v\n%s", err, out)
 	}
 	if b, _ := os.ReadFile("/proc/sys/net/ipv4/ip_forward"); strings.TrimSpace(string(b)) != "1" {

@@ -247,6 +247,13 @@ func TestNetworkSandboxesIsolated(t *testing.T) {
 	if got := fetch(t, b, aAddr, 8080); got != "" {
 		t.Errorf("sandbox b reached sandbox a (%s) by default: %q", aAddr, got)
 	}
+	// Hosts outside the node cannot open connections to a sandbox (the node routes the
+	// sandbox range, but forwards only answers to what sandboxes opened).
+	out, _ := exec.Command("ip", "netns", "exec", outsideNS, "sh", "-c",
+		fmt.Sprintf(`ip route replace 10.201.0.0/16 via %s && printf 'GET / HTTP/1.0\r\n\r\n' | busybox nc -w 3 %s 8080 | tail -n 1`, nodeAddr, aAddr)).CombinedOutput()
+	if strings.Contains(string(out), "hello-a") {
+		t.Errorf("a host outside the node opened a connection to sandbox a: %q", out)
+	}
 	fw(t, 0, "policy", "apply", b, writePolicy(t, "default allow\nallow "+aAddr+" tcp 8080\n"))
 	if got := fetch(t, b, aAddr, 8080); got != "hello-a" {
 		t.Errorf("sandbox b to sandbox a after allowing it: %q", got)
