@@ -67,6 +67,9 @@ type Config struct {
 	// Nameservers are the resolvers guests get (default: the node's own from
 	// /etc/resolv.conf that a guest can reach; loopback ones cannot be).
 	Nameservers []string
+	// DenyCIDRs are ranges sandboxes may not reach unless an admin's policy allows them,
+	// beyond the node's own (e.g. the cluster's management network).
+	DenyCIDRs []string
 	// MetricsListen, if set, serves Prometheus metrics (/metrics, plain HTTP) there.
 	MetricsListen string
 	Logger        *slog.Logger
@@ -189,7 +192,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 		return nil, fmt.Errorf("sandbox CIDR %q: want an IPv4 prefix of /29 or wider", cfg.SandboxCIDR)
 	}
 	if cfg.Nameservers == nil {
-		cfg.Nameservers = network.Nameservers("/etc/resolv.conf")
+		cfg.Nameservers = network.NodeNameservers()
 		if len(cfg.Nameservers) == 0 {
 			a.log.Warn("no nameserver in /etc/resolv.conf that guests can reach; guests get no DNS (set the agent's nameservers)")
 		}
@@ -197,8 +200,16 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if err := proto.ValidateNameservers(cfg.Nameservers); err != nil {
 		return nil, fmt.Errorf("nameservers for guests: %w", err)
 	}
+	var extra []netip.Prefix
+	for _, c := range cfg.DenyCIDRs {
+		p, err := netip.ParsePrefix(c)
+		if err != nil || !p.Addr().Is4() {
+			return nil, fmt.Errorf("deny CIDR %q: want an IPv4 prefix", c)
+		}
+		extra = append(extra, p.Masked())
+	}
 	a.cfg = cfg
-	if a.net, err = newNetManager(ctx, a.log, cfg.DataDir, rng, cfg.Nameservers); err != nil {
+	if a.net, err = newNetManager(ctx, a.log, cfg.DataDir, rng, cfg.Nameservers, extra); err != nil {
 		return nil, err
 	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
@@ -213,6 +224,11 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	go func() {
 		defer a.wg.Done()
 		a.net.keepSpares(a.ctx)
+	}()
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		a.net.followNodeAddrs(a.ctx, 10*time.Second)
 	}()
 	if cfg.MetricsListen != "" {
 		if err := a.serveMetrics(cfg.MetricsListen); err != nil {
@@ -473,7 +489,8 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	if h != nil && h.net != nil {
 		// The warm VM's network let nothing through while it waited: now it gets this
 		// sandbox's policy (validated by the control plane; a failure ends the start).
-		if err := h.net.apply(sb.Spec.Policy); err != nil {
+		h.net.resetCounters() // what it dropped while closed is not this sandbox's
+		if err := h.net.apply(netPolicy{text: sb.Spec.Policy, admin: sb.Spec.PolicyAdmin}); err != nil {
 			a.fail(s, fmt.Sprintf("network policy: %v", err))
 			return
 		}
@@ -481,7 +498,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	if h == nil {
 		// A placed sandbox always fits: end warm VMs that hold its capacity.
 		a.warm.makeRoom()
-		in := vmInput{id: sb.ID, dir: s.dir, rootDisk: rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB, net: withNet, policy: sb.Spec.Policy}
+		in := vmInput{id: sb.ID, dir: s.dir, rootDisk: rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB, net: withNet, policy: netPolicy{text: sb.Spec.Policy, admin: sb.Spec.PolicyAdmin}}
 		how = "cold"
 		var tmpl *template
 		if mode != state.BootCold {

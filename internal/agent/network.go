@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -42,6 +43,7 @@ type netManager struct {
 	ipam        *network.IPAM
 	pins        string // bpffs directory of this agent's pins
 	nameservers []string
+	extra       []netip.Prefix // operator-protected ranges (--deny-cidr)
 
 	mu     sync.Mutex
 	nets   map[string]*sbNet // by owner
@@ -51,19 +53,30 @@ type netManager struct {
 
 // sbNet is one VM's network.
 type sbNet struct {
-	m      *netManager
-	owner  string
-	ns     network.Namespace
-	enf    *netpolicy.Enforcer
-	guard  *netpolicy.Guard
-	policy string // the user's policy text in force ("" = node defaults)
+	m       *netManager
+	owner   string
+	ns      network.Namespace
+	enf     *netpolicy.Enforcer
+	guard   *netpolicy.Guard
+	applyMu sync.Mutex    // one policy change at a time
+	pol     netPolicy     // the user's policy in force (guarded by m.mu)
+	set     netpolicy.Set // everything enforced: pol merged with the node's defaults (guarded by m.mu)
+	closed  bool          // lets nothing through until a sandbox's policy is applied (guarded by m.mu)
+}
+
+// netPolicy is a sandbox's policy file text ("" = the node's defaults only) and whether
+// an admin gave it (only an admin's policy may open what the node protects).
+type netPolicy struct {
+	text  string
+	admin bool
 }
 
 // newNetManager prepares the node's side of sandbox networking. tagSource (the data
 // directory) tells this agent's objects apart from another agent's on the same host.
-func newNetManager(ctx context.Context, log *slog.Logger, dataDir string, rng netip.Prefix, nameservers []string) (*netManager, error) {
+func newNetManager(ctx context.Context, log *slog.Logger, dataDir string, rng netip.Prefix, nameservers []string, extra []netip.Prefix) (*netManager, error) {
 	sum := sha256.Sum256([]byte(dataDir))
-	m := &netManager{log: log, tag: hex.EncodeToString(sum[:])[:6], rng: rng.Masked(), nameservers: nameservers, nets: map[string]*sbNet{}, wake: make(chan struct{}, 1)}
+	m := &netManager{log: log, tag: hex.EncodeToString(sum[:])[:6], rng: rng.Masked(), nameservers: nameservers, extra: extra,
+		nets: map[string]*sbNet{}, wake: make(chan struct{}, 1)}
 	var err error
 	if m.ipam, err = network.OpenIPAM(filepath.Join(dataDir, "network", "ipam.json"), m.rng); err != nil {
 		return nil, err
@@ -100,37 +113,96 @@ func ensureBPFFS() error {
 
 func (m *netManager) nsOwner(owner string) string { return m.tag + "-" + owner }
 
-// baseSet is the node's policy for a sandbox at block b, before the user's: it may send
-// only from its own address, and not to the link-local range (cloud metadata services),
-// the node's own addresses or other sandboxes. Everything else may pass both ways.
-func (m *netManager) baseSet(b network.Block) netpolicy.Set {
-	deny := func(p netip.Prefix) netpolicy.Rule { return netpolicy.Rule{CIDR: p, Action: netpolicy.Deny} }
-	eg := netpolicy.Policy{Default: netpolicy.Allow, Source: b.Sandbox(), Rules: []netpolicy.Rule{
-		deny(netip.MustParsePrefix("169.254.0.0/16")), deny(m.rng),
-	}}
+// protected lists what sandboxes may not reach unless an admin's policy opens it: the
+// link-local range (cloud metadata services, some cloud DNS), the node's own addresses
+// and their broadcast addresses, limited broadcast and multicast, "this network" and
+// loopback, the sandbox range (other sandboxes, and the node's ends of every sandbox's
+// veth pair), and what the operator added (--deny-cidr).
+func (m *netManager) protected() []netip.Prefix {
+	ps := []netip.Prefix{
+		netip.MustParsePrefix("169.254.0.0/16"), netip.MustParsePrefix("255.255.255.255/32"),
+		netip.MustParsePrefix("224.0.0.0/4"), netip.MustParsePrefix("0.0.0.0/8"),
+		netip.MustParsePrefix("127.0.0.0/8"), m.rng,
+	}
+	ps = append(ps, m.extra...)
 	addrs, err := network.HostAddrs()
 	if err != nil {
 		m.log.Warn("list the node's addresses for the sandbox policy", "err", err)
 	}
-	seen := map[netip.Addr]bool{}
-	for _, a := range addrs {
-		if !seen[a] && !m.rng.Contains(a) {
-			seen[a] = true
-			eg.Rules = append(eg.Rules, deny(netip.PrefixFrom(a, 32)))
+	for _, p := range addrs {
+		ps = append(ps, netip.PrefixFrom(p.Addr(), 32))
+		if b, ok := network.Broadcast(p); ok {
+			ps = append(ps, netip.PrefixFrom(b, 32))
 		}
 	}
-	return netpolicy.Set{Egress: eg, Ingress: netpolicy.Policy{Default: netpolicy.Allow}}
+	slices.SortFunc(ps, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr())*64 + a.Bits() - b.Bits() })
+	return slices.Compact(ps)
 }
 
-// policySet is what is enforced for a sandbox with policy text (validated).
-func (m *netManager) policySet(b network.Block, text string) (netpolicy.Set, error) {
-	base := m.baseSet(b)
+// baseSet is the node's policy for a sandbox at block b, beneath the user's:
+//   - what it sends: it may send only from its own address and not into the protected
+//     ranges, except to the guests' nameservers on port 53 (DNS on a node address or in
+//     169.254/16, as clouds have it);
+//   - what reaches it: nothing from the sandbox range but the node itself (its end of the
+//     veth pair: port-forward and ingress come from there), so that reaching another
+//     sandbox needs both sandboxes' policies to agree.
+//
+// Everything else may pass both ways.
+func (m *netManager) baseSet(b network.Block, protected []netip.Prefix) netpolicy.Set {
+	rule := func(p netip.Prefix, proto uint8, port uint16, a netpolicy.Action) netpolicy.Rule {
+		return netpolicy.Rule{CIDR: p, Proto: proto, PortLo: port, PortHi: port, Action: a}
+	}
+	eg := netpolicy.Policy{Default: netpolicy.Allow, Source: b.Sandbox()}
+	for _, p := range protected {
+		eg.Rules = append(eg.Rules, rule(p, netpolicy.AnyProto, 0, netpolicy.Deny))
+	}
+	for _, ns := range m.nameservers {
+		a, err := netip.ParseAddr(ns)
+		if err != nil || !slices.ContainsFunc(protected, func(p netip.Prefix) bool { return p.Contains(a) }) {
+			continue // an ordinary address: nothing to open
+		}
+		p := netip.PrefixFrom(a, 32)
+		eg.Rules = slices.DeleteFunc(eg.Rules, func(r netpolicy.Rule) bool { return r.CIDR == p })
+		eg.Rules = append(eg.Rules, rule(p, netpolicy.UDP, 53, netpolicy.Allow), rule(p, netpolicy.TCP, 53, netpolicy.Allow),
+			rule(p, netpolicy.AnyProto, 0, netpolicy.Deny))
+	}
+	in := netpolicy.Policy{Default: netpolicy.Allow, Rules: []netpolicy.Rule{
+		rule(m.rng, netpolicy.AnyProto, 0, netpolicy.Deny),
+		rule(netip.PrefixFrom(b.Host(), 32), netpolicy.AnyProto, 0, netpolicy.Allow),
+	}}
+	return netpolicy.Set{Egress: eg, Ingress: in}
+}
+
+// policySet is what is enforced for a sandbox with policy text. Only an admin's policy
+// may allow what the node protects (a user could otherwise open the node, its metadata
+// service or the sandbox range to their sandbox); a user's rules inside those ranges are
+// refused with the range named.
+func (m *netManager) policySet(b network.Block, text string, admin bool) (netpolicy.Set, error) {
+	protected := m.protected()
+	base := m.baseSet(b, protected)
 	if text == "" {
 		return base, nil
 	}
 	user, err := netpolicy.ParsePolicy(text)
 	if err != nil {
 		return netpolicy.Set{}, err
+	}
+	if !admin {
+		var errs []error
+		for _, r := range user.Egress.Rules {
+			if r.Action != netpolicy.Allow {
+				continue
+			}
+			for _, p := range protected {
+				if p.Bits() <= r.CIDR.Bits() && p.Contains(r.CIDR.Addr()) {
+					errs = append(errs, fmt.Errorf("allow %s: inside %s, which only an admin's policy may open (the node's own addresses, link-local and metadata, broadcast, other sandboxes)", r.CIDR, p))
+					break
+				}
+			}
+		}
+		if err := errors.Join(errs...); err != nil {
+			return netpolicy.Set{}, err
+		}
 	}
 	s := netpolicy.Set{Egress: netpolicy.Merge(base.Egress, user.Egress), Ingress: netpolicy.Merge(base.Ingress, user.Ingress)}
 	return s, s.Validate()
@@ -148,12 +220,12 @@ func closedSet(b network.Block) netpolicy.Set {
 
 // create makes owner's network with policy text in force; closed makes it let nothing
 // through until apply (for VMs made ahead of a sandbox). On error nothing is left.
-func (m *netManager) create(ctx context.Context, owner, text string, closed bool) (n *sbNet, err error) {
+func (m *netManager) create(ctx context.Context, owner string, pol netPolicy, closed bool) (n *sbNet, err error) {
 	blk, err := m.ipam.Allocate(m.nsOwner(owner))
 	if err != nil {
 		return nil, fmt.Errorf("address for %s: %w", owner, err)
 	}
-	n = &sbNet{m: m, owner: owner, ns: network.NamespaceFor(m.nsOwner(owner), blk), policy: text}
+	n = &sbNet{m: m, owner: owner, ns: network.NamespaceFor(m.nsOwner(owner), blk), pol: pol}
 	defer func() {
 		if err != nil {
 			n.remove()
@@ -162,10 +234,11 @@ func (m *netManager) create(ctx context.Context, owner, text string, closed bool
 	}()
 	set := closedSet(blk)
 	if !closed {
-		if set, err = m.policySet(blk, text); err != nil {
+		if set, err = m.policySet(blk, pol.text, pol.admin); err != nil {
 			return n, fmt.Errorf("network policy: %w", err)
 		}
 	}
+	n.set, n.closed = set, closed
 	if err = network.Create(ctx, n.ns); err != nil {
 		return n, err
 	}
@@ -199,7 +272,7 @@ func (n *sbNet) pinDir() string { return filepath.Join(n.m.pins, n.owner) }
 
 // load takes back the network of owner that an earlier agent process made (its
 // programs stayed attached through their pins), with policy text in force.
-func (m *netManager) load(owner, text string) (*sbNet, error) {
+func (m *netManager) load(owner string, pol netPolicy) (*sbNet, error) {
 	blk, err := m.ipam.Allocate(m.nsOwner(owner)) // the owner's block, as recorded
 	if err != nil {
 		return nil, err
@@ -215,7 +288,7 @@ func (m *netManager) load(owner, text string) (*sbNet, error) {
 		n.enf.Close()
 		return nil, err
 	}
-	if err := n.apply(text); err != nil {
+	if err := n.apply(pol); err != nil {
 		n.enf.Close()
 		n.guard.Close()
 		return nil, err
@@ -226,10 +299,12 @@ func (m *netManager) load(owner, text string) (*sbNet, error) {
 	return n, nil
 }
 
-// apply puts policy text in force on the running programs; a policy that does not
-// parse or validate changes nothing.
-func (n *sbNet) apply(text string) error {
-	set, err := n.m.policySet(n.ns.Block, text)
+// apply puts a policy in force on the running programs; one that does not parse or
+// validate (or opens what only an admin may) changes nothing.
+func (n *sbNet) apply(pol netPolicy) error {
+	n.applyMu.Lock()
+	defer n.applyMu.Unlock()
+	set, err := n.m.policySet(n.ns.Block, pol.text, pol.admin)
 	if err != nil {
 		return fmt.Errorf("network policy: %w", err)
 	}
@@ -237,7 +312,7 @@ func (n *sbNet) apply(text string) error {
 		return err
 	}
 	n.m.mu.Lock()
-	n.policy = text
+	n.pol, n.set, n.closed = pol, set, false
 	n.m.mu.Unlock()
 	return nil
 }
@@ -276,14 +351,10 @@ func (n *sbNet) stats() (NetStats, error) {
 		return NetStats{}, err
 	}
 	n.m.mu.Lock()
-	pol := n.policy
+	pol, set := n.pol, n.set
 	n.m.mu.Unlock()
-	set, err := n.m.policySet(n.ns.Block, pol)
-	if err != nil {
-		return NetStats{}, err
-	}
 	return NetStats{Address: n.ns.Block.Sandbox().String(), EgressAllowed: eg.Allowed, EgressDropped: eg.Dropped,
-		IngressAllowed: in.Allowed, IngressDropped: in.Dropped, Spoofed: sp, Policy: pol, Effective: set.String()}, nil
+		IngressAllowed: in.Allowed, IngressDropped: in.Dropped, Spoofed: sp, Policy: pol.text, Effective: set.String()}, nil
 }
 
 // remove takes the network down: programs, namespace (with its veth pair and tap) and
@@ -342,9 +413,10 @@ func (m *netManager) sweep(ctx context.Context, keep func(owner string) bool) {
 }
 
 // SetPolicy puts a network policy (policy file text; "" = the node's defaults only) in
-// force on a running sandbox, without restarting it. A policy that does not parse
-// changes nothing.
-func (a *Agent) SetPolicy(id, text string) error {
+// force on a running sandbox, without restarting it. admin says an admin gave it (only
+// an admin's policy may open what the node protects). A policy that is refused changes
+// nothing.
+func (a *Agent) SetPolicy(id, text string, admin bool) error {
 	s, err := a.lookup(id)
 	if err != nil {
 		return err
@@ -355,7 +427,7 @@ func (a *Agent) SetPolicy(id, text string) error {
 	if n == nil {
 		return fmt.Errorf("sandbox %s has no network", id)
 	}
-	return n.apply(text)
+	return n.apply(netPolicy{text: text, admin: admin})
 }
 
 // NetStats reads a running sandbox's network address and packet counters.
@@ -427,7 +499,7 @@ const netOwnerFile = "net-owner"
 // acquire hands out a network for the VM in runDir with policy text in force (or closed):
 // a spare one if there is one, else a new one. The owner is recorded in runDir for
 // adoption and sweeps.
-func (m *netManager) acquire(ctx context.Context, runDir, text string, closed bool) (*sbNet, error) {
+func (m *netManager) acquire(ctx context.Context, runDir string, pol netPolicy, closed bool) (*sbNet, error) {
 	m.mu.Lock()
 	var n *sbNet
 	if len(m.spares) > 0 {
@@ -437,11 +509,12 @@ func (m *netManager) acquire(ctx context.Context, runDir, text string, closed bo
 	m.kick()
 	var err error
 	if n == nil {
-		if n, err = m.create(ctx, "n-"+randHex(6), text, closed); err != nil {
+		if n, err = m.create(ctx, "n-"+randHex(6), pol, closed); err != nil {
 			return nil, err
 		}
 	} else if !closed {
-		if err := n.apply(text); err != nil {
+		n.resetCounters() // what a spare dropped while closed is not this sandbox's
+		if err := n.apply(pol); err != nil {
 			m.giveBack(n)
 			return nil, err
 		}
@@ -457,6 +530,7 @@ func (m *netManager) acquire(ctx context.Context, runDir, text string, closed bo
 func (m *netManager) giveBack(n *sbNet) {
 	if err := n.enf.Apply(closedSet(n.ns.Block)); err == nil {
 		m.mu.Lock()
+		n.pol, n.set, n.closed = netPolicy{}, closedSet(n.ns.Block), true
 		if len(m.spares) < spareNets {
 			m.spares = append(m.spares, n)
 			n = nil
@@ -502,7 +576,7 @@ func (m *netManager) keepSpares(ctx context.Context) {
 		missing := len(m.spares) < spareNets
 		m.mu.Unlock()
 		if missing {
-			n, err := m.create(ctx, "n-"+randHex(6), "", true)
+			n, err := m.create(ctx, "n-"+randHex(6), netPolicy{}, true)
 			if err != nil {
 				if ctx.Err() != nil {
 					return
@@ -524,6 +598,56 @@ func (m *netManager) keepSpares(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-m.wake:
+		}
+	}
+}
+
+// resetCounters zeroes the packet counters (a network made ahead starts counting for
+// the sandbox that takes it).
+func (n *sbNet) resetCounters() {
+	if err := n.enf.ResetCounters(); err != nil {
+		n.m.log.Warn("reset network counters", "owner", n.owner, "err", err)
+	}
+	if err := n.guard.ResetCounters(); err != nil {
+		n.m.log.Warn("reset guard counters", "owner", n.owner, "err", err)
+	}
+}
+
+// followNodeAddrs re-applies every network's policy when the node's addresses change (a
+// new address must be protected from sandboxes started before it appeared), until ctx
+// ends.
+func (m *netManager) followNodeAddrs(ctx context.Context, every time.Duration) {
+	last := fmt.Sprint(m.protected())
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		cur := fmt.Sprint(m.protected())
+		if cur == last {
+			continue
+		}
+		last = cur
+		m.mu.Lock()
+		var nets []*sbNet
+		for _, n := range m.nets {
+			nets = append(nets, n)
+		}
+		m.mu.Unlock()
+		m.log.Info("the node's addresses changed; re-applying sandbox policies", "sandboxes", len(nets))
+		for _, n := range nets {
+			m.mu.Lock()
+			pol, closed := n.pol, n.closed
+			m.mu.Unlock()
+			if closed || n.enf == nil {
+				continue
+			}
+			if err := n.apply(pol); err != nil {
+				m.log.Warn("re-apply a sandbox policy", "owner", n.owner, "err", err)
+			}
 		}
 	}
 }

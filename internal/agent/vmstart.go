@@ -26,7 +26,7 @@ type vmInput struct {
 	// net gives the VM a network (owned by the run directory's name) with policy in
 	// force, or, with closedNet, one that lets nothing through until a sandbox claims it.
 	net       bool
-	policy    string
+	policy    netPolicy
 	closedNet bool
 }
 
@@ -272,7 +272,8 @@ func (a *Agent) useSlot(ctx context.Context, s *sandbox, sl *slot) (*vmHandle, e
 	}
 	if sl.h.net != nil {
 		// Made ahead with a network that lets nothing through: this sandbox's policy now.
-		if err := sl.h.net.apply(s.spec.Policy); err != nil {
+		sl.h.net.resetCounters() // what it dropped while closed is not this sandbox's
+		if err := sl.h.net.apply(netPolicy{text: s.spec.Policy, admin: s.spec.PolicyAdmin}); err != nil {
 			sl.destroy()
 			_ = a.removeRunDir(s.id)
 			return nil, fmt.Errorf("network policy: %w", err)

@@ -374,3 +374,20 @@ func LoadPinnedGuard(dir string) (*Guard, error) {
 
 // Close releases this process's hold (a pinned guard stays attached).
 func (g *Guard) Close() error { return errors.Join(g.link.Close(), g.counters.Close()) }
+
+// ResetCounters zeroes both directions' counters.
+func (e *Enforcer) ResetCounters() error {
+	return errors.Join(zeroCounters(e.out.counters), zeroCounters(e.in.counters))
+}
+
+// ResetCounters zeroes the guard's counter.
+func (g *Guard) ResetCounters() error { return zeroCounters(g.counters) }
+
+func zeroCounters(m *ebpf.Map) error {
+	for i := uint32(0); i < 2; i++ {
+		if err := m.Put(i, uint64(0)); err != nil {
+			return fmt.Errorf("reset counters: %w", err)
+		}
+	}
+	return nil
+}

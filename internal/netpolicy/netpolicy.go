@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strconv"
 	"strings"
 )
 
@@ -41,9 +42,12 @@ const (
 // MaxRulesPerCIDR bounds the rules one destination prefix holds (one map value).
 const MaxRulesPerCIDR = 8
 
-// MaxPrefixes bounds the distinct prefixes of one direction's policy (the rules map holds
-// 1024, with room left for the node's defaults merged in).
+// MaxPrefixes bounds the distinct prefixes of one direction of a policy file (the rules
+// map holds 1024, with room left for the node's defaults merged in).
 const MaxPrefixes = 512
+
+// mapPrefixes is what one direction's rules map holds.
+const mapPrefixes = 1024
 
 // Rule matches packets to a destination prefix, protocol and destination port range.
 type Rule struct {
@@ -93,8 +97,8 @@ func (p Policy) Validate() error {
 			}
 		}
 	}
-	if len(per) > MaxPrefixes {
-		errs = append(errs, fmt.Errorf("%d distinct prefixes: at most %d", len(per), MaxPrefixes))
+	if len(per) > mapPrefixes {
+		errs = append(errs, fmt.Errorf("%d distinct prefixes: at most %d", len(per), mapPrefixes))
 	}
 	return errors.Join(errs...)
 }
@@ -151,17 +155,30 @@ func ParseRule(s string) (Rule, error) {
 		}
 	}
 	if len(f) == 4 {
-		lo, hi, _ := strings.Cut(f[3], "-")
-		if hi == "" {
+		lo, hi, ranged := strings.Cut(f[3], "-")
+		if !ranged {
 			hi = lo
 		}
-		var l, h uint16
-		if _, err := fmt.Sscanf(lo+" "+hi, "%d %d", &l, &h); err != nil || l == 0 {
+		l, err1 := parsePort(lo)
+		h, err2 := parsePort(hi)
+		if err1 != nil || err2 != nil {
 			return Rule{}, fmt.Errorf("rule %q: ports %q: want PORT or PORT-PORT in 1..65535", s, f[3])
 		}
 		r.PortLo, r.PortHi = l, h
 	}
 	return r, Policy{Default: Deny, Rules: []Rule{r}}.Validate()
+}
+
+// parsePort reads a port number 1..65535 (digits only).
+func parsePort(s string) (uint16, error) {
+	if s == "" || strings.TrimLeft(s, "0123456789") != "" {
+		return 0, fmt.Errorf("port %q: not a number", s)
+	}
+	n, err := strconv.ParseUint(s, 10, 16)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("port %q: want 1..65535", s)
+	}
+	return uint16(n), nil
 }
 
 // MaxPolicyBytes bounds a policy file.
@@ -222,10 +239,26 @@ func ParsePolicy(text string) (Set, error) {
 		}
 		p.Rules = append(p.Rules, r)
 	}
+	for _, d := range []struct {
+		name string
+		p    Policy
+	}{{"out", s.Egress}, {"in", s.Ingress}} {
+		if n := prefixes(d.p); n > MaxPrefixes {
+			errs = append(errs, fmt.Errorf("%d distinct prefixes for %s: at most %d", n, d.name, MaxPrefixes))
+		}
+	}
 	if err := errors.Join(errs...); err != nil {
 		return Set{}, err
 	}
 	return s, s.Validate()
+}
+
+func prefixes(p Policy) int {
+	seen := map[netip.Prefix]bool{}
+	for _, r := range p.Rules {
+		seen[r.CIDR.Masked()] = true
+	}
+	return len(seen)
 }
 
 // Set is a sandbox's whole policy: what it sends and what reaches it.

@@ -155,7 +155,7 @@ func TestParseRule(t *testing.T) {
 			t.Errorf("ParseRule(%q) = %+v, %v; want %+v", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"", "allow", "permit 10.0.0.0/8", "allow nonsense", "allow 10.0.0.0/8 icmp", "allow 10.0.0.0/8 tcp 9-1", "allow 10.0.0.0/8 tcp 0", "allow fd00::/8"} {
+	for _, bad := range []string{"", "allow", "permit 10.0.0.0/8", "allow nonsense", "allow 10.0.0.0/8 icmp", "allow 10.0.0.0/8 tcp 9-1", "allow 10.0.0.0/8 tcp 0", "allow fd00::/8", "allow 10.0.0.0/8 tcp 80-", "allow 10.0.0.0/8 tcp -80", "allow 10.0.0.0/8 tcp +80", "allow 10.0.0.0/8 tcp 80x", "allow 10.0.0.0/8 tcp 65536"} {
 		if _, err := ParseRule(bad); err == nil {
 			t.Errorf("ParseRule(%q) accepted", bad)
 		}

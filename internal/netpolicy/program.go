@@ -11,9 +11,17 @@ import (
 
 // Offsets in a __sk_buff the programs read.
 const (
+	skbLen     = 0
 	skbData    = 76
 	skbDataEnd = 80
 )
+
+// headerBytes is what the policy program reads at most: Ethernet, the longest IPv4
+// header, the TCP flags.
+const headerBytes = 14 + 60 + 14
+
+// fragmentPort stands for "no ports: a later fragment" (no real port is this large).
+const fragmentPort = 0x10000
 
 // Stack layout of the policy program (offsets from the frame pointer).
 const (
@@ -62,6 +70,13 @@ func program(dir Direction, rulesFD, configFD, countersFD, flowsFD int) asm.Inst
 		asm.StoreMem(asm.RFP, stDefault, asm.R2, asm.Word),
 		asm.LoadMem(asm.R2, asm.R0, 4, asm.Word),
 		asm.StoreMem(asm.RFP, stPin, asm.R2, asm.Word),
+		// Make sure the headers are in the linear part the program can read (a packet
+		// whose L4 header is not would otherwise be matched without its ports).
+		asm.Mov.Reg(asm.R1, asm.R6),
+		asm.LoadMem(asm.R2, asm.R6, skbLen, asm.Word),
+		asm.JLE.Imm(asm.R2, headerBytes, "pull"),
+		asm.Mov.Imm(asm.R2, headerBytes),
+		asm.FnSkbPullData.Call().WithSymbol("pull"),
 		asm.LoadMem(asm.R7, asm.R6, skbData, asm.Word),
 		asm.LoadMem(asm.R8, asm.R6, skbDataEnd, asm.Word),
 		// Ethernet header.
@@ -102,10 +117,19 @@ func program(dir Direction, rulesFD, configFD, countersFD, flowsFD int) asm.Inst
 		asm.LoadMem(asm.R3, asm.R7, matchOff, asm.Word),
 		asm.StoreImm(asm.RFP, stLPM, 32, asm.Word),
 		asm.StoreMem(asm.RFP, stLPM+4, asm.R3, asm.Word),
-		// Ports for TCP and UDP: the L4 header at 14 + ihl*4.
+		// Ports for TCP and UDP: the L4 header at 14 + ihl*4, in the first fragment only.
+		// Later fragments carry none: they match their prefix's rules for the protocol
+		// whatever the ports (without the first fragment they cannot be reassembled, and
+		// the first is judged with its ports).
 		asm.JEq.Imm(asm.R9, TCP, "ports"),
 		asm.JNE.Imm(asm.R9, UDP, "flows"),
-		asm.LoadMem(asm.R4, asm.R7, 14, asm.Byte).WithSymbol("ports"),
+		asm.LoadMem(asm.R3, asm.R7, 14+6, asm.Half).WithSymbol("ports"),
+		asm.HostTo(asm.BE, asm.R3, asm.Half),
+		asm.And.Imm(asm.R3, 0x1fff),
+		asm.JEq.Imm(asm.R3, 0, "l4"),
+		asm.StoreImm(asm.RFP, stPort, fragmentPort, asm.Word),
+		asm.Ja.Label("flows"),
+		asm.LoadMem(asm.R4, asm.R7, 14, asm.Byte).WithSymbol("l4"),
 		asm.And.Imm(asm.R4, 0x0f),
 		asm.LSh.Imm(asm.R4, 2),
 		asm.Mov.Reg(asm.R2, asm.R7),
@@ -153,7 +177,8 @@ func program(dir Direction, rulesFD, configFD, countersFD, flowsFD int) asm.Inst
 			asm.LoadMem(asm.R2, asm.R7, o, asm.Byte), // proto
 			asm.JEq.Imm(asm.R2, 0, fmt.Sprintf("ports%d", i)),
 			asm.JNE.Reg(asm.R2, asm.R9, next),
-			asm.LoadMem(asm.R3, asm.R7, o+6, asm.Half).WithSymbol(fmt.Sprintf("ports%d", i)), // hi
+			asm.JEq.Imm(asm.R5, fragmentPort, fmt.Sprintf("act%d", i)).WithSymbol(fmt.Sprintf("ports%d", i)),
+			asm.LoadMem(asm.R3, asm.R7, o+6, asm.Half), // hi
 			asm.JEq.Imm(asm.R3, 0, fmt.Sprintf("act%d", i)),
 			asm.JGT.Reg(asm.R5, asm.R3, next),
 			asm.LoadMem(asm.R3, asm.R7, o+4, asm.Half), // lo

@@ -203,3 +203,55 @@ func TestGuard(t *testing.T) {
 		t.Error("a 2-byte MAC was accepted")
 	}
 }
+
+// A datagram larger than the MTU leaves the sandbox in fragments: allowed, it arrives
+// whole (later fragments carry no ports and must not be judged as port 0); denied, it
+// does not.
+func TestPolicyFragments(t *testing.T) {
+	n, b := sandboxNS(t, "10.231.247.0/30", "fr")
+	pc, err := net.ListenPacket("udp4", netip.AddrPortFrom(b.Host(), 5300).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	send := func() {
+		t.Helper()
+		err := network.Do(n.Path(), func() error {
+			c, err := net.Dial("udp4", netip.AddrPortFrom(b.Host(), 5300).String())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			_, err = c.Write(make([]byte, 3000))
+			return err
+		})
+		if err != nil {
+			t.Fatalf("send from the sandbox namespace: %v", err)
+		}
+	}
+	recv := func() int {
+		buf := make([]byte, 9000)
+		_ = pc.SetReadDeadline(time.Now().Add(2 * time.Second))
+		n, _, err := pc.ReadFrom(buf)
+		if err != nil {
+			return 0
+		}
+		return n
+	}
+	e, err := Attach(n.HostIf, out(Policy{Default: Deny, Rules: []Rule{{CIDR: netip.PrefixFrom(b.Host(), 32), Proto: UDP, PortLo: 5300, PortHi: 5300, Action: Allow}}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	send()
+	if got := recv(); got != 3000 {
+		t.Errorf("allowed 3000-byte datagram: received %d bytes", got)
+	}
+	if err := e.Apply(out(Policy{Default: Allow, Rules: []Rule{{CIDR: netip.PrefixFrom(b.Host(), 32), Proto: UDP, PortLo: 5300, PortHi: 5300, Action: Deny}}})); err != nil {
+		t.Fatal(err)
+	}
+	send()
+	if got := recv(); got != 0 {
+		t.Errorf("denied 3000-byte datagram: received %d bytes", got)
+	}
+}

@@ -47,13 +47,13 @@ table ip %[1]s {
 }
 
 // HostAddrs lists the IPv4 addresses of the node's own interfaces (not the sandboxes'
-// host ends): what sandboxes must not reach unless allowed.
-func HostAddrs() ([]netip.Addr, error) {
+// host ends), with their prefix lengths: what sandboxes must not reach unless allowed.
+func HostAddrs() ([]netip.Prefix, error) {
 	ifs, err := net.Interfaces()
 	if err != nil {
 		return nil, fmt.Errorf("list interfaces: %w", err)
 	}
-	var out []netip.Addr
+	var out []netip.Prefix
 	for _, i := range ifs {
 		if strings.HasPrefix(i.Name, hostPrefix) {
 			continue
@@ -64,16 +64,38 @@ func HostAddrs() ([]netip.Addr, error) {
 		}
 		for _, a := range addrs {
 			if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().Is4() {
-				out = append(out, p.Addr())
+				out = append(out, p)
 			}
 		}
 	}
 	return out, nil
 }
 
-// Nameservers are the node's resolvers for guests: those in resolvConf that a guest can
-// reach through NAT (loopback resolvers such as systemd-resolved's 127.0.0.53 cannot be,
-// so they are skipped). IPv4 only, at most three.
+// Broadcast is the directed broadcast address of an IPv4 interface prefix (none for /31
+// and /32).
+func Broadcast(p netip.Prefix) (netip.Addr, bool) {
+	if !p.Addr().Is4() || p.Bits() >= 31 {
+		return netip.Addr{}, false
+	}
+	a := p.Masked().Addr().As4()
+	host := uint32(1)<<(32-p.Bits()) - 1
+	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3]) | host
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), true
+}
+
+// NodeNameservers are the resolvers guests get by default: the node's own from
+// /etc/resolv.conf that a guest can reach, or, on a host whose /etc/resolv.conf names only
+// systemd-resolved's stub (127.0.0.53), the upstream servers resolved uses.
+func NodeNameservers() []string {
+	if ns := Nameservers("/etc/resolv.conf"); len(ns) > 0 {
+		return ns
+	}
+	return Nameservers("/run/systemd/resolve/resolv.conf")
+}
+
+// Nameservers are the resolvers in resolvConf that a guest can reach through NAT
+// (loopback resolvers such as systemd-resolved's 127.0.0.53 cannot be, so they are
+// skipped). IPv4 only, at most three.
 func Nameservers(resolvConf string) []string {
 	b, err := os.ReadFile(resolvConf)
 	if err != nil {

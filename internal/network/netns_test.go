@@ -138,3 +138,16 @@ func TestNameservers(t *testing.T) {
 		t.Errorf("missing file: %v", got)
 	}
 }
+
+func TestBroadcast(t *testing.T) {
+	for in, want := range map[string]string{"10.231.100.1/24": "10.231.100.255", "192.168.1.77/20": "192.168.15.255", "10.0.0.1/8": "10.255.255.255"} {
+		if got, ok := Broadcast(netip.MustParsePrefix(in)); !ok || got.String() != want {
+			t.Errorf("Broadcast(%s) = %s %v, want %s", in, got, ok, want)
+		}
+	}
+	for _, in := range []string{"10.0.0.1/32", "10.0.0.0/31"} {
+		if _, ok := Broadcast(netip.MustParsePrefix(in)); ok {
+			t.Errorf("Broadcast(%s) has one", in)
+		}
+	}
+}

@@ -89,6 +89,10 @@ func (s *Server) netStatus(ctx context.Context, sb state.Sandbox) (*pb.NetworkSt
 }
 
 func (h *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.SetPolicyRequest]) (*connect.Response[pb.SetPolicyResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
 	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
 	if err != nil {
 		return nil, toConnectError(err)
@@ -104,14 +108,9 @@ func (h *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.
 	if sb.Status.Terminal() {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s", sb.ID, sb.Status))
 	}
-	// Recorded first: a node that restarts, or a sandbox still starting, picks it up
-	// from the state.
-	if _, err := h.s.store.UpdateSandbox(ctx, sb.ID, state.Update{Policy: &text, Time: h.s.now()}); err != nil {
-		return nil, toConnectError(err)
-	}
 	if sb.Status != state.StatusRunning {
-		// Still starting: the node applies the recorded policy when its network is made,
-		// but the caller wants to know it is in force, so wait for the start to end.
+		// Still starting: its network is not there yet. Wait for the start to end, so
+		// that what the caller is told is in force, is.
 		wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 		sb, err = h.s.waitFor(wctx, sb.ID, func(sb state.Sandbox) bool {
 			return sb.Status != state.StatusPending && sb.Status != state.StatusStarting
@@ -124,24 +123,44 @@ func (h *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.
 			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s", sb.ID, sb.Status))
 		}
 	}
-	if h.s.isLocal(sb) {
-		if err := h.s.agent.SetPolicy(sb.ID, text); err != nil {
-			return nil, toConnectError(err)
+	// One change at a time (the leader serves every SetPolicy), node first: the node
+	// checks the policy against what it protects and puts it in force, and only a policy
+	// in force is recorded, so the state never holds one a node would refuse (a
+	// restarted agent re-applies the recorded one).
+	h.s.policyMu.Lock()
+	defer h.s.policyMu.Unlock()
+	admin := who.Admin()
+	if err := h.s.applyPolicy(ctx, sb, text, admin); err != nil {
+		return nil, err
+	}
+	if _, err := h.s.store.UpdateSandbox(ctx, sb.ID, state.Update{Policy: &text, PolicyAdmin: admin, Time: h.s.now()}); err != nil {
+		// Put the recorded policy back in force, so node and state agree.
+		if rerr := h.s.applyPolicy(context.WithoutCancel(ctx), sb, sb.Spec.Policy, sb.Spec.PolicyAdmin); rerr != nil {
+			h.s.log.Error("restore the recorded network policy after a failed write", "sandbox", sb.ID, "err", rerr)
 		}
-	} else {
-		c, err := h.s.nodeClient(ctx, sb.Node)
-		if err != nil {
-			return nil, toConnectError(err)
-		}
-		if _, err := c.SetPolicy(ctx, connect.NewRequest(&pb.SetPolicyRequest{Sandbox: sb.ID, Policy: text})); err != nil {
-			return nil, err
-		}
+		return nil, toConnectError(err)
 	}
 	st, err := h.s.netStatus(ctx, sb)
 	if err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(&pb.SetPolicyResponse{Network: st}), nil
+}
+
+// applyPolicy puts a policy in force on the sandbox's node.
+func (s *Server) applyPolicy(ctx context.Context, sb state.Sandbox, text string, admin bool) error {
+	if s.isLocal(sb) {
+		if err := s.agent.SetPolicy(sb.ID, text, admin); err != nil {
+			return connect.NewError(connect.CodeInvalidArgument, err)
+		}
+		return nil
+	}
+	c, err := s.nodeClient(ctx, sb.Node)
+	if err != nil {
+		return toConnectError(err)
+	}
+	_, err = c.SetPolicy(ctx, connect.NewRequest(&pb.SetPolicyRequest{Sandbox: sb.ID, Policy: text, Admin: admin}))
+	return err
 }
 
 func (h *sandboxService) GetPolicy(ctx context.Context, req *connect.Request[pb.GetPolicyRequest]) (*connect.Response[pb.GetPolicyResponse], error) {
@@ -254,8 +273,8 @@ func portForwardLocal(ctx context.Context, ag *agent.Agent, id string, port uint
 }
 
 func (n *nodeSandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.SetPolicyRequest]) (*connect.Response[pb.SetPolicyResponse], error) {
-	if err := n.ag.SetPolicy(req.Msg.GetSandbox(), req.Msg.GetPolicy()); err != nil {
-		return nil, toConnectError(err)
+	if err := n.ag.SetPolicy(req.Msg.GetSandbox(), req.Msg.GetPolicy(), req.Msg.GetAdmin()); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
 	st, err := n.ag.NetStats(req.Msg.GetSandbox())
 	if err != nil {

@@ -45,6 +45,7 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if err := validateNetworkSpec(&spec); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
+	spec.PolicyAdmin = spec.Policy != "" && who.Admin()
 	if h.s.agent != nil {
 		err = h.s.agent.Validate(&spec)
 	} else {

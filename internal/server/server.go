@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -38,6 +39,8 @@ type Server struct {
 	// ingress configures the route feed; routes is its current table.
 	ingress IngressOptions
 	routes  routeFeed
+	// policyMu serialises network policy changes (node first, then the state).
+	policyMu sync.Mutex
 }
 
 // New wires a server over an open store and a running agent. API tokens live in the

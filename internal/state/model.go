@@ -120,6 +120,9 @@ type SandboxSpec struct {
 	// Policy is the network policy in the policy file format (see netpolicy.ParsePolicy);
 	// "" leaves only the node's defaults. Changed on a running sandbox by Update.Policy.
 	Policy string `json:"policy,omitempty"`
+	// PolicyAdmin records that an admin gave the policy: only an admin's policy may open
+	// what nodes protect (their own addresses, link-local and metadata, other sandboxes).
+	PolicyAdmin bool `json:"policy_admin,omitempty"`
 	// Ports are guest TCP ports published through the ingress.
 	Ports []Port `json:"ports,omitempty"`
 }
@@ -283,8 +286,10 @@ type Update struct {
 	// must not land on a new one.
 	IfNode     *string `json:"if_node,omitempty"`
 	IfRestarts *int    `json:"if_restarts,omitempty"`
-	// Policy, when set, replaces the sandbox's network policy (Spec.Policy).
-	Policy *string `json:"policy,omitempty"`
+	// Policy, when set, replaces the sandbox's network policy (Spec.Policy, and
+	// Spec.PolicyAdmin from PolicyAdmin).
+	Policy      *string `json:"policy,omitempty"`
+	PolicyAdmin bool    `json:"policy_admin,omitempty"`
 	// PendingReason replaces the reason of a pending sandbox (why it waits, e.g. "no node
 	// fits: ...") without an event; ignored in any other status.
 	PendingReason *string `json:"pending_reason,omitempty"`
@@ -382,7 +387,7 @@ func (sb *Sandbox) apply(u Update) error {
 		u.Status = nil // handled
 	}
 	if u.Policy != nil {
-		sb.Spec.Policy = *u.Policy
+		sb.Spec.Policy, sb.Spec.PolicyAdmin = *u.Policy, u.PolicyAdmin
 	}
 	if u.PendingReason != nil && sb.Status == StatusPending {
 		sb.Reason = *u.PendingReason

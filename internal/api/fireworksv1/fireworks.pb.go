@@ -1956,9 +1956,12 @@ func (*ExecResponse_Output) isExecResponse_Msg() {}
 func (*ExecResponse_Exit) isExecResponse_Msg() {}
 
 type SetPolicyRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Sandbox       string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
-	Policy        string                 `protobuf:"bytes,2,opt,name=policy,proto3" json:"policy,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	Policy  string                 `protobuf:"bytes,2,opt,name=policy,proto3" json:"policy,omitempty"`
+	// Server to node only: an admin gave the policy (it may open what nodes protect).
+	// Ignored from clients: the server decides from the caller's token.
+	Admin         bool `protobuf:"varint,3,opt,name=admin,proto3" json:"admin,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2005,6 +2008,13 @@ func (x *SetPolicyRequest) GetPolicy() string {
 		return x.Policy
 	}
 	return ""
+}
+
+func (x *SetPolicyRequest) GetAdmin() bool {
+	if x != nil {
+		return x.Admin
+	}
+	return false
 }
 
 type SetPolicyResponse struct {
@@ -4114,10 +4124,11 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\fExecResponse\x12.\n" +
 	"\x06output\x18\x01 \x01(\v2\x14.fireworks.v1.OutputH\x00R\x06output\x12(\n" +
 	"\x04exit\x18\x02 \x01(\v2\x12.fireworks.v1.ExitH\x00R\x04exitB\x05\n" +
-	"\x03msg\"D\n" +
+	"\x03msg\"Z\n" +
 	"\x10SetPolicyRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x16\n" +
-	"\x06policy\x18\x02 \x01(\tR\x06policy\"J\n" +
+	"\x06policy\x18\x02 \x01(\tR\x06policy\x12\x14\n" +
+	"\x05admin\x18\x03 \x01(\bR\x05admin\"J\n" +
 	"\x11SetPolicyResponse\x125\n" +
 	"\anetwork\x18\x01 \x01(\v2\x1b.fireworks.v1.NetworkStatusR\anetwork\",\n" +
 	"\x10GetPolicyRequest\x12\x18\n" +
