@@ -9,8 +9,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -189,41 +192,86 @@ func TestNetworkPolicy(t *testing.T) {
 	if got := fetch(t, id, metadata, 80); got != "metadata" {
 		t.Errorf("metadata address after allowing it: %q", got)
 	}
+	fw(t, 0, "policy", "apply", id, writePolicy(t, "default allow\nallow 10.231.100.1 tcp 7001\n"))
+	if got := fetch(t, id, nodeAddr, 7001); got != "node" {
+		t.Errorf("the node's address after an admin allowed it: %q", got)
+	}
 	if got := str(details(t, inspect(t, id)), "pid"); got != pid {
 		t.Errorf("the VM changed (pid %s -> %s): policies must apply without a restart", pid, got)
 	}
 }
 
+// udpSink collects the DNS query names the outside host receives on addr (busybox has no
+// UDP netcat, but its nslookup sends a query naming what we choose).
+func udpSink(t *testing.T, addr string) func() string {
+	t.Helper()
+	var pc net.PacketConn
+	if err := network.Do(filepath.Join("/run/netns", outsideNS), func() error {
+		var err error
+		pc, err = net.ListenPacket("udp4", addr)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	var mu sync.Mutex
+	var got []string
+	go func() { // ends when the socket closes
+		buf := make([]byte, 2048)
+		for {
+			n, _, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			if n > 13 { // a DNS header (12 bytes), then the first label's length and text
+				l := int(buf[12])
+				name := string(buf[13 : 13+min(l, n-13)])
+				mu.Lock()
+				if !slices.Contains(got, name) { // nslookup retries
+					got = append(got, name)
+				}
+				mu.Unlock()
+			}
+		}
+	}()
+	return func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		return strings.Join(got, ",")
+	}
+}
+
 // The guest cannot send from an address or MAC that is not its own: such frames are
-// dropped at its tap and counted.
+// dropped at its tap and counted, and nothing of them reaches the outside.
 func TestNetworkAntiSpoofing(t *testing.T) {
 	need(t)
 	setUpOutside(t)
+	received := udpSink(t, outsideAddr+":53")
 	id, _ := startServer(t, "s")
-	if got := fetch(t, id, outsideAddr, 8080); got != "outside-8080" {
-		t.Fatalf("outside:8080 from the sandbox: %q", got)
+	send := func(msg string) {
+		t.Helper()
+		fw(t, 0, "exec", id, "--", "sh", "-c", "timeout 3 nslookup "+msg+" "+outsideAddr+" >/dev/null 2>&1; true")
 	}
+	send("real-1")
 	before := counters(t, id)
 	// Another source address for the outside's subnet.
 	fw(t, 0, "exec", "-u", "root", id, "--", "sh", "-c", "ip addr add 10.99.0.5/32 dev eth0 && ip route add 10.231.100.0/24 via 169.254.0.22 src 10.99.0.5")
-	if got := fetch(t, id, outsideAddr, 8080); got != "" {
-		t.Errorf("a spoofed source address reached the outside: %q", got)
-	}
+	send("spoofed-address")
 	mid := counters(t, id)
 	if mid["spoofed_dropped"] <= before["spoofed_dropped"] {
 		t.Errorf("spoofed-address frames not counted: %v -> %v", before, mid)
 	}
 	fw(t, 0, "exec", "-u", "root", id, "--", "sh", "-c", "ip route del 10.231.100.0/24 && ip addr del 10.99.0.5/32 dev eth0")
-	if got := fetch(t, id, outsideAddr, 8080); got != "outside-8080" {
-		t.Fatalf("back on its own address: %q", got)
-	}
+	send("real-2")
 	// Another MAC.
 	fw(t, 0, "exec", "-u", "root", id, "--", "ip", "link", "set", "eth0", "address", "02:fc:00:00:00:09")
-	if got := fetch(t, id, outsideAddr, 8080); got != "" {
-		t.Errorf("a spoofed MAC reached the outside: %q", got)
-	}
+	send("spoofed-mac")
 	if end := counters(t, id); end["spoofed_dropped"] <= mid["spoofed_dropped"] {
 		t.Errorf("spoofed-MAC frames not counted: %v -> %v", mid, end)
+	}
+	time.Sleep(time.Second) // anything in flight lands
+	if got := received(); got != "real-1,real-2" {
+		t.Errorf("the outside received %q, want only real-1,real-2", got)
 	}
 }
 
@@ -254,12 +302,17 @@ func TestNetworkSandboxesIsolated(t *testing.T) {
 	if strings.Contains(string(out), "hello-a") {
 		t.Errorf("a host outside the node opened a connection to sandbox a: %q", out)
 	}
-	fw(t, 0, "policy", "apply", b, writePolicy(t, "default allow\nallow "+aAddr+" tcp 8080\n"))
-	if got := fetch(t, b, aAddr, 8080); got != "hello-a" {
-		t.Errorf("sandbox b to sandbox a after allowing it: %q", got)
-	}
-	// a did not allow b: a cannot reach b's server.
+	// b's policy alone does not open a: a must let b in too.
 	bAddr := str(details(t, inspect(t, b)), "address")
+	fw(t, 0, "policy", "apply", b, writePolicy(t, "default allow\nallow "+aAddr+" tcp 8080\n"))
+	if got := fetch(t, b, aAddr, 8080); got != "" {
+		t.Errorf("sandbox b reached sandbox a with only b's policy allowing it: %q", got)
+	}
+	fw(t, 0, "policy", "apply", a, writePolicy(t, "default allow\nallow in "+bAddr+" tcp 8080\n"))
+	if got := fetch(t, b, aAddr, 8080); got != "hello-a" {
+		t.Errorf("sandbox b to sandbox a after both allowed it: %q", got)
+	}
+	// a's policy does not let it out to b (and b does not let it in).
 	if got := fetch(t, a, bAddr, 8080); got != "" {
 		t.Errorf("sandbox a reached sandbox b without a policy allowing it: %q", got)
 	}
@@ -407,5 +460,123 @@ func TestNetworkMetricsAndAgentRestart(t *testing.T) {
 	}
 	if show := fw(t, 0, "policy", "show", id).stdout; !strings.Contains(show, "tcp 9090") {
 		t.Errorf("policy show after an agent restart:\n%s", show)
+	}
+}
+
+// A user's policy cannot open what the node protects (the node, the metadata service,
+// other sandboxes): only an admin's can; and a user cannot reach an admin's sandbox even
+// by allowing it on their own side.
+func TestNetworkUserCannotOpenProtected(t *testing.T) {
+	need(t)
+	setUpOutside(t)
+	ctx := context.Background()
+	secret := strings.TrimSpace(fw(t, 0, "token", "create", "--role", "user", "--name", "net-user").stdout)
+	user := []string{"FIREWORKS_TOKEN=" + secret}
+	admins, sa := startServer(t, "admin")
+	adminAddr := str(details(t, sa), "address")
+
+	r := world.cliEnv(ctx, user, nil, "run", "-d", image("busybox:latest"), "--", "sleep", "600")
+	if r.code != 0 {
+		t.Fatalf("user run: %d %s", r.code, r.stderr)
+	}
+	mine := strings.TrimSpace(r.stdout)
+	t.Cleanup(func() { world.cli(context.Background(), nil, "rm", "-f", mine) })
+	waitStatus(t, mine, "running")
+	for _, pol := range []string{
+		"default allow\nallow 169.254.169.254\n",
+		"default allow\nallow " + nodeAddr + " tcp 7001\n",
+		"default allow\nallow " + adminAddr + "\n",
+		"default allow\nallow 10.201.0.0/16\n",
+	} {
+		r := world.cliEnv(ctx, user, nil, "policy", "apply", mine, writePolicy(t, pol))
+		if r.code == 0 || !strings.Contains(r.stderr, "only an admin") {
+			t.Errorf("a user's policy %q: exit %d, %s (want refused: only an admin may open it)", pol, r.code, r.stderr)
+		}
+	}
+	if got := fetch(t, mine, adminAddr, 8080); got != "" {
+		t.Errorf("the user's sandbox reached the admin's: %q", got)
+	}
+	// The admin's sandbox letting everything in does not help a user who may not go out.
+	fw(t, 0, "policy", "apply", admins, writePolicy(t, "default allow\ndefault in allow\nallow in 10.201.0.0/16\n"))
+	if got := fetch(t, mine, adminAddr, 8080); got != "" {
+		t.Errorf("the user's sandbox reached the admin's: %q", got)
+	}
+	// What the node does not protect, a user may open and close.
+	if r := world.cliEnv(ctx, user, nil, "policy", "apply", mine, writePolicy(t, "default deny\nallow 10.231.100.2 tcp 8080\n")); r.code != 0 {
+		t.Fatalf("a user's policy for an outside host: %d %s", r.code, r.stderr)
+	}
+	if got := fetch(t, mine, outsideAddr, 8080); got != "outside-8080" {
+		t.Errorf("outside:8080 under the user's policy: %q", got)
+	}
+	if got := fetch(t, mine, outsideAddr, 9090); got != "" {
+		t.Errorf("outside:9090 under a user's default deny: %q", got)
+	}
+	// The refused policies were never recorded.
+	if show := fw(t, 0, "policy", "show", mine).stdout; strings.Contains(show, "169.254.169.254") {
+		t.Errorf("a refused policy is recorded:\n%s", show)
+	}
+}
+
+// countingServer accepts TCP connections in the outside namespace on addr and counts
+// the bytes it receives.
+func countingServer(t *testing.T, addr string) *atomic.Int64 {
+	t.Helper()
+	var ln net.Listener
+	if err := network.Do(filepath.Join("/run/netns", outsideNS), func() error {
+		var err error
+		ln, err = net.Listen("tcp", addr)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var n atomic.Int64
+	go func() { // ends when the listener closes
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 4096)
+				for {
+					k, err := c.Read(buf)
+					n.Add(int64(k))
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return &n
+}
+
+// A policy change cuts a connection the sandbox already has open: its packets are
+// judged by the rules every time, not only when the connection opens.
+func TestNetworkPolicyCutsOpenConnection(t *testing.T) {
+	need(t)
+	setUpOutside(t)
+	got := countingServer(t, outsideAddr+":7777")
+	id, _ := startServer(t, "c")
+	fw(t, 0, "exec", id, "--", "sh", "-c", "(while true; do echo tick; sleep 0.2; done | nc "+outsideAddr+" 7777 >/dev/null 2>&1 &) ; true")
+	waitGrow := func() bool {
+		before := got.Load()
+		for i := 0; i < 50; i++ {
+			time.Sleep(100 * time.Millisecond)
+			if got.Load() > before {
+				return true
+			}
+		}
+		return false
+	}
+	if !waitGrow() {
+		t.Fatal("the sandbox's stream to the outside never arrived")
+	}
+	fw(t, 0, "policy", "apply", id, writePolicy(t, "default allow\ndeny 10.231.100.2 tcp 7777\n"))
+	time.Sleep(500 * time.Millisecond) // let what was in flight land
+	if waitGrow() {
+		t.Errorf("the open connection still delivers after its port was denied")
 	}
 }
