@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/netpolicy"
 	"github.com/fireworks-sandbox/fireworks/internal/sandboxlog"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
@@ -113,12 +114,17 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		}
 	}()
 	if rec.Sandbox.Spec.Network != state.NetworkNone {
-		owner := netOwner(real)
+		owner, version := netOwner(real)
 		if owner == "" {
 			return fmt.Errorf("sandbox network: no %s in %s", netOwnerFile, real)
 		}
-		if sn, err = a.net.load(owner, netPolicy{text: sb.Spec.Policy, admin: sb.Spec.PolicyAdmin}); err != nil {
+		if sn, err = a.net.load(owner, version, netPolicy{text: sb.Spec.Policy, admin: sb.Spec.PolicyAdmin}); err != nil {
 			return fmt.Errorf("sandbox network: %w", err)
+		}
+		if version != netpolicy.Version {
+			if err := writeNetOwner(real, owner); err != nil {
+				return fmt.Errorf("sandbox network: %w", err)
+			}
 		}
 	}
 	vm, err := a.driver.Adopt(ctx, real)

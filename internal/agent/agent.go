@@ -308,6 +308,7 @@ func (a *Agent) Close() error {
 	a.cancel()
 	a.wg.Wait()
 	a.warm.close()
+	_ = os.Remove(a.net.pins) // this agent's pin directory, if no running sandbox's pins are in it
 	return nil
 }
 
@@ -1051,7 +1052,7 @@ func (a *Agent) recover(ctx context.Context) error {
 	keepNets := map[string]bool{}
 	for name := range keep {
 		if real, err := filepath.EvalSymlinks(filepath.Join(a.runRoot(), name)); err == nil {
-			if o := netOwner(real); o != "" {
+			if o, _ := netOwner(real); o != "" {
 				keepNets[o] = true
 			}
 		}

@@ -272,7 +272,7 @@ func (n *sbNet) pinDir() string { return filepath.Join(n.m.pins, n.owner) }
 
 // load takes back the network of owner that an earlier agent process made (its
 // programs stayed attached through their pins), with policy text in force.
-func (m *netManager) load(owner string, pol netPolicy) (*sbNet, error) {
+func (m *netManager) load(owner, version string, pol netPolicy) (*sbNet, error) {
 	blk, err := m.ipam.Allocate(m.nsOwner(owner)) // the owner's block, as recorded
 	if err != nil {
 		return nil, err
@@ -293,10 +293,49 @@ func (m *netManager) load(owner string, pol netPolicy) (*sbNet, error) {
 		n.guard.Close()
 		return nil, err
 	}
+	if version != netpolicy.Version {
+		// An agent with other programs made these: replace them (the new ones are in
+		// force before the old ones come off; counters and remembered flows start over).
+		if err := n.replacePrograms(); err != nil {
+			n.enf.Close()
+			n.guard.Close()
+			return nil, fmt.Errorf("replace the policy programs of %s (version %q, now %q): %w", owner, version, netpolicy.Version, err)
+		}
+		m.log.Info("replaced a sandbox's policy programs with this agent's", "owner", owner, "was", version, "now", netpolicy.Version)
+	}
 	m.mu.Lock()
 	m.nets[owner] = n
 	m.mu.Unlock()
 	return n, nil
+}
+
+// replacePrograms attaches this agent's programs with the policy in force, then detaches
+// and unpins the loaded ones, and pins the new ones in their place.
+func (n *sbNet) replacePrograms() error {
+	n.m.mu.Lock()
+	set := n.set
+	n.m.mu.Unlock()
+	enf, err := netpolicy.Attach(n.ns.HostIf, set)
+	if err != nil {
+		return err
+	}
+	var guard *netpolicy.Guard
+	err = network.Do(n.ns.Path(), func() error {
+		tap, err := net.InterfaceByName(network.Tap)
+		if err != nil {
+			return fmt.Errorf("find the tap: %w", err)
+		}
+		guard, err = netpolicy.AttachGuard(tap.Index, network.GuestMAC, network.GuestAddr)
+		return err
+	})
+	if err != nil {
+		enf.Detach()
+		return err
+	}
+	_ = n.enf.Detach() // unpins the whole directory, guard included
+	_ = n.guard.Close()
+	n.enf, n.guard = enf, guard
+	return errors.Join(enf.Pin(n.pinDir()), guard.Pin(n.pinDir()))
 }
 
 // apply puts a policy in force on the running programs; one that does not parse or
@@ -519,9 +558,9 @@ func (m *netManager) acquire(ctx context.Context, runDir string, pol netPolicy, 
 			return nil, err
 		}
 	}
-	if err := os.WriteFile(filepath.Join(runDir, netOwnerFile), []byte(n.owner), 0o600); err != nil {
+	if err := writeNetOwner(runDir, n.owner); err != nil {
 		_ = n.remove()
-		return nil, fmt.Errorf("record the network's owner: %w", err)
+		return nil, err
 	}
 	return n, nil
 }
@@ -542,13 +581,28 @@ func (m *netManager) giveBack(n *sbNet) {
 	}
 }
 
-// netOwner reads the owner of the network of the VM in runDir ("" if it has none).
-func netOwner(runDir string) string {
+// writeNetOwner records the owner of the network of the VM in runDir, and the version of
+// its programs (an agent with other programs replaces them when it takes the VM back).
+func writeNetOwner(runDir, owner string) error {
+	tmp := filepath.Join(runDir, netOwnerFile+".tmp")
+	if err := os.WriteFile(tmp, []byte(owner+"\n"+netpolicy.Version+"\n"), 0o600); err != nil {
+		return fmt.Errorf("record the network's owner: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(runDir, netOwnerFile)); err != nil {
+		return fmt.Errorf("record the network's owner: %w", err)
+	}
+	return nil
+}
+
+// netOwner reads the owner of the network of the VM in runDir ("" if it has none) and
+// the version of the policy programs it was made with.
+func netOwner(runDir string) (owner, version string) {
 	b, err := os.ReadFile(filepath.Join(runDir, netOwnerFile))
 	if err != nil {
-		return ""
+		return "", ""
 	}
-	return strings.TrimSpace(string(b))
+	owner, version, _ = strings.Cut(strings.TrimSpace(string(b)), "\n")
+	return owner, strings.TrimSpace(version)
 }
 
 // kick wakes the spare keeper.
@@ -569,7 +623,6 @@ func (m *netManager) keepSpares(ctx context.Context) {
 		for _, n := range spares {
 			_ = n.remove()
 		}
-		_ = os.Remove(m.pins) // this agent's pin directory, if no sandbox's pins are left in it
 	}()
 	for {
 		m.mu.Lock()

@@ -147,6 +147,14 @@ Runs until interrupted.`,
 			if err != nil {
 				return err
 			}
+			// Fail now, not on every connection, if the sandbox is not there (or not ours).
+			sb, err := c.Sandboxes.GetSandbox(cmd.Context(), connect.NewRequest(&pb.GetSandboxRequest{Sandbox: args[0]}))
+			if err != nil {
+				return err
+			}
+			if st := sb.Msg.GetSandbox().GetStatus(); st != "running" {
+				return fmt.Errorf("sandbox %s is %s, not running", args[0], st)
+			}
 			ln, err := net.Listen("tcp", net.JoinHostPort(address, strconv.Itoa(int(local))))
 			if err != nil {
 				return fmt.Errorf("listen on %s:%d: %w", address, local, err)
@@ -238,18 +246,19 @@ func forwardConn(ctx context.Context, c *Client, sandbox string, port uint16, co
 
 // nodeNetFlags are a node's networking options (dev and agent).
 type nodeNetFlags struct {
-	metrics, cidr string
-	nameservers   []string
+	metrics, cidr      string
+	nameservers, denys []string
 }
 
 func (f *nodeNetFlags) register(fl *pflag.FlagSet) {
 	fl.StringVar(&f.metrics, "metrics-listen", "", "serve Prometheus metrics (sandbox packet counters) at http://ADDR/metrics (default: off)")
 	fl.StringVar(&f.cidr, "sandbox-cidr", agent.DefaultSandboxCIDR, "IPv4 range sandbox addresses come from (a /30 per sandbox)")
+	fl.StringArrayVar(&f.denys, "deny-cidr", nil, "a range sandboxes may not reach unless an admin's policy allows it, beyond the node's own addresses (repeatable; e.g. the cluster's management network)")
 	fl.StringArrayVar(&f.nameservers, "nameserver", nil, "DNS server for guests (repeatable, at most 3; default: the node's own from /etc/resolv.conf that guests can reach)")
 }
 
 func (f *nodeNetFlags) apply(cfg *agent.Config) {
-	cfg.MetricsListen, cfg.SandboxCIDR = f.metrics, f.cidr
+	cfg.MetricsListen, cfg.SandboxCIDR, cfg.DenyCIDRs = f.metrics, f.cidr, f.denys
 	if len(f.nameservers) > 0 {
 		cfg.Nameservers = f.nameservers
 	}

@@ -9,6 +9,11 @@ import (
 	"github.com/cilium/ebpf/asm"
 )
 
+// Version names the programs this package makes. Change it with any change to program or
+// guardProgram, or to the maps' layout: an agent that finds pinned programs of another
+// version replaces them.
+const Version = "2"
+
 // Offsets in a __sk_buff the programs read.
 const (
 	skbLen     = 0

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
+	"github.com/fireworks-sandbox/fireworks/internal/netpolicy"
 	"github.com/fireworks-sandbox/fireworks/internal/network"
 )
 
@@ -460,6 +461,29 @@ func TestNetworkMetricsAndAgentRestart(t *testing.T) {
 	}
 	if show := fw(t, 0, "policy", "show", id).stdout; !strings.Contains(show, "tcp 9090") {
 		t.Errorf("policy show after an agent restart:\n%s", show)
+	}
+
+	// An agent whose programs differ from the pinned ones (an upgrade) replaces them,
+	// keeping the policy in force.
+	ownerFile := filepath.Join(str(details(t, inspect(t, id)), "run_dir"), "net-owner")
+	b, err := os.ReadFile(ownerFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	owner, _, _ := strings.Cut(string(b), "\n")
+	if err := os.WriteFile(ownerFile, []byte(owner+"\nold\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	restartDev(t)
+	waitStatus(t, id, "running")
+	if got := fetch(t, id, outsideAddr, 9090); got != "" {
+		t.Errorf("outside:9090 answered after the programs were replaced: %q", got)
+	}
+	if got := fetch(t, id, outsideAddr, 8080); got != "outside-8080" {
+		t.Errorf("outside:8080 after the programs were replaced: %q", got)
+	}
+	if b, _ := os.ReadFile(ownerFile); !strings.HasSuffix(strings.TrimSpace(string(b)), "\n"+netpolicy.Version) {
+		t.Errorf("net-owner after the replacement: %q, want version %s", b, netpolicy.Version)
 	}
 }
 
