@@ -33,9 +33,8 @@ const bpffsRoot = "/sys/fs/bpf"
 
 // netManager owns the node's sandbox networks: address blocks, namespaces (veth pair to
 // the host, tap for the guest, address translation), and the policy and guard programs.
-// Networks belong to an owner, the name of the VM's run directory (a sandbox ID, or a
-// warm VM's, a restore slot's or a template build's directory, which a sandbox may take
-// over with the VM).
+// Each network has an owner name: `n-<rand>` for networks made ahead (the VM's run
+// directory records it, see netOwnerFile), `t-<key>` for a template build's.
 type netManager struct {
 	log         *slog.Logger
 	tag         string // this agent's mark on its namespaces, pins and host table
@@ -71,8 +70,9 @@ type netPolicy struct {
 	admin bool
 }
 
-// newNetManager prepares the node's side of sandbox networking. tagSource (the data
-// directory) tells this agent's objects apart from another agent's on the same host.
+// newNetManager prepares the node's side of sandbox networking. The data directory's
+// hash tags this agent's namespaces, pins and host table apart from another agent's on
+// the same host.
 func newNetManager(ctx context.Context, log *slog.Logger, dataDir string, rng netip.Prefix, nameservers []string, extra []netip.Prefix) (*netManager, error) {
 	sum := sha256.Sum256([]byte(dataDir))
 	m := &netManager{log: log, tag: hex.EncodeToString(sum[:])[:6], rng: rng.Masked(), nameservers: nameservers, extra: extra,
@@ -449,82 +449,6 @@ func (m *netManager) sweep(ctx context.Context, keep func(owner string) bool) {
 			_ = os.RemoveAll(filepath.Join(m.pins, e.Name()))
 		}
 	}
-}
-
-// SetPolicy puts a network policy (policy file text; "" = the node's defaults only) in
-// force on a running sandbox, without restarting it. admin says an admin gave it (only
-// an admin's policy may open what the node protects). A policy that is refused changes
-// nothing.
-func (a *Agent) SetPolicy(id, text string, admin bool) error {
-	s, err := a.lookup(id)
-	if err != nil {
-		return err
-	}
-	s.mu.Lock()
-	n := s.net
-	s.mu.Unlock()
-	if n == nil {
-		return fmt.Errorf("sandbox %s has no network", id)
-	}
-	return n.apply(netPolicy{text: text, admin: admin})
-}
-
-// NetStats reads a running sandbox's network address and packet counters.
-func (a *Agent) NetStats(id string) (NetStats, error) {
-	s, err := a.lookup(id)
-	if err != nil {
-		return NetStats{}, err
-	}
-	s.mu.Lock()
-	n := s.net
-	s.mu.Unlock()
-	if n == nil {
-		return NetStats{}, fmt.Errorf("sandbox %s has no network", id)
-	}
-	return n.stats()
-}
-
-// AllNetStats reads the counters of every running sandbox with a network, by sandbox ID
-// (for metrics).
-func (a *Agent) AllNetStats() map[string]NetStats {
-	a.mu.Lock()
-	nets := map[string]*sbNet{}
-	for id, s := range a.live {
-		s.mu.Lock()
-		if s.net != nil {
-			nets[id] = s.net
-		}
-		s.mu.Unlock()
-	}
-	a.mu.Unlock()
-	out := map[string]NetStats{}
-	for id, n := range nets {
-		if st, err := n.stats(); err == nil {
-			out[id] = st
-		}
-	}
-	return out
-}
-
-// DialSandbox opens a TCP connection to a running sandbox's guest port, through its
-// network namespace (the sandbox's address translates to the guest's).
-func (a *Agent) DialSandbox(ctx context.Context, id string, port uint16) (net.Conn, error) {
-	s, err := a.lookup(id)
-	if err != nil {
-		return nil, err
-	}
-	s.mu.Lock()
-	n := s.net
-	s.mu.Unlock()
-	if n == nil {
-		return nil, fmt.Errorf("sandbox %s has no network", id)
-	}
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(n.ns.Block.Sandbox(), port).String())
-	if err != nil {
-		return nil, fmt.Errorf("connect to port %d of sandbox %s: %w", port, id, err)
-	}
-	return c, nil
 }
 
 // spareNets is how many networks the node keeps made ahead (closed), so that a start

@@ -1,0 +1,84 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+)
+
+// SetPolicy puts a network policy (policy file text; "" = the node's defaults only) in
+// force on a running sandbox, without restarting it. admin says an admin gave it (only
+// an admin's policy may open what the node protects). A policy that is refused changes
+// nothing.
+func (a *Agent) SetPolicy(id, text string, admin bool) error {
+	s, err := a.lookup(id)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	n := s.net
+	s.mu.Unlock()
+	if n == nil {
+		return fmt.Errorf("sandbox %s has no network", id)
+	}
+	return n.apply(netPolicy{text: text, admin: admin})
+}
+
+// NetStats reads a running sandbox's network address and packet counters.
+func (a *Agent) NetStats(id string) (NetStats, error) {
+	s, err := a.lookup(id)
+	if err != nil {
+		return NetStats{}, err
+	}
+	s.mu.Lock()
+	n := s.net
+	s.mu.Unlock()
+	if n == nil {
+		return NetStats{}, fmt.Errorf("sandbox %s has no network", id)
+	}
+	return n.stats()
+}
+
+// AllNetStats reads the counters of every running sandbox with a network, by sandbox ID
+// (for metrics).
+func (a *Agent) AllNetStats() map[string]NetStats {
+	a.mu.Lock()
+	nets := map[string]*sbNet{}
+	for id, s := range a.live {
+		s.mu.Lock()
+		if s.net != nil {
+			nets[id] = s.net
+		}
+		s.mu.Unlock()
+	}
+	a.mu.Unlock()
+	out := map[string]NetStats{}
+	for id, n := range nets {
+		if st, err := n.stats(); err == nil {
+			out[id] = st
+		}
+	}
+	return out
+}
+
+// DialSandbox opens a TCP connection to a running sandbox's guest port, through its
+// network namespace (the sandbox's address translates to the guest's).
+func (a *Agent) DialSandbox(ctx context.Context, id string, port uint16) (net.Conn, error) {
+	s, err := a.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	n := s.net
+	s.mu.Unlock()
+	if n == nil {
+		return nil, fmt.Errorf("sandbox %s has no network", id)
+	}
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(n.ns.Block.Sandbox(), port).String())
+	if err != nil {
+		return nil, fmt.Errorf("connect to port %d of sandbox %s: %w", port, id, err)
+	}
+	return c, nil
+}
