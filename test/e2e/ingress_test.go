@@ -205,7 +205,7 @@ func TestIngress(t *testing.T) {
 		if s := decodeSeen(t, a); s.AccessToken != "" {
 			t.Errorf("the app received the access token %q; the edge must strip it", s.AccessToken)
 		}
-		// Another sandbox's token (or the public port's lack of one) opens nothing else.
+		// The same sandbox's public port being open does not open its private one.
 		if a := c.get(t, c.h1, private, "/", nil); a.code != http.StatusUnauthorized {
 			t.Errorf("private guestweb without token: %d, want 401", a.code)
 		}

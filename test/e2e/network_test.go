@@ -185,6 +185,13 @@ func TestNetworkPolicy(t *testing.T) {
 		t.Errorf("outside:9090 answered after a refused policy (the old one must stay): %q", got)
 	}
 	show := fw(t, 0, "policy", "show", id).stdout
+	// Directed broadcast to the node's subnet, limited broadcast and multicast are
+	// protected like the node's own addresses (node services bound to 0.0.0.0 hear them).
+	for _, want := range []string{"deny out 10.231.100.255/32", "deny out 255.255.255.255/32", "deny out 224.0.0.0/4", "deny out " + nodeAddr + "/32"} {
+		if !strings.Contains(show, want) {
+			t.Errorf("policy show does not enforce %q:\n%s", want, show)
+		}
+	}
 	if !strings.Contains(show, "deny 10.231.100.2/32 tcp 9090") && !strings.Contains(show, "deny 10.231.100.2 tcp 9090") {
 		t.Errorf("policy show does not list the rule in force:\n%s", show)
 	}
