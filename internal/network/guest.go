@@ -69,22 +69,13 @@ func Do(nsPath string, fn func() error) error {
 	return <-errc
 }
 
-// setupGuestSide gives the tap the guest's gateway address, turns on forwarding in the
-// namespace and installs its address translation:
+// setupGuestSide turns on forwarding in the namespace and installs its address
+// translation (Create has given the tap the guest's gateway address):
 //   - what the guest sends out of the veth leaves as the sandbox's address,
 //   - what arrives for the sandbox's address goes to the guest,
 //   - the guest may use no other address (the guard on the tap drops the rest; packets
 //     from other addresses are not translated, and the host side's source pin drops them).
 func setupGuestSide(ctx context.Context, n Namespace) error {
-	steps := [][]string{
-		{"-n", n.Name, "link", "set", Tap, "address", GatewayMAC.String()},
-		{"-n", n.Name, "addr", "add", netip.PrefixFrom(GuestGateway, GuestPrefixLen).String(), "dev", Tap},
-	}
-	for _, s := range steps {
-		if err := ip(ctx, s...); err != nil {
-			return err
-		}
-	}
 	ruleset := fmt.Sprintf(`table ip fireworks {
 	chain prerouting {
 		type nat hook prerouting priority dstnat; policy accept;
