@@ -131,7 +131,9 @@ func (e *env) startDevWith(extra ...string) error {
 	cmd := exec.Command(e.bin, args...)
 	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+e.config)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Pdeathsig: a test binary that dies (a panic skips TestMain's cleanup) takes the dev
+	// server with it instead of leaving it running.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
 	if err := cmd.Start(); err != nil {
 		return err
 	}
