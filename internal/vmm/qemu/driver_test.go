@@ -141,8 +141,8 @@ func TestCommandLineNICs(t *testing.T) {
 	mac := net.HardwareAddr{0x02, 0xfc, 0, 0, 0, 0x21}
 	s.NICs = []vmm.NIC{{Tap: tap, MAC: mac}, {Tap: tap}}
 	args := d.args(s)
-	for _, want := range []string{"tap,id=net0,fd=3,vhost=off", "virtio-net-device,netdev=net0,mac=02:fc:00:00:00:21",
-		"tap,id=net1,fd=4,vhost=off", "virtio-net-device,netdev=net1"} {
+	for _, want := range []string{"tap,id=net0,fd=3,vhost=off", "virtio-net-device,netdev=net0,guest_announce=off,mac=02:fc:00:00:00:21",
+		"tap,id=net1,fd=4,vhost=off", "virtio-net-device,netdev=net1,guest_announce=off"} {
 		if !slices.Contains(args, want) {
 			t.Errorf("command line lacks %q:\n%s", want, strings.Join(args, "\n"))
 		}

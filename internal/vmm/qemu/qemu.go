@@ -290,7 +290,10 @@ func (d *Driver) args(s vmm.Spec) []string {
 	}
 	for i, n := range s.NICs {
 		id := "net" + strconv.Itoa(i)
-		dev := "virtio-net-device,netdev=" + id
+		// guest_announce=off: after a restore QEMU would otherwise have the guest send
+		// gratuitous ARPs (guest work on every start, for a point-to-point tap whose far
+		// end never forgets the guest).
+		dev := "virtio-net-device,netdev=" + id + ",guest_announce=off"
 		if n.MAC != nil {
 			dev += ",mac=" + n.MAC.String()
 		}
