@@ -436,7 +436,13 @@ func (a *Agent) fail(s *sandbox, reason string) {
 // run is the whole life of one sandbox on this node.
 func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	defer s.log.Close()
-	readyOnce := sync.OnceFunc(func() { close(s.ready) })
+	// While a start is in flight, the network keeper holds back (see keepSpares).
+	a.net.starting.Add(1)
+	readyOnce := sync.OnceFunc(func() {
+		close(s.ready)
+		a.net.starting.Add(-1)
+		a.net.kick()
+	})
 	defer readyOnce()
 	ctx := s.ctx
 	a.update(sb.ID, state.Update{Status: status(state.StatusStarting), Node: &a.cfg.Node, Accel: &a.accel.Accel})
