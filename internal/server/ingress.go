@@ -185,20 +185,6 @@ func routeTableToPB(t routes.Table, domain string) *pb.RouteTable {
 	return out
 }
 
-// RouteTableFromPB is the inverse of what WatchRoutes sends; routes with a port outside
-// 1..65535 are dropped.
-func RouteTableFromPB(m *pb.RouteTable) routes.Table {
-	t := routes.Table{Version: m.GetVersion()}
-	for _, r := range m.GetRoutes() {
-		if r.GetPort() == 0 || r.GetPort() > 65535 {
-			continue
-		}
-		t.Routes = append(t.Routes, routes.Route{Sandbox: r.GetSandbox(), Port: uint16(r.GetPort()), Public: r.GetPublic(),
-			Token: r.GetToken(), Node: r.GetNode(), NodeAddr: r.GetNodeAddress(), Running: r.GetRunning()})
-	}
-	return t
-}
-
 // WatchRoutes streams the route table. In a cluster the call runs on the leader (followers
 // forward user calls), whose state has every committed change; when this server stops
 // leading, the stream ends with "unavailable" and the edge reconnects to the new leader.
