@@ -118,7 +118,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		if owner == "" {
 			return fmt.Errorf("sandbox network: no %s in %s", netOwnerFile, real)
 		}
-		if sn, err = a.net.load(owner, version, netPolicy{text: sb.Spec.Policy, admin: sb.Spec.PolicyAdmin}); err != nil {
+		if sn, err = a.net.load(owner, version, policyOf(sb.Spec)); err != nil {
 			return fmt.Errorf("sandbox network: %w", err)
 		}
 		if version != netpolicy.Version {

@@ -496,8 +496,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	if h != nil && h.net != nil {
 		// The warm VM's network let nothing through while it waited: now it gets this
 		// sandbox's policy (validated by the control plane; a failure ends the start).
-		h.net.resetCounters() // what it dropped while closed is not this sandbox's
-		if err := h.net.apply(netPolicy{text: sb.Spec.Policy, admin: sb.Spec.PolicyAdmin}); err != nil {
+		if err := h.net.open(policyOf(sb.Spec)); err != nil {
 			a.fail(s, fmt.Sprintf("network policy: %v", err))
 			return
 		}
@@ -505,7 +504,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	if h == nil {
 		// A placed sandbox always fits: end warm VMs that hold its capacity.
 		a.warm.makeRoom()
-		in := vmInput{id: sb.ID, dir: s.dir, rootDisk: rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB, net: withNet, policy: netPolicy{text: sb.Spec.Policy, admin: sb.Spec.PolicyAdmin}}
+		in := vmInput{id: sb.ID, dir: s.dir, rootDisk: rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB, net: withNet, policy: policyOf(sb.Spec)}
 		how = "cold"
 		var tmpl *template
 		if mode != state.BootCold {

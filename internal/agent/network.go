@@ -23,6 +23,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/netpolicy"
 	"github.com/fireworks-sandbox/fireworks/internal/network"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
 
 // DefaultSandboxCIDR is where a node's sandbox addresses come from unless configured.
@@ -72,6 +73,11 @@ type sbNet struct {
 type netPolicy struct {
 	text  string
 	admin bool
+}
+
+// policyOf is the policy a sandbox's spec asks for.
+func policyOf(spec state.SandboxSpec) netPolicy {
+	return netPolicy{text: spec.Policy, admin: spec.PolicyAdmin}
 }
 
 // newNetManager prepares the node's side of sandbox networking. The data directory's
@@ -134,6 +140,9 @@ func (m *netManager) protected() []netip.Prefix {
 		m.log.Warn("list the node's addresses for the sandbox policy", "err", err)
 	}
 	for _, p := range addrs {
+		if m.rng.Contains(p.Addr()) {
+			continue // a sandbox's host end: the sandbox range covers it
+		}
 		ps = append(ps, netip.PrefixFrom(p.Addr(), 32))
 		if b, ok := network.Broadcast(p); ok {
 			ps = append(ps, netip.PrefixFrom(b, 32))
@@ -480,8 +489,7 @@ func (m *netManager) acquire(ctx context.Context, runDir string, pol netPolicy, 
 			return nil, err
 		}
 	} else if !closed {
-		n.resetCounters() // what a spare dropped while closed is not this sandbox's
-		if err := n.apply(pol); err != nil {
+		if err := n.open(pol); err != nil {
 			m.giveBack(n)
 			return nil, err
 		}
@@ -596,8 +604,13 @@ func (m *netManager) keepSpares(ctx context.Context) {
 	}
 }
 
-// resetCounters zeroes the packet counters (a network made ahead starts counting for
-// the sandbox that takes it).
+// open gives a network made ahead (closed) to a sandbox: its counters start at zero
+// (what it dropped while closed is not the sandbox's) and its policy goes in force.
+func (n *sbNet) open(pol netPolicy) error {
+	n.resetCounters()
+	return n.apply(pol)
+}
+
 func (n *sbNet) resetCounters() {
 	if err := n.enf.ResetCounters(); err != nil {
 		n.m.log.Warn("reset network counters", "owner", n.owner, "err", err)

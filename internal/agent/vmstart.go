@@ -272,8 +272,7 @@ func (a *Agent) useSlot(ctx context.Context, s *sandbox, sl *slot) (*vmHandle, e
 	}
 	if sl.h.net != nil {
 		// Made ahead with a network that lets nothing through: this sandbox's policy now.
-		sl.h.net.resetCounters() // what it dropped while closed is not this sandbox's
-		if err := sl.h.net.apply(netPolicy{text: s.spec.Policy, admin: s.spec.PolicyAdmin}); err != nil {
+		if err := sl.h.net.open(policyOf(s.spec)); err != nil {
 			sl.destroy()
 			_ = a.removeRunDir(s.id)
 			return nil, fmt.Errorf("network policy: %w", err)

@@ -151,21 +151,6 @@ func isGRPC(req *http.Request) bool {
 	return mt == "application/grpc" || strings.HasPrefix(mt, "application/grpc+")
 }
 
-// validSandboxID checks the contract's sandbox ID form (16 lowercase hex). Checking it
-// before any lookup or dial keeps odd strings out of logs, pool keys and local dialers.
-func validSandboxID(s string) bool {
-	if len(s) != 16 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
-			return false
-		}
-	}
-	return true
-}
-
 // plainError answers with a short plain-text reason. Never used after the response
 // started.
 func plainError(w http.ResponseWriter, code int, msg string) {

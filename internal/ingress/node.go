@@ -77,7 +77,7 @@ func (h *NodeHandler) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	port, sandbox, ok := routes.ParseHost(req.Host, h.domain)
-	if !ok || !validSandboxID(sandbox) {
+	if !ok || !routes.ValidSandbox(sandbox) {
 		plainError(w, http.StatusNotFound, "unknown host")
 		return
 	}
@@ -117,7 +117,7 @@ func parseConnectTarget(target string) (routes.Route, error) {
 	if err != nil {
 		return routes.Route{}, fmt.Errorf("bad CONNECT target %q: %w", target, err)
 	}
-	if !validSandboxID(sandbox) {
+	if !routes.ValidSandbox(sandbox) {
 		return routes.Route{}, fmt.Errorf("bad CONNECT target %q: not a sandbox ID", target)
 	}
 	port, ok := parsePort(ps)

@@ -101,7 +101,7 @@ func (p *Proxy) lookup(sandbox string, port uint16) (routes.Route, bool) {
 // ServeHTTP routes one request by its Host.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	port, sandbox, ok := routes.ParseHost(req.Host, p.domain)
-	if !ok || !validSandboxID(sandbox) {
+	if !ok || !routes.ValidSandbox(sandbox) {
 		plainError(w, http.StatusNotFound, "unknown host")
 		return
 	}

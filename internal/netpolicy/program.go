@@ -12,7 +12,7 @@ import (
 // Version names the programs this package makes. Change it with any change to program or
 // guardProgram, or to the maps' layout: an agent that finds pinned programs of another
 // version replaces them.
-const Version = "2"
+const Version = "3"
 
 // Offsets in a __sk_buff the programs read.
 const (
@@ -76,16 +76,22 @@ func program(dir Direction, rulesFD, configFD, countersFD, flowsFD int) asm.Inst
 		asm.LoadMem(asm.R2, asm.R0, 4, asm.Word),
 		asm.StoreMem(asm.RFP, stPin, asm.R2, asm.Word),
 		// Make sure the headers are in the linear part the program can read (a packet
-		// whose L4 header is not would otherwise be matched without its ports).
-		asm.Mov.Reg(asm.R1, asm.R6),
+		// whose L4 header is not would otherwise be matched without its ports). Pulling
+		// may copy the headers, so only when they are not there already.
+		asm.LoadMem(asm.R7, asm.R6, skbData, asm.Word),
+		asm.LoadMem(asm.R8, asm.R6, skbDataEnd, asm.Word),
 		asm.LoadMem(asm.R2, asm.R6, skbLen, asm.Word),
-		asm.JLE.Imm(asm.R2, headerBytes, "pull"),
+		asm.JLE.Imm(asm.R2, headerBytes, "want"),
 		asm.Mov.Imm(asm.R2, headerBytes),
-		asm.FnSkbPullData.Call().WithSymbol("pull"),
+		asm.Mov.Reg(asm.R3, asm.R8).WithSymbol("want"), // r3 = linear bytes
+		asm.Sub.Reg(asm.R3, asm.R7),
+		asm.JGE.Reg(asm.R3, asm.R2, "linear"),
+		asm.Mov.Reg(asm.R1, asm.R6),
+		asm.FnSkbPullData.Call(),
 		asm.LoadMem(asm.R7, asm.R6, skbData, asm.Word),
 		asm.LoadMem(asm.R8, asm.R6, skbDataEnd, asm.Word),
 		// Ethernet header.
-		asm.Mov.Reg(asm.R2, asm.R7),
+		asm.Mov.Reg(asm.R2, asm.R7).WithSymbol("linear"),
 		asm.Add.Imm(asm.R2, 14),
 		asm.JGT.Reg(asm.R2, asm.R8, "default"),
 		asm.LoadMem(asm.R3, asm.R7, 12, asm.Half),

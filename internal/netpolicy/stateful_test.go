@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/fireworks-sandbox/fireworks/internal/network"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
 
 // listenIn plays the guest: a TCP listener on the guest's address and port inside
@@ -96,7 +97,7 @@ func TestPolicyPinned(t *testing.T) {
 	n, b := sandboxNS(t, "10.231.244.0/30", "pin")
 	bpffs := t.TempDir()
 	if out, err := exec.Command("mount", "-t", "bpf", "bpf", bpffs).CombinedOutput(); err != nil {
-		t.Skipf("cannot mount a bpf filesystem (needs root): %v %s", err, out)
+		testutil.Skipf(t, "cannot mount a bpf filesystem (needs root and bpffs in the kernel): %v %s", err, out)
 	}
 	t.Cleanup(func() { _ = unix.Unmount(bpffs, unix.MNT_DETACH) })
 	ln, err := net.Listen("tcp", netip.AddrPortFrom(b.Host(), 7300).String())

@@ -46,26 +46,19 @@ table ip %[1]s {
 	return nft(ctx, ruleset)
 }
 
-// HostAddrs lists the IPv4 addresses of the node's own interfaces (not the sandboxes'
-// host ends), with their prefix lengths: what sandboxes must not reach unless allowed.
+// HostAddrs lists the IPv4 addresses of the node's interfaces with their prefix
+// lengths, in one netlink dump (per-interface lookups would dump every address once per
+// interface, and a node has an interface per sandbox). The sandboxes' host ends are
+// among them; callers that protect the sandbox range as a whole skip those.
 func HostAddrs() ([]netip.Prefix, error) {
-	ifs, err := net.Interfaces()
+	addrs, err := net.InterfaceAddrs()
 	if err != nil {
-		return nil, fmt.Errorf("list interfaces: %w", err)
+		return nil, fmt.Errorf("list the node's addresses: %w", err)
 	}
 	var out []netip.Prefix
-	for _, i := range ifs {
-		if strings.HasPrefix(i.Name, hostPrefix) {
-			continue
-		}
-		addrs, err := i.Addrs()
-		if err != nil {
-			continue
-		}
-		for _, a := range addrs {
-			if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().Is4() {
-				out = append(out, p)
-			}
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().Is4() {
+			out = append(out, p)
 		}
 	}
 	return out, nil

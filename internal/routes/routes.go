@@ -65,6 +65,20 @@ func ParseHost(host, domain string) (port uint16, sandbox string, ok bool) {
 	return uint16(n), sb, true
 }
 
+// ValidSandbox checks the form of a sandbox ID (16 lowercase hex). Checking it before
+// any lookup or dial keeps odd strings out of logs, pool keys and dialers.
+func ValidSandbox(id string) bool {
+	if len(id) != 16 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if c := id[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
 // Lookup finds the route of a sandbox's port.
 func (t Table) Lookup(sandbox string, port uint16) (Route, bool) {
 	for _, r := range t.Routes {

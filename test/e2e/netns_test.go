@@ -4,52 +4,28 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/network"
 )
-
-// netnsEnv marks the copy of the test binary that runs inside its own network namespace.
-const netnsEnv = "FIREWORKS_E2E_NETNS"
 
 // inPrivateNetNS makes the whole e2e run (dev server, sandboxes' networks, NAT rules, the
 // namespaces tests use as outside hosts) happen in a network namespace of its own, so no
-// address or rule lands on the machine's own network. The first call, in the machine's
-// namespace, fetches the guest kernel (that needs the machine's network), then re-runs
-// the test binary under `unshare --net` and reports its exit code with again=true. In the
-// re-run it brings lo up and returns again=false.
+// address or rule lands on the machine's own network (see network.InPrivateNetNS). The
+// guest kernel is fetched first, in the machine's namespace.
 func inPrivateNetNS() (rc int, again bool) {
-	if os.Getenv(netnsEnv) != "" {
-		if out, err := exec.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "e2e: bring lo up in the private network namespace: %v %s\n", err, out)
-			return 1, true
-		}
-		return 0, false
-	}
-	if _, err := exec.LookPath("unshare"); err != nil {
-		fmt.Fprintln(os.Stderr, "e2e: unshare not found (util-linux): the e2e tests run in a private network namespace")
-		return 1, true
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Minute)
 	defer cancel()
-	if err := os.MkdirAll(assetCache(), 0o755); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1, true
-	}
-	if _, err := assets.EnsureKernel(ctx, assetCache()); err != nil {
-		fmt.Fprintln(os.Stderr, "e2e: fetch the guest kernel:", err)
-		return 1, true
-	}
-	cmd := exec.Command("unshare", append([]string{"--net", "--", os.Args[0]}, os.Args[1:]...)...)
-	cmd.Env = append(os.Environ(), netnsEnv+"=1")
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	if err := cmd.Run(); err != nil {
-		if ee, ok := err.(*exec.ExitError); ok {
-			return ee.ExitCode(), true
+	rc, again, err := network.InPrivateNetNS(ctx, "FIREWORKS_E2E_NETNS", func(ctx context.Context) error {
+		if err := os.MkdirAll(assetCache(), 0o755); err != nil {
+			return err
 		}
-		fmt.Fprintln(os.Stderr, "e2e: re-run in a private network namespace:", err)
-		return 1, true
+		_, err := assets.EnsureKernel(ctx, assetCache())
+		return err
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
 	}
-	return 0, true
+	return rc, again
 }

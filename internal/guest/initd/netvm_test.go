@@ -30,7 +30,7 @@ import (
 // end reaches a server in the sandbox. Identity then replaces the nameservers.
 func TestGuestNetworkInVM(t *testing.T) {
 	if testing.Short() {
-		t.Skip("boots a VM")
+		testutil.Skipf(t, "-short: this test boots a VM (run without -short; CI does)")
 	}
 	for _, tool := range []string{"qemu-system-x86_64", "mkfs.erofs", "apt-get", "dpkg-deb", "lz4", "go"} {
 		if _, err := exec.LookPath(tool); err != nil {
