@@ -73,10 +73,14 @@ func DetectAccel(ctx context.Context, cacheDir, force, kernel string) AccelChoic
 	return c
 }
 
+// kvmDevice is the KVM device node; a variable so tests can check the verdict for a host
+// without KVM on any machine.
+var kvmDevice = "/dev/kvm"
+
 func kvmUsable() error {
-	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	f, err := os.OpenFile(kvmDevice, os.O_RDWR, 0)
 	if err != nil {
-		return fmt.Errorf("/dev/kvm is not usable: %v", err)
+		return fmt.Errorf("%s is not usable: %v", kvmDevice, err)
 	}
 	f.Close()
 	return nil

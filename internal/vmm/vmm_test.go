@@ -2,7 +2,6 @@ package vmm
 
 import (
 	"context"
-	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +11,7 @@ import (
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
 
 func TestLimitsValidate(t *testing.T) {
@@ -60,29 +60,49 @@ func TestDetectAccelOnThisHost(t *testing.T) {
 	}
 }
 
-// The probe itself: on a PVM host a standard kernel prints nothing under -accel kvm.
+// A host without a usable KVM device (a normal, supported case: TCG) is judged TCG with a
+// reason that names the device, on every machine, without booting anything.
+func TestDetectAccelWithoutKVM(t *testing.T) {
+	old := kvmDevice
+	kvmDevice = filepath.Join(t.TempDir(), "kvm")
+	defer func() { kvmDevice = old }()
+	c := DetectAccel(context.Background(), t.TempDir(), "", "/nonexistent-kernel")
+	if c.Accel != "tcg" || !strings.Contains(c.Reason, kvmDevice) || !strings.Contains(c.Reason, "not usable") {
+		t.Errorf("without KVM: %+v, want tcg with a reason naming %s", c, kvmDevice)
+	}
+	// Forcing KVM there is honoured, and the reason says it is not usable.
+	if c := DetectAccel(context.Background(), t.TempDir(), "kvm", ""); c.Accel != "kvm" || !strings.Contains(c.Reason, "not usable") {
+		t.Errorf("forced kvm without KVM: %+v", c)
+	}
+}
+
+// The probe itself, on whatever this host has: without /dev/kvm it must say "not usable"
+// with the reason (the supported TCG case); where a KVM device exists, a real probe boot
+// decides, and on a PVM host a standard kernel prints nothing under -accel kvm.
 func TestProbeKVM(t *testing.T) {
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		testutil.Skipf(t, "qemu-system-x86_64 not found")
-	}
 	if err := kvmUsable(); err != nil {
-		testutil.Skipf(t, "%v", err)
+		c := DetectAccel(context.Background(), t.TempDir(), "", "")
+		t.Logf("no usable KVM here: %+v", c)
+		if c.Accel != "tcg" || !strings.Contains(c.Reason, "/dev/kvm is not usable") {
+			t.Errorf("host without a usable /dev/kvm judged %+v", c)
+		}
+		return
 	}
-	// Same cache as vmmtest.CacheDir (importing vmmtest here would be a cycle).
-	cache := os.Getenv("FIREWORKS_TEST_CACHE")
-	if cache == "" {
-		cache = filepath.Join(os.TempDir(), "fireworks-test-cache")
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		testutil.Skipf(t, "qemu-system-x86_64 not found (scripts/install-deps.sh installs qemu-system-x86)")
 	}
-	k, err := assets.EnsureKernel(context.Background(), cache)
+	k, err := assets.EnsureKernel(context.Background(), testutil.AssetCache())
 	if err != nil {
 		testutil.Skipf(t, "guest kernel unavailable: %v", err)
 	}
-	kernel := k.Vmlinux
 	old := ProbeTimeout
 	ProbeTimeout = 4 * time.Second
 	defer func() { ProbeTimeout = old }()
-	c := probeKVM(context.Background(), kernel)
+	c := probeKVM(context.Background(), k.Vmlinux)
 	t.Logf("probe: %+v", c)
+	if c.Reason == "" || (c.Accel != "kvm" && c.Accel != "tcg") {
+		t.Errorf("probe = %+v", c)
+	}
 	if _, err := os.Stat("/sys/module/kvm_pvm"); err == nil && c.Accel != "tcg" {
 		t.Errorf("probe on a PVM host judged %q", c.Accel)
 	}

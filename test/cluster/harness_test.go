@@ -25,6 +25,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
+	"github.com/fireworks-sandbox/fireworks/internal/assets"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
@@ -114,6 +115,14 @@ func (w *world) setup() error {
 	var err error
 	if w.bin, w.initBin, err = testutil.BuildBinaries(w.root); err != nil {
 		return err
+	}
+	// The guest kernel is fetched here, in the machine's own network namespace, into the
+	// cache every agent links as its assets: an agent inside its host's namespace has no
+	// route to the package mirror, and no test may rely on an earlier run's cache.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	if _, err := assets.EnsureKernel(ctx, testutil.AssetCache()); err != nil {
+		return fmt.Errorf("fetch the guest kernel into %s: %w", testutil.AssetCache(), err)
 	}
 	// The bridge joins the hosts; the test process (root namespace) sits on it too.
 	_ = run("ip", "link", "del", bridge)
@@ -436,4 +445,29 @@ func (w *world) ensureRunning() {
 			}
 		}
 	}
+}
+
+// vmsOf lists the VMM processes of p's host that run sandbox id: QEMU named after it, or
+// using its run directory (which, for a VMM launched ahead, links to the slot's).
+func (w *world) vmsOf(p *proc, id string) []string {
+	marks := []string{"guest=" + id + " "}
+	if dir, err := filepath.EvalSymlinks(filepath.Join(p.dataDir, "run", id)); err == nil {
+		marks = append(marks, dir+"/")
+	}
+	var found []string
+	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, f := range cmdlines {
+		b, err := os.ReadFile(f)
+		if err != nil || !bytes.Contains(b, []byte("qemu-system")) || !bytes.Contains(b, []byte(p.dataDir)) {
+			continue
+		}
+		line := string(bytes.ReplaceAll(b, []byte{0}, []byte{' '}))
+		for _, m := range marks {
+			if strings.Contains(line, m) {
+				found = append(found, filepath.Base(filepath.Dir(f)))
+				break
+			}
+		}
+	}
+	return found
 }

@@ -58,7 +58,27 @@ func TestAgentKilledSandboxesReplaced(t *testing.T) {
 	if err := w.waitNodes(3, "ready", 2*minute); err != nil {
 		t.Fatal(err)
 	}
-	mustFW(t, "rm", "-f", always, never)
+	// A sandbox placed on the returning node and running proves it has taken its
+	// assignments from the server (the stream starts with the whole set), so anything it
+	// were to restart by mistake would be starting by now.
+	probe := strings.TrimSpace(mustFW(t, "run", "-d", "--constraint", "host=="+node,
+		"--insecure-registry", w.registry, image(), "--", "sleep", "600"))
+	waitSandbox(t, probe, 2*minute, "running on the returning node", func(sb map[string]any) bool {
+		return sb["status"] == "running" && sb["node"] == node
+	})
+	for _, id := range []string{always, never} {
+		if vms := w.vmsOf(victim, id); len(vms) > 0 {
+			t.Errorf("the returning node %s runs sandbox %s again, which it lost: %v", node, id, vms)
+		}
+	}
+	if sb := inspect(t, always); sb["node"] != moved["node"] || sb["restarts"] != moved["restarts"] || sb["status"] != "running" {
+		t.Errorf("after %s came back, the moved sandbox is on %v (restarts %v, %v), want still on %v (restarts %v)",
+			node, sb["node"], sb["restarts"], sb["status"], moved["node"], moved["restarts"])
+	}
+	if sb := inspect(t, never); sb["status"] != "lost" {
+		t.Errorf("after %s came back, the restart-never sandbox is %v, want lost", node, sb["status"])
+	}
+	mustFW(t, "rm", "-f", always, never, probe)
 }
 
 // A full cluster keeps a new sandbox pending with the reason, and places it as soon as
@@ -110,8 +130,11 @@ func TestCordonAndDrain(t *testing.T) {
 	moved := waitSandbox(t, id, 3*minute, "moved off the drained node", func(sb map[string]any) bool {
 		return sb["status"] == "running" && sb["node"] == "a1"
 	})
-	if r, _ := moved["events"].([]any); len(r) == 0 {
-		t.Error("no events")
+	if !hasEvent(moved, "pending", "drained from node a2") {
+		t.Errorf("the moved sandbox's events do not record the drain from a2: %v", moved["events"])
+	}
+	if vms := w.vmsOf(w.agents[2], id); len(vms) > 0 {
+		t.Errorf("the drained node a2 still runs the sandbox's VM: %v", vms)
 	}
 	mustFW(t, "node", "uncordon", "a0")
 	mustFW(t, "node", "uncordon", "a2")
@@ -159,3 +182,16 @@ func TestAgentRestartKeepsVM(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// hasEvent reports whether the sandbox's events hold one with status and a reason
+// containing reason.
+func hasEvent(sb map[string]any, status, reason string) bool {
+	evs, _ := sb["events"].([]any)
+	for _, e := range evs {
+		m, _ := e.(map[string]any)
+		if r, _ := m["reason"].(string); m["status"] == status && strings.Contains(r, reason) {
+			return true
+		}
+	}
+	return false
+}

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -305,10 +306,19 @@ func TestNetworkSandboxesIsolated(t *testing.T) {
 	}
 	// Hosts outside the node cannot open connections to a sandbox (the node routes the
 	// sandbox range, but forwards only answers to what sandboxes opened).
-	out, _ := exec.Command("ip", "netns", "exec", outsideNS, "sh", "-c",
-		fmt.Sprintf(`ip route replace 10.201.0.0/16 via %s && printf 'GET / HTTP/1.0\r\n\r\n' | busybox nc -w 3 %s 8080 | tail -n 1`, nodeAddr, aAddr)).CombinedOutput()
-	if strings.Contains(string(out), "hello-a") {
+	if out, err := exec.Command("ip", "-n", outsideNS, "route", "replace", "10.201.0.0/16", "via", nodeAddr).CombinedOutput(); err != nil {
+		t.Fatalf("route the sandbox range from the outside host via the node: %v: %s", err, out)
+	}
+	out, err := exec.Command("ip", "netns", "exec", outsideNS, "sh", "-c",
+		fmt.Sprintf(`printf 'GET / HTTP/1.0\r\n\r\n' | busybox nc -w 3 %s 8080`, aAddr)).CombinedOutput()
+	var ee *exec.ExitError
+	switch {
+	case strings.Contains(string(out), "hello-a"):
 		t.Errorf("a host outside the node opened a connection to sandbox a: %q", out)
+	case err == nil:
+		t.Errorf("the outside host's connection to sandbox a succeeded (output %q)", out)
+	case !errors.As(err, &ee) || ee.ExitCode() == 127:
+		t.Fatalf("could not run the outside host's probe: %v: %s", err, out)
 	}
 	// b's policy alone does not open a: a must let b in too.
 	bAddr := str(details(t, inspect(t, b)), "address")

@@ -76,6 +76,9 @@ type Entry struct {
 	// and no body follows: a header-only lie, for hostile layers.
 	Size             int64
 	Devmajor, Devmin int64
+	// Xattrs are extended attributes, written as SCHILY.xattr.* PAX records the way
+	// GNU tar --xattrs and Docker write them.
+	Xattrs map[string]string
 }
 
 // Tar returns an uncompressed tar stream of entries, in order.
@@ -87,6 +90,12 @@ func Tar(entries ...Entry) ([]byte, error) {
 			Name: e.Name, Typeflag: e.Type, Mode: e.Mode, Linkname: e.Link,
 			Uid: e.UID, Gid: e.GID, ModTime: Epoch, Format: tar.FormatPAX,
 			Devmajor: e.Devmajor, Devminor: e.Devmin,
+		}
+		for k, v := range e.Xattrs {
+			if hdr.PAXRecords == nil {
+				hdr.PAXRecords = map[string]string{}
+			}
+			hdr.PAXRecords["SCHILY.xattr."+k] = v
 		}
 		if hdr.Typeflag == 0 {
 			hdr.Typeflag = tar.TypeReg

@@ -14,15 +14,18 @@
 //     refusing costs nothing and makes an attack loud instead of silently
 //     re-rooted;
 //   - hardlinks whose target is not an existing non-directory in the tree;
-//   - character and block device nodes: an image has no business shipping
-//     them (the guest's /dev is a devtmpfs), and a device node on a disk
-//     mounted without nodev would expose a host or guest device;
 //   - entries over the size, count and name-length limits;
 //   - unknown entry types.
 //
-// FIFOs are skipped (logged, not created): they carry no data, nothing in an
-// image needs one to exist ahead of time, and skipping keeps the host from
-// ever holding a node that blocks whoever opens it.
+// Character and block device nodes and FIFOs are recorded, as Docker and
+// containerd record them: debootstrap and `docker import` roots carry
+// /dev/null, /dev/full and friends, and a runtime that refuses them refuses
+// real images. They are made (mknodat, never opened) in the private staging
+// tree only so that mkfs can write them into the guest's root disk; nothing on
+// the host opens them, the tree is removed after the build, and in the guest
+// they are the guest kernel's devices (the guest's own devtmpfs is mounted
+// over /dev). Without the privilege to make them (not root) they are skipped
+// with a warning, as rootless Docker does.
 //
 // Symlink targets are data: they are stored verbatim, whatever they point at,
 // and only ever interpreted inside the tree here (and inside the guest later).
@@ -44,7 +47,7 @@ import (
 )
 
 // ErrHostileLayer marks a layer refused because of what it contains (an
-// escape attempt, a device node, a limit exceeded), as opposed to an I/O
+// escape attempt, a limit exceeded), as opposed to an I/O
 // failure on the host.
 var ErrHostileLayer = errors.New("hostile layer refused")
 
@@ -217,16 +220,11 @@ func (u *Unpacker) entry(ctx context.Context, tr *tar.Reader, hdr *tar.Header, s
 	switch hdr.Typeflag {
 	case tar.TypeXGlobalHeader:
 		return nil
-	case tar.TypeChar, tar.TypeBlock:
-		return hostile("device node (type %q, %d:%d)", hdr.Typeflag, hdr.Devmajor, hdr.Devminor)
-	case tar.TypeFifo:
-		u.log.Warn("skipping FIFO in image layer", "path", hdr.Name)
-		return nil
 	case tar.TypeDir:
 		if len(comps) == 0 {
 			return u.rootMeta(hdr)
 		}
-	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse, tar.TypeSymlink, tar.TypeLink:
+	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse, tar.TypeSymlink, tar.TypeLink, tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
 		if len(comps) == 0 {
 			return hostile("non-directory entry for the root")
 		}
@@ -249,6 +247,8 @@ func (u *Unpacker) entry(ctx context.Context, tr *tar.Reader, hdr *tar.Header, s
 		return u.symlink(parent, base, hdr)
 	case tar.TypeLink:
 		return u.hardlink(parent, base, hdr)
+	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+		return u.node(parent, base, hdr)
 	default:
 		return u.file(ctx, parent, base, tr, hdr)
 	}
@@ -398,6 +398,43 @@ func (u *Unpacker) symlink(parent int, base string, hdr *tar.Header) error {
 	}
 	if err := unix.Fchownat(parent, base, hdr.Uid, hdr.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		return fmt.Errorf("chown: %w", err)
+	}
+	return setTimes(parent, base, hdr)
+}
+
+// node records a device node or FIFO. It is made with mknodat and never
+// opened: its mode is set by name (it cannot be a symlink, having just been
+// made), and its extended attributes are not applied.
+func (u *Unpacker) node(parent int, base string, hdr *tar.Header) error {
+	if hdr.Devmajor < 0 || hdr.Devminor < 0 || hdr.Devmajor > 0xfff || hdr.Devminor > 0xfffff {
+		return hostile("device number %d:%d out of range", hdr.Devmajor, hdr.Devminor)
+	}
+	typ, what := uint32(unix.S_IFIFO), "FIFO"
+	switch hdr.Typeflag {
+	case tar.TypeChar:
+		typ, what = unix.S_IFCHR, "character device"
+	case tar.TypeBlock:
+		typ, what = unix.S_IFBLK, "block device"
+	}
+	if err := removeAllAt(parent, base); err != nil {
+		return err
+	}
+	dev := unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))
+	if typ == unix.S_IFIFO {
+		dev = 0
+	}
+	if err := unix.Mknodat(parent, base, typ|0o600, int(dev)); err != nil {
+		if errors.Is(err, unix.EPERM) {
+			u.log.Warn("skipping "+what+" in image layer: no privilege to make it here", "path", hdr.Name)
+			return nil
+		}
+		return fmt.Errorf("mknod %s %d:%d: %w", what, hdr.Devmajor, hdr.Devminor, err)
+	}
+	if err := unix.Fchownat(parent, base, hdr.Uid, hdr.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("chown %d:%d: %w", hdr.Uid, hdr.Gid, err)
+	}
+	if err := unix.Fchmodat(parent, base, uint32(hdr.Mode)&0o7777, 0); err != nil {
+		return fmt.Errorf("chmod %o: %w", hdr.Mode, err)
 	}
 	return setTimes(parent, base, hdr)
 }

@@ -6,7 +6,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
-	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"os"
 	"path/filepath"
 	"slices"
@@ -14,7 +13,10 @@ import (
 	"syscall"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/fireworks-sandbox/fireworks/internal/image/unpack"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
 
@@ -145,8 +147,71 @@ func TestMetadataPreserved(t *testing.T) {
 	if got := readFile(t, filepath.Join(root, "deep/a/b/c")); got != "implicit parents" {
 		t.Errorf("deep/a/b/c = %q", got)
 	}
-	if exists(filepath.Join(root, "pipe")) {
-		t.Error("FIFO was created; want skipped")
+	if fi, err := os.Lstat(filepath.Join(root, "pipe")); err != nil || fi.Mode()&os.ModeNamedPipe == 0 {
+		t.Errorf("FIFO: %v, %v; want a named pipe", fi, err)
+	}
+}
+
+// Device nodes and FIFOs are recorded as the layer says (debootstrap and `docker
+// import` roots carry /dev/*), with their numbers, owner and mode, hardlinks to them
+// too, and a later layer can replace or white them out. They are never opened.
+func TestDeviceNodesRecorded(t *testing.T) {
+	root, _ := setup(t)
+	mustApply(t, root, []E{
+		{Name: "dev/", Type: tar.TypeDir},
+		{Name: "dev/full", Type: tar.TypeChar, Mode: 0o666, Devmajor: 1, Devmin: 7},
+		{Name: "dev/sda", Type: tar.TypeBlock, Mode: 0o660, Devmajor: 8, Devmin: 0, GID: 6},
+		{Name: "dev/null-link", Type: tar.TypeLink, Link: "dev/full"},
+		{Name: "dev/big", Type: tar.TypeChar, Mode: 0o600, Devmajor: 4095, Devmin: 1048575},
+		{Name: "run/initctl", Type: tar.TypeFifo, Mode: 0o600},
+		{Name: "dev/gone", Type: tar.TypeChar, Mode: 0o600, Devmajor: 1, Devmin: 3},
+		{Name: "dev/replaced", Type: tar.TypeFifo, Mode: 0o644},
+	}, []E{
+		{Name: "dev/.wh.gone"},
+		{Name: "dev/replaced", Body: "now a file"},
+	})
+	for _, c := range []struct {
+		path       string
+		typ        os.FileMode
+		perm       os.FileMode
+		major, min uint32
+		gid        uint32
+	}{
+		{"dev/full", os.ModeDevice | os.ModeCharDevice, 0o666, 1, 7, 0},
+		{"dev/sda", os.ModeDevice, 0o660, 8, 0, 6},
+		{"dev/big", os.ModeDevice | os.ModeCharDevice, 0o600, 4095, 1048575, 0},
+		{"run/initctl", os.ModeNamedPipe, 0o600, 0, 0, 0},
+	} {
+		fi, err := os.Lstat(filepath.Join(root, c.path))
+		if err != nil {
+			t.Errorf("%s: %v", c.path, err)
+			continue
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		if fi.Mode().Type() != c.typ || fi.Mode().Perm() != c.perm || unix.Major(st.Rdev) != c.major || unix.Minor(st.Rdev) != c.min || st.Gid != c.gid {
+			t.Errorf("%s: %v %d:%d gid %d, want %v|%v %d:%d gid %d", c.path, fi.Mode(), unix.Major(st.Rdev), unix.Minor(st.Rdev), st.Gid,
+				c.typ, c.perm, c.major, c.min, c.gid)
+		}
+	}
+	a, _ := os.Lstat(filepath.Join(root, "dev/full"))
+	b, _ := os.Lstat(filepath.Join(root, "dev/null-link"))
+	if a == nil || b == nil || !os.SameFile(a, b) {
+		t.Error("dev/null-link is not a hardlink of dev/full")
+	}
+	if exists(filepath.Join(root, "dev/gone")) {
+		t.Error("a whited-out device node is still there")
+	}
+	if got := readFile(t, filepath.Join(root, "dev/replaced")); got != "now a file" {
+		t.Errorf("FIFO replaced by a file in a later layer: %q", got)
+	}
+}
+
+// A device number no kernel can hold is refused, not truncated into another device.
+func TestDeviceNumberOutOfRange(t *testing.T) {
+	root, _ := setup(t)
+	err := apply(t, root, unpack.Limits{}, []E{{Name: "dev/x", Type: tar.TypeChar, Devmajor: 1 << 20, Devmin: 1}})
+	if !errors.Is(err, unpack.ErrHostileLayer) {
+		t.Fatalf("apply = %v, want ErrHostileLayer", err)
 	}
 }
 

@@ -32,10 +32,6 @@ const (
 	// hardlinks passwd to etc-link/passwd: resolved inside the root, that is
 	// the tree's own etc/passwd, which does not exist in an empty tree.
 	HostileHardlinkViaSymlink = "hardlink-via-symlink"
-	// HostileDevice makes a block device node for 8:0 (the host's first disk).
-	HostileDevice = "device"
-	// HostileCharDevice makes a character device node for 1:1 (/dev/mem).
-	HostileCharDevice = "char-device"
 	// HostileGiant is a file header claiming 1 TiB, with no body.
 	HostileGiant = "giant"
 	// HostileWhiteout is a whiteout naming "..".
@@ -52,7 +48,7 @@ const HostileAbsolutePath = "/tmp/fireworks-hostile-absolute"
 // HostileKinds lists every kind HostileLayer builds.
 func HostileKinds() []string {
 	return []string{HostileDotDot, HostileAbsolute, HostileSymlink, HostileSymlinkRelative,
-		HostileHardlink, HostileHardlinkViaSymlink, HostileDevice, HostileCharDevice, HostileGiant, HostileWhiteout}
+		HostileHardlink, HostileHardlinkViaSymlink, HostileGiant, HostileWhiteout}
 }
 
 // HostileEntries returns the tar entries of a hostile layer of kind.
@@ -88,10 +84,6 @@ func hostileEntries(kind string) ([]Entry, error) {
 			{Name: "etc-link", Type: tar.TypeSymlink, Link: "/../../../../etc"},
 			{Name: "passwd", Type: tar.TypeLink, Link: "etc-link/passwd"},
 		}, nil
-	case HostileDevice:
-		return []Entry{{Name: "disk", Type: tar.TypeBlock, Mode: 0o666, Devmajor: 8, Devmin: 0}}, nil
-	case HostileCharDevice:
-		return []Entry{{Name: "mem", Type: tar.TypeChar, Mode: 0o666, Devmajor: 1, Devmin: 1}}, nil
 	case HostileGiant:
 		return []Entry{{Name: "giant", Size: 1 << 40}}, nil
 	case HostileWhiteout:

@@ -12,6 +12,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
 	"github.com/fireworks-sandbox/fireworks/internal/image/busybox"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
 
 // Re-exported from package busybox so tests need one import.
@@ -74,11 +75,12 @@ func LayerFromTar(t testing.TB, b []byte) v1.Layer {
 }
 
 // Busybox returns the busybox test image (see busybox.Image) with opts
-// applied. It skips the test when busybox-static is not installed.
+// applied. It skips the test when busybox-static is not installed (a failure under
+// testutil.RequireAllEnv).
 func Busybox(t testing.TB, opts ...Option) v1.Image {
 	t.Helper()
 	if _, err := os.Stat(BusyboxPath); err != nil {
-		t.Skipf("%s not found (install busybox-static): %v", BusyboxPath, err)
+		testutil.Skipf(t, "%s not found (scripts/install-deps.sh installs busybox-static): %v", BusyboxPath, err)
 	}
 	img, err := busybox.Image(opts...)
 	if err != nil {

@@ -47,14 +47,10 @@ type Harness struct {
 var BootModules = []string{"virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng",
 	"failover", "net_failover", "virtio_net"}
 
-// CacheDir is where test runs keep the downloaded kernel and built initramfs between runs:
-// $FIREWORKS_TEST_CACHE, else <tmp>/fireworks-test-cache.
-func CacheDir() string {
-	if d := os.Getenv("FIREWORKS_TEST_CACHE"); d != "" {
-		return d
-	}
-	return filepath.Join(os.TempDir(), "fireworks-test-cache")
-}
+// CacheDir is where test runs keep the downloaded kernel and built initramfs: the one
+// cache every test package shares (testutil.AssetCache). A run on a fresh machine fills
+// it; nothing requires an earlier run to have done so.
+func CacheDir() string { return testutil.AssetCache() }
 
 // DefaultHarness fetches the Debian guest kernel and builds the busybox test guest,
 // skipping the test (with the reason) if either is impossible here.
@@ -411,7 +407,7 @@ func (s *suite) testRunningGuest(t *testing.T) {
 	t.Run("PauseResume", func(t *testing.T) {
 		p, ok := g.vm.(vmm.Pauser)
 		if !ok {
-			t.Skipf("%s does not implement vmm.Pauser", s.d.Name())
+			testutil.Skipf(t, "%s does not implement vmm.Pauser", s.d.Name())
 		}
 		ctx := context.Background()
 		if err := p.Pause(ctx); err != nil {
@@ -439,7 +435,7 @@ func (s *suite) testRunningGuest(t *testing.T) {
 	t.Run("AdoptFromFreshDriver", func(t *testing.T) {
 		det, ok := g.vm.(vmm.Detacher)
 		if !ok {
-			t.Skipf("%s does not implement vmm.Detacher", s.d.Name())
+			testutil.Skipf(t, "%s does not implement vmm.Detacher", s.d.Name())
 		}
 		if err := det.Detach(); err != nil {
 			t.Fatal(err)
