@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Installs what Fireworks needs on a Debian 12 machine (run as root). Idempotent.
+# Installs what Fireworks and its tests need on a Debian 12 machine (run as root). Idempotent.
+# Every binary a test shells out to comes from here; .ci/run checks them (scripts/check-tools.sh).
 set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(
   qemu-system-x86 qemu-utils   # the VMM (microvm machine, QMP, TCG/KVM)
-  e2fsprogs erofs-utils        # root and scratch disks
+  e2fsprogs erofs-utils        # root and scratch disks (debugfs/fsck.erofs read them in tests)
   busybox-static               # the demo/test image is built from it
-  lz4 kmod                     # guest kernel extraction
+  lz4 kmod cpio                # guest kernel extraction; cpio cross-checks the initramfs
   crun                         # non-VM baseline for benchmarks
-  iproute2 nftables           # sandbox networks: namespaces, veths, taps, NAT
+  iproute2 nftables            # sandbox networks: namespaces, veths, taps, NAT
+  util-linux                   # unshare/nsenter (tests' private namespaces), mount
+  debootstrap                  # image tests: a real Debian root filesystem (minbase)
+  podman runc                  # differential tests: the same cases through a real container runtime
+  tmux                         # TTY tests: a real pseudo-terminal
   ca-certificates
-  curl unzip                   # fetching the Go toolchain from the module proxy
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -25,20 +30,40 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The Go toolchain go.mod asks for, from the Go module proxy (golang.org/toolchain), when
-# /usr/local/go is missing or older. Debian's golang-go is too old to switch by itself.
-want=$(awk '/^go /{print $2}' "$(dirname "$0")/../go.mod")
+# The Go toolchain go.mod asks for, installed as /usr/local/go. Go itself fetches it,
+# through whatever module proxy this machine's Go is configured with: a Go of 1.21 or later
+# switches toolchains on request (GOTOOLCHAIN); an older one (Debian's golang-go is 1.19,
+# installed only when there is no Go at all) can still download the toolchain module.
+want=$(awk '/^go /{print $2}' "$repo/go.mod")
 have=$(/usr/local/go/bin/go env GOVERSION 2>/dev/null || true)
 if [ "$have" != "go$want" ]; then
-  proxy=${GOPROXY:-https://proxy.golang.org}; proxy=${proxy%%,*}
-  [ "$proxy" = direct ] || [ "$proxy" = off ] && proxy=https://proxy.golang.org
-  echo "installing Go $want to /usr/local/go (from $proxy)"
+  boot=/usr/local/go/bin/go
+  [ -x "$boot" ] || boot=$(command -v go || true)
+  if [ -z "$boot" ]; then
+    echo "no Go found: installing Debian's golang-go to fetch Go $want with"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go >/dev/null
+    boot=$(command -v go)
+  fi
   tmp=$(mktemp -d)
-  curl -fsSL "$proxy/golang.org/toolchain/@v/v0.0.1-go$want.linux-amd64.zip" -o "$tmp/go.zip"
-  unzip -q "$tmp/go.zip" -d "$tmp"
+  trap 'chmod -R u+w "$tmp" 2>/dev/null; rm -rf "$tmp"' EXIT
+  minor=$("$boot" env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')
+  if [ "$minor" -ge 21 ]; then
+    # The toolchain switch downloads go$want into the module cache; GOROOT names it.
+    dir=$(cd "$tmp" && GOTOOLCHAIN="go$want" GOPATH="$tmp/gopath" GOFLAGS=-modcacherw "$boot" env GOROOT)
+  else
+    dir=$(cd "$tmp" && GOPATH="$tmp/gopath" GOFLAGS=-modcacherw "$boot" mod download -json \
+      "golang.org/toolchain@v0.0.1-go$want.linux-amd64" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  fi
+  if [ -z "$dir" ] || [ ! -f "$dir/bin/go" ]; then
+    echo "could not fetch Go $want with $boot" >&2
+    exit 1
+  fi
+  echo "installing Go $want to /usr/local/go (fetched by $("$boot" env GOVERSION))"
+  rm -rf /usr/local/go.new
+  cp -a "$dir" /usr/local/go.new
+  chmod -R u+w,a+rX /usr/local/go.new
+  chmod a+x /usr/local/go.new/bin/* /usr/local/go.new/pkg/tool/*/*
   rm -rf /usr/local/go
-  mv "$tmp/golang.org/toolchain@v0.0.1-go$want.linux-amd64" /usr/local/go
-  chmod -R a+rX /usr/local/go && chmod a+x /usr/local/go/bin/* /usr/local/go/pkg/tool/*/* 2>/dev/null || true
-  rm -rf "$tmp"
+  mv /usr/local/go.new /usr/local/go
   /usr/local/go/bin/go version
 fi

@@ -59,12 +59,15 @@ func main() {
 			os.Exit(code)
 		}
 	}
-	if _, err := bench.Run(ctx, cfg); err != nil {
+	_, err := bench.Run(ctx, cfg)
+	// The report is written whatever failed: a failed series is listed in it.
+	for _, f := range []string{cfg.Out, cfg.PNG} {
+		if _, serr := os.Stat(f); f != "" && serr == nil {
+			fmt.Printf("wrote %s\n", f)
+		}
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "fireworks-bench:", err)
 		os.Exit(1)
-	}
-	fmt.Printf("wrote %s\n", cfg.Out)
-	if cfg.PNG != "" {
-		fmt.Printf("wrote %s\n", cfg.PNG)
 	}
 }

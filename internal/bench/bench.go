@@ -11,6 +11,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -22,6 +23,7 @@ import (
 	"strings"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 
@@ -121,6 +123,8 @@ type Report struct {
 	ControlPlane []RaftRow `json:"control_plane,omitempty"`
 	// Network is guest↔host TCP and ingress HTTP (nil: not measured).
 	Network *NetworkReport `json:"network,omitempty"`
+	// Errors lists the series that failed; everything else in the report was measured.
+	Errors []SeriesError `json:"errors,omitempty"`
 }
 
 // SchedulerRow is one synthetic cluster size.
@@ -133,7 +137,21 @@ type SchedulerRow struct {
 	P99Ms       float64 `json:"place_p99_ms"`
 }
 
-// Run measures every series and writes the report.
+// SeriesError is a series that failed. One failed series never costs the others: every
+// other series is still measured, printed and written, and the run fails at the end.
+type SeriesError struct {
+	Series string `json:"series"`
+	Error  string `json:"error"`
+}
+
+func (r *Report) fail(log *slog.Logger, series string, err error) {
+	log.Error("series failed; going on with the others", "series", series, "err", err)
+	r.Errors = append(r.Errors, SeriesError{Series: series, Error: err.Error()})
+}
+
+// Run measures every series and writes the report. A series that fails is recorded in
+// the report's Errors and the others still run; the returned error then names them all,
+// after the table is printed and the report written.
 func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if cfg.Runs <= 0 {
 		cfg.Runs = 50
@@ -175,7 +193,59 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		return nil, fmt.Errorf("write bench image to %s: %w", ociDir, err)
 	}
 	ref := "oci:" + ociDir
+	rep := &Report{Time: time.Now().UTC(), Image: "busybox (from the host's busybox-static)", Command: cfg.Command}
 
+	if err := measureOnDev(ctx, cfg, work, ref, rep); err != nil {
+		rep.fail(cfg.Log, "fireworks dev", err)
+	}
+
+	if !cfg.SkipCrun {
+		if err := measureCrun(ctx, cfg, img, work, rep); err != nil {
+			rep.fail(cfg.Log, KeyCrun, err)
+		}
+	}
+
+	for _, n := range []int{100, 1000, 10000} {
+		r, err := scheduler.BenchPlacement(n, 500)
+		if err != nil {
+			rep.fail(cfg.Log, fmt.Sprintf("scheduler at %d nodes", n), err)
+			continue
+		}
+		rep.Scheduler = append(rep.Scheduler, SchedulerRow{Nodes: r.Nodes, Allocations: r.Allocations, Iterations: r.Iterations,
+			IndexMs: ms(r.Index), P50Ms: ms(r.P50), P99Ms: ms(r.P99)})
+	}
+
+	if cpRows, err := BenchRaft(ctx, filepath.Join(work, "raft"), cfg.Creates, []int{1, 16, 64}); err != nil {
+		rep.fail(cfg.Log, "control plane", err)
+	} else {
+		rep.ControlPlane = cpRows
+	}
+
+	var errs []error
+	if cfg.Out != "" {
+		data, _ := json.MarshalIndent(rep, "", "  ")
+		if err := os.WriteFile(cfg.Out, append(data, '\n'), 0o644); err != nil {
+			errs = append(errs, fmt.Errorf("write report %s: %w", cfg.Out, err))
+		}
+	}
+	if cfg.PNG != "" {
+		if err := WriteChart(cfg.PNG, rep); err != nil {
+			errs = append(errs, fmt.Errorf("write chart %s: %w", cfg.PNG, err))
+		}
+	}
+	if cfg.StdoutView != nil {
+		PrintTable(cfg.StdoutView, rep)
+	}
+	for _, e := range rep.Errors {
+		errs = append(errs, fmt.Errorf("series %q failed: %s", e.Series, e.Error))
+	}
+	return rep, errors.Join(errs...)
+}
+
+// measureOnDev starts a `fireworks dev` server and measures every series that needs one:
+// the VM start paths and the network. Each failed series is recorded and the next one
+// still runs; only a server that cannot start ends them all.
+func measureOnDev(ctx context.Context, cfg Config, work, ref string, rep *Report) error {
 	// The dev server's built-in ingress, when this fireworks has one, for the network
 	// series.
 	var devFlags []string
@@ -186,7 +256,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		if ok, ingressNote = ingressSupport(ctx, cfg.Fireworks); ok {
 			addr, err := freeLoopbackAddr()
 			if err != nil {
-				return nil, err
+				return err
 			}
 			ing = &ingressTarget{addr: addr, domain: "bench.fireworks.test"}
 			devFlags = []string{"--ingress-listen", ing.addr, "--ingress-domain", ing.domain}
@@ -194,105 +264,77 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	dev, err := startDev(ctx, cfg, work, devFlags...)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer dev.stop()
 	api, err := newAPIClient(dev.config)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	rep := &Report{Time: time.Now().UTC(), Image: "busybox (from the host's busybox-static)", Command: cfg.Command}
 	rep.Accelerator, rep.Kernel = api.info(ctx)
 
-	if err := measureVMs(ctx, cfg, api, ref, rep); err != nil {
-		return nil, err
-	}
+	measureVMs(ctx, cfg, api, ref, rep)
 	if !cfg.SkipNetwork {
 		if rep.Network, err = measureNetwork(ctx, cfg, api, ref, ing, ingressNote); err != nil {
-			return nil, fmt.Errorf("network series: %w", err)
+			rep.fail(cfg.Log, "network", err)
 		}
 	}
+	return nil
+}
 
-	if !cfg.SkipCrun {
-		bundle, err := crunBundle(ctx, img, filepath.Join(work, "crun"), cfg.Command)
-		if err != nil {
-			return nil, err
-		}
-		n := 0
-		name, wrap := "crun (no VM)", hybridCgroups()
-		if wrap {
-			name = "crun (no VM, via unshare -m)"
-		}
-		s, err := measure(ctx, cfg, KeyCrun, name, func() (sample, error) {
-			n++
-			id := fmt.Sprintf("fireworks-bench-%d-%d", os.Getpid(), n)
-			var cmd *exec.Cmd
-			if wrap {
-				// crun refuses a cgroup v1/v2 hybrid whose v2 half has controllers; hide the
-				// v2 mount in a private mount namespace. This adds a couple of ms to the
-				// baseline, which only flatters the VM.
-				cmd = exec.CommandContext(ctx, "unshare", "-m", "sh", "-c",
-					`umount /sys/fs/cgroup/unified && exec crun run --bundle "$1" "$2"`, "sh", bundle, id)
-			} else {
-				cmd = exec.CommandContext(ctx, "crun", "run", "--bundle", bundle, id)
-			}
-			first, exit, err := timeCommand(ctx, cmd)
-			return sample{first: first, exit: exit}, err
-		})
-		if err != nil {
-			return nil, err
-		}
-		rep.Series = append(rep.Series, s)
-	}
-
-	for _, n := range []int{100, 1000, 10000} {
-		r, err := scheduler.BenchPlacement(n, 500)
-		if err != nil {
-			return nil, fmt.Errorf("scheduler bench at %d nodes: %w", n, err)
-		}
-		rep.Scheduler = append(rep.Scheduler, SchedulerRow{Nodes: r.Nodes, Allocations: r.Allocations, Iterations: r.Iterations,
-			IndexMs: ms(r.Index), P50Ms: ms(r.P50), P99Ms: ms(r.P99)})
-	}
-
-	cpRows, err := BenchRaft(ctx, filepath.Join(work, "raft"), cfg.Creates, []int{1, 16, 64})
+// measureCrun measures the no-VM baseline: crun on the same image and command.
+func measureCrun(ctx context.Context, cfg Config, img v1.Image, work string, rep *Report) error {
+	bundle, err := crunBundle(ctx, img, filepath.Join(work, "crun"), cfg.Command)
 	if err != nil {
-		return nil, fmt.Errorf("control-plane bench: %w", err)
+		return err
 	}
-	rep.ControlPlane = cpRows
-
-	if cfg.Out != "" {
-		data, _ := json.MarshalIndent(rep, "", "  ")
-		if err := os.WriteFile(cfg.Out, append(data, '\n'), 0o644); err != nil {
-			return nil, fmt.Errorf("write report %s: %w", cfg.Out, err)
+	n := 0
+	name, wrap := "crun (no VM)", hybridCgroups()
+	if wrap {
+		name = "crun (no VM, via unshare -m)"
+	}
+	s, err := measure(ctx, cfg, KeyCrun, name, func() (sample, error) {
+		n++
+		id := fmt.Sprintf("fireworks-bench-%d-%d", os.Getpid(), n)
+		var cmd *exec.Cmd
+		if wrap {
+			// crun refuses a cgroup v1/v2 hybrid whose v2 half has controllers; hide the
+			// v2 mount in a private mount namespace. This adds a couple of ms to the
+			// baseline, which only flatters the VM.
+			cmd = exec.CommandContext(ctx, "unshare", "-m", "sh", "-c",
+				`umount /sys/fs/cgroup/unified && exec crun run --bundle "$1" "$2"`, "sh", bundle, id)
+		} else {
+			cmd = exec.CommandContext(ctx, "crun", "run", "--bundle", bundle, id)
 		}
+		first, exit, err := timeCommand(ctx, cmd)
+		return sample{first: first, exit: exit}, err
+	})
+	if err != nil {
+		return err
 	}
-	if cfg.PNG != "" {
-		if err := WriteChart(cfg.PNG, rep); err != nil {
-			return nil, err
-		}
-	}
-	if cfg.StdoutView != nil {
-		PrintTable(cfg.StdoutView, rep)
-	}
-	return rep, nil
+	rep.Series = append(rep.Series, s)
+	return nil
 }
 
 // measureVMs measures the fireworks series through the API: cold boot, snapshot restore,
-// warm-pool claim, and exec in a running sandbox.
-func measureVMs(ctx context.Context, cfg Config, api *apiClient, ref string, rep *Report) error {
+// warm-pool claim, and exec in a running sandbox. A failed series is recorded in rep and
+// the next one still runs; only a failed first start (the image cannot be pulled or
+// booted at all) ends them.
+func measureVMs(ctx context.Context, cfg Config, api *apiClient, ref string, rep *Report) {
 	accel := " (" + rep.Accelerator + ")"
 	// The first start pulls the image and builds its root disk; then the template
 	// snapshot is built once. Every measured start after that finds all three ready.
 	cfg.Log.Info("warming the image cache")
 	if _, err := api.startOnce(ctx, ref, cfg.Command, "cold"); err != nil {
-		return fmt.Errorf("warm-up start: %w", err)
+		rep.fail(cfg.Log, "fireworks VM starts", fmt.Errorf("warm-up start: %w", err))
+		return
 	}
 	cfg.Log.Info("building the template snapshot")
-	built, build, err := api.warmImage(ctx, ref)
-	if err != nil {
-		return err
+	if built, build, err := api.warmImage(ctx, ref); err != nil {
+		rep.fail(cfg.Log, "template snapshot", err)
+	} else {
+		rep.TemplateBuildMs, rep.TemplateReused = ms(build), !built
 	}
-	rep.TemplateBuildMs, rep.TemplateReused = ms(build), !built
 
 	for _, m := range []struct{ key, boot, name string }{
 		{KeyCold, "cold", "fireworks cold boot"},
@@ -303,23 +345,38 @@ func measureVMs(ctx context.Context, cfg Config, api *apiClient, ref string, rep
 		// was the image cache's.)
 		if m.key == KeyRestore {
 			if _, err := api.startOnce(ctx, ref, cfg.Command, m.boot); err != nil {
-				return fmt.Errorf("%s warm-up start: %w", m.name, err)
+				rep.fail(cfg.Log, m.key, fmt.Errorf("%s warm-up start: %w", m.name, err))
+				continue
 			}
 		}
 		s, err := measure(ctx, cfg, m.key, m.name+accel, func() (sample, error) {
 			return api.startOnce(ctx, ref, cfg.Command, m.boot)
 		})
 		if err != nil {
-			return err
+			rep.fail(cfg.Log, m.key, err)
+			continue
 		}
 		s.Boot = m.boot
 		rep.Series = append(rep.Series, s)
 	}
 
-	// Warm pool: every measured start claims a VM that waited ready; the refill after
-	// each claim runs between starts and is not counted.
+	if s, err := measurePool(ctx, cfg, api, ref, accel); err != nil {
+		rep.fail(cfg.Log, KeyPool, err)
+	} else {
+		rep.Series = append(rep.Series, s)
+	}
+	if s, err := measureExec(ctx, cfg, api, ref, accel); err != nil {
+		rep.fail(cfg.Log, KeyExec, err)
+	} else {
+		rep.Series = append(rep.Series, s)
+	}
+}
+
+// measurePool: every measured start claims a VM that waited ready; the refill after each
+// claim runs between starts and is not counted.
+func measurePool(ctx context.Context, cfg Config, api *apiClient, ref, accel string) (Series, error) {
 	if err := api.setPool(ctx, ref, cfg.PoolSize); err != nil {
-		return err
+		return Series{}, err
 	}
 	poolWait := 5 * time.Minute // the first fill restores PoolSize VMs
 	s, err := measure(ctx, cfg, KeyPool, "fireworks warm-pool claim"+accel, func() (sample, error) {
@@ -334,28 +391,23 @@ func measureVMs(ctx context.Context, cfg Config, api *apiClient, ref string, rep
 	if derr := api.deletePool(context.WithoutCancel(ctx), ref); derr != nil && err == nil {
 		err = derr
 	}
-	if err != nil {
-		return err
-	}
 	s.Boot = "auto"
-	rep.Series = append(rep.Series, s)
+	return s, err
+}
 
+// measureExec times exec in one running sandbox.
+func measureExec(ctx context.Context, cfg Config, api *apiClient, ref, accel string) (Series, error) {
 	id, err := api.startLongRunning(ctx, ref, []string{"sleep", "3600"})
 	if err != nil {
-		return err
+		return Series{}, err
 	}
 	defer api.remove(context.WithoutCancel(ctx), id)
 	if _, err := api.execOnce(ctx, id, cfg.Command); err != nil {
-		return fmt.Errorf("warm-up exec: %w", err)
+		return Series{}, fmt.Errorf("warm-up exec: %w", err)
 	}
-	s, err = measure(ctx, cfg, KeyExec, "fireworks exec in a running sandbox"+accel, func() (sample, error) {
+	return measure(ctx, cfg, KeyExec, "fireworks exec in a running sandbox"+accel, func() (sample, error) {
 		return api.execOnce(ctx, id, cfg.Command)
 	})
-	if err != nil {
-		return err
-	}
-	rep.Series = append(rep.Series, s)
-	return nil
 }
 
 // PrintTable writes the report as aligned tables.
@@ -411,6 +463,12 @@ func PrintTable(w io.Writer, rep *Report) {
 		fmt.Fprintf(w, "\n%-28s %8s %12s %12s %12s\n", "control plane (3 servers)", "creates", "creates/s", "commit p50", "commit p99")
 		for _, r := range rep.ControlPlane {
 			fmt.Fprintf(w, "%-28s %8d %12.0f %10.2fms %10.2fms\n", fmt.Sprintf("%d concurrent clients", r.Concurrency), r.Creates, r.PerSecond, r.P50Ms, r.P99Ms)
+		}
+	}
+	if len(rep.Errors) > 0 {
+		fmt.Fprintf(w, "\nFAILED series (everything above was measured without them):\n")
+		for _, e := range rep.Errors {
+			fmt.Fprintf(w, "  %s: %s\n", e.Series, e.Error)
 		}
 	}
 }

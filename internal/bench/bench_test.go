@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"os"
@@ -47,6 +48,22 @@ func TestPrintTable(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
+	}
+}
+
+// A failed series is printed and written beside what was measured, never instead of it.
+func TestFailedSeriesReported(t *testing.T) {
+	rep := &Report{Accelerator: "tcg", Series: []Series{{Key: KeyCold, Name: "fireworks cold boot (tcg)", Runs: 3, FirstByte: Summary{P50: 3000}}}}
+	rep.fail(slog.New(slog.DiscardHandler), "network", errors.New("exec sh -c nc: canceled"))
+	var b strings.Builder
+	PrintTable(&b, rep)
+	if out := b.String(); !strings.Contains(out, "fireworks cold boot (tcg)") || !strings.Contains(out, "FAILED series") || !strings.Contains(out, "network: exec sh -c nc: canceled") {
+		t.Errorf("table:\n%s", out)
+	}
+	data, _ := json.Marshal(rep)
+	var back Report
+	if err := json.Unmarshal(data, &back); err != nil || len(back.Errors) != 1 || back.Errors[0].Series != "network" || len(back.Series) != 1 {
+		t.Errorf("JSON round trip: %s, %v", data, err)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -17,6 +18,7 @@ import (
 	"strings"
 	"time"
 
+	"connectrpc.com/connect"
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
@@ -354,7 +356,7 @@ func guestToHost(ctx context.Context, api *apiClient, s *netSandbox, script stri
 	if err != nil {
 		return netSample{}, fmt.Errorf("%s from sandbox %s (%s): %w%s", DirGuestToHost, s.id, script, err, guestSays(res))
 	}
-	if gerr != nil {
+	if gerr = senderEnded(ctx, s.id, gerr); gerr != nil {
 		return netSample{}, gerr
 	}
 	out := w.stop(ctx, x, true)
@@ -375,7 +377,7 @@ func hostToGuest(ctx context.Context, api *apiClient, s *netSandbox, dur time.Du
 	if err != nil {
 		return netSample{}, fmt.Errorf("%s, sandbox %s: %w%s", DirHostToGuest, s.id, err, guestSays(res))
 	}
-	if gerr != nil {
+	if gerr = senderEnded(ctx, s.id, gerr); gerr != nil {
 		return netSample{}, gerr
 	}
 	out := w.stop(ctx, x, false)
@@ -398,6 +400,18 @@ func roundTrips(ctx context.Context, api *apiClient, s *netSandbox, n int) ([]fl
 		return nil, fmt.Errorf("round trips to sandbox %s: %w%s", s.id, err, guestSays(res))
 	}
 	return rt, gerr
+}
+
+// senderEnded judges the guest side of a stream the host has already counted: if it did
+// not end by itself within its grace and had to be ended (seen once on a loaded first
+// run: a guest nc that outlived its closed connection), the bytes are still measured and
+// only the guest's CPU figures of that sample are missing, so that is not a failure.
+func senderEnded(ctx context.Context, id string, err error) error {
+	if err != nil && ctx.Err() == nil && (errors.Is(err, context.Canceled) || connect.CodeOf(err) == connect.CodeCanceled) {
+		slog.Warn("the guest side of a measured stream did not end by itself and was ended; its CPU figures are missing", "sandbox", id)
+		return nil
+	}
+	return err
 }
 
 func guestSays(r execResult) string {

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Fails early, one line per missing tool, when a binary that Fireworks or its tests shell
+# out to is not installed. Keep this list in step with scripts/install-deps.sh: a test that
+# starts using a new tool adds it to both.
+set -uo pipefail
+tools=(
+  # tool                package that brings it
+  "qemu-system-x86_64   qemu-system-x86"
+  "mkfs.ext4            e2fsprogs"
+  "debugfs              e2fsprogs"
+  "mkfs.erofs           erofs-utils"
+  "fsck.erofs           erofs-utils"
+  "busybox              busybox-static"
+  "lz4                  lz4"
+  "depmod               kmod"
+  "cpio                 cpio"
+  "crun                 crun"
+  "ip                   iproute2"
+  "nft                  nftables"
+  "unshare              util-linux"
+  "nsenter              util-linux"
+  "mount                mount"
+  "umount               mount"
+  "dmesg                util-linux"
+  "pkill                procps"
+  "apt-get              apt"
+  "apt-cache            apt"
+  "dpkg-deb             dpkg"
+  "file                 file"
+  "sha256sum            coreutils"
+  "cp                   coreutils"
+  "debootstrap          debootstrap"
+  "podman               podman"
+  "runc                 runc"
+  "tmux                 tmux"
+  "go                   (scripts/install-deps.sh installs Go to /usr/local/go)"
+)
+missing=0
+for entry in "${tools[@]}"; do
+  read -r tool pkg <<<"$entry"
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "missing tool: $tool (install $pkg; scripts/install-deps.sh should have)" >&2
+    missing=1
+  fi
+done
+[ -e /dev/net/tun ] || { echo "missing device: /dev/net/tun (modprobe tun)" >&2; missing=1; }
+exit $missing
