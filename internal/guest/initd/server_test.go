@@ -447,6 +447,25 @@ func TestUsers(t *testing.T) {
 			t.Errorf("user %q: got %q (%+v), want %q", tc.user, r.stdout, r.status, tc.want)
 		}
 	}
+	// The working directory is entered before privileges are dropped, as runc does: a
+	// user who may not enter it still runs there (`-u 1234 -w /root`), and the process
+	// may still use what its permissions allow.
+	private := filepath.Join(t.TempDir(), "private")
+	if err := os.Mkdir(private, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, user := range []string{"1234:5678", "alice", "4321"} {
+		req := proto.ExecRequest{Argv: []string{"/bin/sh", "-c", "pwd; id -u; ls . >/dev/null 2>&1 || echo cannot-list"}, Dir: private, User: user}
+		r := run(t, c, req, nil)
+		if r.status.Code != 0 || r.status.ErrKind != "" || !strings.HasPrefix(r.stdout, private+"\n") || !strings.HasSuffix(r.stdout, "cannot-list\n") {
+			t.Errorf("user %q in a 0700 root directory: %+v stdout %q stderr %q", user, r.status, r.stdout, r.stderr)
+		}
+	}
+	// The process's working directory change stays on the thread that forked: the
+	// server's own directory is unchanged.
+	if wd, _ := os.Getwd(); wd == private {
+		t.Errorf("the server's working directory moved to %s", wd)
+	}
 	for _, bad := range []string{"bob", "alice:nogroup", ":1", "alice:"} {
 		req := sh("true")
 		req.User = bad

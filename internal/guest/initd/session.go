@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"syscall"
 	"time"
@@ -237,6 +238,9 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 	var waitCh <-chan unix.WaitStatus
 	s.mu.Lock()
 	pid, waitCh, err := s.reaper.start(func() (int, error) {
+		if cred != nil && cred.Uid != 0 {
+			return forkExecFromDir(dir, path, req.Argv, attr)
+		}
 		return syscall.ForkExec(path, req.Argv, attr)
 	})
 	if err == nil {
@@ -718,4 +722,37 @@ func (sess *session) feedStdin(w *os.File, closeOnEOF bool) {
 			return
 		}
 	}
+}
+
+// forkExecFromDir starts a process that drops privileges with dir as its working
+// directory entered while still root, as runc (and so Docker and Podman) does: `-u 1234 -w
+// /root` runs the command in /root even though uid 1234 could not enter it. Go's
+// ForkExec changes directory after switching credentials, so instead the fork happens
+// on a thread of its own whose working directory (unshared from the process with
+// CLONE_FS) is already dir; the child inherits it.
+func forkExecFromDir(dir, path string, argv []string, attr *syscall.ProcAttr) (int, error) {
+	type result struct {
+		pid int
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		// Never unlocked: this thread's working directory is no longer the process's,
+		// so the runtime must end the thread with this goroutine rather than reuse it.
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			ch <- result{err: setupErr("unshare the working directory: %v", err)}
+			return
+		}
+		if err := unix.Chdir(dir); err != nil {
+			ch <- result{err: setupErr("working directory %s: %v", dir, err)}
+			return
+		}
+		a := *attr
+		a.Dir = ""
+		pid, err := syscall.ForkExec(path, argv, &a)
+		ch <- result{pid, err}
+	}()
+	r := <-ch
+	return r.pid, r.err
 }
