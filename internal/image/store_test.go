@@ -26,6 +26,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
 var ctx = context.Background()
@@ -232,6 +233,11 @@ func TestPlatformFromIndex(t *testing.T) {
 	}
 	if img.Digest != digestOf(t, amd) || img.Config.Cmd[0] != "amd64" {
 		t.Errorf("picked %s, want the amd64 image %s", img.Digest, digestOf(t, amd))
+	}
+	// The same as a Docker schema-2 manifest list.
+	testimage.PushIndex(t, host, "dockerlist:latest", mutate.IndexMediaType(both, types.DockerManifestList))
+	if img, err := s.Pull(ctx, host+"/dockerlist:latest", insecure(host)); err != nil || img.Digest != digestOf(t, amd) {
+		t.Errorf("Docker manifest list: picked %v, %v; want the amd64 image %s", img, err, digestOf(t, amd))
 	}
 	_, err = s.Pull(ctx, host+"/armonly:latest", insecure(host))
 	if err == nil || !strings.Contains(err.Error(), "no linux/amd64 image") || !strings.Contains(err.Error(), "linux/arm64") {

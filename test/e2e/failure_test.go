@@ -4,12 +4,18 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/http"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
 
 // A layer that tries to write outside its root is refused with a clear error, the sandbox
@@ -110,19 +116,70 @@ func TestStateSurvivesServerRestart(t *testing.T) {
 	}
 }
 
-// A stop that arrives while the sandbox is still booting aborts the start: the command
-// never runs and the sandbox is recorded as stopped.
-func TestStopDuringBoot(t *testing.T) {
+// A stop while the sandbox is still starting ends the start: the sandbox is exited with
+// the reason, its command never runs, and the start's work in flight (here the image
+// pull) is abandoned. The start is held at a known step (a layer download the test
+// releases only afterwards), so the stop always lands while it is starting, however fast
+// this machine boots or restores.
+func TestStopDuringStart(t *testing.T) {
 	need(t)
-	id := strings.TrimSpace(fw(t, 0, "run", "-d", image("busybox:latest"), "--", "sh", "-c", "echo I-RAN; sleep 600").stdout)
+	gate := make(chan struct{})
+	var held, abandoned atomic.Int32
+	host := testimage.ServeWrapped(t, map[string]v1.Image{
+		// A layer of its own, so no earlier pull has it cached.
+		"gated:latest": testimage.WithLayers(t, testimage.Busybox(t),
+			testimage.Layer(t, testimage.Entry{Name: "gate", Body: fmt.Sprint(time.Now().UnixNano())})),
+	}, func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/") {
+				held.Add(1)
+				select {
+				case <-gate:
+				case <-r.Context().Done():
+					abandoned.Add(1) // the client gave the download up
+					return
+				}
+			}
+			next.ServeHTTP(w, r)
+		})
+	})
+	defer func() {
+		select {
+		case <-gate:
+		default:
+			close(gate)
+		}
+	}()
+	id := strings.TrimSpace(fw(t, 0, "run", "-d", "--insecure-registry", host, host+"/gated:latest", "--", "sh", "-c", "echo I-RAN; sleep 600").stdout)
+	waitFor(t, time.Minute, "the start to reach the held download", func() bool { return held.Load() > 0 })
+	if st := inspect(t, id)["status"]; st != "starting" {
+		t.Fatalf("sandbox %s is %v while its image download is held, want starting", id, st)
+	}
 	fw(t, 0, "stop", "-t", "1s", id)
 	sb := inspect(t, id)
-	if sb["status"] != "exited" || !strings.Contains(sb["reason"].(string), "while starting") {
-		t.Errorf("stopped during boot: status %v reason %v", sb["status"], sb["reason"])
+	if sb["status"] != "exited" || !strings.Contains(fmt.Sprint(sb["reason"]), "while starting") {
+		t.Errorf("stopped during start: status %v reason %v", sb["status"], sb["reason"])
+	}
+	waitFor(t, time.Minute, "the held download to be abandoned by the stopped start", func() bool { return abandoned.Load() > 0 })
+	close(gate)
+	// The start is over: nothing is left to run the command, now or later.
+	if sb := inspect(t, id); sb["status"] != "exited" {
+		t.Errorf("after the download was released: status %v", sb["status"])
 	}
 	if r := fw(t, 0, "logs", id); strings.Contains(r.stdout, "I-RAN") {
 		t.Errorf("the command ran after the sandbox was stopped: %q", r.stdout)
 	}
+}
+
+// waitFor polls cond until it holds, failing the test after d.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(d); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("timed out after %s waiting for %s", d, what)
 }
 
 // A registry that accepts connections and never answers does not wedge a sandbox:
