@@ -314,4 +314,3 @@ func TestImageConfig(t *testing.T) {
 		})
 	}
 }
-
