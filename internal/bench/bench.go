@@ -45,10 +45,12 @@ type Config struct {
 	// The network series: SkipNetwork leaves it out; each throughput sample streams
 	// NetSeconds (default 2s), NetRepeats times per direction and policy (default 3).
 	SkipNetwork bool
-	NetSeconds  time.Duration
-	NetRepeats  int
-	Log         *slog.Logger
-	StdoutView  io.Writer // where the table goes
+	// SkipImages leaves out the first-start series of a large (≥1 GiB) and a small image.
+	SkipImages bool
+	NetSeconds time.Duration
+	NetRepeats int
+	Log        *slog.Logger
+	StdoutView io.Writer // where the table goes
 }
 
 // Series keys: how a series started the command.
@@ -123,6 +125,8 @@ type Report struct {
 	ControlPlane []RaftRow `json:"control_plane,omitempty"`
 	// Network is guest↔host TCP and ingress HTTP (nil: not measured).
 	Network *NetworkReport `json:"network,omitempty"`
+	// Images is the first start of images the node does not have: pull, root disk, boot.
+	Images []ImageRow `json:"images,omitempty"`
 	// Errors lists the series that failed; everything else in the report was measured.
 	Errors []SeriesError `json:"errors,omitempty"`
 }
@@ -273,6 +277,11 @@ func measureOnDev(ctx context.Context, cfg Config, work, ref string, rep *Report
 	}
 	rep.Accelerator, rep.Kernel = api.info(ctx)
 
+	if !cfg.SkipImages {
+		if err := measureImages(ctx, cfg, api, rep); err != nil {
+			rep.fail(cfg.Log, "images", err)
+		}
+	}
 	measureVMs(ctx, cfg, api, ref, rep)
 	if !cfg.SkipNetwork {
 		if rep.Network, err = measureNetwork(ctx, cfg, api, ref, ing, ingressNote); err != nil {
@@ -449,6 +458,14 @@ func PrintTable(w io.Writer, rep *Report) {
 			create = fmt.Sprintf("; CreateSandbox call p50 %.1f", s.CreateCall.P50)
 		}
 		fmt.Fprintf(w, "  %s, node phases p50 (sum %.1f of first-byte p50 %.1f): %s%s\n", s.Name, sum, s.FirstByte.P50, strings.Join(parts, ", "), create)
+	}
+	if len(rep.Images) > 0 {
+		fmt.Fprintf(w, "\nfirst start of an image the node does not have (pull from a loopback registry, root disk, cold boot; checked not cached)\n")
+		fmt.Fprintf(w, "%-28s %7s %10s %10s %10s %10s %10s %10s %10s\n", "image", "files", "size MiB", "gzip MiB", "pull ms", "MiB/s", "rootdisk", "MiB/s", "1st byte")
+		for _, r := range rep.Images {
+			fmt.Fprintf(w, "%-28s %7d %10.1f %10.1f %10.0f %10.1f %10.0f %10.1f %10.0f\n", r.Image, r.Files, r.UncompressedMiB, r.CompressedMiB,
+				r.PullMs, r.PullMiBps, r.RootDiskMs, r.RootDiskMiBps, r.FirstByteMs)
+		}
 	}
 	if rep.Network != nil {
 		printNetwork(w, rep.Network, rep.Accelerator)

@@ -32,9 +32,14 @@ type phase struct {
 // startOnce starts cmd in a new sandbox of ref with the given boot mode, follows its
 // output to the exit and removes it. The clock starts right before CreateSandbox.
 func (c *apiClient) startOnce(ctx context.Context, ref string, cmd []string, boot string) (sample, error) {
-	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	return c.startSpecOnce(ctx, &pb.SandboxSpec{Image: ref, Cmd: cmd, Boot: boot}, 3*time.Minute)
+}
+
+// startSpecOnce is startOnce for any spec, within limit.
+func (c *apiClient) startSpecOnce(ctx context.Context, spec *pb.SandboxSpec, limit time.Duration) (sample, error) {
+	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
-	spec := &pb.SandboxSpec{Image: ref, Cmd: cmd, Boot: boot}
+	ref, boot := spec.GetImage(), spec.GetBoot()
 	start := time.Now()
 	resp, err := c.sandboxes.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Spec: spec}))
 	if err != nil {
