@@ -443,13 +443,16 @@ func checkBusyboxTree(t *testing.T, root string, exact bool) {
 	}
 }
 
+// fsTools are what building and reading back a root disk of each filesystem needs.
+var fsTools = map[string][]string{
+	image.FSTypeErofs: {"mkfs.erofs", "fsck.erofs"},
+	image.FSTypeExt4:  {"mkfs.ext4", "debugfs"},
+}
+
 func TestRootDiskBuiltOnceForConcurrentCallers(t *testing.T) {
 	for _, fsType := range []string{image.FSTypeErofs, image.FSTypeExt4} {
 		t.Run(fsType, func(t *testing.T) {
-			requireRootDiskTools(t, map[string][]string{
-				image.FSTypeErofs: {"mkfs.erofs", "fsck.erofs"},
-				image.FSTypeExt4:  {"mkfs.ext4", "debugfs"},
-			}[fsType]...)
+			requireRootDiskTools(t, fsTools[fsType]...)
 			dir := t.TempDir()
 			testimage.WriteOCILayout(t, dir, testimage.Busybox(t), "")
 			s, storeDir := openStore(t, image.WithFSType(fsType))
@@ -547,10 +550,7 @@ func TestRootDiskRecordsWhatImagesCarry(t *testing.T) {
 	longName := strings.Repeat("long-name-", 20) + "end" // 203 bytes: PAX path record
 	for _, fsType := range []string{image.FSTypeErofs, image.FSTypeExt4} {
 		t.Run(fsType, func(t *testing.T) {
-			requireRootDiskTools(t, map[string][]string{
-				image.FSTypeErofs: {"mkfs.erofs", "fsck.erofs"},
-				image.FSTypeExt4:  {"mkfs.ext4", "debugfs"},
-			}[fsType]...)
+			requireRootDiskTools(t, fsTools[fsType]...)
 			type E = testimage.Entry
 			src := testimage.WithLayers(t, testimage.Busybox(t), testimage.Layer(t,
 				E{Name: "dev/", Type: tar.TypeDir},
