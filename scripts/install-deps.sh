@@ -35,8 +35,13 @@ fi
 # switches toolchains on request (GOTOOLCHAIN); an older one (Debian's golang-go is 1.19,
 # installed only when there is no Go at all) can still download the toolchain module.
 want=$(awk '/^go /{print $2}' "$repo/go.mod")
-have=$(/usr/local/go/bin/go env GOVERSION 2>/dev/null || true)
+# Asked from / with GOTOOLCHAIN=local: inside the repo an older Go would switch itself to
+# go.mod's version and report that, hiding that /usr/local/go is older.
+have=$(cd / && GOTOOLCHAIN=local /usr/local/go/bin/go env GOVERSION 2>/dev/null || true)
 if [ "$have" != "go$want" ]; then
+  # One install at a time on this machine.
+  exec 9>/usr/local/.fireworks-go-install.lock
+  flock 9
   boot=/usr/local/go/bin/go
   [ -x "$boot" ] || boot=$(command -v go || true)
   if [ -z "$boot" ]; then
@@ -46,24 +51,31 @@ if [ "$have" != "go$want" ]; then
   fi
   tmp=$(mktemp -d)
   trap 'chmod -R u+w "$tmp" 2>/dev/null; rm -rf "$tmp"' EXIT
-  minor=$("$boot" env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')
-  if [ "$minor" -ge 21 ]; then
+  bootver=$(cd / && GOTOOLCHAIN=local "$boot" env GOVERSION)
+  minor=$(echo "$bootver" | sed -nE 's/^go1\.([0-9]+).*/\1/p')
+  # The download is checked against the Go checksum database whatever root's go env says.
+  sumdb=(GOSUMDB=sum.golang.org GONOSUMDB= GONOSUMCHECK= GOPRIVATE= GOFLAGS=-modcacherw GOPATH="$tmp/gopath")
+  if [ -z "$minor" ] || [ "$minor" -ge 21 ]; then
     # The toolchain switch downloads go$want into the module cache; GOROOT names it.
-    dir=$(cd "$tmp" && GOTOOLCHAIN="go$want" GOPATH="$tmp/gopath" GOFLAGS=-modcacherw "$boot" env GOROOT)
+    dir=$(cd "$tmp" && env "${sumdb[@]}" GOTOOLCHAIN="go$want" "$boot" env GOROOT)
   else
-    dir=$(cd "$tmp" && GOPATH="$tmp/gopath" GOFLAGS=-modcacherw "$boot" mod download -json \
-      "golang.org/toolchain@v0.0.1-go$want.linux-amd64" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+    out=$(cd "$tmp" && env "${sumdb[@]}" "$boot" mod download -json "golang.org/toolchain@v0.0.1-go$want.linux-amd64" 2>&1 || true)
+    dir=$(echo "$out" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+    [ -n "$dir" ] || echo "$out" >&2
   fi
   if [ -z "$dir" ] || [ ! -f "$dir/bin/go" ]; then
-    echo "could not fetch Go $want with $boot" >&2
+    echo "could not fetch Go $want with $boot ($bootver)" >&2
     exit 1
   fi
-  echo "installing Go $want to /usr/local/go (fetched by $("$boot" env GOVERSION))"
-  rm -rf /usr/local/go.new
-  cp -a "$dir" /usr/local/go.new
-  chmod -R u+w,a+rX /usr/local/go.new
-  chmod a+x /usr/local/go.new/bin/* /usr/local/go.new/pkg/tool/*/*
-  rm -rf /usr/local/go
-  mv /usr/local/go.new /usr/local/go
+  echo "installing Go $want to /usr/local/go (fetched by $bootver)"
+  new=$(mktemp -d /usr/local/go.new.XXXXXX)
+  cp -a "$dir/." "$new/"
+  chmod -R u+w,a+rX "$new"
+  chmod a+x "$new"/bin/* "$new"/pkg/tool/*/*
+  # Swap by renames, so /usr/local/go is never a half-copied tree.
+  old=""
+  if [ -e /usr/local/go ]; then old=$(mktemp -d /usr/local/go.old.XXXXXX) && rmdir "$old" && mv -T /usr/local/go "$old"; fi
+  mv -T "$new" /usr/local/go
+  [ -z "$old" ] || rm -rf "$old"
   /usr/local/go/bin/go version
 fi

@@ -380,7 +380,7 @@ func extract(t *testing.T, disk, fsType string) (root string, exact bool) {
 	if err := os.Mkdir(out, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	b, err := exec.Command("mount", "-t", fsType, "-o", "loop,ro", disk, out).CombinedOutput()
+	b, err := exec.Command("mount", "-t", fsType, "-o", "loop,ro,nodev,nosuid", disk, out).CombinedOutput()
 	if err == nil {
 		t.Cleanup(func() {
 			if b, err := exec.Command("umount", out).CombinedOutput(); err != nil {

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
+	"time"
 )
 
 // Debootstrap builds a Debian minbase root filesystem in dir (which must not exist) with
@@ -32,7 +34,13 @@ func Debootstrap(ctx context.Context, dir string, include ...string) error {
 		args = append(args, "--include="+strings.Join(include, ","))
 	}
 	args = append(args, suite, dir, mirror)
-	cmd := exec.CommandContext(ctx, "debootstrap", args...)
+	// In a mount namespace of its own, so the proc and sys mounts debootstrap makes in the
+	// tree vanish with it whatever happens; in a process group of its own, so a cancelled
+	// run takes the chroot's dpkg and apt children along.
+	cmd := exec.CommandContext(ctx, "unshare", append([]string{"--mount", "--propagation", "private", "--fork", "debootstrap"}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 10 * time.Second
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		tail := string(out)
@@ -84,6 +92,7 @@ func aptMirror(suite string) (string, error) {
 		case strings.HasSuffix(name, ".sources"):
 			for _, stanza := range strings.Split(string(data), "\n\n") {
 				var uris, suites, types []string
+				enabled := true
 				for _, line := range strings.Split(stanza, "\n") {
 					k, v, ok := strings.Cut(line, ":")
 					if !ok || strings.HasPrefix(line, "#") {
@@ -96,9 +105,11 @@ func aptMirror(suite string) (string, error) {
 						suites = strings.Fields(v)
 					case "Types":
 						types = strings.Fields(v)
+					case "Enabled":
+						enabled = strings.TrimSpace(v) != "no"
 					}
 				}
-				if len(uris) > 0 && slices.Contains(suites, suite) && slices.Contains(types, "deb") {
+				if enabled && len(uris) > 0 && slices.Contains(suites, suite) && slices.Contains(types, "deb") {
 					return uris[0], nil
 				}
 			}

@@ -26,7 +26,11 @@ import (
 type podman struct{ root string }
 
 func (p podman) cmd(ctx context.Context, args ...string) *exec.Cmd {
+	// Everything podman keeps goes under p.root: its store, run state, engine temp dir
+	// (the default is the host-wide /run/libpod), networks and volumes.
 	base := []string{"--root", filepath.Join(p.root, "root"), "--runroot", filepath.Join(p.root, "run"),
+		"--tmpdir", filepath.Join(p.root, "tmp"), "--network-config-dir", filepath.Join(p.root, "net"),
+		"--volumepath", filepath.Join(p.root, "vol"),
 		"--storage-driver", "vfs", "--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "file"}
 	return exec.CommandContext(ctx, "podman", append(base, args...)...)
 }
@@ -72,8 +76,10 @@ func TestDifferentialAgainstPodman(t *testing.T) {
 	p := podman{root: root}
 	defer os.RemoveAll(root)
 	defer func() {
-		// vfs layers are plain directories; podman's own reset removes its mounts too.
-		_ = p.cmd(context.Background(), "system", "reset", "--force").Run()
+		// Not `podman system reset`: it also clears host-wide state outside --root. vfs
+		// layers are plain directories, so removing the images and the root is enough.
+		_ = p.cmd(context.Background(), "rm", "-af", "-t0").Run()
+		_ = p.cmd(context.Background(), "rmi", "-af").Run()
 	}()
 
 	// plain: busybox whose WorkingDir is /root (0700); ep: with an Entrypoint and Cmd.

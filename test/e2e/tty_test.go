@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -27,13 +28,14 @@ func newTmux(t *testing.T, cols, rows int, command string) *tmuxSession {
 	}
 	s := &tmuxSession{t: t, socket: filepath.Join(t.TempDir(), "tmux.sock"), name: "fw"}
 	s.tmux("new-session", "-d", "-s", s.name, "-x", fmt.Sprint(cols), "-y", fmt.Sprint(rows), command)
-	t.Cleanup(func() { _ = exec.Command("tmux", "-S", s.socket, "kill-server").Run() })
+	t.Cleanup(func() { _ = exec.Command("tmux", "-f", "/dev/null", "-S", s.socket, "kill-server").Run() })
 	return s
 }
 
 func (s *tmuxSession) tmux(args ...string) string {
 	s.t.Helper()
-	out, err := exec.Command("tmux", append([]string{"-S", s.socket}, args...)...).CombinedOutput()
+	// -f /dev/null: no configuration of the machine's or the user's changes the terminal.
+	out, err := exec.Command("tmux", append([]string{"-f", "/dev/null", "-S", s.socket}, args...)...).CombinedOutput()
 	if err != nil {
 		s.t.Fatalf("tmux %v: %v: %s", args, err, out)
 	}
@@ -75,12 +77,13 @@ func TestTTYEndToEnd(t *testing.T) {
 		setup func(t *testing.T) string // returns the fireworks arguments
 	}{
 		{"run -it", func(t *testing.T) string {
+			t.Cleanup(func() { world.cli(context.Background(), nil, "rm", "-f", "tty-run") })
 			return "run -it --name tty-run " + image("busybox:latest") + " -- sh"
 		}},
 		{"exec -it", func(t *testing.T) string {
 			id := strings.TrimSpace(fw(t, 0, "run", "-d", "--name", "tty-exec", image("busybox:latest"), "--", "sleep", "600").stdout)
 			waitStatus(t, id, "running")
-			t.Cleanup(func() { world.cli(t.Context(), nil, "rm", "-f", id) })
+			t.Cleanup(func() { world.cli(context.Background(), nil, "rm", "-f", id) })
 			return "exec -it " + id + " -- sh"
 		}},
 	} {

@@ -1,8 +1,13 @@
 package initd
 
 import (
+	"os"
+	"path/filepath"
 	"reflect"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestParseCmdline(t *testing.T) {
@@ -27,4 +32,63 @@ func TestLoadModulesRejectsPaths(t *testing.T) {
 			t.Errorf("loadModules(%q) accepted", bad)
 		}
 	}
+}
+
+// Prefetch reads what the image names without opening anything but regular files and
+// directories inside the root: a FIFO (as /etc/passwd), a link out of the root's mount
+// or to a magic link, or a device node never blocks it or reaches a driver.
+func TestPrefetchOpensOnlyPlainFilesInTheRoot(t *testing.T) {
+	root := t.TempDir()
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(os.MkdirAll(filepath.Join(root, "etc"), 0o755))
+	must(os.MkdirAll(filepath.Join(root, "bin"), 0o755))
+	must(unix.Mkfifo(filepath.Join(root, "etc/passwd"), 0o644))
+	must(os.WriteFile(filepath.Join(root, "bin/sh"), []byte("plain"), 0o755))
+	must(os.Symlink("/proc/self/fd/0", filepath.Join(root, "bin/magic")))
+	must(os.Symlink("/proc/kmsg", filepath.Join(root, "bin/kmsg")))
+	must(os.Symlink("../../../../etc/passwd", filepath.Join(root, "bin/climb")))
+	if os.Geteuid() == 0 {
+		must(unix.Mknod(filepath.Join(root, "bin/tty"), unix.S_IFCHR|0o666, int(unix.Mkdev(5, 0))))
+	}
+	done := make(chan struct{})
+	go func() {
+		prefetchIn(root, []string{"/etc/passwd", "/bin/magic", "/bin/kmsg", "/bin/climb", "/bin/tty", "/bin", "/bin/sh"})
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		// Unblock the FIFO so the goroutine can end, then fail.
+		if f, err := os.OpenFile(filepath.Join(root, "etc/passwd"), os.O_WRONLY|unix.O_NONBLOCK, 0); err == nil {
+			f.Close()
+		}
+		t.Fatal("prefetch blocked on something the image named")
+	}
+	// A plain file is still read: it is found through the same resolution.
+	f, fi := openPlain(mustOpenRoot(t, root), "/bin/sh")
+	if f == nil || !fi.Mode().IsRegular() {
+		t.Fatalf("openPlain(/bin/sh) = %v, %v", f, fi)
+	}
+	f.Close()
+	for _, p := range []string{"/etc/passwd", "/bin/magic", "/bin/kmsg", "/bin/tty"} {
+		if f, _ := openPlain(mustOpenRoot(t, root), p); f != nil {
+			f.Close()
+			t.Errorf("openPlain(%s) opened it", p)
+		}
+	}
+}
+
+func mustOpenRoot(t *testing.T, root string) int {
+	t.Helper()
+	fd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	return fd
 }

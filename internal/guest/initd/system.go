@@ -151,32 +151,79 @@ func (p *pid1System) Setup(ctx context.Context, s proto.Setup) error {
 
 // prefetch reads the named files (in the new root) into the page cache, at most
 // proto.MaxPrefetch bytes in all. Errors only mean less is cached.
-func prefetch(paths []string) {
+func prefetch(paths []string) { prefetchIn("/", paths) }
+
+// prefetchIn is prefetch with the paths taken inside root. The paths and everything they
+// lead to come from the image, so init (PID 1, root, in a VM whose snapshot every
+// sandbox of the image shares) must not open whatever they name: each path is resolved
+// inside root without leaving its mount (an image's link to /proc/kmsg, a device under
+// /dev) or following magic links, looked at through an O_PATH descriptor, and opened
+// for reading only if it is a regular file or a directory. A FIFO or a device node in
+// the image is never opened, so it can neither block the template's setup nor reach a
+// driver.
+func prefetchIn(root string, paths []string) {
+	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(rootFD)
 	budget := int64(proto.MaxPrefetch)
 	for _, p := range paths {
 		if budget <= 0 || !filepath.IsAbs(p) {
 			continue
 		}
-		f, err := os.Open(p)
-		if err != nil {
+		f, fi := openPlain(rootFD, p)
+		if f == nil {
 			continue
 		}
-		if fi, err := f.Stat(); err == nil {
-			switch {
-			case fi.Mode().IsRegular():
-				n, _ := io.Copy(io.Discard, io.LimitReader(f, budget))
-				budget -= n
-			case fi.IsDir():
-				// Looking names up (PATH search) then finds the entries cached.
-				if names, err := f.Readdirnames(4096); err == nil {
-					for _, n := range names {
-						_, _ = os.Lstat(filepath.Join(p, n))
-					}
+		switch {
+		case fi.Mode().IsRegular():
+			n, _ := io.Copy(io.Discard, io.LimitReader(f, budget))
+			budget -= n
+		case fi.IsDir():
+			// Looking names up (PATH search) then finds the entries cached.
+			if names, err := f.Readdirnames(4096); err == nil {
+				for _, n := range names {
+					_, _ = os.Lstat(filepath.Join(p, n)) // a lookup opens nothing
 				}
 			}
 		}
 		f.Close()
 	}
+}
+
+// resolveHow resolves an image path inside the root, on the root's own mount, with no
+// magic links.
+var resolveHow = unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC,
+	Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_XDEV | unix.RESOLVE_NO_MAGICLINKS}
+
+// openPlain opens p inside rootFD for reading if it is a regular file or a directory,
+// and nothing else (nil).
+func openPlain(rootFD int, p string) (*os.File, os.FileInfo) {
+	fd, err := unix.Openat2(rootFD, p, &resolveHow)
+	if err != nil {
+		return nil, nil
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, nil
+	}
+	if t := st.Mode & unix.S_IFMT; t != unix.S_IFREG && t != unix.S_IFDIR {
+		return nil, nil
+	}
+	// Reopen the very file looked at (not the path again, which could have changed).
+	rfd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", fd), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil
+	}
+	f := os.NewFile(uintptr(rfd), p)
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil
+	}
+	return f, fi
 }
 
 // checkDevice accepts only absolute paths under /dev, so a confused host

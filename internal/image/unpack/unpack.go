@@ -103,6 +103,9 @@ type Unpacker struct {
 	log     *slog.Logger
 	bytes   int64
 	entries int64
+	// skipped holds the paths of device nodes and FIFOs left out for want of privilege,
+	// so that hardlinks to them are left out too rather than refused.
+	skipped map[string]bool
 }
 
 // New opens root, an existing directory, for unpacking into. Zero fields of
@@ -232,6 +235,7 @@ func (u *Unpacker) entry(ctx context.Context, tr *tar.Reader, hdr *tar.Header, s
 		return hostile("unsupported entry type %q", hdr.Typeflag)
 	}
 	st.record(comps)
+	delete(u.skipped, strings.Join(comps, "/")) // whatever lands there now replaces it
 
 	parent, err := resolveDir(u.rootFD, comps[:len(comps)-1], true)
 	if err != nil {
@@ -248,7 +252,7 @@ func (u *Unpacker) entry(ctx context.Context, tr *tar.Reader, hdr *tar.Header, s
 	case tar.TypeLink:
 		return u.hardlink(parent, base, hdr)
 	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
-		return u.node(parent, base, hdr)
+		return u.node(parent, base, strings.Join(comps, "/"), hdr)
 	default:
 		return u.file(ctx, parent, base, tr, hdr)
 	}
@@ -405,7 +409,7 @@ func (u *Unpacker) symlink(parent int, base string, hdr *tar.Header) error {
 // node records a device node or FIFO. It is made with mknodat and never
 // opened: its mode is set by name (it cannot be a symlink, having just been
 // made), and its extended attributes are not applied.
-func (u *Unpacker) node(parent int, base string, hdr *tar.Header) error {
+func (u *Unpacker) node(parent int, base, key string, hdr *tar.Header) error {
 	if hdr.Devmajor < 0 || hdr.Devminor < 0 || hdr.Devmajor > 0xfff || hdr.Devminor > 0xfffff {
 		return hostile("device number %d:%d out of range", hdr.Devmajor, hdr.Devminor)
 	}
@@ -426,6 +430,10 @@ func (u *Unpacker) node(parent int, base string, hdr *tar.Header) error {
 	if err := unix.Mknodat(parent, base, typ|0o600, int(dev)); err != nil {
 		if errors.Is(err, unix.EPERM) {
 			u.log.Warn("skipping "+what+" in image layer: no privilege to make it here", "path", hdr.Name)
+			if u.skipped == nil {
+				u.skipped = map[string]bool{}
+			}
+			u.skipped[key] = true
 			return nil
 		}
 		return fmt.Errorf("mknod %s %d:%d: %w", what, hdr.Devmajor, hdr.Devminor, err)
@@ -446,6 +454,10 @@ func (u *Unpacker) hardlink(parent int, base string, hdr *tar.Header) error {
 	}
 	if len(tcomps) == 0 {
 		return hostile("hardlink to the root directory")
+	}
+	if u.skipped[strings.Join(tcomps, "/")] {
+		u.log.Warn("skipping hardlink to a node that was skipped", "path", hdr.Name, "target", hdr.Linkname)
+		return nil
 	}
 	tparent, err := resolveDir(u.rootFD, tcomps[:len(tcomps)-1], false)
 	if err != nil {
