@@ -239,7 +239,7 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 	s.mu.Lock()
 	pid, waitCh, err := s.reaper.start(func() (int, error) {
 		if cred != nil && cred.Uid != 0 {
-			return forkExecFromDir(dir, path, req.Argv, attr)
+			return forkExecFromDir(dir, path, req.Argv, attr, sess.exited)
 		}
 		return syscall.ForkExec(path, req.Argv, attr)
 	})
@@ -729,8 +729,10 @@ func (sess *session) feedStdin(w *os.File, closeOnEOF bool) {
 // /root` runs the command in /root even though uid 1234 could not enter it. Go's
 // ForkExec changes directory after switching credentials, so instead the fork happens
 // on a thread of its own whose working directory (unshared from the process with
-// CLONE_FS) is already dir; the child inherits it.
-func forkExecFromDir(dir, path string, argv []string, attr *syscall.ProcAttr) (int, error) {
+// CLONE_FS) is already dir; the child inherits it. That thread is the child's parent as
+// far as PR_SET_PDEATHSIG goes (bwrap --die-with-parent, setpriv --pdeathsig), so it lives
+// until exited is closed (the process ended) and only then goes away.
+func forkExecFromDir(dir, path string, argv []string, attr *syscall.ProcAttr, exited <-chan struct{}) (int, error) {
 	type result struct {
 		pid int
 		err error
@@ -752,6 +754,9 @@ func forkExecFromDir(dir, path string, argv []string, attr *syscall.ProcAttr) (i
 		a.Dir = ""
 		pid, err := syscall.ForkExec(path, argv, &a)
 		ch <- result{pid, err}
+		if err == nil {
+			<-exited
+		}
 	}()
 	r := <-ch
 	return r.pid, r.err
