@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -70,13 +71,13 @@ func TestPrefetchOpensOnlyPlainFilesInTheRoot(t *testing.T) {
 		t.Fatal("prefetch blocked on something the image named")
 	}
 	// A plain file is still read: it is found through the same resolution.
-	f, fi := openPlain(mustOpenRoot(t, root), "/bin/sh")
-	if f == nil || !fi.Mode().IsRegular() {
-		t.Fatalf("openPlain(/bin/sh) = %v, %v", f, fi)
+	f, fi, err := openPlain(mustOpenRoot(t, root), "/bin/sh")
+	if err != nil || !fi.Mode().IsRegular() {
+		t.Fatalf("openPlain(/bin/sh) = %v, %v", fi, err)
 	}
 	f.Close()
 	for _, p := range []string{"/etc/passwd", "/bin/magic", "/bin/kmsg", "/bin/tty"} {
-		if f, _ := openPlain(mustOpenRoot(t, root), p); f != nil {
+		if f, _, err := openPlain(mustOpenRoot(t, root), p); err == nil {
 			f.Close()
 			t.Errorf("openPlain(%s) opened it", p)
 		}
@@ -91,4 +92,36 @@ func mustOpenRoot(t *testing.T, root string) int {
 	}
 	t.Cleanup(func() { unix.Close(fd) })
 	return fd
+}
+
+// An image whose /etc/passwd is a FIFO (or a device) gets a clear error for a named user
+// instead of an exec that blocks forever in init.
+func TestUserLookupRefusesNonRegularPasswd(t *testing.T) {
+	root := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mkfifo(filepath.Join(root, "etc/passwd"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := resolveUser(root, "app"); done <- err }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "/etc/passwd") || !strings.Contains(err.Error(), "not a regular file") {
+			t.Errorf("resolveUser with a FIFO passwd = %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		if f, err := os.OpenFile(filepath.Join(root, "etc/passwd"), os.O_WRONLY|unix.O_NONBLOCK, 0); err == nil {
+			f.Close()
+		}
+		t.Fatal("user lookup blocked on a FIFO /etc/passwd")
+	}
+	// A missing passwd is an empty database: numeric users still work.
+	if err := os.Remove(filepath.Join(root, "etc/passwd")); err != nil {
+		t.Fatal(err)
+	}
+	if u, err := resolveUser(root, "1234"); err != nil || u.UID != 1234 {
+		t.Errorf("resolveUser(1234) without passwd = %+v, %v", u, err)
+	}
 }

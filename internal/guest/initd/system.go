@@ -172,8 +172,8 @@ func prefetchIn(root string, paths []string) {
 		if budget <= 0 || !filepath.IsAbs(p) {
 			continue
 		}
-		f, fi := openPlain(rootFD, p)
-		if f == nil {
+		f, fi, err := openPlain(rootFD, p)
+		if err != nil {
 			continue
 		}
 		switch {
@@ -197,33 +197,37 @@ func prefetchIn(root string, paths []string) {
 var resolveHow = unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC,
 	Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_XDEV | unix.RESOLVE_NO_MAGICLINKS}
 
+// errNotPlain is openPlain's answer for something that is neither a regular file nor a
+// directory (a FIFO, a device node, a socket).
+var errNotPlain = errors.New("not a regular file or directory")
+
 // openPlain opens p inside rootFD for reading if it is a regular file or a directory,
-// and nothing else (nil).
-func openPlain(rootFD int, p string) (*os.File, os.FileInfo) {
+// and nothing else (errNotPlain), without opening anything else on the way.
+func openPlain(rootFD int, p string) (*os.File, os.FileInfo, error) {
 	fd, err := unix.Openat2(rootFD, p, &resolveHow)
 	if err != nil {
-		return nil, nil
+		return nil, nil, &os.PathError{Op: "open", Path: p, Err: err}
 	}
 	defer unix.Close(fd)
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return nil, nil
+		return nil, nil, &os.PathError{Op: "stat", Path: p, Err: err}
 	}
 	if t := st.Mode & unix.S_IFMT; t != unix.S_IFREG && t != unix.S_IFDIR {
-		return nil, nil
+		return nil, nil, &os.PathError{Op: "open", Path: p, Err: errNotPlain}
 	}
 	// Reopen the very file looked at (not the path again, which could have changed).
 	rfd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", fd), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, nil
+		return nil, nil, &os.PathError{Op: "open", Path: p, Err: err}
 	}
 	f := os.NewFile(uintptr(rfd), p)
 	fi, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return nil, nil
+		return nil, nil, err
 	}
-	return f, fi
+	return f, fi, nil
 }
 
 // checkDevice accepts only absolute paths under /dev, so a confused host

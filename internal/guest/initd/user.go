@@ -5,10 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // execUser is the identity a session's process runs as.
@@ -50,7 +50,7 @@ func resolveUser(root, spec string) (execUser, error) {
 	if hasGroup && groupPart == "" {
 		return execUser{}, fmt.Errorf("user spec %q has an empty group", spec)
 	}
-	users, err := readPasswd(filepath.Join(root, "etc/passwd"))
+	users, err := readPasswd(root, "/etc/passwd")
 	if err != nil {
 		return execUser{}, err
 	}
@@ -85,7 +85,7 @@ func resolveUser(root, spec string) (execUser, error) {
 	if !hasGroup && matched == nil {
 		return u, nil
 	}
-	groups, err := readGroup(filepath.Join(root, "etc/group"))
+	groups, err := readGroup(root, "/etc/group")
 	if err != nil {
 		return execUser{}, err
 	}
@@ -123,15 +123,26 @@ func parseID(s string) (uint32, bool) {
 	return uint32(n), true
 }
 
-// readIDFile calls fn with the colon-separated fields of each line. A
-// missing file is an empty database, as in a minimal image.
-func readIDFile(path string, fn func(fields []string)) error {
-	f, err := os.Open(path)
+// readIDFile calls fn with the colon-separated fields of each line of path, taken inside
+// root. A missing file is an empty database, as in a minimal image. The file is the
+// image's: one that is not a regular file (a FIFO would block every exec, a device
+// would reach a driver) is refused, and nothing outside the root's mount is followed.
+func readIDFile(root, path string, fn func(fields []string)) error {
+	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", root, err)
+	}
+	defer unix.Close(rootFD)
+	f, fi, err := openPlain(rootFD, path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
+	if err == nil && !fi.Mode().IsRegular() {
+		f.Close()
+		err = errNotPlain
+	}
 	if err != nil {
-		return fmt.Errorf("opening %s: %w", path, err)
+		return fmt.Errorf("reading the image's %s: %w", path, err)
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(&limitedReader{r: f, n: maxIDFileSize})
@@ -149,9 +160,9 @@ func readIDFile(path string, fn func(fields []string)) error {
 	return nil
 }
 
-func readPasswd(path string) ([]passwdEntry, error) {
+func readPasswd(root, path string) ([]passwdEntry, error) {
 	var out []passwdEntry
-	err := readIDFile(path, func(f []string) {
+	err := readIDFile(root, path, func(f []string) {
 		if len(f) < 4 {
 			return
 		}
@@ -169,9 +180,9 @@ func readPasswd(path string) ([]passwdEntry, error) {
 	return out, err
 }
 
-func readGroup(path string) ([]groupEntry, error) {
+func readGroup(root, path string) ([]groupEntry, error) {
 	var out []groupEntry
-	err := readIDFile(path, func(f []string) {
+	err := readIDFile(root, path, func(f []string) {
 		if len(f) < 3 {
 			return
 		}
