@@ -294,6 +294,10 @@ func (w *world) teardown() {
 	for _, p := range append(append([]*proc{}, w.agents...), w.servers...) {
 		w.stop(p, false)
 	}
+	// A graceful agent stop leaves its VMs for the next agent to adopt; none comes.
+	for _, p := range w.agents {
+		_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+p.dataDir+"/run/").Run()
+	}
 	for _, h := range w.hosts {
 		_ = run("ip", "netns", "del", h.ns)
 		_ = run("ip", "link", "del", h.veth)

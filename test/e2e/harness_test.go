@@ -98,7 +98,12 @@ func TestMain(m *testing.M) {
 			world.dumpDevLog()
 			return 1
 		}
-		defer world.stopDev()
+		defer func() {
+			world.stopDev()
+			// A graceful stop leaves running VMs (and VMMs launched ahead) for the next
+			// server to adopt; none comes, and the data dir goes with the run.
+			world.killVMs()
+		}()
 		rc := m.Run()
 		if rc != 0 {
 			world.dumpDevLog()
@@ -174,6 +179,14 @@ func (e *env) stopDev() {
 	}
 	e.dev = nil
 	_ = e.devLog.Close()
+}
+
+// killVMs kills every VMM whose run directory is under this run's data dir.
+func (e *env) killVMs() {
+	if e.dataDir == "" {
+		return
+	}
+	_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+e.dataDir+"/run/").Run()
 }
 
 func (e *env) dumpDevLog() {
