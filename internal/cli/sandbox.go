@@ -157,6 +157,9 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 	if f.detach && (f.rm || f.interactive) {
 		return errors.New("--detach cannot be combined with --rm or -i")
 	}
+	if err := g.checkTTY(f.interactive, f.tty); err != nil {
+		return err
+	}
 	if f.cpus < 0 || f.cpus > 1024 {
 		return fmt.Errorf("invalid --cpus %d: want 1..1024 (the node's limit is checked by the server)", f.cpus)
 	}
@@ -381,6 +384,9 @@ func newExecCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if args = dropDash(args); len(args) < 2 {
 				return errors.New("exec needs a command: fireworks exec SANDBOX -- COMMAND [ARG...]")
+			}
+			if err := g.checkTTY(interactive, tty); err != nil {
+				return err
 			}
 			c, err := g.client()
 			if err != nil {
@@ -676,4 +682,17 @@ func (s *seconds) Set(v string) error {
 	}
 	*s = seconds(d)
 	return nil
+}
+
+// checkTTY refuses -it when stdin is not a terminal, as Docker does ("the input device is
+// not a TTY"): the guest's terminal would echo the piped input back and never see its
+// end, so the command would wait forever. -t alone (no stdin) is fine.
+func (g *globals) checkTTY(interactive, tty bool) error {
+	if !interactive || !tty {
+		return nil
+	}
+	if f, ok := g.stdin.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		return nil
+	}
+	return errors.New("the input device is not a TTY: use -i without -t to send piped input")
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -28,6 +29,12 @@ const (
 
 // refNameAnnotation names a manifest's tag in an OCI layout index.
 const refNameAnnotation = "org.opencontainers.image.ref.name"
+
+// otherTransports are image transports of containers/image (podman, skopeo) that are not
+// image sources here; named, they get an error that says so rather than a failed look-up
+// of a registry host called "oci-archive". (A registry host with a port, "dir:5000/x",
+// is still a registry.)
+var otherTransports = []string{"oci-archive", "dir", "containers-storage", "docker-daemon", "ostree", "sif", "tarball"}
 
 // sourceRef is a parsed image reference.
 type sourceRef struct {
@@ -75,6 +82,10 @@ func parseRef(ref string) (sourceRef, error) {
 			return sourceRef{}, fmt.Errorf("image reference %q: %w", ref, err)
 		}
 		return sourceRef{prefix: prefix, path: abs, tag: tag}, nil
+	}
+	if t, rest, ok := strings.Cut(ref, ":"); ok && slices.Contains(otherTransports, t) && (rest == "" || rest[0] < '0' || rest[0] > '9') {
+		return sourceRef{}, fmt.Errorf("image reference %q: the %s: transport is not supported; use a registry reference, %sDIR[:TAG] (an OCI layout, e.g. from podman save --format oci-dir) or %sFILE[:TAG] (from docker or podman save)",
+			ref, t, OCIPrefix, DockerArchivePrefix)
 	}
 	r, err := name.ParseReference(ref)
 	if err != nil {
@@ -256,14 +267,49 @@ func resolveLayout(p sourceRef, platform v1.Platform) (v1.Image, error) {
 }
 
 func resolveArchive(p sourceRef) (v1.Image, error) {
-	var tag *name.Tag
-	if p.tag != "" {
-		t, err := name.NewTag(p.tag)
-		if err != nil {
-			return nil, fmt.Errorf("%s: malformed tag %q: %w", p, p.tag, err)
-		}
-		tag = &t
+	m, err := tarball.LoadManifest(func() (io.ReadCloser, error) { return os.Open(p.path) })
+	if err != nil {
+		return nil, fmt.Errorf("open docker archive %s: %w", p, err)
 	}
+	var tags []string
+	for _, d := range m {
+		tags = append(tags, d.RepoTags...)
+	}
+	if p.tag == "" {
+		if len(m) != 1 {
+			return nil, fmt.Errorf("docker archive %s holds %d images: name one as docker-archive:FILE:TAG (tags: %s)", p, len(m), strings.Join(tags, ", "))
+		}
+		return openArchive(p, nil)
+	}
+	want, err := name.NewTag(p.tag)
+	if err != nil {
+		return nil, fmt.Errorf("%s: malformed tag %q: %w", p, p.tag, err)
+	}
+	for _, t := range tags {
+		if have, err := name.NewTag(t); err == nil && sameTag(want, have, p.tag) {
+			return openArchive(p, &have)
+		}
+	}
+	return nil, fmt.Errorf("docker archive %s has no image tagged %q (tags: %s)", p, p.tag, strings.Join(tags, ", "))
+}
+
+// sameTag matches a tag the user wrote against one in an archive. Besides the same
+// name, a short name with no registry matches the same repository and tag under any
+// registry, as `podman save` writes localhost/NAME:TAG and `docker save` NAME:TAG.
+func sameTag(want, have name.Tag, written string) bool {
+	if want.Name() == have.Name() {
+		return true
+	}
+	firstPart, _, hasSlash := strings.Cut(written, "/")
+	explicitRegistry := hasSlash && (strings.ContainsAny(firstPart, ".:") || firstPart == "localhost")
+	if explicitRegistry || want.TagStr() != have.TagStr() {
+		return false
+	}
+	short := func(t name.Tag) string { return strings.TrimPrefix(t.RepositoryStr(), "library/") }
+	return short(want) == short(have)
+}
+
+func openArchive(p sourceRef, tag *name.Tag) (v1.Image, error) {
 	img, err := tarball.ImageFromPath(p.path, tag)
 	if err != nil {
 		return nil, fmt.Errorf("open docker archive %s: %w", p, err)

@@ -23,9 +23,11 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/image"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
+	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
@@ -293,6 +295,58 @@ func TestPullLocalSources(t *testing.T) {
 	}
 }
 
+// writeMultiArchive writes a `docker save` tarball holding several tagged images.
+func writeMultiArchive(t *testing.T, file string, images map[string]v1.Image) {
+	t.Helper()
+	refs := map[name.Reference]v1.Image{}
+	for tag, img := range images {
+		r, err := name.NewTag(tag)
+		if err != nil {
+			t.Fatal(err)
+		}
+		refs[r] = img
+	}
+	if err := tarball.MultiRefWriteToFile(file, refs); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A tag in a `docker save`/`podman save` archive is found by the short name a user
+// types: podman writes localhost/NAME:TAG, docker NAME:TAG.
+func TestDockerArchiveTags(t *testing.T) {
+	app := testimage.Busybox(t)
+	tools := testimage.Busybox(t, testimage.Cmd("tools"))
+	if cf, _ := app.ConfigFile(); len(cf.Config.Cmd) != 0 {
+		t.Fatalf("the base image has a Cmd %v: the cases below tell images apart by it", cf.Config.Cmd)
+	}
+	saved := filepath.Join(t.TempDir(), "saved.tar")
+	writeMultiArchive(t, saved, map[string]v1.Image{"localhost/app:latest": app, "docker.io/library/tools:v1": tools})
+	s, _ := openStore(t)
+	// An archive re-encodes manifests, so the images are told apart by their config.
+	for ref, want := range map[string]string{
+		saved + ":app":                  "",
+		saved + ":app:latest":           "",
+		saved + ":localhost/app:latest": "",
+		saved + ":tools:v1":             "tools",
+		saved + ":library/tools:v1":     "tools",
+	} {
+		img, err := s.Pull(ctx, "docker-archive:"+ref, image.PullOptions{})
+		if err != nil {
+			t.Errorf("Pull(docker-archive:%s): %v", ref, err)
+			continue
+		}
+		if got := strings.Join(img.Config.Cmd, " "); got != want {
+			t.Errorf("Pull(docker-archive:%s) picked the image with Cmd %q, want %q", ref, got, want)
+		}
+	}
+	if _, err := s.Pull(ctx, "docker-archive:"+saved+":tools", image.PullOptions{}); err == nil {
+		t.Error("tools (implicitly :latest) matched tools:v1")
+	}
+	if _, err := s.Pull(ctx, "docker-archive:"+saved+":other.example/app:latest", image.PullOptions{}); err == nil {
+		t.Error("an explicit other registry matched localhost/app")
+	}
+}
+
 func TestBadReferences(t *testing.T) {
 	src := testimage.Busybox(t)
 	dir := t.TempDir()
@@ -301,6 +355,8 @@ func TestBadReferences(t *testing.T) {
 	testimage.WriteOCILayout(t, multi, testimage.Busybox(t, testimage.Cmd("x")), "v2")
 	notTar := filepath.Join(dir, "not.tar")
 	os.WriteFile(notTar, []byte("hello"), 0o644)
+	saved := filepath.Join(dir, "saved.tar")
+	writeMultiArchive(t, saved, map[string]v1.Image{"localhost/app:latest": src, "tools:v1": testimage.Busybox(t, testimage.Cmd("x"))})
 	host := testimage.Serve(t, map[string]v1.Image{"busybox:latest": src})
 	s, _ := openStore(t)
 
@@ -315,6 +371,10 @@ func TestBadReferences(t *testing.T) {
 		{"oci:" + multi + ":v3", `no image tagged "v3"`},
 		{"docker-archive:" + filepath.Join(dir, "missing.tar"), "missing.tar"},
 		{"docker-archive:" + notTar, "not.tar"},
+		{"docker-archive:" + saved, "holds 2 images: name one"},
+		{"docker-archive:" + saved + ":other", `no image tagged "other" (tags: `},
+		{"oci-archive:" + saved, "the oci-archive: transport is not supported"},
+		{"containers-storage:busybox", "transport is not supported"},
 	} {
 		_, err := s.Pull(ctx, tc.ref, insecure(host))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -71,7 +71,9 @@ cp /usr/bin/ping /tmp/ping-nocap
 echo ping_as_nobody=$(setpriv --reuid=65534 --regid=65534 --clear-groups ping -c1 -W5 127.0.0.1 >/dev/null 2>&1 && echo ok || echo failed)
 echo ping_nocap_as_nobody=$(setpriv --reuid=65534 --regid=65534 --clear-groups /tmp/ping-nocap -c1 -W5 127.0.0.1 >/dev/null 2>&1 && echo ok || echo failed)
 echo dev_full=$(stat -c %F /dev/full)
-echo shell=$(readlink -f /bin/sh)`
+echo shell=$(readlink -f /bin/sh)
+echo self_resolves=$(getent hosts "$(hostname)" >/dev/null && echo yes)
+echo hostname_file=$([ "$(cat /etc/hostname)" = "$(hostname)" ] && echo same)`
 	r := fw(t, 0, "run", ref, "--", "bash", "-c", script)
 	expect(t, "debian minbase", keyed(r.stdout), map[string]string{
 		"debian_version":       "12",
@@ -84,6 +86,8 @@ echo shell=$(readlink -f /bin/sh)`
 		"ping_nocap_as_nobody": "failed", // the control: without the capability it cannot
 		"dev_full":             "character special file",
 		"shell":                "/usr/bin/dash",
+		"self_resolves":        "yes",  // /etc/hosts names the sandbox, as Docker's does
+		"hostname_file":        "same", // and /etc/hostname is the sandbox's, not the image's
 	})
 	if t.Failed() {
 		t.Logf("guest output:\n%s\n%s", r.stdout, r.stderr)

@@ -132,3 +132,22 @@ func TestTTYEndToEnd(t *testing.T) {
 		})
 	}
 }
+
+// -it with stdin that is not a terminal is refused, as Docker refuses it: the guest's
+// terminal would echo the piped input and never see its end.
+func TestTTYRefusedWithoutTerminal(t *testing.T) {
+	need(t)
+	for _, args := range [][]string{
+		{"run", "-it", image("busybox:latest"), "--", "cat"},
+		{"exec", "-it", "no-such-sandbox", "--", "cat"},
+	} {
+		r := world.cli(context.Background(), []byte("hi\n"), args...)
+		if r.code == 0 || !strings.Contains(r.stderr, "not a TTY") {
+			t.Errorf("fireworks %v with piped stdin: exit %d stderr %q, want a refusal", args, r.code, r.stderr)
+		}
+	}
+	// -i alone takes piped input and ends with it.
+	if r := world.cli(context.Background(), []byte("hi\n"), "run", "-i", image("busybox:latest"), "--", "cat"); r.code != 0 || r.stdout != "hi\n" {
+		t.Errorf("run -i with piped stdin: exit %d stdout %q stderr %q", r.code, r.stdout, r.stderr)
+	}
+}

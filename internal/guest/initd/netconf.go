@@ -306,14 +306,8 @@ func (r *rtnl) addDefaultRoute(index int, gw netip.Addr) error {
 	return r.do(m)
 }
 
-// resolvTmp is the name resolv.conf is written under before it replaces the old one.
-const resolvTmp = ".resolv.conf.fireworks"
-
-// writeResolvConf replaces <root>/etc/resolv.conf with a regular file naming servers.
-// Whatever was there (a file, or a symlink, e.g. to systemd-resolved's stub) is replaced,
-// never written through: the new file is renamed over it. /etc is looked up as if root
-// were the filesystem root (RESOLVE_IN_ROOT), so no symlink in the image can lead the
-// write outside it; a missing /etc is created.
+// writeResolvConf replaces <root>/etc/resolv.conf with a regular file naming servers
+// (see replaceEtcFile).
 func writeResolvConf(root string, servers []string) error {
 	if err := proto.ValidateNameservers(servers); err != nil {
 		return err
@@ -326,10 +320,41 @@ func writeResolvConf(root string, servers []string) error {
 	for _, s := range servers {
 		fmt.Fprintf(&b, "nameserver %s\n", netip.MustParseAddr(s))
 	}
+	return replaceEtcFile(root, "resolv.conf", b.String())
+}
 
+// writeHostFiles gives the guest the /etc/hostname and /etc/hosts a container gets from
+// Docker: the hostname, and localhost plus the hostname at the guest's own address
+// (addr; without a network, 127.0.1.1 as Debian does), so `getent hosts $(hostname)` and
+// programs that resolve their own name work.
+func writeHostFiles(root, hostname string, addr netip.Addr) error {
+	if !addr.IsValid() {
+		addr = netip.MustParseAddr("127.0.1.1")
+	}
+	if err := replaceEtcFile(root, "hostname", hostname+"\n"); err != nil {
+		return err
+	}
+	hosts := "# Written by fireworks-init.\n" +
+		"127.0.0.1\tlocalhost\n" +
+		"::1\tlocalhost ip6-localhost ip6-loopback\n" +
+		"fe00::0\tip6-localnet\n" +
+		"ff00::0\tip6-mcastprefix\n" +
+		"ff02::1\tip6-allnodes\n" +
+		"ff02::2\tip6-allrouters\n" +
+		addr.String() + "\t" + hostname + "\n"
+	return replaceEtcFile(root, "hosts", hosts)
+}
+
+// replaceEtcFile replaces <root>/etc/<name> with a regular file holding content.
+// Whatever was there (a file, or a symlink, e.g. resolv.conf to systemd-resolved's stub)
+// is replaced, never written through: the new file is renamed over it. /etc is looked up
+// as if root were the filesystem root (RESOLVE_IN_ROOT), so no symlink in the image can
+// lead the write outside it; a missing /etc is created.
+func replaceEtcFile(root, name, content string) error {
+	tmpName := "." + name + ".fireworks" // left by an interrupted write, if any
 	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("writing resolv.conf: open root %s: %w", root, err)
+		return fmt.Errorf("writing %s: open root %s: %w", name, root, err)
 	}
 	defer unix.Close(rootFD)
 	how := &unix.OpenHow{Flags: unix.O_RDONLY | unix.O_DIRECTORY | unix.O_CLOEXEC, Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS}
@@ -342,16 +367,16 @@ func writeResolvConf(root string, servers []string) error {
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("writing resolv.conf: /etc in %s: %w", root, err)
+		return fmt.Errorf("writing %s: /etc in %s: %w", name, root, err)
 	}
 	defer unix.Close(etc)
-	_ = unix.Unlinkat(etc, resolvTmp, 0) // left by an interrupted write
-	fd, err := unix.Openat(etc, resolvTmp, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
+	_ = unix.Unlinkat(etc, tmpName, 0)
+	fd, err := unix.Openat(etc, tmpName, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
 	if err != nil {
-		return fmt.Errorf("writing resolv.conf: %w", err)
+		return fmt.Errorf("writing %s: %w", name, err)
 	}
-	f := os.NewFile(uintptr(fd), resolvTmp)
-	_, werr := f.WriteString(b.String())
+	f := os.NewFile(uintptr(fd), tmpName)
+	_, werr := f.WriteString(content)
 	if werr == nil {
 		werr = f.Chmod(0o644) // whatever the umask
 	}
@@ -359,11 +384,11 @@ func writeResolvConf(root string, servers []string) error {
 		werr = cerr
 	}
 	if werr == nil {
-		werr = unix.Renameat(etc, resolvTmp, etc, "resolv.conf")
+		werr = unix.Renameat(etc, tmpName, etc, name)
 	}
 	if werr != nil {
-		_ = unix.Unlinkat(etc, resolvTmp, 0)
-		return fmt.Errorf("writing /etc/resolv.conf in %s: %w", root, werr)
+		_ = unix.Unlinkat(etc, tmpName, 0)
+		return fmt.Errorf("writing /etc/%s in %s: %w", name, root, werr)
 	}
 	return nil
 }

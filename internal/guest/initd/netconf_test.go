@@ -2,6 +2,7 @@ package initd
 
 import (
 	"context"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -103,7 +104,7 @@ func TestWriteResolvConfRefuses(t *testing.T) {
 	if err := writeResolvConf(root, servers); err == nil || !strings.Contains(err.Error(), "resolv.conf") {
 		t.Errorf("a directory at resolv.conf: %v", err)
 	}
-	if _, err := os.Stat(filepath.Join(root, "etc", resolvTmp)); err == nil {
+	if _, err := os.Stat(filepath.Join(root, "etc", ".resolv.conf.fireworks")); err == nil {
 		t.Error("the temporary file was left behind")
 	}
 
@@ -186,5 +187,45 @@ func TestConfigureNet(t *testing.T) {
 	}
 	if out := ipOut(t, "-4", "-o", "addr", "show", "dev", "eth7"); strings.Contains(out, "10.1.0.2") {
 		t.Errorf("a refused config changed the address: %s", out)
+	}
+}
+
+// /etc/hostname and /etc/hosts are the sandbox's, as Docker writes them: replacing the
+// image's (never writing through a symlink), with localhost and the hostname at the
+// guest's address, or 127.0.1.1 without a network.
+func TestWriteHostFiles(t *testing.T) {
+	outside := t.TempDir()
+	root := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(outside, "hosts"), []byte("outside\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(outside, "hosts"), filepath.Join(root, "etc/hosts")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "etc/hostname"), []byte("image-host\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeHostFiles(root, "sb-1", netip.MustParseAddr("169.254.0.21")); err != nil {
+		t.Fatal(err)
+	}
+	hosts, _ := os.ReadFile(filepath.Join(root, "etc/hosts"))
+	name, _ := os.ReadFile(filepath.Join(root, "etc/hostname"))
+	if !strings.Contains(string(hosts), "127.0.0.1\tlocalhost\n") || !strings.Contains(string(hosts), "169.254.0.21\tsb-1\n") || string(name) != "sb-1\n" {
+		t.Errorf("hosts %q hostname %q", hosts, name)
+	}
+	if b, _ := os.ReadFile(filepath.Join(outside, "hosts")); string(b) != "outside\n" {
+		t.Errorf("written through the image's symlink: %q", b)
+	}
+	if fi, err := os.Lstat(filepath.Join(root, "etc/hosts")); err != nil || !fi.Mode().IsRegular() {
+		t.Errorf("/etc/hosts is %v, %v; want a regular file", fi, err)
+	}
+	if err := writeHostFiles(root, "offline", netip.Addr{}); err != nil {
+		t.Fatal(err)
+	}
+	if hosts, _ := os.ReadFile(filepath.Join(root, "etc/hosts")); !strings.Contains(string(hosts), "127.0.1.1\toffline\n") {
+		t.Errorf("without a network: %q", hosts)
 	}
 }

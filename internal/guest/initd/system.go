@@ -9,6 +9,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -25,6 +26,10 @@ type pid1System struct {
 	log *slog.Logger
 	// powerOffCmd is the reboot(2) command used to stop the VM.
 	powerOffCmd int
+	// addr is the guest's own address once its network is up (for /etc/hosts).
+	addr netip.Addr
+	// rooted: Setup has switched to the image's root, where /etc/hosts belongs.
+	rooted bool
 }
 
 const (
@@ -122,6 +127,9 @@ func (p *pid1System) Setup(ctx context.Context, s proto.Setup) error {
 			return fmt.Errorf("network: %w", err)
 		}
 		p.log.Info("network up", "interface", ifc, "address", s.Net.Address, "gateway", s.Net.Gateway)
+		if pfx, err := netip.ParsePrefix(s.Net.Address); err == nil {
+			p.addr = pfx.Addr()
+		}
 	} else if err := loopbackUp(); err != nil {
 		return fmt.Errorf("bring lo up: %w", err)
 	}
@@ -139,6 +147,7 @@ func (p *pid1System) Setup(ctx context.Context, s proto.Setup) error {
 			return fmt.Errorf("chmod /tmp: %w", err)
 		}
 	}
+	p.rooted = true
 	if err := p.SetHostname(s.Hostname); err != nil {
 		return err
 	}
@@ -263,6 +272,9 @@ func (p *pid1System) SetHostname(name string) error {
 	}
 	if err := unix.Sethostname([]byte(name)); err != nil {
 		return fmt.Errorf("setting hostname %q: %w", name, err)
+	}
+	if p.rooted {
+		return writeHostFiles("/", name, p.addr)
 	}
 	return nil
 }

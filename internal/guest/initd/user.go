@@ -50,9 +50,13 @@ func resolveUser(root, spec string) (execUser, error) {
 	if hasGroup && groupPart == "" {
 		return execUser{}, fmt.Errorf("user spec %q has an empty group", spec)
 	}
+	_, numericUser := parseID(userPart)
 	users, err := readPasswd(root, "/etc/passwd")
 	if err != nil {
-		return execUser{}, err
+		if !numericUser {
+			return execUser{}, err
+		}
+		users = nil // a uid needs no passwd entry: run it as one without
 	}
 	u := execUser{Home: "/"}
 	var matched *passwdEntry
@@ -87,7 +91,10 @@ func resolveUser(root, spec string) (execUser, error) {
 	}
 	groups, err := readGroup(root, "/etc/group")
 	if err != nil {
-		return execUser{}, err
+		if _, numericGroup := parseID(groupPart); hasGroup && !numericGroup {
+			return execUser{}, err
+		}
+		groups = nil // only supplementary groups are missed
 	}
 	if hasGroup {
 		if n, ok := parseID(groupPart); ok {
@@ -140,6 +147,9 @@ func readIDFile(root, path string, fn func(fields []string)) error {
 	if err == nil && !fi.Mode().IsRegular() {
 		f.Close()
 		err = errNotPlain
+	}
+	if errors.Is(err, unix.EXDEV) {
+		err = errors.New("it leads outside the image's root filesystem")
 	}
 	if err != nil {
 		return fmt.Errorf("reading the image's %s: %w", path, err)
