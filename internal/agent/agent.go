@@ -622,7 +622,11 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		err = guest.Setup(setupCtx, setup)
 		ph.mark("setup")
 		if err == nil {
-			main, err = guest.Exec(ctx, execReq)
+			// The same bound on starting the command as a restore's: an image can make its
+			// start hang in the guest, and the sandbox must then fail, not stay starting.
+			execCtx, cancelExec := context.WithTimeout(ctx, 30*time.Second)
+			main, err = guest.Exec(execCtx, execReq)
+			cancelExec()
 			ph.mark("exec")
 		}
 	}
