@@ -169,8 +169,8 @@ func firstStartOf(ctx context.Context, cfg Config, api *apiClient, ref, label st
 			row.RootDiskMs = p.ms
 		}
 	}
-	if row.PullMs == 0 || row.RootDiskMs == 0 {
-		return row, fmt.Errorf("the node's start phases %v lack a pull or a root disk build: not the path this row names", s.phases)
+	if row.StartedBy != "cold" || row.PullMs == 0 || row.RootDiskMs == 0 {
+		return row, fmt.Errorf("the node's start phases %v (started %q) lack a pull or a root disk build, or it was not a cold boot: not the path this row names", s.phases, row.StartedBy)
 	}
 	row.PullMiBps = row.CompressedMiB / (row.PullMs / 1000)
 	row.RootDiskMiBps = row.UncompressedMiB / (row.RootDiskMs / 1000)

@@ -267,26 +267,37 @@ func resolveLayout(p sourceRef, platform v1.Platform) (v1.Image, error) {
 }
 
 func resolveArchive(p sourceRef) (v1.Image, error) {
-	m, err := tarball.LoadManifest(func() (io.ReadCloser, error) { return os.Open(p.path) })
-	if err != nil {
+	var tag *name.Tag
+	if p.tag != "" {
+		t, err := name.NewTag(p.tag)
+		if err != nil {
+			return nil, fmt.Errorf("%s: malformed tag %q: %w", p, p.tag, err)
+		}
+		tag = &t
+	}
+	img, err := tarball.ImageFromPath(p.path, tag)
+	if err == nil {
+		return img, nil
+	}
+	// It did not open as asked: read the archive's manifest (another pass over the file,
+	// paid only here) to find the tag under the name docker or podman saved it as, or
+	// to say which tags there are.
+	m, merr := tarball.LoadManifest(func() (io.ReadCloser, error) { return os.Open(p.path) })
+	if merr != nil {
 		return nil, fmt.Errorf("open docker archive %s: %w", p, err)
 	}
 	var tags []string
 	for _, d := range m {
 		tags = append(tags, d.RepoTags...)
 	}
-	if p.tag == "" {
-		if len(m) != 1 {
-			return nil, fmt.Errorf("docker archive %s holds %d images: name one as docker-archive:FILE:TAG (tags: %s)", p, len(m), strings.Join(tags, ", "))
-		}
-		return openArchive(p, nil)
-	}
-	want, err := name.NewTag(p.tag)
-	if err != nil {
-		return nil, fmt.Errorf("%s: malformed tag %q: %w", p, p.tag, err)
+	switch {
+	case tag == nil && len(m) > 1:
+		return nil, fmt.Errorf("docker archive %s holds %d images: name one as docker-archive:FILE:TAG (tags: %s)", p, len(m), strings.Join(tags, ", "))
+	case tag == nil:
+		return nil, fmt.Errorf("open docker archive %s: %w", p, err)
 	}
 	for _, t := range tags {
-		if have, err := name.NewTag(t); err == nil && sameTag(want, have, p.tag) {
+		if have, terr := name.NewTag(t); terr == nil && sameTag(*tag, have, p.tag) {
 			return openArchive(p, &have)
 		}
 	}

@@ -235,7 +235,9 @@ func (u *Unpacker) entry(ctx context.Context, tr *tar.Reader, hdr *tar.Header, s
 		return hostile("unsupported entry type %q", hdr.Typeflag)
 	}
 	st.record(comps)
-	delete(u.skipped, strings.Join(comps, "/")) // whatever lands there now replaces it
+	if u.skipped != nil {
+		delete(u.skipped, strings.Join(comps, "/")) // whatever lands there now replaces it
+	}
 
 	parent, err := resolveDir(u.rootFD, comps[:len(comps)-1], true)
 	if err != nil {
