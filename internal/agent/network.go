@@ -62,10 +62,10 @@ type sbNet struct {
 	ns      network.Namespace
 	enf     *netpolicy.Enforcer
 	guard   *netpolicy.Guard
-	applyMu sync.Mutex    // one policy change at a time
-	pol     netPolicy     // the user's policy in force (guarded by m.mu)
-	set     netpolicy.Set // everything enforced: pol merged with the node's defaults (guarded by m.mu)
-	closed  bool          // lets nothing through until a sandbox's policy is applied (guarded by m.mu)
+	applyMu sync.Mutex         // one policy change at a time
+	pol     netPolicy          // the user's policy in force (guarded by m.mu)
+	set     netpolicy.Enforced // everything enforced: the node's rules and pol (guarded by m.mu)
+	closed  bool               // lets nothing through until a sandbox's policy is applied (guarded by m.mu)
 }
 
 // netPolicy is a sandbox's policy file text ("" = the node's defaults only) and whether
@@ -152,7 +152,7 @@ func (m *netManager) protected() []netip.Prefix {
 	return slices.Compact(ps)
 }
 
-// baseSet is the node's policy for a sandbox at block b, beneath the user's:
+// baseSet is the node's rules for a sandbox at block b:
 //   - what it sends: it may send only from its own address and not into the protected
 //     ranges, except to the guests' nameservers on port 53 (DNS on a node address or in
 //     169.254/16, as clouds have it);
@@ -186,39 +186,57 @@ func (m *netManager) baseSet(b network.Block, protected []netip.Prefix) netpolic
 	return netpolicy.Set{Egress: eg, Ingress: in}
 }
 
-// policySet is what is enforced for a sandbox with policy text. Only an admin's policy
-// may allow what the node protects (a user could otherwise open the node, its metadata
-// service or the sandbox range to their sandbox); a user's rules inside those ranges are
-// refused with the range named.
-func (m *netManager) policySet(b network.Block, text string, admin bool) (netpolicy.Set, error) {
+// policySet is what is enforced for a sandbox with policy text.
+//
+// For a user's policy the node's rules for what the sandbox sends go in the programs'
+// protected maps, decided before any rule of the policy: no user policy, whatever its
+// actions and prefixes, changes their verdict (it does not depend on the policy at all).
+// A user's allow rule inside a protected range would be dead, so it is refused with the
+// range named rather than accepted and ignored. What reaches the sandbox is its owner's
+// to open: the node's rule there (nothing from the sandbox range but the node) is a
+// default beneath the policy, which a user's `in` rules may widen; that alone opens
+// nothing, since the sender's own egress must allow it too, and only an admin's may.
+//
+// Only an admin's policy may open what the node protects: it is laid over the node's
+// rules (an admin's rules for a prefix replace the node's for it) and nothing is decided
+// before it.
+func (m *netManager) policySet(b network.Block, text string, admin bool) (netpolicy.Enforced, error) {
 	protected := m.protected()
 	base := m.baseSet(b, protected)
-	if text == "" {
-		return base, nil
+	user := netpolicy.Set{Egress: netpolicy.Policy{Default: netpolicy.Allow}, Ingress: netpolicy.Policy{Default: netpolicy.Allow}}
+	if text != "" {
+		var err error
+		if user, err = netpolicy.ParsePolicy(text); err != nil {
+			return netpolicy.Enforced{}, err
+		}
 	}
-	user, err := netpolicy.ParsePolicy(text)
-	if err != nil {
-		return netpolicy.Set{}, err
-	}
+	e := netpolicy.Enforced{Set: netpolicy.Set{Egress: netpolicy.Merge(base.Egress, user.Egress), Ingress: netpolicy.Merge(base.Ingress, user.Ingress)}}
 	if !admin {
-		var errs []error
-		for _, r := range user.Egress.Rules {
-			if r.Action != netpolicy.Allow {
-				continue
-			}
-			for _, p := range protected {
-				if p.Bits() <= r.CIDR.Bits() && p.Contains(r.CIDR.Addr()) {
-					errs = append(errs, fmt.Errorf("allow %s: inside %s, which only an admin's policy may open (the node's own addresses, link-local and metadata, broadcast, other sandboxes)", r.CIDR, p))
-					break
-				}
-			}
+		if err := refuseProtected(user.Egress.Rules, protected); err != nil {
+			return netpolicy.Enforced{}, err
 		}
-		if err := errors.Join(errs...); err != nil {
-			return netpolicy.Set{}, err
+		e.Egress, e.Protect.Egress = user.Egress, base.Egress.Rules
+	}
+	e.Egress.Source = b.Sandbox() // the node's pin, whoever wrote the policy
+	return e, e.Validate()
+}
+
+// refuseProtected explains why a user's allow rules inside the protected ranges cannot
+// work.
+func refuseProtected(rules []netpolicy.Rule, protected []netip.Prefix) error {
+	var errs []error
+	for _, r := range rules {
+		if r.Action != netpolicy.Allow {
+			continue
+		}
+		for _, p := range protected {
+			if p.Bits() <= r.CIDR.Bits() && p.Contains(r.CIDR.Addr()) {
+				errs = append(errs, fmt.Errorf("allow %s: inside %s, which only an admin's policy may open (the node's own addresses, link-local and metadata, broadcast, other sandboxes)", r.CIDR, p))
+				break
+			}
 		}
 	}
-	s := netpolicy.Set{Egress: netpolicy.Merge(base.Egress, user.Egress), Ingress: netpolicy.Merge(base.Ingress, user.Ingress)}
-	return s, s.Validate()
+	return errors.Join(errs...)
 }
 
 // guestNet is the network every guest configures (see network.GuestAddr).
@@ -227,8 +245,8 @@ func guestNet() *proto.NetConfig {
 }
 
 // closedSet lets nothing through: the policy of VMs no sandbox has claimed yet.
-func closedSet(b network.Block) netpolicy.Set {
-	return netpolicy.Set{Egress: netpolicy.Policy{Default: netpolicy.Deny, Source: b.Sandbox()}, Ingress: netpolicy.Policy{Default: netpolicy.Deny}}
+func closedSet(b network.Block) netpolicy.Enforced {
+	return netpolicy.Enforced{Set: netpolicy.Set{Egress: netpolicy.Policy{Default: netpolicy.Deny, Source: b.Sandbox()}, Ingress: netpolicy.Policy{Default: netpolicy.Deny}}}
 }
 
 // create makes owner's network with policy text in force; closed makes it let nothing
@@ -301,14 +319,24 @@ func (m *netManager) load(owner, version string, pol netPolicy) (*sbNet, error) 
 		n.enf.Close()
 		return nil, err
 	}
-	if err := n.apply(pol); err != nil {
-		n.enf.Close()
-		n.guard.Close()
-		return nil, err
-	}
-	if version != netpolicy.Version {
+	if version == netpolicy.Version {
+		if err := n.apply(pol); err != nil {
+			n.enf.Close()
+			n.guard.Close()
+			return nil, err
+		}
+	} else {
 		// An agent with other programs made these: replace them (the new ones are in
 		// force before the old ones come off; counters and remembered flows start over).
+		// The old ones keep the old policy until then: their maps may not take this
+		// agent's rules.
+		set, err := m.policySet(blk, pol.text, pol.admin)
+		if err != nil {
+			n.enf.Close()
+			n.guard.Close()
+			return nil, fmt.Errorf("network policy: %w", err)
+		}
+		n.pol, n.set = pol, set
 		if err := n.replacePrograms(); err != nil {
 			n.enf.Close()
 			n.guard.Close()
@@ -390,7 +418,7 @@ type NetStats struct {
 	IngressAllowed, IngressDropped uint64
 	Spoofed                        uint64 // frames the guard on the tap dropped
 	Policy                         string // the user's policy in force
-	Effective                      string // everything enforced, node defaults merged in
+	Effective                      string // everything enforced: the node's rules, then the policy
 }
 
 func (n *sbNet) stats() (NetStats, error) {

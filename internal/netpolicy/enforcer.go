@@ -28,9 +28,9 @@ const MaxFlows = 4096
 
 // direction is one attached program and its maps.
 type direction struct {
-	rules, config, counters *ebpf.Map
-	link                    link.Link
-	current                 map[netip.Prefix]bool
+	protect, rules, config, counters *ebpf.Map
+	link                             link.Link
+	current, protected               map[netip.Prefix]bool // prefixes in rules, in protect
 }
 
 // Enforcer is a sandbox's policy: two programs on the host end of its veth pair sharing
@@ -44,9 +44,9 @@ type Enforcer struct {
 }
 
 // Attach loads the programs and attaches them to the host-side veth end ifname with s in
-// force: the egress policy on the end's tcx ingress (what the sandbox sends), the ingress
-// policy on its tcx egress (what is sent to the sandbox).
-func Attach(ifname string, s Set) (*Enforcer, error) {
+// force: the egress rules on the end's tcx ingress (what the sandbox sends), the ingress
+// rules on its tcx egress (what is sent to the sandbox).
+func Attach(ifname string, s Enforced) (*Enforcer, error) {
 	if err := s.Validate(); err != nil {
 		return nil, fmt.Errorf("network policy: %w", err)
 	}
@@ -54,32 +54,24 @@ func Attach(ifname string, s Set) (*Enforcer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("attach network policy to %s: %w", ifname, err)
 	}
-	e := &Enforcer{}
+	e, err := build(s)
+	if err != nil {
+		return nil, err
+	}
 	ok := false
 	defer func() {
 		if !ok {
 			e.detach()
 		}
 	}()
-	if e.flows, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_flows", Type: ebpf.LRUHash, KeySize: flowKeySize, ValueSize: 8, MaxEntries: MaxFlows}); err != nil {
-		return nil, fmt.Errorf("create flow map: %w", err)
-	}
 	for _, d := range []struct {
 		dir    Direction
 		d      *direction
-		p      Policy
 		attach ebpf.AttachType
-	}{{FromSandbox, &e.out, s.Egress, ebpf.AttachTCXIngress}, {ToSandbox, &e.in, s.Ingress, ebpf.AttachTCXEgress}} {
-		if err := d.d.create(); err != nil {
-			return nil, err
-		}
-		if err := d.d.apply(d.p); err != nil {
-			return nil, err
-		}
-		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Name: "fw_policy", Type: ebpf.SchedCLS, License: "Apache-2.0",
-			Instructions: program(d.dir, d.d.rules.FD(), d.d.config.FD(), d.d.counters.FD(), e.flows.FD())})
+	}{{FromSandbox, &e.out, ebpf.AttachTCXIngress}, {ToSandbox, &e.in, ebpf.AttachTCXEgress}} {
+		prog, err := e.program(d.dir)
 		if err != nil {
-			return nil, fmt.Errorf("load policy program: %w", err)
+			return nil, err
 		}
 		d.d.link, err = link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: prog, Attach: d.attach})
 		prog.Close() // the link holds it
@@ -91,11 +83,58 @@ func Attach(ifname string, s Set) (*Enforcer, error) {
 	return e, nil
 }
 
+// build makes the maps with s in them (nothing attached).
+func build(s Enforced) (*Enforcer, error) {
+	e := &Enforcer{}
+	ok := false
+	defer func() {
+		if !ok {
+			e.detach()
+		}
+	}()
+	var err error
+	if e.flows, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_flows", Type: ebpf.LRUHash, KeySize: flowKeySize, ValueSize: 8, MaxEntries: MaxFlows}); err != nil {
+		return nil, fmt.Errorf("create flow map: %w", err)
+	}
+	for _, d := range []struct {
+		d       *direction
+		p       Policy
+		protect []Rule
+	}{{&e.out, s.Egress, s.Protect.Egress}, {&e.in, s.Ingress, s.Protect.Ingress}} {
+		if err := d.d.create(); err != nil {
+			return nil, err
+		}
+		if err := d.d.apply(d.p, d.protect); err != nil {
+			return nil, err
+		}
+	}
+	ok = true
+	return e, nil
+}
+
+// program loads the filter of one direction (not attached).
+func (e *Enforcer) program(dir Direction) (*ebpf.Program, error) {
+	d := &e.out
+	if dir == ToSandbox {
+		d = &e.in
+	}
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Name: "fw_policy", Type: ebpf.SchedCLS, License: "Apache-2.0",
+		Instructions: program(dir, d.protect.FD(), d.rules.FD(), d.config.FD(), d.counters.FD(), e.flows.FD())})
+	if err != nil {
+		return nil, fmt.Errorf("load policy program: %w", err)
+	}
+	return prog, nil
+}
+
 func (d *direction) create() (err error) {
-	d.current = map[netip.Prefix]bool{}
+	d.current, d.protected = map[netip.Prefix]bool{}, map[netip.Prefix]bool{}
 	if d.rules, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_rules", Type: ebpf.LPMTrie, KeySize: 8, ValueSize: valueSize,
-		MaxEntries: 1024, Flags: 1 /* BPF_F_NO_PREALLOC, required for LPM tries */}); err != nil {
+		MaxEntries: mapPrefixes, Flags: 1 /* BPF_F_NO_PREALLOC, required for LPM tries */}); err != nil {
 		return fmt.Errorf("create rules map: %w", err)
+	}
+	if d.protect, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_protect", Type: ebpf.LPMTrie, KeySize: 8, ValueSize: valueSize,
+		MaxEntries: mapPrefixes, Flags: 1}); err != nil {
+		return fmt.Errorf("create protected rules map: %w", err)
 	}
 	if d.config, err = ebpf.NewMap(&ebpf.MapSpec{Name: "fw_config", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1}); err != nil {
 		return fmt.Errorf("create config map: %w", err)
@@ -108,45 +147,28 @@ func (d *direction) create() (err error) {
 
 // Apply replaces the rules in force, both directions. A set that does not validate
 // changes nothing.
-func (e *Enforcer) Apply(s Set) error {
+func (e *Enforcer) Apply(s Enforced) error {
 	if err := s.Validate(); err != nil {
 		return fmt.Errorf("network policy: %w", err)
 	}
-	if err := e.out.apply(s.Egress); err != nil {
+	if e.out.protect == nil || e.in.protect == nil {
+		return errors.New("network policy: these programs predate protected rules (an older agent's): replace them")
+	}
+	if err := e.out.apply(s.Egress, s.Protect.Egress); err != nil {
 		return err
 	}
-	return e.in.apply(s.Ingress)
+	return e.in.apply(s.Ingress, s.Protect.Ingress)
 }
 
-func (d *direction) apply(p Policy) error {
-	byCIDR := map[netip.Prefix][]Rule{}
-	for _, r := range p.Rules {
-		byCIDR[r.CIDR.Masked()] = append(byCIDR[r.CIDR.Masked()], r)
+// apply writes the protected rules first, then the policy's: while it runs, the new
+// protected rules are already in force in front of either policy.
+func (d *direction) apply(p Policy, protect []Rule) error {
+	var err error
+	if d.protected, err = writeRules(d.protect, protect, d.protected); err != nil {
+		return fmt.Errorf("protected rules: %w", err)
 	}
-	for cidr, rs := range byCIDR {
-		v := make([]byte, valueSize)
-		binary.LittleEndian.PutUint32(v[0:], uint32(len(rs)))
-		for i, r := range rs {
-			o := 8 + i*entrySize
-			v[o], v[o+1] = r.Proto, byte(r.Action)
-			binary.LittleEndian.PutUint16(v[o+4:], r.PortLo)
-			binary.LittleEndian.PutUint16(v[o+6:], r.PortHi)
-		}
-		if err := d.rules.Put(lpmKey(cidr), v); err != nil {
-			return fmt.Errorf("write rule for %s: %w", cidr, err)
-		}
-	}
-	// Rules that went away, after the new ones are in (no window without them).
-	for cidr := range d.current {
-		if _, keep := byCIDR[cidr]; !keep {
-			if err := d.rules.Delete(lpmKey(cidr)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				return fmt.Errorf("remove rule for %s: %w", cidr, err)
-			}
-		}
-	}
-	d.current = map[netip.Prefix]bool{}
-	for cidr := range byCIDR {
-		d.current[cidr] = true
+	if d.current, err = writeRules(d.rules, p.Rules, d.current); err != nil {
+		return err
 	}
 	// config: default action (u32), allowed source address (network order; 0 = any).
 	cfg := make([]byte, 8)
@@ -159,6 +181,41 @@ func (d *direction) apply(p Policy) error {
 		return fmt.Errorf("write default action: %w", err)
 	}
 	return nil
+}
+
+// writeRules puts rules in LPM map m, where the prefixes in current are, and returns the
+// prefixes now there.
+func writeRules(m *ebpf.Map, rules []Rule, current map[netip.Prefix]bool) (map[netip.Prefix]bool, error) {
+	byCIDR := map[netip.Prefix][]Rule{}
+	for _, r := range rules {
+		byCIDR[r.CIDR.Masked()] = append(byCIDR[r.CIDR.Masked()], r)
+	}
+	for cidr, rs := range byCIDR {
+		v := make([]byte, valueSize)
+		binary.LittleEndian.PutUint32(v[0:], uint32(len(rs)))
+		for i, r := range rs {
+			o := 8 + i*entrySize
+			v[o], v[o+1] = r.Proto, byte(r.Action)
+			binary.LittleEndian.PutUint16(v[o+4:], r.PortLo)
+			binary.LittleEndian.PutUint16(v[o+6:], r.PortHi)
+		}
+		if err := m.Put(lpmKey(cidr), v); err != nil {
+			return current, fmt.Errorf("write rule for %s: %w", cidr, err)
+		}
+	}
+	// Rules that went away, after the new ones are in (no window without them).
+	for cidr := range current {
+		if _, keep := byCIDR[cidr]; !keep {
+			if err := m.Delete(lpmKey(cidr)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return current, fmt.Errorf("remove rule for %s: %w", cidr, err)
+			}
+		}
+	}
+	now := map[netip.Prefix]bool{}
+	for cidr := range byCIDR {
+		now[cidr] = true
+	}
+	return now, nil
 }
 
 // Counters reads the packets allowed and dropped: what the sandbox sent (egress) and
@@ -201,8 +258,8 @@ type pinner interface{ Pin(string) error }
 
 func (e *Enforcer) objects() map[string]pinner {
 	return map[string]pinner{
-		"flows": e.flows, "out_link": e.out.link, "out_rules": e.out.rules, "out_config": e.out.config, "out_counters": e.out.counters,
-		"in_link": e.in.link, "in_rules": e.in.rules, "in_config": e.in.config, "in_counters": e.in.counters,
+		"flows": e.flows, "out_link": e.out.link, "out_rules": e.out.rules, "out_protect": e.out.protect, "out_config": e.out.config, "out_counters": e.out.counters,
+		"in_link": e.in.link, "in_rules": e.in.rules, "in_protect": e.in.protect, "in_config": e.in.config, "in_counters": e.in.counters,
 	}
 }
 
@@ -236,34 +293,53 @@ func LoadPinned(dir string) (*Enforcer, error) {
 		}
 		return l
 	}
+	// Programs of version 3 and before had no protected maps: such an enforcer loads
+	// without them, to be replaced (Apply refuses it).
+	optionalMap := func(name string) *ebpf.Map {
+		if _, serr := os.Stat(filepath.Join(dir, name)); serr != nil {
+			return nil
+		}
+		return loadMap(name)
+	}
 	e.flows = loadMap("flows")
-	e.out = direction{rules: loadMap("out_rules"), config: loadMap("out_config"), counters: loadMap("out_counters"), link: loadLink("out_link")}
-	e.in = direction{rules: loadMap("in_rules"), config: loadMap("in_config"), counters: loadMap("in_counters"), link: loadLink("in_link")}
+	e.out = direction{rules: loadMap("out_rules"), protect: optionalMap("out_protect"), config: loadMap("out_config"), counters: loadMap("out_counters"), link: loadLink("out_link")}
+	e.in = direction{rules: loadMap("in_rules"), protect: optionalMap("in_protect"), config: loadMap("in_config"), counters: loadMap("in_counters"), link: loadLink("in_link")}
 	if err != nil {
 		return nil, err
 	}
 	for _, d := range []*direction{&e.out, &e.in} {
-		d.current = map[netip.Prefix]bool{}
-		var k [8]byte
-		var v [valueSize]byte
-		it := d.rules.Iterate()
-		for it.Next(&k, &v) {
-			a := netip.AddrFrom4([4]byte(k[4:8]))
-			d.current[netip.PrefixFrom(a, int(binary.LittleEndian.Uint32(k[:4])))] = true
-		}
-		if err := it.Err(); err != nil {
+		if d.current, err = prefixesIn(d.rules); err != nil {
 			return nil, fmt.Errorf("read pinned rules in %s: %w", dir, err)
+		}
+		d.protected = map[netip.Prefix]bool{}
+		if d.protect != nil {
+			if d.protected, err = prefixesIn(d.protect); err != nil {
+				return nil, fmt.Errorf("read pinned protected rules in %s: %w", dir, err)
+			}
 		}
 	}
 	ok = true
 	return e, nil
 }
 
+// prefixesIn lists the prefixes in an LPM rules map.
+func prefixesIn(m *ebpf.Map) (map[netip.Prefix]bool, error) {
+	out := map[netip.Prefix]bool{}
+	var k [8]byte
+	var v [valueSize]byte
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		a := netip.AddrFrom4([4]byte(k[4:8]))
+		out[netip.PrefixFrom(a, int(binary.LittleEndian.Uint32(k[:4])))] = true
+	}
+	return out, it.Err()
+}
+
 // Close releases this process's hold. A pinned enforcer stays in force; an unpinned one
 // is detached.
 func (e *Enforcer) Close() error {
 	var errs []error
-	for _, c := range []interface{ Close() error }{e.out.link, e.in.link, e.flows, e.out.rules, e.out.config, e.out.counters, e.in.rules, e.in.config, e.in.counters} {
+	for _, c := range []interface{ Close() error }{e.out.link, e.in.link, e.flows, e.out.rules, e.out.protect, e.out.config, e.out.counters, e.in.rules, e.in.protect, e.in.config, e.in.counters} {
 		if c != nil && !isNil(c) {
 			errs = append(errs, c.Close())
 		}

@@ -283,9 +283,9 @@ func (s Set) Validate() error {
 }
 
 // Merge lays the rules of over beneath-base semantics: over's default and rules win;
-// base's rules stay for the prefixes over does not name. This is how a node's built-in
-// rules (metadata, host, other sandboxes) stay in force under a user's policy unless the
-// user names those prefixes.
+// base's rules stay for the prefixes over does not name. Only an admin's policy is laid
+// over the node's rules this way (an admin may open what the node protects); a user's
+// policy goes beneath the node's protected rules (see Enforced).
 func Merge(base, over Policy) Policy {
 	named := map[netip.Prefix]bool{}
 	for _, r := range over.Rules {
@@ -302,6 +302,58 @@ func Merge(base, over Policy) Policy {
 		out.Source = base.Source
 	}
 	return out
+}
+
+// Protected is the node's rules for a sandbox, per direction. They live in maps of their
+// own that the programs consult before the sandbox's policy: a packet whose address falls
+// in a protected prefix gets that prefix's verdict (its first matching rule; no matching
+// rule drops it) and never reaches the policy's rules or default. So no policy, with any
+// action at any prefix, can change what the node protects: it is not one more check on
+// the policy but a separate stage in front of it.
+type Protected struct {
+	Egress  []Rule // match destinations
+	Ingress []Rule // match sources
+}
+
+// Enforced is everything a sandbox's programs enforce: the node's protected rules first,
+// then the sandbox's policy (Set) for what they do not cover.
+type Enforced struct {
+	Set
+	Protect Protected
+}
+
+// Validate checks the policy and the protected rules.
+func (e Enforced) Validate() error {
+	errs := []error{e.Set.Validate()}
+	for _, d := range []struct {
+		name  string
+		rules []Rule
+	}{{"protected egress", e.Protect.Egress}, {"protected ingress", e.Protect.Ingress}} {
+		if err := (Policy{Default: Deny, Rules: d.rules}).Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", d.name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// String renders what is enforced: the node's protected rules (as comments: a policy
+// file cannot hold them), then the policy in the policy file format.
+func (e Enforced) String() string {
+	var b strings.Builder
+	if len(e.Protect.Egress)+len(e.Protect.Ingress) > 0 {
+		b.WriteString("# the node's, decided before the policy (a policy cannot change these):\n")
+		for _, d := range []struct {
+			word  string
+			rules []Rule
+		}{{"out", e.Protect.Egress}, {"in", e.Protect.Ingress}} {
+			for _, r := range d.rules {
+				fmt.Fprintf(&b, "#   %s %s %s\n", r.Action, d.word, r.body())
+			}
+		}
+		b.WriteString("# the policy:\n")
+	}
+	b.WriteString(e.Set.String())
+	return b.String()
 }
 
 // String renders the set in the policy file format (ParsePolicy reads it back).

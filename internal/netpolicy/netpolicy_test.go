@@ -177,10 +177,10 @@ func TestPolicyToSandbox(t *testing.T) {
 	if err := dial(); err != nil {
 		t.Fatalf("without a policy: %v", err)
 	}
-	if _, err := Attach(n.HostIf, Set{Egress: allowAll, Ingress: Policy{Default: Allow, Source: b.Sandbox()}}); err == nil {
+	if _, err := Attach(n.HostIf, Enforced{Set: Set{Egress: allowAll, Ingress: Policy{Default: Allow, Source: b.Sandbox()}}}); err == nil {
 		t.Error("a source pin on the ingress direction was accepted")
 	}
-	e, err := Attach(n.HostIf, Set{Egress: allowAll, Ingress: Policy{Default: Allow, Rules: []Rule{{CIDR: netip.PrefixFrom(b.Host(), 32), Proto: TCP, PortLo: 7000, PortHi: 7000, Action: Deny}}}})
+	e, err := Attach(n.HostIf, Enforced{Set: Set{Egress: allowAll, Ingress: Policy{Default: Allow, Rules: []Rule{{CIDR: netip.PrefixFrom(b.Host(), 32), Proto: TCP, PortLo: 7000, PortHi: 7000, Action: Deny}}}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,7 +191,7 @@ func TestPolicyToSandbox(t *testing.T) {
 	if _, c, _ := e.Counters(); c.Dropped == 0 {
 		t.Errorf("counters %+v: want drops", c)
 	}
-	if err := e.Apply(Set{Egress: allowAll, Ingress: Policy{Default: Deny, Rules: []Rule{{CIDR: netip.MustParsePrefix("10.231.242.0/30"), Action: Allow}}}}); err != nil {
+	if err := e.Apply(Enforced{Set: Set{Egress: allowAll, Ingress: Policy{Default: Deny, Rules: []Rule{{CIDR: netip.MustParsePrefix("10.231.242.0/30"), Action: Allow}}}}}); err != nil {
 		t.Fatal(err)
 	}
 	if err := dial(); err != nil {
@@ -266,7 +266,7 @@ func TestMerge(t *testing.T) {
 var allowAll = Policy{Default: Allow}
 
 // out is a set that filters only what the sandbox sends.
-func out(p Policy) Set { return Set{Egress: p, Ingress: allowAll} }
+func out(p Policy) Enforced { return Enforced{Set: Set{Egress: p, Ingress: allowAll}} }
 
 func TestTooManyPrefixes(t *testing.T) {
 	var b strings.Builder

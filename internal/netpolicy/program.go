@@ -12,7 +12,7 @@ import (
 // Version names the programs this package makes. Change it with any change to program or
 // guardProgram, or to the maps' layout: an agent that finds pinned programs of another
 // version replaces them.
-const Version = "3"
+const Version = "4"
 
 // Offsets in a __sk_buff the programs read.
 const (
@@ -44,7 +44,8 @@ const (
 // Flow keys are {saddr, daddr (network order), sport, dport (as on the wire), proto, 0,0,0}.
 const flowKeySize = 16
 
-// program assembles the policy filter of one direction. Registers: r6 ctx, r7 data,
+// program assembles the filter of one direction: the node's protected rules (protectFD),
+// then the policy's (rulesFD) and its default. Registers: r6 ctx, r7 data,
 // r8 data_end, r9 protocol.
 //
 // A packet that answers a flow this sandbox's programs let through earlier (its reversed
@@ -54,7 +55,7 @@ const flowKeySize = 16
 // through the rules; what they allow records its flow (for TCP only the SYN does, so an
 // established connection is judged by the rules on every packet the initiator sends:
 // a new deny cuts it off).
-func program(dir Direction, rulesFD, configFD, countersFD, flowsFD int) asm.Instructions {
+func program(dir Direction, protectFD, rulesFD, configFD, countersFD, flowsFD int) asm.Instructions {
 	// The address the rules match: the destination of what the sandbox sends, the source
 	// of what it receives.
 	matchOff := int16(14 + 16)
@@ -169,38 +170,24 @@ func program(dir Direction, rulesFD, configFD, countersFD, flowsFD int) asm.Inst
 		asm.Add.Imm(asm.R2, stReverse),
 		asm.FnMapLookupElem.Call(),
 		asm.JNE.Imm(asm.R0, 0, "pass"),
-		// Longest prefix match.
-		asm.LoadMapPtr(asm.R1, rulesFD),
+		// The node's protected prefixes first: one that matches decides.
+		asm.LoadMapPtr(asm.R1, protectFD),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, stLPM),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "policy"),
+	}
+	ins = append(ins, ruleChain("p", "drop")...)
+	ins = append(ins,
+		// The policy's longest matching prefix, if any.
+		asm.LoadMapPtr(asm.R1, rulesFD).WithSymbol("policy"),
 		asm.Mov.Reg(asm.R2, asm.RFP),
 		asm.Add.Imm(asm.R2, stLPM),
 		asm.FnMapLookupElem.Call(),
 		asm.JEq.Imm(asm.R0, 0, "default"),
-		asm.Mov.Reg(asm.R7, asm.R0), // value; the packet is not read any more
-		asm.LoadMem(asm.R8, asm.R7, 0, asm.Word),
-		asm.LoadMem(asm.R5, asm.RFP, stPort, asm.Word),
-	}
-	// The rules of the prefix, unrolled: first match wins.
-	for i := 0; i < MaxRulesPerCIDR; i++ {
-		next := fmt.Sprintf("rule%d", i+1)
-		o := int16(8 + i*entrySize)
-		ins = append(ins,
-			asm.JLE.Imm(asm.R8, int32(i), "default").WithSymbol(fmt.Sprintf("rule%d", i)),
-			asm.LoadMem(asm.R2, asm.R7, o, asm.Byte), // proto
-			asm.JEq.Imm(asm.R2, 0, fmt.Sprintf("ports%d", i)),
-			asm.JNE.Reg(asm.R2, asm.R9, next),
-			asm.JEq.Imm(asm.R5, fragmentPort, fmt.Sprintf("act%d", i)).WithSymbol(fmt.Sprintf("ports%d", i)),
-			asm.LoadMem(asm.R3, asm.R7, o+6, asm.Half), // hi
-			asm.JEq.Imm(asm.R3, 0, fmt.Sprintf("act%d", i)),
-			asm.JGT.Reg(asm.R5, asm.R3, next),
-			asm.LoadMem(asm.R3, asm.R7, o+4, asm.Half), // lo
-			asm.JLT.Reg(asm.R5, asm.R3, next),
-			asm.LoadMem(asm.R2, asm.R7, o+1, asm.Byte).WithSymbol(fmt.Sprintf("act%d", i)),
-			asm.JEq.Imm(asm.R2, int32(Allow), "allow"),
-			asm.Ja.Label("drop"),
-		)
-	}
+	)
+	ins = append(ins, ruleChain("u", "default")...)
 	ins = append(ins,
-		asm.Ja.Label("default").WithSymbol(fmt.Sprintf("rule%d", MaxRulesPerCIDR)),
 		// The policy's default.
 		asm.LoadMem(asm.R2, asm.RFP, stDefault, asm.Word).WithSymbol("default"),
 		asm.JEq.Imm(asm.R2, int32(Allow), "allow"),
@@ -236,6 +223,40 @@ func program(dir Direction, rulesFD, configFD, countersFD, flowsFD int) asm.Inst
 		asm.Return(),
 	)
 	return ins
+}
+
+// ruleChain matches a packet against the rules of the map value R0 points at (an LPM
+// map's value, see enforcer.go): the first rule whose protocol and port range match
+// jumps to "allow" or "drop"; when none does, to noMatch. tag keeps the labels of two
+// chains in one program apart. It expects the destination port (or fragmentPort) at
+// stPort and the protocol in R9; the packet is not read any more.
+func ruleChain(tag, noMatch string) asm.Instructions {
+	label := func(what string, i int) string { return fmt.Sprintf("%s%s%d", tag, what, i) }
+	ins := asm.Instructions{
+		asm.Mov.Reg(asm.R7, asm.R0),
+		asm.LoadMem(asm.R8, asm.R7, 0, asm.Word), // how many rules
+		asm.LoadMem(asm.R5, asm.RFP, stPort, asm.Word),
+	}
+	for i := 0; i < MaxRulesPerCIDR; i++ {
+		next := label("rule", i+1)
+		o := int16(8 + i*entrySize)
+		ins = append(ins,
+			asm.JLE.Imm(asm.R8, int32(i), noMatch).WithSymbol(label("rule", i)),
+			asm.LoadMem(asm.R2, asm.R7, o, asm.Byte), // proto
+			asm.JEq.Imm(asm.R2, 0, label("ports", i)),
+			asm.JNE.Reg(asm.R2, asm.R9, next),
+			asm.JEq.Imm(asm.R5, fragmentPort, label("act", i)).WithSymbol(label("ports", i)),
+			asm.LoadMem(asm.R3, asm.R7, o+6, asm.Half), // hi
+			asm.JEq.Imm(asm.R3, 0, label("act", i)),
+			asm.JGT.Reg(asm.R5, asm.R3, next),
+			asm.LoadMem(asm.R3, asm.R7, o+4, asm.Half), // lo
+			asm.JLT.Reg(asm.R5, asm.R3, next),
+			asm.LoadMem(asm.R2, asm.R7, o+1, asm.Byte).WithSymbol(label("act", i)),
+			asm.JEq.Imm(asm.R2, int32(Allow), "allow"),
+			asm.Ja.Label("drop"),
+		)
+	}
+	return append(ins, asm.Ja.Label(noMatch).WithSymbol(label("rule", MaxRulesPerCIDR)))
 }
 
 // guardProgram checks every frame the guest sends on its tap: the Ethernet source must be

@@ -69,10 +69,10 @@ func TestPolicyIsStateful(t *testing.T) {
 		t.Fatal(err)
 	}
 	acceptAll(t, ln)
-	e, err := Attach(n.HostIf, Set{
-		Egress:  Policy{Default: Allow, Rules: []Rule{{CIDR: netip.PrefixFrom(b.Host(), 32), Action: Deny}}},
-		Ingress: allowAll,
-	})
+	// The host is protected (as the node's end of a sandbox's veth pair is): the answers
+	// to the host's connection pass all the same.
+	e, err := Attach(n.HostIf, Enforced{Set: Set{Egress: allowAll, Ingress: allowAll},
+		Protect: Protected{Egress: []Rule{{CIDR: netip.PrefixFrom(b.Host(), 32), Action: Deny}}}})
 	if err != nil {
 		t.Fatal(err)
 	}

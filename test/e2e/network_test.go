@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -491,6 +492,14 @@ func TestNetworkMetricsAndAgentRestart(t *testing.T) {
 	if err := os.WriteFile(ownerFile, []byte(owner+"\nold\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// Programs of version 3 had no protected maps: take their pins away (the attached
+	// programs keep the maps) so the agent meets pins as such an agent left them.
+	pins := filepath.Join("/sys/fs/bpf/fireworks", strings.SplitN(netns, "-", 3)[1], owner)
+	for _, name := range []string{"out_protect", "in_protect"} {
+		if err := os.Remove(filepath.Join(pins, name)); err != nil {
+			t.Fatalf("remove a pin to play an older agent's: %v", err)
+		}
+	}
 	restartDev(t)
 	waitStatus(t, id, "running")
 	if got := fetch(t, id, outsideAddr, 9090); got != "" {
@@ -542,6 +551,37 @@ func TestNetworkUserCannotOpenProtected(t *testing.T) {
 	if got := fetch(t, mine, adminAddr, 8080); got != "" {
 		t.Errorf("the user's sandbox reached the admin's: %q", got)
 	}
+	// Deny rules at, inside and around the protected ranges (which used to replace the
+	// node's rule for their prefix and leave the rest to the policy's default), and `in`
+	// rules, leave the metadata service, the node (its address and its end of the
+	// sandbox's own link), and other sandboxes closed to TCP and ICMP, while the outside
+	// stays open: the node's rules are decided before the policy.
+	serveHTTP(t, "", "0.0.0.0:7002", "node-any")
+	hostEnd := netip.MustParseAddr(str(details(t, inspect(t, mine)), "address")).Prev().String()
+	closed := []string{metadata + ":80", nodeAddr + ":7001", hostEnd + ":7002", adminAddr + ":8080", "ping " + nodeAddr, "ping " + hostEnd}
+	for _, pol := range []string{
+		"default allow\ndeny 169.254.0.0/16 udp 1\n",
+		"default allow\ndeny 169.254.169.254/32 tcp 1\n",
+		"default allow\ndeny 169.254.0.0/17 udp 1\ndeny 128.0.0.0/1 udp 1\n",
+		"default allow\ndeny " + nodeAddr + "/32 udp 1\n",
+		"default allow\ndeny 10.201.0.0/16 udp 1\n",
+		"default allow\ndeny " + hostEnd + "/32 udp 1\ndeny 10.201.0.0/24 tcp 1\n",
+		"default allow\ndeny 0.0.0.0/0 udp 1\ndeny 10.0.0.0/8 tcp 1\n",
+		"default allow\ndefault in allow\nallow in 10.201.0.0/16\nallow in 0.0.0.0/0\ndeny in 169.254.0.0/16 udp 1\n",
+	} {
+		if r := world.cliEnv(ctx, user, nil, "policy", "apply", mine, writePolicy(t, pol)); r.code != 0 {
+			t.Fatalf("a user's policy %q: exit %d, %s", pol, r.code, r.stderr)
+		}
+		got := probeAll(t, mine, append([]string{outsideAddr + ":8080", "ping " + outsideAddr}, closed...))
+		if got[outsideAddr+":8080"] != "outside-8080" || got["ping "+outsideAddr] != "reply" {
+			t.Errorf("under a user's policy %q the outside did not answer (%v): the probes below prove nothing", pol, got)
+		}
+		for _, c := range closed {
+			if got[c] != "" {
+				t.Errorf("a user's policy %q opened %s: %q", pol, c, got[c])
+			}
+		}
+	}
 	// What the node does not protect, a user may open and close.
 	if r := world.cliEnv(ctx, user, nil, "policy", "apply", mine, writePolicy(t, "default deny\nallow 10.231.100.2 tcp 8080\n")); r.code != 0 {
 		t.Fatalf("a user's policy for an outside host: %d %s", r.code, r.stderr)
@@ -556,6 +596,38 @@ func TestNetworkUserCannotOpenProtected(t *testing.T) {
 	if show := fw(t, 0, "policy", "show", mine).stdout; strings.Contains(show, "169.254.169.254") {
 		t.Errorf("a refused policy is recorded:\n%s", show)
 	}
+	// An admin's policy on the same sandbox still opens what the node protects.
+	fw(t, 0, "policy", "apply", mine, writePolicy(t, "default allow\nallow 169.254.169.254\nallow "+nodeAddr+" tcp 7001\n"))
+	got := probeAll(t, mine, []string{metadata + ":80", nodeAddr + ":7001", hostEnd + ":7002"})
+	if got[metadata+":80"] != "metadata" || got[nodeAddr+":7001"] != "node" || got[hostEnd+":7002"] != "" {
+		t.Errorf("under an admin's policy opening the metadata address and node:7001: %v", got)
+	}
+}
+
+// probeAll tries every target at once from inside sandbox id: "ADDR:PORT" asks for / over
+// HTTP and gives the body's last line, "ping ADDR" gives "reply" when an ICMP echo is
+// answered; an unanswered target gives "".
+func probeAll(t *testing.T, id string, targets []string) map[string]string {
+	t.Helper()
+	var script strings.Builder
+	for i, tg := range targets {
+		if addr, ok := strings.CutPrefix(tg, "ping "); ok {
+			fmt.Fprintf(&script, "(ping -c 1 -W 2 %s >/dev/null 2>&1 && echo '%d reply') &\n", addr, i)
+			continue
+		}
+		host, port, _ := strings.Cut(tg, ":")
+		fmt.Fprintf(&script, "(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 %s %s 2>/dev/null | tail -n 1 | sed 's/^/%d /') &\n", host, port, i)
+	}
+	script.WriteString("wait\n")
+	r := fw(t, 0, "exec", "-u", "root", id, "--", "sh", "-c", script.String()) // ping needs root
+	out := map[string]string{}
+	for _, line := range strings.Split(r.stdout, "\n") {
+		n, body, ok := strings.Cut(strings.TrimSpace(line), " ")
+		if i, err := strconv.Atoi(n); ok && err == nil && i >= 0 && i < len(targets) {
+			out[targets[i]] = strings.TrimSpace(body)
+		}
+	}
+	return out
 }
 
 // countingServer accepts TCP connections in the outside namespace on addr and counts
