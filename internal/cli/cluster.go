@@ -14,6 +14,7 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/cluster"
@@ -92,7 +93,14 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.Uint32Var(&envoyPort, "xds-envoy-port", xds.DefaultListenPort, "port of the listener Envoy gets over xDS")
 	fl.StringVar(&envoyTLSDir, "xds-envoy-tls-dir", "/etc/fireworks/ingress", "directory on Envoy's host with the files 'fireworks ingress certificate --out' writes (Envoy's client certificate for the nodes); empty: Envoy speaks plain HTTP to nodes (which refuse it)")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	registerLimitFlags(fl, &cfg.Limits)
 	return cmd
+}
+
+// registerLimitFlags adds the per-token limits a server enforces.
+func registerLimitFlags(fl *pflag.FlagSet, l *server.Limits) {
+	*l = server.DefaultLimits()
+	fl.IntVar(&l.SandboxesPerOwner, "max-sandboxes-per-token", l.SandboxesPerOwner, "sandboxes (exited ones included) one user token may hold; 0 = unlimited (admin tokens are never limited)")
 }
 
 func splitPort(hostport string) (string, string, error) {

@@ -62,6 +62,7 @@ type devFlags struct {
 	net                                      nodeNetFlags
 	// The built-in ingress, in-process, and the xDS feed (see runDevIngress).
 	ingressListen, ingressDomain, xdsListen string
+	limits                                  server.Limits
 }
 
 func newDevCmd(g *globals) *cobra.Command {
@@ -83,6 +84,7 @@ func newDevCmd(g *globals) *cobra.Command {
 	f.warm.register(cmd.Flags())
 	f.net.register(cmd.Flags())
 	registerDevIngressFlags(cmd, &f)
+	registerLimitFlags(cmd.Flags(), &f.limits)
 	return cmd
 }
 
@@ -153,6 +155,7 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 	info := ag.Info()
 	log.Info("fireworks dev ready", "api", addr, "accel", info.Accel, "kernel", info.KernelRelease, "data_dir", f.dataDir, "cli_config", ConfigPath())
 	srv := server.New(store, ag, log)
+	srv.SetLimits(f.limits)
 	stopIngress, err := runDevIngress(ctx, srv, f, log)
 	if err != nil {
 		ln.Close()

@@ -105,7 +105,9 @@ type ServerConfig struct {
 	// XDS shapes the Envoy resources (listener port, Envoy's upstream TLS files); its
 	// Domain defaults to IngressDomain.
 	XDS xds.Config
-	Log *slog.Logger
+	// Limits bound what one non-admin token may hold (zero: unlimited).
+	Limits server.Limits
+	Log    *slog.Logger
 	// Ready, if set, is called once the API serves.
 	Ready func(apiAddr string)
 }
@@ -189,6 +191,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 		apiOf[p.ID] = p.API
 	}
 	srv := server.New(store, nil, log)
+	srv.SetLimits(cfg.Limits)
 	opts := server.ClusterOptions{
 		CA: ca,
 		AgentClientTLS: func(host string) *tls.Config {
@@ -241,7 +244,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	handler := forwardToLeader(store, srv.Handler(), apiOf, ca, cert, log)
+	handler := server.BoundBody(forwardToLeader(store, srv.Handler(), apiOf, ca, cert, log))
 	hs := &http.Server{Handler: handler, TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(tls.NewListener(ln, tlsCfg)) }()
@@ -397,16 +400,17 @@ func forwardToLeader(store *state.Store, local http.Handler, apiOf map[string]st
 			local.ServeHTTP(w, r)
 			return
 		}
-		unary := !strings.Contains(r.Header.Get("Content-Type"), "connect+") && !strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")
+		unary := !server.IsStream(r)
 		var body []byte
 		if unary {
-			b, err := io.ReadAll(io.LimitReader(r.Body, 8<<20+1))
+			b, err := io.ReadAll(r.Body) // bounded by server.BoundBody
 			if err != nil {
+				var tooBig *http.MaxBytesError
+				if errors.As(err, &tooBig) {
+					http.Error(w, fmt.Sprintf("request larger than %d bytes", server.MaxRequestBytes), http.StatusRequestEntityTooLarge)
+					return
+				}
 				http.Error(w, "read request: "+err.Error(), http.StatusBadRequest)
-				return
-			}
-			if len(b) > 8<<20 {
-				http.Error(w, "request larger than 8 MiB", http.StatusRequestEntityTooLarge)
 				return
 			}
 			body = b

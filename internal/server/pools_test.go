@@ -26,9 +26,10 @@ type testAPI struct {
 	images      fireworksv1connect.ImageServiceClient
 	sandboxes   fireworksv1connect.SandboxServiceClient
 	admin, user string
+	url         string
 }
 
-func newTestAPI(t *testing.T) *testAPI {
+func newTestAPI(t *testing.T, setup ...func(*Server)) *testAPI {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -50,8 +51,12 @@ func newTestAPI(t *testing.T) *testAPI {
 			a.user = secret
 		}
 	}
+	for _, f := range setup {
+		f(a.srv)
+	}
 	hs := httptest.NewServer(a.srv.Handler())
 	t.Cleanup(hs.Close)
+	a.url = hs.URL
 	a.images = fireworksv1connect.NewImageServiceClient(hs.Client(), hs.URL)
 	a.sandboxes = fireworksv1connect.NewSandboxServiceClient(hs.Client(), hs.URL)
 	return a

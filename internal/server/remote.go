@@ -209,9 +209,9 @@ func NodeHandler(ag *agent.Agent, opts NodeOptions, log *slog.Logger) http.Handl
 		opts.IngressDomain = DefaultIngressDomain
 	}
 	mux := http.NewServeMux()
-	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&nodeSandboxService{ag: ag},
-		connect.WithInterceptors(recoverInterceptor(log))))
+	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&nodeSandboxService{ag: ag}, handlerOptions(log)...))
 	ing := nodeIngressHandler(ag, opts.IngressDomain, log)
+	api := BoundBody(mux)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if isIngressRequest(r, opts.IngressDomain) {
 			ing.ServeHTTP(w, r)
@@ -221,7 +221,7 @@ func NodeHandler(ag *agent.Agent, opts NodeOptions, log *slog.Logger) http.Handl
 			unauthenticated(w, r, "a node's internal API serves only cluster servers")
 			return
 		}
-		mux.ServeHTTP(w, r)
+		api.ServeHTTP(w, r)
 	})
 }
 

@@ -29,6 +29,9 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 		return nil, err
 	}
 	spec := specFromPB(req.Msg.GetSpec())
+	if err := spec.CheckSizes(); err != nil {
+		return nil, toConnectError(err)
+	}
 	if err := checkImageSource(ctx, spec.Image); err != nil {
 		return nil, err
 	}
@@ -59,7 +62,11 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 		ID: state.NewID(), Name: req.Msg.GetName(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID,
 		AccessToken: newAccessToken(), CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "accepted"}},
 	}
-	if err := h.s.store.CreateSandbox(ctx, sb); err != nil {
+	limit := 0
+	if !who.Admin() {
+		limit = h.s.limits.SandboxesPerOwner
+	}
+	if err := h.s.store.CreateSandboxWithin(ctx, sb, limit); err != nil {
 		return nil, toConnectError(fmt.Errorf("create sandbox: %w", err))
 	}
 	if h.s.agent != nil {

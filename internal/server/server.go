@@ -27,10 +27,11 @@ var Version = "0.1.0-dev"
 
 // Server serves the API.
 type Server struct {
-	store *state.Store
-	agent *agent.Agent
-	log   *slog.Logger
-	now   func() time.Time
+	store  *state.Store
+	agent  *agent.Agent
+	log    *slog.Logger
+	now    func() time.Time
+	limits Limits
 	// cluster is set by EnableCluster; its CA is nil on a single-node dev server.
 	cluster ClusterOptions
 	nodes   nodeClients
@@ -49,13 +50,57 @@ func New(store *state.Store, ag *agent.Agent, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{store: store, agent: ag, log: log, now: time.Now}
+	return &Server{store: store, agent: ag, log: log, now: time.Now, limits: DefaultLimits()}
+}
+
+// Limits bound what one non-admin token may hold (admins are not limited).
+type Limits struct {
+	// SandboxesPerOwner counts every sandbox the token holds, exited ones included (each
+	// is replicated state until removed).
+	SandboxesPerOwner int
+}
+
+// DefaultLimits are the limits of a server not told otherwise.
+func DefaultLimits() Limits { return Limits{SandboxesPerOwner: 1000} }
+
+// SetLimits replaces the per-token limits (0 = unlimited).
+func (s *Server) SetLimits(l Limits) { s.limits = l }
+
+// MaxRequestBytes bounds one request message, decompressed (Connect decompresses a gzip
+// body only up to this, so a small compressed body cannot make a server allocate more),
+// and the whole body of a unary request as it arrives. Streams are bounded per message.
+// The largest legitimate request is a sandbox spec (see state.CheckSizes): well under it.
+const MaxRequestBytes = 4 << 20
+
+// handlerOptions are every Connect handler's: no panic escapes, no message beyond
+// MaxRequestBytes is read.
+func handlerOptions(log *slog.Logger) []connect.HandlerOption {
+	return []connect.HandlerOption{connect.WithInterceptors(recoverInterceptor(log)), connect.WithReadMaxBytes(MaxRequestBytes)}
+}
+
+// BoundBody caps the body of a unary request at MaxRequestBytes before anything reads
+// it (streams are bounded per message by the handlers). It comes first, in front of the
+// token check and the forwarding to the leader: an unauthenticated caller must not make
+// a server hold more.
+func BoundBody(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !IsStream(r) {
+			r.Body = http.MaxBytesReader(w, r.Body, MaxRequestBytes)
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// IsStream tells a streaming call (Connect streaming or gRPC) from a unary one.
+func IsStream(r *http.Request) bool {
+	ct := r.Header.Get("Content-Type")
+	return strings.Contains(ct, "connect+") || strings.HasPrefix(ct, "application/grpc")
 }
 
 // Handler returns the HTTP handler with every service mounted behind the token check.
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
-	opts := []connect.HandlerOption{connect.WithInterceptors(recoverInterceptor(s.log))}
+	opts := handlerOptions(s.log)
 	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&sandboxService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewImageServiceHandler(&imageService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewSystemServiceHandler(&systemService{s}, opts...))
@@ -65,7 +110,7 @@ func (s *Server) Handler() http.Handler {
 	if s.cluster.CA != nil {
 		mux.Handle(fireworksv1connect.NewNodeServiceHandler(&nodeService{s}, opts...))
 	}
-	return s.authenticate(mux)
+	return BoundBody(s.authenticate(mux))
 }
 
 // Serve listens until ctx ends. HTTP/2 without TLS is enabled so gRPC clients and the
@@ -148,6 +193,8 @@ func toConnectError(err error) error {
 		return connect.NewError(connect.CodeInvalidArgument, err)
 	case errors.Is(err, state.ErrNameTaken):
 		return connect.NewError(connect.CodeAlreadyExists, err)
+	case errors.Is(err, state.ErrQuota):
+		return connect.NewError(connect.CodeResourceExhausted, err)
 	case errors.Is(err, agent.ErrNotRunning), errors.Is(err, errNotRunning), errors.Is(err, state.ErrStaleReport):
 		return connect.NewError(connect.CodeFailedPrecondition, err)
 	case errors.Is(err, context.Canceled):

@@ -49,7 +49,7 @@ func TestNodesLifecycle(t *testing.T) {
 	// A node with a live sandbox cannot be forgotten.
 	sb := Sandbox{ID: "s1", Spec: SandboxSpec{Image: "x"}, CreatedAt: t0}
 	applyAll(f, [][]byte{
-		mustCmd(t, cmdCreateSandbox, createSandboxCmd{sb}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: sb}),
 		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "s1", Update: Update{Node: ptr("n1"), Status: ptr(StatusStarting), Time: t0}}),
 	})
 	res := applyAll(f, [][]byte{mustCmd(t, cmdDeleteNode, deleteNodeCmd{ID: "n1"})})
@@ -137,7 +137,7 @@ func TestRestartAndStopRequest(t *testing.T) {
 	upd := func(u Update) any {
 		return applyAll(f, [][]byte{mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "s1", Update: u})})[0]
 	}
-	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "s1", Spec: SandboxSpec{Image: "x", Restart: RestartAlways}, CreatedAt: t0}})})
+	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "s1", Spec: SandboxSpec{Image: "x", Restart: RestartAlways}, CreatedAt: t0}})})
 	upd(Update{Status: ptr(StatusStarting), Node: ptr("n1"), Time: t0.Add(time.Second)})
 	upd(Update{Status: ptr(StatusRunning), Runtime: map[string]string{"pid": "1"}, Time: t0.Add(2 * time.Second)})
 	upd(Update{Status: ptr(StatusLost), Reason: "node n1 down", Time: t0.Add(3 * time.Second)})
@@ -178,7 +178,7 @@ func TestStaleReportsRefused(t *testing.T) {
 	upd := func(u Update) any {
 		return applyAll(f, [][]byte{mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "s1", Update: u})})[0]
 	}
-	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "s1", Spec: SandboxSpec{Image: "x"}, CreatedAt: t0}})})
+	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "s1", Spec: SandboxSpec{Image: "x"}, CreatedAt: t0}})})
 	upd(Update{Status: ptr(StatusStarting), Node: ptr("n1"), Time: t0})
 	upd(Update{Restart: true, Status: ptr(StatusPending), Time: t0.Add(time.Second)})
 	upd(Update{Node: ptr("n1"), Time: t0.Add(2 * time.Second)})

@@ -90,7 +90,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 		if err := decodeBody(t, body, &c); err != nil {
 			return err
 		}
-		return f.createSandbox(c.Sandbox)
+		return f.createSandbox(c.Sandbox, c.OwnerLimit)
 	case cmdUpdateSandbox:
 		var c updateSandboxCmd
 		if err := decodeBody(t, body, &c); err != nil {
@@ -159,10 +159,21 @@ func (f *fsm) Apply(l *raft.Log) any {
 	return fmt.Errorf("%w %d at index %d (written by a newer server?)", ErrUnknownCommand, byte(t), l.Index)
 }
 
-func (f *fsm) createSandbox(sb Sandbox) any {
+func (f *fsm) createSandbox(sb Sandbox, ownerLimit int) any {
 	sb = *sb.clone() // the decoded value is ours already, but keep ownership obvious
 	if err := sb.validateNew(); err != nil {
 		return err
+	}
+	if ownerLimit > 0 {
+		n := 0
+		for _, o := range f.sandboxes {
+			if o.Owner == sb.Owner {
+				n++
+			}
+		}
+		if n >= ownerLimit {
+			return fmt.Errorf("%w: token %s holds %d sandboxes, the most one token may (remove exited ones with `fireworks rm`)", ErrQuota, sb.Owner, n)
+		}
 	}
 	sb.normalize()
 	if _, ok := f.sandboxes[sb.ID]; ok {

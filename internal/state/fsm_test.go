@@ -71,9 +71,9 @@ func testLog(t *testing.T) [][]byte {
 		return updateSandboxCmd{ID: id, Update: Update{Status: ptr(st), Reason: reason, Time: t0.Add(at)}}
 	}
 	return [][]byte{
-		mustCmd(t, cmdCreateSandbox, createSandboxCmd{sb("aaaa0001", "web", 0)}),
-		mustCmd(t, cmdCreateSandbox, createSandboxCmd{sb("aaaa0002", "", time.Second)}),
-		mustCmd(t, cmdCreateSandbox, createSandboxCmd{sb("aaaa0003", "web", 2*time.Second)}), // name taken
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: sb("aaaa0001", "web", 0)}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: sb("aaaa0002", "", time.Second)}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: sb("aaaa0003", "web", 2*time.Second)}), // name taken
 		mustCmd(t, cmdUpdateSandbox, upd("aaaa0001", StatusStarting, "", 3*time.Second)),
 		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "aaaa0001", Update: Update{Node: ptr("n1"), Runtime: map[string]string{"pid": "42", "dir": "/run/x"}, Time: t0.Add(4 * time.Second)}}),
 		mustCmd(t, cmdUpdateSandbox, upd("aaaa0001", StatusRunning, "", 5*time.Second)),
@@ -84,7 +84,7 @@ func testLog(t *testing.T) [][]byte {
 		{byte(cmdIgnorable | 7), '{', '}'},
 		{99, 'x'},
 		mustCmd(t, cmdDeleteSandbox, deleteSandboxCmd{ID: "aaaa0002"}),
-		mustCmd(t, cmdCreateSandbox, createSandboxCmd{sb("aaaa0004", "db", 9*time.Second)}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: sb("aaaa0004", "db", 9*time.Second)}),
 		// 15..: nodes and tokens, in an order where map iteration could matter.
 		mustCmd(t, cmdUpsertNode, upsertNodeCmd{Node{ID: "n2", Address: "b:1", Labels: map[string]string{"z": "2", "a": "1"}, UpdatedAt: t0}}),
 		mustCmd(t, cmdUpsertNode, upsertNodeCmd{Node{ID: "n1", Address: "a:1", UpdatedAt: t0}}),
@@ -231,7 +231,7 @@ func TestTransitions(t *testing.T) {
 
 func TestFSMRejectedUpdateChangesNothing(t *testing.T) {
 	f := newFSM(quietLogger(t))
-	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id1", CreatedAt: t0}})})
+	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "id1", CreatedAt: t0}})})
 	before := persist(t, f)
 	// Invalid status together with other fields: nothing of it may land.
 	r := f.Apply(&raft.Log{Index: 2, Type: raft.LogCommand, Data: mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{
@@ -258,7 +258,7 @@ func TestFSMTerminalIsFinalButIdempotent(t *testing.T) {
 			ID: "id1", Update: Update{Status: ptr(st), Reason: reason, Time: t0.Add(time.Duration(i) * time.Second)},
 		})})
 	}
-	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id1", CreatedAt: t0}})})
+	applyAll(f, [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "id1", CreatedAt: t0}})})
 	if r := upd(2, StatusFailed, "boom"); r == nil {
 		t.Fatal("update returned nil, want the sandbox")
 	}
@@ -291,9 +291,9 @@ func TestFSMUnknownAndMalformedCommands(t *testing.T) {
 		{"zero type", []byte{0}, ErrUnknownCommand},
 		{"empty", nil, ErrInvalid},
 		{"bad json", []byte{byte(cmdCreateSandbox), '{'}, ErrInvalid},
-		{"create without id", mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{CreatedAt: t0}}), ErrInvalid},
-		{"create without time", mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "x"}}), ErrInvalid},
-		{"create running", mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "x", CreatedAt: t0, Status: StatusRunning}}), ErrInvalid},
+		{"create without id", mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{CreatedAt: t0}}), ErrInvalid},
+		{"create without time", mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "x"}}), ErrInvalid},
+		{"create running", mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "x", CreatedAt: t0, Status: StatusRunning}}), ErrInvalid},
 		{"update missing", mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "nope", Update: Update{Time: t0}}), ErrNotFound},
 		{"delete missing", mustCmd(t, cmdDeleteSandbox, deleteSandboxCmd{ID: "nope"}), ErrNotFound},
 		{"meta empty key", mustCmd(t, cmdSetMeta, setMetaCmd{}), ErrInvalid},
@@ -320,7 +320,7 @@ func TestFSMUnknownAndMalformedCommands(t *testing.T) {
 func TestFSMCopyOnRead(t *testing.T) {
 	f := newFSM(quietLogger(t))
 	applyAll(f, [][]byte{
-		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id1", CreatedAt: t0, Spec: SandboxSpec{Cmd: []string{"a"}}}}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "id1", CreatedAt: t0, Spec: SandboxSpec{Cmd: []string{"a"}}}}),
 		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "id1", Update: Update{Runtime: map[string]string{"k": "v"}, Time: t0}}),
 	})
 	snap, err := f.Snapshot() // taken before the mutation attempts below; must not see them
@@ -351,12 +351,12 @@ func TestFSMCopyOnRead(t *testing.T) {
 func TestFSMRuntimeMergeAndNames(t *testing.T) {
 	f := newFSM(quietLogger(t))
 	res := applyAll(f, [][]byte{
-		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id1", Name: "a", CreatedAt: t0}}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "id1", Name: "a", CreatedAt: t0}}),
 		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "id1", Update: Update{Runtime: map[string]string{"x": "1", "y": "2"}, Time: t0}}),
 		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "id1", Update: Update{Runtime: map[string]string{"x": "", "z": "3"}, Time: t0}}),
-		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id2", Name: "id1", CreatedAt: t0}}), // name = other's ID
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "id2", Name: "id1", CreatedAt: t0}}), // name = other's ID
 		mustCmd(t, cmdDeleteSandbox, deleteSandboxCmd{ID: "id1"}),
-		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox{ID: "id3", Name: "a", CreatedAt: t0}}), // name free again
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "id3", Name: "a", CreatedAt: t0}}), // name free again
 	})
 	rt := res[2].(Sandbox).Runtime
 	if len(rt) != 2 || rt["y"] != "2" || rt["z"] != "3" {
@@ -367,5 +367,46 @@ func TestFSMRuntimeMergeAndNames(t *testing.T) {
 	}
 	if res[5] != nil {
 		t.Errorf("reusing a deleted sandbox's name: %v", res[5])
+	}
+}
+
+// The owner limit is checked by the state machine: a create past it is refused with
+// ErrQuota whoever proposed it, and removing a sandbox makes room again.
+func TestFSMOwnerLimit(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	mk := func(id, owner string) []byte {
+		return mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: id, Owner: owner, CreatedAt: t0}, OwnerLimit: 2})
+	}
+	res := applyAll(f, [][]byte{mk("a1", "alice"), mk("a2", "alice"), mk("b1", "bob"), mk("a3", "alice")})
+	for i, want := range []error{nil, nil, nil, ErrQuota} {
+		err, _ := res[i].(error)
+		if want == nil && err != nil || want != nil && !errors.Is(err, want) {
+			t.Errorf("create %d: %v, want %v", i, res[i], want)
+		}
+	}
+	res = applyAll(f, [][]byte{mustCmd(t, cmdDeleteSandbox, deleteSandboxCmd{ID: "a1"}), mk("a3", "alice")})
+	if err, _ := res[1].(error); err != nil {
+		t.Errorf("create after a removal: %v", err)
+	}
+}
+
+func TestSpecSizes(t *testing.T) {
+	big := strings.Repeat("x", 300<<10)
+	for field, spec := range map[string]SandboxSpec{
+		"env":         {Env: []string{"A=" + big}},
+		"command":     {Cmd: []string{big}},
+		"image":       {Image: big[:2000]},
+		"working_dir": {WorkingDir: big[:5000]},
+		"policy":      {Policy: big},
+		"constraints": {Constraints: make([]string, 40)},
+		"ports":       {Ports: make([]Port, 65)},
+	} {
+		err := spec.CheckSizes()
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), field) {
+			t.Errorf("%s too large: %v", field, err)
+		}
+	}
+	if err := (SandboxSpec{Image: "busybox", Cmd: []string{"echo", "hi"}, Env: []string{"A=b"}}).CheckSizes(); err != nil {
+		t.Errorf("an ordinary spec: %v", err)
 	}
 }

@@ -402,7 +402,13 @@ func (s *Store) enter() error {
 // (or empty, meaning pending); if sb has no Events a "created" event at CreatedAt is
 // added. Errors: ErrExists, ErrNameTaken, ErrInvalid.
 func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
-	if _, err := s.apply(ctx, cmdCreateSandbox, createSandboxCmd{Sandbox: sb}); err != nil {
+	return s.CreateSandboxWithin(ctx, sb, 0)
+}
+
+// CreateSandboxWithin creates sb unless its owner already holds ownerLimit sandboxes (of
+// any status; 0 = no limit): ErrQuota.
+func (s *Store) CreateSandboxWithin(ctx context.Context, sb Sandbox, ownerLimit int) error {
+	if _, err := s.apply(ctx, cmdCreateSandbox, createSandboxCmd{Sandbox: sb, OwnerLimit: ownerLimit}); err != nil {
 		return fmt.Errorf("create sandbox %s: %w", sb.ID, err)
 	}
 	return nil

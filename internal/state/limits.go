@@ -1,0 +1,100 @@
+package state
+
+import (
+	"errors"
+	"fmt"
+)
+
+// ErrQuota: a request would take an owner past a limit.
+var ErrQuota = errors.New("over quota")
+
+// Bounds on what one sandbox spec may hold. Every spec is replicated to every server and
+// kept for the sandbox's life, so nothing in it may grow without bound; the limits are
+// far above what a real command line or environment uses (Linux itself takes at most
+// 2 MiB of arguments and environment together, 128 KiB per string).
+const (
+	MaxImageRefBytes  = 1024
+	MaxArgs           = 4096      // entrypoint and cmd together
+	MaxArgBytes       = 256 << 10 // entrypoint and cmd together
+	MaxEnvEntries     = 4096
+	MaxEnvBytes       = 256 << 10
+	MaxPathBytes      = 4096 // working dir
+	MaxUserBytes      = 256
+	MaxRegistries     = 16
+	MaxConstraints    = 32
+	MaxConstraintSize = 256
+	MaxPorts          = 64
+	MaxPolicyBytes    = 64 << 10 // as netpolicy.MaxPolicyBytes
+	MaxHostBytes      = 255
+)
+
+// CheckSizes refuses a spec with a field beyond the bounds above, naming the field.
+func (s SandboxSpec) CheckSizes() error {
+	var errs []error
+	tooBig := func(field string, got, limit int, unit string) {
+		errs = append(errs, fmt.Errorf("%w: %s has %d %s, more than %d", ErrInvalid, field, got, unit, limit))
+	}
+	if len(s.Image) > MaxImageRefBytes {
+		tooBig("image", len(s.Image), MaxImageRefBytes, "bytes")
+	}
+	if n := len(s.Entrypoint) + len(s.Cmd); n > MaxArgs {
+		tooBig("command (entrypoint and arguments)", n, MaxArgs, "arguments")
+	}
+	if n := total(s.Entrypoint) + total(s.Cmd); n > MaxArgBytes {
+		tooBig("command (entrypoint and arguments)", n, MaxArgBytes, "bytes")
+	}
+	if len(s.Env) > MaxEnvEntries {
+		tooBig("env", len(s.Env), MaxEnvEntries, "entries")
+	}
+	if n := total(s.Env); n > MaxEnvBytes {
+		tooBig("env", n, MaxEnvBytes, "bytes")
+	}
+	if len(s.WorkingDir) > MaxPathBytes {
+		tooBig("working_dir", len(s.WorkingDir), MaxPathBytes, "bytes")
+	}
+	if len(s.User) > MaxUserBytes {
+		tooBig("user", len(s.User), MaxUserBytes, "bytes")
+	}
+	if len(s.InsecureRegistries) > MaxRegistries {
+		tooBig("insecure_registries", len(s.InsecureRegistries), MaxRegistries, "entries")
+	}
+	for _, r := range s.InsecureRegistries {
+		if len(r) > MaxHostBytes {
+			tooBig("insecure_registries entry", len(r), MaxHostBytes, "bytes")
+			break
+		}
+	}
+	if len(s.Constraints) > MaxConstraints {
+		tooBig("constraints", len(s.Constraints), MaxConstraints, "entries")
+	}
+	for _, c := range s.Constraints {
+		if len(c) > MaxConstraintSize {
+			tooBig("constraints entry", len(c), MaxConstraintSize, "bytes")
+			break
+		}
+	}
+	if len(s.Ports) > MaxPorts {
+		tooBig("ports", len(s.Ports), MaxPorts, "entries")
+	}
+	if len(s.Policy) > MaxPolicyBytes {
+		tooBig("policy", len(s.Policy), MaxPolicyBytes, "bytes")
+	}
+	if len(s.Network) > 16 {
+		tooBig("network", len(s.Network), 16, "bytes")
+	}
+	if len(s.Boot) > 16 {
+		tooBig("boot", len(s.Boot), 16, "bytes")
+	}
+	if len(s.Restart) > 64 {
+		tooBig("restart", len(s.Restart), 64, "bytes")
+	}
+	return errors.Join(errs...)
+}
+
+func total(ss []string) int {
+	n := 0
+	for _, s := range ss {
+		n += len(s)
+	}
+	return n
+}
