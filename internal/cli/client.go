@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
 )
@@ -28,7 +29,14 @@ type ClientConfig struct {
 	CA string `json:"ca,omitempty"`
 	// Stale asks for reads from the contacted server's own state (not saved).
 	Stale bool `json:"-"`
+	// RequestTimeout bounds each unary call that has no deadline of its own (not saved;
+	// 0 = DefaultRequestTimeout).
+	RequestTimeout time.Duration `json:"-"`
 }
+
+// DefaultRequestTimeout bounds a unary API call: a server that accepts the connection
+// but never answers (a wedged follower, a lost leader) must not hang the CLI.
+const DefaultRequestTimeout = 2 * time.Minute
 
 // DefaultServer is the address `fireworks dev` listens on by default.
 const DefaultServer = "http://127.0.0.1:7766"
@@ -138,7 +146,11 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	}
 	hc := &http.Client{Transport: tr}
 	base := scheme + "://" + addrs[0]
-	opts := []connect.ClientOption{connect.WithInterceptors(bearer(cfg.Token, cfg.Stale)), connect.WithReadMaxBytes(64 << 20)}
+	timeout := cfg.RequestTimeout
+	if timeout <= 0 {
+		timeout = DefaultRequestTimeout
+	}
+	opts := []connect.ClientOption{connect.WithInterceptors(bearer(cfg.Token, cfg.Stale), deadline(timeout)), connect.WithReadMaxBytes(64 << 20)}
 	return &Client{
 		Sandboxes: fireworksv1connect.NewSandboxServiceClient(hc, base, opts...),
 		Images:    fireworksv1connect.NewImageServiceClient(hc, base, opts...),
@@ -226,6 +238,33 @@ func (d *failoverDialer) DialContext(ctx context.Context, network, _ string) (ne
 		}
 	}
 	return nil, fmt.Errorf("no Fireworks server answered (%s): %w", strings.Join(d.addrs, ", "), errors.Join(errs...))
+}
+
+// deadline gives every unary call without a deadline of its own one of d (plus the grace
+// of a stop, which the server waits out before answering).
+type deadline time.Duration
+
+func (d deadline) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		if _, ok := ctx.Deadline(); !ok {
+			t := time.Duration(d)
+			if g, ok := req.Any().(interface{ GetGrace() *durationpb.Duration }); ok && g.GetGrace() != nil {
+				t += g.GetGrace().AsDuration()
+			}
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, t)
+			defer cancel()
+		}
+		return next(ctx, req)
+	}
+}
+
+func (d deadline) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next // streams (attach, exec, logs -f) last as long as the user wants
+}
+
+func (d deadline) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return next
 }
 
 type bearerInterceptor struct {

@@ -53,11 +53,8 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 			defer stop()
 			log := newLogger(logLevel)
 			cfg.Log = log
-			_, apiPort, err := splitPort(cfg.Listen)
-			if err != nil {
-				return fmt.Errorf("--listen %q: %w", cfg.Listen, err)
-			}
-			if cfg.Peers, err = cluster.ParsePeers(peers, apiPort); err != nil {
+			var err error
+			if cfg.Peers, err = cluster.ParsePeers(peers); err != nil {
 				return err
 			}
 			for _, s := range strings.Split(sans, ",") {
@@ -82,6 +79,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.StringVar(&cfg.DataDir, "data-dir", envOr("FIREWORKS_DATA_DIR", "/var/lib/fireworks-server"), "state directory")
 	fl.StringVar(&cfg.Listen, "listen", ":7766", "API address (TLS)")
 	fl.StringVar(&cfg.RaftListen, "raft-listen", ":7767", "Raft address (mutual TLS between servers)")
+	fl.StringVar(&cfg.AdvertiseAPI, "advertise-api", os.Getenv("FIREWORKS_ADVERTISE_API"), "API address the other servers reach this one at ($FIREWORKS_ADVERTISE_API; default: --listen when it names a host, else this server's Raft host with the --listen port)")
 	fl.StringVar(&peers, "peers", os.Getenv("FIREWORKS_PEERS"), "all servers: id=host:raft-port[/host:api-port],... ($FIREWORKS_PEERS; empty = a cluster of one)")
 	fl.StringVar(&cfg.CADir, "ca-dir", os.Getenv("FIREWORKS_CA_DIR"), "cluster CA directory, the same on every server (default DATA/ca)")
 	fl.BoolVar(&cfg.InitCA, "init-ca", false, "create the cluster CA if --ca-dir has none")
@@ -101,14 +99,6 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 func registerLimitFlags(fl *pflag.FlagSet, l *server.Limits) {
 	*l = server.DefaultLimits()
 	fl.IntVar(&l.SandboxesPerOwner, "max-sandboxes-per-token", l.SandboxesPerOwner, "sandboxes (exited ones included) one user token may hold; 0 = unlimited (admin tokens are never limited)")
-}
-
-func splitPort(hostport string) (string, string, error) {
-	i := strings.LastIndex(hostport, ":")
-	if i < 0 {
-		return "", "", fmt.Errorf("want host:port")
-	}
-	return hostport[:i], hostport[i+1:], nil
 }
 
 func newAgentCmd(g *globals) *cobra.Command {

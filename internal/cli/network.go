@@ -179,7 +179,7 @@ Runs until interrupted.`,
 				go func() {
 					defer wg.Done()
 					if err := forwardConn(ctx, c, args[0], guest, conn); err != nil {
-						fmt.Fprintf(g.stderr, "fireworks: port-forward %s: %s\n", conn.RemoteAddr(), describe(err))
+						fmt.Fprintf(g.stderr, "fireworks: port-forward %s: %s\n", conn.RemoteAddr(), g.describe(err))
 					}
 				}()
 			}

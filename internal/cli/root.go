@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"time"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
@@ -29,6 +30,10 @@ func (e ExitError) Error() string { return fmt.Sprintf("exit status %d", e.Code)
 type globals struct {
 	server, token string
 	stale         bool
+	// requestTimeout bounds every unary API call (a stop's bound also covers its grace).
+	requestTimeout time.Duration
+	// contacted is the server list the last client was made for, to name it in errors.
+	contacted string
 	stdin         io.Reader
 	stdout        io.Writer
 	stderr        io.Writer
@@ -43,11 +48,18 @@ func (g *globals) client() (*Client, error) {
 		return nil, fmt.Errorf("no API token: start `fireworks dev` (it writes %s) or set FIREWORKS_TOKEN", ConfigPath())
 	}
 	cfg.Stale = g.stale
+	cfg.RequestTimeout = g.requestTimeout
+	g.contacted = cfg.Server
 	return NewClient(cfg)
 }
 
 // NewRoot builds the command tree.
 func NewRoot() *cobra.Command {
+	root, _ := newRoot()
+	return root
+}
+
+func newRoot() (*cobra.Command, *globals) {
 	g := &globals{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr}
 	root := &cobra.Command{
 		Use:           "fireworks",
@@ -58,6 +70,7 @@ func NewRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.server, "server", "", "API address (default from $FIREWORKS_SERVER or the CLI config, else "+DefaultServer+")")
 	root.PersistentFlags().BoolVar(&g.stale, "stale", false, "answer reads (ps, inspect, node ls, info) from the contacted server's own copy of the state, which may lag the leader")
 	root.PersistentFlags().StringVar(&g.token, "token", "", "API token (default from $FIREWORKS_TOKEN or the CLI config)")
+	root.PersistentFlags().DurationVar(&g.requestTimeout, "request-timeout", DefaultRequestTimeout, "give up on an API request (not a stream: attach, exec, logs -f) after this long")
 	root.AddCommand(
 		newRunCmd(g), newPsCmd(g), newLogsCmd(g), newExecCmd(g), newInspectCmd(g),
 		newStopCmd(g), newRmCmd(g), newInfoCmd(g), newImageCmd(g), newDevCmd(g), newSetupCmd(g),
@@ -65,12 +78,12 @@ func NewRoot() *cobra.Command {
 		newServerCmd(g), newAgentCmd(g), newNodeCmd(g), newCACmd(g), newPoolCmd(g),
 		newPolicyCmd(g), newPortForwardCmd(g), newIngressCmd(g),
 	)
-	return root
+	return root, g
 }
 
 // Main runs the CLI and returns the process exit code.
 func Main(ctx context.Context, args []string) int {
-	root := NewRoot()
+	root, g := newRoot()
 	root.SetArgs(args)
 	err := root.ExecuteContext(ctx)
 	if err == nil {
@@ -80,18 +93,29 @@ func Main(ctx context.Context, args []string) int {
 	if errors.As(err, &ee) {
 		return ee.Code
 	}
-	fmt.Fprintln(os.Stderr, "fireworks: "+printable(describe(err)))
+	fmt.Fprintln(os.Stderr, "fireworks: "+printable(g.describe(err)))
 	return ExitFireworksError
 }
 
-// describe turns API errors into one readable line.
-func describe(err error) string {
+// describe turns API errors into one readable line, naming the server that could not be
+// reached (the `fireworks dev` hint only for the default local address).
+func (g *globals) describe(err error) string {
+	where := g.contacted
+	if where == "" {
+		where = DefaultServer
+	}
+	unreachable := "cannot reach the Fireworks server at " + where
+	if where == DefaultServer {
+		unreachable += " (is `fireworks dev` running?)"
+	}
 	var ce *connect.Error
 	if errors.As(err, &ce) {
 		msg := ce.Message()
 		switch ce.Code() {
 		case connect.CodeUnavailable:
-			return "cannot reach the Fireworks server (is `fireworks dev` running?): " + msg
+			return unreachable + ": " + msg
+		case connect.CodeDeadlineExceeded:
+			return "the Fireworks server at " + where + " did not answer in time (--request-timeout): " + msg
 		case connect.CodeUnauthenticated:
 			return "not authenticated: " + msg
 		}
@@ -99,7 +123,7 @@ func describe(err error) string {
 	}
 	s := err.Error()
 	if strings.Contains(s, "connection refused") {
-		return "cannot reach the Fireworks server (is `fireworks dev` running?): " + s
+		return unreachable + ": " + s
 	}
 	return s
 }

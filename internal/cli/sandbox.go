@@ -220,7 +220,7 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 	}
 	if f.rm {
 		if _, err := c.Sandboxes.RemoveSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: id, Force: true})); err != nil {
-			fmt.Fprintf(g.stderr, "fireworks: remove sandbox %s: %s\n", id, describe(err))
+			fmt.Fprintf(g.stderr, "fireworks: remove sandbox %s: %s\n", id, g.describe(err))
 		}
 	}
 	return exitFromStatus(g, exit)

@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -39,9 +40,10 @@ type Peer struct {
 }
 
 // ParsePeers reads "id=raft-host:port[/api-host:port],..." (a DNS name is kept as
-// written, for a Kubernetes headless Service). A missing API address is the Raft host
-// with apiPort.
-func ParsePeers(s string, apiPort string) ([]Peer, error) {
+// written, for a Kubernetes headless Service). A peer's API address is optional and
+// nothing is guessed for it: each server records its own in the replicated state when it
+// leads (see recordAPIAddress), which is what the others forward to.
+func ParsePeers(s string) ([]Peer, error) {
 	var out []Peer
 	seen := map[string]bool{}
 	for _, part := range strings.Split(s, ",") {
@@ -58,19 +60,69 @@ func ParsePeers(s string, apiPort string) ([]Peer, error) {
 		}
 		seen[id] = true
 		raftAddr, apiAddr, _ := strings.Cut(rest, "/")
-		host, _, err := net.SplitHostPort(raftAddr)
-		if err != nil {
+		if _, _, err := net.SplitHostPort(raftAddr); err != nil {
 			return nil, fmt.Errorf("peer %s: Raft address %q: %w", id, raftAddr, err)
 		}
-		if apiAddr == "" {
-			apiAddr = net.JoinHostPort(host, apiPort)
-		}
-		if _, _, err := net.SplitHostPort(apiAddr); err != nil {
-			return nil, fmt.Errorf("peer %s: API address %q: %w", id, apiAddr, err)
+		if apiAddr != "" {
+			if _, _, err := net.SplitHostPort(apiAddr); err != nil {
+				return nil, fmt.Errorf("peer %s: API address %q: %w", id, apiAddr, err)
+			}
 		}
 		out = append(out, Peer{ID: id, Raft: raftAddr, API: apiAddr})
 	}
 	return out, nil
+}
+
+// advertisedAPI is the API address this server gives the others: --advertise-api, else
+// the --listen address when it names a host, else the peer list's API address for this
+// server, else this server's Raft host with the --listen port.
+func advertisedAPI(cfg ServerConfig, self Peer) (string, error) {
+	if cfg.AdvertiseAPI != "" {
+		if _, _, err := net.SplitHostPort(cfg.AdvertiseAPI); err != nil {
+			return "", fmt.Errorf("--advertise-api %q: %w", cfg.AdvertiseAPI, err)
+		}
+		return cfg.AdvertiseAPI, nil
+	}
+	host, port, err := net.SplitHostPort(cfg.Listen)
+	if err != nil {
+		return "", fmt.Errorf("--listen %q: %w", cfg.Listen, err)
+	}
+	if ip := net.ParseIP(host); host != "" && (ip == nil || !ip.IsUnspecified()) {
+		return cfg.Listen, nil
+	}
+	if self.API != "" {
+		return self.API, nil
+	}
+	rhost, _, err := net.SplitHostPort(self.Raft)
+	if err != nil {
+		return "", fmt.Errorf("this server's Raft address %q: %w", self.Raft, err)
+	}
+	return net.JoinHostPort(rhost, port), nil
+}
+
+// apiMetaKey is where a server's API address is recorded in the replicated state.
+func apiMetaKey(id string) string { return "server-api/" + id }
+
+// recordAPIAddress writes this server's API address into the replicated state whenever
+// it leads and the record differs, until ctx ends: followers learn where to forward from
+// the leader itself, not from a guess.
+func recordAPIAddress(ctx context.Context, store *state.Store, id, addr string, log *slog.Logger) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		if store.IsLeader() {
+			if cur, err := store.LocalMeta(apiMetaKey(id)); err != nil || string(cur) != addr {
+				if err := store.PutMeta(ctx, apiMetaKey(id), []byte(addr)); err != nil && ctx.Err() == nil {
+					log.Warn("record this server's API address", "addr", addr, "err", err)
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // ServerConfig configures `fireworks server`.
@@ -79,6 +131,9 @@ type ServerConfig struct {
 	DataDir string
 	// Listen is the API address (TLS; users with tokens, agents with certificates).
 	Listen string
+	// AdvertiseAPI is the API address the other servers reach this one at (default: see
+	// advertisedAPI).
+	AdvertiseAPI string
 	// RaftListen is the Raft address (mutual TLS between servers).
 	RaftListen string
 	// Peers lists every server, this one included; empty means a cluster of one.
@@ -148,9 +203,18 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 	if self == nil {
 		return fmt.Errorf("this server (%s) is not in the peer list", cfg.NodeID)
 	}
+	if cfg.BootstrapToken != "" {
+		if _, _, err := auth.Parse(cfg.BootstrapToken); err != nil {
+			return fmt.Errorf("--bootstrap-token: %w (e.g. fwk_$(openssl rand -hex 8)_$(openssl rand -hex 32); or leave it out to have one generated into %s)", err, filepath.Join(cfg.DataDir, "admin-token"))
+		}
+	}
+	myAPI, err := advertisedAPI(cfg, *self)
+	if err != nil {
+		return err
+	}
+	self.API = myAPI
 
 	var ca *pki.CA
-	var err error
 	if cfg.InitCA || len(peers) == 1 {
 		ca, err = pki.LoadOrCreateCA(cfg.CADir, "fireworks")
 	} else {
@@ -186,9 +250,17 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 	if cfg.ControlPlane != nil {
 		cp = cfg.ControlPlane(store, log)
 	}
-	apiOf := map[string]string{}
+	configured := map[string]string{}
 	for _, p := range peers {
-		apiOf[p.ID] = p.API
+		configured[p.ID] = p.API
+	}
+	// apiOf is a server's API address: as it recorded it when it led, else as the peer
+	// list gives it, else unknown ("").
+	apiOf := func(id string) string {
+		if v, err := store.LocalMeta(apiMetaKey(id)); err == nil && len(v) > 0 {
+			return string(v)
+		}
+		return configured[id]
 	}
 	srv := server.New(store, nil, log)
 	srv.SetLimits(cfg.Limits)
@@ -197,7 +269,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 		AgentClientTLS: func(host string) *tls.Config {
 			return pki.ClientTLS(ca, &cert, host)
 		},
-		LeaderAPI:         func(id string) string { return apiOf[id] },
+		LeaderAPI:         apiOf,
 		HeartbeatInterval: cfg.HeartbeatInterval,
 	}
 	if cp != nil {
@@ -218,10 +290,14 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 			}
 		}()
 	}
-	wg.Add(1)
+	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		ensureBootstrapToken(ctx, store, cfg, log)
+	}()
+	go func() {
+		defer wg.Done()
+		recordAPIAddress(ctx, store, cfg.NodeID, self.API, log)
 	}()
 	if cfg.XDSListen != "" {
 		xln, err := net.Listen("tcp", cfg.XDSListen)
@@ -244,7 +320,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	handler := server.BoundBody(forwardToLeader(store, srv.Handler(), apiOf, ca, cert, log))
+	handler := server.BoundBody(forwardToLeader(store, srv.Handler(), *self, apiOf, ca, cert, log))
 	hs := &http.Server{Handler: handler, TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(tls.NewListener(ln, tlsCfg)) }()
@@ -348,6 +424,13 @@ func bootstrapToken(ctx context.Context, store *state.Store, cfg ServerConfig, l
 	return nil
 }
 
+// forwardedHeader marks a request one server forwarded to another (its value is the
+// forwarding server's ID). A request that carries it is never forwarded again: a server
+// that is not the leader (any more) answers it "unavailable", and the client retries.
+// Without it a server that takes itself, or a server that takes it, for the leader
+// would pass the request around for good.
+const forwardedHeader = "Fireworks-Forwarded-By"
+
 // forwardToLeader sends every user API call that reaches a follower to the leader, so
 // writes are committed there and reads are linearizable; agents' node protocol calls are
 // answered locally (with a leader hint) because their identity is their TLS certificate.
@@ -355,8 +438,9 @@ func bootstrapToken(ctx context.Context, store *state.Store, cfg ServerConfig, l
 // During an election there is no leader to forward to: the call waits for one (up to
 // leaderWait). A unary call whose forward fails before it reached the leader (the old
 // leader is dead, the dial fails) is tried again with the next leader; its body is small
-// and kept for that. Streaming calls are forwarded once.
-func forwardToLeader(store *state.Store, local http.Handler, apiOf map[string]string, ca *pki.CA, cert tls.Certificate, log *slog.Logger) http.Handler {
+// (server.BoundBody) and kept for that. Streaming calls are forwarded once. A request is
+// forwarded at most once (forwardedHeader) and never to this server's own address.
+func forwardToLeader(store *state.Store, local http.Handler, self Peer, apiOf func(id string) string, ca *pki.CA, cert tls.Certificate, log *slog.Logger) http.Handler {
 	nodePrefix := "/" + fireworksv1connect.NodeServiceName + "/"
 	const leaderWait = 20 * time.Second
 	var mu sync.Mutex
@@ -370,23 +454,36 @@ func forwardToLeader(store *state.Store, local http.Handler, apiOf map[string]st
 		host, _, _ := net.SplitHostPort(addr)
 		tcfg := pki.ClientTLS(ca, &cert, host)
 		tcfg.NextProtos = []string{"h2"}
+		tcfg.VerifyConnection = pki.VerifyPeerRole(ca, x509.ExtKeyUsageServerAuth, pki.RoleServer) // only a server may get a user's call
 		t := &http.Transport{TLSClientConfig: tcfg, ForceAttemptHTTP2: true,
 			DialContext: (&net.Dialer{Timeout: 3 * time.Second}).DialContext}
 		transports[addr] = t
 		return t
 	}
-	// leaderAddr waits for a leader; "" with isSelf means this server now leads.
+	// leaderAddr waits for a leader whose API address is known; "" with isSelf means
+	// this server now leads.
 	leaderAddr := func(ctx context.Context, avoid string) (addr string, isSelf bool, err error) {
 		deadline := time.Now().Add(leaderWait)
+		why := "no leader elected"
 		for {
 			if store.IsLeader() {
 				return "", true, nil
 			}
-			if id, _ := store.Leader(); id != "" && apiOf[id] != "" && apiOf[id] != avoid {
-				return apiOf[id], false, nil
+			if id, _ := store.Leader(); id != "" {
+				switch a := apiOf(id); {
+				case id == self.ID || a == self.API:
+					// Raft names this server while it does not lead (it is stepping
+					// down), or the leader's record names this server's address: never
+					// forward to itself.
+					why = fmt.Sprintf("the leader %s has this server's own API address %s", id, self.API)
+				case a == "":
+					why = fmt.Sprintf("the leader %s has not recorded its API address yet", id)
+				case a != avoid:
+					return a, false, nil
+				}
 			}
 			if time.Now().After(deadline) {
-				return "", false, errors.New("no leader elected within " + leaderWait.String())
+				return "", false, fmt.Errorf("%s within %s", why, leaderWait)
 			}
 			select {
 			case <-ctx.Done():
@@ -398,6 +495,12 @@ func forwardToLeader(store *state.Store, local http.Handler, apiOf map[string]st
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if store.IsLeader() || strings.HasPrefix(r.URL.Path, nodePrefix) || server.StaleRead(r) {
 			local.ServeHTTP(w, r)
+			return
+		}
+		if by := r.Header.Get(forwardedHeader); by != "" {
+			id, _ := store.Leader()
+			log.Warn("a forwarded request reached a server that is not the leader", "from", by, "leader", id, "path", r.URL.Path)
+			http.Error(w, fmt.Sprintf("server %s forwarded this request to %s, which is not the leader (leader: %q); retry", by, self.ID, id), http.StatusServiceUnavailable)
 			return
 		}
 		unary := !server.IsStream(r)
@@ -432,7 +535,11 @@ func forwardToLeader(store *state.Store, local http.Handler, apiOf map[string]st
 			var dialFailed bool
 			target := &url.URL{Scheme: "https", Host: addr}
 			p := &httputil.ReverseProxy{
-				Rewrite:       func(pr *httputil.ProxyRequest) { pr.SetURL(target); pr.Out.Host = pr.In.Host },
+				Rewrite: func(pr *httputil.ProxyRequest) {
+					pr.SetURL(target)
+					pr.Out.Host = pr.In.Host
+					pr.Out.Header.Set(forwardedHeader, self.ID)
+				},
 				Transport:     transportFor(addr),
 				FlushInterval: -1, // stream attach/exec/logs as they come
 				ErrorHandler: func(w http.ResponseWriter, _ *http.Request, err error) {

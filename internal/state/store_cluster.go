@@ -130,3 +130,7 @@ func (s *Store) SchedulerSnapshot() *scheduler.Snapshot {
 	defer s.fsm.mu.RUnlock()
 	return s.fsm.schedulerSnapshot()
 }
+
+// LocalMeta returns this server's copy of key's value without a Raft round trip (it may
+// be behind the leader's). Errors: ErrNotFound.
+func (s *Store) LocalMeta(key string) ([]byte, error) { return s.fsm.getMeta(key) }

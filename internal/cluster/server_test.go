@@ -1,0 +1,165 @@
+package cluster_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/auth"
+	"github.com/fireworks-sandbox/fireworks/internal/cli"
+	"github.com/fireworks-sandbox/fireworks/internal/cluster"
+	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+)
+
+// freePorts returns n TCP ports free on 127.0.0.1 right now.
+func freePorts(t *testing.T, n int) []int {
+	t.Helper()
+	var out []int
+	var lns []net.Listener
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns = append(lns, ln)
+		out = append(out, ln.Addr().(*net.TCPAddr).Port)
+	}
+	for _, ln := range lns {
+		ln.Close()
+	}
+	return out
+}
+
+// Three servers on one host, told only each other's Raft addresses (the layout a review
+// tried: the API ports differ from server to server). Every server answers reads and
+// writes at once, the followers by forwarding to the leader at the address the leader
+// recorded; a request one server forwarded is never forwarded again.
+func TestThreeServersOnOneHost(t *testing.T) {
+	root := t.TempDir()
+	caDir := filepath.Join(root, "ca")
+	if _, err := pki.CreateCA(caDir, "fireworks"); err != nil {
+		t.Fatal(err)
+	}
+	token, _ := auth.New(state.RoleAdmin, "", "", time.Now(), 0)
+	ports := freePorts(t, 6)
+	var peers []string
+	for i := range 3 {
+		peers = append(peers, fmt.Sprintf("s%d=127.0.0.1:%d", i+1, ports[3+i]))
+	}
+	parsed, err := cluster.ParsePeers(strings.Join(peers, ","))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	apis := make([]string, 3)
+	for i := range 3 {
+		log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})).With("server", i+1)
+		cfg := cluster.ServerConfig{
+			NodeID: fmt.Sprintf("s%d", i+1), DataDir: filepath.Join(root, fmt.Sprint(i)), CADir: caDir,
+			Listen: fmt.Sprintf("127.0.0.1:%d", ports[i]), RaftListen: fmt.Sprintf("127.0.0.1:%d", ports[3+i]),
+			Peers: append([]cluster.Peer(nil), parsed...), BootstrapToken: token, Log: log,
+		}
+		apis[i] = cfg.Listen
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := cluster.RunServer(ctx, cfg); err != nil {
+				t.Errorf("server %s: %v", cfg.NodeID, err)
+			}
+		}()
+	}
+	client := func(i int) *cli.Client {
+		c, err := cli.NewClient(cli.ClientConfig{Server: "https://" + apis[i], Token: token, CA: filepath.Join(caDir, "ca.pem"), RequestTimeout: 30 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	// Wait for the cluster to answer through the first server.
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		cctx, ccancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := client(0).Cluster.ListNodes(cctx, connect.NewRequest(&pb.ListNodesRequest{}))
+		ccancel()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the cluster did not answer within a minute: %v", err)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	for i := range 3 {
+		c := client(i)
+		start := time.Now()
+		cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
+		if _, err := c.Cluster.ListNodes(cctx, connect.NewRequest(&pb.ListNodesRequest{})); err != nil {
+			t.Errorf("node ls through server %d: %v", i+1, err)
+		}
+		if _, err := c.Tokens.CreateToken(cctx, connect.NewRequest(&pb.CreateTokenRequest{Role: "user", Name: fmt.Sprintf("via-s%d", i+1)})); err != nil {
+			t.Errorf("a write through server %d: %v", i+1, err)
+		}
+		ccancel()
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("server %d took %s to answer", i+1, d)
+		}
+	}
+	// A request marked as forwarded is refused by a follower instead of forwarded again.
+	refused := 0
+	for i := range 3 {
+		c, err := pki.LoadCA(caDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: pki.ClientTLS(c, nil, "127.0.0.1")}}
+		req, _ := http.NewRequest(http.MethodPost, "https://"+apis[i]+"/fireworks.v1.ClusterService/ListNodes", strings.NewReader("{}"))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Fireworks-Forwarded-By", "elsewhere")
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatalf("a forwarded request to server %d: %v", i+1, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		switch resp.StatusCode {
+		case http.StatusOK: // the leader answers it
+		case http.StatusServiceUnavailable:
+			refused++
+			if !strings.Contains(string(body), "not the leader") {
+				t.Errorf("server %d refused a forwarded request with %q", i+1, body)
+			}
+		default:
+			t.Errorf("a forwarded request to server %d: HTTP %d %s", i+1, resp.StatusCode, body)
+		}
+	}
+	if refused != 2 {
+		t.Errorf("%d servers refused to forward a forwarded request, want the 2 followers", refused)
+	}
+}
+
+// A malformed --bootstrap-token is refused at start, not accepted and then failing every
+// call.
+func TestMalformedBootstrapTokenRefused(t *testing.T) {
+	root := t.TempDir()
+	err := cluster.RunServer(context.Background(), cluster.ServerConfig{NodeID: "s1", DataDir: root,
+		Listen: "127.0.0.1:0", RaftListen: "127.0.0.1:0", BootstrapToken: "fwk_not-a-token"})
+	if err == nil || !errors.Is(err, auth.ErrMalformed) || !strings.Contains(err.Error(), "--bootstrap-token") {
+		t.Errorf("RunServer with a malformed bootstrap token: %v", err)
+	}
+}
