@@ -44,7 +44,7 @@ func New(id *Identity, servers []string, log *slog.Logger) *Link {
 		log = slog.Default()
 	}
 	d := &leaderDialer{addrs: slices.Clone(servers), tlsFor: func(host string) *tls.Config {
-		cfg := pki.ClientTLS(id.CA, &id.Cert, host)
+		cfg := pki.ClientTLS(id.CA, &id.Cert, host, pki.RoleServer)
 		cfg.NextProtos = []string{"h2"}
 		return cfg
 	}}

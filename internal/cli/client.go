@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/pki"
 )
 
 // ClientConfig is where the CLI finds the server and its token. `fireworks dev` writes it.
@@ -136,7 +137,13 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 			return nil, err
 		}
 		fd.tlsFor = func(host string) *tls.Config {
-			return &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ServerName: host, NextProtos: []string{"h2"}}
+			c := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ServerName: host, NextProtos: []string{"h2"}}
+			if pool != nil {
+				// The cluster CA also signs agents' certificates: tokens go to a server's
+				// only, never to an agent at (or claiming) a server's address.
+				c.VerifyConnection = pki.RequirePeer(pki.RoleServer, "")
+			}
+			return c
 		}
 		tr = &http.Transport{DialTLSContext: fd.DialContext, ForceAttemptHTTP2: true}
 	} else {

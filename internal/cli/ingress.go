@@ -126,7 +126,11 @@ func newIngressClient(g *globals, caFile string) (fireworksv1connect.IngressServ
 		return nil, err
 	}
 	fd := &failoverDialer{addrs: addrs, tlsFor: func(host string) *tls.Config {
-		return &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ServerName: host, NextProtos: []string{"h2"}}
+		c := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ServerName: host, NextProtos: []string{"h2"}}
+		if pool != nil {
+			c.VerifyConnection = pki.RequirePeer(pki.RoleServer, "") // as in NewClient
+		}
+		return c
 	}}
 	tr := &http.Transport{DialTLSContext: fd.DialContext, ForceAttemptHTTP2: true,
 		// A server that vanished without closing the connection (host down, partition)

@@ -8,7 +8,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -266,8 +265,10 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 	srv.SetLimits(cfg.Limits)
 	opts := server.ClusterOptions{
 		CA: ca,
-		AgentClientTLS: func(host string) *tls.Config {
-			return pki.ClientTLS(ca, &cert, host)
+		AgentClientTLS: func(host, node string) *tls.Config {
+			c := pki.ClientTLS(ca, &cert, host, pki.RoleAgent)
+			c.VerifyConnection = pki.RequirePeer(pki.RoleAgent, node) // that node's, not any agent's at its address
+			return c
 		},
 		LeaderAPI:         apiOf,
 		HeartbeatInterval: cfg.HeartbeatInterval,
@@ -452,9 +453,8 @@ func forwardToLeader(store *state.Store, local http.Handler, self Peer, apiOf fu
 			return t
 		}
 		host, _, _ := net.SplitHostPort(addr)
-		tcfg := pki.ClientTLS(ca, &cert, host)
+		tcfg := pki.ClientTLS(ca, &cert, host, pki.RoleServer) // only a server may get a user's call
 		tcfg.NextProtos = []string{"h2"}
-		tcfg.VerifyConnection = pki.VerifyPeerRole(ca, x509.ExtKeyUsageServerAuth, pki.RoleServer) // only a server may get a user's call
 		t := &http.Transport{TLSClientConfig: tcfg, ForceAttemptHTTP2: true,
 			DialContext: (&net.Dialer{Timeout: 3 * time.Second}).DialContext}
 		transports[addr] = t

@@ -126,7 +126,7 @@ func TestThreeServersOnOneHost(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: pki.ClientTLS(c, nil, "127.0.0.1")}}
+		hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: pki.ClientTLS(c, nil, "127.0.0.1", pki.RoleServer)}}
 		req, _ := http.NewRequest(http.MethodPost, "https://"+apis[i]+"/fireworks.v1.ClusterService/ListNodes", strings.NewReader("{}"))
 		req.Header.Set("Content-Type", "application/json")
 		req.Header.Set("Authorization", "Bearer "+token)

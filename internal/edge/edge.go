@@ -69,7 +69,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if domain == "" {
 		domain = cfg.DefaultDomain
 	}
-	proxy := ingress.NewProxy(domain, &ingress.TunnelDialer{TLS: cert.tlsConfig(), Timeout: ingress.DefaultDialTimeout}, cfg.Log)
+	proxy := ingress.NewProxy(domain, &ingress.TunnelDialer{TLS: cert.tlsConfig(), Timeout: ingress.DefaultDialTimeout,
+		VerifyNode: func(node string) func(tls.ConnectionState) error { return pki.RequirePeer(pki.RoleAgent, node) }}, cfg.Log)
 	apply := applyTable(proxy, cfg.Log)
 	apply(first)
 
@@ -153,8 +154,9 @@ func (e *edgeCert) renew(ctx context.Context, c fireworksv1connect.IngressServic
 // renew). The certificate is read per handshake, so a renewal applies to the next tunnel.
 func (e *edgeCert) tlsConfig() *tls.Config {
 	return &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		RootCAs:    e.roots,
+		MinVersion:       tls.VersionTLS13,
+		RootCAs:          e.roots,
+		VerifyConnection: pki.RequirePeer(pki.RoleAgent, ""), // a node's data address
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return e.cert.Load(), nil
 		},

@@ -70,7 +70,7 @@ func newTestPKI(t *testing.T) *testPKI {
 
 // edgeDialer is the edge's real tunnel dialer, with this CA and the edge certificate.
 func (p *testPKI) edgeDialer() *TunnelDialer {
-	return &TunnelDialer{TLS: pki.ClientTLS(p.ca, &p.edge, ""), Timeout: 10 * time.Second}
+	return &TunnelDialer{TLS: pki.ClientTLS(p.ca, &p.edge, "", pki.RoleAgent), Timeout: 10 * time.Second}
 }
 
 // onlyServers is the node authorisation a deployment would use: the peer must be the edge

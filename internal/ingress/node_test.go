@@ -79,7 +79,7 @@ func TestTunnelRefusals(t *testing.T) {
 		{"unknown sandbox port", p.edgeDialer(), routes.Route{Sandbox: sbB, Port: 22, NodeAddr: nodeAddr}, "502"},
 		{"bad sandbox ID", p.edgeDialer(), routes.Route{Sandbox: "../../etc", Port: 22, NodeAddr: nodeAddr}, "400"},
 		{"port 0", p.edgeDialer(), routes.Route{Sandbox: sbA, Port: 0, NodeAddr: nodeAddr}, "400"},
-		{"not the edge", &TunnelDialer{TLS: pki.ClientTLS(p.ca, &p.client, "")}, routes.Route{Sandbox: sbA, Port: 23, NodeAddr: nodeAddr}, "403"},
+		{"not the edge", &TunnelDialer{TLS: pki.ClientTLS(p.ca, &p.client, "", pki.RoleAgent)}, routes.Route{Sandbox: sbA, Port: 23, NodeAddr: nodeAddr}, "403"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -101,7 +101,7 @@ func TestTunnelRefusals(t *testing.T) {
 		}
 	})
 	t.Run("no client certificate", func(t *testing.T) {
-		d := &TunnelDialer{TLS: pki.ClientTLS(p.ca, nil, "")}
+		d := &TunnelDialer{TLS: pki.ClientTLS(p.ca, nil, "", pki.RoleAgent)}
 		c, err := d.DialSandbox(dialCtx(t), routes.Route{Sandbox: sbA, Port: 23, NodeAddr: nodeAddr})
 		if err == nil {
 			// TLS 1.3 reports the server's refusal of the certificate on the first read.
@@ -175,7 +175,7 @@ func TestNodeReverseProxy(t *testing.T) {
 		}
 		return &http.Client{Transport: &http.Transport{
 			Protocols:       &pr,
-			TLSClientConfig: pki.ClientTLS(p.ca, cert, "127.0.0.1"),
+			TLSClientConfig: pki.ClientTLS(p.ca, cert, "127.0.0.1", pki.RoleAgent),
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				var d net.Dialer
 				return d.DialContext(ctx, "tcp", nodeAddr)
@@ -247,7 +247,7 @@ func TestNodeConnectOverHTTP2(t *testing.T) {
 
 	var pr http.Protocols
 	pr.SetHTTP2(true)
-	tr := &http.Transport{Protocols: &pr, TLSClientConfig: pki.ClientTLS(p.ca, &p.edge, "127.0.0.1")}
+	tr := &http.Transport{Protocols: &pr, TLSClientConfig: pki.ClientTLS(p.ca, &p.edge, "127.0.0.1", pki.RoleAgent)}
 	defer tr.CloseIdleConnections()
 	body := strings.NewReader("over h2")
 	req := (&http.Request{

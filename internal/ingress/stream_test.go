@@ -104,7 +104,7 @@ func TestGRPCEndToEnd(t *testing.T) {
 	})
 	t.Run("node reverse proxy (the Envoy path)", func(t *testing.T) {
 		// Verify the node by its role, not by a name: the authority is the sandbox host.
-		cfg := pki.ClientTLS(w.pki.ca, &w.pki.edge, "")
+		cfg := pki.ClientTLS(w.pki.ca, &w.pki.edge, "", pki.RoleAgent)
 		cfg.InsecureSkipVerify = true
 		cfg.VerifyConnection = pki.VerifyPeerRole(w.pki.ca, x509.ExtKeyUsageServerAuth, pki.RoleAgent)
 		creds := credentials.NewTLS(cfg)
@@ -185,7 +185,7 @@ func TestWebSocketEndToEnd(t *testing.T) {
 		p.SetHTTP1(true)
 		hc := &http.Client{Transport: &http.Transport{
 			Protocols:       &p,
-			TLSClientConfig: pki.ClientTLS(w.pki.ca, &w.pki.edge, "127.0.0.1"),
+			TLSClientConfig: pki.ClientTLS(w.pki.ca, &w.pki.edge, "127.0.0.1", pki.RoleAgent),
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				var d net.Dialer
 				return d.DialContext(ctx, "tcp", w.nodeAddr)

@@ -22,6 +22,8 @@ type TunnelDialer struct {
 	// TLS is the client configuration for the node's data address (the cluster CA, this
 	// edge's certificate). When ServerName is empty the host of NodeAddr is used.
 	TLS *tls.Config
+	// VerifyNode, when set, checks the node's certificate is node's (VerifyConnection).
+	VerifyNode func(node string) func(tls.ConnectionState) error
 	// Timeout bounds connecting, the handshake and the CONNECT exchange (0: only ctx).
 	Timeout time.Duration
 }
@@ -43,6 +45,9 @@ func (d *TunnelDialer) DialSandbox(ctx context.Context, r routes.Route) (net.Con
 	var cfg *tls.Config
 	if d.TLS != nil {
 		cfg = d.TLS.Clone()
+		if r.Node != "" && d.VerifyNode != nil {
+			cfg.VerifyConnection = d.VerifyNode(r.Node) // the route's node, not whoever holds its address
+		}
 	} else {
 		cfg = &tls.Config{MinVersion: tls.VersionTLS13}
 	}

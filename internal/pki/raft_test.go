@@ -107,7 +107,7 @@ func TestRaftStreamLayerRejectsAgents(t *testing.T) {
 
 	// An agent dialing the Raft port is refused by the listener.
 	got := acceptEcho(s)
-	cli := ClientTLS(ca, &agent, "localhost")
+	cli := ClientTLS(ca, &agent, "localhost", RoleServer)
 	_, cerr := roundTrip(s.Addr().String(), cli)
 	if err := recvErr(t, got); err == nil || !strings.Contains(err.Error(), "role agent") {
 		t.Fatalf("accept side err = %v, want a role rejection", err)

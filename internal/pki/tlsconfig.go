@@ -38,18 +38,43 @@ func ServerTLS(ca *CA, cert tls.Certificate, requireClientCert bool) *tls.Config
 }
 
 // ClientTLS is the configuration for dialing a cluster member by name: the server must
-// chain to the CA and its certificate must name serverName (a DNS SAN or IP SAN). cert may
-// be nil for a client without a certificate.
-func ClientTLS(ca *CA, cert *tls.Certificate, serverName string) *tls.Config {
+// chain to the CA, its certificate must name serverName (a DNS SAN or IP SAN) and carry
+// role want. The role matters as much as the chain: every member's certificate comes from
+// the same CA, and an agent's (whose holder only had a join token) must never pass for a
+// server's. cert may be nil for a client without a certificate.
+func ClientTLS(ca *CA, cert *tls.Certificate, serverName string, want Role) *tls.Config {
 	cfg := &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		RootCAs:    ca.CertPool(),
-		ServerName: serverName,
+		MinVersion:       tls.VersionTLS13,
+		RootCAs:          ca.CertPool(),
+		ServerName:       serverName,
+		VerifyConnection: RequirePeer(want, ""),
 	}
 	if cert != nil {
 		cfg.Certificates = []tls.Certificate{*cert}
 	}
 	return cfg
+}
+
+// RequirePeer returns a tls.Config.VerifyConnection function, for a configuration that
+// verifies the chain itself (RootCAs), that accepts the peer only if its certificate
+// carries role and, when name is not empty, that common name (a node's name).
+func RequirePeer(role Role, name string) func(tls.ConnectionState) error {
+	return func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("peer sent no certificate")
+		}
+		got, cn, err := RoleOf(cs.PeerCertificates[0])
+		if err != nil {
+			return fmt.Errorf("peer certificate: %w", err)
+		}
+		if got != role {
+			return fmt.Errorf("peer %q has a %s certificate, want a %s's", cn, got, role)
+		}
+		if name != "" && cn != name {
+			return fmt.Errorf("peer is %q, want %q", cn, name)
+		}
+		return nil
+	}
 }
 
 // VerifyPeerRole returns a tls.Config.VerifyConnection function that accepts the peer only

@@ -23,7 +23,7 @@ func TestServerRequiringClientCertsRejectsWrongCA(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			addr, res := serveOnce(t, ServerTLS(ca, srv, true))
-			cfg := ClientTLS(ca, nil, "127.0.0.1")
+			cfg := ClientTLS(ca, nil, "127.0.0.1", RoleServer)
 			if tc.cert != nil {
 				cfg = forceCert(cfg, *tc.cert)
 			}
@@ -47,7 +47,7 @@ func TestServerNotRequiringClientCerts(t *testing.T) {
 	srv := issue(t, ca, RoleServer, "s1")
 
 	addr, res := serveOnce(t, ServerTLS(ca, srv, false))
-	if _, err := roundTrip(addr, ClientTLS(ca, nil, "localhost")); err != nil {
+	if _, err := roundTrip(addr, ClientTLS(ca, nil, "localhost", RoleServer)); err != nil {
 		t.Fatalf("anonymous client: %v", err)
 	}
 	r := wait(t, res)
@@ -60,7 +60,7 @@ func TestServerNotRequiringClientCerts(t *testing.T) {
 
 	// A certificate that is presented must still be from the CA.
 	addr, res = serveOnce(t, ServerTLS(ca, srv, false))
-	_, _ = roundTrip(addr, forceCert(ClientTLS(ca, nil, "localhost"), issue(t, other, RoleAgent, "a")))
+	_, _ = roundTrip(addr, forceCert(ClientTLS(ca, nil, "localhost", RoleServer), issue(t, other, RoleAgent, "a")))
 	if r := wait(t, res); r.err == nil {
 		t.Fatal("server accepted a client certificate from another CA")
 	}
@@ -74,7 +74,7 @@ func TestServerTLSSendsCAAndClientChecksName(t *testing.T) {
 		t.Fatal("ServerTLS modified the caller's certificate chain")
 	}
 	addr, res := serveOnce(t, cfg)
-	cs, err := roundTrip(addr, ClientTLS(ca, nil, "localhost"))
+	cs, err := roundTrip(addr, ClientTLS(ca, nil, "localhost", RoleServer))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +87,7 @@ func TestServerTLSSendsCAAndClientChecksName(t *testing.T) {
 	}
 
 	addr, _ = serveOnce(t, ServerTLS(ca, srv, false))
-	if _, err := roundTrip(addr, ClientTLS(ca, nil, "fireworks-server-9.example")); err == nil {
+	if _, err := roundTrip(addr, ClientTLS(ca, nil, "fireworks-server-9.example", RoleServer)); err == nil {
 		t.Fatal("client accepted a certificate that does not name the server")
 	}
 }
@@ -102,7 +102,7 @@ func TestVerifyPeerRole(t *testing.T) {
 		accept bool
 	}{{RoleServer, true}, {RoleAgent, false}, {RoleClient, false}} {
 		addr, res := serveOnce(t, cfg)
-		_, _ = roundTrip(addr, ClientTLS(ca, ptr(issue(t, ca, tc.role, "x")), "localhost"))
+		_, _ = roundTrip(addr, ClientTLS(ca, ptr(issue(t, ca, tc.role, "x")), "localhost", RoleServer))
 		if r := wait(t, res); (r.err == nil) != tc.accept {
 			t.Errorf("role %s: server err = %v, want accepted %v", tc.role, r.err, tc.accept)
 		}
@@ -110,3 +110,40 @@ func TestVerifyPeerRole(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// An agent's certificate for a server's very address does not pass for a server's: the
+// CLI, the edge, agents and forwarding servers all dial with the role they want. A node's
+// certificate also has to be that node's when its name is asked for.
+func TestClientChecksServerRole(t *testing.T) {
+	ca := testCA(t, "c")
+	agent := issue(t, ca, RoleAgent, "node-a")
+	for _, tc := range []struct {
+		name string
+		cfg  *tls.Config
+		ok   bool
+	}{
+		{"want a server", ClientTLS(ca, nil, "localhost", RoleServer), false},
+		{"want an agent", ClientTLS(ca, nil, "localhost", RoleAgent), true},
+		{"want node-b", func() *tls.Config {
+			c := ClientTLS(ca, nil, "localhost", RoleAgent)
+			c.VerifyConnection = RequirePeer(RoleAgent, "node-b")
+			return c
+		}(), false},
+		{"want node-a", func() *tls.Config {
+			c := ClientTLS(ca, nil, "localhost", RoleAgent)
+			c.VerifyConnection = RequirePeer(RoleAgent, "node-a")
+			return c
+		}(), true},
+	} {
+		addr, res := serveOnce(t, ServerTLS(ca, agent, false))
+		_, err := roundTrip(addr, tc.cfg)
+		if (err == nil) != tc.ok {
+			t.Errorf("%s, dialing an agent's certificate: %v", tc.name, err)
+		}
+		if !tc.ok {
+			<-res
+		} else {
+			wait(t, res)
+		}
+	}
+}

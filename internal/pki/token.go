@@ -213,6 +213,8 @@ func (p *PinnedCA) ClientTLS(cert *tls.Certificate) *tls.Config {
 		// VerifyPeerCertificate does all of it against the pin instead.
 		InsecureSkipVerify:    true,
 		VerifyPeerCertificate: p.VerifyPeerCertificate,
+		// The pin checked the chain; only a server may take the join token.
+		VerifyConnection: RequirePeer(RoleServer, ""),
 	}
 	if cert != nil {
 		cfg.Certificates = []tls.Certificate{*cert}

@@ -97,7 +97,7 @@ func TestPinnedCAVerifier(t *testing.T) {
 		}
 		// The learned CA is enough to talk to the cluster normally from now on.
 		addr, res = serveOnce(t, ServerTLS(ca, srv, false))
-		if _, err := roundTrip(addr, ClientTLS(learned, nil, "localhost")); err != nil {
+		if _, err := roundTrip(addr, ClientTLS(learned, nil, "localhost", RoleServer)); err != nil {
 			t.Fatalf("client with learned CA: %v", err)
 		}
 		wait(t, res)

@@ -35,8 +35,9 @@ type ClusterOptions struct {
 	CA                *pki.CA
 	ControlPlane      ControlPlane
 	HeartbeatInterval time.Duration
-	// AgentClientTLS dials agents' internal API (this server's certificate, CA roots).
-	AgentClientTLS func(serverName string) *tls.Config
+	// AgentClientTLS dials node's internal API at host (this server's certificate, CA
+	// roots, the peer must hold node's agent certificate).
+	AgentClientTLS func(host, node string) *tls.Config
 	// LeaderAPI maps a Raft server ID to its API address, for leader hints.
 	LeaderAPI func(id string) string
 }

@@ -44,14 +44,15 @@ func (s *Server) nodeClient(ctx context.Context, nodeID string) (fireworksv1conn
 	}
 	s.nodes.mu.Lock()
 	defer s.nodes.mu.Unlock()
-	if c, ok := s.nodes.clients[n.Address]; ok {
+	key := nodeID + "@" + n.Address // a node that moved, or another node at the address, gets its own
+	if c, ok := s.nodes.clients[key]; ok {
 		return c, nil
 	}
 	host, _, err := net.SplitHostPort(n.Address)
 	if err != nil {
 		return nil, fmt.Errorf("node %s has a bad address %q: %w", nodeID, n.Address, err)
 	}
-	cfg := s.cluster.AgentClientTLS(host)
+	cfg := s.cluster.AgentClientTLS(host, nodeID)
 	cfg.NextProtos = []string{"h2"}
 	tr := &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true,
 		DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext, TLSHandshakeTimeout: 10 * time.Second}
@@ -59,7 +60,7 @@ func (s *Server) nodeClient(ctx context.Context, nodeID string) (fireworksv1conn
 	if s.nodes.clients == nil {
 		s.nodes.clients = map[string]fireworksv1connect.SandboxServiceClient{}
 	}
-	s.nodes.clients[n.Address] = c
+	s.nodes.clients[key] = c
 	return c, nil
 }
 
