@@ -34,9 +34,9 @@ type globals struct {
 	requestTimeout time.Duration
 	// contacted is the server list the last client was made for, to name it in errors.
 	contacted string
-	stdin         io.Reader
-	stdout        io.Writer
-	stderr        io.Writer
+	stdin     io.Reader
+	stdout    io.Writer
+	stderr    io.Writer
 }
 
 func (g *globals) client() (*Client, error) {
