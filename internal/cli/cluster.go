@@ -205,7 +205,8 @@ func newNodeCmd(g *globals) *cobra.Command {
 			return tw.Flush()
 		},
 	}
-	action := func(use, short string, call func(context.Context, *Client, string) (*pb.Node, error)) *cobra.Command {
+	type nodeCall func(context.Context, *connect.Request[pb.NodeActionRequest]) (*connect.Response[pb.NodeActionResponse], error)
+	action := func(use, short string, call func(*Client) nodeCall) *cobra.Command {
 		return &cobra.Command{
 			Use: use + " NODE", Short: short, Args: cobra.ExactArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error {
@@ -213,31 +214,25 @@ func newNodeCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				n, err := call(cmd.Context(), c, args[0])
+				r, err := call(c)(cmd.Context(), connect.NewRequest(&pb.NodeActionRequest{Node: args[0]}))
 				if err != nil {
 					return err
+				}
+				n := r.Msg.GetNode()
+				if use == "rm" {
+					fmt.Fprintf(g.stdout, "%s: removed; its certificate is refused from now on\n", args[0])
+					return nil
 				}
 				fmt.Fprintf(g.stdout, "%s: status %s, cordoned %v, draining %v\n", n.GetId(), n.GetStatus(), n.GetCordoned(), n.GetDraining())
 				return nil
 			},
 		}
 	}
-	req := func(node string) *connect.Request[pb.NodeActionRequest] {
-		return connect.NewRequest(&pb.NodeActionRequest{Node: node})
-	}
 	cmd.AddCommand(ls,
-		action("cordon", "Stop placing new sandboxes on a node", func(ctx context.Context, c *Client, n string) (*pb.Node, error) {
-			r, err := c.Cluster.CordonNode(ctx, req(n))
-			return r.Msg.GetNode(), err
-		}),
-		action("uncordon", "Let a node take sandboxes again", func(ctx context.Context, c *Client, n string) (*pb.Node, error) {
-			r, err := c.Cluster.UncordonNode(ctx, req(n))
-			return r.Msg.GetNode(), err
-		}),
-		action("drain", "Cordon a node and move its sandboxes elsewhere (stop and re-place)", func(ctx context.Context, c *Client, n string) (*pb.Node, error) {
-			r, err := c.Cluster.DrainNode(ctx, req(n))
-			return r.Msg.GetNode(), err
-		}),
+		action("cordon", "Stop placing new sandboxes on a node", func(c *Client) nodeCall { return c.Cluster.CordonNode }),
+		action("uncordon", "Let a node take sandboxes again", func(c *Client) nodeCall { return c.Cluster.UncordonNode }),
+		action("drain", "Cordon a node and move its sandboxes elsewhere (stop and re-place)", func(c *Client) nodeCall { return c.Cluster.DrainNode }),
+		action("rm", "Remove a node that runs nothing (drain it first) and refuse its certificate from now on", func(c *Client) nodeCall { return c.Cluster.RemoveNode }),
 	)
 	return cmd
 }

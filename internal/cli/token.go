@@ -17,9 +17,10 @@ func newTokenCmd(g *globals) *cobra.Command {
 	var (
 		name, role string
 		ttl        time.Duration
+		uses       int
 	)
 	create := &cobra.Command{
-		Use:   "create [--role admin|user|join|ingress] [--name NAME] [--ttl 720h]",
+		Use:   "create [--role admin|user|join|ingress] [--name NAME] [--ttl 720h] [--uses N]",
 		Short: "Create a token and print it (it is shown only once)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -27,7 +28,7 @@ func newTokenCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			req := &pb.CreateTokenRequest{Name: name, Role: role}
+			req := &pb.CreateTokenRequest{Name: name, Role: role, MaxUses: int32(uses)}
 			if ttl != 0 {
 				req.Ttl = durationpb.New(ttl)
 			}
@@ -44,6 +45,7 @@ func newTokenCmd(g *globals) *cobra.Command {
 	create.Flags().StringVar(&role, "role", "user", "admin, user (own sandboxes only), join (lets an agent join) or ingress (an HTTP edge: watches routes, gets an edge certificate)")
 	create.Flags().StringVar(&name, "name", "", "a name to recognise the token by")
 	create.Flags().DurationVar(&ttl, "ttl", 0, "expire after this long (default: never; join tokens 24h)")
+	create.Flags().IntVar(&uses, "uses", 0, "join tokens: how many hosts it may join (default 1)")
 
 	ls := &cobra.Command{
 		Use:   "ls",
@@ -59,13 +61,17 @@ func newTokenCmd(g *globals) *cobra.Command {
 				return err
 			}
 			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tNAME\tROLE\tCREATED\tEXPIRES")
+			fmt.Fprintln(tw, "ID\tNAME\tROLE\tCREATED\tEXPIRES\tUSES")
 			for _, t := range resp.Msg.GetTokens() {
 				exp := "never"
 				if t.GetExpiresAt() != nil {
 					exp = t.GetExpiresAt().AsTime().Local().Format(time.RFC3339)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", t.GetId(), t.GetName(), t.GetRole(), t.GetCreatedAt().AsTime().Local().Format(time.RFC3339), exp)
+				uses := ""
+				if t.GetMaxUses() > 0 {
+					uses = fmt.Sprintf("%d/%d", t.GetUses(), t.GetMaxUses())
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", t.GetId(), t.GetName(), t.GetRole(), t.GetCreatedAt().AsTime().Local().Format(time.RFC3339), exp, uses)
 			}
 			return tw.Flush()
 		},

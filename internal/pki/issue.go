@@ -232,3 +232,12 @@ func RoleOf(cert *x509.Certificate) (Role, string, error) {
 	}
 	return role, cert.Subject.CommonName, nil
 }
+
+// SerialOf reads the serial number (hex) and expiry of a PEM certificate.
+func SerialOf(certPEM []byte) (serial string, notAfter time.Time, err error) {
+	c, err := parseCertPEM(certPEM)
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	return c.SerialNumber.Text(16), c.NotAfter, nil
+}

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -68,6 +69,10 @@ func (s *Server) authenticateAgent(w http.ResponseWriter, r *http.Request, next 
 		unauthenticated(w, r, "the node protocol needs an agent certificate from the cluster CA (join with a join token first)")
 		return
 	}
+	if s.store.CertRevoked(r.TLS.PeerCertificates[0].SerialNumber.Text(16), node) {
+		unauthenticated(w, r, fmt.Sprintf("node %s was removed from the cluster: its certificate is refused (join again with a new join token)", node))
+		return
+	}
 	next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), agentKey{}, node)))
 }
 
@@ -98,6 +103,9 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 	if err != nil || tok.Role != state.RoleJoin || !tok.ValidAt(h.s.now()) || !pki.VerifySecret(m.GetTokenSecret(), tok.SecretHash) {
 		return nil, bad
 	}
+	if tok.MaxUses > 0 && tok.Uses >= tok.MaxUses {
+		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token %s was used %d times, all it may be (`fireworks token create --role join --uses N` makes one for N hosts)", tok.ID, tok.Uses))
+	}
 	if err := validNodeName(m.GetNode()); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
@@ -107,25 +115,25 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 	if n, err := h.s.store.GetNode(ctx, m.GetNode()); err == nil && n.Status == state.NodeReady {
 		return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("node %q is registered and ready; a second host cannot join under its name", m.GetNode()))
 	}
-	var ips []net.IP
-	var names []string
-	for _, a := range m.GetAddresses() {
-		host := a
-		if h, _, err := net.SplitHostPort(a); err == nil {
-			host = h
-		}
-		if ip := net.ParseIP(host); ip != nil {
-			ips = append(ips, ip)
-		} else if host != "" && len(names) < 8 {
-			names = append(names, host)
-		}
-	}
-	if len(ips) > 8 {
-		ips = ips[:8]
+	names, ips, err := joinNames(m.GetAddresses())
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
 	certPEM, err := h.s.cluster.CA.SignCSR(m.GetCsr(), pki.IssueRequest{CommonName: m.GetNode(), Role: pki.RoleAgent, DNSNames: names, IPs: ips})
 	if err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("sign node certificate: %w", err))
+	}
+	serial, notAfter, err := pki.SerialOf(certPEM)
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInternal, err)
+	}
+	// The use is committed before the certificate leaves: a token whose uses ran out
+	// meanwhile (another host joined at the same moment) buys nothing.
+	if err := h.s.store.RecordJoin(ctx, state.JoinRecord{Token: tok.ID, Node: m.GetNode(), Serial: serial, NotAfter: notAfter, Time: h.s.now()}); err != nil {
+		if errors.Is(err, state.ErrQuota) {
+			return nil, connect.NewError(connect.CodePermissionDenied, err)
+		}
+		return nil, toConnectError(err)
 	}
 	h.s.log.Info("node joined", "node", m.GetNode(), "token", tok.ID)
 	return connect.NewResponse(&pb.JoinResponse{CertPem: certPEM, CaPem: h.s.cluster.CA.CertPEM()}), nil
@@ -300,6 +308,35 @@ func (h *nodeService) ReportSandbox(ctx context.Context, req *connect.Request[pb
 	return connect.NewResponse(&pb.ReportSandboxResponse{}), nil
 }
 
+// joinNames reads the addresses a joining agent gives for its certificate: at most 8,
+// each an IP address (not unspecified, multicast or broadcast) or a plain host name
+// (letters, digits, inner hyphens and dots; no wildcard, not localhost). A certificate
+// names no more than the agent's own addresses: nobody dials a node by anything else,
+// and every dial also checks the node's name (its common name) and role.
+func joinNames(addrs []string) (names []string, ips []net.IP, err error) {
+	if len(addrs) > 8 {
+		return nil, nil, fmt.Errorf("%d addresses: a node certificate names at most 8", len(addrs))
+	}
+	for _, a := range addrs {
+		host := a
+		if h, _, err := net.SplitHostPort(a); err == nil {
+			host = h
+		}
+		if ip := net.ParseIP(host); ip != nil {
+			if ip.IsUnspecified() || ip.IsMulticast() || ip.Equal(net.IPv4bcast) {
+				return nil, nil, fmt.Errorf("address %q: not an address a node is reached at", a)
+			}
+			ips = append(ips, ip)
+			continue
+		}
+		if err := validNodeName(host); err != nil || strings.EqualFold(host, "localhost") {
+			return nil, nil, fmt.Errorf("address %q: want an IP address or a plain host name", a)
+		}
+		names = append(names, host)
+	}
+	return names, ips, nil
+}
+
 // validNodeName keeps node names usable in certificates, URLs and logs.
 func validNodeName(n string) error {
 	if n == "" || len(n) > 63 {
@@ -345,6 +382,29 @@ func (h *clusterService) UncordonNode(ctx context.Context, req *connect.Request[
 
 func (h *clusterService) DrainNode(ctx context.Context, req *connect.Request[pb.NodeActionRequest]) (*connect.Response[pb.NodeActionResponse], error) {
 	return h.nodeAction(ctx, req.Msg.GetNode(), "draining a node", state.NodeUpdate{Draining: ptr(true)})
+}
+
+func (h *clusterService) RemoveNode(ctx context.Context, req *connect.Request[pb.NodeActionRequest]) (*connect.Response[pb.NodeActionResponse], error) {
+	who, err := requireAdmin(ctx, "removing a node")
+	if err != nil {
+		return nil, err
+	}
+	id := req.Msg.GetNode()
+	if h.s.cluster.CA == nil {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, errors.New("nodes are removed only on a cluster server; `fireworks dev` runs its own node"))
+	}
+	last, _ := h.s.store.GetNode(ctx, id)
+	if err := h.s.store.RemoveNode(ctx, id, h.s.now()); err != nil {
+		if errors.Is(err, state.ErrInvalid) {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("%w (drain it first: `fireworks node drain %s`)", err, id))
+		}
+		return nil, toConnectError(err)
+	}
+	h.s.log.Info("node removed; its certificates are refused from now on", "node", id, "by", who.TokenID)
+	if cp := h.s.cluster.ControlPlane; cp != nil {
+		cp.Notify()
+	}
+	return connect.NewResponse(&pb.NodeActionResponse{Node: nodeToPB(last, nil)}), nil
 }
 
 func (h *clusterService) nodeAction(ctx context.Context, node, what string, u state.NodeUpdate) (*connect.Response[pb.NodeActionResponse], error) {

@@ -51,7 +51,17 @@ func (h *tokenService) CreateToken(ctx context.Context, req *connect.Request[pb.
 	if role == state.RoleJoin && ttl == 0 {
 		ttl = defaultJoinTTL
 	}
+	uses := int(req.Msg.GetMaxUses())
+	switch {
+	case uses < 0 || uses > 10000:
+		return nil, toConnectError(invalid("uses %d: want 1..10000", uses))
+	case uses > 0 && role != state.RoleJoin:
+		return nil, toConnectError(invalid("uses: only join tokens are spent by use"))
+	case uses == 0 && role == state.RoleJoin:
+		uses = 1 // one host per token unless told otherwise: a leaked token joins nothing more
+	}
 	secret, rec := auth.New(role, name, who.TokenID, h.s.now(), ttl)
+	rec.MaxUses = uses
 	if role == state.RoleJoin {
 		// A join token carries the cluster CA's fingerprint, so it needs the cluster CA.
 		if h.s.cluster.CA == nil {
@@ -100,7 +110,8 @@ func (h *tokenService) RevokeToken(ctx context.Context, req *connect.Request[pb.
 }
 
 func tokenToPB(t state.Token) *pb.Token {
-	out := &pb.Token{Id: t.ID, Name: t.Name, Role: string(t.Role), CreatedAt: timestamppb.New(t.CreatedAt), CreatedBy: t.CreatedBy}
+	out := &pb.Token{Id: t.ID, Name: t.Name, Role: string(t.Role), CreatedAt: timestamppb.New(t.CreatedAt), CreatedBy: t.CreatedBy,
+		MaxUses: int32(t.MaxUses), Uses: int32(t.Uses)}
 	if !t.ExpiresAt.IsZero() {
 		out.ExpiresAt = timestamppb.New(t.ExpiresAt)
 	}

@@ -100,6 +100,10 @@ type Token struct {
 	CreatedBy  string    `json:"created_by,omitempty"`
 	// ExpiresAt, when set, ends the token's validity (join tokens are short-lived).
 	ExpiresAt time.Time `json:"expires_at,omitzero"`
+	// MaxUses bounds how many certificates a join token buys (0: unbounded, as join
+	// tokens made before the bound were); Uses counts them.
+	MaxUses int `json:"max_uses,omitempty"`
+	Uses    int `json:"uses,omitempty"`
 }
 
 // ValidAt reports whether t may be used at now.

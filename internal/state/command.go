@@ -26,6 +26,11 @@ const (
 	// cmdSetPool is ignorable: warm pools are purely additive state, so a server that
 	// predates them may skip the command during a rolling upgrade without diverging.
 	cmdSetPool = cmdIgnorable | 11
+	// cmdJoin spends a join token's use and records the certificate it bought;
+	// cmdRemoveNode forgets a node and revokes its certificates. Neither is ignorable:
+	// a server that skipped them would admit what the others refuse.
+	cmdJoin       cmdType = 12
+	cmdRemoveNode cmdType = 13
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -56,6 +61,10 @@ func (t cmdType) String() string {
 		return "delete-token"
 	case cmdPlace:
 		return "place-sandboxes"
+	case cmdJoin:
+		return "join"
+	case cmdRemoveNode:
+		return "remove-node"
 	case cmdSetPool:
 		return "set-pool"
 	}

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/raft"
 )
@@ -32,9 +33,11 @@ type fsm struct {
 	sandboxes map[string]*Sandbox // by ID
 	names     map[string]string   // name → ID, for sandboxes with a name
 	meta      map[string][]byte
-	nodes     map[string]*Node  // by ID
-	tokens    map[string]*Token // by ID
-	pools     map[string]*Pool  // by image
+	nodes     map[string]*Node       // by ID
+	tokens    map[string]*Token      // by ID
+	pools     map[string]*Pool       // by image
+	certs     map[string]*IssuedCert // agent certificates joins issued, by serial
+	removed   map[string]time.Time   // nodes removed, when (for unrecorded certificates)
 
 	// changed is closed (and replaced) after every applied command and restore, so
 	// watchers (assignment streams, the leader's loops) wake on any change.
@@ -52,6 +55,8 @@ func newFSM(log *slog.Logger) *fsm {
 		nodes:     map[string]*Node{},
 		tokens:    map[string]*Token{},
 		pools:     map[string]*Pool{},
+		certs:     map[string]*IssuedCert{},
+		removed:   map[string]time.Time{},
 		changed:   make(chan struct{}),
 	}
 }
@@ -151,6 +156,18 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return err
 		}
 		return f.setPool(c.Pool)
+	case cmdJoin:
+		var c JoinRecord
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.recordJoin(c)
+	case cmdRemoveNode:
+		var c removeNodeCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.removeNode(c)
 	}
 	if t&cmdIgnorable != 0 {
 		f.log.Warn("skipping unknown ignorable state command; a newer server wrote it", "type", byte(t), "index", l.Index)
@@ -301,6 +318,9 @@ type snapshotData struct {
 	Tokens []*Token `json:"tokens,omitempty"` // sorted by ID
 	// Pools likewise: an older snapshot has none.
 	Pools []*Pool `json:"pools,omitempty"` // sorted by image
+	// Certs and Removed likewise.
+	Certs   []*IssuedCert        `json:"certs,omitempty"` // sorted by serial
+	Removed map[string]time.Time `json:"removed,omitempty"`
 }
 
 // Snapshot captures the state cheaply (values are copy-on-write, so copying the maps is
@@ -314,6 +334,8 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 		nodes:     slices.Collect(maps.Values(f.nodes)),
 		tokens:    slices.Collect(maps.Values(f.tokens)),
 		pools:     slices.Collect(maps.Values(f.pools)),
+		certs:     slices.Collect(maps.Values(f.certs)),
+		removed:   maps.Clone(f.removed),
 	}, nil
 }
 
@@ -366,8 +388,19 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 		np := p.normalize()
 		pools[p.Image] = &np
 	}
+	certs := make(map[string]*IssuedCert, len(d.Certs))
+	for _, c := range d.Certs {
+		if c == nil || c.Serial == "" {
+			return fmt.Errorf("state snapshot holds a certificate record without serial")
+		}
+		certs[c.Serial] = c
+	}
+	if d.Removed == nil {
+		d.Removed = map[string]time.Time{}
+	}
 	f.mu.Lock()
 	f.sandboxes, f.names, f.meta, f.nodes, f.tokens, f.pools = sandboxes, names, d.Meta, nodes, tokens, pools
+	f.certs, f.removed = certs, d.Removed
 	f.notifyLocked()
 	f.mu.Unlock()
 	return nil
@@ -379,6 +412,8 @@ type fsmSnapshot struct {
 	nodes     []*Node
 	tokens    []*Token
 	pools     []*Pool
+	certs     []*IssuedCert
+	removed   map[string]time.Time
 }
 
 func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
@@ -398,7 +433,9 @@ func (s *fsmSnapshot) write(w io.Writer) error {
 	slices.SortFunc(s.nodes, func(a, b *Node) int { return cmp.Compare(a.ID, b.ID) })
 	slices.SortFunc(s.tokens, func(a, b *Token) int { return cmp.Compare(a.ID, b.ID) })
 	slices.SortFunc(s.pools, func(a, b *Pool) int { return cmp.Compare(a.Image, b.Image) })
-	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta, Nodes: s.nodes, Tokens: s.tokens, Pools: s.pools})
+	slices.SortFunc(s.certs, func(a, b *IssuedCert) int { return cmp.Compare(a.Serial, b.Serial) })
+	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta, Nodes: s.nodes, Tokens: s.tokens, Pools: s.pools,
+		Certs: s.certs, Removed: s.removed})
 }
 
 func (s *fsmSnapshot) Release() {}

@@ -410,3 +410,28 @@ func TestSpecSizes(t *testing.T) {
 		t.Errorf("an ordinary spec: %v", err)
 	}
 }
+
+// A join spends a token's use; removing a node revokes the certificates its joins bought
+// (and, for certificates issued before joins were recorded, any of its name); both
+// survive a snapshot.
+func TestFSMJoinAndRemoveNode(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	later := t0.Add(365 * 24 * time.Hour)
+	res := applyAll(f, [][]byte{
+		mustCmd(t, cmdCreateToken, createTokenCmd{Token{ID: "j", Role: RoleJoin, SecretHash: "h", CreatedAt: t0, MaxUses: 1}}),
+		mustCmd(t, cmdJoin, JoinRecord{Token: "j", Node: "n1", Serial: "aa", NotAfter: later, Time: t0}),
+		mustCmd(t, cmdJoin, JoinRecord{Token: "j", Node: "n2", Serial: "bb", NotAfter: later, Time: t0}),
+		mustCmd(t, cmdRemoveNode, removeNodeCmd{ID: "n1", Time: t0.Add(time.Minute)}),
+	})
+	if res[1] != nil || !errors.Is(res[2].(error), ErrQuota) || res[3] != nil {
+		t.Fatalf("results %v", res)
+	}
+	g := newFSM(quietLogger(t))
+	if err := g.Restore(io.NopCloser(bytes.NewReader(persist(t, f)))); err != nil {
+		t.Fatal(err)
+	}
+	s := &Store{fsm: g}
+	if !s.CertRevoked("aa", "n1") || s.CertRevoked("cc", "n2") || !s.CertRevoked("unrecorded", "n1") {
+		t.Errorf("after a snapshot: revoked(aa)=%v revoked(cc, n2)=%v revoked(unrecorded n1)=%v", s.CertRevoked("aa", "n1"), s.CertRevoked("cc", "n2"), s.CertRevoked("unrecorded", "n1"))
+	}
+}

@@ -195,7 +195,7 @@ func (w *world) setup() error {
 	if err := w.waitAPI(30 * time.Second); err != nil {
 		return err
 	}
-	join, err := w.fw(nil, "token", "create", "--role", "join", "--name", "test-agents")
+	join, err := w.fw(nil, "token", "create", "--role", "join", "--name", "test-agents", "--uses", "16")
 	if err != nil {
 		return fmt.Errorf("create join token: %w", err)
 	}

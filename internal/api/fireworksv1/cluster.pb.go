@@ -1015,13 +1015,15 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x1f\n" +
 	"\vupdate_json\x18\x02 \x01(\fR\n" +
 	"updateJson\"\x17\n" +
-	"\x15ReportSandboxResponse2\xd2\x02\n" +
+	"\x15ReportSandboxResponse2\xa3\x03\n" +
 	"\x0eClusterService\x12L\n" +
 	"\tListNodes\x12\x1e.fireworks.v1.ListNodesRequest\x1a\x1f.fireworks.v1.ListNodesResponse\x12O\n" +
 	"\n" +
 	"CordonNode\x12\x1f.fireworks.v1.NodeActionRequest\x1a .fireworks.v1.NodeActionResponse\x12Q\n" +
 	"\fUncordonNode\x12\x1f.fireworks.v1.NodeActionRequest\x1a .fireworks.v1.NodeActionResponse\x12N\n" +
-	"\tDrainNode\x12\x1f.fireworks.v1.NodeActionRequest\x1a .fireworks.v1.NodeActionResponse2\x97\x03\n" +
+	"\tDrainNode\x12\x1f.fireworks.v1.NodeActionRequest\x1a .fireworks.v1.NodeActionResponse\x12O\n" +
+	"\n" +
+	"RemoveNode\x12\x1f.fireworks.v1.NodeActionRequest\x1a .fireworks.v1.NodeActionResponse2\x97\x03\n" +
 	"\vNodeService\x12=\n" +
 	"\x04Join\x12\x19.fireworks.v1.JoinRequest\x1a\x1a.fireworks.v1.JoinResponse\x12I\n" +
 	"\bRegister\x12\x1d.fireworks.v1.RegisterRequest\x1a\x1e.fireworks.v1.RegisterResponse\x12L\n" +
@@ -1079,22 +1081,24 @@ var file_fireworks_v1_cluster_proto_depIdxs = []int32{
 	3,  // 11: fireworks.v1.ClusterService.CordonNode:input_type -> fireworks.v1.NodeActionRequest
 	3,  // 12: fireworks.v1.ClusterService.UncordonNode:input_type -> fireworks.v1.NodeActionRequest
 	3,  // 13: fireworks.v1.ClusterService.DrainNode:input_type -> fireworks.v1.NodeActionRequest
-	5,  // 14: fireworks.v1.NodeService.Join:input_type -> fireworks.v1.JoinRequest
-	7,  // 15: fireworks.v1.NodeService.Register:input_type -> fireworks.v1.RegisterRequest
-	9,  // 16: fireworks.v1.NodeService.Heartbeat:input_type -> fireworks.v1.HeartbeatRequest
-	11, // 17: fireworks.v1.NodeService.WatchAssignments:input_type -> fireworks.v1.WatchAssignmentsRequest
-	13, // 18: fireworks.v1.NodeService.ReportSandbox:input_type -> fireworks.v1.ReportSandboxRequest
-	2,  // 19: fireworks.v1.ClusterService.ListNodes:output_type -> fireworks.v1.ListNodesResponse
-	4,  // 20: fireworks.v1.ClusterService.CordonNode:output_type -> fireworks.v1.NodeActionResponse
-	4,  // 21: fireworks.v1.ClusterService.UncordonNode:output_type -> fireworks.v1.NodeActionResponse
-	4,  // 22: fireworks.v1.ClusterService.DrainNode:output_type -> fireworks.v1.NodeActionResponse
-	6,  // 23: fireworks.v1.NodeService.Join:output_type -> fireworks.v1.JoinResponse
-	8,  // 24: fireworks.v1.NodeService.Register:output_type -> fireworks.v1.RegisterResponse
-	10, // 25: fireworks.v1.NodeService.Heartbeat:output_type -> fireworks.v1.HeartbeatResponse
-	12, // 26: fireworks.v1.NodeService.WatchAssignments:output_type -> fireworks.v1.Assignments
-	14, // 27: fireworks.v1.NodeService.ReportSandbox:output_type -> fireworks.v1.ReportSandboxResponse
-	19, // [19:28] is the sub-list for method output_type
-	10, // [10:19] is the sub-list for method input_type
+	3,  // 14: fireworks.v1.ClusterService.RemoveNode:input_type -> fireworks.v1.NodeActionRequest
+	5,  // 15: fireworks.v1.NodeService.Join:input_type -> fireworks.v1.JoinRequest
+	7,  // 16: fireworks.v1.NodeService.Register:input_type -> fireworks.v1.RegisterRequest
+	9,  // 17: fireworks.v1.NodeService.Heartbeat:input_type -> fireworks.v1.HeartbeatRequest
+	11, // 18: fireworks.v1.NodeService.WatchAssignments:input_type -> fireworks.v1.WatchAssignmentsRequest
+	13, // 19: fireworks.v1.NodeService.ReportSandbox:input_type -> fireworks.v1.ReportSandboxRequest
+	2,  // 20: fireworks.v1.ClusterService.ListNodes:output_type -> fireworks.v1.ListNodesResponse
+	4,  // 21: fireworks.v1.ClusterService.CordonNode:output_type -> fireworks.v1.NodeActionResponse
+	4,  // 22: fireworks.v1.ClusterService.UncordonNode:output_type -> fireworks.v1.NodeActionResponse
+	4,  // 23: fireworks.v1.ClusterService.DrainNode:output_type -> fireworks.v1.NodeActionResponse
+	4,  // 24: fireworks.v1.ClusterService.RemoveNode:output_type -> fireworks.v1.NodeActionResponse
+	6,  // 25: fireworks.v1.NodeService.Join:output_type -> fireworks.v1.JoinResponse
+	8,  // 26: fireworks.v1.NodeService.Register:output_type -> fireworks.v1.RegisterResponse
+	10, // 27: fireworks.v1.NodeService.Heartbeat:output_type -> fireworks.v1.HeartbeatResponse
+	12, // 28: fireworks.v1.NodeService.WatchAssignments:output_type -> fireworks.v1.Assignments
+	14, // 29: fireworks.v1.NodeService.ReportSandbox:output_type -> fireworks.v1.ReportSandboxResponse
+	20, // [20:30] is the sub-list for method output_type
+	10, // [10:20] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
 	10, // [10:10] is the sub-list for extension extendee
 	0,  // [0:10] is the sub-list for field type_name

@@ -51,6 +51,9 @@ const (
 	// ClusterServiceDrainNodeProcedure is the fully-qualified name of the ClusterService's DrainNode
 	// RPC.
 	ClusterServiceDrainNodeProcedure = "/fireworks.v1.ClusterService/DrainNode"
+	// ClusterServiceRemoveNodeProcedure is the fully-qualified name of the ClusterService's RemoveNode
+	// RPC.
+	ClusterServiceRemoveNodeProcedure = "/fireworks.v1.ClusterService/RemoveNode"
 	// NodeServiceJoinProcedure is the fully-qualified name of the NodeService's Join RPC.
 	NodeServiceJoinProcedure = "/fireworks.v1.NodeService/Join"
 	// NodeServiceRegisterProcedure is the fully-qualified name of the NodeService's Register RPC.
@@ -72,6 +75,10 @@ type ClusterServiceClient interface {
 	UncordonNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 	// Drain cordons the node and moves its sandboxes elsewhere (stop and re-place).
 	DrainNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
+	// RemoveNode forgets a node that holds no live sandbox (drain it first) and revokes
+	// its certificates: its agent is refused from then on, until a host joins again under
+	// the name with a new join token. The response's node is the last state known.
+	RemoveNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 }
 
 // NewClusterServiceClient constructs a client for the fireworks.v1.ClusterService service. By
@@ -109,6 +116,12 @@ func NewClusterServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			connect.WithSchema(clusterServiceMethods.ByName("DrainNode")),
 			connect.WithClientOptions(opts...),
 		),
+		removeNode: connect.NewClient[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse](
+			httpClient,
+			baseURL+ClusterServiceRemoveNodeProcedure,
+			connect.WithSchema(clusterServiceMethods.ByName("RemoveNode")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -118,6 +131,7 @@ type clusterServiceClient struct {
 	cordonNode   *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
 	uncordonNode *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
 	drainNode    *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
+	removeNode   *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
 }
 
 // ListNodes calls fireworks.v1.ClusterService.ListNodes.
@@ -140,6 +154,11 @@ func (c *clusterServiceClient) DrainNode(ctx context.Context, req *connect.Reque
 	return c.drainNode.CallUnary(ctx, req)
 }
 
+// RemoveNode calls fireworks.v1.ClusterService.RemoveNode.
+func (c *clusterServiceClient) RemoveNode(ctx context.Context, req *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error) {
+	return c.removeNode.CallUnary(ctx, req)
+}
+
 // ClusterServiceHandler is an implementation of the fireworks.v1.ClusterService service.
 type ClusterServiceHandler interface {
 	ListNodes(context.Context, *connect.Request[fireworksv1.ListNodesRequest]) (*connect.Response[fireworksv1.ListNodesResponse], error)
@@ -147,6 +166,10 @@ type ClusterServiceHandler interface {
 	UncordonNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 	// Drain cordons the node and moves its sandboxes elsewhere (stop and re-place).
 	DrainNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
+	// RemoveNode forgets a node that holds no live sandbox (drain it first) and revokes
+	// its certificates: its agent is refused from then on, until a host joins again under
+	// the name with a new join token. The response's node is the last state known.
+	RemoveNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 }
 
 // NewClusterServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -180,6 +203,12 @@ func NewClusterServiceHandler(svc ClusterServiceHandler, opts ...connect.Handler
 		connect.WithSchema(clusterServiceMethods.ByName("DrainNode")),
 		connect.WithHandlerOptions(opts...),
 	)
+	clusterServiceRemoveNodeHandler := connect.NewUnaryHandler(
+		ClusterServiceRemoveNodeProcedure,
+		svc.RemoveNode,
+		connect.WithSchema(clusterServiceMethods.ByName("RemoveNode")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/fireworks.v1.ClusterService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ClusterServiceListNodesProcedure:
@@ -190,6 +219,8 @@ func NewClusterServiceHandler(svc ClusterServiceHandler, opts ...connect.Handler
 			clusterServiceUncordonNodeHandler.ServeHTTP(w, r)
 		case ClusterServiceDrainNodeProcedure:
 			clusterServiceDrainNodeHandler.ServeHTTP(w, r)
+		case ClusterServiceRemoveNodeProcedure:
+			clusterServiceRemoveNodeHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -213,6 +244,10 @@ func (UnimplementedClusterServiceHandler) UncordonNode(context.Context, *connect
 
 func (UnimplementedClusterServiceHandler) DrainNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ClusterService.DrainNode is not implemented"))
+}
+
+func (UnimplementedClusterServiceHandler) RemoveNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ClusterService.RemoveNode is not implemented"))
 }
 
 // NodeServiceClient is a client for the fireworks.v1.NodeService service.
