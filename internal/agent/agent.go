@@ -12,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -70,6 +71,9 @@ type Config struct {
 	// DenyCIDRs are ranges sandboxes may not reach unless an admin's policy allows them,
 	// beyond the node's own (e.g. the cluster's management network).
 	DenyCIDRs []string
+	// RegistryAllow are ranges a user's image pull may reach besides public addresses
+	// (e.g. an internal registry); an admin's pulls reach anything.
+	RegistryAllow []string
 	// MetricsListen, if set, serves Prometheus metrics (/metrics, plain HTTP) there.
 	MetricsListen string
 	Logger        *slog.Logger
@@ -108,6 +112,9 @@ type Agent struct {
 
 	warm *warmManager
 	net  *netManager
+	// userPulls carries the registry traffic of pulls users asked for (see
+	// image.GuardedTransport).
+	userPulls http.RoundTripper
 }
 
 // ErrNotRunning means the sandbox has no live VM on this node.
@@ -208,6 +215,15 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 		}
 		extra = append(extra, p.Masked())
 	}
+	var allow []netip.Prefix
+	for _, c := range cfg.RegistryAllow {
+		p, err := netip.ParsePrefix(c)
+		if err != nil {
+			return nil, fmt.Errorf("registry allow CIDR %q: want a prefix", c)
+		}
+		allow = append(allow, p.Masked())
+	}
+	a.userPulls = image.GuardedTransport(allow)
 	a.cfg = cfg
 	if a.net, err = newNetManager(ctx, a.log, cfg.DataDir, rng, cfg.Nameservers, extra); err != nil {
 		return nil, err
@@ -299,6 +315,17 @@ func (a *Agent) Validate(spec *state.SandboxSpec) error {
 		return err
 	}
 	return ValidateEnv(spec.Env)
+}
+
+// PullOptions are the options of a pull on behalf of a sandbox or a caller: an admin's
+// (private) reaches any registry address, anyone else's only public ones and the
+// operator's --registry-allow ranges.
+func (a *Agent) PullOptions(insecure []string, private bool) image.PullOptions {
+	o := image.PullOptions{InsecureRegistries: insecure}
+	if !private {
+		o.Transport = a.userPulls
+	}
+	return o
 }
 
 // Close stops every sandbox goroutine's VM and waits for them. Sandboxes that were running
@@ -454,7 +481,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	}
 	ph := newPhases()
 	pullCtx, cancelPull := context.WithTimeout(ctx, a.cfg.PullTimeout)
-	img, err := a.images.Ensure(pullCtx, sb.Spec.Image, image.PullOptions{InsecureRegistries: sb.Spec.InsecureRegistries})
+	img, err := a.images.Ensure(pullCtx, sb.Spec.Image, a.PullOptions(sb.Spec.InsecureRegistries, sb.Spec.PullPrivate))
 	cancelPull()
 	if err != nil {
 		a.fail(s, fmt.Sprintf("pull image %s: %v", sb.Spec.Image, err))

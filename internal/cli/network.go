@@ -246,19 +246,20 @@ func forwardConn(ctx context.Context, c *Client, sandbox string, port uint16, co
 
 // nodeNetFlags are a node's networking options (dev and agent).
 type nodeNetFlags struct {
-	metrics, cidr      string
-	nameservers, denys []string
+	metrics, cidr             string
+	nameservers, denys, allow []string
 }
 
 func (f *nodeNetFlags) register(fl *pflag.FlagSet) {
 	fl.StringVar(&f.metrics, "metrics-listen", "", "serve Prometheus metrics (sandbox packet counters) at http://ADDR/metrics (default: off)")
 	fl.StringVar(&f.cidr, "sandbox-cidr", agent.DefaultSandboxCIDR, "IPv4 range sandbox addresses come from (a /30 per sandbox)")
 	fl.StringArrayVar(&f.denys, "deny-cidr", nil, "a range sandboxes may not reach unless an admin's policy allows it, beyond the node's own addresses (repeatable; e.g. the cluster's management network)")
+	fl.StringArrayVar(&f.allow, "registry-allow", nil, "a range a user's image pull may reach besides public addresses, e.g. an internal registry's (repeatable; admins' pulls reach anything)")
 	fl.StringArrayVar(&f.nameservers, "nameserver", nil, "DNS server for guests (repeatable, at most 3; default: the node's own from /etc/resolv.conf that guests can reach)")
 }
 
 func (f *nodeNetFlags) apply(cfg *agent.Config) {
-	cfg.MetricsListen, cfg.SandboxCIDR, cfg.DenyCIDRs = f.metrics, f.cidr, f.denys
+	cfg.MetricsListen, cfg.SandboxCIDR, cfg.DenyCIDRs, cfg.RegistryAllow = f.metrics, f.cidr, f.denys, f.allow
 	if len(f.nameservers) > 0 {
 		cfg.Nameservers = f.nameservers
 	}

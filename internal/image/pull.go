@@ -46,7 +46,7 @@ func (s *Store) pull(ctx context.Context, ref string, opts PullOptions) (*Image,
 	if err != nil {
 		return nil, fmt.Errorf("platform %q: %w", plat, err)
 	}
-	img, err := resolve(ctx, p, *platform, opts.InsecureRegistries)
+	img, err := resolve(ctx, p, *platform, opts.InsecureRegistries, opts.Transport)
 	if err != nil {
 		return nil, err
 	}

@@ -7,10 +7,12 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -119,10 +121,10 @@ func splitLocal(s string, wantDir bool) (path, tag string) {
 }
 
 // resolve turns a reference into the image to pull for platform.
-func resolve(ctx context.Context, p sourceRef, platform v1.Platform, insecure []string) (v1.Image, error) {
+func resolve(ctx context.Context, p sourceRef, platform v1.Platform, insecure []string, tr http.RoundTripper) (v1.Image, error) {
 	switch {
 	case p.registry != nil:
-		return resolveRegistry(ctx, p.registry, platform, insecure)
+		return resolveRegistry(ctx, p.registry, platform, insecure, tr)
 	case p.prefix == OCIPrefix:
 		return resolveLayout(p, platform)
 	default:
@@ -141,7 +143,48 @@ var registryTransport = func() http.RoundTripper {
 	return t
 }()
 
-func resolveRegistry(ctx context.Context, ref name.Reference, platform v1.Platform, insecure []string) (v1.Image, error) {
+// GuardedTransport is a registry transport that connects only to public addresses and
+// to those allow holds: the transport of a pull a user asked for. Without it a user
+// could make the node fetch from its own loopback services, the cloud's metadata address
+// or the internal network (an image reference names any host). The check is on the
+// address each connection is made to, after name resolution and on every redirect (blob
+// downloads are redirected), so a name that resolves differently later gains nothing.
+func GuardedTransport(allow []netip.Prefix) http.RoundTripper {
+	t := registryTransport.(*http.Transport).Clone()
+	t.Proxy = nil // a proxy would connect for us, past the check
+	d := &net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second,
+		Control: func(_, address string, _ syscall.RawConn) error {
+			ap, err := netip.ParseAddrPort(address)
+			if err != nil {
+				return fmt.Errorf("registry address %q: %w", address, err)
+			}
+			return reachable(ap.Addr().Unmap(), allow)
+		}}
+	t.DialContext = d.DialContext
+	return t
+}
+
+// ErrPrivateRegistry: a user's pull would connect to a non-public address.
+var ErrPrivateRegistry = errors.New("registry address is not public")
+
+// reachable admits a public unicast address, or one inside allow.
+func reachable(a netip.Addr, allow []netip.Prefix) error {
+	for _, p := range allow {
+		if p.Contains(a) {
+			return nil
+		}
+	}
+	cgnat := netip.MustParsePrefix("100.64.0.0/10")
+	if !a.IsGlobalUnicast() || a.IsPrivate() || cgnat.Contains(a) || a.Is4In6() {
+		return fmt.Errorf("%w: %s (only an admin's pulls reach private, loopback and link-local addresses; the node's operator may allow ranges with --registry-allow)", ErrPrivateRegistry, a)
+	}
+	return nil
+}
+
+func resolveRegistry(ctx context.Context, ref name.Reference, platform v1.Platform, insecure []string, tr http.RoundTripper) (v1.Image, error) {
+	if tr == nil {
+		tr = registryTransport
+	}
 	if slices.Contains(insecure, ref.Context().RegistryStr()) {
 		// Re-parse so go-containerregistry speaks plain HTTP to this host.
 		r, err := name.ParseReference(ref.String(), name.Insecure)
@@ -152,7 +195,7 @@ func resolveRegistry(ctx context.Context, ref name.Reference, platform v1.Platfo
 	}
 	desc, err := remote.Get(ref,
 		remote.WithContext(ctx),
-		remote.WithTransport(registryTransport),
+		remote.WithTransport(tr),
 		remote.WithAuthFromKeychain(authn.DefaultKeychain),
 		remote.WithUserAgent("fireworks"))
 	if err != nil {

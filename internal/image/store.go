@@ -21,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -95,6 +96,8 @@ type PullOptions struct {
 	Platform string
 	// Progress, if set, is called (never concurrently) as layers download.
 	Progress func(Progress)
+	// Transport, if set, carries the registry traffic (GuardedTransport for a user's).
+	Transport http.RoundTripper
 }
 
 // Option configures a Store.

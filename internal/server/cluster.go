@@ -354,7 +354,8 @@ func validNodeName(n string) error {
 type clusterService struct{ s *Server }
 
 func (h *clusterService) ListNodes(ctx context.Context, _ *connect.Request[pb.ListNodesRequest]) (*connect.Response[pb.ListNodesResponse], error) {
-	if _, err := caller(ctx); err != nil {
+	// Nodes, their addresses and what runs where are the operator's, not a tenant's.
+	if _, err := requireAdmin(ctx, "listing nodes"); err != nil {
 		return nil, err
 	}
 	nodes, err := h.s.store.ListNodes(ctx)

@@ -21,17 +21,24 @@ func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.Pu
 	if err := checkImageSource(ctx, req.Msg.GetRef()); err != nil {
 		return err
 	}
+	who, err := caller(ctx)
+	if err != nil {
+		return err
+	}
+	if len(req.Msg.GetInsecureRegistries()) > 0 && !who.Admin() {
+		// As for a sandbox: plain-HTTP registries make the node connect wherever told.
+		return connect.NewError(connect.CodePermissionDenied, errors.New("--insecure-registry needs an admin token"))
+	}
 	if h.s.agent == nil {
 		return errNoLocalNode
 	}
-	img, err := h.s.agent.Images().Pull(ctx, req.Msg.GetRef(), image.PullOptions{
-		InsecureRegistries: req.Msg.GetInsecureRegistries(),
-		Progress: func(p image.Progress) {
-			// Progress is best effort: a slow client must not fail the pull.
-			_ = stream.Send(&pb.PullImageResponse{Msg: &pb.PullImageResponse_Progress{Progress: &pb.PullProgress{
-				Layer: p.Layer, Complete: p.Complete, Total: p.Total}}})
-		},
-	})
+	opts := h.s.agent.PullOptions(req.Msg.GetInsecureRegistries(), who.Admin())
+	opts.Progress = func(p image.Progress) {
+		// Progress is best effort: a slow client must not fail the pull.
+		_ = stream.Send(&pb.PullImageResponse{Msg: &pb.PullImageResponse_Progress{Progress: &pb.PullProgress{
+			Layer: p.Layer, Complete: p.Complete, Total: p.Total}}})
+	}
+	img, err := h.s.agent.Images().Pull(ctx, req.Msg.GetRef(), opts)
 	if err != nil {
 		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("pull %s: %w", req.Msg.GetRef(), err))
 	}
@@ -39,6 +46,10 @@ func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.Pu
 }
 
 func (h *imageService) ListImages(ctx context.Context, _ *connect.Request[pb.ListImagesRequest]) (*connect.Response[pb.ListImagesResponse], error) {
+	// A node's images are every tenant's: which ones it holds is the operator's to see.
+	if _, err := requireAdmin(ctx, "listing images"); err != nil {
+		return nil, err
+	}
 	if h.s.agent == nil {
 		return nil, errNoLocalNode
 	}

@@ -15,7 +15,6 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/agent"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
-	"github.com/fireworks-sandbox/fireworks/internal/image"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
 
@@ -42,7 +41,7 @@ func (h *imageService) WarmImage(ctx context.Context, req *connect.Request[pb.Wa
 	if h.s.agent == nil {
 		return nil, errNoTemplates
 	}
-	t, err := h.s.agent.WarmImage(ctx, ref, image.PullOptions{InsecureRegistries: req.Msg.GetInsecureRegistries()})
+	t, err := h.s.agent.WarmImage(ctx, ref, h.s.agent.PullOptions(req.Msg.GetInsecureRegistries(), who.Admin()))
 	if err != nil {
 		var ce *connect.Error
 		if errors.As(err, &ce) || ctx.Err() != nil {
@@ -59,7 +58,8 @@ func (h *imageService) WarmImage(ctx context.Context, req *connect.Request[pb.Wa
 }
 
 func (h *imageService) ListTemplates(ctx context.Context, _ *connect.Request[pb.ListTemplatesRequest]) (*connect.Response[pb.ListTemplatesResponse], error) {
-	if _, err := caller(ctx); err != nil {
+	if _, err := requireAdmin(ctx, "listing templates"); err != nil { // every tenant's images
+
 		return nil, err
 	}
 	if h.s.agent == nil {
@@ -133,7 +133,8 @@ func (h *imageService) DeletePool(ctx context.Context, req *connect.Request[pb.D
 }
 
 func (h *imageService) ListPools(ctx context.Context, _ *connect.Request[pb.ListPoolsRequest]) (*connect.Response[pb.ListPoolsResponse], error) {
-	if _, err := caller(ctx); err != nil {
+	if _, err := requireAdmin(ctx, "listing warm pools"); err != nil { // cluster configuration
+
 		return nil, err
 	}
 	pools, err := h.s.store.ListPools(ctx)

@@ -115,8 +115,10 @@ func TestPoolAPI(t *testing.T) {
 		wantCode(t, "SetPool("+tc.pool.String()+")", err, connect.CodeInvalidArgument, tc.text)
 	}
 
-	// Users may look; the list is sorted by image.
-	ls, err := a.images.ListPools(ctx, as(a.user, &pb.ListPoolsRequest{}))
+	// Users may not look (pools are cluster configuration); the list is sorted by image.
+	_, err = a.images.ListPools(ctx, as(a.user, &pb.ListPoolsRequest{}))
+	wantCode(t, "a user's ListPools", err, connect.CodePermissionDenied, "admin")
+	ls, err := a.images.ListPools(ctx, as(a.admin, &pb.ListPoolsRequest{}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,7 +141,7 @@ func TestPoolAPI(t *testing.T) {
 	if got, err := set(a.admin, &pb.Pool{Image: "reg/other:1"}); err != nil || got.GetSize() != 0 {
 		t.Fatalf("set size 0: %v %v", got, err)
 	}
-	if ls, _ := a.images.ListPools(ctx, as(a.user, &pb.ListPoolsRequest{})); len(ls.Msg.GetPools()) != 0 {
+	if ls, _ := a.images.ListPools(ctx, as(a.admin, &pb.ListPoolsRequest{})); len(ls.Msg.GetPools()) != 0 {
 		t.Errorf("pools left: %v", ls.Msg.GetPools())
 	}
 }
@@ -150,6 +152,8 @@ func TestTemplatesNeedALocalNode(t *testing.T) {
 	_, err := a.images.WarmImage(ctx, as(a.user, &pb.WarmImageRequest{Ref: "reg/app:1"}))
 	wantCode(t, "WarmImage on a cluster server", err, connect.CodeFailedPrecondition, "runs no sandboxes")
 	_, err = a.images.ListTemplates(ctx, as(a.user, &pb.ListTemplatesRequest{}))
+	wantCode(t, "a user's ListTemplates", err, connect.CodePermissionDenied, "admin")
+	_, err = a.images.ListTemplates(ctx, as(a.admin, &pb.ListTemplatesRequest{}))
 	wantCode(t, "ListTemplates on a cluster server", err, connect.CodeFailedPrecondition, "runs no sandboxes")
 	_, err = a.images.WarmImage(ctx, as(a.user, &pb.WarmImageRequest{}))
 	wantCode(t, "WarmImage without ref", err, connect.CodeInvalidArgument, "no image")
@@ -226,7 +230,7 @@ func TestHeartbeatWarmAndPools(t *testing.T) {
 		t.Errorf("a heartbeat without changes wrote the node: %+v", n)
 	}
 
-	ls, err := a.images.ListPools(ctx, as(a.user, &pb.ListPoolsRequest{}))
+	ls, err := a.images.ListPools(ctx, as(a.admin, &pb.ListPoolsRequest{}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -253,13 +257,13 @@ func TestHeartbeatWarmAndPools(t *testing.T) {
 	if _, err := a.store.UpdateNode(ctx, "n2", state.NodeUpdate{Status: &down, StatusReason: &why, Time: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
-	ls, _ = a.images.ListPools(ctx, as(a.user, &pb.ListPoolsRequest{}))
+	ls, _ = a.images.ListPools(ctx, as(a.admin, &pb.ListPoolsRequest{}))
 	if nodes := ls.Msg.GetPools()[0].GetNodes(); len(nodes) != 1 || nodes[0].GetNode() != "n1" {
 		t.Errorf("with n2 down: %v", nodes)
 	}
 	// Each heartbeat's report replaces the last: a node without pools reports none.
 	beat("n1", &pb.HeartbeatRequest{})
-	ls, _ = a.images.ListPools(ctx, as(a.user, &pb.ListPoolsRequest{}))
+	ls, _ = a.images.ListPools(ctx, as(a.admin, &pb.ListPoolsRequest{}))
 	if nodes := ls.Msg.GetPools()[0].GetNodes(); len(nodes) != 0 {
 		t.Errorf("after an empty report: %v", nodes)
 	}

@@ -49,6 +49,7 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
 	spec.PolicyAdmin = spec.Policy != "" && who.Admin()
+	spec.PullPrivate = who.Admin()
 	if h.s.agent != nil {
 		err = h.s.agent.Validate(&spec)
 	} else {
@@ -533,7 +534,13 @@ func (s *Server) lookup(ctx context.Context, ref string) (state.Sandbox, error) 
 	if err != nil {
 		return state.Sandbox{}, err
 	}
-	sb, err := s.store.GetSandbox(ctx, ref)
+	owner := ""
+	if !who.Admin() {
+		// A user's lookups see only the user's sandboxes: another's is "not found" by
+		// ID, name or prefix, so nothing confirms that it exists.
+		owner = who.TokenID
+	}
+	sb, err := s.store.GetOwnedSandbox(ctx, ref, owner)
 	if err != nil {
 		return state.Sandbox{}, err
 	}

@@ -249,13 +249,19 @@ func (f *fsm) setMeta(c setMetaCmd) any {
 
 // get resolves a full ID, then an exact name, then a unique ID prefix of at least
 // minPrefix characters.
-func (f *fsm) get(idOrName string) (Sandbox, error) {
+func (f *fsm) get(idOrName string) (Sandbox, error) { return f.getOwned(idOrName, "") }
+
+// getOwned is get among owner's sandboxes only ("" = everyone's): another owner's
+// sandbox is not found by its ID, its name or a prefix of its ID (and does not make a
+// prefix ambiguous), so lookups tell a user nothing about other users' sandboxes.
+func (f *fsm) getOwned(idOrName, owner string) (Sandbox, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	if sb, ok := f.sandboxes[idOrName]; ok {
+	mine := func(sb *Sandbox) bool { return owner == "" || sb.Owner == owner }
+	if sb, ok := f.sandboxes[idOrName]; ok && mine(sb) {
 		return *sb.clone(), nil
 	}
-	if id, ok := f.names[idOrName]; ok {
+	if id, ok := f.names[idOrName]; ok && mine(f.sandboxes[id]) {
 		return *f.sandboxes[id].clone(), nil
 	}
 	if len(idOrName) < minPrefix {
@@ -264,7 +270,7 @@ func (f *fsm) get(idOrName string) (Sandbox, error) {
 	var match *Sandbox
 	n := 0
 	for id, sb := range f.sandboxes {
-		if strings.HasPrefix(id, idOrName) {
+		if strings.HasPrefix(id, idOrName) && mine(sb) {
 			match = sb
 			n++
 		}

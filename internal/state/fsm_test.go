@@ -435,3 +435,24 @@ func TestFSMJoinAndRemoveNode(t *testing.T) {
 		t.Errorf("after a snapshot: revoked(aa)=%v revoked(cc, n2)=%v revoked(unrecorded n1)=%v", s.CertRevoked("aa", "n1"), s.CertRevoked("cc", "n2"), s.CertRevoked("unrecorded", "n1"))
 	}
 }
+
+// Lookups for an owner see only the owner's sandboxes: another's ID, name and ID prefix
+// are not found, and do not make a prefix ambiguous.
+func TestFSMOwnedLookups(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	applyAll(f, [][]byte{
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "abcd0001", Name: "mine", Owner: "alice", CreatedAt: t0}}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "abcd0002", Name: "theirs", Owner: "bob", CreatedAt: t0}}),
+	})
+	for _, ref := range []string{"abcd0002", "theirs", "abcd00"} {
+		if _, err := f.getOwned(ref, "alice"); ref != "abcd00" && !errors.Is(err, ErrNotFound) {
+			t.Errorf("alice looks up %q: %v, want not found", ref, err)
+		}
+	}
+	if sb, err := f.getOwned("abcd", "alice"); err != nil || sb.ID != "abcd0001" {
+		t.Errorf("alice's prefix abcd: %v %v (bob's sandbox must not make it ambiguous)", sb.ID, err)
+	}
+	if _, err := f.getOwned("abcd", ""); !errors.Is(err, ErrAmbiguous) {
+		t.Errorf("an admin's prefix abcd: %v, want ambiguous", err)
+	}
+}

@@ -125,6 +125,10 @@ type SandboxSpec struct {
 	PolicyAdmin bool `json:"policy_admin,omitempty"`
 	// Ports are guest TCP ports published through the ingress.
 	Ports []Port `json:"ports,omitempty"`
+	// PullPrivate records that an admin asked for the sandbox: its image may be pulled
+	// from any address. A user's pull reaches only public addresses and the ones the node
+	// allows (a user must not make a node fetch from its internal network).
+	PullPrivate bool `json:"pull_private,omitempty"`
 }
 
 // NetworkNone is SandboxSpec.Network for a sandbox without a network interface.

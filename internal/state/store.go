@@ -449,6 +449,14 @@ func (s *Store) GetSandbox(ctx context.Context, idOrName string) (Sandbox, error
 	return s.fsm.get(idOrName)
 }
 
+// GetOwnedSandbox is GetSandbox among owner's sandboxes only (see fsm.getOwned).
+func (s *Store) GetOwnedSandbox(ctx context.Context, idOrName, owner string) (Sandbox, error) {
+	if err := s.read(ctx); err != nil {
+		return Sandbox{}, fmt.Errorf("get sandbox %q: %w", idOrName, err)
+	}
+	return s.fsm.getOwned(idOrName, owner)
+}
+
 // ListSandboxes returns all sandboxes sorted by CreatedAt (then ID).
 func (s *Store) ListSandboxes(ctx context.Context) ([]Sandbox, error) {
 	if err := s.read(ctx); err != nil {

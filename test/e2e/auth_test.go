@@ -43,10 +43,17 @@ func TestTokensAndRoles(t *testing.T) {
 	if ins := inspect(t, "users-box"); ins["owner"] != userID {
 		t.Errorf("owner of users-box = %v, want %s", ins["owner"], userID)
 	}
-	for _, args := range [][]string{{"inspect", adminBox}, {"rm", "-f", "admins-box"}, {"logs", "admins-box"}} {
+	// Another token's sandbox is not found by its ID, its name or a prefix of its ID: a
+	// user learns nothing about it (not even that it exists).
+	for _, args := range [][]string{{"inspect", adminBox}, {"rm", "-f", "admins-box"}, {"logs", "admins-box"}, {"inspect", adminBox[:6]}} {
 		r := world.cliEnv(ctx, user, nil, args...)
-		if r.code != 125 || !strings.Contains(r.stderr, "another token") {
-			t.Errorf("user %v: exit %d stderr %q; want a permission error", args, r.code, r.stderr)
+		if r.code != 125 || !strings.Contains(r.stderr, "not found") {
+			t.Errorf("user %v: exit %d stderr %q; want not found", args, r.code, r.stderr)
+		}
+	}
+	for _, args := range [][]string{{"node", "ls"}, {"image", "ls"}, {"pool", "ls"}} {
+		if r := world.cliEnv(ctx, user, nil, args...); r.code != 125 || !strings.Contains(r.stderr, "admin") {
+			t.Errorf("user %v: exit %d stderr %q; want refused (admin only)", args, r.code, r.stderr)
 		}
 	}
 	// Local image sources read the server's files: admins only.

@@ -132,7 +132,8 @@ func (e *env) startDevWith(extra ...string) error {
 	}
 	_ = os.Remove(e.config)
 	args := append([]string{"dev", "--data-dir", e.dataDir, "--listen", "127.0.0.1:0", "--init-binary", e.initBin, "--log-level", "debug",
-		"--metrics-listen", metricsAddr}, extra...)
+		"--metrics-listen", metricsAddr,
+		"--registry-allow", "127.0.0.1/32"}, extra...) // the test registry, for pulls of user tokens' sandboxes
 	cmd := exec.Command(e.bin, args...)
 	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+e.config)
 	cmd.Stdout, cmd.Stderr = logf, logf

@@ -596,6 +596,22 @@ func TestNetworkUserCannotOpenProtected(t *testing.T) {
 	if show := fw(t, 0, "policy", "show", mine).stdout; strings.Contains(show, "169.254.169.254") {
 		t.Errorf("a refused policy is recorded:\n%s", show)
 	}
+	// A user's image reference cannot make the node fetch from the metadata service or the
+	// node's own address (an SSRF): the pull is refused before it connects. An admin's
+	// pull goes there (and fails there: no registry answers).
+	for _, ref := range []string{metadata + "/x/y:latest", nodeAddr + ":7001/x/y:latest"} {
+		r := world.cliEnv(ctx, user, nil, "run", ref, "--", "true")
+		if r.code == 0 || !strings.Contains(r.stderr, "not public") {
+			t.Errorf("a user's run of %s: exit %d, %s (want refused: registry address is not public)", ref, r.code, r.stderr)
+		}
+		r = world.cliEnv(ctx, user, nil, "image", "pull", ref)
+		if r.code == 0 || !strings.Contains(r.stderr, "not public") {
+			t.Errorf("a user's pull of %s: exit %d, %s (want refused: registry address is not public)", ref, r.code, r.stderr)
+		}
+	}
+	if r := world.cli(ctx, nil, "image", "pull", metadata+"/x/y:latest"); r.code == 0 || strings.Contains(r.stderr, "not public") {
+		t.Errorf("an admin's pull from the metadata address: exit %d, %s (want it tried, and failed by the server there)", r.code, r.stderr)
+	}
 	// An admin's policy on the same sandbox still opens what the node protects.
 	fw(t, 0, "policy", "apply", mine, writePolicy(t, "default allow\nallow 169.254.169.254\nallow "+nodeAddr+" tcp 7001\n"))
 	got := probeAll(t, mine, []string{metadata + ":80", nodeAddr + ":7001", hostEnd + ":7002"})

@@ -1,0 +1,21 @@
+package image
+
+import (
+	"net/netip"
+	"testing"
+)
+
+// A user's pull connects only to public addresses and the allowed ranges.
+func TestGuardedReach(t *testing.T) {
+	allow := []netip.Prefix{netip.MustParsePrefix("10.5.0.0/16")}
+	for addr, ok := range map[string]bool{
+		"8.8.8.8": true, "2606:4700::1": true, "10.5.1.2": true,
+		"127.0.0.1": false, "10.0.0.1": false, "169.254.169.254": false, "192.168.1.1": false,
+		"100.64.0.1": false, "0.0.0.0": false, "::1": false, "fe80::1": false, "fd00::1": false, "224.0.0.1": false,
+	} {
+		err := reachable(netip.MustParseAddr(addr), allow)
+		if (err == nil) != ok {
+			t.Errorf("%s: %v, want reachable=%v", addr, err, ok)
+		}
+	}
+}
