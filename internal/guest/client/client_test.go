@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"testing"
 	"time"
 
@@ -432,5 +433,77 @@ func TestReattachRefusedOrMalformed(t *testing.T) {
 				t.Fatalf("got %v / %v, want the connection closed for a protocol violation", err, c.Err())
 			}
 		})
+	}
+}
+
+// A guest filling its window with 1-byte frames makes the host hold about the window's
+// bytes, not a slice per byte.
+func TestSmallFramesStayWithinTheWindow(t *testing.T) {
+	g, host := newFake(t)
+	c := handshake(t, g, host)
+	s, id := startSession(t, g, c)
+	var all []byte
+	for range proto.InitialWindow {
+		all, _ = proto.AppendFrame(all, proto.Frame{Type: proto.TypeStdout, ID: id, Payload: []byte{'x'}})
+	}
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	// net.Pipe's Write returns once the client's read loop has taken every byte; the
+	// last frames are handled a moment later.
+	if _, err := g.conn.Write(all); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	runtime.KeepAlive(all)
+	grown := int64(after.HeapAlloc) - int64(before.HeapAlloc)
+	t.Logf("%d one-byte frames buffered in %d KiB", proto.InitialWindow, grown>>10)
+	if grown > 4*proto.InitialWindow {
+		t.Errorf("the host holds %d KiB for a window of %d KiB", grown>>10, proto.InitialWindow>>10)
+	}
+	n, _ := io.CopyN(io.Discard, s.Stdout(), proto.InitialWindow)
+	if n != proto.InitialWindow {
+		t.Errorf("read back %d bytes, want %d", n, proto.InitialWindow)
+	}
+}
+
+// A stdin write waiting for credit the guest never grants returns once stdin is closed.
+func TestStdinWriteEndsOnClose(t *testing.T) {
+	g, host := newFake(t)
+	c := handshake(t, g, host)
+	go func() {
+		for {
+			f, err := g.read()
+			if err != nil {
+				return
+			}
+			if f.Type == proto.TypeExec {
+				sf, _ := proto.JSONFrame(proto.TypeStarted, f.ID, proto.Started{Pid: 42})
+				_ = proto.WriteFrame(g.conn, sf)
+			}
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := c.Exec(ctx, proto.ExecRequest{Argv: []string{"cat"}, Stdin: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Stdin().Write(make([]byte, 2*proto.InitialWindow)) // more than the guest granted
+		done <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // let it block on credit (the test holds either way)
+	_ = s.Stdin().Close()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Error("the write returned no error")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a stdin write still blocks after stdin was closed")
 	}
 }

@@ -34,6 +34,10 @@ type Session struct {
 	stdinCredit int
 	stdinClosed bool
 	stdinKick   chan struct{}
+	// stdinDone is closed when stdin is closed or the session is: a Write waiting
+	// for credit the guest never grants returns then, instead of blocking for good.
+	stdinDone     chan struct{}
+	stdinDoneOnce sync.Once
 
 	out [2]*stream
 }
@@ -88,6 +92,7 @@ func newSession(c *Client, tty, stdin bool) *Session {
 		exitCh:      make(chan struct{}),
 		stdinCredit: proto.InitialWindow,
 		stdinKick:   make(chan struct{}, 1),
+		stdinDone:   make(chan struct{}),
 	}
 	s.out[0] = newStream(s, proto.TypeStdout)
 	s.out[1] = newStream(s, proto.TypeStderr)
@@ -258,11 +263,14 @@ func (s *Session) Close() error {
 	s.mu.Lock()
 	s.abandoned = true
 	s.mu.Unlock()
+	s.endStdin()
 	for _, st := range s.out {
 		st.abandon()
 	}
 	return nil
 }
+
+func (s *Session) endStdin() { s.stdinDoneOnce.Do(func() { close(s.stdinDone) }) }
 
 // handle applies a guest frame for this session (called by the read loop).
 func (s *Session) handle(f proto.Frame) error {
@@ -370,6 +378,8 @@ func (w stdinWriter) Write(p []byte) (int, error) {
 				return written, ErrSessionExited
 			case <-s.c.done:
 				return written, s.c.Err()
+			case <-s.stdinDone:
+				return written, errors.New("stdin: closed while waiting for the guest to take more")
 			}
 		}
 		n := min(len(p), credit, proto.MaxChunk)
@@ -398,6 +408,7 @@ func (w stdinWriter) Close() error {
 	}
 	s.stdinClosed = true
 	s.mu.Unlock()
+	s.endStdin()
 	select {
 	case <-s.exitCh:
 		return nil
@@ -413,8 +424,11 @@ type stream struct {
 	s   *Session
 	typ proto.Type
 
-	mu        sync.Mutex
-	chunks    [][]byte
+	mu     sync.Mutex
+	chunks [][]byte
+	// tail says the last chunk is a buffer of this stream's (small frames are copied
+	// into it), not a frame's payload: appending to it is safe.
+	tail      bool
 	unacked   int // received but not yet granted back
 	consumed  int // read (or discarded) and not yet granted back
 	eof       bool
@@ -446,10 +460,39 @@ func (st *stream) deliver(p []byte) error {
 		st.s.c.creditReady(st)
 		return nil
 	}
-	st.chunks = append(st.chunks, p)
+	st.buffer(p)
 	st.mu.Unlock()
 	st.poke()
 	return nil
+}
+
+// Small frames are copied into buffers of the stream's own, growing from
+// minTail to maxTail bytes; larger ones are kept as they came. The window
+// counts payload bytes, so without this a guest sending 1-byte frames would
+// make the host hold a slice (and an allocation) per byte: tens of times the
+// window in memory.
+const (
+	smallFrame = 1024
+	minTail    = 512
+	maxTail    = 64 << 10
+)
+
+// buffer queues p (st.mu held).
+func (st *stream) buffer(p []byte) {
+	if len(p) >= smallFrame {
+		st.chunks, st.tail = append(st.chunks, p), false
+		return
+	}
+	if n := len(st.chunks); st.tail && n > 0 && len(st.chunks[n-1])+len(p) <= cap(st.chunks[n-1]) {
+		st.chunks[n-1] = append(st.chunks[n-1], p...)
+		return
+	}
+	size := minTail
+	if n := len(st.chunks); st.tail && n > 0 {
+		size = min(2*cap(st.chunks[n-1]), maxTail)
+	}
+	b := append(make([]byte, 0, max(size, len(p))), p...)
+	st.chunks, st.tail = append(st.chunks, b), true
 }
 
 func (st *stream) poke() {
