@@ -2,7 +2,7 @@ GO      ?= go
 GOFLAGS ?=
 BIN     := bin
 
-.PHONY: all build deps test vet bench generate clean demo-image
+.PHONY: all build deps test vet bench fuzz generate clean demo-image
 
 all: build
 
@@ -24,6 +24,9 @@ vet:
 # The one test command (README and .ci/run use exactly this).
 test:
 	$(GO) test -count=1 -p 1 -timeout 40m ./...
+
+fuzz:
+	./scripts/fuzz.sh
 
 bench: build
 	$(GO) run ./cmd/fireworks-bench -out bench-results.json

@@ -91,6 +91,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.Uint32Var(&envoyPort, "xds-envoy-port", xds.DefaultListenPort, "port of the listener Envoy gets over xDS")
 	fl.StringVar(&envoyTLSDir, "xds-envoy-tls-dir", "/etc/fireworks/ingress", "directory on Envoy's host with the files 'fireworks ingress certificate --out' writes (Envoy's client certificate for the nodes); empty: Envoy speaks plain HTTP to nodes (which refuse it)")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	fl.DurationVar(&cfg.MaxStale, "max-stale", cluster.DefaultMaxStale, "serve --stale reads only while this server heard from the leader within this long (a token revoked meanwhile reads here until then)")
 	registerLimitFlags(fl, &cfg.Limits)
 	return cmd
 }

@@ -159,6 +159,9 @@ type ServerConfig struct {
 	// XDS shapes the Envoy resources (listener port, Envoy's upstream TLS files); its
 	// Domain defaults to IngressDomain.
 	XDS xds.Config
+	// MaxStale bounds how long after its last contact with the leader a follower serves
+	// stale reads (default DefaultMaxStale).
+	MaxStale time.Duration
 	// Limits bound what one non-admin token may hold (zero: unlimited).
 	Limits server.Limits
 	Log    *slog.Logger
@@ -201,6 +204,9 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 	}
 	if self == nil {
 		return fmt.Errorf("this server (%s) is not in the peer list", cfg.NodeID)
+	}
+	if cfg.MaxStale <= 0 {
+		cfg.MaxStale = DefaultMaxStale
 	}
 	if cfg.BootstrapToken != "" {
 		if _, _, err := auth.Parse(cfg.BootstrapToken); err != nil {
@@ -321,7 +327,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	handler := server.BoundBody(forwardToLeader(store, srv.Handler(), *self, apiOf, ca, cert, log))
+	handler := server.BoundBody(forwardToLeader(store, srv.Handler(), *self, apiOf, cfg.MaxStale, ca, cert, log))
 	hs := &http.Server{Handler: handler, TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(tls.NewListener(ln, tlsCfg)) }()
@@ -432,6 +438,10 @@ func bootstrapToken(ctx context.Context, store *state.Store, cfg ServerConfig, l
 // would pass the request around for good.
 const forwardedHeader = "Fireworks-Forwarded-By"
 
+// DefaultMaxStale bounds how long a follower cut off from the leader serves stale reads
+// (and so how long a token revoked meanwhile still reads there).
+const DefaultMaxStale = 30 * time.Second
+
 // forwardToLeader sends every user API call that reaches a follower to the leader, so
 // writes are committed there and reads are linearizable; agents' node protocol calls are
 // answered locally (with a leader hint) because their identity is their TLS certificate.
@@ -441,7 +451,7 @@ const forwardedHeader = "Fireworks-Forwarded-By"
 // leader is dead, the dial fails) is tried again with the next leader; its body is small
 // (server.BoundBody) and kept for that. Streaming calls are forwarded once. A request is
 // forwarded at most once (forwardedHeader) and never to this server's own address.
-func forwardToLeader(store *state.Store, local http.Handler, self Peer, apiOf func(id string) string, ca *pki.CA, cert tls.Certificate, log *slog.Logger) http.Handler {
+func forwardToLeader(store *state.Store, local http.Handler, self Peer, apiOf func(id string) string, maxStale time.Duration, ca *pki.CA, cert tls.Certificate, log *slog.Logger) http.Handler {
 	nodePrefix := "/" + fireworksv1connect.NodeServiceName + "/"
 	const leaderWait = 20 * time.Second
 	var mu sync.Mutex
@@ -493,7 +503,10 @@ func forwardToLeader(store *state.Store, local http.Handler, self Peer, apiOf fu
 		}
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if store.IsLeader() || strings.HasPrefix(r.URL.Path, nodePrefix) || server.StaleRead(r) {
+		// A stale read is served here only while this server hears from the leader: a
+		// follower cut off from it would go on answering, with tokens revoked since
+		// still honoured. Past the bound the read goes to the leader like any other.
+		if store.IsLeader() || strings.HasPrefix(r.URL.Path, nodePrefix) || server.StaleRead(r) && store.HeardFromLeader(maxStale) {
 			local.ServeHTTP(w, r)
 			return
 		}

@@ -29,7 +29,7 @@ type testAPI struct {
 	url         string
 }
 
-func newTestAPI(t *testing.T, setup ...func(*Server)) *testAPI {
+func newTestAPI(t testing.TB, setup ...func(*Server)) *testAPI {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

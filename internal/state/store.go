@@ -259,6 +259,16 @@ func (s *Store) Leader() (id, addr string) {
 	return string(i), string(a)
 }
 
+// HeardFromLeader reports whether this server leads or heard from a leader within d: its
+// copy of the state (tokens and their revocations included) is at most that stale.
+func (s *Store) HeardFromLeader(d time.Duration) bool {
+	if s.IsLeader() {
+		return true
+	}
+	last := s.raft.LastContact()
+	return !last.IsZero() && time.Since(last) <= d
+}
+
 // IsLeader reports whether this server currently leads.
 func (s *Store) IsLeader() bool { return s.raft.State() == raft.Leader }
 

@@ -176,6 +176,12 @@ func TestPartitionedFollowerCatchesUp(t *testing.T) {
 	l := leader(t)
 	f := (l + 1) % 3
 	fh := w.servers[f].h
+	userTok := strings.TrimSpace(mustFW(t, "token", "create", "--role", "user", "--name", "revoked-in-partition"))
+	userID := strings.Split(userTok, "_")[1]
+	waitFor(t, time.Minute, "the follower knows the user token", func() bool {
+		_, err := w.fw([]string{"FIREWORKS_SERVER=https://" + fh.ip + ":" + apiPort, "FIREWORKS_TOKEN=" + userTok}, "--stale", "ps")
+		return err == nil
+	})
 	if err := run("ip", "link", "set", fh.veth, "down"); err != nil {
 		t.Fatal(err)
 	}
@@ -202,6 +208,15 @@ func TestPartitionedFollowerCatchesUp(t *testing.T) {
 	if strings.Contains(string(out), id[:12]) {
 		t.Fatalf("the partitioned follower already has the write: it was not partitioned\n%s", out)
 	}
+	// A token revoked during the partition stops reading there once the follower's copy
+	// is older than --max-stale: its stale reads go to the leader, which it cannot reach.
+	mustFW(t, "token", "revoke", userID)
+	waitFor(t, time.Minute, "the revoked token is refused on the cut-off follower", func() bool {
+		cmd := exec.Command("ip", "netns", "exec", fh.ns, w.bin, "--stale", "--request-timeout", "5s", "ps")
+		cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG=/nonexistent", "FIREWORKS_SERVER=https://"+fh.ip+":"+apiPort,
+			"FIREWORKS_TOKEN="+userTok, "FIREWORKS_CA="+filepath.Join(w.caDir, "ca.pem"))
+		return cmd.Run() != nil
+	})
 	if err := run("ip", "link", "set", fh.veth, "up"); err != nil {
 		t.Fatal(err)
 	}

@@ -39,6 +39,7 @@ const (
 	raftPort   = "7767"
 	nodePort   = "7768"
 	heartbeat  = "6s" // TTL: a killed agent is declared down quickly
+	maxStale   = "10s"
 	nodeMemory = "700"
 )
 
@@ -238,7 +239,7 @@ func (w *world) startServer(i int) error {
 	}
 	p.args = []string{"server", "--node-id", fmt.Sprintf("s%d", i), "--data-dir", p.dataDir,
 		"--listen", p.h.ip + ":" + apiPort, "--raft-listen", p.h.ip + ":" + raftPort, "--peers", strings.Join(peers, ","),
-		"--ca-dir", w.caDir, "--bootstrap-token", w.token, "--heartbeat-ttl", heartbeat, "--log-level", "debug"}
+		"--ca-dir", w.caDir, "--bootstrap-token", w.token, "--heartbeat-ttl", heartbeat, "--max-stale", maxStale, "--log-level", "debug"}
 	return w.start(p)
 }
 
