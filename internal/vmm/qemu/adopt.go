@@ -54,6 +54,10 @@ func (d *Driver) Adopt(ctx context.Context, dir string) (vmm.VM, error) {
 	v.pid = st.PID
 	v.p = adoptedProc{pf}
 	v.state = "running"
+	if st.UID != 0 {
+		d.uids.mark(st.UID) // a jailed VMM keeps its user
+		v.uid, v.cgroups = st.UID, st.Cgroups
+	}
 
 	qctx := ctx
 	if _, ok := ctx.Deadline(); !ok {

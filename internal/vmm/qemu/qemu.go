@@ -68,13 +68,17 @@ type Config struct {
 	// ConsoleLogMax bounds console.log: when it grows past this, it is cut down to its last
 	// quarter. The guest writes the console, so it is untrusted output. Default 8 MiB.
 	ConsoleLogMax int64
-	Logger        *slog.Logger
+	// Jail, when set, runs every QEMU jailed (see JailConfig); nil runs it as this
+	// process's user, confined by QEMU's seccomp filter only.
+	Jail   *JailConfig
+	Logger *slog.Logger
 }
 
 // Driver is the QEMU driver.
 type Driver struct {
-	cfg Config
-	log *slog.Logger
+	cfg  Config
+	log  *slog.Logger
+	uids uids // the jail users of live VMs
 }
 
 var _ vmm.Driver = (*Driver)(nil)
@@ -142,6 +146,7 @@ func (d *Driver) Create(ctx context.Context, spec vmm.Spec) (vmm.VM, error) {
 		return nil, fmt.Errorf("create VM %s: write command line: %w", spec.ID, err)
 	}
 	v := newVM(d, spec.ID, spec.Dir, args)
+	v.spec = spec
 	v.memFile = spec.MemoryFile
 	for _, n := range spec.NICs {
 		v.taps = append(v.taps, n.Tap)

@@ -52,6 +52,16 @@ func (v *vm) snapshot(ctx context.Context, stateFile string) error {
 		return fmt.Errorf("listen for the migration stream: %w", err)
 	}
 	defer os.Remove(sock)
+	v.mu.Lock()
+	uid := v.uid
+	v.mu.Unlock()
+	if uid != 0 {
+		// A jailed QEMU connects as its own user.
+		if err := os.Chown(sock, uid, v.d.cfg.Jail.GID); err != nil {
+			ln.Close()
+			return fmt.Errorf("the migration socket for the VMM user: %w", err)
+		}
+	}
 	defer ln.Close()
 	tmp := stateFile + ".tmp"
 	out, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)

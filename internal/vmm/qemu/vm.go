@@ -32,6 +32,9 @@ type persisted struct {
 	StartTime uint64 `json:"start_time"` // /proc/<pid>/stat field 22: tells a recycled pid apart
 	QMP       string `json:"qmp"`
 	Accel     string `json:"accel"`
+	// UID is the jail user of a jailed VMM (0: not jailed); Cgroups its cgroups.
+	UID     int      `json:"uid,omitempty"`
+	Cgroups []string `json:"cgroups,omitempty"`
 }
 
 // proc is the VMM process: either our child or, after Adopt, a process we only watch.
@@ -89,6 +92,10 @@ type vm struct {
 	resuming    bool       // Start is loading and resuming a prestarted VM
 	resumed     bool       // the guest has been let run
 	exited      chan struct{}
+
+	spec    vmm.Spec // as created (for the jail: which files it binds)
+	uid     int      // jail user while the VMM lives (0: none)
+	cgroups []string // its cgroup directories
 }
 
 var (
@@ -183,9 +190,34 @@ func (v *vm) launch(ctx context.Context) error {
 	defer stderr.Close() // the child has its own copy
 	cmd := exec.Command(v.d.cfg.Binary, v.args...)
 	cmd.Dir = v.dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if j := v.d.cfg.Jail; j != nil {
+		uid, err := v.d.uids.take(j)
+		if err != nil {
+			return early(err)
+		}
+		v.mu.Lock()
+		v.uid = uid
+		v.mu.Unlock()
+		if err := j.prepare(v.spec, uid); err != nil {
+			return early(err)
+		}
+		cgs, err := v.d.cgroupsFor(v.id, v.spec.VCPUs, v.spec.MemoryMiB)
+		v.mu.Lock()
+		v.cgroups = cgs
+		v.mu.Unlock()
+		if err != nil {
+			return early(fmt.Errorf("cgroups for the VMM: %w", err))
+		}
+		if cmd, err = v.d.jailCommand(v.spec, uid, cgs); err != nil {
+			return early(err)
+		}
+		if err := os.MkdirAll(filepath.Join(v.dir, "jail"), 0o700); err != nil {
+			return early(err)
+		}
+	}
 	cmd.Stdout = stderr
 	cmd.Stderr = stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	// The order of ExtraFiles is the fd numbering the command line names (restoreFD,
 	// tapFD).
 	if v.restoreFrom != "" {
@@ -227,7 +259,8 @@ func (v *vm) launch(ctx context.Context) error {
 	v.qmp = client
 	v.mu.Unlock()
 
-	st := persisted{ID: v.id, PID: cmd.Process.Pid, StartTime: procStartTime(cmd.Process.Pid), QMP: qmpPath, Accel: v.d.cfg.Accel}
+	st := persisted{ID: v.id, PID: cmd.Process.Pid, StartTime: procStartTime(cmd.Process.Pid), QMP: qmpPath, Accel: v.d.cfg.Accel,
+		UID: v.uid, Cgroups: v.cgroups}
 	if err := writeJSON(filepath.Join(v.dir, stateFile), st); err != nil {
 		return v.failStart(err)
 	}
@@ -406,6 +439,10 @@ func (v *vm) end(err error) {
 	}
 	v.state = "ended"
 	v.exitErr = err
+	if v.uid != 0 {
+		v.d.uids.give(v.uid)
+		removeCgroups(v.cgroups)
+	}
 	close(v.guardStop)
 	close(v.done)
 }

@@ -1,0 +1,294 @@
+package qemu
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/fireworks-sandbox/fireworks/internal/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/vmm/jail"
+)
+
+// JailConfig runs every QEMU as a user of its own (UIDBase + a free slot below UIDCount)
+// in a jail that holds only its VM's files (see package jail), in cgroups bounding its
+// CPU, memory and processes.
+type JailConfig struct {
+	UIDBase, UIDCount int
+	// GID is every VMM's group: files several VMMs read (kernel, initramfs, image disks)
+	// or map (a template's memory) are made readable to it, not to everyone.
+	GID int
+	// CgroupName names this driver's cgroup directory (default "fireworks-vmm"), under the
+	// agent's own cgroup.
+	CgroupName string
+}
+
+// DefaultJail is the jail a node's driver uses unless told otherwise.
+func DefaultJail() *JailConfig {
+	return &JailConfig{UIDBase: 1_900_000_000, UIDCount: 1 << 20, GID: 1_900_000_000, CgroupName: "fireworks-vmm"}
+}
+
+// uids hands out the jail users of live VMs.
+type uids struct {
+	mu   sync.Mutex
+	used map[int]bool
+	next int
+}
+
+func (u *uids) take(cfg *JailConfig) (int, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.used == nil {
+		u.used = map[int]bool{}
+	}
+	for range cfg.UIDCount {
+		uid := cfg.UIDBase + u.next%cfg.UIDCount
+		u.next++
+		if !u.used[uid] && uid != cfg.GID {
+			u.used[uid] = true
+			return uid, nil
+		}
+	}
+	return 0, errors.New("jail: every VMM user is taken")
+}
+
+func (u *uids) mark(uid int) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.used == nil {
+		u.used = map[int]bool{}
+	}
+	u.used[uid] = true
+}
+
+func (u *uids) give(uid int) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	delete(u.used, uid)
+}
+
+// jailFiles is what a VM's jail binds: its run directory, and every file its command
+// line names.
+type jailFiles struct {
+	ro, rw []string
+}
+
+func filesOf(s vmm.Spec) jailFiles {
+	f := jailFiles{rw: []string{s.Dir}}
+	for _, p := range []string{s.Kernel, s.Initrd} {
+		if p != "" {
+			f.ro = append(f.ro, p)
+		}
+	}
+	for _, d := range s.Disks {
+		if d.ReadOnly {
+			f.ro = append(f.ro, d.Path)
+		} else {
+			f.rw = append(f.rw, d.Path)
+		}
+	}
+	if s.AgentSocket != "" && !strings.HasPrefix(s.AgentSocket, s.Dir+"/") {
+		f.rw = append(f.rw, s.AgentSocket)
+	}
+	if s.MemoryFile != "" {
+		f.rw = append(f.rw, s.MemoryFile)
+	}
+	if s.Restore != nil {
+		// QEMU 7.2 opens a memory-backend-file read-write even when it maps it privately
+		// (8.2's readonly=on,rom=off would not): the template's memory must be writable
+		// to the VMM group. See HACKING: what a compromised restored VMM could do.
+		f.rw = append(f.rw, s.Restore.MemoryFile)
+	}
+	return f
+}
+
+// prepare makes a VM's files usable by its jail user uid: its own (run directory, scratch
+// disks, memory file, sockets) become uid's; shared ones (kernel, image disks, template
+// memory) readable, or for template memory writable, to the VMM group, not to others.
+func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
+	f := filesOf(s)
+	own := func(p string) error {
+		if err := os.Chown(p, uid, j.GID); err != nil {
+			return fmt.Errorf("jail: give %s to the VMM user: %w", p, err)
+		}
+		return nil
+	}
+	if err := own(s.Dir); err != nil {
+		return err
+	}
+	// The sockets the host listens on (QEMU connects: it needs write permission on
+	// them) and what an earlier QEMU of this directory left.
+	for _, p := range []string{s.AgentSocket, filepath.Join(s.Dir, consoleLog), filepath.Join(s.Dir, qmpSocket)} {
+		if _, err := os.Lstat(p); err == nil {
+			if err := own(p); err != nil {
+				return err
+			}
+		}
+	}
+	if s.MemoryFile != "" {
+		if fd, err := os.OpenFile(s.MemoryFile, os.O_CREATE|os.O_WRONLY, 0o600); err == nil {
+			fd.Close()
+		}
+	}
+	shared := map[string]bool{}
+	if s.Restore != nil {
+		shared[s.Restore.MemoryFile] = true
+	}
+	for _, p := range f.rw[1:] {
+		if p == s.AgentSocket {
+			continue // owned above
+		}
+		if shared[p] {
+			if err := groupAccess(p, j.GID, 0o060); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := own(p); err != nil {
+			return err
+		}
+	}
+	for _, p := range f.ro {
+		if err := groupAccess(p, j.GID, 0o040); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// groupAccess gives group gid the permission bits perm (0o040 read, 0o060 read-write) on
+// path, and the directories above it search permission up to where root's own are.
+func groupAccess(path string, gid int, perm os.FileMode) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if perm == 0o040 && fi.Mode().Perm()&0o004 != 0 {
+		return nil // everyone may read it already
+	}
+	if int(st.Gid) != gid {
+		if err := os.Chown(path, int(st.Uid), gid); err != nil {
+			return fmt.Errorf("jail: %s to the VMM group: %w", path, err)
+		}
+	}
+	if fi.Mode().Perm()&perm != perm {
+		if err := os.Chmod(path, fi.Mode().Perm()|perm); err != nil {
+			return fmt.Errorf("jail: %s for the VMM group: %w", path, err)
+		}
+	}
+	return nil
+}
+
+// command is the jailed command for spec as user uid, with the cgroups it joins.
+func (d *Driver) jailCommand(s vmm.Spec, uid int, cgroups []string) (*exec.Cmd, error) {
+	f := filesOf(s)
+	var mounts []jail.Mount
+	for _, p := range f.ro {
+		mounts = append(mounts, jail.Mount{Path: p})
+	}
+	for _, p := range f.rw {
+		mounts = append(mounts, jail.Mount{Path: p, Writable: true})
+	}
+	var devs []string
+	if d.cfg.Accel == "kvm" {
+		devs = append(devs, "/dev/kvm")
+	}
+	if len(s.NICs) > 0 && d.vhostNet() {
+		devs = append(devs, "/dev/vhost-net")
+	}
+	bin, err := exec.LookPath(d.cfg.Binary)
+	if err != nil {
+		return nil, err
+	}
+	return jail.Command(jail.Spec{Root: filepath.Join(s.Dir, "jail"), UID: uid, GID: d.cfg.Jail.GID, Mounts: mounts,
+		Devices: devs, Cgroups: cgroups, Dir: s.Dir, Path: bin, Args: append([]string{bin}, d.args(s)...)})
+}
+
+// cgroupsFor makes the cgroups of VM id, limited to its vCPUs, its memory plus QEMU's
+// own (and, under TCG, its translation cache), and a bound on threads; it returns their
+// directories (one on cgroup v2, one per controller on v1). No cgroup support: none.
+func (d *Driver) cgroupsFor(id string, vcpus, memMiB int) ([]string, error) {
+	overhead := 256
+	if d.cfg.Accel == "tcg" {
+		overhead += 1024 // QEMU's translation cache grows up to 1 GiB by default
+	}
+	memBytes := int64(memMiB+overhead) << 20
+	name := d.cfg.Jail.CgroupName
+	var st unix.Statfs_t
+	if err := unix.Statfs("/sys/fs/cgroup", &st); err == nil && st.Type == unix.CGROUP2_SUPER_MAGIC {
+		self, err := ownCgroup("")
+		if err != nil {
+			return nil, err
+		}
+		parent := filepath.Join("/sys/fs/cgroup", self, name)
+		if err := os.MkdirAll(parent, 0o755); err != nil {
+			return nil, fmt.Errorf("cgroup %s: %w", parent, err)
+		}
+		_ = os.WriteFile(filepath.Join(parent, "cgroup.subtree_control"), []byte("+cpu +memory +pids"), 0)
+		dir := filepath.Join(parent, id)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("cgroup %s: %w", dir, err)
+		}
+		return []string{dir}, errors.Join(
+			os.WriteFile(filepath.Join(dir, "memory.max"), []byte(strconv.FormatInt(memBytes, 10)), 0),
+			os.WriteFile(filepath.Join(dir, "pids.max"), []byte("512"), 0),
+			os.WriteFile(filepath.Join(dir, "cpu.max"), []byte(fmt.Sprintf("%d 100000", vcpus*100000)), 0))
+	}
+	var dirs []string
+	var errs []error
+	for ctrl, limits := range map[string]map[string]string{
+		"memory": {"memory.limit_in_bytes": strconv.FormatInt(memBytes, 10)},
+		"pids":   {"pids.max": "512"},
+		"cpu":    {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": strconv.Itoa(vcpus * 100000)},
+	} {
+		self, err := ownCgroup(ctrl)
+		if err != nil {
+			continue // the controller is not mounted here
+		}
+		dir := filepath.Join("/sys/fs/cgroup", ctrl, self, name, id)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			errs = append(errs, fmt.Errorf("cgroup %s: %w", dir, err))
+			continue
+		}
+		for k, v := range limits {
+			errs = append(errs, os.WriteFile(filepath.Join(dir, k), []byte(v), 0))
+		}
+		dirs = append(dirs, dir)
+	}
+	return dirs, errors.Join(errs...)
+}
+
+// removeCgroups removes a VM's cgroup directories (they are empty once it ended).
+func removeCgroups(dirs []string) {
+	for _, d := range dirs {
+		_ = os.Remove(d)
+	}
+}
+
+// ownCgroup is this process's cgroup path for controller ctrl ("" = the v2 hierarchy).
+func ownCgroup(ctrl string) (string, error) {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		for _, c := range strings.Split(parts[1], ",") {
+			if c == ctrl {
+				return parts[2], nil
+			}
+		}
+	}
+	return "", fmt.Errorf("no %q cgroup", ctrl)
+}
