@@ -138,6 +138,10 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		_ = vm.Kill()
 		return fmt.Errorf("listen on guest channel %s: %w", sock, err)
 	}
+	if err := vmm.ShareSocket(a.driver, sock); err != nil {
+		_ = vm.Kill()
+		return fmt.Errorf("listen on guest channel %s: %w", sock, err)
+	}
 	guest, err := a.connectGuest(ctx, ln, vm)
 	if err != nil {
 		ln.Close()

@@ -306,6 +306,9 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 	if err != nil {
 		return fmt.Errorf("listen on guest channel: %w", err)
 	}
+	if err := vmm.ShareSocket(a.driver, sock); err != nil {
+		return fmt.Errorf("listen on guest channel: %w", err)
+	}
 	defer ln.Close()
 	// The template's guest configures its NIC (every guest has the same address; see
 	// network.GuestAddr) behind a network that lets nothing through: no image code runs,

@@ -86,6 +86,9 @@ func (a *Agent) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vm
 	if h.ln, err = net.Listen("unix", sock); err != nil {
 		return h, fmt.Errorf("listen on guest channel %s: %w", sock, err)
 	}
+	if err := vmm.ShareSocket(a.driver, sock); err != nil {
+		return h, fmt.Errorf("listen on guest channel %s: %w", sock, err)
+	}
 	var nics []vmm.NIC
 	if in.net {
 		tn := time.Now()

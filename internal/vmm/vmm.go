@@ -94,6 +94,21 @@ type Prestarter interface {
 	Prestart(ctx context.Context) error
 }
 
+// SocketSharer is implemented by drivers whose VMMs run as users other than the host
+// process's (jailed): a unix socket the host listens on for a VMM to connect to must be
+// shared with them first (e.g. group-writable to the VMMs' group).
+type SocketSharer interface {
+	ShareSocket(path string) error
+}
+
+// ShareSocket shares path with d's VMMs if d needs it.
+func ShareSocket(d Driver, path string) error {
+	if s, ok := d.(SocketSharer); ok {
+		return s.ShareSocket(path)
+	}
+	return nil
+}
+
 // Snapshotter is implemented by VMs that can be saved. The VM must have been created with
 // Spec.MemoryFile.
 type Snapshotter interface {

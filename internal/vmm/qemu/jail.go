@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -33,6 +34,18 @@ type JailConfig struct {
 // DefaultJail is the jail a node's driver uses unless told otherwise.
 func DefaultJail() *JailConfig {
 	return &JailConfig{UIDBase: 1_900_000_000, UIDCount: 1 << 20, GID: 1_900_000_000, CgroupName: "fireworks-vmm"}
+}
+
+// ShareSocket implements vmm.SocketSharer: the host's end of a guest channel, writable
+// to the VMMs' group (a jailed QEMU reaches only its own VM's sockets anyway).
+func (d *Driver) ShareSocket(path string) error {
+	if d.cfg.Jail == nil {
+		return nil
+	}
+	if err := os.Chown(path, 0, d.cfg.Jail.GID); err != nil {
+		return fmt.Errorf("share %s with the VMMs: %w", path, err)
+	}
+	return os.Chmod(path, 0o660)
 }
 
 // uids hands out the jail users of live VMs.
@@ -80,27 +93,34 @@ type jailFiles struct {
 	ro, rw []string
 }
 
+//
+// Files inside the run directory are reached through its bind (they may be made or
+// replaced after the VMM was launched ahead of a restore: a bind of their own would
+// keep showing the old file); in rwOwn are those of its own the VMM writes.
 func filesOf(s vmm.Spec) jailFiles {
 	f := jailFiles{rw: []string{s.Dir}}
+	inDir := func(p string) bool { return strings.HasPrefix(p, s.Dir+"/") }
 	for _, p := range []string{s.Kernel, s.Initrd} {
-		if p != "" {
+		if p != "" && !inDir(p) {
 			f.ro = append(f.ro, p)
 		}
 	}
 	for _, d := range s.Disks {
-		if d.ReadOnly {
+		switch {
+		case d.ReadOnly && !inDir(d.Path):
 			f.ro = append(f.ro, d.Path)
-		} else {
+		case d.ReadOnly:
+		case !inDir(d.Path):
 			f.rw = append(f.rw, d.Path)
 		}
 	}
-	if s.AgentSocket != "" && !strings.HasPrefix(s.AgentSocket, s.Dir+"/") {
+	if s.AgentSocket != "" && !inDir(s.AgentSocket) {
 		f.rw = append(f.rw, s.AgentSocket)
 	}
-	if s.MemoryFile != "" {
+	if s.MemoryFile != "" && !inDir(s.MemoryFile) {
 		f.rw = append(f.rw, s.MemoryFile)
 	}
-	if s.Restore != nil {
+	if s.Restore != nil && !inDir(s.Restore.MemoryFile) {
 		// QEMU 7.2 opens a memory-backend-file read-write even when it maps it privately
 		// (8.2's readonly=on,rom=off would not): the template's memory must be writable
 		// to the VMM group. See HACKING: what a compromised restored VMM could do.
@@ -136,26 +156,40 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 		if fd, err := os.OpenFile(s.MemoryFile, os.O_CREATE|os.O_WRONLY, 0o600); err == nil {
 			fd.Close()
 		}
-	}
-	shared := map[string]bool{}
-	if s.Restore != nil {
-		shared[s.Restore.MemoryFile] = true
-	}
-	for _, p := range f.rw[1:] {
-		if p == s.AgentSocket {
-			continue // owned above
-		}
-		if shared[p] {
-			if err := groupAccess(p, j.GID, 0o060); err != nil {
-				return err
-			}
-			continue
-		}
-		if err := own(p); err != nil {
+		if err := own(s.MemoryFile); err != nil {
 			return err
 		}
 	}
-	for _, p := range f.ro {
+	for _, d := range s.Disks {
+		if d.ReadOnly {
+			continue
+		}
+		if _, err := os.Stat(d.Path); err == nil { // a restore's comes later: Start again
+			if err := own(d.Path); err != nil {
+				return err
+			}
+		}
+	}
+	if s.Restore != nil {
+		// Shared by every VM restored from the template: the host's, writable to the
+		// VMMs' group (see filesOf), never one VMM user's.
+		if err := os.Chown(s.Restore.MemoryFile, 0, j.GID); err != nil {
+			return fmt.Errorf("jail: template memory for the VMM group: %w", err)
+		}
+		if err := os.Chmod(s.Restore.MemoryFile, 0o660); err != nil {
+			return fmt.Errorf("jail: template memory for the VMM group: %w", err)
+		}
+	}
+	ro := slices.Clone(f.ro)
+	for _, d := range s.Disks {
+		if d.ReadOnly && !slices.Contains(ro, d.Path) {
+			ro = append(ro, d.Path)
+		}
+	}
+	for _, p := range append(ro, s.Kernel, s.Initrd) {
+		if p == "" {
+			continue
+		}
 		if err := groupAccess(p, j.GID, 0o040); err != nil {
 			return err
 		}

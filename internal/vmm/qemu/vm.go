@@ -141,7 +141,14 @@ func (v *vm) Start(ctx context.Context) error {
 		}
 	case v.state == "running" && v.prestarted && !v.resumed && !v.resuming && !v.detached:
 		v.resuming = true
+		uid := v.uid
 		v.mu.Unlock()
+		if uid != 0 {
+			// Files made since the launch (a restore's scratch disk) become the VMM's.
+			if err := v.d.cfg.Jail.prepare(v.spec, uid); err != nil {
+				return v.failStart(fmt.Errorf("start VM %s: %w", v.id, err))
+			}
+		}
 	default:
 		state := v.state
 		v.mu.Unlock()
