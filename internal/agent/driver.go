@@ -11,7 +11,9 @@ import (
 // newDriver picks the VMM driver. QEMU is the only one that runs on every host; the
 // accelerator was decided by vmm.DetectAccel.
 func newDriver(c vmm.AccelChoice, limits vmm.Limits, log *slog.Logger) (vmm.Driver, error) {
-	d, err := qemu.New(qemu.Config{Accel: c.Accel, Limits: limits, Logger: log})
+	// Every VMM jailed (its own user, namespaces, root and cgroups): QEMU parses what the
+	// guest sends, so it is treated as the guest's.
+	d, err := qemu.New(qemu.Config{Accel: c.Accel, Limits: limits, Logger: log, Jail: qemu.DefaultJail()})
 	if err != nil {
 		return nil, fmt.Errorf("start VMM driver: %w", err)
 	}

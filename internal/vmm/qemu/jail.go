@@ -6,8 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -93,7 +93,6 @@ type jailFiles struct {
 	ro, rw []string
 }
 
-//
 // Files inside the run directory are reached through its bind (they may be made or
 // replaced after the VMM was launched ahead of a restore: a bind of their own would
 // keep showing the old file); in rwOwn are those of its own the VMM writes.
@@ -167,6 +166,11 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 		if _, err := os.Stat(d.Path); err == nil { // a restore's comes later: Start again
 			if err := own(d.Path); err != nil {
 				return err
+			}
+			// Root wrote through any mode; the VMM's user needs the bits (a copy of a
+			// template's read-only scratch disk is 0400).
+			if err := os.Chmod(d.Path, 0o600); err != nil {
+				return fmt.Errorf("jail: %w", err)
 			}
 		}
 	}
