@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
 	"net"
 	"os"
@@ -10,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
 )
@@ -192,5 +194,34 @@ func TestCreateValidatesNICs(t *testing.T) {
 		if !strings.Contains(err.Error(), c.want) {
 			t.Errorf("NIC %+v: error %q does not mention %q", c.nic, err, c.want)
 		}
+	}
+}
+
+// A template whose memory was written after it was saved (what a compromised restored
+// VMM, which must open it read-write, could do) is not restored from.
+func TestTamperedTemplateRefused(t *testing.T) {
+	dir := t.TempDir()
+	mem, state := filepath.Join(dir, "mem"), filepath.Join(dir, "state")
+	for _, f := range []string{mem, state} {
+		if err := os.WriteFile(f, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	snap := vmm.Snapshot{MemoryFile: mem, StateFile: state}
+	now := time.Now()
+	if err := os.Chtimes(state, now, now); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(mem, now.Add(-time.Minute), now.Add(-time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if err := sealed(snap); err != nil {
+		t.Fatalf("a sealed template: %v", err)
+	}
+	if err := os.Chtimes(mem, now.Add(time.Second), now.Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if err := sealed(snap); !errors.Is(err, ErrTemplateTampered) {
+		t.Fatalf("a template written after its save: %v", err)
 	}
 }

@@ -175,6 +175,9 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 		}
 	}
 	if s.Restore != nil {
+		if err := sealed(*s.Restore); err != nil {
+			return err
+		}
 		// Shared by every VM restored from the template: the host's, writable to the
 		// VMMs' group (see filesOf), never one VMM user's.
 		if err := os.Chown(s.Restore.MemoryFile, 0, j.GID); err != nil {
@@ -197,6 +200,25 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 		if err := groupAccess(p, j.GID, 0o040); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// ErrTemplateTampered: a template's memory changed after the template was saved.
+var ErrTemplateTampered = errors.New("template memory was written after the template was saved")
+
+// sealed refuses a template whose memory file changed after its state file was written
+// (the end of the save). Restored VMMs map the memory privately and never write the file;
+// one that does (a compromised VMM: QEMU 7.2 must open it read-write, see filesOf) bumps
+// its modification time, and no VMM is restored from it again.
+func sealed(snap vmm.Snapshot) error {
+	mem, err1 := os.Stat(snap.MemoryFile)
+	state, err2 := os.Stat(snap.StateFile)
+	if err := errors.Join(err1, err2); err != nil {
+		return fmt.Errorf("jail: template: %w", err)
+	}
+	if mem.ModTime().After(state.ModTime()) {
+		return fmt.Errorf("%w: %s modified at %s, saved at %s", ErrTemplateTampered, snap.MemoryFile, mem.ModTime(), state.ModTime())
 	}
 	return nil
 }
