@@ -100,6 +100,8 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 func registerLimitFlags(fl *pflag.FlagSet, l *server.Limits) {
 	*l = server.DefaultLimits()
 	fl.IntVar(&l.SandboxesPerOwner, "max-sandboxes-per-token", l.SandboxesPerOwner, "sandboxes (exited ones included) one user token may hold; 0 = unlimited (admin tokens are never limited)")
+	fl.IntVar(&l.VCPUsPerOwner, "max-vcpus-per-token", l.VCPUsPerOwner, "vCPUs of the sandboxes one user token runs at once; 0 = unlimited")
+	fl.IntVar(&l.MemoryMiBPerOwner, "max-memory-per-token", l.MemoryMiBPerOwner, "memory (MiB) of the sandboxes one user token runs at once; 0 = unlimited")
 }
 
 func newAgentCmd(g *globals) *cobra.Command {

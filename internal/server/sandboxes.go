@@ -63,11 +63,7 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 		ID: state.NewID(), Name: req.Msg.GetName(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID,
 		AccessToken: newAccessToken(), CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "accepted"}},
 	}
-	limit := 0
-	if !who.Admin() {
-		limit = h.s.limits.SandboxesPerOwner
-	}
-	if err := h.s.store.CreateSandboxWithin(ctx, sb, limit); err != nil {
+	if err := h.s.store.CreateSandboxWithin(ctx, sb, h.s.limits.quota(who.Admin())); err != nil {
 		return nil, toConnectError(fmt.Errorf("create sandbox: %w", err))
 	}
 	if h.s.agent != nil {

@@ -58,10 +58,22 @@ type Limits struct {
 	// SandboxesPerOwner counts every sandbox the token holds, exited ones included (each
 	// is replicated state until removed).
 	SandboxesPerOwner int
+	// VCPUsPerOwner and MemoryMiBPerOwner bound the token's sandboxes not over yet.
+	VCPUsPerOwner, MemoryMiBPerOwner int
 }
 
 // DefaultLimits are the limits of a server not told otherwise.
-func DefaultLimits() Limits { return Limits{SandboxesPerOwner: 1000} }
+func DefaultLimits() Limits {
+	return Limits{SandboxesPerOwner: 1000, VCPUsPerOwner: 64, MemoryMiBPerOwner: 128 << 10}
+}
+
+// quota is what a token of this role may hold.
+func (l Limits) quota(admin bool) state.Quota {
+	if admin {
+		return state.Quota{}
+	}
+	return state.Quota{Sandboxes: l.SandboxesPerOwner, VCPUs: l.VCPUsPerOwner, MemoryMiB: l.MemoryMiBPerOwner}
+}
 
 // SetLimits replaces the per-token limits (0 = unlimited).
 func (s *Server) SetLimits(l Limits) { s.limits = l }

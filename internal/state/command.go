@@ -77,9 +77,9 @@ const maxCommandBytes = 1 << 20
 
 type createSandboxCmd struct {
 	Sandbox Sandbox `json:"sandbox"`
-	// OwnerLimit, when above 0, is how many sandboxes (of any status) the owner may hold
-	// with this one: checked by the state machine, so concurrent creates cannot pass it.
-	OwnerLimit int `json:"owner_limit,omitempty"`
+	// Quota bounds what the owner may hold with this sandbox: checked by the state
+	// machine, so concurrent creates cannot pass it together.
+	Quota Quota `json:"quota,omitzero"`
 }
 
 type updateSandboxCmd struct {

@@ -95,7 +95,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 		if err := decodeBody(t, body, &c); err != nil {
 			return err
 		}
-		return f.createSandbox(c.Sandbox, c.OwnerLimit)
+		return f.createSandbox(c.Sandbox, c.Quota)
 	case cmdUpdateSandbox:
 		var c updateSandboxCmd
 		if err := decodeBody(t, body, &c); err != nil {
@@ -176,20 +176,25 @@ func (f *fsm) Apply(l *raft.Log) any {
 	return fmt.Errorf("%w %d at index %d (written by a newer server?)", ErrUnknownCommand, byte(t), l.Index)
 }
 
-func (f *fsm) createSandbox(sb Sandbox, ownerLimit int) any {
+func (f *fsm) createSandbox(sb Sandbox, q Quota) any {
 	sb = *sb.clone() // the decoded value is ours already, but keep ownership obvious
 	if err := sb.validateNew(); err != nil {
 		return err
 	}
-	if ownerLimit > 0 {
-		n := 0
+	if q != (Quota{}) {
+		var used Quota
 		for _, o := range f.sandboxes {
-			if o.Owner == sb.Owner {
-				n++
+			if o.Owner != sb.Owner {
+				continue
+			}
+			used.Sandboxes++
+			if !o.Status.Terminal() {
+				used.VCPUs += o.Spec.VCPUs
+				used.MemoryMiB += o.Spec.MemoryMiB
 			}
 		}
-		if n >= ownerLimit {
-			return fmt.Errorf("%w: token %s holds %d sandboxes, the most one token may (remove exited ones with `fireworks rm`)", ErrQuota, sb.Owner, n)
+		if err := q.check(sb.Owner, used, sb); err != nil {
+			return err
 		}
 	}
 	sb.normalize()

@@ -375,7 +375,7 @@ func TestFSMRuntimeMergeAndNames(t *testing.T) {
 func TestFSMOwnerLimit(t *testing.T) {
 	f := newFSM(quietLogger(t))
 	mk := func(id, owner string) []byte {
-		return mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: id, Owner: owner, CreatedAt: t0}, OwnerLimit: 2})
+		return mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: id, Owner: owner, CreatedAt: t0, Spec: SandboxSpec{VCPUs: 1, MemoryMiB: 512}}, Quota: Quota{Sandboxes: 2}})
 	}
 	res := applyAll(f, [][]byte{mk("a1", "alice"), mk("a2", "alice"), mk("b1", "bob"), mk("a3", "alice")})
 	for i, want := range []error{nil, nil, nil, ErrQuota} {
@@ -387,6 +387,19 @@ func TestFSMOwnerLimit(t *testing.T) {
 	res = applyAll(f, [][]byte{mustCmd(t, cmdDeleteSandbox, deleteSandboxCmd{ID: "a1"}), mk("a3", "alice")})
 	if err, _ := res[1].(error); err != nil {
 		t.Errorf("create after a removal: %v", err)
+	}
+	// vCPUs and memory count the sandboxes not over yet.
+	big := func(id string, vcpus, mem int) []byte {
+		return mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: id, Owner: "carol", CreatedAt: t0, Spec: SandboxSpec{VCPUs: vcpus, MemoryMiB: mem}},
+			Quota: Quota{VCPUs: 4, MemoryMiB: 2048}})
+	}
+	res = applyAll(f, [][]byte{big("c1", 2, 1024), big("c2", 3, 512), big("c3", 2, 1536),
+		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "c1", Update: Update{Status: ptr(StatusFailed), Time: t0}}), big("c4", 2, 1024)})
+	for i, want := range []error{nil, ErrQuota, ErrQuota, nil, nil} {
+		err, _ := res[i].(error)
+		if want == nil && err != nil || want != nil && !errors.Is(err, want) {
+			t.Errorf("carol's create/update %d: %v, want %v", i, res[i], want)
+		}
 	}
 }
 

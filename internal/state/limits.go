@@ -8,6 +8,28 @@ import (
 // ErrQuota: a request would take an owner past a limit.
 var ErrQuota = errors.New("over quota")
 
+// Quota bounds what one owner holds (0: no bound): Sandboxes counts every sandbox it has
+// (exited ones are replicated state too, until removed), VCPUs and MemoryMiB those not
+// over yet.
+type Quota struct {
+	Sandboxes int `json:"sandboxes,omitempty"`
+	VCPUs     int `json:"vcpus,omitempty"`
+	MemoryMiB int `json:"memory_mib,omitempty"`
+}
+
+// check refuses sb when its owner, holding used (sb not included), would pass q.
+func (q Quota) check(owner string, used Quota, sb Sandbox) error {
+	switch {
+	case q.Sandboxes > 0 && used.Sandboxes+1 > q.Sandboxes:
+		return fmt.Errorf("%w: token %s holds %d sandboxes, the most one token may (remove exited ones with `fireworks rm`)", ErrQuota, owner, used.Sandboxes)
+	case q.VCPUs > 0 && used.VCPUs+sb.Spec.VCPUs > q.VCPUs:
+		return fmt.Errorf("%w: token %s runs sandboxes with %d vCPUs; %d more would pass its %d", ErrQuota, owner, used.VCPUs, sb.Spec.VCPUs, q.VCPUs)
+	case q.MemoryMiB > 0 && used.MemoryMiB+sb.Spec.MemoryMiB > q.MemoryMiB:
+		return fmt.Errorf("%w: token %s runs sandboxes with %d MiB of memory; %d more would pass its %d", ErrQuota, owner, used.MemoryMiB, sb.Spec.MemoryMiB, q.MemoryMiB)
+	}
+	return nil
+}
+
 // Bounds on what one sandbox spec may hold. Every spec is replicated to every server and
 // kept for the sandbox's life, so nothing in it may grow without bound; the limits are
 // far above what a real command line or environment uses (Linux itself takes at most

@@ -412,13 +412,12 @@ func (s *Store) enter() error {
 // (or empty, meaning pending); if sb has no Events a "created" event at CreatedAt is
 // added. Errors: ErrExists, ErrNameTaken, ErrInvalid.
 func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
-	return s.CreateSandboxWithin(ctx, sb, 0)
+	return s.CreateSandboxWithin(ctx, sb, Quota{})
 }
 
-// CreateSandboxWithin creates sb unless its owner already holds ownerLimit sandboxes (of
-// any status; 0 = no limit): ErrQuota.
-func (s *Store) CreateSandboxWithin(ctx context.Context, sb Sandbox, ownerLimit int) error {
-	if _, err := s.apply(ctx, cmdCreateSandbox, createSandboxCmd{Sandbox: sb, OwnerLimit: ownerLimit}); err != nil {
+// CreateSandboxWithin creates sb unless its owner would pass q: ErrQuota.
+func (s *Store) CreateSandboxWithin(ctx context.Context, sb Sandbox, q Quota) error {
+	if _, err := s.apply(ctx, cmdCreateSandbox, createSandboxCmd{Sandbox: sb, Quota: q}); err != nil {
 		return fmt.Errorf("create sandbox %s: %w", sb.ID, err)
 	}
 	return nil
