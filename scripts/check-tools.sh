@@ -19,6 +19,7 @@ tools=(
   "nft                  nftables"
   "unshare              util-linux"
   "nsenter              util-linux"
+  "setpriv              util-linux"
   "mount                mount"
   "umount               mount"
   "dmesg                util-linux"

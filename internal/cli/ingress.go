@@ -21,6 +21,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/edge"
 	"github.com/fireworks-sandbox/fireworks/internal/ingress"
+	"github.com/fireworks-sandbox/fireworks/internal/peeruid"
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/server"
 	"github.com/fireworks-sandbox/fireworks/internal/xds"
@@ -180,7 +181,7 @@ func registerDevIngressFlags(cmd *cobra.Command, f *devFlags) {
 	fl := cmd.Flags()
 	fl.StringVar(&f.ingressListen, "ingress-listen", "", "also run the HTTP ingress here, in-process (it reaches sandboxes through this node directly), e.g. 127.0.0.1:8080")
 	fl.StringVar(&f.ingressDomain, "ingress-domain", server.DefaultIngressDomain, "ingress domain: sandbox ports answer to <port>-<sandbox>.DOMAIN")
-	fl.StringVar(&f.xdsListen, "xds-listen", "", "serve the ingress routes over xDS (gRPC, no TLS) on this loopback address, for Envoy; also opens an unauthenticated loopback data listener Envoy forwards to")
+	fl.StringVar(&f.xdsListen, "xds-listen", "", "serve the ingress routes over xDS (gRPC, no TLS) on this loopback address, for an Envoy run by the same user; also opens a loopback data listener Envoy forwards to (both refuse other local users)")
 	// Checked before dev does anything (state, assets, the CLI config).
 	prev := cmd.PreRunE
 	cmd.PreRunE = func(cmd *cobra.Command, args []string) error {
@@ -241,6 +242,10 @@ func runDevIngress(ctx context.Context, srv *server.Server, f devFlags, log *slo
 		if dataLn, err = listen("the node data path", "127.0.0.1:0"); err != nil {
 			return fail(err)
 		}
+		// Neither has TLS (dev has no CA), and both carry private ports' access (xDS
+		// holds their tokens, the data path reaches them): only the user that runs dev
+		// may connect, known by the loopback socket's owner.
+		xdsLn, dataLn = peeruid.SameUser(xdsLn, log), peeruid.SameUser(dataLn, log)
 	}
 	opts := server.IngressOptions{Domain: f.ingressDomain}
 	if dataLn != nil {

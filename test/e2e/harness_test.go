@@ -190,6 +190,12 @@ func (e *env) killVMs() {
 	_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+e.dataDir+"/run/").Run()
 }
 
+// devLogText is everything dev logged so far (all its restarts).
+func (e *env) devLogText() string {
+	data, _ := os.ReadFile(filepath.Join(e.root, "dev.log"))
+	return string(data)
+}
+
 func (e *env) dumpDevLog() {
 	data, err := os.ReadFile(filepath.Join(e.root, "dev.log"))
 	if err != nil {

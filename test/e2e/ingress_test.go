@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -289,6 +290,38 @@ func TestIngress(t *testing.T) {
 				t.Fatalf("gRPC health of the guest through xDS: %v %v", resp, err)
 			}
 			time.Sleep(500 * time.Millisecond)
+		}
+	})
+
+	t.Run("xds and node data refuse other local users", func(t *testing.T) {
+		// dev serves both without TLS on loopback; another local user (nobody) must get
+		// nothing from either: not the routes (with private ports' tokens), not a tunnel.
+		var data string
+		for _, l := range strings.Split(world.devLogText(), "\n") {
+			if _, v, ok := strings.Cut(l, "node_data_address="); ok && strings.Contains(l, "dev xDS") {
+				data = strings.Fields(v)[0]
+			}
+		}
+		if data == "" {
+			t.Fatal("dev's log names no node data address")
+		}
+		probe := func(asNobody bool, addr string) string {
+			host, port, _ := net.SplitHostPort(addr)
+			args := []string{"sh", "-c", fmt.Sprintf(`printf 'GET / HTTP/1.0\r\nHost: %s\r\n\r\n' | busybox nc -w 3 %s %s`, public, host, port)}
+			if asNobody {
+				args = append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"}, args...)
+			}
+			out, _ := exec.Command(args[0], args[1:]...).CombinedOutput()
+			return string(out)
+		}
+		if got := probe(false, data); !strings.HasPrefix(got, "HTTP/") {
+			t.Fatalf("the node data listener did not answer dev's own user: %q", got)
+		}
+		if got := probe(true, data); strings.Contains(got, "HTTP/") {
+			t.Errorf("the node data listener answered another local user: %q", got)
+		}
+		if got := probe(true, xdsAddr); got != "" {
+			t.Errorf("the xDS listener answered another local user: %q", got)
 		}
 	})
 
