@@ -59,6 +59,9 @@ type Config struct {
 	// TemplateDiskMiB bounds the disk space of template snapshots (default 8192); the
 	// least recently used go first.
 	TemplateDiskMiB int
+	// ImageDiskMiB bounds the disk space of images (default 32768): past it, the least
+	// recently used that no sandbox, template or pool needs are removed.
+	ImageDiskMiB int
 	// Pools are warm pools this node keeps by its own configuration; pools set through
 	// the API (SetPools) override them for the same image and shape.
 	Pools []state.Pool
@@ -115,6 +118,7 @@ type Agent struct {
 	// userPulls carries the registry traffic of pulls users asked for (see
 	// image.GuardedTransport).
 	userPulls http.RoundTripper
+	pruneWake chan struct{} // a pull happened: see pruneImages
 }
 
 // ErrNotRunning means the sandbox has no live VM on this node.
@@ -160,10 +164,14 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if cfg.BootTimeout == 0 {
 		cfg.BootTimeout = 90 * time.Second
 	}
+	if cfg.ImageDiskMiB == 0 {
+		cfg.ImageDiskMiB = 32768
+	}
 	if cfg.TemplateDiskMiB == 0 {
 		cfg.TemplateDiskMiB = 8192
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, started: map[string]bool{}, stopsSent: map[string]bool{}}
+	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, started: map[string]bool{}, stopsSent: map[string]bool{},
+		pruneWake: make(chan struct{}, 1)}
 	for _, d := range []string{a.runRoot(), a.sandboxRoot(), a.assetDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("create agent directory %s: %w", d, err)
@@ -246,6 +254,11 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 		defer a.wg.Done()
 		a.net.followNodeAddrs(a.ctx, 10*time.Second)
 	}()
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		a.pruneImages(a.ctx)
+	}()
 	if cfg.MetricsListen != "" {
 		if err := a.serveMetrics(cfg.MetricsListen); err != nil {
 			a.Close()
@@ -315,6 +328,45 @@ func (a *Agent) Validate(spec *state.SandboxSpec) error {
 		return err
 	}
 	return ValidateEnv(spec.Env)
+}
+
+// pruneImages keeps the image store within its disk budget until ctx ends: after pulls,
+// and every 10 minutes, the least recently used images nothing needs are removed.
+func (a *Agent) pruneImages(ctx context.Context) {
+	t := time.NewTicker(10 * time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.pruneWake:
+		case <-t.C:
+		}
+		budget := int64(a.cfg.ImageDiskMiB) << 20
+		if _, err := a.images.Prune(ctx, budget, a.imageInUse); err != nil && ctx.Err() == nil {
+			a.log.Warn("keep images within their disk budget", "err", err)
+		}
+		if used := a.images.Usage(); used > budget {
+			a.log.Warn("images take more than their disk budget, all in use", "used_mib", used>>20, "budget_mib", budget>>20)
+		}
+	}
+}
+
+// imageInUse says whether a sandbox on this node runs from the image with digest, or a
+// template or warm pool of the node needs it.
+func (a *Agent) imageInUse(digest string) bool {
+	a.mu.Lock()
+	for _, s := range a.live {
+		s.mu.Lock()
+		d := s.started.ImageDigest
+		s.mu.Unlock()
+		if d == nil || *d == digest {
+			a.mu.Unlock()
+			return true // nil: still pulling, its digest unknown: keep everything meanwhile
+		}
+	}
+	a.mu.Unlock()
+	return a.warm.needsImage(digest)
 }
 
 // PullOptions are the options of a pull on behalf of a sandbox or a caller: an admin's
@@ -491,6 +543,10 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	s.mu.Lock()
 	s.started.ImageDigest = &digest
 	s.mu.Unlock()
+	select { // the image disk may be over budget now
+	case a.pruneWake <- struct{}{}:
+	default:
+	}
 	proc, err := resolveProcess(sb.Spec, img.Config)
 	if err != nil {
 		a.fail(s, err.Error())

@@ -58,6 +58,24 @@ type warmManager struct {
 	slotWants map[string]slotWant  // by template key hash
 }
 
+// needsImage says whether a template or a pool of the node is made from the image with
+// digest.
+func (w *warmManager) needsImage(digest string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, t := range w.templates {
+		if t.key.Digest == digest {
+			return true
+		}
+	}
+	for _, p := range w.pools {
+		if p.digest == digest || p.digest == "" {
+			return true // "": not resolved yet
+		}
+	}
+	return false
+}
+
 // pool is the node's side of one configured warm pool.
 type pool struct {
 	cfg   state.Pool

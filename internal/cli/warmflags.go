@@ -13,12 +13,13 @@ import (
 
 // warmFlags are a node's own template and warm-pool settings (dev and agent).
 type warmFlags struct {
-	templateDiskMiB int
-	pools           []string
+	templateDiskMiB, imageDiskMiB int
+	pools                         []string
 }
 
 func (w *warmFlags) register(fl *pflag.FlagSet) {
 	fl.IntVar(&w.templateDiskMiB, "template-disk-mib", 8192, "disk space for template snapshots, MiB; the least recently used are removed past it")
+	fl.IntVar(&w.imageDiskMiB, "image-disk-mib", 32768, "disk space for images (layers and root disks), MiB; the least recently used that nothing runs from are removed past it")
 	fl.StringArrayVar(&w.pools, "warm-pool", nil, "keep warm VMs of an image on this node: IMAGE=SIZE[:MAX] (repeatable; 'fireworks pool set' overrides it cluster-wide)")
 }
 
@@ -26,7 +27,10 @@ func (w *warmFlags) apply(cfg *agent.Config) error {
 	if w.templateDiskMiB < 1 {
 		return fmt.Errorf("--template-disk-mib %d: want at least 1", w.templateDiskMiB)
 	}
-	cfg.TemplateDiskMiB = w.templateDiskMiB
+	if w.imageDiskMiB < 1 {
+		return fmt.Errorf("--image-disk-mib %d: want at least 1", w.imageDiskMiB)
+	}
+	cfg.TemplateDiskMiB, cfg.ImageDiskMiB = w.templateDiskMiB, w.imageDiskMiB
 	for _, p := range w.pools {
 		pool, err := parseWarmPool(p)
 		if err != nil {

@@ -130,6 +130,8 @@ type Store struct {
 	locks map[string]chan struct{} // per manifest digest: root disk build / removal
 
 	builds atomic.Int64 // root disks built, for tests
+
+	used map[string]time.Time // last use by digest (guarded by mu), for Prune
 }
 
 // record is one image in index.json.
@@ -437,12 +439,16 @@ func isHex(s string) bool {
 func (s *Store) Ensure(ctx context.Context, ref string, opts PullOptions) (*Image, error) {
 	img, err := s.Get(ctx, ref)
 	if err == nil {
+		s.touch(img.Digest)
 		return img, nil
 	}
 	if !errors.Is(err, ErrNotFound) {
 		return nil, err
 	}
-	return s.Pull(ctx, ref, opts)
+	if img, err = s.Pull(ctx, ref, opts); err == nil {
+		s.touch(img.Digest)
+	}
+	return img, err
 }
 
 // List returns every local image, one entry per ref (an image without refs

@@ -16,6 +16,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"archive/tar"
 
@@ -869,5 +870,40 @@ func TestCorruptIndexIsSetAside(t *testing.T) {
 	matches, _ := filepath.Glob(filepath.Join(dir, "index.json.corrupt-*"))
 	if len(matches) != 1 {
 		t.Errorf("corrupt index not kept aside: %v", matches)
+	}
+}
+
+// Prune removes the least recently used images not in use until the store fits the
+// budget, and keeps those in use whatever the budget.
+func TestPruneUnderBudget(t *testing.T) {
+	imgs := map[string]v1.Image{}
+	for _, tag := range []string{"a", "b", "c"} {
+		imgs["x:"+tag] = testimage.Busybox(t, testimage.Cmd(tag))
+	}
+	host := testimage.Serve(t, imgs)
+	s, _ := openStore(t)
+	digests := map[string]string{}
+	for _, tag := range []string{"a", "b", "c", "a"} { // a is used again: b is now the oldest
+		img, err := s.Ensure(ctx, host+"/x:"+tag, insecure(host))
+		if err != nil {
+			t.Fatal(err)
+		}
+		digests[tag] = img.Digest
+		time.Sleep(10 * time.Millisecond) // distinct last-use times
+	}
+	full := s.Usage()
+	inUse := func(d string) bool { return d == digests["c"] } // c runs
+	removed, err := s.Prune(ctx, full-1, inUse)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(removed) != 1 || removed[0] != digests["b"] {
+		t.Errorf("pruned %v, want only b (%s), the least recently used", removed, digests["b"])
+	}
+	if removed, _ := s.Prune(ctx, 1, inUse); slices.Contains(removed, digests["c"]) || !slices.Contains(removed, digests["a"]) {
+		t.Errorf("pruned %v under a tiny budget: want a, never c (in use)", removed)
+	}
+	if _, err := s.Get(ctx, digests["c"]); err != nil {
+		t.Errorf("the image in use is gone: %v", err)
 	}
 }

@@ -2,10 +2,12 @@ package e2e
 
 import (
 	"archive/tar"
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
@@ -316,5 +318,34 @@ func TestImageConfig(t *testing.T) {
 				t.Errorf("image User %q: %q, want %q", c.user, r.stdout, c.want)
 			}
 		})
+	}
+}
+
+// Past --image-disk-mib, the node removes the least recently used images nothing runs
+// from; the image a sandbox runs from stays.
+func TestImagesPrunedUnderBudget(t *testing.T) {
+	need(t)
+	for _, tag := range []string{"prune-a", "prune-b"} {
+		testimage.Push(t, world.registry, tag+":latest", testimage.Busybox(t, testimage.Cmd(tag)))
+	}
+	restartDev(t, "--image-disk-mib", "1")
+	t.Cleanup(func() { restartDev(t) })
+	fw(t, 0, "run", "--boot", "cold", image("prune-a:latest"), "--", "true")
+	id := strings.TrimSpace(fw(t, 0, "run", "-d", "--boot", "cold", image("prune-b:latest"), "--", "sleep", "600").stdout)
+	t.Cleanup(func() { world.cli(context.Background(), nil, "rm", "-f", id) })
+	waitStatus(t, id, "running")
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		ls := fw(t, 0, "image", "ls").stdout
+		if !strings.Contains(ls, "prune-a") {
+			if !strings.Contains(ls, "prune-b") {
+				t.Fatalf("the image a running sandbox uses was removed:\n%s", ls)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("an unused image stayed past the disk budget:\n%s", ls)
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
 }
