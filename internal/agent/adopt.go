@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/netpolicy"
-	"github.com/fireworks-sandbox/fireworks/internal/sandboxlog"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
 )
@@ -155,7 +154,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		_ = vm.Kill()
 		return fmt.Errorf("reattach to the main process (session %d): %w", rec.Main, err)
 	}
-	w, err := sandboxlog.CreateLimited(a.LogPath(sb.ID), a.cfg.MaxLogBytes)
+	w, err := a.openLog(sb)
 	if err != nil {
 		guest.Close()
 		ln.Close()

@@ -56,6 +56,9 @@ type Config struct {
 	// MaxLogBytes caps each sandbox's stored output (default 256 MiB): a guest must not
 	// be able to fill the host's disk. Output past it is discarded.
 	MaxLogBytes int64
+	// MaxLogBytesPerOwner caps the stored output of one token's sandboxes on this node
+	// together (default 4 GiB; admins' too: it protects the node's disk).
+	MaxLogBytesPerOwner int64
 	// TemplateDiskMiB bounds the disk space of template snapshots (default 8192); the
 	// least recently used go first.
 	TemplateDiskMiB int
@@ -119,6 +122,10 @@ type Agent struct {
 	// image.GuardedTransport).
 	userPulls http.RoundTripper
 	pruneWake chan struct{} // a pull happened: see pruneImages
+
+	logMu      sync.Mutex
+	logBudgets map[string]*sandboxlog.Budget // by owner, made on first use
+	logOwners  map[string]string             // sandbox ID -> owner, for logs charged to a budget
 }
 
 // ErrNotRunning means the sandbox has no live VM on this node.
@@ -154,6 +161,9 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	}
 	if cfg.ScratchMiB == 0 {
 		cfg.ScratchMiB = 2048
+	}
+	if cfg.MaxLogBytesPerOwner == 0 {
+		cfg.MaxLogBytesPerOwner = 4 << 30
 	}
 	if cfg.MaxLogBytes == 0 {
 		cfg.MaxLogBytes = 256 << 20
@@ -432,7 +442,7 @@ func (a *Agent) Start(sb state.Sandbox) error {
 		a.mu.Unlock()
 		return fmt.Errorf("create sandbox directory: %w", err)
 	}
-	w, err := sandboxlog.CreateLimited(a.LogPath(sb.ID), a.cfg.MaxLogBytes)
+	w, err := a.openLog(sb)
 	if err != nil {
 		a.mu.Unlock()
 		return err
@@ -1048,11 +1058,67 @@ func (a *Agent) Stop(ctx context.Context, id string, grace time.Duration) error 
 	}
 }
 
+// openLog opens sb's output log, capped on its own (MaxLogBytes) and with its owner's
+// other logs on this node (MaxLogBytesPerOwner).
+func (a *Agent) openLog(sb state.Sandbox) (*sandboxlog.Writer, error) {
+	w, err := sandboxlog.CreateLimited(a.LogPath(sb.ID), a.cfg.MaxLogBytes)
+	if err != nil {
+		return nil, err
+	}
+	a.logMu.Lock()
+	defer a.logMu.Unlock()
+	if a.logBudgets == nil {
+		a.logBudgets, a.logOwners = map[string]*sandboxlog.Budget{}, map[string]string{}
+	}
+	b := a.logBudgets[sb.Owner]
+	if b == nil {
+		// What the owner's earlier logs on this node take (an agent restart, exited
+		// sandboxes not removed yet) counts from the start.
+		var used int64
+		if all, err := a.store.ListSandboxes(a.ctx); err == nil {
+			for _, o := range all {
+				if o.Owner == sb.Owner && o.ID != sb.ID {
+					if fi, err := os.Stat(a.LogPath(o.ID)); err == nil {
+						used += fi.Size()
+						a.logOwners[o.ID] = sb.Owner
+					}
+				}
+			}
+		}
+		b = sandboxlog.NewBudget(a.cfg.MaxLogBytesPerOwner, used)
+		a.logBudgets[sb.Owner] = b
+	}
+	if _, charged := a.logOwners[sb.ID]; !charged {
+		if fi, err := os.Stat(a.LogPath(sb.ID)); err == nil && fi.Size() > 0 {
+			b.Charge(fi.Size()) // an adopted sandbox's log so far
+		}
+	}
+	a.logOwners[sb.ID] = sb.Owner
+	w.SetBudget(b)
+	return w, nil
+}
+
+// releaseLog credits a removed sandbox's log back to its owner's budget.
+func (a *Agent) releaseLog(id string) {
+	fi, err := os.Stat(a.LogPath(id))
+	a.logMu.Lock()
+	defer a.logMu.Unlock()
+	owner, ok := a.logOwners[id]
+	if !ok {
+		return
+	}
+	delete(a.logOwners, id)
+	if b := a.logBudgets[owner]; b != nil && err == nil {
+		b.Give(fi.Size())
+	}
+}
+
 // Remove deletes what the node keeps for a finished sandbox.
 func (a *Agent) Remove(id string) error {
 	if _, err := a.lookup(id); err == nil {
 		return fmt.Errorf("sandbox %s is still running on this node", id)
 	}
+	a.releaseLog(id)
 	if err := os.RemoveAll(filepath.Join(a.sandboxRoot(), id)); err != nil {
 		return fmt.Errorf("remove sandbox files of %s: %w", id, err)
 	}

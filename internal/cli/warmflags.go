@@ -13,12 +13,13 @@ import (
 
 // warmFlags are a node's own template and warm-pool settings (dev and agent).
 type warmFlags struct {
-	templateDiskMiB, imageDiskMiB int
-	pools                         []string
+	templateDiskMiB, imageDiskMiB, logMiBPerToken int
+	pools                                         []string
 }
 
 func (w *warmFlags) register(fl *pflag.FlagSet) {
 	fl.IntVar(&w.templateDiskMiB, "template-disk-mib", 8192, "disk space for template snapshots, MiB; the least recently used are removed past it")
+	fl.IntVar(&w.logMiBPerToken, "log-mib-per-token", 4096, "stored output of one token's sandboxes on this node together, MiB; past it their output is discarded until finished ones are removed")
 	fl.IntVar(&w.imageDiskMiB, "image-disk-mib", 32768, "disk space for images (layers and root disks), MiB; the least recently used that nothing runs from are removed past it")
 	fl.StringArrayVar(&w.pools, "warm-pool", nil, "keep warm VMs of an image on this node: IMAGE=SIZE[:MAX] (repeatable; 'fireworks pool set' overrides it cluster-wide)")
 }
@@ -30,7 +31,11 @@ func (w *warmFlags) apply(cfg *agent.Config) error {
 	if w.imageDiskMiB < 1 {
 		return fmt.Errorf("--image-disk-mib %d: want at least 1", w.imageDiskMiB)
 	}
+	if w.logMiBPerToken < 1 {
+		return fmt.Errorf("--log-mib-per-token %d: want at least 1", w.logMiBPerToken)
+	}
 	cfg.TemplateDiskMiB, cfg.ImageDiskMiB = w.templateDiskMiB, w.imageDiskMiB
+	cfg.MaxLogBytesPerOwner = int64(w.logMiBPerToken) << 20
 	for _, p := range w.pools {
 		pool, err := parseWarmPool(p)
 		if err != nil {

@@ -34,6 +34,54 @@ type Writer struct {
 	limit     int64         // 0 = none
 	truncated bool
 	dropped   int64
+	budget    *Budget // shared with the owner's other logs, or nil
+}
+
+// Budget bounds the bytes several logs take together (one owner's on a node). It is
+// charged as they are written and credited when a log is removed.
+type Budget struct {
+	mu          sync.Mutex
+	limit, used int64
+}
+
+// NewBudget returns a budget of limit bytes, used bytes of it taken already.
+func NewBudget(limit, used int64) *Budget { return &Budget{limit: limit, used: used} }
+
+// take reserves up to n bytes and returns how many it got.
+func (b *Budget) take(n int64) int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	got := min(n, max(b.limit-b.used, 0))
+	b.used += got
+	return got
+}
+
+// Charge takes n bytes whatever the limit (a log that exists already).
+func (b *Budget) Charge(n int64) {
+	b.mu.Lock()
+	b.used += n
+	b.mu.Unlock()
+}
+
+// Give returns n bytes (a removed log's).
+func (b *Budget) Give(n int64) {
+	b.mu.Lock()
+	b.used = max(b.used-n, 0)
+	b.mu.Unlock()
+}
+
+// Used is the bytes taken.
+func (b *Budget) Used() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.used
+}
+
+// SetBudget makes w charge what it writes to b too (and stop at b's limit as at its own).
+func (w *Writer) SetBudget(b *Budget) {
+	w.mu.Lock()
+	w.budget = b
+	w.mu.Unlock()
 }
 
 // Create opens path for appending (creating it if needed), without a size limit.
@@ -75,24 +123,38 @@ func (w *Writer) Write(stream int, data []byte) error {
 	if w.closed {
 		return errors.New("sandbox log is closed")
 	}
+	if w.truncated {
+		w.dropped += int64(len(data))
+		return nil
+	}
+	notice := ""
 	if w.limit > 0 {
-		if w.truncated {
-			w.dropped += int64(len(data))
-			return nil
-		}
 		if room := w.limit - w.size - 5*int64(len(data)/maxRecord+1); int64(len(data)) > room {
 			keep := max(room, 0)
 			w.dropped += int64(len(data)) - keep
 			data = data[:keep]
-			w.truncated = true
-			defer func() {
-				// The notice may take the file slightly past the limit; it is small.
-				_ = w.writeRecords(Stderr, []byte(TruncationNotice(w.limit)))
-			}()
+			w.truncated, notice = true, TruncationNotice(w.limit)
 		}
+	}
+	if w.budget != nil && len(data) > 0 {
+		want := int64(len(data)) + 5*int64(len(data)/maxRecord+1)
+		if got := w.budget.take(want); got < want {
+			keep := max(got-5*int64(len(data)/maxRecord+1), 0)
+			w.dropped += int64(len(data)) - keep
+			data = data[:keep]
+			w.truncated, notice = true, OwnerBudgetNotice
+		}
+	}
+	if notice != "" {
+		// The notice may take the file slightly past the limit; it is small.
+		defer func() { _ = w.writeRecords(Stderr, []byte(notice)) }()
 	}
 	return w.writeRecords(stream, data)
 }
+
+// OwnerBudgetNotice is the stderr record written when the owner's logs on the node reach
+// their budget.
+const OwnerBudgetNotice = "\n[fireworks: this token's sandbox logs on this node reached their limit; further output is discarded (remove finished sandboxes to make room)]\n"
 
 // writeRecords appends data as records and wakes followers. Called with w.mu held.
 func (w *Writer) writeRecords(stream int, data []byte) error {

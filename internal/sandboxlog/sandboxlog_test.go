@@ -138,3 +138,35 @@ func TestLimitedLogStopsGrowing(t *testing.T) {
 		t.Errorf("reopened log grew from %d to %d", fi.Size(), fi2.Size())
 	}
 }
+
+// Logs sharing a budget stop together at its limit (each with a notice), and a removed
+// log's bytes make room again.
+func TestSharedBudget(t *testing.T) {
+	dir := t.TempDir()
+	b := NewBudget(100, 0)
+	var ws []*Writer
+	for _, name := range []string{"a", "b"} {
+		w, err := CreateLimited(filepath.Join(dir, name), 1<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.SetBudget(b)
+		ws = append(ws, w)
+	}
+	if err := ws[0].Write(Stdout, make([]byte, 60)); err != nil {
+		t.Fatal(err)
+	}
+	if err := ws[1].Write(Stdout, make([]byte, 60)); err != nil {
+		t.Fatal(err)
+	}
+	if b.Used() > 100 {
+		t.Errorf("the budget holds %d bytes, past its 100", b.Used())
+	}
+	if ws[1].Dropped() == 0 {
+		t.Error("the second log wrote past the shared budget")
+	}
+	b.Give(65)
+	if b.Used() > 35 {
+		t.Errorf("after a removal the budget holds %d", b.Used())
+	}
+}

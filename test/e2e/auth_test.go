@@ -99,3 +99,34 @@ func TestTokensAndRoles(t *testing.T) {
 		t.Error("an unauthenticated call removed a sandbox")
 	}
 }
+
+// One token's sandboxes on a node share a log budget (--log-mib-per-token): past it their
+// output is cut with a notice, and removing finished ones makes room again.
+func TestLogBudgetPerToken(t *testing.T) {
+	need(t)
+	restartDev(t, "--log-mib-per-token", "1")
+	t.Cleanup(func() { restartDev(t) })
+	ctx := context.Background()
+	secret := strings.TrimSpace(fw(t, 0, "token", "create", "--role", "user", "--name", "log-budget").stdout)
+	user := []string{"FIREWORKS_TOKEN=" + secret}
+	run := func(name string) string {
+		r := world.cliEnv(ctx, user, nil, "run", "--name", name, image("busybox:latest"), "--", "sh", "-c", "head -c 800000 /dev/zero | tr '\\0' x")
+		if r.code != 0 {
+			t.Fatalf("run %s: %d %s", name, r.code, r.stderr)
+		}
+		l := world.cliEnv(ctx, user, nil, "logs", name)
+		return l.stdout + l.stderr // the notice is on stderr
+	}
+	if got := run("log-a"); strings.Count(got, "x") != 800000 {
+		t.Fatalf("the first run's log holds %d bytes of output, want all 800000", strings.Count(got, "x"))
+	}
+	got := run("log-b") // 1.6 MB together: past the 1 MiB budget
+	if n := strings.Count(got, "x"); n >= 800000 || !strings.Contains(got, "reached their limit") {
+		t.Errorf("the second run's log kept %d bytes and no notice: the budget was not shared", n)
+	}
+	world.cliEnv(ctx, user, nil, "rm", "log-a", "log-b")
+	if got := run("log-c"); strings.Count(got, "x") != 800000 {
+		t.Errorf("after removing finished sandboxes, a run's log holds %d bytes, want all 800000", strings.Count(got, "x"))
+	}
+	world.cliEnv(ctx, user, nil, "rm", "log-c")
+}
