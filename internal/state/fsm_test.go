@@ -469,3 +469,34 @@ func TestFSMOwnedLookups(t *testing.T) {
 		t.Errorf("an admin's prefix abcd: %v, want ambiguous", err)
 	}
 }
+
+// A sandbox's history in the state is bounded: restarted forever, it keeps its first
+// event and the latest ones; reasons (which may quote a guest) are cut.
+func TestFSMEventsBounded(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	cmds := [][]byte{mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "r1", CreatedAt: t0}})}
+	long := strings.Repeat("x", 10000)
+	for i := range 200 {
+		at := t0.Add(time.Duration(i) * time.Second)
+		cmds = append(cmds,
+			mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "r1", Update: Update{Status: ptr(StatusStarting), Node: ptr("n1"), Time: at}}),
+			mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "r1", Update: Update{Status: ptr(StatusFailed), Reason: long, Time: at}}),
+			mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "r1", Update: Update{Status: ptr(StatusPending), Restart: true, Reason: "again", Time: at}}))
+	}
+	applyAll(f, cmds)
+	sb, err := f.get("r1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sb.Events) > maxEvents || sb.Events[0].Reason != "created" && sb.Events[0].Status != StatusPending {
+		t.Errorf("%d events, first %+v", len(sb.Events), sb.Events[0])
+	}
+	for _, e := range sb.Events {
+		if len(e.Reason) > maxReasonBytes+3 {
+			t.Fatalf("an event reason of %d bytes", len(e.Reason))
+		}
+	}
+	if sb.Restarts != 200 {
+		t.Errorf("restarts %d", sb.Restarts)
+	}
+}

@@ -364,6 +364,30 @@ func (sb *Sandbox) validateNew() error {
 	return nil
 }
 
+// Bounds on a sandbox's history in the replicated state: a sandbox restarted forever, or
+// reasons quoting a guest's output, must not grow every server's state without end.
+const (
+	maxEvents      = 64
+	maxReasonBytes = 1024
+)
+
+// addEvent appends e, keeping the first event (the creation) and the latest ones.
+func (sb *Sandbox) addEvent(e Event) {
+	e.Reason = boundReason(e.Reason)
+	sb.Events = append(sb.Events, e) // sb is a clone: its Events are its own
+	if n := len(sb.Events); n > maxEvents {
+		sb.Events = append(sb.Events[:1], sb.Events[n-maxEvents+1:]...)
+	}
+}
+
+// boundReason cuts a status reason to maxReasonBytes.
+func boundReason(r string) string {
+	if len(r) > maxReasonBytes {
+		return r[:maxReasonBytes] + "…"
+	}
+	return r
+}
+
 // apply changes sb in place according to u; on error sb may be partly changed, so callers
 // apply to a clone.
 func (sb *Sandbox) apply(u Update) error {
@@ -382,8 +406,8 @@ func (sb *Sandbox) apply(u Update) error {
 			return fmt.Errorf("%w: sandbox was stopped by a user, it is not restarted", ErrInvalidTransition)
 		}
 		sb.Status = StatusPending
-		sb.Reason = u.Reason
-		sb.Events = append(sb.Events, Event{Time: t, Status: StatusPending, Reason: u.Reason})
+		sb.Reason = boundReason(u.Reason)
+		sb.addEvent(Event{Time: t, Status: StatusPending, Reason: u.Reason})
 		sb.Restarts++
 		sb.Node, sb.ExitCode, sb.Signal = "", 0, 0
 		sb.StartedAt, sb.FinishedAt = time.Time{}, time.Time{}
@@ -394,7 +418,7 @@ func (sb *Sandbox) apply(u Update) error {
 		sb.Spec.Policy, sb.Spec.PolicyAdmin = *u.Policy, u.PolicyAdmin
 	}
 	if u.PendingReason != nil && sb.Status == StatusPending {
-		sb.Reason = *u.PendingReason
+		sb.Reason = boundReason(*u.PendingReason)
 	}
 	if u.StopGrace != nil && sb.StopRequestedAt.IsZero() {
 		sb.StopRequestedAt, sb.StopGrace = t, *u.StopGrace
@@ -406,8 +430,8 @@ func (sb *Sandbox) apply(u Update) error {
 		}
 		if to != sb.Status {
 			sb.Status = to
-			sb.Reason = u.Reason
-			sb.Events = append(sb.Events, Event{Time: t, Status: to, Reason: u.Reason})
+			sb.Reason = boundReason(u.Reason)
+			sb.addEvent(Event{Time: t, Status: to, Reason: u.Reason})
 			if to == StatusRunning {
 				sb.StartedAt = t
 			}

@@ -124,7 +124,7 @@ func (f *fsm) placeSandboxes(c placeSandboxesCmd) any {
 				next := sb.clone()
 				next.Node = p.NodeID
 				next.Reason = "placed on node " + p.NodeID
-				next.Events = append(next.Events, Event{Time: utc(c.Time), Status: StatusPending, Reason: next.Reason})
+				next.addEvent(Event{Time: utc(c.Time), Status: StatusPending, Reason: next.Reason})
 				f.sandboxes[sb.ID] = next
 				snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: sb.ID, NodeID: p.NodeID, Resources: req.Resources})
 			}
