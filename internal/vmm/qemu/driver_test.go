@@ -10,9 +10,11 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
 )
 
@@ -223,5 +225,34 @@ func TestTamperedTemplateRefused(t *testing.T) {
 	}
 	if err := sealed(snap); !errors.Is(err, ErrTemplateTampered) {
 		t.Fatalf("a template written after its save: %v", err)
+	}
+}
+
+// The host changes owners and modes of a VMM's files without following a symlink the VMM
+// may have put in their place (its run directory is its own).
+func TestSetOwnerRefusesSymlinks(t *testing.T) {
+	if os.Geteuid() != 0 {
+		testutil.Skipf(t, "chown needs root")
+	}
+	dir := t.TempDir()
+	victim, link := filepath.Join(dir, "victim"), filepath.Join(dir, "console.log")
+	if err := os.WriteFile(victim, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(victim, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := setOwner(link, syscall.S_IFREG, 4000123, 4000123, 0o666); err == nil {
+		t.Error("setOwner followed a symlink")
+	}
+	fi, _ := os.Stat(victim)
+	if st := fi.Sys().(*syscall.Stat_t); st.Uid != 0 || fi.Mode().Perm() != 0o600 {
+		t.Errorf("the link's target changed: uid %d mode %v", st.Uid, fi.Mode())
+	}
+	if err := setOwner(victim, syscall.S_IFREG, 4000123, 4000123, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Stat(victim); fi.Sys().(*syscall.Stat_t).Uid != 4000123 || fi.Mode().Perm() != 0o640 {
+		t.Errorf("a plain file: uid %d mode %v", fi.Sys().(*syscall.Stat_t).Uid, fi.Mode())
 	}
 }

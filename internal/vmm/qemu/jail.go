@@ -42,10 +42,40 @@ func (d *Driver) ShareSocket(path string) error {
 	if d.cfg.Jail == nil {
 		return nil
 	}
-	if err := os.Chown(path, 0, d.cfg.Jail.GID); err != nil {
+	if err := setOwner(path, unix.S_IFSOCK, 0, d.cfg.Jail.GID, 0o660); err != nil {
 		return fmt.Errorf("share %s with the VMMs: %w", path, err)
 	}
-	return os.Chmod(path, 0o660)
+	return nil
+}
+
+// setOwner gives the file at path (which must be of type typ, an S_IF* value) owner
+// uid:gid and permissions mode (mode < 0: unchanged). It never follows a symlink: a run
+// directory belongs to its VMM's user, and a VMM taken over by its guest could put a
+// symlink where the host expects its socket or log, to have the host chown something
+// else. The change is made through a descriptor of the very file checked.
+func setOwner(path string, typ uint32, uid, gid, mode int) error {
+	fd, err := unix.Open(path, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT != typ {
+		return fmt.Errorf("%s is not what the VMM's file should be (mode %o)", path, st.Mode)
+	}
+	if err := unix.Fchownat(fd, "", uid, gid, unix.AT_EMPTY_PATH); err != nil {
+		return err
+	}
+	if mode >= 0 {
+		// chmod has no AT_EMPTY_PATH; the descriptor's /proc link names the same inode.
+		if err := unix.Chmod("/proc/self/fd/"+strconv.Itoa(fd), uint32(mode)); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // uids hands out the jail users of live VMs.
@@ -133,20 +163,29 @@ func filesOf(s vmm.Spec) jailFiles {
 // memory) readable, or for template memory writable, to the VMM group, not to others.
 func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 	f := filesOf(s)
-	own := func(p string) error {
-		if err := os.Chown(p, uid, j.GID); err != nil {
+	own := func(p string, typ uint32, mode int) error {
+		if err := setOwner(p, typ, uid, j.GID, mode); err != nil {
 			return fmt.Errorf("jail: give %s to the VMM user: %w", p, err)
 		}
 		return nil
 	}
-	if err := own(s.Dir); err != nil {
+	// The run directory may be a link the agent made (run/<id> to a slot's directory,
+	// in a directory only root writes): resolve it, then never follow a link again.
+	dir, err := filepath.EvalSymlinks(s.Dir)
+	if err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	if err := own(dir, unix.S_IFDIR, 0o700); err != nil {
 		return err
 	}
 	// The sockets the host listens on (QEMU connects: it needs write permission on
 	// them) and what an earlier QEMU of this directory left.
-	for _, p := range []string{s.AgentSocket, filepath.Join(s.Dir, consoleLog), filepath.Join(s.Dir, qmpSocket)} {
-		if _, err := os.Lstat(p); err == nil {
-			if err := own(p); err != nil {
+	for _, p := range []struct {
+		path string
+		typ  uint32
+	}{{s.AgentSocket, unix.S_IFSOCK}, {filepath.Join(s.Dir, consoleLog), unix.S_IFREG}, {filepath.Join(s.Dir, qmpSocket), unix.S_IFSOCK}} {
+		if _, err := os.Lstat(p.path); err == nil {
+			if err := own(p.path, p.typ, -1); err != nil {
 				return err
 			}
 		}
@@ -155,7 +194,7 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 		if fd, err := os.OpenFile(s.MemoryFile, os.O_CREATE|os.O_WRONLY, 0o600); err == nil {
 			fd.Close()
 		}
-		if err := own(s.MemoryFile); err != nil {
+		if err := own(s.MemoryFile, unix.S_IFREG, 0o600); err != nil {
 			return err
 		}
 	}
@@ -163,14 +202,11 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 		if d.ReadOnly {
 			continue
 		}
-		if _, err := os.Stat(d.Path); err == nil { // a restore's comes later: Start again
-			if err := own(d.Path); err != nil {
+		if _, err := os.Lstat(d.Path); err == nil { // a restore's comes later: Start again
+			// 0600: root wrote through any mode, the VMM's user needs the bits (a copy
+			// of a template's read-only scratch disk is 0400).
+			if err := own(d.Path, unix.S_IFREG, 0o600); err != nil {
 				return err
-			}
-			// Root wrote through any mode; the VMM's user needs the bits (a copy of a
-			// template's read-only scratch disk is 0400).
-			if err := os.Chmod(d.Path, 0o600); err != nil {
-				return fmt.Errorf("jail: %w", err)
 			}
 		}
 	}
@@ -180,10 +216,7 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 		}
 		// Shared by every VM restored from the template: the host's, writable to the
 		// VMMs' group (see filesOf), never one VMM user's.
-		if err := os.Chown(s.Restore.MemoryFile, 0, j.GID); err != nil {
-			return fmt.Errorf("jail: template memory for the VMM group: %w", err)
-		}
-		if err := os.Chmod(s.Restore.MemoryFile, 0o660); err != nil {
+		if err := setOwner(s.Restore.MemoryFile, unix.S_IFREG, 0, j.GID, 0o660); err != nil {
 			return fmt.Errorf("jail: template memory for the VMM group: %w", err)
 		}
 	}
@@ -234,15 +267,8 @@ func groupAccess(path string, gid int, perm os.FileMode) error {
 	if perm == 0o040 && fi.Mode().Perm()&0o004 != 0 {
 		return nil // everyone may read it already
 	}
-	if int(st.Gid) != gid {
-		if err := os.Chown(path, int(st.Uid), gid); err != nil {
-			return fmt.Errorf("jail: %s to the VMM group: %w", path, err)
-		}
-	}
-	if fi.Mode().Perm()&perm != perm {
-		if err := os.Chmod(path, fi.Mode().Perm()|perm); err != nil {
-			return fmt.Errorf("jail: %s for the VMM group: %w", path, err)
-		}
+	if err := setOwner(path, unix.S_IFREG, int(st.Uid), gid, int(fi.Mode().Perm()|perm)); err != nil {
+		return fmt.Errorf("jail: %s for the VMM group: %w", path, err)
 	}
 	return nil
 }

@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // maxStateBytes bounds the device state a snapshot may write. With guest RAM excluded
@@ -57,7 +59,7 @@ func (v *vm) snapshot(ctx context.Context, stateFile string) error {
 	v.mu.Unlock()
 	if uid != 0 {
 		// A jailed QEMU connects as its own user.
-		if err := os.Chown(sock, uid, v.d.cfg.Jail.GID); err != nil {
+		if err := setOwner(sock, unix.S_IFSOCK, uid, v.d.cfg.Jail.GID, -1); err != nil {
 			ln.Close()
 			return fmt.Errorf("the migration socket for the VMM user: %w", err)
 		}
