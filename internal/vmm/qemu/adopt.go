@@ -29,6 +29,19 @@ func (d *Driver) Adopt(ctx context.Context, dir string) (vmm.VM, error) {
 	if err := json.Unmarshal(b, &st); err != nil || st.PID <= 0 {
 		return nil, fmt.Errorf("adopt VM in %s: bad %s: %v", dir, stateFile, err)
 	}
+	// What vm.json names must be this VM's: its QMP socket in its own directory, its
+	// cgroups named after it under this driver's, its user in the jail's range.
+	if st.QMP != filepath.Join(dir, qmpSocket) && st.QMP != filepath.Join(dir, "qmp.sock") {
+		return nil, fmt.Errorf("adopt VM in %s: %s names QMP socket %s outside it", dir, stateFile, st.QMP)
+	}
+	for _, cg := range st.Cgroups {
+		if !strings.HasPrefix(cg, "/sys/fs/cgroup/") || filepath.Base(cg) != st.ID || d.cfg.Jail == nil || filepath.Base(filepath.Dir(cg)) != d.cfg.Jail.CgroupName {
+			return nil, fmt.Errorf("adopt VM in %s: %s names cgroup %s, not this VM's", dir, stateFile, cg)
+		}
+	}
+	if st.UID != 0 && (d.cfg.Jail == nil || st.UID < d.cfg.Jail.UIDBase || st.UID >= d.cfg.Jail.UIDBase+d.cfg.Jail.UIDCount) {
+		return nil, fmt.Errorf("adopt VM in %s: %s names user %d, not a jail user", dir, stateFile, st.UID)
+	}
 	if st.Accel != d.cfg.Accel {
 		d.log.Warn("adopting a VM started with another accelerator", "vm", st.ID, "accel", st.Accel)
 	}

@@ -256,3 +256,40 @@ func TestSetOwnerRefusesSymlinks(t *testing.T) {
 		t.Errorf("a plain file: uid %d mode %v", fi.Sys().(*syscall.Stat_t).Uid, fi.Mode())
 	}
 }
+
+// The host reads and cuts a VMM's console log without following a link the VMM put in
+// its place: a host file is neither shown to the user nor truncated.
+func TestConsoleLogLinkNotFollowed(t *testing.T) {
+	dir := t.TempDir()
+	secret := filepath.Join(dir, "host-secret")
+	if err := os.WriteFile(secret, append([]byte("root:hash:"), make([]byte, 2<<20)...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	log := filepath.Join(dir, "console.log")
+	if err := os.Symlink(secret, log); err != nil {
+		t.Fatal(err)
+	}
+	if tail := consoleTail(log); tail != "" {
+		t.Errorf("the console tail read through a link: %q", tail[:min(len(tail), 40)])
+	}
+	if err := trimLog(log, 1<<20); err == nil {
+		t.Error("trimLog went through a link")
+	}
+	if fi, _ := os.Stat(secret); fi.Size() <= 2<<20 {
+		t.Errorf("the link's target was cut to %d bytes", fi.Size())
+	}
+}
+
+// vm.json naming a QMP socket outside the VM's directory (another VM's) is refused.
+func TestAdoptRefusesForeignQMP(t *testing.T) {
+	d := &Driver{cfg: Config{Accel: "tcg"}, log: discardLogger()}
+	dir := t.TempDir()
+	st := persisted{ID: "x", PID: os.Getpid(), StartTime: procStartTime(os.Getpid()), QMP: "/tmp/other-vm/vmm/qmp.sock", Accel: "tcg"}
+	b, _ := json.Marshal(st)
+	if err := os.WriteFile(filepath.Join(dir, stateFile), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Adopt(context.Background(), dir); err == nil || !strings.Contains(err.Error(), "outside it") {
+		t.Errorf("adopting with a foreign QMP socket: %v", err)
+	}
+}

@@ -170,12 +170,16 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 		return nil
 	}
 	// The run directory may be a link the agent made (run/<id> to a slot's directory,
-	// in a directory only root writes): resolve it, then never follow a link again.
+	// in a directory only root writes): resolve it, then never follow a link again. It
+	// stays root's (searchable by the VMM); only its vmm/ part is the VMM's.
 	dir, err := filepath.EvalSymlinks(s.Dir)
 	if err != nil {
 		return fmt.Errorf("jail: %w", err)
 	}
-	if err := own(dir, unix.S_IFDIR, 0o700); err != nil {
+	if err := setOwner(dir, unix.S_IFDIR, 0, 0, 0o711); err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	if err := own(filepath.Join(dir, vmmDir), unix.S_IFDIR, 0o700); err != nil {
 		return err
 	}
 	// The sockets the host listens on (QEMU connects: it needs write permission on

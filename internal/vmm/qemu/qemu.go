@@ -24,8 +24,13 @@ import (
 
 // Files in a VM's run directory.
 const (
-	qmpSocket   = "qmp.sock"
-	consoleLog  = "console.log"
+	// vmmDir is the part of a run directory the VMM writes: its QMP socket and console
+	// log. It is the jailed VMM's own; the run directory itself stays the host's, so a VMM
+	// taken over by its guest cannot replace the files the host keeps there (vm.json,
+	// net-owner, the guest channel's socket).
+	vmmDir      = "vmm"
+	qmpSocket   = vmmDir + "/qmp.sock"
+	consoleLog  = vmmDir + "/console.log"
 	cmdlineFile = "qemu.cmdline"
 	stderrFile  = "qemu.stderr"
 	pidFile     = "qemu.pid"
@@ -133,7 +138,7 @@ func (d *Driver) Create(ctx context.Context, spec vmm.Spec) (vmm.VM, error) {
 	if err := d.validate(spec); err != nil {
 		return nil, fmt.Errorf("create VM %s: %w", spec.ID, err)
 	}
-	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Join(spec.Dir, vmmDir), 0o700); err != nil {
 		return nil, fmt.Errorf("create VM %s: run directory: %w", spec.ID, err)
 	}
 	args := d.args(spec)

@@ -683,16 +683,17 @@ func (v *vm) guardConsole() {
 }
 
 func trimLog(path string, max int64) error {
-	fi, err := os.Stat(path)
-	if err != nil || fi.Size() <= max {
-		return err
-	}
-	keep := max / 4
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND, 0)
+	// The log is in the VMM's part of the run directory: never follow a link there.
+	f, err := openOwnFile(path, os.O_RDWR|os.O_APPEND)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || fi.Size() <= max {
+		return err
+	}
+	keep := max / 4
 	tail := make([]byte, keep)
 	n, err := f.ReadAt(tail, fi.Size()-keep)
 	if err != nil && err != io.EOF {
@@ -721,8 +722,23 @@ func panicMessage(path string) string {
 // consoleTail returns the last lines of the console log (at most ~4 KiB).
 func consoleTail(path string) string { return readTail(path, 4096) }
 
+// openOwnFile opens a regular file in a VMM's part of its run directory, never through
+// a symlink (a VMM taken over by its guest could link its console log to a host file, to
+// have the host read it back to the user or cut it).
+func openOwnFile(path string, flag int) (*os.File, error) {
+	f, err := os.OpenFile(path, flag|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	return f, nil
+}
+
 func readTail(path string, n int64) string {
-	f, err := os.Open(path)
+	f, err := openOwnFile(path, os.O_RDONLY)
 	if err != nil {
 		return ""
 	}
