@@ -58,17 +58,28 @@ func Of(c net.Conn) (int, error) {
 	if !remote.Addr().Unmap().IsLoopback() {
 		return -1, fmt.Errorf("peer %s is not on loopback", remote)
 	}
+	local, err := netip.ParseAddrPort(c.LocalAddr().String())
+	if err != nil {
+		return -1, fmt.Errorf("local address %s: %w", c.LocalAddr(), err)
+	}
 	for _, table := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		uid, err := find(table, remote)
+		uid, err := find(table, remote, local)
 		if err == nil {
 			return uid, nil
 		}
 	}
-	return -1, fmt.Errorf("no socket at %s in /proc/net/tcp", remote)
+	return -1, fmt.Errorf("no connected socket %s -> %s in /proc/net/tcp", remote, local)
 }
 
-// find looks up the socket whose local address is a in table.
-func find(table string, a netip.AddrPort) (int, error) {
+// same compares two addresses, an IPv4-mapped IPv6 one equal to its IPv4 form.
+func same(a, b netip.AddrPort) bool { return a.Addr().Unmap() == b.Addr().Unmap() && a.Port() == b.Port() }
+
+// find looks up the socket from a to b in table: the whole connection, and a socket a
+// process holds (an inode). TIME_WAIT and orphaned FIN_WAIT2 entries have no inode and
+// are listed with uid 0 whoever owned them, so matching an address alone, or such an
+// entry, would let another user who reuses an address (or a connection's 4-tuple) pass
+// for root.
+func find(table string, a, b netip.AddrPort) (int, error) {
 	f, err := os.Open(table)
 	if err != nil {
 		return -1, err
@@ -78,12 +89,16 @@ func find(table string, a netip.AddrPort) (int, error) {
 	sc.Scan() // header
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) < 8 {
+		if len(fields) < 10 {
 			continue
 		}
-		local, err := parse(fields[1])
-		if err != nil || local != a && !(local.Addr().Unmap() == a.Addr().Unmap() && local.Port() == a.Port()) {
+		local, err1 := parse(fields[1])
+		remote, err2 := parse(fields[2])
+		if err1 != nil || err2 != nil || !same(local, a) || !same(remote, b) {
 			continue
+		}
+		if fields[9] == "0" {
+			continue // no process holds it
 		}
 		return strconv.Atoi(fields[7])
 	}

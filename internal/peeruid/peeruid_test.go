@@ -36,12 +36,14 @@ func TestSameUser(t *testing.T) {
 		}
 	}()
 	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
-	out, err := exec.Command("busybox", "nc", "-w", "3", "127.0.0.1", port).CombinedOutput()
+	// The clients keep their side open for a moment, as a real one (Envoy, a gRPC
+	// client) does.
+	out, err := exec.Command("sh", "-c", "sleep 1 | busybox nc -w 3 127.0.0.1 "+port).CombinedOutput()
 	if err != nil || string(out) != "admitted\n" {
 		t.Fatalf("this user's connection: %v %q", err, out)
 	}
 	<-got
-	out, _ = exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busybox", "nc", "-w", "3", "127.0.0.1", port).CombinedOutput()
+	out, _ = exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", "sleep 1 | busybox nc -w 3 127.0.0.1 "+port).CombinedOutput()
 	if string(out) == "admitted\n" {
 		t.Fatalf("another user's connection was admitted")
 	}
