@@ -385,7 +385,7 @@ func (a *Agent) imageInUse(digest string) bool {
 func (a *Agent) PullOptions(insecure []string, private bool) image.PullOptions {
 	o := image.PullOptions{InsecureRegistries: insecure}
 	if !private {
-		o.Transport = a.userPulls
+		o.Transport, o.User = a.userPulls, true
 	}
 	return o
 }

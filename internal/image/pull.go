@@ -46,7 +46,7 @@ func (s *Store) pull(ctx context.Context, ref string, opts PullOptions) (*Image,
 	if err != nil {
 		return nil, fmt.Errorf("platform %q: %w", plat, err)
 	}
-	img, err := resolve(ctx, p, *platform, opts.InsecureRegistries, opts.Transport)
+	img, err := resolve(ctx, p, *platform, opts.InsecureRegistries, opts.Transport, opts.User)
 	if err != nil {
 		return nil, err
 	}
@@ -102,6 +102,7 @@ func (s *Store) pull(ctx context.Context, ref string, opts PullOptions) (*Image,
 		return nil, err
 	}
 	if r, ok := idx.Images[digest]; ok && s.haveBlobs(need) {
+		r.Public = r.Public || opts.User
 		out, err := s.tagLocked(idx, r, canonical)
 		s.mu.Unlock()
 		if err == nil {
@@ -135,6 +136,7 @@ func (s *Store) pull(ctx context.Context, ref string, opts PullOptions) (*Image,
 		Size:         total,
 		Created:      cfg.Created.Time,
 		Pulled:       time.Now().UTC(),
+		Public:       opts.User,
 		Config: Config{
 			Entrypoint: cfg.Config.Entrypoint,
 			Cmd:        cfg.Config.Cmd,
@@ -155,6 +157,7 @@ func (s *Store) pull(ctx context.Context, ref string, opts PullOptions) (*Image,
 	}
 	if old, ok := idx.Images[digest]; ok {
 		rec.Refs = old.Refs // a concurrent pull of another name for it
+		rec.Public = rec.Public || old.Public
 	}
 	idx.Images[digest] = rec
 	return s.tagLocked(idx, rec, canonical)

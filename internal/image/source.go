@@ -121,10 +121,10 @@ func splitLocal(s string, wantDir bool) (path, tag string) {
 }
 
 // resolve turns a reference into the image to pull for platform.
-func resolve(ctx context.Context, p sourceRef, platform v1.Platform, insecure []string, tr http.RoundTripper) (v1.Image, error) {
+func resolve(ctx context.Context, p sourceRef, platform v1.Platform, insecure []string, tr http.RoundTripper, anonymous bool) (v1.Image, error) {
 	switch {
 	case p.registry != nil:
-		return resolveRegistry(ctx, p.registry, platform, insecure, tr)
+		return resolveRegistry(ctx, p.registry, platform, insecure, tr, anonymous)
 	case p.prefix == OCIPrefix:
 		return resolveLayout(p, platform)
 	default:
@@ -181,7 +181,7 @@ func reachable(a netip.Addr, allow []netip.Prefix) error {
 	return nil
 }
 
-func resolveRegistry(ctx context.Context, ref name.Reference, platform v1.Platform, insecure []string, tr http.RoundTripper) (v1.Image, error) {
+func resolveRegistry(ctx context.Context, ref name.Reference, platform v1.Platform, insecure []string, tr http.RoundTripper, anonymous bool) (v1.Image, error) {
 	if tr == nil {
 		tr = registryTransport
 	}
@@ -193,10 +193,15 @@ func resolveRegistry(ctx context.Context, ref name.Reference, platform v1.Platfo
 		}
 		ref = r
 	}
+	// A user's pull never borrows the node's registry credentials.
+	auth := remote.WithAuthFromKeychain(authn.DefaultKeychain)
+	if anonymous {
+		auth = remote.WithAuth(authn.Anonymous)
+	}
 	desc, err := remote.Get(ref,
 		remote.WithContext(ctx),
 		remote.WithTransport(tr),
-		remote.WithAuthFromKeychain(authn.DefaultKeychain),
+		auth,
 		remote.WithUserAgent("fireworks"))
 	if err != nil {
 		return nil, fmt.Errorf("fetch manifest of %s: %w", ref, err)

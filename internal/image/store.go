@@ -78,6 +78,9 @@ type Image struct {
 	Created time.Time
 	// RootDisk is the path of the built root disk, empty until RootDisk ran.
 	RootDisk string
+	// Public says a user's pull (PullOptions.User) resolved it: its content is what
+	// anyone may fetch anonymously from a public address.
+	Public bool
 }
 
 // Progress reports one layer's download.
@@ -98,6 +101,10 @@ type PullOptions struct {
 	Progress func(Progress)
 	// Transport, if set, carries the registry traffic (GuardedTransport for a user's).
 	Transport http.RoundTripper
+	// User marks a pull a user asked for: it goes anonymously (never with the node's
+	// registry credentials), and the cache serves it only images a user's pull resolved
+	// (not what an admin pulled from a private registry or a local path).
+	User bool
 }
 
 // Option configures a Store.
@@ -144,6 +151,7 @@ type record struct {
 	Pulled       time.Time     `json:"pulled"`
 	ConfigDigest string        `json:"configDigest"`
 	Layers       []layerRecord `json:"layers"`
+	Public       bool          `json:"public,omitempty"` // see Image.Public
 }
 
 type layerRecord struct {
@@ -349,7 +357,7 @@ func (s *Store) lockDigest(ctx context.Context, digest string) (unlock func(), e
 }
 
 func (s *Store) toImage(r *record, ref string) Image {
-	img := Image{Ref: ref, Digest: r.Digest, Config: r.Config, Size: r.Size, Created: r.Created}
+	img := Image{Ref: ref, Digest: r.Digest, Config: r.Config, Size: r.Size, Created: r.Created, Public: r.Public}
 	if p := s.diskPath(r.Digest, s.fsType); fileExists(p) {
 		img.RootDisk = p
 	}
@@ -438,11 +446,11 @@ func isHex(s string) bool {
 // Ensure returns the local image for ref, pulling it if there is none.
 func (s *Store) Ensure(ctx context.Context, ref string, opts PullOptions) (*Image, error) {
 	img, err := s.Get(ctx, ref)
-	if err == nil {
+	if err == nil && (!opts.User || img.Public) {
 		s.touch(img.Digest)
 		return img, nil
 	}
-	if !errors.Is(err, ErrNotFound) {
+	if err != nil && !errors.Is(err, ErrNotFound) {
 		return nil, err
 	}
 	if img, err = s.Pull(ctx, ref, opts); err == nil {

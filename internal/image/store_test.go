@@ -8,6 +8,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -905,5 +906,31 @@ func TestPruneUnderBudget(t *testing.T) {
 	}
 	if _, err := s.Get(ctx, digests["c"]); err != nil {
 		t.Errorf("the image in use is gone: %v", err)
+	}
+}
+
+// A user's pull is not served what an admin pulled (a private registry, a local path):
+// not by a digest prefix, and by name only after resolving it itself, anonymously,
+// through the guarded transport.
+func TestUserPullsDoNotGetAdminImages(t *testing.T) {
+	src := testimage.Busybox(t, testimage.Cmd("private"))
+	host := testimage.Serve(t, map[string]v1.Image{"x:a": src})
+	s, _ := openStore(t)
+	admin, err := s.Pull(ctx, host+"/x:a", insecure(host))
+	if err != nil {
+		t.Fatal(err)
+	}
+	user := image.PullOptions{InsecureRegistries: []string{host}, User: true,
+		Transport: image.GuardedTransport([]netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")})}
+	if img, err := s.Ensure(ctx, strings.TrimPrefix(admin.Digest, "sha256:")[:8], user); err == nil {
+		t.Errorf("a user got the admin's image by a digest prefix: %+v", img)
+	}
+	img, err := s.Ensure(ctx, host+"/x:a", user)
+	if err != nil || !img.Public || img.Digest != admin.Digest {
+		t.Fatalf("a user's pull by name: %+v %v", img, err)
+	}
+	// Resolved by a user's pull, it is served to users from the cache from now on.
+	if img, err := s.Ensure(ctx, strings.TrimPrefix(admin.Digest, "sha256:")[:8], user); err != nil || img.Digest != admin.Digest {
+		t.Errorf("a public image by prefix: %+v %v", img, err)
 	}
 }
