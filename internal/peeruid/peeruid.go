@@ -72,7 +72,9 @@ func Of(c net.Conn) (int, error) {
 }
 
 // same compares two addresses, an IPv4-mapped IPv6 one equal to its IPv4 form.
-func same(a, b netip.AddrPort) bool { return a.Addr().Unmap() == b.Addr().Unmap() && a.Port() == b.Port() }
+func same(a, b netip.AddrPort) bool {
+	return a.Addr().Unmap() == b.Addr().Unmap() && a.Port() == b.Port()
+}
 
 // find looks up the socket from a to b in table: the whole connection, and a socket a
 // process holds (an inode). TIME_WAIT and orphaned FIN_WAIT2 entries have no inode and
