@@ -241,7 +241,12 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 		}
 		allow = append(allow, p.Masked())
 	}
-	a.userPulls = image.GuardedTransport(allow)
+	a.userPulls = image.GuardedTransport(allow, func() []netip.Prefix {
+		if a.net == nil {
+			return nil
+		}
+		return a.net.protected() // the node's own addresses, metadata, the sandbox range, --deny-cidr
+	})
 	a.cfg = cfg
 	if a.net, err = newNetManager(ctx, a.log, cfg.DataDir, rng, cfg.Nameservers, extra); err != nil {
 		return nil, err

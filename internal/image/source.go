@@ -149,7 +149,10 @@ var registryTransport = func() http.RoundTripper {
 // or the internal network (an image reference names any host). The check is on the
 // address each connection is made to, after name resolution and on every redirect (blob
 // downloads are redirected), so a name that resolves differently later gains nothing.
-func GuardedTransport(allow []netip.Prefix) http.RoundTripper {
+//
+// protected, if set, lists what the node protects from sandboxes (its own addresses among
+// them); a user's pull may not reach those either, unless the operator allows them.
+func GuardedTransport(allow []netip.Prefix, protected func() []netip.Prefix) http.RoundTripper {
 	t := registryTransport.(*http.Transport).Clone()
 	t.Proxy = nil // a proxy would connect for us, past the check
 	d := &net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second,
@@ -158,7 +161,20 @@ func GuardedTransport(allow []netip.Prefix) http.RoundTripper {
 			if err != nil {
 				return fmt.Errorf("registry address %q: %w", address, err)
 			}
-			return reachable(ap.Addr().Unmap(), allow)
+			a := ap.Addr().Unmap()
+			for _, p := range allow { // the operator's word comes first
+				if p.Contains(a) {
+					return nil
+				}
+			}
+			if protected != nil {
+				for _, p := range protected() {
+					if p.Contains(a) {
+						return fmt.Errorf("%w: %s is one the node protects", ErrPrivateRegistry, a)
+					}
+				}
+			}
+			return reachable(a, allow)
 		}}
 	t.DialContext = d.DialContext
 	return t
@@ -167,6 +183,32 @@ func GuardedTransport(allow []netip.Prefix) http.RoundTripper {
 // ErrPrivateRegistry: a user's pull would connect to a non-public address.
 var ErrPrivateRegistry = errors.New("registry address is not public")
 
+// nonPublic are ranges IsGlobalUnicast and IsPrivate let through that still lead inside:
+// shared address space (CGNAT), cloud platform endpoints (Azure's WireServer), and
+// IPv6 forms that carry an IPv4 address (checked on their own below).
+var nonPublic = []netip.Prefix{
+	netip.MustParsePrefix("100.64.0.0/10"), netip.MustParsePrefix("168.63.129.16/32"),
+	netip.MustParsePrefix("192.0.0.0/24"), netip.MustParsePrefix("198.18.0.0/15"),
+}
+
+// embeddedV4 returns the IPv4 address an IPv6 one carries (NAT64, 6to4, IPv4-compatible),
+// which is where a gateway on the way would send the packet.
+func embeddedV4(a netip.Addr) (netip.Addr, bool) {
+	if !a.Is6() || a.Is4In6() {
+		return netip.Addr{}, false
+	}
+	b := a.As16()
+	switch {
+	case netip.MustParsePrefix("64:ff9b::/96").Contains(a), netip.MustParsePrefix("::/96").Contains(a):
+		return netip.AddrFrom4([4]byte(b[12:16])), true
+	case netip.MustParsePrefix("64:ff9b:1::/48").Contains(a):
+		return netip.AddrFrom4([4]byte(b[12:16])), true
+	case netip.MustParsePrefix("2002::/16").Contains(a):
+		return netip.AddrFrom4([4]byte(b[2:6])), true
+	}
+	return netip.Addr{}, false
+}
+
 // reachable admits a public unicast address, or one inside allow.
 func reachable(a netip.Addr, allow []netip.Prefix) error {
 	for _, p := range allow {
@@ -174,8 +216,16 @@ func reachable(a netip.Addr, allow []netip.Prefix) error {
 			return nil
 		}
 	}
-	cgnat := netip.MustParsePrefix("100.64.0.0/10")
-	if !a.IsGlobalUnicast() || a.IsPrivate() || cgnat.Contains(a) || a.Is4In6() {
+	refuse := !a.IsGlobalUnicast() || a.IsPrivate() || a.Is4In6()
+	for _, p := range nonPublic {
+		refuse = refuse || p.Contains(a)
+	}
+	if v4, ok := embeddedV4(a); ok {
+		if err := reachable(v4, allow); err != nil {
+			refuse = true
+		}
+	}
+	if refuse {
 		return fmt.Errorf("%w: %s (only an admin's pulls reach private, loopback and link-local addresses; the node's operator may allow ranges with --registry-allow)", ErrPrivateRegistry, a)
 	}
 	return nil

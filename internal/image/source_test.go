@@ -12,6 +12,8 @@ func TestGuardedReach(t *testing.T) {
 		"8.8.8.8": true, "2606:4700::1": true, "10.5.1.2": true,
 		"127.0.0.1": false, "10.0.0.1": false, "169.254.169.254": false, "192.168.1.1": false,
 		"100.64.0.1": false, "0.0.0.0": false, "::1": false, "fe80::1": false, "fd00::1": false, "224.0.0.1": false,
+		"64:ff9b::a9fe:a9fe": false, "64:ff9b::808:808": true, "2002:a00:1::1": false, "::10.0.0.1": false,
+		"168.63.129.16": false,
 	} {
 		err := reachable(netip.MustParseAddr(addr), allow)
 		if (err == nil) != ok {

@@ -921,7 +921,7 @@ func TestUserPullsDoNotGetAdminImages(t *testing.T) {
 		t.Fatal(err)
 	}
 	user := image.PullOptions{InsecureRegistries: []string{host}, User: true,
-		Transport: image.GuardedTransport([]netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")})}
+		Transport: image.GuardedTransport([]netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}, nil)}
 	if img, err := s.Ensure(ctx, strings.TrimPrefix(admin.Digest, "sha256:")[:8], user); err == nil {
 		t.Errorf("a user got the admin's image by a digest prefix: %+v", img)
 	}
