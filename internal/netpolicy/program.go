@@ -12,7 +12,7 @@ import (
 // Version names the programs this package makes. Change it with any change to program or
 // guardProgram, or to the maps' layout: an agent that finds pinned programs of another
 // version replaces them.
-const Version = "4"
+const Version = "5"
 
 // Offsets in a __sk_buff the programs read.
 const (
@@ -197,6 +197,15 @@ func program(dir Direction, protectFD, rulesFD, configFD, countersFD, flowsFD in
 		asm.Ja.Label("count"),
 		// Allowed: record the flow (TCP: only a SYN opens one), then pass.
 		asm.JEq.Imm(asm.R9, 0, "pass").WithSymbol("allow"),
+	)
+	if dir == ToSandbox {
+		// What reaches the sandbox opens a flow only if it opens a conversation: a TCP SYN
+		// or a UDP datagram. ICMP does not: an error the node sends about the sandbox's
+		// own packet (time exceeded, unreachable) would otherwise let the sandbox answer
+		// with ICMP to the node's end of its link, which the node protects.
+		ins = append(ins, asm.JEq.Imm(asm.R9, UDP, "record"), asm.JNE.Imm(asm.R9, TCP, "pass"))
+	}
+	ins = append(ins,
 		asm.JNE.Imm(asm.R9, TCP, "record"),
 		asm.LoadMem(asm.R3, asm.RFP, stFlags, asm.Word),
 		asm.And.Imm(asm.R3, 0x02), // SYN

@@ -176,3 +176,20 @@ func TestProtectedPrefixWithoutMatchDrops(t *testing.T) {
 		t.Errorf("verdicts %v: want DNS over UDP to the nameserver only", got)
 	}
 }
+
+// An ICMP message the node sends to a sandbox (an error about the sandbox's own packet)
+// opens no flow: the sandbox cannot then send ICMP to the node's end of its link.
+func TestIngressICMPOpensNoFlow(t *testing.T) {
+	a := netip.MustParseAddr
+	sandbox, hostEnd := a("10.201.0.2"), a("10.201.0.1")
+	s := Enforced{Set: Set{Egress: Policy{Default: Allow, Source: sandbox}, Ingress: allowAll},
+		Protect: Protected{Egress: []Rule{{CIDR: netip.MustParsePrefix("10.201.0.0/16"), Action: Deny}}}}
+	got := verdicts(t, s, []probe{
+		{"icmp from the node's end", ToSandbox, hostEnd, sandbox, 1, 0},
+		{"icmp to the node's end after it", FromSandbox, sandbox, hostEnd, 1, 0},
+		{"udp from the node's end", ToSandbox, hostEnd, sandbox, UDP, 40000},
+	})
+	if !got[0] || got[1] {
+		t.Errorf("verdicts %v: the node's ICMP passes in, and opens nothing back out", got)
+	}
+}

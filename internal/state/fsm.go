@@ -203,6 +203,11 @@ func (f *fsm) createSandbox(sb Sandbox, q Quota) any {
 	}
 	if sb.Name != "" {
 		if id, ok := f.names[sb.Name]; ok {
+			if f.sandboxes[id].Owner != sb.Owner {
+				// Names are one namespace; which sandbox holds another owner's name is
+				// that owner's business (its ID is its ingress route's key).
+				return fmt.Errorf("name %q: %w", sb.Name, ErrNameTaken)
+			}
 			return fmt.Errorf("name %q (used by %s): %w", sb.Name, id, ErrNameTaken)
 		}
 		// A name equal to another sandbox's ID would be shadowed by the ID in lookups.
