@@ -235,7 +235,7 @@ func newNodeCmd(g *globals) *cobra.Command {
 		action("cordon", "Stop placing new sandboxes on a node", func(c *Client) nodeCall { return c.Cluster.CordonNode }),
 		action("uncordon", "Let a node take sandboxes again", func(c *Client) nodeCall { return c.Cluster.UncordonNode }),
 		action("drain", "Cordon a node and move its sandboxes elsewhere (stop and re-place)", func(c *Client) nodeCall { return c.Cluster.DrainNode }),
-		action("rm", "Remove a node that runs nothing (drain it first) and refuse its certificate from now on", func(c *Client) nodeCall { return c.Cluster.RemoveNode }),
+		action("rm", "Remove a node: its certificate is refused from now on, its sandboxes are lost (placed again per --restart), its name is free to join again", func(c *Client) nodeCall { return c.Cluster.RemoveNode }),
 	)
 	return cmd
 }

@@ -103,17 +103,17 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 	if err != nil || tok.Role != state.RoleJoin || !tok.ValidAt(h.s.now()) || !pki.VerifySecret(m.GetTokenSecret(), tok.SecretHash) {
 		return nil, bad
 	}
-	if tok.MaxUses > 0 && tok.Uses >= tok.MaxUses {
+	if tok.Uses >= max(tok.MaxUses, 1) {
 		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token %s was used %d times, all it may be (`fireworks token create --role join --uses N` makes one for N hosts)", tok.ID, tok.Uses))
 	}
 	if err := validNodeName(m.GetNode()); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
-	// A join token must not buy a certificate for a node that is alive: that would let
-	// its holder impersonate it. A host rebuilt under the same name joins once the old
-	// node is down.
-	if n, err := h.s.store.GetNode(ctx, m.GetNode()); err == nil && n.Status == state.NodeReady {
-		return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("node %q is registered and ready; a second host cannot join under its name", m.GetNode()))
+	// A join token must not buy a certificate for a name that is taken (a node that is
+	// registered, in any state, or holds a certificate): its holder could pass for that
+	// node. A host rebuilt under the same name joins after `fireworks node rm`.
+	if _, err := h.s.store.GetNode(ctx, m.GetNode()); err == nil || h.s.store.HasLiveCerts(m.GetNode(), h.s.now()) {
+		return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("node name %q is taken; remove the old node first (`fireworks node rm %s`) to join a host under it", m.GetNode(), m.GetNode()))
 	}
 	names, ips, err := joinNames(m.GetAddresses())
 	if err != nil {
@@ -396,9 +396,6 @@ func (h *clusterService) RemoveNode(ctx context.Context, req *connect.Request[pb
 	}
 	last, _ := h.s.store.GetNode(ctx, id)
 	if err := h.s.store.RemoveNode(ctx, id, h.s.now()); err != nil {
-		if errors.Is(err, state.ErrInvalid) {
-			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("%w (drain it first: `fireworks node drain %s`)", err, id))
-		}
 		return nil, toConnectError(err)
 	}
 	h.s.log.Info("node removed; its certificates are refused from now on", "node", id, "by", who.TokenID)

@@ -96,4 +96,19 @@ func TestJoinUsesAndRemovedNode(t *testing.T) {
 	wantCode(t, "a removed node's certificate", err, connect.CodeUnauthenticated, "was removed")
 	_, err = cluster.RemoveNode(ctx, as(a.admin, &pb.NodeActionRequest{Node: "never-joined"}))
 	wantCode(t, "removing an unknown node", err, connect.CodeNotFound, "")
+
+	// A name with a live certificate is taken; a removed node's name is free again.
+	created, err = fireworksv1connect.NewTokenServiceClient(httpClient(nil), base).
+		CreateToken(ctx, as(a.admin, &pb.CreateTokenRequest{Role: "join", MaxUses: 5}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tok, err = pki.ParseJoinToken(created.Msg.GetSecret()); err != nil {
+		t.Fatal(err)
+	}
+	_, err = join("n2", "10.0.0.9:7768")
+	wantCode(t, "a join under a name with a live certificate", err, connect.CodeAlreadyExists, "node rm")
+	if _, err := join("n1", "10.0.0.5:7768"); err != nil {
+		t.Errorf("a join under a removed node's name: %v", err)
+	}
 }

@@ -54,6 +54,21 @@ func (s *Store) RemoveNode(ctx context.Context, id string, now time.Time) error 
 	return nil
 }
 
+// HasLiveCerts reports whether node holds an agent certificate a join issued that is not
+// revoked (nor expired at now): its name is taken until `node rm`.
+func (s *Store) HasLiveCerts(node string, now time.Time) bool {
+	s.fsm.mu.RLock()
+	defer s.fsm.mu.RUnlock()
+	for _, c := range s.fsm.certs {
+		if c.Node == node && c.RevokedAt.IsZero() && c.NotAfter.After(now) {
+			return true
+		}
+	}
+	return false
+}
+
+func ptrTo[T any](v T) *T { return &v }
+
 // CertRevoked reports whether an agent certificate (its serial in hex, its node name) may
 // no longer be used: revoked when its node was removed, or issued before joins were
 // recorded to a node removed since. Read from this server's copy of the state.
@@ -78,7 +93,7 @@ func (f *fsm) recordJoin(r JoinRecord) any {
 	if t.Role != RoleJoin || !t.ValidAt(r.Time) {
 		return fmt.Errorf("%w: token %s is not a valid join token", ErrInvalid, r.Token)
 	}
-	if t.MaxUses > 0 && t.Uses >= t.MaxUses {
+	if t.Uses >= max(t.MaxUses, 1) { // a token made before uses were counted joins one host
 		return fmt.Errorf("%w: join token %s was used %d times, all it may be", ErrQuota, t.ID, t.Uses)
 	}
 	nt := *t // copy-on-write
@@ -107,6 +122,22 @@ func (f *fsm) removeNode(c removeNodeCmd) any {
 		return fmt.Errorf("node %q: %w", c.ID, ErrNotFound)
 	}
 	if known {
+		// Revoked first, then its sandboxes given up as lost (the restart policies place
+		// them elsewhere): a node that keeps reporting them live must not be able to
+		// keep itself from being removed.
+		for id, sb := range f.sandboxes {
+			if sb.Node != c.ID || sb.Status.Terminal() {
+				continue
+			}
+			next := sb.clone()
+			if sb.Status == StatusPending {
+				next.Node = "" // placed but not started: placed again
+				next.Reason = boundReason("node " + c.ID + " was removed before the sandbox started")
+			} else if err := next.apply(Update{Status: ptrTo(StatusLost), Reason: "node " + c.ID + " was removed from the cluster", Time: c.Time}); err != nil {
+				return err
+			}
+			f.sandboxes[id] = next
+		}
 		if err := f.deleteNode(c.ID); err != nil {
 			return err
 		}

@@ -500,3 +500,27 @@ func TestFSMEventsBounded(t *testing.T) {
 		t.Errorf("restarts %d", sb.Restarts)
 	}
 }
+
+// Removing a node whose sandboxes are live (it may keep reporting them) revokes it all the
+// same and gives them up: running ones lost, placed ones placed again.
+func TestFSMRemoveNodeWithSandboxes(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	res := applyAll(f, [][]byte{
+		mustCmd(t, cmdUpsertNode, upsertNodeCmd{Node{ID: "n1", Address: "a:1", UpdatedAt: t0}}),
+		mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: "run1", CreatedAt: t0}}),
+		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "run1", Update: Update{Status: ptr(StatusStarting), Node: ptr("n1"), Time: t0}}),
+		mustCmd(t, cmdUpdateSandbox, updateSandboxCmd{ID: "run1", Update: Update{Status: ptr(StatusRunning), Time: t0}}),
+		mustCmd(t, cmdRemoveNode, removeNodeCmd{ID: "n1", Time: t0.Add(time.Minute)}),
+	})
+	if err, _ := res[4].(error); err != nil {
+		t.Fatalf("remove a node with a running sandbox: %v", err)
+	}
+	sb, _ := f.get("run1")
+	if sb.Status != StatusLost || !strings.Contains(sb.Reason, "removed") {
+		t.Errorf("its sandbox: %s %q, want lost", sb.Status, sb.Reason)
+	}
+	s := &Store{fsm: f}
+	if !s.CertRevoked("unrecorded", "n1") {
+		t.Error("the removed node's certificates are not refused")
+	}
+}

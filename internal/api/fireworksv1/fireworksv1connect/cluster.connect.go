@@ -75,9 +75,10 @@ type ClusterServiceClient interface {
 	UncordonNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 	// Drain cordons the node and moves its sandboxes elsewhere (stop and re-place).
 	DrainNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
-	// RemoveNode forgets a node that holds no live sandbox (drain it first) and revokes
-	// its certificates: its agent is refused from then on, until a host joins again under
-	// the name with a new join token. The response's node is the last state known.
+	// RemoveNode revokes a node's certificates and forgets it: its agent is refused from
+	// then on; its sandboxes are lost (restarted elsewhere per their restart policy); its
+	// name is free for a host to join with a new join token. The response's node is the
+	// last state known.
 	RemoveNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 }
 
@@ -166,9 +167,10 @@ type ClusterServiceHandler interface {
 	UncordonNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 	// Drain cordons the node and moves its sandboxes elsewhere (stop and re-place).
 	DrainNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
-	// RemoveNode forgets a node that holds no live sandbox (drain it first) and revokes
-	// its certificates: its agent is refused from then on, until a host joins again under
-	// the name with a new join token. The response's node is the last state known.
+	// RemoveNode revokes a node's certificates and forgets it: its agent is refused from
+	// then on; its sandboxes are lost (restarted elsewhere per their restart policy); its
+	// name is free for a host to join with a new join token. The response's node is the
+	// last state known.
 	RemoveNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 }
 
