@@ -199,7 +199,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	a.accel = vmm.DetectAccel(ctx, a.assetDir(), cfg.Accel, a.kernel.Vmlinux)
 	a.log.Info("accelerator chosen", "accel", a.accel.Accel, "reason", a.accel.Reason)
 	limits := vmm.Limits{MaxVCPUs: cfg.MaxVCPUs, MinMemoryMiB: minMemoryMiB, MaxMemoryMiB: cfg.MaxMemoryMiB}
-	if a.driver, err = newDriver(a.accel, limits, cfg.Logger); err != nil {
+	if a.driver, err = newDriver(a.accel, limits, cfg.DataDir, cfg.Logger); err != nil {
 		return nil, err
 	}
 	if a.scratch, err = a.scratchTemplate(ctx); err != nil {

@@ -87,8 +87,9 @@ func Command(spec Spec) (*exec.Cmd, error) {
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid: true,
 		// A network namespace of its own with nothing in it: the VMM reaches the guest's
-		// network only through the tap descriptor it is given, and nothing else at all.
-		Cloneflags: unix.CLONE_NEWNS | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS | unix.CLONE_NEWNET,
+		// network only through the tap descriptor it is given, and nothing else at all. A
+		// PID namespace of its own: it sees (and can signal or trace) no other process.
+		Cloneflags: unix.CLONE_NEWNS | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS | unix.CLONE_NEWNET | unix.CLONE_NEWPID,
 	}
 	return cmd, nil
 }
@@ -96,6 +97,12 @@ func Command(spec Spec) (*exec.Cmd, error) {
 func init() {
 	s, ok := os.LookupEnv(helperEnv)
 	if !ok {
+		return
+	}
+	if os.Getpid() != 1 {
+		// Only Command starts the helper, always as the first process of a new PID
+		// namespace: the variable found anywhere else is not ours to act on.
+		fmt.Fprintln(os.Stderr, "fireworks jail: "+helperEnv+" set outside a jail's start; ignored")
 		return
 	}
 	// The helper: never returns to the binary's main.
@@ -110,6 +117,9 @@ func init() {
 
 // enter builds the jail and execs the program; it returns only on failure.
 func enter(s Spec) error {
+	if s.UID <= 0 || s.GID <= 0 {
+		return fmt.Errorf("uid %d gid %d: a jailed process never runs as root", s.UID, s.GID)
+	}
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("make mounts private: %w", err)
 	}

@@ -3,6 +3,7 @@ package qemu
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -31,9 +33,18 @@ type JailConfig struct {
 	CgroupName string
 }
 
-// DefaultJail is the jail a node's driver uses unless told otherwise.
-func DefaultJail() *JailConfig {
-	return &JailConfig{UIDBase: 1_900_000_000, UIDCount: 1 << 20, GID: 1_900_000_000, CgroupName: "fireworks-vmm"}
+// DefaultJail is JailFor("").
+func DefaultJail() *JailConfig { return JailFor("") }
+
+// JailFor is the jail of the driver of one agent, named by its data directory: a range of
+// 65,536 users and a cgroup of its own, so two agents on a host never hand out the same
+// user (one VMM could then trace the other's). The VMMs' group is the host's one.
+func JailFor(owner string) *JailConfig {
+	h := fnv.New32a()
+	h.Write([]byte(owner))
+	slot := int(h.Sum32() % 4096)
+	return &JailConfig{UIDBase: 1_800_000_000 + slot<<16, UIDCount: 1 << 16, GID: 1_799_999_999,
+		CgroupName: fmt.Sprintf("fireworks-vmm-%03x", slot)}
 }
 
 // ShareSocket implements vmm.SocketSharer: the host's end of a guest channel, writable
@@ -302,7 +313,8 @@ func (d *Driver) jailCommand(s vmm.Spec, uid int, cgroups []string) (*exec.Cmd, 
 		Devices: devs, Cgroups: cgroups, Dir: s.Dir, Path: bin, Args: append([]string{bin}, d.args(s)...)})
 }
 
-// cgroupsFor makes the cgroups of VM id, limited to its vCPUs, its memory plus QEMU's
+// cgroupsFor makes the cgroups of VM id, limited to its vCPUs (one more for QEMU's own
+// threads: its main loop and I/O must not starve the vCPUs), its memory plus QEMU's
 // own (and, under TCG, its translation cache), and a bound on threads; it returns their
 // directories (one on cgroup v2, one per controller on v1). No cgroup support: none.
 func (d *Driver) cgroupsFor(id string, vcpus, memMiB int) ([]string, error) {
@@ -330,14 +342,14 @@ func (d *Driver) cgroupsFor(id string, vcpus, memMiB int) ([]string, error) {
 		return []string{dir}, errors.Join(
 			os.WriteFile(filepath.Join(dir, "memory.max"), []byte(strconv.FormatInt(memBytes, 10)), 0),
 			os.WriteFile(filepath.Join(dir, "pids.max"), []byte("512"), 0),
-			os.WriteFile(filepath.Join(dir, "cpu.max"), []byte(fmt.Sprintf("%d 100000", vcpus*100000)), 0))
+			os.WriteFile(filepath.Join(dir, "cpu.max"), []byte(fmt.Sprintf("%d 100000", (vcpus+1)*100000)), 0))
 	}
 	var dirs []string
 	var errs []error
 	for ctrl, limits := range map[string]map[string]string{
 		"memory": {"memory.limit_in_bytes": strconv.FormatInt(memBytes, 10)},
 		"pids":   {"pids.max": "512"},
-		"cpu":    {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": strconv.Itoa(vcpus * 100000)},
+		"cpu":    {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": strconv.Itoa((vcpus + 1) * 100000)},
 	} {
 		self, err := ownCgroup(ctrl)
 		if err != nil {
@@ -356,10 +368,24 @@ func (d *Driver) cgroupsFor(id string, vcpus, memMiB int) ([]string, error) {
 	return dirs, errors.Join(errs...)
 }
 
-// removeCgroups removes a VM's cgroup directories (they are empty once it ended).
+// removeCgroups ends whatever still runs in a VM's cgroups (the VMM is gone, but a VMM
+// its guest took over must not leave anything behind), then removes them.
 func removeCgroups(dirs []string) {
 	for _, d := range dirs {
-		_ = os.Remove(d)
+		_ = os.WriteFile(filepath.Join(d, "cgroup.kill"), []byte("1"), 0) // v2
+		if b, err := os.ReadFile(filepath.Join(d, "cgroup.procs")); err == nil {
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil && pid > 1 {
+					_ = unix.Kill(pid, unix.SIGKILL)
+				}
+			}
+		}
+		for range 50 { // rmdir fails while the killed are still exiting
+			if err := os.Remove(d); err == nil || errors.Is(err, os.ErrNotExist) {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 	}
 }
 
