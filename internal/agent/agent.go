@@ -346,9 +346,10 @@ func (a *Agent) Validate(spec *state.SandboxSpec) error {
 }
 
 // pruneImages keeps the image store within its disk budget until ctx ends: after pulls,
-// and every 10 minutes, the least recently used images nothing needs are removed.
+// and every 30 seconds, the least recently used images nothing needs (and no start used
+// in the last 10 seconds) are removed.
 func (a *Agent) pruneImages(ctx context.Context) {
-	t := time.NewTicker(10 * time.Minute)
+	t := time.NewTicker(30 * time.Second)
 	defer t.Stop()
 	for {
 		select {
@@ -358,11 +359,11 @@ func (a *Agent) pruneImages(ctx context.Context) {
 		case <-t.C:
 		}
 		budget := int64(a.cfg.ImageDiskMiB) << 20
-		if _, err := a.images.Prune(ctx, budget, a.imageInUse); err != nil && ctx.Err() == nil {
+		if _, err := a.images.Prune(ctx, budget, 10*time.Second, a.imageInUse); err != nil && ctx.Err() == nil {
 			a.log.Warn("keep images within their disk budget", "err", err)
 		}
 		if used := a.images.Usage(); used > budget {
-			a.log.Warn("images take more than their disk budget, all in use", "used_mib", used>>20, "budget_mib", budget>>20)
+			a.log.Debug("images take more than their disk budget, all in use or just used", "used_mib", used>>20, "budget_mib", budget>>20)
 		}
 	}
 }
@@ -375,9 +376,11 @@ func (a *Agent) imageInUse(digest string) bool {
 		s.mu.Lock()
 		d := s.started.ImageDigest
 		s.mu.Unlock()
-		if d == nil || *d == digest {
+		// nil: still pulling. What it pulls is kept by the store itself (used within the
+		// last minutes), so one slow pull does not keep every other image.
+		if d != nil && *d == digest {
 			a.mu.Unlock()
-			return true // nil: still pulling, its digest unknown: keep everything meanwhile
+			return true
 		}
 	}
 	a.mu.Unlock()

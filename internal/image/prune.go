@@ -8,10 +8,10 @@ import (
 	"time"
 )
 
-// Usage is the disk the store takes: blobs, root disks and what is being pulled.
+// Usage is the disk the store takes: blobs, root disks and what is being unpacked.
 func (s *Store) Usage() int64 {
 	var n int64
-	for _, d := range []string{s.blobDir(), s.diskDir()} {
+	for _, d := range []string{s.blobDir(), s.diskDir(), s.tmpDir()} {
 		ents, _ := os.ReadDir(d)
 		for _, e := range ents {
 			if fi, err := e.Info(); err == nil {
@@ -37,7 +37,10 @@ func (s *Store) touch(digest string) {
 // takes at most budget bytes, and returns the digests it removed. Images in use (a
 // sandbox runs from it, a template or pool needs it) are never removed, so the store may
 // stay over budget; the caller reports that.
-func (s *Store) Prune(ctx context.Context, budget int64, inUse func(digest string) bool) ([]string, error) {
+//
+// Images used within keepRecent stay too: a start may be between getting its image and
+// telling inUse about it.
+func (s *Store) Prune(ctx context.Context, budget int64, keepRecent time.Duration, inUse func(digest string) bool) ([]string, error) {
 	if budget <= 0 || s.Usage() <= budget {
 		return nil, nil
 	}
@@ -66,7 +69,7 @@ func (s *Store) Prune(ctx context.Context, budget int64, inUse func(digest strin
 		if s.Usage() <= budget {
 			break
 		}
-		if inUse(c.digest) {
+		if inUse(c.digest) || time.Since(c.last) < keepRecent {
 			continue
 		}
 		if err := s.Remove(ctx, c.digest); err != nil {

@@ -894,14 +894,14 @@ func TestPruneUnderBudget(t *testing.T) {
 	}
 	full := s.Usage()
 	inUse := func(d string) bool { return d == digests["c"] } // c runs
-	removed, err := s.Prune(ctx, full-1, inUse)
+	removed, err := s.Prune(ctx, full-1, 0, inUse)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(removed) != 1 || removed[0] != digests["b"] {
 		t.Errorf("pruned %v, want only b (%s), the least recently used", removed, digests["b"])
 	}
-	if removed, _ := s.Prune(ctx, 1, inUse); slices.Contains(removed, digests["c"]) || !slices.Contains(removed, digests["a"]) {
+	if removed, _ := s.Prune(ctx, 1, 0, inUse); slices.Contains(removed, digests["c"]) || !slices.Contains(removed, digests["a"]) {
 		t.Errorf("pruned %v under a tiny budget: want a, never c (in use)", removed)
 	}
 	if _, err := s.Get(ctx, digests["c"]); err != nil {
