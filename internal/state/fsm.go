@@ -188,6 +188,7 @@ func (f *fsm) createSandbox(sb Sandbox, q Quota) any {
 				continue
 			}
 			used.Sandboxes++
+			used.SpecBytes += o.Spec.Bytes()
 			if !o.Status.Terminal() {
 				used.VCPUs += o.Spec.VCPUs
 				used.MemoryMiB += o.Spec.MemoryMiB

@@ -3,6 +3,7 @@ package state
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"strings"
@@ -522,5 +523,20 @@ func TestFSMRemoveNodeWithSandboxes(t *testing.T) {
 	s := &Store{fsm: f}
 	if !s.CertRevoked("unrecorded", "n1") {
 		t.Error("the removed node's certificates are not refused")
+	}
+}
+
+// One owner's specs together are bounded in bytes, whatever each one's own bounds allow.
+func TestFSMSpecBytesQuota(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	env := []string{"A=" + strings.Repeat("x", 100<<10)}
+	var cmds [][]byte
+	for i := range 3 {
+		cmds = append(cmds, mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: fmt.Sprintf("s%d", i), Owner: "u", CreatedAt: t0, Spec: SandboxSpec{Env: env}},
+			Quota: Quota{SpecBytes: 250 << 10}}))
+	}
+	res := applyAll(f, cmds)
+	if res[0] != nil || res[1] != nil || !errors.Is(res[2].(error), ErrQuota) {
+		t.Errorf("results %v: want the third refused", res)
 	}
 }

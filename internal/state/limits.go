@@ -15,6 +15,16 @@ type Quota struct {
 	Sandboxes int `json:"sandboxes,omitempty"`
 	VCPUs     int `json:"vcpus,omitempty"`
 	MemoryMiB int `json:"memory_mib,omitempty"`
+	// SpecBytes bounds the bytes of all the owner's specs together (SandboxSpec.Bytes):
+	// what one token makes every server keep.
+	SpecBytes int `json:"spec_bytes,omitempty"`
+}
+
+// Bytes is about what the spec takes in the state: its strings.
+func (s SandboxSpec) Bytes() int {
+	n := len(s.Image) + len(s.WorkingDir) + len(s.User) + len(s.Policy) + len(s.Network) + len(s.Boot) + len(s.Restart)
+	n += total(s.Entrypoint) + total(s.Cmd) + total(s.Env) + total(s.InsecureRegistries) + total(s.Constraints)
+	return n + 8*len(s.Ports)
 }
 
 // check refuses sb when its owner, holding used (sb not included), would pass q.
@@ -26,6 +36,8 @@ func (q Quota) check(owner string, used Quota, sb Sandbox) error {
 		return fmt.Errorf("%w: token %s runs sandboxes with %d vCPUs; %d more would pass its %d", ErrQuota, owner, used.VCPUs, sb.Spec.VCPUs, q.VCPUs)
 	case q.MemoryMiB > 0 && used.MemoryMiB+sb.Spec.MemoryMiB > q.MemoryMiB:
 		return fmt.Errorf("%w: token %s runs sandboxes with %d MiB of memory; %d more would pass its %d", ErrQuota, owner, used.MemoryMiB, sb.Spec.MemoryMiB, q.MemoryMiB)
+	case q.SpecBytes > 0 && used.SpecBytes+sb.Spec.Bytes() > q.SpecBytes:
+		return fmt.Errorf("%w: token %s's sandbox specs take %d bytes; this one's %d would pass its %d (remove finished sandboxes)", ErrQuota, owner, used.SpecBytes, sb.Spec.Bytes(), q.SpecBytes)
 	}
 	return nil
 }
