@@ -327,8 +327,10 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	handler := server.BoundBody(forwardToLeader(store, srv.Handler(), *self, apiOf, cfg.MaxStale, ca, cert, log))
-	hs := &http.Server{Handler: handler, TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second}
+	handler := server.BoundBody(forwardToLeader(store, srv.Handler(), srv.PreAuthenticate, *self, apiOf, cfg.MaxStale, ca, cert, log))
+	// IdleTimeout: a connection that sends nothing for a while is closed (streams keep
+	// theirs alive); ReadHeaderTimeout bounds a request's start.
+	hs := &http.Server{Handler: handler, TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Minute}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(tls.NewListener(ln, tlsCfg)) }()
 	log.Info("fireworks server ready", "node", cfg.NodeID, "api", ln.Addr().String(), "raft", self.Raft, "peers", len(peers), "ca", ca.Fingerprint())
@@ -451,7 +453,7 @@ const DefaultMaxStale = 30 * time.Second
 // leader is dead, the dial fails) is tried again with the next leader; its body is small
 // (server.BoundBody) and kept for that. Streaming calls are forwarded once. A request is
 // forwarded at most once (forwardedHeader) and never to this server's own address.
-func forwardToLeader(store *state.Store, local http.Handler, self Peer, apiOf func(id string) string, maxStale time.Duration, ca *pki.CA, cert tls.Certificate, log *slog.Logger) http.Handler {
+func forwardToLeader(store *state.Store, local http.Handler, preauth func(http.ResponseWriter, *http.Request) bool, self Peer, apiOf func(id string) string, maxStale time.Duration, ca *pki.CA, cert tls.Certificate, log *slog.Logger) http.Handler {
 	nodePrefix := "/" + fireworksv1connect.NodeServiceName + "/"
 	const leaderWait = 20 * time.Second
 	var mu sync.Mutex
@@ -514,6 +516,9 @@ func forwardToLeader(store *state.Store, local http.Handler, self Peer, apiOf fu
 			id, _ := store.Leader()
 			log.Warn("a forwarded request reached a server that is not the leader", "from", by, "leader", id, "path", r.URL.Path)
 			http.Error(w, fmt.Sprintf("server %s forwarded this request to %s, which is not the leader (leader: %q); retry", by, self.ID, id), http.StatusServiceUnavailable)
+			return
+		}
+		if !preauth(w, r) {
 			return
 		}
 		unary := !server.IsStream(r)

@@ -151,6 +151,23 @@ func TestThreeServersOnOneHost(t *testing.T) {
 	if refused != 2 {
 		t.Errorf("%d servers refused to forward a forwarded request, want the 2 followers", refused)
 	}
+	// A call without a known token is refused by whichever server it reaches, before a
+	// follower reads its body or forwards it.
+	for i := range 3 {
+		c, _ := pki.LoadCA(caDir)
+		hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: pki.ClientTLS(c, nil, "127.0.0.1", pki.RoleServer)}}
+		req, _ := http.NewRequest(http.MethodPost, "https://"+apis[i]+"/fireworks.v1.ClusterService/ListNodes", strings.NewReader("{}"))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer fwk_0000000000000000_"+strings.Repeat("0", 64))
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("server %d answered an unknown token with HTTP %d", i+1, resp.StatusCode)
+		}
+	}
 }
 
 // A malformed --bootstrap-token is refused at start, not accepted and then failing every

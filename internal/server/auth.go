@@ -54,6 +54,26 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 	})
 }
 
+// PreAuthenticate refuses, in the caller's protocol, a user call whose bearer token this
+// server's copy of the state does not know, and reports whether it did: a follower checks
+// it before it reads and buffers a body to forward, so a stranger cannot make it hold
+// any. (The leader checks again; a follower's copy may lag, which only delays a refusal.)
+func (s *Server) PreAuthenticate(w http.ResponseWriter, r *http.Request) bool {
+	if strings.HasPrefix(r.URL.Path, nodeServicePrefix) {
+		return true // the node protocol authenticates by certificate (and Join by its token)
+	}
+	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		unauthenticated(w, r, "missing API token (send Authorization: Bearer <token>)")
+		return false
+	}
+	if _, err := s.verifyToken(r.Context(), strings.TrimSpace(got)); err != nil {
+		unauthenticated(w, r, err.Error())
+		return false
+	}
+	return true
+}
+
 // verifyToken checks a token string against the state. The FSM is read locally: requests
 // are served by the leader, whose FSM holds every committed token change.
 func (s *Server) verifyToken(ctx context.Context, tok string) (auth.Identity, error) {
