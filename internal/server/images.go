@@ -86,6 +86,21 @@ func imageToPB(img image.Image) *pb.Image {
 type systemService struct{ s *Server }
 
 func (h *systemService) Info(ctx context.Context, _ *connect.Request[pb.InfoRequest]) (*connect.Response[pb.InfoResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := h.info()
+	if err == nil && !who.Admin() {
+		// What a tenant needs (versions, the accelerator, the largest sandbox shape), not
+		// the node's size, its load or where it keeps its data.
+		resp.Msg = &pb.InfoResponse{Version: resp.Msg.GetVersion(), Accel: resp.Msg.GetAccel(), KernelRelease: resp.Msg.GetKernelRelease(),
+			InitVersion: resp.Msg.GetInitVersion(), QemuVersion: resp.Msg.GetQemuVersion(), MaxVcpus: resp.Msg.GetMaxVcpus(), MaxMemoryMib: resp.Msg.GetMaxMemoryMib()}
+	}
+	return resp, err
+}
+
+func (h *systemService) info() (*connect.Response[pb.InfoResponse], error) {
 	if h.s.agent == nil {
 		id, _ := h.s.store.Leader()
 		nodes := h.s.store.LocalNodes()
