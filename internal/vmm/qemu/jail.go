@@ -353,7 +353,10 @@ func (d *Driver) cgroupsFor(id string, vcpus, memMiB int) ([]string, error) {
 	} {
 		self, err := ownCgroup(ctrl)
 		if err != nil {
-			continue // the controller is not mounted here
+			d.cgroupWarn.Do(func() {
+				d.log.Warn("a cgroup controller is not mounted: jailed VMMs run without its limit", "controller", ctrl)
+			})
+			continue
 		}
 		dir := filepath.Join("/sys/fs/cgroup", ctrl, self, name, id)
 		if err := os.MkdirAll(dir, 0o755); err != nil {

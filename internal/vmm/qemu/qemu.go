@@ -18,6 +18,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
 )
@@ -84,6 +85,8 @@ type Driver struct {
 	cfg  Config
 	log  *slog.Logger
 	uids uids // the jail users of live VMs
+
+	cgroupWarn sync.Once
 }
 
 var _ vmm.Driver = (*Driver)(nil)
