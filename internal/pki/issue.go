@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"strings"
 	"time"
 )
@@ -182,12 +183,21 @@ func (ca *CA) sign(req IssueRequest, pub any) ([]byte, error) {
 		IsCA:                  false,
 		DNSNames:              append([]string(nil), req.DNSNames...),
 		IPAddresses:           append([]net.IP(nil), req.IPs...),
+		// The role and name again, as a URI SAN the CA alone chooses: verifiers that cannot
+		// read the role from the subject (Envoy) match this to know whose it is.
+		URIs: []*url.URL{IdentityURI(req.Role, req.CommonName)},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
 	if err != nil {
 		return nil, fmt.Errorf("sign certificate for %q: %w", req.CommonName, err)
 	}
 	return certToPEM(der), nil
+}
+
+// IdentityURI is the URI SAN naming a certificate's role and name:
+// fireworks://<role>/<name>.
+func IdentityURI(role Role, name string) *url.URL {
+	return &url.URL{Scheme: "fireworks", Host: string(role), Path: "/" + name}
 }
 
 // NewCSR is the joining side: a fresh ECDSA P-256 key and a CSR for it. The CSR carries

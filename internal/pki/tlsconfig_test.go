@@ -147,3 +147,16 @@ func TestClientChecksServerRole(t *testing.T) {
 		}
 	}
 }
+
+// Every certificate names its role and name as a URI the CA sets (Envoy matches it).
+func TestIdentityURI(t *testing.T) {
+	ca := testCA(t, "c")
+	kp := issue(t, ca, RoleAgent, "node-a")
+	leaf, err := x509.ParseCertificate(kp.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != "fireworks://agent/node-a" {
+		t.Errorf("URI SANs %v", leaf.URIs)
+	}
+}

@@ -3,6 +3,7 @@ package xds
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -10,6 +11,7 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -17,6 +19,8 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/fireworks-sandbox/fireworks/internal/pki"
 )
 
 const (
@@ -33,17 +37,17 @@ func envoySnapshot(cfg Config, version string, p plan) (*cachev3.Snapshot, error
 	if err != nil {
 		return nil, err
 	}
-	var transport *corev3.TransportSocket
-	if cfg.NodeTLS != nil {
-		if transport, err = upstreamTLS(*cfg.NodeTLS); err != nil {
-			return nil, err
-		}
-	}
 	var clusters, endpoints []types.Resource
 	for _, up := range p.upstreams {
 		c, cla := nodeCluster(up)
 		c.ConnectTimeout = durationpb.New(envoyConnectTimeout)
-		c.TransportSocket = transport
+		if cfg.NodeTLS != nil {
+			// Each node's cluster accepts only that node's agent certificate (its identity
+			// URI), not any certificate of the cluster CA at the node's address.
+			if c.TransportSocket, err = upstreamTLS(*cfg.NodeTLS, strings.TrimPrefix(up.cluster, "node-")); err != nil {
+				return nil, err
+			}
+		}
 		// No upstream protocol options: Envoy speaks HTTP/1.1 to the node, which is what the
 		// node's data listener serves (websocket upgrades included).
 		clusters = append(clusters, c)
@@ -136,7 +140,7 @@ func envoyRouteConfig(p plan) *routev3.RouteConfiguration {
 }
 
 // upstreamTLS is Envoy's client side of the node's mutual TLS, from files on Envoy's host.
-func upstreamTLS(t UpstreamTLS) (*corev3.TransportSocket, error) {
+func upstreamTLS(t UpstreamTLS, node string) (*corev3.TransportSocket, error) {
 	if t.CertFile == "" || t.KeyFile == "" || t.CAFile == "" {
 		return nil, errors.New("node TLS needs a certificate, key and CA file")
 	}
@@ -151,7 +155,12 @@ func upstreamTLS(t UpstreamTLS) (*corev3.TransportSocket, error) {
 				PrivateKey:       file(t.KeyFile),
 			}},
 			ValidationContextType: &tlsv3.CommonTlsContext_ValidationContext{
-				ValidationContext: &tlsv3.CertificateValidationContext{TrustedCa: file(t.CAFile)},
+				ValidationContext: &tlsv3.CertificateValidationContext{TrustedCa: file(t.CAFile),
+					MatchTypedSubjectAltNames: []*tlsv3.SubjectAltNameMatcher{{
+						SanType: tlsv3.SubjectAltNameMatcher_URI,
+						Matcher: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{
+							Exact: pki.IdentityURI(pki.RoleAgent, node).String()}},
+					}}},
 			},
 			// The node's data listener serves HTTP/1.1 (CONNECT tunnels and the reverse
 			// proxy); say so rather than leave it to the server's default.

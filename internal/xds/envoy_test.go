@@ -178,6 +178,11 @@ func TestEnvoyResources(t *testing.T) {
 			tc.GetCommonTlsContext().GetValidationContext().GetTrustedCa().GetFilename() != "/ca.pem" || tc.GetSni() != "node" {
 			t.Errorf("%s TLS = %v", c.GetName(), &tc)
 		}
+		// Only that node's agent certificate: its identity URI, which the CA alone sets.
+		sans := tc.GetCommonTlsContext().GetValidationContext().GetMatchTypedSubjectAltNames()
+		if want := "fireworks://agent/" + strings.TrimPrefix(c.GetName(), "node-"); len(sans) != 1 || sans[0].GetMatcher().GetExact() != want {
+			t.Errorf("%s accepts %v, want only %s", c.GetName(), sans, want)
+		}
 	}
 	if sa := n2.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress(); sa.GetAddress() != "node2.internal" || sa.GetPortValue() != 7443 {
 		t.Errorf("n2 address = %v", sa)
