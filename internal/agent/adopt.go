@@ -164,6 +164,11 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 	s := &sandbox{id: sb.ID, dir: dir, log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: rec.Sandbox.Spec,
 		vm: vm, guest: guest, main: main, proc: rec.Proc, restarts: sb.Restarts, node: sb.Node}
 	close(s.ready)
+	if d := sb.ImageDigest; d != "" {
+		s.started.ImageDigest = &d // the image it runs from stays in the store (see imageInUse)
+	} else if d := rec.Sandbox.ImageDigest; d != "" {
+		s.started.ImageDigest = &d
+	}
 	s.ctx, s.cancel = context.WithCancel(a.ctx)
 	a.mu.Lock()
 	a.live[sb.ID] = s

@@ -267,7 +267,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
-		a.net.followNodeAddrs(a.ctx, 10*time.Second)
+		a.net.followNodeAddrs(a.ctx, 2*time.Second)
 	}()
 	a.wg.Add(1)
 	go func() {

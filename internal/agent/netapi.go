@@ -22,7 +22,7 @@ func (a *Agent) SetPolicy(id, text string, admin bool) error {
 	if n == nil {
 		return fmt.Errorf("sandbox %s has no network", id)
 	}
-	return n.apply(netPolicy{text: text, admin: admin})
+	return n.apply(netPolicy{text: text, admin: admin, strict: true})
 }
 
 // NetStats reads a running sandbox's network address and packet counters.

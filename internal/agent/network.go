@@ -73,6 +73,13 @@ type sbNet struct {
 type netPolicy struct {
 	text  string
 	admin bool
+	// strict refuses a user's allow rules inside protected ranges, for a policy a user
+	// applies now (it tells them at once that the rule cannot work). Otherwise (a policy
+	// in force being applied again after the node's addresses or --deny-cidr changed, a
+	// re-adoption, a start) such rules are kept and have no effect: the node's rules are
+	// decided first. Refusing then would leave the sandbox without the node's new rules,
+	// or end it.
+	strict bool
 }
 
 // policyOf is the policy a sandbox's spec asks for.
@@ -129,11 +136,7 @@ func (m *netManager) nsOwner(owner string) string { return m.tag + "-" + owner }
 // loopback, the sandbox range (other sandboxes, and the node's ends of every sandbox's
 // veth pair), and what the operator added (--deny-cidr).
 func (m *netManager) protected() []netip.Prefix {
-	ps := []netip.Prefix{
-		netip.MustParsePrefix("169.254.0.0/16"), netip.MustParsePrefix("255.255.255.255/32"),
-		netip.MustParsePrefix("224.0.0.0/4"), netip.MustParsePrefix("0.0.0.0/8"),
-		netip.MustParsePrefix("127.0.0.0/8"), m.rng,
-	}
+	ps := append(netpolicy.FixedProtected(), m.rng)
 	ps = append(ps, m.extra...)
 	addrs, err := network.HostAddrs()
 	if err != nil {
@@ -200,7 +203,8 @@ func (m *netManager) baseSet(b network.Block, protected []netip.Prefix) netpolic
 // Only an admin's policy may open what the node protects: it is laid over the node's
 // rules (an admin's rules for a prefix replace the node's for it) and nothing is decided
 // before it.
-func (m *netManager) policySet(b network.Block, text string, admin bool) (netpolicy.Enforced, error) {
+func (m *netManager) policySet(b network.Block, pol netPolicy) (netpolicy.Enforced, error) {
+	text, admin := pol.text, pol.admin
 	protected := m.protected()
 	base := m.baseSet(b, protected)
 	user := netpolicy.Set{Egress: netpolicy.Policy{Default: netpolicy.Allow}, Ingress: netpolicy.Policy{Default: netpolicy.Allow}}
@@ -212,8 +216,10 @@ func (m *netManager) policySet(b network.Block, text string, admin bool) (netpol
 	}
 	e := netpolicy.Enforced{Set: netpolicy.Set{Egress: netpolicy.Merge(base.Egress, user.Egress), Ingress: netpolicy.Merge(base.Ingress, user.Ingress)}}
 	if !admin {
-		if err := refuseProtected(user.Egress.Rules, protected); err != nil {
-			return netpolicy.Enforced{}, err
+		if pol.strict {
+			if err := refuseProtected(user.Egress.Rules, protected); err != nil {
+				return netpolicy.Enforced{}, err
+			}
 		}
 		e.Egress, e.Protect.Egress = user.Egress, base.Egress.Rules
 	}
@@ -265,7 +271,7 @@ func (m *netManager) create(ctx context.Context, owner string, pol netPolicy, cl
 	}()
 	set := closedSet(blk)
 	if !closed {
-		if set, err = m.policySet(blk, pol.text, pol.admin); err != nil {
+		if set, err = m.policySet(blk, pol); err != nil {
 			return n, fmt.Errorf("network policy: %w", err)
 		}
 	}
@@ -330,7 +336,7 @@ func (m *netManager) load(owner, version string, pol netPolicy) (*sbNet, error) 
 		// force before the old ones come off; counters and remembered flows start over).
 		// The old ones keep the old policy until then: their maps may not take this
 		// agent's rules.
-		set, err := m.policySet(blk, pol.text, pol.admin)
+		set, err := m.policySet(blk, pol)
 		if err != nil {
 			n.enf.Close()
 			n.guard.Close()
@@ -384,7 +390,7 @@ func (n *sbNet) replacePrograms() error {
 func (n *sbNet) apply(pol netPolicy) error {
 	n.applyMu.Lock()
 	defer n.applyMu.Unlock()
-	set, err := n.m.policySet(n.ns.Block, pol.text, pol.admin)
+	set, err := n.m.policySet(n.ns.Block, pol)
 	if err != nil {
 		return fmt.Errorf("network policy: %w", err)
 	}

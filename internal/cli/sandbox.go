@@ -595,12 +595,19 @@ func newStopCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			// Like docker: every sandbox named is tried; each failure is reported.
+			failed := false
 			for _, a := range args {
 				resp, err := c.Sandboxes.StopSandbox(cmd.Context(), connect.NewRequest(&pb.StopSandboxRequest{Sandbox: a, Grace: durationpb.New(grace)}))
 				if err != nil {
-					return err
+					fmt.Fprintf(g.stderr, "fireworks: stop %s: %s\n", a, printable(g.describe(err)))
+					failed = true
+					continue
 				}
 				fmt.Fprintln(g.stdout, resp.Msg.GetSandbox().GetId())
+			}
+			if failed {
+				return ExitError{Code: ExitFireworksError}
 			}
 			return nil
 		},
@@ -621,11 +628,17 @@ func newRmCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			failed := false
 			for _, a := range args {
 				if _, err := c.Sandboxes.RemoveSandbox(cmd.Context(), connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: a, Force: force})); err != nil {
-					return err
+					fmt.Fprintf(g.stderr, "fireworks: rm %s: %s\n", a, printable(g.describe(err)))
+					failed = true
+					continue
 				}
 				fmt.Fprintln(g.stdout, a)
+			}
+			if failed {
+				return ExitError{Code: ExitFireworksError}
 			}
 			return nil
 		},

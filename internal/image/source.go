@@ -177,7 +177,27 @@ func GuardedTransport(allow []netip.Prefix, protected func() []netip.Prefix) htt
 			return reachable(a, allow)
 		}}
 	t.DialContext = d.DialContext
-	return t
+	return tlsOnly{t, allow}
+}
+
+// tlsOnly refuses a plain-HTTP request unless it goes to an address the operator allowed
+// (go-containerregistry falls back to HTTP on its own for loopback, RFC 1918 and .local
+// registries): a user's pull is as private as TLS makes it.
+type tlsOnly struct {
+	next  http.RoundTripper
+	allow []netip.Prefix
+}
+
+func (t tlsOnly) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Scheme != "https" {
+		host := req.URL.Hostname()
+		a, err := netip.ParseAddr(host)
+		ok := err == nil && slices.ContainsFunc(t.allow, func(p netip.Prefix) bool { return p.Contains(a.Unmap()) })
+		if !ok {
+			return nil, fmt.Errorf("%w: plain HTTP to %s (a user's pull uses TLS, except to addresses the node's operator allows with --registry-allow)", ErrPrivateRegistry, host)
+		}
+	}
+	return t.next.RoundTrip(req)
 }
 
 // ErrPrivateRegistry: a user's pull would connect to a non-public address.

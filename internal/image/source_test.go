@@ -1,8 +1,12 @@
 package image
 
 import (
+	"context"
+	"errors"
+	"net/http"
 	"net/netip"
 	"testing"
+	"time"
 )
 
 // A user's pull connects only to public addresses and the allowed ranges.
@@ -18,6 +22,21 @@ func TestGuardedReach(t *testing.T) {
 		err := reachable(netip.MustParseAddr(addr), allow)
 		if (err == nil) != ok {
 			t.Errorf("%s: %v, want reachable=%v", addr, err, ok)
+		}
+	}
+}
+
+// A user's pull speaks plain HTTP only to an address the operator allowed.
+func TestUserPullsUseTLS(t *testing.T) {
+	tr := GuardedTransport([]netip.Prefix{netip.MustParsePrefix("10.5.0.0/16")}, nil)
+	for url, ok := range map[string]bool{"http://8.8.8.8/v2/": false, "http://registry.local/v2/": false, "http://10.5.0.7:5000/v2/": true} {
+		req, _ := http.NewRequest(http.MethodGet, url, nil)
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		_, err := tr.RoundTrip(req.WithContext(ctx))
+		cancel()
+		refused := err != nil && errors.Is(err, ErrPrivateRegistry)
+		if refused == ok {
+			t.Errorf("%s: %v, want allowed=%v", url, err, ok)
 		}
 	}
 }

@@ -195,7 +195,7 @@ const MaxPolicyBytes = 64 << 10
 // reaches it is allowed. Errors name the line.
 func ParsePolicy(text string) (Set, error) {
 	if len(text) > MaxPolicyBytes {
-		return Set{}, fmt.Errorf("policy is %d bytes, more than %d", len(text), MaxPolicyBytes)
+		return Set{}, fmt.Errorf("policy is over the limit of %d bytes", MaxPolicyBytes)
 	}
 	s := Set{Egress: Policy{Default: Deny}, Ingress: Policy{Default: Allow}}
 	seenDefault := map[string]bool{}
@@ -300,6 +300,34 @@ func Merge(base, over Policy) Policy {
 	}
 	if !out.Source.IsValid() {
 		out.Source = base.Source
+	}
+	return out
+}
+
+// FixedProtected are the ranges every node protects whatever its addresses: link-local
+// (cloud metadata services), limited broadcast, multicast, "this network" and loopback.
+func FixedProtected() []netip.Prefix {
+	return []netip.Prefix{
+		netip.MustParsePrefix("169.254.0.0/16"), netip.MustParsePrefix("255.255.255.255/32"),
+		netip.MustParsePrefix("224.0.0.0/4"), netip.MustParsePrefix("0.0.0.0/8"),
+		netip.MustParsePrefix("127.0.0.0/8"),
+	}
+}
+
+// AllowsInside returns the policy's allow rules (what the sandbox sends) that fall inside
+// one of ranges, each with the range.
+func (s Set) AllowsInside(ranges []netip.Prefix) []string {
+	var out []string
+	for _, r := range s.Egress.Rules {
+		if r.Action != Allow {
+			continue
+		}
+		for _, p := range ranges {
+			if p.Bits() <= r.CIDR.Bits() && p.Contains(r.CIDR.Addr()) {
+				out = append(out, fmt.Sprintf("allow %s: inside %s", r.CIDR, p))
+				break
+			}
+		}
 	}
 	return out
 }

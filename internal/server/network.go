@@ -22,7 +22,7 @@ import (
 const MaxPorts = 32
 
 // validateNetworkSpec checks the network part of a sandbox request.
-func validateNetworkSpec(spec *state.SandboxSpec) error {
+func validateNetworkSpec(spec *state.SandboxSpec, admin bool) error {
 	var errs []error
 	switch spec.Network {
 	case "", state.NetworkNone:
@@ -32,8 +32,15 @@ func validateNetworkSpec(spec *state.SandboxSpec) error {
 	if spec.Policy != "" {
 		if spec.Network == state.NetworkNone {
 			errs = append(errs, errors.New("a network policy needs a network (not --network none)"))
-		} else if _, err := netpolicy.ParsePolicy(spec.Policy); err != nil {
+		} else if set, err := netpolicy.ParsePolicy(spec.Policy); err != nil {
 			errs = append(errs, fmt.Errorf("network policy: %w", err))
+		} else if !admin {
+			// What every node protects, refused here as `policy apply` refuses it (a
+			// node's own addresses are only known on the node: a rule inside them is kept
+			// there and has no effect).
+			for _, why := range set.AllowsInside(netpolicy.FixedProtected()) {
+				errs = append(errs, fmt.Errorf("network policy: %s, which only an admin's policy may open (link-local and metadata, loopback, broadcast, multicast)", why))
+			}
 		}
 	}
 	if len(spec.Ports) > MaxPorts {

@@ -45,7 +45,7 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if spec.Boot, err = state.ParseBootMode(string(spec.Boot)); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("--boot: %w", err))
 	}
-	if err := validateNetworkSpec(&spec); err != nil {
+	if err := validateNetworkSpec(&spec, who.Admin()); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
 	spec.PolicyAdmin = spec.Policy != "" && who.Admin()

@@ -235,7 +235,7 @@ func validName(n string) error {
 		return nil
 	}
 	if len(n) > 63 {
-		return invalid("name %q is longer than 63 characters", n)
+		return invalid("name %q... is longer than 63 characters", n[:63])
 	}
 	for i, r := range n {
 		ok := r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r >= 'A' && r <= 'Z'
