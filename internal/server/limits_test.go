@@ -99,3 +99,14 @@ func TestSpecLimitsAndQuota(t *testing.T) {
 		t.Errorf("an admin's create: %v", err)
 	}
 }
+
+// run --policy is checked as policy apply is, for the ranges every node protects.
+func TestCreatePolicyRefusesProtectedForUsers(t *testing.T) {
+	a := newTestAPI(t)
+	spec := &pb.SandboxSpec{Image: "busybox", Policy: "default allow\nallow 169.254.169.254 tcp 80\n"}
+	_, err := a.sandboxes.CreateSandbox(t.Context(), as(a.user, &pb.CreateSandboxRequest{Spec: spec}))
+	wantCode(t, "a user's run --policy opening the metadata address", err, connect.CodeInvalidArgument, "only an admin")
+	if _, err := a.sandboxes.CreateSandbox(t.Context(), as(a.admin, &pb.CreateSandboxRequest{Spec: spec})); err != nil {
+		t.Errorf("an admin's: %v", err)
+	}
+}
