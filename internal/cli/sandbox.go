@@ -665,15 +665,30 @@ func newInfoCmd(g *globals) *cobra.Command {
 			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
 			fmt.Fprintf(tw, "Server:\t%s\n", c.Server)
 			fmt.Fprintf(tw, "Version:\t%s\n", i.GetVersion())
-			fmt.Fprintf(tw, "Node:\t%s\n", i.GetNode())
-			fmt.Fprintf(tw, "Accelerator:\t%s (%s)\n", i.GetAccel(), i.GetAccelReason())
-			fmt.Fprintf(tw, "VMM:\t%s\n", i.GetQemuVersion())
-			fmt.Fprintf(tw, "Guest kernel:\t%s\n", i.GetKernelRelease())
-			fmt.Fprintf(tw, "Init version:\t%s\n", i.GetInitVersion())
-			fmt.Fprintf(tw, "Node capacity:\t%d vCPUs, %d MiB\n", i.GetNodeVcpus(), i.GetNodeMemoryMib())
-			fmt.Fprintf(tw, "Sandbox limits:\t1..%d vCPUs, 128..%d MiB\n", i.GetMaxVcpus(), i.GetMaxMemoryMib())
-			fmt.Fprintf(tw, "Running:\t%d\n", i.GetSandboxesRunning())
-			fmt.Fprintf(tw, "Data dir:\t%s\n", i.GetDataDir())
+			// A user token is told less than an admin (no node size, load or data
+			// directory): print what the server said, not blanks for what it did not.
+			line := func(label, value string) {
+				if value != "" {
+					fmt.Fprintf(tw, "%s:\t%s\n", label, value)
+				}
+			}
+			line("Node", i.GetNode())
+			accel := i.GetAccel()
+			if r := i.GetAccelReason(); r != "" {
+				accel += " (" + r + ")"
+			}
+			line("Accelerator", accel)
+			line("VMM", i.GetQemuVersion())
+			line("Guest kernel", i.GetKernelRelease())
+			line("Init version", i.GetInitVersion())
+			if i.GetNodeVcpus() > 0 {
+				line("Node capacity", fmt.Sprintf("%d vCPUs, %d MiB", i.GetNodeVcpus(), i.GetNodeMemoryMib()))
+				line("Running", strconv.Itoa(int(i.GetSandboxesRunning())))
+			}
+			if i.GetMaxVcpus() > 0 {
+				line("Sandbox limits", fmt.Sprintf("1..%d vCPUs, 128..%d MiB", i.GetMaxVcpus(), i.GetMaxMemoryMib()))
+			}
+			line("Data dir", i.GetDataDir())
 			return tw.Flush()
 		},
 	}
