@@ -453,7 +453,7 @@ const DefaultMaxStale = 30 * time.Second
 // leader is dead, the dial fails) is tried again with the next leader; its body is small
 // (server.BoundBody) and kept for that. Streaming calls are forwarded once. A request is
 // forwarded at most once (forwardedHeader) and never to this server's own address.
-func forwardToLeader(store *state.Store, local http.Handler, preauth func(http.ResponseWriter, *http.Request) bool, self Peer, apiOf func(id string) string, maxStale time.Duration, ca *pki.CA, cert tls.Certificate, log *slog.Logger) http.Handler {
+func forwardToLeader(store *state.Store, local http.Handler, preauth func(http.ResponseWriter, *http.Request) server.PreAuth, self Peer, apiOf func(id string) string, maxStale time.Duration, ca *pki.CA, cert tls.Certificate, log *slog.Logger) http.Handler {
 	nodePrefix := "/" + fireworksv1connect.NodeServiceName + "/"
 	const leaderWait = 20 * time.Second
 	var mu sync.Mutex
@@ -518,10 +518,13 @@ func forwardToLeader(store *state.Store, local http.Handler, preauth func(http.R
 			http.Error(w, fmt.Sprintf("server %s forwarded this request to %s, which is not the leader (leader: %q); retry", by, self.ID, id), http.StatusServiceUnavailable)
 			return
 		}
-		if !preauth(w, r) {
+		pa := preauth(w, r)
+		if pa == server.PreAuthRefused {
 			return
 		}
-		unary := !server.IsStream(r)
+		// A body is buffered (to retry with the next leader) only for a token this server
+		// knows; anything else is streamed through once.
+		unary := !server.IsStream(r) && pa == server.PreAuthKnown
 		var body []byte
 		if unary {
 			b, err := io.ReadAll(r.Body) // bounded by server.BoundBody

@@ -54,24 +54,43 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 	})
 }
 
-// PreAuthenticate refuses, in the caller's protocol, a user call whose bearer token this
-// server's copy of the state does not know, and reports whether it did: a follower checks
-// it before it reads and buffers a body to forward, so a stranger cannot make it hold
-// any. (The leader checks again; a follower's copy may lag, which only delays a refusal.)
-func (s *Server) PreAuthenticate(w http.ResponseWriter, r *http.Request) bool {
+// PreAuth is what a follower knows of a call's credential before forwarding it.
+type PreAuth int
+
+const (
+	PreAuthRefused PreAuth = iota // refused here (answered already)
+	PreAuthKnown                  // a token this server's copy of the state holds and accepts
+	PreAuthUnknown                // well-formed, but not in this server's copy (it may lag)
+)
+
+// PreAuthenticate checks a user call's bearer token against this server's copy of the
+// state before a follower reads a body to forward: a missing or malformed token, or one
+// the copy holds and refuses, is answered here in the caller's protocol. A token the copy
+// does not hold yet (just created on the leader) is the leader's to judge; the follower
+// streams such a call through without buffering its body, so a stranger's random token
+// cannot make it hold one.
+func (s *Server) PreAuthenticate(w http.ResponseWriter, r *http.Request) PreAuth {
 	if strings.HasPrefix(r.URL.Path, nodeServicePrefix) {
-		return true // the node protocol authenticates by certificate (and Join by its token)
+		return PreAuthKnown // the node protocol authenticates by certificate (and Join by its token)
 	}
 	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok {
 		unauthenticated(w, r, "missing API token (send Authorization: Bearer <token>)")
-		return false
+		return PreAuthRefused
+	}
+	id, _, err := auth.Parse(strings.TrimSpace(got))
+	if err != nil {
+		unauthenticated(w, r, "invalid API token: "+err.Error())
+		return PreAuthRefused
+	}
+	if _, err := s.store.LocalToken(id); err != nil {
+		return PreAuthUnknown
 	}
 	if _, err := s.verifyToken(r.Context(), strings.TrimSpace(got)); err != nil {
 		unauthenticated(w, r, err.Error())
-		return false
+		return PreAuthRefused
 	}
-	return true
+	return PreAuthKnown
 }
 
 // verifyToken checks a token string against the state. The FSM is read locally: requests
