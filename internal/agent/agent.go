@@ -1213,6 +1213,11 @@ func (a *Agent) recover(ctx context.Context) error {
 			a.log.Warn("sweep leftover run directory", "dir", e.Name(), "err", err)
 		}
 	}
+	// VMs are named by their run directories: the cgroups of those not kept go too, with
+	// whatever still runs in them.
+	if s, ok := a.driver.(vmm.CgroupSweeper); ok {
+		s.SweepCgroups(func(id string) bool { return keep[id] })
+	}
 	// Networks belong to VMs (their run directories name them): those of VMs that are
 	// gone go too.
 	keepNets := map[string]bool{}

@@ -101,6 +101,14 @@ type SocketSharer interface {
 	ShareSocket(path string) error
 }
 
+// CgroupSweeper is implemented by drivers that put VMMs in cgroups of their own: at a
+// host process's start, SweepCgroups ends whatever runs in the cgroups of VMs it did not
+// take back (keep says which), and removes them. A VMM its guest took over could change
+// its command line to escape a sweep by process; not one by cgroup.
+type CgroupSweeper interface {
+	SweepCgroups(keep func(vmID string) bool)
+}
+
 // ShareSocket shares path with d's VMMs if d needs it.
 func ShareSocket(d Driver, path string) error {
 	if s, ok := d.(SocketSharer); ok {

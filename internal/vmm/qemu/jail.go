@@ -371,6 +371,43 @@ func (d *Driver) cgroupsFor(id string, vcpus, memMiB int) ([]string, error) {
 	return dirs, errors.Join(errs...)
 }
 
+// cgroupParents are the directories holding this driver's VM cgroups (one on v2, one per
+// controller on v1).
+func (d *Driver) cgroupParents() []string {
+	if d.cfg.Jail == nil {
+		return nil
+	}
+	name := d.cfg.Jail.CgroupName
+	var st unix.Statfs_t
+	if err := unix.Statfs("/sys/fs/cgroup", &st); err == nil && st.Type == unix.CGROUP2_SUPER_MAGIC {
+		if self, err := ownCgroup(""); err == nil {
+			return []string{filepath.Join("/sys/fs/cgroup", self, name)}
+		}
+		return nil
+	}
+	var out []string
+	for _, ctrl := range []string{"memory", "pids", "cpu"} {
+		if self, err := ownCgroup(ctrl); err == nil {
+			out = append(out, filepath.Join("/sys/fs/cgroup", ctrl, self, name))
+		}
+	}
+	return out
+}
+
+// SweepCgroups implements vmm.CgroupSweeper.
+func (d *Driver) SweepCgroups(keep func(vmID string) bool) {
+	for _, parent := range d.cgroupParents() {
+		ents, _ := os.ReadDir(parent)
+		for _, e := range ents {
+			if !e.IsDir() || keep(e.Name()) {
+				continue
+			}
+			d.log.Warn("ending what is left in the cgroup of a VM not taken back", "cgroup", filepath.Join(parent, e.Name()))
+			removeCgroups([]string{filepath.Join(parent, e.Name())})
+		}
+	}
+}
+
 // removeCgroups ends whatever still runs in a VM's cgroups (the VMM is gone, but a VMM
 // its guest took over must not leave anything behind), then removes them.
 func removeCgroups(dirs []string) {

@@ -117,3 +117,57 @@ func TestJailedVMMSeesOnlyItsFiles(t *testing.T) {
 		t.Errorf("another sandbox's disk is readable to everyone: %v", fi.Mode())
 	}
 }
+
+// What runs in the cgroup of a VM the host did not take back is ended at its start, and
+// the cgroup removed; a kept VM's cgroup stays.
+func TestSweepCgroups(t *testing.T) {
+	if os.Geteuid() != 0 {
+		testutil.Skipf(t, "cgroups need root")
+	}
+	d, err := New(Config{Accel: "tcg", Jail: JailFor(t.TempDir())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, p := range d.cgroupParents() {
+			_ = os.Remove(p)
+		}
+	})
+	orphan, err := d.cgroupsFor("orphan", 1, 64)
+	if err != nil || len(orphan) == 0 {
+		t.Fatalf("cgroups: %v %v", orphan, err)
+	}
+	kept, err := d.cgroupsFor("kept", 1, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer removeCgroups(kept)
+	sleeper := exec.Command("sleep", "60")
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for _, cg := range orphan {
+		if err := os.WriteFile(filepath.Join(cg, "cgroup.procs"), []byte(fmt.Sprint(sleeper.Process.Pid)), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- sleeper.Wait() }()
+	d.SweepCgroups(func(id string) bool { return id == "kept" })
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = sleeper.Process.Kill()
+		t.Fatal("the process in an orphan VM's cgroup still runs after the sweep")
+	}
+	for _, cg := range orphan {
+		if _, err := os.Stat(cg); err == nil {
+			t.Errorf("orphan cgroup %s is still there", cg)
+		}
+	}
+	for _, cg := range kept {
+		if _, err := os.Stat(cg); err != nil {
+			t.Errorf("a kept VM's cgroup is gone: %v", err)
+		}
+	}
+}
