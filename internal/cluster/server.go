@@ -106,7 +106,7 @@ func apiMetaKey(id string) string { return "server-api/" + id }
 // it leads and the record differs, until ctx ends: followers learn where to forward from
 // the leader itself, not from a guess.
 func recordAPIAddress(ctx context.Context, store *state.Store, id, addr string, log *slog.Logger) {
-	t := time.NewTicker(time.Second)
+	t := time.NewTicker(200 * time.Millisecond) // a new leader's address must be known at once
 	defer t.Stop()
 	for {
 		if store.IsLeader() {
@@ -256,11 +256,21 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 		cp = cfg.ControlPlane(store, log)
 	}
 	configured := map[string]string{}
+	_, myPort, _ := net.SplitHostPort(self.API)
 	for _, p := range peers {
 		configured[p.ID] = p.API
+		if p.API == "" {
+			// Until it records its own, a server is guessed to serve the API on its Raft
+			// host with this server's API port (true of every server run alike, as on
+			// Kubernetes). A wrong guess costs a failed dial, or a refusal to forward to
+			// itself: never a loop (see forwardToLeader).
+			if h, _, err := net.SplitHostPort(p.Raft); err == nil {
+				configured[p.ID] = net.JoinHostPort(h, myPort)
+			}
+		}
 	}
 	// apiOf is a server's API address: as it recorded it when it led, else as the peer
-	// list gives it, else unknown ("").
+	// list gives (or the guess above).
 	apiOf := func(id string) string {
 		if v, err := store.LocalMeta(apiMetaKey(id)); err == nil && len(v) > 0 {
 			return string(v)
