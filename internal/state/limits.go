@@ -92,20 +92,14 @@ func (s SandboxSpec) CheckSizes() error {
 	if len(s.InsecureRegistries) > MaxRegistries {
 		tooBig("insecure_registries", len(s.InsecureRegistries), MaxRegistries, "entries")
 	}
-	for _, r := range s.InsecureRegistries {
-		if len(r) > MaxHostBytes {
-			tooBig("insecure_registries entry", len(r), MaxHostBytes, "bytes")
-			break
-		}
+	if n := longest(s.InsecureRegistries); n > MaxHostBytes {
+		tooBig("insecure_registries entry", n, MaxHostBytes, "bytes")
 	}
 	if len(s.Constraints) > MaxConstraints {
 		tooBig("constraints", len(s.Constraints), MaxConstraints, "entries")
 	}
-	for _, c := range s.Constraints {
-		if len(c) > MaxConstraintSize {
-			tooBig("constraints entry", len(c), MaxConstraintSize, "bytes")
-			break
-		}
+	if n := longest(s.Constraints); n > MaxConstraintSize {
+		tooBig("constraints entry", n, MaxConstraintSize, "bytes")
 	}
 	if len(s.Ports) > MaxPorts {
 		tooBig("ports", len(s.Ports), MaxPorts, "entries")
@@ -123,6 +117,14 @@ func (s SandboxSpec) CheckSizes() error {
 		tooBig("restart", len(s.Restart), 64, "bytes")
 	}
 	return errors.Join(errs...)
+}
+
+func longest(ss []string) int {
+	n := 0
+	for _, s := range ss {
+		n = max(n, len(s))
+	}
+	return n
 }
 
 func total(ss []string) int {
