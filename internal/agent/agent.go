@@ -65,6 +65,10 @@ type Config struct {
 	// ImageDiskMiB bounds the disk space of images (default 32768): past it, the least
 	// recently used that no sandbox, template or pool needs are removed.
 	ImageDiskMiB int
+	// ImageMiBPerOwner bounds what the images one user token pulled or ran take on this
+	// node (default 16384; admins' and pools' images do not count): past it, that
+	// token's least recently used images that nothing runs from are let go of first.
+	ImageMiBPerOwner int
 	// Pools are warm pools this node keeps by its own configuration; pools set through
 	// the API (SetPools) override them for the same image and shape.
 	Pools []state.Pool
@@ -179,6 +183,9 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	}
 	if cfg.TemplateDiskMiB == 0 {
 		cfg.TemplateDiskMiB = 8192
+	}
+	if cfg.ImageMiBPerOwner == 0 {
+		cfg.ImageMiBPerOwner = 16384
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, started: map[string]bool{}, stopsSent: map[string]bool{},
 		pruneWake: make(chan struct{}, 1)}
@@ -358,6 +365,15 @@ func (a *Agent) pruneImages(ctx context.Context) {
 		case <-a.pruneWake:
 		case <-t.C:
 		}
+		// Each token's share first (a root disk built since its start counts now), then
+		// the node's budget.
+		if owners, err := a.images.Owners(); err == nil {
+			for _, o := range owners {
+				if err := a.FitImages(ctx, o, ""); err != nil && !errors.Is(err, image.ErrOwnerBudget) && ctx.Err() == nil {
+					a.log.Warn("keep a token's images within its share", "owner", o, "err", err)
+				}
+			}
+		}
 		budget := int64(a.cfg.ImageDiskMiB) << 20
 		if _, err := a.images.Prune(ctx, budget, 10*time.Second, a.imageInUse); err != nil && ctx.Err() == nil {
 			a.log.Warn("keep images within their disk budget", "err", err)
@@ -389,13 +405,26 @@ func (a *Agent) imageInUse(digest string) bool {
 
 // PullOptions are the options of a pull on behalf of a sandbox or a caller: an admin's
 // (private) reaches any registry address, anyone else's only public ones and the
-// operator's --registry-allow ranges.
-func (a *Agent) PullOptions(insecure []string, private bool) image.PullOptions {
+// operator's --registry-allow ranges, and counts against its owner's share of the
+// node's image disk (see FitImages).
+func (a *Agent) PullOptions(insecure []string, private bool, owner string) image.PullOptions {
 	o := image.PullOptions{InsecureRegistries: insecure}
 	if !private {
-		o.Transport, o.User = a.userPulls, true
+		o.Transport, o.User, o.Owner = a.userPulls, true, owner
 	}
 	return o
+}
+
+// FitImages keeps what owner's images take on this node within ImageMiBPerOwner: its own
+// least recently used images that nothing needs go first, then (if still over) keep, the
+// image it just pulled, and the pull fails naming the figures.
+func (a *Agent) FitImages(ctx context.Context, owner, keep string) error {
+	// 2 s: a start of the same owner between its pull and telling imageInUse about it.
+	err := a.images.FitOwner(ctx, owner, int64(a.cfg.ImageMiBPerOwner)<<20, keep, 2*time.Second, a.imageInUse)
+	if err != nil {
+		return fmt.Errorf("on node %s (--image-mib-per-token): %w", a.cfg.Node, err)
+	}
+	return nil
 }
 
 // Close stops every sandbox goroutine's VM and waits for them. Sandboxes that were running
@@ -551,7 +580,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	}
 	ph := newPhases()
 	pullCtx, cancelPull := context.WithTimeout(ctx, a.cfg.PullTimeout)
-	img, err := a.images.Ensure(pullCtx, sb.Spec.Image, a.PullOptions(sb.Spec.InsecureRegistries, sb.Spec.PullPrivate))
+	img, err := a.images.Ensure(pullCtx, sb.Spec.Image, a.PullOptions(sb.Spec.InsecureRegistries, sb.Spec.PullPrivate, sb.Owner))
 	cancelPull()
 	if err != nil {
 		a.fail(s, fmt.Sprintf("pull image %s: %v", sb.Spec.Image, err))
@@ -561,6 +590,13 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	s.mu.Lock()
 	s.started.ImageDigest = &digest
 	s.mu.Unlock()
+	if !sb.Spec.PullPrivate {
+		// In use from here on, the image itself is never let go of: the owner's others are.
+		if err := a.FitImages(ctx, sb.Owner, digest); err != nil {
+			a.fail(s, fmt.Sprintf("pull image %s: %v", sb.Spec.Image, err))
+			return
+		}
+	}
 	select { // the image disk may be over budget now
 	case a.pruneWake <- struct{}{}:
 	default:

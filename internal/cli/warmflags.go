@@ -13,14 +13,15 @@ import (
 
 // warmFlags are a node's own template and warm-pool settings (dev and agent).
 type warmFlags struct {
-	templateDiskMiB, imageDiskMiB, logMiBPerToken int
-	pools                                         []string
+	templateDiskMiB, imageDiskMiB, imageMiBPerToken, logMiBPerToken int
+	pools                                                           []string
 }
 
 func (w *warmFlags) register(fl *pflag.FlagSet) {
 	fl.IntVar(&w.templateDiskMiB, "template-disk-mib", 8192, "disk space for template snapshots, MiB; the least recently used are removed past it")
 	fl.IntVar(&w.logMiBPerToken, "log-mib-per-token", 4096, "stored output of one token's sandboxes on this node together, MiB; past it their output is discarded until finished ones are removed")
 	fl.IntVar(&w.imageDiskMiB, "image-disk-mib", 32768, "disk space for images (layers and root disks), MiB; the least recently used that nothing runs from are removed past it")
+	fl.IntVar(&w.imageMiBPerToken, "image-mib-per-token", 16384, "disk space the images one user token pulled or ran may take on this node, MiB; past it that token's least recently used images go first, then its pull fails")
 	fl.StringArrayVar(&w.pools, "warm-pool", nil, "keep warm VMs of an image on this node: IMAGE=SIZE[:MAX] (repeatable; 'fireworks pool set' overrides it cluster-wide)")
 }
 
@@ -31,10 +32,13 @@ func (w *warmFlags) apply(cfg *agent.Config) error {
 	if w.imageDiskMiB < 1 {
 		return fmt.Errorf("--image-disk-mib %d: want at least 1", w.imageDiskMiB)
 	}
+	if w.imageMiBPerToken < 1 {
+		return fmt.Errorf("--image-mib-per-token %d: want at least 1", w.imageMiBPerToken)
+	}
 	if w.logMiBPerToken < 1 {
 		return fmt.Errorf("--log-mib-per-token %d: want at least 1", w.logMiBPerToken)
 	}
-	cfg.TemplateDiskMiB, cfg.ImageDiskMiB = w.templateDiskMiB, w.imageDiskMiB
+	cfg.TemplateDiskMiB, cfg.ImageDiskMiB, cfg.ImageMiBPerOwner = w.templateDiskMiB, w.imageDiskMiB, w.imageMiBPerToken
 	cfg.MaxLogBytesPerOwner = int64(w.logMiBPerToken) << 20
 	for _, p := range w.pools {
 		pool, err := parseWarmPool(p)

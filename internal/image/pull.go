@@ -103,6 +103,7 @@ func (s *Store) pull(ctx context.Context, ref string, opts PullOptions) (*Image,
 	}
 	if r, ok := idx.Images[digest]; ok && s.haveBlobs(need) {
 		r.Public = r.Public || opts.User
+		s.chargeLocked(r, opts)
 		out, err := s.tagLocked(idx, r, canonical)
 		s.mu.Unlock()
 		if err == nil {
@@ -158,7 +159,9 @@ func (s *Store) pull(ctx context.Context, ref string, opts PullOptions) (*Image,
 	if old, ok := idx.Images[digest]; ok {
 		rec.Refs = old.Refs // a concurrent pull of another name for it
 		rec.Public = rec.Public || old.Public
+		rec.Owners, rec.Operator = old.Owners, old.Operator
 	}
+	s.chargeLocked(rec, opts)
 	idx.Images[digest] = rec
 	return s.tagLocked(idx, rec, canonical)
 }

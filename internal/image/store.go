@@ -105,6 +105,10 @@ type PullOptions struct {
 	// registry credentials), and the cache serves it only images a user's pull resolved
 	// (not what an admin pulled from a private registry or a local path).
 	User bool
+	// Owner, if set, is the API token the image is fetched for: the image counts
+	// against that owner's share of the store (see FitOwner). Empty for the
+	// operator's pulls, which no owner's limit ever removes.
+	Owner string
 }
 
 // Option configures a Store.
@@ -138,7 +142,8 @@ type Store struct {
 
 	builds atomic.Int64 // root disks built, for tests
 
-	used map[string]time.Time // last use by digest (guarded by mu), for Prune
+	used      map[string]time.Time     // last use by digest (guarded by mu), for Prune
+	ownerUsed map[ownerImage]time.Time // last use by an owner (guarded by mu), for FitOwner
 }
 
 // record is one image in index.json.
@@ -152,6 +157,13 @@ type record struct {
 	ConfigDigest string        `json:"configDigest"`
 	Layers       []layerRecord `json:"layers"`
 	Public       bool          `json:"public,omitempty"` // see Image.Public
+	// Owners are the tokens the image was fetched or used for (PullOptions.Owner),
+	// with when that was first recorded; Operator says the operator (an admin, a
+	// pool) asked for it too. An image no owner holds any more is removed unless
+	// the operator asked for it; records from before owners existed count as the
+	// operator's.
+	Owners   map[string]time.Time `json:"owners,omitempty"`
+	Operator bool                 `json:"operator,omitempty"`
 }
 
 type layerRecord struct {
@@ -448,6 +460,9 @@ func (s *Store) Ensure(ctx context.Context, ref string, opts PullOptions) (*Imag
 	img, err := s.Get(ctx, ref)
 	if err == nil && (!opts.User || img.Public) {
 		s.touch(img.Digest)
+		if err := s.charge(img.Digest, opts); err != nil {
+			return nil, err
+		}
 		return img, nil
 	}
 	if err != nil && !errors.Is(err, ErrNotFound) {

@@ -934,3 +934,87 @@ func TestUserPullsDoNotGetAdminImages(t *testing.T) {
 		t.Errorf("a public image by prefix: %+v %v", img, err)
 	}
 }
+
+// One user token's images are bounded by its share: past it the token's own least
+// recently used images go (removed from the node when no one else holds them and the
+// operator never asked for them), never another token's or the operator's, never one
+// in use; when what is left is in use, the pull that went over is refused and let go of.
+func TestOwnerShare(t *testing.T) {
+	imgs := map[string]v1.Image{}
+	for _, tag := range []string{"a", "b", "c", "d", "e"} {
+		imgs["x:"+tag] = testimage.Busybox(t, testimage.Cmd(tag))
+	}
+	host := testimage.Serve(t, imgs)
+	s, dir := openStore(t)
+	allow := image.GuardedTransport([]netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}, nil)
+	as := func(owner string) image.PullOptions {
+		return image.PullOptions{InsecureRegistries: []string{host}, User: true, Transport: allow, Owner: owner}
+	}
+	get := func(tag string, opts image.PullOptions) string {
+		t.Helper()
+		img, err := s.Ensure(ctx, host+"/x:"+tag, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond) // distinct last-use times
+		return img.Digest
+	}
+	has := func(d string) bool { _, err := s.Get(ctx, d); return err == nil }
+	none := func(string) bool { return false }
+
+	admin := get("d", insecure(host)) // the operator's
+	shared := get("b", as("u2"))      // another token's too
+	a, b, d := get("a", as("u1")), get("b", as("u1")), get("d", as("u1"))
+	one, err := s.OwnerUsage("u1")
+	if err != nil || one <= 0 {
+		t.Fatalf("usage of u1: %d %v", one, err)
+	}
+	per := one / 3 // busybox images of the same size
+	t.Logf("one image: %d bytes", per)
+	if owners, _ := s.Owners(); !slices.Equal(owners, []string{"u1", "u2"}) {
+		t.Errorf("owners %v, want [u1 u2]", owners)
+	}
+	c := get("c", as("u1"))
+	// Room for two: a (oldest) and b go, d's is next but two fit now.
+	if err := s.FitOwner(ctx, "u1", 2*per+per/2, c, 0, none); err != nil {
+		t.Fatalf("fit: %v", err)
+	}
+	if has(a) {
+		t.Errorf("u1's least recently used image %s, held by no one else, is still in the store", a)
+	}
+	if !has(shared) || b != shared {
+		t.Errorf("the image u2 holds too was removed")
+	}
+	if !has(admin) || d != admin || !has(c) {
+		t.Errorf("the operator's image or the one just pulled is gone")
+	}
+	if got, _ := s.OwnerUsage("u1"); got > 2*per+per/2 {
+		t.Errorf("u1 holds %d bytes after fitting into %d", got, 2*per+per/2)
+	}
+	if got, _ := s.OwnerUsage("u2"); got != per {
+		t.Errorf("u2's usage changed to %d (want %d): one token's share must not touch another's", got, per)
+	}
+	// Everything else of u1's runs: the new pull over the share is refused and goes.
+	e := get("e", as("u1"))
+	running := func(x string) bool { return x != e }
+	err = s.FitOwner(ctx, "u1", 2*per+per/2, e, 0, running)
+	if !errors.Is(err, image.ErrOwnerBudget) || !strings.Contains(err.Error(), "MiB allowed") {
+		t.Fatalf("over the share with all else in use: %v, want ErrOwnerBudget naming the figures", err)
+	}
+	if has(e) {
+		t.Errorf("the refused pull %s is still in the store", e)
+	}
+	for _, x := range []string{c, d} {
+		if !has(x) {
+			t.Errorf("image %s in use was removed", x)
+		}
+	}
+	// The owners survive a reopen of the store (an agent restart).
+	s2, err := image.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s2.OwnerUsage("u1"); got == 0 {
+		t.Errorf("u1's images are not counted after a reopen")
+	}
+}

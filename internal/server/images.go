@@ -32,7 +32,7 @@ func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.Pu
 	if h.s.agent == nil {
 		return errNoLocalNode
 	}
-	opts := h.s.agent.PullOptions(req.Msg.GetInsecureRegistries(), who.Admin())
+	opts := h.s.agent.PullOptions(req.Msg.GetInsecureRegistries(), who.Admin(), who.TokenID)
 	opts.Progress = func(p image.Progress) {
 		// Progress is best effort: a slow client must not fail the pull.
 		_ = stream.Send(&pb.PullImageResponse{Msg: &pb.PullImageResponse_Progress{Progress: &pb.PullProgress{
@@ -41,6 +41,11 @@ func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.Pu
 	img, err := h.s.agent.Images().Pull(ctx, req.Msg.GetRef(), opts)
 	if err != nil {
 		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("pull %s: %w", req.Msg.GetRef(), err))
+	}
+	if !who.Admin() {
+		if err := h.s.agent.FitImages(ctx, who.TokenID, img.Digest); err != nil {
+			return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("pull %s: %w", req.Msg.GetRef(), err))
+		}
 	}
 	return stream.Send(&pb.PullImageResponse{Msg: &pb.PullImageResponse_Image{Image: imageToPB(*img)}})
 }

@@ -41,7 +41,7 @@ func (h *imageService) WarmImage(ctx context.Context, req *connect.Request[pb.Wa
 	if h.s.agent == nil {
 		return nil, errNoTemplates
 	}
-	t, err := h.s.agent.WarmImage(ctx, ref, h.s.agent.PullOptions(req.Msg.GetInsecureRegistries(), who.Admin()))
+	t, err := h.s.agent.WarmImage(ctx, ref, h.s.agent.PullOptions(req.Msg.GetInsecureRegistries(), who.Admin(), who.TokenID))
 	if err != nil {
 		var ce *connect.Error
 		if errors.As(err, &ce) || ctx.Err() != nil {

@@ -2,11 +2,15 @@ package e2e
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"net/http"
 	"os"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
 
 // Tokens: an admin creates a user token; the user runs and sees only its own sandboxes,
@@ -129,4 +133,70 @@ func TestLogBudgetPerToken(t *testing.T) {
 		t.Errorf("after removing finished sandboxes, a run's log holds %d bytes, want all 800000", strings.Count(got, "x"))
 	}
 	world.cliEnv(ctx, user, nil, "rm", "log-c")
+}
+
+// One token's images on a node are bounded (--image-mib-per-token): past it the token's
+// own least recently used images go, never another token's or the operator's, and when
+// the rest is in use its pull is refused, naming the flag.
+func TestImageSharePerToken(t *testing.T) {
+	need(t)
+	for _, tag := range []string{"share-a", "share-b", "share-c", "share-x"} {
+		testimage.Push(t, world.registry, tag+":latest", testimage.Busybox(t, testimage.Cmd(tag)))
+	}
+	noise := make([]byte, 3<<20) // incompressible: the layer weighs 3 MiB
+	if _, err := rand.Read(noise); err != nil {
+		t.Fatal(err)
+	}
+	testimage.Push(t, world.registry, "share-big:latest", testimage.WithLayers(t, testimage.Busybox(t),
+		testimage.Layer(t, testimage.Entry{Name: "noise", Body: string(noise)})))
+	// Each busybox image is ~1.1 MB of layers: 4 MiB holds three pulled ones.
+	restartDev(t, "--image-mib-per-token", "4")
+	t.Cleanup(func() { restartDev(t) })
+	ctx := context.Background()
+	tokenEnv := func(name string) []string {
+		return []string{"FIREWORKS_TOKEN=" + strings.TrimSpace(fw(t, 0, "token", "create", "--role", "user", "--name", name).stdout)}
+	}
+	u1, u2 := tokenEnv("share-1"), tokenEnv("share-2")
+	pull := func(env []string, tag string) result {
+		return world.cliEnv(ctx, env, nil, "image", "pull", image(tag+":latest"))
+	}
+	for _, p := range []struct {
+		env []string
+		tag string
+	}{{u1, "share-a"}, {u1, "share-b"}, {u2, "share-b"}, {nil, "share-x"}, {u1, "share-x"}} {
+		if p.env == nil {
+			fw(t, 0, "image", "pull", image(p.tag+":latest"))
+		} else if r := pull(p.env, p.tag); r.code != 0 {
+			t.Fatalf("pull %s: %d %s", p.tag, r.code, r.stderr)
+		}
+	}
+	time.Sleep(2500 * time.Millisecond) // past the grace for a start between its pull and its VM
+	if r := pull(u1, "share-c"); r.code != 0 {
+		t.Fatalf("a pull past the share, with the token's older images unused: %d %s", r.code, r.stderr)
+	}
+	ls := fw(t, 0, "image", "ls").stdout
+	if strings.Contains(ls, "share-a") {
+		t.Errorf("the token's least recently used image, held by no one else, stayed:\n%s", ls)
+	}
+	for _, kept := range []string{"share-b", "share-x", "share-c"} {
+		if !strings.Contains(ls, kept) {
+			t.Errorf("%s is gone (another token's, the operator's or the one just pulled):\n%s", kept, ls)
+		}
+	}
+	// With its image in use, the token's pull of an image that does not fit beside it is
+	// refused; the image in use stays, the refused one goes.
+	id := strings.TrimSpace(world.cliEnv(ctx, u1, nil, "run", "-d", "--boot", "cold", image("share-c:latest"), "--", "sleep", "600").stdout)
+	t.Cleanup(func() { world.cli(context.Background(), nil, "rm", "-f", id) })
+	waitStatus(t, id, "running")
+	time.Sleep(2500 * time.Millisecond)
+	r := pull(u1, "share-big")
+	if r.code == 0 || !strings.Contains(r.stderr, "--image-mib-per-token") || !strings.Contains(r.stderr, "MiB allowed") {
+		t.Errorf("a pull over the share with the rest in use: exit %d, %s (want refused naming --image-mib-per-token)", r.code, r.stderr)
+	}
+	ls = fw(t, 0, "image", "ls").stdout
+	if !strings.Contains(ls, "share-c") || strings.Contains(ls, "share-big") || !strings.Contains(ls, "share-b") || !strings.Contains(ls, "share-x") {
+		t.Errorf("after the refused pull, want share-c, share-b (another token's) and share-x (the operator's) kept, share-big gone:\n%s", ls)
+	}
+	// The operator is not bounded by a token's share.
+	fw(t, 0, "image", "pull", image("share-big:latest"))
 }

@@ -1,0 +1,220 @@
+package image
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"time"
+)
+
+// ErrOwnerBudget is returned (wrapped) by FitOwner when an owner's images cannot be
+// brought within its share of the store: what is left is in use.
+var ErrOwnerBudget = errors.New("images over the owner's share of the node's image disk")
+
+// ownerImage keys the in-memory last use of an image by one owner.
+type ownerImage struct{ owner, digest string }
+
+// charge records that opts.Owner uses the image with digest (a cache hit), writing
+// the index only the first time an owner uses it, so a start costs no write.
+func (s *Store) charge(digest string, opts PullOptions) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	idx, err := s.loadIndex()
+	if err != nil {
+		return err
+	}
+	r, ok := idx.Images[digest]
+	if !ok {
+		return nil // removed since the lookup; the caller's start fails on its own
+	}
+	_, had := r.Owners[opts.Owner]
+	wasOperator := r.Operator
+	s.chargeLocked(r, opts)
+	if (opts.Owner != "" && had) || (opts.Owner == "" && wasOperator) {
+		return nil
+	}
+	return s.saveIndex(idx)
+}
+
+// chargeLocked records the pull or use opts describe on r (not saved); s.mu must be held.
+func (s *Store) chargeLocked(r *record, opts PullOptions) {
+	if opts.Owner == "" {
+		r.Operator = true
+		return
+	}
+	if r.Owners == nil {
+		r.Owners = map[string]time.Time{}
+	}
+	now := time.Now().UTC()
+	if _, ok := r.Owners[opts.Owner]; !ok {
+		r.Owners[opts.Owner] = now
+	}
+	if s.ownerUsed == nil {
+		s.ownerUsed = map[ownerImage]time.Time{}
+	}
+	s.ownerUsed[ownerImage{opts.Owner, r.Digest}] = now
+}
+
+// imageBytes is what one image counts for against an owner: its compressed layers
+// and its root disk once built. Layers another image shares count for both: an
+// owner's share is what its images would take alone.
+func (s *Store) imageBytes(r *record) int64 {
+	n := r.Size
+	if fi, err := os.Stat(s.diskPath(r.Digest, s.fsType)); err == nil {
+		n += diskBytes(fi)
+	}
+	return n
+}
+
+// OwnerUsage is the bytes of the images owner holds (see imageBytes).
+func (s *Store) OwnerUsage(owner string) (int64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	idx, err := s.loadIndex()
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, r := range idx.Images {
+		if _, ok := r.Owners[owner]; ok {
+			n += s.imageBytes(r)
+		}
+	}
+	return n, nil
+}
+
+// Owners lists the owners holding at least one image.
+func (s *Store) Owners() ([]string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	idx, err := s.loadIndex()
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, r := range idx.Images {
+		for o := range r.Owners {
+			if !slices.Contains(out, o) {
+				out = append(out, o)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// FitOwner brings owner's images within budget bytes: it lets go of the owner's least
+// recently used images, other than keep, that inUse does not claim and the owner did
+// not use within keepRecent; an image no owner holds any more and the operator never
+// asked for is removed from the node. If that is not enough and keep is not in use
+// either, the owner lets go of keep too. It returns an error wrapping ErrOwnerBudget,
+// naming the figures, when the owner stays over budget.
+//
+// One owner can so never fill the node's image disk and push every other tenant's
+// images out of the store's node-wide LRU (Prune): its own images go first.
+func (s *Store) FitOwner(ctx context.Context, owner string, budget int64, keep string, keepRecent time.Duration, inUse func(digest string) bool) error {
+	if owner == "" || budget <= 0 {
+		return nil
+	}
+	type cand struct {
+		digest string
+		last   time.Time
+		bytes  int64
+	}
+	s.mu.Lock()
+	idx, err := s.loadIndex()
+	if err != nil {
+		s.mu.Unlock()
+		return err
+	}
+	var (
+		cands []cand
+		used  int64
+	)
+	for d, r := range idx.Images {
+		first, ok := r.Owners[owner]
+		if !ok {
+			continue
+		}
+		c := cand{d, first, s.imageBytes(r)}
+		if t, ok := s.ownerUsed[ownerImage{owner, d}]; ok && t.After(c.last) {
+			c.last = t
+		}
+		used += c.bytes
+		if d != keep {
+			cands = append(cands, c)
+		}
+	}
+	s.mu.Unlock()
+	if used <= budget {
+		return nil
+	}
+	slices.SortFunc(cands, func(a, b cand) int { return a.last.Compare(b.last) })
+	if keep != "" {
+		cands = append(cands, cand{digest: keep}) // last resort, whatever its age
+	}
+	for _, c := range cands {
+		if used <= budget {
+			break
+		}
+		if inUse(c.digest) || (c.digest != keep && time.Since(c.last) < keepRecent) {
+			continue
+		}
+		freed, err := s.disown(ctx, owner, c.digest, inUse)
+		if err != nil {
+			return err
+		}
+		if c.digest == keep {
+			return fmt.Errorf("%w: %d MiB held with it, %d MiB allowed; the rest is in use or was used in the last %s",
+				ErrOwnerBudget, used>>20, budget>>20, keepRecent)
+		}
+		used -= freed
+	}
+	if used > budget {
+		return fmt.Errorf("%w: %d MiB held, %d MiB allowed; the rest is in use or was used in the last %s",
+			ErrOwnerBudget, used>>20, budget>>20, keepRecent)
+	}
+	return nil
+}
+
+// disown drops owner from the image with digest, and removes the image when no owner
+// holds it, the operator never asked for it and inUse does not claim it. It returns the
+// bytes the image counted for against owner.
+func (s *Store) disown(ctx context.Context, owner, digest string, inUse func(string) bool) (int64, error) {
+	unlock, err := s.lockDigest(ctx, digest) // no root disk build of it under way
+	if err != nil {
+		return 0, err
+	}
+	defer unlock()
+	busy := inUse(digest) // asked before taking s.mu: inUse takes its caller's locks
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	idx, err := s.loadIndex()
+	if err != nil {
+		return 0, err
+	}
+	r, ok := idx.Images[digest]
+	if !ok {
+		return 0, nil
+	}
+	if _, ok := r.Owners[owner]; !ok {
+		return 0, nil
+	}
+	n := s.imageBytes(r)
+	delete(r.Owners, owner)
+	delete(s.ownerUsed, ownerImage{owner, digest})
+	orphan := len(r.Owners) == 0 && !r.Operator && !busy
+	if orphan {
+		delete(idx.Images, digest)
+	}
+	if err := s.saveIndex(idx); err != nil {
+		return 0, err
+	}
+	if orphan {
+		s.gcLocked(idx)
+		s.log.Info("removed an image its last owner let go of over its share", "digest", digest, "owner", owner)
+	}
+	return n, nil
+}
