@@ -44,5 +44,13 @@ for entry in "${tools[@]}"; do
     missing=1
   fi
 done
+if command -v qemu-system-x86_64 >/dev/null 2>&1; then
+  v=$(qemu-system-x86_64 --version | sed -nE '1s/.*version ([0-9]+)\.([0-9]+).*/\1 \2/p')
+  read -r maj min <<<"${v:-0 0}"
+  if [ "$maj" -lt 8 ] || { [ "$maj" -eq 8 ] && [ "$min" -lt 2 ]; }; then
+    echo "QEMU $maj.$min is older than 8.2 (install it from bookworm-backports; scripts/install-deps.sh does)" >&2
+    missing=1
+  fi
+fi
 [ -e /dev/net/tun ] || { echo "missing device: /dev/net/tun (modprobe tun)" >&2; missing=1; }
 exit $missing

@@ -30,6 +30,27 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# QEMU 8.2 or later: restored VMs map template memory their VMM opened read-only
+# (memory-backend-file readonly=on,rom=off). Debian 12 ships 7.2; its backports have 10.0.
+qemu_ok() {
+  local v
+  v=$(qemu-system-x86_64 --version 2>/dev/null | sed -nE '1s/.*version ([0-9]+)\.([0-9]+).*/\1 \2/p')
+  [ -n "$v" ] && read -r maj min <<<"$v" && { [ "$maj" -gt 8 ] || { [ "$maj" -eq 8 ] && [ "$min" -ge 2 ]; }; }
+}
+if ! qemu_ok; then
+  . /etc/os-release
+  if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+    src=/etc/apt/sources.list.d/fireworks-bookworm-backports.sources
+    if ! grep -rqs '^Suites:.*bookworm-backports\|^deb .* bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' >"$src"
+    fi
+    apt-get update -qq
+    echo "installing: QEMU from bookworm-backports (Debian 12's 7.2 is older than 8.2)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+  fi
+  qemu_ok || { echo "QEMU $(qemu-system-x86_64 --version | head -1) is older than 8.2, which Fireworks needs" >&2; exit 1; }
+fi
+
 # The Go toolchain go.mod asks for, installed as /usr/local/go. Go itself fetches it,
 # through whatever module proxy this machine's Go is configured with: a Go of 1.21 or later
 # switches toolchains on request (GOTOOLCHAIN); an older one (Debian's golang-go is 1.19,

@@ -215,7 +215,10 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if a.kernelHash, err = fileHash(a.kernel.Vmlinux); err != nil {
 		return nil, fmt.Errorf("hash guest kernel: %w", err)
 	}
-	a.vmmVersion = qemuVersion()
+	a.vmmVersion = "unknown"
+	if v, ok := a.driver.(interface{ Version() string }); ok {
+		a.vmmVersion = v.Version()
+	}
 	if cfg.SandboxCIDR == "" {
 		cfg.SandboxCIDR = DefaultSandboxCIDR
 	}
@@ -325,7 +328,7 @@ func (a *Agent) Info() Info {
 	a.mu.Unlock()
 	return Info{
 		Node: a.cfg.Node, Accel: a.accel.Accel, AccelReason: a.accel.Reason,
-		KernelRelease: a.kernel.Release, InitVersion: a.initrd.Version, QEMUVersion: qemuVersion(),
+		KernelRelease: a.kernel.Release, InitVersion: a.initrd.Version, QEMUVersion: a.vmmVersion,
 		NodeVCPUs: runtime.NumCPU(), NodeMemoryMiB: hostMemoryMiB(),
 		MaxVCPUs: a.cfg.MaxVCPUs, MaxMemoryMiB: a.cfg.MaxMemoryMiB, Running: n, DataDir: a.cfg.DataDir,
 	}
@@ -1381,15 +1384,6 @@ func hostMemoryMiB() int64 {
 		return 1024
 	}
 	return int64(si.Totalram) * int64(si.Unit) >> 20
-}
-
-func qemuVersion() string {
-	out, err := exec.Command("qemu-system-x86_64", "--version").Output()
-	if err != nil {
-		return "unknown"
-	}
-	line, _, _ := strings.Cut(string(out), "\n")
-	return strings.TrimSpace(line)
 }
 
 // cleanupStack undoes a partial start in reverse order (the E2B pattern).

@@ -35,7 +35,7 @@ import (
 type templateKey struct {
 	// Layout versions what a template holds and how its VM is made (3: root filesystem
 	// mounted and the image's likely first binaries read before the save; 6: a NIC
-	// configured by init; 7: the NIC without guest announcements).
+	// configured by init; 7: the NIC without guest announcements; 8: no PIT or PIC).
 	Layout int    `json:"layout"`
 	Digest string `json:"digest"`
 	// RootDisk identifies the root disk file (inode, size, mtime): the saved guest has its
@@ -104,7 +104,7 @@ func (a *Agent) templateKeyFor(digest, rootDisk, rootFS string, vcpus, memMiB in
 		}
 	}
 	k := templateKey{
-		Layout: 7, Digest: digest, RootDisk: id, RootFS: rootFS, Kernel: a.kernel.Release, KernelHash: a.kernelHash,
+		Layout: 8, Digest: digest, RootDisk: id, RootFS: rootFS, Kernel: a.kernel.Release, KernelHash: a.kernelHash,
 		InitVersion: a.initrd.Version, Cmdline: a.cmdline(),
 		VCPUs: vcpus, MemoryMiB: memMiB, ScratchMiB: a.cfg.ScratchMiB,
 		Accel: a.accel.Accel, VMM: a.driver.Name() + " " + a.vmmVersion, Network: "none",

@@ -36,7 +36,7 @@ func TestCommandLine(t *testing.T) {
 	s := testSpec(t)
 	args := d.args(s)
 	joined := strings.Join(args, "\n")
-	for _, want := range []string{"microvm,acpi=on", "-no-reboot", "-S", "-sandbox", "virtio-mmio.force-legacy=false",
+	for _, want := range []string{"microvm,acpi=on,pit=off,pic=off", "-no-reboot", "-S", "-sandbox", "virtio-mmio.force-legacy=false",
 		"file=" + strings.ReplaceAll(s.Disks[0].Path, ",", ",,") + ",if=none,id=disk0,format=raw,readonly=on",
 		"path=" + s.AgentSocket + ",reconnect=1", "name=fireworks.0", "128M"} {
 		if !strings.Contains(joined, want) {
@@ -291,5 +291,38 @@ func TestAdoptRefusesForeignQMP(t *testing.T) {
 	}
 	if _, err := d.Adopt(context.Background(), dir); err == nil || !strings.Contains(err.Error(), "outside it") {
 		t.Errorf("adopting with a foreign QMP socket: %v", err)
+	}
+}
+
+// A QEMU older than 8.2 (Debian 12's own 7.2) would have to open template memory
+// read-write: the driver refuses it at New, saying where a newer one comes from. (The
+// "QEMU" here is a script printing a version line: a stand-in below the driver's seam.)
+func TestRefusesQEMUBefore82(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct {
+		line string
+		ok   bool
+	}{
+		{"QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)", false},
+		{"QEMU emulator version 8.1.5", false},
+		{"QEMU emulator version 8.2.0", true},
+		{"QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)", true},
+		{"something else", false},
+	} {
+		bin := filepath.Join(dir, "qemu")
+		if err := os.WriteFile(bin, []byte("#!/bin/sh\necho '"+c.line+"'\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		d, err := New(Config{Accel: "tcg", Binary: bin, Logger: discardLogger()})
+		if c.ok != (err == nil) {
+			t.Errorf("%q: New error %v, want ok=%v", c.line, err, c.ok)
+			continue
+		}
+		if err != nil && c.line != "something else" && !strings.Contains(err.Error(), "bookworm-backports") {
+			t.Errorf("%q: the error does not say where a newer QEMU comes from: %v", c.line, err)
+		}
+		if err == nil && d.Version() != c.line {
+			t.Errorf("Version() = %q, want %q", d.Version(), c.line)
+		}
 	}
 }

@@ -161,17 +161,16 @@ func filesOf(s vmm.Spec) jailFiles {
 		f.rw = append(f.rw, s.MemoryFile)
 	}
 	if s.Restore != nil && !inDir(s.Restore.MemoryFile) {
-		// QEMU 7.2 opens a memory-backend-file read-write even when it maps it privately
-		// (8.2's readonly=on,rom=off would not): the template's memory must be writable
-		// to the VMM group. See HACKING: what a compromised restored VMM could do.
-		f.rw = append(f.rw, s.Restore.MemoryFile)
+		// Opened read-only and mapped privately (readonly=on,rom=off): shared by every VM
+		// restored from the template, it is mounted read-only into each jail too.
+		f.ro = append(f.ro, s.Restore.MemoryFile)
 	}
 	return f
 }
 
 // prepare makes a VM's files usable by its jail user uid: its own (run directory, scratch
 // disks, memory file, sockets) become uid's; shared ones (kernel, image disks, template
-// memory) readable, or for template memory writable, to the VMM group, not to others.
+// memory) readable to the VMM group, writable by none of them.
 func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 	f := filesOf(s)
 	own := func(p string, typ uint32, mode int) error {
@@ -229,9 +228,9 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 		if err := sealed(*s.Restore); err != nil {
 			return err
 		}
-		// Shared by every VM restored from the template: the host's, writable to the
-		// VMMs' group (see filesOf), never one VMM user's.
-		if err := setOwner(s.Restore.MemoryFile, unix.S_IFREG, 0, j.GID, 0o660); err != nil {
+		// Shared by every VM restored from the template: the host's, readable by the
+		// VMMs' group, writable by no VMM (see filesOf).
+		if err := setOwner(s.Restore.MemoryFile, unix.S_IFREG, 0, j.GID, 0o640); err != nil {
 			return fmt.Errorf("jail: template memory for the VMM group: %w", err)
 		}
 	}
@@ -256,9 +255,8 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 var ErrTemplateTampered = errors.New("template memory was written after the template was saved")
 
 // sealed refuses a template whose memory file changed after its state file was written
-// (the end of the save). Restored VMMs map the memory privately and never write the file;
-// one that does (a compromised VMM: QEMU 7.2 must open it read-write, see filesOf) bumps
-// its modification time, and no VMM is restored from it again.
+// (the end of the save). Restored VMMs open it read-only, so nothing should: this is a
+// check that what was saved is what is restored (an operator's mistake, a disk error).
 func sealed(snap vmm.Snapshot) error {
 	mem, err1 := os.Stat(snap.MemoryFile)
 	state, err2 := os.Stat(snap.StateFile)

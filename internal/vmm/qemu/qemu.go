@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -85,6 +86,9 @@ type Driver struct {
 	cfg  Config
 	log  *slog.Logger
 	uids uids // the jail users of live VMs
+	// version is QEMU's --version line: device state formats change between releases,
+	// so templates record it.
+	version string
 
 	cgroupWarn sync.Once
 }
@@ -99,8 +103,13 @@ func New(cfg Config) (*Driver, error) {
 	if cfg.Binary == "" {
 		cfg.Binary = "qemu-system-x86_64"
 	}
-	if _, err := lookPath(cfg.Binary); err != nil {
+	bin, err := lookPath(cfg.Binary)
+	if err != nil {
 		return nil, fmt.Errorf("qemu driver: %s not found (apt-get install qemu-system-x86): %w", cfg.Binary, err)
+	}
+	version, err := checkVersion(bin)
+	if err != nil {
+		return nil, fmt.Errorf("qemu driver: %w", err)
 	}
 	if cfg.CPU == "" {
 		cfg.CPU = "qemu64"
@@ -123,12 +132,58 @@ func New(cfg Config) (*Driver, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	d := &Driver{cfg: cfg, log: cfg.Logger.With("driver", "qemu")}
+	d := &Driver{cfg: cfg, log: cfg.Logger.With("driver", "qemu"), version: version}
 	if cfg.Accel == "tcg" {
 		d.log.Warn("guests run under TCG software emulation: boots take seconds and CPU-bound work is several times slower")
 	}
 	return d, nil
 }
+
+// minVersion is the oldest QEMU the driver runs: 8.2 is the first whose memory-backend-file
+// maps a file it opened read-only as private guest RAM (readonly=on,rom=off). Older ones
+// open a template's memory read-write, so a VMM taken over by its guest could change the
+// memory of every running VM restored from the same template.
+var minVersion = [2]int{8, 2}
+
+// checkVersion runs bin --version and refuses a QEMU older than minVersion, saying how to
+// get a newer one. It returns the version line.
+func checkVersion(bin string) (string, error) {
+	out, err := exec.Command(bin, "--version").Output()
+	if err != nil {
+		return "", fmt.Errorf("%s --version: %w", bin, err)
+	}
+	line, _, _ := strings.Cut(string(out), "\n")
+	line = strings.TrimSpace(line)
+	major, minor, ok := parseVersion(line)
+	if !ok {
+		return "", fmt.Errorf("%s --version said %q: no QEMU version in it", bin, line)
+	}
+	if major < minVersion[0] || major == minVersion[0] && minor < minVersion[1] {
+		return "", fmt.Errorf("%s is QEMU %d.%d; Fireworks needs %d.%d or later (restored VMs must map template memory their VMM cannot write). "+
+			"On Debian 12: apt-get install -t bookworm-backports qemu-system-x86 (scripts/install-deps.sh does it)",
+			bin, major, minor, minVersion[0], minVersion[1])
+	}
+	return line, nil
+}
+
+// parseVersion reads "QEMU emulator version 10.0.2 (Debian ...)".
+func parseVersion(line string) (major, minor int, ok bool) {
+	_, rest, found := strings.Cut(line, "version ")
+	if !found {
+		return 0, 0, false
+	}
+	num, _, _ := strings.Cut(rest, " ")
+	parts := strings.SplitN(num, ".", 3)
+	if len(parts) < 2 {
+		return 0, 0, false
+	}
+	major, err1 := strconv.Atoi(parts[0])
+	minor, err2 := strconv.Atoi(parts[1])
+	return major, minor, err1 == nil && err2 == nil
+}
+
+// Version is QEMU's --version line.
+func (d *Driver) Version() string { return d.version }
 
 // Name implements vmm.Driver.
 func (d *Driver) Name() string { return "qemu" }
@@ -223,21 +278,29 @@ func (d *Driver) validate(s vmm.Spec) error {
 // value is written twice).
 func (d *Driver) args(s vmm.Spec) []string {
 	esc := func(p string) string { return strings.ReplaceAll(p, ",", ",,") }
-	machine := "microvm,acpi=on"
+	// No i8254 PIT and no i8259 PIC: the guest keeps time with the TSC and the local APIC
+	// and takes interrupts through the IOAPIC. Under QEMU 10's TCG the PIT, left to the
+	// PIC before the kernel programs it, delivers a tick on vector 0 that the guest takes
+	// as a divide error early in boot (most boots panicked); and two devices less is
+	// less emulated surface for a guest to attack.
+	machine := "microvm,acpi=on,pit=off,pic=off"
 	var memObj []string
 	if s.MemoryFile != "" || s.Restore != nil {
 		// Guest RAM in a named file: shared while a template VM fills it, private
 		// (copy-on-write over the page cache) in restored VMs. The x-ignore-shared
 		// migration capability (set over QMP on both sides: it changes the stream's
 		// format) keeps such RAM out of the device state.
-		path, share := s.MemoryFile, "on"
+		//
+		// A restored VM's QEMU opens the template's memory read-only (readonly=on) and
+		// still lets its guest write its private copy (rom=off): the file is shared by
+		// every VM restored from the template, and a VMM taken over by its guest must not
+		// be able to change what the others read.
+		obj := "memory-backend-file,id=mem0,size=" + strconv.Itoa(s.MemoryMiB) + "M,mem-path=" + esc(s.MemoryFile) + ",share=on"
 		if s.Restore != nil {
-			path, share = s.Restore.MemoryFile, "off"
+			obj = "memory-backend-file,id=mem0,size=" + strconv.Itoa(s.MemoryMiB) + "M,mem-path=" + esc(s.Restore.MemoryFile) + ",share=off,readonly=on,rom=off"
 		}
 		machine += ",memory-backend=mem0"
-		memObj = []string{
-			"-object", "memory-backend-file,id=mem0,size=" + strconv.Itoa(s.MemoryMiB) + "M,mem-path=" + esc(path) + ",share=" + share,
-		}
+		memObj = []string{"-object", obj}
 	}
 	a := []string{
 		"-name", "guest=" + esc(s.ID),

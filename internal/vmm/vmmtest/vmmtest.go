@@ -26,6 +26,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/fireworks-sandbox/fireworks/internal/assets"
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
 )
@@ -234,7 +236,8 @@ func (g *guest) waitMarker(timeout time.Duration) {
 		}
 		select {
 		case <-g.vm.Wait():
-			g.t.Fatalf("VM ended before the ready marker: %v", g.vm.ExitError())
+			b, _ := os.ReadFile(log)
+			g.t.Fatalf("VM ended before the ready marker: %v; console:\n%s", g.vm.ExitError(), b)
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
@@ -624,6 +627,9 @@ func (s *suite) testSnapshot(t *testing.T) {
 			t.Errorf("restored guest remembers %q, want saved-state", got)
 		}
 	}
+	for _, r := range []*guest{a, b} {
+		checkTemplateReadOnly(t, r.vm.Info().PID, mem)
+	}
 	if got := a.mustCall("put changed-in-a"); got != "ok" {
 		t.Fatal(got)
 	}
@@ -677,5 +683,58 @@ func (s *suite) testSnapshot(t *testing.T) {
 		t.Error("Create accepted a restore into a VM with a different memory size")
 	} else if !strings.Contains(err.Error(), "MiB") {
 		t.Errorf("shape mismatch error %q does not say why", err)
+	}
+}
+
+// checkTemplateReadOnly fails t unless the VMM process pid holds the template memory file
+// mem only read-only: every descriptor of it opened O_RDONLY, every mapping of it private.
+// Every VM restored from a template shares the file: a VMM taken over by its guest must
+// not be able to write what the others read.
+func checkTemplateReadOnly(t *testing.T, pid int, mem string) {
+	t.Helper()
+	var want unix.Stat_t
+	if err := unix.Stat(mem, &want); err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatalf("VMM %d: %v", pid, err)
+	}
+	for _, fd := range fds {
+		var st unix.Stat_t
+		if unix.Stat(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()), &st) != nil || st.Dev != want.Dev || st.Ino != want.Ino {
+			continue
+		}
+		found = true
+		info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, fd.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(info), "\n") {
+			if v, ok := strings.CutPrefix(line, "flags:"); ok {
+				flags, err := strconv.ParseUint(strings.TrimSpace(v), 8, 32)
+				if err != nil || flags&unix.O_ACCMODE != unix.O_RDONLY {
+					t.Errorf("VMM %d holds the template memory open with flags %s: not read-only", pid, strings.TrimSpace(v))
+				}
+			}
+		}
+	}
+	maps, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(maps), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 || f[4] != strconv.FormatUint(want.Ino, 10) {
+			continue
+		}
+		found = true
+		if f[1][3] != 'p' {
+			t.Errorf("VMM %d maps the template memory shared (%s): its writes would reach the file", pid, line)
+		}
+	}
+	if !found {
+		t.Errorf("VMM %d neither holds nor maps the template memory %s: the check proves nothing", pid, mem)
 	}
 }
