@@ -55,17 +55,20 @@ func New(id *Identity, servers []string, log *slog.Logger) *Link {
 }
 
 // follow handles a follower's "not the leader" answer: the next connection goes to the
-// leader it named.
-func (l *Link) follow(err error) {
+// leader it named. It reports whether a leader was named (a redirect, not a failure).
+func (l *Link) follow(err error) bool {
 	var ce *connect.Error
 	if errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable {
-		if leader := ce.Meta().Get(leaderHeader); leader != "" {
+		leader := ce.Meta().Get(leaderHeader)
+		if leader != "" {
 			l.dialer.prefer(leader)
 		} else {
 			l.dialer.skip()
 		}
 		l.tr.CloseIdleConnections()
+		return leader != ""
 	}
+	return false
 }
 
 // UpdateSandbox reports progress of a sandbox to the leader, retrying until it is
@@ -186,6 +189,9 @@ type Node struct {
 	// SetPools applies the cluster's warm-pool configuration, which every heartbeat reply
 	// carries; it is called when that configuration changes (and once per registration).
 	SetPools func([]state.Pool)
+	// SetRevokedEdges takes the serials of revoked edge certificates every heartbeat reply
+	// carries (the whole list each time).
+	SetRevokedEdges func([]string)
 }
 
 // warm is n.Warm sorted, so that the same set is never sent as a change.
@@ -222,14 +228,28 @@ func poolsFromPB(in []*pb.Pool) []state.Pool {
 // Run registers the node and keeps it connected until ctx ends: heartbeats, and
 // assignments applied through n.Reconcile. Connection failures are retried forever; a
 // server that no longer knows the node (or declared it down) gets a new registration.
+//
+// A node is declared down after a few missed heartbeats, so reconnecting is quick: a
+// session that got registered starts the backoff over, and a follower's answer naming
+// the leader is followed at once (twice in a row at most, so hints that go round in
+// circles during an election still back off).
 func (l *Link) Run(ctx context.Context, n Node) error {
-	backoff := 200 * time.Millisecond
+	const firstBackoff = 200 * time.Millisecond
+	backoff, redirects := firstBackoff, 0
 	for ctx.Err() == nil {
-		err := l.session(ctx, n)
+		registered, err := l.session(ctx, n)
 		if ctx.Err() != nil {
 			return nil
 		}
-		l.follow(err)
+		if registered {
+			backoff, redirects = firstBackoff, 0
+		}
+		if l.follow(err) && redirects < 2 {
+			redirects++
+			l.log.Info("following the servers to the leader", "err", err)
+			continue
+		}
+		redirects = 0
 		l.log.Warn("control plane connection lost; reconnecting", "err", err, "in", backoff)
 		select {
 		case <-ctx.Done():
@@ -241,17 +261,23 @@ func (l *Link) Run(ctx context.Context, n Node) error {
 	return nil
 }
 
-// session is one registration: it ends with the first error.
-func (l *Link) session(ctx context.Context, n Node) error {
+// session is one registration: it ends with the first error, and reports whether the
+// node got registered.
+func (l *Link) session(ctx context.Context, n Node) (bool, error) {
 	info := n.Info()
 	info.Id = l.id.Node
 	info.Images = n.Images()
 	info.Warm = n.warm()
 	reg, err := l.client.Register(ctx, connect.NewRequest(&pb.RegisterRequest{Node: info, Running: n.Running()}))
 	if err != nil {
-		return fmt.Errorf("register: %w", err)
+		return false, fmt.Errorf("register: %w", err)
 	}
-	interval := reg.Msg.GetHeartbeatInterval().AsDuration()
+	return true, l.registered(ctx, n, info, reg.Msg)
+}
+
+// registered runs a registered session: heartbeats, and assignments until the first error.
+func (l *Link) registered(ctx context.Context, n Node, info *pb.Node, reg *pb.RegisterResponse) error {
+	interval := reg.GetHeartbeatInterval().AsDuration()
 	if interval <= 0 {
 		interval = 5 * time.Second
 	}
@@ -292,6 +318,9 @@ func (l *Link) session(ctx context.Context, n Node) error {
 				return
 			}
 			lastImgs, lastWarm = imgs, warm
+			if n.SetRevokedEdges != nil {
+				n.SetRevokedEdges(resp.Msg.GetRevokedEdgeCerts())
+			}
 			if pools := poolsFromPB(resp.Msg.GetPools()); n.SetPools != nil && (!applied || !reflect.DeepEqual(pools, lastPools)) {
 				n.SetPools(pools)
 				lastPools, applied = pools, true

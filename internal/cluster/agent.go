@@ -14,6 +14,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/agentlink"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/ingress"
+	"github.com/fireworks-sandbox/fireworks/internal/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/server"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
@@ -68,7 +69,8 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 	}
 	// ingress.Serve, unlike a bare http.Server, also ends hijacked CONNECT tunnels and
 	// WebSockets at shutdown (after a grace period for in-flight requests).
-	handler := server.NodeHandler(ag, server.NodeOptions{IngressDomain: cfg.IngressDomain}, log)
+	revoked := &pki.Revoked{}
+	handler := server.NodeHandler(ag, server.NodeOptions{IngressDomain: cfg.IngressDomain, RevokedEdges: revoked}, log)
 	var wg sync.WaitGroup
 	ctx, cancel := context.WithCancel(ctx)
 	defer func() { cancel(); wg.Wait() }()
@@ -100,8 +102,9 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 		Reconcile: func(ctx context.Context, assigned []state.Sandbox) {
 			ag.Reconcile(ctx, assigned)
 		},
-		Warm:     ag.Warm,
-		SetPools: ag.SetPools,
+		Warm:            ag.Warm,
+		SetPools:        ag.SetPools,
+		SetRevokedEdges: revoked.Set,
 		Pools: func() []*pb.PoolNodeStatus {
 			var out []*pb.PoolNodeStatus
 			for _, p := range ag.Pools() {

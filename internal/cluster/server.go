@@ -324,7 +324,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := srv.ServeXDS(ctx, xln, server.XDSTLS(ca, cert), cfg.XDS); err != nil {
+			if err := srv.ServeXDS(ctx, xln, srv.XDSTLS(ca, cert), cfg.XDS); err != nil {
 				log.Error("xDS stopped", "err", err)
 				cancel()
 			}

@@ -202,7 +202,7 @@ func (h *nodeService) Heartbeat(ctx context.Context, req *connect.Request[pb.Hea
 		}
 	}
 	h.s.pools.set(node, req.Msg.GetPools())
-	return connect.NewResponse(&pb.HeartbeatResponse{Pools: h.s.heartbeatPools()}), nil
+	return connect.NewResponse(&pb.HeartbeatResponse{Pools: h.s.heartbeatPools(), RevokedEdgeCerts: h.s.store.RevokedEdgeCerts(time.Now())}), nil
 }
 
 // capList bounds a node's locality list (image digests, warm keys) in the state, sorted

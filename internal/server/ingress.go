@@ -17,6 +17,7 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/fireworks-sandbox/fireworks/internal/agent"
@@ -248,7 +249,12 @@ func (h *ingressService) IssueIngressCertificate(ctx context.Context, req *conne
 	if err != nil {
 		return nil, connect.NewError(connect.CodeInternal, err)
 	}
-	h.s.log.Info("ingress certificate issued", "name", name, "token", who.TokenID, "not_after", cert.NotAfter)
+	// Recorded before it is handed out: revoking the token revokes the certificate.
+	if err := h.s.store.RecordEdgeCert(ctx, state.IssuedCert{Serial: cert.SerialNumber.Text(16), Token: who.TokenID, Name: name,
+		NotAfter: cert.NotAfter}, time.Now()); err != nil {
+		return nil, toConnectError(err)
+	}
+	h.s.log.Info("ingress certificate issued", "name", name, "token", who.TokenID, "serial", cert.SerialNumber.Text(16), "not_after", cert.NotAfter)
 	return connect.NewResponse(&pb.IssueIngressCertificateResponse{CertPem: certPEM, CaPem: ca.CertPEM(),
 		NotAfter: timestamppb.New(cert.NotAfter)}), nil
 }
@@ -272,6 +278,9 @@ type NodeOptions struct {
 	// IngressDomain is the ingress domain (default DefaultIngressDomain): requests whose
 	// Host names a sandbox port under it go to the ingress node handler.
 	IngressDomain string
+	// RevokedEdges are the edge certificates the data path refuses (revoked with their
+	// token), as the servers' heartbeat answers list them; nil refuses none.
+	RevokedEdges *pki.Revoked
 }
 
 // publishedDialer connects to a sandbox on this node, and only to a port the sandbox
@@ -305,15 +314,18 @@ func (s *Server) LocalNodeDataHandler() http.Handler {
 
 // nodeIngressHandler is the ingress part of NodeHandler: edges (servers and ingress
 // certificates) may open tunnels and send Host-routed requests.
-func nodeIngressHandler(ag *agent.Agent, domain string, log *slog.Logger) http.Handler {
+func nodeIngressHandler(ag *agent.Agent, domain string, revoked *pki.Revoked, log *slog.Logger) http.Handler {
 	h := ingress.NewNodeHandler(domain, publishedDialer{ag: ag}, log)
 	h.Authorize = func(r *http.Request) error {
-		role, _, err := pki.PeerIdentity(r.TLS)
+		role, name, err := pki.PeerIdentity(r.TLS)
 		if err != nil {
 			return err
 		}
 		if role != pki.RoleIngress && role != pki.RoleServer {
 			return fmt.Errorf("a node's data path serves edges (ingress or server certificates), not %s", role)
+		}
+		if role == pki.RoleIngress && revoked != nil && revoked.Has(pki.PeerSerial(r.TLS)) {
+			return fmt.Errorf("edge certificate %q was revoked with its token", name)
 		}
 		return nil
 	}
@@ -335,11 +347,63 @@ func isIngressRequest(r *http.Request, domain string) bool {
 // XDSTLS is the listener configuration of a cluster server's xDS endpoint: the xDS
 // resources hold the access tokens of private ports, so only edges (ingress
 // certificates) and servers may connect.
-func XDSTLS(ca *pki.CA, cert tls.Certificate) *tls.Config {
+//
+// An edge certificate revoked with its token is refused at the handshake; ServeXDS also
+// ends the streams of one revoked while connected.
+func (s *Server) XDSTLS(ca *pki.CA, cert tls.Certificate) *tls.Config {
 	cfg := pki.ServerTLS(ca, cert, true)
-	cfg.VerifyConnection = pki.VerifyPeerRole(ca, x509.ExtKeyUsageClientAuth, pki.RoleIngress, pki.RoleServer)
+	role := pki.VerifyPeerRole(ca, x509.ExtKeyUsageClientAuth, pki.RoleIngress, pki.RoleServer)
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+		if err := role(cs); err != nil {
+			return err
+		}
+		if serial := cs.PeerCertificates[0].SerialNumber.Text(16); s.store.EdgeCertRevoked(serial) {
+			return fmt.Errorf("edge certificate %s was revoked with its token", serial)
+		}
+		return nil
+	}
 	return cfg
 }
+
+// xdsRevocation ends an xDS stream once the edge certificate it came with is revoked (the
+// stream carries the access tokens of private ports, and Envoy keeps it open for days).
+func (s *Server) xdsRevocation(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	p, ok := peer.FromContext(ss.Context())
+	ti, tlsOK := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || !tlsOK {
+		return handler(srv, ss) // no TLS: dev's loopback feed
+	}
+	serial := pki.PeerSerial(&ti.State)
+	ctx, cancel := context.WithCancel(ss.Context())
+	defer cancel()
+	done := make(chan struct{})
+	defer close(done)
+	go func() { // ends with the stream (done)
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				if s.store.EdgeCertRevoked(serial) {
+					s.log.Info("xds: ending the stream of a revoked edge certificate", "serial", serial)
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	return handler(srv, &ctxStream{ServerStream: ss, ctx: ctx})
+}
+
+// ctxStream is a server stream with its context replaced.
+type ctxStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (c *ctxStream) Context() context.Context { return c.ctx }
 
 // ServeXDS serves the route table over xDS (gRPC) on ln until ctx ends, fed from this
 // server's copy of the state (any server can serve Envoy; a follower lags the leader by
@@ -349,7 +413,7 @@ func (s *Server) ServeXDS(ctx context.Context, ln net.Listener, tlsCfg *tls.Conf
 		cfg.Domain = s.IngressDomain()
 	}
 	x := xds.New(cfg, s.log)
-	var opts []grpc.ServerOption
+	opts := []grpc.ServerOption{grpc.StreamInterceptor(s.xdsRevocation)}
 	if tlsCfg != nil {
 		opts = append(opts, grpc.Creds(credentials.NewTLS(tlsCfg)))
 	}

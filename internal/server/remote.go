@@ -211,7 +211,7 @@ func NodeHandler(ag *agent.Agent, opts NodeOptions, log *slog.Logger) http.Handl
 	}
 	mux := http.NewServeMux()
 	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&nodeSandboxService{ag: ag}, handlerOptions(log)...))
-	ing := nodeIngressHandler(ag, opts.IngressDomain, log)
+	ing := nodeIngressHandler(ag, opts.IngressDomain, opts.RevokedEdges, log)
 	api := BoundBody(mux)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if isIngressRequest(r, opts.IngressDomain) {

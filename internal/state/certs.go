@@ -4,16 +4,20 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"slices"
 	"time"
 )
 
-// IssuedCert is an agent certificate a join issued, kept until it expires so that a
-// removed node's certificates can be refused.
+// IssuedCert is a certificate the cluster CA issued, kept until it expires so that it can
+// be refused once revoked: an agent certificate a join bought (Node set; revoked when its
+// node is removed), or an edge's ingress certificate (Token set; revoked with the token).
 type IssuedCert struct {
 	Serial    string    `json:"serial"` // hex
-	Node      string    `json:"node"`
+	Node      string    `json:"node,omitempty"`
+	Token     string    `json:"token,omitempty"` // the token an edge certificate was issued to
+	Name      string    `json:"name,omitempty"`  // an edge certificate's name
 	NotAfter  time.Time `json:"not_after"`
-	RevokedAt time.Time `json:"revoked_at,omitzero"` // set when its node was removed
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
 }
 
 // JoinRecord is one use of a join token: the certificate it bought.
@@ -60,7 +64,7 @@ func (s *Store) HasLiveCerts(node string, now time.Time) bool {
 	s.fsm.mu.RLock()
 	defer s.fsm.mu.RUnlock()
 	for _, c := range s.fsm.certs {
-		if c.Node == node && c.RevokedAt.IsZero() && c.NotAfter.After(now) {
+		if c.Node == node && c.Token == "" && c.RevokedAt.IsZero() && c.NotAfter.After(now) {
 			return true
 		}
 	}
@@ -68,6 +72,69 @@ func (s *Store) HasLiveCerts(node string, now time.Time) bool {
 }
 
 func ptrTo[T any](v T) *T { return &v }
+
+// RecordEdgeCert records an ingress certificate issued to token c.Token (which must be a
+// valid token at now), before it is handed out: revoking the token revokes it. Errors:
+// ErrNotFound, ErrInvalid.
+func (s *Store) RecordEdgeCert(ctx context.Context, c IssuedCert, now time.Time) error {
+	c.RevokedAt = time.Time{}
+	if _, err := s.apply(ctx, cmdIssueEdgeCert, issueEdgeCertCmd{Cert: c, Time: now}); err != nil {
+		return fmt.Errorf("record ingress certificate %s: %w", c.Name, err)
+	}
+	return nil
+}
+
+// EdgeCertRevoked reports whether an ingress certificate (its serial in hex) was revoked
+// with its token. A certificate issued before they were recorded is not known here.
+func (s *Store) EdgeCertRevoked(serial string) bool {
+	s.fsm.mu.RLock()
+	defer s.fsm.mu.RUnlock()
+	c, ok := s.fsm.certs[serial]
+	return ok && c.Token != "" && !c.RevokedAt.IsZero()
+}
+
+// RevokedEdgeCerts lists the serials of ingress certificates revoked and not yet expired
+// at now, sorted: what nodes must refuse.
+func (s *Store) RevokedEdgeCerts(now time.Time) []string {
+	s.fsm.mu.RLock()
+	defer s.fsm.mu.RUnlock()
+	var out []string
+	for serial, c := range s.fsm.certs {
+		if c.Token != "" && !c.RevokedAt.IsZero() && c.NotAfter.After(now) {
+			out = append(out, serial)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+type issueEdgeCertCmd struct {
+	Cert IssuedCert `json:"cert"`
+	Time time.Time  `json:"time"`
+}
+
+func (f *fsm) issueEdgeCert(cmd issueEdgeCertCmd) any {
+	c, now := cmd.Cert, cmd.Time
+	c.RevokedAt = time.Time{}
+	if c.Serial == "" || c.Token == "" || c.Name == "" || now.IsZero() || c.Node != "" {
+		return fmt.Errorf("%w: an edge certificate record needs a serial, a token, a name and a time", ErrInvalid)
+	}
+	t, ok := f.tokens[c.Token]
+	if !ok {
+		// Revoked between the check of the request and now: no certificate for it.
+		return fmt.Errorf("token %q: %w", c.Token, ErrNotFound)
+	}
+	if !t.ValidAt(now) || (t.Role != RoleIngress && t.Role != RoleAdmin) {
+		return fmt.Errorf("%w: token %s may not get an ingress certificate", ErrInvalid, c.Token)
+	}
+	if _, dup := f.certs[c.Serial]; dup {
+		return fmt.Errorf("%w: certificate serial %s is recorded already", ErrInvalid, c.Serial)
+	}
+	f.pruneCerts(now)
+	c.NotAfter = utc(c.NotAfter)
+	f.certs[c.Serial] = &c
+	return nil
+}
 
 // CertRevoked reports whether an agent certificate (its serial in hex, its node name) may
 // no longer be used: revoked when its node was removed, or issued before joins were

@@ -128,6 +128,9 @@ type createTokenCmd struct {
 
 type deleteTokenCmd struct {
 	ID string `json:"id"`
+	// Time is when the token was revoked: the edge certificates it got are revoked then
+	// (zero in entries written before edge certificates were recorded).
+	Time time.Time `json:"time,omitzero"`
 }
 
 // upsertNode registers a node or refreshes a known one's registration (address, capacity,
@@ -222,11 +225,22 @@ func (f *fsm) createToken(t Token) any {
 	return nil
 }
 
-func (f *fsm) deleteToken(id string) any {
-	if _, ok := f.tokens[id]; !ok {
-		return fmt.Errorf("token %q: %w", id, ErrNotFound)
+func (f *fsm) deleteToken(c deleteTokenCmd) any {
+	if _, ok := f.tokens[c.ID]; !ok {
+		return fmt.Errorf("token %q: %w", c.ID, ErrNotFound)
 	}
-	delete(f.tokens, id)
+	delete(f.tokens, c.ID)
+	at := utc(c.Time)
+	if at.IsZero() {
+		at = time.Unix(1, 0).UTC() // deterministic on every replica; only non-zero matters
+	}
+	for serial, ic := range f.certs {
+		if ic.Token == c.ID && ic.RevokedAt.IsZero() {
+			n := *ic
+			n.RevokedAt = at
+			f.certs[serial] = &n
+		}
+	}
 	return nil
 }
 

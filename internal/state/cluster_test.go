@@ -81,7 +81,7 @@ func TestTokens(t *testing.T) {
 	if got, err := f.getToken("t1"); err != nil || got != tok {
 		t.Fatalf("get: %#v %v", got, err)
 	}
-	res = applyAll(f, [][]byte{mustCmd(t, cmdDeleteToken, deleteTokenCmd{"t1"}), mustCmd(t, cmdDeleteToken, deleteTokenCmd{"t1"})})
+	res = applyAll(f, [][]byte{mustCmd(t, cmdDeleteToken, deleteTokenCmd{ID: "t1"}), mustCmd(t, cmdDeleteToken, deleteTokenCmd{ID: "t1"})})
 	if res[0] != nil || !errors.Is(res[1].(error), ErrNotFound) {
 		t.Fatalf("revoke results: %v", res)
 	}

@@ -31,6 +31,9 @@ const (
 	// a server that skipped them would admit what the others refuse.
 	cmdJoin       cmdType = 12
 	cmdRemoveNode cmdType = 13
+	// cmdIssueEdgeCert records an ingress certificate and the token that got it, so that
+	// revoking the token revokes the certificate. Not ignorable, for the same reason.
+	cmdIssueEdgeCert cmdType = 14
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -65,6 +68,8 @@ func (t cmdType) String() string {
 		return "join"
 	case cmdRemoveNode:
 		return "remove-node"
+	case cmdIssueEdgeCert:
+		return "issue-edge-cert"
 	case cmdSetPool:
 		return "set-pool"
 	}

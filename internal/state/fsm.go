@@ -36,7 +36,7 @@ type fsm struct {
 	nodes     map[string]*Node       // by ID
 	tokens    map[string]*Token      // by ID
 	pools     map[string]*Pool       // by image
-	certs     map[string]*IssuedCert // agent certificates joins issued, by serial
+	certs     map[string]*IssuedCert // agent certificates joins issued and edge certificates, by serial
 	removed   map[string]time.Time   // nodes removed, when (for unrecorded certificates)
 
 	// changed is closed (and replaced) after every applied command and restore, so
@@ -143,7 +143,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 		if err := decodeBody(t, body, &c); err != nil {
 			return err
 		}
-		return f.deleteToken(c.ID)
+		return f.deleteToken(c)
 	case cmdPlace:
 		var c placeSandboxesCmd
 		if err := decodeBody(t, body, &c); err != nil {
@@ -168,6 +168,12 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return err
 		}
 		return f.removeNode(c)
+	case cmdIssueEdgeCert:
+		var c issueEdgeCertCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.issueEdgeCert(c)
 	}
 	if t&cmdIgnorable != 0 {
 		f.log.Warn("skipping unknown ignorable state command; a newer server wrote it", "type", byte(t), "index", l.Index)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -447,6 +448,47 @@ func TestFSMJoinAndRemoveNode(t *testing.T) {
 	s := &Store{fsm: g}
 	if !s.CertRevoked("aa", "n1") || s.CertRevoked("cc", "n2") || !s.CertRevoked("unrecorded", "n1") {
 		t.Errorf("after a snapshot: revoked(aa)=%v revoked(cc, n2)=%v revoked(unrecorded n1)=%v", s.CertRevoked("aa", "n1"), s.CertRevoked("cc", "n2"), s.CertRevoked("unrecorded", "n1"))
+	}
+}
+
+// An edge certificate is recorded with the token that got it (only a valid ingress or
+// admin token may) and is revoked with that token; the revocation survives a snapshot and
+// is listed until the certificate expires.
+func TestFSMEdgeCertRevokedWithToken(t *testing.T) {
+	f := newFSM(quietLogger(t))
+	later := t0.Add(30 * 24 * time.Hour)
+	cert := func(serial, token string) issueEdgeCertCmd {
+		return issueEdgeCertCmd{Cert: IssuedCert{Serial: serial, Token: token, Name: "edge", NotAfter: later}, Time: t0}
+	}
+	res := applyAll(f, [][]byte{
+		mustCmd(t, cmdCreateToken, createTokenCmd{Token{ID: "e1", Role: RoleIngress, SecretHash: "h", CreatedAt: t0}}),
+		mustCmd(t, cmdCreateToken, createTokenCmd{Token{ID: "e2", Role: RoleIngress, SecretHash: "h", CreatedAt: t0}}),
+		mustCmd(t, cmdCreateToken, createTokenCmd{Token{ID: "u", Role: RoleUser, SecretHash: "h", CreatedAt: t0}}),
+		mustCmd(t, cmdIssueEdgeCert, cert("aa", "e1")),
+		mustCmd(t, cmdIssueEdgeCert, cert("bb", "e2")),
+		mustCmd(t, cmdIssueEdgeCert, cert("cc", "u")),    // a user token may not
+		mustCmd(t, cmdIssueEdgeCert, cert("dd", "gone")), // nor a token revoked meanwhile
+		mustCmd(t, cmdDeleteToken, deleteTokenCmd{ID: "e1", Time: t0.Add(time.Minute)}),
+	})
+	if res[3] != nil || res[4] != nil || !errors.Is(res[5].(error), ErrInvalid) || !errors.Is(res[6].(error), ErrNotFound) || res[7] != nil {
+		t.Fatalf("results %v", res)
+	}
+	g := newFSM(quietLogger(t))
+	if err := g.Restore(io.NopCloser(bytes.NewReader(persist(t, f)))); err != nil {
+		t.Fatal(err)
+	}
+	s := &Store{fsm: g}
+	if !s.EdgeCertRevoked("aa") || s.EdgeCertRevoked("bb") || s.EdgeCertRevoked("unknown") {
+		t.Errorf("after a snapshot: revoked(aa)=%v revoked(bb)=%v revoked(unknown)=%v", s.EdgeCertRevoked("aa"), s.EdgeCertRevoked("bb"), s.EdgeCertRevoked("unknown"))
+	}
+	if got := s.RevokedEdgeCerts(t0.Add(time.Hour)); !slices.Equal(got, []string{"aa"}) {
+		t.Errorf("revoked edge certificates %v, want [aa]", got)
+	}
+	if got := s.RevokedEdgeCerts(later.Add(time.Second)); len(got) != 0 {
+		t.Errorf("expired certificates still listed: %v", got)
+	}
+	if s.HasLiveCerts("edge", t0) {
+		t.Error("an edge certificate's name counts as a node holding certificates")
 	}
 }
 

@@ -67,9 +67,9 @@ func (s *Store) CreateToken(ctx context.Context, t Token) error {
 	return nil
 }
 
-// DeleteToken revokes token id. Errors: ErrNotFound.
+// DeleteToken revokes token id, and the edge certificates it got. Errors: ErrNotFound.
 func (s *Store) DeleteToken(ctx context.Context, id string) error {
-	if _, err := s.apply(ctx, cmdDeleteToken, deleteTokenCmd{ID: id}); err != nil {
+	if _, err := s.apply(ctx, cmdDeleteToken, deleteTokenCmd{ID: id, Time: time.Now()}); err != nil {
 		return fmt.Errorf("revoke token %s: %w", id, err)
 	}
 	return nil

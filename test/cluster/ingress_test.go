@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
+	"github.com/fireworks-sandbox/fireworks/internal/auth"
 	"github.com/fireworks-sandbox/fireworks/internal/ingress"
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/routes"
@@ -252,41 +253,41 @@ func TestIngressCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	t.Run("xds", func(t *testing.T) {
-		xdsAddr := s0.h.ip + ":" + xdsPort
-		names := func(creds credentials.TransportCredentials) ([]string, error) {
-			conn, err := grpc.NewClient(xdsAddr, grpc.WithTransportCredentials(creds))
-			if err != nil {
-				return nil, err
-			}
-			defer conn.Close()
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
-			if err != nil {
-				return nil, err
-			}
-			if err := stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: "test-envoy", UserAgentName: "envoy"},
-				TypeUrl: resourcev3.RouteType, ResourceNames: []string{xds.RouteConfigName}}); err != nil {
-				return nil, err
-			}
-			resp, err := stream.Recv()
-			if err != nil {
-				return nil, err
-			}
-			var out []string
-			for _, a := range resp.GetResources() {
-				var rc routev3.RouteConfiguration
-				if err := a.UnmarshalTo(&rc); err != nil {
-					return nil, err
-				}
-				for _, vh := range rc.GetVirtualHosts() {
-					out = append(out, vh.GetName())
-				}
-			}
-			return out, nil
+	xdsAddr := s0.h.ip + ":" + xdsPort
+	names := func(creds credentials.TransportCredentials) ([]string, error) {
+		conn, err := grpc.NewClient(xdsAddr, grpc.WithTransportCredentials(creds))
+		if err != nil {
+			return nil, err
 		}
-		mtls := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: s0.h.ip})
+		defer conn.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if err := stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: "test-envoy", UserAgentName: "envoy"},
+			TypeUrl: resourcev3.RouteType, ResourceNames: []string{xds.RouteConfigName}}); err != nil {
+			return nil, err
+		}
+		resp, err := stream.Recv()
+		if err != nil {
+			return nil, err
+		}
+		var out []string
+		for _, a := range resp.GetResources() {
+			var rc routev3.RouteConfiguration
+			if err := a.UnmarshalTo(&rc); err != nil {
+				return nil, err
+			}
+			for _, vh := range rc.GetVirtualHosts() {
+				out = append(out, vh.GetName())
+			}
+		}
+		return out, nil
+	}
+	mtls := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: s0.h.ip})
+	t.Run("xds", func(t *testing.T) {
 		deadline := time.Now().Add(minute)
 		for {
 			got, err := names(mtls)
@@ -310,5 +311,63 @@ func TestIngressCluster(t *testing.T) {
 	e.waitFor(t, hostB, nil, http.StatusNotFound, minute)
 	if body := e.waitFor(t, hostA, withToken, http.StatusOK, minute); strings.TrimSpace(body) != "served-by-ingress-a" {
 		t.Errorf("%s after the feed reconnected: %q", hostA, body)
+	}
+
+	// Revoking the edge's token revokes the certificate it got: the servers' xDS refuses
+	// it (and ends a stream it holds open), nodes refuse its tunnels after their next
+	// heartbeat.
+	open, err := grpc.NewClient(xdsAddr, grpc.WithTransportCredentials(mtls))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	sctx, scancel := context.WithTimeout(context.Background(), time.Minute)
+	defer scancel()
+	held, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(open).StreamAggregatedResources(sctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := held.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: "held", UserAgentName: "envoy"},
+		TypeUrl: resourcev3.RouteType, ResourceNames: []string{xds.RouteConfigName}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := held.Recv(); err != nil {
+		t.Fatalf("an xDS stream before the revocation: %v", err)
+	}
+	edgeID, _, err := auth.Parse(edgeToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustFW(t, "token", "revoke", edgeID)
+	ended := make(chan error, 1)
+	go func() { // ends when the stream does (the server ends it, or sctx)
+		for {
+			if _, err := held.Recv(); err != nil {
+				ended <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-ended:
+		if sctx.Err() != nil {
+			t.Errorf("the xDS stream of a revoked certificate stayed open a minute: %v", err)
+		}
+	case <-sctx.Done():
+		t.Error("the xDS stream of a revoked certificate stayed open a minute")
+	}
+	if got, err := names(mtls); err == nil {
+		t.Errorf("xDS answered a revoked edge certificate: %v", got)
+	}
+	deadline := time.Now().Add(30 * time.Second) // a few heartbeats
+	for {
+		_, err := tunnelGet(routes.Route{Sandbox: idA, Port: 8000, NodeAddr: agentAddr("a0")})
+		if err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("node a0 still opens tunnels for a revoked edge certificate 30 s after the revocation")
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
 }

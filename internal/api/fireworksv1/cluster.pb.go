@@ -720,10 +720,13 @@ func (x *HeartbeatRequest) GetPools() []*PoolNodeStatus {
 
 // The warm-pool configuration the node must apply, sent with every heartbeat reply.
 type HeartbeatResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Pools         []*Pool                `protobuf:"bytes,1,rep,name=pools,proto3" json:"pools,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Pools []*Pool                `protobuf:"bytes,1,rep,name=pools,proto3" json:"pools,omitempty"`
+	// Serials (hex) of edge (ingress) certificates revoked with their token and not expired:
+	// the node's data path refuses them from the next heartbeat on.
+	RevokedEdgeCerts []string `protobuf:"bytes,2,rep,name=revoked_edge_certs,json=revokedEdgeCerts,proto3" json:"revoked_edge_certs,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *HeartbeatResponse) Reset() {
@@ -759,6 +762,13 @@ func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
 func (x *HeartbeatResponse) GetPools() []*Pool {
 	if x != nil {
 		return x.Pools
+	}
+	return nil
+}
+
+func (x *HeartbeatResponse) GetRevokedEdgeCerts() []string {
+	if x != nil {
+		return x.RevokedEdgeCerts
 	}
 	return nil
 }
@@ -1004,9 +1014,10 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\x0eimages_changed\x18\x03 \x01(\bR\rimagesChanged\x12\x12\n" +
 	"\x04warm\x18\x04 \x03(\tR\x04warm\x12!\n" +
 	"\fwarm_changed\x18\x05 \x01(\bR\vwarmChanged\x122\n" +
-	"\x05pools\x18\x06 \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05pools\"=\n" +
+	"\x05pools\x18\x06 \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05pools\"k\n" +
 	"\x11HeartbeatResponse\x12(\n" +
-	"\x05pools\x18\x01 \x03(\v2\x12.fireworks.v1.PoolR\x05pools\"-\n" +
+	"\x05pools\x18\x01 \x03(\v2\x12.fireworks.v1.PoolR\x05pools\x12,\n" +
+	"\x12revoked_edge_certs\x18\x02 \x03(\tR\x10revokedEdgeCerts\"-\n" +
 	"\x17WatchAssignmentsRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\"4\n" +
 	"\vAssignments\x12%\n" +
