@@ -16,8 +16,10 @@ import (
 
 	"connectrpc.com/connect"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/fireworks-sandbox/fireworks/internal/agent"
@@ -397,13 +399,38 @@ func (s *Server) xdsRevocation(srv any, ss grpc.ServerStream, _ *grpc.StreamServ
 	return handler(srv, &ctxStream{ServerStream: ss, ctx: ctx})
 }
 
-// ctxStream is a server stream with its context replaced.
+// ctxStream is a server stream that ends with ctx: its context is ctx, and a receive or
+// send once ctx is done fails. (go-control-plane ends a stream only when a receive fails,
+// so a receive waiting for the client's next request must give up when ctx ends.)
 type ctxStream struct {
 	grpc.ServerStream
 	ctx context.Context
 }
 
 func (c *ctxStream) Context() context.Context { return c.ctx }
+
+func (c *ctxStream) SendMsg(m any) error {
+	if err := c.ctx.Err(); err != nil {
+		return status.Error(codes.PermissionDenied, "the edge certificate of this stream was revoked")
+	}
+	return c.ServerStream.SendMsg(m)
+}
+
+func (c *ctxStream) RecvMsg(m any) error {
+	errc := make(chan error, 1)
+	// Ends when the message arrives or the stream does: once the handler returns, gRPC
+	// ends the stream and the receive with it.
+	go func() { errc <- c.ServerStream.RecvMsg(m) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-c.ctx.Done():
+		if err := c.ServerStream.Context().Err(); err != nil {
+			return status.FromContextError(err).Err() // the stream itself ended
+		}
+		return status.Error(codes.PermissionDenied, "the edge certificate of this stream was revoked")
+	}
+}
 
 // ServeXDS serves the route table over xDS (gRPC) on ln until ctx ends, fed from this
 // server's copy of the state (any server can serve Envoy; a follower lags the leader by
