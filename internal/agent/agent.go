@@ -125,7 +125,9 @@ type Agent struct {
 	// userPulls carries the registry traffic of pulls users asked for (see
 	// image.GuardedTransport).
 	userPulls http.RoundTripper
-	pruneWake chan struct{} // a pull happened: see pruneImages
+	pruneWake chan struct{}    // a pull happened: see pruneImages
+	pullMu    sync.Mutex       // guards pulling
+	pulling   map[string]int64 // bytes of users' downloads under way, by token
 
 	logMu      sync.Mutex
 	logBudgets map[string]*sandboxlog.Budget // by owner, made on first use
@@ -305,6 +307,22 @@ func (a *Agent) LogPath(id string) string {
 // Images is the node's image store.
 func (a *Agent) Images() *image.Store { return a.images }
 
+// RemoveImage removes an image (see image.Store.Remove) and, once no name is left for it,
+// the templates kept of it: they restore from its root disk.
+func (a *Agent) RemoveImage(ctx context.Context, ref string) error {
+	img, err := a.images.Get(ctx, ref)
+	if err != nil {
+		return err
+	}
+	if err := a.images.Remove(ctx, ref); err != nil {
+		return err
+	}
+	if _, err := a.images.Get(ctx, img.Digest); errors.Is(err, image.ErrNotFound) {
+		a.warm.dropImage(img.Digest)
+	}
+	return nil
+}
+
 // Info describes the node.
 type Info struct {
 	Node          string
@@ -390,6 +408,17 @@ func (a *Agent) pruneImages(ctx context.Context) {
 // imageInUse says whether a sandbox on this node runs from the image with digest, or a
 // template or warm pool of the node needs it.
 func (a *Agent) imageInUse(digest string) bool {
+	return a.imageRunning(digest) || a.warm.needsImage(digest)
+}
+
+// imageBusy is imageInUse without the templates merely kept for later: what keeps a
+// token's share from letting an image go (its templates go with it, see FitImages).
+func (a *Agent) imageBusy(digest string) bool {
+	return a.imageRunning(digest) || a.warm.imageBusy(digest)
+}
+
+// imageRunning says whether a sandbox on this node runs (or starts) from the image.
+func (a *Agent) imageRunning(digest string) bool {
 	a.mu.Lock()
 	for _, s := range a.live {
 		s.mu.Lock()
@@ -403,7 +432,7 @@ func (a *Agent) imageInUse(digest string) bool {
 		}
 	}
 	a.mu.Unlock()
-	return a.warm.needsImage(digest)
+	return false
 }
 
 // PullOptions are the options of a pull on behalf of a sandbox or a caller: an admin's
@@ -414,16 +443,47 @@ func (a *Agent) PullOptions(insecure []string, private bool, owner string) image
 	o := image.PullOptions{InsecureRegistries: insecure}
 	if !private {
 		o.Transport, o.User, o.Owner = a.userPulls, true, owner
+		o.Reserve = func(n int64) (func(), error) { return a.reservePull(owner, n) }
 	}
 	return o
 }
 
+// reservePull makes room in owner's share for a download of n bytes before it starts:
+// what the owner's pulls in flight take counts, and its least recently used images go
+// first. Without it, pulls of huge images would fill the disk (and push other tokens'
+// images out under the node's budget) before FitImages ever ran.
+func (a *Agent) reservePull(owner string, n int64) (func(), error) {
+	share := int64(a.cfg.ImageMiBPerOwner) << 20
+	a.pullMu.Lock() // one reservation at a time: the check and the count go together
+	defer a.pullMu.Unlock()
+	if a.pulling == nil {
+		a.pulling = map[string]int64{}
+	}
+	room := share - n - a.pulling[owner]
+	if room < 0 {
+		return nil, fmt.Errorf("on node %s (--image-mib-per-token): %w: the image's layers take %d MiB and this token's pulls under way %d MiB more, %d MiB allowed",
+			a.cfg.Node, image.ErrOwnerBudget, n>>20, a.pulling[owner]>>20, share>>20)
+	}
+	if err := a.images.FitOwner(a.ctx, owner, max(room, 1), "", 2*time.Second, a.imageBusy, a.warm.dropImage); err != nil {
+		return nil, fmt.Errorf("on node %s (--image-mib-per-token), making room for %d MiB of layers: %w", a.cfg.Node, n>>20, err)
+	}
+	a.pulling[owner] += n
+	return func() {
+		a.pullMu.Lock()
+		defer a.pullMu.Unlock()
+		if a.pulling[owner] -= n; a.pulling[owner] <= 0 {
+			delete(a.pulling, owner)
+		}
+	}, nil
+}
+
 // FitImages keeps what owner's images take on this node within ImageMiBPerOwner: its own
-// least recently used images that nothing needs go first, then (if still over) keep, the
-// image it just pulled, and the pull fails naming the figures.
+// least recently used images that nothing runs from go first (with the templates kept
+// of them, when no other token holds the image), then (if still over) keep, the image it
+// just pulled, and the pull fails naming the figures.
 func (a *Agent) FitImages(ctx context.Context, owner, keep string) error {
 	// 2 s: a start of the same owner between its pull and telling imageInUse about it.
-	err := a.images.FitOwner(ctx, owner, int64(a.cfg.ImageMiBPerOwner)<<20, keep, 2*time.Second, a.imageInUse)
+	err := a.images.FitOwner(ctx, owner, int64(a.cfg.ImageMiBPerOwner)<<20, keep, 2*time.Second, a.imageBusy, a.warm.dropImage)
 	if err != nil {
 		return fmt.Errorf("on node %s (--image-mib-per-token): %w", a.cfg.Node, err)
 	}
@@ -614,6 +674,20 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	if err != nil {
 		a.fail(s, fmt.Sprintf("build root disk for %s: %v", sb.Spec.Image, err))
 		return
+	}
+	if !sb.Spec.PullPrivate {
+		// The root disk counts too (a few compressed bytes can unpack to gigabytes): the
+		// start fails if it does not fit, and the periodic pass lets the image go.
+		if err := a.FitImages(ctx, sb.Owner, digest); err != nil {
+			// Nothing runs from it now: let it go at once, or the token stays over its
+			// share (and every start of it fails) until the periodic pass.
+			s.mu.Lock()
+			s.started.ImageDigest = nil
+			s.mu.Unlock()
+			_ = a.FitImages(ctx, sb.Owner, digest)
+			a.fail(s, fmt.Sprintf("root disk of %s (%s): %v", sb.Spec.Image, digest, err))
+			return
+		}
 	}
 	ph.mark("rootdisk")
 

@@ -76,6 +76,47 @@ func (w *warmManager) needsImage(digest string) bool {
 	return false
 }
 
+// imageBusy says whether a pool needs the image with digest, or a template of it is in
+// use (a restore or build under way): what stops a token's share from letting it go.
+// A template merely kept for later does not; dropImage removes it with the image.
+func (w *warmManager) imageBusy(digest string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, t := range w.templates {
+		if t.key.Digest == digest && (t.users > 0 || !isClosed(t.ready) || w.poolUsesLocked(t.hash)) {
+			return true
+		}
+	}
+	for _, p := range w.pools {
+		if p.digest == digest || p.digest == "" {
+			return true // "": not resolved yet
+		}
+	}
+	return false
+}
+
+// dropImage removes the templates of an image that was removed: they restore from its
+// root disk, so they cannot be used again (VMs restored from them keep their mappings).
+func (w *warmManager) dropImage(digest string) {
+	w.mu.Lock()
+	var dropped []string
+	for hash, t := range w.templates {
+		if t.key.Digest != digest || t.users > 0 || !isClosed(t.ready) {
+			continue
+		}
+		delete(w.templates, hash)
+		dropped = append(dropped, hash)
+		w.log.Info("removing template snapshot", "why", "its image was removed", "image", t.image, "key", hash)
+		if err := os.RemoveAll(t.dir); err != nil {
+			w.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
+		}
+	}
+	w.mu.Unlock()
+	for _, h := range dropped {
+		w.dropSlots(h)
+	}
+}
+
 // pool is the node's side of one configured warm pool.
 type pool struct {
 	cfg   state.Pool

@@ -237,11 +237,14 @@ func (l *Link) Run(ctx context.Context, n Node) error {
 	const firstBackoff = 200 * time.Millisecond
 	backoff, redirects := firstBackoff, 0
 	for ctx.Err() == nil {
+		began := time.Now()
 		registered, err := l.session(ctx, n)
 		if ctx.Err() != nil {
 			return nil
 		}
-		if registered {
+		if registered && time.Since(began) > 5*time.Second {
+			// A session that lasted: start over. (A server that registers and then fails
+			// at once must not make the agent spin.)
 			backoff, redirects = firstBackoff, 0
 		}
 		if l.follow(err) && redirects < 2 {
@@ -360,11 +363,18 @@ type leaderDialer struct {
 	next   int
 }
 
+// maxServerAddrs bounds the addresses a dialer keeps: the configured ones and the
+// leaders servers named since.
+const maxServerAddrs = 16
+
 func (d *leaderDialer) prefer(addr string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	i := slices.Index(d.addrs, addr)
 	if i < 0 {
+		if len(d.addrs) >= maxServerAddrs {
+			d.addrs = d.addrs[:maxServerAddrs-1] // the newest hint replaces the last one
+		}
 		d.addrs = append(d.addrs, addr)
 		i = len(d.addrs) - 1
 	}

@@ -102,6 +102,7 @@ func registerLimitFlags(fl *pflag.FlagSet, l *server.Limits) {
 	fl.IntVar(&l.SandboxesPerOwner, "max-sandboxes-per-token", l.SandboxesPerOwner, "sandboxes (exited ones included) one user token may hold; 0 = unlimited (admin tokens are never limited)")
 	fl.IntVar(&l.VCPUsPerOwner, "max-vcpus-per-token", l.VCPUsPerOwner, "vCPUs of the sandboxes one user token runs at once; 0 = unlimited")
 	fl.IntVar(&l.MemoryMiBPerOwner, "max-memory-per-token", l.MemoryMiBPerOwner, "memory (MiB) of the sandboxes one user token runs at once; 0 = unlimited")
+	fl.IntVar(&l.DiskMiBPerOwner, "max-disk-per-token", l.DiskMiBPerOwner, "scratch disk (MiB) the sandboxes one user token runs at once reserve on nodes; 0 = unlimited")
 	fl.IntVar(&l.SpecBytesPerOwner, "max-spec-bytes-per-token", l.SpecBytesPerOwner, "bytes of all of one user token's sandbox specs (commands, environments, policies), exited sandboxes included; 0 = unlimited")
 }
 

@@ -11,7 +11,7 @@ import (
 
 // ErrOwnerBudget is returned (wrapped) by FitOwner when an owner's images cannot be
 // brought within its share of the store: what is left is in use.
-var ErrOwnerBudget = errors.New("images over the owner's share of the node's image disk")
+var ErrOwnerBudget = errors.New("over this token's share of the node's image disk")
 
 // ownerImage keys the in-memory last use of an image by one owner.
 type ownerImage struct{ owner, digest string }
@@ -108,13 +108,14 @@ func (s *Store) Owners() ([]string, error) {
 // FitOwner brings owner's images within budget bytes: it lets go of the owner's least
 // recently used images, other than keep, that inUse does not claim and the owner did
 // not use within keepRecent; an image no owner holds any more and the operator never
-// asked for is removed from the node. If that is not enough and keep is not in use
-// either, the owner lets go of keep too. It returns an error wrapping ErrOwnerBudget,
-// naming the figures, when the owner stays over budget.
+// asked for is removed from the node, and removed(digest) is called for it (the caller
+// drops what it built from it). If that is not enough and keep is not in use either, the
+// owner lets go of keep too. It returns an error wrapping ErrOwnerBudget, naming the
+// figures, when the owner stays over budget or had to let go of keep.
 //
 // One owner can so never fill the node's image disk and push every other tenant's
 // images out of the store's node-wide LRU (Prune): its own images go first.
-func (s *Store) FitOwner(ctx context.Context, owner string, budget int64, keep string, keepRecent time.Duration, inUse func(digest string) bool) error {
+func (s *Store) FitOwner(ctx context.Context, owner string, budget int64, keep string, keepRecent time.Duration, inUse func(digest string) bool, removed func(digest string)) error {
 	if owner == "" || budget <= 0 {
 		return nil
 	}
@@ -159,33 +160,45 @@ func (s *Store) FitOwner(ctx context.Context, owner string, budget int64, keep s
 		if used <= budget {
 			break
 		}
-		if inUse(c.digest) || (c.digest != keep && time.Since(c.last) < keepRecent) {
+		if inUse(c.digest) || (c.digest != keep && (time.Since(c.last) < keepRecent || s.usedWithin(c.digest, keepRecent))) {
 			continue
 		}
-		freed, err := s.disown(ctx, owner, c.digest, inUse)
+		freed, gone, err := s.disown(ctx, owner, c.digest, inUse)
 		if err != nil {
 			return err
 		}
+		if gone && removed != nil {
+			removed(c.digest)
+		}
 		if c.digest == keep {
-			return fmt.Errorf("%w: %d MiB held with it, %d MiB allowed; the rest is in use or was used in the last %s",
+			return fmt.Errorf("%w: this token's images would take %d MiB here, %d MiB allowed; the rest runs or was used in the last %s",
 				ErrOwnerBudget, used>>20, budget>>20, keepRecent)
 		}
 		used -= freed
 	}
 	if used > budget {
-		return fmt.Errorf("%w: %d MiB held, %d MiB allowed; the rest is in use or was used in the last %s",
+		return fmt.Errorf("%w: this token's images take %d MiB here, %d MiB allowed; the rest runs or was used in the last %s",
 			ErrOwnerBudget, used>>20, budget>>20, keepRecent)
 	}
 	return nil
 }
 
+// usedWithin says whether anyone's start used the image with digest within d: another
+// token's start between its lookup and its charge must not lose the image.
+func (s *Store) usedWithin(digest string, d time.Duration) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t, ok := s.used[digest]
+	return ok && time.Since(t) < d
+}
+
 // disown drops owner from the image with digest, and removes the image when no owner
 // holds it, the operator never asked for it and inUse does not claim it. It returns the
-// bytes the image counted for against owner.
-func (s *Store) disown(ctx context.Context, owner, digest string, inUse func(string) bool) (int64, error) {
+// bytes the image counted for against owner, and whether it removed the image.
+func (s *Store) disown(ctx context.Context, owner, digest string, inUse func(string) bool) (int64, bool, error) {
 	unlock, err := s.lockDigest(ctx, digest) // no root disk build of it under way
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	defer unlock()
 	busy := inUse(digest) // asked before taking s.mu: inUse takes its caller's locks
@@ -193,14 +206,14 @@ func (s *Store) disown(ctx context.Context, owner, digest string, inUse func(str
 	defer s.mu.Unlock()
 	idx, err := s.loadIndex()
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	r, ok := idx.Images[digest]
 	if !ok {
-		return 0, nil
+		return 0, false, nil
 	}
 	if _, ok := r.Owners[owner]; !ok {
-		return 0, nil
+		return 0, false, nil
 	}
 	n := s.imageBytes(r)
 	delete(r.Owners, owner)
@@ -210,11 +223,11 @@ func (s *Store) disown(ctx context.Context, owner, digest string, inUse func(str
 		delete(idx.Images, digest)
 	}
 	if err := s.saveIndex(idx); err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	if orphan {
 		s.gcLocked(idx)
-		s.log.Info("removed an image its last owner let go of over its share", "digest", digest, "owner", owner)
+		s.log.Info("removed an image its last token let go of over its share", "digest", digest, "owner", owner)
 	}
-	return n, nil
+	return n, orphan, nil
 }

@@ -113,6 +113,13 @@ func (s *Store) pull(ctx context.Context, ref string, opts PullOptions) (*Image,
 	}
 	s.mu.Unlock()
 
+	if opts.Reserve != nil {
+		release, err := opts.Reserve(total)
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+	}
 	cfg, err := s.fetchConfig(img, manifest.Config)
 	if err != nil {
 		return nil, err

@@ -109,6 +109,10 @@ type PullOptions struct {
 	// against that owner's share of the store (see FitOwner). Empty for the
 	// operator's pulls, which no owner's limit ever removes.
 	Owner string
+	// Reserve, if set, is asked for room for the compressed layers (as the manifest
+	// declares them) before anything is downloaded; its error fails the pull, and
+	// release is called when the download ends. It bounds what pulls in flight take.
+	Reserve func(bytes int64) (release func(), err error)
 }
 
 // Option configures a Store.
@@ -253,6 +257,14 @@ func (s *Store) loadIndex() (*indexFile, error) {
 	}
 	if idx.Images == nil {
 		idx.Images = map[string]*record{}
+	}
+	for _, r := range idx.Images {
+		// An image no token holds is the operator's: one pulled before owners were
+		// recorded, or one a token let go of while it was in use. No token's share may
+		// remove it (Prune, under the node's budget, still may).
+		if len(r.Owners) == 0 {
+			r.Operator = true
+		}
 	}
 	return idx, nil
 }

@@ -970,14 +970,18 @@ func TestOwnerShare(t *testing.T) {
 		t.Fatalf("usage of u1: %d %v", one, err)
 	}
 	per := one / 3 // busybox images of the same size
-	t.Logf("one image: %d bytes", per)
 	if owners, _ := s.Owners(); !slices.Equal(owners, []string{"u1", "u2"}) {
 		t.Errorf("owners %v, want [u1 u2]", owners)
 	}
 	c := get("c", as("u1"))
 	// Room for two: a (oldest) and b go, d's is next but two fit now.
-	if err := s.FitOwner(ctx, "u1", 2*per+per/2, c, 0, none); err != nil {
+	var removed []string
+	gone := func(d string) { removed = append(removed, d) }
+	if err := s.FitOwner(ctx, "u1", 2*per+per/2, c, 0, none, gone); err != nil {
 		t.Fatalf("fit: %v", err)
+	}
+	if !slices.Equal(removed, []string{a}) {
+		t.Errorf("removed callback for %v, want only %s (the one removed from the node)", removed, a)
 	}
 	if has(a) {
 		t.Errorf("u1's least recently used image %s, held by no one else, is still in the store", a)
@@ -997,7 +1001,7 @@ func TestOwnerShare(t *testing.T) {
 	// Everything else of u1's runs: the new pull over the share is refused and goes.
 	e := get("e", as("u1"))
 	running := func(x string) bool { return x != e }
-	err = s.FitOwner(ctx, "u1", 2*per+per/2, e, 0, running)
+	err = s.FitOwner(ctx, "u1", 2*per+per/2, e, 0, running, gone)
 	if !errors.Is(err, image.ErrOwnerBudget) || !strings.Contains(err.Error(), "MiB allowed") {
 		t.Fatalf("over the share with all else in use: %v, want ErrOwnerBudget naming the figures", err)
 	}
@@ -1016,5 +1020,41 @@ func TestOwnerShare(t *testing.T) {
 	}
 	if got, _ := s2.OwnerUsage("u1"); got == 0 {
 		t.Errorf("u1's images are not counted after a reopen")
+	}
+}
+
+// An image recorded before owners were (an index from an older release) is the
+// operator's: a token that uses it and then goes over its share never removes it.
+func TestOwnerShareKeepsImagesFromBefore(t *testing.T) {
+	host := testimage.Serve(t, map[string]v1.Image{"x:old": testimage.Busybox(t, testimage.Cmd("old")), "x:new": testimage.Busybox(t, testimage.Cmd("new"))})
+	s, dir := openStore(t)
+	old, err := s.Pull(ctx, host+"/x:old", insecure(host))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What an older release wrote: no owners, no operator mark.
+	index := filepath.Join(dir, "index.json")
+	b, err := os.ReadFile(index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = bytes.ReplaceAll(b, []byte(`"operator": true`), []byte(`"operator": false`))
+	if err := os.WriteFile(index, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err = image.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	user := image.PullOptions{InsecureRegistries: []string{host}, User: true, Owner: "u1",
+		Transport: image.GuardedTransport([]netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}, nil)}
+	for _, tag := range []string{"old", "new"} {
+		if _, err := s.Ensure(ctx, host+"/x:"+tag, user); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = s.FitOwner(ctx, "u1", 1, "", 0, func(string) bool { return false }, nil)
+	if _, err := s.Get(ctx, old.Digest); err != nil {
+		t.Errorf("an image from before owners were recorded was removed by a token's share: %v", err)
 	}
 }

@@ -9,8 +9,9 @@ import (
 // node holds the cluster's list of revoked edge certificates in one, replaced whole by
 // every heartbeat answer; the zero value is an empty set, safe for concurrent use.
 type Revoked struct {
-	mu  sync.RWMutex
-	set map[string]bool
+	mu    sync.RWMutex
+	set   map[string]bool
+	known bool
 }
 
 // Set replaces the set with serials.
@@ -20,8 +21,16 @@ func (r *Revoked) Set(serials []string) {
 		m[s] = true
 	}
 	r.mu.Lock()
-	r.set = m
+	r.set, r.known = m, true
 	r.mu.Unlock()
+}
+
+// Known reports whether Set was called: until then the set is not the cluster's list
+// (a node just started), and whoever relies on it should refuse rather than admit.
+func (r *Revoked) Known() bool {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.known
 }
 
 // Has reports whether serial is revoked.

@@ -39,8 +39,11 @@ func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.Pu
 			Layer: p.Layer, Complete: p.Complete, Total: p.Total}}})
 	}
 	img, err := h.s.agent.Images().Pull(ctx, req.Msg.GetRef(), opts)
+	if errors.Is(err, image.ErrOwnerBudget) {
+		return connect.NewError(connect.CodeResourceExhausted, err)
+	}
 	if err != nil {
-		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("pull %s: %w", req.Msg.GetRef(), err))
+		return connect.NewError(connect.CodeInvalidArgument, err) // it names the reference
 	}
 	if !who.Admin() {
 		if err := h.s.agent.FitImages(ctx, who.TokenID, img.Digest); err != nil {
@@ -77,7 +80,7 @@ func (h *imageService) RemoveImage(ctx context.Context, req *connect.Request[pb.
 	if h.s.agent == nil {
 		return nil, errNoLocalNode
 	}
-	if err := h.s.agent.Images().Remove(ctx, req.Msg.GetRef()); err != nil {
+	if err := h.s.agent.RemoveImage(ctx, req.Msg.GetRef()); err != nil {
 		return nil, toConnectError(fmt.Errorf("remove image %s: %w", req.Msg.GetRef(), err))
 	}
 	return connect.NewResponse(&pb.RemoveImageResponse{}), nil

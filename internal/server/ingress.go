@@ -243,6 +243,15 @@ func (h *ingressService) IssueIngressCertificate(ctx context.Context, req *conne
 	if ttl <= 0 || ttl > MaxIngressCertTTL {
 		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("ingress certificate TTL %s: want more than 0 and at most %s", ttl, MaxIngressCertTTL))
 	}
+	// Never past the token's own expiry: an expired token's certificates must not live on.
+	if tok, err := h.s.store.LocalToken(who.TokenID); err == nil && !tok.ExpiresAt.IsZero() {
+		if left := time.Until(tok.ExpiresAt); left < ttl {
+			ttl = left
+		}
+		if ttl <= 0 {
+			return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("the token has expired"))
+		}
+	}
 	certPEM, err := ca.SignCSR(req.Msg.GetCsr(), pki.IssueRequest{CommonName: name, Role: pki.RoleIngress, TTL: ttl})
 	if err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("sign ingress certificate: %w", err))
@@ -326,8 +335,15 @@ func nodeIngressHandler(ag *agent.Agent, domain string, revoked *pki.Revoked, lo
 		if role != pki.RoleIngress && role != pki.RoleServer {
 			return fmt.Errorf("a node's data path serves edges (ingress or server certificates), not %s", role)
 		}
-		if role == pki.RoleIngress && revoked != nil && revoked.Has(pki.PeerSerial(r.TLS)) {
-			return fmt.Errorf("edge certificate %q was revoked with its token", name)
+		if role == pki.RoleIngress && revoked != nil {
+			if !revoked.Known() {
+				// Started, not yet told which edge certificates are revoked: admitting
+				// every edge meanwhile would readmit revoked ones after each restart.
+				return fmt.Errorf("this node has not heard from the servers yet which edge certificates are revoked; try again shortly")
+			}
+			if revoked.Has(pki.PeerSerial(r.TLS)) {
+				return fmt.Errorf("edge certificate %q was revoked with its token", name)
+			}
 		}
 		return nil
 	}
@@ -367,15 +383,43 @@ func (s *Server) XDSTLS(ca *pki.CA, cert tls.Certificate) *tls.Config {
 	return cfg
 }
 
-// xdsRevocation ends an xDS stream once the edge certificate it came with is revoked (the
-// stream carries the access tokens of private ports, and Envoy keeps it open for days).
-func (s *Server) xdsRevocation(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-	p, ok := peer.FromContext(ss.Context())
-	ti, tlsOK := p.AuthInfo.(credentials.TLSInfo)
-	if !ok || !tlsOK {
-		return handler(srv, ss) // no TLS: dev's loopback feed
+// xdsPeerSerial is the serial of the edge certificate an xDS call came with, "" without
+// TLS (dev's loopback feed).
+func xdsPeerSerial(ctx context.Context) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return ""
 	}
-	serial := pki.PeerSerial(&ti.State)
+	ti, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return ""
+	}
+	return pki.PeerSerial(&ti.State)
+}
+
+// errRevokedEdge answers an xDS call made with a revoked edge certificate.
+var errRevokedEdge = status.Error(codes.PermissionDenied, "the edge certificate of this connection was revoked with its token")
+
+// xdsUnaryRevocation refuses unary xDS calls (Fetch*) made with a revoked edge certificate
+// over a connection opened before the revocation (the handshake refuses new ones).
+func (s *Server) xdsUnaryRevocation(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if serial := xdsPeerSerial(ctx); serial != "" && s.store.EdgeCertRevoked(serial) {
+		return nil, errRevokedEdge
+	}
+	return handler(ctx, req)
+}
+
+// xdsRevocation refuses a stream opened with a revoked edge certificate, and ends one
+// once its certificate is revoked (the stream carries the access tokens of private
+// ports, and Envoy keeps it open for days).
+func (s *Server) xdsRevocation(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	serial := xdsPeerSerial(ss.Context())
+	if serial == "" {
+		return handler(srv, ss)
+	}
+	if s.store.EdgeCertRevoked(serial) {
+		return errRevokedEdge
+	}
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 	done := make(chan struct{})
@@ -411,7 +455,7 @@ func (c *ctxStream) Context() context.Context { return c.ctx }
 
 func (c *ctxStream) SendMsg(m any) error {
 	if err := c.ctx.Err(); err != nil {
-		return status.Error(codes.PermissionDenied, "the edge certificate of this stream was revoked")
+		return errRevokedEdge
 	}
 	return c.ServerStream.SendMsg(m)
 }
@@ -428,7 +472,7 @@ func (c *ctxStream) RecvMsg(m any) error {
 		if err := c.ServerStream.Context().Err(); err != nil {
 			return status.FromContextError(err).Err() // the stream itself ended
 		}
-		return status.Error(codes.PermissionDenied, "the edge certificate of this stream was revoked")
+		return errRevokedEdge
 	}
 }
 
@@ -440,7 +484,7 @@ func (s *Server) ServeXDS(ctx context.Context, ln net.Listener, tlsCfg *tls.Conf
 		cfg.Domain = s.IngressDomain()
 	}
 	x := xds.New(cfg, s.log)
-	opts := []grpc.ServerOption{grpc.StreamInterceptor(s.xdsRevocation)}
+	opts := []grpc.ServerOption{grpc.StreamInterceptor(s.xdsRevocation), grpc.UnaryInterceptor(s.xdsUnaryRevocation)}
 	if tlsCfg != nil {
 		opts = append(opts, grpc.Creds(credentials.NewTLS(tlsCfg)))
 	}

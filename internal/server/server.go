@@ -60,6 +60,8 @@ type Limits struct {
 	SandboxesPerOwner int
 	// VCPUsPerOwner and MemoryMiBPerOwner bound the token's sandboxes not over yet.
 	VCPUsPerOwner, MemoryMiBPerOwner int
+	// DiskMiBPerOwner bounds the scratch disk those sandboxes reserve on nodes.
+	DiskMiBPerOwner int
 	// SpecBytesPerOwner bounds the bytes of all the token's sandbox specs (commands,
 	// environments, policies): what it makes every server keep.
 	SpecBytesPerOwner int
@@ -67,7 +69,7 @@ type Limits struct {
 
 // DefaultLimits are the limits of a server not told otherwise.
 func DefaultLimits() Limits {
-	return Limits{SandboxesPerOwner: 1000, VCPUsPerOwner: 64, MemoryMiBPerOwner: 128 << 10, SpecBytesPerOwner: 16 << 20}
+	return Limits{SandboxesPerOwner: 1000, VCPUsPerOwner: 64, MemoryMiBPerOwner: 128 << 10, DiskMiBPerOwner: 1 << 20, SpecBytesPerOwner: 16 << 20}
 }
 
 // quota is what a token of this role may hold.
@@ -75,7 +77,7 @@ func (l Limits) quota(admin bool) state.Quota {
 	if admin {
 		return state.Quota{}
 	}
-	return state.Quota{Sandboxes: l.SandboxesPerOwner, VCPUs: l.VCPUsPerOwner, MemoryMiB: l.MemoryMiBPerOwner, SpecBytes: l.SpecBytesPerOwner}
+	return state.Quota{Sandboxes: l.SandboxesPerOwner, VCPUs: l.VCPUsPerOwner, MemoryMiB: l.MemoryMiBPerOwner, DiskMiB: l.DiskMiBPerOwner, SpecBytes: l.SpecBytesPerOwner}
 }
 
 // SetLimits replaces the per-token limits (0 = unlimited).

@@ -108,6 +108,9 @@ func (s *Store) RevokedEdgeCerts(now time.Time) []string {
 	return out
 }
 
+// MaxEdgeCertsPerToken bounds the edge certificates one token holds at a time.
+const MaxEdgeCertsPerToken = 16
+
 type issueEdgeCertCmd struct {
 	Cert IssuedCert `json:"cert"`
 	Time time.Time  `json:"time"`
@@ -130,7 +133,21 @@ func (f *fsm) issueEdgeCert(cmd issueEdgeCertCmd) any {
 	if _, dup := f.certs[c.Serial]; dup {
 		return fmt.Errorf("%w: certificate serial %s is recorded already", ErrInvalid, c.Serial)
 	}
+	if !t.ExpiresAt.IsZero() && c.NotAfter.After(t.ExpiresAt) {
+		return fmt.Errorf("%w: an edge certificate may not outlive its token (%s > %s)", ErrInvalid, c.NotAfter, t.ExpiresAt)
+	}
 	f.pruneCerts(now)
+	live := 0
+	for _, o := range f.certs {
+		if o.Token == c.Token && o.RevokedAt.IsZero() {
+			live++
+		}
+	}
+	if live >= MaxEdgeCertsPerToken {
+		// Each record stays until it expires, and a revoked one goes to every node with
+		// every heartbeat: one token must not be able to grow that list without bound.
+		return fmt.Errorf("%w: token %s holds %d live edge certificates, the most one may (they expire, or revoke the token)", ErrQuota, c.Token, live)
+	}
 	c.NotAfter = utc(c.NotAfter)
 	f.certs[c.Serial] = &c
 	return nil

@@ -198,6 +198,7 @@ func (f *fsm) createSandbox(sb Sandbox, q Quota) any {
 			if !o.Status.Terminal() {
 				used.VCPUs += o.Spec.VCPUs
 				used.MemoryMiB += o.Spec.MemoryMiB
+				used.DiskMiB += o.Spec.DiskMiB
 			}
 		}
 		if err := q.check(sb.Owner, used, sb); err != nil {

@@ -403,6 +403,18 @@ func TestFSMOwnerLimit(t *testing.T) {
 			t.Errorf("carol's create/update %d: %v, want %v", i, res[i], want)
 		}
 	}
+	// The scratch disk sandboxes reserve counts as well, naming the flag that bounds it.
+	disk := func(id string, mib int) []byte {
+		return mustCmd(t, cmdCreateSandbox, createSandboxCmd{Sandbox: Sandbox{ID: id, Owner: "dave", CreatedAt: t0, Spec: SandboxSpec{DiskMiB: mib}},
+			Quota: Quota{DiskMiB: 4096}})
+	}
+	res = applyAll(f, [][]byte{disk("d1", 3000), disk("d2", 2000000), disk("d3", 1000)})
+	if err, _ := res[1].(error); !errors.Is(err, ErrQuota) || !strings.Contains(err.Error(), "--max-disk-per-token") {
+		t.Errorf("a disk reservation past the quota: %v", res[1])
+	}
+	if res[0] != nil || res[2] != nil {
+		t.Errorf("disk reservations within the quota: %v %v", res[0], res[2])
+	}
 }
 
 func TestSpecSizes(t *testing.T) {
@@ -489,6 +501,20 @@ func TestFSMEdgeCertRevokedWithToken(t *testing.T) {
 	}
 	if s.HasLiveCerts("edge", t0) {
 		t.Error("an edge certificate's name counts as a node holding certificates")
+	}
+	// One token holds a bounded number of live certificates, none outliving the token.
+	var cmds [][]byte
+	for i := range MaxEdgeCertsPerToken + 1 {
+		cmds = append(cmds, mustCmd(t, cmdIssueEdgeCert, cert(fmt.Sprintf("e2-%d", i), "e2")))
+	}
+	res = applyAll(g, cmds)
+	if err, _ := res[MaxEdgeCertsPerToken-1].(error); !errors.Is(err, ErrQuota) { // bb is e2's too
+		t.Errorf("certificate %d of one token: %v, want ErrQuota", MaxEdgeCertsPerToken+1, res[MaxEdgeCertsPerToken-1])
+	}
+	short := mustCmd(t, cmdCreateToken, createTokenCmd{Token{ID: "e3", Role: RoleIngress, SecretHash: "h", CreatedAt: t0, ExpiresAt: t0.Add(time.Hour)}})
+	res = applyAll(g, [][]byte{short, mustCmd(t, cmdIssueEdgeCert, cert("cc3", "e3"))})
+	if err, _ := res[1].(error); !errors.Is(err, ErrInvalid) {
+		t.Errorf("a certificate outliving its token: %v, want ErrInvalid", res[1])
 	}
 }
 

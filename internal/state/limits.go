@@ -15,6 +15,8 @@ type Quota struct {
 	Sandboxes int `json:"sandboxes,omitempty"`
 	VCPUs     int `json:"vcpus,omitempty"`
 	MemoryMiB int `json:"memory_mib,omitempty"`
+	// DiskMiB bounds the scratch disk the owner's sandboxes not over yet reserve on nodes.
+	DiskMiB int `json:"disk_mib,omitempty"`
 	// SpecBytes bounds the bytes of all the owner's specs together (SandboxSpec.Bytes):
 	// what one token makes every server keep.
 	SpecBytes int `json:"spec_bytes,omitempty"`
@@ -29,15 +31,18 @@ func (s SandboxSpec) Bytes() int {
 
 // check refuses sb when its owner, holding used (sb not included), would pass q.
 func (q Quota) check(owner string, used Quota, sb Sandbox) error {
+	// Each names the server flag that sets the bound, as the operator would change it.
 	switch {
 	case q.Sandboxes > 0 && used.Sandboxes+1 > q.Sandboxes:
-		return fmt.Errorf("%w: token %s holds %d sandboxes, the most one token may (remove exited ones with `fireworks rm`)", ErrQuota, owner, used.Sandboxes)
+		return fmt.Errorf("%w: token %s holds %d sandboxes, the most one token may (--max-sandboxes-per-token; remove exited ones with `fireworks rm`)", ErrQuota, owner, used.Sandboxes)
 	case q.VCPUs > 0 && used.VCPUs+sb.Spec.VCPUs > q.VCPUs:
-		return fmt.Errorf("%w: token %s runs sandboxes with %d vCPUs; %d more would pass its %d", ErrQuota, owner, used.VCPUs, sb.Spec.VCPUs, q.VCPUs)
+		return fmt.Errorf("%w: token %s runs sandboxes with %d vCPUs; %d more would pass its %d (--max-vcpus-per-token)", ErrQuota, owner, used.VCPUs, sb.Spec.VCPUs, q.VCPUs)
 	case q.MemoryMiB > 0 && used.MemoryMiB+sb.Spec.MemoryMiB > q.MemoryMiB:
-		return fmt.Errorf("%w: token %s runs sandboxes with %d MiB of memory; %d more would pass its %d", ErrQuota, owner, used.MemoryMiB, sb.Spec.MemoryMiB, q.MemoryMiB)
+		return fmt.Errorf("%w: token %s runs sandboxes with %d MiB of memory; %d more would pass its %d (--max-memory-per-token)", ErrQuota, owner, used.MemoryMiB, sb.Spec.MemoryMiB, q.MemoryMiB)
+	case q.DiskMiB > 0 && used.DiskMiB+sb.Spec.DiskMiB > q.DiskMiB:
+		return fmt.Errorf("%w: token %s's sandboxes reserve %d MiB of disk; %d more would pass its %d (--max-disk-per-token)", ErrQuota, owner, used.DiskMiB, sb.Spec.DiskMiB, q.DiskMiB)
 	case q.SpecBytes > 0 && used.SpecBytes+sb.Spec.Bytes() > q.SpecBytes:
-		return fmt.Errorf("%w: token %s's sandbox specs take %d bytes; this one's %d would pass its %d (remove finished sandboxes)", ErrQuota, owner, used.SpecBytes, sb.Spec.Bytes(), q.SpecBytes)
+		return fmt.Errorf("%w: token %s's sandbox specs take %d bytes; this one's %d would pass its %d (--max-spec-bytes-per-token; remove finished sandboxes)", ErrQuota, owner, used.SpecBytes, sb.Spec.Bytes(), q.SpecBytes)
 	}
 	return nil
 }

@@ -149,8 +149,12 @@ func TestImageSharePerToken(t *testing.T) {
 	}
 	testimage.Push(t, world.registry, "share-big:latest", testimage.WithLayers(t, testimage.Busybox(t),
 		testimage.Layer(t, testimage.Entry{Name: "noise", Body: string(noise)})))
-	// Each busybox image is ~1.1 MB of layers: 4 MiB holds three pulled ones.
-	restartDev(t, "--image-mib-per-token", "4")
+	// A few compressed bytes that unpack to 16 MiB: its root disk alone passes the share.
+	testimage.Push(t, world.registry, "share-zero:latest", testimage.WithLayers(t, testimage.Busybox(t, testimage.Cmd("zero")),
+		testimage.Layer(t, testimage.Entry{Name: "zeros", Body: string(make([]byte, 16<<20))})))
+	// Each busybox image is ~1.1 MB of layers and ~1.8 MB more once its root disk is built:
+	// 6 MiB holds two pulled and one run, not a fourth.
+	restartDev(t, "--image-mib-per-token", "6")
 	t.Cleanup(func() { restartDev(t) })
 	ctx := context.Background()
 	tokenEnv := func(name string) []string {
@@ -163,11 +167,25 @@ func TestImageSharePerToken(t *testing.T) {
 	for _, p := range []struct {
 		env []string
 		tag string
-	}{{u1, "share-a"}, {u1, "share-b"}, {u2, "share-b"}, {nil, "share-x"}, {u1, "share-x"}} {
+	}{{u1, "share-b"}, {u2, "share-b"}, {nil, "share-x"}, {u1, "share-x"}} {
 		if p.env == nil {
 			fw(t, 0, "image", "pull", image(p.tag+":latest"))
 		} else if r := pull(p.env, p.tag); r.code != 0 {
 			t.Fatalf("pull %s: %d %s", p.tag, r.code, r.stderr)
+		}
+	}
+	// share-a is run (not only pulled): the node keeps a template of it, which must not
+	// keep the token from letting it go.
+	if r := world.cliEnv(ctx, u1, nil, "run", "--rm", image("share-a:latest"), "--", "true"); r.code != 0 {
+		t.Fatalf("run share-a: %d %s", r.code, r.stderr)
+	}
+	if ts := fw(t, 0, "image", "templates").stdout; !strings.Contains(ts, "share-a") {
+		t.Fatalf("no template of share-a after a start of it:\n%s", ts)
+	}
+	// Least recently used first: b and x are used again after a.
+	for _, tag := range []string{"share-b", "share-x"} {
+		if r := pull(u1, tag); r.code != 0 {
+			t.Fatalf("pull %s: %d %s", tag, r.code, r.stderr)
 		}
 	}
 	time.Sleep(2500 * time.Millisecond) // past the grace for a start between its pull and its VM
@@ -178,13 +196,21 @@ func TestImageSharePerToken(t *testing.T) {
 	if strings.Contains(ls, "share-a") {
 		t.Errorf("the token's least recently used image, held by no one else, stayed:\n%s", ls)
 	}
+	if ts := fw(t, 0, "image", "templates").stdout; strings.Contains(ts, "share-a") {
+		t.Errorf("the template of an image the token let go of stayed:\n%s", ts)
+	}
 	for _, kept := range []string{"share-b", "share-x", "share-c"} {
 		if !strings.Contains(ls, kept) {
 			t.Errorf("%s is gone (another token's, the operator's or the one just pulled):\n%s", kept, ls)
 		}
 	}
+	// An image whose root disk passes the share: the start fails naming the flag (the
+	// root disk counts, not only the compressed layers).
+	if r := world.cliEnv(ctx, u1, nil, "run", "--boot", "cold", image("share-zero:latest"), "--", "true"); r.code == 0 || !strings.Contains(r.stderr, "--image-mib-per-token") {
+		t.Errorf("a start whose root disk passes the share: exit %d, %s (want refused naming --image-mib-per-token)", r.code, r.stderr)
+	}
 	// With its image in use, the token's pull of an image that does not fit beside it is
-	// refused; the image in use stays, the refused one goes.
+	// refused before it downloads; the image in use stays.
 	id := strings.TrimSpace(world.cliEnv(ctx, u1, nil, "run", "-d", "--boot", "cold", image("share-c:latest"), "--", "sleep", "600").stdout)
 	t.Cleanup(func() { world.cli(context.Background(), nil, "rm", "-f", id) })
 	waitStatus(t, id, "running")
