@@ -18,7 +18,7 @@ import (
 
 // initramfsFormat changes whenever the archive layout below changes, so caches built by an
 // older layout are not reused.
-const initramfsFormat = "fireworks-initramfs-v1"
+const initramfsFormat = "fireworks-initramfs-v2" // v2: padded to whole pages (see padToPage)
 
 // Initramfs is a built initramfs archive.
 type Initramfs struct {
@@ -156,10 +156,22 @@ func BuildInitramfsFiles(ctx context.Context, cacheDir string, k *Kernel, files 
 	if err := w.Close(); err != nil {
 		return nil, fmt.Errorf("build initramfs: %w", err)
 	}
+	padToPage(&buf)
 	if err := writeFileAtomic(out, buf.Bytes(), 0o644); err != nil {
 		return nil, fmt.Errorf("build initramfs: %w", err)
 	}
 	return res, nil
+}
+
+// padToPage pads the archive with NUL bytes (which the kernel's unpacker skips) to a whole
+// number of 4 KiB pages. QEMU's microvm loads the initrd to end at the top of RAM, rounded
+// down only to its start's page: an archive of any other size ends inside the last page,
+// where the firmware put the ACPI tables, and overwrites the DSDT (the guest then finds no
+// virtio devices and halts). A whole number of pages ends exactly below that page.
+func padToPage(buf *bytes.Buffer) {
+	if r := buf.Len() % 4096; r != 0 {
+		buf.Write(make([]byte, 4096-r))
+	}
 }
 
 // KernelCmdline is the guest kernel command line: serial console, the host TSC frequency
