@@ -77,14 +77,7 @@ func netStatusPB(st agent.NetStats) *pb.NetworkStatus {
 
 // netStatus asks the sandbox's node for its live network status.
 func (s *Server) netStatus(ctx context.Context, sb state.Sandbox) (*pb.NetworkStatus, error) {
-	if s.isLocal(sb) {
-		st, err := s.agent.NetStats(sb.ID)
-		if err != nil {
-			return nil, toConnectError(err)
-		}
-		return netStatusPB(st), nil
-	}
-	c, err := s.nodeClient(ctx, sb.Node)
+	c, err := s.nodeFor(ctx, sb)
 	if err != nil {
 		return nil, toConnectError(err)
 	}
@@ -156,13 +149,7 @@ func (h *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.
 
 // applyPolicy puts a policy in force on the sandbox's node.
 func (s *Server) applyPolicy(ctx context.Context, sb state.Sandbox, text string, admin bool) error {
-	if s.isLocal(sb) {
-		if err := s.agent.SetPolicy(sb.ID, text, admin); err != nil {
-			return connect.NewError(connect.CodeInvalidArgument, err)
-		}
-		return nil
-	}
-	c, err := s.nodeClient(ctx, sb.Node)
+	c, err := s.nodeFor(ctx, sb)
 	if err != nil {
 		return toConnectError(err)
 	}
@@ -210,21 +197,18 @@ func (h *sandboxService) PortForward(ctx context.Context, stream *connect.BidiSt
 	if sb.Status != state.StatusRunning {
 		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s, not running", sb.ID, sb.Status))
 	}
-	if !h.s.isLocal(sb) {
-		c, err := h.s.nodeClient(ctx, sb.Node)
-		if err != nil {
-			return toConnectError(err)
-		}
-		rctx, cancel := context.WithCancel(ctx)
-		defer cancel()
-		rs := c.PortForward(rctx)
-		if err := rs.Send(&pb.PortForwardRequest{Sandbox: sb.ID, Port: port, Data: first.GetData(), CloseWrite: first.GetCloseWrite()}); err != nil && !errors.Is(err, io.EOF) {
-			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("port-forward on node %s: %w", sb.Node, err))
-		}
-		go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
-		return relayResponses(rs.Receive, stream.Send, "port-forward", sb.Node)
+	c, err := h.s.nodeFor(ctx, sb)
+	if err != nil {
+		return toConnectError(err)
 	}
-	return portForwardLocal(ctx, h.s.agent, sb.ID, uint16(port), first, stream)
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	rs := c.PortForward(rctx)
+	if err := rs.Send(&pb.PortForwardRequest{Sandbox: sb.ID, Port: port, Data: first.GetData(), CloseWrite: first.GetCloseWrite()}); err != nil && !errors.Is(err, io.EOF) {
+		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("port-forward on node %s: %w", sb.Node, err))
+	}
+	go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
+	return relayResponses(rs.Receive, stream.Send, "port-forward", sb.Node)
 }
 
 // portForwardLocal connects to a guest port of a sandbox on this node and copies both

@@ -21,12 +21,6 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
 
-// isLocal reports whether sb's data plane (output, stdin, exec) is served by this
-// process's own agent (`fireworks dev`), rather than by a remote node's.
-func (s *Server) isLocal(sb state.Sandbox) bool {
-	return s.agent != nil && (sb.Node == "" || sb.Node == s.agent.NodeName())
-}
-
 // nodeClients caches one HTTP/2 client per node address.
 type nodeClients struct {
 	mu      sync.Mutex
@@ -86,17 +80,19 @@ func (s *Server) waitFor(ctx context.Context, id string, done func(state.Sandbox
 	}
 }
 
-// attachRemote relays an attach to the node that runs sb, then reports the exit recorded
+// attachOnNode relays an attach to the node that runs sb, then reports the exit recorded
 // in the state (the node's last report is committed before its stream ends).
-func (s *Server) attachRemote(ctx context.Context, sb state.Sandbox, first *pb.AttachRequest, stream attachStream) error {
-	c, err := s.nodeClient(ctx, sb.Node)
+func (s *Server) attachOnNode(ctx context.Context, sb state.Sandbox, stream attachStream) error {
+	c, err := s.nodeFor(ctx, sb)
 	if err != nil {
 		return toConnectError(err)
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	rs := c.Attach(rctx)
-	if err := rs.Send(first); err != nil && !errors.Is(err, io.EOF) {
+	// The node knows sandboxes by ID only (the caller may have named it or given a prefix).
+	fwd := &pb.AttachRequest{Msg: &pb.AttachRequest_Start{Start: &pb.AttachStart{Sandbox: sb.ID}}}
+	if err := rs.Send(fwd); err != nil && !errors.Is(err, io.EOF) {
 		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("attach on node %s: %w", sb.Node, err))
 	}
 	go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
@@ -122,8 +118,8 @@ func (s *Server) attachRemote(ctx context.Context, sb state.Sandbox, first *pb.A
 	return stream.Send(&pb.AttachResponse{Msg: &pb.AttachResponse_Exit{Exit: exitOf(final)}})
 }
 
-func (s *Server) logsRemote(ctx context.Context, sb state.Sandbox, req *pb.LogsRequest, stream *connect.ServerStream[pb.LogsResponse]) error {
-	c, err := s.nodeClient(ctx, sb.Node)
+func (s *Server) logsOnNode(ctx context.Context, sb state.Sandbox, req *pb.LogsRequest, stream *connect.ServerStream[pb.LogsResponse]) error {
+	c, err := s.nodeFor(ctx, sb)
 	if err != nil {
 		return toConnectError(err)
 	}
@@ -143,8 +139,8 @@ func (s *Server) logsRemote(ctx context.Context, sb state.Sandbox, req *pb.LogsR
 	return nil
 }
 
-func (s *Server) execRemote(ctx context.Context, sb state.Sandbox, first *pb.ExecRequest, stream execStream) error {
-	c, err := s.nodeClient(ctx, sb.Node)
+func (s *Server) execOnNode(ctx context.Context, sb state.Sandbox, first *pb.ExecRequest, stream execStream) error {
+	c, err := s.nodeFor(ctx, sb)
 	if err != nil {
 		return toConnectError(err)
 	}
@@ -209,10 +205,8 @@ func NodeHandler(ag *agent.Agent, opts NodeOptions, log *slog.Logger) http.Handl
 	if opts.IngressDomain == "" {
 		opts.IngressDomain = DefaultIngressDomain
 	}
-	mux := http.NewServeMux()
-	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&nodeSandboxService{ag: ag}, handlerOptions(log)...))
 	ing := nodeIngressHandler(ag, opts.IngressDomain, opts.RevokedEdges, log)
-	api := BoundBody(mux)
+	api := nodeAPIHandler(ag, log)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if isIngressRequest(r, opts.IngressDomain) {
 			ing.ServeHTTP(w, r)
@@ -224,6 +218,14 @@ func NodeHandler(ag *agent.Agent, opts NodeOptions, log *slog.Logger) http.Handl
 		}
 		api.ServeHTTP(w, r)
 	})
+}
+
+// nodeAPIHandler is a node's internal API without the peer check: behind NodeHandler's
+// for remote servers, or reached in memory by this process's own server (dev).
+func nodeAPIHandler(ag *agent.Agent, log *slog.Logger) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&nodeSandboxService{ag: ag}, handlerOptions(log)...))
+	return BoundBody(mux)
 }
 
 // NodeTLS is the listener configuration for NodeHandler: HTTP/2 for the servers' calls,

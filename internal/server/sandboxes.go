@@ -184,20 +184,11 @@ func (h *sandboxService) Attach(ctx context.Context, stream *connect.BidiStream[
 	if err != nil {
 		return toConnectError(err)
 	}
-	if !h.s.isLocal(sb) {
-		// A new sandbox waits for a node; attach once the node has it.
-		if sb, err = h.s.waitStarted(ctx, sb.ID); err != nil {
-			return toConnectError(err)
-		}
-		return h.s.attachRemote(ctx, sb, first, stream)
+	// A new sandbox waits for a node; attach once the node has it.
+	if sb, err = h.s.waitStarted(ctx, sb.ID); err != nil {
+		return toConnectError(err)
 	}
-	return attachLocal(ctx, h.s.agent, sb.ID, sb.Spec.Stdin, stream, func(ctx context.Context) (*pb.Exit, error) {
-		sb, err := h.s.store.GetSandbox(ctx, sb.ID)
-		if err != nil {
-			return nil, err
-		}
-		return exitOf(sb), nil
-	})
+	return h.s.attachOnNode(ctx, sb, stream)
 }
 
 // attachStream is the server side of an Attach call.
@@ -282,13 +273,10 @@ func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsR
 	if err != nil {
 		return toConnectError(err)
 	}
-	if !h.s.isLocal(sb) {
-		if sb.Node == "" {
-			return nil // not placed yet: no output
-		}
-		return h.s.logsRemote(ctx, sb, req.Msg, stream)
+	if sb.Node == "" && h.s.agent == nil {
+		return nil // not placed yet: no output
 	}
-	return logsLocal(ctx, h.s.agent, sb.ID, req.Msg.GetFollow(), stream.Send)
+	return h.s.logsOnNode(ctx, sb, req.Msg, stream)
 }
 
 // logsLocal replays (and with follow, follows) the output of a sandbox on this node.
@@ -331,10 +319,7 @@ func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb
 	if sb.Status != state.StatusRunning {
 		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s, not running", sb.ID, sb.Status))
 	}
-	if !h.s.isLocal(sb) {
-		return h.s.execRemote(ctx, sb, first, stream)
-	}
-	return execLocal(ctx, h.s.agent, sb.ID, start, stream)
+	return h.s.execOnNode(ctx, sb, first, stream)
 }
 
 // execStream is the server side of an Exec call.

@@ -42,6 +42,9 @@ type Server struct {
 	routes  routeFeed
 	// policyMu serialises network policy changes (node first, then the state).
 	policyMu sync.Mutex
+	// local is this process's own node API, in memory, while Serve runs (see nodeFor).
+	localMu sync.Mutex
+	local   *localNode
 }
 
 // New wires a server over an open store and a running agent. API tokens live in the
@@ -138,11 +141,13 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	protocols.SetUnencryptedHTTP2(true)
 	srv := &http.Server{Handler: s.Handler(), Protocols: &protocols, ReadHeaderTimeout: 10 * time.Second}
 	if s.agent != nil {
-		// This process's own node applies the warm-pool configuration as it changes.
+		// This process's own node applies the warm-pool configuration as it changes, and
+		// serves its node API to this server in memory.
 		fctx, stop := context.WithCancel(ctx)
 		done := make(chan struct{})
 		go func() { defer close(done); s.feedAgentPools(fctx) }()
-		defer func() { stop(); <-done }()
+		waitNode := s.serveLocalNode(fctx)
+		defer func() { stop(); <-done; waitNode() }()
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
