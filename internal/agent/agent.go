@@ -125,9 +125,11 @@ type Agent struct {
 	// userPulls carries the registry traffic of pulls users asked for (see
 	// image.GuardedTransport).
 	userPulls http.RoundTripper
-	pruneWake chan struct{}    // a pull happened: see pruneImages
-	pullMu    sync.Mutex       // guards pulling
-	pulling   map[string]int64 // bytes of users' downloads under way, by token
+	pruneWake chan struct{}            // a pull happened: see pruneImages
+	buildsMu  sync.Mutex               // guards builds
+	builds    map[string]chan struct{} // one users' root disk build per token at a time
+	pullMu    sync.Mutex               // guards pulling
+	pulling   map[string]int64         // bytes of users' downloads under way, by token
 
 	logMu      sync.Mutex
 	logBudgets map[string]*sandboxlog.Budget // by owner, made on first use
@@ -448,6 +450,52 @@ func (a *Agent) PullOptions(insecure []string, private bool, owner string) image
 	return o
 }
 
+// userRootDisk builds (or finds) the root disk of a user token's image within the room
+// left in the token's share, one build of the token's at a time: so what a token's builds
+// write, staging trees included, stays near its share however many it starts at once.
+func (a *Agent) userRootDisk(ctx context.Context, owner string, img *image.Image) (string, string, error) {
+	if img.RootDisk != "" {
+		return a.images.RootDisk(ctx, img)
+	}
+	a.buildsMu.Lock()
+	if a.builds == nil {
+		a.builds = map[string]chan struct{}{}
+	}
+	slot := a.builds[owner]
+	if slot == nil {
+		slot = make(chan struct{}, 1)
+		a.builds[owner] = slot
+	}
+	a.buildsMu.Unlock()
+	select {
+	case slot <- struct{}{}:
+		defer func() { <-slot }()
+	case <-ctx.Done():
+		return "", "", ctx.Err()
+	}
+	// The room is what the token's images that cannot go (they run, or are this one)
+	// leave: the others go after the build if the new disk needs their space (FitImages).
+	held, err := a.images.OwnerImages(owner)
+	if err != nil {
+		return "", "", err
+	}
+	var pinned int64
+	for d, n := range held {
+		if d == img.Digest || a.imageBusy(d) {
+			pinned += n
+		}
+	}
+	room := int64(a.cfg.ImageMiBPerOwner)<<20 - pinned
+	if room <= 0 {
+		return "", "", fmt.Errorf("on node %s (--image-mib-per-token): %w: no room left for a root disk", a.cfg.Node, image.ErrOwnerBudget)
+	}
+	p, fs, err := a.images.RootDiskWithin(ctx, img, room)
+	if errors.Is(err, image.ErrHostileLayer) && strings.Contains(err.Error(), "limit") {
+		err = fmt.Errorf("%w (on node %s the files may take at most the %d MiB left in this token's share, --image-mib-per-token)", err, a.cfg.Node, room>>20)
+	}
+	return p, fs, err
+}
+
 // reservePull makes room in owner's share for a download of n bytes before it starts:
 // what the owner's pulls in flight take counts, and its least recently used images go
 // first. Without it, pulls of huge images would fill the disk (and push other tokens'
@@ -670,7 +718,12 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		return
 	}
 	ph.mark("pull")
-	rootDisk, rootFS, err := a.images.RootDisk(ctx, img)
+	var rootDisk, rootFS string
+	if sb.Spec.PullPrivate {
+		rootDisk, rootFS, err = a.images.RootDisk(ctx, img)
+	} else {
+		rootDisk, rootFS, err = a.userRootDisk(ctx, sb.Owner, img)
+	}
 	if err != nil {
 		a.fail(s, fmt.Sprintf("build root disk for %s: %v", sb.Spec.Image, err))
 		return

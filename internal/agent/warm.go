@@ -88,8 +88,10 @@ func (w *warmManager) imageBusy(digest string) bool {
 		}
 	}
 	for _, p := range w.pools {
-		if p.digest == digest || p.digest == "" {
-			return true // "": not resolved yet
+		// A pool not resolved yet is not counted: it pulls as the operator, whose images
+		// no token's share removes, and one that never resolves must not pin them all.
+		if p.digest == digest {
+			return true
 		}
 	}
 	return false

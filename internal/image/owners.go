@@ -70,19 +70,29 @@ func (s *Store) imageBytes(r *record) int64 {
 
 // OwnerUsage is the bytes of the images owner holds (see imageBytes).
 func (s *Store) OwnerUsage(owner string) (int64, error) {
+	imgs, err := s.OwnerImages(owner)
+	var n int64
+	for _, b := range imgs {
+		n += b
+	}
+	return n, err
+}
+
+// OwnerImages is what each image owner holds counts for, by digest.
+func (s *Store) OwnerImages(owner string) (map[string]int64, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	idx, err := s.loadIndex()
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	var n int64
-	for _, r := range idx.Images {
+	out := map[string]int64{}
+	for d, r := range idx.Images {
 		if _, ok := r.Owners[owner]; ok {
-			n += s.imageBytes(r)
+			out[d] = s.imageBytes(r)
 		}
 	}
-	return n, nil
+	return out, nil
 }
 
 // Owners lists the owners holding at least one image.
@@ -216,6 +226,11 @@ func (s *Store) disown(ctx context.Context, owner, digest string, inUse func(str
 		return 0, false, nil
 	}
 	n := s.imageBytes(r)
+	if busy && len(r.Owners) == 1 && !r.Operator {
+		// The last holder of an image in use keeps it: let go, it would count against
+		// no one while it runs (and be the operator's for good).
+		return 0, false, nil
+	}
 	delete(r.Owners, owner)
 	delete(s.ownerUsed, ownerImage{owner, digest})
 	orphan := len(r.Owners) == 0 && !r.Operator && !busy

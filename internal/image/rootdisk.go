@@ -37,6 +37,13 @@ import (
 // uncompressed in it: decompressing in a TCG guest would cost more CPU than
 // the host disk it saves.
 func (s *Store) RootDisk(ctx context.Context, img *Image) (path, fsType string, err error) {
+	return s.RootDiskWithin(ctx, img, 0)
+}
+
+// RootDiskWithin is RootDisk with the files the image unpacks to bounded by maxFileBytes
+// too (0: only the store's limits), for a build on behalf of a token with that much room
+// left in its share: a few compressed bytes can unpack to gigabytes.
+func (s *Store) RootDiskWithin(ctx context.Context, img *Image, maxFileBytes int64) (path, fsType string, err error) {
 	if img == nil || img.Digest == "" {
 		return "", "", errors.New("root disk: no image given")
 	}
@@ -65,14 +72,14 @@ func (s *Store) RootDisk(ctx context.Context, img *Image) (path, fsType string, 
 	if rec == nil {
 		return "", "", fmt.Errorf("root disk of %s: %w", digest, ErrNotFound)
 	}
-	if err := s.buildDisk(ctx, rec, path); err != nil {
+	if err := s.buildDisk(ctx, rec, path, maxFileBytes); err != nil {
 		return "", "", fmt.Errorf("root disk of %s (%s): %w", img.Ref, digest, err)
 	}
 	img.RootDisk = path
 	return path, s.fsType, nil
 }
 
-func (s *Store) buildDisk(ctx context.Context, rec *record, dst string) error {
+func (s *Store) buildDisk(ctx context.Context, rec *record, dst string, maxFileBytes int64) error {
 	s.builds.Add(1)
 	stage, err := os.MkdirTemp(s.tmpDir(), "rootfs-")
 	if err != nil {
@@ -88,7 +95,7 @@ func (s *Store) buildDisk(ctx context.Context, rec *record, dst string) error {
 		return err
 	}
 	start := time.Now()
-	if err := s.unpackLayers(ctx, rec, tree); err != nil {
+	if err := s.unpackLayers(ctx, rec, tree, maxFileBytes); err != nil {
 		return err
 	}
 	unpacked := time.Now()
@@ -122,8 +129,15 @@ func (s *Store) buildDisk(ctx context.Context, rec *record, dst string) error {
 	return nil
 }
 
-func (s *Store) unpackLayers(ctx context.Context, rec *record, tree string) error {
-	u, err := unpack.New(tree, s.limits, s.log)
+func (s *Store) unpackLayers(ctx context.Context, rec *record, tree string, maxFileBytes int64) error {
+	limits := s.limits
+	if maxFileBytes > 0 {
+		if limits.MaxTotalBytes <= 0 {
+			limits.MaxTotalBytes = unpack.DefaultLimits().MaxTotalBytes
+		}
+		limits.MaxTotalBytes = min(limits.MaxTotalBytes, maxFileBytes)
+	}
+	u, err := unpack.New(tree, limits, s.log)
 	if err != nil {
 		return err
 	}

@@ -245,7 +245,8 @@ func (h *ingressService) IssueIngressCertificate(ctx context.Context, req *conne
 	}
 	// Never past the token's own expiry: an expired token's certificates must not live on.
 	if tok, err := h.s.store.LocalToken(who.TokenID); err == nil && !tok.ExpiresAt.IsZero() {
-		if left := time.Until(tok.ExpiresAt); left < ttl {
+		// Whole seconds, one short: a certificate's NotAfter is kept to the second.
+		if left := time.Until(tok.ExpiresAt).Truncate(time.Second) - time.Second; left < ttl {
 			ttl = left
 		}
 		if ttl <= 0 {
