@@ -410,13 +410,13 @@ func (a *Agent) pruneImages(ctx context.Context) {
 // imageInUse says whether a sandbox on this node runs from the image with digest, or a
 // template or warm pool of the node needs it.
 func (a *Agent) imageInUse(digest string) bool {
-	return a.imageRunning(digest) || a.warm.needsImage(digest)
+	return a.imageRunning(digest) || a.warm.needsImage(digest, true)
 }
 
 // imageBusy is imageInUse without the templates merely kept for later: what keeps a
 // token's share from letting an image go (its templates go with it, see FitImages).
 func (a *Agent) imageBusy(digest string) bool {
-	return a.imageRunning(digest) || a.warm.imageBusy(digest)
+	return a.imageRunning(digest) || a.warm.needsImage(digest, false)
 }
 
 // imageRunning says whether a sandbox on this node runs (or starts) from the image.
@@ -445,7 +445,7 @@ func (a *Agent) PullOptions(insecure []string, private bool, owner string) image
 	o := image.PullOptions{InsecureRegistries: insecure}
 	if !private {
 		o.Transport, o.User, o.Owner = a.userPulls, true, owner
-		o.Reserve = func(n int64) (func(), error) { return a.reservePull(owner, n) }
+		o.Reserve = func(ctx context.Context, n int64) (func(), error) { return a.reservePull(ctx, owner, n) }
 	}
 	return o
 }
@@ -490,7 +490,7 @@ func (a *Agent) userRootDisk(ctx context.Context, owner string, img *image.Image
 		return "", "", fmt.Errorf("on node %s (--image-mib-per-token): %w: no room left for a root disk", a.cfg.Node, image.ErrOwnerBudget)
 	}
 	p, fs, err := a.images.RootDiskWithin(ctx, img, room)
-	if errors.Is(err, image.ErrHostileLayer) && strings.Contains(err.Error(), "limit") {
+	if errors.Is(err, image.ErrTooLarge) {
 		err = fmt.Errorf("%w (on node %s the files may take at most the %d MiB left in this token's share, --image-mib-per-token)", err, a.cfg.Node, room>>20)
 	}
 	return p, fs, err
@@ -500,7 +500,7 @@ func (a *Agent) userRootDisk(ctx context.Context, owner string, img *image.Image
 // what the owner's pulls in flight take counts, and its least recently used images go
 // first. Without it, pulls of huge images would fill the disk (and push other tokens'
 // images out under the node's budget) before FitImages ever ran.
-func (a *Agent) reservePull(owner string, n int64) (func(), error) {
+func (a *Agent) reservePull(ctx context.Context, owner string, n int64) (func(), error) {
 	share := int64(a.cfg.ImageMiBPerOwner) << 20
 	a.pullMu.Lock() // one reservation at a time: the check and the count go together
 	defer a.pullMu.Unlock()
@@ -512,7 +512,7 @@ func (a *Agent) reservePull(owner string, n int64) (func(), error) {
 		return nil, fmt.Errorf("on node %s (--image-mib-per-token): %w: the image's layers take %d MiB and this token's pulls under way %d MiB more, %d MiB allowed",
 			a.cfg.Node, image.ErrOwnerBudget, n>>20, a.pulling[owner]>>20, share>>20)
 	}
-	if err := a.images.FitOwner(a.ctx, owner, max(room, 1), "", 2*time.Second, a.imageBusy, a.warm.dropImage); err != nil {
+	if err := a.images.FitOwner(ctx, owner, max(room, 1), "", ownerGrace, a.imageBusy, a.warm.dropImage); err != nil {
 		return nil, fmt.Errorf("on node %s (--image-mib-per-token), making room for %d MiB of layers: %w", a.cfg.Node, n>>20, err)
 	}
 	a.pulling[owner] += n
@@ -525,13 +525,16 @@ func (a *Agent) reservePull(owner string, n int64) (func(), error) {
 	}, nil
 }
 
+// ownerGrace keeps an image a start used this recently from its token's share: the start
+// may be between its pull and telling imageBusy about it.
+const ownerGrace = 2 * time.Second
+
 // FitImages keeps what owner's images take on this node within ImageMiBPerOwner: its own
 // least recently used images that nothing runs from go first (with the templates kept
 // of them, when no other token holds the image), then (if still over) keep, the image it
 // just pulled, and the pull fails naming the figures.
 func (a *Agent) FitImages(ctx context.Context, owner, keep string) error {
-	// 2 s: a start of the same owner between its pull and telling imageInUse about it.
-	err := a.images.FitOwner(ctx, owner, int64(a.cfg.ImageMiBPerOwner)<<20, keep, 2*time.Second, a.imageBusy, a.warm.dropImage)
+	err := a.images.FitOwner(ctx, owner, int64(a.cfg.ImageMiBPerOwner)<<20, keep, ownerGrace, a.imageBusy, a.warm.dropImage)
 	if err != nil {
 		return fmt.Errorf("on node %s (--image-mib-per-token): %w", a.cfg.Node, err)
 	}
@@ -699,15 +702,8 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	}
 	digest := img.Digest
 	s.mu.Lock()
-	s.started.ImageDigest = &digest
+	s.started.ImageDigest = &digest // in use from here on: a token's share lets others go
 	s.mu.Unlock()
-	if !sb.Spec.PullPrivate {
-		// In use from here on, the image itself is never let go of: the owner's others are.
-		if err := a.FitImages(ctx, sb.Owner, digest); err != nil {
-			a.fail(s, fmt.Sprintf("pull image %s: %v", sb.Spec.Image, err))
-			return
-		}
-	}
 	select { // the image disk may be over budget now
 	case a.pruneWake <- struct{}{}:
 	default:
@@ -729,8 +725,9 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		return
 	}
 	if !sb.Spec.PullPrivate {
-		// The root disk counts too (a few compressed bytes can unpack to gigabytes): the
-		// start fails if it does not fit, and the periodic pass lets the image go.
+		// The image now counts with its root disk (a few compressed bytes can unpack to
+		// gigabytes): the token's other images make room, or the start fails and the
+		// image goes.
 		if err := a.FitImages(ctx, sb.Owner, digest); err != nil {
 			// Nothing runs from it now: let it go at once, or the token stays over its
 			// share (and every start of it fails) until the periodic pass.

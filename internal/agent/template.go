@@ -117,6 +117,9 @@ func (a *Agent) templateKeyFor(digest, rootDisk, rootFS string, vcpus, memMiB in
 
 func (k templateKey) withNet() bool { return k.Network == "nat" }
 
+// busy says whether the template is being built or restored from; its manager's mu held.
+func (t *template) busy() bool { return t.users > 0 || !isClosed(t.ready) }
+
 // sameNode reports whether a template key's node-wide inputs (everything but the image
 // and the shape) are this node's.
 func (a *Agent) sameNode(k templateKey) bool {

@@ -58,39 +58,22 @@ type warmManager struct {
 	slotWants map[string]slotWant  // by template key hash
 }
 
-// needsImage says whether a template or a pool of the node is made from the image with
-// digest.
-func (w *warmManager) needsImage(digest string) bool {
+// needsImage says whether the node needs the image with digest: a pool is made from it,
+// or a template of it is in use (a build or restore under way). With kept, templates merely
+// kept for later count too, and so does a pool not resolved yet (it may be this image):
+// what the node-wide image budget keeps. Without, a token's share may let the image go,
+// and dropImage removes such templates with it (an unresolved pool pulls as the operator,
+// whose images no share removes, and one that never resolves must not pin them all).
+func (w *warmManager) needsImage(digest string, kept bool) bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for _, t := range w.templates {
-		if t.key.Digest == digest {
+		if t.key.Digest == digest && (kept || t.busy()) {
 			return true
 		}
 	}
 	for _, p := range w.pools {
-		if p.digest == digest || p.digest == "" {
-			return true // "": not resolved yet
-		}
-	}
-	return false
-}
-
-// imageBusy says whether a pool needs the image with digest, or a template of it is in
-// use (a restore or build under way): what stops a token's share from letting it go.
-// A template merely kept for later does not; dropImage removes it with the image.
-func (w *warmManager) imageBusy(digest string) bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	for _, t := range w.templates {
-		if t.key.Digest == digest && (t.users > 0 || !isClosed(t.ready) || w.poolUsesLocked(t.hash)) {
-			return true
-		}
-	}
-	for _, p := range w.pools {
-		// A pool not resolved yet is not counted: it pulls as the operator, whose images
-		// no token's share removes, and one that never resolves must not pin them all.
-		if p.digest == digest {
+		if p.digest == digest || (kept && p.digest == "") {
 			return true
 		}
 	}
@@ -103,7 +86,7 @@ func (w *warmManager) dropImage(digest string) {
 	w.mu.Lock()
 	var dropped []string
 	for hash, t := range w.templates {
-		if t.key.Digest != digest || t.users > 0 || !isClosed(t.ready) {
+		if t.key.Digest != digest || t.busy() {
 			continue
 		}
 		delete(w.templates, hash)

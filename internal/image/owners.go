@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"slices"
 	"time"
@@ -68,16 +69,6 @@ func (s *Store) imageBytes(r *record) int64 {
 	return n
 }
 
-// OwnerUsage is the bytes of the images owner holds (see imageBytes).
-func (s *Store) OwnerUsage(owner string) (int64, error) {
-	imgs, err := s.OwnerImages(owner)
-	var n int64
-	for _, b := range imgs {
-		n += b
-	}
-	return n, err
-}
-
 // OwnerImages is what each image owner holds counts for, by digest.
 func (s *Store) OwnerImages(owner string) (map[string]int64, error) {
 	s.mu.Lock()
@@ -103,16 +94,13 @@ func (s *Store) Owners() ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	var out []string
+	set := map[string]bool{}
 	for _, r := range idx.Images {
 		for o := range r.Owners {
-			if !slices.Contains(out, o) {
-				out = append(out, o)
-			}
+			set[o] = true
 		}
 	}
-	slices.Sort(out)
-	return out, nil
+	return slices.Sorted(maps.Keys(set)), nil
 }
 
 // FitOwner brings owner's images within budget bytes: it lets go of the owner's least
@@ -181,8 +169,7 @@ func (s *Store) FitOwner(ctx context.Context, owner string, budget int64, keep s
 			removed(c.digest)
 		}
 		if c.digest == keep {
-			return fmt.Errorf("%w: this token's images would take %d MiB here, %d MiB allowed; the rest runs or was used in the last %s",
-				ErrOwnerBudget, used>>20, budget>>20, keepRecent)
+			break // over budget with it: refused, and let go of (used still counts it)
 		}
 		used -= freed
 	}
@@ -203,15 +190,18 @@ func (s *Store) usedWithin(digest string, d time.Duration) bool {
 }
 
 // disown drops owner from the image with digest, and removes the image when no owner
-// holds it, the operator never asked for it and inUse does not claim it. It returns the
-// bytes the image counted for against owner, and whether it removed the image.
+// holds it and the operator never asked for it. An image inUse claims (asked again: the
+// wait for a root disk build of it may have let a start begin) is left as it is. It
+// returns the bytes the image counted for against owner, and whether it removed it.
 func (s *Store) disown(ctx context.Context, owner, digest string, inUse func(string) bool) (int64, bool, error) {
 	unlock, err := s.lockDigest(ctx, digest) // no root disk build of it under way
 	if err != nil {
 		return 0, false, err
 	}
 	defer unlock()
-	busy := inUse(digest) // asked before taking s.mu: inUse takes its caller's locks
+	if inUse(digest) { // asked before taking s.mu: inUse takes its caller's locks
+		return 0, false, nil
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	idx, err := s.loadIndex()
@@ -226,14 +216,9 @@ func (s *Store) disown(ctx context.Context, owner, digest string, inUse func(str
 		return 0, false, nil
 	}
 	n := s.imageBytes(r)
-	if busy && len(r.Owners) == 1 && !r.Operator {
-		// The last holder of an image in use keeps it: let go, it would count against
-		// no one while it runs (and be the operator's for good).
-		return 0, false, nil
-	}
 	delete(r.Owners, owner)
 	delete(s.ownerUsed, ownerImage{owner, digest})
-	orphan := len(r.Owners) == 0 && !r.Operator && !busy
+	orphan := len(r.Owners) == 0 && !r.Operator
 	if orphan {
 		delete(idx.Images, digest)
 	}

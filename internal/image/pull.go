@@ -114,7 +114,7 @@ func (s *Store) pull(ctx context.Context, ref string, opts PullOptions) (*Image,
 	s.mu.Unlock()
 
 	if opts.Reserve != nil {
-		release, err := opts.Reserve(total)
+		release, err := opts.Reserve(ctx, total)
 		if err != nil {
 			return nil, err
 		}

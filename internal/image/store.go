@@ -40,6 +40,9 @@ var ErrNotFound = errors.New("image not found")
 // for what it contains: an escape attempt, a device node, a limit exceeded.
 var ErrHostileLayer = unpack.ErrHostileLayer
 
+// ErrTooLarge is returned (wrapped) by RootDiskWithin when the image's files pass the bound.
+var ErrTooLarge = unpack.ErrTooLarge
+
 // Limits bound what unpacking one image may write; see unpack.Limits.
 type Limits = unpack.Limits
 
@@ -112,7 +115,7 @@ type PullOptions struct {
 	// Reserve, if set, is asked for room for the compressed layers (as the manifest
 	// declares them) before anything is downloaded; its error fails the pull, and
 	// release is called when the download ends. It bounds what pulls in flight take.
-	Reserve func(bytes int64) (release func(), err error)
+	Reserve func(ctx context.Context, bytes int64) (release func(), err error)
 }
 
 // Option configures a Store.

@@ -249,7 +249,7 @@ func waitFor(t *testing.T, what string, logs *syncBuffer, cond func() bool) {
 
 func TestRaftClusterOverMutualTLS(t *testing.T) {
 	if testing.Short() {
-		t.Skip("3-node raft cluster skipped in -short mode")
+		t.Skip("-short: a 3-node Raft cluster over TLS takes seconds; run without -short (make test and CI do)")
 	}
 	ca := testCA(t, "c")
 	logs := &syncBuffer{}

@@ -51,6 +51,10 @@ import (
 // failure on the host.
 var ErrHostileLayer = errors.New("hostile layer refused")
 
+// ErrTooLarge is returned (wrapped, with ErrHostileLayer) when the layers' files pass
+// Limits.MaxTotalBytes: a limit the caller may have set lower than usual.
+var ErrTooLarge = errors.New("files larger than allowed")
+
 // Limits bound what a set of layers may make the host write. The counters
 // are cumulative over every layer one Unpacker applies.
 type Limits struct {
@@ -367,7 +371,7 @@ func (u *Unpacker) file(ctx context.Context, parent int, base string, tr *tar.Re
 		return hostile("file size %d exceeds the per-file limit of %d bytes", hdr.Size, u.lim.MaxFileBytes)
 	}
 	if u.bytes+hdr.Size > u.lim.MaxTotalBytes {
-		return hostile("layers exceed the limit of %d bytes in total", u.lim.MaxTotalBytes)
+		return fmt.Errorf("%w: %w: layers exceed the limit of %d bytes in total", ErrHostileLayer, ErrTooLarge, u.lim.MaxTotalBytes)
 	}
 	u.bytes += hdr.Size
 	if err := removeAllAt(parent, base); err != nil {
