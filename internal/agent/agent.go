@@ -354,27 +354,6 @@ func (a *Agent) Info() Info {
 	}
 }
 
-// Validate checks a request against this node's limits before anything is created.
-func (a *Agent) Validate(spec *state.SandboxSpec) error {
-	if spec.Image == "" {
-		return errors.New("no image given")
-	}
-	spec.VCPUs, spec.MemoryMiB = a.shape(spec.VCPUs, spec.MemoryMiB)
-	if spec.VCPUs < 1 || spec.VCPUs > a.cfg.MaxVCPUs {
-		return fmt.Errorf("--cpus %d is outside this node's limit 1..%d", spec.VCPUs, a.cfg.MaxVCPUs)
-	}
-	if spec.MemoryMiB < minMemoryMiB || spec.MemoryMiB > a.cfg.MaxMemoryMiB {
-		return fmt.Errorf("--memory %dMiB is outside this node's limit %d..%d MiB", spec.MemoryMiB, minMemoryMiB, a.cfg.MaxMemoryMiB)
-	}
-	if spec.Timeout < 0 {
-		return fmt.Errorf("--timeout %s is negative", spec.Timeout)
-	}
-	if _, err := state.ParseRestartPolicy(string(spec.Restart)); err != nil {
-		return err
-	}
-	return ValidateEnv(spec.Env)
-}
-
 // pruneImages keeps the image store within its disk budget until ctx ends: after pulls,
 // and every 30 seconds, the least recently used images nothing needs (and no start used
 // in the last 10 seconds) are removed.

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"errors"
-	"fmt"
 	"strings"
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
@@ -108,15 +107,4 @@ func hasKey(env []string, key string) bool {
 		}
 	}
 	return false
-}
-
-// ValidateEnv rejects malformed entries so a typo is an error, not a silently dropped var.
-func ValidateEnv(env []string) error {
-	for _, kv := range env {
-		k, _, ok := strings.Cut(kv, "=")
-		if !ok || k == "" || strings.ContainsAny(k, "\x00") {
-			return fmt.Errorf("invalid environment entry %q: want KEY=VALUE", kv)
-		}
-	}
-	return nil
 }

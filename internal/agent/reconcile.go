@@ -47,7 +47,13 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 				continue
 			}
 			if err := a.Start(sb); err != nil {
+				// Nothing runs, so nothing else would ever report on it.
 				a.log.Warn("start assigned sandbox", "sandbox", id, "err", err)
+				a.background(func(ctx context.Context) {
+					r, node := sb.Restarts, a.cfg.Node
+					_, _ = a.store.UpdateSandbox(ctx, id, state.Update{Status: status(state.StatusFailed), Reason: "the node could not start it: " + err.Error(),
+						IfRestarts: &r, IfNode: &node, Time: time.Now()})
+				})
 			}
 		}
 	}

@@ -105,6 +105,7 @@ func (w *warmManager) dropImage(digest string) {
 // pool is the node's side of one configured warm pool.
 type pool struct {
 	cfg   state.Pool
+	local bool // configured by this node (--warm-pool), not by the cluster
 	vcpus int
 	mem   int
 	// Resolved from cfg.Image by the loop.
@@ -209,10 +210,12 @@ func (w *warmManager) poke() {
 // static ones for the same image and shape.
 func (w *warmManager) setPools(api []state.Pool) {
 	want := map[string]state.Pool{}
-	for _, src := range [][]state.Pool{w.static, api} {
+	local := map[string]bool{}
+	for i, src := range [][]state.Pool{w.static, api} {
 		for _, c := range src {
 			v, m := w.a.shape(c.VCPUs, c.MemoryMiB)
 			want[poolID(c.Image, v, m)] = c
+			local[poolID(c.Image, v, m)] = i == 0
 		}
 	}
 	var drop []*poolVM
@@ -225,11 +228,11 @@ func (w *warmManager) setPools(api []state.Pool) {
 	}
 	for id, c := range want {
 		if p := w.pools[id]; p != nil {
-			p.cfg = c
+			p.cfg, p.local = c, local[id]
 			continue
 		}
 		v, m := w.a.shape(c.VCPUs, c.MemoryMiB)
-		w.pools[id] = &pool{cfg: c, vcpus: v, mem: m}
+		w.pools[id] = &pool{cfg: c, local: local[id], vcpus: v, mem: m}
 	}
 	w.mu.Unlock()
 	for _, v := range drop {
@@ -544,7 +547,7 @@ func (w *warmManager) status() []PoolStatus {
 		p := w.pools[id]
 		out = append(out, PoolStatus{Image: p.cfg.Image, Digest: p.digest, VCPUs: p.vcpus, MemoryMiB: p.mem,
 			Size: p.cfg.Size, Max: max(p.cfg.Max, p.cfg.Size), Target: p.target(now), Ready: len(p.ready), Filling: p.filling,
-			Claims: len(p.claims), Error: cmp.Or(p.lastErr, p.limited)})
+			Claims: len(p.claims), Error: cmp.Or(p.lastErr, p.limited), Local: p.local})
 	}
 	return out
 }

@@ -34,10 +34,11 @@ type PoolStatus struct {
 	Filling   int    // VMs being restored
 	Claims    int    // claims in the last minute
 	Error     string // the last fill error, if the pool cannot be filled
+	Local     bool   // configured by this node (--warm-pool), not by the cluster
 }
 
-// SetPools replaces the warm-pool configuration of this node (from the state store in
-// dev, from heartbeat replies in a cluster). Pools no longer listed are drained.
+// SetPools replaces the cluster's warm-pool configuration on this node (it comes with the
+// assignments). Pools no longer listed are drained.
 func (a *Agent) SetPools(pools []state.Pool) { a.warm.setPools(pools) }
 
 // Pools reports this node's warm pools.

@@ -26,9 +26,9 @@ import (
 // reports go to the leader (retried until committed), reads come from the latest
 // assignment set.
 type Link struct {
-	id     *Identity
+	node   string
 	log    *slog.Logger
-	dialer *leaderDialer
+	dialer *leaderDialer // nil in process: there is one server, which leads
 	tr     *http.Transport
 	client fireworksv1connect.NodeServiceClient
 
@@ -38,27 +38,41 @@ type Link struct {
 	haveOnce sync.Once
 }
 
-// New prepares a link to servers (API addresses, host:port).
+// New prepares a link to servers (API addresses, host:port) over mutual TLS.
 func New(id *Identity, servers []string, log *slog.Logger) *Link {
-	if log == nil {
-		log = slog.Default()
-	}
 	d := &leaderDialer{addrs: slices.Clone(servers), tlsFor: func(host string) *tls.Config {
 		cfg := pki.ClientTLS(id.CA, &id.Cert, host, pki.RoleServer)
 		cfg.NextProtos = []string{"h2"}
 		return cfg
 	}}
 	tr := &http.Transport{DialTLSContext: d.DialTLSContext, ForceAttemptHTTP2: true}
-	l := &Link{id: id, log: log.With("component", "agentlink"), dialer: d, tr: tr, have: make(chan struct{})}
-	l.client = fireworksv1connect.NewNodeServiceClient(&http.Client{Transport: tr}, "https://fireworks-servers")
+	return newLink(id.Node, d, tr, "https://fireworks-servers", log)
+}
+
+// NewInProcess links node to the server of the same process (`fireworks dev`), whose
+// node protocol tr reaches in memory: the same calls, streams and retries as across
+// hosts; the server knows the caller's identity from the connection, not a certificate.
+func NewInProcess(node string, tr *http.Transport, log *slog.Logger) *Link {
+	return newLink(node, nil, tr, "http://fireworks-server", log)
+}
+
+func newLink(node string, d *leaderDialer, tr *http.Transport, base string, log *slog.Logger) *Link {
+	if log == nil {
+		log = slog.Default()
+	}
+	l := &Link{node: node, log: log.With("component", "agentlink"), dialer: d, tr: tr, have: make(chan struct{})}
+	l.client = fireworksv1connect.NewNodeServiceClient(&http.Client{Transport: tr}, base)
 	return l
 }
+
+// Node is the name this link registers the node under.
+func (l *Link) Node() string { return l.node }
 
 // follow handles a follower's "not the leader" answer: the next connection goes to the
 // leader it named. It reports whether a leader was named (a redirect, not a failure).
 func (l *Link) follow(err error) bool {
 	var ce *connect.Error
-	if errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable {
+	if l.dialer != nil && errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable {
 		leader := ce.Meta().Get(leaderHeader)
 		if leader != "" {
 			l.dialer.prefer(leader)
@@ -132,7 +146,7 @@ func (l *Link) fetchOnce(ctx context.Context) error {
 	backoff := 200 * time.Millisecond
 	for {
 		sctx, cancel := context.WithCancel(ctx)
-		st, err := l.client.WatchAssignments(sctx, connect.NewRequest(&pb.WatchAssignmentsRequest{Node: l.id.Node}))
+		st, err := l.client.WatchAssignments(sctx, connect.NewRequest(&pb.WatchAssignmentsRequest{Node: l.node}))
 		if err == nil && st.Receive() {
 			err = l.setAssigned(st.Msg())
 			cancel()
@@ -162,7 +176,7 @@ func (l *Link) setAssigned(m *pb.Assignments) error {
 		if err := json.Unmarshal(b, &sb); err != nil {
 			return fmt.Errorf("decode assignment: %w", err)
 		}
-		if sb.Node != l.id.Node {
+		if sb.Node != l.node {
 			continue
 		}
 		out = append(out, sb)
@@ -186,8 +200,9 @@ type Node struct {
 	Warm func() []string
 	// Pools reports the node's warm pools with every heartbeat.
 	Pools func() []*pb.PoolNodeStatus
-	// SetPools applies the cluster's warm-pool configuration, which every heartbeat reply
-	// carries; it is called when that configuration changes (and once per registration).
+	// SetPools applies the cluster's warm-pool configuration, which comes with the
+	// assignments; it is called when that configuration changes (and once per
+	// registration).
 	SetPools func([]state.Pool)
 	// SetRevokedEdges takes the serials of revoked edge certificates every heartbeat reply
 	// carries (the whole list each time).
@@ -211,7 +226,7 @@ func (n Node) pools() []*pb.PoolNodeStatus {
 	return n.Pools()
 }
 
-// poolsFromPB is the pool configuration of a heartbeat reply.
+// poolsFromPB is the pool configuration the assignments carry.
 func poolsFromPB(in []*pb.Pool) []state.Pool {
 	out := make([]state.Pool, 0, len(in))
 	for _, p := range in {
@@ -268,7 +283,7 @@ func (l *Link) Run(ctx context.Context, n Node) error {
 // node got registered.
 func (l *Link) session(ctx context.Context, n Node) (bool, error) {
 	info := n.Info()
-	info.Id = l.id.Node
+	info.Id = l.node
 	info.Images = n.Images()
 	info.Warm = n.warm()
 	reg, err := l.client.Register(ctx, connect.NewRequest(&pb.RegisterRequest{Node: info, Running: n.Running()}))
@@ -284,7 +299,7 @@ func (l *Link) registered(ctx context.Context, n Node, info *pb.Node, reg *pb.Re
 	if interval <= 0 {
 		interval = 5 * time.Second
 	}
-	l.log.Info("registered with the control plane", "node", l.id.Node, "heartbeat", interval)
+	l.log.Info("registered with the control plane", "node", l.node, "heartbeat", interval)
 
 	sctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -294,11 +309,9 @@ func (l *Link) registered(ctx context.Context, n Node, info *pb.Node, reg *pb.Re
 	go func() {
 		defer wg.Done()
 		lastImgs, lastWarm := info.Images, info.Warm
-		var lastPools []state.Pool
-		applied := false
 		t := time.NewTicker(interval)
 		defer t.Stop()
-		// The first beat goes out at once: its reply carries the warm-pool configuration.
+		// The first beat goes out at once: its reply says which edges are revoked.
 		for first := true; ; first = false {
 			if !first {
 				select {
@@ -310,7 +323,7 @@ func (l *Link) registered(ctx context.Context, n Node, info *pb.Node, reg *pb.Re
 			imgs, warm := n.Images(), n.warm()
 			hctx, hcancel := context.WithTimeout(sctx, interval)
 			resp, err := l.client.Heartbeat(hctx, connect.NewRequest(&pb.HeartbeatRequest{
-				Node: l.id.Node, Images: imgs, ImagesChanged: !slices.Equal(imgs, lastImgs),
+				Node: l.node, Images: imgs, ImagesChanged: !slices.Equal(imgs, lastImgs),
 				Warm: warm, WarmChanged: !slices.Equal(warm, lastWarm), Pools: n.pools(),
 			}))
 			hcancel()
@@ -324,21 +337,23 @@ func (l *Link) registered(ctx context.Context, n Node, info *pb.Node, reg *pb.Re
 			if n.SetRevokedEdges != nil {
 				n.SetRevokedEdges(resp.Msg.GetRevokedEdgeCerts())
 			}
-			if pools := poolsFromPB(resp.Msg.GetPools()); n.SetPools != nil && (!applied || !reflect.DeepEqual(pools, lastPools)) {
-				n.SetPools(pools)
-				lastPools, applied = pools, true
-			}
 		}
 	}()
 
-	st, err := l.client.WatchAssignments(sctx, connect.NewRequest(&pb.WatchAssignmentsRequest{Node: l.id.Node}))
+	st, err := l.client.WatchAssignments(sctx, connect.NewRequest(&pb.WatchAssignmentsRequest{Node: l.node}))
 	if err != nil {
 		return fmt.Errorf("watch assignments: %w", err)
 	}
 	defer st.Close()
+	var lastPools []state.Pool
+	applied := false
 	for st.Receive() {
 		if err := l.setAssigned(st.Msg()); err != nil {
 			return err
+		}
+		if pools := poolsFromPB(st.Msg().GetPools()); n.SetPools != nil && (!applied || !reflect.DeepEqual(pools, lastPools)) {
+			n.SetPools(pools)
+			lastPools, applied = pools, true
 		}
 		l.mu.Lock()
 		cur := slices.Clone(l.assigned)

@@ -80,6 +80,9 @@ type Series struct {
 	NodePhases []PhaseP50 `json:"node_phases_p50_ms,omitempty"`
 	// CreateCall is the CreateSandbox call alone (the sandbox recorded, not yet started).
 	CreateCall *Summary `json:"create_call_ms,omitempty"`
+	// Handoff is the API → node handoff: from the sandbox's creation to the node
+	// starting it (placement, and the assignment reaching the node).
+	Handoff *Summary `json:"handoff_ms,omitempty"`
 	// TargetP50 is the first-byte p50 this path should reach (0: none); TargetMet says
 	// whether it did.
 	TargetP50  float64   `json:"target_p50_ms,omitempty"`
@@ -457,6 +460,9 @@ func PrintTable(w io.Writer, rep *Report) {
 		if s.CreateCall != nil {
 			create = fmt.Sprintf("; CreateSandbox call p50 %.1f", s.CreateCall.P50)
 		}
+		if s.Handoff != nil {
+			create += fmt.Sprintf("; API→node handoff p50 %.1f p99 %.1f", s.Handoff.P50, s.Handoff.P99)
+		}
 		fmt.Fprintf(w, "  %s, node phases p50 (sum %.1f of first-byte p50 %.1f): %s%s\n", s.Name, sum, s.FirstByte.P50, strings.Join(parts, ", "), create)
 	}
 	if len(rep.Images) > 0 {
@@ -517,6 +523,16 @@ func measure(ctx context.Context, cfg Config, key, name string, one func() (samp
 	if len(creates) > 0 {
 		c := summarize(creates)
 		s.CreateCall = &c
+	}
+	var handoffs []float64
+	for _, x := range samples {
+		if x.handoff > 0 {
+			handoffs = append(handoffs, ms(x.handoff))
+		}
+	}
+	if len(handoffs) > 0 {
+		h := summarize(handoffs)
+		s.Handoff = &h
 	}
 	s.FirstByte, s.Exit = summarize(s.FirstBytes), summarize(s.Exits)
 	if t, ok := targets[key]; ok {

@@ -5,7 +5,7 @@ import (
 	"strings"
 
 	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
-	"github.com/fireworks-sandbox/fireworks/internal/cli"
+	"github.com/fireworks-sandbox/fireworks/internal/client"
 )
 
 // apiClient talks to the bench's own `fireworks dev` in-process, so a measured start
@@ -19,7 +19,7 @@ type apiClient struct {
 // newAPIClient connects with the server address and token of the CLI config file at
 // path, which the bench's dev server wrote.
 func newAPIClient(path string) (*apiClient, error) {
-	cfg, err := cli.ReadClientConfig(path)
+	cfg, err := client.ReadConfig(path)
 	if err != nil {
 		return nil, err
 	}
@@ -29,7 +29,7 @@ func newAPIClient(path string) (*apiClient, error) {
 	if strings.HasPrefix(cfg.Server, "https://") {
 		return nil, fmt.Errorf("dev server config %s: the bench speaks plain HTTP to its own dev server, not %s", path, cfg.Server)
 	}
-	c, err := cli.NewClient(cfg)
+	c, err := client.New(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("dev server config %s: %w", path, err)
 	}

@@ -19,6 +19,7 @@ import (
 type sample struct {
 	first, exit time.Duration
 	create      time.Duration // the CreateSandbox call alone (0 for execs and crun)
+	handoff     time.Duration // from the sandbox's creation to the node starting it (0: unknown)
 	how         string
 	phases      []phase // the node's own account of the start, in order
 }
@@ -83,8 +84,21 @@ func (c *apiClient) startSpecOnce(ctx context.Context, spec *pb.SandboxSpec, lim
 	if got, err := c.sandboxes.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Sandbox: id})); err == nil {
 		d := got.Msg.GetSandbox().GetDetails()
 		s.how, s.phases = startedBy(d), parsePhases(d["start_phases"])
+		s.handoff = handoff(got.Msg.GetSandbox())
 	}
 	return s, nil
+}
+
+// handoff is the time from a sandbox's creation (recorded by the server) to its first
+// "starting" event (recorded by the node as it began): the API → node handoff, which
+// covers placement and the assignment reaching the node. Both clocks are this host's.
+func handoff(sb *pb.Sandbox) time.Duration {
+	for _, e := range sb.GetEvents() {
+		if e.GetStatus() == "starting" && sb.GetCreatedAt() != nil {
+			return e.GetTime().AsTime().Sub(sb.GetCreatedAt().AsTime())
+		}
+	}
+	return 0
 }
 
 // startedBy is how the node says it started a sandbox (cold, restore or warm), so a

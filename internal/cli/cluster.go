@@ -17,9 +17,11 @@ import (
 	"github.com/spf13/pflag"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/client"
 	"github.com/fireworks-sandbox/fireworks/internal/cluster"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane"
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/routes"
 	"github.com/fireworks-sandbox/fireworks/internal/server"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 	"github.com/fireworks-sandbox/fireworks/internal/xds"
@@ -86,7 +88,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.StringVar(&sans, "san", "", "extra names/addresses for this server's certificate, comma-separated")
 	fl.StringVar(&cfg.BootstrapToken, "bootstrap-token", os.Getenv("FIREWORKS_BOOTSTRAP_TOKEN"), "an admin API token (fwk_...) to create at bootstrap ($FIREWORKS_BOOTSTRAP_TOKEN); default: one is generated into DATA/admin-token")
 	fl.DurationVar(&heartbeatTTL, "heartbeat-ttl", 15*time.Second, "a node silent this long is declared down (agents beat every third of it)")
-	fl.StringVar(&cfg.IngressDomain, "ingress-domain", server.DefaultIngressDomain, "ingress domain: sandbox ports answer to <port>-<sandbox>.DOMAIN (same on servers, agents and edges)")
+	fl.StringVar(&cfg.IngressDomain, "ingress-domain", routes.DefaultDomain, "ingress domain: sandbox ports answer to <port>-<sandbox>.DOMAIN (same on servers, agents and edges)")
 	fl.StringVar(&cfg.XDSListen, "xds-listen", "", "serve the ingress routes over xDS (gRPC) here, for Envoy; mutual TLS: clients need an ingress certificate (from 'fireworks ingress certificate')")
 	fl.Uint32Var(&envoyPort, "xds-envoy-port", xds.DefaultListenPort, "port of the listener Envoy gets over xDS")
 	fl.StringVar(&envoyTLSDir, "xds-envoy-tls-dir", "/etc/fireworks/ingress", "directory on Envoy's host with the files 'fireworks ingress certificate --out' writes (Envoy's client certificate for the nodes); empty: Envoy speaks plain HTTP to nodes (which refuse it)")
@@ -164,7 +166,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	fl.StringVar(&cfg.Agent.Node, "node", "", "node name (default: hostname; fixed by the node certificate once joined)")
 	fl.StringVar(&cfg.Listen, "listen", ":7768", "internal node API (mutual TLS)")
 	fl.StringVar(&cfg.Advertise, "advertise", "", "host:port servers and ingress edges reach the node API at (default --listen)")
-	fl.StringVar(&cfg.IngressDomain, "ingress-domain", server.DefaultIngressDomain, "ingress domain (as on the servers): requests for <port>-<sandbox>.DOMAIN on --listen go to the sandbox (Envoy's data path)")
+	fl.StringVar(&cfg.IngressDomain, "ingress-domain", routes.DefaultDomain, "ingress domain (as on the servers): requests for <port>-<sandbox>.DOMAIN on --listen go to the sandbox (Envoy's data path)")
 	fl.StringVar(&labels, "label", "", "node labels key=value, comma-separated (for --constraint)")
 	fl.IntVar(&cfg.Agent.MaxVCPUs, "cpus", 0, "vCPUs offered to sandboxes (default: the host's cores)")
 	fl.IntVar(&cfg.DiskMiB, "disk", 0, "scratch disk space offered to sandboxes, MiB (default: free space of --data-dir)")
@@ -211,7 +213,7 @@ func newNodeCmd(g *globals) *cobra.Command {
 		},
 	}
 	type nodeCall func(context.Context, *connect.Request[pb.NodeActionRequest]) (*connect.Response[pb.NodeActionResponse], error)
-	action := func(use, short string, call func(*Client) nodeCall) *cobra.Command {
+	action := func(use, short string, call func(*client.Client) nodeCall) *cobra.Command {
 		return &cobra.Command{
 			Use: use + " NODE", Short: short, Args: cobra.ExactArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error {
@@ -234,10 +236,10 @@ func newNodeCmd(g *globals) *cobra.Command {
 		}
 	}
 	cmd.AddCommand(ls,
-		action("cordon", "Stop placing new sandboxes on a node", func(c *Client) nodeCall { return c.Cluster.CordonNode }),
-		action("uncordon", "Let a node take sandboxes again", func(c *Client) nodeCall { return c.Cluster.UncordonNode }),
-		action("drain", "Cordon a node and move its sandboxes elsewhere (stop and re-place)", func(c *Client) nodeCall { return c.Cluster.DrainNode }),
-		action("rm", "Remove a node: its certificate is refused from now on, its sandboxes are lost (placed again per --restart), its name is free to join again", func(c *Client) nodeCall { return c.Cluster.RemoveNode }),
+		action("cordon", "Stop placing new sandboxes on a node", func(c *client.Client) nodeCall { return c.Cluster.CordonNode }),
+		action("uncordon", "Let a node take sandboxes again", func(c *client.Client) nodeCall { return c.Cluster.UncordonNode }),
+		action("drain", "Cordon a node and move its sandboxes elsewhere (stop and re-place)", func(c *client.Client) nodeCall { return c.Cluster.DrainNode }),
+		action("rm", "Remove a node: its certificate is refused from now on, its sandboxes are lost (placed again per --restart), its name is free to join again", func(c *client.Client) nodeCall { return c.Cluster.RemoveNode }),
 	)
 	return cmd
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -20,8 +19,9 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/agent"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/client"
+	"github.com/fireworks-sandbox/fireworks/internal/cluster"
 	"github.com/fireworks-sandbox/fireworks/internal/server"
-	"github.com/fireworks-sandbox/fireworks/internal/state"
 	"github.com/fireworks-sandbox/fireworks/internal/vmm"
 )
 
@@ -76,7 +76,7 @@ func newDevCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", DefaultDataDir(), "state, images, guest assets and logs")
-	cmd.Flags().StringVar(&f.listen, "listen", strings.TrimPrefix(DefaultServer, "http://"), "API listen address")
+	cmd.Flags().StringVar(&f.listen, "listen", strings.TrimPrefix(client.DefaultServer, "http://"), "API listen address")
 	cmd.Flags().StringVar(&f.accel, "accel", "auto", "accelerator: auto, kvm or tcg")
 	cmd.Flags().StringVar(&f.initBinary, "init-binary", "", "guest init binary (default: fireworks-init beside this executable)")
 	cmd.Flags().StringVar(&f.node, "node", "", "node name (default: hostname)")
@@ -120,49 +120,20 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(f.dataDir, 0o700); err != nil {
-		return fmt.Errorf("create data dir %s: %w", f.dataDir, err)
+	cfg := cluster.DevConfig{
+		DataDir: f.dataDir, Listen: f.listen, Limits: f.limits,
+		IngressListen: f.ingressListen, IngressDomain: f.ingressDomain, XDSListen: f.xdsListen, Log: log,
+		Agent: agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel},
+		Ready: func(apiURL, token string) error {
+			log.Info("CLI configured for this dev", "cli_config", client.ConfigPath())
+			return client.SaveConfig(client.Config{Server: apiURL, Token: token})
+		},
 	}
-	store, err := state.Open(ctx, state.Options{Dir: filepath.Join(f.dataDir, "state"), NodeID: "dev", Logger: log})
-	if err != nil {
-		return fmt.Errorf("open state store: %w", err)
-	}
-	defer store.Close()
-	// The dev admin token stays the same across restarts so a CLI session and scripts
-	// keep working; it is a normal admin token in the state (revocable, listable).
-	token, err := server.EnsureAdminToken(ctx, store, filepath.Join(f.dataDir, "token"), "dev")
-	if err != nil {
+	f.net.apply(&cfg.Agent)
+	if err := f.warm.apply(&cfg.Agent); err != nil {
 		return err
 	}
-	cfg := agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel, Logger: log}
-	f.net.apply(&cfg)
-	if err := f.warm.apply(&cfg); err != nil {
-		return err
-	}
-	ag, err := agent.New(ctx, cfg, store)
-	if err != nil {
-		return err
-	}
-	defer ag.Close()
-	ln, err := net.Listen("tcp", f.listen)
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w", f.listen, err)
-	}
-	addr := "http://" + ln.Addr().String()
-	if err := SaveClientConfig(ClientConfig{Server: addr, Token: token}); err != nil {
-		return err
-	}
-	info := ag.Info()
-	log.Info("fireworks dev ready", "api", addr, "accel", info.Accel, "kernel", info.KernelRelease, "data_dir", f.dataDir, "cli_config", ConfigPath())
-	srv := server.New(store, ag, log)
-	srv.SetLimits(f.limits)
-	stopIngress, err := runDevIngress(ctx, srv, f, log)
-	if err != nil {
-		ln.Close()
-		return err
-	}
-	defer stopIngress()
-	return srv.Serve(ctx, ln)
+	return cluster.RunDev(ctx, cfg)
 }
 
 func newSetupCmd(g *globals) *cobra.Command {
@@ -206,8 +177,9 @@ func newSetupCmd(g *globals) *cobra.Command {
 }
 
 func newImageCmd(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "image", Short: "Manage images on the node"}
+	cmd := &cobra.Command{Use: "image", Short: "Manage images on the nodes"}
 	var insecure []string
+	var node string
 	pull := &cobra.Command{
 		Use:   "pull IMAGE",
 		Short: "Pull an image (registry ref, oci:DIR[:TAG] or docker-archive:FILE[:TAG])",
@@ -217,7 +189,7 @@ func newImageCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			stream, err := c.Images.PullImage(cmd.Context(), connect.NewRequest(&pb.PullImageRequest{Ref: localImageRef(args[0]), InsecureRegistries: insecure}))
+			stream, err := c.Images.PullImage(cmd.Context(), connect.NewRequest(&pb.PullImageRequest{Ref: localImageRef(args[0]), InsecureRegistries: insecure, Node: node}))
 			if err != nil {
 				return err
 			}
@@ -231,23 +203,25 @@ func newImageCmd(g *globals) *cobra.Command {
 						continue
 					}
 					p := m.Progress
-					b := bars[p.GetLayer()]
+					key := p.GetNode() + " " + short(strings.TrimPrefix(p.GetLayer(), "sha256:"))
+					b := bars[key]
 					if b == nil {
-						b = progressbar.DefaultBytes(p.GetTotal(), short(strings.TrimPrefix(p.GetLayer(), "sha256:")))
-						bars[p.GetLayer()] = b
+						b = progressbar.DefaultBytes(p.GetTotal(), key)
+						bars[key] = b
 					}
 					_ = b.Set64(p.GetComplete())
 				case *pb.PullImageResponse_Image:
 					for _, b := range bars {
 						_ = b.Finish()
 					}
-					fmt.Fprintf(g.stdout, "%s %s\n", m.Image.GetRef(), m.Image.GetDigest())
+					fmt.Fprintf(g.stdout, "%s %s %s\n", m.Image.GetRef(), m.Image.GetDigest(), m.Image.GetNode())
 				}
 			}
 			return stream.Err()
 		},
 	}
 	pull.Flags().StringArrayVar(&insecure, "insecure-registry", nil, "registry host that speaks plain HTTP")
+	pull.Flags().StringVar(&node, "node", "", "pull on this node only (default: every ready node)")
 	ls := &cobra.Command{
 		Use:   "ls",
 		Short: "List images",
@@ -257,13 +231,13 @@ func newImageCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			resp, err := c.Images.ListImages(cmd.Context(), connect.NewRequest(&pb.ListImagesRequest{}))
+			resp, err := c.Images.ListImages(cmd.Context(), connect.NewRequest(&pb.ListImagesRequest{Node: node}))
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "%-60s %-20s %s\n", "REF", "DIGEST", "SIZE")
+			fmt.Fprintf(g.stdout, "%-60s %-20s %-12s %s\n", "REF", "DIGEST", "SIZE", "NODE")
 			for _, i := range resp.Msg.GetImages() {
-				fmt.Fprintf(g.stdout, "%-60s %-20s %d\n", i.GetRef(), short(strings.TrimPrefix(i.GetDigest(), "sha256:")), i.GetSize())
+				fmt.Fprintf(g.stdout, "%-60s %-20s %-12d %s\n", i.GetRef(), short(strings.TrimPrefix(i.GetDigest(), "sha256:")), i.GetSize(), i.GetNode())
 			}
 			return nil
 		},
@@ -278,7 +252,7 @@ func newImageCmd(g *globals) *cobra.Command {
 				return err
 			}
 			for _, a := range args {
-				if _, err := c.Images.RemoveImage(cmd.Context(), connect.NewRequest(&pb.RemoveImageRequest{Ref: localImageRef(a)})); err != nil {
+				if _, err := c.Images.RemoveImage(cmd.Context(), connect.NewRequest(&pb.RemoveImageRequest{Ref: localImageRef(a), Node: node})); err != nil {
 					return err
 				}
 				fmt.Fprintln(g.stdout, a)
@@ -286,6 +260,8 @@ func newImageCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
+	ls.Flags().StringVar(&node, "node", "", "only this node's images (default: every ready node's)")
+	rm.Flags().StringVar(&node, "node", "", "remove from this node only (default: every ready node that holds it)")
 	cmd.AddCommand(pull, ls, rm, newImageWarmCmd(g), newImageTemplatesCmd(g))
 	return cmd
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/agent"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/client"
 	"github.com/fireworks-sandbox/fireworks/internal/netpolicy"
 )
 
@@ -207,7 +208,7 @@ func parseForward(s string) (local, guest uint16, err error) {
 }
 
 // forwardConn carries one local connection to the guest port and back.
-func forwardConn(ctx context.Context, c *Client, sandbox string, port uint16, conn net.Conn) error {
+func forwardConn(ctx context.Context, c *client.Client, sandbox string, port uint16, conn net.Conn) error {
 	defer conn.Close()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

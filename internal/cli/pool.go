@@ -191,6 +191,7 @@ func newImageWarmCmd(g *globals) *cobra.Command {
 	var (
 		insecure []string
 		asJSON   bool
+		node     string
 	)
 	cmd := &cobra.Command{
 		Use:   "warm IMAGE",
@@ -201,7 +202,7 @@ func newImageWarmCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			resp, err := c.Images.WarmImage(cmd.Context(), connect.NewRequest(&pb.WarmImageRequest{Ref: localImageRef(args[0]), InsecureRegistries: insecure}))
+			resp, err := c.Images.WarmImage(cmd.Context(), connect.NewRequest(&pb.WarmImageRequest{Ref: localImageRef(args[0]), InsecureRegistries: insecure, Node: node}))
 			if err != nil {
 				return err
 			}
@@ -215,6 +216,7 @@ func newImageWarmCmd(g *globals) *cobra.Command {
 			}
 			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
 			fmt.Fprintf(tw, "Template:\t%s\n", t.GetKey())
+			fmt.Fprintf(tw, "Node:\t%s\n", t.GetNode())
 			fmt.Fprintf(tw, "Image:\t%s (%s)\n", t.GetImage(), t.GetDigest())
 			fmt.Fprintf(tw, "Shape:\t%s\n", shape(t.GetVcpus(), t.GetMemoryMib()))
 			fmt.Fprintf(tw, "Size:\t%s\n", mib(t.GetSize()))
@@ -224,21 +226,25 @@ func newImageWarmCmd(g *globals) *cobra.Command {
 	}
 	cmd.Flags().StringArrayVar(&insecure, "insecure-registry", nil, "registry host that speaks plain HTTP")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the API's answer as JSON")
+	cmd.Flags().StringVar(&node, "node", "", "the node to build it on (needed when several are ready; a warm pool warms every node)")
 	return cmd
 }
 
 func newImageTemplatesCmd(g *globals) *cobra.Command {
-	var asJSON bool
+	var (
+		asJSON bool
+		node   string
+	)
 	cmd := &cobra.Command{
 		Use:   "templates",
-		Short: "List the node's template snapshots",
+		Short: "List the nodes' template snapshots",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, err := g.client()
 			if err != nil {
 				return err
 			}
-			resp, err := c.Images.ListTemplates(cmd.Context(), connect.NewRequest(&pb.ListTemplatesRequest{}))
+			resp, err := c.Images.ListTemplates(cmd.Context(), connect.NewRequest(&pb.ListTemplatesRequest{Node: node}))
 			if err != nil {
 				return err
 			}
@@ -246,19 +252,20 @@ func newImageTemplatesCmd(g *globals) *cobra.Command {
 				return printJSON(g.stdout, resp.Msg)
 			}
 			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "TEMPLATE\tIMAGE\tDIGEST\tSHAPE\tSIZE\tLAST USED")
+			fmt.Fprintln(tw, "TEMPLATE\tIMAGE\tDIGEST\tSHAPE\tSIZE\tLAST USED\tNODE")
 			for _, t := range resp.Msg.GetTemplates() {
 				last := "never"
 				if t.GetLastUsed() != nil {
 					last = ago(t.GetLastUsed().AsTime())
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", short(t.GetKey()), t.GetImage(), short(strings.TrimPrefix(t.GetDigest(), "sha256:")),
-					shape(t.GetVcpus(), t.GetMemoryMib()), mib(t.GetSize()), last)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", short(t.GetKey()), t.GetImage(), short(strings.TrimPrefix(t.GetDigest(), "sha256:")),
+					shape(t.GetVcpus(), t.GetMemoryMib()), mib(t.GetSize()), last, t.GetNode())
 			}
 			return tw.Flush()
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the API's answer as JSON")
+	cmd.Flags().StringVar(&node, "node", "", "only this node's (default: every ready node's)")
 	return cmd
 }
 

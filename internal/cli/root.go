@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/fireworks-sandbox/fireworks/internal/client"
 	"github.com/spf13/cobra"
 )
 
@@ -39,18 +40,18 @@ type globals struct {
 	stderr    io.Writer
 }
 
-func (g *globals) client() (*Client, error) {
-	cfg, err := LoadClientConfig(g.server, g.token)
+func (g *globals) client() (*client.Client, error) {
+	cfg, err := client.LoadConfig(g.server, g.token)
 	if err != nil {
 		return nil, err
 	}
 	if cfg.Token == "" {
-		return nil, fmt.Errorf("no API token: start `fireworks dev` (it writes %s) or set FIREWORKS_TOKEN", ConfigPath())
+		return nil, fmt.Errorf("no API token: start `fireworks dev` (it writes %s) or set FIREWORKS_TOKEN", client.ConfigPath())
 	}
 	cfg.Stale = g.stale
 	cfg.RequestTimeout = g.requestTimeout
 	g.contacted = cfg.Server
-	return NewClient(cfg)
+	return client.New(cfg)
 }
 
 // NewRoot builds the command tree.
@@ -67,10 +68,10 @@ func newRoot() (*cobra.Command, *globals) {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.PersistentFlags().StringVar(&g.server, "server", "", "API address (default from $FIREWORKS_SERVER or the CLI config, else "+DefaultServer+")")
+	root.PersistentFlags().StringVar(&g.server, "server", "", "API address (default from $FIREWORKS_SERVER or the CLI config, else "+client.DefaultServer+")")
 	root.PersistentFlags().BoolVar(&g.stale, "stale", false, "answer reads (ps, inspect, node ls, info) from the contacted server's own copy of the state, which may lag the leader")
 	root.PersistentFlags().StringVar(&g.token, "token", "", "API token (default from $FIREWORKS_TOKEN or the CLI config)")
-	root.PersistentFlags().DurationVar(&g.requestTimeout, "request-timeout", DefaultRequestTimeout, "give up on an API request (not a stream: attach, exec, logs -f) after this long")
+	root.PersistentFlags().DurationVar(&g.requestTimeout, "request-timeout", client.DefaultRequestTimeout, "give up on an API request (not a stream: attach, exec, logs -f) after this long")
 	root.AddCommand(
 		newRunCmd(g), newPsCmd(g), newLogsCmd(g), newExecCmd(g), newInspectCmd(g),
 		newStopCmd(g), newRmCmd(g), newInfoCmd(g), newImageCmd(g), newDevCmd(g), newSetupCmd(g),
@@ -102,10 +103,10 @@ func Main(ctx context.Context, args []string) int {
 func (g *globals) describe(err error) string {
 	where := g.contacted
 	if where == "" {
-		where = DefaultServer
+		where = client.DefaultServer
 	}
 	unreachable := "cannot reach the Fireworks server at " + where
-	if where == DefaultServer {
+	if where == client.DefaultServer {
 		unreachable += " (is `fireworks dev` running?)"
 	}
 	var ce *connect.Error

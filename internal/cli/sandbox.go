@@ -4,13 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -22,6 +20,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/client"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
 
@@ -250,66 +249,29 @@ func exitFromStatus(g *globals, e *pb.Exit) error {
 }
 
 // attach streams a sandbox's output and forwards stdin/signals/resizes until it exits.
-func attach(ctx context.Context, g *globals, c *Client, id string, stdin, tty bool) (*pb.Exit, error) {
+func attach(ctx context.Context, g *globals, c *client.Client, id string, stdin, tty bool) (*pb.Exit, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream := c.Sandboxes.Attach(ctx)
-	var sendMu sync.Mutex
-	send := func(m *pb.AttachRequest) error {
-		sendMu.Lock()
-		defer sendMu.Unlock()
-		return stream.Send(m)
+	sess, err := client.Attach(c.Sandboxes.Attach(ctx), id)
+	if err != nil {
+		return nil, err
 	}
-	if err := send(&pb.AttachRequest{Msg: &pb.AttachRequest_Start{Start: &pb.AttachStart{Sandbox: id}}}); err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("attach to sandbox %s: %w", id, err)
-	}
-	// Raw mode only when keystrokes go to the sandbox (-i with -t): with -t alone ^C must
-	// stay a signal here, to be forwarded.
+	return runSession(g, sess, stdin, tty)
+}
+
+// runSession wires a session to this terminal: raw mode only when keystrokes go to the
+// sandbox (-i with -t; with -t alone ^C must stay a signal here, to be forwarded),
+// resizes, signals and stdin; it returns the session's exit.
+func runSession(g *globals, sess *client.Session, stdin, tty bool) (*pb.Exit, error) {
 	raw := tty && stdin
-	restore := setupTerminal(g, raw, func(rows, cols uint16) {
-		_ = send(&pb.AttachRequest{Msg: &pb.AttachRequest_Resize{Resize: &pb.Resize{Rows: uint32(rows), Cols: uint32(cols)}}})
-	})
+	restore := setupTerminal(g, raw, sess.Resize)
 	defer restore()
-	stopSignals := forwardSignals(raw, func(sig int32) {
-		_ = send(&pb.AttachRequest{Msg: &pb.AttachRequest_Signal{Signal: sig}})
-	})
+	stopSignals := forwardSignals(raw, sess.Signal)
 	defer stopSignals()
 	if stdin {
-		go func() {
-			buf := make([]byte, 32<<10)
-			for {
-				n, err := g.stdin.Read(buf)
-				if n > 0 {
-					if send(&pb.AttachRequest{Msg: &pb.AttachRequest_Stdin{Stdin: append([]byte(nil), buf[:n]...)}}) != nil {
-						return
-					}
-				}
-				if err != nil {
-					_ = send(&pb.AttachRequest{Msg: &pb.AttachRequest_StdinClose{StdinClose: true}})
-					return
-				}
-			}
-		}()
+		sess.PumpStdin(g.stdin)
 	}
-	for {
-		msg, err := stream.Receive()
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				return nil, fmt.Errorf("attach to sandbox %s: the server ended the stream without an exit status", id)
-			}
-			return nil, err
-		}
-		switch m := msg.Msg.(type) {
-		case *pb.AttachResponse_Output:
-			out := g.stdout
-			if m.Output.GetStream() == 2 {
-				out = g.stderr
-			}
-			_, _ = out.Write(m.Output.GetData())
-		case *pb.AttachResponse_Exit:
-			return m.Exit, nil
-		}
-	}
+	return sess.Wait(g.stdout, g.stderr)
 }
 
 // setupTerminal puts a local terminal in raw mode for -t and reports its size; it returns a
@@ -394,67 +356,24 @@ func newExecCmd(g *globals) *cobra.Command {
 			}
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
-			stream := c.Sandboxes.Exec(ctx)
-			var sendMu sync.Mutex
-			send := func(m *pb.ExecRequest) error {
-				sendMu.Lock()
-				defer sendMu.Unlock()
-				return stream.Send(m)
-			}
 			rows, cols := uint32(24), uint32(80)
 			if f, ok := g.stdin.(*os.File); ok && tty && term.IsTerminal(int(f.Fd())) {
 				if w, h, err := term.GetSize(int(f.Fd())); err == nil {
 					rows, cols = uint32(h), uint32(w)
 				}
 			}
-			err = send(&pb.ExecRequest{Msg: &pb.ExecRequest_Start{Start: &pb.ExecStart{
+			sess, err := client.Exec(c.Sandboxes.Exec(ctx), &pb.ExecStart{
 				Sandbox: args[0], Argv: args[1:], Env: expandEnv(env), WorkingDir: workdir, User: user,
 				Tty: tty, Stdin: interactive, Rows: rows, Cols: cols,
-			}}})
-			if err != nil && !errors.Is(err, io.EOF) {
+			})
+			if err != nil {
 				return err
 			}
-			raw := tty && interactive // see attach
-			restore := setupTerminal(g, raw, func(r, c uint16) {
-				_ = send(&pb.ExecRequest{Msg: &pb.ExecRequest_Resize{Resize: &pb.Resize{Rows: uint32(r), Cols: uint32(c)}}})
-			})
-			defer restore()
-			stopSignals := forwardSignals(raw, func(sig int32) { _ = send(&pb.ExecRequest{Msg: &pb.ExecRequest_Signal{Signal: sig}}) })
-			defer stopSignals()
-			if interactive {
-				go func() {
-					buf := make([]byte, 32<<10)
-					for {
-						n, err := g.stdin.Read(buf)
-						if n > 0 && send(&pb.ExecRequest{Msg: &pb.ExecRequest_Stdin{Stdin: append([]byte(nil), buf[:n]...)}}) != nil {
-							return
-						}
-						if err != nil {
-							_ = send(&pb.ExecRequest{Msg: &pb.ExecRequest_StdinClose{StdinClose: true}})
-							return
-						}
-					}
-				}()
+			exit, err := runSession(g, sess, interactive, tty)
+			if err != nil {
+				return err
 			}
-			for {
-				msg, err := stream.Receive()
-				if err != nil {
-					if errors.Is(err, io.EOF) {
-						return errors.New("exec: the server ended the stream without an exit status")
-					}
-					return err
-				}
-				switch m := msg.Msg.(type) {
-				case *pb.ExecResponse_Output:
-					out := g.stdout
-					if m.Output.GetStream() == 2 {
-						out = g.stderr
-					}
-					_, _ = out.Write(m.Output.GetData())
-				case *pb.ExecResponse_Exit:
-					return exitFromStatus(g, m.Exit)
-				}
-			}
+			return exitFromStatus(g, exit)
 		},
 	}
 	cmd.Flags().SetInterspersed(false)

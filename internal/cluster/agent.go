@@ -14,9 +14,9 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/agentlink"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/ingress"
+	"github.com/fireworks-sandbox/fireworks/internal/nodeapi"
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
-	"github.com/fireworks-sandbox/fireworks/internal/server"
-	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/version"
 )
 
 // AgentConfig configures `fireworks agent`.
@@ -29,7 +29,7 @@ type AgentConfig struct {
 	// Advertise is how servers reach Listen (host:port); default Listen. It is also the
 	// node's data address: edges open tunnels to sandboxes there.
 	Advertise string
-	// IngressDomain is the ingress domain (default server.DefaultIngressDomain): requests
+	// IngressDomain is the ingress domain (default routes.DefaultDomain): requests
 	// on Listen whose Host names a sandbox port under it are the ingress's (Envoy).
 	IngressDomain string
 	Labels        map[string]string
@@ -70,14 +70,14 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 	// ingress.Serve, unlike a bare http.Server, also ends hijacked CONNECT tunnels and
 	// WebSockets at shutdown (after a grace period for in-flight requests).
 	revoked := &pki.Revoked{}
-	handler := server.NodeHandler(ag, server.NodeOptions{IngressDomain: cfg.IngressDomain, RevokedEdges: revoked}, log)
+	handler := nodeapi.Handler(ag, nodeapi.Options{IngressDomain: cfg.IngressDomain, RevokedEdges: revoked}, log)
 	var wg sync.WaitGroup
 	ctx, cancel := context.WithCancel(ctx)
 	defer func() { cancel(); wg.Wait() }()
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		if err := ingress.Serve(ctx, ln, handler, server.NodeTLS(id.CA, id.Cert), log); err != nil {
+		if err := ingress.Serve(ctx, ln, handler, nodeapi.TLS(id.CA, id.Cert), log); err != nil {
 			log.Error("node API stopped", "err", err)
 			cancel()
 		}
@@ -85,34 +85,49 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 
 	info := ag.Info()
 	log.Info("fireworks agent ready", "node", id.Node, "api", ln.Addr().String(), "accel", info.Accel, "servers", cfg.Servers)
-	return link.Run(ctx, agentlink.Node{
+	return link.Run(ctx, nodeOf(ag, id.Node, nodeSetup{Address: cfg.Advertise, Labels: cfg.Labels, DiskMiB: cfg.DiskMiB,
+		DataDir: cfg.Agent.DataDir, RevokedEdges: revoked}))
+}
+
+// nodeSetup is what a node tells the control plane about itself besides what its agent
+// knows.
+type nodeSetup struct {
+	// Address is the node's address for servers and edges (host:port).
+	Address string
+	Labels  map[string]string
+	// DiskMiB is the scratch space offered (0: the data dir's free space at registration).
+	DiskMiB int
+	DataDir string
+	// RevokedEdges, if set, takes the revoked edge certificates the heartbeats carry.
+	RevokedEdges *pki.Revoked
+}
+
+// nodeOf is the node side of the node protocol for ag, the same in a cluster's agent
+// process and in dev's.
+func nodeOf(ag *agent.Agent, node string, ns nodeSetup) agentlink.Node {
+	n := agentlink.Node{
 		Info: func() *pb.Node {
 			i := ag.Info()
-			disk := int64(cfg.DiskMiB)
+			disk := int64(ns.DiskMiB)
 			if disk == 0 {
-				disk = freeMiB(cfg.Agent.DataDir)
+				disk = freeMiB(ns.DataDir)
 			}
 			return &pb.Node{
-				DiskMib: disk, Address: cfg.Advertise, Labels: cfg.Labels, Vcpus: int32(i.MaxVCPUs), MemoryMib: int64(i.MaxMemoryMiB),
-				Accel: i.Accel, Kernel: i.KernelRelease, Version: server.Version,
+				DiskMib: disk, Address: ns.Address, Labels: ns.Labels, Vcpus: int32(i.MaxVCPUs), MemoryMib: int64(i.MaxMemoryMiB),
+				Accel: i.Accel, Kernel: i.KernelRelease, Version: version.Version,
 			}
 		},
-		Images:  func() []string { return ag.ImageDigests(ctx) },
-		Running: ag.Running,
-		Reconcile: func(ctx context.Context, assigned []state.Sandbox) {
-			ag.Reconcile(ctx, assigned)
-		},
-		Warm:            ag.Warm,
-		SetPools:        ag.SetPools,
-		SetRevokedEdges: revoked.Set,
-		Pools: func() []*pb.PoolNodeStatus {
-			var out []*pb.PoolNodeStatus
-			for _, p := range ag.Pools() {
-				out = append(out, server.PoolStatusToPB(id.Node, p))
-			}
-			return out
-		},
-	})
+		Images:    func() []string { return ag.ImageDigests(context.Background()) },
+		Running:   ag.Running,
+		Reconcile: ag.Reconcile,
+		Warm:      ag.Warm,
+		SetPools:  ag.SetPools,
+		Pools:     func() []*pb.PoolNodeStatus { return nodeapi.PoolStatuses(ag) },
+	}
+	if ns.RevokedEdges != nil {
+		n.SetRevokedEdges = ns.RevokedEdges.Set
+	}
+	return n
 }
 
 // freeMiB is the space available to unprivileged writers on dir's filesystem.

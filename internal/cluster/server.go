@@ -25,6 +25,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/auth"
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/rpc"
 	"github.com/fireworks-sandbox/fireworks/internal/server"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 	"github.com/fireworks-sandbox/fireworks/internal/xds"
@@ -151,7 +152,7 @@ type ServerConfig struct {
 	ControlPlane func(store *state.Store, log *slog.Logger) ControlPlane
 	// HeartbeatInterval is how often agents beat (a third of the control plane's TTL).
 	HeartbeatInterval time.Duration
-	// IngressDomain is the ingress domain (default server.DefaultIngressDomain).
+	// IngressDomain is the ingress domain (default routes.DefaultDomain).
 	IngressDomain string
 	// XDSListen, when set, serves the route table over xDS there (gRPC, mutual TLS: only
 	// ingress and server certificates from the cluster CA).
@@ -277,7 +278,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 		}
 		return configured[id]
 	}
-	srv := server.New(store, nil, log)
+	srv := server.New(store, log)
 	srv.SetLimits(cfg.Limits)
 	opts := server.ClusterOptions{
 		CA: ca,
@@ -337,7 +338,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	handler := server.BoundBody(forwardToLeader(store, srv.Handler(), srv.PreAuthenticate, *self, apiOf, cfg.MaxStale, ca, cert, log))
+	handler := rpc.BoundBody(forwardToLeader(store, srv.Handler(), srv.PreAuthenticate, *self, apiOf, cfg.MaxStale, ca, cert, log))
 	// IdleTimeout: a connection that sends nothing for a while is closed (streams keep
 	// theirs alive); ReadHeaderTimeout bounds a request's start.
 	hs := &http.Server{Handler: handler, TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Minute}
@@ -461,7 +462,7 @@ const DefaultMaxStale = 30 * time.Second
 // During an election there is no leader to forward to: the call waits for one (up to
 // leaderWait). A unary call whose forward fails before it reached the leader (the old
 // leader is dead, the dial fails) is tried again with the next leader; its body is small
-// (server.BoundBody) and kept for that. Streaming calls are forwarded once. A request is
+// (rpc.BoundBody) and kept for that. Streaming calls are forwarded once. A request is
 // forwarded at most once (forwardedHeader) and never to this server's own address.
 func forwardToLeader(store *state.Store, local http.Handler, preauth func(http.ResponseWriter, *http.Request) server.PreAuth, self Peer, apiOf func(id string) string, maxStale time.Duration, ca *pki.CA, cert tls.Certificate, log *slog.Logger) http.Handler {
 	nodePrefix := "/" + fireworksv1connect.NodeServiceName + "/"
@@ -534,14 +535,14 @@ func forwardToLeader(store *state.Store, local http.Handler, preauth func(http.R
 		}
 		// A body is buffered (to retry with the next leader) only for a token this server
 		// knows; anything else is streamed through once.
-		unary := !server.IsStream(r) && pa == server.PreAuthKnown
+		unary := !rpc.IsStream(r) && pa == server.PreAuthKnown
 		var body []byte
 		if unary {
-			b, err := io.ReadAll(r.Body) // bounded by server.BoundBody
+			b, err := io.ReadAll(r.Body) // bounded by rpc.BoundBody
 			if err != nil {
 				var tooBig *http.MaxBytesError
 				if errors.As(err, &tooBig) {
-					http.Error(w, fmt.Sprintf("request larger than %d bytes", server.MaxRequestBytes), http.StatusRequestEntityTooLarge)
+					http.Error(w, fmt.Sprintf("request larger than %d bytes", rpc.MaxRequestBytes), http.StatusRequestEntityTooLarge)
 					return
 				}
 				http.Error(w, "read request: "+err.Error(), http.StatusBadRequest)

@@ -18,7 +18,7 @@ import (
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/auth"
-	"github.com/fireworks-sandbox/fireworks/internal/cli"
+	"github.com/fireworks-sandbox/fireworks/internal/client"
 	"github.com/fireworks-sandbox/fireworks/internal/cluster"
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
@@ -83,8 +83,8 @@ func TestThreeServersOnOneHost(t *testing.T) {
 			}
 		}()
 	}
-	client := func(i int) *cli.Client {
-		c, err := cli.NewClient(cli.ClientConfig{Server: "https://" + apis[i], Token: token, CA: filepath.Join(caDir, "ca.pem"), RequestTimeout: 30 * time.Second})
+	client := func(i int) *client.Client {
+		c, err := client.New(client.Config{Server: "https://" + apis[i], Token: token, CA: filepath.Join(caDir, "ca.pem"), RequestTimeout: 30 * time.Second})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -11,6 +11,12 @@ import (
 	"strings"
 )
 
+// DefaultDomain is the ingress domain servers, agents and edges use unless told
+// otherwise. Names under .localhost resolve to the loopback address in browsers and curl,
+// so `fireworks dev --ingress-listen :8080` is reachable as
+// http://8080-<sandbox>.fireworks.localhost:8080 without any DNS set-up.
+const DefaultDomain = "fireworks.localhost"
+
 // TokenHeader carries a sandbox's access token on requests to its private ports.
 const TokenHeader = "Fireworks-Access-Token"
 

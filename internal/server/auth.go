@@ -2,11 +2,9 @@ package server
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
-	"strconv"
 	"strings"
 	"time"
 
@@ -14,6 +12,7 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/auth"
+	"github.com/fireworks-sandbox/fireworks/internal/rpc"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
 
@@ -28,12 +27,12 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 		}
 		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if !ok {
-			unauthenticated(w, r, "missing API token (send Authorization: Bearer <token>; `fireworks dev` writes it to the CLI config)")
+			rpc.Unauthenticated(w, r, "missing API token (send Authorization: Bearer <token>; `fireworks dev` writes it to the CLI config)")
 			return
 		}
 		id, err := s.verifyToken(r.Context(), strings.TrimSpace(got))
 		if err != nil {
-			unauthenticated(w, r, err.Error())
+			rpc.Unauthenticated(w, r, err.Error())
 			return
 		}
 		if id.Role == state.RoleIngress && !strings.HasPrefix(r.URL.Path, ingressServicePrefix) {
@@ -75,19 +74,19 @@ func (s *Server) PreAuthenticate(w http.ResponseWriter, r *http.Request) PreAuth
 	}
 	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok {
-		unauthenticated(w, r, "missing API token (send Authorization: Bearer <token>)")
+		rpc.Unauthenticated(w, r, "missing API token (send Authorization: Bearer <token>)")
 		return PreAuthRefused
 	}
 	id, _, err := auth.Parse(strings.TrimSpace(got))
 	if err != nil {
-		unauthenticated(w, r, "invalid API token: "+err.Error())
+		rpc.Unauthenticated(w, r, "invalid API token: "+err.Error())
 		return PreAuthRefused
 	}
 	if _, err := s.store.LocalToken(id); err != nil {
 		return PreAuthUnknown
 	}
 	if _, err := s.verifyToken(r.Context(), strings.TrimSpace(got)); err != nil {
-		unauthenticated(w, r, err.Error())
+		rpc.Unauthenticated(w, r, err.Error())
 		return PreAuthRefused
 	}
 	return PreAuthKnown
@@ -132,29 +131,6 @@ func requireAdmin(ctx context.Context, what string) (auth.Identity, error) {
 			fmt.Errorf("%s needs an admin token; token %s has role %s", what, id.TokenID, id.Role))
 	}
 	return id, nil
-}
-
-// unauthenticated answers in the caller's protocol so gRPC and Connect clients both see a
-// proper "unauthenticated" code rather than a transport error.
-func unauthenticated(w http.ResponseWriter, r *http.Request, msg string) {
-	refuse(w, r, connect.CodeUnauthenticated, http.StatusUnauthorized, msg)
-}
-
-// refuse answers a call with an error code without calling the handler behind, in the
-// caller's protocol (gRPC status trailers-only, or Connect's JSON error).
-func refuse(w http.ResponseWriter, r *http.Request, code connect.Code, httpStatus int, msg string) {
-	ct := r.Header.Get("Content-Type")
-	if strings.HasPrefix(ct, "application/grpc") {
-		w.Header().Set("Content-Type", ct)
-		w.Header().Set("Grpc-Status", strconv.Itoa(int(code)))
-		w.Header().Set("Grpc-Message", msg)
-		w.WriteHeader(http.StatusOK)
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(httpStatus)
-	body, _ := json.Marshal(map[string]string{"code": code.String(), "message": msg})
-	_, _ = w.Write(body)
 }
 
 // StaleHeader asks a server to answer a read from its own copy of the state (which may

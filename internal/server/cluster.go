@@ -13,12 +13,14 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/rpc"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
 
@@ -66,11 +68,11 @@ func (s *Server) authenticateAgent(w http.ResponseWriter, r *http.Request, next 
 	}
 	role, node, err := pki.PeerIdentity(r.TLS)
 	if err != nil || role != pki.RoleAgent {
-		unauthenticated(w, r, "the node protocol needs an agent certificate from the cluster CA (join with a join token first)")
+		rpc.Unauthenticated(w, r, "the node protocol needs an agent certificate from the cluster CA (join with a join token first)")
 		return
 	}
 	if s.store.CertRevoked(r.TLS.PeerCertificates[0].SerialNumber.Text(16), node) {
-		unauthenticated(w, r, fmt.Sprintf("node %s was removed from the cluster: its certificate is refused (join again with a new join token)", node))
+		rpc.Unauthenticated(w, r, fmt.Sprintf("node %s was removed from the cluster: its certificate is refused (join again with a new join token)", node))
 		return
 	}
 	next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), agentKey{}, node)))
@@ -202,7 +204,7 @@ func (h *nodeService) Heartbeat(ctx context.Context, req *connect.Request[pb.Hea
 		}
 	}
 	h.s.pools.set(node, req.Msg.GetPools())
-	return connect.NewResponse(&pb.HeartbeatResponse{Pools: h.s.heartbeatPools(), RevokedEdgeCerts: h.s.store.RevokedEdgeCerts(time.Now())}), nil
+	return connect.NewResponse(&pb.HeartbeatResponse{RevokedEdgeCerts: h.s.store.RevokedEdgeCerts(time.Now())}), nil
 }
 
 // capList bounds a node's locality list (image digests, warm keys) in the state, sorted
@@ -224,20 +226,21 @@ func capList(l []string) []string {
 	return out
 }
 
-// WatchAssignments streams the node's sandboxes whenever they change. It reads this
-// server's copy of the state: the stream lives on the leader, and each change wakes it.
+// WatchAssignments streams the node's sandboxes and the warm-pool configuration whenever
+// they change. It reads this server's copy of the state: the stream lives on the leader,
+// and each change wakes it, so a change reaches the node at once.
 func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request[pb.WatchAssignmentsRequest], stream *connect.ServerStream[pb.Assignments]) error {
 	if err := h.leaderOnly(); err != nil {
 		return err
 	}
 	node, _ := agentFrom(ctx)
-	var last [][]byte
+	var last *pb.Assignments
 	for {
 		changed := h.s.store.Changed()
 		if !h.s.store.IsLeader() {
 			return h.leaderOnly()
 		}
-		var cur [][]byte
+		cur := &pb.Assignments{SandboxesJson: [][]byte{}}
 		for _, sb := range h.s.store.LocalSandboxes() {
 			if sb.Node != node {
 				continue
@@ -246,16 +249,16 @@ func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request
 			if err != nil {
 				return connect.NewError(connect.CodeInternal, err)
 			}
-			cur = append(cur, b)
+			cur.SandboxesJson = append(cur.SandboxesJson, b)
 		}
-		if last == nil || !slices.EqualFunc(cur, last, func(a, b []byte) bool { return string(a) == string(b) }) {
-			if err := stream.Send(&pb.Assignments{SandboxesJson: cur}); err != nil {
+		for _, p := range h.s.store.LocalPools() {
+			cur.Pools = append(cur.Pools, poolToPB(p))
+		}
+		if last == nil || !proto.Equal(cur, last) {
+			if err := stream.Send(cur); err != nil {
 				return err
 			}
 			last = cur
-			if last == nil {
-				last = [][]byte{}
-			}
 		}
 		select {
 		case <-changed:

@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"connectrpc.com/connect"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/image"
+	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/version"
 )
 
 type imageService struct{ s *Server }
@@ -29,45 +32,46 @@ func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.Pu
 		// As for a sandbox: plain-HTTP registries make the node connect wherever told.
 		return connect.NewError(connect.CodePermissionDenied, errors.New("--insecure-registry needs an admin token"))
 	}
-	if h.s.agent == nil {
-		return errNoLocalNode
-	}
-	opts := h.s.agent.PullOptions(req.Msg.GetInsecureRegistries(), who.Admin(), who.TokenID)
-	opts.Progress = func(p image.Progress) {
-		// Progress is best effort: a slow client must not fail the pull.
-		_ = stream.Send(&pb.PullImageResponse{Msg: &pb.PullImageResponse_Progress{Progress: &pb.PullProgress{
-			Layer: p.Layer, Complete: p.Complete, Total: p.Total}}})
-	}
-	img, err := h.s.agent.Images().Pull(ctx, req.Msg.GetRef(), opts)
-	if errors.Is(err, image.ErrOwnerBudget) {
-		return connect.NewError(connect.CodeResourceExhausted, err)
-	}
+	nodes, err := h.s.targetNodes(req.Msg.GetNode())
 	if err != nil {
-		return connect.NewError(connect.CodeInvalidArgument, err) // it names the reference
+		return err
 	}
-	if !who.Admin() {
-		if err := h.s.agent.FitImages(ctx, who.TokenID, img.Digest); err != nil {
-			return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("pull %s: %w", req.Msg.GetRef(), err))
+	// Each node pulls for itself (one after another: a pull's progress is one node's).
+	fwd := &pb.PullImageRequest{Ref: req.Msg.GetRef(), InsecureRegistries: req.Msg.GetInsecureRegistries()}
+	return h.s.onNodes(ctx, nodes, "pull "+req.Msg.GetRef(), func(n *nodeConn) error {
+		rs, err := n.images.PullImage(ctx, connect.NewRequest(fwd))
+		if err != nil {
+			return err
 		}
-	}
-	return stream.Send(&pb.PullImageResponse{Msg: &pb.PullImageResponse_Image{Image: imageToPB(*img)}})
+		defer rs.Close()
+		for rs.Receive() {
+			if err := stream.Send(rs.Msg()); err != nil {
+				return connect.NewError(connect.CodeCanceled, err)
+			}
+		}
+		return rs.Err()
+	})
 }
 
-func (h *imageService) ListImages(ctx context.Context, _ *connect.Request[pb.ListImagesRequest]) (*connect.Response[pb.ListImagesResponse], error) {
+func (h *imageService) ListImages(ctx context.Context, req *connect.Request[pb.ListImagesRequest]) (*connect.Response[pb.ListImagesResponse], error) {
 	// A node's images are every tenant's: which ones it holds is the operator's to see.
 	if _, err := requireAdmin(ctx, "listing images"); err != nil {
 		return nil, err
 	}
-	if h.s.agent == nil {
-		return nil, errNoLocalNode
-	}
-	imgs, err := h.s.agent.Images().List(ctx)
+	nodes, err := h.s.targetNodes(req.Msg.GetNode())
 	if err != nil {
-		return nil, toConnectError(err)
+		return nil, err
 	}
 	resp := &pb.ListImagesResponse{}
-	for _, img := range imgs {
-		resp.Images = append(resp.Images, imageToPB(img))
+	err = h.s.onNodes(ctx, nodes, "list images", func(n *nodeConn) error {
+		got, err := n.images.ListImages(ctx, connect.NewRequest(&pb.ListImagesRequest{}))
+		if err == nil {
+			resp.Images = append(resp.Images, got.Msg.GetImages()...)
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 	return connect.NewResponse(resp), nil
 }
@@ -77,18 +81,32 @@ func (h *imageService) RemoveImage(ctx context.Context, req *connect.Request[pb.
 	if _, err := requireAdmin(ctx, "removing an image"); err != nil {
 		return nil, err
 	}
-	if h.s.agent == nil {
-		return nil, errNoLocalNode
+	nodes, err := h.s.targetNodes(req.Msg.GetNode())
+	if err != nil {
+		return nil, err
 	}
-	if err := h.s.agent.RemoveImage(ctx, req.Msg.GetRef()); err != nil {
-		return nil, toConnectError(fmt.Errorf("remove image %s: %w", req.Msg.GetRef(), err))
+	// Removed from every node that holds it; "not found" only if none did.
+	removed := 0
+	var notFound error
+	err = h.s.onNodes(ctx, nodes, "remove image "+req.Msg.GetRef(), func(n *nodeConn) error {
+		_, err := n.images.RemoveImage(ctx, connect.NewRequest(&pb.RemoveImageRequest{Ref: req.Msg.GetRef()}))
+		switch {
+		case err == nil:
+			removed++
+		case connect.CodeOf(err) == connect.CodeNotFound:
+			notFound = err
+		default:
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if removed == 0 && notFound != nil {
+		return nil, notFound
 	}
 	return connect.NewResponse(&pb.RemoveImageResponse{}), nil
-}
-
-func imageToPB(img image.Image) *pb.Image {
-	return &pb.Image{Ref: img.Ref, Digest: img.Digest, Size: img.Size, Created: ts(img.Created),
-		Entrypoint: img.Config.Entrypoint, Cmd: img.Config.Cmd}
 }
 
 type systemService struct{ s *Server }
@@ -98,7 +116,7 @@ func (h *systemService) Info(ctx context.Context, _ *connect.Request[pb.InfoRequ
 	if err != nil {
 		return nil, err
 	}
-	resp, err := h.info()
+	resp, err := h.info(ctx)
 	if err == nil && !who.Admin() {
 		// What a tenant needs (versions, the accelerator, the largest sandbox shape), not
 		// the node's size, its load or where it keeps its data.
@@ -108,29 +126,39 @@ func (h *systemService) Info(ctx context.Context, _ *connect.Request[pb.InfoRequ
 	return resp, err
 }
 
-func (h *systemService) info() (*connect.Response[pb.InfoResponse], error) {
-	if h.s.agent == nil {
-		id, _ := h.s.store.Leader()
-		nodes := h.s.store.LocalNodes()
-		resp := &pb.InfoResponse{Version: Version, Node: fmt.Sprintf("cluster (leader %s, %d nodes)", id, len(nodes))}
-		for _, n := range nodes {
-			resp.NodeVcpus += int32(n.Capacity.VCPUs)
-			resp.NodeMemoryMib += int64(n.Capacity.MemoryMiB)
-			resp.MaxVcpus = max(resp.MaxVcpus, int32(n.Capacity.VCPUs))
-			resp.MaxMemoryMib = max(resp.MaxMemoryMib, int32(n.Capacity.MemoryMiB))
-			if resp.Accel == "" {
-				resp.Accel, resp.KernelRelease = n.Accel, n.Kernel
+// info is the cluster's: its version and nodes, and, with one node (`fireworks dev`),
+// that node's own description (its accelerator and why, its guest kernel, init and QEMU
+// versions, its data dir), which the node gives.
+func (h *systemService) info(ctx context.Context) (*connect.Response[pb.InfoResponse], error) {
+	id, _ := h.s.store.Leader()
+	var ready []state.Node
+	for _, n := range h.s.store.LocalNodes() {
+		if n.Status == state.NodeReady {
+			ready = append(ready, n)
+		}
+	}
+	if len(ready) == 1 {
+		if c, err := h.s.node(ctx, ready[0].ID); err == nil {
+			nctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+			resp, err := c.system.Info(nctx, connect.NewRequest(&pb.InfoRequest{}))
+			cancel()
+			if err == nil {
+				resp.Msg.Version = version.Version
+				return resp, nil
 			}
 		}
-		return connect.NewResponse(resp), nil
 	}
-	i := h.s.agent.Info()
-	return connect.NewResponse(&pb.InfoResponse{
-		Version: Version, Node: i.Node, Accel: i.Accel, AccelReason: i.AccelReason,
-		KernelRelease: i.KernelRelease, InitVersion: i.InitVersion, QemuVersion: i.QEMUVersion,
-		NodeVcpus: int32(i.NodeVCPUs), NodeMemoryMib: i.NodeMemoryMiB, MaxVcpus: int32(i.MaxVCPUs),
-		MaxMemoryMib: int32(i.MaxMemoryMiB), SandboxesRunning: int32(i.Running), DataDir: i.DataDir,
-	}), nil
+	resp := &pb.InfoResponse{Version: version.Version, Node: fmt.Sprintf("cluster (leader %s, %d nodes ready)", id, len(ready))}
+	for _, n := range ready {
+		resp.NodeVcpus += int32(n.Capacity.VCPUs)
+		resp.NodeMemoryMib += int64(n.Capacity.MemoryMiB)
+		resp.MaxVcpus = max(resp.MaxVcpus, int32(n.Capacity.VCPUs))
+		resp.MaxMemoryMib = max(resp.MaxMemoryMib, int32(n.Capacity.MemoryMiB))
+		if resp.Accel == "" {
+			resp.Accel, resp.KernelRelease = n.Accel, n.Kernel
+		}
+	}
+	return connect.NewResponse(resp), nil
 }
 
 // checkImageSource keeps local image sources to admins: oci:DIR and docker-archive:FILE are
@@ -142,8 +170,3 @@ func checkImageSource(ctx context.Context, ref string) error {
 	_, err := requireAdmin(ctx, "a local image source ("+image.OCIPrefix+" or "+image.DockerArchivePrefix+", read from the server's filesystem)")
 	return err
 }
-
-// errNoLocalNode answers image calls on a cluster server: images live on the nodes, which
-// pull them when a sandbox starts there.
-var errNoLocalNode = connect.NewError(connect.CodeFailedPrecondition,
-	errors.New("this server runs no sandboxes: images are pulled by each node when a sandbox starts there (see `fireworks node ls` for what nodes hold)"))

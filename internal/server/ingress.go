@@ -7,7 +7,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/http"
 	"slices"
@@ -22,22 +21,15 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	"github.com/fireworks-sandbox/fireworks/internal/agent"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/auth"
-	"github.com/fireworks-sandbox/fireworks/internal/ingress"
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/rpc"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 	"github.com/fireworks-sandbox/fireworks/internal/xds"
 )
-
-// DefaultIngressDomain is the ingress domain servers, agents and edges use unless told
-// otherwise. Names under .localhost resolve to the loopback address in browsers and curl,
-// so `fireworks dev --ingress-listen :8080` is reachable as
-// http://8080-<sandbox>.fireworks.localhost:8080 without any DNS set-up.
-const DefaultIngressDomain = "fireworks.localhost"
 
 // Ingress certificate lifetimes: short by default, so that revoking the token that got
 // one ends the edge's access soon (there is no revocation list); longer on request for
@@ -49,17 +41,14 @@ const (
 
 // IngressOptions configure the route feed.
 type IngressOptions struct {
-	// Domain is the ingress domain (default DefaultIngressDomain).
+	// Domain is the ingress domain (default routes.DefaultDomain).
 	Domain string
-	// LocalDataAddr is the data address of this process's own node (`fireworks dev`
-	// serving a node data listener for Envoy); "" when there is none.
-	LocalDataAddr string
 }
 
 // SetIngress configures the route feed. Call before serving.
 func (s *Server) SetIngress(o IngressOptions) {
 	if o.Domain == "" {
-		o.Domain = DefaultIngressDomain
+		o.Domain = routes.DefaultDomain
 	}
 	s.ingress = o
 }
@@ -67,7 +56,7 @@ func (s *Server) SetIngress(o IngressOptions) {
 // IngressDomain is the configured ingress domain.
 func (s *Server) IngressDomain() string {
 	if s.ingress.Domain == "" {
-		return DefaultIngressDomain
+		return routes.DefaultDomain
 	}
 	return s.ingress.Domain
 }
@@ -88,7 +77,7 @@ type routeFeed struct {
 // depend on that (see cli's ingress, which orders tables by stream), xDS clients compare
 // versions only for equality.
 func (s *Server) RouteTable() routes.Table {
-	rs := buildRoutes(s.store.LocalSandboxes(), s.store.LocalNodes(), s.localNode(), s.ingress.LocalDataAddr)
+	rs := buildRoutes(s.store.LocalSandboxes(), s.store.LocalNodes())
 	f := &s.routes
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -99,19 +88,10 @@ func (s *Server) RouteTable() routes.Table {
 	return f.table
 }
 
-func (s *Server) localNode() string {
-	if s.agent == nil {
-		return ""
-	}
-	return s.agent.NodeName()
-}
-
 // buildRoutes derives the routes of every sandbox that publishes ports and still exists.
 // A sandbox that is not running (yet, or any more) or whose node is down keeps its routes
 // with Running false, so an edge answers 502 at once; a removed one has none (404).
-// localNode/localAddr describe this process's own node in `fireworks dev`, which has no
-// node record.
-func buildRoutes(sbs []state.Sandbox, nodes []state.Node, localNode, localAddr string) []routes.Route {
+func buildRoutes(sbs []state.Sandbox, nodes []state.Node) []routes.Route {
 	byID := make(map[string]state.Node, len(nodes))
 	for _, n := range nodes {
 		byID[n.ID] = n
@@ -125,8 +105,6 @@ func buildRoutes(sbs []state.Sandbox, nodes []state.Node, localNode, localAddr s
 		up := false
 		if n, ok := byID[sb.Node]; ok {
 			addr, up = n.Address, n.Status == state.NodeReady
-		} else if localNode != "" && (sb.Node == "" || sb.Node == localNode) {
-			addr, up = localAddr, true
 		}
 		for _, p := range sb.Spec.Ports {
 			r := routes.Route{Sandbox: sb.ID, Port: p.Port, Public: p.Public, Node: sb.Node, NodeAddr: addr,
@@ -281,84 +259,6 @@ func parseCertPEM(b []byte) (*x509.Certificate, error) {
 		return nil, fmt.Errorf("parse issued certificate: %w", err)
 	}
 	return c, nil
-}
-
-// --- the node side: a node's data address ---
-
-// NodeOptions configure a node's internal listener (NodeHandler).
-type NodeOptions struct {
-	// IngressDomain is the ingress domain (default DefaultIngressDomain): requests whose
-	// Host names a sandbox port under it go to the ingress node handler.
-	IngressDomain string
-	// RevokedEdges are the edge certificates the data path refuses (revoked with their
-	// token), as the servers' heartbeat answers list them; nil refuses none.
-	RevokedEdges *pki.Revoked
-}
-
-// publishedDialer connects to a sandbox on this node, and only to a port the sandbox
-// publishes: the data address is for the ingress, not a way to any guest port.
-type publishedDialer struct{ ag *agent.Agent }
-
-func (d publishedDialer) DialSandbox(ctx context.Context, r routes.Route) (net.Conn, error) {
-	spec, ok := d.ag.Spec(r.Sandbox)
-	if !ok {
-		return nil, fmt.Errorf("sandbox %s is not running on this node", r.Sandbox)
-	}
-	if !slices.ContainsFunc(spec.Ports, func(p state.Port) bool { return p.Port == r.Port }) {
-		return nil, fmt.Errorf("sandbox %s does not publish port %d", r.Sandbox, r.Port)
-	}
-	return d.ag.DialSandbox(ctx, r.Sandbox, r.Port)
-}
-
-// LocalIngressDialer is the dialer of an edge that runs in the same process as the node
-// (`fireworks dev --ingress-listen`): it calls the local agent directly, with no node hop
-// and no TLS. It reaches published ports only.
-func (s *Server) LocalIngressDialer() ingress.Dialer {
-	return publishedDialer{ag: s.agent}
-}
-
-// LocalNodeDataHandler is the node side of the data path for this process's own node,
-// without peer authentication: `fireworks dev` serves it on a loopback address for an
-// Envoy fed over xDS.
-func (s *Server) LocalNodeDataHandler() http.Handler {
-	return ingress.NewNodeHandler(s.IngressDomain(), publishedDialer{ag: s.agent}, s.log)
-}
-
-// nodeIngressHandler is the ingress part of NodeHandler: edges (servers and ingress
-// certificates) may open tunnels and send Host-routed requests.
-func nodeIngressHandler(ag *agent.Agent, domain string, revoked *pki.Revoked, log *slog.Logger) http.Handler {
-	h := ingress.NewNodeHandler(domain, publishedDialer{ag: ag}, log)
-	h.Authorize = func(r *http.Request) error {
-		role, name, err := pki.PeerIdentity(r.TLS)
-		if err != nil {
-			return err
-		}
-		if role != pki.RoleIngress && role != pki.RoleServer {
-			return fmt.Errorf("a node's data path serves edges (ingress or server certificates), not %s", role)
-		}
-		if role == pki.RoleIngress && revoked != nil {
-			if !revoked.Known() {
-				// Started, not yet told which edge certificates are revoked: admitting
-				// every edge meanwhile would readmit revoked ones after each restart.
-				return fmt.Errorf("this node has not heard from the servers yet which edge certificates are revoked; try again shortly")
-			}
-			if revoked.Has(pki.PeerSerial(r.TLS)) {
-				return fmt.Errorf("edge certificate %q was revoked with its token", name)
-			}
-		}
-		return nil
-	}
-	return h
-}
-
-// isIngressRequest tells the ingress node side's requests (CONNECT tunnels, Host-routed
-// requests for a sandbox port) from internal API calls on a node's listener.
-func isIngressRequest(r *http.Request, domain string) bool {
-	if r.Method == http.MethodConnect {
-		return true
-	}
-	_, _, ok := routes.ParseHost(r.Host, domain)
-	return ok
 }
 
 // --- xDS ---
@@ -524,5 +424,5 @@ func (s *Server) ServeXDS(ctx context.Context, ln net.Listener, tlsCfg *tls.Conf
 
 // edgeOnly answers a call an ingress token may not make, in the caller's protocol.
 func edgeOnly(w http.ResponseWriter, r *http.Request) {
-	refuse(w, r, connect.CodePermissionDenied, http.StatusForbidden, "an ingress token may only watch routes and get an ingress certificate")
+	rpc.Refuse(w, r, connect.CodePermissionDenied, http.StatusForbidden, "an ingress token may only watch routes and get an ingress certificate")
 }

@@ -21,7 +21,7 @@ func TestBuildRoutes(t *testing.T) {
 		{ID: "n1", Address: "10.0.0.1:7768", Status: state.NodeReady},
 		{ID: "n2", Address: "10.0.0.2:7768", Status: state.NodeDown},
 	}
-	got := buildRoutes(sbs, nodes, "", "")
+	got := buildRoutes(sbs, nodes)
 	want := []routes.Route{
 		{Sandbox: "aaaaaaaaaaaaaaaa", Port: 22, Token: "tok-a", Node: "n1", NodeAddr: "10.0.0.1:7768", Running: true},
 		{Sandbox: "aaaaaaaaaaaaaaaa", Port: 8080, Public: true, Node: "n1", NodeAddr: "10.0.0.1:7768", Running: true},
@@ -36,12 +36,4 @@ func TestBuildRoutes(t *testing.T) {
 		t.Errorf("routes:\n got %+v\nwant %+v", got, want)
 	}
 
-	// `fireworks dev`: no node records; the sandboxes of this process's own node route to
-	// its local data address.
-	dev := []state.Sandbox{{ID: "ffffffffffffffff", Node: "host", Status: state.StatusRunning, AccessToken: "t", Spec: state.SandboxSpec{Ports: ports[:1]}}}
-	got = buildRoutes(dev, nil, "host", "127.0.0.1:1234")
-	want = []routes.Route{{Sandbox: "ffffffffffffffff", Port: 8080, Public: true, Node: "host", NodeAddr: "127.0.0.1:1234", Running: true}}
-	if !slices.Equal(got, want) {
-		t.Errorf("dev routes:\n got %+v\nwant %+v", got, want)
-	}
 }

@@ -14,6 +14,7 @@ import (
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/rpc"
 )
 
 // allocated runs f and reports the bytes the process allocated meanwhile.
@@ -28,7 +29,7 @@ func allocated(f func()) uint64 {
 
 // A gzip body that inflates to 256 MiB, sent to Join (which runs before any credential is
 // checked), is refused without the server inflating it into memory; so is a plain body
-// beyond MaxRequestBytes.
+// beyond rpc.MaxRequestBytes.
 func TestRequestBombRefused(t *testing.T) {
 	ca, err := pki.CreateCA(t.TempDir(), "test")
 	if err != nil {
@@ -66,9 +67,9 @@ func TestRequestBombRefused(t *testing.T) {
 	if used > 64<<20 {
 		t.Errorf("the server allocated %d MiB for a %d KiB request", used>>20, bomb.Len()>>10)
 	}
-	code, msg = post(bytes.Repeat([]byte{0x0a}, MaxRequestBytes+1), false)
+	code, msg = post(bytes.Repeat([]byte{0x0a}, rpc.MaxRequestBytes+1), false)
 	if code == http.StatusOK || !strings.Contains(msg, "resource_exhausted") {
-		t.Errorf("a body of %d bytes got HTTP %d %s", MaxRequestBytes+1, code, msg)
+		t.Errorf("a body of %d bytes got HTTP %d %s", rpc.MaxRequestBytes+1, code, msg)
 	}
 }
 

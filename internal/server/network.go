@@ -7,12 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"time"
 
 	"connectrpc.com/connect"
 
-	"github.com/fireworks-sandbox/fireworks/internal/agent"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/netpolicy"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
@@ -69,19 +66,13 @@ func newAccessToken() string {
 	return hex.EncodeToString(b[:])
 }
 
-func netStatusPB(st agent.NetStats) *pb.NetworkStatus {
-	return &pb.NetworkStatus{Address: st.Address, EgressAllowed: st.EgressAllowed, EgressDropped: st.EgressDropped,
-		IngressAllowed: st.IngressAllowed, IngressDropped: st.IngressDropped, SpoofedDropped: st.Spoofed,
-		Policy: st.Policy, Effective: st.Effective}
-}
-
 // netStatus asks the sandbox's node for its live network status.
 func (s *Server) netStatus(ctx context.Context, sb state.Sandbox) (*pb.NetworkStatus, error) {
 	c, err := s.nodeFor(ctx, sb)
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	resp, err := c.GetPolicy(ctx, connect.NewRequest(&pb.GetPolicyRequest{Sandbox: sb.ID}))
+	resp, err := c.sandboxes.GetPolicy(ctx, connect.NewRequest(&pb.GetPolicyRequest{Sandbox: sb.ID}))
 	if err != nil {
 		return nil, err
 	}
@@ -108,20 +99,10 @@ func (h *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.
 	if sb.Status.Terminal() {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s", sb.ID, sb.Status))
 	}
-	if sb.Status != state.StatusRunning {
-		// Still starting: its network is not there yet. Wait for the start to end, so
-		// that what the caller is told is in force, is.
-		wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-		sb, err = h.s.waitFor(wctx, sb.ID, func(sb state.Sandbox) bool {
-			return sb.Status != state.StatusPending && sb.Status != state.StatusStarting
-		})
-		cancel()
-		if err != nil {
-			return nil, toConnectError(err)
-		}
-		if sb.Status != state.StatusRunning {
-			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s", sb.ID, sb.Status))
-		}
+	// Still starting: its network is not there yet. Wait for the start to end, so that
+	// what the caller is told is in force, is.
+	if sb, err = h.s.waitRunning(ctx, sb); err != nil {
+		return nil, err
 	}
 	// One change at a time (the leader serves every SetPolicy), node first: the node
 	// checks the policy against what it protects and puts it in force, and only a policy
@@ -153,7 +134,7 @@ func (s *Server) applyPolicy(ctx context.Context, sb state.Sandbox, text string,
 	if err != nil {
 		return toConnectError(err)
 	}
-	_, err = c.SetPolicy(ctx, connect.NewRequest(&pb.SetPolicyRequest{Sandbox: sb.ID, Policy: text, Admin: admin}))
+	_, err = c.sandboxes.SetPolicy(ctx, connect.NewRequest(&pb.SetPolicyRequest{Sandbox: sb.ID, Policy: text, Admin: admin}))
 	return err
 }
 
@@ -173,12 +154,6 @@ func (h *sandboxService) GetPolicy(ctx context.Context, req *connect.Request[pb.
 		return nil, err
 	}
 	return connect.NewResponse(&pb.GetPolicyResponse{Network: st}), nil
-}
-
-// portForwardStream is the server side of a PortForward call.
-type portForwardStream interface {
-	Receive() (*pb.PortForwardRequest, error)
-	Send(*pb.PortForwardResponse) error
 }
 
 func (h *sandboxService) PortForward(ctx context.Context, stream *connect.BidiStream[pb.PortForwardRequest, pb.PortForwardResponse]) error {
@@ -203,92 +178,10 @@ func (h *sandboxService) PortForward(ctx context.Context, stream *connect.BidiSt
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	rs := c.PortForward(rctx)
+	rs := c.sandboxes.PortForward(rctx)
 	if err := rs.Send(&pb.PortForwardRequest{Sandbox: sb.ID, Port: port, Data: first.GetData(), CloseWrite: first.GetCloseWrite()}); err != nil && !errors.Is(err, io.EOF) {
 		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("port-forward on node %s: %w", sb.Node, err))
 	}
 	go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
 	return relayResponses(rs.Receive, stream.Send, "port-forward", sb.Node)
-}
-
-// portForwardLocal connects to a guest port of a sandbox on this node and copies both
-// ways until either side is done.
-func portForwardLocal(ctx context.Context, ag *agent.Agent, id string, port uint16, first *pb.PortForwardRequest, stream portForwardStream) error {
-	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	conn, err := ag.DialSandbox(dctx, id, port)
-	cancel()
-	if err != nil {
-		return connect.NewError(connect.CodeUnavailable, err)
-	}
-	defer conn.Close()
-	// Client → guest; the call's end (handler return) stops it by closing conn.
-	go func() {
-		m := first
-		for {
-			if len(m.GetData()) > 0 {
-				if _, err := conn.Write(m.GetData()); err != nil {
-					conn.Close()
-					return
-				}
-			}
-			if m.GetCloseWrite() {
-				if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-					_ = cw.CloseWrite()
-				}
-				return
-			}
-			var err error
-			if m, err = stream.Receive(); err != nil {
-				if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-					_ = cw.CloseWrite()
-				}
-				return
-			}
-		}
-	}()
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := conn.Read(buf)
-		if n > 0 {
-			if err := stream.Send(&pb.PortForwardResponse{Data: buf[:n]}); err != nil {
-				return err
-			}
-		}
-		if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
-			return nil
-		}
-		if err != nil {
-			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("port %d of sandbox %s: %w", port, id, err))
-		}
-	}
-}
-
-func (n *nodeSandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.SetPolicyRequest]) (*connect.Response[pb.SetPolicyResponse], error) {
-	if err := n.ag.SetPolicy(req.Msg.GetSandbox(), req.Msg.GetPolicy(), req.Msg.GetAdmin()); err != nil {
-		return nil, connect.NewError(connect.CodeInvalidArgument, err)
-	}
-	st, err := n.ag.NetStats(req.Msg.GetSandbox())
-	if err != nil {
-		return nil, toConnectError(err)
-	}
-	return connect.NewResponse(&pb.SetPolicyResponse{Network: netStatusPB(st)}), nil
-}
-
-func (n *nodeSandboxService) GetPolicy(ctx context.Context, req *connect.Request[pb.GetPolicyRequest]) (*connect.Response[pb.GetPolicyResponse], error) {
-	st, err := n.ag.NetStats(req.Msg.GetSandbox())
-	if err != nil {
-		return nil, toConnectError(err)
-	}
-	return connect.NewResponse(&pb.GetPolicyResponse{Network: netStatusPB(st)}), nil
-}
-
-func (n *nodeSandboxService) PortForward(ctx context.Context, stream *connect.BidiStream[pb.PortForwardRequest, pb.PortForwardResponse]) error {
-	first, err := stream.Receive()
-	if err != nil {
-		return toConnectError(fmt.Errorf("read port-forward request: %w", err))
-	}
-	if first.GetPort() == 0 || first.GetPort() > 65535 {
-		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("guest port %d: want 1..65535", first.GetPort()))
-	}
-	return portForwardLocal(ctx, n.ag, first.GetSandbox(), uint16(first.GetPort()), first, stream)
 }

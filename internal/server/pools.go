@@ -5,30 +5,23 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"reflect"
 	"slices"
+	"strings"
 	"sync"
+	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/fireworks-sandbox/fireworks/internal/agent"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
-
-// errNoTemplates answers template calls on a cluster server: templates are built and
-// kept by each node.
-var errNoTemplates = connect.NewError(connect.CodeFailedPrecondition,
-	errors.New("this server runs no sandboxes: each node builds its own templates when an image first starts there, or for a warm pool (`fireworks pool set`)"))
 
 func (h *imageService) WarmImage(ctx context.Context, req *connect.Request[pb.WarmImageRequest]) (*connect.Response[pb.WarmImageResponse], error) {
 	// Templates share one disk budget on the node (least recently used go first): only an
 	// admin builds one on purpose, so no tenant can push out the others'. (A user's runs
 	// still build the template of the image they run, as they need it.)
-	who, err := requireAdmin(ctx, "warming an image")
-	if err != nil {
+	if _, err := requireAdmin(ctx, "warming an image"); err != nil {
 		return nil, err
 	}
 	ref := req.Msg.GetRef()
@@ -38,43 +31,44 @@ func (h *imageService) WarmImage(ctx context.Context, req *connect.Request[pb.Wa
 	if err := checkImageSource(ctx, ref); err != nil {
 		return nil, err
 	}
-	if h.s.agent == nil {
-		return nil, errNoTemplates
-	}
-	t, err := h.s.agent.WarmImage(ctx, ref, h.s.agent.PullOptions(req.Msg.GetInsecureRegistries(), who.Admin(), who.TokenID))
+	nodes, err := h.s.targetNodes(req.Msg.GetNode())
 	if err != nil {
-		var ce *connect.Error
-		if errors.As(err, &ce) || ctx.Err() != nil {
-			return nil, toConnectError(err)
-		}
-		// Mostly a pull or boot problem with this image: the caller's to fix.
-		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("warm %s: %w", ref, err))
-	}
-	resp := &pb.WarmImageResponse{Template: templateToPB(t), Built: t.Built}
-	if t.Built {
-		resp.BuildTime = durationpb.New(t.BuildTime)
-	}
-	return connect.NewResponse(resp), nil
-}
-
-func (h *imageService) ListTemplates(ctx context.Context, _ *connect.Request[pb.ListTemplatesRequest]) (*connect.Response[pb.ListTemplatesResponse], error) {
-	if _, err := requireAdmin(ctx, "listing templates"); err != nil { // every tenant's images
-
 		return nil, err
 	}
-	if h.s.agent == nil {
-		return nil, errNoTemplates
+	if len(nodes) > 1 {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("a template is built on one node: name it with --node (ready: %s), or set a warm pool (`fireworks pool set %s`) to warm the image on every node", strings.Join(nodes, ", "), ref))
 	}
-	resp := &pb.ListTemplatesResponse{}
-	for _, t := range h.s.agent.Templates() {
-		resp.Templates = append(resp.Templates, templateToPB(t))
+	var resp *connect.Response[pb.WarmImageResponse]
+	err = h.s.onNodes(ctx, nodes, "warm "+ref, func(n *nodeConn) error {
+		resp, err = n.images.WarmImage(ctx, connect.NewRequest(&pb.WarmImageRequest{Ref: ref, InsecureRegistries: req.Msg.GetInsecureRegistries()}))
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
-	return connect.NewResponse(resp), nil
+	return resp, nil
 }
 
-func templateToPB(t agent.TemplateInfo) *pb.Template {
-	return &pb.Template{Key: t.Key, Image: t.Image, Digest: t.Digest, Vcpus: int32(t.VCPUs),
-		MemoryMib: int32(t.MemoryMiB), Size: t.SizeBytes, LastUsed: ts(t.LastUsed)}
+func (h *imageService) ListTemplates(ctx context.Context, req *connect.Request[pb.ListTemplatesRequest]) (*connect.Response[pb.ListTemplatesResponse], error) {
+	if _, err := requireAdmin(ctx, "listing templates"); err != nil { // every tenant's images
+		return nil, err
+	}
+	nodes, err := h.s.targetNodes(req.Msg.GetNode())
+	if err != nil {
+		return nil, err
+	}
+	resp := &pb.ListTemplatesResponse{}
+	err = h.s.onNodes(ctx, nodes, "list templates", func(n *nodeConn) error {
+		got, err := n.images.ListTemplates(ctx, connect.NewRequest(&pb.ListTemplatesRequest{}))
+		if err == nil {
+			resp.Templates = append(resp.Templates, got.Msg.GetTemplates()...)
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(resp), nil
 }
 
 func (h *imageService) SetPool(ctx context.Context, req *connect.Request[pb.SetPoolRequest]) (*connect.Response[pb.SetPoolResponse], error) {
@@ -107,13 +101,7 @@ func (s *Server) validatePool(p state.Pool) error {
 	if p.VCPUs < 0 || p.MemoryMiB < 0 {
 		return invalid("pool %s: negative --cpus %d or --memory %d", p.Image, p.VCPUs, p.MemoryMiB)
 	}
-	var err error
-	if s.agent != nil {
-		err = s.agent.Validate(&spec)
-	} else {
-		err = validateClusterSpec(&spec)
-	}
-	if err != nil {
+	if err := s.validateSpec(&spec); err != nil {
 		return invalid("pool %s: %v", p.Image, err)
 	}
 	return nil
@@ -141,7 +129,7 @@ func (h *imageService) ListPools(ctx context.Context, _ *connect.Request[pb.List
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	statuses := h.s.poolStatuses()
+	statuses := h.s.poolStatuses(ctx)
 	resp := &pb.ListPoolsResponse{}
 	listed := map[string]bool{}
 	for _, p := range pools {
@@ -155,10 +143,11 @@ func (h *imageService) ListPools(ctx context.Context, _ *connect.Request[pb.List
 		resp.Pools = append(resp.Pools, out)
 	}
 	// Pools a node keeps by its own configuration (--warm-pool) are listed too, with
-	// what the node reports; they have no cluster-wide size.
+	// what the node reports; they have no cluster-wide size. (A cluster pool a node still
+	// reports after its removal is one the node is draining.)
 	byImage := map[string]*pb.Pool{}
 	for _, st := range statuses {
-		if listed[st.GetImage()] {
+		if listed[st.GetImage()] || !st.GetLocal() {
 			continue
 		}
 		p := byImage[st.GetImage()]
@@ -172,30 +161,51 @@ func (h *imageService) ListPools(ctx context.Context, _ *connect.Request[pb.List
 	return connect.NewResponse(resp), nil
 }
 
-// poolStatuses is what the nodes in this server's reach say about their warm pools,
-// sorted by node: the local agent's own in dev, else each ready node's last heartbeat.
-func (s *Server) poolStatuses() []*pb.PoolNodeStatus {
-	if s.agent != nil {
-		var out []*pb.PoolNodeStatus
-		for _, p := range s.agent.Pools() {
-			out = append(out, PoolStatusToPB(s.agent.NodeName(), p))
-		}
-		return out
-	}
-	var out []*pb.PoolNodeStatus
+// poolStatuses is what the ready nodes say about their warm pools, sorted by node: each
+// asked now (a claim a moment ago shows), or its last heartbeat's report if it does not
+// answer at once.
+func (s *Server) poolStatuses(ctx context.Context) []*pb.PoolNodeStatus {
+	var ready []string
 	for _, n := range s.store.LocalNodes() {
-		if n.Status != state.NodeReady {
-			continue // a down node's report is stale, and its pools are gone with it
+		if n.Status == state.NodeReady { // a down node's report is stale, and its pools are gone with it
+			ready = append(ready, n.ID)
 		}
-		out = append(out, s.pools.get(n.ID)...)
 	}
-	return out
+	byNode := make([][]*pb.PoolNodeStatus, len(ready))
+	var wg sync.WaitGroup
+	for i, n := range ready {
+		wg.Go(func() {
+			if live, ok := s.livePools(ctx, n); ok {
+				byNode[i] = live
+			} else {
+				byNode[i] = s.pools.get(n)
+			}
+		})
+	}
+	wg.Wait()
+	return slices.Concat(byNode...)
 }
 
-// PoolStatusToPB is one node's report about one of its warm pools.
-func PoolStatusToPB(node string, p agent.PoolStatus) *pb.PoolNodeStatus {
-	return &pb.PoolNodeStatus{Node: node, Image: p.Image, Digest: p.Digest, Target: int32(p.Target),
-		Ready: int32(p.Ready), Filling: int32(p.Filling), ClaimsLastMinute: int32(p.Claims), Error: p.Error}
+// livePools asks a node for its warm pools now (briefly).
+func (s *Server) livePools(ctx context.Context, node string) ([]*pb.PoolNodeStatus, bool) {
+	c, err := s.node(ctx, node)
+	if err != nil {
+		return nil, false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	resp, err := c.images.ListPools(ctx, connect.NewRequest(&pb.ListPoolsRequest{}))
+	if err != nil {
+		return nil, false
+	}
+	var out []*pb.PoolNodeStatus
+	for _, p := range resp.Msg.GetPools() {
+		out = append(out, p.GetNodes()...)
+	}
+	// Bounded and attributed as a heartbeat's report is.
+	var r poolReports
+	r.set(node, out)
+	return r.get(node), true
 }
 
 func poolToPB(p state.Pool) *pb.Pool {
@@ -259,34 +269,4 @@ func (r *poolReports) get(node string) []*pb.PoolNodeStatus {
 		out = append(out, proto.CloneOf(st))
 	}
 	return out
-}
-
-// heartbeatPools is the warm-pool configuration every heartbeat reply carries: the
-// leader's copy of the state, which holds every committed change.
-func (s *Server) heartbeatPools() []*pb.Pool {
-	var out []*pb.Pool
-	for _, p := range s.store.LocalPools() {
-		out = append(out, poolToPB(p))
-	}
-	return out
-}
-
-// feedAgentPools hands the pool configuration to this process's own agent (dev): now,
-// and again after every change to it, until ctx ends.
-func (s *Server) feedAgentPools(ctx context.Context) {
-	var last []state.Pool
-	first := true
-	for {
-		changed := s.store.Changed()
-		cur := s.store.LocalPools()
-		if first || !reflect.DeepEqual(cur, last) {
-			s.agent.SetPools(cur)
-			last, first = cur, false
-		}
-		select {
-		case <-changed:
-		case <-ctx.Done():
-			return
-		}
-	}
 }

@@ -39,7 +39,7 @@ func newTestAPI(t testing.TB, setup ...func(*Server)) *testAPI {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = store.Close() })
-	a := &testAPI{srv: New(store, nil, log), store: store}
+	a := &testAPI{srv: New(store, log), store: store}
 	for _, r := range []state.Role{state.RoleAdmin, state.RoleUser} {
 		secret, rec := auth.New(r, string(r), "", time.Now(), 0)
 		if err := store.CreateToken(ctx, rec); err != nil {
@@ -146,21 +146,33 @@ func TestPoolAPI(t *testing.T) {
 	}
 }
 
-func TestTemplatesNeedALocalNode(t *testing.T) {
+// Template calls go to the nodes: with none ready they say so; a build names one node
+// when several are ready.
+func TestTemplatesGoToNodes(t *testing.T) {
 	a := newTestAPI(t)
 	ctx := context.Background()
 	_, err := a.images.WarmImage(ctx, as(a.user, &pb.WarmImageRequest{Ref: "reg/app:1"}))
 	wantCode(t, "a user's WarmImage", err, connect.CodePermissionDenied, "admin")
 	_, err = a.images.WarmImage(ctx, as(a.admin, &pb.WarmImageRequest{Ref: "reg/app:1"}))
-	wantCode(t, "WarmImage on a cluster server", err, connect.CodeFailedPrecondition, "runs no sandboxes")
+	wantCode(t, "WarmImage without nodes", err, connect.CodeFailedPrecondition, "no node is ready")
 	_, err = a.images.ListTemplates(ctx, as(a.user, &pb.ListTemplatesRequest{}))
 	wantCode(t, "a user's ListTemplates", err, connect.CodePermissionDenied, "admin")
 	_, err = a.images.ListTemplates(ctx, as(a.admin, &pb.ListTemplatesRequest{}))
-	wantCode(t, "ListTemplates on a cluster server", err, connect.CodeFailedPrecondition, "runs no sandboxes")
+	wantCode(t, "ListTemplates without nodes", err, connect.CodeFailedPrecondition, "no node is ready")
 	_, err = a.images.WarmImage(ctx, as(a.admin, &pb.WarmImageRequest{}))
 	wantCode(t, "WarmImage without ref", err, connect.CodeInvalidArgument, "no image")
 	_, err = a.images.WarmImage(ctx, as(a.user, &pb.WarmImageRequest{Ref: "oci:/etc"}))
 	wantCode(t, "user warms a server path", err, connect.CodePermissionDenied, "admin")
+
+	for _, n := range []string{"n1", "n2"} {
+		if _, err := a.store.RegisterNode(ctx, state.Node{ID: n, Address: "127.0.0.1:1", Capacity: state.Resources{VCPUs: 2, MemoryMiB: 1024}, UpdatedAt: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err = a.images.WarmImage(ctx, as(a.admin, &pb.WarmImageRequest{Ref: "reg/app:1"}))
+	wantCode(t, "WarmImage with two nodes ready", err, connect.CodeInvalidArgument, "--node (ready: n1, n2)")
+	_, err = a.images.WarmImage(ctx, as(a.admin, &pb.WarmImageRequest{Ref: "reg/app:1", Node: "n9"}))
+	wantCode(t, "WarmImage on an unknown node", err, connect.CodeNotFound, `no node "n9"`)
 }
 
 func TestCreateSandboxBootMode(t *testing.T) {
@@ -191,7 +203,7 @@ func TestCreateSandboxBootMode(t *testing.T) {
 }
 
 // Heartbeats carry locality (written to the state only when it changes) and pool
-// reports (kept in memory, shown by ListPools); the reply carries the pool configuration.
+// reports (kept in memory, shown by ListPools when a node does not answer at once).
 func TestHeartbeatWarmAndPools(t *testing.T) {
 	a := newTestAPI(t)
 	ctx := context.Background()
@@ -213,11 +225,8 @@ func TestHeartbeatWarmAndPools(t *testing.T) {
 		return resp.Msg
 	}
 	n1Pools := []*pb.PoolNodeStatus{{Node: "someone-else", Image: "reg/app:1", Digest: "sha256:d1", Target: 3, Ready: 2, Filling: 1, ClaimsLastMinute: 7}}
-	resp := beat("n1", &pb.HeartbeatRequest{Warm: []string{"sha256:d1", "reg/app:1", "reg/app:1"}, WarmChanged: true, Pools: n1Pools})
-	if p := resp.GetPools(); len(p) != 1 || p[0].GetImage() != "reg/app:1" || p[0].GetSize() != 2 || p[0].GetMax() != 4 {
-		t.Errorf("heartbeat reply pools = %v", p)
-	}
-	beat("n2", &pb.HeartbeatRequest{Pools: []*pb.PoolNodeStatus{{Image: "reg/app:1", Error: "pull failed:\nno such host"}, {Image: "reg/unconfigured:1", Ready: 1}}})
+	beat("n1", &pb.HeartbeatRequest{Warm: []string{"sha256:d1", "reg/app:1", "reg/app:1"}, WarmChanged: true, Pools: n1Pools})
+	beat("n2", &pb.HeartbeatRequest{Pools: []*pb.PoolNodeStatus{{Image: "reg/app:1", Error: "pull failed:\nno such host"}, {Image: "reg/unconfigured:1", Ready: 1, Local: true}, {Image: "reg/removed:1", Ready: 1}}})
 
 	n1, err := a.store.GetNode(ctx, "n1")
 	if err != nil {

@@ -4,19 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"sync"
 	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	"github.com/fireworks-sandbox/fireworks/internal/agent"
 	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
-	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
-	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
-	"github.com/fireworks-sandbox/fireworks/internal/sandboxlog"
 	"github.com/fireworks-sandbox/fireworks/internal/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/state"
 )
@@ -50,12 +44,7 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	}
 	spec.PolicyAdmin = spec.Policy != "" && who.Admin()
 	spec.PullPrivate = who.Admin()
-	if h.s.agent != nil {
-		err = h.s.agent.Validate(&spec)
-	} else {
-		err = validateClusterSpec(&spec)
-	}
-	if err != nil {
+	if err := h.s.validateSpec(&spec); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
 	now := h.s.now()
@@ -66,13 +55,7 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if err := h.s.store.CreateSandboxWithin(ctx, sb, h.s.limits.quota(who.Admin())); err != nil {
 		return nil, toConnectError(fmt.Errorf("create sandbox: %w", err))
 	}
-	if h.s.agent != nil {
-		if err := h.s.agent.Start(sb); err != nil {
-			st := state.StatusFailed
-			_, _ = h.s.store.UpdateSandbox(ctx, sb.ID, state.Update{Status: &st, Reason: err.Error(), Time: h.s.now()})
-			return nil, toConnectError(err)
-		}
-	} else if cp := h.s.cluster.ControlPlane; cp != nil {
+	if cp := h.s.cluster.ControlPlane; cp != nil {
 		cp.Notify() // place it now rather than at the next periodic pass
 	}
 	got, err := h.s.store.GetSandbox(ctx, sb.ID)
@@ -156,11 +139,16 @@ func (h *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request
 			return nil, toConnectError(fmt.Errorf("kill sandbox %s: %w", sb.ID, err))
 		}
 	}
-	// A local sandbox's files go now; a remote node removes its own when the record is
-	// gone from its assignments.
-	if h.s.agent != nil && h.s.isLocal(sb) {
-		if err := h.s.agent.Remove(sb.ID); err != nil {
-			return nil, toConnectError(err)
+	// Its node removes its files now, so that rm is done when it returns; a node that
+	// cannot be reached does when the record is gone from its assignments.
+	if sb.Node != "" {
+		if c, err := h.s.nodeFor(ctx, sb); err == nil {
+			rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			_, err = c.sandboxes.RemoveSandbox(rctx, connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: sb.ID}))
+			cancel()
+			if err != nil && connect.CodeOf(err) != connect.CodeUnavailable && connect.CodeOf(err) != connect.CodeDeadlineExceeded {
+				return nil, toConnectError(fmt.Errorf("remove sandbox %s on node %s: %w", sb.ID, sb.Node, err))
+			}
 		}
 	}
 	if err := h.s.store.DeleteSandbox(ctx, sb.ID); err != nil {
@@ -191,79 +179,6 @@ func (h *sandboxService) Attach(ctx context.Context, stream *connect.BidiStream[
 	return h.s.attachOnNode(ctx, sb, stream)
 }
 
-// attachStream is the server side of an Attach call.
-type attachStream interface {
-	Receive() (*pb.AttachRequest, error)
-	Send(*pb.AttachResponse) error
-}
-
-// attachLocal serves an attach to a sandbox on this node: it replays and follows the
-// output, forwards stdin, resizes and signals, and, when the sandbox's run on this node is
-// over, sends the exit that finalExit returns (none when it returns nil).
-func attachLocal(ctx context.Context, ag *agent.Agent, id string, stdin bool, stream attachStream, finalExit func(context.Context) (*pb.Exit, error)) error {
-	var sendMu sync.Mutex
-	send := func(r *pb.AttachResponse) error {
-		sendMu.Lock()
-		defer sendMu.Unlock()
-		return stream.Send(r)
-	}
-
-	// Input: runs until the client closes its side or the call ends.
-	inputCtx, stopInput := context.WithCancel(ctx)
-	defer stopInput()
-	go func() {
-		var main *client.Session
-		for {
-			msg, err := stream.Receive()
-			if err != nil {
-				if main != nil && stdin && errors.Is(err, io.EOF) {
-					_ = main.Stdin().Close()
-				}
-				return
-			}
-			if main == nil {
-				main, err = ag.MainSession(inputCtx, id)
-				if err != nil {
-					return
-				}
-			}
-			switch m := msg.Msg.(type) {
-			case *pb.AttachRequest_Stdin:
-				if stdin {
-					_, _ = main.Stdin().Write(m.Stdin)
-				}
-			case *pb.AttachRequest_StdinClose:
-				if stdin {
-					_ = main.Stdin().Close()
-				}
-			case *pb.AttachRequest_Resize:
-				_ = main.Resize(inputCtx, uint16(m.Resize.GetRows()), uint16(m.Resize.GetCols()))
-			case *pb.AttachRequest_Signal:
-				_ = main.Signal(inputCtx, int(m.Signal))
-			}
-		}
-	}()
-
-	err := sandboxlog.Read(ctx, ag.LogPath(id), ag.Live(id), func(r sandboxlog.Record) error {
-		return send(&pb.AttachResponse{Msg: &pb.AttachResponse_Output{Output: &pb.Output{Stream: int32(r.Stream), Data: r.Data}}})
-	})
-	if err != nil {
-		return toConnectError(err)
-	}
-	// The log closes when the sandbox goroutine ends; the final status is written just
-	// before, but wait for it to be sure the exit we report is the recorded one.
-	select {
-	case <-ag.Done(id):
-	case <-ctx.Done():
-		return toConnectError(ctx.Err())
-	}
-	exit, err := finalExit(ctx)
-	if err != nil || exit == nil {
-		return toConnectError(err)
-	}
-	return send(&pb.AttachResponse{Msg: &pb.AttachResponse_Exit{Exit: exit}})
-}
-
 func exitOf(sb state.Sandbox) *pb.Exit {
 	return &pb.Exit{Code: int32(sb.ExitCode), Signal: int32(sb.Signal), Status: string(sb.Status), Reason: sb.Reason}
 }
@@ -273,26 +188,14 @@ func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsR
 	if err != nil {
 		return toConnectError(err)
 	}
-	if sb.Node == "" && h.s.agent == nil {
+	if sb.Node == "" {
 		return nil // not placed yet: no output
 	}
 	return h.s.logsOnNode(ctx, sb, req.Msg, stream)
 }
 
-// logsLocal replays (and with follow, follows) the output of a sandbox on this node.
-func logsLocal(ctx context.Context, ag *agent.Agent, id string, follow bool, send func(*pb.LogsResponse) error) error {
-	var live *sandboxlog.Writer
-	if follow {
-		live = ag.Live(id)
-	}
-	err := sandboxlog.Read(ctx, ag.LogPath(id), live, func(r sandboxlog.Record) error {
-		return send(&pb.LogsResponse{Output: &pb.Output{Stream: int32(r.Stream), Data: r.Data}})
-	})
-	return toConnectError(err)
-}
-
 // readExecStart reads and checks the first message of an Exec call.
-func readExecStart(stream execStream) (*pb.ExecRequest, *pb.ExecStart, error) {
+func readExecStart(stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) (*pb.ExecRequest, *pb.ExecStart, error) {
 	first, err := stream.Receive()
 	if err != nil {
 		return nil, nil, toConnectError(fmt.Errorf("read exec request: %w", err))
@@ -316,113 +219,11 @@ func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb
 	if err != nil {
 		return toConnectError(err)
 	}
-	if sb.Status != state.StatusRunning {
-		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s, not running", sb.ID, sb.Status))
+	// A sandbox just created (`run -d` returns before it runs) is waited for.
+	if sb, err = h.s.waitRunning(ctx, sb); err != nil {
+		return err
 	}
 	return h.s.execOnNode(ctx, sb, first, stream)
-}
-
-// execStream is the server side of an Exec call.
-type execStream interface {
-	Receive() (*pb.ExecRequest, error)
-	Send(*pb.ExecResponse) error
-}
-
-// execLocal runs an exec session in a sandbox on this node and streams it.
-func execLocal(ctx context.Context, ag *agent.Agent, id string, start *pb.ExecStart, stream execStream) error {
-	sb := struct{ ID string }{id}
-	env := start.GetEnv()
-	sess, err := ag.Exec(ctx, sb.ID, proto.ExecRequest{
-		Argv: start.GetArgv(), Env: env, Dir: start.GetWorkingDir(), User: start.GetUser(),
-		TTY: start.GetTty(), Stdin: start.GetStdin(), Rows: uint16(start.GetRows()), Cols: uint16(start.GetCols()),
-	})
-	if err != nil {
-		return toConnectError(fmt.Errorf("exec in sandbox %s: %w", sb.ID, err))
-	}
-	if !start.GetStdin() {
-		_ = sess.Stdin().Close()
-	}
-	// A client that goes away takes its command with it (as a hung-up terminal would):
-	// kill the process and stop reading its output, so nothing stays blocked in the
-	// guest on a full pipe and the session does not count against the guest's limit.
-	finished := make(chan struct{})
-	defer close(finished)
-	go func() {
-		select {
-		case <-ctx.Done():
-			kctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			_ = sess.Signal(kctx, 9)
-			cancel()
-			_ = sess.Close()
-		case <-finished:
-		}
-	}()
-	var sendMu sync.Mutex
-	send := func(r *pb.ExecResponse) error {
-		sendMu.Lock()
-		defer sendMu.Unlock()
-		return stream.Send(r)
-	}
-	go func() {
-		for {
-			msg, err := stream.Receive()
-			if err != nil {
-				if errors.Is(err, io.EOF) {
-					_ = sess.Stdin().Close()
-				}
-				return
-			}
-			switch m := msg.Msg.(type) {
-			case *pb.ExecRequest_Stdin:
-				_, _ = sess.Stdin().Write(m.Stdin)
-			case *pb.ExecRequest_StdinClose:
-				_ = sess.Stdin().Close()
-			case *pb.ExecRequest_Resize:
-				_ = sess.Resize(ctx, uint16(m.Resize.GetRows()), uint16(m.Resize.GetCols()))
-			case *pb.ExecRequest_Signal:
-				_ = sess.Signal(ctx, int(m.Signal))
-			}
-		}
-	}()
-	var wg sync.WaitGroup
-	pump := func(r io.Reader, streamNo int32) {
-		defer wg.Done()
-		if r == nil {
-			return
-		}
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := r.Read(buf)
-			if n > 0 {
-				if serr := send(&pb.ExecResponse{Msg: &pb.ExecResponse_Output{Output: &pb.Output{Stream: streamNo, Data: append([]byte(nil), buf[:n]...)}}}); serr != nil {
-					return
-				}
-			}
-			if err != nil {
-				return
-			}
-		}
-	}
-	wg.Add(2)
-	go pump(sess.Stdout(), sandboxlog.Stdout)
-	go pump(sess.Stderr(), sandboxlog.Stderr)
-	st, err := sess.Wait(ctx)
-	wg.Wait()
-	if err != nil {
-		return toConnectError(fmt.Errorf("exec in sandbox %s: %w", sb.ID, err))
-	}
-	code := st.Code
-	reason := ""
-	switch st.ErrKind {
-	case proto.ErrKindNotFound:
-		code, reason = 127, "command not found: "+st.Err
-	case proto.ErrKindNotExecutable:
-		code, reason = 126, "command not executable: "+st.Err
-	case "":
-	default:
-		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("exec %q: %s", start.GetArgv()[0], st.Err))
-	}
-	return send(&pb.ExecResponse{Msg: &pb.ExecResponse_Exit{Exit: &pb.Exit{Code: int32(code), Signal: int32(st.Signal), Status: "exited", Reason: reason}}})
 }
 
 func validateEnvPB(env []string) error {
@@ -533,19 +334,9 @@ func (s *Server) lookup(ctx context.Context, ref string) (state.Sandbox, error) 
 }
 
 // stop ends a sandbox that is not over yet and returns once it is recorded as over (or ctx
-// ends). On this process's own node it stops the VM directly; elsewhere it records the
-// request, which the node acts on (SIGTERM, then a kill after grace).
+// ends). It records the request, which the sandbox's node acts on (SIGTERM, then a kill
+// after grace) and reports.
 func (s *Server) stop(ctx context.Context, sb state.Sandbox, grace time.Duration) error {
-	if s.agent != nil && s.isLocal(sb) {
-		if err := s.agent.Stop(ctx, sb.ID, grace); err != nil && !errors.Is(err, agent.ErrNotRunning) {
-			return err
-		}
-		if sb.Status == state.StatusPending && sb.Node == "" {
-			// Never started here: nothing runs, so record the stop itself.
-			return s.recordStoppedBeforeStart(ctx, sb.ID)
-		}
-		return nil
-	}
 	if _, err := s.store.UpdateSandbox(ctx, sb.ID, state.Update{StopGrace: &grace, Time: s.now()}); err != nil {
 		return err
 	}
@@ -564,6 +355,37 @@ func (s *Server) stop(ctx context.Context, sb state.Sandbox, grace time.Duration
 	return err
 }
 
+// startWait bounds how long a call on a sandbox that is still being placed or started
+// waits for it to run.
+const startWait = 2 * time.Minute
+
+// waitRunning returns sb once it runs: at once if it does, after its start if it is
+// pending or starting (within startWait), else a "failed precondition" naming its status.
+func (s *Server) waitRunning(ctx context.Context, sb state.Sandbox) (state.Sandbox, error) {
+	if sb.Status == state.StatusPending || sb.Status == state.StatusStarting {
+		wctx, cancel := context.WithTimeout(ctx, startWait)
+		got, err := s.waitFor(wctx, sb.ID, func(sb state.Sandbox) bool {
+			return sb.Status != state.StatusPending && sb.Status != state.StatusStarting
+		})
+		cancel()
+		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+			reason := ""
+			if got.Reason != "" {
+				reason = " (" + got.Reason + ")"
+			}
+			return got, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is still %s after %s%s", sb.ID, got.Status, startWait, reason))
+		}
+		if err != nil {
+			return got, toConnectError(err)
+		}
+		sb = got
+	}
+	if sb.Status != state.StatusRunning {
+		return sb, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s, not running", sb.ID, sb.Status))
+	}
+	return sb, nil
+}
+
 func (s *Server) recordStoppedBeforeStart(ctx context.Context, id string) error {
 	st, code := state.StatusExited, 128+15
 	_, err := s.store.UpdateSandbox(ctx, id, state.Update{Status: &st, Reason: "stopped by request before it started", ExitCode: &code, Time: s.now()})
@@ -573,10 +395,15 @@ func (s *Server) recordStoppedBeforeStart(ctx context.Context, id string) error 
 	return err
 }
 
-// validateClusterSpec checks a request on a cluster server, where no single node's limits
-// apply: absurd amounts are refused, the rest is the scheduler's business (a sandbox that
-// fits no node stays pending with the reason).
-func validateClusterSpec(spec *state.SandboxSpec) error {
+// validateSpec checks a sandbox request (or a pool's shape), the same on every server.
+// Amounts that no node of the cluster offers are refused at once (while nodes are
+// registered: a cluster whose first node has not joined yet takes the request); the rest
+// is the scheduler's business: a sandbox that fits no node now stays pending with the
+// reason. It fills in the default shape.
+func (s *Server) validateSpec(spec *state.SandboxSpec) error {
+	if spec.Image == "" {
+		return errors.New("no image given")
+	}
 	r := SandboxResources(*spec)
 	spec.VCPUs, spec.MemoryMiB = r.VCPUs, r.MemoryMiB
 	switch {
@@ -597,5 +424,21 @@ func validateClusterSpec(spec *state.SandboxSpec) error {
 			return err
 		}
 	}
-	return agent.ValidateEnv(spec.Env)
+	if err := state.ValidateEnv(spec.Env); err != nil {
+		return err
+	}
+	var most state.Resources
+	nodes := s.store.LocalNodes()
+	for _, n := range nodes {
+		most.VCPUs = max(most.VCPUs, n.Capacity.VCPUs)
+		most.MemoryMiB = max(most.MemoryMiB, n.Capacity.MemoryMiB)
+	}
+	switch {
+	case len(nodes) == 0:
+	case spec.VCPUs > most.VCPUs:
+		return fmt.Errorf("--cpus %d: no node offers that many vCPUs to a sandbox (the most is %d)", spec.VCPUs, most.VCPUs)
+	case spec.MemoryMiB > most.MemoryMiB:
+		return fmt.Errorf("--memory %dMiB: no node offers that much memory to a sandbox (the most is %d MiB)", spec.MemoryMiB, most.MemoryMiB)
+	}
+	return nil
 }

@@ -470,3 +470,14 @@ func (sb *Sandbox) apply(u Update) error {
 	}
 	return nil
 }
+
+// ValidateEnv rejects malformed entries so a typo is an error, not a silently dropped var.
+func ValidateEnv(env []string) error {
+	for _, kv := range env {
+		k, _, ok := strings.Cut(kv, "=")
+		if !ok || k == "" || strings.ContainsAny(k, "\x00") {
+			return fmt.Errorf("invalid environment entry %q: want KEY=VALUE", kv)
+		}
+	}
+	return nil
+}

@@ -49,10 +49,16 @@ func TestRunStreamsKernelAndImageConfig(t *testing.T) {
 	events, _ := sb["events"].([]any)
 	var seen []string
 	for _, e := range events {
-		seen = append(seen, e.(map[string]any)["status"].(string))
+		ev := e.(map[string]any)
+		seen = append(seen, ev["status"].(string))
+		if len(seen) == 2 {
+			seen[1] += "(" + fmt.Sprint(ev["reason"]) + ")"
+		}
 	}
-	if strings.Join(seen, ",") != "pending,starting,running,exited" {
-		t.Errorf("lifecycle events = %v, want pending,starting,running,exited", seen)
+	// dev is a one-node cluster: the sandbox is accepted, then placed on the node.
+	want := "pending,pending(placed on node " + str(sb, "node") + "),starting,running,exited"
+	if strings.Join(seen, ",") != want {
+		t.Errorf("lifecycle events = %v, want %s", seen, want)
 	}
 }
 

@@ -721,7 +721,6 @@ func (x *HeartbeatRequest) GetPools() []*PoolNodeStatus {
 // The warm-pool configuration the node must apply, sent with every heartbeat reply.
 type HeartbeatResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Pools []*Pool                `protobuf:"bytes,1,rep,name=pools,proto3" json:"pools,omitempty"`
 	// Serials (hex) of edge (ingress) certificates revoked with their token and not expired:
 	// the node's data path refuses them from the next heartbeat on.
 	RevokedEdgeCerts []string `protobuf:"bytes,2,rep,name=revoked_edge_certs,json=revokedEdgeCerts,proto3" json:"revoked_edge_certs,omitempty"`
@@ -757,13 +756,6 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
 	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{10}
-}
-
-func (x *HeartbeatResponse) GetPools() []*Pool {
-	if x != nil {
-		return x.Pools
-	}
-	return nil
 }
 
 func (x *HeartbeatResponse) GetRevokedEdgeCerts() []string {
@@ -819,9 +811,12 @@ func (x *WatchAssignmentsRequest) GetNode() string {
 
 // The full set of sandboxes the node must run, sent on every change. Each is the state
 // record as JSON (internal/state.Sandbox): the agent and server share that schema.
+// The node's sandboxes and the cluster's warm-pool configuration, sent when the stream
+// opens and whenever either changes.
 type Assignments struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SandboxesJson [][]byte               `protobuf:"bytes,1,rep,name=sandboxes_json,json=sandboxesJson,proto3" json:"sandboxes_json,omitempty"`
+	Pools         []*Pool                `protobuf:"bytes,2,rep,name=pools,proto3" json:"pools,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -859,6 +854,13 @@ func (*Assignments) Descriptor() ([]byte, []int) {
 func (x *Assignments) GetSandboxesJson() [][]byte {
 	if x != nil {
 		return x.SandboxesJson
+	}
+	return nil
+}
+
+func (x *Assignments) GetPools() []*Pool {
+	if x != nil {
+		return x.Pools
 	}
 	return nil
 }
@@ -1014,14 +1016,14 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\x0eimages_changed\x18\x03 \x01(\bR\rimagesChanged\x12\x12\n" +
 	"\x04warm\x18\x04 \x03(\tR\x04warm\x12!\n" +
 	"\fwarm_changed\x18\x05 \x01(\bR\vwarmChanged\x122\n" +
-	"\x05pools\x18\x06 \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05pools\"k\n" +
-	"\x11HeartbeatResponse\x12(\n" +
-	"\x05pools\x18\x01 \x03(\v2\x12.fireworks.v1.PoolR\x05pools\x12,\n" +
-	"\x12revoked_edge_certs\x18\x02 \x03(\tR\x10revokedEdgeCerts\"-\n" +
+	"\x05pools\x18\x06 \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05pools\"G\n" +
+	"\x11HeartbeatResponse\x12,\n" +
+	"\x12revoked_edge_certs\x18\x02 \x03(\tR\x10revokedEdgeCertsJ\x04\b\x01\x10\x02\"-\n" +
 	"\x17WatchAssignmentsRequest\x12\x12\n" +
-	"\x04node\x18\x01 \x01(\tR\x04node\"4\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\"^\n" +
 	"\vAssignments\x12%\n" +
-	"\x0esandboxes_json\x18\x01 \x03(\fR\rsandboxesJson\"Q\n" +
+	"\x0esandboxes_json\x18\x01 \x03(\fR\rsandboxesJson\x12(\n" +
+	"\x05pools\x18\x02 \x03(\v2\x12.fireworks.v1.PoolR\x05pools\"Q\n" +
 	"\x14ReportSandboxRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x1f\n" +
 	"\vupdate_json\x18\x02 \x01(\fR\n" +
@@ -1087,7 +1089,7 @@ var file_fireworks_v1_cluster_proto_depIdxs = []int32{
 	0,  // 6: fireworks.v1.RegisterResponse.node:type_name -> fireworks.v1.Node
 	17, // 7: fireworks.v1.RegisterResponse.heartbeat_interval:type_name -> google.protobuf.Duration
 	18, // 8: fireworks.v1.HeartbeatRequest.pools:type_name -> fireworks.v1.PoolNodeStatus
-	19, // 9: fireworks.v1.HeartbeatResponse.pools:type_name -> fireworks.v1.Pool
+	19, // 9: fireworks.v1.Assignments.pools:type_name -> fireworks.v1.Pool
 	1,  // 10: fireworks.v1.ClusterService.ListNodes:input_type -> fireworks.v1.ListNodesRequest
 	3,  // 11: fireworks.v1.ClusterService.CordonNode:input_type -> fireworks.v1.NodeActionRequest
 	3,  // 12: fireworks.v1.ClusterService.UncordonNode:input_type -> fireworks.v1.NodeActionRequest

@@ -2264,13 +2264,15 @@ func (x *PortForwardResponse) GetData() []byte {
 }
 
 type Image struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ref           string                 `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
-	Digest        string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
-	Size          int64                  `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
-	Created       *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created,proto3" json:"created,omitempty"`
-	Entrypoint    []string               `protobuf:"bytes,5,rep,name=entrypoint,proto3" json:"entrypoint,omitempty"`
-	Cmd           []string               `protobuf:"bytes,6,rep,name=cmd,proto3" json:"cmd,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Ref        string                 `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
+	Digest     string                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	Size       int64                  `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	Created    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created,proto3" json:"created,omitempty"`
+	Entrypoint []string               `protobuf:"bytes,5,rep,name=entrypoint,proto3" json:"entrypoint,omitempty"`
+	Cmd        []string               `protobuf:"bytes,6,rep,name=cmd,proto3" json:"cmd,omitempty"`
+	// The node that holds it.
+	Node          string `protobuf:"bytes,7,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2347,10 +2349,19 @@ func (x *Image) GetCmd() []string {
 	return nil
 }
 
+func (x *Image) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+// Image calls act on one node (node) or on every ready node (node empty).
 type PullImageRequest struct {
 	state              protoimpl.MessageState `protogen:"open.v1"`
 	Ref                string                 `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
 	InsecureRegistries []string               `protobuf:"bytes,2,rep,name=insecure_registries,json=insecureRegistries,proto3" json:"insecure_registries,omitempty"`
+	Node               string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache
 }
@@ -2397,6 +2408,13 @@ func (x *PullImageRequest) GetInsecureRegistries() []string {
 		return x.InsecureRegistries
 	}
 	return nil
+}
+
+func (x *PullImageRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
 }
 
 type PullImageResponse struct {
@@ -2486,6 +2504,7 @@ type PullProgress struct {
 	Layer         string                 `protobuf:"bytes,1,opt,name=layer,proto3" json:"layer,omitempty"`
 	Complete      int64                  `protobuf:"varint,2,opt,name=complete,proto3" json:"complete,omitempty"`
 	Total         int64                  `protobuf:"varint,3,opt,name=total,proto3" json:"total,omitempty"`
+	Node          string                 `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2541,8 +2560,16 @@ func (x *PullProgress) GetTotal() int64 {
 	return 0
 }
 
+func (x *PullProgress) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
 type ListImagesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2575,6 +2602,13 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
 	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *ListImagesRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
 }
 
 type ListImagesResponse struct {
@@ -2624,6 +2658,7 @@ func (x *ListImagesResponse) GetImages() []*Image {
 type RemoveImageRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ref           string                 `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
+	Node          string                 `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2661,6 +2696,13 @@ func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
 func (x *RemoveImageRequest) GetRef() string {
 	if x != nil {
 		return x.Ref
+	}
+	return ""
+}
+
+func (x *RemoveImageRequest) GetNode() string {
+	if x != nil {
+		return x.Node
 	}
 	return ""
 }
@@ -2815,7 +2857,9 @@ type PoolNodeStatus struct {
 	ClaimsLastMinute int32                  `protobuf:"varint,6,opt,name=claims_last_minute,json=claimsLastMinute,proto3" json:"claims_last_minute,omitempty"`
 	Error            string                 `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
 	// The pool's image reference (what a node reports in heartbeats is matched by it).
-	Image         string `protobuf:"bytes,8,opt,name=image,proto3" json:"image,omitempty"`
+	Image string `protobuf:"bytes,8,opt,name=image,proto3" json:"image,omitempty"`
+	// The node keeps this pool by its own configuration (--warm-pool), not the cluster's.
+	Local         bool `protobuf:"varint,9,opt,name=local,proto3" json:"local,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2904,6 +2948,13 @@ func (x *PoolNodeStatus) GetImage() string {
 		return x.Image
 	}
 	return ""
+}
+
+func (x *PoolNodeStatus) GetLocal() bool {
+	if x != nil {
+		return x.Local
+	}
+	return false
 }
 
 type SetPoolRequest struct {
@@ -3163,6 +3214,7 @@ type Template struct {
 	MemoryMib     int32                  `protobuf:"varint,5,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
 	Size          int64                  `protobuf:"varint,6,opt,name=size,proto3" json:"size,omitempty"`
 	LastUsed      *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=last_used,json=lastUsed,proto3" json:"last_used,omitempty"`
+	Node          string                 `protobuf:"bytes,8,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3246,12 +3298,22 @@ func (x *Template) GetLastUsed() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Template) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
 type WarmImageRequest struct {
 	state              protoimpl.MessageState `protogen:"open.v1"`
 	Ref                string                 `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
 	InsecureRegistries []string               `protobuf:"bytes,2,rep,name=insecure_registries,json=insecureRegistries,proto3" json:"insecure_registries,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// The node to build it on; may be left out when the cluster has one ready node (a
+	// warm pool warms an image on every node).
+	Node          string `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WarmImageRequest) Reset() {
@@ -3296,6 +3358,13 @@ func (x *WarmImageRequest) GetInsecureRegistries() []string {
 		return x.InsecureRegistries
 	}
 	return nil
+}
+
+func (x *WarmImageRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
 }
 
 type WarmImageResponse struct {
@@ -3361,6 +3430,7 @@ func (x *WarmImageResponse) GetBuildTime() *durationpb.Duration {
 
 type ListTemplatesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3393,6 +3463,13 @@ func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use ListTemplatesRequest.ProtoReflect.Descriptor instead.
 func (*ListTemplatesRequest) Descriptor() ([]byte, []int) {
 	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *ListTemplatesRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
 }
 
 type ListTemplatesResponse struct {
@@ -4169,7 +4246,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\vclose_write\x18\x04 \x01(\bR\n" +
 	"closeWrite\")\n" +
 	"\x13PortForwardResponse\x12\x12\n" +
-	"\x04data\x18\x01 \x01(\fR\x04data\"\xad\x01\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"\xc1\x01\n" +
 	"\x05Image\x12\x10\n" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x12\n" +
@@ -4178,23 +4255,28 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
 	"entrypoint\x18\x05 \x03(\tR\n" +
 	"entrypoint\x12\x10\n" +
-	"\x03cmd\x18\x06 \x03(\tR\x03cmd\"U\n" +
+	"\x03cmd\x18\x06 \x03(\tR\x03cmd\x12\x12\n" +
+	"\x04node\x18\a \x01(\tR\x04node\"i\n" +
 	"\x10PullImageRequest\x12\x10\n" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x12/\n" +
-	"\x13insecure_registries\x18\x02 \x03(\tR\x12insecureRegistries\"\x81\x01\n" +
+	"\x13insecure_registries\x18\x02 \x03(\tR\x12insecureRegistries\x12\x12\n" +
+	"\x04node\x18\x03 \x01(\tR\x04node\"\x81\x01\n" +
 	"\x11PullImageResponse\x128\n" +
 	"\bprogress\x18\x01 \x01(\v2\x1a.fireworks.v1.PullProgressH\x00R\bprogress\x12+\n" +
 	"\x05image\x18\x02 \x01(\v2\x13.fireworks.v1.ImageH\x00R\x05imageB\x05\n" +
-	"\x03msg\"V\n" +
+	"\x03msg\"j\n" +
 	"\fPullProgress\x12\x14\n" +
 	"\x05layer\x18\x01 \x01(\tR\x05layer\x12\x1a\n" +
 	"\bcomplete\x18\x02 \x01(\x03R\bcomplete\x12\x14\n" +
-	"\x05total\x18\x03 \x01(\x03R\x05total\"\x13\n" +
-	"\x11ListImagesRequest\"A\n" +
+	"\x05total\x18\x03 \x01(\x03R\x05total\x12\x12\n" +
+	"\x04node\x18\x04 \x01(\tR\x04node\"'\n" +
+	"\x11ListImagesRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\"A\n" +
 	"\x12ListImagesResponse\x12+\n" +
-	"\x06images\x18\x01 \x03(\v2\x13.fireworks.v1.ImageR\x06images\"&\n" +
+	"\x06images\x18\x01 \x03(\v2\x13.fireworks.v1.ImageR\x06images\":\n" +
 	"\x12RemoveImageRequest\x12\x10\n" +
-	"\x03ref\x18\x01 \x01(\tR\x03ref\"\x15\n" +
+	"\x03ref\x18\x01 \x01(\tR\x03ref\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\"\x15\n" +
 	"\x13RemoveImageResponse\"\x97\x02\n" +
 	"\x04Pool\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x12\n" +
@@ -4206,7 +4288,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x13insecure_registries\x18\x06 \x03(\tR\x12insecureRegistries\x129\n" +
 	"\n" +
 	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x122\n" +
-	"\x05nodes\x18\b \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05nodes\"\xde\x01\n" +
+	"\x05nodes\x18\b \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05nodes\"\xf4\x01\n" +
 	"\x0ePoolNodeStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x16\n" +
@@ -4215,7 +4297,8 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\afilling\x18\x05 \x01(\x05R\afilling\x12,\n" +
 	"\x12claims_last_minute\x18\x06 \x01(\x05R\x10claimsLastMinute\x12\x14\n" +
 	"\x05error\x18\a \x01(\tR\x05error\x12\x14\n" +
-	"\x05image\x18\b \x01(\tR\x05image\"8\n" +
+	"\x05image\x18\b \x01(\tR\x05image\x12\x14\n" +
+	"\x05local\x18\t \x01(\bR\x05local\"8\n" +
 	"\x0eSetPoolRequest\x12&\n" +
 	"\x04pool\x18\x01 \x01(\v2\x12.fireworks.v1.PoolR\x04pool\"9\n" +
 	"\x0fSetPoolResponse\x12&\n" +
@@ -4225,7 +4308,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x05pools\x18\x01 \x03(\v2\x12.fireworks.v1.PoolR\x05pools\")\n" +
 	"\x11DeletePoolRequest\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\"\x14\n" +
-	"\x12DeletePoolResponse\"\xcc\x01\n" +
+	"\x12DeletePoolResponse\"\xe0\x01\n" +
 	"\bTemplate\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05image\x18\x02 \x01(\tR\x05image\x12\x16\n" +
@@ -4234,16 +4317,19 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
 	"memory_mib\x18\x05 \x01(\x05R\tmemoryMib\x12\x12\n" +
 	"\x04size\x18\x06 \x01(\x03R\x04size\x127\n" +
-	"\tlast_used\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\"U\n" +
+	"\tlast_used\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\x12\x12\n" +
+	"\x04node\x18\b \x01(\tR\x04node\"i\n" +
 	"\x10WarmImageRequest\x12\x10\n" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x12/\n" +
-	"\x13insecure_registries\x18\x02 \x03(\tR\x12insecureRegistries\"\x97\x01\n" +
+	"\x13insecure_registries\x18\x02 \x03(\tR\x12insecureRegistries\x12\x12\n" +
+	"\x04node\x18\x03 \x01(\tR\x04node\"\x97\x01\n" +
 	"\x11WarmImageResponse\x122\n" +
 	"\btemplate\x18\x01 \x01(\v2\x16.fireworks.v1.TemplateR\btemplate\x12\x14\n" +
 	"\x05built\x18\x02 \x01(\bR\x05built\x128\n" +
 	"\n" +
-	"build_time\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\tbuildTime\"\x16\n" +
-	"\x14ListTemplatesRequest\"M\n" +
+	"build_time\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\tbuildTime\"*\n" +
+	"\x14ListTemplatesRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\"M\n" +
 	"\x15ListTemplatesResponse\x124\n" +
 	"\ttemplates\x18\x01 \x03(\v2\x16.fireworks.v1.TemplateR\ttemplates\"\r\n" +
 	"\vInfoRequest\"\xb4\x03\n" +

@@ -445,7 +445,7 @@ type ImageServiceClient interface {
 	PullImage(context.Context, *connect.Request[fireworksv1.PullImageRequest]) (*connect.ServerStreamForClient[fireworksv1.PullImageResponse], error)
 	ListImages(context.Context, *connect.Request[fireworksv1.ListImagesRequest]) (*connect.Response[fireworksv1.ListImagesResponse], error)
 	RemoveImage(context.Context, *connect.Request[fireworksv1.RemoveImageRequest]) (*connect.Response[fireworksv1.RemoveImageResponse], error)
-	// WarmImage builds the image's template snapshot on this node (dev server / node only).
+	// WarmImage builds the image's template snapshot on a node.
 	WarmImage(context.Context, *connect.Request[fireworksv1.WarmImageRequest]) (*connect.Response[fireworksv1.WarmImageResponse], error)
 	ListTemplates(context.Context, *connect.Request[fireworksv1.ListTemplatesRequest]) (*connect.Response[fireworksv1.ListTemplatesResponse], error)
 	// Warm pools are cluster-wide configuration (replicated state), applied by every node.
@@ -573,7 +573,7 @@ type ImageServiceHandler interface {
 	PullImage(context.Context, *connect.Request[fireworksv1.PullImageRequest], *connect.ServerStream[fireworksv1.PullImageResponse]) error
 	ListImages(context.Context, *connect.Request[fireworksv1.ListImagesRequest]) (*connect.Response[fireworksv1.ListImagesResponse], error)
 	RemoveImage(context.Context, *connect.Request[fireworksv1.RemoveImageRequest]) (*connect.Response[fireworksv1.RemoveImageResponse], error)
-	// WarmImage builds the image's template snapshot on this node (dev server / node only).
+	// WarmImage builds the image's template snapshot on a node.
 	WarmImage(context.Context, *connect.Request[fireworksv1.WarmImageRequest]) (*connect.Response[fireworksv1.WarmImageResponse], error)
 	ListTemplates(context.Context, *connect.Request[fireworksv1.ListTemplatesRequest]) (*connect.Response[fireworksv1.ListTemplatesResponse], error)
 	// Warm pools are cluster-wide configuration (replicated state), applied by every node.

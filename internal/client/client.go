@@ -1,4 +1,8 @@
-package cli
+// Package client is how programs talk to the Fireworks API: the CLI's configuration file,
+// a client for every service with the token, failover between servers and per-call
+// deadlines, and the attach/exec session (stdin pump, resizes, signals, output and exit).
+// The CLI and the bench both use it.
+package client
 
 import (
 	"context"
@@ -22,8 +26,8 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/pki"
 )
 
-// ClientConfig is where the CLI finds the server and its token. `fireworks dev` writes it.
-type ClientConfig struct {
+// Config is where the CLI finds the server and its token. `fireworks dev` writes it.
+type Config struct {
 	Server string `json:"server"`
 	Token  string `json:"token"`
 	// CA is the cluster CA certificate file (PEM) to trust for https:// servers.
@@ -54,10 +58,10 @@ func ConfigPath() string {
 	return filepath.Join(dir, "fireworks", "config.json")
 }
 
-// ReadClientConfig reads a config file as `fireworks dev` writes it (no defaults, no
+// ReadConfig reads a config file as `fireworks dev` writes it (no defaults, no
 // environment).
-func ReadClientConfig(path string) (ClientConfig, error) {
-	var cfg ClientConfig
+func ReadConfig(path string) (Config, error) {
+	var cfg Config
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return cfg, fmt.Errorf("read CLI config %s: %w", path, err)
@@ -68,10 +72,10 @@ func ReadClientConfig(path string) (ClientConfig, error) {
 	return cfg, nil
 }
 
-// LoadClientConfig reads the config file, then lets the environment and flags override it.
-func LoadClientConfig(flagServer, flagToken string) (ClientConfig, error) {
-	cfg := ClientConfig{Server: DefaultServer}
-	switch c, err := ReadClientConfig(ConfigPath()); {
+// LoadConfig reads the config file, then lets the environment and flags override it.
+func LoadConfig(flagServer, flagToken string) (Config, error) {
+	cfg := Config{Server: DefaultServer}
+	switch c, err := ReadConfig(ConfigPath()); {
 	case err == nil:
 		cfg = c
 		if cfg.Server == "" {
@@ -98,8 +102,8 @@ func LoadClientConfig(flagServer, flagToken string) (ClientConfig, error) {
 	return cfg, nil
 }
 
-// SaveClientConfig writes the config file readable by its owner only (it holds a token).
-func SaveClientConfig(cfg ClientConfig) error {
+// SaveConfig writes the config file readable by its owner only (it holds a token).
+func SaveConfig(cfg Config) error {
 	p := ConfigPath()
 	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
 		return fmt.Errorf("create CLI config directory: %w", err)
@@ -119,14 +123,17 @@ type Client struct {
 	System    fireworksv1connect.SystemServiceClient
 	Tokens    fireworksv1connect.TokenServiceClient
 	Cluster   fireworksv1connect.ClusterServiceClient
+	Ingress   fireworksv1connect.IngressServiceClient
 	Server    string
+	// Scheme is the servers' scheme: https for cluster servers, http for `fireworks dev`.
+	Scheme string
 }
 
-// NewClient connects (lazily) to the server. HTTP/2 without TLS carries the bidirectional
+// New connects (lazily) to the server. HTTP/2 without TLS carries the bidirectional
 // attach and exec streams. cfg.Server may list several servers separated by commas; each
 // new connection goes to the first that accepts, starting with the last one that did, so
 // the CLI keeps working when a server (or the leader) goes away.
-func NewClient(cfg ClientConfig) (*Client, error) {
+func New(cfg Config) (*Client, error) {
 	scheme, addrs := parseServers(cfg.Server)
 	fd := &failoverDialer{addrs: addrs}
 	var tr *http.Transport
@@ -145,7 +152,11 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 			}
 			return c
 		}
-		tr = &http.Transport{DialTLSContext: fd.DialContext, ForceAttemptHTTP2: true}
+		tr = &http.Transport{DialTLSContext: fd.DialContext, ForceAttemptHTTP2: true,
+			// A server that vanished without closing the connection (host down, partition)
+			// is noticed by unanswered pings, so long streams (an edge's route feed)
+			// reconnect elsewhere.
+			HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 10 * time.Second}}
 	} else {
 		var protocols http.Protocols
 		protocols.SetUnencryptedHTTP2(true)
@@ -164,7 +175,9 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		System:    fireworksv1connect.NewSystemServiceClient(hc, base, opts...),
 		Tokens:    fireworksv1connect.NewTokenServiceClient(hc, base, opts...),
 		Cluster:   fireworksv1connect.NewClusterServiceClient(hc, base, opts...),
+		Ingress:   fireworksv1connect.NewIngressServiceClient(hc, base, opts...),
 		Server:    strings.Join(addrs, ","),
+		Scheme:    scheme,
 	}, nil
 }
 

@@ -1,4 +1,4 @@
-package cli
+package client
 
 import (
 	"context"
@@ -52,11 +52,5 @@ func TestFailoverDialer(t *testing.T) {
 	all := &failoverDialer{addrs: []string{deadAddr}}
 	if _, err := all.DialContext(context.Background(), "tcp", "x"); err == nil || !strings.Contains(err.Error(), "no Fireworks server answered") {
 		t.Errorf("all dead: %v", err)
-	}
-}
-
-func TestPrintableStripsEscapes(t *testing.T) {
-	if got := printable("ok\n\x1b[2Jcleared\x07\tdone\u009b"); got != "ok\n?[2Jcleared?\tdone?" {
-		t.Errorf("printable = %q", got)
 	}
 }

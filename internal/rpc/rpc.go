@@ -1,0 +1,145 @@
+// Package rpc holds what every Fireworks Connect service shares, whichever process it runs
+// in (the servers' public API and node protocol, a node's internal API): handler options
+// (no panic escapes, messages bounded), the bound on unary bodies, refusals written before
+// a handler runs, and the mapping of errors to codes.
+package rpc
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"connectrpc.com/connect"
+)
+
+// MaxRequestBytes bounds one request message, decompressed (Connect decompresses a gzip
+// body only up to this, so a small compressed body cannot make a server allocate more),
+// and the whole body of a unary request as it arrives. Streams are bounded per message.
+// The largest legitimate request is a sandbox spec (see state.CheckSizes): well under it.
+const MaxRequestBytes = 4 << 20
+
+// HandlerOptions are every Connect handler's: no panic escapes, no message beyond
+// MaxRequestBytes is read.
+func HandlerOptions(log *slog.Logger) []connect.HandlerOption {
+	return []connect.HandlerOption{connect.WithInterceptors(&panicGuard{log: log}), connect.WithReadMaxBytes(MaxRequestBytes)}
+}
+
+// BoundBody caps the body of a unary request at MaxRequestBytes before anything reads it
+// (streams are bounded per message by the handlers). It comes first, in front of any
+// credential check and forwarding: an unauthenticated caller must not make a process
+// hold more.
+func BoundBody(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !IsStream(r) {
+			r.Body = http.MaxBytesReader(w, r.Body, MaxRequestBytes)
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// IsStream tells a streaming call (Connect streaming or gRPC) from a unary one.
+func IsStream(r *http.Request) bool {
+	ct := r.Header.Get("Content-Type")
+	return strings.Contains(ct, "connect+") || strings.HasPrefix(ct, "application/grpc")
+}
+
+// Unauthenticated refuses a call for its credential.
+func Unauthenticated(w http.ResponseWriter, r *http.Request, msg string) {
+	Refuse(w, r, connect.CodeUnauthenticated, http.StatusUnauthorized, msg)
+}
+
+// Refuse answers a call with an error code without calling the handler behind, in the
+// caller's protocol (gRPC status trailers-only, or Connect's JSON error).
+func Refuse(w http.ResponseWriter, r *http.Request, code connect.Code, httpStatus int, msg string) {
+	ct := r.Header.Get("Content-Type")
+	if strings.HasPrefix(ct, "application/grpc") {
+		w.Header().Set("Content-Type", ct)
+		w.Header().Set("Grpc-Status", strconv.Itoa(int(code)))
+		w.Header().Set("Grpc-Message", msg)
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(httpStatus)
+	body, _ := json.Marshal(map[string]string{"code": code.String(), "message": msg})
+	_, _ = w.Write(body)
+}
+
+// Sentinel maps an error (matched with errors.Is) to the code a caller gets for it.
+type Sentinel struct {
+	Err  error
+	Code connect.Code
+}
+
+// Error maps a domain error to an API error, so that clients can tell "you asked for
+// something that does not exist" from "Fireworks broke": connect errors pass through,
+// the sentinels given map to their codes, a call's end to canceled or deadline
+// exceeded, anything else is internal. nil stays nil.
+func Error(err error, sentinels []Sentinel) error {
+	if err == nil {
+		return nil
+	}
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return err
+	}
+	for _, s := range sentinels {
+		if errors.Is(err, s.Err) {
+			return connect.NewError(s.Code, err)
+		}
+	}
+	switch {
+	case errors.Is(err, context.Canceled):
+		return connect.NewError(connect.CodeCanceled, err)
+	case errors.Is(err, context.DeadlineExceeded):
+		return connect.NewError(connect.CodeDeadlineExceeded, err)
+	}
+	return connect.NewError(connect.CodeInternal, err)
+}
+
+// panicGuard turns a handler panic into an internal error so no panic reaches a caller or
+// takes the process down.
+type panicGuard struct{ log *slog.Logger }
+
+func (p *panicGuard) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (resp connect.AnyResponse, err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				p.log.Error("panic in handler", "procedure", req.Spec().Procedure, "panic", r)
+				err = connect.NewError(connect.CodeInternal, fmt.Errorf("internal error in %s", req.Spec().Procedure))
+			}
+		}()
+		return next(ctx, req)
+	}
+}
+
+func (p *panicGuard) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next
+}
+
+func (p *panicGuard) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return func(ctx context.Context, conn connect.StreamingHandlerConn) (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				p.log.Error("panic in handler", "procedure", conn.Spec().Procedure, "panic", r)
+				err = connect.NewError(connect.CodeInternal, fmt.Errorf("internal error in %s", conn.Spec().Procedure))
+			}
+		}()
+		return next(ctx, conn)
+	}
+}
+
+// Caller headers carry, on a server's call to a node's internal API, who the server
+// acts for: the node charges pulls to that token and applies what that role may do. Only
+// servers reach a node's internal API (their certificate is checked, or the call is in
+// process), and a server sets both headers itself on every call, whatever its own caller
+// sent: a user cannot forge them.
+const (
+	CallerTokenHeader = "Fireworks-Caller-Token"
+	CallerAdminHeader = "Fireworks-Caller-Admin"
+)
