@@ -117,6 +117,9 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		if owner == "" {
 			return fmt.Errorf("sandbox network: no %s in %s", netOwnerFile, real)
 		}
+		if a.net == nil {
+			return errNoNetworks
+		}
 		if sn, err = a.net.load(owner, version, policyOf(sb.Spec)); err != nil {
 			return fmt.Errorf("sandbox network: %w", err)
 		}

@@ -87,6 +87,36 @@ type Config struct {
 	// MetricsListen, if set, serves Prometheus metrics (/metrics, plain HTTP) there.
 	MetricsListen string
 	Logger        *slog.Logger
+
+	// Driver, if set, runs the VMs instead of the QEMU driver (which the accelerator
+	// choice picks otherwise). Tests give a test double here (agenttest.Driver).
+	Driver vmm.Driver
+	// Assets, if set, provides the guest kernel and initramfs instead of fetching
+	// Debian's kernel into dir and building the initramfs from InitBinary.
+	Assets func(ctx context.Context, dir string) (*assets.Kernel, *assets.Initramfs, error)
+	// NoNetworks makes a node without sandbox networks (no namespaces, NAT or eBPF
+	// programs, and no root needed for them): every sandbox must be --network none, and
+	// there are no warm pools (their VMs have networks). Tests of the agent's logic use it.
+	NoNetworks bool
+}
+
+// errNoNetworks answers a network on a node made without them (Config.NoNetworks).
+var errNoNetworks = errors.New("this node makes no sandbox networks (started without them): use --network none")
+
+// debianAssets is the default of Config.Assets: Debian's cloud kernel (apt-get download)
+// and an initramfs built from initBinary, both cached in dir.
+func debianAssets(initBinary string) func(ctx context.Context, dir string) (*assets.Kernel, *assets.Initramfs, error) {
+	return func(ctx context.Context, dir string) (*assets.Kernel, *assets.Initramfs, error) {
+		k, err := assets.EnsureKernel(ctx, dir)
+		if err != nil {
+			return nil, nil, fmt.Errorf("prepare guest kernel: %w", err)
+		}
+		ird, err := assets.BuildInitramfs(ctx, dir, k, initBinary)
+		if err != nil {
+			return nil, nil, fmt.Errorf("build initramfs from %s: %w", initBinary, err)
+		}
+		return k, ird, nil
+	}
 }
 
 // Store is the part of the state store the agent writes to.
@@ -198,21 +228,26 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 			return nil, fmt.Errorf("create agent directory %s: %w", d, err)
 		}
 	}
-	if a.kernel, err = assets.EnsureKernel(ctx, a.assetDir()); err != nil {
-		return nil, fmt.Errorf("prepare guest kernel: %w", err)
+	if cfg.Assets == nil {
+		cfg.Assets = debianAssets(cfg.InitBinary)
 	}
-	if a.initrd, err = assets.BuildInitramfs(ctx, a.assetDir(), a.kernel, cfg.InitBinary); err != nil {
-		return nil, fmt.Errorf("build initramfs from %s: %w", cfg.InitBinary, err)
+	if a.kernel, a.initrd, err = cfg.Assets(ctx, a.assetDir()); err != nil {
+		return nil, err
 	}
 	if a.images, err = image.Open(filepath.Join(cfg.DataDir, "images")); err != nil {
 		return nil, fmt.Errorf("open image store: %w", err)
 	}
-	a.accel = vmm.DetectAccel(ctx, a.assetDir(), cfg.Accel, a.kernel.Vmlinux)
-	a.log.Info("accelerator chosen", "accel", a.accel.Accel, "reason", a.accel.Reason)
-	limits := vmm.Limits{MaxVCPUs: cfg.MaxVCPUs, MinMemoryMiB: minMemoryMiB, MaxMemoryMiB: cfg.MaxMemoryMiB}
-	if a.driver, err = newDriver(a.accel, limits, cfg.DataDir, cfg.Logger); err != nil {
-		return nil, err
+	if cfg.Driver != nil {
+		a.driver = cfg.Driver
+		a.accel = vmm.AccelChoice{Accel: cfg.Driver.Accel(), Reason: "the configured " + cfg.Driver.Name() + " driver's"}
+	} else {
+		a.accel = vmm.DetectAccel(ctx, a.assetDir(), cfg.Accel, a.kernel.Vmlinux)
+		limits := vmm.Limits{MaxVCPUs: cfg.MaxVCPUs, MinMemoryMiB: minMemoryMiB, MaxMemoryMiB: cfg.MaxMemoryMiB}
+		if a.driver, err = newDriver(a.accel, limits, cfg.DataDir, cfg.Logger); err != nil {
+			return nil, err
+		}
 	}
+	a.log.Info("accelerator chosen", "accel", a.accel.Accel, "reason", a.accel.Reason)
 	if a.scratch, err = a.scratchTemplate(ctx); err != nil {
 		return nil, err
 	}
@@ -262,8 +297,10 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 		return a.net.protected() // the node's own addresses, metadata, the sandbox range, --deny-cidr
 	})
 	a.cfg = cfg
-	if a.net, err = newNetManager(ctx, a.log, cfg.DataDir, rng, cfg.Nameservers, extra); err != nil {
-		return nil, err
+	if !cfg.NoNetworks {
+		if a.net, err = newNetManager(ctx, a.log, cfg.DataDir, rng, cfg.Nameservers, extra); err != nil {
+			return nil, err
+		}
 	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	a.warm = newWarmManager(a)
@@ -273,16 +310,17 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if err := a.warm.start(); err != nil {
 		return nil, err
 	}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		a.net.keepSpares(a.ctx)
-	}()
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		a.net.followNodeAddrs(a.ctx, 2*time.Second)
-	}()
+	if a.net != nil {
+		a.wg.Add(2)
+		go func() {
+			defer a.wg.Done()
+			a.net.keepSpares(a.ctx)
+		}()
+		go func() {
+			defer a.wg.Done()
+			a.net.followNodeAddrs(a.ctx, 2*time.Second)
+		}()
+	}
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
@@ -527,7 +565,9 @@ func (a *Agent) Close() error {
 	a.cancel()
 	a.wg.Wait()
 	a.warm.close()
-	_ = os.Remove(a.net.pins) // this agent's pin directory, if no running sandbox's pins are in it
+	if a.net != nil {
+		_ = os.Remove(a.net.pins) // this agent's pin directory, if no running sandbox's pins are in it
+	}
 	return nil
 }
 
@@ -656,11 +696,15 @@ func (a *Agent) fail(s *sandbox, reason string) {
 func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	defer s.log.Close()
 	// While a start is in flight, the network keeper holds back (see keepSpares).
-	a.net.starting.Add(1)
+	if a.net != nil {
+		a.net.starting.Add(1)
+	}
 	readyOnce := sync.OnceFunc(func() {
 		close(s.ready)
-		a.net.starting.Add(-1)
-		a.net.kick()
+		if a.net != nil {
+			a.net.starting.Add(-1)
+			a.net.kick()
+		}
 	})
 	defer readyOnce()
 	ctx := s.ctx
@@ -1370,7 +1414,9 @@ func (a *Agent) recover(ctx context.Context) error {
 			}
 		}
 	}
-	a.net.sweep(ctx, func(owner string) bool { return keepNets[owner] })
+	if a.net != nil {
+		a.net.sweep(ctx, func(owner string) bool { return keepNets[owner] })
+	}
 	return nil
 }
 

@@ -318,6 +318,9 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 	// and nothing should reach it.
 	var nics []vmm.NIC
 	if t.key.withNet() {
+		if a.net == nil {
+			return errNoNetworks
+		}
 		n, err := a.net.create(ctx, filepath.Base(runDir), netPolicy{}, true)
 		if err != nil {
 			return fmt.Errorf("template network: %w", err)

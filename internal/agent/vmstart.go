@@ -91,6 +91,9 @@ func (a *Agent) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vm
 	}
 	var nics []vmm.NIC
 	if in.net {
+		if a.net == nil {
+			return h, errNoNetworks
+		}
 		tn := time.Now()
 		if h.net, err = a.net.acquire(ctx, in.dir, in.policy, in.closedNet); err != nil {
 			return h, fmt.Errorf("create the sandbox network: %w", err)

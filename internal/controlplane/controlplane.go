@@ -57,8 +57,12 @@ func (c *Config) defaults() {
 // Store is what the loops need from the replicated state.
 type Store interface {
 	IsLeader() bool
-	ListNodes(ctx context.Context) ([]state.Node, error)
 	ListSandboxes(ctx context.Context) ([]state.Sandbox, error)
+	// LocalSandboxes and LocalNodes read this server's copy without confirming
+	// leadership: a pass confirms it once (ListSandboxes), and its own writes are applied
+	// here before they return.
+	LocalSandboxes() []state.Sandbox
+	LocalNodes() []state.Node
 	UpdateNode(ctx context.Context, id string, u state.NodeUpdate) (state.Node, error)
 	UpdateSandbox(ctx context.Context, id string, u state.Update) (state.Sandbox, error)
 	PlaceSandboxes(ctx context.Context, plans []state.Plan, cfg scheduler.Config, now time.Time) ([]state.PlanResult, error)
@@ -134,36 +138,23 @@ func (m *Manager) Pass(ctx context.Context) error {
 	}
 	m.mu.Unlock()
 
-	nodes, err := m.store.ListNodes(ctx)
-	if err != nil {
-		return err
-	}
+	// One linearizable read per pass (a leader's confirmation costs a round trip to a
+	// quorum); the re-reads below see this pass's own writes, applied here before they
+	// returned. Placement is re-checked by the state machine at commit anyway.
 	sbs, err := m.store.ListSandboxes(ctx)
 	if err != nil {
 		return err
 	}
+	nodes := m.store.LocalNodes()
 	var errs []error
 	errs = append(errs, m.checkHeartbeats(ctx, now, nodes, sbs))
 	// Re-read: a node just declared down changed its sandboxes (lost ones must not be
 	// "drained" back to life against their restart policy).
-	if sbs, err = m.store.ListSandboxes(ctx); err != nil {
-		return err
-	}
-	if nodes, err = m.store.ListNodes(ctx); err != nil {
-		return err
-	}
+	sbs, nodes = m.store.LocalSandboxes(), m.store.LocalNodes()
 	errs = append(errs, m.drain(ctx, now, nodes, sbs))
 	// Re-read: the steps above changed sandboxes the next ones look at.
-	if sbs, err = m.store.ListSandboxes(ctx); err != nil {
-		return err
-	}
-	errs = append(errs, m.restart(ctx, now, sbs))
-	if sbs, err = m.store.ListSandboxes(ctx); err != nil {
-		return err
-	}
-	if nodes, err = m.store.ListNodes(ctx); err != nil {
-		return err
-	}
+	errs = append(errs, m.restart(ctx, now, m.store.LocalSandboxes()))
+	sbs, nodes = m.store.LocalSandboxes(), m.store.LocalNodes()
 	errs = append(errs, m.place(ctx, now, nodes, sbs))
 	return errors.Join(errs...)
 }

@@ -280,7 +280,9 @@ func (h *nodeService) ReportSandbox(ctx context.Context, req *connect.Request[pb
 	if err := json.Unmarshal(req.Msg.GetUpdateJson(), &u); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("decode sandbox report: %w", err))
 	}
-	sb, err := h.s.store.GetSandbox(ctx, req.Msg.GetSandbox())
+	// The leader's own copy is enough here (no round trip to confirm leadership): the
+	// commit below re-checks that the sandbox is this node's, on the run it reports.
+	sb, err := h.s.store.GetSandbox(state.WithStaleReads(ctx), req.Msg.GetSandbox())
 	if err != nil {
 		return nil, toConnectError(err)
 	}
