@@ -234,7 +234,9 @@ func TestStartPaths(t *testing.T) {
 	}
 }
 
-func equal(got []string, want ...string) bool { return strings.Join(got, " ") == strings.Join(want, " ") }
+func equal(got []string, want ...string) bool {
+	return strings.Join(got, " ") == strings.Join(want, " ")
+}
 
 // TestCapacityAndStop: a running sandbox counts against the node and shows as live; a
 // stop request in its assignment ends it with SIGTERM's code, and the capacity frees.

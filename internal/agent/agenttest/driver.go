@@ -254,9 +254,9 @@ func (s *system) Setup(_ context.Context, su proto.Setup) error {
 }
 
 func (s *system) SetTime(context.Context, proto.SetTime) error { return nil }
-func (s *system) SetHostname(string) error                    { return nil }
-func (s *system) SetNameservers([]string) error               { return nil }
-func (s *system) KillAll(context.Context) error               { return nil }
+func (s *system) SetHostname(string) error                     { return nil }
+func (s *system) SetNameservers([]string) error                { return nil }
+func (s *system) KillAll(context.Context) error                { return nil }
 
 func (s *system) PowerOff(context.Context) {
 	if s.powerOff != nil {
