@@ -33,8 +33,8 @@ bench: build
 
 generate:
 	protoc -I api -I /usr/include \
-	  --go_out=internal/api --go_opt=module=github.com/fireworks-sandbox/fireworks/internal/api \
-	  --connect-go_out=internal/api --connect-go_opt=module=github.com/fireworks-sandbox/fireworks/internal/api \
+	  --go_out=internal/shared/api --go_opt=module=github.com/fireworks-sandbox/fireworks/internal/shared/api \
+	  --connect-go_out=internal/shared/api --connect-go_opt=module=github.com/fireworks-sandbox/fireworks/internal/shared/api \
 	  api/fireworks/v1/fireworks.proto api/fireworks/v1/cluster.proto api/fireworks/v1/ingress.proto
 
 clean:

@@ -8,12 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 time=${FUZZTIME:-15s}
 targets=(
-	"./internal/image/unpack FuzzApplyLayer"
+	"./internal/node/image/unpack FuzzApplyLayer"
 	"./internal/guest/proto FuzzReadFrame"
 	"./internal/guest/client FuzzClientGuestBytes"
-	"./internal/netpolicy FuzzParsePolicy"
-	"./internal/server FuzzCreateSandbox"
-	"./internal/routes FuzzParseHost"
+	"./internal/shared/netpolicy FuzzParsePolicy"
+	"./internal/controlplane/server FuzzCreateSandbox"
+	"./internal/shared/routes FuzzParseHost"
 )
 for t in "${targets[@]}"; do
 	set -- $t

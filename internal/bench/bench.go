@@ -27,8 +27,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 
-	"github.com/fireworks-sandbox/fireworks/internal/image/busybox"
-	"github.com/fireworks-sandbox/fireworks/internal/scheduler"
+	"github.com/fireworks-sandbox/fireworks/internal/node/image/busybox"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 )
 
 // Config says what to measure and where to put things.

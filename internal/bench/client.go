@@ -4,8 +4,8 @@ import (
 	"fmt"
 	"strings"
 
-	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
-	"github.com/fireworks-sandbox/fireworks/internal/client"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 )
 
 // apiClient talks to the bench's own `fireworks dev` in-process, so a measured start

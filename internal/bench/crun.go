@@ -10,7 +10,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/fireworks-sandbox/fireworks/internal/image/unpack"
+	"github.com/fireworks-sandbox/fireworks/internal/node/image/unpack"
 )
 
 // crunBundle unpacks img into an OCI runtime bundle under dir whose process is command,

@@ -10,7 +10,7 @@ import (
 
 	"connectrpc.com/connect"
 
-	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 )
 
 // execResult is how an exec ended and what it printed.

@@ -23,8 +23,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
-	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
-	"github.com/fireworks-sandbox/fireworks/internal/image/busybox"
+	"github.com/fireworks-sandbox/fireworks/internal/node/image/busybox"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 )
 
 // ImageRow is the first start of an image a node has never seen: pulled from a registry

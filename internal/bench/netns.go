@@ -6,8 +6,8 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/fireworks-sandbox/fireworks/internal/assets"
-	"github.com/fireworks-sandbox/fireworks/internal/network"
+	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 )
 
 // InPrivateNetNS makes the whole bench (its dev server, the sandboxes' networks and NAT

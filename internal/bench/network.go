@@ -23,9 +23,9 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
-	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
-	"github.com/fireworks-sandbox/fireworks/internal/network"
-	"github.com/fireworks-sandbox/fireworks/internal/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/node/network"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
 )
 
 // The network series: TCP between a guest and its host end (the node's side of the

@@ -11,8 +11,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/fireworks-sandbox/fireworks/internal/pki"
-	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // RaftRow is control-plane commit performance: sandbox creates committed through a

@@ -11,7 +11,7 @@ import (
 
 	"connectrpc.com/connect"
 
-	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 )
 
 // sample is one measured start or exec: time to the first stdout byte and to the exit,

@@ -16,15 +16,15 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
-	"github.com/fireworks-sandbox/fireworks/internal/client"
 	"github.com/fireworks-sandbox/fireworks/internal/cluster"
-	"github.com/fireworks-sandbox/fireworks/internal/controlplane"
-	"github.com/fireworks-sandbox/fireworks/internal/pki"
-	"github.com/fireworks-sandbox/fireworks/internal/routes"
-	"github.com/fireworks-sandbox/fireworks/internal/server"
-	"github.com/fireworks-sandbox/fireworks/internal/state"
-	"github.com/fireworks-sandbox/fireworks/internal/xds"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/leader"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/xds"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 func envOr(key, def string) string {
@@ -65,7 +65,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 				}
 			}
 			cfg.ControlPlane = func(store *state.Store, log *slog.Logger) cluster.ControlPlane {
-				return controlplane.New(store, controlplane.Config{HeartbeatTTL: heartbeatTTL}, log)
+				return leader.New(store, leader.Config{HeartbeatTTL: heartbeatTTL}, log)
 			}
 			cfg.HeartbeatInterval = heartbeatTTL / 3
 			cfg.XDS = xds.Config{ListenPort: envoyPort}

@@ -9,7 +9,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/spf13/cobra"
 
-	"github.com/fireworks-sandbox/fireworks/internal/image/busybox"
+	"github.com/fireworks-sandbox/fireworks/internal/node/image/busybox"
 )
 
 // newDemoImageCmd writes the quickstart's image: no registry can be reached from these

@@ -13,14 +13,14 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
-	"github.com/fireworks-sandbox/fireworks/internal/client"
 	"github.com/fireworks-sandbox/fireworks/internal/cluster"
-	"github.com/fireworks-sandbox/fireworks/internal/edge"
-	"github.com/fireworks-sandbox/fireworks/internal/pki"
-	"github.com/fireworks-sandbox/fireworks/internal/routes"
-	"github.com/fireworks-sandbox/fireworks/internal/server"
-	"github.com/fireworks-sandbox/fireworks/internal/xds"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/xds"
+	"github.com/fireworks-sandbox/fireworks/internal/edge/standalone"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
 )
 
 type ingressFlags struct {
@@ -78,7 +78,7 @@ func newIngressCertCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			certPEM, keyPEM, caPEM, notAfter, err := edge.IssueCert(cmd.Context(), c, name, ttl)
+			certPEM, keyPEM, caPEM, notAfter, err := standalone.IssueCert(cmd.Context(), c, name, ttl)
 			if err != nil {
 				return err
 			}
@@ -149,7 +149,7 @@ func runIngress(ctx context.Context, g *globals, f ingressFlags) error {
 	if err != nil {
 		return err
 	}
-	return edge.Run(ctx, edge.Config{Client: c, Name: f.name, Domain: f.domain, DefaultDomain: routes.DefaultDomain,
+	return standalone.Run(ctx, standalone.Config{Client: c, Name: f.name, Domain: f.domain, DefaultDomain: routes.DefaultDomain,
 		Listen: f.listen, ServeTLS: serveTLS, Log: newLogger(f.logLevel)})
 }
 

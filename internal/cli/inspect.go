@@ -10,7 +10,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 )
 
 // Runtime detail keys the node writes about how it started a sandbox.

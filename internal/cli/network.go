@@ -16,10 +16,10 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/fireworks-sandbox/fireworks/internal/agent"
-	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
-	"github.com/fireworks-sandbox/fireworks/internal/client"
-	"github.com/fireworks-sandbox/fireworks/internal/netpolicy"
+	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/netpolicy"
 )
 
 // readPolicyFile reads and checks a policy file ("-" is stdin), so a bad one is reported

@@ -12,15 +12,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
-	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
 )
 
 // fakeAPI records the requests the CLI sends and answers with canned responses.

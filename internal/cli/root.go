@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
-	"github.com/fireworks-sandbox/fireworks/internal/client"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 	"github.com/spf13/cobra"
 )
 

@@ -19,9 +19,9 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
-	"github.com/fireworks-sandbox/fireworks/internal/client"
-	"github.com/fireworks-sandbox/fireworks/internal/state"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 type runFlags struct {

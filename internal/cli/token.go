@@ -9,7 +9,7 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 )
 
 func newTokenCmd(g *globals) *cobra.Command {

@@ -7,8 +7,8 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/fireworks-sandbox/fireworks/internal/agent"
-	"github.com/fireworks-sandbox/fireworks/internal/state"
+	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // warmFlags are a node's own template and warm-pool settings (dev and agent).

@@ -10,13 +10,13 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/fireworks-sandbox/fireworks/internal/agent"
-	"github.com/fireworks-sandbox/fireworks/internal/agentlink"
-	pb "github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1"
-	"github.com/fireworks-sandbox/fireworks/internal/ingress"
-	"github.com/fireworks-sandbox/fireworks/internal/nodeapi"
-	"github.com/fireworks-sandbox/fireworks/internal/pki"
-	"github.com/fireworks-sandbox/fireworks/internal/version"
+	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
+	"github.com/fireworks-sandbox/fireworks/internal/node/agentlink"
+	"github.com/fireworks-sandbox/fireworks/internal/node/nodeapi"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/ingress"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/version"
 )
 
 // AgentConfig configures `fireworks agent`.

@@ -11,15 +11,15 @@ import (
 	"sync"
 	"time"
 
-	"github.com/fireworks-sandbox/fireworks/internal/agent"
-	"github.com/fireworks-sandbox/fireworks/internal/agentlink"
-	"github.com/fireworks-sandbox/fireworks/internal/controlplane"
-	"github.com/fireworks-sandbox/fireworks/internal/ingress"
-	"github.com/fireworks-sandbox/fireworks/internal/nodeapi"
-	"github.com/fireworks-sandbox/fireworks/internal/peeruid"
-	"github.com/fireworks-sandbox/fireworks/internal/server"
-	"github.com/fireworks-sandbox/fireworks/internal/state"
-	"github.com/fireworks-sandbox/fireworks/internal/xds"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/leader"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/xds"
+	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
+	"github.com/fireworks-sandbox/fireworks/internal/node/agentlink"
+	"github.com/fireworks-sandbox/fireworks/internal/node/nodeapi"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/ingress"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/peeruid"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // DevConfig configures `fireworks dev`: a cluster of one server and one node in one
@@ -86,7 +86,7 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 		return err
 	}
 
-	cp := controlplane.New(store, controlplane.Config{}, log)
+	cp := leader.New(store, leader.Config{}, log)
 	srv := server.New(store, log)
 	srv.SetLimits(cfg.Limits)
 	srv.EnableCluster(server.ClusterOptions{ControlPlane: cp, HeartbeatInterval: devHeartbeat})

@@ -22,13 +22,13 @@ import (
 	"sync"
 	"time"
 
-	"github.com/fireworks-sandbox/fireworks/internal/api/fireworksv1/fireworksv1connect"
-	"github.com/fireworks-sandbox/fireworks/internal/auth"
-	"github.com/fireworks-sandbox/fireworks/internal/pki"
-	"github.com/fireworks-sandbox/fireworks/internal/rpc"
-	"github.com/fireworks-sandbox/fireworks/internal/server"
-	"github.com/fireworks-sandbox/fireworks/internal/state"
-	"github.com/fireworks-sandbox/fireworks/internal/xds"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/auth"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/xds"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // Peer is one server of the cluster: its Raft ID, Raft address and API address.

@@ -25,7 +25,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
-	"github.com/fireworks-sandbox/fireworks/internal/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )

@@ -25,11 +25,11 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
-	"github.com/fireworks-sandbox/fireworks/internal/auth"
-	"github.com/fireworks-sandbox/fireworks/internal/ingress"
-	"github.com/fireworks-sandbox/fireworks/internal/pki"
-	"github.com/fireworks-sandbox/fireworks/internal/routes"
-	"github.com/fireworks-sandbox/fireworks/internal/xds"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/auth"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/xds"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/ingress"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
 )
 
 const (

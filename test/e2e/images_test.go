@@ -14,7 +14,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
-	"github.com/fireworks-sandbox/fireworks/internal/image/busybox"
+	"github.com/fireworks-sandbox/fireworks/internal/node/image/busybox"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
 

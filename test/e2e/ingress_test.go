@@ -22,7 +22,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	grpcxds "google.golang.org/grpc/xds" // registers the xds:/// resolver and its balancers
 
-	"github.com/fireworks-sandbox/fireworks/internal/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )

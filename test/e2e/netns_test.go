@@ -8,8 +8,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/fireworks-sandbox/fireworks/internal/assets"
-	"github.com/fireworks-sandbox/fireworks/internal/network"
+	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
 

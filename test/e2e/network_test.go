@@ -22,8 +22,8 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
-	"github.com/fireworks-sandbox/fireworks/internal/netpolicy"
-	"github.com/fireworks-sandbox/fireworks/internal/network"
+	"github.com/fireworks-sandbox/fireworks/internal/node/network"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/netpolicy"
 )
 
 // The e2e run has a network namespace of its own (see netns_test.go): it is the node.

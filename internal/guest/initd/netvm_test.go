@@ -14,13 +14,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fireworks-sandbox/fireworks/internal/assets"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/qemu"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/vmmtest"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
-	"github.com/fireworks-sandbox/fireworks/internal/vmm"
-	"github.com/fireworks-sandbox/fireworks/internal/vmm/qemu"
-	"github.com/fireworks-sandbox/fireworks/internal/vmm/vmmtest"
 )
 
 // TestGuestNetworkInVM boots the real fireworks-init in a VM with a NIC on a tap in a

@@ -11,7 +11,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
-	"github.com/fireworks-sandbox/fireworks/internal/image/busybox"
+	"github.com/fireworks-sandbox/fireworks/internal/node/image/busybox"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
 

@@ -1,0 +1,393 @@
+// Package leader is the leader's loops: it tracks node heartbeats (in memory, not
+// in the Raft log), declares silent nodes down and their sandboxes lost, re-runs
+// sandboxes per their restart policy, moves sandboxes off draining nodes, and places
+// pending sandboxes with the scheduler, committing plans that the state machine re-checks.
+//
+// Every pass reads the state fresh and decides from it alone, so a new leader simply
+// picks up where the old one stopped.
+package leader
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+// Config tunes the loops. Zero values pick the defaults noted.
+type Config struct {
+	// HeartbeatTTL is how long a node may stay silent before it is declared down (15s).
+	HeartbeatTTL time.Duration
+	// Interval is the longest time between passes (1s); Notify triggers one sooner.
+	Interval time.Duration
+	// Scheduler tunes placement (overcommit, locality weights).
+	Scheduler scheduler.Config
+	// MaxRestarts within RestartWindow (5 in 10m): past it a sandbox is left as it ended,
+	// so a crashing command does not loop forever.
+	MaxRestarts   int
+	RestartWindow time.Duration
+	// Now is the clock (time.Now).
+	Now func() time.Time
+}
+
+func (c *Config) defaults() {
+	if c.HeartbeatTTL == 0 {
+		c.HeartbeatTTL = 15 * time.Second
+	}
+	if c.Interval == 0 {
+		c.Interval = time.Second
+	}
+	if c.MaxRestarts == 0 {
+		c.MaxRestarts = 5
+	}
+	if c.RestartWindow == 0 {
+		c.RestartWindow = 10 * time.Minute
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+}
+
+// Store is what the loops need from the replicated state.
+type Store interface {
+	IsLeader() bool
+	ListSandboxes(ctx context.Context) ([]state.Sandbox, error)
+	// LocalSandboxes and LocalNodes read this server's copy without confirming
+	// leadership: a pass confirms it once (ListSandboxes), and its own writes are applied
+	// here before they return.
+	LocalSandboxes() []state.Sandbox
+	LocalNodes() []state.Node
+	UpdateNode(ctx context.Context, id string, u state.NodeUpdate) (state.Node, error)
+	UpdateSandbox(ctx context.Context, id string, u state.Update) (state.Sandbox, error)
+	PlaceSandboxes(ctx context.Context, plans []state.Plan, cfg scheduler.Config, now time.Time) ([]state.PlanResult, error)
+}
+
+// Manager runs the loops while its server leads.
+type Manager struct {
+	store  Store
+	cfg    Config
+	log    *slog.Logger
+	notify chan struct{}
+
+	mu     sync.Mutex
+	beats  map[string]time.Time
+	leader bool // as of the last pass
+}
+
+// New returns a manager; Run starts it.
+func New(store Store, cfg Config, log *slog.Logger) *Manager {
+	cfg.defaults()
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Manager{store: store, cfg: cfg, log: log.With("component", "controlplane"), notify: make(chan struct{}, 1), beats: map[string]time.Time{}}
+}
+
+// Heartbeat records that node's agent is alive.
+func (m *Manager) Heartbeat(node string) {
+	m.mu.Lock()
+	m.beats[node] = m.cfg.Now()
+	m.mu.Unlock()
+}
+
+// Notify asks for a pass now.
+func (m *Manager) Notify() {
+	select {
+	case m.notify <- struct{}{}:
+	default:
+	}
+}
+
+// Run makes passes until ctx ends.
+func (m *Manager) Run(ctx context.Context) error {
+	t := time.NewTicker(m.cfg.Interval)
+	defer t.Stop()
+	for {
+		if err := m.Pass(ctx); err != nil && ctx.Err() == nil {
+			m.log.Warn("control pass", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		case <-m.notify:
+		}
+	}
+}
+
+// Pass runs the loops once if this server leads (exported for tests).
+func (m *Manager) Pass(ctx context.Context) error {
+	if !m.store.IsLeader() {
+		m.mu.Lock()
+		m.leader = false
+		m.mu.Unlock()
+		return nil
+	}
+	now := m.cfg.Now()
+	m.mu.Lock()
+	if !m.leader {
+		// A new leader has no heartbeat history: every node gets a full TTL of grace.
+		m.leader = true
+		m.beats = map[string]time.Time{}
+	}
+	m.mu.Unlock()
+
+	// One linearizable read per pass (a leader's confirmation costs a round trip to a
+	// quorum); the re-reads below see this pass's own writes, applied here before they
+	// returned. Placement is re-checked by the state machine at commit anyway.
+	sbs, err := m.store.ListSandboxes(ctx)
+	if err != nil {
+		return err
+	}
+	nodes := m.store.LocalNodes()
+	var errs []error
+	errs = append(errs, m.checkHeartbeats(ctx, now, nodes, sbs))
+	// Re-read: a node just declared down changed its sandboxes (lost ones must not be
+	// "drained" back to life against their restart policy).
+	sbs, nodes = m.store.LocalSandboxes(), m.store.LocalNodes()
+	errs = append(errs, m.drain(ctx, now, nodes, sbs))
+	// Re-read: the steps above changed sandboxes the next ones look at.
+	errs = append(errs, m.restart(ctx, now, m.store.LocalSandboxes()))
+	sbs, nodes = m.store.LocalSandboxes(), m.store.LocalNodes()
+	errs = append(errs, m.place(ctx, now, nodes, sbs))
+	return errors.Join(errs...)
+}
+
+// checkHeartbeats declares silent ready nodes down, then gives up what every down node
+// held. The second step looks at all down nodes, not only the ones this pass declared:
+// a leader that stopped between the two writes (or a write that failed) leaves sandboxes
+// "running" on a dead node, and only a later pass, maybe another leader's, can finish.
+func (m *Manager) checkHeartbeats(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox) error {
+	var errs []error
+	for i, n := range nodes {
+		m.mu.Lock()
+		last, ok := m.beats[n.ID]
+		if !ok {
+			m.beats[n.ID] = now
+			last = now
+		}
+		m.mu.Unlock()
+		if n.Status != state.NodeReady || now.Sub(last) <= m.cfg.HeartbeatTTL {
+			continue
+		}
+		reason := fmt.Sprintf("missed heartbeats for %s", m.cfg.HeartbeatTTL)
+		down := state.NodeDown
+		if _, err := m.store.UpdateNode(ctx, n.ID, state.NodeUpdate{Status: &down, StatusReason: &reason, Time: now}); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		m.log.Warn("node down", "node", n.ID, "reason", reason)
+		nodes[i].Status, nodes[i].StatusReason = down, reason
+	}
+	downs := map[string]state.Node{}
+	for _, n := range nodes {
+		if n.Status == state.NodeDown {
+			downs[n.ID] = n
+		}
+	}
+	for _, sb := range sbs {
+		n, ok := downs[sb.Node]
+		if !ok || sb.Status.Terminal() {
+			continue
+		}
+		if sb.Status == state.StatusPending {
+			if !sb.StopRequestedAt.IsZero() {
+				// Placed, never started, and its user asked for a stop: end it here, as
+				// the server does for a sandbox stopped before placement (the node that
+				// would have acted on the request is gone).
+				exited, code := state.StatusExited, 128+15
+				if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Status: &exited, ExitCode: &code, Time: now,
+					Reason: fmt.Sprintf("stopped by request before it started (node %s is down)", n.ID)}); err != nil {
+					errs = append(errs, err)
+				}
+				continue
+			}
+			// Placed but never started: just place it again.
+			errs = append(errs, m.replace(ctx, now, sb, fmt.Sprintf("node %s is down before the sandbox started; placing it again", n.ID)))
+			continue
+		}
+		lost := state.StatusLost
+		if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Status: &lost, Reason: fmt.Sprintf("node %s is down (%s)", n.ID, n.StatusReason), Time: now}); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// drain moves live sandboxes off draining nodes: they are re-placed elsewhere (the node
+// kills them once they leave its assignments), whatever their restart policy, unless a
+// user stopped them.
+func (m *Manager) drain(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox) error {
+	var errs []error
+	for _, n := range nodes {
+		if !n.Draining {
+			continue
+		}
+		for _, sb := range sbs {
+			if sb.Node != n.ID || sb.Status.Terminal() || !sb.StopRequestedAt.IsZero() {
+				continue
+			}
+			errs = append(errs, m.replace(ctx, now, sb, "drained from node "+n.ID))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// replace sends a sandbox back to pending for a new placement.
+func (m *Manager) replace(ctx context.Context, now time.Time, sb state.Sandbox, reason string) error {
+	pending := state.StatusPending
+	_, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Restart: true, Status: &pending, Reason: reason, Time: now})
+	if err != nil {
+		return fmt.Errorf("re-place sandbox %s: %w", sb.ID, err)
+	}
+	m.log.Info("sandbox re-placed", "sandbox", sb.ID, "reason", reason)
+	return nil
+}
+
+// restart re-runs ended sandboxes per their restart policy.
+func (m *Manager) restart(ctx context.Context, now time.Time, sbs []state.Sandbox) error {
+	var errs []error
+	for _, sb := range sbs {
+		if !sb.Status.Terminal() || !sb.StopRequestedAt.IsZero() {
+			continue
+		}
+		why := restartReason(sb)
+		if why == "" {
+			continue
+		}
+		var restarts []time.Time // when the control plane re-ran it, oldest first
+		recent := 0
+		for _, e := range sb.Events {
+			if e.Status == state.StatusPending && strings.HasPrefix(e.Reason, "restarting") {
+				restarts = append(restarts, e.Time)
+				if now.Sub(e.Time) < m.cfg.RestartWindow {
+					recent++
+				}
+			}
+		}
+		// Given up once MaxRestarts restarts fell within one RestartWindow and it ended
+		// again. That is judged from the restarts themselves, not from now, so it is
+		// final: a sliding window would resume the loop later, forever, growing the
+		// event history with it.
+		if k := m.cfg.MaxRestarts; len(restarts) >= k && restarts[len(restarts)-1].Sub(restarts[len(restarts)-k]) < m.cfg.RestartWindow {
+			if sb.Runtime[restartDetail] == "" {
+				// The status is final and keeps its reason (how it last ended), so the
+				// verdict goes into the details that inspect shows.
+				note := fmt.Sprintf("not restarted any more: %d restarts within %s (policy %s)", k, m.cfg.RestartWindow, sb.Spec.Restart)
+				if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Runtime: map[string]string{restartDetail: note}, Time: now}); err != nil {
+					errs = append(errs, err)
+				}
+				m.log.Warn("sandbox keeps ending; restart limit reached", "sandbox", sb.ID, "restarts", sb.Restarts)
+			}
+			continue
+		}
+		// Back off: 1s, 2s, 4s... after the end, so a crash loop does not spin.
+		if wait := time.Second << min(recent, 6); now.Sub(sb.FinishedAt) < wait {
+			continue
+		}
+		errs = append(errs, m.replace(ctx, now, sb, fmt.Sprintf("restarting (%s, policy %s, restart %d)", why, sb.Spec.Restart, sb.Restarts+1)))
+	}
+	return errors.Join(errs...)
+}
+
+// restartDetail is the Sandbox.Runtime key saying why the restart policy stopped applying.
+const restartDetail = "restart"
+
+// restartReason says why sb should run again under its policy, or "" if it should not.
+func restartReason(sb state.Sandbox) string {
+	var why string
+	switch sb.Status {
+	case state.StatusLost:
+		why = "lost: " + sb.Reason
+	case state.StatusFailed:
+		why = "failed: " + sb.Reason
+	case state.StatusExited:
+		why = fmt.Sprintf("exited with code %d", sb.ExitCode)
+	}
+	switch sb.Spec.Restart {
+	case state.RestartAlways:
+		return why
+	case state.RestartOnFailure:
+		if sb.Status == state.StatusExited && sb.ExitCode == 0 && sb.Signal == 0 {
+			return ""
+		}
+		return why
+	}
+	return ""
+}
+
+// place schedules every pending sandbox that has no node (oldest first) and records why
+// the ones that fit nowhere wait.
+func (m *Manager) place(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox) error {
+	var waiting []state.Sandbox
+	for _, sb := range sbs {
+		if sb.Status == state.StatusPending && sb.Node == "" && sb.StopRequestedAt.IsZero() {
+			waiting = append(waiting, sb)
+		}
+	}
+	if len(waiting) == 0 {
+		return nil
+	}
+	snap := snapshot(nodes, sbs)
+	sched, err := scheduler.New(snap, m.cfg.Scheduler)
+	if err != nil {
+		return fmt.Errorf("scheduler: %w", err)
+	}
+	var plans []state.Plan
+	var errs []error
+	for _, sb := range waiting { // ListSandboxes is oldest first
+		req, err := state.SchedulerRequest(sb)
+		if err == nil {
+			var p scheduler.Placement
+			p, err = sched.Place(req)
+			if err == nil {
+				if aerr := sched.Assume(scheduler.Allocation{SandboxID: sb.ID, NodeID: p.NodeID, Resources: req.Resources}); aerr != nil {
+					errs = append(errs, aerr)
+					continue
+				}
+				plans = append(plans, state.Plan{SandboxID: sb.ID, NodeID: p.NodeID})
+				continue
+			}
+		}
+		reason := "waiting for a node: " + err.Error()
+		if sb.Reason != reason {
+			if _, uerr := m.store.UpdateSandbox(ctx, sb.ID, state.Update{PendingReason: &reason, Time: now}); uerr != nil {
+				errs = append(errs, uerr)
+			}
+		}
+	}
+	if len(plans) == 0 {
+		return errors.Join(errs...)
+	}
+	res, err := m.store.PlaceSandboxes(ctx, plans, m.cfg.Scheduler, now)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	for _, r := range res {
+		if r.Err != "" {
+			m.log.Info("placement refused at commit; re-planning next pass", "sandbox", r.SandboxID, "node", r.NodeID, "err", r.Err)
+			m.Notify()
+			continue
+		}
+		m.log.Info("sandbox placed", "sandbox", r.SandboxID, "node", r.NodeID)
+	}
+	return errors.Join(errs...)
+}
+
+func snapshot(nodes []state.Node, sbs []state.Sandbox) *scheduler.Snapshot {
+	np := make([]*state.Node, len(nodes))
+	for i := range nodes {
+		np[i] = &nodes[i]
+	}
+	sp := make([]*state.Sandbox, len(sbs))
+	for i := range sbs {
+		sp[i] = &sbs[i]
+	}
+	return state.SchedulerSnapshot(np, sp)
+}

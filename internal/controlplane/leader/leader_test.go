@@ -1,0 +1,545 @@
+package leader
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+var t0 = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+
+// clock is a fake clock the tests advance by hand: passes are driven with Pass, so no
+// test sleeps or depends on timing.
+type clock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *clock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *clock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+// gatedStore is a real single-node Store whose leadership the test decides.
+type gatedStore struct {
+	*state.Store
+	follower atomic.Bool
+}
+
+func (g *gatedStore) IsLeader() bool { return !g.follower.Load() && g.Store.IsLeader() }
+
+type env struct {
+	t     *testing.T
+	ctx   context.Context
+	store *gatedStore
+	clock *clock
+	m     *Manager
+}
+
+func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	ctx := context.Background()
+	s, err := state.Open(ctx, state.Options{Dir: t.TempDir(), NodeID: "s1", Logger: quiet()})
+	if err != nil {
+		t.Fatalf("open store: %v", err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	c := &clock{now: t0}
+	g := &gatedStore{Store: s}
+	return &env{t: t, ctx: ctx, store: g, clock: c, m: New(g, Config{Now: c.Now}, quiet())}
+}
+
+func (e *env) node(id string, vcpus, mem int, labels map[string]string) {
+	e.t.Helper()
+	if _, err := e.store.RegisterNode(e.ctx, state.Node{ID: id, Address: id + ":1", Labels: labels,
+		Capacity: state.Resources{VCPUs: vcpus, MemoryMiB: mem}, UpdatedAt: e.clock.Now()}); err != nil {
+		e.t.Fatal(err)
+	}
+	e.m.Heartbeat(id)
+}
+
+// sandbox creates a pending sandbox; creation times follow the clock plus a sequence so
+// "oldest first" is well defined.
+func (e *env) sandbox(id string, mem int, policy state.RestartPolicy) {
+	e.t.Helper()
+	sb := state.Sandbox{ID: id, Spec: state.SandboxSpec{Image: "alpine", MemoryMiB: mem, Restart: policy}, CreatedAt: e.clock.Now()}
+	if err := e.store.CreateSandbox(e.ctx, sb); err != nil {
+		e.t.Fatal(err)
+	}
+	e.clock.Add(time.Millisecond)
+}
+
+func (e *env) pass() {
+	e.t.Helper()
+	if err := e.m.Pass(e.ctx); err != nil {
+		e.t.Fatalf("pass: %v", err)
+	}
+}
+
+func (e *env) get(id string) state.Sandbox {
+	e.t.Helper()
+	sb, err := e.store.GetSandbox(e.ctx, id)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return sb
+}
+
+func (e *env) getNode(id string) state.Node {
+	e.t.Helper()
+	n, err := e.store.GetNode(e.ctx, id)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return n
+}
+
+// report plays the node's part: status changes as an agent reports them.
+func (e *env) report(id string, st state.Status, code int) {
+	e.t.Helper()
+	u := state.Update{Status: &st, Time: e.clock.Now()}
+	if st.Terminal() {
+		u.ExitCode = &code
+		u.Reason = "command ended"
+	}
+	if _, err := e.store.UpdateSandbox(e.ctx, id, u); err != nil {
+		e.t.Fatalf("report %s %s: %v", id, st, err)
+	}
+}
+
+// run reports a placed sandbox starting and running on its node.
+func (e *env) run(id string) {
+	e.t.Helper()
+	e.report(id, state.StatusStarting, 0)
+	e.report(id, state.StatusRunning, 0)
+}
+
+func hasEvent(sb state.Sandbox, st state.Status, reasonPart string) bool {
+	for _, ev := range sb.Events {
+		if ev.Status == st && strings.Contains(ev.Reason, reasonPart) {
+			return true
+		}
+	}
+	return false
+}
+
+// used sums what live sandboxes reserve per node.
+func (e *env) used() map[string]int {
+	e.t.Helper()
+	sbs, err := e.store.ListSandboxes(e.ctx)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	out := map[string]int{}
+	for _, sb := range sbs {
+		if sb.Node != "" && !sb.Status.Terminal() {
+			out[sb.Node] += sb.Spec.Reserved().MemoryMiB
+		}
+	}
+	return out
+}
+
+func TestPlacesPendingSandboxesOldestFirst(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 4, 1024, nil)
+	e.node("n2", 4, 1024, nil)
+	for _, id := range []string{"sb-a", "sb-b", "sb-c", "sb-d", "sb-e"} {
+		e.sandbox(id, 512, state.RestartNever)
+	}
+	e.pass()
+	placed := map[string]string{}
+	for _, id := range []string{"sb-a", "sb-b", "sb-c", "sb-d"} {
+		sb := e.get(id)
+		if sb.Node == "" || sb.Status != state.StatusPending || !hasEvent(sb, state.StatusPending, "placed on node "+sb.Node) {
+			t.Fatalf("%s not placed: node %q events %+v", id, sb.Node, sb.Events)
+		}
+		placed[id] = sb.Node
+	}
+	// Bin-packing fills n1 first; the youngest does not fit anywhere.
+	if placed["sb-a"] != "n1" || placed["sb-b"] != "n1" || placed["sb-c"] != "n2" {
+		t.Errorf("placement = %v", placed)
+	}
+	if sb := e.get("sb-e"); sb.Node != "" || !strings.Contains(sb.Reason, "no node fits") {
+		t.Errorf("youngest: node %q reason %q", sb.Node, sb.Reason)
+	}
+	for n, mem := range e.used() {
+		if mem > 1024 {
+			t.Errorf("node %s overcommitted: %d MiB", n, mem)
+		}
+	}
+}
+
+func TestNoFitReasonThenPlacedWhenCapacityFrees(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 2, 1024, nil)
+	e.sandbox("big-1", 768, state.RestartNever)
+	e.sandbox("big-2", 768, state.RestartNever)
+	e.pass()
+	if sb := e.get("big-1"); sb.Node != "n1" {
+		t.Fatalf("big-1 on %q", sb.Node)
+	}
+	sb := e.get("big-2")
+	want := "no node fits: 1 node lacks memory (need 768 MiB, most free 256 MiB)"
+	if sb.Node != "" || sb.Status != state.StatusPending || !strings.Contains(sb.Reason, want) {
+		t.Fatalf("big-2: node %q status %s reason %q", sb.Node, sb.Status, sb.Reason)
+	}
+	// Another pass with nothing changed writes nothing: same reason, no new event.
+	before := e.get("big-2")
+	e.clock.Add(time.Second)
+	e.pass()
+	if after := e.get("big-2"); after.Reason != before.Reason || len(after.Events) != len(before.Events) {
+		t.Fatalf("idle pass changed big-2: %+v", after)
+	}
+	e.run("big-1")
+	e.report("big-1", state.StatusExited, 0)
+	e.pass()
+	if sb := e.get("big-2"); sb.Node != "n1" || sb.Reason != "placed on node n1" {
+		t.Fatalf("big-2 after capacity freed: node %q reason %q", sb.Node, sb.Reason)
+	}
+}
+
+func TestNodeDownLosesAndReplacesPerPolicy(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 8, 4096, nil)
+	e.sandbox("never", 256, state.RestartNever)
+	e.sandbox("onfail", 256, state.RestartOnFailure)
+	e.sandbox("always", 256, state.RestartAlways)
+	e.sandbox("stopped", 256, state.RestartAlways)
+	e.sandbox("unstarted", 256, state.RestartNever)
+	e.pass()
+	for _, id := range []string{"never", "onfail", "always", "stopped"} {
+		e.run(id)
+	}
+	grace := time.Second
+	if _, err := e.store.UpdateSandbox(e.ctx, "stopped", state.Update{StopGrace: &grace, Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.node("n2", 8, 4096, nil)
+
+	// n2 keeps beating, n1 falls silent: nothing happens within the TTL...
+	e.clock.Add(10 * time.Second)
+	e.m.Heartbeat("n2")
+	e.pass()
+	if n := e.getNode("n1"); n.Status != state.NodeReady {
+		t.Fatalf("n1 down within its TTL: %+v", n)
+	}
+	// ...and past it n1 is down.
+	e.clock.Add(6 * time.Second)
+	e.m.Heartbeat("n2")
+	e.pass()
+	if n := e.getNode("n1"); n.Status != state.NodeDown || n.StatusReason != "missed heartbeats for 15s" {
+		t.Fatalf("n1 = %s %q", n.Status, n.StatusReason)
+	}
+	if n := e.getNode("n2"); n.Status != state.NodeReady {
+		t.Fatalf("n2 = %s", n.Status)
+	}
+	lostReason := "node n1 is down (missed heartbeats for 15s)"
+	for _, id := range []string{"never", "stopped"} {
+		sb := e.get(id)
+		if sb.Status != state.StatusLost || sb.Reason != lostReason || sb.Restarts != 0 {
+			t.Errorf("%s: %s %q restarts %d", id, sb.Status, sb.Reason, sb.Restarts)
+		}
+	}
+	// Restart policies act on the next passes (after the restart backoff).
+	e.clock.Add(2 * time.Second)
+	e.m.Heartbeat("n2")
+	e.pass()
+	for _, id := range []string{"onfail", "always", "unstarted"} {
+		sb := e.get(id)
+		if sb.Status != state.StatusPending || sb.Node != "n2" || sb.Restarts != 1 {
+			t.Errorf("%s: %s on %q restarts %d events %+v", id, sb.Status, sb.Node, sb.Restarts, sb.Events)
+		}
+	}
+	for _, id := range []string{"onfail", "always"} {
+		if sb := e.get(id); !hasEvent(sb, state.StatusLost, lostReason) {
+			t.Errorf("%s has no lost event: %+v", id, sb.Events)
+		}
+	}
+	if sb := e.get("never"); sb.Status != state.StatusLost {
+		t.Errorf("never-policy sandbox left lost state: %s", sb.Status)
+	}
+	// The node comes back: ready again, but what moved away stays moved.
+	e.node("n1", 8, 4096, nil)
+	e.pass()
+	if n := e.getNode("n1"); n.Status != state.NodeReady {
+		t.Errorf("re-registered n1 = %s", n.Status)
+	}
+	if sb := e.get("always"); sb.Node != "n2" {
+		t.Errorf("always moved back to %q", sb.Node)
+	}
+}
+
+// A leader that marked a node down but failed (or lost leadership) before declaring its
+// sandboxes lost must not leave them "running" there: the next pass finishes the job.
+func TestSandboxesOnAlreadyDownNodeAreLost(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 8, 4096, nil)
+	e.sandbox("always", 256, state.RestartAlways)
+	e.sandbox("stop-me", 256, state.RestartNever)
+	e.pass()
+	e.run("always")
+	grace := time.Second
+	if _, err := e.store.UpdateSandbox(e.ctx, "stop-me", state.Update{StopGrace: &grace, Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	down, why := state.NodeDown, "missed heartbeats for 15s"
+	if _, err := e.store.UpdateNode(e.ctx, "n1", state.NodeUpdate{Status: &down, StatusReason: &why, Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.node("n2", 8, 4096, nil)
+	e.pass()
+	e.clock.Add(2 * time.Second)
+	e.m.Heartbeat("n2")
+	e.pass()
+	if sb := e.get("always"); !hasEvent(sb, state.StatusLost, "node n1 is down") || sb.Node != "n2" {
+		t.Errorf("always: %s on %q events %+v", sb.Status, sb.Node, sb.Events)
+	}
+	// Placed, never started, and stopped by its user: it ends instead of waiting forever.
+	if sb := e.get("stop-me"); !sb.Status.Terminal() {
+		t.Errorf("stop-me: %s on %q", sb.Status, sb.Node)
+	}
+}
+
+func TestRestartPoliciesOnExit(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 8, 4096, nil)
+	cases := []struct {
+		id      string
+		policy  state.RestartPolicy
+		status  state.Status
+		code    int
+		restart bool
+	}{
+		{"always-0", state.RestartAlways, state.StatusExited, 0, true},
+		{"always-failed", state.RestartAlways, state.StatusFailed, 1, true},
+		{"onfail-0", state.RestartOnFailure, state.StatusExited, 0, false},
+		{"onfail-1", state.RestartOnFailure, state.StatusExited, 1, true},
+		{"onfail-failed", state.RestartOnFailure, state.StatusFailed, 0, true},
+		{"never-1", state.RestartNever, state.StatusExited, 1, false},
+		{"default-failed", "", state.StatusFailed, 0, false},
+	}
+	for _, c := range cases {
+		e.sandbox(c.id, 256, c.policy)
+	}
+	e.pass()
+	for _, c := range cases {
+		e.run(c.id)
+		e.report(c.id, c.status, c.code)
+	}
+	e.clock.Add(2 * time.Second)
+	e.m.Heartbeat("n1")
+	e.pass()
+	for _, c := range cases {
+		sb := e.get(c.id)
+		if got := sb.Restarts == 1 && sb.Status == state.StatusPending && sb.Node == "n1"; got != c.restart {
+			t.Errorf("%s: restarted=%v want %v (%s restarts %d node %q)", c.id, got, c.restart, sb.Status, sb.Restarts, sb.Node)
+		}
+	}
+}
+
+func TestRestartBackoffAndLimit(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 8, 4096, nil)
+	e.sandbox("crash", 256, state.RestartAlways)
+	e.pass()
+	restarts := 0
+	for i := range 10 {
+		e.run("crash")
+		e.report("crash", state.StatusFailed, 1)
+		e.pass()
+		if e.get("crash").Restarts != restarts {
+			t.Fatalf("round %d: restarted with no backoff", i)
+		}
+		e.clock.Add(2 * time.Minute) // past any backoff, well inside the window overall
+		e.m.Heartbeat("n1")
+		e.pass()
+		sb := e.get("crash")
+		if sb.Status.Terminal() {
+			break
+		}
+		restarts++
+		if sb.Restarts != restarts || sb.Node != "n1" {
+			t.Fatalf("round %d: restarts %d node %q", i, sb.Restarts, sb.Node)
+		}
+	}
+	if restarts != 5 {
+		t.Fatalf("restarted %d times, want the limit of 5", restarts)
+	}
+	// Given up for good: a later pass, outside the window, does not resume the loop.
+	e.clock.Add(time.Hour)
+	e.m.Heartbeat("n1")
+	e.pass()
+	sb := e.get("crash")
+	if sb.Status != state.StatusFailed || sb.Restarts != 5 {
+		t.Fatalf("after giving up: %s restarts %d", sb.Status, sb.Restarts)
+	}
+	if !strings.Contains(sb.Runtime["restart"], "5 restarts") {
+		t.Errorf("giving up is not explained: runtime %v", sb.Runtime)
+	}
+}
+
+func TestDrainMovesSandboxes(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 8, 4096, nil)
+	e.sandbox("web", 256, state.RestartNever)
+	e.sandbox("stopping", 256, state.RestartNever)
+	e.pass()
+	e.run("web")
+	e.run("stopping")
+	grace := time.Second
+	if _, err := e.store.UpdateSandbox(e.ctx, "stopping", state.Update{StopGrace: &grace, Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.node("n2", 8, 4096, nil)
+	if _, err := e.store.UpdateNode(e.ctx, "n1", state.NodeUpdate{Draining: ptr(true), Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.pass()
+	sb := e.get("web")
+	if sb.Node != "n2" || sb.Status != state.StatusPending || sb.Restarts != 1 || !hasEvent(sb, state.StatusPending, "drained from node n1") {
+		t.Fatalf("web after drain: %s on %q restarts %d events %+v", sb.Status, sb.Node, sb.Restarts, sb.Events)
+	}
+	// A sandbox its user is stopping is left to finish stopping where it is.
+	if sb := e.get("stopping"); sb.Node != "n1" || sb.Status != state.StatusRunning {
+		t.Errorf("stopping: %s on %q", sb.Status, sb.Node)
+	}
+}
+
+func TestCordonedNodeGetsNothingNew(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 8, 4096, nil)
+	if _, err := e.store.UpdateNode(e.ctx, "n1", state.NodeUpdate{Cordoned: ptr(true), Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.sandbox("sb", 256, state.RestartNever)
+	e.pass()
+	if sb := e.get("sb"); sb.Node != "" || !strings.Contains(sb.Reason, "1 node cordoned") {
+		t.Fatalf("sb: node %q reason %q", sb.Node, sb.Reason)
+	}
+	if _, err := e.store.UpdateNode(e.ctx, "n1", state.NodeUpdate{Cordoned: ptr(false), Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.pass()
+	if sb := e.get("sb"); sb.Node != "n1" {
+		t.Fatalf("after uncordon: node %q reason %q", sb.Node, sb.Reason)
+	}
+}
+
+func TestConstraintsSteerPlacement(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 8, 4096, map[string]string{"zone": "a"})
+	e.node("n2", 8, 4096, map[string]string{"zone": "b"})
+	sb := state.Sandbox{ID: "zb", Spec: state.SandboxSpec{Image: "alpine", Constraints: []string{"zone==b"}}, CreatedAt: e.clock.Now()}
+	bad := state.Sandbox{ID: "bad", Spec: state.SandboxSpec{Image: "alpine", Constraints: []string{"=="}}, CreatedAt: e.clock.Now()}
+	for _, s := range []state.Sandbox{sb, bad} {
+		if err := e.store.CreateSandbox(e.ctx, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.pass()
+	if got := e.get("zb"); got.Node != "n2" {
+		t.Errorf("zone==b placed on %q", got.Node)
+	}
+	if got := e.get("bad"); got.Node != "" || !strings.Contains(got.Reason, "constraint") {
+		t.Errorf("unparsable constraint: node %q reason %q", got.Node, got.Reason)
+	}
+}
+
+func TestNothingHappensWhileNotLeader(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 8, 4096, nil)
+	e.sandbox("sb", 256, state.RestartNever)
+	e.store.follower.Store(true)
+	e.clock.Add(time.Minute)
+	e.pass()
+	if sb := e.get("sb"); sb.Node != "" || sb.Reason == "placed on node n1" {
+		t.Fatalf("a follower placed: %+v", sb)
+	}
+	if n := e.getNode("n1"); n.Status != state.NodeReady {
+		t.Fatalf("a follower declared n1 %s", n.Status)
+	}
+	// Becoming leader grants every node a full TTL from then, whatever the old beats say.
+	e.store.follower.Store(false)
+	e.pass()
+	if n := e.getNode("n1"); n.Status != state.NodeReady {
+		t.Fatalf("new leader declared n1 down without grace: %s %q", n.Status, n.StatusReason)
+	}
+	if sb := e.get("sb"); sb.Node != "n1" {
+		t.Fatalf("leader did not place: node %q", sb.Node)
+	}
+	e.clock.Add(16 * time.Second)
+	e.pass()
+	if n := e.getNode("n1"); n.Status != state.NodeDown {
+		t.Fatalf("silent n1 after the grace: %s", n.Status)
+	}
+}
+
+// The same inputs (state and clock) give the same state, event for event.
+func TestDeterministic(t *testing.T) {
+	scenario := func() string {
+		e := newEnv(t)
+		e.node("n1", 4, 2048, nil)
+		e.node("n2", 4, 2048, map[string]string{"ssd": "1"})
+		for _, p := range []state.RestartPolicy{state.RestartAlways, state.RestartNever, state.RestartOnFailure, state.RestartAlways} {
+			e.sandbox("sb-"+string(p)+e.clock.Now().Format("05.000"), 768, p)
+		}
+		e.pass()
+		sbs, _ := e.store.ListSandboxes(e.ctx)
+		for _, sb := range sbs {
+			if sb.Node == "n1" {
+				e.run(sb.ID)
+			}
+		}
+		e.clock.Add(20 * time.Second)
+		e.m.Heartbeat("n2")
+		e.pass()
+		e.clock.Add(2 * time.Second)
+		e.m.Heartbeat("n2")
+		e.pass()
+		sbs, _ = e.store.ListSandboxes(e.ctx)
+		nodes, _ := e.store.ListNodes(e.ctx)
+		b, _ := json.Marshal(struct {
+			S []state.Sandbox
+			N []state.Node
+		}{sbs, nodes})
+		return string(b)
+	}
+	if a, b := scenario(), scenario(); a != b {
+		t.Fatalf("two runs differ:\n%s\n%s", a, b)
+	}
+}
+
+func TestRunPassesOnNotifyAndStops(t *testing.T) {
+	e := newEnv(t)
+	e.m.cfg.Interval = time.Hour // only Notify can trigger the second pass
+	e.node("n1", 8, 4096, nil)
+	ctx, cancel := context.WithCancel(e.ctx)
+	done := make(chan error, 1)
+	go func() { done <- e.m.Run(ctx) }()
+	e.sandbox("sb", 256, state.RestartNever)
+	e.m.Notify()
+	for deadline := time.Now().Add(30 * time.Second); e.get("sb").Node == ""; {
+		if time.Now().After(deadline) {
+			t.Fatal("sb never placed after Notify")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run returned %v", err)
+	}
+}
+
+func ptr[T any](v T) *T { return &v }

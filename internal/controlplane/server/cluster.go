@@ -1,0 +1,471 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+// ControlPlane is what the API needs from the leader's loops (internal/controlplane/leader).
+type ControlPlane interface {
+	// Heartbeat records that node's agent is alive (kept in the leader's memory).
+	Heartbeat(node string)
+	// Notify asks for a scheduling pass now (after a create, a stop, a node change).
+	Notify()
+}
+
+// ClusterOptions turn a server into a cluster member: agents join and talk to it over
+// mutual TLS, and sandboxes are placed on nodes by the control plane.
+type ClusterOptions struct {
+	CA                *pki.CA
+	ControlPlane      ControlPlane
+	HeartbeatInterval time.Duration
+	// AgentClientTLS dials node's internal API at host (this server's certificate, CA
+	// roots, the peer must hold node's agent certificate).
+	AgentClientTLS func(host, node string) *tls.Config
+	// LeaderAPI maps a Raft server ID to its API address, for leader hints.
+	LeaderAPI func(id string) string
+}
+
+// nodeHeader carries the leader's API address when a node call reaches a follower.
+const leaderHeader = "Fireworks-Leader"
+
+type agentKey struct{}
+
+// agentFrom returns the node name of the verified agent certificate on the request.
+func agentFrom(ctx context.Context) (string, bool) {
+	n, ok := ctx.Value(agentKey{}).(string)
+	return n, ok
+}
+
+// nodeServicePrefix is the HTTP path prefix of the agent protocol.
+var nodeServicePrefix = "/" + fireworksv1connect.NodeServiceName + "/"
+
+// authenticateAgent admits agent-protocol calls: Join is authenticated by its join token
+// (checked in the handler), everything else by an agent certificate from the cluster CA.
+func (s *Server) authenticateAgent(w http.ResponseWriter, r *http.Request, next http.Handler) {
+	if r.URL.Path == fireworksv1connect.NodeServiceJoinProcedure {
+		next.ServeHTTP(w, r)
+		return
+	}
+	role, node, err := pki.PeerIdentity(r.TLS)
+	if err != nil || role != pki.RoleAgent {
+		rpc.Unauthenticated(w, r, "the node protocol needs an agent certificate from the cluster CA (join with a join token first)")
+		return
+	}
+	if s.store.CertRevoked(r.TLS.PeerCertificates[0].SerialNumber.Text(16), node) {
+		rpc.Unauthenticated(w, r, fmt.Sprintf("node %s was removed from the cluster: its certificate is refused (join again with a new join token)", node))
+		return
+	}
+	next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), agentKey{}, node)))
+}
+
+type nodeService struct{ s *Server }
+
+// leaderOnly refuses node calls on a follower, naming the leader: agents talk to the
+// leader, which holds heartbeats in memory and commits their reports.
+func (h *nodeService) leaderOnly() error {
+	if h.s.store.IsLeader() {
+		return nil
+	}
+	id, _ := h.s.store.Leader()
+	err := connect.NewError(connect.CodeUnavailable, fmt.Errorf("this server is not the leader (leader: %q)", id))
+	if h.s.cluster.LeaderAPI != nil && id != "" {
+		err.Meta().Set(leaderHeader, h.s.cluster.LeaderAPI(id))
+	}
+	return err
+}
+
+func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequest]) (*connect.Response[pb.JoinResponse], error) {
+	if err := h.leaderOnly(); err != nil {
+		return nil, err
+	}
+	m := req.Msg
+	// One message for every token problem: no oracle for guessing.
+	bad := connect.NewError(connect.CodeUnauthenticated, errors.New("join token unknown, expired or not a join token"))
+	tok, err := h.s.store.GetToken(ctx, m.GetTokenId())
+	if err != nil || tok.Role != state.RoleJoin || !tok.ValidAt(h.s.now()) || !pki.VerifySecret(m.GetTokenSecret(), tok.SecretHash) {
+		return nil, bad
+	}
+	if tok.Uses >= max(tok.MaxUses, 1) {
+		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token %s was used %d times, all it may be (`fireworks token create --role join --uses N` makes one for N hosts)", tok.ID, tok.Uses))
+	}
+	if err := validNodeName(m.GetNode()); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	// A join token must not buy a certificate for a name that is taken (a node that is
+	// registered, in any state, or holds a certificate): its holder could pass for that
+	// node. A host rebuilt under the same name joins after `fireworks node rm`.
+	if _, err := h.s.store.GetNode(ctx, m.GetNode()); err == nil || h.s.store.HasLiveCerts(m.GetNode(), h.s.now()) {
+		return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("node name %q is taken; remove the old node first (`fireworks node rm %s`) to join a host under it", m.GetNode(), m.GetNode()))
+	}
+	names, ips, err := joinNames(m.GetAddresses())
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	certPEM, err := h.s.cluster.CA.SignCSR(m.GetCsr(), pki.IssueRequest{CommonName: m.GetNode(), Role: pki.RoleAgent, DNSNames: names, IPs: ips})
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("sign node certificate: %w", err))
+	}
+	serial, notAfter, err := pki.SerialOf(certPEM)
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInternal, err)
+	}
+	// The use is committed before the certificate leaves: a token whose uses ran out
+	// meanwhile (another host joined at the same moment) buys nothing.
+	if err := h.s.store.RecordJoin(ctx, state.JoinRecord{Token: tok.ID, Node: m.GetNode(), Serial: serial, NotAfter: notAfter, Time: h.s.now()}); err != nil {
+		if errors.Is(err, state.ErrQuota) {
+			return nil, connect.NewError(connect.CodePermissionDenied, err)
+		}
+		return nil, toConnectError(err)
+	}
+	h.s.log.Info("node joined", "node", m.GetNode(), "token", tok.ID)
+	return connect.NewResponse(&pb.JoinResponse{CertPem: certPEM, CaPem: h.s.cluster.CA.CertPEM()}), nil
+}
+
+func (h *nodeService) Register(ctx context.Context, req *connect.Request[pb.RegisterRequest]) (*connect.Response[pb.RegisterResponse], error) {
+	if err := h.leaderOnly(); err != nil {
+		return nil, err
+	}
+	node, _ := agentFrom(ctx)
+	in := req.Msg.GetNode()
+	if in.GetId() != node {
+		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("certificate is for node %q, registration says %q", node, in.GetId()))
+	}
+	if in.GetVcpus() <= 0 || in.GetMemoryMib() <= 0 || in.GetAddress() == "" {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("node %s: registration needs capacity and an address", node))
+	}
+	n, err := h.s.store.RegisterNode(ctx, state.Node{
+		ID: node, Address: in.GetAddress(), Labels: in.GetLabels(),
+		Capacity: state.Resources{VCPUs: int(in.GetVcpus()), MemoryMiB: int(in.GetMemoryMib()), DiskMiB: int(in.GetDiskMib())},
+		Accel:    in.GetAccel(), Kernel: in.GetKernel(), Version: in.GetVersion(), Images: capList(in.GetImages()),
+		Warm: capList(in.GetWarm()), UpdatedAt: h.s.now(),
+	})
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	h.s.pools.forget(node) // a new session: its pools report again with the first heartbeat
+	if cp := h.s.cluster.ControlPlane; cp != nil {
+		cp.Heartbeat(node)
+		cp.Notify()
+	}
+	h.s.log.Info("node registered", "node", node, "address", n.Address, "vcpus", n.Capacity.VCPUs, "memory_mib", n.Capacity.MemoryMiB)
+	return connect.NewResponse(&pb.RegisterResponse{Node: nodeToPB(n, nil), HeartbeatInterval: durationpb.New(h.s.cluster.HeartbeatInterval)}), nil
+}
+
+func (h *nodeService) Heartbeat(ctx context.Context, req *connect.Request[pb.HeartbeatRequest]) (*connect.Response[pb.HeartbeatResponse], error) {
+	if err := h.leaderOnly(); err != nil {
+		return nil, err
+	}
+	node, _ := agentFrom(ctx)
+	n, err := h.s.store.GetNode(ctx, node)
+	if err != nil {
+		// Unknown (e.g. removed) or not registered yet: the agent must register again.
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("node %s is not registered: %w", node, err))
+	}
+	if n.Status != state.NodeReady {
+		// A node declared down must re-register (its sandboxes were given up).
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("node %s is %s (%s): register again", node, n.Status, n.StatusReason))
+	}
+	if cp := h.s.cluster.ControlPlane; cp != nil {
+		cp.Heartbeat(node)
+	}
+	// Locality lists are written to the state only when they change (rarely): a
+	// heartbeat itself never touches the Raft log.
+	var u state.NodeUpdate
+	if imgs := capList(req.Msg.GetImages()); req.Msg.GetImagesChanged() && !slices.Equal(imgs, n.Images) {
+		u.Images = &imgs
+	}
+	if warm := capList(req.Msg.GetWarm()); req.Msg.GetWarmChanged() && !slices.Equal(warm, n.Warm) {
+		u.Warm = &warm
+	}
+	if u.Images != nil || u.Warm != nil {
+		u.Time = h.s.now()
+		if _, err := h.s.store.UpdateNode(ctx, node, u); err != nil {
+			return nil, toConnectError(err)
+		}
+	}
+	h.s.pools.set(node, req.Msg.GetPools())
+	return connect.NewResponse(&pb.HeartbeatResponse{RevokedEdgeCerts: h.s.store.RevokedEdgeCerts(time.Now())}), nil
+}
+
+// capList bounds a node's locality list (image digests, warm keys) in the state, sorted
+// and without duplicates: the order means nothing, and a node listing the same set in
+// another order must not cost a state write.
+func capList(l []string) []string {
+	const maxEntries, maxLen = 4096, 512
+	var out []string
+	for _, s := range l {
+		if len(s) <= maxLen {
+			out = append(out, s)
+		}
+	}
+	slices.Sort(out)
+	out = slices.Compact(out)
+	if len(out) > maxEntries {
+		out = out[:maxEntries]
+	}
+	return out
+}
+
+// WatchAssignments streams the node's sandboxes and the warm-pool configuration whenever
+// they change. It reads this server's copy of the state: the stream lives on the leader,
+// and each change wakes it, so a change reaches the node at once.
+func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request[pb.WatchAssignmentsRequest], stream *connect.ServerStream[pb.Assignments]) error {
+	if err := h.leaderOnly(); err != nil {
+		return err
+	}
+	node, _ := agentFrom(ctx)
+	var last *pb.Assignments
+	for {
+		changed := h.s.store.Changed()
+		if !h.s.store.IsLeader() {
+			return h.leaderOnly()
+		}
+		cur := &pb.Assignments{SandboxesJson: [][]byte{}}
+		for _, sb := range h.s.store.LocalSandboxes() {
+			if sb.Node != node {
+				continue
+			}
+			b, err := json.Marshal(sb)
+			if err != nil {
+				return connect.NewError(connect.CodeInternal, err)
+			}
+			cur.SandboxesJson = append(cur.SandboxesJson, b)
+		}
+		for _, p := range h.s.store.LocalPools() {
+			cur.Pools = append(cur.Pools, poolToPB(p))
+		}
+		if last == nil || !proto.Equal(cur, last) {
+			if err := stream.Send(cur); err != nil {
+				return err
+			}
+			last = cur
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil
+		case <-time.After(30 * time.Second):
+			// Also re-check leadership now and then when nothing changes.
+		}
+	}
+}
+
+// ReportSandbox applies an agent's progress report, taking only what a node may decide.
+func (h *nodeService) ReportSandbox(ctx context.Context, req *connect.Request[pb.ReportSandboxRequest]) (*connect.Response[pb.ReportSandboxResponse], error) {
+	if err := h.leaderOnly(); err != nil {
+		return nil, err
+	}
+	node, _ := agentFrom(ctx)
+	var u state.Update
+	if err := json.Unmarshal(req.Msg.GetUpdateJson(), &u); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("decode sandbox report: %w", err))
+	}
+	// The leader's own copy is enough here (no round trip to confirm leadership): the
+	// commit below re-checks that the sandbox is this node's, on the run it reports.
+	sb, err := h.s.store.GetSandbox(state.WithStaleReads(ctx), req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if sb.ID != req.Msg.GetSandbox() || sb.Node != node {
+		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("sandbox %s is not assigned to node %s", req.Msg.GetSandbox(), node))
+	}
+	// A node reports what happened on it; placement, restarts and stop requests belong
+	// to the control plane and users.
+	// IfNode is the caller's own node: the state machine re-checks it at commit, with the
+	// run the report is for, so a report racing a re-placement is refused.
+	clean := state.Update{Status: u.Status, Reason: u.Reason, ExitCode: u.ExitCode, Signal: u.Signal,
+		ImageDigest: u.ImageDigest, Accel: u.Accel, Runtime: u.Runtime, Time: h.s.now(),
+		IfNode: &node, IfRestarts: u.IfRestarts}
+	if clean.Status != nil && *clean.Status == state.StatusPending {
+		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("a node cannot make a sandbox pending"))
+	}
+	if len(clean.Reason) > 4096 {
+		clean.Reason = clean.Reason[:4096]
+	}
+	if _, err := h.s.store.UpdateSandbox(ctx, sb.ID, clean); err != nil {
+		return nil, toConnectError(err)
+	}
+	if clean.Status != nil && clean.Status.Terminal() {
+		if cp := h.s.cluster.ControlPlane; cp != nil {
+			cp.Notify() // capacity freed; restart policies may apply
+		}
+	}
+	return connect.NewResponse(&pb.ReportSandboxResponse{}), nil
+}
+
+// joinNames reads the addresses a joining agent gives for its certificate: at most 8,
+// each an IP address (not unspecified, multicast or broadcast) or a plain host name
+// (letters, digits, inner hyphens and dots; no wildcard, not localhost). A certificate
+// names no more than the agent's own addresses: nobody dials a node by anything else,
+// and every dial also checks the node's name (its common name) and role.
+func joinNames(addrs []string) (names []string, ips []net.IP, err error) {
+	if len(addrs) > 8 {
+		return nil, nil, fmt.Errorf("%d addresses: a node certificate names at most 8", len(addrs))
+	}
+	for _, a := range addrs {
+		host := a
+		if h, _, err := net.SplitHostPort(a); err == nil {
+			host = h
+		}
+		if ip := net.ParseIP(host); ip != nil {
+			if ip.IsUnspecified() || ip.IsMulticast() || ip.Equal(net.IPv4bcast) {
+				return nil, nil, fmt.Errorf("address %q: not an address a node is reached at", a)
+			}
+			ips = append(ips, ip)
+			continue
+		}
+		if err := validNodeName(host); err != nil || strings.EqualFold(host, "localhost") {
+			return nil, nil, fmt.Errorf("address %q: want an IP address or a plain host name", a)
+		}
+		names = append(names, host)
+	}
+	return names, ips, nil
+}
+
+// validNodeName keeps node names usable in certificates, URLs and logs.
+func validNodeName(n string) error {
+	if n == "" || len(n) > 63 {
+		return fmt.Errorf("node name %q: 1 to 63 characters", n)
+	}
+	for i, r := range n {
+		ok := r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '.' || r >= 'A' && r <= 'Z'
+		if !ok || ((r == '-' || r == '.') && (i == 0 || i == len(n)-1)) {
+			return fmt.Errorf("node name %q: use letters, digits, inner dots and hyphens", n)
+		}
+	}
+	return nil
+}
+
+type clusterService struct{ s *Server }
+
+func (h *clusterService) ListNodes(ctx context.Context, _ *connect.Request[pb.ListNodesRequest]) (*connect.Response[pb.ListNodesResponse], error) {
+	// Nodes, their addresses and what runs where are the operator's, not a tenant's.
+	if _, err := requireAdmin(ctx, "listing nodes"); err != nil {
+		return nil, err
+	}
+	nodes, err := h.s.store.ListNodes(ctx)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	sbs, err := h.s.store.ListSandboxes(ctx)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	resp := &pb.ListNodesResponse{}
+	for _, n := range nodes {
+		resp.Nodes = append(resp.Nodes, nodeToPB(n, sbs))
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (h *clusterService) CordonNode(ctx context.Context, req *connect.Request[pb.NodeActionRequest]) (*connect.Response[pb.NodeActionResponse], error) {
+	return h.nodeAction(ctx, req.Msg.GetNode(), "cordoning a node", state.NodeUpdate{Cordoned: ptr(true)})
+}
+
+func (h *clusterService) UncordonNode(ctx context.Context, req *connect.Request[pb.NodeActionRequest]) (*connect.Response[pb.NodeActionResponse], error) {
+	return h.nodeAction(ctx, req.Msg.GetNode(), "uncordoning a node", state.NodeUpdate{Cordoned: ptr(false), Draining: ptr(false)})
+}
+
+func (h *clusterService) DrainNode(ctx context.Context, req *connect.Request[pb.NodeActionRequest]) (*connect.Response[pb.NodeActionResponse], error) {
+	return h.nodeAction(ctx, req.Msg.GetNode(), "draining a node", state.NodeUpdate{Draining: ptr(true)})
+}
+
+func (h *clusterService) RemoveNode(ctx context.Context, req *connect.Request[pb.NodeActionRequest]) (*connect.Response[pb.NodeActionResponse], error) {
+	who, err := requireAdmin(ctx, "removing a node")
+	if err != nil {
+		return nil, err
+	}
+	id := req.Msg.GetNode()
+	if h.s.cluster.CA == nil {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, errors.New("nodes are removed only on a cluster server; `fireworks dev` runs its own node"))
+	}
+	last, _ := h.s.store.GetNode(ctx, id)
+	if err := h.s.store.RemoveNode(ctx, id, h.s.now()); err != nil {
+		return nil, toConnectError(err)
+	}
+	h.s.log.Info("node removed; its certificates are refused from now on", "node", id, "by", who.TokenID)
+	if cp := h.s.cluster.ControlPlane; cp != nil {
+		cp.Notify()
+	}
+	return connect.NewResponse(&pb.NodeActionResponse{Node: nodeToPB(last, nil)}), nil
+}
+
+func (h *clusterService) nodeAction(ctx context.Context, node, what string, u state.NodeUpdate) (*connect.Response[pb.NodeActionResponse], error) {
+	if _, err := requireAdmin(ctx, what); err != nil {
+		return nil, err
+	}
+	u.Time = h.s.now()
+	n, err := h.s.store.UpdateNode(ctx, node, u)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if cp := h.s.cluster.ControlPlane; cp != nil {
+		cp.Notify()
+	}
+	sbs, _ := h.s.store.ListSandboxes(ctx)
+	return connect.NewResponse(&pb.NodeActionResponse{Node: nodeToPB(n, sbs)}), nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func nodeToPB(n state.Node, sbs []state.Sandbox) *pb.Node {
+	out := &pb.Node{
+		Id: n.ID, Address: n.Address, Labels: n.Labels, Vcpus: int32(n.Capacity.VCPUs),
+		MemoryMib: int64(n.Capacity.MemoryMiB), DiskMib: int64(n.Capacity.DiskMiB), Accel: n.Accel,
+		Kernel: n.Kernel, Version: n.Version, Status: string(n.Status), StatusReason: n.StatusReason,
+		Cordoned: n.Cordoned, Draining: n.Draining, Images: n.Images, Warm: n.Warm,
+		RegisteredAt: timestamppb.New(n.RegisteredAt), UpdatedAt: timestamppb.New(n.UpdatedAt),
+	}
+	for _, sb := range sbs {
+		if sb.Node != n.ID || sb.Status.Terminal() {
+			continue
+		}
+		r := SandboxResources(sb.Spec)
+		out.UsedVcpus += int32(r.VCPUs)
+		out.UsedMemoryMib += int64(r.MemoryMiB)
+		out.Sandboxes++
+	}
+	return out
+}
+
+// SandboxResources is what a sandbox reserves on its node, with the defaults a node
+// applies to a request that names none.
+func SandboxResources(spec state.SandboxSpec) state.Resources {
+	r := state.Resources{VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, DiskMiB: spec.DiskMiB}
+	if r.VCPUs <= 0 {
+		r.VCPUs = 1
+	}
+	if r.MemoryMiB <= 0 {
+		r.MemoryMiB = 256
+	}
+	return r
+}
+
+// EnableCluster makes this server a cluster member (see ClusterOptions). Call before
+// Handler.
+func (s *Server) EnableCluster(o ClusterOptions) {
+	if o.HeartbeatInterval == 0 {
+		o.HeartbeatInterval = 5 * time.Second
+	}
+	s.cluster = o
+}

@@ -1,0 +1,114 @@
+package server
+
+import (
+	"crypto/tls"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+)
+
+// A join token buys as many certificates as its uses; the names a joiner asks for must
+// be plain; a removed node's certificate is refused by the servers from then on.
+func TestJoinUsesAndRemovedNode(t *testing.T) {
+	ca, err := pki.CreateCA(filepath.Join(t.TempDir(), "ca"), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newTestAPI(t, func(s *Server) { s.EnableCluster(ClusterOptions{CA: ca}) })
+	ctx := t.Context()
+	// The node protocol over mutual TLS, as agents speak it.
+	srvPEM, srvKey, err := ca.Issue(pki.IssueRequest{CommonName: "s1", Role: pki.RoleServer, DNSNames: []string{"localhost"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvCert, err := pki.KeyPair(srvPEM, srvKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewUnstartedServer(a.srv.Handler())
+	hs.TLS = pki.ServerTLS(ca, srvCert, false)
+	hs.StartTLS()
+	t.Cleanup(hs.Close)
+	base := strings.Replace(hs.URL, "127.0.0.1", "localhost", 1)
+	httpClient := func(cert *tls.Certificate) *http.Client {
+		return &http.Client{Transport: &http.Transport{TLSClientConfig: pki.ClientTLS(ca, cert, "localhost", pki.RoleServer)}}
+	}
+	nodeClient := func(cert *tls.Certificate) fireworksv1connect.NodeServiceClient {
+		return fireworksv1connect.NewNodeServiceClient(httpClient(cert), base)
+	}
+	created, err := fireworksv1connect.NewTokenServiceClient(httpClient(nil), base).
+		CreateToken(ctx, as(a.admin, &pb.CreateTokenRequest{Role: "join", MaxUses: 2}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := pki.ParseJoinToken(created.Msg.GetSecret())
+	if err != nil {
+		t.Fatal(err)
+	}
+	join := func(node string, addrs ...string) (*tls.Certificate, error) {
+		csr, key, err := pki.NewCSR(node)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := nodeClient(nil).Join(ctx, connect.NewRequest(&pb.JoinRequest{TokenId: tok.ID, TokenSecret: tok.Secret, Node: node, Csr: csr, Addresses: addrs}))
+		if err != nil {
+			return nil, err
+		}
+		kp, err := pki.KeyPair(resp.Msg.GetCertPem(), key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &kp, nil
+	}
+	for _, bad := range [][]string{{"*.example.com:7768"}, {"localhost:7768"}, {"0.0.0.0:7768"}, {"a:1", "b:1", "c:1", "d:1", "e:1", "f:1", "g:1", "h:1", "i:1"}} {
+		_, err := join("n0", bad...)
+		wantCode(t, "a join naming "+bad[0], err, connect.CodeInvalidArgument, "")
+	}
+	n1, err := join("n1", "10.0.0.5:7768")
+	if err != nil {
+		t.Fatalf("first join: %v", err)
+	}
+	if _, err := join("n2", "10.0.0.6:7768"); err != nil {
+		t.Fatalf("second join: %v", err)
+	}
+	_, err = join("n3", "10.0.0.7:7768")
+	wantCode(t, "a third join with a two-use token", err, connect.CodePermissionDenied, "used 2 times")
+
+	// n1's certificate works (the node is just not registered), until n1 is removed.
+	_, err = nodeClient(n1).Heartbeat(ctx, connect.NewRequest(&pb.HeartbeatRequest{}))
+	wantCode(t, "a heartbeat of a joined, unregistered node", err, connect.CodeNotFound, "not registered")
+	cluster := fireworksv1connect.NewClusterServiceClient(httpClient(nil), base)
+	if _, err := cluster.RemoveNode(ctx, as(a.user, &pb.NodeActionRequest{Node: "n1"})); err == nil {
+		t.Error("a user token removed a node")
+	}
+	if _, err := cluster.RemoveNode(ctx, as(a.admin, &pb.NodeActionRequest{Node: "n1"})); err != nil {
+		t.Fatalf("remove n1: %v", err)
+	}
+	_, err = nodeClient(n1).Heartbeat(ctx, connect.NewRequest(&pb.HeartbeatRequest{}))
+	wantCode(t, "a removed node's certificate", err, connect.CodeUnauthenticated, "was removed")
+	_, err = cluster.RemoveNode(ctx, as(a.admin, &pb.NodeActionRequest{Node: "never-joined"}))
+	wantCode(t, "removing an unknown node", err, connect.CodeNotFound, "")
+
+	// A name with a live certificate is taken; a removed node's name is free again.
+	created, err = fireworksv1connect.NewTokenServiceClient(httpClient(nil), base).
+		CreateToken(ctx, as(a.admin, &pb.CreateTokenRequest{Role: "join", MaxUses: 5}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tok, err = pki.ParseJoinToken(created.Msg.GetSecret()); err != nil {
+		t.Fatal(err)
+	}
+	_, err = join("n2", "10.0.0.9:7768")
+	wantCode(t, "a join under a name with a live certificate", err, connect.CodeAlreadyExists, "node rm")
+	if _, err := join("n1", "10.0.0.5:7768"); err != nil {
+		t.Errorf("a join under a removed node's name: %v", err)
+	}
+}

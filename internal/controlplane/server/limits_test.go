@@ -1,0 +1,113 @@
+package server
+
+import (
+	"bytes"
+	"compress/gzip"
+	"io"
+	"net/http"
+	"runtime"
+	"strings"
+	"testing"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
+)
+
+// allocated runs f and reports the bytes the process allocated meanwhile.
+func allocated(f func()) uint64 {
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	f()
+	runtime.ReadMemStats(&after)
+	return after.TotalAlloc - before.TotalAlloc
+}
+
+// A gzip body that inflates to 256 MiB, sent to Join (which runs before any credential is
+// checked), is refused without the server inflating it into memory; so is a plain body
+// beyond rpc.MaxRequestBytes.
+func TestRequestBombRefused(t *testing.T) {
+	ca, err := pki.CreateCA(t.TempDir(), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newTestAPI(t, func(s *Server) { s.EnableCluster(ClusterOptions{CA: ca}) })
+	var bomb bytes.Buffer
+	zw, _ := gzip.NewWriterLevel(&bomb, gzip.BestCompression)
+	zero := make([]byte, 1<<20)
+	for range 256 {
+		_, _ = zw.Write(zero)
+	}
+	_ = zw.Close()
+	post := func(body []byte, gz bool) (int, string) {
+		req, _ := http.NewRequest(http.MethodPost, a.url+fireworksv1connect.NodeServiceJoinProcedure, bytes.NewReader(body))
+		req.Header.Set("Content-Type", "application/proto")
+		if gz {
+			req.Header.Set("Content-Encoding", "gzip")
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("post: %v", err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return resp.StatusCode, string(b)
+	}
+	var code int
+	var msg string
+	used := allocated(func() { code, msg = post(bomb.Bytes(), true) })
+	t.Logf("a %d KiB gzip bomb: HTTP %d %s; %d MiB allocated", bomb.Len()>>10, code, msg, used>>20)
+	if code == http.StatusOK || !strings.Contains(msg, "resource_exhausted") || !strings.Contains(msg, "larger than") {
+		t.Errorf("the bomb got HTTP %d %s, want resource_exhausted naming the limit", code, msg)
+	}
+	if used > 64<<20 {
+		t.Errorf("the server allocated %d MiB for a %d KiB request", used>>20, bomb.Len()>>10)
+	}
+	code, msg = post(bytes.Repeat([]byte{0x0a}, rpc.MaxRequestBytes+1), false)
+	if code == http.StatusOK || !strings.Contains(msg, "resource_exhausted") {
+		t.Errorf("a body of %d bytes got HTTP %d %s", rpc.MaxRequestBytes+1, code, msg)
+	}
+}
+
+// Oversized spec fields are refused as invalid_argument naming the field; a user token
+// cannot hold more sandboxes than the limit (admins can).
+func TestSpecLimitsAndQuota(t *testing.T) {
+	a := newTestAPI(t, func(s *Server) { s.SetLimits(Limits{SandboxesPerOwner: 2}) })
+	ctx := t.Context()
+	big := strings.Repeat("x", 300<<10)
+	for field, spec := range map[string]*pb.SandboxSpec{
+		"env":     {Image: "busybox", Env: []string{"A=" + big}},
+		"command": {Image: "busybox", Cmd: []string{big}},
+		"image":   {Image: big[:2000]},
+	} {
+		_, err := a.sandboxes.CreateSandbox(ctx, as(a.user, &pb.CreateSandboxRequest{Spec: spec}))
+		wantCode(t, "a spec with a huge "+field, err, connect.CodeInvalidArgument, field)
+	}
+	for i := range 3 {
+		_, err := a.sandboxes.CreateSandbox(ctx, as(a.user, &pb.CreateSandboxRequest{Spec: &pb.SandboxSpec{Image: "busybox"}}))
+		if i < 2 && err != nil {
+			t.Fatalf("create %d: %v", i, err)
+		}
+		if i == 2 {
+			wantCode(t, "a create past the limit", err, connect.CodeResourceExhausted, "holds 2 sandboxes")
+		}
+	}
+	if _, err := a.sandboxes.CreateSandbox(ctx, as(a.admin, &pb.CreateSandboxRequest{Spec: &pb.SandboxSpec{Image: "busybox"}})); err != nil {
+		t.Errorf("an admin's create: %v", err)
+	}
+}
+
+// run --policy is checked as policy apply is, for the ranges every node protects.
+func TestCreatePolicyRefusesProtectedForUsers(t *testing.T) {
+	a := newTestAPI(t)
+	spec := &pb.SandboxSpec{Image: "busybox", Policy: "default allow\nallow 169.254.169.254 tcp 80\n"}
+	_, err := a.sandboxes.CreateSandbox(t.Context(), as(a.user, &pb.CreateSandboxRequest{Spec: spec}))
+	wantCode(t, "a user's run --policy opening the metadata address", err, connect.CodeInvalidArgument, "only an admin")
+	if _, err := a.sandboxes.CreateSandbox(t.Context(), as(a.admin, &pb.CreateSandboxRequest{Spec: spec})); err != nil {
+		t.Errorf("an admin's: %v", err)
+	}
+}

@@ -1,0 +1,151 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+// waitStarted waits until the sandbox has left pending (its node has it live, or it is
+// already over), so a data-plane call to the node finds it.
+func (s *Server) waitStarted(ctx context.Context, id string) (state.Sandbox, error) {
+	return s.waitFor(ctx, id, func(sb state.Sandbox) bool { return sb.Status != state.StatusPending })
+}
+
+func (s *Server) waitFor(ctx context.Context, id string, done func(state.Sandbox) bool) (state.Sandbox, error) {
+	for {
+		changed := s.store.Changed()
+		sb, err := s.store.GetSandbox(ctx, id)
+		if err != nil || done(sb) {
+			return sb, err
+		}
+		select {
+		case <-changed:
+		case <-time.After(time.Second):
+		case <-ctx.Done():
+			return sb, ctx.Err()
+		}
+	}
+}
+
+// attachOnNode relays an attach to the node that runs sb, then reports the exit recorded
+// in the state (the node's last report is committed before its stream ends).
+func (s *Server) attachOnNode(ctx context.Context, sb state.Sandbox, stream *connect.BidiStream[pb.AttachRequest, pb.AttachResponse]) error {
+	c, err := s.nodeFor(ctx, sb)
+	if err != nil {
+		return toConnectError(err)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	rs := c.sandboxes.Attach(rctx)
+	// The node knows sandboxes by ID only (the caller may have named it or given a prefix).
+	fwd := &pb.AttachRequest{Msg: &pb.AttachRequest_Start{Start: &pb.AttachStart{Sandbox: sb.ID}}}
+	if err := rs.Send(fwd); err != nil && !errors.Is(err, io.EOF) {
+		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("attach on node %s: %w", sb.Node, err))
+	}
+	go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
+	for {
+		m, err := rs.Receive()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("lost the stream from node %s: %w", sb.Node, err))
+		}
+		if m.GetExit() != nil {
+			continue // the state has the authoritative exit
+		}
+		if err := stream.Send(m); err != nil {
+			return err
+		}
+	}
+	final, err := s.waitFor(ctx, sb.ID, func(sb state.Sandbox) bool { return sb.Status.Terminal() })
+	if err != nil {
+		return toConnectError(err)
+	}
+	return stream.Send(&pb.AttachResponse{Msg: &pb.AttachResponse_Exit{Exit: exitOf(final)}})
+}
+
+func (s *Server) logsOnNode(ctx context.Context, sb state.Sandbox, req *pb.LogsRequest, stream *connect.ServerStream[pb.LogsResponse]) error {
+	c, err := s.nodeFor(ctx, sb)
+	if err != nil {
+		return toConnectError(err)
+	}
+	rs, err := c.sandboxes.Logs(ctx, connect.NewRequest(&pb.LogsRequest{Sandbox: sb.ID, Follow: req.GetFollow()}))
+	if err != nil {
+		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("logs from node %s: %w", sb.Node, err))
+	}
+	defer rs.Close()
+	for rs.Receive() {
+		if err := stream.Send(rs.Msg()); err != nil {
+			return err
+		}
+	}
+	if err := rs.Err(); err != nil {
+		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("logs from node %s: %w", sb.Node, err))
+	}
+	return nil
+}
+
+func (s *Server) execOnNode(ctx context.Context, sb state.Sandbox, first *pb.ExecRequest, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {
+	c, err := s.nodeFor(ctx, sb)
+	if err != nil {
+		return toConnectError(err)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	rs := c.sandboxes.Exec(rctx)
+	start := first.GetStart()
+	fwd := &pb.ExecRequest{Msg: &pb.ExecRequest_Start{Start: &pb.ExecStart{
+		Sandbox: sb.ID, Argv: start.GetArgv(), Env: start.GetEnv(), WorkingDir: start.GetWorkingDir(), User: start.GetUser(),
+		Tty: start.GetTty(), Stdin: start.GetStdin(), Rows: start.GetRows(), Cols: start.GetCols(),
+	}}}
+	if err := rs.Send(fwd); err != nil && !errors.Is(err, io.EOF) {
+		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("exec on node %s: %w", sb.Node, err))
+	}
+	go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
+	return relayResponses(rs.Receive, stream.Send, "exec", sb.Node)
+}
+
+// relayResponses copies a node's stream to the client until the node ends it. The node's
+// own verdicts (bad user, not running...) pass through; a broken stream is "unavailable".
+func relayResponses[T any](recv func() (*T, error), send func(*T) error, what, node string) error {
+	for {
+		m, err := recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			var ce *connect.Error
+			if errors.As(err, &ce) && ce.Code() != connect.CodeUnknown && ce.Code() != connect.CodeUnavailable {
+				return err
+			}
+			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("lost the %s stream from node %s: %w", what, node, err))
+		}
+		if err := send(m); err != nil {
+			return err
+		}
+	}
+}
+
+// relayRequests copies a client's messages to the node until either side ends; the call's
+// context (cancelled when the handler returns) ends it.
+func relayRequests[T any](recv func() (*T, error), send func(*T) error, closeSend func() error) {
+	for {
+		m, err := recv()
+		if err != nil {
+			_ = closeSend()
+			return
+		}
+		if send(m) != nil {
+			return
+		}
+	}
+}

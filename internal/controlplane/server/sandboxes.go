@@ -1,0 +1,444 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+type sandboxService struct{ s *Server }
+
+func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request[pb.CreateSandboxRequest]) (*connect.Response[pb.CreateSandboxResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	spec := specFromPB(req.Msg.GetSpec())
+	if err := spec.CheckSizes(); err != nil {
+		return nil, toConnectError(err)
+	}
+	if err := checkImageSource(ctx, spec.Image); err != nil {
+		return nil, err
+	}
+	if len(spec.InsecureRegistries) > 0 && !who.Admin() {
+		// Plain-HTTP registries make the node connect wherever told: admins only.
+		return nil, connect.NewError(connect.CodePermissionDenied, errors.New("--insecure-registry needs an admin token"))
+	}
+	if err := validName(req.Msg.GetName()); err != nil {
+		return nil, toConnectError(err)
+	}
+	if spec.Boot, err = state.ParseBootMode(string(spec.Boot)); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("--boot: %w", err))
+	}
+	if err := validateNetworkSpec(&spec, who.Admin()); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	spec.PolicyAdmin = spec.Policy != "" && who.Admin()
+	spec.PullPrivate = who.Admin()
+	if err := h.s.validateSpec(&spec); err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	now := h.s.now()
+	sb := state.Sandbox{
+		ID: state.NewID(), Name: req.Msg.GetName(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID,
+		AccessToken: newAccessToken(), CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "accepted"}},
+	}
+	if err := h.s.store.CreateSandboxWithin(ctx, sb, h.s.limits.quota(who.Admin())); err != nil {
+		return nil, toConnectError(fmt.Errorf("create sandbox: %w", err))
+	}
+	if cp := h.s.cluster.ControlPlane; cp != nil {
+		cp.Notify() // place it now rather than at the next periodic pass
+	}
+	got, err := h.s.store.GetSandbox(ctx, sb.ID)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.CreateSandboxResponse{Sandbox: sandboxToPB(got)}), nil
+}
+
+func (h *sandboxService) GetSandbox(ctx context.Context, req *connect.Request[pb.GetSandboxRequest]) (*connect.Response[pb.GetSandboxResponse], error) {
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	out := sandboxToPB(sb)
+	if sb.Status == state.StatusRunning && sb.Spec.Network != state.NetworkNone {
+		// Live counters, best effort: inspect must not hang on a slow node.
+		nctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		if st, err := h.s.netStatus(nctx, sb); err == nil {
+			out.Network = st
+		}
+		cancel()
+	}
+	return connect.NewResponse(&pb.GetSandboxResponse{Sandbox: out}), nil
+}
+
+func (h *sandboxService) ListSandboxes(ctx context.Context, req *connect.Request[pb.ListSandboxesRequest]) (*connect.Response[pb.ListSandboxesResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	all, err := h.s.store.ListSandboxes(ctx)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	resp := &pb.ListSandboxesResponse{}
+	for _, sb := range all {
+		if !req.Msg.GetAll() && sb.Status.Terminal() || !who.CanAccess(sb.Owner) {
+			continue
+		}
+		resp.Sandboxes = append(resp.Sandboxes, sandboxToPB(sb))
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (h *sandboxService) StopSandbox(ctx context.Context, req *connect.Request[pb.StopSandboxRequest]) (*connect.Response[pb.StopSandboxResponse], error) {
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	grace := 10 * time.Second
+	if g := req.Msg.GetGrace(); g != nil {
+		grace = g.AsDuration()
+	}
+	if grace < 0 || grace > 10*time.Minute {
+		return nil, toConnectError(invalid("grace %s must be between 0 and 10m", grace))
+	}
+	if !sb.Status.Terminal() {
+		if err := h.s.stop(ctx, sb, grace); err != nil {
+			return nil, toConnectError(fmt.Errorf("stop sandbox %s: %w", sb.ID, err))
+		}
+	}
+	sb, err = h.s.store.GetSandbox(ctx, sb.ID)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.StopSandboxResponse{Sandbox: sandboxToPB(sb)}), nil
+}
+
+func (h *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request[pb.RemoveSandboxRequest]) (*connect.Response[pb.RemoveSandboxResponse], error) {
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if !sb.Status.Terminal() {
+		if !req.Msg.GetForce() {
+			return nil, connect.NewError(connect.CodeFailedPrecondition,
+				fmt.Errorf("sandbox %s is %s: stop it first or use rm -f", sb.ID, sb.Status))
+		}
+		if err := h.s.stop(ctx, sb, 0); err != nil {
+			return nil, toConnectError(fmt.Errorf("kill sandbox %s: %w", sb.ID, err))
+		}
+	}
+	// Its node removes its files now, so that rm is done when it returns; a node that
+	// cannot be reached does when the record is gone from its assignments.
+	if sb.Node != "" {
+		if c, err := h.s.nodeFor(ctx, sb); err == nil {
+			rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			_, err = c.sandboxes.RemoveSandbox(rctx, connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: sb.ID}))
+			cancel()
+			if err != nil && connect.CodeOf(err) != connect.CodeUnavailable && connect.CodeOf(err) != connect.CodeDeadlineExceeded {
+				return nil, toConnectError(fmt.Errorf("remove sandbox %s on node %s: %w", sb.ID, sb.Node, err))
+			}
+		}
+	}
+	if err := h.s.store.DeleteSandbox(ctx, sb.ID); err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.RemoveSandboxResponse{}), nil
+}
+
+// Attach replays the main process's output from the start, follows it, forwards stdin and
+// signals, and ends with the exit.
+func (h *sandboxService) Attach(ctx context.Context, stream *connect.BidiStream[pb.AttachRequest, pb.AttachResponse]) error {
+	first, err := stream.Receive()
+	if err != nil {
+		return toConnectError(fmt.Errorf("read attach request: %w", err))
+	}
+	start := first.GetStart()
+	if start == nil {
+		return connect.NewError(connect.CodeInvalidArgument, errors.New("the first attach message must be start"))
+	}
+	sb, err := h.s.lookup(ctx, start.GetSandbox())
+	if err != nil {
+		return toConnectError(err)
+	}
+	// A new sandbox waits for a node; attach once the node has it.
+	if sb, err = h.s.waitStarted(ctx, sb.ID); err != nil {
+		return toConnectError(err)
+	}
+	return h.s.attachOnNode(ctx, sb, stream)
+}
+
+func exitOf(sb state.Sandbox) *pb.Exit {
+	return &pb.Exit{Code: int32(sb.ExitCode), Signal: int32(sb.Signal), Status: string(sb.Status), Reason: sb.Reason}
+}
+
+func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsRequest], stream *connect.ServerStream[pb.LogsResponse]) error {
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return toConnectError(err)
+	}
+	if sb.Node == "" {
+		return nil // not placed yet: no output
+	}
+	return h.s.logsOnNode(ctx, sb, req.Msg, stream)
+}
+
+// readExecStart reads and checks the first message of an Exec call.
+func readExecStart(stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) (*pb.ExecRequest, *pb.ExecStart, error) {
+	first, err := stream.Receive()
+	if err != nil {
+		return nil, nil, toConnectError(fmt.Errorf("read exec request: %w", err))
+	}
+	start := first.GetStart()
+	if start == nil || len(start.GetArgv()) == 0 {
+		return nil, nil, connect.NewError(connect.CodeInvalidArgument, errors.New("the first exec message must be start with a non-empty argv"))
+	}
+	return first, start, nil
+}
+
+func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {
+	first, start, err := readExecStart(stream)
+	if err != nil {
+		return err
+	}
+	if err := validateEnvPB(start.GetEnv()); err != nil {
+		return connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	sb, err := h.s.lookup(ctx, start.GetSandbox())
+	if err != nil {
+		return toConnectError(err)
+	}
+	// A sandbox just created (`run -d` returns before it runs) is waited for.
+	if sb, err = h.s.waitRunning(ctx, sb); err != nil {
+		return err
+	}
+	return h.s.execOnNode(ctx, sb, first, stream)
+}
+
+func validateEnvPB(env []string) error {
+	for _, kv := range env {
+		if k, _, ok := cutEq(kv); !ok || k == "" {
+			return fmt.Errorf("invalid environment entry %q: want KEY=VALUE", kv)
+		}
+	}
+	return nil
+}
+
+func cutEq(s string) (string, string, bool) {
+	for i := 0; i < len(s); i++ {
+		if s[i] == '=' {
+			return s[:i], s[i+1:], true
+		}
+	}
+	return s, "", false
+}
+
+func specFromPB(p *pb.SandboxSpec) state.SandboxSpec {
+	spec := state.SandboxSpec{
+		Image: p.GetImage(), Cmd: p.GetCmd(), Env: p.GetEnv(), WorkingDir: p.GetWorkingDir(),
+		User: p.GetUser(), VCPUs: int(p.GetVcpus()), MemoryMiB: int(p.GetMemoryMib()),
+		TTY: p.GetTty(), Stdin: p.GetStdin(), InsecureRegistries: p.GetInsecureRegistries(),
+		Restart: state.RestartPolicy(p.GetRestart()), Constraints: p.GetConstraints(), Spread: p.GetSpread(),
+		DiskMiB: int(p.GetDiskMib()), Boot: state.BootMode(p.GetBoot()),
+		Network: p.GetNetwork(), Policy: p.GetPolicy(),
+	}
+	for _, pp := range p.GetPorts() {
+		port := uint16(pp.GetPort())
+		if pp.GetPort() > 65535 {
+			port = 0 // refused by validation
+		}
+		spec.Ports = append(spec.Ports, state.Port{Port: port, Public: pp.GetPublic()})
+	}
+	if p.GetEntrypointSet() {
+		spec.Entrypoint = append([]string{}, p.GetEntrypoint()...)
+		if len(spec.Entrypoint) == 0 {
+			spec.Entrypoint = []string{""}
+		}
+	}
+	if t := p.GetTimeout(); t != nil {
+		spec.Timeout = t.AsDuration()
+	}
+	return spec
+}
+
+func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
+	spec := &pb.SandboxSpec{
+		Image: sb.Spec.Image, Cmd: sb.Spec.Cmd, Env: sb.Spec.Env, WorkingDir: sb.Spec.WorkingDir,
+		User: sb.Spec.User, Vcpus: int32(sb.Spec.VCPUs), MemoryMib: int32(sb.Spec.MemoryMiB),
+		Tty: sb.Spec.TTY, Stdin: sb.Spec.Stdin, InsecureRegistries: sb.Spec.InsecureRegistries,
+		Restart: string(sb.Spec.Restart), Constraints: sb.Spec.Constraints, Spread: sb.Spec.Spread,
+		DiskMib: int32(sb.Spec.DiskMiB), Boot: string(sb.Spec.Boot),
+		Network: sb.Spec.Network, Policy: sb.Spec.Policy,
+	}
+	for _, p := range sb.Spec.Ports {
+		spec.Ports = append(spec.Ports, &pb.Port{Port: uint32(p.Port), Public: p.Public})
+	}
+	if sb.Spec.Entrypoint != nil {
+		spec.EntrypointSet, spec.Entrypoint = true, sb.Spec.Entrypoint
+	}
+	if sb.Spec.Timeout > 0 {
+		spec.Timeout = durationpb.New(sb.Spec.Timeout)
+	}
+	out := &pb.Sandbox{
+		Id: sb.ID, Name: sb.Name, Spec: spec, Status: string(sb.Status), Reason: sb.Reason,
+		ExitCode: int32(sb.ExitCode), Signal: int32(sb.Signal), Node: sb.Node, ImageDigest: sb.ImageDigest,
+		Accel: sb.Accel, CreatedAt: ts(sb.CreatedAt), StartedAt: ts(sb.StartedAt), FinishedAt: ts(sb.FinishedAt),
+		Details: sb.Runtime, Owner: sb.Owner, Restarts: int32(sb.Restarts), AccessToken: sb.AccessToken,
+	}
+	for _, e := range sb.Events {
+		out.Events = append(out.Events, &pb.Event{Time: ts(e.Time), Status: string(e.Status), Reason: e.Reason})
+	}
+	return out
+}
+
+func ts(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
+// lookup resolves a sandbox reference the caller gave (ID, name or ID prefix) and checks
+// the caller may act on it: admins on every sandbox, users on the ones they created.
+func (s *Server) lookup(ctx context.Context, ref string) (state.Sandbox, error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return state.Sandbox{}, err
+	}
+	owner := ""
+	if !who.Admin() {
+		// A user's lookups see only the user's sandboxes: another's is "not found" by
+		// ID, name or prefix, so nothing confirms that it exists.
+		owner = who.TokenID
+	}
+	sb, err := s.store.GetOwnedSandbox(ctx, ref, owner)
+	if err != nil {
+		return state.Sandbox{}, err
+	}
+	if !who.CanAccess(sb.Owner) {
+		return state.Sandbox{}, connect.NewError(connect.CodePermissionDenied,
+			fmt.Errorf("sandbox %q belongs to another token; a user token acts only on its own sandboxes", ref))
+	}
+	return sb, nil
+}
+
+// stop ends a sandbox that is not over yet and returns once it is recorded as over (or ctx
+// ends). It records the request, which the sandbox's node acts on (SIGTERM, then a kill
+// after grace) and reports.
+func (s *Server) stop(ctx context.Context, sb state.Sandbox, grace time.Duration) error {
+	if _, err := s.store.UpdateSandbox(ctx, sb.ID, state.Update{StopGrace: &grace, Time: s.now()}); err != nil {
+		return err
+	}
+	if sb.Status == state.StatusPending && sb.Node == "" {
+		return s.recordStoppedBeforeStart(ctx, sb.ID)
+	}
+	if cp := s.cluster.ControlPlane; cp != nil {
+		cp.Notify()
+	}
+	wctx, cancel := context.WithTimeout(ctx, grace+30*time.Second)
+	defer cancel()
+	_, err := s.waitFor(wctx, sb.ID, func(sb state.Sandbox) bool { return sb.Status.Terminal() })
+	if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+		return fmt.Errorf("node %s has not confirmed the stop yet; it stops the sandbox when it reconnects", sb.Node)
+	}
+	return err
+}
+
+// startWait bounds how long a call on a sandbox that is still being placed or started
+// waits for it to run.
+const startWait = 2 * time.Minute
+
+// waitRunning returns sb once it runs: at once if it does, after its start if it is
+// pending or starting (within startWait), else a "failed precondition" naming its status.
+func (s *Server) waitRunning(ctx context.Context, sb state.Sandbox) (state.Sandbox, error) {
+	if sb.Status == state.StatusPending || sb.Status == state.StatusStarting {
+		wctx, cancel := context.WithTimeout(ctx, startWait)
+		got, err := s.waitFor(wctx, sb.ID, func(sb state.Sandbox) bool {
+			return sb.Status != state.StatusPending && sb.Status != state.StatusStarting
+		})
+		cancel()
+		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+			reason := ""
+			if got.Reason != "" {
+				reason = " (" + got.Reason + ")"
+			}
+			return got, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is still %s after %s%s", sb.ID, got.Status, startWait, reason))
+		}
+		if err != nil {
+			return got, toConnectError(err)
+		}
+		sb = got
+	}
+	if sb.Status != state.StatusRunning {
+		return sb, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s, not running", sb.ID, sb.Status))
+	}
+	return sb, nil
+}
+
+func (s *Server) recordStoppedBeforeStart(ctx context.Context, id string) error {
+	st, code := state.StatusExited, 128+15
+	_, err := s.store.UpdateSandbox(ctx, id, state.Update{Status: &st, Reason: "stopped by request before it started", ExitCode: &code, Time: s.now()})
+	if errors.Is(err, state.ErrInvalidTransition) {
+		return nil // it moved on meanwhile; the node handles the request
+	}
+	return err
+}
+
+// validateSpec checks a sandbox request (or a pool's shape), the same on every server.
+// Amounts that no node of the cluster offers are refused at once (while nodes are
+// registered: a cluster whose first node has not joined yet takes the request); the rest
+// is the scheduler's business: a sandbox that fits no node now stays pending with the
+// reason. It fills in the default shape.
+func (s *Server) validateSpec(spec *state.SandboxSpec) error {
+	if spec.Image == "" {
+		return errors.New("no image given")
+	}
+	r := SandboxResources(*spec)
+	spec.VCPUs, spec.MemoryMiB = r.VCPUs, r.MemoryMiB
+	switch {
+	case spec.VCPUs > 1024:
+		return fmt.Errorf("--cpus %d is more than any node has (limit 1024)", spec.VCPUs)
+	case spec.MemoryMiB < 128 || spec.MemoryMiB > 4<<20:
+		return fmt.Errorf("--memory %dMiB is outside 128 MiB..4 TiB", spec.MemoryMiB)
+	case spec.DiskMiB < 0 || spec.DiskMiB > 64<<20:
+		return fmt.Errorf("disk %dMiB is outside 0..64 TiB", spec.DiskMiB)
+	case spec.Timeout < 0:
+		return fmt.Errorf("--timeout %s is negative", spec.Timeout)
+	}
+	if _, err := state.ParseRestartPolicy(string(spec.Restart)); err != nil {
+		return err
+	}
+	for _, c := range spec.Constraints {
+		if _, err := scheduler.ParseConstraint(c); err != nil {
+			return err
+		}
+	}
+	if err := state.ValidateEnv(spec.Env); err != nil {
+		return err
+	}
+	var most state.Resources
+	nodes := s.store.LocalNodes()
+	for _, n := range nodes {
+		most.VCPUs = max(most.VCPUs, n.Capacity.VCPUs)
+		most.MemoryMiB = max(most.MemoryMiB, n.Capacity.MemoryMiB)
+	}
+	switch {
+	case len(nodes) == 0:
+	case spec.VCPUs > most.VCPUs:
+		return fmt.Errorf("--cpus %d: no node offers that many vCPUs to a sandbox (the most is %d)", spec.VCPUs, most.VCPUs)
+	case spec.MemoryMiB > most.MemoryMiB:
+		return fmt.Errorf("--memory %dMiB: no node offers that much memory to a sandbox (the most is %d MiB)", spec.MemoryMiB, most.MemoryMiB)
+	}
+	return nil
+}

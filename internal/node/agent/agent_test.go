@@ -1,0 +1,266 @@
+package agent_test
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
+	"github.com/fireworks-sandbox/fireworks/internal/node/agent/agenttest"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
+)
+
+// node is an agent on the test double driver (no VMs, no networks) over a real state
+// store, placing sandboxes on it as the control plane would.
+type node struct {
+	t      *testing.T
+	ag     *agent.Agent
+	store  *state.Store
+	driver *agenttest.Driver
+	image  string
+}
+
+func newNode(t *testing.T) *node {
+	t.Helper()
+	for _, tool := range []string{"mkfs.erofs", "mkfs.ext4"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not found: run ./scripts/install-deps.sh (the agent builds root and scratch disks with it)", tool)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	store, err := state.Open(ctx, state.Options{Dir: t.TempDir(), NodeID: "test", Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	if _, err := store.RegisterNode(ctx, state.Node{ID: "n1", Address: "127.0.0.1:1", UpdatedAt: time.Now(),
+		Capacity: state.Resources{VCPUs: 4, MemoryMiB: 4096, DiskMiB: 100000}}); err != nil {
+		t.Fatal(err)
+	}
+	// Short: the guest channel is a unix socket under it.
+	dir, err := os.MkdirTemp("/tmp", "fwag")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	d := &agenttest.Driver{}
+	ag, err := agent.New(ctx, agent.Config{DataDir: filepath.Join(dir, "d"), Node: "n1", Driver: d, Assets: agenttest.Assets,
+		NoNetworks: true, MaxVCPUs: 4, MaxMemoryMiB: 4096, Logger: log}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ag.Close() })
+	// An image with a shell script as its command: what runs is the test host's sh.
+	root := t.TempDir()
+	if err := os.WriteFile(filepath.Join(root, "hello"), []byte("hello from the image\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img := testimage.DirImage(t, root, v1.Config{Env: []string{"PATH=/usr/bin:/bin"}})
+	layout := filepath.Join(t.TempDir(), "img")
+	testimage.WriteOCILayout(t, layout, img, "latest")
+	return &node{t: t, ag: ag, store: store, driver: d, image: "oci:" + layout + ":latest"}
+}
+
+// run creates a sandbox of spec, places it on the node, hands the node its assignments
+// and waits for the sandbox to end.
+func (n *node) run(spec state.SandboxSpec) state.Sandbox {
+	n.t.Helper()
+	return n.wait(n.start(spec))
+}
+
+// start creates a sandbox of spec, places it on the node as the control plane would and
+// hands the node its assignments; it returns the sandbox's ID.
+func (n *node) start(spec state.SandboxSpec) string {
+	n.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if spec.Image == "" {
+		spec.Image = n.image
+	}
+	spec.Network, spec.VCPUs, spec.MemoryMiB = state.NetworkNone, 1, 256
+	sb := state.Sandbox{ID: state.NewID(), Spec: spec, Status: state.StatusPending, CreatedAt: time.Now()}
+	if err := n.store.CreateSandbox(ctx, sb); err != nil {
+		n.t.Fatal(err)
+	}
+	res, err := n.store.PlaceSandboxes(ctx, []state.Plan{{SandboxID: sb.ID, NodeID: "n1"}}, scheduler.Config{}, time.Now())
+	if err != nil || len(res) != 1 || res[0].Err != "" {
+		n.t.Fatalf("place: %v %+v", err, res)
+	}
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	return sb.ID
+}
+
+// wait waits for sandbox id to end (and stop being live on the node).
+func (n *node) wait(id string) state.Sandbox {
+	n.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		changed := n.store.Changed()
+		got, err := n.store.GetSandbox(ctx, id)
+		if err != nil {
+			n.t.Fatal(err)
+		}
+		if got.Status.Terminal() {
+			select { // recorded just before the sandbox stops being live here
+			case <-n.ag.Done(id):
+			case <-ctx.Done():
+				n.t.Fatalf("sandbox %s is %s but still live on the node", id, got.Status)
+			}
+			return got
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			n.t.Fatalf("sandbox %s still %s (%s)", id, got.Status, got.Reason)
+		}
+	}
+}
+
+// waitFor polls cond (background work of the node's: launches ahead, refills).
+func (n *node) waitFor(what string, cond func() bool) {
+	n.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			n.t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func phases(sb state.Sandbox) []string {
+	var out []string
+	for _, f := range strings.Fields(sb.Runtime["start_phases"]) {
+		name, _, _ := strings.Cut(f, "=")
+		out = append(out, name)
+	}
+	return out
+}
+
+// TestStartPaths runs the agent's start paths on the test double: a cold boot, a
+// template built and restored, each fallback to a cold boot with its reason, and the
+// failures a start reports.
+func TestStartPaths(t *testing.T) {
+	n := newNode(t)
+	sh := []string{"sh", "-c", "echo started"}
+
+	sb := n.run(state.SandboxSpec{Cmd: sh, Boot: state.BootCold})
+	if sb.Status != state.StatusExited || sb.ExitCode != 0 || sb.Runtime["start_mode"] != "cold" || n.driver.Boots.Load() != 1 {
+		t.Fatalf("cold boot: %s %d (%s) mode %q, %d boots", sb.Status, sb.ExitCode, sb.Reason, sb.Runtime["start_mode"], n.driver.Boots.Load())
+	}
+	if got := phases(sb); !equal(got, "pull", "rootdisk", "vmm", "guest", "setup", "exec") {
+		t.Errorf("cold boot phases %v", got)
+	}
+
+	// The first start of the image builds its template, then restores from it.
+	sb = n.run(state.SandboxSpec{Cmd: sh})
+	if sb.Status != state.StatusExited || sb.Runtime["start_mode"] != "restore" || n.driver.Snapshots.Load() != 1 || n.driver.Restores.Load() != 1 {
+		t.Fatalf("restore: %s (%s) mode %q, %d snapshots, %d restores", sb.Status, sb.Reason, sb.Runtime["start_mode"], n.driver.Snapshots.Load(), n.driver.Restores.Load())
+	}
+	if got := phases(sb); !equal(got, "pull", "rootdisk", "template_build", "vmm", "guest", "identity+exec") {
+		t.Errorf("first restore phases %v", got)
+	}
+	// A restore asks for a VMM launched ahead for the next one, which takes it.
+	n.waitFor("a VMM launched ahead", func() bool { return n.driver.Prestarts.Load() == 1 })
+	if sb = n.run(state.SandboxSpec{Cmd: sh}); n.driver.Snapshots.Load() != 1 || sb.Runtime["vmm_launched_ahead"] != "yes" ||
+		!equal(phases(sb), "pull", "rootdisk", "template", "vmm", "guest", "identity+exec") {
+		t.Errorf("second restore: %d snapshots (want the template kept), launched ahead %q, phases %v", n.driver.Snapshots.Load(), sb.Runtime["vmm_launched_ahead"], phases(sb))
+	}
+	// A VMM launched ahead that fails is no reason to give the template up: restore afresh.
+	n.waitFor("another VMM launched ahead", func() bool { return n.driver.Prestarts.Load() == 2 })
+	n.driver.FailAhead = errors.New("injected failure of a VMM launched ahead")
+	sb = n.run(state.SandboxSpec{Cmd: sh})
+	n.driver.FailAhead = nil
+	if sb.Status != state.StatusExited || sb.Runtime["start_mode"] != "restore" || sb.Runtime["vmm_launched_ahead"] != "" || n.driver.Snapshots.Load() != 1 {
+		t.Errorf("failed slot: %s (%s) mode %q ahead %q, %d snapshots", sb.Status, sb.Reason, sb.Runtime["start_mode"], sb.Runtime["vmm_launched_ahead"], n.driver.Snapshots.Load())
+	}
+
+	// A restore that fails drops the template and boots instead, saying why.
+	n.driver.FailRestore = errors.New("injected restore failure")
+	sb = n.run(state.SandboxSpec{Cmd: sh})
+	n.driver.FailRestore = nil
+	if sb.Status != state.StatusExited || sb.Runtime["start_mode"] != "cold" || !strings.Contains(sb.Runtime["start_fallback"], "restore failed: ") ||
+		!strings.Contains(sb.Runtime["start_fallback"], "injected restore failure") {
+		t.Fatalf("failed restore: %s mode %q fallback %q", sb.Status, sb.Runtime["start_mode"], sb.Runtime["start_fallback"])
+	}
+	if sb = n.run(state.SandboxSpec{Cmd: sh}); sb.Runtime["start_mode"] != "restore" || n.driver.Snapshots.Load() != 2 {
+		t.Errorf("after a failed restore: mode %q, %d snapshots (want a new template)", sb.Runtime["start_mode"], n.driver.Snapshots.Load())
+	}
+
+	// --boot restore and a template that cannot be built: the start boots, saying why.
+	other := filepath.Join(t.TempDir(), "other")
+	testimage.WriteOCILayout(t, other, testimage.DirImage(t, t.TempDir(), v1.Config{}), "latest")
+	n.driver.FailSnapshot = errors.New("injected snapshot failure")
+	sb = n.run(state.SandboxSpec{Image: "oci:" + other + ":latest", Cmd: sh, Boot: state.BootRestore})
+	n.driver.FailSnapshot = nil
+	if sb.Status != state.StatusExited || sb.Runtime["start_mode"] != "cold" || !strings.Contains(sb.Runtime["start_fallback"], "injected snapshot failure") {
+		t.Fatalf("failed template build: %s (%s) mode %q fallback %q", sb.Status, sb.Reason, sb.Runtime["start_mode"], sb.Runtime["start_fallback"])
+	}
+
+	// Failures a start reports, with their reasons.
+	n.driver.FailBoot = errors.New("injected boot failure")
+	sb = n.run(state.SandboxSpec{Cmd: sh, Boot: state.BootCold})
+	n.driver.FailBoot = nil
+	if sb.Status != state.StatusFailed || !strings.Contains(sb.Reason, "injected boot failure") {
+		t.Errorf("failed boot: %s (%s)", sb.Status, sb.Reason)
+	}
+	sb = n.run(state.SandboxSpec{Image: "oci:/nonexistent-layout", Cmd: sh})
+	if sb.Status != state.StatusFailed || !strings.Contains(sb.Reason, "pull image oci:/nonexistent-layout") {
+		t.Errorf("missing image: %s (%s)", sb.Status, sb.Reason)
+	}
+	sb = n.run(state.SandboxSpec{Cmd: []string{"no-such-command-here"}})
+	if sb.Status != state.StatusExited || sb.ExitCode != 127 || !strings.Contains(sb.Reason, "not found") {
+		t.Errorf("command not found: %s %d (%s)", sb.Status, sb.ExitCode, sb.Reason)
+	}
+	sb = n.run(state.SandboxSpec{Cmd: []string{"sh", "-c", "exit 3"}})
+	if sb.Status != state.StatusExited || sb.ExitCode != 3 {
+		t.Errorf("exit 3: %s %d (%s)", sb.Status, sb.ExitCode, sb.Reason)
+	}
+	if live := n.ag.Running(); len(live) != 0 {
+		t.Errorf("sandboxes still live after they ended: %v", live)
+	}
+}
+
+func equal(got []string, want ...string) bool {
+	return strings.Join(got, " ") == strings.Join(want, " ")
+}
+
+// TestCapacityAndStop: a running sandbox counts against the node and shows as live; a
+// stop request in its assignment ends it with SIGTERM's code, and the capacity frees.
+func TestCapacityAndStop(t *testing.T) {
+	n := newNode(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	id := n.start(state.SandboxSpec{Cmd: []string{"sleep", "60"}, Boot: state.BootCold})
+	n.waitFor("the sandbox running", func() bool {
+		sb, err := n.store.GetSandbox(ctx, id)
+		return err == nil && sb.Status == state.StatusRunning
+	})
+	if live := n.ag.Running(); len(live) != 1 || live[0] != id || n.ag.Info().Running != 1 {
+		t.Fatalf("running: live %v, Info.Running %d", live, n.ag.Info().Running)
+	}
+	grace := time.Second
+	if _, err := n.store.UpdateSandbox(ctx, id, state.Update{StopGrace: &grace, Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	if sb := n.wait(id); sb.Status != state.StatusExited || sb.ExitCode != 128+15 {
+		t.Errorf("stopped sandbox: %s %d (%s)", sb.Status, sb.ExitCode, sb.Reason)
+	}
+	if live := n.ag.Running(); len(live) != 0 || n.ag.Info().Running != 0 {
+		t.Errorf("after the stop: live %v, Info.Running %d", live, n.ag.Info().Running)
+	}
+}

@@ -1,0 +1,159 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+// Reconcile makes this node run what the control plane assigned to it. desired is the
+// full set of sandboxes whose Node is this node, as the control plane sees them (any
+// status); it is authoritative: a sandbox with files here that is not in it was removed.
+//
+// Assignment snapshots can arrive late (after the node already reported progress), so a
+// start is keyed by the sandbox's incarnation (ID and restart count): each incarnation is
+// started at most once by this process, whatever the snapshots say afterwards.
+func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
+	want := make(map[string]state.Sandbox, len(desired))
+	for _, sb := range desired {
+		if sb.Node == a.cfg.Node {
+			want[sb.ID] = sb
+		}
+	}
+	for id, sb := range want {
+		live := a.isLive(id)
+		switch {
+		case !sb.StopRequestedAt.IsZero():
+			if live && a.markStopping(id) {
+				a.background(func(ctx context.Context) {
+					if err := a.Stop(ctx, id, sb.StopGrace); err != nil {
+						a.log.Warn("stop assigned sandbox", "sandbox", id, "err", err)
+					}
+				})
+			}
+		case sb.Status.Terminal() && live:
+			// The control plane has given the sandbox up (its node was declared down
+			// and came back): it must not keep running here.
+			if a.markStopping(id) {
+				a.background(func(ctx context.Context) { _ = a.Stop(ctx, id, 0) })
+			}
+		case sb.Status == state.StatusPending && !live:
+			if !a.claimIncarnation(id, sb.Restarts) {
+				continue
+			}
+			if err := a.Start(sb); err != nil {
+				// Nothing runs, so nothing else would ever report on it.
+				a.log.Warn("start assigned sandbox", "sandbox", id, "err", err)
+				a.background(func(ctx context.Context) {
+					r, node := sb.Restarts, a.cfg.Node
+					_, _ = a.store.UpdateSandbox(ctx, id, state.Update{Status: status(state.StatusFailed), Reason: "the node could not start it: " + err.Error(),
+						IfRestarts: &r, IfNode: &node, Time: time.Now()})
+				})
+			}
+		}
+	}
+	// Live sandboxes that are no longer ours (removed, or moved by a drain): kill them.
+	a.mu.Lock()
+	var gone []string
+	for id := range a.live {
+		if _, ok := want[id]; !ok {
+			gone = append(gone, id)
+		}
+	}
+	a.mu.Unlock()
+	for _, id := range gone {
+		a.background(func(ctx context.Context) {
+			_ = a.Stop(ctx, id, 0)
+			if err := a.Remove(id); err != nil {
+				a.log.Warn("remove sandbox no longer assigned", "sandbox", id, "err", err)
+			}
+		})
+	}
+	// Files of sandboxes the control plane no longer knows: removed by a user.
+	entries, _ := os.ReadDir(a.sandboxRoot())
+	for _, e := range entries {
+		id := e.Name()
+		if _, ok := want[id]; ok || a.isLive(id) || strings.HasPrefix(id, ".") {
+			continue
+		}
+		if err := a.Remove(id); err != nil {
+			a.log.Warn("remove files of a removed sandbox", "sandbox", id, "err", err)
+		}
+	}
+}
+
+func (a *Agent) isLive(id string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_, ok := a.live[id]
+	return ok
+}
+
+// claimIncarnation records that (id, restarts) is being started; false if it already was.
+func (a *Agent) claimIncarnation(id string, restarts int) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	key := fmt.Sprintf("%s/%d", id, restarts)
+	if a.started[key] {
+		return false
+	}
+	a.started[key] = true
+	return true
+}
+
+// markStopping records that a stop of id was started by Reconcile; false if it already was.
+func (a *Agent) markStopping(id string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.stopsSent[id] {
+		return false
+	}
+	a.stopsSent[id] = true
+	return true
+}
+
+// background runs fn on the agent's lifetime, not a request's: a stop must finish even if
+// the stream that asked for it ends.
+func (a *Agent) background(fn func(ctx context.Context)) {
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		ctx, cancel := context.WithTimeout(a.ctx, 10*time.Minute)
+		defer cancel()
+		fn(ctx)
+	}()
+}
+
+// Running returns the IDs of the sandboxes live on this node.
+func (a *Agent) Running() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	ids := make([]string, 0, len(a.live))
+	for id := range a.live {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// ImageDigests returns the digests of the images whose root disk this node holds, for
+// the scheduler's locality preference.
+func (a *Agent) ImageDigests(ctx context.Context) []string {
+	imgs, err := a.images.List(ctx)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, img := range imgs {
+		if img.RootDisk != "" && !slices.Contains(out, img.Digest) {
+			out = append(out, img.Digest)
+		}
+	}
+	slices.Sort(out)
+	return out
+}

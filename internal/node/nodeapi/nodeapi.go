@@ -1,0 +1,103 @@
+// Package nodeapi is a node's internal API, on top of its agent: what the servers ask of
+// the node (the data plane of its sandboxes: attach, logs, exec, policy, port-forward,
+// removal; its images, templates and warm pools; its Info), and its data address for the
+// edges (CONNECT tunnels and Host-routed requests to published ports, see
+// internal/shared/ingress). Remote servers reach it over mutual TLS (Handler); the server of the
+// node's own process (`fireworks dev`) in memory (APIHandler), through the same handlers.
+//
+// Users are authenticated and authorised by the server; the node trusts its caller to
+// be a server (it checks the certificate) and takes the user the server acts for from
+// the caller headers (see rpc.CallerTokenHeader).
+package nodeapi
+
+import (
+	"crypto/tls"
+	"errors"
+	"log/slog"
+	"net/http"
+
+	"connectrpc.com/connect"
+
+	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
+	"github.com/fireworks-sandbox/fireworks/internal/node/image"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
+)
+
+// Options configure a node's listener (Handler).
+type Options struct {
+	// IngressDomain is the ingress domain (default routes.DefaultDomain): requests whose
+	// Host names a sandbox port under it go to the data path.
+	IngressDomain string
+	// RevokedEdges are the edge certificates the data path refuses (revoked with their
+	// token), as the servers' heartbeat answers list them; nil refuses none.
+	RevokedEdges *pki.Revoked
+}
+
+// Handler is a node's listener: the internal API for cluster servers (their certificate
+// is checked here) and the data path for edges (ingress and server certificates).
+func Handler(ag *agent.Agent, opts Options, log *slog.Logger) http.Handler {
+	if opts.IngressDomain == "" {
+		opts.IngressDomain = routes.DefaultDomain
+	}
+	data := edgeHandler(ag, opts.IngressDomain, opts.RevokedEdges, log)
+	api := APIHandler(ag, log)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if isDataRequest(r, opts.IngressDomain) {
+			data.ServeHTTP(w, r)
+			return
+		}
+		if role, _, err := pki.PeerIdentity(r.TLS); err != nil || role != pki.RoleServer {
+			rpc.Unauthenticated(w, r, "a node's internal API serves only cluster servers")
+			return
+		}
+		api.ServeHTTP(w, r)
+	})
+}
+
+// APIHandler is a node's internal API without the peer check: behind Handler's for
+// remote servers, or reached in memory by the server of the node's own process.
+func APIHandler(ag *agent.Agent, log *slog.Logger) http.Handler {
+	mux := http.NewServeMux()
+	opts := rpc.HandlerOptions(log)
+	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&sandboxService{ag: ag}, opts...))
+	mux.Handle(fireworksv1connect.NewImageServiceHandler(&imageService{ag: ag}, opts...))
+	mux.Handle(fireworksv1connect.NewSystemServiceHandler(&systemService{ag: ag}, opts...))
+	return rpc.BoundBody(mux)
+}
+
+// TLS is the listener configuration for Handler: HTTP/2 for the servers' calls, HTTP/1.1
+// for the edges (CONNECT tunnels, WebSocket upgrades).
+func TLS(ca *pki.CA, cert tls.Certificate) *tls.Config {
+	cfg := pki.ServerTLS(ca, cert, true)
+	cfg.NextProtos = []string{"h2", "http/1.1"}
+	return cfg
+}
+
+// caller is who the server acts for on a call: a token ID ("" for the server itself, e.g.
+// the control plane) and whether that token is an admin's.
+type caller struct {
+	token string
+	admin bool
+}
+
+func callerOf(h http.Header) caller {
+	c := caller{token: h.Get(rpc.CallerTokenHeader), admin: h.Get(rpc.CallerAdminHeader) == "true"}
+	if c.token == "" {
+		c.admin = true // the server's own call (the operator's)
+	}
+	return c
+}
+
+// sentinels are the node's errors callers can act on.
+var sentinels = []rpc.Sentinel{
+	{Err: agent.ErrNotRunning, Code: connect.CodeFailedPrecondition},
+	{Err: image.ErrNotFound, Code: connect.CodeNotFound},
+	{Err: image.ErrOwnerBudget, Code: connect.CodeResourceExhausted},
+}
+
+func toConnectError(err error) error { return rpc.Error(err, sentinels) }
+
+var errNoRef = connect.NewError(connect.CodeInvalidArgument, errors.New("no image reference given"))

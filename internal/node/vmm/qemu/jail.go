@@ -1,0 +1,448 @@
+package qemu
+
+import (
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/jail"
+)
+
+// JailConfig runs every QEMU as a user of its own (UIDBase + a free slot below UIDCount)
+// in a jail that holds only its VM's files (see package jail), in cgroups bounding its
+// CPU, memory and processes.
+type JailConfig struct {
+	UIDBase, UIDCount int
+	// GID is every VMM's group: files several VMMs read (kernel, initramfs, image disks)
+	// or map (a template's memory) are made readable to it, not to everyone.
+	GID int
+	// CgroupName names this driver's cgroup directory (default "fireworks-vmm"), under the
+	// agent's own cgroup.
+	CgroupName string
+}
+
+// DefaultJail is JailFor("").
+func DefaultJail() *JailConfig { return JailFor("") }
+
+// JailFor is the jail of the driver of one agent, named by its data directory: a range of
+// 65,536 users and a cgroup of its own, so two agents on a host never hand out the same
+// user (one VMM could then trace the other's). The VMMs' group is the host's one.
+func JailFor(owner string) *JailConfig {
+	h := fnv.New32a()
+	h.Write([]byte(owner))
+	slot := int(h.Sum32() % 4096)
+	return &JailConfig{UIDBase: 1_800_000_000 + slot<<16, UIDCount: 1 << 16, GID: 1_799_999_999,
+		CgroupName: fmt.Sprintf("fireworks-vmm-%03x", slot)}
+}
+
+// ShareSocket implements vmm.SocketSharer: the host's end of a guest channel, writable
+// to the VMMs' group (a jailed QEMU reaches only its own VM's sockets anyway).
+func (d *Driver) ShareSocket(path string) error {
+	if d.cfg.Jail == nil {
+		return nil
+	}
+	if err := setOwner(path, unix.S_IFSOCK, 0, d.cfg.Jail.GID, 0o660); err != nil {
+		return fmt.Errorf("share %s with the VMMs: %w", path, err)
+	}
+	return nil
+}
+
+// setOwner gives the file at path (which must be of type typ, an S_IF* value) owner
+// uid:gid and permissions mode (mode < 0: unchanged). It never follows a symlink: a run
+// directory belongs to its VMM's user, and a VMM taken over by its guest could put a
+// symlink where the host expects its socket or log, to have the host chown something
+// else. The change is made through a descriptor of the very file checked.
+func setOwner(path string, typ uint32, uid, gid, mode int) error {
+	fd, err := unix.Open(path, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT != typ {
+		return fmt.Errorf("%s is not what the VMM's file should be (mode %o)", path, st.Mode)
+	}
+	if err := unix.Fchownat(fd, "", uid, gid, unix.AT_EMPTY_PATH); err != nil {
+		return err
+	}
+	if mode >= 0 {
+		// chmod has no AT_EMPTY_PATH; the descriptor's /proc link names the same inode.
+		if err := unix.Chmod("/proc/self/fd/"+strconv.Itoa(fd), uint32(mode)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// uids hands out the jail users of live VMs.
+type uids struct {
+	mu   sync.Mutex
+	used map[int]bool
+	next int
+}
+
+func (u *uids) take(cfg *JailConfig) (int, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.used == nil {
+		u.used = map[int]bool{}
+	}
+	for range cfg.UIDCount {
+		uid := cfg.UIDBase + u.next%cfg.UIDCount
+		u.next++
+		if !u.used[uid] && uid != cfg.GID {
+			u.used[uid] = true
+			return uid, nil
+		}
+	}
+	return 0, errors.New("jail: every VMM user is taken")
+}
+
+func (u *uids) mark(uid int) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.used == nil {
+		u.used = map[int]bool{}
+	}
+	u.used[uid] = true
+}
+
+func (u *uids) give(uid int) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	delete(u.used, uid)
+}
+
+// jailFiles is what a VM's jail binds: its run directory, and every file its command
+// line names.
+type jailFiles struct {
+	ro, rw []string
+}
+
+// Files inside the run directory are reached through its bind (they may be made or
+// replaced after the VMM was launched ahead of a restore: a bind of their own would
+// keep showing the old file); in rwOwn are those of its own the VMM writes.
+func filesOf(s vmm.Spec) jailFiles {
+	f := jailFiles{rw: []string{s.Dir}}
+	inDir := func(p string) bool { return strings.HasPrefix(p, s.Dir+"/") }
+	for _, p := range []string{s.Kernel, s.Initrd} {
+		if p != "" && !inDir(p) {
+			f.ro = append(f.ro, p)
+		}
+	}
+	for _, d := range s.Disks {
+		switch {
+		case d.ReadOnly && !inDir(d.Path):
+			f.ro = append(f.ro, d.Path)
+		case d.ReadOnly:
+		case !inDir(d.Path):
+			f.rw = append(f.rw, d.Path)
+		}
+	}
+	if s.AgentSocket != "" && !inDir(s.AgentSocket) {
+		f.rw = append(f.rw, s.AgentSocket)
+	}
+	if s.MemoryFile != "" && !inDir(s.MemoryFile) {
+		f.rw = append(f.rw, s.MemoryFile)
+	}
+	if s.Restore != nil && !inDir(s.Restore.MemoryFile) {
+		// Opened read-only and mapped privately (readonly=on,rom=off): shared by every VM
+		// restored from the template, it is mounted read-only into each jail too.
+		f.ro = append(f.ro, s.Restore.MemoryFile)
+	}
+	return f
+}
+
+// prepare makes a VM's files usable by its jail user uid: its own (run directory, scratch
+// disks, memory file, sockets) become uid's; shared ones (kernel, image disks, template
+// memory) readable to the VMM group, writable by none of them.
+func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
+	f := filesOf(s)
+	own := func(p string, typ uint32, mode int) error {
+		if err := setOwner(p, typ, uid, j.GID, mode); err != nil {
+			return fmt.Errorf("jail: give %s to the VMM user: %w", p, err)
+		}
+		return nil
+	}
+	// The run directory may be a link the agent made (run/<id> to a slot's directory,
+	// in a directory only root writes): resolve it, then never follow a link again. It
+	// stays root's (searchable by the VMM); only its vmm/ part is the VMM's.
+	dir, err := filepath.EvalSymlinks(s.Dir)
+	if err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	if err := setOwner(dir, unix.S_IFDIR, 0, 0, 0o711); err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	if err := own(filepath.Join(dir, vmmDir), unix.S_IFDIR, 0o700); err != nil {
+		return err
+	}
+	// The sockets the host listens on (QEMU connects: it needs write permission on
+	// them) and what an earlier QEMU of this directory left.
+	for _, p := range []struct {
+		path string
+		typ  uint32
+	}{{s.AgentSocket, unix.S_IFSOCK}, {filepath.Join(s.Dir, consoleLog), unix.S_IFREG}, {filepath.Join(s.Dir, qmpSocket), unix.S_IFSOCK}} {
+		if _, err := os.Lstat(p.path); err == nil {
+			if err := own(p.path, p.typ, -1); err != nil {
+				return err
+			}
+		}
+	}
+	if s.MemoryFile != "" {
+		if fd, err := os.OpenFile(s.MemoryFile, os.O_CREATE|os.O_WRONLY, 0o600); err == nil {
+			fd.Close()
+		}
+		if err := own(s.MemoryFile, unix.S_IFREG, 0o600); err != nil {
+			return err
+		}
+	}
+	for _, d := range s.Disks {
+		if d.ReadOnly {
+			continue
+		}
+		if _, err := os.Lstat(d.Path); err == nil { // a restore's comes later: Start again
+			// 0600: root wrote through any mode, the VMM's user needs the bits (a copy
+			// of a template's read-only scratch disk is 0400).
+			if err := own(d.Path, unix.S_IFREG, 0o600); err != nil {
+				return err
+			}
+		}
+	}
+	if s.Restore != nil {
+		if err := sealed(*s.Restore); err != nil {
+			return err
+		}
+		// Shared by every VM restored from the template: the host's, readable by the
+		// VMMs' group, writable by no VMM (see filesOf).
+		if err := setOwner(s.Restore.MemoryFile, unix.S_IFREG, 0, j.GID, 0o640); err != nil {
+			return fmt.Errorf("jail: template memory for the VMM group: %w", err)
+		}
+	}
+	ro := slices.Clone(f.ro)
+	for _, d := range s.Disks {
+		if d.ReadOnly && !slices.Contains(ro, d.Path) {
+			ro = append(ro, d.Path)
+		}
+	}
+	for _, p := range append(ro, s.Kernel, s.Initrd) {
+		if p == "" {
+			continue
+		}
+		if err := groupAccess(p, j.GID, 0o040); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ErrTemplateTampered: a template's memory changed after the template was saved.
+var ErrTemplateTampered = errors.New("template memory was written after the template was saved")
+
+// sealed refuses a template whose memory file changed after its state file was written
+// (the end of the save). Restored VMMs open it read-only, so nothing should: this is a
+// check that what was saved is what is restored (an operator's mistake, a disk error).
+func sealed(snap vmm.Snapshot) error {
+	mem, err1 := os.Stat(snap.MemoryFile)
+	state, err2 := os.Stat(snap.StateFile)
+	if err := errors.Join(err1, err2); err != nil {
+		return fmt.Errorf("jail: template: %w", err)
+	}
+	if mem.ModTime().After(state.ModTime()) {
+		return fmt.Errorf("%w: %s modified at %s, saved at %s", ErrTemplateTampered, snap.MemoryFile, mem.ModTime(), state.ModTime())
+	}
+	return nil
+}
+
+// groupAccess gives group gid the permission bits perm (0o040 read, 0o060 read-write) on
+// path, and the directories above it search permission up to where root's own are.
+func groupAccess(path string, gid int, perm os.FileMode) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if perm == 0o040 && fi.Mode().Perm()&0o004 != 0 {
+		return nil // everyone may read it already
+	}
+	if err := setOwner(path, unix.S_IFREG, int(st.Uid), gid, int(fi.Mode().Perm()|perm)); err != nil {
+		return fmt.Errorf("jail: %s for the VMM group: %w", path, err)
+	}
+	return nil
+}
+
+// command is the jailed command for spec as user uid, with the cgroups it joins.
+func (d *Driver) jailCommand(s vmm.Spec, uid int, cgroups []string) (*exec.Cmd, error) {
+	f := filesOf(s)
+	var mounts []jail.Mount
+	for _, p := range f.ro {
+		mounts = append(mounts, jail.Mount{Path: p})
+	}
+	for _, p := range f.rw {
+		mounts = append(mounts, jail.Mount{Path: p, Writable: true})
+	}
+	var devs []string
+	if d.cfg.Accel == "kvm" {
+		devs = append(devs, "/dev/kvm")
+	}
+	if len(s.NICs) > 0 && d.vhostNet() {
+		devs = append(devs, "/dev/vhost-net")
+	}
+	bin, err := exec.LookPath(d.cfg.Binary)
+	if err != nil {
+		return nil, err
+	}
+	return jail.Command(jail.Spec{Root: filepath.Join(s.Dir, "jail"), UID: uid, GID: d.cfg.Jail.GID, Mounts: mounts,
+		Devices: devs, Cgroups: cgroups, Dir: s.Dir, Path: bin, Args: append([]string{bin}, d.args(s)...)})
+}
+
+// cgroupsFor makes the cgroups of VM id, limited to its vCPUs (one more for QEMU's own
+// threads: its main loop and I/O must not starve the vCPUs), its memory plus QEMU's
+// own (and, under TCG, its translation cache), and a bound on threads; it returns their
+// directories (one on cgroup v2, one per controller on v1). No cgroup support: none.
+func (d *Driver) cgroupsFor(id string, vcpus, memMiB int) ([]string, error) {
+	overhead := 256
+	if d.cfg.Accel == "tcg" {
+		overhead += 1024 // QEMU's translation cache grows up to 1 GiB by default
+	}
+	memBytes := int64(memMiB+overhead) << 20
+	name := d.cfg.Jail.CgroupName
+	var st unix.Statfs_t
+	if err := unix.Statfs("/sys/fs/cgroup", &st); err == nil && st.Type == unix.CGROUP2_SUPER_MAGIC {
+		self, err := ownCgroup("")
+		if err != nil {
+			return nil, err
+		}
+		parent := filepath.Join("/sys/fs/cgroup", self, name)
+		if err := os.MkdirAll(parent, 0o755); err != nil {
+			return nil, fmt.Errorf("cgroup %s: %w", parent, err)
+		}
+		_ = os.WriteFile(filepath.Join(parent, "cgroup.subtree_control"), []byte("+cpu +memory +pids"), 0)
+		dir := filepath.Join(parent, id)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("cgroup %s: %w", dir, err)
+		}
+		return []string{dir}, errors.Join(
+			os.WriteFile(filepath.Join(dir, "memory.max"), []byte(strconv.FormatInt(memBytes, 10)), 0),
+			os.WriteFile(filepath.Join(dir, "pids.max"), []byte("512"), 0),
+			os.WriteFile(filepath.Join(dir, "cpu.max"), []byte(fmt.Sprintf("%d 100000", (vcpus+1)*100000)), 0))
+	}
+	var dirs []string
+	var errs []error
+	for ctrl, limits := range map[string]map[string]string{
+		"memory": {"memory.limit_in_bytes": strconv.FormatInt(memBytes, 10)},
+		"pids":   {"pids.max": "512"},
+		"cpu":    {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": strconv.Itoa((vcpus + 1) * 100000)},
+	} {
+		self, err := ownCgroup(ctrl)
+		if err != nil {
+			d.cgroupWarn.Do(func() {
+				d.log.Warn("a cgroup controller is not mounted: jailed VMMs run without its limit", "controller", ctrl)
+			})
+			continue
+		}
+		dir := filepath.Join("/sys/fs/cgroup", ctrl, self, name, id)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			errs = append(errs, fmt.Errorf("cgroup %s: %w", dir, err))
+			continue
+		}
+		for k, v := range limits {
+			errs = append(errs, os.WriteFile(filepath.Join(dir, k), []byte(v), 0))
+		}
+		dirs = append(dirs, dir)
+	}
+	return dirs, errors.Join(errs...)
+}
+
+// cgroupParents are the directories holding this driver's VM cgroups (one on v2, one per
+// controller on v1).
+func (d *Driver) cgroupParents() []string {
+	if d.cfg.Jail == nil {
+		return nil
+	}
+	name := d.cfg.Jail.CgroupName
+	var st unix.Statfs_t
+	if err := unix.Statfs("/sys/fs/cgroup", &st); err == nil && st.Type == unix.CGROUP2_SUPER_MAGIC {
+		if self, err := ownCgroup(""); err == nil {
+			return []string{filepath.Join("/sys/fs/cgroup", self, name)}
+		}
+		return nil
+	}
+	var out []string
+	for _, ctrl := range []string{"memory", "pids", "cpu"} {
+		if self, err := ownCgroup(ctrl); err == nil {
+			out = append(out, filepath.Join("/sys/fs/cgroup", ctrl, self, name))
+		}
+	}
+	return out
+}
+
+// SweepCgroups implements vmm.CgroupSweeper.
+func (d *Driver) SweepCgroups(keep func(vmID string) bool) {
+	for _, parent := range d.cgroupParents() {
+		ents, _ := os.ReadDir(parent)
+		for _, e := range ents {
+			if !e.IsDir() || keep(e.Name()) {
+				continue
+			}
+			d.log.Warn("ending what is left in the cgroup of a VM not taken back", "cgroup", filepath.Join(parent, e.Name()))
+			removeCgroups([]string{filepath.Join(parent, e.Name())})
+		}
+	}
+}
+
+// removeCgroups ends whatever still runs in a VM's cgroups (the VMM is gone, but a VMM
+// its guest took over must not leave anything behind), then removes them.
+func removeCgroups(dirs []string) {
+	for _, d := range dirs {
+		_ = os.WriteFile(filepath.Join(d, "cgroup.kill"), []byte("1"), 0) // v2
+		if b, err := os.ReadFile(filepath.Join(d, "cgroup.procs")); err == nil {
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil && pid > 1 {
+					_ = unix.Kill(pid, unix.SIGKILL)
+				}
+			}
+		}
+		for range 50 { // rmdir fails while the killed are still exiting
+			if err := os.Remove(d); err == nil || errors.Is(err, os.ErrNotExist) {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
+
+// ownCgroup is this process's cgroup path for controller ctrl ("" = the v2 hierarchy).
+func ownCgroup(ctrl string) (string, error) {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		for _, c := range strings.Split(parts[1], ",") {
+			if c == ctrl {
+				return parts[2], nil
+			}
+		}
+	}
+	return "", fmt.Errorf("no %q cgroup", ctrl)
+}

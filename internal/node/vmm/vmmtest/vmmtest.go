@@ -1,0 +1,740 @@
+// Package vmmtest is the conformance suite every vmm driver runs (the containerd
+// snapshots/testsuite pattern): Run boots real guests through the driver and checks the
+// behaviour the rest of Fireworks relies on, from the outside.
+//
+// The guest is a busybox initramfs (see InitScript) speaking a line protocol on the agent
+// port, so the suite does not depend on fireworks-init.
+package vmmtest
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+)
+
+// Harness is what the suite needs to boot the test guest with a driver.
+type Harness struct {
+	Kernel  string
+	Initrd  string // built by BuildGuest
+	Cmdline string
+	// Fresh returns a new driver instance for the adoption test (a restarted host
+	// process); nil reuses the driver under test.
+	Fresh func() (vmm.Driver, error)
+	// BootTimeout bounds the time from Start to the ready marker; default 90 s (TCG on a
+	// loaded 2-core machine).
+	BootTimeout time.Duration
+}
+
+// BootModules are the modules the test guest loads.
+var BootModules = []string{"virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng",
+	"failover", "net_failover", "virtio_net"}
+
+// CacheDir is where test runs keep the downloaded kernel and built initramfs: the one
+// cache every test package shares (testutil.AssetCache). A run on a fresh machine fills
+// it; nothing requires an earlier run to have done so.
+func CacheDir() string { return testutil.AssetCache() }
+
+// DefaultHarness fetches the Debian guest kernel and builds the busybox test guest,
+// skipping the test (with the reason) if either is impossible here.
+func DefaultHarness(t testing.TB) Harness {
+	t.Helper()
+	for _, tool := range []string{"apt-get", "apt-cache", "dpkg-deb", "lz4"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			testutil.Skipf(t, "%s not found: cannot fetch the Debian guest kernel", tool)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	k, err := assets.EnsureKernel(ctx, CacheDir())
+	if err != nil {
+		testutil.Skipf(t, "guest kernel unavailable: %v", err)
+	}
+	ir, err := BuildGuest(ctx, CacheDir(), k)
+	if err != nil {
+		testutil.Skipf(t, "test guest initramfs: %v", err)
+	}
+	return Harness{Kernel: k.Vmlinux, Initrd: ir.Path, Cmdline: assets.KernelCmdline(BootModules)}
+}
+
+// Run runs the conformance suite against d.
+func Run(t *testing.T, d vmm.Driver, h Harness) {
+	if h.BootTimeout == 0 {
+		h.BootTimeout = 90 * time.Second
+	}
+	s := &suite{d: d, h: h}
+	t.Cleanup(func() { s.reportBoots(t) })
+
+	t.Run("RejectsAbsurdResources", s.testRejects)
+	t.Run("RunningGuest", s.testRunningGuest)
+	t.Run("GracefulStop", s.testGracefulStop)
+	t.Run("GuestPoweroffIsClean", s.testPoweroff)
+	t.Run("GuestPanicIsReported", s.testPanic)
+	t.Run("KilledVMMIsDetected", s.testKill9)
+	t.Run("StopEscalatesOnStuckVMM", s.testStuckStop)
+	t.Run("SnapshotRestore", s.testSnapshot)
+	t.Run("Network", s.testNetwork)
+}
+
+type suite struct {
+	d vmm.Driver
+	h Harness
+
+	mu    sync.Mutex
+	boots []time.Duration
+}
+
+func (s *suite) reportBoots(t *testing.T) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.boots) == 0 {
+		return
+	}
+	b := append([]time.Duration(nil), s.boots...)
+	sort.Slice(b, func(i, j int) bool { return b[i] < b[j] })
+	t.Logf("%s/%s boot to ready marker: n=%d min=%s median=%s max=%s", s.d.Name(), s.d.Accel(),
+		len(b), b[0].Round(time.Millisecond), b[len(b)/2].Round(time.Millisecond), b[len(b)-1].Round(time.Millisecond))
+}
+
+type bootOpts struct {
+	vcpus, mem int
+	disks      []vmm.Disk
+	noWait     bool // return once started, without waiting for the guest
+	memFile    string
+	restore    *vmm.Snapshot
+	prestart   bool // launch the VMM with Prestart before Start
+	nics       []vmm.NIC
+}
+
+// guest is a booted test VM and the host end of its agent channel.
+type guest struct {
+	t    *testing.T
+	vm   vmm.VM
+	spec vmm.Spec
+	ln   net.Listener
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+// shortDir makes a run directory with a short path: unix socket paths are limited to 107
+// bytes and t.TempDir embeds the (long) test name.
+func shortDir(t *testing.T) string {
+	dir, err := os.MkdirTemp("", "fwvm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func (s *suite) spec(t *testing.T, o bootOpts) vmm.Spec {
+	dir := shortDir(t)
+	if o.vcpus == 0 {
+		o.vcpus = 1
+	}
+	if o.mem == 0 {
+		o.mem = 128
+	}
+	return vmm.Spec{
+		ID: "vmmtest-" + filepath.Base(dir), Dir: filepath.Join(dir, "run"),
+		Kernel: s.h.Kernel, Initrd: s.h.Initrd, Cmdline: s.h.Cmdline,
+		VCPUs: o.vcpus, MemoryMiB: o.mem, Disks: o.disks,
+		AgentSocket: filepath.Join(dir, "agent.sock"),
+		MemoryFile:  o.memFile, Restore: o.restore, NICs: o.nics,
+	}
+}
+
+func (s *suite) boot(t *testing.T, o bootOpts) *guest {
+	t.Helper()
+	spec := s.spec(t, o)
+	ln, err := net.Listen("unix", spec.AgentSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	vm, err := s.d.Create(ctx, spec)
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	if o.prestart {
+		ps, ok := vm.(vmm.Prestarter)
+		if !ok {
+			testutil.Skipf(t, "the %s driver does not implement vmm.Prestarter (launching a VMM ahead of a restore)", s.d.Name())
+		}
+		if err := ps.Prestart(ctx); err != nil {
+			t.Fatalf("Prestart: %v", err)
+		}
+		if info := vm.Info(); info.PID <= 0 {
+			t.Errorf("Info().PID = %d after Prestart", info.PID)
+		}
+	}
+	t0 := time.Now()
+	if err := vm.Start(ctx); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = vm.Kill()
+		select {
+		case <-vm.Wait():
+		case <-time.After(30 * time.Second):
+			t.Errorf("VM %s did not end within 30s of Kill", spec.ID)
+		}
+	})
+	g := &guest{t: t, vm: vm, spec: spec, ln: ln}
+	if info := vm.Info(); info.PID <= 0 {
+		t.Errorf("Info().PID = %d after Start", info.PID)
+	}
+	if o.noWait {
+		return g
+	}
+	if o.restore != nil {
+		// A restored guest printed its marker before the save; it answers on the channel.
+		// Its port may see the host side reconnect (and reopen, dropping what was sent
+		// meanwhile), so ping until it answers, as fireworks's hello does.
+		g.accept(30 * time.Second)
+		g.waitAnswer(30 * time.Second)
+		return g
+	}
+	g.waitMarker(s.h.BootTimeout)
+	s.mu.Lock()
+	s.boots = append(s.boots, time.Since(t0))
+	s.mu.Unlock()
+	g.accept(30 * time.Second)
+	return g
+}
+
+// waitMarker polls the console log for the ready marker, failing early if the VM dies.
+func (g *guest) waitMarker(timeout time.Duration) {
+	g.t.Helper()
+	deadline := time.Now().Add(timeout)
+	log := g.vm.Info().ConsoleLog
+	for {
+		b, _ := os.ReadFile(log)
+		if bytes.Contains(b, []byte(ReadyMarker)) {
+			return
+		}
+		select {
+		case <-g.vm.Wait():
+			b, _ := os.ReadFile(log)
+			g.t.Fatalf("VM ended before the ready marker: %v; console:\n%s", g.vm.ExitError(), b)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			g.t.Fatalf("no %q on the console within %s; console:\n%s", ReadyMarker, timeout, b)
+		}
+	}
+}
+
+// accept waits for the VMM's connection to the agent socket.
+func (g *guest) accept(timeout time.Duration) {
+	g.t.Helper()
+	if ul, ok := g.ln.(*net.UnixListener); ok {
+		_ = ul.SetDeadline(time.Now().Add(timeout))
+	}
+	conn, err := g.ln.Accept()
+	if err != nil {
+		g.t.Fatalf("no connection from the VM on the agent socket: %v", err)
+	}
+	g.t.Cleanup(func() { conn.Close() })
+	g.conn, g.r = conn, bufio.NewReader(conn)
+}
+
+// waitAnswer sends pings until the guest answers one.
+func (g *guest) waitAnswer(timeout time.Duration) {
+	g.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for i := 0; time.Now().Before(deadline); i++ {
+		want := "ping-" + strconv.Itoa(i)
+		_ = g.conn.SetDeadline(time.Now().Add(500 * time.Millisecond))
+		if _, err := fmt.Fprintf(g.conn, "echo %s\n", want); err != nil {
+			g.t.Fatalf("write to restored guest: %v", err)
+		}
+		for {
+			line, err := g.r.ReadString('\n')
+			if err != nil {
+				break
+			}
+			if strings.TrimSpace(line) == want {
+				_ = g.conn.SetDeadline(time.Time{})
+				return
+			}
+		}
+		if isClosed(g.vm.Wait()) {
+			g.t.Fatalf("restored VM ended: %v", g.vm.ExitError())
+		}
+	}
+	b, _ := os.ReadFile(g.vm.Info().ConsoleLog)
+	g.t.Fatalf("restored guest did not answer within %s; console:\n%s", timeout, b)
+}
+
+// call sends one protocol line and reads one line back.
+func (g *guest) call(cmd string, timeout time.Duration) (string, error) {
+	_ = g.conn.SetDeadline(time.Now().Add(timeout))
+	defer g.conn.SetDeadline(time.Time{})
+	if _, err := fmt.Fprintf(g.conn, "%s\n", cmd); err != nil {
+		return "", err
+	}
+	line, err := g.r.ReadString('\n')
+	return strings.TrimRight(line, "\n"), err
+}
+
+func (g *guest) mustCall(cmd string) string {
+	g.t.Helper()
+	out, err := g.call(cmd, 30*time.Second)
+	if err != nil {
+		g.t.Fatalf("guest command %q: %v", cmd, err)
+	}
+	return out
+}
+
+func waitEnd(t *testing.T, vm vmm.VM, timeout time.Duration) {
+	t.Helper()
+	select {
+	case <-vm.Wait():
+	case <-time.After(timeout):
+		t.Fatalf("VM did not end within %s", timeout)
+	}
+}
+
+func (s *suite) testRejects(t *testing.T) {
+	ctx := context.Background()
+	for _, c := range []struct {
+		name  string
+		edit  func(*vmm.Spec)
+		words []string
+	}{
+		{"zero vcpus", func(s *vmm.Spec) { s.VCPUs = 0 }, []string{"vcpus", "0"}},
+		{"huge vcpus", func(s *vmm.Spec) { s.VCPUs = 100000 }, []string{"vcpus", "100000"}},
+		{"tiny memory", func(s *vmm.Spec) { s.MemoryMiB = 1 }, []string{"memory", "1 MiB"}},
+		{"huge memory", func(s *vmm.Spec) { s.MemoryMiB = 1 << 30 }, []string{"memory"}},
+		{"missing kernel", func(s *vmm.Spec) { s.Kernel = "/nonexistent/vmlinux" }, []string{"/nonexistent/vmlinux"}},
+		{"missing disk", func(s *vmm.Spec) { s.Disks = []vmm.Disk{{Path: "/nonexistent/disk.img"}} }, []string{"/nonexistent/disk.img"}},
+	} {
+		spec := s.spec(t, bootOpts{})
+		c.edit(&spec)
+		vm, err := s.d.Create(ctx, spec)
+		if err == nil {
+			_ = vm.Kill()
+			t.Errorf("%s: Create accepted %+v", c.name, spec)
+			continue
+		}
+		for _, w := range c.words {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: error %q does not mention %q", c.name, err, w)
+			}
+		}
+	}
+}
+
+func diskImage(t *testing.T, content string) string {
+	p := filepath.Join(shortDir(t), "disk.img")
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(p, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func (s *suite) testRunningGuest(t *testing.T) {
+	vcpus := 2
+	if n, _ := strconv.Atoi(os.Getenv("FIREWORKS_TEST_VCPUS")); n > 0 {
+		vcpus = n
+	}
+	const mem = 192
+	roDisk, rwDisk := diskImage(t, "read-only-disk-0"), diskImage(t, "writable-disk-01")
+	g := s.boot(t, bootOpts{vcpus: vcpus, mem: mem, disks: []vmm.Disk{{Path: roDisk, ReadOnly: true}, {Path: rwDisk}}})
+
+	t.Run("ConsoleAndInfo", func(t *testing.T) {
+		info := g.vm.Info()
+		for _, f := range []string{info.ConsoleLog, info.CmdlineFile} {
+			if _, err := os.Stat(f); err != nil {
+				t.Errorf("Info names %s: %v", f, err)
+			}
+		}
+		if info.Accel != s.d.Accel() {
+			t.Errorf("Info().Accel = %q, driver says %q", info.Accel, s.d.Accel())
+		}
+	})
+	t.Run("AgentRoundTrip", func(t *testing.T) {
+		for _, msg := range []string{"hello fireworks", "second line"} {
+			if got := g.mustCall("echo " + msg); got != msg {
+				t.Errorf("echo %q came back as %q", msg, got)
+			}
+		}
+	})
+	t.Run("Resources", func(t *testing.T) {
+		if got := g.mustCall("cpus"); got != strconv.Itoa(vcpus) {
+			t.Errorf("guest sees %s CPUs, want %d", got, vcpus)
+		}
+		kb, err := strconv.Atoi(g.mustCall("mem"))
+		// MemTotal excludes what the kernel reserves for itself: expect most of it.
+		if err != nil || kb > mem*1024 || kb < mem*1024*6/10 {
+			t.Errorf("guest MemTotal %d kB (%v), want a little under %d kB", kb, err, mem*1024)
+		}
+	})
+	t.Run("Disks", func(t *testing.T) {
+		for i, want := range []string{"ro=1 bytes=" + hex.EncodeToString([]byte("read-only-disk-0")), "ro=0 bytes=" + hex.EncodeToString([]byte("writable-disk-01"))} {
+			if got := g.mustCall("disk " + strconv.Itoa(i)); got != want {
+				t.Errorf("disk %d: guest reports %q, want %q", i, got, want)
+			}
+		}
+	})
+	t.Run("NoNetworkWithoutNIC", func(t *testing.T) {
+		if got := g.mustCall("ifaces"); got != "" {
+			t.Errorf("a VM without NICs has network interfaces %q", got)
+		}
+	})
+	t.Run("PauseResume", func(t *testing.T) {
+		p, ok := g.vm.(vmm.Pauser)
+		if !ok {
+			testutil.Skipf(t, "%s does not implement vmm.Pauser", s.d.Name())
+		}
+		ctx := context.Background()
+		if err := p.Pause(ctx); err != nil {
+			t.Fatal(err)
+		}
+		// A paused guest cannot answer; the reply must arrive only after Resume.
+		if _, err := fmt.Fprintf(g.conn, "echo after-pause\n"); err != nil {
+			t.Fatal(err)
+		}
+		_ = g.conn.SetReadDeadline(time.Now().Add(1500 * time.Millisecond))
+		if line, err := g.r.ReadString('\n'); err == nil {
+			t.Fatalf("paused guest answered %q", line)
+		}
+		_ = g.conn.SetReadDeadline(time.Time{})
+		if err := p.Resume(ctx); err != nil {
+			t.Fatal(err)
+		}
+		_ = g.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+		line, err := g.r.ReadString('\n')
+		_ = g.conn.SetReadDeadline(time.Time{})
+		if err != nil || strings.TrimSpace(line) != "after-pause" {
+			t.Fatalf("after Resume: %q, %v", line, err)
+		}
+	})
+	t.Run("AdoptFromFreshDriver", func(t *testing.T) {
+		det, ok := g.vm.(vmm.Detacher)
+		if !ok {
+			testutil.Skipf(t, "%s does not implement vmm.Detacher", s.d.Name())
+		}
+		if err := det.Detach(); err != nil {
+			t.Fatal(err)
+		}
+		d2 := s.d
+		if s.h.Fresh != nil {
+			var err error
+			if d2, err = s.h.Fresh(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		vm, err := d2.Adopt(ctx, g.spec.Dir)
+		if err != nil {
+			t.Fatalf("Adopt: %v", err)
+		}
+		if vm.Info().PID != g.vm.Info().PID {
+			t.Errorf("adopted PID %d, started PID %d", vm.Info().PID, g.vm.Info().PID)
+		}
+		if got := g.mustCall("echo still here"); got != "still here" {
+			t.Errorf("guest after adoption answered %q", got)
+		}
+		if p, ok := vm.(vmm.Pauser); ok {
+			if err := p.Pause(ctx); err != nil {
+				t.Errorf("Pause of adopted VM: %v", err)
+			} else if err := p.Resume(ctx); err != nil {
+				t.Errorf("Resume of adopted VM: %v", err)
+			}
+		}
+		if err := vm.Stop(ctx, 10*time.Second); err != nil {
+			t.Fatalf("Stop of adopted VM: %v", err)
+		}
+		waitEnd(t, vm, 10*time.Second)
+		if err := vm.ExitError(); err != nil {
+			t.Errorf("adopted VM stopped by request reports %v", err)
+		}
+		waitEnd(t, g.vm, 10*time.Second) // the original handle sees the process end too
+		if _, err := d2.Adopt(ctx, g.spec.Dir); err == nil {
+			t.Error("Adopt of an ended VM succeeded")
+		}
+	})
+}
+
+func (s *suite) testGracefulStop(t *testing.T) {
+	g := s.boot(t, bootOpts{})
+	if got := g.mustCall("echo up"); got != "up" {
+		t.Fatalf("guest answered %q", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := g.vm.Stop(ctx, 10*time.Second); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	if !isClosed(g.vm.Wait()) {
+		t.Fatal("Stop returned before Wait closed")
+	}
+	if err := g.vm.ExitError(); err != nil {
+		t.Errorf("requested stop reports %v", err)
+	}
+	if err := g.vm.Stop(ctx, time.Second); err != nil {
+		t.Errorf("second Stop: %v", err)
+	}
+}
+
+func (s *suite) testPoweroff(t *testing.T) {
+	g := s.boot(t, bootOpts{})
+	if got := g.mustCall("poweroff"); got != "bye" {
+		t.Fatalf("guest answered %q", got)
+	}
+	waitEnd(t, g.vm, 60*time.Second)
+	if err := g.vm.ExitError(); err != nil {
+		t.Errorf("guest poweroff reports %v", err)
+	}
+}
+
+func (s *suite) testPanic(t *testing.T) {
+	g := s.boot(t, bootOpts{})
+	_, _ = fmt.Fprintf(g.conn, "panic\n")
+	waitEnd(t, g.vm, 60*time.Second)
+	err := g.vm.ExitError()
+	var ee *vmm.ExitError
+	if !errors.As(err, &ee) {
+		t.Fatalf("guest panic reports %v, want a *vmm.ExitError", err)
+	}
+	if !strings.Contains(err.Error(), "Kernel panic") && !strings.Contains(err.Error(), "sysrq") {
+		t.Errorf("exit error does not say the guest kernel panicked: %v", err)
+	}
+	if ee.ConsoleTail == "" {
+		t.Error("exit error has no console tail")
+	}
+	t.Logf("reported: %s", ee.Reason)
+}
+
+func (s *suite) testKill9(t *testing.T) {
+	g := s.boot(t, bootOpts{noWait: true})
+	if err := syscall.Kill(g.vm.Info().PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitEnd(t, g.vm, 30*time.Second)
+	err := g.vm.ExitError()
+	var ee *vmm.ExitError
+	if !errors.As(err, &ee) {
+		t.Fatalf("kill -9 reports %v, want a *vmm.ExitError", err)
+	}
+	if ee.Signal != syscall.SIGKILL || !strings.Contains(err.Error(), "SIGKILL") {
+		t.Errorf("kill -9 reported as %v (signal %v)", err, ee.Signal)
+	}
+}
+
+func (s *suite) testStuckStop(t *testing.T) {
+	g := s.boot(t, bootOpts{noWait: true})
+	pid := g.vm.Info().PID
+	// A stopped process answers neither QMP nor SIGTERM: only SIGKILL ends it.
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	const grace = 2 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), grace+30*time.Second)
+	defer cancel()
+	if err := g.vm.Stop(ctx, grace); err != nil {
+		t.Fatalf("Stop of a stuck VMM: %v", err)
+	}
+	if !isClosed(g.vm.Wait()) {
+		t.Fatal("Stop returned before Wait closed")
+	}
+	if err := g.vm.ExitError(); err == nil || !strings.Contains(err.Error(), "SIGKILL") {
+		t.Errorf("escalated stop reports %v, want a mention of SIGKILL", err)
+	}
+}
+
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
+// testSnapshot saves a running guest and restores it several times from the one memory
+// file: every restore continues from the saved state, restores do not see each other's
+// changes, killing them leaves the snapshot intact, and the original cannot be resumed.
+func (s *suite) testSnapshot(t *testing.T) {
+	dir := shortDir(t)
+	mem := filepath.Join(dir, "mem")
+	disk := diskImage(t, "snapshot-disk-01")
+	g := s.boot(t, bootOpts{memFile: mem, disks: []vmm.Disk{{Path: disk}}})
+	snap, ok := g.vm.(vmm.Snapshotter)
+	if !ok {
+		testutil.Skipf(t, "the %s driver does not implement vmm.Snapshotter (template snapshots)", s.d.Name())
+	}
+	if got := g.mustCall("put saved-state"); got != "ok" {
+		t.Fatalf("put: %q", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := snap.Snapshot(ctx, filepath.Join(dir, "state")); err != nil {
+		t.Fatalf("Snapshot: %v", err)
+	}
+	if p, ok := g.vm.(vmm.Pauser); ok {
+		if err := p.Resume(ctx); err == nil {
+			t.Error("a snapshotted VM could be resumed (it would change the snapshot's memory)")
+		}
+	}
+	if err := g.vm.Stop(ctx, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	sum := func() string {
+		out, err := exec.Command("sha256sum", mem).Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(out)
+	}
+	before := sum()
+	sn := &vmm.Snapshot{MemoryFile: mem, StateFile: filepath.Join(dir, "state")}
+	restore := func() *guest {
+		// Each restore gets its own copy of the disk, as each sandbox gets its own scratch.
+		d := diskImage(t, "snapshot-disk-01")
+		return s.boot(t, bootOpts{restore: sn, disks: []vmm.Disk{{Path: d}}})
+	}
+	a, b := restore(), restore()
+	for _, r := range []*guest{a, b} {
+		if got := r.mustCall("get"); got != "saved-state" {
+			t.Errorf("restored guest remembers %q, want saved-state", got)
+		}
+	}
+	for _, r := range []*guest{a, b} {
+		checkTemplateReadOnly(t, r.vm.Info().PID, mem)
+	}
+	if got := a.mustCall("put changed-in-a"); got != "ok" {
+		t.Fatal(got)
+	}
+	if got := b.mustCall("get"); got != "saved-state" {
+		t.Errorf("restore b sees %q after restore a changed its memory", got)
+	}
+	a.vm.Kill()
+	waitEnd(t, a.vm, 30*time.Second)
+	b.vm.Kill()
+	waitEnd(t, b.vm, 30*time.Second)
+	if after := sum(); after != before {
+		t.Errorf("the snapshot's memory file changed: %s -> %s", before, after)
+	}
+	c := restore()
+	if got := c.mustCall("get"); got != "saved-state" {
+		t.Errorf("restore after killed restores remembers %q", got)
+	}
+	// A VMM launched ahead (Prestart) restores on Start like any other.
+	pd := diskImage(t, "snapshot-disk-01")
+	pre := s.boot(t, bootOpts{restore: sn, disks: []vmm.Disk{{Path: pd}}, prestart: true})
+	if got := pre.mustCall("get"); got != "saved-state" {
+		t.Errorf("prestarted restore remembers %q", got)
+	}
+	// A restore whose state file vanished between Create and Start fails cleanly: the VM
+	// ends, and Kill and Wait work on it.
+	gone := filepath.Join(dir, "state-gone")
+	if data, err := os.ReadFile(filepath.Join(dir, "state")); err != nil || os.WriteFile(gone, data, 0o600) != nil {
+		t.Fatal("copy state")
+	}
+	gspec := s.spec(t, bootOpts{restore: &vmm.Snapshot{MemoryFile: mem, StateFile: gone}, disks: []vmm.Disk{{Path: diskImage(t, "x")}}})
+	gvm, err := s.d.Create(ctx, gspec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = os.Remove(gone)
+	if err := gvm.Start(ctx); err == nil {
+		t.Error("Start restored from a state file that is gone")
+	}
+	if err := gvm.Kill(); err != nil {
+		t.Errorf("Kill after a failed start: %v", err)
+	}
+	select {
+	case <-gvm.Wait():
+	case <-time.After(5 * time.Second):
+		t.Error("Wait did not end after a start that failed before QEMU ran")
+	}
+	// A snapshot for another shape is refused with a clear error, not a confused guest.
+	spec := s.spec(t, bootOpts{restore: sn, mem: 256})
+	if vm, err := s.d.Create(ctx, spec); err == nil {
+		_ = vm.Kill()
+		t.Error("Create accepted a restore into a VM with a different memory size")
+	} else if !strings.Contains(err.Error(), "MiB") {
+		t.Errorf("shape mismatch error %q does not say why", err)
+	}
+}
+
+// checkTemplateReadOnly fails t unless the VMM process pid holds the template memory file
+// mem only read-only: every descriptor of it opened O_RDONLY, every mapping of it private.
+// Every VM restored from a template shares the file: a VMM taken over by its guest must
+// not be able to write what the others read.
+func checkTemplateReadOnly(t *testing.T, pid int, mem string) {
+	t.Helper()
+	var want unix.Stat_t
+	if err := unix.Stat(mem, &want); err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatalf("VMM %d: %v", pid, err)
+	}
+	for _, fd := range fds {
+		var st unix.Stat_t
+		if unix.Stat(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()), &st) != nil || st.Dev != want.Dev || st.Ino != want.Ino {
+			continue
+		}
+		found = true
+		info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, fd.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(info), "\n") {
+			if v, ok := strings.CutPrefix(line, "flags:"); ok {
+				flags, err := strconv.ParseUint(strings.TrimSpace(v), 8, 32)
+				if err != nil || flags&unix.O_ACCMODE != unix.O_RDONLY {
+					t.Errorf("VMM %d holds the template memory open with flags %s: not read-only", pid, strings.TrimSpace(v))
+				}
+			}
+		}
+	}
+	maps, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(maps), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 || f[4] != strconv.FormatUint(want.Ino, 10) {
+			continue
+		}
+		found = true
+		if f[1][3] != 'p' {
+			t.Errorf("VMM %d maps the template memory shared (%s): its writes would reach the file", pid, line)
+		}
+	}
+	if !found {
+		t.Errorf("VMM %d neither holds nor maps the template memory %s: the check proves nothing", pid, mem)
+	}
+}

@@ -1,0 +1,500 @@
+// Package state is Fireworks' replicated state: the sandbox model, a deterministic Raft
+// FSM over it, and a Store that runs hashicorp/raft with a bolt log and file snapshots.
+//
+// The JSON tags on the model types are the persisted format (Raft log entries and
+// snapshots): renaming a Go field is safe, changing a tag is a format change.
+package state
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Status is a sandbox's lifecycle state.
+type Status string
+
+const (
+	StatusPending  Status = "pending"
+	StatusStarting Status = "starting"
+	StatusRunning  Status = "running"
+	StatusExited   Status = "exited"
+	StatusFailed   Status = "failed"
+	StatusLost     Status = "lost"
+)
+
+// Terminal reports whether no transition may leave s.
+func (s Status) Terminal() bool {
+	return s == StatusExited || s == StatusFailed || s == StatusLost
+}
+
+func (s Status) valid() bool {
+	switch s {
+	case StatusPending, StatusStarting, StatusRunning, StatusExited, StatusFailed, StatusLost:
+		return true
+	}
+	return false
+}
+
+// transitions lists the allowed moves between different states. Terminal states have no
+// entry: they are final.
+var transitions = map[Status][]Status{
+	StatusPending:  {StatusStarting, StatusFailed, StatusExited},
+	StatusStarting: {StatusRunning, StatusFailed, StatusLost, StatusExited},
+	StatusRunning:  {StatusExited, StatusFailed, StatusLost},
+}
+
+var (
+	// ErrNotFound: no sandbox (or meta key) matches.
+	ErrNotFound = errors.New("not found")
+	// ErrAmbiguous: an ID prefix matches more than one sandbox.
+	ErrAmbiguous = errors.New("ambiguous")
+	// ErrNameTaken: another existing sandbox already has the name.
+	ErrNameTaken = errors.New("name already in use")
+	// ErrExists: a sandbox with the same ID already exists.
+	ErrExists = errors.New("already exists")
+	// ErrInvalidTransition: the lifecycle does not allow the requested status change.
+	ErrInvalidTransition = errors.New("invalid status transition")
+	// ErrInvalid: a command is malformed (missing ID, zero time, unknown status...).
+	ErrInvalid = errors.New("invalid")
+	// ErrStaleReport: an update meant for an earlier run of a sandbox.
+	ErrStaleReport = errors.New("stale report")
+	// ErrUnknownCommand: a log entry has a command type this FSM does not know and that
+	// is not marked ignorable.
+	ErrUnknownCommand = errors.New("unknown command type")
+)
+
+// checkTransition says whether a sandbox in from may move to to. The same state is an
+// idempotent no-op, so a retried update does not fail.
+func checkTransition(from, to Status) error {
+	if !to.valid() {
+		return fmt.Errorf("%w: unknown status %q", ErrInvalid, to)
+	}
+	if from == to {
+		return nil
+	}
+	if from.Terminal() {
+		return fmt.Errorf("%w: %s is final, cannot become %s", ErrInvalidTransition, from, to)
+	}
+	if slices.Contains(transitions[from], to) {
+		return nil
+	}
+	return fmt.Errorf("%w: %s cannot become %s", ErrInvalidTransition, from, to)
+}
+
+// SandboxSpec is what the user asked for.
+type SandboxSpec struct {
+	Image string `json:"image"` // ref as the user gave it
+	// Entrypoint and Cmd keep nil ("the image's") apart from empty, so no omitempty.
+	Entrypoint []string      `json:"entrypoint"` // override; nil = the image's
+	Cmd        []string      `json:"cmd"`        // args; nil = the image's Cmd (Docker semantics applied by the runtime)
+	Env        []string      `json:"env,omitempty"`
+	WorkingDir string        `json:"working_dir,omitempty"`
+	User       string        `json:"user,omitempty"`
+	VCPUs      int           `json:"vcpus,omitempty"`
+	MemoryMiB  int           `json:"memory_mib,omitempty"`
+	Timeout    time.Duration `json:"timeout,omitempty"` // 0 = none
+	TTY        bool          `json:"tty,omitempty"`
+	Stdin      bool          `json:"stdin,omitempty"`
+	// InsecureRegistries are registry hosts the image may be pulled from over plain HTTP.
+	InsecureRegistries []string `json:"insecure_registries,omitempty"`
+	// Restart says what the control plane does when the sandbox ends or its node dies.
+	Restart RestartPolicy `json:"restart,omitempty"`
+	// Constraints select nodes by label ("zone==a", "gpu!=true", "ssd"); Spread asks the
+	// scheduler to spread instead of bin-pack.
+	Constraints []string `json:"constraints,omitempty"`
+	Spread      bool     `json:"spread,omitempty"`
+	// DiskMiB is the scratch disk the sandbox reserves on its node.
+	DiskMiB int `json:"disk_mib,omitempty"`
+	// Boot says how the node may start the VM (see BootMode); "" is BootAuto.
+	Boot BootMode `json:"boot,omitempty"`
+	// Network is "" (a network of its own: NAT to the outside under its policy) or
+	// NetworkNone (no interface at all).
+	Network string `json:"network,omitempty"`
+	// Policy is the network policy in the policy file format (see netpolicy.ParsePolicy);
+	// "" leaves only the node's defaults. Changed on a running sandbox by Update.Policy.
+	Policy string `json:"policy,omitempty"`
+	// PolicyAdmin records that an admin gave the policy: only an admin's policy may open
+	// what nodes protect (their own addresses, link-local and metadata, other sandboxes).
+	PolicyAdmin bool `json:"policy_admin,omitempty"`
+	// Ports are guest TCP ports published through the ingress.
+	Ports []Port `json:"ports,omitempty"`
+	// PullPrivate records that an admin asked for the sandbox: its image may be pulled
+	// from any address. A user's pull reaches only public addresses and the ones the node
+	// allows (a user must not make a node fetch from its internal network).
+	PullPrivate bool `json:"pull_private,omitempty"`
+}
+
+// NetworkNone is SandboxSpec.Network for a sandbox without a network interface.
+const NetworkNone = "none"
+
+// Port is a published guest port: reachable through the ingress as
+// <port>-<sandbox>.<domain>, by anyone if Public, else with the sandbox's access token.
+type Port struct {
+	Port   uint16 `json:"port"`
+	Public bool   `json:"public,omitempty"`
+}
+
+// ParsePort reads "PORT" or "PORT:public" (or "PORT:private").
+func ParsePort(s string) (Port, error) {
+	num, vis, _ := strings.Cut(s, ":")
+	n, err := strconv.ParseUint(num, 10, 16)
+	if err != nil || n == 0 {
+		return Port{}, fmt.Errorf("%w: port %q: want PORT or PORT:public with PORT in 1..65535", ErrInvalid, s)
+	}
+	p := Port{Port: uint16(n)}
+	switch vis {
+	case "", "private":
+	case "public":
+		p.Public = true
+	default:
+		return Port{}, fmt.Errorf("%w: port %q: visibility %q, want public or private", ErrInvalid, s, vis)
+	}
+	return p, nil
+}
+
+// BootMode says how a node may start a sandbox's VM.
+type BootMode string
+
+const (
+	// BootAuto: claim a warm-pool VM if the node has one for the image and shape, else
+	// restore the image's template snapshot (building it on first use), else boot.
+	BootAuto BootMode = "auto"
+	// BootRestore: restore the template snapshot, never a pool VM.
+	BootRestore BootMode = "restore"
+	// BootCold: boot the guest kernel from scratch (for measuring and debugging).
+	BootCold BootMode = "cold"
+)
+
+// ParseBootMode accepts "", auto, restore and cold.
+func ParseBootMode(s string) (BootMode, error) {
+	switch BootMode(s) {
+	case "", BootAuto:
+		return BootAuto, nil
+	case BootRestore, BootCold:
+		return BootMode(s), nil
+	}
+	return "", fmt.Errorf("%w: boot mode %q (want auto, restore or cold)", ErrInvalid, s)
+}
+
+// Pool asks every node to keep warm VMs of an image ready: restored from the image's
+// template snapshot, root filesystem mounted, paused until a start claims one.
+type Pool struct {
+	// Image is the reference as users start it (the pool serves starts of this ref).
+	Image string `json:"image"`
+	// Size is the number of warm VMs each node keeps at least; Max bounds what the
+	// node's autoscaler may grow the pool to from the recent claim rate (0 = Size).
+	Size int `json:"size"`
+	Max  int `json:"max,omitempty"`
+	// VCPUs and MemoryMiB are the shape of the pool's VMs (0 = the node's defaults); only
+	// starts asking for this shape claim them.
+	VCPUs     int `json:"vcpus,omitempty"`
+	MemoryMiB int `json:"memory_mib,omitempty"`
+	// InsecureRegistries as in SandboxSpec, for pulling Image.
+	InsecureRegistries []string  `json:"insecure_registries,omitempty"`
+	UpdatedAt          time.Time `json:"updated_at"`
+}
+
+// MaxPoolSize bounds Pool.Size and Pool.Max per node.
+const MaxPoolSize = 64
+
+// RestartPolicy is what happens when a sandbox ends or is lost.
+type RestartPolicy string
+
+const (
+	// RestartNever (the default): a sandbox runs once.
+	RestartNever RestartPolicy = "never"
+	// RestartOnFailure: re-run after a non-zero exit, a failure, or a lost node.
+	RestartOnFailure RestartPolicy = "on-failure"
+	// RestartAlways: re-run whenever it ends, unless a user stopped it.
+	RestartAlways RestartPolicy = "always"
+)
+
+// ParseRestartPolicy accepts "", never, on-failure and always.
+func ParseRestartPolicy(s string) (RestartPolicy, error) {
+	switch RestartPolicy(s) {
+	case "", RestartNever:
+		return RestartNever, nil
+	case RestartOnFailure, RestartAlways:
+		return RestartPolicy(s), nil
+	}
+	return "", fmt.Errorf("%w: restart policy %q (want never, on-failure or always)", ErrInvalid, s)
+}
+
+// Event records one status transition.
+type Event struct {
+	Time   time.Time `json:"time"`
+	Status Status    `json:"status"`
+	Reason string    `json:"reason,omitempty"`
+}
+
+// Sandbox is one sandbox as the cluster knows it.
+type Sandbox struct {
+	ID          string            `json:"id"`
+	Name        string            `json:"name,omitempty"`
+	Spec        SandboxSpec       `json:"spec"`
+	Status      Status            `json:"status"`
+	Reason      string            `json:"reason,omitempty"`
+	ExitCode    int               `json:"exit_code"`
+	Signal      int               `json:"signal,omitempty"`
+	Node        string            `json:"node,omitempty"`
+	ImageDigest string            `json:"image_digest,omitempty"`
+	Accel       string            `json:"accel,omitempty"`
+	CreatedAt   time.Time         `json:"created_at"`
+	StartedAt   time.Time         `json:"started_at"`
+	FinishedAt  time.Time         `json:"finished_at"`
+	Events      []Event           `json:"events,omitempty"`  // every transition, with time and reason
+	Runtime     map[string]string `json:"runtime,omitempty"` // free-form node-side details, set by the runtime
+	// Owner is the ID of the token that created the sandbox ("" for the dev token).
+	Owner string `json:"owner,omitempty"`
+	// Restarts counts how many times the control plane re-ran the sandbox.
+	Restarts int `json:"restarts,omitempty"`
+	// StopRequestedAt is set when a user asked for the sandbox to stop: the node stops it
+	// (SIGTERM, then a kill after StopGrace) and the restart policy no longer applies.
+	StopRequestedAt time.Time     `json:"stop_requested_at,omitzero"`
+	StopGrace       time.Duration `json:"stop_grace,omitempty"`
+	// AccessToken opens the sandbox's private ports through the ingress (header
+	// Fireworks-Access-Token). Made at creation; shown only to its owner and admins.
+	AccessToken string `json:"access_token,omitempty"`
+}
+
+// Update is a partial change to a sandbox. Nil pointers leave fields alone.
+type Update struct {
+	// Status, if set, is validated against the lifecycle and, when it changes, appended
+	// to Events with Time and Reason. Setting the current status again is a no-op.
+	Status *Status `json:"status,omitempty"`
+	// Reason goes with a status change; it is ignored when the status does not change so
+	// that the first reason for a state (usually the root cause) is kept.
+	Reason   string  `json:"reason,omitempty"`
+	ExitCode *int    `json:"exit_code,omitempty"`
+	Signal   *int    `json:"signal,omitempty"`
+	Node     *string `json:"node,omitempty"`
+	// ImageDigest and Accel are what the runtime actually used.
+	ImageDigest *string `json:"image_digest,omitempty"`
+	Accel       *string `json:"accel,omitempty"`
+	// Runtime is merged into Sandbox.Runtime; an empty value deletes the key.
+	Runtime map[string]string `json:"runtime,omitempty"`
+	// Restart re-runs the sandbox: it must come with Status pending, is allowed from any
+	// status (even a final one), clears the node and exit details and counts a restart.
+	Restart bool `json:"restart,omitempty"`
+	// StopGrace, when set, records a user's stop request (at Time) with this grace.
+	StopGrace *time.Duration `json:"stop_grace,omitempty"`
+	// IfNode and IfRestarts, when set, make the update apply only to that run of the
+	// sandbox (on that node, after that many restarts): a late report from an earlier run
+	// must not land on a new one.
+	IfNode     *string `json:"if_node,omitempty"`
+	IfRestarts *int    `json:"if_restarts,omitempty"`
+	// Policy, when set, replaces the sandbox's network policy (Spec.Policy, and
+	// Spec.PolicyAdmin from PolicyAdmin).
+	Policy      *string `json:"policy,omitempty"`
+	PolicyAdmin bool    `json:"policy_admin,omitempty"`
+	// PendingReason replaces the reason of a pending sandbox (why it waits, e.g. "no node
+	// fits: ...") without an event; ignored in any other status.
+	PendingReason *string `json:"pending_reason,omitempty"`
+	// Time is when the change happened (required). It is an input rather than read by the
+	// FSM so that every replica, and every replay, computes the same state.
+	Time time.Time `json:"time"`
+}
+
+// NewID returns a random sandbox ID: 16 hex characters (64 bits), short enough to type
+// and, with prefix lookup, collision-free in practice. The FSM still rejects duplicates.
+//
+// Its first 12 characters (the short ID, and the guest's default hostname) always hold
+// a letter: a name of digits only is a number to the resolver (glibc never looks it up
+// in /etc/hosts), so `getent hosts $(hostname)` would fail in ~0.4% of sandboxes.
+func NewID() string {
+	for {
+		var b [8]byte
+		_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (it aborts the program instead)
+		id := hex.EncodeToString(b[:])
+		if strings.Trim(id[:12], "0123456789") != "" {
+			return id
+		}
+	}
+}
+
+// clone returns a deep copy: the FSM shares stored sandboxes with snapshots in progress and
+// hands copies to callers, so nobody may alias its slices or maps.
+func (sb *Sandbox) clone() *Sandbox {
+	c := *sb
+	c.Spec.Entrypoint = slices.Clone(sb.Spec.Entrypoint)
+	c.Spec.Cmd = slices.Clone(sb.Spec.Cmd)
+	c.Spec.Env = slices.Clone(sb.Spec.Env)
+	c.Spec.InsecureRegistries = slices.Clone(sb.Spec.InsecureRegistries)
+	c.Events = slices.Clone(sb.Events)
+	c.Runtime = maps.Clone(sb.Runtime)
+	c.Spec.Constraints = slices.Clone(sb.Spec.Constraints)
+	c.Spec.Ports = slices.Clone(sb.Spec.Ports)
+	return &c
+}
+
+// normalize puts every time in UTC without a monotonic reading, so that the value a
+// caller passed and the value decoded from the log or a snapshot compare equal.
+func (sb *Sandbox) normalize() {
+	sb.CreatedAt = utc(sb.CreatedAt)
+	sb.StartedAt = utc(sb.StartedAt)
+	sb.FinishedAt = utc(sb.FinishedAt)
+	sb.StopRequestedAt = utc(sb.StopRequestedAt)
+	for i := range sb.Events {
+		sb.Events[i].Time = utc(sb.Events[i].Time)
+	}
+}
+
+func utc(t time.Time) time.Time {
+	if t.IsZero() {
+		return time.Time{}
+	}
+	return t.UTC()
+}
+
+// validateNew checks a sandbox about to be created and fills in what creation implies.
+func (sb *Sandbox) validateNew() error {
+	if sb.ID == "" {
+		return fmt.Errorf("%w: no ID", ErrInvalid)
+	}
+	if sb.CreatedAt.IsZero() {
+		return fmt.Errorf("%w: no creation time", ErrInvalid)
+	}
+	if sb.Status == "" {
+		sb.Status = StatusPending
+	}
+	if sb.Status != StatusPending {
+		return fmt.Errorf("%w: a sandbox is created %s, not %s", ErrInvalid, StatusPending, sb.Status)
+	}
+	if len(sb.Events) == 0 {
+		sb.Events = []Event{{Time: sb.CreatedAt, Status: sb.Status, Reason: "created"}}
+	}
+	return nil
+}
+
+// Bounds on a sandbox's history in the replicated state: a sandbox restarted forever, or
+// reasons quoting a guest's output, must not grow every server's state without end.
+const (
+	maxEvents      = 64
+	maxReasonBytes = 1024
+)
+
+// addEvent appends e, keeping the first event (the creation) and the latest ones.
+func (sb *Sandbox) addEvent(e Event) {
+	e.Reason = boundReason(e.Reason)
+	sb.Events = append(sb.Events, e) // sb is a clone: its Events are its own
+	if n := len(sb.Events); n > maxEvents {
+		sb.Events = append(sb.Events[:1], sb.Events[n-maxEvents+1:]...)
+	}
+}
+
+// boundReason cuts a status reason to maxReasonBytes.
+func boundReason(r string) string {
+	if len(r) > maxReasonBytes {
+		return r[:maxReasonBytes] + "…"
+	}
+	return r
+}
+
+// apply changes sb in place according to u; on error sb may be partly changed, so callers
+// apply to a clone.
+func (sb *Sandbox) apply(u Update) error {
+	if u.Time.IsZero() {
+		return fmt.Errorf("%w: update has no time", ErrInvalid)
+	}
+	t := utc(u.Time)
+	if (u.IfNode != nil && *u.IfNode != sb.Node) || (u.IfRestarts != nil && *u.IfRestarts != sb.Restarts) {
+		return fmt.Errorf("%w: report for an earlier run of the sandbox", ErrStaleReport)
+	}
+	if u.Restart {
+		if u.Status == nil || *u.Status != StatusPending {
+			return fmt.Errorf("%w: a restart must set status %s", ErrInvalid, StatusPending)
+		}
+		if !sb.StopRequestedAt.IsZero() {
+			return fmt.Errorf("%w: sandbox was stopped by a user, it is not restarted", ErrInvalidTransition)
+		}
+		sb.Status = StatusPending
+		sb.Reason = boundReason(u.Reason)
+		sb.addEvent(Event{Time: t, Status: StatusPending, Reason: u.Reason})
+		sb.Restarts++
+		sb.Node, sb.ExitCode, sb.Signal = "", 0, 0
+		sb.StartedAt, sb.FinishedAt = time.Time{}, time.Time{}
+		sb.Runtime = nil
+		u.Status = nil // handled
+	}
+	if u.Policy != nil {
+		sb.Spec.Policy, sb.Spec.PolicyAdmin = *u.Policy, u.PolicyAdmin
+	}
+	if u.PendingReason != nil && sb.Status == StatusPending {
+		sb.Reason = boundReason(*u.PendingReason)
+	}
+	if u.StopGrace != nil && sb.StopRequestedAt.IsZero() {
+		sb.StopRequestedAt, sb.StopGrace = t, *u.StopGrace
+	}
+	if u.Status != nil {
+		to := *u.Status
+		if err := checkTransition(sb.Status, to); err != nil {
+			return err
+		}
+		if to != sb.Status {
+			sb.Status = to
+			sb.Reason = boundReason(u.Reason)
+			sb.addEvent(Event{Time: t, Status: to, Reason: u.Reason})
+			if to == StatusRunning {
+				sb.StartedAt = t
+			}
+			if to.Terminal() {
+				sb.FinishedAt = t
+			}
+		}
+	}
+	if u.ExitCode != nil {
+		sb.ExitCode = *u.ExitCode
+	}
+	if u.Signal != nil {
+		sb.Signal = *u.Signal
+	}
+	if u.Node != nil {
+		sb.Node = *u.Node
+	}
+	if u.ImageDigest != nil {
+		sb.ImageDigest = *u.ImageDigest
+	}
+	if u.Accel != nil {
+		sb.Accel = *u.Accel
+	}
+	for k, v := range u.Runtime {
+		if v == "" {
+			delete(sb.Runtime, k)
+			continue
+		}
+		if sb.Runtime == nil {
+			sb.Runtime = map[string]string{}
+		}
+		sb.Runtime[k] = v
+	}
+	if len(sb.Runtime) == 0 {
+		sb.Runtime = nil // one representation for "no details", so replays compare equal
+	}
+	return nil
+}
+
+// ValidateEnv rejects malformed entries so a typo is an error, not a silently dropped var.
+func ValidateEnv(env []string) error {
+	for _, kv := range env {
+		k, _, ok := strings.Cut(kv, "=")
+		if !ok || k == "" || strings.ContainsAny(k, "\x00") {
+			return fmt.Errorf("invalid environment entry %q: want KEY=VALUE", kv)
+		}
+	}
+	return nil
+}
+
+// Reference prefixes of local image sources: an OCI layout directory (oci:DIR[:TAG]) or
+// a `docker save` tarball (docker-archive:FILE[:TAG]), read from the filesystem of the
+// process that pulls (so only admins may name them).
+const (
+	OCIPrefix           = "oci:"
+	DockerArchivePrefix = "docker-archive:"
+)

@@ -1,0 +1,135 @@
+package state
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
+)
+
+// Plan places one pending sandbox on a node.
+type Plan struct {
+	SandboxID string `json:"sandbox_id"`
+	NodeID    string `json:"node_id"`
+}
+
+// PlanResult is the FSM's verdict on one plan: Err is empty when it was applied.
+type PlanResult struct {
+	SandboxID string `json:"sandbox_id"`
+	NodeID    string `json:"node_id"`
+	Err       string `json:"err,omitempty"`
+}
+
+type placeSandboxesCmd struct {
+	Plans  []Plan           `json:"plans"`
+	Config scheduler.Config `json:"config"`
+	Time   time.Time        `json:"time"`
+}
+
+// DefaultVCPUs and DefaultMemoryMiB are what a sandbox reserves when its request names
+// no amount; the node applies the same defaults when it boots the VM.
+const (
+	DefaultVCPUs     = 1
+	DefaultMemoryMiB = 256
+)
+
+// Reserved is what sb reserves on its node.
+func (spec SandboxSpec) Reserved() Resources {
+	r := Resources{VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, DiskMiB: spec.DiskMiB}
+	if r.VCPUs <= 0 {
+		r.VCPUs = DefaultVCPUs
+	}
+	if r.MemoryMiB <= 0 {
+		r.MemoryMiB = DefaultMemoryMiB
+	}
+	return r
+}
+
+// SchedulerSnapshot is the scheduler's view of a state: nodes, and what every live
+// sandbox already reserves on its node.
+func SchedulerSnapshot(nodes []*Node, sbs []*Sandbox) *scheduler.Snapshot {
+	snap := &scheduler.Snapshot{}
+	for _, n := range nodes {
+		snap.Nodes = append(snap.Nodes, scheduler.Node{
+			ID: n.ID, Labels: n.Labels, Status: scheduler.NodeStatus(n.Status), Cordoned: n.Cordoned, Draining: n.Draining,
+			Capacity: scheduler.Resources{VCPUs: n.Capacity.VCPUs, MemoryMiB: n.Capacity.MemoryMiB, DiskMiB: n.Capacity.DiskMiB},
+			Images:   n.Images, Warm: n.Warm,
+		})
+	}
+	for _, sb := range sbs {
+		if sb.Node == "" || sb.Status.Terminal() {
+			continue
+		}
+		r := sb.Spec.Reserved()
+		snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: sb.ID, NodeID: sb.Node,
+			Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}})
+	}
+	return snap
+}
+
+func (f *fsm) schedulerSnapshot() *scheduler.Snapshot {
+	return SchedulerSnapshot(slices.Collect(maps.Values(f.nodes)), slices.Collect(maps.Values(f.sandboxes)))
+}
+
+// SchedulerRequest is the scheduler's view of placing sb. Before its first pull a
+// sandbox has no digest; its image reference stands in, which nodes list in Warm.
+func SchedulerRequest(sb Sandbox) (scheduler.Request, error) {
+	r := sb.Spec.Reserved()
+	img := sb.ImageDigest
+	if img == "" {
+		img = sb.Spec.Image
+	}
+	req := scheduler.Request{SandboxID: sb.ID, ImageDigest: img, Spread: sb.Spec.Spread,
+		Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}}
+	for _, c := range sb.Spec.Constraints {
+		pc, err := scheduler.ParseConstraint(c)
+		if err != nil {
+			return req, err
+		}
+		req.Constraints = append(req.Constraints, pc)
+	}
+	return req, nil
+}
+
+// placeSandboxes applies plans that still fit the current state, in order (each counts
+// the ones before it): the leader planned on a snapshot, and this re-check at commit time
+// is what keeps two plans from overcommitting a node.
+func (f *fsm) placeSandboxes(c placeSandboxesCmd) any {
+	if c.Time.IsZero() {
+		return fmt.Errorf("%w: placement without time", ErrInvalid)
+	}
+	snap := f.schedulerSnapshot()
+	out := make([]PlanResult, 0, len(c.Plans))
+	for _, p := range c.Plans {
+		res := PlanResult{SandboxID: p.SandboxID, NodeID: p.NodeID}
+		sb, ok := f.sandboxes[p.SandboxID]
+		switch {
+		case !ok:
+			res.Err = "sandbox not found"
+		case sb.Status != StatusPending || sb.Node != "":
+			res.Err = fmt.Sprintf("sandbox is %s on %q, not waiting for a node", sb.Status, sb.Node)
+		case !sb.StopRequestedAt.IsZero():
+			res.Err = "sandbox was stopped"
+		}
+		if res.Err == "" {
+			req, err := SchedulerRequest(*sb)
+			if err == nil {
+				err = scheduler.Check(snap, c.Config, p.NodeID, req)
+			}
+			if err != nil {
+				res.Err = err.Error()
+			} else {
+				next := sb.clone()
+				next.Node = p.NodeID
+				next.Reason = "placed on node " + p.NodeID
+				next.addEvent(Event{Time: utc(c.Time), Status: StatusPending, Reason: next.Reason})
+				f.sandboxes[sb.ID] = next
+				snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: sb.ID, NodeID: p.NodeID, Resources: req.Resources})
+			}
+		}
+		out = append(out, res)
+	}
+	return out
+}
