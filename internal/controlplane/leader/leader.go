@@ -96,6 +96,37 @@ func (m *Manager) Heartbeat(node string) {
 	m.mu.Unlock()
 }
 
+// Choose picks a node for sb, a sandbox about to be created, on this server's copy of
+// the state, so that the create commits its placement too (re-checked by the state
+// machine) and the node gets it without waiting for a pass and another commit. It
+// chooses only while this server leads and nothing older waits for a node (first come,
+// first placed); "" leaves the sandbox to the next pass. The scheduler configuration
+// comes with it, for the re-check.
+func (m *Manager) Choose(sb state.Sandbox) (string, scheduler.Config) {
+	if !m.store.IsLeader() || !sb.StopRequestedAt.IsZero() {
+		return "", m.cfg.Scheduler
+	}
+	sbs := m.store.LocalSandboxes()
+	for _, o := range sbs {
+		if o.Status == state.StatusPending && o.Node == "" && o.StopRequestedAt.IsZero() {
+			return "", m.cfg.Scheduler
+		}
+	}
+	sched, err := scheduler.New(snapshot(m.store.LocalNodes(), sbs), m.cfg.Scheduler)
+	if err != nil {
+		return "", m.cfg.Scheduler
+	}
+	req, err := state.SchedulerRequest(sb)
+	if err != nil {
+		return "", m.cfg.Scheduler
+	}
+	p, err := sched.Place(req)
+	if err != nil {
+		return "", m.cfg.Scheduler // the pass records why it waits
+	}
+	return p.NodeID, m.cfg.Scheduler
+}
+
 // Notify asks for a pass now.
 func (m *Manager) Notify() {
 	select {

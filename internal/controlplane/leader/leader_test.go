@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
@@ -543,3 +544,39 @@ func TestRunPassesOnNotifyAndStops(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// A create places its sandbox in the same commit when it fits at once and nothing older
+// waits; otherwise (an older sandbox waits, no node fits, the plan no longer fits at
+// commit) the sandbox stays pending for a pass, first come first placed.
+func TestChooseAtCreate(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 2, 1024, nil)
+	create := func(id string, mem int) state.Sandbox {
+		e.t.Helper()
+		sb := state.Sandbox{ID: id, Spec: state.SandboxSpec{Image: "alpine", MemoryMiB: mem}, Status: state.StatusPending, CreatedAt: e.clock.Now()}
+		node, cfg := e.m.Choose(sb)
+		if err := e.store.CreateAndPlace(e.ctx, sb, state.Quota{}, node, cfg); err != nil {
+			e.t.Fatal(err)
+		}
+		e.clock.Add(time.Millisecond)
+		return e.get(id)
+	}
+	if sb := create("a", 512); sb.Node != "n1" || sb.Status != state.StatusPending || sb.Reason != "placed on node n1" {
+		t.Fatalf("a sandbox that fits: node %q status %s (%s)", sb.Node, sb.Status, sb.Reason)
+	}
+	if sb := create("big", 4096); sb.Node != "" {
+		t.Fatalf("a sandbox no node fits was placed on %q", sb.Node)
+	}
+	// "big" waits: a newer sandbox that would fit is not placed ahead of it.
+	if sb := create("b", 128); sb.Node != "" {
+		t.Fatalf("placed on %q ahead of an older waiting sandbox", sb.Node)
+	}
+	// A plan the state machine finds no longer fits leaves the sandbox pending.
+	sb := state.Sandbox{ID: "c", Spec: state.SandboxSpec{Image: "alpine", MemoryMiB: 900}, Status: state.StatusPending, CreatedAt: e.clock.Now()}
+	if err := e.store.CreateAndPlace(e.ctx, sb, state.Quota{}, "n1", scheduler.Config{}); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.get("c"); got.Node != "" || got.Status != state.StatusPending {
+		t.Fatalf("a plan that does not fit was applied: node %q status %s", got.Node, got.Status)
+	}
+}

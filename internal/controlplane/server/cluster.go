@@ -21,6 +21,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
@@ -30,6 +31,9 @@ type ControlPlane interface {
 	Heartbeat(node string)
 	// Notify asks for a scheduling pass now (after a create, a stop, a node change).
 	Notify()
+	// Choose picks a node for a sandbox about to be created, if it can place it at once
+	// ("" otherwise), and the scheduler configuration to re-check the plan with.
+	Choose(sb state.Sandbox) (string, scheduler.Config)
 }
 
 // ClusterOptions turn a server into a cluster member: agents join and talk to it over

@@ -52,11 +52,19 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 		ID: state.NewID(), Name: req.Msg.GetName(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID,
 		AccessToken: newAccessToken(), CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "accepted"}},
 	}
-	if err := h.s.store.CreateSandboxWithin(ctx, sb, h.s.limits.quota(who.Admin())); err != nil {
+	// Placed in the same commit when it can be at once (a commit and a pass fewer
+	// between the call and the node), else by the leader's next pass, woken now.
+	var node string
+	var sched scheduler.Config
+	cp := h.s.cluster.ControlPlane
+	if cp != nil {
+		node, sched = cp.Choose(sb)
+	}
+	if err := h.s.store.CreateAndPlace(ctx, sb, h.s.limits.quota(who.Admin()), node, sched); err != nil {
 		return nil, toConnectError(fmt.Errorf("create sandbox: %w", err))
 	}
-	if cp := h.s.cluster.ControlPlane; cp != nil {
-		cp.Notify() // place it now rather than at the next periodic pass
+	if cp != nil {
+		cp.Notify()
 	}
 	got, err := h.s.store.GetSandbox(ctx, sb.ID)
 	if err != nil {

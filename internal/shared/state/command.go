@@ -3,6 +3,8 @@ package state
 import (
 	"encoding/json"
 	"fmt"
+
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 )
 
 // cmdType is the first byte of every Raft log entry the Store writes; the rest is the
@@ -85,6 +87,11 @@ type createSandboxCmd struct {
 	// Quota bounds what the owner may hold with this sandbox: checked by the state
 	// machine, so concurrent creates cannot pass it together.
 	Quota Quota `json:"quota,omitzero"`
+	// Place, if set, places the sandbox on that node in the same command (re-checked
+	// here with Scheduler, as PlaceSandboxes does; a plan that no longer fits leaves the
+	// sandbox pending for the leader's next pass).
+	Place     string           `json:"place,omitempty"`
+	Scheduler scheduler.Config `json:"scheduler,omitzero"`
 }
 
 type updateSandboxCmd struct {

@@ -95,7 +95,14 @@ func (f *fsm) Apply(l *raft.Log) any {
 		if err := decodeBody(t, body, &c); err != nil {
 			return err
 		}
-		return f.createSandbox(c.Sandbox, c.Quota)
+		if err := f.createSandbox(c.Sandbox, c.Quota); err != nil {
+			return err
+		}
+		if c.Place != "" {
+			// The verdict does not matter: a plan that does not fit leaves it pending.
+			f.placeSandboxes(placeSandboxesCmd{Plans: []Plan{{SandboxID: c.Sandbox.ID, NodeID: c.Place}}, Config: c.Scheduler, Time: c.Sandbox.CreatedAt})
+		}
+		return nil
 	case cmdUpdateSandbox:
 		var c updateSandboxCmd
 		if err := decodeBody(t, body, &c); err != nil {

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"go.etcd.io/bbolt"
@@ -417,7 +418,14 @@ func (s *Store) CreateSandbox(ctx context.Context, sb Sandbox) error {
 
 // CreateSandboxWithin creates sb unless its owner would pass q: ErrQuota.
 func (s *Store) CreateSandboxWithin(ctx context.Context, sb Sandbox, q Quota) error {
-	if _, err := s.apply(ctx, cmdCreateSandbox, createSandboxCmd{Sandbox: sb, Quota: q}); err != nil {
+	return s.CreateAndPlace(ctx, sb, q, "", scheduler.Config{})
+}
+
+// CreateAndPlace is CreateSandboxWithin that also places the sandbox on node in the same
+// command, if the plan still fits when it commits (re-checked with cfg, as
+// PlaceSandboxes does); otherwise the sandbox stays pending. "" places nothing.
+func (s *Store) CreateAndPlace(ctx context.Context, sb Sandbox, q Quota, node string, cfg scheduler.Config) error {
+	if _, err := s.apply(ctx, cmdCreateSandbox, createSandboxCmd{Sandbox: sb, Quota: q, Place: node, Scheduler: cfg}); err != nil {
 		return fmt.Errorf("create sandbox %s: %w", sb.ID, err)
 	}
 	return nil
