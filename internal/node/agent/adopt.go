@@ -184,7 +184,9 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		defer cleanup.run(a.log)
 		a.ownVM(s, &vmHandle{vm: vm, guest: guest, ln: ln, scratch: filepath.Join(dir, "scratch.img"), net: sn}, &cleanup)
 		a.update(sb.ID, state.Update{Runtime: map[string]string{"pid": strconv.Itoa(vm.Info().PID), "adopted_at": time.Now().UTC().Format(time.RFC3339)}})
-		a.supervise(s.ctx, s, rec.Sandbox, vm, main)
+		reported := make(chan struct{})
+		close(reported) // an adopted sandbox was reported running by the agent before
+		a.supervise(s.ctx, s, rec.Sandbox, vm, main, reported)
 	})
 	return nil
 }

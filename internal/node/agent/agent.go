@@ -695,7 +695,10 @@ func (a *Agent) fail(s *sandbox, reason string) {
 }
 
 // supervise pumps the main process's output to the log and records how it ended.
-func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm vmm.VM, main *client.Session) {
+//
+// reported is closed once the sandbox's "running" is reported: its end is reported after.
+func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm vmm.VM, main *client.Session, reported <-chan struct{}) {
+	defer func() { <-reported }()
 	var pumps sync.WaitGroup
 	pump := func(r io.Reader, stream int) {
 		defer pumps.Done()
@@ -775,6 +778,7 @@ func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm 
 		_ = vm.Kill()
 		pumps.Wait()
 	}
+	<-reported
 	s.mu.Lock()
 	stopping, stopCode := s.stopping, s.stopCode
 	s.mu.Unlock()

@@ -50,6 +50,7 @@ type startRun struct {
 	restoredFrom     *template // the template a restore used
 	rt               map[string]string
 	main             *client.Session // command
+	starting         chan struct{}   // closed once "starting" is reported
 }
 
 // run is the whole life of one sandbox on this node: its start's steps, then its
@@ -68,17 +69,25 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		}
 	})
 	defer readyOnce()
-	a.update(sb.ID, state.Update{Status: status(state.StatusStarting), Node: &a.cfg.Node, Accel: &a.vms.accel.Accel})
+	// Reports go to the control plane while the start goes on (each is a state commit,
+	// and on a cluster a round trip to the leader), in order: each waits for the one
+	// before. Only a start's end waits for them.
+	r := &startRun{s: s, sb: sb, ctx: s.ctx, ph: newPhases(), starting: make(chan struct{})}
+	go func() { // done before run returns (below)
+		defer close(r.starting)
+		a.update(sb.ID, state.Update{Status: status(state.StatusStarting), Node: &a.cfg.Node, Accel: &a.vms.accel.Accel})
+	}()
+	defer func() { <-r.starting }()
 
 	// A restarted sandbox starts from a clean run directory (and drops the warm VM
 	// directory an earlier run claimed).
 	if err := a.removeRunDir(sb.ID); err != nil {
 		a.log.Warn("remove the previous run's directory", "sandbox", sb.ID, "err", err)
 	}
-	r := &startRun{s: s, sb: sb, ctx: s.ctx, ph: newPhases()}
 	defer r.cleanup.run(a.log)
 	for _, step := range startSteps {
 		if err := step.run(a, r); err != nil {
+			<-r.starting
 			a.fail(s, err.Error())
 			return
 		}
@@ -96,14 +105,22 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	u := s.started
 	s.mu.Unlock()
 	u.Status = status(state.StatusRunning)
-	a.update(sb.ID, u)
+	// The command's output is pumped to the log while "running" is reported (a start's
+	// first byte does not wait for a commit); supervise waits for the report before it
+	// records the end.
+	reported := make(chan struct{})
+	go func() { // supervise waits for it
+		defer close(reported)
+		<-r.starting
+		a.update(sb.ID, u)
+	}()
 	if r.restoredFrom != nil {
 		// Keep a VMM launched ahead for this template's next restore; asked for only now,
 		// so that launching it does not compete with this start for the CPUs.
 		a.warm.wantSlot(r.restoredFrom, r.rootDisk, sb.Spec.VCPUs, sb.Spec.MemoryMiB)
 	}
 
-	a.supervise(r.ctx, s, sb, r.h.vm, r.main)
+	a.supervise(r.ctx, s, sb, r.h.vm, r.main, reported)
 }
 
 // pullStep makes sure the image is on the node (as its owner: a user's pull is guarded
@@ -226,6 +243,7 @@ func (a *Agent) acquireVMStep(r *startRun) error {
 	s.mu.Unlock()
 	if r.how == "cold" {
 		// A boot takes seconds and may hang: show where its console log is right away.
+		<-r.starting
 		a.update(sb.ID, state.Update{Runtime: r.rt})
 	}
 	return nil
