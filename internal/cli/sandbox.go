@@ -213,7 +213,9 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 		fmt.Fprintln(g.stdout, id)
 		return nil
 	}
+	stopWatch := watchPending(ctx, g, c, id)
 	exit, err := attach(ctx, g, c, id, f.interactive, f.tty)
+	stopWatch()
 	if err != nil {
 		return err
 	}
@@ -246,6 +248,39 @@ func exitFromStatus(g *globals, e *pb.Exit) error {
 		fmt.Fprintf(g.stderr, "fireworks: sandbox %s: %s\n", e.GetStatus(), printable(e.GetReason()))
 		return ExitError{Code: ExitFireworksError}
 	}
+}
+
+// watchPending tells the user, on stderr, why a sandbox that is not placed yet waits
+// (the scheduler's reason: no node fits, a constraint, capacity), each time the reason
+// changes, until the sandbox leaves pending or the returned stop is called. Without it
+// `run` would sit silent until capacity frees.
+func watchPending(ctx context.Context, g *globals, c *client.Client, id string) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { // ends with stop
+		defer close(done)
+		last := ""
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Second):
+			}
+			resp, err := c.Sandboxes.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Sandbox: id}))
+			if err != nil {
+				continue
+			}
+			sb := resp.Msg.GetSandbox()
+			if sb.GetStatus() != "pending" {
+				return
+			}
+			if r := sb.GetReason(); strings.HasPrefix(r, "waiting for a node") && r != last {
+				fmt.Fprintf(g.stderr, "fireworks: sandbox %s is %s (it starts when a node can take it; Ctrl-C leaves it pending, `fireworks rm -f %s` drops it)\n", short(id), printable(r), short(id))
+				last = r
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
 }
 
 // attach streams a sandbox's output and forwards stdin/signals/resizes until it exits.

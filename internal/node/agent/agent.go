@@ -141,8 +141,9 @@ type Agent struct {
 
 	mu        sync.Mutex
 	live      map[string]*sandbox
-	started   map[string]bool // incarnations ("id/restarts") started by Reconcile
-	stopsSent map[string]bool // sandboxes Reconcile has begun stopping
+	started   map[string]bool          // incarnations ("id/restarts") started by Reconcile
+	stopsSent map[string]bool          // sandboxes Reconcile has begun stopping
+	leaving   map[string]chan struct{} // sandboxes no longer assigned here, being stopped and removed
 
 	warm *warmManager
 	net  *netManager
@@ -215,7 +216,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if cfg.ImageMiBPerOwner == 0 {
 		cfg.ImageMiBPerOwner = 16384
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, started: map[string]bool{}, stopsSent: map[string]bool{},
+	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, started: map[string]bool{}, stopsSent: map[string]bool{}, leaving: map[string]chan struct{}{},
 		pruneWake: make(chan struct{}, 1)}
 	for _, d := range []string{a.runRoot(), a.sandboxRoot(), a.assetDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {

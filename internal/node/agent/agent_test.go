@@ -3,6 +3,7 @@ package agent_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -262,5 +263,50 @@ func TestCapacityAndStop(t *testing.T) {
 	}
 	if live := n.ag.Running(); len(live) != 0 || n.ag.Info().Running != 0 {
 		t.Errorf("after the stop: live %v, Info.Running %d", live, n.ag.Info().Running)
+	}
+}
+
+// A sandbox drained off the node and placed on it again (a one-node cluster's drain) runs
+// again: its earlier run ends (and its files go) before the new run starts, whether the
+// node saw it leave first or only learns of the new placement.
+func TestPlacedAgainWhileItsEarlierRunEnds(t *testing.T) {
+	n := newNode(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	running := func(id string, restarts int) {
+		t.Helper()
+		n.waitFor(fmt.Sprintf("run %d of %s running", restarts, id), func() bool {
+			sb, err := n.store.GetSandbox(ctx, id)
+			return err == nil && sb.Status == state.StatusRunning && sb.Restarts == restarts
+		})
+	}
+	drainAndPlace := func(id string, seeLeave bool) {
+		t.Helper()
+		pending := state.StatusPending
+		if _, err := n.store.UpdateSandbox(ctx, id, state.Update{Restart: true, Status: &pending, Reason: "drained", Time: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+		if seeLeave {
+			n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+		}
+		if res, err := n.store.PlaceSandboxes(ctx, []state.Plan{{SandboxID: id, NodeID: "n1"}}, scheduler.Config{}, time.Now()); err != nil || res[0].Err != "" {
+			t.Fatalf("place again: %v %+v", err, res)
+		}
+		n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	}
+	for _, seeLeave := range []bool{true, false} {
+		id := n.start(state.SandboxSpec{Cmd: []string{"sleep", "60"}, Boot: state.BootCold})
+		running(id, 0)
+		drainAndPlace(id, seeLeave)
+		running(id, 1)
+		if live := n.ag.Running(); len(live) != 1 || live[0] != id {
+			t.Fatalf("live after the new run started: %v", live)
+		}
+		grace := time.Duration(0)
+		if _, err := n.store.UpdateSandbox(ctx, id, state.Update{StopGrace: &grace, Time: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+		n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+		n.wait(id)
 	}
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -42,32 +43,59 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 			if a.markStopping(id) {
 				a.background(func(ctx context.Context) { _ = a.Stop(ctx, id, 0) })
 			}
-		case sb.Status == state.StatusPending && !live:
+		case sb.Status == state.StatusPending:
 			if !a.claimIncarnation(id, sb.Restarts) {
 				continue
 			}
-			if err := a.Start(sb); err != nil {
-				// Nothing runs, so nothing else would ever report on it.
-				a.log.Warn("start assigned sandbox", "sandbox", id, "err", err)
-				a.background(func(ctx context.Context) {
-					r, node := sb.Restarts, a.cfg.Node
-					_, _ = a.store.UpdateSandbox(ctx, id, state.Update{Status: status(state.StatusFailed), Reason: "the node could not start it: " + err.Error(),
-						IfRestarts: &r, IfNode: &node, Time: time.Now()})
-				})
+			live, leaving := a.previousRun(id)
+			if live == nil && leaving == nil {
+				a.startAssigned(sb)
+				continue
 			}
+			// An earlier run of it is still here (a drain stopped it and it was placed
+			// here again, maybe before this node heard of the stop): that run ends, and
+			// its files go, before this one starts.
+			a.background(func(ctx context.Context) {
+				if live != nil {
+					if err := a.Stop(ctx, id, 0); err != nil && !errors.Is(err, ErrNotRunning) {
+						a.log.Warn("stop the earlier run of a sandbox placed here again", "sandbox", id, "err", err)
+					}
+					select {
+					case <-live:
+					case <-ctx.Done():
+						return
+					}
+				}
+				if leaving != nil {
+					select {
+					case <-leaving:
+					case <-ctx.Done():
+						return
+					}
+				}
+				a.startAssigned(sb)
+			})
 		}
 	}
-	// Live sandboxes that are no longer ours (removed, or moved by a drain): kill them.
+	// Live sandboxes that are no longer ours (removed, or moved by a drain): kill them,
+	// and remove their files (once per sandbox: later assignment sets find it leaving).
 	a.mu.Lock()
 	var gone []string
 	for id := range a.live {
-		if _, ok := want[id]; !ok {
+		if _, ok := want[id]; !ok && a.leaving[id] == nil {
 			gone = append(gone, id)
+			a.leaving[id] = make(chan struct{})
 		}
 	}
 	a.mu.Unlock()
 	for _, id := range gone {
 		a.background(func(ctx context.Context) {
+			defer func() {
+				a.mu.Lock()
+				close(a.leaving[id])
+				delete(a.leaving, id)
+				a.mu.Unlock()
+			}()
 			_ = a.Stop(ctx, id, 0)
 			if err := a.Remove(id); err != nil {
 				a.log.Warn("remove sandbox no longer assigned", "sandbox", id, "err", err)
@@ -85,6 +113,34 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 			a.log.Warn("remove files of a removed sandbox", "sandbox", id, "err", err)
 		}
 	}
+}
+
+// startAssigned starts a sandbox the control plane placed here; a start that cannot
+// begin is reported failed (nothing else would ever report on it).
+func (a *Agent) startAssigned(sb state.Sandbox) {
+	if err := a.Start(sb); err != nil {
+		a.log.Warn("start assigned sandbox", "sandbox", sb.ID, "err", err)
+		a.background(func(ctx context.Context) {
+			r, node := sb.Restarts, a.cfg.Node
+			_, _ = a.store.UpdateSandbox(ctx, sb.ID, state.Update{Status: status(state.StatusFailed), Reason: "the node could not start it: " + err.Error(),
+				IfRestarts: &r, IfNode: &node, Time: time.Now()})
+		})
+	}
+}
+
+// previousRun reports what of an earlier run of sandbox id is still on this node: its
+// live run (closed when it ends) and the removal of its files (closed when done); nil
+// for what there is none of.
+func (a *Agent) previousRun(id string) (live, leaving <-chan struct{}) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if s := a.live[id]; s != nil {
+		live = s.done
+	}
+	if ch := a.leaving[id]; ch != nil {
+		leaving = ch
+	}
+	return live, leaving
 }
 
 func (a *Agent) isLive(id string) bool {
