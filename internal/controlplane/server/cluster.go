@@ -287,6 +287,11 @@ func (h *nodeService) ReportSandbox(ctx context.Context, req *connect.Request[pb
 	// The leader's own copy is enough here (no round trip to confirm leadership): the
 	// commit below re-checks that the sandbox is this node's, on the run it reports.
 	sb, err := h.s.store.GetSandbox(state.WithStaleReads(ctx), req.Msg.GetSandbox())
+	if err != nil || sb.ID != req.Msg.GetSandbox() || sb.Node != node {
+		// A leader just elected may not have applied the placement yet: ask again,
+		// linearizably, before refusing a report the node would give up on.
+		sb, err = h.s.store.GetSandbox(ctx, req.Msg.GetSandbox())
+	}
 	if err != nil {
 		return nil, toConnectError(err)
 	}

@@ -31,20 +31,43 @@ func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.Pu
 		// As for a sandbox: plain-HTTP registries make the node connect wherever told.
 		return connect.NewError(connect.CodePermissionDenied, errors.New("--insecure-registry needs an admin token"))
 	}
-	nodes, err := h.s.targetNodes(req.Msg.GetNode())
-	if err != nil {
-		return err
+	// An admin pulls onto every ready node (or the one named); a user onto one node that
+	// takes sandboxes, without learning which: nodes are the operator's, and one user's
+	// call must not fill every node's image disk.
+	var nodes []string
+	if who.Admin() {
+		if nodes, err = h.s.targetNodes(req.Msg.GetNode()); err != nil {
+			return err
+		}
+	} else {
+		if req.Msg.GetNode() != "" {
+			return connect.NewError(connect.CodePermissionDenied, errors.New("--node needs an admin token (a user's pull goes to one node of the cluster's choosing)"))
+		}
+		if nodes, err = h.s.schedulableNode(); err != nil {
+			return err
+		}
 	}
 	// Each node pulls for itself (one after another: a pull's progress is one node's).
 	fwd := &pb.PullImageRequest{Ref: req.Msg.GetRef(), InsecureRegistries: req.Msg.GetInsecureRegistries()}
-	return h.s.onNodes(ctx, nodes, "pull "+req.Msg.GetRef(), func(n *nodeConn) error {
+	return h.s.onNodes(ctx, nodes, "pull "+req.Msg.GetRef(), 0, func(ctx context.Context, n *nodeConn) error {
 		rs, err := n.images.PullImage(ctx, connect.NewRequest(fwd))
 		if err != nil {
 			return err
 		}
 		defer rs.Close()
 		for rs.Receive() {
-			if err := stream.Send(rs.Msg()); err != nil {
+			m := rs.Msg()
+			node := n.name // what the node says about itself is not taken for it
+			if !who.Admin() {
+				node = ""
+			}
+			if p := m.GetProgress(); p != nil {
+				p.Node = node
+			}
+			if img := m.GetImage(); img != nil {
+				img.Node = node
+			}
+			if err := stream.Send(m); err != nil {
 				return connect.NewError(connect.CodeCanceled, err)
 			}
 		}
@@ -62,10 +85,13 @@ func (h *imageService) ListImages(ctx context.Context, req *connect.Request[pb.L
 		return nil, err
 	}
 	resp := &pb.ListImagesResponse{}
-	err = h.s.onNodes(ctx, nodes, "list images", func(n *nodeConn) error {
+	err = h.s.onNodes(ctx, nodes, "list images", nodeCallTimeout, func(ctx context.Context, n *nodeConn) error {
 		got, err := n.images.ListImages(ctx, connect.NewRequest(&pb.ListImagesRequest{}))
 		if err == nil {
-			resp.Images = append(resp.Images, got.Msg.GetImages()...)
+			for _, img := range got.Msg.GetImages() {
+				img.Node = n.name
+				resp.Images = append(resp.Images, img)
+			}
 		}
 		return err
 	})
@@ -87,7 +113,7 @@ func (h *imageService) RemoveImage(ctx context.Context, req *connect.Request[pb.
 	// Removed from every node that holds it; "not found" only if none did.
 	removed := 0
 	var notFound error
-	err = h.s.onNodes(ctx, nodes, "remove image "+req.Msg.GetRef(), func(n *nodeConn) error {
+	err = h.s.onNodes(ctx, nodes, "remove image "+req.Msg.GetRef(), nodeCallTimeout, func(ctx context.Context, n *nodeConn) error {
 		_, err := n.images.RemoveImage(ctx, connect.NewRequest(&pb.RemoveImageRequest{Ref: req.Msg.GetRef()}))
 		switch {
 		case err == nil:

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -134,6 +135,10 @@ func (s *Server) applyPolicy(ctx context.Context, sb state.Sandbox, text string,
 	if err != nil {
 		return toConnectError(err)
 	}
+	// Bounded: policy changes are serialised (policyMu), so a node that does not answer
+	// must not hold up every other sandbox's.
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	_, err = c.sandboxes.SetPolicy(ctx, connect.NewRequest(&pb.SetPolicyRequest{Sandbox: sb.ID, Policy: text, Admin: admin}))
 	return err
 }

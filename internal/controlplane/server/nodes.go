@@ -166,7 +166,10 @@ func (s *Server) node(ctx context.Context, name string) (*nodeConn, error) {
 	cfg := s.cluster.AgentClientTLS(host, name)
 	cfg.NextProtos = []string{"h2"}
 	tr := &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true,
-		DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext, TLSHandshakeTimeout: 10 * time.Second}
+		DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext, TLSHandshakeTimeout: 10 * time.Second,
+		// A node that vanished without closing the connection (host down, partition) is
+		// noticed by unanswered pings, so streams to it end instead of hanging.
+		HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 10 * time.Second}}
 	c = newNodeConn(name, &http.Client{Transport: tr}, "https://"+n.Address)
 	if s.nodes.remote == nil {
 		s.nodes.remote = map[string]*nodeConn{}
@@ -201,15 +204,42 @@ func (s *Server) targetNodes(named string) ([]string, error) {
 	return names, nil
 }
 
+// nodeCallTimeout bounds a short node-wide call (a listing, a removal) on each node: a
+// node that accepts the call and never answers must not hang it.
+const nodeCallTimeout = 10 * time.Second
+
+// schedulableNode is the first ready node that takes sandboxes (by name): where a user's
+// pull goes.
+func (s *Server) schedulableNode() ([]string, error) {
+	var names []string
+	for _, n := range s.store.LocalNodes() {
+		if n.Status == state.NodeReady && !n.Cordoned && !n.Draining {
+			names = append(names, n.ID)
+		}
+	}
+	if len(names) == 0 {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, errors.New("no node takes sandboxes now; try again later"))
+	}
+	slices.Sort(names)
+	return names[:1], nil
+}
+
 // onNodes calls fn with each named node's API in turn, until one fails; a node that
-// cannot be reached fails as "unavailable", naming it.
-func (s *Server) onNodes(ctx context.Context, names []string, what string, fn func(*nodeConn) error) error {
+// cannot be reached fails as "unavailable", naming it. With a timeout, each node's call
+// gets that long (fn is given the context to call under).
+func (s *Server) onNodes(ctx context.Context, names []string, what string, timeout time.Duration, fn func(context.Context, *nodeConn) error) error {
 	for _, name := range names {
 		c, err := s.node(ctx, name)
 		if err != nil {
 			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("%s on node %s: %w", what, name, err))
 		}
-		if err := fn(c); err != nil {
+		cctx, cancel := ctx, context.CancelFunc(func() {})
+		if timeout > 0 {
+			cctx, cancel = context.WithTimeout(ctx, timeout)
+		}
+		err = fn(cctx, c)
+		cancel()
+		if err != nil {
 			return nodeError(c, what, err)
 		}
 	}
@@ -220,7 +250,8 @@ func (s *Server) onNodes(ctx context.Context, names []string, what string, fn fu
 // (not found, invalid, over budget...) passes through; anything else says which node failed.
 func nodeError(n *nodeConn, what string, err error) error {
 	var ce *connect.Error
-	if errors.As(err, &ce) && ce.Code() != connect.CodeUnknown && ce.Code() != connect.CodeUnavailable && ce.Code() != connect.CodeInternal {
+	if errors.As(err, &ce) && ce.Code() != connect.CodeUnknown && ce.Code() != connect.CodeUnavailable && ce.Code() != connect.CodeInternal &&
+		ce.Code() != connect.CodeDeadlineExceeded {
 		return err
 	}
 	if errors.As(err, &ce) && ce.Code() == connect.CodeCanceled {

@@ -39,8 +39,11 @@ func (h *imageService) WarmImage(ctx context.Context, req *connect.Request[pb.Wa
 		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("a template is built on one node: name it with --node (ready: %s), or set a warm pool (`fireworks pool set %s`) to warm the image on every node", strings.Join(nodes, ", "), ref))
 	}
 	var resp *connect.Response[pb.WarmImageResponse]
-	err = h.s.onNodes(ctx, nodes, "warm "+ref, func(n *nodeConn) error {
+	err = h.s.onNodes(ctx, nodes, "warm "+ref, 0, func(ctx context.Context, n *nodeConn) error {
 		resp, err = n.images.WarmImage(ctx, connect.NewRequest(&pb.WarmImageRequest{Ref: ref, InsecureRegistries: req.Msg.GetInsecureRegistries()}))
+		if err == nil && resp.Msg.GetTemplate() != nil {
+			resp.Msg.Template.Node = n.name
+		}
 		return err
 	})
 	if err != nil {
@@ -58,10 +61,13 @@ func (h *imageService) ListTemplates(ctx context.Context, req *connect.Request[p
 		return nil, err
 	}
 	resp := &pb.ListTemplatesResponse{}
-	err = h.s.onNodes(ctx, nodes, "list templates", func(n *nodeConn) error {
+	err = h.s.onNodes(ctx, nodes, "list templates", nodeCallTimeout, func(ctx context.Context, n *nodeConn) error {
 		got, err := n.images.ListTemplates(ctx, connect.NewRequest(&pb.ListTemplatesRequest{}))
 		if err == nil {
-			resp.Templates = append(resp.Templates, got.Msg.GetTemplates()...)
+			for _, t := range got.Msg.GetTemplates() {
+				t.Node = n.name
+				resp.Templates = append(resp.Templates, t)
+			}
 		}
 		return err
 	})

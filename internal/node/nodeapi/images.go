@@ -29,6 +29,9 @@ func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.Pu
 		return errNoRef
 	}
 	who := callerOf(req.Header())
+	if err := who.checkSource(req.Msg.GetRef()); err != nil {
+		return err
+	}
 	opts := h.ag.PullOptions(req.Msg.GetInsecureRegistries(), who.admin, who.token)
 	node := h.ag.NodeName()
 	opts.Progress = func(p image.Progress) {
@@ -75,6 +78,9 @@ func (h *imageService) WarmImage(ctx context.Context, req *connect.Request[pb.Wa
 		return nil, errNoRef
 	}
 	who := callerOf(req.Header())
+	if err := who.checkSource(req.Msg.GetRef()); err != nil {
+		return nil, err
+	}
 	t, err := h.ag.WarmImage(ctx, req.Msg.GetRef(), h.ag.PullOptions(req.Msg.GetInsecureRegistries(), who.admin, who.token))
 	if err != nil {
 		var ce *connect.Error

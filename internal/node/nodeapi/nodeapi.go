@@ -13,8 +13,10 @@ package nodeapi
 import (
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
+	"strings"
 
 	"connectrpc.com/connect"
 
@@ -24,6 +26,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // Options configure a node's listener (Handler).
@@ -76,19 +79,32 @@ func TLS(ca *pki.CA, cert tls.Certificate) *tls.Config {
 	return cfg
 }
 
-// caller is who the server acts for on a call: a token ID ("" for the server itself, e.g.
-// the control plane) and whether that token is an admin's.
+// caller is who the server acts for on a call: a token ID and whether that token is an
+// admin's. It fails closed: a call that does not say it acts for an admin is a user's.
 type caller struct {
 	token string
 	admin bool
 }
 
 func callerOf(h http.Header) caller {
-	c := caller{token: h.Get(rpc.CallerTokenHeader), admin: h.Get(rpc.CallerAdminHeader) == "true"}
-	if c.token == "" {
-		c.admin = true // the server's own call (the operator's)
+	return caller{token: h.Get(rpc.CallerTokenHeader), admin: h.Get(rpc.CallerAdminHeader) == "true"}
+}
+
+// checkSource refuses a local image source (read from the node's filesystem) to a
+// caller that is not an admin; the server refuses it first, this is the node's own check.
+func (c caller) checkSource(ref string) error {
+	if !c.admin && (strings.HasPrefix(ref, state.OCIPrefix) || strings.HasPrefix(ref, state.DockerArchivePrefix)) {
+		return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("%s: a local image source needs an admin", ref))
 	}
-	return c
+	return nil
+}
+
+// checkID refuses what is not a sandbox ID (it names files on the node).
+func checkID(id string) error {
+	if !routes.ValidSandbox(id) {
+		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("%q is not a sandbox ID", id))
+	}
+	return nil
 }
 
 // sentinels are the node's errors callers can act on.

@@ -272,6 +272,9 @@ func portForwardLocal(ctx context.Context, ag *agent.Agent, id string, port uint
 }
 
 func (n *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.SetPolicyRequest]) (*connect.Response[pb.SetPolicyResponse], error) {
+	if err := checkID(req.Msg.GetSandbox()); err != nil {
+		return nil, err
+	}
 	if err := n.ag.SetPolicy(req.Msg.GetSandbox(), req.Msg.GetPolicy(), req.Msg.GetAdmin()); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
@@ -283,6 +286,9 @@ func (n *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.
 }
 
 func (n *sandboxService) GetPolicy(ctx context.Context, req *connect.Request[pb.GetPolicyRequest]) (*connect.Response[pb.GetPolicyResponse], error) {
+	if err := checkID(req.Msg.GetSandbox()); err != nil {
+		return nil, err
+	}
 	st, err := n.ag.NetStats(req.Msg.GetSandbox())
 	if err != nil {
 		return nil, toConnectError(err)
@@ -294,6 +300,9 @@ func (n *sandboxService) PortForward(ctx context.Context, stream *connect.BidiSt
 	first, err := stream.Receive()
 	if err != nil {
 		return toConnectError(fmt.Errorf("read port-forward request: %w", err))
+	}
+	if err := checkID(first.GetSandbox()); err != nil {
+		return err
 	}
 	if first.GetPort() == 0 || first.GetPort() > 65535 {
 		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("guest port %d: want 1..65535", first.GetPort()))
@@ -312,18 +321,27 @@ func (n *sandboxService) Attach(ctx context.Context, stream *connect.BidiStream[
 		return toConnectError(fmt.Errorf("read attach request: %w", err))
 	}
 	id := first.GetStart().GetSandbox()
+	if err := checkID(id); err != nil {
+		return err
+	}
 	spec, _ := n.ag.Spec(id)
 	// No exit here: the server reports the one recorded in the state.
 	return attachLocal(ctx, n.ag, id, spec.Stdin, stream, func(context.Context) (*pb.Exit, error) { return nil, nil })
 }
 
 func (n *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsRequest], stream *connect.ServerStream[pb.LogsResponse]) error {
+	if err := checkID(req.Msg.GetSandbox()); err != nil {
+		return err
+	}
 	return logsLocal(ctx, n.ag, req.Msg.GetSandbox(), req.Msg.GetFollow(), stream.Send)
 }
 
 func (n *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {
 	start, err := readExecStart(stream)
 	if err != nil {
+		return err
+	}
+	if err := checkID(start.GetSandbox()); err != nil {
 		return err
 	}
 	return execLocal(ctx, n.ag, start.GetSandbox(), start, stream)
@@ -335,6 +353,9 @@ func (n *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb
 // sandbox leaves its assignments.
 func (n *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request[pb.RemoveSandboxRequest]) (*connect.Response[pb.RemoveSandboxResponse], error) {
 	id := req.Msg.GetSandbox()
+	if err := checkID(id); err != nil {
+		return nil, err
+	}
 	if err := n.ag.Stop(ctx, id, 0); err != nil && !errors.Is(err, agent.ErrNotRunning) {
 		return nil, toConnectError(fmt.Errorf("stop sandbox %s before removing it: %w", id, err))
 	}
