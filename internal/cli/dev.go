@@ -214,7 +214,7 @@ func newImageCmd(g *globals) *cobra.Command {
 					for _, b := range bars {
 						_ = b.Finish()
 					}
-					fmt.Fprintf(g.stdout, "%s %s %s\n", m.Image.GetRef(), m.Image.GetDigest(), m.Image.GetNode())
+					fmt.Fprintln(g.stdout, strings.TrimSpace(m.Image.GetRef()+" "+m.Image.GetDigest()+" "+m.Image.GetNode()))
 				}
 			}
 			return stream.Err()
