@@ -231,6 +231,9 @@ func newNodeCmd(g *globals) *cobra.Command {
 					return nil
 				}
 				fmt.Fprintf(g.stdout, "%s: status %s, cordoned %v, draining %v\n", n.GetId(), n.GetStatus(), n.GetCordoned(), n.GetDraining())
+				if use == "drain" || use == "cordon" {
+					warnNoOtherNode(cmd.Context(), g, c, n.GetId(), use)
+				}
 				return nil
 			},
 		}
@@ -238,7 +241,7 @@ func newNodeCmd(g *globals) *cobra.Command {
 	cmd.AddCommand(ls,
 		action("cordon", "Stop placing new sandboxes on a node", func(c *client.Client) nodeCall { return c.Cluster.CordonNode }),
 		action("uncordon", "Let a node take sandboxes again", func(c *client.Client) nodeCall { return c.Cluster.UncordonNode }),
-		action("drain", "Cordon a node and move its sandboxes elsewhere (stop and re-place)", func(c *client.Client) nodeCall { return c.Cluster.DrainNode }),
+		action("drain", "Cordon a node and move its sandboxes elsewhere (stop and re-place, whatever their --restart; `uncordon` ends the drain)", func(c *client.Client) nodeCall { return c.Cluster.DrainNode }),
 		action("rm", "Remove a node: its certificate is refused from now on, its sandboxes are lost (placed again per --restart), its name is free to join again", func(c *client.Client) nodeCall { return c.Cluster.RemoveNode }),
 	)
 	return cmd
@@ -261,4 +264,23 @@ func newCACmd(g *globals) *cobra.Command {
 	}
 	cmd.AddCommand(create)
 	return cmd
+}
+
+// warnNoOtherNode says, after a drain or cordon, when no other node takes sandboxes
+// (`fireworks dev` has one node): what is drained, and anything new, waits.
+func warnNoOtherNode(ctx context.Context, g *globals, c *client.Client, node, use string) {
+	resp, err := c.Cluster.ListNodes(ctx, connect.NewRequest(&pb.ListNodesRequest{}))
+	if err != nil {
+		return
+	}
+	for _, n := range resp.Msg.GetNodes() {
+		if n.GetId() != node && n.GetStatus() == "ready" && !n.GetCordoned() && !n.GetDraining() {
+			return
+		}
+	}
+	what := "new sandboxes wait"
+	if use == "drain" {
+		what = "its sandboxes and new ones wait"
+	}
+	fmt.Fprintf(g.stderr, "fireworks: no other node takes sandboxes: %s, pending, until `fireworks node uncordon %s`\n", what, node)
 }

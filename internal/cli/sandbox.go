@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -216,6 +217,10 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 	stopWatch := watchPending(ctx, g, c, id)
 	exit, err := attach(ctx, g, c, id, f.interactive, f.tty)
 	stopWatch()
+	var ee ExitError
+	if errors.As(err, &ee) {
+		return err // interrupted while it waited for a node: nothing to remove, it stays
+	}
 	if err != nil {
 		return err
 	}
@@ -284,6 +289,10 @@ func watchPending(ctx context.Context, g *globals, c *client.Client, id string) 
 }
 
 // attach streams a sandbox's output and forwards stdin/signals/resizes until it exits.
+//
+// A signal (Ctrl-C, SIGTERM) goes to the sandbox's process; while the sandbox is still
+// pending there is none, so the signal ends the wait instead: the CLI exits (128+signal)
+// and says how to drop the sandbox, which stays pending.
 func attach(ctx context.Context, g *globals, c *client.Client, id string, stdin, tty bool) (*pb.Exit, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -291,17 +300,34 @@ func attach(ctx context.Context, g *globals, c *client.Client, id string, stdin,
 	if err != nil {
 		return nil, err
 	}
-	return runSession(g, sess, stdin, tty)
+	var interrupted atomic.Int32
+	onSignal := func(sig int32) {
+		gctx, gcancel := context.WithTimeout(ctx, 2*time.Second)
+		resp, err := c.Sandboxes.GetSandbox(gctx, connect.NewRequest(&pb.GetSandboxRequest{Sandbox: id}))
+		gcancel()
+		if err == nil && resp.Msg.GetSandbox().GetStatus() == "pending" {
+			interrupted.Store(sig)
+			cancel()
+			return
+		}
+		sess.Signal(sig)
+	}
+	exit, err := runSession(g, sess, stdin, tty, onSignal)
+	if sig := interrupted.Load(); sig != 0 {
+		fmt.Fprintf(g.stderr, "fireworks: stopped waiting; sandbox %s stays pending (`fireworks rm -f %s` drops it)\n", short(id), short(id))
+		return nil, ExitError{Code: 128 + int(sig)}
+	}
+	return exit, err
 }
 
 // runSession wires a session to this terminal: raw mode only when keystrokes go to the
 // sandbox (-i with -t; with -t alone ^C must stay a signal here, to be forwarded),
-// resizes, signals and stdin; it returns the session's exit.
-func runSession(g *globals, sess *client.Session, stdin, tty bool) (*pb.Exit, error) {
+// resizes, signals (to signal) and stdin; it returns the session's exit.
+func runSession(g *globals, sess *client.Session, stdin, tty bool, signal func(int32)) (*pb.Exit, error) {
 	raw := tty && stdin
 	restore := setupTerminal(g, raw, sess.Resize)
 	defer restore()
-	stopSignals := forwardSignals(raw, sess.Signal)
+	stopSignals := forwardSignals(raw, signal)
 	defer stopSignals()
 	if stdin {
 		sess.PumpStdin(g.stdin)
@@ -404,7 +430,7 @@ func newExecCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			exit, err := runSession(g, sess, interactive, tty)
+			exit, err := runSession(g, sess, interactive, tty, sess.Signal)
 			if err != nil {
 				return err
 			}

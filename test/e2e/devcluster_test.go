@@ -1,8 +1,13 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
+	"os"
+	"os/exec"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -23,12 +28,36 @@ func TestDevIsAOneNodeCluster(t *testing.T) {
 	id := strings.TrimSpace(fw(t, 0, "run", "-d", "--constraint", "zone==nowhere", img, "--", "true").stdout)
 	defer world.cli(context.Background(), nil, "rm", "-f", id)
 	waitReason(t, id, "constraint zone==nowhere")
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
-	r := world.cli(ctx, nil, "run", "--name", "never-placed", "--constraint", "zone==nowhere", img, "--", "true")
-	cancel()
+	// An attached run says why it waits, and Ctrl-C ends the wait (the sandbox stays).
 	defer world.cli(context.Background(), nil, "rm", "-f", "never-placed")
-	if !strings.Contains(r.stderr, "is waiting for a node") || !strings.Contains(r.stderr, "zone==nowhere") {
-		t.Errorf("an attached run of a sandbox no node takes says nothing about why it waits:\n%s", r.stderr)
+	cmd := exec.Command(world.bin, "run", "--name", "never-placed", "--constraint", "zone==nowhere", img, "--", "true")
+	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+world.config)
+	var stderr syncBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(stderr.String(), "is waiting for a node") && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !strings.Contains(stderr.String(), "zone==nowhere") {
+		t.Errorf("an attached run of a sandbox no node takes says nothing about why it waits:\n%s", stderr.String())
+	}
+	_ = cmd.Process.Signal(syscall.SIGINT)
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	select {
+	case <-waited:
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatalf("Ctrl-C did not end an attached run waiting for a node:\n%s", stderr.String())
+	}
+	if code := cmd.ProcessState.ExitCode(); code != 130 || !strings.Contains(stderr.String(), "stays pending") {
+		t.Errorf("Ctrl-C while waiting: exit %d, want 130 and a word on the sandbox left pending:\n%s", code, stderr.String())
+	}
+	if sb := inspect(t, "never-placed"); sb["status"] != "pending" {
+		t.Errorf("the interrupted run's sandbox is %v, want still pending", sb["status"])
 	}
 
 	// A cordoned node takes nothing new; uncordoned, it takes what waited.
@@ -42,7 +71,7 @@ func TestDevIsAOneNodeCluster(t *testing.T) {
 	// A restart policy restarts a failing command (with backoff), up to its limit.
 	id3 := strings.TrimSpace(fw(t, 0, "run", "-d", "--restart", "on-failure", img, "--", "sh", "-c", "exit 3").stdout)
 	defer world.cli(context.Background(), nil, "rm", "-f", id3)
-	deadline := time.Now().Add(2 * time.Minute)
+	deadline = time.Now().Add(2 * time.Minute)
 	for {
 		sb := inspect(t, id3)
 		if n, _ := sb["restarts"].(float64); n >= 1 {
@@ -84,4 +113,22 @@ func waitReason(t *testing.T, id, want string) {
 		}
 		time.Sleep(300 * time.Millisecond)
 	}
+}
+
+// syncBuffer is a bytes.Buffer a process writes to while the test reads it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -408,7 +408,7 @@ func (w *warmManager) resolve(p *pool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if err != nil {
-		p.lastErr = fmt.Sprintf("pull %s: %v", p.cfg.Image, err)
+		p.lastErr = err.Error() // it names the image
 		p.retryAt = time.Now().Add(fillRetry)
 		w.log.Warn("warm pool image", "image", p.cfg.Image, "err", err)
 		return
