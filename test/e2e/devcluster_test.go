@@ -1,15 +1,15 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"os"
 	"os/exec"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
 
 // `fireworks dev` is a one-node cluster: its node is listed and can be cordoned and
@@ -32,7 +32,7 @@ func TestDevIsAOneNodeCluster(t *testing.T) {
 	defer world.cli(context.Background(), nil, "rm", "-f", "never-placed")
 	cmd := exec.Command(world.bin, "run", "--name", "never-placed", "--constraint", "zone==nowhere", img, "--", "true")
 	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+world.config)
-	var stderr syncBuffer
+	var stderr testutil.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -113,22 +113,4 @@ func waitReason(t *testing.T, id, want string) {
 		}
 		time.Sleep(300 * time.Millisecond)
 	}
-}
-
-// syncBuffer is a bytes.Buffer a process writes to while the test reads it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 )
@@ -182,24 +183,6 @@ type noSnapshot struct{}
 func (noSnapshot) Persist(sink raft.SnapshotSink) error { return sink.Close() }
 func (noSnapshot) Release()                             {}
 
-// syncBuffer collects raft's log lines; they are printed only when the test fails.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type testNode struct {
 	id    raft.ServerID
 	raft  *raft.Raft
@@ -207,7 +190,7 @@ type testNode struct {
 	trans *raft.NetworkTransport
 }
 
-func startNode(t *testing.T, id string, ca *CA, logs *syncBuffer) (*testNode, error) {
+func startNode(t *testing.T, id string, ca *CA, logs *testutil.Buffer) (*testNode, error) {
 	t.Helper()
 	logger := hclog.New(&hclog.LoggerOptions{Name: id, Output: logs, Level: hclog.Debug})
 	trans, err := NewRaftTransport("127.0.0.1:0", "", ca, issue(t, ca, RoleServer, id), logger)
@@ -236,7 +219,7 @@ func startNode(t *testing.T, id string, ca *CA, logs *syncBuffer) (*testNode, er
 	return n, nil
 }
 
-func waitFor(t *testing.T, what string, logs *syncBuffer, cond func() bool) {
+func waitFor(t *testing.T, what string, logs *testutil.Buffer, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for !cond() {
@@ -252,7 +235,7 @@ func TestRaftClusterOverMutualTLS(t *testing.T) {
 		t.Skip("-short: a 3-node Raft cluster over TLS takes seconds; run without -short (make test and CI do)")
 	}
 	ca := testCA(t, "c")
-	logs := &syncBuffer{}
+	logs := &testutil.Buffer{}
 	var nodes []*testNode
 	var servers []raft.Server
 	for i := range 3 {
