@@ -16,7 +16,8 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/fireworks-sandbox/fireworks/internal/cluster"
+	"github.com/fireworks-sandbox/fireworks/internal/cluster/agentproc"
+	"github.com/fireworks-sandbox/fireworks/internal/cluster/serverproc"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/leader"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/xds"
@@ -36,7 +37,7 @@ func envOr(key, def string) string {
 
 func newServerCmd(g *globals) *cobra.Command {
 	var (
-		cfg                   cluster.ServerConfig
+		cfg                   serverproc.ServerConfig
 		peers, logLevel, sans string
 		heartbeatTTL          time.Duration
 		envoyPort             uint32
@@ -56,7 +57,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 			log := newLogger(logLevel)
 			cfg.Log = log
 			var err error
-			if cfg.Peers, err = cluster.ParsePeers(peers); err != nil {
+			if cfg.Peers, err = serverproc.ParsePeers(peers); err != nil {
 				return err
 			}
 			for _, s := range strings.Split(sans, ",") {
@@ -64,7 +65,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 					cfg.SANs = append(cfg.SANs, s)
 				}
 			}
-			cfg.ControlPlane = func(store *state.Store, log *slog.Logger) cluster.ControlPlane {
+			cfg.ControlPlane = func(store *state.Store, log *slog.Logger) serverproc.ControlPlane {
 				return leader.New(store, leader.Config{HeartbeatTTL: heartbeatTTL}, log)
 			}
 			cfg.HeartbeatInterval = heartbeatTTL / 3
@@ -72,7 +73,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 			if envoyTLSDir != "" {
 				cfg.XDS.NodeTLS = envoyNodeTLS(envoyTLSDir)
 			}
-			return cluster.RunServer(ctx, cfg)
+			return serverproc.RunServer(ctx, cfg)
 		},
 	}
 	host, _ := os.Hostname()
@@ -93,7 +94,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.Uint32Var(&envoyPort, "xds-envoy-port", xds.DefaultListenPort, "port of the listener Envoy gets over xDS")
 	fl.StringVar(&envoyTLSDir, "xds-envoy-tls-dir", "/etc/fireworks/ingress", "directory on Envoy's host with the files 'fireworks ingress certificate --out' writes (Envoy's client certificate for the nodes); empty: Envoy speaks plain HTTP to nodes (which refuse it)")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
-	fl.DurationVar(&cfg.MaxStale, "max-stale", cluster.DefaultMaxStale, "serve --stale reads only while this server heard from the leader within this long (a token revoked meanwhile reads here until then)")
+	fl.DurationVar(&cfg.MaxStale, "max-stale", serverproc.DefaultMaxStale, "serve --stale reads only while this server heard from the leader within this long (a token revoked meanwhile reads here until then)")
 	registerLimitFlags(fl, &cfg.Limits)
 	return cmd
 }
@@ -110,7 +111,7 @@ func registerLimitFlags(fl *pflag.FlagSet, l *server.Limits) {
 
 func newAgentCmd(g *globals) *cobra.Command {
 	var (
-		cfg                                   cluster.AgentConfig
+		cfg                                   agentproc.AgentConfig
 		servers, labels, logLevel, accel, ini string
 		warm                                  warmFlags
 		netf                                  nodeNetFlags
@@ -156,7 +157,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 			if err := warm.apply(&cfg.Agent); err != nil {
 				return err
 			}
-			return cluster.RunAgent(ctx, cfg)
+			return agentproc.RunAgent(ctx, cfg)
 		},
 	}
 	fl := cmd.Flags()

@@ -16,7 +16,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
-	"github.com/fireworks-sandbox/fireworks/internal/cluster"
+	"github.com/fireworks-sandbox/fireworks/internal/cluster/devproc"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
 	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
 	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
@@ -120,7 +120,7 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 	if err != nil {
 		return err
 	}
-	cfg := cluster.DevConfig{
+	cfg := devproc.DevConfig{
 		DataDir: f.dataDir, Listen: f.listen, Limits: f.limits,
 		IngressListen: f.ingressListen, IngressDomain: f.ingressDomain, XDSListen: f.xdsListen, Log: log,
 		Agent: agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel},
@@ -133,7 +133,7 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 	if err := f.warm.apply(&cfg.Agent); err != nil {
 		return err
 	}
-	return cluster.RunDev(ctx, cfg)
+	return devproc.RunDev(ctx, cfg)
 }
 
 func newSetupCmd(g *globals) *cobra.Command {

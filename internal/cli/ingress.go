@@ -13,7 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/fireworks-sandbox/fireworks/internal/cluster"
+	"github.com/fireworks-sandbox/fireworks/internal/cluster/devproc"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/xds"
 	"github.com/fireworks-sandbox/fireworks/internal/edge/standalone"
@@ -168,7 +168,7 @@ func registerDevIngressFlags(cmd *cobra.Command, f *devFlags) {
 	// Checked before dev does anything (state, assets, the CLI config).
 	prev := cmd.PreRunE
 	cmd.PreRunE = func(cmd *cobra.Command, args []string) error {
-		if f.xdsListen != "" && !cluster.IsLoopback(f.xdsListen) {
+		if f.xdsListen != "" && !devproc.IsLoopback(f.xdsListen) {
 			return fmt.Errorf("--xds-listen %s: dev serves xDS without TLS (its resources hold private ports' access tokens), so only on a loopback address such as 127.0.0.1:18000", f.xdsListen)
 		}
 		if prev != nil {

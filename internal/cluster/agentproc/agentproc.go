@@ -1,4 +1,7 @@
-package cluster
+// Package agentproc runs `fireworks agent`: a node that joins the cluster (join token →
+// certificate), links to the servers over the node protocol, and serves its internal API
+// and data path over mutual TLS. The CLI only parses flags into its config.
+package agentproc
 
 import (
 	"context"
@@ -85,13 +88,13 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 
 	info := ag.Info()
 	log.Info("fireworks agent ready", "node", id.Node, "api", ln.Addr().String(), "accel", info.Accel, "servers", cfg.Servers)
-	return link.Run(ctx, nodeOf(ag, id.Node, nodeSetup{Address: cfg.Advertise, Labels: cfg.Labels, DiskMiB: cfg.DiskMiB,
+	return link.Run(ctx, NodeOf(ag, id.Node, NodeSetup{Address: cfg.Advertise, Labels: cfg.Labels, DiskMiB: cfg.DiskMiB,
 		DataDir: cfg.Agent.DataDir, RevokedEdges: revoked}))
 }
 
-// nodeSetup is what a node tells the control plane about itself besides what its agent
+// NodeSetup is what a node tells the control plane about itself besides what its agent
 // knows.
-type nodeSetup struct {
+type NodeSetup struct {
 	// Address is the node's address for servers and edges (host:port).
 	Address string
 	Labels  map[string]string
@@ -102,9 +105,9 @@ type nodeSetup struct {
 	RevokedEdges *pki.Revoked
 }
 
-// nodeOf is the node side of the node protocol for ag, the same in a cluster's agent
+// NodeOf is the node side of the node protocol for ag, the same in a cluster's agent
 // process and in dev's.
-func nodeOf(ag *agent.Agent, node string, ns nodeSetup) agentlink.Node {
+func NodeOf(ag *agent.Agent, node string, ns NodeSetup) agentlink.Node {
 	n := agentlink.Node{
 		Info: func() *pb.Node {
 			i := ag.Info()

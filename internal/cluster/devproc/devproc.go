@@ -1,4 +1,6 @@
-package cluster
+// Package devproc runs `fireworks dev`: a cluster of one server and one node in one
+// process (see RunDev).
+package devproc
 
 import (
 	"context"
@@ -11,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/cluster/agentproc"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/leader"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/xds"
@@ -170,7 +173,7 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	}
 	waitNode = srv.AddLocalNode(ctx, node, nodeapi.APIHandler(ag, log))
 	run("node link", func() error {
-		return link.Run(ctx, nodeOf(ag, node, nodeSetup{Address: dataLn.Addr().String(), DataDir: cfg.Agent.DataDir}))
+		return link.Run(ctx, agentproc.NodeOf(ag, node, agentproc.NodeSetup{Address: dataLn.Addr().String(), DataDir: cfg.Agent.DataDir}))
 	})
 	run("node data listener", func() error {
 		return ingress.Serve(ctx, dataLn, nodeapi.DataHandler(ag, srv.IngressDomain(), log), nil, log)

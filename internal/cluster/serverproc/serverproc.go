@@ -1,8 +1,7 @@
-// Package cluster runs the multi-host processes: `fireworks server` (API, Raft state over
-// mutual TLS, the leader's control loops) and `fireworks agent` (a node that joins the
-// cluster and runs the sandboxes placed on it). The CLI only parses flags into these
-// configs.
-package cluster
+// Package serverproc runs `fireworks server`: the API, the Raft state over mutual TLS,
+// the leader's loops, forwarding to the leader and the xDS feed. The CLI only parses
+// flags into its config.
+package serverproc
 
 import (
 	"bytes"

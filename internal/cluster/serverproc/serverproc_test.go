@@ -1,4 +1,4 @@
-package cluster_test
+package serverproc_test
 
 import (
 	"context"
@@ -16,7 +16,7 @@ import (
 
 	"connectrpc.com/connect"
 
-	"github.com/fireworks-sandbox/fireworks/internal/cluster"
+	"github.com/fireworks-sandbox/fireworks/internal/cluster/serverproc"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/auth"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
@@ -59,7 +59,7 @@ func TestThreeServersOnOneHost(t *testing.T) {
 	for i := range 3 {
 		peers = append(peers, fmt.Sprintf("s%d=127.0.0.1:%d", i+1, ports[3+i]))
 	}
-	parsed, err := cluster.ParsePeers(strings.Join(peers, ","))
+	parsed, err := serverproc.ParsePeers(strings.Join(peers, ","))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,16 +69,16 @@ func TestThreeServersOnOneHost(t *testing.T) {
 	apis := make([]string, 3)
 	for i := range 3 {
 		log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})).With("server", i+1)
-		cfg := cluster.ServerConfig{
+		cfg := serverproc.ServerConfig{
 			NodeID: fmt.Sprintf("s%d", i+1), DataDir: filepath.Join(root, fmt.Sprint(i)), CADir: caDir,
 			Listen: fmt.Sprintf("127.0.0.1:%d", ports[i]), RaftListen: fmt.Sprintf("127.0.0.1:%d", ports[3+i]),
-			Peers: append([]cluster.Peer(nil), parsed...), BootstrapToken: token, Log: log,
+			Peers: append([]serverproc.Peer(nil), parsed...), BootstrapToken: token, Log: log,
 		}
 		apis[i] = cfg.Listen
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := cluster.RunServer(ctx, cfg); err != nil {
+			if err := serverproc.RunServer(ctx, cfg); err != nil {
 				t.Errorf("server %s: %v", cfg.NodeID, err)
 			}
 		}()
@@ -174,7 +174,7 @@ func TestThreeServersOnOneHost(t *testing.T) {
 // call.
 func TestMalformedBootstrapTokenRefused(t *testing.T) {
 	root := t.TempDir()
-	err := cluster.RunServer(context.Background(), cluster.ServerConfig{NodeID: "s1", DataDir: root,
+	err := serverproc.RunServer(context.Background(), serverproc.ServerConfig{NodeID: "s1", DataDir: root,
 		Listen: "127.0.0.1:0", RaftListen: "127.0.0.1:0", BootstrapToken: "fwk_not-a-token"})
 	if err == nil || !errors.Is(err, auth.ErrMalformed) || !strings.Contains(err.Error(), "--bootstrap-token") {
 		t.Errorf("RunServer with a malformed bootstrap token: %v", err)
