@@ -158,7 +158,7 @@ func (h *imageService) ListPools(ctx context.Context, _ *connect.Request[pb.List
 		}
 		p := byImage[st.GetImage()]
 		if p == nil {
-			p = &pb.Pool{Image: st.GetImage()}
+			p = &pb.Pool{Image: st.GetImage(), Size: st.GetSize(), Max: st.GetMax()}
 			byImage[st.GetImage()] = p
 			resp.Pools = append(resp.Pools, p)
 		}

@@ -226,7 +226,7 @@ func TestHeartbeatWarmAndPools(t *testing.T) {
 	}
 	n1Pools := []*pb.PoolNodeStatus{{Node: "someone-else", Image: "reg/app:1", Digest: "sha256:d1", Target: 3, Ready: 2, Filling: 1, ClaimsLastMinute: 7}}
 	beat("n1", &pb.HeartbeatRequest{Warm: []string{"sha256:d1", "reg/app:1", "reg/app:1"}, WarmChanged: true, Pools: n1Pools})
-	beat("n2", &pb.HeartbeatRequest{Pools: []*pb.PoolNodeStatus{{Image: "reg/app:1", Error: "pull failed:\nno such host"}, {Image: "reg/unconfigured:1", Ready: 1, Local: true}, {Image: "reg/removed:1", Ready: 1}}})
+	beat("n2", &pb.HeartbeatRequest{Pools: []*pb.PoolNodeStatus{{Image: "reg/app:1", Error: "pull failed:\nno such host"}, {Image: "reg/unconfigured:1", Ready: 1, Local: true, Size: 1, Max: 3}, {Image: "reg/removed:1", Ready: 1}}})
 
 	n1, err := a.store.GetNode(ctx, "n1")
 	if err != nil {
@@ -247,8 +247,8 @@ func TestHeartbeatWarmAndPools(t *testing.T) {
 	}
 	pools := ls.Msg.GetPools()
 	// A pool only a node's own configuration (--warm-pool) has is listed after the
-	// cluster-wide ones, with no size of its own.
-	if len(pools) != 2 || pools[1].GetImage() != "reg/unconfigured:1" || pools[1].GetSize() != 0 ||
+	// cluster-wide ones, with the size the node gives it.
+	if len(pools) != 2 || pools[1].GetImage() != "reg/unconfigured:1" || pools[1].GetSize() != 1 || pools[1].GetMax() != 3 ||
 		len(pools[1].GetNodes()) != 1 || pools[1].GetNodes()[0].GetReady() != 1 {
 		t.Fatalf("ListPools = %v", pools)
 	}

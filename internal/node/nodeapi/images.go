@@ -120,7 +120,7 @@ func PoolStatuses(ag *agent.Agent) []*pb.PoolNodeStatus {
 	var out []*pb.PoolNodeStatus
 	for _, p := range ag.Pools() {
 		out = append(out, &pb.PoolNodeStatus{Node: ag.NodeName(), Image: p.Image, Digest: p.Digest, Target: int32(p.Target),
-			Ready: int32(p.Ready), Filling: int32(p.Filling), ClaimsLastMinute: int32(p.Claims), Error: p.Error, Local: p.Local})
+			Ready: int32(p.Ready), Filling: int32(p.Filling), ClaimsLastMinute: int32(p.Claims), Error: p.Error, Local: p.Local, Size: int32(p.Size), Max: int32(p.Max)})
 	}
 	return out
 }

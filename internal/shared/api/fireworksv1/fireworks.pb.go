@@ -2859,7 +2859,11 @@ type PoolNodeStatus struct {
 	// The pool's image reference (what a node reports in heartbeats is matched by it).
 	Image string `protobuf:"bytes,8,opt,name=image,proto3" json:"image,omitempty"`
 	// The node keeps this pool by its own configuration (--warm-pool), not the cluster's.
-	Local         bool `protobuf:"varint,9,opt,name=local,proto3" json:"local,omitempty"`
+	Local bool `protobuf:"varint,9,opt,name=local,proto3" json:"local,omitempty"`
+	// The pool's configured size and most (a node-local pool's own; a cluster pool's are
+	// the Pool's).
+	Size          int32 `protobuf:"varint,10,opt,name=size,proto3" json:"size,omitempty"`
+	Max           int32 `protobuf:"varint,11,opt,name=max,proto3" json:"max,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2955,6 +2959,20 @@ func (x *PoolNodeStatus) GetLocal() bool {
 		return x.Local
 	}
 	return false
+}
+
+func (x *PoolNodeStatus) GetSize() int32 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *PoolNodeStatus) GetMax() int32 {
+	if x != nil {
+		return x.Max
+	}
+	return 0
 }
 
 type SetPoolRequest struct {
@@ -4288,7 +4306,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x13insecure_registries\x18\x06 \x03(\tR\x12insecureRegistries\x129\n" +
 	"\n" +
 	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x122\n" +
-	"\x05nodes\x18\b \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05nodes\"\xf4\x01\n" +
+	"\x05nodes\x18\b \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05nodes\"\x9a\x02\n" +
 	"\x0ePoolNodeStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x16\n" +
@@ -4298,7 +4316,10 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x12claims_last_minute\x18\x06 \x01(\x05R\x10claimsLastMinute\x12\x14\n" +
 	"\x05error\x18\a \x01(\tR\x05error\x12\x14\n" +
 	"\x05image\x18\b \x01(\tR\x05image\x12\x14\n" +
-	"\x05local\x18\t \x01(\bR\x05local\"8\n" +
+	"\x05local\x18\t \x01(\bR\x05local\x12\x12\n" +
+	"\x04size\x18\n" +
+	" \x01(\x05R\x04size\x12\x10\n" +
+	"\x03max\x18\v \x01(\x05R\x03max\"8\n" +
 	"\x0eSetPoolRequest\x12&\n" +
 	"\x04pool\x18\x01 \x01(\v2\x12.fireworks.v1.PoolR\x04pool\"9\n" +
 	"\x0fSetPoolResponse\x12&\n" +
