@@ -191,6 +191,11 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 		log.Info("dev xDS (no TLS, loopback only)", "listen", xdsLn.Addr().String(), "node_data_address", dataLn.Addr().String())
 	}
 
+	// dev is ready when its node is (registered over the node protocol: milliseconds, in
+	// memory): the first `fireworks info` or `run` after "ready" finds it.
+	if err := waitRegistered(ctx, store, node); err != nil {
+		return err
+	}
 	apiURL := "http://" + apiLn.Addr().String()
 	if cfg.Ready != nil {
 		if err := cfg.Ready(apiURL, token); err != nil {
@@ -200,6 +205,24 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	info := ag.Info()
 	log.Info("fireworks dev ready", "api", apiURL, "node", node, "accel", info.Accel, "kernel", info.KernelRelease, "data_dir", cfg.DataDir)
 	return srv.Serve(ctx, apiLn)
+}
+
+// waitRegistered waits (up to a minute) until node is registered and ready.
+func waitRegistered(ctx context.Context, store *state.Store, node string) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	for {
+		changed := store.Changed()
+		if n, err := store.GetNode(state.WithStaleReads(ctx), node); err == nil && n.Status == state.NodeReady {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-time.After(100 * time.Millisecond):
+		case <-ctx.Done():
+			return fmt.Errorf("dev's node %s did not register with its server: %w", node, ctx.Err())
+		}
+	}
 }
 
 // giveUpUnplaced ends sandboxes that a dev before the control plane ran started (they
