@@ -449,25 +449,12 @@ func nodeToPB(n state.Node, sbs []state.Sandbox) *pb.Node {
 		if sb.Node != n.ID || sb.Status.Terminal() {
 			continue
 		}
-		r := SandboxResources(sb.Spec)
+		r := sb.Spec.Reserved()
 		out.UsedVcpus += int32(r.VCPUs)
 		out.UsedMemoryMib += int64(r.MemoryMiB)
 		out.Sandboxes++
 	}
 	return out
-}
-
-// SandboxResources is what a sandbox reserves on its node, with the defaults a node
-// applies to a request that names none.
-func SandboxResources(spec state.SandboxSpec) state.Resources {
-	r := state.Resources{VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, DiskMiB: spec.DiskMiB}
-	if r.VCPUs <= 0 {
-		r.VCPUs = 1
-	}
-	if r.MemoryMiB <= 0 {
-		r.MemoryMiB = 256
-	}
-	return r
 }
 
 // EnableCluster makes this server a cluster member (see ClusterOptions). Call before

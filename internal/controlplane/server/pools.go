@@ -208,10 +208,7 @@ func (s *Server) livePools(ctx context.Context, node string) ([]*pb.PoolNodeStat
 	for _, p := range resp.Msg.GetPools() {
 		out = append(out, p.GetNodes()...)
 	}
-	// Bounded and attributed as a heartbeat's report is.
-	var r poolReports
-	r.set(node, out)
-	return r.get(node), true
+	return boundPoolReport(node, out), true // bounded and attributed as a heartbeat's report is
 }
 
 func poolToPB(p state.Pool) *pb.Pool {
@@ -236,6 +233,18 @@ const (
 )
 
 func (r *poolReports) set(node string, in []*pb.PoolNodeStatus) {
+	out := boundPoolReport(node, in)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.byNode == nil {
+		r.byNode = map[string][]*pb.PoolNodeStatus{}
+	}
+	r.byNode[node] = out
+}
+
+// boundPoolReport is what is kept of a node's report about its pools: bounded, as the
+// node's own (a node reports only for itself), sorted by image.
+func boundPoolReport(node string, in []*pb.PoolNodeStatus) []*pb.PoolNodeStatus {
 	out := make([]*pb.PoolNodeStatus, 0, min(len(in), maxPoolReports))
 	for _, st := range in {
 		if len(out) == maxPoolReports {
@@ -252,12 +261,7 @@ func (r *poolReports) set(node string, in []*pb.PoolNodeStatus) {
 		out = append(out, c)
 	}
 	slices.SortStableFunc(out, func(a, b *pb.PoolNodeStatus) int { return cmp.Compare(a.Image, b.Image) })
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.byNode == nil {
-		r.byNode = map[string][]*pb.PoolNodeStatus{}
-	}
-	r.byNode[node] = out
+	return out
 }
 
 func (r *poolReports) forget(node string) {

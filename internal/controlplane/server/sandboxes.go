@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
@@ -202,21 +203,8 @@ func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsR
 	return h.s.logsOnNode(ctx, sb, req.Msg, stream)
 }
 
-// readExecStart reads and checks the first message of an Exec call.
-func readExecStart(stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) (*pb.ExecRequest, *pb.ExecStart, error) {
-	first, err := stream.Receive()
-	if err != nil {
-		return nil, nil, toConnectError(fmt.Errorf("read exec request: %w", err))
-	}
-	start := first.GetStart()
-	if start == nil || len(start.GetArgv()) == 0 {
-		return nil, nil, connect.NewError(connect.CodeInvalidArgument, errors.New("the first exec message must be start with a non-empty argv"))
-	}
-	return first, start, nil
-}
-
 func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {
-	first, start, err := readExecStart(stream)
+	first, start, err := rpc.ReadExecStart(stream)
 	if err != nil {
 		return err
 	}
@@ -412,7 +400,7 @@ func (s *Server) validateSpec(spec *state.SandboxSpec) error {
 	if spec.Image == "" {
 		return errors.New("no image given")
 	}
-	r := SandboxResources(*spec)
+	r := spec.Reserved()
 	spec.VCPUs, spec.MemoryMiB = r.VCPUs, r.MemoryMiB
 	switch {
 	case spec.VCPUs > 1024:

@@ -88,6 +88,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	for _, step := range startSteps {
 		if err := step.run(a, r); err != nil {
 			<-r.starting
+			a.log.Info("start failed", "sandbox", sb.ID, "step", step.name)
 			a.fail(s, err.Error())
 			return
 		}

@@ -65,9 +65,6 @@ func newLink(node string, d *leaderDialer, tr *http.Transport, base string, log 
 	return l
 }
 
-// Node is the name this link registers the node under.
-func (l *Link) Node() string { return l.node }
-
 // follow handles a follower's "not the leader" answer: the next connection goes to the
 // leader it named. It reports whether a leader was named (a redirect, not a failure).
 func (l *Link) follow(err error) bool {

@@ -17,6 +17,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/node/sandboxlog"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
 )
 
 // attachStream is the server side of an Attach call.
@@ -337,7 +338,7 @@ func (n *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsR
 }
 
 func (n *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {
-	start, err := readExecStart(stream)
+	_, start, err := rpc.ReadExecStart(stream)
 	if err != nil {
 		return err
 	}
@@ -363,17 +364,4 @@ func (n *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request
 		return nil, toConnectError(fmt.Errorf("remove sandbox %s: %w", id, err))
 	}
 	return connect.NewResponse(&pb.RemoveSandboxResponse{}), nil
-}
-
-// readExecStart reads and checks the first message of an Exec call.
-func readExecStart(stream execStream) (*pb.ExecStart, error) {
-	first, err := stream.Receive()
-	if err != nil {
-		return nil, toConnectError(fmt.Errorf("read exec request: %w", err))
-	}
-	start := first.GetStart()
-	if start == nil || len(start.GetArgv()) == 0 {
-		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("the first exec message must be start with a non-empty argv"))
-	}
-	return start, nil
 }

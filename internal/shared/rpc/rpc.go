@@ -15,6 +15,8 @@ import (
 	"strings"
 
 	"connectrpc.com/connect"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 )
 
 // MaxRequestBytes bounds one request message, decompressed (Connect decompresses a gzip
@@ -143,3 +145,19 @@ const (
 	CallerTokenHeader = "Fireworks-Caller-Token"
 	CallerAdminHeader = "Fireworks-Caller-Admin"
 )
+
+// ReadExecStart reads and checks the first message of an Exec call (the public API's and
+// a node's): it must start a command.
+func ReadExecStart(stream interface {
+	Receive() (*pb.ExecRequest, error)
+}) (*pb.ExecRequest, *pb.ExecStart, error) {
+	first, err := stream.Receive()
+	if err != nil {
+		return nil, nil, Error(fmt.Errorf("read exec request: %w", err), nil)
+	}
+	start := first.GetStart()
+	if start == nil || len(start.GetArgv()) == 0 {
+		return nil, nil, connect.NewError(connect.CodeInvalidArgument, errors.New("the first exec message must be start with a non-empty argv"))
+	}
+	return first, start, nil
+}
