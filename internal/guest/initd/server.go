@@ -140,20 +140,31 @@ func (s *Server) Close() error {
 	return nil
 }
 
-// goSafe runs fn in a goroutine owned by the server (Close waits for it).
-func (s *Server) goSafe(fn func()) {
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		if s.opts.OnPanic != nil {
-			defer func() {
-				if v := recover(); v != nil {
-					s.opts.OnPanic(v)
-				}
-			}()
-		}
-		fn()
-	}()
+// goSafe runs each of fns in a goroutine owned by the server (Close waits for them):
+// all of them, or none once Close has begun (it reports which). Adding to the wait group
+// under mu, where Close marks the server closed, keeps an Add from racing Close's Wait.
+func (s *Server) goSafe(fns ...func()) bool {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return false
+	}
+	s.wg.Add(len(fns))
+	s.mu.Unlock()
+	for _, fn := range fns {
+		go func() {
+			defer s.wg.Done()
+			if s.opts.OnPanic != nil {
+				defer func() {
+					if v := recover(); v != nil {
+						s.opts.OnPanic(v)
+					}
+				}()
+			}
+			fn()
+		}()
+	}
+	return true
 }
 
 // gconn is one host connection.

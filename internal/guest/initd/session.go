@@ -237,6 +237,13 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 	attr := &syscall.ProcAttr{Dir: dir, Env: env, Files: files, Sys: sys}
 	var waitCh <-chan unix.WaitStatus
 	s.mu.Lock()
+	if s.closed {
+		// Close kills the sessions it finds: one started after it would outlive it.
+		s.mu.Unlock()
+		closeAll(childFiles)
+		closeAll(parentFiles)
+		return setupErr("the guest is shutting down")
+	}
 	pid, waitCh, err := s.reaper.start(func() (int, error) {
 		if cred != nil && cred.Uid != 0 {
 			return forkExecFromDir(dir, path, req.Argv, attr, sess.exited)
@@ -262,13 +269,14 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 	}
 
 	var outWG sync.WaitGroup
+	var work []func()
 	for i, f := range sess.outs {
 		stream := proto.TypeStdout
 		if i == 1 {
 			stream = proto.TypeStderr
 		}
 		outWG.Add(1)
-		s.goSafe(func() {
+		work = append(work, func() {
 			defer outWG.Done()
 			sess.pump(i, stream, f)
 		})
@@ -278,9 +286,14 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 		if req.TTY {
 			w = sess.master
 		}
-		s.goSafe(func() { sess.feedStdin(w, !req.TTY) })
+		work = append(work, func() { sess.feedStdin(w, !req.TTY) })
 	}
-	s.goSafe(func() { sess.wait(waitCh, &outWG) })
+	work = append(work, func() { sess.wait(waitCh, &outWG) })
+	if !s.goSafe(work...) {
+		// The server closed since the process started: Close killed it with the other
+		// sessions; nothing reads its output now.
+		closeAll(parentFiles)
+	}
 	return nil
 }
 

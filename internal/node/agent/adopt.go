@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
-	"github.com/fireworks-sandbox/fireworks/internal/shared/netpolicy"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
@@ -106,27 +105,15 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 	}
 	// The network's programs stayed attached through their pins; take them back with
 	// the policy the state holds now (it may have changed while no agent ran).
-	var sn *sbNet
+	var sn SandboxNet
 	defer func() {
 		if err != nil && sn != nil {
-			_ = sn.remove() // the VM is gone (killed below), and so is its network
+			_ = sn.Remove() // the VM is gone (killed below), and so is its network
 		}
 	}()
 	if rec.Sandbox.Spec.Network != state.NetworkNone {
-		owner, version := netOwner(real)
-		if owner == "" {
-			return fmt.Errorf("sandbox network: no %s in %s", netOwnerFile, real)
-		}
-		if a.net == nil {
-			return errNoNetworks
-		}
-		if sn, err = a.net.load(owner, version, policyOf(sb.Spec)); err != nil {
+		if sn, err = a.net.Adopt(real, policyOf(sb.Spec)); err != nil {
 			return fmt.Errorf("sandbox network: %w", err)
-		}
-		if version != netpolicy.Version {
-			if err := writeNetOwner(real, owner); err != nil {
-				return fmt.Errorf("sandbox network: %w", err)
-			}
 		}
 	}
 	vm, err := a.vms.driver.Adopt(ctx, real)

@@ -94,14 +94,11 @@ type Config struct {
 	// Assets, if set, provides the guest kernel and initramfs instead of fetching
 	// Debian's kernel into dir and building the initramfs from InitBinary.
 	Assets func(ctx context.Context, dir string) (*assets.Kernel, *assets.Initramfs, error)
-	// NoNetworks makes a node without sandbox networks (no namespaces, NAT or eBPF
-	// programs, and no root needed for them): every sandbox must be --network none, and
-	// there are no warm pools (their VMs have networks). Tests of the agent's logic use it.
-	NoNetworks bool
+	// Networks, if set, makes the sandbox networks instead of the host's network
+	// namespaces, address translation and eBPF programs. Tests of the agent's logic give
+	// a test double here (agenttest.Networks).
+	Networks Networks
 }
-
-// errNoNetworks answers a network on a node made without them (Config.NoNetworks).
-var errNoNetworks = errors.New("this node makes no sandbox networks (started without them): use --network none")
 
 // debianAssets is the default of Config.Assets: Debian's cloud kernel (apt-get download)
 // and an initramfs built from initBinary, both cached in dir.
@@ -145,8 +142,14 @@ type Agent struct {
 	stopsSent map[string]bool          // sandboxes Reconcile has begun stopping
 	leaving   map[string]chan struct{} // sandboxes no longer assigned here, being stopped and removed
 
-	warm *warmManager
-	net  *netManager
+	// What the node keeps ahead of starts, each owning its state: template snapshots,
+	// warm pools of VMs restored from them, and VMMs launched ahead of restores (slots).
+	// One fill loop does the pools' and the slots' work, one VM at a time.
+	templates *templates
+	pools     *warmPools
+	slots     *restoreSlots
+	fillWake  chan struct{}
+	net       Networks
 	// userPulls carries the registry traffic of pulls users asked for (see
 	// image.GuardedTransport).
 	userPulls http.RoundTripper
@@ -288,42 +291,42 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 		allow = append(allow, p.Masked())
 	}
 	a.userPulls = image.GuardedTransport(allow, func() []netip.Prefix {
-		if a.net == nil {
-			return nil
-		}
-		return a.net.protected() // the node's own addresses, metadata, the sandbox range, --deny-cidr
+		return a.net.Protected() // the node's own addresses, metadata, the sandbox range, --deny-cidr
 	})
 	a.cfg = cfg
 	m.nameservers = cfg.Nameservers
-	if !cfg.NoNetworks {
+	a.net = cfg.Networks
+	if a.net == nil {
 		if a.net, err = newNetManager(ctx, a.log, cfg.DataDir, rng, cfg.Nameservers, extra); err != nil {
 			return nil, err
 		}
-		m.net = a.net
 	}
+	m.net = a.net
 	a.ctx, a.cancel = context.WithCancel(context.Background())
-	a.warm = newWarmManager(warmDeps{
-		dir: filepath.Join(cfg.DataDir, "templates"), budget: int64(cfg.TemplateDiskMiB) << 20, static: cfg.Pools,
-		vms: m, images: a.images, pullTimeout: cfg.PullTimeout, shape: a.shape,
-		maxVCPUs: cfg.MaxVCPUs, maxMemoryMiB: cfg.MaxMemoryMiB, sandboxUsage: a.sandboxUsage, log: a.log,
-	})
+	a.fillWake = make(chan struct{}, 1)
+	a.templates = newTemplates(filepath.Join(cfg.DataDir, "templates"), int64(cfg.TemplateDiskMiB)<<20, m, a.log)
+	a.pools = &warmPools{static: cfg.Pools, templates: a.templates, vms: m, images: a.images, pullTimeout: cfg.PullTimeout,
+		shape: a.shape, sandboxUsage: a.sandboxUsage, maxVCPUs: cfg.MaxVCPUs, maxMemoryMiB: cfg.MaxMemoryMiB,
+		wake: a.wakeFill, log: a.log.With("part", "pools"), pools: map[string]*pool{}}
+	a.slots = newRestoreSlots(a.templates, m, a.wakeFill, a.log)
+	a.templates.pinned, a.templates.dropped = a.pools.templateKeys, a.slots.drop
 	if err := a.recover(ctx); err != nil {
 		return nil, err
 	}
-	if err := a.warm.start(); err != nil {
+	if err := a.templates.open(); err != nil {
 		return nil, err
 	}
-	if a.net != nil {
-		a.wg.Add(2)
-		go func() {
-			defer a.wg.Done()
-			a.net.keepSpares(a.ctx)
-		}()
-		go func() {
-			defer a.wg.Done()
-			a.net.followNodeAddrs(a.ctx, 2*time.Second)
-		}()
-	}
+	a.pools.setPools(nil)
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		a.fillLoop(a.ctx)
+	}()
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		a.net.Run(a.ctx)
+	}()
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
@@ -361,7 +364,7 @@ func (a *Agent) RemoveImage(ctx context.Context, ref string) error {
 		return err
 	}
 	if _, err := a.images.Get(ctx, img.Digest); errors.Is(err, image.ErrNotFound) {
-		a.warm.dropImage(img.Digest)
+		a.templates.dropImage(img.Digest)
 	}
 	return nil
 }
@@ -430,13 +433,13 @@ func (a *Agent) pruneImages(ctx context.Context) {
 // imageInUse says whether a sandbox on this node runs from the image with digest, or a
 // template or warm pool of the node needs it.
 func (a *Agent) imageInUse(digest string) bool {
-	return a.imageRunning(digest) || a.warm.needsImage(digest, true)
+	return a.imageRunning(digest) || a.templates.needsImage(digest, true) || a.pools.needsImage(digest, true)
 }
 
 // imageBusy is imageInUse without the templates merely kept for later: what keeps a
 // token's share from letting an image go (its templates go with it, see FitImages).
 func (a *Agent) imageBusy(digest string) bool {
-	return a.imageRunning(digest) || a.warm.needsImage(digest, false)
+	return a.imageRunning(digest) || a.templates.needsImage(digest, false) || a.pools.needsImage(digest, false)
 }
 
 // imageRunning says whether a sandbox on this node runs (or starts) from the image.
@@ -532,7 +535,7 @@ func (a *Agent) reservePull(ctx context.Context, owner string, n int64) (func(),
 		return nil, fmt.Errorf("on node %s (--image-mib-per-token): %w: the image's layers take %d MiB and this token's pulls under way %d MiB more, %d MiB allowed",
 			a.cfg.Node, image.ErrOwnerBudget, n>>20, a.pulling[owner]>>20, share>>20)
 	}
-	if err := a.images.FitOwner(ctx, owner, max(room, 1), "", ownerGrace, a.imageBusy, a.warm.dropImage); err != nil {
+	if err := a.images.FitOwner(ctx, owner, max(room, 1), "", ownerGrace, a.imageBusy, a.templates.dropImage); err != nil {
 		return nil, fmt.Errorf("on node %s (--image-mib-per-token), making room for %d MiB of layers: %w", a.cfg.Node, n>>20, err)
 	}
 	a.pulling[owner] += n
@@ -554,7 +557,7 @@ const ownerGrace = 2 * time.Second
 // of them, when no other token holds the image), then (if still over) keep, the image it
 // just pulled, and the pull fails naming the figures.
 func (a *Agent) FitImages(ctx context.Context, owner, keep string) error {
-	err := a.images.FitOwner(ctx, owner, int64(a.cfg.ImageMiBPerOwner)<<20, keep, ownerGrace, a.imageBusy, a.warm.dropImage)
+	err := a.images.FitOwner(ctx, owner, int64(a.cfg.ImageMiBPerOwner)<<20, keep, ownerGrace, a.imageBusy, a.templates.dropImage)
 	if err != nil {
 		return fmt.Errorf("on node %s (--image-mib-per-token): %w", a.cfg.Node, err)
 	}
@@ -567,10 +570,12 @@ func (a *Agent) FitImages(ctx context.Context, owner, keep string) error {
 func (a *Agent) Close() error {
 	a.cancel()
 	a.wg.Wait()
-	a.warm.close()
-	if a.net != nil {
-		_ = os.Remove(a.net.pins) // this agent's pin directory, if no running sandbox's pins are in it
-	}
+	// The fill loop ended with a.wg; templates being built stop, and the VMs kept ahead
+	// end (they are cheap to make again; a restarted agent sweeps any it could not end).
+	a.templates.close()
+	a.pools.close()
+	a.slots.drop("")
+	a.net.Close()
 	return nil
 }
 
@@ -587,7 +592,7 @@ type sandbox struct {
 
 	mu       sync.Mutex
 	vm       vmm.VM
-	net      *sbNet // nil without a network
+	net      SandboxNet // nil without a network
 	guest    *client.Client
 	main     *client.Session
 	proc     process // the main process as resolved; exec inherits from it
@@ -1109,17 +1114,13 @@ func (a *Agent) recover(ctx context.Context) error {
 	}
 	// Networks belong to VMs (their run directories name them): those of VMs that are
 	// gone go too.
-	keepNets := map[string]bool{}
+	var keepDirs []string
 	for name := range keep {
 		if real, err := filepath.EvalSymlinks(filepath.Join(a.runRoot(), name)); err == nil {
-			if o, _ := netOwner(real); o != "" {
-				keepNets[o] = true
-			}
+			keepDirs = append(keepDirs, real)
 		}
 	}
-	if a.net != nil {
-		a.net.sweep(ctx, func(owner string) bool { return keepNets[owner] })
-	}
+	a.net.Sweep(ctx, keepDirs)
 	return nil
 }
 

@@ -21,17 +21,19 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
 
-// node is an agent on the test double driver (no VMs, no networks) over a real state
-// store, placing sandboxes on it as the control plane would.
+// node is an agent on the test doubles (a driver that runs no VM, networks that touch
+// nothing on the host) over a real state store, placing sandboxes on it as the control
+// plane would.
 type node struct {
 	t      *testing.T
 	ag     *agent.Agent
 	store  *state.Store
 	driver *agenttest.Driver
+	nets   *agenttest.Networks
 	image  string
 }
 
-func newNode(t *testing.T) *node {
+func newNode(t *testing.T, pools ...state.Pool) *node {
 	t.Helper()
 	for _, tool := range []string{"mkfs.erofs", "mkfs.ext4"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -56,13 +58,7 @@ func newNode(t *testing.T) *node {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	d := &agenttest.Driver{}
-	ag, err := agent.New(ctx, agent.Config{DataDir: filepath.Join(dir, "d"), Node: "n1", Driver: d, Assets: agenttest.Assets,
-		NoNetworks: true, MaxVCPUs: 4, MaxMemoryMiB: 4096, Logger: log}, store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ag.Close() })
+	d, nets := &agenttest.Driver{}, &agenttest.Networks{}
 	// An image with a shell script as its command: what runs is the test host's sh.
 	root := t.TempDir()
 	if err := os.WriteFile(filepath.Join(root, "hello"), []byte("hello from the image\n"), 0o644); err != nil {
@@ -71,7 +67,19 @@ func newNode(t *testing.T) *node {
 	img := testimage.DirImage(t, root, v1.Config{Env: []string{"PATH=/usr/bin:/bin"}})
 	layout := filepath.Join(t.TempDir(), "img")
 	testimage.WriteOCILayout(t, layout, img, "latest")
-	return &node{t: t, ag: ag, store: store, driver: d, image: "oci:" + layout + ":latest"}
+	ref := "oci:" + layout + ":latest"
+	for i := range pools {
+		if pools[i].Image == "" {
+			pools[i].Image = ref
+		}
+	}
+	ag, err := agent.New(ctx, agent.Config{DataDir: filepath.Join(dir, "d"), Node: "n1", Driver: d, Assets: agenttest.Assets, Networks: nets,
+		MaxVCPUs: 4, MaxMemoryMiB: 4096, DefaultVCPUs: 1, DefaultMemoryMiB: 256, Pools: pools, Logger: log}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ag.Close() })
+	return &node{t: t, ag: ag, store: store, driver: d, nets: nets, image: ref}
 }
 
 // run creates a sandbox of spec, places it on the node, hands the node its assignments
@@ -90,7 +98,7 @@ func (n *node) start(spec state.SandboxSpec) string {
 	if spec.Image == "" {
 		spec.Image = n.image
 	}
-	spec.Network, spec.VCPUs, spec.MemoryMiB = state.NetworkNone, 1, 256
+	spec.VCPUs, spec.MemoryMiB = 1, 256
 	sb := state.Sandbox{ID: state.NewID(), Spec: spec, Status: state.StatusPending, CreatedAt: time.Now()}
 	if err := n.store.CreateSandbox(ctx, sb); err != nil {
 		n.t.Fatal(err)
@@ -162,7 +170,7 @@ func TestStartPaths(t *testing.T) {
 	if sb.Status != state.StatusExited || sb.ExitCode != 0 || sb.Runtime["start_mode"] != "cold" || n.driver.Boots.Load() != 1 {
 		t.Fatalf("cold boot: %s %d (%s) mode %q, %d boots", sb.Status, sb.ExitCode, sb.Reason, sb.Runtime["start_mode"], n.driver.Boots.Load())
 	}
-	if got := phases(sb); !equal(got, "pull", "rootdisk", "vmm", "guest", "setup", "exec") {
+	if got := phases(sb); !equal(got, "pull", "rootdisk", "net", "vmm", "guest", "setup", "exec") {
 		t.Errorf("cold boot phases %v", got)
 	}
 
@@ -171,7 +179,7 @@ func TestStartPaths(t *testing.T) {
 	if sb.Status != state.StatusExited || sb.Runtime["start_mode"] != "restore" || n.driver.Snapshots.Load() != 1 || n.driver.Restores.Load() != 1 {
 		t.Fatalf("restore: %s (%s) mode %q, %d snapshots, %d restores", sb.Status, sb.Reason, sb.Runtime["start_mode"], n.driver.Snapshots.Load(), n.driver.Restores.Load())
 	}
-	if got := phases(sb); !equal(got, "pull", "rootdisk", "template_build", "vmm", "guest", "identity+exec") {
+	if got := phases(sb); !equal(got, "pull", "rootdisk", "template_build", "net", "vmm", "guest", "identity+exec") {
 		t.Errorf("first restore phases %v", got)
 	}
 	// A restore asks for a VMM launched ahead for the next one, which takes it.
@@ -232,6 +240,94 @@ func TestStartPaths(t *testing.T) {
 	}
 	if live := n.ag.Running(); len(live) != 0 {
 		t.Errorf("sandboxes still live after they ended: %v", live)
+	}
+	// --network none: no network at all (and so no VMM launched ahead, which has one).
+	sb = n.run(state.SandboxSpec{Cmd: sh, Network: state.NetworkNone, Boot: state.BootCold})
+	if sb.Status != state.StatusExited || sb.Runtime["netns"] != "" || sb.Runtime["address"] != "" {
+		t.Errorf("--network none: %s (%s), netns %q address %q", sb.Status, sb.Reason, sb.Runtime["netns"], sb.Runtime["address"])
+	}
+	// Every sandbox's network went with it; what is left is the VMMs' launched ahead.
+	for _, nt := range n.nets.Live() {
+		if !strings.HasPrefix(filepath.Base(nt.RunDir), "s-") {
+			t.Errorf("network of %s left after its sandbox ended", nt.RunDir)
+		}
+	}
+}
+
+// TestWarmPool: a pool fills with a VM whose network lets nothing through; a start of
+// the pool's image and shape claims it (start mode warm), its network opens with the
+// sandbox's policy, and the pool fills again. Starts that may not take a warm VM (another
+// boot mode, another network) restore instead. When the agent closes, no network is left.
+func TestWarmPool(t *testing.T) {
+	n := newNode(t, state.Pool{Size: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ready := func(want int) {
+		t.Helper()
+		n.waitFor(fmt.Sprintf("%d ready pool VM", want), func() bool {
+			ps := n.ag.Pools()
+			return len(ps) == 1 && ps[0].Ready == want && ps[0].Filling == 0
+		})
+	}
+	ready(1)
+	var warmNet *agenttest.Net
+	for _, nt := range n.nets.Live() {
+		if strings.HasPrefix(filepath.Base(nt.RunDir), "w-") {
+			warmNet = nt
+		}
+	}
+	if warmNet == nil {
+		t.Fatalf("no network for the pool VM: %d live networks", len(n.nets.Live()))
+	}
+	if closed, _, _ := warmNet.State(); !closed {
+		t.Fatal("a pool VM's network is open before a sandbox claimed it")
+	}
+	restores := n.driver.Restores.Load()
+
+	policy := "deny 203.0.113.0/24\n"
+	id := n.start(state.SandboxSpec{Cmd: []string{"sleep", "60"}, Policy: policy})
+	var sb state.Sandbox
+	n.waitFor("the sandbox running", func() bool {
+		var err error
+		sb, err = n.store.GetSandbox(ctx, id)
+		return err == nil && sb.Status == state.StatusRunning
+	})
+	if sb.Runtime["start_mode"] != "warm" || !equal(phases(sb), "pull", "rootdisk", "identity+exec") {
+		t.Errorf("start from a pool: mode %q, phases %v", sb.Runtime["start_mode"], phases(sb))
+	}
+	if closed, pol, opens := warmNet.State(); closed || pol != policy || opens != 1 || sb.Runtime["netns"] != warmNet.Namespace() {
+		t.Errorf("claimed VM's network: closed %v, policy %q, opened %d times, sandbox's netns %q (want %q)", closed, pol, opens, sb.Runtime["netns"], warmNet.Namespace())
+	}
+	if st, err := n.ag.NetStats(id); err != nil || st.Policy != policy {
+		t.Errorf("NetStats: %+v %v", st, err)
+	}
+	// The claim is refilled (a restore from the pool's template).
+	ready(1)
+	if got := n.driver.Restores.Load(); got != restores+1 {
+		t.Errorf("refill: %d restores, want %d", got, restores+1)
+	}
+
+	// Neither --boot restore nor another network takes the warm VM.
+	for _, spec := range []state.SandboxSpec{{Cmd: []string{"true"}, Boot: state.BootRestore}, {Cmd: []string{"true"}, Network: state.NetworkNone}} {
+		if sb := n.run(spec); sb.Status != state.StatusExited || sb.Runtime["start_mode"] != "restore" {
+			t.Errorf("boot %q network %q: %s (%s) mode %q", spec.Boot, spec.Network, sb.Status, sb.Reason, sb.Runtime["start_mode"])
+		}
+	}
+	if ps := n.ag.Pools(); ps[0].Ready != 1 {
+		t.Errorf("pool VMs taken by starts that may not take them: %d ready", ps[0].Ready)
+	}
+
+	grace := time.Duration(0)
+	if _, err := n.store.UpdateSandbox(ctx, id, state.Update{StopGrace: &grace, Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	n.wait(id)
+	if err := n.ag.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, nt := range n.nets.Live() {
+		t.Errorf("network of %s left after the agent closed", nt.RunDir)
 	}
 }
 

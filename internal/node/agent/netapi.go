@@ -22,7 +22,7 @@ func (a *Agent) SetPolicy(id, text string, admin bool) error {
 	if n == nil {
 		return fmt.Errorf("sandbox %s has no network", id)
 	}
-	return n.apply(netPolicy{text: text, admin: admin, strict: true})
+	return n.Apply(NetPolicy{Text: text, Admin: admin, Strict: true})
 }
 
 // NetStats reads a running sandbox's network address and packet counters.
@@ -37,14 +37,14 @@ func (a *Agent) NetStats(id string) (NetStats, error) {
 	if n == nil {
 		return NetStats{}, fmt.Errorf("sandbox %s has no network", id)
 	}
-	return n.stats()
+	return n.Stats()
 }
 
 // AllNetStats reads the counters of every running sandbox with a network, by sandbox ID
 // (for metrics).
 func (a *Agent) AllNetStats() map[string]NetStats {
 	a.mu.Lock()
-	nets := map[string]*sbNet{}
+	nets := map[string]SandboxNet{}
 	for id, s := range a.live {
 		s.mu.Lock()
 		if s.net != nil {
@@ -55,7 +55,7 @@ func (a *Agent) AllNetStats() map[string]NetStats {
 	a.mu.Unlock()
 	out := map[string]NetStats{}
 	for id, n := range nets {
-		if st, err := n.stats(); err == nil {
+		if st, err := n.Stats(); err == nil {
 			out[id] = st
 		}
 	}
@@ -76,7 +76,7 @@ func (a *Agent) DialSandbox(ctx context.Context, id string, port uint16) (net.Co
 		return nil, fmt.Errorf("sandbox %s has no network", id)
 	}
 	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(n.ns.Block.Sandbox(), port).String())
+	c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(n.Address(), port).String())
 	if err != nil {
 		return nil, fmt.Errorf("connect to port %d of sandbox %s: %w", port, id, err)
 	}

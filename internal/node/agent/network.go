@@ -63,28 +63,14 @@ type sbNet struct {
 	enf     *netpolicy.Enforcer
 	guard   *netpolicy.Guard
 	applyMu sync.Mutex         // one policy change at a time
-	pol     netPolicy          // the user's policy in force (guarded by m.mu)
+	pol     NetPolicy          // the user's policy in force (guarded by m.mu)
 	set     netpolicy.Enforced // everything enforced: the node's rules and pol (guarded by m.mu)
 	closed  bool               // lets nothing through until a sandbox's policy is applied (guarded by m.mu)
 }
 
-// netPolicy is a sandbox's policy file text ("" = the node's defaults only) and whether
-// an admin gave it (only an admin's policy may open what the node protects).
-type netPolicy struct {
-	text  string
-	admin bool
-	// strict refuses a user's allow rules inside protected ranges, for a policy a user
-	// applies now (it tells them at once that the rule cannot work). Otherwise (a policy
-	// in force being applied again after the node's addresses or --deny-cidr changed, a
-	// re-adoption, a start) such rules are kept and have no effect: the node's rules are
-	// decided first. Refusing then would leave the sandbox without the node's new rules,
-	// or end it.
-	strict bool
-}
-
 // policyOf is the policy a sandbox's spec asks for.
-func policyOf(spec state.SandboxSpec) netPolicy {
-	return netPolicy{text: spec.Policy, admin: spec.PolicyAdmin}
+func policyOf(spec state.SandboxSpec) NetPolicy {
+	return NetPolicy{Text: spec.Policy, Admin: spec.PolicyAdmin}
 }
 
 // newNetManager prepares the node's side of sandbox networking. The data directory's
@@ -135,7 +121,7 @@ func (m *netManager) nsOwner(owner string) string { return m.tag + "-" + owner }
 // and their broadcast addresses, limited broadcast and multicast, "this network" and
 // loopback, the sandbox range (other sandboxes, and the node's ends of every sandbox's
 // veth pair), and what the operator added (--deny-cidr).
-func (m *netManager) protected() []netip.Prefix {
+func (m *netManager) Protected() []netip.Prefix {
 	ps := append(netpolicy.FixedProtected(), m.rng)
 	ps = append(ps, m.extra...)
 	addrs, err := network.HostAddrs()
@@ -203,9 +189,9 @@ func (m *netManager) baseSet(b network.Block, protected []netip.Prefix) netpolic
 // Only an admin's policy may open what the node protects: it is laid over the node's
 // rules (an admin's rules for a prefix replace the node's for it) and nothing is decided
 // before it.
-func (m *netManager) policySet(b network.Block, pol netPolicy) (netpolicy.Enforced, error) {
-	text, admin := pol.text, pol.admin
-	protected := m.protected()
+func (m *netManager) policySet(b network.Block, pol NetPolicy) (netpolicy.Enforced, error) {
+	text, admin := pol.Text, pol.Admin
+	protected := m.Protected()
 	base := m.baseSet(b, protected)
 	user := netpolicy.Set{Egress: netpolicy.Policy{Default: netpolicy.Allow}, Ingress: netpolicy.Policy{Default: netpolicy.Allow}}
 	if text != "" {
@@ -216,7 +202,7 @@ func (m *netManager) policySet(b network.Block, pol netPolicy) (netpolicy.Enforc
 	}
 	e := netpolicy.Enforced{Set: netpolicy.Set{Egress: netpolicy.Merge(base.Egress, user.Egress), Ingress: netpolicy.Merge(base.Ingress, user.Ingress)}}
 	if !admin {
-		if pol.strict {
+		if pol.Strict {
 			if err := refuseProtected(user.Egress.Rules, protected); err != nil {
 				return netpolicy.Enforced{}, err
 			}
@@ -257,7 +243,7 @@ func closedSet(b network.Block) netpolicy.Enforced {
 
 // create makes owner's network with policy text in force; closed makes it let nothing
 // through until apply (for VMs made ahead of a sandbox). On error nothing is left.
-func (m *netManager) create(ctx context.Context, owner string, pol netPolicy, closed bool) (n *sbNet, err error) {
+func (m *netManager) create(ctx context.Context, owner string, pol NetPolicy, closed bool) (n *sbNet, err error) {
 	blk, err := m.ipam.Allocate(m.nsOwner(owner))
 	if err != nil {
 		return nil, fmt.Errorf("address for %s: %w", owner, err)
@@ -265,7 +251,7 @@ func (m *netManager) create(ctx context.Context, owner string, pol netPolicy, cl
 	n = &sbNet{m: m, owner: owner, ns: network.NamespaceFor(m.nsOwner(owner), blk), pol: pol}
 	defer func() {
 		if err != nil {
-			n.remove()
+			n.Remove()
 			n = nil
 		}
 	}()
@@ -307,9 +293,56 @@ func (m *netManager) create(ctx context.Context, owner string, pol netPolicy, cl
 
 func (n *sbNet) pinDir() string { return filepath.Join(n.m.pins, n.owner) }
 
+// Adopt takes back the network recorded in runDir (see Acquire), rewriting the record
+// when this agent's programs replaced the earlier agent's.
+func (m *netManager) Adopt(runDir string, pol NetPolicy) (SandboxNet, error) {
+	owner, version := netOwner(runDir)
+	if owner == "" {
+		return nil, fmt.Errorf("no %s in %s", netOwnerFile, runDir)
+	}
+	n, err := m.load(owner, version, pol)
+	if err != nil {
+		return nil, err
+	}
+	if version != netpolicy.Version {
+		if err := writeNetOwner(runDir, owner); err != nil {
+			_ = n.Remove()
+			return nil, err
+		}
+	}
+	return n, nil
+}
+
+// Run keeps spare networks and follows the node's addresses until ctx ends.
+func (m *netManager) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		m.followNodeAddrs(ctx, 2*time.Second)
+	}()
+	m.keepSpares(ctx)
+	wg.Wait()
+}
+
+// StartBegins counts a sandbox start in flight: making a spare network waits for it.
+func (m *netManager) StartBegins() func() {
+	m.starting.Add(1)
+	return func() {
+		m.starting.Add(-1)
+		m.kick()
+	}
+}
+
+// Close removes this agent's pin directory, if no running sandbox's pins are in it.
+func (m *netManager) Close() { _ = os.Remove(m.pins) }
+
+func (n *sbNet) Address() netip.Addr { return n.ns.Block.Sandbox() }
+func (n *sbNet) Namespace() string   { return n.ns.Name }
+
 // load takes back the network of owner that an earlier agent process made (its
 // programs stayed attached through their pins), with policy text in force.
-func (m *netManager) load(owner, version string, pol netPolicy) (*sbNet, error) {
+func (m *netManager) load(owner, version string, pol NetPolicy) (*sbNet, error) {
 	blk, err := m.ipam.Allocate(m.nsOwner(owner)) // the owner's block, as recorded
 	if err != nil {
 		return nil, err
@@ -326,7 +359,7 @@ func (m *netManager) load(owner, version string, pol netPolicy) (*sbNet, error) 
 		return nil, err
 	}
 	if version == netpolicy.Version {
-		if err := n.apply(pol); err != nil {
+		if err := n.Apply(pol); err != nil {
 			n.enf.Close()
 			n.guard.Close()
 			return nil, err
@@ -387,7 +420,7 @@ func (n *sbNet) replacePrograms() error {
 
 // apply puts a policy in force on the running programs; one that does not parse or
 // validate (or opens what only an admin may) changes nothing.
-func (n *sbNet) apply(pol netPolicy) error {
+func (n *sbNet) Apply(pol NetPolicy) error {
 	n.applyMu.Lock()
 	defer n.applyMu.Unlock()
 	set, err := n.m.policySet(n.ns.Block, pol)
@@ -404,7 +437,7 @@ func (n *sbNet) apply(pol netPolicy) error {
 }
 
 // tapFile opens the tap for the VMM (the caller closes it once the VMM has it).
-func (n *sbNet) tapFile() (*os.File, error) {
+func (n *sbNet) Tap() (*os.File, error) {
 	var f *os.File
 	err := network.Do(n.ns.Path(), func() error {
 		var err error
@@ -427,7 +460,7 @@ type NetStats struct {
 	Effective                      string // everything enforced: the node's rules, then the policy
 }
 
-func (n *sbNet) stats() (NetStats, error) {
+func (n *sbNet) Stats() (NetStats, error) {
 	eg, in, err := n.enf.Counters()
 	if err != nil {
 		return NetStats{}, err
@@ -440,12 +473,12 @@ func (n *sbNet) stats() (NetStats, error) {
 	pol, set := n.pol, n.set
 	n.m.mu.Unlock()
 	return NetStats{Address: n.ns.Block.Sandbox().String(), EgressAllowed: eg.Allowed, EgressDropped: eg.Dropped,
-		IngressAllowed: in.Allowed, IngressDropped: in.Dropped, Spoofed: sp, Policy: pol.text, Effective: set.String()}, nil
+		IngressAllowed: in.Allowed, IngressDropped: in.Dropped, Spoofed: sp, Policy: pol.Text, Effective: set.String()}, nil
 }
 
 // remove takes the network down: programs, namespace (with its veth pair and tap) and
 // address block. Missing pieces are not an error.
-func (n *sbNet) remove() error {
+func (n *sbNet) Remove() error {
 	var errs []error
 	if n.enf != nil {
 		errs = append(errs, n.enf.Close())
@@ -472,8 +505,19 @@ func (m *netManager) get(owner string) *sbNet {
 	return m.nets[owner]
 }
 
-// sweep removes what earlier runs left behind for owners keep reports false for:
-// namespaces, host ends, pins, address blocks.
+// Sweep removes what earlier runs left behind (namespaces, host ends, pins, address
+// blocks) but the networks recorded in the run directories listed in keep.
+func (m *netManager) Sweep(ctx context.Context, keepDirs []string) {
+	owners := map[string]bool{}
+	for _, d := range keepDirs {
+		if o, _ := netOwner(d); o != "" {
+			owners[o] = true
+		}
+	}
+	m.sweep(ctx, func(owner string) bool { return owners[owner] })
+}
+
+// sweep removes what earlier runs left behind for owners keep reports false for.
 func (m *netManager) sweep(ctx context.Context, keep func(owner string) bool) {
 	prefix := m.tag + "-"
 	removed, err := network.Sweep(ctx, prefix, func(nsOwner string) bool { return keep(strings.TrimPrefix(nsOwner, prefix)) })
@@ -506,10 +550,10 @@ const spareNets = 2
 // network's owner differs from the directory's name).
 const netOwnerFile = "net-owner"
 
-// acquire hands out a network for the VM in runDir with policy text in force (or closed):
+// Acquire hands out a network for the VM in runDir with policy text in force (or closed):
 // a spare one if there is one, else a new one. The owner is recorded in runDir for
 // adoption and sweeps.
-func (m *netManager) acquire(ctx context.Context, runDir string, pol netPolicy, closed bool) (*sbNet, error) {
+func (m *netManager) Acquire(ctx context.Context, runDir string, pol NetPolicy, closed bool) (SandboxNet, error) {
 	m.mu.Lock()
 	var n *sbNet
 	if len(m.spares) > 0 {
@@ -523,13 +567,13 @@ func (m *netManager) acquire(ctx context.Context, runDir string, pol netPolicy, 
 			return nil, err
 		}
 	} else if !closed {
-		if err := n.open(pol); err != nil {
+		if err := n.Open(pol); err != nil {
 			m.giveBack(n)
 			return nil, err
 		}
 	}
 	if err := writeNetOwner(runDir, n.owner); err != nil {
-		_ = n.remove()
+		_ = n.Remove()
 		return nil, err
 	}
 	return n, nil
@@ -539,7 +583,7 @@ func (m *netManager) acquire(ctx context.Context, runDir string, pol netPolicy, 
 func (m *netManager) giveBack(n *sbNet) {
 	if err := n.enf.Apply(closedSet(n.ns.Block)); err == nil {
 		m.mu.Lock()
-		n.pol, n.set, n.closed = netPolicy{}, closedSet(n.ns.Block), true
+		n.pol, n.set, n.closed = NetPolicy{}, closedSet(n.ns.Block), true
 		if len(m.spares) < spareNets {
 			m.spares = append(m.spares, n)
 			n = nil
@@ -547,7 +591,7 @@ func (m *netManager) giveBack(n *sbNet) {
 		m.mu.Unlock()
 	}
 	if n != nil {
-		_ = n.remove()
+		_ = n.Remove()
 	}
 }
 
@@ -591,7 +635,7 @@ func (m *netManager) keepSpares(ctx context.Context) {
 		m.spares = nil
 		m.mu.Unlock()
 		for _, n := range spares {
-			_ = n.remove()
+			_ = n.Remove()
 		}
 	}()
 	for {
@@ -612,7 +656,7 @@ func (m *netManager) keepSpares(ctx context.Context) {
 			continue
 		}
 		if missing {
-			n, err := m.create(ctx, "n-"+randHex(6), netPolicy{}, true)
+			n, err := m.create(ctx, "n-"+randHex(6), NetPolicy{}, true)
 			if err != nil {
 				if ctx.Err() != nil {
 					return
@@ -640,9 +684,9 @@ func (m *netManager) keepSpares(ctx context.Context) {
 
 // open gives a network made ahead (closed) to a sandbox: its counters start at zero
 // (what it dropped while closed is not the sandbox's) and its policy goes in force.
-func (n *sbNet) open(pol netPolicy) error {
+func (n *sbNet) Open(pol NetPolicy) error {
 	n.resetCounters()
-	return n.apply(pol)
+	return n.Apply(pol)
 }
 
 func (n *sbNet) resetCounters() {
@@ -658,7 +702,7 @@ func (n *sbNet) resetCounters() {
 // new address must be protected from sandboxes started before it appeared), until ctx
 // ends.
 func (m *netManager) followNodeAddrs(ctx context.Context, every time.Duration) {
-	last := fmt.Sprint(m.protected())
+	last := fmt.Sprint(m.Protected())
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -667,7 +711,7 @@ func (m *netManager) followNodeAddrs(ctx context.Context, every time.Duration) {
 			return
 		case <-t.C:
 		}
-		cur := fmt.Sprint(m.protected())
+		cur := fmt.Sprint(m.Protected())
 		if cur == last {
 			continue
 		}
@@ -686,7 +730,7 @@ func (m *netManager) followNodeAddrs(ctx context.Context, every time.Duration) {
 			if closed || n.enf == nil {
 				continue
 			}
-			if err := n.apply(pol); err != nil {
+			if err := n.Apply(pol); err != nil {
 				m.log.Warn("re-apply a sandbox policy", "owner", n.owner, "err", err)
 			}
 		}

@@ -58,15 +58,10 @@ type startRun struct {
 func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	defer s.log.Close()
 	// While a start is in flight, the network keeper holds back (see keepSpares).
-	if a.net != nil {
-		a.net.starting.Add(1)
-	}
+	startEnds := a.net.StartBegins()
 	readyOnce := sync.OnceFunc(func() {
 		close(s.ready)
-		if a.net != nil {
-			a.net.starting.Add(-1)
-			a.net.kick()
-		}
+		startEnds()
 	})
 	defer readyOnce()
 	// Reports go to the control plane while the start goes on (each is a state commit,
@@ -118,7 +113,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	if r.restoredFrom != nil {
 		// Keep a VMM launched ahead for this template's next restore; asked for only now,
 		// so that launching it does not compete with this start for the CPUs.
-		a.warm.wantSlot(r.restoredFrom, r.rootDisk, sb.Spec.VCPUs, sb.Spec.MemoryMiB)
+		a.slots.want(r.restoredFrom, r.rootDisk, sb.Spec.VCPUs, sb.Spec.MemoryMiB)
 	}
 
 	a.supervise(r.ctx, s, sb, r.h.vm, r.main, reported)
@@ -192,14 +187,14 @@ func (a *Agent) acquireVMStep(r *startRun) error {
 	withNet := sb.Spec.Network != state.NetworkNone
 	r.key = a.vms.templateKeyFor(r.img.Digest, r.rootDisk, r.rootFS, sb.Spec.VCPUs, sb.Spec.MemoryMiB, withNet)
 	if mode == state.BootAuto {
-		if pv := a.warm.claim(r.key.hash()); pv != nil {
+		if pv := a.pools.claim(r.key.hash()); pv != nil {
 			r.h, r.how = a.adoptPoolVM(s, pv, &r.cleanup), "warm"
 		}
 	}
 	if r.h != nil && r.h.net != nil {
 		// The warm VM's network let nothing through while it waited: now it gets this
 		// sandbox's policy (validated by the control plane; a failure ends the start).
-		if err := r.h.net.open(policyOf(sb.Spec)); err != nil {
+		if err := r.h.net.Open(policyOf(sb.Spec)); err != nil {
 			return fmt.Errorf("network policy: %v", err)
 		}
 	}
@@ -237,7 +232,7 @@ func (a *Agent) acquireVMStep(r *startRun) error {
 		r.rt["vmm_launched_ahead"] = "yes"
 	}
 	if r.h.net != nil {
-		r.rt["netns"], r.rt["address"] = r.h.net.ns.Name, r.h.net.ns.Block.Sandbox().String()
+		r.rt["netns"], r.rt["address"] = r.h.net.Namespace(), r.h.net.Address().String()
 	}
 	s.mu.Lock()
 	s.started.Runtime = r.rt
@@ -255,12 +250,12 @@ func (a *Agent) acquireVMStep(r *startRun) error {
 func (a *Agent) restoreOrBoot(r *startRun, mode state.BootMode, withNet bool) (*vmHandle, *template, error) {
 	s, sb, ctx := r.s, r.sb, r.ctx
 	// A placed sandbox always fits: end warm VMs that hold its capacity.
-	a.warm.makeRoom()
+	a.pools.makeRoom()
 	in := vmInput{id: sb.ID, dir: s.dir, rootDisk: r.rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB, net: withNet, policy: policyOf(sb.Spec)}
 	r.how = "cold"
 	var tmpl *template
 	if mode != state.BootCold {
-		t, built, err := a.warm.template(ctx, r.key, sb.Spec.Image, r.rootDisk, prefetchFor(r.img.Config))
+		t, built, err := a.templates.get(ctx, r.key, sb.Spec.Image, r.rootDisk, prefetchFor(r.img.Config))
 		switch {
 		case err == nil:
 			tmpl, in.tmpl, r.how = t, t, "restore"
@@ -280,7 +275,7 @@ func (a *Agent) restoreOrBoot(r *startRun, mode state.BootMode, withNet bool) (*
 	}
 	var h *vmHandle
 	var err error
-	if sl := a.warm.takeSlot(tmpl); sl != nil {
+	if sl := a.slots.take(tmpl); sl != nil {
 		h, err = a.useSlot(ctx, s, sl)
 		if err != nil && ctx.Err() == nil {
 			// The launched-ahead VMM failed (it may have died while idle): that says
@@ -292,12 +287,12 @@ func (a *Agent) restoreOrBoot(r *startRun, mode state.BootMode, withNet bool) (*
 		h, err = a.vms.startVM(ctx, in)
 	}
 	if tmpl != nil {
-		a.warm.release(tmpl) // the VMM has mapped the files (or failed)
+		a.templates.release(tmpl) // the VMM has mapped the files (or failed)
 		if err != nil && ctx.Err() == nil {
 			// A template that does not restore (damaged files, a QEMU that cannot load
 			// it) is dropped, so the next start builds a new one; this start boots
 			// instead of failing.
-			a.warm.invalidate(tmpl, err)
+			a.templates.invalidate(tmpl, err)
 			r.fallback = "restore failed: " + err.Error()
 			a.log.Warn("restore from template failed; booting", "sandbox", sb.ID, "err", err)
 			r.ph.mark("restore_failed")

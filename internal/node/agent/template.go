@@ -7,12 +7,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -83,7 +86,7 @@ type template struct {
 	image     string
 	buildTime time.Duration
 
-	// Guarded by warmManager.mu.
+	// Guarded by templates.mu.
 	refs     map[string]bool // image references that resolved to it
 	lastUsed time.Time
 	users    int // restores in progress (their QEMU has not mapped the files yet)
@@ -117,7 +120,7 @@ func (m *vms) templateKeyFor(digest, rootDisk, rootFS string, vcpus, memMiB int,
 
 func (k templateKey) withNet() bool { return k.Network == "nat" }
 
-// busy says whether the template is being built or restored from; its manager's mu held.
+// busy says whether the template is being built or restored from; templates.mu held.
 func (t *template) busy() bool { return t.users > 0 || !isClosed(t.ready) }
 
 // sameNode reports whether a template key's node-wide inputs (everything but the image
@@ -128,11 +131,62 @@ func (m *vms) sameNode(k templateKey) bool {
 	return k.hash() == cur.hash()
 }
 
-// loadTemplates reads the templates a previous run left; half-built ones are removed.
-func (w *warmManager) loadTemplates() {
-	entries, _ := os.ReadDir(w.dir)
+// templates owns this node's template snapshots: their files under dir, their builds
+// (one per key at a time, shared by the starts that wait for it) and their removal (a
+// failed restore, an image removed, the disk budget). Restores hold a template until
+// their VMM has mapped its files.
+type templates struct {
+	dir    string // templates/
+	budget int64  // bytes of template snapshots kept
+	vms    *vms   // makes the VM a template is saved from
+	// pinned lists the templates the warm pools draw on (kept whatever the budget);
+	// dropped hears of a template gone (its restore slot goes too). Neither is called
+	// with mu held.
+	pinned  func() map[string]bool
+	dropped func(hash string)
+	log     *slog.Logger
+
+	ctx    context.Context // the builds'
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu     sync.Mutex
+	byHash map[string]*template
+}
+
+func newTemplates(dir string, budget int64, m *vms, log *slog.Logger) *templates {
+	ts := &templates{dir: dir, budget: budget, vms: m, log: log.With("part", "templates"), byHash: map[string]*template{},
+		pinned: func() map[string]bool { return nil }, dropped: func(string) {}}
+	ts.ctx, ts.cancel = context.WithCancel(context.Background())
+	return ts
+}
+
+// open loads the templates a previous run left and applies the budget.
+func (ts *templates) open() error {
+	if err := os.MkdirAll(ts.dir, 0o700); err != nil {
+		return fmt.Errorf("create template directory: %w", err)
+	}
+	ts.load()
+	ts.collect()
+	return nil
+}
+
+// close stops the builds and waits for them.
+func (ts *templates) close() {
+	// Cancelled under the lock: get checks it and adds to wg under the lock, so no build
+	// can start once Wait has begun.
+	ts.mu.Lock()
+	ts.cancel()
+	ts.mu.Unlock()
+	ts.wg.Wait()
+}
+
+// load reads the templates a previous run left; half-built ones are removed.
+func (ts *templates) load() {
+
+	entries, _ := os.ReadDir(ts.dir)
 	for _, e := range entries {
-		p := filepath.Join(w.dir, e.Name())
+		p := filepath.Join(ts.dir, e.Name())
 		if !e.IsDir() || strings.HasSuffix(e.Name(), ".tmp") {
 			_ = os.RemoveAll(p)
 			continue
@@ -143,13 +197,13 @@ func (w *warmManager) loadTemplates() {
 			err = json.Unmarshal(b, &m)
 		}
 		if err != nil || m.Key.hash() != e.Name() {
-			w.log.Warn("removing an unreadable template snapshot", "dir", p, "err", err)
+			ts.log.Warn("removing an unreadable template snapshot", "dir", p, "err", err)
 			_ = os.RemoveAll(p)
 			continue
 		}
-		if !w.vms.sameNode(m.Key) {
+		if !ts.vms.sameNode(m.Key) {
 			// Made with another kernel, init, QEMU or accelerator: no start can use it.
-			w.log.Info("removing a template snapshot this node can no longer use", "image", m.Image, "key", e.Name())
+			ts.log.Info("removing a template snapshot this node can no longer use", "image", m.Image, "key", e.Name())
 			_ = os.RemoveAll(p)
 			continue
 		}
@@ -157,54 +211,54 @@ func (w *warmManager) loadTemplates() {
 		t := &template{key: m.Key, hash: e.Name(), ready: make(chan struct{}), dir: p, size: dirSize(p), image: m.Image,
 			refs: map[string]bool{m.Image: true}, lastUsed: fi.ModTime()}
 		close(t.ready)
-		w.templates[t.hash] = t
+		ts.byHash[t.hash] = t
 	}
 }
 
-// template returns the ready template for key, building it first if this node has none.
+// get returns the ready template for key, building it first if this node has none.
 // Concurrent callers for one key share one build; a failed build is forgotten (a later
 // start tries again) and a waiter whose shared build failed tries once itself. The
 // template is held for the caller (not garbage collected) until it calls release.
-func (w *warmManager) template(ctx context.Context, key templateKey, ref, rootDisk string, prefetch []string) (t *template, built bool, err error) {
+func (ts *templates) get(ctx context.Context, key templateKey, ref, rootDisk string, prefetch []string) (t *template, built bool, err error) {
 	h := key.hash()
 	for attempt := 0; ; attempt++ {
-		w.mu.Lock()
-		t, built = w.templates[h], false
+		ts.mu.Lock()
+		t, built = ts.byHash[h], false
 		if t == nil {
-			if w.ctx.Err() != nil {
-				w.mu.Unlock()
+			if ts.ctx.Err() != nil {
+				ts.mu.Unlock()
 				return nil, false, errors.New("the node agent is shutting down")
 			}
 			t = &template{key: key, hash: h, ready: make(chan struct{}), refs: map[string]bool{}, image: ref}
-			w.templates[h] = t
+			ts.byHash[h] = t
 			built = true
-			w.wg.Add(1)
+			ts.wg.Add(1)
 			go func() {
-				defer w.wg.Done()
-				w.build(t, rootDisk, prefetch)
+				defer ts.wg.Done()
+				ts.build(t, rootDisk, prefetch)
 			}()
 		}
 		t.users++
-		w.mu.Unlock()
+		ts.mu.Unlock()
 		select {
 		case <-t.ready:
 		case <-ctx.Done():
-			w.release(t)
+			ts.release(t)
 			return nil, false, ctx.Err()
 		}
 		if t.err == nil {
-			w.mu.Lock()
+			ts.mu.Lock()
 			t.refs[ref] = true
 			t.lastUsed = time.Now()
-			w.mu.Unlock()
+			ts.mu.Unlock()
 			return t, built, nil
 		}
-		w.release(t)
-		w.mu.Lock()
-		if w.templates[h] == t {
-			delete(w.templates, h)
+		ts.release(t)
+		ts.mu.Lock()
+		if ts.byHash[h] == t {
+			delete(ts.byHash, h)
 		}
-		w.mu.Unlock()
+		ts.mu.Unlock()
 		if built || attempt > 0 || ctx.Err() != nil {
 			return nil, built, t.err
 		}
@@ -240,50 +294,50 @@ func prefetchFor(cfg image.Config) []string {
 // invalidate drops a template that failed to restore: it is forgotten and its files
 // removed (VMs restored from it earlier keep their mappings), so the next start of the
 // image builds it again.
-func (w *warmManager) invalidate(t *template, why error) {
-	w.mu.Lock()
-	if w.templates[t.hash] != t {
-		w.mu.Unlock()
+func (ts *templates) invalidate(t *template, why error) {
+	ts.mu.Lock()
+	if ts.byHash[t.hash] != t {
+		ts.mu.Unlock()
 		return // dropped already (and maybe rebuilt: the files are not t's any more)
 	}
-	delete(w.templates, t.hash)
-	w.log.Warn("dropping a template snapshot that does not restore", "image", t.image, "key", t.hash, "err", why)
+	delete(ts.byHash, t.hash)
+	ts.log.Warn("dropping a template snapshot that does not restore", "image", t.image, "key", t.hash, "err", why)
 	if err := os.RemoveAll(t.dir); err != nil {
-		w.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
+		ts.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
 	}
-	w.mu.Unlock()
-	w.dropSlots(t.hash)
+	ts.mu.Unlock()
+	ts.dropped(t.hash)
 }
 
-func (w *warmManager) release(t *template) {
-	w.mu.Lock()
+func (ts *templates) release(t *template) {
+	ts.mu.Lock()
 	t.users--
-	w.mu.Unlock()
+	ts.mu.Unlock()
 }
 
 // build boots a VM for the template, waits for fireworks-init to answer and saves it.
-func (w *warmManager) build(t *template, rootDisk string, prefetch []string) {
+func (ts *templates) build(t *template, rootDisk string, prefetch []string) {
 	start := time.Now()
-	err := w.buildFiles(w.ctx, t, rootDisk, prefetch)
+	err := ts.buildFiles(ts.ctx, t, rootDisk, prefetch)
 	if err != nil {
 		t.err = fmt.Errorf("build template snapshot for %s: %w", t.image, err)
-		w.log.Warn("template snapshot failed", "image", t.image, "key", t.hash, "err", err)
+		ts.log.Warn("template snapshot failed", "image", t.image, "key", t.hash, "err", err)
 	} else {
 		t.buildTime = time.Since(start)
-		w.log.Info("template snapshot built", "image", t.image, "key", t.hash, "vcpus", t.key.VCPUs, "memory_mib", t.key.MemoryMiB,
+		ts.log.Info("template snapshot built", "image", t.image, "key", t.hash, "vcpus", t.key.VCPUs, "memory_mib", t.key.MemoryMiB,
 			"size_mib", t.size>>20, "took", t.buildTime.Round(time.Millisecond))
 	}
-	w.mu.Lock()
+	ts.mu.Lock()
 	t.lastUsed = time.Now()
-	w.mu.Unlock()
+	ts.mu.Unlock()
 	close(t.ready)
 	if err == nil {
-		w.collect()
+		ts.collect()
 	}
 }
 
-func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk string, prefetch []string) error {
-	final := filepath.Join(w.dir, t.hash)
+func (ts *templates) buildFiles(ctx context.Context, t *template, rootDisk string, prefetch []string) error {
+	final := filepath.Join(ts.dir, t.hash)
 	tmp := final + ".tmp"
 	_ = os.RemoveAll(tmp)
 	if err := os.MkdirAll(tmp, 0o700); err != nil {
@@ -293,14 +347,14 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 	// The VM the template is taken from: a run directory of its own (short: socket paths)
 	// and a throwaway scratch disk (the guest never mounts it before the save, but its
 	// device must exist so that restored VMs have the same devices).
-	runDir := filepath.Join(w.vms.runRoot, "t-"+t.hash[:12])
+	runDir := filepath.Join(ts.vms.runRoot, "t-"+t.hash[:12])
 	_ = os.RemoveAll(runDir)
 	if err := os.MkdirAll(runDir, 0o700); err != nil {
 		return err
 	}
 	defer os.RemoveAll(runDir)
 	scratch := filepath.Join(runDir, "scratch.img")
-	if err := copySparse(w.vms.scratch, scratch); err != nil {
+	if err := copySparse(ts.vms.scratch, scratch); err != nil {
 		return err
 	}
 	sock := filepath.Join(runDir, "agent.sock")
@@ -308,7 +362,7 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 	if err != nil {
 		return fmt.Errorf("listen on guest channel: %w", err)
 	}
-	if err := vmm.ShareSocket(w.vms.driver, sock); err != nil {
+	if err := vmm.ShareSocket(ts.vms.driver, sock); err != nil {
 		return fmt.Errorf("listen on guest channel: %w", err)
 	}
 	defer ln.Close()
@@ -317,23 +371,20 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 	// and nothing should reach it.
 	var nics []vmm.NIC
 	if t.key.withNet() {
-		if w.vms.net == nil {
-			return errNoNetworks
-		}
-		n, err := w.vms.net.create(ctx, filepath.Base(runDir), netPolicy{}, true)
+		n, err := ts.vms.net.Acquire(ctx, runDir, NetPolicy{}, true)
 		if err != nil {
 			return fmt.Errorf("template network: %w", err)
 		}
-		defer n.remove()
-		tap, err := n.tapFile()
+		defer n.Remove()
+		tap, err := n.Tap()
 		if err != nil {
 			return err
 		}
 		defer tap.Close()
 		nics = []vmm.NIC{{Tap: tap, MAC: network.GuestMAC}}
 	}
-	vm, err := w.vms.driver.Create(ctx, vmm.Spec{
-		ID: "template-" + t.hash[:12], Dir: runDir, Kernel: w.vms.kernel.Vmlinux, Initrd: w.vms.initrd.Path,
+	vm, err := ts.vms.driver.Create(ctx, vmm.Spec{
+		ID: "template-" + t.hash[:12], Dir: runDir, Kernel: ts.vms.kernel.Vmlinux, Initrd: ts.vms.initrd.Path,
 		Cmdline: t.key.Cmdline, VCPUs: t.key.VCPUs, MemoryMiB: t.key.MemoryMiB,
 		Disks:       []vmm.Disk{{Path: rootDisk, ReadOnly: true}, {Path: scratch}},
 		AgentSocket: sock, MemoryFile: filepath.Join(tmp, "mem"), NICs: nics,
@@ -343,7 +394,7 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 	}
 	snap, ok := vm.(vmm.Snapshotter)
 	if !ok {
-		return fmt.Errorf("the %s driver cannot snapshot VMs: %w", w.vms.driver.Name(), vmm.ErrNotSupported)
+		return fmt.Errorf("the %s driver cannot snapshot VMs: %w", ts.vms.driver.Name(), vmm.ErrNotSupported)
 	}
 	if err := vm.Start(ctx); err != nil {
 		return err
@@ -352,7 +403,7 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 		_ = vm.Kill()
 		<-vm.Wait()
 	}()
-	guest, err := w.vms.connectGuest(ctx, ln, vm)
+	guest, err := ts.vms.connectGuest(ctx, ln, vm)
 	if err != nil {
 		return err
 	}
@@ -396,10 +447,10 @@ func (w *warmManager) buildFiles(ctx context.Context, t *template, rootDisk stri
 	}
 	// Installing and removing template directories happen under the lock, so a late
 	// removal of a dropped template can never hit a new one built under the same key.
-	w.mu.Lock()
+	ts.mu.Lock()
 	_ = os.RemoveAll(final)
 	err = os.Rename(tmp, final)
-	w.mu.Unlock()
+	ts.mu.Unlock()
 	if err != nil {
 		return err
 	}
@@ -425,12 +476,13 @@ func syncReadOnly(path string) error {
 // collect removes least recently used templates until the rest fit the disk budget. A
 // template in use (a restore in progress, or the newest) stays; VMs already restored
 // from a removed one keep running (their mapping holds the file).
-func (w *warmManager) collect() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+func (ts *templates) collect() {
+	pinned := ts.pinned()
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
 	var total int64
 	var list []*template
-	for _, t := range w.templates {
+	for _, t := range ts.byHash {
 		if !isClosed(t.ready) || t.err != nil {
 			continue
 		}
@@ -446,7 +498,7 @@ func (w *warmManager) collect() {
 		newest[imageShape(t)] = t // list is oldest first
 	}
 	for i, t := range list {
-		if t.users > 0 || w.poolUsesLocked(t.hash) {
+		if t.users > 0 || pinned[t.hash] {
 			continue
 		}
 		why := ""
@@ -455,16 +507,16 @@ func (w *warmManager) collect() {
 			// A newer template of the same image and shape exists (its root disk was
 			// rebuilt): this one will not be used again.
 			why = "superseded"
-		case total > w.budget && i < len(list)-1:
+		case total > ts.budget && i < len(list)-1:
 			why = "over the disk budget"
 		default:
 			continue
 		}
-		delete(w.templates, t.hash)
+		delete(ts.byHash, t.hash)
 		total -= t.size
-		w.log.Info("removing template snapshot", "why", why, "image", t.image, "key", t.hash, "size_mib", t.size>>20, "budget_mib", w.budget>>20)
+		ts.log.Info("removing template snapshot", "why", why, "image", t.image, "key", t.hash, "size_mib", t.size>>20, "budget_mib", ts.budget>>20)
 		if err := os.RemoveAll(t.dir); err != nil {
-			w.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
+			ts.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
 		}
 	}
 }
@@ -494,4 +546,97 @@ func isClosed(c <-chan struct{}) bool {
 	default:
 		return false
 	}
+}
+
+// needsImage says whether a template of the image with digest is in use (a build or a
+// restore under way) or, with kept, merely kept for later.
+func (ts *templates) needsImage(digest string, kept bool) bool {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	for _, t := range ts.byHash {
+		if t.key.Digest == digest && (kept || t.busy()) {
+			return true
+		}
+	}
+	return false
+}
+
+// dropImage removes the templates of an image that was removed: they restore from its
+// root disk, so they cannot be used again (VMs restored from them keep their mappings).
+func (ts *templates) dropImage(digest string) {
+	ts.mu.Lock()
+	var dropped []string
+	for hash, t := range ts.byHash {
+		if t.key.Digest != digest || t.busy() {
+			continue
+		}
+		delete(ts.byHash, hash)
+		dropped = append(dropped, hash)
+		ts.log.Info("removing template snapshot", "why", "its image was removed", "image", t.image, "key", hash)
+		if err := os.RemoveAll(t.dir); err != nil {
+			ts.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
+		}
+	}
+	ts.mu.Unlock()
+	for _, h := range dropped {
+		ts.dropped(h)
+	}
+}
+
+// current returns the template under hash, built and usable, or nil.
+func (ts *templates) current(hash string) *template {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if t := ts.byHash[hash]; t != nil && isClosed(t.ready) && t.err == nil {
+		return t
+	}
+	return nil
+}
+
+// hold keeps t from being removed until release, if it is still the current template
+// for its key.
+func (ts *templates) hold(t *template) bool {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.byHash[t.hash] != t {
+		return false
+	}
+	t.users++
+	return true
+}
+
+func (ts *templates) list() []TemplateInfo {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	var out []TemplateInfo
+	for _, h := range slices.Sorted(maps.Keys(ts.byHash)) {
+		t := ts.byHash[h]
+		if !isClosed(t.ready) || t.err != nil {
+			continue
+		}
+		out = append(out, t.info())
+	}
+	return out
+}
+
+func (t *template) info() TemplateInfo {
+	return TemplateInfo{Key: t.hash, Image: t.image, Digest: t.key.Digest, VCPUs: t.key.VCPUs, MemoryMiB: t.key.MemoryMiB,
+		Dir: t.dir, SizeBytes: t.size, BuildTime: t.buildTime, LastUsed: t.lastUsed}
+}
+
+// imageRefs lists the digests and references of images with a template here.
+func (ts *templates) imageRefs() []string {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	var out []string
+	for _, t := range ts.byHash {
+		if !isClosed(t.ready) || t.err != nil {
+			continue
+		}
+		out = append(out, t.key.Digest)
+		for r := range t.refs {
+			out = append(out, r)
+		}
+	}
+	return out
 }

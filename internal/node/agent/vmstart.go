@@ -33,7 +33,7 @@ type vms struct {
 	nameservers []string
 	bootTimeout time.Duration
 	runRoot     string
-	net         *netManager // nil on a node without sandbox networks
+	net         Networks
 	log         *slog.Logger
 }
 
@@ -47,7 +47,7 @@ type vmInput struct {
 	// net gives the VM a network (owned by the run directory's name) with policy in
 	// force, or, with closedNet, one that lets nothing through until a sandbox claims it.
 	net       bool
-	policy    netPolicy
+	policy    NetPolicy
 	closedNet bool
 }
 
@@ -57,7 +57,7 @@ type vmHandle struct {
 	guest   *client.Client
 	ln      net.Listener
 	scratch string
-	net     *sbNet        // nil without a network
+	net     SandboxNet    // nil without a network
 	tap     *os.File      // the tap for the VMM, closed once the VMM has its own copy
 	netTime time.Duration // making the network (namespace, NAT, programs)
 	vmmTime time.Duration // VMM create and start (with a restore: loading the state)
@@ -112,14 +112,11 @@ func (m *vms) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHa
 	}
 	var nics []vmm.NIC
 	if in.net {
-		if m.net == nil {
-			return h, errNoNetworks
-		}
 		tn := time.Now()
-		if h.net, err = m.net.acquire(ctx, in.dir, in.policy, in.closedNet); err != nil {
+		if h.net, err = m.net.Acquire(ctx, in.dir, in.policy, in.closedNet); err != nil {
 			return h, fmt.Errorf("create the sandbox network: %w", err)
 		}
-		if h.tap, err = h.net.tapFile(); err != nil {
+		if h.tap, err = h.net.Tap(); err != nil {
 			return h, err
 		}
 		nics = []vmm.NIC{{Tap: h.tap, MAC: network.GuestMAC}}
@@ -181,7 +178,7 @@ func (h *vmHandle) closeTap() {
 func (h *vmHandle) undo() {
 	defer func() {
 		if h.net != nil {
-			_ = h.net.remove()
+			_ = h.net.Remove()
 		}
 	}()
 	h.closeTap()
@@ -251,7 +248,7 @@ func (a *Agent) ownVM(s *sandbox, h *vmHandle, cleanup *cleanupStack) {
 			if s.kept() {
 				return nil // the VM was left running for adoption and still uses it
 			}
-			return h.net.remove()
+			return h.net.Remove()
 		})
 	}
 	cleanup.push("close guest channel listener", h.ln.Close)
@@ -299,7 +296,7 @@ func (a *Agent) useSlot(ctx context.Context, s *sandbox, sl *slot) (*vmHandle, e
 	}
 	if sl.h.net != nil {
 		// Made ahead with a network that lets nothing through: this sandbox's policy now.
-		if err := sl.h.net.open(policyOf(s.spec)); err != nil {
+		if err := sl.h.net.Open(policyOf(s.spec)); err != nil {
 			sl.destroy()
 			_ = a.removeRunDir(s.id)
 			return nil, fmt.Errorf("network policy: %w", err)

@@ -94,8 +94,8 @@ func (v *stubVM) Kill() error {
 func TestPoolCapacityGuard(t *testing.T) {
 	a := &Agent{cfg: Config{MaxVCPUs: 3, MaxMemoryMiB: 1024, DefaultVCPUs: 1, DefaultMemoryMiB: 256},
 		live: map[string]*sandbox{}, log: slog.New(slog.DiscardHandler)}
-	w := &warmManager{warmDeps: warmDeps{shape: a.shape, sandboxUsage: a.sandboxUsage, maxVCPUs: a.cfg.MaxVCPUs, maxMemoryMiB: a.cfg.MaxMemoryMiB},
-		log: a.log, pools: map[string]*pool{}, templates: map[string]*template{}}
+	w := &warmPools{shape: a.shape, sandboxUsage: a.sandboxUsage, maxVCPUs: a.cfg.MaxVCPUs, maxMemoryMiB: a.cfg.MaxMemoryMiB,
+		log: a.log, pools: map[string]*pool{}}
 	var vms []*stubVM
 	ready := func() []*poolVM {
 		var out []*poolVM
