@@ -106,6 +106,7 @@ func registerLimitFlags(fl *pflag.FlagSet, l *server.Limits) {
 	fl.IntVar(&l.VCPUsPerOwner, "max-vcpus-per-token", l.VCPUsPerOwner, "vCPUs of the sandboxes one user token runs at once; 0 = unlimited")
 	fl.IntVar(&l.MemoryMiBPerOwner, "max-memory-per-token", l.MemoryMiBPerOwner, "memory (MiB) of the sandboxes one user token runs at once; 0 = unlimited")
 	fl.IntVar(&l.DiskMiBPerOwner, "max-disk-per-token", l.DiskMiBPerOwner, "scratch disk (MiB) the sandboxes one user token runs at once reserve on nodes; 0 = unlimited")
+	fl.IntVar(&l.WaitsPerOwner, "max-waits-per-token", l.WaitsPerOwner, "calls of one user token that wait at once for sandboxes to be placed, start or stop (an attached run, an exec on a starting sandbox); 0 = unlimited")
 	fl.IntVar(&l.SpecBytesPerOwner, "max-spec-bytes-per-token", l.SpecBytesPerOwner, "bytes of all of one user token's sandbox specs (commands, environments, policies), exited sandboxes included; 0 = unlimited")
 }
 
@@ -194,6 +195,8 @@ func newNodeCmd(g *globals) *cobra.Command {
 				return err
 			}
 			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
+			// Reserved of schedulable (the capacity after overcommit: vCPUs 4x by default),
+			// with the physical capacity when the two differ.
 			fmt.Fprintln(tw, "NODE\tSTATUS\tSCHEDULING\tSANDBOXES\tVCPUS\tMEMORY\tACCEL\tADDRESS")
 			for _, n := range resp.Msg.GetNodes() {
 				sched := "eligible"
@@ -207,8 +210,9 @@ func newNodeCmd(g *globals) *cobra.Command {
 				if n.GetStatus() != "ready" && n.GetStatusReason() != "" {
 					status += " (" + n.GetStatusReason() + ")"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d/%d\t%d/%d MiB\t%s\t%s\n", n.GetId(), status, sched, n.GetSandboxes(),
-					n.GetUsedVcpus(), n.GetVcpus(), n.GetUsedMemoryMib(), n.GetMemoryMib(), n.GetAccel(), n.GetAddress())
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s MiB\t%s\t%s\n", n.GetId(), status, sched, n.GetSandboxes(),
+					usedOf(int64(n.GetUsedVcpus()), int64(n.GetSchedulableVcpus()), int64(n.GetVcpus())),
+					usedOf(n.GetUsedMemoryMib(), n.GetSchedulableMemoryMib(), n.GetMemoryMib()), n.GetAccel(), n.GetAddress())
 			}
 			return tw.Flush()
 		},
@@ -284,4 +288,17 @@ func warnNoOtherNode(ctx context.Context, g *globals, c *client.Client, node, us
 		what = "its sandboxes and new ones wait"
 	}
 	fmt.Fprintf(g.stderr, "fireworks: no other node takes sandboxes: %s, pending, until `fireworks node uncordon %s`\n", what, node)
+}
+
+// usedOf shows what sandboxes reserve of what the scheduler may place on a node, and the
+// node's own capacity when overcommit makes that differ ("5/8 (2 x4)").
+func usedOf(used, schedulable, capacity int64) string {
+	if schedulable == 0 { // a server from before schedulable was reported
+		schedulable = capacity
+	}
+	out := fmt.Sprintf("%d/%d", used, schedulable)
+	if schedulable != capacity && capacity > 0 {
+		out += fmt.Sprintf(" (%d x%g)", capacity, float64(schedulable)/float64(capacity))
+	}
+	return out
 }

@@ -252,10 +252,17 @@ func newImageCmd(g *globals) *cobra.Command {
 				return err
 			}
 			for _, a := range args {
-				if _, err := c.Images.RemoveImage(cmd.Context(), connect.NewRequest(&pb.RemoveImageRequest{Ref: localImageRef(a), Node: node})); err != nil {
+				r, err := c.Images.RemoveImage(cmd.Context(), connect.NewRequest(&pb.RemoveImageRequest{Ref: localImageRef(a), Node: node}))
+				if err != nil {
 					return err
 				}
 				fmt.Fprintln(g.stdout, a)
+				if n := r.Msg.GetTemplatesDropped(); n > 0 {
+					fmt.Fprintf(g.stderr, "note: %d template snapshot(s) of %s removed with it (its next start boots and builds one again)\n", n, a)
+				}
+				if n := r.Msg.GetSandboxesUsing(); n > 0 {
+					fmt.Fprintf(g.stderr, "note: %d running sandbox(es) still use %s; its files stay until they end\n", n, a)
+				}
 			}
 			return nil
 		},

@@ -74,8 +74,14 @@ func writeSandboxText(w io.Writer, sb *pb.Sandbox) {
 	row("Created at", tsText(sb.GetCreatedAt()))
 	row("Running since", tsText(sb.GetStartedAt()))
 	row("Finished at", tsText(sb.GetFinishedAt()))
-	if n := sb.GetRestarts(); n > 0 {
-		row("Restarts", fmt.Sprint(n))
+	// The restart policy's verdict, when the control plane gave up on the sandbox, goes
+	// beside the count (the status keeps how it last ended).
+	if n, verdict := sb.GetRestarts(), sb.GetDetails()["restart"]; n > 0 || verdict != "" {
+		v := fmt.Sprint(n)
+		if verdict != "" {
+			v += " (" + verdict + ")"
+		}
+		row("Restarts", v)
 	}
 	if evs := sb.GetEvents(); len(evs) > 0 {
 		fmt.Fprintln(tw, "Events:")

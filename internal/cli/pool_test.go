@@ -88,8 +88,9 @@ func (f *fakeAPI) CreateSandbox(_ context.Context, r *connect.Request[pb.CreateS
 func (f *fakeAPI) GetSandbox(_ context.Context, r *connect.Request[pb.GetSandboxRequest]) (*connect.Response[pb.GetSandboxResponse], error) {
 	f.record(r.Msg)
 	return connect.NewResponse(&pb.GetSandboxResponse{Sandbox: &pb.Sandbox{
-		Id: "0123456789abcdef", Status: "running", Spec: &pb.SandboxSpec{Image: "reg/app:1", Boot: "auto"},
-		Details: map[string]string{"start_mode": "warm", "start_phases": "claim=2ms guest=5ms exec=3ms", "vmm_pid": "42"},
+		Id: "0123456789abcdef", Status: "failed", Spec: &pb.SandboxSpec{Image: "reg/app:1", Boot: "auto"}, Restarts: 5,
+		Details: map[string]string{"start_mode": "warm", "start_phases": "claim=2ms guest=5ms exec=3ms", "vmm_pid": "42",
+			"restart": "not restarted any more: 5 restarts within 10m0s (policy on-failure)"},
 	}}), nil
 }
 
@@ -258,7 +259,8 @@ func TestInspectShowsHowItStarted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(out, "Started:") || !strings.Contains(out, "warm pool (claim=2ms guest=5ms exec=3ms)") || !strings.Contains(out, "vmm_pid") {
+	if !strings.Contains(out, "Started:") || !strings.Contains(out, "warm pool (claim=2ms guest=5ms exec=3ms)") || !strings.Contains(out, "vmm_pid") ||
+		!strings.Contains(out, "5 (not restarted any more: 5 restarts within 10m0s") {
 		t.Errorf("text inspect:\n%s", out)
 	}
 	// JSON stays the default, with every detail.

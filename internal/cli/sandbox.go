@@ -82,7 +82,8 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 	return cmd
 }
 
-// parseMemory accepts 512, 512M, 512MiB, 1G, 1GiB (binary units; a bare number is MiB).
+// parseMemory accepts 512, 512M, 512MiB, 1G, 1GiB, 1T, 1TiB (binary units; a bare number
+// is MiB), up to 1 TiB; what a node offers is the server's to check.
 func parseMemory(s string) (int, error) {
 	if s == "" {
 		return 0, nil
@@ -92,15 +93,18 @@ func parseMemory(s string) (int, error) {
 	for _, suf := range []struct {
 		s string
 		m int
-	}{{"GIB", 1024}, {"GB", 1024}, {"G", 1024}, {"MIB", 1}, {"MB", 1}, {"M", 1}} {
+	}{{"TIB", 1 << 20}, {"TB", 1 << 20}, {"T", 1 << 20}, {"GIB", 1024}, {"GB", 1024}, {"G", 1024}, {"MIB", 1}, {"MB", 1}, {"M", 1}} {
 		if strings.HasSuffix(u, suf.s) {
 			u, mult = strings.TrimSuffix(u, suf.s), suf.m
 			break
 		}
 	}
-	n, err := strconv.Atoi(u)
-	if err != nil || n <= 0 || n > 1<<20 {
-		return 0, fmt.Errorf("invalid --memory %q: want a size like 512M or 2G", s)
+	n, err := strconv.Atoi(strings.TrimSpace(u))
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("invalid --memory %q: want a size like 512M, 2G or 1T", s)
+	}
+	if n > (1<<20)/mult {
+		return 0, fmt.Errorf("invalid --memory %q: at most 1T", s)
 	}
 	return n * mult, nil
 }

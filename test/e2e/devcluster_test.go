@@ -23,6 +23,11 @@ func TestDevIsAOneNodeCluster(t *testing.T) {
 		t.Fatalf("node ls: want one ready node:\n%s", strings.Join(lines, "\n"))
 	}
 	node := strings.Fields(lines[1])[0]
+	// vCPUs are shown of what the scheduler may place (4x the node's by default), with the
+	// node's own count beside.
+	if !strings.Contains(lines[1], " x4)") {
+		t.Errorf("node ls: want the vCPUs after overcommit and the node's own count (\"0/8 (2 x4)\"):\n%s", strings.Join(lines, "\n"))
+	}
 
 	// A constraint no node meets: the sandbox waits, says why, and `run` tells the user.
 	id := strings.TrimSpace(fw(t, 0, "run", "-d", "--constraint", "zone==nowhere", img, "--", "true").stdout)

@@ -127,6 +127,9 @@ func (m *Manager) Choose(sb state.Sandbox) (string, scheduler.Config) {
 	return p.NodeID, m.cfg.Scheduler
 }
 
+// Scheduling is the scheduler configuration the leader's placements use.
+func (m *Manager) Scheduling() scheduler.Config { return m.cfg.Scheduler }
+
 // Notify asks for a pass now.
 func (m *Manager) Notify() {
 	select {

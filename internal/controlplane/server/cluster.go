@@ -34,6 +34,8 @@ type ControlPlane interface {
 	// Choose picks a node for a sandbox about to be created, if it can place it at once
 	// ("" otherwise), and the scheduler configuration to re-check the plan with.
 	Choose(sb state.Sandbox) (string, scheduler.Config)
+	// Scheduling is the scheduler configuration placements use.
+	Scheduling() scheduler.Config
 }
 
 // ClusterOptions turn a server into a cluster member: agents join and talk to it over
@@ -172,7 +174,7 @@ func (h *nodeService) Register(ctx context.Context, req *connect.Request[pb.Regi
 		cp.Notify()
 	}
 	h.s.log.Info("node registered", "node", node, "address", n.Address, "vcpus", n.Capacity.VCPUs, "memory_mib", n.Capacity.MemoryMiB)
-	return connect.NewResponse(&pb.RegisterResponse{Node: nodeToPB(n, nil), HeartbeatInterval: durationpb.New(h.s.cluster.HeartbeatInterval)}), nil
+	return connect.NewResponse(&pb.RegisterResponse{Node: h.s.nodeToPB(n, nil), HeartbeatInterval: durationpb.New(h.s.cluster.HeartbeatInterval)}), nil
 }
 
 func (h *nodeService) Heartbeat(ctx context.Context, req *connect.Request[pb.HeartbeatRequest]) (*connect.Response[pb.HeartbeatResponse], error) {
@@ -382,7 +384,7 @@ func (h *clusterService) ListNodes(ctx context.Context, _ *connect.Request[pb.Li
 	}
 	resp := &pb.ListNodesResponse{}
 	for _, n := range nodes {
-		resp.Nodes = append(resp.Nodes, nodeToPB(n, sbs))
+		resp.Nodes = append(resp.Nodes, h.s.nodeToPB(n, sbs))
 	}
 	return connect.NewResponse(resp), nil
 }
@@ -416,7 +418,7 @@ func (h *clusterService) RemoveNode(ctx context.Context, req *connect.Request[pb
 	if cp := h.s.cluster.ControlPlane; cp != nil {
 		cp.Notify()
 	}
-	return connect.NewResponse(&pb.NodeActionResponse{Node: nodeToPB(last, nil)}), nil
+	return connect.NewResponse(&pb.NodeActionResponse{Node: h.s.nodeToPB(last, nil)}), nil
 }
 
 func (h *clusterService) nodeAction(ctx context.Context, node, what string, u state.NodeUpdate) (*connect.Response[pb.NodeActionResponse], error) {
@@ -432,12 +434,12 @@ func (h *clusterService) nodeAction(ctx context.Context, node, what string, u st
 		cp.Notify()
 	}
 	sbs, _ := h.s.store.ListSandboxes(ctx)
-	return connect.NewResponse(&pb.NodeActionResponse{Node: nodeToPB(n, sbs)}), nil
+	return connect.NewResponse(&pb.NodeActionResponse{Node: h.s.nodeToPB(n, sbs)}), nil
 }
 
 func ptr[T any](v T) *T { return &v }
 
-func nodeToPB(n state.Node, sbs []state.Sandbox) *pb.Node {
+func (s *Server) nodeToPB(n state.Node, sbs []state.Sandbox) *pb.Node {
 	out := &pb.Node{
 		Id: n.ID, Address: n.Address, Labels: n.Labels, Vcpus: int32(n.Capacity.VCPUs),
 		MemoryMib: int64(n.Capacity.MemoryMiB), DiskMib: int64(n.Capacity.DiskMiB), Accel: n.Accel,
@@ -445,6 +447,12 @@ func nodeToPB(n state.Node, sbs []state.Sandbox) *pb.Node {
 		Cordoned: n.Cordoned, Draining: n.Draining, Images: n.Images, Warm: n.Warm,
 		RegisteredAt: timestamppb.New(n.RegisteredAt), UpdatedAt: timestamppb.New(n.UpdatedAt),
 	}
+	var cfg scheduler.Config
+	if cp := s.cluster.ControlPlane; cp != nil {
+		cfg = cp.Scheduling()
+	}
+	sc := cfg.Schedulable(scheduler.Resources{VCPUs: n.Capacity.VCPUs, MemoryMiB: n.Capacity.MemoryMiB})
+	out.SchedulableVcpus, out.SchedulableMemoryMib = int32(sc.VCPUs), int64(sc.MemoryMiB)
 	for _, sb := range sbs {
 		if sb.Node != n.ID || sb.Status.Terminal() {
 			continue

@@ -113,11 +113,14 @@ func (h *imageService) RemoveImage(ctx context.Context, req *connect.Request[pb.
 	// Removed from every node that holds it; "not found" only if none did.
 	removed := 0
 	var notFound error
+	out := &pb.RemoveImageResponse{}
 	err = h.s.onNodes(ctx, nodes, "remove image "+req.Msg.GetRef(), nodeCallTimeout, func(ctx context.Context, n *nodeConn) error {
-		_, err := n.images.RemoveImage(ctx, connect.NewRequest(&pb.RemoveImageRequest{Ref: req.Msg.GetRef()}))
+		r, err := n.images.RemoveImage(ctx, connect.NewRequest(&pb.RemoveImageRequest{Ref: req.Msg.GetRef()}))
 		switch {
 		case err == nil:
 			removed++
+			out.TemplatesDropped += r.Msg.GetTemplatesDropped()
+			out.SandboxesUsing += r.Msg.GetSandboxesUsing()
 		case connect.CodeOf(err) == connect.CodeNotFound:
 			notFound = err
 		default:
@@ -131,7 +134,7 @@ func (h *imageService) RemoveImage(ctx context.Context, req *connect.Request[pb.
 	if removed == 0 && notFound != nil {
 		return nil, notFound
 	}
-	return connect.NewResponse(&pb.RemoveImageResponse{}), nil
+	return connect.NewResponse(out), nil
 }
 
 type systemService struct{ s *Server }

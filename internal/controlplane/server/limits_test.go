@@ -3,11 +3,13 @@ package server
 import (
 	"bytes"
 	"compress/gzip"
+	"context"
 	"io"
 	"net/http"
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -109,5 +111,73 @@ func TestCreatePolicyRefusesProtectedForUsers(t *testing.T) {
 	wantCode(t, "a user's run --policy opening the metadata address", err, connect.CodeInvalidArgument, "only an admin")
 	if _, err := a.sandboxes.CreateSandbox(t.Context(), as(a.admin, &pb.CreateSandboxRequest{Spec: spec})); err != nil {
 		t.Errorf("an admin's: %v", err)
+	}
+}
+
+// A user token's calls that wait for a sandbox to start are bounded (each holds a
+// goroutine and a stream here); one past the limit is refused at once, an admin's is not
+// counted, and a call that stopped waiting frees its place.
+func TestWaitingCallsPerToken(t *testing.T) {
+	a := newTestAPI(t, func(s *Server) { s.SetLimits(Limits{WaitsPerOwner: 2}) })
+	ctx := t.Context()
+	// No node: the sandbox stays pending, and a policy set on it waits for it to start.
+	created, err := a.sandboxes.CreateSandbox(ctx, as(a.user, &pb.CreateSandboxRequest{Spec: &pb.SandboxSpec{Image: "busybox"}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := created.Msg.GetSandbox().GetId()
+	setPolicy := func(ctx context.Context, token string) error {
+		_, err := a.sandboxes.SetPolicy(ctx, as(token, &pb.SetPolicyRequest{Sandbox: id, Policy: "deny 192.0.2.0/24\n"}))
+		return err
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	errs := make(chan error, 2)
+	for range 2 {
+		go func() { errs <- setPolicy(wctx, a.user) }()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		a.srv.waitMu.Lock()
+		n := a.srv.waiting[""]
+		for _, c := range a.srv.waiting {
+			n = max(n, c)
+		}
+		a.srv.waitMu.Unlock()
+		if n == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the two calls are not waiting (%d)", n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	wantCode(t, "a third waiting call", setPolicy(ctx, a.user), connect.CodeResourceExhausted, "--max-waits-per-token")
+	// An admin's wait is not counted: it waits (until its deadline) instead of being refused.
+	actx, acancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	if err := setPolicy(actx, a.admin); connect.CodeOf(err) == connect.CodeResourceExhausted {
+		t.Errorf("an admin's waiting call was refused: %v", err)
+	}
+	acancel()
+	cancel()
+	for range 2 {
+		<-errs
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		a.srv.waitMu.Lock()
+		n := len(a.srv.waiting)
+		a.srv.waitMu.Unlock()
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("ended calls still counted as waiting")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	actx, acancel = context.WithTimeout(ctx, 300*time.Millisecond)
+	defer acancel()
+	if err := setPolicy(actx, a.user); connect.CodeOf(err) == connect.CodeResourceExhausted {
+		t.Errorf("a call after the others ended was refused: %v", err)
 	}
 }

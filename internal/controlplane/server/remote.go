@@ -9,6 +9,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/auth"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
@@ -20,11 +21,20 @@ func (s *Server) waitStarted(ctx context.Context, id string) (state.Sandbox, err
 }
 
 func (s *Server) waitFor(ctx context.Context, id string, done func(state.Sandbox) bool) (state.Sandbox, error) {
+	held := false
 	for {
 		changed := s.store.Changed()
 		sb, err := s.store.GetSandbox(ctx, id)
 		if err != nil || done(sb) {
 			return sb, err
+		}
+		if !held {
+			release, err := s.holdWait(ctx)
+			if err != nil {
+				return sb, err
+			}
+			defer release()
+			held = true
 		}
 		select {
 		case <-changed:
@@ -33,6 +43,32 @@ func (s *Server) waitFor(ctx context.Context, id string, done func(state.Sandbox
 			return sb, ctx.Err()
 		}
 	}
+}
+
+// holdWait counts a user token's call that waits in waitFor, refusing one past the
+// token's limit; admins and the server's own waits (no caller) are not counted.
+func (s *Server) holdWait(ctx context.Context) (release func(), err error) {
+	who, ok := auth.From(ctx)
+	limit := s.limits.WaitsPerOwner
+	if !ok || who.Admin() || limit <= 0 {
+		return func() {}, nil
+	}
+	s.waitMu.Lock()
+	defer s.waitMu.Unlock()
+	if s.waiting[who.TokenID] >= limit {
+		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("%d calls of this token already wait for sandboxes to be placed, start or stop (--max-waits-per-token)", limit))
+	}
+	if s.waiting == nil {
+		s.waiting = map[string]int{}
+	}
+	s.waiting[who.TokenID]++
+	return func() {
+		s.waitMu.Lock()
+		defer s.waitMu.Unlock()
+		if s.waiting[who.TokenID]--; s.waiting[who.TokenID] == 0 {
+			delete(s.waiting, who.TokenID)
+		}
+	}, nil
 }
 
 // attachOnNode relays an attach to the node that runs sb, then reports the exit recorded

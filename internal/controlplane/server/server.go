@@ -27,6 +27,9 @@ type Server struct {
 	log    *slog.Logger
 	now    func() time.Time
 	limits Limits
+	// waiting counts each user token's calls in waitFor (Limits.WaitsPerOwner).
+	waitMu  sync.Mutex
+	waiting map[string]int
 	// cluster is set by EnableCluster; its CA is nil on a single-node dev server.
 	cluster ClusterOptions
 	nodes   nodeConns
@@ -60,11 +63,14 @@ type Limits struct {
 	// SpecBytesPerOwner bounds the bytes of all the token's sandbox specs (commands,
 	// environments, policies): what it makes every server keep.
 	SpecBytesPerOwner int
+	// WaitsPerOwner bounds the token's calls waiting at once for a sandbox to change
+	// (placed, started, stopped): each holds a goroutine and a stream on this server.
+	WaitsPerOwner int
 }
 
 // DefaultLimits are the limits of a server not told otherwise.
 func DefaultLimits() Limits {
-	return Limits{SandboxesPerOwner: 1000, VCPUsPerOwner: 64, MemoryMiBPerOwner: 128 << 10, DiskMiBPerOwner: 1 << 20, SpecBytesPerOwner: 16 << 20}
+	return Limits{SandboxesPerOwner: 1000, VCPUsPerOwner: 64, MemoryMiBPerOwner: 128 << 10, DiskMiBPerOwner: 1 << 20, SpecBytesPerOwner: 16 << 20, WaitsPerOwner: 256}
 }
 
 // quota is what a token of this role may hold.

@@ -353,20 +353,28 @@ func (a *Agent) LogPath(id string) string {
 // Images is the node's image store.
 func (a *Agent) Images() *image.Store { return a.images }
 
+// RemovedImage says what an image's removal took with it and what it left running.
+type RemovedImage struct {
+	TemplatesDropped int // template snapshots of it (they restore from its root disk)
+	SandboxesUsing   int // sandboxes still running from it (their open root disk stays)
+}
+
 // RemoveImage removes an image (see image.Store.Remove) and, once no name is left for it,
 // the templates kept of it: they restore from its root disk.
-func (a *Agent) RemoveImage(ctx context.Context, ref string) error {
+func (a *Agent) RemoveImage(ctx context.Context, ref string) (RemovedImage, error) {
 	img, err := a.images.Get(ctx, ref)
 	if err != nil {
-		return err
+		return RemovedImage{}, err
 	}
 	if err := a.images.Remove(ctx, ref); err != nil {
-		return err
+		return RemovedImage{}, err
 	}
+	var out RemovedImage
 	if _, err := a.images.Get(ctx, img.Digest); errors.Is(err, image.ErrNotFound) {
-		a.templates.dropImage(img.Digest)
+		out.TemplatesDropped = a.templates.dropImage(img.Digest)
+		out.SandboxesUsing = a.imageUsers(img.Digest)
 	}
-	return nil
+	return out, nil
 }
 
 // Info describes the node.
@@ -443,8 +451,16 @@ func (a *Agent) imageBusy(digest string) bool {
 }
 
 // imageRunning says whether a sandbox on this node runs (or starts) from the image.
-func (a *Agent) imageRunning(digest string) bool {
+func (a *Agent) imageRunning(digest string) bool { return a.imageUsers(digest) > 0 }
+
+// dropTemplates removes the templates of an image the store let go.
+func (a *Agent) dropTemplates(digest string) { a.templates.dropImage(digest) }
+
+// imageUsers counts the sandboxes on this node that run from the image with digest.
+func (a *Agent) imageUsers(digest string) int {
 	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
 	for _, s := range a.live {
 		s.mu.Lock()
 		d := s.started.ImageDigest
@@ -452,12 +468,10 @@ func (a *Agent) imageRunning(digest string) bool {
 		// nil: still pulling. What it pulls is kept by the store itself (used within the
 		// last minutes), so one slow pull does not keep every other image.
 		if d != nil && *d == digest {
-			a.mu.Unlock()
-			return true
+			n++
 		}
 	}
-	a.mu.Unlock()
-	return false
+	return n
 }
 
 // PullOptions are the options of a pull on behalf of a sandbox or a caller: an admin's
@@ -535,7 +549,7 @@ func (a *Agent) reservePull(ctx context.Context, owner string, n int64) (func(),
 		return nil, fmt.Errorf("on node %s (--image-mib-per-token): %w: the image's layers take %d MiB and this token's pulls under way %d MiB more, %d MiB allowed",
 			a.cfg.Node, image.ErrOwnerBudget, n>>20, a.pulling[owner]>>20, share>>20)
 	}
-	if err := a.images.FitOwner(ctx, owner, max(room, 1), "", ownerGrace, a.imageBusy, a.templates.dropImage); err != nil {
+	if err := a.images.FitOwner(ctx, owner, max(room, 1), "", ownerGrace, a.imageBusy, a.dropTemplates); err != nil {
 		return nil, fmt.Errorf("on node %s (--image-mib-per-token), making room for %d MiB of layers: %w", a.cfg.Node, n>>20, err)
 	}
 	a.pulling[owner] += n
@@ -557,7 +571,7 @@ const ownerGrace = 2 * time.Second
 // of them, when no other token holds the image), then (if still over) keep, the image it
 // just pulled, and the pull fails naming the figures.
 func (a *Agent) FitImages(ctx context.Context, owner, keep string) error {
-	err := a.images.FitOwner(ctx, owner, int64(a.cfg.ImageMiBPerOwner)<<20, keep, ownerGrace, a.imageBusy, a.templates.dropImage)
+	err := a.images.FitOwner(ctx, owner, int64(a.cfg.ImageMiBPerOwner)<<20, keep, ownerGrace, a.imageBusy, a.dropTemplates)
 	if err != nil {
 		return fmt.Errorf("on node %s (--image-mib-per-token): %w", a.cfg.Node, err)
 	}

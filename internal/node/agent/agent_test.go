@@ -406,3 +406,29 @@ func TestPlacedAgainWhileItsEarlierRunEnds(t *testing.T) {
 		n.wait(id)
 	}
 }
+
+// Removing an image takes its template snapshots with it and says so, and counts the
+// sandboxes still running from it (they keep their open root disk).
+func TestRemoveImageSaysWhatWent(t *testing.T) {
+	n := newNode(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if sb := n.run(state.SandboxSpec{Cmd: []string{"true"}}); sb.Runtime["start_mode"] != "restore" || len(n.ag.Templates()) != 1 {
+		t.Fatalf("first start: mode %q, %d templates", sb.Runtime["start_mode"], len(n.ag.Templates()))
+	}
+	id := n.start(state.SandboxSpec{Cmd: []string{"sleep", "60"}})
+	n.waitFor("the sandbox running", func() bool {
+		sb, err := n.store.GetSandbox(ctx, id)
+		return err == nil && sb.Status == state.StatusRunning
+	})
+	got, err := n.ag.RemoveImage(ctx, n.image)
+	if err != nil || got.TemplatesDropped != 1 || got.SandboxesUsing != 1 {
+		t.Fatalf("RemoveImage = %+v, %v; want 1 template dropped, 1 sandbox using it", got, err)
+	}
+	if ts := n.ag.Templates(); len(ts) != 0 {
+		t.Errorf("templates left after their image went: %+v", ts)
+	}
+	if _, err := n.ag.RemoveImage(ctx, n.image); err == nil {
+		t.Error("removing it again: want not found")
+	}
+}

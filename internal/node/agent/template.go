@@ -563,7 +563,8 @@ func (ts *templates) needsImage(digest string, kept bool) bool {
 
 // dropImage removes the templates of an image that was removed: they restore from its
 // root disk, so they cannot be used again (VMs restored from them keep their mappings).
-func (ts *templates) dropImage(digest string) {
+// It reports how many it removed.
+func (ts *templates) dropImage(digest string) int {
 	ts.mu.Lock()
 	var dropped []string
 	for hash, t := range ts.byHash {
@@ -581,6 +582,7 @@ func (ts *templates) dropImage(digest string) {
 	for _, h := range dropped {
 		ts.dropped(h)
 	}
+	return len(dropped)
 }
 
 // current returns the template under hash, built and usable, or nil.

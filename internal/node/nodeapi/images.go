@@ -67,10 +67,11 @@ func (h *imageService) ListImages(ctx context.Context, _ *connect.Request[pb.Lis
 }
 
 func (h *imageService) RemoveImage(ctx context.Context, req *connect.Request[pb.RemoveImageRequest]) (*connect.Response[pb.RemoveImageResponse], error) {
-	if err := h.ag.RemoveImage(ctx, req.Msg.GetRef()); err != nil {
+	r, err := h.ag.RemoveImage(ctx, req.Msg.GetRef())
+	if err != nil {
 		return nil, toConnectError(fmt.Errorf("remove image %s on node %s: %w", req.Msg.GetRef(), h.ag.NodeName(), err))
 	}
-	return connect.NewResponse(&pb.RemoveImageResponse{}), nil
+	return connect.NewResponse(&pb.RemoveImageResponse{TemplatesDropped: int32(r.TemplatesDropped), SandboxesUsing: int32(r.SandboxesUsing)}), nil
 }
 
 func (h *imageService) WarmImage(ctx context.Context, req *connect.Request[pb.WarmImageRequest]) (*connect.Response[pb.WarmImageResponse], error) {

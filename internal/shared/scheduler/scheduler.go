@@ -297,6 +297,17 @@ func holders(m map[string]*[]int32, d string) []int32 {
 	return nil
 }
 
+// Schedulable is what the scheduler may place on a node of capacity c under this
+// configuration: c after the overcommit factors (c itself for a configuration New would
+// refuse).
+func (cfg Config) Schedulable(c Resources) Resources {
+	r, err := cfg.resolve()
+	if err != nil {
+		return c
+	}
+	return effective(c, r)
+}
+
 // effective is capacity after overcommit, rounded down so a factor never invents a
 // partial vCPU or MiB.
 func effective(c Resources, cfg Config) Resources {

@@ -51,8 +51,12 @@ type Node struct {
 	Sandboxes     int32    `protobuf:"varint,18,opt,name=sandboxes,proto3" json:"sandboxes,omitempty"`
 	Images        []string `protobuf:"bytes,19,rep,name=images,proto3" json:"images,omitempty"`
 	Warm          []string `protobuf:"bytes,20,rep,name=warm,proto3" json:"warm,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// What the scheduler may place on the node: its capacity after the answering server's
+	// overcommit factors (vCPUs 4x by default).
+	SchedulableVcpus     int32 `protobuf:"varint,21,opt,name=schedulable_vcpus,json=schedulableVcpus,proto3" json:"schedulable_vcpus,omitempty"`
+	SchedulableMemoryMib int64 `protobuf:"varint,22,opt,name=schedulable_memory_mib,json=schedulableMemoryMib,proto3" json:"schedulable_memory_mib,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *Node) Reset() {
@@ -223,6 +227,20 @@ func (x *Node) GetWarm() []string {
 		return x.Warm
 	}
 	return nil
+}
+
+func (x *Node) GetSchedulableVcpus() int32 {
+	if x != nil {
+		return x.SchedulableVcpus
+	}
+	return 0
+}
+
+func (x *Node) GetSchedulableMemoryMib() int64 {
+	if x != nil {
+		return x.SchedulableMemoryMib
+	}
+	return 0
 }
 
 type ListNodesRequest struct {
@@ -959,7 +977,7 @@ var File_fireworks_v1_cluster_proto protoreflect.FileDescriptor
 
 const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\n" +
-	"\x1afireworks/v1/cluster.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cfireworks/v1/fireworks.proto\"\xbd\x05\n" +
+	"\x1afireworks/v1/cluster.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cfireworks/v1/fireworks.proto\"\xa0\x06\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x126\n" +
@@ -984,7 +1002,9 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\x0fused_memory_mib\x18\x11 \x01(\x03R\rusedMemoryMib\x12\x1c\n" +
 	"\tsandboxes\x18\x12 \x01(\x05R\tsandboxes\x12\x16\n" +
 	"\x06images\x18\x13 \x03(\tR\x06images\x12\x12\n" +
-	"\x04warm\x18\x14 \x03(\tR\x04warm\x1a9\n" +
+	"\x04warm\x18\x14 \x03(\tR\x04warm\x12+\n" +
+	"\x11schedulable_vcpus\x18\x15 \x01(\x05R\x10schedulableVcpus\x124\n" +
+	"\x16schedulable_memory_mib\x18\x16 \x01(\x03R\x14schedulableMemoryMib\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x12\n" +

@@ -2708,9 +2708,13 @@ func (x *RemoveImageRequest) GetNode() string {
 }
 
 type RemoveImageResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Template snapshots of the image dropped with it (summed over nodes).
+	TemplatesDropped int32 `protobuf:"varint,1,opt,name=templates_dropped,json=templatesDropped,proto3" json:"templates_dropped,omitempty"`
+	// Sandboxes still running from it: they keep their open root disk until they end.
+	SandboxesUsing int32 `protobuf:"varint,2,opt,name=sandboxes_using,json=sandboxesUsing,proto3" json:"sandboxes_using,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *RemoveImageResponse) Reset() {
@@ -2741,6 +2745,20 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
 	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *RemoveImageResponse) GetTemplatesDropped() int32 {
+	if x != nil {
+		return x.TemplatesDropped
+	}
+	return 0
+}
+
+func (x *RemoveImageResponse) GetSandboxesUsing() int32 {
+	if x != nil {
+		return x.SandboxesUsing
+	}
+	return 0
 }
 
 // A warm pool: every node keeps up to this many VMs of the image restored and paused.
@@ -4294,8 +4312,10 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06images\x18\x01 \x03(\v2\x13.fireworks.v1.ImageR\x06images\":\n" +
 	"\x12RemoveImageRequest\x12\x10\n" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x12\x12\n" +
-	"\x04node\x18\x02 \x01(\tR\x04node\"\x15\n" +
-	"\x13RemoveImageResponse\"\x97\x02\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\"k\n" +
+	"\x13RemoveImageResponse\x12+\n" +
+	"\x11templates_dropped\x18\x01 \x01(\x05R\x10templatesDropped\x12'\n" +
+	"\x0fsandboxes_using\x18\x02 \x01(\x05R\x0esandboxesUsing\"\x97\x02\n" +
 	"\x04Pool\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x05R\x04size\x12\x10\n" +
