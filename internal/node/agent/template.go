@@ -90,6 +90,9 @@ type template struct {
 	refs     map[string]bool // image references that resolved to it
 	lastUsed time.Time
 	users    int // restores in progress (their QEMU has not mapped the files yet)
+	// gone: dropped while in use (its image was removed); its files go when the last
+	// user releases it.
+	gone bool
 }
 
 func (t *template) scratch() string { return filepath.Join(t.dir, "scratch.img") }
@@ -311,8 +314,19 @@ func (ts *templates) invalidate(t *template, why error) {
 
 func (ts *templates) release(t *template) {
 	ts.mu.Lock()
+	defer ts.mu.Unlock()
 	t.users--
-	ts.mu.Unlock()
+	if t.gone && t.users == 0 {
+		// Under the lock, as every removal: a template built again under the same key
+		// is installed under it too.
+		ts.removeFiles(t)
+	}
+}
+
+func (ts *templates) removeFiles(t *template) {
+	if err := os.RemoveAll(t.dir); err != nil {
+		ts.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
+	}
 }
 
 // build boots a VM for the template, waits for fireworks-init to answer and saves it.
@@ -563,19 +577,23 @@ func (ts *templates) needsImage(digest string, kept bool) bool {
 
 // dropImage removes the templates of an image that was removed: they restore from its
 // root disk, so they cannot be used again (VMs restored from them keep their mappings).
-// It reports how many it removed.
+// One in use (a restore whose VMM has not mapped its files yet) is forgotten now and its
+// files go when it is released; one still being built is left to the disk budget. It
+// reports how many it dropped.
 func (ts *templates) dropImage(digest string) int {
 	ts.mu.Lock()
 	var dropped []string
 	for hash, t := range ts.byHash {
-		if t.key.Digest != digest || t.busy() {
+		if t.key.Digest != digest || !isClosed(t.ready) {
 			continue
 		}
 		delete(ts.byHash, hash)
 		dropped = append(dropped, hash)
-		ts.log.Info("removing template snapshot", "why", "its image was removed", "image", t.image, "key", hash)
-		if err := os.RemoveAll(t.dir); err != nil {
-			ts.log.Warn("remove template snapshot", "dir", t.dir, "err", err)
+		ts.log.Info("removing template snapshot", "why", "its image was removed", "image", t.image, "key", hash, "in_use", t.users)
+		if t.users > 0 {
+			t.gone = true
+		} else {
+			ts.removeFiles(t)
 		}
 	}
 	ts.mu.Unlock()
