@@ -80,7 +80,9 @@ type NIC struct {
 
 // Snapshot is a saved VM: guest RAM and the VMM's device state. Restored VMs map the memory
 // file copy-on-write (private), so any number of them share one file and none can change
-// it; the files must never be rewritten in place.
+// it; the files must never be rewritten in place. A snapshot without MemoryFile holds the
+// guest's RAM in StateFile (written by Saver): a restore reads it all into the VM's own
+// memory.
 type Snapshot struct {
 	MemoryFile string
 	StateFile  string
@@ -124,6 +126,15 @@ type Snapshotter interface {
 	// memory is Spec.MemoryFile as it stands. The VM stays stopped for good (resuming it
 	// would change the snapshot's memory): the caller ends it after the save.
 	Snapshot(ctx context.Context, stateFile string) error
+}
+
+// Saver is implemented by VMs that can be saved whole: Save stops the guest's vCPUs and
+// writes its RAM and the device state to stateFile (a Snapshot without MemoryFile
+// restores it), flushing its disks. As after Snapshot, the VM stays stopped for good: its
+// disks belong to the saved state now; the caller ends it after the save. It works on
+// any VM of the driver (booted, restored, with or without a memory file).
+type Saver interface {
+	Save(ctx context.Context, stateFile string) error
 }
 
 // Info describes a started VM.

@@ -160,7 +160,7 @@ func filesOf(s vmm.Spec) jailFiles {
 	if s.MemoryFile != "" && !inDir(s.MemoryFile) {
 		f.rw = append(f.rw, s.MemoryFile)
 	}
-	if s.Restore != nil && !inDir(s.Restore.MemoryFile) {
+	if s.Restore != nil && s.Restore.MemoryFile != "" && !inDir(s.Restore.MemoryFile) {
 		// Opened read-only and mapped privately (readonly=on,rom=off): shared by every VM
 		// restored from the template, it is mounted read-only into each jail too.
 		f.ro = append(f.ro, s.Restore.MemoryFile)
@@ -224,7 +224,7 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 			}
 		}
 	}
-	if s.Restore != nil {
+	if s.Restore != nil && s.Restore.MemoryFile != "" {
 		if err := sealed(*s.Restore); err != nil {
 			return err
 		}

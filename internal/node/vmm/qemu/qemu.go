@@ -245,7 +245,9 @@ func (d *Driver) validate(s vmm.Spec) error {
 		if s.MemoryFile != "" {
 			errs = append(errs, errors.New("a restored VM cannot also save its memory to a file (MemoryFile and Restore are exclusive)"))
 		}
-		if fi, err := os.Stat(s.Restore.MemoryFile); err != nil || !fi.Mode().IsRegular() {
+		if s.Restore.MemoryFile == "" {
+			// A whole-VM save (Saver): the RAM is in the state file.
+		} else if fi, err := os.Stat(s.Restore.MemoryFile); err != nil || !fi.Mode().IsRegular() {
 			errs = append(errs, fmt.Errorf("snapshot memory %s is not a readable file", s.Restore.MemoryFile))
 		} else if fi.Size() != int64(s.MemoryMiB)<<20 {
 			// QEMU would grow the file to fit, i.e. write to a shared snapshot.
@@ -284,8 +286,12 @@ func (d *Driver) args(s vmm.Spec) []string {
 	// as a divide error early in boot (most boots panicked); and two devices less is
 	// less emulated surface for a guest to attack.
 	machine := "microvm,acpi=on,pit=off,pic=off"
-	var memObj []string
-	if s.MemoryFile != "" || s.Restore != nil {
+	// Guest RAM is always the backend object mem0, anonymous unless in a file: a save's
+	// stream names RAM blocks by their object, so a VM saved whole (Saver) restores only
+	// into a VM whose RAM has the same name, whichever way the saved one started.
+	memObj := []string{"-object", "memory-backend-ram,id=mem0,size=" + strconv.Itoa(s.MemoryMiB) + "M"}
+	machine += ",memory-backend=mem0"
+	if s.MemoryFile != "" || (s.Restore != nil && s.Restore.MemoryFile != "") {
 		// Guest RAM in a named file: shared while a template VM fills it, private
 		// (copy-on-write over the page cache) in restored VMs. The x-ignore-shared
 		// migration capability (set over QMP on both sides: it changes the stream's
@@ -299,7 +305,6 @@ func (d *Driver) args(s vmm.Spec) []string {
 		if s.Restore != nil {
 			obj = "memory-backend-file,id=mem0,size=" + strconv.Itoa(s.MemoryMiB) + "M,mem-path=" + esc(s.Restore.MemoryFile) + ",share=off,readonly=on,rom=off"
 		}
-		machine += ",memory-backend=mem0"
 		memObj = []string{"-object", obj}
 	}
 	a := []string{

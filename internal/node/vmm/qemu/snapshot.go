@@ -22,21 +22,45 @@ const maxStateBytes = 64 << 20
 // RAM is excluded: it is already in the shared memory file) into stateFile through a unix
 // socket the driver listens on.
 func (v *vm) Snapshot(ctx context.Context, stateFile string) error {
-	if err := v.snapshot(ctx, stateFile); err != nil {
+	if err := v.snapshot(ctx, stateFile, false); err != nil {
 		return fmt.Errorf("snapshot VM %s to %s: %w", v.id, stateFile, err)
 	}
 	return nil
 }
 
-func (v *vm) snapshot(ctx context.Context, stateFile string) error {
+// Save implements vmm.Saver: as Snapshot, with the guest's RAM in the stream (whatever
+// backs it: a restored VM's private copy of a template, or anonymous memory).
+func (v *vm) Save(ctx context.Context, stateFile string) error {
+	if err := v.snapshot(ctx, stateFile, true); err != nil {
+		return fmt.Errorf("save VM %s to %s: %w", v.id, stateFile, err)
+	}
+	return nil
+}
+
+func (v *vm) snapshot(ctx context.Context, stateFile string, whole bool) error {
 	v.mu.Lock()
 	c, state, detached, mem := v.qmp, v.state, v.detached, v.memFile
 	v.mu.Unlock()
-	if mem == "" {
+	if mem == "" && !whole {
 		return errors.New("the VM's memory is not in a file (create it with Spec.MemoryFile)")
 	}
 	if state != "running" || c == nil || detached {
 		return fmt.Errorf("not running under this process (%s)", state)
+	}
+	limit := int64(maxStateBytes)
+	if whole {
+		// The stream names RAM by its backend object: one without mem0 (a VMM an older
+		// agent started) could not be restored into a VM of this driver.
+		var size int64
+		if err := c.Execute(ctx, "qom-get", map[string]any{"path": "/objects/mem0", "property": "size"}, &size); err != nil || size <= 0 {
+			return fmt.Errorf("the VM's RAM is not the mem0 object a restore needs (a VMM from before saves were supported): %v", err)
+		}
+		// RAM pages (each with a small header) and the device state.
+		limit += size + size/256
+		// Both ends of a save set it (it changes the stream's format): restores always do.
+		if err := ignoreShared(ctx, c); err != nil {
+			return err
+		}
 	}
 	// From here on the VM must not run again, whatever happens: its memory file is (part
 	// of) a snapshot the moment the vCPUs stop.
@@ -81,9 +105,9 @@ func (v *vm) snapshot(ctx context.Context, stateFile string) error {
 			return
 		}
 		defer conn.Close()
-		n, err := io.Copy(out, io.LimitReader(conn, maxStateBytes+1))
-		if err == nil && n > maxStateBytes {
-			err = fmt.Errorf("device state exceeds %d bytes (is guest RAM in the stream?)", maxStateBytes)
+		n, err := io.Copy(out, io.LimitReader(conn, limit+1))
+		if err == nil && n > limit {
+			err = fmt.Errorf("the saved state exceeds %d bytes (is guest RAM in the stream?)", limit)
 		}
 		copied <- err
 	}()

@@ -92,6 +92,7 @@ func Run(t *testing.T, d vmm.Driver, h Harness) {
 	t.Run("KilledVMMIsDetected", s.testKill9)
 	t.Run("StopEscalatesOnStuckVMM", s.testStuckStop)
 	t.Run("SnapshotRestore", s.testSnapshot)
+	t.Run("SaveRestoreWhole", s.testSave)
 	t.Run("Network", s.testNetwork)
 }
 
@@ -647,6 +648,29 @@ func (s *suite) testSnapshot(t *testing.T) {
 	if got := c.mustCall("get"); got != "saved-state" {
 		t.Errorf("restore after killed restores remembers %q", got)
 	}
+	// A VM restored from a template saves whole (its private copy of the template's
+	// memory goes in the stream) and comes back with what it changed; the template's
+	// memory stays as it was.
+	if sv, ok := c.vm.(vmm.Saver); ok {
+		if got := c.mustCall("put changed-after-restore"); got != "ok" {
+			t.Fatal(got)
+		}
+		whole := filepath.Join(dir, "whole")
+		if err := sv.Save(ctx, whole); err != nil {
+			t.Fatalf("Save of a restored VM: %v", err)
+		}
+		c.vm.Kill()
+		waitEnd(t, c.vm, 30*time.Second)
+		back := s.boot(t, bootOpts{restore: &vmm.Snapshot{StateFile: whole}, disks: c.spec.Disks})
+		if got := back.mustCall("get"); got != "changed-after-restore" {
+			t.Errorf("a restored VM saved whole remembers %q, want changed-after-restore", got)
+		}
+		back.vm.Kill()
+		waitEnd(t, back.vm, 30*time.Second)
+		if after := sum(); after != before {
+			t.Errorf("the template's memory file changed through a whole save: %s -> %s", before, after)
+		}
+	}
 	// A VMM launched ahead (Prestart) restores on Start like any other.
 	pd := diskImage(t, "snapshot-disk-01")
 	pre := s.boot(t, bootOpts{restore: sn, disks: []vmm.Disk{{Path: pd}}, prestart: true})
@@ -684,6 +708,65 @@ func (s *suite) testSnapshot(t *testing.T) {
 	} else if !strings.Contains(err.Error(), "MiB") {
 		t.Errorf("shape mismatch error %q does not say why", err)
 	}
+}
+
+// testSave: a booted VM saved whole (vmm.Saver: RAM and devices in one file) restores
+// with its memory as it was, again and again (each cycle saves the VM the last one
+// restored); the VM saved cannot run again; a damaged save is refused.
+func (s *suite) testSave(t *testing.T) {
+	disk := diskImage(t, "save-disk-01")
+	g := s.boot(t, bootOpts{disks: []vmm.Disk{{Path: disk}}})
+	if _, ok := g.vm.(vmm.Saver); !ok {
+		testutil.Skipf(t, "the %s driver does not implement vmm.Saver (pause and resume)", s.d.Name())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	dir := shortDir(t)
+	for cycle := range 3 {
+		want := fmt.Sprintf("cycle-%d", cycle)
+		if got := g.mustCall("put " + want); got != "ok" {
+			t.Fatalf("put: %q", got)
+		}
+		state := filepath.Join(dir, fmt.Sprintf("state-%d", cycle))
+		if err := g.vm.(vmm.Saver).Save(ctx, state); err != nil {
+			t.Fatalf("Save (cycle %d): %v", cycle, err)
+		}
+		if p, ok := g.vm.(vmm.Pauser); ok {
+			if err := p.Resume(ctx); err == nil {
+				t.Error("a saved VM could be resumed (its disk belongs to the save now)")
+			}
+		}
+		g.vm.Kill()
+		waitEnd(t, g.vm, 30*time.Second)
+		// The save holds the RAM: it is not a device state of some KB.
+		if fi, err := os.Stat(state); err != nil || fi.Size() < 1<<20 {
+			t.Fatalf("saved state: %v, %d bytes", err, fi.Size())
+		}
+		g = s.boot(t, bootOpts{restore: &vmm.Snapshot{StateFile: state}, disks: []vmm.Disk{{Path: disk}}})
+		if got := g.mustCall("get"); got != want {
+			t.Fatalf("restored (cycle %d) remembers %q, want %q", cycle, got, want)
+		}
+	}
+	// A truncated save is refused with an error and leaves no VM running.
+	state := filepath.Join(dir, "state-0")
+	data, err := os.ReadFile(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := filepath.Join(dir, "truncated")
+	if err := os.WriteFile(bad, data[:len(data)/2], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	spec := s.spec(t, bootOpts{restore: &vmm.Snapshot{StateFile: bad}, disks: []vmm.Disk{{Path: diskImage(t, "x")}}})
+	vm, err := s.d.Create(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.Start(ctx); err == nil {
+		t.Error("Start restored from a truncated save")
+	}
+	_ = vm.Kill()
+	waitEnd(t, vm, 30*time.Second)
 }
 
 // checkTemplateReadOnly fails t unless the VMM process pid holds the template memory file
