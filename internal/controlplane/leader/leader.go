@@ -227,7 +227,9 @@ func (m *Manager) checkHeartbeats(ctx context.Context, now time.Time, nodes []st
 	}
 	for _, sb := range sbs {
 		n, ok := downs[sb.Node]
-		if !ok || sb.Status.Terminal() {
+		if !ok || sb.Status.Terminal() || sb.Saved != nil {
+			// A paused sandbox (or one about to resume) has its state on the node's disk:
+			// it waits for the node to come back (or for `node rm`, which gives it up).
 			continue
 		}
 		if sb.Status == state.StatusPending {
@@ -264,7 +266,9 @@ func (m *Manager) drain(ctx context.Context, now time.Time, nodes []state.Node, 
 			continue
 		}
 		for _, sb := range sbs {
-			if sb.Node != n.ID || sb.Status.Terminal() || !sb.StopRequestedAt.IsZero() {
+			if sb.Node != n.ID || sb.Status.Terminal() || !sb.StopRequestedAt.IsZero() || sb.Saved != nil {
+				// A paused sandbox stays with its saved state (no node can resume it
+				// elsewhere yet): drain leaves it, and `node ls` keeps showing it.
 				continue
 			}
 			errs = append(errs, m.replace(ctx, now, sb, "drained from node "+n.ID))

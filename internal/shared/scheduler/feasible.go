@@ -9,6 +9,7 @@ type rejectKind uint8
 const (
 	accepted rejectKind = iota
 	rejectStatus
+	rejectPinned
 	rejectDraining
 	rejectCordoned
 	rejectConstraint
@@ -47,6 +48,16 @@ func (statusFilter) reject(e *entry) rejection {
 		return rejection{kind: rejectDraining}
 	case e.node.Cordoned:
 		return rejection{kind: rejectCordoned}
+	}
+	return rejection{}
+}
+
+// pinFilter rejects every node but the one the request is pinned to (Request.Node).
+type pinFilter struct{ node string }
+
+func (f pinFilter) reject(e *entry) rejection {
+	if e.node.ID != f.node {
+		return rejection{kind: rejectPinned}
 	}
 	return rejection{}
 }
@@ -100,7 +111,12 @@ func free(e *entry) Resources {
 type chain struct{ filters []filter }
 
 func newChain(req *Request) chain {
-	fs := []filter{statusFilter{}}
+	var fs []filter
+	if req.Node != "" {
+		// First: the other nodes are "not where its state is", not also down or full.
+		fs = append(fs, pinFilter{req.Node})
+	}
+	fs = append(fs, statusFilter{})
 	if len(req.Constraints) > 0 {
 		fs = append(fs, constraintFilter{req.Constraints})
 	}

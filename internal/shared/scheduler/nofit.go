@@ -67,6 +67,7 @@ func (s *Scheduler) explain(req *Request, c chain) *NoFitError {
 		mostFree  [len(dims)]int
 		cons      = make([]int, len(req.Constraints))
 		drain, co int
+		pinned    int
 		statuses  map[NodeStatus]int
 	)
 	for i := range s.nodes {
@@ -78,6 +79,8 @@ func (s *Scheduler) explain(req *Request, c chain) *NoFitError {
 				statuses = map[NodeStatus]int{}
 			}
 			statuses[e.node.Status]++
+		case rejectPinned:
+			pinned++
 		case rejectDraining:
 			drain++
 		case rejectCordoned:
@@ -110,6 +113,10 @@ func (s *Scheduler) explain(req *Request, c chain) *NoFitError {
 			add("constraint", n, nodes(n, "fails constraint "+c, "fail constraint "+c))
 		}
 	}
+	if pinned > 0 {
+		what := "not node " + req.Node + ", which holds its saved state"
+		add("pinned", pinned, nodes(pinned, "is "+what, "are "+what))
+	}
 	if drain > 0 {
 		add("draining", drain, nodes(drain, "draining", "draining"))
 	}
@@ -137,6 +144,8 @@ func describeOne(e *entry, req *Request, r rejection) string {
 	switch r.kind {
 	case rejectStatus:
 		return "node is " + statusText(e.node.Status)
+	case rejectPinned:
+		return "node is not " + req.Node + ", which holds the sandbox's saved state"
 	case rejectDraining:
 		return "node is draining"
 	case rejectCordoned:

@@ -81,6 +81,9 @@ type Request struct {
 	Constraints []Constraint
 	// Spread asks for the least utilised node instead of bin-packing.
 	Spread bool
+	// Node, if set, is the only node that may take the sandbox: the one holding its
+	// saved state (a paused sandbox resumes where its state is).
+	Node string
 }
 
 func (r *Request) validate() error {

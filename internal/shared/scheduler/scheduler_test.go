@@ -225,6 +225,13 @@ func TestNoFitErrorText(t *testing.T) {
 			want:   "no node fits: 3 nodes lack memory (need 2048 MiB, most free 1024 MiB), 2 nodes fail constraint zone==a, 1 node cordoned, 1 node down",
 		},
 		{
+			name:   "pinned to the node holding its saved state, which is full",
+			nodes:  []Node{mk("n1", 2, 1024, nil), mk("n2", 8, 8192, nil), mk("n3", 8, 8192, nil)},
+			allocs: []Allocation{{SandboxID: "x", NodeID: "n1", Resources: Resources{MemoryMiB: 1024}}},
+			req:    Request{Resources: Resources{VCPUs: 1, MemoryMiB: 512}, Node: "n1"},
+			want:   "no node fits: 1 node lacks memory (need 512 MiB, most free 0 MiB), 2 nodes are not node n1, which holds its saved state",
+		},
+		{
 			name:  "several resources on one node, singular agreement",
 			nodes: []Node{mk("n1", 1, 1024, func(n *Node) { n.Capacity.DiskMiB = 10 })},
 			req:   Request{Resources: Resources{VCPUs: 8, MemoryMiB: 2048, DiskMiB: 20}},

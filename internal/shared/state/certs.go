@@ -214,7 +214,11 @@ func (f *fsm) removeNode(c removeNodeCmd) any {
 				continue
 			}
 			next := sb.clone()
-			if sb.Status == StatusPending {
+			if sb.Status == StatusPending && sb.Saved != nil {
+				// A resume that had not begun: its saved state went with the node.
+				next.Status, next.Reason, next.Saved, next.FinishedAt = StatusLost, "node "+c.ID+" was removed with the sandbox's saved state", nil, utc(c.Time)
+				next.addEvent(Event{Time: utc(c.Time), Status: StatusLost, Reason: next.Reason})
+			} else if sb.Status == StatusPending {
 				next.Node = "" // placed but not started: placed again
 				next.Reason = boundReason("node " + c.ID + " was removed before the sandbox started")
 			} else if err := next.apply(Update{Status: ptrTo(StatusLost), Reason: "node " + c.ID + " was removed from the cluster", Time: c.Time}); err != nil {

@@ -3,6 +3,7 @@ package state
 import (
 	"encoding/json"
 	"fmt"
+	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 )
@@ -36,6 +37,9 @@ const (
 	// cmdIssueEdgeCert records an ingress certificate and the token that got it, so that
 	// revoking the token revokes the certificate. Not ignorable, for the same reason.
 	cmdIssueEdgeCert cmdType = 14
+	// cmdResume makes a paused sandbox pending again on the node holding its saved state,
+	// if that node has room for it now. Not ignorable: it changes a sandbox.
+	cmdResume cmdType = 15
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -74,6 +78,8 @@ func (t cmdType) String() string {
 		return "issue-edge-cert"
 	case cmdSetPool:
 		return "set-pool"
+	case cmdResume:
+		return "resume-sandbox"
 	}
 	return fmt.Sprintf("type-%d", byte(t))
 }
@@ -97,6 +103,12 @@ type createSandboxCmd struct {
 type updateSandboxCmd struct {
 	ID     string `json:"id"`
 	Update Update `json:"update"`
+}
+
+type resumeSandboxCmd struct {
+	ID        string           `json:"id"`
+	Scheduler scheduler.Config `json:"scheduler,omitzero"`
+	Time      time.Time        `json:"time"`
 }
 
 type deleteSandboxCmd struct {

@@ -109,6 +109,12 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return err
 		}
 		return f.updateSandbox(c.ID, c.Update)
+	case cmdResume:
+		var c resumeSandboxCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.resumeSandbox(c)
 	case cmdDeleteSandbox:
 		var c deleteSandboxCmd
 		if err := decodeBody(t, body, &c); err != nil {

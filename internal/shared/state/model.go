@@ -24,7 +24,10 @@ const (
 	StatusPending  Status = "pending"
 	StatusStarting Status = "starting"
 	StatusRunning  Status = "running"
-	StatusExited   Status = "exited"
+	// StatusPaused: the node saved the whole VM (memory, devices, scratch disk) and ended
+	// it; the sandbox holds no CPU or RAM until a resume (see Sandbox.Saved).
+	StatusPaused Status = "paused"
+	StatusExited Status = "exited"
 	StatusFailed   Status = "failed"
 	StatusLost     Status = "lost"
 )
@@ -36,18 +39,20 @@ func (s Status) Terminal() bool {
 
 func (s Status) valid() bool {
 	switch s {
-	case StatusPending, StatusStarting, StatusRunning, StatusExited, StatusFailed, StatusLost:
+	case StatusPending, StatusStarting, StatusRunning, StatusPaused, StatusExited, StatusFailed, StatusLost:
 		return true
 	}
 	return false
 }
 
 // transitions lists the allowed moves between different states. Terminal states have no
-// entry: they are final.
+// entry: they are final. A paused sandbox becomes pending again only by a resume (the
+// resume command, which checks its node's capacity), never by an update.
 var transitions = map[Status][]Status{
 	StatusPending:  {StatusStarting, StatusFailed, StatusExited},
 	StatusStarting: {StatusRunning, StatusFailed, StatusLost, StatusExited},
-	StatusRunning:  {StatusExited, StatusFailed, StatusLost},
+	StatusRunning:  {StatusPaused, StatusExited, StatusFailed, StatusLost},
+	StatusPaused:   {StatusExited, StatusFailed, StatusLost},
 }
 
 var (
@@ -63,6 +68,8 @@ var (
 	ErrInvalidTransition = errors.New("invalid status transition")
 	// ErrInvalid: a command is malformed (missing ID, zero time, unknown status...).
 	ErrInvalid = errors.New("invalid")
+	// ErrNoRoom: the node that must take a sandbox (a resume's) has no room for it now.
+	ErrNoRoom = errors.New("no room")
 	// ErrStaleReport: an update meant for an earlier run of a sandbox.
 	ErrStaleReport = errors.New("stale report")
 	// ErrUnknownCommand: a log entry has a command type this FSM does not know and that
@@ -262,6 +269,22 @@ type Sandbox struct {
 	// AccessToken opens the sandbox's private ports through the ingress (header
 	// Fireworks-Access-Token). Made at creation; shown only to its owner and admins.
 	AccessToken string `json:"access_token,omitempty"`
+	// PauseRequestedAt is set when a user asked for the running sandbox to be paused: its
+	// node saves it and reports it paused. A resume clears it.
+	PauseRequestedAt time.Time `json:"pause_requested_at,omitzero"`
+	// Resumes counts the resumes: each is a new run of the sandbox on its node (reports
+	// from the run before the pause must not land on it).
+	Resumes int `json:"resumes,omitempty"`
+	// Saved is where the sandbox's saved state is while it is paused or resuming; nil
+	// otherwise.
+	Saved *Saved `json:"saved,omitempty"`
+}
+
+// Saved describes a paused sandbox's saved state: on which node, how large, when taken.
+type Saved struct {
+	Node  string    `json:"node"`
+	Bytes int64     `json:"bytes"`
+	At    time.Time `json:"at"`
 }
 
 // Update is a partial change to a sandbox. Nil pointers leave fields alone.
@@ -285,11 +308,16 @@ type Update struct {
 	Restart bool `json:"restart,omitempty"`
 	// StopGrace, when set, records a user's stop request (at Time) with this grace.
 	StopGrace *time.Duration `json:"stop_grace,omitempty"`
-	// IfNode and IfRestarts, when set, make the update apply only to that run of the
-	// sandbox (on that node, after that many restarts): a late report from an earlier run
-	// must not land on a new one.
+	// IfNode, IfRestarts and IfResumes, when set, make the update apply only to that run
+	// of the sandbox (on that node, after that many restarts and resumes): a late report
+	// from an earlier run must not land on a new one.
 	IfNode     *string `json:"if_node,omitempty"`
 	IfRestarts *int    `json:"if_restarts,omitempty"`
+	IfResumes  *int    `json:"if_resumes,omitempty"`
+	// RequestPause records a user's pause request (at Time) on a running sandbox.
+	RequestPause bool `json:"request_pause,omitempty"`
+	// Saved, with Status paused, is the node's record of the state it saved.
+	Saved *Saved `json:"saved,omitempty"`
 	// Policy, when set, replaces the sandbox's network policy (Spec.Policy, and
 	// Spec.PolicyAdmin from PolicyAdmin).
 	Policy      *string `json:"policy,omitempty"`
@@ -331,6 +359,10 @@ func (sb *Sandbox) clone() *Sandbox {
 	c.Runtime = maps.Clone(sb.Runtime)
 	c.Spec.Constraints = slices.Clone(sb.Spec.Constraints)
 	c.Spec.Ports = slices.Clone(sb.Spec.Ports)
+	if sb.Saved != nil {
+		saved := *sb.Saved
+		c.Saved = &saved
+	}
 	return &c
 }
 
@@ -341,6 +373,10 @@ func (sb *Sandbox) normalize() {
 	sb.StartedAt = utc(sb.StartedAt)
 	sb.FinishedAt = utc(sb.FinishedAt)
 	sb.StopRequestedAt = utc(sb.StopRequestedAt)
+	sb.PauseRequestedAt = utc(sb.PauseRequestedAt)
+	if sb.Saved != nil {
+		sb.Saved.At = utc(sb.Saved.At)
+	}
 	for i := range sb.Events {
 		sb.Events[i].Time = utc(sb.Events[i].Time)
 	}
@@ -404,7 +440,8 @@ func (sb *Sandbox) apply(u Update) error {
 		return fmt.Errorf("%w: update has no time", ErrInvalid)
 	}
 	t := utc(u.Time)
-	if (u.IfNode != nil && *u.IfNode != sb.Node) || (u.IfRestarts != nil && *u.IfRestarts != sb.Restarts) {
+	if (u.IfNode != nil && *u.IfNode != sb.Node) || (u.IfRestarts != nil && *u.IfRestarts != sb.Restarts) ||
+		(u.IfResumes != nil && *u.IfResumes != sb.Resumes) {
 		return fmt.Errorf("%w: report for an earlier run of the sandbox", ErrStaleReport)
 	}
 	if u.Restart {
@@ -432,6 +469,29 @@ func (sb *Sandbox) apply(u Update) error {
 	if u.StopGrace != nil && sb.StopRequestedAt.IsZero() {
 		sb.StopRequestedAt, sb.StopGrace = t, *u.StopGrace
 	}
+	if u.RequestPause && sb.PauseRequestedAt.IsZero() {
+		switch {
+		case sb.Status == StatusPaused:
+			// Paused already: nothing to do.
+		case sb.Status != StatusRunning:
+			return fmt.Errorf("%w: sandbox is %s; only a running sandbox can be paused", ErrInvalidTransition, sb.Status)
+		case !sb.StopRequestedAt.IsZero():
+			return fmt.Errorf("%w: sandbox is stopping", ErrInvalidTransition)
+		default:
+			sb.PauseRequestedAt = t
+		}
+	}
+	if u.Saved != nil {
+		if u.Status == nil || *u.Status != StatusPaused {
+			return fmt.Errorf("%w: saved state comes with status %s", ErrInvalid, StatusPaused)
+		}
+		if sb.PauseRequestedAt.IsZero() {
+			return fmt.Errorf("%w: nobody asked for a pause", ErrInvalidTransition)
+		}
+		saved := *u.Saved
+		saved.At = utc(saved.At)
+		sb.Saved = &saved
+	}
 	if u.Status != nil {
 		to := *u.Status
 		if err := checkTransition(sb.Status, to); err != nil {
@@ -441,8 +501,12 @@ func (sb *Sandbox) apply(u Update) error {
 			sb.Status = to
 			sb.Reason = boundReason(u.Reason)
 			sb.addEvent(Event{Time: t, Status: to, Reason: u.Reason})
-			if to == StatusRunning {
+			if to == StatusRunning && sb.Saved == nil {
 				sb.StartedAt = t
+			}
+			if to == StatusRunning || to.Terminal() {
+				// Resumed (the node lets its saved state go), or over.
+				sb.Saved = nil
 			}
 			if to.Terminal() {
 				sb.FinishedAt = t

@@ -63,6 +63,11 @@ func SchedulerSnapshot(nodes []*Node, sbs []*Sandbox) *scheduler.Snapshot {
 			continue
 		}
 		r := sb.Spec.Reserved()
+		if sb.Status == StatusPaused {
+			// A paused sandbox holds no CPU or RAM on its node, only the disk its saved
+			// state takes (at most its RAM beside its scratch disk).
+			r = Resources{DiskMiB: r.DiskMiB + r.MemoryMiB}
+		}
 		snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: sb.ID, NodeID: sb.Node,
 			Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}})
 	}
@@ -91,6 +96,45 @@ func SchedulerRequest(sb Sandbox) (scheduler.Request, error) {
 		req.Constraints = append(req.Constraints, pc)
 	}
 	return req, nil
+}
+
+// resumeSandbox makes a paused sandbox pending again on its node (which holds its saved
+// state), if the node has room for it beside what is there now; the node then resumes it.
+func (f *fsm) resumeSandbox(c resumeSandboxCmd) any {
+	if c.Time.IsZero() {
+		return fmt.Errorf("%w: resume without time", ErrInvalid)
+	}
+	cur, ok := f.sandboxes[c.ID]
+	switch {
+	case !ok:
+		return ErrNotFound
+	case cur.Status != StatusPaused:
+		return fmt.Errorf("%w: sandbox is %s, not paused", ErrInvalidTransition, cur.Status)
+	case !cur.StopRequestedAt.IsZero():
+		return fmt.Errorf("%w: sandbox was stopped", ErrInvalidTransition)
+	case cur.Saved == nil || cur.Saved.Node != cur.Node:
+		return fmt.Errorf("%w: sandbox has no saved state on its node", ErrInvalid)
+	}
+	snap := f.schedulerSnapshot()
+	// Without its own entry: paused, it counts only its saved state's disk, which the
+	// resume keeps using.
+	snap.Allocations = slices.DeleteFunc(snap.Allocations, func(a scheduler.Allocation) bool { return a.SandboxID == c.ID })
+	req, err := SchedulerRequest(*cur)
+	if err != nil {
+		return err
+	}
+	req.Node = cur.Node
+	if err := scheduler.Check(snap, c.Scheduler, cur.Node, req); err != nil {
+		return fmt.Errorf("%w: resume on node %s, which holds its saved state: %v", ErrNoRoom, cur.Node, err)
+	}
+	next := cur.clone()
+	t := utc(c.Time)
+	next.Status, next.Reason = StatusPending, "resuming on node "+cur.Node
+	next.addEvent(Event{Time: t, Status: StatusPending, Reason: next.Reason})
+	next.PauseRequestedAt = time.Time{}
+	next.Resumes++
+	f.sandboxes[c.ID] = next
+	return *next.clone()
 }
 
 // placeSandboxes applies plans that still fit the current state, in order (each counts

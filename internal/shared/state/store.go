@@ -505,3 +505,18 @@ func (s *Store) GetMeta(ctx context.Context, key string) ([]byte, error) {
 	}
 	return s.fsm.getMeta(key)
 }
+
+// ResumeSandbox makes the paused sandbox with the full ID id pending again on its node,
+// which then resumes it from its saved state; ErrNoRoom if the node lacks room for it now
+// (checked with cfg, as placements are). It returns the sandbox as it is then.
+func (s *Store) ResumeSandbox(ctx context.Context, id string, cfg scheduler.Config, now time.Time) (Sandbox, error) {
+	resp, err := s.apply(ctx, cmdResume, resumeSandboxCmd{ID: id, Scheduler: cfg, Time: now})
+	if err != nil {
+		return Sandbox{}, fmt.Errorf("resume sandbox %s: %w", id, err)
+	}
+	sb, ok := resp.(Sandbox)
+	if !ok {
+		return Sandbox{}, fmt.Errorf("resume sandbox %s: state machine answered %T", id, resp)
+	}
+	return sb, nil
+}

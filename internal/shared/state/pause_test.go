@@ -1,0 +1,105 @@
+package state
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
+)
+
+// Pause and resume in the state machine: only a running sandbox may be asked to pause;
+// the node's report of its saved state makes it paused, holding no CPU or RAM on its node;
+// a resume makes it pending on the same node, as a new run, only if that node has room;
+// reports from the run before the pause are refused after it; running again lets the
+// saved state go; a paused sandbox can be stopped.
+func TestPauseResume(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, Options{Dir: t.TempDir()})
+	if _, err := s.RegisterNode(ctx, Node{ID: "n1", Address: "a:1", Capacity: Resources{VCPUs: 1, MemoryMiB: 1024, DiskMiB: 10000}, UpdatedAt: t0}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := scheduler.Config{CPUOvercommit: 1, MemoryOvercommit: 1}
+	at := func(s int) time.Time { return t0.Add(time.Duration(s) * time.Second) }
+	st := func(s Status) *Status { return &s }
+	mk := func(id string, mem int, when time.Time) {
+		t.Helper()
+		sb := newSandbox(id, "", when)
+		sb.Spec.MemoryMiB = mem
+		if err := s.CreateSandbox(ctx, sb); err != nil {
+			t.Fatal(err)
+		}
+		if res, err := s.PlaceSandboxes(ctx, []Plan{{id, "n1"}}, cfg, when); err != nil || res[0].Err != "" {
+			t.Fatalf("place %s: %+v %v", id, res, err)
+		}
+	}
+	const a = "aaaa000000000001"
+	mk(a, 600, at(0))
+	if _, err := s.UpdateSandbox(ctx, a, Update{RequestPause: true, Time: at(1)}); !errors.Is(err, ErrInvalidTransition) {
+		t.Errorf("pause of a pending sandbox: %v", err)
+	}
+	node, zero := "n1", 0
+	for _, to := range []Status{StatusStarting, StatusRunning} {
+		if _, err := s.UpdateSandbox(ctx, a, Update{Status: st(to), IfNode: &node, IfRestarts: &zero, IfResumes: &zero, Time: at(2)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A node cannot declare a pause nobody asked for.
+	saved := &Saved{Node: "n1", Bytes: 300 << 20, At: at(3)}
+	if _, err := s.UpdateSandbox(ctx, a, Update{Status: st(StatusPaused), Saved: saved, Time: at(3)}); !errors.Is(err, ErrInvalidTransition) {
+		t.Errorf("unrequested pause: %v", err)
+	}
+	if _, err := s.UpdateSandbox(ctx, a, Update{RequestPause: true, Time: at(4)}); err != nil {
+		t.Fatal(err)
+	}
+	sb, err := s.UpdateSandbox(ctx, a, Update{Status: st(StatusPaused), Saved: saved, IfNode: &node, IfResumes: &zero, Time: at(5)})
+	if err != nil || sb.Status != StatusPaused || sb.Saved == nil || sb.Saved.Bytes != 300<<20 || sb.Node != "n1" {
+		t.Fatalf("paused: %+v %v", sb, err)
+	}
+	// Paused, it holds no memory: another sandbox fits where it was...
+	const b = "aaaa000000000002"
+	mk(b, 600, at(6))
+	// ...and so the resume finds no room, says so, and changes nothing.
+	if _, err := s.ResumeSandbox(ctx, a, cfg, at(7)); !errors.Is(err, ErrNoRoom) {
+		t.Fatalf("resume on a full node: %v", err)
+	}
+	if sb, _ := s.GetSandbox(ctx, a); sb.Status != StatusPaused || sb.Resumes != 0 {
+		t.Fatalf("a refused resume changed it: %s, %d resumes", sb.Status, sb.Resumes)
+	}
+	if _, err := s.UpdateSandbox(ctx, b, Update{Status: st(StatusFailed), Reason: "gone", Time: at(8)}); err != nil {
+		t.Fatal(err)
+	}
+	sb, err = s.ResumeSandbox(ctx, a, cfg, at(9))
+	if err != nil || sb.Status != StatusPending || sb.Node != "n1" || sb.Resumes != 1 || sb.Saved == nil || !sb.PauseRequestedAt.IsZero() {
+		t.Fatalf("resume: %+v %v", sb, err)
+	}
+	// A late report of the run before the pause lands nowhere.
+	if _, err := s.UpdateSandbox(ctx, a, Update{Status: st(StatusExited), IfNode: &node, IfResumes: &zero, Time: at(10)}); !errors.Is(err, ErrStaleReport) {
+		t.Errorf("report of the paused run after the resume: %v", err)
+	}
+	one := 1
+	for _, to := range []Status{StatusStarting, StatusRunning} {
+		if sb, err = s.UpdateSandbox(ctx, a, Update{Status: st(to), IfNode: &node, IfResumes: &one, Time: at(11)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if sb.Saved != nil || !sb.StartedAt.Equal(at(2).UTC()) {
+		t.Errorf("resumed: saved %+v, started at %s (want the first start, %s)", sb.Saved, sb.StartedAt, at(2).UTC())
+	}
+	// Paused again, then stopped: over, its saved state let go.
+	if _, err := s.UpdateSandbox(ctx, a, Update{RequestPause: true, Time: at(12)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.UpdateSandbox(ctx, a, Update{Status: st(StatusPaused), Saved: saved, IfResumes: &one, Time: at(13)}); err != nil {
+		t.Fatal(err)
+	}
+	code := 143
+	sb, err = s.UpdateSandbox(ctx, a, Update{Status: st(StatusExited), ExitCode: &code, Time: at(14)})
+	if err != nil || sb.Saved != nil || sb.Status != StatusExited {
+		t.Fatalf("stop while paused: %+v %v", sb, err)
+	}
+	if _, err := s.ResumeSandbox(ctx, a, cfg, at(15)); !errors.Is(err, ErrInvalidTransition) {
+		t.Errorf("resume of an exited sandbox: %v", err)
+	}
+}
