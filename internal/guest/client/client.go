@@ -602,6 +602,13 @@ func (c *Client) IdentityAndExec(ctx context.Context, id proto.Identity, req pro
 	return sess, execErr
 }
 
+// Detach asks the guest to hold this connection's sessions for a reattach (output kept,
+// stdin open): the host is about to save the VM and go away. After it, nothing more comes
+// from the guest on this connection; the caller closes it.
+func (c *Client) Detach(ctx context.Context) error {
+	return c.request(ctx, proto.Request{Op: proto.OpDetach})
+}
+
 // KillAll ends every process in the guest but init.
 func (c *Client) KillAll(ctx context.Context) error {
 	return c.request(ctx, proto.Request{Op: proto.OpKillAll})

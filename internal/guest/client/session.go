@@ -104,8 +104,9 @@ func newSession(c *Client, tty, stdin bool) *Session {
 // the host process restarted. The Session behaves like one from Exec: it
 // delivers the output the guest held back while no host was connected,
 // then further output, then the exit status (even if the process exited
-// while detached). Its stdin is closed: the guest closed it when the
-// earlier connection went away.
+// while detached). Its stdin is closed (the guest closed it when the
+// earlier connection went away), unless that connection detached with Detach:
+// then it is open and writable as before.
 //
 // The guest keeps a detached session for a grace period (2 minutes by
 // default); after it, for an id it does not know, or for a session
@@ -184,6 +185,9 @@ func (s *Session) applyReattach(resp proto.Response) error {
 	s.mu.Lock()
 	s.pid = resp.Reattached.Pid
 	s.tty = resp.Reattached.TTY
+	if r := resp.Reattached; r.Stdin {
+		s.stdin, s.stdinCredit = true, min(max(r.StdinWindow, 0), proto.InitialWindow)
+	}
 	s.mu.Unlock()
 	return nil
 }
@@ -356,10 +360,13 @@ type stdinWriter struct{ s *Session }
 
 func (w stdinWriter) Write(p []byte) (int, error) {
 	s := w.s
-	if s.reattached {
+	s.mu.Lock()
+	open := s.stdin
+	s.mu.Unlock()
+	if s.reattached && !open {
 		return 0, errors.New("stdin: closed when the session's earlier connection went away")
 	}
-	if !s.stdin {
+	if !open {
 		return 0, errors.New("stdin: session was started without stdin")
 	}
 	written := 0
@@ -398,10 +405,11 @@ func (w stdinWriter) Write(p []byte) (int, error) {
 
 func (w stdinWriter) Close() error {
 	s := w.s
-	if s.reattached {
+	s.mu.Lock()
+	if s.reattached && !s.stdin {
+		s.mu.Unlock()
 		return nil // the guest closed it already
 	}
-	s.mu.Lock()
 	if s.stdinClosed {
 		s.mu.Unlock()
 		return nil

@@ -280,3 +280,53 @@ func TestReattachGraceExpires(t *testing.T) {
 		t.Fatalf("after expiry: %+v", r)
 	}
 }
+
+// Detach (the host saves the VM and goes away): the session keeps running with its
+// output held from the moment the guest answers, its stdin still open; a later connection
+// reattaches and gets every line, none twice, and can still write to its stdin.
+func TestDetachHoldsOutputForTheNextHost(t *testing.T) {
+	g := newGuest(t, initd.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	c1, served := g.connectServe(t)
+	// Counts forever until its stdin says stop; the count goes on while no host reads.
+	s, err := c1.Exec(ctx, proto.ExecRequest{Argv: []string{"sh", "-c", "exec 3<&0; i=0; (read x <&3; echo \"$x\" > stop) & while [ ! -e stop ]; do i=$((i+1)); echo $i; sleep 0.001; done; echo stopped; exit 3"},
+		Dir: t.TempDir(), Stdin: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var before bytes.Buffer
+	readDone := make(chan struct{})
+	go func() { defer close(readDone); _, _ = io.Copy(&before, s.Stdout()) }()
+	waitFor(t, "some output", func() bool { return strings.Count(before.String(), "\n") > 0 })
+	if err := c1.Detach(ctx); err != nil {
+		t.Fatalf("Detach: %v", err)
+	}
+	c1.Close()
+	<-served
+	<-readDone
+	time.Sleep(50 * time.Millisecond) // let it count while nobody listens (liveness only)
+
+	c2 := g.connect(t)
+	s2, err := c2.Reattach(ctx, s.ID())
+	if err != nil {
+		t.Fatalf("reattach after Detach: %v", err)
+	}
+	if _, err := s2.Stdin().Write([]byte("now\n")); err != nil {
+		t.Fatalf("stdin after reattach (it must have stayed open): %v", err)
+	}
+	r := collect(t, ctx, s2)
+	if r.status.Code != 3 {
+		t.Fatalf("exit: %+v", r.status)
+	}
+	all := before.String() + r.stdout
+	lines := strings.Split(strings.TrimSuffix(all, "\n"), "\n")
+	if lines[len(lines)-1] != "stopped" {
+		t.Fatalf("last line %q", lines[len(lines)-1])
+	}
+	for i, l := range lines[:len(lines)-1] {
+		if l != fmt.Sprint(i+1) {
+			t.Fatalf("line %d is %q: output lost or repeated across the detach", i+1, l)
+		}
+	}
+}

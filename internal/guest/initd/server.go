@@ -349,6 +349,16 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 	switch req.Op {
 	case proto.OpPing:
 		return reply(nil)
+	case proto.OpDetach:
+		// Taken off the connection too, so that its end (if the guest sees one) does
+		// not close their stdin as a host that is gone for good would.
+		s.mu.Lock()
+		for id, sess := range c.sessions {
+			sess.detach(c)
+			delete(c.sessions, id)
+		}
+		s.mu.Unlock()
+		return reply(nil)
 	case proto.OpSetup:
 		if req.Setup == nil {
 			return reply(errors.New("setup request without setup"))
@@ -438,7 +448,15 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		}
 		// The reply goes out before the session is bound, so that it
 		// precedes the session's frames on c.
-		err = c.sendJSON(proto.TypeResponse, id, proto.Response{Reattached: &proto.Reattached{Pid: sess.pid, TTY: sess.tty}})
+		r := &proto.Reattached{Pid: sess.pid, TTY: sess.tty}
+		sess.inMu.Lock()
+		if sess.hasStdin && !sess.inEOF {
+			// Detached by OpDetach, not by a lost connection: its stdin is open, with
+			// what is still queued counted against the new host's window.
+			r.Stdin, r.StdinWindow = true, max(proto.InitialWindow-sess.inQueued, 0)
+		}
+		sess.inMu.Unlock()
+		err = c.sendJSON(proto.TypeResponse, id, proto.Response{Reattached: r})
 		s.bind(sess, c, err == nil)
 		if err == nil {
 			s.log.Info("session reattached", "session", sess.id, "pid", sess.pid)

@@ -37,7 +37,8 @@ type session struct {
 	srv *Server
 	id  uint32
 	pid int
-	tty bool
+	tty      bool
+	hasStdin bool // started with stdin: the host may write to it
 
 	master *os.File // TTY: both directions
 	stdinW *os.File // pipe to the process's stdin (no TTY, Stdin set)
@@ -171,7 +172,7 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 		return setupErr("cannot run as %d:%d: init is not root", u.UID, u.GID)
 	}
 
-	sess := &session{srv: s, c: c, id: id, tty: req.TTY, exited: make(chan struct{}), inCh: make(chan struct{}, 1), changed: make(chan struct{})}
+	sess := &session{srv: s, c: c, id: id, tty: req.TTY, hasStdin: req.Stdin, exited: make(chan struct{}), inCh: make(chan struct{}, 1), changed: make(chan struct{})}
 	sess.credit = [2]int{proto.InitialWindow, proto.InitialWindow}
 	sess.creditCh = [2]chan struct{}{make(chan struct{}, 1), make(chan struct{}, 1)}
 

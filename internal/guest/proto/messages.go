@@ -54,6 +54,11 @@ const (
 	// are gone: a VM prepared ahead of time keeps nothing running from its
 	// preparation.
 	OpKillAll = "kill_all"
+	// OpDetach: the host goes away for a while (the VM is about to be saved whole, to be
+	// resumed later): the connection's sessions wait for a reattach with their output
+	// held and their stdin left open, and the host gets the answer only once they do,
+	// so no output is sent into a connection nobody reads any more.
+	OpDetach = "detach"
 )
 
 // Request is a control request (host to guest). Exactly the field that
@@ -93,6 +98,11 @@ type Reattach struct {
 type Reattached struct {
 	Pid int  `json:"pid"`
 	TTY bool `json:"tty,omitempty"`
+	// Stdin says the session's stdin is still open (its host detached with OpDetach
+	// rather than going away): the new host may write StdinWindow bytes before the
+	// guest grants more.
+	Stdin       bool `json:"stdin,omitempty"`
+	StdinWindow int  `json:"stdin_window,omitempty"`
 }
 
 // Setup turns the booted initramfs into the sandbox: it mounts the image
