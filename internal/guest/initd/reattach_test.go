@@ -295,7 +295,7 @@ func TestDetachHoldsOutputForTheNextHost(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var before bytes.Buffer
+	var before testutil.Buffer // read while the copy writes
 	readDone := make(chan struct{})
 	go func() { defer close(readDone); _, _ = io.Copy(&before, s.Stdout()) }()
 	waitFor(t, "some output", func() bool { return strings.Count(before.String(), "\n") > 0 })
