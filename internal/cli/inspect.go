@@ -63,6 +63,12 @@ func writeSandboxText(w io.Writer, sb *pb.Sandbox) {
 		status += ": " + r
 	}
 	row("Status", status)
+	if sv := sb.GetSaved(); sv != nil {
+		row("Saved state", fmt.Sprintf("%.1f MiB on node %s, taken %s", float64(sv.GetBytes())/(1<<20), sv.GetNode(), tsText(sv.GetAt())))
+	}
+	if n := sb.GetResumes(); n > 0 {
+		row("Resumes", fmt.Sprint(n))
+	}
 	row("Started", startSummary(sb.GetDetails()))
 	row("Boot", sb.GetSpec().GetBoot())
 	node := sb.GetNode()

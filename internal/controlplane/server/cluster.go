@@ -306,7 +306,15 @@ func (h *nodeService) ReportSandbox(ctx context.Context, req *connect.Request[pb
 	// run the report is for, so a report racing a re-placement is refused.
 	clean := state.Update{Status: u.Status, Reason: u.Reason, ExitCode: u.ExitCode, Signal: u.Signal,
 		ImageDigest: u.ImageDigest, Accel: u.Accel, Runtime: u.Runtime, Time: h.s.now(),
-		IfNode: &node, IfRestarts: u.IfRestarts}
+		IfNode: &node, IfRestarts: u.IfRestarts, IfResumes: u.IfResumes, CancelPause: u.CancelPause}
+	if u.Saved != nil {
+		// Where the state is, the node's word on its size; only the node itself.
+		saved := state.Saved{Node: node, Bytes: max(u.Saved.Bytes, 0), At: h.s.now()}
+		clean.Saved = &saved
+	}
+	if len(clean.CancelPause) > 1024 {
+		clean.CancelPause = clean.CancelPause[:1024]
+	}
 	if clean.Status != nil && *clean.Status == state.StatusPending {
 		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("a node cannot make a sandbox pending"))
 	}

@@ -17,11 +17,16 @@ import (
 // waitStarted waits until the sandbox has left pending (its node has it live, or it is
 // already over), so a data-plane call to the node finds it.
 func (s *Server) waitStarted(ctx context.Context, id string) (state.Sandbox, error) {
-	return s.waitFor(ctx, id, func(sb state.Sandbox) bool { return sb.Status != state.StatusPending })
+	return s.waitFor(ctx, id, true, func(sb state.Sandbox) bool { return sb.Status != state.StatusPending })
 }
 
-func (s *Server) waitFor(ctx context.Context, id string, done func(state.Sandbox) bool) (state.Sandbox, error) {
-	held := false
+// waitFor returns the sandbox once done holds for it. A counted wait is one of the calls a
+// user token may hold waiting at once (Limits.WaitsPerOwner: waits for a sandbox to be
+// placed, start, pause or resume); the waits that end a user's own sandbox (a stop, an
+// attach collecting the exit) are not, so that the limit never keeps a user from
+// cleaning up.
+func (s *Server) waitFor(ctx context.Context, id string, counted bool, done func(state.Sandbox) bool) (state.Sandbox, error) {
+	held := !counted
 	for {
 		changed := s.store.Changed()
 		sb, err := s.store.GetSandbox(ctx, id)
@@ -102,7 +107,7 @@ func (s *Server) attachOnNode(ctx context.Context, sb state.Sandbox, stream *con
 			return err
 		}
 	}
-	final, err := s.waitFor(ctx, sb.ID, func(sb state.Sandbox) bool { return sb.Status.Terminal() })
+	final, err := s.waitFor(ctx, sb.ID, false, func(sb state.Sandbox) bool { return sb.Status.Terminal() })
 	if err != nil {
 		return toConnectError(err)
 	}

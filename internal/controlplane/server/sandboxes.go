@@ -295,7 +295,73 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 	for _, e := range sb.Events {
 		out.Events = append(out.Events, &pb.Event{Time: ts(e.Time), Status: string(e.Status), Reason: e.Reason})
 	}
+	if sv := sb.Saved; sv != nil {
+		out.Saved = &pb.SavedState{Node: sv.Node, Bytes: sv.Bytes, At: ts(sv.At)}
+	}
+	out.Resumes = int32(sb.Resumes)
 	return out
+}
+
+// pauseWait bounds how long Pause and Resume wait for the node to save or restore.
+const pauseWait = 5 * time.Minute
+
+func (h *sandboxService) PauseSandbox(ctx context.Context, req *connect.Request[pb.PauseSandboxRequest]) (*connect.Response[pb.PauseSandboxResponse], error) {
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if sb.Status != state.StatusPaused {
+		if sb, err = h.s.store.UpdateSandbox(ctx, sb.ID, state.Update{RequestPause: true, Time: h.s.now()}); err != nil {
+			return nil, toConnectError(fmt.Errorf("pause sandbox %s: %w", sb.ID, err))
+		}
+		wctx, cancel := context.WithTimeout(ctx, pauseWait)
+		defer cancel()
+		// Done when paused, over (the save failed), or running without a request (the
+		// node refused: it says why).
+		sb, err = h.s.waitFor(wctx, sb.ID, true, func(sb state.Sandbox) bool {
+			return sb.Status != state.StatusRunning || sb.PauseRequestedAt.IsZero()
+		})
+		if err != nil {
+			return nil, toConnectError(fmt.Errorf("pause sandbox %s: %w", sb.ID, err))
+		}
+		switch {
+		case sb.Status == state.StatusRunning:
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("pause sandbox %s: its node refused: %s", sb.ID, sb.Runtime["pause_refused"]))
+		case sb.Status != state.StatusPaused:
+			return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("pause sandbox %s: it is %s: %s", sb.ID, sb.Status, sb.Reason))
+		}
+	}
+	return connect.NewResponse(&pb.PauseSandboxResponse{Sandbox: sandboxToPB(sb)}), nil
+}
+
+func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request[pb.ResumeSandboxRequest]) (*connect.Response[pb.ResumeSandboxResponse], error) {
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if sb.Status == state.StatusPaused {
+		var sched scheduler.Config
+		if cp := h.s.cluster.ControlPlane; cp != nil {
+			sched = cp.Scheduling()
+		}
+		if sb, err = h.s.store.ResumeSandbox(ctx, sb.ID, sched, h.s.now()); err != nil {
+			return nil, toConnectError(fmt.Errorf("resume sandbox %s: %w", sb.ID, err))
+		}
+	}
+	if sb.Status == state.StatusPending || sb.Status == state.StatusStarting {
+		wctx, cancel := context.WithTimeout(ctx, pauseWait)
+		defer cancel()
+		sb, err = h.s.waitFor(wctx, sb.ID, true, func(sb state.Sandbox) bool {
+			return sb.Status != state.StatusPending && sb.Status != state.StatusStarting
+		})
+		if err != nil {
+			return nil, toConnectError(fmt.Errorf("resume sandbox %s: %w", sb.ID, err))
+		}
+	}
+	if sb.Status != state.StatusRunning {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("resume sandbox %s: it is %s: %s", sb.ID, sb.Status, sb.Reason))
+	}
+	return connect.NewResponse(&pb.ResumeSandboxResponse{Sandbox: sandboxToPB(sb)}), nil
 }
 
 func ts(t time.Time) *timestamppb.Timestamp {
@@ -339,12 +405,21 @@ func (s *Server) stop(ctx context.Context, sb state.Sandbox, grace time.Duration
 	if sb.Status == state.StatusPending && sb.Node == "" {
 		return s.recordStoppedBeforeStart(ctx, sb.ID)
 	}
+	if sb.Status == state.StatusPaused {
+		// Nothing runs: it is over now (its node lets the saved state go).
+		st, code := state.StatusExited, 128+15
+		_, err := s.store.UpdateSandbox(ctx, sb.ID, state.Update{Status: &st, Reason: "stopped by request while paused", ExitCode: &code, Time: s.now()})
+		if errors.Is(err, state.ErrInvalidTransition) {
+			return nil // it moved on meanwhile (a resume): the node handles the request
+		}
+		return err
+	}
 	if cp := s.cluster.ControlPlane; cp != nil {
 		cp.Notify()
 	}
 	wctx, cancel := context.WithTimeout(ctx, grace+30*time.Second)
 	defer cancel()
-	_, err := s.waitFor(wctx, sb.ID, func(sb state.Sandbox) bool { return sb.Status.Terminal() })
+	_, err := s.waitFor(wctx, sb.ID, false, func(sb state.Sandbox) bool { return sb.Status.Terminal() })
 	if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
 		return fmt.Errorf("node %s has not confirmed the stop yet; it stops the sandbox when it reconnects", sb.Node)
 	}
@@ -360,7 +435,7 @@ const startWait = 2 * time.Minute
 func (s *Server) waitRunning(ctx context.Context, sb state.Sandbox) (state.Sandbox, error) {
 	if sb.Status == state.StatusPending || sb.Status == state.StatusStarting {
 		wctx, cancel := context.WithTimeout(ctx, startWait)
-		got, err := s.waitFor(wctx, sb.ID, func(sb state.Sandbox) bool {
+		got, err := s.waitFor(wctx, sb.ID, true, func(sb state.Sandbox) bool {
 			return sb.Status != state.StatusPending && sb.Status != state.StatusStarting
 		})
 		cancel()

@@ -134,6 +134,8 @@ var sentinels = []rpc.Sentinel{
 	{Err: state.ErrQuota, Code: connect.CodeResourceExhausted},
 	{Err: errNotRunning, Code: connect.CodeFailedPrecondition},
 	{Err: state.ErrStaleReport, Code: connect.CodeFailedPrecondition},
+	{Err: state.ErrInvalidTransition, Code: connect.CodeFailedPrecondition},
+	{Err: state.ErrNoRoom, Code: connect.CodeResourceExhausted},
 }
 
 var (

@@ -152,7 +152,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		return err
 	}
 	s := &sandbox{id: sb.ID, dir: dir, log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: rec.Sandbox.Spec,
-		vm: vm, guest: guest, main: main, proc: rec.Proc, restarts: sb.Restarts, node: sb.Node}
+		vm: vm, guest: guest, main: main, proc: rec.Proc, restarts: sb.Restarts, resumes: sb.Resumes, node: sb.Node}
 	close(s.ready)
 	if d := sb.ImageDigest; d != "" {
 		s.started.ImageDigest = &d // the image it runs from stays in the store (see imageInUse)
@@ -162,7 +162,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 	s.ctx, s.cancel = context.WithCancel(a.ctx)
 	a.mu.Lock()
 	a.live[sb.ID] = s
-	a.started[fmt.Sprintf("%s/%d", sb.ID, sb.Restarts)] = true
+	a.started[fmt.Sprintf("%s/%d/%d", sb.ID, sb.Restarts, sb.Resumes)] = true
 	a.mu.Unlock()
 
 	a.goSandbox(s, func() {

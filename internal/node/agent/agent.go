@@ -366,6 +366,11 @@ func (a *Agent) RemoveImage(ctx context.Context, ref string) (RemovedImage, erro
 	if err != nil {
 		return RemovedImage{}, err
 	}
+	if ids := a.pausedOn(img.Digest); len(ids) > 0 {
+		// Its root disk is what they resume on (a running sandbox keeps its open file;
+		// a paused one has none open). As Docker keeps an image a stopped container uses.
+		return RemovedImage{}, fmt.Errorf("%w: image %s is used by paused sandbox(es) %s: resume or remove them first", ErrImageInUse, ref, strings.Join(ids, ", "))
+	}
 	if err := a.images.Remove(ctx, ref); err != nil {
 		return RemovedImage{}, err
 	}
@@ -451,7 +456,26 @@ func (a *Agent) imageBusy(digest string) bool {
 }
 
 // imageRunning says whether a sandbox on this node runs (or starts) from the image.
-func (a *Agent) imageRunning(digest string) bool { return a.imageUsers(digest) > 0 }
+func (a *Agent) imageRunning(digest string) bool {
+	return a.imageUsers(digest) > 0 || len(a.pausedOn(digest)) > 0
+}
+
+// ErrImageInUse refuses to remove an image a paused sandbox needs.
+var ErrImageInUse = errors.New("image in use")
+
+// pausedOn lists the sandboxes paused on this node whose saved state runs on the image
+// with digest.
+func (a *Agent) pausedOn(digest string) []string {
+	entries, _ := os.ReadDir(a.sandboxRoot())
+	var out []string
+	for _, e := range entries {
+		rec, err := readSavedRecord(a.savedDir(e.Name()))
+		if err == nil && rec.ImageDigest == digest {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
 
 // dropTemplates removes the templates of an image the store let go.
 func (a *Agent) dropTemplates(digest string) { a.templates.dropImage(digest) }
@@ -612,6 +636,9 @@ type sandbox struct {
 	proc     process // the main process as resolved; exec inherits from it
 	spec     state.SandboxSpec
 	restarts int    // the run (restart count) this node executes
+	resumes  int    // and its resume count
+	pausing  bool   // a pause is saving it: its end is reported by Pause, not supervise
+	netBase  NetStats // network counters carried over a pause
 	node     string // the node the control plane placed it on ("" in dev before the first report)
 	stopping string // why a stop was requested; "" if none
 	keep     bool   // the VM was detached for the next agent to adopt: cleanups leave it
@@ -639,7 +666,7 @@ func (a *Agent) Start(sb state.Sandbox) error {
 		a.mu.Unlock()
 		return err
 	}
-	s := &sandbox{id: sb.ID, dir: filepath.Join(a.runRoot(), sb.ID), log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: sb.Spec, restarts: sb.Restarts, node: sb.Node}
+	s := &sandbox{id: sb.ID, dir: filepath.Join(a.runRoot(), sb.ID), log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: sb.Spec, restarts: sb.Restarts, resumes: sb.Resumes, node: sb.Node}
 	s.ctx, s.cancel = context.WithCancel(a.ctx)
 	a.live[sb.ID] = s
 	a.mu.Unlock()
@@ -675,8 +702,8 @@ func (a *Agent) update(id string, u state.Update) {
 	// run of the same sandbox (restarted, possibly on this node again).
 	a.mu.Lock()
 	if s := a.live[id]; s != nil {
-		r := s.restarts
-		u.IfRestarts = &r
+		r, res := s.restarts, s.resumes
+		u.IfRestarts, u.IfResumes = &r, &res
 		if s.node != "" {
 			n := s.node
 			u.IfNode = &n
@@ -800,8 +827,12 @@ func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm 
 	}
 	<-reported
 	s.mu.Lock()
-	stopping, stopCode := s.stopping, s.stopCode
+	stopping, stopCode, pausing := s.stopping, s.stopCode, s.pausing
 	s.mu.Unlock()
+	if pausing {
+		// Saved and ended by Pause, which reports it paused (or failed).
+		return
+	}
 	// The guest is untrusted: keep what it reports in the ranges a process can have.
 	code, sig := st.Code, st.Signal
 	if code < -1 || code > 255 {
@@ -1066,6 +1097,10 @@ func (a *Agent) recover(ctx context.Context) error {
 	var mine []state.Sandbox
 	for _, sb := range all {
 		if sb.Status.Terminal() || (sb.Node != "" && sb.Node != a.cfg.Node) {
+			continue
+		}
+		if sb.Status == state.StatusPaused || (sb.Status == state.StatusPending && sb.Saved != nil) {
+			// No VM: its saved state waits on disk for a resume (Reconcile starts one).
 			continue
 		}
 		mine = append(mine, sb)

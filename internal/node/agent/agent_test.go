@@ -29,8 +29,9 @@ type node struct {
 	ag     *agent.Agent
 	store  *state.Store
 	driver *agenttest.Driver
-	nets   *agenttest.Networks
-	image  string
+	nets    *agenttest.Networks
+	image   string
+	dataDir string
 }
 
 func newNode(t *testing.T, pools ...state.Pool) *node {
@@ -79,7 +80,7 @@ func newNode(t *testing.T, pools ...state.Pool) *node {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ag.Close() })
-	return &node{t: t, ag: ag, store: store, driver: d, nets: nets, image: ref}
+	return &node{t: t, ag: ag, store: store, driver: d, nets: nets, image: ref, dataDir: filepath.Join(dir, "d")}
 }
 
 // run creates a sandbox of spec, places it on the node, hands the node its assignments
@@ -431,4 +432,122 @@ func TestRemoveImageSaysWhatWent(t *testing.T) {
 	if _, err := n.ag.RemoveImage(ctx, n.image); err == nil {
 		t.Error("removing it again: want not found")
 	}
+}
+
+// TestPauseResume on the test doubles: a pause saves the VM (its guest, processes and
+// sessions kept, as a real save keeps memory), moves the scratch disk into the saved
+// state, lets the network go and reports paused; the sandbox is no longer live and holds
+// no capacity. A resume restores it as a new run: the same main process carries on (its
+// output goes on in the same log), with a network of its policy whose counters go on, and
+// the saved state is let go. A pause the driver refuses changes nothing and says why.
+func TestPauseResume(t *testing.T) {
+	n := newNode(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	count := filepath.Join(t.TempDir(), "count")
+	policy := "deny 203.0.113.0/24\n"
+	// The process runs on the test host (see agenttest): it counts into a file and prints.
+	id := n.start(state.SandboxSpec{Cmd: []string{"sh", "-c", fmt.Sprintf("i=0; while true; do i=$((i+1)); echo $i > %s; echo tick $i; sleep 0.01; done", count)},
+		Policy: policy, Boot: state.BootCold})
+	get := func() state.Sandbox {
+		sb, err := n.store.GetSandbox(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return sb
+	}
+	n.waitFor("the sandbox running", func() bool { return get().Status == state.StatusRunning })
+	pid := func() string { b, _ := os.ReadFile(count); return strings.TrimSpace(string(b)) }
+	n.waitFor("the counter", func() bool { return pid() != "" })
+
+	// The driver refuses: nothing changes, and the reason is on the sandbox.
+	n.driver.FailSave = errors.New("injected save failure")
+	if _, err := n.store.UpdateSandbox(ctx, id, state.Update{RequestPause: true, Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	n.waitFor("the failed pause reported", func() bool { return get().Status != state.StatusRunning })
+	if sb := get(); sb.Status != state.StatusFailed || !strings.Contains(sb.Reason, "injected save failure") {
+		t.Fatalf("a save that failed after the guest let go: %s (%s)", sb.Status, sb.Reason)
+	}
+	n.wait(id)
+	n.driver.FailSave = nil
+
+	id = n.start(state.SandboxSpec{Cmd: []string{"sh", "-c", fmt.Sprintf("i=0; while true; do i=$((i+1)); echo $i > %s; echo tick $i; sleep 0.01; done", count)},
+		Policy: policy, Boot: state.BootCold})
+	n.waitFor("the sandbox running", func() bool { return get().Status == state.StatusRunning })
+	n.waitFor("ticks in the log", func() bool { return strings.Contains(logOf(t, n, id), "tick 3\n") })
+	if _, err := n.store.UpdateSandbox(ctx, id, state.Update{RequestPause: true, Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	n.waitFor("the sandbox paused", func() bool { return get().Status == state.StatusPaused })
+	sb := get()
+	if sb.Saved == nil || sb.Saved.Node != "n1" || sb.Saved.Bytes <= 0 || n.driver.Saves.Load() != 2 {
+		t.Fatalf("paused: saved %+v, %d saves", sb.Saved, n.driver.Saves.Load())
+	}
+	select {
+	case <-n.ag.Done(id):
+	case <-ctx.Done():
+		t.Fatal("a paused sandbox is still live on the node")
+	}
+	if len(n.ag.Running()) != 0 || n.ag.Info().Running != 0 {
+		t.Errorf("paused but counted as running: %v", n.ag.Running())
+	}
+	for _, nt := range n.nets.Live() {
+		if filepath.Base(nt.RunDir) == id {
+			t.Errorf("the paused sandbox's network is still there")
+		}
+	}
+	// Nothing in the state holds its CPU or memory now.
+	snap := state.SchedulerSnapshot(nil, []*state.Sandbox{&sb})
+	if len(snap.Allocations) != 1 || snap.Allocations[0].VCPUs != 0 || snap.Allocations[0].MemoryMiB != 0 {
+		t.Errorf("a paused sandbox's allocation: %+v", snap.Allocations)
+	}
+
+	restores := n.driver.Restores.Load()
+	if _, err := n.store.ResumeSandbox(ctx, id, scheduler.Config{}, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	n.waitFor("the sandbox running again", func() bool { return get().Status == state.StatusRunning })
+	sb = get()
+	if sb.Resumes != 1 || sb.Saved != nil || sb.Runtime["start_mode"] != "resume" || !equal(phases(sb), "image", "net", "vmm", "guest", "reattach") ||
+		n.driver.Restores.Load() != restores+1 {
+		t.Errorf("resumed: %d resumes, saved %+v, mode %q, phases %v", sb.Resumes, sb.Saved, sb.Runtime["start_mode"], phases(sb))
+	}
+	// The same process: its output goes on in the log, its counter keeps counting.
+	before := logOf(t, n, id)
+	n.waitFor("more ticks after the resume", func() bool { return len(logOf(t, n, id)) > len(before)+20 })
+	if st, err := n.ag.NetStats(id); err != nil || st.Policy != policy {
+		t.Errorf("network after the resume: %+v %v", st, err)
+	}
+	n.waitFor("the saved state let go", func() bool {
+		_, err := os.Stat(filepath.Join(n.dataDir, "sandboxes", id, "saved"))
+		return os.IsNotExist(err)
+	})
+
+	// Paused again, then stopped while paused: over.
+	if _, err := n.store.UpdateSandbox(ctx, id, state.Update{RequestPause: true, Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	n.waitFor("paused again", func() bool { return get().Status == state.StatusPaused })
+	if got := get().Saved; got == nil {
+		t.Fatal("second pause: no saved state")
+	}
+	st, code := state.StatusExited, 143
+	if _, err := n.store.UpdateSandbox(ctx, id, state.Update{Status: &st, ExitCode: &code, Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	if _, err := os.Stat(filepath.Join(n.dataDir, "sandboxes", id, "saved")); !os.IsNotExist(err) {
+		t.Errorf("the saved state of a sandbox stopped while paused is still there: %v", err)
+	}
+}
+
+func logOf(t *testing.T, n *node, id string) string {
+	t.Helper()
+	b, _ := os.ReadFile(n.ag.LogPath(id))
+	return string(b)
 }

@@ -32,12 +32,23 @@ func (a *Agent) NetStats(id string) (NetStats, error) {
 		return NetStats{}, err
 	}
 	s.mu.Lock()
-	n := s.net
+	n, base := s.net, s.netBase
 	s.mu.Unlock()
 	if n == nil {
 		return NetStats{}, fmt.Errorf("sandbox %s has no network", id)
 	}
-	return n.Stats()
+	st, err := n.Stats()
+	return st.plus(base), err
+}
+
+// plus adds the counters of base (a network's before a pause) to st's.
+func (st NetStats) plus(base NetStats) NetStats {
+	st.EgressAllowed += base.EgressAllowed
+	st.EgressDropped += base.EgressDropped
+	st.IngressAllowed += base.IngressAllowed
+	st.IngressDropped += base.IngressDropped
+	st.Spoofed += base.Spoofed
+	return st
 }
 
 // AllNetStats reads the counters of every running sandbox with a network, by sandbox ID
@@ -45,10 +56,11 @@ func (a *Agent) NetStats(id string) (NetStats, error) {
 func (a *Agent) AllNetStats() map[string]NetStats {
 	a.mu.Lock()
 	nets := map[string]SandboxNet{}
+	bases := map[string]NetStats{}
 	for id, s := range a.live {
 		s.mu.Lock()
 		if s.net != nil {
-			nets[id] = s.net
+			nets[id], bases[id] = s.net, s.netBase
 		}
 		s.mu.Unlock()
 	}
@@ -56,7 +68,7 @@ func (a *Agent) AllNetStats() map[string]NetStats {
 	out := map[string]NetStats{}
 	for id, n := range nets {
 		if st, err := n.Stats(); err == nil {
-			out[id] = st
+			out[id] = st.plus(bases[id])
 		}
 	}
 	return out

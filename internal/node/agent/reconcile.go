@@ -37,14 +37,32 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 					}
 				})
 			}
+		case sb.Status == state.StatusRunning && !sb.PauseRequestedAt.IsZero():
+			if live && a.markPausing(id, sb.Resumes) {
+				a.background(func(ctx context.Context) {
+					err := a.Pause(ctx, id)
+					if errors.Is(err, errPauseRefused) {
+						// Nothing changed: it runs on, and the request goes with the reason.
+						a.log.Warn("pause refused", "sandbox", id, "err", err)
+						r, res, node := sb.Restarts, sb.Resumes, a.cfg.Node
+						a.report(id, state.Update{CancelPause: err.Error(), IfRestarts: &r, IfResumes: &res, IfNode: &node, Time: time.Now()})
+					}
+				})
+			}
 		case sb.Status.Terminal() && live:
 			// The control plane has given the sandbox up (its node was declared down
 			// and came back): it must not keep running here.
 			if a.markStopping(id) {
 				a.background(func(ctx context.Context) { _ = a.Stop(ctx, id, 0) })
 			}
+		case sb.Status.Terminal() && sb.Saved == nil:
+			// Over: a saved state it had (stopped while paused) goes now, its log stays
+			// until the sandbox is removed.
+			if _, err := os.Stat(a.savedDir(id)); err == nil {
+				_ = os.RemoveAll(a.savedDir(id))
+			}
 		case sb.Status == state.StatusPending:
-			if !a.claimIncarnation(id, sb.Restarts) {
+			if !a.claimIncarnation(id, sb.Restarts, sb.Resumes) {
 				continue
 			}
 			live, leaving := a.previousRun(id)
@@ -150,15 +168,29 @@ func (a *Agent) isLive(id string) bool {
 	return ok
 }
 
-// claimIncarnation records that (id, restarts) is being started; false if it already was.
-func (a *Agent) claimIncarnation(id string, restarts int) bool {
+// claimIncarnation records that (id, restarts, resumes) is being started; false if it
+// already was.
+func (a *Agent) claimIncarnation(id string, restarts, resumes int) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	key := fmt.Sprintf("%s/%d", id, restarts)
+	key := fmt.Sprintf("%s/%d/%d", id, restarts, resumes)
 	if a.started[key] {
 		return false
 	}
 	a.started[key] = true
+	return true
+}
+
+// markPausing records that a pause of run (id, resumes) was started by Reconcile; false
+// if it already was.
+func (a *Agent) markPausing(id string, resumes int) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	key := fmt.Sprintf("pause %s/%d", id, resumes)
+	if a.stopsSent[key] {
+		return false
+	}
+	a.stopsSent[key] = true
 	return true
 }
 

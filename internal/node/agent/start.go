@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strconv"
 	"sync"
 	"time"
@@ -51,6 +52,7 @@ type startRun struct {
 	rt               map[string]string
 	main             *client.Session // command
 	starting         chan struct{}   // closed once "starting" is reported
+	saved            *savedRecord    // a resume's (see resumeSteps)
 }
 
 // run is the whole life of one sandbox on this node: its start's steps, then its
@@ -80,7 +82,11 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		a.log.Warn("remove the previous run's directory", "sandbox", sb.ID, "err", err)
 	}
 	defer r.cleanup.run(a.log)
-	for _, step := range startSteps {
+	steps := startSteps
+	if sb.Saved != nil {
+		steps = resumeSteps
+	}
+	for _, step := range steps {
 		if err := step.run(a, r); err != nil {
 			<-r.starting
 			a.log.Info("start failed", "sandbox", sb.ID, "step", step.name)
@@ -110,6 +116,16 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		<-r.starting
 		a.update(sb.ID, u)
 	}()
+	if r.saved != nil {
+		// Running again: the saved state has served (the running report lets it go in
+		// the state too).
+		go func() {
+			<-reported
+			if err := os.RemoveAll(a.savedDir(sb.ID)); err != nil {
+				a.log.Warn("remove the saved state of a resumed sandbox", "sandbox", sb.ID, "err", err)
+			}
+		}()
+	}
 	if r.restoredFrom != nil {
 		// Keep a VMM launched ahead for this template's next restore; asked for only now,
 		// so that launching it does not compete with this start for the CPUs.

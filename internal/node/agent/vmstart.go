@@ -49,7 +49,13 @@ type vmInput struct {
 	net       bool
 	policy    NetPolicy
 	closedNet bool
+	// saved, if set, is a whole VM saved by a pause: restored from its state, on its own
+	// scratch disk (linked, not copied: the saved file stays until the resume is done).
+	saved *savedFiles
 }
+
+// savedFiles are a paused sandbox's VM files (see pause.go).
+type savedFiles struct{ state, scratch string }
 
 // vmHandle is a started VM whose guest answered.
 type vmHandle struct {
@@ -96,7 +102,13 @@ func (m *vms) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHa
 	if in.tmpl != nil {
 		base, snap = in.tmpl.scratch(), in.tmpl.snapshot()
 	}
-	if err := copySparse(base, h.scratch); err != nil {
+	if in.saved != nil {
+		snap = &vmm.Snapshot{StateFile: in.saved.state}
+		_ = os.Remove(h.scratch)
+		if err := os.Link(in.saved.scratch, h.scratch); err != nil {
+			return h, fmt.Errorf("take the saved scratch disk: %w", err)
+		}
+	} else if err := copySparse(base, h.scratch); err != nil {
 		return h, fmt.Errorf("create scratch disk: %w", err)
 	}
 	sock := filepath.Join(in.dir, "agent.sock")

@@ -112,6 +112,7 @@ var sentinels = []rpc.Sentinel{
 	{Err: agent.ErrNotRunning, Code: connect.CodeFailedPrecondition},
 	{Err: image.ErrNotFound, Code: connect.CodeNotFound},
 	{Err: image.ErrOwnerBudget, Code: connect.CodeResourceExhausted},
+	{Err: agent.ErrImageInUse, Code: connect.CodeFailedPrecondition},
 }
 
 func toConnectError(err error) error { return rpc.Error(err, sentinels) }

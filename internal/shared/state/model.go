@@ -318,6 +318,9 @@ type Update struct {
 	RequestPause bool `json:"request_pause,omitempty"`
 	// Saved, with Status paused, is the node's record of the state it saved.
 	Saved *Saved `json:"saved,omitempty"`
+	// CancelPause withdraws a pause request the node refused (nothing changed: the
+	// sandbox runs on), with the reason, which inspect shows.
+	CancelPause string `json:"cancel_pause,omitempty"`
 	// Policy, when set, replaces the sandbox's network policy (Spec.Policy, and
 	// Spec.PolicyAdmin from PolicyAdmin).
 	Policy      *string `json:"policy,omitempty"`
@@ -480,6 +483,13 @@ func (sb *Sandbox) apply(u Update) error {
 		default:
 			sb.PauseRequestedAt = t
 		}
+	}
+	if u.CancelPause != "" && !sb.PauseRequestedAt.IsZero() && sb.Status == StatusRunning {
+		sb.PauseRequestedAt = time.Time{}
+		if sb.Runtime == nil {
+			sb.Runtime = map[string]string{}
+		}
+		sb.Runtime["pause_refused"] = boundReason(u.CancelPause)
 	}
 	if u.Saved != nil {
 		if u.Status == nil || *u.Status != StatusPaused {

@@ -9,6 +9,8 @@ package agenttest
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -48,8 +50,20 @@ type Driver struct {
 	// restore's Start, and Snapshot; FailAhead by the Start of a VM launched ahead
 	// (Prestart).
 	FailBoot, FailRestore, FailSnapshot, FailAhead error
+	// FailSave, if set, is returned by Save (a pause).
+	FailSave error
 
-	Boots, Restores, Snapshots, Prestarts atomic.Int32
+	Boots, Restores, Snapshots, Prestarts, Saves atomic.Int32
+
+	mu    sync.Mutex
+	saved map[string]savedGuest // by token (see Save)
+}
+
+// savedGuest is a VM saved whole: its guest server, processes and sessions included
+// (the double's "memory").
+type savedGuest struct {
+	srv *initd.Server
+	sys *system
 }
 
 func (d *Driver) Name() string  { return "agenttest" }
@@ -75,6 +89,7 @@ type VM struct {
 
 	mu      sync.Mutex
 	ahead   bool
+	kept    bool // saved: its guest server lives on for the restore
 	srv     *initd.Server
 	sys     *system
 	cancel  context.CancelFunc
@@ -95,8 +110,27 @@ func (v *VM) Start(ctx context.Context) error {
 		return v.d.FailAhead
 	}
 	sys := &system{}
-	srv := initd.NewServer(initd.Options{System: sys, InitVersion: "agenttest", ReattachGrace: -1})
-	if r := v.spec.Restore; r != nil {
+	srv := initd.NewServer(initd.Options{System: sys, InitVersion: "agenttest", ReattachGrace: time.Minute})
+	if r := v.spec.Restore; r != nil && r.MemoryFile == "" {
+		// A whole save (Save): the guest server it kept, with everything running in it.
+		v.d.Restores.Add(1)
+		if v.d.FailRestore != nil {
+			return v.d.FailRestore
+		}
+		token, err := os.ReadFile(r.StateFile)
+		if err != nil {
+			return fmt.Errorf("agenttest: restore %s: %w", r.StateFile, err)
+		}
+		v.d.mu.Lock()
+		g, ok := v.d.saved[string(token)]
+		delete(v.d.saved, string(token))
+		v.d.mu.Unlock()
+		if !ok {
+			return fmt.Errorf("agenttest: restore %s: no saved guest %q (restored already?)", r.StateFile, token)
+		}
+		_ = srv.Close()
+		srv, sys = g.srv, g.sys
+	} else if r != nil {
 		v.d.Restores.Add(1)
 		if v.d.FailRestore != nil {
 			return v.d.FailRestore
@@ -140,12 +174,12 @@ func (v *VM) end(err error) {
 	v.endOnce.Do(func() {
 		v.mu.Lock()
 		v.exitErr = err
-		srv, cancel := v.srv, v.cancel
+		srv, cancel, kept := v.srv, v.cancel, v.kept
 		v.mu.Unlock()
 		if cancel != nil {
 			cancel()
 		}
-		if srv != nil {
+		if srv != nil && !kept {
 			_ = srv.Close()
 		}
 		close(v.done)
@@ -206,6 +240,34 @@ func (v *VM) Snapshot(_ context.Context, stateFile string) error {
 	// The memory file is final before the state file (a template whose memory is newer
 	// than its state is refused).
 	return os.WriteFile(stateFile, b, 0o600)
+}
+
+// Save (vmm.Saver) keeps the guest server, with its processes and their sessions, for
+// a restore of stateFile; the VM then ends as a saved one does.
+func (v *VM) Save(_ context.Context, stateFile string) error {
+	v.d.Saves.Add(1)
+	if v.d.FailSave != nil {
+		return v.d.FailSave
+	}
+	v.mu.Lock()
+	srv, sys := v.srv, v.sys
+	if srv != nil {
+		v.kept = true
+	}
+	v.mu.Unlock()
+	if srv == nil {
+		return errors.New("agenttest: save of a VM that is not running")
+	}
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	token := hex.EncodeToString(b)
+	v.d.mu.Lock()
+	if v.d.saved == nil {
+		v.d.saved = map[string]savedGuest{}
+	}
+	v.d.saved[token] = savedGuest{srv: srv, sys: sys}
+	v.d.mu.Unlock()
+	return os.WriteFile(stateFile, []byte(token), 0o600)
 }
 
 func readSnapshot(path string) (proto.Setup, error) {

@@ -485,7 +485,10 @@ type Sandbox struct {
 	// Opens the sandbox's private ports at the ingress (header Fireworks-Access-Token).
 	AccessToken string `protobuf:"bytes,18,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
 	// Live network counters (GetSandbox of a running sandbox with a network).
-	Network       *NetworkStatus `protobuf:"bytes,19,opt,name=network,proto3" json:"network,omitempty"`
+	Network *NetworkStatus `protobuf:"bytes,19,opt,name=network,proto3" json:"network,omitempty"`
+	// A paused sandbox's saved state (memory, devices, scratch disk): where and how large.
+	Saved         *SavedState `protobuf:"bytes,20,opt,name=saved,proto3" json:"saved,omitempty"`
+	Resumes       int32       `protobuf:"varint,21,opt,name=resumes,proto3" json:"resumes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -653,6 +656,256 @@ func (x *Sandbox) GetNetwork() *NetworkStatus {
 	return nil
 }
 
+func (x *Sandbox) GetSaved() *SavedState {
+	if x != nil {
+		return x.Saved
+	}
+	return nil
+}
+
+func (x *Sandbox) GetResumes() int32 {
+	if x != nil {
+		return x.Resumes
+	}
+	return 0
+}
+
+type SavedState struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Bytes         int64                  `protobuf:"varint,2,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	At            *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=at,proto3" json:"at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SavedState) Reset() {
+	*x = SavedState{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SavedState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SavedState) ProtoMessage() {}
+
+func (x *SavedState) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SavedState.ProtoReflect.Descriptor instead.
+func (*SavedState) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *SavedState) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *SavedState) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *SavedState) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
+type PauseSandboxRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox       string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PauseSandboxRequest) Reset() {
+	*x = PauseSandboxRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PauseSandboxRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PauseSandboxRequest) ProtoMessage() {}
+
+func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PauseSandboxRequest.ProtoReflect.Descriptor instead.
+func (*PauseSandboxRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *PauseSandboxRequest) GetSandbox() string {
+	if x != nil {
+		return x.Sandbox
+	}
+	return ""
+}
+
+type PauseSandboxResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox       *Sandbox               `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PauseSandboxResponse) Reset() {
+	*x = PauseSandboxResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PauseSandboxResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PauseSandboxResponse) ProtoMessage() {}
+
+func (x *PauseSandboxResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PauseSandboxResponse.ProtoReflect.Descriptor instead.
+func (*PauseSandboxResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *PauseSandboxResponse) GetSandbox() *Sandbox {
+	if x != nil {
+		return x.Sandbox
+	}
+	return nil
+}
+
+type ResumeSandboxRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox       string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeSandboxRequest) Reset() {
+	*x = ResumeSandboxRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeSandboxRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeSandboxRequest) ProtoMessage() {}
+
+func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeSandboxRequest.ProtoReflect.Descriptor instead.
+func (*ResumeSandboxRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ResumeSandboxRequest) GetSandbox() string {
+	if x != nil {
+		return x.Sandbox
+	}
+	return ""
+}
+
+type ResumeSandboxResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox       *Sandbox               `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeSandboxResponse) Reset() {
+	*x = ResumeSandboxResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeSandboxResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeSandboxResponse) ProtoMessage() {}
+
+func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeSandboxResponse.ProtoReflect.Descriptor instead.
+func (*ResumeSandboxResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ResumeSandboxResponse) GetSandbox() *Sandbox {
+	if x != nil {
+		return x.Sandbox
+	}
+	return nil
+}
+
 type CreateSandboxRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -663,7 +916,7 @@ type CreateSandboxRequest struct {
 
 func (x *CreateSandboxRequest) Reset() {
 	*x = CreateSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -675,7 +928,7 @@ func (x *CreateSandboxRequest) String() string {
 func (*CreateSandboxRequest) ProtoMessage() {}
 
 func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -688,7 +941,7 @@ func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxRequest.ProtoReflect.Descriptor instead.
 func (*CreateSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{5}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CreateSandboxRequest) GetName() string {
@@ -714,7 +967,7 @@ type CreateSandboxResponse struct {
 
 func (x *CreateSandboxResponse) Reset() {
 	*x = CreateSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -726,7 +979,7 @@ func (x *CreateSandboxResponse) String() string {
 func (*CreateSandboxResponse) ProtoMessage() {}
 
 func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -739,7 +992,7 @@ func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxResponse.ProtoReflect.Descriptor instead.
 func (*CreateSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{6}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CreateSandboxResponse) GetSandbox() *Sandbox {
@@ -759,7 +1012,7 @@ type GetSandboxRequest struct {
 
 func (x *GetSandboxRequest) Reset() {
 	*x = GetSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -771,7 +1024,7 @@ func (x *GetSandboxRequest) String() string {
 func (*GetSandboxRequest) ProtoMessage() {}
 
 func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -784,7 +1037,7 @@ func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{7}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetSandboxRequest) GetSandbox() string {
@@ -803,7 +1056,7 @@ type GetSandboxResponse struct {
 
 func (x *GetSandboxResponse) Reset() {
 	*x = GetSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -815,7 +1068,7 @@ func (x *GetSandboxResponse) String() string {
 func (*GetSandboxResponse) ProtoMessage() {}
 
 func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -828,7 +1081,7 @@ func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{8}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetSandboxResponse) GetSandbox() *Sandbox {
@@ -847,7 +1100,7 @@ type ListSandboxesRequest struct {
 
 func (x *ListSandboxesRequest) Reset() {
 	*x = ListSandboxesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -859,7 +1112,7 @@ func (x *ListSandboxesRequest) String() string {
 func (*ListSandboxesRequest) ProtoMessage() {}
 
 func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -872,7 +1125,7 @@ func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesRequest.ProtoReflect.Descriptor instead.
 func (*ListSandboxesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{9}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListSandboxesRequest) GetAll() bool {
@@ -891,7 +1144,7 @@ type ListSandboxesResponse struct {
 
 func (x *ListSandboxesResponse) Reset() {
 	*x = ListSandboxesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -903,7 +1156,7 @@ func (x *ListSandboxesResponse) String() string {
 func (*ListSandboxesResponse) ProtoMessage() {}
 
 func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -916,7 +1169,7 @@ func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesResponse.ProtoReflect.Descriptor instead.
 func (*ListSandboxesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{10}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListSandboxesResponse) GetSandboxes() []*Sandbox {
@@ -936,7 +1189,7 @@ type StopSandboxRequest struct {
 
 func (x *StopSandboxRequest) Reset() {
 	*x = StopSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -948,7 +1201,7 @@ func (x *StopSandboxRequest) String() string {
 func (*StopSandboxRequest) ProtoMessage() {}
 
 func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -961,7 +1214,7 @@ func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxRequest.ProtoReflect.Descriptor instead.
 func (*StopSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{11}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StopSandboxRequest) GetSandbox() string {
@@ -987,7 +1240,7 @@ type StopSandboxResponse struct {
 
 func (x *StopSandboxResponse) Reset() {
 	*x = StopSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -999,7 +1252,7 @@ func (x *StopSandboxResponse) String() string {
 func (*StopSandboxResponse) ProtoMessage() {}
 
 func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1012,7 +1265,7 @@ func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxResponse.ProtoReflect.Descriptor instead.
 func (*StopSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{12}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StopSandboxResponse) GetSandbox() *Sandbox {
@@ -1032,7 +1285,7 @@ type RemoveSandboxRequest struct {
 
 func (x *RemoveSandboxRequest) Reset() {
 	*x = RemoveSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1044,7 +1297,7 @@ func (x *RemoveSandboxRequest) String() string {
 func (*RemoveSandboxRequest) ProtoMessage() {}
 
 func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1057,7 +1310,7 @@ func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxRequest.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{13}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RemoveSandboxRequest) GetSandbox() string {
@@ -1082,7 +1335,7 @@ type RemoveSandboxResponse struct {
 
 func (x *RemoveSandboxResponse) Reset() {
 	*x = RemoveSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1094,7 +1347,7 @@ func (x *RemoveSandboxResponse) String() string {
 func (*RemoveSandboxResponse) ProtoMessage() {}
 
 func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1107,7 +1360,7 @@ func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxResponse.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{14}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{19}
 }
 
 type Resize struct {
@@ -1120,7 +1373,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1132,7 +1385,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1145,7 +1398,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{15}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -1173,7 +1426,7 @@ type Output struct {
 
 func (x *Output) Reset() {
 	*x = Output{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1185,7 +1438,7 @@ func (x *Output) String() string {
 func (*Output) ProtoMessage() {}
 
 func (x *Output) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1198,7 +1451,7 @@ func (x *Output) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Output.ProtoReflect.Descriptor instead.
 func (*Output) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{16}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Output) GetStream() int32 {
@@ -1227,7 +1480,7 @@ type Exit struct {
 
 func (x *Exit) Reset() {
 	*x = Exit{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1239,7 +1492,7 @@ func (x *Exit) String() string {
 func (*Exit) ProtoMessage() {}
 
 func (x *Exit) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1252,7 +1505,7 @@ func (x *Exit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Exit.ProtoReflect.Descriptor instead.
 func (*Exit) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{17}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Exit) GetCode() int32 {
@@ -1292,7 +1545,7 @@ type AttachStart struct {
 
 func (x *AttachStart) Reset() {
 	*x = AttachStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1304,7 +1557,7 @@ func (x *AttachStart) String() string {
 func (*AttachStart) ProtoMessage() {}
 
 func (x *AttachStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1317,7 +1570,7 @@ func (x *AttachStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachStart.ProtoReflect.Descriptor instead.
 func (*AttachStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{18}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *AttachStart) GetSandbox() string {
@@ -1343,7 +1596,7 @@ type AttachRequest struct {
 
 func (x *AttachRequest) Reset() {
 	*x = AttachRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1355,7 +1608,7 @@ func (x *AttachRequest) String() string {
 func (*AttachRequest) ProtoMessage() {}
 
 func (x *AttachRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1368,7 +1621,7 @@ func (x *AttachRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachRequest.ProtoReflect.Descriptor instead.
 func (*AttachRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{19}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *AttachRequest) GetMsg() isAttachRequest_Msg {
@@ -1470,7 +1723,7 @@ type AttachResponse struct {
 
 func (x *AttachResponse) Reset() {
 	*x = AttachResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1482,7 +1735,7 @@ func (x *AttachResponse) String() string {
 func (*AttachResponse) ProtoMessage() {}
 
 func (x *AttachResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1495,7 +1748,7 @@ func (x *AttachResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachResponse.ProtoReflect.Descriptor instead.
 func (*AttachResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{20}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *AttachResponse) GetMsg() isAttachResponse_Msg {
@@ -1549,7 +1802,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1561,7 +1814,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1574,7 +1827,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{21}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *LogsRequest) GetSandbox() string {
@@ -1600,7 +1853,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1612,7 +1865,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1625,7 +1878,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{22}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *LogsResponse) GetOutput() *Output {
@@ -1652,7 +1905,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1664,7 +1917,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1677,7 +1930,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{23}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ExecStart) GetSandbox() string {
@@ -1759,7 +2012,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1771,7 +2024,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1784,7 +2037,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -1886,7 +2139,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1898,7 +2151,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1911,7 +2164,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -1968,7 +2221,7 @@ type SetPolicyRequest struct {
 
 func (x *SetPolicyRequest) Reset() {
 	*x = SetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1980,7 +2233,7 @@ func (x *SetPolicyRequest) String() string {
 func (*SetPolicyRequest) ProtoMessage() {}
 
 func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1993,7 +2246,7 @@ func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SetPolicyRequest) GetSandbox() string {
@@ -2026,7 +2279,7 @@ type SetPolicyResponse struct {
 
 func (x *SetPolicyResponse) Reset() {
 	*x = SetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2038,7 +2291,7 @@ func (x *SetPolicyResponse) String() string {
 func (*SetPolicyResponse) ProtoMessage() {}
 
 func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2051,7 +2304,7 @@ func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -2070,7 +2323,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2082,7 +2335,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2095,7 +2348,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GetPolicyRequest) GetSandbox() string {
@@ -2114,7 +2367,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2126,7 +2379,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2139,7 +2392,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *GetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -2163,7 +2416,7 @@ type PortForwardRequest struct {
 
 func (x *PortForwardRequest) Reset() {
 	*x = PortForwardRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2175,7 +2428,7 @@ func (x *PortForwardRequest) String() string {
 func (*PortForwardRequest) ProtoMessage() {}
 
 func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2188,7 +2441,7 @@ func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardRequest.ProtoReflect.Descriptor instead.
 func (*PortForwardRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *PortForwardRequest) GetSandbox() string {
@@ -2228,7 +2481,7 @@ type PortForwardResponse struct {
 
 func (x *PortForwardResponse) Reset() {
 	*x = PortForwardResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2240,7 +2493,7 @@ func (x *PortForwardResponse) String() string {
 func (*PortForwardResponse) ProtoMessage() {}
 
 func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2253,7 +2506,7 @@ func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardResponse.ProtoReflect.Descriptor instead.
 func (*PortForwardResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *PortForwardResponse) GetData() []byte {
@@ -2279,7 +2532,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2291,7 +2544,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2304,7 +2557,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Image) GetRef() string {
@@ -2368,7 +2621,7 @@ type PullImageRequest struct {
 
 func (x *PullImageRequest) Reset() {
 	*x = PullImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2380,7 +2633,7 @@ func (x *PullImageRequest) String() string {
 func (*PullImageRequest) ProtoMessage() {}
 
 func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2393,7 +2646,7 @@ func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageRequest.ProtoReflect.Descriptor instead.
 func (*PullImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *PullImageRequest) GetRef() string {
@@ -2430,7 +2683,7 @@ type PullImageResponse struct {
 
 func (x *PullImageResponse) Reset() {
 	*x = PullImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2442,7 +2695,7 @@ func (x *PullImageResponse) String() string {
 func (*PullImageResponse) ProtoMessage() {}
 
 func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2455,7 +2708,7 @@ func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageResponse.ProtoReflect.Descriptor instead.
 func (*PullImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *PullImageResponse) GetMsg() isPullImageResponse_Msg {
@@ -2511,7 +2764,7 @@ type PullProgress struct {
 
 func (x *PullProgress) Reset() {
 	*x = PullProgress{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2523,7 +2776,7 @@ func (x *PullProgress) String() string {
 func (*PullProgress) ProtoMessage() {}
 
 func (x *PullProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2536,7 +2789,7 @@ func (x *PullProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullProgress.ProtoReflect.Descriptor instead.
 func (*PullProgress) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *PullProgress) GetLayer() string {
@@ -2576,7 +2829,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2588,7 +2841,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2601,7 +2854,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ListImagesRequest) GetNode() string {
@@ -2620,7 +2873,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2632,7 +2885,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2645,7 +2898,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -2665,7 +2918,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2677,7 +2930,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2690,7 +2943,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -2719,7 +2972,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2731,7 +2984,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2744,7 +2997,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *RemoveImageResponse) GetTemplatesDropped() int32 {
@@ -2781,7 +3034,7 @@ type Pool struct {
 
 func (x *Pool) Reset() {
 	*x = Pool{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2793,7 +3046,7 @@ func (x *Pool) String() string {
 func (*Pool) ProtoMessage() {}
 
 func (x *Pool) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2806,7 +3059,7 @@ func (x *Pool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pool.ProtoReflect.Descriptor instead.
 func (*Pool) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *Pool) GetImage() string {
@@ -2888,7 +3141,7 @@ type PoolNodeStatus struct {
 
 func (x *PoolNodeStatus) Reset() {
 	*x = PoolNodeStatus{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2900,7 +3153,7 @@ func (x *PoolNodeStatus) String() string {
 func (*PoolNodeStatus) ProtoMessage() {}
 
 func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2913,7 +3166,7 @@ func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolNodeStatus.ProtoReflect.Descriptor instead.
 func (*PoolNodeStatus) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *PoolNodeStatus) GetNode() string {
@@ -3002,7 +3255,7 @@ type SetPoolRequest struct {
 
 func (x *SetPoolRequest) Reset() {
 	*x = SetPoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3014,7 +3267,7 @@ func (x *SetPoolRequest) String() string {
 func (*SetPoolRequest) ProtoMessage() {}
 
 func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3027,7 +3280,7 @@ func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolRequest.ProtoReflect.Descriptor instead.
 func (*SetPoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *SetPoolRequest) GetPool() *Pool {
@@ -3046,7 +3299,7 @@ type SetPoolResponse struct {
 
 func (x *SetPoolResponse) Reset() {
 	*x = SetPoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3058,7 +3311,7 @@ func (x *SetPoolResponse) String() string {
 func (*SetPoolResponse) ProtoMessage() {}
 
 func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3071,7 +3324,7 @@ func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolResponse.ProtoReflect.Descriptor instead.
 func (*SetPoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *SetPoolResponse) GetPool() *Pool {
@@ -3089,7 +3342,7 @@ type ListPoolsRequest struct {
 
 func (x *ListPoolsRequest) Reset() {
 	*x = ListPoolsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3101,7 +3354,7 @@ func (x *ListPoolsRequest) String() string {
 func (*ListPoolsRequest) ProtoMessage() {}
 
 func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3114,7 +3367,7 @@ func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsRequest.ProtoReflect.Descriptor instead.
 func (*ListPoolsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
 }
 
 type ListPoolsResponse struct {
@@ -3126,7 +3379,7 @@ type ListPoolsResponse struct {
 
 func (x *ListPoolsResponse) Reset() {
 	*x = ListPoolsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3138,7 +3391,7 @@ func (x *ListPoolsResponse) String() string {
 func (*ListPoolsResponse) ProtoMessage() {}
 
 func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3151,7 +3404,7 @@ func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsResponse.ProtoReflect.Descriptor instead.
 func (*ListPoolsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ListPoolsResponse) GetPools() []*Pool {
@@ -3170,7 +3423,7 @@ type DeletePoolRequest struct {
 
 func (x *DeletePoolRequest) Reset() {
 	*x = DeletePoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3182,7 +3435,7 @@ func (x *DeletePoolRequest) String() string {
 func (*DeletePoolRequest) ProtoMessage() {}
 
 func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3195,7 +3448,7 @@ func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolRequest.ProtoReflect.Descriptor instead.
 func (*DeletePoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *DeletePoolRequest) GetImage() string {
@@ -3213,7 +3466,7 @@ type DeletePoolResponse struct {
 
 func (x *DeletePoolResponse) Reset() {
 	*x = DeletePoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3225,7 +3478,7 @@ func (x *DeletePoolResponse) String() string {
 func (*DeletePoolResponse) ProtoMessage() {}
 
 func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3238,7 +3491,7 @@ func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolResponse.ProtoReflect.Descriptor instead.
 func (*DeletePoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
 }
 
 type Template struct {
@@ -3257,7 +3510,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3269,7 +3522,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3282,7 +3535,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *Template) GetKey() string {
@@ -3354,7 +3607,7 @@ type WarmImageRequest struct {
 
 func (x *WarmImageRequest) Reset() {
 	*x = WarmImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3366,7 +3619,7 @@ func (x *WarmImageRequest) String() string {
 func (*WarmImageRequest) ProtoMessage() {}
 
 func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3379,7 +3632,7 @@ func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageRequest.ProtoReflect.Descriptor instead.
 func (*WarmImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *WarmImageRequest) GetRef() string {
@@ -3415,7 +3668,7 @@ type WarmImageResponse struct {
 
 func (x *WarmImageResponse) Reset() {
 	*x = WarmImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3427,7 +3680,7 @@ func (x *WarmImageResponse) String() string {
 func (*WarmImageResponse) ProtoMessage() {}
 
 func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3440,7 +3693,7 @@ func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageResponse.ProtoReflect.Descriptor instead.
 func (*WarmImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *WarmImageResponse) GetTemplate() *Template {
@@ -3473,7 +3726,7 @@ type ListTemplatesRequest struct {
 
 func (x *ListTemplatesRequest) Reset() {
 	*x = ListTemplatesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3485,7 +3738,7 @@ func (x *ListTemplatesRequest) String() string {
 func (*ListTemplatesRequest) ProtoMessage() {}
 
 func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3498,7 +3751,7 @@ func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesRequest.ProtoReflect.Descriptor instead.
 func (*ListTemplatesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *ListTemplatesRequest) GetNode() string {
@@ -3517,7 +3770,7 @@ type ListTemplatesResponse struct {
 
 func (x *ListTemplatesResponse) Reset() {
 	*x = ListTemplatesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3529,7 +3782,7 @@ func (x *ListTemplatesResponse) String() string {
 func (*ListTemplatesResponse) ProtoMessage() {}
 
 func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3542,7 +3795,7 @@ func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesResponse.ProtoReflect.Descriptor instead.
 func (*ListTemplatesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ListTemplatesResponse) GetTemplates() []*Template {
@@ -3560,7 +3813,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3572,7 +3825,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3585,7 +3838,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
 }
 
 type InfoResponse struct {
@@ -3609,7 +3862,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3621,7 +3874,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3634,7 +3887,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *InfoResponse) GetVersion() string {
@@ -3748,7 +4001,7 @@ type Token struct {
 
 func (x *Token) Reset() {
 	*x = Token{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3760,7 +4013,7 @@ func (x *Token) String() string {
 func (*Token) ProtoMessage() {}
 
 func (x *Token) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3773,7 +4026,7 @@ func (x *Token) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Token.ProtoReflect.Descriptor instead.
 func (*Token) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *Token) GetId() string {
@@ -3846,7 +4099,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3858,7 +4111,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3871,7 +4124,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *CreateTokenRequest) GetName() string {
@@ -3913,7 +4166,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3925,7 +4178,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3938,7 +4191,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *CreateTokenResponse) GetToken() *Token {
@@ -3963,7 +4216,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3975,7 +4228,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3988,7 +4241,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{63}
 }
 
 type ListTokensResponse struct {
@@ -4000,7 +4253,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4012,7 +4265,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4025,7 +4278,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *ListTokensResponse) GetTokens() []*Token {
@@ -4044,7 +4297,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4056,7 +4309,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4069,7 +4322,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -4087,7 +4340,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4099,7 +4352,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4112,7 +4365,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{66}
 }
 
 var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
@@ -4162,7 +4415,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x05Event\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
 	"\x06status\x18\x02 \x01(\tR\x06status\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xf4\x05\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xbe\x06\n" +
 	"\aSandbox\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12-\n" +
@@ -4186,10 +4439,25 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x05owner\x18\x10 \x01(\tR\x05owner\x12\x1a\n" +
 	"\brestarts\x18\x11 \x01(\x05R\brestarts\x12!\n" +
 	"\faccess_token\x18\x12 \x01(\tR\vaccessToken\x125\n" +
-	"\anetwork\x18\x13 \x01(\v2\x1b.fireworks.v1.NetworkStatusR\anetwork\x1a:\n" +
+	"\anetwork\x18\x13 \x01(\v2\x1b.fireworks.v1.NetworkStatusR\anetwork\x12.\n" +
+	"\x05saved\x18\x14 \x01(\v2\x18.fireworks.v1.SavedStateR\x05saved\x12\x18\n" +
+	"\aresumes\x18\x15 \x01(\x05R\aresumes\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"Y\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"b\n" +
+	"\n" +
+	"SavedState\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
+	"\x05bytes\x18\x02 \x01(\x03R\x05bytes\x12*\n" +
+	"\x02at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\"/\n" +
+	"\x13PauseSandboxRequest\x12\x18\n" +
+	"\asandbox\x18\x01 \x01(\tR\asandbox\"G\n" +
+	"\x14PauseSandboxResponse\x12/\n" +
+	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"0\n" +
+	"\x14ResumeSandboxRequest\x12\x18\n" +
+	"\asandbox\x18\x01 \x01(\tR\asandbox\"H\n" +
+	"\x15ResumeSandboxResponse\x12/\n" +
+	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"Y\n" +
 	"\x14CreateSandboxRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12-\n" +
 	"\x04spec\x18\x02 \x01(\v2\x19.fireworks.v1.SandboxSpecR\x04spec\"H\n" +
@@ -4415,14 +4683,16 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06tokens\x18\x01 \x03(\v2\x13.fireworks.v1.TokenR\x06tokens\"$\n" +
 	"\x12RevokeTokenRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
-	"\x13RevokeTokenResponse2\x84\a\n" +
+	"\x13RevokeTokenResponse2\xb5\b\n" +
 	"\x0eSandboxService\x12X\n" +
 	"\rCreateSandbox\x12\".fireworks.v1.CreateSandboxRequest\x1a#.fireworks.v1.CreateSandboxResponse\x12O\n" +
 	"\n" +
 	"GetSandbox\x12\x1f.fireworks.v1.GetSandboxRequest\x1a .fireworks.v1.GetSandboxResponse\x12X\n" +
 	"\rListSandboxes\x12\".fireworks.v1.ListSandboxesRequest\x1a#.fireworks.v1.ListSandboxesResponse\x12R\n" +
 	"\vStopSandbox\x12 .fireworks.v1.StopSandboxRequest\x1a!.fireworks.v1.StopSandboxResponse\x12X\n" +
-	"\rRemoveSandbox\x12\".fireworks.v1.RemoveSandboxRequest\x1a#.fireworks.v1.RemoveSandboxResponse\x12G\n" +
+	"\rRemoveSandbox\x12\".fireworks.v1.RemoveSandboxRequest\x1a#.fireworks.v1.RemoveSandboxResponse\x12U\n" +
+	"\fPauseSandbox\x12!.fireworks.v1.PauseSandboxRequest\x1a\".fireworks.v1.PauseSandboxResponse\x12X\n" +
+	"\rResumeSandbox\x12\".fireworks.v1.ResumeSandboxRequest\x1a#.fireworks.v1.ResumeSandboxResponse\x12G\n" +
 	"\x06Attach\x12\x1b.fireworks.v1.AttachRequest\x1a\x1c.fireworks.v1.AttachResponse(\x010\x01\x12?\n" +
 	"\x04Logs\x12\x19.fireworks.v1.LogsRequest\x1a\x1a.fireworks.v1.LogsResponse0\x01\x12A\n" +
 	"\x04Exec\x12\x19.fireworks.v1.ExecRequest\x1a\x1a.fireworks.v1.ExecResponse(\x010\x01\x12L\n" +
@@ -4460,171 +4730,184 @@ func file_fireworks_v1_fireworks_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_fireworks_proto_rawDescData
 }
 
-var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
+var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 68)
 var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*SandboxSpec)(nil),           // 0: fireworks.v1.SandboxSpec
 	(*Port)(nil),                  // 1: fireworks.v1.Port
 	(*NetworkStatus)(nil),         // 2: fireworks.v1.NetworkStatus
 	(*Event)(nil),                 // 3: fireworks.v1.Event
 	(*Sandbox)(nil),               // 4: fireworks.v1.Sandbox
-	(*CreateSandboxRequest)(nil),  // 5: fireworks.v1.CreateSandboxRequest
-	(*CreateSandboxResponse)(nil), // 6: fireworks.v1.CreateSandboxResponse
-	(*GetSandboxRequest)(nil),     // 7: fireworks.v1.GetSandboxRequest
-	(*GetSandboxResponse)(nil),    // 8: fireworks.v1.GetSandboxResponse
-	(*ListSandboxesRequest)(nil),  // 9: fireworks.v1.ListSandboxesRequest
-	(*ListSandboxesResponse)(nil), // 10: fireworks.v1.ListSandboxesResponse
-	(*StopSandboxRequest)(nil),    // 11: fireworks.v1.StopSandboxRequest
-	(*StopSandboxResponse)(nil),   // 12: fireworks.v1.StopSandboxResponse
-	(*RemoveSandboxRequest)(nil),  // 13: fireworks.v1.RemoveSandboxRequest
-	(*RemoveSandboxResponse)(nil), // 14: fireworks.v1.RemoveSandboxResponse
-	(*Resize)(nil),                // 15: fireworks.v1.Resize
-	(*Output)(nil),                // 16: fireworks.v1.Output
-	(*Exit)(nil),                  // 17: fireworks.v1.Exit
-	(*AttachStart)(nil),           // 18: fireworks.v1.AttachStart
-	(*AttachRequest)(nil),         // 19: fireworks.v1.AttachRequest
-	(*AttachResponse)(nil),        // 20: fireworks.v1.AttachResponse
-	(*LogsRequest)(nil),           // 21: fireworks.v1.LogsRequest
-	(*LogsResponse)(nil),          // 22: fireworks.v1.LogsResponse
-	(*ExecStart)(nil),             // 23: fireworks.v1.ExecStart
-	(*ExecRequest)(nil),           // 24: fireworks.v1.ExecRequest
-	(*ExecResponse)(nil),          // 25: fireworks.v1.ExecResponse
-	(*SetPolicyRequest)(nil),      // 26: fireworks.v1.SetPolicyRequest
-	(*SetPolicyResponse)(nil),     // 27: fireworks.v1.SetPolicyResponse
-	(*GetPolicyRequest)(nil),      // 28: fireworks.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),     // 29: fireworks.v1.GetPolicyResponse
-	(*PortForwardRequest)(nil),    // 30: fireworks.v1.PortForwardRequest
-	(*PortForwardResponse)(nil),   // 31: fireworks.v1.PortForwardResponse
-	(*Image)(nil),                 // 32: fireworks.v1.Image
-	(*PullImageRequest)(nil),      // 33: fireworks.v1.PullImageRequest
-	(*PullImageResponse)(nil),     // 34: fireworks.v1.PullImageResponse
-	(*PullProgress)(nil),          // 35: fireworks.v1.PullProgress
-	(*ListImagesRequest)(nil),     // 36: fireworks.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),    // 37: fireworks.v1.ListImagesResponse
-	(*RemoveImageRequest)(nil),    // 38: fireworks.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),   // 39: fireworks.v1.RemoveImageResponse
-	(*Pool)(nil),                  // 40: fireworks.v1.Pool
-	(*PoolNodeStatus)(nil),        // 41: fireworks.v1.PoolNodeStatus
-	(*SetPoolRequest)(nil),        // 42: fireworks.v1.SetPoolRequest
-	(*SetPoolResponse)(nil),       // 43: fireworks.v1.SetPoolResponse
-	(*ListPoolsRequest)(nil),      // 44: fireworks.v1.ListPoolsRequest
-	(*ListPoolsResponse)(nil),     // 45: fireworks.v1.ListPoolsResponse
-	(*DeletePoolRequest)(nil),     // 46: fireworks.v1.DeletePoolRequest
-	(*DeletePoolResponse)(nil),    // 47: fireworks.v1.DeletePoolResponse
-	(*Template)(nil),              // 48: fireworks.v1.Template
-	(*WarmImageRequest)(nil),      // 49: fireworks.v1.WarmImageRequest
-	(*WarmImageResponse)(nil),     // 50: fireworks.v1.WarmImageResponse
-	(*ListTemplatesRequest)(nil),  // 51: fireworks.v1.ListTemplatesRequest
-	(*ListTemplatesResponse)(nil), // 52: fireworks.v1.ListTemplatesResponse
-	(*InfoRequest)(nil),           // 53: fireworks.v1.InfoRequest
-	(*InfoResponse)(nil),          // 54: fireworks.v1.InfoResponse
-	(*Token)(nil),                 // 55: fireworks.v1.Token
-	(*CreateTokenRequest)(nil),    // 56: fireworks.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),   // 57: fireworks.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),     // 58: fireworks.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),    // 59: fireworks.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),    // 60: fireworks.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),   // 61: fireworks.v1.RevokeTokenResponse
-	nil,                           // 62: fireworks.v1.Sandbox.DetailsEntry
-	(*durationpb.Duration)(nil),   // 63: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 64: google.protobuf.Timestamp
+	(*SavedState)(nil),            // 5: fireworks.v1.SavedState
+	(*PauseSandboxRequest)(nil),   // 6: fireworks.v1.PauseSandboxRequest
+	(*PauseSandboxResponse)(nil),  // 7: fireworks.v1.PauseSandboxResponse
+	(*ResumeSandboxRequest)(nil),  // 8: fireworks.v1.ResumeSandboxRequest
+	(*ResumeSandboxResponse)(nil), // 9: fireworks.v1.ResumeSandboxResponse
+	(*CreateSandboxRequest)(nil),  // 10: fireworks.v1.CreateSandboxRequest
+	(*CreateSandboxResponse)(nil), // 11: fireworks.v1.CreateSandboxResponse
+	(*GetSandboxRequest)(nil),     // 12: fireworks.v1.GetSandboxRequest
+	(*GetSandboxResponse)(nil),    // 13: fireworks.v1.GetSandboxResponse
+	(*ListSandboxesRequest)(nil),  // 14: fireworks.v1.ListSandboxesRequest
+	(*ListSandboxesResponse)(nil), // 15: fireworks.v1.ListSandboxesResponse
+	(*StopSandboxRequest)(nil),    // 16: fireworks.v1.StopSandboxRequest
+	(*StopSandboxResponse)(nil),   // 17: fireworks.v1.StopSandboxResponse
+	(*RemoveSandboxRequest)(nil),  // 18: fireworks.v1.RemoveSandboxRequest
+	(*RemoveSandboxResponse)(nil), // 19: fireworks.v1.RemoveSandboxResponse
+	(*Resize)(nil),                // 20: fireworks.v1.Resize
+	(*Output)(nil),                // 21: fireworks.v1.Output
+	(*Exit)(nil),                  // 22: fireworks.v1.Exit
+	(*AttachStart)(nil),           // 23: fireworks.v1.AttachStart
+	(*AttachRequest)(nil),         // 24: fireworks.v1.AttachRequest
+	(*AttachResponse)(nil),        // 25: fireworks.v1.AttachResponse
+	(*LogsRequest)(nil),           // 26: fireworks.v1.LogsRequest
+	(*LogsResponse)(nil),          // 27: fireworks.v1.LogsResponse
+	(*ExecStart)(nil),             // 28: fireworks.v1.ExecStart
+	(*ExecRequest)(nil),           // 29: fireworks.v1.ExecRequest
+	(*ExecResponse)(nil),          // 30: fireworks.v1.ExecResponse
+	(*SetPolicyRequest)(nil),      // 31: fireworks.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),     // 32: fireworks.v1.SetPolicyResponse
+	(*GetPolicyRequest)(nil),      // 33: fireworks.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),     // 34: fireworks.v1.GetPolicyResponse
+	(*PortForwardRequest)(nil),    // 35: fireworks.v1.PortForwardRequest
+	(*PortForwardResponse)(nil),   // 36: fireworks.v1.PortForwardResponse
+	(*Image)(nil),                 // 37: fireworks.v1.Image
+	(*PullImageRequest)(nil),      // 38: fireworks.v1.PullImageRequest
+	(*PullImageResponse)(nil),     // 39: fireworks.v1.PullImageResponse
+	(*PullProgress)(nil),          // 40: fireworks.v1.PullProgress
+	(*ListImagesRequest)(nil),     // 41: fireworks.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),    // 42: fireworks.v1.ListImagesResponse
+	(*RemoveImageRequest)(nil),    // 43: fireworks.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),   // 44: fireworks.v1.RemoveImageResponse
+	(*Pool)(nil),                  // 45: fireworks.v1.Pool
+	(*PoolNodeStatus)(nil),        // 46: fireworks.v1.PoolNodeStatus
+	(*SetPoolRequest)(nil),        // 47: fireworks.v1.SetPoolRequest
+	(*SetPoolResponse)(nil),       // 48: fireworks.v1.SetPoolResponse
+	(*ListPoolsRequest)(nil),      // 49: fireworks.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),     // 50: fireworks.v1.ListPoolsResponse
+	(*DeletePoolRequest)(nil),     // 51: fireworks.v1.DeletePoolRequest
+	(*DeletePoolResponse)(nil),    // 52: fireworks.v1.DeletePoolResponse
+	(*Template)(nil),              // 53: fireworks.v1.Template
+	(*WarmImageRequest)(nil),      // 54: fireworks.v1.WarmImageRequest
+	(*WarmImageResponse)(nil),     // 55: fireworks.v1.WarmImageResponse
+	(*ListTemplatesRequest)(nil),  // 56: fireworks.v1.ListTemplatesRequest
+	(*ListTemplatesResponse)(nil), // 57: fireworks.v1.ListTemplatesResponse
+	(*InfoRequest)(nil),           // 58: fireworks.v1.InfoRequest
+	(*InfoResponse)(nil),          // 59: fireworks.v1.InfoResponse
+	(*Token)(nil),                 // 60: fireworks.v1.Token
+	(*CreateTokenRequest)(nil),    // 61: fireworks.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),   // 62: fireworks.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),     // 63: fireworks.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),    // 64: fireworks.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),    // 65: fireworks.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),   // 66: fireworks.v1.RevokeTokenResponse
+	nil,                           // 67: fireworks.v1.Sandbox.DetailsEntry
+	(*durationpb.Duration)(nil),   // 68: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 69: google.protobuf.Timestamp
 }
 var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
-	63, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
+	68, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
 	1,  // 1: fireworks.v1.SandboxSpec.ports:type_name -> fireworks.v1.Port
-	64, // 2: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
+	69, // 2: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
 	0,  // 3: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
-	64, // 4: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	64, // 5: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
-	64, // 6: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
+	69, // 4: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	69, // 5: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
+	69, // 6: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
 	3,  // 7: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
-	62, // 8: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
+	67, // 8: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
 	2,  // 9: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
-	0,  // 10: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
-	4,  // 11: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	4,  // 12: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	4,  // 13: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
-	63, // 14: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
-	4,  // 15: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	18, // 16: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
-	15, // 17: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
-	16, // 18: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
-	17, // 19: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
-	16, // 20: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
-	23, // 21: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
-	15, // 22: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
-	16, // 23: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
-	17, // 24: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
-	2,  // 25: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	2,  // 26: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	64, // 27: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
-	35, // 28: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
-	32, // 29: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
-	32, // 30: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
-	64, // 31: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
-	41, // 32: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
-	40, // 33: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
-	40, // 34: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
-	40, // 35: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
-	64, // 36: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
-	48, // 37: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
-	63, // 38: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
-	48, // 39: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
-	64, // 40: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
-	64, // 41: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	63, // 42: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	55, // 43: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
-	55, // 44: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
-	5,  // 45: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
-	7,  // 46: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
-	9,  // 47: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
-	11, // 48: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
-	13, // 49: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
-	19, // 50: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
-	21, // 51: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
-	24, // 52: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
-	26, // 53: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
-	28, // 54: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
-	30, // 55: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
-	33, // 56: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
-	36, // 57: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
-	38, // 58: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
-	49, // 59: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
-	51, // 60: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
-	42, // 61: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
-	44, // 62: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
-	46, // 63: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
-	53, // 64: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
-	56, // 65: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
-	58, // 66: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
-	60, // 67: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
-	6,  // 68: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
-	8,  // 69: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
-	10, // 70: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
-	12, // 71: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
-	14, // 72: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
-	20, // 73: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
-	22, // 74: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
-	25, // 75: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
-	27, // 76: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
-	29, // 77: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
-	31, // 78: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
-	34, // 79: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
-	37, // 80: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
-	39, // 81: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
-	50, // 82: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
-	52, // 83: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
-	43, // 84: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
-	45, // 85: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
-	47, // 86: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
-	54, // 87: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
-	57, // 88: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
-	59, // 89: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
-	61, // 90: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
-	68, // [68:91] is the sub-list for method output_type
-	45, // [45:68] is the sub-list for method input_type
-	45, // [45:45] is the sub-list for extension type_name
-	45, // [45:45] is the sub-list for extension extendee
-	0,  // [0:45] is the sub-list for field type_name
+	5,  // 10: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
+	69, // 11: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
+	4,  // 12: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	4,  // 13: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	0,  // 14: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
+	4,  // 15: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	4,  // 16: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	4,  // 17: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
+	68, // 18: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
+	4,  // 19: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	23, // 20: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
+	20, // 21: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
+	21, // 22: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
+	22, // 23: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
+	21, // 24: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
+	28, // 25: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
+	20, // 26: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
+	21, // 27: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
+	22, // 28: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
+	2,  // 29: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	2,  // 30: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	69, // 31: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
+	40, // 32: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
+	37, // 33: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
+	37, // 34: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
+	69, // 35: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
+	46, // 36: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
+	45, // 37: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
+	45, // 38: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
+	45, // 39: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
+	69, // 40: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
+	53, // 41: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
+	68, // 42: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
+	53, // 43: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
+	69, // 44: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
+	69, // 45: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	68, // 46: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	60, // 47: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
+	60, // 48: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
+	10, // 49: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
+	12, // 50: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
+	14, // 51: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
+	16, // 52: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
+	18, // 53: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
+	6,  // 54: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
+	8,  // 55: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
+	24, // 56: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
+	26, // 57: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
+	29, // 58: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
+	31, // 59: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
+	33, // 60: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
+	35, // 61: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
+	38, // 62: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
+	41, // 63: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
+	43, // 64: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
+	54, // 65: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
+	56, // 66: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
+	47, // 67: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
+	49, // 68: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
+	51, // 69: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
+	58, // 70: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
+	61, // 71: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
+	63, // 72: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
+	65, // 73: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
+	11, // 74: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
+	13, // 75: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
+	15, // 76: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
+	17, // 77: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
+	19, // 78: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
+	7,  // 79: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
+	9,  // 80: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
+	25, // 81: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
+	27, // 82: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
+	30, // 83: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
+	32, // 84: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
+	34, // 85: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
+	36, // 86: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
+	39, // 87: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
+	42, // 88: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
+	44, // 89: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
+	55, // 90: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
+	57, // 91: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
+	48, // 92: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
+	50, // 93: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
+	52, // 94: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
+	59, // 95: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
+	62, // 96: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
+	64, // 97: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
+	66, // 98: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
+	74, // [74:99] is the sub-list for method output_type
+	49, // [49:74] is the sub-list for method input_type
+	49, // [49:49] is the sub-list for extension type_name
+	49, // [49:49] is the sub-list for extension extendee
+	0,  // [0:49] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_fireworks_proto_init() }
@@ -4632,29 +4915,29 @@ func file_fireworks_v1_fireworks_proto_init() {
 	if File_fireworks_v1_fireworks_proto != nil {
 		return
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[19].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[24].OneofWrappers = []any{
 		(*AttachRequest_Start)(nil),
 		(*AttachRequest_Stdin)(nil),
 		(*AttachRequest_StdinClose)(nil),
 		(*AttachRequest_Resize)(nil),
 		(*AttachRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[20].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[25].OneofWrappers = []any{
 		(*AttachResponse_Output)(nil),
 		(*AttachResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[24].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[29].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinClose)(nil),
 		(*ExecRequest_Resize)(nil),
 		(*ExecRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[25].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[30].OneofWrappers = []any{
 		(*ExecResponse_Output)(nil),
 		(*ExecResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[34].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[39].OneofWrappers = []any{
 		(*PullImageResponse_Progress)(nil),
 		(*PullImageResponse_Image)(nil),
 	}
@@ -4664,7 +4947,7 @@ func file_fireworks_v1_fireworks_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_fireworks_proto_rawDesc), len(file_fireworks_v1_fireworks_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   63,
+			NumMessages:   68,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -57,6 +57,12 @@ const (
 	// SandboxServiceRemoveSandboxProcedure is the fully-qualified name of the SandboxService's
 	// RemoveSandbox RPC.
 	SandboxServiceRemoveSandboxProcedure = "/fireworks.v1.SandboxService/RemoveSandbox"
+	// SandboxServicePauseSandboxProcedure is the fully-qualified name of the SandboxService's
+	// PauseSandbox RPC.
+	SandboxServicePauseSandboxProcedure = "/fireworks.v1.SandboxService/PauseSandbox"
+	// SandboxServiceResumeSandboxProcedure is the fully-qualified name of the SandboxService's
+	// ResumeSandbox RPC.
+	SandboxServiceResumeSandboxProcedure = "/fireworks.v1.SandboxService/ResumeSandbox"
 	// SandboxServiceAttachProcedure is the fully-qualified name of the SandboxService's Attach RPC.
 	SandboxServiceAttachProcedure = "/fireworks.v1.SandboxService/Attach"
 	// SandboxServiceLogsProcedure is the fully-qualified name of the SandboxService's Logs RPC.
@@ -109,6 +115,11 @@ type SandboxServiceClient interface {
 	ListSandboxes(context.Context, *connect.Request[fireworksv1.ListSandboxesRequest]) (*connect.Response[fireworksv1.ListSandboxesResponse], error)
 	StopSandbox(context.Context, *connect.Request[fireworksv1.StopSandboxRequest]) (*connect.Response[fireworksv1.StopSandboxResponse], error)
 	RemoveSandbox(context.Context, *connect.Request[fireworksv1.RemoveSandboxRequest]) (*connect.Response[fireworksv1.RemoveSandboxResponse], error)
+	// Pause saves a running sandbox whole (memory, devices, scratch disk) on its node and
+	// ends its VM: it keeps its ID and holds no CPU or RAM until Resume. Both return once
+	// the sandbox is paused / running again.
+	PauseSandbox(context.Context, *connect.Request[fireworksv1.PauseSandboxRequest]) (*connect.Response[fireworksv1.PauseSandboxResponse], error)
+	ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error)
 	// Attach streams the main process's output from the start, forwards stdin, and ends with its exit.
 	Attach(context.Context) *connect.BidiStreamForClient[fireworksv1.AttachRequest, fireworksv1.AttachResponse]
 	Logs(context.Context, *connect.Request[fireworksv1.LogsRequest]) (*connect.ServerStreamForClient[fireworksv1.LogsResponse], error)
@@ -162,6 +173,18 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			connect.WithSchema(sandboxServiceMethods.ByName("RemoveSandbox")),
 			connect.WithClientOptions(opts...),
 		),
+		pauseSandbox: connect.NewClient[fireworksv1.PauseSandboxRequest, fireworksv1.PauseSandboxResponse](
+			httpClient,
+			baseURL+SandboxServicePauseSandboxProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("PauseSandbox")),
+			connect.WithClientOptions(opts...),
+		),
+		resumeSandbox: connect.NewClient[fireworksv1.ResumeSandboxRequest, fireworksv1.ResumeSandboxResponse](
+			httpClient,
+			baseURL+SandboxServiceResumeSandboxProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("ResumeSandbox")),
+			connect.WithClientOptions(opts...),
+		),
 		attach: connect.NewClient[fireworksv1.AttachRequest, fireworksv1.AttachResponse](
 			httpClient,
 			baseURL+SandboxServiceAttachProcedure,
@@ -208,6 +231,8 @@ type sandboxServiceClient struct {
 	listSandboxes *connect.Client[fireworksv1.ListSandboxesRequest, fireworksv1.ListSandboxesResponse]
 	stopSandbox   *connect.Client[fireworksv1.StopSandboxRequest, fireworksv1.StopSandboxResponse]
 	removeSandbox *connect.Client[fireworksv1.RemoveSandboxRequest, fireworksv1.RemoveSandboxResponse]
+	pauseSandbox  *connect.Client[fireworksv1.PauseSandboxRequest, fireworksv1.PauseSandboxResponse]
+	resumeSandbox *connect.Client[fireworksv1.ResumeSandboxRequest, fireworksv1.ResumeSandboxResponse]
 	attach        *connect.Client[fireworksv1.AttachRequest, fireworksv1.AttachResponse]
 	logs          *connect.Client[fireworksv1.LogsRequest, fireworksv1.LogsResponse]
 	exec          *connect.Client[fireworksv1.ExecRequest, fireworksv1.ExecResponse]
@@ -239,6 +264,16 @@ func (c *sandboxServiceClient) StopSandbox(ctx context.Context, req *connect.Req
 // RemoveSandbox calls fireworks.v1.SandboxService.RemoveSandbox.
 func (c *sandboxServiceClient) RemoveSandbox(ctx context.Context, req *connect.Request[fireworksv1.RemoveSandboxRequest]) (*connect.Response[fireworksv1.RemoveSandboxResponse], error) {
 	return c.removeSandbox.CallUnary(ctx, req)
+}
+
+// PauseSandbox calls fireworks.v1.SandboxService.PauseSandbox.
+func (c *sandboxServiceClient) PauseSandbox(ctx context.Context, req *connect.Request[fireworksv1.PauseSandboxRequest]) (*connect.Response[fireworksv1.PauseSandboxResponse], error) {
+	return c.pauseSandbox.CallUnary(ctx, req)
+}
+
+// ResumeSandbox calls fireworks.v1.SandboxService.ResumeSandbox.
+func (c *sandboxServiceClient) ResumeSandbox(ctx context.Context, req *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error) {
+	return c.resumeSandbox.CallUnary(ctx, req)
 }
 
 // Attach calls fireworks.v1.SandboxService.Attach.
@@ -278,6 +313,11 @@ type SandboxServiceHandler interface {
 	ListSandboxes(context.Context, *connect.Request[fireworksv1.ListSandboxesRequest]) (*connect.Response[fireworksv1.ListSandboxesResponse], error)
 	StopSandbox(context.Context, *connect.Request[fireworksv1.StopSandboxRequest]) (*connect.Response[fireworksv1.StopSandboxResponse], error)
 	RemoveSandbox(context.Context, *connect.Request[fireworksv1.RemoveSandboxRequest]) (*connect.Response[fireworksv1.RemoveSandboxResponse], error)
+	// Pause saves a running sandbox whole (memory, devices, scratch disk) on its node and
+	// ends its VM: it keeps its ID and holds no CPU or RAM until Resume. Both return once
+	// the sandbox is paused / running again.
+	PauseSandbox(context.Context, *connect.Request[fireworksv1.PauseSandboxRequest]) (*connect.Response[fireworksv1.PauseSandboxResponse], error)
+	ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error)
 	// Attach streams the main process's output from the start, forwards stdin, and ends with its exit.
 	Attach(context.Context, *connect.BidiStream[fireworksv1.AttachRequest, fireworksv1.AttachResponse]) error
 	Logs(context.Context, *connect.Request[fireworksv1.LogsRequest], *connect.ServerStream[fireworksv1.LogsResponse]) error
@@ -325,6 +365,18 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceRemoveSandboxProcedure,
 		svc.RemoveSandbox,
 		connect.WithSchema(sandboxServiceMethods.ByName("RemoveSandbox")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServicePauseSandboxHandler := connect.NewUnaryHandler(
+		SandboxServicePauseSandboxProcedure,
+		svc.PauseSandbox,
+		connect.WithSchema(sandboxServiceMethods.ByName("PauseSandbox")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServiceResumeSandboxHandler := connect.NewUnaryHandler(
+		SandboxServiceResumeSandboxProcedure,
+		svc.ResumeSandbox,
+		connect.WithSchema(sandboxServiceMethods.ByName("ResumeSandbox")),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceAttachHandler := connect.NewBidiStreamHandler(
@@ -375,6 +427,10 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 			sandboxServiceStopSandboxHandler.ServeHTTP(w, r)
 		case SandboxServiceRemoveSandboxProcedure:
 			sandboxServiceRemoveSandboxHandler.ServeHTTP(w, r)
+		case SandboxServicePauseSandboxProcedure:
+			sandboxServicePauseSandboxHandler.ServeHTTP(w, r)
+		case SandboxServiceResumeSandboxProcedure:
+			sandboxServiceResumeSandboxHandler.ServeHTTP(w, r)
 		case SandboxServiceAttachProcedure:
 			sandboxServiceAttachHandler.ServeHTTP(w, r)
 		case SandboxServiceLogsProcedure:
@@ -414,6 +470,14 @@ func (UnimplementedSandboxServiceHandler) StopSandbox(context.Context, *connect.
 
 func (UnimplementedSandboxServiceHandler) RemoveSandbox(context.Context, *connect.Request[fireworksv1.RemoveSandboxRequest]) (*connect.Response[fireworksv1.RemoveSandboxResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.RemoveSandbox is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) PauseSandbox(context.Context, *connect.Request[fireworksv1.PauseSandboxRequest]) (*connect.Response[fireworksv1.PauseSandboxResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.PauseSandbox is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.ResumeSandbox is not implemented"))
 }
 
 func (UnimplementedSandboxServiceHandler) Attach(context.Context, *connect.BidiStream[fireworksv1.AttachRequest, fireworksv1.AttachResponse]) error {

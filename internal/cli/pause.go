@@ -1,0 +1,66 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+)
+
+// newPauseCmd and newResumeCmd: `docker pause`/`unpause` with the memory saved to disk
+// (a paused sandbox holds no CPU or RAM on its node).
+func newPauseCmd(g *globals) *cobra.Command {
+	return eachSandboxCmd(g, "pause", "Save running sandboxes whole (memory, processes, disk) and end their VMs; they keep their IDs",
+		func(ctx context.Context, c *client.Client, ref string) (*pb.Sandbox, error) {
+			r, err := c.Sandboxes.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Sandbox: ref}))
+			if err != nil {
+				return nil, err
+			}
+			return r.Msg.GetSandbox(), nil
+		})
+}
+
+func newResumeCmd(g *globals) *cobra.Command {
+	return eachSandboxCmd(g, "resume", "Bring paused sandboxes back: every process carries on where it was",
+		func(ctx context.Context, c *client.Client, ref string) (*pb.Sandbox, error) {
+			r, err := c.Sandboxes.ResumeSandbox(ctx, connect.NewRequest(&pb.ResumeSandboxRequest{Sandbox: ref}))
+			if err != nil {
+				return nil, err
+			}
+			return r.Msg.GetSandbox(), nil
+		})
+}
+
+// eachSandboxCmd runs call for every sandbox named, like docker: each failure is
+// reported and the rest are still tried; it prints each sandbox's ID.
+func eachSandboxCmd(g *globals, verb, short string, call func(context.Context, *client.Client, string) (*pb.Sandbox, error)) *cobra.Command {
+	return &cobra.Command{
+		Use:   verb + " SANDBOX...",
+		Short: short,
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			failed := false
+			for _, a := range args {
+				sb, err := call(cmd.Context(), c, a)
+				if err != nil {
+					fmt.Fprintf(g.stderr, "fireworks: %s %s: %s\n", verb, a, printable(g.describe(err)))
+					failed = true
+					continue
+				}
+				fmt.Fprintln(g.stdout, sb.GetId())
+			}
+			if failed {
+				return ExitError{Code: ExitFireworksError}
+			}
+			return nil
+		},
+	}
+}

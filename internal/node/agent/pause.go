@@ -1,0 +1,341 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+// Pause and resume. A pause saves the whole VM (vmm.Saver: RAM and device state in one
+// file) with its scratch disk into sandboxes/<id>/saved/ and ends the VMM; the sandbox
+// then holds no CPU or RAM here, only that disk. A resume is a run of the sandbox whose
+// steps restore that VM instead of making a new one: the guest carries on where it was,
+// its processes, files and memory as they were; the agent sets its clock to the host's,
+// reseeds its entropy, and reattaches to the main process (which the guest held for it,
+// see proto.OpDetach), whose output goes on into the same log.
+//
+// The guest keeps its address (every guest has the same one behind its network's address
+// translation), so its listening servers answer at the same ingress host after a resume;
+// the network itself is made again (connections through it are cut) with the sandbox's
+// policy, and its counters go on from where they were.
+
+// savedRecordFile, in sandboxes/<id>/saved/, is what a resume needs besides the VM's files.
+const savedRecordFile = "saved.json"
+
+type savedRecord struct {
+	Sandbox     state.Sandbox `json:"sandbox"` // as it was started
+	Proc        process       `json:"proc"`
+	Main        uint32        `json:"main_session"`
+	RootFS      string        `json:"root_fs"`
+	ImageDigest string        `json:"image_digest"`
+	// RootDisk identifies the root disk file the guest ran on (inode, size, mtime): the
+	// saved guest has its filesystem's blocks cached, so only that very file will do.
+	RootDisk  string    `json:"root_disk"`
+	VCPUs     int       `json:"vcpus"`
+	MemoryMiB int       `json:"memory_mib"`
+	Net       NetStats  `json:"net"` // counters at the pause, carried over the resume
+	At        time.Time `json:"at"`
+}
+
+func (a *Agent) savedDir(id string) string { return filepath.Join(a.sandboxRoot(), id, "saved") }
+
+func readSavedRecord(dir string) (savedRecord, error) {
+	var r savedRecord
+	b, err := os.ReadFile(filepath.Join(dir, savedRecordFile))
+	if err != nil {
+		return r, err
+	}
+	if err := json.Unmarshal(b, &r); err != nil {
+		return r, fmt.Errorf("parse %s: %w", savedRecordFile, err)
+	}
+	return r, nil
+}
+
+// diskIdentity names a file's inode, size and modification time.
+func diskIdentity(path string) string {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return ""
+	}
+	return fmt.Sprintf("%d-%d-%d", st.Ino, st.Size, st.Mtim.Nano())
+}
+
+// errPauseRefused wraps a pause that changed nothing: the sandbox runs on.
+var errPauseRefused = errors.New("pause refused")
+
+// Pause saves running sandbox id (see above) and reports it paused. A refusal
+// (errPauseRefused: the driver cannot save, too little disk) leaves it running; a save
+// that fails once the guest let go of its host ends it (failed), since its processes can
+// no longer be supervised.
+func (a *Agent) Pause(ctx context.Context, id string) error {
+	s, err := a.lookup(id)
+	if err != nil {
+		return err
+	}
+	select {
+	case <-s.ready:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	s.mu.Lock()
+	vm, g, main, stopping, spec, sn := s.vm, s.guest, s.main, s.stopping, s.spec, s.net
+	s.mu.Unlock()
+	saver, ok := vm.(vmm.Saver)
+	switch {
+	case main == nil || g == nil:
+		return fmt.Errorf("%w: sandbox %s is not running", errPauseRefused, id)
+	case stopping != "":
+		return fmt.Errorf("%w: sandbox %s is stopping", errPauseRefused, id)
+	case !ok:
+		return fmt.Errorf("%w: the %s driver cannot save VMs", errPauseRefused, a.vms.driver.Name())
+	}
+	shape := state.SandboxSpec{VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB}.Reserved()
+	mem := shape.MemoryMiB
+	var fs unix.Statfs_t
+	if err := unix.Statfs(a.sandboxRoot(), &fs); err == nil && int64(fs.Bavail)*fs.Bsize < int64(mem)<<20+(64<<20) {
+		return fmt.Errorf("%w: %d MiB free on the node's disk, the saved memory needs up to %d MiB", errPauseRefused, int64(fs.Bavail)*fs.Bsize>>20, mem+64)
+	}
+	rec, err := readAdoptRecord(s.dir)
+	if err != nil {
+		return fmt.Errorf("%w: the sandbox's run record: %v", errPauseRefused, err)
+	}
+	digest := digestOf(s, rec)
+	img, err := a.images.Get(ctx, digest)
+	if err != nil || img.RootDisk == "" {
+		return fmt.Errorf("%w: the image %s the sandbox runs from: %v", errPauseRefused, digest, err)
+	}
+	rootDisk := diskIdentity(img.RootDisk)
+	var netBase NetStats
+	if sn != nil {
+		if netBase, err = a.NetStats(id); err != nil {
+			return fmt.Errorf("%w: network counters: %v", errPauseRefused, err)
+		}
+	}
+	s.mu.Lock()
+	s.pausing = true // supervise leaves the report of this end to us
+	s.mu.Unlock()
+	t0 := time.Now()
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err = g.Detach(dctx)
+	cancel()
+	if err != nil {
+		s.mu.Lock()
+		s.pausing = false
+		s.mu.Unlock()
+		return fmt.Errorf("%w: the guest did not let go of its sessions: %v", errPauseRefused, err)
+	}
+	final := a.savedDir(id)
+	tmp := final + ".tmp"
+	bytes, err := a.save(ctx, s, saver, tmp, savedRecord{
+		Sandbox: rec.Sandbox, Proc: rec.Proc, Main: rec.Main, RootFS: rec.RootFS, ImageDigest: digest,
+		RootDisk: rootDisk, VCPUs: shape.VCPUs, MemoryMiB: mem, Net: netBase, At: time.Now().UTC(),
+	})
+	if err == nil {
+		_ = os.RemoveAll(final)
+		err = os.Rename(tmp, final)
+	}
+	// The VM is stopped for good either way (see vmm.Saver): end it. supervise returns
+	// without a report, and the run's cleanup lets its network and run files go.
+	_ = vm.Kill()
+	select {
+	case <-s.done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	pin := func(u state.Update) state.Update {
+		r, n, res := s.restarts, s.node, s.resumes
+		u.IfRestarts, u.IfResumes, u.Time = &r, &res, time.Now()
+		if n != "" {
+			u.IfNode = &n
+		}
+		return u
+	}
+	if err != nil {
+		_ = os.RemoveAll(tmp)
+		a.log.Warn("pause failed; the sandbox ends", "sandbox", id, "err", err)
+		a.report(id, pin(state.Update{Status: status(state.StatusFailed), Reason: "pause failed: " + err.Error()}))
+		return err
+	}
+	a.log.Info("sandbox paused", "sandbox", id, "saved_mib", bytes>>20, "took", time.Since(t0).Round(time.Millisecond))
+	a.report(id, pin(state.Update{Status: status(state.StatusPaused), Reason: "paused by request",
+		Saved: &state.Saved{Node: a.cfg.Node, Bytes: bytes, At: time.Now()},
+		Runtime: map[string]string{"pause_took": time.Since(t0).Round(time.Millisecond).String()}}))
+	return nil
+}
+
+// save writes the VM's state and its scratch disk into dir, with rec; it returns the
+// bytes they take.
+func (a *Agent) save(ctx context.Context, s *sandbox, saver vmm.Saver, dir string, rec savedRecord) (int64, error) {
+	_ = os.RemoveAll(dir)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return 0, err
+	}
+	sctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	if err := saver.Save(sctx, filepath.Join(dir, "state")); err != nil {
+		return 0, err
+	}
+	// The disk the guest wrote, as the saved memory knows it (the VMM flushed it).
+	if err := os.Rename(filepath.Join(s.dir, "scratch.img"), filepath.Join(dir, "scratch.img")); err != nil {
+		return 0, fmt.Errorf("keep the scratch disk: %w", err)
+	}
+	b, err := json.Marshal(rec)
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, savedRecordFile), b, 0o600)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("write %s: %w", savedRecordFile, err)
+	}
+	if err := syncDir(dir); err != nil {
+		return 0, err
+	}
+	return dirSize(dir), nil
+}
+
+func syncDir(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		f, err := os.Open(filepath.Join(dir, e.Name()))
+		if err != nil {
+			return err
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("sync %s: %w", e.Name(), err)
+		}
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func digestOf(s *sandbox, rec adoptRecord) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if d := s.started.ImageDigest; d != nil {
+		return *d
+	}
+	return rec.Sandbox.ImageDigest
+}
+
+// report writes a lifecycle change of a run that is no longer live here (update pins
+// reports by the live run).
+func (a *Agent) report(id string, u state.Update) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := a.store.UpdateSandbox(ctx, id, u); err != nil {
+		a.log.Error("record sandbox state", "sandbox", id, "err", err)
+	}
+}
+
+// resumeSteps are a resume's start (see startSteps): the image the guest ran on, the VM
+// restored from its saved state, the main process taken back.
+var resumeSteps = []struct {
+	name string
+	run  func(a *Agent, r *startRun) error
+}{
+	{"image", (*Agent).savedImageStep},       // phase image
+	{"vm", (*Agent).savedVMStep},             // phases net, vmm, guest
+	{"reattach", (*Agent).savedReattachStep}, // phase reattach
+}
+
+// savedImageStep finds the saved record, the image and the very root disk the guest ran on.
+func (a *Agent) savedImageStep(r *startRun) error {
+	rec, err := readSavedRecord(a.savedDir(r.sb.ID))
+	if err != nil {
+		return fmt.Errorf("the sandbox's saved state on node %s: %v", a.cfg.Node, err)
+	}
+	r.saved = &rec
+	img, err := a.images.Get(r.ctx, rec.ImageDigest)
+	if err != nil {
+		return fmt.Errorf("the image %s the sandbox ran from is gone from node %s (removed while paused?): %v", rec.ImageDigest, a.cfg.Node, err)
+	}
+	digest := img.Digest
+	r.s.mu.Lock()
+	r.s.started.ImageDigest = &digest
+	r.s.mu.Unlock()
+	r.img = img
+	if r.rootDisk, r.rootFS, err = a.images.RootDisk(r.ctx, img); err != nil {
+		return fmt.Errorf("root disk of %s: %v", rec.ImageDigest, err)
+	}
+	if id := diskIdentity(r.rootDisk); id != rec.RootDisk {
+		// The saved guest has the old disk's blocks cached: a rebuilt disk would be
+		// read as garbage.
+		return fmt.Errorf("the root disk of %s was rebuilt while the sandbox was paused; the saved guest cannot run on another", rec.ImageDigest)
+	}
+	r.proc, r.rootFS = rec.Proc, rec.RootFS
+	r.ph.mark("image")
+	return nil
+}
+
+// savedVMStep restores the VM from its saved state, on its saved scratch disk, with a
+// network of the sandbox's policy.
+func (a *Agent) savedVMStep(r *startRun) error {
+	s, sb, rec := r.s, r.sb, r.saved
+	dir := a.savedDir(sb.ID)
+	in := vmInput{id: sb.ID, dir: s.dir, rootDisk: r.rootDisk, vcpus: rec.VCPUs, mem: rec.MemoryMiB,
+		saved: &savedFiles{state: filepath.Join(dir, "state"), scratch: filepath.Join(dir, "scratch.img")},
+		net: sb.Spec.Network != state.NetworkNone, policy: policyOf(sb.Spec)}
+	h, err := a.vms.startVM(r.ctx, in)
+	if err != nil {
+		return fmt.Errorf("resume the saved VM: %v", err)
+	}
+	if h.netTime > 0 {
+		r.ph.add("net", h.netTime)
+	}
+	r.ph.add("vmm", h.vmmTime)
+	r.ph.add("guest", h.guestT)
+	r.ph.last = time.Now()
+	a.ownVM(s, h, &r.cleanup)
+	r.h, r.how = h, "resume"
+	s.mu.Lock()
+	s.netBase = rec.Net
+	s.mu.Unlock()
+	info := h.vm.Info()
+	r.rt = map[string]string{
+		"pid": fmt.Sprint(info.PID), "run_dir": s.dir, "console_log": info.ConsoleLog, "qemu_cmdline": info.CmdlineFile,
+		"start_mode": "resume", "resumed_from": rec.At.Format(time.RFC3339Nano),
+	}
+	if h.net != nil {
+		r.rt["netns"], r.rt["address"] = h.net.Namespace(), h.net.Address().String()
+	}
+	s.mu.Lock()
+	s.started.Runtime = r.rt
+	s.mu.Unlock()
+	return nil
+}
+
+// savedReattachStep brings the guest's clock to now, reseeds its entropy, and takes
+// back the main process.
+func (a *Agent) savedReattachStep(r *startRun) error {
+	ctx, cancel := context.WithTimeout(r.ctx, 30*time.Second)
+	defer cancel()
+	g := r.h.guest
+	if err := g.SetTime(ctx, proto.SetTime{TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}); err != nil {
+		return fmt.Errorf("set the resumed guest's clock: %v", err)
+	}
+	main, err := g.Reattach(ctx, r.saved.Main)
+	if err != nil {
+		return fmt.Errorf("take back the main process (session %d) after the resume: %v", r.saved.Main, err)
+	}
+	r.main = main
+	r.ph.mark("reattach")
+	return nil
+}
