@@ -108,7 +108,11 @@ func (m *Manager) Choose(sb state.Sandbox) (string, scheduler.Config) {
 	}
 	sbs := m.store.LocalSandboxes()
 	for _, o := range sbs {
-		if o.Status == state.StatusPending && o.Node == "" && o.StopRequestedAt.IsZero() {
+		// An older sandbox waiting for a node goes first, through the pass, unless the
+		// last pass found no node for it (a constraint no node meets, a shape that does
+		// not fit): the pass places later ones past it too, and one such sandbox must not
+		// take every later create off this path.
+		if o.Status == state.StatusPending && o.Node == "" && o.StopRequestedAt.IsZero() && !strings.Contains(o.Reason, noFitPrefix) {
 			return "", m.cfg.Scheduler
 		}
 	}
@@ -129,6 +133,10 @@ func (m *Manager) Choose(sb state.Sandbox) (string, scheduler.Config) {
 
 // Scheduling is the scheduler configuration the leader's placements use.
 func (m *Manager) Scheduling() scheduler.Config { return m.cfg.Scheduler }
+
+// noFitPrefix is in the reason of a sandbox the last pass could not place
+// (scheduler.NoFitError).
+const noFitPrefix = "no node fits:"
 
 // Notify asks for a pass now.
 func (m *Manager) Notify() {

@@ -571,6 +571,15 @@ func TestChooseAtCreate(t *testing.T) {
 	if sb := create("b", 128); sb.Node != "" {
 		t.Fatalf("placed on %q ahead of an older waiting sandbox", sb.Node)
 	}
+	// Once a pass found no node for "big", it no longer holds later creates back (the
+	// pass places past it too).
+	e.pass()
+	if b, big := e.get("b"), e.get("big"); b.Node != "n1" || big.Node != "" || !strings.Contains(big.Reason, "no node fits") {
+		t.Fatalf("after a pass: b on %q, big on %q (%s)", b.Node, big.Node, big.Reason)
+	}
+	if sb := create("d", 128); sb.Node != "n1" {
+		t.Fatalf("held back by a sandbox no node fits: node %q (%s)", sb.Node, sb.Reason)
+	}
 	// A plan the state machine finds no longer fits leaves the sandbox pending.
 	sb := state.Sandbox{ID: "c", Spec: state.SandboxSpec{Image: "alpine", MemoryMiB: 900}, Status: state.StatusPending, CreatedAt: e.clock.Now()}
 	if err := e.store.CreateAndPlace(e.ctx, sb, state.Quota{}, "n1", scheduler.Config{}); err != nil {

@@ -12,11 +12,14 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/encoding/protojson"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // allocated runs f and reports the bytes the process allocated meanwhile.
@@ -179,5 +182,49 @@ func TestWaitingCallsPerToken(t *testing.T) {
 	defer acancel()
 	if err := setPolicy(actx, a.user); connect.CodeOf(err) == connect.CodeResourceExhausted {
 		t.Errorf("a call after the others ended was refused: %v", err)
+	}
+}
+
+// A user sees its sandbox without what names or locates its node (the node's name, the
+// VMM's pid, paths and addresses on the node); an admin sees all of it.
+func TestUsersDoNotLearnTheNodes(t *testing.T) {
+	a := newTestAPI(t)
+	ctx := t.Context()
+	if _, err := a.store.RegisterNode(ctx, state.Node{ID: "secret-node-7", Address: "10.9.8.7:1", UpdatedAt: time.Now(),
+		Capacity: state.Resources{VCPUs: 4, MemoryMiB: 4096, DiskMiB: 100000}}); err != nil {
+		t.Fatal(err)
+	}
+	created, err := a.sandboxes.CreateSandbox(ctx, as(a.user, &pb.CreateSandboxRequest{Spec: &pb.SandboxSpec{Image: "busybox"}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := created.Msg.GetSandbox().GetId()
+	if res, err := a.store.PlaceSandboxes(ctx, []state.Plan{{SandboxID: id, NodeID: "secret-node-7"}}, scheduler.Config{}, time.Now()); err != nil || res[0].Err != "" {
+		t.Fatalf("place: %v %+v", err, res)
+	}
+	if _, err := a.store.UpdateSandbox(ctx, id, state.Update{Time: time.Now(), Runtime: map[string]string{
+		"pid": "4242", "run_dir": "/var/lib/fireworks/run/" + id, "console_log": "/var/lib/x/console.log", "address": "10.201.0.6", "start_mode": "cold"}}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := a.sandboxes.GetSandbox(ctx, as(a.user, &pb.GetSandboxRequest{Sandbox: id}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := protojson.Format(got.Msg)
+	for _, leak := range []string{"secret-node-7", "4242", "/var/lib", "10.201.0.6"} {
+		if strings.Contains(text, leak) {
+			t.Errorf("a user's view of its sandbox shows %q:\n%s", leak, text)
+		}
+	}
+	if got.Msg.GetSandbox().GetDetails()["start_mode"] != "cold" {
+		t.Errorf("a user's view lost the details it may see: %v", got.Msg.GetSandbox().GetDetails())
+	}
+	list, err := a.sandboxes.ListSandboxes(ctx, as(a.user, &pb.ListSandboxesRequest{All: true}))
+	if err != nil || strings.Contains(protojson.Format(list.Msg), "secret-node-7") {
+		t.Errorf("a user's list shows the node: %v", err)
+	}
+	admin, err := a.sandboxes.GetSandbox(ctx, as(a.admin, &pb.GetSandboxRequest{Sandbox: id}))
+	if err != nil || admin.Msg.GetSandbox().GetNode() != "secret-node-7" || admin.Msg.GetSandbox().GetDetails()["pid"] != "4242" {
+		t.Errorf("an admin's view: %v %v", admin.Msg.GetSandbox(), err)
 	}
 }

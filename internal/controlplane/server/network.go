@@ -11,6 +11,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/auth"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/netpolicy"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
@@ -117,7 +118,13 @@ func (h *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.
 	}
 	if _, err := h.s.store.UpdateSandbox(ctx, sb.ID, state.Update{Policy: &text, PolicyAdmin: admin, Time: h.s.now()}); err != nil {
 		// Put the recorded policy back in force, so node and state agree.
-		if rerr := h.s.applyPolicy(context.WithoutCancel(ctx), sb, sb.Spec.Policy, sb.Spec.PolicyAdmin); rerr != nil {
+		// As the server itself: an admin's policy goes back in force only for an admin
+		// (the node takes the admin flag only with the caller's word for it).
+		rctx := context.WithoutCancel(ctx)
+		if sb.Spec.PolicyAdmin {
+			rctx = auth.With(rctx, auth.Identity{Role: state.RoleAdmin})
+		}
+		if rerr := h.s.applyPolicy(rctx, sb, sb.Spec.Policy, sb.Spec.PolicyAdmin); rerr != nil {
 			h.s.log.Error("restore the recorded network policy after a failed write", "sandbox", sb.ID, "err", rerr)
 		}
 		return nil, toConnectError(err)
@@ -126,7 +133,7 @@ func (h *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&pb.SetPolicyResponse{Network: st}), nil
+	return connect.NewResponse(&pb.SetPolicyResponse{Network: h.s.netView(ctx, st)}), nil
 }
 
 // applyPolicy puts a policy in force on the sandbox's node.
@@ -158,7 +165,7 @@ func (h *sandboxService) GetPolicy(ctx context.Context, req *connect.Request[pb.
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&pb.GetPolicyResponse{Network: st}), nil
+	return connect.NewResponse(&pb.GetPolicyResponse{Network: h.s.netView(ctx, st)}), nil
 }
 
 func (h *sandboxService) PortForward(ctx context.Context, stream *connect.BidiStream[pb.PortForwardRequest, pb.PortForwardResponse]) error {

@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/auth"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
@@ -71,7 +74,7 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	return connect.NewResponse(&pb.CreateSandboxResponse{Sandbox: sandboxToPB(got)}), nil
+	return connect.NewResponse(&pb.CreateSandboxResponse{Sandbox: h.s.view(ctx, got)}), nil
 }
 
 func (h *sandboxService) GetSandbox(ctx context.Context, req *connect.Request[pb.GetSandboxRequest]) (*connect.Response[pb.GetSandboxResponse], error) {
@@ -79,12 +82,12 @@ func (h *sandboxService) GetSandbox(ctx context.Context, req *connect.Request[pb
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	out := sandboxToPB(sb)
+	out := h.s.view(ctx, sb)
 	if sb.Status == state.StatusRunning && sb.Spec.Network != state.NetworkNone {
 		// Live counters, best effort: inspect must not hang on a slow node.
 		nctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		if st, err := h.s.netStatus(nctx, sb); err == nil {
-			out.Network = st
+			out.Network = h.s.netView(ctx, st)
 		}
 		cancel()
 	}
@@ -105,7 +108,7 @@ func (h *sandboxService) ListSandboxes(ctx context.Context, req *connect.Request
 		if !req.Msg.GetAll() && sb.Status.Terminal() || !who.CanAccess(sb.Owner) {
 			continue
 		}
-		resp.Sandboxes = append(resp.Sandboxes, sandboxToPB(sb))
+		resp.Sandboxes = append(resp.Sandboxes, h.s.view(ctx, sb))
 	}
 	return connect.NewResponse(resp), nil
 }
@@ -131,7 +134,7 @@ func (h *sandboxService) StopSandbox(ctx context.Context, req *connect.Request[p
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	return connect.NewResponse(&pb.StopSandboxResponse{Sandbox: sandboxToPB(sb)}), nil
+	return connect.NewResponse(&pb.StopSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
 }
 
 func (h *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request[pb.RemoveSandboxRequest]) (*connect.Response[pb.RemoveSandboxResponse], error) {
@@ -331,7 +334,7 @@ func (h *sandboxService) PauseSandbox(ctx context.Context, req *connect.Request[
 			return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("pause sandbox %s: it is %s: %s", sb.ID, sb.Status, sb.Reason))
 		}
 	}
-	return connect.NewResponse(&pb.PauseSandboxResponse{Sandbox: sandboxToPB(sb)}), nil
+	return connect.NewResponse(&pb.PauseSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
 }
 
 func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request[pb.ResumeSandboxRequest]) (*connect.Response[pb.ResumeSandboxResponse], error) {
@@ -361,7 +364,55 @@ func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request
 	if sb.Status != state.StatusRunning {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("resume sandbox %s: it is %s: %s", sb.ID, sb.Status, sb.Reason))
 	}
-	return connect.NewResponse(&pb.ResumeSandboxResponse{Sandbox: sandboxToPB(sb)}), nil
+	return connect.NewResponse(&pb.ResumeSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
+}
+
+// nodeDetails are the runtime details that name the node's internals (its paths, the
+// VMM's pid, the sandbox's address and namespace there): an admin's to see.
+var nodeDetails = []string{"pid", "run_dir", "console_log", "qemu_cmdline", "netns", "address", "vmm_pid"}
+
+// view is sb as the caller may see it: all of it for an admin; for a user, nothing that
+// names or locates a node (users neither name nor learn the nodes, see the README's
+// security section).
+func (s *Server) view(ctx context.Context, sb state.Sandbox) *pb.Sandbox {
+	out := sandboxToPB(sb)
+	if who, ok := auth.From(ctx); ok && who.Admin() {
+		return out
+	}
+	hide := func(text string) string {
+		if sb.Node == "" {
+			return text
+		}
+		return strings.ReplaceAll(text, "node "+sb.Node, "its node")
+	}
+	out.Node = ""
+	out.Reason = hide(out.Reason)
+	for _, e := range out.Events {
+		e.Reason = hide(e.Reason)
+	}
+	if out.Saved != nil {
+		out.Saved.Node = ""
+	}
+	if len(out.Details) > 0 {
+		d := make(map[string]string, len(out.Details))
+		for k, v := range out.Details {
+			if !slices.Contains(nodeDetails, k) {
+				d[k] = hide(v)
+			}
+		}
+		out.Details = d
+	}
+	return out
+}
+
+// netView is a sandbox's network status as the caller may see it: for a user, without
+// the node's own rules (they list the node's addresses).
+func (s *Server) netView(ctx context.Context, st *pb.NetworkStatus) *pb.NetworkStatus {
+	if who, ok := auth.From(ctx); ok && who.Admin() || st == nil {
+		return st
+	}
+	st.Address, st.Effective = "", ""
+	return st
 }
 
 func ts(t time.Time) *timestamppb.Timestamp {

@@ -418,11 +418,30 @@ func (n *sbNet) replacePrograms() error {
 	return errors.Join(enf.Pin(n.pinDir()), guard.Pin(n.pinDir()))
 }
 
+// reapply puts the policy in force again (the node's rules changed), read under the
+// same lock as Apply takes: a policy applied meanwhile is the one re-applied, never the
+// one it replaced. A closed network stays closed.
+func (n *sbNet) reapply() error {
+	n.applyMu.Lock()
+	defer n.applyMu.Unlock()
+	n.m.mu.Lock()
+	pol, closed := n.pol, n.closed
+	n.m.mu.Unlock()
+	if closed || n.enf == nil {
+		return nil
+	}
+	return n.applyLocked(pol)
+}
+
 // apply puts a policy in force on the running programs; one that does not parse or
 // validate (or opens what only an admin may) changes nothing.
 func (n *sbNet) Apply(pol NetPolicy) error {
 	n.applyMu.Lock()
 	defer n.applyMu.Unlock()
+	return n.applyLocked(pol)
+}
+
+func (n *sbNet) applyLocked(pol NetPolicy) error {
 	set, err := n.m.policySet(n.ns.Block, pol)
 	if err != nil {
 		return fmt.Errorf("network policy: %w", err)
@@ -724,13 +743,7 @@ func (m *netManager) followNodeAddrs(ctx context.Context, every time.Duration) {
 		m.mu.Unlock()
 		m.log.Info("the node's addresses changed; re-applying sandbox policies", "sandboxes", len(nets))
 		for _, n := range nets {
-			m.mu.Lock()
-			pol, closed := n.pol, n.closed
-			m.mu.Unlock()
-			if closed || n.enf == nil {
-				continue
-			}
-			if err := n.Apply(pol); err != nil {
+			if err := n.reapply(); err != nil {
 				m.log.Warn("re-apply a sandbox policy", "owner", n.owner, "err", err)
 			}
 		}

@@ -54,7 +54,10 @@ func (h *imageService) PullImage(ctx context.Context, req *connect.Request[pb.Pu
 	return stream.Send(&pb.PullImageResponse{Msg: &pb.PullImageResponse_Image{Image: imageToPB(*img, node)}})
 }
 
-func (h *imageService) ListImages(ctx context.Context, _ *connect.Request[pb.ListImagesRequest]) (*connect.Response[pb.ListImagesResponse], error) {
+func (h *imageService) ListImages(ctx context.Context, req *connect.Request[pb.ListImagesRequest]) (*connect.Response[pb.ListImagesResponse], error) {
+	if err := requireAdmin(req.Header(), "listing images"); err != nil {
+		return nil, err
+	}
 	imgs, err := h.ag.Images().List(ctx)
 	if err != nil {
 		return nil, toConnectError(err)
@@ -67,6 +70,9 @@ func (h *imageService) ListImages(ctx context.Context, _ *connect.Request[pb.Lis
 }
 
 func (h *imageService) RemoveImage(ctx context.Context, req *connect.Request[pb.RemoveImageRequest]) (*connect.Response[pb.RemoveImageResponse], error) {
+	if err := requireAdmin(req.Header(), "removing an image"); err != nil {
+		return nil, err
+	}
 	r, err := h.ag.RemoveImage(ctx, req.Msg.GetRef())
 	if err != nil {
 		return nil, toConnectError(fmt.Errorf("remove image %s on node %s: %w", req.Msg.GetRef(), h.ag.NodeName(), err))
@@ -78,10 +84,10 @@ func (h *imageService) WarmImage(ctx context.Context, req *connect.Request[pb.Wa
 	if req.Msg.GetRef() == "" {
 		return nil, errNoRef
 	}
-	who := callerOf(req.Header())
-	if err := who.checkSource(req.Msg.GetRef()); err != nil {
+	if err := requireAdmin(req.Header(), "warming an image"); err != nil {
 		return nil, err
 	}
+	who := callerOf(req.Header())
 	t, err := h.ag.WarmImage(ctx, req.Msg.GetRef(), h.ag.PullOptions(req.Msg.GetInsecureRegistries(), who.admin, who.token))
 	if err != nil {
 		var ce *connect.Error
@@ -98,7 +104,10 @@ func (h *imageService) WarmImage(ctx context.Context, req *connect.Request[pb.Wa
 	return connect.NewResponse(resp), nil
 }
 
-func (h *imageService) ListTemplates(context.Context, *connect.Request[pb.ListTemplatesRequest]) (*connect.Response[pb.ListTemplatesResponse], error) {
+func (h *imageService) ListTemplates(_ context.Context, req *connect.Request[pb.ListTemplatesRequest]) (*connect.Response[pb.ListTemplatesResponse], error) {
+	if err := requireAdmin(req.Header(), "listing templates"); err != nil {
+		return nil, err
+	}
 	resp := &pb.ListTemplatesResponse{}
 	for _, t := range h.ag.Templates() {
 		resp.Templates = append(resp.Templates, templateToPB(t, h.ag.NodeName()))
@@ -108,7 +117,10 @@ func (h *imageService) ListTemplates(context.Context, *connect.Request[pb.ListTe
 
 // ListPools reports the node's warm pools as they are now (the servers also get them
 // with every heartbeat, which may be a beat old).
-func (h *imageService) ListPools(context.Context, *connect.Request[pb.ListPoolsRequest]) (*connect.Response[pb.ListPoolsResponse], error) {
+func (h *imageService) ListPools(_ context.Context, req *connect.Request[pb.ListPoolsRequest]) (*connect.Response[pb.ListPoolsResponse], error) {
+	if err := requireAdmin(req.Header(), "listing pools"); err != nil {
+		return nil, err
+	}
 	resp := &pb.ListPoolsResponse{}
 	for _, st := range PoolStatuses(h.ag) {
 		resp.Pools = append(resp.Pools, &pb.Pool{Image: st.GetImage(), Nodes: []*pb.PoolNodeStatus{st}})

@@ -99,6 +99,15 @@ func (c caller) checkSource(ref string) error {
 	return nil
 }
 
+// requireAdmin refuses a call only an admin may make (the server refuses it first; this
+// is the node's own check, failing closed).
+func requireAdmin(h http.Header, what string) error {
+	if !callerOf(h).admin {
+		return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("%s needs an admin", what))
+	}
+	return nil
+}
+
 // checkID refuses what is not a sandbox ID (it names files on the node).
 func checkID(id string) error {
 	if !routes.ValidSandbox(id) {

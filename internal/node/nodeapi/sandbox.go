@@ -276,7 +276,7 @@ func (n *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.
 	if err := checkID(req.Msg.GetSandbox()); err != nil {
 		return nil, err
 	}
-	if err := n.ag.SetPolicy(req.Msg.GetSandbox(), req.Msg.GetPolicy(), req.Msg.GetAdmin()); err != nil {
+	if err := n.ag.SetPolicy(req.Msg.GetSandbox(), req.Msg.GetPolicy(), req.Msg.GetAdmin() && callerOf(req.Header()).admin); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
 	st, err := n.ag.NetStats(req.Msg.GetSandbox())
