@@ -110,6 +110,22 @@ func registerLimitFlags(fl *pflag.FlagSet, l *server.Limits) {
 	fl.IntVar(&l.SpecBytesPerOwner, "max-spec-bytes-per-token", l.SpecBytesPerOwner, "bytes of all of one user token's sandbox specs (commands, environments, policies), exited sandboxes included; 0 = unlimited")
 }
 
+// parseLabels reads --label key=value[,key=value...].
+func parseLabels(s string) (map[string]string, error) {
+	out := map[string]string{}
+	for _, kv := range strings.Split(s, ",") {
+		if kv = strings.TrimSpace(kv); kv == "" {
+			continue
+		}
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("--label %q: want key=value", kv)
+		}
+		out[k] = v
+	}
+	return out, nil
+}
+
 func newAgentCmd(g *globals) *cobra.Command {
 	var (
 		cfg                                   agentproc.AgentConfig
@@ -134,16 +150,9 @@ func newAgentCmd(g *globals) *cobra.Command {
 			if len(cfg.Servers) == 0 {
 				return fmt.Errorf("no servers: pass --server host:port[,host:port...] or set FIREWORKS_SERVER")
 			}
-			cfg.Labels = map[string]string{}
-			for _, kv := range strings.Split(labels, ",") {
-				if kv = strings.TrimSpace(kv); kv == "" {
-					continue
-				}
-				k, v, ok := strings.Cut(kv, "=")
-				if !ok || k == "" {
-					return fmt.Errorf("--label %q: want key=value", kv)
-				}
-				cfg.Labels[k] = v
+			var err error
+			if cfg.Labels, err = parseLabels(labels); err != nil {
+				return err
 			}
 			a, err := accelFlag(accel)
 			if err != nil {

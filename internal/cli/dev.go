@@ -57,7 +57,7 @@ func findInitBinary(flag string) (string, error) {
 
 type devFlags struct {
 	dataDir, listen, accel, initBinary, node string
-	logLevel                                 string
+	logLevel, labels                         string
 	warm                                     warmFlags
 	net                                      nodeNetFlags
 	// The built-in ingress, in-process, and the xDS feed (see runDevIngress).
@@ -80,6 +80,7 @@ func newDevCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&f.accel, "accel", "auto", "accelerator: auto, kvm or tcg")
 	cmd.Flags().StringVar(&f.initBinary, "init-binary", "", "guest init binary (default: fireworks-init beside this executable)")
 	cmd.Flags().StringVar(&f.node, "node", "", "node name (default: hostname)")
+	cmd.Flags().StringVar(&f.labels, "label", "", "node labels key=value, comma-separated (for --constraint)")
 	cmd.Flags().StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.warm.register(cmd.Flags())
 	f.net.register(cmd.Flags())
@@ -120,7 +121,12 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 	if err != nil {
 		return err
 	}
+	labels, err := parseLabels(f.labels)
+	if err != nil {
+		return err
+	}
 	cfg := devproc.DevConfig{
+		Labels: labels,
 		DataDir: f.dataDir, Listen: f.listen, Limits: f.limits,
 		IngressListen: f.ingressListen, IngressDomain: f.ingressDomain, XDSListen: f.xdsListen, Log: log,
 		Agent: agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel},

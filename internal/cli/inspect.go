@@ -56,7 +56,8 @@ func writeSandboxText(w io.Writer, sb *pb.Sandbox) {
 	}
 	row("Image", img)
 	status := sb.GetStatus()
-	if status == "exited" || status == "failed" {
+	if status == "exited" || (status == "failed" && sb.GetExitCode() != 0) {
+		// A sandbox that failed before its command ended has no exit code of its own.
 		status += fmt.Sprintf(" (exit code %d)", sb.GetExitCode())
 	}
 	if r := sb.GetReason(); r != "" {

@@ -226,7 +226,14 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 		return err // interrupted while it waited for a node: nothing to remove, it stays
 	}
 	if err != nil {
-		return err
+		// Created, but not attached to (refused, or the connection broke): it runs
+		// detached. Say which one it is, and remove it if --rm asked for that.
+		if f.rm {
+			if _, rerr := c.Sandboxes.RemoveSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: id, Force: true})); rerr == nil {
+				return fmt.Errorf("%w (sandbox %s was removed, as --rm asks)", err, short(id))
+			}
+		}
+		return fmt.Errorf("%w (sandbox %s was created and runs without this terminal: `fireworks logs -f %s`, or `fireworks rm -f %s`)", err, short(id), short(id), short(id))
 	}
 	if f.rm {
 		if _, err := c.Sandboxes.RemoveSandbox(context.WithoutCancel(ctx), connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: id, Force: true})); err != nil {
@@ -434,7 +441,25 @@ func newExecCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			exit, err := runSession(g, sess, interactive, tty, sess.Signal)
+			// While the sandbox is still starting the server waits for it and there is
+			// no process to signal: a signal ends the wait instead (the exec never runs).
+			var interrupted atomic.Int32
+			onSignal := func(sig int32) {
+				gctx, gcancel := context.WithTimeout(ctx, 2*time.Second)
+				resp, err := c.Sandboxes.GetSandbox(gctx, connect.NewRequest(&pb.GetSandboxRequest{Sandbox: args[0]}))
+				gcancel()
+				if err == nil && (resp.Msg.GetSandbox().GetStatus() == "pending" || resp.Msg.GetSandbox().GetStatus() == "starting") {
+					interrupted.Store(sig)
+					cancel()
+					return
+				}
+				sess.Signal(sig)
+			}
+			exit, err := runSession(g, sess, interactive, tty, onSignal)
+			if sig := interrupted.Load(); sig != 0 {
+				fmt.Fprintf(g.stderr, "fireworks: stopped waiting for sandbox %s to start; the command did not run\n", args[0])
+				return ExitError{Code: 128 + int(sig)}
+			}
 			if err != nil {
 				return err
 			}

@@ -33,6 +33,8 @@ type DevConfig struct {
 	Listen string
 	// Agent is the node's configuration; Node defaults to the host name.
 	Agent agent.Config
+	// Labels are the node's labels (for --constraint), as an agent's --label.
+	Labels map[string]string
 	// Limits bound what one non-admin token may hold.
 	Limits server.Limits
 	// IngressListen, if set, runs the built-in ingress there, in-process.
@@ -173,7 +175,7 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	}
 	waitNode = srv.AddLocalNode(ctx, node, nodeapi.APIHandler(ag, log))
 	run("node link", func() error {
-		return link.Run(ctx, agentproc.NodeOf(ag, node, agentproc.NodeSetup{Address: dataLn.Addr().String(), DataDir: cfg.Agent.DataDir}))
+		return link.Run(ctx, agentproc.NodeOf(ag, node, agentproc.NodeSetup{Address: dataLn.Addr().String(), DataDir: cfg.Agent.DataDir, Labels: cfg.Labels}))
 	})
 	run("node data listener", func() error {
 		return ingress.Serve(ctx, dataLn, nodeapi.DataHandler(ag, srv.IngressDomain(), log), nil, log)

@@ -228,3 +228,29 @@ func TestUsersDoNotLearnTheNodes(t *testing.T) {
 		t.Errorf("an admin's view: %v %v", admin.Msg.GetSandbox(), err)
 	}
 }
+
+// `stop` of a sandbox waiting to be restarted ends its restart policy, as docker stop does.
+func TestStopEndsTheRestartPolicy(t *testing.T) {
+	a := newTestAPI(t)
+	ctx := t.Context()
+	created, err := a.sandboxes.CreateSandbox(ctx, as(a.user, &pb.CreateSandboxRequest{Spec: &pb.SandboxSpec{Image: "busybox", Restart: "always"}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := created.Msg.GetSandbox().GetId()
+	exited, code := state.StatusExited, 0
+	if _, err := a.store.UpdateSandbox(ctx, id, state.Update{Status: &exited, ExitCode: &code, Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.sandboxes.StopSandbox(ctx, as(a.user, &pb.StopSandboxRequest{Sandbox: id})); err != nil {
+		t.Fatal(err)
+	}
+	sb, err := a.store.GetSandbox(ctx, id)
+	if err != nil || sb.StopRequestedAt.IsZero() {
+		t.Fatalf("after stop: %+v %v", sb, err)
+	}
+	pending := state.StatusPending
+	if _, err := a.store.UpdateSandbox(ctx, id, state.Update{Restart: true, Status: &pending, Time: time.Now()}); err == nil {
+		t.Error("restarted after a stop")
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -90,7 +91,7 @@ func (h *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	text := req.Msg.GetPolicy()
+	text := normalPolicy(req.Msg.GetPolicy())
 	if sb.Spec.Network == state.NetworkNone {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s has no network (--network none)", sb.ID))
 	}
@@ -196,4 +197,14 @@ func (h *sandboxService) PortForward(ctx context.Context, stream *connect.BidiSt
 	}
 	go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
 	return relayResponses(rs.Receive, stream.Send, "port-forward", sb.Node)
+}
+
+// normalPolicy is "" (the node's defaults) for a policy of blank lines only: a policy with
+// no rule and no default line otherwise denies by default, and "(none)" would be shown
+// for what in fact denies everything.
+func normalPolicy(text string) string {
+	if strings.TrimSpace(text) == "" {
+		return ""
+	}
+	return text
 }

@@ -129,6 +129,12 @@ func (h *sandboxService) StopSandbox(ctx context.Context, req *connect.Request[p
 		if err := h.s.stop(ctx, sb, grace); err != nil {
 			return nil, toConnectError(fmt.Errorf("stop sandbox %s: %w", sb.ID, err))
 		}
+	} else if sb.StopRequestedAt.IsZero() && sb.Spec.Restart != "" && sb.Spec.Restart != state.RestartNever {
+		// Ended, and its restart policy would run it again: the stop ends the policy
+		// (as `docker stop` does), so it stays as it ended.
+		if _, err := h.s.store.UpdateSandbox(ctx, sb.ID, state.Update{StopGrace: &grace, Time: h.s.now()}); err != nil {
+			return nil, toConnectError(fmt.Errorf("stop sandbox %s: %w", sb.ID, err))
+		}
 	}
 	sb, err = h.s.store.GetSandbox(ctx, sb.ID)
 	if err != nil {
@@ -250,7 +256,7 @@ func specFromPB(p *pb.SandboxSpec) state.SandboxSpec {
 		TTY: p.GetTty(), Stdin: p.GetStdin(), InsecureRegistries: p.GetInsecureRegistries(),
 		Restart: state.RestartPolicy(p.GetRestart()), Constraints: p.GetConstraints(), Spread: p.GetSpread(),
 		DiskMiB: int(p.GetDiskMib()), Boot: state.BootMode(p.GetBoot()),
-		Network: p.GetNetwork(), Policy: p.GetPolicy(),
+		Network: p.GetNetwork(), Policy: normalPolicy(p.GetPolicy()),
 	}
 	for _, pp := range p.GetPorts() {
 		port := uint16(pp.GetPort())

@@ -309,7 +309,11 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 		shape: a.shape, sandboxUsage: a.sandboxUsage, maxVCPUs: cfg.MaxVCPUs, maxMemoryMiB: cfg.MaxMemoryMiB,
 		wake: a.wakeFill, log: a.log.With("part", "pools"), pools: map[string]*pool{}}
 	a.slots = newRestoreSlots(a.templates, m, a.wakeFill, a.log)
-	a.templates.pinned, a.templates.dropped = a.pools.templateKeys, a.slots.drop
+	a.templates.pinned = a.pools.templateKeys
+	a.templates.dropped = func(hash string) {
+		a.slots.drop(hash)
+		a.pools.templateGone(hash)
+	}
 	if err := a.recover(ctx); err != nil {
 		return nil, err
 	}
@@ -712,7 +716,11 @@ func (a *Agent) update(id string, u state.Update) {
 	a.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := a.store.UpdateSandbox(ctx, id, u); err != nil {
+	if _, err := a.store.UpdateSandbox(ctx, id, u); errors.Is(err, state.ErrStaleReport) {
+		// The sandbox moved on (re-placed by a drain, stopped, resumed): this run's news
+		// is no longer anyone's.
+		a.log.Info("report of a run the control plane has moved past", "sandbox", id, "err", err)
+	} else if err != nil {
 		a.log.Error("record sandbox state", "sandbox", id, "err", err)
 	}
 }

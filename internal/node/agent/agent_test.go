@@ -318,6 +318,27 @@ func TestWarmPool(t *testing.T) {
 		t.Errorf("pool VMs taken by starts that may not take them: %d ready", ps[0].Ready)
 	}
 
+	// The image goes: the ready VM restored from its template goes with the template,
+	// and the pool fills again from the image pulled again (a new template).
+	var stale *agenttest.Net
+	for _, nt := range n.nets.Live() {
+		if closed, _, _ := nt.State(); closed && strings.HasPrefix(filepath.Base(nt.RunDir), "w-") {
+			stale = nt
+		}
+	}
+	if stale == nil {
+		t.Fatal("no ready pool VM's network")
+	}
+	snaps := n.driver.Snapshots.Load()
+	if _, err := n.ag.RemoveImage(ctx, n.image); err != nil {
+		t.Fatal(err)
+	}
+	n.waitFor("the stale pool VM ended", func() bool { return n.nets.Of(filepath.Base(stale.RunDir)) == nil })
+	ready(1)
+	if n.driver.Snapshots.Load() != snaps+1 {
+		t.Errorf("the pool refilled without a new template (%d snapshots, want %d)", n.driver.Snapshots.Load(), snaps+1)
+	}
+
 	grace := time.Duration(0)
 	if _, err := n.store.UpdateSandbox(ctx, id, state.Update{StopGrace: &grace, Time: time.Now()}); err != nil {
 		t.Fatal(err)

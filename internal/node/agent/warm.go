@@ -205,7 +205,7 @@ func (wp *warmPools) step(ctx context.Context) bool {
 			continue
 		}
 		if !wp.fitsLocked(p.vcpus, p.mem) {
-			p.limited = fmt.Sprintf("node capacity: %d of %d wanted (pool VMs only use vCPUs and memory that sandboxes leave free)", len(p.ready)+p.filling, tgt)
+			p.limited = fmt.Sprintf("node memory: %d of %d wanted (pool VMs only use memory that sandboxes leave free)", len(p.ready)+p.filling, tgt)
 			continue
 		}
 		p.limited = ""
@@ -373,6 +373,28 @@ func (wp *warmPools) claim(key string) *poolVM {
 	return nil
 }
 
+// templateGone ends the ready VMs restored from a template that was dropped (its image
+// was removed, or it does not restore) and has their pools resolve their image again.
+func (wp *warmPools) templateGone(hash string) {
+	var drop []*poolVM
+	wp.mu.Lock()
+	for _, p := range wp.pools {
+		if p.key != hash {
+			continue
+		}
+		drop = append(drop, p.ready...)
+		p.ready, p.key = nil, ""
+	}
+	wp.mu.Unlock()
+	for _, v := range drop {
+		v.destroy()
+	}
+	if len(drop) > 0 {
+		wp.log.Info("ended warm VMs of a template that went", "key", hash, "vms", len(drop))
+	}
+	wp.wake()
+}
+
 // templateKeys lists the templates the pools draw on.
 func (wp *warmPools) templateKeys() map[string]bool {
 	wp.mu.Lock()
@@ -399,17 +421,16 @@ func (wp *warmPools) needsImage(digest string, kept bool) bool {
 	return false
 }
 
-// fitsLocked reports whether one more pool VM of this shape fits the node's capacity
-// beside the sandboxes and the pool VMs already there: pools only use capacity that
-// placed sandboxes leave free.
-func (wp *warmPools) fitsLocked(vcpus, mem int) bool {
-	usedC, usedM := wp.sandboxUsage()
+// fitsLocked reports whether one more pool VM of this shape fits the node's memory beside
+// the sandboxes and the pool VMs already there: pools only use memory that placed
+// sandboxes leave free. A ready pool VM is paused: it holds memory but takes no CPU time,
+// so vCPUs are not counted (the scheduler overcommits them anyway).
+func (wp *warmPools) fitsLocked(_, mem int) bool {
+	_, usedM := wp.sandboxUsage()
 	for _, p := range wp.pools {
-		n := len(p.ready) + p.filling
-		usedC += n * p.vcpus
-		usedM += n * p.mem
+		usedM += (len(p.ready) + p.filling) * p.mem
 	}
-	return usedC+vcpus <= wp.maxVCPUs && usedM+mem <= wp.maxMemoryMiB
+	return usedM+mem <= wp.maxMemoryMiB
 }
 
 // makeRoom ends ready pool VMs until a sandbox of this shape fits beside the others: a
@@ -417,19 +438,16 @@ func (wp *warmPools) fitsLocked(vcpus, mem int) bool {
 func (wp *warmPools) makeRoom() {
 	var drop []*poolVM
 	wp.mu.Lock()
-	usedC, usedM := wp.sandboxUsage()
-	poolC, poolM := 0, 0
+	_, usedM := wp.sandboxUsage()
+	poolM := 0
 	for _, p := range wp.pools {
-		n := len(p.ready) + p.filling
-		poolC += n * p.vcpus
-		poolM += n * p.mem
+		poolM += (len(p.ready) + p.filling) * p.mem
 	}
 	for _, id := range slices.Sorted(maps.Keys(wp.pools)) {
 		p := wp.pools[id]
-		for len(p.ready) > 0 && (usedC+poolC > wp.maxVCPUs || usedM+poolM > wp.maxMemoryMiB) {
+		for len(p.ready) > 0 && usedM+poolM > wp.maxMemoryMiB {
 			drop = append(drop, p.ready[0])
 			p.ready = p.ready[1:]
-			poolC -= p.vcpus
 			poolM -= p.mem
 		}
 	}

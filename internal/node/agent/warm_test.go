@@ -115,25 +115,25 @@ func TestPoolCapacityGuard(t *testing.T) {
 
 	w.mu.Lock()
 	if !w.fitsLocked(1, 256) {
-		t.Error("a third 1-vCPU VM should fit 3 vCPUs with 2 pool VMs")
+		t.Error("a third 256 MiB VM should fit 1024 MiB with 2 pool VMs")
 	}
-	if w.fitsLocked(2, 256) {
-		t.Error("a 2-vCPU VM fits beside 2 pool VMs on 3 vCPUs")
+	if !w.fitsLocked(8, 256) {
+		t.Error("vCPUs kept a paused pool VM out (they take no CPU time)")
 	}
 	if w.fitsLocked(1, 600) {
 		t.Error("600 MiB fits beside 512 MiB of pool VMs in 1024 MiB")
 	}
 	w.mu.Unlock()
 
-	// A sandbox of 2 vCPUs arrives: 2 + 2 pool vCPUs > 3, so one pool VM goes.
-	a.live["sb1"] = &sandbox{spec: state.SandboxSpec{VCPUs: 2, MemoryMiB: 256}}
+	// A sandbox of 768 MiB arrives: 768 + 512 of pool VMs > 1024, so one pool VM goes.
+	a.live["sb1"] = &sandbox{spec: state.SandboxSpec{VCPUs: 2, MemoryMiB: 768}}
 	w.makeRoom()
 	if len(p.ready) != 1 || !vms[0].killed || vms[1].killed {
-		t.Fatalf("after a 2-vCPU sandbox: %d ready, killed %v %v; want the first pool VM ended", len(p.ready), vms[0].killed, vms[1].killed)
+		t.Fatalf("after a 768 MiB sandbox: %d ready, killed %v %v; want the first pool VM ended", len(p.ready), vms[0].killed, vms[1].killed)
 	}
 	w.mu.Lock()
 	if w.fitsLocked(1, 256) {
-		t.Error("a refill fits while the node is full")
+		t.Error("a refill fits while the node's memory is full")
 	}
 	w.mu.Unlock()
 	// Another sandbox: the last pool VM goes too.

@@ -98,7 +98,10 @@ func (l *Link) UpdateSandbox(ctx context.Context, id string, u state.Update) (st
 		var ce *connect.Error
 		if errors.As(err, &ce) {
 			switch ce.Code() {
-			case connect.CodeNotFound, connect.CodePermissionDenied, connect.CodeInvalidArgument, connect.CodeFailedPrecondition, connect.CodeUnauthenticated:
+			case connect.CodePermissionDenied, connect.CodeFailedPrecondition:
+				// Moved off this node, or a report of an earlier run: nothing to do here.
+				return state.Sandbox{}, fmt.Errorf("report sandbox %s: %w: %w", id, state.ErrStaleReport, err)
+			case connect.CodeNotFound, connect.CodeInvalidArgument, connect.CodeUnauthenticated:
 				return state.Sandbox{}, fmt.Errorf("report sandbox %s: %w", id, err)
 			}
 		}
