@@ -337,6 +337,20 @@ func TestIngress(t *testing.T) {
 		}
 	})
 
+	t.Run("paused then resumed", func(t *testing.T) {
+		// While paused nothing answers; after the resume the same servers answer at the
+		// same hosts (the guest's address never changed, its node's network is new).
+		fw(t, 0, "pause", id)
+		if a := c.waitAnswer(t, public, nil, http.StatusBadGateway); !strings.Contains(a.body, "not running") {
+			t.Errorf("paused sandbox: %q", a.body)
+		}
+		fw(t, 0, "resume", id)
+		c.waitAnswer(t, public, nil, http.StatusOK)
+		if a := c.waitAnswer(t, httpd, withToken(token), http.StatusOK); strings.TrimSpace(a.body) != "hello-from-httpd" {
+			t.Errorf("httpd after the resume: %q", a.body)
+		}
+	})
+
 	t.Run("stopped then removed", func(t *testing.T) {
 		fw(t, 0, "stop", id)
 		a := c.waitAnswer(t, public, nil, http.StatusBadGateway)

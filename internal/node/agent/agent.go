@@ -639,13 +639,14 @@ type sandbox struct {
 	main     *client.Session
 	proc     process // the main process as resolved; exec inherits from it
 	spec     state.SandboxSpec
-	restarts int    // the run (restart count) this node executes
-	resumes  int    // and its resume count
-	pausing  bool   // a pause is saving it: its end is reported by Pause, not supervise
-	netBase  NetStats // network counters carried over a pause
-	node     string // the node the control plane placed it on ("" in dev before the first report)
-	stopping string // why a stop was requested; "" if none
-	keep     bool   // the VM was detached for the next agent to adopt: cleanups leave it
+	restarts int                   // the run (restart count) this node executes
+	resumes  int                   // and its resume count
+	pausing  bool                  // a pause is saving it: its end is reported by Pause, not supervise
+	netBase  NetStats              // network counters carried over a pause
+	conns    map[*runConn]struct{} // connections into the guest (see DialSandbox)
+	node     string                // the node the control plane placed it on ("" in dev before the first report)
+	stopping string                // why a stop was requested; "" if none
+	keep     bool                  // the VM was detached for the next agent to adopt: cleanups leave it
 	stopCode int
 	done     chan struct{}
 	// started holds what the start learned (image digest, runtime details); it is
@@ -690,6 +691,7 @@ func (a *Agent) goSandbox(s *sandbox, fn func()) {
 			delete(a.live, s.id)
 			a.mu.Unlock()
 			s.cancel()
+			s.closeConns()
 			close(s.done)
 		}()
 		fn()

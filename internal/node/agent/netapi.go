@@ -92,5 +92,39 @@ func (a *Agent) DialSandbox(ctx context.Context, id string, port uint16) (net.Co
 	if err != nil {
 		return nil, fmt.Errorf("connect to port %d of sandbox %s: %w", port, id, err)
 	}
-	return c, nil
+	// Tied to this run: when it ends (stopped, paused, crashed) the connection is closed,
+	// so that a peer (an edge's pooled upstream) sees the end at once instead of waiting
+	// on a guest that vanished without a reset.
+	tc := &runConn{Conn: c, s: s}
+	s.mu.Lock()
+	if s.conns == nil {
+		s.conns = map[*runConn]struct{}{}
+	}
+	s.conns[tc] = struct{}{}
+	s.mu.Unlock()
+	return tc, nil
+}
+
+// runConn is a connection to a sandbox's guest, closed with the run it reached.
+type runConn struct {
+	net.Conn
+	s *sandbox
+}
+
+func (c *runConn) Close() error {
+	c.s.mu.Lock()
+	delete(c.s.conns, c)
+	c.s.mu.Unlock()
+	return c.Conn.Close()
+}
+
+// closeConns ends the connections into the run (its end).
+func (s *sandbox) closeConns() {
+	s.mu.Lock()
+	conns := s.conns
+	s.conns = nil
+	s.mu.Unlock()
+	for c := range conns {
+		_ = c.Conn.Close()
+	}
 }

@@ -28,6 +28,13 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 	}
 	for id, sb := range want {
 		live := a.isLive(id)
+		if sb.Status.Terminal() {
+			// Over: a saved state it had (stopped while paused) goes now; its log stays
+			// until the sandbox is removed.
+			if _, err := os.Stat(a.savedDir(id)); err == nil {
+				_ = os.RemoveAll(a.savedDir(id))
+			}
+		}
 		switch {
 		case !sb.StopRequestedAt.IsZero():
 			if live && a.markStopping(id) {
@@ -54,12 +61,6 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 			// and came back): it must not keep running here.
 			if a.markStopping(id) {
 				a.background(func(ctx context.Context) { _ = a.Stop(ctx, id, 0) })
-			}
-		case sb.Status.Terminal() && sb.Saved == nil:
-			// Over: a saved state it had (stopped while paused) goes now, its log stays
-			// until the sandbox is removed.
-			if _, err := os.Stat(a.savedDir(id)); err == nil {
-				_ = os.RemoveAll(a.savedDir(id))
 			}
 		case sb.Status == state.StatusPending:
 			if !a.claimIncarnation(id, sb.Restarts, sb.Resumes) {

@@ -1,0 +1,157 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Pause and resume with real VMs, from the outside: a counting loop carries on where it
+// was (it is not restarted), files written before every pause are there after three
+// cycles, the guest clock is the host's after each resume, a listening server answers
+// again, the network policy is in force again, the sandbox holds no VM while paused, and a
+// paused sandbox survives a restart of dev (server and agent). A damaged saved state is
+// refused with a clear error and loses nothing else.
+func TestPauseResume(t *testing.T) {
+	need(t)
+	img := image("busybox:latest")
+	policy := filepath.Join(t.TempDir(), "policy")
+	if err := os.WriteFile(policy, []byte("deny 203.0.113.0/24\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	id := strings.TrimSpace(fw(t, 0, "run", "-d", "--name", "pausable", "--policy", policy, img, "--", "sh", "-c",
+		"mkdir -p /tmp/www && echo served > /tmp/www/index.html && httpd -p 8000 -h /tmp/www && "+
+			"i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo tick $i; sleep 0.2; done").stdout)
+	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", id) })
+	waitStatus(t, id, "running")
+	count := func() int {
+		t.Helper()
+		out := strings.TrimSpace(fw(t, 0, "exec", id, "--", "cat", "/tmp/count").stdout)
+		n, err := strconv.Atoi(out)
+		if err != nil {
+			t.Fatalf("counter %q", out)
+		}
+		return n
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		r := world.cli(context.Background(), nil, "exec", id, "--", "cat", "/tmp/count")
+		if n, err := strconv.Atoi(strings.TrimSpace(r.stdout)); err == nil && n >= 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the counter did not get going: %q %q", r.stdout, r.stderr)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	var vmPID string
+	for cycle := range 3 {
+		// Something on the disk, and the memory's idea of the count, before the pause.
+		fw(t, 0, "exec", "-u", "0", id, "--", "sh", "-c", fmt.Sprintf("mkdir -p /data && echo cycle-%d > /data/f%d && sync", cycle, cycle))
+		before := count()
+		vmPID = str(details(t, inspect(t, id)), "pid")
+		fw(t, 0, "pause", id)
+		sb := inspect(t, id)
+		saved, _ := sb["saved"].(map[string]any)
+		if sb["status"] != "paused" || saved == nil || saved["bytes"] == nil {
+			t.Fatalf("cycle %d: after pause: status %v saved %v", cycle, sb["status"], saved)
+		}
+		// Paused, it holds no VM: its QEMU is gone, and exec says why it cannot run.
+		if _, err := os.Stat("/proc/" + vmPID); err == nil && vmPID != "" {
+			if b, _ := os.ReadFile("/proc/" + vmPID + "/cmdline"); strings.Contains(string(b), id) {
+				t.Errorf("cycle %d: the paused sandbox's VMM (pid %s) still runs", cycle, vmPID)
+			}
+		}
+		if r := world.cli(context.Background(), nil, "exec", id, "--", "true"); r.code == 0 || !strings.Contains(r.stderr, "paused") {
+			t.Errorf("cycle %d: exec on a paused sandbox: exit %d, %q", cycle, r.code, r.stderr)
+		}
+		if cycle == 1 {
+			// Paused sandboxes survive dev's restart (its server and its agent).
+			restartDev(t)
+			if st := inspect(t, id)["status"]; st != "paused" {
+				t.Fatalf("after dev restarted: %v", st)
+			}
+		} else {
+			time.Sleep(time.Second) // the guest clock must not lag by the pause
+		}
+		fw(t, 0, "resume", id)
+		sb = waitStatus(t, id, "running")
+		if d := details(t, sb); str(d, "start_mode") != "resume" {
+			t.Errorf("cycle %d: resumed with start mode %q", cycle, str(d, "start_mode"))
+		}
+		// The same loop: it goes on from where it was (a restart counts from 1).
+		if after := count(); after < before {
+			t.Fatalf("cycle %d: the counter went from %d to %d: the process was restarted, not resumed", cycle, before, after)
+		}
+		for c := 0; c <= cycle; c++ {
+			if got := strings.TrimSpace(fw(t, 0, "exec", id, "--", "cat", fmt.Sprintf("/data/f%d", c)).stdout); got != fmt.Sprintf("cycle-%d", c) {
+				t.Errorf("cycle %d: /data/f%d holds %q", cycle, c, got)
+			}
+		}
+		checkClock(t, fmt.Sprintf("cycle %d", cycle), strings.TrimSpace(fw(t, 0, "exec", id, "--", "date", "+%s").stdout))
+		// The server that listened before still answers (it was never restarted).
+		if got := strings.TrimSpace(fw(t, 0, "exec", id, "--", "wget", "-qO-", "http://127.0.0.1:8000/").stdout); got != "served" {
+			t.Errorf("cycle %d: the listening server answers %q", cycle, got)
+		}
+	}
+	// The policy is in force again, on a network made for the resumed VM.
+	if r := world.cli(context.Background(), nil, "exec", id, "--", "wget", "-T", "3", "-qO-", "http://203.0.113.7/"); r.code == 0 {
+		t.Error("a denied address answered after the resume")
+	}
+	if out := fw(t, 0, "policy", "show", id).stdout; !strings.Contains(out, "203.0.113.0/24") {
+		t.Errorf("policy show after the resume:\n%s", out)
+	}
+	// The output log goes on across the cycles: ticks only ever grow.
+	last := 0
+	for _, l := range strings.Split(fw(t, 0, "logs", id).stdout, "\n") {
+		n, err := strconv.Atoi(strings.TrimPrefix(l, "tick "))
+		if err != nil {
+			continue
+		}
+		if n <= last {
+			t.Fatalf("the log's ticks went from %d to %d: output restarted or repeated", last, n)
+		}
+		last = n
+	}
+
+	// A damaged saved state: the resume fails and says so; nothing else is lost.
+	fw(t, 0, "pause", id)
+	state := filepath.Join(world.dataDir, "sandboxes", id, "saved", "state")
+	if err := os.Truncate(state, 4096); err != nil {
+		t.Fatal(err)
+	}
+	r := world.cli(context.Background(), nil, "resume", id)
+	if r.code == 0 || !strings.Contains(r.stderr, "resume the saved VM") {
+		t.Errorf("resume of a damaged save: exit %d, %q", r.code, r.stderr)
+	}
+	if sb := inspect(t, id); sb["status"] != "failed" {
+		t.Errorf("after a damaged resume: %v (%v)", sb["status"], sb["reason"])
+	}
+	// Another sandbox is unaffected, and a paused one is stopped cleanly.
+	other := strings.TrimSpace(fw(t, 0, "run", "-d", img, "--", "sleep", "600").stdout)
+	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", other) })
+	waitStatus(t, other, "running")
+	fw(t, 0, "pause", other)
+	fw(t, 0, "stop", other)
+	if sb := inspect(t, other); sb["status"] != "exited" || sb["saved"] != nil {
+		t.Errorf("stopped while paused: %v, saved %v", sb["status"], sb["saved"])
+	}
+	if _, err := os.Stat(filepath.Join(world.dataDir, "sandboxes", other, "saved")); !os.IsNotExist(err) {
+		// The node lets it go when it next hears of the sandbox; give it a moment.
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			if _, err := os.Stat(filepath.Join(world.dataDir, "sandboxes", other, "saved")); os.IsNotExist(err) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if _, err := os.Stat(filepath.Join(world.dataDir, "sandboxes", other, "saved")); !os.IsNotExist(err) {
+			t.Errorf("the saved state of a sandbox stopped while paused is still on disk")
+		}
+	}
+}
