@@ -126,7 +126,7 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 		return err
 	}
 	cfg := devproc.DevConfig{
-		Labels: labels,
+		Labels:  labels,
 		DataDir: f.dataDir, Listen: f.listen, Limits: f.limits,
 		IngressListen: f.ingressListen, IngressDomain: f.ingressDomain, XDSListen: f.xdsListen, Log: log,
 		Agent: agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel},

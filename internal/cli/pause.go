@@ -7,8 +7,8 @@ import (
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
 
-	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 )
 
 // newPauseCmd and newResumeCmd: `docker pause`/`unpause` with the memory saved to disk

@@ -34,9 +34,9 @@ const (
 // new connection reattaches it (Server.claim, Server.bind) or the grace
 // runs out, after which they are discarded (the session is forgotten).
 type session struct {
-	srv *Server
-	id  uint32
-	pid int
+	srv      *Server
+	id       uint32
+	pid      int
 	tty      bool
 	hasStdin bool // started with stdin: the host may write to it
 

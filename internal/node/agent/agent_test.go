@@ -25,10 +25,10 @@ import (
 // nothing on the host) over a real state store, placing sandboxes on it as the control
 // plane would.
 type node struct {
-	t      *testing.T
-	ag     *agent.Agent
-	store  *state.Store
-	driver *agenttest.Driver
+	t       *testing.T
+	ag      *agent.Agent
+	store   *state.Store
+	driver  *agenttest.Driver
 	nets    *agenttest.Networks
 	image   string
 	dataDir string

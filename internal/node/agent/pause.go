@@ -168,7 +168,7 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 	}
 	a.log.Info("sandbox paused", "sandbox", id, "saved_mib", bytes>>20, "took", time.Since(t0).Round(time.Millisecond))
 	a.report(id, pin(state.Update{Status: status(state.StatusPaused), Reason: "paused by request",
-		Saved: &state.Saved{Node: a.cfg.Node, Bytes: bytes, At: time.Now()},
+		Saved:   &state.Saved{Node: a.cfg.Node, Bytes: bytes, At: time.Now()},
 		Runtime: map[string]string{"pause_took": time.Since(t0).Round(time.Millisecond).String()}}))
 	return nil
 }
@@ -292,7 +292,7 @@ func (a *Agent) savedVMStep(r *startRun) error {
 	dir := a.savedDir(sb.ID)
 	in := vmInput{id: sb.ID, dir: s.dir, rootDisk: r.rootDisk, vcpus: rec.VCPUs, mem: rec.MemoryMiB,
 		saved: &savedFiles{state: filepath.Join(dir, "state"), scratch: filepath.Join(dir, "scratch.img")},
-		net: sb.Spec.Network != state.NetworkNone, policy: policyOf(sb.Spec)}
+		net:   sb.Spec.Network != state.NetworkNone, policy: policyOf(sb.Spec)}
 	h, err := a.vms.startVM(r.ctx, in)
 	if err != nil {
 		return fmt.Errorf("resume the saved VM: %v", err)

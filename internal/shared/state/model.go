@@ -28,8 +28,8 @@ const (
 	// it; the sandbox holds no CPU or RAM until a resume (see Sandbox.Saved).
 	StatusPaused Status = "paused"
 	StatusExited Status = "exited"
-	StatusFailed   Status = "failed"
-	StatusLost     Status = "lost"
+	StatusFailed Status = "failed"
+	StatusLost   Status = "lost"
 )
 
 // Terminal reports whether no transition may leave s.
