@@ -130,6 +130,8 @@ type Report struct {
 	Network *NetworkReport `json:"network,omitempty"`
 	// Images is the first start of images the node does not have: pull, root disk, boot.
 	Images []ImageRow `json:"images,omitempty"`
+	// Pause is pause and resume of a running sandbox, per size.
+	Pause []PauseRow `json:"pause,omitempty"`
 	// Errors lists the series that failed; everything else in the report was measured.
 	Errors []SeriesError `json:"errors,omitempty"`
 }
@@ -382,6 +384,11 @@ func measureVMs(ctx context.Context, cfg Config, api *apiClient, ref string, rep
 	} else {
 		rep.Series = append(rep.Series, s)
 	}
+	rows, err := measurePauseResume(ctx, cfg, api, ref)
+	rep.Pause = rows
+	if err != nil {
+		rep.fail(cfg.Log, "pause and resume", err)
+	}
 }
 
 // measurePool: every measured start claims a VM that waited ready; the refill after each
@@ -472,6 +479,9 @@ func PrintTable(w io.Writer, rep *Report) {
 			fmt.Fprintf(w, "%-28s %7d %10.1f %10.1f %10.0f %10.1f %10.0f %10.1f %10.0f\n", r.Image, r.Files, r.UncompressedMiB, r.CompressedMiB,
 				r.PullMs, r.PullMiBps, r.RootDiskMs, r.RootDiskMiBps, r.FirstByteMs)
 		}
+	}
+	if len(rep.Pause) > 0 {
+		printPause(w, rep.Pause, rep.Accelerator)
 	}
 	if rep.Network != nil {
 		printNetwork(w, rep.Network, rep.Accelerator)

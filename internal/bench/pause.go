@@ -1,0 +1,129 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+)
+
+// PauseRow is pause and resume of one sandbox size, measured Runs cycles on one sandbox.
+type PauseRow struct {
+	MemoryMiB int `json:"memory_mib"`
+	Runs      int `json:"runs"`
+	// Pause is the PauseSandbox call, which returns once the sandbox is paused (its VM
+	// saved and ended). Resume is from the ResumeSandbox call to the guest's next output
+	// byte in the sandbox's log: the program it runs prints every 50 ms, so up to 50 ms of
+	// it is the program's own wait.
+	Pause  Summary `json:"pause_ms"`
+	Resume Summary `json:"resume_ms"`
+	// SavedMiB is the saved state's size (memory the guest touched, devices, scratch
+	// disk blocks in use), as the last pause reported it.
+	SavedMiB float64 `json:"saved_mib"`
+}
+
+// pauseProgram prints a counter every 50 ms: what resumes must carry on.
+var pauseProgram = []string{"sh", "-c", "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done"}
+
+// measurePauseResume pauses and resumes one running sandbox of each size Runs times.
+// Each cycle checks that the path it names ran: the sandbox is paused after the pause
+// (with a saved state), and its node says it started by resuming.
+func measurePauseResume(ctx context.Context, cfg Config, api *apiClient, ref string) ([]PauseRow, error) {
+	var rows []PauseRow
+	for _, mem := range []int{256, 1024} {
+		row, err := pauseSeries(ctx, cfg, api, ref, mem)
+		if err != nil {
+			return rows, fmt.Errorf("%d MiB sandbox: %w", mem, err)
+		}
+		rows = append(rows, row)
+	}
+	return rows, nil
+}
+
+func pauseSeries(ctx context.Context, cfg Config, api *apiClient, ref string, mem int) (PauseRow, error) {
+	row := PauseRow{MemoryMiB: mem, Runs: cfg.Runs}
+	id, err := api.startSpec(ctx, &pb.SandboxSpec{Image: ref, Cmd: pauseProgram, MemoryMib: int32(mem)})
+	if err != nil {
+		return row, err
+	}
+	defer api.remove(context.WithoutCancel(ctx), id)
+	logPath := filepath.Join(cfg.DataDir, "sandboxes", id, "output.log")
+	cfg.Log.Info("measuring", "series", "pause and resume", "memory_mib", mem, "runs", cfg.Runs)
+	var pauses, resumes []float64
+	for i := 0; i < cfg.Runs; i++ {
+		t0 := time.Now()
+		p, err := api.sandboxes.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Sandbox: id}))
+		if err != nil {
+			return row, fmt.Errorf("pause %d: %w", i+1, err)
+		}
+		pauses = append(pauses, ms(time.Since(t0)))
+		sb := p.Msg.GetSandbox()
+		if sb.GetStatus() != "paused" || sb.GetSaved() == nil {
+			return row, fmt.Errorf("pause %d: the sandbox is %s (saved %v), not paused", i+1, sb.GetStatus(), sb.GetSaved())
+		}
+		row.SavedMiB = float64(sb.GetSaved().GetBytes()) / (1 << 20)
+		size, err := fileSize(logPath)
+		if err != nil {
+			return row, fmt.Errorf("the sandbox's log: %w", err)
+		}
+		t0 = time.Now()
+		r, err := api.sandboxes.ResumeSandbox(ctx, connect.NewRequest(&pb.ResumeSandboxRequest{Sandbox: id}))
+		if err != nil {
+			return row, fmt.Errorf("resume %d: %w", i+1, err)
+		}
+		if how := r.Msg.GetSandbox().GetDetails()["start_mode"]; how != "resume" {
+			return row, fmt.Errorf("resume %d: the node started it by %q, not by resuming", i+1, how)
+		}
+		if err := waitGrowth(ctx, logPath, size, 30*time.Second); err != nil {
+			return row, fmt.Errorf("resume %d: %w", i+1, err)
+		}
+		resumes = append(resumes, ms(time.Since(t0)))
+	}
+	row.Pause, row.Resume = summarize(pauses), summarize(resumes)
+	return row, nil
+}
+
+func fileSize(path string) (int64, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
+// waitGrowth waits until the file at path is larger than size (new output logged).
+func waitGrowth(ctx context.Context, path string, size int64, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		if n, err := fileSize(path); err == nil && n > size {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no output from the resumed guest within %s", limit)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+}
+
+func printPause(w io.Writer, rows []PauseRow, accel string) {
+	fmt.Fprintf(w, "\npause = the call, until the VM is saved and ended; resume = the call, until the guest's next output byte (it prints every 50 ms); %s\n", accel)
+	fmt.Fprintf(w, "%-26s %5s %10s %10s %10s %10s %10s\n", "sandbox", "runs", "pause p50", "pause p95", "resume p50", "resume p95", "saved MiB")
+	for _, r := range rows {
+		fmt.Fprintf(w, "%-26s %5d %10.1f %10.1f %10.1f %10.1f %10.1f\n", fmt.Sprintf("%d MiB", r.MemoryMiB), r.Runs,
+			r.Pause.P50, r.Pause.P95, r.Resume.P50, r.Resume.P95, r.SavedMiB)
+	}
+	if !strings.Contains(accel, "kvm") {
+		fmt.Fprintf(w, "(TCG: the save and restore stream memory through QEMU either way; KVM changes the guest's own time to run again, not the copy)\n")
+	}
+}
