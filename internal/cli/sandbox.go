@@ -40,20 +40,31 @@ type runFlags struct {
 	boot                         string
 	network, policyFile          string
 	ports                        []string
+	snapshot                     string
 }
 
 func newRunCmd(g *globals) *cobra.Command {
 	var f runFlags
 	cmd := &cobra.Command{
-		Use:   "run [flags] IMAGE [-- COMMAND [ARG...]]",
+		Use:   "run [flags] IMAGE [-- COMMAND [ARG...]]  |  run --snapshot NAME [flags] [-- COMMAND [ARG...]]",
 		Short: "Boot a microVM from IMAGE and run a command in it",
 		Long: `Boot a microVM from IMAGE and run COMMAND (or the image's Entrypoint/Cmd) in it.
 Attached by default: output streams back and the exit code is the command's.
 IMAGE is a registry reference, oci:DIR[:TAG] or docker-archive:FILE[:TAG].
 Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed out.`,
-		Args: cobra.MinimumNArgs(1),
+		Args: func(cmd *cobra.Command, args []string) error {
+			if f.snapshot != "" {
+				return nil // the image is the snapshot's; args are the command
+			}
+			return cobra.MinimumNArgs(1)(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f.entrypointSet = cmd.Flags().Changed("entrypoint")
+			if f.snapshot != "" {
+				// No IMAGE: the snapshot names it. A leading "--" (pflag keeps none) is
+				// not a command.
+				args = append([]string{""}, args...)
+			}
 			return runSandbox(cmd.Context(), g, f, args)
 		},
 	}
@@ -78,6 +89,7 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 	fl.StringVar(&f.network, "network", "", "none: no network interface at all (default: a network of its own, NAT to the outside)")
 	fl.StringVar(&f.policyFile, "policy", "", "network policy file (see README \"Networking\"; - reads stdin)")
 	fl.StringArrayVarP(&f.ports, "port", "p", nil, "publish a guest TCP port through the ingress: PORT (private: needs the access token) or PORT:public")
+	fl.StringVar(&f.snapshot, "snapshot", "", "start from this filesystem snapshot (`fireworks snapshot ls`): its image with its files; give no IMAGE")
 	fl.StringVar(&f.boot, "boot", "auto", "how the VM starts: auto (warm pool, else template snapshot, else boot), restore (template snapshot) or cold (boot the kernel)")
 	return cmd
 }
@@ -194,8 +206,13 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 	if err != nil {
 		return err
 	}
+	image := args[0]
+	if image != "" {
+		image = localImageRef(image)
+	}
 	spec := &pb.SandboxSpec{
-		Image: localImageRef(args[0]), Cmd: args[1:], Env: expandEnv(f.env), WorkingDir: f.workdir,
+		Snapshot: f.snapshot,
+		Image:    image, Cmd: args[1:], Env: expandEnv(f.env), WorkingDir: f.workdir,
 		User: f.user, Vcpus: int32(f.cpus), MemoryMib: int32(mem), Tty: f.tty, Stdin: f.interactive,
 		InsecureRegistries: f.insecure, Restart: f.restart, Constraints: f.constraints, Spread: f.spread,
 		Boot: f.boot, Network: f.network, Policy: policy, Ports: ports,

@@ -27,6 +27,11 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 		return nil, err
 	}
 	spec := specFromPB(req.Msg.GetSpec())
+	if ref := req.Msg.GetSpec().GetSnapshot(); ref != "" {
+		if err := h.s.resolveSnapshot(ctx, &spec, ref); err != nil {
+			return nil, err
+		}
+	}
 	if err := spec.CheckSizes(); err != nil {
 		return nil, toConnectError(err)
 	}
@@ -284,7 +289,7 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 		Tty: sb.Spec.TTY, Stdin: sb.Spec.Stdin, InsecureRegistries: sb.Spec.InsecureRegistries,
 		Restart: string(sb.Spec.Restart), Constraints: sb.Spec.Constraints, Spread: sb.Spec.Spread,
 		DiskMib: int32(sb.Spec.DiskMiB), Boot: string(sb.Spec.Boot),
-		Network: sb.Spec.Network, Policy: sb.Spec.Policy,
+		Network: sb.Spec.Network, Policy: sb.Spec.Policy, Snapshot: sb.Spec.Snapshot,
 	}
 	for _, p := range sb.Spec.Ports {
 		spec.Ports = append(spec.Ports, &pb.Port{Port: uint32(p.Port), Public: p.Public})

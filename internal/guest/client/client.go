@@ -609,6 +609,17 @@ func (c *Client) Detach(ctx context.Context) error {
 	return c.request(ctx, proto.Request{Op: proto.OpDetach})
 }
 
+// Freeze freezes the guest's writable filesystem (see proto.OpFreeze): once it answers,
+// the scratch disk holds everything written, and nothing is written until Thaw.
+func (c *Client) Freeze(ctx context.Context) error {
+	return c.request(ctx, proto.Request{Op: proto.OpFreeze})
+}
+
+// Thaw lets the guest's filesystem take writes again.
+func (c *Client) Thaw(ctx context.Context) error {
+	return c.request(ctx, proto.Request{Op: proto.OpThaw})
+}
+
 // KillAll ends every process in the guest but init.
 func (c *Client) KillAll(ctx context.Context) error {
 	return c.request(ctx, proto.Request{Op: proto.OpKillAll})

@@ -36,6 +36,9 @@ type System interface {
 	SetNameservers(servers []string) error
 	// KillAll ends every process but init and waits (bounded) until they are gone.
 	KillAll(ctx context.Context) error
+	// Freeze freezes the writable filesystem (see proto.OpFreeze); Thaw undoes it.
+	Freeze() error
+	Thaw() error
 	// PowerOff stops all processes, syncs and powers the VM off. The server
 	// calls it after the reply to Shutdown has been written.
 	PowerOff(ctx context.Context)
@@ -94,7 +97,9 @@ type Server struct {
 	// across connections, so a reattached session never meets a namesake.
 	byID   map[uint32]*session
 	closed bool
-	quit   chan struct{} // closed by Close
+	// thawTimer thaws the filesystem if the host that froze it never does (OpFreeze).
+	thawTimer *time.Timer
+	quit      chan struct{} // closed by Close
 }
 
 // NewServer returns a Server; call Close to stop it.
@@ -430,6 +435,36 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 			return reply(errors.New("kill_all is not supported by this server"))
 		}
 		return reply(sys.KillAll(ctx))
+	case proto.OpFreeze:
+		if sys == nil {
+			return reply(errors.New("freeze is not supported by this server"))
+		}
+		if err := sys.Freeze(); err != nil {
+			return reply(err)
+		}
+		s.mu.Lock()
+		if s.thawTimer != nil {
+			s.thawTimer.Stop()
+		}
+		// Thawed by itself if the host never comes back to do it.
+		s.thawTimer = time.AfterFunc(proto.FreezeLimit, func() {
+			if err := sys.Thaw(); err == nil {
+				s.log.Warn("thawed the filesystem: no host thawed it in time", "limit", proto.FreezeLimit)
+			}
+		})
+		s.mu.Unlock()
+		return reply(nil)
+	case proto.OpThaw:
+		if sys == nil {
+			return reply(errors.New("thaw is not supported by this server"))
+		}
+		s.mu.Lock()
+		if s.thawTimer != nil {
+			s.thawTimer.Stop()
+			s.thawTimer = nil
+		}
+		s.mu.Unlock()
+		return reply(sys.Thaw())
 	case proto.OpSetTime:
 		if req.SetTime == nil {
 			return reply(errors.New("set_time request without set_time"))

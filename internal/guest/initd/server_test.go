@@ -31,6 +31,23 @@ type fakeSystem struct {
 	dns      [][]string
 	killAll  int
 	poweroff int
+	frozen   bool
+	freezes  int
+}
+
+func (f *fakeSystem) Freeze() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.frozen = true
+	f.freezes++
+	return nil
+}
+
+func (f *fakeSystem) Thaw() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.frozen = false
+	return nil
 }
 
 func (f *fakeSystem) KillAll(context.Context) error {

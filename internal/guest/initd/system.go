@@ -30,6 +30,44 @@ type pid1System struct {
 	addr netip.Addr
 	// rooted: Setup has switched to the image's root, where /etc/hosts belongs.
 	rooted bool
+	// scratch is the writable filesystem's mount, held open from before the switch
+	// of root (which hides its path) for Freeze; frozen says whether it is.
+	scratch *os.File
+	frozen  bool
+}
+
+// The filesystem freeze ioctls (linux/fs.h: _IOWR('X', 119, int) and _IOWR('X', 120, int)).
+const (
+	fifreeze = 0xc0045877
+	fithaw   = 0xc0045878
+)
+
+// Freeze freezes the scratch filesystem (FIFREEZE: running writes finish, new ones
+// wait, and everything is on the disk when it returns).
+func (p *pid1System) Freeze() error {
+	if p.scratch == nil {
+		return errors.New("freeze: no scratch filesystem (not set up, or a tmpfs scratch)")
+	}
+	if p.frozen {
+		return nil
+	}
+	if err := unix.IoctlSetInt(int(p.scratch.Fd()), fifreeze, 0); err != nil {
+		return fmt.Errorf("freeze the scratch filesystem: %w", err)
+	}
+	p.frozen = true
+	return nil
+}
+
+// Thaw undoes Freeze; thawing a filesystem that is not frozen is not an error.
+func (p *pid1System) Thaw() error {
+	if p.scratch == nil || !p.frozen {
+		return nil
+	}
+	if err := unix.IoctlSetInt(int(p.scratch.Fd()), fithaw, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("thaw the scratch filesystem: %w", err)
+	}
+	p.frozen = false
+	return nil
 }
 
 const (
@@ -83,6 +121,11 @@ func (p *pid1System) Setup(ctx context.Context, s proto.Setup) error {
 		if err := unix.Mount(s.ScratchDevice, scratchMnt, "ext4", unix.MS_NOATIME, ""); err != nil {
 			return fmt.Errorf("mounting scratch %s on %s: %w", s.ScratchDevice, scratchMnt, err)
 		}
+		f, err := os.Open(scratchMnt)
+		if err != nil {
+			return fmt.Errorf("open the scratch filesystem: %w", err)
+		}
+		p.scratch = f
 	} else if err := unix.Mount("tmpfs", scratchMnt, "tmpfs", 0, "mode=0755"); err != nil {
 		return fmt.Errorf("mounting tmpfs scratch on %s: %w", scratchMnt, err)
 	}

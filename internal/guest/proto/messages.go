@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"time"
 )
 
 // Hello opens a connection (host to guest). The host may send it more than
@@ -59,7 +60,16 @@ const (
 	// held and their stdin left open, and the host gets the answer only once they do,
 	// so no output is sent into a connection nobody reads any more.
 	OpDetach = "detach"
+	// OpFreeze freezes the sandbox's writable filesystem (its scratch disk): writes wait,
+	// and what was written is on the disk when the guest answers; OpThaw lets writes go
+	// on. The host copies the disk in between (a filesystem snapshot). A guest thaws by
+	// itself after FreezeLimit, so a host that went away cannot leave it frozen.
+	OpFreeze = "freeze"
+	OpThaw   = "thaw"
 )
+
+// FreezeLimit bounds how long a guest stays frozen without a thaw.
+const FreezeLimit = 60 * time.Second
 
 // Request is a control request (host to guest). Exactly the field that
 // matches Op is set.

@@ -53,6 +53,7 @@ type startRun struct {
 	main             *client.Session // command
 	starting         chan struct{}   // closed once "starting" is reported
 	saved            *savedRecord    // a resume's (see resumeSteps)
+	scratchFrom      string          // a start from a filesystem snapshot: its disk
 }
 
 // run is the whole life of one sandbox on this node: its start's steps, then its
@@ -201,6 +202,15 @@ func (a *Agent) acquireVMStep(r *startRun) error {
 	s, sb := r.s, r.sb
 	mode, _ := state.ParseBootMode(string(sb.Spec.Boot))
 	withNet := sb.Spec.Network != state.NetworkNone
+	if sb.Spec.Snapshot != "" {
+		// Its own files on the image: a boot with the snapshot's disk (a template's
+		// guest has the template's disk mounted already).
+		from, err := a.snapshotScratch(sb.Spec.Snapshot, r.img.Digest)
+		if err != nil {
+			return err
+		}
+		mode, r.scratchFrom = state.BootCold, from
+	}
 	r.key = a.vms.templateKeyFor(r.img.Digest, r.rootDisk, r.rootFS, sb.Spec.VCPUs, sb.Spec.MemoryMiB, withNet)
 	if mode == state.BootAuto {
 		if pv := a.pools.claim(r.key.hash()); pv != nil {
@@ -267,7 +277,8 @@ func (a *Agent) restoreOrBoot(r *startRun, mode state.BootMode, withNet bool) (*
 	s, sb, ctx := r.s, r.sb, r.ctx
 	// A placed sandbox always fits: end warm VMs that hold its capacity.
 	a.pools.makeRoom()
-	in := vmInput{id: sb.ID, dir: s.dir, rootDisk: r.rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB, net: withNet, policy: policyOf(sb.Spec)}
+	in := vmInput{id: sb.ID, dir: s.dir, rootDisk: r.rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB, net: withNet, policy: policyOf(sb.Spec),
+		scratchFrom: r.scratchFrom}
 	r.how = "cold"
 	var tmpl *template
 	if mode != state.BootCold {

@@ -52,6 +52,9 @@ type vmInput struct {
 	// saved, if set, is a whole VM saved by a pause: restored from its state, on its own
 	// scratch disk (linked, not copied: the saved file stays until the resume is done).
 	saved *savedFiles
+	// scratchFrom, if set, is the disk a booted VM's scratch disk is copied from (a
+	// filesystem snapshot's) instead of the node's empty one.
+	scratchFrom string
 }
 
 // savedFiles are a paused sandbox's VM files (see pause.go).
@@ -97,7 +100,7 @@ func (m *vms) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHa
 			h.undo()
 		}
 	}()
-	base := m.scratch
+	base := cmp.Or(in.scratchFrom, m.scratch)
 	var snap *vmm.Snapshot
 	if in.tmpl != nil {
 		base, snap = in.tmpl.scratch(), in.tmpl.snapshot()

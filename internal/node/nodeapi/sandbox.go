@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
@@ -364,4 +365,33 @@ func (n *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request
 		return nil, toConnectError(fmt.Errorf("remove sandbox %s: %w", id, err))
 	}
 	return connect.NewResponse(&pb.RemoveSandboxResponse{}), nil
+}
+
+// CreateSnapshot copies a running sandbox's filesystem into the snapshot the server
+// named (see agent.SnapshotFS); the server records it once the files are here.
+func (n *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Request[pb.CreateSnapshotRequest]) (*connect.Response[pb.CreateSnapshotResponse], error) {
+	id, snap := req.Msg.GetSandbox(), req.Msg.GetSnapshotId()
+	if err := checkID(id); err != nil {
+		return nil, err
+	}
+	if err := checkID(snap); err != nil {
+		return nil, err
+	}
+	info, err := n.ag.SnapshotFS(ctx, id, snap)
+	if err != nil {
+		return nil, toConnectError(fmt.Errorf("snapshot sandbox %s on node %s: %w", id, n.ag.NodeName(), err))
+	}
+	return connect.NewResponse(&pb.CreateSnapshotResponse{Snapshot: &pb.Snapshot{Id: snap, Sandbox: id, ImageDigest: info.ImageDigest,
+		Bytes: info.Bytes, CreatedAt: timestamppb.New(info.At), Node: n.ag.NodeName()}}), nil
+}
+
+// DeleteSnapshot removes a snapshot's files (by ID) from this node.
+func (n *sandboxService) DeleteSnapshot(_ context.Context, req *connect.Request[pb.DeleteSnapshotRequest]) (*connect.Response[pb.DeleteSnapshotResponse], error) {
+	if err := checkID(req.Msg.GetSnapshot()); err != nil {
+		return nil, err
+	}
+	if err := n.ag.RemoveSnapshot(req.Msg.GetSnapshot()); err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.DeleteSnapshotResponse{}), nil
 }

@@ -226,6 +226,13 @@ func (f *fsm) removeNode(c removeNodeCmd) any {
 			}
 			f.sandboxes[id] = next
 		}
+		for id, s := range f.snapshots {
+			if s.Node == c.ID && s.Lost == "" {
+				lost := *s
+				lost.Lost = "node " + c.ID + " was removed with the snapshot's files"
+				f.snapshots[id] = &lost
+			}
+		}
 		if err := f.deleteNode(c.ID); err != nil {
 			return err
 		}

@@ -40,6 +40,10 @@ const (
 	// cmdResume makes a paused sandbox pending again on the node holding its saved state,
 	// if that node has room for it now. Not ignorable: it changes a sandbox.
 	cmdResume cmdType = 15
+	// cmdPutSnapshot and cmdDeleteSnapshot record and forget named filesystem snapshots.
+	// Not ignorable: sandboxes start from them.
+	cmdPutSnapshot    cmdType = 16
+	cmdDeleteSnapshot cmdType = 17
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -80,6 +84,10 @@ func (t cmdType) String() string {
 		return "set-pool"
 	case cmdResume:
 		return "resume-sandbox"
+	case cmdPutSnapshot:
+		return "put-snapshot"
+	case cmdDeleteSnapshot:
+		return "delete-snapshot"
 	}
 	return fmt.Sprintf("type-%d", byte(t))
 }

@@ -38,6 +38,7 @@ type fsm struct {
 	pools     map[string]*Pool       // by image
 	certs     map[string]*IssuedCert // agent certificates joins issued and edge certificates, by serial
 	removed   map[string]time.Time   // nodes removed, when (for unrecorded certificates)
+	snapshots map[string]*Snapshot   // by ID
 
 	// changed is closed (and replaced) after every applied command and restore, so
 	// watchers (assignment streams, the leader's loops) wake on any change.
@@ -57,6 +58,7 @@ func newFSM(log *slog.Logger) *fsm {
 		pools:     map[string]*Pool{},
 		certs:     map[string]*IssuedCert{},
 		removed:   map[string]time.Time{},
+		snapshots: map[string]*Snapshot{},
 		changed:   make(chan struct{}),
 	}
 }
@@ -109,6 +111,18 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return err
 		}
 		return f.updateSandbox(c.ID, c.Update)
+	case cmdPutSnapshot:
+		var c putSnapshotCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.putSnapshot(c)
+	case cmdDeleteSnapshot:
+		var c deleteSnapshotCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.deleteSnapshot(c.ID)
 	case cmdResume:
 		var c resumeSandboxCmd
 		if err := decodeBody(t, body, &c); err != nil {
@@ -358,6 +372,8 @@ type snapshotData struct {
 	// Certs and Removed likewise.
 	Certs   []*IssuedCert        `json:"certs,omitempty"` // sorted by serial
 	Removed map[string]time.Time `json:"removed,omitempty"`
+	// Snapshots likewise.
+	Snapshots []*Snapshot `json:"snapshots,omitempty"` // sorted by ID
 }
 
 // Snapshot captures the state cheaply (values are copy-on-write, so copying the maps is
@@ -373,6 +389,7 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 		pools:     slices.Collect(maps.Values(f.pools)),
 		certs:     slices.Collect(maps.Values(f.certs)),
 		removed:   maps.Clone(f.removed),
+		snapshots: slices.Collect(maps.Values(f.snapshots)),
 	}, nil
 }
 
@@ -435,9 +452,17 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	if d.Removed == nil {
 		d.Removed = map[string]time.Time{}
 	}
+	snaps := make(map[string]*Snapshot, len(d.Snapshots))
+	for _, s := range d.Snapshots {
+		if s == nil || s.ID == "" {
+			return fmt.Errorf("state snapshot holds a sandbox snapshot without ID")
+		}
+		s.CreatedAt = utc(s.CreatedAt)
+		snaps[s.ID] = s
+	}
 	f.mu.Lock()
 	f.sandboxes, f.names, f.meta, f.nodes, f.tokens, f.pools = sandboxes, names, d.Meta, nodes, tokens, pools
-	f.certs, f.removed = certs, d.Removed
+	f.certs, f.removed, f.snapshots = certs, d.Removed, snaps
 	f.notifyLocked()
 	f.mu.Unlock()
 	return nil
@@ -451,6 +476,7 @@ type fsmSnapshot struct {
 	pools     []*Pool
 	certs     []*IssuedCert
 	removed   map[string]time.Time
+	snapshots []*Snapshot
 }
 
 func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
@@ -471,8 +497,9 @@ func (s *fsmSnapshot) write(w io.Writer) error {
 	slices.SortFunc(s.tokens, func(a, b *Token) int { return cmp.Compare(a.ID, b.ID) })
 	slices.SortFunc(s.pools, func(a, b *Pool) int { return cmp.Compare(a.Image, b.Image) })
 	slices.SortFunc(s.certs, func(a, b *IssuedCert) int { return cmp.Compare(a.Serial, b.Serial) })
+	slices.SortFunc(s.snapshots, func(a, b *Snapshot) int { return cmp.Compare(a.ID, b.ID) })
 	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta, Nodes: s.nodes, Tokens: s.tokens, Pools: s.pools,
-		Certs: s.certs, Removed: s.removed})
+		Certs: s.certs, Removed: s.removed, Snapshots: s.snapshots})
 }
 
 func (s *fsmSnapshot) Release() {}

@@ -136,6 +136,10 @@ type SandboxSpec struct {
 	// from any address. A user's pull reaches only public addresses and the ones the node
 	// allows (a user must not make a node fetch from its internal network).
 	PullPrivate bool `json:"pull_private,omitempty"`
+	// Snapshot, if set, is the ID of the filesystem snapshot the sandbox starts from (its
+	// scratch disk a copy of the snapshot's), on SnapshotNode, which holds its files.
+	Snapshot     string `json:"snapshot,omitempty"`
+	SnapshotNode string `json:"snapshot_node,omitempty"`
 }
 
 // NetworkNone is SandboxSpec.Network for a sandbox without a network interface.

@@ -1,8 +1,11 @@
 package state
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
+	"strings"
 	"testing"
 	"time"
 
@@ -101,5 +104,59 @@ func TestPauseResume(t *testing.T) {
 	}
 	if _, err := s.ResumeSandbox(ctx, a, cfg, at(15)); !errors.Is(err, ErrInvalidTransition) {
 		t.Errorf("resume of an exited sandbox: %v", err)
+	}
+}
+
+// Filesystem snapshots in the state: names are each token's own, a token's count is
+// bounded, they survive a state snapshot, and removing their node marks them lost.
+func TestSnapshotRecords(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, Options{Dir: t.TempDir()})
+	if _, err := s.RegisterNode(ctx, Node{ID: "n1", Address: "a:1", Capacity: Resources{VCPUs: 1, MemoryMiB: 1024}, UpdatedAt: t0}); err != nil {
+		t.Fatal(err)
+	}
+	snap := func(id, name, owner string) Snapshot {
+		return Snapshot{ID: id, Name: name, Owner: owner, Node: "n1", Sandbox: "aaaa000000000001", Image: "busybox", ImageDigest: "sha256:x", CreatedAt: t0}
+	}
+	if _, err := s.PutSnapshot(ctx, snap("bbbb000000000001", "one", "u1"), 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PutSnapshot(ctx, snap("bbbb000000000002", "one", "u1"), 2); !errors.Is(err, ErrNameTaken) {
+		t.Errorf("same name, same token: %v", err)
+	}
+	if _, err := s.PutSnapshot(ctx, snap("bbbb000000000003", "one", "u2"), 2); err != nil {
+		t.Errorf("same name, another token: %v", err)
+	}
+	if _, err := s.PutSnapshot(ctx, snap("bbbb000000000004", "two", "u1"), 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PutSnapshot(ctx, snap("bbbb000000000005", "three", "u1"), 2); !errors.Is(err, ErrQuota) {
+		t.Errorf("past the token's bound: %v", err)
+	}
+	if got, err := s.GetSnapshot(ctx, "one", "u2", false); err != nil || got.ID != "bbbb000000000003" {
+		t.Errorf("u2's snapshot by name: %+v %v", got, err)
+	}
+	if _, err := s.GetSnapshot(ctx, "two", "u2", false); !errors.Is(err, ErrNotFound) {
+		t.Errorf("another token's snapshot: %v", err)
+	}
+	// Through a state snapshot and back.
+	f := newFSM(s.fsm.log)
+	if err := f.Restore(io.NopCloser(bytes.NewReader(persist(t, s.fsm)))); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.listSnapshots(); len(got) != 3 {
+		t.Errorf("after a state snapshot: %d snapshots", len(got))
+	}
+	if err := s.RemoveNode(ctx, "n1", t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.GetSnapshot(ctx, "one", "u1", false); !strings.Contains(got.Lost, "n1 was removed") {
+		t.Errorf("a snapshot of a removed node: lost %q", got.Lost)
+	}
+	if err := s.DeleteSnapshot(ctx, "bbbb000000000001"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetSnapshot(ctx, "one", "u1", false); !errors.Is(err, ErrNotFound) {
+		t.Errorf("after delete: %v", err)
 	}
 }

@@ -87,7 +87,8 @@ func SchedulerRequest(sb Sandbox) (scheduler.Request, error) {
 		img = sb.Spec.Image
 	}
 	req := scheduler.Request{SandboxID: sb.ID, ImageDigest: img, Spread: sb.Spec.Spread,
-		Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}}
+		Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB},
+		Node:      sb.Spec.SnapshotNode} // a snapshot's files are on its node
 	for _, c := range sb.Spec.Constraints {
 		pc, err := scheduler.ParseConstraint(c)
 		if err != nil {

@@ -319,6 +319,8 @@ func (s *system) SetTime(context.Context, proto.SetTime) error { return nil }
 func (s *system) SetHostname(string) error                     { return nil }
 func (s *system) SetNameservers([]string) error                { return nil }
 func (s *system) KillAll(context.Context) error                { return nil }
+func (s *system) Freeze() error                                { return nil }
+func (s *system) Thaw() error                                  { return nil }
 
 func (s *system) PowerOff(context.Context) {
 	if s.powerOff != nil {

@@ -60,7 +60,10 @@ type SandboxSpec struct {
 	// Network policy in the policy file format ("" = the node's defaults only).
 	Policy string `protobuf:"bytes,20,opt,name=policy,proto3" json:"policy,omitempty"`
 	// Guest TCP ports published through the ingress.
-	Ports         []*Port `protobuf:"bytes,21,rep,name=ports,proto3" json:"ports,omitempty"`
+	Ports []*Port `protobuf:"bytes,21,rep,name=ports,proto3" json:"ports,omitempty"`
+	// Start from this filesystem snapshot (ID or name): the image it was taken of, booted
+	// with the snapshot's files. image may be left empty.
+	Snapshot      string `protobuf:"bytes,22,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -240,6 +243,13 @@ func (x *SandboxSpec) GetPorts() []*Port {
 		return x.Ports
 	}
 	return nil
+}
+
+func (x *SandboxSpec) GetSnapshot() string {
+	if x != nil {
+		return x.Snapshot
+	}
+	return ""
 }
 
 type Port struct {
@@ -818,6 +828,400 @@ func (x *PauseSandboxResponse) GetSandbox() *Sandbox {
 	return nil
 }
 
+// A named snapshot of a sandbox's filesystem (see the README, "Snapshots").
+type Snapshot struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name  string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Owner string                 `protobuf:"bytes,3,opt,name=owner,proto3" json:"owner,omitempty"`
+	// Where its files are (admins only).
+	Node        string                 `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
+	Sandbox     string                 `protobuf:"bytes,5,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	Image       string                 `protobuf:"bytes,6,opt,name=image,proto3" json:"image,omitempty"`
+	ImageDigest string                 `protobuf:"bytes,7,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"`
+	Bytes       int64                  `protobuf:"varint,8,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	CreatedAt   *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// Why it can no longer be used, if it cannot.
+	Lost          string `protobuf:"bytes,10,opt,name=lost,proto3" json:"lost,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Snapshot) Reset() {
+	*x = Snapshot{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Snapshot) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Snapshot) ProtoMessage() {}
+
+func (x *Snapshot) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
+func (*Snapshot) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Snapshot) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Snapshot) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Snapshot) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *Snapshot) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *Snapshot) GetSandbox() string {
+	if x != nil {
+		return x.Sandbox
+	}
+	return ""
+}
+
+func (x *Snapshot) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *Snapshot) GetImageDigest() string {
+	if x != nil {
+		return x.ImageDigest
+	}
+	return ""
+}
+
+func (x *Snapshot) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *Snapshot) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Snapshot) GetLost() string {
+	if x != nil {
+		return x.Lost
+	}
+	return ""
+}
+
+type CreateSnapshotRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	Name    string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// With the sandbox's memory too (not there yet: refused).
+	Memory bool `protobuf:"varint,3,opt,name=memory,proto3" json:"memory,omitempty"`
+	// Server to node only: the ID the server gave the snapshot (its files' name).
+	SnapshotId    string `protobuf:"bytes,4,opt,name=snapshot_id,json=snapshotId,proto3" json:"snapshot_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSnapshotRequest) Reset() {
+	*x = CreateSnapshotRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSnapshotRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSnapshotRequest) ProtoMessage() {}
+
+func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
+func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *CreateSnapshotRequest) GetSandbox() string {
+	if x != nil {
+		return x.Sandbox
+	}
+	return ""
+}
+
+func (x *CreateSnapshotRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateSnapshotRequest) GetMemory() bool {
+	if x != nil {
+		return x.Memory
+	}
+	return false
+}
+
+func (x *CreateSnapshotRequest) GetSnapshotId() string {
+	if x != nil {
+		return x.SnapshotId
+	}
+	return ""
+}
+
+type CreateSnapshotResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Snapshot      *Snapshot              `protobuf:"bytes,1,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSnapshotResponse) Reset() {
+	*x = CreateSnapshotResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSnapshotResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSnapshotResponse) ProtoMessage() {}
+
+func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
+func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *CreateSnapshotResponse) GetSnapshot() *Snapshot {
+	if x != nil {
+		return x.Snapshot
+	}
+	return nil
+}
+
+type ListSnapshotsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSnapshotsRequest) Reset() {
+	*x = ListSnapshotsRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSnapshotsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSnapshotsRequest) ProtoMessage() {}
+
+func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSnapshotsRequest.ProtoReflect.Descriptor instead.
+func (*ListSnapshotsRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{11}
+}
+
+type ListSnapshotsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Snapshots     []*Snapshot            `protobuf:"bytes,1,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSnapshotsResponse) Reset() {
+	*x = ListSnapshotsResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSnapshotsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSnapshotsResponse) ProtoMessage() {}
+
+func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSnapshotsResponse.ProtoReflect.Descriptor instead.
+func (*ListSnapshotsResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ListSnapshotsResponse) GetSnapshots() []*Snapshot {
+	if x != nil {
+		return x.Snapshots
+	}
+	return nil
+}
+
+type DeleteSnapshotRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// ID, unique ID prefix, or name (server to node: the ID).
+	Snapshot      string `protobuf:"bytes,1,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSnapshotRequest) Reset() {
+	*x = DeleteSnapshotRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSnapshotRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSnapshotRequest) ProtoMessage() {}
+
+func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
+func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *DeleteSnapshotRequest) GetSnapshot() string {
+	if x != nil {
+		return x.Snapshot
+	}
+	return ""
+}
+
+type DeleteSnapshotResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSnapshotResponse) Reset() {
+	*x = DeleteSnapshotResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSnapshotResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSnapshotResponse) ProtoMessage() {}
+
+func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
+func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{14}
+}
+
 type ResumeSandboxRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Sandbox       string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
@@ -827,7 +1231,7 @@ type ResumeSandboxRequest struct {
 
 func (x *ResumeSandboxRequest) Reset() {
 	*x = ResumeSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -839,7 +1243,7 @@ func (x *ResumeSandboxRequest) String() string {
 func (*ResumeSandboxRequest) ProtoMessage() {}
 
 func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -852,7 +1256,7 @@ func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{8}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ResumeSandboxRequest) GetSandbox() string {
@@ -871,7 +1275,7 @@ type ResumeSandboxResponse struct {
 
 func (x *ResumeSandboxResponse) Reset() {
 	*x = ResumeSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -883,7 +1287,7 @@ func (x *ResumeSandboxResponse) String() string {
 func (*ResumeSandboxResponse) ProtoMessage() {}
 
 func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -896,7 +1300,7 @@ func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxResponse.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{9}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ResumeSandboxResponse) GetSandbox() *Sandbox {
@@ -916,7 +1320,7 @@ type CreateSandboxRequest struct {
 
 func (x *CreateSandboxRequest) Reset() {
 	*x = CreateSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -928,7 +1332,7 @@ func (x *CreateSandboxRequest) String() string {
 func (*CreateSandboxRequest) ProtoMessage() {}
 
 func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -941,7 +1345,7 @@ func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxRequest.ProtoReflect.Descriptor instead.
 func (*CreateSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{10}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CreateSandboxRequest) GetName() string {
@@ -967,7 +1371,7 @@ type CreateSandboxResponse struct {
 
 func (x *CreateSandboxResponse) Reset() {
 	*x = CreateSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -979,7 +1383,7 @@ func (x *CreateSandboxResponse) String() string {
 func (*CreateSandboxResponse) ProtoMessage() {}
 
 func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -992,7 +1396,7 @@ func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxResponse.ProtoReflect.Descriptor instead.
 func (*CreateSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{11}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CreateSandboxResponse) GetSandbox() *Sandbox {
@@ -1012,7 +1416,7 @@ type GetSandboxRequest struct {
 
 func (x *GetSandboxRequest) Reset() {
 	*x = GetSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1024,7 +1428,7 @@ func (x *GetSandboxRequest) String() string {
 func (*GetSandboxRequest) ProtoMessage() {}
 
 func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1037,7 +1441,7 @@ func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{12}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GetSandboxRequest) GetSandbox() string {
@@ -1056,7 +1460,7 @@ type GetSandboxResponse struct {
 
 func (x *GetSandboxResponse) Reset() {
 	*x = GetSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1068,7 +1472,7 @@ func (x *GetSandboxResponse) String() string {
 func (*GetSandboxResponse) ProtoMessage() {}
 
 func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1081,7 +1485,7 @@ func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{13}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetSandboxResponse) GetSandbox() *Sandbox {
@@ -1100,7 +1504,7 @@ type ListSandboxesRequest struct {
 
 func (x *ListSandboxesRequest) Reset() {
 	*x = ListSandboxesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1112,7 +1516,7 @@ func (x *ListSandboxesRequest) String() string {
 func (*ListSandboxesRequest) ProtoMessage() {}
 
 func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1125,7 +1529,7 @@ func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesRequest.ProtoReflect.Descriptor instead.
 func (*ListSandboxesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{14}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListSandboxesRequest) GetAll() bool {
@@ -1144,7 +1548,7 @@ type ListSandboxesResponse struct {
 
 func (x *ListSandboxesResponse) Reset() {
 	*x = ListSandboxesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1156,7 +1560,7 @@ func (x *ListSandboxesResponse) String() string {
 func (*ListSandboxesResponse) ProtoMessage() {}
 
 func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1169,7 +1573,7 @@ func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesResponse.ProtoReflect.Descriptor instead.
 func (*ListSandboxesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{15}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListSandboxesResponse) GetSandboxes() []*Sandbox {
@@ -1189,7 +1593,7 @@ type StopSandboxRequest struct {
 
 func (x *StopSandboxRequest) Reset() {
 	*x = StopSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1201,7 +1605,7 @@ func (x *StopSandboxRequest) String() string {
 func (*StopSandboxRequest) ProtoMessage() {}
 
 func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1214,7 +1618,7 @@ func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxRequest.ProtoReflect.Descriptor instead.
 func (*StopSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{16}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *StopSandboxRequest) GetSandbox() string {
@@ -1240,7 +1644,7 @@ type StopSandboxResponse struct {
 
 func (x *StopSandboxResponse) Reset() {
 	*x = StopSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1252,7 +1656,7 @@ func (x *StopSandboxResponse) String() string {
 func (*StopSandboxResponse) ProtoMessage() {}
 
 func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1265,7 +1669,7 @@ func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxResponse.ProtoReflect.Descriptor instead.
 func (*StopSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{17}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *StopSandboxResponse) GetSandbox() *Sandbox {
@@ -1285,7 +1689,7 @@ type RemoveSandboxRequest struct {
 
 func (x *RemoveSandboxRequest) Reset() {
 	*x = RemoveSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1297,7 +1701,7 @@ func (x *RemoveSandboxRequest) String() string {
 func (*RemoveSandboxRequest) ProtoMessage() {}
 
 func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1310,7 +1714,7 @@ func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxRequest.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{18}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RemoveSandboxRequest) GetSandbox() string {
@@ -1335,7 +1739,7 @@ type RemoveSandboxResponse struct {
 
 func (x *RemoveSandboxResponse) Reset() {
 	*x = RemoveSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1347,7 +1751,7 @@ func (x *RemoveSandboxResponse) String() string {
 func (*RemoveSandboxResponse) ProtoMessage() {}
 
 func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1360,7 +1764,7 @@ func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxResponse.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{19}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
 }
 
 type Resize struct {
@@ -1373,7 +1777,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1385,7 +1789,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1398,7 +1802,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{20}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -1426,7 +1830,7 @@ type Output struct {
 
 func (x *Output) Reset() {
 	*x = Output{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1438,7 +1842,7 @@ func (x *Output) String() string {
 func (*Output) ProtoMessage() {}
 
 func (x *Output) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1451,7 +1855,7 @@ func (x *Output) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Output.ProtoReflect.Descriptor instead.
 func (*Output) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{21}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Output) GetStream() int32 {
@@ -1480,7 +1884,7 @@ type Exit struct {
 
 func (x *Exit) Reset() {
 	*x = Exit{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1492,7 +1896,7 @@ func (x *Exit) String() string {
 func (*Exit) ProtoMessage() {}
 
 func (x *Exit) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1505,7 +1909,7 @@ func (x *Exit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Exit.ProtoReflect.Descriptor instead.
 func (*Exit) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{22}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Exit) GetCode() int32 {
@@ -1545,7 +1949,7 @@ type AttachStart struct {
 
 func (x *AttachStart) Reset() {
 	*x = AttachStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1557,7 +1961,7 @@ func (x *AttachStart) String() string {
 func (*AttachStart) ProtoMessage() {}
 
 func (x *AttachStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1570,7 +1974,7 @@ func (x *AttachStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachStart.ProtoReflect.Descriptor instead.
 func (*AttachStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{23}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *AttachStart) GetSandbox() string {
@@ -1596,7 +2000,7 @@ type AttachRequest struct {
 
 func (x *AttachRequest) Reset() {
 	*x = AttachRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1608,7 +2012,7 @@ func (x *AttachRequest) String() string {
 func (*AttachRequest) ProtoMessage() {}
 
 func (x *AttachRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1621,7 +2025,7 @@ func (x *AttachRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachRequest.ProtoReflect.Descriptor instead.
 func (*AttachRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *AttachRequest) GetMsg() isAttachRequest_Msg {
@@ -1723,7 +2127,7 @@ type AttachResponse struct {
 
 func (x *AttachResponse) Reset() {
 	*x = AttachResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1735,7 +2139,7 @@ func (x *AttachResponse) String() string {
 func (*AttachResponse) ProtoMessage() {}
 
 func (x *AttachResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1748,7 +2152,7 @@ func (x *AttachResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachResponse.ProtoReflect.Descriptor instead.
 func (*AttachResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *AttachResponse) GetMsg() isAttachResponse_Msg {
@@ -1802,7 +2206,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1814,7 +2218,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1827,7 +2231,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *LogsRequest) GetSandbox() string {
@@ -1853,7 +2257,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1865,7 +2269,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1878,7 +2282,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *LogsResponse) GetOutput() *Output {
@@ -1905,7 +2309,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1917,7 +2321,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1930,7 +2334,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ExecStart) GetSandbox() string {
@@ -2012,7 +2416,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2024,7 +2428,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2037,7 +2441,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -2139,7 +2543,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2151,7 +2555,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2164,7 +2568,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -2221,7 +2625,7 @@ type SetPolicyRequest struct {
 
 func (x *SetPolicyRequest) Reset() {
 	*x = SetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2233,7 +2637,7 @@ func (x *SetPolicyRequest) String() string {
 func (*SetPolicyRequest) ProtoMessage() {}
 
 func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2246,7 +2650,7 @@ func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *SetPolicyRequest) GetSandbox() string {
@@ -2279,7 +2683,7 @@ type SetPolicyResponse struct {
 
 func (x *SetPolicyResponse) Reset() {
 	*x = SetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2291,7 +2695,7 @@ func (x *SetPolicyResponse) String() string {
 func (*SetPolicyResponse) ProtoMessage() {}
 
 func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2304,7 +2708,7 @@ func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *SetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -2323,7 +2727,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2335,7 +2739,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2348,7 +2752,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *GetPolicyRequest) GetSandbox() string {
@@ -2367,7 +2771,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2379,7 +2783,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2392,7 +2796,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *GetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -2416,7 +2820,7 @@ type PortForwardRequest struct {
 
 func (x *PortForwardRequest) Reset() {
 	*x = PortForwardRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2428,7 +2832,7 @@ func (x *PortForwardRequest) String() string {
 func (*PortForwardRequest) ProtoMessage() {}
 
 func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2441,7 +2845,7 @@ func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardRequest.ProtoReflect.Descriptor instead.
 func (*PortForwardRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *PortForwardRequest) GetSandbox() string {
@@ -2481,7 +2885,7 @@ type PortForwardResponse struct {
 
 func (x *PortForwardResponse) Reset() {
 	*x = PortForwardResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2493,7 +2897,7 @@ func (x *PortForwardResponse) String() string {
 func (*PortForwardResponse) ProtoMessage() {}
 
 func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2506,7 +2910,7 @@ func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardResponse.ProtoReflect.Descriptor instead.
 func (*PortForwardResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *PortForwardResponse) GetData() []byte {
@@ -2532,7 +2936,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2544,7 +2948,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2557,7 +2961,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *Image) GetRef() string {
@@ -2621,7 +3025,7 @@ type PullImageRequest struct {
 
 func (x *PullImageRequest) Reset() {
 	*x = PullImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2633,7 +3037,7 @@ func (x *PullImageRequest) String() string {
 func (*PullImageRequest) ProtoMessage() {}
 
 func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2646,7 +3050,7 @@ func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageRequest.ProtoReflect.Descriptor instead.
 func (*PullImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *PullImageRequest) GetRef() string {
@@ -2683,7 +3087,7 @@ type PullImageResponse struct {
 
 func (x *PullImageResponse) Reset() {
 	*x = PullImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2695,7 +3099,7 @@ func (x *PullImageResponse) String() string {
 func (*PullImageResponse) ProtoMessage() {}
 
 func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2708,7 +3112,7 @@ func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageResponse.ProtoReflect.Descriptor instead.
 func (*PullImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *PullImageResponse) GetMsg() isPullImageResponse_Msg {
@@ -2764,7 +3168,7 @@ type PullProgress struct {
 
 func (x *PullProgress) Reset() {
 	*x = PullProgress{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2776,7 +3180,7 @@ func (x *PullProgress) String() string {
 func (*PullProgress) ProtoMessage() {}
 
 func (x *PullProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2789,7 +3193,7 @@ func (x *PullProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullProgress.ProtoReflect.Descriptor instead.
 func (*PullProgress) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *PullProgress) GetLayer() string {
@@ -2829,7 +3233,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2841,7 +3245,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2854,7 +3258,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ListImagesRequest) GetNode() string {
@@ -2873,7 +3277,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2885,7 +3289,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2898,7 +3302,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -2918,7 +3322,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2930,7 +3334,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2943,7 +3347,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -2972,7 +3376,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2984,7 +3388,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2997,7 +3401,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *RemoveImageResponse) GetTemplatesDropped() int32 {
@@ -3034,7 +3438,7 @@ type Pool struct {
 
 func (x *Pool) Reset() {
 	*x = Pool{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3046,7 +3450,7 @@ func (x *Pool) String() string {
 func (*Pool) ProtoMessage() {}
 
 func (x *Pool) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3059,7 +3463,7 @@ func (x *Pool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pool.ProtoReflect.Descriptor instead.
 func (*Pool) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *Pool) GetImage() string {
@@ -3141,7 +3545,7 @@ type PoolNodeStatus struct {
 
 func (x *PoolNodeStatus) Reset() {
 	*x = PoolNodeStatus{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3153,7 +3557,7 @@ func (x *PoolNodeStatus) String() string {
 func (*PoolNodeStatus) ProtoMessage() {}
 
 func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3166,7 +3570,7 @@ func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolNodeStatus.ProtoReflect.Descriptor instead.
 func (*PoolNodeStatus) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *PoolNodeStatus) GetNode() string {
@@ -3255,7 +3659,7 @@ type SetPoolRequest struct {
 
 func (x *SetPoolRequest) Reset() {
 	*x = SetPoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3267,7 +3671,7 @@ func (x *SetPoolRequest) String() string {
 func (*SetPoolRequest) ProtoMessage() {}
 
 func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3280,7 +3684,7 @@ func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolRequest.ProtoReflect.Descriptor instead.
 func (*SetPoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *SetPoolRequest) GetPool() *Pool {
@@ -3299,7 +3703,7 @@ type SetPoolResponse struct {
 
 func (x *SetPoolResponse) Reset() {
 	*x = SetPoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3311,7 +3715,7 @@ func (x *SetPoolResponse) String() string {
 func (*SetPoolResponse) ProtoMessage() {}
 
 func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3324,7 +3728,7 @@ func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolResponse.ProtoReflect.Descriptor instead.
 func (*SetPoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *SetPoolResponse) GetPool() *Pool {
@@ -3342,7 +3746,7 @@ type ListPoolsRequest struct {
 
 func (x *ListPoolsRequest) Reset() {
 	*x = ListPoolsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3354,7 +3758,7 @@ func (x *ListPoolsRequest) String() string {
 func (*ListPoolsRequest) ProtoMessage() {}
 
 func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3367,7 +3771,7 @@ func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsRequest.ProtoReflect.Descriptor instead.
 func (*ListPoolsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
 }
 
 type ListPoolsResponse struct {
@@ -3379,7 +3783,7 @@ type ListPoolsResponse struct {
 
 func (x *ListPoolsResponse) Reset() {
 	*x = ListPoolsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3391,7 +3795,7 @@ func (x *ListPoolsResponse) String() string {
 func (*ListPoolsResponse) ProtoMessage() {}
 
 func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3404,7 +3808,7 @@ func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsResponse.ProtoReflect.Descriptor instead.
 func (*ListPoolsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ListPoolsResponse) GetPools() []*Pool {
@@ -3423,7 +3827,7 @@ type DeletePoolRequest struct {
 
 func (x *DeletePoolRequest) Reset() {
 	*x = DeletePoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3435,7 +3839,7 @@ func (x *DeletePoolRequest) String() string {
 func (*DeletePoolRequest) ProtoMessage() {}
 
 func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3448,7 +3852,7 @@ func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolRequest.ProtoReflect.Descriptor instead.
 func (*DeletePoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *DeletePoolRequest) GetImage() string {
@@ -3466,7 +3870,7 @@ type DeletePoolResponse struct {
 
 func (x *DeletePoolResponse) Reset() {
 	*x = DeletePoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3478,7 +3882,7 @@ func (x *DeletePoolResponse) String() string {
 func (*DeletePoolResponse) ProtoMessage() {}
 
 func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3491,7 +3895,7 @@ func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolResponse.ProtoReflect.Descriptor instead.
 func (*DeletePoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
 }
 
 type Template struct {
@@ -3510,7 +3914,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3522,7 +3926,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3535,7 +3939,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *Template) GetKey() string {
@@ -3607,7 +4011,7 @@ type WarmImageRequest struct {
 
 func (x *WarmImageRequest) Reset() {
 	*x = WarmImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3619,7 +4023,7 @@ func (x *WarmImageRequest) String() string {
 func (*WarmImageRequest) ProtoMessage() {}
 
 func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3632,7 +4036,7 @@ func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageRequest.ProtoReflect.Descriptor instead.
 func (*WarmImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *WarmImageRequest) GetRef() string {
@@ -3668,7 +4072,7 @@ type WarmImageResponse struct {
 
 func (x *WarmImageResponse) Reset() {
 	*x = WarmImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3680,7 +4084,7 @@ func (x *WarmImageResponse) String() string {
 func (*WarmImageResponse) ProtoMessage() {}
 
 func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3693,7 +4097,7 @@ func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageResponse.ProtoReflect.Descriptor instead.
 func (*WarmImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *WarmImageResponse) GetTemplate() *Template {
@@ -3726,7 +4130,7 @@ type ListTemplatesRequest struct {
 
 func (x *ListTemplatesRequest) Reset() {
 	*x = ListTemplatesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3738,7 +4142,7 @@ func (x *ListTemplatesRequest) String() string {
 func (*ListTemplatesRequest) ProtoMessage() {}
 
 func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3751,7 +4155,7 @@ func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesRequest.ProtoReflect.Descriptor instead.
 func (*ListTemplatesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *ListTemplatesRequest) GetNode() string {
@@ -3770,7 +4174,7 @@ type ListTemplatesResponse struct {
 
 func (x *ListTemplatesResponse) Reset() {
 	*x = ListTemplatesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3782,7 +4186,7 @@ func (x *ListTemplatesResponse) String() string {
 func (*ListTemplatesResponse) ProtoMessage() {}
 
 func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3795,7 +4199,7 @@ func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesResponse.ProtoReflect.Descriptor instead.
 func (*ListTemplatesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *ListTemplatesResponse) GetTemplates() []*Template {
@@ -3813,7 +4217,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3825,7 +4229,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3838,7 +4242,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{65}
 }
 
 type InfoResponse struct {
@@ -3862,7 +4266,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3874,7 +4278,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3887,7 +4291,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *InfoResponse) GetVersion() string {
@@ -4001,7 +4405,7 @@ type Token struct {
 
 func (x *Token) Reset() {
 	*x = Token{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4013,7 +4417,7 @@ func (x *Token) String() string {
 func (*Token) ProtoMessage() {}
 
 func (x *Token) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4026,7 +4430,7 @@ func (x *Token) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Token.ProtoReflect.Descriptor instead.
 func (*Token) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *Token) GetId() string {
@@ -4099,7 +4503,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4111,7 +4515,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4124,7 +4528,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *CreateTokenRequest) GetName() string {
@@ -4166,7 +4570,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4178,7 +4582,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4191,7 +4595,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{62}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *CreateTokenResponse) GetToken() *Token {
@@ -4216,7 +4620,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4228,7 +4632,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4241,7 +4645,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{63}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{70}
 }
 
 type ListTokensResponse struct {
@@ -4253,7 +4657,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4265,7 +4669,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4278,7 +4682,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{64}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *ListTokensResponse) GetTokens() []*Token {
@@ -4297,7 +4701,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4309,7 +4713,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4322,7 +4726,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{65}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -4340,7 +4744,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4352,7 +4756,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4365,14 +4769,14 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{66}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{73}
 }
 
 var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
 
 const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
-	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x04\n" +
+	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x05\n" +
 	"\vSandboxSpec\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x1e\n" +
 	"\n" +
@@ -4399,7 +4803,8 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x04boot\x18\x12 \x01(\tR\x04boot\x12\x18\n" +
 	"\anetwork\x18\x13 \x01(\tR\anetwork\x12\x16\n" +
 	"\x06policy\x18\x14 \x01(\tR\x06policy\x12(\n" +
-	"\x05ports\x18\x15 \x03(\v2\x12.fireworks.v1.PortR\x05ports\"2\n" +
+	"\x05ports\x18\x15 \x03(\v2\x12.fireworks.v1.PortR\x05ports\x12\x1a\n" +
+	"\bsnapshot\x18\x16 \x01(\tR\bsnapshot\"2\n" +
 	"\x04Port\x12\x12\n" +
 	"\x04port\x18\x01 \x01(\rR\x04port\x12\x16\n" +
 	"\x06public\x18\x02 \x01(\bR\x06public\"\xa8\x02\n" +
@@ -4453,7 +4858,34 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x13PauseSandboxRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\"G\n" +
 	"\x14PauseSandboxResponse\x12/\n" +
-	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"0\n" +
+	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"\x90\x02\n" +
+	"\bSnapshot\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
+	"\x05owner\x18\x03 \x01(\tR\x05owner\x12\x12\n" +
+	"\x04node\x18\x04 \x01(\tR\x04node\x12\x18\n" +
+	"\asandbox\x18\x05 \x01(\tR\asandbox\x12\x14\n" +
+	"\x05image\x18\x06 \x01(\tR\x05image\x12!\n" +
+	"\fimage_digest\x18\a \x01(\tR\vimageDigest\x12\x14\n" +
+	"\x05bytes\x18\b \x01(\x03R\x05bytes\x129\n" +
+	"\n" +
+	"created_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x12\n" +
+	"\x04lost\x18\n" +
+	" \x01(\tR\x04lost\"~\n" +
+	"\x15CreateSnapshotRequest\x12\x18\n" +
+	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
+	"\x06memory\x18\x03 \x01(\bR\x06memory\x12\x1f\n" +
+	"\vsnapshot_id\x18\x04 \x01(\tR\n" +
+	"snapshotId\"L\n" +
+	"\x16CreateSnapshotResponse\x122\n" +
+	"\bsnapshot\x18\x01 \x01(\v2\x16.fireworks.v1.SnapshotR\bsnapshot\"\x16\n" +
+	"\x14ListSnapshotsRequest\"M\n" +
+	"\x15ListSnapshotsResponse\x124\n" +
+	"\tsnapshots\x18\x01 \x03(\v2\x16.fireworks.v1.SnapshotR\tsnapshots\"3\n" +
+	"\x15DeleteSnapshotRequest\x12\x1a\n" +
+	"\bsnapshot\x18\x01 \x01(\tR\bsnapshot\"\x18\n" +
+	"\x16DeleteSnapshotResponse\"0\n" +
 	"\x14ResumeSandboxRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\"H\n" +
 	"\x15ResumeSandboxResponse\x12/\n" +
@@ -4683,7 +5115,8 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06tokens\x18\x01 \x03(\v2\x13.fireworks.v1.TokenR\x06tokens\"$\n" +
 	"\x12RevokeTokenRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
-	"\x13RevokeTokenResponse2\xb5\b\n" +
+	"\x13RevokeTokenResponse2\xc9\n" +
+	"\n" +
 	"\x0eSandboxService\x12X\n" +
 	"\rCreateSandbox\x12\".fireworks.v1.CreateSandboxRequest\x1a#.fireworks.v1.CreateSandboxResponse\x12O\n" +
 	"\n" +
@@ -4692,7 +5125,10 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\vStopSandbox\x12 .fireworks.v1.StopSandboxRequest\x1a!.fireworks.v1.StopSandboxResponse\x12X\n" +
 	"\rRemoveSandbox\x12\".fireworks.v1.RemoveSandboxRequest\x1a#.fireworks.v1.RemoveSandboxResponse\x12U\n" +
 	"\fPauseSandbox\x12!.fireworks.v1.PauseSandboxRequest\x1a\".fireworks.v1.PauseSandboxResponse\x12X\n" +
-	"\rResumeSandbox\x12\".fireworks.v1.ResumeSandboxRequest\x1a#.fireworks.v1.ResumeSandboxResponse\x12G\n" +
+	"\rResumeSandbox\x12\".fireworks.v1.ResumeSandboxRequest\x1a#.fireworks.v1.ResumeSandboxResponse\x12[\n" +
+	"\x0eCreateSnapshot\x12#.fireworks.v1.CreateSnapshotRequest\x1a$.fireworks.v1.CreateSnapshotResponse\x12X\n" +
+	"\rListSnapshots\x12\".fireworks.v1.ListSnapshotsRequest\x1a#.fireworks.v1.ListSnapshotsResponse\x12[\n" +
+	"\x0eDeleteSnapshot\x12#.fireworks.v1.DeleteSnapshotRequest\x1a$.fireworks.v1.DeleteSnapshotResponse\x12G\n" +
 	"\x06Attach\x12\x1b.fireworks.v1.AttachRequest\x1a\x1c.fireworks.v1.AttachResponse(\x010\x01\x12?\n" +
 	"\x04Logs\x12\x19.fireworks.v1.LogsRequest\x1a\x1a.fireworks.v1.LogsResponse0\x01\x12A\n" +
 	"\x04Exec\x12\x19.fireworks.v1.ExecRequest\x1a\x1a.fireworks.v1.ExecResponse(\x010\x01\x12L\n" +
@@ -4730,184 +5166,200 @@ func file_fireworks_v1_fireworks_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_fireworks_proto_rawDescData
 }
 
-var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 68)
+var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 75)
 var file_fireworks_v1_fireworks_proto_goTypes = []any{
-	(*SandboxSpec)(nil),           // 0: fireworks.v1.SandboxSpec
-	(*Port)(nil),                  // 1: fireworks.v1.Port
-	(*NetworkStatus)(nil),         // 2: fireworks.v1.NetworkStatus
-	(*Event)(nil),                 // 3: fireworks.v1.Event
-	(*Sandbox)(nil),               // 4: fireworks.v1.Sandbox
-	(*SavedState)(nil),            // 5: fireworks.v1.SavedState
-	(*PauseSandboxRequest)(nil),   // 6: fireworks.v1.PauseSandboxRequest
-	(*PauseSandboxResponse)(nil),  // 7: fireworks.v1.PauseSandboxResponse
-	(*ResumeSandboxRequest)(nil),  // 8: fireworks.v1.ResumeSandboxRequest
-	(*ResumeSandboxResponse)(nil), // 9: fireworks.v1.ResumeSandboxResponse
-	(*CreateSandboxRequest)(nil),  // 10: fireworks.v1.CreateSandboxRequest
-	(*CreateSandboxResponse)(nil), // 11: fireworks.v1.CreateSandboxResponse
-	(*GetSandboxRequest)(nil),     // 12: fireworks.v1.GetSandboxRequest
-	(*GetSandboxResponse)(nil),    // 13: fireworks.v1.GetSandboxResponse
-	(*ListSandboxesRequest)(nil),  // 14: fireworks.v1.ListSandboxesRequest
-	(*ListSandboxesResponse)(nil), // 15: fireworks.v1.ListSandboxesResponse
-	(*StopSandboxRequest)(nil),    // 16: fireworks.v1.StopSandboxRequest
-	(*StopSandboxResponse)(nil),   // 17: fireworks.v1.StopSandboxResponse
-	(*RemoveSandboxRequest)(nil),  // 18: fireworks.v1.RemoveSandboxRequest
-	(*RemoveSandboxResponse)(nil), // 19: fireworks.v1.RemoveSandboxResponse
-	(*Resize)(nil),                // 20: fireworks.v1.Resize
-	(*Output)(nil),                // 21: fireworks.v1.Output
-	(*Exit)(nil),                  // 22: fireworks.v1.Exit
-	(*AttachStart)(nil),           // 23: fireworks.v1.AttachStart
-	(*AttachRequest)(nil),         // 24: fireworks.v1.AttachRequest
-	(*AttachResponse)(nil),        // 25: fireworks.v1.AttachResponse
-	(*LogsRequest)(nil),           // 26: fireworks.v1.LogsRequest
-	(*LogsResponse)(nil),          // 27: fireworks.v1.LogsResponse
-	(*ExecStart)(nil),             // 28: fireworks.v1.ExecStart
-	(*ExecRequest)(nil),           // 29: fireworks.v1.ExecRequest
-	(*ExecResponse)(nil),          // 30: fireworks.v1.ExecResponse
-	(*SetPolicyRequest)(nil),      // 31: fireworks.v1.SetPolicyRequest
-	(*SetPolicyResponse)(nil),     // 32: fireworks.v1.SetPolicyResponse
-	(*GetPolicyRequest)(nil),      // 33: fireworks.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),     // 34: fireworks.v1.GetPolicyResponse
-	(*PortForwardRequest)(nil),    // 35: fireworks.v1.PortForwardRequest
-	(*PortForwardResponse)(nil),   // 36: fireworks.v1.PortForwardResponse
-	(*Image)(nil),                 // 37: fireworks.v1.Image
-	(*PullImageRequest)(nil),      // 38: fireworks.v1.PullImageRequest
-	(*PullImageResponse)(nil),     // 39: fireworks.v1.PullImageResponse
-	(*PullProgress)(nil),          // 40: fireworks.v1.PullProgress
-	(*ListImagesRequest)(nil),     // 41: fireworks.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),    // 42: fireworks.v1.ListImagesResponse
-	(*RemoveImageRequest)(nil),    // 43: fireworks.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),   // 44: fireworks.v1.RemoveImageResponse
-	(*Pool)(nil),                  // 45: fireworks.v1.Pool
-	(*PoolNodeStatus)(nil),        // 46: fireworks.v1.PoolNodeStatus
-	(*SetPoolRequest)(nil),        // 47: fireworks.v1.SetPoolRequest
-	(*SetPoolResponse)(nil),       // 48: fireworks.v1.SetPoolResponse
-	(*ListPoolsRequest)(nil),      // 49: fireworks.v1.ListPoolsRequest
-	(*ListPoolsResponse)(nil),     // 50: fireworks.v1.ListPoolsResponse
-	(*DeletePoolRequest)(nil),     // 51: fireworks.v1.DeletePoolRequest
-	(*DeletePoolResponse)(nil),    // 52: fireworks.v1.DeletePoolResponse
-	(*Template)(nil),              // 53: fireworks.v1.Template
-	(*WarmImageRequest)(nil),      // 54: fireworks.v1.WarmImageRequest
-	(*WarmImageResponse)(nil),     // 55: fireworks.v1.WarmImageResponse
-	(*ListTemplatesRequest)(nil),  // 56: fireworks.v1.ListTemplatesRequest
-	(*ListTemplatesResponse)(nil), // 57: fireworks.v1.ListTemplatesResponse
-	(*InfoRequest)(nil),           // 58: fireworks.v1.InfoRequest
-	(*InfoResponse)(nil),          // 59: fireworks.v1.InfoResponse
-	(*Token)(nil),                 // 60: fireworks.v1.Token
-	(*CreateTokenRequest)(nil),    // 61: fireworks.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),   // 62: fireworks.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),     // 63: fireworks.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),    // 64: fireworks.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),    // 65: fireworks.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),   // 66: fireworks.v1.RevokeTokenResponse
-	nil,                           // 67: fireworks.v1.Sandbox.DetailsEntry
-	(*durationpb.Duration)(nil),   // 68: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 69: google.protobuf.Timestamp
+	(*SandboxSpec)(nil),            // 0: fireworks.v1.SandboxSpec
+	(*Port)(nil),                   // 1: fireworks.v1.Port
+	(*NetworkStatus)(nil),          // 2: fireworks.v1.NetworkStatus
+	(*Event)(nil),                  // 3: fireworks.v1.Event
+	(*Sandbox)(nil),                // 4: fireworks.v1.Sandbox
+	(*SavedState)(nil),             // 5: fireworks.v1.SavedState
+	(*PauseSandboxRequest)(nil),    // 6: fireworks.v1.PauseSandboxRequest
+	(*PauseSandboxResponse)(nil),   // 7: fireworks.v1.PauseSandboxResponse
+	(*Snapshot)(nil),               // 8: fireworks.v1.Snapshot
+	(*CreateSnapshotRequest)(nil),  // 9: fireworks.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil), // 10: fireworks.v1.CreateSnapshotResponse
+	(*ListSnapshotsRequest)(nil),   // 11: fireworks.v1.ListSnapshotsRequest
+	(*ListSnapshotsResponse)(nil),  // 12: fireworks.v1.ListSnapshotsResponse
+	(*DeleteSnapshotRequest)(nil),  // 13: fireworks.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil), // 14: fireworks.v1.DeleteSnapshotResponse
+	(*ResumeSandboxRequest)(nil),   // 15: fireworks.v1.ResumeSandboxRequest
+	(*ResumeSandboxResponse)(nil),  // 16: fireworks.v1.ResumeSandboxResponse
+	(*CreateSandboxRequest)(nil),   // 17: fireworks.v1.CreateSandboxRequest
+	(*CreateSandboxResponse)(nil),  // 18: fireworks.v1.CreateSandboxResponse
+	(*GetSandboxRequest)(nil),      // 19: fireworks.v1.GetSandboxRequest
+	(*GetSandboxResponse)(nil),     // 20: fireworks.v1.GetSandboxResponse
+	(*ListSandboxesRequest)(nil),   // 21: fireworks.v1.ListSandboxesRequest
+	(*ListSandboxesResponse)(nil),  // 22: fireworks.v1.ListSandboxesResponse
+	(*StopSandboxRequest)(nil),     // 23: fireworks.v1.StopSandboxRequest
+	(*StopSandboxResponse)(nil),    // 24: fireworks.v1.StopSandboxResponse
+	(*RemoveSandboxRequest)(nil),   // 25: fireworks.v1.RemoveSandboxRequest
+	(*RemoveSandboxResponse)(nil),  // 26: fireworks.v1.RemoveSandboxResponse
+	(*Resize)(nil),                 // 27: fireworks.v1.Resize
+	(*Output)(nil),                 // 28: fireworks.v1.Output
+	(*Exit)(nil),                   // 29: fireworks.v1.Exit
+	(*AttachStart)(nil),            // 30: fireworks.v1.AttachStart
+	(*AttachRequest)(nil),          // 31: fireworks.v1.AttachRequest
+	(*AttachResponse)(nil),         // 32: fireworks.v1.AttachResponse
+	(*LogsRequest)(nil),            // 33: fireworks.v1.LogsRequest
+	(*LogsResponse)(nil),           // 34: fireworks.v1.LogsResponse
+	(*ExecStart)(nil),              // 35: fireworks.v1.ExecStart
+	(*ExecRequest)(nil),            // 36: fireworks.v1.ExecRequest
+	(*ExecResponse)(nil),           // 37: fireworks.v1.ExecResponse
+	(*SetPolicyRequest)(nil),       // 38: fireworks.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),      // 39: fireworks.v1.SetPolicyResponse
+	(*GetPolicyRequest)(nil),       // 40: fireworks.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),      // 41: fireworks.v1.GetPolicyResponse
+	(*PortForwardRequest)(nil),     // 42: fireworks.v1.PortForwardRequest
+	(*PortForwardResponse)(nil),    // 43: fireworks.v1.PortForwardResponse
+	(*Image)(nil),                  // 44: fireworks.v1.Image
+	(*PullImageRequest)(nil),       // 45: fireworks.v1.PullImageRequest
+	(*PullImageResponse)(nil),      // 46: fireworks.v1.PullImageResponse
+	(*PullProgress)(nil),           // 47: fireworks.v1.PullProgress
+	(*ListImagesRequest)(nil),      // 48: fireworks.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),     // 49: fireworks.v1.ListImagesResponse
+	(*RemoveImageRequest)(nil),     // 50: fireworks.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),    // 51: fireworks.v1.RemoveImageResponse
+	(*Pool)(nil),                   // 52: fireworks.v1.Pool
+	(*PoolNodeStatus)(nil),         // 53: fireworks.v1.PoolNodeStatus
+	(*SetPoolRequest)(nil),         // 54: fireworks.v1.SetPoolRequest
+	(*SetPoolResponse)(nil),        // 55: fireworks.v1.SetPoolResponse
+	(*ListPoolsRequest)(nil),       // 56: fireworks.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),      // 57: fireworks.v1.ListPoolsResponse
+	(*DeletePoolRequest)(nil),      // 58: fireworks.v1.DeletePoolRequest
+	(*DeletePoolResponse)(nil),     // 59: fireworks.v1.DeletePoolResponse
+	(*Template)(nil),               // 60: fireworks.v1.Template
+	(*WarmImageRequest)(nil),       // 61: fireworks.v1.WarmImageRequest
+	(*WarmImageResponse)(nil),      // 62: fireworks.v1.WarmImageResponse
+	(*ListTemplatesRequest)(nil),   // 63: fireworks.v1.ListTemplatesRequest
+	(*ListTemplatesResponse)(nil),  // 64: fireworks.v1.ListTemplatesResponse
+	(*InfoRequest)(nil),            // 65: fireworks.v1.InfoRequest
+	(*InfoResponse)(nil),           // 66: fireworks.v1.InfoResponse
+	(*Token)(nil),                  // 67: fireworks.v1.Token
+	(*CreateTokenRequest)(nil),     // 68: fireworks.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),    // 69: fireworks.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),      // 70: fireworks.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),     // 71: fireworks.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),     // 72: fireworks.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),    // 73: fireworks.v1.RevokeTokenResponse
+	nil,                            // 74: fireworks.v1.Sandbox.DetailsEntry
+	(*durationpb.Duration)(nil),    // 75: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 76: google.protobuf.Timestamp
 }
 var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
-	68, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
+	75, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
 	1,  // 1: fireworks.v1.SandboxSpec.ports:type_name -> fireworks.v1.Port
-	69, // 2: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
+	76, // 2: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
 	0,  // 3: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
-	69, // 4: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	69, // 5: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
-	69, // 6: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
+	76, // 4: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	76, // 5: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
+	76, // 6: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
 	3,  // 7: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
-	67, // 8: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
+	74, // 8: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
 	2,  // 9: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
 	5,  // 10: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
-	69, // 11: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
+	76, // 11: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
 	4,  // 12: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	4,  // 13: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	0,  // 14: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
-	4,  // 15: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	4,  // 16: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	4,  // 17: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
-	68, // 18: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
-	4,  // 19: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	23, // 20: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
-	20, // 21: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
-	21, // 22: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
-	22, // 23: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
-	21, // 24: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
-	28, // 25: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
-	20, // 26: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
-	21, // 27: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
-	22, // 28: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
-	2,  // 29: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	2,  // 30: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	69, // 31: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
-	40, // 32: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
-	37, // 33: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
-	37, // 34: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
-	69, // 35: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
-	46, // 36: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
-	45, // 37: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
-	45, // 38: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
-	45, // 39: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
-	69, // 40: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
-	53, // 41: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
-	68, // 42: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
-	53, // 43: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
-	69, // 44: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
-	69, // 45: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	68, // 46: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	60, // 47: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
-	60, // 48: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
-	10, // 49: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
-	12, // 50: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
-	14, // 51: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
-	16, // 52: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
-	18, // 53: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
-	6,  // 54: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
-	8,  // 55: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
-	24, // 56: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
-	26, // 57: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
-	29, // 58: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
-	31, // 59: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
-	33, // 60: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
-	35, // 61: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
-	38, // 62: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
-	41, // 63: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
-	43, // 64: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
-	54, // 65: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
-	56, // 66: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
-	47, // 67: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
-	49, // 68: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
-	51, // 69: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
-	58, // 70: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
-	61, // 71: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
-	63, // 72: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
-	65, // 73: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
-	11, // 74: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
-	13, // 75: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
-	15, // 76: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
-	17, // 77: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
-	19, // 78: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
-	7,  // 79: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
-	9,  // 80: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
-	25, // 81: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
-	27, // 82: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
-	30, // 83: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
-	32, // 84: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
-	34, // 85: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
-	36, // 86: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
-	39, // 87: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
-	42, // 88: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
-	44, // 89: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
-	55, // 90: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
-	57, // 91: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
-	48, // 92: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
-	50, // 93: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
-	52, // 94: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
-	59, // 95: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
-	62, // 96: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
-	64, // 97: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
-	66, // 98: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
-	74, // [74:99] is the sub-list for method output_type
-	49, // [49:74] is the sub-list for method input_type
-	49, // [49:49] is the sub-list for extension type_name
-	49, // [49:49] is the sub-list for extension extendee
-	0,  // [0:49] is the sub-list for field type_name
+	76, // 13: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	8,  // 14: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
+	8,  // 15: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
+	4,  // 16: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	0,  // 17: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
+	4,  // 18: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	4,  // 19: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	4,  // 20: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
+	75, // 21: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
+	4,  // 22: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	30, // 23: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
+	27, // 24: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
+	28, // 25: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
+	29, // 26: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
+	28, // 27: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
+	35, // 28: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
+	27, // 29: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
+	28, // 30: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
+	29, // 31: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
+	2,  // 32: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	2,  // 33: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	76, // 34: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
+	47, // 35: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
+	44, // 36: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
+	44, // 37: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
+	76, // 38: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
+	53, // 39: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
+	52, // 40: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
+	52, // 41: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
+	52, // 42: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
+	76, // 43: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
+	60, // 44: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
+	75, // 45: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
+	60, // 46: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
+	76, // 47: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
+	76, // 48: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	75, // 49: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	67, // 50: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
+	67, // 51: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
+	17, // 52: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
+	19, // 53: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
+	21, // 54: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
+	23, // 55: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
+	25, // 56: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
+	6,  // 57: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
+	15, // 58: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
+	9,  // 59: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
+	11, // 60: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
+	13, // 61: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
+	31, // 62: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
+	33, // 63: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
+	36, // 64: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
+	38, // 65: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
+	40, // 66: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
+	42, // 67: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
+	45, // 68: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
+	48, // 69: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
+	50, // 70: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
+	61, // 71: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
+	63, // 72: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
+	54, // 73: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
+	56, // 74: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
+	58, // 75: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
+	65, // 76: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
+	68, // 77: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
+	70, // 78: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
+	72, // 79: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
+	18, // 80: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
+	20, // 81: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
+	22, // 82: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
+	24, // 83: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
+	26, // 84: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
+	7,  // 85: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
+	16, // 86: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
+	10, // 87: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
+	12, // 88: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
+	14, // 89: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
+	32, // 90: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
+	34, // 91: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
+	37, // 92: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
+	39, // 93: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
+	41, // 94: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
+	43, // 95: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
+	46, // 96: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
+	49, // 97: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
+	51, // 98: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
+	62, // 99: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
+	64, // 100: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
+	55, // 101: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
+	57, // 102: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
+	59, // 103: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
+	66, // 104: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
+	69, // 105: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
+	71, // 106: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
+	73, // 107: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
+	80, // [80:108] is the sub-list for method output_type
+	52, // [52:80] is the sub-list for method input_type
+	52, // [52:52] is the sub-list for extension type_name
+	52, // [52:52] is the sub-list for extension extendee
+	0,  // [0:52] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_fireworks_proto_init() }
@@ -4915,29 +5367,29 @@ func file_fireworks_v1_fireworks_proto_init() {
 	if File_fireworks_v1_fireworks_proto != nil {
 		return
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[24].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[31].OneofWrappers = []any{
 		(*AttachRequest_Start)(nil),
 		(*AttachRequest_Stdin)(nil),
 		(*AttachRequest_StdinClose)(nil),
 		(*AttachRequest_Resize)(nil),
 		(*AttachRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[25].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[32].OneofWrappers = []any{
 		(*AttachResponse_Output)(nil),
 		(*AttachResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[29].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[36].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinClose)(nil),
 		(*ExecRequest_Resize)(nil),
 		(*ExecRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[30].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[37].OneofWrappers = []any{
 		(*ExecResponse_Output)(nil),
 		(*ExecResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[39].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[46].OneofWrappers = []any{
 		(*PullImageResponse_Progress)(nil),
 		(*PullImageResponse_Image)(nil),
 	}
@@ -4947,7 +5399,7 @@ func file_fireworks_v1_fireworks_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_fireworks_proto_rawDesc), len(file_fireworks_v1_fireworks_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   68,
+			NumMessages:   75,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -63,6 +63,15 @@ const (
 	// SandboxServiceResumeSandboxProcedure is the fully-qualified name of the SandboxService's
 	// ResumeSandbox RPC.
 	SandboxServiceResumeSandboxProcedure = "/fireworks.v1.SandboxService/ResumeSandbox"
+	// SandboxServiceCreateSnapshotProcedure is the fully-qualified name of the SandboxService's
+	// CreateSnapshot RPC.
+	SandboxServiceCreateSnapshotProcedure = "/fireworks.v1.SandboxService/CreateSnapshot"
+	// SandboxServiceListSnapshotsProcedure is the fully-qualified name of the SandboxService's
+	// ListSnapshots RPC.
+	SandboxServiceListSnapshotsProcedure = "/fireworks.v1.SandboxService/ListSnapshots"
+	// SandboxServiceDeleteSnapshotProcedure is the fully-qualified name of the SandboxService's
+	// DeleteSnapshot RPC.
+	SandboxServiceDeleteSnapshotProcedure = "/fireworks.v1.SandboxService/DeleteSnapshot"
 	// SandboxServiceAttachProcedure is the fully-qualified name of the SandboxService's Attach RPC.
 	SandboxServiceAttachProcedure = "/fireworks.v1.SandboxService/Attach"
 	// SandboxServiceLogsProcedure is the fully-qualified name of the SandboxService's Logs RPC.
@@ -120,6 +129,11 @@ type SandboxServiceClient interface {
 	// the sandbox is paused / running again.
 	PauseSandbox(context.Context, *connect.Request[fireworksv1.PauseSandboxRequest]) (*connect.Response[fireworksv1.PauseSandboxResponse], error)
 	ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error)
+	// Snapshots of a sandbox's filesystem, taken while it runs (its filesystem frozen for
+	// the copy); `CreateSandbox` with spec.snapshot starts a sandbox from one.
+	CreateSnapshot(context.Context, *connect.Request[fireworksv1.CreateSnapshotRequest]) (*connect.Response[fireworksv1.CreateSnapshotResponse], error)
+	ListSnapshots(context.Context, *connect.Request[fireworksv1.ListSnapshotsRequest]) (*connect.Response[fireworksv1.ListSnapshotsResponse], error)
+	DeleteSnapshot(context.Context, *connect.Request[fireworksv1.DeleteSnapshotRequest]) (*connect.Response[fireworksv1.DeleteSnapshotResponse], error)
 	// Attach streams the main process's output from the start, forwards stdin, and ends with its exit.
 	Attach(context.Context) *connect.BidiStreamForClient[fireworksv1.AttachRequest, fireworksv1.AttachResponse]
 	Logs(context.Context, *connect.Request[fireworksv1.LogsRequest]) (*connect.ServerStreamForClient[fireworksv1.LogsResponse], error)
@@ -185,6 +199,24 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			connect.WithSchema(sandboxServiceMethods.ByName("ResumeSandbox")),
 			connect.WithClientOptions(opts...),
 		),
+		createSnapshot: connect.NewClient[fireworksv1.CreateSnapshotRequest, fireworksv1.CreateSnapshotResponse](
+			httpClient,
+			baseURL+SandboxServiceCreateSnapshotProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("CreateSnapshot")),
+			connect.WithClientOptions(opts...),
+		),
+		listSnapshots: connect.NewClient[fireworksv1.ListSnapshotsRequest, fireworksv1.ListSnapshotsResponse](
+			httpClient,
+			baseURL+SandboxServiceListSnapshotsProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("ListSnapshots")),
+			connect.WithClientOptions(opts...),
+		),
+		deleteSnapshot: connect.NewClient[fireworksv1.DeleteSnapshotRequest, fireworksv1.DeleteSnapshotResponse](
+			httpClient,
+			baseURL+SandboxServiceDeleteSnapshotProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("DeleteSnapshot")),
+			connect.WithClientOptions(opts...),
+		),
 		attach: connect.NewClient[fireworksv1.AttachRequest, fireworksv1.AttachResponse](
 			httpClient,
 			baseURL+SandboxServiceAttachProcedure,
@@ -226,19 +258,22 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 
 // sandboxServiceClient implements SandboxServiceClient.
 type sandboxServiceClient struct {
-	createSandbox *connect.Client[fireworksv1.CreateSandboxRequest, fireworksv1.CreateSandboxResponse]
-	getSandbox    *connect.Client[fireworksv1.GetSandboxRequest, fireworksv1.GetSandboxResponse]
-	listSandboxes *connect.Client[fireworksv1.ListSandboxesRequest, fireworksv1.ListSandboxesResponse]
-	stopSandbox   *connect.Client[fireworksv1.StopSandboxRequest, fireworksv1.StopSandboxResponse]
-	removeSandbox *connect.Client[fireworksv1.RemoveSandboxRequest, fireworksv1.RemoveSandboxResponse]
-	pauseSandbox  *connect.Client[fireworksv1.PauseSandboxRequest, fireworksv1.PauseSandboxResponse]
-	resumeSandbox *connect.Client[fireworksv1.ResumeSandboxRequest, fireworksv1.ResumeSandboxResponse]
-	attach        *connect.Client[fireworksv1.AttachRequest, fireworksv1.AttachResponse]
-	logs          *connect.Client[fireworksv1.LogsRequest, fireworksv1.LogsResponse]
-	exec          *connect.Client[fireworksv1.ExecRequest, fireworksv1.ExecResponse]
-	setPolicy     *connect.Client[fireworksv1.SetPolicyRequest, fireworksv1.SetPolicyResponse]
-	getPolicy     *connect.Client[fireworksv1.GetPolicyRequest, fireworksv1.GetPolicyResponse]
-	portForward   *connect.Client[fireworksv1.PortForwardRequest, fireworksv1.PortForwardResponse]
+	createSandbox  *connect.Client[fireworksv1.CreateSandboxRequest, fireworksv1.CreateSandboxResponse]
+	getSandbox     *connect.Client[fireworksv1.GetSandboxRequest, fireworksv1.GetSandboxResponse]
+	listSandboxes  *connect.Client[fireworksv1.ListSandboxesRequest, fireworksv1.ListSandboxesResponse]
+	stopSandbox    *connect.Client[fireworksv1.StopSandboxRequest, fireworksv1.StopSandboxResponse]
+	removeSandbox  *connect.Client[fireworksv1.RemoveSandboxRequest, fireworksv1.RemoveSandboxResponse]
+	pauseSandbox   *connect.Client[fireworksv1.PauseSandboxRequest, fireworksv1.PauseSandboxResponse]
+	resumeSandbox  *connect.Client[fireworksv1.ResumeSandboxRequest, fireworksv1.ResumeSandboxResponse]
+	createSnapshot *connect.Client[fireworksv1.CreateSnapshotRequest, fireworksv1.CreateSnapshotResponse]
+	listSnapshots  *connect.Client[fireworksv1.ListSnapshotsRequest, fireworksv1.ListSnapshotsResponse]
+	deleteSnapshot *connect.Client[fireworksv1.DeleteSnapshotRequest, fireworksv1.DeleteSnapshotResponse]
+	attach         *connect.Client[fireworksv1.AttachRequest, fireworksv1.AttachResponse]
+	logs           *connect.Client[fireworksv1.LogsRequest, fireworksv1.LogsResponse]
+	exec           *connect.Client[fireworksv1.ExecRequest, fireworksv1.ExecResponse]
+	setPolicy      *connect.Client[fireworksv1.SetPolicyRequest, fireworksv1.SetPolicyResponse]
+	getPolicy      *connect.Client[fireworksv1.GetPolicyRequest, fireworksv1.GetPolicyResponse]
+	portForward    *connect.Client[fireworksv1.PortForwardRequest, fireworksv1.PortForwardResponse]
 }
 
 // CreateSandbox calls fireworks.v1.SandboxService.CreateSandbox.
@@ -274,6 +309,21 @@ func (c *sandboxServiceClient) PauseSandbox(ctx context.Context, req *connect.Re
 // ResumeSandbox calls fireworks.v1.SandboxService.ResumeSandbox.
 func (c *sandboxServiceClient) ResumeSandbox(ctx context.Context, req *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error) {
 	return c.resumeSandbox.CallUnary(ctx, req)
+}
+
+// CreateSnapshot calls fireworks.v1.SandboxService.CreateSnapshot.
+func (c *sandboxServiceClient) CreateSnapshot(ctx context.Context, req *connect.Request[fireworksv1.CreateSnapshotRequest]) (*connect.Response[fireworksv1.CreateSnapshotResponse], error) {
+	return c.createSnapshot.CallUnary(ctx, req)
+}
+
+// ListSnapshots calls fireworks.v1.SandboxService.ListSnapshots.
+func (c *sandboxServiceClient) ListSnapshots(ctx context.Context, req *connect.Request[fireworksv1.ListSnapshotsRequest]) (*connect.Response[fireworksv1.ListSnapshotsResponse], error) {
+	return c.listSnapshots.CallUnary(ctx, req)
+}
+
+// DeleteSnapshot calls fireworks.v1.SandboxService.DeleteSnapshot.
+func (c *sandboxServiceClient) DeleteSnapshot(ctx context.Context, req *connect.Request[fireworksv1.DeleteSnapshotRequest]) (*connect.Response[fireworksv1.DeleteSnapshotResponse], error) {
+	return c.deleteSnapshot.CallUnary(ctx, req)
 }
 
 // Attach calls fireworks.v1.SandboxService.Attach.
@@ -318,6 +368,11 @@ type SandboxServiceHandler interface {
 	// the sandbox is paused / running again.
 	PauseSandbox(context.Context, *connect.Request[fireworksv1.PauseSandboxRequest]) (*connect.Response[fireworksv1.PauseSandboxResponse], error)
 	ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error)
+	// Snapshots of a sandbox's filesystem, taken while it runs (its filesystem frozen for
+	// the copy); `CreateSandbox` with spec.snapshot starts a sandbox from one.
+	CreateSnapshot(context.Context, *connect.Request[fireworksv1.CreateSnapshotRequest]) (*connect.Response[fireworksv1.CreateSnapshotResponse], error)
+	ListSnapshots(context.Context, *connect.Request[fireworksv1.ListSnapshotsRequest]) (*connect.Response[fireworksv1.ListSnapshotsResponse], error)
+	DeleteSnapshot(context.Context, *connect.Request[fireworksv1.DeleteSnapshotRequest]) (*connect.Response[fireworksv1.DeleteSnapshotResponse], error)
 	// Attach streams the main process's output from the start, forwards stdin, and ends with its exit.
 	Attach(context.Context, *connect.BidiStream[fireworksv1.AttachRequest, fireworksv1.AttachResponse]) error
 	Logs(context.Context, *connect.Request[fireworksv1.LogsRequest], *connect.ServerStream[fireworksv1.LogsResponse]) error
@@ -379,6 +434,24 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		connect.WithSchema(sandboxServiceMethods.ByName("ResumeSandbox")),
 		connect.WithHandlerOptions(opts...),
 	)
+	sandboxServiceCreateSnapshotHandler := connect.NewUnaryHandler(
+		SandboxServiceCreateSnapshotProcedure,
+		svc.CreateSnapshot,
+		connect.WithSchema(sandboxServiceMethods.ByName("CreateSnapshot")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServiceListSnapshotsHandler := connect.NewUnaryHandler(
+		SandboxServiceListSnapshotsProcedure,
+		svc.ListSnapshots,
+		connect.WithSchema(sandboxServiceMethods.ByName("ListSnapshots")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServiceDeleteSnapshotHandler := connect.NewUnaryHandler(
+		SandboxServiceDeleteSnapshotProcedure,
+		svc.DeleteSnapshot,
+		connect.WithSchema(sandboxServiceMethods.ByName("DeleteSnapshot")),
+		connect.WithHandlerOptions(opts...),
+	)
 	sandboxServiceAttachHandler := connect.NewBidiStreamHandler(
 		SandboxServiceAttachProcedure,
 		svc.Attach,
@@ -431,6 +504,12 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 			sandboxServicePauseSandboxHandler.ServeHTTP(w, r)
 		case SandboxServiceResumeSandboxProcedure:
 			sandboxServiceResumeSandboxHandler.ServeHTTP(w, r)
+		case SandboxServiceCreateSnapshotProcedure:
+			sandboxServiceCreateSnapshotHandler.ServeHTTP(w, r)
+		case SandboxServiceListSnapshotsProcedure:
+			sandboxServiceListSnapshotsHandler.ServeHTTP(w, r)
+		case SandboxServiceDeleteSnapshotProcedure:
+			sandboxServiceDeleteSnapshotHandler.ServeHTTP(w, r)
 		case SandboxServiceAttachProcedure:
 			sandboxServiceAttachHandler.ServeHTTP(w, r)
 		case SandboxServiceLogsProcedure:
@@ -478,6 +557,18 @@ func (UnimplementedSandboxServiceHandler) PauseSandbox(context.Context, *connect
 
 func (UnimplementedSandboxServiceHandler) ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.ResumeSandbox is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) CreateSnapshot(context.Context, *connect.Request[fireworksv1.CreateSnapshotRequest]) (*connect.Response[fireworksv1.CreateSnapshotResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.CreateSnapshot is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) ListSnapshots(context.Context, *connect.Request[fireworksv1.ListSnapshotsRequest]) (*connect.Response[fireworksv1.ListSnapshotsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.ListSnapshots is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) DeleteSnapshot(context.Context, *connect.Request[fireworksv1.DeleteSnapshotRequest]) (*connect.Response[fireworksv1.DeleteSnapshotResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.DeleteSnapshot is not implemented"))
 }
 
 func (UnimplementedSandboxServiceHandler) Attach(context.Context, *connect.BidiStream[fireworksv1.AttachRequest, fireworksv1.AttachResponse]) error {

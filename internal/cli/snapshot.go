@@ -1,0 +1,98 @@
+package cli
+
+import (
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+)
+
+// newSnapshotCmd: named snapshots of a sandbox's filesystem.
+func newSnapshotCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "snapshot", Short: "Named snapshots of a sandbox's filesystem (run --snapshot NAME starts from one)"}
+	var memory bool
+	create := &cobra.Command{
+		Use:   "create SANDBOX NAME",
+		Short: "Copy a running sandbox's files (its filesystem frozen for the copy; it runs on)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			r, err := c.Sandboxes.CreateSnapshot(cmd.Context(), connect.NewRequest(&pb.CreateSnapshotRequest{Sandbox: args[0], Name: args[1], Memory: memory}))
+			if err != nil {
+				return err
+			}
+			s := r.Msg.GetSnapshot()
+			fmt.Fprintf(g.stdout, "%s\t%s\t%.1f MiB\n", s.GetName(), short(s.GetId()), float64(s.GetBytes())/(1<<20))
+			return nil
+		},
+	}
+	create.Flags().BoolVar(&memory, "memory", false, "with the sandbox's memory too (not there yet; `fireworks pause` keeps memory)")
+	ls := &cobra.Command{
+		Use:   "ls",
+		Short: "List snapshots (an admin's: every token's, with their nodes)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			r, err := c.Sandboxes.ListSnapshots(cmd.Context(), connect.NewRequest(&pb.ListSnapshotsRequest{}))
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tID\tIMAGE\tFROM SANDBOX\tSIZE\tCREATED\tNODE")
+			for _, s := range r.Msg.GetSnapshots() {
+				node := s.GetNode()
+				if s.GetLost() != "" {
+					node += " (lost: " + s.GetLost() + ")"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.1f MiB\t%s\t%s\n", printable(s.GetName()), short(s.GetId()), printable(s.GetImage()), short(s.GetSandbox()),
+					float64(s.GetBytes())/(1<<20), s.GetCreatedAt().AsTime().Local().Format(time.DateTime), node)
+			}
+			return tw.Flush()
+		},
+	}
+	rm := eachRefCmd(g, "rm", "Remove snapshots (their files on their nodes, then the records)", func(cmd *cobra.Command, ref string) (string, error) {
+		c, err := g.client()
+		if err != nil {
+			return "", err
+		}
+		_, err = c.Sandboxes.DeleteSnapshot(cmd.Context(), connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: ref}))
+		return ref, err
+	})
+	cmd.AddCommand(create, ls, rm)
+	return cmd
+}
+
+// eachRefCmd runs call for every reference named, reporting each failure and going on.
+func eachRefCmd(g *globals, verb, short string, call func(*cobra.Command, string) (string, error)) *cobra.Command {
+	return &cobra.Command{
+		Use:   verb + " NAME...",
+		Short: short,
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			failed := false
+			for _, a := range args {
+				out, err := call(cmd, a)
+				if err != nil {
+					fmt.Fprintf(g.stderr, "fireworks: %s %s: %s\n", verb, a, printable(g.describe(err)))
+					failed = true
+					continue
+				}
+				fmt.Fprintln(g.stdout, out)
+			}
+			if failed {
+				return ExitError{Code: ExitFireworksError}
+			}
+			return nil
+		},
+	}
+}

@@ -1,0 +1,146 @@
+package state
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Snapshot is a named snapshot of a sandbox's filesystem: its scratch disk (the writable
+// layer over its image), copied while the guest's filesystem was frozen, kept on the node
+// that took it. A sandbox started from it boots the same image with that disk.
+type Snapshot struct {
+	ID          string    `json:"id"`
+	Name        string    `json:"name"`
+	Owner       string    `json:"owner,omitempty"` // as Sandbox.Owner
+	Node        string    `json:"node"`            // where its files are
+	Sandbox     string    `json:"sandbox"`         // the sandbox it was taken of
+	Image       string    `json:"image"`           // the reference that sandbox ran
+	ImageDigest string    `json:"image_digest"`
+	Bytes       int64     `json:"bytes"`
+	CreatedAt   time.Time `json:"created_at"`
+	// Lost says why the snapshot can no longer be used (its node was removed).
+	Lost string `json:"lost,omitempty"`
+}
+
+// MaxSnapshotsPerOwner bounds a token's snapshots (each is a disk image on a node).
+const MaxSnapshotsPerOwner = 100
+
+type putSnapshotCmd struct {
+	Snapshot Snapshot `json:"snapshot"`
+	// Max bounds the owner's snapshots (0: no bound, an admin's).
+	Max int `json:"max,omitempty"`
+}
+
+type deleteSnapshotCmd struct {
+	ID string `json:"id"`
+}
+
+func (f *fsm) putSnapshot(c putSnapshotCmd) any {
+	s := c.Snapshot
+	if s.ID == "" || s.Name == "" || s.Node == "" || s.CreatedAt.IsZero() {
+		return fmt.Errorf("%w: a snapshot needs an ID, a name, a node and a time", ErrInvalid)
+	}
+	if _, ok := f.snapshots[s.ID]; ok {
+		return fmt.Errorf("snapshot ID %w", ErrExists)
+	}
+	n := 0
+	for _, o := range f.snapshots {
+		if o.Owner != s.Owner {
+			continue
+		}
+		n++
+		if o.Name == s.Name {
+			return fmt.Errorf("snapshot name %q: %w", s.Name, ErrNameTaken)
+		}
+	}
+	if c.Max > 0 && n >= c.Max {
+		return fmt.Errorf("%w: the token holds %d snapshots, at most %d", ErrQuota, n, c.Max)
+	}
+	s.CreatedAt = utc(s.CreatedAt)
+	f.snapshots[s.ID] = &s
+	return s
+}
+
+func (f *fsm) deleteSnapshot(id string) any {
+	if _, ok := f.snapshots[id]; !ok {
+		return ErrNotFound
+	}
+	delete(f.snapshots, id)
+	return nil
+}
+
+// getSnapshot finds owner's snapshot (any, for "") by ID, name or unique ID prefix.
+func (f *fsm) getSnapshot(ref, owner string, any bool) (Snapshot, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	var match []*Snapshot
+	for _, s := range f.snapshots {
+		if !any && s.Owner != owner {
+			continue
+		}
+		if s.ID == ref || s.Name == ref {
+			return *s, nil
+		}
+		if len(ref) >= 4 && strings.HasPrefix(s.ID, ref) {
+			match = append(match, s)
+		}
+	}
+	switch len(match) {
+	case 0:
+		return Snapshot{}, fmt.Errorf("snapshot %q: %w", ref, ErrNotFound)
+	case 1:
+		return *match[0], nil
+	}
+	return Snapshot{}, fmt.Errorf("snapshot %q: %w", ref, ErrAmbiguous)
+}
+
+func (f *fsm) listSnapshots() []Snapshot {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	out := make([]Snapshot, 0, len(f.snapshots))
+	for _, id := range slices.Sorted(maps.Keys(f.snapshots)) {
+		out = append(out, *f.snapshots[id])
+	}
+	return out
+}
+
+// PutSnapshot records a snapshot a node has taken; max bounds the owner's (0: none).
+func (s *Store) PutSnapshot(ctx context.Context, snap Snapshot, max int) (Snapshot, error) {
+	resp, err := s.apply(ctx, cmdPutSnapshot, putSnapshotCmd{Snapshot: snap, Max: max})
+	if err != nil {
+		return Snapshot{}, fmt.Errorf("record snapshot %s: %w", snap.Name, err)
+	}
+	out, ok := resp.(Snapshot)
+	if !ok {
+		return Snapshot{}, fmt.Errorf("record snapshot %s: state machine answered %T", snap.Name, resp)
+	}
+	return out, nil
+}
+
+// DeleteSnapshot forgets a snapshot (its node removes its files).
+func (s *Store) DeleteSnapshot(ctx context.Context, id string) error {
+	if _, err := s.apply(ctx, cmdDeleteSnapshot, deleteSnapshotCmd{ID: id}); err != nil {
+		return fmt.Errorf("delete snapshot %s: %w", id, err)
+	}
+	return nil
+}
+
+// GetSnapshot finds a snapshot of owner (of anyone's with all) by ID, name or prefix.
+func (s *Store) GetSnapshot(ctx context.Context, ref, owner string, all bool) (Snapshot, error) {
+	if err := s.read(ctx); err != nil {
+		return Snapshot{}, err
+	}
+	return s.fsm.getSnapshot(ref, owner, all)
+}
+
+// ListSnapshots lists every snapshot.
+func (s *Store) ListSnapshots(ctx context.Context) ([]Snapshot, error) {
+	if err := s.read(ctx); err != nil {
+		return nil, err
+	}
+	return s.fsm.listSnapshots(), nil
+}
