@@ -25,14 +25,17 @@ func newPauseCmd(g *globals) *cobra.Command {
 }
 
 func newResumeCmd(g *globals) *cobra.Command {
-	return eachSandboxCmd(g, "resume", "Bring paused sandboxes back: every process carries on where it was",
+	var node string
+	cmd := eachSandboxCmd(g, "resume", "Bring paused sandboxes back: every process carries on where it was",
 		func(ctx context.Context, c *client.Client, ref string) (*pb.Sandbox, error) {
-			r, err := c.Sandboxes.ResumeSandbox(ctx, connect.NewRequest(&pb.ResumeSandboxRequest{Sandbox: ref}))
+			r, err := c.Sandboxes.ResumeSandbox(ctx, connect.NewRequest(&pb.ResumeSandboxRequest{Sandbox: ref, Node: node}))
 			if err != nil {
 				return nil, err
 			}
 			return r.Msg.GetSandbox(), nil
 		})
+	cmd.Flags().StringVar(&node, "node", "", "resume on this node (admin; it fetches the saved state from the node that holds it). Default: that node if it has room, else any")
+	return cmd
 }
 
 // eachSandboxCmd runs call for every sandbox named, like docker: each failure is

@@ -1,6 +1,9 @@
 package cluster
 
 import (
+	"fmt"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -54,5 +57,74 @@ func TestPauseResumeOnTheCluster(t *testing.T) {
 	}
 	if after := count(); after < before {
 		t.Fatalf("counter went from %d to %d: restarted, not resumed", before, after)
+	}
+}
+
+// A paused sandbox resumed on another node: that node fetches the saved state from the
+// one that holds it (node to node, mutual TLS), builds its own root disk of the image,
+// and the guest carries on there; the holder lets its copy go. With the holder cordoned,
+// a plain resume goes to another node by itself.
+func TestResumeOnAnotherNode(t *testing.T) {
+	need(t)
+	defer w.ensureRunning()
+	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "mover", "--insecure-registry", w.registry, image(), "--",
+		"sh", "-c", "echo moved-file > /tmp/f; i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"))
+	defer mustFW(t, "rm", "-f", id)
+	waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+	waitFor(t, minute, "the counter", func() bool {
+		_, _, code := w.cli(t.Context(), nil, "exec", id, "--", "test", "-s", "/tmp/count")
+		return code == 0
+	})
+	count := func() int {
+		t.Helper()
+		n, err := strconv.Atoi(strings.TrimSpace(mustFW(t, "exec", id, "--", "cat", "/tmp/count")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	first, _ := inspect(t, id)["node"].(string)
+	others := []string{}
+	for _, n := range []string{"a0", "a1", "a2"} {
+		if n != first {
+			others = append(others, n)
+		}
+	}
+	for i, step := range []struct{ from, to string }{{first, others[0]}, {others[0], others[1]}} {
+		before := count()
+		mustFW(t, "pause", id)
+		if i == 0 {
+			mustFW(t, "resume", "--node", step.to, id)
+		} else {
+			// The holder cannot take it (cordoned): the resume goes elsewhere by itself;
+			// the first node too, so that it is the third.
+			mustFW(t, "node", "cordon", step.from)
+			mustFW(t, "node", "cordon", first)
+			mustFW(t, "resume", id)
+			mustFW(t, "node", "uncordon", step.from)
+			mustFW(t, "node", "uncordon", first)
+		}
+		sb := inspect(t, id)
+		d, _ := sb["details"].(map[string]any)
+		if sb["status"] != "running" || sb["node"] != step.to || d["start_mode"] != "resume" || !strings.Contains(fmt.Sprint(d["start_phases"]), "fetch=") {
+			t.Fatalf("resumed from %s: status %v node %v details %v", step.from, sb["status"], sb["node"], d)
+		}
+		if after := count(); after < before {
+			t.Fatalf("on %s the counter went from %d to %d: restarted, not resumed", step.to, before, after)
+		}
+		if got := strings.TrimSpace(mustFW(t, "exec", id, "--", "cat", "/tmp/f")); got != "moved-file" {
+			t.Errorf("on %s: /tmp/f holds %q", step.to, got)
+		}
+		// The holder lets its copy go once the sandbox runs elsewhere.
+		var holder *proc
+		for i, a := range w.agents {
+			if fmt.Sprintf("a%d", i) == step.from {
+				holder = a
+			}
+		}
+		waitFor(t, minute, "the holder's copy removed", func() bool {
+			_, err := os.Stat(filepath.Join(holder.dataDir, "sandboxes", id))
+			return os.IsNotExist(err)
+		})
 	}
 }

@@ -6,9 +6,12 @@ package agentproc
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -19,6 +22,7 @@ import (
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/ingress"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/version"
 )
 
@@ -59,6 +63,7 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 		return err
 	}
 	cfg.Agent.Node = id.Node
+	cfg.Agent.FetchSaved = savedFetcher(id)
 	link := agentlink.New(id, cfg.Servers, log)
 	ag, err := agent.New(ctx, cfg.Agent, link)
 	if err != nil {
@@ -90,6 +95,51 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 	log.Info("fireworks agent ready", "node", id.Node, "api", ln.Addr().String(), "accel", info.Accel, "servers", cfg.Servers)
 	return link.Run(ctx, NodeOf(ag, id.Node, NodeSetup{Address: cfg.Advertise, Labels: cfg.Labels, DiskMiB: cfg.DiskMiB,
 		DataDir: cfg.Agent.DataDir, RevokedEdges: revoked}))
+}
+
+// savedFetcher fetches a paused sandbox's saved state from the node that holds it, node
+// to node over the cluster's mutual TLS: this node's certificate, and the holder's
+// checked to be that node's.
+func savedFetcher(id *agentlink.Identity) agent.SavedFetcher {
+	return func(ctx context.Context, from state.Saved, sandbox string) (io.ReadCloser, error) {
+		if from.Address == "" {
+			return nil, fmt.Errorf("node %s's address is not known", from.Node)
+		}
+		host, _, err := net.SplitHostPort(from.Address)
+		if err != nil {
+			return nil, fmt.Errorf("node %s's address %q: %w", from.Node, from.Address, err)
+		}
+		tc := pki.ClientTLS(id.CA, &id.Cert, host, pki.RoleAgent)
+		tc.VerifyConnection = pki.RequirePeer(pki.RoleAgent, from.Node) // that node's, not any agent's at its address
+		tr := &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: true}
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+from.Address+nodeapi.SavedPath+sandbox, nil)
+		if err != nil {
+			return nil, err
+		}
+		resp, err := (&http.Client{Transport: tr}).Do(req)
+		if err != nil {
+			tr.CloseIdleConnections()
+			return nil, err
+		}
+		if resp.StatusCode != http.StatusOK {
+			b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+			resp.Body.Close()
+			tr.CloseIdleConnections()
+			return nil, fmt.Errorf("node %s answered %s: %s", from.Node, resp.Status, strings.TrimSpace(string(b)))
+		}
+		return closeBoth{resp.Body, tr}, nil
+	}
+}
+
+type closeBoth struct {
+	io.ReadCloser
+	tr *http.Transport
+}
+
+func (c closeBoth) Close() error {
+	err := c.ReadCloser.Close()
+	c.tr.CloseIdleConnections()
+	return err
 }
 
 // NodeSetup is what a node tells the control plane about itself besides what its agent

@@ -248,7 +248,9 @@ func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request
 		}
 		cur := &pb.Assignments{SandboxesJson: [][]byte{}}
 		for _, sb := range h.s.store.LocalSandboxes() {
-			if sb.Node != node {
+			// Its own, and those whose saved state it holds (being resumed elsewhere:
+			// it keeps the files and serves them to the node resuming it).
+			if sb.Node != node && (sb.Saved == nil || sb.Saved.Node != node) {
 				continue
 			}
 			b, err := json.Marshal(sb)
@@ -310,6 +312,11 @@ func (h *nodeService) ReportSandbox(ctx context.Context, req *connect.Request[pb
 	if u.Saved != nil {
 		// Where the state is, the node's word on its size; only the node itself.
 		saved := state.Saved{Node: node, Bytes: max(u.Saved.Bytes, 0), At: h.s.now()}
+		for _, n := range h.s.store.LocalNodes() {
+			if n.ID == node {
+				saved.Address = n.Address // where a node resuming it elsewhere fetches it
+			}
+		}
 		clean.Saved = &saved
 	}
 	if len(clean.CancelPause) > 1024 {

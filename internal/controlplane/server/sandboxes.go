@@ -353,14 +353,23 @@ func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	node := req.Msg.GetNode()
+	if node != "" {
+		if _, err := requireAdmin(ctx, "choosing the node a sandbox resumes on"); err != nil {
+			return nil, err
+		}
+	}
 	if sb.Status == state.StatusPaused {
 		var sched scheduler.Config
 		if cp := h.s.cluster.ControlPlane; cp != nil {
 			sched = cp.Scheduling()
+			defer cp.Notify() // a resume the holder cannot take waits for a pass
 		}
-		if sb, err = h.s.store.ResumeSandbox(ctx, sb.ID, sched, h.s.now()); err != nil {
-			return nil, toConnectError(fmt.Errorf("resume sandbox %s: %w", sb.ID, err))
+		resumed, err := h.s.store.ResumeSandbox(ctx, sb.ID, node, sched, h.s.now())
+		if err != nil {
+			return nil, toConnectError(err) // it names the sandbox
 		}
+		sb = resumed
 	}
 	if sb.Status == state.StatusPending || sb.Status == state.StatusStarting {
 		wctx, cancel := context.WithTimeout(ctx, pauseWait)

@@ -98,6 +98,9 @@ type Config struct {
 	// namespaces, address translation and eBPF programs. Tests of the agent's logic give
 	// a test double here (agenttest.Networks).
 	Networks Networks
+	// FetchSaved, if set, brings a paused sandbox's saved state from the node that holds
+	// it, to resume it here (the cluster's agent gives one; dev, one node, does not).
+	FetchSaved SavedFetcher
 }
 
 // debianAssets is the default of Config.Assets: Debian's cloud kernel (apt-get download)
@@ -141,6 +144,8 @@ type Agent struct {
 	started   map[string]bool          // incarnations ("id/restarts") started by Reconcile
 	stopsSent map[string]bool          // sandboxes Reconcile has begun stopping
 	leaving   map[string]chan struct{} // sandboxes no longer assigned here, being stopped and removed
+	// diskHashes caches rootDiskHash by the disk file's identity.
+	diskHashes map[string]string
 
 	// What the node keeps ahead of starts, each owning its state: template snapshots,
 	// warm pools of VMs restored from them, and VMMs launched ahead of restores (slots).

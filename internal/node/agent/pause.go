@@ -2,9 +2,12 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -40,11 +43,15 @@ type savedRecord struct {
 	ImageDigest string        `json:"image_digest"`
 	// RootDisk identifies the root disk file the guest ran on (inode, size, mtime): the
 	// saved guest has its filesystem's blocks cached, so only that very file will do.
-	RootDisk  string    `json:"root_disk"`
-	VCPUs     int       `json:"vcpus"`
-	MemoryMiB int       `json:"memory_mib"`
-	Net       NetStats  `json:"net"` // counters at the pause, carried over the resume
-	At        time.Time `json:"at"`
+	RootDisk string `json:"root_disk"`
+	// RootDiskHash hashes the root disk's content past its first 4 KiB (an erofs
+	// superblock holds its build time): another node's disk of the same image is the
+	// same disk to the saved guest exactly when this matches.
+	RootDiskHash string    `json:"root_disk_hash,omitempty"`
+	VCPUs        int       `json:"vcpus"`
+	MemoryMiB    int       `json:"memory_mib"`
+	Net          NetStats  `json:"net"` // counters at the pause, carried over the resume
+	At           time.Time `json:"at"`
 }
 
 func (a *Agent) savedDir(id string) string { return filepath.Join(a.sandboxRoot(), id, "saved") }
@@ -68,6 +75,35 @@ func diskIdentity(path string) string {
 		return ""
 	}
 	return fmt.Sprintf("%d-%d-%d", st.Ino, st.Size, st.Mtim.Nano())
+}
+
+// rootDiskHash hashes a root disk past its first 4 KiB, once per file (by inode, size
+// and mtime).
+func (a *Agent) rootDiskHash(path string) (string, error) {
+	id := diskIdentity(path)
+	a.mu.Lock()
+	h, ok := a.diskHashes[id]
+	a.mu.Unlock()
+	if ok {
+		return h, nil
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	sum := sha256.New()
+	if _, err := io.Copy(sum, io.NewSectionReader(f, 4096, 1<<62)); err != nil {
+		return "", err
+	}
+	h = hex.EncodeToString(sum.Sum(nil))
+	a.mu.Lock()
+	if a.diskHashes == nil {
+		a.diskHashes = map[string]string{}
+	}
+	a.diskHashes[id] = h
+	a.mu.Unlock()
+	return h, nil
 }
 
 // errPauseRefused wraps a pause that changed nothing: the sandbox runs on.
@@ -115,6 +151,10 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 		return fmt.Errorf("%w: the image %s the sandbox runs from: %v", errPauseRefused, digest, err)
 	}
 	rootDisk := diskIdentity(img.RootDisk)
+	rootHash, err := a.rootDiskHash(img.RootDisk)
+	if err != nil {
+		return fmt.Errorf("%w: hash the root disk: %v", errPauseRefused, err)
+	}
 	var netBase NetStats
 	if sn != nil {
 		if netBase, err = a.NetStats(id); err != nil {
@@ -138,7 +178,7 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 	tmp := final + ".tmp"
 	bytes, err := a.save(ctx, s, saver, tmp, savedRecord{
 		Sandbox: rec.Sandbox, Proc: rec.Proc, Main: rec.Main, RootFS: rec.RootFS, ImageDigest: digest,
-		RootDisk: rootDisk, VCPUs: shape.VCPUs, MemoryMiB: mem, Net: netBase, At: time.Now().UTC(),
+		RootDisk: rootDisk, RootDiskHash: rootHash, VCPUs: shape.VCPUs, MemoryMiB: mem, Net: netBase, At: time.Now().UTC(),
 	})
 	if err == nil {
 		_ = os.RemoveAll(final)
@@ -251,9 +291,23 @@ var resumeSteps = []struct {
 	name string
 	run  func(a *Agent, r *startRun) error
 }{
+	{"fetch", (*Agent).savedFetchStep},       // phase fetch, when another node holds it
 	{"image", (*Agent).savedImageStep},       // phase image
 	{"vm", (*Agent).savedVMStep},             // phases net, vmm, guest
 	{"reattach", (*Agent).savedReattachStep}, // phase reattach
+}
+
+// savedFetchStep brings the saved state from the node that holds it, if that is not
+// this one.
+func (a *Agent) savedFetchStep(r *startRun) error {
+	if r.sb.Saved.Node == a.cfg.Node {
+		return nil
+	}
+	if err := a.fetchSaved(r.ctx, r.sb); err != nil {
+		return err
+	}
+	r.ph.mark("fetch")
+	return nil
 }
 
 // savedImageStep finds the saved record, the image and the very root disk the guest ran on.
@@ -264,8 +318,18 @@ func (a *Agent) savedImageStep(r *startRun) error {
 	}
 	r.saved = &rec
 	img, err := a.images.Get(r.ctx, rec.ImageDigest)
+	if err != nil && r.sb.Saved.Node != a.cfg.Node {
+		// Resumed on another node: pull the image it ran from.
+		spec := r.sb.Spec
+		pctx, cancel := context.WithTimeout(r.ctx, a.cfg.PullTimeout)
+		img, err = a.images.Ensure(pctx, spec.Image, a.PullOptions(spec.InsecureRegistries, spec.PullPrivate, r.sb.Owner))
+		cancel()
+		if err == nil && img.Digest != rec.ImageDigest {
+			err = fmt.Errorf("%s is %s now, the sandbox ran %s (the tag moved)", spec.Image, img.Digest, rec.ImageDigest)
+		}
+	}
 	if err != nil {
-		return fmt.Errorf("the image %s the sandbox ran from is gone from node %s (removed while paused?): %v", rec.ImageDigest, a.cfg.Node, err)
+		return fmt.Errorf("the image %s the sandbox ran from is not on node %s: %v", rec.ImageDigest, a.cfg.Node, err)
 	}
 	digest := img.Digest
 	r.s.mu.Lock()
@@ -276,9 +340,12 @@ func (a *Agent) savedImageStep(r *startRun) error {
 		return fmt.Errorf("root disk of %s: %v", rec.ImageDigest, err)
 	}
 	if id := diskIdentity(r.rootDisk); id != rec.RootDisk {
-		// The saved guest has the old disk's blocks cached: a rebuilt disk would be
-		// read as garbage.
-		return fmt.Errorf("the root disk of %s was rebuilt while the sandbox was paused; the saved guest cannot run on another", rec.ImageDigest)
+		// Another file: the saved guest has the old disk's blocks cached, so it runs on
+		// this one only if every block it may read is the same.
+		h, err := a.rootDiskHash(r.rootDisk)
+		if err != nil || rec.RootDiskHash == "" || h != rec.RootDiskHash {
+			return fmt.Errorf("the root disk of %s here is not the one the sandbox ran on (rebuilt, or built differently on another node); the saved guest cannot run on it", rec.ImageDigest)
+		}
 	}
 	r.proc, r.rootFS = rec.Proc, rec.RootFS
 	r.ph.mark("image")

@@ -21,9 +21,12 @@ import (
 // started at most once by this process, whatever the snapshots say afterwards.
 func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 	want := make(map[string]state.Sandbox, len(desired))
+	holding := map[string]bool{} // saved states this node keeps for a resume elsewhere
 	for _, sb := range desired {
 		if sb.Node == a.cfg.Node {
 			want[sb.ID] = sb
+		} else if sb.Saved != nil && sb.Saved.Node == a.cfg.Node {
+			holding[sb.ID] = true
 		}
 	}
 	for id, sb := range want {
@@ -125,7 +128,7 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 	entries, _ := os.ReadDir(a.sandboxRoot())
 	for _, e := range entries {
 		id := e.Name()
-		if _, ok := want[id]; ok || a.isLive(id) || strings.HasPrefix(id, ".") {
+		if _, ok := want[id]; ok || holding[id] || a.isLive(id) || strings.HasPrefix(id, ".") {
 			continue
 		}
 		if err := a.Remove(id); err != nil {

@@ -52,12 +52,44 @@ func Handler(ag *agent.Agent, opts Options, log *slog.Logger) http.Handler {
 			data.ServeHTTP(w, r)
 			return
 		}
+		if id, ok := strings.CutPrefix(r.URL.Path, SavedPath); ok {
+			serveSaved(ag, w, r, id, log)
+			return
+		}
 		if role, _, err := pki.PeerIdentity(r.TLS); err != nil || role != pki.RoleServer {
 			rpc.Unauthenticated(w, r, "a node's internal API serves only cluster servers")
 			return
 		}
 		api.ServeHTTP(w, r)
 	})
+}
+
+// SavedPath + a sandbox ID is where a node fetches a paused sandbox's saved state from
+// the node that holds it, to resume it (GET, node certificates only).
+const SavedPath = "/fireworks.node/saved/"
+
+// serveSaved streams a saved state to the node the control plane placed its sandbox on.
+func serveSaved(ag *agent.Agent, w http.ResponseWriter, r *http.Request, id string, log *slog.Logger) {
+	role, peer, err := pki.PeerIdentity(r.TLS)
+	if err != nil || role != pki.RoleAgent || r.Method != http.MethodGet {
+		http.Error(w, "a saved state is served to nodes only, with GET", http.StatusForbidden)
+		return
+	}
+	if checkID(id) != nil {
+		http.Error(w, "not a sandbox ID", http.StatusBadRequest)
+		return
+	}
+	if err := ag.MaySendSaved(r.Context(), id, peer); err != nil {
+		http.Error(w, err.Error(), http.StatusForbidden)
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	if err := ag.SendSaved(id, w); err != nil {
+		// Cut the connection: the receiver must see a broken stream, not an end.
+		log.Warn("send a saved state", "sandbox", id, "to", peer, "err", err)
+		panic(http.ErrAbortHandler)
+	}
+	log.Info("sent a saved state", "sandbox", id, "to", peer)
 }
 
 // APIHandler is a node's internal API without the peer check: behind Handler's for

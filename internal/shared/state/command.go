@@ -114,7 +114,10 @@ type updateSandboxCmd struct {
 }
 
 type resumeSandboxCmd struct {
-	ID        string           `json:"id"`
+	ID string `json:"id"`
+	// Node, if set, is where to resume (it fetches the saved state from its holder);
+	// otherwise the holder if it has room, else whichever node the next pass finds.
+	Node      string           `json:"node,omitempty"`
 	Scheduler scheduler.Config `json:"scheduler,omitzero"`
 	Time      time.Time        `json:"time"`
 }

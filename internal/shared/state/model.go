@@ -284,11 +284,13 @@ type Sandbox struct {
 	Saved *Saved `json:"saved,omitempty"`
 }
 
-// Saved describes a paused sandbox's saved state: on which node, how large, when taken.
+// Saved describes a paused sandbox's saved state: on which node (and its address, where
+// another node resuming it fetches it), how large, when taken.
 type Saved struct {
-	Node  string    `json:"node"`
-	Bytes int64     `json:"bytes"`
-	At    time.Time `json:"at"`
+	Node    string    `json:"node"`
+	Address string    `json:"address,omitempty"`
+	Bytes   int64     `json:"bytes"`
+	At      time.Time `json:"at"`
 }
 
 // Update is a partial change to a sandbox. Nil pointers leave fields alone.

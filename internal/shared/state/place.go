@@ -1,6 +1,7 @@
 package state
 
 import (
+	"cmp"
 	"fmt"
 	"maps"
 	"slices"
@@ -124,13 +125,27 @@ func (f *fsm) resumeSandbox(c resumeSandboxCmd) any {
 	if err != nil {
 		return err
 	}
-	req.Node = cur.Node
-	if err := scheduler.Check(snap, c.Scheduler, cur.Node, req); err != nil {
-		return fmt.Errorf("%w: resume on node %s, which holds its saved state: %v", ErrNoRoom, cur.Node, err)
-	}
+	target := cmp.Or(c.Node, cur.Node)
+	req.Node = target
+	err = scheduler.Check(snap, c.Scheduler, target, req)
 	next := cur.clone()
 	t := utc(c.Time)
-	next.Status, next.Reason = StatusPending, "resuming on node "+cur.Node
+	switch {
+	case err == nil:
+		next.Node = target
+		next.Reason = "resuming on node " + target
+		if target != cur.Node {
+			next.Reason += " (its saved state is fetched from node " + cur.Node + ")"
+		}
+	case c.Node != "":
+		return fmt.Errorf("%w: resume on node %s: %v", ErrNoRoom, target, err)
+	default:
+		// The holder has no room (full, cordoned, draining, down): any node that has
+		// fetches the saved state; the next placement pass picks it.
+		next.Node = ""
+		next.Reason = "resuming: node " + cur.Node + ", which holds its saved state, cannot take it now (" + err.Error() + ")"
+	}
+	next.Status = StatusPending
 	next.addEvent(Event{Time: t, Status: StatusPending, Reason: next.Reason})
 	next.PauseRequestedAt = time.Time{}
 	next.Resumes++

@@ -509,8 +509,11 @@ func (s *Store) GetMeta(ctx context.Context, key string) ([]byte, error) {
 // ResumeSandbox makes the paused sandbox with the full ID id pending again on its node,
 // which then resumes it from its saved state; ErrNoRoom if the node lacks room for it now
 // (checked with cfg, as placements are). It returns the sandbox as it is then.
-func (s *Store) ResumeSandbox(ctx context.Context, id string, cfg scheduler.Config, now time.Time) (Sandbox, error) {
-	resp, err := s.apply(ctx, cmdResume, resumeSandboxCmd{ID: id, Scheduler: cfg, Time: now})
+//
+// node, if set, is where to resume it instead (that node fetches the saved state); else
+// the holder if it has room now, or else whichever node the next placement pass finds.
+func (s *Store) ResumeSandbox(ctx context.Context, id, node string, cfg scheduler.Config, now time.Time) (Sandbox, error) {
+	resp, err := s.apply(ctx, cmdResume, resumeSandboxCmd{ID: id, Node: node, Scheduler: cfg, Time: now})
 	if err != nil {
 		return Sandbox{}, fmt.Errorf("resume sandbox %s: %w", id, err)
 	}

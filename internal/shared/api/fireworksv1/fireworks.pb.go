@@ -1223,8 +1223,11 @@ func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
 }
 
 type ResumeSandboxRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Sandbox       string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	// Resume on this node (admins only); it fetches the saved state from the node that
+	// holds it. Default: that node if it has room, else any node that has.
+	Node          string `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1262,6 +1265,13 @@ func (*ResumeSandboxRequest) Descriptor() ([]byte, []int) {
 func (x *ResumeSandboxRequest) GetSandbox() string {
 	if x != nil {
 		return x.Sandbox
+	}
+	return ""
+}
+
+func (x *ResumeSandboxRequest) GetNode() string {
+	if x != nil {
+		return x.Node
 	}
 	return ""
 }
@@ -4885,9 +4895,10 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\tsnapshots\x18\x01 \x03(\v2\x16.fireworks.v1.SnapshotR\tsnapshots\"3\n" +
 	"\x15DeleteSnapshotRequest\x12\x1a\n" +
 	"\bsnapshot\x18\x01 \x01(\tR\bsnapshot\"\x18\n" +
-	"\x16DeleteSnapshotResponse\"0\n" +
+	"\x16DeleteSnapshotResponse\"D\n" +
 	"\x14ResumeSandboxRequest\x12\x18\n" +
-	"\asandbox\x18\x01 \x01(\tR\asandbox\"H\n" +
+	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\"H\n" +
 	"\x15ResumeSandboxResponse\x12/\n" +
 	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"Y\n" +
 	"\x14CreateSandboxRequest\x12\x12\n" +
