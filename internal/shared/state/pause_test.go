@@ -63,8 +63,8 @@ func TestPauseResume(t *testing.T) {
 	// Paused, it holds no memory: another sandbox fits where it was...
 	const b = "aaaa000000000002"
 	mk(b, 600, at(6))
-	// ...and so the resume finds no room, says so, and changes nothing.
-	if _, err := s.ResumeSandbox(ctx, a, "", cfg, at(7)); !errors.Is(err, ErrNoRoom) {
+	// ...and so a resume there finds no room, says so, and changes nothing.
+	if _, err := s.ResumeSandbox(ctx, a, "n1", cfg, at(7)); !errors.Is(err, ErrNoRoom) {
 		t.Fatalf("resume on a full node: %v", err)
 	}
 	if sb, _ := s.GetSandbox(ctx, a); sb.Status != StatusPaused || sb.Resumes != 0 {
@@ -90,12 +90,20 @@ func TestPauseResume(t *testing.T) {
 	if sb.Saved != nil || !sb.StartedAt.Equal(at(2).UTC()) {
 		t.Errorf("resumed: saved %+v, started at %s (want the first start, %s)", sb.Saved, sb.StartedAt, at(2).UTC())
 	}
-	// Paused again, then stopped: over, its saved state let go.
+	// Paused again; then stopped (below): over, its saved state let go.
 	if _, err := s.UpdateSandbox(ctx, a, Update{RequestPause: true, Time: at(12)}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.UpdateSandbox(ctx, a, Update{Status: st(StatusPaused), Saved: saved, IfResumes: &one, Time: at(13)}); err != nil {
 		t.Fatal(err)
+	}
+	// Its node full again: a plain resume waits for any node that has room (which then
+	// fetches the saved state), keeping the saved state's place.
+	const c = "aaaa000000000003"
+	mk(c, 600, at(13))
+	sb, err = s.ResumeSandbox(ctx, a, "", cfg, at(13))
+	if err != nil || sb.Status != StatusPending || sb.Node != "" || sb.Saved == nil || sb.Saved.Node != "n1" || !strings.Contains(sb.Reason, "cannot take it now") {
+		t.Fatalf("resume with its node full: %+v %v", sb, err)
 	}
 	code := 143
 	sb, err = s.UpdateSandbox(ctx, a, Update{Status: st(StatusExited), ExitCode: &code, Time: at(14)})
