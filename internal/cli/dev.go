@@ -243,7 +243,8 @@ func newImageCmd(g *globals) *cobra.Command {
 			}
 			fmt.Fprintf(g.stdout, "%-60s %-20s %-12s %s\n", "REF", "DIGEST", "SIZE", "NODE")
 			for _, i := range resp.Msg.GetImages() {
-				fmt.Fprintf(g.stdout, "%-60s %-20s %-12d %s\n", i.GetRef(), short(strings.TrimPrefix(i.GetDigest(), "sha256:")), i.GetSize(), i.GetNode())
+				fmt.Fprintf(g.stdout, "%-60s %-20s %-12s %s\n", i.GetRef(), short(strings.TrimPrefix(i.GetDigest(), "sha256:")),
+					fmt.Sprintf("%.1f MiB", float64(i.GetSize())/(1<<20)), i.GetNode())
 			}
 			return nil
 		},
