@@ -67,3 +67,29 @@ func eachSandboxCmd(g *globals, verb, short string, call func(context.Context, *
 		},
 	}
 }
+
+// newForkCmd: running copies of a sandbox, each a new machine from the same instant.
+func newForkCmd(g *globals) *cobra.Command {
+	var count int
+	cmd := &cobra.Command{
+		Use:   "fork SANDBOX [--count N]",
+		Short: "Make N running copies of a running or paused sandbox (new machines carrying on from the same instant)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			r, err := c.Sandboxes.ForkSandbox(cmd.Context(), connect.NewRequest(&pb.ForkSandboxRequest{Sandbox: args[0], Count: int32(count)}))
+			if err != nil {
+				return err
+			}
+			for _, f := range r.Msg.GetForks() {
+				fmt.Fprintln(g.stdout, f.GetId())
+			}
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&count, "count", 1, "how many copies (1..16)")
+	return cmd
+}

@@ -340,9 +340,9 @@ func (h *sandboxService) PauseSandbox(ctx context.Context, req *connect.Request[
 		}
 		switch {
 		case sb.Status == state.StatusRunning:
-			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("pause sandbox %s: its node refused: %s", sb.ID, sb.Runtime["pause_refused"]))
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("pause sandbox %s: its node refused: %s", sb.ID, h.s.textFor(ctx, sb, sb.Runtime["pause_refused"])))
 		case sb.Status != state.StatusPaused:
-			return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("pause sandbox %s: it is %s: %s", sb.ID, sb.Status, sb.Reason))
+			return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("pause sandbox %s: it is %s: %s", sb.ID, sb.Status, h.s.textFor(ctx, sb, sb.Reason)))
 		}
 	}
 	return connect.NewResponse(&pb.PauseSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
@@ -382,7 +382,7 @@ func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request
 		}
 	}
 	if sb.Status != state.StatusRunning {
-		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("resume sandbox %s: it is %s: %s", sb.ID, sb.Status, sb.Reason))
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("resume sandbox %s: it is %s: %s", sb.ID, sb.Status, h.s.textFor(ctx, sb, sb.Reason)))
 	}
 	return connect.NewResponse(&pb.ResumeSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
 }
@@ -399,12 +399,7 @@ func (s *Server) view(ctx context.Context, sb state.Sandbox) *pb.Sandbox {
 	if who, ok := auth.From(ctx); ok && who.Admin() {
 		return out
 	}
-	hide := func(text string) string {
-		if sb.Node == "" {
-			return text
-		}
-		return strings.ReplaceAll(text, "node "+sb.Node, "its node")
-	}
+	hide := func(text string) string { return hideNodes(sb, text) }
 	out.Node = ""
 	out.Reason = hide(out.Reason)
 	for _, e := range out.Events {
@@ -423,6 +418,27 @@ func (s *Server) view(ctx context.Context, sb state.Sandbox) *pb.Sandbox {
 		out.Details = d
 	}
 	return out
+}
+
+// hideNodes replaces the names of the nodes sb has to do with in text.
+func hideNodes(sb state.Sandbox, text string) string {
+	for _, n := range []string{sb.Node, sb.Spec.SnapshotNode, sb.Spec.ForkNode} {
+		if n != "" {
+			text = strings.ReplaceAll(text, "node "+n, "a node")
+		}
+	}
+	if sb.Saved != nil && sb.Saved.Node != "" {
+		text = strings.ReplaceAll(text, "node "+sb.Saved.Node, "a node")
+	}
+	return text
+}
+
+// textFor is text about sb as the caller may read it: a user's without node names.
+func (s *Server) textFor(ctx context.Context, sb state.Sandbox, text string) string {
+	if who, ok := auth.From(ctx); ok && who.Admin() {
+		return text
+	}
+	return hideNodes(sb, text)
 }
 
 // netView is a sandbox's network status as the caller may see it: for a user, without

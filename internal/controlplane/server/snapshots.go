@@ -41,6 +41,27 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 	if _, err := h.s.store.GetSnapshot(ctx, name, who.TokenID, false); err == nil {
 		return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("snapshot %q exists already", name))
 	}
+	max := state.MaxSnapshotsPerOwner
+	if who.Admin() {
+		max = 0
+	}
+	if max > 0 {
+		// Before the copy, so that a token at its bound costs no node a disk copy (the
+		// state machine checks again when it records it).
+		all, err := h.s.store.ListSnapshots(ctx)
+		if err != nil {
+			return nil, toConnectError(err)
+		}
+		n := 0
+		for _, s := range all {
+			if s.Owner == who.TokenID {
+				n++
+			}
+		}
+		if n >= max {
+			return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("the token holds %d snapshots, at most %d", n, max))
+		}
+	}
 	c, err := h.s.nodeFor(ctx, sb)
 	if err != nil {
 		return nil, toConnectError(err)
@@ -50,11 +71,11 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 	defer cancel()
 	r, err := c.sandboxes.CreateSnapshot(cctx, connect.NewRequest(&pb.CreateSnapshotRequest{Sandbox: sb.ID, SnapshotId: id}))
 	if err != nil {
+		// Whatever the node managed to keep goes (best effort).
+		dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), nodeCallTimeout)
+		_, _ = c.sandboxes.DeleteSnapshot(dctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: id}))
+		dcancel()
 		return nil, nodeError(c, "snapshot sandbox "+sb.ID, err)
-	}
-	max := state.MaxSnapshotsPerOwner
-	if who.Admin() {
-		max = 0
 	}
 	snap, err := h.s.store.PutSnapshot(ctx, state.Snapshot{ID: id, Name: name, Owner: who.TokenID, Node: sb.Node, Sandbox: sb.ID,
 		Image: sb.Spec.Image, ImageDigest: r.Msg.GetSnapshot().GetImageDigest(), Bytes: r.Msg.GetSnapshot().GetBytes(), CreatedAt: h.s.now()}, max)

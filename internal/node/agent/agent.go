@@ -649,11 +649,13 @@ type sandbox struct {
 	pausing  bool                  // a pause is saving it: its end is reported by Pause, not supervise
 	netBase  NetStats              // network counters carried over a pause
 	conns    map[*runConn]struct{} // connections into the guest (see DialSandbox)
-	node     string                // the node the control plane placed it on ("" in dev before the first report)
-	stopping string                // why a stop was requested; "" if none
-	keep     bool                  // the VM was detached for the next agent to adopt: cleanups leave it
-	stopCode int
-	done     chan struct{}
+	// snapshotting: a filesystem snapshot of it is being taken (one at a time).
+	snapshotting bool
+	node         string // the node the control plane placed it on ("" in dev before the first report)
+	stopping     string // why a stop was requested; "" if none
+	keep         bool   // the VM was detached for the next agent to adopt: cleanups leave it
+	stopCode     int
+	done         chan struct{}
 	// started holds what the start learned (image digest, runtime details); it is
 	// written with the running (or failed) status, one state write instead of several
 	// on the start's critical path.
@@ -1283,8 +1285,11 @@ func fileHash(path string) (string, error) {
 }
 
 // copySparse copies src to dst keeping holes (cp knows SEEK_HOLE).
-func copySparse(src, dst string) error {
-	out, err := exec.Command("cp", "--sparse=always", src, dst).CombinedOutput()
+func copySparse(src, dst string) error { return copySparseCtx(context.Background(), src, dst) }
+
+// copySparseCtx is copySparse that ends with ctx.
+func copySparseCtx(ctx context.Context, src, dst string) error {
+	out, err := exec.CommandContext(ctx, "cp", "--sparse=always", src, dst).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("cp %s %s: %v: %s", src, dst, err, out)
 	}

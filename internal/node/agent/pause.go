@@ -56,11 +56,22 @@ type savedRecord struct {
 
 func (a *Agent) savedDir(id string) string { return filepath.Join(a.sandboxRoot(), id, "saved") }
 
+// maxSavedRecord bounds saved.json as read (it may have come from another node).
+const maxSavedRecord = 64 << 10
+
 func readSavedRecord(dir string) (savedRecord, error) {
 	var r savedRecord
-	b, err := os.ReadFile(filepath.Join(dir, savedRecordFile))
+	f, err := os.Open(filepath.Join(dir, savedRecordFile))
 	if err != nil {
 		return r, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxSavedRecord+1))
+	if err != nil {
+		return r, err
+	}
+	if len(b) > maxSavedRecord {
+		return r, fmt.Errorf("%s is larger than %d bytes", savedRecordFile, maxSavedRecord)
 	}
 	if err := json.Unmarshal(b, &r); err != nil {
 		return r, fmt.Errorf("parse %s: %w", savedRecordFile, err)
@@ -310,15 +321,60 @@ func (a *Agent) savedFetchStep(r *startRun) error {
 	return nil
 }
 
+// forkSteps start a fork: a new machine from another sandbox's saved state (see
+// ForkSandbox in the server): the image and root disk it ran on, the VM restored from
+// that state on a copy of its disk, then its own identity, and its main process.
+var forkSteps = []struct {
+	name string
+	run  func(a *Agent, r *startRun) error
+}{
+	{"image", (*Agent).savedImageStep},      // phase image
+	{"vm", (*Agent).savedVMStep},            // phases net, vmm, guest
+	{"identity", (*Agent).forkIdentityStep}, // phase identity+reattach
+}
+
+// savedFor is the directory of the saved state a start restores: its own (a resume) or
+// its source's (a fork).
+func (a *Agent) savedFor(sb state.Sandbox) string {
+	if sb.Spec.ForkOf != "" {
+		return a.savedDir(sb.Spec.ForkOf)
+	}
+	return a.savedDir(sb.ID)
+}
+
+// forkIdentityStep makes the restored guest a machine of its own (hostname, sandbox ID,
+// clock, fresh entropy for its CRNG: nothing random is shared with its source or its
+// siblings from here on) and takes back the main process, which goes on in it.
+func (a *Agent) forkIdentityStep(r *startRun) error {
+	ctx, cancel := context.WithTimeout(r.ctx, 30*time.Second)
+	defer cancel()
+	hostname := r.sb.Name
+	if hostname == "" || len(hostname) > 63 {
+		hostname = r.sb.ID[:12]
+	}
+	g := r.h.guest
+	if err := g.Identity(ctx, proto.Identity{Hostname: hostname, Env: []string{"FIREWORKS_SANDBOX_ID=" + r.sb.ID},
+		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}); err != nil {
+		return fmt.Errorf("give the fork its identity: %v", err)
+	}
+	main, err := g.Reattach(ctx, r.saved.Main)
+	if err != nil {
+		return fmt.Errorf("take the fork's main process (session %d): %v", r.saved.Main, err)
+	}
+	r.main = main
+	r.ph.mark("identity+reattach")
+	return nil
+}
+
 // savedImageStep finds the saved record, the image and the very root disk the guest ran on.
 func (a *Agent) savedImageStep(r *startRun) error {
-	rec, err := readSavedRecord(a.savedDir(r.sb.ID))
+	rec, err := readSavedRecord(a.savedFor(r.sb))
 	if err != nil {
-		return fmt.Errorf("the sandbox's saved state on node %s: %v", a.cfg.Node, err)
+		return fmt.Errorf("the saved state on node %s: %v", a.cfg.Node, err)
 	}
 	r.saved = &rec
 	img, err := a.images.Get(r.ctx, rec.ImageDigest)
-	if err != nil && r.sb.Saved.Node != a.cfg.Node {
+	if err != nil && r.sb.Saved != nil && r.sb.Saved.Node != a.cfg.Node {
 		// Resumed on another node: pull the image it ran from.
 		spec := r.sb.Spec
 		pctx, cancel := context.WithTimeout(r.ctx, a.cfg.PullTimeout)
@@ -356,10 +412,19 @@ func (a *Agent) savedImageStep(r *startRun) error {
 // network of the sandbox's policy.
 func (a *Agent) savedVMStep(r *startRun) error {
 	s, sb, rec := r.s, r.sb, r.saved
-	dir := a.savedDir(sb.ID)
+	// The shape is the sandbox's, as the control plane reserved it: a record (maybe
+	// fetched from another node) that says otherwise is refused.
+	if shape := sb.Spec.Reserved(); rec.VCPUs != shape.VCPUs || rec.MemoryMiB != shape.MemoryMiB {
+		return fmt.Errorf("the saved state is of a %d-vCPU %d MiB VM, the sandbox is %d vCPUs %d MiB", rec.VCPUs, rec.MemoryMiB, shape.VCPUs, shape.MemoryMiB)
+	}
+	if d := sb.ImageDigest; d != "" && d != rec.ImageDigest {
+		return fmt.Errorf("the saved state is of image %s, the sandbox ran %s", rec.ImageDigest, d)
+	}
+	dir := a.savedFor(sb)
+	fork := sb.Spec.ForkOf != ""
 	in := vmInput{id: sb.ID, dir: s.dir, rootDisk: r.rootDisk, vcpus: rec.VCPUs, mem: rec.MemoryMiB,
-		saved: &savedFiles{state: filepath.Join(dir, "state"), scratch: filepath.Join(dir, "scratch.img")},
-		net:   sb.Spec.Network != state.NetworkNone, policy: policyOf(sb.Spec)}
+		saved: &savedFiles{state: filepath.Join(dir, "state"), scratch: filepath.Join(dir, "scratch.img")}, savedCopy: fork,
+		net: sb.Spec.Network != state.NetworkNone, policy: policyOf(sb.Spec)}
 	h, err := a.vms.startVM(r.ctx, in)
 	if err != nil {
 		return fmt.Errorf("resume the saved VM: %v", err)
@@ -372,13 +437,17 @@ func (a *Agent) savedVMStep(r *startRun) error {
 	r.ph.last = time.Now()
 	a.ownVM(s, h, &r.cleanup)
 	r.h, r.how = h, "resume"
-	s.mu.Lock()
-	s.netBase = rec.Net
-	s.mu.Unlock()
+	if fork {
+		r.how = "fork" // a new machine: its network counters start at zero
+	} else {
+		s.mu.Lock()
+		s.netBase = rec.Net
+		s.mu.Unlock()
+	}
 	info := h.vm.Info()
 	r.rt = map[string]string{
 		"pid": fmt.Sprint(info.PID), "run_dir": s.dir, "console_log": info.ConsoleLog, "qemu_cmdline": info.CmdlineFile,
-		"start_mode": "resume", "resumed_from": rec.At.Format(time.RFC3339Nano),
+		"start_mode": r.how, "resumed_from": rec.At.Format(time.RFC3339Nano),
 	}
 	if h.net != nil {
 		r.rt["netns"], r.rt["address"] = h.net.Namespace(), h.net.Address().String()

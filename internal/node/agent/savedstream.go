@@ -31,9 +31,12 @@ type SavedFetcher func(ctx context.Context, from state.Saved, id string) (io.Rea
 // savedFiles are the files a saved state is made of; nothing else is sent or accepted.
 var savedFileNames = []string{savedRecordFile, "state", "scratch.img"}
 
-// maxSavedFile bounds one file of a saved state as received (the scratch disk's nominal
-// size is the largest: a few GiB).
-const maxSavedFile = 256 << 30
+// savedLimits bound the files of a saved state as received: the record, the VM's state
+// (its RAM and devices, as Save bounds it) and the scratch disk (the node's own size).
+func (a *Agent) savedLimits(memMiB int) map[string]uint64 {
+	mem := uint64(memMiB) << 20
+	return map[string]uint64{savedRecordFile: maxSavedRecord, "state": mem + mem/256 + 128<<20, "scratch.img": uint64(a.vms.scratchMiB) << 20}
+}
 
 // MaySendSaved says whether node peer may have sandbox id's saved state: this node holds
 // it, and the control plane placed the sandbox on peer to resume it. Anyone else is
@@ -140,7 +143,7 @@ func writeSparse(w io.Writer, name, path string) error {
 // readSaved reads a saved-state stream into dir; what does not follow the format (an
 // unknown or repeated file, an extent outside its file, a file past maxSavedFile) is
 // refused. All of the saved files must come.
-func readSaved(r io.Reader, dir string) error {
+func readSaved(r io.Reader, dir string, limits map[string]uint64) error {
 	br := bufio.NewReaderSize(r, 1<<20)
 	var got []string
 	for {
@@ -159,7 +162,7 @@ func readSaved(r io.Reader, dir string) error {
 			return fmt.Errorf("saved state stream: unexpected file %q", name)
 		}
 		got = append(got, string(name))
-		if err := readSparse(br, filepath.Join(dir, string(name))); err != nil {
+		if err := readSparse(br, filepath.Join(dir, string(name)), limits[string(name)]); err != nil {
 			return fmt.Errorf("saved state stream, %s: %w", name, err)
 		}
 	}
@@ -169,13 +172,13 @@ func readSaved(r io.Reader, dir string) error {
 	return nil
 }
 
-func readSparse(r io.Reader, path string) error {
+func readSparse(r io.Reader, path string, limit uint64) error {
 	var size uint64
 	if err := binary.Read(r, binary.BigEndian, &size); err != nil {
 		return err
 	}
-	if size > maxSavedFile {
-		return fmt.Errorf("%d bytes, more than a saved file may hold", size)
+	if size > limit {
+		return fmt.Errorf("%d bytes, more than the %d this file of a saved state may hold", size, limit)
 	}
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
@@ -224,7 +227,7 @@ func (a *Agent) fetchSaved(ctx context.Context, sb state.Sandbox) error {
 		return err
 	}
 	defer os.RemoveAll(tmp)
-	if err := readSaved(rc, tmp); err != nil {
+	if err := readSaved(rc, tmp, a.savedLimits(sb.Spec.Reserved().MemoryMiB)); err != nil {
 		return fmt.Errorf("fetch its saved state from node %s: %w", sb.Saved.Node, err)
 	}
 	if err := syncDir(tmp); err != nil {

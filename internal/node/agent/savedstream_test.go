@@ -48,7 +48,8 @@ func TestSavedStream(t *testing.T) {
 	}
 	good := bytes.Clone(stream.Bytes())
 	dst := t.TempDir()
-	if err := readSaved(bytes.NewReader(good), dst); err != nil {
+	limits := map[string]uint64{savedRecordFile: maxSavedRecord, "state": 1 << 20, "scratch.img": 64 << 20}
+	if err := readSaved(bytes.NewReader(good), dst, limits); err != nil {
 		t.Fatal(err)
 	}
 	for _, name := range savedFileNames {
@@ -77,10 +78,10 @@ func TestSavedStream(t *testing.T) {
 	hostile["cut short"] = good[:len(good)/2]
 	var g bytes.Buffer
 	_ = writeName(&g, "state")
-	_ = binary.Write(&g, binary.BigEndian, uint64(1)<<50)
-	hostile["absurd size"] = g.Bytes()
+	_ = binary.Write(&g, binary.BigEndian, uint64(2)<<20)
+	hostile["a file past its bound"] = g.Bytes()
 	for what, s := range hostile {
-		if err := readSaved(bytes.NewReader(s), t.TempDir()); err == nil {
+		if err := readSaved(bytes.NewReader(s), t.TempDir(), limits); err == nil {
 			t.Errorf("%s: accepted", what)
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
 )
 
@@ -46,8 +47,20 @@ func (a *Agent) SnapshotFS(ctx context.Context, id, snapID string) (SnapshotInfo
 		return SnapshotInfo{}, ctx.Err()
 	}
 	s.mu.Lock()
-	g, main, digest := s.guest, s.main, s.started.ImageDigest
+	g, main, digest, busy := s.guest, s.main, s.started.ImageDigest, s.snapshotting
+	if !busy {
+		s.snapshotting = true
+	}
 	s.mu.Unlock()
+	if busy {
+		// Two copies at once would thaw each other's freeze.
+		return SnapshotInfo{}, fmt.Errorf("sandbox %s is being snapshotted already", id)
+	}
+	defer func() {
+		s.mu.Lock()
+		s.snapshotting = false
+		s.mu.Unlock()
+	}()
 	if g == nil || main == nil || digest == nil {
 		return SnapshotInfo{}, fmt.Errorf("sandbox %s is not running: %w", id, ErrNotRunning)
 	}
@@ -68,7 +81,11 @@ func (a *Agent) SnapshotFS(ctx context.Context, id, snapID string) (SnapshotInfo
 		return SnapshotInfo{}, fmt.Errorf("freeze the sandbox's filesystem: %w", err)
 	}
 	t0 := time.Now()
-	copyErr := copySparse(filepath.Join(s.dir, "scratch.img"), filepath.Join(tmp, "scratch.img"))
+	// Bounded by the guest's own limit on a freeze: past it the guest thaws by itself and
+	// the copy would not be of a frozen filesystem.
+	cctx, cancel := context.WithTimeout(ctx, proto.FreezeLimit-5*time.Second)
+	copyErr := copySparseCtx(cctx, filepath.Join(s.dir, "scratch.img"), filepath.Join(tmp, "scratch.img"))
+	cancel()
 	// Thawed whatever happened (the guest also thaws by itself after proto.FreezeLimit).
 	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	thawErr := g.Thaw(tctx)
@@ -85,6 +102,9 @@ func (a *Agent) SnapshotFS(ctx context.Context, id, snapID string) (SnapshotInfo
 		return SnapshotInfo{}, err
 	}
 	info.Bytes = dirSize(tmp)
+	if err := ctx.Err(); err != nil {
+		return SnapshotInfo{}, err // nobody waits for it: nothing is kept
+	}
 	if err := os.MkdirAll(filepath.Dir(final), 0o700); err != nil {
 		return SnapshotInfo{}, err
 	}

@@ -84,7 +84,10 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	}
 	defer r.cleanup.run(a.log)
 	steps := startSteps
-	if sb.Saved != nil {
+	switch {
+	case sb.Spec.ForkOf != "":
+		steps = forkSteps
+	case sb.Saved != nil:
 		steps = resumeSteps
 	}
 	for _, step := range steps {

@@ -52,6 +52,9 @@ type vmInput struct {
 	// saved, if set, is a whole VM saved by a pause: restored from its state, on its own
 	// scratch disk (linked, not copied: the saved file stays until the resume is done).
 	saved *savedFiles
+	// savedCopy copies the saved scratch disk instead of linking it (a fork: the saved
+	// state stays its source's).
+	savedCopy bool
 	// scratchFrom, if set, is the disk a booted VM's scratch disk is copied from (a
 	// filesystem snapshot's) instead of the node's empty one.
 	scratchFrom string
@@ -108,7 +111,11 @@ func (m *vms) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHa
 	if in.saved != nil {
 		snap = &vmm.Snapshot{StateFile: in.saved.state}
 		_ = os.Remove(h.scratch)
-		if err := os.Link(in.saved.scratch, h.scratch); err != nil {
+		take := os.Link
+		if in.savedCopy {
+			take = copySparse
+		}
+		if err := take(in.saved.scratch, h.scratch); err != nil {
 			return h, fmt.Errorf("take the saved scratch disk: %w", err)
 		}
 	} else if err := copySparse(base, h.scratch); err != nil {

@@ -114,7 +114,7 @@ func (s *Scheduler) explain(req *Request, c chain) *NoFitError {
 		}
 	}
 	if pinned > 0 {
-		what := "not node " + req.Node + ", which holds its saved state"
+		what := "not node " + req.Node + ", which holds the files it starts from"
 		add("pinned", pinned, nodes(pinned, "is "+what, "are "+what))
 	}
 	if drain > 0 {
@@ -145,7 +145,7 @@ func describeOne(e *entry, req *Request, r rejection) string {
 	case rejectStatus:
 		return "node is " + statusText(e.node.Status)
 	case rejectPinned:
-		return "node is not " + req.Node + ", which holds the sandbox's saved state"
+		return "node is not " + req.Node + ", which holds the files the sandbox starts from"
 	case rejectDraining:
 		return "node is draining"
 	case rejectCordoned:

@@ -229,7 +229,7 @@ func TestNoFitErrorText(t *testing.T) {
 			nodes:  []Node{mk("n1", 2, 1024, nil), mk("n2", 8, 8192, nil), mk("n3", 8, 8192, nil)},
 			allocs: []Allocation{{SandboxID: "x", NodeID: "n1", Resources: Resources{MemoryMiB: 1024}}},
 			req:    Request{Resources: Resources{VCPUs: 1, MemoryMiB: 512}, Node: "n1"},
-			want:   "no node fits: 1 node lacks memory (need 512 MiB, most free 0 MiB), 2 nodes are not node n1, which holds its saved state",
+			want:   "no node fits: 1 node lacks memory (need 512 MiB, most free 0 MiB), 2 nodes are not node n1, which holds the files it starts from",
 		},
 		{
 			name:  "several resources on one node, singular agreement",

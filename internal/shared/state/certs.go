@@ -210,14 +210,20 @@ func (f *fsm) removeNode(c removeNodeCmd) any {
 		// them elsewhere): a node that keeps reporting them live must not be able to
 		// keep itself from being removed.
 		for id, sb := range f.sandboxes {
-			if sb.Node != c.ID || sb.Status.Terminal() {
+			holds := sb.Saved != nil && sb.Saved.Node == c.ID
+			if (sb.Node != c.ID && !holds) || sb.Status.Terminal() {
 				continue
 			}
 			next := sb.clone()
-			if sb.Status == StatusPending && sb.Saved != nil {
-				// A resume that had not begun: its saved state went with the node.
+			if holds && (sb.Status == StatusPending || sb.Status == StatusPaused) {
+				// Paused, or a resume that had not begun: its saved state went with the node.
 				next.Status, next.Reason, next.Saved, next.FinishedAt = StatusLost, "node "+c.ID+" was removed with the sandbox's saved state", nil, utc(c.Time)
 				next.addEvent(Event{Time: utc(c.Time), Status: StatusLost, Reason: next.Reason})
+			} else if sb.Status == StatusPending && sb.Saved != nil {
+				next.Node = "" // the resume's target went: placed again; the holder still has it
+				next.Reason = boundReason("node " + c.ID + " was removed before the sandbox resumed there")
+			} else if holds {
+				continue // it runs elsewhere now; the holder's copy was not needed any more
 			} else if sb.Status == StatusPending {
 				next.Node = "" // placed but not started: placed again
 				next.Reason = boundReason("node " + c.ID + " was removed before the sandbox started")

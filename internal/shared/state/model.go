@@ -140,6 +140,10 @@ type SandboxSpec struct {
 	// scratch disk a copy of the snapshot's), on SnapshotNode, which holds its files.
 	Snapshot     string `json:"snapshot,omitempty"`
 	SnapshotNode string `json:"snapshot_node,omitempty"`
+	// ForkOf, if set, is the paused sandbox whose saved state (memory included) the
+	// sandbox starts from, as a new machine, on ForkNode, which holds that state.
+	ForkOf   string `json:"fork_of,omitempty"`
+	ForkNode string `json:"fork_node,omitempty"`
 }
 
 // NetworkNone is SandboxSpec.Network for a sandbox without a network interface.

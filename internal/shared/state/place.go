@@ -89,7 +89,7 @@ func SchedulerRequest(sb Sandbox) (scheduler.Request, error) {
 	}
 	req := scheduler.Request{SandboxID: sb.ID, ImageDigest: img, Spread: sb.Spec.Spread,
 		Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB},
-		Node:      sb.Spec.SnapshotNode} // a snapshot's files are on its node
+		Node:      cmp.Or(sb.Spec.SnapshotNode, sb.Spec.ForkNode)} // the files it starts from are on that node
 	for _, c := range sb.Spec.Constraints {
 		pc, err := scheduler.ParseConstraint(c)
 		if err != nil {

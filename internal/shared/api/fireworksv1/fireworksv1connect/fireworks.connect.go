@@ -63,6 +63,9 @@ const (
 	// SandboxServiceResumeSandboxProcedure is the fully-qualified name of the SandboxService's
 	// ResumeSandbox RPC.
 	SandboxServiceResumeSandboxProcedure = "/fireworks.v1.SandboxService/ResumeSandbox"
+	// SandboxServiceForkSandboxProcedure is the fully-qualified name of the SandboxService's
+	// ForkSandbox RPC.
+	SandboxServiceForkSandboxProcedure = "/fireworks.v1.SandboxService/ForkSandbox"
 	// SandboxServiceCreateSnapshotProcedure is the fully-qualified name of the SandboxService's
 	// CreateSnapshot RPC.
 	SandboxServiceCreateSnapshotProcedure = "/fireworks.v1.SandboxService/CreateSnapshot"
@@ -129,6 +132,10 @@ type SandboxServiceClient interface {
 	// the sandbox is paused / running again.
 	PauseSandbox(context.Context, *connect.Request[fireworksv1.PauseSandboxRequest]) (*connect.Response[fireworksv1.PauseSandboxResponse], error)
 	ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error)
+	// Fork makes running copies of a running or paused sandbox, each a new machine (its own
+	// ID, hostname, address and entropy) carrying on from the same instant; the source goes
+	// on (a running one is paused for the save and resumed). Returns once they run.
+	ForkSandbox(context.Context, *connect.Request[fireworksv1.ForkSandboxRequest]) (*connect.Response[fireworksv1.ForkSandboxResponse], error)
 	// Snapshots of a sandbox's filesystem, taken while it runs (its filesystem frozen for
 	// the copy); `CreateSandbox` with spec.snapshot starts a sandbox from one.
 	CreateSnapshot(context.Context, *connect.Request[fireworksv1.CreateSnapshotRequest]) (*connect.Response[fireworksv1.CreateSnapshotResponse], error)
@@ -199,6 +206,12 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			connect.WithSchema(sandboxServiceMethods.ByName("ResumeSandbox")),
 			connect.WithClientOptions(opts...),
 		),
+		forkSandbox: connect.NewClient[fireworksv1.ForkSandboxRequest, fireworksv1.ForkSandboxResponse](
+			httpClient,
+			baseURL+SandboxServiceForkSandboxProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("ForkSandbox")),
+			connect.WithClientOptions(opts...),
+		),
 		createSnapshot: connect.NewClient[fireworksv1.CreateSnapshotRequest, fireworksv1.CreateSnapshotResponse](
 			httpClient,
 			baseURL+SandboxServiceCreateSnapshotProcedure,
@@ -265,6 +278,7 @@ type sandboxServiceClient struct {
 	removeSandbox  *connect.Client[fireworksv1.RemoveSandboxRequest, fireworksv1.RemoveSandboxResponse]
 	pauseSandbox   *connect.Client[fireworksv1.PauseSandboxRequest, fireworksv1.PauseSandboxResponse]
 	resumeSandbox  *connect.Client[fireworksv1.ResumeSandboxRequest, fireworksv1.ResumeSandboxResponse]
+	forkSandbox    *connect.Client[fireworksv1.ForkSandboxRequest, fireworksv1.ForkSandboxResponse]
 	createSnapshot *connect.Client[fireworksv1.CreateSnapshotRequest, fireworksv1.CreateSnapshotResponse]
 	listSnapshots  *connect.Client[fireworksv1.ListSnapshotsRequest, fireworksv1.ListSnapshotsResponse]
 	deleteSnapshot *connect.Client[fireworksv1.DeleteSnapshotRequest, fireworksv1.DeleteSnapshotResponse]
@@ -309,6 +323,11 @@ func (c *sandboxServiceClient) PauseSandbox(ctx context.Context, req *connect.Re
 // ResumeSandbox calls fireworks.v1.SandboxService.ResumeSandbox.
 func (c *sandboxServiceClient) ResumeSandbox(ctx context.Context, req *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error) {
 	return c.resumeSandbox.CallUnary(ctx, req)
+}
+
+// ForkSandbox calls fireworks.v1.SandboxService.ForkSandbox.
+func (c *sandboxServiceClient) ForkSandbox(ctx context.Context, req *connect.Request[fireworksv1.ForkSandboxRequest]) (*connect.Response[fireworksv1.ForkSandboxResponse], error) {
+	return c.forkSandbox.CallUnary(ctx, req)
 }
 
 // CreateSnapshot calls fireworks.v1.SandboxService.CreateSnapshot.
@@ -368,6 +387,10 @@ type SandboxServiceHandler interface {
 	// the sandbox is paused / running again.
 	PauseSandbox(context.Context, *connect.Request[fireworksv1.PauseSandboxRequest]) (*connect.Response[fireworksv1.PauseSandboxResponse], error)
 	ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error)
+	// Fork makes running copies of a running or paused sandbox, each a new machine (its own
+	// ID, hostname, address and entropy) carrying on from the same instant; the source goes
+	// on (a running one is paused for the save and resumed). Returns once they run.
+	ForkSandbox(context.Context, *connect.Request[fireworksv1.ForkSandboxRequest]) (*connect.Response[fireworksv1.ForkSandboxResponse], error)
 	// Snapshots of a sandbox's filesystem, taken while it runs (its filesystem frozen for
 	// the copy); `CreateSandbox` with spec.snapshot starts a sandbox from one.
 	CreateSnapshot(context.Context, *connect.Request[fireworksv1.CreateSnapshotRequest]) (*connect.Response[fireworksv1.CreateSnapshotResponse], error)
@@ -432,6 +455,12 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceResumeSandboxProcedure,
 		svc.ResumeSandbox,
 		connect.WithSchema(sandboxServiceMethods.ByName("ResumeSandbox")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServiceForkSandboxHandler := connect.NewUnaryHandler(
+		SandboxServiceForkSandboxProcedure,
+		svc.ForkSandbox,
+		connect.WithSchema(sandboxServiceMethods.ByName("ForkSandbox")),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceCreateSnapshotHandler := connect.NewUnaryHandler(
@@ -504,6 +533,8 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 			sandboxServicePauseSandboxHandler.ServeHTTP(w, r)
 		case SandboxServiceResumeSandboxProcedure:
 			sandboxServiceResumeSandboxHandler.ServeHTTP(w, r)
+		case SandboxServiceForkSandboxProcedure:
+			sandboxServiceForkSandboxHandler.ServeHTTP(w, r)
 		case SandboxServiceCreateSnapshotProcedure:
 			sandboxServiceCreateSnapshotHandler.ServeHTTP(w, r)
 		case SandboxServiceListSnapshotsProcedure:
@@ -557,6 +588,10 @@ func (UnimplementedSandboxServiceHandler) PauseSandbox(context.Context, *connect
 
 func (UnimplementedSandboxServiceHandler) ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.ResumeSandbox is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) ForkSandbox(context.Context, *connect.Request[fireworksv1.ForkSandboxRequest]) (*connect.Response[fireworksv1.ForkSandboxResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.ForkSandbox is not implemented"))
 }
 
 func (UnimplementedSandboxServiceHandler) CreateSnapshot(context.Context, *connect.Request[fireworksv1.CreateSnapshotRequest]) (*connect.Response[fireworksv1.CreateSnapshotResponse], error) {

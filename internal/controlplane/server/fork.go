@@ -1,0 +1,102 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+// maxForks bounds one fork call.
+const maxForks = 16
+
+// ForkSandbox makes count running copies of a sandbox from its saved state (a running one
+// is paused for the save, and resumed once the forks run). Each fork is a new sandbox of
+// the caller's, on the node that holds the saved state, a new machine carrying on from
+// the saved instant (see agent.forkSteps).
+func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[pb.ForkSandboxRequest]) (*connect.Response[pb.ForkSandboxResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	n := int(req.Msg.GetCount())
+	if n == 0 {
+		n = 1
+	}
+	if n < 1 || n > maxForks {
+		return nil, toConnectError(invalid("fork count %d: want 1..%d", n, maxForks))
+	}
+	src, err := h.s.lookup(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	wasRunning := src.Status == state.StatusRunning
+	switch {
+	case wasRunning:
+		if _, err := h.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Sandbox: src.ID})); err != nil {
+			return nil, err
+		}
+		// The source goes on once the forks run (they restore its saved state).
+		defer func() {
+			rctx := context.WithoutCancel(ctx)
+			if _, err := h.ResumeSandbox(rctx, connect.NewRequest(&pb.ResumeSandboxRequest{Sandbox: src.ID})); err != nil {
+				h.s.log.Error("resume the source of a fork", "sandbox", src.ID, "err", err)
+			}
+		}()
+	case src.Status != state.StatusPaused:
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: a running or paused sandbox can be forked", src.ID, src.Status))
+	}
+	if src, err = h.s.store.GetSandbox(ctx, src.ID); err != nil {
+		return nil, toConnectError(err)
+	}
+	if src.Status != state.StatusPaused || src.Saved == nil {
+		return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("sandbox %s is %s, without a saved state to fork", src.ID, src.Status))
+	}
+	spec := src.Spec
+	spec.ForkOf, spec.ForkNode, spec.Snapshot, spec.SnapshotNode = src.ID, src.Saved.Node, "", ""
+	cp := h.s.cluster.ControlPlane
+	var ids []string
+	for range n {
+		now := h.s.now()
+		fork := state.Sandbox{ID: state.NewID(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID, AccessToken: newAccessToken(),
+			CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "forked from " + src.ID}}}
+		var node string
+		var sched scheduler.Config
+		if cp != nil {
+			node, sched = cp.Choose(fork)
+		}
+		if err := h.s.store.CreateAndPlace(ctx, fork, h.s.limits.quota(who.Admin()), node, sched); err != nil {
+			return nil, toConnectError(fmt.Errorf("fork %d of %s: %w", len(ids)+1, src.ID, err))
+		}
+		ids = append(ids, fork.ID)
+	}
+	if cp != nil {
+		cp.Notify()
+	}
+	resp := &pb.ForkSandboxResponse{}
+	var failed []string
+	for _, id := range ids {
+		wctx, cancel := context.WithTimeout(ctx, pauseWait)
+		sb, err := h.s.waitFor(wctx, id, true, func(sb state.Sandbox) bool {
+			return sb.Status == state.StatusRunning || sb.Status.Terminal()
+		})
+		cancel()
+		if err != nil {
+			return nil, toConnectError(fmt.Errorf("fork %s of %s: %w", id, src.ID, err))
+		}
+		if sb.Status != state.StatusRunning {
+			failed = append(failed, fmt.Sprintf("%s is %s: %s", id, sb.Status, sb.Reason))
+		}
+		resp.Forks = append(resp.Forks, h.s.view(ctx, sb))
+	}
+	if len(failed) > 0 {
+		return nil, connect.NewError(connect.CodeAborted, errors.New("forks of "+src.ID+" did not start: "+strings.Join(failed, "; ")))
+	}
+	return connect.NewResponse(resp), nil
+}
