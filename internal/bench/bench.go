@@ -19,7 +19,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -271,6 +273,9 @@ func measureOnDev(ctx context.Context, cfg Config, work, ref string, rep *Report
 			devFlags = []string{"--ingress-listen", ing.addr, "--ingress-domain", ing.domain}
 		}
 	}
+	// Room for a fork of ten beside the other series' sandboxes on a small machine (the
+	// scheduler overcommits vCPUs 4x; paused and idle VMs take little CPU).
+	devFlags = append(devFlags, "--cpus", strconv.Itoa(max(runtime.NumCPU(), 3)))
 	dev, err := startDev(ctx, cfg, work, devFlags...)
 	if err != nil {
 		return err

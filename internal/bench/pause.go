@@ -27,6 +27,10 @@ type PauseRow struct {
 	// SavedMiB is the saved state's size (memory the guest touched, devices, scratch
 	// disk blocks in use), as the last pause reported it.
 	SavedMiB float64 `json:"saved_mib"`
+	// Fork1Ms and Fork10Ms are fork calls of a running sandbox of this size with 1 and
+	// 10 copies: until all run (the source is paused for the save and resumed after).
+	Fork1Ms  float64 `json:"fork1_ms,omitempty"`
+	Fork10Ms float64 `json:"fork10_ms,omitempty"`
 }
 
 // pauseProgram prints a counter every 50 ms: what resumes must carry on.
@@ -87,6 +91,30 @@ func pauseSeries(ctx context.Context, cfg Config, api *apiClient, ref string, me
 		resumes = append(resumes, ms(time.Since(t0)))
 	}
 	row.Pause, row.Resume = summarize(pauses), summarize(resumes)
+	// Forks of it: each run checks the copies run and say they were forked.
+	for _, n := range []int{1, 10} {
+		t0 := time.Now()
+		r, err := api.sandboxes.ForkSandbox(ctx, connect.NewRequest(&pb.ForkSandboxRequest{Sandbox: id, Count: int32(n)}))
+		took := ms(time.Since(t0))
+		if err != nil {
+			return row, fmt.Errorf("fork x%d: %w", n, err)
+		}
+		for _, f := range r.Msg.GetForks() {
+			how := f.GetDetails()["start_mode"]
+			api.remove(context.WithoutCancel(ctx), f.GetId())
+			if f.GetStatus() != "running" || how != "fork" {
+				return row, fmt.Errorf("fork x%d: a copy is %s, started by %q", n, f.GetStatus(), how)
+			}
+		}
+		if len(r.Msg.GetForks()) != n {
+			return row, fmt.Errorf("fork x%d: %d copies", n, len(r.Msg.GetForks()))
+		}
+		if n == 1 {
+			row.Fork1Ms = took
+		} else {
+			row.Fork10Ms = took
+		}
+	}
 	return row, nil
 }
 
@@ -118,10 +146,10 @@ func waitGrowth(ctx context.Context, path string, size int64, limit time.Duratio
 
 func printPause(w io.Writer, rows []PauseRow, accel string) {
 	fmt.Fprintf(w, "\npause = the call, until the VM is saved and ended; resume = the call, until the guest's next output byte (it prints every 50 ms); %s\n", accel)
-	fmt.Fprintf(w, "%-26s %5s %10s %10s %10s %10s %10s\n", "sandbox", "runs", "pause p50", "pause p95", "resume p50", "resume p95", "saved MiB")
+	fmt.Fprintf(w, "%-26s %5s %10s %10s %10s %10s %10s %10s %10s\n", "sandbox", "runs", "pause p50", "pause p95", "resume p50", "resume p95", "saved MiB", "fork x1", "fork x10")
 	for _, r := range rows {
-		fmt.Fprintf(w, "%-26s %5d %10.1f %10.1f %10.1f %10.1f %10.1f\n", fmt.Sprintf("%d MiB", r.MemoryMiB), r.Runs,
-			r.Pause.P50, r.Pause.P95, r.Resume.P50, r.Resume.P95, r.SavedMiB)
+		fmt.Fprintf(w, "%-26s %5d %10.1f %10.1f %10.1f %10.1f %10.1f %10.0f %10.0f\n", fmt.Sprintf("%d MiB", r.MemoryMiB), r.Runs,
+			r.Pause.P50, r.Pause.P95, r.Resume.P50, r.Resume.P95, r.SavedMiB, r.Fork1Ms, r.Fork10Ms)
 	}
 	if !strings.Contains(accel, "kvm") {
 		fmt.Fprintf(w, "(TCG: the save and restore stream memory through QEMU either way; KVM changes the guest's own time to run again, not the copy)\n")

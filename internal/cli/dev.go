@@ -58,6 +58,7 @@ func findInitBinary(flag string) (string, error) {
 type devFlags struct {
 	dataDir, listen, accel, initBinary, node string
 	logLevel, labels                         string
+	cpus, memoryMiB                          int
 	warm                                     warmFlags
 	net                                      nodeNetFlags
 	// The built-in ingress, in-process, and the xDS feed (see runDevIngress).
@@ -81,6 +82,8 @@ func newDevCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&f.initBinary, "init-binary", "", "guest init binary (default: fireworks-init beside this executable)")
 	cmd.Flags().StringVar(&f.node, "node", "", "node name (default: hostname)")
 	cmd.Flags().StringVar(&f.labels, "label", "", "node labels key=value, comma-separated (for --constraint)")
+	cmd.Flags().IntVar(&f.cpus, "cpus", 0, "vCPUs the node offers to sandboxes (default: the host's cores; the scheduler overcommits them 4x)")
+	cmd.Flags().IntVar(&f.memoryMiB, "memory", 0, "memory the node offers to sandboxes, MiB (default: 75% of the host's)")
 	cmd.Flags().StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.warm.register(cmd.Flags())
 	f.net.register(cmd.Flags())
@@ -129,7 +132,7 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 		Labels:  labels,
 		DataDir: f.dataDir, Listen: f.listen, Limits: f.limits,
 		IngressListen: f.ingressListen, IngressDomain: f.ingressDomain, XDSListen: f.xdsListen, Log: log,
-		Agent: agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel},
+		Agent: agent.Config{DataDir: f.dataDir, Node: f.node, InitBinary: initBin, Accel: accel, MaxVCPUs: f.cpus, MaxMemoryMiB: f.memoryMiB},
 		Ready: func(apiURL, token string) error {
 			log.Info("CLI configured for this dev", "cli_config", client.ConfigPath())
 			return client.SaveConfig(client.Config{Server: apiURL, Token: token})

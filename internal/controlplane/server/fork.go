@@ -13,6 +13,15 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
+// dropForks removes forks a fork call made before it gave up.
+func (s *Server) dropForks(ctx context.Context, ids []string) {
+	for _, id := range ids {
+		if err := s.store.DeleteSandbox(context.WithoutCancel(ctx), id); err != nil {
+			s.log.Warn("remove a fork that was not started", "sandbox", id, "err", err)
+		}
+	}
+}
+
 // maxForks bounds one fork call.
 const maxForks = 16
 
@@ -66,15 +75,29 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 		now := h.s.now()
 		fork := state.Sandbox{ID: state.NewID(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID, AccessToken: newAccessToken(),
 			CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "forked from " + src.ID}}}
-		var node string
+		// Placed in the same command on the node that holds the saved state, if it fits
+		// there (the state machine checks, as for any placement).
 		var sched scheduler.Config
 		if cp != nil {
-			node, sched = cp.Choose(fork)
+			sched = cp.Scheduling()
 		}
-		if err := h.s.store.CreateAndPlace(ctx, fork, h.s.limits.quota(who.Admin()), node, sched); err != nil {
+		if err := h.s.store.CreateAndPlace(ctx, fork, h.s.limits.quota(who.Admin()), spec.ForkNode, sched); err != nil {
+			h.s.dropForks(ctx, ids)
 			return nil, toConnectError(fmt.Errorf("fork %d of %s: %w", len(ids)+1, src.ID, err))
 		}
 		ids = append(ids, fork.ID)
+		placed, err := h.s.store.GetSandbox(ctx, fork.ID)
+		if err != nil {
+			h.s.dropForks(ctx, ids)
+			return nil, toConnectError(err)
+		}
+		if placed.Node == "" {
+			// Forks start only where the saved state is: one that does not fit there now
+			// would wait for room that may never come. None are made.
+			h.s.dropForks(ctx, ids)
+			return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("fork %d of %s: %s has room for %d of the %d forks now",
+				len(ids), src.ID, h.s.textFor(ctx, src, "node "+src.Saved.Node), len(ids)-1, n))
+		}
 	}
 	if cp != nil {
 		cp.Notify()
