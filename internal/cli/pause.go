@@ -76,6 +76,9 @@ func newForkCmd(g *globals) *cobra.Command {
 		Short: "Make N running copies of a running or paused sandbox (new machines carrying on from the same instant)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if count < 1 {
+				return fmt.Errorf("invalid --count %d: want 1..16", count)
+			}
 			c, err := g.client()
 			if err != nil {
 				return err

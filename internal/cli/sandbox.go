@@ -60,6 +60,9 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f.entrypointSet = cmd.Flags().Changed("entrypoint")
+			if f.snapshot != "" && cmd.ArgsLenAtDash() > 0 {
+				return errors.New("with --snapshot, give no IMAGE (the snapshot names it): fireworks run --snapshot NAME [-- COMMAND...]")
+			}
 			if f.snapshot != "" {
 				// No IMAGE: the snapshot names it. A leading "--" (pflag keeps none) is
 				// not a command.

@@ -33,7 +33,7 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	create.Flags().BoolVar(&memory, "memory", false, "with the sandbox's memory too (not there yet; `fireworks pause` keeps memory)")
+	create.Flags().BoolVar(&memory, "memory", false, "with the sandbox's memory too (not there yet: fork and pause keep memory)")
 	ls := &cobra.Command{
 		Use:   "ls",
 		Short: "List snapshots (an admin's: every token's, with their nodes)",

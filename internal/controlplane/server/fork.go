@@ -13,6 +13,46 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
+// forksFit refuses, before anything is paused or made, n forks of src that would not all
+// fit on the node they start on (the one holding, or about to hold, its saved state)
+// beside what is there, a running source's own place included: it resumes after.
+func (s *Server) forksFit(src state.Sandbox, n int) error {
+	node := src.Node
+	if src.Saved != nil {
+		node = src.Saved.Node
+	}
+	if node == "" {
+		return nil // not placed: the fork call says why below
+	}
+	var cfg scheduler.Config
+	if cp := s.cluster.ControlPlane; cp != nil {
+		cfg = cp.Scheduling()
+	}
+	nodes, sbs := s.store.LocalNodes(), s.store.LocalSandboxes()
+	np := make([]*state.Node, len(nodes))
+	for i := range nodes {
+		np[i] = &nodes[i]
+	}
+	sp := make([]*state.Sandbox, len(sbs))
+	for i := range sbs {
+		sp[i] = &sbs[i]
+	}
+	snap := state.SchedulerSnapshot(np, sp)
+	req, err := state.SchedulerRequest(src)
+	if err != nil {
+		return toConnectError(err)
+	}
+	req.Node, req.SandboxID = node, "fork"
+	for i := range n {
+		if err := scheduler.Check(snap, cfg, node, req); err != nil {
+			return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("fork %s: room for %d of the %d forks beside it on its node: %v",
+				src.ID, i, n, hideNodes(src, err.Error())))
+		}
+		snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: fmt.Sprintf("fork-%d", i), NodeID: node, Resources: req.Resources})
+	}
+	return nil
+}
+
 // dropForks removes forks a fork call made before it gave up.
 func (s *Server) dropForks(ctx context.Context, ids []string) {
 	for _, id := range ids {
@@ -46,6 +86,9 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 		return nil, toConnectError(err)
 	}
 	wasRunning := src.Status == state.StatusRunning
+	if err := h.s.forksFit(src, n); err != nil {
+		return nil, err
+	}
 	switch {
 	case wasRunning:
 		if _, err := h.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Sandbox: src.ID})); err != nil {

@@ -107,9 +107,15 @@ func (s *Server) attachOnNode(ctx context.Context, sb state.Sandbox, stream *con
 			return err
 		}
 	}
-	final, err := s.waitFor(ctx, sb.ID, false, func(sb state.Sandbox) bool { return sb.Status.Terminal() })
+	final, err := s.waitFor(ctx, sb.ID, false, func(sb state.Sandbox) bool { return sb.Status.Terminal() || sb.Status == state.StatusPaused })
 	if err != nil {
 		return toConnectError(err)
+	}
+	if final.Status == state.StatusPaused {
+		// The attachment ends with the run it was to; the process itself goes on after
+		// a resume, and so does its output in the log.
+		return stream.Send(&pb.AttachResponse{Msg: &pb.AttachResponse_Exit{Exit: &pb.Exit{Status: string(state.StatusPaused),
+			Reason: "it was paused; `fireworks resume " + sb.ID[:12] + "` brings it back, `fireworks logs -f " + sb.ID[:12] + "` follows its output"}}})
 	}
 	return stream.Send(&pb.AttachResponse{Msg: &pb.AttachResponse_Exit{Exit: exitOf(final)}})
 }

@@ -325,8 +325,9 @@ func (h *sandboxService) PauseSandbox(ctx context.Context, req *connect.Request[
 		return nil, toConnectError(err)
 	}
 	if sb.Status != state.StatusPaused {
-		if sb, err = h.s.store.UpdateSandbox(ctx, sb.ID, state.Update{RequestPause: true, Time: h.s.now()}); err != nil {
-			return nil, toConnectError(fmt.Errorf("pause sandbox %s: %w", sb.ID, err))
+		id := sb.ID
+		if sb, err = h.s.store.UpdateSandbox(ctx, id, state.Update{RequestPause: true, Time: h.s.now()}); err != nil {
+			return nil, toConnectError(fmt.Errorf("pause sandbox %s: %w", id, err))
 		}
 		wctx, cancel := context.WithTimeout(ctx, pauseWait)
 		defer cancel()

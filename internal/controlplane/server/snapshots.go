@@ -25,8 +25,11 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 		return nil, err
 	}
 	name := req.Msg.GetName()
-	if err := validName(name); err != nil || name == "" {
-		return nil, toConnectError(invalid("snapshot name %q: want 1-63 letters, digits, '.', '_' or '-'", name))
+	if name == "" {
+		return nil, toConnectError(invalid("a snapshot needs a name"))
+	}
+	if err := validName(name); err != nil {
+		return nil, toConnectError(invalid("snapshot %v", err))
 	}
 	if req.Msg.GetMemory() {
 		return nil, connect.NewError(connect.CodeUnimplemented, errors.New("snapshots with memory are not there yet: `fireworks pause` keeps a sandbox's memory; a snapshot keeps its files"))

@@ -651,11 +651,15 @@ type sandbox struct {
 	conns    map[*runConn]struct{} // connections into the guest (see DialSandbox)
 	// snapshotting: a filesystem snapshot of it is being taken (one at a time).
 	snapshotting bool
-	node         string // the node the control plane placed it on ("" in dev before the first report)
-	stopping     string // why a stop was requested; "" if none
-	keep         bool   // the VM was detached for the next agent to adopt: cleanups leave it
-	stopCode     int
-	done         chan struct{}
+	// ranBefore is how long earlier runs ran before pauses, runSince when this one's
+	// supervision began: --timeout counts running time across pauses.
+	ranBefore time.Duration
+	runSince  time.Time
+	node      string // the node the control plane placed it on ("" in dev before the first report)
+	stopping  string // why a stop was requested; "" if none
+	keep      bool   // the VM was detached for the next agent to adopt: cleanups leave it
+	stopCode  int
+	done      chan struct{}
 	// started holds what the start learned (image digest, runtime details); it is
 	// written with the running (or failed) status, one state write instead of several
 	// on the start's critical path.
@@ -779,8 +783,12 @@ func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm 
 	}
 
 	var timeout <-chan time.Time
+	s.mu.Lock()
+	s.runSince = time.Now()
+	left := sb.Spec.Timeout - s.ranBefore
+	s.mu.Unlock()
 	if sb.Spec.Timeout > 0 {
-		t := time.NewTimer(sb.Spec.Timeout)
+		t := time.NewTimer(max(left, time.Millisecond))
 		defer t.Stop()
 		timeout = t.C
 	}

@@ -376,7 +376,7 @@ func TestCapacityAndStop(t *testing.T) {
 		t.Fatal(err)
 	}
 	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
-	if sb := n.wait(id); sb.Status != state.StatusExited || sb.ExitCode != 128+15 {
+	if sb := n.wait(id); sb.Status != state.StatusExited || !strings.Contains(sb.Reason, "stopped by request") {
 		t.Errorf("stopped sandbox: %s %d (%s)", sb.Status, sb.ExitCode, sb.Reason)
 	}
 	if live := n.ag.Running(); len(live) != 0 || n.ag.Info().Running != 0 {
@@ -571,4 +571,37 @@ func logOf(t *testing.T, n *node, id string) string {
 	t.Helper()
 	b, _ := os.ReadFile(n.ag.LogPath(id))
 	return string(b)
+}
+
+// A sandbox that ended and was run again (a restart policy) is stopped by a stop request
+// of its new run: what the node noted for the earlier run does not swallow it.
+func TestStopAfterRestart(t *testing.T) {
+	n := newNode(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// The first run exits at once, the second sleeps (the commands run on the test host).
+	mark := filepath.Join(t.TempDir(), "ran-once")
+	id := n.start(state.SandboxSpec{Cmd: []string{"sh", "-c", "if [ -e " + mark + " ]; then exec sleep 60; fi; touch " + mark + "; exit 3"}, Boot: state.BootCold})
+	n.wait(id)
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes()) // the node sees it over
+	pending := state.StatusPending
+	if _, err := n.store.UpdateSandbox(ctx, id, state.Update{Restart: true, Status: &pending, Reason: "restarting", Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := n.store.PlaceSandboxes(ctx, []state.Plan{{SandboxID: id, NodeID: "n1"}}, scheduler.Config{}, time.Now()); err != nil || res[0].Err != "" {
+		t.Fatalf("place again: %v %+v", err, res)
+	}
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	n.waitFor("the second run running", func() bool {
+		sb, err := n.store.GetSandbox(ctx, id)
+		return err == nil && sb.Restarts == 1 && sb.Status == state.StatusRunning
+	})
+	grace := time.Duration(0)
+	if _, err := n.store.UpdateSandbox(ctx, id, state.Update{StopGrace: &grace, Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	if sb := n.wait(id); sb.Status != state.StatusExited || !strings.Contains(sb.Reason, "stopped by request") {
+		t.Errorf("the restarted run after a stop: %s %d (%s)", sb.Status, sb.ExitCode, sb.Reason)
+	}
 }

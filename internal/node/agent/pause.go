@@ -52,6 +52,8 @@ type savedRecord struct {
 	MemoryMiB    int       `json:"memory_mib"`
 	Net          NetStats  `json:"net"` // counters at the pause, carried over the resume
 	At           time.Time `json:"at"`
+	// Ran is how long the sandbox had run when it was paused (--timeout counts it).
+	Ran time.Duration `json:"ran,omitempty"`
 }
 
 func (a *Agent) savedDir(id string) string { return filepath.Join(a.sandboxRoot(), id, "saved") }
@@ -174,6 +176,10 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 	}
 	s.mu.Lock()
 	s.pausing = true // supervise leaves the report of this end to us
+	ran := s.ranBefore
+	if !s.runSince.IsZero() {
+		ran += time.Since(s.runSince)
+	}
 	s.mu.Unlock()
 	t0 := time.Now()
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -189,7 +195,7 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 	tmp := final + ".tmp"
 	bytes, err := a.save(ctx, s, saver, tmp, savedRecord{
 		Sandbox: rec.Sandbox, Proc: rec.Proc, Main: rec.Main, RootFS: rec.RootFS, ImageDigest: digest,
-		RootDisk: rootDisk, RootDiskHash: rootHash, VCPUs: shape.VCPUs, MemoryMiB: mem, Net: netBase, At: time.Now().UTC(),
+		RootDisk: rootDisk, RootDiskHash: rootHash, VCPUs: shape.VCPUs, MemoryMiB: mem, Net: netBase, At: time.Now().UTC(), Ran: ran,
 	})
 	if err == nil {
 		_ = os.RemoveAll(final)
@@ -441,7 +447,7 @@ func (a *Agent) savedVMStep(r *startRun) error {
 		r.how = "fork" // a new machine: its network counters start at zero
 	} else {
 		s.mu.Lock()
-		s.netBase = rec.Net
+		s.netBase, s.ranBefore = rec.Net, rec.Ran
 		s.mu.Unlock()
 	}
 	info := h.vm.Info()

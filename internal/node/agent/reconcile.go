@@ -40,7 +40,7 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 		}
 		switch {
 		case !sb.StopRequestedAt.IsZero():
-			if live && a.markStopping(id) {
+			if live && a.markStopping(sb) {
 				a.background(func(ctx context.Context) {
 					if err := a.Stop(ctx, id, sb.StopGrace); err != nil {
 						a.log.Warn("stop assigned sandbox", "sandbox", id, "err", err)
@@ -52,8 +52,12 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 				a.background(func(ctx context.Context) {
 					err := a.Pause(ctx, id)
 					if errors.Is(err, errPauseRefused) {
-						// Nothing changed: it runs on, and the request goes with the reason.
+						// Nothing changed: it runs on, and the request goes with the reason;
+						// a later request is acted on again.
 						a.log.Warn("pause refused", "sandbox", id, "err", err)
+						a.mu.Lock()
+						delete(a.stopsSent, fmt.Sprintf("pause %s/%d", id, sb.Resumes))
+						a.mu.Unlock()
 						r, res, node := sb.Restarts, sb.Resumes, a.cfg.Node
 						a.report(id, state.Update{CancelPause: err.Error(), IfRestarts: &r, IfResumes: &res, IfNode: &node, Time: time.Now()})
 					}
@@ -62,7 +66,7 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 		case sb.Status.Terminal() && live:
 			// The control plane has given the sandbox up (its node was declared down
 			// and came back): it must not keep running here.
-			if a.markStopping(id) {
+			if a.markStopping(sb) {
 				a.background(func(ctx context.Context) { _ = a.Stop(ctx, id, 0) })
 			}
 		case sb.Status == state.StatusPending:
@@ -199,13 +203,16 @@ func (a *Agent) markPausing(id string, resumes int) bool {
 }
 
 // markStopping records that a stop of id was started by Reconcile; false if it already was.
-func (a *Agent) markStopping(id string) bool {
+// The mark is per run (restart and resume count): a later run of the sandbox is stopped
+// again.
+func (a *Agent) markStopping(sb state.Sandbox) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.stopsSent[id] {
+	key := fmt.Sprintf("stop %s/%d/%d", sb.ID, sb.Restarts, sb.Resumes)
+	if a.stopsSent[key] {
 		return false
 	}
-	a.stopsSent[id] = true
+	a.stopsSent[key] = true
 	return true
 }
 

@@ -508,6 +508,14 @@ func (sb *Sandbox) apply(u Update) error {
 		if sb.PauseRequestedAt.IsZero() {
 			return fmt.Errorf("%w: nobody asked for a pause", ErrInvalidTransition)
 		}
+	}
+	if u.Saved != nil && !sb.StopRequestedAt.IsZero() {
+		// A stop came while it was being saved: it is over, as a stop of a paused one.
+		exited, code, sig := StatusExited, 128+15, 0
+		u.Saved, u.Status, u.ExitCode, u.Signal = nil, &exited, &code, &sig
+		u.Reason = "stopped by request while it was being paused"
+	}
+	if u.Saved != nil {
 		saved := *u.Saved
 		saved.At = utc(saved.At)
 		sb.Saved = &saved
