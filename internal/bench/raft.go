@@ -36,14 +36,23 @@ func BenchRaft(ctx context.Context, dir string, creates int, concurrencies []int
 	}
 	var peers []state.Peer
 	var lns []string
+	// Held open until all three are picked: a port closed at once may be handed out
+	// again for the next (two servers at one address).
+	var held []net.Listener
 	for i := range 3 {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
+			for _, l := range held {
+				l.Close()
+			}
 			return nil, err
 		}
+		held = append(held, ln)
 		lns = append(lns, ln.Addr().String())
-		ln.Close()
 		peers = append(peers, state.Peer{ID: fmt.Sprintf("s%d", i), Address: lns[i]})
+	}
+	for _, l := range held {
+		l.Close()
 	}
 	stores := make([]*state.Store, 3)
 	errs := make([]error, 3)
