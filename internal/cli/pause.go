@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
@@ -14,35 +15,37 @@ import (
 // newPauseCmd and newResumeCmd: `docker pause`/`unpause` with the memory saved to disk
 // (a paused sandbox holds no CPU or RAM on its node).
 func newPauseCmd(g *globals) *cobra.Command {
-	return eachSandboxCmd(g, "pause", "Save running sandboxes whole (memory, processes, disk) and end their VMs; they keep their IDs",
-		func(ctx context.Context, c *client.Client, ref string) (*pb.Sandbox, error) {
+	return eachArgCmd(g, "pause SANDBOX...", "Save running sandboxes whole (memory, processes, disk) and end their VMs; they keep their IDs",
+		func(ctx context.Context, c *client.Client, ref string) (string, error) {
 			r, err := c.Sandboxes.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Sandbox: ref}))
 			if err != nil {
-				return nil, err
+				return "", err
 			}
-			return r.Msg.GetSandbox(), nil
+			return r.Msg.GetSandbox().GetId(), nil
 		})
 }
 
 func newResumeCmd(g *globals) *cobra.Command {
 	var node string
-	cmd := eachSandboxCmd(g, "resume", "Bring paused sandboxes back: every process carries on where it was",
-		func(ctx context.Context, c *client.Client, ref string) (*pb.Sandbox, error) {
+	cmd := eachArgCmd(g, "resume SANDBOX...", "Bring paused sandboxes back: every process carries on where it was",
+		func(ctx context.Context, c *client.Client, ref string) (string, error) {
 			r, err := c.Sandboxes.ResumeSandbox(ctx, connect.NewRequest(&pb.ResumeSandboxRequest{Sandbox: ref, Node: node}))
 			if err != nil {
-				return nil, err
+				return "", err
 			}
-			return r.Msg.GetSandbox(), nil
+			return r.Msg.GetSandbox().GetId(), nil
 		})
 	cmd.Flags().StringVar(&node, "node", "", "resume on this node (admin; it fetches the saved state from the node that holds it). Default: that node if it has room, else any")
 	return cmd
 }
 
-// eachSandboxCmd runs call for every sandbox named, like docker: each failure is
-// reported and the rest are still tried; it prints each sandbox's ID.
-func eachSandboxCmd(g *globals, verb, short string, call func(context.Context, *client.Client, string) (*pb.Sandbox, error)) *cobra.Command {
+// eachArgCmd is a command acting on each thing named (`use` ends with "NAME..."), like
+// docker's: every one is tried, each failure reported, and what call returns (an ID)
+// printed for each that worked.
+func eachArgCmd(g *globals, use, short string, call func(ctx context.Context, c *client.Client, ref string) (string, error)) *cobra.Command {
+	verb, _, _ := strings.Cut(use, " ")
 	return &cobra.Command{
-		Use:   verb + " SANDBOX...",
+		Use:   use,
 		Short: short,
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -52,13 +55,13 @@ func eachSandboxCmd(g *globals, verb, short string, call func(context.Context, *
 			}
 			failed := false
 			for _, a := range args {
-				sb, err := call(cmd.Context(), c, a)
+				out, err := call(cmd.Context(), c, a)
 				if err != nil {
 					fmt.Fprintf(g.stderr, "fireworks: %s %s: %s\n", verb, a, printable(g.describe(err)))
 					failed = true
 					continue
 				}
-				fmt.Fprintln(g.stdout, sb.GetId())
+				fmt.Fprintln(g.stdout, out)
 			}
 			if failed {
 				return ExitError{Code: ExitFireworksError}

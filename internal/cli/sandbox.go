@@ -614,64 +614,26 @@ how the sandbox started first.`,
 }
 
 func newStopCmd(g *globals) *cobra.Command {
-	var grace time.Duration
-	cmd := &cobra.Command{
-		Use:   "stop SANDBOX...",
-		Short: "Stop running sandboxes (SIGTERM, then kill after the grace period)",
-		Args:  cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := g.client()
+	grace := 10 * time.Second
+	cmd := eachArgCmd(g, "stop SANDBOX...", "Stop running sandboxes (SIGTERM, then kill after the grace period)",
+		func(ctx context.Context, c *client.Client, ref string) (string, error) {
+			r, err := c.Sandboxes.StopSandbox(ctx, connect.NewRequest(&pb.StopSandboxRequest{Sandbox: ref, Grace: durationpb.New(grace)}))
 			if err != nil {
-				return err
+				return "", err
 			}
-			// Like docker: every sandbox named is tried; each failure is reported.
-			failed := false
-			for _, a := range args {
-				resp, err := c.Sandboxes.StopSandbox(cmd.Context(), connect.NewRequest(&pb.StopSandboxRequest{Sandbox: a, Grace: durationpb.New(grace)}))
-				if err != nil {
-					fmt.Fprintf(g.stderr, "fireworks: stop %s: %s\n", a, printable(g.describe(err)))
-					failed = true
-					continue
-				}
-				fmt.Fprintln(g.stdout, resp.Msg.GetSandbox().GetId())
-			}
-			if failed {
-				return ExitError{Code: ExitFireworksError}
-			}
-			return nil
-		},
-	}
-	grace = 10 * time.Second
+			return r.Msg.GetSandbox().GetId(), nil
+		})
 	cmd.Flags().VarP((*seconds)(&grace), "time", "t", "grace period before the VM is killed (seconds, or a duration like 500ms)")
 	return cmd
 }
 
 func newRmCmd(g *globals) *cobra.Command {
 	var force bool
-	cmd := &cobra.Command{
-		Use:   "rm [-f] SANDBOX...",
-		Short: "Remove sandboxes and their logs",
-		Args:  cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			failed := false
-			for _, a := range args {
-				if _, err := c.Sandboxes.RemoveSandbox(cmd.Context(), connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: a, Force: force})); err != nil {
-					fmt.Fprintf(g.stderr, "fireworks: rm %s: %s\n", a, printable(g.describe(err)))
-					failed = true
-					continue
-				}
-				fmt.Fprintln(g.stdout, a)
-			}
-			if failed {
-				return ExitError{Code: ExitFireworksError}
-			}
-			return nil
-		},
-	}
+	cmd := eachArgCmd(g, "rm [-f] SANDBOX...", "Remove sandboxes and their logs",
+		func(ctx context.Context, c *client.Client, ref string) (string, error) {
+			_, err := c.Sandboxes.RemoveSandbox(ctx, connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: ref, Force: force}))
+			return ref, err
+		})
 	cmd.Flags().BoolVarP(&force, "force", "f", false, "kill a running sandbox first")
 	return cmd
 }

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -9,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 )
 
 // newSnapshotCmd: named snapshots of a sandbox's filesystem.
@@ -60,39 +62,11 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 			return tw.Flush()
 		},
 	}
-	rm := eachRefCmd(g, "rm", "Remove snapshots (their files on their nodes, then the records)", func(cmd *cobra.Command, ref string) (string, error) {
-		c, err := g.client()
-		if err != nil {
-			return "", err
-		}
-		_, err = c.Sandboxes.DeleteSnapshot(cmd.Context(), connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: ref}))
-		return ref, err
-	})
+	rm := eachArgCmd(g, "rm NAME...", "Remove snapshots (their files on their nodes, then the records)",
+		func(ctx context.Context, c *client.Client, ref string) (string, error) {
+			_, err := c.Sandboxes.DeleteSnapshot(ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: ref}))
+			return ref, err
+		})
 	cmd.AddCommand(create, ls, rm)
 	return cmd
-}
-
-// eachRefCmd runs call for every reference named, reporting each failure and going on.
-func eachRefCmd(g *globals, verb, short string, call func(*cobra.Command, string) (string, error)) *cobra.Command {
-	return &cobra.Command{
-		Use:   verb + " NAME...",
-		Short: short,
-		Args:  cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			failed := false
-			for _, a := range args {
-				out, err := call(cmd, a)
-				if err != nil {
-					fmt.Fprintf(g.stderr, "fireworks: %s %s: %s\n", verb, a, printable(g.describe(err)))
-					failed = true
-					continue
-				}
-				fmt.Fprintln(g.stdout, out)
-			}
-			if failed {
-				return ExitError{Code: ExitFireworksError}
-			}
-			return nil
-		},
-	}
 }

@@ -427,13 +427,5 @@ func (m *Manager) place(ctx context.Context, now time.Time, nodes []state.Node, 
 }
 
 func snapshot(nodes []state.Node, sbs []state.Sandbox) *scheduler.Snapshot {
-	np := make([]*state.Node, len(nodes))
-	for i := range nodes {
-		np[i] = &nodes[i]
-	}
-	sp := make([]*state.Sandbox, len(sbs))
-	for i := range sbs {
-		sp[i] = &sbs[i]
-	}
-	return state.SchedulerSnapshot(np, sp)
+	return state.SchedulerSnapshotOf(nodes, sbs)
 }

@@ -28,16 +28,7 @@ func (s *Server) forksFit(src state.Sandbox, n int) error {
 	if cp := s.cluster.ControlPlane; cp != nil {
 		cfg = cp.Scheduling()
 	}
-	nodes, sbs := s.store.LocalNodes(), s.store.LocalSandboxes()
-	np := make([]*state.Node, len(nodes))
-	for i := range nodes {
-		np[i] = &nodes[i]
-	}
-	sp := make([]*state.Sandbox, len(sbs))
-	for i := range sbs {
-		sp[i] = &sbs[i]
-	}
-	snap := state.SchedulerSnapshot(np, sp)
+	snap := state.SchedulerSnapshotOf(s.store.LocalNodes(), s.store.LocalSandboxes())
 	req, err := state.SchedulerRequest(src)
 	if err != nil {
 		return toConnectError(err)

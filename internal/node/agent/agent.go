@@ -727,15 +727,7 @@ func (a *Agent) update(id string, u state.Update) {
 		}
 	}
 	a.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := a.store.UpdateSandbox(ctx, id, u); errors.Is(err, state.ErrStaleReport) {
-		// The sandbox moved on (re-placed by a drain, stopped, resumed): this run's news
-		// is no longer anyone's.
-		a.log.Info("report of a run the control plane has moved past", "sandbox", id, "err", err)
-	} else if err != nil {
-		a.log.Error("record sandbox state", "sandbox", id, "err", err)
-	}
+	a.report(id, u)
 }
 
 func status(s state.Status) *state.Status { return &s }

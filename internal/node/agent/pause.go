@@ -292,12 +292,16 @@ func digestOf(s *sandbox, rec adoptRecord) string {
 	return rec.Sandbox.ImageDigest
 }
 
-// report writes a lifecycle change of a run that is no longer live here (update pins
-// reports by the live run).
+// report writes a lifecycle change as it is pinned (update pins it to the live run; a
+// run no longer live here pins it itself); failures are logged, as nobody waits for it.
 func (a *Agent) report(id string, u state.Update) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := a.store.UpdateSandbox(ctx, id, u); err != nil {
+	if _, err := a.store.UpdateSandbox(ctx, id, u); errors.Is(err, state.ErrStaleReport) {
+		// The sandbox moved on (re-placed by a drain, stopped, resumed): this run's news
+		// is no longer anyone's.
+		a.log.Info("report of a run the control plane has moved past", "sandbox", id, "err", err)
+	} else if err != nil {
 		a.log.Error("record sandbox state", "sandbox", id, "err", err)
 	}
 }

@@ -75,6 +75,20 @@ func SchedulerSnapshot(nodes []*Node, sbs []*Sandbox) *scheduler.Snapshot {
 	return snap
 }
 
+// SchedulerSnapshotOf is SchedulerSnapshot of copies (as Store.LocalNodes and
+// LocalSandboxes return them).
+func SchedulerSnapshotOf(nodes []Node, sbs []Sandbox) *scheduler.Snapshot {
+	np := make([]*Node, len(nodes))
+	for i := range nodes {
+		np[i] = &nodes[i]
+	}
+	sp := make([]*Sandbox, len(sbs))
+	for i := range sbs {
+		sp[i] = &sbs[i]
+	}
+	return SchedulerSnapshot(np, sp)
+}
+
 func (f *fsm) schedulerSnapshot() *scheduler.Snapshot {
 	return SchedulerSnapshot(slices.Collect(maps.Values(f.nodes)), slices.Collect(maps.Values(f.sandboxes)))
 }
