@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"fmt"
+	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -73,9 +75,44 @@ func TestFork(t *testing.T) {
 			t.Errorf("%s says it is sandbox %q", f, p["id"])
 		}
 	}
+	// The forks share the saved memory: pages of one file, mapped copy-on-write by each.
+	for _, f := range forks {
+		pid, _ := strconv.Atoi(str(details(t, inspect(t, f)), "pid"))
+		if pid <= 0 {
+			t.Fatalf("fork %s: no VMM pid in inspect", f)
+		}
+		kib := sharedKiB(t, pid, "/flat/mem")
+		t.Logf("fork %s shares %d KiB of the flattened save", f, kib)
+		if kib < 1024 {
+			t.Errorf("fork %s shares %d KiB of the saved memory with its sibling; want its pages shared", f, kib)
+		}
+	}
 	// They diverge: a file one writes is not in another.
 	fw(t, 0, "exec", "-u", "0", forks[0], "--", "sh", "-c", "echo mine > /data/only-here && sync")
 	if r := world.cli(context.Background(), nil, "exec", forks[1], "--", "cat", "/data/only-here"); r.code == 0 {
 		t.Error("a file written in one fork is in another")
 	}
+}
+
+// sharedKiB sums Shared_Clean and Shared_Dirty of process pid's mappings of files whose
+// path ends in suffix: pages of them that another process maps too.
+func sharedKiB(t *testing.T, pid int, suffix string) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	total, in := 0, false
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 5 && strings.Contains(f[0], "-") && !strings.HasSuffix(f[0], ":") {
+			in = len(f) >= 6 && strings.HasSuffix(f[5], suffix)
+			continue
+		}
+		if in && len(f) >= 2 && (f[0] == "Shared_Clean:" || f[0] == "Shared_Dirty:") {
+			n, _ := strconv.Atoi(f[1])
+			total += n
+		}
+	}
+	return total
 }

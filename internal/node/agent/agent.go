@@ -146,6 +146,8 @@ type Agent struct {
 	leaving   map[string]chan struct{} // sandboxes no longer assigned here, being stopped and removed
 	// diskHashes caches rootDiskHash by the disk file's identity.
 	diskHashes map[string]string
+	// flatSem lets one save be flattened at a time (see flatten.go).
+	flatSem chan struct{}
 
 	// What the node keeps ahead of starts, each owning its state: template snapshots,
 	// warm pools of VMs restored from them, and VMMs launched ahead of restores (slots).
@@ -224,7 +226,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if cfg.ImageMiBPerOwner == 0 {
 		cfg.ImageMiBPerOwner = 16384
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, started: map[string]bool{}, stopsSent: map[string]bool{}, leaving: map[string]chan struct{}{},
+	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, flatSem: make(chan struct{}, 1), started: map[string]bool{}, stopsSent: map[string]bool{}, leaving: map[string]chan struct{}{},
 		pruneWake: make(chan struct{}, 1)}
 	for _, d := range []string{a.runRoot(), a.sandboxRoot(), a.assetDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {

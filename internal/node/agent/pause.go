@@ -432,9 +432,19 @@ func (a *Agent) savedVMStep(r *startRun) error {
 	}
 	dir := a.savedFor(sb)
 	fork := sb.Spec.ForkOf != ""
+	withNet := sb.Spec.Network != state.NetworkNone
+	files := &savedFiles{state: filepath.Join(dir, "state"), scratch: filepath.Join(dir, "scratch.img")}
+	if fork {
+		// Forks share the save's memory (see flatten.go).
+		flat, err := a.flatFor(r.ctx, dir, *rec, r.rootDisk, withNet)
+		if err != nil {
+			return err
+		}
+		files.state, files.mem = flat.state(), flat.mem()
+		r.ph.mark("flatten")
+	}
 	in := vmInput{id: sb.ID, dir: s.dir, rootDisk: r.rootDisk, vcpus: rec.VCPUs, mem: rec.MemoryMiB,
-		saved: &savedFiles{state: filepath.Join(dir, "state"), scratch: filepath.Join(dir, "scratch.img")}, savedCopy: fork,
-		net: sb.Spec.Network != state.NetworkNone, policy: policyOf(sb.Spec)}
+		saved: files, savedCopy: fork, net: withNet, policy: policyOf(sb.Spec)}
 	h, err := a.vms.startVM(r.ctx, in)
 	if err != nil {
 		return fmt.Errorf("resume the saved VM: %v", err)

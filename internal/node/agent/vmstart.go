@@ -58,10 +58,14 @@ type vmInput struct {
 	// scratchFrom, if set, is the disk a booted VM's scratch disk is copied from (a
 	// filesystem snapshot's) instead of the node's empty one.
 	scratchFrom string
+	// memFile, with saved, makes a VM that flattens the save into this memory file
+	// (vmm.Flattener) instead of running it.
+	memFile string
 }
 
-// savedFiles are a paused sandbox's VM files (see pause.go).
-type savedFiles struct{ state, scratch string }
+// savedFiles are a paused sandbox's VM files (see pause.go); mem, if set, is a flattened
+// save's memory file (see flatten.go), state then its device state.
+type savedFiles struct{ state, scratch, mem string }
 
 // vmHandle is a started VM whose guest answered.
 type vmHandle struct {
@@ -109,7 +113,7 @@ func (m *vms) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHa
 		base, snap = in.tmpl.scratch(), in.tmpl.snapshot()
 	}
 	if in.saved != nil {
-		snap = &vmm.Snapshot{StateFile: in.saved.state}
+		snap = &vmm.Snapshot{StateFile: in.saved.state, MemoryFile: in.saved.mem}
 		_ = os.Remove(h.scratch)
 		take := os.Link
 		if in.savedCopy {
@@ -149,7 +153,7 @@ func (m *vms) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHa
 		ID: in.id, Dir: in.dir, Kernel: m.kernel.Vmlinux, Initrd: m.initrd.Path,
 		Cmdline: m.cmdline(), VCPUs: in.vcpus, MemoryMiB: in.mem,
 		Disks:       []vmm.Disk{{Path: in.rootDisk, ReadOnly: true}, {Path: h.scratch}},
-		AgentSocket: sock, Restore: snap, NICs: nics,
+		AgentSocket: sock, Restore: snap, NICs: nics, MemoryFile: in.memFile,
 	})
 	if err != nil {
 		return h, fmt.Errorf("create VM: %w", err)

@@ -49,7 +49,8 @@ type Spec struct {
 	AgentSocket string
 	// MemoryFile, when set, backs guest RAM with this file, mapped shared: what the guest
 	// writes lands in it. That is what lets Snapshotter save a VM without copying its
-	// memory: the file is the snapshot's memory once the VM is stopped.
+	// memory: the file is the snapshot's memory once the VM is stopped. With Restore (a
+	// whole save), the VM only flattens (see Flattener): it never runs.
 	MemoryFile string
 	// NICs are the VM's network interfaces, in order (the guest's eth0, eth1, ...). A
 	// spec without NICs gives a VM with no network device at all.
@@ -135,6 +136,17 @@ type Snapshotter interface {
 // any VM of the driver (booted, restored, with or without a memory file).
 type Saver interface {
 	Save(ctx context.Context, stateFile string) error
+}
+
+// Flattener is implemented by VMs that turn a whole save into a snapshot with a memory
+// file: the VM is created with Spec.Restore a whole save (no MemoryFile) and
+// Spec.MemoryFile the file to fill; Flatten loads the save into that file and writes the
+// device state to stateFile, without ever running the guest, and ends the VMM. The result
+// (Snapshot{MemoryFile, StateFile}) restores as templates do: any number of VMs map the
+// one memory file copy-on-write, where each restore of the whole save would load all of
+// its RAM into memory of its own (forks, snapshots with memory).
+type Flattener interface {
+	Flatten(ctx context.Context, stateFile string) error
 }
 
 // Info describes a started VM.

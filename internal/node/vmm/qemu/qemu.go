@@ -242,8 +242,8 @@ func (d *Driver) validate(s vmm.Spec) error {
 		errs = append(errs, errors.New("no agent socket given"))
 	}
 	if s.Restore != nil {
-		if s.MemoryFile != "" {
-			errs = append(errs, errors.New("a restored VM cannot also save its memory to a file (MemoryFile and Restore are exclusive)"))
+		if s.MemoryFile != "" && s.Restore.MemoryFile != "" {
+			errs = append(errs, errors.New("a VM restored from a memory file cannot also keep its memory in a file (only a whole save is flattened into one)"))
 		}
 		if s.Restore.MemoryFile == "" {
 			// A whole-VM save (Saver): the RAM is in the state file.
@@ -302,7 +302,7 @@ func (d *Driver) args(s vmm.Spec) []string {
 		// every VM restored from the template, and a VMM taken over by its guest must not
 		// be able to change what the others read.
 		obj := "memory-backend-file,id=mem0,size=" + strconv.Itoa(s.MemoryMiB) + "M,mem-path=" + esc(s.MemoryFile) + ",share=on"
-		if s.Restore != nil {
+		if s.Restore != nil && s.Restore.MemoryFile != "" {
 			obj = "memory-backend-file,id=mem0,size=" + strconv.Itoa(s.MemoryMiB) + "M,mem-path=" + esc(s.Restore.MemoryFile) + ",share=off,readonly=on,rom=off"
 		}
 		memObj = []string{"-object", obj}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -57,10 +58,10 @@ func (v *vm) snapshot(ctx context.Context, stateFile string, whole bool) error {
 		}
 		// RAM pages (each with a small header) and the device state.
 		limit += size + size/256
-		// Both ends of a save set it (it changes the stream's format): restores always do.
-		if err := ignoreShared(ctx, c); err != nil {
-			return err
-		}
+	}
+	// A whole save has all RAM in its stream; a snapshot none that is in a file.
+	if err := setIgnoreShared(ctx, c, !whole); err != nil {
+		return err
 	}
 	// From here on the VM must not run again, whatever happens: its memory file is (part
 	// of) a snapshot the moment the vCPUs stop.
@@ -137,6 +138,53 @@ func (v *vm) snapshot(ctx context.Context, stateFile string, whole bool) error {
 		return fmt.Errorf("close state file: %w", err)
 	}
 	return os.Rename(tmp, stateFile)
+}
+
+// flattenOnly says whether v was made to flatten a whole save (vmm.Flattener). v.mu held.
+func (v *vm) flattenOnly() bool {
+	return v.memFile != "" && v.spec.Restore != nil && v.spec.Restore.MemoryFile == ""
+}
+
+// Flatten implements vmm.Flattener: launch QEMU with its RAM the shared memory file, load
+// the whole save into it (no vCPU runs), then save the device state as a template's is
+// saved (RAM excluded: it is in the file), and end the VMM.
+func (v *vm) Flatten(ctx context.Context, stateFile string) error {
+	v.mu.Lock()
+	ok, st := v.flattenOnly(), v.state
+	if ok && st == "created" {
+		v.state = "starting"
+	}
+	v.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("flatten VM %s: it was not made to (a whole save to restore and a memory file are both needed)", v.id)
+	}
+	if st != "created" {
+		return fmt.Errorf("flatten VM %s: already %s", v.id, st)
+	}
+	err := v.flatten(ctx, stateFile)
+	_ = v.Kill()
+	<-v.done
+	if err != nil {
+		return fmt.Errorf("flatten VM %s from %s: %w", v.id, v.restoreFrom, err)
+	}
+	return nil
+}
+
+func (v *vm) flatten(ctx context.Context, stateFile string) error {
+	if err := v.launch(ctx); err != nil {
+		return err
+	}
+	v.mu.Lock()
+	client, exited := v.qmp, v.exited
+	v.mu.Unlock()
+	if err := client.Execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(restoreFD)}, nil); err != nil {
+		return fmt.Errorf("load the save: %w", err)
+	}
+	if err := waitIncoming(ctx, client, exited); err != nil {
+		return fmt.Errorf("load the save: %w%s", err, v.stderrTail())
+	}
+	// snapshot stops the (never started) vCPUs and refuses to let the VM run again.
+	return v.snapshot(ctx, stateFile, false)
 }
 
 // waitMigration polls query-migrate until the outgoing migration ends.

@@ -133,6 +133,9 @@ func (v *vm) Info() vmm.Info {
 func (v *vm) Start(ctx context.Context) error {
 	v.mu.Lock()
 	switch {
+	case v.flattenOnly():
+		v.mu.Unlock()
+		return fmt.Errorf("start VM %s: a VM made to flatten a save into a memory file never runs (see vmm.Flattener)", v.id)
 	case v.state == "created":
 		v.state = "starting"
 		v.mu.Unlock()
@@ -272,8 +275,11 @@ func (v *vm) launch(ctx context.Context) error {
 		return v.failStart(err)
 	}
 	_ = os.WriteFile(filepath.Join(v.dir, pidFile), []byte(strconv.Itoa(st.PID)+"\n"), 0o600)
-	if v.restoreFrom != "" || v.memFile != "" {
-		if err := ignoreShared(ctx, client); err != nil {
+	// File-backed RAM stays out of the stream of a template's save and restore. A whole
+	// save's stream has all RAM in it and is made and loaded without the capability (it
+	// changes the stream's format), also when a VM flattens it into a memory file.
+	if v.restoreFrom == "" && v.memFile != "" || v.spec.Restore != nil && v.spec.Restore.MemoryFile != "" {
+		if err := setIgnoreShared(ctx, client, true); err != nil {
 			return v.failStart(err)
 		}
 	}
@@ -317,12 +323,12 @@ func (v *vm) failStart(err error) error {
 	return fmt.Errorf("%w%s", err, v.stderrTail())
 }
 
-// ignoreShared keeps file-backed guest RAM out of the migration stream. Both ends of a
-// save/restore must set it: it changes the stream's format.
-func ignoreShared(ctx context.Context, c *qmp.Client) error {
-	caps := map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}
+// setIgnoreShared keeps file-backed guest RAM out of the migration stream (on), or puts
+// it in (off). Both ends of a save/restore must agree: it changes the stream's format.
+func setIgnoreShared(ctx context.Context, c *qmp.Client, on bool) error {
+	caps := map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": on}}}
 	if err := c.Execute(ctx, "migrate-set-capabilities", caps, nil); err != nil {
-		return fmt.Errorf("enable x-ignore-shared: %w", err)
+		return fmt.Errorf("set x-ignore-shared to %v: %w", on, err)
 	}
 	return nil
 }

@@ -747,6 +747,9 @@ func (s *suite) testSave(t *testing.T) {
 			t.Fatalf("restored (cycle %d) remembers %q, want %q", cycle, got, want)
 		}
 	}
+	g.vm.Kill()
+	waitEnd(t, g.vm, 30*time.Second)
+	s.testFlatten(ctx, t, filepath.Join(dir, "state-2"), "cycle-2")
 	// A truncated save is refused with an error and leaves no VM running.
 	state := filepath.Join(dir, "state-0")
 	data, err := os.ReadFile(state)
@@ -767,6 +770,86 @@ func (s *suite) testSave(t *testing.T) {
 	}
 	_ = vm.Kill()
 	waitEnd(t, vm, 30*time.Second)
+}
+
+// testFlatten: a whole save flattened (vmm.Flattener) into a memory file restores as
+// many VMs as wanted, each carrying on from the save with a memory of its own, all
+// sharing the file's pages copy-on-write and holding it read-only.
+func (s *suite) testFlatten(ctx context.Context, t *testing.T, save, want string) {
+	dir := shortDir(t)
+	mem, state := filepath.Join(dir, "mem"), filepath.Join(dir, "state")
+	spec := s.spec(t, bootOpts{restore: &vmm.Snapshot{StateFile: save}, memFile: mem, disks: []vmm.Disk{{Path: diskImage(t, "flatten")}}})
+	// The VMM connects to the agent channel as any VM's does (the guest never answers).
+	ln, err := net.Listen("unix", spec.AgentSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	vm, err := s.d.Create(ctx, spec)
+	if err != nil {
+		t.Fatalf("Create a VM to flatten a save: %v", err)
+	}
+	fl, ok := vm.(vmm.Flattener)
+	if !ok {
+		_ = vm.Kill()
+		testutil.Skipf(t, "the %s driver does not implement vmm.Flattener (forks sharing memory)", s.d.Name())
+	}
+	if err := vm.Start(ctx); err == nil {
+		t.Error("a VM made to flatten a save could be started")
+	}
+	if err := fl.Flatten(ctx, state); err != nil {
+		t.Fatalf("Flatten: %v", err)
+	}
+	waitEnd(t, vm, 30*time.Second)
+	if fi, err := os.Stat(state); err != nil || fi.Size() > 16<<20 {
+		t.Fatalf("flattened device state: %v (%d bytes: RAM is in it?)", err, fi.Size())
+	}
+	var forks []*guest
+	for i := range 2 {
+		f := s.boot(t, bootOpts{restore: &vmm.Snapshot{MemoryFile: mem, StateFile: state}, disks: []vmm.Disk{{Path: diskImage(t, "fork")}}})
+		if got := f.mustCall("get"); got != want {
+			t.Fatalf("VM %d restored from the flattened save remembers %q, want %q", i, got, want)
+		}
+		if got := f.mustCall(fmt.Sprintf("put fork-%d", i)); got != "ok" {
+			t.Fatalf("put: %q", got)
+		}
+		checkTemplateReadOnly(t, f.vm.Info().PID, mem)
+		forks = append(forks, f)
+	}
+	for i, f := range forks {
+		if got := f.mustCall("get"); got != fmt.Sprintf("fork-%d", i) {
+			t.Errorf("VM %d remembers %q after both wrote: their memories are not their own", i, got)
+		}
+	}
+	// Pages of the file that both guests read are in memory once, mapped by both.
+	kib := sharedKiB(t, forks[1].vm.Info().PID, mem)
+	t.Logf("two VMs restored from one flattened save share %d KiB of its memory file", kib)
+	if kib < 1024 {
+		t.Errorf("the second restored VM shares %d KiB of the memory file with the first; want its pages shared", kib)
+	}
+}
+
+// sharedKiB sums Shared_Clean and Shared_Dirty of process pid's mappings of file path:
+// pages another process maps too.
+func sharedKiB(t *testing.T, pid int, path string) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	total, in := 0, false
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 5 && strings.Contains(f[0], "-") && !strings.HasSuffix(f[0], ":") {
+			in = len(f) >= 6 && f[5] == path
+			continue
+		}
+		if in && len(f) >= 2 && (f[0] == "Shared_Clean:" || f[0] == "Shared_Dirty:") {
+			n, _ := strconv.Atoi(f[1])
+			total += n
+		}
+	}
+	return total
 }
 
 // checkTemplateReadOnly fails t unless the VMM process pid holds the template memory file
