@@ -69,7 +69,7 @@ func (a *Agent) flatFor(ctx context.Context, dir string, rec savedRecord, rootDi
 	// The device set must be the saved VM's: a NIC if it had one, on a network that lets
 	// nothing through (the guest never runs anyway).
 	h, err := a.vms.prepareVM(ctx, vmInput{id: filepath.Base(runDir), dir: runDir, rootDisk: rootDisk, vcpus: rec.VCPUs, mem: rec.MemoryMiB,
-		saved: &savedFiles{state: filepath.Join(dir, "state"), scratch: filepath.Join(dir, "scratch.img")},
+		saved:   &savedFiles{state: filepath.Join(dir, "state"), scratch: filepath.Join(dir, "scratch.img")},
 		memFile: tmp.mem(), net: net, closedNet: true}, false)
 	if err != nil {
 		return f, fmt.Errorf("flatten the saved state: %w", err)
