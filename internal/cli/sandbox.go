@@ -92,7 +92,7 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 	fl.StringVar(&f.network, "network", "", "none: no network interface at all (default: a network of its own, NAT to the outside)")
 	fl.StringVar(&f.policyFile, "policy", "", "network policy file (see README \"Networking\"; - reads stdin)")
 	fl.StringArrayVarP(&f.ports, "port", "p", nil, "publish a guest TCP port through the ingress: PORT (private: needs the access token) or PORT:public")
-	fl.StringVar(&f.snapshot, "snapshot", "", "start from this filesystem snapshot (`fireworks snapshot ls`): its image with its files; give no IMAGE")
+	fl.StringVar(&f.snapshot, "snapshot", "", "start from this snapshot (`fireworks snapshot ls`), giving no IMAGE: a filesystem snapshot boots its image with its files; one with memory carries on its processes as a new machine")
 	fl.StringVar(&f.boot, "boot", "auto", "how the VM starts: auto (warm pool, else template snapshot, else boot), restore (template snapshot) or cold (boot the kernel)")
 	return cmd
 }

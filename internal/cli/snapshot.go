@@ -15,11 +15,11 @@ import (
 
 // newSnapshotCmd: named snapshots of a sandbox's filesystem.
 func newSnapshotCmd(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "snapshot", Short: "Named snapshots of a sandbox's filesystem (run --snapshot NAME starts from one)"}
+	cmd := &cobra.Command{Use: "snapshot", Short: "Named snapshots of a sandbox's filesystem, or of all of it with --memory (run --snapshot NAME starts from one)"}
 	var memory bool
 	create := &cobra.Command{
 		Use:   "create SANDBOX NAME",
-		Short: "Copy a running sandbox's files (its filesystem frozen for the copy; it runs on)",
+		Short: "Copy a running sandbox's files (its filesystem frozen for the copy; it runs on), or with --memory its whole machine",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := g.client()
@@ -35,7 +35,7 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	create.Flags().BoolVar(&memory, "memory", false, "with the sandbox's memory too (not there yet: fork and pause keep memory)")
+	create.Flags().BoolVar(&memory, "memory", false, "with the sandbox's memory and processes too: a running sandbox pauses for the save and resumes; a start from the snapshot carries on from that instant as a new machine")
 	ls := &cobra.Command{
 		Use:   "ls",
 		Short: "List snapshots (an admin's: every token's, with their nodes)",
@@ -50,14 +50,18 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 				return err
 			}
 			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tID\tIMAGE\tFROM SANDBOX\tSIZE\tCREATED\tNODE")
+			fmt.Fprintln(tw, "NAME\tID\tIMAGE\tFROM SANDBOX\tKIND\tSIZE\tCREATED\tNODE")
 			for _, s := range r.Msg.GetSnapshots() {
 				node := s.GetNode()
 				if s.GetLost() != "" {
 					node += " (lost: " + s.GetLost() + ")"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.1f MiB\t%s\t%s\n", printable(s.GetName()), short(s.GetId()), printable(s.GetImage()), short(s.GetSandbox()),
-					float64(s.GetBytes())/(1<<20), s.GetCreatedAt().AsTime().Local().Format(time.DateTime), node)
+				kind := "files"
+				if s.GetMemory() {
+					kind = fmt.Sprintf("memory (%d vCPU, %d MiB)", s.GetVcpus(), s.GetMemoryMib())
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%.1f MiB\t%s\t%s\n", printable(s.GetName()), short(s.GetId()), printable(s.GetImage()), short(s.GetSandbox()),
+					kind, float64(s.GetBytes())/(1<<20), s.GetCreatedAt().AsTime().Local().Format(time.DateTime), node)
 			}
 			return tw.Flush()
 		},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -92,6 +93,108 @@ func TestFork(t *testing.T) {
 	if r := world.cli(context.Background(), nil, "exec", forks[1], "--", "cat", "/data/only-here"); r.code == 0 {
 		t.Error("a file written in one fork is in another")
 	}
+	t.Run("snapshot with memory", func(t *testing.T) { testMemorySnapshot(t, src, count) })
+}
+
+// testMemorySnapshot: a snapshot with memory of running sandbox src (whose loop counts
+// in /tmp/count) starts sandboxes that carry on from the saved instant, each a machine of
+// its own; src goes on; a snapshot damaged on the node is refused with a clear error,
+// and nothing else is lost.
+func testMemorySnapshot(t *testing.T, src string, count func(string) int) {
+	before := count(src)
+	out := fw(t, 0, "snapshot", "create", src, "mem-snap", "--memory").stdout
+	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "snapshot", "rm", "mem-snap") })
+	if !strings.HasPrefix(out, "mem-snap") {
+		t.Errorf("snapshot create printed %q", out)
+	}
+	if sb := inspect(t, src); sb["status"] != "running" {
+		t.Fatalf("the source is %v after a snapshot with memory (%v)", sb["status"], sb["reason"])
+	}
+	ls := fw(t, 0, "snapshot", "ls").stdout
+	if !strings.Contains(ls, "mem-snap") || !strings.Contains(ls, "memory (") {
+		t.Errorf("snapshot ls does not show a snapshot with memory:\n%s", ls)
+	}
+	// A command cannot be given: the snapshot's processes carry on.
+	if r := world.cli(context.Background(), nil, "run", "-d", "--snapshot", "mem-snap", "--", "true"); r.code == 0 || !strings.Contains(r.stderr, "carry on") {
+		t.Errorf("run --snapshot of a snapshot with memory with a command: exit %d, %q", r.code, r.stderr)
+	}
+	seen := map[string]string{}
+	for i := range 2 {
+		id := strings.TrimSpace(fw(t, 0, "run", "-d", "--snapshot", "mem-snap").stdout)
+		t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", id) })
+		sb := waitStatus(t, id, "running")
+		if d := details(t, sb); str(d, "start_mode") != "snapshot" {
+			t.Errorf("start %d from the snapshot started by %q", i, str(d, "start_mode"))
+		}
+		if n := count(id); n < before {
+			t.Errorf("%s: counter %d, below %d when the snapshot was taken", id, n, before)
+		}
+		if got := strings.TrimSpace(fw(t, 0, "exec", id, "--", "cat", "/data/f").stdout); got != "seed" {
+			t.Errorf("%s: /data/f holds %q", id, got)
+		}
+		p := probe(t, id)
+		checkClock(t, id, p["now"])
+		for _, k := range []string{"host", "uuid", "rand"} {
+			if other, ok := seen[k+"="+p[k]]; ok {
+				t.Errorf("%s and %s share %s %q", id, other, k, p[k])
+			}
+			seen[k+"="+p[k]] = id
+		}
+		if p["id"] != id {
+			t.Errorf("%s says it is sandbox %q", id, p["id"])
+		}
+	}
+	if n := count(src); n < before {
+		t.Errorf("the source counts %d after the snapshot, %d before", n, before)
+	}
+	// Damaged on the node: a start is refused saying why; the snapshot's record, the
+	// source and the sandboxes started from it are untouched.
+	fw(t, 0, "snapshot", "create", src, "mem-damaged", "--memory")
+	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "snapshot", "rm", "mem-damaged") })
+	states, _ := filepath.Glob(filepath.Join(world.dataDir, "snapshots", "*", "flat", "state"))
+	damaged := ""
+	for _, st := range states {
+		fi, _ := os.Stat(st)
+		if damaged == "" || fi.ModTime().After(mustStat(t, damaged).ModTime()) {
+			damaged = st
+		}
+	}
+	if damaged == "" {
+		t.Fatal("no snapshot with memory under the data dir")
+	}
+	data, err := os.ReadFile(damaged)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(damaged, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(damaged, data[:len(data)/3], 0o400); err != nil {
+		t.Fatal(err)
+	}
+	r := world.cli(context.Background(), nil, "run", "--snapshot", "mem-damaged")
+	if r.code == 0 {
+		t.Fatalf("a damaged snapshot started: %s", r.stdout)
+	}
+	t.Logf("start from the damaged snapshot: %s", r.stderr)
+	if !strings.Contains(r.stderr, "restore") && !strings.Contains(r.stderr, "snapshot") {
+		t.Errorf("the refusal does not say what failed: %q", r.stderr)
+	}
+	if n := count(src); n < before {
+		t.Errorf("the source counts %d after a damaged snapshot was tried", n)
+	}
+	if !strings.Contains(fw(t, 0, "snapshot", "ls").stdout, "mem-snap") {
+		t.Error("the good snapshot went with the damaged one")
+	}
+}
+
+func mustStat(t *testing.T, p string) os.FileInfo {
+	t.Helper()
+	fi, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi
 }
 
 // sharedKiB sums Shared_Clean and Shared_Dirty of process pid's mappings of files whose

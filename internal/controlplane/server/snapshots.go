@@ -1,8 +1,8 @@
 package server
 
 import (
+	"cmp"
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -31,15 +31,19 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 	if err := validName(name); err != nil {
 		return nil, toConnectError(invalid("snapshot %v", err))
 	}
-	if req.Msg.GetMemory() {
-		return nil, connect.NewError(connect.CodeUnimplemented, errors.New("snapshots with memory are not there yet: `fireworks pause` keeps a sandbox's memory; a snapshot keeps its files"))
-	}
+	memory := req.Msg.GetMemory()
 	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	if sb.Status != state.StatusRunning || sb.Node == "" {
-		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: a snapshot is taken of a running sandbox", sb.ID, sb.Status))
+	switch {
+	case memory && sb.Status == state.StatusPaused && sb.Saved != nil:
+	case sb.Status != state.StatusRunning || sb.Node == "":
+		what := "a running sandbox"
+		if memory {
+			what = "a running or paused sandbox"
+		}
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: a snapshot is taken of %s", sb.ID, sb.Status, what))
 	}
 	if _, err := h.s.store.GetSnapshot(ctx, name, who.TokenID, false); err == nil {
 		return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("snapshot %q exists already", name))
@@ -65,14 +69,38 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 			return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("the token holds %d snapshots, at most %d", n, max))
 		}
 	}
-	c, err := h.s.nodeFor(ctx, sb)
+	if memory && sb.Status == state.StatusRunning {
+		// The saved VM is what a snapshot with memory keeps: the sandbox pauses for the
+		// save and goes on after the copy.
+		if _, err := h.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Sandbox: sb.ID})); err != nil {
+			return nil, err
+		}
+		defer func() {
+			rctx := context.WithoutCancel(ctx)
+			if _, err := h.ResumeSandbox(rctx, connect.NewRequest(&pb.ResumeSandboxRequest{Sandbox: sb.ID})); err != nil {
+				h.s.log.Error("resume a sandbox after its snapshot", "sandbox", sb.ID, "err", err)
+			}
+		}()
+		if sb, err = h.s.store.GetSandbox(ctx, sb.ID); err != nil {
+			return nil, toConnectError(err)
+		}
+		if sb.Status != state.StatusPaused || sb.Saved == nil {
+			return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("sandbox %s is %s after its pause, without a saved state to keep", sb.ID, sb.Status))
+		}
+	}
+	var c *nodeConn
+	if memory {
+		c, err = h.s.node(ctx, sb.Saved.Node)
+	} else {
+		c, err = h.s.nodeFor(ctx, sb)
+	}
 	if err != nil {
 		return nil, toConnectError(err)
 	}
 	id := state.NewID()
 	cctx, cancel := context.WithTimeout(ctx, snapshotCallTimeout)
 	defer cancel()
-	r, err := c.sandboxes.CreateSnapshot(cctx, connect.NewRequest(&pb.CreateSnapshotRequest{Sandbox: sb.ID, SnapshotId: id}))
+	r, err := c.sandboxes.CreateSnapshot(cctx, connect.NewRequest(&pb.CreateSnapshotRequest{Sandbox: sb.ID, SnapshotId: id, Memory: memory}))
 	if err != nil {
 		// Whatever the node managed to keep goes (best effort).
 		dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), nodeCallTimeout)
@@ -80,8 +108,15 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 		dcancel()
 		return nil, nodeError(c, "snapshot sandbox "+sb.ID, err)
 	}
-	snap, err := h.s.store.PutSnapshot(ctx, state.Snapshot{ID: id, Name: name, Owner: who.TokenID, Node: sb.Node, Sandbox: sb.ID,
-		Image: sb.Spec.Image, ImageDigest: r.Msg.GetSnapshot().GetImageDigest(), Bytes: r.Msg.GetSnapshot().GetBytes(), CreatedAt: h.s.now()}, max)
+	rec := state.Snapshot{ID: id, Name: name, Owner: who.TokenID, Node: c.name, Sandbox: sb.ID,
+		Image: sb.Spec.Image, ImageDigest: r.Msg.GetSnapshot().GetImageDigest(), Bytes: r.Msg.GetSnapshot().GetBytes(), CreatedAt: h.s.now()}
+	if memory {
+		spec := sb.Spec
+		spec.Snapshot, spec.SnapshotNode, spec.ForkOf, spec.ForkNode = "", "", "", ""
+		spec.VCPUs, spec.MemoryMiB = spec.Reserved().VCPUs, spec.Reserved().MemoryMiB
+		rec.MemorySpec = &spec
+	}
+	snap, err := h.s.store.PutSnapshot(ctx, rec, max)
 	if err != nil {
 		// Not recorded: its files go (best effort; a node keeps no file the state does
 		// not know for long, see DeleteSnapshot).
@@ -157,13 +192,53 @@ func (s *Server) resolveSnapshot(ctx context.Context, spec *state.SandboxSpec, r
 	if spec.Image != "" && spec.Image != snap.Image && spec.Image != snap.ImageDigest {
 		return toConnectError(invalid("snapshot %s is of image %s, not %s (leave the image out)", snap.Name, snap.Image, spec.Image))
 	}
+	if snap.MemorySpec != nil {
+		if err := withMemorySpec(spec, snap); err != nil {
+			return toConnectError(err)
+		}
+	}
 	spec.Image, spec.Snapshot, spec.SnapshotNode = snap.Image, snap.ID, snap.Node
+	return nil
+}
+
+// withMemorySpec makes spec a start from snapshot snap, which has memory: the processes
+// of the sandbox it was taken of carry on, so what they are (command, environment, user,
+// terminal) and the VM they run in (shape, network device) are that sandbox's. What is
+// the new sandbox's own (its policy, ports, lifetime, restart policy, placement) may be
+// given.
+func withMemorySpec(spec *state.SandboxSpec, snap state.Snapshot) error {
+	src := *snap.MemorySpec
+	if len(spec.Entrypoint)+len(spec.Cmd)+len(spec.Env) > 0 || spec.WorkingDir != "" || spec.User != "" || spec.TTY || spec.Stdin {
+		return invalid("snapshot %s has memory: its processes carry on as they were (give no command, -e, -w, -u, -t or -i)", snap.Name)
+	}
+	if (spec.VCPUs != 0 && spec.VCPUs != src.VCPUs) || (spec.MemoryMiB != 0 && spec.MemoryMiB != src.MemoryMiB) {
+		return invalid("snapshot %s has memory: its sandboxes have %d vCPUs and %d MiB, as it was taken", snap.Name, src.VCPUs, src.MemoryMiB)
+	}
+	if spec.DiskMiB != 0 && spec.DiskMiB != src.DiskMiB {
+		return invalid("snapshot %s has memory: its sandboxes have its scratch disk", snap.Name)
+	}
+	if spec.Network != "" && spec.Network != src.Network {
+		return invalid("snapshot %s has memory: its sandboxes have its network (%q)", snap.Name, cmp.Or(src.Network, "nat"))
+	}
+	own := *spec
+	*spec = src
+	spec.Timeout, spec.Restart, spec.Constraints, spec.Spread, spec.Boot = own.Timeout, own.Restart, own.Constraints, own.Spread, own.Boot
+	if own.Policy != "" {
+		spec.Policy = own.Policy
+	}
+	if len(own.Ports) > 0 {
+		spec.Ports = own.Ports
+	}
+	spec.PolicyAdmin = false // set again from the caller, as for any create
 	return nil
 }
 
 func snapshotView(who auth.Identity, s state.Snapshot) *pb.Snapshot {
 	out := &pb.Snapshot{Id: s.ID, Name: s.Name, Owner: s.Owner, Sandbox: s.Sandbox, Image: s.Image, ImageDigest: s.ImageDigest,
-		Bytes: s.Bytes, CreatedAt: ts(s.CreatedAt), Lost: s.Lost}
+		Bytes: s.Bytes, CreatedAt: ts(s.CreatedAt), Lost: s.Lost, Memory: s.MemorySpec != nil}
+	if m := s.MemorySpec; m != nil {
+		out.Vcpus, out.MemoryMib = int32(m.VCPUs), int32(m.MemoryMiB)
+	}
 	if who.Admin() {
 		out.Node = s.Node
 	}

@@ -380,7 +380,7 @@ func (a *Agent) RemoveImage(ctx context.Context, ref string) (RemovedImage, erro
 	if ids := a.pausedOn(img.Digest); len(ids) > 0 {
 		// Its root disk is what they resume on (a running sandbox keeps its open file;
 		// a paused one has none open). As Docker keeps an image a stopped container uses.
-		return RemovedImage{}, fmt.Errorf("%w: image %s is used by paused sandbox(es) %s: resume or remove them first", ErrImageInUse, ref, strings.Join(ids, ", "))
+		return RemovedImage{}, fmt.Errorf("%w: image %s is used by paused sandbox(es) or snapshots with memory: %s: resume or remove them first", ErrImageInUse, ref, strings.Join(ids, ", "))
 	}
 	if err := a.images.Remove(ctx, ref); err != nil {
 		return RemovedImage{}, err
@@ -475,7 +475,7 @@ func (a *Agent) imageRunning(digest string) bool {
 var ErrImageInUse = errors.New("image in use")
 
 // pausedOn lists the sandboxes paused on this node whose saved state runs on the image
-// with digest.
+// with digest, and the snapshots with memory of it.
 func (a *Agent) pausedOn(digest string) []string {
 	entries, _ := os.ReadDir(a.sandboxRoot())
 	var out []string
@@ -483,6 +483,14 @@ func (a *Agent) pausedOn(digest string) []string {
 		rec, err := readSavedRecord(a.savedDir(e.Name()))
 		if err == nil && rec.ImageDigest == digest {
 			out = append(out, e.Name())
+		}
+	}
+	// Snapshots with memory need the very root disk too.
+	entries, _ = os.ReadDir(filepath.Join(a.cfg.DataDir, "snapshots"))
+	for _, e := range entries {
+		rec, err := readSavedRecord(a.snapshotDir(e.Name()))
+		if err == nil && rec.ImageDigest == digest {
+			out = append(out, "snapshot "+e.Name())
 		}
 	}
 	return out

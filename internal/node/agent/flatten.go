@@ -48,8 +48,13 @@ func (a *Agent) flatFor(ctx context.Context, dir string, rec savedRecord, rootDi
 		return f, ctx.Err()
 	}
 	defer func() { <-a.flatSem }()
-	if b, err := os.ReadFile(f.boot()); err == nil && string(b) == bootID() {
+	if b, err := os.ReadFile(f.boot()); err == nil && (string(b) == bootID() || string(b) == syncedFlat) {
 		return f, nil
+	}
+	if _, err := os.Stat(filepath.Join(dir, "state")); err != nil {
+		// A snapshot's flattened files without the mark of their sync: the snapshot was
+		// not finished (it is renamed into place only after), or was damaged.
+		return f, fmt.Errorf("no saved state to flatten in %s (a damaged snapshot?): %w", dir, err)
 	}
 	t0 := time.Now()
 	tmp := flatFiles{dir: f.dir + ".tmp"}
@@ -59,9 +64,9 @@ func (a *Agent) flatFor(ctx context.Context, dir string, rec savedRecord, rootDi
 	}
 	defer os.RemoveAll(tmp.dir) // nothing is left after the rename
 	// A run directory of its own (short: socket paths), swept as any at a restart.
-	owner := filepath.Base(filepath.Dir(dir)) // sandboxes/<id>/saved, snapshots/<id>
+	owner := filepath.Base(filepath.Dir(dir)) // sandboxes/<id>/saved
 	if len(owner) < 12 {
-		return f, fmt.Errorf("flatten %s: not a sandbox's or snapshot's directory", dir)
+		return f, fmt.Errorf("flatten %s: not a sandbox's directory", dir)
 	}
 	runDir := filepath.Join(a.runRoot(), "f-"+owner[:12])
 	_ = os.RemoveAll(runDir)

@@ -346,8 +346,14 @@ var forkSteps = []struct {
 // savedFor is the directory of the saved state a start restores: its own (a resume) or
 // its source's (a fork).
 func (a *Agent) savedFor(sb state.Sandbox) string {
+	if sb.Saved != nil {
+		return a.savedDir(sb.ID)
+	}
 	if sb.Spec.ForkOf != "" {
 		return a.savedDir(sb.Spec.ForkOf)
+	}
+	if sb.Spec.Snapshot != "" {
+		return a.snapshotDir(sb.Spec.Snapshot) // a snapshot with memory
 	}
 	return a.savedDir(sb.ID)
 }
@@ -431,7 +437,7 @@ func (a *Agent) savedVMStep(r *startRun) error {
 		return fmt.Errorf("the saved state is of image %s, the sandbox ran %s", rec.ImageDigest, d)
 	}
 	dir := a.savedFor(sb)
-	fork := sb.Spec.ForkOf != ""
+	fork := sb.Saved == nil // a new machine from another's save (a fork, a snapshot)
 	withNet := sb.Spec.Network != state.NetworkNone
 	files := &savedFiles{state: filepath.Join(dir, "state"), scratch: filepath.Join(dir, "scratch.img")}
 	if fork {
@@ -447,7 +453,7 @@ func (a *Agent) savedVMStep(r *startRun) error {
 		saved: files, savedCopy: fork, net: withNet, policy: policyOf(sb.Spec)}
 	h, err := a.vms.startVM(r.ctx, in)
 	if err != nil {
-		return fmt.Errorf("resume the saved VM: %v", err)
+		return fmt.Errorf("restore the saved VM: %v", err)
 	}
 	if h.netTime > 0 {
 		r.ph.add("net", h.netTime)
@@ -458,7 +464,11 @@ func (a *Agent) savedVMStep(r *startRun) error {
 	a.ownVM(s, h, &r.cleanup)
 	r.h, r.how = h, "resume"
 	if fork {
-		r.how = "fork" // a new machine: its network counters start at zero
+		// A new machine: its network counters start at zero.
+		r.how = "fork"
+		if sb.Spec.Snapshot != "" {
+			r.how = "snapshot"
+		}
 	} else {
 		s.mu.Lock()
 		s.netBase, s.ranBefore = rec.Net, rec.Ran

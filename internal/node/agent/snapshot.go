@@ -11,6 +11,7 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // Filesystem snapshots: a copy of a running sandbox's scratch disk (the writable layer of
@@ -24,6 +25,7 @@ type SnapshotInfo struct {
 	ImageDigest string    `json:"image_digest"`
 	Bytes       int64     `json:"bytes"`
 	At          time.Time `json:"at"`
+	Memory      bool      `json:"memory,omitempty"`
 }
 
 const snapshotMeta = "snapshot.json"
@@ -141,4 +143,115 @@ func (a *Agent) snapshotScratch(snapID, digest string) (string, error) {
 		return "", fmt.Errorf("snapshot %s was taken of image %s, the start pulled %s (the tag moved?)", snapID, info.ImageDigest, digest)
 	}
 	return filepath.Join(a.snapshotDir(snapID), "scratch.img"), nil
+}
+
+// Snapshots with memory: a paused sandbox's saved VM, flattened (see flatten.go) and kept
+// under the snapshot's ID with a copy of its scratch disk and its saved record:
+// snapshots/<id>/{saved.json, scratch.img, flat/}. A start from one restores it as a fork
+// restores its source's save (forkSteps): a new machine carrying on the saved processes.
+// Unlike a fork's, its files are synced to disk: a snapshot outlives reboots.
+
+// syncedFlat marks flattened files that were synced to disk (flatFiles.boot).
+const syncedFlat = "synced"
+
+// SnapshotMemory keeps paused sandbox id's saved VM as snapshot snapID.
+func (a *Agent) SnapshotMemory(ctx context.Context, id, snapID string) (SnapshotInfo, error) {
+	if !routes.ValidSandbox(snapID) {
+		return SnapshotInfo{}, fmt.Errorf("%q is not a snapshot ID", snapID)
+	}
+	src := a.savedDir(id)
+	rec, err := readSavedRecord(src)
+	if err != nil {
+		return SnapshotInfo{}, fmt.Errorf("sandbox %s has no saved state on node %s: %v", id, a.cfg.Node, err)
+	}
+	img, err := a.images.Get(ctx, rec.ImageDigest)
+	if err != nil {
+		return SnapshotInfo{}, fmt.Errorf("the image %s the sandbox ran from: %v", rec.ImageDigest, err)
+	}
+	rootDisk, _, err := a.images.RootDisk(ctx, img)
+	if err != nil {
+		return SnapshotInfo{}, fmt.Errorf("root disk of %s: %v", rec.ImageDigest, err)
+	}
+	flat, err := a.flatFor(ctx, src, rec, rootDisk, rec.Sandbox.Spec.Network != state.NetworkNone)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	final := a.snapshotDir(snapID)
+	if _, err := os.Stat(final); err == nil {
+		return SnapshotInfo{}, fmt.Errorf("snapshot %s exists on this node already", snapID)
+	}
+	tmp := final + ".tmp"
+	_ = os.RemoveAll(tmp)
+	out := flatFiles{dir: filepath.Join(tmp, flatDir)}
+	if err := os.MkdirAll(out.dir, 0o700); err != nil {
+		return SnapshotInfo{}, err
+	}
+	defer os.RemoveAll(tmp) // nothing is left after the rename
+	// The flattened files are never written again: the snapshot links them. The scratch
+	// disk is copied: the source's resume takes the saved one and writes to it.
+	for _, f := range []struct{ from, to string }{{flat.mem(), out.mem()}, {flat.state(), out.state()}} {
+		if err := os.Link(f.from, f.to); err != nil {
+			return SnapshotInfo{}, fmt.Errorf("keep the flattened save: %w", err)
+		}
+	}
+	if err := copySparseCtx(ctx, filepath.Join(src, "scratch.img"), filepath.Join(tmp, "scratch.img")); err != nil {
+		return SnapshotInfo{}, fmt.Errorf("copy the sandbox's scratch disk: %w", err)
+	}
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	if err := os.WriteFile(filepath.Join(tmp, savedRecordFile), b, 0o600); err != nil {
+		return SnapshotInfo{}, err
+	}
+	for _, p := range []string{out.mem(), out.state(), filepath.Join(tmp, "scratch.img")} {
+		if err := syncFile(p); err != nil {
+			return SnapshotInfo{}, err
+		}
+	}
+	if err := os.WriteFile(out.boot(), []byte(syncedFlat), 0o400); err != nil {
+		return SnapshotInfo{}, err
+	}
+	info := SnapshotInfo{ImageDigest: rec.ImageDigest, At: time.Now().UTC(), Memory: true}
+	b, _ = json.Marshal(info)
+	if err := os.WriteFile(filepath.Join(tmp, snapshotMeta), b, 0o600); err != nil {
+		return SnapshotInfo{}, err
+	}
+	if err := errors.Join(syncDir(out.dir), syncDir(tmp)); err != nil {
+		return SnapshotInfo{}, err
+	}
+	info.Bytes = dirSize(tmp)
+	if err := ctx.Err(); err != nil {
+		return SnapshotInfo{}, err // nobody waits for it: nothing is kept
+	}
+	if err := os.MkdirAll(filepath.Dir(final), 0o700); err != nil {
+		return SnapshotInfo{}, err
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		return SnapshotInfo{}, err
+	}
+	a.log.Info("snapshot with memory taken", "sandbox", id, "snapshot", snapID, "mib", info.Bytes>>20)
+	return info, nil
+}
+
+// memorySnapshot says whether sb starts from a snapshot with memory on this node.
+func (a *Agent) memorySnapshot(sb state.Sandbox) bool {
+	if sb.Spec.Snapshot == "" || !routes.ValidSandbox(sb.Spec.Snapshot) {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(a.snapshotDir(sb.Spec.Snapshot), savedRecordFile))
+	return err == nil
+}
+
+// syncFile flushes path's data to disk.
+func syncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	return nil
 }

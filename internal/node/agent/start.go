@@ -85,10 +85,11 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	defer r.cleanup.run(a.log)
 	steps := startSteps
 	switch {
-	case sb.Spec.ForkOf != "":
-		steps = forkSteps
 	case sb.Saved != nil:
+		// Its own save first: a fork, or a start from a snapshot, paused since.
 		steps = resumeSteps
+	case sb.Spec.ForkOf != "", a.memorySnapshot(sb):
+		steps = forkSteps
 	}
 	for _, step := range steps {
 		if err := step.run(a, r); err != nil {

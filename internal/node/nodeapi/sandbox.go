@@ -367,8 +367,9 @@ func (n *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request
 	return connect.NewResponse(&pb.RemoveSandboxResponse{}), nil
 }
 
-// CreateSnapshot copies a running sandbox's filesystem into the snapshot the server
-// named (see agent.SnapshotFS); the server records it once the files are here.
+// CreateSnapshot copies a running sandbox's filesystem (see agent.SnapshotFS), or a
+// paused one's saved VM (agent.SnapshotMemory), into the snapshot the server named; the
+// server records it once the files are here.
 func (n *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Request[pb.CreateSnapshotRequest]) (*connect.Response[pb.CreateSnapshotResponse], error) {
 	id, snap := req.Msg.GetSandbox(), req.Msg.GetSnapshotId()
 	if err := checkID(id); err != nil {
@@ -377,12 +378,16 @@ func (n *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 	if err := checkID(snap); err != nil {
 		return nil, err
 	}
-	info, err := n.ag.SnapshotFS(ctx, id, snap)
+	snapshot := n.ag.SnapshotFS
+	if req.Msg.GetMemory() {
+		snapshot = n.ag.SnapshotMemory
+	}
+	info, err := snapshot(ctx, id, snap)
 	if err != nil {
 		return nil, toConnectError(fmt.Errorf("snapshot sandbox %s on node %s: %w", id, n.ag.NodeName(), err))
 	}
 	return connect.NewResponse(&pb.CreateSnapshotResponse{Snapshot: &pb.Snapshot{Id: snap, Sandbox: id, ImageDigest: info.ImageDigest,
-		Bytes: info.Bytes, CreatedAt: timestamppb.New(info.At), Node: n.ag.NodeName()}}), nil
+		Bytes: info.Bytes, CreatedAt: timestamppb.New(info.At), Node: n.ag.NodeName(), Memory: info.Memory}}), nil
 }
 
 // DeleteSnapshot removes a snapshot's files (by ID) from this node.

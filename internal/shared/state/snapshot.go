@@ -24,6 +24,10 @@ type Snapshot struct {
 	CreatedAt   time.Time `json:"created_at"`
 	// Lost says why the snapshot can no longer be used (its node was removed).
 	Lost string `json:"lost,omitempty"`
+	// MemorySpec, for a snapshot with memory, is the spec of the sandbox it was taken of
+	// as it ran: a start from it carries on that sandbox's processes, in a VM of its
+	// shape. (Never changed once recorded: copies share it.)
+	MemorySpec *SandboxSpec `json:"memory_spec,omitempty"`
 }
 
 // MaxSnapshotsPerOwner bounds a token's snapshots (each is a disk image on a node).
@@ -46,6 +50,11 @@ func (f *fsm) putSnapshot(c putSnapshotCmd) any {
 	}
 	if _, ok := f.snapshots[s.ID]; ok {
 		return fmt.Errorf("snapshot ID %w", ErrExists)
+	}
+	if s.MemorySpec != nil {
+		if err := s.MemorySpec.CheckSizes(); err != nil {
+			return err
+		}
 	}
 	n := 0
 	for _, o := range f.snapshots {

@@ -842,7 +842,12 @@ type Snapshot struct {
 	Bytes       int64                  `protobuf:"varint,8,opt,name=bytes,proto3" json:"bytes,omitempty"`
 	CreatedAt   *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// Why it can no longer be used, if it cannot.
-	Lost          string `protobuf:"bytes,10,opt,name=lost,proto3" json:"lost,omitempty"`
+	Lost string `protobuf:"bytes,10,opt,name=lost,proto3" json:"lost,omitempty"`
+	// With the sandbox's memory: a start carries on its processes from the saved instant.
+	Memory bool `protobuf:"varint,11,opt,name=memory,proto3" json:"memory,omitempty"`
+	// The shape a start from a snapshot with memory has (the saved VM's).
+	Vcpus         int32 `protobuf:"varint,12,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	MemoryMib     int32 `protobuf:"varint,13,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -947,11 +952,32 @@ func (x *Snapshot) GetLost() string {
 	return ""
 }
 
+func (x *Snapshot) GetMemory() bool {
+	if x != nil {
+		return x.Memory
+	}
+	return false
+}
+
+func (x *Snapshot) GetVcpus() int32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
+func (x *Snapshot) GetMemoryMib() int32 {
+	if x != nil {
+		return x.MemoryMib
+	}
+	return 0
+}
+
 type CreateSnapshotRequest struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Sandbox string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
 	Name    string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	// With the sandbox's memory too (not there yet: refused).
+	// With the sandbox's memory too (the sandbox pauses for the save and resumes).
 	Memory bool `protobuf:"varint,3,opt,name=memory,proto3" json:"memory,omitempty"`
 	// Server to node only: the ID the server gave the snapshot (its files' name).
 	SnapshotId    string `protobuf:"bytes,4,opt,name=snapshot_id,json=snapshotId,proto3" json:"snapshot_id,omitempty"`
@@ -4965,7 +4991,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x13PauseSandboxRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\"G\n" +
 	"\x14PauseSandboxResponse\x12/\n" +
-	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"\x90\x02\n" +
+	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"\xdd\x02\n" +
 	"\bSnapshot\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
@@ -4978,7 +5004,11 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
 	"created_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x12\n" +
 	"\x04lost\x18\n" +
-	" \x01(\tR\x04lost\"~\n" +
+	" \x01(\tR\x04lost\x12\x16\n" +
+	"\x06memory\x18\v \x01(\bR\x06memory\x12\x14\n" +
+	"\x05vcpus\x18\f \x01(\x05R\x05vcpus\x12\x1d\n" +
+	"\n" +
+	"memory_mib\x18\r \x01(\x05R\tmemoryMib\"~\n" +
 	"\x15CreateSnapshotRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
