@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"maps"
 	"net"
@@ -538,18 +539,21 @@ func (ts *templates) collect() {
 // dirSize is the disk space the files of dir take (allocated blocks: memory files are sparse).
 func dirSize(dir string) int64 {
 	var n int64
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
+	_ = filepath.WalkDir(dir, func(_ string, e fs.DirEntry, err error) error {
+		if err != nil || e.IsDir() {
+			return nil
+		}
 		fi, err := e.Info()
 		if err != nil {
-			continue
+			return nil
 		}
 		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 			n += st.Blocks * 512
 		} else {
 			n += fi.Size()
 		}
-	}
+		return nil
+	})
 	return n
 }
 
