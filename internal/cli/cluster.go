@@ -106,6 +106,7 @@ func registerLimitFlags(fl *pflag.FlagSet, l *server.Limits) {
 	fl.IntVar(&l.VCPUsPerOwner, "max-vcpus-per-token", l.VCPUsPerOwner, "vCPUs of the sandboxes one user token runs at once; 0 = unlimited")
 	fl.IntVar(&l.MemoryMiBPerOwner, "max-memory-per-token", l.MemoryMiBPerOwner, "memory (MiB) of the sandboxes one user token runs at once; 0 = unlimited")
 	fl.IntVar(&l.DiskMiBPerOwner, "max-disk-per-token", l.DiskMiBPerOwner, "scratch disk (MiB) the sandboxes one user token runs at once reserve on nodes; 0 = unlimited")
+	fl.IntVar(&l.SavedMiBPerOwner, "max-saved-per-token", l.SavedMiBPerOwner, "disk (MiB) one user token's snapshots and paused sandboxes take on nodes together; past it pause, fork and snapshot create are refused; 0 = unlimited")
 	fl.IntVar(&l.WaitsPerOwner, "max-waits-per-token", l.WaitsPerOwner, "calls of one user token that wait at once for sandboxes to be placed, start or stop (an attached run, an exec on a starting sandbox); 0 = unlimited")
 	fl.IntVar(&l.SpecBytesPerOwner, "max-spec-bytes-per-token", l.SpecBytesPerOwner, "bytes of all of one user token's sandbox specs (commands, environments, policies), exited sandboxes included; 0 = unlimited")
 }

@@ -13,12 +13,13 @@ import (
 
 // warmFlags are a node's own template and warm-pool settings (dev and agent).
 type warmFlags struct {
-	templateDiskMiB, imageDiskMiB, imageMiBPerToken, logMiBPerToken int
+	templateDiskMiB, imageDiskMiB, imageMiBPerToken, logMiBPerToken, savedDiskMiB int
 	pools                                                           []string
 }
 
 func (w *warmFlags) register(fl *pflag.FlagSet) {
 	fl.IntVar(&w.templateDiskMiB, "template-disk-mib", 8192, "disk space for template snapshots, MiB; the least recently used are removed past it")
+	fl.IntVar(&w.savedDiskMiB, "saved-disk-mib", 65536, "disk space for paused sandboxes' saved states and snapshots on this node together, MiB; a pause or snapshot that would pass it is refused")
 	fl.IntVar(&w.logMiBPerToken, "log-mib-per-token", 4096, "stored output of one token's sandboxes on this node together, MiB; past it their output is discarded until finished ones are removed")
 	fl.IntVar(&w.imageDiskMiB, "image-disk-mib", 32768, "disk space for images (layers and root disks), MiB; the least recently used that nothing runs from are removed past it")
 	fl.IntVar(&w.imageMiBPerToken, "image-mib-per-token", 16384, "disk space the images one user token pulled or ran may take on this node, MiB; past it that token's least recently used images go first, then its pull fails")
@@ -35,11 +36,15 @@ func (w *warmFlags) apply(cfg *agent.Config) error {
 	if w.imageMiBPerToken < 1 {
 		return fmt.Errorf("--image-mib-per-token %d: want at least 1", w.imageMiBPerToken)
 	}
+	if w.savedDiskMiB < 1 {
+		return fmt.Errorf("--saved-disk-mib %d: want at least 1", w.savedDiskMiB)
+	}
 	if w.logMiBPerToken < 1 {
 		return fmt.Errorf("--log-mib-per-token %d: want at least 1", w.logMiBPerToken)
 	}
 	cfg.TemplateDiskMiB, cfg.ImageDiskMiB, cfg.ImageMiBPerOwner = w.templateDiskMiB, w.imageDiskMiB, w.imageMiBPerToken
 	cfg.MaxLogBytesPerOwner = int64(w.logMiBPerToken) << 20
+	cfg.SavedDiskMiB = w.savedDiskMiB
 	for _, p := range w.pools {
 		pool, err := parseWarmPool(p)
 		if err != nil {

@@ -254,3 +254,40 @@ func TestStopEndsTheRestartPolicy(t *testing.T) {
 		t.Error("restarted after a stop")
 	}
 }
+
+// A user token whose snapshots and paused sandboxes take its bound (--max-saved-per-token)
+// can keep no more: pause and snapshot create are refused before anything is saved,
+// saying which bound; an admin's are not bounded.
+func TestSavedStatePerToken(t *testing.T) {
+	a := newTestAPI(t, func(s *Server) { s.SetLimits(Limits{SavedMiBPerOwner: 1}) })
+	ctx := t.Context()
+	toks, err := a.store.ListTokens(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var user string
+	for _, tk := range toks {
+		if tk.Role == state.RoleUser {
+			user = tk.ID
+		}
+	}
+	if _, err := a.store.PutSnapshot(ctx, state.Snapshot{ID: state.NewID(), Name: "big", Owner: user, Node: "n1", Sandbox: "x",
+		Image: "busybox", Bytes: 2 << 20, CreatedAt: time.Now()}, 0); err != nil {
+		t.Fatal(err)
+	}
+	r, err := a.sandboxes.CreateSandbox(ctx, as(a.user, &pb.CreateSandboxRequest{Spec: &pb.SandboxSpec{Image: "busybox"}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.Msg.GetSandbox().GetId()
+	_, err = a.sandboxes.PauseSandbox(ctx, as(a.user, &pb.PauseSandboxRequest{Sandbox: id}))
+	wantCode(t, "a pause past the token's saved bound", err, connect.CodeResourceExhausted, "--max-saved-per-token")
+	if sb, err := a.store.GetSandbox(ctx, id); err != nil || !sb.PauseRequestedAt.IsZero() {
+		t.Errorf("the refused pause was requested anyway: %v", err)
+	}
+	_, err = a.sandboxes.CreateSnapshot(ctx, as(a.user, &pb.CreateSnapshotRequest{Sandbox: id, Name: "more"}))
+	wantCode(t, "a snapshot past the token's saved bound", err, connect.CodeResourceExhausted, "--max-saved-per-token")
+	// An admin's are not bounded (refused here only because the sandbox is not running).
+	_, err = a.sandboxes.CreateSnapshot(ctx, as(a.admin, &pb.CreateSnapshotRequest{Sandbox: id, Name: "more"}))
+	wantCode(t, "an admin's snapshot of a sandbox not running", err, connect.CodeFailedPrecondition, "running")
+}

@@ -325,6 +325,13 @@ func (h *sandboxService) PauseSandbox(ctx context.Context, req *connect.Request[
 		return nil, toConnectError(err)
 	}
 	if sb.Status != state.StatusPaused {
+		who, err := caller(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if err := h.s.savedRoom(ctx, who); err != nil {
+			return nil, err
+		}
 		id := sb.ID
 		if sb, err = h.s.store.UpdateSandbox(ctx, id, state.Update{RequestPause: true, Time: h.s.now()}); err != nil {
 			return nil, toConnectError(fmt.Errorf("pause sandbox %s: %w", id, err))

@@ -63,6 +63,9 @@ type Limits struct {
 	// SpecBytesPerOwner bounds the bytes of all the token's sandbox specs (commands,
 	// environments, policies): what it makes every server keep.
 	SpecBytesPerOwner int
+	// SavedMiBPerOwner bounds the disk the token's snapshots and paused sandboxes' saved
+	// states take on nodes together.
+	SavedMiBPerOwner int
 	// WaitsPerOwner bounds the token's calls waiting at once for a sandbox to change
 	// (placed, started, stopped): each holds a goroutine and a stream on this server.
 	WaitsPerOwner int
@@ -70,7 +73,8 @@ type Limits struct {
 
 // DefaultLimits are the limits of a server not told otherwise.
 func DefaultLimits() Limits {
-	return Limits{SandboxesPerOwner: 1000, VCPUsPerOwner: 64, MemoryMiBPerOwner: 128 << 10, DiskMiBPerOwner: 1 << 20, SpecBytesPerOwner: 16 << 20, WaitsPerOwner: 256}
+	return Limits{SandboxesPerOwner: 1000, VCPUsPerOwner: 64, MemoryMiBPerOwner: 128 << 10, DiskMiBPerOwner: 1 << 20, SpecBytesPerOwner: 16 << 20, WaitsPerOwner: 256,
+		SavedMiBPerOwner: 100 << 10}
 }
 
 // quota is what a token of this role may hold.

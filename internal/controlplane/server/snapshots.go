@@ -32,6 +32,9 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 		return nil, toConnectError(invalid("snapshot %v", err))
 	}
 	memory := req.Msg.GetMemory()
+	if err := h.s.savedRoom(ctx, who); err != nil {
+		return nil, err
+	}
 	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
 	if err != nil {
 		return nil, toConnectError(err)
@@ -243,4 +246,35 @@ func snapshotView(who auth.Identity, s state.Snapshot) *pb.Snapshot {
 		out.Node = s.Node
 	}
 	return out
+}
+
+// savedRoom refuses a call that would keep more saved state (a pause, a fork of a
+// running sandbox, a snapshot) for a user token whose snapshots and paused sandboxes take
+// its bound already (--max-saved-per-token). Checked before the save: its size is known
+// only after, so a token may pass the bound by one save.
+func (s *Server) savedRoom(ctx context.Context, who auth.Identity) error {
+	max := int64(s.limits.SavedMiBPerOwner) << 20
+	if who.Admin() || max <= 0 {
+		return nil
+	}
+	var used int64
+	for _, sb := range s.store.LocalSandboxes() {
+		if sb.Owner == who.TokenID && sb.Saved != nil {
+			used += sb.Saved.Bytes
+		}
+	}
+	snaps, err := s.store.ListSnapshots(ctx)
+	if err != nil {
+		return toConnectError(err)
+	}
+	for _, sn := range snaps {
+		if sn.Owner == who.TokenID && sn.Lost == "" {
+			used += sn.Bytes
+		}
+	}
+	if used >= max {
+		return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("the token's snapshots and paused sandboxes take %d MiB, its bound is %d MiB (--max-saved-per-token): remove snapshots, or resume or remove paused sandboxes",
+			used>>20, max>>20))
+	}
+	return nil
 }

@@ -62,6 +62,10 @@ type Config struct {
 	// TemplateDiskMiB bounds the disk space of template snapshots (default 8192); the
 	// least recently used go first.
 	TemplateDiskMiB int
+	// SavedDiskMiB bounds the disk space of paused sandboxes' saved states and of
+	// snapshots on this node together (default 65536): a pause or snapshot that would
+	// pass it is refused (nothing is removed to make room: each is a user's state).
+	SavedDiskMiB int
 	// ImageDiskMiB bounds the disk space of images (default 32768): past it, the least
 	// recently used that no sandbox, template or pool needs are removed.
 	ImageDiskMiB int
@@ -219,6 +223,9 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	}
 	if cfg.ImageDiskMiB == 0 {
 		cfg.ImageDiskMiB = 32768
+	}
+	if cfg.SavedDiskMiB == 0 {
+		cfg.SavedDiskMiB = 65536
 	}
 	if cfg.TemplateDiskMiB == 0 {
 		cfg.TemplateDiskMiB = 8192

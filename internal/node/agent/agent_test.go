@@ -481,6 +481,19 @@ func TestPauseResume(t *testing.T) {
 	pid := func() string { b, _ := os.ReadFile(count); return strings.TrimSpace(string(b)) }
 	n.waitFor("the counter", func() bool { return pid() != "" })
 
+	// Past the node's budget for saved states: refused before anything is saved; the
+	// sandbox runs on, and the reason is on it.
+	n.ag.SetSavedDiskMiB(1)
+	if _, err := n.store.UpdateSandbox(ctx, id, state.Update{RequestPause: true, Time: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	n.ag.Reconcile(ctx, n.store.LocalSandboxes())
+	n.waitFor("the refused pause reported", func() bool { return get().PauseRequestedAt.IsZero() })
+	if sb := get(); sb.Status != state.StatusRunning || !strings.Contains(sb.Runtime["pause_refused"], "--saved-disk-mib") || n.driver.Saves.Load() != 0 {
+		t.Fatalf("a pause past the budget: %s, %q, %d saves", sb.Status, sb.Runtime["pause_refused"], n.driver.Saves.Load())
+	}
+	n.ag.SetSavedDiskMiB(65536)
+
 	// The driver refuses: nothing changes, and the reason is on the sandbox.
 	n.driver.FailSave = errors.New("injected save failure")
 	if _, err := n.store.UpdateSandbox(ctx, id, state.Update{RequestPause: true, Time: time.Now()}); err != nil {

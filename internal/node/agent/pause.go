@@ -154,6 +154,9 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 	if err := unix.Statfs(a.sandboxRoot(), &fs); err == nil && int64(fs.Bavail)*fs.Bsize < int64(mem)<<20+(64<<20) {
 		return fmt.Errorf("%w: %d MiB free on the node's disk, the saved memory needs up to %d MiB", errPauseRefused, int64(fs.Bavail)*fs.Bsize>>20, mem+64)
 	}
+	if err := a.savedRoom(int64(mem)<<20 + allocated(filepath.Join(s.dir, "scratch.img"))); err != nil {
+		return fmt.Errorf("%w: %w", errPauseRefused, err)
+	}
 	rec, err := readAdoptRecord(s.dir)
 	if err != nil {
 		return fmt.Errorf("%w: the sandbox's run record: %v", errPauseRefused, err)

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
@@ -69,6 +71,9 @@ func (a *Agent) SnapshotFS(ctx context.Context, id, snapID string) (SnapshotInfo
 	final := a.snapshotDir(snapID)
 	if _, err := os.Stat(final); err == nil {
 		return SnapshotInfo{}, fmt.Errorf("snapshot %s exists on this node already", snapID)
+	}
+	if err := a.savedRoom(allocated(filepath.Join(s.dir, "scratch.img"))); err != nil {
+		return SnapshotInfo{}, err
 	}
 	tmp := final + ".tmp"
 	_ = os.RemoveAll(tmp)
@@ -172,6 +177,15 @@ func (a *Agent) SnapshotMemory(ctx context.Context, id, snapID string) (Snapshot
 	if err != nil {
 		return SnapshotInfo{}, fmt.Errorf("root disk of %s: %v", rec.ImageDigest, err)
 	}
+	// The copy of the scratch disk, and the flattened memory if it is not made yet (its
+	// pages then count for the paused sandbox, and go with its save).
+	need := allocated(filepath.Join(src, "scratch.img"))
+	if _, err := os.Stat(flatFiles{dir: filepath.Join(src, flatDir)}.mem()); err != nil {
+		need += int64(rec.MemoryMiB) << 20
+	}
+	if err := a.savedRoom(need); err != nil {
+		return SnapshotInfo{}, err
+	}
 	flat, err := a.flatFor(ctx, src, rec, rootDisk, rec.Sandbox.Spec.Network != state.NetworkNone)
 	if err != nil {
 		return SnapshotInfo{}, err
@@ -254,4 +268,38 @@ func syncFile(path string) error {
 		return fmt.Errorf("sync %s: %w", path, err)
 	}
 	return nil
+}
+
+// ErrSavedDiskFull refuses a pause or snapshot past the node's budget for saved states.
+var ErrSavedDiskFull = errors.New("the node's disk budget for saved states and snapshots is used up")
+
+// savedUsed is the disk space paused sandboxes' saved states and snapshots take here.
+func (a *Agent) savedUsed() int64 {
+	n := dirSize(filepath.Join(a.cfg.DataDir, "snapshots"))
+	entries, _ := os.ReadDir(a.sandboxRoot())
+	for _, e := range entries {
+		n += dirSize(a.savedDir(e.Name()))
+	}
+	return n
+}
+
+// savedRoom refuses need more bytes of saved state past the node's budget
+// (Config.SavedDiskMiB), saying what takes the rest.
+func (a *Agent) savedRoom(need int64) error {
+	budget := int64(a.cfg.SavedDiskMiB) << 20
+	if used := a.savedUsed(); used+need > budget {
+		return fmt.Errorf("%w: saved states and snapshots take %d MiB of its %d MiB (--saved-disk-mib), this needs up to %d MiB more: remove snapshots, or resume or remove paused sandboxes",
+			ErrSavedDiskFull, used>>20, budget>>20, need>>20)
+	}
+	return nil
+}
+
+// allocated is the disk space file path takes (its blocks, not its size: scratch disks
+// are sparse).
+func allocated(path string) int64 {
+	var st unix.Stat_t
+	if unix.Stat(path, &st) != nil {
+		return 0
+	}
+	return st.Blocks * 512
 }

@@ -154,6 +154,7 @@ var sentinels = []rpc.Sentinel{
 	{Err: image.ErrNotFound, Code: connect.CodeNotFound},
 	{Err: image.ErrOwnerBudget, Code: connect.CodeResourceExhausted},
 	{Err: agent.ErrImageInUse, Code: connect.CodeFailedPrecondition},
+	{Err: agent.ErrSavedDiskFull, Code: connect.CodeResourceExhausted},
 }
 
 func toConnectError(err error) error { return rpc.Error(err, sentinels) }
