@@ -14,7 +14,7 @@ import (
 // warmFlags are a node's own template and warm-pool settings (dev and agent).
 type warmFlags struct {
 	templateDiskMiB, imageDiskMiB, imageMiBPerToken, logMiBPerToken, savedDiskMiB int
-	pools                                                           []string
+	pools                                                                         []string
 }
 
 func (w *warmFlags) register(fl *pflag.FlagSet) {
