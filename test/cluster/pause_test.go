@@ -128,3 +128,59 @@ func TestResumeOnAnotherNode(t *testing.T) {
 		})
 	}
 }
+
+// A fork whose source's node has no room for it (cordoned) is placed on another node,
+// which fetches the source's saved state over the cluster's mutual TLS: it carries on
+// from the saved instant there, with the source's files; its fetched copy goes once it
+// runs. The source goes on.
+func TestForkOnAnotherNode(t *testing.T) {
+	need(t)
+	defer w.ensureRunning()
+	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "fork-far", "--insecure-registry", w.registry, image(), "--",
+		"sh", "-c", "echo fork-file > /tmp/f; i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"))
+	defer mustFW(t, "rm", "-f", id)
+	waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+	count := func(id string) int {
+		t.Helper()
+		out, _, code := w.cli(t.Context(), nil, "exec", id, "--", "cat", "/tmp/count")
+		n, err := strconv.Atoi(strings.TrimSpace(out))
+		if code != 0 || err != nil {
+			return -1
+		}
+		return n
+	}
+	waitFor(t, minute, "the counter", func() bool { return count(id) > 0 })
+	holder, _ := inspect(t, id)["node"].(string)
+	mustFW(t, "node", "cordon", holder)
+	defer mustFW(t, "node", "uncordon", holder)
+	before := count(id)
+	forks := strings.Fields(mustFW(t, "fork", id))
+	if len(forks) != 1 {
+		t.Fatalf("fork printed %v", forks)
+	}
+	fid := forks[0]
+	defer mustFW(t, "rm", "-f", fid)
+	sb := inspect(t, fid)
+	d, _ := sb["details"].(map[string]any)
+	if sb["status"] != "running" || sb["node"] == holder || d["start_mode"] != "fork" || !strings.Contains(fmt.Sprint(d["start_phases"]), "fetch=") {
+		t.Fatalf("fork of a sandbox on cordoned %s: status %v node %v details %v", holder, sb["status"], sb["node"], d)
+	}
+	if n := count(fid); n < before {
+		t.Errorf("the fork counts %d, below the source's %d before the fork: it did not carry on", n, before)
+	}
+	if got := strings.TrimSpace(mustFW(t, "exec", fid, "--", "cat", "/tmp/f")); got != "fork-file" {
+		t.Errorf("the fork's /tmp/f holds %q", got)
+	}
+	waitSandbox(t, id, 2*minute, "the source running again", func(sb map[string]any) bool { return sb["status"] == "running" })
+	// The fork's node lets its fetched copy of the source's saved state go.
+	var far *proc
+	for i, a := range w.agents {
+		if fmt.Sprintf("a%d", i) == sb["node"] {
+			far = a
+		}
+	}
+	waitFor(t, minute, "the fetched copy removed", func() bool {
+		_, err := os.Stat(filepath.Join(far.dataDir, "sandboxes", fid, "source"))
+		return os.IsNotExist(err)
+	})
+}

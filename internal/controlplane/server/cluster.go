@@ -248,9 +248,9 @@ func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request
 		}
 		cur := &pb.Assignments{SandboxesJson: [][]byte{}}
 		for _, sb := range h.s.store.LocalSandboxes() {
-			// Its own, and those whose saved state it holds (being resumed elsewhere:
-			// it keeps the files and serves them to the node resuming it).
-			if sb.Node != node && (sb.Saved == nil || sb.Saved.Node != node) {
+			// Its own, and those whose files it holds (a saved state being resumed
+			// elsewhere, a fork's source: it serves them to the node starting it).
+			if sb.Node != node && sb.FilesOn() != node {
 				continue
 			}
 			b, err := json.Marshal(sb)

@@ -14,8 +14,9 @@ import (
 )
 
 // forksFit refuses, before anything is paused or made, n forks of src that would not all
-// fit on the node they start on (the one holding, or about to hold, its saved state)
-// beside what is there, a running source's own place included: it resumes after.
+// fit in the cluster beside what is there, a running source's own place included (it
+// resumes after): each on the node holding (or about to hold) its saved state if there
+// is room, else on another, which fetches it.
 func (s *Server) forksFit(src state.Sandbox, n int) error {
 	node := src.Node
 	if src.Saved != nil {
@@ -28,18 +29,25 @@ func (s *Server) forksFit(src state.Sandbox, n int) error {
 	if cp := s.cluster.ControlPlane; cp != nil {
 		cfg = cp.Scheduling()
 	}
-	snap := state.SchedulerSnapshotOf(s.store.LocalNodes(), s.store.LocalSandboxes())
+	sched, err := scheduler.New(state.SchedulerSnapshotOf(s.store.LocalNodes(), s.store.LocalSandboxes()), cfg)
+	if err != nil {
+		return toConnectError(err)
+	}
 	req, err := state.SchedulerRequest(src)
 	if err != nil {
 		return toConnectError(err)
 	}
-	req.Node, req.SandboxID = node, "fork"
+	req.Node, req.Prefer = "", node
 	for i := range n {
-		if err := scheduler.Check(snap, cfg, node, req); err != nil {
-			return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("fork %s: room for %d of the %d forks beside it on its node: %v",
+		req.SandboxID = fmt.Sprintf("fork-%d", i)
+		p, err := sched.Place(req)
+		if err != nil {
+			return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("fork %s: room for %d of the %d forks in the cluster: %v",
 				src.ID, i, n, hideNodes(src, err.Error())))
 		}
-		snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: fmt.Sprintf("fork-%d", i), NodeID: node, Resources: req.Resources})
+		if err := sched.Assume(scheduler.Allocation{SandboxID: req.SandboxID, NodeID: p.NodeID, Resources: req.Resources}); err != nil {
+			return toConnectError(err)
+		}
 	}
 	return nil
 }
@@ -58,8 +66,9 @@ const maxForks = 16
 
 // ForkSandbox makes count running copies of a sandbox from its saved state (a running one
 // is paused for the save, and resumed once the forks run). Each fork is a new sandbox of
-// the caller's, on the node that holds the saved state, a new machine carrying on from
-// the saved instant (see agent.forkSteps).
+// the caller's, a new machine carrying on from the saved instant (see agent.forkSteps),
+// on the node that holds the saved state if it has room (forks there share its memory),
+// else on another, which fetches the saved state from it.
 func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[pb.ForkSandboxRequest]) (*connect.Response[pb.ForkSandboxResponse], error) {
 	who, err := caller(ctx)
 	if err != nil {
@@ -102,20 +111,21 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 		return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("sandbox %s is %s, without a saved state to fork", src.ID, src.Status))
 	}
 	spec := src.Spec
-	spec.ForkOf, spec.ForkNode, spec.Snapshot, spec.SnapshotNode = src.ID, src.Saved.Node, "", ""
+	spec.ForkOf, spec.ForkNode, spec.ForkAddress, spec.Snapshot, spec.SnapshotNode = src.ID, src.Saved.Node, src.Saved.Address, "", ""
 	cp := h.s.cluster.ControlPlane
 	var ids []string
 	for range n {
 		now := h.s.now()
 		fork := state.Sandbox{ID: state.NewID(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID, AccessToken: newAccessToken(),
 			CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "forked from " + src.ID}}}
-		// Placed in the same command on the node that holds the saved state, if it fits
-		// there (the state machine checks, as for any placement).
+		// Placed in the same command: on the node that holds the saved state if it fits
+		// there, else on another (the state machine checks, as for any placement).
 		var sched scheduler.Config
+		node := spec.ForkNode
 		if cp != nil {
-			sched = cp.Scheduling()
+			node, sched = cp.Choose(fork)
 		}
-		if err := h.s.store.CreateAndPlace(ctx, fork, h.s.limits.quota(who.Admin()), spec.ForkNode, sched); err != nil {
+		if err := h.s.store.CreateAndPlace(ctx, fork, h.s.limits.quota(who.Admin()), node, sched); err != nil {
 			h.s.dropForks(ctx, ids)
 			return nil, toConnectError(fmt.Errorf("fork %d of %s: %w", len(ids)+1, src.ID, err))
 		}
@@ -126,11 +136,11 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 			return nil, toConnectError(err)
 		}
 		if placed.Node == "" {
-			// Forks start only where the saved state is: one that does not fit there now
-			// would wait for room that may never come. None are made.
+			// One that fits nowhere now would wait while the source stays paused for it:
+			// none are made.
 			h.s.dropForks(ctx, ids)
-			return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("fork %d of %s: %s has room for %d of the %d forks now",
-				len(ids), src.ID, h.s.textFor(ctx, src, "node "+src.Saved.Node), len(ids)-1, n))
+			return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("fork %d of %s: the cluster has room for %d of the %d forks now",
+				len(ids), src.ID, len(ids)-1, n))
 		}
 	}
 	if cp != nil {

@@ -438,7 +438,20 @@ func hideNodes(sb state.Sandbox, text string) string {
 	if sb.Saved != nil && sb.Saved.Node != "" {
 		text = strings.ReplaceAll(text, "node "+sb.Saved.Node, "a node")
 	}
+	// Where a saved state is fetched from (a failed fetch names the URL).
+	for _, a := range []string{sb.Spec.ForkAddress, savedAddress(sb)} {
+		if a != "" {
+			text = strings.ReplaceAll(text, a, "a node's address")
+		}
+	}
 	return text
+}
+
+func savedAddress(sb state.Sandbox) string {
+	if sb.Saved == nil {
+		return ""
+	}
+	return sb.Saved.Address
 }
 
 // textFor is text about sb as the caller may read it: a user's without node names.

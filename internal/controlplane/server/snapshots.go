@@ -115,7 +115,7 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 		Image: sb.Spec.Image, ImageDigest: r.Msg.GetSnapshot().GetImageDigest(), Bytes: r.Msg.GetSnapshot().GetBytes(), CreatedAt: h.s.now()}
 	if memory {
 		spec := sb.Spec
-		spec.Snapshot, spec.SnapshotNode, spec.ForkOf, spec.ForkNode = "", "", "", ""
+		spec.Snapshot, spec.SnapshotNode, spec.ForkOf, spec.ForkNode, spec.ForkAddress = "", "", "", "", ""
 		spec.VCPUs, spec.MemoryMiB = spec.Reserved().VCPUs, spec.Reserved().MemoryMiB
 		rec.MemorySpec = &spec
 	}

@@ -58,6 +58,10 @@ type savedRecord struct {
 
 func (a *Agent) savedDir(id string) string { return filepath.Join(a.sandboxRoot(), id, "saved") }
 
+// fetchedSource is where a fork placed away from its source's node keeps the source's
+// saved state it fetched (its own copy, gone once it runs or with it).
+func (a *Agent) fetchedSource(id string) string { return filepath.Join(a.sandboxRoot(), id, "source") }
+
 // maxSavedRecord bounds saved.json as read (it may have come from another node).
 const maxSavedRecord = 64 << 10
 
@@ -324,12 +328,18 @@ var resumeSteps = []struct {
 // savedFetchStep brings the saved state from the node that holds it, if that is not
 // this one.
 func (a *Agent) savedFetchStep(r *startRun) error {
-	if r.sb.Saved.Node == a.cfg.Node {
+	// Its own, or a fork's source's.
+	from := state.Saved{Node: r.sb.Spec.ForkNode, Address: r.sb.Spec.ForkAddress}
+	if r.sb.Saved != nil {
+		from = *r.sb.Saved
+	}
+	if from.Node == a.cfg.Node {
 		return nil
 	}
-	if err := a.fetchSaved(r.ctx, r.sb); err != nil {
+	if err := a.fetchSaved(r.ctx, r.sb, from, a.savedFor(r.sb)); err != nil {
 		return err
 	}
+	r.fetched = true
 	r.ph.mark("fetch")
 	return nil
 }
@@ -341,8 +351,9 @@ var forkSteps = []struct {
 	name string
 	run  func(a *Agent, r *startRun) error
 }{
+	{"fetch", (*Agent).savedFetchStep},      // phase fetch, when placed away from the source
 	{"image", (*Agent).savedImageStep},      // phase image
-	{"vm", (*Agent).savedVMStep},            // phases net, vmm, guest
+	{"vm", (*Agent).savedVMStep},            // phases flatten, net, vmm, guest
 	{"identity", (*Agent).forkIdentityStep}, // phase identity+reattach
 }
 
@@ -351,6 +362,9 @@ var forkSteps = []struct {
 func (a *Agent) savedFor(sb state.Sandbox) string {
 	if sb.Saved != nil {
 		return a.savedDir(sb.ID)
+	}
+	if sb.Spec.ForkOf != "" && sb.Spec.ForkNode != a.cfg.Node {
+		return a.fetchedSource(sb.ID) // fetched from the source's node
 	}
 	if sb.Spec.ForkOf != "" {
 		return a.savedDir(sb.Spec.ForkOf)
@@ -393,8 +407,8 @@ func (a *Agent) savedImageStep(r *startRun) error {
 	}
 	r.saved = &rec
 	img, err := a.images.Get(r.ctx, rec.ImageDigest)
-	if err != nil && r.sb.Saved != nil && r.sb.Saved.Node != a.cfg.Node {
-		// Resumed on another node: pull the image it ran from.
+	if err != nil && r.fetched {
+		// Started on another node than the one it ran on: pull the image it ran from.
 		spec := r.sb.Spec
 		pctx, cancel := context.WithTimeout(r.ctx, a.cfg.PullTimeout)
 		img, err = a.images.Ensure(pctx, spec.Image, a.PullOptions(spec.InsecureRegistries, spec.PullPrivate, r.sb.Owner))

@@ -44,16 +44,16 @@ func (a *Agent) savedLimits(memMiB int) map[string]uint64 {
 //
 // The resuming node may ask before this node's assignments show the resume (they are
 // the same commit, on two streams): it is waited for, a little.
-func (a *Agent) MaySendSaved(ctx context.Context, id, peer string) error {
+func (a *Agent) MaySendSaved(ctx context.Context, id, peer string) (dir string, err error) {
 	deadline := time.Now().Add(savedPeerWait)
 	for {
-		err := a.maySendSaved(ctx, id, peer)
+		dir, err := a.maySendSaved(ctx, id, peer)
 		if err == nil || time.Now().After(deadline) {
-			return err
+			return dir, err
 		}
 		select {
 		case <-ctx.Done():
-			return err
+			return "", err
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
@@ -62,25 +62,32 @@ func (a *Agent) MaySendSaved(ctx context.Context, id, peer string) error {
 // savedPeerWait bounds how long MaySendSaved waits for the assignments to show a resume.
 const savedPeerWait = 10 * time.Second
 
-func (a *Agent) maySendSaved(ctx context.Context, id, peer string) error {
+func (a *Agent) maySendSaved(ctx context.Context, id, peer string) (string, error) {
 	sb, err := a.store.GetSandbox(ctx, id)
 	if err != nil {
-		return fmt.Errorf("sandbox %s: %w", id, err)
+		return "", fmt.Errorf("sandbox %s: %w", id, err)
 	}
 	switch {
-	case sb.ID != id || sb.Saved == nil || sb.Saved.Node != a.cfg.Node:
-		return fmt.Errorf("this node holds no saved state of sandbox %s", id)
+	case sb.ID != id || sb.FilesOn() != a.cfg.Node:
+		return "", fmt.Errorf("this node holds no saved state sandbox %s starts from", id)
 	case sb.Node != peer || (sb.Status != state.StatusPending && sb.Status != state.StatusStarting):
-		return fmt.Errorf("sandbox %s is not being resumed on node %s", id, peer)
+		return "", fmt.Errorf("sandbox %s is not being started on node %s", id, peer)
 	}
-	return nil
+	dir := a.savedDir(id)
+	if sb.Saved == nil {
+		dir = a.savedDir(sb.Spec.ForkOf) // a fork's source's
+	}
+	if _, err := os.Stat(filepath.Join(dir, savedRecordFile)); err != nil {
+		return "", fmt.Errorf("the saved state sandbox %s starts from is not on this node: %v", id, err)
+	}
+	return dir, nil
 }
 
-// SendSaved writes the stream of sandbox id's saved state to w (after MaySendSaved).
-func (a *Agent) SendSaved(id string, w io.Writer) error {
+// SendSaved writes the stream of the saved state in dir to w (after MaySendSaved).
+func (a *Agent) SendSaved(dir string, w io.Writer) error {
 	bw := bufio.NewWriterSize(w, 1<<20)
 	for _, name := range savedFileNames {
-		if err := writeSparse(bw, name, filepath.Join(a.savedDir(id), name)); err != nil {
+		if err := writeSparse(bw, name, filepath.Join(dir, name)); err != nil {
 			return err
 		}
 	}
@@ -209,18 +216,17 @@ func readSparse(r io.Reader, path string, limit uint64) error {
 	return f.Sync()
 }
 
-// fetchSaved brings sandbox sb's saved state from the node that holds it into this
-// node's saved directory for it.
-func (a *Agent) fetchSaved(ctx context.Context, sb state.Sandbox) error {
+// fetchSaved brings the saved state sandbox sb starts from, from the node that holds it
+// (from), into final.
+func (a *Agent) fetchSaved(ctx context.Context, sb state.Sandbox, from state.Saved, final string) error {
 	if a.cfg.FetchSaved == nil {
-		return fmt.Errorf("its saved state is on node %s, and this node cannot fetch from other nodes", sb.Saved.Node)
+		return fmt.Errorf("the saved state is on node %s, and this node cannot fetch from other nodes", from.Node)
 	}
-	rc, err := a.cfg.FetchSaved(ctx, *sb.Saved, sb.ID)
+	rc, err := a.cfg.FetchSaved(ctx, from, sb.ID)
 	if err != nil {
-		return fmt.Errorf("fetch its saved state from node %s: %w", sb.Saved.Node, err)
+		return fmt.Errorf("fetch the saved state from node %s: %w", from.Node, err)
 	}
 	defer rc.Close()
-	final := a.savedDir(sb.ID)
 	tmp := final + ".fetch"
 	_ = os.RemoveAll(tmp)
 	if err := os.MkdirAll(tmp, 0o700); err != nil {
@@ -228,7 +234,7 @@ func (a *Agent) fetchSaved(ctx context.Context, sb state.Sandbox) error {
 	}
 	defer os.RemoveAll(tmp)
 	if err := readSaved(rc, tmp, a.savedLimits(sb.Spec.Reserved().MemoryMiB)); err != nil {
-		return fmt.Errorf("fetch its saved state from node %s: %w", sb.Saved.Node, err)
+		return fmt.Errorf("fetch the saved state from node %s: %w", from.Node, err)
 	}
 	if err := syncDir(tmp); err != nil {
 		return err

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -53,6 +55,7 @@ type startRun struct {
 	main             *client.Session // command
 	starting         chan struct{}   // closed once "starting" is reported
 	saved            *savedRecord    // a resume's (see resumeSteps)
+	fetched          bool            // its saved state came from another node
 	scratchFrom      string          // a start from a filesystem snapshot: its disk
 }
 
@@ -121,13 +124,14 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		<-r.starting
 		a.update(sb.ID, u)
 	}()
-	if r.saved != nil {
-		// Running again: the saved state has served (the running report lets it go in
-		// the state too).
+	if dir := a.savedFor(sb); r.saved != nil && strings.HasPrefix(dir, filepath.Join(a.sandboxRoot(), sb.ID)+"/") {
+		// Running: its own saved state (a resume's), or the copy of its source's it
+		// fetched (a fork's), has served (the running report lets it go in the state
+		// too). A source's or a snapshot's stays for others.
 		go func() {
 			<-reported
-			if err := os.RemoveAll(a.savedDir(sb.ID)); err != nil {
-				a.log.Warn("remove the saved state of a resumed sandbox", "sandbox", sb.ID, "err", err)
+			if err := os.RemoveAll(dir); err != nil {
+				a.log.Warn("remove a saved state that has served", "sandbox", sb.ID, "err", err)
 			}
 		}()
 	}

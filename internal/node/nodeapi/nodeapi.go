@@ -64,8 +64,9 @@ func Handler(ag *agent.Agent, opts Options, log *slog.Logger) http.Handler {
 	})
 }
 
-// SavedPath + a sandbox ID is where a node fetches a paused sandbox's saved state from
-// the node that holds it, to resume it (GET, node certificates only).
+// SavedPath + a sandbox ID is where a node fetches the saved state a sandbox starts
+// from, from the node that holds it: its own, to resume it, or its source's, to fork it
+// (GET, node certificates only).
 const SavedPath = "/fireworks.node/saved/"
 
 // serveSaved streams a saved state to the node the control plane placed its sandbox on.
@@ -79,12 +80,13 @@ func serveSaved(ag *agent.Agent, w http.ResponseWriter, r *http.Request, id stri
 		http.Error(w, "not a sandbox ID", http.StatusBadRequest)
 		return
 	}
-	if err := ag.MaySendSaved(r.Context(), id, peer); err != nil {
+	dir, err := ag.MaySendSaved(r.Context(), id, peer)
+	if err != nil {
 		http.Error(w, err.Error(), http.StatusForbidden)
 		return
 	}
 	w.Header().Set("Content-Type", "application/octet-stream")
-	if err := ag.SendSaved(id, w); err != nil {
+	if err := ag.SendSaved(dir, w); err != nil {
 		// Cut the connection: the receiver must see a broken stream, not an end.
 		log.Warn("send a saved state", "sandbox", id, "to", peer, "err", err)
 		panic(http.ErrAbortHandler)

@@ -84,6 +84,9 @@ type Request struct {
 	// Node, if set, is the only node that may take the sandbox: the one holding its
 	// saved state (a paused sandbox resumes where its state is).
 	Node string
+	// Prefer, if set, is the node that takes the sandbox if it can: the one holding the
+	// files it starts from (a fork's source), which any other node would fetch first.
+	Prefer string
 }
 
 func (r *Request) validate() error {
@@ -340,6 +343,9 @@ func (s *Scheduler) Assume(a Allocation) error {
 func (s *Scheduler) Place(req Request) (Placement, error) {
 	if err := req.validate(); err != nil {
 		return Placement{}, err
+	}
+	if i, ok := s.byID[req.Prefer]; ok && req.Prefer != "" && newChain(&req).reject(&s.nodes[i]).kind == accepted {
+		return Placement{NodeID: req.Prefer, Considered: 1, Feasible: 1}, nil
 	}
 	chain := newChain(&req)
 	rank := newRanker(&req, s.cfg)

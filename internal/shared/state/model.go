@@ -144,6 +144,23 @@ type SandboxSpec struct {
 	// sandbox starts from, as a new machine, on ForkNode, which holds that state.
 	ForkOf   string `json:"fork_of,omitempty"`
 	ForkNode string `json:"fork_node,omitempty"`
+	// ForkAddress is ForkNode's node API address, where another node fetches the saved
+	// state from.
+	ForkAddress string `json:"fork_address,omitempty"`
+}
+
+// FilesOn names the node holding the files sb's start reads when another node may have
+// to fetch them from it: its own saved state's (paused, or being resumed), or, while a
+// fork is being started, its source's. That node is told of sb (its assignments include
+// it) so that it can serve them to the node sb is placed on, and to no other.
+func (sb Sandbox) FilesOn() string {
+	switch {
+	case sb.Saved != nil:
+		return sb.Saved.Node
+	case sb.Spec.ForkOf != "" && (sb.Status == StatusPending || sb.Status == StatusStarting):
+		return sb.Spec.ForkNode
+	}
+	return ""
 }
 
 // NetworkNone is SandboxSpec.Network for a sandbox without a network interface.

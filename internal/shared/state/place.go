@@ -103,7 +103,9 @@ func SchedulerRequest(sb Sandbox) (scheduler.Request, error) {
 	}
 	req := scheduler.Request{SandboxID: sb.ID, ImageDigest: img, Spread: sb.Spec.Spread,
 		Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB},
-		Node:      cmp.Or(sb.Spec.SnapshotNode, sb.Spec.ForkNode)} // the files it starts from are on that node
+		// The files a start from a snapshot reads are on its node; a fork's source's
+		// saved state is fetched by another node if the holder has no room.
+		Node: sb.Spec.SnapshotNode, Prefer: sb.Spec.ForkNode}
 	for _, c := range sb.Spec.Constraints {
 		pc, err := scheduler.ParseConstraint(c)
 		if err != nil {
