@@ -126,7 +126,7 @@ func TestPauseResume(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := world.cli(context.Background(), nil, "resume", id)
-	if r.code == 0 || !strings.Contains(r.stderr, "resume the saved VM") {
+	if r.code == 0 || !strings.Contains(r.stderr, "restore the saved VM") {
 		t.Errorf("resume of a damaged save: exit %d, %q", r.code, r.stderr)
 	}
 	if sb := inspect(t, id); sb["status"] != "failed" {

@@ -328,10 +328,15 @@ var resumeSteps = []struct {
 // savedFetchStep brings the saved state from the node that holds it, if that is not
 // this one.
 func (a *Agent) savedFetchStep(r *startRun) error {
-	// Its own, or a fork's source's.
-	from := state.Saved{Node: r.sb.Spec.ForkNode, Address: r.sb.Spec.ForkAddress}
-	if r.sb.Saved != nil {
+	// Its own, or a fork's source's (a snapshot's start is placed where it is).
+	var from state.Saved
+	switch {
+	case r.sb.Saved != nil:
 		from = *r.sb.Saved
+	case r.sb.Spec.ForkOf != "":
+		from = state.Saved{Node: r.sb.Spec.ForkNode, Address: r.sb.Spec.ForkAddress}
+	default:
+		return nil
 	}
 	if from.Node == a.cfg.Node {
 		return nil
