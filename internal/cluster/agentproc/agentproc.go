@@ -170,12 +170,13 @@ func NodeOf(ag *agent.Agent, node string, ns NodeSetup) agentlink.Node {
 				Accel: i.Accel, Kernel: i.KernelRelease, Version: version.Version,
 			}
 		},
-		Images:    func() []string { return ag.ImageDigests(context.Background()) },
-		Running:   ag.Running,
-		Reconcile: ag.Reconcile,
-		Warm:      ag.Warm,
-		SetPools:  ag.SetPools,
-		Pools:     func() []*pb.PoolNodeStatus { return nodeapi.PoolStatuses(ag) },
+		Images:       func() []string { return ag.ImageDigests(context.Background()) },
+		Running:      ag.Running,
+		Reconcile:    ag.Reconcile,
+		Warm:         ag.Warm,
+		SetPools:     ag.SetPools,
+		SetSnapshots: ag.SweepSnapshots,
+		Pools:        func() []*pb.PoolNodeStatus { return nodeapi.PoolStatuses(ag) },
 	}
 	if ns.RevokedEdges != nil {
 		n.SetRevokedEdges = ns.RevokedEdges.Set

@@ -247,6 +247,15 @@ func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request
 			return h.leaderOnly()
 		}
 		cur := &pb.Assignments{SandboxesJson: [][]byte{}}
+		snaps, err := h.s.store.ListSnapshots(ctx)
+		if err != nil {
+			return toConnectError(err)
+		}
+		for _, sn := range snaps {
+			if sn.Node == node {
+				cur.Snapshots = append(cur.Snapshots, sn.ID)
+			}
+		}
 		for _, sb := range h.s.store.LocalSandboxes() {
 			// Its own, and those whose files it holds (a saved state being resumed
 			// elsewhere, a fork's source: it serves them to the node starting it).

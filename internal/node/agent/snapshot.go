@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -302,4 +303,43 @@ func allocated(path string) int64 {
 		return 0
 	}
 	return st.Blocks * 512
+}
+
+// snapshotSweepAge is how old a snapshot's files must be before a sweep may take them
+// for files the state does not know: past a create's bound (the server records the
+// snapshot once its node answers, within snapshotCallTimeout), with room to spare.
+const snapshotSweepAge = 15 * time.Minute
+
+// SweepSnapshots removes snapshot files the state does not record on this node (known:
+// the IDs it does): those of a create whose node crashed before the record was made, or
+// whose record went while this node was away; and a create's leftovers. Only files
+// older than snapshotSweepAge go: a create in progress has not been recorded yet.
+func (a *Agent) SweepSnapshots(known []string) {
+	root := filepath.Join(a.cfg.DataDir, "snapshots")
+	entries, err := os.ReadDir(root)
+	if err != nil {
+		return
+	}
+	keep := map[string]bool{}
+	for _, id := range known {
+		keep[id] = true
+	}
+	for _, e := range entries {
+		id, _ := strings.CutSuffix(e.Name(), ".tmp")
+		if keep[e.Name()] {
+			continue
+		}
+		fi, err := e.Info()
+		if err != nil || time.Since(fi.ModTime()) < snapshotSweepAge {
+			continue
+		}
+		if !routes.ValidSandbox(id) {
+			continue // not a snapshot's (never made by this node)
+		}
+		if err := os.RemoveAll(filepath.Join(root, e.Name())); err != nil {
+			a.log.Warn("remove a snapshot the state does not know", "snapshot", e.Name(), "err", err)
+			continue
+		}
+		a.log.Info("removed a snapshot the state does not know", "snapshot", e.Name())
+	}
 }

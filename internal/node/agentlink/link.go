@@ -209,6 +209,9 @@ type Node struct {
 	// SetRevokedEdges takes the serials of revoked edge certificates every heartbeat reply
 	// carries (the whole list each time).
 	SetRevokedEdges func([]string)
+	// SetSnapshots takes the IDs of the snapshots the state records on this node, with
+	// every assignment set.
+	SetSnapshots func(ids []string)
 }
 
 // warm is n.Warm sorted, so that the same set is never sent as a change.
@@ -360,6 +363,9 @@ func (l *Link) registered(ctx context.Context, n Node, info *pb.Node, reg *pb.Re
 		l.mu.Lock()
 		cur := slices.Clone(l.assigned)
 		l.mu.Unlock()
+		if n.SetSnapshots != nil {
+			n.SetSnapshots(st.Msg().GetSnapshots())
+		}
 		n.Reconcile(sctx, cur)
 	}
 	if cause := context.Cause(sctx); cause != nil && !errors.Is(cause, context.Canceled) {

@@ -835,6 +835,9 @@ type Assignments struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SandboxesJson [][]byte               `protobuf:"bytes,1,rep,name=sandboxes_json,json=sandboxesJson,proto3" json:"sandboxes_json,omitempty"`
 	Pools         []*Pool                `protobuf:"bytes,2,rep,name=pools,proto3" json:"pools,omitempty"`
+	// IDs of the snapshots the state records on the node: files of others under its
+	// snapshots directory (a create whose record was never made) are let go.
+	Snapshots     []string `protobuf:"bytes,3,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -879,6 +882,13 @@ func (x *Assignments) GetSandboxesJson() [][]byte {
 func (x *Assignments) GetPools() []*Pool {
 	if x != nil {
 		return x.Pools
+	}
+	return nil
+}
+
+func (x *Assignments) GetSnapshots() []string {
+	if x != nil {
+		return x.Snapshots
 	}
 	return nil
 }
@@ -1040,10 +1050,11 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\x11HeartbeatResponse\x12,\n" +
 	"\x12revoked_edge_certs\x18\x02 \x03(\tR\x10revokedEdgeCertsJ\x04\b\x01\x10\x02\"-\n" +
 	"\x17WatchAssignmentsRequest\x12\x12\n" +
-	"\x04node\x18\x01 \x01(\tR\x04node\"^\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\"|\n" +
 	"\vAssignments\x12%\n" +
 	"\x0esandboxes_json\x18\x01 \x03(\fR\rsandboxesJson\x12(\n" +
-	"\x05pools\x18\x02 \x03(\v2\x12.fireworks.v1.PoolR\x05pools\"Q\n" +
+	"\x05pools\x18\x02 \x03(\v2\x12.fireworks.v1.PoolR\x05pools\x12\x1c\n" +
+	"\tsnapshots\x18\x03 \x03(\tR\tsnapshots\"Q\n" +
 	"\x14ReportSandboxRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x1f\n" +
 	"\vupdate_json\x18\x02 \x01(\fR\n" +
