@@ -49,6 +49,12 @@ func TestPauseResume(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+	// A follower of its output goes on across a pause: it sees the ticks after the
+	// resume, none twice.
+	fctx, stopFollow := context.WithCancel(context.Background())
+	defer stopFollow()
+	followed := make(chan result, 1)
+	go func() { followed <- world.cli(fctx, nil, "logs", "-f", id) }()
 	var vmPID string
 	for cycle := range 3 {
 		// Something on the disk, and the memory's idea of the count, before the pause.
@@ -61,7 +67,11 @@ func TestPauseResume(t *testing.T) {
 		if sb["status"] != "paused" || saved == nil || saved["bytes"] == nil {
 			t.Fatalf("cycle %d: after pause: status %v saved %v", cycle, sb["status"], saved)
 		}
-		// Paused, it holds no VM: its QEMU is gone, and exec says why it cannot run.
+		// Paused, it holds no VM: its QEMU is gone (inspect shows none), and exec says
+		// why it cannot run.
+		if d := details(t, sb); str(d, "pid") != "" || str(d, "netns") != "" {
+			t.Errorf("cycle %d: inspect of the paused sandbox shows pid %q, netns %q of a VM that ended", cycle, str(d, "pid"), str(d, "netns"))
+		}
 		if _, err := os.Stat("/proc/" + vmPID); err == nil && vmPID != "" {
 			if b, _ := os.ReadFile("/proc/" + vmPID + "/cmdline"); strings.Contains(string(b), id) {
 				t.Errorf("cycle %d: the paused sandbox's VMM (pid %s) still runs", cycle, vmPID)
@@ -94,6 +104,26 @@ func TestPauseResume(t *testing.T) {
 			}
 		}
 		checkClock(t, fmt.Sprintf("cycle %d", cycle), strings.TrimSpace(fw(t, 0, "exec", id, "--", "date", "+%s").stdout))
+		if cycle == 0 {
+			after := count()
+			time.Sleep(time.Second)
+			stopFollow()
+			out := (<-followed).stdout
+			last, sawAfter := 0, false
+			for _, l := range strings.Split(out, "\n") {
+				n, err := strconv.Atoi(strings.TrimPrefix(l, "tick "))
+				if err != nil {
+					continue
+				}
+				if n <= last {
+					t.Errorf("logs -f across the pause: tick %d after %d (repeated or restarted)", n, last)
+				}
+				last, sawAfter = n, sawAfter || n > after
+			}
+			if !sawAfter {
+				t.Errorf("logs -f ended at the pause: its last tick is %d, the resumed loop is past %d", last, after)
+			}
+		}
 		// The server that listened before still answers (it was never restarted).
 		if got := strings.TrimSpace(fw(t, 0, "exec", id, "--", "wget", "-qO-", "http://127.0.0.1:8000/").stdout); got != "served" {
 			t.Errorf("cycle %d: the listening server answers %q", cycle, got)

@@ -120,25 +120,32 @@ func (s *Server) attachOnNode(ctx context.Context, sb state.Sandbox, stream *con
 	return stream.Send(&pb.AttachResponse{Msg: &pb.AttachResponse_Exit{Exit: exitOf(final)}})
 }
 
-func (s *Server) logsOnNode(ctx context.Context, sb state.Sandbox, req *pb.LogsRequest, stream *connect.ServerStream[pb.LogsResponse]) error {
+// logsOnNode relays sb's log from its node, past the first skip records; it returns how
+// many records the node sent (skipped ones included).
+func (s *Server) logsOnNode(ctx context.Context, sb state.Sandbox, req *pb.LogsRequest, skip int, stream *connect.ServerStream[pb.LogsResponse]) (int, error) {
 	c, err := s.nodeFor(ctx, sb)
 	if err != nil {
-		return toConnectError(err)
+		return 0, toConnectError(err)
 	}
 	rs, err := c.sandboxes.Logs(ctx, connect.NewRequest(&pb.LogsRequest{Sandbox: sb.ID, Follow: req.GetFollow()}))
 	if err != nil {
-		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("logs from node %s: %w", sb.Node, err))
+		return 0, connect.NewError(connect.CodeUnavailable, fmt.Errorf("logs from node %s: %w", sb.Node, err))
 	}
 	defer rs.Close()
+	n := 0
 	for rs.Receive() {
+		n++
+		if n <= skip {
+			continue
+		}
 		if err := stream.Send(rs.Msg()); err != nil {
-			return err
+			return n, err
 		}
 	}
 	if err := rs.Err(); err != nil {
-		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("logs from node %s: %w", sb.Node, err))
+		return n, connect.NewError(connect.CodeUnavailable, fmt.Errorf("logs from node %s: %w", sb.Node, err))
 	}
-	return nil
+	return n, nil
 }
 
 func (s *Server) execOnNode(ctx context.Context, sb state.Sandbox, first *pb.ExecRequest, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {

@@ -214,7 +214,38 @@ func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsR
 	if sb.Node == "" {
 		return nil // not placed yet: no output
 	}
-	return h.s.logsOnNode(ctx, sb, req.Msg, stream)
+	// Following a sandbox that is paused (or pauses) goes on with its output after the
+	// resume: its log is the same file, of which what was sent is skipped (a resume on
+	// another node starts a log of its own there).
+	sent := 0
+	for {
+		n, err := h.s.logsOnNode(ctx, sb, req.Msg, sent, stream)
+		sent += n
+		if err != nil || !req.Msg.GetFollow() {
+			return err
+		}
+		cur, err := h.s.store.GetSandbox(ctx, sb.ID)
+		if err != nil {
+			return toConnectError(err)
+		}
+		// The run ended by a pause (maybe not recorded yet), or it is over.
+		if cur.Status != state.StatusPaused && (cur.Status != state.StatusRunning || cur.PauseRequestedAt.IsZero()) {
+			return nil
+		}
+		next, err := h.s.waitFor(ctx, sb.ID, true, func(sb state.Sandbox) bool {
+			return sb.Status.Terminal() || sb.Status == state.StatusRunning && (sb.Resumes != cur.Resumes || sb.PauseRequestedAt.IsZero())
+		})
+		if err != nil {
+			return toConnectError(err)
+		}
+		if next.Node != sb.Node {
+			sent = 0
+		}
+		sb = next
+		if sb.Node == "" || sb.Status.Terminal() && sb.Node == cur.Node {
+			return nil // over while paused: nothing more was written
+		}
+	}
 }
 
 func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {

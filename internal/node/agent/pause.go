@@ -233,7 +233,10 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 	a.log.Info("sandbox paused", "sandbox", id, "saved_mib", bytes>>20, "took", time.Since(t0).Round(time.Millisecond))
 	a.report(id, pin(state.Update{Status: status(state.StatusPaused), Reason: "paused by request",
 		Saved:   &state.Saved{Node: a.cfg.Node, Bytes: bytes, At: time.Now()},
-		Runtime: map[string]string{"pause_took": time.Since(t0).Round(time.Millisecond).String()}}))
+		// What belonged to the ended VM (its process, network, run files) is not shown
+		// as if it were there.
+		Runtime: map[string]string{"pause_took": time.Since(t0).Round(time.Millisecond).String(),
+			"pid": "", "netns": "", "address": "", "run_dir": "", "console_log": "", "qemu_cmdline": ""}}))
 	return nil
 }
 
