@@ -61,7 +61,26 @@ func TestPauseResume(t *testing.T) {
 		fw(t, 0, "exec", "-u", "0", id, "--", "sh", "-c", fmt.Sprintf("mkdir -p /data && echo cycle-%d > /data/f%d && sync", cycle, cycle))
 		before := count()
 		vmPID = str(details(t, inspect(t, id)), "pid")
+		var execEnded chan result
+		if cycle == 2 {
+			// An exec under way ends at the pause and says why; its process does not
+			// run on after the resume.
+			execEnded = make(chan result, 1)
+			go func() { execEnded <- world.cli(context.Background(), nil, "exec", id, "--", "sleep", "313") }()
+			deadline := time.Now().Add(time.Minute)
+			for !strings.Contains(fw(t, 0, "exec", id, "--", "ps").stdout, "sleep 313") {
+				if time.Now().After(deadline) {
+					t.Fatal("the exec's sleep did not start")
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
 		fw(t, 0, "pause", id)
+		if execEnded != nil {
+			if r := <-execEnded; r.code == 0 || !strings.Contains(r.stderr, "pause") {
+				t.Errorf("an exec under way at the pause: exit %d, %q", r.code, r.stderr)
+			}
+		}
 		sb := inspect(t, id)
 		saved, _ := sb["saved"].(map[string]any)
 		if sb["status"] != "paused" || saved == nil || saved["bytes"] == nil {
@@ -104,6 +123,9 @@ func TestPauseResume(t *testing.T) {
 			}
 		}
 		checkClock(t, fmt.Sprintf("cycle %d", cycle), strings.TrimSpace(fw(t, 0, "exec", id, "--", "date", "+%s").stdout))
+		if execEnded != nil && strings.Contains(fw(t, 0, "exec", id, "--", "ps").stdout, "sleep 313") {
+			t.Error("the exec ended by the pause runs on after the resume")
+		}
 		if cycle == 0 {
 			after := count()
 			time.Sleep(time.Second)

@@ -666,6 +666,9 @@ type sandbox struct {
 	pausing  bool                  // a pause is saving it: its end is reported by Pause, not supervise
 	netBase  NetStats              // network counters carried over a pause
 	conns    map[*runConn]struct{} // connections into the guest (see DialSandbox)
+	// execs are the exec sessions under way, each with why the node ended it ("" while
+	// it has not: see Pause).
+	execs map[*client.Session]string
 	// snapshotting: a filesystem snapshot of it is being taken (one at a time).
 	snapshotting bool
 	// ranBefore is how long earlier runs ran before pauses, runSince when this one's
@@ -994,7 +997,51 @@ func (a *Agent) Exec(ctx context.Context, id string, req proto.ExecRequest) (*cl
 	if g == nil {
 		return nil, fmt.Errorf("sandbox %s is still starting: %w", id, ErrNotRunning)
 	}
-	return g.Exec(ctx, execDefaults(main, req))
+	sess, err := g.Exec(ctx, execDefaults(main, req))
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	if s.execs == nil {
+		s.execs = map[*client.Session]string{}
+	}
+	s.execs[sess] = ""
+	s.mu.Unlock()
+	return sess, nil
+}
+
+// ExecDone forgets exec session sess of sandbox id (its caller is done with it) and
+// says why the node ended it, if it did.
+func (a *Agent) ExecDone(id string, sess *client.Session) string {
+	s, err := a.lookup(id)
+	if err != nil {
+		return ""
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	why := s.execs[sess]
+	delete(s.execs, sess)
+	return why
+}
+
+// endExecs ends the sandbox's exec sessions under way (SIGKILL), saying why, and waits a
+// little for the guest to report their ends (their callers pass it on).
+func (a *Agent) endExecs(ctx context.Context, s *sandbox, why string) {
+	s.mu.Lock()
+	var sessions []*client.Session
+	for sess := range s.execs {
+		s.execs[sess] = why
+		sessions = append(sessions, sess)
+	}
+	s.mu.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	for _, sess := range sessions {
+		_ = sess.Signal(ctx, int(syscall.SIGKILL))
+	}
+	for _, sess := range sessions {
+		_, _ = sess.Wait(ctx)
+	}
 }
 
 // Stop ends a running sandbox: SIGTERM to its main process, then after grace the VM is

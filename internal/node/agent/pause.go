@@ -189,6 +189,10 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 	}
 	s.mu.Unlock()
 	t0 := time.Now()
+	// Exec sessions end here, their callers told why: a caller cut off by the pause
+	// could not see them carry on after the resume (the main process, which the
+	// sandbox is, goes on).
+	a.endExecs(ctx, s, "ended by a pause of the sandbox")
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	err = g.Detach(dctx)
 	cancel()

@@ -123,6 +123,8 @@ func execLocal(ctx context.Context, ag *agent.Agent, id string, start *pb.ExecSt
 	if err != nil {
 		return toConnectError(fmt.Errorf("exec in sandbox %s: %w", sb.ID, err))
 	}
+	var ended string
+	defer func() { _ = ag.ExecDone(sb.ID, sess) }()
 	if !start.GetStdin() {
 		_ = sess.Stdin().Close()
 	}
@@ -192,11 +194,18 @@ func execLocal(ctx context.Context, ag *agent.Agent, id string, start *pb.ExecSt
 	go pump(sess.Stderr(), sandboxlog.Stderr)
 	st, err := sess.Wait(ctx)
 	wg.Wait()
+	ended = ag.ExecDone(sb.ID, sess)
 	if err != nil {
+		if ended != "" {
+			err = errors.New(ended)
+		}
 		return toConnectError(fmt.Errorf("exec in sandbox %s: %w", sb.ID, err))
 	}
 	code := st.Code
 	reason := ""
+	if ended != "" {
+		reason = "the command was " + ended
+	}
 	switch st.ErrKind {
 	case proto.ErrKindNotFound:
 		code, reason = 127, "command not found: "+st.Err
@@ -206,7 +215,11 @@ func execLocal(ctx context.Context, ag *agent.Agent, id string, start *pb.ExecSt
 	default:
 		return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("exec %q: %s", start.GetArgv()[0], st.Err))
 	}
-	return send(&pb.ExecResponse{Msg: &pb.ExecResponse_Exit{Exit: &pb.Exit{Code: int32(code), Signal: int32(st.Signal), Status: "exited", Reason: reason}}})
+	status := "exited"
+	if ended != "" {
+		status = "paused" // the only end the node gives an exec (see agent.endExecs)
+	}
+	return send(&pb.ExecResponse{Msg: &pb.ExecResponse_Exit{Exit: &pb.Exit{Code: int32(code), Signal: int32(st.Signal), Status: status, Reason: reason}}})
 }
 
 func netStatusPB(st agent.NetStats) *pb.NetworkStatus {
