@@ -185,10 +185,13 @@ func TestPauseResume(t *testing.T) {
 		t.Errorf("after a damaged resume: %v (%v)", sb["status"], sb["reason"])
 	}
 	// Another sandbox is unaffected, and a paused one is stopped cleanly.
+	// A pause asked while the sandbox is still starting waits for it to run.
 	other := strings.TrimSpace(fw(t, 0, "run", "-d", img, "--", "sleep", "600").stdout)
 	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", other) })
-	waitStatus(t, other, "running")
 	fw(t, 0, "pause", other)
+	if sb := inspect(t, other); sb["status"] != "paused" {
+		t.Errorf("paused while starting: %v (%v)", sb["status"], sb["reason"])
+	}
 	fw(t, 0, "stop", other)
 	if sb := inspect(t, other); sb["status"] != "exited" || sb["saved"] != nil {
 		t.Errorf("stopped while paused: %v, saved %v", sb["status"], sb["saved"])

@@ -363,6 +363,11 @@ func (h *sandboxService) PauseSandbox(ctx context.Context, req *connect.Request[
 		if err := h.s.savedRoom(ctx, who); err != nil {
 			return nil, err
 		}
+	}
+	if sb, err = h.s.settled(ctx, sb); err != nil {
+		return nil, toConnectError(err)
+	}
+	if sb.Status != state.StatusPaused {
 		id := sb.ID
 		if sb, err = h.s.store.UpdateSandbox(ctx, id, state.Update{RequestPause: true, Time: h.s.now()}); err != nil {
 			return nil, toConnectError(fmt.Errorf("pause sandbox %s: %w", id, err))
@@ -572,6 +577,20 @@ const startWait = 2 * time.Minute
 // waitRunning returns sb once it runs: at once if it does, after its start if it is
 // pending or starting (within startWait), else a "failed precondition" naming its status.
 func (s *Server) waitRunning(ctx context.Context, sb state.Sandbox) (state.Sandbox, error) {
+	sb, err := s.settled(ctx, sb)
+	if err != nil {
+		return sb, err
+	}
+	if sb.Status != state.StatusRunning {
+		return sb, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s, not running", sb.ID, sb.Status))
+	}
+	return sb, nil
+}
+
+// settled returns sb once it is no longer being placed or started (within startWait):
+// a call acting on a running sandbox (exec, pause, fork, snapshot) waits for one still
+// starting instead of failing at once.
+func (s *Server) settled(ctx context.Context, sb state.Sandbox) (state.Sandbox, error) {
 	if sb.Status == state.StatusPending || sb.Status == state.StatusStarting {
 		wctx, cancel := context.WithTimeout(ctx, startWait)
 		got, err := s.waitFor(wctx, sb.ID, true, func(sb state.Sandbox) bool {
@@ -589,9 +608,6 @@ func (s *Server) waitRunning(ctx context.Context, sb state.Sandbox) (state.Sandb
 			return got, toConnectError(err)
 		}
 		sb = got
-	}
-	if sb.Status != state.StatusRunning {
-		return sb, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s, not running", sb.ID, sb.Status))
 	}
 	return sb, nil
 }

@@ -39,6 +39,9 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	if sb, err = h.s.settled(ctx, sb); err != nil {
+		return nil, toConnectError(err)
+	}
 	switch {
 	case memory && sb.Status == state.StatusPaused && sb.Saved != nil:
 	case sb.Status != state.StatusRunning || sb.Node == "":
