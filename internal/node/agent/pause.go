@@ -236,7 +236,7 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 	}
 	a.log.Info("sandbox paused", "sandbox", id, "saved_mib", bytes>>20, "took", time.Since(t0).Round(time.Millisecond))
 	a.report(id, pin(state.Update{Status: status(state.StatusPaused), Reason: "paused by request",
-		Saved:   &state.Saved{Node: a.cfg.Node, Bytes: bytes, At: time.Now()},
+		Saved: &state.Saved{Node: a.cfg.Node, Bytes: bytes, At: time.Now()},
 		// What belonged to the ended VM (its process, network, run files) is not shown
 		// as if it were there.
 		Runtime: map[string]string{"pause_took": time.Since(t0).Round(time.Millisecond).String(),
