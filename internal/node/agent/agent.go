@@ -152,6 +152,8 @@ type Agent struct {
 	diskHashes map[string]string
 	// flatSem lets one save be flattened at a time (see flatten.go).
 	flatSem chan struct{}
+	// snaps keeps named snapshots' files (see SnapshotStore).
+	snaps SnapshotStore
 
 	// What the node keeps ahead of starts, each owning its state: template snapshots,
 	// warm pools of VMs restored from them, and VMMs launched ahead of restores (slots).
@@ -233,7 +235,8 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if cfg.ImageMiBPerOwner == 0 {
 		cfg.ImageMiBPerOwner = 16384
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, flatSem: make(chan struct{}, 1), started: map[string]bool{}, stopsSent: map[string]bool{}, leaving: map[string]chan struct{}{},
+	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, flatSem: make(chan struct{}, 1),
+		snaps: localSnapshots{root: filepath.Join(cfg.DataDir, "snapshots")}, started: map[string]bool{}, stopsSent: map[string]bool{}, leaving: map[string]chan struct{}{},
 		pruneWake: make(chan struct{}, 1)}
 	for _, d := range []string{a.runRoot(), a.sandboxRoot(), a.assetDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -493,11 +496,11 @@ func (a *Agent) pausedOn(digest string) []string {
 		}
 	}
 	// Snapshots with memory need the very root disk too.
-	entries, _ = os.ReadDir(filepath.Join(a.cfg.DataDir, "snapshots"))
-	for _, e := range entries {
-		rec, err := readSavedRecord(a.snapshotDir(e.Name()))
+	stored, _ := a.snaps.List()
+	for _, sn := range stored {
+		rec, err := readSavedRecord(a.snapshotDir(sn.ID))
 		if err == nil && rec.ImageDigest == digest {
-			out = append(out, "snapshot "+e.Name())
+			out = append(out, "snapshot "+sn.ID)
 		}
 	}
 	return out

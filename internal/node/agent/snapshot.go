@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -33,7 +32,8 @@ type SnapshotInfo struct {
 
 const snapshotMeta = "snapshot.json"
 
-func (a *Agent) snapshotDir(id string) string { return filepath.Join(a.cfg.DataDir, "snapshots", id) }
+// snapshotDir is where snapshot id's files are on this node once opened.
+func (a *Agent) snapshotDir(id string) string { return a.snaps.Path(id) }
 
 // SnapshotFS copies running sandbox id's filesystem into snapshot snapID: the guest
 // freezes its scratch filesystem (running writes end, new ones wait), the disk is
@@ -69,19 +69,14 @@ func (a *Agent) SnapshotFS(ctx context.Context, id, snapID string) (SnapshotInfo
 	if g == nil || main == nil || digest == nil {
 		return SnapshotInfo{}, fmt.Errorf("sandbox %s is not running: %w", id, ErrNotRunning)
 	}
-	final := a.snapshotDir(snapID)
-	if _, err := os.Stat(final); err == nil {
-		return SnapshotInfo{}, fmt.Errorf("snapshot %s exists on this node already", snapID)
-	}
 	if err := a.savedRoom(allocated(filepath.Join(s.dir, "scratch.img"))); err != nil {
 		return SnapshotInfo{}, err
 	}
-	tmp := final + ".tmp"
-	_ = os.RemoveAll(tmp)
-	if err := os.MkdirAll(tmp, 0o700); err != nil {
+	tmp, err := a.snaps.Stage(snapID)
+	if err != nil {
 		return SnapshotInfo{}, err
 	}
-	defer os.RemoveAll(tmp) // nothing is left after the rename
+	defer a.snaps.Unstage(snapID) // nothing is left once kept
 	fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	err = g.Freeze(fctx)
 	cancel()
@@ -106,17 +101,7 @@ func (a *Agent) SnapshotFS(ctx context.Context, id, snapID string) (SnapshotInfo
 	if err := os.WriteFile(filepath.Join(tmp, snapshotMeta), b, 0o600); err != nil {
 		return SnapshotInfo{}, err
 	}
-	if err := syncDir(tmp); err != nil {
-		return SnapshotInfo{}, err
-	}
-	info.Bytes = dirSize(tmp)
-	if err := ctx.Err(); err != nil {
-		return SnapshotInfo{}, err // nobody waits for it: nothing is kept
-	}
-	if err := os.MkdirAll(filepath.Dir(final), 0o700); err != nil {
-		return SnapshotInfo{}, err
-	}
-	if err := os.Rename(tmp, final); err != nil {
+	if info.Bytes, err = a.snaps.Keep(ctx, snapID); err != nil {
 		return SnapshotInfo{}, err
 	}
 	a.log.Info("filesystem snapshot taken", "sandbox", id, "snapshot", snapID, "mib", info.Bytes>>20, "frozen", time.Since(t0).Round(time.Millisecond))
@@ -124,11 +109,8 @@ func (a *Agent) SnapshotFS(ctx context.Context, id, snapID string) (SnapshotInfo
 }
 
 // RemoveSnapshot removes a snapshot's files; one this node does not have is not an error.
-func (a *Agent) RemoveSnapshot(snapID string) error {
-	if !routes.ValidSandbox(snapID) {
-		return fmt.Errorf("%q is not a snapshot ID", snapID)
-	}
-	return os.RemoveAll(a.snapshotDir(snapID))
+func (a *Agent) RemoveSnapshot(ctx context.Context, snapID string) error {
+	return a.snaps.Remove(ctx, snapID)
 }
 
 // snapshotScratch is the scratch disk a start from snapshot snapID copies, after checking
@@ -137,9 +119,13 @@ func (a *Agent) snapshotScratch(snapID, digest string) (string, error) {
 	if !routes.ValidSandbox(snapID) {
 		return "", fmt.Errorf("%q is not a snapshot ID", snapID)
 	}
-	b, err := os.ReadFile(filepath.Join(a.snapshotDir(snapID), snapshotMeta))
+	dir, err := a.snaps.Open(context.Background(), snapID)
 	if err != nil {
 		return "", fmt.Errorf("snapshot %s is not on node %s: %v", snapID, a.cfg.Node, err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, snapshotMeta))
+	if err != nil {
+		return "", fmt.Errorf("snapshot %s on node %s: %v", snapID, a.cfg.Node, err)
 	}
 	var info SnapshotInfo
 	if err := json.Unmarshal(b, &info); err != nil {
@@ -148,7 +134,7 @@ func (a *Agent) snapshotScratch(snapID, digest string) (string, error) {
 	if info.ImageDigest != digest {
 		return "", fmt.Errorf("snapshot %s was taken of image %s, the start pulled %s (the tag moved?)", snapID, info.ImageDigest, digest)
 	}
-	return filepath.Join(a.snapshotDir(snapID), "scratch.img"), nil
+	return filepath.Join(dir, "scratch.img"), nil
 }
 
 // Snapshots with memory: a paused sandbox's saved VM, flattened (see flatten.go) and kept
@@ -191,17 +177,15 @@ func (a *Agent) SnapshotMemory(ctx context.Context, id, snapID string) (Snapshot
 	if err != nil {
 		return SnapshotInfo{}, err
 	}
-	final := a.snapshotDir(snapID)
-	if _, err := os.Stat(final); err == nil {
-		return SnapshotInfo{}, fmt.Errorf("snapshot %s exists on this node already", snapID)
+	tmp, err := a.snaps.Stage(snapID)
+	if err != nil {
+		return SnapshotInfo{}, err
 	}
-	tmp := final + ".tmp"
-	_ = os.RemoveAll(tmp)
+	defer a.snaps.Unstage(snapID) // nothing is left once kept
 	out := flatFiles{dir: filepath.Join(tmp, flatDir)}
 	if err := os.MkdirAll(out.dir, 0o700); err != nil {
 		return SnapshotInfo{}, err
 	}
-	defer os.RemoveAll(tmp) // nothing is left after the rename
 	// The flattened files are never written again: the snapshot links them. The scratch
 	// disk is copied: the source's resume takes the saved one and writes to it.
 	for _, f := range []struct{ from, to string }{{flat.mem(), out.mem()}, {flat.state(), out.state()}} {
@@ -232,17 +216,10 @@ func (a *Agent) SnapshotMemory(ctx context.Context, id, snapID string) (Snapshot
 	if err := os.WriteFile(filepath.Join(tmp, snapshotMeta), b, 0o600); err != nil {
 		return SnapshotInfo{}, err
 	}
-	if err := errors.Join(syncDir(out.dir), syncDir(tmp)); err != nil {
+	if err := syncDir(out.dir); err != nil {
 		return SnapshotInfo{}, err
 	}
-	info.Bytes = dirSize(tmp)
-	if err := ctx.Err(); err != nil {
-		return SnapshotInfo{}, err // nobody waits for it: nothing is kept
-	}
-	if err := os.MkdirAll(filepath.Dir(final), 0o700); err != nil {
-		return SnapshotInfo{}, err
-	}
-	if err := os.Rename(tmp, final); err != nil {
+	if info.Bytes, err = a.snaps.Keep(ctx, snapID); err != nil {
 		return SnapshotInfo{}, err
 	}
 	a.log.Info("snapshot with memory taken", "sandbox", id, "snapshot", snapID, "mib", info.Bytes>>20)
@@ -254,7 +231,11 @@ func (a *Agent) memorySnapshot(sb state.Sandbox) bool {
 	if sb.Spec.Snapshot == "" || !routes.ValidSandbox(sb.Spec.Snapshot) {
 		return false
 	}
-	_, err := os.Stat(filepath.Join(a.snapshotDir(sb.Spec.Snapshot), savedRecordFile))
+	dir, err := a.snaps.Open(context.Background(), sb.Spec.Snapshot)
+	if err != nil {
+		return false
+	}
+	_, err = os.Stat(filepath.Join(dir, savedRecordFile))
 	return err == nil
 }
 
@@ -276,7 +257,7 @@ var ErrSavedDiskFull = errors.New("the node's disk budget for saved states and s
 
 // savedUsed is the disk space paused sandboxes' saved states and snapshots take here.
 func (a *Agent) savedUsed() int64 {
-	n := dirSize(filepath.Join(a.cfg.DataDir, "snapshots"))
+	n := a.snaps.NodeBytes()
 	entries, _ := os.ReadDir(a.sandboxRoot())
 	for _, e := range entries {
 		n += dirSize(a.savedDir(e.Name()))
@@ -315,31 +296,23 @@ const snapshotSweepAge = 15 * time.Minute
 // whose record went while this node was away; and a create's leftovers. Only files
 // older than snapshotSweepAge go: a create in progress has not been recorded yet.
 func (a *Agent) SweepSnapshots(known []string) {
-	root := filepath.Join(a.cfg.DataDir, "snapshots")
-	entries, err := os.ReadDir(root)
+	stored, err := a.snaps.List()
 	if err != nil {
+		a.log.Warn("list the node's snapshots", "err", err)
 		return
 	}
 	keep := map[string]bool{}
 	for _, id := range known {
 		keep[id] = true
 	}
-	for _, e := range entries {
-		id, _ := strings.CutSuffix(e.Name(), ".tmp")
-		if keep[e.Name()] {
+	for _, sn := range stored {
+		if keep[sn.ID] || time.Since(sn.Kept) < snapshotSweepAge {
 			continue
 		}
-		fi, err := e.Info()
-		if err != nil || time.Since(fi.ModTime()) < snapshotSweepAge {
+		if err := a.snaps.Remove(context.Background(), sn.ID); err != nil {
+			a.log.Warn("remove a snapshot the state does not know", "snapshot", sn.ID, "err", err)
 			continue
 		}
-		if !routes.ValidSandbox(id) {
-			continue // not a snapshot's (never made by this node)
-		}
-		if err := os.RemoveAll(filepath.Join(root, e.Name())); err != nil {
-			a.log.Warn("remove a snapshot the state does not know", "snapshot", e.Name(), "err", err)
-			continue
-		}
-		a.log.Info("removed a snapshot the state does not know", "snapshot", e.Name())
+		a.log.Info("removed a snapshot the state does not know", "snapshot", sn.ID)
 	}
 }

@@ -13,7 +13,7 @@ import (
 // names no create makes stay.
 func TestSweepSnapshots(t *testing.T) {
 	dir := t.TempDir()
-	a := &Agent{cfg: Config{DataDir: dir}, log: slog.New(slog.DiscardHandler)}
+	a := &Agent{cfg: Config{DataDir: dir}, log: slog.New(slog.DiscardHandler), snaps: localSnapshots{root: filepath.Join(dir, "snapshots")}}
 	root := filepath.Join(dir, "snapshots")
 	old := time.Now().Add(-2 * snapshotSweepAge)
 	for name, age := range map[string]time.Time{

@@ -404,11 +404,11 @@ func (n *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 }
 
 // DeleteSnapshot removes a snapshot's files (by ID) from this node.
-func (n *sandboxService) DeleteSnapshot(_ context.Context, req *connect.Request[pb.DeleteSnapshotRequest]) (*connect.Response[pb.DeleteSnapshotResponse], error) {
+func (n *sandboxService) DeleteSnapshot(ctx context.Context, req *connect.Request[pb.DeleteSnapshotRequest]) (*connect.Response[pb.DeleteSnapshotResponse], error) {
 	if err := checkID(req.Msg.GetSnapshot()); err != nil {
 		return nil, err
 	}
-	if err := n.ag.RemoveSnapshot(req.Msg.GetSnapshot()); err != nil {
+	if err := n.ag.RemoveSnapshot(ctx, req.Msg.GetSnapshot()); err != nil {
 		return nil, toConnectError(err)
 	}
 	return connect.NewResponse(&pb.DeleteSnapshotResponse{}), nil
