@@ -2,13 +2,14 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
 
 // Fork: two running copies of a running sandbox, each a new machine (its own ID,
@@ -82,7 +83,7 @@ func TestFork(t *testing.T) {
 		if pid <= 0 {
 			t.Fatalf("fork %s: no VMM pid in inspect", f)
 		}
-		kib := sharedKiB(t, pid, "/flat/mem")
+		kib := testutil.SharedKiB(t, pid, func(p string) bool { return strings.HasSuffix(p, "/flat/mem") })
 		t.Logf("fork %s shares %d KiB of the flattened save", f, kib)
 		if kib < 1024 {
 			t.Errorf("fork %s shares %d KiB of the saved memory with its sibling; want its pages shared", f, kib)
@@ -195,27 +196,4 @@ func mustStat(t *testing.T, p string) os.FileInfo {
 		t.Fatal(err)
 	}
 	return fi
-}
-
-// sharedKiB sums Shared_Clean and Shared_Dirty of process pid's mappings of files whose
-// path ends in suffix: pages of them that another process maps too.
-func sharedKiB(t *testing.T, pid int, suffix string) int {
-	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	total, in := 0, false
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 5 && strings.Contains(f[0], "-") && !strings.HasSuffix(f[0], ":") {
-			in = len(f) >= 6 && strings.HasSuffix(f[5], suffix)
-			continue
-		}
-		if in && len(f) >= 2 && (f[0] == "Shared_Clean:" || f[0] == "Shared_Dirty:") {
-			n, _ := strconv.Atoi(f[1])
-			total += n
-		}
-	}
-	return total
 }

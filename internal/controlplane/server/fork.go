@@ -92,27 +92,15 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 	if err := h.s.forksFit(src, n); err != nil {
 		return nil, err
 	}
-	switch {
-	case wasRunning:
-		if _, err := h.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Sandbox: src.ID})); err != nil {
-			return nil, err
-		}
-		// The source goes on once the forks run (they restore its saved state).
-		defer func() {
-			rctx := context.WithoutCancel(ctx)
-			if _, err := h.ResumeSandbox(rctx, connect.NewRequest(&pb.ResumeSandboxRequest{Sandbox: src.ID})); err != nil {
-				h.s.log.Error("resume the source of a fork", "sandbox", src.ID, "err", err)
-			}
-		}()
-	case src.Status != state.StatusPaused:
+	if !wasRunning && src.Status != state.StatusPaused {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: a running or paused sandbox can be forked", src.ID, src.Status))
 	}
-	if src, err = h.s.store.GetSandbox(ctx, src.ID); err != nil {
-		return nil, toConnectError(err)
+	// The source goes on once the forks run (they restore its saved state).
+	src, resume, err := h.pauseForSave(ctx, src, "the source of a fork")
+	if err != nil {
+		return nil, err
 	}
-	if src.Status != state.StatusPaused || src.Saved == nil {
-		return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("sandbox %s is %s, without a saved state to fork", src.ID, src.Status))
-	}
+	defer resume()
 	spec := src.Spec
 	spec.ForkOf, spec.ForkNode, spec.ForkAddress, spec.Snapshot, spec.SnapshotNode = src.ID, src.Saved.Node, src.Saved.Address, "", ""
 	cp := h.s.cluster.ControlPlane
@@ -169,4 +157,32 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 		return nil, connect.NewError(connect.CodeAborted, errors.New("forks of "+src.ID+" did not start: "+strings.Join(failed, "; ")))
 	}
 	return connect.NewResponse(resp), nil
+}
+
+// pauseForSave returns sb paused with its saved state, pausing it first if it runs; the
+// returned resume (to be called once the save has served) brings back a sandbox it
+// paused, and does nothing for one that was paused already.
+func (h *sandboxService) pauseForSave(ctx context.Context, sb state.Sandbox, what string) (state.Sandbox, func(), error) {
+	resume := func() {}
+	if sb.Status == state.StatusRunning {
+		if _, err := h.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Sandbox: sb.ID})); err != nil {
+			return sb, resume, err
+		}
+		resume = func() {
+			rctx := context.WithoutCancel(ctx)
+			if _, err := h.ResumeSandbox(rctx, connect.NewRequest(&pb.ResumeSandboxRequest{Sandbox: sb.ID})); err != nil {
+				h.s.log.Error("resume "+what, "sandbox", sb.ID, "err", err)
+			}
+		}
+	}
+	got, err := h.s.store.GetSandbox(ctx, sb.ID)
+	if err != nil {
+		resume()
+		return sb, func() {}, toConnectError(err)
+	}
+	if got.Status != state.StatusPaused || got.Saved == nil {
+		resume()
+		return got, func() {}, connect.NewError(connect.CodeAborted, fmt.Errorf("sandbox %s is %s, without a saved state to keep", got.ID, got.Status))
+	}
+	return got, resume, nil
 }

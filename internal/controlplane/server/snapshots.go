@@ -75,24 +75,14 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 			return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("the token holds %d snapshots, at most %d", n, max))
 		}
 	}
-	if memory && sb.Status == state.StatusRunning {
-		// The saved VM is what a snapshot with memory keeps: the sandbox pauses for the
-		// save and goes on after the copy.
-		if _, err := h.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Sandbox: sb.ID})); err != nil {
+	if memory {
+		// The saved VM is what a snapshot with memory keeps: a running sandbox pauses
+		// for the save and goes on after the copy.
+		var resume func()
+		if sb, resume, err = h.pauseForSave(ctx, sb, "a sandbox after its snapshot"); err != nil {
 			return nil, err
 		}
-		defer func() {
-			rctx := context.WithoutCancel(ctx)
-			if _, err := h.ResumeSandbox(rctx, connect.NewRequest(&pb.ResumeSandboxRequest{Sandbox: sb.ID})); err != nil {
-				h.s.log.Error("resume a sandbox after its snapshot", "sandbox", sb.ID, "err", err)
-			}
-		}()
-		if sb, err = h.s.store.GetSandbox(ctx, sb.ID); err != nil {
-			return nil, toConnectError(err)
-		}
-		if sb.Status != state.StatusPaused || sb.Saved == nil {
-			return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("sandbox %s is %s after its pause, without a saved state to keep", sb.ID, sb.Status))
-		}
+		defer resume()
 	}
 	var c *nodeConn
 	if memory {

@@ -477,13 +477,8 @@ func (ts *templates) buildFiles(ctx context.Context, t *template, rootDisk strin
 // syncReadOnly flushes a snapshot file to disk and makes it read-only: snapshot files are
 // never written again (restored VMs map them privately).
 func syncReadOnly(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
+	if err := syncFile(path); err != nil {
 		return err
-	}
-	defer f.Close()
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", path, err)
 	}
 	return os.Chmod(path, 0o400)
 }

@@ -13,7 +13,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"net"
 	"os"
 	"os/exec"
@@ -25,6 +24,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 
 	"golang.org/x/sys/unix"
 
@@ -822,34 +823,11 @@ func (s *suite) testFlatten(ctx context.Context, t *testing.T, save, want string
 		}
 	}
 	// Pages of the file that both guests read are in memory once, mapped by both.
-	kib := sharedKiB(t, forks[1].vm.Info().PID, mem)
+	kib := testutil.SharedKiB(t, forks[1].vm.Info().PID, func(p string) bool { return p == mem })
 	t.Logf("two VMs restored from one flattened save share %d KiB of its memory file", kib)
 	if kib < 1024 {
 		t.Errorf("the second restored VM shares %d KiB of the memory file with the first; want its pages shared", kib)
 	}
-}
-
-// sharedKiB sums Shared_Clean and Shared_Dirty of process pid's mappings of file path:
-// pages another process maps too.
-func sharedKiB(t *testing.T, pid int, path string) int {
-	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	total, in := 0, false
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 5 && strings.Contains(f[0], "-") && !strings.HasSuffix(f[0], ":") {
-			in = len(f) >= 6 && f[5] == path
-			continue
-		}
-		if in && len(f) >= 2 && (f[0] == "Shared_Clean:" || f[0] == "Shared_Dirty:") {
-			n, _ := strconv.Atoi(f[1])
-			total += n
-		}
-	}
-	return total
 }
 
 // checkTemplateReadOnly fails t unless the VMM process pid holds the template memory file
