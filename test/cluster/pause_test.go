@@ -10,8 +10,8 @@ import (
 )
 
 // Pause and resume on a cluster node, through the servers: the saved state is on the
-// sandbox's node; a restart of that node's agent while it is paused keeps it; the resume
-// runs it there again, its counter carrying on.
+// sandbox's node; a restart of that node's agent, and the leading server killed, while
+// it is paused keep it; the resume runs it there again, its counter carrying on.
 func TestPauseResumeOnTheCluster(t *testing.T) {
 	need(t)
 	defer w.ensureRunning()
@@ -49,6 +49,13 @@ func TestPauseResumeOnTheCluster(t *testing.T) {
 	}
 	if st := inspect(t, id)["status"]; st != "paused" {
 		t.Fatalf("after a1's agent restarted: %v", st)
+	}
+	// The leading server dies while it is paused: the state is replicated, and the new
+	// leader resumes it.
+	w.stop(w.servers[leader(t)], true)
+	w.ensureRunning()
+	if st := inspect(t, id)["status"]; st != "paused" {
+		t.Fatalf("after the leader was killed: %v", st)
 	}
 	mustFW(t, "resume", id)
 	sb = inspect(t, id)

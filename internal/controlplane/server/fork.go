@@ -103,11 +103,14 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 	defer resume()
 	spec := src.Spec
 	spec.ForkOf, spec.ForkNode, spec.ForkAddress, spec.Snapshot, spec.SnapshotNode = src.ID, src.Saved.Node, src.Saved.Address, "", ""
+	// An admin's policy on the source stays an admin's in forks only an admin makes.
+	spec.PolicyAdmin = spec.PolicyAdmin && who.Admin()
 	cp := h.s.cluster.ControlPlane
 	var ids []string
 	for range n {
 		now := h.s.now()
-		fork := state.Sandbox{ID: state.NewID(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID, AccessToken: newAccessToken(),
+		// The image the source ran: a saved record that names another is refused.
+		fork := state.Sandbox{ID: state.NewID(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID, AccessToken: newAccessToken(), ImageDigest: src.ImageDigest,
 			CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "forked from " + src.ID}}}
 		// Placed in the same command: on the node that holds the saved state if it fits
 		// there, else on another (the state machine checks, as for any placement).
@@ -149,7 +152,7 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 			return nil, toConnectError(fmt.Errorf("fork %s of %s: %w", id, src.ID, err))
 		}
 		if sb.Status != state.StatusRunning {
-			failed = append(failed, fmt.Sprintf("%s is %s: %s", id, sb.Status, sb.Reason))
+			failed = append(failed, fmt.Sprintf("%s is %s: %s", id, sb.Status, h.s.textFor(ctx, sb, sb.Reason)))
 		}
 		resp.Forks = append(resp.Forks, h.s.view(ctx, sb))
 	}

@@ -288,6 +288,22 @@ func TestSavedStatePerToken(t *testing.T) {
 	}
 	_, err = a.sandboxes.CreateSnapshot(ctx, as(a.user, &pb.CreateSnapshotRequest{Sandbox: id, Name: "more"}))
 	wantCode(t, "a snapshot past the token's saved bound", err, connect.CodeResourceExhausted, "--max-saved-per-token")
+	// Saves under way count: of two concurrent calls under the bound, the second waits
+	// for none and is refused while the first holds its likely size.
+	other := auth.Identity{TokenID: "fresh-token", Role: state.RoleUser}
+	release, err := a.srv.savedRoom(ctx, other, 256<<20)
+	if err != nil {
+		t.Fatalf("a first save under the bound: %v", err)
+	}
+	if _, err := a.srv.savedRoom(ctx, other, 256<<20); err == nil {
+		t.Error("a second save passed while the first held the token's bound")
+	}
+	release()
+	if r2, err := a.srv.savedRoom(ctx, other, 256<<20); err != nil {
+		t.Errorf("a save after the first let go: %v", err)
+	} else {
+		r2()
+	}
 	// An admin's are not bounded.
 	admins, err := a.srv.store.ListTokens(ctx)
 	if err != nil {
@@ -295,9 +311,25 @@ func TestSavedStatePerToken(t *testing.T) {
 	}
 	for _, tk := range admins {
 		if tk.Role == state.RoleAdmin {
-			if err := a.srv.savedRoom(ctx, auth.Identity{TokenID: tk.ID, Role: tk.Role}); err != nil {
+			if _, err := a.srv.savedRoom(ctx, auth.Identity{TokenID: tk.ID, Role: tk.Role}, 1<<40); err != nil {
 				t.Errorf("an admin's saved states are bounded: %v", err)
 			}
 		}
+	}
+}
+
+// What a user reads about a sandbox names no node, node address or node path.
+func TestHideNodes(t *testing.T) {
+	sb := state.Sandbox{Node: "n7", Spec: state.SandboxSpec{ForkNode: "n9", ForkAddress: "10.1.2.3:7768"}}
+	in := "fetch the saved state from node n9: Get https://10.1.2.3:7768/fireworks.node/saved/x: EOF; " +
+		"restore device state from /var/lib/fireworks/snapshots/0123456789abcdef/flat/state: bad; on node n7"
+	out := hideNodes(sb, in)
+	for _, leak := range []string{"n9", "n7", "10.1.2.3", "/var/lib/fireworks"} {
+		if strings.Contains(out, leak) {
+			t.Errorf("%q left in %q", leak, out)
+		}
+	}
+	if !strings.Contains(out, "restore device state from <node data>/snapshots/") {
+		t.Errorf("the path's kind went too: %q", out)
 	}
 }

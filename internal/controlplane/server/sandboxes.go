@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -27,6 +28,7 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 		return nil, err
 	}
 	spec := specFromPB(req.Msg.GetSpec())
+	policyGiven := spec.Policy != ""
 	if ref := req.Msg.GetSpec().GetSnapshot(); ref != "" {
 		if err := h.s.resolveSnapshot(ctx, &spec, ref); err != nil {
 			return nil, err
@@ -51,7 +53,9 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if err := validateNetworkSpec(&spec, who.Admin()); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
-	spec.PolicyAdmin = spec.Policy != "" && who.Admin()
+	// Only an admin's own policy is an admin's: one carried from a snapshot with memory
+	// stays what it was (a user's stays a user's, whoever starts it).
+	spec.PolicyAdmin = spec.Policy != "" && who.Admin() && (policyGiven || spec.PolicyAdmin)
 	spec.PullPrivate = who.Admin()
 	if err := h.s.validateSpec(&spec); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
@@ -360,9 +364,11 @@ func (h *sandboxService) PauseSandbox(ctx context.Context, req *connect.Request[
 		if err != nil {
 			return nil, err
 		}
-		if err := h.s.savedRoom(ctx, who); err != nil {
+		release, err := h.s.savedRoom(ctx, who, int64(sb.Spec.Reserved().MemoryMiB)<<20)
+		if err != nil {
 			return nil, err
 		}
+		defer release()
 	}
 	if sb, err = h.s.settled(ctx, sb); err != nil {
 		return nil, toConnectError(err)
@@ -480,7 +486,26 @@ func hideNodes(sb state.Sandbox, text string) string {
 			text = strings.ReplaceAll(text, a, "a node's address")
 		}
 	}
-	return text
+	// Paths in a node's data directory (a VMM's error names the files it read).
+	return nodePath.ReplaceAllString(text, "<node data>/$1/…")
+}
+
+// nodePath matches a path into a node's data directory.
+var nodePath = regexp.MustCompile(`(?:/[\w.+@-]+)+/(sandboxes|snapshots|run|templates|images)/[\w./+@-]*`)
+
+// userError is err as the caller may read it about sb: a user's without node names,
+// addresses or paths (see hideNodes); its code is kept.
+func (s *Server) userError(ctx context.Context, sb state.Sandbox, err error) error {
+	if who, ok := auth.From(ctx); err == nil || ok && who.Admin() {
+		return err
+	}
+	code := connect.CodeOf(err)
+	msg := err.Error()
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		msg = ce.Message()
+	}
+	return connect.NewError(code, errors.New(hideNodes(sb, msg)))
 }
 
 func savedAddress(sb state.Sandbox) string {

@@ -30,6 +30,10 @@ type Server struct {
 	// waiting counts each user token's calls in waitFor (Limits.WaitsPerOwner).
 	waitMu  sync.Mutex
 	waiting map[string]int
+	// savedHeld is what each user token's saves under way may add to its saved states
+	// (see savedRoom), so that concurrent calls cannot all pass its bound.
+	savedMu   sync.Mutex
+	savedHeld map[string]int64
 	// cluster is set by EnableCluster; its CA is nil on a single-node dev server.
 	cluster ClusterOptions
 	nodes   nodeConns
@@ -74,7 +78,7 @@ type Limits struct {
 // DefaultLimits are the limits of a server not told otherwise.
 func DefaultLimits() Limits {
 	return Limits{SandboxesPerOwner: 1000, VCPUsPerOwner: 64, MemoryMiBPerOwner: 128 << 10, DiskMiBPerOwner: 1 << 20, SpecBytesPerOwner: 16 << 20, WaitsPerOwner: 256,
-		SavedMiBPerOwner: 100 << 10}
+		SavedMiBPerOwner: 32 << 10}
 }
 
 // quota is what a token of this role may hold.

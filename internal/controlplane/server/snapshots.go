@@ -4,6 +4,8 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"strings"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -32,13 +34,19 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 		return nil, toConnectError(invalid("snapshot %v", err))
 	}
 	memory := req.Msg.GetMemory()
-	if err := h.s.savedRoom(ctx, who); err != nil {
-		return nil, err
-	}
 	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	var need int64
+	if memory {
+		need = int64(sb.Spec.Reserved().MemoryMiB) << 20
+	}
+	release, err := h.s.savedRoom(ctx, who, need)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	if sb, err = h.s.settled(ctx, sb); err != nil {
 		return nil, toConnectError(err)
 	}
@@ -102,7 +110,7 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 		dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), nodeCallTimeout)
 		_, _ = c.sandboxes.DeleteSnapshot(dctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: id}))
 		dcancel()
-		return nil, nodeError(c, "snapshot sandbox "+sb.ID, err)
+		return nil, h.s.userError(ctx, sb, nodeError(c, "snapshot sandbox "+sb.ID, err))
 	}
 	rec := state.Snapshot{ID: id, Name: name, Owner: who.TokenID, Node: c.name, Sandbox: sb.ID,
 		Image: sb.Spec.Image, ImageDigest: r.Msg.GetSnapshot().GetImageDigest(), Bytes: r.Msg.GetSnapshot().GetBytes(), CreatedAt: h.s.now()}
@@ -183,7 +191,7 @@ func (s *Server) resolveSnapshot(ctx context.Context, spec *state.SandboxSpec, r
 		return toConnectError(err)
 	}
 	if snap.Lost != "" {
-		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("snapshot %s is lost: %s", snap.Name, snap.Lost))
+		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("snapshot %s is lost: %s", snap.Name, snapshotView(who, snap).GetLost()))
 	}
 	if spec.Image != "" && spec.Image != snap.Image && spec.Image != snap.ImageDigest {
 		return toConnectError(invalid("snapshot %s is of image %s, not %s (leave the image out)", snap.Name, snap.Image, spec.Image))
@@ -225,7 +233,9 @@ func withMemorySpec(spec *state.SandboxSpec, snap state.Snapshot) error {
 	if len(own.Ports) > 0 {
 		spec.Ports = own.Ports
 	}
-	spec.PolicyAdmin = false // set again from the caller, as for any create
+	if own.Policy != "" {
+		spec.PolicyAdmin = false // the caller's: set from the caller, as for any create
+	}
 	return nil
 }
 
@@ -237,18 +247,21 @@ func snapshotView(who auth.Identity, s state.Snapshot) *pb.Snapshot {
 	}
 	if who.Admin() {
 		out.Node = s.Node
+	} else {
+		out.Lost = strings.ReplaceAll(out.Lost, "node "+s.Node, "its node")
 	}
 	return out
 }
 
 // savedRoom refuses a call that would keep more saved state (a pause, a fork of a
-// running sandbox, a snapshot) for a user token whose snapshots and paused sandboxes take
-// its bound already (--max-saved-per-token). Checked before the save: its size is known
-// only after, so a token may pass the bound by one save.
-func (s *Server) savedRoom(ctx context.Context, who auth.Identity) error {
+// running sandbox, a snapshot) for a user token whose snapshots, paused sandboxes and
+// saves under way take its bound already (--max-saved-per-token); otherwise it holds
+// need (the save's likely size: it is known only after) for the token until release is
+// called, so that concurrent calls see each other. A token may pass its bound by one save.
+func (s *Server) savedRoom(ctx context.Context, who auth.Identity, need int64) (release func(), err error) {
 	max := int64(s.limits.SavedMiBPerOwner) << 20
 	if who.Admin() || max <= 0 {
-		return nil
+		return func() {}, nil
 	}
 	var used int64
 	for _, sb := range s.store.LocalSandboxes() {
@@ -258,16 +271,32 @@ func (s *Server) savedRoom(ctx context.Context, who auth.Identity) error {
 	}
 	snaps, err := s.store.ListSnapshots(ctx)
 	if err != nil {
-		return toConnectError(err)
+		return nil, toConnectError(err)
 	}
 	for _, sn := range snaps {
 		if sn.Owner == who.TokenID && sn.Lost == "" {
 			used += sn.Bytes
 		}
 	}
-	if used >= max {
-		return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("the token's snapshots and paused sandboxes take %d MiB, its bound is %d MiB (--max-saved-per-token): remove snapshots, or resume or remove paused sandboxes",
-			used>>20, max>>20))
+	s.savedMu.Lock()
+	defer s.savedMu.Unlock()
+	held := s.savedHeld[who.TokenID]
+	if used+held >= max {
+		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("the token's snapshots and paused sandboxes take %d MiB (%d MiB more being saved), its bound is %d MiB (--max-saved-per-token): remove snapshots, or resume or remove paused sandboxes",
+			used>>20, held>>20, max>>20))
 	}
-	return nil
+	if s.savedHeld == nil {
+		s.savedHeld = map[string]int64{}
+	}
+	s.savedHeld[who.TokenID] += need
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.savedMu.Lock()
+			defer s.savedMu.Unlock()
+			if s.savedHeld[who.TokenID] -= need; s.savedHeld[who.TokenID] <= 0 {
+				delete(s.savedHeld, who.TokenID)
+			}
+		})
+	}, nil
 }

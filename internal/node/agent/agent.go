@@ -150,6 +150,9 @@ type Agent struct {
 	leaving   map[string]chan struct{} // sandboxes no longer assigned here, being stopped and removed
 	// diskHashes caches rootDiskHash by the disk file's identity.
 	diskHashes map[string]string
+	// savedHeld is what saves under way may add to the node's saved states (savedRoom).
+	savedMu   sync.Mutex
+	savedHeld int64
 	// flatSem lets one save be flattened at a time (see flatten.go).
 	flatSem chan struct{}
 	// snaps keeps named snapshots' files (see SnapshotStore).

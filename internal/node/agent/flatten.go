@@ -24,6 +24,10 @@ import (
 
 const flatDir = "flat"
 
+// flattenLimit bounds one flattening (a VMM loading a save of up to the node's largest
+// VM into a file).
+const flattenLimit = 5 * time.Minute
+
 // flatFiles names a flattened save's files.
 type flatFiles struct{ dir string }
 
@@ -56,6 +60,15 @@ func (a *Agent) flatFor(ctx context.Context, dir string, rec savedRecord, rootDi
 		// not finished (it is renamed into place only after), or was damaged.
 		return f, fmt.Errorf("no saved state to flatten in %s (a damaged snapshot?): %w", dir, err)
 	}
+	// The memory file takes up to the VM's memory on disk, counted with saved states.
+	release, err := a.savedRoom(int64(rec.MemoryMiB) << 20)
+	if err != nil {
+		return f, fmt.Errorf("flatten the saved state: %w", err)
+	}
+	defer release()
+	// Bounded: one flattening at a time holds up every other on the node.
+	ctx, cancel := context.WithTimeout(ctx, flattenLimit)
+	defer cancel()
 	t0 := time.Now()
 	tmp := flatFiles{dir: f.dir + ".tmp"}
 	_ = os.RemoveAll(tmp.dir)
@@ -86,6 +99,13 @@ func (a *Agent) flatFor(ctx context.Context, dir string, rec savedRecord, rootDi
 	}
 	err = fl.Flatten(ctx, tmp.state())
 	h.closeTap()
+	// The VMM (a jail's user) made the files, and its jail owned the save's scratch disk
+	// it linked: all go back to root, read-only, now that it has ended.
+	for _, p := range []string{tmp.mem(), tmp.state(), filepath.Join(dir, "scratch.img")} {
+		if cerr := os.Chown(p, 0, 0); cerr != nil && !os.IsNotExist(cerr) && err == nil {
+			err = cerr
+		}
+	}
 	if err != nil {
 		return f, fmt.Errorf("flatten the saved state: %w", err)
 	}

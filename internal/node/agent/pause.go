@@ -154,13 +154,11 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 	}
 	shape := state.SandboxSpec{VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB}.Reserved()
 	mem := shape.MemoryMiB
-	var fs unix.Statfs_t
-	if err := unix.Statfs(a.sandboxRoot(), &fs); err == nil && int64(fs.Bavail)*fs.Bsize < int64(mem)<<20+(64<<20) {
-		return fmt.Errorf("%w: %d MiB free on the node's disk, the saved memory needs up to %d MiB", errPauseRefused, int64(fs.Bavail)*fs.Bsize>>20, mem+64)
-	}
-	if err := a.savedRoom(int64(mem)<<20 + allocated(filepath.Join(s.dir, "scratch.img"))); err != nil {
+	release, err := a.savedRoom(int64(mem)<<20 + allocated(filepath.Join(s.dir, "scratch.img")))
+	if err != nil {
 		return fmt.Errorf("%w: %w", errPauseRefused, err)
 	}
+	defer release()
 	rec, err := readAdoptRecord(s.dir)
 	if err != nil {
 		return fmt.Errorf("%w: the sandbox's run record: %v", errPauseRefused, err)
@@ -348,6 +346,13 @@ func (a *Agent) savedFetchStep(r *startRun) error {
 	if from.Node == a.cfg.Node {
 		return nil
 	}
+	// What it writes counts against the node's budget like any saved state (up to the
+	// VM's memory and its scratch disk).
+	release, err := a.savedRoom(int64(r.sb.Spec.Reserved().MemoryMiB)<<20 + int64(a.vms.scratchMiB)<<20)
+	if err != nil {
+		return fmt.Errorf("fetch the saved state: %w", err)
+	}
+	defer release()
 	if err := a.fetchSaved(r.ctx, r.sb, from, a.savedFor(r.sb)); err != nil {
 		return err
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -69,9 +70,11 @@ func (a *Agent) SnapshotFS(ctx context.Context, id, snapID string) (SnapshotInfo
 	if g == nil || main == nil || digest == nil {
 		return SnapshotInfo{}, fmt.Errorf("sandbox %s is not running: %w", id, ErrNotRunning)
 	}
-	if err := a.savedRoom(allocated(filepath.Join(s.dir, "scratch.img"))); err != nil {
+	release, err := a.savedRoom(allocated(filepath.Join(s.dir, "scratch.img")))
+	if err != nil {
 		return SnapshotInfo{}, err
 	}
+	defer release()
 	tmp, err := a.snaps.Stage(snapID)
 	if err != nil {
 		return SnapshotInfo{}, err
@@ -170,9 +173,11 @@ func (a *Agent) SnapshotMemory(ctx context.Context, id, snapID string) (Snapshot
 	if _, err := os.Stat(flatFiles{dir: filepath.Join(src, flatDir)}.mem()); err != nil {
 		need += int64(rec.MemoryMiB) << 20
 	}
-	if err := a.savedRoom(need); err != nil {
+	release, err := a.savedRoom(need)
+	if err != nil {
 		return SnapshotInfo{}, err
 	}
+	defer release()
 	flat, err := a.flatFor(ctx, src, rec, rootDisk, rec.Sandbox.Spec.Network != state.NetworkNone)
 	if err != nil {
 		return SnapshotInfo{}, err
@@ -255,25 +260,43 @@ func syncFile(path string) error {
 // ErrSavedDiskFull refuses a pause or snapshot past the node's budget for saved states.
 var ErrSavedDiskFull = errors.New("the node's disk budget for saved states and snapshots is used up")
 
-// savedUsed is the disk space paused sandboxes' saved states and snapshots take here.
+// savedUsed is the disk space paused sandboxes' saved states, forks' fetched copies of
+// their sources' and snapshots take here.
 func (a *Agent) savedUsed() int64 {
 	n := a.snaps.NodeBytes()
 	entries, _ := os.ReadDir(a.sandboxRoot())
 	for _, e := range entries {
-		n += dirSize(a.savedDir(e.Name()))
+		n += dirSize(a.savedDir(e.Name())) + dirSize(a.fetchedSource(e.Name()))
 	}
 	return n
 }
 
 // savedRoom refuses need more bytes of saved state past the node's budget
-// (Config.SavedDiskMiB), saying what takes the rest.
-func (a *Agent) savedRoom(need int64) error {
+// (Config.SavedDiskMiB) or its free disk, saying what takes the rest; otherwise it holds
+// need until release is called (once the files are written, and so counted), so that
+// saves under way at once see each other.
+func (a *Agent) savedRoom(need int64) (release func(), err error) {
 	budget := int64(a.cfg.SavedDiskMiB) << 20
-	if used := a.savedUsed(); used+need > budget {
-		return fmt.Errorf("%w: saved states and snapshots take %d MiB of its %d MiB (--saved-disk-mib), this needs up to %d MiB more: remove snapshots, or resume or remove paused sandboxes",
+	a.savedMu.Lock()
+	defer a.savedMu.Unlock()
+	used := a.savedUsed() + a.savedHeld
+	if used+need > budget {
+		return nil, fmt.Errorf("%w: saved states and snapshots take %d MiB of its %d MiB (--saved-disk-mib), this needs up to %d MiB more: remove snapshots, or resume or remove paused sandboxes",
 			ErrSavedDiskFull, used>>20, budget>>20, need>>20)
 	}
-	return nil
+	var fs unix.Statfs_t
+	if err := unix.Statfs(a.sandboxRoot(), &fs); err == nil && int64(fs.Bavail)*fs.Bsize < a.savedHeld+need+(64<<20) {
+		return nil, fmt.Errorf("%w: %d MiB free on its disk, this needs up to %d MiB", ErrSavedDiskFull, int64(fs.Bavail)*fs.Bsize>>20, need>>20)
+	}
+	a.savedHeld += need
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			a.savedMu.Lock()
+			a.savedHeld -= need
+			a.savedMu.Unlock()
+		})
+	}, nil
 }
 
 // allocated is the disk space file path takes (its blocks, not its size: scratch disks

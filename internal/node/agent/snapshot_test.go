@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -38,5 +39,26 @@ func TestSweepSnapshots(t *testing.T) {
 		if got := err == nil; got != want {
 			t.Errorf("%s: kept %v, want %v", name, got, want)
 		}
+	}
+}
+
+// Saves under way count against the node's budget: of two at once that fit only one by
+// one, the second is refused until the first lets go.
+func TestSavedRoomHoldsSavesUnderWay(t *testing.T) {
+	dir := t.TempDir()
+	a := &Agent{cfg: Config{DataDir: dir, SavedDiskMiB: 100}, log: slog.New(slog.DiscardHandler), snaps: localSnapshots{root: filepath.Join(dir, "snapshots")}}
+	release, err := a.savedRoom(60 << 20)
+	if err != nil {
+		t.Fatalf("a first save within the budget: %v", err)
+	}
+	if _, err := a.savedRoom(60 << 20); !errors.Is(err, ErrSavedDiskFull) {
+		t.Errorf("a second save at once past the budget: %v", err)
+	}
+	release()
+	release() // once only
+	if r, err := a.savedRoom(60 << 20); err != nil {
+		t.Errorf("after the first let go: %v", err)
+	} else {
+		r()
 	}
 }

@@ -91,7 +91,9 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	case sb.Saved != nil:
 		// Its own save first: a fork, or a start from a snapshot, paused since.
 		steps = resumeSteps
-	case sb.Spec.ForkOf != "", a.memorySnapshot(sb):
+	case sb.Spec.ForkOf != "" && sb.Restarts == 0, a.memorySnapshot(sb):
+		// A fork restarted (--restart) runs its command afresh, as any restart does: its
+		// source's save may have gone on since.
 		steps = forkSteps
 	}
 	for _, step := range steps {

@@ -157,7 +157,7 @@ func (sb Sandbox) FilesOn() string {
 	switch {
 	case sb.Saved != nil:
 		return sb.Saved.Node
-	case sb.Spec.ForkOf != "" && (sb.Status == StatusPending || sb.Status == StatusStarting):
+	case sb.Spec.ForkOf != "" && sb.Restarts == 0 && (sb.Status == StatusPending || sb.Status == StatusStarting):
 		return sb.Spec.ForkNode
 	}
 	return ""

@@ -147,6 +147,22 @@ func TestSnapshotRecords(t *testing.T) {
 	if _, err := s.GetSnapshot(ctx, "two", "u2", false); !errors.Is(err, ErrNotFound) {
 		t.Errorf("another token's snapshot: %v", err)
 	}
+	// An admin's call (any) finds its own name first; another's name held by several
+	// tokens names none of them.
+	if _, err := s.PutSnapshot(ctx, snap("bbbb000000000006", "one", "admin"), 0); err != nil {
+		t.Fatal(err)
+	}
+	for range 5 { // map order must not decide
+		if got, err := s.GetSnapshot(ctx, "one", "admin", true); err != nil || got.ID != "bbbb000000000006" {
+			t.Fatalf("an admin's own snapshot by a name users share: %+v %v", got, err)
+		}
+	}
+	if _, err := s.GetSnapshot(ctx, "one", "other-admin", true); !errors.Is(err, ErrAmbiguous) {
+		t.Errorf("a name several tokens hold, by an admin who holds none: %v", err)
+	}
+	if err := s.DeleteSnapshot(ctx, "bbbb000000000006"); err != nil {
+		t.Fatal(err)
+	}
 	// Through a state snapshot and back.
 	f := newFSM(s.fsm.log)
 	if err := f.Restore(io.NopCloser(bytes.NewReader(persist(t, s.fsm)))); err != nil {
