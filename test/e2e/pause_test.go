@@ -127,6 +127,12 @@ func TestPauseResume(t *testing.T) {
 			t.Error("the exec ended by the pause runs on after the resume")
 		}
 		if cycle == 0 {
+			// Two more pauses: the follower goes on across each.
+			for range 2 {
+				fw(t, 0, "pause", id)
+				fw(t, 0, "resume", id)
+				waitStatus(t, id, "running")
+			}
 			after := count()
 			time.Sleep(time.Second)
 			stopFollow()

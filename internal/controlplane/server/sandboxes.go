@@ -224,7 +224,7 @@ func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsR
 	sent := 0
 	for {
 		n, err := h.s.logsOnNode(ctx, sb, req.Msg, sent, stream)
-		sent += n
+		sent = max(sent, n) // n counts the records skipped too: the log from its start
 		if err != nil || !req.Msg.GetFollow() {
 			return err
 		}
