@@ -60,8 +60,10 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f.entrypointSet = cmd.Flags().Changed("entrypoint")
-			if f.snapshot != "" && cmd.ArgsLenAtDash() > 0 {
-				return errors.New("with --snapshot, give no IMAGE (the snapshot names it): fireworks run --snapshot NAME [-- COMMAND...]")
+			// A command comes after "--" (pflag then reports the dash at 0); anything
+			// before it is an IMAGE (or a command without "--"), which the snapshot names.
+			if f.snapshot != "" && len(args) > 0 && cmd.ArgsLenAtDash() != 0 {
+				return fmt.Errorf("with --snapshot, give no IMAGE (the snapshot names it), and the command after --: fireworks run --snapshot %s [-- COMMAND...]", f.snapshot)
 			}
 			if f.snapshot != "" {
 				// No IMAGE: the snapshot names it. A leading "--" (pflag keeps none) is

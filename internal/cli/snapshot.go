@@ -1,8 +1,10 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"slices"
 	"text/tabwriter"
 	"time"
 
@@ -49,19 +51,33 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			snaps := r.Msg.GetSnapshots()
+			slices.SortFunc(snaps, func(a, b *pb.Snapshot) int {
+				return cmp.Or(cmp.Compare(a.GetName(), b.GetName()), cmp.Compare(a.GetOwner(), b.GetOwner()), cmp.Compare(a.GetId(), b.GetId()))
+			})
+			// An admin's list has every token's, with their owners and nodes; a user's
+			// has their own, whose nodes they are not told.
+			admin := slices.ContainsFunc(snaps, func(s *pb.Snapshot) bool { return s.GetNode() != "" })
 			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tID\tIMAGE\tFROM SANDBOX\tKIND\tSIZE\tCREATED\tNODE")
-			for _, s := range r.Msg.GetSnapshots() {
-				node := s.GetNode()
-				if s.GetLost() != "" {
-					node += " (lost: " + s.GetLost() + ")"
-				}
+			head := "NAME\tID\tIMAGE\tFROM SANDBOX\tKIND\tSIZE\tCREATED"
+			if admin {
+				head += "\tOWNER\tNODE"
+			}
+			fmt.Fprintln(tw, head)
+			for _, s := range snaps {
 				kind := "files"
 				if s.GetMemory() {
 					kind = fmt.Sprintf("memory (%d vCPU, %d MiB)", s.GetVcpus(), s.GetMemoryMib())
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%.1f MiB\t%s\t%s\n", printable(s.GetName()), short(s.GetId()), printable(s.GetImage()), short(s.GetSandbox()),
-					kind, float64(s.GetBytes())/(1<<20), s.GetCreatedAt().AsTime().Local().Format(time.DateTime), node)
+				line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%.1f MiB\t%s", printable(s.GetName()), short(s.GetId()), printable(s.GetImage()), short(s.GetSandbox()),
+					kind, float64(s.GetBytes())/(1<<20), s.GetCreatedAt().AsTime().Local().Format(time.DateTime))
+				if admin {
+					line += "\t" + short(s.GetOwner()) + "\t" + s.GetNode()
+				}
+				if l := s.GetLost(); l != "" {
+					line += "\t(lost: " + printable(l) + ")"
+				}
+				fmt.Fprintln(tw, line)
 			}
 			return tw.Flush()
 		},

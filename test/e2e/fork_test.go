@@ -115,13 +115,23 @@ func testMemorySnapshot(t *testing.T, src string, count func(string) int) {
 	if !strings.Contains(ls, "mem-snap") || !strings.Contains(ls, "memory (") {
 		t.Errorf("snapshot ls does not show a snapshot with memory:\n%s", ls)
 	}
+	// An IMAGE is not given (the snapshot names it), nor a command without "--".
+	for _, args := range [][]string{{"oci:/nowhere", "--", "true"}, {"true"}} {
+		if r := world.cli(context.Background(), nil, append([]string{"run", "-d", "--snapshot", "mem-snap"}, args...)...); r.code == 0 || !strings.Contains(r.stderr, "give no IMAGE") {
+			t.Errorf("run --snapshot mem-snap %v: exit %d, %q", args, r.code, r.stderr)
+		}
+	}
 	// A command cannot be given: the snapshot's processes carry on.
 	if r := world.cli(context.Background(), nil, "run", "-d", "--snapshot", "mem-snap", "--", "true"); r.code == 0 || !strings.Contains(r.stderr, "carry on") {
 		t.Errorf("run --snapshot of a snapshot with memory with a command: exit %d, %q", r.code, r.stderr)
 	}
 	seen := map[string]string{}
 	for i := range 2 {
-		id := strings.TrimSpace(fw(t, 0, "run", "-d", "--snapshot", "mem-snap").stdout)
+		args := []string{"run", "-d", "--snapshot", "mem-snap"}
+		if i == 0 {
+			args = append(args, "--restart", "on-failure") // its restarts need the snapshot
+		}
+		id := strings.TrimSpace(fw(t, 0, args...).stdout)
 		t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", id) })
 		sb := waitStatus(t, id, "running")
 		if d := details(t, sb); str(d, "start_mode") != "snapshot" {
@@ -147,6 +157,9 @@ func testMemorySnapshot(t *testing.T, src string, count func(string) int) {
 	}
 	if n := count(src); n < before {
 		t.Errorf("the source counts %d after the snapshot, %d before", n, before)
+	}
+	if r := world.cli(context.Background(), nil, "snapshot", "rm", "mem-snap"); r.code == 0 || !strings.Contains(r.stderr, "needed by sandbox") {
+		t.Errorf("snapshot rm while a sandbox's restarts need it: exit %d, %q", r.code, r.stderr)
 	}
 	// Damaged on the node: a start is refused saying why; the snapshot's record, the
 	// source and the sandboxes started from it are untouched.

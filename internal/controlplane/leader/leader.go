@@ -66,6 +66,7 @@ type Store interface {
 	UpdateNode(ctx context.Context, id string, u state.NodeUpdate) (state.Node, error)
 	UpdateSandbox(ctx context.Context, id string, u state.Update) (state.Sandbox, error)
 	PlaceSandboxes(ctx context.Context, plans []state.Plan, cfg scheduler.Config, now time.Time) ([]state.PlanResult, error)
+	ResumeSandbox(ctx context.Context, id, node string, cfg scheduler.Config, now time.Time) (state.Sandbox, error)
 }
 
 // Manager runs the loops while its server leads.
@@ -78,6 +79,29 @@ type Manager struct {
 	mu     sync.Mutex
 	beats  map[string]time.Time
 	leader bool // as of the last pass
+	// held are the sandboxes this server's calls paused for their saves (see Hold).
+	held map[string]int
+}
+
+// Hold records that a call here paused sandbox id for its save and will resume it: a
+// pass does not resume it as an orphan (resumeOrphans) until release is called.
+func (m *Manager) Hold(id string) (release func()) {
+	m.mu.Lock()
+	if m.held == nil {
+		m.held = map[string]int{}
+	}
+	m.held[id]++
+	m.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			m.mu.Lock()
+			if m.held[id]--; m.held[id] <= 0 {
+				delete(m.held, id)
+			}
+			m.mu.Unlock()
+		})
+	}
 }
 
 // New returns a manager; Run starts it.
@@ -189,6 +213,7 @@ func (m *Manager) Pass(ctx context.Context) error {
 	}
 	nodes := m.store.LocalNodes()
 	var errs []error
+	errs = append(errs, m.resumeOrphans(ctx, now, sbs))
 	errs = append(errs, m.checkHeartbeats(ctx, now, nodes, sbs))
 	// Re-read: a node just declared down changed its sandboxes (lost ones must not be
 	// "drained" back to life against their restart policy).
@@ -198,6 +223,28 @@ func (m *Manager) Pass(ctx context.Context) error {
 	errs = append(errs, m.restart(ctx, now, m.store.LocalSandboxes()))
 	sbs, nodes = m.store.LocalSandboxes(), m.store.LocalNodes()
 	errs = append(errs, m.place(ctx, now, nodes, sbs))
+	return errors.Join(errs...)
+}
+
+// resumeOrphans resumes the sandboxes a call paused for its save (a fork, a snapshot
+// with memory: Sandbox.PausedFor) that no call here holds (Hold): calls run on the
+// leader, so the server that made those went down or lost its leadership before it was
+// done.
+func (m *Manager) resumeOrphans(ctx context.Context, now time.Time, sbs []state.Sandbox) error {
+	var errs []error
+	for _, sb := range sbs {
+		m.mu.Lock()
+		held := m.held[sb.ID] > 0
+		m.mu.Unlock()
+		if sb.PausedFor == "" || held || !sb.StopRequestedAt.IsZero() || sb.Status != state.StatusPaused {
+			continue
+		}
+		if _, err := m.store.ResumeSandbox(ctx, sb.ID, "", m.cfg.Scheduler, now); err != nil {
+			errs = append(errs, fmt.Errorf("resume sandbox %s, paused for an interrupted %s: %w", sb.ID, sb.PausedFor, err))
+			continue
+		}
+		m.log.Info("resumed a sandbox paused for a call that was interrupted", "sandbox", sb.ID, "call", sb.PausedFor)
+	}
 	return errors.Join(errs...)
 }
 

@@ -589,3 +589,36 @@ func TestChooseAtCreate(t *testing.T) {
 		t.Fatalf("a plan that does not fit was applied: node %q status %s", got.Node, got.Status)
 	}
 }
+
+// A sandbox a call paused for its save (a fork, a snapshot) is resumed by a pass once no
+// call holds it: the server that made the call went down before it resumed it.
+func TestResumeOrphanedPauses(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 2, 1024, nil)
+	sb := state.Sandbox{ID: "src", Spec: state.SandboxSpec{Image: "alpine", MemoryMiB: 256}, Status: state.StatusPending, CreatedAt: e.clock.Now()}
+	if err := e.store.CreateAndPlace(e.ctx, sb, state.Quota{}, "n1", scheduler.Config{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range []state.Status{state.StatusStarting, state.StatusRunning} {
+		if _, err := e.store.UpdateSandbox(e.ctx, "src", state.Update{Status: &st, Time: e.clock.Now()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	release := e.m.Hold("src")
+	if _, err := e.store.UpdateSandbox(e.ctx, "src", state.Update{RequestPause: true, PauseFor: "fork", Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	paused := state.StatusPaused
+	if _, err := e.store.UpdateSandbox(e.ctx, "src", state.Update{Status: &paused, Saved: &state.Saved{Node: "n1", Bytes: 1 << 20, At: e.clock.Now()}, Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.pass()
+	if got := e.get("src"); got.Status != state.StatusPaused || got.PausedFor != "fork" {
+		t.Fatalf("a pause a call holds: %s (paused for %q)", got.Status, got.PausedFor)
+	}
+	release() // the call is gone without resuming it
+	e.pass()
+	if got := e.get("src"); got.Status != state.StatusPending || got.Node != "n1" || got.PausedFor != "" || got.Resumes != 1 {
+		t.Fatalf("an orphaned pause: %s on %q (paused for %q, resumes %d)", got.Status, got.Node, got.PausedFor, got.Resumes)
+	}
+}

@@ -36,6 +36,9 @@ type ControlPlane interface {
 	Choose(sb state.Sandbox) (string, scheduler.Config)
 	// Scheduling is the scheduler configuration placements use.
 	Scheduling() scheduler.Config
+	// Hold says a call of this server pauses sandbox id for its save and will resume it
+	// (see state.Sandbox.PausedFor), until the returned release is called.
+	Hold(id string) (release func())
 }
 
 // ClusterOptions turn a server into a cluster member: agents join and talk to it over

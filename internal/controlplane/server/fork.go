@@ -96,7 +96,7 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: a running or paused sandbox can be forked", src.ID, src.Status))
 	}
 	// The source goes on once the forks run (they restore its saved state).
-	src, resume, err := h.pauseForSave(ctx, src, "the source of a fork")
+	src, resume, err := h.pauseForSave(ctx, src, "fork")
 	if err != nil {
 		return nil, err
 	}
@@ -168,13 +168,21 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 func (h *sandboxService) pauseForSave(ctx context.Context, sb state.Sandbox, what string) (state.Sandbox, func(), error) {
 	resume := func() {}
 	if sb.Status == state.StatusRunning {
-		if _, err := h.PauseSandbox(ctx, connect.NewRequest(&pb.PauseSandboxRequest{Sandbox: sb.ID})); err != nil {
-			return sb, resume, err
+		// Held from before the pause is asked until the resume: a leader's pass resumes
+		// a sandbox paused for a save that no call holds (its server went down).
+		release := func() {}
+		if cp := h.s.cluster.ControlPlane; cp != nil {
+			release = cp.Hold(sb.ID)
+		}
+		if _, err := h.pause(ctx, sb, what); err != nil {
+			release()
+			return sb, resume, connect.NewError(connect.CodeOf(err), fmt.Errorf("%s: pausing %s for the save: %s", what, sb.ID, connectMessage(err)))
 		}
 		resume = func() {
+			defer release()
 			rctx := context.WithoutCancel(ctx)
 			if _, err := h.ResumeSandbox(rctx, connect.NewRequest(&pb.ResumeSandboxRequest{Sandbox: sb.ID})); err != nil {
-				h.s.log.Error("resume "+what, "sandbox", sb.ID, "err", err)
+				h.s.log.Error("resume a sandbox paused for "+what, "sandbox", sb.ID, "err", err)
 			}
 		}
 	}
@@ -188,4 +196,13 @@ func (h *sandboxService) pauseForSave(ctx context.Context, sb state.Sandbox, wha
 		return got, func() {}, connect.NewError(connect.CodeAborted, fmt.Errorf("sandbox %s is %s, without a saved state to keep", got.ID, got.Status))
 	}
 	return got, resume, nil
+}
+
+// connectMessage is err's message without the code a connect error prints before it.
+func connectMessage(err error) string {
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return ce.Message()
+	}
+	return err.Error()
 }

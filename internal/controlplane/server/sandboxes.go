@@ -359,24 +359,37 @@ func (h *sandboxService) PauseSandbox(ctx context.Context, req *connect.Request[
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	if sb, err = h.pause(ctx, sb, ""); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&pb.PauseSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
+}
+
+// pause pauses sb (see PauseSandbox) and returns it paused; pauseFor names the call
+// that will resume it (a fork, a snapshot), "" for a user's pause.
+func (h *sandboxService) pause(ctx context.Context, sb state.Sandbox, pauseFor string) (state.Sandbox, error) {
+	var err error
 	if sb.Status != state.StatusPaused {
 		who, err := caller(ctx)
 		if err != nil {
-			return nil, err
+			return sb, err
 		}
 		release, err := h.s.savedRoom(ctx, who, int64(sb.Spec.Reserved().MemoryMiB)<<20)
 		if err != nil {
-			return nil, err
+			return sb, err
 		}
 		defer release()
 	}
 	if sb, err = h.s.settled(ctx, sb); err != nil {
-		return nil, toConnectError(err)
+		return sb, toConnectError(err)
 	}
 	if sb.Status != state.StatusPaused {
 		id := sb.ID
-		if sb, err = h.s.store.UpdateSandbox(ctx, id, state.Update{RequestPause: true, Time: h.s.now()}); err != nil {
-			return nil, toConnectError(fmt.Errorf("pause sandbox %s: %w", id, err))
+		if sb.Status != state.StatusRunning {
+			return sb, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: only a running sandbox can be paused", id, sb.Status))
+		}
+		if sb, err = h.s.store.UpdateSandbox(ctx, id, state.Update{RequestPause: true, PauseFor: pauseFor, Time: h.s.now()}); err != nil {
+			return sb, toConnectError(fmt.Errorf("pause sandbox %s: %w", id, err))
 		}
 		wctx, cancel := context.WithTimeout(ctx, pauseWait)
 		defer cancel()
@@ -386,16 +399,16 @@ func (h *sandboxService) PauseSandbox(ctx context.Context, req *connect.Request[
 			return sb.Status != state.StatusRunning || sb.PauseRequestedAt.IsZero()
 		})
 		if err != nil {
-			return nil, toConnectError(fmt.Errorf("pause sandbox %s: %w", sb.ID, err))
+			return sb, toConnectError(fmt.Errorf("pause sandbox %s: %w", sb.ID, err))
 		}
 		switch {
 		case sb.Status == state.StatusRunning:
-			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("pause sandbox %s: its node refused: %s", sb.ID, h.s.textFor(ctx, sb, sb.Runtime["pause_refused"])))
+			return sb, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("pause sandbox %s: its node refused: %s", sb.ID, h.s.textFor(ctx, sb, sb.Runtime["pause_refused"])))
 		case sb.Status != state.StatusPaused:
-			return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("pause sandbox %s: it is %s: %s", sb.ID, sb.Status, h.s.textFor(ctx, sb, sb.Reason)))
+			return sb, connect.NewError(connect.CodeAborted, fmt.Errorf("pause sandbox %s: it is %s: %s", sb.ID, sb.Status, h.s.textFor(ctx, sb, sb.Reason)))
 		}
 	}
-	return connect.NewResponse(&pb.PauseSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
+	return sb, nil
 }
 
 func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request[pb.ResumeSandboxRequest]) (*connect.Response[pb.ResumeSandboxResponse], error) {
@@ -607,7 +620,11 @@ func (s *Server) waitRunning(ctx context.Context, sb state.Sandbox) (state.Sandb
 		return sb, err
 	}
 	if sb.Status != state.StatusRunning {
-		return sb, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s, not running", sb.ID, sb.Status))
+		hint := ""
+		if sb.Status == state.StatusPaused {
+			hint = fmt.Sprintf(" (`fireworks resume %s` brings it back)", sb.ID[:min(12, len(sb.ID))])
+		}
+		return sb, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s, not running%s", sb.ID, sb.Status, hint))
 	}
 	return sb, nil
 }

@@ -31,7 +31,7 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 		return nil, toConnectError(invalid("a snapshot needs a name"))
 	}
 	if err := validName(name); err != nil {
-		return nil, toConnectError(invalid("snapshot %v", err))
+		return nil, toConnectError(err) // "name …: use letters, digits and inner hyphens"
 	}
 	memory := req.Msg.GetMemory()
 	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
@@ -54,8 +54,11 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 	case memory && sb.Status == state.StatusPaused && sb.Saved != nil:
 	case sb.Status != state.StatusRunning || sb.Node == "":
 		what := "a running sandbox"
-		if memory {
+		switch {
+		case memory:
 			what = "a running or paused sandbox"
+		case sb.Status == state.StatusPaused:
+			what = "a running sandbox (of a paused one, --memory keeps all of it; or resume it first)"
 		}
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: a snapshot is taken of %s", sb.ID, sb.Status, what))
 	}
@@ -87,7 +90,7 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 		// The saved VM is what a snapshot with memory keeps: a running sandbox pauses
 		// for the save and goes on after the copy.
 		var resume func()
-		if sb, resume, err = h.pauseForSave(ctx, sb, "a sandbox after its snapshot"); err != nil {
+		if sb, resume, err = h.pauseForSave(ctx, sb, "snapshot "+name); err != nil {
 			return nil, err
 		}
 		defer resume()
@@ -160,6 +163,16 @@ func (h *sandboxService) DeleteSnapshot(ctx context.Context, req *connect.Reques
 	snap, err := h.s.store.GetSnapshot(ctx, req.Msg.GetSnapshot(), who.TokenID, who.Admin())
 	if err != nil {
 		return nil, toConnectError(err)
+	}
+	// A sandbox whose start (or restart) reads it keeps it; one that runs from it
+	// already does not need it.
+	for _, sb := range h.s.store.LocalSandboxes() {
+		if sb.Spec.Snapshot != snap.ID || sb.Status.Terminal() {
+			continue
+		}
+		if sb.Status == state.StatusPending || sb.Status == state.StatusStarting || sb.Spec.Restart != "" && sb.Spec.Restart != state.RestartNever {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("snapshot %s is needed by sandbox %s, which starts from it (still starting, or again at each --restart): remove that sandbox first", snap.Name, sb.ID))
+		}
 	}
 	if snap.Lost == "" {
 		c, err := h.s.node(ctx, snap.Node)

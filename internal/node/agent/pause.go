@@ -10,6 +10,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -154,7 +156,13 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 	}
 	shape := state.SandboxSpec{VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB}.Reserved()
 	mem := shape.MemoryMiB
-	release, err := a.savedRoom(int64(mem)<<20 + allocated(filepath.Join(s.dir, "scratch.img")))
+	// The save holds the pages the guest touched: about what its VMM has resident (QEMU's
+	// own memory included), at most its memory, and the scratch disk's blocks.
+	likely := int64(mem) << 20
+	if rss := residentBytes(vm.Info().PID); rss > 0 {
+		likely = min(likely, rss)
+	}
+	release, err := a.savedRoom(likely + allocated(filepath.Join(s.dir, "scratch.img")))
 	if err != nil {
 		return fmt.Errorf("%w: %w", errPauseRefused, err)
 	}
@@ -538,4 +546,19 @@ func (a *Agent) savedReattachStep(r *startRun) error {
 	r.main = main
 	r.ph.mark("reattach")
 	return nil
+}
+
+// residentBytes is process pid's resident memory (0 if unknown).
+func residentBytes(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil || pid <= 0 {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
 }

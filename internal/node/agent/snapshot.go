@@ -124,7 +124,7 @@ func (a *Agent) snapshotScratch(snapID, digest string) (string, error) {
 	}
 	dir, err := a.snaps.Open(context.Background(), snapID)
 	if err != nil {
-		return "", fmt.Errorf("snapshot %s is not on node %s: %v", snapID, a.cfg.Node, err)
+		return "", fmt.Errorf("snapshot %s is not on node %s (it was removed?): %v", snapID, a.cfg.Node, err)
 	}
 	b, err := os.ReadFile(filepath.Join(dir, snapshotMeta))
 	if err != nil {
@@ -258,7 +258,7 @@ func syncFile(path string) error {
 }
 
 // ErrSavedDiskFull refuses a pause or snapshot past the node's budget for saved states.
-var ErrSavedDiskFull = errors.New("the node's disk budget for saved states and snapshots is used up")
+var ErrSavedDiskFull = errors.New("no room in the node's disk budget for saved states and snapshots")
 
 // savedUsed is the disk space paused sandboxes' saved states, forks' fetched copies of
 // their sources' and snapshots take here.

@@ -297,6 +297,11 @@ type Sandbox struct {
 	// PauseRequestedAt is set when a user asked for the running sandbox to be paused: its
 	// node saves it and reports it paused. A resume clears it.
 	PauseRequestedAt time.Time `json:"pause_requested_at,omitzero"`
+	// PausedFor, set with the pause request, names the call that paused the sandbox for
+	// its save and resumes it when done (a fork, a snapshot with memory): a leader that
+	// finds one paused with no such call running (the server that made it went down)
+	// resumes it. A resume or the end clears it.
+	PausedFor string `json:"paused_for,omitempty"`
 	// Resumes counts the resumes: each is a new run of the sandbox on its node (reports
 	// from the run before the pause must not land on it).
 	Resumes int `json:"resumes,omitempty"`
@@ -341,8 +346,10 @@ type Update struct {
 	IfNode     *string `json:"if_node,omitempty"`
 	IfRestarts *int    `json:"if_restarts,omitempty"`
 	IfResumes  *int    `json:"if_resumes,omitempty"`
-	// RequestPause records a user's pause request (at Time) on a running sandbox.
-	RequestPause bool `json:"request_pause,omitempty"`
+	// RequestPause records a user's pause request (at Time) on a running sandbox;
+	// PauseFor, with it, the call that resumes it (see Sandbox.PausedFor).
+	RequestPause bool   `json:"request_pause,omitempty"`
+	PauseFor     string `json:"pause_for,omitempty"`
 	// Saved, with Status paused, is the node's record of the state it saved.
 	Saved *Saved `json:"saved,omitempty"`
 	// CancelPause withdraws a pause request the node refused (nothing changed: the
@@ -508,11 +515,11 @@ func (sb *Sandbox) apply(u Update) error {
 		case !sb.StopRequestedAt.IsZero():
 			return fmt.Errorf("%w: sandbox is stopping", ErrInvalidTransition)
 		default:
-			sb.PauseRequestedAt = t
+			sb.PauseRequestedAt, sb.PausedFor = t, boundReason(u.PauseFor)
 		}
 	}
 	if u.CancelPause != "" && !sb.PauseRequestedAt.IsZero() && sb.Status == StatusRunning {
-		sb.PauseRequestedAt = time.Time{}
+		sb.PauseRequestedAt, sb.PausedFor = time.Time{}, ""
 		if sb.Runtime == nil {
 			sb.Runtime = map[string]string{}
 		}
@@ -551,7 +558,7 @@ func (sb *Sandbox) apply(u Update) error {
 			}
 			if to == StatusRunning || to.Terminal() {
 				// Resumed (the node lets its saved state go), or over.
-				sb.Saved = nil
+				sb.Saved, sb.PausedFor = nil, ""
 			}
 			if to.Terminal() {
 				sb.FinishedAt = t

@@ -163,7 +163,7 @@ func (f *fsm) resumeSandbox(c resumeSandboxCmd) any {
 	}
 	next.Status = StatusPending
 	next.addEvent(Event{Time: t, Status: StatusPending, Reason: next.Reason})
-	next.PauseRequestedAt = time.Time{}
+	next.PauseRequestedAt, next.PausedFor = time.Time{}, ""
 	next.Resumes++
 	f.sandboxes[c.ID] = next
 	return *next.clone()
