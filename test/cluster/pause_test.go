@@ -54,6 +54,7 @@ func TestPauseResumeOnTheCluster(t *testing.T) {
 	// leader resumes it.
 	w.stop(w.servers[leader(t)], true)
 	w.ensureRunning()
+	leader(t) // a new one is elected
 	if st := inspect(t, id)["status"]; st != "paused" {
 		t.Fatalf("after the leader was killed: %v", st)
 	}
