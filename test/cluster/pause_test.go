@@ -55,6 +55,9 @@ func TestPauseResumeOnTheCluster(t *testing.T) {
 	w.stop(w.servers[leader(t)], true)
 	w.ensureRunning()
 	leader(t) // a new one is elected
+	if err := w.waitNodes(3, "ready", 2*minute); err != nil {
+		t.Fatal(err)
+	}
 	if st := inspect(t, id)["status"]; st != "paused" {
 		t.Fatalf("after the leader was killed: %v", st)
 	}

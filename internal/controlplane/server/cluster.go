@@ -244,6 +244,7 @@ func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request
 	}
 	node, _ := agentFrom(ctx)
 	var last *pb.Assignments
+	refresh := false
 	for {
 		changed := h.s.store.Changed()
 		if !h.s.store.IsLeader() {
@@ -274,18 +275,21 @@ func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request
 		for _, p := range h.s.store.LocalPools() {
 			cur.Pools = append(cur.Pools, poolToPB(p))
 		}
-		if last == nil || !proto.Equal(cur, last) {
+		if last == nil || !proto.Equal(cur, last) || refresh {
 			if err := stream.Send(cur); err != nil {
 				return err
 			}
 			last = cur
 		}
+		refresh = false
 		select {
 		case <-changed:
 		case <-ctx.Done():
 			return nil
-		case <-time.After(30 * time.Second):
-			// Also re-check leadership now and then when nothing changes.
+		case <-time.After(rpc.AssignmentsRefresh):
+			// Also re-check leadership now and then when nothing changes, and send the
+			// assignments again: the node takes a silent stream for a stuck one.
+			refresh = true
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package agentlink
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -19,6 +20,7 @@ import (
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
@@ -36,6 +38,10 @@ type Link struct {
 	assigned []state.Sandbox
 	have     chan struct{} // closed once the first assignment set arrived
 	haveOnce sync.Once
+
+	// SilentLimit is how long the assignment stream may stay silent before the session
+	// starts over (default 3 × rpc.AssignmentsRefresh); set it before Run.
+	SilentLimit time.Duration
 }
 
 // New prepares a link to servers (API addresses, host:port) over mutual TLS.
@@ -345,14 +351,26 @@ func (l *Link) registered(ctx context.Context, n Node, info *pb.Node, reg *pb.Re
 		}
 	}()
 
+	// The leader sends the assignments at least every rpc.AssignmentsRefresh: a stream
+	// silent for much longer (not even answering the call, or nothing since) is stuck — a
+	// server on the way lost its upstream and never said so — and the session starts over.
+	limit := cmp.Or(l.SilentLimit, 3*rpc.AssignmentsRefresh)
+	silent := time.AfterFunc(limit, func() {
+		cancel(fmt.Errorf("watch assignments: nothing from the servers for %s", limit))
+	})
+	defer silent.Stop()
 	st, err := l.client.WatchAssignments(sctx, connect.NewRequest(&pb.WatchAssignmentsRequest{Node: l.node}))
 	if err != nil {
+		if cause := context.Cause(sctx); cause != nil && !errors.Is(cause, context.Canceled) {
+			return cause
+		}
 		return fmt.Errorf("watch assignments: %w", err)
 	}
 	defer st.Close()
 	var lastPools []state.Pool
 	applied := false
 	for st.Receive() {
+		silent.Reset(limit)
 		if err := l.setAssigned(st.Msg()); err != nil {
 			return err
 		}

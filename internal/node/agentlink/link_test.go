@@ -3,17 +3,23 @@ package agentlink_test
 import (
 	"context"
 	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/leader"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
 	"github.com/fireworks-sandbox/fireworks/internal/node/agentlink"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
@@ -166,3 +172,53 @@ func TestLinkInProcess(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// stalledServer is a test double of the servers' node protocol: it registers the node and
+// takes its heartbeats, but its assignment stream never says anything (a server on the
+// way lost its upstream and did not close it).
+type stalledServer struct {
+	fireworksv1connect.UnimplementedNodeServiceHandler
+	registers atomic.Int32
+}
+
+func (s *stalledServer) Register(context.Context, *connect.Request[pb.RegisterRequest]) (*connect.Response[pb.RegisterResponse], error) {
+	s.registers.Add(1)
+	return connect.NewResponse(&pb.RegisterResponse{HeartbeatInterval: durationpb.New(50 * time.Millisecond)}), nil
+}
+
+func (s *stalledServer) Heartbeat(context.Context, *connect.Request[pb.HeartbeatRequest]) (*connect.Response[pb.HeartbeatResponse], error) {
+	return connect.NewResponse(&pb.HeartbeatResponse{}), nil
+}
+
+func (s *stalledServer) WatchAssignments(ctx context.Context, _ *connect.Request[pb.WatchAssignmentsRequest], _ *connect.ServerStream[pb.Assignments]) error {
+	<-ctx.Done()
+	return nil
+}
+
+// A node whose assignment stream stays silent past its limit, though its heartbeats go
+// through, starts its session over (the leader refreshes the stream every
+// rpc.AssignmentsRefresh): a stuck stream must not leave it deaf to its assignments.
+func TestSilentAssignmentsReconnect(t *testing.T) {
+	srv := &stalledServer{}
+	mux := http.NewServeMux()
+	mux.Handle(fireworksv1connect.NewNodeServiceHandler(srv))
+	hs := httptest.NewServer(mux)
+	defer hs.Close()
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "tcp", hs.Listener.Addr().String())
+	}}
+	link := agentlink.NewInProcess("n1", tr, slog.New(slog.DiscardHandler))
+	link.SilentLimit = 300 * time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = link.Run(ctx, (&fakeNode{changed: make(chan struct{}, 1)}).node()) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for srv.registers.Load() < 2 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	if n := srv.registers.Load(); n < 2 {
+		t.Fatalf("a silent assignment stream kept the session: %d registrations in 10 s", n)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -161,3 +162,8 @@ func ReadExecStart(stream interface {
 	}
 	return first, start, nil
 }
+
+// AssignmentsRefresh is how often the leader sends a node its assignments when nothing
+// changed (NodeService.WatchAssignments): the node's proof that the stream lives (it
+// starts its session over after three silent periods).
+const AssignmentsRefresh = 20 * time.Second
