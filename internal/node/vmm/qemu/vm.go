@@ -230,21 +230,7 @@ func (v *vm) launch(ctx context.Context) error {
 	cmd.Stderr = stderr
 	// The order of ExtraFiles is the fd numbering the command line names (restoreFD,
 	// tapFD).
-	if r := v.spec.Restore; r != nil && r.Stream != nil {
-		// A live migration's stream: QEMU reads one end of a socket pair, which the
-		// stream is copied into until it ends (or the VMM does).
-		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return early(fmt.Errorf("socket pair for the incoming migration: %w", err))
-		}
-		theirs, ours := os.NewFile(uintptr(fds[0]), "migration-in"), os.NewFile(uintptr(fds[1]), "migration-feed")
-		defer theirs.Close() // the child has its own copy
-		cmd.ExtraFiles = []*os.File{theirs}
-		go func() { // ends with the stream, or when QEMU closes its end (it ended)
-			defer ours.Close()
-			_, _ = io.Copy(ours, r.Stream)
-		}()
-	} else if v.restoreFrom != "" {
+	if v.restoreFrom != "" {
 		f, err := os.Open(v.restoreFrom)
 		if err != nil {
 			return early(fmt.Errorf("open snapshot state: %w", err))
@@ -313,13 +299,6 @@ func (v *vm) resume(ctx context.Context) error {
 		// autostart says, so wait for the load to finish before resuming it.
 		if err := waitIncoming(ctx, client, exited); err != nil {
 			return v.failStart(fmt.Errorf("restore device state from %s: %w", v.restoreFrom, err))
-		}
-		if r := v.spec.Restore; r != nil && r.BeforeResume != nil {
-			// Whole, not running: the guest runs here only if the caller says so (a
-			// migration's switch-over was committed).
-			if err := r.BeforeResume(ctx); err != nil {
-				return v.failStart(fmt.Errorf("the restored VM may not run: %w", err))
-			}
 		}
 	}
 	if err := client.Execute(ctx, "cont", nil, nil); err != nil {
