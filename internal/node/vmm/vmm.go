@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strings"
@@ -87,6 +88,12 @@ type NIC struct {
 type Snapshot struct {
 	MemoryFile string
 	StateFile  string
+	// Stream, instead of StateFile, is a live migration's incoming stream (see
+	// Migrator): Start reads it until the VM is whole, calls BeforeResume, and only if
+	// that returns nil lets the guest run; otherwise the VM is ended (the source may run
+	// on: there must never be two).
+	Stream       io.Reader
+	BeforeResume func(ctx context.Context) error
 }
 
 // Prestarter is implemented by VMs that can launch their VMM ahead of time: Prestart
@@ -147,6 +154,24 @@ type Saver interface {
 // its RAM into memory of its own (forks, snapshots with memory).
 type Flattener interface {
 	Flatten(ctx context.Context, stateFile string) error
+}
+
+// Migrator is implemented by VMs that can be migrated live: MigrateOut streams the
+// running VM into w, pre-copy (its RAM while the guest runs, then a short stop for what
+// changed since and the device state), and returns with the VM stopped but not ended:
+// the caller ends it once the target runs, or resumes it (Pauser) if the target failed.
+// The target is a VM of the same spec whose Restore.Stream reads w's bytes. Disks are
+// not in the stream: the target's must hold what the source's did (the same file on one
+// node).
+type Migrator interface {
+	MigrateOut(ctx context.Context, w io.Writer) (MigrationStats, error)
+}
+
+// MigrationStats are what a live migration took.
+type MigrationStats struct {
+	Bytes    int64         // sent
+	Downtime time.Duration // the guest stopped, as the VMM measured it
+	Total    time.Duration
 }
 
 // Info describes a started VM.

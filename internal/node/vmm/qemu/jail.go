@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -212,8 +213,19 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 			return err
 		}
 	}
+	migrating := s.Restore != nil && s.Restore.Stream != nil
 	for _, d := range s.Disks {
 		if d.ReadOnly {
+			continue
+		}
+		if migrating {
+			// A live migration's target on the source's node opens the disks the source
+			// still runs on: their owner stays the source's user (QEMU reopens them as it
+			// hands them over), and this user gets access by an ACL entry of its own
+			// until it takes over (takeDisks).
+			if err := allowUser(d.Path, uid); err != nil {
+				return fmt.Errorf("jail: share %s with the migration's target: %w", d.Path, err)
+			}
 			continue
 		}
 		if _, err := os.Lstat(d.Path); err == nil { // a restore's comes later: Start again
@@ -247,6 +259,73 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 		if err := groupAccess(p, j.GID, 0o040); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// takeDisks gives a live migration's target, which has taken over, its writable disks
+// (see prepare): its user owns them now, and the ACL that shared them goes.
+func (j *JailConfig) takeDisks(s vmm.Spec, uid int) error {
+	for _, d := range s.Disks {
+		if d.ReadOnly {
+			continue
+		}
+		if err := setOwner(d.Path, unix.S_IFREG, uid, j.GID, 0o600); err != nil {
+			return fmt.Errorf("jail: give %s to the VMM user: %w", d.Path, err)
+		}
+		if err := dropACL(d.Path); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// dropDiskACLs removes the ACLs a migration's target that did not take over was given.
+func dropDiskACLs(s vmm.Spec) {
+	for _, d := range s.Disks {
+		if !d.ReadOnly {
+			_ = dropACL(d.Path)
+		}
+	}
+}
+
+// allowUser adds read-write access for uid to file path by a POSIX ACL (owner rw, the
+// owning group and others nothing, uid rw), keeping its owner.
+func allowUser(path string, uid int) error {
+	const (
+		userObj, user, groupObj, mask, other = 0x01, 0x02, 0x04, 0x10, 0x20
+		rw                                   = 6
+		undefined                            = 0xffffffff
+	)
+	entry := func(tag, perm uint16, id uint32) []byte {
+		b := make([]byte, 8)
+		binary.LittleEndian.PutUint16(b[0:], tag)
+		binary.LittleEndian.PutUint16(b[2:], perm)
+		binary.LittleEndian.PutUint32(b[4:], id)
+		return b
+	}
+	acl := binary.LittleEndian.AppendUint32(nil, 2) // version
+	for _, e := range [][]byte{entry(userObj, rw, undefined), entry(user, rw, uint32(uid)), entry(groupObj, 0, undefined),
+		entry(mask, rw, undefined), entry(other, 0, undefined)} {
+		acl = append(acl, e...)
+	}
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	return unix.Fsetxattr(fd, "system.posix_acl_access", acl, 0)
+}
+
+// dropACL removes path's access ACL (none is not an error).
+func dropACL(path string) error {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if err := unix.Fremovexattr(fd, "system.posix_acl_access"); err != nil && !errors.Is(err, unix.ENODATA) {
+		return fmt.Errorf("jail: drop the ACL of %s: %w", path, err)
 	}
 	return nil
 }

@@ -216,6 +216,9 @@ func (d *Driver) Create(ctx context.Context, spec vmm.Spec) (vmm.VM, error) {
 	}
 	if spec.Restore != nil {
 		v.restoreFrom = spec.Restore.StateFile
+		if spec.Restore.Stream != nil {
+			v.restoreFrom = "the incoming live migration"
+		}
 	}
 	return v, nil
 }
@@ -245,7 +248,11 @@ func (d *Driver) validate(s vmm.Spec) error {
 		if s.MemoryFile != "" && s.Restore.MemoryFile != "" {
 			errs = append(errs, errors.New("a VM restored from a memory file cannot also keep its memory in a file (only a whole save is flattened into one)"))
 		}
-		if s.Restore.MemoryFile == "" {
+		if s.Restore.Stream != nil {
+			if s.Restore.StateFile != "" || s.Restore.MemoryFile != "" || s.MemoryFile != "" {
+				errs = append(errs, errors.New("a live migration's incoming VM restores from its stream only"))
+			}
+		} else if s.Restore.MemoryFile == "" {
 			// A whole-VM save (Saver): the RAM is in the state file.
 		} else if fi, err := os.Stat(s.Restore.MemoryFile); err != nil || !fi.Mode().IsRegular() {
 			errs = append(errs, fmt.Errorf("snapshot memory %s is not a readable file", s.Restore.MemoryFile))
@@ -253,7 +260,7 @@ func (d *Driver) validate(s vmm.Spec) error {
 			// QEMU would grow the file to fit, i.e. write to a shared snapshot.
 			errs = append(errs, fmt.Errorf("snapshot memory %s holds %d bytes, not the %d MiB this VM has", s.Restore.MemoryFile, fi.Size(), s.MemoryMiB))
 		}
-		if fi, err := os.Stat(s.Restore.StateFile); err != nil || !fi.Mode().IsRegular() {
+		if fi, err := os.Stat(s.Restore.StateFile); s.Restore.Stream == nil && (err != nil || !fi.Mode().IsRegular()) {
 			errs = append(errs, fmt.Errorf("snapshot state %s is not a readable file", s.Restore.StateFile))
 		}
 	}

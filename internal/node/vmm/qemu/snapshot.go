@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
 )
 
 // maxStateBytes bounds the device state a snapshot may write. With guest RAM excluded
@@ -72,6 +74,31 @@ func (v *vm) snapshot(ctx context.Context, stateFile string, whole bool) error {
 		return fmt.Errorf("stop vCPUs: %w", err)
 	}
 
+	tmp := stateFile + ".tmp"
+	out, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("create state file: %w", err)
+	}
+	defer os.Remove(tmp) // after a successful rename this finds nothing
+	defer out.Close()
+	if err := v.streamOut(ctx, out, limit); err != nil {
+		return err
+	}
+	if err := out.Sync(); err != nil {
+		return fmt.Errorf("sync state file: %w", err)
+	}
+	if err := out.Close(); err != nil {
+		return fmt.Errorf("close state file: %w", err)
+	}
+	return os.Rename(tmp, stateFile)
+}
+
+// streamOut runs QEMU's outgoing migration into dst (at most limit bytes; 0: no bound)
+// through a unix socket the driver listens on, and returns once it completed.
+func (v *vm) streamOut(ctx context.Context, dst io.Writer, limit int64) error {
+	v.mu.Lock()
+	c, uid := v.qmp, v.uid
+	v.mu.Unlock()
 	sock := filepath.Join(v.dir, migrateSocket)
 	_ = os.Remove(sock)
 	ln, err := net.Listen("unix", sock)
@@ -79,9 +106,6 @@ func (v *vm) snapshot(ctx context.Context, stateFile string, whole bool) error {
 		return fmt.Errorf("listen for the migration stream: %w", err)
 	}
 	defer os.Remove(sock)
-	v.mu.Lock()
-	uid := v.uid
-	v.mu.Unlock()
 	if uid != 0 {
 		// A jailed QEMU connects as its own user.
 		if err := setOwner(sock, unix.S_IFSOCK, uid, v.d.cfg.Jail.GID, -1); err != nil {
@@ -90,14 +114,6 @@ func (v *vm) snapshot(ctx context.Context, stateFile string, whole bool) error {
 		}
 	}
 	defer ln.Close()
-	tmp := stateFile + ".tmp"
-	out, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("create state file: %w", err)
-	}
-	defer os.Remove(tmp) // after a successful rename this finds nothing
-	defer out.Close()
-
 	copied := make(chan error, 1)
 	go func() {
 		conn, err := ln.Accept()
@@ -106,8 +122,12 @@ func (v *vm) snapshot(ctx context.Context, stateFile string, whole bool) error {
 			return
 		}
 		defer conn.Close()
-		n, err := io.Copy(out, io.LimitReader(conn, limit+1))
-		if err == nil && n > limit {
+		var src io.Reader = conn
+		if limit > 0 {
+			src = io.LimitReader(conn, limit+1)
+		}
+		n, err := io.Copy(dst, src)
+		if err == nil && limit > 0 && n > limit {
 			err = fmt.Errorf("the saved state exceeds %d bytes (is guest RAM in the stream?)", limit)
 		}
 		copied <- err
@@ -124,20 +144,11 @@ func (v *vm) snapshot(ctx context.Context, stateFile string, whole bool) error {
 	}
 	select {
 	case err := <-copied:
-		if err != nil {
-			return err
-		}
+		return err
 	case <-ctx.Done():
 		ln.Close()
 		return ctx.Err()
 	}
-	if err := out.Sync(); err != nil {
-		return fmt.Errorf("sync state file: %w", err)
-	}
-	if err := out.Close(); err != nil {
-		return fmt.Errorf("close state file: %w", err)
-	}
-	return os.Rename(tmp, stateFile)
 }
 
 // flattenOnly says whether v was made to flatten a whole save (vmm.Flattener). v.mu held.
@@ -215,4 +226,44 @@ func (v *vm) waitMigration(ctx context.Context) error {
 		case <-time.After(2 * time.Millisecond):
 		}
 	}
+}
+
+// migrationDowntime is the pause QEMU aims for at the end of a live migration (the
+// last dirty pages and the device state); it keeps copying while more would remain.
+const migrationDowntime = 50 * time.Millisecond
+
+// MigrateOut implements vmm.Migrator: pre-copy live migration of the running VM into w
+// (RAM copied while the guest runs, again as it dirties it, then the guest stopped for
+// the rest and the device state). The VM ends stopped, not ended: the caller ends it
+// once the target has taken over, or resumes it (vmm.Pauser) if the target failed.
+func (v *vm) MigrateOut(ctx context.Context, w io.Writer) (vmm.MigrationStats, error) {
+	v.mu.Lock()
+	c, state, detached := v.qmp, v.state, v.detached
+	v.mu.Unlock()
+	var st vmm.MigrationStats
+	if state != "running" || c == nil || detached {
+		return st, fmt.Errorf("migrate VM %s: not running under this process (%s)", v.id, state)
+	}
+	// All RAM is in the stream (a template-restored VM's private copy included).
+	if err := setIgnoreShared(ctx, c, false); err != nil {
+		return st, fmt.Errorf("migrate VM %s: %w", v.id, err)
+	}
+	params := map[string]any{"downtime-limit": migrationDowntime.Milliseconds(), "max-bandwidth": int64(8) << 30}
+	if err := c.Execute(ctx, "migrate-set-parameters", params, nil); err != nil {
+		return st, fmt.Errorf("migrate VM %s: set parameters: %w", v.id, err)
+	}
+	if err := v.streamOut(ctx, w, 0); err != nil {
+		return st, fmt.Errorf("migrate VM %s: %w", v.id, err)
+	}
+	var q struct {
+		TotalTime int64 `json:"total-time"`
+		Downtime  int64 `json:"downtime"`
+		RAM       struct {
+			Transferred int64 `json:"transferred"`
+		} `json:"ram"`
+	}
+	if err := c.Execute(ctx, "query-migrate", nil, &q); err == nil {
+		st = vmm.MigrationStats{Bytes: q.RAM.Transferred, Downtime: time.Duration(q.Downtime) * time.Millisecond, Total: time.Duration(q.TotalTime) * time.Millisecond}
+	}
+	return st, nil
 }

@@ -230,7 +230,21 @@ func (v *vm) launch(ctx context.Context) error {
 	cmd.Stderr = stderr
 	// The order of ExtraFiles is the fd numbering the command line names (restoreFD,
 	// tapFD).
-	if v.restoreFrom != "" {
+	if r := v.spec.Restore; r != nil && r.Stream != nil {
+		// A live migration's stream: QEMU reads one end of a socket pair, which the
+		// stream is copied into until it ends (or the VMM does).
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return early(fmt.Errorf("socket pair for the incoming migration: %w", err))
+		}
+		theirs, ours := os.NewFile(uintptr(fds[0]), "migration-in"), os.NewFile(uintptr(fds[1]), "migration-feed")
+		defer theirs.Close() // the child has its own copy
+		cmd.ExtraFiles = []*os.File{theirs}
+		go func() { // ends with the stream, or when QEMU closes its end (it ended)
+			defer ours.Close()
+			_, _ = io.Copy(ours, r.Stream)
+		}()
+	} else if v.restoreFrom != "" {
 		f, err := os.Open(v.restoreFrom)
 		if err != nil {
 			return early(fmt.Errorf("open snapshot state: %w", err))
@@ -300,6 +314,19 @@ func (v *vm) resume(ctx context.Context) error {
 		if err := waitIncoming(ctx, client, exited); err != nil {
 			return v.failStart(fmt.Errorf("restore device state from %s: %w", v.restoreFrom, err))
 		}
+		if r := v.spec.Restore; r != nil && r.BeforeResume != nil {
+			// Whole, not running: the guest runs here only if the caller says so (a
+			// migration's switch-over was committed).
+			if err := r.BeforeResume(ctx); err != nil {
+				return v.failStart(fmt.Errorf("the restored VM may not run: %w", err))
+			}
+		}
+		if r := v.spec.Restore; r != nil && r.Stream != nil && v.uid != 0 {
+			// The migration's target takes over: the disks are its user's now.
+			if err := v.d.cfg.Jail.takeDisks(v.spec, v.uid); err != nil {
+				return v.failStart(err)
+			}
+		}
 	}
 	if err := client.Execute(ctx, "cont", nil, nil); err != nil {
 		return v.failStart(fmt.Errorf("resume the guest: %w", err))
@@ -313,6 +340,9 @@ func (v *vm) resume(ctx context.Context) error {
 
 // failStart kills a VMM whose start went wrong and returns err with QEMU's last words.
 func (v *vm) failStart(err error) error {
+	if r := v.spec.Restore; r != nil && r.Stream != nil && v.d.cfg.Jail != nil {
+		dropDiskACLs(v.spec) // a migration's target that did not take over
+	}
 	v.mu.Lock()
 	v.stopping = true
 	v.killed = "VMM killed: start failed: " + err.Error()

@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -94,6 +95,7 @@ func Run(t *testing.T, d vmm.Driver, h Harness) {
 	t.Run("StopEscalatesOnStuckVMM", s.testStuckStop)
 	t.Run("SnapshotRestore", s.testSnapshot)
 	t.Run("SaveRestoreWhole", s.testSave)
+	t.Run("LiveMigration", s.testMigrate)
 	t.Run("Network", s.testNetwork)
 }
 
@@ -771,6 +773,95 @@ func (s *suite) testSave(t *testing.T) {
 	}
 	_ = vm.Kill()
 	waitEnd(t, vm, 30*time.Second)
+}
+
+// testMigrate: a running VM migrated live (vmm.Migrator) into a VM restoring its
+// stream, on the same disk (one node: shared storage). A target that may not run (its
+// switch-over refused) ends, and the source runs on; one that may takes over with the
+// guest's memory as it was.
+func (s *suite) testMigrate(t *testing.T) {
+	disk := diskImage(t, "migrate-disk-01")
+	src := s.boot(t, bootOpts{disks: []vmm.Disk{{Path: disk}}})
+	m, ok := src.vm.(vmm.Migrator)
+	if !ok {
+		testutil.Skipf(t, "the %s driver does not implement vmm.Migrator (live migration)", s.d.Name())
+	}
+	if got := src.mustCall("put before-migration"); got != "ok" {
+		t.Fatalf("put: %q", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	type result struct {
+		st  vmm.MigrationStats
+		err error
+	}
+	migrate := func() (*io.PipeReader, chan result) {
+		pr, pw := io.Pipe()
+		done := make(chan result, 1)
+		go func() {
+			st, err := m.MigrateOut(ctx, pw)
+			pw.CloseWithError(err)
+			done <- result{st, err}
+		}()
+		return pr, done
+	}
+
+	// The switch-over refused: the target ends without running; the source resumes.
+	pr, done := migrate()
+	refused := errors.New("no switch-over")
+	spec := s.spec(t, bootOpts{disks: []vmm.Disk{{Path: disk}}, restore: &vmm.Snapshot{Stream: pr, BeforeResume: func(context.Context) error { return refused }}})
+	ln, err := net.Listen("unix", spec.AgentSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	vm, err := s.d.Create(ctx, spec)
+	if err != nil {
+		t.Fatalf("Create the migration's target: %v", err)
+	}
+	if err := vm.Start(ctx); err == nil || !errors.Is(err, refused) {
+		t.Errorf("a target whose switch-over was refused started: %v", err)
+	}
+	waitEnd(t, vm, 30*time.Second)
+	pr.Close()
+	if r := <-done; r.err != nil {
+		t.Fatalf("MigrateOut (target refused at the switch-over): %v", r.err)
+	}
+	if err := src.vm.(vmm.Pauser).Resume(ctx); err != nil {
+		t.Fatalf("resume the source after a refused switch-over: %v", err)
+	}
+	noACL := func(when string) {
+		t.Helper()
+		if _, err := unix.Getxattr(disk, "system.posix_acl_access", nil); !errors.Is(err, unix.ENODATA) {
+			t.Errorf("%s: the disk still carries an ACL (%v): a VMM that did not take it over keeps access", when, err)
+		}
+	}
+	noACL("after a refused switch-over")
+	if got := src.mustCall("get"); got != "before-migration" {
+		t.Fatalf("the source after a refused switch-over remembers %q", got)
+	}
+
+	// The switch-over done: the target runs on, the guest's memory as it was.
+	pr, done = migrate()
+	dst := s.boot(t, bootOpts{disks: []vmm.Disk{{Path: disk}}, restore: &vmm.Snapshot{Stream: pr}})
+	r := <-done
+	if r.err != nil {
+		t.Fatalf("MigrateOut: %v", r.err)
+	}
+	src.vm.Kill()
+	waitEnd(t, src.vm, 30*time.Second)
+	if got := dst.mustCall("get"); got != "before-migration" {
+		t.Fatalf("the migrated VM remembers %q", got)
+	}
+	noACL("after the switch-over")
+	// The disk moved with it: what the guest writes now lands where it did.
+	if got := dst.mustCall("put after-migration"); got != "ok" {
+		t.Fatalf("put on the migrated VM: %q", got)
+	}
+	t.Logf("live migration: %d bytes, downtime %s, total %s", r.st.Bytes, r.st.Downtime, r.st.Total)
+	if r.st.Bytes <= 0 || r.st.Total <= 0 {
+		t.Errorf("migration stats %+v", r.st)
+	}
 }
 
 // testFlatten: a whole save flattened (vmm.Flattener) into a memory file restores as
