@@ -312,10 +312,13 @@ func (l *Link) registered(ctx context.Context, n Node, info *pb.Node, reg *pb.Re
 	}
 	l.log.Info("registered with the control plane", "node", l.node, "heartbeat", interval)
 
-	sctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
+	// The heartbeats stop when the session ends, however it ends: cancel runs before the
+	// wait (defers run last first). Waiting first left a session whose stream broke
+	// while heartbeats still went through waiting for them for good.
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	sctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()

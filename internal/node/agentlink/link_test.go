@@ -2,6 +2,8 @@ package agentlink_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -179,6 +181,9 @@ func ptr[T any](v T) *T { return &v }
 type stalledServer struct {
 	fireworksv1connect.UnimplementedNodeServiceHandler
 	registers atomic.Int32
+	// endStream ends the assignment stream at once instead (a server that died while
+	// the others still take heartbeats).
+	endStream bool
 }
 
 func (s *stalledServer) Register(context.Context, *connect.Request[pb.RegisterRequest]) (*connect.Response[pb.RegisterResponse], error) {
@@ -191,6 +196,9 @@ func (s *stalledServer) Heartbeat(context.Context, *connect.Request[pb.Heartbeat
 }
 
 func (s *stalledServer) WatchAssignments(ctx context.Context, _ *connect.Request[pb.WatchAssignmentsRequest], _ *connect.ServerStream[pb.Assignments]) error {
+	if s.endStream {
+		return connect.NewError(connect.CodeUnavailable, errors.New("gone"))
+	}
 	<-ctx.Done()
 	return nil
 }
@@ -199,7 +207,14 @@ func (s *stalledServer) WatchAssignments(ctx context.Context, _ *connect.Request
 // through, starts its session over (the leader refreshes the stream every
 // rpc.AssignmentsRefresh): a stuck stream must not leave it deaf to its assignments.
 func TestSilentAssignmentsReconnect(t *testing.T) {
-	srv := &stalledServer{}
+	for _, srv := range []*stalledServer{{}, {endStream: true}} {
+		t.Run(fmt.Sprintf("endStream=%v", srv.endStream), func(t *testing.T) { testReconnect(t, srv) })
+	}
+}
+
+// testReconnect: a session whose assignment stream is silent (or ends) while its
+// heartbeats go through starts over.
+func testReconnect(t *testing.T, srv *stalledServer) {
 	mux := http.NewServeMux()
 	mux.Handle(fireworksv1connect.NewNodeServiceHandler(srv))
 	hs := httptest.NewServer(mux)
