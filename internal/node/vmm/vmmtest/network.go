@@ -186,6 +186,41 @@ func (s *suite) testNetwork(t *testing.T) {
 			checkTraffic(t, r)
 		})
 	}
+	t.Run("LiveMigrationKeepsTheNetwork", func(t *testing.T) {
+		// On one node the target gets the source's very tap (the same open file: a
+		// stopped VM's NIC does not read it, so the two never do at once); after the
+		// switch-over the guest's network and its server work as before.
+		tap := HostNet(t)
+		src := s.boot(t, bootOpts{nics: []vmm.NIC{{Tap: tap, MAC: GuestMAC}}})
+		m, ok := src.vm.(vmm.Migrator)
+		if !ok {
+			testutil.Skipf(t, "the %s driver does not implement vmm.Migrator (live migration)", s.d.Name())
+		}
+		if got := src.mustCall("net " + GuestCIDR + " " + HostAddr); got != "ok eth0" {
+			t.Fatalf("guest network setup: %s", got)
+		}
+		if got := src.mustCall("serve " + GuestPort); got != "ok" {
+			t.Fatalf("guest web server: %s", got)
+		}
+		checkTraffic(t, src)
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		pr, pw := io.Pipe()
+		done := make(chan error, 1)
+		go func() {
+			_, err := m.MigrateOut(ctx, pw)
+			pw.CloseWithError(err)
+			done <- err
+		}()
+		dst := s.boot(t, bootOpts{restore: &vmm.Snapshot{Stream: pr}, nics: []vmm.NIC{{Tap: tap, MAC: GuestMAC}}})
+		if err := <-done; err != nil {
+			t.Fatalf("MigrateOut: %v", err)
+		}
+		src.vm.Kill()
+		waitEnd(t, src.vm, 30*time.Second)
+		tap.Close()
+		checkTraffic(t, dst)
+	})
 	t.Run("RestoreNeedsTheNIC", func(t *testing.T) {
 		// A restore without the NIC is a different device set: it must not come up as a
 		// guest that silently lost its network.
