@@ -205,16 +205,10 @@ func (s *suite) testNetwork(t *testing.T) {
 		checkTraffic(t, src)
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		pr, pw := io.Pipe()
-		done := make(chan error, 1)
-		go func() {
-			_, err := m.MigrateOut(ctx, pw)
-			pw.CloseWithError(err)
-			done <- err
-		}()
+		pr, done := migrateOut(ctx, m)
 		dst := s.boot(t, bootOpts{restore: &vmm.Snapshot{Stream: pr}, nics: []vmm.NIC{{Tap: tap, MAC: GuestMAC}}})
-		if err := <-done; err != nil {
-			t.Fatalf("MigrateOut: %v", err)
+		if r := <-done; r.err != nil {
+			t.Fatalf("MigrateOut: %v", r.err)
 		}
 		src.vm.Kill()
 		waitEnd(t, src.vm, 30*time.Second)

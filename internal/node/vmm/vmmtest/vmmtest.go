@@ -791,20 +791,7 @@ func (s *suite) testMigrate(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	type result struct {
-		st  vmm.MigrationStats
-		err error
-	}
-	migrate := func() (*io.PipeReader, chan result) {
-		pr, pw := io.Pipe()
-		done := make(chan result, 1)
-		go func() {
-			st, err := m.MigrateOut(ctx, pw)
-			pw.CloseWithError(err)
-			done <- result{st, err}
-		}()
-		return pr, done
-	}
+	migrate := func() (*io.PipeReader, chan migration) { return migrateOut(ctx, m) }
 
 	// The switch-over refused: the target ends without running; the source resumes.
 	pr, done := migrate()
@@ -862,6 +849,25 @@ func (s *suite) testMigrate(t *testing.T) {
 	if r.st.Bytes <= 0 || r.st.Total <= 0 {
 		t.Errorf("migration stats %+v", r.st)
 	}
+}
+
+// migration is how a MigrateOut ended.
+type migration struct {
+	st  vmm.MigrationStats
+	err error
+}
+
+// migrateOut starts migrating m into a pipe: the target reads its end, done says how the
+// source's side ended (the pipe is closed with it).
+func migrateOut(ctx context.Context, m vmm.Migrator) (*io.PipeReader, chan migration) {
+	pr, pw := io.Pipe()
+	done := make(chan migration, 1)
+	go func() {
+		st, err := m.MigrateOut(ctx, pw)
+		pw.CloseWithError(err)
+		done <- migration{st, err}
+	}()
+	return pr, done
 }
 
 // testFlatten: a whole save flattened (vmm.Flattener) into a memory file restores as
