@@ -49,19 +49,7 @@ func expect(t *testing.T, what string, got map[string]string, want map[string]st
 // ping runs as an unprivileged user only because its capability survived.
 func TestImageDebianMinbase(t *testing.T) {
 	need(t)
-	root := os.Getenv(debianRootEnv)
-	if root == "" {
-		testutil.Skipf(t, "no Debian root filesystem (%s unset: the e2e run bootstraps one before entering its network namespace)", debianRootEnv)
-	}
-	if fi, err := os.Lstat(filepath.Join(root, "dev/full")); err != nil || fi.Mode()&os.ModeCharDevice == 0 {
-		t.Fatalf("the debootstrap tree has no /dev/full device node to import (%v, %v)", fi, err)
-	}
-	img := testimage.DirImage(t, root, v1.Config{
-		Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-		Cmd: []string{"bash"},
-	})
-	testimage.Push(t, world.registry, "debian-minbase:latest", img)
-	ref := image("debian-minbase:latest")
+	ref := debianImage(t)
 
 	script := `echo debian_version=$(cut -d. -f1 /etc/debian_version)
 echo apt=$(apt-get --version | head -n1 | cut -d' ' -f1)
@@ -348,4 +336,23 @@ func TestImagesPrunedUnderBudget(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+}
+
+// debianImage pushes the debootstrapped Debian root (see TestImageDebianMinbase) to the
+// test registry as one layer and returns its reference.
+func debianImage(t *testing.T) string {
+	t.Helper()
+	root := os.Getenv(debianRootEnv)
+	if root == "" {
+		testutil.Skipf(t, "no Debian root filesystem (%s unset: the e2e run bootstraps one before entering its network namespace)", debianRootEnv)
+	}
+	if fi, err := os.Lstat(filepath.Join(root, "dev/full")); err != nil || fi.Mode()&os.ModeCharDevice == 0 {
+		t.Fatalf("the debootstrap tree has no /dev/full device node to import (%v, %v)", fi, err)
+	}
+	img := testimage.DirImage(t, root, v1.Config{
+		Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+		Cmd: []string{"bash"},
+	})
+	testimage.Push(t, world.registry, "debian-minbase:latest", img)
+	return image("debian-minbase:latest")
 }

@@ -95,6 +95,39 @@ func TestFork(t *testing.T) {
 		t.Error("a file written in one fork is in another")
 	}
 	t.Run("snapshot with memory", func(t *testing.T) { testMemorySnapshot(t, src, count) })
+	t.Run("a Debian image", testForkDebian)
+}
+
+// testForkDebian: what users bring — a fork of a sandbox of a debootstrapped Debian
+// image carries on its bash loop, on Debian's files.
+func testForkDebian(t *testing.T) {
+	ref := debianImage(t)
+	src := strings.TrimSpace(fw(t, 0, "run", "-d", ref, "--", "bash", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done").stdout)
+	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", src) })
+	waitStatus(t, src, "running")
+	count := func(id string) int {
+		n, _ := strconv.Atoi(strings.TrimSpace(world.cli(context.Background(), nil, "exec", id, "--", "cat", "/tmp/count").stdout))
+		return n
+	}
+	deadline := time.Now().Add(time.Minute)
+	for count(src) < 3 {
+		if time.Now().After(deadline) {
+			t.Fatal("the Debian source's counter did not get going")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	before := count(src)
+	forks := strings.Fields(fw(t, 0, "fork", src).stdout)
+	if len(forks) != 1 {
+		t.Fatalf("fork printed %v", forks)
+	}
+	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", forks[0]) })
+	if n := count(forks[0]); n < before {
+		t.Errorf("the Debian fork counts %d, below %d at the fork", n, before)
+	}
+	if got := strings.TrimSpace(fw(t, 0, "exec", forks[0], "--", "cut", "-d.", "-f1", "/etc/debian_version").stdout); got != "12" {
+		t.Errorf("the Debian fork's /etc/debian_version: %q", got)
+	}
 }
 
 // testMemorySnapshot: a snapshot with memory of running sandbox src (whose loop counts
