@@ -25,12 +25,15 @@ func TestFork(t *testing.T) {
 	waitStatus(t, src, "running")
 	count := func(id string) int {
 		t.Helper()
-		r := world.cli(context.Background(), nil, "exec", id, "--", "cat", "/tmp/count")
-		n, err := strconv.Atoi(strings.TrimSpace(r.stdout))
-		if err != nil {
-			return -1
+		// The loop rewrites the file (truncate, then write): an empty read is tried again.
+		for range 20 {
+			r := world.cli(context.Background(), nil, "exec", id, "--", "cat", "/tmp/count")
+			if n, err := strconv.Atoi(strings.TrimSpace(r.stdout)); err == nil {
+				return n
+			}
+			time.Sleep(20 * time.Millisecond)
 		}
-		return n
+		return -1
 	}
 	deadline := time.Now().Add(time.Minute)
 	for count(src) < 5 {

@@ -31,7 +31,15 @@ func TestPauseResume(t *testing.T) {
 	waitStatus(t, id, "running")
 	count := func() int {
 		t.Helper()
-		out := strings.TrimSpace(fw(t, 0, "exec", id, "--", "cat", "/tmp/count").stdout)
+		// The loop rewrites the file (truncate, then write): a read in between sees it
+		// empty, so an empty read is tried again.
+		var out string
+		for range 20 {
+			if out = strings.TrimSpace(fw(t, 0, "exec", id, "--", "cat", "/tmp/count").stdout); out != "" {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 		n, err := strconv.Atoi(out)
 		if err != nil {
 			t.Fatalf("counter %q", out)
