@@ -70,6 +70,12 @@ func writeSandboxText(w io.Writer, sb *pb.Sandbox) {
 	if n := sb.GetResumes(); n > 0 {
 		row("Resumes", fmt.Sprint(n))
 	}
+	if m := sb.GetMigration(); m != nil {
+		row("Migrating", migrationRow(m))
+	}
+	for _, m := range sb.GetMigrations() {
+		row("Migration", migrationRow(m))
+	}
 	row("Started", startSummary(sb.GetDetails()))
 	row("Boot", sb.GetSpec().GetBoot())
 	node := sb.GetNode()

@@ -214,6 +214,7 @@ func (m *Manager) Pass(ctx context.Context) error {
 	nodes := m.store.LocalNodes()
 	var errs []error
 	errs = append(errs, m.resumeOrphans(ctx, now, sbs))
+	errs = append(errs, m.endMigrations(ctx, now, m.store.LocalNodes(), sbs))
 	errs = append(errs, m.checkHeartbeats(ctx, now, nodes, sbs))
 	// Re-read: a node just declared down changed its sandboxes (lost ones must not be
 	// "drained" back to life against their restart policy).
@@ -223,6 +224,38 @@ func (m *Manager) Pass(ctx context.Context) error {
 	errs = append(errs, m.restart(ctx, now, m.store.LocalSandboxes()))
 	sbs, nodes = m.store.LocalSandboxes(), m.store.LocalNodes()
 	errs = append(errs, m.place(ctx, now, nodes, sbs))
+	return errors.Join(errs...)
+}
+
+// endMigrations ends the live migrations that cannot commit any more: past their
+// deadline, or whose target node is down or gone. The source resumes the sandbox once
+// it sees the end (see state.Migration).
+func (m *Manager) endMigrations(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox) error {
+	up := map[string]bool{}
+	for _, n := range nodes {
+		up[n.ID] = n.Status != state.NodeDown
+	}
+	var errs []error
+	for _, sb := range sbs {
+		mig := sb.Migration
+		if mig == nil {
+			continue
+		}
+		var why string
+		switch {
+		case now.After(mig.Deadline):
+			why = fmt.Sprintf("timed out (deadline %s)", mig.Deadline.Format(time.RFC3339))
+		case !up[mig.To]:
+			why = fmt.Sprintf("the target node %s is down", mig.To)
+		default:
+			continue
+		}
+		if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{EndMigration: mig.ID, Reason: why, Time: now}); err != nil && !errors.Is(err, state.ErrInvalidTransition) {
+			errs = append(errs, fmt.Errorf("end migration %s of sandbox %s: %w", mig.ID, sb.ID, err))
+			continue
+		}
+		m.log.Info("live migration ended", "sandbox", sb.ID, "migration", mig.ID, "from", mig.From, "to", mig.To, "why", why)
+	}
 	return errors.Join(errs...)
 }
 

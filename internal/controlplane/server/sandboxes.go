@@ -348,6 +348,12 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 		out.Saved = &pb.SavedState{Node: sv.Node, Bytes: sv.Bytes, At: ts(sv.At)}
 	}
 	out.Resumes = int32(sb.Resumes)
+	if m := sb.Migration; m != nil {
+		out.Migration = migrationToPB(*m)
+	}
+	for _, m := range sb.Migrations {
+		out.Migrations = append(out.Migrations, migrationToPB(m))
+	}
 	return out
 }
 
@@ -471,6 +477,11 @@ func (s *Server) view(ctx context.Context, sb state.Sandbox) *pb.Sandbox {
 	if out.Saved != nil {
 		out.Saved.Node = ""
 	}
+	for _, m := range append(out.Migrations, out.Migration) {
+		if m != nil {
+			m.From, m.To, m.Outcome = "", "", hide(m.Outcome)
+		}
+	}
 	if len(out.Details) > 0 {
 		d := make(map[string]string, len(out.Details))
 		for k, v := range out.Details {
@@ -493,6 +504,16 @@ func hideNodes(sb state.Sandbox, text string) string {
 	if sb.Saved != nil && sb.Saved.Node != "" {
 		text = strings.ReplaceAll(text, "node "+sb.Saved.Node, "a node")
 	}
+	for _, m := range append(slices.Clone(sb.Migrations), ptrOr(sb.Migration)) {
+		for _, n := range []string{m.From, m.To} {
+			if n != "" {
+				text = strings.ReplaceAll(text, "node "+n, "a node")
+			}
+		}
+		if m.ToAddress != "" {
+			text = strings.ReplaceAll(text, m.ToAddress, "a node's address")
+		}
+	}
 	// Where a saved state is fetched from (a failed fetch names the URL).
 	for _, a := range []string{sb.Spec.ForkAddress, savedAddress(sb)} {
 		if a != "" {
@@ -501,6 +522,13 @@ func hideNodes(sb state.Sandbox, text string) string {
 	}
 	// Paths in a node's data directory (a VMM's error names the files it read).
 	return nodePath.ReplaceAllString(text, "<node data>/$1/…")
+}
+
+func ptrOr(m *state.Migration) state.Migration {
+	if m == nil {
+		return state.Migration{}
+	}
+	return *m
 }
 
 // nodePath matches a path into a node's data directory.

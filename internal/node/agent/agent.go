@@ -105,6 +105,9 @@ type Config struct {
 	// FetchSaved, if set, brings a paused sandbox's saved state from the node that holds
 	// it, to resume it here (the cluster's agent gives one; dev, one node, does not).
 	FetchSaved SavedFetcher
+	// DialMigration, if set, reaches the agents of other nodes to migrate sandboxes to
+	// them (the cluster's agent gives one; dev, one node, does not).
+	DialMigration MigrationDialer
 }
 
 // debianAssets is the default of Config.Assets: Debian's cloud kernel (apt-get download)
@@ -667,11 +670,19 @@ type sandbox struct {
 	main     *client.Session
 	proc     process // the main process as resolved; exec inherits from it
 	spec     state.SandboxSpec
-	restarts int                   // the run (restart count) this node executes
-	resumes  int                   // and its resume count
-	pausing  bool                  // a pause is saving it: its end is reported by Pause, not supervise
-	netBase  NetStats              // network counters carried over a pause
-	conns    map[*runConn]struct{} // connections into the guest (see DialSandbox)
+	restarts int  // the run (restart count) this node executes
+	resumes  int  // and its resume count
+	pausing  bool // a pause is saving it: its end is reported by Pause, not supervise
+	// migrating, while this node migrates it away, delivers how that ended (see
+	// migrateOut); supervise waits for it when the main process is lost meanwhile.
+	migrating chan migrationOutcome
+	// incoming, on a migration's target, is that migration until its switch-over;
+	// incomingMid its ID, kept (see Reconcile).
+	incoming    *incoming
+	incomingMid string
+	guestLn     net.Listener          // the guest channel's listener (a failed migration reconnects)
+	netBase     NetStats              // network counters carried over a pause
+	conns       map[*runConn]struct{} // connections into the guest (see DialSandbox)
 	// execs are the exec sessions under way, each with why the node ended it ("" while
 	// it has not: see Pause).
 	execs map[*client.Session]string
@@ -815,16 +826,20 @@ func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm 
 		err error
 	}
 	exited := make(chan exit, 1)
-	go func() {
-		st, err := main.Wait(context.Background())
-		exited <- exit{st, err}
-	}()
+	wait := func(main *client.Session) {
+		go func() {
+			st, err := main.Wait(context.Background())
+			exited <- exit{st, err}
+		}()
+	}
+	wait(main)
 
 	var (
 		st     proto.ExitStatus
 		reason string
 		failed bool
 	)
+watch:
 	select {
 	case e := <-exited:
 		st = e.st
@@ -859,6 +874,31 @@ func (a *Agent) supervise(ctx context.Context, s *sandbox, sb state.Sandbox, vm 
 		}
 		// A stop cancelled the sandbox just as it started running.
 		failed, reason = true, "stopped"
+	}
+	s.mu.Lock()
+	migration := s.migrating
+	s.mu.Unlock()
+	if failed && migration != nil && reason != fmt.Sprintf("timed out after %s", sb.Spec.Timeout) {
+		// Lost to a live migration of it (see migrateOut): it moved away, or the
+		// migration failed and the main process was taken back on a new connection.
+		o := <-migration
+		s.mu.Lock()
+		s.migrating = nil
+		s.mu.Unlock()
+		if o.main == nil {
+			pumps.Wait()
+			return
+		}
+		pumps.Wait() // the old connection's streams ended with it
+		main, failed, reason, st = o.main, false, "", proto.ExitStatus{}
+		pumps.Add(2)
+		go pump(main.Stdout(), sandboxlog.Stdout)
+		go pump(main.Stderr(), sandboxlog.Stderr)
+		if !sb.Spec.Stdin {
+			_ = main.Stdin().Close()
+		}
+		wait(main)
+		goto watch
 	}
 	if !failed {
 		// The guest closes the output streams before it reports the exit; wait for the

@@ -167,19 +167,9 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 		return fmt.Errorf("%w: %w", errPauseRefused, err)
 	}
 	defer release()
-	rec, err := readAdoptRecord(s.dir)
+	rec, err := a.runRecord(ctx, s)
 	if err != nil {
-		return fmt.Errorf("%w: the sandbox's run record: %v", errPauseRefused, err)
-	}
-	digest := digestOf(s, rec)
-	img, err := a.images.Get(ctx, digest)
-	if err != nil || img.RootDisk == "" {
-		return fmt.Errorf("%w: the image %s the sandbox runs from: %v", errPauseRefused, digest, err)
-	}
-	rootDisk := diskIdentity(img.RootDisk)
-	rootHash, err := a.rootDiskHash(img.RootDisk)
-	if err != nil {
-		return fmt.Errorf("%w: hash the root disk: %v", errPauseRefused, err)
+		return fmt.Errorf("%w: %v", errPauseRefused, err)
 	}
 	var netBase NetStats
 	if sn != nil {
@@ -210,10 +200,8 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 	}
 	final := a.savedDir(id)
 	tmp := final + ".tmp"
-	bytes, err := a.save(ctx, s, saver, tmp, savedRecord{
-		Sandbox: rec.Sandbox, Proc: rec.Proc, Main: rec.Main, RootFS: rec.RootFS, ImageDigest: digest,
-		RootDisk: rootDisk, RootDiskHash: rootHash, VCPUs: shape.VCPUs, MemoryMiB: mem, Net: netBase, At: time.Now().UTC(), Ran: ran,
-	})
+	rec.Net, rec.At, rec.Ran = netBase, time.Now().UTC(), ran
+	bytes, err := a.save(ctx, s, saver, tmp, rec)
 	if err == nil {
 		_ = os.RemoveAll(final)
 		err = os.Rename(tmp, final)
@@ -248,6 +236,30 @@ func (a *Agent) Pause(ctx context.Context, id string) error {
 		Runtime: map[string]string{"pause_took": time.Since(t0).Round(time.Millisecond).String(),
 			"pid": "", "netns": "", "address": "", "run_dir": "", "console_log": "", "qemu_cmdline": ""}}))
 	return nil
+}
+
+// runRecord is what a run of a sandbox needs to go on in another VM (a resume, a
+// fork, a migration's target): its process, its image and the very root disk it runs
+// on, its shape.
+func (a *Agent) runRecord(ctx context.Context, s *sandbox) (savedRecord, error) {
+	rec, err := readAdoptRecord(s.dir)
+	if err != nil {
+		return savedRecord{}, fmt.Errorf("the sandbox's run record: %v", err)
+	}
+	digest := digestOf(s, rec)
+	img, err := a.images.Get(ctx, digest)
+	if err != nil || img.RootDisk == "" {
+		return savedRecord{}, fmt.Errorf("the image %s the sandbox runs from: %v", digest, err)
+	}
+	rootHash, err := a.rootDiskHash(img.RootDisk)
+	if err != nil {
+		return savedRecord{}, fmt.Errorf("hash the root disk: %v", err)
+	}
+	s.mu.Lock()
+	shape := state.SandboxSpec{VCPUs: s.spec.VCPUs, MemoryMiB: s.spec.MemoryMiB}.Reserved()
+	s.mu.Unlock()
+	return savedRecord{Sandbox: rec.Sandbox, Proc: rec.Proc, Main: rec.Main, RootFS: rec.RootFS, ImageDigest: digest,
+		RootDisk: diskIdentity(img.RootDisk), RootDiskHash: rootHash, VCPUs: shape.VCPUs, MemoryMiB: shape.MemoryMiB}, nil
 }
 
 // save writes the VM's state and its scratch disk into dir, with rec; it returns the
@@ -426,11 +438,14 @@ func (a *Agent) forkIdentityStep(r *startRun) error {
 
 // savedImageStep finds the saved record, the image and the very root disk the guest ran on.
 func (a *Agent) savedImageStep(r *startRun) error {
-	rec, err := readSavedRecord(a.savedFor(r.sb))
-	if err != nil {
-		return fmt.Errorf("the saved state on node %s: %v", a.cfg.Node, err)
+	if r.saved == nil {
+		rec, err := readSavedRecord(a.savedFor(r.sb))
+		if err != nil {
+			return fmt.Errorf("the saved state on node %s: %v", a.cfg.Node, err)
+		}
+		r.saved = &rec
 	}
-	r.saved = &rec
+	rec := *r.saved
 	img, err := a.images.Get(r.ctx, rec.ImageDigest)
 	if err != nil && r.fetched {
 		// Started on another node than the one it ran on: pull the image it ran from.

@@ -21,12 +21,17 @@ import (
 // started at most once by this process, whatever the snapshots say afterwards.
 func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 	want := make(map[string]state.Sandbox, len(desired))
-	holding := map[string]bool{} // saved states this node keeps for a resume elsewhere
+	holding := map[string]bool{}  // saved states this node keeps for a resume elsewhere
+	coming := map[string]string{} // migrations in progress to this node, by sandbox
 	for _, sb := range desired {
 		if sb.Node == a.cfg.Node {
 			want[sb.ID] = sb
 		} else if sb.Saved != nil && sb.Saved.Node == a.cfg.Node {
 			holding[sb.ID] = true
+		}
+		if sb.MigratingTo() == a.cfg.Node {
+			holding[sb.ID] = true
+			coming[sb.ID] = sb.Migration.ID
 		}
 	}
 	for id, sb := range want {
@@ -44,6 +49,20 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 				a.background(func(ctx context.Context) {
 					if err := a.Stop(ctx, id, sb.StopGrace); err != nil {
 						a.log.Warn("stop assigned sandbox", "sandbox", id, "err", err)
+					}
+				})
+			}
+		case sb.Status == state.StatusRunning && sb.Migration != nil && sb.Migration.From == a.cfg.Node:
+			// This node migrates it away (see migrateOut), once per migration.
+			if a.markMigrating(sb.Migration.ID) {
+				mig := *sb.Migration
+				a.background(func(ctx context.Context) {
+					if !live {
+						_ = a.endMigration(ctx, id, mig, errors.New("the sandbox is not live on its node"))
+						return
+					}
+					if err := a.migrateOut(ctx, sb, mig); err != nil {
+						a.log.Warn("live migration failed", "sandbox", id, "migration", mig.ID, "err", err)
 					}
 				})
 			}
@@ -107,7 +126,10 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 	// and remove their files (once per sandbox: later assignment sets find it leaving).
 	a.mu.Lock()
 	var gone []string
-	for id := range a.live {
+	for id, s := range a.live {
+		if s.incomingMid != "" && coming[id] == s.incomingMid {
+			continue // migrating here (until the switch-over shows in the assignments)
+		}
 		if _, ok := want[id]; !ok && a.leaving[id] == nil {
 			gone = append(gone, id)
 			a.leaving[id] = make(chan struct{})
@@ -195,6 +217,19 @@ func (a *Agent) markPausing(id string, resumes int) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	key := fmt.Sprintf("pause %s/%d", id, resumes)
+	if a.stopsSent[key] {
+		return false
+	}
+	a.stopsSent[key] = true
+	return true
+}
+
+// markMigrating records that migration mid was started by Reconcile; false if it
+// already was.
+func (a *Agent) markMigrating(mid string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	key := "migrate " + mid
 	if a.stopsSent[key] {
 		return false
 	}

@@ -52,11 +52,12 @@ type startRun struct {
 	fallback         string    // why a snapshot start fell back to a cold boot
 	restoredFrom     *template // the template a restore used
 	rt               map[string]string
-	main             *client.Session // command
-	starting         chan struct{}   // closed once "starting" is reported
-	saved            *savedRecord    // a resume's (see resumeSteps)
-	fetched          bool            // its saved state came from another node
-	scratchFrom      string          // a start from a filesystem snapshot: its disk
+	main             *client.Session  // command
+	starting         chan struct{}    // closed once "starting" is reported
+	saved            *savedRecord     // a resume's (see resumeSteps)
+	fetched          bool             // its saved state came from another node
+	scratchFrom      string           // a start from a filesystem snapshot: its disk
+	migration        *state.Migration // a live migration's target: the migration
 }
 
 // run is the whole life of one sandbox on this node: its start's steps, then its
@@ -74,10 +75,16 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	// and on a cluster a round trip to the leader), in order: each waits for the one
 	// before. Only a start's end waits for them.
 	r := &startRun{s: s, sb: sb, ctx: s.ctx, ph: newPhases(), starting: make(chan struct{})}
-	go func() { // done before run returns (below)
-		defer close(r.starting)
-		a.update(sb.ID, state.Update{Status: status(state.StatusStarting), Node: &a.cfg.Node, Accel: &a.vms.accel.Accel})
-	}()
+	if s.incoming != nil {
+		// A live migration's target: the sandbox runs (on its source) all along.
+		r.migration = &s.incoming.mig
+		close(r.starting)
+	} else {
+		go func() { // done before run returns (below)
+			defer close(r.starting)
+			a.update(sb.ID, state.Update{Status: status(state.StatusStarting), Node: &a.cfg.Node, Accel: &a.vms.accel.Accel})
+		}()
+	}
 	defer func() { <-r.starting }()
 
 	// A restarted sandbox starts from a clean run directory (and drops the warm VM
@@ -88,6 +95,9 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	defer r.cleanup.run(a.log)
 	steps := startSteps
 	switch {
+	case r.migration != nil:
+		r.saved, r.fetched = &s.incoming.hdr.Record, true
+		steps = migrateSteps
 	case sb.Saved != nil:
 		// Its own save first: a fork, or a start from a snapshot, paused since.
 		steps = resumeSteps

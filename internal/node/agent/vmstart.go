@@ -61,6 +61,11 @@ type vmInput struct {
 	// memFile, with saved, makes a VM that flattens the save into this memory file
 	// (vmm.Flattener) instead of running it.
 	memFile string
+	// incoming, if set, makes the VM a live migration's target (see migrate.go): it
+	// restores from the stream, on an empty scratch disk of scratchBytes that the
+	// source mirrors into.
+	incoming     *vmm.Snapshot
+	scratchBytes int64
 }
 
 // savedFiles are a paused sandbox's VM files (see pause.go); mem, if set, is a flattened
@@ -112,7 +117,12 @@ func (m *vms) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHa
 	if in.tmpl != nil {
 		base, snap = in.tmpl.scratch(), in.tmpl.snapshot()
 	}
-	if in.saved != nil {
+	if in.incoming != nil {
+		snap = in.incoming
+		if err := emptyDisk(h.scratch, in.scratchBytes); err != nil {
+			return h, fmt.Errorf("create the scratch disk the migration fills: %w", err)
+		}
+	} else if in.saved != nil {
 		snap = &vmm.Snapshot{StateFile: in.saved.state, MemoryFile: in.saved.mem}
 		_ = os.Remove(h.scratch)
 		take := os.Link
@@ -221,6 +231,20 @@ func (h *vmHandle) undo() {
 	_ = os.Remove(h.scratch)
 }
 
+// emptyDisk creates path as an empty (sparse) file of size bytes.
+func emptyDisk(path string, size int64) error {
+	_ = os.Remove(path)
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
 // phases records how long each step of a start took, for inspect.
 type phases struct {
 	names []string
@@ -286,9 +310,17 @@ func (a *Agent) ownVM(s *sandbox, h *vmHandle, cleanup *cleanupStack) {
 		defer cancel()
 		return h.vm.Stop(sctx, 5*time.Second)
 	})
-	cleanup.push("close guest channel", h.guest.Close)
+	cleanup.push("close guest channel", func() error {
+		s.mu.Lock()
+		g := s.guest // a failed migration's reconnect may have replaced it
+		s.mu.Unlock()
+		if g != nil && g != h.guest {
+			g.Close()
+		}
+		return h.guest.Close()
+	})
 	s.mu.Lock()
-	s.vm, s.net = h.vm, h.net
+	s.vm, s.net, s.guestLn = h.vm, h.net, h.ln
 	s.mu.Unlock()
 }
 

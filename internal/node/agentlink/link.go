@@ -184,7 +184,7 @@ func (l *Link) setAssigned(m *pb.Assignments) error {
 		}
 		// Its own, and those whose files it holds (see WatchAssignments); a
 		// server that sent another node's would be wrong, and is not followed.
-		if sb.Node != l.node && sb.FilesOn() != l.node {
+		if sb.Node != l.node && sb.FilesOn() != l.node && sb.MigratingTo() != l.node {
 			continue
 		}
 		out = append(out, sb)

@@ -94,7 +94,16 @@ type Snapshot struct {
 	// on: there must never be two).
 	Stream       io.Reader
 	BeforeResume func(ctx context.Context) error
+	// ReceiveDisks, with Stream, has the target take its writable disks' content from
+	// the source, which mirrors them (MigrateOptions.DialDisks) instead of sharing the
+	// files (another node): Start serves the disks, before it reads the stream, and
+	// calls ReceiveDisks with the way to reach that service. The target's disks must be
+	// as large as the source's; what they hold is overwritten.
+	ReceiveDisks func(dial DialFunc)
 }
+
+// DialFunc opens a connection to a service a VM offers (a migration's disk service).
+type DialFunc func(ctx context.Context) (net.Conn, error)
 
 // Prestarter is implemented by VMs that can launch their VMM ahead of time: Prestart
 // starts the VMM process and readies it (for a restore: ready to load Spec.Restore) with
@@ -161,17 +170,27 @@ type Flattener interface {
 // changed since and the device state), and returns with the VM stopped but not ended:
 // the caller ends it once the target runs, or resumes it (Pauser) if the target failed.
 // The target is a VM of the same spec whose Restore.Stream reads w's bytes. Disks are
-// not in the stream: the target's must hold what the source's did (the same file on one
-// node).
+// not in the stream: the target opens the source's very files (one node), or the source
+// mirrors them into the target's (MigrateOptions.DialDisks, Snapshot.ReceiveDisks) while
+// the guest runs, in step with its writes once copied, and the stream's end waits for
+// the mirror to be whole.
 type Migrator interface {
-	MigrateOut(ctx context.Context, w io.Writer) (MigrationStats, error)
+	MigrateOut(ctx context.Context, w io.Writer, opts MigrateOptions) (MigrationStats, error)
+}
+
+// MigrateOptions tune a MigrateOut.
+type MigrateOptions struct {
+	// DialDisks reaches the target's disk service (Snapshot.ReceiveDisks), once per
+	// connection the source's VMM opens; nil: the target shares the source's disk files.
+	DialDisks DialFunc
 }
 
 // MigrationStats are what a live migration took.
 type MigrationStats struct {
-	Bytes    int64         // sent
-	Downtime time.Duration // the guest stopped, as the VMM measured it
-	Total    time.Duration
+	Bytes     int64         // sent: RAM and device state
+	DiskBytes int64         // sent by the disk mirror
+	Downtime  time.Duration // the guest stopped, as the VMM measured it
+	Total     time.Duration
 }
 
 // Info describes a started VM.

@@ -10,6 +10,7 @@ const (
 	accepted rejectKind = iota
 	rejectStatus
 	rejectPinned
+	rejectAvoided
 	rejectDraining
 	rejectCordoned
 	rejectConstraint
@@ -58,6 +59,16 @@ type pinFilter struct{ node string }
 func (f pinFilter) reject(e *entry) rejection {
 	if e.node.ID != f.node {
 		return rejection{kind: rejectPinned}
+	}
+	return rejection{}
+}
+
+// avoidFilter rejects the node a sandbox is moving away from.
+type avoidFilter struct{ node string }
+
+func (f avoidFilter) reject(e *entry) rejection {
+	if e.node.ID == f.node {
+		return rejection{kind: rejectAvoided}
 	}
 	return rejection{}
 }
@@ -115,6 +126,9 @@ func newChain(req *Request) chain {
 	if req.Node != "" {
 		// First: the other nodes are "not where its state is", not also down or full.
 		fs = append(fs, pinFilter{req.Node})
+	}
+	if req.Avoid != "" {
+		fs = append(fs, avoidFilter{req.Avoid})
 	}
 	fs = append(fs, statusFilter{})
 	if len(req.Constraints) > 0 {

@@ -68,6 +68,7 @@ func (s *Scheduler) explain(req *Request, c chain) *NoFitError {
 		cons      = make([]int, len(req.Constraints))
 		drain, co int
 		pinned    int
+		avoided   int
 		statuses  map[NodeStatus]int
 	)
 	for i := range s.nodes {
@@ -81,6 +82,8 @@ func (s *Scheduler) explain(req *Request, c chain) *NoFitError {
 			statuses[e.node.Status]++
 		case rejectPinned:
 			pinned++
+		case rejectAvoided:
+			avoided++
 		case rejectDraining:
 			drain++
 		case rejectCordoned:
@@ -117,6 +120,9 @@ func (s *Scheduler) explain(req *Request, c chain) *NoFitError {
 		what := "not node " + req.Node + ", which holds the files it starts from"
 		add("pinned", pinned, nodes(pinned, "is "+what, "are "+what))
 	}
+	if avoided > 0 {
+		add("source", avoided, nodes(avoided, "is "+req.Avoid+", where it runs now", "are "+req.Avoid+", where it runs now"))
+	}
 	if drain > 0 {
 		add("draining", drain, nodes(drain, "draining", "draining"))
 	}
@@ -146,6 +152,8 @@ func describeOne(e *entry, req *Request, r rejection) string {
 		return "node is " + statusText(e.node.Status)
 	case rejectPinned:
 		return "node is not " + req.Node + ", which holds the files the sandbox starts from"
+	case rejectAvoided:
+		return "the sandbox runs on this node now"
 	case rejectDraining:
 		return "node is draining"
 	case rejectCordoned:

@@ -87,6 +87,9 @@ type Request struct {
 	// Prefer, if set, is the node that takes the sandbox if it can: the one holding the
 	// files it starts from (a fork's source), which any other node would fetch first.
 	Prefer string
+	// Avoid, if set, is a node that must not take the sandbox: where it runs now (a live
+	// migration's source).
+	Avoid string
 }
 
 func (r *Request) validate() error {

@@ -308,6 +308,10 @@ type Sandbox struct {
 	// Saved is where the sandbox's saved state is while it is paused or resuming; nil
 	// otherwise.
 	Saved *Saved `json:"saved,omitempty"`
+	// Migration is the live migration in progress, if any; Migrations the ones that
+	// ended (the latest few).
+	Migration  *Migration  `json:"migration,omitempty"`
+	Migrations []Migration `json:"migrations,omitempty"`
 }
 
 // Saved describes a paused sandbox's saved state: on which node (and its address, where
@@ -362,6 +366,14 @@ type Update struct {
 	// PendingReason replaces the reason of a pending sandbox (why it waits, e.g. "no node
 	// fits: ...") without an event; ignored in any other status.
 	PendingReason *string `json:"pending_reason,omitempty"`
+	// StartMigration begins a live migration of the running sandbox; CommitMigration
+	// (its ID, with MigrationStats) commits its switch-over: the sandbox is on the
+	// target from here; EndMigration (its ID, with Reason) ends it without: the sandbox
+	// stays on the source. See Migration.
+	StartMigration  *Migration      `json:"start_migration,omitempty"`
+	CommitMigration string          `json:"commit_migration,omitempty"`
+	EndMigration    string          `json:"end_migration,omitempty"`
+	MigrationStats  *MigrationStats `json:"migration_stats,omitempty"`
 	// Time is when the change happened (required). It is an input rather than read by the
 	// FSM so that every replica, and every replay, computes the same state.
 	Time time.Time `json:"time"`
@@ -400,6 +412,11 @@ func (sb *Sandbox) clone() *Sandbox {
 		saved := *sb.Saved
 		c.Saved = &saved
 	}
+	if sb.Migration != nil {
+		m := *sb.Migration
+		c.Migration = &m
+	}
+	c.Migrations = slices.Clone(sb.Migrations)
 	return &c
 }
 
@@ -413,6 +430,13 @@ func (sb *Sandbox) normalize() {
 	sb.PauseRequestedAt = utc(sb.PauseRequestedAt)
 	if sb.Saved != nil {
 		sb.Saved.At = utc(sb.Saved.At)
+	}
+	if m := sb.Migration; m != nil {
+		m.Started, m.Deadline = utc(m.Started), utc(m.Deadline)
+	}
+	for i := range sb.Migrations {
+		m := &sb.Migrations[i]
+		m.Started, m.Deadline, m.Ended = utc(m.Started), utc(m.Deadline), utc(m.Ended)
 	}
 	for i := range sb.Events {
 		sb.Events[i].Time = utc(sb.Events[i].Time)
@@ -495,6 +519,9 @@ func (sb *Sandbox) apply(u Update) error {
 		sb.Node, sb.ExitCode, sb.Signal = "", 0, 0
 		sb.StartedAt, sb.FinishedAt = time.Time{}, time.Time{}
 		sb.Runtime = nil
+		if m := sb.Migration; m != nil {
+			sb.endMigration(*m, t, "failed: the sandbox was re-run ("+boundReason(u.Reason)+")")
+		}
 		u.Status = nil // handled
 	}
 	if u.Policy != nil {
@@ -505,6 +532,13 @@ func (sb *Sandbox) apply(u Update) error {
 	}
 	if u.StopGrace != nil && sb.StopRequestedAt.IsZero() {
 		sb.StopRequestedAt, sb.StopGrace = t, *u.StopGrace
+		if m := sb.Migration; m != nil {
+			// A stop wins over a migration in progress: it cannot commit after this.
+			sb.endMigration(*m, t, "failed: the sandbox was stopped")
+		}
+	}
+	if err := sb.applyMigration(u, t); err != nil {
+		return err
 	}
 	if u.RequestPause && sb.PauseRequestedAt.IsZero() {
 		switch {
@@ -514,6 +548,8 @@ func (sb *Sandbox) apply(u Update) error {
 			return fmt.Errorf("%w: sandbox is %s; only a running sandbox can be paused", ErrInvalidTransition, sb.Status)
 		case !sb.StopRequestedAt.IsZero():
 			return fmt.Errorf("%w: sandbox is stopping", ErrInvalidTransition)
+		case sb.Migration != nil:
+			return fmt.Errorf("%w: sandbox is migrating", ErrInvalidTransition)
 		default:
 			sb.PauseRequestedAt, sb.PausedFor = t, boundReason(u.PauseFor)
 		}
@@ -562,6 +598,9 @@ func (sb *Sandbox) apply(u Update) error {
 			}
 			if to.Terminal() {
 				sb.FinishedAt = t
+				if m := sb.Migration; m != nil {
+					sb.endMigration(*m, t, "failed: the sandbox ended ("+string(to)+")")
+				}
 			}
 		}
 	}

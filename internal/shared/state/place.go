@@ -71,6 +71,11 @@ func SchedulerSnapshot(nodes []*Node, sbs []*Sandbox) *scheduler.Snapshot {
 		}
 		snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: sb.ID, NodeID: sb.Node,
 			Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}})
+		if m := sb.Migration; m != nil && m.To != sb.Node {
+			// The target of a live migration holds a VM for it until it ends.
+			snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: sb.ID + "~migration", NodeID: m.To,
+				Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}})
+		}
 	}
 	return snap
 }

@@ -213,7 +213,7 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 			return err
 		}
 	}
-	migrating := s.Restore != nil && s.Restore.Stream != nil
+	migrating := sharesDisks(s)
 	for _, d := range s.Disks {
 		if d.ReadOnly {
 			continue
@@ -261,6 +261,12 @@ func (j *JailConfig) prepare(s vmm.Spec, uid int) error {
 		}
 	}
 	return nil
+}
+
+// sharesDisks says whether s is a live migration's target that opens its source's very
+// disk files (one node), rather than receiving their content (vmm.Snapshot.ReceiveDisks).
+func sharesDisks(s vmm.Spec) bool {
+	return s.Restore != nil && s.Restore.Stream != nil && s.Restore.ReceiveDisks == nil
 }
 
 // takeDisks gives a live migration's target, which has taken over, its writable disks

@@ -40,6 +40,11 @@ const (
 	// migrateSocket is where Snapshot listens for QEMU's migration stream (QEMU's seccomp
 	// sandbox forbids exec: URIs, and a socket needs no fd passing over QMP).
 	migrateSocket = "migrate.sock"
+	// mirrorSocket is where MigrateOut listens for the connections its VMM opens to
+	// mirror the disks to the target (each is carried to the target by the caller);
+	// nbdSocket is where a migration's target serves its disks for that mirror.
+	mirrorSocket = "mirror.sock"
+	nbdSocket    = vmmDir + "/nbd.sock"
 )
 
 // restoreFD is the descriptor a restored QEMU reads its device state from (-incoming fd:3,
@@ -268,7 +273,7 @@ func (d *Driver) validate(s vmm.Spec) error {
 		if fi, err := os.Stat(filepath.Dir(s.MemoryFile)); err != nil || !fi.IsDir() {
 			errs = append(errs, fmt.Errorf("memory file directory %s does not exist", filepath.Dir(s.MemoryFile)))
 		}
-		if len(filepath.Join(s.Dir, migrateSocket)) > maxSocketPath {
+		if len(filepath.Join(s.Dir, mirrorSocket)) > maxSocketPath {
 			errs = append(errs, fmt.Errorf("run directory %s is too long for the migration socket", s.Dir))
 		}
 	}
@@ -360,7 +365,8 @@ func (d *Driver) args(s vmm.Spec) []string {
 		}
 		id := "disk" + strconv.Itoa(i)
 		a = append(a,
-			"-drive", "file="+esc(disk.Path)+",if=none,id="+id+",format=raw,readonly="+ro,
+			// node-name: what a migration's target exports its disks by.
+			"-drive", "file="+esc(disk.Path)+",if=none,id="+id+",node-name="+diskNode(i)+",format=raw,readonly="+ro,
 			"-device", "virtio-blk-device,drive="+id)
 	}
 	a = append(a,

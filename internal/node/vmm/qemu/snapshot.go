@@ -12,8 +12,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
 )
 
 // maxStateBytes bounds the device state a snapshot may write. With guest RAM excluded
@@ -203,6 +201,7 @@ func (v *vm) waitMigration(ctx context.Context) error {
 	v.mu.Lock()
 	c := v.qmp
 	v.mu.Unlock()
+	continued := false
 	for {
 		var st struct {
 			Status    string `json:"status"`
@@ -216,6 +215,24 @@ func (v *vm) waitMigration(ctx context.Context) error {
 			return nil
 		case "failed", "cancelled":
 			return fmt.Errorf("migration %s: %s", st.Status, st.ErrorDesc)
+		case "pre-switchover":
+			// Paused before the switch-over (see migrate.go): the guest is stopped; what
+			// must be whole first (the disk mirror) ends now.
+			if !continued {
+				v.mu.Lock()
+				before := v.beforeSwitchover
+				v.mu.Unlock()
+				if before != nil {
+					if err := before(ctx); err != nil {
+						_ = c.Execute(context.Background(), "migrate_cancel", nil, nil)
+						return err
+					}
+				}
+				if err := c.Execute(ctx, "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
+					return fmt.Errorf("continue the migration: %w", err)
+				}
+				continued = true
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -226,44 +243,4 @@ func (v *vm) waitMigration(ctx context.Context) error {
 		case <-time.After(2 * time.Millisecond):
 		}
 	}
-}
-
-// migrationDowntime is the pause QEMU aims for at the end of a live migration (the
-// last dirty pages and the device state); it keeps copying while more would remain.
-const migrationDowntime = 50 * time.Millisecond
-
-// MigrateOut implements vmm.Migrator: pre-copy live migration of the running VM into w
-// (RAM copied while the guest runs, again as it dirties it, then the guest stopped for
-// the rest and the device state). The VM ends stopped, not ended: the caller ends it
-// once the target has taken over, or resumes it (vmm.Pauser) if the target failed.
-func (v *vm) MigrateOut(ctx context.Context, w io.Writer) (vmm.MigrationStats, error) {
-	v.mu.Lock()
-	c, state, detached := v.qmp, v.state, v.detached
-	v.mu.Unlock()
-	var st vmm.MigrationStats
-	if state != "running" || c == nil || detached {
-		return st, fmt.Errorf("migrate VM %s: not running under this process (%s)", v.id, state)
-	}
-	// All RAM is in the stream (a template-restored VM's private copy included).
-	if err := setIgnoreShared(ctx, c, false); err != nil {
-		return st, fmt.Errorf("migrate VM %s: %w", v.id, err)
-	}
-	params := map[string]any{"downtime-limit": migrationDowntime.Milliseconds(), "max-bandwidth": int64(8) << 30}
-	if err := c.Execute(ctx, "migrate-set-parameters", params, nil); err != nil {
-		return st, fmt.Errorf("migrate VM %s: set parameters: %w", v.id, err)
-	}
-	if err := v.streamOut(ctx, w, 0); err != nil {
-		return st, fmt.Errorf("migrate VM %s: %w", v.id, err)
-	}
-	var q struct {
-		TotalTime int64 `json:"total-time"`
-		Downtime  int64 `json:"downtime"`
-		RAM       struct {
-			Transferred int64 `json:"transferred"`
-		} `json:"ram"`
-	}
-	if err := c.Execute(ctx, "query-migrate", nil, &q); err == nil {
-		st = vmm.MigrationStats{Bytes: q.RAM.Transferred, Downtime: time.Duration(q.Downtime) * time.Millisecond, Total: time.Duration(q.TotalTime) * time.Millisecond}
-	}
-	return st, nil
 }

@@ -88,10 +88,13 @@ type vm struct {
 	taps        []*os.File // Spec.NICs' taps, the caller's: passed to QEMU at launch
 	restoreFrom string     // Spec.Restore.StateFile: Start restores instead of booting
 	snapshotted bool       // saved: must never run again
-	prestarted  bool       // launched by Prestart; Start loads and resumes
-	resuming    bool       // Start is loading and resuming a prestarted VM
-	resumed     bool       // the guest has been let run
-	exited      chan struct{}
+	// beforeSwitchover, during an outgoing migration, runs with the guest stopped before
+	// the switch-over (see migrate.go).
+	beforeSwitchover func(ctx context.Context) error
+	prestarted       bool // launched by Prestart; Start loads and resumes
+	resuming         bool // Start is loading and resuming a prestarted VM
+	resumed          bool // the guest has been let run
+	exited           chan struct{}
 
 	spec    vmm.Spec // as created (for the jail: which files it binds)
 	uid     int      // jail user while the VMM lives (0: none)
@@ -306,6 +309,9 @@ func (v *vm) resume(ctx context.Context) error {
 	client, exited := v.qmp, v.exited
 	v.mu.Unlock()
 	if v.restoreFrom != "" {
+		if err := v.serveDisks(ctx); err != nil {
+			return v.failStart(err)
+		}
 		if err := client.Execute(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + strconv.Itoa(restoreFD)}, nil); err != nil {
 			return v.failStart(fmt.Errorf("restore device state from %s: %w", v.restoreFrom, err))
 		}
@@ -321,7 +327,10 @@ func (v *vm) resume(ctx context.Context) error {
 				return v.failStart(fmt.Errorf("the restored VM may not run: %w", err))
 			}
 		}
-		if r := v.spec.Restore; r != nil && r.Stream != nil && v.uid != 0 {
+		if err := v.stopDiskService(ctx); err != nil {
+			return v.failStart(err)
+		}
+		if sharesDisks(v.spec) && v.uid != 0 {
 			// The migration's target takes over: the disks are its user's now.
 			if err := v.d.cfg.Jail.takeDisks(v.spec, v.uid); err != nil {
 				return v.failStart(err)
@@ -340,7 +349,7 @@ func (v *vm) resume(ctx context.Context) error {
 
 // failStart kills a VMM whose start went wrong and returns err with QEMU's last words.
 func (v *vm) failStart(err error) error {
-	if r := v.spec.Restore; r != nil && r.Stream != nil && v.d.cfg.Jail != nil {
+	if sharesDisks(v.spec) && v.d.cfg.Jail != nil {
 		dropDiskACLs(v.spec) // a migration's target that did not take over
 	}
 	v.mu.Lock()

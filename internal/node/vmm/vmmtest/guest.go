@@ -28,6 +28,7 @@ const PortName = "fireworks.0"
 //	cpus        -> number of online CPUs
 //	mem         -> MemTotal in kB
 //	disk N      -> "ro=R bytes=HEX" for the N-th virtio disk (0 = vda): read-only flag and first 16 bytes
+//	wdisk N S   -> writes S (padded to 16 bytes) at the start of the N-th disk, synced: "ok"
 //	put V       -> stores V in a shell variable (guest memory), answers "ok"
 //	get         -> the stored value
 //	rand        -> 16 bytes of /dev/urandom in hex
@@ -72,6 +73,10 @@ while :; do
 		disk)
 			d=vd$(echo abcdefgh | cut -c$((arg + 1)))
 			echo "ro=$(cat /sys/block/$d/ro 2>/dev/null) bytes=$(head -c 16 /dev/$d 2>/dev/null | od -An -tx1 | tr -d ' \n')" >&3 ;;
+		wdisk)
+			set -- $arg
+			d=vd$(echo abcdefgh | cut -c$(($1 + 1)))
+			if printf '%-16s' "$2" | dd of=/dev/$d bs=16 count=1 conv=notrunc,fsync 2>/dev/null; then echo ok >&3; else echo error >&3; fi ;;
 		put) val="$arg"; echo ok >&3 ;;
 		get) echo "$val" >&3 ;;
 		rand) head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' >&3; echo >&3 ;;

@@ -205,7 +205,7 @@ func (s *suite) testNetwork(t *testing.T) {
 		checkTraffic(t, src)
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		pr, done := migrateOut(ctx, m)
+		pr, done := migrateOut(ctx, m, vmm.MigrateOptions{})
 		dst := s.boot(t, bootOpts{restore: &vmm.Snapshot{Stream: pr}, nics: []vmm.NIC{{Tap: tap, MAC: GuestMAC}}})
 		if r := <-done; r.err != nil {
 			t.Fatalf("MigrateOut: %v", r.err)

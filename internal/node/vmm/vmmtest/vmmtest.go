@@ -96,6 +96,7 @@ func Run(t *testing.T, d vmm.Driver, h Harness) {
 	t.Run("SnapshotRestore", s.testSnapshot)
 	t.Run("SaveRestoreWhole", s.testSave)
 	t.Run("LiveMigration", s.testMigrate)
+	t.Run("LiveMigrationMirrorsDisks", s.testMigrateMirror)
 	t.Run("Network", s.testNetwork)
 }
 
@@ -791,7 +792,7 @@ func (s *suite) testMigrate(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	migrate := func() (*io.PipeReader, chan migration) { return migrateOut(ctx, m) }
+	migrate := func() (*io.PipeReader, chan migration) { return migrateOut(ctx, m, vmm.MigrateOptions{}) }
 
 	// The switch-over refused: the target ends without running; the source resumes.
 	pr, done := migrate()
@@ -851,6 +852,109 @@ func (s *suite) testMigrate(t *testing.T) {
 	}
 }
 
+// testMigrateMirror: a guest migrated onto disks of its own (another node's) finds on
+// them what it wrote before and during the migration; a mirror refused by the target
+// leaves the source running.
+func (s *suite) testMigrateMirror(t *testing.T) {
+	srcDisk := diskImage(t, "mirror-source")
+	src := s.boot(t, bootOpts{disks: []vmm.Disk{{Path: srcDisk}}})
+	m, ok := src.vm.(vmm.Migrator)
+	if !ok {
+		testutil.Skipf(t, "the %s driver does not implement vmm.Migrator (live migration)", s.d.Name())
+	}
+	if got := src.mustCall("wdisk 0 written-before"); got != "ok" {
+		t.Fatalf("wdisk: %q", got)
+	}
+	if got := src.mustCall("put in-memory"); got != "ok" {
+		t.Fatalf("put: %q", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	// The target's disk service cannot be reached: the migration fails, the source runs.
+	pr, done := migrateOut(ctx, m, vmm.MigrateOptions{DialDisks: func(context.Context) (net.Conn, error) {
+		return nil, errors.New("no route to the target")
+	}})
+	r := <-done
+	pr.Close()
+	if r.err == nil {
+		t.Fatal("a migration whose disks could not be mirrored succeeded")
+	}
+	if got := src.mustCall("get"); got != "in-memory" {
+		t.Fatalf("the source after a failed mirror answers %q", got)
+	}
+
+	// The target has an empty disk of the same size; the source mirrors into it.
+	dstDisk := filepath.Join(shortDir(t), "disk.img")
+	if err := os.WriteFile(dstDisk, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(dstDisk, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	dials := make(chan vmm.DialFunc, 1)
+	ropts := &vmm.Snapshot{ReceiveDisks: func(d vmm.DialFunc) { dials <- d }}
+	pr, pw := io.Pipe()
+	ropts.Stream = pr
+	type started struct {
+		g *guest
+	}
+	dstc := make(chan started, 1)
+	go func() {
+		var g *guest
+		defer func() { dstc <- started{g} }() // nil: boot failed the test
+		g = s.boot(t, bootOpts{disks: []vmm.Disk{{Path: dstDisk}}, restore: ropts})
+	}()
+	var dial vmm.DialFunc
+	select {
+	case dial = <-dials:
+	case st := <-dstc:
+		t.Fatalf("the target ended (%v) before it offered its disks", st.g)
+	case <-ctx.Done():
+		t.Fatal("the target never offered its disks")
+	}
+	done = make(chan migration, 1)
+	go func() {
+		st, err := m.MigrateOut(ctx, pw, vmm.MigrateOptions{DialDisks: dial})
+		pw.CloseWithError(err)
+		done <- migration{st, err}
+	}()
+	// The guest writes its disk while it is being mirrored.
+	if got := src.mustCall("wdisk 0 written-during"); got != "ok" {
+		t.Fatalf("wdisk during the migration: %q", got)
+	}
+	r = <-done
+	if r.err != nil {
+		t.Fatalf("MigrateOut with a disk mirror: %v", r.err)
+	}
+	dst := (<-dstc).g
+	if dst == nil {
+		t.Fatal("the target did not start")
+	}
+	src.vm.Kill()
+	waitEnd(t, src.vm, 30*time.Second)
+	if got := dst.mustCall("get"); got != "in-memory" {
+		t.Fatalf("the migrated VM remembers %q", got)
+	}
+	head := make([]byte, 16)
+	f, err := os.Open(dstDisk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = io.ReadFull(f, head)
+	f.Close()
+	if err != nil || strings.TrimSpace(string(head)) != "written-during" {
+		t.Fatalf("the target's disk starts with %q (%v), want what the guest wrote during the migration", head, err)
+	}
+	if got := dst.mustCall("wdisk 0 written-after"); got != "ok" {
+		t.Fatalf("wdisk on the migrated VM: %q", got)
+	}
+	t.Logf("live migration with a disk mirror: %d bytes of RAM and state, %d of disk, downtime %s, total %s", r.st.Bytes, r.st.DiskBytes, r.st.Downtime, r.st.Total)
+	if r.st.DiskBytes <= 0 {
+		t.Errorf("the mirror says it sent %d bytes", r.st.DiskBytes)
+	}
+}
+
 // migration is how a MigrateOut ended.
 type migration struct {
 	st  vmm.MigrationStats
@@ -859,11 +963,11 @@ type migration struct {
 
 // migrateOut starts migrating m into a pipe: the target reads its end, done says how the
 // source's side ended (the pipe is closed with it).
-func migrateOut(ctx context.Context, m vmm.Migrator) (*io.PipeReader, chan migration) {
+func migrateOut(ctx context.Context, m vmm.Migrator, opts vmm.MigrateOptions) (*io.PipeReader, chan migration) {
 	pr, pw := io.Pipe()
 	done := make(chan migration, 1)
 	go func() {
-		st, err := m.MigrateOut(ctx, pw)
+		st, err := m.MigrateOut(ctx, pw, opts)
 		pw.CloseWithError(err)
 		done <- migration{st, err}
 	}()

@@ -497,8 +497,11 @@ type Sandbox struct {
 	// Live network counters (GetSandbox of a running sandbox with a network).
 	Network *NetworkStatus `protobuf:"bytes,19,opt,name=network,proto3" json:"network,omitempty"`
 	// A paused sandbox's saved state (memory, devices, scratch disk): where and how large.
-	Saved         *SavedState `protobuf:"bytes,20,opt,name=saved,proto3" json:"saved,omitempty"`
-	Resumes       int32       `protobuf:"varint,21,opt,name=resumes,proto3" json:"resumes,omitempty"`
+	Saved   *SavedState `protobuf:"bytes,20,opt,name=saved,proto3" json:"saved,omitempty"`
+	Resumes int32       `protobuf:"varint,21,opt,name=resumes,proto3" json:"resumes,omitempty"`
+	// The live migration in progress, if any; the ones that ended (the latest few).
+	Migration     *Migration   `protobuf:"bytes,22,opt,name=migration,proto3" json:"migration,omitempty"`
+	Migrations    []*Migration `protobuf:"bytes,23,rep,name=migrations,proto3" json:"migrations,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -680,6 +683,237 @@ func (x *Sandbox) GetResumes() int32 {
 	return 0
 }
 
+func (x *Sandbox) GetMigration() *Migration {
+	if x != nil {
+		return x.Migration
+	}
+	return nil
+}
+
+func (x *Sandbox) GetMigrations() []*Migration {
+	if x != nil {
+		return x.Migrations
+	}
+	return nil
+}
+
+// A live migration of a running sandbox from one node to another.
+type Migration struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Id      string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	From    string                 `protobuf:"bytes,2,opt,name=from,proto3" json:"from,omitempty"`
+	To      string                 `protobuf:"bytes,3,opt,name=to,proto3" json:"to,omitempty"`
+	Started *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=started,proto3" json:"started,omitempty"`
+	Ended   *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=ended,proto3" json:"ended,omitempty"`
+	// "moved", or "failed: why"; empty while in progress.
+	Outcome string `protobuf:"bytes,6,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	// How long the guest was stopped at the switch-over, as the source's VMM measured it.
+	DowntimeUs int64 `protobuf:"varint,7,opt,name=downtime_us,json=downtimeUs,proto3" json:"downtime_us,omitempty"`
+	// RAM and device state sent; disk sent by the mirror.
+	Bytes         int64 `protobuf:"varint,8,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	DiskBytes     int64 `protobuf:"varint,9,opt,name=disk_bytes,json=diskBytes,proto3" json:"disk_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Migration) Reset() {
+	*x = Migration{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Migration) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Migration) ProtoMessage() {}
+
+func (x *Migration) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Migration.ProtoReflect.Descriptor instead.
+func (*Migration) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Migration) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Migration) GetFrom() string {
+	if x != nil {
+		return x.From
+	}
+	return ""
+}
+
+func (x *Migration) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *Migration) GetStarted() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Started
+	}
+	return nil
+}
+
+func (x *Migration) GetEnded() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Ended
+	}
+	return nil
+}
+
+func (x *Migration) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *Migration) GetDowntimeUs() int64 {
+	if x != nil {
+		return x.DowntimeUs
+	}
+	return 0
+}
+
+func (x *Migration) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *Migration) GetDiskBytes() int64 {
+	if x != nil {
+		return x.DiskBytes
+	}
+	return 0
+}
+
+type MigrateSandboxRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	// The node to move it to; empty: the scheduler's choice among the others.
+	To            string `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrateSandboxRequest) Reset() {
+	*x = MigrateSandboxRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateSandboxRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateSandboxRequest) ProtoMessage() {}
+
+func (x *MigrateSandboxRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateSandboxRequest.ProtoReflect.Descriptor instead.
+func (*MigrateSandboxRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *MigrateSandboxRequest) GetSandbox() string {
+	if x != nil {
+		return x.Sandbox
+	}
+	return ""
+}
+
+func (x *MigrateSandboxRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+type MigrateSandboxResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox       *Sandbox               `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	Migration     *Migration             `protobuf:"bytes,2,opt,name=migration,proto3" json:"migration,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MigrateSandboxResponse) Reset() {
+	*x = MigrateSandboxResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateSandboxResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateSandboxResponse) ProtoMessage() {}
+
+func (x *MigrateSandboxResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateSandboxResponse.ProtoReflect.Descriptor instead.
+func (*MigrateSandboxResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *MigrateSandboxResponse) GetSandbox() *Sandbox {
+	if x != nil {
+		return x.Sandbox
+	}
+	return nil
+}
+
+func (x *MigrateSandboxResponse) GetMigration() *Migration {
+	if x != nil {
+		return x.Migration
+	}
+	return nil
+}
+
 type SavedState struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -691,7 +925,7 @@ type SavedState struct {
 
 func (x *SavedState) Reset() {
 	*x = SavedState{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -703,7 +937,7 @@ func (x *SavedState) String() string {
 func (*SavedState) ProtoMessage() {}
 
 func (x *SavedState) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -716,7 +950,7 @@ func (x *SavedState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SavedState.ProtoReflect.Descriptor instead.
 func (*SavedState) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{5}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *SavedState) GetNode() string {
@@ -749,7 +983,7 @@ type PauseSandboxRequest struct {
 
 func (x *PauseSandboxRequest) Reset() {
 	*x = PauseSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -761,7 +995,7 @@ func (x *PauseSandboxRequest) String() string {
 func (*PauseSandboxRequest) ProtoMessage() {}
 
 func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -774,7 +1008,7 @@ func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseSandboxRequest.ProtoReflect.Descriptor instead.
 func (*PauseSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{6}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PauseSandboxRequest) GetSandbox() string {
@@ -793,7 +1027,7 @@ type PauseSandboxResponse struct {
 
 func (x *PauseSandboxResponse) Reset() {
 	*x = PauseSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -805,7 +1039,7 @@ func (x *PauseSandboxResponse) String() string {
 func (*PauseSandboxResponse) ProtoMessage() {}
 
 func (x *PauseSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -818,7 +1052,7 @@ func (x *PauseSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseSandboxResponse.ProtoReflect.Descriptor instead.
 func (*PauseSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{7}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PauseSandboxResponse) GetSandbox() *Sandbox {
@@ -854,7 +1088,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -866,7 +1100,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -879,7 +1113,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{8}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Snapshot) GetId() string {
@@ -987,7 +1221,7 @@ type CreateSnapshotRequest struct {
 
 func (x *CreateSnapshotRequest) Reset() {
 	*x = CreateSnapshotRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -999,7 +1233,7 @@ func (x *CreateSnapshotRequest) String() string {
 func (*CreateSnapshotRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1012,7 +1246,7 @@ func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{9}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CreateSnapshotRequest) GetSandbox() string {
@@ -1052,7 +1286,7 @@ type CreateSnapshotResponse struct {
 
 func (x *CreateSnapshotResponse) Reset() {
 	*x = CreateSnapshotResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1064,7 +1298,7 @@ func (x *CreateSnapshotResponse) String() string {
 func (*CreateSnapshotResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1077,7 +1311,7 @@ func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{10}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CreateSnapshotResponse) GetSnapshot() *Snapshot {
@@ -1095,7 +1329,7 @@ type ListSnapshotsRequest struct {
 
 func (x *ListSnapshotsRequest) Reset() {
 	*x = ListSnapshotsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1107,7 +1341,7 @@ func (x *ListSnapshotsRequest) String() string {
 func (*ListSnapshotsRequest) ProtoMessage() {}
 
 func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1120,7 +1354,7 @@ func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsRequest.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{11}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{14}
 }
 
 type ListSnapshotsResponse struct {
@@ -1132,7 +1366,7 @@ type ListSnapshotsResponse struct {
 
 func (x *ListSnapshotsResponse) Reset() {
 	*x = ListSnapshotsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1144,7 +1378,7 @@ func (x *ListSnapshotsResponse) String() string {
 func (*ListSnapshotsResponse) ProtoMessage() {}
 
 func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1157,7 +1391,7 @@ func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsResponse.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{12}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListSnapshotsResponse) GetSnapshots() []*Snapshot {
@@ -1177,7 +1411,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1189,7 +1423,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1202,7 +1436,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{13}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DeleteSnapshotRequest) GetSnapshot() string {
@@ -1220,7 +1454,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1232,7 +1466,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1245,7 +1479,7 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{14}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{17}
 }
 
 type ForkSandboxRequest struct {
@@ -1259,7 +1493,7 @@ type ForkSandboxRequest struct {
 
 func (x *ForkSandboxRequest) Reset() {
 	*x = ForkSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1271,7 +1505,7 @@ func (x *ForkSandboxRequest) String() string {
 func (*ForkSandboxRequest) ProtoMessage() {}
 
 func (x *ForkSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1284,7 +1518,7 @@ func (x *ForkSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForkSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ForkSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{15}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ForkSandboxRequest) GetSandbox() string {
@@ -1310,7 +1544,7 @@ type ForkSandboxResponse struct {
 
 func (x *ForkSandboxResponse) Reset() {
 	*x = ForkSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1322,7 +1556,7 @@ func (x *ForkSandboxResponse) String() string {
 func (*ForkSandboxResponse) ProtoMessage() {}
 
 func (x *ForkSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1335,7 +1569,7 @@ func (x *ForkSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForkSandboxResponse.ProtoReflect.Descriptor instead.
 func (*ForkSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{16}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ForkSandboxResponse) GetForks() []*Sandbox {
@@ -1357,7 +1591,7 @@ type ResumeSandboxRequest struct {
 
 func (x *ResumeSandboxRequest) Reset() {
 	*x = ResumeSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1369,7 +1603,7 @@ func (x *ResumeSandboxRequest) String() string {
 func (*ResumeSandboxRequest) ProtoMessage() {}
 
 func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1382,7 +1616,7 @@ func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{17}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ResumeSandboxRequest) GetSandbox() string {
@@ -1408,7 +1642,7 @@ type ResumeSandboxResponse struct {
 
 func (x *ResumeSandboxResponse) Reset() {
 	*x = ResumeSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1420,7 +1654,7 @@ func (x *ResumeSandboxResponse) String() string {
 func (*ResumeSandboxResponse) ProtoMessage() {}
 
 func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1433,7 +1667,7 @@ func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxResponse.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{18}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ResumeSandboxResponse) GetSandbox() *Sandbox {
@@ -1453,7 +1687,7 @@ type CreateSandboxRequest struct {
 
 func (x *CreateSandboxRequest) Reset() {
 	*x = CreateSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1465,7 +1699,7 @@ func (x *CreateSandboxRequest) String() string {
 func (*CreateSandboxRequest) ProtoMessage() {}
 
 func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1478,7 +1712,7 @@ func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxRequest.ProtoReflect.Descriptor instead.
 func (*CreateSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{19}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CreateSandboxRequest) GetName() string {
@@ -1504,7 +1738,7 @@ type CreateSandboxResponse struct {
 
 func (x *CreateSandboxResponse) Reset() {
 	*x = CreateSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1516,7 +1750,7 @@ func (x *CreateSandboxResponse) String() string {
 func (*CreateSandboxResponse) ProtoMessage() {}
 
 func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1529,7 +1763,7 @@ func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxResponse.ProtoReflect.Descriptor instead.
 func (*CreateSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{20}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CreateSandboxResponse) GetSandbox() *Sandbox {
@@ -1549,7 +1783,7 @@ type GetSandboxRequest struct {
 
 func (x *GetSandboxRequest) Reset() {
 	*x = GetSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1561,7 +1795,7 @@ func (x *GetSandboxRequest) String() string {
 func (*GetSandboxRequest) ProtoMessage() {}
 
 func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1574,7 +1808,7 @@ func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{21}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetSandboxRequest) GetSandbox() string {
@@ -1593,7 +1827,7 @@ type GetSandboxResponse struct {
 
 func (x *GetSandboxResponse) Reset() {
 	*x = GetSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1605,7 +1839,7 @@ func (x *GetSandboxResponse) String() string {
 func (*GetSandboxResponse) ProtoMessage() {}
 
 func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1618,7 +1852,7 @@ func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{22}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetSandboxResponse) GetSandbox() *Sandbox {
@@ -1637,7 +1871,7 @@ type ListSandboxesRequest struct {
 
 func (x *ListSandboxesRequest) Reset() {
 	*x = ListSandboxesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1649,7 +1883,7 @@ func (x *ListSandboxesRequest) String() string {
 func (*ListSandboxesRequest) ProtoMessage() {}
 
 func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1662,7 +1896,7 @@ func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesRequest.ProtoReflect.Descriptor instead.
 func (*ListSandboxesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{23}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListSandboxesRequest) GetAll() bool {
@@ -1681,7 +1915,7 @@ type ListSandboxesResponse struct {
 
 func (x *ListSandboxesResponse) Reset() {
 	*x = ListSandboxesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1693,7 +1927,7 @@ func (x *ListSandboxesResponse) String() string {
 func (*ListSandboxesResponse) ProtoMessage() {}
 
 func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1706,7 +1940,7 @@ func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesResponse.ProtoReflect.Descriptor instead.
 func (*ListSandboxesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListSandboxesResponse) GetSandboxes() []*Sandbox {
@@ -1726,7 +1960,7 @@ type StopSandboxRequest struct {
 
 func (x *StopSandboxRequest) Reset() {
 	*x = StopSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1738,7 +1972,7 @@ func (x *StopSandboxRequest) String() string {
 func (*StopSandboxRequest) ProtoMessage() {}
 
 func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1751,7 +1985,7 @@ func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxRequest.ProtoReflect.Descriptor instead.
 func (*StopSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StopSandboxRequest) GetSandbox() string {
@@ -1777,7 +2011,7 @@ type StopSandboxResponse struct {
 
 func (x *StopSandboxResponse) Reset() {
 	*x = StopSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1789,7 +2023,7 @@ func (x *StopSandboxResponse) String() string {
 func (*StopSandboxResponse) ProtoMessage() {}
 
 func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1802,7 +2036,7 @@ func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxResponse.ProtoReflect.Descriptor instead.
 func (*StopSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StopSandboxResponse) GetSandbox() *Sandbox {
@@ -1822,7 +2056,7 @@ type RemoveSandboxRequest struct {
 
 func (x *RemoveSandboxRequest) Reset() {
 	*x = RemoveSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1834,7 +2068,7 @@ func (x *RemoveSandboxRequest) String() string {
 func (*RemoveSandboxRequest) ProtoMessage() {}
 
 func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1847,7 +2081,7 @@ func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxRequest.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RemoveSandboxRequest) GetSandbox() string {
@@ -1872,7 +2106,7 @@ type RemoveSandboxResponse struct {
 
 func (x *RemoveSandboxResponse) Reset() {
 	*x = RemoveSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1884,7 +2118,7 @@ func (x *RemoveSandboxResponse) String() string {
 func (*RemoveSandboxResponse) ProtoMessage() {}
 
 func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1897,7 +2131,7 @@ func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxResponse.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
 }
 
 type Resize struct {
@@ -1910,7 +2144,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1922,7 +2156,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1935,7 +2169,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -1963,7 +2197,7 @@ type Output struct {
 
 func (x *Output) Reset() {
 	*x = Output{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1975,7 +2209,7 @@ func (x *Output) String() string {
 func (*Output) ProtoMessage() {}
 
 func (x *Output) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1988,7 +2222,7 @@ func (x *Output) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Output.ProtoReflect.Descriptor instead.
 func (*Output) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Output) GetStream() int32 {
@@ -2017,7 +2251,7 @@ type Exit struct {
 
 func (x *Exit) Reset() {
 	*x = Exit{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2029,7 +2263,7 @@ func (x *Exit) String() string {
 func (*Exit) ProtoMessage() {}
 
 func (x *Exit) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2042,7 +2276,7 @@ func (x *Exit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Exit.ProtoReflect.Descriptor instead.
 func (*Exit) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Exit) GetCode() int32 {
@@ -2082,7 +2316,7 @@ type AttachStart struct {
 
 func (x *AttachStart) Reset() {
 	*x = AttachStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2094,7 +2328,7 @@ func (x *AttachStart) String() string {
 func (*AttachStart) ProtoMessage() {}
 
 func (x *AttachStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2107,7 +2341,7 @@ func (x *AttachStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachStart.ProtoReflect.Descriptor instead.
 func (*AttachStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *AttachStart) GetSandbox() string {
@@ -2133,7 +2367,7 @@ type AttachRequest struct {
 
 func (x *AttachRequest) Reset() {
 	*x = AttachRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2145,7 +2379,7 @@ func (x *AttachRequest) String() string {
 func (*AttachRequest) ProtoMessage() {}
 
 func (x *AttachRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2158,7 +2392,7 @@ func (x *AttachRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachRequest.ProtoReflect.Descriptor instead.
 func (*AttachRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *AttachRequest) GetMsg() isAttachRequest_Msg {
@@ -2260,7 +2494,7 @@ type AttachResponse struct {
 
 func (x *AttachResponse) Reset() {
 	*x = AttachResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2272,7 +2506,7 @@ func (x *AttachResponse) String() string {
 func (*AttachResponse) ProtoMessage() {}
 
 func (x *AttachResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2285,7 +2519,7 @@ func (x *AttachResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachResponse.ProtoReflect.Descriptor instead.
 func (*AttachResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *AttachResponse) GetMsg() isAttachResponse_Msg {
@@ -2339,7 +2573,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2351,7 +2585,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2364,7 +2598,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *LogsRequest) GetSandbox() string {
@@ -2390,7 +2624,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2402,7 +2636,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2415,7 +2649,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *LogsResponse) GetOutput() *Output {
@@ -2442,7 +2676,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2454,7 +2688,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2467,7 +2701,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ExecStart) GetSandbox() string {
@@ -2549,7 +2783,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2561,7 +2795,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2574,7 +2808,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -2676,7 +2910,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2688,7 +2922,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2701,7 +2935,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -2758,7 +2992,7 @@ type SetPolicyRequest struct {
 
 func (x *SetPolicyRequest) Reset() {
 	*x = SetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2770,7 +3004,7 @@ func (x *SetPolicyRequest) String() string {
 func (*SetPolicyRequest) ProtoMessage() {}
 
 func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2783,7 +3017,7 @@ func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *SetPolicyRequest) GetSandbox() string {
@@ -2816,7 +3050,7 @@ type SetPolicyResponse struct {
 
 func (x *SetPolicyResponse) Reset() {
 	*x = SetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2828,7 +3062,7 @@ func (x *SetPolicyResponse) String() string {
 func (*SetPolicyResponse) ProtoMessage() {}
 
 func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2841,7 +3075,7 @@ func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *SetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -2860,7 +3094,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2872,7 +3106,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2885,7 +3119,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *GetPolicyRequest) GetSandbox() string {
@@ -2904,7 +3138,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2916,7 +3150,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2929,7 +3163,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *GetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -2953,7 +3187,7 @@ type PortForwardRequest struct {
 
 func (x *PortForwardRequest) Reset() {
 	*x = PortForwardRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2965,7 +3199,7 @@ func (x *PortForwardRequest) String() string {
 func (*PortForwardRequest) ProtoMessage() {}
 
 func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2978,7 +3212,7 @@ func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardRequest.ProtoReflect.Descriptor instead.
 func (*PortForwardRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *PortForwardRequest) GetSandbox() string {
@@ -3018,7 +3252,7 @@ type PortForwardResponse struct {
 
 func (x *PortForwardResponse) Reset() {
 	*x = PortForwardResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3030,7 +3264,7 @@ func (x *PortForwardResponse) String() string {
 func (*PortForwardResponse) ProtoMessage() {}
 
 func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3043,7 +3277,7 @@ func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardResponse.ProtoReflect.Descriptor instead.
 func (*PortForwardResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *PortForwardResponse) GetData() []byte {
@@ -3069,7 +3303,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3081,7 +3315,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3094,7 +3328,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *Image) GetRef() string {
@@ -3158,7 +3392,7 @@ type PullImageRequest struct {
 
 func (x *PullImageRequest) Reset() {
 	*x = PullImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3170,7 +3404,7 @@ func (x *PullImageRequest) String() string {
 func (*PullImageRequest) ProtoMessage() {}
 
 func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3183,7 +3417,7 @@ func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageRequest.ProtoReflect.Descriptor instead.
 func (*PullImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *PullImageRequest) GetRef() string {
@@ -3220,7 +3454,7 @@ type PullImageResponse struct {
 
 func (x *PullImageResponse) Reset() {
 	*x = PullImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3232,7 +3466,7 @@ func (x *PullImageResponse) String() string {
 func (*PullImageResponse) ProtoMessage() {}
 
 func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3245,7 +3479,7 @@ func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageResponse.ProtoReflect.Descriptor instead.
 func (*PullImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *PullImageResponse) GetMsg() isPullImageResponse_Msg {
@@ -3301,7 +3535,7 @@ type PullProgress struct {
 
 func (x *PullProgress) Reset() {
 	*x = PullProgress{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3313,7 +3547,7 @@ func (x *PullProgress) String() string {
 func (*PullProgress) ProtoMessage() {}
 
 func (x *PullProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3326,7 +3560,7 @@ func (x *PullProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullProgress.ProtoReflect.Descriptor instead.
 func (*PullProgress) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *PullProgress) GetLayer() string {
@@ -3366,7 +3600,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3378,7 +3612,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3391,7 +3625,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ListImagesRequest) GetNode() string {
@@ -3410,7 +3644,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3422,7 +3656,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3435,7 +3669,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -3455,7 +3689,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3467,7 +3701,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3480,7 +3714,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -3509,7 +3743,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3521,7 +3755,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3534,7 +3768,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *RemoveImageResponse) GetTemplatesDropped() int32 {
@@ -3571,7 +3805,7 @@ type Pool struct {
 
 func (x *Pool) Reset() {
 	*x = Pool{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3583,7 +3817,7 @@ func (x *Pool) String() string {
 func (*Pool) ProtoMessage() {}
 
 func (x *Pool) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3596,7 +3830,7 @@ func (x *Pool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pool.ProtoReflect.Descriptor instead.
 func (*Pool) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *Pool) GetImage() string {
@@ -3678,7 +3912,7 @@ type PoolNodeStatus struct {
 
 func (x *PoolNodeStatus) Reset() {
 	*x = PoolNodeStatus{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3690,7 +3924,7 @@ func (x *PoolNodeStatus) String() string {
 func (*PoolNodeStatus) ProtoMessage() {}
 
 func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3703,7 +3937,7 @@ func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolNodeStatus.ProtoReflect.Descriptor instead.
 func (*PoolNodeStatus) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *PoolNodeStatus) GetNode() string {
@@ -3792,7 +4026,7 @@ type SetPoolRequest struct {
 
 func (x *SetPoolRequest) Reset() {
 	*x = SetPoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3804,7 +4038,7 @@ func (x *SetPoolRequest) String() string {
 func (*SetPoolRequest) ProtoMessage() {}
 
 func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3817,7 +4051,7 @@ func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolRequest.ProtoReflect.Descriptor instead.
 func (*SetPoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *SetPoolRequest) GetPool() *Pool {
@@ -3836,7 +4070,7 @@ type SetPoolResponse struct {
 
 func (x *SetPoolResponse) Reset() {
 	*x = SetPoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3848,7 +4082,7 @@ func (x *SetPoolResponse) String() string {
 func (*SetPoolResponse) ProtoMessage() {}
 
 func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3861,7 +4095,7 @@ func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolResponse.ProtoReflect.Descriptor instead.
 func (*SetPoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *SetPoolResponse) GetPool() *Pool {
@@ -3879,7 +4113,7 @@ type ListPoolsRequest struct {
 
 func (x *ListPoolsRequest) Reset() {
 	*x = ListPoolsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3891,7 +4125,7 @@ func (x *ListPoolsRequest) String() string {
 func (*ListPoolsRequest) ProtoMessage() {}
 
 func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3904,7 +4138,7 @@ func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsRequest.ProtoReflect.Descriptor instead.
 func (*ListPoolsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
 }
 
 type ListPoolsResponse struct {
@@ -3916,7 +4150,7 @@ type ListPoolsResponse struct {
 
 func (x *ListPoolsResponse) Reset() {
 	*x = ListPoolsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3928,7 +4162,7 @@ func (x *ListPoolsResponse) String() string {
 func (*ListPoolsResponse) ProtoMessage() {}
 
 func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3941,7 +4175,7 @@ func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsResponse.ProtoReflect.Descriptor instead.
 func (*ListPoolsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *ListPoolsResponse) GetPools() []*Pool {
@@ -3960,7 +4194,7 @@ type DeletePoolRequest struct {
 
 func (x *DeletePoolRequest) Reset() {
 	*x = DeletePoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3972,7 +4206,7 @@ func (x *DeletePoolRequest) String() string {
 func (*DeletePoolRequest) ProtoMessage() {}
 
 func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3985,7 +4219,7 @@ func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolRequest.ProtoReflect.Descriptor instead.
 func (*DeletePoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *DeletePoolRequest) GetImage() string {
@@ -4003,7 +4237,7 @@ type DeletePoolResponse struct {
 
 func (x *DeletePoolResponse) Reset() {
 	*x = DeletePoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4015,7 +4249,7 @@ func (x *DeletePoolResponse) String() string {
 func (*DeletePoolResponse) ProtoMessage() {}
 
 func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4028,7 +4262,7 @@ func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolResponse.ProtoReflect.Descriptor instead.
 func (*DeletePoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{64}
 }
 
 type Template struct {
@@ -4047,7 +4281,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4059,7 +4293,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4072,7 +4306,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{62}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *Template) GetKey() string {
@@ -4144,7 +4378,7 @@ type WarmImageRequest struct {
 
 func (x *WarmImageRequest) Reset() {
 	*x = WarmImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4156,7 +4390,7 @@ func (x *WarmImageRequest) String() string {
 func (*WarmImageRequest) ProtoMessage() {}
 
 func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4169,7 +4403,7 @@ func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageRequest.ProtoReflect.Descriptor instead.
 func (*WarmImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{63}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *WarmImageRequest) GetRef() string {
@@ -4205,7 +4439,7 @@ type WarmImageResponse struct {
 
 func (x *WarmImageResponse) Reset() {
 	*x = WarmImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4217,7 +4451,7 @@ func (x *WarmImageResponse) String() string {
 func (*WarmImageResponse) ProtoMessage() {}
 
 func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4230,7 +4464,7 @@ func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageResponse.ProtoReflect.Descriptor instead.
 func (*WarmImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{64}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *WarmImageResponse) GetTemplate() *Template {
@@ -4263,7 +4497,7 @@ type ListTemplatesRequest struct {
 
 func (x *ListTemplatesRequest) Reset() {
 	*x = ListTemplatesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4275,7 +4509,7 @@ func (x *ListTemplatesRequest) String() string {
 func (*ListTemplatesRequest) ProtoMessage() {}
 
 func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4288,7 +4522,7 @@ func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesRequest.ProtoReflect.Descriptor instead.
 func (*ListTemplatesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{65}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *ListTemplatesRequest) GetNode() string {
@@ -4307,7 +4541,7 @@ type ListTemplatesResponse struct {
 
 func (x *ListTemplatesResponse) Reset() {
 	*x = ListTemplatesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4319,7 +4553,7 @@ func (x *ListTemplatesResponse) String() string {
 func (*ListTemplatesResponse) ProtoMessage() {}
 
 func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4332,7 +4566,7 @@ func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesResponse.ProtoReflect.Descriptor instead.
 func (*ListTemplatesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{66}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *ListTemplatesResponse) GetTemplates() []*Template {
@@ -4350,7 +4584,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4362,7 +4596,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4375,7 +4609,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{67}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{70}
 }
 
 type InfoResponse struct {
@@ -4399,7 +4633,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4411,7 +4645,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4424,7 +4658,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{68}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *InfoResponse) GetVersion() string {
@@ -4538,7 +4772,7 @@ type Token struct {
 
 func (x *Token) Reset() {
 	*x = Token{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4550,7 +4784,7 @@ func (x *Token) String() string {
 func (*Token) ProtoMessage() {}
 
 func (x *Token) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4563,7 +4797,7 @@ func (x *Token) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Token.ProtoReflect.Descriptor instead.
 func (*Token) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{69}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *Token) GetId() string {
@@ -4636,7 +4870,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4648,7 +4882,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4661,7 +4895,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{70}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *CreateTokenRequest) GetName() string {
@@ -4703,7 +4937,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4715,7 +4949,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4728,7 +4962,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{71}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *CreateTokenResponse) GetToken() *Token {
@@ -4753,7 +4987,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4765,7 +4999,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4778,7 +5012,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{72}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{75}
 }
 
 type ListTokensResponse struct {
@@ -4790,7 +5024,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4802,7 +5036,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4815,7 +5049,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{73}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *ListTokensResponse) GetTokens() []*Token {
@@ -4834,7 +5068,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4846,7 +5080,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4859,7 +5093,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{74}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -4877,7 +5111,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4889,7 +5123,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4902,7 +5136,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{75}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{78}
 }
 
 var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
@@ -4953,7 +5187,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x05Event\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
 	"\x06status\x18\x02 \x01(\tR\x06status\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xbe\x06\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xae\a\n" +
 	"\aSandbox\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12-\n" +
@@ -4979,10 +5213,32 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\faccess_token\x18\x12 \x01(\tR\vaccessToken\x125\n" +
 	"\anetwork\x18\x13 \x01(\v2\x1b.fireworks.v1.NetworkStatusR\anetwork\x12.\n" +
 	"\x05saved\x18\x14 \x01(\v2\x18.fireworks.v1.SavedStateR\x05saved\x12\x18\n" +
-	"\aresumes\x18\x15 \x01(\x05R\aresumes\x1a:\n" +
+	"\aresumes\x18\x15 \x01(\x05R\aresumes\x125\n" +
+	"\tmigration\x18\x16 \x01(\v2\x17.fireworks.v1.MigrationR\tmigration\x127\n" +
+	"\n" +
+	"migrations\x18\x17 \x03(\v2\x17.fireworks.v1.MigrationR\n" +
+	"migrations\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"b\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x97\x02\n" +
+	"\tMigration\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04from\x18\x02 \x01(\tR\x04from\x12\x0e\n" +
+	"\x02to\x18\x03 \x01(\tR\x02to\x124\n" +
+	"\astarted\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\astarted\x120\n" +
+	"\x05ended\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x05ended\x12\x18\n" +
+	"\aoutcome\x18\x06 \x01(\tR\aoutcome\x12\x1f\n" +
+	"\vdowntime_us\x18\a \x01(\x03R\n" +
+	"downtimeUs\x12\x14\n" +
+	"\x05bytes\x18\b \x01(\x03R\x05bytes\x12\x1d\n" +
+	"\n" +
+	"disk_bytes\x18\t \x01(\x03R\tdiskBytes\"A\n" +
+	"\x15MigrateSandboxRequest\x12\x18\n" +
+	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\"\x80\x01\n" +
+	"\x16MigrateSandboxResponse\x12/\n" +
+	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\x125\n" +
+	"\tmigration\x18\x02 \x01(\v2\x17.fireworks.v1.MigrationR\tmigration\"b\n" +
 	"\n" +
 	"SavedState\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
@@ -5258,7 +5514,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06tokens\x18\x01 \x03(\v2\x13.fireworks.v1.TokenR\x06tokens\"$\n" +
 	"\x12RevokeTokenRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
-	"\x13RevokeTokenResponse2\x9d\v\n" +
+	"\x13RevokeTokenResponse2\xfa\v\n" +
 	"\x0eSandboxService\x12X\n" +
 	"\rCreateSandbox\x12\".fireworks.v1.CreateSandboxRequest\x1a#.fireworks.v1.CreateSandboxResponse\x12O\n" +
 	"\n" +
@@ -5267,7 +5523,8 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\vStopSandbox\x12 .fireworks.v1.StopSandboxRequest\x1a!.fireworks.v1.StopSandboxResponse\x12X\n" +
 	"\rRemoveSandbox\x12\".fireworks.v1.RemoveSandboxRequest\x1a#.fireworks.v1.RemoveSandboxResponse\x12U\n" +
 	"\fPauseSandbox\x12!.fireworks.v1.PauseSandboxRequest\x1a\".fireworks.v1.PauseSandboxResponse\x12X\n" +
-	"\rResumeSandbox\x12\".fireworks.v1.ResumeSandboxRequest\x1a#.fireworks.v1.ResumeSandboxResponse\x12R\n" +
+	"\rResumeSandbox\x12\".fireworks.v1.ResumeSandboxRequest\x1a#.fireworks.v1.ResumeSandboxResponse\x12[\n" +
+	"\x0eMigrateSandbox\x12#.fireworks.v1.MigrateSandboxRequest\x1a$.fireworks.v1.MigrateSandboxResponse\x12R\n" +
 	"\vForkSandbox\x12 .fireworks.v1.ForkSandboxRequest\x1a!.fireworks.v1.ForkSandboxResponse\x12[\n" +
 	"\x0eCreateSnapshot\x12#.fireworks.v1.CreateSnapshotRequest\x1a$.fireworks.v1.CreateSnapshotResponse\x12X\n" +
 	"\rListSnapshots\x12\".fireworks.v1.ListSnapshotsRequest\x1a#.fireworks.v1.ListSnapshotsResponse\x12[\n" +
@@ -5309,205 +5566,216 @@ func file_fireworks_v1_fireworks_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_fireworks_proto_rawDescData
 }
 
-var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 77)
+var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 80)
 var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*SandboxSpec)(nil),            // 0: fireworks.v1.SandboxSpec
 	(*Port)(nil),                   // 1: fireworks.v1.Port
 	(*NetworkStatus)(nil),          // 2: fireworks.v1.NetworkStatus
 	(*Event)(nil),                  // 3: fireworks.v1.Event
 	(*Sandbox)(nil),                // 4: fireworks.v1.Sandbox
-	(*SavedState)(nil),             // 5: fireworks.v1.SavedState
-	(*PauseSandboxRequest)(nil),    // 6: fireworks.v1.PauseSandboxRequest
-	(*PauseSandboxResponse)(nil),   // 7: fireworks.v1.PauseSandboxResponse
-	(*Snapshot)(nil),               // 8: fireworks.v1.Snapshot
-	(*CreateSnapshotRequest)(nil),  // 9: fireworks.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil), // 10: fireworks.v1.CreateSnapshotResponse
-	(*ListSnapshotsRequest)(nil),   // 11: fireworks.v1.ListSnapshotsRequest
-	(*ListSnapshotsResponse)(nil),  // 12: fireworks.v1.ListSnapshotsResponse
-	(*DeleteSnapshotRequest)(nil),  // 13: fireworks.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil), // 14: fireworks.v1.DeleteSnapshotResponse
-	(*ForkSandboxRequest)(nil),     // 15: fireworks.v1.ForkSandboxRequest
-	(*ForkSandboxResponse)(nil),    // 16: fireworks.v1.ForkSandboxResponse
-	(*ResumeSandboxRequest)(nil),   // 17: fireworks.v1.ResumeSandboxRequest
-	(*ResumeSandboxResponse)(nil),  // 18: fireworks.v1.ResumeSandboxResponse
-	(*CreateSandboxRequest)(nil),   // 19: fireworks.v1.CreateSandboxRequest
-	(*CreateSandboxResponse)(nil),  // 20: fireworks.v1.CreateSandboxResponse
-	(*GetSandboxRequest)(nil),      // 21: fireworks.v1.GetSandboxRequest
-	(*GetSandboxResponse)(nil),     // 22: fireworks.v1.GetSandboxResponse
-	(*ListSandboxesRequest)(nil),   // 23: fireworks.v1.ListSandboxesRequest
-	(*ListSandboxesResponse)(nil),  // 24: fireworks.v1.ListSandboxesResponse
-	(*StopSandboxRequest)(nil),     // 25: fireworks.v1.StopSandboxRequest
-	(*StopSandboxResponse)(nil),    // 26: fireworks.v1.StopSandboxResponse
-	(*RemoveSandboxRequest)(nil),   // 27: fireworks.v1.RemoveSandboxRequest
-	(*RemoveSandboxResponse)(nil),  // 28: fireworks.v1.RemoveSandboxResponse
-	(*Resize)(nil),                 // 29: fireworks.v1.Resize
-	(*Output)(nil),                 // 30: fireworks.v1.Output
-	(*Exit)(nil),                   // 31: fireworks.v1.Exit
-	(*AttachStart)(nil),            // 32: fireworks.v1.AttachStart
-	(*AttachRequest)(nil),          // 33: fireworks.v1.AttachRequest
-	(*AttachResponse)(nil),         // 34: fireworks.v1.AttachResponse
-	(*LogsRequest)(nil),            // 35: fireworks.v1.LogsRequest
-	(*LogsResponse)(nil),           // 36: fireworks.v1.LogsResponse
-	(*ExecStart)(nil),              // 37: fireworks.v1.ExecStart
-	(*ExecRequest)(nil),            // 38: fireworks.v1.ExecRequest
-	(*ExecResponse)(nil),           // 39: fireworks.v1.ExecResponse
-	(*SetPolicyRequest)(nil),       // 40: fireworks.v1.SetPolicyRequest
-	(*SetPolicyResponse)(nil),      // 41: fireworks.v1.SetPolicyResponse
-	(*GetPolicyRequest)(nil),       // 42: fireworks.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),      // 43: fireworks.v1.GetPolicyResponse
-	(*PortForwardRequest)(nil),     // 44: fireworks.v1.PortForwardRequest
-	(*PortForwardResponse)(nil),    // 45: fireworks.v1.PortForwardResponse
-	(*Image)(nil),                  // 46: fireworks.v1.Image
-	(*PullImageRequest)(nil),       // 47: fireworks.v1.PullImageRequest
-	(*PullImageResponse)(nil),      // 48: fireworks.v1.PullImageResponse
-	(*PullProgress)(nil),           // 49: fireworks.v1.PullProgress
-	(*ListImagesRequest)(nil),      // 50: fireworks.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),     // 51: fireworks.v1.ListImagesResponse
-	(*RemoveImageRequest)(nil),     // 52: fireworks.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),    // 53: fireworks.v1.RemoveImageResponse
-	(*Pool)(nil),                   // 54: fireworks.v1.Pool
-	(*PoolNodeStatus)(nil),         // 55: fireworks.v1.PoolNodeStatus
-	(*SetPoolRequest)(nil),         // 56: fireworks.v1.SetPoolRequest
-	(*SetPoolResponse)(nil),        // 57: fireworks.v1.SetPoolResponse
-	(*ListPoolsRequest)(nil),       // 58: fireworks.v1.ListPoolsRequest
-	(*ListPoolsResponse)(nil),      // 59: fireworks.v1.ListPoolsResponse
-	(*DeletePoolRequest)(nil),      // 60: fireworks.v1.DeletePoolRequest
-	(*DeletePoolResponse)(nil),     // 61: fireworks.v1.DeletePoolResponse
-	(*Template)(nil),               // 62: fireworks.v1.Template
-	(*WarmImageRequest)(nil),       // 63: fireworks.v1.WarmImageRequest
-	(*WarmImageResponse)(nil),      // 64: fireworks.v1.WarmImageResponse
-	(*ListTemplatesRequest)(nil),   // 65: fireworks.v1.ListTemplatesRequest
-	(*ListTemplatesResponse)(nil),  // 66: fireworks.v1.ListTemplatesResponse
-	(*InfoRequest)(nil),            // 67: fireworks.v1.InfoRequest
-	(*InfoResponse)(nil),           // 68: fireworks.v1.InfoResponse
-	(*Token)(nil),                  // 69: fireworks.v1.Token
-	(*CreateTokenRequest)(nil),     // 70: fireworks.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),    // 71: fireworks.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),      // 72: fireworks.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),     // 73: fireworks.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),     // 74: fireworks.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),    // 75: fireworks.v1.RevokeTokenResponse
-	nil,                            // 76: fireworks.v1.Sandbox.DetailsEntry
-	(*durationpb.Duration)(nil),    // 77: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 78: google.protobuf.Timestamp
+	(*Migration)(nil),              // 5: fireworks.v1.Migration
+	(*MigrateSandboxRequest)(nil),  // 6: fireworks.v1.MigrateSandboxRequest
+	(*MigrateSandboxResponse)(nil), // 7: fireworks.v1.MigrateSandboxResponse
+	(*SavedState)(nil),             // 8: fireworks.v1.SavedState
+	(*PauseSandboxRequest)(nil),    // 9: fireworks.v1.PauseSandboxRequest
+	(*PauseSandboxResponse)(nil),   // 10: fireworks.v1.PauseSandboxResponse
+	(*Snapshot)(nil),               // 11: fireworks.v1.Snapshot
+	(*CreateSnapshotRequest)(nil),  // 12: fireworks.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil), // 13: fireworks.v1.CreateSnapshotResponse
+	(*ListSnapshotsRequest)(nil),   // 14: fireworks.v1.ListSnapshotsRequest
+	(*ListSnapshotsResponse)(nil),  // 15: fireworks.v1.ListSnapshotsResponse
+	(*DeleteSnapshotRequest)(nil),  // 16: fireworks.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil), // 17: fireworks.v1.DeleteSnapshotResponse
+	(*ForkSandboxRequest)(nil),     // 18: fireworks.v1.ForkSandboxRequest
+	(*ForkSandboxResponse)(nil),    // 19: fireworks.v1.ForkSandboxResponse
+	(*ResumeSandboxRequest)(nil),   // 20: fireworks.v1.ResumeSandboxRequest
+	(*ResumeSandboxResponse)(nil),  // 21: fireworks.v1.ResumeSandboxResponse
+	(*CreateSandboxRequest)(nil),   // 22: fireworks.v1.CreateSandboxRequest
+	(*CreateSandboxResponse)(nil),  // 23: fireworks.v1.CreateSandboxResponse
+	(*GetSandboxRequest)(nil),      // 24: fireworks.v1.GetSandboxRequest
+	(*GetSandboxResponse)(nil),     // 25: fireworks.v1.GetSandboxResponse
+	(*ListSandboxesRequest)(nil),   // 26: fireworks.v1.ListSandboxesRequest
+	(*ListSandboxesResponse)(nil),  // 27: fireworks.v1.ListSandboxesResponse
+	(*StopSandboxRequest)(nil),     // 28: fireworks.v1.StopSandboxRequest
+	(*StopSandboxResponse)(nil),    // 29: fireworks.v1.StopSandboxResponse
+	(*RemoveSandboxRequest)(nil),   // 30: fireworks.v1.RemoveSandboxRequest
+	(*RemoveSandboxResponse)(nil),  // 31: fireworks.v1.RemoveSandboxResponse
+	(*Resize)(nil),                 // 32: fireworks.v1.Resize
+	(*Output)(nil),                 // 33: fireworks.v1.Output
+	(*Exit)(nil),                   // 34: fireworks.v1.Exit
+	(*AttachStart)(nil),            // 35: fireworks.v1.AttachStart
+	(*AttachRequest)(nil),          // 36: fireworks.v1.AttachRequest
+	(*AttachResponse)(nil),         // 37: fireworks.v1.AttachResponse
+	(*LogsRequest)(nil),            // 38: fireworks.v1.LogsRequest
+	(*LogsResponse)(nil),           // 39: fireworks.v1.LogsResponse
+	(*ExecStart)(nil),              // 40: fireworks.v1.ExecStart
+	(*ExecRequest)(nil),            // 41: fireworks.v1.ExecRequest
+	(*ExecResponse)(nil),           // 42: fireworks.v1.ExecResponse
+	(*SetPolicyRequest)(nil),       // 43: fireworks.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),      // 44: fireworks.v1.SetPolicyResponse
+	(*GetPolicyRequest)(nil),       // 45: fireworks.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),      // 46: fireworks.v1.GetPolicyResponse
+	(*PortForwardRequest)(nil),     // 47: fireworks.v1.PortForwardRequest
+	(*PortForwardResponse)(nil),    // 48: fireworks.v1.PortForwardResponse
+	(*Image)(nil),                  // 49: fireworks.v1.Image
+	(*PullImageRequest)(nil),       // 50: fireworks.v1.PullImageRequest
+	(*PullImageResponse)(nil),      // 51: fireworks.v1.PullImageResponse
+	(*PullProgress)(nil),           // 52: fireworks.v1.PullProgress
+	(*ListImagesRequest)(nil),      // 53: fireworks.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),     // 54: fireworks.v1.ListImagesResponse
+	(*RemoveImageRequest)(nil),     // 55: fireworks.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),    // 56: fireworks.v1.RemoveImageResponse
+	(*Pool)(nil),                   // 57: fireworks.v1.Pool
+	(*PoolNodeStatus)(nil),         // 58: fireworks.v1.PoolNodeStatus
+	(*SetPoolRequest)(nil),         // 59: fireworks.v1.SetPoolRequest
+	(*SetPoolResponse)(nil),        // 60: fireworks.v1.SetPoolResponse
+	(*ListPoolsRequest)(nil),       // 61: fireworks.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),      // 62: fireworks.v1.ListPoolsResponse
+	(*DeletePoolRequest)(nil),      // 63: fireworks.v1.DeletePoolRequest
+	(*DeletePoolResponse)(nil),     // 64: fireworks.v1.DeletePoolResponse
+	(*Template)(nil),               // 65: fireworks.v1.Template
+	(*WarmImageRequest)(nil),       // 66: fireworks.v1.WarmImageRequest
+	(*WarmImageResponse)(nil),      // 67: fireworks.v1.WarmImageResponse
+	(*ListTemplatesRequest)(nil),   // 68: fireworks.v1.ListTemplatesRequest
+	(*ListTemplatesResponse)(nil),  // 69: fireworks.v1.ListTemplatesResponse
+	(*InfoRequest)(nil),            // 70: fireworks.v1.InfoRequest
+	(*InfoResponse)(nil),           // 71: fireworks.v1.InfoResponse
+	(*Token)(nil),                  // 72: fireworks.v1.Token
+	(*CreateTokenRequest)(nil),     // 73: fireworks.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),    // 74: fireworks.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),      // 75: fireworks.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),     // 76: fireworks.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),     // 77: fireworks.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),    // 78: fireworks.v1.RevokeTokenResponse
+	nil,                            // 79: fireworks.v1.Sandbox.DetailsEntry
+	(*durationpb.Duration)(nil),    // 80: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 81: google.protobuf.Timestamp
 }
 var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
-	77, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
+	80, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
 	1,  // 1: fireworks.v1.SandboxSpec.ports:type_name -> fireworks.v1.Port
-	78, // 2: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
+	81, // 2: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
 	0,  // 3: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
-	78, // 4: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	78, // 5: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
-	78, // 6: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
+	81, // 4: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	81, // 5: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
+	81, // 6: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
 	3,  // 7: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
-	76, // 8: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
+	79, // 8: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
 	2,  // 9: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
-	5,  // 10: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
-	78, // 11: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
-	4,  // 12: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	78, // 13: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
-	8,  // 14: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
-	8,  // 15: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
-	4,  // 16: fireworks.v1.ForkSandboxResponse.forks:type_name -> fireworks.v1.Sandbox
-	4,  // 17: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	0,  // 18: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
-	4,  // 19: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	4,  // 20: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	4,  // 21: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
-	77, // 22: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
-	4,  // 23: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	32, // 24: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
-	29, // 25: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
-	30, // 26: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
-	31, // 27: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
-	30, // 28: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
-	37, // 29: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
-	29, // 30: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
-	30, // 31: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
-	31, // 32: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
-	2,  // 33: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	2,  // 34: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	78, // 35: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
-	49, // 36: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
-	46, // 37: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
-	46, // 38: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
-	78, // 39: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
-	55, // 40: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
-	54, // 41: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
-	54, // 42: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
-	54, // 43: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
-	78, // 44: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
-	62, // 45: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
-	77, // 46: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
-	62, // 47: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
-	78, // 48: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
-	78, // 49: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	77, // 50: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	69, // 51: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
-	69, // 52: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
-	19, // 53: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
-	21, // 54: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
-	23, // 55: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
-	25, // 56: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
-	27, // 57: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
-	6,  // 58: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
-	17, // 59: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
-	15, // 60: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
-	9,  // 61: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
-	11, // 62: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
-	13, // 63: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
-	33, // 64: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
-	35, // 65: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
-	38, // 66: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
-	40, // 67: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
-	42, // 68: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
-	44, // 69: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
-	47, // 70: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
-	50, // 71: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
-	52, // 72: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
-	63, // 73: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
-	65, // 74: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
-	56, // 75: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
-	58, // 76: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
-	60, // 77: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
-	67, // 78: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
-	70, // 79: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
-	72, // 80: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
-	74, // 81: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
-	20, // 82: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
-	22, // 83: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
-	24, // 84: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
-	26, // 85: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
-	28, // 86: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
-	7,  // 87: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
-	18, // 88: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
-	16, // 89: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
-	10, // 90: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
-	12, // 91: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
-	14, // 92: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
-	34, // 93: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
-	36, // 94: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
-	39, // 95: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
-	41, // 96: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
-	43, // 97: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
-	45, // 98: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
-	48, // 99: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
-	51, // 100: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
-	53, // 101: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
-	64, // 102: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
-	66, // 103: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
-	57, // 104: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
-	59, // 105: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
-	61, // 106: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
-	68, // 107: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
-	71, // 108: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
-	73, // 109: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
-	75, // 110: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
-	82, // [82:111] is the sub-list for method output_type
-	53, // [53:82] is the sub-list for method input_type
-	53, // [53:53] is the sub-list for extension type_name
-	53, // [53:53] is the sub-list for extension extendee
-	0,  // [0:53] is the sub-list for field type_name
+	8,  // 10: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
+	5,  // 11: fireworks.v1.Sandbox.migration:type_name -> fireworks.v1.Migration
+	5,  // 12: fireworks.v1.Sandbox.migrations:type_name -> fireworks.v1.Migration
+	81, // 13: fireworks.v1.Migration.started:type_name -> google.protobuf.Timestamp
+	81, // 14: fireworks.v1.Migration.ended:type_name -> google.protobuf.Timestamp
+	4,  // 15: fireworks.v1.MigrateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	5,  // 16: fireworks.v1.MigrateSandboxResponse.migration:type_name -> fireworks.v1.Migration
+	81, // 17: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
+	4,  // 18: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	81, // 19: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	11, // 20: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
+	11, // 21: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
+	4,  // 22: fireworks.v1.ForkSandboxResponse.forks:type_name -> fireworks.v1.Sandbox
+	4,  // 23: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	0,  // 24: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
+	4,  // 25: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	4,  // 26: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	4,  // 27: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
+	80, // 28: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
+	4,  // 29: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	35, // 30: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
+	32, // 31: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
+	33, // 32: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
+	34, // 33: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
+	33, // 34: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
+	40, // 35: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
+	32, // 36: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
+	33, // 37: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
+	34, // 38: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
+	2,  // 39: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	2,  // 40: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	81, // 41: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
+	52, // 42: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
+	49, // 43: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
+	49, // 44: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
+	81, // 45: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
+	58, // 46: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
+	57, // 47: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
+	57, // 48: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
+	57, // 49: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
+	81, // 50: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
+	65, // 51: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
+	80, // 52: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
+	65, // 53: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
+	81, // 54: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
+	81, // 55: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	80, // 56: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	72, // 57: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
+	72, // 58: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
+	22, // 59: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
+	24, // 60: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
+	26, // 61: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
+	28, // 62: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
+	30, // 63: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
+	9,  // 64: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
+	20, // 65: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
+	6,  // 66: fireworks.v1.SandboxService.MigrateSandbox:input_type -> fireworks.v1.MigrateSandboxRequest
+	18, // 67: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
+	12, // 68: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
+	14, // 69: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
+	16, // 70: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
+	36, // 71: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
+	38, // 72: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
+	41, // 73: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
+	43, // 74: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
+	45, // 75: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
+	47, // 76: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
+	50, // 77: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
+	53, // 78: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
+	55, // 79: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
+	66, // 80: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
+	68, // 81: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
+	59, // 82: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
+	61, // 83: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
+	63, // 84: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
+	70, // 85: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
+	73, // 86: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
+	75, // 87: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
+	77, // 88: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
+	23, // 89: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
+	25, // 90: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
+	27, // 91: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
+	29, // 92: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
+	31, // 93: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
+	10, // 94: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
+	21, // 95: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
+	7,  // 96: fireworks.v1.SandboxService.MigrateSandbox:output_type -> fireworks.v1.MigrateSandboxResponse
+	19, // 97: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
+	13, // 98: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
+	15, // 99: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
+	17, // 100: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
+	37, // 101: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
+	39, // 102: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
+	42, // 103: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
+	44, // 104: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
+	46, // 105: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
+	48, // 106: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
+	51, // 107: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
+	54, // 108: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
+	56, // 109: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
+	67, // 110: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
+	69, // 111: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
+	60, // 112: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
+	62, // 113: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
+	64, // 114: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
+	71, // 115: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
+	74, // 116: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
+	76, // 117: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
+	78, // 118: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
+	89, // [89:119] is the sub-list for method output_type
+	59, // [59:89] is the sub-list for method input_type
+	59, // [59:59] is the sub-list for extension type_name
+	59, // [59:59] is the sub-list for extension extendee
+	0,  // [0:59] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_fireworks_proto_init() }
@@ -5515,29 +5783,29 @@ func file_fireworks_v1_fireworks_proto_init() {
 	if File_fireworks_v1_fireworks_proto != nil {
 		return
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[33].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[36].OneofWrappers = []any{
 		(*AttachRequest_Start)(nil),
 		(*AttachRequest_Stdin)(nil),
 		(*AttachRequest_StdinClose)(nil),
 		(*AttachRequest_Resize)(nil),
 		(*AttachRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[34].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[37].OneofWrappers = []any{
 		(*AttachResponse_Output)(nil),
 		(*AttachResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[38].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[41].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinClose)(nil),
 		(*ExecRequest_Resize)(nil),
 		(*ExecRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[39].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[42].OneofWrappers = []any{
 		(*ExecResponse_Output)(nil),
 		(*ExecResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[48].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[51].OneofWrappers = []any{
 		(*PullImageResponse_Progress)(nil),
 		(*PullImageResponse_Image)(nil),
 	}
@@ -5547,7 +5815,7 @@ func file_fireworks_v1_fireworks_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_fireworks_proto_rawDesc), len(file_fireworks_v1_fireworks_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   77,
+			NumMessages:   80,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

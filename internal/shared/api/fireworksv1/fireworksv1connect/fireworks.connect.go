@@ -63,6 +63,9 @@ const (
 	// SandboxServiceResumeSandboxProcedure is the fully-qualified name of the SandboxService's
 	// ResumeSandbox RPC.
 	SandboxServiceResumeSandboxProcedure = "/fireworks.v1.SandboxService/ResumeSandbox"
+	// SandboxServiceMigrateSandboxProcedure is the fully-qualified name of the SandboxService's
+	// MigrateSandbox RPC.
+	SandboxServiceMigrateSandboxProcedure = "/fireworks.v1.SandboxService/MigrateSandbox"
 	// SandboxServiceForkSandboxProcedure is the fully-qualified name of the SandboxService's
 	// ForkSandbox RPC.
 	SandboxServiceForkSandboxProcedure = "/fireworks.v1.SandboxService/ForkSandbox"
@@ -132,6 +135,9 @@ type SandboxServiceClient interface {
 	// the sandbox is paused / running again.
 	PauseSandbox(context.Context, *connect.Request[fireworksv1.PauseSandboxRequest]) (*connect.Response[fireworksv1.PauseSandboxResponse], error)
 	ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error)
+	// Live migration (admins): the running sandbox moves to another node, keeping its
+	// memory, processes, files, ID, token, policy and ports.
+	MigrateSandbox(context.Context, *connect.Request[fireworksv1.MigrateSandboxRequest]) (*connect.Response[fireworksv1.MigrateSandboxResponse], error)
 	// Fork makes running copies of a running or paused sandbox, each a new machine (its own
 	// ID, hostname, address and entropy) carrying on from the same instant; the source goes
 	// on (a running one is paused for the save and resumed). Returns once they run.
@@ -206,6 +212,12 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			connect.WithSchema(sandboxServiceMethods.ByName("ResumeSandbox")),
 			connect.WithClientOptions(opts...),
 		),
+		migrateSandbox: connect.NewClient[fireworksv1.MigrateSandboxRequest, fireworksv1.MigrateSandboxResponse](
+			httpClient,
+			baseURL+SandboxServiceMigrateSandboxProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("MigrateSandbox")),
+			connect.WithClientOptions(opts...),
+		),
 		forkSandbox: connect.NewClient[fireworksv1.ForkSandboxRequest, fireworksv1.ForkSandboxResponse](
 			httpClient,
 			baseURL+SandboxServiceForkSandboxProcedure,
@@ -278,6 +290,7 @@ type sandboxServiceClient struct {
 	removeSandbox  *connect.Client[fireworksv1.RemoveSandboxRequest, fireworksv1.RemoveSandboxResponse]
 	pauseSandbox   *connect.Client[fireworksv1.PauseSandboxRequest, fireworksv1.PauseSandboxResponse]
 	resumeSandbox  *connect.Client[fireworksv1.ResumeSandboxRequest, fireworksv1.ResumeSandboxResponse]
+	migrateSandbox *connect.Client[fireworksv1.MigrateSandboxRequest, fireworksv1.MigrateSandboxResponse]
 	forkSandbox    *connect.Client[fireworksv1.ForkSandboxRequest, fireworksv1.ForkSandboxResponse]
 	createSnapshot *connect.Client[fireworksv1.CreateSnapshotRequest, fireworksv1.CreateSnapshotResponse]
 	listSnapshots  *connect.Client[fireworksv1.ListSnapshotsRequest, fireworksv1.ListSnapshotsResponse]
@@ -323,6 +336,11 @@ func (c *sandboxServiceClient) PauseSandbox(ctx context.Context, req *connect.Re
 // ResumeSandbox calls fireworks.v1.SandboxService.ResumeSandbox.
 func (c *sandboxServiceClient) ResumeSandbox(ctx context.Context, req *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error) {
 	return c.resumeSandbox.CallUnary(ctx, req)
+}
+
+// MigrateSandbox calls fireworks.v1.SandboxService.MigrateSandbox.
+func (c *sandboxServiceClient) MigrateSandbox(ctx context.Context, req *connect.Request[fireworksv1.MigrateSandboxRequest]) (*connect.Response[fireworksv1.MigrateSandboxResponse], error) {
+	return c.migrateSandbox.CallUnary(ctx, req)
 }
 
 // ForkSandbox calls fireworks.v1.SandboxService.ForkSandbox.
@@ -387,6 +405,9 @@ type SandboxServiceHandler interface {
 	// the sandbox is paused / running again.
 	PauseSandbox(context.Context, *connect.Request[fireworksv1.PauseSandboxRequest]) (*connect.Response[fireworksv1.PauseSandboxResponse], error)
 	ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error)
+	// Live migration (admins): the running sandbox moves to another node, keeping its
+	// memory, processes, files, ID, token, policy and ports.
+	MigrateSandbox(context.Context, *connect.Request[fireworksv1.MigrateSandboxRequest]) (*connect.Response[fireworksv1.MigrateSandboxResponse], error)
 	// Fork makes running copies of a running or paused sandbox, each a new machine (its own
 	// ID, hostname, address and entropy) carrying on from the same instant; the source goes
 	// on (a running one is paused for the save and resumed). Returns once they run.
@@ -455,6 +476,12 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceResumeSandboxProcedure,
 		svc.ResumeSandbox,
 		connect.WithSchema(sandboxServiceMethods.ByName("ResumeSandbox")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServiceMigrateSandboxHandler := connect.NewUnaryHandler(
+		SandboxServiceMigrateSandboxProcedure,
+		svc.MigrateSandbox,
+		connect.WithSchema(sandboxServiceMethods.ByName("MigrateSandbox")),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceForkSandboxHandler := connect.NewUnaryHandler(
@@ -533,6 +560,8 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 			sandboxServicePauseSandboxHandler.ServeHTTP(w, r)
 		case SandboxServiceResumeSandboxProcedure:
 			sandboxServiceResumeSandboxHandler.ServeHTTP(w, r)
+		case SandboxServiceMigrateSandboxProcedure:
+			sandboxServiceMigrateSandboxHandler.ServeHTTP(w, r)
 		case SandboxServiceForkSandboxProcedure:
 			sandboxServiceForkSandboxHandler.ServeHTTP(w, r)
 		case SandboxServiceCreateSnapshotProcedure:
@@ -588,6 +617,10 @@ func (UnimplementedSandboxServiceHandler) PauseSandbox(context.Context, *connect
 
 func (UnimplementedSandboxServiceHandler) ResumeSandbox(context.Context, *connect.Request[fireworksv1.ResumeSandboxRequest]) (*connect.Response[fireworksv1.ResumeSandboxResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.ResumeSandbox is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) MigrateSandbox(context.Context, *connect.Request[fireworksv1.MigrateSandboxRequest]) (*connect.Response[fireworksv1.MigrateSandboxResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.MigrateSandbox is not implemented"))
 }
 
 func (UnimplementedSandboxServiceHandler) ForkSandbox(context.Context, *connect.Request[fireworksv1.ForkSandboxRequest]) (*connect.Response[fireworksv1.ForkSandboxResponse], error) {

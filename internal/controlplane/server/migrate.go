@@ -1,0 +1,130 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+// migrationDeadline bounds a live migration from its start to its switch-over: the
+// target may have to pull the image first; the source runs on meanwhile. Past it the
+// leader ends the migration (see leader.endMigrations) and the source resumes.
+const migrationDeadline = 5 * time.Minute
+
+// MigrateSandbox moves a running sandbox to another node live (see state.Migration and
+// agent/migrate.go): it records the migration, which the source's node drives, and
+// waits for it to end. Admins only: where sandboxes run is the operator's to decide
+// (users neither name nor see nodes).
+func (h *sandboxService) MigrateSandbox(ctx context.Context, req *connect.Request[pb.MigrateSandboxRequest]) (*connect.Response[pb.MigrateSandboxResponse], error) {
+	if _, err := requireAdmin(ctx, "migrating a sandbox"); err != nil {
+		return nil, err
+	}
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if sb, err = h.s.settled(ctx, sb); err != nil {
+		return nil, toConnectError(err)
+	}
+	mig, err := h.s.StartMigration(ctx, sb, req.Msg.GetTo())
+	if err != nil {
+		return nil, err
+	}
+	sb, m, err := h.s.waitMigration(ctx, sb.ID, mig.ID)
+	if err != nil {
+		return nil, toConnectError(fmt.Errorf("migrate sandbox %s: %w", sb.ID, err))
+	}
+	out := &pb.MigrateSandboxResponse{Sandbox: h.s.view(ctx, sb), Migration: migrationToPB(m)}
+	if m.Outcome != state.MigrationMoved {
+		return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("migrate sandbox %s from node %s to node %s: %s (it runs on where it was)", sb.ID, m.From, m.To, m.Outcome))
+	}
+	return connect.NewResponse(out), nil
+}
+
+// StartMigration records a live migration of running sandbox sb to node to (the
+// scheduler's choice among the other nodes if ""). It returns once recorded.
+func (s *Server) StartMigration(ctx context.Context, sb state.Sandbox, to string) (state.Migration, error) {
+	switch {
+	case sb.Status != state.StatusRunning:
+		return state.Migration{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: only a running sandbox can be migrated", sb.ID, sb.Status))
+	case sb.Migration != nil:
+		return state.Migration{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is being migrated to node %s already", sb.ID, sb.Migration.To))
+	}
+	node, err := s.migrationTarget(sb, to)
+	if err != nil {
+		return state.Migration{}, err
+	}
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	now := s.now()
+	m := state.Migration{ID: hex.EncodeToString(b[:]), From: sb.Node, To: node.ID, ToAddress: node.Address, Deadline: now.Add(migrationDeadline)}
+	if _, err := s.store.UpdateSandbox(ctx, sb.ID, state.Update{StartMigration: &m, Time: now}); err != nil {
+		return state.Migration{}, toConnectError(fmt.Errorf("migrate sandbox %s: %w", sb.ID, err))
+	}
+	s.log.Info("live migration started", "sandbox", sb.ID, "migration", m.ID, "from", m.From, "to", m.To)
+	return m, nil
+}
+
+// migrationTarget is the node sb migrates to: to, if it can take it, or the
+// scheduler's choice among the nodes other than sb's.
+func (s *Server) migrationTarget(sb state.Sandbox, to string) (state.Node, error) {
+	var cfg scheduler.Config
+	if cp := s.cluster.ControlPlane; cp != nil {
+		cfg = cp.Scheduling()
+	}
+	nodes := s.store.LocalNodes()
+	sched, err := scheduler.New(state.SchedulerSnapshotOf(nodes, s.store.LocalSandboxes()), cfg)
+	if err != nil {
+		return state.Node{}, toConnectError(err)
+	}
+	req, err := state.SchedulerRequest(sb)
+	if err != nil {
+		return state.Node{}, toConnectError(err)
+	}
+	req.Avoid = sb.Node
+	if to != "" {
+		if to == sb.Node {
+			return state.Node{}, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("sandbox %s runs on node %s already", sb.ID, to))
+		}
+		req.Node = to
+	}
+	p, err := sched.Place(req)
+	if err != nil {
+		return state.Node{}, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("migrate sandbox %s: %v", sb.ID, err))
+	}
+	for _, n := range nodes {
+		if n.ID == p.NodeID {
+			return n, nil
+		}
+	}
+	return state.Node{}, connect.NewError(connect.CodeInternal, fmt.Errorf("node %s went away", p.NodeID))
+}
+
+// waitMigration waits for migration mid of sandbox id to end and returns its record.
+func (s *Server) waitMigration(ctx context.Context, id, mid string) (state.Sandbox, state.Migration, error) {
+	wctx, cancel := context.WithTimeout(ctx, migrationDeadline+time.Minute)
+	defer cancel()
+	sb, err := s.waitFor(wctx, id, true, func(sb state.Sandbox) bool { return sb.Migration == nil || sb.Migration.ID != mid })
+	if err != nil {
+		return sb, state.Migration{}, err
+	}
+	for _, m := range sb.Migrations {
+		if m.ID == mid {
+			return sb, m, nil
+		}
+	}
+	return sb, state.Migration{}, fmt.Errorf("migration %s ended and left no record", mid)
+}
+
+func migrationToPB(m state.Migration) *pb.Migration {
+	return &pb.Migration{Id: m.ID, From: m.From, To: m.To, Started: ts(m.Started), Ended: ts(m.Ended), Outcome: m.Outcome,
+		DowntimeUs: m.Downtime.Microseconds(), Bytes: m.Bytes, DiskBytes: m.DiskBytes}
+}

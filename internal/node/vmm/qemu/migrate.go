@@ -1,0 +1,404 @@
+package qemu
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/qemu/qmp"
+)
+
+// Live migration. RAM goes pre-copy through the migration stream (streamOut). Disks go
+// one of two ways: on one node the target opens the source's very files (see the jail's
+// sharesDisks); across nodes the source's VMM mirrors each writable disk into the
+// target's over NBD (QEMU's blockdev-mirror, the way libvirt migrates without shared
+// storage): the target's VMM serves its disks on a unix socket in its directory, the
+// source's connects to a socket the driver listens on, and the caller carries each
+// connection between the two (vmm.MigrateOptions.DialDisks). The mirror copies the disk
+// while the guest runs and, once caught up (ready), every guest write goes to both
+// before it completes (copy-mode write-blocking), so the RAM migration can start. The
+// migration then pauses before the switch-over (pause-before-switchover: the guest is
+// stopped, the device state not yet sent); the mirror jobs end there, in sync, and only
+// then does the stream end. A target's disks are whole before it could run.
+
+// migrationDowntime is the pause QEMU aims for at the end of a live migration (the
+// last dirty pages and the device state); it keeps copying while more would remain.
+const migrationDowntime = 50 * time.Millisecond
+
+// mirrorReadyTimeout bounds the first copy of the disks (they are sparse: what the
+// guest wrote, at the speed of the node-to-node stream).
+const mirrorReadyTimeout = 10 * time.Minute
+
+// diskNode is the block node name of the VM's disk i.
+func diskNode(i int) string { return "fw-disk" + strconv.Itoa(i) }
+
+// serveDisks, on a live migration's target that receives its disks, exports the
+// writable ones over NBD on nbdSocket (the VMM creates it, in its own directory) and
+// tells the caller how to reach them. Nothing else may be done to the disks until
+// stopDiskService.
+func (v *vm) serveDisks(ctx context.Context) error {
+	r := v.spec.Restore
+	if r == nil || r.Stream == nil || r.ReceiveDisks == nil {
+		return nil
+	}
+	v.mu.Lock()
+	c := v.qmp
+	v.mu.Unlock()
+	sock := filepath.Join(v.dir, nbdSocket)
+	_ = os.Remove(sock)
+	addr := map[string]any{"addr": map[string]any{"type": "unix", "data": map[string]any{"path": sock}}}
+	if err := c.Execute(ctx, "nbd-server-start", addr, nil); err != nil {
+		return fmt.Errorf("serve the disks to the migration's source: %w", err)
+	}
+	for i, d := range v.spec.Disks {
+		if d.ReadOnly {
+			continue
+		}
+		exp := map[string]any{"type": "nbd", "id": diskNode(i), "node-name": diskNode(i), "name": diskNode(i), "writable": true}
+		if err := c.Execute(ctx, "block-export-add", exp, nil); err != nil {
+			return fmt.Errorf("serve disk %d to the migration's source: %w", i, err)
+		}
+	}
+	r.ReceiveDisks(func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	})
+	return nil
+}
+
+// stopDiskService ends what serveDisks started, once the stream is loaded (the source
+// ended its mirror before it sent the rest): nothing can write the disks from outside
+// when the guest runs.
+func (v *vm) stopDiskService(ctx context.Context) error {
+	r := v.spec.Restore
+	if r == nil || r.Stream == nil || r.ReceiveDisks == nil {
+		return nil
+	}
+	v.mu.Lock()
+	c := v.qmp
+	v.mu.Unlock()
+	for i, d := range v.spec.Disks {
+		if d.ReadOnly {
+			continue
+		}
+		if err := c.Execute(ctx, "block-export-del", map[string]any{"id": diskNode(i), "mode": "hard"}, nil); err != nil {
+			return fmt.Errorf("stop serving disk %d: %w", i, err)
+		}
+	}
+	if err := c.Execute(ctx, "nbd-server-stop", nil, nil); err != nil {
+		return fmt.Errorf("stop the disk service: %w", err)
+	}
+	_ = os.Remove(filepath.Join(v.dir, nbdSocket))
+	return nil
+}
+
+// MigrateOut implements vmm.Migrator: pre-copy live migration of the running VM into w
+// (RAM copied while the guest runs, again as it dirties it, then the guest stopped for
+// the rest and the device state), its disks mirrored first if opts says where. The VM
+// ends stopped, not ended: the caller ends it once the target has taken over, or
+// resumes it (vmm.Pauser) if the target failed.
+func (v *vm) MigrateOut(ctx context.Context, w io.Writer, opts vmm.MigrateOptions) (vmm.MigrationStats, error) {
+	st, err := v.migrateOut(ctx, w, opts)
+	if err != nil {
+		return st, fmt.Errorf("migrate VM %s: %w", v.id, err)
+	}
+	return st, nil
+}
+
+func (v *vm) migrateOut(ctx context.Context, w io.Writer, opts vmm.MigrateOptions) (vmm.MigrationStats, error) {
+	v.mu.Lock()
+	c, state, detached := v.qmp, v.state, v.detached
+	v.mu.Unlock()
+	var st vmm.MigrationStats
+	if state != "running" || c == nil || detached {
+		return st, fmt.Errorf("not running under this process (%s)", state)
+	}
+	// All RAM is in the stream (a template-restored VM's private copy included).
+	if err := setIgnoreShared(ctx, c, false); err != nil {
+		return st, err
+	}
+	mirroring := opts.DialDisks != nil
+	caps := map[string]any{"capabilities": []map[string]any{{"capability": "pause-before-switchover", "state": mirroring}}}
+	if err := c.Execute(ctx, "migrate-set-capabilities", caps, nil); err != nil {
+		return st, fmt.Errorf("set pause-before-switchover: %w", err)
+	}
+	params := map[string]any{"downtime-limit": migrationDowntime.Milliseconds(), "max-bandwidth": int64(8) << 30}
+	if err := c.Execute(ctx, "migrate-set-parameters", params, nil); err != nil {
+		return st, fmt.Errorf("set parameters: %w", err)
+	}
+	var m *mirror
+	if mirroring {
+		var err error
+		if m, err = v.startMirror(ctx, opts.DialDisks); err != nil {
+			return st, err
+		}
+		defer m.close()
+		v.mu.Lock()
+		v.beforeSwitchover = m.finish
+		v.mu.Unlock()
+		defer func() {
+			v.mu.Lock()
+			v.beforeSwitchover = nil
+			v.mu.Unlock()
+		}()
+	}
+	if err := v.streamOut(ctx, w, 0); err != nil {
+		return st, err
+	}
+	var q struct {
+		TotalTime int64 `json:"total-time"`
+		Downtime  int64 `json:"downtime"`
+		RAM       struct {
+			Transferred int64 `json:"transferred"`
+		} `json:"ram"`
+	}
+	if err := c.Execute(ctx, "query-migrate", nil, &q); err == nil {
+		st = vmm.MigrationStats{Bytes: q.RAM.Transferred, Downtime: time.Duration(q.Downtime) * time.Millisecond, Total: time.Duration(q.TotalTime) * time.Millisecond}
+	}
+	if m != nil {
+		st.DiskBytes = m.bytes()
+	}
+	return st, nil
+}
+
+// mirror is the disk mirror of one outgoing migration: a blockdev-mirror job per
+// writable disk into an NBD node whose connections the driver carries to the target.
+type mirror struct {
+	v     *vm
+	c     *qmp.Client
+	ln    net.Listener
+	jobs  []string // job IDs, also the NBD nodes' names
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	conns []net.Conn
+	sent  map[string]int64 // per job: its progress as last seen
+	ended bool
+}
+
+// startMirror starts mirroring every writable disk through dial and returns once all
+// of them are in step with the guest (ready).
+func (v *vm) startMirror(ctx context.Context, dial vmm.DialFunc) (_ *mirror, err error) {
+	v.mu.Lock()
+	c, uid := v.qmp, v.uid
+	v.mu.Unlock()
+	sock := filepath.Join(v.dir, mirrorSocket)
+	_ = os.Remove(sock)
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return nil, fmt.Errorf("listen for the disk mirror: %w", err)
+	}
+	m := &mirror{v: v, c: c, ln: ln, sent: map[string]int64{}}
+	defer func() {
+		if err != nil {
+			m.close()
+		}
+	}()
+	if uid != 0 {
+		// A jailed QEMU connects as its own user.
+		if err := setOwner(sock, unix.S_IFSOCK, uid, v.d.cfg.Jail.GID, -1); err != nil {
+			return m, fmt.Errorf("the mirror socket for the VMM user: %w", err)
+		}
+	}
+	m.wg.Add(1)
+	go m.carry(dial)
+	for i, d := range v.spec.Disks {
+		if d.ReadOnly {
+			continue
+		}
+		job := "mirror-" + diskNode(i)
+		target := map[string]any{"driver": "nbd", "node-name": job, "export": diskNode(i),
+			"server": map[string]any{"type": "unix", "path": sock}}
+		if err := c.Execute(ctx, "blockdev-add", target, nil); err != nil {
+			return m, fmt.Errorf("reach the target's disk %d: %w", i, err)
+		}
+		m.jobs = append(m.jobs, job)
+		args := map[string]any{"job-id": job, "device": "disk" + strconv.Itoa(i), "target": job, "sync": "full",
+			"copy-mode": "write-blocking", "auto-finalize": true, "auto-dismiss": true}
+		if err := c.Execute(ctx, "blockdev-mirror", args, nil); err != nil {
+			return m, fmt.Errorf("mirror disk %d: %w", i, err)
+		}
+	}
+	rctx, cancel := context.WithTimeout(ctx, mirrorReadyTimeout)
+	defer cancel()
+	for {
+		jobs, err := m.query(rctx)
+		if err != nil {
+			return m, err
+		}
+		ready := 0
+		for _, id := range m.jobs {
+			j, ok := jobs[id]
+			switch {
+			case !ok:
+				return m, fmt.Errorf("disk mirror %s ended before it caught up (the target's disk service went away?)", id)
+			case j.Ready:
+				ready++
+			}
+		}
+		if ready == len(m.jobs) {
+			return m, nil
+		}
+		select {
+		case <-rctx.Done():
+			return m, fmt.Errorf("the disk mirror did not catch up: %w", rctx.Err())
+		case <-v.done:
+			return m, fmt.Errorf("VMM ended during the disk mirror: %v", v.ExitError())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+type blockJob struct {
+	Device string `json:"device"`
+	Ready  bool   `json:"ready"`
+	Offset int64  `json:"offset"`
+	Status string `json:"status"`
+}
+
+func (m *mirror) query(ctx context.Context) (map[string]blockJob, error) {
+	var jobs []blockJob
+	if err := m.c.Execute(ctx, "query-block-jobs", nil, &jobs); err != nil {
+		return nil, fmt.Errorf("query the disk mirror: %w", err)
+	}
+	out := make(map[string]blockJob, len(jobs))
+	for _, j := range jobs {
+		out[j.Device] = j
+		m.mu.Lock()
+		m.sent[j.Device] = j.Offset
+		m.mu.Unlock()
+	}
+	return out, nil
+}
+
+// carry takes each connection the VMM opens to the mirror socket to the target, through
+// dial, until the listener closes.
+func (m *mirror) carry(dial vmm.DialFunc) {
+	defer m.wg.Done()
+	for {
+		conn, err := m.ln.Accept()
+		if err != nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		far, err := dial(ctx)
+		cancel()
+		if err != nil {
+			conn.Close()
+			continue // the VMM's NBD client reports the failure to connect
+		}
+		m.mu.Lock()
+		if m.ended {
+			m.mu.Unlock()
+			conn.Close()
+			far.Close()
+			return
+		}
+		m.conns = append(m.conns, conn, far)
+		m.mu.Unlock()
+		m.wg.Add(2)
+		go func() {
+			defer m.wg.Done()
+			_, _ = io.Copy(far, conn)
+			closeWrite(far)
+		}()
+		go func() {
+			defer m.wg.Done()
+			_, _ = io.Copy(conn, far)
+			closeWrite(conn)
+		}()
+	}
+}
+
+func closeWrite(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+		return
+	}
+	_ = c.Close()
+}
+
+// finish ends the mirror jobs in sync, with the guest stopped (the migration paused
+// before its switch-over): a ready mirror job that is cancelled completes, its target
+// a copy of the disk as it is now.
+func (m *mirror) finish(ctx context.Context) error {
+	for _, id := range m.jobs {
+		if err := m.c.Execute(ctx, "block-job-cancel", map[string]any{"device": id}, nil); err != nil {
+			return fmt.Errorf("end the disk mirror %s: %w", id, err)
+		}
+	}
+	for {
+		jobs, err := m.query(ctx)
+		if err != nil {
+			return err
+		}
+		left := 0
+		for _, id := range m.jobs {
+			if _, ok := jobs[id]; ok {
+				left++
+			}
+		}
+		if left == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the disk mirror did not end: %w", ctx.Err())
+		case <-time.After(time.Millisecond):
+		}
+	}
+}
+
+func (m *mirror) bytes() int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var n int64
+	for _, b := range m.sent {
+		n += b
+	}
+	return n
+}
+
+// close ends what is left of the mirror: its jobs (cancelled: the target's copy is not
+// whole), its NBD nodes, the connections and the listener.
+func (m *mirror) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if jobs, err := m.query(ctx); err == nil {
+		for _, id := range m.jobs {
+			if _, ok := jobs[id]; ok {
+				_ = m.c.Execute(ctx, "block-job-cancel", map[string]any{"device": id, "force": true}, nil)
+			}
+		}
+		for _, id := range m.jobs {
+			for range 1000 {
+				jobs, err := m.query(ctx)
+				if _, ok := jobs[id]; err != nil || !ok {
+					break
+				}
+				time.Sleep(2 * time.Millisecond)
+			}
+		}
+	}
+	for _, id := range m.jobs {
+		_ = m.c.Execute(ctx, "blockdev-del", map[string]any{"node-name": id}, nil)
+	}
+	m.mu.Lock()
+	m.ended = true
+	conns := m.conns
+	m.mu.Unlock()
+	m.ln.Close()
+	for _, c := range conns {
+		c.Close()
+	}
+	m.wg.Wait()
+	_ = os.Remove(filepath.Join(m.v.dir, mirrorSocket))
+}

@@ -1,0 +1,85 @@
+package cluster
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// agentOf is the agent process of node name (a0, a1, ...).
+func agentOf(t *testing.T, name string) *proc {
+	t.Helper()
+	for i, a := range w.agents {
+		if fmt.Sprintf("a%d", i) == name {
+			return a
+		}
+	}
+	t.Fatalf("no agent %q", name)
+	return nil
+}
+
+// TestMigrate moves a running sandbox to the other node live: its counter carries on
+// (no reset), its files and log are there, it has the same ID and token, inspect shows
+// the migration, and the source node keeps nothing of it (no VMM, network namespace,
+// run directory or files).
+func TestMigrate(t *testing.T) {
+	need(t)
+	defer w.ensureRunning()
+	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "migrating", "--insecure-registry", w.registry, image(), "--",
+		"sh", "-c", "echo migrate-file > /tmp/f; i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; echo tick $i; sleep 0.2; done"))
+	defer mustFW(t, "rm", "-f", id)
+	waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+	count := func() int {
+		t.Helper()
+		out, _, code := w.cli(t.Context(), nil, "exec", id, "--", "cat", "/tmp/count")
+		n, err := strconv.Atoi(strings.TrimSpace(out))
+		if code != 0 || err != nil {
+			return -1
+		}
+		return n
+	}
+	waitFor(t, minute, "the counter", func() bool { return count() > 0 })
+	sb := inspect(t, id)
+	from, _ := sb["node"].(string)
+	d, _ := sb["details"].(map[string]any)
+	netns, token := fmt.Sprint(d["netns"]), sb["access_token"]
+	src := agentOf(t, from)
+	before := count()
+
+	out := mustFW(t, "migrate", id)
+	t.Logf("fireworks migrate: %s", strings.TrimSpace(out))
+	if !strings.Contains(out, "migrated from "+from+" to ") {
+		t.Fatalf("migrate printed %q", out)
+	}
+	sb = inspect(t, id)
+	d, _ = sb["details"].(map[string]any)
+	if sb["status"] != "running" || sb["node"] == from || d["start_mode"] != "migrated" || sb["access_token"] != token {
+		t.Fatalf("after the migration: status %v node %v (was %s) details %v", sb["status"], sb["node"], from, d)
+	}
+	migs, _ := sb["migrations"].([]any)
+	if len(migs) != 1 || !strings.Contains(fmt.Sprint(migs[0]), "moved") {
+		t.Errorf("inspect shows the migrations %v", migs)
+	}
+	after := count()
+	if after < before {
+		t.Fatalf("the counter reads %d after the migration, %d before: it was reset", after, before)
+	}
+	waitFor(t, minute, "the counter going on", func() bool { return count() > after })
+	if got := strings.TrimSpace(mustFW(t, "exec", id, "--", "cat", "/tmp/f")); got != "migrate-file" {
+		t.Errorf("/tmp/f holds %q after the migration", got)
+	}
+	logs := mustFW(t, "logs", id)
+	if !strings.Contains(logs, "tick 1\n") || !strings.Contains(logs, fmt.Sprintf("tick %d\n", after+1)) {
+		t.Errorf("the log lacks the ticks from before or after the migration:\n%s", logs)
+	}
+	// The source keeps nothing of it.
+	waitFor(t, minute, "the source node to let the sandbox go", func() bool {
+		_, errRun := os.Stat(filepath.Join(src.dataDir, "run", id))
+		_, errFiles := os.Stat(filepath.Join(src.dataDir, "sandboxes", id))
+		_, errNS := os.Stat(filepath.Join("/run/netns", netns))
+		return len(w.vmsOf(src, id)) == 0 && os.IsNotExist(errRun) && os.IsNotExist(errFiles) && os.IsNotExist(errNS)
+	})
+}
