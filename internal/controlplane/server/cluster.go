@@ -315,6 +315,9 @@ func (h *nodeService) ReportSandbox(ctx context.Context, req *connect.Request[pb
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	if m := sb.Migration; sb.ID == req.Msg.GetSandbox() && m != nil && (m.To == node || m.From == node) && (u.CommitMigration != "" || u.EndMigration != "") {
+		return h.reportMigration(ctx, sb, node, u)
+	}
 	if sb.ID != req.Msg.GetSandbox() || sb.Node != node {
 		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("sandbox %s is not assigned to node %s", req.Msg.GetSandbox(), node))
 	}
@@ -351,6 +354,33 @@ func (h *nodeService) ReportSandbox(ctx context.Context, req *connect.Request[pb
 		if cp := h.s.cluster.ControlPlane; cp != nil {
 			cp.Notify() // capacity freed; restart policies may apply
 		}
+	}
+	return connect.NewResponse(&pb.ReportSandboxResponse{}), nil
+}
+
+// reportMigration applies what the nodes of a live migration may write about it: its
+// target commits the switch-over (the sandbox is its from that write), either ends it.
+// The state machine refuses a commit after an end, an end after a commit, and either
+// for another migration (see state.Migration).
+func (h *nodeService) reportMigration(ctx context.Context, sb state.Sandbox, node string, u state.Update) (*connect.Response[pb.ReportSandboxResponse], error) {
+	m := sb.Migration
+	clean := state.Update{Time: h.s.now()}
+	switch {
+	case u.CommitMigration != "" && m.To == node:
+		clean.CommitMigration = u.CommitMigration
+		if st := u.MigrationStats; st != nil {
+			clean.MigrationStats = &state.MigrationStats{Downtime: max(st.Downtime, 0), Bytes: max(st.Bytes, 0), DiskBytes: max(st.DiskBytes, 0)}
+		}
+	case u.EndMigration != "":
+		clean.EndMigration, clean.Reason = u.EndMigration, fmt.Sprintf("node %s: %s", node, u.Reason)
+		if len(clean.Reason) > 1024 {
+			clean.Reason = clean.Reason[:1024]
+		}
+	default:
+		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("node %s may not commit migration %s of sandbox %s", node, m.ID, sb.ID))
+	}
+	if _, err := h.s.store.UpdateSandbox(ctx, sb.ID, clean); err != nil {
+		return nil, toConnectError(err)
 	}
 	return connect.NewResponse(&pb.ReportSandboxResponse{}), nil
 }

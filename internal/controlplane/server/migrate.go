@@ -117,9 +117,22 @@ func (s *Server) waitMigration(ctx context.Context, id, mid string) (state.Sandb
 		return sb, state.Migration{}, err
 	}
 	for _, m := range sb.Migrations {
-		if m.ID == mid {
-			return sb, m, nil
+		if m.ID != mid {
+			continue
 		}
+		if m.Outcome == state.MigrationMoved {
+			// Returned once the target has said what it runs (its VM, its network), so
+			// that inspect right after shows the sandbox where it is now; or once it
+			// is over (the guest ended meanwhile), or after a while.
+			rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			if now, err := s.waitFor(rctx, id, true, func(sb state.Sandbox) bool {
+				return sb.Runtime["migration"] == mid || sb.Status != state.StatusRunning || sb.Node != m.To
+			}); err == nil {
+				sb = now
+			}
+		}
+		return sb, m, nil
 	}
 	return sb, state.Migration{}, fmt.Errorf("migration %s ended and left no record", mid)
 }

@@ -335,13 +335,13 @@ func (a *Agent) beforeResume(in *incoming, sb state.Sandbox, deadline time.Time)
 // reads the state until it says how the migration ended.
 func (a *Agent) commitMigration(ctx context.Context, id, mid string, stats state.MigrationStats, deadline time.Time) error {
 	_, err := a.store.UpdateSandbox(ctx, id, state.Update{CommitMigration: mid, MigrationStats: &stats, Time: time.Now()})
-	if err == nil || errors.Is(err, state.ErrInvalidTransition) || errors.Is(err, state.ErrInvalid) || errors.Is(err, state.ErrNotFound) {
+	if err == nil || refused(err) {
 		if err != nil {
 			err = fmt.Errorf("the switch-over was refused: %w", err)
 		}
 		return err
 	}
-	moved, err := a.migrationEnded(ctx, id, mid, deadline)
+	moved, err := a.migrationEnded(ctx, id, mid, deadline, false)
 	if err != nil {
 		return err
 	}
@@ -351,9 +351,18 @@ func (a *Agent) commitMigration(ctx context.Context, id, mid string, stats state
 	return nil
 }
 
-// migrationEnded reads the state until migration mid of sandbox id has ended, and says
-// whether the sandbox moved. It gives up migrationSlack after the deadline.
-func (a *Agent) migrationEnded(ctx context.Context, id, mid string, deadline time.Time) (moved bool, err error) {
+// refused says whether err is the control plane's refusal of a write (not a failure to
+// reach it).
+func refused(err error) bool {
+	return errors.Is(err, state.ErrStaleReport) || errors.Is(err, state.ErrInvalidTransition) ||
+		errors.Is(err, state.ErrInvalid) || errors.Is(err, state.ErrNotFound)
+}
+
+// migrationEnded reads the state (this node's assignments) until migration mid of
+// sandbox id has ended, and says whether the sandbox moved. A sandbox that is no longer
+// this node's at all has left the source (source) and never came to the target. It
+// gives up migrationSlack after the deadline.
+func (a *Agent) migrationEnded(ctx context.Context, id, mid string, deadline time.Time, source bool) (moved bool, err error) {
 	for {
 		sb, err := a.store.GetSandbox(ctx, id)
 		if err == nil && (sb.Migration == nil || sb.Migration.ID != mid) {
@@ -362,10 +371,11 @@ func (a *Agent) migrationEnded(ctx context.Context, id, mid string, deadline tim
 					return m.Outcome == state.MigrationMoved, nil
 				}
 			}
-			return false, nil // ended so long ago the history dropped it, or removed
+			// Ended so long ago the history dropped it: where it is says.
+			return source != (sb.Node == a.cfg.Node), nil
 		}
 		if errors.Is(err, state.ErrNotFound) {
-			return false, nil
+			return source, nil
 		}
 		if time.Now().After(deadline.Add(migrationSlack)) {
 			return false, fmt.Errorf("the state did not say how migration %s ended: %v", mid, err)
@@ -445,7 +455,7 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 	info := h.vm.Info()
 	r.rt = map[string]string{
 		"pid": strconv.Itoa(info.PID), "run_dir": s.dir, "console_log": info.ConsoleLog, "qemu_cmdline": info.CmdlineFile,
-		"start_mode": r.how, "migrated_from": mig.From,
+		"start_mode": r.how, "migrated_from": mig.From, "migration": mig.ID,
 	}
 	if h.net != nil {
 		r.rt["netns"], r.rt["address"] = h.net.Namespace(), h.net.Address().String()
@@ -637,8 +647,8 @@ func (a *Agent) settleMigration(ctx context.Context, id string, mig state.Migrat
 		if err == nil {
 			return false, nil
 		}
-		if errors.Is(err, state.ErrInvalidTransition) || errors.Is(err, state.ErrNotFound) {
-			return a.migrationEnded(ctx, id, mig.ID, mig.Deadline)
+		if refused(err) {
+			return a.migrationEnded(ctx, id, mig.ID, mig.Deadline, true)
 		}
 		if time.Now().After(mig.Deadline.Add(migrationSlack)) {
 			return false, err

@@ -137,6 +137,7 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 	}
 	a.mu.Unlock()
 	for _, id := range gone {
+		a.log.Info("sandbox no longer assigned here; stopping it", "sandbox", id)
 		a.background(func(ctx context.Context) {
 			defer func() {
 				a.mu.Lock()

@@ -109,7 +109,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	for _, step := range steps {
 		if err := step.run(a, r); err != nil {
 			<-r.starting
-			a.log.Info("start failed", "sandbox", sb.ID, "step", step.name)
+			a.log.Info("start failed", "sandbox", sb.ID, "step", step.name, "err", err)
 			a.fail(s, err.Error())
 			return
 		}

@@ -429,6 +429,9 @@ func (m *vms) connectGuest(ctx context.Context, ln net.Listener, vm vmm.VM) (*cl
 	case <-bootCtx.Done():
 		ln.Close()
 		<-res
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("guest did not answer: %w (see the console log %s)", context.Cause(ctx), vm.Info().ConsoleLog)
+		}
 		return nil, fmt.Errorf("guest did not answer within %s (see the console log %s)", m.bootTimeout, vm.Info().ConsoleLog)
 	}
 }

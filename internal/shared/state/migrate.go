@@ -92,8 +92,10 @@ func (sb *Sandbox) applyMigration(u Update, t time.Time) error {
 			m.Downtime, m.Bytes, m.DiskBytes = s.Downtime, s.Bytes, s.DiskBytes
 		}
 		sb.Node = m.To
-		// A new run of the sandbox (on the target): reports of the source's are stale.
+		// A new run of the sandbox (on the target): reports of the source's are stale,
+		// and what it said of its VM (process, paths, network) is the target's to say.
 		sb.Resumes++
+		sb.Runtime = nil
 		sb.endMigration(m, t, MigrationMoved)
 		sb.addEvent(Event{Time: t, Status: sb.Status, Reason: fmt.Sprintf("migrated from node %s to node %s", m.From, m.To)})
 	}

@@ -173,15 +173,15 @@ func (v *vm) migrateOut(ctx context.Context, w io.Writer, opts vmm.MigrateOption
 // mirror is the disk mirror of one outgoing migration: a blockdev-mirror job per
 // writable disk into an NBD node whose connections the driver carries to the target.
 type mirror struct {
-	v     *vm
-	c     *qmp.Client
-	ln    net.Listener
-	jobs  []string // job IDs, also the NBD nodes' names
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	conns []net.Conn
-	sent  map[string]int64 // per job: its progress as last seen
-	ended bool
+	v       *vm
+	c       *qmp.Client
+	ln      net.Listener
+	jobs    []string // job IDs, also the NBD nodes' names
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	conns   []net.Conn
+	carried int64 // bytes carried to the target (NBD requests and the data written)
+	ended   bool
 }
 
 // startMirror starts mirroring every writable disk through dial and returns once all
@@ -196,7 +196,7 @@ func (v *vm) startMirror(ctx context.Context, dial vmm.DialFunc) (_ *mirror, err
 	if err != nil {
 		return nil, fmt.Errorf("listen for the disk mirror: %w", err)
 	}
-	m := &mirror{v: v, c: c, ln: ln, sent: map[string]int64{}}
+	m := &mirror{v: v, c: c, ln: ln}
 	defer func() {
 		if err != nil {
 			m.close()
@@ -260,7 +260,6 @@ func (v *vm) startMirror(ctx context.Context, dial vmm.DialFunc) (_ *mirror, err
 type blockJob struct {
 	Device string `json:"device"`
 	Ready  bool   `json:"ready"`
-	Offset int64  `json:"offset"`
 	Status string `json:"status"`
 }
 
@@ -272,9 +271,6 @@ func (m *mirror) query(ctx context.Context) (map[string]blockJob, error) {
 	out := make(map[string]blockJob, len(jobs))
 	for _, j := range jobs {
 		out[j.Device] = j
-		m.mu.Lock()
-		m.sent[j.Device] = j.Offset
-		m.mu.Unlock()
 	}
 	return out, nil
 }
@@ -307,7 +303,7 @@ func (m *mirror) carry(dial vmm.DialFunc) {
 		m.wg.Add(2)
 		go func() {
 			defer m.wg.Done()
-			_, _ = io.Copy(far, conn)
+			_, _ = io.Copy(counted{far, m}, conn)
 			closeWrite(far)
 		}()
 		go func() {
@@ -316,6 +312,20 @@ func (m *mirror) carry(dial vmm.DialFunc) {
 			closeWrite(conn)
 		}()
 	}
+}
+
+// counted counts what is written through it to the target into the mirror's total.
+type counted struct {
+	w io.Writer
+	m *mirror
+}
+
+func (c counted) Write(b []byte) (int, error) {
+	n, err := c.w.Write(b)
+	c.m.mu.Lock()
+	c.m.carried += int64(n)
+	c.m.mu.Unlock()
+	return n, err
 }
 
 func closeWrite(c net.Conn) {
@@ -360,11 +370,7 @@ func (m *mirror) finish(ctx context.Context) error {
 func (m *mirror) bytes() int64 {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var n int64
-	for _, b := range m.sent {
-		n += b
-	}
-	return n
+	return m.carried
 }
 
 // close ends what is left of the mirror: its jobs (cancelled: the target's copy is not
