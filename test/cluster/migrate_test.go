@@ -2,11 +2,17 @@ package cluster
 
 import (
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
 )
 
 // agentOf is the agent process of node name (a0, a1, ...).
@@ -21,17 +27,49 @@ func agentOf(t *testing.T, name string) *proc {
 	return nil
 }
 
+// egressDropped reads the egress packets the sandbox's policy dropped (policy show).
+func egressDropped(t *testing.T, id string) int {
+	t.Helper()
+	m := regexp.MustCompile(`Egress:\s+\d+ allowed, (\d+) dropped`).FindStringSubmatch(mustFW(t, "policy", "show", id))
+	if m == nil {
+		t.Fatalf("policy show %s has no egress counters", id)
+	}
+	n, _ := strconv.Atoi(m[1])
+	return n
+}
+
 // TestMigrate moves a running sandbox to the other node live: its counter carries on
-// (no reset), its files and log are there, it has the same ID and token, inspect shows
-// the migration, and the source node keeps nothing of it (no VMM, network namespace,
-// run directory or files).
+// (no reset), its files and log are there, it has the same ID and token, its web server
+// answers at the same ingress host, an address its policy blocks stays blocked with the
+// counters going on, inspect shows the migration, and the source node keeps nothing of
+// it (no VMM, network namespace, run directory or files).
 func TestMigrate(t *testing.T) {
 	need(t)
 	defer w.ensureRunning()
-	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "migrating", "--insecure-registry", w.registry, image(), "--",
-		"sh", "-c", "echo migrate-file > /tmp/f; i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; echo tick $i; sleep 0.2; done"))
+	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "migrating", "-p", "8000:public", "--insecure-registry", w.registry, image(), "--",
+		"sh", "-c", "echo migrate-file > /tmp/f; mkdir -p /tmp/www && echo served-before-and-after > /tmp/www/index.html && httpd -p 8000 -h /tmp/www; "+
+			"i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; echo tick $i; sleep 0.2; done"))
 	defer mustFW(t, "rm", "-f", id)
 	waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+	// Through the ingress, and a blocked address.
+	e := startEdge(t, strings.TrimSpace(mustFW(t, "token", "create", "--role", "ingress", "--name", "migrate-edge")))
+	host := routes.Host(8000, id, ingressDomain)
+	if body := e.waitFor(t, host, nil, http.StatusOK, minute); strings.TrimSpace(body) != "served-before-and-after" {
+		t.Fatalf("%s before the migration: %q", host, body)
+	}
+	regHost, _, _ := net.SplitHostPort(w.registry)
+	pol := filepath.Join(t.TempDir(), "policy")
+	if err := os.WriteFile(pol, []byte("default allow\ndeny "+regHost+" tcp\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mustFW(t, "policy", "apply", id, pol)
+	if got := statusLine(t, id, w.registry, "/v2/"); got != "" {
+		t.Fatalf("the registry answered the sandbox its policy blocks: %q", got)
+	}
+	dropped := egressDropped(t, id)
+	if dropped == 0 {
+		t.Fatal("the policy dropped nothing")
+	}
 	count := func() int {
 		t.Helper()
 		out, _, code := w.cli(t.Context(), nil, "exec", id, "--", "cat", "/tmp/count")
@@ -68,6 +106,17 @@ func TestMigrate(t *testing.T) {
 		t.Fatalf("the counter reads %d after the migration, %d before: it was reset", after, before)
 	}
 	waitFor(t, minute, "the counter going on", func() bool { return count() > after })
+	t0 := time.Now()
+	if body := e.waitFor(t, host, nil, http.StatusOK, minute); strings.TrimSpace(body) != "served-before-and-after" {
+		t.Errorf("%s after the migration: %q", host, body)
+	}
+	t.Logf("the ingress host answered %s after the migration call returned", time.Since(t0).Round(time.Millisecond))
+	if got := statusLine(t, id, w.registry, "/v2/"); got != "" {
+		t.Errorf("the registry answered after the migration: the policy did not go with the sandbox: %q", got)
+	}
+	if n := egressDropped(t, id); n <= dropped {
+		t.Errorf("egress dropped %d after the migration and a blocked attempt, %d before: the counters did not carry on", n, dropped)
+	}
 	if got := strings.TrimSpace(mustFW(t, "exec", id, "--", "cat", "/tmp/f")); got != "migrate-file" {
 		t.Errorf("/tmp/f holds %q after the migration", got)
 	}
