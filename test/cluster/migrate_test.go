@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -131,4 +132,139 @@ func TestMigrate(t *testing.T) {
 		_, errNS := os.Stat(filepath.Join("/run/netns", netns))
 		return len(w.vmsOf(src, id)) == 0 && os.IsNotExist(errRun) && os.IsNotExist(errFiles) && os.IsNotExist(errNS)
 	})
+}
+
+// slowLink limits what host h sends to rate (tc tbf on its interface), so that a
+// migration from or to it stays in pre-copy long enough to be interrupted; undo lifts it.
+func slowLink(t *testing.T, h *host, rate string) (undo func()) {
+	t.Helper()
+	if err := run("ip", "netns", "exec", h.ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "64kb", "latency", "2s"); err != nil {
+		t.Fatalf("slow down %s's link (tc, sch_tbf): %v", h.name, err)
+	}
+	return func() { _ = run("ip", "netns", "exec", h.ns, "tc", "qdisc", "del", "dev", "eth0", "root") }
+}
+
+// migrating starts `fireworks migrate id` in the background and returns once the
+// target node has begun to receive it (its run directory is there); done gives the
+// command's outcome.
+func migrating(t *testing.T, id string, target *proc) (done chan error) {
+	t.Helper()
+	done = make(chan error, 1)
+	go func() {
+		out, errOut, code := w.cli(t.Context(), nil, "migrate", id, "--to", filepath.Base(target.dataDir))
+		if code != 0 {
+			done <- fmt.Errorf("exit %d: %s", code, strings.TrimSpace(errOut))
+			return
+		}
+		done <- fmt.Errorf("migrated: %s", strings.TrimSpace(out))
+	}()
+	var early error
+	waitFor(t, minute, "the target to begin receiving the sandbox", func() bool {
+		select {
+		case early = <-done:
+			return true
+		default:
+		}
+		_, err := os.Stat(filepath.Join(target.dataDir, "run", id))
+		return err == nil
+	})
+	if early != nil {
+		t.Fatalf("migrate ended before the target began: %v", early)
+	}
+	return done
+}
+
+// counterOf reads the sandbox's /tmp/count (-1 if it cannot).
+func counterOf(t *testing.T, id string) int {
+	t.Helper()
+	out, _, code := w.cli(t.Context(), nil, "exec", id, "--", "cat", "/tmp/count")
+	n, err := strconv.Atoi(strings.TrimSpace(out))
+	if code != 0 || err != nil {
+		return -1
+	}
+	return n
+}
+
+// runCounter runs a sandbox counting in /tmp/count and returns it with its node's
+// agent and another node's.
+func runCounter(t *testing.T) (id string, src, dst *proc) {
+	t.Helper()
+	id = strings.TrimSpace(mustFW(t, "run", "-d", image(), "--", "sh", "-c", counterCmd))
+	sb := waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+	waitFor(t, minute, "the counter", func() bool { return counterOf(t, id) > 0 })
+	node, _ := sb["node"].(string)
+	src = agentOf(t, node)
+	for i, a := range w.agents {
+		if fmt.Sprintf("a%d", i) != node {
+			return id, src, a
+		}
+	}
+	t.Fatal("one node only")
+	return
+}
+
+const counterCmd = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.2; done"
+
+// TestMigrateTargetDies: the target node dies (its agent and VMMs) during the
+// pre-copy; the migration fails, and the sandbox runs on on its source, its counter
+// going on from where it was, with one VMM.
+func TestMigrateTargetDies(t *testing.T) {
+	need(t)
+	defer w.ensureRunning()
+	id, src, dst := runCounter(t)
+	defer mustFW(t, "rm", "-f", id)
+	before := counterOf(t, id)
+	defer slowLink(t, src.h, "16mbit")()
+	done := migrating(t, id, dst)
+	w.stop(dst, true)
+	err := <-done
+	if err == nil || strings.HasPrefix(err.Error(), "migrated") || !strings.Contains(err.Error(), "runs on where it was") {
+		t.Fatalf("migrate to a node that died: %v", err)
+	}
+	t.Logf("fireworks migrate: %v", err)
+	sb := waitSandbox(t, id, minute, "running on its source", func(sb map[string]any) bool {
+		return sb["status"] == "running" && sb["node"] == filepath.Base(src.dataDir)
+	})
+	if migs, _ := sb["migrations"].([]any); len(migs) != 1 || !strings.Contains(fmt.Sprint(migs[0]), "failed") {
+		t.Errorf("inspect shows the migrations %v", migs)
+	}
+	waitFor(t, minute, "the counter going on", func() bool { return counterOf(t, id) > before })
+	if vms := w.vmsOf(src, id); len(vms) != 1 {
+		t.Errorf("the source runs %d VMMs of the sandbox", len(vms))
+	}
+}
+
+// TestMigrateSourceAgentDies: the source's agent is killed (its VMMs run on) during the
+// pre-copy; the target never runs the sandbox, and once the agent is back it runs on
+// on its source: never two copies.
+func TestMigrateSourceAgentDies(t *testing.T) {
+	need(t)
+	defer w.ensureRunning()
+	id, src, dst := runCounter(t)
+	defer mustFW(t, "rm", "-f", id)
+	defer slowLink(t, src.h, "16mbit")()
+	done := migrating(t, id, dst)
+	// The agent alone (its process group), as a crash of it: the VMMs live on.
+	_ = syscall.Kill(-src.cmd.Process.Pid, syscall.SIGKILL)
+	<-src.exited
+	src.cmd = nil
+	waitFor(t, minute, "the target to give the sandbox up", func() bool { return len(w.vmsOf(dst, id)) == 0 })
+	if err := w.start(src); err != nil {
+		t.Fatal(err)
+	}
+	err := <-done
+	t.Logf("fireworks migrate: %v", err)
+	if err == nil || strings.HasPrefix(err.Error(), "migrated") {
+		t.Fatalf("a migration whose source's agent died: %v", err)
+	}
+	sb := waitSandbox(t, id, 2*minute, "running on its source", func(sb map[string]any) bool {
+		migs, _ := sb["migrations"].([]any)
+		return sb["status"] == "running" && sb["node"] == filepath.Base(src.dataDir) && len(migs) == 1
+	})
+	t.Logf("migrations: %v", sb["migrations"])
+	before := counterOf(t, id)
+	waitFor(t, minute, "the counter going on", func() bool { return counterOf(t, id) > before })
+	if n, m := len(w.vmsOf(src, id)), len(w.vmsOf(dst, id)); n != 1 || m != 0 {
+		t.Errorf("VMMs of the sandbox: %d on the source, %d on the target; want exactly one, on the source", n, m)
+	}
 }

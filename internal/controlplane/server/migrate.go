@@ -94,7 +94,7 @@ func (s *Server) migrationTarget(sb state.Sandbox, to string) (state.Node, error
 		if to == sb.Node {
 			return state.Node{}, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("sandbox %s runs on node %s already", sb.ID, to))
 		}
-		req.Node = to
+		req.Node, req.NodeWhy = to, "the node asked for"
 	}
 	p, err := sched.Place(req)
 	if err != nil {

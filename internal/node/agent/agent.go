@@ -148,6 +148,7 @@ type Agent struct {
 
 	mu        sync.Mutex
 	live      map[string]*sandbox
+	began     time.Time                // when this process started (a migration older than it was another's)
 	started   map[string]bool          // incarnations ("id/restarts") started by Reconcile
 	stopsSent map[string]bool          // sandboxes Reconcile has begun stopping
 	leaving   map[string]chan struct{} // sandboxes no longer assigned here, being stopped and removed
@@ -243,7 +244,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, flatSem: make(chan struct{}, 1),
 		snaps: localSnapshots{root: filepath.Join(cfg.DataDir, "snapshots")}, started: map[string]bool{}, stopsSent: map[string]bool{}, leaving: map[string]chan struct{}{},
-		pruneWake: make(chan struct{}, 1)}
+		pruneWake: make(chan struct{}, 1), began: time.Now()}
 	for _, d := range []string{a.runRoot(), a.sandboxRoot(), a.assetDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("create agent directory %s: %w", d, err)
@@ -680,9 +681,13 @@ type sandbox struct {
 	// incomingMid its ID, kept (see Reconcile).
 	incoming    *incoming
 	incomingMid string
-	guestLn     net.Listener          // the guest channel's listener (a failed migration reconnects)
-	netBase     NetStats              // network counters carried over a pause
-	conns       map[*runConn]struct{} // connections into the guest (see DialSandbox)
+	guestLn     net.Listener // the guest channel's listener (a failed migration reconnects)
+	// guestGate, while a migration away is under way, closes once it is settled (the
+	// guest taken back, or moved away: movedAway); execs wait for it.
+	guestGate chan struct{}
+	movedAway bool
+	netBase   NetStats              // network counters carried over a pause
+	conns     map[*runConn]struct{} // connections into the guest (see DialSandbox)
 	// execs are the exec sessions under way, each with why the node ended it ("" while
 	// it has not: see Pause).
 	execs map[*client.Session]string
@@ -1038,10 +1043,24 @@ func (a *Agent) Exec(ctx context.Context, id string, req proto.ExecRequest) (*cl
 		return nil, err
 	}
 	s.mu.Lock()
-	g, main := s.guest, s.proc
+	gate := s.guestGate
 	s.mu.Unlock()
-	if g == nil {
-		return nil, fmt.Errorf("sandbox %s is still starting: %w", id, ErrNotRunning)
+	if gate != nil {
+		// Migrating: the exec runs wherever the sandbox runs once that is settled.
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		if s, err = a.lookup(id); err != nil {
+			return nil, err
+		}
+	}
+	s.mu.Lock()
+	g, main, moved := s.guest, s.proc, s.movedAway
+	s.mu.Unlock()
+	if g == nil || moved {
+		return nil, fmt.Errorf("sandbox %s is still starting or has moved: %w", id, ErrNotRunning)
 	}
 	sess, err := g.Exec(ctx, execDefaults(main, req))
 	if err != nil {

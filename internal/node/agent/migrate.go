@@ -530,9 +530,16 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 	// From here the guest holds the main process for whoever takes it back; supervise
 	// leaves the sandbox's end to this call.
 	outcome := make(chan migrationOutcome, 1)
+	gate := make(chan struct{})
 	s.mu.Lock()
-	s.migrating = outcome
+	s.migrating, s.guestGate = outcome, gate
 	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.guestGate = nil
+		s.mu.Unlock()
+		close(gate)
+	}()
 	a.endExecs(ctx, s, "ended by a live migration of the sandbox")
 	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
 	err = g.Detach(dctx)
@@ -601,6 +608,7 @@ func (a *Agent) movedAway(s *sandbox, outcome chan migrationOutcome) {
 	outcome <- migrationOutcome{}
 	s.mu.Lock()
 	vm := s.vm
+	s.movedAway = true
 	s.mu.Unlock()
 	_ = vm.Kill()
 }
@@ -726,4 +734,26 @@ func (p localPeer) Disk(ctx context.Context, id, mid string) (net.Conn, error) {
 
 func (p localPeer) Switch(ctx context.Context, id, mid string, body io.Reader) error {
 	return p.a.MigrationSwitch(ctx, p.a.cfg.Node, id, mid, body)
+}
+
+// orphanedMigration ends a migration away from this node that a previous agent process
+// began: the VMM it adopted may have been stopped for the switch-over, and runs again
+// only once the end is written (never if the commit came first).
+func (a *Agent) orphanedMigration(ctx context.Context, id string, mig state.Migration) {
+	moved, err := a.settleMigration(ctx, id, mig, errors.New("the source node's agent restarted during the migration"))
+	if err != nil || moved {
+		return // the assignments take it from here
+	}
+	s, err := a.lookup(id)
+	if err != nil {
+		return
+	}
+	s.mu.Lock()
+	vm := s.vm
+	s.mu.Unlock()
+	if p, ok := vm.(vmm.Pauser); ok && vm != nil {
+		if err := p.Resume(ctx); err != nil {
+			a.log.Warn("resume a sandbox after its migration was interrupted", "sandbox", id, "err", err)
+		}
+	}
 }

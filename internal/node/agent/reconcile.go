@@ -61,6 +61,13 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 						_ = a.endMigration(ctx, id, mig, errors.New("the sandbox is not live on its node"))
 						return
 					}
+					if mig.Started.Before(a.began) {
+						// Begun by this node's previous agent, which went down during it:
+						// the migration ends, and the guest (adopted) runs on here, unless
+						// the switch-over was committed first.
+						a.orphanedMigration(ctx, id, mig)
+						return
+					}
 					if err := a.migrateOut(ctx, sb, mig); err != nil {
 						a.log.Warn("live migration failed", "sandbox", id, "migration", mig.ID, "err", err)
 					}

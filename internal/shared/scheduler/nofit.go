@@ -117,7 +117,7 @@ func (s *Scheduler) explain(req *Request, c chain) *NoFitError {
 		}
 	}
 	if pinned > 0 {
-		what := "not node " + req.Node + ", which holds the files it starts from"
+		what := "not node " + req.Node + ", " + req.pinWhy()
 		add("pinned", pinned, nodes(pinned, "is "+what, "are "+what))
 	}
 	if avoided > 0 {
@@ -151,7 +151,7 @@ func describeOne(e *entry, req *Request, r rejection) string {
 	case rejectStatus:
 		return "node is " + statusText(e.node.Status)
 	case rejectPinned:
-		return "node is not " + req.Node + ", which holds the files the sandbox starts from"
+		return "node is not " + req.Node + ", " + req.pinWhy()
 	case rejectAvoided:
 		return "the sandbox runs on this node now"
 	case rejectDraining:
@@ -171,4 +171,12 @@ func describeOne(e *entry, req *Request, r rejection) string {
 		return "node lacks " + strings.Join(parts, " and ")
 	}
 	return "node accepted"
+}
+
+// pinWhy says why only req.Node may take the sandbox.
+func (r *Request) pinWhy() string {
+	if r.NodeWhy != "" {
+		return r.NodeWhy
+	}
+	return "which holds the files it starts from"
 }

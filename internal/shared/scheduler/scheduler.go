@@ -82,8 +82,11 @@ type Request struct {
 	// Spread asks for the least utilised node instead of bin-packing.
 	Spread bool
 	// Node, if set, is the only node that may take the sandbox: the one holding its
-	// saved state (a paused sandbox resumes where its state is).
-	Node string
+	// saved state (a paused sandbox resumes where its state is), or the one a caller
+	// named; NodeWhy says which, for the reasons a placement fails ("which holds the
+	// files it starts from" if empty).
+	Node    string
+	NodeWhy string
 	// Prefer, if set, is the node that takes the sandbox if it can: the one holding the
 	// files it starts from (a fork's source), which any other node would fetch first.
 	Prefer string
