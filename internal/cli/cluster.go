@@ -256,7 +256,7 @@ func newNodeCmd(g *globals) *cobra.Command {
 	cmd.AddCommand(ls,
 		action("cordon", "Stop placing new sandboxes on a node", func(c *client.Client) nodeCall { return c.Cluster.CordonNode }),
 		action("uncordon", "Let a node take sandboxes again", func(c *client.Client) nodeCall { return c.Cluster.UncordonNode }),
-		action("drain", "Cordon a node and move its sandboxes elsewhere (stop and re-place, whatever their --restart; `uncordon` ends the drain)", func(c *client.Client) nodeCall { return c.Cluster.DrainNode }),
+		action("drain", "Cordon a node and move its sandboxes elsewhere: live (migrated), else stopped and placed again if their --restart allows; the rest stay, saying why (`uncordon` ends the drain)", func(c *client.Client) nodeCall { return c.Cluster.DrainNode }),
 		action("rm", "Remove a node: its certificate is refused from now on, its sandboxes are lost (placed again per --restart), its name is free to join again", func(c *client.Client) nodeCall { return c.Cluster.RemoveNode }),
 	)
 	return cmd

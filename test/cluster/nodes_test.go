@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -115,30 +116,45 @@ func TestFullClusterThenPlaced(t *testing.T) {
 	mustFW(t, append([]string{"rm", "-f", extra}, ids...)...)
 }
 
-// Cordoned nodes take nothing new; drain moves sandboxes off.
+// Cordoned nodes take nothing new; a drain moves running sandboxes off live (three at
+// once here: each keeps counting where it was, with no restart).
 func TestCordonAndDrain(t *testing.T) {
 	need(t)
 	mustFW(t, "node", "cordon", "a0")
 	mustFW(t, "node", "cordon", "a1")
-	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "drained", "--insecure-registry", w.registry, image(), "--", "sleep", "600"))
-	sb := waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
-	if sb["node"] != "a2" {
-		t.Fatalf("with a0 and a1 cordoned, the sandbox went to %v", sb["node"])
+	var ids []string
+	for i := range 3 {
+		ids = append(ids, strings.TrimSpace(mustFW(t, "run", "-d", "--name", fmt.Sprintf("drained-%d", i), "--memory", "128",
+			"--insecure-registry", w.registry, image(), "--", "sh", "-c", counterCmd)))
 	}
-	mustFW(t, "node", "uncordon", "a1")
-	mustFW(t, "node", "drain", "a2")
-	moved := waitSandbox(t, id, 3*minute, "moved off the drained node", func(sb map[string]any) bool {
-		return sb["status"] == "running" && sb["node"] == "a1"
-	})
-	if !hasEvent(moved, "pending", "drained from node a2") {
-		t.Errorf("the moved sandbox's events do not record the drain from a2: %v", moved["events"])
-	}
-	if vms := w.vmsOf(w.agents[2], id); len(vms) > 0 {
-		t.Errorf("the drained node a2 still runs the sandbox's VM: %v", vms)
+	defer mustFW(t, append([]string{"rm", "-f"}, ids...)...)
+	before := map[string]int{}
+	for _, id := range ids {
+		sb := waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
+		if sb["node"] != "a2" {
+			t.Fatalf("with a0 and a1 cordoned, the sandbox went to %v", sb["node"])
+		}
+		waitFor(t, minute, "the counter", func() bool { return counterOf(t, id) > 0 })
+		before[id] = counterOf(t, id)
 	}
 	mustFW(t, "node", "uncordon", "a0")
-	mustFW(t, "node", "uncordon", "a2")
-	mustFW(t, "rm", "-f", id)
+	mustFW(t, "node", "uncordon", "a1")
+	mustFW(t, "node", "drain", "a2")
+	defer mustFW(t, "node", "uncordon", "a2")
+	for _, id := range ids {
+		moved := waitSandbox(t, id, 3*minute, "moved off the drained node", func(sb map[string]any) bool {
+			return sb["status"] == "running" && sb["node"] != "a2" && sb["migration"] == nil
+		})
+		if !hasEvent(moved, "running", "migrated from node a2") || (moved["restarts"] != nil && moved["restarts"] != float64(0)) {
+			t.Errorf("%s: the drain did not move it live: restarts %v events %v", id, moved["restarts"], moved["events"])
+		}
+		if n := counterOf(t, id); n < before[id] {
+			t.Errorf("%s counts %d after the drain, %d before: it started afresh", id, n, before[id])
+		}
+		if vms := w.vmsOf(w.agents[2], id); len(vms) > 0 {
+			t.Errorf("the drained node a2 still runs the sandbox's VM: %v", vms)
+		}
+	}
 }
 
 // An agent restarted while its VM runs: the VM is still there afterwards, re-adopted by

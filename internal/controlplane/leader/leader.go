@@ -8,6 +8,7 @@
 package leader
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -344,25 +345,107 @@ func (m *Manager) checkHeartbeats(ctx context.Context, now time.Time, nodes []st
 	return errors.Join(errs...)
 }
 
-// drain moves live sandboxes off draining nodes: they are re-placed elsewhere (the node
-// kills them once they leave its assignments), whatever their restart policy, unless a
-// user stopped them.
+// drain moves live sandboxes off draining nodes. A running one migrates live to the
+// scheduler's choice of node (a few at a time per node); one that cannot (no other node
+// fits it, or its migration failed) is stopped and placed again only if its restart
+// policy allows it, and otherwise stays, with the reason in its details (inspect) and
+// `node ls` counting it. One not running yet is placed again. A paused one stays with
+// its saved state; a stopped one is left to end.
 func (m *Manager) drain(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox) error {
 	var errs []error
 	for _, n := range nodes {
 		if !n.Draining {
 			continue
 		}
+		inflight := 0
 		for _, sb := range sbs {
-			if sb.Node != n.ID || sb.Status.Terminal() || !sb.StopRequestedAt.IsZero() || sb.Saved != nil {
-				// A paused sandbox stays with its saved state (no node can resume it
-				// elsewhere yet): drain leaves it, and `node ls` keeps showing it.
+			if sb.Migration != nil && sb.Migration.From == n.ID {
+				inflight++
+			}
+		}
+		for _, sb := range sbs {
+			if sb.Node != n.ID || sb.Status.Terminal() || !sb.StopRequestedAt.IsZero() || sb.Saved != nil || sb.Migration != nil {
 				continue
 			}
-			errs = append(errs, m.replace(ctx, now, sb, "drained from node "+n.ID))
+			if sb.Status != state.StatusRunning || !sb.PauseRequestedAt.IsZero() {
+				errs = append(errs, m.replace(ctx, now, sb, "drained from node "+n.ID))
+				continue
+			}
+			why := failedSince(sb, n.DrainingSince)
+			if why == "" {
+				if inflight >= maxDrainMigrations {
+					continue
+				}
+				started, err := m.migrateAway(ctx, now, nodes, sbs, sb)
+				if err == nil {
+					inflight += started
+					continue
+				}
+				why = err.Error()
+			}
+			if sb.Spec.Restart == state.RestartOnFailure || sb.Spec.Restart == state.RestartAlways {
+				errs = append(errs, m.replace(ctx, now, sb, fmt.Sprintf("drained from node %s (stopped and placed again: %s)", n.ID, why)))
+				continue
+			}
+			note := fmt.Sprintf("stays on draining node %s: it could not move live (%s) and its restart policy (%s) does not allow a stop and a new start", n.ID, why, cmp.Or(string(sb.Spec.Restart), string(state.RestartNever)))
+			if sb.Runtime[drainDetail] != note {
+				if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Runtime: map[string]string{drainDetail: note}, Time: now}); err != nil {
+					errs = append(errs, err)
+				}
+				m.log.Warn("sandbox stays on a draining node", "sandbox", sb.ID, "node", n.ID, "why", why)
+			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// maxDrainMigrations bounds the live migrations a drain runs at once off one node.
+const maxDrainMigrations = 2
+
+// drainDetail is the detail (inspect) that says why a sandbox stays on a draining node.
+const drainDetail = "drain"
+
+// failedSince is why the last live migration of sb failed, if it began at or after
+// since (a drain does not try again what failed during it); "" if none did.
+func failedSince(sb state.Sandbox, since time.Time) string {
+	if len(sb.Migrations) == 0 {
+		return ""
+	}
+	last := sb.Migrations[len(sb.Migrations)-1]
+	if last.Outcome == state.MigrationMoved || last.Started.Before(since) {
+		return ""
+	}
+	return "live migration " + last.Outcome
+}
+
+// migrateAway starts a live migration of running sb to the scheduler's choice among
+// the other nodes; it returns 1 if it started one.
+func (m *Manager) migrateAway(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox, sb state.Sandbox) (int, error) {
+	sched, err := scheduler.New(snapshot(nodes, sbs), m.cfg.Scheduler)
+	if err != nil {
+		return 0, err
+	}
+	req, err := state.SchedulerRequest(sb)
+	if err != nil {
+		return 0, err
+	}
+	req.Avoid = sb.Node
+	p, err := sched.Place(req)
+	if err != nil {
+		return 0, err
+	}
+	var addr string
+	for _, n := range nodes {
+		if n.ID == p.NodeID {
+			addr = n.Address
+		}
+	}
+	mig := state.Migration{ID: state.NewMigrationID(), From: sb.Node, To: p.NodeID, ToAddress: addr, Deadline: now.Add(state.MigrationDeadline)}
+	if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{StartMigration: &mig, Time: now}); err != nil {
+		return 0, fmt.Errorf("start its live migration: %w", err)
+	}
+	m.log.Info("draining: live migration started", "sandbox", sb.ID, "migration", mig.ID, "from", mig.From, "to", mig.To)
+	return 1, nil
 }
 
 // replace sends a sandbox back to pending for a new placement.

@@ -391,14 +391,20 @@ func TestRestartBackoffAndLimit(t *testing.T) {
 	}
 }
 
+// A drain migrates running sandboxes live (two at a time per node); one whose migration
+// failed is stopped and placed again only if its restart policy allows it, and
+// otherwise stays, saying why; a stopping one is left to end.
 func TestDrainMovesSandboxes(t *testing.T) {
 	e := newEnv(t)
 	e.node("n1", 8, 4096, nil)
 	e.sandbox("web", 256, state.RestartNever)
+	e.sandbox("job", 256, state.RestartOnFailure)
+	e.sandbox("third", 256, state.RestartNever)
 	e.sandbox("stopping", 256, state.RestartNever)
 	e.pass()
-	e.run("web")
-	e.run("stopping")
+	for _, id := range []string{"web", "job", "third", "stopping"} {
+		e.run(id)
+	}
 	grace := time.Second
 	if _, err := e.store.UpdateSandbox(e.ctx, "stopping", state.Update{StopGrace: &grace, Time: e.clock.Now()}); err != nil {
 		t.Fatal(err)
@@ -408,12 +414,44 @@ func TestDrainMovesSandboxes(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.pass()
-	sb := e.get("web")
-	if sb.Node != "n2" || sb.Status != state.StatusPending || sb.Restarts != 1 || !hasEvent(sb, state.StatusPending, "drained from node n1") {
-		t.Fatalf("web after drain: %s on %q restarts %d events %+v", sb.Status, sb.Node, sb.Restarts, sb.Events)
+	migrating := 0
+	for _, id := range []string{"web", "job", "third"} {
+		sb := e.get(id)
+		if sb.Status != state.StatusRunning || sb.Node != "n1" || sb.Restarts != 0 {
+			t.Fatalf("%s was not left running while it migrates: %s on %q", id, sb.Status, sb.Node)
+		}
+		if sb.Migration != nil {
+			if sb.Migration.To != "n2" {
+				t.Errorf("%s migrates to %q", id, sb.Migration.To)
+			}
+			migrating++
+		}
+	}
+	if migrating != maxDrainMigrations {
+		t.Fatalf("%d live migrations at once off the draining node, want %d", migrating, maxDrainMigrations)
+	}
+	// Both fail: the one whose policy allows it is placed again, the other stays.
+	for _, id := range []string{"web", "job"} {
+		sb := e.get(id)
+		if sb.Migration == nil {
+			t.Fatalf("%s is not migrating (the order changed?)", id)
+		}
+		if _, err := e.store.UpdateSandbox(e.ctx, id, state.Update{EndMigration: sb.Migration.ID, Reason: "the target failed", Time: e.clock.Now()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.pass()
+	if sb := e.get("job"); sb.Node != "n2" || sb.Status != state.StatusPending || sb.Restarts != 1 || !hasEvent(sb, state.StatusPending, "drained from node n1") {
+		t.Errorf("job (on-failure) after its migration failed: %s on %q restarts %d events %+v", sb.Status, sb.Node, sb.Restarts, sb.Events)
+	}
+	if sb := e.get("web"); sb.Node != "n1" || sb.Status != state.StatusRunning || !strings.Contains(sb.Runtime["drain"], "stays on draining node n1") {
+		t.Errorf("web (never) after its migration failed: %s on %q details %v", sb.Status, sb.Node, sb.Runtime)
+	}
+	if sb := e.get("third"); sb.Migration == nil {
+		t.Errorf("the third sandbox did not start migrating once there was room")
 	}
 	// A sandbox its user is stopping is left to finish stopping where it is.
-	if sb := e.get("stopping"); sb.Node != "n1" || sb.Status != state.StatusRunning {
+	if sb := e.get("stopping"); sb.Node != "n1" || sb.Status != state.StatusRunning || sb.Migration != nil {
 		t.Errorf("stopping: %s on %q", sb.Status, sb.Node)
 	}
 }

@@ -2,8 +2,6 @@ package server
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"time"
 
@@ -13,11 +11,6 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
-
-// migrationDeadline bounds a live migration from its start to its switch-over: the
-// target may have to pull the image first; the source runs on meanwhile. Past it the
-// leader ends the migration (see leader.endMigrations) and the source resumes.
-const migrationDeadline = 5 * time.Minute
 
 // MigrateSandbox moves a running sandbox to another node live (see state.Migration and
 // agent/migrate.go): it records the migration, which the source's node drives, and
@@ -62,10 +55,8 @@ func (s *Server) StartMigration(ctx context.Context, sb state.Sandbox, to string
 	if err != nil {
 		return state.Migration{}, err
 	}
-	var b [8]byte
-	_, _ = rand.Read(b[:])
 	now := s.now()
-	m := state.Migration{ID: hex.EncodeToString(b[:]), From: sb.Node, To: node.ID, ToAddress: node.Address, Deadline: now.Add(migrationDeadline)}
+	m := state.Migration{ID: state.NewMigrationID(), From: sb.Node, To: node.ID, ToAddress: node.Address, Deadline: now.Add(state.MigrationDeadline)}
 	if _, err := s.store.UpdateSandbox(ctx, sb.ID, state.Update{StartMigration: &m, Time: now}); err != nil {
 		return state.Migration{}, toConnectError(fmt.Errorf("migrate sandbox %s: %w", sb.ID, err))
 	}
@@ -110,7 +101,7 @@ func (s *Server) migrationTarget(sb state.Sandbox, to string) (state.Node, error
 
 // waitMigration waits for migration mid of sandbox id to end and returns its record.
 func (s *Server) waitMigration(ctx context.Context, id, mid string) (state.Sandbox, state.Migration, error) {
-	wctx, cancel := context.WithTimeout(ctx, migrationDeadline+time.Minute)
+	wctx, cancel := context.WithTimeout(ctx, state.MigrationDeadline+time.Minute)
 	defer cancel()
 	sb, err := s.waitFor(wctx, id, true, func(sb state.Sandbox) bool { return sb.Migration == nil || sb.Migration.ID != mid })
 	if err != nil {

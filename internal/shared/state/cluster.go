@@ -45,10 +45,13 @@ type Node struct {
 	// StatusReason says why the node has its status ("missed heartbeats for 15s").
 	StatusReason string `json:"status_reason,omitempty"`
 	// Cordoned nodes take no new sandboxes; Draining ones also have theirs moved off.
-	Cordoned     bool      `json:"cordoned,omitempty"`
-	Draining     bool      `json:"draining,omitempty"`
-	RegisteredAt time.Time `json:"registered_at"`
-	UpdatedAt    time.Time `json:"updated_at"`
+	Cordoned bool `json:"cordoned,omitempty"`
+	Draining bool `json:"draining,omitempty"`
+	// DrainingSince is when the drain began (a live migration that failed since is
+	// not tried again for the drain).
+	DrainingSince time.Time `json:"draining_since,omitzero"`
+	RegisteredAt  time.Time `json:"registered_at"`
+	UpdatedAt     time.Time `json:"updated_at"`
 }
 
 func (n *Node) clone() *Node {
@@ -181,9 +184,14 @@ func (f *fsm) updateNode(id string, u NodeUpdate) any {
 		n.Cordoned = *u.Cordoned
 	}
 	if u.Draining != nil {
+		if *u.Draining && !n.Draining {
+			n.DrainingSince = utc(u.Time)
+		}
 		n.Draining = *u.Draining
 		if n.Draining {
 			n.Cordoned = true // a draining node must not take back what it gives up
+		} else {
+			n.DrainingSince = time.Time{}
 		}
 	}
 	if u.Images != nil {

@@ -1,6 +1,8 @@
 package state
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"time"
 )
@@ -37,6 +39,18 @@ func (sb Sandbox) MigratingTo() string {
 		return ""
 	}
 	return sb.Migration.To
+}
+
+// MigrationDeadline bounds a live migration from its start to its switch-over: the
+// target may have to pull the image first; the source runs on meanwhile. Past it the
+// leader ends the migration and the source resumes.
+const MigrationDeadline = 5 * time.Minute
+
+// NewMigrationID returns a random migration ID (16 hex characters).
+func NewMigrationID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 // MigrationMoved is the Outcome of a committed migration.
