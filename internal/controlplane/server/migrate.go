@@ -65,7 +65,8 @@ func (s *Server) StartMigration(ctx context.Context, sb state.Sandbox, to string
 }
 
 // migrationTarget is the node sb migrates to: to, if it can take it, or the
-// scheduler's choice among the nodes other than sb's.
+// scheduler's choice among the nodes other than sb's; its own node if that is the one
+// asked for, or the only one.
 func (s *Server) migrationTarget(sb state.Sandbox, to string) (state.Node, error) {
 	var cfg scheduler.Config
 	if cp := s.cluster.ControlPlane; cp != nil {
@@ -80,11 +81,25 @@ func (s *Server) migrationTarget(sb state.Sandbox, to string) (state.Node, error
 	if err != nil {
 		return state.Node{}, toConnectError(err)
 	}
+	others := 0
+	for _, n := range nodes {
+		if n.ID != sb.Node {
+			others++
+		}
+	}
+	if to == sb.Node || to == "" && others == 0 {
+		// Into a fresh VMM on its own node (how an operator replaces QEMU under running
+		// sandboxes; the only move `fireworks dev` has): the same path, both VMs on one
+		// node for the moment of the copy.
+		for _, n := range nodes {
+			if n.ID == sb.Node && n.Status == state.NodeReady {
+				return n, nil
+			}
+		}
+		return state.Node{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("node %s is not ready", sb.Node))
+	}
 	req.Avoid = sb.Node
 	if to != "" {
-		if to == sb.Node {
-			return state.Node{}, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("sandbox %s runs on node %s already", sb.ID, to))
-		}
 		req.Node, req.NodeWhy = to, "the node asked for"
 	}
 	p, err := sched.Place(req)

@@ -146,12 +146,15 @@ type Agent struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu        sync.Mutex
-	live      map[string]*sandbox
-	began     time.Time                // when this process started (a migration older than it was another's)
-	started   map[string]bool          // incarnations ("id/restarts") started by Reconcile
-	stopsSent map[string]bool          // sandboxes Reconcile has begun stopping
-	leaving   map[string]chan struct{} // sandboxes no longer assigned here, being stopped and removed
+	mu   sync.Mutex
+	live map[string]*sandbox
+	// incomingRuns are runs of sandboxes live here that a migration within this node
+	// is moving into a fresh VM (see takeOverStep).
+	incomingRuns map[string]*sandbox
+	began        time.Time                // when this process started (a migration older than it was another's)
+	started      map[string]bool          // incarnations ("id/restarts") started by Reconcile
+	stopsSent    map[string]bool          // sandboxes Reconcile has begun stopping
+	leaving      map[string]chan struct{} // sandboxes no longer assigned here, being stopped and removed
 	// diskHashes caches rootDiskHash by the disk file's identity.
 	diskHashes map[string]string
 	// savedHeld is what saves under way may add to the node's saved states (savedRoom).
@@ -242,7 +245,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if cfg.ImageMiBPerOwner == 0 {
 		cfg.ImageMiBPerOwner = 16384
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, flatSem: make(chan struct{}, 1),
+	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, incomingRuns: map[string]*sandbox{}, flatSem: make(chan struct{}, 1),
 		snaps: localSnapshots{root: filepath.Join(cfg.DataDir, "snapshots")}, started: map[string]bool{}, stopsSent: map[string]bool{}, leaving: map[string]chan struct{}{},
 		pruneWake: make(chan struct{}, 1), began: time.Now()}
 	for _, d := range []string{a.runRoot(), a.sandboxRoot(), a.assetDir()} {
@@ -741,7 +744,12 @@ func (a *Agent) goSandbox(s *sandbox, fn func()) {
 		defer a.wg.Done()
 		defer func() {
 			a.mu.Lock()
-			delete(a.live, s.id)
+			if a.live[s.id] == s {
+				delete(a.live, s.id)
+			}
+			if a.incomingRuns[s.id] == s {
+				delete(a.incomingRuns, s.id)
+			}
 			a.mu.Unlock()
 			s.cancel()
 			s.closeConns()

@@ -3,6 +3,7 @@ package agent
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -82,8 +83,12 @@ const migrationSlack = time.Minute
 
 // incoming is a migration this node is the target of, from begin until the switch-over.
 type incoming struct {
-	mid    string
-	mig    state.Migration
+	mid string
+	mig state.Migration
+	// vmName and source, within one node: the target's VM and run directory name, and
+	// the source's run, which the target's takes over from (see takeOverStep).
+	vmName string
+	source *sandbox
 	hdr    migrationHeader
 	stream *io.PipeReader // the VM's Restore.Stream
 	feed   *io.PipeWriter
@@ -136,7 +141,10 @@ func (a *Agent) migrationFor(ctx context.Context, id, mid, peer string) (state.S
 func (a *Agent) incomingRun(id, mid string) (*sandbox, *incoming, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	s := a.live[id]
+	s := a.incomingRuns[id]
+	if s == nil {
+		s = a.live[id]
+	}
 	if s == nil || s.incoming == nil || s.incoming.mid != mid {
 		return nil, nil, fmt.Errorf("no migration %s of sandbox %s is coming in here", mid, id)
 	}
@@ -162,24 +170,29 @@ func (a *Agent) MigrationBegin(ctx context.Context, peer, id, mid string, body i
 	if hdr.ScratchBytes <= 0 || hdr.ScratchBytes > int64(a.vms.scratchMiB)<<20 || hdr.LogBytes < 0 || hdr.LogBytes > max(a.cfg.MaxLogBytes, 0) {
 		return fmt.Errorf("the migration's scratch disk (%d bytes) or log (%d bytes) is out of this node's bounds", hdr.ScratchBytes, hdr.LogBytes)
 	}
-	if sb.Node == a.cfg.Node {
-		return fmt.Errorf("migrating sandbox %s into a new VMM on its own node is not supported yet", id)
-	}
+	// Within this node (a fresh VMM for it): the run lives beside the source's, in a
+	// directory and a VM of its own, until the switch-over (see takeOverStep).
+	local := sb.Node == a.cfg.Node
 	// The run after the switch-over: this node's, one more resume.
 	next := sb
 	next.Node, next.Resumes, next.Migration = a.cfg.Node, sb.Resumes+1, nil
 	a.mu.Lock()
-	if _, ok := a.live[id]; ok {
-		a.mu.Unlock()
+	_, live := a.live[id]
+	_, coming := a.incomingRuns[id]
+	a.mu.Unlock()
+	if live != local || coming {
 		return fmt.Errorf("sandbox %s is live on this node already", id)
 	}
 	if err := os.MkdirAll(filepath.Join(a.sandboxRoot(), id), 0o700); err != nil {
-		a.mu.Unlock()
 		return fmt.Errorf("create sandbox directory: %w", err)
 	}
-	a.mu.Unlock()
-	// Its log so far, so that `logs` (and a follower) carry on from where it was.
-	if err := writeBounded(a.LogPath(id), io.MultiReader(br, body), hdr.LogBytes); err != nil {
+	if local {
+		// Its log is here: the source's, which the guest stopped writing to.
+		if _, err := io.CopyN(io.Discard, io.MultiReader(br, body), hdr.LogBytes); err != nil {
+			return fmt.Errorf("receive the sandbox's log: %w", err)
+		}
+	} else if err := writeBounded(a.LogPath(id), io.MultiReader(br, body), hdr.LogBytes); err != nil {
+		// Its log so far, so that `logs` (and a follower) carry on from where it was.
 		return fmt.Errorf("receive the sandbox's log: %w", err)
 	}
 	w, err := a.openLog(next)
@@ -195,18 +208,30 @@ func (a *Agent) MigrationBegin(ctx context.Context, peer, id, mid string, body i
 			close(in.ready)
 		}
 	}
-	s := &sandbox{id: id, dir: filepath.Join(a.runRoot(), id), log: w, ready: make(chan struct{}), done: make(chan struct{}),
+	dir := filepath.Join(a.runRoot(), id)
+	if local {
+		in.vmName = "m-" + mid[:min(12, len(mid))]
+		dir = filepath.Join(a.runRoot(), in.vmName)
+	}
+	s := &sandbox{id: id, dir: dir, log: w, ready: make(chan struct{}), done: make(chan struct{}),
 		spec: next.Spec, restarts: next.Restarts, resumes: next.Resumes, node: a.cfg.Node, incoming: in, incomingMid: mid}
 	// The run lives until the migration's deadline if nothing comes (and on, once it
 	// committed).
 	s.ctx, s.cancel = context.WithCancel(a.ctx)
 	a.mu.Lock()
-	if _, ok := a.live[id]; ok {
+	_, live = a.live[id]
+	_, coming = a.incomingRuns[id]
+	if live != local || coming {
 		a.mu.Unlock()
 		w.Close()
 		return fmt.Errorf("sandbox %s is live on this node already", id)
 	}
-	a.live[id] = s
+	if local {
+		in.source = a.live[id]
+		a.incomingRuns[id] = s
+	} else {
+		a.live[id] = s
+	}
 	a.mu.Unlock()
 	a.goSandbox(s, func() { a.run(s, next) })
 	select {
@@ -398,6 +423,7 @@ var migrateSteps = []struct {
 	{"image", (*Agent).savedImageStep},         // phase image
 	{"vm", (*Agent).migrateVMStep},             // phases net, vmm (mirror, stream, switch-over), guest
 	{"reattach", (*Agent).migrateReattachStep}, // phase reattach
+	{"takeover", (*Agent).takeOverStep},        // within one node
 }
 
 // migrateVMStep launches the VM that receives the sandbox and returns once the guest
@@ -427,7 +453,7 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 		}}
 	ctx, cancel := context.WithDeadline(r.ctx, mig.Deadline)
 	defer cancel()
-	h, err := a.vms.startVM(ctx, vmInput{id: sb.ID, dir: s.dir, rootDisk: r.rootDisk, vcpus: rec.VCPUs, mem: rec.MemoryMiB,
+	h, err := a.vms.startVM(ctx, vmInput{id: cmp.Or(in.vmName, sb.ID), dir: s.dir, rootDisk: r.rootDisk, vcpus: rec.VCPUs, mem: rec.MemoryMiB,
 		net: sb.Spec.Network != state.NetworkNone, policy: policyOf(sb.Spec), incoming: snap, scratchBytes: in.hdr.ScratchBytes})
 	if err == nil && in.carried.Stats == (state.MigrationStats{}) && in.carried.Ran == 0 {
 		// Cannot be: the VM runs only after a switch-over (see beforeResume).
@@ -450,7 +476,9 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 	a.mu.Unlock()
 	s.mu.Lock()
 	s.netBase, s.ranBefore = carried.Net, carried.Ran
-	s.incoming = nil // its own run from here
+	if in.source == nil {
+		s.incoming = nil // its own run from here (within one node: after takeOverStep)
+	}
 	s.mu.Unlock()
 	info := h.vm.Info()
 	r.rt = map[string]string{
@@ -477,6 +505,41 @@ func (a *Agent) migrateReattachStep(r *startRun) error {
 	}
 	r.main = main
 	r.ph.mark("reattach")
+	return nil
+}
+
+// takeOverStep, within one node, makes the target's run the sandbox's once the
+// source's has ended (the switch-over ended its VM): the live sandbox of its ID, and
+// run/<id> a link to its directory (where inspect, adoption and removal look).
+func (a *Agent) takeOverStep(r *startRun) error {
+	in := r.s.incoming
+	if in == nil {
+		return nil // cross-node: it was the live sandbox from its begin
+	}
+	if src := in.source; src != nil {
+		select {
+		case <-src.done:
+		case <-time.After(time.Minute):
+			return errors.New("the source's run did not end after the switch-over")
+		case <-r.ctx.Done():
+			return r.ctx.Err()
+		}
+	}
+	link := filepath.Join(a.runRoot(), r.sb.ID)
+	if err := a.removeRunDir(r.sb.ID); err != nil {
+		return fmt.Errorf("remove the source's run directory: %v", err)
+	}
+	if err := os.Symlink(in.vmName, link); err != nil {
+		return fmt.Errorf("link the run directory: %v", err)
+	}
+	a.mu.Lock()
+	a.live[r.sb.ID] = r.s
+	delete(a.incomingRuns, r.sb.ID)
+	a.mu.Unlock()
+	r.s.mu.Lock()
+	r.s.incoming = nil
+	r.s.mu.Unlock()
+	r.ph.mark("takeover")
 	return nil
 }
 

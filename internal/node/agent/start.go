@@ -89,7 +89,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 
 	// A restarted sandbox starts from a clean run directory (and drops the warm VM
 	// directory an earlier run claimed).
-	if err := a.removeRunDir(sb.ID); err != nil {
+	if err := a.removeRunDir(filepath.Base(s.dir)); err != nil {
 		a.log.Warn("remove the previous run's directory", "sandbox", sb.ID, "err", err)
 	}
 	defer r.cleanup.run(a.log)

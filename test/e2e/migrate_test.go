@@ -1,0 +1,95 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestMigrateInPlace: in `fireworks dev` (one node) a live migration moves the sandbox
+// into a fresh VMM on the same node, by the same path as between nodes: its counter
+// goes on from where it was, its files, server, policy, counters and log are there, the
+// old VMM and its network are gone, and inspect records the migration.
+func TestMigrateInPlace(t *testing.T) {
+	need(t)
+	img := image("busybox:latest")
+	id := strings.TrimSpace(fw(t, 0, "run", "-d", "--name", "migrate-here", "--policy", writePolicy(t, "deny 203.0.113.0/24\n"), img, "--", "sh", "-c",
+		"echo kept > /tmp/f; mkdir -p /tmp/www && echo served > /tmp/www/index.html && httpd -p 8000 -h /tmp/www && "+
+			"i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; echo tick $i; sleep 0.2; done").stdout)
+	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", id) })
+	waitStatus(t, id, "running")
+	count := func() int {
+		t.Helper()
+		r := world.cli(context.Background(), nil, "exec", id, "--", "cat", "/tmp/count")
+		n, err := strconv.Atoi(strings.TrimSpace(r.stdout))
+		if err != nil {
+			return -1
+		}
+		return n
+	}
+	deadline := time.Now().Add(time.Minute)
+	for count() < 3 {
+		if time.Now().After(deadline) {
+			t.Fatal("the counter did not get going")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// A blocked attempt counts as dropped.
+	fw(t, 0, "exec", id, "--", "sh", "-c", "nc -w 1 203.0.113.7 80 </dev/null; true")
+	dropped := counters(t, id)["egress_dropped"]
+	if dropped == 0 {
+		t.Fatal("the policy dropped nothing")
+	}
+	sb := inspect(t, id)
+	node, oldPID, oldNetns := str(sb, "node"), str(details(t, sb), "pid"), str(details(t, sb), "netns")
+	before := count()
+
+	out := fw(t, 0, "migrate", id).stdout
+	t.Logf("fireworks migrate: %s", strings.TrimSpace(out))
+	if !strings.Contains(out, fmt.Sprintf("migrated from %s to %s", node, node)) {
+		t.Fatalf("migrate printed %q", out)
+	}
+	sb = inspect(t, id)
+	d := details(t, sb)
+	if str(sb, "status") != "running" || str(d, "start_mode") != "migrated" || str(d, "pid") == oldPID || str(d, "netns") == oldNetns {
+		t.Fatalf("after the migration: status %v details %v (pid was %s, netns %s)", sb["status"], d, oldPID, oldNetns)
+	}
+	if migs, _ := sb["migrations"].([]any); len(migs) != 1 || !strings.Contains(fmt.Sprint(migs[0]), "moved") {
+		t.Errorf("inspect shows the migrations %v", sb["migrations"])
+	}
+	after := count()
+	if after < before {
+		t.Fatalf("the counter reads %d after the migration, %d before: it was reset", after, before)
+	}
+	for deadline := time.Now().Add(time.Minute); count() <= after; time.Sleep(200 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the counter stopped after the migration")
+		}
+	}
+	if got := strings.TrimSpace(fw(t, 0, "exec", id, "--", "cat", "/tmp/f").stdout); got != "kept" {
+		t.Errorf("/tmp/f holds %q", got)
+	}
+	if got := strings.TrimSpace(fw(t, 0, "exec", id, "--", "wget", "-qO-", "http://127.0.0.1:8000/").stdout); got != "served" {
+		t.Errorf("the web server answers %q after the migration", got)
+	}
+	fw(t, 0, "exec", id, "--", "sh", "-c", "nc -w 1 203.0.113.7 80 </dev/null; true")
+	if n := counters(t, id)["egress_dropped"]; n <= dropped {
+		t.Errorf("egress dropped %d after a blocked attempt past the migration, %d before: the policy or its counters did not carry on", n, dropped)
+	}
+	logs := fw(t, 0, "logs", id).stdout
+	if !strings.Contains(logs, "tick 1\n") || !strings.Contains(logs, fmt.Sprintf("tick %d\n", after+1)) {
+		t.Errorf("the log lacks ticks from before or after the migration")
+	}
+	// The old VMM and its network are gone.
+	if _, err := os.Stat(filepath.Join("/proc", oldPID)); err == nil {
+		t.Errorf("the old VMM (pid %s) still runs", oldPID)
+	}
+	if _, err := os.Stat(filepath.Join("/run/netns", oldNetns)); err == nil {
+		t.Errorf("the old network namespace %s is still there", oldNetns)
+	}
+}
