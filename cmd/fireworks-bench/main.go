@@ -32,6 +32,7 @@ func main() {
 	flag.BoolVar(&cfg.SkipCrun, "skip-crun", false, "do not measure the crun baseline")
 	flag.IntVar(&cfg.Creates, "creates", 500, "control-plane creates per concurrency level")
 	flag.BoolVar(&cfg.SkipNetwork, "skip-network", false, "do not measure the network series")
+	flag.BoolVar(&cfg.OnlyMigration, "only-migration", false, "measure the live migration series alone")
 	flag.BoolVar(&cfg.SkipImages, "skip-images", false, "do not measure the first start of a large (≥1 GiB) and a small image")
 	flag.DurationVar(&cfg.NetSeconds, "net-time", 2*time.Second, "how long each throughput sample streams")
 	flag.IntVar(&cfg.NetRepeats, "net-repeats", 3, "throughput samples per direction, policy attached and detached")

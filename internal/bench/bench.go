@@ -49,10 +49,12 @@ type Config struct {
 	SkipNetwork bool
 	// SkipImages leaves out the first-start series of a large (≥1 GiB) and a small image.
 	SkipImages bool
-	NetSeconds time.Duration
-	NetRepeats int
-	Log        *slog.Logger
-	StdoutView io.Writer // where the table goes
+	// OnlyMigration measures the live migration series alone (on its dev server).
+	OnlyMigration bool
+	NetSeconds    time.Duration
+	NetRepeats    int
+	Log           *slog.Logger
+	StdoutView    io.Writer // where the table goes
 }
 
 // Series keys: how a series started the command.
@@ -134,6 +136,8 @@ type Report struct {
 	Images []ImageRow `json:"images,omitempty"`
 	// Pause is pause and resume of a running sandbox, per size.
 	Pause []PauseRow `json:"pause,omitempty"`
+	// Migrate is live migration of a running sandbox, per size and load.
+	Migrate []MigrateRow `json:"migrate,omitempty"`
 	// Errors lists the series that failed; everything else in the report was measured.
 	Errors []SeriesError `json:"errors,omitempty"`
 }
@@ -210,13 +214,16 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		rep.fail(cfg.Log, "fireworks dev", err)
 	}
 
-	if !cfg.SkipCrun {
+	if !cfg.SkipCrun && !cfg.OnlyMigration {
 		if err := measureCrun(ctx, cfg, img, work, rep); err != nil {
 			rep.fail(cfg.Log, KeyCrun, err)
 		}
 	}
 
 	for _, n := range []int{100, 1000, 10000} {
+		if cfg.OnlyMigration {
+			break
+		}
 		r, err := scheduler.BenchPlacement(n, 500)
 		if err != nil {
 			rep.fail(cfg.Log, fmt.Sprintf("scheduler at %d nodes", n), err)
@@ -226,7 +233,8 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			IndexMs: ms(r.Index), P50Ms: ms(r.P50), P99Ms: ms(r.P99)})
 	}
 
-	if cpRows, err := BenchRaft(ctx, filepath.Join(work, "raft"), cfg.Creates, []int{1, 16, 64}); err != nil {
+	if cfg.OnlyMigration {
+	} else if cpRows, err := BenchRaft(ctx, filepath.Join(work, "raft"), cfg.Creates, []int{1, 16, 64}); err != nil {
 		rep.fail(cfg.Log, "control plane", err)
 	} else {
 		rep.ControlPlane = cpRows
@@ -287,13 +295,24 @@ func measureOnDev(ctx context.Context, cfg Config, work, ref string, rep *Report
 	}
 	rep.Accelerator, rep.Kernel = api.info(ctx)
 
-	if !cfg.SkipImages {
+	if cfg.OnlyMigration {
+		if _, err := api.startOnce(ctx, ref, cfg.Command, "cold"); err != nil {
+			return fmt.Errorf("warm-up start: %w", err)
+		}
+	} else if !cfg.SkipImages {
 		if err := measureImages(ctx, cfg, api, rep); err != nil {
 			rep.fail(cfg.Log, "images", err)
 		}
 	}
-	measureVMs(ctx, cfg, api, ref, rep)
-	if !cfg.SkipNetwork {
+	if !cfg.OnlyMigration {
+		measureVMs(ctx, cfg, api, ref, rep)
+	}
+	mrows, err := measureMigration(ctx, cfg, api, ref)
+	rep.Migrate = mrows
+	if err != nil {
+		rep.fail(cfg.Log, "live migration", err)
+	}
+	if !cfg.SkipNetwork && !cfg.OnlyMigration {
 		if rep.Network, err = measureNetwork(ctx, cfg, api, ref, ing, ingressNote); err != nil {
 			rep.fail(cfg.Log, "network", err)
 		}
@@ -394,6 +413,7 @@ func measureVMs(ctx context.Context, cfg Config, api *apiClient, ref string, rep
 	if err != nil {
 		rep.fail(cfg.Log, "pause and resume", err)
 	}
+
 }
 
 // measurePool: every measured start claims a VM that waited ready; the refill after each
@@ -487,6 +507,9 @@ func PrintTable(w io.Writer, rep *Report) {
 	}
 	if len(rep.Pause) > 0 {
 		printPause(w, rep.Pause, rep.Accelerator)
+	}
+	if len(rep.Migrate) > 0 {
+		printMigration(w, rep.Migrate, rep.Accelerator)
 	}
 	if rep.Network != nil {
 		printNetwork(w, rep.Network, rep.Accelerator)

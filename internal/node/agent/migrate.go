@@ -70,8 +70,10 @@ type migrationHeader struct {
 // migrationSwitch is what switch tells the target.
 type migrationSwitch struct {
 	Stats state.MigrationStats `json:"stats"`
-	Net   NetStats             `json:"net"` // counters at the switch-over
-	Ran   time.Duration        `json:"ran"`
+	// Stopped is when the source's guest stopped for the switch-over (its host clock).
+	Stopped time.Time     `json:"stopped,omitzero"`
+	Net     NetStats      `json:"net"` // counters at the switch-over
+	Ran     time.Duration `json:"ran"`
 }
 
 // maxMigrationHeader bounds begin's and switch's JSON.
@@ -100,8 +102,9 @@ type incoming struct {
 	// switches carries the source's switch call to the VM's BeforeResume.
 	switches chan switchCall
 	// carried is what the switch brought (read after the VM started).
-	carried migrationSwitch
-	fed     bool
+	carried    migrationSwitch
+	stoppedFor time.Duration // the guest's downtime, as far as this node can tell
+	fed        bool
 }
 
 type switchCall struct {
@@ -349,6 +352,11 @@ func (a *Agent) beforeResume(in *incoming, sb state.Sandbox, deadline time.Time)
 		if err == nil {
 			a.mu.Lock()
 			in.carried = call.msg
+			if !call.msg.Stopped.IsZero() {
+				// From the source's stop to this release (the guest runs a QMP call
+				// later): on other nodes, give or take their clocks' difference.
+				in.stoppedFor = time.Since(call.msg.Stopped)
+			}
 			a.mu.Unlock()
 		}
 		call.reply <- err
@@ -485,6 +493,11 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 		"pid": strconv.Itoa(info.PID), "run_dir": s.dir, "console_log": info.ConsoleLog, "qemu_cmdline": info.CmdlineFile,
 		"start_mode": r.how, "migrated_from": mig.From, "migration": mig.ID,
 	}
+	a.mu.Lock()
+	if d := in.stoppedFor; d > 0 {
+		r.rt["migration_downtime"] = fmtMs(d)
+	}
+	a.mu.Unlock()
 	if h.net != nil {
 		r.rt["netns"], r.rt["address"] = h.net.Namespace(), h.net.Address().String()
 	}
@@ -652,7 +665,8 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 		ran += time.Since(s.runSince)
 	}
 	s.mu.Unlock()
-	sw, _ := json.Marshal(migrationSwitch{Stats: state.MigrationStats{Downtime: st.Downtime, Bytes: st.Bytes, DiskBytes: st.DiskBytes}, Net: netNow, Ran: ran})
+	sw, _ := json.Marshal(migrationSwitch{Stats: state.MigrationStats{Downtime: st.Downtime, Bytes: st.Bytes, DiskBytes: st.DiskBytes},
+		Stopped: st.Stopped, Net: netNow, Ran: ran})
 	if err := peer.Switch(ctx, sb.ID, mig.ID, bytes.NewReader(sw)); err != nil {
 		// Refused, or the answer lost: the state decides. The end, if it can still be
 		// written, keeps the sandbox here; if the commit came first, it moved.

@@ -191,6 +191,9 @@ type MigrationStats struct {
 	DiskBytes int64         // sent by the disk mirror
 	Downtime  time.Duration // the guest stopped, as the VMM measured it
 	Total     time.Duration
+	// Stopped is when the guest stopped for the switch-over (host clock): the target's
+	// guest runs from the caller's switch-over on, which ends the downtime.
+	Stopped time.Time
 }
 
 // Info describes a started VM.

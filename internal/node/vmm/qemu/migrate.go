@@ -126,8 +126,10 @@ func (v *vm) migrateOut(ctx context.Context, w io.Writer, opts vmm.MigrateOption
 	if err := setIgnoreShared(ctx, c, false); err != nil {
 		return st, err
 	}
+	// Paused before the switch-over always: that is where the guest stops (recorded),
+	// and where a disk mirror ends in step with it.
 	mirroring := opts.DialDisks != nil
-	caps := map[string]any{"capabilities": []map[string]any{{"capability": "pause-before-switchover", "state": mirroring}}}
+	caps := map[string]any{"capabilities": []map[string]any{{"capability": "pause-before-switchover", "state": true}}}
 	if err := c.Execute(ctx, "migrate-set-capabilities", caps, nil); err != nil {
 		return st, fmt.Errorf("set pause-before-switchover: %w", err)
 	}
@@ -142,15 +144,22 @@ func (v *vm) migrateOut(ctx context.Context, w io.Writer, opts vmm.MigrateOption
 			return st, err
 		}
 		defer m.close()
-		v.mu.Lock()
-		v.beforeSwitchover = m.finish
-		v.mu.Unlock()
-		defer func() {
-			v.mu.Lock()
-			v.beforeSwitchover = nil
-			v.mu.Unlock()
-		}()
 	}
+	var stopped time.Time
+	v.mu.Lock()
+	v.beforeSwitchover = func(ctx context.Context) error {
+		stopped = time.Now()
+		if m != nil {
+			return m.finish(ctx)
+		}
+		return nil
+	}
+	v.mu.Unlock()
+	defer func() {
+		v.mu.Lock()
+		v.beforeSwitchover = nil
+		v.mu.Unlock()
+	}()
 	if err := v.streamOut(ctx, w, 0); err != nil {
 		return st, err
 	}
@@ -167,6 +176,7 @@ func (v *vm) migrateOut(ctx context.Context, w io.Writer, opts vmm.MigrateOption
 	if m != nil {
 		st.DiskBytes = m.bytes()
 	}
+	st.Stopped = stopped
 	return st, nil
 }
 

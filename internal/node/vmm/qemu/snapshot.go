@@ -63,6 +63,11 @@ func (v *vm) snapshot(ctx context.Context, stateFile string, whole bool) error {
 	if err := setIgnoreShared(ctx, c, !whole); err != nil {
 		return err
 	}
+	// A save has no switch-over to pause before (a migration may have set it).
+	caps := map[string]any{"capabilities": []map[string]any{{"capability": "pause-before-switchover", "state": false}}}
+	if err := c.Execute(ctx, "migrate-set-capabilities", caps, nil); err != nil {
+		return fmt.Errorf("set pause-before-switchover: %w", err)
+	}
 	// From here on the VM must not run again, whatever happens: its memory file is (part
 	// of) a snapshot the moment the vCPUs stop.
 	v.mu.Lock()
