@@ -1,10 +1,13 @@
 package cluster
 
 import (
+	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -71,6 +74,12 @@ func TestMigrate(t *testing.T) {
 	if dropped == 0 {
 		t.Fatal("the policy dropped nothing")
 	}
+	// A port-forward opened before the migration: each connection is its own stream,
+	// so the ones after it reach the sandbox where it runs then.
+	pfPort := portForward(t, id, 8000)
+	if body := getLocal(t, pfPort); body != "served-before-and-after" {
+		t.Fatalf("through port-forward before the migration: %q", body)
+	}
 	count := func() int {
 		t.Helper()
 		out, _, code := w.cli(t.Context(), nil, "exec", id, "--", "cat", "/tmp/count")
@@ -112,6 +121,9 @@ func TestMigrate(t *testing.T) {
 		t.Errorf("%s after the migration: %q", host, body)
 	}
 	t.Logf("the ingress host answered %s after the migration call returned", time.Since(t0).Round(time.Millisecond))
+	if body := getLocal(t, pfPort); body != "served-before-and-after" {
+		t.Errorf("through the same port-forward after the migration: %q", body)
+	}
 	if got := statusLine(t, id, w.registry, "/v2/"); got != "" {
 		t.Errorf("the registry answered after the migration: the policy did not go with the sandbox: %q", got)
 	}
@@ -132,6 +144,42 @@ func TestMigrate(t *testing.T) {
 		_, errNS := os.Stat(filepath.Join("/run/netns", netns))
 		return len(w.vmsOf(src, id)) == 0 && os.IsNotExist(errRun) && os.IsNotExist(errFiles) && os.IsNotExist(errNS)
 	})
+}
+
+// portForward runs `fireworks port-forward id LOCAL:port` for the test and returns the
+// local port.
+func portForward(t *testing.T, id string, port int) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	local := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	pf := exec.CommandContext(ctx, w.bin, "port-forward", id, fmt.Sprintf("%d:%d", local, port))
+	pf.Env = append(os.Environ(), "FIREWORKS_CONFIG="+filepath.Join(w.root, "none.json"), "FIREWORKS_SERVER=https://"+w.serverList(),
+		"FIREWORKS_TOKEN="+w.token, "FIREWORKS_CA="+filepath.Join(w.caDir, "ca.pem"))
+	if err := pf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); _ = pf.Wait() })
+	return local
+}
+
+// getLocal GETs / from 127.0.0.1:port, retrying a while ("" if nothing answered).
+func getLocal(t *testing.T, port int) string {
+	t.Helper()
+	for range 100 {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", port))
+		if err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			return strings.TrimSpace(string(b))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return ""
 }
 
 // slowLink limits what host h sends to rate (tc tbf on its interface), so that a
