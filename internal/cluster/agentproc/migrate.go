@@ -33,7 +33,13 @@ func migrationDialer(id *agentlink.Identity) agent.MigrationDialer {
 		tc.VerifyConnection = pki.RequirePeer(pki.RoleAgent, m.To) // that node's, not any agent's at its address
 		// HTTP/2: the disk mirror's connections and the stream share one TLS connection,
 		// and a disk call is full duplex.
-		tr := &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: true, IdleConnTimeout: time.Minute}
+		tr := &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: true, IdleConnTimeout: time.Minute, TLSHandshakeTimeout: 10 * time.Second,
+			// A target that stops answering (a partition, a hung node) is found out: the
+			// calls' contexts bound them, and a disk call outlives its dial.
+			HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 10 * time.Second}}
+		var d net.Dialer
+		d.Timeout = 10 * time.Second
+		tr.DialContext = d.DialContext
 		return &httpPeer{base: "https://" + m.ToAddress + nodeapi.MigratePath, c: &http.Client{Transport: tr}, node: m.To}, nil
 	}
 }
@@ -87,9 +93,15 @@ func (p *httpPeer) Switch(ctx context.Context, id, mid string, body io.Reader) e
 // the request body, what comes back is the response body.
 func (p *httpPeer) Disk(ctx context.Context, id, mid string) (net.Conn, error) {
 	pr, pw := io.Pipe()
-	// The call lives as long as the connection, not as the dial's context.
+	// The call lives as long as the connection, not as the dial's context; that bounds
+	// it until the target has answered.
 	cctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, cancel)
 	resp, err := p.call(cctx, id, mid, "disk", pr)
+	if !stop() && err == nil {
+		err = fmt.Errorf("migration disk to node %s: %w", p.node, context.Cause(ctx))
+		resp.Body.Close()
+	}
 	if err != nil {
 		cancel()
 		pw.Close()

@@ -364,7 +364,7 @@ func (h *nodeService) ReportSandbox(ctx context.Context, req *connect.Request[pb
 // for another migration (see state.Migration).
 func (h *nodeService) reportMigration(ctx context.Context, sb state.Sandbox, node string, u state.Update) (*connect.Response[pb.ReportSandboxResponse], error) {
 	m := sb.Migration
-	clean := state.Update{Time: h.s.now()}
+	clean := state.Update{Time: h.s.now(), MigrationBy: node} // re-checked at commit
 	switch {
 	case u.CommitMigration != "" && m.To == node:
 		clean.CommitMigration = u.CommitMigration

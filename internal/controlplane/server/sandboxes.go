@@ -458,7 +458,7 @@ func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request
 
 // nodeDetails are the runtime details that name the node's internals (its paths, the
 // VMM's pid, the sandbox's address and namespace there): an admin's to see.
-var nodeDetails = []string{"pid", "run_dir", "console_log", "qemu_cmdline", "netns", "address", "vmm_pid"}
+var nodeDetails = []string{"pid", "run_dir", "console_log", "qemu_cmdline", "netns", "address", "vmm_pid", "migrated_from"}
 
 // view is sb as the caller may see it: all of it for an admin; for a user, nothing that
 // names or locates a node (users neither name nor learn the nodes, see the README's
@@ -479,8 +479,21 @@ func (s *Server) view(ctx context.Context, sb state.Sandbox) *pb.Sandbox {
 	}
 	for _, m := range append(out.Migrations, out.Migration) {
 		if m != nil {
-			m.From, m.To, m.Outcome = "", "", hide(m.Outcome)
+			// Where it went, and why a move failed (a node's own error names nodes and
+			// addresses), are the operator's to know.
+			m.From, m.To = "", ""
+			if strings.HasPrefix(m.Outcome, "failed") {
+				m.Outcome = "failed"
+			}
 		}
+	}
+	for _, e := range out.Events {
+		if strings.HasPrefix(e.Reason, "migrated from node ") {
+			e.Reason = "migrated to another node"
+		}
+	}
+	if d, ok := out.Details["drain"]; ok && d != "" {
+		out.Details["drain"] = "stays on its node, which is being drained: it could not move live and its restart policy does not allow a stop and a new start"
 	}
 	if len(out.Details) > 0 {
 		d := make(map[string]string, len(out.Details))

@@ -791,17 +791,37 @@ func (a *Agent) fail(s *sandbox, reason string) {
 		return
 	}
 	s.mu.Lock()
-	stopping, code, u := s.stopping, s.stopCode, s.started
+	stopping, code, u, in := s.stopping, s.stopCode, s.started, s.incoming
 	s.mu.Unlock()
+	if in != nil && !a.committed(in) {
+		// A migration's target that failed before the switch-over: the sandbox runs on
+		// at its source, which settles the migration; nothing here is news of it.
+		a.log.Warn("receiving a migrating sandbox failed", "sandbox", s.id, "migration", in.mid, "reason", reason)
+		return
+	}
 	if stopping != "" {
 		sig := 0
 		u.Status, u.Reason, u.ExitCode, u.Signal = status(state.StatusExited), stopping+" while starting", &code, &sig
-		a.update(s.id, u)
+		a.updateRun(s, u)
 		return
 	}
 	a.log.Warn("sandbox failed", "sandbox", s.id, "reason", reason)
 	u.Status, u.Reason = status(state.StatusFailed), reason
-	a.update(s.id, u)
+	a.updateRun(s, u)
+}
+
+// updateRun writes a lifecycle change of run s, pinned to it (whether or not it is the
+// sandbox's live run here: a migration's target is not until it takes over).
+func (a *Agent) updateRun(s *sandbox, u state.Update) {
+	if u.Time.IsZero() {
+		u.Time = time.Now()
+	}
+	r, res, n := s.restarts, s.resumes, s.node
+	u.IfRestarts, u.IfResumes = &r, &res
+	if n != "" {
+		u.IfNode = &n
+	}
+	a.report(s.id, u)
 }
 
 // supervise pumps the main process's output to the log and records how it ended.

@@ -103,8 +103,16 @@ type incoming struct {
 	switches chan switchCall
 	// carried is what the switch brought (read after the VM started).
 	carried    migrationSwitch
+	committed  bool          // the switch-over is written: the sandbox is this run's
 	stoppedFor time.Duration // the guest's downtime, as far as this node can tell
 	fed        bool
+}
+
+// committed says whether the switch-over of migration in was written.
+func (a *Agent) committed(in *incoming) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return in.committed
 }
 
 type switchCall struct {
@@ -118,17 +126,11 @@ func (a *Agent) migrationFor(ctx context.Context, id, mid, peer string) (state.S
 	deadline := time.Now().Add(savedPeerWait)
 	for {
 		sb, err := a.store.GetSandbox(ctx, id)
-		if err == nil {
-			m := sb.Migration
-			switch {
-			case m == nil || m.ID != mid:
-				err = fmt.Errorf("sandbox %s has no migration %s in progress", id, mid)
-			case m.From != peer || m.To != a.cfg.Node || sb.Node != peer:
-				err = fmt.Errorf("migration %s of sandbox %s is not from node %s to this node", mid, id, peer)
-			default:
-				return sb, nil
-			}
+		if m := sb.Migration; err == nil && m != nil && m.ID == mid && m.From == peer && m.To == a.cfg.Node && sb.Node == peer {
+			return sb, nil
 		}
+		// One answer for every refusal: it tells a caller nothing of what migrates here.
+		err = fmt.Errorf("no migration %s of sandbox %s from node %s to this node", mid, id, peer)
 		if time.Now().After(deadline) {
 			return sb, err
 		}
@@ -351,7 +353,7 @@ func (a *Agent) beforeResume(in *incoming, sb state.Sandbox, deadline time.Time)
 		err := a.commitMigration(ctx, sb.ID, in.mid, call.msg.Stats, deadline)
 		if err == nil {
 			a.mu.Lock()
-			in.carried = call.msg
+			in.carried, in.committed = call.msg, true
 			if !call.msg.Stopped.IsZero() {
 				// From the source's stop to this release (the guest runs a QMP call
 				// later): on other nodes, give or take their clocks' difference.
@@ -367,7 +369,7 @@ func (a *Agent) beforeResume(in *incoming, sb state.Sandbox, deadline time.Time)
 // commitMigration writes the switch-over of migration mid; if the answer is lost it
 // reads the state until it says how the migration ended.
 func (a *Agent) commitMigration(ctx context.Context, id, mid string, stats state.MigrationStats, deadline time.Time) error {
-	_, err := a.store.UpdateSandbox(ctx, id, state.Update{CommitMigration: mid, MigrationStats: &stats, Time: time.Now()})
+	_, err := a.store.UpdateSandbox(ctx, id, state.Update{CommitMigration: mid, MigrationStats: &stats, MigrationBy: a.cfg.Node, Time: time.Now()})
 	if err == nil || refused(err) {
 		if err != nil {
 			err = fmt.Errorf("the switch-over was refused: %w", err)
@@ -446,10 +448,14 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 			}
 			in.readyOnce()
 			a.mu.Unlock()
+			in.stream.CloseWithError(err) // a stream call still feeding it ends
 		}
 	}()
 	if shape := sb.Spec.Reserved(); rec.VCPUs != shape.VCPUs || rec.MemoryMiB != shape.MemoryMiB {
 		return fmt.Errorf("the migrating VM is %d vCPUs %d MiB, the sandbox is %d vCPUs %d MiB", rec.VCPUs, rec.MemoryMiB, shape.VCPUs, shape.MemoryMiB)
+	}
+	if d := sb.ImageDigest; d != "" && d != rec.ImageDigest {
+		return fmt.Errorf("the migrating VM runs image %s, the sandbox ran %s", rec.ImageDigest, d)
 	}
 	mig := r.migration
 	snap := &vmm.Snapshot{Stream: in.stream, BeforeResume: a.beforeResume(in, sb, mig.Deadline),
@@ -483,7 +489,7 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 	carried := in.carried
 	a.mu.Unlock()
 	s.mu.Lock()
-	s.netBase, s.ranBefore = carried.Net, carried.Ran
+	s.netBase, s.ranBefore = carried.Net, max(carried.Ran, 0) // a negative time would lengthen --timeout
 	if in.source == nil {
 		s.incoming = nil // its own run from here (within one node: after takeOverStep)
 	}
@@ -728,7 +734,7 @@ func (a *Agent) migrationFailed(ctx context.Context, s *sandbox, id string, mig 
 // sandbox moved after all (the commit came first).
 func (a *Agent) settleMigration(ctx context.Context, id string, mig state.Migration, cause error) (moved bool, err error) {
 	for {
-		_, err := a.store.UpdateSandbox(ctx, id, state.Update{EndMigration: mig.ID, Reason: cause.Error(), Time: time.Now()})
+		_, err := a.store.UpdateSandbox(ctx, id, state.Update{EndMigration: mig.ID, Reason: cause.Error(), MigrationBy: a.cfg.Node, Time: time.Now()})
 		if err == nil {
 			return false, nil
 		}

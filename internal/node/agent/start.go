@@ -134,7 +134,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	go func() { // supervise waits for it
 		defer close(reported)
 		<-r.starting
-		a.update(sb.ID, u)
+		a.updateRun(s, u)
 	}()
 	if dir := a.savedFor(sb); r.saved != nil && strings.HasPrefix(dir, filepath.Join(a.sandboxRoot(), sb.ID)+"/") {
 		// Running: its own saved state (a resume's), or the copy of its source's it

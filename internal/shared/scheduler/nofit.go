@@ -121,7 +121,7 @@ func (s *Scheduler) explain(req *Request, c chain) *NoFitError {
 		add("pinned", pinned, nodes(pinned, "is "+what, "are "+what))
 	}
 	if avoided > 0 {
-		add("source", avoided, nodes(avoided, "is "+req.Avoid+", where it runs now", "are "+req.Avoid+", where it runs now"))
+		add("source", avoided, nodes(avoided, "is node "+req.Avoid+", where it runs now", "are node "+req.Avoid+", where it runs now"))
 	}
 	if drain > 0 {
 		add("draining", drain, nodes(drain, "draining", "draining"))

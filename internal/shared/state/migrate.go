@@ -98,6 +98,8 @@ func (sb *Sandbox) applyMigration(u Update, t time.Time) error {
 		switch {
 		case sb.Migration == nil || sb.Migration.ID != id:
 			return fmt.Errorf("%w: migration %s is not in progress", ErrInvalidTransition, id)
+		case u.MigrationBy != "" && u.MigrationBy != sb.Migration.To:
+			return fmt.Errorf("%w: node %s is not migration %s's target", ErrInvalidTransition, u.MigrationBy, id)
 		case t.After(sb.Migration.Deadline):
 			return fmt.Errorf("%w: migration %s is past its deadline", ErrInvalidTransition, id)
 		}
@@ -116,6 +118,9 @@ func (sb *Sandbox) applyMigration(u Update, t time.Time) error {
 	if id := u.EndMigration; id != "" {
 		if sb.Migration == nil || sb.Migration.ID != id {
 			return fmt.Errorf("%w: migration %s is not in progress", ErrInvalidTransition, id)
+		}
+		if by := u.MigrationBy; by != "" && by != sb.Migration.To && by != sb.Migration.From {
+			return fmt.Errorf("%w: node %s takes no part in migration %s", ErrInvalidTransition, by, id)
 		}
 		reason := u.Reason
 		if reason == "" {

@@ -59,6 +59,17 @@ func TestMigration(t *testing.T) {
 	if _, err := s.UpdateSandbox(ctx, a, Update{RequestPause: true, Time: at(3)}); !errors.Is(err, ErrInvalidTransition) {
 		t.Errorf("a pause while migrating: %v", err)
 	}
+	pol := "deny 10.0.0.0/8"
+	if _, err := s.UpdateSandbox(ctx, a, Update{Policy: &pol, Time: at(3)}); !errors.Is(err, ErrInvalidTransition) {
+		t.Errorf("a policy change while migrating (the target's network is made from the old one): %v", err)
+	}
+	// Only the target commits; only a party ends it.
+	if _, err := s.UpdateSandbox(ctx, a, Update{CommitMigration: "m1", MigrationBy: "n1", Time: at(3)}); !errors.Is(err, ErrInvalidTransition) {
+		t.Errorf("a commit by the source: %v", err)
+	}
+	if _, err := s.UpdateSandbox(ctx, a, Update{EndMigration: "m1", MigrationBy: "n3", Time: at(3)}); !errors.Is(err, ErrInvalidTransition) {
+		t.Errorf("an end by a node that takes no part: %v", err)
+	}
 	// While it runs, the target holds the sandbox's shape: nothing else fits there.
 	if used := nodeUse(s, "n2"); used != 600 {
 		t.Errorf("the migration's target has %d MiB reserved, want the sandbox's 600", used)

@@ -374,6 +374,9 @@ type Update struct {
 	CommitMigration string          `json:"commit_migration,omitempty"`
 	EndMigration    string          `json:"end_migration,omitempty"`
 	MigrationStats  *MigrationStats `json:"migration_stats,omitempty"`
+	// MigrationBy, with a commit or an end, is the node writing it: the commit applies
+	// only if it is the migration's target, the end only if it takes part.
+	MigrationBy string `json:"migration_by,omitempty"`
 	// Time is when the change happened (required). It is an input rather than read by the
 	// FSM so that every replica, and every replay, computes the same state.
 	Time time.Time `json:"time"`
@@ -525,6 +528,10 @@ func (sb *Sandbox) apply(u Update) error {
 		u.Status = nil // handled
 	}
 	if u.Policy != nil {
+		if sb.Migration != nil {
+			// The target makes its network from the policy as the migration began.
+			return fmt.Errorf("%w: sandbox is migrating; change its policy once it is done", ErrInvalidTransition)
+		}
 		sb.Spec.Policy, sb.Spec.PolicyAdmin = *u.Policy, u.PolicyAdmin
 	}
 	if u.PendingReason != nil && sb.Status == StatusPending {

@@ -55,7 +55,8 @@ func (v *vm) serveDisks(ctx context.Context) error {
 	v.mu.Unlock()
 	sock := filepath.Join(v.dir, nbdSocket)
 	_ = os.Remove(sock)
-	addr := map[string]any{"addr": map[string]any{"type": "unix", "data": map[string]any{"path": sock}}}
+	// One connection per writable disk is what a mirror opens; a few more, no more.
+	addr := map[string]any{"addr": map[string]any{"type": "unix", "data": map[string]any{"path": sock}}, "max-connections": 4}
 	if err := c.Execute(ctx, "nbd-server-start", addr, nil); err != nil {
 		return fmt.Errorf("serve the disks to the migration's source: %w", err)
 	}
@@ -231,8 +232,9 @@ func (v *vm) startMirror(ctx context.Context, dial vmm.DialFunc) (_ *mirror, err
 			return m, fmt.Errorf("reach the target's disk %d: %w", i, err)
 		}
 		m.jobs = append(m.jobs, job)
+		// auto-dismiss off: how the job ended is read (finish) before it goes.
 		args := map[string]any{"job-id": job, "device": "disk" + strconv.Itoa(i), "target": job, "sync": "full",
-			"copy-mode": "write-blocking", "auto-finalize": true, "auto-dismiss": true}
+			"copy-mode": "write-blocking", "auto-finalize": true, "auto-dismiss": false}
 		if err := c.Execute(ctx, "blockdev-mirror", args, nil); err != nil {
 			return m, fmt.Errorf("mirror disk %d: %w", i, err)
 		}
@@ -248,8 +250,8 @@ func (v *vm) startMirror(ctx context.Context, dial vmm.DialFunc) (_ *mirror, err
 		for _, id := range m.jobs {
 			j, ok := jobs[id]
 			switch {
-			case !ok:
-				return m, fmt.Errorf("disk mirror %s ended before it caught up (the target's disk service went away?)", id)
+			case !ok || j.Status == "concluded" || j.Status == "aborting":
+				return m, fmt.Errorf("disk mirror %s ended before it caught up (the target's disk service went away?) %s", id, j.Error)
 			case j.Ready:
 				ready++
 			}
@@ -271,6 +273,7 @@ type blockJob struct {
 	Device string `json:"device"`
 	Ready  bool   `json:"ready"`
 	Status string `json:"status"`
+	Error  string `json:"error"`
 }
 
 func (m *mirror) query(ctx context.Context) (map[string]blockJob, error) {
@@ -294,34 +297,80 @@ func (m *mirror) carry(dial vmm.DialFunc) {
 		if err != nil {
 			return
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		far, err := dial(ctx)
-		cancel()
-		if err != nil {
-			conn.Close()
-			continue // the VMM's NBD client reports the failure to connect
-		}
 		m.mu.Lock()
 		if m.ended {
 			m.mu.Unlock()
 			conn.Close()
-			far.Close()
 			return
 		}
-		m.conns = append(m.conns, conn, far)
+		m.conns = append(m.conns, conn)
+		m.wg.Add(1)
 		m.mu.Unlock()
-		m.wg.Add(2)
-		go func() {
+		go func() { // each on its own: one slow target must not hold up the others
 			defer m.wg.Done()
-			_, _ = io.Copy(counted{far, m}, conn)
-			closeWrite(far)
-		}()
-		go func() {
-			defer m.wg.Done()
-			_, _ = io.Copy(conn, far)
-			closeWrite(conn)
+			m.carryOne(conn, dial)
 		}()
 	}
+}
+
+// mirrorAnswerTimeout bounds how long the target may take to answer a connection of the
+// mirror (the NBD handshake): the VMM's NBD client waits for it with the VMM's main loop
+// held, so a target that never answers must be cut off.
+const mirrorAnswerTimeout = 30 * time.Second
+
+// carryOne carries one connection of the VMM's to the target.
+func (m *mirror) carryOne(conn net.Conn, dial vmm.DialFunc) {
+	ctx, cancel := context.WithTimeout(context.Background(), mirrorAnswerTimeout)
+	far, err := dial(ctx)
+	cancel()
+	if err != nil {
+		conn.Close() // the VMM's NBD client reports the failure to connect
+		return
+	}
+	m.mu.Lock()
+	if m.ended {
+		m.mu.Unlock()
+		conn.Close()
+		far.Close()
+		return
+	}
+	m.conns = append(m.conns, far)
+	m.mu.Unlock()
+	answered := make(chan struct{})
+	watchdog := time.AfterFunc(mirrorAnswerTimeout, func() {
+		select {
+		case <-answered:
+		default:
+			conn.Close()
+			far.Close()
+		}
+	})
+	defer watchdog.Stop()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _ = io.Copy(counted{far, m}, conn)
+		closeWrite(far)
+	}()
+	first := true
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := far.Read(buf)
+		if n > 0 && first {
+			first = false
+			close(answered)
+		}
+		if n > 0 {
+			if _, werr := conn.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	closeWrite(conn)
+	<-done
 }
 
 // counted counts what is written through it to the target into the mirror's total.
@@ -348,7 +397,8 @@ func closeWrite(c net.Conn) {
 
 // finish ends the mirror jobs in sync, with the guest stopped (the migration paused
 // before its switch-over): a ready mirror job that is cancelled completes, its target
-// a copy of the disk as it is now.
+// a copy of the disk as it is now. A job that ends with an error (the target's disk
+// full, the connection cut while it drained) fails the migration: its copy is not whole.
 func (m *mirror) finish(ctx context.Context) error {
 	for _, id := range m.jobs {
 		if err := m.c.Execute(ctx, "block-job-cancel", map[string]any{"device": id}, nil); err != nil {
@@ -362,11 +412,20 @@ func (m *mirror) finish(ctx context.Context) error {
 		}
 		left := 0
 		for _, id := range m.jobs {
-			if _, ok := jobs[id]; ok {
+			j, ok := jobs[id]
+			switch {
+			case !ok:
+				return fmt.Errorf("the disk mirror %s went without saying how it ended", id)
+			case j.Status != "concluded":
 				left++
+			case j.Error != "":
+				return fmt.Errorf("the disk mirror %s failed as it ended: %s", id, j.Error)
 			}
 		}
 		if left == 0 {
+			for _, id := range m.jobs {
+				_ = m.c.Execute(ctx, "job-dismiss", map[string]any{"id": id}, nil)
+			}
 			return nil
 		}
 		select {
@@ -390,14 +449,19 @@ func (m *mirror) close() {
 	defer cancel()
 	if jobs, err := m.query(ctx); err == nil {
 		for _, id := range m.jobs {
-			if _, ok := jobs[id]; ok {
+			if j, ok := jobs[id]; ok && j.Status != "concluded" {
 				_ = m.c.Execute(ctx, "block-job-cancel", map[string]any{"device": id, "force": true}, nil)
 			}
 		}
 		for _, id := range m.jobs {
 			for range 1000 {
 				jobs, err := m.query(ctx)
-				if _, ok := jobs[id]; err != nil || !ok {
+				j, ok := jobs[id]
+				if err != nil || !ok {
+					break
+				}
+				if j.Status == "concluded" {
+					_ = m.c.Execute(ctx, "job-dismiss", map[string]any{"id": id}, nil)
 					break
 				}
 				time.Sleep(2 * time.Millisecond)

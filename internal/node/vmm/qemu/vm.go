@@ -320,15 +320,18 @@ func (v *vm) resume(ctx context.Context) error {
 		if err := waitIncoming(ctx, client, exited); err != nil {
 			return v.failStart(fmt.Errorf("restore device state from %s: %w", v.restoreFrom, err))
 		}
+		// The disks are whole (the source ended its mirror before it sent the rest):
+		// nothing may write them from outside from here on, and that is settled before
+		// the switch-over is (after it, failing would lose the sandbox).
+		if err := v.stopDiskService(ctx); err != nil {
+			return v.failStart(err)
+		}
 		if r := v.spec.Restore; r != nil && r.BeforeResume != nil {
 			// Whole, not running: the guest runs here only if the caller says so (a
 			// migration's switch-over was committed).
 			if err := r.BeforeResume(ctx); err != nil {
 				return v.failStart(fmt.Errorf("the restored VM may not run: %w", err))
 			}
-		}
-		if err := v.stopDiskService(ctx); err != nil {
-			return v.failStart(err)
 		}
 		if sharesDisks(v.spec) && v.uid != 0 {
 			// The migration's target takes over: the disks are its user's now.
