@@ -107,6 +107,10 @@ func (h *sandboxService) SetPolicy(ctx context.Context, req *connect.Request[pb.
 	if sb, err = h.s.waitRunning(ctx, sb); err != nil {
 		return nil, err
 	}
+	if sb.Migration != nil {
+		// Its target makes its network from the policy the migration began with.
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is migrating: change its policy once that is done", sb.ID))
+	}
 	// One change at a time (the leader serves every SetPolicy), node first: the node
 	// checks the policy against what it protects and puts it in force, and only a policy
 	// in force is recorded, so the state never holds one a node would refuse (a
