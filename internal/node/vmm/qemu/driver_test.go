@@ -37,7 +37,7 @@ func TestCommandLine(t *testing.T) {
 	args := d.args(s)
 	joined := strings.Join(args, "\n")
 	for _, want := range []string{"microvm,acpi=on,pit=off,pic=off", "-no-reboot", "-S", "-sandbox", "virtio-mmio.force-legacy=false",
-		"file=" + strings.ReplaceAll(s.Disks[0].Path, ",", ",,") + ",if=none,id=disk0,format=raw,readonly=on",
+		"file=" + strings.ReplaceAll(s.Disks[0].Path, ",", ",,") + ",if=none,id=disk0,node-name=fw-disk0,format=raw,readonly=on",
 		"path=" + s.AgentSocket + ",reconnect=1", "name=fireworks.0", "128M"} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("command line lacks %q:\n%s", want, joined)
