@@ -2,12 +2,14 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -221,12 +223,21 @@ func (v *vm) startMirror(ctx context.Context, dial vmm.DialFunc) (_ *mirror, err
 	}
 	m.wg.Add(1)
 	go m.carry(dial)
-	for i, d := range v.spec.Disks {
-		if d.ReadOnly {
-			continue
-		}
+	// The writable disks as the VMM has them (not the spec: a VM adopted from an earlier
+	// agent has none); a migration with none to mirror would leave the target's empty.
+	writable, err := writableDisks(ctx, c)
+	if err != nil {
+		return m, err
+	}
+	if len(writable) == 0 {
+		return m, errors.New("the VMM lists no writable disk to mirror")
+	}
+	for _, i := range writable {
 		job := "mirror-" + diskNode(i)
-		target := map[string]any{"driver": "nbd", "node-name": job, "export": diskNode(i),
+		// discard=unmap: the mirror zeroes the target first with holes rather than
+		// written zeros (the target's disk is opened so too), then copies only what
+		// the source holds.
+		target := map[string]any{"driver": "nbd", "node-name": job, "export": diskNode(i), "discard": "unmap",
 			"server": map[string]any{"type": "unix", "path": sock}}
 		if err := c.Execute(ctx, "blockdev-add", target, nil); err != nil {
 			return m, fmt.Errorf("reach the target's disk %d: %w", i, err)
@@ -267,6 +278,30 @@ func (v *vm) startMirror(ctx context.Context, dial vmm.DialFunc) (_ *mirror, err
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
+}
+
+// writableDisks lists the indexes of the VMM's writable disks (block devices disk0,
+// disk1, ... as the command line names them).
+func writableDisks(ctx context.Context, c *qmp.Client) ([]int, error) {
+	var devs []struct {
+		Device   string `json:"device"`
+		Inserted *struct {
+			RO bool `json:"ro"`
+		} `json:"inserted"`
+	}
+	if err := c.Execute(ctx, "query-block", nil, &devs); err != nil {
+		return nil, fmt.Errorf("list the VMM's disks: %w", err)
+	}
+	var out []int
+	for _, d := range devs {
+		n, ok := strings.CutPrefix(d.Device, "disk")
+		i, err := strconv.Atoi(n)
+		if !ok || err != nil || d.Inserted == nil || d.Inserted.RO {
+			continue
+		}
+		out = append(out, i)
+	}
+	return out, nil
 }
 
 type blockJob struct {

@@ -364,9 +364,15 @@ func (d *Driver) args(s vmm.Spec) []string {
 			ro = "on"
 		}
 		id := "disk" + strconv.Itoa(i)
+		opts := ""
+		if !disk.ReadOnly && s.Restore != nil && s.Restore.ReceiveDisks != nil {
+			// A migration's target: the zeros the mirror writes over what the source
+			// never wrote punch holes, so the disk stays as sparse as the source's.
+			opts = ",discard=unmap"
+		}
 		a = append(a,
 			// node-name: what a migration's target exports its disks by.
-			"-drive", "file="+esc(disk.Path)+",if=none,id="+id+",node-name="+diskNode(i)+",format=raw,readonly="+ro,
+			"-drive", "file="+esc(disk.Path)+",if=none,id="+id+",node-name="+diskNode(i)+",format=raw,readonly="+ro+opts,
 			"-device", "virtio-blk-device,drive="+id)
 	}
 	a = append(a,
