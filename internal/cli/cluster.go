@@ -293,11 +293,11 @@ func warnNoOtherNode(ctx context.Context, g *globals, c *client.Client, node, us
 			return
 		}
 	}
-	what := "new sandboxes wait"
+	what := "new sandboxes wait, pending,"
 	if use == "drain" {
-		what = "its sandboxes and new ones wait"
+		what = "none of its sandboxes can move live; those whose --restart allows it are stopped and wait, pending, with new ones,"
 	}
-	fmt.Fprintf(g.stderr, "fireworks: no other node takes sandboxes: %s, pending, until `fireworks node uncordon %s`\n", what, node)
+	fmt.Fprintf(g.stderr, "fireworks: no other node takes sandboxes: %s until `fireworks node uncordon %s`\n", what, node)
 }
 
 // usedOf shows what sandboxes reserve of what the scheduler may place on a node, and the

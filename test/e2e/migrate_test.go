@@ -13,8 +13,9 @@ import (
 
 // TestMigrateInPlace: in `fireworks dev` (one node) a live migration moves the sandbox
 // into a fresh VMM on the same node, by the same path as between nodes: its counter
-// goes on from where it was, its files, server, policy, counters and log are there, the
-// old VMM and its network are gone, and inspect records the migration.
+// goes on from where it was, its files, server, policy, counters and log are there, a
+// `logs -f` follower and an attached `run` go on across it, the old VMM and its network
+// are gone, and inspect records the migration.
 func TestMigrateInPlace(t *testing.T) {
 	need(t)
 	img := image("busybox:latest")
@@ -48,6 +49,29 @@ func TestMigrateInPlace(t *testing.T) {
 	sb := inspect(t, id)
 	node, oldPID, oldNetns := str(sb, "node"), str(details(t, sb), "pid"), str(details(t, sb), "netns")
 	before := count()
+	// A follower of its output, and an attached run of another sandbox, go on across it.
+	fctx, stopFollow := context.WithCancel(context.Background())
+	defer stopFollow()
+	followed := make(chan result, 1)
+	go func() { followed <- world.cli(fctx, nil, "logs", "-f", id) }()
+	attached := make(chan result, 1)
+	go func() {
+		attached <- world.cli(context.Background(), nil, "run", "--name", "migrate-attached", img, "--", "sh", "-c",
+			"i=0; while [ $i -lt 80 ]; do i=$((i+1)); echo line $i; sleep 0.1; done")
+	}()
+	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", "migrate-attached") })
+	for deadline := time.Now().Add(time.Minute); !strings.Contains(world.cli(context.Background(), nil, "logs", "migrate-attached").stdout, "line 5\n"); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the attached run did not get going")
+		}
+	}
+	if out := fw(t, 0, "migrate", "migrate-attached").stdout; !strings.Contains(out, "migrated") {
+		t.Fatalf("migrate of the attached run's sandbox: %q", out)
+	}
+	ar := <-attached
+	if ar.code != 0 || !strings.Contains(ar.stdout, "line 80\n") {
+		t.Errorf("the attached run across a migration: exit %d, output ends %q, stderr %q", ar.code, tail(ar.stdout, 40), ar.stderr)
+	}
 
 	out := fw(t, 0, "migrate", id).stdout
 	t.Logf("fireworks migrate: %s", strings.TrimSpace(out))
@@ -81,6 +105,12 @@ func TestMigrateInPlace(t *testing.T) {
 	if n := counters(t, id)["egress_dropped"]; n <= dropped {
 		t.Errorf("egress dropped %d after a blocked attempt past the migration, %d before: the policy or its counters did not carry on", n, dropped)
 	}
+	stopFollow()
+	fr := <-followed
+	if !strings.Contains(fr.stdout, fmt.Sprintf("tick %d\n", after+1)) || strings.Count(fr.stdout, fmt.Sprintf("tick %d\n", before)) != 1 {
+		t.Errorf("logs -f across the migration: saw tick %d %d times, tick %d %v", before, strings.Count(fr.stdout, fmt.Sprintf("tick %d\n", before)),
+			after+1, strings.Contains(fr.stdout, fmt.Sprintf("tick %d\n", after+1)))
+	}
 	logs := fw(t, 0, "logs", id).stdout
 	if !strings.Contains(logs, "tick 1\n") || !strings.Contains(logs, fmt.Sprintf("tick %d\n", after+1)) {
 		t.Errorf("the log lacks ticks from before or after the migration")
@@ -92,4 +122,11 @@ func TestMigrateInPlace(t *testing.T) {
 	if _, err := os.Stat(filepath.Join("/run/netns", oldNetns)); err == nil {
 		t.Errorf("the old network namespace %s is still there", oldNetns)
 	}
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
 }

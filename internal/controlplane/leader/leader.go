@@ -353,6 +353,18 @@ func (m *Manager) checkHeartbeats(ctx context.Context, now time.Time, nodes []st
 // its saved state; a stopped one is left to end.
 func (m *Manager) drain(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox) error {
 	var errs []error
+	draining := map[string]bool{}
+	for _, n := range nodes {
+		draining[n.ID] = n.Draining
+	}
+	for _, sb := range sbs {
+		// A drain that ended (uncordon) takes its word back.
+		if sb.Runtime[drainDetail] != "" && !draining[sb.Node] {
+			if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Runtime: map[string]string{drainDetail: ""}, Time: now}); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
 	for _, n := range nodes {
 		if !n.Draining {
 			continue

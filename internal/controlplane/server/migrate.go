@@ -24,6 +24,9 @@ func (h *sandboxService) MigrateSandbox(ctx context.Context, req *connect.Reques
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	if sb.Status == state.StatusPending {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is pending (not running on a node yet): nothing to migrate", sb.ID))
+	}
 	if sb, err = h.s.settled(ctx, sb); err != nil {
 		return nil, toConnectError(err)
 	}
@@ -46,6 +49,8 @@ func (h *sandboxService) MigrateSandbox(ctx context.Context, req *connect.Reques
 // scheduler's choice among the other nodes if ""). It returns once recorded.
 func (s *Server) StartMigration(ctx context.Context, sb state.Sandbox, to string) (state.Migration, error) {
 	switch {
+	case sb.Status == state.StatusPending:
+		return state.Migration{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is pending (not running on a node yet): nothing to migrate", sb.ID))
 	case sb.Status != state.StatusRunning:
 		return state.Migration{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: only a running sandbox can be migrated", sb.ID, sb.Status))
 	case sb.Migration != nil:
@@ -100,6 +105,13 @@ func (s *Server) migrationTarget(sb state.Sandbox, to string) (state.Node, error
 	}
 	req.Avoid = sb.Node
 	if to != "" {
+		known := false
+		for _, n := range nodes {
+			known = known || n.ID == to
+		}
+		if !known {
+			return state.Node{}, connect.NewError(connect.CodeNotFound, fmt.Errorf("no node named %q (fireworks node ls)", to))
+		}
 		req.Node, req.NodeWhy = to, "the node asked for"
 	}
 	p, err := sched.Place(req)
@@ -146,4 +158,19 @@ func (s *Server) waitMigration(ctx context.Context, id, mid string) (state.Sandb
 func migrationToPB(m state.Migration) *pb.Migration {
 	return &pb.Migration{Id: m.ID, From: m.From, To: m.To, Started: ts(m.Started), Ended: ts(m.Ended), Outcome: m.Outcome,
 		DowntimeUs: m.Downtime.Microseconds(), Bytes: m.Bytes, DiskBytes: m.DiskBytes}
+}
+
+// waitMigrated returns sb once no live migration of it is in progress (at most until
+// the migration's deadline).
+func (s *Server) waitMigrated(ctx context.Context, sb state.Sandbox) (state.Sandbox, error) {
+	if sb.Migration == nil {
+		return sb, nil
+	}
+	wctx, cancel := context.WithDeadline(ctx, sb.Migration.Deadline.Add(10*time.Second))
+	defer cancel()
+	now, err := s.waitFor(wctx, sb.ID, false, func(sb state.Sandbox) bool { return sb.Migration == nil })
+	if err != nil {
+		return sb, toConnectError(fmt.Errorf("sandbox %s is migrating: %w", sb.ID, err))
+	}
+	return now, nil
 }

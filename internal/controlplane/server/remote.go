@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -79,33 +80,37 @@ func (s *Server) holdWait(ctx context.Context) (release func(), err error) {
 // attachOnNode relays an attach to the node that runs sb, then reports the exit recorded
 // in the state (the node's last report is committed before its stream ends).
 func (s *Server) attachOnNode(ctx context.Context, sb state.Sandbox, stream *connect.BidiStream[pb.AttachRequest, pb.AttachResponse]) error {
-	c, err := s.nodeFor(ctx, sb)
-	if err != nil {
-		return toConnectError(err)
-	}
-	rctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	rs := c.sandboxes.Attach(rctx)
-	// The node knows sandboxes by ID only (the caller may have named it or given a prefix).
-	fwd := &pb.AttachRequest{Msg: &pb.AttachRequest_Start{Start: &pb.AttachStart{Sandbox: sb.ID}}}
-	if err := rs.Send(fwd); err != nil && !errors.Is(err, io.EOF) {
-		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("attach on node %s: %w", sb.Node, err))
-	}
-	go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
+	// The client's messages (stdin, resizes) are read once for the whole attachment:
+	// a live migration moves it to the sandbox's new node (see movedOn).
+	reqs := make(chan *pb.AttachRequest)
+	go func() { // ends with the client's stream or the call
+		defer close(reqs)
+		for {
+			m, err := stream.Receive()
+			if err != nil {
+				return
+			}
+			select {
+			case reqs <- m:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	stdinClosed := false
 	for {
-		m, err := rs.Receive()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("lost the stream from node %s: %w", sb.Node, err))
-		}
-		if m.GetExit() != nil {
-			continue // the state has the authoritative exit
-		}
-		if err := stream.Send(m); err != nil {
+		if err := s.attachOnce(ctx, sb, reqs, &stdinClosed, stream); err != nil {
 			return err
 		}
+		next, moved, err := s.movedOn(ctx, sb)
+		if err != nil {
+			return err
+		}
+		if moved {
+			sb = next
+			continue
+		}
+		break
 	}
 	final, err := s.waitFor(ctx, sb.ID, false, func(sb state.Sandbox) bool { return sb.Status.Terminal() || sb.Status == state.StatusPaused })
 	if err != nil {
@@ -118,6 +123,88 @@ func (s *Server) attachOnNode(ctx context.Context, sb state.Sandbox, stream *con
 			Reason: "it was paused; `fireworks resume " + sb.ID[:12] + "` brings it back, `fireworks logs -f " + sb.ID[:12] + "` follows its output"}}})
 	}
 	return stream.Send(&pb.AttachResponse{Msg: &pb.AttachResponse_Exit{Exit: exitOf(final)}})
+}
+
+// attachOnce relays one attachment to sb's node until the node ends it.
+func (s *Server) attachOnce(ctx context.Context, sb state.Sandbox, reqs <-chan *pb.AttachRequest, stdinClosed *bool, stream *connect.BidiStream[pb.AttachRequest, pb.AttachResponse]) error {
+	c, err := s.nodeFor(ctx, sb)
+	if err != nil {
+		return toConnectError(err)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	rs := c.sandboxes.Attach(rctx)
+	// The node knows sandboxes by ID only (the caller may have named it or given a prefix).
+	fwd := &pb.AttachRequest{Msg: &pb.AttachRequest_Start{Start: &pb.AttachStart{Sandbox: sb.ID}}}
+	if err := rs.Send(fwd); err != nil && !errors.Is(err, io.EOF) {
+		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("attach on node %s: %w", sb.Node, err))
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // ends with the attachment (rctx) or the client's stream
+		defer wg.Done()
+		if *stdinClosed {
+			_ = rs.CloseRequest()
+			return
+		}
+		for {
+			select {
+			case m, ok := <-reqs:
+				if !ok {
+					*stdinClosed = true
+					_ = rs.CloseRequest()
+					return
+				}
+				if rs.Send(m) != nil {
+					return
+				}
+			case <-rctx.Done():
+				return
+			}
+		}
+	}()
+	defer wg.Wait()
+	defer cancel()
+	for {
+		m, err := rs.Receive()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("lost the stream from node %s: %w", sb.Node, err))
+		}
+		if m.GetExit() != nil {
+			continue // the state has the authoritative exit
+		}
+		if err := stream.Send(m); err != nil {
+			return err
+		}
+	}
+}
+
+// movedOn says, once a run of sb ended on its node, whether that was a live migration
+// that moved it (waiting for one in progress to end), and returns it as it is now, once
+// its new run is there to attach to or follow (its node has reported it).
+func (s *Server) movedOn(ctx context.Context, sb state.Sandbox) (state.Sandbox, bool, error) {
+	cur, err := s.waitFor(ctx, sb.ID, false, func(cur state.Sandbox) bool { return cur.Migration == nil })
+	if err != nil {
+		return cur, false, toConnectError(err)
+	}
+	if cur.Status != state.StatusRunning || cur.Resumes == sb.Resumes || !cur.PauseRequestedAt.IsZero() || len(cur.Migrations) == 0 {
+		return cur, false, nil
+	}
+	last := cur.Migrations[len(cur.Migrations)-1]
+	if last.Outcome != state.MigrationMoved {
+		return cur, false, nil
+	}
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if now, err := s.waitFor(rctx, sb.ID, false, func(now state.Sandbox) bool {
+		return now.Runtime["migration"] == last.ID || now.Status != state.StatusRunning || now.Resumes != cur.Resumes
+	}); err == nil {
+		cur = now
+	}
+	return cur, true, nil
 }
 
 // logsOnNode relays sb's log from its node, past the first skip records; it returns how

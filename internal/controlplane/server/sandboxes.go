@@ -228,6 +228,14 @@ func (h *sandboxService) Logs(ctx context.Context, req *connect.Request[pb.LogsR
 		if err != nil || !req.Msg.GetFollow() {
 			return err
 		}
+		// A live migration moved it: its log went with it, the same records, and goes on
+		// there.
+		if next, moved, err := h.s.movedOn(ctx, sb); err != nil {
+			return err
+		} else if moved {
+			sb = next
+			continue
+		}
 		cur, err := h.s.store.GetSandbox(ctx, sb.ID)
 		if err != nil {
 			return toConnectError(err)
@@ -266,6 +274,10 @@ func (h *sandboxService) Exec(ctx context.Context, stream *connect.BidiStream[pb
 	}
 	// A sandbox just created (`run -d` returns before it runs) is waited for.
 	if sb, err = h.s.waitRunning(ctx, sb); err != nil {
+		return err
+	}
+	// So is a live migration of it: the command runs where the sandbox runs after it.
+	if sb, err = h.s.waitMigrated(ctx, sb); err != nil {
 		return err
 	}
 	return h.s.execOnNode(ctx, sb, first, stream)
@@ -393,6 +405,9 @@ func (h *sandboxService) pause(ctx context.Context, sb state.Sandbox, pauseFor s
 		id := sb.ID
 		if sb.Status != state.StatusRunning {
 			return sb, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: only a running sandbox can be paused", id, sb.Status))
+		}
+		if sb.Migration != nil {
+			return sb, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is migrating: pause it once that is done", id))
 		}
 		if sb, err = h.s.store.UpdateSandbox(ctx, id, state.Update{RequestPause: true, PauseFor: pauseFor, Time: h.s.now()}); err != nil {
 			return sb, toConnectError(fmt.Errorf("pause sandbox %s: %w", id, err))

@@ -918,20 +918,24 @@ watch:
 		s.mu.Lock()
 		s.migrating = nil
 		s.mu.Unlock()
-		if o.main == nil {
+		if o.moved {
 			pumps.Wait()
 			return
 		}
-		pumps.Wait() // the old connection's streams ended with it
-		main, failed, reason, st = o.main, false, "", proto.ExitStatus{}
-		pumps.Add(2)
-		go pump(main.Stdout(), sandboxlog.Stdout)
-		go pump(main.Stderr(), sandboxlog.Stderr)
-		if !sb.Spec.Stdin {
-			_ = main.Stdin().Close()
+		if o.main != nil {
+			pumps.Wait() // the old connection's streams ended with it
+			main, failed, reason, st = o.main, false, "", proto.ExitStatus{}
+			pumps.Add(2)
+			go pump(main.Stdout(), sandboxlog.Stdout)
+			go pump(main.Stderr(), sandboxlog.Stderr)
+			if !sb.Spec.Stdin {
+				_ = main.Stdin().Close()
+			}
+			wait(main)
+			goto watch
 		}
-		wait(main)
-		goto watch
+		// Neither moved nor taken back: lost here (or stopped, if a stop caused it).
+		reason = o.lost
 	}
 	if !failed {
 		// The guest closes the output streams before it reports the exit; wait for the
@@ -1087,8 +1091,11 @@ func (a *Agent) Exec(ctx context.Context, id string, req proto.ExecRequest) (*cl
 	s.mu.Lock()
 	g, main, moved := s.guest, s.proc, s.movedAway
 	s.mu.Unlock()
-	if g == nil || moved {
-		return nil, fmt.Errorf("sandbox %s is still starting or has moved: %w", id, ErrNotRunning)
+	if moved {
+		return nil, fmt.Errorf("sandbox %s has just moved to another node (a live migration): run the command again: %w", id, ErrNotRunning)
+	}
+	if g == nil {
+		return nil, fmt.Errorf("sandbox %s is still starting: %w", id, ErrNotRunning)
 	}
 	sess, err := g.Exec(ctx, execDefaults(main, req))
 	if err != nil {

@@ -350,7 +350,13 @@ func (a *Agent) beforeResume(in *incoming, sb state.Sandbox, deadline time.Time)
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		err := a.commitMigration(ctx, sb.ID, in.mid, call.msg.Stats, deadline)
+		stats := call.msg.Stats
+		if !call.msg.Stopped.IsZero() {
+			// The record's downtime: from the source's stop to this commit (the host's
+			// clock; QEMU's own measure ends when the source has sent the last byte).
+			stats.Downtime = max(stats.Downtime, time.Since(call.msg.Stopped))
+		}
+		err := a.commitMigration(ctx, sb.ID, in.mid, stats, deadline)
 		if err == nil {
 			a.mu.Lock()
 			in.carried, in.committed = call.msg, true
@@ -565,7 +571,9 @@ func (a *Agent) takeOverStep(r *startRun) error {
 // migrationOutcome is how a source's migration ended for supervise: the main process
 // taken back (it failed), or nil (the sandbox moved away).
 type migrationOutcome struct {
-	main *client.Session
+	main  *client.Session
+	moved bool   // the sandbox runs on the target: nothing to report here
+	lost  string // neither: why the sandbox is lost here
 }
 
 // migrateOut runs the source's side of migration mig of sandbox sb (see above). It
@@ -688,7 +696,7 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 // movedAway ends the source's stopped VM once the sandbox runs on the target:
 // supervise returns without a report, and the run's cleanup lets the rest go.
 func (a *Agent) movedAway(s *sandbox, outcome chan migrationOutcome) {
-	outcome <- migrationOutcome{}
+	outcome <- migrationOutcome{moved: true}
 	s.mu.Lock()
 	vm := s.vm
 	s.movedAway = true
@@ -704,8 +712,10 @@ func (a *Agent) migrationFailed(ctx context.Context, s *sandbox, id string, mig 
 	if err != nil {
 		// The state cannot be read: the VM stays stopped (a target may run it) and the
 		// sandbox is reported lost when the state says so; nothing resumes it here.
-		a.log.Error("migration outcome unknown; the source stays stopped", "sandbox", id, "migration", mig.ID, "err", err)
-		outcome <- migrationOutcome{}
+		// Reported as lost here: if the target committed after all, that report is of a
+		// run the state has moved past, and is refused.
+		a.log.Error("migration outcome unknown; the source's VM ends", "sandbox", id, "migration", mig.ID, "err", err)
+		outcome <- migrationOutcome{lost: "lost in a live migration whose outcome could not be read: " + err.Error()}
 		return err
 	}
 	if moved {
@@ -719,7 +729,7 @@ func (a *Agent) migrationFailed(ctx context.Context, s *sandbox, id string, mig 
 	main, err := a.takeBack(rctx, s)
 	if err != nil {
 		a.log.Error("resume the sandbox after a failed migration", "sandbox", id, "err", err)
-		outcome <- migrationOutcome{}
+		outcome <- migrationOutcome{lost: fmt.Sprintf("its live migration failed (%v) and it could not be resumed: %v", cause, err)}
 		s.mu.Lock()
 		vm := s.vm
 		s.mu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -217,7 +218,11 @@ func execLocal(ctx context.Context, ag *agent.Agent, id string, start *pb.ExecSt
 	}
 	status := "exited"
 	if ended != "" {
-		status = "paused" // the only end the node gives an exec (see agent.endExecs)
+		// The ends the node gives an exec (see agent.endExecs): a pause's, a migration's.
+		status = "paused"
+		if strings.Contains(ended, "migration") {
+			status = "migrating"
+		}
 	}
 	return send(&pb.ExecResponse{Msg: &pb.ExecResponse_Exit{Exit: &pb.Exit{Code: int32(code), Signal: int32(st.Signal), Status: status, Reason: reason}}})
 }
