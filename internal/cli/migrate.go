@@ -41,7 +41,7 @@ func migrationText(m *pb.Migration) string {
 	if m.GetStarted() != nil && m.GetEnded() != nil {
 		took = " in " + m.GetEnded().AsTime().Sub(m.GetStarted().AsTime()).Round(time.Millisecond).String()
 	}
-	return fmt.Sprintf("downtime %s, %s + %s of disk%s", (time.Duration(m.GetDowntimeUs()) * time.Microsecond).String(),
+	return fmt.Sprintf("downtime %s, %s + %s of disk%s", (time.Duration(m.GetDowntimeUs()) * time.Microsecond).Round(100*time.Microsecond).String(),
 		mib(m.GetBytes()), mib(m.GetDiskBytes()), took)
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -114,6 +115,23 @@ func TestMigrateInPlace(t *testing.T) {
 	logs := fw(t, 0, "logs", id).stdout
 	if !strings.Contains(logs, "tick 1\n") || !strings.Contains(logs, fmt.Sprintf("tick %d\n", after+1)) {
 		t.Errorf("the log lacks ticks from before or after the migration")
+	}
+	// A stop during a migration: whichever comes first, the sandbox ends, stopped, and
+	// nothing of it runs on.
+	migrating := make(chan result, 1)
+	go func() { migrating <- world.cli(context.Background(), nil, "migrate", "migrate-here") }()
+	for deadline := time.Now().Add(30 * time.Second); inspect(t, id)["migration"] == nil; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the second migration did not start")
+		}
+	}
+	fw(t, 0, "stop", id)
+	<-migrating
+	if st := str(inspect(t, id), "status"); st != "exited" {
+		t.Errorf("a sandbox stopped during its migration is %s", st)
+	}
+	if out, _ := exec.Command("pgrep", "-f", "guest="+id).Output(); len(out) > 0 {
+		t.Errorf("a VMM of the stopped sandbox still runs: %s", out)
 	}
 	// The old VMM and its network are gone.
 	if _, err := os.Stat(filepath.Join("/proc", oldPID)); err == nil {
