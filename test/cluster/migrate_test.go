@@ -61,15 +61,7 @@ func TestMigrate(t *testing.T) {
 	if body := e.waitFor(t, host, nil, http.StatusOK, minute); strings.TrimSpace(body) != "served-before-and-after" {
 		t.Fatalf("%s before the migration: %q", host, body)
 	}
-	regHost, _, _ := net.SplitHostPort(w.registry)
-	pol := filepath.Join(t.TempDir(), "policy")
-	if err := os.WriteFile(pol, []byte("default allow\ndeny "+regHost+" tcp\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	mustFW(t, "policy", "apply", id, pol)
-	if got := statusLine(t, id, w.registry, "/v2/"); got != "" {
-		t.Fatalf("the registry answered the sandbox its policy blocks: %q", got)
-	}
+	denyRegistry(t, id)
 	dropped := egressDropped(t, id)
 	if dropped == 0 {
 		t.Fatal("the policy dropped nothing")
@@ -144,6 +136,21 @@ func TestMigrate(t *testing.T) {
 		_, errNS := os.Stat(filepath.Join("/run/netns", netns))
 		return len(w.vmsOf(src, id)) == 0 && os.IsNotExist(errRun) && os.IsNotExist(errFiles) && os.IsNotExist(errNS)
 	})
+}
+
+// denyRegistry applies a policy to sandbox id that blocks the test registry, and checks
+// it is in force.
+func denyRegistry(t *testing.T, id string) {
+	t.Helper()
+	regHost, _, _ := net.SplitHostPort(w.registry)
+	pol := filepath.Join(t.TempDir(), "policy")
+	if err := os.WriteFile(pol, []byte("default allow\ndeny "+regHost+" tcp\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mustFW(t, "policy", "apply", id, pol)
+	if got := statusLine(t, id, w.registry, "/v2/"); got != "" {
+		t.Fatalf("the registry answered the sandbox its policy blocks: %q", got)
+	}
 }
 
 // portForward runs `fireworks port-forward id LOCAL:port` for the test and returns the

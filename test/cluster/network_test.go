@@ -1,13 +1,9 @@
 package cluster
 
 import (
-	"context"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -60,14 +56,7 @@ func TestNetworkOnTheCluster(t *testing.T) {
 
 	// Applied through a server (the CLI's first), enforced on the node.
 	regHost, _, _ := net.SplitHostPort(w.registry)
-	pol := filepath.Join(t.TempDir(), "policy")
-	if err := os.WriteFile(pol, []byte("default allow\ndeny "+regHost+" tcp\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	mustFW(t, "policy", "apply", id, pol)
-	if got := statusLine(t, id, w.registry, "/v2/"); got != "" {
-		t.Errorf("registry answered after the policy denied it: %q", got)
-	}
+	denyRegistry(t, id)
 	show := mustFW(t, "policy", "show", id)
 	if !strings.Contains(show, "deny "+regHost) || !strings.Contains(show, "Egress:") {
 		t.Errorf("policy show from the node:\n%s", show)
@@ -77,35 +66,9 @@ func TestNetworkOnTheCluster(t *testing.T) {
 	}
 
 	// port-forward from this machine.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	pf := exec.CommandContext(ctx, w.bin, "port-forward", id, fmt.Sprintf("%d:8080", port))
-	pf.Env = append(os.Environ(), "FIREWORKS_CONFIG="+filepath.Join(w.root, "none.json"), "FIREWORKS_SERVER=https://"+w.serverList(),
-		"FIREWORKS_TOKEN="+w.token, "FIREWORKS_CA="+filepath.Join(w.caDir, "ca.pem"))
-	if err := pf.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer pf.Wait()
-	body := ""
-	for i := 0; i < 100 && body == ""; i++ {
-		if resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", port)); err == nil {
-			b, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			body = strings.TrimSpace(string(b))
-		} else {
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
-	if body != "hello-cluster" {
+	if body := getLocal(t, portForward(t, id, 8080)); body != "hello-cluster" {
 		t.Errorf("through port-forward: %q", body)
 	}
-	cancel()
 
 	mustFW(t, "rm", "-f", id)
 	waitFor(t, 30*time.Second, "the sandbox's network namespace to go", func() bool {

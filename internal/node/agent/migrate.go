@@ -12,7 +12,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
@@ -500,22 +499,13 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 		s.incoming = nil // its own run from here (within one node: after takeOverStep)
 	}
 	s.mu.Unlock()
-	info := h.vm.Info()
-	r.rt = map[string]string{
-		"pid": strconv.Itoa(info.PID), "run_dir": s.dir, "console_log": info.ConsoleLog, "qemu_cmdline": info.CmdlineFile,
-		"start_mode": r.how, "migrated_from": mig.From, "migration": mig.ID,
-	}
+	extra := map[string]string{"migrated_from": mig.From, "migration": mig.ID}
 	a.mu.Lock()
 	if d := in.stoppedFor; d > 0 {
-		r.rt["migration_downtime"] = fmtMs(d)
+		extra["migration_downtime"] = fmtMs(d)
 	}
 	a.mu.Unlock()
-	if h.net != nil {
-		r.rt["netns"], r.rt["address"] = h.net.Namespace(), h.net.Address().String()
-	}
-	s.mu.Lock()
-	s.started.Runtime = r.rt
-	s.mu.Unlock()
+	r.setRuntime(extra)
 	return nil
 }
 

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -531,18 +532,25 @@ func (a *Agent) savedVMStep(r *startRun) error {
 		s.netBase, s.ranBefore = rec.Net, rec.Ran
 		s.mu.Unlock()
 	}
-	info := h.vm.Info()
-	r.rt = map[string]string{
-		"pid": fmt.Sprint(info.PID), "run_dir": s.dir, "console_log": info.ConsoleLog, "qemu_cmdline": info.CmdlineFile,
-		"start_mode": r.how, "resumed_from": rec.At.Format(time.RFC3339Nano),
-	}
-	if h.net != nil {
-		r.rt["netns"], r.rt["address"] = h.net.Namespace(), h.net.Address().String()
-	}
-	s.mu.Lock()
-	s.started.Runtime = r.rt
-	s.mu.Unlock()
+	r.setRuntime(map[string]string{"resumed_from": rec.At.Format(time.RFC3339Nano)})
 	return nil
+}
+
+// setRuntime records what the node says of a start's VM (process, paths, network, how
+// it started), with extra, as the details its running report carries.
+func (r *startRun) setRuntime(extra map[string]string) {
+	info := r.h.vm.Info()
+	r.rt = map[string]string{
+		"pid": strconv.Itoa(info.PID), "run_dir": r.s.dir, "console_log": info.ConsoleLog, "qemu_cmdline": info.CmdlineFile,
+		"start_mode": r.how,
+	}
+	maps.Copy(r.rt, extra)
+	if r.h.net != nil {
+		r.rt["netns"], r.rt["address"] = r.h.net.Namespace(), r.h.net.Address().String()
+	}
+	r.s.mu.Lock()
+	r.s.started.Runtime = r.rt
+	r.s.mu.Unlock()
 }
 
 // savedReattachStep brings the guest's clock to now, reseeds its entropy, and takes
