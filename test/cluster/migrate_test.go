@@ -232,9 +232,12 @@ func migrating(t *testing.T, id string, target *proc) (done chan error) {
 // counterOf reads the sandbox's /tmp/count (-1 if it cannot).
 func counterOf(t *testing.T, id string) int {
 	t.Helper()
-	out, _, code := w.cli(t.Context(), nil, "exec", id, "--", "cat", "/tmp/count")
+	out, errOut, code := w.cli(t.Context(), nil, "exec", id, "--", "cat", "/tmp/count")
 	n, err := strconv.Atoi(strings.TrimSpace(out))
 	if code != 0 || err != nil {
+		if code != 0 && errOut != "" {
+			t.Logf("exec in %s: exit %d: %s", id, code, strings.TrimSpace(errOut))
+		}
 		return -1
 	}
 	return n
