@@ -232,6 +232,20 @@ func TestNoFitErrorText(t *testing.T) {
 			want:   "no node fits: 1 node lacks memory (need 512 MiB, most free 0 MiB), 2 nodes are not node n1, which holds the files it starts from",
 		},
 		{
+			name:   "a live migration's source is not a target, the others full",
+			nodes:  []Node{mk("n1", 8, 8192, nil), mk("n2", 2, 1024, nil)},
+			allocs: []Allocation{{SandboxID: "x", NodeID: "n2", Resources: Resources{MemoryMiB: 1024}}},
+			req:    Request{Resources: Resources{VCPUs: 1, MemoryMiB: 512}, Avoid: "n1"},
+			want:   "no node fits: 1 node lacks memory (need 512 MiB, most free 0 MiB), 1 node is node n1, where it runs now",
+		},
+		{
+			name:   "pinned to the node asked for, which is full",
+			nodes:  []Node{mk("n1", 2, 1024, nil), mk("n2", 8, 8192, nil)},
+			allocs: []Allocation{{SandboxID: "x", NodeID: "n1", Resources: Resources{MemoryMiB: 1024}}},
+			req:    Request{Resources: Resources{VCPUs: 1, MemoryMiB: 512}, Node: "n1", NodeWhy: "the node asked for"},
+			want:   "no node fits: 1 node lacks memory (need 512 MiB, most free 0 MiB), 1 node is not node n1, the node asked for",
+		},
+		{
 			name:  "several resources on one node, singular agreement",
 			nodes: []Node{mk("n1", 1, 1024, func(n *Node) { n.Capacity.DiskMiB = 10 })},
 			req:   Request{Resources: Resources{VCPUs: 8, MemoryMiB: 2048, DiskMiB: 20}},
@@ -496,5 +510,16 @@ func TestBenchPlacement(t *testing.T) {
 	}
 	if res.Nodes != 50 || res.Allocations != 500 || res.Iterations != 20 || len(res.Samples) != 20 || res.P50 > res.P99 {
 		t.Errorf("unexpected result %+v", res)
+	}
+}
+
+// A live migration's source (Request.Avoid) never takes the sandbox, even as the best fit.
+func TestAvoidedNodeNotChosen(t *testing.T) {
+	nodes := []Node{ready("n1", 8, 8192), ready("n2", 2, 1024)}
+	for range 5 {
+		p, err := Place(&Snapshot{Nodes: nodes}, Config{}, Request{SandboxID: "s", Resources: Resources{VCPUs: 1, MemoryMiB: 256}, Avoid: "n1"})
+		if err != nil || p.NodeID != "n2" {
+			t.Fatalf("placed on %q (%v), want n2: n1 is avoided", p.NodeID, err)
+		}
 	}
 }
