@@ -243,10 +243,30 @@ func counterOf(t *testing.T, id string) int {
 	return n
 }
 
+// agentsListening restarts any agent a test stopped and waits until every agent's node
+// API accepts connections (a node the state still calls ready may be restarting).
+func agentsListening(t *testing.T) {
+	t.Helper()
+	w.ensureRunning()
+	for _, a := range w.agents {
+		waitFor(t, 2*minute, "agent "+a.dataDir+" listening", func() bool {
+			c, err := net.DialTimeout("tcp", net.JoinHostPort(a.h.ip, nodePort), time.Second)
+			if err == nil {
+				c.Close()
+			}
+			return err == nil
+		})
+	}
+	if err := w.waitNodes(len(w.agents), "ready", 2*minute); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // runCounter runs a sandbox counting in /tmp/count and returns it with its node's
 // agent and another node's.
 func runCounter(t *testing.T) (id string, src, dst *proc) {
 	t.Helper()
+	agentsListening(t)
 	id = strings.TrimSpace(mustFW(t, "run", "-d", image(), "--", "sh", "-c", counterCmd))
 	sb := waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
 	waitFor(t, minute, "the counter", func() bool { return counterOf(t, id) > 0 })
