@@ -50,6 +50,7 @@ func egressDropped(t *testing.T, id string) int {
 func TestMigrate(t *testing.T) {
 	need(t)
 	defer w.ensureRunning()
+	agentsListening(t)
 	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "migrating", "-p", "8000:public", "--insecure-registry", w.registry, image(), "--",
 		"sh", "-c", "echo migrate-file > /tmp/f; mkdir -p /tmp/www && echo served-before-and-after > /tmp/www/index.html && httpd -p 8000 -h /tmp/www; "+
 			"i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; echo tick $i; sleep 0.2; done"))

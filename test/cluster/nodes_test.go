@@ -120,6 +120,7 @@ func TestFullClusterThenPlaced(t *testing.T) {
 // once here: each keeps counting where it was, with no restart, its log carried along).
 func TestCordonAndDrain(t *testing.T) {
 	need(t)
+	agentsListening(t)
 	mustFW(t, "node", "cordon", "a0")
 	mustFW(t, "node", "cordon", "a1")
 	var ids []string
