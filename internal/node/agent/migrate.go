@@ -349,6 +349,7 @@ func (a *Agent) beforeResume(in *incoming, sb state.Sandbox, deadline time.Time)
 		case <-ctx.Done():
 			return ctx.Err()
 		}
+		received := time.Now()
 		stats := call.msg.Stats
 		if !call.msg.Stopped.IsZero() {
 			// The record's downtime: from the source's stop to this commit (the host's
@@ -356,6 +357,11 @@ func (a *Agent) beforeResume(in *incoming, sb state.Sandbox, deadline time.Time)
 			stats.Downtime = max(stats.Downtime, time.Since(call.msg.Stopped))
 		}
 		err := a.commitMigration(ctx, sb.ID, in.mid, stats, deadline)
+		if !call.msg.Stopped.IsZero() {
+			// Where a switch-over's time goes (the guest stopped throughout).
+			a.log.Debug("switch-over", "sandbox", sb.ID, "migration", in.mid, "to_switch_call", received.Sub(call.msg.Stopped),
+				"commit", time.Since(received), "err", err)
+		}
 		if err == nil {
 			a.mu.Lock()
 			in.carried, in.committed = call.msg, true
