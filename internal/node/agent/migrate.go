@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
@@ -205,13 +206,7 @@ func (a *Agent) MigrationBegin(ctx context.Context, peer, id, mid string, body i
 	}
 	pr, pw := io.Pipe()
 	in := &incoming{mid: mid, mig: *sb.Migration, hdr: hdr, stream: pr, feed: pw, ready: make(chan struct{}), switches: make(chan switchCall)}
-	var once bool
-	in.readyOnce = func() {
-		if !once {
-			once = true
-			close(in.ready)
-		}
-	}
+	in.readyOnce = sync.OnceFunc(func() { close(in.ready) })
 	dir := filepath.Join(a.runRoot(), id)
 	if local {
 		in.vmName = "m-" + mid[:min(12, len(mid))]
@@ -520,13 +515,7 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 func (a *Agent) migrateReattachStep(r *startRun) error {
 	ctx, cancel := context.WithTimeout(r.ctx, 30*time.Second)
 	defer cancel()
-	main, err := r.h.guest.Reattach(ctx, r.saved.Main)
-	if err != nil {
-		return fmt.Errorf("take back the main process (session %d) after the migration: %v", r.saved.Main, err)
-	}
-	r.main = main
-	r.ph.mark("reattach")
-	return nil
+	return r.reattach(ctx, "after the migration", "reattach")
 }
 
 // takeOverStep, within one node, makes the target's run the sandbox's once the

@@ -428,12 +428,18 @@ func (a *Agent) forkIdentityStep(r *startRun) error {
 		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}); err != nil {
 		return fmt.Errorf("give the fork its identity: %v", err)
 	}
-	main, err := g.Reattach(ctx, r.saved.Main)
+	return r.reattach(ctx, "of the fork", "identity+reattach")
+}
+
+// reattach takes back the main process the restored or migrated guest held (session
+// r.saved.Main), and ends the start's phase.
+func (r *startRun) reattach(ctx context.Context, when, phase string) error {
+	main, err := r.h.guest.Reattach(ctx, r.saved.Main)
 	if err != nil {
-		return fmt.Errorf("take the fork's main process (session %d): %v", r.saved.Main, err)
+		return fmt.Errorf("take back the main process (session %d) %s: %v", r.saved.Main, when, err)
 	}
 	r.main = main
-	r.ph.mark("identity+reattach")
+	r.ph.mark(phase)
 	return nil
 }
 
@@ -562,13 +568,7 @@ func (a *Agent) savedReattachStep(r *startRun) error {
 	if err := g.SetTime(ctx, proto.SetTime{TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}); err != nil {
 		return fmt.Errorf("set the resumed guest's clock: %v", err)
 	}
-	main, err := g.Reattach(ctx, r.saved.Main)
-	if err != nil {
-		return fmt.Errorf("take back the main process (session %d) after the resume: %v", r.saved.Main, err)
-	}
-	r.main = main
-	r.ph.mark("reattach")
-	return nil
+	return r.reattach(ctx, "after the resume", "reattach")
 }
 
 // residentBytes is process pid's resident memory (0 if unknown).

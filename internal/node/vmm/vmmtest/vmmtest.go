@@ -441,26 +441,12 @@ func (s *suite) testRunningGuest(t *testing.T) {
 		}
 	})
 	t.Run("AdoptFromFreshDriver", func(t *testing.T) {
-		det, ok := g.vm.(vmm.Detacher)
-		if !ok {
+		if _, ok := g.vm.(vmm.Detacher); !ok {
 			testutil.Skipf(t, "%s does not implement vmm.Detacher", s.d.Name())
 		}
-		if err := det.Detach(); err != nil {
-			t.Fatal(err)
-		}
-		d2 := s.d
-		if s.h.Fresh != nil {
-			var err error
-			if d2, err = s.h.Fresh(); err != nil {
-				t.Fatal(err)
-			}
-		}
+		vm, d2 := s.adoptFresh(t, g)
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		vm, err := d2.Adopt(ctx, g.spec.Dir)
-		if err != nil {
-			t.Fatalf("Adopt: %v", err)
-		}
 		if vm.Info().PID != g.vm.Info().PID {
 			t.Errorf("adopted PID %d, started PID %d", vm.Info().PID, g.vm.Info().PID)
 		}
@@ -868,25 +854,9 @@ func (s *suite) testMigrateMirror(t *testing.T) {
 	// Migrated as a restarted host process would: adopted by a driver that knows the
 	// VM only from what it left in its directory.
 	var srcVM vmm.VM = src.vm
-	if det, ok := src.vm.(vmm.Detacher); ok {
-		if err := det.Detach(); err != nil {
-			t.Fatal(err)
-		}
-		d2 := s.d
-		if s.h.Fresh != nil {
-			var err error
-			if d2, err = s.h.Fresh(); err != nil {
-				t.Fatal(err)
-			}
-		}
-		actx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		vm, err := d2.Adopt(actx, src.spec.Dir)
-		cancel()
-		if err != nil {
-			t.Fatalf("Adopt: %v", err)
-		}
-		srcVM = vm
-		t.Cleanup(func() { _ = vm.Kill() })
+	if _, ok := src.vm.(vmm.Detacher); ok {
+		srcVM, _ = s.adoptFresh(t, src)
+		t.Cleanup(func() { _ = srcVM.Kill() })
 	}
 	m := srcVM.(vmm.Migrator)
 	if got := src.mustCall("wdisk 0 written-before"); got != "ok" {
@@ -987,6 +957,29 @@ func (s *suite) testMigrateMirror(t *testing.T) {
 	if r.st.DiskBytes <= 0 {
 		t.Errorf("the mirror says it sent %d bytes", r.st.DiskBytes)
 	}
+}
+
+// adoptFresh detaches g's VM (a vmm.Detacher) and adopts it with a fresh driver (or the
+// suite's), as a restarted host process would; it returns the VM and that driver.
+func (s *suite) adoptFresh(t *testing.T, g *guest) (vmm.VM, vmm.Driver) {
+	t.Helper()
+	if err := g.vm.(vmm.Detacher).Detach(); err != nil {
+		t.Fatal(err)
+	}
+	d2 := s.d
+	if s.h.Fresh != nil {
+		var err error
+		if d2, err = s.h.Fresh(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	vm, err := d2.Adopt(ctx, g.spec.Dir)
+	if err != nil {
+		t.Fatalf("Adopt: %v", err)
+	}
+	return vm, d2
 }
 
 // migration is how a MigrateOut ended.
