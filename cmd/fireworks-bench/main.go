@@ -9,6 +9,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -36,6 +37,7 @@ func main() {
 	flag.BoolVar(&cfg.SkipImages, "skip-images", false, "do not measure the first start of a large (≥1 GiB) and a small image")
 	flag.DurationVar(&cfg.NetSeconds, "net-time", 2*time.Second, "how long each throughput sample streams")
 	flag.IntVar(&cfg.NetRepeats, "net-repeats", 3, "throughput samples per direction, policy attached and detached")
+	debug := flag.Bool("debug", false, "log each measurement's details (e.g. every migration's nodes and timings); the bench cluster's processes log at debug level into DATA-DIR/cluster-logs")
 	hostNetwork := flag.Bool("host-network", false, "run in the machine's network namespace instead of a private one (sandbox networks and NAT rules then land on the machine)")
 	flag.Parse()
 	cfg.Command = strings.Fields(command)
@@ -46,6 +48,10 @@ func main() {
 		cfg.PNG = strings.TrimSuffix(cfg.Out, filepath.Ext(cfg.Out)) + ".png"
 	}
 	cfg.StdoutView = os.Stdout
+	if *debug {
+		cfg.Debug = true
+		cfg.Log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
 	if abs, err := filepath.Abs(cfg.Fireworks); err == nil {
 		cfg.Fireworks = abs
 	}

@@ -53,8 +53,11 @@ type Config struct {
 	OnlyMigration bool
 	NetSeconds    time.Duration
 	NetRepeats    int
-	Log           *slog.Logger
-	StdoutView    io.Writer // where the table goes
+	// Debug runs the bench cluster's processes at debug level and keeps their logs in
+	// DataDir/cluster-logs.
+	Debug      bool
+	Log        *slog.Logger
+	StdoutView io.Writer // where the table goes
 }
 
 // Series keys: how a series started the command.
@@ -138,6 +141,8 @@ type Report struct {
 	Pause []PauseRow `json:"pause,omitempty"`
 	// Migrate is live migration of a running sandbox, per size and load.
 	Migrate []MigrateRow `json:"migrate,omitempty"`
+	// TemplatePages is what a migration could skip if the target held the template.
+	TemplatePages *TemplatePages `json:"template_pages,omitempty"`
 	// Errors lists the series that failed; everything else in the report was measured.
 	Errors []SeriesError `json:"errors,omitempty"`
 }
@@ -212,6 +217,10 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 
 	if err := measureOnDev(ctx, cfg, work, ref, rep); err != nil {
 		rep.fail(cfg.Log, "fireworks dev", err)
+	}
+
+	if err := measureMigrationBetweenAgents(ctx, cfg, img, work, rep); err != nil {
+		rep.fail(cfg.Log, "live migration between agents", err)
 	}
 
 	if !cfg.SkipCrun && !cfg.OnlyMigration {
@@ -307,15 +316,40 @@ func measureOnDev(ctx context.Context, cfg Config, work, ref string, rep *Report
 	if !cfg.OnlyMigration {
 		measureVMs(ctx, cfg, api, ref, rep)
 	}
-	mrows, err := measureMigration(ctx, cfg, api, ref)
-	rep.Migrate = mrows
+	// In place: how an operator replaces QEMU under a dev node's sandboxes. The sizes
+	// and loads are measured between agents (measureMigrationBetweenAgents).
+	mrows, err := measureMigration(ctx, cfg, api, ref, MigrateInPlace, []migrateShape{{mem: 256}})
+	rep.Migrate = append(rep.Migrate, mrows...)
 	if err != nil {
-		rep.fail(cfg.Log, "live migration", err)
+		rep.fail(cfg.Log, "live migration in place", err)
+	}
+	if tp, err := measureTemplatePages(ctx, cfg, api, ref, 256); err != nil {
+		rep.fail(cfg.Log, "template-equal pages", err)
+	} else {
+		rep.TemplatePages = &tp
 	}
 	if !cfg.SkipNetwork && !cfg.OnlyMigration {
 		if rep.Network, err = measureNetwork(ctx, cfg, api, ref, ing, ingressNote); err != nil {
 			rep.fail(cfg.Log, "network", err)
 		}
+	}
+	return nil
+}
+
+// measureMigrationBetweenAgents builds the bench cluster (a server and two agents, each
+// in a network namespace of its own) and measures live migration between the agents for
+// 256 MiB and 1 GiB guests, idle and dirtying memory.
+func measureMigrationBetweenAgents(ctx context.Context, cfg Config, img v1.Image, work string, rep *Report) error {
+	c, err := startCluster(ctx, cfg, filepath.Join(work, "cluster"), img)
+	if err != nil {
+		return fmt.Errorf("bench cluster: %w", err)
+	}
+	defer c.stop()
+	rows, err := measureMigration(ctx, cfg, c.api, c.ref, MigrateBetweenAgents,
+		[]migrateShape{{mem: 256}, {mem: 256, dirty: true}, {mem: 1024}, {mem: 1024, dirty: true}})
+	rep.Migrate = append(rep.Migrate, rows...)
+	if err != nil {
+		return fmt.Errorf("%w\n%s", err, c.logTail())
 	}
 	return nil
 }
@@ -509,7 +543,7 @@ func PrintTable(w io.Writer, rep *Report) {
 		printPause(w, rep.Pause, rep.Accelerator)
 	}
 	if len(rep.Migrate) > 0 {
-		printMigration(w, rep.Migrate, rep.Accelerator)
+		printMigration(w, rep.Migrate, rep.TemplatePages, rep.Accelerator)
 	}
 	if rep.Network != nil {
 		printNetwork(w, rep.Network, rep.Accelerator)

@@ -152,3 +152,23 @@ func TestNodePhases(t *testing.T) {
 		t.Errorf("table lacks the phase line:\n%s", b.String())
 	}
 }
+
+func TestLongestGap(t *testing.T) {
+	out := []byte("gap 2500\nnoise\ngap 131000\r\n gap 7000\ngap x\n")
+	if got := longestGap(out); got != 131 {
+		t.Errorf("longestGap = %v, want 131", got)
+	}
+	if got := longestGap(nil); got != 0 {
+		t.Errorf("longestGap(nil) = %v, want 0", got)
+	}
+}
+
+func TestMemPathArg(t *testing.T) {
+	args := []string{"qemu-system-x86_64", "-object", "memory-backend-file,id=mem0,size=256M,mem-path=/var/a,,b/memory,share=off,readonly=on"}
+	if got := memPathArg(args); got != "/var/a,b/memory" {
+		t.Errorf("memPathArg = %q", got)
+	}
+	if got := memPathArg([]string{"-object", "memory-backend-ram,id=mem0"}); got != "" {
+		t.Errorf("memPathArg without a file = %q", got)
+	}
+}

@@ -14,6 +14,8 @@ type apiClient struct {
 	sandboxes fireworksv1connect.SandboxServiceClient
 	images    fireworksv1connect.ImageServiceClient
 	system    fireworksv1connect.SystemServiceClient
+	tokens    fireworksv1connect.TokenServiceClient
+	cluster   fireworksv1connect.ClusterServiceClient
 }
 
 // newAPIClient connects with the server address and token of the CLI config file at
@@ -29,9 +31,18 @@ func newAPIClient(path string) (*apiClient, error) {
 	if strings.HasPrefix(cfg.Server, "https://") {
 		return nil, fmt.Errorf("dev server config %s: the bench speaks plain HTTP to its own dev server, not %s", path, cfg.Server)
 	}
-	c, err := client.New(cfg)
+	c, err := newAPIClientFor(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("dev server config %s: %w", path, err)
 	}
-	return &apiClient{sandboxes: c.Sandboxes, images: c.Images, system: c.System}, nil
+	return c, nil
+}
+
+// newAPIClientFor connects to the servers cfg names (the bench cluster's, over TLS).
+func newAPIClientFor(cfg client.Config) (*apiClient, error) {
+	c, err := client.New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &apiClient{sandboxes: c.Sandboxes, images: c.Images, system: c.System, tokens: c.Tokens, cluster: c.Cluster}, nil
 }

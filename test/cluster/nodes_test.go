@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"context"
 	"fmt"
 	"strconv"
 	"strings"
@@ -167,6 +168,18 @@ func TestCordonAndDrain(t *testing.T) {
 		waitFor(t, minute, "the counter going on after the drain", func() bool { return lastTick(id) > before[id]+3 })
 		if vms := w.vmsOf(w.agents[2], id); len(vms) > 0 {
 			t.Errorf("the drained node a2 still runs the sandbox's VM: %v", vms)
+		}
+	}
+	// Commands run in the moved sandboxes, through every server (two of them forward to
+	// the leader): an exec once hung right after a drain's migrations.
+	for _, id := range ids {
+		for _, s := range w.servers {
+			ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+			out, errOut, code := w.cli(ctx, []string{"FIREWORKS_SERVER=https://" + s.h.ip + ":" + apiPort}, "exec", id, "--", "echo", "moved")
+			cancel()
+			if code != 0 || strings.TrimSpace(out) != "moved" {
+				t.Errorf("exec in %s through server %s after the drain: exit %d, output %q, %s", id, s.h.ip, code, out, errOut)
+			}
 		}
 	}
 }

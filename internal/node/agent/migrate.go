@@ -632,8 +632,10 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 		return a.migrationFailed(ctx, s, sb.ID, mig, outcome, fmt.Errorf("the sandbox's log: %w", err))
 	}
 	hdr, _ := json.Marshal(migrationHeader{Record: rec, ScratchBytes: fi.Size(), LogBytes: logBytes})
+	detached := time.Now()
 	err = peer.Begin(ctx, sb.ID, mig.ID, io.MultiReader(bytes.NewReader(append(hdr, '\n')), io.LimitReader(lf, logBytes)))
 	lf.Close()
+	begun := time.Now()
 	if err != nil {
 		return a.migrationFailed(ctx, s, sb.ID, mig, outcome, fmt.Errorf("the target node %s could not take the sandbox: %w", mig.To, err))
 	}
@@ -648,6 +650,7 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 		return peer.Disk(ctx, sb.ID, mig.ID)
 	}})
 	pw.CloseWithError(err)
+	copied := time.Now()
 	if serr := <-streamed; err == nil && serr != nil {
 		err = fmt.Errorf("the target did not receive the stream: %w", serr)
 	}
@@ -666,16 +669,38 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 	s.mu.Unlock()
 	sw, _ := json.Marshal(migrationSwitch{Stats: state.MigrationStats{Downtime: st.Downtime, Bytes: st.Bytes, DiskBytes: st.DiskBytes},
 		Stopped: st.Stopped, Net: netNow, Ran: ran})
+	received := time.Now()
 	if err := peer.Switch(ctx, sb.ID, mig.ID, bytes.NewReader(sw)); err != nil {
 		// Refused, or the answer lost: the state decides. The end, if it can still be
 		// written, keeps the sandbox here; if the commit came first, it moved.
 		a.log.Warn("migration switch-over not confirmed; the state decides", "sandbox", sb.ID, "migration", mig.ID, "err", err)
 		return a.migrationFailed(ctx, s, sb.ID, mig, outcome, fmt.Errorf("switch-over: %w", err))
 	}
+	// Where the time went (the guest stopped from "stopped" on): a slow migration's
+	// first question.
+	a.log.Debug("migration phases", "sandbox", sb.ID, "migration", mig.ID, "detach", detached.Sub(t0), "begin", begun.Sub(detached),
+		"mirror", sinceOr(st.Mirrored, begun), "copy_to_stop", st.Stopped.Sub(latest(begun, st.Mirrored)),
+		"mirror_end", sinceOr(st.MirrorEnded, st.Stopped), "stop_to_copy_end", copied.Sub(st.Stopped), "target_received", received.Sub(copied), "switch", time.Since(received))
 	a.log.Info("sandbox migrated", "sandbox", sb.ID, "migration", mig.ID, "to", mig.To, "downtime", st.Downtime,
 		"bytes", st.Bytes, "disk_bytes", st.DiskBytes, "took", time.Since(t0).Round(time.Millisecond))
 	a.movedAway(s, outcome)
 	return nil
+}
+
+// sinceOr is t - from, or 0 when t is zero (the step did not happen).
+func sinceOr(t, from time.Time) time.Duration {
+	if t.IsZero() {
+		return 0
+	}
+	return t.Sub(from)
+}
+
+// latest is the later of two times.
+func latest(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // movedAway ends the source's stopped VM once the sandbox runs on the target:

@@ -141,19 +141,23 @@ func (v *vm) migrateOut(ctx context.Context, w io.Writer, opts vmm.MigrateOption
 		return st, fmt.Errorf("set parameters: %w", err)
 	}
 	var m *mirror
+	var mirrored time.Time
 	if mirroring {
 		var err error
 		if m, err = v.startMirror(ctx, opts.DialDisks); err != nil {
 			return st, err
 		}
 		defer m.close()
+		mirrored = time.Now()
 	}
-	var stopped time.Time
+	var stopped, mirrorEnded time.Time
 	v.mu.Lock()
 	v.beforeSwitchover = func(ctx context.Context) error {
 		stopped = time.Now()
 		if m != nil {
-			return m.finish(ctx)
+			err := m.finish(ctx)
+			mirrorEnded = time.Now()
+			return err
 		}
 		return nil
 	}
@@ -179,7 +183,7 @@ func (v *vm) migrateOut(ctx context.Context, w io.Writer, opts vmm.MigrateOption
 	if m != nil {
 		st.DiskBytes = m.bytes()
 	}
-	st.Stopped = stopped
+	st.Stopped, st.Mirrored, st.MirrorEnded = stopped, mirrored, mirrorEnded
 	return st, nil
 }
 

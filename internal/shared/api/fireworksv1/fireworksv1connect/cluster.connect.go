@@ -73,7 +73,8 @@ type ClusterServiceClient interface {
 	ListNodes(context.Context, *connect.Request[fireworksv1.ListNodesRequest]) (*connect.Response[fireworksv1.ListNodesResponse], error)
 	CordonNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 	UncordonNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
-	// Drain cordons the node and moves its sandboxes elsewhere (stop and re-place).
+	// Drain cordons the node and moves its running sandboxes elsewhere live (a sandbox that
+	// cannot move is stopped and placed again if its restart policy allows it).
 	DrainNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 	// RemoveNode revokes a node's certificates and forgets it: its agent is refused from
 	// then on; its sandboxes are lost (restarted elsewhere per their restart policy); its
@@ -165,7 +166,8 @@ type ClusterServiceHandler interface {
 	ListNodes(context.Context, *connect.Request[fireworksv1.ListNodesRequest]) (*connect.Response[fireworksv1.ListNodesResponse], error)
 	CordonNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 	UncordonNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
-	// Drain cordons the node and moves its sandboxes elsewhere (stop and re-place).
+	// Drain cordons the node and moves its running sandboxes elsewhere live (a sandbox that
+	// cannot move is stopped and placed again if its restart policy allows it).
 	DrainNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
 	// RemoveNode revokes a node's certificates and forgets it: its agent is refused from
 	// then on; its sandboxes are lost (restarted elsewhere per their restart policy); its
