@@ -210,18 +210,12 @@ func (c *benchCluster) start(h benchHost, logName string, args ...string) error 
 	return nil
 }
 
-// stop ends the agents first (SIGTERM: they stop their sandboxes' VMs and networks),
-// then the server, and removes the hosts, the bridge and the registry.
+// stop ends the agents, then the server (SIGTERM), kills any VMM a stopped agent left
+// for its next start (the series remove their sandboxes; a failed one may not have), and
+// removes the hosts, the bridge and the registry.
 func (c *benchCluster) stop() {
 	for i := len(c.procs) - 1; i >= 0; i-- {
-		p := c.procs[i]
-		_ = p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.exited:
-		case <-time.After(30 * time.Second):
-			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-			<-p.exited
-		}
+		stopGracefully(c.procs[i].cmd, c.procs[i].exited)
 	}
 	if c.cfg.Debug {
 		keep := filepath.Join(c.cfg.DataDir, "cluster-logs")

@@ -67,12 +67,16 @@ func (d *devServer) command(args ...string) *exec.Cmd {
 	return cmd
 }
 
-func (d *devServer) stop() {
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+func (d *devServer) stop() { stopGracefully(d.cmd, d.exited) }
+
+// stopGracefully sends cmd SIGTERM (a server or agent then stops its VMs and networks)
+// and, if it has not exited within 30 s, kills its process group.
+func stopGracefully(cmd *exec.Cmd, exited <-chan struct{}) {
+	_ = cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-d.exited:
+	case <-exited:
 	case <-time.After(30 * time.Second):
-		_ = syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
-		<-d.exited
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-exited
 	}
 }
