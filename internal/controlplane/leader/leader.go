@@ -396,7 +396,11 @@ func (m *Manager) drain(ctx context.Context, now time.Time, nodes []state.Node, 
 				why = err.Error()
 			}
 			if sb.Spec.Restart == state.RestartOnFailure || sb.Spec.Restart == state.RestartAlways {
-				errs = append(errs, m.replace(ctx, now, sb, fmt.Sprintf("drained from node %s (stopped and placed again: %s)", n.ID, why)))
+				// Why it could not move (a node's error names nodes and addresses) is in
+				// the log and in the migration's outcome, both the operator's; the
+				// reason is the sandbox's, its owner reads it.
+				m.log.Warn("drain: a sandbox that could not move live is stopped and placed again", "sandbox", sb.ID, "node", n.ID, "why", why)
+				errs = append(errs, m.replace(ctx, now, sb, fmt.Sprintf("drained from node %s (stopped and placed again: it could not move live)", n.ID)))
 				continue
 			}
 			note := fmt.Sprintf("stays on draining node %s: it could not move live (%s) and its restart policy (%s) does not allow a stop and a new start", n.ID, why, cmp.Or(string(sb.Spec.Restart), string(state.RestartNever)))

@@ -333,3 +333,17 @@ func TestHideNodes(t *testing.T) {
 		t.Errorf("the path's kind went too: %q", out)
 	}
 }
+
+// A migration's errors name its nodes every way a node's error does: as "node X", as a
+// quoted name (a certificate check), by address with and without its port.
+func TestHideNodesOfMigrations(t *testing.T) {
+	sb := state.Sandbox{Node: "node-a", Migrations: []state.Migration{{From: "node-a", To: "node-b", ToAddress: "node-b.internal.example:7768"}}}
+	in := `live migration failed: dial tcp: lookup node-b.internal.example on 127.0.0.53:53: no such host; ` +
+		`tls: peer is "node-b", want "node-c"; the target node node-b could not take it`
+	out := hideNodes(sb, in)
+	for _, leak := range []string{"node-b", "internal.example"} {
+		if strings.Contains(out, leak) {
+			t.Errorf("%q left in %q", leak, out)
+		}
+	}
+}

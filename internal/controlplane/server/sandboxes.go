@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -536,10 +538,14 @@ func hideNodes(sb state.Sandbox, text string) string {
 		for _, n := range []string{m.From, m.To} {
 			if n != "" {
 				text = strings.ReplaceAll(text, "node "+n, "a node")
+				text = strings.ReplaceAll(text, strconv.Quote(n), "a node")
 			}
 		}
 		if m.ToAddress != "" {
 			text = strings.ReplaceAll(text, m.ToAddress, "a node's address")
+			if host, _, err := net.SplitHostPort(m.ToAddress); err == nil && host != "" {
+				text = strings.ReplaceAll(text, host, "a node's address")
+			}
 		}
 	}
 	// Where a saved state is fetched from (a failed fetch names the URL).

@@ -162,6 +162,9 @@ type Agent struct {
 	savedHeld int64
 	// flatSem lets one save be flattened at a time (see flatten.go).
 	flatSem chan struct{}
+	// migrationWaits counts, per peer node, the migration calls waiting for the state
+	// to show their migration (see migrationFor). Guarded by mu.
+	migrationWaits map[string]int
 	// snaps keeps named snapshots' files (see SnapshotStore).
 	snaps SnapshotStore
 
@@ -245,7 +248,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if cfg.ImageMiBPerOwner == 0 {
 		cfg.ImageMiBPerOwner = 16384
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, incomingRuns: map[string]*sandbox{}, flatSem: make(chan struct{}, 1),
+	a := &Agent{cfg: cfg, log: cfg.Logger, store: store, live: map[string]*sandbox{}, incomingRuns: map[string]*sandbox{}, flatSem: make(chan struct{}, 1), migrationWaits: map[string]int{},
 		snaps: localSnapshots{root: filepath.Join(cfg.DataDir, "snapshots")}, started: map[string]bool{}, stopsSent: map[string]bool{}, leaving: map[string]chan struct{}{},
 		pruneWake: make(chan struct{}, 1), began: time.Now()}
 	for _, d := range []string{a.runRoot(), a.sandboxRoot(), a.assetDir()} {

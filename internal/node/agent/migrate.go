@@ -120,23 +120,52 @@ type switchCall struct {
 	reply chan error
 }
 
+// maxMigrationWaits bounds the migration calls of one peer node that wait at once for
+// the state to show their migration (a migration makes at most a few at a time).
+const maxMigrationWaits = 8
+
 // migrationFor checks that peer may drive migration mid of sandbox id to this node, as
-// the state says; the state may lag the source's (another server answers), a little.
+// the state says; the state may lag the source's (another server answers; a node sees
+// the sandbox once its assignments do), a little, so a call the state does not show yet
+// waits for it. A call on a migration the state shows with other nodes is refused at
+// once, and a peer has at most maxMigrationWaits calls waiting: a node cannot hold this
+// one's calls open by the hundred with migrations that are not its own.
 func (a *Agent) migrationFor(ctx context.Context, id, mid, peer string) (state.Sandbox, error) {
+	// One answer for every refusal: it tells a caller nothing of what migrates here.
+	refused := fmt.Errorf("no migration %s of sandbox %s from node %s to this node", mid, id, peer)
 	deadline := time.Now().Add(savedPeerWait)
+	waiting := false
+	defer func() {
+		if waiting {
+			a.mu.Lock()
+			if a.migrationWaits[peer]--; a.migrationWaits[peer] <= 0 {
+				delete(a.migrationWaits, peer)
+			}
+			a.mu.Unlock()
+		}
+	}()
 	for {
 		sb, err := a.store.GetSandbox(ctx, id)
-		if m := sb.Migration; err == nil && m != nil && m.ID == mid && m.From == peer && m.To == a.cfg.Node && sb.Node == peer {
+		m := sb.Migration
+		if err == nil && m != nil && m.ID == mid && m.From == peer && m.To == a.cfg.Node && sb.Node == peer {
 			return sb, nil
 		}
-		// One answer for every refusal: it tells a caller nothing of what migrates here.
-		err = fmt.Errorf("no migration %s of sandbox %s from node %s to this node", mid, id, peer)
-		if time.Now().After(deadline) {
-			return sb, err
+		if (err == nil && m != nil && m.ID == mid) || time.Now().After(deadline) {
+			return sb, refused
+		}
+		if !waiting {
+			a.mu.Lock()
+			if a.migrationWaits[peer] >= maxMigrationWaits {
+				a.mu.Unlock()
+				return sb, refused
+			}
+			a.migrationWaits[peer]++
+			waiting = true
+			a.mu.Unlock()
 		}
 		select {
 		case <-ctx.Done():
-			return sb, err
+			return sb, refused
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
@@ -336,6 +365,11 @@ func (a *Agent) MigrationSwitch(ctx context.Context, peer, id, mid string, body 
 // call, commits the switch-over, and lets the guest run only if the commit is written.
 func (a *Agent) beforeResume(in *incoming, sb state.Sandbox, deadline time.Time) func(ctx context.Context) error {
 	return func(ctx context.Context) error {
+		// The VMM has stopped serving the disks (before it asks for the switch-over):
+		// no disk call reaches them from here on.
+		a.mu.Lock()
+		in.disks = nil
+		a.mu.Unlock()
 		var call switchCall
 		select {
 		case call = <-in.switches:
@@ -725,7 +759,9 @@ func (a *Agent) migrationFailed(ctx context.Context, s *sandbox, id string, mig 
 		// Reported as lost here: if the target committed after all, that report is of a
 		// run the state has moved past, and is refused.
 		a.log.Error("migration outcome unknown; the source's VM ends", "sandbox", id, "migration", mig.ID, "err", err)
-		outcome <- migrationOutcome{lost: "lost in a live migration whose outcome could not be read: " + err.Error()}
+		// The reason is the sandbox's, which its owner reads: the causes (naming nodes
+		// and addresses) are in this node's log.
+		outcome <- migrationOutcome{lost: "lost in a live migration whose outcome could not be read"}
 		return err
 	}
 	if moved {
@@ -738,8 +774,8 @@ func (a *Agent) migrationFailed(ctx context.Context, s *sandbox, id string, mig 
 	defer cancel()
 	main, err := a.takeBack(rctx, s)
 	if err != nil {
-		a.log.Error("resume the sandbox after a failed migration", "sandbox", id, "err", err)
-		outcome <- migrationOutcome{lost: fmt.Sprintf("its live migration failed (%v) and it could not be resumed: %v", cause, err)}
+		a.log.Error("resume the sandbox after a failed migration", "sandbox", id, "migration", mig.ID, "cause", cause, "err", err)
+		outcome <- migrationOutcome{lost: "its live migration failed and it could not be resumed"}
 		s.mu.Lock()
 		vm := s.vm
 		s.mu.Unlock()

@@ -13,8 +13,6 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/qemu/qmp"
 )
@@ -71,9 +69,11 @@ func (v *vm) serveDisks(ctx context.Context) error {
 			return fmt.Errorf("serve disk %d to the migration's source: %w", i, err)
 		}
 	}
+	v.mu.Lock()
+	pid := v.pid
+	v.mu.Unlock()
 	r.ReceiveDisks(func(ctx context.Context) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", sock)
+		return dialVMM(ctx, sock, pid)
 	})
 	return nil
 }
@@ -193,6 +193,7 @@ type mirror struct {
 	v       *vm
 	c       *qmp.Client
 	ln      net.Listener
+	pid     int      // the VMM's: only its connections are carried
 	jobs    []string // job IDs, also the NBD nodes' names
 	wg      sync.WaitGroup
 	mu      sync.Mutex
@@ -205,26 +206,19 @@ type mirror struct {
 // of them are in step with the guest (ready).
 func (v *vm) startMirror(ctx context.Context, dial vmm.DialFunc) (_ *mirror, err error) {
 	v.mu.Lock()
-	c, uid := v.qmp, v.uid
+	c, pid := v.qmp, v.pid
 	v.mu.Unlock()
 	sock := filepath.Join(v.dir, mirrorSocket)
-	_ = os.Remove(sock)
-	ln, err := net.Listen("unix", sock)
+	ln, err := v.listenForVMM(sock)
 	if err != nil {
 		return nil, fmt.Errorf("listen for the disk mirror: %w", err)
 	}
-	m := &mirror{v: v, c: c, ln: ln}
+	m := &mirror{v: v, c: c, ln: ln, pid: pid}
 	defer func() {
 		if err != nil {
 			m.close()
 		}
 	}()
-	if uid != 0 {
-		// A jailed QEMU connects as its own user.
-		if err := setOwner(sock, unix.S_IFSOCK, uid, v.d.cfg.Jail.GID, -1); err != nil {
-			return m, fmt.Errorf("the mirror socket for the VMM user: %w", err)
-		}
-	}
 	m.wg.Add(1)
 	go m.carry(dial)
 	// The writable disks as the VMM has them (not the spec: a VM adopted from an earlier
@@ -335,6 +329,12 @@ func (m *mirror) carry(dial vmm.DialFunc) {
 		conn, err := m.ln.Accept()
 		if err != nil {
 			return
+		}
+		if err := peerIs(conn, m.pid); err != nil {
+			// Only the VMM's connections go to the target's disks.
+			m.v.d.log.Warn("refused a connection to the disk mirror's socket", "vm", m.v.id, "err", err)
+			conn.Close()
+			continue
 		}
 		m.mu.Lock()
 		if m.ended {

@@ -5,13 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // maxStateBytes bounds the device state a snapshot may write. With guest RAM excluded
@@ -100,22 +97,14 @@ func (v *vm) snapshot(ctx context.Context, stateFile string, whole bool) error {
 // through a unix socket the driver listens on, and returns once it completed.
 func (v *vm) streamOut(ctx context.Context, dst io.Writer, limit int64) error {
 	v.mu.Lock()
-	c, uid := v.qmp, v.uid
+	c, pid := v.qmp, v.pid
 	v.mu.Unlock()
 	sock := filepath.Join(v.dir, migrateSocket)
-	_ = os.Remove(sock)
-	ln, err := net.Listen("unix", sock)
+	ln, err := v.listenForVMM(sock)
 	if err != nil {
 		return fmt.Errorf("listen for the migration stream: %w", err)
 	}
 	defer os.Remove(sock)
-	if uid != 0 {
-		// A jailed QEMU connects as its own user.
-		if err := setOwner(sock, unix.S_IFSOCK, uid, v.d.cfg.Jail.GID, -1); err != nil {
-			ln.Close()
-			return fmt.Errorf("the migration socket for the VMM user: %w", err)
-		}
-	}
 	defer ln.Close()
 	copied := make(chan error, 1)
 	go func() {
@@ -125,6 +114,11 @@ func (v *vm) streamOut(ctx context.Context, dst io.Writer, limit int64) error {
 			return
 		}
 		defer conn.Close()
+		if err := peerIs(conn, pid); err != nil {
+			// The stream is the VMM's only: nothing else may write the saved state.
+			copied <- fmt.Errorf("the migration socket: %w", err)
+			return
+		}
 		var src io.Reader = conn
 		if limit > 0 {
 			src = io.LimitReader(conn, limit+1)

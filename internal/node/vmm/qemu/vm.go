@@ -382,8 +382,11 @@ func (v *vm) dialQMP(ctx context.Context, path string, exited <-chan struct{}) (
 		ctx, cancel = context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
 	}
+	v.mu.Lock()
+	pid := v.pid
+	v.mu.Unlock()
 	for {
-		c, err := qmp.Dial(ctx, path, v.onEvent)
+		c, err := v.dialQMPOnce(ctx, path, pid)
 		if err == nil {
 			return c, nil
 		}
@@ -395,6 +398,15 @@ func (v *vm) dialQMP(ctx context.Context, path string, exited <-chan struct{}) (
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+}
+
+// dialQMPOnce connects to the QMP socket of VMM pid (checked: see dialVMM).
+func (v *vm) dialQMPOnce(ctx context.Context, path string, pid int) (*qmp.Client, error) {
+	conn, err := dialVMM(ctx, path, pid)
+	if err != nil {
+		return nil, fmt.Errorf("qmp: connect %s: %w", path, err)
+	}
+	return qmp.New(ctx, conn, path, v.onEvent)
 }
 
 // waitIncoming polls the run state until an incoming migration has been loaded.

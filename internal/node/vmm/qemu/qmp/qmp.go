@@ -81,6 +81,12 @@ func Dial(ctx context.Context, path string, onEvent func(Event)) (*Client, error
 	if err != nil {
 		return nil, fmt.Errorf("qmp: connect %s: %w", path, err)
 	}
+	return New(ctx, conn, path, onEvent)
+}
+
+// New is Dial on a connection the caller made (and checked); path names it in errors.
+// The client owns conn from here, also when New fails.
+func New(ctx context.Context, conn net.Conn, path string, onEvent func(Event)) (*Client, error) {
 	c := &Client{conn: conn, onEvent: onEvent, pending: map[string]chan reply{}, done: make(chan struct{})}
 
 	// The greeting comes first; only one client is served at a time, so a second client
