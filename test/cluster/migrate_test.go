@@ -90,8 +90,23 @@ func TestMigrate(t *testing.T) {
 	src := agentOf(t, from)
 	before := count()
 
-	out := mustFW(t, "migrate", id)
-	t.Logf("fireworks migrate: %s", strings.TrimSpace(out))
+	// Commands sent while it migrates run (on the source before the switch-over, on
+	// the target after it) and none fails for it.
+	migrated := make(chan string, 1)
+	go func() { migrated <- mustFW(t, "migrate", id) }()
+	var execFailures []string
+	execs := 0
+	for ; len(migrated) == 0 && execs < 40; execs++ {
+		out, errOut, code := w.cli(t.Context(), nil, "exec", id, "--", "echo", "during")
+		if code != 0 || strings.TrimSpace(out) != "during" {
+			execFailures = append(execFailures, fmt.Sprintf("exit %d, output %q, %s", code, out, errOut))
+		}
+	}
+	out := <-migrated
+	t.Logf("fireworks migrate: %s (%d execs sent meanwhile)", strings.TrimSpace(out), execs)
+	if len(execFailures) > 0 {
+		t.Errorf("%d of %d execs sent during the migration failed: %v", len(execFailures), execs, execFailures)
+	}
 	if !strings.Contains(out, "migrated from "+from+" to ") {
 		t.Fatalf("migrate printed %q", out)
 	}
@@ -321,7 +336,8 @@ func TestMigrateSourceAgentDies(t *testing.T) {
 	defer w.ensureRunning()
 	id, src, dst := runCounter(t)
 	defer mustFW(t, "rm", "-f", id)
-	defer slowLink(t, src.h, "16mbit")()
+	fast := slowLink(t, src.h, "16mbit")
+	defer fast()
 	done := migrating(t, id, dst)
 	// The agent alone (its process group), as a crash of it: the VMMs live on.
 	_ = syscall.Kill(-src.cmd.Process.Pid, syscall.SIGKILL)
@@ -345,5 +361,11 @@ func TestMigrateSourceAgentDies(t *testing.T) {
 	waitFor(t, minute, "the counter going on", func() bool { return counterOf(t, id) > before })
 	if n, m := len(w.vmsOf(src, id)), len(w.vmsOf(dst, id)); n != 1 || m != 0 {
 		t.Errorf("VMMs of the sandbox: %d on the source, %d on the target; want exactly one, on the source", n, m)
+	}
+	// The VMM the agent took back still had the dead agent's disk mirror in it: the
+	// next migration (the link fast again) clears it and moves the sandbox.
+	fast()
+	if out, errOut, code := w.cli(t.Context(), nil, "migrate", id, "--to", filepath.Base(dst.dataDir)); code != 0 || !strings.Contains(out, "migrated") {
+		t.Errorf("a migration after the one its source's agent died in: exit %d, %q, %s", code, out, errOut)
 	}
 }

@@ -70,8 +70,13 @@ func TestMigrateInPlace(t *testing.T) {
 		t.Fatalf("migrate of the attached run's sandbox: %q", out)
 	}
 	ar := <-attached
-	if ar.code != 0 || !strings.Contains(ar.stdout, "line 80\n") {
-		t.Errorf("the attached run across a migration: exit %d, output ends %q, stderr %q", ar.code, tail(ar.stdout, 40), ar.stderr)
+	var want strings.Builder
+	for i := 1; i <= 80; i++ {
+		fmt.Fprintf(&want, "line %d\n", i)
+	}
+	if ar.code != 0 || ar.stdout != want.String() {
+		t.Errorf("the attached run across a migration: exit %d, output %d bytes (want each line once, %d bytes), ends %q, stderr %q",
+			ar.code, len(ar.stdout), want.Len(), tail(ar.stdout, 40), ar.stderr)
 	}
 
 	out := fw(t, 0, "migrate", id).stdout
@@ -116,22 +121,51 @@ func TestMigrateInPlace(t *testing.T) {
 	if !strings.Contains(logs, "tick 1\n") || !strings.Contains(logs, fmt.Sprintf("tick %d\n", after+1)) {
 		t.Errorf("the log lacks ticks from before or after the migration")
 	}
-	// A stop during a migration: whichever comes first, the sandbox ends, stopped, and
-	// nothing of it runs on.
+	// Commands sent while it migrates run, before or after the switch-over, and none
+	// fails for it.
 	migrating := make(chan result, 1)
 	go func() { migrating <- world.cli(context.Background(), nil, "migrate", "migrate-here") }()
-	for deadline := time.Now().Add(30 * time.Second); inspect(t, id)["migration"] == nil; time.Sleep(20 * time.Millisecond) {
+	var execs []result
+	for len(migrating) == 0 && len(execs) < 40 {
+		execs = append(execs, world.cli(context.Background(), nil, "exec", id, "--", "echo", "during"))
+	}
+	if r := <-migrating; r.code != 0 {
+		t.Fatalf("the second migration: exit %d, %s", r.code, r.stderr)
+	}
+	for i, r := range execs {
+		if r.code != 0 || strings.TrimSpace(r.stdout) != "during" {
+			t.Errorf("exec %d of %d sent during a migration: exit %d, output %q, %s", i+1, len(execs), r.code, r.stdout, r.stderr)
+		}
+	}
+	// A stop during a migration: whichever comes first, the sandbox ends, stopped (its
+	// command gets the signal: no kill after the grace period), and nothing of it runs
+	// on, the migration's target VMM included.
+	go func() { migrating <- world.cli(context.Background(), nil, "migrate", "migrate-here") }()
+	var mid string
+	for deadline := time.Now().Add(30 * time.Second); mid == ""; time.Sleep(20 * time.Millisecond) {
+		if m, ok := inspect(t, id)["migration"].(map[string]any); ok {
+			mid = str(m, "id")
+		}
 		if time.Now().After(deadline) {
-			t.Fatal("the second migration did not start")
+			t.Fatal("the third migration did not start")
 		}
 	}
 	fw(t, 0, "stop", id)
 	<-migrating
-	if st := str(inspect(t, id), "status"); st != "exited" {
-		t.Errorf("a sandbox stopped during its migration is %s", st)
+	sb = inspect(t, id)
+	if st := str(sb, "status"); st != "exited" || sb["exit_code"] != float64(143) {
+		t.Errorf("a sandbox stopped during its migration is %s, exit code %v (want 143: ended by the stop's SIGTERM)", st, sb["exit_code"])
 	}
-	if out, _ := exec.Command("pgrep", "-f", "guest="+id).Output(); len(out) > 0 {
-		t.Errorf("a VMM of the stopped sandbox still runs: %s", out)
+	target := "m-" + mid[:12]
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		vmms, _ := exec.Command("pgrep", "-f", "guest=("+id+"|"+target+") ").Output()
+		_, dirErr := os.Stat(filepath.Join(world.dataDir, "run", target))
+		if len(vmms) == 0 && os.IsNotExist(dirErr) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("30 s after a stop during its migration, VMMs of the sandbox run (%q) or the target's run directory is there (%v)", vmms, dirErr)
+		}
 	}
 	// The old VMM and its network are gone.
 	if _, err := os.Stat(filepath.Join("/proc", oldPID)); err == nil {

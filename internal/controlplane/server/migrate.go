@@ -2,7 +2,9 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -40,7 +42,11 @@ func (h *sandboxService) MigrateSandbox(ctx context.Context, req *connect.Reques
 	}
 	out := &pb.MigrateSandboxResponse{Sandbox: h.s.view(ctx, sb), Migration: migrationToPB(m)}
 	if m.Outcome != state.MigrationMoved {
-		return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("migrate sandbox %s from node %s to node %s: %s (it runs on where it was)", sb.ID, m.From, m.To, m.Outcome))
+		where := ""
+		if sb.Status == state.StatusRunning && sb.StopRequestedAt.IsZero() {
+			where = " (it runs on where it was)"
+		}
+		return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("migrate sandbox %s from node %s to node %s: %s%s", sb.ID, m.From, m.To, m.Outcome, where))
 	}
 	return connect.NewResponse(out), nil
 }
@@ -55,6 +61,10 @@ func (s *Server) StartMigration(ctx context.Context, sb state.Sandbox, to string
 		return state.Migration{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: only a running sandbox can be migrated", sb.ID, sb.Status))
 	case sb.Migration != nil:
 		return state.Migration{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is being migrated to node %s already", sb.ID, sb.Migration.To))
+	case !sb.PauseRequestedAt.IsZero():
+		return state.Migration{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is being paused: migrate it once it is resumed", sb.ID))
+	case !sb.StopRequestedAt.IsZero():
+		return state.Migration{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is being stopped: nothing to migrate", sb.ID))
 	}
 	node, err := s.migrationTarget(sb, to)
 	if err != nil {
@@ -63,6 +73,10 @@ func (s *Server) StartMigration(ctx context.Context, sb state.Sandbox, to string
 	now := s.now()
 	m := state.Migration{ID: state.NewMigrationID(), From: sb.Node, To: node.ID, ToAddress: node.Address, Deadline: now.Add(state.MigrationDeadline)}
 	if _, err := s.store.UpdateSandbox(ctx, sb.ID, state.Update{StartMigration: &m, Time: now}); err != nil {
+		if errors.Is(err, state.ErrInvalidTransition) {
+			// It changed since it was read (a pause, a stop or a migration began).
+			return state.Migration{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s cannot be migrated now: %s", sb.ID, invalidWhy(err)))
+		}
 		return state.Migration{}, toConnectError(fmt.Errorf("migrate sandbox %s: %w", sb.ID, err))
 	}
 	s.log.Info("live migration started", "sandbox", sb.ID, "migration", m.ID, "from", m.From, "to", m.To)
@@ -173,4 +187,14 @@ func (s *Server) waitMigrated(ctx context.Context, sb state.Sandbox) (state.Sand
 		return sb, toConnectError(fmt.Errorf("sandbox %s is migrating: %w", sb.ID, err))
 	}
 	return now, nil
+}
+
+// invalidWhy is the state's reason in an ErrInvalidTransition (what follows its
+// wording), for a message a person reads.
+func invalidWhy(err error) string {
+	msg := err.Error()
+	if _, why, ok := strings.Cut(msg, state.ErrInvalidTransition.Error()+": "); ok {
+		return why
+	}
+	return msg
 }

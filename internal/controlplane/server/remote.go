@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -98,8 +99,13 @@ func (s *Server) attachOnNode(ctx context.Context, sb state.Sandbox, stream *con
 		}
 	}()
 	stdinClosed := false
+	// A live migration's target has the same log (it moved with the sandbox): the
+	// records relayed already are skipped there, as Logs does.
+	sent := 0
 	for {
-		if err := s.attachOnce(ctx, sb, reqs, &stdinClosed, stream); err != nil {
+		n, err := s.attachOnce(ctx, sb, reqs, &stdinClosed, sent, stream)
+		sent = max(sent, n)
+		if err != nil {
 			return err
 		}
 		next, moved, err := s.movedOn(ctx, sb)
@@ -125,11 +131,12 @@ func (s *Server) attachOnNode(ctx context.Context, sb state.Sandbox, stream *con
 	return stream.Send(&pb.AttachResponse{Msg: &pb.AttachResponse_Exit{Exit: exitOf(final)}})
 }
 
-// attachOnce relays one attachment to sb's node until the node ends it.
-func (s *Server) attachOnce(ctx context.Context, sb state.Sandbox, reqs <-chan *pb.AttachRequest, stdinClosed *bool, stream *connect.BidiStream[pb.AttachRequest, pb.AttachResponse]) error {
+// attachOnce relays one attachment to sb's node until the node ends it, past the first
+// skip output records; it returns how many the node sent (skipped ones included).
+func (s *Server) attachOnce(ctx context.Context, sb state.Sandbox, reqs <-chan *pb.AttachRequest, stdinClosed *bool, skip int, stream *connect.BidiStream[pb.AttachRequest, pb.AttachResponse]) (int, error) {
 	c, err := s.nodeFor(ctx, sb)
 	if err != nil {
-		return toConnectError(err)
+		return 0, toConnectError(err)
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -137,7 +144,7 @@ func (s *Server) attachOnce(ctx context.Context, sb state.Sandbox, reqs <-chan *
 	// The node knows sandboxes by ID only (the caller may have named it or given a prefix).
 	fwd := &pb.AttachRequest{Msg: &pb.AttachRequest_Start{Start: &pb.AttachStart{Sandbox: sb.ID}}}
 	if err := rs.Send(fwd); err != nil && !errors.Is(err, io.EOF) {
-		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("attach on node %s: %w", sb.Node, err))
+		return 0, connect.NewError(connect.CodeUnavailable, fmt.Errorf("attach on node %s: %w", sb.Node, err))
 	}
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -165,19 +172,25 @@ func (s *Server) attachOnce(ctx context.Context, sb state.Sandbox, reqs <-chan *
 	}()
 	defer wg.Wait()
 	defer cancel()
+	n := 0
 	for {
 		m, err := rs.Receive()
 		if errors.Is(err, io.EOF) {
-			return nil
+			return n, nil
 		}
 		if err != nil {
-			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("lost the stream from node %s: %w", sb.Node, err))
+			return n, connect.NewError(connect.CodeUnavailable, fmt.Errorf("lost the stream from node %s: %w", sb.Node, err))
 		}
 		if m.GetExit() != nil {
 			continue // the state has the authoritative exit
 		}
+		if m.GetOutput() != nil {
+			if n++; n <= skip {
+				continue
+			}
+		}
 		if err := stream.Send(m); err != nil {
-			return err
+			return n, err
 		}
 	}
 }
@@ -236,9 +249,52 @@ func (s *Server) logsOnNode(ctx context.Context, sb state.Sandbox, req *pb.LogsR
 }
 
 func (s *Server) execOnNode(ctx context.Context, sb state.Sandbox, first *pb.ExecRequest, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) error {
+	// The client's messages (stdin, resizes) are read by one goroutine for the whole
+	// call: an exec the node refuses because the sandbox just moved is started again
+	// where it runs now (see below), from the same stream.
+	reqs := make(chan *pb.ExecRequest)
+	go func() { // ends with the client's stream or the call
+		defer close(reqs)
+		for {
+			m, err := stream.Receive()
+			if err != nil {
+				return
+			}
+			select {
+			case reqs <- m:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	for attempt := 1; ; attempt++ {
+		used, err := s.execOnce(ctx, sb, first, reqs, stream)
+		// A node answers Aborted when a live migration moved the sandbox away before the
+		// command started there: nothing ran, so it is started where the sandbox runs
+		// now, unless the client's input or the command's output went through already.
+		if connect.CodeOf(err) != connect.CodeAborted || used || attempt == 3 {
+			return err
+		}
+		now, lerr := s.store.GetSandbox(ctx, sb.ID)
+		if lerr != nil {
+			return toConnectError(lerr)
+		}
+		if now, lerr = s.waitRunning(ctx, now); lerr != nil {
+			return lerr
+		}
+		if now, lerr = s.waitMigrated(ctx, now); lerr != nil {
+			return lerr
+		}
+		sb = now
+	}
+}
+
+// execOnce runs one exec on sb's node, relaying reqs to it; used says whether any of
+// the client's messages or the node's answers went through.
+func (s *Server) execOnce(ctx context.Context, sb state.Sandbox, first *pb.ExecRequest, reqs <-chan *pb.ExecRequest, stream *connect.BidiStream[pb.ExecRequest, pb.ExecResponse]) (used bool, err error) {
 	c, err := s.nodeFor(ctx, sb)
 	if err != nil {
-		return toConnectError(err)
+		return false, toConnectError(err)
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -249,10 +305,39 @@ func (s *Server) execOnNode(ctx context.Context, sb state.Sandbox, first *pb.Exe
 		Tty: start.GetTty(), Stdin: start.GetStdin(), Rows: start.GetRows(), Cols: start.GetCols(),
 	}}}
 	if err := rs.Send(fwd); err != nil && !errors.Is(err, io.EOF) {
-		return connect.NewError(connect.CodeUnavailable, fmt.Errorf("exec on node %s: %w", sb.Node, err))
+		return false, connect.NewError(connect.CodeUnavailable, fmt.Errorf("exec on node %s: %w", sb.Node, err))
 	}
-	go relayRequests(stream.Receive, rs.Send, rs.CloseRequest)
-	return relayResponses(rs.Receive, stream.Send, "exec", sb.Node)
+	var relayed atomic.Bool
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // ends with the exec (rctx) or the client's stream
+		defer wg.Done()
+		for {
+			select {
+			case m, ok := <-reqs:
+				if !ok {
+					_ = rs.CloseRequest()
+					return
+				}
+				relayed.Store(true)
+				if rs.Send(m) != nil {
+					return
+				}
+			case <-rctx.Done():
+				return
+			}
+		}
+	}()
+	defer wg.Wait()
+	defer cancel()
+	answered := false
+	err = relayResponses(rs.Receive, func(m *pb.ExecResponse) error {
+		answered = true
+		return stream.Send(m)
+	}, "exec", sb.Node)
+	cancel()
+	wg.Wait()
+	return answered || relayed.Load(), err
 }
 
 // relayResponses copies a node's stream to the client until the node ends it. The node's

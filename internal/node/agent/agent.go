@@ -193,6 +193,11 @@ type Agent struct {
 // ErrNotRunning means the sandbox has no live VM on this node.
 var ErrNotRunning = errors.New("sandbox is not running")
 
+// ErrMovedAway means a live migration moved the sandbox off this node before the call
+// did anything here (an exec that waited for the migration to settle): the caller may
+// make it again where the sandbox runs now.
+var ErrMovedAway = errors.New("a live migration moved the sandbox to another node")
+
 // New prepares the node: guest kernel and initramfs, accelerator choice, image store, and a
 // sweep of what an earlier run left behind.
 func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
@@ -692,6 +697,13 @@ type sandbox struct {
 	// guest taken back, or moved away: movedAway); execs wait for it.
 	guestGate chan struct{}
 	movedAway bool
+	// stopMigration, while a migration away is under way, ends it here (a stop wins
+	// over it: the state has ended it already).
+	stopMigration context.CancelFunc
+	// execStarts counts the execs starting in the guest (past the gate, not yet in
+	// execs): a migration waits for them before it ends the sessions under way, so
+	// none starts unseen as the guest lets go of its sessions.
+	execStarts int
 	netBase   NetStats              // network counters carried over a pause
 	conns     map[*runConn]struct{} // connections into the guest (see DialSandbox)
 	// execs are the exec sessions under way, each with why the node ended it ("" while
@@ -1077,28 +1089,59 @@ func (a *Agent) Exec(ctx context.Context, id string, req proto.ExecRequest) (*cl
 	if err != nil {
 		return nil, err
 	}
-	s.mu.Lock()
-	gate := s.guestGate
-	s.mu.Unlock()
-	if gate != nil {
+	for {
+		s.mu.Lock()
+		gate, moved := s.guestGate, s.movedAway
+		if gate == nil && !moved {
+			s.execStarts++
+		}
+		s.mu.Unlock()
+		if moved {
+			// Within this node the run it moved to is here (taking over, or taken over):
+			// the exec runs there. Across nodes the caller makes the call again there.
+			a.mu.Lock()
+			next := a.incomingRuns[id]
+			if next == nil {
+				next = a.live[id]
+			}
+			a.mu.Unlock()
+			if next == nil || next == s {
+				return nil, fmt.Errorf("sandbox %s: %w", id, ErrMovedAway)
+			}
+			s = next
+			continue
+		}
+		if gate == nil {
+			break
+		}
 		// Migrating: the exec runs wherever the sandbox runs once that is settled.
 		select {
 		case <-gate:
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
-		if s, err = a.lookup(id); err != nil {
-			return nil, err
+		next, err := a.lookup(id)
+		if err != nil {
+			return nil, fmt.Errorf("sandbox %s: %w", id, ErrMovedAway)
 		}
+		s = next
+	}
+	defer func() {
+		s.mu.Lock()
+		s.execStarts--
+		s.mu.Unlock()
+	}()
+	// A run still starting (a migration's target taking the guest over) is waited for.
+	select {
+	case <-s.ready:
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
 	s.mu.Lock()
-	g, main, moved := s.guest, s.proc, s.movedAway
+	g, main := s.guest, s.proc
 	s.mu.Unlock()
-	if moved {
-		return nil, fmt.Errorf("sandbox %s has just moved to another node (a live migration): run the command again: %w", id, ErrNotRunning)
-	}
 	if g == nil {
-		return nil, fmt.Errorf("sandbox %s is still starting: %w", id, ErrNotRunning)
+		return nil, fmt.Errorf("sandbox %s: %w", id, ErrNotRunning)
 	}
 	sess, err := g.Exec(ctx, execDefaults(main, req))
 	if err != nil {
@@ -1116,15 +1159,24 @@ func (a *Agent) Exec(ctx context.Context, id string, req proto.ExecRequest) (*cl
 // ExecDone forgets exec session sess of sandbox id (its caller is done with it) and
 // says why the node ended it, if it did.
 func (a *Agent) ExecDone(id string, sess *client.Session) string {
-	s, err := a.lookup(id)
-	if err != nil {
-		return ""
+	// The session is the live run's, or, within a migration on this node, the incoming
+	// run's that an exec waiting for the migration went to (see Exec).
+	a.mu.Lock()
+	runs := []*sandbox{a.live[id], a.incomingRuns[id]}
+	a.mu.Unlock()
+	for _, s := range runs {
+		if s == nil {
+			continue
+		}
+		s.mu.Lock()
+		why, ok := s.execs[sess]
+		delete(s.execs, sess)
+		s.mu.Unlock()
+		if ok {
+			return why
+		}
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	why := s.execs[sess]
-	delete(s.execs, sess)
-	return why
+	return ""
 }
 
 // endExecs ends the sandbox's exec sessions under way (SIGKILL), saying why, and waits a
@@ -1158,8 +1210,34 @@ func (a *Agent) Stop(ctx context.Context, id string, grace time.Duration) error 
 	if s.stopping == "" {
 		s.stopping, s.stopCode = "stopped by request", 128+int(syscall.SIGTERM)
 	}
-	main := s.main
+	gate, stopMigration := s.guestGate, s.stopMigration
 	s.mu.Unlock()
+	if gate != nil {
+		// Migrating away: the guest holds the main process meanwhile, so no signal
+		// would reach it. The migration stops here and the guest is taken back; then
+		// the main process is signalled as in any stop.
+		if stopMigration != nil {
+			stopMigration()
+		}
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	s.mu.Lock()
+	main, moved := s.main, s.movedAway
+	s.mu.Unlock()
+	if moved {
+		// The switch-over was committed before the stop: the sandbox runs elsewhere,
+		// where the stop goes now; this run ends by itself.
+		select {
+		case <-s.done:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	if main == nil {
 		// Still pulling or booting: there is no process to signal, so abort the start.
 		s.cancel()

@@ -641,14 +641,24 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 	outcome := make(chan migrationOutcome, 1)
 	gate := make(chan struct{})
 	s.mu.Lock()
-	s.migrating, s.guestGate = outcome, gate
+	if s.stopping != "" {
+		// A stop came first (Stop reads the gate under the same lock): it wins.
+		s.mu.Unlock()
+		return a.endMigration(ctx, sb.ID, mig, errors.New("the sandbox is stopping"))
+	}
+	s.migrating, s.guestGate, s.stopMigration = outcome, gate, cancel
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
-		s.guestGate = nil
+		s.guestGate, s.stopMigration = nil, nil
 		s.mu.Unlock()
 		close(gate)
 	}()
+	// No exec starts from here on (they wait at the gate). Those starting get into the
+	// sessions, those under way get a moment to finish (most are short), and the rest
+	// are ended, their callers told why.
+	a.waitExecs(ctx, s, 10*time.Second, func() bool { return s.execStarts == 0 })
+	a.waitExecs(ctx, s, execsFinishGrace, func() bool { return len(s.execs) == 0 })
 	a.endExecs(ctx, s, "ended by a live migration of the sandbox")
 	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
 	err = g.Detach(dctx)
@@ -719,6 +729,28 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 		"bytes", st.Bytes, "disk_bytes", st.DiskBytes, "took", time.Since(t0).Round(time.Millisecond))
 	a.movedAway(s, outcome)
 	return nil
+}
+
+// execsFinishGrace is how long the execs under way when a migration begins have to
+// finish before they are ended.
+const execsFinishGrace = time.Second
+
+// waitExecs waits (up to limit) until done, read under s.mu, says so.
+func (a *Agent) waitExecs(ctx context.Context, s *sandbox, limit time.Duration, done func() bool) {
+	deadline := time.Now().Add(limit)
+	for {
+		s.mu.Lock()
+		ok := done()
+		s.mu.Unlock()
+		if ok || time.Now().After(deadline) {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
 }
 
 // sinceOr is t - from, or 0 when t is zero (the step did not happen).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -128,6 +129,22 @@ func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
 				a.startAssigned(sb)
 			})
 		}
+	}
+	// A migration within this node that ended before its switch-over (a stop, its
+	// deadline, the source's failure): its target run gives up now, not at the deadline.
+	a.mu.Lock()
+	incoming := make(map[string]*sandbox, len(a.incomingRuns))
+	maps.Copy(incoming, a.incomingRuns)
+	a.mu.Unlock()
+	for id, s := range incoming {
+		s.mu.Lock()
+		mid := s.incomingMid
+		s.mu.Unlock()
+		if sb, ok := want[id]; ok && !migrationFailed(sb, mid) {
+			continue // under way, or committed (the target takes over)
+		}
+		a.log.Info("migration within this node ended; its target gives up", "sandbox", id, "migration", mid)
+		s.cancel()
 	}
 	// Live sandboxes that are no longer ours (removed, or moved by a drain): kill them,
 	// and remove their files (once per sandbox: later assignment sets find it leaving).
@@ -298,4 +315,14 @@ func (a *Agent) ImageDigests(ctx context.Context) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// migrationFailed says whether sb's history has migration mid ended other than moved.
+func migrationFailed(sb state.Sandbox, mid string) bool {
+	for _, m := range sb.Migrations {
+		if m.ID == mid {
+			return m.Outcome != state.MigrationMoved
+		}
+	}
+	return false
 }

@@ -92,6 +92,18 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	if err := a.removeRunDir(filepath.Base(s.dir)); err != nil {
 		a.log.Warn("remove the previous run's directory", "sandbox", sb.ID, "err", err)
 	}
+	failed := false
+	if in := s.incoming; in != nil && in.vmName != "" {
+		// A migration's target within this node that fails leaves no run directory
+		// (after its VM is gone: the cleanup below runs first).
+		defer func() {
+			if failed {
+				if err := a.removeRunDir(in.vmName); err != nil {
+					a.log.Warn("remove the run directory of a failed migration's target", "sandbox", sb.ID, "dir", in.vmName, "err", err)
+				}
+			}
+		}()
+	}
 	defer r.cleanup.run(a.log)
 	steps := startSteps
 	switch {
@@ -110,6 +122,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 		if err := step.run(a, r); err != nil {
 			<-r.starting
 			a.log.Info("start failed", "sandbox", sb.ID, "step", step.name, "err", err)
+			failed = true
 			a.fail(s, err.Error())
 			return
 		}

@@ -156,6 +156,7 @@ func checkID(id string) error {
 
 // sentinels are the node's errors callers can act on.
 var sentinels = []rpc.Sentinel{
+	{Err: agent.ErrMovedAway, Code: connect.CodeAborted}, // the server runs the call again where it moved
 	{Err: agent.ErrNotRunning, Code: connect.CodeFailedPrecondition},
 	{Err: image.ErrNotFound, Code: connect.CodeNotFound},
 	{Err: image.ErrOwnerBudget, Code: connect.CodeResourceExhausted},

@@ -38,6 +38,9 @@ const migrationDowntime = 50 * time.Millisecond
 // guest wrote, at the speed of the node-to-node stream).
 const mirrorReadyTimeout = 10 * time.Minute
 
+// mirrorJob is the name of the mirror job of disk i, and of its NBD node.
+func mirrorJob(i int) string { return "mirror-" + diskNode(i) }
+
 // diskNode is the block node name of the VM's disk i.
 func diskNode(i int) string { return "fw-disk" + strconv.Itoa(i) }
 
@@ -230,8 +233,15 @@ func (v *vm) startMirror(ctx context.Context, dial vmm.DialFunc) (_ *mirror, err
 	if len(writable) == 0 {
 		return m, errors.New("the VMM lists no writable disk to mirror")
 	}
+	// An agent that died during a migration left its mirror in the VMM a later agent
+	// adopted: it goes first (its node names are the ones used here).
+	var stale []string
 	for _, i := range writable {
-		job := "mirror-" + diskNode(i)
+		stale = append(stale, mirrorJob(i))
+	}
+	m.drop(ctx, stale)
+	for _, i := range writable {
+		job := mirrorJob(i)
 		// discard=unmap: the mirror zeroes the target first with holes rather than
 		// written zeros (the target's disk is opened so too), then copies only what
 		// the source holds.
@@ -486,13 +496,29 @@ func (m *mirror) bytes() int64 {
 func (m *mirror) close() {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	m.drop(ctx, m.jobs)
+	m.mu.Lock()
+	m.ended = true
+	conns := m.conns
+	m.mu.Unlock()
+	m.ln.Close()
+	for _, c := range conns {
+		c.Close()
+	}
+	m.wg.Wait()
+	_ = os.Remove(filepath.Join(m.v.dir, mirrorSocket))
+}
+
+// drop ends the mirror jobs named ids, if the VMM has them, and removes their NBD nodes
+// (of the same names).
+func (m *mirror) drop(ctx context.Context, ids []string) {
 	if jobs, err := m.query(ctx); err == nil {
-		for _, id := range m.jobs {
+		for _, id := range ids {
 			if j, ok := jobs[id]; ok && j.Status != "concluded" {
 				_ = m.c.Execute(ctx, "block-job-cancel", map[string]any{"device": id, "force": true}, nil)
 			}
 		}
-		for _, id := range m.jobs {
+		for _, id := range ids {
 			for range 1000 {
 				jobs, err := m.query(ctx)
 				j, ok := jobs[id]
@@ -507,17 +533,7 @@ func (m *mirror) close() {
 			}
 		}
 	}
-	for _, id := range m.jobs {
+	for _, id := range ids {
 		_ = m.c.Execute(ctx, "blockdev-del", map[string]any{"node-name": id}, nil)
 	}
-	m.mu.Lock()
-	m.ended = true
-	conns := m.conns
-	m.mu.Unlock()
-	m.ln.Close()
-	for _, c := range conns {
-		c.Close()
-	}
-	m.wg.Wait()
-	_ = os.Remove(filepath.Join(m.v.dir, mirrorSocket))
 }
