@@ -704,8 +704,8 @@ type sandbox struct {
 	// execs): a migration waits for them before it ends the sessions under way, so
 	// none starts unseen as the guest lets go of its sessions.
 	execStarts int
-	netBase   NetStats              // network counters carried over a pause
-	conns     map[*runConn]struct{} // connections into the guest (see DialSandbox)
+	netBase    NetStats              // network counters carried over a pause
+	conns      map[*runConn]struct{} // connections into the guest (see DialSandbox)
 	// execs are the exec sessions under way, each with why the node ended it ("" while
 	// it has not: see Pause).
 	execs map[*client.Session]string
