@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
 )
 
@@ -88,6 +89,7 @@ func TestMigrate(t *testing.T) {
 	d, _ := sb["details"].(map[string]any)
 	netns, token := fmt.Sprint(d["netns"]), sb["access_token"]
 	src := agentOf(t, from)
+	cut := receiveOnly(t, id)
 	before := count()
 
 	// Commands sent while it migrates run (on the source before the switch-over, on
@@ -145,6 +147,7 @@ func TestMigrate(t *testing.T) {
 	if !strings.Contains(logs, "tick 1\n") || !strings.Contains(logs, fmt.Sprintf("tick %d\n", after+1)) {
 		t.Errorf("the log lacks the ticks from before or after the migration:\n%s", logs)
 	}
+	cut()
 	// The source keeps nothing of it.
 	waitFor(t, minute, "the source node to let the sandbox go", func() bool {
 		_, errRun := os.Stat(filepath.Join(src.dataDir, "run", id))
@@ -152,6 +155,68 @@ func TestMigrate(t *testing.T) {
 		_, errNS := os.Stat(filepath.Join("/run/netns", netns))
 		return len(w.vmsOf(src, id)) == 0 && os.IsNotExist(errRun) && os.IsNotExist(errFiles) && os.IsNotExist(errNS)
 	})
+}
+
+// receiveOnly opens a TCP connection from sandbox id's guest to a server on another
+// host (h0), on which the guest only waits to receive (nc, after a first line); cut,
+// called after a migration, checks that the guest was told the connection is gone (a
+// reset: nc ends) rather than left waiting.
+func receiveOnly(t *testing.T, id string) (cut func()) {
+	t.Helper()
+	h := w.hosts[0]
+	var ln net.Listener
+	if err := network.Do("/run/netns/"+h.ns, func() (err error) {
+		ln, err = net.Listen("tcp", h.ip+":0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		_, _ = c.Write([]byte("hello\n"))
+		accepted <- c // held open, silent, until the test ends
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		select {
+		case c := <-accepted:
+			c.Close()
+		default:
+		}
+	})
+	port := ln.Addr().(*net.TCPAddr).Port
+	// Its own session: it outlives the exec that starts it.
+	// nc's input is a FIFO kept open and silent (by a sleep): nc only receives, and the
+	// line after it runs as soon as nc ends.
+	mustFW(t, "exec", id, "--", "sh", "-c", fmt.Sprintf("setsid sh -c 'mkfifo /tmp/nc.in; sleep 100000 > /tmp/nc.in & nc %s %d < /tmp/nc.in > /tmp/nc.out; echo ended > /tmp/nc.end' </dev/null >/dev/null 2>&1 &", h.ip, port))
+	var conn net.Conn
+	select {
+	case conn = <-accepted:
+		accepted <- conn
+	case <-time.After(minute):
+		t.Fatal("the guest's connection to the test server did not arrive")
+	}
+	waitFor(t, minute, "the guest to receive the server's line", func() bool {
+		out, _, _ := w.cli(t.Context(), nil, "exec", id, "--", "cat", "/tmp/nc.out")
+		return strings.Contains(out, "hello")
+	})
+	return func() {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(300 * time.Millisecond) {
+			out, _, code := w.cli(t.Context(), nil, "exec", id, "--", "cat", "/tmp/nc.end")
+			if code == 0 && strings.Contains(out, "ended") {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("30 s after the migration, a connection out on which the guest only waits is still open in the guest (no reset)")
+				return
+			}
+		}
+	}
 }
 
 // denyRegistry applies a policy to sandbox id that blocks the test registry, and checks

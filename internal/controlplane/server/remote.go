@@ -83,27 +83,12 @@ func (s *Server) holdWait(ctx context.Context) (release func(), err error) {
 func (s *Server) attachOnNode(ctx context.Context, sb state.Sandbox, stream *connect.BidiStream[pb.AttachRequest, pb.AttachResponse]) error {
 	// The client's messages (stdin, resizes) are read once for the whole attachment:
 	// a live migration moves it to the sandbox's new node (see movedOn).
-	reqs := make(chan *pb.AttachRequest)
-	go func() { // ends with the client's stream or the call
-		defer close(reqs)
-		for {
-			m, err := stream.Receive()
-			if err != nil {
-				return
-			}
-			select {
-			case reqs <- m:
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
-	stdinClosed := false
+	reqs := clientMessages(ctx, stream.Receive)
 	// A live migration's target has the same log (it moved with the sandbox): the
 	// records relayed already are skipped there, as Logs does.
 	sent := 0
 	for {
-		n, err := s.attachOnce(ctx, sb, reqs, &stdinClosed, sent, stream)
+		n, err := s.attachOnce(ctx, sb, reqs, sent, stream)
 		sent = max(sent, n)
 		if err != nil {
 			return err
@@ -133,7 +118,7 @@ func (s *Server) attachOnNode(ctx context.Context, sb state.Sandbox, stream *con
 
 // attachOnce relays one attachment to sb's node until the node ends it, past the first
 // skip output records; it returns how many the node sent (skipped ones included).
-func (s *Server) attachOnce(ctx context.Context, sb state.Sandbox, reqs <-chan *pb.AttachRequest, stdinClosed *bool, skip int, stream *connect.BidiStream[pb.AttachRequest, pb.AttachResponse]) (int, error) {
+func (s *Server) attachOnce(ctx context.Context, sb state.Sandbox, reqs <-chan *pb.AttachRequest, skip int, stream *connect.BidiStream[pb.AttachRequest, pb.AttachResponse]) (int, error) {
 	c, err := s.nodeFor(ctx, sb)
 	if err != nil {
 		return 0, toConnectError(err)
@@ -148,28 +133,7 @@ func (s *Server) attachOnce(ctx context.Context, sb state.Sandbox, reqs <-chan *
 	}
 	var wg sync.WaitGroup
 	wg.Add(1)
-	go func() { // ends with the attachment (rctx) or the client's stream
-		defer wg.Done()
-		if *stdinClosed {
-			_ = rs.CloseRequest()
-			return
-		}
-		for {
-			select {
-			case m, ok := <-reqs:
-				if !ok {
-					*stdinClosed = true
-					_ = rs.CloseRequest()
-					return
-				}
-				if rs.Send(m) != nil {
-					return
-				}
-			case <-rctx.Done():
-				return
-			}
-		}
-	}()
+	go func() { defer wg.Done(); forwardMessages(rctx, reqs, rs.Send, rs.CloseRequest, nil) }()
 	defer wg.Wait()
 	defer cancel()
 	n := 0
@@ -252,21 +216,7 @@ func (s *Server) execOnNode(ctx context.Context, sb state.Sandbox, first *pb.Exe
 	// The client's messages (stdin, resizes) are read by one goroutine for the whole
 	// call: an exec the node refuses because the sandbox just moved is started again
 	// where it runs now (see below), from the same stream.
-	reqs := make(chan *pb.ExecRequest)
-	go func() { // ends with the client's stream or the call
-		defer close(reqs)
-		for {
-			m, err := stream.Receive()
-			if err != nil {
-				return
-			}
-			select {
-			case reqs <- m:
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
+	reqs := clientMessages(ctx, stream.Receive)
 	for attempt := 1; ; attempt++ {
 		used, err := s.execOnce(ctx, sb, first, reqs, stream)
 		// A node answers Aborted when a live migration moved the sandbox away before the
@@ -310,24 +260,7 @@ func (s *Server) execOnce(ctx context.Context, sb state.Sandbox, first *pb.ExecR
 	var relayed atomic.Bool
 	var wg sync.WaitGroup
 	wg.Add(1)
-	go func() { // ends with the exec (rctx) or the client's stream
-		defer wg.Done()
-		for {
-			select {
-			case m, ok := <-reqs:
-				if !ok {
-					_ = rs.CloseRequest()
-					return
-				}
-				relayed.Store(true)
-				if rs.Send(m) != nil {
-					return
-				}
-			case <-rctx.Done():
-				return
-			}
-		}
-	}()
+	go func() { defer wg.Done(); forwardMessages(rctx, reqs, rs.Send, rs.CloseRequest, &relayed) }()
 	defer wg.Wait()
 	defer cancel()
 	answered := false
@@ -338,6 +271,51 @@ func (s *Server) execOnce(ctx context.Context, sb state.Sandbox, first *pb.ExecR
 	cancel()
 	wg.Wait()
 	return answered || relayed.Load(), err
+}
+
+// clientMessages reads a client's stream messages into a channel, closed when the
+// stream ends (or ctx): one reader for a call that a live migration may move from node
+// to node.
+func clientMessages[T any](ctx context.Context, recv func() (*T, error)) <-chan *T {
+	out := make(chan *T)
+	go func() { // ends with the client's stream or the call
+		defer close(out)
+		for {
+			m, err := recv()
+			if err != nil {
+				return
+			}
+			select {
+			case out <- m:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return out
+}
+
+// forwardMessages sends msgs to a node's stream until ctx ends, the node's stream
+// breaks, or msgs closes (the client closed its side: so is the node's). relayed, if
+// not nil, records that one went through.
+func forwardMessages[T any](ctx context.Context, msgs <-chan *T, send func(*T) error, closeSend func() error, relayed *atomic.Bool) {
+	for {
+		select {
+		case m, ok := <-msgs:
+			if !ok {
+				_ = closeSend()
+				return
+			}
+			if relayed != nil {
+				relayed.Store(true)
+			}
+			if send(m) != nil {
+				return
+			}
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // relayResponses copies a node's stream to the client until the node ends it. The node's

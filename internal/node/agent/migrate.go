@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
+	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
@@ -74,6 +75,10 @@ type migrationSwitch struct {
 	Stopped time.Time     `json:"stopped,omitzero"`
 	Net     NetStats      `json:"net"` // counters at the switch-over
 	Ran     time.Duration `json:"ran"`
+	// Flows are the guest's outbound connections through the source's network (at
+	// most network.MaxFlows): the target nudges each, so that the guest learns at once
+	// that it is cut (network.NudgeFlows).
+	Flows []network.Flow `json:"flows,omitempty"`
 }
 
 // maxMigrationHeader bounds begin's and switch's JSON.
@@ -528,6 +533,7 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 	a.mu.Lock()
 	carried := in.carried
 	a.mu.Unlock()
+	r.flows = carried.Flows
 	s.mu.Lock()
 	s.netBase, s.ranBefore = carried.Net, max(carried.Ran, 0) // a negative time would lengthen --timeout
 	if in.source == nil {
@@ -549,7 +555,19 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 func (a *Agent) migrateReattachStep(r *startRun) error {
 	ctx, cancel := context.WithTimeout(r.ctx, 30*time.Second)
 	defer cancel()
-	return r.reattach(ctx, "after the migration", "reattach")
+	if err := r.reattach(ctx, "after the migration", "reattach"); err != nil {
+		return err
+	}
+	// The guest's connections out through the source's network are cut: it learns so
+	// now (a reset from each far end), not when it next sends on one.
+	if r.h.net != nil && len(r.flows) > 0 {
+		if err := r.h.net.Nudge(r.flows); err != nil {
+			a.log.Warn("tell the guest its connections are cut", "sandbox", r.sb.ID, "connections", len(r.flows), "err", err)
+		} else {
+			a.log.Debug("nudged the guest's cut connections", "sandbox", r.sb.ID, "connections", len(r.flows))
+		}
+	}
+	return nil
 }
 
 // takeOverStep, within one node, makes the target's run the sandbox's once the
@@ -702,8 +720,12 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 		return a.migrationFailed(ctx, s, sb.ID, mig, outcome, err)
 	}
 	var netNow NetStats
+	var flows []network.Flow
 	if sn != nil {
 		netNow, _ = a.NetStats(sb.ID)
+		if flows, err = sn.Flows(); err != nil {
+			a.log.Warn("list the guest's connections to cut them on the target", "sandbox", sb.ID, "err", err)
+		}
 	}
 	s.mu.Lock()
 	ran := s.ranBefore
@@ -712,7 +734,7 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 	}
 	s.mu.Unlock()
 	sw, _ := json.Marshal(migrationSwitch{Stats: state.MigrationStats{Downtime: st.Downtime, Bytes: st.Bytes, DiskBytes: st.DiskBytes},
-		Stopped: st.Stopped, Net: netNow, Ran: ran})
+		Stopped: st.Stopped, Net: netNow, Ran: ran, Flows: flows})
 	received := time.Now()
 	if err := peer.Switch(ctx, sb.ID, mig.ID, bytes.NewReader(sw)); err != nil {
 		// Refused, or the answer lost: the state decides. The end, if it can still be

@@ -4,6 +4,8 @@ import (
 	"context"
 	"net/netip"
 	"os"
+
+	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 )
 
 // Networks is the node's side of sandbox networks: the seam between the agent and the
@@ -51,6 +53,11 @@ type SandboxNet interface {
 	// dial); Namespace names its network namespace.
 	Address() netip.Addr
 	Namespace() string
+	// Flows lists the guest's outbound TCP connections that the network translates
+	// (network.GuestFlows); Nudge makes the guest learn that such connections, which a
+	// live migration brought from another network, are gone (network.NudgeFlows).
+	Flows() ([]network.Flow, error)
+	Nudge(flows []network.Flow) error
 	// Remove takes the network down; missing pieces are not an error.
 	Remove() error
 }

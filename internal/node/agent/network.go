@@ -340,6 +340,9 @@ func (m *netManager) Close() { _ = os.Remove(m.pins) }
 func (n *sbNet) Address() netip.Addr { return n.ns.Block.Sandbox() }
 func (n *sbNet) Namespace() string   { return n.ns.Name }
 
+func (n *sbNet) Flows() ([]network.Flow, error)   { return network.GuestFlows(n.ns.Path()) }
+func (n *sbNet) Nudge(flows []network.Flow) error { return network.NudgeFlows(n.ns.Path(), flows) }
+
 // load takes back the network of owner that an earlier agent process made (its
 // programs stayed attached through their pins), with policy text in force.
 func (m *netManager) load(owner, version string, pol NetPolicy) (*sbNet, error) {

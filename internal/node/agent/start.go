@@ -14,6 +14,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/node/image"
+	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
@@ -58,6 +59,7 @@ type startRun struct {
 	fetched          bool             // its saved state came from another node
 	scratchFrom      string           // a start from a filesystem snapshot: its disk
 	migration        *state.Migration // a live migration's target: the migration
+	flows            []network.Flow   // and the guest's connections it brought (cut)
 }
 
 // run is the whole life of one sandbox on this node: its start's steps, then its

@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
+	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/netpolicy"
 )
 
@@ -163,6 +164,10 @@ func (n *Net) Stats() (agent.NetStats, error) {
 
 func (n *Net) Address() netip.Addr { return n.addr }
 func (n *Net) Namespace() string   { return "agenttest-" + filepath.Base(n.RunDir) }
+
+// Flows: the double tracks no connections.
+func (n *Net) Flows() ([]network.Flow, error) { return nil, nil }
+func (n *Net) Nudge([]network.Flow) error     { return nil }
 
 func (n *Net) Remove() error {
 	n.n.mu.Lock()
