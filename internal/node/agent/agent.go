@@ -1206,6 +1206,11 @@ func (a *Agent) Stop(ctx context.Context, id string, grace time.Duration) error 
 	if err != nil {
 		return err
 	}
+	return a.stopRun(ctx, s, grace)
+}
+
+// stopRun is Stop of run s of a sandbox.
+func (a *Agent) stopRun(ctx context.Context, s *sandbox, grace time.Duration) error {
 	s.mu.Lock()
 	if s.stopping == "" {
 		s.stopping, s.stopCode = "stopped by request", 128+int(syscall.SIGTERM)
@@ -1229,14 +1234,24 @@ func (a *Agent) Stop(ctx context.Context, id string, grace time.Duration) error 
 	main, moved := s.main, s.movedAway
 	s.mu.Unlock()
 	if moved {
-		// The switch-over was committed before the stop: the sandbox runs elsewhere,
-		// where the stop goes now; this run ends by itself.
+		// The switch-over was committed before the stop: this run ends by itself, and
+		// the sandbox runs where it moved. On another node the stop goes there; on this
+		// one (a migration in place) it is the run that took over that stops.
 		select {
 		case <-s.done:
-			return nil
 		case <-ctx.Done():
 			return ctx.Err()
 		}
+		a.mu.Lock()
+		next := a.incomingRuns[s.id]
+		if next == nil {
+			next = a.live[s.id]
+		}
+		a.mu.Unlock()
+		if next == nil || next == s {
+			return nil
+		}
+		return a.stopRun(ctx, next, grace)
 	}
 	if main == nil {
 		// Still pulling or booting: there is no process to signal, so abort the start.

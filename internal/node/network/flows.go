@@ -11,6 +11,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -25,6 +26,15 @@ type Flow struct {
 // MaxFlows bounds the flows one migration carries (what GuestFlows returns, what a
 // target nudges): a switch-over message holds them.
 const MaxFlows = 1000
+
+// The table is read while the guest is stopped for a switch-over, and the guest decides
+// how many entries its namespace tracks (up to the kernel's nf_conntrack_max): the read
+// stops after flowScanLines lines or flowScanTime, whichever comes first (the flows
+// found by then are the ones nudged; the others are reset at the guest's next packet).
+const (
+	flowScanLines = 1 << 16
+	flowScanTime  = 100 * time.Millisecond
+)
 
 // GuestFlows lists the guest's outbound TCP connections that the namespace at nsPath
 // tracks as established (at most MaxFlows), from its connection tracking table.
@@ -41,19 +51,23 @@ func GuestFlows(nsPath string) ([]Flow, error) {
 			return fmt.Errorf("the namespace's connection table: %w", err)
 		}
 		defer f.Close()
-		flows, err = parseFlows(f, MaxFlows)
+		// Large reads: the kernel walks its table from the start on each.
+		flows, err = parseFlows(bufio.NewReaderSize(f, 1<<20), MaxFlows, flowScanLines, time.Now().Add(flowScanTime))
 		return err
 	})
 	return flows, err
 }
 
-// parseFlows reads nf_conntrack lines (at most 1 MiB each) and keeps the established
-// TCP connections from GuestAddr, up to max.
-func parseFlows(r io.Reader, max int) ([]Flow, error) {
+// parseFlows reads nf_conntrack lines (at most 4 KiB each, at most maxLines, until
+// deadline) and keeps the established TCP connections from GuestAddr, up to max.
+func parseFlows(r io.Reader, max, maxLines int, deadline time.Time) ([]Flow, error) {
 	var flows []Flow
 	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 4096), 1<<20)
-	for sc.Scan() && len(flows) < max {
+	sc.Buffer(make([]byte, 0, 4096), 4096)
+	for lines := 0; len(flows) < max && lines < maxLines && sc.Scan(); lines++ {
+		if lines%1024 == 0 && time.Now().After(deadline) {
+			break
+		}
 		f := strings.Fields(sc.Text())
 		if len(f) < 6 || f[0] != "ipv4" || f[2] != "tcp" || f[5] != "ESTABLISHED" {
 			continue
@@ -107,13 +121,21 @@ func NudgeFlows(nsPath string, flows []Flow) error {
 		defer unix.Close(fd)
 		to := &unix.SockaddrLinklayer{Ifindex: tap.Index, Protocol: htons(unix.ETH_P_IP), Halen: 6}
 		copy(to.Addr[:], GuestMAC)
+		// One that cannot be sent (a full queue) does not keep the others from going.
+		var failed int
+		var first error
 		for _, fl := range flows {
 			if !fl.Remote.Addr().Is4() {
 				continue
 			}
 			if err := unix.Sendto(fd, nudgeFrame(fl), 0, to); err != nil {
-				return fmt.Errorf("nudge the guest's connection to %s: %w", fl.Remote, err)
+				if failed++; first == nil {
+					first = fmt.Errorf("nudge the guest's connection to %s: %w", fl.Remote, err)
+				}
 			}
+		}
+		if first != nil {
+			return fmt.Errorf("%d of %d connections not nudged; the first: %w", failed, len(flows), first)
 		}
 		return nil
 	})

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseFlows(t *testing.T) {
@@ -19,7 +20,8 @@ func TestParseFlows(t *testing.T) {
 		"ipv4     2 tcp      6 431999 ESTABLISHED src=169.254.0.21 dst=nonsense sport=1 dport=2",
 		"garbage",
 	}, "\n")
-	flows, err := parseFlows(strings.NewReader(table), 10)
+	far := time.Now().Add(time.Hour)
+	flows, err := parseFlows(strings.NewReader(table), 10, 100, far)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,8 +30,16 @@ func TestParseFlows(t *testing.T) {
 		t.Fatalf("flows %v, want [%v]", flows, want)
 	}
 	many := strings.Repeat(strings.SplitN(table, "\n", 2)[0]+"\n", 5)
-	if flows, _ := parseFlows(strings.NewReader(many), 3); len(flows) != 3 {
+	if flows, _ := parseFlows(strings.NewReader(many), 3, 100, far); len(flows) != 3 {
 		t.Errorf("%d flows kept past the bound of 3", len(flows))
+	}
+	// A table the guest filled with other entries is read only so far.
+	noise := strings.Repeat("ipv4     2 udp      17 29 src=169.254.0.21 dst=1.1.1.1 sport=5353 dport=53 src=1.1.1.1 dst=10.201.0.2 sport=53 dport=5353 mark=0 use=1\n", 50)
+	if flows, _ := parseFlows(strings.NewReader(noise+many), 10, 20, far); len(flows) != 0 {
+		t.Errorf("%d flows found past the line budget", len(flows))
+	}
+	if flows, _ := parseFlows(strings.NewReader(many), 10, 100, time.Now().Add(-time.Second)); len(flows) != 0 {
+		t.Errorf("%d flows found past the deadline", len(flows))
 	}
 }
 
