@@ -5,6 +5,7 @@ package agentproc
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"log/slog"
@@ -98,20 +99,31 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 		DataDir: cfg.Agent.DataDir, RevokedEdges: revoked}))
 }
 
+// nodePeerTLS is this node's TLS for a dial of node's agent at address: this node's
+// certificate, and the peer's checked to be that node's agent (not any agent's at its
+// address).
+func nodePeerTLS(id *agentlink.Identity, node, address string) (*tls.Config, error) {
+	if address == "" {
+		return nil, fmt.Errorf("node %s's address is not known", node)
+	}
+	host, _, err := net.SplitHostPort(address)
+	if err != nil {
+		return nil, fmt.Errorf("node %s's address %q: %w", node, address, err)
+	}
+	tc := pki.ClientTLS(id.CA, &id.Cert, host, pki.RoleAgent)
+	tc.VerifyConnection = pki.RequirePeer(pki.RoleAgent, node)
+	return tc, nil
+}
+
 // savedFetcher fetches a paused sandbox's saved state from the node that holds it, node
 // to node over the cluster's mutual TLS: this node's certificate, and the holder's
 // checked to be that node's.
 func savedFetcher(id *agentlink.Identity) agent.SavedFetcher {
 	return func(ctx context.Context, from state.Saved, sandbox string) (io.ReadCloser, error) {
-		if from.Address == "" {
-			return nil, fmt.Errorf("node %s's address is not known", from.Node)
-		}
-		host, _, err := net.SplitHostPort(from.Address)
+		tc, err := nodePeerTLS(id, from.Node, from.Address)
 		if err != nil {
-			return nil, fmt.Errorf("node %s's address %q: %w", from.Node, from.Address, err)
+			return nil, err
 		}
-		tc := pki.ClientTLS(id.CA, &id.Cert, host, pki.RoleAgent)
-		tc.VerifyConnection = pki.RequirePeer(pki.RoleAgent, from.Node) // that node's, not any agent's at its address
 		tr := &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: true}
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+from.Address+nodeapi.SavedPath+sandbox, nil)
 		if err != nil {

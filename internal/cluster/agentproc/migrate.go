@@ -13,7 +13,6 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
 	"github.com/fireworks-sandbox/fireworks/internal/node/agentlink"
 	"github.com/fireworks-sandbox/fireworks/internal/node/nodeapi"
-	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
@@ -22,15 +21,10 @@ import (
 // certificate, and the target's checked to be that node's.
 func migrationDialer(id *agentlink.Identity) agent.MigrationDialer {
 	return func(m state.Migration) (agent.MigrationPeer, error) {
-		if m.ToAddress == "" {
-			return nil, fmt.Errorf("node %s's address is not known", m.To)
-		}
-		host, _, err := net.SplitHostPort(m.ToAddress)
+		tc, err := nodePeerTLS(id, m.To, m.ToAddress)
 		if err != nil {
-			return nil, fmt.Errorf("node %s's address %q: %w", m.To, m.ToAddress, err)
+			return nil, err
 		}
-		tc := pki.ClientTLS(id.CA, &id.Cert, host, pki.RoleAgent)
-		tc.VerifyConnection = pki.RequirePeer(pki.RoleAgent, m.To) // that node's, not any agent's at its address
 		// HTTP/2: the disk mirror's connections and the stream share one TLS connection,
 		// and a disk call is full duplex.
 		tr := &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: true, IdleConnTimeout: time.Minute, TLSHandshakeTimeout: 10 * time.Second,

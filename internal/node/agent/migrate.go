@@ -522,14 +522,7 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 	if err != nil {
 		return fmt.Errorf("receive the migrating VM: %v", err)
 	}
-	if h.netTime > 0 {
-		r.ph.add("net", h.netTime)
-	}
-	r.ph.add("vmm", h.vmmTime)
-	r.ph.add("guest", h.guestT)
-	r.ph.last = time.Now()
-	a.ownVM(s, h, &r.cleanup)
-	r.h, r.how = h, "migrated"
+	a.takeVM(r, h, "migrated")
 	a.mu.Lock()
 	carried := in.carried
 	a.mu.Unlock()

@@ -519,14 +519,7 @@ func (a *Agent) savedVMStep(r *startRun) error {
 	if err != nil {
 		return fmt.Errorf("restore the saved VM: %v", err)
 	}
-	if h.netTime > 0 {
-		r.ph.add("net", h.netTime)
-	}
-	r.ph.add("vmm", h.vmmTime)
-	r.ph.add("guest", h.guestT)
-	r.ph.last = time.Now()
-	a.ownVM(s, h, &r.cleanup)
-	r.h, r.how = h, "resume"
+	a.takeVM(r, h, "resume")
 	if fork {
 		// A new machine: its network counters start at zero.
 		r.how = "fork"

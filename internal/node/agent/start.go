@@ -264,17 +264,10 @@ func (a *Agent) acquireVMStep(r *startRun) error {
 		if err != nil {
 			return err
 		}
-		if h.netTime > 0 {
-			r.ph.add("net", h.netTime)
-		}
-		r.ph.add("vmm", h.vmmTime)
-		r.ph.add("guest", h.guestT)
-		r.ph.last = time.Now()
-		a.ownVM(s, h, &r.cleanup)
+		a.takeVM(r, h, r.how)
 		if r.how == "restore" {
 			r.restoredFrom = tmpl
 		}
-		r.h = h
 	}
 	info := r.h.vm.Info()
 	r.rt = map[string]string{
@@ -413,4 +406,17 @@ func (a *Agent) commandStep(r *startRun) error {
 		return fmt.Errorf("start %q in the guest: %v", r.proc.Argv[0], err)
 	}
 	return nil
+}
+
+// takeVM makes the VM a start step launched the run's: its launch's phases are timed,
+// it ends with the run (or the start's failure), how names the way it started.
+func (a *Agent) takeVM(r *startRun, h *vmHandle, how string) {
+	if h.netTime > 0 {
+		r.ph.add("net", h.netTime)
+	}
+	r.ph.add("vmm", h.vmmTime)
+	r.ph.add("guest", h.guestT)
+	r.ph.last = time.Now()
+	a.ownVM(r.s, h, &r.cleanup)
+	r.h, r.how = h, how
 }

@@ -49,13 +49,10 @@ func diskNode(i int) string { return "fw-disk" + strconv.Itoa(i) }
 // tells the caller how to reach them. Nothing else may be done to the disks until
 // stopDiskService.
 func (v *vm) serveDisks(ctx context.Context) error {
-	r := v.spec.Restore
-	if r == nil || r.Stream == nil || r.ReceiveDisks == nil {
+	c, ok := v.receivesDisks()
+	if !ok {
 		return nil
 	}
-	v.mu.Lock()
-	c := v.qmp
-	v.mu.Unlock()
 	sock := filepath.Join(v.dir, nbdSocket)
 	_ = os.Remove(sock)
 	// One connection per writable disk is what a mirror opens; a few more, no more.
@@ -75,23 +72,32 @@ func (v *vm) serveDisks(ctx context.Context) error {
 	v.mu.Lock()
 	pid := v.pid
 	v.mu.Unlock()
-	r.ReceiveDisks(func(ctx context.Context) (net.Conn, error) {
+	v.spec.Restore.ReceiveDisks(func(ctx context.Context) (net.Conn, error) {
 		return dialVMM(ctx, sock, pid)
 	})
 	return nil
+}
+
+// receivesDisks says whether v is a live migration's target that receives its disks
+// (its QMP client if so).
+func (v *vm) receivesDisks() (*qmp.Client, bool) {
+	r := v.spec.Restore
+	if r == nil || r.Stream == nil || r.ReceiveDisks == nil {
+		return nil, false
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.qmp, true
 }
 
 // stopDiskService ends what serveDisks started, once the stream is loaded (the source
 // ended its mirror before it sent the rest): nothing can write the disks from outside
 // when the guest runs.
 func (v *vm) stopDiskService(ctx context.Context) error {
-	r := v.spec.Restore
-	if r == nil || r.Stream == nil || r.ReceiveDisks == nil {
+	c, ok := v.receivesDisks()
+	if !ok {
 		return nil
 	}
-	v.mu.Lock()
-	c := v.qmp
-	v.mu.Unlock()
 	for i, d := range v.spec.Disks {
 		if d.ReadOnly {
 			continue
