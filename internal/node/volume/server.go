@@ -1,0 +1,133 @@
+package volume
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/go-git/go-billy/v5"
+	nfs "github.com/willscott/go-nfs"
+	"golang.org/x/sys/unix"
+)
+
+// Server serves one volume's directory over NFSv3 (MOUNT and NFS on one port: a guest
+// mounts it with no helper, see the package tests). Its file handles are the kernel's
+// own handles of the files (inode and generation), so that they stay valid across a
+// restart of the server, another server of the same directory (the one in a migrated
+// sandbox's new namespace), and a block copy of the volume's filesystem: a client that
+// reconnects goes on with the handles it has.
+type Server struct {
+	fs *beneath
+	// dir is the volume's directory as this process resolves it (for checking that a
+	// handle names a file in it).
+	dir string
+	// mountID is the kernel's ID of the mount the volume is on (handles are per mount).
+	mountID int
+}
+
+// handleMagic starts every handle: a version of their format.
+const handleMagic = 0x66770001
+
+// NewServer opens the volume at dir (a directory the caller made and keeps).
+func NewServer(dir string) (*Server, error) {
+	abs, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return nil, fmt.Errorf("volume directory %s: %w", dir, err)
+	}
+	b, err := openBeneath(abs)
+	if err != nil {
+		return nil, err
+	}
+	// The kernel's handle of the root tells which mount the volume is on.
+	_, mnt, err := unix.NameToHandleAt(int(b.root.Fd()), "", unix.AT_EMPTY_PATH)
+	if err != nil {
+		b.Close()
+		return nil, fmt.Errorf("volume directory %s: its filesystem gives no file handles: %w", abs, err)
+	}
+	return &Server{fs: b, dir: abs, mountID: mnt}, nil
+}
+
+// Close releases the volume's directory.
+func (s *Server) Close() error { return s.fs.Close() }
+
+// Serve answers NFS calls on ln until it is closed.
+func (s *Server) Serve(ln net.Listener) error { return nfs.Serve(ln, s) }
+
+// Mount answers every MOUNT call with the volume (the namespace it is served in decides
+// who may call).
+func (s *Server) Mount(ctx context.Context, conn net.Conn, req nfs.MountRequest) (nfs.MountStatus, billy.Filesystem, []nfs.AuthFlavor) {
+	return nfs.MountStatusOk, s.fs, []nfs.AuthFlavor{nfs.AuthFlavorNull}
+}
+
+// Change lets clients set attributes.
+func (s *Server) Change(billy.Filesystem) billy.Change { return s.fs }
+
+// FSStat reports the volume's filesystem's space.
+func (s *Server) FSStat(ctx context.Context, _ billy.Filesystem, st *nfs.FSStat) error {
+	var fs unix.Statfs_t
+	if err := unix.Fstatfs(int(s.fs.root.Fd()), &fs); err != nil {
+		return err
+	}
+	bs := uint64(fs.Bsize)
+	st.TotalSize, st.FreeSize, st.AvailableSize = fs.Blocks*bs, fs.Bfree*bs, fs.Bavail*bs
+	st.TotalFiles, st.FreeFiles, st.AvailableFiles = fs.Files, fs.Ffree, fs.Ffree
+	return nil
+}
+
+// ToHandle is the file's kernel handle, behind the format's magic and its type.
+func (s *Server) ToHandle(_ billy.Filesystem, p []string) []byte {
+	name := rel(strings.Join(p, "/"))
+	f, err := s.fs.open(name, unix.O_PATH|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	h, _, err := unix.NameToHandleAt(int(f.Fd()), "", unix.AT_EMPTY_PATH)
+	if err != nil {
+		return nil
+	}
+	out := binary.BigEndian.AppendUint32(nil, handleMagic)
+	out = binary.BigEndian.AppendUint32(out, uint32(h.Type()))
+	return append(out, h.Bytes()...)
+}
+
+// FromHandle finds the file of a handle: the kernel opens it by its handle, and its path
+// is read back and must be in the volume.
+func (s *Server) FromHandle(fh []byte) (billy.Filesystem, []string, error) {
+	stale := &nfs.NFSStatusError{NFSStatus: nfs.NFSStatusStale}
+	if len(fh) < 8 || binary.BigEndian.Uint32(fh) != handleMagic {
+		return nil, nil, stale
+	}
+	h := unix.NewFileHandle(int32(binary.BigEndian.Uint32(fh[4:8])), fh[8:])
+	fd, err := unix.OpenByHandleAt(int(s.fs.root.Fd()), h, unix.O_PATH|unix.O_CLOEXEC)
+	if err != nil {
+		return nil, nil, stale
+	}
+	defer unix.Close(fd)
+	where, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
+	if err != nil {
+		return nil, nil, stale
+	}
+	r, err := filepath.Rel(s.dir, where)
+	if err != nil || r == ".." || strings.HasPrefix(r, "../") || strings.HasSuffix(where, " (deleted)") {
+		// Not in the volume (another file of the same filesystem), or gone.
+		return nil, nil, stale
+	}
+	if r == "." {
+		return s.fs, []string{}, nil
+	}
+	return s.fs, strings.Split(r, "/"), nil
+}
+
+// InvalidateHandle: handles are the kernel's; nothing is kept to forget.
+func (s *Server) InvalidateHandle(billy.Filesystem, []byte) error { return nil }
+
+// HandleLimit: no handle is kept.
+func (s *Server) HandleLimit() int { return 1 << 30 }
+
+var _ nfs.Handler = (*Server)(nil)
