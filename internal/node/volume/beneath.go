@@ -13,6 +13,7 @@ import (
 	"path"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-git/go-billy/v5"
@@ -29,6 +30,12 @@ const resolve = unix.RESOLVE_BENEATH | unix.RESOLVE_NO_MAGICLINKS | unix.RESOLVE
 type beneath struct {
 	root *os.File // the volume's directory
 	name string   // for errors
+
+	// files are the files handed out and not closed yet: Close closes them (go-nfs does
+	// not close a file whose write failed, and a volume must be unmountable once it is
+	// no longer served).
+	mu    sync.Mutex
+	files map[*file]struct{}
 }
 
 func openBeneath(dir string) (*beneath, error) {
@@ -36,10 +43,20 @@ func openBeneath(dir string) (*beneath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open volume directory %s: %w", dir, err)
 	}
-	return &beneath{root: f, name: dir}, nil
+	return &beneath{root: f, name: dir, files: map[*file]struct{}{}}, nil
 }
 
-func (b *beneath) Close() error { return b.root.Close() }
+// Close closes the volume's directory and every file still open in it.
+func (b *beneath) Close() error {
+	b.mu.Lock()
+	files := b.files
+	b.files = map[*file]struct{}{}
+	b.mu.Unlock()
+	for f := range files {
+		_ = f.File.Close()
+	}
+	return b.root.Close()
+}
 
 // rel turns a billy path ("/a/b", "a/b", "") into one relative to the root ("." for
 // the root itself).
@@ -91,7 +108,11 @@ func (b *beneath) OpenFile(filename string, flag int, perm os.FileMode) (billy.F
 	if err != nil {
 		return nil, err
 	}
-	return &file{File: f, name: filename}, nil
+	bf := &file{File: f, name: filename, fs: b}
+	b.mu.Lock()
+	b.files[bf] = struct{}{}
+	b.mu.Unlock()
+	return bf, nil
 }
 
 func (b *beneath) Stat(filename string) (os.FileInfo, error) {
@@ -279,6 +300,14 @@ func (b *beneath) Chtimes(name string, atime, mtime time.Time) error {
 type file struct {
 	*os.File
 	name string
+	fs   *beneath
+}
+
+func (f *file) Close() error {
+	f.fs.mu.Lock()
+	delete(f.fs.files, f)
+	f.fs.mu.Unlock()
+	return f.File.Close()
 }
 
 func (f *file) Name() string           { return f.name }
