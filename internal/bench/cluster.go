@@ -24,6 +24,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/hostnet"
 )
 
 // benchCluster is a server and two agents, each in a network namespace of its own on a
@@ -33,16 +34,13 @@ import (
 type benchCluster struct {
 	cfg      Config
 	root     string
-	bridge   string
-	hosts    []benchHost
+	net      *hostnet.Net
 	procs    []*benchProc
 	registry *http.Server
 	ref      string // the bench image, in the registry
 	api      *apiClient
 	agents   []string // node names
 }
-
-type benchHost struct{ ns, veth, ip string }
 
 type benchProc struct {
 	cmd    *exec.Cmd
@@ -51,7 +49,7 @@ type benchProc struct {
 }
 
 const (
-	benchBridgeIP = "10.98.0.1"
+	benchSubnet   = "10.98.0"
 	benchAPIPort  = "7766"
 	benchNodePort = "7768"
 )
@@ -60,7 +58,7 @@ const (
 // here, in the bench's own namespace) in cfg.DataDir/assets: the agents' namespaces have
 // no route to the package mirror.
 func startCluster(ctx context.Context, cfg Config, root string, img v1.Image) (_ *benchCluster, err error) {
-	c := &benchCluster{cfg: cfg, root: root, bridge: "fwbbr0"}
+	c := &benchCluster{cfg: cfg, root: root}
 	defer func() {
 		if err != nil {
 			err = fmt.Errorf("%w\n%s", err, c.logTail())
@@ -77,36 +75,11 @@ func startCluster(ctx context.Context, cfg Config, root string, img v1.Image) (_
 	if _, err := assets.EnsureKernel(ctx, assetDir); err != nil {
 		return nil, fmt.Errorf("fetch the guest kernel into %s: %w", assetDir, err)
 	}
-	_ = runQuiet("ip", "link", "del", c.bridge) // an earlier bench killed midway
-	for _, s := range [][]string{
-		{"ip", "link", "add", c.bridge, "type", "bridge"},
-		{"ip", "addr", "add", benchBridgeIP + "/24", "dev", c.bridge},
-		{"ip", "link", "set", c.bridge, "up"},
-	} {
-		if err := runQuiet(s[0], s[1:]...); err != nil {
-			return nil, err
-		}
-	}
-	for i := range 3 {
-		h := benchHost{ns: fmt.Sprintf("fwb%d-h%d", os.Getpid()%10000, i), veth: fmt.Sprintf("fwbv%d", i), ip: fmt.Sprintf("10.98.0.%d", 10+i)}
-		_ = runQuiet("ip", "link", "del", h.veth)
-		c.hosts = append(c.hosts, h)
-		for _, s := range [][]string{
-			{"ip", "netns", "add", h.ns},
-			{"ip", "link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", h.ns},
-			{"ip", "link", "set", h.veth, "master", c.bridge},
-			{"ip", "link", "set", h.veth, "up"},
-			{"ip", "-n", h.ns, "addr", "add", h.ip + "/24", "dev", "eth0"},
-			{"ip", "-n", h.ns, "link", "set", "eth0", "up"},
-			{"ip", "-n", h.ns, "link", "set", "lo", "up"},
-		} {
-			if err := runQuiet(s[0], s[1:]...); err != nil {
-				return nil, err
-			}
-		}
+	if c.net, err = hostnet.Make("fwbbr0", benchSubnet, "fwb", 3); err != nil {
+		return nil, err
 	}
 
-	ln, err := net.Listen("tcp", benchBridgeIP+":0")
+	ln, err := net.Listen("tcp", c.net.BridgeIP+":0")
 	if err != nil {
 		return nil, fmt.Errorf("registry listener: %w", err)
 	}
@@ -122,13 +95,13 @@ func startCluster(ctx context.Context, cfg Config, root string, img v1.Image) (_
 	}
 
 	// One server (a cluster of one, its CA made at start) and its generated admin token.
-	s := c.hosts[0]
+	s := c.net.Hosts[0]
 	sdata := filepath.Join(root, "server")
 	if err := c.start(s, "server.log", "server", "--node-id", "s0", "--data-dir", sdata, "--init-ca",
-		"--listen", s.ip+":"+benchAPIPort, "--raft-listen", s.ip+":7767"); err != nil {
+		"--listen", s.IP+":"+benchAPIPort, "--raft-listen", s.IP+":7767"); err != nil {
 		return nil, err
 	}
-	ccfg := client.Config{Server: "https://" + s.ip + ":" + benchAPIPort, CA: filepath.Join(sdata, "ca", "ca.pem")}
+	ccfg := client.Config{Server: "https://" + s.IP + ":" + benchAPIPort, CA: filepath.Join(sdata, "ca", "ca.pem")}
 	if err := waitFor(ctx, time.Minute, "the bench cluster's server", func() error {
 		b, err := os.ReadFile(filepath.Join(sdata, "admin-token"))
 		if err != nil {
@@ -148,7 +121,7 @@ func startCluster(ctx context.Context, cfg Config, root string, img v1.Image) (_
 		return nil, fmt.Errorf("create the agents' join token: %w", err)
 	}
 	initBin := filepath.Join(filepath.Dir(cfg.Fireworks), "fireworks-init")
-	for i, h := range c.hosts[1:] {
+	for i, h := range c.net.Hosts[1:] {
 		node := fmt.Sprintf("a%d", i)
 		data := filepath.Join(root, node)
 		if err := os.MkdirAll(data, 0o700); err != nil {
@@ -158,8 +131,8 @@ func startCluster(ctx context.Context, cfg Config, root string, img v1.Image) (_
 			return nil, err
 		}
 		// Room for a 1 GiB sandbox and, while one migrates in, its copy.
-		if err := c.start(h, node+".log", "agent", "--server", s.ip+":"+benchAPIPort, "--join-token", tr.Msg.GetSecret(),
-			"--data-dir", data, "--node", node, "--listen", h.ip+":"+benchNodePort, "--memory", "3072",
+		if err := c.start(h, node+".log", "agent", "--server", s.IP+":"+benchAPIPort, "--join-token", tr.Msg.GetSecret(),
+			"--data-dir", data, "--node", node, "--listen", h.IP+":"+benchNodePort, "--memory", "3072",
 			"--init-binary", initBin); err != nil {
 			return nil, err
 		}
@@ -188,7 +161,7 @@ func startCluster(ctx context.Context, cfg Config, root string, img v1.Image) (_
 
 // start runs fireworks with args in host h's network namespace (nsenter: only the
 // network namespace changes, as on a host whose bpffs and mounts the agent shares).
-func (c *benchCluster) start(h benchHost, logName string, args ...string) error {
+func (c *benchCluster) start(h *hostnet.Host, logName string, args ...string) error {
 	path := filepath.Join(c.root, logName)
 	logf, err := os.Create(path)
 	if err != nil {
@@ -197,12 +170,12 @@ func (c *benchCluster) start(h benchHost, logName string, args ...string) error 
 	if c.cfg.Debug {
 		args = append(args, "--log-level", "debug")
 	}
-	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + h.ns, "--", c.cfg.Fireworks}, args...)...)
+	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + h.NS, "--", c.cfg.Fireworks}, args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
-		return fmt.Errorf("start fireworks %s in %s: %w", args[0], h.ns, err)
+		return fmt.Errorf("start fireworks %s in %s: %w", args[0], h.NS, err)
 	}
 	p := &benchProc{cmd: cmd, exited: make(chan struct{}), log: path}
 	go func() { _ = cmd.Wait(); logf.Close(); close(p.exited) }()
@@ -232,11 +205,9 @@ func (c *benchCluster) stop() {
 	if c.registry != nil {
 		_ = c.registry.Close()
 	}
-	for _, h := range c.hosts {
-		_ = runQuiet("ip", "netns", "del", h.ns)
-		_ = runQuiet("ip", "link", "del", h.veth)
+	if c.net != nil {
+		c.net.Remove()
 	}
-	_ = runQuiet("ip", "link", "del", c.bridge)
 }
 
 // logTail is the end of each process's log, for an error that needs them.
@@ -250,14 +221,6 @@ func (c *benchCluster) logTail() string {
 		fmt.Fprintf(&b, "---- %s ----\n%s\n", filepath.Base(p.log), data)
 	}
 	return b.String()
-}
-
-func runQuiet(name string, args ...string) error {
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, out)
-	}
-	return nil
 }
 
 // waitFor retries try every 200 ms until it succeeds, ctx ends or limit passes.

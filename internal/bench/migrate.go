@@ -106,11 +106,11 @@ func migrateSeries(ctx context.Context, cfg Config, api *apiClient, ref, where s
 		return row, err
 	}
 	defer api.remove(context.WithoutCancel(ctx), id)
-	got, err := api.sandboxes.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Sandbox: id}))
+	d, err := api.details(ctx, id)
 	if err != nil {
 		return row, err
 	}
-	row.StartedBy = got.Msg.GetSandbox().GetDetails()["start_mode"]
+	row.StartedBy = d["start_mode"]
 	cfg.Log.Info("measuring", "series", "live migration", "where", where, "memory_mib", sh.mem, "load", row.Load, "runs", row.Runs)
 	time.Sleep(time.Second) // the loop (and the load) going
 	var down, guest, vmmDown, total, sent []float64
@@ -124,7 +124,7 @@ func migrateSeries(ctx context.Context, cfg Config, api *apiClient, ref, where s
 		if err != nil {
 			return row, fmt.Errorf("migration %d: %w", i+1, err)
 		}
-		total = append(total, ms(time.Since(t0)))
+		took := ms(time.Since(t0))
 		m := r.Msg.GetMigration()
 		if how := r.Msg.GetSandbox().GetDetails()["start_mode"]; m.GetOutcome() != "moved" || how != "migrated" {
 			return row, fmt.Errorf("migration %d: outcome %q, the node started it by %q: not a live migration", i+1, m.GetOutcome(), how)
@@ -135,18 +135,17 @@ func migrateSeries(ctx context.Context, cfg Config, api *apiClient, ref, where s
 			return row, fmt.Errorf("migration %d went from node %q to %q (the sandbox is on %q): not a migration %s", i+1, m.GetFrom(), m.GetTo(), r.Msg.GetSandbox().GetNode(), where)
 		}
 		cfg.Log.Debug("migrated", "sandbox", id, "from", m.GetFrom(), "to", m.GetTo(), "total", time.Since(t0), "details", r.Msg.GetSandbox().GetDetails())
-		vmmDown = append(vmmDown, float64(m.GetDowntimeUs())/1000)
 		d, err := strconv.ParseFloat(strings.TrimSuffix(r.Msg.GetSandbox().GetDetails()["migration_downtime"], "ms"), 64)
 		if err != nil {
 			return row, fmt.Errorf("migration %d: the target did not report the downtime (%v)", i+1, r.Msg.GetSandbox().GetDetails())
 		}
-		down = append(down, d)
-		sent = append(sent, float64(m.GetBytes()+m.GetDiskBytes())/(1<<20))
+		mib := float64(m.GetBytes()+m.GetDiskBytes()) / (1 << 20)
 		if i == 0 {
-			row.First = MigrateOne{Downtime: d, Total: total[0], MiB: sent[0]}
-			down, vmmDown, total, sent = nil, nil, nil, nil
+			row.First = MigrateOne{Downtime: d, Total: took, MiB: mib}
 			continue
 		}
+		down, total, sent = append(down, d), append(total, took), append(sent, mib)
+		vmmDown = append(vmmDown, float64(m.GetDowntimeUs())/1000)
 		// The guest's readings go on after the switch-over: its gaps since the call.
 		time.Sleep(500 * time.Millisecond)
 		after, err := api.output(ctx, id)
@@ -160,6 +159,15 @@ func migrateSeries(ctx context.Context, cfg Config, api *apiClient, ref, where s
 	}
 	row.Downtime, row.GuestStall, row.VMMDowntime, row.Total, row.MiB = summarize(down), summarize(guest), summarize(vmmDown), summarize(total), summarize(sent)
 	return row, nil
+}
+
+// details is sandbox id's details (how the node started it, its VMM's pid, ...).
+func (c *apiClient) details(ctx context.Context, id string) (map[string]string, error) {
+	got, err := c.sandboxes.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Sandbox: id}))
+	if err != nil {
+		return nil, fmt.Errorf("get sandbox %s: %w", id, err)
+	}
+	return got.Msg.GetSandbox().GetDetails(), nil
 }
 
 // insecureFor names the registry of ref when it is one (the bench cluster's, on its

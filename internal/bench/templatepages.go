@@ -9,8 +9,6 @@ import (
 	"strconv"
 	"strings"
 
-	"connectrpc.com/connect"
-
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 )
 
@@ -38,11 +36,10 @@ func measureTemplatePages(ctx context.Context, cfg Config, api *apiClient, ref s
 		return tp, err
 	}
 	defer api.remove(context.WithoutCancel(ctx), id)
-	got, err := api.sandboxes.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Sandbox: id}))
+	d, err := api.details(ctx, id)
 	if err != nil {
 		return tp, err
 	}
-	d := got.Msg.GetSandbox().GetDetails()
 	if d["start_mode"] != "restore" && d["start_mode"] != "pool" {
 		return tp, fmt.Errorf("sandbox %s was started by %q, not from its template: nothing to compare", id, d["start_mode"])
 	}

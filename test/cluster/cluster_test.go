@@ -29,9 +29,9 @@ func TestRunOnTheCluster(t *testing.T) {
 	}
 	// A follower answers too (it forwards to the leader), and --stale reads its own copy.
 	for _, s := range w.servers {
-		stdout, stderr, code := w.cli(context.Background(), []string{"FIREWORKS_SERVER=https://" + s.h.ip + ":" + apiPort}, "ps")
+		stdout, stderr, code := w.cli(context.Background(), []string{"FIREWORKS_SERVER=https://" + s.h.IP + ":" + apiPort}, "ps")
 		if code != 0 || !strings.Contains(stdout, "svc") {
-			t.Errorf("ps via %s: exit %d %q %q", s.h.ip, code, stdout, stderr)
+			t.Errorf("ps via %s: exit %d %q %q", s.h.IP, code, stdout, stderr)
 		}
 	}
 	mustFW(t, "rm", "-f", "svc")

@@ -145,7 +145,7 @@ func TestLeaderKilledDuringCreates(t *testing.T) {
 	// Bring the old leader back as a follower; it catches up.
 	w.ensureRunning()
 	waitFor(t, time.Minute, "restarted server catches up", func() bool {
-		got, _ := tryPs(true, w.servers[old].h.ip+":"+apiPort)
+		got, _ := tryPs(true, w.servers[old].h.IP+":"+apiPort)
 		for _, id := range idOf {
 			if _, ok := got[id[:12]]; !ok {
 				return false
@@ -179,16 +179,16 @@ func TestPartitionedFollowerCatchesUp(t *testing.T) {
 	userTok := strings.TrimSpace(mustFW(t, "token", "create", "--role", "user", "--name", "revoked-in-partition"))
 	userID := strings.Split(userTok, "_")[1]
 	waitFor(t, time.Minute, "the follower knows the user token", func() bool {
-		_, err := w.fw([]string{"FIREWORKS_SERVER=https://" + fh.ip + ":" + apiPort, "FIREWORKS_TOKEN=" + userTok}, "--stale", "ps")
+		_, err := w.fw([]string{"FIREWORKS_SERVER=https://" + fh.IP + ":" + apiPort, "FIREWORKS_TOKEN=" + userTok}, "--stale", "ps")
 		return err == nil
 	})
-	if err := run("ip", "link", "set", fh.veth, "down"); err != nil {
+	if err := run("ip", "link", "set", fh.Veth, "down"); err != nil {
 		t.Fatal(err)
 	}
 	healed := false
 	defer func() {
 		if !healed {
-			_ = run("ip", "link", "set", fh.veth, "up")
+			_ = run("ip", "link", "set", fh.Veth, "up")
 		}
 	}()
 	// The majority still commits.
@@ -198,8 +198,8 @@ func TestPartitionedFollowerCatchesUp(t *testing.T) {
 	}
 	// The follower really is cut off: its own copy does not have the write. (Read it
 	// through the namespace, since the test host cannot reach it now.)
-	cmd := exec.Command("ip", "netns", "exec", fh.ns, w.bin, "--stale", "ps", "-a")
-	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG=/nonexistent", "FIREWORKS_SERVER=https://"+fh.ip+":"+apiPort,
+	cmd := exec.Command("ip", "netns", "exec", fh.NS, w.bin, "--stale", "ps", "-a")
+	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG=/nonexistent", "FIREWORKS_SERVER=https://"+fh.IP+":"+apiPort,
 		"FIREWORKS_TOKEN="+w.token, "FIREWORKS_CA="+filepath.Join(w.caDir, "ca.pem"))
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -212,17 +212,17 @@ func TestPartitionedFollowerCatchesUp(t *testing.T) {
 	// is older than --max-stale: its stale reads go to the leader, which it cannot reach.
 	mustFW(t, "token", "revoke", userID)
 	waitFor(t, time.Minute, "the revoked token is refused on the cut-off follower", func() bool {
-		cmd := exec.Command("ip", "netns", "exec", fh.ns, w.bin, "--stale", "--request-timeout", "5s", "ps")
-		cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG=/nonexistent", "FIREWORKS_SERVER=https://"+fh.ip+":"+apiPort,
+		cmd := exec.Command("ip", "netns", "exec", fh.NS, w.bin, "--stale", "--request-timeout", "5s", "ps")
+		cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG=/nonexistent", "FIREWORKS_SERVER=https://"+fh.IP+":"+apiPort,
 			"FIREWORKS_TOKEN="+userTok, "FIREWORKS_CA="+filepath.Join(w.caDir, "ca.pem"))
 		return cmd.Run() != nil
 	})
-	if err := run("ip", "link", "set", fh.veth, "up"); err != nil {
+	if err := run("ip", "link", "set", fh.Veth, "up"); err != nil {
 		t.Fatal(err)
 	}
 	healed = true
 	waitFor(t, time.Minute, "healed follower has the write", func() bool {
-		got, _ := tryPs(true, fh.ip+":"+apiPort)
+		got, _ := tryPs(true, fh.IP+":"+apiPort)
 		return got[id[:12]] == "during-partition"
 	})
 	mustFW(t, "rm", "-f", id)

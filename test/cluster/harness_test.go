@@ -27,6 +27,7 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/hostnet"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
 
@@ -34,7 +35,8 @@ const minute = 60 * time.Second
 
 const (
 	bridge     = "fwtbr0"
-	bridgeIP   = "10.99.0.1"
+	subnet     = "10.99.0"
+	bridgeIP   = subnet + ".1"
 	apiPort    = "7766"
 	raftPort   = "7767"
 	nodePort   = "7768"
@@ -43,14 +45,9 @@ const (
 	nodeMemory = "700"
 )
 
-// host is one network namespace on the bridge.
-type host struct {
-	name, ns, veth, ip string
-}
-
 // proc is a fireworks process running in a host.
 type proc struct {
-	h       *host
+	h       *hostnet.Host
 	args    []string
 	log     string
 	cmd     *exec.Cmd
@@ -61,7 +58,7 @@ type proc struct {
 type world struct {
 	root, bin, initBin, caDir string
 	registry                  string
-	hosts                     []*host
+	net                       *hostnet.Net
 	servers, agents           []*proc
 	token                     string
 	skip                      string
@@ -126,34 +123,8 @@ func (w *world) setup() error {
 		return fmt.Errorf("fetch the guest kernel into %s: %w", testutil.AssetCache(), err)
 	}
 	// The bridge joins the hosts; the test process (root namespace) sits on it too.
-	_ = run("ip", "link", "del", bridge)
-	if err := run("ip", "link", "add", bridge, "type", "bridge"); err != nil {
+	if w.net, err = hostnet.Make(bridge, subnet, "fwt", 6); err != nil {
 		return err
-	}
-	if err := run("ip", "addr", "add", bridgeIP+"/24", "dev", bridge); err != nil {
-		return err
-	}
-	if err := run("ip", "link", "set", bridge, "up"); err != nil {
-		return err
-	}
-	for i := range 6 {
-		h := &host{name: fmt.Sprintf("h%d", i), ns: fmt.Sprintf("fwt%d-h%d", os.Getpid()%10000, i), veth: fmt.Sprintf("fwtv%d", i), ip: fmt.Sprintf("10.99.0.%d", 10+i)}
-		_ = run("ip", "link", "del", h.veth)
-		steps := [][]string{
-			{"ip", "netns", "add", h.ns},
-			{"ip", "link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", h.ns},
-			{"ip", "link", "set", h.veth, "master", bridge},
-			{"ip", "link", "set", h.veth, "up"},
-			{"ip", "-n", h.ns, "addr", "add", h.ip + "/24", "dev", "eth0"},
-			{"ip", "-n", h.ns, "link", "set", "eth0", "up"},
-			{"ip", "-n", h.ns, "link", "set", "lo", "up"},
-		}
-		for _, s := range steps {
-			if err := run(s[0], s[1:]...); err != nil {
-				return err
-			}
-		}
-		w.hosts = append(w.hosts, h)
 	}
 
 	// Test images come from an in-process registry on the bridge address.
@@ -181,7 +152,7 @@ func (w *world) setup() error {
 	}
 	w.token = "fwk_00000000000000aa_" + strings.Repeat("ab", 32)
 	for i := range 3 {
-		w.servers = append(w.servers, &proc{h: w.hosts[i], dataDir: filepath.Join(w.root, fmt.Sprintf("s%d", i)), log: filepath.Join(w.root, fmt.Sprintf("s%d.log", i))})
+		w.servers = append(w.servers, &proc{h: w.net.Hosts[i], dataDir: filepath.Join(w.root, fmt.Sprintf("s%d", i)), log: filepath.Join(w.root, fmt.Sprintf("s%d.log", i))})
 	}
 	var wg sync.WaitGroup
 	errs := make([]error, 3)
@@ -202,7 +173,7 @@ func (w *world) setup() error {
 	}
 	labels := []string{"zone=b,host=a0", "zone=b,host=a1", "zone=c,host=a2"}
 	for i := range 3 {
-		p := &proc{h: w.hosts[3+i], dataDir: filepath.Join(w.root, fmt.Sprintf("a%d", i)), log: filepath.Join(w.root, fmt.Sprintf("a%d.log", i))}
+		p := &proc{h: w.net.Hosts[3+i], dataDir: filepath.Join(w.root, fmt.Sprintf("a%d", i)), log: filepath.Join(w.root, fmt.Sprintf("a%d.log", i))}
 		if err := os.MkdirAll(p.dataDir, 0o700); err != nil {
 			return err
 		}
@@ -213,7 +184,7 @@ func (w *world) setup() error {
 			return err
 		}
 		p.args = []string{"agent", "--server", w.serverList(), "--join-token", strings.TrimSpace(join),
-			"--data-dir", p.dataDir, "--node", fmt.Sprintf("a%d", i), "--listen", p.h.ip + ":" + nodePort,
+			"--data-dir", p.dataDir, "--node", fmt.Sprintf("a%d", i), "--listen", p.h.IP + ":" + nodePort,
 			"--label", labels[i], "--memory", nodeMemory, "--init-binary", w.initBin, "--log-level", "debug"}
 		w.agents = append(w.agents, p)
 		if err := w.start(p); err != nil {
@@ -226,7 +197,7 @@ func (w *world) setup() error {
 func (w *world) serverList() string {
 	var s []string
 	for _, p := range w.servers {
-		s = append(s, p.h.ip+":"+apiPort)
+		s = append(s, p.h.IP+":"+apiPort)
 	}
 	return strings.Join(s, ",")
 }
@@ -235,10 +206,10 @@ func (w *world) startServer(i int) error {
 	p := w.servers[i]
 	var peers []string
 	for j, s := range w.servers {
-		peers = append(peers, fmt.Sprintf("s%d=%s:%s", j, s.h.ip, raftPort))
+		peers = append(peers, fmt.Sprintf("s%d=%s:%s", j, s.h.IP, raftPort))
 	}
 	p.args = []string{"server", "--node-id", fmt.Sprintf("s%d", i), "--data-dir", p.dataDir,
-		"--listen", p.h.ip + ":" + apiPort, "--raft-listen", p.h.ip + ":" + raftPort, "--peers", strings.Join(peers, ","),
+		"--listen", p.h.IP + ":" + apiPort, "--raft-listen", p.h.IP + ":" + raftPort, "--peers", strings.Join(peers, ","),
 		"--ca-dir", w.caDir, "--bootstrap-token", w.token, "--heartbeat-ttl", heartbeat, "--max-stale", maxStale, "--log-level", "debug"}
 	return w.start(p)
 }
@@ -254,7 +225,7 @@ func (w *world) start(p *proc) error {
 	// an agent pins its sandboxes' policy programs in would die with the process, and a
 	// restarted agent could not take them back (on a real host the agent shares the
 	// host's /sys/fs/bpf).
-	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + p.h.ns, "--", w.bin}, p.args...)...)
+	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + p.h.NS, "--", w.bin}, p.args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -299,11 +270,9 @@ func (w *world) teardown() {
 	for _, p := range w.agents {
 		_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+p.dataDir+"/run/").Run()
 	}
-	for _, h := range w.hosts {
-		_ = run("ip", "netns", "del", h.ns)
-		_ = run("ip", "link", "del", h.veth)
+	if w.net != nil {
+		w.net.Remove()
 	}
-	_ = run("ip", "link", "del", bridge)
 }
 
 func (w *world) dumpLogs() {

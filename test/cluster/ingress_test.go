@@ -148,7 +148,7 @@ func ingressCert(t *testing.T, token string) (tls.Certificate, *x509.CertPool) {
 func agentAddr(node string) string {
 	for i, a := range w.agents {
 		if fmt.Sprintf("a%d", i) == node {
-			return a.h.ip + ":" + nodePort
+			return a.h.IP + ":" + nodePort
 		}
 	}
 	return ""
@@ -245,7 +245,7 @@ func TestIngressCluster(t *testing.T) {
 	if code, body := e.get(hostB, nil); code != http.StatusOK {
 		t.Errorf("with the followed server down: %d %q, want the last table to keep serving", code, body)
 	}
-	s0.args = append(slices.Clone(origArgs), "--xds-listen", s0.h.ip+":"+xdsPort)
+	s0.args = append(slices.Clone(origArgs), "--xds-listen", s0.h.IP+":"+xdsPort)
 	if err := w.start(s0); err != nil {
 		t.Fatal(err)
 	}
@@ -253,7 +253,7 @@ func TestIngressCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	xdsAddr := s0.h.ip + ":" + xdsPort
+	xdsAddr := s0.h.IP + ":" + xdsPort
 	names := func(creds credentials.TransportCredentials) ([]string, error) {
 		conn, err := grpc.NewClient(xdsAddr, grpc.WithTransportCredentials(creds))
 		if err != nil {
@@ -286,7 +286,7 @@ func TestIngressCluster(t *testing.T) {
 		}
 		return out, nil
 	}
-	mtls := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: s0.h.ip})
+	mtls := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: s0.h.IP})
 	t.Run("xds", func(t *testing.T) {
 		deadline := time.Now().Add(minute)
 		for {
@@ -299,7 +299,7 @@ func TestIngressCluster(t *testing.T) {
 			}
 			time.Sleep(500 * time.Millisecond)
 		}
-		if got, err := names(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: s0.h.ip})); err == nil {
+		if got, err := names(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: s0.h.IP})); err == nil {
 			t.Errorf("xDS answered a client without a certificate: %v", got)
 		}
 	})

@@ -18,6 +18,7 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/hostnet"
 )
 
 // agentOf is the agent process of node name (a0, a1, ...).
@@ -163,10 +164,10 @@ func TestMigrate(t *testing.T) {
 // reset: nc ends) rather than left waiting.
 func receiveOnly(t *testing.T, id string) (cut func()) {
 	t.Helper()
-	h := w.hosts[0]
+	h := w.net.Hosts[0]
 	var ln net.Listener
-	if err := network.Do("/run/netns/"+h.ns, func() (err error) {
-		ln, err = net.Listen("tcp", h.ip+":0")
+	if err := network.Do("/run/netns/"+h.NS, func() (err error) {
+		ln, err = net.Listen("tcp", h.IP+":0")
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -192,7 +193,7 @@ func receiveOnly(t *testing.T, id string) (cut func()) {
 	// Its own session: it outlives the exec that starts it.
 	// nc's input is a FIFO kept open and silent (by a sleep): nc only receives, and the
 	// line after it runs as soon as nc ends.
-	mustFW(t, "exec", id, "--", "sh", "-c", fmt.Sprintf("setsid sh -c 'mkfifo /tmp/nc.in; sleep 100000 > /tmp/nc.in & nc %s %d < /tmp/nc.in > /tmp/nc.out; echo ended > /tmp/nc.end' </dev/null >/dev/null 2>&1 &", h.ip, port))
+	mustFW(t, "exec", id, "--", "sh", "-c", fmt.Sprintf("setsid sh -c 'mkfifo /tmp/nc.in; sleep 100000 > /tmp/nc.in & nc %s %d < /tmp/nc.in > /tmp/nc.out; echo ended > /tmp/nc.end' </dev/null >/dev/null 2>&1 &", h.IP, port))
 	var conn net.Conn
 	select {
 	case conn = <-accepted:
@@ -272,12 +273,12 @@ func getLocal(t *testing.T, port int) string {
 
 // slowLink limits what host h sends to rate (tc tbf on its interface), so that a
 // migration from or to it stays in pre-copy long enough to be interrupted; undo lifts it.
-func slowLink(t *testing.T, h *host, rate string) (undo func()) {
+func slowLink(t *testing.T, h *hostnet.Host, rate string) (undo func()) {
 	t.Helper()
-	if err := run("ip", "netns", "exec", h.ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "64kb", "latency", "2s"); err != nil {
-		t.Fatalf("slow down %s's link (tc, sch_tbf): %v", h.name, err)
+	if err := run("ip", "netns", "exec", h.NS, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "64kb", "latency", "2s"); err != nil {
+		t.Fatalf("slow down %s's link (tc, sch_tbf): %v", h.Name, err)
 	}
-	return func() { _ = run("ip", "netns", "exec", h.ns, "tc", "qdisc", "del", "dev", "eth0", "root") }
+	return func() { _ = run("ip", "netns", "exec", h.NS, "tc", "qdisc", "del", "dev", "eth0", "root") }
 }
 
 // migrating starts `fireworks migrate id` in the background and returns once the
@@ -331,7 +332,7 @@ func agentsListening(t *testing.T) {
 	w.ensureRunning()
 	for _, a := range w.agents {
 		waitFor(t, 2*minute, "agent "+a.dataDir+" listening", func() bool {
-			c, err := net.DialTimeout("tcp", net.JoinHostPort(a.h.ip, nodePort), time.Second)
+			c, err := net.DialTimeout("tcp", net.JoinHostPort(a.h.IP, nodePort), time.Second)
 			if err == nil {
 				c.Close()
 			}

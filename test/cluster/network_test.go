@@ -39,7 +39,7 @@ func TestNetworkOnTheCluster(t *testing.T) {
 	var nodeIP string
 	for i, a := range w.agents {
 		if fmt.Sprintf("a%d", i) == sb["node"] {
-			nodeIP = a.h.ip
+			nodeIP = a.h.IP
 		}
 	}
 	if nodeIP == "" {

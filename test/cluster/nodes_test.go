@@ -175,10 +175,10 @@ func TestCordonAndDrain(t *testing.T) {
 	for _, id := range ids {
 		for _, s := range w.servers {
 			ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
-			out, errOut, code := w.cli(ctx, []string{"FIREWORKS_SERVER=https://" + s.h.ip + ":" + apiPort}, "exec", id, "--", "echo", "moved")
+			out, errOut, code := w.cli(ctx, []string{"FIREWORKS_SERVER=https://" + s.h.IP + ":" + apiPort}, "exec", id, "--", "echo", "moved")
 			cancel()
 			if code != 0 || strings.TrimSpace(out) != "moved" {
-				t.Errorf("exec in %s through server %s after the drain: exit %d, output %q, %s", id, s.h.ip, code, out, errOut)
+				t.Errorf("exec in %s through server %s after the drain: exit %d, output %q, %s", id, s.h.IP, code, out, errOut)
 			}
 		}
 	}

@@ -29,7 +29,6 @@ const resolve = unix.RESOLVE_BENEATH | unix.RESOLVE_NO_MAGICLINKS | unix.RESOLVE
 // every path is resolved by the kernel beneath it.
 type beneath struct {
 	root *os.File // the volume's directory
-	name string   // for errors
 
 	// files are the files handed out and not closed yet: Close closes them (go-nfs does
 	// not close a file whose write failed, and a volume must be unmountable once it is
@@ -43,7 +42,7 @@ func openBeneath(dir string) (*beneath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open volume directory %s: %w", dir, err)
 	}
-	return &beneath{root: f, name: dir, files: map[*file]struct{}{}}, nil
+	return &beneath{root: f, files: map[*file]struct{}{}}, nil
 }
 
 // Close closes the volume's directory and every file still open in it.
@@ -108,7 +107,7 @@ func (b *beneath) OpenFile(filename string, flag int, perm os.FileMode) (billy.F
 	if err != nil {
 		return nil, err
 	}
-	bf := &file{File: f, name: filename, fs: b}
+	bf := &file{File: f, fs: b}
 	b.mu.Lock()
 	b.files[bf] = struct{}{}
 	b.mu.Unlock()
@@ -296,11 +295,10 @@ func (b *beneath) Chtimes(name string, atime, mtime time.Time) error {
 	return b.viaFD(name, func(p string) error { return os.Chtimes(p, atime, mtime) })
 }
 
-// file is an open file of the volume.
+// file is an open file of the volume (its os.File's name is its path in the volume).
 type file struct {
 	*os.File
-	name string
-	fs   *beneath
+	fs *beneath
 }
 
 func (f *file) Close() error {
@@ -310,10 +308,8 @@ func (f *file) Close() error {
 	return f.File.Close()
 }
 
-func (f *file) Name() string           { return f.name }
-func (f *file) Lock() error            { return unix.Flock(int(f.Fd()), unix.LOCK_EX) }
-func (f *file) Unlock() error          { return unix.Flock(int(f.Fd()), unix.LOCK_UN) }
-func (f *file) Truncate(n int64) error { return f.File.Truncate(n) }
+func (f *file) Lock() error   { return unix.Flock(int(f.Fd()), unix.LOCK_EX) }
+func (f *file) Unlock() error { return unix.Flock(int(f.Fd()), unix.LOCK_UN) }
 
 // statInfo is an os.FileInfo of a stat result; its Sys is what go-nfs reads of a file
 // beyond os.FileInfo (owner, links, device, inode).
