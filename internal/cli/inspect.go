@@ -119,6 +119,15 @@ func writeSandboxText(w io.Writer, sb *pb.Sandbox) {
 		ports = append(ports, v)
 	}
 	row("Ports", strings.Join(ports, ", "))
+	var vols []string
+	for _, v := range sb.GetSpec().GetVolumes() {
+		m := short(v.GetVolume()) + ":" + v.GetPath()
+		if v.GetReadOnly() {
+			m += ":ro"
+		}
+		vols = append(vols, printable(m))
+	}
+	row("Volumes", strings.Join(vols, ", "))
 	if d := sb.GetDetails(); len(d) > 0 {
 		fmt.Fprintln(tw, "Details:")
 		keys := make([]string, 0, len(d))

@@ -74,7 +74,7 @@ func newRoot() (*cobra.Command, *globals) {
 	root.PersistentFlags().DurationVar(&g.requestTimeout, "request-timeout", client.DefaultRequestTimeout, "give up on an API request (not a stream: attach, exec, logs -f) after this long")
 	root.AddCommand(
 		newRunCmd(g), newPsCmd(g), newLogsCmd(g), newExecCmd(g), newInspectCmd(g),
-		newStopCmd(g), newPauseCmd(g), newResumeCmd(g), newMigrateCmd(g), newForkCmd(g), newSnapshotCmd(g), newRmCmd(g), newInfoCmd(g), newImageCmd(g), newDevCmd(g), newSetupCmd(g),
+		newStopCmd(g), newPauseCmd(g), newResumeCmd(g), newMigrateCmd(g), newForkCmd(g), newSnapshotCmd(g), newVolumeCmd(g), newRmCmd(g), newInfoCmd(g), newImageCmd(g), newDevCmd(g), newSetupCmd(g),
 		newDemoImageCmd(g), newTokenCmd(g),
 		newServerCmd(g), newAgentCmd(g), newNodeCmd(g), newCACmd(g), newPoolCmd(g),
 		newPolicyCmd(g), newPortForwardCmd(g), newIngressCmd(g),

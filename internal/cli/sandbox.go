@@ -30,7 +30,7 @@ type runFlags struct {
 	name, workdir, user          string
 	entrypoint                   string
 	entrypointSet                bool
-	env, insecure                []string
+	env, insecure, volumes       []string
 	cpus                         int
 	restart                      string
 	constraints                  []string
@@ -93,6 +93,7 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 	fl.BoolVar(&f.spread, "spread", false, "cluster: prefer the least loaded node instead of packing")
 	fl.StringVar(&f.network, "network", "", "none: no network interface at all (default: a network of its own, NAT to the outside)")
 	fl.StringVar(&f.policyFile, "policy", "", "network policy file (see README \"Networking\"; - reads stdin)")
+	fl.StringArrayVarP(&f.volumes, "volume", "v", nil, "mount a volume (`fireworks volume create`): NAME:/path, or NAME:/path:ro read-only; repeatable")
 	fl.StringArrayVarP(&f.ports, "port", "p", nil, "publish a guest TCP port through the ingress: PORT (private: needs the access token) or PORT:public")
 	fl.StringVar(&f.snapshot, "snapshot", "", "start from this snapshot (`fireworks snapshot ls`), giving no IMAGE: a filesystem snapshot boots its image with its files; one with memory carries on its processes as a new machine")
 	fl.StringVar(&f.boot, "boot", "auto", "how the VM starts: auto (warm pool, else template snapshot, else boot), restore (template snapshot) or cold (boot the kernel)")
@@ -207,6 +208,10 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 		}
 		ports = append(ports, &pb.Port{Port: uint32(pp.Port), Public: pp.Public})
 	}
+	vols, err := volumeMounts(f.volumes)
+	if err != nil {
+		return err
+	}
 	c, err := g.client()
 	if err != nil {
 		return err
@@ -220,7 +225,7 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 		Image:    image, Cmd: args[1:], Env: expandEnv(f.env), WorkingDir: f.workdir,
 		User: f.user, Vcpus: int32(f.cpus), MemoryMib: int32(mem), Tty: f.tty, Stdin: f.interactive,
 		InsecureRegistries: f.insecure, Restart: f.restart, Constraints: f.constraints, Spread: f.spread,
-		Boot: f.boot, Network: f.network, Policy: policy, Ports: ports,
+		Boot: f.boot, Network: f.network, Policy: policy, Ports: ports, Volumes: vols,
 	}
 	if f.entrypointSet {
 		spec.EntrypointSet = true

@@ -36,6 +36,7 @@ type nodeConn struct {
 	sandboxes fireworksv1connect.SandboxServiceClient
 	images    fireworksv1connect.ImageServiceClient
 	system    fireworksv1connect.SystemServiceClient
+	volumes   fireworksv1connect.VolumeServiceClient
 }
 
 func newNodeConn(name string, hc *http.Client, base string) *nodeConn {
@@ -45,6 +46,7 @@ func newNodeConn(name string, hc *http.Client, base string) *nodeConn {
 		sandboxes: fireworksv1connect.NewSandboxServiceClient(hc, base, opts...),
 		images:    fireworksv1connect.NewImageServiceClient(hc, base, opts...),
 		system:    fireworksv1connect.NewSystemServiceClient(hc, base, opts...),
+		volumes:   fireworksv1connect.NewVolumeServiceClient(hc, base, opts...),
 	}
 }
 

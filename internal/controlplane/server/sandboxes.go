@@ -36,6 +36,9 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 			return nil, err
 		}
 	}
+	if err := h.s.resolveVolumes(ctx, who, &spec, req.Msg.GetSpec().GetVolumes()); err != nil {
+		return nil, err
+	}
 	if err := spec.CheckSizes(); err != nil {
 		return nil, toConnectError(err)
 	}
@@ -342,6 +345,9 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 	}
 	for _, p := range sb.Spec.Ports {
 		spec.Ports = append(spec.Ports, &pb.Port{Port: uint32(p.Port), Public: p.Public})
+	}
+	for _, v := range sb.Spec.Volumes {
+		spec.Volumes = append(spec.Volumes, &pb.VolumeMount{Volume: v.Volume, Path: v.Path, ReadOnly: v.ReadOnly})
 	}
 	if sb.Spec.Entrypoint != nil {
 		spec.EntrypointSet, spec.Entrypoint = true, sb.Spec.Entrypoint

@@ -98,6 +98,7 @@ func (s *Server) Handler() http.Handler {
 	opts := rpc.HandlerOptions(s.log)
 	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&sandboxService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewImageServiceHandler(&imageService{s}, opts...))
+	mux.Handle(fireworksv1connect.NewVolumeServiceHandler(&volumeService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewSystemServiceHandler(&systemService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewTokenServiceHandler(&tokenService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewClusterServiceHandler(&clusterService{s}, opts...))
@@ -144,6 +145,7 @@ var sentinels = []rpc.Sentinel{
 	{Err: state.ErrStaleReport, Code: connect.CodeFailedPrecondition},
 	{Err: state.ErrInvalidTransition, Code: connect.CodeFailedPrecondition},
 	{Err: state.ErrNoRoom, Code: connect.CodeResourceExhausted},
+	{Err: state.ErrInUse, Code: connect.CodeFailedPrecondition},
 }
 
 var (

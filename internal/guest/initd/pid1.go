@@ -79,6 +79,13 @@ func (p *pid1) run() {
 	if err := loadModules(p.log, cmdline["fw.mods"]); err != nil {
 		p.fatal(err)
 	}
+	// The volume modules load on a volume's first mount, after the switch of root has
+	// hidden the initramfs: its module directory stays reachable through this.
+	modDir, err := os.Open("/lib/modules")
+	if err != nil {
+		p.log.Warn("no module directory: volumes cannot be mounted", "err", err)
+		modDir = nil
+	}
 	if v, ok := cmdline["fw.debug"]; ok && v != "0" {
 		p.log = slog.New(newConsoleHandler(openConsole(), slog.LevelDebug))
 	}
@@ -88,7 +95,7 @@ func (p *pid1) run() {
 		Root:        "/",
 		InitVersion: p.version,
 		ReapAll:     true,
-		System:      &pid1System{log: p.log, powerOffCmd: p.powerOffCmd()},
+		System:      &pid1System{log: p.log, powerOffCmd: p.powerOffCmd(), modDir: modDir},
 		Logger:      p.log,
 		OnPanic:     func(v any) { p.fatal(fmt.Errorf("panic: %v\n%s", v, debug.Stack())) },
 	})

@@ -34,6 +34,8 @@ type System interface {
 	// SetNameservers replaces /etc/resolv.conf of the (set-up) root with these
 	// nameservers, already validated.
 	SetNameservers(servers []string) error
+	// MountVolumes mounts volumes (already validated) in the set-up root.
+	MountVolumes(vols []proto.VolumeMount) error
 	// KillAll ends every process but init and waits (bounded) until they are gone.
 	KillAll(ctx context.Context) error
 	// Freeze freezes the writable filesystem (see proto.OpFreeze); Thaw undoes it.
@@ -385,7 +387,13 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		if sys == nil {
 			return reply(errors.New("setup is not supported by this server"))
 		}
+		if err := proto.ValidateVolumes(req.Setup.Volumes); err != nil {
+			return reply(fmt.Errorf("setup: %w", err))
+		}
 		if err := sys.Setup(ctx, *req.Setup); err != nil {
+			return reply(err)
+		}
+		if err := sys.MountVolumes(req.Setup.Volumes); err != nil {
 			return reply(err)
 		}
 		s.mu.Lock()
@@ -399,6 +407,9 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 			return reply(errors.New("identity request without identity"))
 		}
 		if err := proto.ValidateNameservers(id.Nameservers); err != nil {
+			return reply(fmt.Errorf("identity: %w", err))
+		}
+		if err := proto.ValidateVolumes(id.Volumes); err != nil {
 			return reply(fmt.Errorf("identity: %w", err))
 		}
 		s.mu.Lock()
@@ -424,6 +435,9 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 			if err := sys.SetNameservers(id.Nameservers); err != nil {
 				return reply(err)
 			}
+		}
+		if err := sys.MountVolumes(id.Volumes); err != nil {
+			return reply(err)
 		}
 		s.mu.Lock()
 		s.baseEnv = append([]string(nil), id.Env...)

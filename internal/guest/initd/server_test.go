@@ -33,6 +33,7 @@ type fakeSystem struct {
 	poweroff int
 	frozen   bool
 	freezes  int
+	volumes  []proto.VolumeMount
 }
 
 func (f *fakeSystem) Freeze() error {
@@ -82,6 +83,13 @@ func (f *fakeSystem) SetTime(_ context.Context, t proto.SetTime) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.times = append(f.times, t)
+	return nil
+}
+
+func (f *fakeSystem) MountVolumes(vols []proto.VolumeMount) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.volumes = append(f.volumes, vols...)
 	return nil
 }
 

@@ -34,6 +34,10 @@ type pid1System struct {
 	// of root (which hides its path) for Freeze; frozen says whether it is.
 	scratch *os.File
 	frozen  bool
+	// modDir is the initramfs's /lib/modules, opened at boot (the switch of root hides
+	// it); volumeMods says the NFS client's modules are loaded (see MountVolumes).
+	modDir     *os.File
+	volumeMods bool
 }
 
 // The filesystem freeze ioctls (linux/fs.h: _IOWR('X', 119, int) and _IOWR('X', 120, int)).

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"path"
+	"strings"
 	"time"
 )
 
@@ -148,6 +150,8 @@ type Setup struct {
 	// Nameservers replace /etc/resolv.conf in the new root (see
 	// ValidateNameservers); empty leaves the image's file.
 	Nameservers []string `json:"nameservers,omitempty"`
+	// Volumes are mounted in the new root, in order, once the network is up.
+	Volumes []VolumeMount `json:"volumes,omitempty"`
 }
 
 // NetConfig is the guest's network: the first ethernet interface (the
@@ -256,6 +260,70 @@ type Identity struct {
 	// Nameservers replace /etc/resolv.conf, as in Setup; empty leaves it
 	// as it is (and costs nothing).
 	Nameservers []string `json:"nameservers,omitempty"`
+	// Volumes are mounted, in order, after the rest (see Setup.Volumes).
+	Volumes []VolumeMount `json:"volumes,omitempty"`
+}
+
+// VolumeMount is a volume the guest mounts over NFSv3 from Server:Port (MOUNT and NFS
+// on that one port: the guest needs no helper program) at Path. The node serves each
+// mount of a sandbox on a port of its own, so that a mount is one connection the node
+// can tell apart (a read-only mount's server refuses writes whatever the guest does).
+type VolumeMount struct {
+	Server   string `json:"server"`
+	Port     uint16 `json:"port"`
+	Path     string `json:"path"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+}
+
+// MaxVolumeMounts bounds a sandbox's volume mounts.
+const MaxVolumeMounts = 16
+
+// MaxVolumePath bounds a mount path's length.
+const MaxVolumePath = 1024
+
+// ValidateVolumePath checks where a volume is mounted: an absolute, clean path that is
+// not the root nor in the kernel's filesystems (/proc, /sys, /dev), which init needs as
+// they are.
+func ValidateVolumePath(p string) error {
+	switch {
+	case len(p) > MaxVolumePath:
+		return fmt.Errorf("mount path of %d bytes: at most %d", len(p), MaxVolumePath)
+	case !path.IsAbs(p) || path.Clean(p) != p || strings.ContainsAny(p, "\x00,:"):
+		return fmt.Errorf("mount path %q: want a clean absolute path without ',' or ':'", p)
+	case p == "/":
+		return fmt.Errorf("mount path %q: a volume cannot be mounted over the root", p)
+	}
+	for _, sys := range []string{"/proc", "/sys", "/dev"} {
+		if p == sys || strings.HasPrefix(p, sys+"/") {
+			return fmt.Errorf("mount path %q: %s is the kernel's", p, sys)
+		}
+	}
+	return nil
+}
+
+// ValidateVolumes checks a list of mounts: at most MaxVolumeMounts, each path valid and
+// used once, each server an IPv4 address, each port its own.
+func ValidateVolumes(vs []VolumeMount) error {
+	if len(vs) > MaxVolumeMounts {
+		return fmt.Errorf("%d volume mounts: at most %d", len(vs), MaxVolumeMounts)
+	}
+	paths, ports := map[string]bool{}, map[uint16]bool{}
+	for _, v := range vs {
+		if err := ValidateVolumePath(v.Path); err != nil {
+			return err
+		}
+		if a, err := netip.ParseAddr(v.Server); err != nil || !a.Is4() || !unicast4(a) {
+			return fmt.Errorf("volume server %q: want an IPv4 unicast address", v.Server)
+		}
+		if v.Port == 0 || ports[v.Port] {
+			return fmt.Errorf("volume port %d: zero or used twice", v.Port)
+		}
+		if paths[v.Path] {
+			return fmt.Errorf("mount path %q used twice", v.Path)
+		}
+		paths[v.Path], ports[v.Port] = true, true
+	}
+	return nil
 }
 
 // SetTime sets the guest clock and optionally refreshes its entropy, which

@@ -116,6 +116,19 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 			return fmt.Errorf("sandbox network: %w", err)
 		}
 	}
+	var vols *volServer
+	if mounts := rec.Sandbox.Spec.Volumes; len(mounts) > 0 && sn != nil {
+		// Its server outlived the earlier agent (it is a process of its own); one that did
+		// not is started again, and the guest's client reconnects.
+		if vols, err = a.vms.adoptVolumes(ctx, dir, filepath.Join("/run/netns", sn.Namespace()), mounts); err != nil {
+			return fmt.Errorf("volume server: %w", err)
+		}
+		defer func() {
+			if err != nil {
+				vols.Stop()
+			}
+		}()
+	}
 	vm, err := a.vms.driver.Adopt(ctx, real)
 	if err != nil {
 		return err
@@ -169,7 +182,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		defer s.log.Close()
 		var cleanup cleanupStack
 		defer cleanup.run(a.log)
-		a.ownVM(s, &vmHandle{vm: vm, guest: guest, ln: ln, scratch: filepath.Join(dir, "scratch.img"), net: sn}, &cleanup)
+		a.ownVM(s, &vmHandle{vm: vm, guest: guest, ln: ln, scratch: filepath.Join(dir, "scratch.img"), net: sn, vols: vols}, &cleanup)
 		a.update(sb.ID, state.Update{Runtime: map[string]string{"pid": strconv.Itoa(vm.Info().PID), "adopted_at": time.Now().UTC().Format(time.RFC3339)}})
 		reported := make(chan struct{})
 		close(reported) // an adopted sandbox was reported running by the agent before

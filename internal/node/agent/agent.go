@@ -31,6 +31,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/node/sandboxlog"
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/node/volume"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
@@ -266,6 +267,9 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	}
 	m := &vms{runRoot: a.runRoot(), scratchMiB: cfg.ScratchMiB, bootTimeout: cfg.BootTimeout, log: a.log}
 	a.vms = m
+	if m.volumes, err = volume.NewStore(filepath.Join(cfg.DataDir, "volumes"), volumeServerUID, volumeServerUID); err != nil {
+		return nil, err
+	}
 	if m.kernel, m.initrd, err = cfg.Assets(ctx, a.assetDir()); err != nil {
 		return nil, err
 	}
@@ -661,6 +665,7 @@ func (a *Agent) Close() error {
 	a.pools.close()
 	a.slots.drop("")
 	a.net.Close()
+	a.unmountVolumes()
 	return nil
 }
 

@@ -269,6 +269,25 @@ func (a *Agent) acquireVMStep(r *startRun) error {
 			r.restoredFrom = tmpl
 		}
 	}
+	if len(sb.Spec.Volumes) > 0 && r.h.vols == nil {
+		// A VM made ahead (warm, or launched for a restore) had no sandbox yet: its
+		// guest mounts nothing until the identity below, so the server can start now.
+		if r.h.net == nil {
+			return errors.New("volumes need the sandbox's network (they are served on it)")
+		}
+		v, err := a.vms.serveVolumes(r.ctx, s.dir, filepath.Join("/run/netns", r.h.net.Namespace()), sb.Spec.Volumes)
+		if err != nil {
+			return fmt.Errorf("serve the sandbox's volumes: %v", err)
+		}
+		r.h.vols = v
+		r.cleanup.push("stop the volume server", func() error {
+			if !s.kept() {
+				v.Stop()
+			}
+			return nil
+		})
+		r.ph.mark("volumes")
+	}
 	info := r.h.vm.Info()
 	r.rt = map[string]string{
 		"pid": strconv.Itoa(info.PID), "run_dir": s.dir, "console_log": info.ConsoleLog,
@@ -306,7 +325,7 @@ func (a *Agent) restoreOrBoot(r *startRun, mode state.BootMode, withNet bool) (*
 	// A placed sandbox always fits: end warm VMs that hold its capacity.
 	a.pools.makeRoom()
 	in := vmInput{id: sb.ID, dir: s.dir, rootDisk: r.rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB, net: withNet, policy: policyOf(sb.Spec),
-		scratchFrom: r.scratchFrom}
+		scratchFrom: r.scratchFrom, volumes: sb.Spec.Volumes}
 	r.how = "cold"
 	var tmpl *template
 	if mode != state.BootCold {
@@ -374,15 +393,25 @@ func (a *Agent) commandStep(r *startRun) error {
 	setupCtx, cancel := context.WithTimeout(r.ctx, 30*time.Second)
 	defer cancel()
 	var err error
-	if r.how != "cold" {
+	vols := guestVolumes(sb.Spec.Volumes)
+	switch {
+	case r.how != "cold" && len(vols) > 0:
+		// Its volumes are mounted before the command starts: identity first, then exec.
+		err = guest.Identity(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Volumes: vols})
+		r.ph.mark("identity+volumes")
+		if err == nil {
+			r.main, err = guest.Exec(setupCtx, execReq)
+			r.ph.mark("exec")
+		}
+	case r.how != "cold":
 		// The template's guest has its root mounted already: it only needs to become
 		// this sandbox, and the command follows in the same breath.
 		r.main, err = guest.IdentityAndExec(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}, execReq)
 		r.ph.mark("identity+exec")
-	} else {
+	default:
 		setup := proto.Setup{
 			Hostname: hostname, RootDevice: "/dev/vda", RootFSType: r.rootFS, ScratchDevice: "/dev/vdb",
-			TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Env: baseEnv,
+			TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Env: baseEnv, Volumes: vols,
 		}
 		if sb.Spec.Network != state.NetworkNone {
 			setup.Net, setup.Nameservers = guestNet(), a.cfg.Nameservers

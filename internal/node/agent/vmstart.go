@@ -3,6 +3,7 @@ package agent
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -15,6 +16,8 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
 	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/node/volume"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // vms makes this node's VMs: scratch disk, guest channel, network, the VMM (a boot or a
@@ -34,6 +37,7 @@ type vms struct {
 	bootTimeout time.Duration
 	runRoot     string
 	net         Networks
+	volumes     *volume.Store // the node's volumes' data
 	log         *slog.Logger
 }
 
@@ -66,6 +70,9 @@ type vmInput struct {
 	// source mirrors into.
 	incoming     *vmm.Snapshot
 	scratchBytes int64
+	// volumes, with net, get a volume server in the VM's namespace before the VM runs
+	// (a restored guest's client reconnects to it at once).
+	volumes []state.VolumeMount
 }
 
 // savedFiles are a paused sandbox's VM files (see pause.go); mem, if set, is a flattened
@@ -79,6 +86,7 @@ type vmHandle struct {
 	ln      net.Listener
 	scratch string
 	net     SandboxNet    // nil without a network
+	vols    *volServer    // nil without volumes
 	tap     *os.File      // the tap for the VMM, closed once the VMM has its own copy
 	netTime time.Duration // making the network (namespace, NAT, programs)
 	vmmTime time.Duration // VMM create and start (with a restore: loading the state)
@@ -157,6 +165,13 @@ func (m *vms) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHa
 		}
 		nics = []vmm.NIC{{Tap: h.tap, MAC: network.GuestMAC}}
 		h.netTime = time.Since(tn)
+		if len(in.volumes) > 0 {
+			if h.vols, err = m.serveVolumes(ctx, in.dir, filepath.Join("/run/netns", h.net.Namespace()), in.volumes); err != nil {
+				return h, fmt.Errorf("serve the sandbox's volumes: %w", err)
+			}
+		}
+	} else if len(in.volumes) > 0 {
+		return h, errors.New("volumes need the sandbox's network (they are served on it)")
 	}
 	t0 := time.Now()
 	vm, err := m.driver.Create(ctx, vmm.Spec{
@@ -213,6 +228,9 @@ func (h *vmHandle) closeTap() {
 // undo ends whatever of the VM exists and removes its scratch disk and network.
 func (h *vmHandle) undo() {
 	defer func() {
+		if h.vols != nil {
+			h.vols.Stop()
+		}
 		if h.net != nil {
 			_ = h.net.Remove()
 		}
@@ -293,6 +311,16 @@ func (a *Agent) ownVM(s *sandbox, h *vmHandle, cleanup *cleanupStack) {
 		}
 		return os.Remove(h.scratch)
 	})
+	if h.vols != nil {
+		// Pushed before the VM's stop, so it runs after it: a guest powering off
+		// unmounts its volumes through the server.
+		cleanup.push("stop the volume server", func() error {
+			if !s.kept() {
+				h.vols.Stop()
+			}
+			return nil
+		})
+	}
 	if h.net != nil {
 		cleanup.push("remove sandbox network", func() error {
 			if s.kept() {

@@ -69,9 +69,20 @@ func TestEnsureKernel(t *testing.T) {
 			t.Errorf("module order %v: want %s before %s", k.Modules, pair[0], pair[1])
 		}
 	}
-	for _, m := range k.Modules {
+	// The volume modules (the NFS client) come apart, in their own order, and repeat
+	// nothing a boot loads.
+	vpos := func(m string) int { return slices.Index(k.VolumeModules, m) }
+	for _, pair := range [][2]string{{"sunrpc", "lockd"}, {"grace", "lockd"}, {"lockd", "nfs"}, {"nfs", "nfsv3"}} {
+		if vpos(pair[0]) < 0 || vpos(pair[1]) < 0 || vpos(pair[0]) > vpos(pair[1]) {
+			t.Errorf("volume module order %v: want %s before %s", k.VolumeModules, pair[0], pair[1])
+		}
+	}
+	for _, m := range append(slices.Clone(k.Modules), k.VolumeModules...) {
 		if _, err := os.Stat(filepath.Join(k.ModulesDir, m+".ko")); err != nil {
 			t.Errorf("module %s listed but not copied: %v", m, err)
+		}
+		if slices.Contains(k.Modules, m) && slices.Contains(k.VolumeModules, m) {
+			t.Errorf("module %s is in both lists", m)
 		}
 	}
 	// A second call reuses the unpacked kernel instead of unpacking again.

@@ -25,9 +25,14 @@ type Initramfs struct {
 	Path string
 	// Version is the sha256 of everything that went into the archive.
 	Version string
-	// Modules are the modules in /lib/modules/<name>.ko, in load order.
+	// Modules are the modules every boot loads (fw.mods), in load order; they and the
+	// volume modules are in /lib/modules/<name>.ko.
 	Modules []string
 }
+
+// VolumeOrder is the initramfs file listing the volume modules (Kernel.VolumeModules) in
+// load order, one per line: init loads them on the first volume mount.
+const VolumeOrder = "/lib/modules/volume.order"
 
 // File is one extra file placed into an initramfs.
 type File struct {
@@ -75,8 +80,9 @@ func BuildInitramfsFiles(ctx context.Context, cacheDir string, k *Kernel, files 
 	if !hasInit {
 		return nil, fmt.Errorf("build initramfs: no /init among the files")
 	}
-	mods := make([][]byte, len(k.Modules))
-	for i, m := range k.Modules {
+	all := append(append([]string(nil), k.Modules...), k.VolumeModules...)
+	mods := make([][]byte, len(all))
+	for i, m := range all {
 		b, err := os.ReadFile(filepath.Join(k.ModulesDir, m+".ko"))
 		if err != nil {
 			return nil, fmt.Errorf("build initramfs: read module %s: %w", m, err)
@@ -91,10 +97,12 @@ func BuildInitramfsFiles(ctx context.Context, cacheDir string, k *Kernel, files 
 		sum := sha256.Sum256(contents[i])
 		fmt.Fprintf(h, "file\x00%s\x00%o\x00%x\x00", path.Clean("/"+f.Path), f.Mode.Perm(), sum)
 	}
-	for i, m := range k.Modules {
+	for i, m := range all {
 		sum := sha256.Sum256(mods[i])
 		fmt.Fprintf(h, "mod\x00%s\x00%x\x00", m, sum)
 	}
+	volumeOrder := []byte(strings.Join(k.VolumeModules, "\n") + "\n")
+	fmt.Fprintf(h, "volume-order\x00%x\x00", sha256.Sum256(volumeOrder))
 	version := hex.EncodeToString(h.Sum(nil))
 
 	dir := filepath.Join(cacheDir, "initramfs")
@@ -134,10 +142,13 @@ func BuildInitramfsFiles(ctx context.Context, cacheDir string, k *Kernel, files 
 	if err := w.CharDev("/dev/console", 0o600, 5, 1); err != nil {
 		return nil, fmt.Errorf("build initramfs: %w", err)
 	}
-	for i, m := range k.Modules {
+	for i, m := range all {
 		if err := w.File("/lib/modules/"+m+".ko", 0o644, mods[i]); err != nil {
 			return nil, fmt.Errorf("build initramfs: %w", err)
 		}
+	}
+	if err := w.File(VolumeOrder, 0o644, volumeOrder); err != nil {
+		return nil, fmt.Errorf("build initramfs: %w", err)
 	}
 	order := make([]int, len(files))
 	for i := range order {

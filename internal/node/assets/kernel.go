@@ -41,9 +41,12 @@ type Kernel struct {
 	// Package and Version name the Debian package the kernel came from.
 	Package string
 	Version string
-	// Modules lists every module in ModulesDir in an order that satisfies their
+	// Modules lists the modules every boot loads, in an order that satisfies their
 	// dependencies (each module after the ones it needs).
 	Modules []string
+	// VolumeModules are the further modules a guest loads when it mounts a volume (the
+	// NFS client), in load order; none of them is in Modules.
+	VolumeModules []string
 }
 
 // MetaPackage is the Debian package whose dependency names the current cloud kernel.
@@ -58,6 +61,16 @@ var GuestModules = []string{
 	"fuse", "virtiofs",
 }
 
+// VolumeModules is the NFS client a guest loads on its first volume mount: kept out of
+// GuestModules, so that boots (and templates) without volumes do not pay for it.
+var VolumeModules = []string{"nfsv3"}
+
+// moduleLists names what a kernel directory was unpacked for: a cache made for other
+// lists is unpacked again.
+func moduleLists() string {
+	return strings.Join(GuestModules, ",") + ";" + strings.Join(VolumeModules, ",")
+}
+
 // resolveTTL is how long a looked-up package version is trusted before apt is asked again;
 // apt-cache takes about a second here, too slow to pay on every agent start, yet security
 // updates to the guest kernel should be picked up within a day.
@@ -65,11 +78,14 @@ const resolveTTL = 24 * time.Hour
 
 // manifest is what a finished kernel directory records about itself.
 type manifest struct {
-	Package string    `json:"package"`
-	Version string    `json:"version"`
-	Release string    `json:"release"`
-	Modules []string  `json:"modules"`
-	Created time.Time `json:"created"`
+	Package string   `json:"package"`
+	Version string   `json:"version"`
+	Release string   `json:"release"`
+	Modules []string `json:"modules"`
+	// VolumeModules and Lists: see Kernel.VolumeModules and moduleLists.
+	VolumeModules []string  `json:"volume_modules,omitempty"`
+	Lists         string    `json:"lists,omitempty"`
+	Created       time.Time `json:"created"`
 }
 
 type resolved struct {
@@ -119,9 +135,13 @@ func loadKernel(dir string) (*Kernel, error) {
 	if err := json.Unmarshal(b, &m); err != nil {
 		return nil, fmt.Errorf("read kernel manifest in %s: %w", dir, err)
 	}
+	if m.Lists != moduleLists() {
+		return nil, fmt.Errorf("kernel cache %s holds modules %q, want %q", dir, m.Lists, moduleLists())
+	}
 	k := &Kernel{
 		Vmlinux: filepath.Join(dir, "vmlinux"), Release: m.Release,
 		ModulesDir: filepath.Join(dir, "modules"), Package: m.Package, Version: m.Version, Modules: m.Modules,
+		VolumeModules: m.VolumeModules,
 	}
 	if _, err := os.Stat(k.Vmlinux); err != nil {
 		return nil, fmt.Errorf("kernel cache %s is incomplete: %w", dir, err)
@@ -224,11 +244,12 @@ func unpackKernel(ctx context.Context, root, dir, pkg, version string) error {
 	if err := ExtractVmlinux(ctx, bz[0], filepath.Join(stage, "vmlinux")); err != nil {
 		return err
 	}
-	order, err := copyModules(filepath.Join(tree, "lib", "modules", release), filepath.Join(stage, "modules"), GuestModules)
+	orders, err := copyModules(filepath.Join(tree, "lib", "modules", release), filepath.Join(stage, "modules"), GuestModules, VolumeModules)
 	if err != nil {
 		return err
 	}
-	b, _ := json.MarshalIndent(manifest{Package: pkg, Version: version, Release: release, Modules: order, Created: time.Now().UTC()}, "", "  ")
+	b, _ := json.MarshalIndent(manifest{Package: pkg, Version: version, Release: release, Modules: orders[0], VolumeModules: orders[1],
+		Lists: moduleLists(), Created: time.Now().UTC()}, "", "  ")
 	if err := os.WriteFile(filepath.Join(stage, "manifest.json"), b, 0o644); err != nil {
 		return err
 	}
@@ -369,10 +390,11 @@ func checkPVH(path string) error {
 
 func align4(n int) int { return (n + 3) &^ 3 }
 
-// copyModules copies want and their dependencies from modRoot (lib/modules/<release>) into
-// dst as <name>.ko and returns them in load order. The package ships no modules.dep (depmod
+// copyModules copies the modules of each list and their dependencies from modRoot
+// (lib/modules/<release>) into dst as <name>.ko and returns each list's in load order,
+// leaving out of a list what an earlier one has. The package ships no modules.dep (depmod
 // runs at install time), so dependencies are read from each module's .modinfo section.
-func copyModules(modRoot, dst string, want []string) ([]string, error) {
+func copyModules(modRoot, dst string, lists ...[]string) ([][]string, error) {
 	builtin := map[string]bool{}
 	if b, err := os.ReadFile(filepath.Join(modRoot, "modules.builtin")); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
@@ -427,12 +449,17 @@ func copyModules(modRoot, dst string, want []string) ([]string, error) {
 		order = append(order, name)
 		return copyFile(path, filepath.Join(dst, name+".ko"))
 	}
-	for _, m := range want {
-		if err := visit(modName(m), nil); err != nil {
-			return nil, err
+	var orders [][]string
+	for _, want := range lists {
+		order = nil
+		for _, m := range want {
+			if err := visit(modName(m), nil); err != nil {
+				return nil, err
+			}
 		}
+		orders = append(orders, order)
 	}
-	return order, nil
+	return orders, nil
 }
 
 // modName turns "kernel/drivers/char/hw_random/virtio-rng.ko" into "virtio_rng", the name

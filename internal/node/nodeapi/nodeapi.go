@@ -105,6 +105,7 @@ func APIHandler(ag *agent.Agent, log *slog.Logger) http.Handler {
 	opts := rpc.HandlerOptions(log)
 	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&sandboxService{ag: ag}, opts...))
 	mux.Handle(fireworksv1connect.NewImageServiceHandler(&imageService{ag: ag}, opts...))
+	mux.Handle(fireworksv1connect.NewVolumeServiceHandler(&volumeService{ag: ag}, opts...))
 	mux.Handle(fireworksv1connect.NewSystemServiceHandler(&systemService{ag: ag}, opts...))
 	return rpc.BoundBody(mux)
 }

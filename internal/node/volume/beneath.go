@@ -286,7 +286,26 @@ func (b *beneath) Chmod(name string, mode os.FileMode) error {
 }
 
 func (b *beneath) Lchown(name string, uid, gid int) error {
-	return b.viaFD(name, func(p string) error { return unix.Fchownat(unix.AT_FDCWD, p, uid, gid, 0) })
+	return b.viaFD(name, func(p string) error {
+		return unix.Fchownat(unix.AT_FDCWD, p, int(swapID(uint32(uid), selfUID)), int(swapID(uint32(gid), selfGID)), 0)
+	})
+}
+
+// The server runs as a user of its own, not as root (see ServerCommand), yet a guest's
+// root must see its files as root's: the server's user and root trade places between
+// what is on the node and what a guest sees (both ways, so that no guest's chown makes
+// a file the node's root's). A server that is root (tests) changes nothing.
+var selfUID, selfGID = uint32(os.Getuid()), uint32(os.Getgid())
+
+// swapID is id as the other side sees it: self and 0 trade places.
+func swapID(id, self uint32) uint32 {
+	switch id {
+	case self:
+		return 0
+	case 0:
+		return self
+	}
+	return id
 }
 
 func (b *beneath) Chown(name string, uid, gid int) error { return b.Lchown(name, uid, gid) }
@@ -325,7 +344,7 @@ func (i *statInfo) Size() int64        { return i.st.Size }
 func (i *statInfo) ModTime() time.Time { return time.Unix(i.st.Mtim.Unix()) }
 func (i *statInfo) IsDir() bool        { return i.st.Mode&unix.S_IFMT == unix.S_IFDIR }
 func (i *statInfo) Sys() any {
-	return nfsfile.FileInfo{Nlink: uint32(i.st.Nlink), UID: i.st.Uid, GID: i.st.Gid,
+	return nfsfile.FileInfo{Nlink: uint32(i.st.Nlink), UID: swapID(i.st.Uid, selfUID), GID: swapID(i.st.Gid, selfGID),
 		Major: unix.Major(i.st.Rdev), Minor: unix.Minor(i.st.Rdev), Fileid: i.st.Ino}
 }
 func (i *statInfo) Mode() os.FileMode {

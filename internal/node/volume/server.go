@@ -23,6 +23,9 @@ import (
 // reconnects goes on with the handles it has.
 type Server struct {
 	fs *beneath
+	// readOnly: the mount is read-only, whatever the guest asks (NFS3ERR_ROFS, EROFS in
+	// the guest).
+	readOnly bool
 	// dir is the volume's directory as this process resolves it (for checking that a
 	// handle names a file in it).
 	dir string
@@ -33,8 +36,9 @@ type Server struct {
 // handleMagic starts every handle: a version of their format.
 const handleMagic = 0x66770001
 
-// NewServer opens the volume at dir (a directory the caller made and keeps).
-func NewServer(dir string) (*Server, error) {
+// NewServer opens the volume at dir (a directory the caller made and keeps), to be served
+// read-only if readOnly.
+func NewServer(dir string, readOnly bool) (*Server, error) {
 	abs, err := filepath.EvalSymlinks(dir)
 	if err != nil {
 		return nil, fmt.Errorf("volume directory %s: %w", dir, err)
@@ -49,7 +53,7 @@ func NewServer(dir string) (*Server, error) {
 		b.Close()
 		return nil, fmt.Errorf("volume directory %s: its filesystem gives no file handles: %w", abs, err)
 	}
-	return &Server{fs: b, dir: abs, mountID: mnt}, nil
+	return &Server{fs: b, dir: abs, mountID: mnt, readOnly: readOnly}, nil
 }
 
 // Close releases the volume's directory.
@@ -61,11 +65,51 @@ func (s *Server) Serve(ln net.Listener) error { return nfs.Serve(ln, s) }
 // Mount answers every MOUNT call with the volume (the namespace it is served in decides
 // who may call).
 func (s *Server) Mount(ctx context.Context, conn net.Conn, req nfs.MountRequest) (nfs.MountStatus, billy.Filesystem, []nfs.AuthFlavor) {
-	return nfs.MountStatusOk, s.fs, []nfs.AuthFlavor{nfs.AuthFlavorNull}
+	return nfs.MountStatusOk, s.filesystem(), []nfs.AuthFlavor{nfs.AuthFlavorNull}
 }
 
-// Change lets clients set attributes.
-func (s *Server) Change(billy.Filesystem) billy.Change { return s.fs }
+// filesystem is the volume as clients get it: without write capability when read-only,
+// which go-nfs answers with NFS3ERR_ROFS before it touches anything.
+func (s *Server) filesystem() billy.Filesystem {
+	if s.readOnly {
+		return readOnlyFS{s.fs}
+	}
+	return s.fs
+}
+
+// readOnlyFS is a volume served read-only: it says so, and opens nothing for writing
+// should a call not ask first.
+type readOnlyFS struct{ *beneath }
+
+func (r readOnlyFS) Capabilities() billy.Capability {
+	return billy.ReadCapability | billy.SeekCapability
+}
+
+func (r readOnlyFS) OpenFile(name string, flag int, perm os.FileMode) (billy.File, error) {
+	if flag&(os.O_WRONLY|os.O_RDWR|os.O_CREATE|os.O_TRUNC|os.O_APPEND) != 0 {
+		return nil, &os.PathError{Op: "open", Path: name, Err: unix.EROFS}
+	}
+	return r.beneath.OpenFile(name, flag, perm)
+}
+
+func rofs(op, name string) error { return &os.PathError{Op: op, Path: name, Err: unix.EROFS} }
+
+func (r readOnlyFS) Create(name string) (billy.File, error) { return nil, rofs("create", name) }
+func (r readOnlyFS) TempFile(dir, _ string) (billy.File, error) {
+	return nil, rofs("tempfile", dir)
+}
+func (r readOnlyFS) Rename(from, _ string) error               { return rofs("rename", from) }
+func (r readOnlyFS) Remove(name string) error                  { return rofs("remove", name) }
+func (r readOnlyFS) MkdirAll(name string, _ os.FileMode) error { return rofs("mkdir", name) }
+func (r readOnlyFS) Symlink(_, link string) error              { return rofs("symlink", link) }
+
+// Change lets clients set attributes (none on a read-only volume).
+func (s *Server) Change(billy.Filesystem) billy.Change {
+	if s.readOnly {
+		return nil
+	}
+	return s.fs
+}
 
 // FSStat reports the volume's filesystem's space.
 func (s *Server) FSStat(ctx context.Context, _ billy.Filesystem, st *nfs.FSStat) error {
@@ -119,9 +163,9 @@ func (s *Server) FromHandle(fh []byte) (billy.Filesystem, []string, error) {
 		return nil, nil, stale
 	}
 	if r == "." {
-		return s.fs, []string{}, nil
+		return s.filesystem(), []string{}, nil
 	}
-	return s.fs, strings.Split(r, "/"), nil
+	return s.filesystem(), strings.Split(r, "/"), nil
 }
 
 // InvalidateHandle: handles are the kernel's; nothing is kept to forget.

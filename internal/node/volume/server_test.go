@@ -22,7 +22,7 @@ func serve(t *testing.T, dir string) (*nfsc.Target, func()) {
 		// Opening files by their kernel handles needs CAP_DAC_READ_SEARCH.
 		testutil.Skipf(t, "volume server tests need root (open_by_handle_at)")
 	}
-	s, err := NewServer(dir)
+	s, err := NewServer(dir, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +143,7 @@ func TestServeHandlesOutliveTheServer(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "a", "b", "f"), []byte("kept\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	first, err := NewServer(dir)
+	first, err := NewServer(dir, false)
 	if err != nil {
 		if os.Geteuid() != 0 {
 			testutil.Skipf(t, "volume server tests need root (open_by_handle_at)")
@@ -156,7 +156,7 @@ func TestServeHandlesOutliveTheServer(t *testing.T) {
 	if len(h) == 0 || len(h) > 64 {
 		t.Fatalf("a handle of %d bytes (NFSv3 allows 64)", len(h))
 	}
-	second, err := NewServer(dir)
+	second, err := NewServer(dir, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,7 +186,7 @@ func TestServeHandlesOutliveTheServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer os.Remove(outside)
-	parent, err := NewServer(filepath.Dir(dir))
+	parent, err := NewServer(filepath.Dir(dir), false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,9 @@ import (
 // volume holds cannot take space from another or from the node beyond its size.
 type Store struct {
 	root string // images/<id>.ext4, mnt/<id>
+	// uid and gid own each new volume's root: the user volume servers run as (guests see
+	// it as root, see swapID).
+	uid, gid int
 }
 
 // Volume sizes a Store accepts, MiB.
@@ -28,14 +31,15 @@ const (
 
 var validID = regexp.MustCompile(`^[0-9a-f]{16}$`)
 
-// NewStore keeps volumes under root.
-func NewStore(root string) (*Store, error) {
+// NewStore keeps volumes under root; new volumes' roots belong to uid:gid, the user their
+// servers run as.
+func NewStore(root string, uid, gid int) (*Store, error) {
 	for _, d := range []string{"images", "mnt"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
 			return nil, fmt.Errorf("volume store %s: %w", root, err)
 		}
 	}
-	return &Store{root: root}, nil
+	return &Store{root: root, uid: uid, gid: gid}, nil
 }
 
 func (s *Store) image(id string) string { return filepath.Join(s.root, "images", id+".ext4") }
@@ -63,13 +67,18 @@ func (s *Store) Create(ctx context.Context, id string, sizeMiB int) error {
 	if err == nil {
 		// Its root is open to everyone (as a new directory would be to its owner): what the
 		// guests write there is theirs, under their own uids.
-		err = run(ctx, "mkfs.ext4", "-q", "-F", "-m", "0", "-E", "root_owner=0:0,lazy_itable_init=1", "-O", "^has_journal", img)
+		err = run(ctx, "mkfs.ext4", "-q", "-F", "-m", "0", "-E", fmt.Sprintf("root_owner=%d:%d,lazy_itable_init=1", s.uid, s.gid), "-O", "^has_journal", img)
 	}
 	if err == nil {
 		err = s.Mount(ctx, id)
 	}
 	if err == nil {
 		err = os.Chmod(s.Dir(id), 0o777|os.ModeSticky)
+	}
+	if err == nil {
+		// mkfs's lost+found is root's: a guest would see it as the servers' user's. Its
+		// fsck recreates it should it ever need it.
+		err = os.Remove(filepath.Join(s.Dir(id), "lost+found"))
 	}
 	if err != nil {
 		_ = s.Remove(context.WithoutCancel(ctx), id)
@@ -91,7 +100,47 @@ func (s *Store) Mount(ctx context.Context, id string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
+	// Never twice: an image mounted again while a loop device still holds it (a server
+	// from before still serving it from its own mount namespace) would be two
+	// filesystems writing one disk.
+	out, err := exec.CommandContext(ctx, "losetup", "-j", s.image(id)).Output()
+	if err != nil {
+		return fmt.Errorf("losetup -j %s: %w", s.image(id), err)
+	}
+	if len(strings.TrimSpace(string(out))) > 0 {
+		return fmt.Errorf("volume %s's image is still attached (%s) though not mounted here: a server from before may still use it", id, strings.TrimSpace(string(out)))
+	}
 	return run(ctx, "mount", "-t", "ext4", "-o", "loop,nodev,nosuid,noexec", s.image(id), dir)
+}
+
+// Unmount unmounts volume id if it is mounted (its data stays).
+func (s *Store) Unmount(ctx context.Context, id string) error {
+	if !validID.MatchString(id) {
+		return fmt.Errorf("volume ID %q: want 16 hex digits", id)
+	}
+	dir := s.Dir(id)
+	if mounted, err := isMounted(dir); err != nil || !mounted {
+		return err
+	}
+	return run(ctx, "umount", dir)
+}
+
+// Mounted lists the volumes mounted now.
+func (s *Store) Mounted() ([]string, error) {
+	entries, err := os.ReadDir(filepath.Join(s.root, "mnt"))
+	if err != nil {
+		return nil, err
+	}
+	var ids []string
+	for _, e := range entries {
+		if !validID.MatchString(e.Name()) {
+			continue
+		}
+		if ok, err := isMounted(s.Dir(e.Name())); err == nil && ok {
+			ids = append(ids, e.Name())
+		}
+	}
+	return ids, nil
 }
 
 // Remove unmounts volume id and deletes its data. It fails while the volume is in use

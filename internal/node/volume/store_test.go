@@ -28,7 +28,7 @@ func needMount(t *testing.T) {
 func TestStoreQuotaAndRemove(t *testing.T) {
 	needMount(t)
 	ctx := context.Background()
-	st, err := NewStore(t.TempDir())
+	st, err := NewStore(t.TempDir(), 0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

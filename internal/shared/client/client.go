@@ -120,6 +120,7 @@ func SaveConfig(cfg Config) error {
 type Client struct {
 	Sandboxes fireworksv1connect.SandboxServiceClient
 	Images    fireworksv1connect.ImageServiceClient
+	Volumes   fireworksv1connect.VolumeServiceClient
 	System    fireworksv1connect.SystemServiceClient
 	Tokens    fireworksv1connect.TokenServiceClient
 	Cluster   fireworksv1connect.ClusterServiceClient
@@ -172,6 +173,7 @@ func New(cfg Config) (*Client, error) {
 	return &Client{
 		Sandboxes: fireworksv1connect.NewSandboxServiceClient(hc, base, opts...),
 		Images:    fireworksv1connect.NewImageServiceClient(hc, base, opts...),
+		Volumes:   fireworksv1connect.NewVolumeServiceClient(hc, base, opts...),
 		System:    fireworksv1connect.NewSystemServiceClient(hc, base, opts...),
 		Tokens:    fireworksv1connect.NewTokenServiceClient(hc, base, opts...),
 		Cluster:   fireworksv1connect.NewClusterServiceClient(hc, base, opts...),

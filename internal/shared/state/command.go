@@ -44,6 +44,10 @@ const (
 	// Not ignorable: sandboxes start from them.
 	cmdPutSnapshot    cmdType = 16
 	cmdDeleteSnapshot cmdType = 17
+	// cmdPutVolume and cmdDeleteVolume record and forget volumes. Not ignorable:
+	// sandboxes mount them, and a delete is refused while one does.
+	cmdPutVolume    cmdType = 18
+	cmdDeleteVolume cmdType = 19
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -88,6 +92,10 @@ func (t cmdType) String() string {
 		return "put-snapshot"
 	case cmdDeleteSnapshot:
 		return "delete-snapshot"
+	case cmdPutVolume:
+		return "put-volume"
+	case cmdDeleteVolume:
+		return "delete-volume"
 	}
 	return fmt.Sprintf("type-%d", byte(t))
 }

@@ -39,6 +39,7 @@ type fsm struct {
 	certs     map[string]*IssuedCert // agent certificates joins issued and edge certificates, by serial
 	removed   map[string]time.Time   // nodes removed, when (for unrecorded certificates)
 	snapshots map[string]*Snapshot   // by ID
+	volumes   map[string]*Volume     // by ID
 
 	// changed is closed (and replaced) after every applied command and restore, so
 	// watchers (assignment streams, the leader's loops) wake on any change.
@@ -59,6 +60,7 @@ func newFSM(log *slog.Logger) *fsm {
 		certs:     map[string]*IssuedCert{},
 		removed:   map[string]time.Time{},
 		snapshots: map[string]*Snapshot{},
+		volumes:   map[string]*Volume{},
 		changed:   make(chan struct{}),
 	}
 }
@@ -123,6 +125,18 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return err
 		}
 		return f.deleteSnapshot(c.ID)
+	case cmdPutVolume:
+		var c putVolumeCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.putVolume(c)
+	case cmdDeleteVolume:
+		var c deleteVolumeCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.deleteVolume(c.ID)
 	case cmdResume:
 		var c resumeSandboxCmd
 		if err := decodeBody(t, body, &c); err != nil {
@@ -235,6 +249,9 @@ func (f *fsm) createSandbox(sb Sandbox, q Quota) any {
 	sb.normalize()
 	if _, ok := f.sandboxes[sb.ID]; ok {
 		return fmt.Errorf("ID %w", ErrExists)
+	}
+	if err := f.checkVolumes(sb.Spec); err != nil {
+		return err
 	}
 	if sb.Name != "" {
 		if id, ok := f.names[sb.Name]; ok {
@@ -374,6 +391,8 @@ type snapshotData struct {
 	Removed map[string]time.Time `json:"removed,omitempty"`
 	// Snapshots likewise.
 	Snapshots []*Snapshot `json:"snapshots,omitempty"` // sorted by ID
+	// Volumes likewise.
+	Volumes []*Volume `json:"volumes,omitempty"` // sorted by ID
 }
 
 // Snapshot captures the state cheaply (values are copy-on-write, so copying the maps is
@@ -390,6 +409,7 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 		certs:     slices.Collect(maps.Values(f.certs)),
 		removed:   maps.Clone(f.removed),
 		snapshots: slices.Collect(maps.Values(f.snapshots)),
+		volumes:   slices.Collect(maps.Values(f.volumes)),
 	}, nil
 }
 
@@ -460,9 +480,17 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 		s.CreatedAt = utc(s.CreatedAt)
 		snaps[s.ID] = s
 	}
+	vols := make(map[string]*Volume, len(d.Volumes))
+	for _, v := range d.Volumes {
+		if v == nil || v.ID == "" {
+			return fmt.Errorf("state snapshot holds a volume without ID")
+		}
+		v.CreatedAt = utc(v.CreatedAt)
+		vols[v.ID] = v
+	}
 	f.mu.Lock()
 	f.sandboxes, f.names, f.meta, f.nodes, f.tokens, f.pools = sandboxes, names, d.Meta, nodes, tokens, pools
-	f.certs, f.removed, f.snapshots = certs, d.Removed, snaps
+	f.certs, f.removed, f.snapshots, f.volumes = certs, d.Removed, snaps, vols
 	f.notifyLocked()
 	f.mu.Unlock()
 	return nil
@@ -477,6 +505,7 @@ type fsmSnapshot struct {
 	certs     []*IssuedCert
 	removed   map[string]time.Time
 	snapshots []*Snapshot
+	volumes   []*Volume
 }
 
 func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
@@ -498,8 +527,9 @@ func (s *fsmSnapshot) write(w io.Writer) error {
 	slices.SortFunc(s.pools, func(a, b *Pool) int { return cmp.Compare(a.Image, b.Image) })
 	slices.SortFunc(s.certs, func(a, b *IssuedCert) int { return cmp.Compare(a.Serial, b.Serial) })
 	slices.SortFunc(s.snapshots, func(a, b *Snapshot) int { return cmp.Compare(a.ID, b.ID) })
+	slices.SortFunc(s.volumes, func(a, b *Volume) int { return cmp.Compare(a.ID, b.ID) })
 	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta, Nodes: s.nodes, Tokens: s.tokens, Pools: s.pools,
-		Certs: s.certs, Removed: s.removed, Snapshots: s.snapshots})
+		Certs: s.certs, Removed: s.removed, Snapshots: s.snapshots, Volumes: s.volumes})
 }
 
 func (s *fsmSnapshot) Release() {}

@@ -3,6 +3,8 @@ package state
 import (
 	"errors"
 	"fmt"
+
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 )
 
 // ErrQuota: a request would take an owner past a limit.
@@ -120,6 +122,17 @@ func (s SandboxSpec) CheckSizes() error {
 	}
 	if len(s.Restart) > 64 {
 		tooBig("restart", len(s.Restart), 64, "bytes")
+	}
+	if len(s.Volumes) > proto.MaxVolumeMounts {
+		tooBig("volumes", len(s.Volumes), proto.MaxVolumeMounts, "entries")
+	}
+	for _, v := range s.Volumes {
+		if len(v.Volume) > 64 {
+			tooBig("volumes entry's volume", len(v.Volume), 64, "bytes")
+		}
+		if len(v.Path) > proto.MaxVolumePath {
+			tooBig("volumes entry's path", len(v.Path), proto.MaxVolumePath, "bytes")
+		}
 	}
 	return errors.Join(errs...)
 }

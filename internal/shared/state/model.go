@@ -62,6 +62,8 @@ var (
 	ErrAmbiguous = errors.New("ambiguous")
 	// ErrNameTaken: another existing sandbox already has the name.
 	ErrNameTaken = errors.New("name already in use")
+	// ErrInUse: a sandbox still uses what is to be removed (a volume).
+	ErrInUse = errors.New("in use")
 	// ErrExists: a sandbox with the same ID already exists.
 	ErrExists = errors.New("already exists")
 	// ErrInvalidTransition: the lifecycle does not allow the requested status change.
@@ -147,6 +149,10 @@ type SandboxSpec struct {
 	// ForkAddress is ForkNode's node API address, where another node fetches the saved
 	// state from.
 	ForkAddress string `json:"fork_address,omitempty"`
+	// Volumes are mounted in the guest, in order (see VolumeMount); their data is on
+	// VolumeNode, where the sandbox runs.
+	Volumes    []VolumeMount `json:"volumes,omitempty"`
+	VolumeNode string        `json:"volume_node,omitempty"`
 }
 
 // FilesOn names the node holding the files sb's start reads when another node may have

@@ -111,6 +111,10 @@ func SchedulerRequest(sb Sandbox) (scheduler.Request, error) {
 		// The files a start from a snapshot reads are on its node; a fork's source's
 		// saved state is fetched by another node if the holder has no room.
 		Node: sb.Spec.SnapshotNode, Prefer: sb.Spec.ForkNode}
+	if sb.Spec.VolumeNode != "" && req.Node == "" {
+		// A volume's data is on its node, which serves it only to sandboxes there.
+		req.Node, req.NodeWhy = sb.Spec.VolumeNode, "which holds its volumes"
+	}
 	for _, c := range sb.Spec.Constraints {
 		pc, err := scheduler.ParseConstraint(c)
 		if err != nil {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"maps"
 	"slices"
-	"strings"
 	"time"
 )
 
@@ -86,35 +85,7 @@ func (f *fsm) deleteSnapshot(id string) any {
 func (f *fsm) getSnapshot(ref, owner string, any bool) (Snapshot, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	var match, named []*Snapshot
-	for _, s := range f.snapshots {
-		if !any && s.Owner != owner {
-			continue
-		}
-		switch {
-		case s.ID == ref, s.Name == ref && s.Owner == owner:
-			return *s, nil // an ID, or the caller's own name
-		case s.Name == ref:
-			named = append(named, s) // another token's name (any: an admin's call)
-		case len(ref) >= 4 && strings.HasPrefix(s.ID, ref):
-			match = append(match, s)
-		}
-	}
-	// Names are per token: one that several others hold names none of them.
-	switch len(named) {
-	case 0:
-	case 1:
-		return *named[0], nil
-	default:
-		return Snapshot{}, fmt.Errorf("snapshot %q: %w (several tokens have a snapshot of that name: give its ID)", ref, ErrAmbiguous)
-	}
-	switch len(match) {
-	case 0:
-		return Snapshot{}, fmt.Errorf("snapshot %q: %w", ref, ErrNotFound)
-	case 1:
-		return *match[0], nil
-	}
-	return Snapshot{}, fmt.Errorf("snapshot %q: %w", ref, ErrAmbiguous)
+	return findByRef("snapshot", f.snapshots, ref, owner, any, func(s *Snapshot) (string, string, string) { return s.ID, s.Name, s.Owner })
 }
 
 func (f *fsm) listSnapshots() []Snapshot {

@@ -322,6 +322,14 @@ func (s *system) KillAll(context.Context) error                { return nil }
 func (s *system) Freeze() error                                { return nil }
 func (s *system) Thaw() error                                  { return nil }
 
+// MountVolumes: this test double's guest has no NFS client; volumes are refused.
+func (s *system) MountVolumes(vols []proto.VolumeMount) error {
+	if len(vols) > 0 {
+		return errors.New("the test driver's guest cannot mount volumes")
+	}
+	return nil
+}
+
 func (s *system) PowerOff(context.Context) {
 	if s.powerOff != nil {
 		go s.powerOff()

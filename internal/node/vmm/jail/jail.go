@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -50,6 +51,12 @@ type Spec struct {
 	Devices []string `json:"devices,omitempty"`
 	// Cgroups are cgroup directories (already made, limits set) the VMM joins.
 	Cgroups []string `json:"cgroups,omitempty"`
+	// Caps are capabilities (CAP_* numbers) the process keeps though it is not root
+	// (ambient: they survive the exec); every other one leaves even the bounding set.
+	Caps []uintptr `json:"caps,omitempty"`
+	// Proc mounts a /proc of the jail's own PID namespace (it shows the jailed process
+	// and nothing else), for a program that names its own descriptors.
+	Proc bool `json:"proc,omitempty"`
 	// Dir is the working directory; Path and Args the program (Args[0] included).
 	Dir  string   `json:"dir"`
 	Path string   `json:"path"`
@@ -105,7 +112,9 @@ func init() {
 		fmt.Fprintln(os.Stderr, "fireworks jail: "+helperEnv+" set outside a jail's start; ignored")
 		return
 	}
-	// The helper: never returns to the binary's main.
+	// The helper: never returns to the binary's main. Capabilities are a thread's: the
+	// thread that keeps them is the one that execs.
+	runtime.LockOSThread()
 	var spec Spec
 	err := json.Unmarshal([]byte(s), &spec)
 	if err == nil {
@@ -173,6 +182,14 @@ func enter(s Spec) error {
 			return err
 		}
 	}
+	if s.Proc {
+		if err := os.MkdirAll(in("/proc"), 0o555); err != nil {
+			return err
+		}
+		if err := unix.Mount("proc", in("/proc"), "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+			return fmt.Errorf("mount the jail's /proc: %w", err)
+		}
+	}
 	if err := os.Mkdir(in("/.old"), 0o700); err != nil { // where pivot puts the host's root
 		return err
 	}
@@ -191,6 +208,9 @@ func enter(s Spec) error {
 	if err := os.Chdir(s.Dir); err != nil {
 		return fmt.Errorf("chdir %s: %w", s.Dir, err)
 	}
+	if err := boundCaps(s.Caps); err != nil {
+		return err
+	}
 	if err := syscall.Setgroups(s.Groups); err != nil {
 		return fmt.Errorf("setgroups: %w", err)
 	}
@@ -200,10 +220,66 @@ func enter(s Spec) error {
 	if err := syscall.Setresuid(s.UID, s.UID, s.UID); err != nil {
 		return fmt.Errorf("setresuid %d: %w", s.UID, err)
 	}
+	if err := ambientCaps(s.Caps); err != nil {
+		return err
+	}
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("no_new_privs: %w", err)
 	}
 	return syscall.Exec(s.Path, s.Args, []string{"PATH=/usr/bin:/bin"})
+}
+
+// boundCaps drops every capability but keep from the bounding set and, if any is kept,
+// asks that the thread keep its permitted ones across the change of user (called as
+// root, on the thread that execs).
+func boundCaps(keep []uintptr) error {
+	for c := uintptr(0); ; c++ {
+		if slices.Contains(keep, c) {
+			continue
+		}
+		if err := unix.Prctl(unix.PR_CAPBSET_DROP, c, 0, 0, 0); err != nil {
+			if errors.Is(err, unix.EINVAL) {
+				break // past the kernel's last capability
+			}
+			return fmt.Errorf("drop capability %d: %w", c, err)
+		}
+	}
+	if len(keep) == 0 {
+		return nil
+	}
+	if err := unix.Prctl(unix.PR_SET_KEEPCAPS, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("keep capabilities: %w", err)
+	}
+	return nil
+}
+
+// ambientCaps makes keep the thread's only capabilities, effective and ambient, so that
+// the program it execs (not root, not setuid) has them and no other.
+func ambientCaps(keep []uintptr) error {
+	if len(keep) == 0 {
+		return nil
+	}
+	var mask [2]uint32
+	for _, c := range keep {
+		if c >= 64 {
+			return fmt.Errorf("capability %d: out of range", c)
+		}
+		mask[c/32] |= 1 << (c % 32)
+	}
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	data := [2]unix.CapUserData{
+		{Effective: mask[0], Permitted: mask[0], Inheritable: mask[0]},
+		{Effective: mask[1], Permitted: mask[1], Inheritable: mask[1]},
+	}
+	if err := unix.Capset(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("set capabilities: %w", err)
+	}
+	for _, c := range keep {
+		if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_RAISE, c, 0, 0); err != nil {
+			return fmt.Errorf("raise ambient capability %d: %w", c, err)
+		}
+	}
+	return nil
 }
 
 // bind mounts src at dst (made as a directory or an empty file), read-only unless

@@ -63,7 +63,10 @@ type SandboxSpec struct {
 	Ports []*Port `protobuf:"bytes,21,rep,name=ports,proto3" json:"ports,omitempty"`
 	// Start from this filesystem snapshot (ID or name): the image it was taken of, booted
 	// with the snapshot's files. image may be left empty.
-	Snapshot      string `protobuf:"bytes,22,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	Snapshot string `protobuf:"bytes,22,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	// Volumes mounted in the guest (run -v NAME:/path[:ro]); the sandbox runs on the node
+	// that holds them.
+	Volumes       []*VolumeMount `protobuf:"bytes,23,rep,name=volumes,proto3" json:"volumes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -252,6 +255,75 @@ func (x *SandboxSpec) GetSnapshot() string {
 	return ""
 }
 
+func (x *SandboxSpec) GetVolumes() []*VolumeMount {
+	if x != nil {
+		return x.Volumes
+	}
+	return nil
+}
+
+type VolumeMount struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The volume's name or ID (a sandbox's spec shows its ID).
+	Volume string `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	// Where the guest mounts it: an absolute path, not / nor under /proc, /sys or /dev.
+	Path          string `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`
+	ReadOnly      bool   `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeMount) Reset() {
+	*x = VolumeMount{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeMount) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeMount) ProtoMessage() {}
+
+func (x *VolumeMount) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeMount.ProtoReflect.Descriptor instead.
+func (*VolumeMount) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *VolumeMount) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *VolumeMount) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *VolumeMount) GetReadOnly() bool {
+	if x != nil {
+		return x.ReadOnly
+	}
+	return false
+}
+
 type Port struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Port  uint32                 `protobuf:"varint,1,opt,name=port,proto3" json:"port,omitempty"`
@@ -263,7 +335,7 @@ type Port struct {
 
 func (x *Port) Reset() {
 	*x = Port{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[1]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -275,7 +347,7 @@ func (x *Port) String() string {
 func (*Port) ProtoMessage() {}
 
 func (x *Port) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[1]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -288,7 +360,7 @@ func (x *Port) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Port.ProtoReflect.Descriptor instead.
 func (*Port) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{1}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Port) GetPort() uint32 {
@@ -326,7 +398,7 @@ type NetworkStatus struct {
 
 func (x *NetworkStatus) Reset() {
 	*x = NetworkStatus{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[2]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -338,7 +410,7 @@ func (x *NetworkStatus) String() string {
 func (*NetworkStatus) ProtoMessage() {}
 
 func (x *NetworkStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[2]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -351,7 +423,7 @@ func (x *NetworkStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkStatus.ProtoReflect.Descriptor instead.
 func (*NetworkStatus) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{2}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *NetworkStatus) GetAddress() string {
@@ -421,7 +493,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[3]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -433,7 +505,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[3]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -446,7 +518,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{3}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Event) GetTime() *timestamppb.Timestamp {
@@ -508,7 +580,7 @@ type Sandbox struct {
 
 func (x *Sandbox) Reset() {
 	*x = Sandbox{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[4]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -520,7 +592,7 @@ func (x *Sandbox) String() string {
 func (*Sandbox) ProtoMessage() {}
 
 func (x *Sandbox) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[4]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -533,7 +605,7 @@ func (x *Sandbox) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Sandbox.ProtoReflect.Descriptor instead.
 func (*Sandbox) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{4}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Sandbox) GetId() string {
@@ -718,7 +790,7 @@ type Migration struct {
 
 func (x *Migration) Reset() {
 	*x = Migration{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -730,7 +802,7 @@ func (x *Migration) String() string {
 func (*Migration) ProtoMessage() {}
 
 func (x *Migration) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[5]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -743,7 +815,7 @@ func (x *Migration) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Migration.ProtoReflect.Descriptor instead.
 func (*Migration) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{5}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Migration) GetId() string {
@@ -820,7 +892,7 @@ type MigrateSandboxRequest struct {
 
 func (x *MigrateSandboxRequest) Reset() {
 	*x = MigrateSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -832,7 +904,7 @@ func (x *MigrateSandboxRequest) String() string {
 func (*MigrateSandboxRequest) ProtoMessage() {}
 
 func (x *MigrateSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[6]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -845,7 +917,7 @@ func (x *MigrateSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MigrateSandboxRequest.ProtoReflect.Descriptor instead.
 func (*MigrateSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{6}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *MigrateSandboxRequest) GetSandbox() string {
@@ -872,7 +944,7 @@ type MigrateSandboxResponse struct {
 
 func (x *MigrateSandboxResponse) Reset() {
 	*x = MigrateSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -884,7 +956,7 @@ func (x *MigrateSandboxResponse) String() string {
 func (*MigrateSandboxResponse) ProtoMessage() {}
 
 func (x *MigrateSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[7]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -897,7 +969,7 @@ func (x *MigrateSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MigrateSandboxResponse.ProtoReflect.Descriptor instead.
 func (*MigrateSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{7}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *MigrateSandboxResponse) GetSandbox() *Sandbox {
@@ -925,7 +997,7 @@ type SavedState struct {
 
 func (x *SavedState) Reset() {
 	*x = SavedState{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -937,7 +1009,7 @@ func (x *SavedState) String() string {
 func (*SavedState) ProtoMessage() {}
 
 func (x *SavedState) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[8]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -950,7 +1022,7 @@ func (x *SavedState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SavedState.ProtoReflect.Descriptor instead.
 func (*SavedState) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{8}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SavedState) GetNode() string {
@@ -983,7 +1055,7 @@ type PauseSandboxRequest struct {
 
 func (x *PauseSandboxRequest) Reset() {
 	*x = PauseSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -995,7 +1067,7 @@ func (x *PauseSandboxRequest) String() string {
 func (*PauseSandboxRequest) ProtoMessage() {}
 
 func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[9]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1008,7 +1080,7 @@ func (x *PauseSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseSandboxRequest.ProtoReflect.Descriptor instead.
 func (*PauseSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{9}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PauseSandboxRequest) GetSandbox() string {
@@ -1027,7 +1099,7 @@ type PauseSandboxResponse struct {
 
 func (x *PauseSandboxResponse) Reset() {
 	*x = PauseSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1039,7 +1111,7 @@ func (x *PauseSandboxResponse) String() string {
 func (*PauseSandboxResponse) ProtoMessage() {}
 
 func (x *PauseSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[10]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1052,7 +1124,7 @@ func (x *PauseSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseSandboxResponse.ProtoReflect.Descriptor instead.
 func (*PauseSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{10}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PauseSandboxResponse) GetSandbox() *Sandbox {
@@ -1088,7 +1160,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1100,7 +1172,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[11]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1113,7 +1185,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{11}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Snapshot) GetId() string {
@@ -1221,7 +1293,7 @@ type CreateSnapshotRequest struct {
 
 func (x *CreateSnapshotRequest) Reset() {
 	*x = CreateSnapshotRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1233,7 +1305,7 @@ func (x *CreateSnapshotRequest) String() string {
 func (*CreateSnapshotRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[12]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1246,7 +1318,7 @@ func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{12}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CreateSnapshotRequest) GetSandbox() string {
@@ -1286,7 +1358,7 @@ type CreateSnapshotResponse struct {
 
 func (x *CreateSnapshotResponse) Reset() {
 	*x = CreateSnapshotResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1298,7 +1370,7 @@ func (x *CreateSnapshotResponse) String() string {
 func (*CreateSnapshotResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[13]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1311,7 +1383,7 @@ func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{13}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CreateSnapshotResponse) GetSnapshot() *Snapshot {
@@ -1329,7 +1401,7 @@ type ListSnapshotsRequest struct {
 
 func (x *ListSnapshotsRequest) Reset() {
 	*x = ListSnapshotsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1341,7 +1413,7 @@ func (x *ListSnapshotsRequest) String() string {
 func (*ListSnapshotsRequest) ProtoMessage() {}
 
 func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[14]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1354,7 +1426,7 @@ func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsRequest.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{14}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{15}
 }
 
 type ListSnapshotsResponse struct {
@@ -1366,7 +1438,7 @@ type ListSnapshotsResponse struct {
 
 func (x *ListSnapshotsResponse) Reset() {
 	*x = ListSnapshotsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1378,7 +1450,7 @@ func (x *ListSnapshotsResponse) String() string {
 func (*ListSnapshotsResponse) ProtoMessage() {}
 
 func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[15]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1391,7 +1463,7 @@ func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsResponse.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{15}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListSnapshotsResponse) GetSnapshots() []*Snapshot {
@@ -1411,7 +1483,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1423,7 +1495,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[16]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1436,7 +1508,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{16}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *DeleteSnapshotRequest) GetSnapshot() string {
@@ -1454,7 +1526,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1466,7 +1538,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[17]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1479,7 +1551,7 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{17}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{18}
 }
 
 type ForkSandboxRequest struct {
@@ -1493,7 +1565,7 @@ type ForkSandboxRequest struct {
 
 func (x *ForkSandboxRequest) Reset() {
 	*x = ForkSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1505,7 +1577,7 @@ func (x *ForkSandboxRequest) String() string {
 func (*ForkSandboxRequest) ProtoMessage() {}
 
 func (x *ForkSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[18]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1518,7 +1590,7 @@ func (x *ForkSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForkSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ForkSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{18}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ForkSandboxRequest) GetSandbox() string {
@@ -1544,7 +1616,7 @@ type ForkSandboxResponse struct {
 
 func (x *ForkSandboxResponse) Reset() {
 	*x = ForkSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1556,7 +1628,7 @@ func (x *ForkSandboxResponse) String() string {
 func (*ForkSandboxResponse) ProtoMessage() {}
 
 func (x *ForkSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[19]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1569,7 +1641,7 @@ func (x *ForkSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForkSandboxResponse.ProtoReflect.Descriptor instead.
 func (*ForkSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{19}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ForkSandboxResponse) GetForks() []*Sandbox {
@@ -1591,7 +1663,7 @@ type ResumeSandboxRequest struct {
 
 func (x *ResumeSandboxRequest) Reset() {
 	*x = ResumeSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1603,7 +1675,7 @@ func (x *ResumeSandboxRequest) String() string {
 func (*ResumeSandboxRequest) ProtoMessage() {}
 
 func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[20]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1616,7 +1688,7 @@ func (x *ResumeSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{20}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ResumeSandboxRequest) GetSandbox() string {
@@ -1642,7 +1714,7 @@ type ResumeSandboxResponse struct {
 
 func (x *ResumeSandboxResponse) Reset() {
 	*x = ResumeSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1654,7 +1726,7 @@ func (x *ResumeSandboxResponse) String() string {
 func (*ResumeSandboxResponse) ProtoMessage() {}
 
 func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[21]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1667,7 +1739,7 @@ func (x *ResumeSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeSandboxResponse.ProtoReflect.Descriptor instead.
 func (*ResumeSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{21}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ResumeSandboxResponse) GetSandbox() *Sandbox {
@@ -1687,7 +1759,7 @@ type CreateSandboxRequest struct {
 
 func (x *CreateSandboxRequest) Reset() {
 	*x = CreateSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1699,7 +1771,7 @@ func (x *CreateSandboxRequest) String() string {
 func (*CreateSandboxRequest) ProtoMessage() {}
 
 func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[22]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1712,7 +1784,7 @@ func (x *CreateSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxRequest.ProtoReflect.Descriptor instead.
 func (*CreateSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{22}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CreateSandboxRequest) GetName() string {
@@ -1738,7 +1810,7 @@ type CreateSandboxResponse struct {
 
 func (x *CreateSandboxResponse) Reset() {
 	*x = CreateSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1750,7 +1822,7 @@ func (x *CreateSandboxResponse) String() string {
 func (*CreateSandboxResponse) ProtoMessage() {}
 
 func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[23]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1763,7 +1835,7 @@ func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxResponse.ProtoReflect.Descriptor instead.
 func (*CreateSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{23}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CreateSandboxResponse) GetSandbox() *Sandbox {
@@ -1783,7 +1855,7 @@ type GetSandboxRequest struct {
 
 func (x *GetSandboxRequest) Reset() {
 	*x = GetSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1795,7 +1867,7 @@ func (x *GetSandboxRequest) String() string {
 func (*GetSandboxRequest) ProtoMessage() {}
 
 func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1808,7 +1880,7 @@ func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetSandboxRequest) GetSandbox() string {
@@ -1827,7 +1899,7 @@ type GetSandboxResponse struct {
 
 func (x *GetSandboxResponse) Reset() {
 	*x = GetSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1839,7 +1911,7 @@ func (x *GetSandboxResponse) String() string {
 func (*GetSandboxResponse) ProtoMessage() {}
 
 func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1852,7 +1924,7 @@ func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetSandboxResponse) GetSandbox() *Sandbox {
@@ -1871,7 +1943,7 @@ type ListSandboxesRequest struct {
 
 func (x *ListSandboxesRequest) Reset() {
 	*x = ListSandboxesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1883,7 +1955,7 @@ func (x *ListSandboxesRequest) String() string {
 func (*ListSandboxesRequest) ProtoMessage() {}
 
 func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1896,7 +1968,7 @@ func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesRequest.ProtoReflect.Descriptor instead.
 func (*ListSandboxesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListSandboxesRequest) GetAll() bool {
@@ -1915,7 +1987,7 @@ type ListSandboxesResponse struct {
 
 func (x *ListSandboxesResponse) Reset() {
 	*x = ListSandboxesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1927,7 +1999,7 @@ func (x *ListSandboxesResponse) String() string {
 func (*ListSandboxesResponse) ProtoMessage() {}
 
 func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1940,7 +2012,7 @@ func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesResponse.ProtoReflect.Descriptor instead.
 func (*ListSandboxesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListSandboxesResponse) GetSandboxes() []*Sandbox {
@@ -1960,7 +2032,7 @@ type StopSandboxRequest struct {
 
 func (x *StopSandboxRequest) Reset() {
 	*x = StopSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1972,7 +2044,7 @@ func (x *StopSandboxRequest) String() string {
 func (*StopSandboxRequest) ProtoMessage() {}
 
 func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1985,7 +2057,7 @@ func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxRequest.ProtoReflect.Descriptor instead.
 func (*StopSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StopSandboxRequest) GetSandbox() string {
@@ -2011,7 +2083,7 @@ type StopSandboxResponse struct {
 
 func (x *StopSandboxResponse) Reset() {
 	*x = StopSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2023,7 +2095,7 @@ func (x *StopSandboxResponse) String() string {
 func (*StopSandboxResponse) ProtoMessage() {}
 
 func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2036,7 +2108,7 @@ func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxResponse.ProtoReflect.Descriptor instead.
 func (*StopSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *StopSandboxResponse) GetSandbox() *Sandbox {
@@ -2056,7 +2128,7 @@ type RemoveSandboxRequest struct {
 
 func (x *RemoveSandboxRequest) Reset() {
 	*x = RemoveSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2068,7 +2140,7 @@ func (x *RemoveSandboxRequest) String() string {
 func (*RemoveSandboxRequest) ProtoMessage() {}
 
 func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2081,7 +2153,7 @@ func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxRequest.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RemoveSandboxRequest) GetSandbox() string {
@@ -2106,7 +2178,7 @@ type RemoveSandboxResponse struct {
 
 func (x *RemoveSandboxResponse) Reset() {
 	*x = RemoveSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2118,7 +2190,7 @@ func (x *RemoveSandboxResponse) String() string {
 func (*RemoveSandboxResponse) ProtoMessage() {}
 
 func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2131,7 +2203,7 @@ func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxResponse.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
 }
 
 type Resize struct {
@@ -2144,7 +2216,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2156,7 +2228,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2169,7 +2241,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -2197,7 +2269,7 @@ type Output struct {
 
 func (x *Output) Reset() {
 	*x = Output{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2209,7 +2281,7 @@ func (x *Output) String() string {
 func (*Output) ProtoMessage() {}
 
 func (x *Output) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2222,7 +2294,7 @@ func (x *Output) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Output.ProtoReflect.Descriptor instead.
 func (*Output) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Output) GetStream() int32 {
@@ -2251,7 +2323,7 @@ type Exit struct {
 
 func (x *Exit) Reset() {
 	*x = Exit{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2263,7 +2335,7 @@ func (x *Exit) String() string {
 func (*Exit) ProtoMessage() {}
 
 func (x *Exit) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2276,7 +2348,7 @@ func (x *Exit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Exit.ProtoReflect.Descriptor instead.
 func (*Exit) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Exit) GetCode() int32 {
@@ -2316,7 +2388,7 @@ type AttachStart struct {
 
 func (x *AttachStart) Reset() {
 	*x = AttachStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2328,7 +2400,7 @@ func (x *AttachStart) String() string {
 func (*AttachStart) ProtoMessage() {}
 
 func (x *AttachStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2341,7 +2413,7 @@ func (x *AttachStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachStart.ProtoReflect.Descriptor instead.
 func (*AttachStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *AttachStart) GetSandbox() string {
@@ -2367,7 +2439,7 @@ type AttachRequest struct {
 
 func (x *AttachRequest) Reset() {
 	*x = AttachRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2379,7 +2451,7 @@ func (x *AttachRequest) String() string {
 func (*AttachRequest) ProtoMessage() {}
 
 func (x *AttachRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2392,7 +2464,7 @@ func (x *AttachRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachRequest.ProtoReflect.Descriptor instead.
 func (*AttachRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *AttachRequest) GetMsg() isAttachRequest_Msg {
@@ -2494,7 +2566,7 @@ type AttachResponse struct {
 
 func (x *AttachResponse) Reset() {
 	*x = AttachResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2506,7 +2578,7 @@ func (x *AttachResponse) String() string {
 func (*AttachResponse) ProtoMessage() {}
 
 func (x *AttachResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2519,7 +2591,7 @@ func (x *AttachResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachResponse.ProtoReflect.Descriptor instead.
 func (*AttachResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *AttachResponse) GetMsg() isAttachResponse_Msg {
@@ -2573,7 +2645,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2585,7 +2657,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2598,7 +2670,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *LogsRequest) GetSandbox() string {
@@ -2624,7 +2696,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2636,7 +2708,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2649,7 +2721,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *LogsResponse) GetOutput() *Output {
@@ -2676,7 +2748,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2688,7 +2760,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2701,7 +2773,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ExecStart) GetSandbox() string {
@@ -2783,7 +2855,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2795,7 +2867,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2808,7 +2880,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -2910,7 +2982,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2922,7 +2994,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2935,7 +3007,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -2992,7 +3064,7 @@ type SetPolicyRequest struct {
 
 func (x *SetPolicyRequest) Reset() {
 	*x = SetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3004,7 +3076,7 @@ func (x *SetPolicyRequest) String() string {
 func (*SetPolicyRequest) ProtoMessage() {}
 
 func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3017,7 +3089,7 @@ func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *SetPolicyRequest) GetSandbox() string {
@@ -3050,7 +3122,7 @@ type SetPolicyResponse struct {
 
 func (x *SetPolicyResponse) Reset() {
 	*x = SetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3062,7 +3134,7 @@ func (x *SetPolicyResponse) String() string {
 func (*SetPolicyResponse) ProtoMessage() {}
 
 func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3075,7 +3147,7 @@ func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *SetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -3094,7 +3166,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3106,7 +3178,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3119,7 +3191,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *GetPolicyRequest) GetSandbox() string {
@@ -3138,7 +3210,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3150,7 +3222,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3163,7 +3235,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *GetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -3187,7 +3259,7 @@ type PortForwardRequest struct {
 
 func (x *PortForwardRequest) Reset() {
 	*x = PortForwardRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3199,7 +3271,7 @@ func (x *PortForwardRequest) String() string {
 func (*PortForwardRequest) ProtoMessage() {}
 
 func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3212,7 +3284,7 @@ func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardRequest.ProtoReflect.Descriptor instead.
 func (*PortForwardRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *PortForwardRequest) GetSandbox() string {
@@ -3252,7 +3324,7 @@ type PortForwardResponse struct {
 
 func (x *PortForwardResponse) Reset() {
 	*x = PortForwardResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3264,7 +3336,7 @@ func (x *PortForwardResponse) String() string {
 func (*PortForwardResponse) ProtoMessage() {}
 
 func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3277,7 +3349,7 @@ func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardResponse.ProtoReflect.Descriptor instead.
 func (*PortForwardResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *PortForwardResponse) GetData() []byte {
@@ -3303,7 +3375,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3315,7 +3387,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3328,7 +3400,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *Image) GetRef() string {
@@ -3392,7 +3464,7 @@ type PullImageRequest struct {
 
 func (x *PullImageRequest) Reset() {
 	*x = PullImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3404,7 +3476,7 @@ func (x *PullImageRequest) String() string {
 func (*PullImageRequest) ProtoMessage() {}
 
 func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3417,7 +3489,7 @@ func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageRequest.ProtoReflect.Descriptor instead.
 func (*PullImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *PullImageRequest) GetRef() string {
@@ -3454,7 +3526,7 @@ type PullImageResponse struct {
 
 func (x *PullImageResponse) Reset() {
 	*x = PullImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3466,7 +3538,7 @@ func (x *PullImageResponse) String() string {
 func (*PullImageResponse) ProtoMessage() {}
 
 func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3479,7 +3551,7 @@ func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageResponse.ProtoReflect.Descriptor instead.
 func (*PullImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *PullImageResponse) GetMsg() isPullImageResponse_Msg {
@@ -3535,7 +3607,7 @@ type PullProgress struct {
 
 func (x *PullProgress) Reset() {
 	*x = PullProgress{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3547,7 +3619,7 @@ func (x *PullProgress) String() string {
 func (*PullProgress) ProtoMessage() {}
 
 func (x *PullProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3560,7 +3632,7 @@ func (x *PullProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullProgress.ProtoReflect.Descriptor instead.
 func (*PullProgress) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *PullProgress) GetLayer() string {
@@ -3600,7 +3672,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3612,7 +3684,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3625,7 +3697,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ListImagesRequest) GetNode() string {
@@ -3644,7 +3716,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3656,7 +3728,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3669,7 +3741,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -3689,7 +3761,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3701,7 +3773,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3714,7 +3786,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -3743,7 +3815,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3755,7 +3827,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3768,7 +3840,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *RemoveImageResponse) GetTemplatesDropped() int32 {
@@ -3805,7 +3877,7 @@ type Pool struct {
 
 func (x *Pool) Reset() {
 	*x = Pool{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3817,7 +3889,7 @@ func (x *Pool) String() string {
 func (*Pool) ProtoMessage() {}
 
 func (x *Pool) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3830,7 +3902,7 @@ func (x *Pool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pool.ProtoReflect.Descriptor instead.
 func (*Pool) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *Pool) GetImage() string {
@@ -3912,7 +3984,7 @@ type PoolNodeStatus struct {
 
 func (x *PoolNodeStatus) Reset() {
 	*x = PoolNodeStatus{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3924,7 +3996,7 @@ func (x *PoolNodeStatus) String() string {
 func (*PoolNodeStatus) ProtoMessage() {}
 
 func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3937,7 +4009,7 @@ func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolNodeStatus.ProtoReflect.Descriptor instead.
 func (*PoolNodeStatus) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *PoolNodeStatus) GetNode() string {
@@ -4026,7 +4098,7 @@ type SetPoolRequest struct {
 
 func (x *SetPoolRequest) Reset() {
 	*x = SetPoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4038,7 +4110,7 @@ func (x *SetPoolRequest) String() string {
 func (*SetPoolRequest) ProtoMessage() {}
 
 func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4051,7 +4123,7 @@ func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolRequest.ProtoReflect.Descriptor instead.
 func (*SetPoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *SetPoolRequest) GetPool() *Pool {
@@ -4070,7 +4142,7 @@ type SetPoolResponse struct {
 
 func (x *SetPoolResponse) Reset() {
 	*x = SetPoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4082,7 +4154,7 @@ func (x *SetPoolResponse) String() string {
 func (*SetPoolResponse) ProtoMessage() {}
 
 func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4095,7 +4167,7 @@ func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolResponse.ProtoReflect.Descriptor instead.
 func (*SetPoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *SetPoolResponse) GetPool() *Pool {
@@ -4113,7 +4185,7 @@ type ListPoolsRequest struct {
 
 func (x *ListPoolsRequest) Reset() {
 	*x = ListPoolsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4125,7 +4197,7 @@ func (x *ListPoolsRequest) String() string {
 func (*ListPoolsRequest) ProtoMessage() {}
 
 func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4138,7 +4210,7 @@ func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsRequest.ProtoReflect.Descriptor instead.
 func (*ListPoolsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{62}
 }
 
 type ListPoolsResponse struct {
@@ -4150,7 +4222,7 @@ type ListPoolsResponse struct {
 
 func (x *ListPoolsResponse) Reset() {
 	*x = ListPoolsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4162,7 +4234,7 @@ func (x *ListPoolsResponse) String() string {
 func (*ListPoolsResponse) ProtoMessage() {}
 
 func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4175,7 +4247,7 @@ func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsResponse.ProtoReflect.Descriptor instead.
 func (*ListPoolsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{62}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *ListPoolsResponse) GetPools() []*Pool {
@@ -4194,7 +4266,7 @@ type DeletePoolRequest struct {
 
 func (x *DeletePoolRequest) Reset() {
 	*x = DeletePoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4206,7 +4278,7 @@ func (x *DeletePoolRequest) String() string {
 func (*DeletePoolRequest) ProtoMessage() {}
 
 func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4219,7 +4291,7 @@ func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolRequest.ProtoReflect.Descriptor instead.
 func (*DeletePoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{63}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *DeletePoolRequest) GetImage() string {
@@ -4237,7 +4309,7 @@ type DeletePoolResponse struct {
 
 func (x *DeletePoolResponse) Reset() {
 	*x = DeletePoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4249,7 +4321,7 @@ func (x *DeletePoolResponse) String() string {
 func (*DeletePoolResponse) ProtoMessage() {}
 
 func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4262,7 +4334,7 @@ func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolResponse.ProtoReflect.Descriptor instead.
 func (*DeletePoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{64}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{65}
 }
 
 type Template struct {
@@ -4281,7 +4353,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4293,7 +4365,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4306,7 +4378,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{65}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *Template) GetKey() string {
@@ -4378,7 +4450,7 @@ type WarmImageRequest struct {
 
 func (x *WarmImageRequest) Reset() {
 	*x = WarmImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4390,7 +4462,7 @@ func (x *WarmImageRequest) String() string {
 func (*WarmImageRequest) ProtoMessage() {}
 
 func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4403,7 +4475,7 @@ func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageRequest.ProtoReflect.Descriptor instead.
 func (*WarmImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{66}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *WarmImageRequest) GetRef() string {
@@ -4439,7 +4511,7 @@ type WarmImageResponse struct {
 
 func (x *WarmImageResponse) Reset() {
 	*x = WarmImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4451,7 +4523,7 @@ func (x *WarmImageResponse) String() string {
 func (*WarmImageResponse) ProtoMessage() {}
 
 func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4464,7 +4536,7 @@ func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageResponse.ProtoReflect.Descriptor instead.
 func (*WarmImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{67}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *WarmImageResponse) GetTemplate() *Template {
@@ -4497,7 +4569,7 @@ type ListTemplatesRequest struct {
 
 func (x *ListTemplatesRequest) Reset() {
 	*x = ListTemplatesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4509,7 +4581,7 @@ func (x *ListTemplatesRequest) String() string {
 func (*ListTemplatesRequest) ProtoMessage() {}
 
 func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4522,7 +4594,7 @@ func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesRequest.ProtoReflect.Descriptor instead.
 func (*ListTemplatesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{68}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *ListTemplatesRequest) GetNode() string {
@@ -4541,7 +4613,7 @@ type ListTemplatesResponse struct {
 
 func (x *ListTemplatesResponse) Reset() {
 	*x = ListTemplatesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4553,7 +4625,7 @@ func (x *ListTemplatesResponse) String() string {
 func (*ListTemplatesResponse) ProtoMessage() {}
 
 func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4566,7 +4638,7 @@ func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesResponse.ProtoReflect.Descriptor instead.
 func (*ListTemplatesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{69}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *ListTemplatesResponse) GetTemplates() []*Template {
@@ -4574,6 +4646,484 @@ func (x *ListTemplatesResponse) GetTemplates() []*Template {
 		return x.Templates
 	}
 	return nil
+}
+
+// A volume: a persistent filesystem a token's sandboxes mount (shared read-write among
+// those running at once), kept until removed.
+type Volume struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name  string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Owner string                 `protobuf:"bytes,3,opt,name=owner,proto3" json:"owner,omitempty"`
+	// Where its data is (shown to admins).
+	Node      string                 `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
+	SizeMib   int64                  `protobuf:"varint,5,opt,name=size_mib,json=sizeMib,proto3" json:"size_mib,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// Sandboxes, not over, that mount it.
+	UsedBy []string `protobuf:"bytes,7,rep,name=used_by,json=usedBy,proto3" json:"used_by,omitempty"`
+	// Why it can no longer be used, if it cannot (its node was removed).
+	Lost string `protobuf:"bytes,8,opt,name=lost,proto3" json:"lost,omitempty"`
+	// Space its filesystem uses now (node API answers and GetVolume).
+	UsedBytes     int64 `protobuf:"varint,9,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Volume) Reset() {
+	*x = Volume{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Volume) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Volume) ProtoMessage() {}
+
+func (x *Volume) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Volume.ProtoReflect.Descriptor instead.
+func (*Volume) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{71}
+}
+
+func (x *Volume) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Volume) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Volume) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *Volume) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *Volume) GetSizeMib() int64 {
+	if x != nil {
+		return x.SizeMib
+	}
+	return 0
+}
+
+func (x *Volume) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Volume) GetUsedBy() []string {
+	if x != nil {
+		return x.UsedBy
+	}
+	return nil
+}
+
+func (x *Volume) GetLost() string {
+	if x != nil {
+		return x.Lost
+	}
+	return ""
+}
+
+func (x *Volume) GetUsedBytes() int64 {
+	if x != nil {
+		return x.UsedBytes
+	}
+	return 0
+}
+
+type CreateVolumeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// 16 MiB to 1 TiB; 0 means 10 GiB.
+	SizeMib int64 `protobuf:"varint,2,opt,name=size_mib,json=sizeMib,proto3" json:"size_mib,omitempty"`
+	// Node API only: the ID the server chose.
+	VolumeId string `protobuf:"bytes,3,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
+	// Admins: the node to keep it on.
+	Node          string `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateVolumeRequest) Reset() {
+	*x = CreateVolumeRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateVolumeRequest) ProtoMessage() {}
+
+func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateVolumeRequest.ProtoReflect.Descriptor instead.
+func (*CreateVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{72}
+}
+
+func (x *CreateVolumeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateVolumeRequest) GetSizeMib() int64 {
+	if x != nil {
+		return x.SizeMib
+	}
+	return 0
+}
+
+func (x *CreateVolumeRequest) GetVolumeId() string {
+	if x != nil {
+		return x.VolumeId
+	}
+	return ""
+}
+
+func (x *CreateVolumeRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+type CreateVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateVolumeResponse) Reset() {
+	*x = CreateVolumeResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateVolumeResponse) ProtoMessage() {}
+
+func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateVolumeResponse.ProtoReflect.Descriptor instead.
+func (*CreateVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *CreateVolumeResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+type ListVolumesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListVolumesRequest) Reset() {
+	*x = ListVolumesRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListVolumesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListVolumesRequest) ProtoMessage() {}
+
+func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListVolumesRequest.ProtoReflect.Descriptor instead.
+func (*ListVolumesRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{74}
+}
+
+type ListVolumesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volumes       []*Volume              `protobuf:"bytes,1,rep,name=volumes,proto3" json:"volumes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListVolumesResponse) Reset() {
+	*x = ListVolumesResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListVolumesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListVolumesResponse) ProtoMessage() {}
+
+func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListVolumesResponse.ProtoReflect.Descriptor instead.
+func (*ListVolumesResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{75}
+}
+
+func (x *ListVolumesResponse) GetVolumes() []*Volume {
+	if x != nil {
+		return x.Volumes
+	}
+	return nil
+}
+
+type GetVolumeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Name, ID or unique ID prefix.
+	Volume        string `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetVolumeRequest) Reset() {
+	*x = GetVolumeRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetVolumeRequest) ProtoMessage() {}
+
+func (x *GetVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetVolumeRequest.ProtoReflect.Descriptor instead.
+func (*GetVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{76}
+}
+
+func (x *GetVolumeRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+type GetVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetVolumeResponse) Reset() {
+	*x = GetVolumeResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetVolumeResponse) ProtoMessage() {}
+
+func (x *GetVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetVolumeResponse.ProtoReflect.Descriptor instead.
+func (*GetVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{77}
+}
+
+func (x *GetVolumeResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+type DeleteVolumeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteVolumeRequest) Reset() {
+	*x = DeleteVolumeRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteVolumeRequest) ProtoMessage() {}
+
+func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteVolumeRequest.ProtoReflect.Descriptor instead.
+func (*DeleteVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{78}
+}
+
+func (x *DeleteVolumeRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+type DeleteVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteVolumeResponse) Reset() {
+	*x = DeleteVolumeResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteVolumeResponse) ProtoMessage() {}
+
+func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteVolumeResponse.ProtoReflect.Descriptor instead.
+func (*DeleteVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{79}
 }
 
 type InfoRequest struct {
@@ -4584,7 +5134,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4596,7 +5146,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4609,7 +5159,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{70}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{80}
 }
 
 type InfoResponse struct {
@@ -4633,7 +5183,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4645,7 +5195,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4658,7 +5208,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{71}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *InfoResponse) GetVersion() string {
@@ -4772,7 +5322,7 @@ type Token struct {
 
 func (x *Token) Reset() {
 	*x = Token{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4784,7 +5334,7 @@ func (x *Token) String() string {
 func (*Token) ProtoMessage() {}
 
 func (x *Token) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4797,7 +5347,7 @@ func (x *Token) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Token.ProtoReflect.Descriptor instead.
 func (*Token) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{72}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *Token) GetId() string {
@@ -4870,7 +5420,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4882,7 +5432,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4895,7 +5445,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{73}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *CreateTokenRequest) GetName() string {
@@ -4937,7 +5487,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4949,7 +5499,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4962,7 +5512,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{74}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *CreateTokenResponse) GetToken() *Token {
@@ -4987,7 +5537,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4999,7 +5549,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5012,7 +5562,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{75}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{85}
 }
 
 type ListTokensResponse struct {
@@ -5024,7 +5574,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5036,7 +5586,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5049,7 +5599,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{76}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *ListTokensResponse) GetTokens() []*Token {
@@ -5068,7 +5618,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5080,7 +5630,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5093,7 +5643,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{77}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -5111,7 +5661,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5123,7 +5673,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5136,14 +5686,14 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{78}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{88}
 }
 
 var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
 
 const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
-	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x05\n" +
+	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb6\x05\n" +
 	"\vSandboxSpec\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x1e\n" +
 	"\n" +
@@ -5171,7 +5721,12 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\anetwork\x18\x13 \x01(\tR\anetwork\x12\x16\n" +
 	"\x06policy\x18\x14 \x01(\tR\x06policy\x12(\n" +
 	"\x05ports\x18\x15 \x03(\v2\x12.fireworks.v1.PortR\x05ports\x12\x1a\n" +
-	"\bsnapshot\x18\x16 \x01(\tR\bsnapshot\"2\n" +
+	"\bsnapshot\x18\x16 \x01(\tR\bsnapshot\x123\n" +
+	"\avolumes\x18\x17 \x03(\v2\x19.fireworks.v1.VolumeMountR\avolumes\"V\n" +
+	"\vVolumeMount\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\x12\x1b\n" +
+	"\tread_only\x18\x03 \x01(\bR\breadOnly\"2\n" +
 	"\x04Port\x12\x12\n" +
 	"\x04port\x18\x01 \x01(\rR\x04port\x12\x16\n" +
 	"\x06public\x18\x02 \x01(\bR\x06public\"\xa8\x02\n" +
@@ -5471,7 +6026,36 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x14ListTemplatesRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\"M\n" +
 	"\x15ListTemplatesResponse\x124\n" +
-	"\ttemplates\x18\x01 \x03(\v2\x16.fireworks.v1.TemplateR\ttemplates\"\r\n" +
+	"\ttemplates\x18\x01 \x03(\v2\x16.fireworks.v1.TemplateR\ttemplates\"\xf8\x01\n" +
+	"\x06Volume\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
+	"\x05owner\x18\x03 \x01(\tR\x05owner\x12\x12\n" +
+	"\x04node\x18\x04 \x01(\tR\x04node\x12\x19\n" +
+	"\bsize_mib\x18\x05 \x01(\x03R\asizeMib\x129\n" +
+	"\n" +
+	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x17\n" +
+	"\aused_by\x18\a \x03(\tR\x06usedBy\x12\x12\n" +
+	"\x04lost\x18\b \x01(\tR\x04lost\x12\x1d\n" +
+	"\n" +
+	"used_bytes\x18\t \x01(\x03R\tusedBytes\"u\n" +
+	"\x13CreateVolumeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
+	"\bsize_mib\x18\x02 \x01(\x03R\asizeMib\x12\x1b\n" +
+	"\tvolume_id\x18\x03 \x01(\tR\bvolumeId\x12\x12\n" +
+	"\x04node\x18\x04 \x01(\tR\x04node\"D\n" +
+	"\x14CreateVolumeResponse\x12,\n" +
+	"\x06volume\x18\x01 \x01(\v2\x14.fireworks.v1.VolumeR\x06volume\"\x14\n" +
+	"\x12ListVolumesRequest\"E\n" +
+	"\x13ListVolumesResponse\x12.\n" +
+	"\avolumes\x18\x01 \x03(\v2\x14.fireworks.v1.VolumeR\avolumes\"*\n" +
+	"\x10GetVolumeRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\"A\n" +
+	"\x11GetVolumeResponse\x12,\n" +
+	"\x06volume\x18\x01 \x01(\v2\x14.fireworks.v1.VolumeR\x06volume\"-\n" +
+	"\x13DeleteVolumeRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\"\x16\n" +
+	"\x14DeleteVolumeResponse\"\r\n" +
 	"\vInfoRequest\"\xb4\x03\n" +
 	"\fInfoResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x12\n" +
@@ -5534,7 +6118,12 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x04Exec\x12\x19.fireworks.v1.ExecRequest\x1a\x1a.fireworks.v1.ExecResponse(\x010\x01\x12L\n" +
 	"\tSetPolicy\x12\x1e.fireworks.v1.SetPolicyRequest\x1a\x1f.fireworks.v1.SetPolicyResponse\x12L\n" +
 	"\tGetPolicy\x12\x1e.fireworks.v1.GetPolicyRequest\x1a\x1f.fireworks.v1.GetPolicyResponse\x12V\n" +
-	"\vPortForward\x12 .fireworks.v1.PortForwardRequest\x1a!.fireworks.v1.PortForwardResponse(\x010\x012\x92\x05\n" +
+	"\vPortForward\x12 .fireworks.v1.PortForwardRequest\x1a!.fireworks.v1.PortForwardResponse(\x010\x012\xdf\x02\n" +
+	"\rVolumeService\x12U\n" +
+	"\fCreateVolume\x12!.fireworks.v1.CreateVolumeRequest\x1a\".fireworks.v1.CreateVolumeResponse\x12R\n" +
+	"\vListVolumes\x12 .fireworks.v1.ListVolumesRequest\x1a!.fireworks.v1.ListVolumesResponse\x12L\n" +
+	"\tGetVolume\x12\x1e.fireworks.v1.GetVolumeRequest\x1a\x1f.fireworks.v1.GetVolumeResponse\x12U\n" +
+	"\fDeleteVolume\x12!.fireworks.v1.DeleteVolumeRequest\x1a\".fireworks.v1.DeleteVolumeResponse2\x92\x05\n" +
 	"\fImageService\x12N\n" +
 	"\tPullImage\x12\x1e.fireworks.v1.PullImageRequest\x1a\x1f.fireworks.v1.PullImageResponse0\x01\x12O\n" +
 	"\n" +
@@ -5566,216 +6155,239 @@ func file_fireworks_v1_fireworks_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_fireworks_proto_rawDescData
 }
 
-var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 80)
+var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 90)
 var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*SandboxSpec)(nil),            // 0: fireworks.v1.SandboxSpec
-	(*Port)(nil),                   // 1: fireworks.v1.Port
-	(*NetworkStatus)(nil),          // 2: fireworks.v1.NetworkStatus
-	(*Event)(nil),                  // 3: fireworks.v1.Event
-	(*Sandbox)(nil),                // 4: fireworks.v1.Sandbox
-	(*Migration)(nil),              // 5: fireworks.v1.Migration
-	(*MigrateSandboxRequest)(nil),  // 6: fireworks.v1.MigrateSandboxRequest
-	(*MigrateSandboxResponse)(nil), // 7: fireworks.v1.MigrateSandboxResponse
-	(*SavedState)(nil),             // 8: fireworks.v1.SavedState
-	(*PauseSandboxRequest)(nil),    // 9: fireworks.v1.PauseSandboxRequest
-	(*PauseSandboxResponse)(nil),   // 10: fireworks.v1.PauseSandboxResponse
-	(*Snapshot)(nil),               // 11: fireworks.v1.Snapshot
-	(*CreateSnapshotRequest)(nil),  // 12: fireworks.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil), // 13: fireworks.v1.CreateSnapshotResponse
-	(*ListSnapshotsRequest)(nil),   // 14: fireworks.v1.ListSnapshotsRequest
-	(*ListSnapshotsResponse)(nil),  // 15: fireworks.v1.ListSnapshotsResponse
-	(*DeleteSnapshotRequest)(nil),  // 16: fireworks.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil), // 17: fireworks.v1.DeleteSnapshotResponse
-	(*ForkSandboxRequest)(nil),     // 18: fireworks.v1.ForkSandboxRequest
-	(*ForkSandboxResponse)(nil),    // 19: fireworks.v1.ForkSandboxResponse
-	(*ResumeSandboxRequest)(nil),   // 20: fireworks.v1.ResumeSandboxRequest
-	(*ResumeSandboxResponse)(nil),  // 21: fireworks.v1.ResumeSandboxResponse
-	(*CreateSandboxRequest)(nil),   // 22: fireworks.v1.CreateSandboxRequest
-	(*CreateSandboxResponse)(nil),  // 23: fireworks.v1.CreateSandboxResponse
-	(*GetSandboxRequest)(nil),      // 24: fireworks.v1.GetSandboxRequest
-	(*GetSandboxResponse)(nil),     // 25: fireworks.v1.GetSandboxResponse
-	(*ListSandboxesRequest)(nil),   // 26: fireworks.v1.ListSandboxesRequest
-	(*ListSandboxesResponse)(nil),  // 27: fireworks.v1.ListSandboxesResponse
-	(*StopSandboxRequest)(nil),     // 28: fireworks.v1.StopSandboxRequest
-	(*StopSandboxResponse)(nil),    // 29: fireworks.v1.StopSandboxResponse
-	(*RemoveSandboxRequest)(nil),   // 30: fireworks.v1.RemoveSandboxRequest
-	(*RemoveSandboxResponse)(nil),  // 31: fireworks.v1.RemoveSandboxResponse
-	(*Resize)(nil),                 // 32: fireworks.v1.Resize
-	(*Output)(nil),                 // 33: fireworks.v1.Output
-	(*Exit)(nil),                   // 34: fireworks.v1.Exit
-	(*AttachStart)(nil),            // 35: fireworks.v1.AttachStart
-	(*AttachRequest)(nil),          // 36: fireworks.v1.AttachRequest
-	(*AttachResponse)(nil),         // 37: fireworks.v1.AttachResponse
-	(*LogsRequest)(nil),            // 38: fireworks.v1.LogsRequest
-	(*LogsResponse)(nil),           // 39: fireworks.v1.LogsResponse
-	(*ExecStart)(nil),              // 40: fireworks.v1.ExecStart
-	(*ExecRequest)(nil),            // 41: fireworks.v1.ExecRequest
-	(*ExecResponse)(nil),           // 42: fireworks.v1.ExecResponse
-	(*SetPolicyRequest)(nil),       // 43: fireworks.v1.SetPolicyRequest
-	(*SetPolicyResponse)(nil),      // 44: fireworks.v1.SetPolicyResponse
-	(*GetPolicyRequest)(nil),       // 45: fireworks.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),      // 46: fireworks.v1.GetPolicyResponse
-	(*PortForwardRequest)(nil),     // 47: fireworks.v1.PortForwardRequest
-	(*PortForwardResponse)(nil),    // 48: fireworks.v1.PortForwardResponse
-	(*Image)(nil),                  // 49: fireworks.v1.Image
-	(*PullImageRequest)(nil),       // 50: fireworks.v1.PullImageRequest
-	(*PullImageResponse)(nil),      // 51: fireworks.v1.PullImageResponse
-	(*PullProgress)(nil),           // 52: fireworks.v1.PullProgress
-	(*ListImagesRequest)(nil),      // 53: fireworks.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),     // 54: fireworks.v1.ListImagesResponse
-	(*RemoveImageRequest)(nil),     // 55: fireworks.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),    // 56: fireworks.v1.RemoveImageResponse
-	(*Pool)(nil),                   // 57: fireworks.v1.Pool
-	(*PoolNodeStatus)(nil),         // 58: fireworks.v1.PoolNodeStatus
-	(*SetPoolRequest)(nil),         // 59: fireworks.v1.SetPoolRequest
-	(*SetPoolResponse)(nil),        // 60: fireworks.v1.SetPoolResponse
-	(*ListPoolsRequest)(nil),       // 61: fireworks.v1.ListPoolsRequest
-	(*ListPoolsResponse)(nil),      // 62: fireworks.v1.ListPoolsResponse
-	(*DeletePoolRequest)(nil),      // 63: fireworks.v1.DeletePoolRequest
-	(*DeletePoolResponse)(nil),     // 64: fireworks.v1.DeletePoolResponse
-	(*Template)(nil),               // 65: fireworks.v1.Template
-	(*WarmImageRequest)(nil),       // 66: fireworks.v1.WarmImageRequest
-	(*WarmImageResponse)(nil),      // 67: fireworks.v1.WarmImageResponse
-	(*ListTemplatesRequest)(nil),   // 68: fireworks.v1.ListTemplatesRequest
-	(*ListTemplatesResponse)(nil),  // 69: fireworks.v1.ListTemplatesResponse
-	(*InfoRequest)(nil),            // 70: fireworks.v1.InfoRequest
-	(*InfoResponse)(nil),           // 71: fireworks.v1.InfoResponse
-	(*Token)(nil),                  // 72: fireworks.v1.Token
-	(*CreateTokenRequest)(nil),     // 73: fireworks.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),    // 74: fireworks.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),      // 75: fireworks.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),     // 76: fireworks.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),     // 77: fireworks.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),    // 78: fireworks.v1.RevokeTokenResponse
-	nil,                            // 79: fireworks.v1.Sandbox.DetailsEntry
-	(*durationpb.Duration)(nil),    // 80: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 81: google.protobuf.Timestamp
+	(*VolumeMount)(nil),            // 1: fireworks.v1.VolumeMount
+	(*Port)(nil),                   // 2: fireworks.v1.Port
+	(*NetworkStatus)(nil),          // 3: fireworks.v1.NetworkStatus
+	(*Event)(nil),                  // 4: fireworks.v1.Event
+	(*Sandbox)(nil),                // 5: fireworks.v1.Sandbox
+	(*Migration)(nil),              // 6: fireworks.v1.Migration
+	(*MigrateSandboxRequest)(nil),  // 7: fireworks.v1.MigrateSandboxRequest
+	(*MigrateSandboxResponse)(nil), // 8: fireworks.v1.MigrateSandboxResponse
+	(*SavedState)(nil),             // 9: fireworks.v1.SavedState
+	(*PauseSandboxRequest)(nil),    // 10: fireworks.v1.PauseSandboxRequest
+	(*PauseSandboxResponse)(nil),   // 11: fireworks.v1.PauseSandboxResponse
+	(*Snapshot)(nil),               // 12: fireworks.v1.Snapshot
+	(*CreateSnapshotRequest)(nil),  // 13: fireworks.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil), // 14: fireworks.v1.CreateSnapshotResponse
+	(*ListSnapshotsRequest)(nil),   // 15: fireworks.v1.ListSnapshotsRequest
+	(*ListSnapshotsResponse)(nil),  // 16: fireworks.v1.ListSnapshotsResponse
+	(*DeleteSnapshotRequest)(nil),  // 17: fireworks.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil), // 18: fireworks.v1.DeleteSnapshotResponse
+	(*ForkSandboxRequest)(nil),     // 19: fireworks.v1.ForkSandboxRequest
+	(*ForkSandboxResponse)(nil),    // 20: fireworks.v1.ForkSandboxResponse
+	(*ResumeSandboxRequest)(nil),   // 21: fireworks.v1.ResumeSandboxRequest
+	(*ResumeSandboxResponse)(nil),  // 22: fireworks.v1.ResumeSandboxResponse
+	(*CreateSandboxRequest)(nil),   // 23: fireworks.v1.CreateSandboxRequest
+	(*CreateSandboxResponse)(nil),  // 24: fireworks.v1.CreateSandboxResponse
+	(*GetSandboxRequest)(nil),      // 25: fireworks.v1.GetSandboxRequest
+	(*GetSandboxResponse)(nil),     // 26: fireworks.v1.GetSandboxResponse
+	(*ListSandboxesRequest)(nil),   // 27: fireworks.v1.ListSandboxesRequest
+	(*ListSandboxesResponse)(nil),  // 28: fireworks.v1.ListSandboxesResponse
+	(*StopSandboxRequest)(nil),     // 29: fireworks.v1.StopSandboxRequest
+	(*StopSandboxResponse)(nil),    // 30: fireworks.v1.StopSandboxResponse
+	(*RemoveSandboxRequest)(nil),   // 31: fireworks.v1.RemoveSandboxRequest
+	(*RemoveSandboxResponse)(nil),  // 32: fireworks.v1.RemoveSandboxResponse
+	(*Resize)(nil),                 // 33: fireworks.v1.Resize
+	(*Output)(nil),                 // 34: fireworks.v1.Output
+	(*Exit)(nil),                   // 35: fireworks.v1.Exit
+	(*AttachStart)(nil),            // 36: fireworks.v1.AttachStart
+	(*AttachRequest)(nil),          // 37: fireworks.v1.AttachRequest
+	(*AttachResponse)(nil),         // 38: fireworks.v1.AttachResponse
+	(*LogsRequest)(nil),            // 39: fireworks.v1.LogsRequest
+	(*LogsResponse)(nil),           // 40: fireworks.v1.LogsResponse
+	(*ExecStart)(nil),              // 41: fireworks.v1.ExecStart
+	(*ExecRequest)(nil),            // 42: fireworks.v1.ExecRequest
+	(*ExecResponse)(nil),           // 43: fireworks.v1.ExecResponse
+	(*SetPolicyRequest)(nil),       // 44: fireworks.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),      // 45: fireworks.v1.SetPolicyResponse
+	(*GetPolicyRequest)(nil),       // 46: fireworks.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),      // 47: fireworks.v1.GetPolicyResponse
+	(*PortForwardRequest)(nil),     // 48: fireworks.v1.PortForwardRequest
+	(*PortForwardResponse)(nil),    // 49: fireworks.v1.PortForwardResponse
+	(*Image)(nil),                  // 50: fireworks.v1.Image
+	(*PullImageRequest)(nil),       // 51: fireworks.v1.PullImageRequest
+	(*PullImageResponse)(nil),      // 52: fireworks.v1.PullImageResponse
+	(*PullProgress)(nil),           // 53: fireworks.v1.PullProgress
+	(*ListImagesRequest)(nil),      // 54: fireworks.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),     // 55: fireworks.v1.ListImagesResponse
+	(*RemoveImageRequest)(nil),     // 56: fireworks.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),    // 57: fireworks.v1.RemoveImageResponse
+	(*Pool)(nil),                   // 58: fireworks.v1.Pool
+	(*PoolNodeStatus)(nil),         // 59: fireworks.v1.PoolNodeStatus
+	(*SetPoolRequest)(nil),         // 60: fireworks.v1.SetPoolRequest
+	(*SetPoolResponse)(nil),        // 61: fireworks.v1.SetPoolResponse
+	(*ListPoolsRequest)(nil),       // 62: fireworks.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),      // 63: fireworks.v1.ListPoolsResponse
+	(*DeletePoolRequest)(nil),      // 64: fireworks.v1.DeletePoolRequest
+	(*DeletePoolResponse)(nil),     // 65: fireworks.v1.DeletePoolResponse
+	(*Template)(nil),               // 66: fireworks.v1.Template
+	(*WarmImageRequest)(nil),       // 67: fireworks.v1.WarmImageRequest
+	(*WarmImageResponse)(nil),      // 68: fireworks.v1.WarmImageResponse
+	(*ListTemplatesRequest)(nil),   // 69: fireworks.v1.ListTemplatesRequest
+	(*ListTemplatesResponse)(nil),  // 70: fireworks.v1.ListTemplatesResponse
+	(*Volume)(nil),                 // 71: fireworks.v1.Volume
+	(*CreateVolumeRequest)(nil),    // 72: fireworks.v1.CreateVolumeRequest
+	(*CreateVolumeResponse)(nil),   // 73: fireworks.v1.CreateVolumeResponse
+	(*ListVolumesRequest)(nil),     // 74: fireworks.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),    // 75: fireworks.v1.ListVolumesResponse
+	(*GetVolumeRequest)(nil),       // 76: fireworks.v1.GetVolumeRequest
+	(*GetVolumeResponse)(nil),      // 77: fireworks.v1.GetVolumeResponse
+	(*DeleteVolumeRequest)(nil),    // 78: fireworks.v1.DeleteVolumeRequest
+	(*DeleteVolumeResponse)(nil),   // 79: fireworks.v1.DeleteVolumeResponse
+	(*InfoRequest)(nil),            // 80: fireworks.v1.InfoRequest
+	(*InfoResponse)(nil),           // 81: fireworks.v1.InfoResponse
+	(*Token)(nil),                  // 82: fireworks.v1.Token
+	(*CreateTokenRequest)(nil),     // 83: fireworks.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),    // 84: fireworks.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),      // 85: fireworks.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),     // 86: fireworks.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),     // 87: fireworks.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),    // 88: fireworks.v1.RevokeTokenResponse
+	nil,                            // 89: fireworks.v1.Sandbox.DetailsEntry
+	(*durationpb.Duration)(nil),    // 90: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 91: google.protobuf.Timestamp
 }
 var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
-	80, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
-	1,  // 1: fireworks.v1.SandboxSpec.ports:type_name -> fireworks.v1.Port
-	81, // 2: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
-	0,  // 3: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
-	81, // 4: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	81, // 5: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
-	81, // 6: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
-	3,  // 7: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
-	79, // 8: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
-	2,  // 9: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
-	8,  // 10: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
-	5,  // 11: fireworks.v1.Sandbox.migration:type_name -> fireworks.v1.Migration
-	5,  // 12: fireworks.v1.Sandbox.migrations:type_name -> fireworks.v1.Migration
-	81, // 13: fireworks.v1.Migration.started:type_name -> google.protobuf.Timestamp
-	81, // 14: fireworks.v1.Migration.ended:type_name -> google.protobuf.Timestamp
-	4,  // 15: fireworks.v1.MigrateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	5,  // 16: fireworks.v1.MigrateSandboxResponse.migration:type_name -> fireworks.v1.Migration
-	81, // 17: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
-	4,  // 18: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	81, // 19: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
-	11, // 20: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
-	11, // 21: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
-	4,  // 22: fireworks.v1.ForkSandboxResponse.forks:type_name -> fireworks.v1.Sandbox
-	4,  // 23: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	0,  // 24: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
-	4,  // 25: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	4,  // 26: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	4,  // 27: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
-	80, // 28: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
-	4,  // 29: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	35, // 30: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
-	32, // 31: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
-	33, // 32: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
-	34, // 33: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
-	33, // 34: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
-	40, // 35: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
-	32, // 36: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
-	33, // 37: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
-	34, // 38: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
-	2,  // 39: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	2,  // 40: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	81, // 41: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
-	52, // 42: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
-	49, // 43: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
-	49, // 44: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
-	81, // 45: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
-	58, // 46: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
-	57, // 47: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
-	57, // 48: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
-	57, // 49: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
-	81, // 50: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
-	65, // 51: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
-	80, // 52: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
-	65, // 53: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
-	81, // 54: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
-	81, // 55: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	80, // 56: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	72, // 57: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
-	72, // 58: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
-	22, // 59: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
-	24, // 60: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
-	26, // 61: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
-	28, // 62: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
-	30, // 63: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
-	9,  // 64: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
-	20, // 65: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
-	6,  // 66: fireworks.v1.SandboxService.MigrateSandbox:input_type -> fireworks.v1.MigrateSandboxRequest
-	18, // 67: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
-	12, // 68: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
-	14, // 69: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
-	16, // 70: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
-	36, // 71: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
-	38, // 72: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
-	41, // 73: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
-	43, // 74: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
-	45, // 75: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
-	47, // 76: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
-	50, // 77: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
-	53, // 78: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
-	55, // 79: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
-	66, // 80: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
-	68, // 81: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
-	59, // 82: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
-	61, // 83: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
-	63, // 84: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
-	70, // 85: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
-	73, // 86: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
-	75, // 87: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
-	77, // 88: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
-	23, // 89: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
-	25, // 90: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
-	27, // 91: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
-	29, // 92: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
-	31, // 93: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
-	10, // 94: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
-	21, // 95: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
-	7,  // 96: fireworks.v1.SandboxService.MigrateSandbox:output_type -> fireworks.v1.MigrateSandboxResponse
-	19, // 97: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
-	13, // 98: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
-	15, // 99: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
-	17, // 100: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
-	37, // 101: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
-	39, // 102: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
-	42, // 103: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
-	44, // 104: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
-	46, // 105: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
-	48, // 106: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
-	51, // 107: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
-	54, // 108: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
-	56, // 109: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
-	67, // 110: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
-	69, // 111: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
-	60, // 112: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
-	62, // 113: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
-	64, // 114: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
-	71, // 115: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
-	74, // 116: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
-	76, // 117: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
-	78, // 118: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
-	89, // [89:119] is the sub-list for method output_type
-	59, // [59:89] is the sub-list for method input_type
-	59, // [59:59] is the sub-list for extension type_name
-	59, // [59:59] is the sub-list for extension extendee
-	0,  // [0:59] is the sub-list for field type_name
+	90, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
+	2,  // 1: fireworks.v1.SandboxSpec.ports:type_name -> fireworks.v1.Port
+	1,  // 2: fireworks.v1.SandboxSpec.volumes:type_name -> fireworks.v1.VolumeMount
+	91, // 3: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
+	0,  // 4: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
+	91, // 5: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	91, // 6: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
+	91, // 7: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
+	4,  // 8: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
+	89, // 9: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
+	3,  // 10: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
+	9,  // 11: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
+	6,  // 12: fireworks.v1.Sandbox.migration:type_name -> fireworks.v1.Migration
+	6,  // 13: fireworks.v1.Sandbox.migrations:type_name -> fireworks.v1.Migration
+	91, // 14: fireworks.v1.Migration.started:type_name -> google.protobuf.Timestamp
+	91, // 15: fireworks.v1.Migration.ended:type_name -> google.protobuf.Timestamp
+	5,  // 16: fireworks.v1.MigrateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	6,  // 17: fireworks.v1.MigrateSandboxResponse.migration:type_name -> fireworks.v1.Migration
+	91, // 18: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
+	5,  // 19: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	91, // 20: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	12, // 21: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
+	12, // 22: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
+	5,  // 23: fireworks.v1.ForkSandboxResponse.forks:type_name -> fireworks.v1.Sandbox
+	5,  // 24: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	0,  // 25: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
+	5,  // 26: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	5,  // 27: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	5,  // 28: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
+	90, // 29: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
+	5,  // 30: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	36, // 31: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
+	33, // 32: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
+	34, // 33: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
+	35, // 34: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
+	34, // 35: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
+	41, // 36: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
+	33, // 37: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
+	34, // 38: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
+	35, // 39: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
+	3,  // 40: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	3,  // 41: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	91, // 42: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
+	53, // 43: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
+	50, // 44: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
+	50, // 45: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
+	91, // 46: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
+	59, // 47: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
+	58, // 48: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
+	58, // 49: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
+	58, // 50: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
+	91, // 51: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
+	66, // 52: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
+	90, // 53: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
+	66, // 54: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
+	91, // 55: fireworks.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	71, // 56: fireworks.v1.CreateVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	71, // 57: fireworks.v1.ListVolumesResponse.volumes:type_name -> fireworks.v1.Volume
+	71, // 58: fireworks.v1.GetVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	91, // 59: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
+	91, // 60: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	90, // 61: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	82, // 62: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
+	82, // 63: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
+	23, // 64: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
+	25, // 65: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
+	27, // 66: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
+	29, // 67: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
+	31, // 68: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
+	10, // 69: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
+	21, // 70: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
+	7,  // 71: fireworks.v1.SandboxService.MigrateSandbox:input_type -> fireworks.v1.MigrateSandboxRequest
+	19, // 72: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
+	13, // 73: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
+	15, // 74: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
+	17, // 75: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
+	37, // 76: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
+	39, // 77: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
+	42, // 78: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
+	44, // 79: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
+	46, // 80: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
+	48, // 81: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
+	72, // 82: fireworks.v1.VolumeService.CreateVolume:input_type -> fireworks.v1.CreateVolumeRequest
+	74, // 83: fireworks.v1.VolumeService.ListVolumes:input_type -> fireworks.v1.ListVolumesRequest
+	76, // 84: fireworks.v1.VolumeService.GetVolume:input_type -> fireworks.v1.GetVolumeRequest
+	78, // 85: fireworks.v1.VolumeService.DeleteVolume:input_type -> fireworks.v1.DeleteVolumeRequest
+	51, // 86: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
+	54, // 87: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
+	56, // 88: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
+	67, // 89: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
+	69, // 90: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
+	60, // 91: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
+	62, // 92: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
+	64, // 93: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
+	80, // 94: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
+	83, // 95: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
+	85, // 96: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
+	87, // 97: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
+	24, // 98: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
+	26, // 99: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
+	28, // 100: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
+	30, // 101: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
+	32, // 102: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
+	11, // 103: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
+	22, // 104: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
+	8,  // 105: fireworks.v1.SandboxService.MigrateSandbox:output_type -> fireworks.v1.MigrateSandboxResponse
+	20, // 106: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
+	14, // 107: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
+	16, // 108: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
+	18, // 109: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
+	38, // 110: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
+	40, // 111: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
+	43, // 112: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
+	45, // 113: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
+	47, // 114: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
+	49, // 115: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
+	73, // 116: fireworks.v1.VolumeService.CreateVolume:output_type -> fireworks.v1.CreateVolumeResponse
+	75, // 117: fireworks.v1.VolumeService.ListVolumes:output_type -> fireworks.v1.ListVolumesResponse
+	77, // 118: fireworks.v1.VolumeService.GetVolume:output_type -> fireworks.v1.GetVolumeResponse
+	79, // 119: fireworks.v1.VolumeService.DeleteVolume:output_type -> fireworks.v1.DeleteVolumeResponse
+	52, // 120: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
+	55, // 121: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
+	57, // 122: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
+	68, // 123: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
+	70, // 124: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
+	61, // 125: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
+	63, // 126: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
+	65, // 127: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
+	81, // 128: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
+	84, // 129: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
+	86, // 130: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
+	88, // 131: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
+	98, // [98:132] is the sub-list for method output_type
+	64, // [64:98] is the sub-list for method input_type
+	64, // [64:64] is the sub-list for extension type_name
+	64, // [64:64] is the sub-list for extension extendee
+	0,  // [0:64] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_fireworks_proto_init() }
@@ -5783,29 +6395,29 @@ func file_fireworks_v1_fireworks_proto_init() {
 	if File_fireworks_v1_fireworks_proto != nil {
 		return
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[36].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[37].OneofWrappers = []any{
 		(*AttachRequest_Start)(nil),
 		(*AttachRequest_Stdin)(nil),
 		(*AttachRequest_StdinClose)(nil),
 		(*AttachRequest_Resize)(nil),
 		(*AttachRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[37].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[38].OneofWrappers = []any{
 		(*AttachResponse_Output)(nil),
 		(*AttachResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[41].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[42].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinClose)(nil),
 		(*ExecRequest_Resize)(nil),
 		(*ExecRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[42].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[43].OneofWrappers = []any{
 		(*ExecResponse_Output)(nil),
 		(*ExecResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[51].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[52].OneofWrappers = []any{
 		(*PullImageResponse_Progress)(nil),
 		(*PullImageResponse_Image)(nil),
 	}
@@ -5815,9 +6427,9 @@ func file_fireworks_v1_fireworks_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_fireworks_proto_rawDesc), len(file_fireworks_v1_fireworks_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   80,
+			NumMessages:   90,
 			NumExtensions: 0,
-			NumServices:   4,
+			NumServices:   5,
 		},
 		GoTypes:           file_fireworks_v1_fireworks_proto_goTypes,
 		DependencyIndexes: file_fireworks_v1_fireworks_proto_depIdxs,

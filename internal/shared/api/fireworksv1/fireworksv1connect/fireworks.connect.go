@@ -26,6 +26,8 @@ const _ = connect.IsAtLeastVersion1_13_0
 const (
 	// SandboxServiceName is the fully-qualified name of the SandboxService service.
 	SandboxServiceName = "fireworks.v1.SandboxService"
+	// VolumeServiceName is the fully-qualified name of the VolumeService service.
+	VolumeServiceName = "fireworks.v1.VolumeService"
 	// ImageServiceName is the fully-qualified name of the ImageService service.
 	ImageServiceName = "fireworks.v1.ImageService"
 	// SystemServiceName is the fully-qualified name of the SystemService service.
@@ -93,6 +95,17 @@ const (
 	// SandboxServicePortForwardProcedure is the fully-qualified name of the SandboxService's
 	// PortForward RPC.
 	SandboxServicePortForwardProcedure = "/fireworks.v1.SandboxService/PortForward"
+	// VolumeServiceCreateVolumeProcedure is the fully-qualified name of the VolumeService's
+	// CreateVolume RPC.
+	VolumeServiceCreateVolumeProcedure = "/fireworks.v1.VolumeService/CreateVolume"
+	// VolumeServiceListVolumesProcedure is the fully-qualified name of the VolumeService's ListVolumes
+	// RPC.
+	VolumeServiceListVolumesProcedure = "/fireworks.v1.VolumeService/ListVolumes"
+	// VolumeServiceGetVolumeProcedure is the fully-qualified name of the VolumeService's GetVolume RPC.
+	VolumeServiceGetVolumeProcedure = "/fireworks.v1.VolumeService/GetVolume"
+	// VolumeServiceDeleteVolumeProcedure is the fully-qualified name of the VolumeService's
+	// DeleteVolume RPC.
+	VolumeServiceDeleteVolumeProcedure = "/fireworks.v1.VolumeService/DeleteVolume"
 	// ImageServicePullImageProcedure is the fully-qualified name of the ImageService's PullImage RPC.
 	ImageServicePullImageProcedure = "/fireworks.v1.ImageService/PullImage"
 	// ImageServiceListImagesProcedure is the fully-qualified name of the ImageService's ListImages RPC.
@@ -661,6 +674,156 @@ func (UnimplementedSandboxServiceHandler) GetPolicy(context.Context, *connect.Re
 
 func (UnimplementedSandboxServiceHandler) PortForward(context.Context, *connect.BidiStream[fireworksv1.PortForwardRequest, fireworksv1.PortForwardResponse]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.PortForward is not implemented"))
+}
+
+// VolumeServiceClient is a client for the fireworks.v1.VolumeService service.
+type VolumeServiceClient interface {
+	CreateVolume(context.Context, *connect.Request[fireworksv1.CreateVolumeRequest]) (*connect.Response[fireworksv1.CreateVolumeResponse], error)
+	ListVolumes(context.Context, *connect.Request[fireworksv1.ListVolumesRequest]) (*connect.Response[fireworksv1.ListVolumesResponse], error)
+	GetVolume(context.Context, *connect.Request[fireworksv1.GetVolumeRequest]) (*connect.Response[fireworksv1.GetVolumeResponse], error)
+	// Refused while a sandbox that is not over mounts it.
+	DeleteVolume(context.Context, *connect.Request[fireworksv1.DeleteVolumeRequest]) (*connect.Response[fireworksv1.DeleteVolumeResponse], error)
+}
+
+// NewVolumeServiceClient constructs a client for the fireworks.v1.VolumeService service. By
+// default, it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses,
+// and sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the
+// connect.WithGRPC() or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewVolumeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) VolumeServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	volumeServiceMethods := fireworksv1.File_fireworks_v1_fireworks_proto.Services().ByName("VolumeService").Methods()
+	return &volumeServiceClient{
+		createVolume: connect.NewClient[fireworksv1.CreateVolumeRequest, fireworksv1.CreateVolumeResponse](
+			httpClient,
+			baseURL+VolumeServiceCreateVolumeProcedure,
+			connect.WithSchema(volumeServiceMethods.ByName("CreateVolume")),
+			connect.WithClientOptions(opts...),
+		),
+		listVolumes: connect.NewClient[fireworksv1.ListVolumesRequest, fireworksv1.ListVolumesResponse](
+			httpClient,
+			baseURL+VolumeServiceListVolumesProcedure,
+			connect.WithSchema(volumeServiceMethods.ByName("ListVolumes")),
+			connect.WithClientOptions(opts...),
+		),
+		getVolume: connect.NewClient[fireworksv1.GetVolumeRequest, fireworksv1.GetVolumeResponse](
+			httpClient,
+			baseURL+VolumeServiceGetVolumeProcedure,
+			connect.WithSchema(volumeServiceMethods.ByName("GetVolume")),
+			connect.WithClientOptions(opts...),
+		),
+		deleteVolume: connect.NewClient[fireworksv1.DeleteVolumeRequest, fireworksv1.DeleteVolumeResponse](
+			httpClient,
+			baseURL+VolumeServiceDeleteVolumeProcedure,
+			connect.WithSchema(volumeServiceMethods.ByName("DeleteVolume")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// volumeServiceClient implements VolumeServiceClient.
+type volumeServiceClient struct {
+	createVolume *connect.Client[fireworksv1.CreateVolumeRequest, fireworksv1.CreateVolumeResponse]
+	listVolumes  *connect.Client[fireworksv1.ListVolumesRequest, fireworksv1.ListVolumesResponse]
+	getVolume    *connect.Client[fireworksv1.GetVolumeRequest, fireworksv1.GetVolumeResponse]
+	deleteVolume *connect.Client[fireworksv1.DeleteVolumeRequest, fireworksv1.DeleteVolumeResponse]
+}
+
+// CreateVolume calls fireworks.v1.VolumeService.CreateVolume.
+func (c *volumeServiceClient) CreateVolume(ctx context.Context, req *connect.Request[fireworksv1.CreateVolumeRequest]) (*connect.Response[fireworksv1.CreateVolumeResponse], error) {
+	return c.createVolume.CallUnary(ctx, req)
+}
+
+// ListVolumes calls fireworks.v1.VolumeService.ListVolumes.
+func (c *volumeServiceClient) ListVolumes(ctx context.Context, req *connect.Request[fireworksv1.ListVolumesRequest]) (*connect.Response[fireworksv1.ListVolumesResponse], error) {
+	return c.listVolumes.CallUnary(ctx, req)
+}
+
+// GetVolume calls fireworks.v1.VolumeService.GetVolume.
+func (c *volumeServiceClient) GetVolume(ctx context.Context, req *connect.Request[fireworksv1.GetVolumeRequest]) (*connect.Response[fireworksv1.GetVolumeResponse], error) {
+	return c.getVolume.CallUnary(ctx, req)
+}
+
+// DeleteVolume calls fireworks.v1.VolumeService.DeleteVolume.
+func (c *volumeServiceClient) DeleteVolume(ctx context.Context, req *connect.Request[fireworksv1.DeleteVolumeRequest]) (*connect.Response[fireworksv1.DeleteVolumeResponse], error) {
+	return c.deleteVolume.CallUnary(ctx, req)
+}
+
+// VolumeServiceHandler is an implementation of the fireworks.v1.VolumeService service.
+type VolumeServiceHandler interface {
+	CreateVolume(context.Context, *connect.Request[fireworksv1.CreateVolumeRequest]) (*connect.Response[fireworksv1.CreateVolumeResponse], error)
+	ListVolumes(context.Context, *connect.Request[fireworksv1.ListVolumesRequest]) (*connect.Response[fireworksv1.ListVolumesResponse], error)
+	GetVolume(context.Context, *connect.Request[fireworksv1.GetVolumeRequest]) (*connect.Response[fireworksv1.GetVolumeResponse], error)
+	// Refused while a sandbox that is not over mounts it.
+	DeleteVolume(context.Context, *connect.Request[fireworksv1.DeleteVolumeRequest]) (*connect.Response[fireworksv1.DeleteVolumeResponse], error)
+}
+
+// NewVolumeServiceHandler builds an HTTP handler from the service implementation. It returns the
+// path on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewVolumeServiceHandler(svc VolumeServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	volumeServiceMethods := fireworksv1.File_fireworks_v1_fireworks_proto.Services().ByName("VolumeService").Methods()
+	volumeServiceCreateVolumeHandler := connect.NewUnaryHandler(
+		VolumeServiceCreateVolumeProcedure,
+		svc.CreateVolume,
+		connect.WithSchema(volumeServiceMethods.ByName("CreateVolume")),
+		connect.WithHandlerOptions(opts...),
+	)
+	volumeServiceListVolumesHandler := connect.NewUnaryHandler(
+		VolumeServiceListVolumesProcedure,
+		svc.ListVolumes,
+		connect.WithSchema(volumeServiceMethods.ByName("ListVolumes")),
+		connect.WithHandlerOptions(opts...),
+	)
+	volumeServiceGetVolumeHandler := connect.NewUnaryHandler(
+		VolumeServiceGetVolumeProcedure,
+		svc.GetVolume,
+		connect.WithSchema(volumeServiceMethods.ByName("GetVolume")),
+		connect.WithHandlerOptions(opts...),
+	)
+	volumeServiceDeleteVolumeHandler := connect.NewUnaryHandler(
+		VolumeServiceDeleteVolumeProcedure,
+		svc.DeleteVolume,
+		connect.WithSchema(volumeServiceMethods.ByName("DeleteVolume")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/fireworks.v1.VolumeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case VolumeServiceCreateVolumeProcedure:
+			volumeServiceCreateVolumeHandler.ServeHTTP(w, r)
+		case VolumeServiceListVolumesProcedure:
+			volumeServiceListVolumesHandler.ServeHTTP(w, r)
+		case VolumeServiceGetVolumeProcedure:
+			volumeServiceGetVolumeHandler.ServeHTTP(w, r)
+		case VolumeServiceDeleteVolumeProcedure:
+			volumeServiceDeleteVolumeHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedVolumeServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedVolumeServiceHandler struct{}
+
+func (UnimplementedVolumeServiceHandler) CreateVolume(context.Context, *connect.Request[fireworksv1.CreateVolumeRequest]) (*connect.Response[fireworksv1.CreateVolumeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.VolumeService.CreateVolume is not implemented"))
+}
+
+func (UnimplementedVolumeServiceHandler) ListVolumes(context.Context, *connect.Request[fireworksv1.ListVolumesRequest]) (*connect.Response[fireworksv1.ListVolumesResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.VolumeService.ListVolumes is not implemented"))
+}
+
+func (UnimplementedVolumeServiceHandler) GetVolume(context.Context, *connect.Request[fireworksv1.GetVolumeRequest]) (*connect.Response[fireworksv1.GetVolumeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.VolumeService.GetVolume is not implemented"))
+}
+
+func (UnimplementedVolumeServiceHandler) DeleteVolume(context.Context, *connect.Request[fireworksv1.DeleteVolumeRequest]) (*connect.Response[fireworksv1.DeleteVolumeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.VolumeService.DeleteVolume is not implemented"))
 }
 
 // ImageServiceClient is a client for the fireworks.v1.ImageService service.

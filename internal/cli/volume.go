@@ -1,0 +1,159 @@
+package cli
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+// newVolumeCmd: persistent volumes sandboxes mount (run -v NAME:/path[:ro]).
+func newVolumeCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "volume", Short: "Persistent volumes that sandboxes mount with run -v NAME:/path[:ro], shared by those running at once"}
+	var size, node string
+	create := &cobra.Command{
+		Use:   "create NAME",
+		Short: "Create a volume (an empty filesystem of --size, kept until removed)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			mib, err := parseMemory(size)
+			if err != nil {
+				return fmt.Errorf("invalid --size %q: %w", size, err)
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			r, err := c.Volumes.CreateVolume(cmd.Context(), connect.NewRequest(&pb.CreateVolumeRequest{Name: args[0], SizeMib: int64(mib), Node: node}))
+			if err != nil {
+				return err
+			}
+			v := r.Msg.GetVolume()
+			fmt.Fprintf(g.stdout, "%s\t%s\t%s\n", v.GetName(), short(v.GetId()), sizeText(v.GetSizeMib()))
+			return nil
+		},
+	}
+	create.Flags().StringVar(&size, "size", "10G", "size, e.g. 512M, 10G or 1T (16M to 1T): a full volume answers ENOSPC")
+	create.Flags().StringVar(&node, "node", "", "admins: the node to keep it on (sandboxes that mount it run there)")
+	ls := &cobra.Command{
+		Use:   "ls",
+		Short: "List volumes (an admin's: every token's, with their nodes)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			r, err := c.Volumes.ListVolumes(cmd.Context(), connect.NewRequest(&pb.ListVolumesRequest{}))
+			if err != nil {
+				return err
+			}
+			vols := r.Msg.GetVolumes()
+			slices.SortFunc(vols, func(a, b *pb.Volume) int {
+				return cmp.Or(cmp.Compare(a.GetName(), b.GetName()), cmp.Compare(a.GetOwner(), b.GetOwner()), cmp.Compare(a.GetId(), b.GetId()))
+			})
+			admin := slices.ContainsFunc(vols, func(v *pb.Volume) bool { return v.GetNode() != "" })
+			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
+			head := "NAME\tID\tSIZE\tUSED BY\tCREATED"
+			if admin {
+				head += "\tOWNER\tNODE"
+			}
+			fmt.Fprintln(tw, head)
+			for _, v := range vols {
+				line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s", printable(v.GetName()), short(v.GetId()), sizeText(v.GetSizeMib()), usedBy(v.GetUsedBy()),
+					v.GetCreatedAt().AsTime().Local().Format(time.DateTime))
+				if admin {
+					line += "\t" + short(v.GetOwner()) + "\t" + v.GetNode()
+				}
+				if l := v.GetLost(); l != "" {
+					line += "\t(lost: " + printable(l) + ")"
+				}
+				fmt.Fprintln(tw, line)
+			}
+			return tw.Flush()
+		},
+	}
+	inspect := &cobra.Command{
+		Use:   "inspect NAME",
+		Short: "Show a volume: its size, the space it uses, the sandboxes that mount it",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			r, err := c.Volumes.GetVolume(cmd.Context(), connect.NewRequest(&pb.GetVolumeRequest{Volume: args[0]}))
+			if err != nil {
+				return err
+			}
+			v := r.Msg.GetVolume()
+			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
+			row := func(k, val string) {
+				if val != "" {
+					fmt.Fprintf(tw, "%s:\t%s\n", k, val)
+				}
+			}
+			row("Name", printable(v.GetName()))
+			row("ID", v.GetId())
+			row("Owner", v.GetOwner())
+			row("Node", v.GetNode())
+			row("Size", sizeText(v.GetSizeMib()))
+			row("Used", fmt.Sprintf("%.1f MiB", float64(v.GetUsedBytes())/(1<<20)))
+			row("Used by", usedBy(v.GetUsedBy()))
+			row("Created", v.GetCreatedAt().AsTime().Local().Format(time.DateTime))
+			row("Lost", printable(v.GetLost()))
+			return tw.Flush()
+		},
+	}
+	rm := eachArgCmd(g, "rm NAME...", "Remove volumes and their data (refused while a sandbox that is not over mounts one)",
+		func(ctx context.Context, c *client.Client, ref string) (string, error) {
+			_, err := c.Volumes.DeleteVolume(ctx, connect.NewRequest(&pb.DeleteVolumeRequest{Volume: ref}))
+			return ref, err
+		})
+	cmd.AddCommand(create, ls, inspect, rm)
+	return cmd
+}
+
+// volumeMounts reads run's -v flags (NAME:/path[:ro]).
+func volumeMounts(flags []string) ([]*pb.VolumeMount, error) {
+	var out []*pb.VolumeMount
+	for _, f := range flags {
+		ref, m, err := state.ParseVolumeMount(f)
+		if err != nil {
+			return nil, fmt.Errorf("invalid --volume %q: want NAME:/path or NAME:/path:ro (%v)", f, strings.TrimPrefix(err.Error(), state.ErrInvalid.Error()+": "))
+		}
+		out = append(out, &pb.VolumeMount{Volume: ref, Path: m.Path, ReadOnly: m.ReadOnly})
+	}
+	return out, nil
+}
+
+func sizeText(mib int64) string {
+	switch {
+	case mib >= 1<<20 && mib%(1<<20) == 0:
+		return fmt.Sprintf("%d TiB", mib>>20)
+	case mib >= 1<<10 && mib%(1<<10) == 0:
+		return fmt.Sprintf("%d GiB", mib>>10)
+	}
+	return fmt.Sprintf("%d MiB", mib)
+}
+
+func usedBy(ids []string) string {
+	if len(ids) == 0 {
+		return "-"
+	}
+	out := make([]string, len(ids))
+	for i, id := range ids {
+		out[i] = short(id)
+	}
+	return strings.Join(out, ",")
+}

@@ -1,0 +1,254 @@
+package server
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"connectrpc.com/connect"
+
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/auth"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+// Volume sizes, MiB (the node's store checks the same bounds).
+const (
+	defaultVolumeMiB = 10 << 10
+	minVolumeMiB     = 16
+	maxVolumeMiB     = 1 << 20
+)
+
+type volumeService struct{ s *Server }
+
+// CreateVolume has a node make the volume's filesystem, then records it under the
+// caller's token. Names are the token's own namespace.
+func (h *volumeService) CreateVolume(ctx context.Context, req *connect.Request[pb.CreateVolumeRequest]) (*connect.Response[pb.CreateVolumeResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	name := req.Msg.GetName()
+	if name == "" {
+		return nil, toConnectError(invalid("a volume needs a name"))
+	}
+	if err := validName(name); err != nil {
+		return nil, toConnectError(err)
+	}
+	size := cmp.Or(req.Msg.GetSizeMib(), defaultVolumeMiB)
+	if size < minVolumeMiB || size > maxVolumeMiB {
+		return nil, toConnectError(invalid("volume size %d MiB: want %d MiB to %d MiB (1 TiB)", size, minVolumeMiB, maxVolumeMiB))
+	}
+	if req.Msg.GetVolumeId() != "" {
+		return nil, toConnectError(invalid("volume_id is chosen by the server"))
+	}
+	if req.Msg.GetNode() != "" && !who.Admin() {
+		return nil, connect.NewError(connect.CodePermissionDenied, errors.New("choosing a volume's node needs an admin token"))
+	}
+	if _, err := h.s.store.GetVolume(ctx, name, who.TokenID, false); err == nil {
+		return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("volume %q exists already", name))
+	}
+	max := state.MaxVolumesPerOwner
+	if who.Admin() {
+		max = 0
+	}
+	node, err := h.s.volumeNode(ctx, req.Msg.GetNode())
+	if err != nil {
+		return nil, err
+	}
+	c, err := h.s.node(ctx, node)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	id := state.NewID()
+	cctx, cancel := context.WithTimeout(ctx, nodeCallTimeout)
+	defer cancel()
+	if _, err := c.volumes.CreateVolume(cctx, connect.NewRequest(&pb.CreateVolumeRequest{VolumeId: id, SizeMib: size})); err != nil {
+		return nil, nodeError(c, "create volume "+name, err)
+	}
+	v, err := h.s.store.PutVolume(ctx, state.Volume{ID: id, Name: name, Owner: who.TokenID, Node: node, SizeMiB: int(size), CreatedAt: h.s.now()}, max)
+	if err != nil {
+		// Not recorded: its filesystem goes (best effort).
+		dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), nodeCallTimeout)
+		_, _ = c.volumes.DeleteVolume(dctx, connect.NewRequest(&pb.DeleteVolumeRequest{Volume: id}))
+		dcancel()
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.CreateVolumeResponse{Volume: volumeView(who, v, nil)}), nil
+}
+
+// volumeNode is where a new volume goes: the one an admin named, else the ready,
+// uncordoned node holding the fewest volumes (their data stays there, and so do the
+// sandboxes that mount them).
+func (s *Server) volumeNode(ctx context.Context, named string) (string, error) {
+	nodes, err := s.store.ListNodes(ctx)
+	if err != nil {
+		return "", toConnectError(err)
+	}
+	vols, _, err := s.store.ListVolumes(ctx)
+	if err != nil {
+		return "", toConnectError(err)
+	}
+	count := map[string]int{}
+	for _, v := range vols {
+		count[v.Node]++
+	}
+	best := ""
+	for _, n := range nodes {
+		if n.ID == named {
+			return n.ID, nil
+		}
+		if named != "" || n.Status != state.NodeReady || n.Cordoned {
+			continue
+		}
+		if best == "" || count[n.ID] < count[best] {
+			best = n.ID
+		}
+	}
+	switch {
+	case named != "":
+		return "", connect.NewError(connect.CodeNotFound, fmt.Errorf("node %q: %w", named, state.ErrNotFound))
+	case best == "":
+		return "", connect.NewError(connect.CodeUnavailable, errors.New("no ready node to keep the volume on"))
+	}
+	return best, nil
+}
+
+// ListVolumes lists the caller's volumes (an admin's: every token's).
+func (h *volumeService) ListVolumes(ctx context.Context, _ *connect.Request[pb.ListVolumesRequest]) (*connect.Response[pb.ListVolumesResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	all, users, err := h.s.store.ListVolumes(ctx)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	resp := &pb.ListVolumesResponse{}
+	for _, v := range all {
+		if who.CanAccess(v.Owner) {
+			resp.Volumes = append(resp.Volumes, volumeView(who, v, users[v.ID]))
+		}
+	}
+	return connect.NewResponse(resp), nil
+}
+
+// GetVolume shows one volume, with the space it uses now (asked of its node, best
+// effort).
+func (h *volumeService) GetVolume(ctx context.Context, req *connect.Request[pb.GetVolumeRequest]) (*connect.Response[pb.GetVolumeResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	v, err := h.s.store.GetVolume(ctx, req.Msg.GetVolume(), who.TokenID, who.Admin())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	_, users, err := h.s.store.ListVolumes(ctx)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	out := volumeView(who, v, users[v.ID])
+	if v.Lost == "" {
+		if c, err := h.s.node(ctx, v.Node); err == nil {
+			nctx, cancel := context.WithTimeout(ctx, nodeCallTimeout)
+			if r, err := c.volumes.GetVolume(nctx, connect.NewRequest(&pb.GetVolumeRequest{Volume: v.ID})); err == nil {
+				out.UsedBytes = r.Msg.GetVolume().GetUsedBytes()
+			}
+			cancel()
+		}
+	}
+	return connect.NewResponse(&pb.GetVolumeResponse{Volume: out}), nil
+}
+
+// DeleteVolume removes a volume: the record (refused while a sandbox that is not over
+// mounts it, checked by the state machine so that no start slips in), then its data.
+func (h *volumeService) DeleteVolume(ctx context.Context, req *connect.Request[pb.DeleteVolumeRequest]) (*connect.Response[pb.DeleteVolumeResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	v, err := h.s.store.GetVolume(ctx, req.Msg.GetVolume(), who.TokenID, who.Admin())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if err := h.s.store.DeleteVolume(ctx, v.ID); err != nil {
+		if errors.Is(err, state.ErrInUse) {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("%w: remove those sandboxes first", err))
+		}
+		return nil, toConnectError(err)
+	}
+	if v.Lost != "" {
+		return connect.NewResponse(&pb.DeleteVolumeResponse{}), nil
+	}
+	c, err := h.s.node(ctx, v.Node)
+	if err != nil {
+		return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("volume %s is forgotten, but its data on its node stays until the node is back: %w", v.Name, err))
+	}
+	dctx, cancel := context.WithTimeout(ctx, nodeCallTimeout)
+	defer cancel()
+	if _, err := c.volumes.DeleteVolume(dctx, connect.NewRequest(&pb.DeleteVolumeRequest{Volume: v.ID})); err != nil {
+		return nil, nodeError(c, "remove the data of volume "+v.Name, err)
+	}
+	return connect.NewResponse(&pb.DeleteVolumeResponse{}), nil
+}
+
+// resolveVolumes fills in a create's mounts from the volumes they name (the caller's
+// own; an admin's call may name any token's) and pins the sandbox to their node.
+// Mounts already by ID (a snapshot with memory carries its sandbox's) are checked the
+// same way: the caller must be allowed each volume.
+func (s *Server) resolveVolumes(ctx context.Context, who auth.Identity, spec *state.SandboxSpec, given []*pb.VolumeMount) error {
+	if len(given) > 0 {
+		if len(spec.Volumes) > 0 {
+			return toConnectError(invalid("the snapshot has memory: its sandboxes mount the volumes it had (give no -v)"))
+		}
+		for _, m := range given {
+			spec.Volumes = append(spec.Volumes, state.VolumeMount{Volume: m.GetVolume(), Path: m.GetPath(), ReadOnly: m.GetReadOnly()})
+		}
+	}
+	spec.VolumeNode = ""
+	if len(spec.Volumes) == 0 {
+		return nil
+	}
+	if err := spec.CheckSizes(); err != nil {
+		return toConnectError(err)
+	}
+	seen := map[string]bool{}
+	for i, m := range spec.Volumes {
+		v, err := s.store.GetVolume(ctx, m.Volume, who.TokenID, who.Admin())
+		if err != nil {
+			return toConnectError(err)
+		}
+		switch {
+		case v.Lost != "":
+			return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("volume %s is lost: %s", v.Name, volumeView(who, v, nil).GetLost()))
+		case spec.VolumeNode != "" && v.Node != spec.VolumeNode:
+			return toConnectError(invalid("volumes %s and %s are on different nodes: a sandbox mounts volumes of one node", v.Name, spec.Volumes[0].Volume))
+		case seen[m.Path]:
+			return toConnectError(invalid("two volumes are mounted at %s", m.Path))
+		}
+		if _, _, err := state.ParseVolumeMount(v.Name + ":" + m.Path); err != nil {
+			return toConnectError(err)
+		}
+		seen[m.Path] = true
+		spec.Volumes[i].Volume, spec.VolumeNode = v.ID, v.Node
+	}
+	if spec.SnapshotNode != "" && spec.SnapshotNode != spec.VolumeNode {
+		return toConnectError(invalid("the snapshot and the volumes are on different nodes"))
+	}
+	return nil
+}
+
+func volumeView(who auth.Identity, v state.Volume, users []string) *pb.Volume {
+	out := &pb.Volume{Id: v.ID, Name: v.Name, Owner: v.Owner, SizeMib: int64(v.SizeMiB), CreatedAt: ts(v.CreatedAt),
+		UsedBy: slices.Clone(users), Lost: v.Lost}
+	if who.Admin() {
+		out.Node = v.Node
+	} else {
+		out.Lost = strings.ReplaceAll(out.Lost, "node "+v.Node, "its node")
+	}
+	return out
+}

@@ -1,0 +1,313 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+	"github.com/fireworks-sandbox/fireworks/internal/node/network"
+	"github.com/fireworks-sandbox/fireworks/internal/node/volume"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+// Volumes on a node: each volume's data is a filesystem image in the node's volume store
+// (volume.Store); a sandbox that mounts volumes gets a server of its own (a jailed
+// process, see volume.ServerCommand) answering NFSv3 on its namespace's gateway address,
+// one port per mount. The namespace is the sandbox's alone, so no other sandbox can reach
+// that server: volume traffic is admitted for the sandboxes that mount the volume and no
+// other, by construction. A guest restored from a saved or migrated state finds its
+// server at the same address and port, served by a new process in its new namespace; the
+// server's file handles are the kernel's, so its NFS client goes on where it was.
+
+// volumePortBase is the port of a sandbox's first volume mount; mount i is on base+i.
+const volumePortBase = 2049
+
+// volumeServerUID is the user (and group) every volume server runs as: not root, no
+// VMM's, of no group a VMM is in.
+const volumeServerUID = 1_799_999_998
+
+// Files in a run directory of a sandbox with volumes.
+const (
+	volumeServerPID = "volume-server.pid"
+	volumeServerLog = "volume-server.log"
+	volumeJailRoot  = "volume-jail"
+)
+
+// guestVolumes is what the guest mounts for the sandbox's volume mounts.
+func guestVolumes(mounts []state.VolumeMount) []proto.VolumeMount {
+	var out []proto.VolumeMount
+	for i, m := range mounts {
+		out = append(out, proto.VolumeMount{Server: network.GuestGateway.String(), Port: uint16(volumePortBase + i), Path: m.Path, ReadOnly: m.ReadOnly})
+	}
+	return out
+}
+
+// CreateVolume makes volume id's filesystem, sizeMiB large, on this node.
+func (a *Agent) CreateVolume(ctx context.Context, id string, sizeMiB int) error {
+	if err := a.vms.volumes.Create(ctx, id, sizeMiB); err != nil {
+		return fmt.Errorf("%w: %v", state.ErrInvalid, err)
+	}
+	a.log.Info("volume created", "volume", id, "size_mib", sizeMiB)
+	return nil
+}
+
+// RemoveVolume removes volume id's data; a sandbox of this node that still mounts it
+// keeps it.
+func (a *Agent) RemoveVolume(ctx context.Context, id string) error {
+	a.mu.Lock()
+	var users []string
+	for _, s := range a.live {
+		if slices.ContainsFunc(s.spec.Volumes, func(m state.VolumeMount) bool { return m.Volume == id }) {
+			users = append(users, s.id)
+		}
+	}
+	a.mu.Unlock()
+	if len(users) > 0 {
+		return fmt.Errorf("%w: volume %s is mounted by sandbox %v on this node", state.ErrInUse, id, users)
+	}
+	if err := a.vms.volumes.Remove(ctx, id); err != nil {
+		return err
+	}
+	a.log.Info("volume removed", "volume", id)
+	return nil
+}
+
+// VolumeUsage is the space volume id's filesystem uses.
+func (a *Agent) VolumeUsage(ctx context.Context, id string) (int64, error) {
+	if err := a.vms.volumes.Mount(ctx, id); err != nil {
+		return 0, fmt.Errorf("volume %s: %w", id, err)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(a.vms.volumes.Dir(id), &st); err != nil {
+		return 0, fmt.Errorf("volume %s: %w", id, err)
+	}
+	return int64(st.Blocks-st.Bfree) * st.Bsize, nil
+}
+
+// volServer is the volume server of one sandbox's run: started here, or found running
+// (an earlier agent's, after a restart). Its owner (the VM handle) stops it.
+type volServer struct {
+	log  *slog.Logger
+	dir  string // the run directory
+	spec volume.ServerSpec
+	// listeners are the mounts' sockets in the sandbox's namespace, held so that a server
+	// that dies can be replaced without the guest's client noticing more than a pause
+	// (nil for a server found running: its listeners are its own).
+	listeners []*os.File
+	stop      chan struct{}
+	exit      chan struct{} // a started server's exit, for supervise
+	done      chan struct{}
+
+	mu  sync.Mutex
+	pid int
+	// adopted: the server is an earlier agent's (not this process's child).
+	adopted bool
+}
+
+// serveVolumes starts the volume server of the sandbox whose run directory is dir and
+// whose network namespace is at nsPath.
+func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, mounts []state.VolumeMount) (*volServer, error) {
+	if m.volumes == nil {
+		return nil, errors.New("this node keeps no volumes")
+	}
+	spec := volume.ServerSpec{Root: filepath.Join(dir, volumeJailRoot), UID: volumeServerUID, GID: volumeServerUID}
+	for _, mt := range mounts {
+		if err := m.volumes.Mount(ctx, mt.Volume); err != nil {
+			return nil, fmt.Errorf("volume %s: %w", mt.Volume, err)
+		}
+		spec.Exports = append(spec.Exports, volume.Export{Dir: m.volumes.Dir(mt.Volume), ReadOnly: mt.ReadOnly})
+	}
+	if err := os.MkdirAll(spec.Root, 0o700); err != nil {
+		return nil, fmt.Errorf("volume server's root: %w", err)
+	}
+	v := &volServer{log: m.log, dir: dir, spec: spec, stop: make(chan struct{}), exit: make(chan struct{}), done: make(chan struct{})}
+	err := network.Do(nsPath, func() error {
+		for i := range mounts {
+			addr := net.JoinHostPort(network.GuestGateway.String(), strconv.Itoa(volumePortBase+i))
+			ln, err := net.Listen("tcp4", addr)
+			if err != nil {
+				return fmt.Errorf("listen for volume mount %d on %s: %w", i, addr, err)
+			}
+			f, err := ln.(*net.TCPListener).File()
+			ln.Close()
+			if err != nil {
+				return err
+			}
+			v.listeners = append(v.listeners, f)
+		}
+		return nil
+	})
+	if err == nil {
+		err = v.start()
+	}
+	if err != nil {
+		v.closeListeners()
+		return nil, err
+	}
+	go v.supervise()
+	return v, nil
+}
+
+// start launches the server process on the held listeners.
+func (v *volServer) start() error {
+	cmd, err := volume.ServerCommand(v.spec, v.listeners)
+	if err != nil {
+		return err
+	}
+	logf, err := os.OpenFile(filepath.Join(v.dir, volumeServerLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("volume server's log: %w", err)
+	}
+	defer logf.Close()
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start the volume server: %w", err)
+	}
+	v.mu.Lock()
+	v.pid = cmd.Process.Pid
+	v.mu.Unlock()
+	if err := os.WriteFile(filepath.Join(v.dir, volumeServerPID), []byte(strconv.Itoa(cmd.Process.Pid)), 0o600); err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return fmt.Errorf("record the volume server: %w", err)
+	}
+	go func() {
+		_ = cmd.Wait()
+		v.mu.Lock()
+		v.pid = 0
+		v.mu.Unlock()
+		select {
+		case v.exit <- struct{}{}:
+		case <-v.stop:
+		}
+	}()
+	return nil
+}
+
+// supervise starts the server again when it dies (its guest's calls wait meanwhile, on
+// listeners that stay open), at most once a second, until stopped.
+func (v *volServer) supervise() {
+	defer close(v.done)
+	for {
+		select {
+		case <-v.stop:
+			return
+		case <-v.exit:
+		}
+		v.log.Warn("the volume server exited; starting it again", "run", filepath.Base(v.dir))
+		select {
+		case <-v.stop:
+			return
+		case <-time.After(time.Second):
+		}
+		if err := v.start(); err != nil {
+			v.log.Error("restart the volume server", "run", filepath.Base(v.dir), "err", err)
+			return
+		}
+	}
+}
+
+// Stop ends the server and releases its listeners.
+func (v *volServer) Stop() {
+	select {
+	case <-v.stop:
+		return
+	default:
+	}
+	close(v.stop)
+	v.mu.Lock()
+	pid := v.pid
+	v.mu.Unlock()
+	if pid > 0 && (!v.adopted || runningVolumeServer(v.dir) == pid) {
+		_ = unix.Kill(pid, unix.SIGKILL)
+	}
+	<-v.done
+	v.closeListeners()
+	_ = os.Remove(filepath.Join(v.dir, volumeServerPID))
+}
+
+func (v *volServer) closeListeners() {
+	for _, f := range v.listeners {
+		f.Close()
+	}
+	v.listeners = nil
+}
+
+// adoptVolumes finds the volume server an earlier agent left serving the run at dir, or
+// starts a new one if it is gone.
+func (m *vms) adoptVolumes(ctx context.Context, dir, nsPath string, mounts []state.VolumeMount) (*volServer, error) {
+	if pid := runningVolumeServer(dir); pid > 0 {
+		// Still serving on its own listeners: this agent only ends it with the sandbox.
+		v := &volServer{log: m.log, dir: dir, stop: make(chan struct{}), done: make(chan struct{}), pid: pid, adopted: true}
+		close(v.done)
+		return v, nil
+	}
+	return m.serveVolumes(ctx, dir, nsPath, mounts)
+}
+
+// runningVolumeServer is the PID of the volume server recorded in dir if that process
+// still runs and is one (a PID can be reused), else 0.
+func runningVolumeServer(dir string) int {
+	b, err := os.ReadFile(filepath.Join(dir, volumeServerPID))
+	if err != nil {
+		return 0
+	}
+	pid, err := strconv.Atoi(string(bytes.TrimSpace(b)))
+	if err != nil || pid <= 0 {
+		return 0
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !bytes.HasPrefix(cmdline, []byte(volume.ServerName+"\x00")) {
+		return 0
+	}
+	return pid
+}
+
+// unmountVolumes, as the agent stops, unmounts the volumes no volume server still serves
+// (a VM left running for the next agent keeps its server, which keeps them).
+func (a *Agent) unmountVolumes() {
+	keep := map[string]bool{}
+	dirs, _ := os.ReadDir(a.runRoot())
+	for _, d := range dirs {
+		dir := filepath.Join(a.runRoot(), d.Name())
+		if runningVolumeServer(dir) == 0 {
+			continue
+		}
+		rec, err := readAdoptRecord(dir)
+		if err != nil {
+			// A server without a record: keep every volume rather than guess.
+			a.log.Warn("a volume server runs for a run without a record; leaving the volumes mounted", "run", d.Name())
+			return
+		}
+		for _, m := range rec.Sandbox.Spec.Volumes {
+			keep[m.Volume] = true
+		}
+	}
+	ids, err := a.vms.volumes.Mounted()
+	if err != nil {
+		a.log.Warn("list mounted volumes", "err", err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, id := range ids {
+		if keep[id] {
+			continue
+		}
+		if err := a.vms.volumes.Unmount(ctx, id); err != nil {
+			a.log.Warn("unmount volume", "volume", id, "err", err)
+		}
+	}
+}

@@ -1,0 +1,162 @@
+package volume
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+
+	nfs "github.com/willscott/go-nfs"
+	"golang.org/x/sys/unix"
+
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/jail"
+)
+
+// Export is one volume mount a sandbox's server answers, on a listener of its own.
+type Export struct {
+	Dir      string `json:"dir"` // the volume's mounted directory on the node
+	ReadOnly bool   `json:"read_only,omitempty"`
+}
+
+// ServerSpec is one sandbox's volume server: a process of its own, jailed.
+type ServerSpec struct {
+	// Root is an empty directory for the jail's root.
+	Root string `json:"-"`
+	// UID and GID are the server's user (never root; see swapID for what guests see).
+	UID int `json:"-"`
+	GID int `json:"-"`
+	// Exports are served on the listeners given to ServerCommand, in order.
+	Exports []Export `json:"exports"`
+}
+
+// ServerName names the server's process and marks its command line as a server's (the
+// jail passes the program no environment).
+const ServerName = "fireworks-volume-server"
+
+// maxConnsPerExport bounds a mount's connections: a guest's NFS client uses one.
+const maxConnsPerExport = 8
+
+// serverCaps are what the server keeps of root's powers: to reach and change every file
+// of its volumes whoever owns it (guests chown), to open files by handle, nothing else.
+var serverCaps = []uintptr{unix.CAP_CHOWN, unix.CAP_DAC_OVERRIDE, unix.CAP_DAC_READ_SEARCH, unix.CAP_FOWNER, unix.CAP_FSETID}
+
+// ServerCommand returns the command that serves spec's exports, export i on listeners[i]
+// (TCP listeners the caller made in the sandbox's network namespace). The server runs as
+// this binary, jailed (package jail): as spec's user with only serverCaps, in a mount
+// namespace that holds the system's read-only directories and the volumes it serves
+// (read-only ones bound read-only), in a network namespace with nothing in it (it
+// answers on the listeners it was given and can reach nothing), in a PID namespace of
+// its own. A guest that found a way to run code in it would hold that and no more.
+// Start it like any exec.Cmd; it serves until killed.
+func ServerCommand(spec ServerSpec, listeners []*os.File) (*exec.Cmd, error) {
+	if len(spec.Exports) == 0 || len(spec.Exports) != len(listeners) {
+		return nil, fmt.Errorf("volume server: %d exports and %d listeners", len(spec.Exports), len(listeners))
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("volume server: find this executable: %w", err)
+	}
+	if self, err = filepath.EvalSymlinks(self); err != nil {
+		return nil, fmt.Errorf("volume server: %w", err)
+	}
+	b, err := json.Marshal(spec)
+	if err != nil {
+		return nil, err
+	}
+	mounts := []jail.Mount{{Path: self}}
+	for _, e := range spec.Exports {
+		if !filepath.IsAbs(e.Dir) {
+			return nil, fmt.Errorf("volume server: export %q is not an absolute path", e.Dir)
+		}
+		mounts = append(mounts, jail.Mount{Path: e.Dir, Writable: !e.ReadOnly})
+	}
+	cmd, err := jail.Command(jail.Spec{Root: spec.Root, UID: spec.UID, GID: spec.GID, Mounts: mounts,
+		Caps: serverCaps, Proc: true, Dir: "/", Path: self, Args: []string{ServerName, string(b)}})
+	if err != nil {
+		return nil, err
+	}
+	cmd.ExtraFiles = listeners
+	return cmd, nil
+}
+
+func init() {
+	// The jailed server is the first process of its PID namespace, started with the
+	// marker as its name: nothing else runs so.
+	if len(os.Args) != 2 || os.Args[0] != ServerName || os.Getpid() != 1 {
+		return
+	}
+	err := serveExports(os.Args[1])
+	fmt.Fprintf(os.Stderr, "fireworks volume server: %v\n", err)
+	os.Exit(1)
+}
+
+// serveExports is the jailed server's life: it returns only on failure.
+func serveExports(specJSON string) error {
+	var spec ServerSpec
+	if err := json.Unmarshal([]byte(specJSON), &spec); err != nil {
+		return fmt.Errorf("read the spec: %w", err)
+	}
+	unix.Umask(0) // modes are the clients' to give
+	// A guest's failing calls (a full volume, a name that is not there) are its own
+	// business, and each would be a line in a log on the node's disk.
+	nfs.Log.SetLevel(nfs.PanicLevel)
+	errc := make(chan error, len(spec.Exports))
+	var servers []*Server
+	for i, e := range spec.Exports {
+		f := os.NewFile(uintptr(3+i), fmt.Sprintf("listener-%d", i))
+		ln, err := net.FileListener(f)
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("listener %d: %w", i, err)
+		}
+		srv, err := NewServer(e.Dir, e.ReadOnly)
+		if err != nil {
+			return err
+		}
+		servers = append(servers, srv)
+		go func() { errc <- srv.Serve(limitListener(ln, maxConnsPerExport)) }()
+	}
+	err := <-errc
+	for _, s := range servers {
+		s.Close()
+	}
+	if err == nil {
+		err = errors.New("a listener closed")
+	}
+	return err
+}
+
+// limitListener accepts at most n connections at a time: more wait in the backlog.
+func limitListener(ln net.Listener, n int) net.Listener {
+	return &limited{Listener: ln, sem: make(chan struct{}, n)}
+}
+
+type limited struct {
+	net.Listener
+	sem chan struct{}
+}
+
+func (l *limited) Accept() (net.Conn, error) {
+	l.sem <- struct{}{}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.sem
+		return nil, err
+	}
+	return &limitedConn{Conn: c, release: func() { <-l.sem }}, nil
+}
+
+type limitedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	c.once.Do(c.release)
+	return c.Conn.Close()
+}

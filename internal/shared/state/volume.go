@@ -1,0 +1,240 @@
+package state
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+)
+
+// Volume is a user's persistent filesystem: it outlives every sandbox that mounts it.
+// Its data is on Node (an ext4 image of SizeMiB there); sandboxes that mount it run there.
+type Volume struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	Owner     string    `json:"owner,omitempty"` // as Sandbox.Owner
+	Node      string    `json:"node"`
+	SizeMiB   int       `json:"size_mib"`
+	CreatedAt time.Time `json:"created_at"`
+	// Lost says why the volume can no longer be used (its node was removed).
+	Lost string `json:"lost,omitempty"`
+}
+
+// VolumeMount is a volume mounted in a sandbox's guest at Path.
+type VolumeMount struct {
+	Volume   string `json:"volume"` // the volume's ID
+	Path     string `json:"path"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+}
+
+// MaxVolumesPerOwner bounds a token's volumes.
+const MaxVolumesPerOwner = 100
+
+// ParseVolumeMount reads NAME:/path[:ro|rw] (the volume's name or ID, as run -v takes it).
+func ParseVolumeMount(s string) (ref string, m VolumeMount, err error) {
+	parts := strings.Split(s, ":")
+	if len(parts) < 2 || len(parts) > 3 || parts[0] == "" {
+		return "", m, fmt.Errorf("%w: volume %q: want NAME:/path or NAME:/path:ro", ErrInvalid, s)
+	}
+	m.Path = parts[1]
+	if len(parts) == 3 {
+		switch parts[2] {
+		case "ro":
+			m.ReadOnly = true
+		case "rw":
+		default:
+			return "", m, fmt.Errorf("%w: volume %q: mode %q, want ro or rw", ErrInvalid, s, parts[2])
+		}
+	}
+	if err := proto.ValidateVolumePath(m.Path); err != nil {
+		return "", m, fmt.Errorf("%w: volume %q: %v", ErrInvalid, s, err)
+	}
+	return parts[0], m, nil
+}
+
+// checkVolumes checks a new sandbox's mounts against the volumes there are: each exists,
+// is not lost, is on the sandbox's volume node, and no path repeats.
+func (f *fsm) checkVolumes(spec SandboxSpec) error {
+	if len(spec.Volumes) > proto.MaxVolumeMounts {
+		return fmt.Errorf("%w: %d volume mounts, at most %d", ErrInvalid, len(spec.Volumes), proto.MaxVolumeMounts)
+	}
+	paths := map[string]bool{}
+	for _, m := range spec.Volumes {
+		v, ok := f.volumes[m.Volume]
+		switch {
+		case !ok:
+			return fmt.Errorf("volume %s: %w", m.Volume, ErrNotFound)
+		case v.Lost != "":
+			return fmt.Errorf("%w: volume %s is lost: %s", ErrInvalid, v.Name, v.Lost)
+		case v.Node != spec.VolumeNode:
+			return fmt.Errorf("%w: volume %s is on another node than the sandbox's other volumes", ErrInvalid, v.Name)
+		case paths[m.Path]:
+			return fmt.Errorf("%w: two volumes mounted at %s", ErrInvalid, m.Path)
+		}
+		if err := proto.ValidateVolumePath(m.Path); err != nil {
+			return fmt.Errorf("%w: volume %s: %v", ErrInvalid, v.Name, err)
+		}
+		paths[m.Path] = true
+	}
+	return nil
+}
+
+type putVolumeCmd struct {
+	Volume Volume `json:"volume"`
+	// Max bounds the owner's volumes (0: no bound, an admin's).
+	Max int `json:"max,omitempty"`
+}
+
+type deleteVolumeCmd struct {
+	ID string `json:"id"`
+}
+
+func (f *fsm) putVolume(c putVolumeCmd) any {
+	v := c.Volume
+	if v.ID == "" || v.Name == "" || v.Node == "" || v.SizeMiB <= 0 || v.CreatedAt.IsZero() {
+		return fmt.Errorf("%w: a volume needs an ID, a name, a node, a size and a time", ErrInvalid)
+	}
+	if _, ok := f.volumes[v.ID]; ok {
+		return fmt.Errorf("volume ID %w", ErrExists)
+	}
+	n := 0
+	for _, o := range f.volumes {
+		if o.Owner != v.Owner {
+			continue
+		}
+		n++
+		if o.Name == v.Name {
+			return fmt.Errorf("volume name %q: %w", v.Name, ErrNameTaken)
+		}
+	}
+	if c.Max > 0 && n >= c.Max {
+		return fmt.Errorf("%w: the token holds %d volumes, at most %d", ErrQuota, n, c.Max)
+	}
+	v.CreatedAt = utc(v.CreatedAt)
+	f.volumes[v.ID] = &v
+	return v
+}
+
+// deleteVolume forgets a volume no sandbox uses: one that is not over yet (running,
+// paused, restarting) keeps it, checked here so that no start can slip in between.
+func (f *fsm) deleteVolume(id string) any {
+	v, ok := f.volumes[id]
+	if !ok {
+		return ErrNotFound
+	}
+	if users := f.volumeUsers(id); len(users) > 0 {
+		return fmt.Errorf("%w: volume %s is used by sandbox %s", ErrInUse, v.Name, strings.Join(users, ", "))
+	}
+	delete(f.volumes, id)
+	return nil
+}
+
+// volumeUsers are the sandboxes, not over, that mount volume id.
+func (f *fsm) volumeUsers(id string) []string {
+	var users []string
+	for _, sb := range f.sandboxes {
+		if sb.Status.Terminal() {
+			continue
+		}
+		if slices.ContainsFunc(sb.Spec.Volumes, func(m VolumeMount) bool { return m.Volume == id }) {
+			users = append(users, sb.ID)
+		}
+	}
+	slices.Sort(users)
+	return users
+}
+
+func (f *fsm) getVolume(ref, owner string, any bool) (Volume, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return findByRef("volume", f.volumes, ref, owner, any, func(v *Volume) (string, string, string) { return v.ID, v.Name, v.Owner })
+}
+
+// PutVolume records a volume a node has made; max bounds the owner's (0: none).
+func (s *Store) PutVolume(ctx context.Context, v Volume, max int) (Volume, error) {
+	resp, err := s.apply(ctx, cmdPutVolume, putVolumeCmd{Volume: v, Max: max})
+	if err != nil {
+		return Volume{}, fmt.Errorf("record volume %s: %w", v.Name, err)
+	}
+	out, ok := resp.(Volume)
+	if !ok {
+		return Volume{}, fmt.Errorf("record volume %s: state machine answered %T", v.Name, resp)
+	}
+	return out, nil
+}
+
+// DeleteVolume forgets a volume; it fails (ErrInUse) while a sandbox that is not over
+// mounts it.
+func (s *Store) DeleteVolume(ctx context.Context, id string) error {
+	if _, err := s.apply(ctx, cmdDeleteVolume, deleteVolumeCmd{ID: id}); err != nil {
+		return fmt.Errorf("delete volume %s: %w", id, err)
+	}
+	return nil
+}
+
+// GetVolume finds a volume of owner (of anyone's with all) by ID, name or prefix.
+func (s *Store) GetVolume(ctx context.Context, ref, owner string, all bool) (Volume, error) {
+	if err := s.read(ctx); err != nil {
+		return Volume{}, err
+	}
+	return s.fsm.getVolume(ref, owner, all)
+}
+
+// ListVolumes lists every volume, with the sandboxes (not over) that mount each.
+func (s *Store) ListVolumes(ctx context.Context) ([]Volume, map[string][]string, error) {
+	if err := s.read(ctx); err != nil {
+		return nil, nil, err
+	}
+	s.fsm.mu.RLock()
+	defer s.fsm.mu.RUnlock()
+	out := make([]Volume, 0, len(s.fsm.volumes))
+	users := map[string][]string{}
+	for _, id := range slices.Sorted(maps.Keys(s.fsm.volumes)) {
+		out = append(out, *s.fsm.volumes[id])
+		if u := s.fsm.volumeUsers(id); len(u) > 0 {
+			users[id] = u
+		}
+	}
+	return out, users, nil
+}
+
+// findByRef finds owner's item (anyone's, with any) in items by ID, by name, or by a
+// unique ID prefix of at least 4 characters. Names are per owner: another owner's name
+// counts only for any, and only if one owner has it. key gives an item's ID, name and
+// owner; what names the kind of item in errors.
+func findByRef[T any](what string, items map[string]*T, ref, owner string, any bool, key func(*T) (id, name, owner string)) (T, error) {
+	var zero T
+	var match, named []*T
+	for _, it := range items {
+		id, name, o := key(it)
+		if !any && o != owner {
+			continue
+		}
+		switch {
+		case id == ref, name == ref && o == owner:
+			return *it, nil // an ID, or the caller's own name
+		case name == ref:
+			named = append(named, it) // another token's name (any: an admin's call)
+		case len(ref) >= 4 && strings.HasPrefix(id, ref):
+			match = append(match, it)
+		}
+	}
+	switch len(named) {
+	case 0:
+	case 1:
+		return *named[0], nil
+	default:
+		return zero, fmt.Errorf("%s %q: %w (several tokens have a %s of that name: give its ID)", what, ref, ErrAmbiguous, what)
+	}
+	switch len(match) {
+	case 0:
+		return zero, fmt.Errorf("%s %q: %w", what, ref, ErrNotFound)
+	case 1:
+		return *match[0], nil
+	}
+	return zero, fmt.Errorf("%s %q: %w", what, ref, ErrAmbiguous)
+}
