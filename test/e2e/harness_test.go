@@ -188,6 +188,13 @@ func (e *env) killVMs() {
 		return
 	}
 	_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+e.dataDir+"/run/").Run()
+	// Volume servers outlive the agent too; once they are gone, the volumes' mounts go.
+	_ = exec.Command("pkill", "-9", "-f", "fireworks-volume-server .*"+e.dataDir+"/").Run()
+	time.Sleep(100 * time.Millisecond)
+	mnts, _ := filepath.Glob(filepath.Join(e.dataDir, "volumes", "mnt", "*"))
+	for _, m := range mnts {
+		_ = exec.Command("umount", m).Run()
+	}
 }
 
 // devLogText is everything dev logged so far (all its restarts).
