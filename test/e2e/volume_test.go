@@ -60,7 +60,9 @@ func TestVolumesSharedBetweenRunningSandboxes(t *testing.T) {
 	t.Cleanup(func() { _ = world.cli(ctx, nil, "rm", "-f", reader) })
 	waitStatus(t, writer, "running")
 	waitStatus(t, reader, "running")
-	in := func(id string, script string) result { return world.cli(ctx, nil, "exec", id, "--", "sh", "-c", script) }
+	in := func(id string, script string) result {
+		return world.cli(ctx, nil, "exec", id, "--", "sh", "-c", script)
+	}
 
 	// Appends: the reader sees the writer's log grow while both run.
 	lines := func() int {
