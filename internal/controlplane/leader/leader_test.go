@@ -660,3 +660,34 @@ func TestResumeOrphanedPauses(t *testing.T) {
 		t.Fatalf("an orphaned pause: %s on %q (paused for %q, resumes %d)", got.Status, got.Node, got.PausedFor, got.Resumes)
 	}
 }
+
+// A sandbox whose volumes are on a draining node stays there, whatever its restart
+// policy: no other node could run it. Its details say why.
+func TestDrainLeavesVolumeSandboxes(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 8, 4096, nil)
+	e.node("n2", 8, 4096, nil)
+	if _, err := e.store.PutVolume(e.ctx, state.Volume{ID: "0123456789abcdef", Name: "data", Node: "n1", SizeMiB: 64, CreatedAt: e.clock.Now()}, 0); err != nil {
+		t.Fatal(err)
+	}
+	sb := state.Sandbox{ID: "vol", Spec: state.SandboxSpec{Image: "alpine", MemoryMiB: 256, Restart: state.RestartAlways,
+		Volumes: []state.VolumeMount{{Volume: "0123456789abcdef", Path: "/data"}}, VolumeNode: "n1"}, CreatedAt: e.clock.Now()}
+	if err := e.store.CreateSandbox(e.ctx, sb); err != nil {
+		t.Fatal(err)
+	}
+	e.pass()
+	if got := e.get("vol"); got.Node != "n1" {
+		t.Fatalf("the volume's sandbox was placed on %q, not on the volume's node", got.Node)
+	}
+	e.run("vol")
+	if _, err := e.store.UpdateNode(e.ctx, "n1", state.NodeUpdate{Draining: ptr(true), Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.pass()
+	e.pass()
+	got := e.get("vol")
+	if got.Node != "n1" || got.Status != state.StatusRunning || got.Migration != nil || got.Restarts != 0 ||
+		!strings.Contains(got.Runtime["drain"], "it mounts volumes, whose data is on that node") {
+		t.Fatalf("the volume's sandbox on a draining node: %s on %q migration %v restarts %d details %v", got.Status, got.Node, got.Migration, got.Restarts, got.Runtime)
+	}
+}

@@ -1,0 +1,103 @@
+package state
+
+import (
+	"context"
+	"errors"
+	"testing"
+)
+
+// Volumes are per-token names with a bound; a sandbox mounts only volumes that exist, on
+// one node; a volume is not forgotten while a sandbox that is not over mounts it; and the
+// records survive a reopen from a snapshot.
+func TestVolumeRecords(t *testing.T) {
+	ctx := context.Background()
+	opts := Options{Dir: t.TempDir(), TrailingLogs: 1}
+	s := openStore(t, opts)
+	vol := func(id, name, owner, node string) Volume {
+		return Volume{ID: id, Name: name, Owner: owner, Node: node, SizeMiB: 64, CreatedAt: t0}
+	}
+	if _, err := s.PutVolume(ctx, vol("a000000000000001", "data", "u1", "n1"), 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PutVolume(ctx, vol("a000000000000002", "data", "u1", "n1"), 2); !errors.Is(err, ErrNameTaken) {
+		t.Errorf("same name, same token: %v", err)
+	}
+	if _, err := s.PutVolume(ctx, vol("a000000000000003", "data", "u2", "n2"), 2); err != nil {
+		t.Errorf("same name, another token: %v", err)
+	}
+	if _, err := s.PutVolume(ctx, vol("a000000000000004", "more", "u1", "n1"), 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PutVolume(ctx, vol("a000000000000005", "third", "u1", "n1"), 2); !errors.Is(err, ErrQuota) {
+		t.Errorf("past the token's bound: %v", err)
+	}
+	if v, err := s.GetVolume(ctx, "data", "u2", false); err != nil || v.ID != "a000000000000003" {
+		t.Errorf("u2's data: %+v %v", v, err)
+	}
+	if _, err := s.GetVolume(ctx, "more", "u2", false); !errors.Is(err, ErrNotFound) {
+		t.Errorf("another token's volume by name: %v", err)
+	}
+	if _, err := s.GetVolume(ctx, "data", "", true); !errors.Is(err, ErrAmbiguous) {
+		t.Errorf("an admin's lookup of a name two tokens have: %v", err)
+	}
+
+	mount := func(id string, m ...VolumeMount) Sandbox {
+		return Sandbox{ID: id, Owner: "u1", Status: StatusPending, CreatedAt: t0,
+			Spec: SandboxSpec{Image: "busybox", Volumes: m, VolumeNode: "n1"}}
+	}
+	if err := s.CreateSandbox(ctx, mount("b000000000000001", VolumeMount{Volume: "a0000000000000ff", Path: "/x"})); !errors.Is(err, ErrNotFound) {
+		t.Errorf("a sandbox mounting a volume that is not there: %v", err)
+	}
+	if err := s.CreateSandbox(ctx, mount("b000000000000002", VolumeMount{Volume: "a000000000000003", Path: "/x"})); !errors.Is(err, ErrInvalid) {
+		t.Errorf("a sandbox mounting a volume of another node: %v", err)
+	}
+	if err := s.CreateSandbox(ctx, mount("b000000000000003", VolumeMount{Volume: "a000000000000001", Path: "/x"}, VolumeMount{Volume: "a000000000000004", Path: "/x"})); !errors.Is(err, ErrInvalid) {
+		t.Errorf("two volumes at one path: %v", err)
+	}
+	if err := s.CreateSandbox(ctx, mount("b000000000000004", VolumeMount{Volume: "a000000000000001", Path: "/proc/x"})); !errors.Is(err, ErrInvalid) {
+		t.Errorf("a mount under /proc: %v", err)
+	}
+	if err := s.CreateSandbox(ctx, mount("b000000000000005", VolumeMount{Volume: "a000000000000001", Path: "/data", ReadOnly: true})); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteVolume(ctx, "a000000000000001"); !errors.Is(err, ErrInUse) {
+		t.Errorf("delete of a mounted volume: %v", err)
+	}
+	if _, users, err := s.ListVolumes(ctx); err != nil || len(users["a000000000000001"]) != 1 || users["a000000000000001"][0] != "b000000000000005" {
+		t.Errorf("users: %v %v", users, err)
+	}
+	if err := s.raft.Snapshot().Error(); err != nil {
+		t.Fatalf("force snapshot: %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = openStore(t, opts)
+	vols, _, err := s.ListVolumes(ctx)
+	if err != nil || len(vols) != 3 {
+		t.Fatalf("volumes after reopen: %+v %v", vols, err)
+	}
+	if err := s.DeleteVolume(ctx, "a000000000000001"); !errors.Is(err, ErrInUse) {
+		t.Errorf("delete of a mounted volume after reopen: %v", err)
+	}
+	if _, err := s.UpdateSandbox(ctx, "b000000000000005", Update{Status: ptr(StatusFailed), Reason: "gone", Time: t0}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteVolume(ctx, "a000000000000001"); err != nil {
+		t.Errorf("delete once its sandbox is over: %v", err)
+	}
+}
+
+func TestParseVolumeMount(t *testing.T) {
+	for in, want := range map[string]VolumeMount{"data:/d": {Path: "/d"}, "data:/d/e:ro": {Path: "/d/e", ReadOnly: true}, "data:/d:rw": {Path: "/d"}} {
+		ref, m, err := ParseVolumeMount(in)
+		if err != nil || ref != "data" || m != want {
+			t.Errorf("ParseVolumeMount(%q) = %q %+v %v", in, ref, m, err)
+		}
+	}
+	for _, bad := range []string{"data", ":/d", "data:d", "data:/", "data:/d:rx", "data:/d/../e", "data:/sys", "data:/a,b", "data:/d:ro:x"} {
+		if _, _, err := ParseVolumeMount(bad); err == nil {
+			t.Errorf("ParseVolumeMount(%q) accepted", bad)
+		}
+	}
+}
