@@ -139,6 +139,8 @@ type Report struct {
 	Images []ImageRow `json:"images,omitempty"`
 	// Pause is pause and resume of a running sandbox, per size.
 	Pause []PauseRow `json:"pause,omitempty"`
+	// Volumes is file I/O in the guest on a volume and on the scratch disk.
+	Volumes []VolumeRow `json:"volumes,omitempty"`
 	// Migrate is live migration of a running sandbox, per size and load.
 	Migrate []MigrateRow `json:"migrate,omitempty"`
 	// TemplatePages is what a migration could skip if the target held the template.
@@ -447,6 +449,11 @@ func measureVMs(ctx context.Context, cfg Config, api *apiClient, ref string, rep
 	if err != nil {
 		rep.fail(cfg.Log, "pause and resume", err)
 	}
+	vrows, err := measureVolumes(ctx, cfg, api, ref)
+	rep.Volumes = vrows
+	if err != nil {
+		rep.fail(cfg.Log, "volumes", err)
+	}
 
 }
 
@@ -541,6 +548,9 @@ func PrintTable(w io.Writer, rep *Report) {
 	}
 	if len(rep.Pause) > 0 {
 		printPause(w, rep.Pause, rep.Accelerator)
+	}
+	if len(rep.Volumes) > 0 {
+		printVolumes(w, rep.Volumes, rep.Accelerator)
 	}
 	if len(rep.Migrate) > 0 {
 		printMigration(w, rep.Migrate, rep.TemplatePages, rep.Accelerator)
