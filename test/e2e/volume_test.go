@@ -10,7 +10,38 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
+
+// pushLockImage pushes busybox plus /bin/guestlock (see internal/testutil/guestlock) as
+// locks:latest and returns its ref.
+func pushLockImage(t *testing.T) string {
+	t.Helper()
+	bin, err := testutil.BuildGuestTool(t.TempDir(), "guestlock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := testimage.WithLayers(t, testimage.Busybox(t),
+		testimage.Layer(t, testimage.Entry{Name: "bin/guestlock", Mode: 0o755, Body: string(body)}))
+	ref := image("locks:latest")
+	r, err := name.ParseReference(ref, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(r, img); err != nil {
+		t.Fatalf("push %s: %v", ref, err)
+	}
+	return ref
+}
 
 // volumeDir is where the node keeps a volume's files (its mount on the node), found by
 // the volume's ID: the tests read it to see what the guests wrote, from outside them.
@@ -46,7 +77,7 @@ func eventually(t *testing.T, what string, check func() (bool, string)) {
 // nothing of it is reachable from a sandbox that does not mount it.
 func TestVolumesSharedBetweenRunningSandboxes(t *testing.T) {
 	need(t)
-	img := image("busybox:latest")
+	img := pushLockImage(t)
 	ctx := context.Background()
 	fw(t, 0, "volume", "create", "shared", "--size", "32M")
 	t.Cleanup(func() { _ = world.cli(ctx, nil, "volume", "rm", "shared") })
@@ -95,6 +126,35 @@ func TestVolumesSharedBetweenRunningSandboxes(t *testing.T) {
 	if r := in(reader, "ls /mnt/vol"); r.code != 0 || strings.Fields(r.stdout)[0] != "log" || len(strings.Fields(r.stdout)) != 1 {
 		t.Fatalf("the reader sees the delete: ls %q %s", r.stdout, r.stderr)
 	}
+	// File locks are the volume's, not each guest's: one sandbox's lock keeps the other
+	// out (flock and fcntl, not waiting), and the other's waiting lock is granted once
+	// it is let go.
+	holder := make(chan result, 1)
+	// (The holder's output goes to its own /tmp: a file on the volume would show its
+	// lines only once closed.)
+	go func() { holder <- in(writer, "/bin/guestlock -hold 4s /data/lock > /tmp/holder.out 2>&1") }()
+	eventually(t, "the writer's lock", func() (bool, string) {
+		out := in(writer, "cat /tmp/holder.out").stdout
+		return strings.HasPrefix(out, "locked"), out
+	})
+	for _, mode := range []string{"", "-fcntl"} {
+		if r := in(reader, "/bin/guestlock -nb "+mode+" /mnt/vol/lock"); r.code != 1 || strings.TrimSpace(r.stdout) != "busy" {
+			t.Errorf("a lock (%q) held by another sandbox: exit %d %q %q", mode, r.code, r.stdout, r.stderr)
+		}
+	}
+	if r := in(reader, "/bin/guestlock /mnt/vol/lock"); r.code != 0 || r.stdout != "locked\nreleased\n" {
+		t.Errorf("a waiting lock: exit %d %q %q", r.code, r.stdout, r.stderr)
+	}
+	if out := in(writer, "cat /tmp/holder.out").stdout; out != "locked\nreleased\n" {
+		t.Errorf("a waiting lock was granted while its holder still held it (the holder printed %q)", out)
+	}
+	if r := <-holder; r.code != 0 {
+		t.Errorf("the lock's holder: exit %d %q", r.code, r.stderr)
+	}
+	if r := in(reader, "/bin/guestlock -nb -fcntl /mnt/vol/lock"); r.code != 0 {
+		t.Errorf("a lock nobody holds: exit %d %q %q", r.code, r.stdout, r.stderr)
+	}
+
 	// What the guests wrote is on the node, in the volume, owned by root as the guests see it.
 	data, err := os.ReadFile(filepath.Join(volumeDir(t, "shared"), "log"))
 	if err != nil || !strings.HasPrefix(string(data), "tick 1\n") {

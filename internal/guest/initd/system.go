@@ -38,6 +38,8 @@ type pid1System struct {
 	// it); volumeMods says the NFS client's modules are loaded (see MountVolumes).
 	modDir     *os.File
 	volumeMods bool
+	// locks are the portmapper and status monitor volume locks need (lockservices.go).
+	locks *lockServices
 }
 
 // The filesystem freeze ioctls (linux/fs.h: _IOWR('X', 119, int) and _IOWR('X', 120, int)).

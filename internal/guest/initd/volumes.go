@@ -18,14 +18,14 @@ import (
 const volumeOrder = "volume.order"
 
 // nfsOptions are every volume mount's: NFSv3 over TCP with MOUNT on the same port (the
-// node's server answers both there, so the kernel needs no rpcbind and no helper);
-// nolock and noacl because the server has neither protocol (locks stay within this
-// guest); actimeo=0 so that what other sandboxes change (new files, renames, deletes,
+// node's server answers both there, so the kernel needs no helper); file locks go to the
+// node's lock manager (see lockservices.go for the guest's side); noacl because the
+// server has no ACL protocol; actimeo=0 so that what other sandboxes change (new files, renames, deletes,
 // appends) is seen at the next look, not after an attribute cache's minute; retry=0 so
 // that a mount whose server does not answer fails instead of retrying for minutes. Hard
 // mounts (the default): a server that goes away for a while (the sandbox is migrated, or
 // its node's agent restarts) makes calls wait, never fail with data lost.
-const nfsOptions = "vers=3,proto=tcp,mountproto=tcp,nolock,noacl,actimeo=0,retry=0"
+const nfsOptions = "vers=3,proto=tcp,mountproto=tcp,noacl,actimeo=0,retry=0"
 
 // MountVolumes mounts each volume in the (set-up) root, loading the NFS client first
 // if this boot has not yet.
@@ -38,6 +38,13 @@ func (p *pid1System) MountVolumes(vols []proto.VolumeMount) error {
 	}
 	if err := p.loadVolumeModules(); err != nil {
 		return err
+	}
+	if p.locks == nil {
+		ls, err := startLockServices()
+		if err != nil {
+			return err
+		}
+		p.locks = ls
 	}
 	for _, v := range vols {
 		if err := os.MkdirAll(v.Path, 0o755); err != nil {

@@ -32,7 +32,13 @@ import (
 // server's file handles are the kernel's, so its NFS client goes on where it was.
 
 // volumePortBase is the port of a sandbox's first volume mount; mount i is on base+i.
-const volumePortBase = 2049
+// The lock manager and the portmapper the guest's lock daemon asks for it are on their
+// usual ports.
+const (
+	volumePortBase = 2049
+	lockPort       = 4045
+	portmapPort    = 111
+)
 
 // volumeServerUID is the user (and group) every volume server runs as: not root, no
 // VMM's, of no group a VMM is in.
@@ -122,7 +128,7 @@ func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, mounts []sta
 	if m.volumes == nil {
 		return nil, errors.New("this node keeps no volumes")
 	}
-	spec := volume.ServerSpec{Root: filepath.Join(dir, volumeJailRoot), UID: volumeServerUID, GID: volumeServerUID}
+	spec := volume.ServerSpec{Root: filepath.Join(dir, volumeJailRoot), UID: volumeServerUID, GID: volumeServerUID, NLMPort: lockPort}
 	for _, mt := range mounts {
 		if err := m.volumes.Mount(ctx, mt.Volume); err != nil {
 			return nil, fmt.Errorf("volume %s: %w", mt.Volume, err)
@@ -133,12 +139,17 @@ func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, mounts []sta
 		return nil, fmt.Errorf("volume server's root: %w", err)
 	}
 	v := &volServer{log: m.log, dir: dir, spec: spec, stop: make(chan struct{}), exit: make(chan struct{}), done: make(chan struct{})}
+	ports := make([]int, 0, len(mounts)+2)
+	for i := range mounts {
+		ports = append(ports, volumePortBase+i)
+	}
+	ports = append(ports, portmapPort, lockPort)
 	err := network.Do(nsPath, func() error {
-		for i := range mounts {
-			addr := net.JoinHostPort(network.GuestGateway.String(), strconv.Itoa(volumePortBase+i))
+		for i, port := range ports {
+			addr := net.JoinHostPort(network.GuestGateway.String(), strconv.Itoa(port))
 			ln, err := net.Listen("tcp4", addr)
 			if err != nil {
-				return fmt.Errorf("listen for volume mount %d on %s: %w", i, addr, err)
+				return fmt.Errorf("listen for the volume server (%d) on %s: %w", i, addr, err)
 			}
 			f, err := ln.(*net.TCPListener).File()
 			ln.Close()

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/jail"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/sunrpc"
 )
 
 // Export is one volume mount a sandbox's server answers, on a listener of its own.
@@ -29,8 +30,10 @@ type ServerSpec struct {
 	// UID and GID are the server's user (never root; see swapID for what guests see).
 	UID int `json:"-"`
 	GID int `json:"-"`
-	// Exports are served on the listeners given to ServerCommand, in order.
+	// Exports are served on the listeners given to ServerCommand, in order; after them
+	// come the portmapper's listener and the lock manager's, on NLMPort.
 	Exports []Export `json:"exports"`
+	NLMPort uint16   `json:"nlm_port"`
 }
 
 // ServerName names the server's process and marks its command line as a server's (the
@@ -44,8 +47,9 @@ const maxConnsPerExport = 8
 // of its volumes whoever owns it (guests chown), to open files by handle, nothing else.
 var serverCaps = []uintptr{unix.CAP_CHOWN, unix.CAP_DAC_OVERRIDE, unix.CAP_DAC_READ_SEARCH, unix.CAP_FOWNER, unix.CAP_FSETID}
 
-// ServerCommand returns the command that serves spec's exports, export i on listeners[i]
-// (TCP listeners the caller made in the sandbox's network namespace). The server runs as
+// ServerCommand returns the command that serves spec's exports, export i on listeners[i],
+// the portmapper on the next and the lock manager on the last (TCP listeners the caller
+// made in the sandbox's network namespace). The server runs as
 // this binary, jailed (package jail): as spec's user with only serverCaps, in a mount
 // namespace that holds the system's read-only directories and the volumes it serves
 // (read-only ones bound read-only), in a network namespace with nothing in it (it
@@ -53,8 +57,8 @@ var serverCaps = []uintptr{unix.CAP_CHOWN, unix.CAP_DAC_OVERRIDE, unix.CAP_DAC_R
 // its own. A guest that found a way to run code in it would hold that and no more.
 // Start it like any exec.Cmd; it serves until killed.
 func ServerCommand(spec ServerSpec, listeners []*os.File) (*exec.Cmd, error) {
-	if len(spec.Exports) == 0 || len(spec.Exports) != len(listeners) {
-		return nil, fmt.Errorf("volume server: %d exports and %d listeners", len(spec.Exports), len(listeners))
+	if len(spec.Exports) == 0 || len(spec.Exports)+2 != len(listeners) || spec.NLMPort == 0 {
+		return nil, fmt.Errorf("volume server: %d exports and %d listeners (want one each, the portmapper's and the lock manager's on a port)", len(spec.Exports), len(listeners))
 	}
 	self, err := os.Executable()
 	if err != nil {
@@ -104,23 +108,42 @@ func serveExports(specJSON string) error {
 	// A guest's failing calls (a full volume, a name that is not there) are its own
 	// business, and each would be a line in a log on the node's disk.
 	nfs.Log.SetLevel(nfs.PanicLevel)
-	errc := make(chan error, len(spec.Exports))
+	errc := make(chan error, len(spec.Exports)+2)
 	var servers []*Server
-	for i, e := range spec.Exports {
+	listener := func(i int) (net.Listener, error) {
 		f := os.NewFile(uintptr(3+i), fmt.Sprintf("listener-%d", i))
+		defer f.Close()
 		ln, err := net.FileListener(f)
-		f.Close()
 		if err != nil {
-			return fmt.Errorf("listener %d: %w", i, err)
+			return nil, fmt.Errorf("listener %d: %w", i, err)
+		}
+		return limitListener(ln, maxConnsPerExport), nil
+	}
+	for i, e := range spec.Exports {
+		ln, err := listener(i)
+		if err != nil {
+			return err
 		}
 		srv, err := NewServer(e.Dir, e.ReadOnly)
 		if err != nil {
 			return err
 		}
+		srv.export = uint32(i)
 		servers = append(servers, srv)
-		go func() { errc <- srv.Serve(limitListener(ln, maxConnsPerExport)) }()
+		go func() { errc <- srv.Serve(ln) }()
 	}
-	err := <-errc
+	pm, err := listener(len(spec.Exports))
+	if err != nil {
+		return err
+	}
+	nlm, err := listener(len(spec.Exports) + 1)
+	if err != nil {
+		return err
+	}
+	locks := newLockManager(servers)
+	go func() { errc <- sunrpc.Serve(pm, portmapper(uint32(spec.NLMPort))) }()
+	go func() { errc <- sunrpc.Serve(nlm, locks.serve) }()
+	err = <-errc
 	for _, s := range servers {
 		s.Close()
 	}

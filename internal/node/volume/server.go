@@ -3,6 +3,7 @@ package volume
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -31,10 +32,14 @@ type Server struct {
 	dir string
 	// mountID is the kernel's ID of the mount the volume is on (handles are per mount).
 	mountID int
+	// export is the mount's number among its sandbox's (written into its handles, so
+	// that the lock manager, one for all of them, knows whose file a handle names).
+	export uint32
 }
 
-// handleMagic starts every handle: a version of their format.
-const handleMagic = 0x66770001
+// handleMagic starts every handle: a version of their format (magic, export, the
+// kernel's handle type, the kernel's handle).
+const handleMagic = 0x66770002
 
 // NewServer opens the volume at dir (a directory the caller made and keeps), to be served
 // read-only if readOnly.
@@ -136,18 +141,49 @@ func (s *Server) ToHandle(_ billy.Filesystem, p []string) []byte {
 		return nil
 	}
 	out := binary.BigEndian.AppendUint32(nil, handleMagic)
+	out = binary.BigEndian.AppendUint32(out, s.export)
 	out = binary.BigEndian.AppendUint32(out, uint32(h.Type()))
 	return append(out, h.Bytes()...)
+}
+
+// kernelHandle is the kernel's handle in fh, if fh is one of this server's.
+func (s *Server) kernelHandle(fh []byte) (unix.FileHandle, bool) {
+	if len(fh) < 12 || len(fh) > 64 || binary.BigEndian.Uint32(fh) != handleMagic || binary.BigEndian.Uint32(fh[4:]) != s.export {
+		return unix.FileHandle{}, false
+	}
+	return unix.NewFileHandle(int32(binary.BigEndian.Uint32(fh[8:12])), fh[12:]), true
+}
+
+// openHandle opens the regular file fh names (O_RDWR or O_RDONLY by flags), for a lock.
+func (s *Server) openHandle(fh []byte, flags int) (*os.File, error) {
+	h, ok := s.kernelHandle(fh)
+	if !ok {
+		return nil, unix.ESTALE
+	}
+	fd, err := unix.OpenByHandleAt(int(s.fs.root.Fd()), h, flags|unix.O_CLOEXEC|unix.O_NOFOLLOW|unix.O_NONBLOCK)
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.EISDIR) {
+			return nil, unix.EINVAL
+		}
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "lock")
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, unix.EINVAL
+	}
+	return f, nil
 }
 
 // FromHandle finds the file of a handle: the kernel opens it by its handle, and its path
 // is read back and must be in the volume.
 func (s *Server) FromHandle(fh []byte) (billy.Filesystem, []string, error) {
 	stale := &nfs.NFSStatusError{NFSStatus: nfs.NFSStatusStale}
-	if len(fh) < 8 || binary.BigEndian.Uint32(fh) != handleMagic {
+	h, ok := s.kernelHandle(fh)
+	if !ok {
 		return nil, nil, stale
 	}
-	h := unix.NewFileHandle(int32(binary.BigEndian.Uint32(fh[4:8])), fh[8:])
 	fd, err := unix.OpenByHandleAt(int(s.fs.root.Fd()), h, unix.O_PATH|unix.O_CLOEXEC)
 	if err != nil {
 		return nil, nil, stale
