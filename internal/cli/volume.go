@@ -75,6 +75,13 @@ func newVolumeCmd(g *globals) *cobra.Command {
 				if admin {
 					line += "\t" + short(v.GetOwner()) + "\t" + v.GetNode()
 				}
+				if v.GetShared() {
+					line += "\t(shared with this token"
+					if v.GetSharedReadOnly() {
+						line += ", read-only"
+					}
+					line += ")"
+				}
 				if l := v.GetLost(); l != "" {
 					line += "\t(lost: " + printable(l) + ")"
 				}
@@ -110,9 +117,33 @@ func newVolumeCmd(g *globals) *cobra.Command {
 			row("Size", sizeText(v.GetSizeMib()))
 			row("Used", fmt.Sprintf("%.1f MiB", float64(v.GetUsedBytes())/(1<<20)))
 			row("Used by", usedBy(v.GetUsedBy()))
+			if len(v.GetShares()) > 0 {
+				row("Shared with", shares(v))
+			}
+			if v.GetShared() {
+				row("Shared", map[bool]string{true: "with this token, read-only", false: "with this token"}[v.GetSharedReadOnly()])
+			}
 			row("Created", v.GetCreatedAt().AsTime().Local().Format(time.DateTime))
 			row("Lost", printable(v.GetLost()))
 			return tw.Flush()
+		},
+	}
+	var readOnly bool
+	share := &cobra.Command{
+		Use:   "share NAME TOKEN-ID",
+		Short: "Let another token's sandboxes mount a volume (admins; --read-only: only with :ro)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return shareVolume(cmd.Context(), g, &pb.ShareVolumeRequest{Volume: args[0], Token: args[1], ReadOnly: readOnly})
+		},
+	}
+	share.Flags().BoolVar(&readOnly, "read-only", false, "the token may mount it only read-only")
+	unshare := &cobra.Command{
+		Use:   "unshare NAME TOKEN-ID",
+		Short: "Stop sharing a volume with a token (its sandboxes that mount it now keep it until they end)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return shareVolume(cmd.Context(), g, &pb.ShareVolumeRequest{Volume: args[0], Token: args[1], Unshare: true})
 		},
 	}
 	rm := eachArgCmd(g, "rm NAME...", "Remove volumes and their data (refused while a sandbox that is not over mounts one)",
@@ -120,8 +151,37 @@ func newVolumeCmd(g *globals) *cobra.Command {
 			_, err := c.Volumes.DeleteVolume(ctx, connect.NewRequest(&pb.DeleteVolumeRequest{Volume: ref}))
 			return ref, err
 		})
-	cmd.AddCommand(create, ls, inspect, rm)
+	cmd.AddCommand(create, ls, inspect, rm, share, unshare)
 	return cmd
+}
+
+func shareVolume(ctx context.Context, g *globals, req *pb.ShareVolumeRequest) error {
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	r, err := c.Volumes.ShareVolume(ctx, connect.NewRequest(req))
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(g.stdout, "%s\t%s\tshared with %s\n", r.Msg.GetVolume().GetName(), short(r.Msg.GetVolume().GetId()), shares(r.Msg.GetVolume()))
+	return nil
+}
+
+// shares lists whom a volume is shared with.
+func shares(v *pb.Volume) string {
+	var out []string
+	for _, s := range v.GetShares() {
+		t := short(s.GetToken())
+		if s.GetReadOnly() {
+			t += " (read-only)"
+		}
+		out = append(out, t)
+	}
+	if len(out) == 0 {
+		return "-"
+	}
+	return strings.Join(out, ", ")
 }
 
 // volumeMounts reads run's -v flags (NAME:/path[:ro]).

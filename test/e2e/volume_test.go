@@ -294,3 +294,66 @@ func TestVolumeAcrossPauseMigrateForkRestart(t *testing.T) {
 		t.Errorf("%d volume servers after the sandbox was removed", n)
 	}
 }
+
+// userToken makes a user token and returns its ID and the environment that uses it.
+func userToken(t *testing.T, name string) (id string, env []string) {
+	t.Helper()
+	secret := strings.TrimSpace(fw(t, 0, "token", "create", "--role", "user", "--name", name).stdout)
+	for _, line := range strings.Split(fw(t, 0, "token", "ls").stdout, "\n") {
+		if f := strings.Fields(line); len(f) >= 3 && f[1] == name {
+			id = f[0]
+		}
+	}
+	if id == "" {
+		t.Fatalf("token %s not listed", name)
+	}
+	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "token", "revoke", id) })
+	return id, []string{"FIREWORKS_TOKEN=" + secret}
+}
+
+// Volumes are their token's: another user token finds them by neither name nor ID, can
+// neither mount nor remove them; an admin shares one (here read-only), and the token it
+// is shared with mounts it as shared, then no longer once unshared.
+func TestVolumeOwnershipAndSharing(t *testing.T) {
+	need(t)
+	ctx := context.Background()
+	img := image("busybox:latest")
+	_, owner := userToken(t, "vol-owner")
+	otherID, other := userToken(t, "vol-other")
+	as := func(env []string, args ...string) result { return world.cliEnv(ctx, env, nil, args...) }
+	if r := as(owner, "volume", "create", "mine", "--size", "16M"); r.code != 0 {
+		t.Fatalf("user volume create: %d %s", r.code, r.stderr)
+	}
+	t.Cleanup(func() { _ = as(owner, "volume", "rm", "mine") })
+	if r := as(owner, "run", "-v", "mine:/m", img, "--", "sh", "-c", "echo owners > /m/f"); r.code != 0 {
+		t.Fatalf("the owner writes its volume: %d %s", r.code, r.stderr)
+	}
+	id := strings.Fields(strings.SplitN(as(owner, "volume", "ls").stdout, "\n", 3)[1])[1]
+	for _, ref := range []string{"mine", id} {
+		for _, args := range [][]string{{"volume", "inspect", ref}, {"volume", "rm", ref}, {"run", "-v", ref + ":/x", img, "--", "true"}} {
+			if r := as(other, args...); r.code == 0 || !strings.Contains(r.stderr, "not found") {
+				t.Errorf("another token %v: exit %d %q; want not found", args, r.code, r.stderr)
+			}
+		}
+	}
+	if r := as(owner, "volume", "share", "mine", otherID); r.code == 0 || !strings.Contains(r.stderr, "admin") {
+		t.Errorf("a user shares a volume: exit %d %q", r.code, r.stderr)
+	}
+	fw(t, 0, "volume", "share", id, otherID, "--read-only")
+	if ls := as(other, "volume", "ls").stdout; !strings.Contains(ls, "mine") || !strings.Contains(ls, "shared with this token, read-only") {
+		t.Errorf("the shared volume in the other token's list:\n%s", ls)
+	}
+	if r := as(other, "run", "-v", "mine:/x", img, "--", "true"); r.code == 0 || !strings.Contains(r.stderr, "read-only") {
+		t.Errorf("a read-write mount of a volume shared read-only: exit %d %q", r.code, r.stderr)
+	}
+	if r := as(other, "run", "-v", "mine:/x:ro", img, "--", "cat", "/x/f"); r.code != 0 || strings.TrimSpace(r.stdout) != "owners" {
+		t.Errorf("a read-only mount of the shared volume: exit %d %q %q", r.code, r.stdout, r.stderr)
+	}
+	if r := as(other, "volume", "rm", "mine"); r.code == 0 || !strings.Contains(r.stderr, "only its owner") {
+		t.Errorf("the token it is shared with removes it: exit %d %q", r.code, r.stderr)
+	}
+	fw(t, 0, "volume", "unshare", id, otherID)
+	if r := as(other, "run", "-v", "mine:/x:ro", img, "--", "true"); r.code == 0 || !strings.Contains(r.stderr, "not found") {
+		t.Errorf("a mount once unshared: exit %d %q", r.code, r.stderr)
+	}
+}

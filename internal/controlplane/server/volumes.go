@@ -129,7 +129,7 @@ func (h *volumeService) ListVolumes(ctx context.Context, _ *connect.Request[pb.L
 	}
 	resp := &pb.ListVolumesResponse{}
 	for _, v := range all {
-		if who.CanAccess(v.Owner) {
+		if _, shared := v.ShareOf(who.TokenID); who.CanAccess(v.Owner) || shared {
 			resp.Volumes = append(resp.Volumes, volumeView(who, v, users[v.ID]))
 		}
 	}
@@ -175,6 +175,9 @@ func (h *volumeService) DeleteVolume(ctx context.Context, req *connect.Request[p
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	if !who.CanAccess(v.Owner) {
+		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("volume %s is shared with this token, not its own: only its owner or an admin removes it", v.Name))
+	}
 	if err := h.s.store.DeleteVolume(ctx, v.ID); err != nil {
 		if errors.Is(err, state.ErrInUse) {
 			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("%w: remove those sandboxes first", err))
@@ -194,6 +197,34 @@ func (h *volumeService) DeleteVolume(ctx context.Context, req *connect.Request[p
 		return nil, nodeError(c, "remove the data of volume "+v.Name, err)
 	}
 	return connect.NewResponse(&pb.DeleteVolumeResponse{}), nil
+}
+
+// ShareVolume lets another token mount a volume, or stops it (admins only: who shares
+// what across tokens is the operator's to decide).
+func (h *volumeService) ShareVolume(ctx context.Context, req *connect.Request[pb.ShareVolumeRequest]) (*connect.Response[pb.ShareVolumeResponse], error) {
+	who, err := requireAdmin(ctx, "sharing a volume")
+	if err != nil {
+		return nil, err
+	}
+	v, err := h.s.store.GetVolume(ctx, req.Msg.GetVolume(), who.TokenID, true)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	token := req.Msg.GetToken()
+	if !req.Msg.GetUnshare() {
+		if _, err := h.s.store.GetToken(ctx, token); err != nil {
+			return nil, toConnectError(fmt.Errorf("token %q: %w", token, err))
+		}
+	}
+	v, err = h.s.store.ShareVolume(ctx, v.ID, state.VolumeShare{Token: token, ReadOnly: req.Msg.GetReadOnly()}, req.Msg.GetUnshare())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	_, users, err := h.s.store.ListVolumes(ctx)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.ShareVolumeResponse{Volume: volumeView(who, v, users[v.ID])}), nil
 }
 
 // resolveVolumes fills in a create's mounts from the volumes they name (the caller's
@@ -222,7 +253,11 @@ func (s *Server) resolveVolumes(ctx context.Context, who auth.Identity, spec *st
 		if err != nil {
 			return toConnectError(err)
 		}
+		share, shared := v.ShareOf(who.TokenID)
+		shared = shared && !who.CanAccess(v.Owner)
 		switch {
+		case shared && share.ReadOnly && !m.ReadOnly:
+			return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("volume %s is shared with this token read-only: mount it with :ro", v.Name))
 		case v.Lost != "":
 			return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("volume %s is lost: %s", v.Name, volumeView(who, v, nil).GetLost()))
 		case spec.VolumeNode != "" && v.Node != spec.VolumeNode:
@@ -243,8 +278,17 @@ func (s *Server) resolveVolumes(ctx context.Context, who auth.Identity, spec *st
 }
 
 func volumeView(who auth.Identity, v state.Volume, users []string) *pb.Volume {
-	out := &pb.Volume{Id: v.ID, Name: v.Name, Owner: v.Owner, SizeMib: int64(v.SizeMiB), CreatedAt: ts(v.CreatedAt),
-		UsedBy: slices.Clone(users), Lost: v.Lost}
+	out := &pb.Volume{Id: v.ID, Name: v.Name, Owner: v.Owner, SizeMib: int64(v.SizeMiB), CreatedAt: ts(v.CreatedAt), Lost: v.Lost}
+	if who.CanAccess(v.Owner) {
+		// Its owner sees who mounts it and whom it is shared with; a token it is shared
+		// with sees neither (other tokens' sandboxes and tokens are not its business).
+		out.UsedBy = slices.Clone(users)
+		for _, s := range v.Shares {
+			out.Shares = append(out.Shares, &pb.VolumeShare{Token: s.Token, ReadOnly: s.ReadOnly})
+		}
+	} else if s, ok := v.ShareOf(who.TokenID); ok {
+		out.Shared, out.SharedReadOnly = true, s.ReadOnly
+	}
 	if who.Admin() {
 		out.Node = v.Node
 	} else {

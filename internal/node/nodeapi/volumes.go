@@ -28,6 +28,11 @@ func (n *volumeService) ListVolumes(context.Context, *connect.Request[pb.ListVol
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("a node does not list volumes: ask a server"))
 }
 
+// ShareVolume is not asked of a node: shares are the servers' state.
+func (n *volumeService) ShareVolume(context.Context, *connect.Request[pb.ShareVolumeRequest]) (*connect.Response[pb.ShareVolumeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("a node does not share volumes: ask a server"))
+}
+
 // GetVolume reports the space a volume's filesystem uses.
 func (n *volumeService) GetVolume(ctx context.Context, req *connect.Request[pb.GetVolumeRequest]) (*connect.Response[pb.GetVolumeResponse], error) {
 	used, err := n.ag.VolumeUsage(ctx, req.Msg.GetVolume())

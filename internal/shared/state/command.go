@@ -48,6 +48,7 @@ const (
 	// sandboxes mount them, and a delete is refused while one does.
 	cmdPutVolume    cmdType = 18
 	cmdDeleteVolume cmdType = 19
+	cmdShareVolume  cmdType = 20
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -96,6 +97,8 @@ func (t cmdType) String() string {
 		return "put-volume"
 	case cmdDeleteVolume:
 		return "delete-volume"
+	case cmdShareVolume:
+		return "share-volume"
 	}
 	return fmt.Sprintf("type-%d", byte(t))
 }

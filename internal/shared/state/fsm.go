@@ -137,6 +137,12 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return err
 		}
 		return f.deleteVolume(c.ID)
+	case cmdShareVolume:
+		var c shareVolumeCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.shareVolume(c)
 	case cmdResume:
 		var c resumeSandboxCmd
 		if err := decodeBody(t, body, &c); err != nil {

@@ -2,6 +2,7 @@ package state
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -22,6 +23,27 @@ type Volume struct {
 	CreatedAt time.Time `json:"created_at"`
 	// Lost says why the volume can no longer be used (its node was removed).
 	Lost string `json:"lost,omitempty"`
+	// Shares are the other tokens an admin let mount it.
+	Shares []VolumeShare `json:"shares,omitempty"`
+}
+
+// VolumeShare lets a token other than the owner mount a volume (only read-only, if so).
+type VolumeShare struct {
+	Token    string `json:"token"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+}
+
+// MaxVolumeShares bounds one volume's shares.
+const MaxVolumeShares = 100
+
+// ShareOf is token's share of v, if v is shared with it.
+func (v Volume) ShareOf(token string) (VolumeShare, bool) {
+	for _, s := range v.Shares {
+		if s.Token == token {
+			return s, true
+		}
+	}
+	return VolumeShare{}, false
 }
 
 // VolumeMount is a volume mounted in a sandbox's guest at Path.
@@ -93,6 +115,32 @@ type deleteVolumeCmd struct {
 	ID string `json:"id"`
 }
 
+type shareVolumeCmd struct {
+	ID     string      `json:"id"`
+	Share  VolumeShare `json:"share"`
+	Remove bool        `json:"remove,omitempty"`
+}
+
+func (f *fsm) shareVolume(c shareVolumeCmd) any {
+	v, ok := f.volumes[c.ID]
+	if !ok {
+		return ErrNotFound
+	}
+	if c.Share.Token == "" || c.Share.Token == v.Owner {
+		return fmt.Errorf("%w: a volume is shared with a token other than its owner", ErrInvalid)
+	}
+	nv := *v
+	nv.Shares = slices.DeleteFunc(slices.Clone(v.Shares), func(s VolumeShare) bool { return s.Token == c.Share.Token })
+	if !c.Remove {
+		if len(nv.Shares) >= MaxVolumeShares {
+			return fmt.Errorf("%w: volume %s is shared with %d tokens, at most %d", ErrQuota, v.Name, len(nv.Shares), MaxVolumeShares)
+		}
+		nv.Shares = append(nv.Shares, c.Share)
+	}
+	f.volumes[c.ID] = &nv
+	return nv
+}
+
 func (f *fsm) putVolume(c putVolumeCmd) any {
 	v := c.Volume
 	if v.ID == "" || v.Name == "" || v.Node == "" || v.SizeMiB <= 0 || v.CreatedAt.IsZero() {
@@ -148,10 +196,23 @@ func (f *fsm) volumeUsers(id string) []string {
 	return users
 }
 
+// getVolume finds owner's volume (anyone's, with any) by ID, name or ID prefix; failing
+// that, one shared with owner.
 func (f *fsm) getVolume(ref, owner string, any bool) (Volume, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	return findByRef("volume", f.volumes, ref, owner, any, func(v *Volume) (string, string, string) { return v.ID, v.Name, v.Owner })
+	key := func(v *Volume) (string, string, string) { return v.ID, v.Name, v.Owner }
+	v, err := findByRef("volume", f.volumes, ref, owner, any, key)
+	if any || !errors.Is(err, ErrNotFound) {
+		return v, err
+	}
+	shared := map[string]*Volume{}
+	for id, v := range f.volumes {
+		if _, ok := v.ShareOf(owner); ok {
+			shared[id] = v
+		}
+	}
+	return findByRef("volume", shared, ref, owner, true, key)
 }
 
 // PutVolume records a volume a node has made; max bounds the owner's (0: none).
@@ -174,6 +235,19 @@ func (s *Store) DeleteVolume(ctx context.Context, id string) error {
 		return fmt.Errorf("delete volume %s: %w", id, err)
 	}
 	return nil
+}
+
+// ShareVolume shares volume id with a token (Remove: takes the share back).
+func (s *Store) ShareVolume(ctx context.Context, id string, share VolumeShare, remove bool) (Volume, error) {
+	resp, err := s.apply(ctx, cmdShareVolume, shareVolumeCmd{ID: id, Share: share, Remove: remove})
+	if err != nil {
+		return Volume{}, fmt.Errorf("share volume %s: %w", id, err)
+	}
+	out, ok := resp.(Volume)
+	if !ok {
+		return Volume{}, fmt.Errorf("share volume %s: state machine answered %T", id, resp)
+	}
+	return out, nil
 }
 
 // GetVolume finds a volume of owner (of anyone's with all) by ID, name or prefix.

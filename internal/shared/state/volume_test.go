@@ -101,3 +101,37 @@ func TestParseVolumeMount(t *testing.T) {
 		}
 	}
 }
+
+// A volume shared with a token is found by it (by name or ID), as its owner's own are
+// not; unshared, it is not.
+func TestVolumeShares(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, Options{Dir: t.TempDir()})
+	if _, err := s.PutVolume(ctx, Volume{ID: "c000000000000001", Name: "data", Owner: "u1", Node: "n1", SizeMiB: 64, CreatedAt: t0}, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetVolume(ctx, "data", "u2", false); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("before the share: %v", err)
+	}
+	if _, err := s.ShareVolume(ctx, "c000000000000001", VolumeShare{Token: "u1"}, false); !errors.Is(err, ErrInvalid) {
+		t.Errorf("shared with its owner: %v", err)
+	}
+	v, err := s.ShareVolume(ctx, "c000000000000001", VolumeShare{Token: "u2", ReadOnly: true}, false)
+	if sh, ok := v.ShareOf("u2"); err != nil || !ok || !sh.ReadOnly {
+		t.Fatalf("share: %+v %v", v, err)
+	}
+	for _, ref := range []string{"data", "c000000000000001", "c0000000"} {
+		if got, err := s.GetVolume(ctx, ref, "u2", false); err != nil || got.ID != "c000000000000001" {
+			t.Errorf("the shared volume by %q: %+v %v", ref, got, err)
+		}
+	}
+	if _, err := s.GetVolume(ctx, "data", "u3", false); !errors.Is(err, ErrNotFound) {
+		t.Errorf("a token it is not shared with: %v", err)
+	}
+	if _, err := s.ShareVolume(ctx, "c000000000000001", VolumeShare{Token: "u2"}, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetVolume(ctx, "data", "u2", false); !errors.Is(err, ErrNotFound) {
+		t.Errorf("after the unshare: %v", err)
+	}
+}

@@ -4664,9 +4664,14 @@ type Volume struct {
 	// Why it can no longer be used, if it cannot (its node was removed).
 	Lost string `protobuf:"bytes,8,opt,name=lost,proto3" json:"lost,omitempty"`
 	// Space its filesystem uses now (node API answers and GetVolume).
-	UsedBytes     int64 `protobuf:"varint,9,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	UsedBytes int64 `protobuf:"varint,9,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
+	// Tokens an admin shared it with (shown to admins and its owner).
+	Shares []*VolumeShare `protobuf:"bytes,10,rep,name=shares,proto3" json:"shares,omitempty"`
+	// For a token it is shared with: shared, and whether read-only.
+	Shared         bool `protobuf:"varint,11,opt,name=shared,proto3" json:"shared,omitempty"`
+	SharedReadOnly bool `protobuf:"varint,12,opt,name=shared_read_only,json=sharedReadOnly,proto3" json:"shared_read_only,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -4762,6 +4767,194 @@ func (x *Volume) GetUsedBytes() int64 {
 	return 0
 }
 
+func (x *Volume) GetShares() []*VolumeShare {
+	if x != nil {
+		return x.Shares
+	}
+	return nil
+}
+
+func (x *Volume) GetShared() bool {
+	if x != nil {
+		return x.Shared
+	}
+	return false
+}
+
+func (x *Volume) GetSharedReadOnly() bool {
+	if x != nil {
+		return x.SharedReadOnly
+	}
+	return false
+}
+
+type VolumeShare struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	ReadOnly      bool                   `protobuf:"varint,2,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeShare) Reset() {
+	*x = VolumeShare{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeShare) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeShare) ProtoMessage() {}
+
+func (x *VolumeShare) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeShare.ProtoReflect.Descriptor instead.
+func (*VolumeShare) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{72}
+}
+
+func (x *VolumeShare) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *VolumeShare) GetReadOnly() bool {
+	if x != nil {
+		return x.ReadOnly
+	}
+	return false
+}
+
+type ShareVolumeRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	// The token's ID.
+	Token string `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`
+	// The token may mount it only read-only.
+	ReadOnly bool `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	// Take the share back (sandboxes that mount it now keep it until they end).
+	Unshare       bool `protobuf:"varint,4,opt,name=unshare,proto3" json:"unshare,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShareVolumeRequest) Reset() {
+	*x = ShareVolumeRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShareVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShareVolumeRequest) ProtoMessage() {}
+
+func (x *ShareVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShareVolumeRequest.ProtoReflect.Descriptor instead.
+func (*ShareVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *ShareVolumeRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *ShareVolumeRequest) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *ShareVolumeRequest) GetReadOnly() bool {
+	if x != nil {
+		return x.ReadOnly
+	}
+	return false
+}
+
+func (x *ShareVolumeRequest) GetUnshare() bool {
+	if x != nil {
+		return x.Unshare
+	}
+	return false
+}
+
+type ShareVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShareVolumeResponse) Reset() {
+	*x = ShareVolumeResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShareVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShareVolumeResponse) ProtoMessage() {}
+
+func (x *ShareVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShareVolumeResponse.ProtoReflect.Descriptor instead.
+func (*ShareVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{74}
+}
+
+func (x *ShareVolumeResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
 type CreateVolumeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -4777,7 +4970,7 @@ type CreateVolumeRequest struct {
 
 func (x *CreateVolumeRequest) Reset() {
 	*x = CreateVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4789,7 +4982,7 @@ func (x *CreateVolumeRequest) String() string {
 func (*CreateVolumeRequest) ProtoMessage() {}
 
 func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4802,7 +4995,7 @@ func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CreateVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{72}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *CreateVolumeRequest) GetName() string {
@@ -4842,7 +5035,7 @@ type CreateVolumeResponse struct {
 
 func (x *CreateVolumeResponse) Reset() {
 	*x = CreateVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4854,7 +5047,7 @@ func (x *CreateVolumeResponse) String() string {
 func (*CreateVolumeResponse) ProtoMessage() {}
 
 func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4867,7 +5060,7 @@ func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CreateVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{73}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *CreateVolumeResponse) GetVolume() *Volume {
@@ -4885,7 +5078,7 @@ type ListVolumesRequest struct {
 
 func (x *ListVolumesRequest) Reset() {
 	*x = ListVolumesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4897,7 +5090,7 @@ func (x *ListVolumesRequest) String() string {
 func (*ListVolumesRequest) ProtoMessage() {}
 
 func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4910,7 +5103,7 @@ func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesRequest.ProtoReflect.Descriptor instead.
 func (*ListVolumesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{74}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{77}
 }
 
 type ListVolumesResponse struct {
@@ -4922,7 +5115,7 @@ type ListVolumesResponse struct {
 
 func (x *ListVolumesResponse) Reset() {
 	*x = ListVolumesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4934,7 +5127,7 @@ func (x *ListVolumesResponse) String() string {
 func (*ListVolumesResponse) ProtoMessage() {}
 
 func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4947,7 +5140,7 @@ func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesResponse.ProtoReflect.Descriptor instead.
 func (*ListVolumesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{75}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *ListVolumesResponse) GetVolumes() []*Volume {
@@ -4967,7 +5160,7 @@ type GetVolumeRequest struct {
 
 func (x *GetVolumeRequest) Reset() {
 	*x = GetVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4979,7 +5172,7 @@ func (x *GetVolumeRequest) String() string {
 func (*GetVolumeRequest) ProtoMessage() {}
 
 func (x *GetVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4992,7 +5185,7 @@ func (x *GetVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVolumeRequest.ProtoReflect.Descriptor instead.
 func (*GetVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{76}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *GetVolumeRequest) GetVolume() string {
@@ -5011,7 +5204,7 @@ type GetVolumeResponse struct {
 
 func (x *GetVolumeResponse) Reset() {
 	*x = GetVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5023,7 +5216,7 @@ func (x *GetVolumeResponse) String() string {
 func (*GetVolumeResponse) ProtoMessage() {}
 
 func (x *GetVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5036,7 +5229,7 @@ func (x *GetVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVolumeResponse.ProtoReflect.Descriptor instead.
 func (*GetVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{77}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *GetVolumeResponse) GetVolume() *Volume {
@@ -5055,7 +5248,7 @@ type DeleteVolumeRequest struct {
 
 func (x *DeleteVolumeRequest) Reset() {
 	*x = DeleteVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5067,7 +5260,7 @@ func (x *DeleteVolumeRequest) String() string {
 func (*DeleteVolumeRequest) ProtoMessage() {}
 
 func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5080,7 +5273,7 @@ func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{78}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *DeleteVolumeRequest) GetVolume() string {
@@ -5098,7 +5291,7 @@ type DeleteVolumeResponse struct {
 
 func (x *DeleteVolumeResponse) Reset() {
 	*x = DeleteVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5110,7 +5303,7 @@ func (x *DeleteVolumeResponse) String() string {
 func (*DeleteVolumeResponse) ProtoMessage() {}
 
 func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5123,7 +5316,7 @@ func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{79}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{82}
 }
 
 type InfoRequest struct {
@@ -5134,7 +5327,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5146,7 +5339,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5159,7 +5352,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{80}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{83}
 }
 
 type InfoResponse struct {
@@ -5183,7 +5376,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5195,7 +5388,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5208,7 +5401,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{81}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *InfoResponse) GetVersion() string {
@@ -5322,7 +5515,7 @@ type Token struct {
 
 func (x *Token) Reset() {
 	*x = Token{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5334,7 +5527,7 @@ func (x *Token) String() string {
 func (*Token) ProtoMessage() {}
 
 func (x *Token) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5347,7 +5540,7 @@ func (x *Token) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Token.ProtoReflect.Descriptor instead.
 func (*Token) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{82}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *Token) GetId() string {
@@ -5420,7 +5613,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5432,7 +5625,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5445,7 +5638,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{83}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *CreateTokenRequest) GetName() string {
@@ -5487,7 +5680,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5499,7 +5692,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5512,7 +5705,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{84}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *CreateTokenResponse) GetToken() *Token {
@@ -5537,7 +5730,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5549,7 +5742,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5562,7 +5755,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{85}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{88}
 }
 
 type ListTokensResponse struct {
@@ -5574,7 +5767,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5586,7 +5779,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5599,7 +5792,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{86}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *ListTokensResponse) GetTokens() []*Token {
@@ -5618,7 +5811,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5630,7 +5823,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5643,7 +5836,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{87}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -5661,7 +5854,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5673,7 +5866,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5686,7 +5879,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{88}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{91}
 }
 
 var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
@@ -6026,7 +6219,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x14ListTemplatesRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\"M\n" +
 	"\x15ListTemplatesResponse\x124\n" +
-	"\ttemplates\x18\x01 \x03(\v2\x16.fireworks.v1.TemplateR\ttemplates\"\xf8\x01\n" +
+	"\ttemplates\x18\x01 \x03(\v2\x16.fireworks.v1.TemplateR\ttemplates\"\xed\x02\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
@@ -6038,7 +6231,21 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\aused_by\x18\a \x03(\tR\x06usedBy\x12\x12\n" +
 	"\x04lost\x18\b \x01(\tR\x04lost\x12\x1d\n" +
 	"\n" +
-	"used_bytes\x18\t \x01(\x03R\tusedBytes\"u\n" +
+	"used_bytes\x18\t \x01(\x03R\tusedBytes\x121\n" +
+	"\x06shares\x18\n" +
+	" \x03(\v2\x19.fireworks.v1.VolumeShareR\x06shares\x12\x16\n" +
+	"\x06shared\x18\v \x01(\bR\x06shared\x12(\n" +
+	"\x10shared_read_only\x18\f \x01(\bR\x0esharedReadOnly\"@\n" +
+	"\vVolumeShare\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x1b\n" +
+	"\tread_only\x18\x02 \x01(\bR\breadOnly\"y\n" +
+	"\x12ShareVolumeRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
+	"\x05token\x18\x02 \x01(\tR\x05token\x12\x1b\n" +
+	"\tread_only\x18\x03 \x01(\bR\breadOnly\x12\x18\n" +
+	"\aunshare\x18\x04 \x01(\bR\aunshare\"C\n" +
+	"\x13ShareVolumeResponse\x12,\n" +
+	"\x06volume\x18\x01 \x01(\v2\x14.fireworks.v1.VolumeR\x06volume\"u\n" +
 	"\x13CreateVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
 	"\bsize_mib\x18\x02 \x01(\x03R\asizeMib\x12\x1b\n" +
@@ -6118,12 +6325,13 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x04Exec\x12\x19.fireworks.v1.ExecRequest\x1a\x1a.fireworks.v1.ExecResponse(\x010\x01\x12L\n" +
 	"\tSetPolicy\x12\x1e.fireworks.v1.SetPolicyRequest\x1a\x1f.fireworks.v1.SetPolicyResponse\x12L\n" +
 	"\tGetPolicy\x12\x1e.fireworks.v1.GetPolicyRequest\x1a\x1f.fireworks.v1.GetPolicyResponse\x12V\n" +
-	"\vPortForward\x12 .fireworks.v1.PortForwardRequest\x1a!.fireworks.v1.PortForwardResponse(\x010\x012\xdf\x02\n" +
+	"\vPortForward\x12 .fireworks.v1.PortForwardRequest\x1a!.fireworks.v1.PortForwardResponse(\x010\x012\xb3\x03\n" +
 	"\rVolumeService\x12U\n" +
 	"\fCreateVolume\x12!.fireworks.v1.CreateVolumeRequest\x1a\".fireworks.v1.CreateVolumeResponse\x12R\n" +
 	"\vListVolumes\x12 .fireworks.v1.ListVolumesRequest\x1a!.fireworks.v1.ListVolumesResponse\x12L\n" +
 	"\tGetVolume\x12\x1e.fireworks.v1.GetVolumeRequest\x1a\x1f.fireworks.v1.GetVolumeResponse\x12U\n" +
-	"\fDeleteVolume\x12!.fireworks.v1.DeleteVolumeRequest\x1a\".fireworks.v1.DeleteVolumeResponse2\x92\x05\n" +
+	"\fDeleteVolume\x12!.fireworks.v1.DeleteVolumeRequest\x1a\".fireworks.v1.DeleteVolumeResponse\x12R\n" +
+	"\vShareVolume\x12 .fireworks.v1.ShareVolumeRequest\x1a!.fireworks.v1.ShareVolumeResponse2\x92\x05\n" +
 	"\fImageService\x12N\n" +
 	"\tPullImage\x12\x1e.fireworks.v1.PullImageRequest\x1a\x1f.fireworks.v1.PullImageResponse0\x01\x12O\n" +
 	"\n" +
@@ -6155,7 +6363,7 @@ func file_fireworks_v1_fireworks_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_fireworks_proto_rawDescData
 }
 
-var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 90)
+var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 93)
 var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*SandboxSpec)(nil),            // 0: fireworks.v1.SandboxSpec
 	(*VolumeMount)(nil),            // 1: fireworks.v1.VolumeMount
@@ -6229,165 +6437,172 @@ var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*ListTemplatesRequest)(nil),   // 69: fireworks.v1.ListTemplatesRequest
 	(*ListTemplatesResponse)(nil),  // 70: fireworks.v1.ListTemplatesResponse
 	(*Volume)(nil),                 // 71: fireworks.v1.Volume
-	(*CreateVolumeRequest)(nil),    // 72: fireworks.v1.CreateVolumeRequest
-	(*CreateVolumeResponse)(nil),   // 73: fireworks.v1.CreateVolumeResponse
-	(*ListVolumesRequest)(nil),     // 74: fireworks.v1.ListVolumesRequest
-	(*ListVolumesResponse)(nil),    // 75: fireworks.v1.ListVolumesResponse
-	(*GetVolumeRequest)(nil),       // 76: fireworks.v1.GetVolumeRequest
-	(*GetVolumeResponse)(nil),      // 77: fireworks.v1.GetVolumeResponse
-	(*DeleteVolumeRequest)(nil),    // 78: fireworks.v1.DeleteVolumeRequest
-	(*DeleteVolumeResponse)(nil),   // 79: fireworks.v1.DeleteVolumeResponse
-	(*InfoRequest)(nil),            // 80: fireworks.v1.InfoRequest
-	(*InfoResponse)(nil),           // 81: fireworks.v1.InfoResponse
-	(*Token)(nil),                  // 82: fireworks.v1.Token
-	(*CreateTokenRequest)(nil),     // 83: fireworks.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),    // 84: fireworks.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),      // 85: fireworks.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),     // 86: fireworks.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),     // 87: fireworks.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),    // 88: fireworks.v1.RevokeTokenResponse
-	nil,                            // 89: fireworks.v1.Sandbox.DetailsEntry
-	(*durationpb.Duration)(nil),    // 90: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 91: google.protobuf.Timestamp
+	(*VolumeShare)(nil),            // 72: fireworks.v1.VolumeShare
+	(*ShareVolumeRequest)(nil),     // 73: fireworks.v1.ShareVolumeRequest
+	(*ShareVolumeResponse)(nil),    // 74: fireworks.v1.ShareVolumeResponse
+	(*CreateVolumeRequest)(nil),    // 75: fireworks.v1.CreateVolumeRequest
+	(*CreateVolumeResponse)(nil),   // 76: fireworks.v1.CreateVolumeResponse
+	(*ListVolumesRequest)(nil),     // 77: fireworks.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),    // 78: fireworks.v1.ListVolumesResponse
+	(*GetVolumeRequest)(nil),       // 79: fireworks.v1.GetVolumeRequest
+	(*GetVolumeResponse)(nil),      // 80: fireworks.v1.GetVolumeResponse
+	(*DeleteVolumeRequest)(nil),    // 81: fireworks.v1.DeleteVolumeRequest
+	(*DeleteVolumeResponse)(nil),   // 82: fireworks.v1.DeleteVolumeResponse
+	(*InfoRequest)(nil),            // 83: fireworks.v1.InfoRequest
+	(*InfoResponse)(nil),           // 84: fireworks.v1.InfoResponse
+	(*Token)(nil),                  // 85: fireworks.v1.Token
+	(*CreateTokenRequest)(nil),     // 86: fireworks.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),    // 87: fireworks.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),      // 88: fireworks.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),     // 89: fireworks.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),     // 90: fireworks.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),    // 91: fireworks.v1.RevokeTokenResponse
+	nil,                            // 92: fireworks.v1.Sandbox.DetailsEntry
+	(*durationpb.Duration)(nil),    // 93: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 94: google.protobuf.Timestamp
 }
 var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
-	90, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
-	2,  // 1: fireworks.v1.SandboxSpec.ports:type_name -> fireworks.v1.Port
-	1,  // 2: fireworks.v1.SandboxSpec.volumes:type_name -> fireworks.v1.VolumeMount
-	91, // 3: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
-	0,  // 4: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
-	91, // 5: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	91, // 6: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
-	91, // 7: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
-	4,  // 8: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
-	89, // 9: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
-	3,  // 10: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
-	9,  // 11: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
-	6,  // 12: fireworks.v1.Sandbox.migration:type_name -> fireworks.v1.Migration
-	6,  // 13: fireworks.v1.Sandbox.migrations:type_name -> fireworks.v1.Migration
-	91, // 14: fireworks.v1.Migration.started:type_name -> google.protobuf.Timestamp
-	91, // 15: fireworks.v1.Migration.ended:type_name -> google.protobuf.Timestamp
-	5,  // 16: fireworks.v1.MigrateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	6,  // 17: fireworks.v1.MigrateSandboxResponse.migration:type_name -> fireworks.v1.Migration
-	91, // 18: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
-	5,  // 19: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	91, // 20: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
-	12, // 21: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
-	12, // 22: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
-	5,  // 23: fireworks.v1.ForkSandboxResponse.forks:type_name -> fireworks.v1.Sandbox
-	5,  // 24: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	0,  // 25: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
-	5,  // 26: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	5,  // 27: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	5,  // 28: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
-	90, // 29: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
-	5,  // 30: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	36, // 31: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
-	33, // 32: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
-	34, // 33: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
-	35, // 34: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
-	34, // 35: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
-	41, // 36: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
-	33, // 37: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
-	34, // 38: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
-	35, // 39: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
-	3,  // 40: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	3,  // 41: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	91, // 42: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
-	53, // 43: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
-	50, // 44: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
-	50, // 45: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
-	91, // 46: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
-	59, // 47: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
-	58, // 48: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
-	58, // 49: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
-	58, // 50: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
-	91, // 51: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
-	66, // 52: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
-	90, // 53: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
-	66, // 54: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
-	91, // 55: fireworks.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
-	71, // 56: fireworks.v1.CreateVolumeResponse.volume:type_name -> fireworks.v1.Volume
-	71, // 57: fireworks.v1.ListVolumesResponse.volumes:type_name -> fireworks.v1.Volume
-	71, // 58: fireworks.v1.GetVolumeResponse.volume:type_name -> fireworks.v1.Volume
-	91, // 59: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
-	91, // 60: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	90, // 61: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	82, // 62: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
-	82, // 63: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
-	23, // 64: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
-	25, // 65: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
-	27, // 66: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
-	29, // 67: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
-	31, // 68: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
-	10, // 69: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
-	21, // 70: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
-	7,  // 71: fireworks.v1.SandboxService.MigrateSandbox:input_type -> fireworks.v1.MigrateSandboxRequest
-	19, // 72: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
-	13, // 73: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
-	15, // 74: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
-	17, // 75: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
-	37, // 76: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
-	39, // 77: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
-	42, // 78: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
-	44, // 79: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
-	46, // 80: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
-	48, // 81: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
-	72, // 82: fireworks.v1.VolumeService.CreateVolume:input_type -> fireworks.v1.CreateVolumeRequest
-	74, // 83: fireworks.v1.VolumeService.ListVolumes:input_type -> fireworks.v1.ListVolumesRequest
-	76, // 84: fireworks.v1.VolumeService.GetVolume:input_type -> fireworks.v1.GetVolumeRequest
-	78, // 85: fireworks.v1.VolumeService.DeleteVolume:input_type -> fireworks.v1.DeleteVolumeRequest
-	51, // 86: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
-	54, // 87: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
-	56, // 88: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
-	67, // 89: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
-	69, // 90: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
-	60, // 91: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
-	62, // 92: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
-	64, // 93: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
-	80, // 94: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
-	83, // 95: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
-	85, // 96: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
-	87, // 97: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
-	24, // 98: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
-	26, // 99: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
-	28, // 100: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
-	30, // 101: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
-	32, // 102: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
-	11, // 103: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
-	22, // 104: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
-	8,  // 105: fireworks.v1.SandboxService.MigrateSandbox:output_type -> fireworks.v1.MigrateSandboxResponse
-	20, // 106: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
-	14, // 107: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
-	16, // 108: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
-	18, // 109: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
-	38, // 110: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
-	40, // 111: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
-	43, // 112: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
-	45, // 113: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
-	47, // 114: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
-	49, // 115: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
-	73, // 116: fireworks.v1.VolumeService.CreateVolume:output_type -> fireworks.v1.CreateVolumeResponse
-	75, // 117: fireworks.v1.VolumeService.ListVolumes:output_type -> fireworks.v1.ListVolumesResponse
-	77, // 118: fireworks.v1.VolumeService.GetVolume:output_type -> fireworks.v1.GetVolumeResponse
-	79, // 119: fireworks.v1.VolumeService.DeleteVolume:output_type -> fireworks.v1.DeleteVolumeResponse
-	52, // 120: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
-	55, // 121: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
-	57, // 122: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
-	68, // 123: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
-	70, // 124: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
-	61, // 125: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
-	63, // 126: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
-	65, // 127: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
-	81, // 128: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
-	84, // 129: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
-	86, // 130: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
-	88, // 131: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
-	98, // [98:132] is the sub-list for method output_type
-	64, // [64:98] is the sub-list for method input_type
-	64, // [64:64] is the sub-list for extension type_name
-	64, // [64:64] is the sub-list for extension extendee
-	0,  // [0:64] is the sub-list for field type_name
+	93,  // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
+	2,   // 1: fireworks.v1.SandboxSpec.ports:type_name -> fireworks.v1.Port
+	1,   // 2: fireworks.v1.SandboxSpec.volumes:type_name -> fireworks.v1.VolumeMount
+	94,  // 3: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
+	0,   // 4: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
+	94,  // 5: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	94,  // 6: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
+	94,  // 7: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
+	4,   // 8: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
+	92,  // 9: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
+	3,   // 10: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
+	9,   // 11: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
+	6,   // 12: fireworks.v1.Sandbox.migration:type_name -> fireworks.v1.Migration
+	6,   // 13: fireworks.v1.Sandbox.migrations:type_name -> fireworks.v1.Migration
+	94,  // 14: fireworks.v1.Migration.started:type_name -> google.protobuf.Timestamp
+	94,  // 15: fireworks.v1.Migration.ended:type_name -> google.protobuf.Timestamp
+	5,   // 16: fireworks.v1.MigrateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	6,   // 17: fireworks.v1.MigrateSandboxResponse.migration:type_name -> fireworks.v1.Migration
+	94,  // 18: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
+	5,   // 19: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	94,  // 20: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	12,  // 21: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
+	12,  // 22: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
+	5,   // 23: fireworks.v1.ForkSandboxResponse.forks:type_name -> fireworks.v1.Sandbox
+	5,   // 24: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	0,   // 25: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
+	5,   // 26: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	5,   // 27: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	5,   // 28: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
+	93,  // 29: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
+	5,   // 30: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	36,  // 31: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
+	33,  // 32: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
+	34,  // 33: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
+	35,  // 34: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
+	34,  // 35: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
+	41,  // 36: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
+	33,  // 37: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
+	34,  // 38: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
+	35,  // 39: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
+	3,   // 40: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	3,   // 41: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	94,  // 42: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
+	53,  // 43: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
+	50,  // 44: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
+	50,  // 45: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
+	94,  // 46: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
+	59,  // 47: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
+	58,  // 48: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
+	58,  // 49: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
+	58,  // 50: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
+	94,  // 51: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
+	66,  // 52: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
+	93,  // 53: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
+	66,  // 54: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
+	94,  // 55: fireworks.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	72,  // 56: fireworks.v1.Volume.shares:type_name -> fireworks.v1.VolumeShare
+	71,  // 57: fireworks.v1.ShareVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	71,  // 58: fireworks.v1.CreateVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	71,  // 59: fireworks.v1.ListVolumesResponse.volumes:type_name -> fireworks.v1.Volume
+	71,  // 60: fireworks.v1.GetVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	94,  // 61: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
+	94,  // 62: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	93,  // 63: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	85,  // 64: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
+	85,  // 65: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
+	23,  // 66: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
+	25,  // 67: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
+	27,  // 68: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
+	29,  // 69: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
+	31,  // 70: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
+	10,  // 71: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
+	21,  // 72: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
+	7,   // 73: fireworks.v1.SandboxService.MigrateSandbox:input_type -> fireworks.v1.MigrateSandboxRequest
+	19,  // 74: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
+	13,  // 75: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
+	15,  // 76: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
+	17,  // 77: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
+	37,  // 78: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
+	39,  // 79: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
+	42,  // 80: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
+	44,  // 81: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
+	46,  // 82: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
+	48,  // 83: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
+	75,  // 84: fireworks.v1.VolumeService.CreateVolume:input_type -> fireworks.v1.CreateVolumeRequest
+	77,  // 85: fireworks.v1.VolumeService.ListVolumes:input_type -> fireworks.v1.ListVolumesRequest
+	79,  // 86: fireworks.v1.VolumeService.GetVolume:input_type -> fireworks.v1.GetVolumeRequest
+	81,  // 87: fireworks.v1.VolumeService.DeleteVolume:input_type -> fireworks.v1.DeleteVolumeRequest
+	73,  // 88: fireworks.v1.VolumeService.ShareVolume:input_type -> fireworks.v1.ShareVolumeRequest
+	51,  // 89: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
+	54,  // 90: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
+	56,  // 91: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
+	67,  // 92: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
+	69,  // 93: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
+	60,  // 94: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
+	62,  // 95: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
+	64,  // 96: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
+	83,  // 97: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
+	86,  // 98: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
+	88,  // 99: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
+	90,  // 100: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
+	24,  // 101: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
+	26,  // 102: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
+	28,  // 103: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
+	30,  // 104: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
+	32,  // 105: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
+	11,  // 106: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
+	22,  // 107: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
+	8,   // 108: fireworks.v1.SandboxService.MigrateSandbox:output_type -> fireworks.v1.MigrateSandboxResponse
+	20,  // 109: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
+	14,  // 110: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
+	16,  // 111: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
+	18,  // 112: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
+	38,  // 113: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
+	40,  // 114: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
+	43,  // 115: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
+	45,  // 116: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
+	47,  // 117: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
+	49,  // 118: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
+	76,  // 119: fireworks.v1.VolumeService.CreateVolume:output_type -> fireworks.v1.CreateVolumeResponse
+	78,  // 120: fireworks.v1.VolumeService.ListVolumes:output_type -> fireworks.v1.ListVolumesResponse
+	80,  // 121: fireworks.v1.VolumeService.GetVolume:output_type -> fireworks.v1.GetVolumeResponse
+	82,  // 122: fireworks.v1.VolumeService.DeleteVolume:output_type -> fireworks.v1.DeleteVolumeResponse
+	74,  // 123: fireworks.v1.VolumeService.ShareVolume:output_type -> fireworks.v1.ShareVolumeResponse
+	52,  // 124: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
+	55,  // 125: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
+	57,  // 126: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
+	68,  // 127: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
+	70,  // 128: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
+	61,  // 129: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
+	63,  // 130: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
+	65,  // 131: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
+	84,  // 132: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
+	87,  // 133: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
+	89,  // 134: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
+	91,  // 135: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
+	101, // [101:136] is the sub-list for method output_type
+	66,  // [66:101] is the sub-list for method input_type
+	66,  // [66:66] is the sub-list for extension type_name
+	66,  // [66:66] is the sub-list for extension extendee
+	0,   // [0:66] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_fireworks_proto_init() }
@@ -6427,7 +6642,7 @@ func file_fireworks_v1_fireworks_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_fireworks_proto_rawDesc), len(file_fireworks_v1_fireworks_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   90,
+			NumMessages:   93,
 			NumExtensions: 0,
 			NumServices:   5,
 		},

@@ -106,6 +106,9 @@ const (
 	// VolumeServiceDeleteVolumeProcedure is the fully-qualified name of the VolumeService's
 	// DeleteVolume RPC.
 	VolumeServiceDeleteVolumeProcedure = "/fireworks.v1.VolumeService/DeleteVolume"
+	// VolumeServiceShareVolumeProcedure is the fully-qualified name of the VolumeService's ShareVolume
+	// RPC.
+	VolumeServiceShareVolumeProcedure = "/fireworks.v1.VolumeService/ShareVolume"
 	// ImageServicePullImageProcedure is the fully-qualified name of the ImageService's PullImage RPC.
 	ImageServicePullImageProcedure = "/fireworks.v1.ImageService/PullImage"
 	// ImageServiceListImagesProcedure is the fully-qualified name of the ImageService's ListImages RPC.
@@ -683,6 +686,8 @@ type VolumeServiceClient interface {
 	GetVolume(context.Context, *connect.Request[fireworksv1.GetVolumeRequest]) (*connect.Response[fireworksv1.GetVolumeResponse], error)
 	// Refused while a sandbox that is not over mounts it.
 	DeleteVolume(context.Context, *connect.Request[fireworksv1.DeleteVolumeRequest]) (*connect.Response[fireworksv1.DeleteVolumeResponse], error)
+	// Admins: let another token mount a volume (read-write or read-only), or stop it.
+	ShareVolume(context.Context, *connect.Request[fireworksv1.ShareVolumeRequest]) (*connect.Response[fireworksv1.ShareVolumeResponse], error)
 }
 
 // NewVolumeServiceClient constructs a client for the fireworks.v1.VolumeService service. By
@@ -720,6 +725,12 @@ func NewVolumeServiceClient(httpClient connect.HTTPClient, baseURL string, opts 
 			connect.WithSchema(volumeServiceMethods.ByName("DeleteVolume")),
 			connect.WithClientOptions(opts...),
 		),
+		shareVolume: connect.NewClient[fireworksv1.ShareVolumeRequest, fireworksv1.ShareVolumeResponse](
+			httpClient,
+			baseURL+VolumeServiceShareVolumeProcedure,
+			connect.WithSchema(volumeServiceMethods.ByName("ShareVolume")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -729,6 +740,7 @@ type volumeServiceClient struct {
 	listVolumes  *connect.Client[fireworksv1.ListVolumesRequest, fireworksv1.ListVolumesResponse]
 	getVolume    *connect.Client[fireworksv1.GetVolumeRequest, fireworksv1.GetVolumeResponse]
 	deleteVolume *connect.Client[fireworksv1.DeleteVolumeRequest, fireworksv1.DeleteVolumeResponse]
+	shareVolume  *connect.Client[fireworksv1.ShareVolumeRequest, fireworksv1.ShareVolumeResponse]
 }
 
 // CreateVolume calls fireworks.v1.VolumeService.CreateVolume.
@@ -751,6 +763,11 @@ func (c *volumeServiceClient) DeleteVolume(ctx context.Context, req *connect.Req
 	return c.deleteVolume.CallUnary(ctx, req)
 }
 
+// ShareVolume calls fireworks.v1.VolumeService.ShareVolume.
+func (c *volumeServiceClient) ShareVolume(ctx context.Context, req *connect.Request[fireworksv1.ShareVolumeRequest]) (*connect.Response[fireworksv1.ShareVolumeResponse], error) {
+	return c.shareVolume.CallUnary(ctx, req)
+}
+
 // VolumeServiceHandler is an implementation of the fireworks.v1.VolumeService service.
 type VolumeServiceHandler interface {
 	CreateVolume(context.Context, *connect.Request[fireworksv1.CreateVolumeRequest]) (*connect.Response[fireworksv1.CreateVolumeResponse], error)
@@ -758,6 +775,8 @@ type VolumeServiceHandler interface {
 	GetVolume(context.Context, *connect.Request[fireworksv1.GetVolumeRequest]) (*connect.Response[fireworksv1.GetVolumeResponse], error)
 	// Refused while a sandbox that is not over mounts it.
 	DeleteVolume(context.Context, *connect.Request[fireworksv1.DeleteVolumeRequest]) (*connect.Response[fireworksv1.DeleteVolumeResponse], error)
+	// Admins: let another token mount a volume (read-write or read-only), or stop it.
+	ShareVolume(context.Context, *connect.Request[fireworksv1.ShareVolumeRequest]) (*connect.Response[fireworksv1.ShareVolumeResponse], error)
 }
 
 // NewVolumeServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -791,6 +810,12 @@ func NewVolumeServiceHandler(svc VolumeServiceHandler, opts ...connect.HandlerOp
 		connect.WithSchema(volumeServiceMethods.ByName("DeleteVolume")),
 		connect.WithHandlerOptions(opts...),
 	)
+	volumeServiceShareVolumeHandler := connect.NewUnaryHandler(
+		VolumeServiceShareVolumeProcedure,
+		svc.ShareVolume,
+		connect.WithSchema(volumeServiceMethods.ByName("ShareVolume")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/fireworks.v1.VolumeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case VolumeServiceCreateVolumeProcedure:
@@ -801,6 +826,8 @@ func NewVolumeServiceHandler(svc VolumeServiceHandler, opts ...connect.HandlerOp
 			volumeServiceGetVolumeHandler.ServeHTTP(w, r)
 		case VolumeServiceDeleteVolumeProcedure:
 			volumeServiceDeleteVolumeHandler.ServeHTTP(w, r)
+		case VolumeServiceShareVolumeProcedure:
+			volumeServiceShareVolumeHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -824,6 +851,10 @@ func (UnimplementedVolumeServiceHandler) GetVolume(context.Context, *connect.Req
 
 func (UnimplementedVolumeServiceHandler) DeleteVolume(context.Context, *connect.Request[fireworksv1.DeleteVolumeRequest]) (*connect.Response[fireworksv1.DeleteVolumeResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.VolumeService.DeleteVolume is not implemented"))
+}
+
+func (UnimplementedVolumeServiceHandler) ShareVolume(context.Context, *connect.Request[fireworksv1.ShareVolumeRequest]) (*connect.Response[fireworksv1.ShareVolumeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.VolumeService.ShareVolume is not implemented"))
 }
 
 // ImageServiceClient is a client for the fireworks.v1.ImageService service.
