@@ -293,6 +293,21 @@ func TestVolumeAcrossPauseMigrateForkRestart(t *testing.T) {
 	if n := servers(); n != 0 {
 		t.Errorf("%d volume servers after the sandbox was removed", n)
 	}
+	last := count()
+
+	// Stopped with nothing using it, the node unmounts the volume (as a reboot would);
+	// started again, it mounts it for the next sandbox, data and all.
+	world.stopDev()
+	if mounts, _ := os.ReadFile("/proc/self/mounts"); strings.Contains(string(mounts), dir) {
+		t.Errorf("the volume is still mounted on the node after the server stopped")
+	}
+	if err := world.startDev(); err != nil {
+		world.dumpDevLog()
+		t.Fatalf("restart fireworks dev: %v", err)
+	}
+	if out := fw(t, 0, "run", "-v", "life:/v", img, "--", "cat", "/v/count").stdout; strings.TrimSpace(out) != strconv.Itoa(last) {
+		t.Errorf("after a restart with the volume unmounted, a sandbox reads %q, want %d", out, last)
+	}
 }
 
 // userToken makes a user token and returns its ID and the environment that uses it.
