@@ -160,3 +160,38 @@ func TestRPCRecordBound(t *testing.T) {
 func flockNB(f *os.File) error {
 	return unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &unix.Flock_t{Type: unix.F_WRLCK})
 }
+
+// A guest's stream may not start a fragment larger than maxFragment, however its
+// record marks fall across reads.
+func TestRecordBound(t *testing.T) {
+	mark := func(n uint32, last bool) []byte {
+		if last {
+			n |= 1 << 31
+		}
+		return []byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}
+	}
+	var stream []byte
+	stream = append(stream, mark(5, false)...)
+	stream = append(stream, "hello"...)
+	stream = append(stream, mark(3, true)...)
+	stream = append(stream, "abc"...)
+	for split := 1; split <= len(stream); split++ {
+		r := recordBound{max: 8}
+		for i := 0; i < len(stream); i += split {
+			if err := r.check(stream[i:min(i+split, len(stream))]); err != nil {
+				t.Fatalf("a valid stream read %d bytes at a time: %v", split, err)
+			}
+		}
+	}
+	r := recordBound{max: 8}
+	if err := r.check(append(mark(4, true), "abcd"...)); err != nil {
+		t.Fatal(err)
+	}
+	big := mark(9, true)
+	if err := r.check(big[:2]); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.check(big[2:]); err == nil {
+		t.Error("a fragment over the bound passed")
+	}
+}

@@ -170,13 +170,64 @@ func (l *limited) Accept() (net.Conn, error) {
 		<-l.sem
 		return nil, err
 	}
-	return &limitedConn{Conn: c, release: func() { <-l.sem }}, nil
+	return &limitedConn{Conn: c, release: func() { <-l.sem }, rec: recordBound{max: maxFragment}}, nil
+}
+
+// maxFragment bounds one RPC record fragment from a guest: a WRITE of the client's
+// largest size (1 MiB, the server's wtmax) and its header. go-nfs allocates what a
+// request's lengths say before it reads the data; a fragment that cannot be larger than
+// this is what bounds what one request can make it hold (it reads one request at a time
+// per connection, and a connection count is bounded).
+const maxFragment = 1<<20 + 64<<10
+
+// recordBound follows the record marks of an RPC stream as it is read and fails the
+// read that would start a fragment longer than max.
+type recordBound struct {
+	max     uint32
+	left    uint32 // bytes of the current fragment not yet read
+	hdr     [4]byte
+	hdrHave int
+}
+
+// check passes b, just read, through the record marks.
+func (r *recordBound) check(b []byte) error {
+	for len(b) > 0 {
+		if r.left > 0 {
+			n := min(uint32(len(b)), r.left)
+			r.left -= n
+			b = b[n:]
+			continue
+		}
+		n := copy(r.hdr[r.hdrHave:], b)
+		r.hdrHave += n
+		b = b[n:]
+		if r.hdrHave < 4 {
+			return nil
+		}
+		r.hdrHave = 0
+		size := (uint32(r.hdr[0])<<24 | uint32(r.hdr[1])<<16 | uint32(r.hdr[2])<<8 | uint32(r.hdr[3])) &^ (1 << 31)
+		if size > r.max {
+			return fmt.Errorf("RPC fragment of %d bytes, at most %d", size, r.max)
+		}
+		r.left = size
+	}
+	return nil
 }
 
 type limitedConn struct {
 	net.Conn
 	once    sync.Once
 	release func()
+	rec     recordBound
+}
+
+func (c *limitedConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if cerr := c.rec.check(b[:n]); cerr != nil {
+		c.Close()
+		return 0, cerr
+	}
+	return n, err
 }
 
 func (c *limitedConn) Close() error {
