@@ -8,6 +8,7 @@ package volume
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path"
@@ -325,6 +326,34 @@ func (f *file) Close() error {
 	delete(f.fs.files, f)
 	f.fs.mu.Unlock()
 	return f.File.Close()
+}
+
+// go-nfs returns on a failed write, seek or read without closing the file: one left
+// open after the write that filled the volume would keep an unlinked file's space taken
+// (the guest's rm would free nothing). A file closes itself when one of those fails.
+
+func (f *file) Write(b []byte) (int, error) {
+	n, err := f.File.Write(b)
+	if err != nil {
+		_ = f.Close()
+	}
+	return n, err
+}
+
+func (f *file) Seek(off int64, whence int) (int64, error) {
+	n, err := f.File.Seek(off, whence)
+	if err != nil {
+		_ = f.Close()
+	}
+	return n, err
+}
+
+func (f *file) ReadAt(b []byte, off int64) (int, error) {
+	n, err := f.File.ReadAt(b, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		_ = f.Close()
+	}
+	return n, err
 }
 
 func (f *file) Lock() error   { return unix.Flock(int(f.Fd()), unix.LOCK_EX) }

@@ -67,12 +67,27 @@ func TestStoreQuotaAndRemove(t *testing.T) {
 	if werr == nil || !strings.Contains(werr.Error(), "NOSPC") {
 		t.Fatalf("after %d MiB written into a %d MiB volume: %v (want NFS3ERR_NOSPC)", written, MinSizeMiB, werr)
 	}
+	// Removing the file frees its space at once: the server keeps nothing open of it
+	// (go-nfs leaves the file of a failed write open; the server's files close themselves).
+	if err := target.Remove("/big"); err != nil {
+		t.Fatal(err)
+	}
+	w, err = target.OpenFile("/after", 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range MinSizeMiB / 2 {
+		if _, err := w.Write(chunk); err != nil {
+			t.Fatalf("a write once the full volume's file was removed: %v", err)
+		}
+	}
+	w.Close()
 	stop()
 	// Mounted again (an agent restart) it is the same data.
 	if err := st.Mount(ctx, id); err != nil {
 		t.Fatal(err)
 	}
-	if fi, err := os.Stat(st.Dir(id) + "/big"); err != nil || fi.Size() == 0 {
+	if fi, err := os.Stat(st.Dir(id) + "/after"); err != nil || fi.Size() == 0 {
 		t.Errorf("the volume's file after a second mount: %v", err)
 	}
 	if err := st.Remove(ctx, id); err != nil {
