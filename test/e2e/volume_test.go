@@ -263,6 +263,11 @@ func TestVolumeAcrossPauseMigrateForkRestart(t *testing.T) {
 	if n := servers(); n != 1 {
 		t.Errorf("%d volume servers after the migration, want 1 (the source's gone)", n)
 	}
+	// The server is bounded: its own cgroup (memory, processes, CPU).
+	pid, _ := exec.Command("pgrep", "-f", "fireworks-volume-server .*"+dir).Output()
+	if cg, err := os.ReadFile("/proc/" + strings.TrimSpace(string(pid)) + "/cgroup"); err != nil || !strings.Contains(string(cg), "/fireworks-vol-") {
+		t.Errorf("the volume server's cgroups: %q %v", cg, err)
+	}
 
 	// A fork carries on as a new machine with the same mount.
 	fork := strings.TrimSpace(fw(t, 0, "fork", id).stdout)

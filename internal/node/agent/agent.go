@@ -270,6 +270,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if m.volumes, err = volume.NewStore(filepath.Join(cfg.DataDir, "volumes"), volumeServerUID, volumeServerUID); err != nil {
 		return nil, err
 	}
+	m.volumeCgroup = volumeCgroupFor(cfg.DataDir)
 	if m.kernel, m.initrd, err = cfg.Assets(ctx, a.assetDir()); err != nil {
 		return nil, err
 	}

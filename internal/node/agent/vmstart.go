@@ -38,6 +38,8 @@ type vms struct {
 	runRoot     string
 	net         Networks
 	volumes     *volume.Store // the node's volumes' data
+	// volumeCgroup names the directory of this agent's volume servers' cgroups.
+	volumeCgroup string
 	log         *slog.Logger
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"net"
 	"os"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/node/network"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/jail"
 	"github.com/fireworks-sandbox/fireworks/internal/node/volume"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
@@ -43,6 +45,10 @@ const (
 // volumeServerUID is the user (and group) every volume server runs as: not root, no
 // VMM's, of no group a VMM is in.
 const volumeServerUID = 1_799_999_998
+
+// volumeServerLimits bound each volume server: a guest's requests are bounded one by one
+// (see volume.maxFragment); this bounds what all of them, and the server, can take.
+var volumeServerLimits = jail.Limits{MemoryBytes: 384 << 20, Pids: 128, CPUs: 1}
 
 // Files in a run directory of a sandbox with volumes.
 const (
@@ -120,6 +126,8 @@ type volServer struct {
 	pid int
 	// adopted: the server is an earlier agent's (not this process's child).
 	adopted bool
+	// cgroupParent names the directory of the node's volume servers' cgroups.
+	cgroupParent string
 }
 
 // serveVolumes starts the volume server of the sandbox whose run directory is dir and
@@ -138,13 +146,22 @@ func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, mounts []sta
 	if err := os.MkdirAll(spec.Root, 0o700); err != nil {
 		return nil, fmt.Errorf("volume server's root: %w", err)
 	}
-	v := &volServer{log: m.log, dir: dir, spec: spec, stop: make(chan struct{}), exit: make(chan struct{}), done: make(chan struct{})}
+	cgroups, missing, err := jail.MakeCgroups(m.volumeCgroup, filepath.Base(dir), volumeServerLimits)
+	if err != nil {
+		jail.RemoveCgroups(cgroups)
+		return nil, fmt.Errorf("volume server's cgroup: %w", err)
+	}
+	if len(missing) > 0 {
+		m.log.Warn("cgroup controllers are not mounted: the volume server runs without their limits", "controllers", missing)
+	}
+	spec.Cgroups = cgroups
+	v := &volServer{log: m.log, dir: dir, spec: spec, stop: make(chan struct{}), exit: make(chan struct{}), done: make(chan struct{}), cgroupParent: m.volumeCgroup}
 	ports := make([]int, 0, len(mounts)+2)
 	for i := range mounts {
 		ports = append(ports, volumePortBase+i)
 	}
 	ports = append(ports, portmapPort, lockPort)
-	err := network.Do(nsPath, func() error {
+	err = network.Do(nsPath, func() error {
 		for i, port := range ports {
 			addr := net.JoinHostPort(network.GuestGateway.String(), strconv.Itoa(port))
 			ln, err := net.Listen("tcp4", addr)
@@ -165,6 +182,7 @@ func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, mounts []sta
 	}
 	if err != nil {
 		v.closeListeners()
+		jail.RemoveCgroups(cgroups)
 		return nil, err
 	}
 	go v.supervise()
@@ -246,7 +264,18 @@ func (v *volServer) Stop() {
 	}
 	<-v.done
 	v.closeListeners()
+	// Whatever is left in its cgroup ends with it (an adopted server's is found by name).
+	jail.RemoveCgroups(v.cgroups())
 	_ = os.Remove(filepath.Join(v.dir, volumeServerPID))
+}
+
+// cgroups are the server's cgroup directories.
+func (v *volServer) cgroups() []string {
+	var dirs []string
+	for _, p := range jail.CgroupParents(v.cgroupParent) {
+		dirs = append(dirs, filepath.Join(p, filepath.Base(v.dir)))
+	}
+	return dirs
 }
 
 func (v *volServer) closeListeners() {
@@ -261,7 +290,7 @@ func (v *volServer) closeListeners() {
 func (m *vms) adoptVolumes(ctx context.Context, dir, nsPath string, mounts []state.VolumeMount) (*volServer, error) {
 	if pid := runningVolumeServer(dir); pid > 0 {
 		// Still serving on its own listeners: this agent only ends it with the sandbox.
-		v := &volServer{log: m.log, dir: dir, stop: make(chan struct{}), done: make(chan struct{}), pid: pid, adopted: true}
+		v := &volServer{log: m.log, dir: dir, stop: make(chan struct{}), done: make(chan struct{}), pid: pid, adopted: true, cgroupParent: m.volumeCgroup}
 		close(v.done)
 		return v, nil
 	}
@@ -321,4 +350,12 @@ func (a *Agent) unmountVolumes() {
 			a.log.Warn("unmount volume", "volume", id, "err", err)
 		}
 	}
+}
+
+// volumeCgroupFor names the cgroup directory of the volume servers of the agent with
+// data directory dataDir (two agents on a host keep theirs apart).
+func volumeCgroupFor(dataDir string) string {
+	h := fnv.New32a()
+	h.Write([]byte(dataDir))
+	return fmt.Sprintf("fireworks-vol-%03x", h.Sum32()%4096)
 }

@@ -30,6 +30,8 @@ type ServerSpec struct {
 	// UID and GID are the server's user (never root; see swapID for what guests see).
 	UID int `json:"-"`
 	GID int `json:"-"`
+	// Cgroups are the server's cgroups (made, limits set), joined before it runs.
+	Cgroups []string `json:"-"`
 	// Exports are served on the listeners given to ServerCommand, in order; after them
 	// come the portmapper's listener and the lock manager's, on NLMPort.
 	Exports []Export `json:"exports"`
@@ -79,7 +81,7 @@ func ServerCommand(spec ServerSpec, listeners []*os.File) (*exec.Cmd, error) {
 		mounts = append(mounts, jail.Mount{Path: e.Dir, Writable: !e.ReadOnly})
 	}
 	cmd, err := jail.Command(jail.Spec{Root: spec.Root, UID: spec.UID, GID: spec.GID, Mounts: mounts,
-		Caps: serverCaps, Proc: true, Dir: "/", Path: self, Args: []string{ServerName, string(b)}})
+		Caps: serverCaps, Proc: true, Cgroups: spec.Cgroups, Dir: "/", Path: self, Args: []string{ServerName, string(b)}})
 	if err != nil {
 		return nil, err
 	}

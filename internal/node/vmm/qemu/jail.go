@@ -13,7 +13,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -405,53 +404,13 @@ func (d *Driver) cgroupsFor(id string, vcpus, memMiB int) ([]string, error) {
 	if d.cfg.Accel == "tcg" {
 		overhead += 1024 // QEMU's translation cache grows up to 1 GiB by default
 	}
-	memBytes := int64(memMiB+overhead) << 20
-	name := d.cfg.Jail.CgroupName
-	var st unix.Statfs_t
-	if err := unix.Statfs("/sys/fs/cgroup", &st); err == nil && st.Type == unix.CGROUP2_SUPER_MAGIC {
-		self, err := ownCgroup("")
-		if err != nil {
-			return nil, err
-		}
-		parent := filepath.Join("/sys/fs/cgroup", self, name)
-		if err := os.MkdirAll(parent, 0o755); err != nil {
-			return nil, fmt.Errorf("cgroup %s: %w", parent, err)
-		}
-		_ = os.WriteFile(filepath.Join(parent, "cgroup.subtree_control"), []byte("+cpu +memory +pids"), 0)
-		dir := filepath.Join(parent, id)
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return nil, fmt.Errorf("cgroup %s: %w", dir, err)
-		}
-		return []string{dir}, errors.Join(
-			os.WriteFile(filepath.Join(dir, "memory.max"), []byte(strconv.FormatInt(memBytes, 10)), 0),
-			os.WriteFile(filepath.Join(dir, "pids.max"), []byte("512"), 0),
-			os.WriteFile(filepath.Join(dir, "cpu.max"), []byte(fmt.Sprintf("%d 100000", (vcpus+1)*100000)), 0))
+	dirs, missing, err := jail.MakeCgroups(d.cfg.Jail.CgroupName, id, jail.Limits{MemoryBytes: int64(memMiB+overhead) << 20, Pids: 512, CPUs: vcpus + 1})
+	for _, ctrl := range missing {
+		d.cgroupWarn.Do(func() {
+			d.log.Warn("a cgroup controller is not mounted: jailed VMMs run without its limit", "controller", ctrl)
+		})
 	}
-	var dirs []string
-	var errs []error
-	for ctrl, limits := range map[string]map[string]string{
-		"memory": {"memory.limit_in_bytes": strconv.FormatInt(memBytes, 10)},
-		"pids":   {"pids.max": "512"},
-		"cpu":    {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": strconv.Itoa((vcpus + 1) * 100000)},
-	} {
-		self, err := ownCgroup(ctrl)
-		if err != nil {
-			d.cgroupWarn.Do(func() {
-				d.log.Warn("a cgroup controller is not mounted: jailed VMMs run without its limit", "controller", ctrl)
-			})
-			continue
-		}
-		dir := filepath.Join("/sys/fs/cgroup", ctrl, self, name, id)
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			errs = append(errs, fmt.Errorf("cgroup %s: %w", dir, err))
-			continue
-		}
-		for k, v := range limits {
-			errs = append(errs, os.WriteFile(filepath.Join(dir, k), []byte(v), 0))
-		}
-		dirs = append(dirs, dir)
-	}
-	return dirs, errors.Join(errs...)
+	return dirs, err
 }
 
 // cgroupParents are the directories holding this driver's VM cgroups (one on v2, one per
@@ -460,21 +419,7 @@ func (d *Driver) cgroupParents() []string {
 	if d.cfg.Jail == nil {
 		return nil
 	}
-	name := d.cfg.Jail.CgroupName
-	var st unix.Statfs_t
-	if err := unix.Statfs("/sys/fs/cgroup", &st); err == nil && st.Type == unix.CGROUP2_SUPER_MAGIC {
-		if self, err := ownCgroup(""); err == nil {
-			return []string{filepath.Join("/sys/fs/cgroup", self, name)}
-		}
-		return nil
-	}
-	var out []string
-	for _, ctrl := range []string{"memory", "pids", "cpu"} {
-		if self, err := ownCgroup(ctrl); err == nil {
-			out = append(out, filepath.Join("/sys/fs/cgroup", ctrl, self, name))
-		}
-	}
-	return out
+	return jail.CgroupParents(d.cfg.Jail.CgroupName)
 }
 
 // SweepCgroups implements vmm.CgroupSweeper.
@@ -486,48 +431,7 @@ func (d *Driver) SweepCgroups(keep func(vmID string) bool) {
 				continue
 			}
 			d.log.Warn("ending what is left in the cgroup of a VM not taken back", "cgroup", filepath.Join(parent, e.Name()))
-			removeCgroups([]string{filepath.Join(parent, e.Name())})
+			jail.RemoveCgroups([]string{filepath.Join(parent, e.Name())})
 		}
 	}
-}
-
-// removeCgroups ends whatever still runs in a VM's cgroups (the VMM is gone, but a VMM
-// its guest took over must not leave anything behind), then removes them.
-func removeCgroups(dirs []string) {
-	for _, d := range dirs {
-		_ = os.WriteFile(filepath.Join(d, "cgroup.kill"), []byte("1"), 0) // v2
-		if b, err := os.ReadFile(filepath.Join(d, "cgroup.procs")); err == nil {
-			for _, f := range strings.Fields(string(b)) {
-				if pid, err := strconv.Atoi(f); err == nil && pid > 1 {
-					_ = unix.Kill(pid, unix.SIGKILL)
-				}
-			}
-		}
-		for range 50 { // rmdir fails while the killed are still exiting
-			if err := os.Remove(d); err == nil || errors.Is(err, os.ErrNotExist) {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
-}
-
-// ownCgroup is this process's cgroup path for controller ctrl ("" = the v2 hierarchy).
-func ownCgroup(ctrl string) (string, error) {
-	b, err := os.ReadFile("/proc/self/cgroup")
-	if err != nil {
-		return "", err
-	}
-	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		parts := strings.SplitN(line, ":", 3)
-		if len(parts) != 3 {
-			continue
-		}
-		for _, c := range strings.Split(parts[1], ",") {
-			if c == ctrl {
-				return parts[2], nil
-			}
-		}
-	}
-	return "", fmt.Errorf("no %q cgroup", ctrl)
 }

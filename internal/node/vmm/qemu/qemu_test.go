@@ -14,6 +14,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/jail"
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/vmmtest"
 )
 
@@ -141,7 +142,7 @@ func TestSweepCgroups(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer removeCgroups(kept)
+	defer jail.RemoveCgroups(kept)
 	sleeper := exec.Command("sleep", "60")
 	if err := sleeper.Start(); err != nil {
 		t.Fatal(err)

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/jail"
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/qemu/qmp"
 )
 
@@ -508,7 +509,7 @@ func (v *vm) end(err error) {
 	v.exitErr = err
 	if v.uid != 0 {
 		v.d.uids.give(v.uid)
-		removeCgroups(v.cgroups)
+		jail.RemoveCgroups(v.cgroups)
 	}
 	close(v.guardStop)
 	close(v.done)
