@@ -32,9 +32,13 @@ const ingressDomain = "fireworks.localhost"
 
 // pushWebImage pushes busybox plus /bin/guestweb (HTTP/1.1, h2c, WebSocket echo; see
 // internal/testutil/guestweb) as web:latest and returns its ref.
-func pushWebImage(t *testing.T) string {
+func pushWebImage(t *testing.T) string { return pushToolImage(t, "guestweb", "web:latest") }
+
+// pushToolImage pushes busybox plus the test program ./internal/testutil/TOOL as
+// /bin/TOOL, tagged tag, and returns its ref.
+func pushToolImage(t *testing.T, tool, tag string) string {
 	t.Helper()
-	bin, err := testutil.BuildGuestWeb(t.TempDir())
+	bin, err := testutil.BuildGuestTool(t.TempDir(), tool)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,8 +47,8 @@ func pushWebImage(t *testing.T) string {
 		t.Fatal(err)
 	}
 	img := testimage.WithLayers(t, testimage.Busybox(t),
-		testimage.Layer(t, testimage.Entry{Name: "bin/guestweb", Mode: 0o755, Body: string(body)}))
-	ref := image("web:latest")
+		testimage.Layer(t, testimage.Entry{Name: "bin/" + tool, Mode: 0o755, Body: string(body)}))
+	ref := image(tag)
 	r, err := name.ParseReference(ref, name.Insecure)
 	if err != nil {
 		t.Fatal(err)

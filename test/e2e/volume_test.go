@@ -10,38 +10,11 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-
-	"github.com/fireworks-sandbox/fireworks/internal/testutil"
-	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
 
 // pushLockImage pushes busybox plus /bin/guestlock (see internal/testutil/guestlock) as
 // locks:latest and returns its ref.
-func pushLockImage(t *testing.T) string {
-	t.Helper()
-	bin, err := testutil.BuildGuestTool(t.TempDir(), "guestlock")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, err := os.ReadFile(bin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	img := testimage.WithLayers(t, testimage.Busybox(t),
-		testimage.Layer(t, testimage.Entry{Name: "bin/guestlock", Mode: 0o755, Body: string(body)}))
-	ref := image("locks:latest")
-	r, err := name.ParseReference(ref, name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(r, img); err != nil {
-		t.Fatalf("push %s: %v", ref, err)
-	}
-	return ref
-}
+func pushLockImage(t *testing.T) string { return pushToolImage(t, "guestlock", "locks:latest") }
 
 // volumeDir is where the node keeps a volume's files (its mount on the node), found by
 // the volume's ID: the tests read it to see what the guests wrote, from outside them.
