@@ -93,7 +93,7 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 	fl.BoolVar(&f.spread, "spread", false, "cluster: prefer the least loaded node instead of packing")
 	fl.StringVar(&f.network, "network", "", "none: no network interface at all (default: a network of its own, NAT to the outside)")
 	fl.StringVar(&f.policyFile, "policy", "", "network policy file (see README \"Networking\"; - reads stdin)")
-	fl.StringArrayVarP(&f.volumes, "volume", "v", nil, "mount a volume (`fireworks volume create`): NAME:/path, or NAME:/path:ro read-only; repeatable")
+	fl.StringArrayVarP(&f.volumes, "volume", "v", nil, "mount a volume (see fireworks volume create): NAME:/path, or NAME:/path:ro read-only; repeatable")
 	fl.StringArrayVarP(&f.ports, "port", "p", nil, "publish a guest TCP port through the ingress: PORT (private: needs the access token) or PORT:public")
 	fl.StringVar(&f.snapshot, "snapshot", "", "start from this snapshot (`fireworks snapshot ls`), giving no IMAGE: a filesystem snapshot boots its image with its files; one with memory carries on its processes as a new machine")
 	fl.StringVar(&f.boot, "boot", "auto", "how the VM starts: auto (warm pool, else template snapshot, else boot), restore (template snapshot) or cold (boot the kernel)")

@@ -27,8 +27,8 @@ func newVolumeCmd(g *globals) *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			mib, err := parseMemory(size)
-			if err != nil {
-				return fmt.Errorf("invalid --size %q: %w", size, err)
+			if err != nil || mib <= 0 {
+				return fmt.Errorf("invalid --size %q: want e.g. 512M, 10G or 1T (a bare number is MiB; 16M to 1T)", size)
 			}
 			c, err := g.client()
 			if err != nil {
@@ -43,7 +43,7 @@ func newVolumeCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	create.Flags().StringVar(&size, "size", "10G", "size, e.g. 512M, 10G or 1T (16M to 1T): a full volume answers ENOSPC")
+	create.Flags().StringVar(&size, "size", "10G", "size, e.g. 512M, 10G or 1T (a bare number is MiB; 16M to 1T): a full volume answers ENOSPC")
 	create.Flags().StringVar(&node, "node", "", "admins: the node to keep it on (sandboxes that mount it run there)")
 	ls := &cobra.Command{
 		Use:   "ls",

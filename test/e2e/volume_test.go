@@ -267,6 +267,9 @@ func TestVolumeAcrossPauseMigrateForkRestart(t *testing.T) {
 	if n := servers(); n != 1 {
 		t.Errorf("%d volume servers after the restart, want 1", n)
 	}
+	// The adopted server dies: the agent serves the volume again, and the guest goes on.
+	_ = exec.Command("pkill", "-9", "-f", "fireworks-volume-server .*"+dir).Run()
+	grows("the counter after the adopted volume server was killed")
 	fw(t, 0, "rm", "-f", id)
 	if n := servers(); n != 0 {
 		t.Errorf("%d volume servers after the sandbox was removed", n)

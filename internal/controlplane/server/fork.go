@@ -95,6 +95,12 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 	if !wasRunning && src.Status != state.StatusPaused {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is %s: a running or paused sandbox can be forked", src.ID, src.Status))
 	}
+	// The forks mount the source's volumes: the caller must be allowed them now (a share
+	// taken back, or made read-only, since the source started is not carried on).
+	check := src.Spec
+	if err := h.s.resolveVolumes(ctx, who, &check, nil); err != nil {
+		return nil, err
+	}
 	// The source goes on once the forks run (they restore its saved state).
 	src, resume, err := h.pauseForSave(ctx, src, "fork")
 	if err != nil {

@@ -180,7 +180,7 @@ func (h *volumeService) DeleteVolume(ctx context.Context, req *connect.Request[p
 	}
 	if err := h.s.store.DeleteVolume(ctx, v.ID); err != nil {
 		if errors.Is(err, state.ErrInUse) {
-			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("%w: remove those sandboxes first", err))
+			return nil, connect.NewError(connect.CodeFailedPrecondition, err)
 		}
 		return nil, toConnectError(err)
 	}
@@ -247,7 +247,7 @@ func (s *Server) resolveVolumes(ctx context.Context, who auth.Identity, spec *st
 	if err := spec.CheckSizes(); err != nil {
 		return toConnectError(err)
 	}
-	seen := map[string]bool{}
+	seen, seenVol := map[string]bool{}, map[string]bool{}
 	for i, m := range spec.Volumes {
 		v, err := s.store.GetVolume(ctx, m.Volume, who.TokenID, who.Admin())
 		if err != nil {
@@ -264,11 +264,13 @@ func (s *Server) resolveVolumes(ctx context.Context, who auth.Identity, spec *st
 			return toConnectError(invalid("volumes %s and %s are on different nodes: a sandbox mounts volumes of one node", v.Name, spec.Volumes[0].Volume))
 		case seen[m.Path]:
 			return toConnectError(invalid("two volumes are mounted at %s", m.Path))
+		case seenVol[v.ID]:
+			return toConnectError(invalid("volume %s is mounted twice: mount it once", v.Name))
 		}
 		if _, _, err := state.ParseVolumeMount(v.Name + ":" + m.Path); err != nil {
 			return toConnectError(err)
 		}
-		seen[m.Path] = true
+		seen[m.Path], seenVol[v.ID] = true, true
 		spec.Volumes[i].Volume, spec.VolumeNode = v.ID, v.Node
 	}
 	if spec.SnapshotNode != "" && spec.SnapshotNode != spec.VolumeNode {
@@ -287,7 +289,7 @@ func volumeView(who auth.Identity, v state.Volume, users []string) *pb.Volume {
 			out.Shares = append(out.Shares, &pb.VolumeShare{Token: s.Token, ReadOnly: s.ReadOnly})
 		}
 	} else if s, ok := v.ShareOf(who.TokenID); ok {
-		out.Shared, out.SharedReadOnly = true, s.ReadOnly
+		out.Shared, out.SharedReadOnly, out.Owner = true, s.ReadOnly, ""
 	}
 	if who.Admin() {
 		out.Node = v.Node

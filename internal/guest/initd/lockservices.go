@@ -71,6 +71,12 @@ func (ls *lockServices) portmapper(c sunrpc.Call) sunrpc.Reply {
 		if c.Args.Err() != nil {
 			return sunrpc.Reply{Status: sunrpc.GarbageArgs}
 		}
+		if c.Proc != sunrpc.PmapProcGetport && !reservedPort(c.Remote) {
+			// Only the kernel (from a reserved port) registers services: no guest process
+			// may point its lock daemon elsewhere.
+			w.Bool(false)
+			return sunrpc.Reply{Results: w.Bytes()}
+		}
 		ls.mu.Lock()
 		switch c.Proc {
 		case sunrpc.PmapProcSet:
@@ -93,6 +99,13 @@ func (ls *lockServices) portmapper(c sunrpc.Call) sunrpc.Reply {
 		return sunrpc.Reply{Status: sunrpc.ProcUnavail}
 	}
 	return sunrpc.Reply{Results: w.Bytes()}
+}
+
+// reservedPort says a (loopback TCP) peer sends from a port below 1024, which only the
+// kernel and root bind.
+func reservedPort(a net.Addr) bool {
+	t, ok := a.(*net.TCPAddr)
+	return ok && t.Port > 0 && t.Port < 1024
 }
 
 // statusMonitor says yes to the kernel's monitor requests: a guest's locks live as long

@@ -288,8 +288,8 @@ func ValidateVolumePath(p string) error {
 	switch {
 	case len(p) > MaxVolumePath:
 		return fmt.Errorf("mount path of %d bytes: at most %d", len(p), MaxVolumePath)
-	case !path.IsAbs(p) || path.Clean(p) != p || strings.ContainsAny(p, "\x00,:"):
-		return fmt.Errorf("mount path %q: want a clean absolute path without ',' or ':'", p)
+	case !path.IsAbs(p) || path.Clean(p) != p || strings.ContainsAny(p, ",:") || strings.ContainsFunc(p, func(r rune) bool { return r < 0x20 || r == 0x7f }):
+		return fmt.Errorf("mount path %q: want an absolute path without a trailing '/', '.' or '..' parts, ',', ':' or control characters", p)
 	case p == "/":
 		return fmt.Errorf("mount path %q: a volume cannot be mounted over the root", p)
 	}

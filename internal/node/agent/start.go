@@ -351,7 +351,7 @@ func (a *Agent) restoreOrBoot(r *startRun, mode state.BootMode, withNet bool) (*
 	var err error
 	if sl := a.slots.take(tmpl); sl != nil {
 		h, err = a.useSlot(ctx, s, sl)
-		if err != nil && ctx.Err() == nil {
+		if err != nil && ctx.Err() == nil && !errors.As(err, new(volumeError)) {
 			// The launched-ahead VMM failed (it may have died while idle): that says
 			// nothing about the template yet, so restore afresh.
 			a.log.Warn("restore in a VMM launched ahead failed; restoring afresh", "sandbox", sb.ID, "err", err)
@@ -362,7 +362,7 @@ func (a *Agent) restoreOrBoot(r *startRun, mode state.BootMode, withNet bool) (*
 	}
 	if tmpl != nil {
 		a.templates.release(tmpl) // the VMM has mapped the files (or failed)
-		if err != nil && ctx.Err() == nil {
+		if err != nil && ctx.Err() == nil && !errors.As(err, new(volumeError)) {
 			// A template that does not restore (damaged files, a QEMU that cannot load
 			// it) is dropped, so the next start builds a new one; this start boots
 			// instead of failing.

@@ -40,7 +40,7 @@ type vms struct {
 	volumes     *volume.Store // the node's volumes' data
 	// volumeCgroup names the directory of this agent's volume servers' cgroups.
 	volumeCgroup string
-	log         *slog.Logger
+	log          *slog.Logger
 }
 
 // vmInput is one VM to start for a sandbox or a warm pool.
@@ -169,7 +169,7 @@ func (m *vms) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHa
 		h.netTime = time.Since(tn)
 		if len(in.volumes) > 0 {
 			if h.vols, err = m.serveVolumes(ctx, in.dir, filepath.Join("/run/netns", h.net.Namespace()), in.volumes); err != nil {
-				return h, fmt.Errorf("serve the sandbox's volumes: %w", err)
+				return h, fmt.Errorf("serve the sandbox's volumes: %w", volumeError{err})
 			}
 		}
 	} else if len(in.volumes) > 0 {

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -57,18 +58,32 @@ const (
 	volumeJailRoot  = "volume-jail"
 )
 
-// guestVolumes is what the guest mounts for the sandbox's volume mounts.
+// guestVolumes is what the guest mounts for the sandbox's volume mounts: mount i on its
+// port, in the order of their paths' depth (as Docker does), so that a mount inside
+// another's path is mounted over it, whatever the order given.
 func guestVolumes(mounts []state.VolumeMount) []proto.VolumeMount {
 	var out []proto.VolumeMount
 	for i, m := range mounts {
 		out = append(out, proto.VolumeMount{Server: network.GuestGateway.String(), Port: uint16(volumePortBase + i), Path: m.Path, ReadOnly: m.ReadOnly})
 	}
+	slices.SortStableFunc(out, func(a, b proto.VolumeMount) int {
+		return strings.Count(a.Path, "/") - strings.Count(b.Path, "/")
+	})
 	return out
 }
+
+// volumeError is a start's failure to serve its volumes: the sandbox's, not the VM's
+// (a template that was to be restored is not to blame, nor would a boot do better).
+type volumeError struct{ error }
+
+func (e volumeError) Unwrap() error { return e.error }
 
 // CreateVolume makes volume id's filesystem, sizeMiB large, on this node.
 func (a *Agent) CreateVolume(ctx context.Context, id string, sizeMiB int) error {
 	if err := a.vms.volumes.Create(ctx, id, sizeMiB); err != nil {
+		if errors.Is(err, volume.ErrNoSpace) {
+			return fmt.Errorf("%w: %v", state.ErrNoRoom, err)
+		}
 		return fmt.Errorf("%w: %v", state.ErrInvalid, err)
 	}
 	a.log.Info("volume created", "volume", id, "size_mib", sizeMiB)
@@ -111,9 +126,10 @@ func (a *Agent) VolumeUsage(ctx context.Context, id string) (int64, error) {
 // volServer is the volume server of one sandbox's run: started here, or found running
 // (an earlier agent's, after a restart). Its owner (the VM handle) stops it.
 type volServer struct {
-	log  *slog.Logger
-	dir  string // the run directory
-	spec volume.ServerSpec
+	log    *slog.Logger
+	dir    string // the run directory
+	nsPath string // the sandbox's network namespace
+	spec   volume.ServerSpec
 	// listeners are the mounts' sockets in the sandbox's namespace, held so that a server
 	// that dies can be replaced without the guest's client noticing more than a pause
 	// (nil for a server found running: its listeners are its own).
@@ -133,10 +149,30 @@ type volServer struct {
 // serveVolumes starts the volume server of the sandbox whose run directory is dir and
 // whose network namespace is at nsPath.
 func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, mounts []state.VolumeMount) (*volServer, error) {
+	v, err := m.volumeServer(ctx, dir, nsPath, mounts)
+	if err != nil {
+		return nil, err
+	}
+	if err = v.listen(); err == nil {
+		err = v.start()
+	}
+	if err != nil {
+		v.closeListeners()
+		jail.RemoveCgroups(v.spec.Cgroups)
+		return nil, err
+	}
+	go v.supervise()
+	return v, nil
+}
+
+// volumeServer prepares (not starts) the volume server of the run at dir: its volumes
+// mounted, its jail's root and its cgroups made.
+func (m *vms) volumeServer(ctx context.Context, dir, nsPath string, mounts []state.VolumeMount) (*volServer, error) {
 	if m.volumes == nil {
 		return nil, errors.New("this node keeps no volumes")
 	}
-	spec := volume.ServerSpec{Root: filepath.Join(dir, volumeJailRoot), UID: volumeServerUID, GID: volumeServerUID, NLMPort: lockPort}
+	spec := volume.ServerSpec{Root: filepath.Join(dir, volumeJailRoot), UID: volumeServerUID, GID: volumeServerUID, NLMPort: lockPort,
+		Peer: network.GuestAddr.String()}
 	for _, mt := range mounts {
 		if err := m.volumes.Mount(ctx, mt.Volume); err != nil {
 			return nil, fmt.Errorf("volume %s: %w", mt.Volume, err)
@@ -151,17 +187,27 @@ func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, mounts []sta
 		jail.RemoveCgroups(cgroups)
 		return nil, fmt.Errorf("volume server's cgroup: %w", err)
 	}
+	if slices.Contains(missing, "memory") {
+		jail.RemoveCgroups(cgroups)
+		return nil, errors.New("the node has no memory cgroup controller mounted: a volume server is not run unbounded")
+	}
 	if len(missing) > 0 {
 		m.log.Warn("cgroup controllers are not mounted: the volume server runs without their limits", "controllers", missing)
 	}
 	spec.Cgroups = cgroups
-	v := &volServer{log: m.log, dir: dir, spec: spec, stop: make(chan struct{}), exit: make(chan struct{}), done: make(chan struct{}), cgroupParent: m.volumeCgroup}
-	ports := make([]int, 0, len(mounts)+2)
-	for i := range mounts {
+	return &volServer{log: m.log, dir: dir, nsPath: nsPath, spec: spec, stop: make(chan struct{}), exit: make(chan struct{}), done: make(chan struct{}),
+		cgroupParent: m.volumeCgroup}, nil
+}
+
+// listen makes the server's listeners in the sandbox's namespace: one per mount, the
+// portmapper's and the lock manager's.
+func (v *volServer) listen() error {
+	ports := make([]int, 0, len(v.spec.Exports)+2)
+	for i := range v.spec.Exports {
 		ports = append(ports, volumePortBase+i)
 	}
 	ports = append(ports, portmapPort, lockPort)
-	err = network.Do(nsPath, func() error {
+	return network.Do(v.nsPath, func() error {
 		for i, port := range ports {
 			addr := net.JoinHostPort(network.GuestGateway.String(), strconv.Itoa(port))
 			ln, err := net.Listen("tcp4", addr)
@@ -177,16 +223,6 @@ func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, mounts []sta
 		}
 		return nil
 	})
-	if err == nil {
-		err = v.start()
-	}
-	if err != nil {
-		v.closeListeners()
-		jail.RemoveCgroups(cgroups)
-		return nil, err
-	}
-	go v.supervise()
-	return v, nil
 }
 
 // start launches the server process on the held listeners.
@@ -257,9 +293,9 @@ func (v *volServer) Stop() {
 	}
 	close(v.stop)
 	v.mu.Lock()
-	pid := v.pid
+	pid, adopted := v.pid, v.adopted
 	v.mu.Unlock()
-	if pid > 0 && (!v.adopted || runningVolumeServer(v.dir) == pid) {
+	if pid > 0 && (!adopted || runningVolumeServer(v.dir) == pid) {
 		_ = unix.Kill(pid, unix.SIGKILL)
 	}
 	<-v.done
@@ -286,15 +322,55 @@ func (v *volServer) closeListeners() {
 }
 
 // adoptVolumes finds the volume server an earlier agent left serving the run at dir, or
-// starts a new one if it is gone.
+// starts a new one if it is gone. A server found running is watched: should it die, a
+// new one takes its place, as for a server this agent started.
 func (m *vms) adoptVolumes(ctx context.Context, dir, nsPath string, mounts []state.VolumeMount) (*volServer, error) {
-	if pid := runningVolumeServer(dir); pid > 0 {
-		// Still serving on its own listeners: this agent only ends it with the sandbox.
-		v := &volServer{log: m.log, dir: dir, stop: make(chan struct{}), done: make(chan struct{}), pid: pid, adopted: true, cgroupParent: m.volumeCgroup}
-		close(v.done)
-		return v, nil
+	pid := runningVolumeServer(dir)
+	if pid == 0 {
+		return m.serveVolumes(ctx, dir, nsPath, mounts)
 	}
-	return m.serveVolumes(ctx, dir, nsPath, mounts)
+	v, err := m.volumeServer(ctx, dir, nsPath, mounts)
+	if err != nil {
+		return nil, err
+	}
+	v.pid, v.adopted = pid, true
+	go v.superviseAdopted()
+	return v, nil
+}
+
+// superviseAdopted watches an earlier agent's server (not this process's child: it is
+// looked for, once a second) and, once it is gone, serves on new listeners (its own went
+// with it) as supervise does.
+func (v *volServer) superviseAdopted() {
+	for {
+		select {
+		case <-v.stop:
+			close(v.done)
+			return
+		case <-time.After(time.Second):
+		}
+		v.mu.Lock()
+		pid := v.pid
+		v.mu.Unlock()
+		if runningVolumeServer(v.dir) == pid {
+			continue
+		}
+		v.log.Warn("the volume server from before the agent's restart exited; starting it again", "run", filepath.Base(v.dir))
+		v.mu.Lock()
+		v.pid, v.adopted = 0, false
+		v.mu.Unlock()
+		err := v.listen()
+		if err == nil {
+			err = v.start()
+		}
+		if err != nil {
+			v.log.Error("restart the volume server", "run", filepath.Base(v.dir), "err", err)
+			close(v.done)
+			return
+		}
+		v.supervise()
+		return
+	}
 }
 
 // runningVolumeServer is the PID of the volume server recorded in dir if that process

@@ -74,7 +74,10 @@ func Do(nsPath string, fn func() error) error {
 //   - what the guest sends out of the veth leaves as the sandbox's address,
 //   - what arrives for the sandbox's address goes to the guest,
 //   - the guest may use no other address (the guard on the tap drops the rest; packets
-//     from other addresses are not translated, and the host side's source pin drops them).
+//     from other addresses are not translated, and the host side's source pin drops them);
+//   - the gateway's address (where the node serves the guest: its volumes) is reached
+//     from the guest alone: not through the veth, whoever on the node sends there (a
+//     local account can bind a socket to the host end of the veth).
 func setupGuestSide(ctx context.Context, n Namespace) error {
 	ruleset := fmt.Sprintf(`table ip fireworks {
 	chain prerouting {
@@ -85,8 +88,13 @@ func setupGuestSide(ctx context.Context, n Namespace) error {
 		type nat hook postrouting priority srcnat; policy accept;
 		oifname "%[1]s" ip saddr %[3]s snat to %[2]s
 	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ip daddr %[4]s iifname != "%[5]s" drop
+		ip daddr %[4]s ip saddr != %[3]s drop
+	}
 }
-`, nsVeth, n.Block.Sandbox(), GuestAddr)
+`, nsVeth, n.Block.Sandbox(), GuestAddr, GuestGateway, Tap)
 	return Do(n.Path(), func() error {
 		// The guest gets no IPv6 (its guard drops it anyway); the namespace forwards IPv4.
 		for file, v := range map[string]string{

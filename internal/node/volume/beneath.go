@@ -287,6 +287,11 @@ func (b *beneath) Chmod(name string, mode os.FileMode) error {
 }
 
 func (b *beneath) Lchown(name string, uid, gid int) error {
+	if selfUID != 0 && (uint32(uid) == selfUID || uint32(gid) == selfGID) {
+		// The server's own ids are the node's root's as a guest sees them (swapID); a
+		// chown to them would make a file the node's root's.
+		return &fs.PathError{Op: "chown", Path: name, Err: unix.EPERM}
+	}
 	return b.viaFD(name, func(p string) error {
 		return unix.Fchownat(unix.AT_FDCWD, p, int(swapID(uint32(uid), selfUID)), int(swapID(uint32(gid), selfGID)), 0)
 	})
@@ -346,6 +351,14 @@ func (f *file) Seek(off int64, whence int) (int64, error) {
 		_ = f.Close()
 	}
 	return n, err
+}
+
+func (f *file) Truncate(size int64) error {
+	err := f.File.Truncate(size)
+	if err != nil {
+		_ = f.Close()
+	}
+	return err
 }
 
 func (f *file) ReadAt(b []byte, off int64) (int, error) {

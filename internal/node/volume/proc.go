@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,6 +37,10 @@ type ServerSpec struct {
 	// come the portmapper's listener and the lock manager's, on NLMPort.
 	Exports []Export `json:"exports"`
 	NLMPort uint16   `json:"nlm_port"`
+	// Peer is the only address served (the guest's); its calls come from reserved
+	// ports (below 1024), as a guest kernel's do: a guest's unprivileged process cannot
+	// speak to the server itself.
+	Peer string `json:"peer"`
 }
 
 // ServerName names the server's process and marks its command line as a server's (the
@@ -112,17 +117,21 @@ func serveExports(specJSON string) error {
 	nfs.Log.SetLevel(nfs.PanicLevel)
 	errc := make(chan error, len(spec.Exports)+2)
 	var servers []*Server
-	listener := func(i int) (net.Listener, error) {
+	peer, err := netip.ParseAddr(spec.Peer)
+	if err != nil {
+		return fmt.Errorf("peer %q: %w", spec.Peer, err)
+	}
+	listener := func(i int, reserved bool) (net.Listener, error) {
 		f := os.NewFile(uintptr(3+i), fmt.Sprintf("listener-%d", i))
 		defer f.Close()
 		ln, err := net.FileListener(f)
 		if err != nil {
 			return nil, fmt.Errorf("listener %d: %w", i, err)
 		}
-		return limitListener(ln, maxConnsPerExport), nil
+		return &limited{Listener: ln, sem: make(chan struct{}, maxConnsPerExport), peer: peer, reserved: reserved}, nil
 	}
 	for i, e := range spec.Exports {
-		ln, err := listener(i)
+		ln, err := listener(i, true)
 		if err != nil {
 			return err
 		}
@@ -134,11 +143,13 @@ func serveExports(specJSON string) error {
 		servers = append(servers, srv)
 		go func() { errc <- srv.Serve(ln) }()
 	}
-	pm, err := listener(len(spec.Exports))
+	// The guest kernel asks the portmapper from any port (its rpcbind client does not
+	// bind a reserved one); the portmapper only answers where the lock manager is.
+	pm, err := listener(len(spec.Exports), false)
 	if err != nil {
 		return err
 	}
-	nlm, err := listener(len(spec.Exports) + 1)
+	nlm, err := listener(len(spec.Exports)+1, true)
 	if err != nil {
 		return err
 	}
@@ -155,22 +166,29 @@ func serveExports(specJSON string) error {
 	return err
 }
 
-// limitListener accepts at most n connections at a time: more wait in the backlog.
-func limitListener(ln net.Listener, n int) net.Listener {
-	return &limited{Listener: ln, sem: make(chan struct{}, n)}
-}
-
+// limited accepts at most cap(sem) connections at a time (more wait in the backlog),
+// from peer only, and with reserved from its reserved ports only (others are closed at
+// once).
 type limited struct {
 	net.Listener
-	sem chan struct{}
+	sem      chan struct{}
+	peer     netip.Addr
+	reserved bool
 }
 
 func (l *limited) Accept() (net.Conn, error) {
 	l.sem <- struct{}{}
-	c, err := l.Listener.Accept()
-	if err != nil {
-		<-l.sem
-		return nil, err
+	var c net.Conn
+	for {
+		var err error
+		if c, err = l.Listener.Accept(); err != nil {
+			<-l.sem
+			return nil, err
+		}
+		if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil && ap.Addr().Unmap() == l.peer && (!l.reserved || ap.Port() < 1024) {
+			break
+		}
+		c.Close()
 	}
 	return &limitedConn{Conn: c, release: func() { <-l.sem }, rec: recordBound{max: maxFragment}}, nil
 }

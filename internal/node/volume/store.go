@@ -10,6 +10,9 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // Store keeps the volumes whose data lives on this node. Each is a sparse ext4 image of
@@ -17,6 +20,9 @@ import (
 // the filesystem's, so a full volume answers ENOSPC to whoever writes it, and what one
 // volume holds cannot take space from another or from the node beyond its size.
 type Store struct {
+	// mu serialises mounts, unmounts and removals: two mounts of one image at once could
+	// attach it to two loop devices.
+	mu   sync.Mutex
 	root string // images/<id>.ext4, mnt/<id>
 	// uid and gid own each new volume's root: the user volume servers run as (guests see
 	// it as root, see swapID).
@@ -56,7 +62,16 @@ func (s *Store) Create(ctx context.Context, id string, sizeMiB int) error {
 		return fmt.Errorf("volume size %d MiB: want %d MiB to %d MiB", sizeMiB, MinSizeMiB, MaxSizeMiB)
 	}
 	img := s.image(id)
+	s.mu.Lock()
+	// Images are sparse, but each may fill to its size: together they may not promise
+	// more than the disk they are on holds, or one volume's writes would fail for want of
+	// the space another took (and a user could fill the node's disk).
+	if err := s.fits(int64(sizeMiB) << 20); err != nil {
+		s.mu.Unlock()
+		return fmt.Errorf("volume %s: %w", id, err)
+	}
 	f, err := os.OpenFile(img, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	s.mu.Unlock()
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", id, err)
 	}
@@ -67,7 +82,13 @@ func (s *Store) Create(ctx context.Context, id string, sizeMiB int) error {
 	if err == nil {
 		// Its root is open to everyone (as a new directory would be to its owner): what the
 		// guests write there is theirs, under their own uids.
-		err = run(ctx, "mkfs.ext4", "-q", "-F", "-m", "0", "-E", fmt.Sprintf("root_owner=%d:%d,lazy_itable_init=1", s.uid, s.gid), "-O", "^has_journal", img)
+		// A journal (small: its blocks are written at once), so that a write error of
+		// the node's disk (full) leaves a consistent filesystem.
+		journal := "4"
+		if sizeMiB >= 1024 {
+			journal = "64"
+		}
+		err = run(ctx, "mkfs.ext4", "-q", "-F", "-m", "0", "-J", "size="+journal, "-E", fmt.Sprintf("root_owner=%d:%d,lazy_itable_init=1", s.uid, s.gid), img)
 	}
 	if err == nil {
 		err = s.Mount(ctx, id)
@@ -87,9 +108,41 @@ func (s *Store) Create(ctx context.Context, id string, sizeMiB int) error {
 	return nil
 }
 
+// ErrNoSpace: the node's disk cannot hold another volume of that size.
+var ErrNoSpace = errors.New("not enough disk for the volume")
+
+// fits says whether the volumes' sizes with size more still fit in the disk they are on.
+func (s *Store) fits(size int64) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(filepath.Join(s.root, "images"), &st); err != nil {
+		return err
+	}
+	capacity := int64(st.Blocks) * st.Bsize
+	var promised int64
+	entries, err := os.ReadDir(filepath.Join(s.root, "images"))
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if fi, err := e.Info(); err == nil && fi.Mode().IsRegular() {
+			promised += fi.Size()
+		}
+	}
+	if promised+size > capacity {
+		return fmt.Errorf("%w: the node's volumes take up to %d MiB of its %d MiB disk, %d MiB more do not fit", ErrNoSpace, promised>>20, capacity>>20, size>>20)
+	}
+	return nil
+}
+
 // Mount mounts volume id at Dir(id) unless it is mounted already (after an agent
 // restart it is).
 func (s *Store) Mount(ctx context.Context, id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.mount(ctx, id)
+}
+
+func (s *Store) mount(ctx context.Context, id string) error {
 	if !validID.MatchString(id) {
 		return fmt.Errorf("volume ID %q: want 16 hex digits", id)
 	}
@@ -100,21 +153,28 @@ func (s *Store) Mount(ctx context.Context, id string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	// Never twice: an image mounted again while a loop device still holds it (a server
-	// from before still serving it from its own mount namespace) would be two
-	// filesystems writing one disk.
+	// Never through a second loop device: an image still attached to one (mounted in
+	// another mount namespace: a server from before, or any process that copied the
+	// node's mounts) would be two filesystems writing one disk. The device it is attached
+	// to is mounted instead: one block device, one filesystem, however many mounts.
 	out, err := exec.CommandContext(ctx, "losetup", "-j", s.image(id)).Output()
 	if err != nil {
 		return fmt.Errorf("losetup -j %s: %w", s.image(id), err)
 	}
-	if len(strings.TrimSpace(string(out))) > 0 {
-		return fmt.Errorf("volume %s's image is still attached (%s) though not mounted here: a server from before may still use it", id, strings.TrimSpace(string(out)))
+	if lines := strings.Fields(strings.TrimSpace(string(out))); len(lines) > 0 {
+		dev := strings.TrimSuffix(lines[0], ":")
+		if strings.Count(string(out), "\n") > 1 || !strings.HasPrefix(dev, "/dev/loop") {
+			return fmt.Errorf("volume %s's image is attached to several loop devices (%s): refusing to mount it", id, strings.TrimSpace(string(out)))
+		}
+		return run(ctx, "mount", "-t", "ext4", "-o", "nodev,nosuid,noexec", dev, dir)
 	}
 	return run(ctx, "mount", "-t", "ext4", "-o", "loop,nodev,nosuid,noexec", s.image(id), dir)
 }
 
 // Unmount unmounts volume id if it is mounted (its data stays).
 func (s *Store) Unmount(ctx context.Context, id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if !validID.MatchString(id) {
 		return fmt.Errorf("volume ID %q: want 16 hex digits", id)
 	}
@@ -146,6 +206,12 @@ func (s *Store) Mounted() ([]string, error) {
 // Remove unmounts volume id and deletes its data. It fails while the volume is in use
 // (a server holds it): the caller stops serving it first.
 func (s *Store) Remove(ctx context.Context, id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.remove(ctx, id)
+}
+
+func (s *Store) remove(ctx context.Context, id string) error {
 	if !validID.MatchString(id) {
 		return fmt.Errorf("volume ID %q: want 16 hex digits", id)
 	}

@@ -84,8 +84,12 @@ func (f *fsm) checkVolumes(spec SandboxSpec) error {
 	if len(spec.Volumes) > proto.MaxVolumeMounts {
 		return fmt.Errorf("%w: %d volume mounts, at most %d", ErrInvalid, len(spec.Volumes), proto.MaxVolumeMounts)
 	}
-	paths := map[string]bool{}
+	paths, vols := map[string]bool{}, map[string]bool{}
 	for _, m := range spec.Volumes {
+		if vols[m.Volume] {
+			return fmt.Errorf("%w: volume %s mounted twice", ErrInvalid, m.Volume)
+		}
+		vols[m.Volume] = true
 		v, ok := f.volumes[m.Volume]
 		switch {
 		case !ok:
@@ -175,7 +179,12 @@ func (f *fsm) deleteVolume(id string) any {
 		return ErrNotFound
 	}
 	if users := f.volumeUsers(id); len(users) > 0 {
-		return fmt.Errorf("%w: volume %s is used by sandbox %s", ErrInUse, v.Name, strings.Join(users, ", "))
+		return fmt.Errorf("%w: volume %s is used by sandbox %s (stop or remove it first)", ErrInUse, v.Name, strings.Join(users, ", "))
+	}
+	for _, s := range f.snapshots {
+		if s.MemorySpec != nil && slices.ContainsFunc(s.MemorySpec.Volumes, func(m VolumeMount) bool { return m.Volume == id }) {
+			return fmt.Errorf("%w: volume %s is mounted by the processes of snapshot %s, which would not start without it (remove the snapshot first)", ErrInUse, v.Name, s.Name)
+		}
 	}
 	delete(f.volumes, id)
 	return nil
