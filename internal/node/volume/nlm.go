@@ -54,6 +54,10 @@ const (
 // Bounds on what a guest may make the lock manager hold.
 const (
 	maxLockOwners = 4096 // open files held for locks
+	// maxLockCalls bounds the lock calls granted on one owner's file since it last
+	// unlocked the whole file: each may add a range the kernel keeps and walks, under a
+	// lock, for every lock call on that file, another sandbox's included.
+	maxLockCalls = 1024
 	maxNameLen    = 1024 // caller names and owner handles
 	blockWait     = 7 * time.Second
 	blockPoll     = 20 * time.Millisecond
@@ -70,10 +74,11 @@ type lockManager struct {
 	mu      sync.Mutex
 	held    map[lockKey]*os.File
 	callers map[lockKey]string // the caller name of each held key (FREE_ALL)
+	calls   map[lockKey]int    // lock calls granted on each held key (maxLockCalls)
 }
 
 func newLockManager(exports []*Server) *lockManager {
-	return &lockManager{exports: exports, held: map[lockKey]*os.File{}, callers: map[lockKey]string{}}
+	return &lockManager{exports: exports, held: map[lockKey]*os.File{}, callers: map[lockKey]string{}, calls: map[lockKey]int{}}
 }
 
 // nlmLock is an nlm4_lock.
@@ -218,11 +223,20 @@ func (m *lockManager) lock(block, excl bool, l nlmLock) uint32 {
 	if st != nlm4Granted {
 		return st
 	}
+	m.mu.Lock()
+	full := m.calls[key] >= maxLockCalls
+	m.mu.Unlock()
+	if full {
+		return nlm4DeniedNoLocks
+	}
 	deadline := time.Now().Add(blockWait)
 	for {
 		err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &fl)
 		switch {
 		case err == nil:
+			m.mu.Lock()
+			m.calls[key]++
+			m.mu.Unlock()
 			return nlm4Granted
 		case !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EACCES):
 			return nlm4Failed
@@ -255,6 +269,7 @@ func (m *lockManager) unlock(l nlmLock) uint32 {
 		f.Close()
 		delete(m.held, key)
 		delete(m.callers, key)
+		delete(m.calls, key)
 		return nlm4Granted
 	}
 	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &fl); err != nil {
@@ -314,6 +329,7 @@ func (m *lockManager) freeAll(caller string) {
 			m.held[k].Close()
 			delete(m.held, k)
 			delete(m.callers, k)
+			delete(m.calls, k)
 		}
 	}
 }

@@ -137,6 +137,26 @@ func TestLockManager(t *testing.T) {
 	if st, _ := call(m, nlmProcLock, lockArgs{excl: true, owner: "six", fh: []byte("not a handle of ours")}); st != nlm4StaleFH {
 		t.Errorf("a foreign handle: %d", st)
 	}
+	// An owner's ranges on one file are bounded until it unlocks the whole file.
+	many := lockArgs{owner: "seven", fh: fh, len: 1}
+	granted := 0
+	for i := range maxLockCalls + 10 {
+		many.offset = uint64(1000 + 2*i)
+		if st, _ := call(m, nlmProcLock, many); st == nlm4Granted {
+			granted++
+		} else if st != nlm4DeniedNoLocks {
+			t.Fatalf("range %d: %d", i, st)
+		}
+	}
+	if granted != maxLockCalls {
+		t.Errorf("%d ranges granted to one owner, want %d", granted, maxLockCalls)
+	}
+	many.offset, many.len = 0, 0
+	call(m, nlmProcUnlock, many)
+	many.offset, many.len = 5000, 1
+	if st, _ := call(m, nlmProcLock, many); st != nlm4Granted {
+		t.Errorf("a range after the whole file was unlocked: %d", st)
+	}
 	if rep := m.serve(sunrpc.Call{Prog: nlmProg, Vers: nlmVers, Proc: nlmProcLock, Args: sunrpc.NewReader([]byte{0, 0, 1})}); rep.Status != sunrpc.GarbageArgs {
 		t.Errorf("garbage arguments: %d", rep.Status)
 	}
