@@ -58,9 +58,9 @@ const (
 	// unlocked the whole file: each may add a range the kernel keeps and walks, under a
 	// lock, for every lock call on that file, another sandbox's included.
 	maxLockCalls = 1024
-	maxNameLen    = 1024 // caller names and owner handles
-	blockWait     = 7 * time.Second
-	blockPoll     = 20 * time.Millisecond
+	maxNameLen   = 1024 // caller names and owner handles
+	blockWait    = 7 * time.Second
+	blockPoll    = 20 * time.Millisecond
 )
 
 type lockKey struct {

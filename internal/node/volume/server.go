@@ -131,12 +131,26 @@ func (s *Server) FSStat(ctx context.Context, _ billy.Filesystem, st *nfs.FSStat)
 // ToHandle is the file's kernel handle, behind the format's magic and its type.
 func (s *Server) ToHandle(_ billy.Filesystem, p []string) []byte {
 	name := rel(strings.Join(p, "/"))
-	f, err := s.fs.open(name, unix.O_PATH|unix.O_NOFOLLOW, 0)
-	if err != nil {
-		return nil
+	var h unix.FileHandle
+	var err error
+	if name == "." {
+		h, _, err = unix.NameToHandleAt(int(s.fs.root.Fd()), "", unix.AT_EMPTY_PATH)
+	} else {
+		// A connectable handle (it names the parent directory too): decoded when the
+		// file's name is no longer cached (the volume mounted again, memory pressure),
+		// the kernel finds the file's path again, which FromHandle needs; a plain one
+		// decodes to a file without a path, answered as stale.
+		var d *os.File
+		var base string
+		if d, base, err = s.fs.parent(name); err != nil {
+			return nil
+		}
+		h, _, err = unix.NameToHandleAt(int(d.Fd()), base, atHandleConnectable)
+		if err != nil {
+			h, _, err = unix.NameToHandleAt(int(d.Fd()), base, 0) // a directory's
+		}
+		d.Close()
 	}
-	defer f.Close()
-	h, _, err := unix.NameToHandleAt(int(f.Fd()), "", unix.AT_EMPTY_PATH)
 	if err != nil {
 		return nil
 	}
@@ -145,6 +159,10 @@ func (s *Server) ToHandle(_ billy.Filesystem, p []string) []byte {
 	out = binary.BigEndian.AppendUint32(out, uint32(h.Type()))
 	return append(out, h.Bytes()...)
 }
+
+// atHandleConnectable asks name_to_handle_at for a connectable handle (Linux 6.13;
+// golang.org/x/sys has no name for it yet).
+const atHandleConnectable = 0x2
 
 // kernelHandle is the kernel's handle in fh, if fh is one of this server's.
 func (s *Server) kernelHandle(fh []byte) (unix.FileHandle, bool) {

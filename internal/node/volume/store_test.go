@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -98,5 +99,49 @@ func TestStoreQuotaAndRemove(t *testing.T) {
 	}
 	if _, err := os.Stat(st.image(id)); !os.IsNotExist(err) {
 		t.Errorf("removed, the volume's image is still there: %v", err)
+	}
+}
+
+// A file's handle still names it once the volume was mounted again (nothing of it cached:
+// an agent or node restart): the guest's client goes on with the handles it has.
+func TestHandlesOutliveARemount(t *testing.T) {
+	needMount(t)
+	ctx := context.Background()
+	st, err := NewStore(t.TempDir(), 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := "00000000000000aa"
+	if err := st.Create(ctx, id, MinSizeMiB); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Remove(context.Background(), id) })
+	if err := os.MkdirAll(filepath.Join(st.Dir(id), "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(st.Dir(id), "sub", "f"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewServer(st.Dir(id), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fh, dh := s.ToHandle(nil, []string{"sub", "f"}), s.ToHandle(nil, []string{"sub"})
+	s.Close()
+	if err := st.Unmount(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Mount(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	s, err = NewServer(st.Dir(id), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for want, h := range map[string][]byte{"sub/f": fh, "sub": dh} {
+		if _, p, err := s.FromHandle(h); err != nil || strings.Join(p, "/") != want {
+			t.Errorf("the handle of %s after a remount: %v %v", want, p, err)
+		}
 	}
 }
