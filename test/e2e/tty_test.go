@@ -93,7 +93,9 @@ func TestTTYEndToEnd(t *testing.T) {
 			s := newTmux(t, 100, 30, fmt.Sprintf("%s %s; echo $? > %s; sleep 600", cli, args, exitFile))
 			s.waitScreen("~ $", 2*time.Minute) // busybox ash, as app in its home
 			s.keys(ttyProbe, "Enter")
-			scr := s.waitScreen("TTY=", 30*time.Second)
+			// The output's "TTY=/dev/...", not the typed command's "ISATTY=": a screen
+			// caught while the command is echoed but not yet run has that too.
+			scr := s.waitScreen("TTY=/dev/", 30*time.Second)
 			if !strings.Contains(scr, "TTY=/dev/pts/") || !strings.Contains(scr, "SIZE=30 100") || !strings.Contains(scr, "ISATTY=yes") {
 				t.Errorf("the guest does not see a 100x30 terminal:\n%s", scr)
 			}
