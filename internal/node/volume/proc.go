@@ -86,7 +86,7 @@ func ServerCommand(spec ServerSpec, listeners []*os.File) (*exec.Cmd, error) {
 		mounts = append(mounts, jail.Mount{Path: e.Dir, Writable: !e.ReadOnly})
 	}
 	cmd, err := jail.Command(jail.Spec{Root: spec.Root, UID: spec.UID, GID: spec.GID, Mounts: mounts,
-		Caps: serverCaps, Proc: true, Cgroups: spec.Cgroups, Dir: "/", Path: self, Args: []string{ServerName, string(b)}})
+		Caps: serverCaps, Proc: true, NoDevices: true, Cgroups: spec.Cgroups, Dir: "/", Path: self, Args: []string{ServerName, string(b)}})
 	if err != nil {
 		return nil, err
 	}

@@ -54,9 +54,13 @@ type Spec struct {
 	// Caps are capabilities (CAP_* numbers) the process keeps though it is not root
 	// (ambient: they survive the exec); every other one leaves even the bounding set.
 	Caps []uintptr `json:"caps,omitempty"`
-	// Proc mounts a /proc of the jail's own PID namespace (it shows the jailed process
-	// and nothing else), for a program that names its own descriptors.
+	// Proc mounts a /proc of the jail's own PID namespace with its processes only
+	// (subset=pid: none of the system's files, such as /proc/bus or /proc/sys), for a
+	// program that names its own descriptors.
 	Proc bool `json:"proc,omitempty"`
+	// NoDevices binds none of the base devices (/dev/null and the like): a process with
+	// file capabilities could change the node's own device nodes through them.
+	NoDevices bool `json:"no_devices,omitempty"`
 	// Dir is the working directory; Path and Args the program (Args[0] included).
 	Dir  string   `json:"dir"`
 	Path string   `json:"path"`
@@ -165,7 +169,11 @@ func enter(s Spec) error {
 	if err := os.MkdirAll(in("/dev"), 0o755); err != nil {
 		return err
 	}
-	for _, d := range append(slices.Clone(baseDevices), s.Devices...) {
+	devices := slices.Clone(s.Devices)
+	if !s.NoDevices {
+		devices = append(devices, baseDevices...)
+	}
+	for _, d := range devices {
 		if err := bind(d, in(d), true, false); err != nil {
 			return err
 		}
@@ -186,7 +194,7 @@ func enter(s Spec) error {
 		if err := os.MkdirAll(in("/proc"), 0o555); err != nil {
 			return err
 		}
-		if err := unix.Mount("proc", in("/proc"), "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		if err := unix.Mount("proc", in("/proc"), "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "subset=pid"); err != nil {
 			return fmt.Errorf("mount the jail's /proc: %w", err)
 		}
 	}
