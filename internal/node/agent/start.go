@@ -279,13 +279,7 @@ func (a *Agent) acquireVMStep(r *startRun) error {
 		if err != nil {
 			return fmt.Errorf("serve the sandbox's volumes: %v", err)
 		}
-		r.h.vols = v
-		r.cleanup.push("stop the volume server", func() error {
-			if !s.kept() {
-				v.Stop()
-			}
-			return nil
-		})
+		r.h.vols = v // stopped after the VM by ownVM's cleanup
 		r.ph.mark("volumes")
 	}
 	info := r.h.vm.Info()

@@ -313,16 +313,15 @@ func (a *Agent) ownVM(s *sandbox, h *vmHandle, cleanup *cleanupStack) {
 		}
 		return os.Remove(h.scratch)
 	})
-	if h.vols != nil {
-		// Pushed before the VM's stop, so it runs after it: a guest powering off
-		// unmounts its volumes through the server.
-		cleanup.push("stop the volume server", func() error {
-			if !s.kept() {
-				h.vols.Stop()
-			}
-			return nil
-		})
-	}
+	// Pushed before the VM's stop, so it runs after it: a guest powering off writes back
+	// and unmounts its volumes through the server. (A VM made ahead gets its server only
+	// once claimed, after this: h.vols is read when the cleanup runs.)
+	cleanup.push("stop the volume server", func() error {
+		if h.vols != nil && !s.kept() {
+			h.vols.Stop()
+		}
+		return nil
+	})
 	if h.net != nil {
 		cleanup.push("remove sandbox network", func() error {
 			if s.kept() {
