@@ -70,7 +70,7 @@ func newVolumeCmd(g *globals) *cobra.Command {
 			}
 			fmt.Fprintln(tw, head)
 			for _, v := range vols {
-				line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s", printable(v.GetName()), short(v.GetId()), sizeText(v.GetSizeMib()), usedBy(v.GetUsedBy()),
+				line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s", printable(v.GetName()), short(v.GetId()), sizeText(v.GetSizeMib()), usedBy(v.GetUsedBy(), 3),
 					v.GetCreatedAt().AsTime().Local().Format(time.DateTime))
 				if admin {
 					line += "\t" + short(v.GetOwner()) + "\t" + v.GetNode()
@@ -116,7 +116,7 @@ func newVolumeCmd(g *globals) *cobra.Command {
 			row("Node", v.GetNode())
 			row("Size", sizeText(v.GetSizeMib()))
 			row("Used", fmt.Sprintf("%.1f MiB", float64(v.GetUsedBytes())/(1<<20)))
-			row("Used by", usedBy(v.GetUsedBy()))
+			row("Used by", usedBy(v.GetUsedBy(), 0))
 			if len(v.GetShares()) > 0 {
 				row("Shared with", shares(v))
 			}
@@ -207,13 +207,19 @@ func sizeText(mib int64) string {
 	return fmt.Sprintf("%d MiB", mib)
 }
 
-func usedBy(ids []string) string {
+// usedBy names the sandboxes that mount a volume, the first max of them (0: all) and the
+// number of the rest: ls keeps its column narrow, inspect lists them all.
+func usedBy(ids []string, max int) string {
 	if len(ids) == 0 {
 		return "-"
 	}
-	out := make([]string, len(ids))
+	var out []string
 	for i, id := range ids {
-		out[i] = short(id)
+		if max > 0 && i == max {
+			out = append(out, fmt.Sprintf("+%d", len(ids)-max))
+			break
+		}
+		out = append(out, short(id))
 	}
 	return strings.Join(out, ",")
 }

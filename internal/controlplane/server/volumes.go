@@ -213,7 +213,7 @@ func (h *volumeService) ShareVolume(ctx context.Context, req *connect.Request[pb
 	token := req.Msg.GetToken()
 	if !req.Msg.GetUnshare() {
 		if _, err := h.s.store.GetToken(ctx, token); err != nil {
-			return nil, toConnectError(fmt.Errorf("token %q: %w", token, err))
+			return nil, toConnectError(err) // names the token
 		}
 	}
 	v, err = h.s.store.ShareVolume(ctx, v.ID, state.VolumeShare{Token: token, ReadOnly: req.Msg.GetReadOnly()}, req.Msg.GetUnshare())
