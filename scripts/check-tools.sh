@@ -23,6 +23,7 @@ tools=(
   "setpriv              util-linux"
   "mount                mount"
   "umount               mount"
+  "losetup              mount"
   "dmesg                util-linux"
   "pkill                procps"
   "pgrep                procps"

@@ -10,7 +10,8 @@ pkgs=(
   lz4 kmod cpio                # guest kernel extraction; cpio cross-checks the initramfs
   crun                         # non-VM baseline for benchmarks
   iproute2 nftables            # sandbox networks: namespaces, veths, taps, NAT
-  util-linux                   # unshare/nsenter (tests' private namespaces), mount
+  util-linux                   # unshare/nsenter (tests' private namespaces)
+  mount                        # mount, umount, losetup: volumes are loop-mounted ext4 images
   debootstrap                  # image tests: a real Debian root filesystem (minbase)
   podman runc                  # differential tests: the same cases through a real container runtime
   tmux                         # TTY tests: a real pseudo-terminal

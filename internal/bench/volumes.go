@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"slices"
 	"strconv"
 	"strings"
 
@@ -95,19 +94,10 @@ func measureVolumes(ctx context.Context, cfg Config, api *apiClient, ref string)
 			}
 			w, r, s = append(w, 64*(1<<20)/(msv[0]/1e3)/1e6), append(r, 64*(1<<20)/(msv[1]/1e3)/1e6), append(s, msv[2])
 		}
-		row.WriteMBps, row.ReadMBps, row.SmallFilesMs = median(w), median(r), median(s)
+		row.WriteMBps, row.ReadMBps, row.SmallFilesMs = summarize(w).P50, summarize(r).P50, summarize(s).P50
 		rows = append(rows, row)
 	}
 	return rows, nil
-}
-
-func median(xs []float64) float64 {
-	if len(xs) == 0 {
-		return 0
-	}
-	s := slices.Clone(xs)
-	slices.Sort(s)
-	return s[len(s)/2]
 }
 
 func printVolumes(w io.Writer, rows []VolumeRow, accel string) {

@@ -147,11 +147,11 @@ func (h *volumeService) GetVolume(ctx context.Context, req *connect.Request[pb.G
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	_, users, err := h.s.store.ListVolumes(ctx)
+	users, err := h.s.volumeUsers(ctx, v.ID)
 	if err != nil {
-		return nil, toConnectError(err)
+		return nil, err
 	}
-	out := volumeView(who, v, users[v.ID])
+	out := volumeView(who, v, users)
 	if v.Lost == "" {
 		if c, err := h.s.node(ctx, v.Node); err == nil {
 			nctx, cancel := context.WithTimeout(ctx, nodeCallTimeout)
@@ -220,11 +220,11 @@ func (h *volumeService) ShareVolume(ctx context.Context, req *connect.Request[pb
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	_, users, err := h.s.store.ListVolumes(ctx)
+	users, err := h.s.volumeUsers(ctx, v.ID)
 	if err != nil {
-		return nil, toConnectError(err)
+		return nil, err
 	}
-	return connect.NewResponse(&pb.ShareVolumeResponse{Volume: volumeView(who, v, users[v.ID])}), nil
+	return connect.NewResponse(&pb.ShareVolumeResponse{Volume: volumeView(who, v, users)}), nil
 }
 
 // resolveVolumes fills in a create's mounts from the volumes they name (the caller's
@@ -277,6 +277,15 @@ func (s *Server) resolveVolumes(ctx context.Context, who auth.Identity, spec *st
 		return toConnectError(invalid("the snapshot and the volumes are on different nodes"))
 	}
 	return nil
+}
+
+// volumeUsers are the sandboxes, not over, that mount volume id.
+func (s *Server) volumeUsers(ctx context.Context, id string) ([]string, error) {
+	_, users, err := s.store.ListVolumes(ctx)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return users[id], nil
 }
 
 func volumeView(who auth.Identity, v state.Volume, users []string) *pb.Volume {

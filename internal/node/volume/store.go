@@ -37,6 +37,13 @@ const (
 
 var validID = regexp.MustCompile(`^[0-9a-f]{16}$`)
 
+func checkID(id string) error {
+	if !validID.MatchString(id) {
+		return fmt.Errorf("volume ID %q: want 16 hex digits", id)
+	}
+	return nil
+}
+
 // NewStore keeps volumes under root; new volumes' roots belong to uid:gid, the user their
 // servers run as.
 func NewStore(root string, uid, gid int) (*Store, error) {
@@ -55,8 +62,8 @@ func (s *Store) Dir(id string) string { return filepath.Join(s.root, "mnt", id) 
 
 // Create makes volume id of sizeMiB (sparse: it takes what is written) and mounts it.
 func (s *Store) Create(ctx context.Context, id string, sizeMiB int) error {
-	if !validID.MatchString(id) {
-		return fmt.Errorf("volume ID %q: want 16 hex digits", id)
+	if err := checkID(id); err != nil {
+		return err
 	}
 	if sizeMiB < MinSizeMiB || sizeMiB > MaxSizeMiB {
 		return fmt.Errorf("volume size %d MiB: want %d MiB to %d MiB", sizeMiB, MinSizeMiB, MaxSizeMiB)
@@ -139,12 +146,8 @@ func (s *Store) fits(size int64) error {
 func (s *Store) Mount(ctx context.Context, id string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.mount(ctx, id)
-}
-
-func (s *Store) mount(ctx context.Context, id string) error {
-	if !validID.MatchString(id) {
-		return fmt.Errorf("volume ID %q: want 16 hex digits", id)
+	if err := checkID(id); err != nil {
+		return err
 	}
 	dir := s.Dir(id)
 	if mounted, err := isMounted(dir); err != nil || mounted {
@@ -175,8 +178,8 @@ func (s *Store) mount(ctx context.Context, id string) error {
 func (s *Store) Unmount(ctx context.Context, id string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !validID.MatchString(id) {
-		return fmt.Errorf("volume ID %q: want 16 hex digits", id)
+	if err := checkID(id); err != nil {
+		return err
 	}
 	dir := s.Dir(id)
 	if mounted, err := isMounted(dir); err != nil || !mounted {
@@ -208,12 +211,8 @@ func (s *Store) Mounted() ([]string, error) {
 func (s *Store) Remove(ctx context.Context, id string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.remove(ctx, id)
-}
-
-func (s *Store) remove(ctx context.Context, id string) error {
-	if !validID.MatchString(id) {
-		return fmt.Errorf("volume ID %q: want 16 hex digits", id)
+	if err := checkID(id); err != nil {
+		return err
 	}
 	dir := s.Dir(id)
 	if mounted, err := isMounted(dir); err != nil {

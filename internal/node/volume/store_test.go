@@ -17,7 +17,7 @@ func needMount(t *testing.T) {
 	if os.Geteuid() != 0 {
 		testutil.Skipf(t, "volume store tests need root (loop mounts)")
 	}
-	for _, tool := range []string{"mkfs.ext4", "mount", "umount"} {
+	for _, tool := range []string{"mkfs.ext4", "mount", "umount", "losetup"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			testutil.Skipf(t, "%s not found (run ./scripts/install-deps.sh)", tool)
 		}
