@@ -95,7 +95,7 @@ func TestTTYEndToEnd(t *testing.T) {
 			s.keys(ttyProbe, "Enter")
 			// The output's "TTY=/dev/...", not the typed command's "ISATTY=": a screen
 			// caught while the command is echoed but not yet run has that too.
-			scr := s.waitScreen("TTY=/dev/", 30*time.Second)
+			scr := s.waitScreen("TTY=/dev/", time.Minute)
 			if !strings.Contains(scr, "TTY=/dev/pts/") || !strings.Contains(scr, "SIZE=30 100") || !strings.Contains(scr, "ISATTY=yes") {
 				t.Errorf("the guest does not see a 100x30 terminal:\n%s", scr)
 			}
@@ -116,12 +116,14 @@ func TestTTYEndToEnd(t *testing.T) {
 			// Ctrl-C reaches the guest's foreground process: sleep dies of SIGINT, and the
 			// guest shell (and the CLI) go on in the same session.
 			s.keys("clear", "Enter")
-			s.keys("sleep 1000", "Enter")
-			s.waitScreen("sleep 1000", 30*time.Second)
+			// Waited for by its output, not its echo: the typed line may be echoed by the
+			// guest's terminal before the clear before it runs, which then wipes it.
+			s.keys(`echo "sle""eping"; sleep 1000`, "Enter")
+			s.waitScreen("sleeping", time.Minute)
 			time.Sleep(time.Second)
 			s.keys("C-c")
 			s.keys(`echo "after""-ctrl-c:$?"`, "Enter")
-			s.waitScreen("after-ctrl-c:130", 30*time.Second)
+			s.waitScreen("after-ctrl-c:130", time.Minute)
 			s.keys("exit 7", "Enter")
 			var code string
 			for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline) && code == ""; time.Sleep(200 * time.Millisecond) {

@@ -622,6 +622,11 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 	}
 	ctx, cancel := context.WithDeadline(ctx, mig.Deadline)
 	defer cancel()
+	// The control plane may end the migration first (its target node went down, a
+	// stop): nothing on this side need notice (a VMM's disk mirror into a dead target can
+	// wait for minutes), so the state is watched and ends the work here.
+	stopWatch := a.watchMigration(ctx, sb.ID, mig.ID, cancel)
+	defer stopWatch()
 	s.mu.Lock()
 	vm, g, main, stopping, sn := s.vm, s.guest, s.main, s.stopping, s.net
 	s.mu.Unlock()
@@ -745,6 +750,41 @@ func (a *Agent) migrateOut(ctx context.Context, sb state.Sandbox, mig state.Migr
 		"bytes", st.Bytes, "disk_bytes", st.DiskBytes, "took", time.Since(t0).Round(time.Millisecond))
 	a.movedAway(s, outcome)
 	return nil
+}
+
+// migrationWatchEvery is how often a source reads the state for a migration ended
+// without it.
+const migrationWatchEvery = time.Second
+
+// watchMigration calls cancel once the state says migration mid of sandbox id ended
+// (or the sandbox is gone), until the returned stop is called. The work it cancels
+// settles the migration as usual: the end already written, the state says where the
+// sandbox runs.
+func (a *Agent) watchMigration(ctx context.Context, id, mid string, cancel context.CancelFunc) (stop func()) {
+	wctx, wcancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { // owned by the migration: stop ends it
+		defer close(done)
+		t := time.NewTicker(migrationWatchEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-wctx.Done():
+				return
+			case <-t.C:
+			}
+			sb, err := a.store.GetSandbox(wctx, id)
+			if err == nil && (sb.Migration == nil || sb.Migration.ID != mid) || errors.Is(err, state.ErrNotFound) {
+				a.log.Info("migration ended by the control plane; ending it here", "sandbox", id, "migration", mid)
+				cancel()
+				return
+			}
+		}
+	}()
+	return func() {
+		wcancel()
+		<-done
+	}
 }
 
 // execsFinishGrace is how long the execs under way when a migration begins have to

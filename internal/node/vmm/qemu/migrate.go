@@ -286,7 +286,7 @@ func (v *vm) startMirror(ctx context.Context, dial vmm.DialFunc) (_ *mirror, err
 		}
 		select {
 		case <-rctx.Done():
-			return m, fmt.Errorf("the disk mirror did not catch up: %w", rctx.Err())
+			return m, fmt.Errorf("the disk mirror did not catch up (jobs %+v): %w", jobs, rctx.Err())
 		case <-v.done:
 			return m, fmt.Errorf("VMM ended during the disk mirror: %v", v.ExitError())
 		case <-time.After(5 * time.Millisecond):
