@@ -16,6 +16,7 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"golang.org/x/term"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -41,6 +42,9 @@ type runFlags struct {
 	network, policyFile          string
 	ports                        []string
 	snapshot                     string
+	sidecars                     []string
+	groupFile                    string
+	specFlagsSet                 []string // spec flags given (refused with a group file)
 }
 
 func newRunCmd(g *globals) *cobra.Command {
@@ -53,6 +57,9 @@ Attached by default: output streams back and the exit code is the command's.
 IMAGE is a registry reference, oci:DIR[:TAG] or docker-archive:FILE[:TAG].
 Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed out.`,
 		Args: func(cmd *cobra.Command, args []string) error {
+			if f.groupFile != "" {
+				return cobra.NoArgs(cmd, args) // the file names the images and commands
+			}
 			if f.snapshot != "" {
 				return nil // the image is the snapshot's; args are the command
 			}
@@ -60,6 +67,16 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f.entrypointSet = cmd.Flags().Changed("entrypoint")
+			cmd.Flags().Visit(func(fl *pflag.Flag) {
+				switch fl.Name {
+				case "detach", "interactive", "tty", "rm", "name", "file":
+				default:
+					f.specFlagsSet = append(f.specFlagsSet, "--"+fl.Name)
+				}
+			})
+			if f.groupFile != "" {
+				args = []string{""}
+			}
 			// A command comes after "--" (pflag then reports the dash at 0); anything
 			// before it is an IMAGE (or a command without "--"), which the snapshot names.
 			if f.snapshot != "" && len(args) > 0 && cmd.ArgsLenAtDash() != 0 {
@@ -96,6 +113,8 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 	fl.StringArrayVarP(&f.volumes, "volume", "v", nil, "mount a volume (see fireworks volume create): NAME:/path, or NAME:/path:ro read-only; repeatable")
 	fl.StringArrayVarP(&f.ports, "port", "p", nil, "publish a guest TCP port through the ingress: PORT (private: needs the access token) or PORT:public")
 	fl.StringVar(&f.snapshot, "snapshot", "", "start from this snapshot (`fireworks snapshot ls`), giving no IMAGE: a filesystem snapshot boots its image with its files; one with memory carries on its processes as a new machine")
+	fl.StringArrayVar(&f.sidecars, "sidecar", nil, "start a sidecar with it: name=NAME,image=IMAGE[,ready=tcp:PORT][,restart=POLICY][,memory=SIZE][,cpus=N][,env=K=V][,volume=V:/path][,cmd=COMMAND...] (cmd last); repeatable (README \"Sidecars\")")
+	fl.StringVarP(&f.groupFile, "file", "f", "", "run the sandbox group a file describes (YAML: image, command, ..., sidecars; see README \"Sidecars\"); - reads stdin")
 	fl.StringVar(&f.boot, "boot", "auto", "how the VM starts: auto (warm pool, else template snapshot, else boot), restore (template snapshot) or cold (boot the kernel)")
 	return cmd
 }
@@ -212,6 +231,28 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 	if err != nil {
 		return err
 	}
+	var sidecars []*pb.Sidecar
+	for _, s := range f.sidecars {
+		sc, err := parseSidecar(s)
+		if err != nil {
+			return err
+		}
+		sidecars = append(sidecars, sc)
+	}
+	var fileSpec *pb.SandboxSpec
+	if f.groupFile != "" {
+		if len(f.specFlagsSet) > 0 {
+			return fmt.Errorf("with -f, the file describes the group: %s belongs in it (only -d, -i, -t, --rm and --name go with -f)", strings.Join(f.specFlagsSet, ", "))
+		}
+		var name string
+		if name, fileSpec, sidecars, err = readGroupFile(f.groupFile, g.stdin); err != nil {
+			return err
+		}
+		if f.name == "" {
+			f.name = name
+		}
+		fileSpec.Tty, fileSpec.Stdin = f.tty, f.interactive
+	}
 	c, err := g.client()
 	if err != nil {
 		return err
@@ -236,7 +277,10 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 	if f.timeout > 0 {
 		spec.Timeout = durationpb.New(f.timeout)
 	}
-	resp, err := c.Sandboxes.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Name: f.name, Spec: spec}))
+	if fileSpec != nil {
+		spec = fileSpec
+	}
+	resp, err := c.Sandboxes.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Name: f.name, Spec: spec, Sidecars: sidecars}))
 	if err != nil {
 		return err
 	}

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -137,7 +138,7 @@ func (m *Manager) Choose(sb state.Sandbox) (string, scheduler.Config) {
 		// last pass found no node for it (a constraint no node meets, a shape that does
 		// not fit): the pass places later ones past it too, and one such sandbox must not
 		// take every later create off this path.
-		if o.Status == state.StatusPending && o.Node == "" && o.StopRequestedAt.IsZero() && !strings.Contains(o.Reason, noFitPrefix) {
+		if o.Status == state.StatusPending && o.Node == "" && o.StopRequestedAt.IsZero() && !strings.Contains(o.Reason, noFitPrefix) && !o.IsSidecar() {
 			return "", m.cfg.Scheduler
 		}
 	}
@@ -496,6 +497,9 @@ func (m *Manager) restart(ctx context.Context, now time.Time, sbs []state.Sandbo
 		}
 		why := restartReason(sb)
 		if why == "" {
+			if sb.IsSidecar() {
+				errs = append(errs, m.failGroup(ctx, now, sbs, sb, "it ended ("+endOf(sb)+") and its restart policy does not run it again"))
+			}
 			continue
 		}
 		var restarts []time.Time // when the control plane re-ran it, oldest first
@@ -522,6 +526,9 @@ func (m *Manager) restart(ctx context.Context, now time.Time, sbs []state.Sandbo
 				}
 				m.log.Warn("sandbox keeps ending; restart limit reached", "sandbox", sb.ID, "restarts", sb.Restarts)
 			}
+			if sb.IsSidecar() {
+				errs = append(errs, m.failGroup(ctx, now, sbs, sb, fmt.Sprintf("it ended (%s) and reached its restart limit", endOf(sb))))
+			}
 			continue
 		}
 		// Back off: 1s, 2s, 4s... after the end, so a crash loop does not spin.
@@ -531,6 +538,51 @@ func (m *Manager) restart(ctx context.Context, now time.Time, sbs []state.Sandbo
 		errs = append(errs, m.replace(ctx, now, sb, fmt.Sprintf("restarting (%s, policy %s, restart %d)", why, sb.Spec.Restart, sb.Restarts+1)))
 	}
 	return errors.Join(errs...)
+}
+
+// failGroup stops the main of sidecar sc's group (which ends the rest) because sc ended
+// for good, unless the main is over or stopping already.
+func (m *Manager) failGroup(ctx context.Context, now time.Time, sbs []state.Sandbox, sc state.Sandbox, why string) error {
+	var main state.Sandbox
+	found := false
+	for _, sb := range sbs {
+		if sb.ID == sc.Spec.Group.Main {
+			main, found = sb, true
+		}
+	}
+	if !found || main.Status.Terminal() || !main.StopRequestedAt.IsZero() {
+		return nil
+	}
+	name := sc.Spec.Group.MemberName(sc.ID)
+	note := fmt.Sprintf("stopped: its sidecar %q (%s) %s", name, sc.ID, why)
+	grace := state.GroupStopGrace
+	u := state.Update{StopGrace: &grace, Runtime: map[string]string{groupDetail: note}, Time: now}
+	if main.Status == state.StatusPending && main.Node == "" || main.Status == state.StatusPaused {
+		// Nothing runs to stop: it is over now.
+		st, code := state.StatusFailed, 128+15
+		u.Status, u.ExitCode, u.Reason = &st, &code, "its sidecar "+strconv.Quote(name)+" "+why
+	}
+	if _, err := m.store.UpdateSandbox(ctx, main.ID, u); err != nil {
+		return fmt.Errorf("stop group %s after its sidecar %s ended: %w", main.ID, sc.ID, err)
+	}
+	m.log.Info("group stopped: a sidecar ended for good", "sandbox", main.ID, "sidecar", name, "why", why)
+	return nil
+}
+
+// groupDetail is the Sandbox.Runtime key saying why a group's main was stopped.
+const groupDetail = "group"
+
+// endOf says how sb ended, in a few words.
+func endOf(sb state.Sandbox) string {
+	switch sb.Status {
+	case state.StatusExited:
+		if sb.Signal != 0 {
+			return fmt.Sprintf("killed by signal %d", sb.Signal)
+		}
+		return fmt.Sprintf("exit code %d", sb.ExitCode)
+	default:
+		return string(sb.Status) + ": " + sb.Reason
+	}
 }
 
 // restartDetail is the Sandbox.Runtime key saying why the restart policy stopped applying.
@@ -563,7 +615,9 @@ func restartReason(sb state.Sandbox) string {
 // the ones that fit nowhere wait.
 func (m *Manager) place(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox) error {
 	var waiting []state.Sandbox
+	byID := map[string]state.Sandbox{}
 	for _, sb := range sbs {
+		byID[sb.ID] = sb
 		if sb.Status == state.StatusPending && sb.Node == "" && sb.StopRequestedAt.IsZero() {
 			waiting = append(waiting, sb)
 		}
@@ -579,6 +633,14 @@ func (m *Manager) place(ctx context.Context, now time.Time, nodes []state.Node, 
 	var plans []state.Plan
 	var errs []error
 	for _, sb := range waiting { // ListSandboxes is oldest first
+		if sb.IsSidecar() {
+			// A sidecar goes where its main runs (placed with it, or restarted beside
+			// it), never through the scheduler: a group is never split.
+			if main, ok := byID[sb.Spec.Group.Main]; ok && main.Node != "" && !main.Status.Terminal() {
+				plans = append(plans, state.Plan{SandboxID: sb.ID, NodeID: main.Node})
+			}
+			continue
+		}
 		req, err := state.SchedulerRequest(sb)
 		if err == nil {
 			var p scheduler.Placement

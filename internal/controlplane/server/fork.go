@@ -85,6 +85,9 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	if err := notForGroups(src, "fork"); err != nil {
+		return nil, err
+	}
 	if src, err = h.s.settled(ctx, src); err != nil {
 		return nil, toConnectError(err)
 	}

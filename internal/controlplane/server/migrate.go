@@ -26,6 +26,9 @@ func (h *sandboxService) MigrateSandbox(ctx context.Context, req *connect.Reques
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	if err := notForGroups(sb, "migrate"); err != nil {
+		return nil, err
+	}
 	if sb.Status == state.StatusPending {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is pending (not running on a node yet): nothing to migrate", sb.ID))
 	}

@@ -29,46 +29,21 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if err != nil {
 		return nil, err
 	}
-	spec := specFromPB(req.Msg.GetSpec())
-	policyGiven := spec.Policy != ""
-	if ref := req.Msg.GetSpec().GetSnapshot(); ref != "" {
-		if err := h.s.resolveSnapshot(ctx, &spec, ref); err != nil {
-			return nil, err
-		}
-	}
-	if err := h.s.resolveVolumes(ctx, who, &spec, req.Msg.GetSpec().GetVolumes()); err != nil {
+	spec, err := h.memberSpec(ctx, who, req.Msg.GetSpec())
+	if err != nil {
 		return nil, err
-	}
-	if err := spec.CheckSizes(); err != nil {
-		return nil, toConnectError(err)
-	}
-	if err := checkImageSource(ctx, spec.Image); err != nil {
-		return nil, err
-	}
-	if len(spec.InsecureRegistries) > 0 && !who.Admin() {
-		// Plain-HTTP registries make the node connect wherever told: admins only.
-		return nil, connect.NewError(connect.CodePermissionDenied, errors.New("--insecure-registry needs an admin token"))
 	}
 	if err := validName(req.Msg.GetName()); err != nil {
 		return nil, toConnectError(err)
-	}
-	if spec.Boot, err = state.ParseBootMode(string(spec.Boot)); err != nil {
-		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("--boot: %w", err))
-	}
-	if err := validateNetworkSpec(&spec, who.Admin()); err != nil {
-		return nil, connect.NewError(connect.CodeInvalidArgument, err)
-	}
-	// Only an admin's own policy is an admin's: one carried from a snapshot with memory
-	// stays what it was (a user's stays a user's, whoever starts it).
-	spec.PolicyAdmin = spec.Policy != "" && who.Admin() && (policyGiven || spec.PolicyAdmin)
-	spec.PullPrivate = who.Admin()
-	if err := h.s.validateSpec(&spec); err != nil {
-		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
 	now := h.s.now()
 	sb := state.Sandbox{
 		ID: state.NewID(), Name: req.Msg.GetName(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID,
 		AccessToken: newAccessToken(), CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "accepted"}},
+	}
+	members, err := h.group(ctx, who, sb, req.Msg.GetSidecars())
+	if err != nil {
+		return nil, err
 	}
 	// Placed in the same commit when it can be at once (a commit and a pass fewer
 	// between the call and the node), else by the leader's next pass, woken now.
@@ -76,9 +51,14 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	var sched scheduler.Config
 	cp := h.s.cluster.ControlPlane
 	if cp != nil {
-		node, sched = cp.Choose(sb)
+		node, sched = cp.Choose(members[0])
 	}
-	if err := h.s.store.CreateAndPlace(ctx, sb, h.s.limits.quota(who.Admin()), node, sched); err != nil {
+	if len(members) > 1 {
+		err = h.s.store.CreateGroup(ctx, members, h.s.limits.quota(who.Admin()), node, sched)
+	} else {
+		err = h.s.store.CreateAndPlace(ctx, sb, h.s.limits.quota(who.Admin()), node, sched)
+	}
+	if err != nil {
 		return nil, toConnectError(fmt.Errorf("create sandbox: %w", err))
 	}
 	if cp != nil {
@@ -89,6 +69,93 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 		return nil, toConnectError(err)
 	}
 	return connect.NewResponse(&pb.CreateSandboxResponse{Sandbox: h.s.view(ctx, got)}), nil
+}
+
+// memberSpec is the spec a create asks for, resolved (snapshot, volumes), checked and
+// with the defaults filled in: a sandbox's, or one member's of a group.
+func (h *sandboxService) memberSpec(ctx context.Context, who auth.Identity, p *pb.SandboxSpec) (state.SandboxSpec, error) {
+	spec := specFromPB(p)
+	policyGiven := spec.Policy != ""
+	if ref := p.GetSnapshot(); ref != "" {
+		if err := h.s.resolveSnapshot(ctx, &spec, ref); err != nil {
+			return spec, err
+		}
+	}
+	if err := h.s.resolveVolumes(ctx, who, &spec, p.GetVolumes()); err != nil {
+		return spec, err
+	}
+	if err := spec.CheckSizes(); err != nil {
+		return spec, toConnectError(err)
+	}
+	if err := checkImageSource(ctx, spec.Image); err != nil {
+		return spec, err
+	}
+	if len(spec.InsecureRegistries) > 0 && !who.Admin() {
+		// Plain-HTTP registries make the node connect wherever told: admins only.
+		return spec, connect.NewError(connect.CodePermissionDenied, errors.New("--insecure-registry needs an admin token"))
+	}
+	var err error
+	if spec.Boot, err = state.ParseBootMode(string(spec.Boot)); err != nil {
+		return spec, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("--boot: %w", err))
+	}
+	if err := validateNetworkSpec(&spec, who.Admin()); err != nil {
+		return spec, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	// Only an admin's own policy is an admin's: one carried from a snapshot with memory
+	// stays what it was (a user's stays a user's, whoever starts it).
+	spec.PolicyAdmin = spec.Policy != "" && who.Admin() && (policyGiven || spec.PolicyAdmin)
+	spec.PullPrivate = who.Admin()
+	if err := h.s.validateSpec(&spec); err != nil {
+		return spec, connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	return spec, nil
+}
+
+// group makes the members of main's group: main itself, then a sandbox per sidecar, each
+// recording the group. Without sidecars it is main alone.
+func (h *sandboxService) group(ctx context.Context, who auth.Identity, main state.Sandbox, sidecars []*pb.Sidecar) ([]state.Sandbox, error) {
+	if len(sidecars) == 0 {
+		return []state.Sandbox{main}, nil
+	}
+	if len(sidecars) > state.MaxSidecars {
+		return nil, toConnectError(invalid("%d sidecars: at most %d", len(sidecars), state.MaxSidecars))
+	}
+	members := []state.Sandbox{main}
+	g := &state.Group{Main: main.ID, Members: []state.GroupMember{{Name: state.MainMemberName, ID: main.ID, Reserved: main.Spec.Reserved()}}}
+	for _, sc := range sidecars {
+		name := sc.GetName()
+		if err := state.ValidateSidecarName(name); err != nil {
+			return nil, toConnectError(err)
+		}
+		spec, err := h.memberSpec(ctx, who, sc.GetSpec())
+		if err != nil {
+			return nil, fmt.Errorf("sidecar %q: %w", name, err)
+		}
+		if _, err := state.ParseProbe(sc.GetReady()); err != nil {
+			return nil, toConnectError(fmt.Errorf("sidecar %q: %w", name, err))
+		}
+		spec.Ready = sc.GetReady()
+		m := state.Sandbox{ID: state.NewID(), Spec: spec, Status: state.StatusPending, Owner: main.Owner,
+			AccessToken: newAccessToken(), CreatedAt: main.CreatedAt,
+			Events: []state.Event{{Time: main.CreatedAt, Status: state.StatusPending, Reason: "accepted as sidecar " + strconv.Quote(name) + " of " + main.ID}}}
+		g.Members = append(g.Members, state.GroupMember{Name: name, ID: m.ID, Reserved: spec.Reserved()})
+		members = append(members, m)
+	}
+	// The group runs on one node: the one holding any member's volumes.
+	volumeNode := ""
+	for i := range members {
+		members[i].Spec.Group = g
+		if v := members[i].Spec.VolumeNode; v != "" {
+			if volumeNode != "" && v != volumeNode {
+				return nil, toConnectError(invalid("the group's volumes are on two nodes (%s and %s), and a group runs on one", volumeNode, v))
+			}
+			volumeNode = v
+		}
+	}
+	if volumeNode != "" {
+		members[0].Spec.VolumeNode = volumeNode
+	}
+	return members, nil
 }
 
 func (h *sandboxService) GetSandbox(ctx context.Context, req *connect.Request[pb.GetSandboxRequest]) (*connect.Response[pb.GetSandboxResponse], error) {
@@ -162,13 +229,43 @@ func (h *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	if sb.IsSidecar() {
+		main, err := h.s.store.GetSandbox(ctx, sb.Spec.Group.Main)
+		if err == nil && !main.Status.Terminal() {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is sidecar %q of %s, which is %s: remove the group's main (its sidecars go with it)",
+				sb.ID, sb.Spec.Group.MemberName(sb.ID), main.ID, main.Status))
+		}
+	}
+	if err := h.remove(ctx, sb, req.Msg.GetForce()); err != nil {
+		return nil, err
+	}
+	if sb.IsGroupMain() {
+		// Its sidecars go with it (stopped with it: the main's end stopped them).
+		for _, gm := range sb.Spec.Group.Members[1:] {
+			sc, err := h.s.store.GetSandbox(ctx, gm.ID)
+			if errors.Is(err, state.ErrNotFound) {
+				continue
+			}
+			if err == nil {
+				err = h.remove(ctx, sc, true)
+			}
+			if err != nil {
+				return nil, toConnectError(fmt.Errorf("remove sidecar %q (%s) of %s: %w", gm.Name, gm.ID, sb.ID, err))
+			}
+		}
+	}
+	return connect.NewResponse(&pb.RemoveSandboxResponse{}), nil
+}
+
+// remove removes sb (force: stopping it first if it is not over).
+func (h *sandboxService) remove(ctx context.Context, sb state.Sandbox, force bool) error {
 	if !sb.Status.Terminal() {
-		if !req.Msg.GetForce() {
-			return nil, connect.NewError(connect.CodeFailedPrecondition,
+		if !force {
+			return connect.NewError(connect.CodeFailedPrecondition,
 				fmt.Errorf("sandbox %s is %s: stop it first or use rm -f", sb.ID, sb.Status))
 		}
 		if err := h.s.stop(ctx, sb, 0); err != nil {
-			return nil, toConnectError(fmt.Errorf("kill sandbox %s: %w", sb.ID, err))
+			return toConnectError(fmt.Errorf("kill sandbox %s: %w", sb.ID, err))
 		}
 	}
 	// Its node removes its files now, so that rm is done when it returns; a node that
@@ -179,14 +276,14 @@ func (h *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request
 			_, err = c.sandboxes.RemoveSandbox(rctx, connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: sb.ID}))
 			cancel()
 			if err != nil && connect.CodeOf(err) != connect.CodeUnavailable && connect.CodeOf(err) != connect.CodeDeadlineExceeded {
-				return nil, toConnectError(fmt.Errorf("remove sandbox %s on node %s: %w", sb.ID, sb.Node, err))
+				return toConnectError(fmt.Errorf("remove sandbox %s on node %s: %w", sb.ID, sb.Node, err))
 			}
 		}
 	}
 	if err := h.s.store.DeleteSandbox(ctx, sb.ID); err != nil {
-		return nil, toConnectError(err)
+		return toConnectError(err)
 	}
-	return connect.NewResponse(&pb.RemoveSandboxResponse{}), nil
+	return nil
 }
 
 // Attach replays the main process's output from the start, follows it, forwards stdin and
@@ -374,6 +471,16 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 	for _, m := range sb.Migrations {
 		out.Migrations = append(out.Migrations, migrationToPB(m))
 	}
+	if g := sb.Spec.Group; g != nil {
+		out.Group = &pb.Group{Main: g.Main}
+		for _, m := range g.Members {
+			gm := &pb.GroupMember{Name: m.Name, Id: m.ID}
+			if m.ID == sb.ID {
+				gm.Ready = sb.Spec.Ready
+			}
+			out.Group.Members = append(out.Group.Members, gm)
+		}
+	}
 	return out
 }
 
@@ -384,6 +491,9 @@ func (h *sandboxService) PauseSandbox(ctx context.Context, req *connect.Request[
 	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
 	if err != nil {
 		return nil, toConnectError(err)
+	}
+	if err := notForGroups(sb, "pause"); err != nil {
+		return nil, err
 	}
 	if sb, err = h.pause(ctx, sb, ""); err != nil {
 		return nil, err
@@ -777,4 +887,13 @@ func (s *Server) validateSpec(spec *state.SandboxSpec) error {
 		return fmt.Errorf("--memory %dMiB: no node offers that much memory to a sandbox (the most is %d MiB)", spec.MemoryMiB, most.MemoryMiB)
 	}
 	return nil
+}
+
+// notForGroups refuses what does not act on sandbox groups yet (pause, snapshot, fork,
+// migrate): acting on one member would leave the others behind.
+func notForGroups(sb state.Sandbox, what string) error {
+	if sb.Spec.Group == nil || len(sb.Spec.Group.Members) < 2 {
+		return nil
+	}
+	return connect.NewError(connect.CodeUnimplemented, fmt.Errorf("sandbox %s is a member of a sandbox group (main %s): %s does not act on sandbox groups yet", sb.ID, sb.Spec.Group.Main, what))
 }

@@ -38,6 +38,9 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	if err := notForGroups(sb, "snapshot"); err != nil {
+		return nil, err
+	}
 	var need int64
 	if memory {
 		need = int64(sb.Spec.Reserved().MemoryMiB) << 20

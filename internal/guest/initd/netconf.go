@@ -327,7 +327,7 @@ func writeResolvConf(root string, servers []string) error {
 // Docker: the hostname, and localhost plus the hostname at the guest's own address
 // (addr; without a network, 127.0.1.1 as Debian does), so `getent hosts $(hostname)` and
 // programs that resolve their own name work.
-func writeHostFiles(root, hostname string, addr netip.Addr) error {
+func writeHostFiles(root, hostname string, addr netip.Addr, extra []proto.HostEntry) error {
 	if !addr.IsValid() {
 		addr = netip.MustParseAddr("127.0.1.1")
 	}
@@ -342,6 +342,9 @@ func writeHostFiles(root, hostname string, addr netip.Addr) error {
 		"ff02::1\tip6-allnodes\n" +
 		"ff02::2\tip6-allrouters\n" +
 		addr.String() + "\t" + hostname + "\n"
+	for _, h := range extra {
+		hosts += h.Addr + "\t" + h.Name + "\n"
+	}
 	return replaceEtcFile(root, "hosts", hosts)
 }
 

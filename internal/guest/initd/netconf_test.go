@@ -208,12 +208,12 @@ func TestWriteHostFiles(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, "etc/hostname"), []byte("image-host\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := writeHostFiles(root, "sb-1", netip.MustParseAddr("169.254.0.21")); err != nil {
+	if err := writeHostFiles(root, "sb-1", netip.MustParseAddr("169.254.0.21"), []proto.HostEntry{{Name: "db", Addr: "169.254.20.11"}}); err != nil {
 		t.Fatal(err)
 	}
 	hosts, _ := os.ReadFile(filepath.Join(root, "etc/hosts"))
 	name, _ := os.ReadFile(filepath.Join(root, "etc/hostname"))
-	if !strings.Contains(string(hosts), "127.0.0.1\tlocalhost\n") || !strings.Contains(string(hosts), "169.254.0.21\tsb-1\n") || string(name) != "sb-1\n" {
+	if !strings.Contains(string(hosts), "127.0.0.1\tlocalhost\n") || !strings.Contains(string(hosts), "169.254.0.21\tsb-1\n") || !strings.Contains(string(hosts), "169.254.20.11\tdb\n") || string(name) != "sb-1\n" {
 		t.Errorf("hosts %q hostname %q", hosts, name)
 	}
 	if b, _ := os.ReadFile(filepath.Join(outside, "hosts")); string(b) != "outside\n" {
@@ -222,7 +222,7 @@ func TestWriteHostFiles(t *testing.T) {
 	if fi, err := os.Lstat(filepath.Join(root, "etc/hosts")); err != nil || !fi.Mode().IsRegular() {
 		t.Errorf("/etc/hosts is %v, %v; want a regular file", fi, err)
 	}
-	if err := writeHostFiles(root, "offline", netip.Addr{}); err != nil {
+	if err := writeHostFiles(root, "offline", netip.Addr{}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if hosts, _ := os.ReadFile(filepath.Join(root, "etc/hosts")); !strings.Contains(string(hosts), "127.0.1.1\toffline\n") {

@@ -30,7 +30,7 @@ type System interface {
 	// SetTime sets the clock and credits entropy.
 	SetTime(ctx context.Context, t proto.SetTime) error
 	// SetHostname sets the guest's hostname.
-	SetHostname(name string) error
+	SetHostname(name string, hosts []proto.HostEntry) error
 	// SetNameservers replaces /etc/resolv.conf of the (set-up) root with these
 	// nameservers, already validated.
 	SetNameservers(servers []string) error
@@ -387,6 +387,9 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		if sys == nil {
 			return reply(errors.New("setup is not supported by this server"))
 		}
+		if err := proto.ValidateHosts(req.Setup.Hosts); err != nil {
+			return reply(fmt.Errorf("setup: %w", err))
+		}
 		if err := proto.ValidateVolumes(req.Setup.Volumes); err != nil {
 			return reply(fmt.Errorf("setup: %w", err))
 		}
@@ -412,6 +415,9 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		if err := proto.ValidateVolumes(id.Volumes); err != nil {
 			return reply(fmt.Errorf("identity: %w", err))
 		}
+		if err := proto.ValidateHosts(id.Hosts); err != nil {
+			return reply(fmt.Errorf("identity: %w", err))
+		}
 		s.mu.Lock()
 		done := s.setupDone
 		s.mu.Unlock()
@@ -422,7 +428,7 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 			return reply(errors.New("identity is not supported by this server"))
 		}
 		if id.Hostname != "" {
-			if err := sys.SetHostname(id.Hostname); err != nil {
+			if err := sys.SetHostname(id.Hostname, id.Hosts); err != nil {
 				return reply(err)
 			}
 		}

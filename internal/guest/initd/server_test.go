@@ -58,7 +58,7 @@ func (f *fakeSystem) KillAll(context.Context) error {
 	return nil
 }
 
-func (f *fakeSystem) SetHostname(name string) error {
+func (f *fakeSystem) SetHostname(name string, _ []proto.HostEntry) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.hosts = append(f.hosts, name)

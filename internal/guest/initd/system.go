@@ -197,7 +197,7 @@ func (p *pid1System) Setup(ctx context.Context, s proto.Setup) error {
 		}
 	}
 	p.rooted = true
-	if err := p.SetHostname(s.Hostname); err != nil {
+	if err := p.SetHostname(s.Hostname, s.Hosts); err != nil {
 		return err
 	}
 	prefetch(s.Prefetch)
@@ -314,8 +314,9 @@ func waitForPath(ctx context.Context, path string, limit time.Duration) error {
 	}
 }
 
-// SetHostname sets the hostname; "" leaves it.
-func (p *pid1System) SetHostname(name string) error {
+// SetHostname sets the hostname and the other names /etc/hosts resolves; "" leaves
+// both.
+func (p *pid1System) SetHostname(name string, hosts []proto.HostEntry) error {
 	if name == "" {
 		return nil
 	}
@@ -323,7 +324,7 @@ func (p *pid1System) SetHostname(name string) error {
 		return fmt.Errorf("setting hostname %q: %w", name, err)
 	}
 	if p.rooted {
-		return writeHostFiles("/", name, p.addr)
+		return writeHostFiles("/", name, p.addr, hosts)
 	}
 	return nil
 }

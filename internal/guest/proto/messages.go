@@ -152,6 +152,9 @@ type Setup struct {
 	Nameservers []string `json:"nameservers,omitempty"`
 	// Volumes are mounted in the new root, in order, once the network is up.
 	Volumes []VolumeMount `json:"volumes,omitempty"`
+	// Hosts are names /etc/hosts resolves besides the guest's own (see ValidateHosts):
+	// its sandbox group's members.
+	Hosts []HostEntry `json:"hosts,omitempty"`
 }
 
 // NetConfig is the guest's network: the first ethernet interface (the
@@ -262,6 +265,34 @@ type Identity struct {
 	Nameservers []string `json:"nameservers,omitempty"`
 	// Volumes are mounted, in order, after the rest (see Setup.Volumes).
 	Volumes []VolumeMount `json:"volumes,omitempty"`
+	// Hosts as in Setup (written with the hostname).
+	Hosts []HostEntry `json:"hosts,omitempty"`
+}
+
+// HostEntry is a name /etc/hosts resolves to an IPv4 address.
+type HostEntry struct {
+	Name string `json:"name"`
+	Addr string `json:"addr"`
+}
+
+// MaxHosts bounds Setup.Hosts and Identity.Hosts.
+const MaxHosts = 32
+
+// ValidateHosts checks host entries: host names (letters, digits, '-' and '.', at most
+// 253 bytes) at unicast IPv4 addresses; nothing that could add another line or field.
+func ValidateHosts(hosts []HostEntry) error {
+	if len(hosts) > MaxHosts {
+		return fmt.Errorf("%d host entries: at most %d", len(hosts), MaxHosts)
+	}
+	for _, h := range hosts {
+		if h.Name == "" || len(h.Name) > 253 || strings.Trim(h.Name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.") != "" {
+			return fmt.Errorf("host entry name %q: want letters, digits, '-' and '.'", h.Name)
+		}
+		if a, err := netip.ParseAddr(h.Addr); err != nil || !unicast4(a) || a.String() != h.Addr {
+			return fmt.Errorf("host entry %q: address %q is not a unicast IPv4 address", h.Name, h.Addr)
+		}
+	}
+	return nil
 }
 
 // VolumeMount is a volume the guest mounts over NFSv3 from Server:Port (MOUNT and NFS

@@ -167,6 +167,9 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 	s := &sandbox{id: sb.ID, dir: dir, log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: rec.Sandbox.Spec,
 		vm: vm, guest: guest, main: main, proc: rec.Proc, restarts: sb.Restarts, resumes: sb.Resumes, node: sb.Node}
 	close(s.ready)
+	// A sidecar adopted was ready (its main's command started after it was).
+	s.groupReady = make(chan struct{})
+	close(s.groupReady)
 	if d := sb.ImageDigest; d != "" {
 		s.started.ImageDigest = &d // the image it runs from stays in the store (see imageInUse)
 	} else if d := rec.Sandbox.ImageDigest; d != "" {
@@ -183,6 +186,9 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		var cleanup cleanupStack
 		defer cleanup.run(a.log)
 		a.ownVM(s, &vmHandle{vm: vm, guest: guest, ln: ln, scratch: filepath.Join(dir, "scratch.img"), net: sn, vols: vols}, &cleanup)
+		// Its group's peers, which this agent's networks do not know yet (the routes
+		// in its namespace stayed; its policy's peers come back).
+		a.refreshGroup(s.spec.Group)
 		a.update(sb.ID, state.Update{Runtime: map[string]string{"pid": strconv.Itoa(vm.Info().PID), "adopted_at": time.Now().UTC().Format(time.RFC3339)}})
 		reported := make(chan struct{})
 		close(reported) // an adopted sandbox was reported running by the agent before

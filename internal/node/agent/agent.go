@@ -136,10 +136,12 @@ type Store interface {
 
 // Agent runs sandboxes on this node.
 type Agent struct {
-	cfg    Config
-	log    *slog.Logger
-	store  Store
-	images *image.Store
+	// groupMu serializes the wiring of sandbox groups' networks (refreshGroup).
+	groupMu sync.Mutex
+	cfg     Config
+	log     *slog.Logger
+	store   Store
+	images  *image.Store
 	// vms makes every VM of this node (sandboxes', templates', warm pools', slots').
 	vms *vms
 
@@ -703,6 +705,9 @@ type sandbox struct {
 	// guest taken back, or moved away: movedAway); execs wait for it.
 	guestGate chan struct{}
 	movedAway bool
+	// groupReady, for a sidecar, closes once its readiness check passed (see
+	// probeSidecar).
+	groupReady chan struct{}
 	// stopMigration, while a migration away is under way, ends it here (a stop wins
 	// over it: the state has ended it already).
 	stopMigration context.CancelFunc
@@ -748,7 +753,8 @@ func (a *Agent) Start(sb state.Sandbox) error {
 		a.mu.Unlock()
 		return err
 	}
-	s := &sandbox{id: sb.ID, dir: filepath.Join(a.runRoot(), sb.ID), log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: sb.Spec, restarts: sb.Restarts, resumes: sb.Resumes, node: sb.Node}
+	s := &sandbox{id: sb.ID, dir: filepath.Join(a.runRoot(), sb.ID), log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: sb.Spec, restarts: sb.Restarts, resumes: sb.Resumes, node: sb.Node,
+		groupReady: make(chan struct{})}
 	s.ctx, s.cancel = context.WithCancel(a.ctx)
 	a.live[sb.ID] = s
 	a.mu.Unlock()
@@ -772,6 +778,9 @@ func (a *Agent) goSandbox(s *sandbox, fn func()) {
 				delete(a.incomingRuns, s.id)
 			}
 			a.mu.Unlock()
+			// Its group's other members lose it as a peer (its address may go to
+			// another sandbox).
+			a.refreshGroup(s.spec.Group)
 			s.cancel()
 			s.closeConns()
 			close(s.done)

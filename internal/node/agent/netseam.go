@@ -58,8 +58,19 @@ type SandboxNet interface {
 	// live migration brought from another network, are gone (network.NudgeFlows).
 	Flows() ([]network.Flow, error)
 	Nudge(flows []network.Flow) error
+	// SetPeers makes the other members of the sandbox's group reachable from the guest
+	// at their group addresses, and lets them through its policy (both ways); nil
+	// removes them.
+	SetPeers(peers []Peer) error
 	// Remove takes the network down; missing pieces are not an error.
 	Remove() error
+}
+
+// Peer is another member of a sandbox's group: the address the guest dials (its
+// group address) and its address on the node.
+type Peer struct {
+	Group netip.Addr
+	Addr  netip.Addr
 }
 
 // NetPolicy is a sandbox's policy file text ("" = the node's defaults only) and whether

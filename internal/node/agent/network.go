@@ -66,6 +66,41 @@ type sbNet struct {
 	pol     NetPolicy          // the user's policy in force (guarded by m.mu)
 	set     netpolicy.Enforced // everything enforced: the node's rules and pol (guarded by m.mu)
 	closed  bool               // lets nothing through until a sandbox's policy is applied (guarded by m.mu)
+	peers   []Peer             // the sandbox's group's other members (guarded by m.mu)
+	removed bool               // Remove ran (guarded by applyMu)
+}
+
+// SetPeers makes the other members of the sandbox's group reachable at their group
+// addresses (translated to their addresses on the node) and lets them through its policy.
+func (n *sbNet) SetPeers(peers []Peer) error {
+	n.applyMu.Lock()
+	defer n.applyMu.Unlock()
+	if n.removed {
+		return nil // going: nothing to reach
+	}
+	var routes []network.GroupRoute
+	for _, p := range peers {
+		routes = append(routes, network.GroupRoute{Group: p.Group, Addr: p.Addr})
+	}
+	if err := network.SetGroupRoutes(context.Background(), n.ns, routes); err != nil {
+		return err
+	}
+	n.m.mu.Lock()
+	n.peers = append([]Peer(nil), peers...)
+	pol, closed := n.pol, n.closed
+	n.m.mu.Unlock()
+	if closed || n.enf == nil {
+		return nil
+	}
+	return n.applyLocked(pol)
+}
+
+func peerAddrs(peers []Peer) []netip.Addr {
+	out := make([]netip.Addr, 0, len(peers))
+	for _, p := range peers {
+		out = append(out, p.Addr)
+	}
+	return out
 }
 
 // policyOf is the policy a sandbox's spec asks for.
@@ -150,7 +185,10 @@ func (m *netManager) Protected() []netip.Prefix {
 //     sandbox needs both sandboxes' policies to agree.
 //
 // Everything else may pass both ways.
-func (m *netManager) baseSet(b network.Block, protected []netip.Prefix) netpolicy.Set {
+//
+// A sandbox group's members (peers, by their addresses on the node) reach each other
+// whatever their policies: the group's network is theirs.
+func (m *netManager) baseSet(b network.Block, protected []netip.Prefix, peers []netip.Addr) netpolicy.Set {
 	rule := func(p netip.Prefix, proto uint8, port uint16, a netpolicy.Action) netpolicy.Rule {
 		return netpolicy.Rule{CIDR: p, Proto: proto, PortLo: port, PortHi: port, Action: a}
 	}
@@ -172,6 +210,14 @@ func (m *netManager) baseSet(b network.Block, protected []netip.Prefix) netpolic
 		rule(m.rng, netpolicy.AnyProto, 0, netpolicy.Deny),
 		rule(netip.PrefixFrom(b.Host(), 32), netpolicy.AnyProto, 0, netpolicy.Allow),
 	}}
+	for _, p := range peers {
+		if !m.rng.Contains(p) || p == b.Sandbox() {
+			continue // only other sandboxes of this node
+		}
+		pp := netip.PrefixFrom(p, 32)
+		eg.Rules = append(eg.Rules, rule(pp, netpolicy.AnyProto, 0, netpolicy.Allow))
+		in.Rules = append(in.Rules, rule(pp, netpolicy.AnyProto, 0, netpolicy.Allow))
+	}
 	return netpolicy.Set{Egress: eg, Ingress: in}
 }
 
@@ -189,10 +235,10 @@ func (m *netManager) baseSet(b network.Block, protected []netip.Prefix) netpolic
 // Only an admin's policy may open what the node protects: it is laid over the node's
 // rules (an admin's rules for a prefix replace the node's for it) and nothing is decided
 // before it.
-func (m *netManager) policySet(b network.Block, pol NetPolicy) (netpolicy.Enforced, error) {
+func (m *netManager) policySet(b network.Block, pol NetPolicy, peers []netip.Addr) (netpolicy.Enforced, error) {
 	text, admin := pol.Text, pol.Admin
 	protected := m.Protected()
-	base := m.baseSet(b, protected)
+	base := m.baseSet(b, protected, peers)
 	user := netpolicy.Set{Egress: netpolicy.Policy{Default: netpolicy.Allow}, Ingress: netpolicy.Policy{Default: netpolicy.Allow}}
 	if text != "" {
 		var err error
@@ -257,7 +303,7 @@ func (m *netManager) create(ctx context.Context, owner string, pol NetPolicy, cl
 	}()
 	set := closedSet(blk)
 	if !closed {
-		if set, err = m.policySet(blk, pol); err != nil {
+		if set, err = m.policySet(blk, pol, nil); err != nil {
 			return n, fmt.Errorf("network policy: %w", err)
 		}
 	}
@@ -372,7 +418,7 @@ func (m *netManager) load(owner, version string, pol NetPolicy) (*sbNet, error) 
 		// force before the old ones come off; counters and remembered flows start over).
 		// The old ones keep the old policy until then: their maps may not take this
 		// agent's rules.
-		set, err := m.policySet(blk, pol)
+		set, err := m.policySet(blk, pol, nil)
 		if err != nil {
 			n.enf.Close()
 			n.guard.Close()
@@ -445,7 +491,13 @@ func (n *sbNet) Apply(pol NetPolicy) error {
 }
 
 func (n *sbNet) applyLocked(pol NetPolicy) error {
-	set, err := n.m.policySet(n.ns.Block, pol)
+	if n.removed {
+		return fmt.Errorf("the network of %s was removed", n.owner)
+	}
+	n.m.mu.Lock()
+	peers := peerAddrs(n.peers)
+	n.m.mu.Unlock()
+	set, err := n.m.policySet(n.ns.Block, pol, peers)
 	if err != nil {
 		return fmt.Errorf("network policy: %w", err)
 	}
@@ -501,6 +553,11 @@ func (n *sbNet) Stats() (NetStats, error) {
 // remove takes the network down: programs, namespace (with its veth pair and tap) and
 // address block. Missing pieces are not an error.
 func (n *sbNet) Remove() error {
+	// No policy change or peer wiring runs into programs being closed (a group's member
+	// ending wires the others while one of them is going too).
+	n.applyMu.Lock()
+	defer n.applyMu.Unlock()
+	n.removed = true
 	var errs []error
 	if n.enf != nil {
 		errs = append(errs, n.enf.Close())

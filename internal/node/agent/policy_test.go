@@ -17,10 +17,10 @@ func TestPolicyAppliedAgainKeepsNodeRules(t *testing.T) {
 	m := &netManager{log: slog.Default(), rng: netip.MustParsePrefix("10.201.0.0/16")}
 	b := network.Block{Prefix: netip.MustParsePrefix("10.201.0.4/30")}
 	text := "default allow\nallow 169.254.169.254 tcp 80\n"
-	if _, err := m.policySet(b, NetPolicy{Text: text, Strict: true}); err == nil || !strings.Contains(err.Error(), "only an admin") {
+	if _, err := m.policySet(b, NetPolicy{Text: text, Strict: true}, nil); err == nil || !strings.Contains(err.Error(), "only an admin") {
 		t.Errorf("a user's policy applied now: %v, want refused", err)
 	}
-	e, err := m.policySet(b, NetPolicy{Text: text})
+	e, err := m.policySet(b, NetPolicy{Text: text}, nil)
 	if err != nil {
 		t.Fatalf("the policy in force applied again: %v", err)
 	}

@@ -162,6 +162,13 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 			}
 		}()
 	}
+	if sb.IsSidecar() {
+		a.wg.Add(1)
+		go func() { // ends with the sandbox's run (r.ctx)
+			defer a.wg.Done()
+			a.probeSidecar(r.ctx, s, sb)
+		}()
+	}
 	if r.restoredFrom != nil {
 		// Keep a VMM launched ahead for this template's next restore; asked for only now,
 		// so that launching it does not compete with this start for the CPUs.
@@ -376,8 +383,17 @@ func (a *Agent) restoreOrBoot(r *startRun, mode state.BootMode, withNet bool) (*
 func (a *Agent) commandStep(r *startRun) error {
 	sb, guest := r.sb, r.h.guest
 	hostname := sb.Name
+	if n := groupHostname(sb); n != "" {
+		hostname = n
+	}
 	if hostname == "" || len(hostname) > 63 {
 		hostname = sb.ID[:12]
+	}
+	hosts := groupHosts(sb.Spec.Group, sb.ID)
+	if sb.Spec.Group != nil {
+		// Its group's members that run already reach it, and it them, before its
+		// command starts.
+		a.refreshGroup(sb.Spec.Group)
 	}
 	baseEnv := []string{"FIREWORKS_SANDBOX_ID=" + sb.ID}
 	execReq := proto.ExecRequest{
@@ -386,26 +402,45 @@ func (a *Agent) commandStep(r *startRun) error {
 	}
 	setupCtx, cancel := context.WithTimeout(r.ctx, 30*time.Second)
 	defer cancel()
+	// A group's main starts its command once its sidecars are ready: the guest is set up
+	// first, then it waits (not bounded by the setup's time).
+	waitGroup := func() error { return nil }
+	if sb.IsGroupMain() {
+		waitGroup = func() error {
+			err := a.waitSidecars(r.ctx, sb)
+			r.ph.mark("sidecars")
+			if err != nil {
+				return fmt.Errorf("the group's sidecars: %w", err)
+			}
+			cancel()
+			setupCtx, cancel = context.WithTimeout(r.ctx, 30*time.Second)
+			return nil
+		}
+	}
 	var err error
 	vols := guestVolumes(sb.Spec.Volumes)
 	switch {
-	case r.how != "cold" && len(vols) > 0:
-		// Its volumes are mounted before the command starts: identity first, then exec.
-		err = guest.Identity(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Volumes: vols})
+	case r.how != "cold" && (len(vols) > 0 || sb.IsGroupMain()):
+		// Its volumes are mounted (its sidecars ready) before the command starts:
+		// identity first, then exec.
+		err = guest.Identity(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Volumes: vols, Hosts: hosts})
 		r.ph.mark("identity+volumes")
 		if err == nil {
+			if err = waitGroup(); err != nil {
+				return err
+			}
 			r.main, err = guest.Exec(setupCtx, execReq)
 			r.ph.mark("exec")
 		}
 	case r.how != "cold":
 		// The template's guest has its root mounted already: it only needs to become
 		// this sandbox, and the command follows in the same breath.
-		r.main, err = guest.IdentityAndExec(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}, execReq)
+		r.main, err = guest.IdentityAndExec(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Hosts: hosts}, execReq)
 		r.ph.mark("identity+exec")
 	default:
 		setup := proto.Setup{
 			Hostname: hostname, RootDevice: "/dev/vda", RootFSType: r.rootFS, ScratchDevice: "/dev/vdb",
-			TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Env: baseEnv, Volumes: vols,
+			TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Env: baseEnv, Volumes: vols, Hosts: hosts,
 		}
 		if sb.Spec.Network != state.NetworkNone {
 			setup.Net, setup.Nameservers = guestNet(), a.cfg.Nameservers
@@ -413,6 +448,9 @@ func (a *Agent) commandStep(r *startRun) error {
 		err = guest.Setup(setupCtx, setup)
 		r.ph.mark("setup")
 		if err == nil {
+			if err = waitGroup(); err != nil {
+				return err
+			}
 			// The same bound on starting the command as a restore's: an image can make its
 			// start hang in the guest, and the sandbox must then fail, not stay starting.
 			execCtx, cancelExec := context.WithTimeout(r.ctx, 30*time.Second)

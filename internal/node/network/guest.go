@@ -119,3 +119,45 @@ func nft(ctx context.Context, ruleset string) error {
 	}
 	return nil
 }
+
+// GroupNet is where a sandbox group's members find each other: member i of the group
+// (the main is 0) is GroupAddr(i) to every other member. The guest routes it to its
+// gateway (it is not on its /30), and its namespace translates it to the member's
+// address on the node. Link-local, like the guest's own address: nothing outside the
+// node uses it, and it is the same in every sandbox (a template serves every group).
+var GroupNet = netip.MustParsePrefix("169.254.20.0/24")
+
+// GroupAddr is member i's address on its group's network.
+func GroupAddr(i int) netip.Addr {
+	b := GroupNet.Addr().As4()
+	b[3] = byte(10 + i)
+	return netip.AddrFrom4(b)
+}
+
+// GroupRoute sends what the guest sends to Group to Addr (another sandbox's address on
+// the node).
+type GroupRoute struct {
+	Group, Addr netip.Addr
+}
+
+// SetGroupRoutes replaces the group routes of namespace n (none removes them): table
+// "ip fireworks_group", one transaction.
+func SetGroupRoutes(ctx context.Context, n Namespace, routes []GroupRoute) error {
+	var rules strings.Builder
+	for _, r := range routes {
+		if !GroupNet.Contains(r.Group) || !r.Addr.Is4() {
+			return fmt.Errorf("group route %s -> %s: want an address of %s to an IPv4 address", r.Group, r.Addr, GroupNet)
+		}
+		fmt.Fprintf(&rules, "\t\tiifname %q ip daddr %s dnat to %s\n", Tap, r.Group, r.Addr)
+	}
+	ruleset := "add table ip fireworks_group\ndelete table ip fireworks_group\n"
+	if len(routes) > 0 {
+		ruleset += "table ip fireworks_group {\n\tchain prerouting {\n\t\ttype nat hook prerouting priority dstnat - 10; policy accept;\n" + rules.String() + "\t}\n}\n"
+	}
+	return Do(n.Path(), func() error {
+		if err := nft(ctx, ruleset); err != nil {
+			return fmt.Errorf("group routes of %s: %w", n.Name, err)
+		}
+		return nil
+	})
+}

@@ -49,6 +49,9 @@ const (
 	cmdPutVolume    cmdType = 18
 	cmdDeleteVolume cmdType = 19
 	cmdShareVolume  cmdType = 20
+	// cmdCreateGroup creates a sandbox group's members in one step. Not ignorable: a
+	// server that skipped it would have none of them.
+	cmdCreateGroup cmdType = 21
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -79,6 +82,8 @@ func (t cmdType) String() string {
 		return "delete-token"
 	case cmdPlace:
 		return "place-sandboxes"
+	case cmdCreateGroup:
+		return "create-group"
 	case cmdJoin:
 		return "join"
 	case cmdRemoveNode:

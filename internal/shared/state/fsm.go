@@ -107,6 +107,12 @@ func (f *fsm) Apply(l *raft.Log) any {
 			f.placeSandboxes(placeSandboxesCmd{Plans: []Plan{{SandboxID: c.Sandbox.ID, NodeID: c.Place}}, Config: c.Scheduler, Time: c.Sandbox.CreatedAt})
 		}
 		return nil
+	case cmdCreateGroup:
+		var c createGroupCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.createGroup(c)
 	case cmdUpdateSandbox:
 		var c updateSandboxCmd
 		if err := decodeBody(t, body, &c); err != nil {
@@ -288,6 +294,9 @@ func (f *fsm) updateSandbox(id string, u Update) any {
 		return err
 	}
 	f.sandboxes[id] = next
+	if next.IsGroupMain() && next.Status.Terminal() && !cur.Status.Terminal() {
+		f.groupEnded(next, utc(u.Time))
+	}
 	return *next.clone()
 }
 

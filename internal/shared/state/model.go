@@ -153,6 +153,10 @@ type SandboxSpec struct {
 	// VolumeNode, where the sandbox runs.
 	Volumes    []VolumeMount `json:"volumes,omitempty"`
 	VolumeNode string        `json:"volume_node,omitempty"`
+	// Group, if set, is the sandbox group the sandbox is a member of (see Group); Ready
+	// a sidecar's readiness check (see ParseProbe).
+	Group *Group `json:"group,omitempty"`
+	Ready string `json:"ready,omitempty"`
 }
 
 // FilesOn names the node holding the files sb's start reads when another node may have
@@ -417,6 +421,7 @@ func (sb *Sandbox) clone() *Sandbox {
 	c.Runtime = maps.Clone(sb.Runtime)
 	c.Spec.Constraints = slices.Clone(sb.Spec.Constraints)
 	c.Spec.Ports = slices.Clone(sb.Spec.Ports)
+	c.Spec.Group = sb.Spec.Group.clone()
 	if sb.Saved != nil {
 		saved := *sb.Saved
 		c.Saved = &saved

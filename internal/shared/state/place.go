@@ -111,6 +111,14 @@ func SchedulerRequest(sb Sandbox) (scheduler.Request, error) {
 		// The files a start from a snapshot reads are on its node; a fork's source's
 		// saved state is fetched by another node if the holder has no room.
 		Node: sb.Spec.SnapshotNode, Prefer: sb.Spec.ForkNode}
+	if sb.IsGroupMain() {
+		// The main's placement is the group's: room for every member on one node.
+		for _, m := range sb.Spec.Group.Members[1:] {
+			req.Resources.VCPUs += m.Reserved.VCPUs
+			req.Resources.MemoryMiB += m.Reserved.MemoryMiB
+			req.Resources.DiskMiB += m.Reserved.DiskMiB
+		}
+	}
 	if sb.Spec.VolumeNode != "" && req.Node == "" {
 		// A volume's data is on its node, which serves it only to sandboxes there.
 		req.Node, req.NodeWhy = sb.Spec.VolumeNode, "which holds its volumes"
@@ -197,6 +205,11 @@ func (f *fsm) placeSandboxes(c placeSandboxesCmd) any {
 			res.Err = fmt.Sprintf("sandbox is %s on %q, not waiting for a node", sb.Status, sb.Node)
 		case !sb.StopRequestedAt.IsZero():
 			res.Err = "sandbox was stopped"
+		case sb.IsSidecar():
+			// A sidecar runs beside its main, on its node, or not at all.
+			if main, ok := f.sandboxes[sb.Spec.Group.Main]; !ok || main.Status.Terminal() || main.Node != p.NodeID {
+				res.Err = "a sidecar goes on its group's main's node"
+			}
 		}
 		if res.Err == "" {
 			req, err := SchedulerRequest(*sb)
@@ -212,9 +225,28 @@ func (f *fsm) placeSandboxes(c placeSandboxesCmd) any {
 				next.addEvent(Event{Time: utc(c.Time), Status: StatusPending, Reason: next.Reason})
 				f.sandboxes[sb.ID] = next
 				snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: sb.ID, NodeID: p.NodeID, Resources: req.Resources})
+				if next.IsGroupMain() {
+					// Its sidecars go with it (the main's request reserved their room).
+					f.placeSidecars(next, c.Time)
+				}
 			}
 		}
 		out = append(out, res)
 	}
 	return out
+}
+
+// placeSidecars puts main's sidecars that wait for a node on main's node.
+func (f *fsm) placeSidecars(main *Sandbox, t time.Time) {
+	for _, gm := range main.Spec.Group.Members[1:] {
+		sc, ok := f.sandboxes[gm.ID]
+		if !ok || sc.Status != StatusPending || sc.Node != "" || !sc.StopRequestedAt.IsZero() {
+			continue
+		}
+		next := sc.clone()
+		next.Node = main.Node
+		next.Reason = "placed on node " + main.Node + " with its group"
+		next.addEvent(Event{Time: utc(t), Status: StatusPending, Reason: next.Reason})
+		f.sandboxes[sc.ID] = next
+	}
 }

@@ -431,6 +431,19 @@ func (s *Store) CreateAndPlace(ctx context.Context, sb Sandbox, q Quota, node st
 	return nil
 }
 
+// CreateGroup creates a sandbox group's members (the main first; see Group) in one
+// command, all or none, each within q, and places the group on node if it still fits
+// when it commits ("" places nothing).
+func (s *Store) CreateGroup(ctx context.Context, members []Sandbox, q Quota, node string, cfg scheduler.Config) error {
+	if len(members) == 0 {
+		return fmt.Errorf("create group: %w: no members", ErrInvalid)
+	}
+	if _, err := s.apply(ctx, cmdCreateGroup, createGroupCmd{Members: members, Quota: q, Place: node, Scheduler: cfg}); err != nil {
+		return fmt.Errorf("create group of sandbox %s: %w", members[0].ID, err)
+	}
+	return nil
+}
+
 // UpdateSandbox applies u to the sandbox with the full ID id and returns the result.
 // Errors: ErrNotFound, ErrInvalidTransition, ErrInvalid (e.g. u.Time zero).
 func (s *Store) UpdateSandbox(ctx context.Context, id string, u Update) (Sandbox, error) {

@@ -316,7 +316,7 @@ func (s *system) Setup(_ context.Context, su proto.Setup) error {
 }
 
 func (s *system) SetTime(context.Context, proto.SetTime) error { return nil }
-func (s *system) SetHostname(string) error                     { return nil }
+func (s *system) SetHostname(string, []proto.HostEntry) error  { return nil }
 func (s *system) SetNameservers([]string) error                { return nil }
 func (s *system) KillAll(context.Context) error                { return nil }
 func (s *system) Freeze() error                                { return nil }

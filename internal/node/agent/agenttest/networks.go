@@ -40,6 +40,7 @@ type Net struct {
 	policy  agent.NetPolicy
 	removed bool
 	opens   int
+	Peers   []agent.Peer
 }
 
 const recordFile = "agenttest-net"
@@ -168,6 +169,14 @@ func (n *Net) Namespace() string   { return "agenttest-" + filepath.Base(n.RunDi
 // Flows: the double tracks no connections.
 func (n *Net) Flows() ([]network.Flow, error) { return nil, nil }
 func (n *Net) Nudge([]network.Flow) error     { return nil }
+
+// SetPeers records the group's other members (nothing is routed).
+func (n *Net) SetPeers(peers []agent.Peer) error {
+	n.n.mu.Lock()
+	defer n.n.mu.Unlock()
+	n.Peers = append([]agent.Peer(nil), peers...)
+	return nil
+}
 
 func (n *Net) Remove() error {
 	n.n.mu.Lock()

@@ -572,8 +572,10 @@ type Sandbox struct {
 	Saved   *SavedState `protobuf:"bytes,20,opt,name=saved,proto3" json:"saved,omitempty"`
 	Resumes int32       `protobuf:"varint,21,opt,name=resumes,proto3" json:"resumes,omitempty"`
 	// The live migration in progress, if any; the ones that ended (the latest few).
-	Migration     *Migration   `protobuf:"bytes,22,opt,name=migration,proto3" json:"migration,omitempty"`
-	Migrations    []*Migration `protobuf:"bytes,23,rep,name=migrations,proto3" json:"migrations,omitempty"`
+	Migration  *Migration   `protobuf:"bytes,22,opt,name=migration,proto3" json:"migration,omitempty"`
+	Migrations []*Migration `protobuf:"bytes,23,rep,name=migrations,proto3" json:"migrations,omitempty"`
+	// The group the sandbox is a member of (a main with sidecars, or a sidecar).
+	Group         *Group `protobuf:"bytes,24,opt,name=group,proto3" json:"group,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -765,6 +767,13 @@ func (x *Sandbox) GetMigration() *Migration {
 func (x *Sandbox) GetMigrations() []*Migration {
 	if x != nil {
 		return x.Migrations
+	}
+	return nil
+}
+
+func (x *Sandbox) GetGroup() *Group {
+	if x != nil {
+		return x.Group
 	}
 	return nil
 }
@@ -1750,9 +1759,11 @@ func (x *ResumeSandboxResponse) GetSandbox() *Sandbox {
 }
 
 type CreateSandboxRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Spec          *SandboxSpec           `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Spec  *SandboxSpec           `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	// Sidecars start with the sandbox, on its node, before its command (see Sidecar).
+	Sidecars      []*Sidecar `protobuf:"bytes,3,rep,name=sidecars,proto3" json:"sidecars,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1801,6 +1812,197 @@ func (x *CreateSandboxRequest) GetSpec() *SandboxSpec {
 	return nil
 }
 
+func (x *CreateSandboxRequest) GetSidecars() []*Sidecar {
+	if x != nil {
+		return x.Sidecars
+	}
+	return nil
+}
+
+// A sidecar: another sandbox of the group, from its own image, reached by the group's
+// members as `name` on the group's private network. It is ready once its readiness
+// check passes; the main's command starts once every sidecar is ready; when the main
+// ends, the sidecars are stopped.
+type Sidecar struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A DNS label (lower-case letters, digits, inner '-'), unique in the group; not "main".
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Its image, command, limits, restart policy (what happens when it ends before the
+	// main: restarted per the policy, else the group is stopped), policy and volumes.
+	Spec *SandboxSpec `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	// "" (ready once its command started) or "tcp:PORT" (a connection to PORT succeeds).
+	Ready         string `protobuf:"bytes,3,opt,name=ready,proto3" json:"ready,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Sidecar) Reset() {
+	*x = Sidecar{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Sidecar) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Sidecar) ProtoMessage() {}
+
+func (x *Sidecar) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Sidecar.ProtoReflect.Descriptor instead.
+func (*Sidecar) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *Sidecar) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Sidecar) GetSpec() *SandboxSpec {
+	if x != nil {
+		return x.Spec
+	}
+	return nil
+}
+
+func (x *Sidecar) GetReady() string {
+	if x != nil {
+		return x.Ready
+	}
+	return ""
+}
+
+// The sandbox group a sandbox is a member of.
+type Group struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The main sandbox's ID.
+	Main string `protobuf:"bytes,1,opt,name=main,proto3" json:"main,omitempty"`
+	// The main first (named "main"), then the sidecars.
+	Members       []*GroupMember `protobuf:"bytes,2,rep,name=members,proto3" json:"members,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Group) Reset() {
+	*x = Group{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Group) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Group) ProtoMessage() {}
+
+func (x *Group) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Group.ProtoReflect.Descriptor instead.
+func (*Group) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *Group) GetMain() string {
+	if x != nil {
+		return x.Main
+	}
+	return ""
+}
+
+func (x *Group) GetMembers() []*GroupMember {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+type GroupMember struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Id    string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	// A sidecar's readiness check.
+	Ready         string `protobuf:"bytes,3,opt,name=ready,proto3" json:"ready,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupMember) Reset() {
+	*x = GroupMember{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupMember) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupMember) ProtoMessage() {}
+
+func (x *GroupMember) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupMember.ProtoReflect.Descriptor instead.
+func (*GroupMember) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *GroupMember) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *GroupMember) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *GroupMember) GetReady() string {
+	if x != nil {
+		return x.Ready
+	}
+	return ""
+}
+
 type CreateSandboxResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Sandbox       *Sandbox               `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
@@ -1810,7 +2012,7 @@ type CreateSandboxResponse struct {
 
 func (x *CreateSandboxResponse) Reset() {
 	*x = CreateSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1822,7 +2024,7 @@ func (x *CreateSandboxResponse) String() string {
 func (*CreateSandboxResponse) ProtoMessage() {}
 
 func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[24]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1835,7 +2037,7 @@ func (x *CreateSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSandboxResponse.ProtoReflect.Descriptor instead.
 func (*CreateSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{24}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CreateSandboxResponse) GetSandbox() *Sandbox {
@@ -1855,7 +2057,7 @@ type GetSandboxRequest struct {
 
 func (x *GetSandboxRequest) Reset() {
 	*x = GetSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1867,7 +2069,7 @@ func (x *GetSandboxRequest) String() string {
 func (*GetSandboxRequest) ProtoMessage() {}
 
 func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[25]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1880,7 +2082,7 @@ func (x *GetSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxRequest.ProtoReflect.Descriptor instead.
 func (*GetSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{25}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GetSandboxRequest) GetSandbox() string {
@@ -1899,7 +2101,7 @@ type GetSandboxResponse struct {
 
 func (x *GetSandboxResponse) Reset() {
 	*x = GetSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1911,7 +2113,7 @@ func (x *GetSandboxResponse) String() string {
 func (*GetSandboxResponse) ProtoMessage() {}
 
 func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[26]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1924,7 +2126,7 @@ func (x *GetSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSandboxResponse.ProtoReflect.Descriptor instead.
 func (*GetSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{26}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GetSandboxResponse) GetSandbox() *Sandbox {
@@ -1943,7 +2145,7 @@ type ListSandboxesRequest struct {
 
 func (x *ListSandboxesRequest) Reset() {
 	*x = ListSandboxesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1955,7 +2157,7 @@ func (x *ListSandboxesRequest) String() string {
 func (*ListSandboxesRequest) ProtoMessage() {}
 
 func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[27]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1968,7 +2170,7 @@ func (x *ListSandboxesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesRequest.ProtoReflect.Descriptor instead.
 func (*ListSandboxesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{27}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ListSandboxesRequest) GetAll() bool {
@@ -1987,7 +2189,7 @@ type ListSandboxesResponse struct {
 
 func (x *ListSandboxesResponse) Reset() {
 	*x = ListSandboxesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1999,7 +2201,7 @@ func (x *ListSandboxesResponse) String() string {
 func (*ListSandboxesResponse) ProtoMessage() {}
 
 func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[28]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2012,7 +2214,7 @@ func (x *ListSandboxesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSandboxesResponse.ProtoReflect.Descriptor instead.
 func (*ListSandboxesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{28}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListSandboxesResponse) GetSandboxes() []*Sandbox {
@@ -2032,7 +2234,7 @@ type StopSandboxRequest struct {
 
 func (x *StopSandboxRequest) Reset() {
 	*x = StopSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2044,7 +2246,7 @@ func (x *StopSandboxRequest) String() string {
 func (*StopSandboxRequest) ProtoMessage() {}
 
 func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[29]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2057,7 +2259,7 @@ func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxRequest.ProtoReflect.Descriptor instead.
 func (*StopSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{29}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *StopSandboxRequest) GetSandbox() string {
@@ -2083,7 +2285,7 @@ type StopSandboxResponse struct {
 
 func (x *StopSandboxResponse) Reset() {
 	*x = StopSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2095,7 +2297,7 @@ func (x *StopSandboxResponse) String() string {
 func (*StopSandboxResponse) ProtoMessage() {}
 
 func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[30]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2108,7 +2310,7 @@ func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxResponse.ProtoReflect.Descriptor instead.
 func (*StopSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{30}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *StopSandboxResponse) GetSandbox() *Sandbox {
@@ -2128,7 +2330,7 @@ type RemoveSandboxRequest struct {
 
 func (x *RemoveSandboxRequest) Reset() {
 	*x = RemoveSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2140,7 +2342,7 @@ func (x *RemoveSandboxRequest) String() string {
 func (*RemoveSandboxRequest) ProtoMessage() {}
 
 func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[31]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2153,7 +2355,7 @@ func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxRequest.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{31}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RemoveSandboxRequest) GetSandbox() string {
@@ -2178,7 +2380,7 @@ type RemoveSandboxResponse struct {
 
 func (x *RemoveSandboxResponse) Reset() {
 	*x = RemoveSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2190,7 +2392,7 @@ func (x *RemoveSandboxResponse) String() string {
 func (*RemoveSandboxResponse) ProtoMessage() {}
 
 func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2203,7 +2405,7 @@ func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxResponse.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
 }
 
 type Resize struct {
@@ -2216,7 +2418,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2228,7 +2430,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2241,7 +2443,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -2269,7 +2471,7 @@ type Output struct {
 
 func (x *Output) Reset() {
 	*x = Output{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2281,7 +2483,7 @@ func (x *Output) String() string {
 func (*Output) ProtoMessage() {}
 
 func (x *Output) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2294,7 +2496,7 @@ func (x *Output) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Output.ProtoReflect.Descriptor instead.
 func (*Output) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Output) GetStream() int32 {
@@ -2323,7 +2525,7 @@ type Exit struct {
 
 func (x *Exit) Reset() {
 	*x = Exit{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2335,7 +2537,7 @@ func (x *Exit) String() string {
 func (*Exit) ProtoMessage() {}
 
 func (x *Exit) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2348,7 +2550,7 @@ func (x *Exit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Exit.ProtoReflect.Descriptor instead.
 func (*Exit) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *Exit) GetCode() int32 {
@@ -2388,7 +2590,7 @@ type AttachStart struct {
 
 func (x *AttachStart) Reset() {
 	*x = AttachStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2400,7 +2602,7 @@ func (x *AttachStart) String() string {
 func (*AttachStart) ProtoMessage() {}
 
 func (x *AttachStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2413,7 +2615,7 @@ func (x *AttachStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachStart.ProtoReflect.Descriptor instead.
 func (*AttachStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *AttachStart) GetSandbox() string {
@@ -2439,7 +2641,7 @@ type AttachRequest struct {
 
 func (x *AttachRequest) Reset() {
 	*x = AttachRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2451,7 +2653,7 @@ func (x *AttachRequest) String() string {
 func (*AttachRequest) ProtoMessage() {}
 
 func (x *AttachRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2464,7 +2666,7 @@ func (x *AttachRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachRequest.ProtoReflect.Descriptor instead.
 func (*AttachRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *AttachRequest) GetMsg() isAttachRequest_Msg {
@@ -2566,7 +2768,7 @@ type AttachResponse struct {
 
 func (x *AttachResponse) Reset() {
 	*x = AttachResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2578,7 +2780,7 @@ func (x *AttachResponse) String() string {
 func (*AttachResponse) ProtoMessage() {}
 
 func (x *AttachResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2591,7 +2793,7 @@ func (x *AttachResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachResponse.ProtoReflect.Descriptor instead.
 func (*AttachResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *AttachResponse) GetMsg() isAttachResponse_Msg {
@@ -2645,7 +2847,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2657,7 +2859,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2670,7 +2872,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *LogsRequest) GetSandbox() string {
@@ -2696,7 +2898,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2708,7 +2910,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2721,7 +2923,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *LogsResponse) GetOutput() *Output {
@@ -2748,7 +2950,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2760,7 +2962,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2773,7 +2975,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ExecStart) GetSandbox() string {
@@ -2855,7 +3057,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2867,7 +3069,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2880,7 +3082,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -2982,7 +3184,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2994,7 +3196,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3007,7 +3209,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -3064,7 +3266,7 @@ type SetPolicyRequest struct {
 
 func (x *SetPolicyRequest) Reset() {
 	*x = SetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3076,7 +3278,7 @@ func (x *SetPolicyRequest) String() string {
 func (*SetPolicyRequest) ProtoMessage() {}
 
 func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3089,7 +3291,7 @@ func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *SetPolicyRequest) GetSandbox() string {
@@ -3122,7 +3324,7 @@ type SetPolicyResponse struct {
 
 func (x *SetPolicyResponse) Reset() {
 	*x = SetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3134,7 +3336,7 @@ func (x *SetPolicyResponse) String() string {
 func (*SetPolicyResponse) ProtoMessage() {}
 
 func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3147,7 +3349,7 @@ func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *SetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -3166,7 +3368,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3178,7 +3380,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3191,7 +3393,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *GetPolicyRequest) GetSandbox() string {
@@ -3210,7 +3412,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3222,7 +3424,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3235,7 +3437,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *GetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -3259,7 +3461,7 @@ type PortForwardRequest struct {
 
 func (x *PortForwardRequest) Reset() {
 	*x = PortForwardRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3271,7 +3473,7 @@ func (x *PortForwardRequest) String() string {
 func (*PortForwardRequest) ProtoMessage() {}
 
 func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3284,7 +3486,7 @@ func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardRequest.ProtoReflect.Descriptor instead.
 func (*PortForwardRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *PortForwardRequest) GetSandbox() string {
@@ -3324,7 +3526,7 @@ type PortForwardResponse struct {
 
 func (x *PortForwardResponse) Reset() {
 	*x = PortForwardResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3336,7 +3538,7 @@ func (x *PortForwardResponse) String() string {
 func (*PortForwardResponse) ProtoMessage() {}
 
 func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3349,7 +3551,7 @@ func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardResponse.ProtoReflect.Descriptor instead.
 func (*PortForwardResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *PortForwardResponse) GetData() []byte {
@@ -3375,7 +3577,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3387,7 +3589,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3400,7 +3602,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *Image) GetRef() string {
@@ -3464,7 +3666,7 @@ type PullImageRequest struct {
 
 func (x *PullImageRequest) Reset() {
 	*x = PullImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3476,7 +3678,7 @@ func (x *PullImageRequest) String() string {
 func (*PullImageRequest) ProtoMessage() {}
 
 func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3489,7 +3691,7 @@ func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageRequest.ProtoReflect.Descriptor instead.
 func (*PullImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *PullImageRequest) GetRef() string {
@@ -3526,7 +3728,7 @@ type PullImageResponse struct {
 
 func (x *PullImageResponse) Reset() {
 	*x = PullImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3538,7 +3740,7 @@ func (x *PullImageResponse) String() string {
 func (*PullImageResponse) ProtoMessage() {}
 
 func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3551,7 +3753,7 @@ func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageResponse.ProtoReflect.Descriptor instead.
 func (*PullImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *PullImageResponse) GetMsg() isPullImageResponse_Msg {
@@ -3607,7 +3809,7 @@ type PullProgress struct {
 
 func (x *PullProgress) Reset() {
 	*x = PullProgress{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3619,7 +3821,7 @@ func (x *PullProgress) String() string {
 func (*PullProgress) ProtoMessage() {}
 
 func (x *PullProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3632,7 +3834,7 @@ func (x *PullProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullProgress.ProtoReflect.Descriptor instead.
 func (*PullProgress) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *PullProgress) GetLayer() string {
@@ -3672,7 +3874,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3684,7 +3886,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3697,7 +3899,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ListImagesRequest) GetNode() string {
@@ -3716,7 +3918,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3728,7 +3930,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3741,7 +3943,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -3761,7 +3963,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3773,7 +3975,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3786,7 +3988,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -3815,7 +4017,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3827,7 +4029,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3840,7 +4042,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *RemoveImageResponse) GetTemplatesDropped() int32 {
@@ -3877,7 +4079,7 @@ type Pool struct {
 
 func (x *Pool) Reset() {
 	*x = Pool{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3889,7 +4091,7 @@ func (x *Pool) String() string {
 func (*Pool) ProtoMessage() {}
 
 func (x *Pool) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3902,7 +4104,7 @@ func (x *Pool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pool.ProtoReflect.Descriptor instead.
 func (*Pool) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *Pool) GetImage() string {
@@ -3984,7 +4186,7 @@ type PoolNodeStatus struct {
 
 func (x *PoolNodeStatus) Reset() {
 	*x = PoolNodeStatus{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3996,7 +4198,7 @@ func (x *PoolNodeStatus) String() string {
 func (*PoolNodeStatus) ProtoMessage() {}
 
 func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4009,7 +4211,7 @@ func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolNodeStatus.ProtoReflect.Descriptor instead.
 func (*PoolNodeStatus) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *PoolNodeStatus) GetNode() string {
@@ -4098,7 +4300,7 @@ type SetPoolRequest struct {
 
 func (x *SetPoolRequest) Reset() {
 	*x = SetPoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4110,7 +4312,7 @@ func (x *SetPoolRequest) String() string {
 func (*SetPoolRequest) ProtoMessage() {}
 
 func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4123,7 +4325,7 @@ func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolRequest.ProtoReflect.Descriptor instead.
 func (*SetPoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *SetPoolRequest) GetPool() *Pool {
@@ -4142,7 +4344,7 @@ type SetPoolResponse struct {
 
 func (x *SetPoolResponse) Reset() {
 	*x = SetPoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4154,7 +4356,7 @@ func (x *SetPoolResponse) String() string {
 func (*SetPoolResponse) ProtoMessage() {}
 
 func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4167,7 +4369,7 @@ func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolResponse.ProtoReflect.Descriptor instead.
 func (*SetPoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *SetPoolResponse) GetPool() *Pool {
@@ -4185,7 +4387,7 @@ type ListPoolsRequest struct {
 
 func (x *ListPoolsRequest) Reset() {
 	*x = ListPoolsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4197,7 +4399,7 @@ func (x *ListPoolsRequest) String() string {
 func (*ListPoolsRequest) ProtoMessage() {}
 
 func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4210,7 +4412,7 @@ func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsRequest.ProtoReflect.Descriptor instead.
 func (*ListPoolsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{62}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{65}
 }
 
 type ListPoolsResponse struct {
@@ -4222,7 +4424,7 @@ type ListPoolsResponse struct {
 
 func (x *ListPoolsResponse) Reset() {
 	*x = ListPoolsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4234,7 +4436,7 @@ func (x *ListPoolsResponse) String() string {
 func (*ListPoolsResponse) ProtoMessage() {}
 
 func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4247,7 +4449,7 @@ func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsResponse.ProtoReflect.Descriptor instead.
 func (*ListPoolsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{63}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *ListPoolsResponse) GetPools() []*Pool {
@@ -4266,7 +4468,7 @@ type DeletePoolRequest struct {
 
 func (x *DeletePoolRequest) Reset() {
 	*x = DeletePoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4278,7 +4480,7 @@ func (x *DeletePoolRequest) String() string {
 func (*DeletePoolRequest) ProtoMessage() {}
 
 func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4291,7 +4493,7 @@ func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolRequest.ProtoReflect.Descriptor instead.
 func (*DeletePoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{64}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *DeletePoolRequest) GetImage() string {
@@ -4309,7 +4511,7 @@ type DeletePoolResponse struct {
 
 func (x *DeletePoolResponse) Reset() {
 	*x = DeletePoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4321,7 +4523,7 @@ func (x *DeletePoolResponse) String() string {
 func (*DeletePoolResponse) ProtoMessage() {}
 
 func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4334,7 +4536,7 @@ func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolResponse.ProtoReflect.Descriptor instead.
 func (*DeletePoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{65}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{68}
 }
 
 type Template struct {
@@ -4353,7 +4555,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4365,7 +4567,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4378,7 +4580,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{66}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *Template) GetKey() string {
@@ -4450,7 +4652,7 @@ type WarmImageRequest struct {
 
 func (x *WarmImageRequest) Reset() {
 	*x = WarmImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4462,7 +4664,7 @@ func (x *WarmImageRequest) String() string {
 func (*WarmImageRequest) ProtoMessage() {}
 
 func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4475,7 +4677,7 @@ func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageRequest.ProtoReflect.Descriptor instead.
 func (*WarmImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{67}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *WarmImageRequest) GetRef() string {
@@ -4511,7 +4713,7 @@ type WarmImageResponse struct {
 
 func (x *WarmImageResponse) Reset() {
 	*x = WarmImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4523,7 +4725,7 @@ func (x *WarmImageResponse) String() string {
 func (*WarmImageResponse) ProtoMessage() {}
 
 func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4536,7 +4738,7 @@ func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageResponse.ProtoReflect.Descriptor instead.
 func (*WarmImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{68}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *WarmImageResponse) GetTemplate() *Template {
@@ -4569,7 +4771,7 @@ type ListTemplatesRequest struct {
 
 func (x *ListTemplatesRequest) Reset() {
 	*x = ListTemplatesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4581,7 +4783,7 @@ func (x *ListTemplatesRequest) String() string {
 func (*ListTemplatesRequest) ProtoMessage() {}
 
 func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4594,7 +4796,7 @@ func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesRequest.ProtoReflect.Descriptor instead.
 func (*ListTemplatesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{69}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *ListTemplatesRequest) GetNode() string {
@@ -4613,7 +4815,7 @@ type ListTemplatesResponse struct {
 
 func (x *ListTemplatesResponse) Reset() {
 	*x = ListTemplatesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4625,7 +4827,7 @@ func (x *ListTemplatesResponse) String() string {
 func (*ListTemplatesResponse) ProtoMessage() {}
 
 func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4638,7 +4840,7 @@ func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesResponse.ProtoReflect.Descriptor instead.
 func (*ListTemplatesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{70}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *ListTemplatesResponse) GetTemplates() []*Template {
@@ -4676,7 +4878,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4688,7 +4890,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4701,7 +4903,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{71}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *Volume) GetId() string {
@@ -4798,7 +5000,7 @@ type VolumeShare struct {
 
 func (x *VolumeShare) Reset() {
 	*x = VolumeShare{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4810,7 +5012,7 @@ func (x *VolumeShare) String() string {
 func (*VolumeShare) ProtoMessage() {}
 
 func (x *VolumeShare) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4823,7 +5025,7 @@ func (x *VolumeShare) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeShare.ProtoReflect.Descriptor instead.
 func (*VolumeShare) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{72}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *VolumeShare) GetToken() string {
@@ -4855,7 +5057,7 @@ type ShareVolumeRequest struct {
 
 func (x *ShareVolumeRequest) Reset() {
 	*x = ShareVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4867,7 +5069,7 @@ func (x *ShareVolumeRequest) String() string {
 func (*ShareVolumeRequest) ProtoMessage() {}
 
 func (x *ShareVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4880,7 +5082,7 @@ func (x *ShareVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareVolumeRequest.ProtoReflect.Descriptor instead.
 func (*ShareVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{73}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *ShareVolumeRequest) GetVolume() string {
@@ -4920,7 +5122,7 @@ type ShareVolumeResponse struct {
 
 func (x *ShareVolumeResponse) Reset() {
 	*x = ShareVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4932,7 +5134,7 @@ func (x *ShareVolumeResponse) String() string {
 func (*ShareVolumeResponse) ProtoMessage() {}
 
 func (x *ShareVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4945,7 +5147,7 @@ func (x *ShareVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareVolumeResponse.ProtoReflect.Descriptor instead.
 func (*ShareVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{74}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *ShareVolumeResponse) GetVolume() *Volume {
@@ -4970,7 +5172,7 @@ type CreateVolumeRequest struct {
 
 func (x *CreateVolumeRequest) Reset() {
 	*x = CreateVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4982,7 +5184,7 @@ func (x *CreateVolumeRequest) String() string {
 func (*CreateVolumeRequest) ProtoMessage() {}
 
 func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4995,7 +5197,7 @@ func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CreateVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{75}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *CreateVolumeRequest) GetName() string {
@@ -5035,7 +5237,7 @@ type CreateVolumeResponse struct {
 
 func (x *CreateVolumeResponse) Reset() {
 	*x = CreateVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5047,7 +5249,7 @@ func (x *CreateVolumeResponse) String() string {
 func (*CreateVolumeResponse) ProtoMessage() {}
 
 func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5060,7 +5262,7 @@ func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CreateVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{76}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *CreateVolumeResponse) GetVolume() *Volume {
@@ -5078,7 +5280,7 @@ type ListVolumesRequest struct {
 
 func (x *ListVolumesRequest) Reset() {
 	*x = ListVolumesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5090,7 +5292,7 @@ func (x *ListVolumesRequest) String() string {
 func (*ListVolumesRequest) ProtoMessage() {}
 
 func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5103,7 +5305,7 @@ func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesRequest.ProtoReflect.Descriptor instead.
 func (*ListVolumesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{77}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{80}
 }
 
 type ListVolumesResponse struct {
@@ -5115,7 +5317,7 @@ type ListVolumesResponse struct {
 
 func (x *ListVolumesResponse) Reset() {
 	*x = ListVolumesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5127,7 +5329,7 @@ func (x *ListVolumesResponse) String() string {
 func (*ListVolumesResponse) ProtoMessage() {}
 
 func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5140,7 +5342,7 @@ func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesResponse.ProtoReflect.Descriptor instead.
 func (*ListVolumesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{78}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *ListVolumesResponse) GetVolumes() []*Volume {
@@ -5160,7 +5362,7 @@ type GetVolumeRequest struct {
 
 func (x *GetVolumeRequest) Reset() {
 	*x = GetVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5172,7 +5374,7 @@ func (x *GetVolumeRequest) String() string {
 func (*GetVolumeRequest) ProtoMessage() {}
 
 func (x *GetVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5185,7 +5387,7 @@ func (x *GetVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVolumeRequest.ProtoReflect.Descriptor instead.
 func (*GetVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{79}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *GetVolumeRequest) GetVolume() string {
@@ -5204,7 +5406,7 @@ type GetVolumeResponse struct {
 
 func (x *GetVolumeResponse) Reset() {
 	*x = GetVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5216,7 +5418,7 @@ func (x *GetVolumeResponse) String() string {
 func (*GetVolumeResponse) ProtoMessage() {}
 
 func (x *GetVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5229,7 +5431,7 @@ func (x *GetVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVolumeResponse.ProtoReflect.Descriptor instead.
 func (*GetVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{80}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *GetVolumeResponse) GetVolume() *Volume {
@@ -5248,7 +5450,7 @@ type DeleteVolumeRequest struct {
 
 func (x *DeleteVolumeRequest) Reset() {
 	*x = DeleteVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5260,7 +5462,7 @@ func (x *DeleteVolumeRequest) String() string {
 func (*DeleteVolumeRequest) ProtoMessage() {}
 
 func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5273,7 +5475,7 @@ func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{81}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *DeleteVolumeRequest) GetVolume() string {
@@ -5291,7 +5493,7 @@ type DeleteVolumeResponse struct {
 
 func (x *DeleteVolumeResponse) Reset() {
 	*x = DeleteVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5303,7 +5505,7 @@ func (x *DeleteVolumeResponse) String() string {
 func (*DeleteVolumeResponse) ProtoMessage() {}
 
 func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5316,7 +5518,7 @@ func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{82}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{85}
 }
 
 type InfoRequest struct {
@@ -5327,7 +5529,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5339,7 +5541,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5352,7 +5554,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{83}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{86}
 }
 
 type InfoResponse struct {
@@ -5376,7 +5578,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5388,7 +5590,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5401,7 +5603,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{84}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *InfoResponse) GetVersion() string {
@@ -5515,7 +5717,7 @@ type Token struct {
 
 func (x *Token) Reset() {
 	*x = Token{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5527,7 +5729,7 @@ func (x *Token) String() string {
 func (*Token) ProtoMessage() {}
 
 func (x *Token) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5540,7 +5742,7 @@ func (x *Token) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Token.ProtoReflect.Descriptor instead.
 func (*Token) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{85}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *Token) GetId() string {
@@ -5613,7 +5815,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5625,7 +5827,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5638,7 +5840,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{86}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *CreateTokenRequest) GetName() string {
@@ -5680,7 +5882,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5692,7 +5894,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5705,7 +5907,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{87}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *CreateTokenResponse) GetToken() *Token {
@@ -5730,7 +5932,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5742,7 +5944,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5755,7 +5957,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{88}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{91}
 }
 
 type ListTokensResponse struct {
@@ -5767,7 +5969,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5779,7 +5981,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5792,7 +5994,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{89}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *ListTokensResponse) GetTokens() []*Token {
@@ -5811,7 +6013,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5823,7 +6025,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5836,7 +6038,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{90}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -5854,7 +6056,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5866,7 +6068,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5879,7 +6081,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{91}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{94}
 }
 
 var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
@@ -5935,7 +6137,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x05Event\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
 	"\x06status\x18\x02 \x01(\tR\x06status\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xae\a\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xd9\a\n" +
 	"\aSandbox\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12-\n" +
@@ -5965,7 +6167,8 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\tmigration\x18\x16 \x01(\v2\x17.fireworks.v1.MigrationR\tmigration\x127\n" +
 	"\n" +
 	"migrations\x18\x17 \x03(\v2\x17.fireworks.v1.MigrationR\n" +
-	"migrations\x1a:\n" +
+	"migrations\x12)\n" +
+	"\x05group\x18\x18 \x01(\v2\x13.fireworks.v1.GroupR\x05group\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x97\x02\n" +
@@ -6036,10 +6239,22 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\"H\n" +
 	"\x15ResumeSandboxResponse\x12/\n" +
-	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"Y\n" +
+	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"\x8c\x01\n" +
 	"\x14CreateSandboxRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12-\n" +
-	"\x04spec\x18\x02 \x01(\v2\x19.fireworks.v1.SandboxSpecR\x04spec\"H\n" +
+	"\x04spec\x18\x02 \x01(\v2\x19.fireworks.v1.SandboxSpecR\x04spec\x121\n" +
+	"\bsidecars\x18\x03 \x03(\v2\x15.fireworks.v1.SidecarR\bsidecars\"b\n" +
+	"\aSidecar\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12-\n" +
+	"\x04spec\x18\x02 \x01(\v2\x19.fireworks.v1.SandboxSpecR\x04spec\x12\x14\n" +
+	"\x05ready\x18\x03 \x01(\tR\x05ready\"P\n" +
+	"\x05Group\x12\x12\n" +
+	"\x04main\x18\x01 \x01(\tR\x04main\x123\n" +
+	"\amembers\x18\x02 \x03(\v2\x19.fireworks.v1.GroupMemberR\amembers\"G\n" +
+	"\vGroupMember\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12\x14\n" +
+	"\x05ready\x18\x03 \x01(\tR\x05ready\"H\n" +
 	"\x15CreateSandboxResponse\x12/\n" +
 	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"-\n" +
 	"\x11GetSandboxRequest\x12\x18\n" +
@@ -6363,7 +6578,7 @@ func file_fireworks_v1_fireworks_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_fireworks_proto_rawDescData
 }
 
-var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 93)
+var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 96)
 var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*SandboxSpec)(nil),            // 0: fireworks.v1.SandboxSpec
 	(*VolumeMount)(nil),            // 1: fireworks.v1.VolumeMount
@@ -6389,220 +6604,227 @@ var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*ResumeSandboxRequest)(nil),   // 21: fireworks.v1.ResumeSandboxRequest
 	(*ResumeSandboxResponse)(nil),  // 22: fireworks.v1.ResumeSandboxResponse
 	(*CreateSandboxRequest)(nil),   // 23: fireworks.v1.CreateSandboxRequest
-	(*CreateSandboxResponse)(nil),  // 24: fireworks.v1.CreateSandboxResponse
-	(*GetSandboxRequest)(nil),      // 25: fireworks.v1.GetSandboxRequest
-	(*GetSandboxResponse)(nil),     // 26: fireworks.v1.GetSandboxResponse
-	(*ListSandboxesRequest)(nil),   // 27: fireworks.v1.ListSandboxesRequest
-	(*ListSandboxesResponse)(nil),  // 28: fireworks.v1.ListSandboxesResponse
-	(*StopSandboxRequest)(nil),     // 29: fireworks.v1.StopSandboxRequest
-	(*StopSandboxResponse)(nil),    // 30: fireworks.v1.StopSandboxResponse
-	(*RemoveSandboxRequest)(nil),   // 31: fireworks.v1.RemoveSandboxRequest
-	(*RemoveSandboxResponse)(nil),  // 32: fireworks.v1.RemoveSandboxResponse
-	(*Resize)(nil),                 // 33: fireworks.v1.Resize
-	(*Output)(nil),                 // 34: fireworks.v1.Output
-	(*Exit)(nil),                   // 35: fireworks.v1.Exit
-	(*AttachStart)(nil),            // 36: fireworks.v1.AttachStart
-	(*AttachRequest)(nil),          // 37: fireworks.v1.AttachRequest
-	(*AttachResponse)(nil),         // 38: fireworks.v1.AttachResponse
-	(*LogsRequest)(nil),            // 39: fireworks.v1.LogsRequest
-	(*LogsResponse)(nil),           // 40: fireworks.v1.LogsResponse
-	(*ExecStart)(nil),              // 41: fireworks.v1.ExecStart
-	(*ExecRequest)(nil),            // 42: fireworks.v1.ExecRequest
-	(*ExecResponse)(nil),           // 43: fireworks.v1.ExecResponse
-	(*SetPolicyRequest)(nil),       // 44: fireworks.v1.SetPolicyRequest
-	(*SetPolicyResponse)(nil),      // 45: fireworks.v1.SetPolicyResponse
-	(*GetPolicyRequest)(nil),       // 46: fireworks.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),      // 47: fireworks.v1.GetPolicyResponse
-	(*PortForwardRequest)(nil),     // 48: fireworks.v1.PortForwardRequest
-	(*PortForwardResponse)(nil),    // 49: fireworks.v1.PortForwardResponse
-	(*Image)(nil),                  // 50: fireworks.v1.Image
-	(*PullImageRequest)(nil),       // 51: fireworks.v1.PullImageRequest
-	(*PullImageResponse)(nil),      // 52: fireworks.v1.PullImageResponse
-	(*PullProgress)(nil),           // 53: fireworks.v1.PullProgress
-	(*ListImagesRequest)(nil),      // 54: fireworks.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),     // 55: fireworks.v1.ListImagesResponse
-	(*RemoveImageRequest)(nil),     // 56: fireworks.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),    // 57: fireworks.v1.RemoveImageResponse
-	(*Pool)(nil),                   // 58: fireworks.v1.Pool
-	(*PoolNodeStatus)(nil),         // 59: fireworks.v1.PoolNodeStatus
-	(*SetPoolRequest)(nil),         // 60: fireworks.v1.SetPoolRequest
-	(*SetPoolResponse)(nil),        // 61: fireworks.v1.SetPoolResponse
-	(*ListPoolsRequest)(nil),       // 62: fireworks.v1.ListPoolsRequest
-	(*ListPoolsResponse)(nil),      // 63: fireworks.v1.ListPoolsResponse
-	(*DeletePoolRequest)(nil),      // 64: fireworks.v1.DeletePoolRequest
-	(*DeletePoolResponse)(nil),     // 65: fireworks.v1.DeletePoolResponse
-	(*Template)(nil),               // 66: fireworks.v1.Template
-	(*WarmImageRequest)(nil),       // 67: fireworks.v1.WarmImageRequest
-	(*WarmImageResponse)(nil),      // 68: fireworks.v1.WarmImageResponse
-	(*ListTemplatesRequest)(nil),   // 69: fireworks.v1.ListTemplatesRequest
-	(*ListTemplatesResponse)(nil),  // 70: fireworks.v1.ListTemplatesResponse
-	(*Volume)(nil),                 // 71: fireworks.v1.Volume
-	(*VolumeShare)(nil),            // 72: fireworks.v1.VolumeShare
-	(*ShareVolumeRequest)(nil),     // 73: fireworks.v1.ShareVolumeRequest
-	(*ShareVolumeResponse)(nil),    // 74: fireworks.v1.ShareVolumeResponse
-	(*CreateVolumeRequest)(nil),    // 75: fireworks.v1.CreateVolumeRequest
-	(*CreateVolumeResponse)(nil),   // 76: fireworks.v1.CreateVolumeResponse
-	(*ListVolumesRequest)(nil),     // 77: fireworks.v1.ListVolumesRequest
-	(*ListVolumesResponse)(nil),    // 78: fireworks.v1.ListVolumesResponse
-	(*GetVolumeRequest)(nil),       // 79: fireworks.v1.GetVolumeRequest
-	(*GetVolumeResponse)(nil),      // 80: fireworks.v1.GetVolumeResponse
-	(*DeleteVolumeRequest)(nil),    // 81: fireworks.v1.DeleteVolumeRequest
-	(*DeleteVolumeResponse)(nil),   // 82: fireworks.v1.DeleteVolumeResponse
-	(*InfoRequest)(nil),            // 83: fireworks.v1.InfoRequest
-	(*InfoResponse)(nil),           // 84: fireworks.v1.InfoResponse
-	(*Token)(nil),                  // 85: fireworks.v1.Token
-	(*CreateTokenRequest)(nil),     // 86: fireworks.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),    // 87: fireworks.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),      // 88: fireworks.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),     // 89: fireworks.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),     // 90: fireworks.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),    // 91: fireworks.v1.RevokeTokenResponse
-	nil,                            // 92: fireworks.v1.Sandbox.DetailsEntry
-	(*durationpb.Duration)(nil),    // 93: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 94: google.protobuf.Timestamp
+	(*Sidecar)(nil),                // 24: fireworks.v1.Sidecar
+	(*Group)(nil),                  // 25: fireworks.v1.Group
+	(*GroupMember)(nil),            // 26: fireworks.v1.GroupMember
+	(*CreateSandboxResponse)(nil),  // 27: fireworks.v1.CreateSandboxResponse
+	(*GetSandboxRequest)(nil),      // 28: fireworks.v1.GetSandboxRequest
+	(*GetSandboxResponse)(nil),     // 29: fireworks.v1.GetSandboxResponse
+	(*ListSandboxesRequest)(nil),   // 30: fireworks.v1.ListSandboxesRequest
+	(*ListSandboxesResponse)(nil),  // 31: fireworks.v1.ListSandboxesResponse
+	(*StopSandboxRequest)(nil),     // 32: fireworks.v1.StopSandboxRequest
+	(*StopSandboxResponse)(nil),    // 33: fireworks.v1.StopSandboxResponse
+	(*RemoveSandboxRequest)(nil),   // 34: fireworks.v1.RemoveSandboxRequest
+	(*RemoveSandboxResponse)(nil),  // 35: fireworks.v1.RemoveSandboxResponse
+	(*Resize)(nil),                 // 36: fireworks.v1.Resize
+	(*Output)(nil),                 // 37: fireworks.v1.Output
+	(*Exit)(nil),                   // 38: fireworks.v1.Exit
+	(*AttachStart)(nil),            // 39: fireworks.v1.AttachStart
+	(*AttachRequest)(nil),          // 40: fireworks.v1.AttachRequest
+	(*AttachResponse)(nil),         // 41: fireworks.v1.AttachResponse
+	(*LogsRequest)(nil),            // 42: fireworks.v1.LogsRequest
+	(*LogsResponse)(nil),           // 43: fireworks.v1.LogsResponse
+	(*ExecStart)(nil),              // 44: fireworks.v1.ExecStart
+	(*ExecRequest)(nil),            // 45: fireworks.v1.ExecRequest
+	(*ExecResponse)(nil),           // 46: fireworks.v1.ExecResponse
+	(*SetPolicyRequest)(nil),       // 47: fireworks.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),      // 48: fireworks.v1.SetPolicyResponse
+	(*GetPolicyRequest)(nil),       // 49: fireworks.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),      // 50: fireworks.v1.GetPolicyResponse
+	(*PortForwardRequest)(nil),     // 51: fireworks.v1.PortForwardRequest
+	(*PortForwardResponse)(nil),    // 52: fireworks.v1.PortForwardResponse
+	(*Image)(nil),                  // 53: fireworks.v1.Image
+	(*PullImageRequest)(nil),       // 54: fireworks.v1.PullImageRequest
+	(*PullImageResponse)(nil),      // 55: fireworks.v1.PullImageResponse
+	(*PullProgress)(nil),           // 56: fireworks.v1.PullProgress
+	(*ListImagesRequest)(nil),      // 57: fireworks.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),     // 58: fireworks.v1.ListImagesResponse
+	(*RemoveImageRequest)(nil),     // 59: fireworks.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),    // 60: fireworks.v1.RemoveImageResponse
+	(*Pool)(nil),                   // 61: fireworks.v1.Pool
+	(*PoolNodeStatus)(nil),         // 62: fireworks.v1.PoolNodeStatus
+	(*SetPoolRequest)(nil),         // 63: fireworks.v1.SetPoolRequest
+	(*SetPoolResponse)(nil),        // 64: fireworks.v1.SetPoolResponse
+	(*ListPoolsRequest)(nil),       // 65: fireworks.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),      // 66: fireworks.v1.ListPoolsResponse
+	(*DeletePoolRequest)(nil),      // 67: fireworks.v1.DeletePoolRequest
+	(*DeletePoolResponse)(nil),     // 68: fireworks.v1.DeletePoolResponse
+	(*Template)(nil),               // 69: fireworks.v1.Template
+	(*WarmImageRequest)(nil),       // 70: fireworks.v1.WarmImageRequest
+	(*WarmImageResponse)(nil),      // 71: fireworks.v1.WarmImageResponse
+	(*ListTemplatesRequest)(nil),   // 72: fireworks.v1.ListTemplatesRequest
+	(*ListTemplatesResponse)(nil),  // 73: fireworks.v1.ListTemplatesResponse
+	(*Volume)(nil),                 // 74: fireworks.v1.Volume
+	(*VolumeShare)(nil),            // 75: fireworks.v1.VolumeShare
+	(*ShareVolumeRequest)(nil),     // 76: fireworks.v1.ShareVolumeRequest
+	(*ShareVolumeResponse)(nil),    // 77: fireworks.v1.ShareVolumeResponse
+	(*CreateVolumeRequest)(nil),    // 78: fireworks.v1.CreateVolumeRequest
+	(*CreateVolumeResponse)(nil),   // 79: fireworks.v1.CreateVolumeResponse
+	(*ListVolumesRequest)(nil),     // 80: fireworks.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),    // 81: fireworks.v1.ListVolumesResponse
+	(*GetVolumeRequest)(nil),       // 82: fireworks.v1.GetVolumeRequest
+	(*GetVolumeResponse)(nil),      // 83: fireworks.v1.GetVolumeResponse
+	(*DeleteVolumeRequest)(nil),    // 84: fireworks.v1.DeleteVolumeRequest
+	(*DeleteVolumeResponse)(nil),   // 85: fireworks.v1.DeleteVolumeResponse
+	(*InfoRequest)(nil),            // 86: fireworks.v1.InfoRequest
+	(*InfoResponse)(nil),           // 87: fireworks.v1.InfoResponse
+	(*Token)(nil),                  // 88: fireworks.v1.Token
+	(*CreateTokenRequest)(nil),     // 89: fireworks.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),    // 90: fireworks.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),      // 91: fireworks.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),     // 92: fireworks.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),     // 93: fireworks.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),    // 94: fireworks.v1.RevokeTokenResponse
+	nil,                            // 95: fireworks.v1.Sandbox.DetailsEntry
+	(*durationpb.Duration)(nil),    // 96: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 97: google.protobuf.Timestamp
 }
 var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
-	93,  // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
+	96,  // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
 	2,   // 1: fireworks.v1.SandboxSpec.ports:type_name -> fireworks.v1.Port
 	1,   // 2: fireworks.v1.SandboxSpec.volumes:type_name -> fireworks.v1.VolumeMount
-	94,  // 3: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
+	97,  // 3: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
 	0,   // 4: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
-	94,  // 5: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	94,  // 6: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
-	94,  // 7: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
+	97,  // 5: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	97,  // 6: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
+	97,  // 7: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
 	4,   // 8: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
-	92,  // 9: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
+	95,  // 9: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
 	3,   // 10: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
 	9,   // 11: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
 	6,   // 12: fireworks.v1.Sandbox.migration:type_name -> fireworks.v1.Migration
 	6,   // 13: fireworks.v1.Sandbox.migrations:type_name -> fireworks.v1.Migration
-	94,  // 14: fireworks.v1.Migration.started:type_name -> google.protobuf.Timestamp
-	94,  // 15: fireworks.v1.Migration.ended:type_name -> google.protobuf.Timestamp
-	5,   // 16: fireworks.v1.MigrateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	6,   // 17: fireworks.v1.MigrateSandboxResponse.migration:type_name -> fireworks.v1.Migration
-	94,  // 18: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
-	5,   // 19: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	94,  // 20: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
-	12,  // 21: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
-	12,  // 22: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
-	5,   // 23: fireworks.v1.ForkSandboxResponse.forks:type_name -> fireworks.v1.Sandbox
-	5,   // 24: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	0,   // 25: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
-	5,   // 26: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	5,   // 27: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	5,   // 28: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
-	93,  // 29: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
-	5,   // 30: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	36,  // 31: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
-	33,  // 32: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
-	34,  // 33: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
-	35,  // 34: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
-	34,  // 35: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
-	41,  // 36: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
-	33,  // 37: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
-	34,  // 38: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
-	35,  // 39: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
-	3,   // 40: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	3,   // 41: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	94,  // 42: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
-	53,  // 43: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
-	50,  // 44: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
-	50,  // 45: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
-	94,  // 46: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
-	59,  // 47: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
-	58,  // 48: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
-	58,  // 49: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
-	58,  // 50: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
-	94,  // 51: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
-	66,  // 52: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
-	93,  // 53: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
-	66,  // 54: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
-	94,  // 55: fireworks.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
-	72,  // 56: fireworks.v1.Volume.shares:type_name -> fireworks.v1.VolumeShare
-	71,  // 57: fireworks.v1.ShareVolumeResponse.volume:type_name -> fireworks.v1.Volume
-	71,  // 58: fireworks.v1.CreateVolumeResponse.volume:type_name -> fireworks.v1.Volume
-	71,  // 59: fireworks.v1.ListVolumesResponse.volumes:type_name -> fireworks.v1.Volume
-	71,  // 60: fireworks.v1.GetVolumeResponse.volume:type_name -> fireworks.v1.Volume
-	94,  // 61: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
-	94,  // 62: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	93,  // 63: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	85,  // 64: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
-	85,  // 65: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
-	23,  // 66: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
-	25,  // 67: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
-	27,  // 68: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
-	29,  // 69: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
-	31,  // 70: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
-	10,  // 71: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
-	21,  // 72: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
-	7,   // 73: fireworks.v1.SandboxService.MigrateSandbox:input_type -> fireworks.v1.MigrateSandboxRequest
-	19,  // 74: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
-	13,  // 75: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
-	15,  // 76: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
-	17,  // 77: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
-	37,  // 78: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
-	39,  // 79: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
-	42,  // 80: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
-	44,  // 81: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
-	46,  // 82: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
-	48,  // 83: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
-	75,  // 84: fireworks.v1.VolumeService.CreateVolume:input_type -> fireworks.v1.CreateVolumeRequest
-	77,  // 85: fireworks.v1.VolumeService.ListVolumes:input_type -> fireworks.v1.ListVolumesRequest
-	79,  // 86: fireworks.v1.VolumeService.GetVolume:input_type -> fireworks.v1.GetVolumeRequest
-	81,  // 87: fireworks.v1.VolumeService.DeleteVolume:input_type -> fireworks.v1.DeleteVolumeRequest
-	73,  // 88: fireworks.v1.VolumeService.ShareVolume:input_type -> fireworks.v1.ShareVolumeRequest
-	51,  // 89: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
-	54,  // 90: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
-	56,  // 91: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
-	67,  // 92: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
-	69,  // 93: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
-	60,  // 94: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
-	62,  // 95: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
-	64,  // 96: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
-	83,  // 97: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
-	86,  // 98: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
-	88,  // 99: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
-	90,  // 100: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
-	24,  // 101: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
-	26,  // 102: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
-	28,  // 103: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
-	30,  // 104: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
-	32,  // 105: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
-	11,  // 106: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
-	22,  // 107: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
-	8,   // 108: fireworks.v1.SandboxService.MigrateSandbox:output_type -> fireworks.v1.MigrateSandboxResponse
-	20,  // 109: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
-	14,  // 110: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
-	16,  // 111: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
-	18,  // 112: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
-	38,  // 113: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
-	40,  // 114: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
-	43,  // 115: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
-	45,  // 116: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
-	47,  // 117: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
-	49,  // 118: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
-	76,  // 119: fireworks.v1.VolumeService.CreateVolume:output_type -> fireworks.v1.CreateVolumeResponse
-	78,  // 120: fireworks.v1.VolumeService.ListVolumes:output_type -> fireworks.v1.ListVolumesResponse
-	80,  // 121: fireworks.v1.VolumeService.GetVolume:output_type -> fireworks.v1.GetVolumeResponse
-	82,  // 122: fireworks.v1.VolumeService.DeleteVolume:output_type -> fireworks.v1.DeleteVolumeResponse
-	74,  // 123: fireworks.v1.VolumeService.ShareVolume:output_type -> fireworks.v1.ShareVolumeResponse
-	52,  // 124: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
-	55,  // 125: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
-	57,  // 126: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
-	68,  // 127: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
-	70,  // 128: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
-	61,  // 129: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
-	63,  // 130: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
-	65,  // 131: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
-	84,  // 132: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
-	87,  // 133: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
-	89,  // 134: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
-	91,  // 135: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
-	101, // [101:136] is the sub-list for method output_type
-	66,  // [66:101] is the sub-list for method input_type
-	66,  // [66:66] is the sub-list for extension type_name
-	66,  // [66:66] is the sub-list for extension extendee
-	0,   // [0:66] is the sub-list for field type_name
+	25,  // 14: fireworks.v1.Sandbox.group:type_name -> fireworks.v1.Group
+	97,  // 15: fireworks.v1.Migration.started:type_name -> google.protobuf.Timestamp
+	97,  // 16: fireworks.v1.Migration.ended:type_name -> google.protobuf.Timestamp
+	5,   // 17: fireworks.v1.MigrateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	6,   // 18: fireworks.v1.MigrateSandboxResponse.migration:type_name -> fireworks.v1.Migration
+	97,  // 19: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
+	5,   // 20: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	97,  // 21: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	12,  // 22: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
+	12,  // 23: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
+	5,   // 24: fireworks.v1.ForkSandboxResponse.forks:type_name -> fireworks.v1.Sandbox
+	5,   // 25: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	0,   // 26: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
+	24,  // 27: fireworks.v1.CreateSandboxRequest.sidecars:type_name -> fireworks.v1.Sidecar
+	0,   // 28: fireworks.v1.Sidecar.spec:type_name -> fireworks.v1.SandboxSpec
+	26,  // 29: fireworks.v1.Group.members:type_name -> fireworks.v1.GroupMember
+	5,   // 30: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	5,   // 31: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	5,   // 32: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
+	96,  // 33: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
+	5,   // 34: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	39,  // 35: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
+	36,  // 36: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
+	37,  // 37: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
+	38,  // 38: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
+	37,  // 39: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
+	44,  // 40: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
+	36,  // 41: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
+	37,  // 42: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
+	38,  // 43: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
+	3,   // 44: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	3,   // 45: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	97,  // 46: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
+	56,  // 47: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
+	53,  // 48: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
+	53,  // 49: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
+	97,  // 50: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
+	62,  // 51: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
+	61,  // 52: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
+	61,  // 53: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
+	61,  // 54: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
+	97,  // 55: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
+	69,  // 56: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
+	96,  // 57: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
+	69,  // 58: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
+	97,  // 59: fireworks.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	75,  // 60: fireworks.v1.Volume.shares:type_name -> fireworks.v1.VolumeShare
+	74,  // 61: fireworks.v1.ShareVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	74,  // 62: fireworks.v1.CreateVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	74,  // 63: fireworks.v1.ListVolumesResponse.volumes:type_name -> fireworks.v1.Volume
+	74,  // 64: fireworks.v1.GetVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	97,  // 65: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
+	97,  // 66: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	96,  // 67: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	88,  // 68: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
+	88,  // 69: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
+	23,  // 70: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
+	28,  // 71: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
+	30,  // 72: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
+	32,  // 73: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
+	34,  // 74: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
+	10,  // 75: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
+	21,  // 76: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
+	7,   // 77: fireworks.v1.SandboxService.MigrateSandbox:input_type -> fireworks.v1.MigrateSandboxRequest
+	19,  // 78: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
+	13,  // 79: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
+	15,  // 80: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
+	17,  // 81: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
+	40,  // 82: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
+	42,  // 83: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
+	45,  // 84: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
+	47,  // 85: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
+	49,  // 86: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
+	51,  // 87: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
+	78,  // 88: fireworks.v1.VolumeService.CreateVolume:input_type -> fireworks.v1.CreateVolumeRequest
+	80,  // 89: fireworks.v1.VolumeService.ListVolumes:input_type -> fireworks.v1.ListVolumesRequest
+	82,  // 90: fireworks.v1.VolumeService.GetVolume:input_type -> fireworks.v1.GetVolumeRequest
+	84,  // 91: fireworks.v1.VolumeService.DeleteVolume:input_type -> fireworks.v1.DeleteVolumeRequest
+	76,  // 92: fireworks.v1.VolumeService.ShareVolume:input_type -> fireworks.v1.ShareVolumeRequest
+	54,  // 93: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
+	57,  // 94: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
+	59,  // 95: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
+	70,  // 96: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
+	72,  // 97: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
+	63,  // 98: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
+	65,  // 99: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
+	67,  // 100: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
+	86,  // 101: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
+	89,  // 102: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
+	91,  // 103: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
+	93,  // 104: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
+	27,  // 105: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
+	29,  // 106: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
+	31,  // 107: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
+	33,  // 108: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
+	35,  // 109: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
+	11,  // 110: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
+	22,  // 111: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
+	8,   // 112: fireworks.v1.SandboxService.MigrateSandbox:output_type -> fireworks.v1.MigrateSandboxResponse
+	20,  // 113: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
+	14,  // 114: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
+	16,  // 115: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
+	18,  // 116: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
+	41,  // 117: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
+	43,  // 118: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
+	46,  // 119: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
+	48,  // 120: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
+	50,  // 121: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
+	52,  // 122: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
+	79,  // 123: fireworks.v1.VolumeService.CreateVolume:output_type -> fireworks.v1.CreateVolumeResponse
+	81,  // 124: fireworks.v1.VolumeService.ListVolumes:output_type -> fireworks.v1.ListVolumesResponse
+	83,  // 125: fireworks.v1.VolumeService.GetVolume:output_type -> fireworks.v1.GetVolumeResponse
+	85,  // 126: fireworks.v1.VolumeService.DeleteVolume:output_type -> fireworks.v1.DeleteVolumeResponse
+	77,  // 127: fireworks.v1.VolumeService.ShareVolume:output_type -> fireworks.v1.ShareVolumeResponse
+	55,  // 128: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
+	58,  // 129: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
+	60,  // 130: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
+	71,  // 131: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
+	73,  // 132: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
+	64,  // 133: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
+	66,  // 134: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
+	68,  // 135: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
+	87,  // 136: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
+	90,  // 137: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
+	92,  // 138: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
+	94,  // 139: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
+	105, // [105:140] is the sub-list for method output_type
+	70,  // [70:105] is the sub-list for method input_type
+	70,  // [70:70] is the sub-list for extension type_name
+	70,  // [70:70] is the sub-list for extension extendee
+	0,   // [0:70] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_fireworks_proto_init() }
@@ -6610,29 +6832,29 @@ func file_fireworks_v1_fireworks_proto_init() {
 	if File_fireworks_v1_fireworks_proto != nil {
 		return
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[37].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[40].OneofWrappers = []any{
 		(*AttachRequest_Start)(nil),
 		(*AttachRequest_Stdin)(nil),
 		(*AttachRequest_StdinClose)(nil),
 		(*AttachRequest_Resize)(nil),
 		(*AttachRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[38].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[41].OneofWrappers = []any{
 		(*AttachResponse_Output)(nil),
 		(*AttachResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[42].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[45].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinClose)(nil),
 		(*ExecRequest_Resize)(nil),
 		(*ExecRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[43].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[46].OneofWrappers = []any{
 		(*ExecResponse_Output)(nil),
 		(*ExecResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[52].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[55].OneofWrappers = []any{
 		(*PullImageResponse_Progress)(nil),
 		(*PullImageResponse_Image)(nil),
 	}
@@ -6642,7 +6864,7 @@ func file_fireworks_v1_fireworks_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_fireworks_proto_rawDesc), len(file_fireworks_v1_fireworks_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   93,
+			NumMessages:   96,
 			NumExtensions: 0,
 			NumServices:   5,
 		},
