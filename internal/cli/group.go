@@ -157,9 +157,9 @@ func shellWords(s string) ([]string, error) {
 
 // groupFile is `fireworks run -f FILE`: a sandbox and its sidecars.
 type groupFile struct {
-	Name     string          `json:"name"`
+	Name     string           `json:"name"`
 	Member   `json:",inline"` // the main
-	Sidecars []sidecarFile   `json:"sidecars"`
+	Sidecars []sidecarFile    `json:"sidecars"`
 }
 
 // Member is what a group file says of one member.
