@@ -3,6 +3,7 @@ package leader
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"strings"
@@ -689,5 +690,63 @@ func TestDrainLeavesVolumeSandboxes(t *testing.T) {
 	if got.Node != "n1" || got.Status != state.StatusRunning || got.Migration != nil || got.Restarts != 0 ||
 		!strings.Contains(got.Runtime["drain"], "it mounts volumes, whose data is on that node") {
 		t.Fatalf("the volume's sandbox on a draining node: %s on %q migration %v restarts %d details %v", got.Status, got.Node, got.Migration, got.Restarts, got.Runtime)
+	}
+}
+
+// group creates a pending group: main "g...0" with sidecars named after their restart
+// policies' order (s1, s2, ...), 128 MiB each.
+func (e *env) group(main string, policies ...state.RestartPolicy) []string {
+	e.t.Helper()
+	g := &state.Group{Main: main}
+	var members []state.Sandbox
+	ids := []string{main}
+	for i := 0; i <= len(policies); i++ {
+		id, name, pol := main, state.MainMemberName, state.RestartPolicy("")
+		if i > 0 {
+			id, name, pol = main[:15]+fmt.Sprint(i), fmt.Sprintf("s%d", i), policies[i-1]
+			ids = append(ids, id)
+		}
+		sb := state.Sandbox{ID: id, Spec: state.SandboxSpec{Image: "alpine", MemoryMiB: 128, Restart: pol, Group: g}, CreatedAt: e.clock.Now()}
+		g.Members = append(g.Members, state.GroupMember{Name: name, ID: id, Reserved: sb.Spec.Reserved()})
+		members = append(members, sb)
+	}
+	if err := e.store.CreateGroup(e.ctx, members, state.Quota{}, "", scheduler.Config{}); err != nil {
+		e.t.Fatal(err)
+	}
+	e.clock.Add(time.Millisecond)
+	return ids
+}
+
+// A group is placed by the pass as one unit; a sidecar restarted per its policy goes
+// back beside its main; one that ends for good stops the main, saying which and why.
+func TestGroupPlacementAndSidecarEnds(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 4, 300, nil)
+	e.node("n2", 4, 1000, nil)
+	ids := e.group("g000000000000000", state.RestartOnFailure, state.RestartNever)
+	e.pass()
+	for _, id := range ids {
+		if sb := e.get(id); sb.Node != "n2" {
+			t.Fatalf("member %s placed on %q, want all on n2 (n1 has room for two of three)", id, sb.Node)
+		}
+		e.run(id)
+	}
+	// s1 (on-failure) fails: restarted, and placed beside its main again.
+	e.report(ids[1], state.StatusExited, 1)
+	e.clock.Add(5 * time.Second)
+	e.pass()
+	if sb := e.get(ids[1]); sb.Status != state.StatusPending || sb.Node != "n2" {
+		t.Errorf("the restarted sidecar is %s on %q, want pending on n2", sb.Status, sb.Node)
+	}
+	if sb := e.get(ids[0]); !sb.StopRequestedAt.IsZero() {
+		t.Errorf("a sidecar that restarts stopped its group: %v", sb.Runtime)
+	}
+	// s2 (never) exits: the group is stopped, naming it.
+	e.report(ids[2], state.StatusExited, 4)
+	e.clock.Add(5 * time.Second)
+	e.pass()
+	main := e.get(ids[0])
+	if main.StopRequestedAt.IsZero() || !strings.Contains(main.Runtime["group"], `sidecar "s2"`) || !strings.Contains(main.Runtime["group"], "exit code 4") {
+		t.Errorf("after its never-restarting sidecar exited 4 the main has stop %v, details %v", main.StopRequestedAt, main.Runtime)
 	}
 }
