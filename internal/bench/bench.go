@@ -449,6 +449,11 @@ func measureVMs(ctx context.Context, cfg Config, api *apiClient, ref string, rep
 	if err != nil {
 		rep.fail(cfg.Log, "pause and resume", err)
 	}
+	groups, err := measureGroups(ctx, cfg, api, ref, accel)
+	rep.Series = append(rep.Series, groups...)
+	if err != nil {
+		rep.fail(cfg.Log, "groups", err)
+	}
 	vrows, err := measureVolumes(ctx, cfg, api, ref)
 	rep.Volumes = vrows
 	if err != nil {

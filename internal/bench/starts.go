@@ -38,11 +38,18 @@ func (c *apiClient) startOnce(ctx context.Context, ref string, cmd []string, boo
 
 // startSpecOnce is startOnce for any spec, within limit.
 func (c *apiClient) startSpecOnce(ctx context.Context, spec *pb.SandboxSpec, limit time.Duration) (sample, error) {
+	return c.startRequestOnce(ctx, &pb.CreateSandboxRequest{Spec: spec}, limit, nil)
+}
+
+// startRequestOnce is startSpecOnce for any create request (a group's); check, if set,
+// looks at the sandbox once it ended (before it is removed).
+func (c *apiClient) startRequestOnce(ctx context.Context, req *pb.CreateSandboxRequest, limit time.Duration, check func(*pb.Sandbox) error) (sample, error) {
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
+	spec := req.GetSpec()
 	ref, boot := spec.GetImage(), spec.GetBoot()
 	start := time.Now()
-	resp, err := c.sandboxes.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Spec: spec}))
+	resp, err := c.sandboxes.CreateSandbox(ctx, connect.NewRequest(req))
 	if err != nil {
 		return sample{}, fmt.Errorf("create sandbox of %s (boot %s): %w", ref, boot, err)
 	}
@@ -81,10 +88,19 @@ func (c *apiClient) startSpecOnce(ctx context.Context, spec *pb.SandboxSpec, lim
 	if s.first == 0 {
 		return sample{}, fmt.Errorf("sandbox %s (boot %s) printed nothing on stdout", id, boot)
 	}
-	if got, err := c.sandboxes.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Sandbox: id})); err == nil {
+	got, err := c.sandboxes.GetSandbox(ctx, connect.NewRequest(&pb.GetSandboxRequest{Sandbox: id}))
+	if err == nil {
 		d := got.Msg.GetSandbox().GetDetails()
 		s.how, s.phases = startedBy(d), parsePhases(d["start_phases"])
 		s.handoff = handoff(got.Msg.GetSandbox())
+	}
+	if check != nil {
+		if err != nil {
+			return sample{}, fmt.Errorf("inspect sandbox %s: %w", id, err)
+		}
+		if err := check(got.Msg.GetSandbox()); err != nil {
+			return sample{}, err
+		}
 	}
 	return s, nil
 }

@@ -424,7 +424,7 @@ func (a *Agent) commandStep(r *startRun) error {
 		// Its volumes are mounted (its sidecars ready) before the command starts:
 		// identity first, then exec.
 		err = guest.Identity(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Volumes: vols, Hosts: hosts})
-		r.ph.mark("identity+volumes")
+		r.ph.mark("identity")
 		if err == nil {
 			if err = waitGroup(); err != nil {
 				return err
