@@ -111,6 +111,19 @@ func TestGroupMainTalksToSidecarByName(t *testing.T) {
 			t.Errorf("a sandbox outside the group reached %s: exit %d %q", target, r.code, r.stdout)
 		}
 	}
+	// Pause and resume act on the whole group; the members reach each other after it
+	// (their addresses on the node changed, their names and group addresses did not).
+	fw(t, 0, "pause", db)
+	for _, id := range []string{main, db} {
+		if st := inspect(t, id)["status"]; st != "paused" {
+			t.Errorf("after pausing the group's sidecar, member %s is %v", id, st)
+		}
+	}
+	fw(t, 0, "resume", main)
+	waitStatus(t, db, "running")
+	if out := fw(t, 0, "exec", main, "--", "sh", "-c", get("db:5432")).stdout; !strings.Contains(out, "pong-from-db") {
+		t.Errorf("after the group's resume, the main's exec reaches db: %q", out)
+	}
 	// The main stopped: the sidecar follows.
 	fw(t, 0, "stop", main)
 	waitStatus(t, db, "exited")

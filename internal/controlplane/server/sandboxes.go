@@ -492,13 +492,48 @@ func (h *sandboxService) PauseSandbox(ctx context.Context, req *connect.Request[
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	if err := notForGroups(sb, "pause"); err != nil {
+	members, err := h.s.groupOf(ctx, sb)
+	if err != nil {
 		return nil, err
 	}
-	if sb, err = h.pause(ctx, sb, ""); err != nil {
-		return nil, err
+	// A group pauses whole, its main first (so that it stops talking to the others).
+	for _, m := range members {
+		if m.Status.Terminal() || m.Status == state.StatusPaused {
+			continue
+		}
+		pm, err := h.pause(ctx, m, "")
+		if err != nil {
+			return nil, err
+		}
+		if m.ID == sb.ID {
+			sb = pm
+		}
+	}
+	if sb, err = h.s.store.GetSandbox(ctx, sb.ID); err != nil {
+		return nil, toConnectError(err)
 	}
 	return connect.NewResponse(&pb.PauseSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
+}
+
+// groupOf is the members of sb's group as they are now, the main first; sb alone when it
+// is in no group. Members removed meanwhile are left out.
+func (s *Server) groupOf(ctx context.Context, sb state.Sandbox) ([]state.Sandbox, error) {
+	g := sb.Spec.Group
+	if g == nil || len(g.Members) < 2 {
+		return []state.Sandbox{sb}, nil
+	}
+	var out []state.Sandbox
+	for _, m := range g.Members {
+		got, err := s.store.GetSandbox(ctx, m.ID)
+		if errors.Is(err, state.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, toConnectError(err)
+		}
+		out = append(out, got)
+	}
+	return out, nil
 }
 
 // pause pauses sb (see PauseSandbox) and returns it paused; pauseFor names the call
@@ -561,6 +596,40 @@ func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request
 			return nil, err
 		}
 	}
+	if sb.Spec.Group != nil && len(sb.Spec.Group.Members) > 1 {
+		if node != "" {
+			return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("sandbox %s is in a group: a group resumes on the node holding its saved state, not on --node", sb.ID))
+		}
+		members, err := h.s.groupOf(ctx, sb)
+		if err != nil {
+			return nil, err
+		}
+		// A group resumes whole, on its node (never split: a member the node has no room
+		// for fails the resume), its sidecars first, so that its main finds them.
+		for i := len(members) - 1; i >= 0; i-- {
+			m := members[i]
+			if m.Status != state.StatusPaused || m.Saved == nil {
+				continue
+			}
+			if _, err := h.resumeOne(ctx, m, m.Saved.Node); err != nil {
+				return nil, err
+			}
+		}
+		if sb, err = h.s.store.GetSandbox(ctx, sb.ID); err != nil {
+			return nil, toConnectError(err)
+		}
+		return connect.NewResponse(&pb.ResumeSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
+	}
+	if sb, err = h.resumeOne(ctx, sb, node); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&pb.ResumeSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
+}
+
+// resumeOne resumes paused sb (on node, if given) and returns it once it runs; one that
+// is resuming already is waited for.
+func (h *sandboxService) resumeOne(ctx context.Context, sb state.Sandbox, node string) (state.Sandbox, error) {
+	var err error
 	if sb.Status == state.StatusPaused {
 		var sched scheduler.Config
 		if cp := h.s.cluster.ControlPlane; cp != nil {
@@ -569,7 +638,7 @@ func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request
 		}
 		resumed, err := h.s.store.ResumeSandbox(ctx, sb.ID, node, sched, h.s.now())
 		if err != nil {
-			return nil, toConnectError(err) // it names the sandbox
+			return sb, toConnectError(err) // it names the sandbox
 		}
 		sb = resumed
 	}
@@ -580,13 +649,13 @@ func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request
 			return sb.Status != state.StatusPending && sb.Status != state.StatusStarting
 		})
 		if err != nil {
-			return nil, toConnectError(fmt.Errorf("resume sandbox %s: %w", sb.ID, err))
+			return sb, toConnectError(fmt.Errorf("resume sandbox %s: %w", sb.ID, err))
 		}
 	}
 	if sb.Status != state.StatusRunning {
-		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("resume sandbox %s: it is %s: %s", sb.ID, sb.Status, h.s.textFor(ctx, sb, sb.Reason)))
+		return sb, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("resume sandbox %s: it is %s: %s", sb.ID, sb.Status, h.s.textFor(ctx, sb, sb.Reason)))
 	}
-	return connect.NewResponse(&pb.ResumeSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
+	return sb, nil
 }
 
 // nodeDetails are the runtime details that name the node's internals (its paths, the

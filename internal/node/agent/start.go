@@ -133,6 +133,11 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	s.mu.Lock()
 	s.guest, s.main, s.proc = r.h.guest, r.main, r.proc
 	s.mu.Unlock()
+	if sb.Spec.Group != nil {
+		// A resume or a fork has a new network: its group's members reach it at its new
+		// address (its guest knows them by their group addresses, which stay).
+		a.refreshGroup(sb.Spec.Group)
+	}
 	if err := writeAdoptRecord(s.dir, adoptRecord{Sandbox: sb, Proc: r.proc, Main: r.main.ID(), RootFS: r.rootFS}); err != nil {
 		a.log.Warn("cannot record what re-adoption needs; this sandbox will not survive an agent restart", "sandbox", sb.ID, "err", err)
 	}
