@@ -380,6 +380,18 @@ func (m *Manager) drain(ctx context.Context, now time.Time, nodes []state.Node, 
 			if sb.Node != n.ID || sb.Status.Terminal() || !sb.StopRequestedAt.IsZero() || sb.Saved != nil || sb.Migration != nil {
 				continue
 			}
+			if sb.Spec.Group != nil && len(sb.Spec.Group.Members) > 1 {
+				// Its group runs on one node: moving one member would split it, and a
+				// group is not moved as one yet.
+				note := fmt.Sprintf("stays on draining node %s: it is a member of a sandbox group, which runs on one node and which a drain does not move yet (stop the group's main to empty the node)", n.ID)
+				if sb.Runtime[drainDetail] != note {
+					if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Runtime: map[string]string{drainDetail: note}, Time: now}); err != nil {
+						errs = append(errs, err)
+					}
+					m.log.Warn("sandbox stays on a draining node: it is in a sandbox group", "sandbox", sb.ID, "node", n.ID)
+				}
+				continue
+			}
 			if sb.Status != state.StatusRunning || !sb.PauseRequestedAt.IsZero() {
 				errs = append(errs, m.replace(ctx, now, sb, "drained from node "+n.ID))
 				continue

@@ -750,3 +750,27 @@ func TestGroupPlacementAndSidecarEnds(t *testing.T) {
 		t.Errorf("after its never-restarting sidecar exited 4 the main has stop %v, details %v", main.StopRequestedAt, main.Runtime)
 	}
 }
+
+// A drain leaves a sandbox group where it is (moving one member would split it), saying
+// why on each member.
+func TestDrainLeavesGroups(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 8, 4096, nil)
+	ids := e.group("h000000000000000", state.RestartAlways)
+	e.pass()
+	for _, id := range ids {
+		e.run(id)
+	}
+	e.node("n2", 8, 4096, nil)
+	if _, err := e.store.UpdateNode(e.ctx, "n1", state.NodeUpdate{Draining: ptr(true), Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.pass()
+	e.pass()
+	for _, id := range ids {
+		got := e.get(id)
+		if got.Node != "n1" || got.Status != state.StatusRunning || got.Migration != nil || got.Restarts != 0 || !strings.Contains(got.Runtime["drain"], "sandbox group") {
+			t.Errorf("group member %s on a draining node: %s on %q migration %v details %v", id, got.Status, got.Node, got.Migration, got.Runtime)
+		}
+	}
+}
