@@ -26,8 +26,8 @@ func (h *sandboxService) MigrateSandbox(ctx context.Context, req *connect.Reques
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	if err := notForGroups(sb, "migrate"); err != nil {
-		return nil, err
+	if g := sb.Spec.Group; g != nil && len(g.Members) > 1 {
+		return h.migrateGroup(ctx, sb, req.Msg.GetTo())
 	}
 	if sb.Status == state.StatusPending {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is pending (not running on a node yet): nothing to migrate", sb.ID))
@@ -205,4 +205,102 @@ func invalidWhy(err error) string {
 		return why
 	}
 	return msg
+}
+
+// migrateGroup moves sb's whole sandbox group to one node, live, member by member: the
+// sidecars first, then the main (which then finds them where it arrives). The target
+// is chosen for the whole group (the main's request reserves all of it). While the
+// members are on two nodes they do not reach each other (the group's network is a
+// node's); if a member cannot move, the ones that moved are moved back, so that the
+// group is never left split.
+func (h *sandboxService) migrateGroup(ctx context.Context, sb state.Sandbox, to string) (*connect.Response[pb.MigrateSandboxResponse], error) {
+	members, err := h.s.groupOf(ctx, sb)
+	if err != nil {
+		return nil, err
+	}
+	main := members[0]
+	if main.ID != main.Spec.Group.Main {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the group of sandbox %s has no main any more", sb.ID))
+	}
+	var live []state.Sandbox
+	for _, m := range members {
+		if m, err = h.s.settled(ctx, m); err != nil {
+			return nil, toConnectError(err)
+		}
+		switch {
+		case m.Status.Terminal():
+			continue // a sidecar that ended (stopped by hand): nothing to move
+		case m.Status != state.StatusRunning || m.Migration != nil || !m.PauseRequestedAt.IsZero() || !m.StopRequestedAt.IsZero():
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s (%q of the group of %s) is %s: a group migrates when all of it runs",
+				m.ID, main.Spec.Group.MemberName(m.ID), main.ID, m.Status))
+		case m.Node != main.Node:
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the group of %s is on two nodes (%s on %s, its main on %s)", main.ID, m.ID, m.Node, main.Node))
+		}
+		live = append(live, m)
+	}
+	target, err := h.s.migrationTarget(main, to)
+	if err != nil {
+		return nil, err
+	}
+	from := main.Node
+	// Sidecars first, then the main.
+	order := append(append([]state.Sandbox(nil), live[1:]...), live[0])
+	var moved []state.Sandbox
+	var asked state.Migration
+	for _, m := range order {
+		one := m
+		// Each member's move is checked against the target for itself (the main's
+		// request would reserve its sidecars again, which are there by now).
+		one.Spec.Group = nil
+		mig, err := h.s.StartMigration(ctx, one, target.ID)
+		if err == nil {
+			var rec state.Migration
+			_, rec, err = h.s.waitMigration(ctx, m.ID, mig.ID)
+			if err == nil && rec.Outcome != state.MigrationMoved {
+				err = fmt.Errorf("%s", rec.Outcome)
+			}
+			if m.ID == sb.ID {
+				asked = rec
+			}
+		}
+		if err != nil {
+			back := h.s.moveBack(ctx, moved, from)
+			return nil, connect.NewError(connect.CodeAborted, fmt.Errorf("migrate the group of %s from node %s to node %s: member %q (%s): %v%s",
+				main.ID, from, target.ID, main.Spec.Group.MemberName(m.ID), m.ID, err, back))
+		}
+		moved = append(moved, m)
+	}
+	now, err := h.s.store.GetSandbox(ctx, sb.ID)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.MigrateSandboxResponse{Sandbox: h.s.view(ctx, now), Migration: migrationToPB(asked)}), nil
+}
+
+// moveBack migrates the group members that moved back to node from, after another
+// could not move, and says how that went (for the error).
+func (s *Server) moveBack(ctx context.Context, moved []state.Sandbox, from string) string {
+	if len(moved) == 0 {
+		return " (the group runs on where it was)"
+	}
+	var failed []string
+	for _, m := range moved {
+		cur, err := s.store.GetSandbox(ctx, m.ID)
+		if err == nil {
+			var mig state.Migration
+			if mig, err = s.StartMigration(ctx, cur, from); err == nil {
+				var rec state.Migration
+				if _, rec, err = s.waitMigration(ctx, m.ID, mig.ID); err == nil && rec.Outcome != state.MigrationMoved {
+					err = fmt.Errorf("%s", rec.Outcome)
+				}
+			}
+		}
+		if err != nil {
+			failed = append(failed, fmt.Sprintf("%s (%v)", m.ID, err))
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Sprintf("; moving back the members that had moved failed for %s: the group is split, migrate it again", strings.Join(failed, ", "))
+	}
+	return " (the members that had moved were moved back: the group runs on where it was)"
 }

@@ -130,13 +130,7 @@ func (a *Agent) probeSidecar(ctx context.Context, s *sandbox, sb state.Sandbox) 
 			}
 		}
 	}
-	s.mu.Lock()
-	select {
-	case <-s.groupReady:
-	default:
-		close(s.groupReady)
-	}
-	s.mu.Unlock()
+	s.markGroupReady()
 	note := "ready once started"
 	if p.TCPPort != 0 {
 		note = fmt.Sprintf("tcp:%d passed after %s", p.TCPPort, time.Since(t0).Round(time.Millisecond))
@@ -160,8 +154,11 @@ func (a *Agent) waitSidecars(ctx context.Context, main state.Sandbox) error {
 			s := a.live[m.ID]
 			a.mu.Unlock()
 			if s != nil {
+				s.mu.Lock()
+				ready := s.groupReady
+				s.mu.Unlock()
 				select {
-				case <-s.groupReady:
+				case <-ready: // nil (not made yet): never
 					continue
 				default:
 				}
@@ -207,4 +204,19 @@ func endReason(sb state.Sandbox) string {
 		return "exit code " + strconv.Itoa(sb.ExitCode)
 	}
 	return string(sb.Status) + ": " + sb.Reason
+}
+
+// markGroupReady says the sidecar is ready (once; a sandbox made without the channel
+// has nobody waiting on it).
+func (s *sandbox) markGroupReady() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.groupReady == nil {
+		s.groupReady = make(chan struct{})
+	}
+	select {
+	case <-s.groupReady:
+	default:
+		close(s.groupReady)
+	}
 }

@@ -246,7 +246,7 @@ func (a *Agent) MigrationBegin(ctx context.Context, peer, id, mid string, body i
 		in.vmName = "m-" + mid[:min(12, len(mid))]
 		dir = filepath.Join(a.runRoot(), in.vmName)
 	}
-	s := &sandbox{id: id, dir: dir, log: w, ready: make(chan struct{}), done: make(chan struct{}),
+	s := &sandbox{id: id, dir: dir, log: w, ready: make(chan struct{}), done: make(chan struct{}), groupReady: make(chan struct{}),
 		spec: next.Spec, restarts: next.Restarts, resumes: next.Resumes, node: a.cfg.Node, incoming: in, incomingMid: mid}
 	// The run lives until the migration's deadline if nothing comes (and on, once it
 	// committed).

@@ -167,12 +167,16 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 			}
 		}()
 	}
-	if sb.IsSidecar() {
+	switch {
+	case sb.IsSidecar() && r.saved == nil && r.migration == nil:
 		a.wg.Add(1)
 		go func() { // ends with the sandbox's run (r.ctx)
 			defer a.wg.Done()
 			a.probeSidecar(r.ctx, s, sb)
 		}()
+	case sb.IsSidecar():
+		// Resumed or moved: it was ready, and carries on where it was.
+		s.markGroupReady()
 	}
 	if r.restoredFrom != nil {
 		// Keep a VMM launched ahead for this template's next restore; asked for only now,
