@@ -6,11 +6,15 @@ BIN     := bin
 
 all: build
 
-build: $(BIN)/fireworks $(BIN)/fireworks-init
+build: $(BIN)/fireworks $(BIN)/fireworks-init $(BIN)/fireworks-volume-server
 
 # The guest init must be static: it runs as PID 1 in an initramfs with no libc.
 $(BIN)/fireworks-init: FORCE
 	CGO_ENABLED=0 $(GO) build $(GOFLAGS) -trimpath -ldflags='-s -w' -o $@ ./cmd/fireworks-init
+
+# The volume server must be static too: its jail holds none of the node's libraries.
+$(BIN)/fireworks-volume-server: FORCE
+	CGO_ENABLED=0 $(GO) build $(GOFLAGS) -trimpath -ldflags='-s -w' -o $@ ./cmd/fireworks-volume-server
 
 $(BIN)/fireworks: FORCE
 	$(GO) build $(GOFLAGS) -trimpath -o $@ ./cmd/fireworks

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -68,6 +69,13 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 				kind := "files"
 				if s.GetMemory() {
 					kind = fmt.Sprintf("memory (%d vCPU, %d MiB)", s.GetVcpus(), s.GetMemoryMib())
+				}
+				if sc := s.GetSidecars(); len(sc) > 0 {
+					names := make([]string, len(sc))
+					for i, n := range sc {
+						names[i] = printable(n)
+					}
+					kind += ", group + " + strings.Join(names, " ")
 				}
 				line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%.1f MiB\t%s", printable(s.GetName()), short(s.GetId()), printable(s.GetImage()), short(s.GetSandbox()),
 					kind, float64(s.GetBytes())/(1<<20), s.GetCreatedAt().AsTime().Local().Format(time.DateTime))

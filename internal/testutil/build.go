@@ -9,7 +9,8 @@ import (
 )
 
 // BuildBinaries builds bin/fireworks and the static guest init into dir, from the module
-// that contains this file, for end-to-end tests that drive the real programs.
+// that contains this file, for end-to-end tests that drive the real programs; the static
+// volume server goes beside them (where the agent looks for it).
 func BuildBinaries(dir string) (fireworks, initBin string, err error) {
 	_, self, _, _ := runtime.Caller(0)
 	modRoot := filepath.Join(filepath.Dir(self), "..", "..")
@@ -20,11 +21,13 @@ func BuildBinaries(dir string) (fireworks, initBin string, err error) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", "", fmt.Errorf("go build fireworks: %v: %s", err, out)
 	}
-	cmd = exec.Command("go", "build", "-trimpath", "-o", initBin, "./cmd/fireworks-init")
-	cmd.Dir = modRoot
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", "", fmt.Errorf("go build fireworks-init: %v: %s", err, out)
+	for _, static := range []struct{ out, pkg string }{{initBin, "./cmd/fireworks-init"}, {filepath.Join(dir, "fireworks-volume-server"), "./cmd/fireworks-volume-server"}} {
+		cmd = exec.Command("go", "build", "-trimpath", "-o", static.out, static.pkg)
+		cmd.Dir = modRoot
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return "", "", fmt.Errorf("go build %s: %v: %s", static.pkg, err, out)
+		}
 	}
 	return fireworks, initBin, nil
 }

@@ -124,6 +124,40 @@ func TestGroupMainTalksToSidecarByName(t *testing.T) {
 	if out := fw(t, 0, "exec", main, "--", "sh", "-c", get("db:5432")).stdout; !strings.Contains(out, "pong-from-db") {
 		t.Errorf("after the group's resume, the main's exec reaches db: %q", out)
 	}
+	// A snapshot of the group is a snapshot of each member; a start from it starts the
+	// whole group again: from its files (each sidecar's command runs again, on its
+	// files), or with memory (every member's processes carry on).
+	fw(t, 0, "snapshot", "create", main, "grp-files")
+	t.Cleanup(func() { world.cli(ctx, nil, "snapshot", "rm", "grp-files") })
+	if ls := fw(t, 0, "snapshot", "ls").stdout; !strings.Contains(ls, "group + db") || strings.Contains(ls, "grp-files/db") {
+		t.Errorf("snapshot ls shows the group's snapshot as:\n%s", ls)
+	}
+	if r := world.cli(ctx, nil, "snapshot", "rm", "grp-files/db"); r.code == 0 || !strings.Contains(r.stderr, "part of a group") {
+		t.Errorf("rm of a part of a group's snapshot: exit %d %q", r.code, r.stderr)
+	}
+	if r := world.cli(ctx, nil, "run", "--rm", "--snapshot", "grp-files", "--", "sh", "-c", get("db:5432")); r.code != 0 || !strings.Contains(r.stdout, "pong-from-db") {
+		t.Errorf("a group started from the group's snapshot: exit %d %q %q", r.code, r.stdout, r.stderr)
+	}
+	fw(t, 0, "snapshot", "create", "--memory", main, "grp-mem")
+	t.Cleanup(func() { world.cli(ctx, nil, "snapshot", "rm", "grp-mem") })
+	waitStatus(t, main, "running")
+	copyID := strings.TrimSpace(fw(t, 0, "run", "-d", "--snapshot", "grp-mem").stdout)
+	t.Cleanup(func() { world.cli(ctx, nil, "rm", "-f", copyID) })
+	waitStatus(t, copyID, "running")
+	copyDB := groupMembers(t, copyID)["db"]
+	if copyDB == "" || copyDB == db {
+		t.Fatalf("the copy's group: %v", groupMembers(t, copyID))
+	}
+	waitStatus(t, copyDB, "running")
+	eventually(t, "the copy's main reaching its own db", func() (bool, string) {
+		out := world.cli(ctx, nil, "exec", copyID, "--", "sh", "-c", get("db:5432")).stdout
+		return strings.Contains(out, "pong-from-db"), out
+	})
+	fw(t, 0, "rm", "-f", copyID)
+	fw(t, 0, "snapshot", "rm", "grp-mem", "grp-files")
+	if ls := fw(t, 0, "snapshot", "ls").stdout; strings.Contains(ls, "grp-") {
+		t.Errorf("after removing the group's snapshots, snapshot ls shows:\n%s", ls)
+	}
 	// The main stopped: the sidecar follows.
 	fw(t, 0, "stop", main)
 	waitStatus(t, db, "exited")

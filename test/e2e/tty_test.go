@@ -61,6 +61,28 @@ func (s *tmuxSession) waitScreen(want string, d time.Duration) string {
 	return ""
 }
 
+// waitPrompt waits until the guest shell shows its prompt ("$" ends the last line that is
+// not empty) and the screen has stayed so for a moment: it reads what is typed next.
+func (s *tmuxSession) waitPrompt() {
+	s.t.Helper()
+	last := func(scr string) string {
+		lines := strings.Split(strings.TrimRight(scr, "\n "), "\n")
+		return strings.TrimSpace(lines[len(lines)-1])
+	}
+	var scr string
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		scr = s.screen()
+		if !strings.HasSuffix(last(scr), "$") {
+			continue
+		}
+		time.Sleep(200 * time.Millisecond)
+		if again := s.screen(); again == scr {
+			return
+		}
+	}
+	s.t.Fatalf("the guest shell's prompt never came back; the terminal shows:\n%s", scr)
+}
+
 // ttyScript is typed into the guest's shell: each answer is marked so that the echo of
 // the typed line itself never matches.
 const ttyProbe = `echo "T""TY=$(tty) SIZE=$(stty size) ISATTY=$([ -t 0 ] && echo yes)"`
@@ -92,6 +114,7 @@ func TestTTYEndToEnd(t *testing.T) {
 			args := c.setup(t)
 			s := newTmux(t, 100, 30, fmt.Sprintf("%s %s; echo $? > %s; sleep 600", cli, args, exitFile))
 			s.waitScreen("~ $", 2*time.Minute) // busybox ash, as app in its home
+			s.waitPrompt()
 			s.keys(ttyProbe, "Enter")
 			// The output's "TTY=/dev/...", not the typed command's "ISATTY=": a screen
 			// caught while the command is echoed but not yet run has that too.
@@ -99,11 +122,15 @@ func TestTTYEndToEnd(t *testing.T) {
 			if !strings.Contains(scr, "TTY=/dev/pts/") || !strings.Contains(scr, "SIZE=30 100") || !strings.Contains(scr, "ISATTY=yes") {
 				t.Errorf("the guest does not see a 100x30 terminal:\n%s", scr)
 			}
-			s.keys("clear", "Enter")
+			// Each line is typed once the shell waits at its prompt: busybox's line editor
+			// drops what was typed ahead while a command ran (seen in CI: the head of a
+			// line gone).
+			s.waitPrompt()
 			s.tmux("resize-window", "-t", s.name, "-x", "120", "-y", "40")
 			// The new size reaches the guest asynchronously: ask until it is there.
 			var seen string
 			for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(300 * time.Millisecond) {
+				s.waitPrompt()
 				s.keys(`clear; stty size | sed 's/^/S''Z=/'`, "Enter")
 				time.Sleep(300 * time.Millisecond)
 				if seen = s.screen(); strings.Contains(seen, "SZ=40 120") {
@@ -114,16 +141,17 @@ func TestTTYEndToEnd(t *testing.T) {
 				t.Errorf("after resizing the window to 120x40 the guest says:\n%s", seen)
 			}
 			// Ctrl-C reaches the guest's foreground process: sleep dies of SIGINT, and the
-			// guest shell (and the CLI) go on in the same session.
-			s.keys("clear", "Enter")
-			// Waited for by its output, not its echo: the typed line may be echoed by the
-			// guest's terminal before the clear before it runs, which then wipes it.
-			s.keys(`echo "sle""eping"; sleep 1000`, "Enter")
+			// guest shell (and the CLI) go on in the same session. Waited for by its
+			// output, not its echo.
+			s.waitPrompt()
+			s.keys(`clear; echo "sle""eping"; sleep 1000`, "Enter")
 			s.waitScreen("sleeping", time.Minute)
 			time.Sleep(time.Second)
 			s.keys("C-c")
+			s.waitPrompt()
 			s.keys(`echo "after""-ctrl-c:$?"`, "Enter")
 			s.waitScreen("after-ctrl-c:130", time.Minute)
+			s.waitPrompt()
 			s.keys("exit 7", "Enter")
 			var code string
 			for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline) && code == ""; time.Sleep(200 * time.Millisecond) {

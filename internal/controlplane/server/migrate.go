@@ -69,7 +69,7 @@ func (s *Server) StartMigration(ctx context.Context, sb state.Sandbox, to string
 	case !sb.StopRequestedAt.IsZero():
 		return state.Migration{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s is being stopped: nothing to migrate", sb.ID))
 	}
-	node, err := s.migrationTarget(sb, to)
+	node, err := s.migrationTarget(sb, to, state.Resources{})
 	if err != nil {
 		return state.Migration{}, err
 	}
@@ -86,10 +86,10 @@ func (s *Server) StartMigration(ctx context.Context, sb state.Sandbox, to string
 	return m, nil
 }
 
-// migrationTarget is the node sb migrates to: to, if it can take it, or the
-// scheduler's choice among the nodes other than sb's; its own node if that is the one
-// asked for, or the only one.
-func (s *Server) migrationTarget(sb state.Sandbox, to string) (state.Node, error) {
+// migrationTarget is the node sb migrates to: to, if it can take it (with room for
+// extra too: a group's other members), or the scheduler's choice among the nodes other
+// than sb's; its own node if that is the one asked for, or the only one.
+func (s *Server) migrationTarget(sb state.Sandbox, to string, extra state.Resources) (state.Node, error) {
 	var cfg scheduler.Config
 	if cp := s.cluster.ControlPlane; cp != nil {
 		cfg = cp.Scheduling()
@@ -103,6 +103,9 @@ func (s *Server) migrationTarget(sb state.Sandbox, to string) (state.Node, error
 	if err != nil {
 		return state.Node{}, toConnectError(err)
 	}
+	req.Resources.VCPUs += extra.VCPUs
+	req.Resources.MemoryMiB += extra.MemoryMiB
+	req.Resources.DiskMiB += extra.DiskMiB
 	others := 0
 	for _, n := range nodes {
 		if n.ID != sb.Node {
@@ -238,7 +241,7 @@ func (h *sandboxService) migrateGroup(ctx context.Context, sb state.Sandbox, to 
 		}
 		live = append(live, m)
 	}
-	target, err := h.s.migrationTarget(main, to)
+	target, err := h.s.migrationTarget(main, to, state.GroupReserved(main))
 	if err != nil {
 		return nil, err
 	}
@@ -248,11 +251,8 @@ func (h *sandboxService) migrateGroup(ctx context.Context, sb state.Sandbox, to 
 	var moved []state.Sandbox
 	var asked state.Migration
 	for _, m := range order {
-		one := m
-		// Each member's move is checked against the target for itself (the main's
-		// request would reserve its sidecars again, which are there by now).
-		one.Spec.Group = nil
-		mig, err := h.s.StartMigration(ctx, one, target.ID)
+		// Each member's move is checked against the target for itself.
+		mig, err := h.s.StartMigration(ctx, m, target.ID)
 		if err == nil {
 			var rec state.Migration
 			_, rec, err = h.s.waitMigration(ctx, m.ID, mig.ID)

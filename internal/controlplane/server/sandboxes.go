@@ -41,7 +41,14 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 		ID: state.NewID(), Name: req.Msg.GetName(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID,
 		AccessToken: newAccessToken(), CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "accepted"}},
 	}
-	members, err := h.group(ctx, who, sb, req.Msg.GetSidecars())
+	sidecars := req.Msg.GetSidecars()
+	if ref := req.Msg.GetSpec().GetSnapshot(); ref != "" {
+		// A group's snapshot starts the whole group: its sidecars are the snapshot's.
+		if sidecars, err = h.s.snapshotSidecars(ctx, who, ref, sidecars); err != nil {
+			return nil, err
+		}
+	}
+	members, err := h.group(ctx, who, sb, sidecars)
 	if err != nil {
 		return nil, err
 	}
@@ -243,7 +250,7 @@ func (h *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request
 		// Its sidecars go with it (stopped with it: the main's end stopped them).
 		for _, gm := range sb.Spec.Group.Members[1:] {
 			sc, err := h.s.store.GetSandbox(ctx, gm.ID)
-			if errors.Is(err, state.ErrNotFound) {
+			if errors.Is(err, state.ErrNotFound) || err == nil && (sc.Owner != sb.Owner || sc.Spec.Group == nil || sc.Spec.Group.Main != sb.ID) {
 				continue
 			}
 			if err == nil {
@@ -530,6 +537,11 @@ func (s *Server) groupOf(ctx context.Context, sb state.Sandbox) ([]state.Sandbox
 		}
 		if err != nil {
 			return nil, toConnectError(err)
+		}
+		if got.Owner != sb.Owner || got.Spec.Group == nil || got.Spec.Group.Main != g.Main {
+			// Never acted on through sb (the state makes members of one owner; this
+			// keeps it so whatever a later path records).
+			return nil, connect.NewError(connect.CodeInternal, fmt.Errorf("sandbox %s names %s as a member of its group, which it is not", sb.ID, m.ID))
 		}
 		out = append(out, got)
 	}
@@ -958,11 +970,37 @@ func (s *Server) validateSpec(spec *state.SandboxSpec) error {
 	return nil
 }
 
-// notForGroups refuses what does not act on sandbox groups yet (pause, snapshot, fork,
-// migrate): acting on one member would leave the others behind.
+// notForGroups refuses what does not act on sandbox groups yet (a fork): acting on one
+// member would leave the others behind.
 func notForGroups(sb state.Sandbox, what string) error {
 	if sb.Spec.Group == nil || len(sb.Spec.Group.Members) < 2 {
 		return nil
 	}
 	return connect.NewError(connect.CodeUnimplemented, fmt.Errorf("sandbox %s is a member of a sandbox group (main %s): %s does not act on sandbox groups yet", sb.ID, sb.Spec.Group.Main, what))
+}
+
+// snapshotSidecars are the sidecars a start from snapshot ref has: those of the group it
+// was taken of, each from its own part of the snapshot (none for a lone sandbox's
+// snapshot, whose sidecars are the ones asked for).
+func (s *Server) snapshotSidecars(ctx context.Context, who auth.Identity, ref string, asked []*pb.Sidecar) ([]*pb.Sidecar, error) {
+	snap, err := s.store.GetSnapshot(ctx, ref, who.TokenID, who.Admin())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if len(snap.Members) == 0 {
+		return asked, nil
+	}
+	if len(asked) > 0 {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("snapshot %s is a sandbox group's: it starts with the group's sidecars (give no --sidecar)", snap.Name))
+	}
+	var out []*pb.Sidecar
+	for _, m := range snap.Members {
+		spec := &pb.SandboxSpec{}
+		if m.Spec != nil {
+			spec = sandboxToPB(state.Sandbox{Spec: *m.Spec}).GetSpec()
+		}
+		spec.Snapshot, spec.Restart = m.Snapshot, string(m.Restart)
+		out = append(out, &pb.Sidecar{Name: m.Name, Ready: m.Ready, Spec: spec})
+	}
+	return out, nil
 }

@@ -3,7 +3,9 @@ package server
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -38,8 +40,8 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	if err := notForGroups(sb, "snapshot"); err != nil {
-		return nil, err
+	if g := sb.Spec.Group; g != nil && len(g.Members) > 1 {
+		return h.snapshotGroup(ctx, who, sb, name, memory)
 	}
 	var need int64
 	if memory {
@@ -98,16 +100,28 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 		}
 		defer resume()
 	}
+	snap, err := h.takeSnapshot(ctx, sb, state.Snapshot{ID: state.NewID(), Name: name, Owner: who.TokenID}, memory, max)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&pb.CreateSnapshotResponse{Snapshot: snapshotView(who, snap)}), nil
+}
+
+// takeSnapshot has sb's node copy its files (with memory: its saved state, sb paused)
+// into snapshot rec (its ID, name, owner, and group parts set) and records it within the
+// owner's bound max. What the node kept goes again if it cannot be recorded.
+func (h *sandboxService) takeSnapshot(ctx context.Context, sb state.Sandbox, rec state.Snapshot, memory bool, max int) (state.Snapshot, error) {
 	var c *nodeConn
+	var err error
 	if memory {
 		c, err = h.s.node(ctx, sb.Saved.Node)
 	} else {
 		c, err = h.s.nodeFor(ctx, sb)
 	}
 	if err != nil {
-		return nil, toConnectError(err)
+		return rec, toConnectError(err)
 	}
-	id := state.NewID()
+	id := rec.ID
 	cctx, cancel := context.WithTimeout(ctx, snapshotCallTimeout)
 	defer cancel()
 	r, err := c.sandboxes.CreateSnapshot(cctx, connect.NewRequest(&pb.CreateSnapshotRequest{Sandbox: sb.ID, SnapshotId: id, Memory: memory}))
@@ -116,14 +130,15 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 		dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), nodeCallTimeout)
 		_, _ = c.sandboxes.DeleteSnapshot(dctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: id}))
 		dcancel()
-		return nil, h.s.userError(ctx, sb, nodeError(c, "snapshot sandbox "+sb.ID, err))
+		return rec, h.s.userError(ctx, sb, nodeError(c, "snapshot sandbox "+sb.ID, err))
 	}
-	rec := state.Snapshot{ID: id, Name: name, Owner: who.TokenID, Node: c.name, Sandbox: sb.ID,
-		Image: sb.Spec.Image, ImageDigest: r.Msg.GetSnapshot().GetImageDigest(), Bytes: r.Msg.GetSnapshot().GetBytes(), CreatedAt: h.s.now()}
+	rec.Node, rec.Sandbox, rec.Image, rec.ImageDigest, rec.Bytes, rec.CreatedAt = c.name, sb.ID, sb.Spec.Image,
+		r.Msg.GetSnapshot().GetImageDigest(), r.Msg.GetSnapshot().GetBytes(), h.s.now()
 	if memory {
 		spec := sb.Spec
 		spec.Snapshot, spec.SnapshotNode, spec.ForkOf, spec.ForkNode, spec.ForkAddress = "", "", "", "", ""
 		spec.VCPUs, spec.MemoryMiB = spec.Reserved().VCPUs, spec.Reserved().MemoryMiB
+		spec.Group, spec.Ready = nil, "" // a start from it makes a group of its own
 		rec.MemorySpec = &spec
 	}
 	snap, err := h.s.store.PutSnapshot(ctx, rec, max)
@@ -133,9 +148,125 @@ func (h *sandboxService) CreateSnapshot(ctx context.Context, req *connect.Reques
 		dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), nodeCallTimeout)
 		_, _ = c.sandboxes.DeleteSnapshot(dctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: id}))
 		dcancel()
-		return nil, toConnectError(err)
+		return rec, toConnectError(err)
+	}
+	return snap, nil
+}
+
+// snapshotGroup snapshots sb's whole sandbox group under name: a snapshot of each
+// member's (its sidecars' first, as parts named "<name>/<sidecar>"), then the main's,
+// which lists them. With memory, the whole group is paused for the saves (the main
+// first) and resumed after the copies, so that the members' saved states are of one
+// moment. A sidecar that has ended is left out. If any part fails, the parts taken go.
+func (h *sandboxService) snapshotGroup(ctx context.Context, who auth.Identity, sb state.Sandbox, name string, memory bool) (*connect.Response[pb.CreateSnapshotResponse], error) {
+	members, err := h.s.groupOf(ctx, sb)
+	if err != nil {
+		return nil, err
+	}
+	main := members[0]
+	if main.ID != main.Spec.Group.Main || main.Status.Terminal() {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the group of sandbox %s has ended: snapshot its members one by one", sb.ID))
+	}
+	if _, err := h.s.store.GetSnapshot(ctx, name, who.TokenID, false); err == nil {
+		return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("snapshot %q exists already", name))
+	}
+	var live []state.Sandbox
+	var need int64
+	for _, m := range members {
+		if m, err = h.s.settled(ctx, m); err != nil {
+			return nil, toConnectError(err)
+		}
+		switch {
+		case m.Status.Terminal() && m.ID != main.ID:
+			continue
+		case memory && m.Status == state.StatusPaused && m.Saved != nil:
+		case m.Status != state.StatusRunning || m.Node == "":
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s (%q of the group of %s) is %s: a group's snapshot is taken while all of it runs",
+				m.ID, main.Spec.Group.MemberName(m.ID), main.ID, m.Status))
+		}
+		if memory {
+			need += int64(m.Spec.Reserved().MemoryMiB) << 20
+		}
+		live = append(live, m)
+	}
+	release, err := h.s.savedRoom(ctx, who, need)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	max := state.MaxSnapshotsPerOwner
+	if who.Admin() {
+		max = 0
+	}
+	if memory {
+		var resumes []func()
+		defer func() {
+			for _, r := range resumes {
+				r()
+			}
+		}()
+		for i, m := range live {
+			got, resume, err := h.pauseForSave(ctx, m, "snapshot "+name)
+			if err != nil {
+				return nil, err
+			}
+			live[i] = got
+			resumes = append(resumes, resume)
+		}
+	}
+	groupID := state.NewID()
+	var parts []state.Snapshot
+	undo := func() {
+		dctx := context.WithoutCancel(ctx)
+		for _, p := range parts {
+			if err := h.dropSnapshot(dctx, p); err != nil {
+				h.s.log.Warn("remove a part of a group snapshot that failed", "snapshot", p.Name, "err", err)
+			}
+		}
+	}
+	var memberRecs []state.SnapshotMember
+	for _, m := range live[1:] {
+		mname := main.Spec.Group.MemberName(m.ID)
+		p, err := h.takeSnapshot(ctx, m, state.Snapshot{ID: state.NewID(), Name: name + "/" + mname, Owner: who.TokenID, PartOf: groupID}, memory, max)
+		if err != nil {
+			undo()
+			return nil, fmt.Errorf("snapshot sidecar %q of the group: %w", mname, err)
+		}
+		parts = append(parts, p)
+		rec := state.SnapshotMember{Name: mname, Snapshot: p.ID, Ready: m.Spec.Ready, Restart: m.Spec.Restart}
+		if !memory {
+			spec := m.Spec
+			spec.Snapshot, spec.SnapshotNode, spec.ForkOf, spec.ForkNode, spec.ForkAddress, spec.Group, spec.Ready = "", "", "", "", "", nil, ""
+			rec.Spec = &spec
+		}
+		memberRecs = append(memberRecs, rec)
+	}
+	snap, err := h.takeSnapshot(ctx, live[0], state.Snapshot{ID: groupID, Name: name, Owner: who.TokenID, Members: memberRecs}, memory, max)
+	if err != nil {
+		undo()
+		return nil, err
 	}
 	return connect.NewResponse(&pb.CreateSnapshotResponse{Snapshot: snapshotView(who, snap)}), nil
+}
+
+// dropSnapshot removes snapshot snap: its node's files, then its record.
+func (h *sandboxService) dropSnapshot(ctx context.Context, snap state.Snapshot) error {
+	if snap.Lost == "" {
+		c, err := h.s.node(ctx, snap.Node)
+		if err != nil {
+			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("remove snapshot %s on node %s: %w", snap.Name, snap.Node, err))
+		}
+		dctx, cancel := context.WithTimeout(ctx, nodeCallTimeout)
+		_, err = c.sandboxes.DeleteSnapshot(dctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: snap.ID}))
+		cancel()
+		if err != nil {
+			return nodeError(c, "remove snapshot "+snap.Name, err)
+		}
+	}
+	if err := h.s.store.DeleteSnapshot(ctx, snap.ID); err != nil {
+		return toConnectError(err)
+	}
+	return nil
 }
 
 // ListSnapshots lists the caller's snapshots (an admin's: every token's).
@@ -150,7 +281,7 @@ func (h *sandboxService) ListSnapshots(ctx context.Context, _ *connect.Request[p
 	}
 	resp := &pb.ListSnapshotsResponse{}
 	for _, s := range all {
-		if who.CanAccess(s.Owner) {
+		if who.CanAccess(s.Owner) && s.PartOf == "" {
 			resp.Snapshots = append(resp.Snapshots, snapshotView(who, s))
 		}
 	}
@@ -167,30 +298,35 @@ func (h *sandboxService) DeleteSnapshot(ctx context.Context, req *connect.Reques
 	if err != nil {
 		return nil, toConnectError(err)
 	}
+	if snap.PartOf != "" {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("snapshot %s is a part of a group's snapshot (%s): remove that one", snap.Name, snap.PartOf))
+	}
 	// A sandbox whose start (or restart) reads it keeps it; one that runs from it
 	// already does not need it.
+	ids := append([]string{snap.ID}, snap.Parts()...)
 	for _, sb := range h.s.store.LocalSandboxes() {
-		if sb.Spec.Snapshot != snap.ID || sb.Status.Terminal() {
+		if !slices.Contains(ids, sb.Spec.Snapshot) || sb.Status.Terminal() {
 			continue
 		}
 		if sb.Status == state.StatusPending || sb.Status == state.StatusStarting || sb.Spec.Restart != "" && sb.Spec.Restart != state.RestartNever {
 			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("snapshot %s is needed by sandbox %s, which starts from it (still starting, or again at each --restart): remove that sandbox first", snap.Name, sb.ID))
 		}
 	}
-	if snap.Lost == "" {
-		c, err := h.s.node(ctx, snap.Node)
-		if err != nil {
-			return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("remove snapshot %s on node %s: %w", snap.Name, snap.Node, err))
+	// A group's parts first: the group's record names them until it goes.
+	for _, pid := range snap.Parts() {
+		p, err := h.s.store.GetSnapshot(ctx, pid, "", true)
+		if errors.Is(err, state.ErrNotFound) {
+			continue
 		}
-		dctx, cancel := context.WithTimeout(ctx, nodeCallTimeout)
-		_, err = c.sandboxes.DeleteSnapshot(dctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: snap.ID}))
-		cancel()
+		if err == nil {
+			err = h.dropSnapshot(ctx, p)
+		}
 		if err != nil {
-			return nil, nodeError(c, "remove snapshot "+snap.Name, err)
+			return nil, err
 		}
 	}
-	if err := h.s.store.DeleteSnapshot(ctx, snap.ID); err != nil {
-		return nil, toConnectError(err)
+	if err := h.dropSnapshot(ctx, snap); err != nil {
+		return nil, err
 	}
 	return connect.NewResponse(&pb.DeleteSnapshotResponse{}), nil
 }
@@ -242,6 +378,9 @@ func withMemorySpec(spec *state.SandboxSpec, snap state.Snapshot) error {
 	}
 	own := *spec
 	*spec = src
+	// Its group (if it was a member of one) is not the new sandbox's: a group's
+	// snapshot makes a group of its own (CreateSandbox).
+	spec.Group, spec.Ready = nil, ""
 	spec.Timeout, spec.Restart, spec.Constraints, spec.Spread, spec.Boot = own.Timeout, own.Restart, own.Constraints, own.Spread, own.Boot
 	if own.Policy != "" {
 		spec.Policy = own.Policy
@@ -260,6 +399,9 @@ func snapshotView(who auth.Identity, s state.Snapshot) *pb.Snapshot {
 		Bytes: s.Bytes, CreatedAt: ts(s.CreatedAt), Lost: s.Lost, Memory: s.MemorySpec != nil}
 	if m := s.MemorySpec; m != nil {
 		out.Vcpus, out.MemoryMib = int32(m.VCPUs), int32(m.MemoryMiB)
+	}
+	for _, m := range s.Members {
+		out.Sidecars = append(out.Sidecars, m.Name)
 	}
 	if who.Admin() {
 		out.Node = s.Node

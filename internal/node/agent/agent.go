@@ -24,6 +24,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
@@ -40,6 +42,10 @@ type Config struct {
 	DataDir    string
 	Node       string
 	InitBinary string
+	// VolumeServer is the static volume server binary (fireworks-volume-server); ""
+	// looks for it in $FIREWORKS_VOLUME_SERVER, then beside this executable. Without one
+	// the node runs no sandbox that mounts volumes (it says why).
+	VolumeServer string
 	// Accel forces "kvm" or "tcg"; empty means detect.
 	Accel string
 	// Limits on one sandbox; zero means derived from the host.
@@ -273,6 +279,13 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 		return nil, err
 	}
 	m.volumeCgroup = volumeCgroupFor(cfg.DataDir)
+	if src := findVolumeServer(cfg.VolumeServer); src == "" {
+		m.volumeServerErr = errors.New("this node has no volume server binary (fireworks-volume-server: `make build` puts it beside fireworks; or set FIREWORKS_VOLUME_SERVER)")
+		a.log.Warn("no volume server binary: sandboxes that mount volumes cannot start here", "looked_for", "fireworks-volume-server beside "+os.Args[0])
+	} else if m.volumeServerBin, err = volume.InstallServer(src, filepath.Join(cfg.DataDir, "volume-server")); err != nil {
+		m.volumeServerErr = err
+		a.log.Warn("volume server binary unusable: sandboxes that mount volumes cannot start here", "err", err)
+	}
 	if m.kernel, m.initrd, err = cfg.Assets(ctx, a.assetDir()); err != nil {
 		return nil, err
 	}
@@ -669,7 +682,30 @@ func (a *Agent) Close() error {
 	a.slots.drop("")
 	a.net.Close()
 	a.unmountVolumes()
+	if a.vms.volumeServerBin != "" {
+		// Running servers keep their copy (their jails' binds hold it).
+		_ = unix.Unmount(filepath.Dir(a.vms.volumeServerBin), unix.MNT_DETACH)
+	}
 	return nil
+}
+
+// findVolumeServer is the volume server binary: given, $FIREWORKS_VOLUME_SERVER, or beside
+// this executable ("" if none).
+func findVolumeServer(given string) string {
+	for _, p := range []string{given, os.Getenv("FIREWORKS_VOLUME_SERVER")} {
+		if p != "" {
+			return p
+		}
+	}
+	if exe, err := os.Executable(); err == nil {
+		if exe, err = filepath.EvalSymlinks(exe); err == nil {
+			p := filepath.Join(filepath.Dir(exe), volume.ServerName)
+			if _, err := os.Stat(p); err == nil {
+				return p
+			}
+		}
+	}
+	return ""
 }
 
 // sandbox is the live, in-memory side of a sandbox on this node.

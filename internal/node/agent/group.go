@@ -101,6 +101,10 @@ func (a *Agent) probeSidecar(ctx context.Context, s *sandbox, sb state.Sandbox) 
 		return
 	}
 	t0 := time.Now()
+	// Bounded like the main's wait: a check that never passes stops being tried (a
+	// sidecar restarted beside a running main would otherwise be probed for its life).
+	ctx, cancel := context.WithTimeout(ctx, sidecarReadyTimeout)
+	defer cancel()
 	if p.TCPPort != 0 {
 		s.mu.Lock()
 		n := s.net
@@ -125,6 +129,9 @@ func (a *Agent) probeSidecar(ctx context.Context, s *sandbox, sb state.Sandbox) 
 			}
 			select {
 			case <-ctx.Done():
+				if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+					a.log.Warn("sidecar never ready; no longer checked", "sandbox", sb.ID, "check", sb.Spec.Ready, "err", err)
+				}
 				return
 			case <-time.After(probeEvery):
 			}

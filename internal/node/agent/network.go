@@ -78,21 +78,23 @@ func (n *sbNet) SetPeers(peers []Peer) error {
 	if n.removed {
 		return nil // going: nothing to reach
 	}
-	var routes []network.GroupRoute
-	for _, p := range peers {
-		routes = append(routes, network.GroupRoute{Group: p.Group, Addr: p.Addr})
-	}
-	if err := network.SetGroupRoutes(context.Background(), n.ns, routes); err != nil {
-		return err
-	}
+	// The policy first: a peer that went must stop being let through even if the
+	// routes cannot be changed (its address may go to another sandbox).
 	n.m.mu.Lock()
 	n.peers = append([]Peer(nil), peers...)
 	pol, closed := n.pol, n.closed
 	n.m.mu.Unlock()
-	if closed || n.enf == nil {
-		return nil
+	var perr error
+	if !closed && n.enf != nil {
+		perr = n.applyLocked(pol)
 	}
-	return n.applyLocked(pol)
+	var routes []network.GroupRoute
+	for _, p := range peers {
+		routes = append(routes, network.GroupRoute{Group: p.Group, Addr: p.Addr})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return errors.Join(perr, network.SetGroupRoutes(ctx, n.ns, routes))
 }
 
 func peerAddrs(peers []Peer) []netip.Addr {

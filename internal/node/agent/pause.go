@@ -420,12 +420,17 @@ func (a *Agent) forkIdentityStep(r *startRun) error {
 	ctx, cancel := context.WithTimeout(r.ctx, 30*time.Second)
 	defer cancel()
 	hostname := r.sb.Name
+	if n := groupHostname(r.sb); n != "" {
+		hostname = n
+	}
 	if hostname == "" || len(hostname) > 63 {
 		hostname = r.sb.ID[:12]
 	}
 	g := r.h.guest
+	// A group member (started from a group's snapshot with memory) learns its group
+	// again: the members are the new group's.
 	if err := g.Identity(ctx, proto.Identity{Hostname: hostname, Env: []string{"FIREWORKS_SANDBOX_ID=" + r.sb.ID},
-		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy()}); err != nil {
+		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Hosts: groupHosts(r.sb.Spec.Group, r.sb.ID)}); err != nil {
 		return fmt.Errorf("give the fork its identity: %v", err)
 	}
 	return r.reattach(ctx, "of the fork", "identity+reattach")

@@ -40,7 +40,11 @@ type vms struct {
 	volumes     *volume.Store // the node's volumes' data
 	// volumeCgroup names the directory of this agent's volume servers' cgroups.
 	volumeCgroup string
-	log          *slog.Logger
+	// volumeServerBin is the agent's copy of the volume server binary (InstallServer);
+	// volumeServerErr why there is none.
+	volumeServerBin string
+	volumeServerErr error
+	log             *slog.Logger
 }
 
 // vmInput is one VM to start for a sandbox or a warm pool.
@@ -327,6 +331,14 @@ func (a *Agent) ownVM(s *sandbox, h *vmHandle, cleanup *cleanupStack) {
 			if s.kept() {
 				return nil // the VM was left running for adoption and still uses it
 			}
+			// Its group's members stop reaching its address before the address can go
+			// to another sandbox.
+			s.mu.Lock()
+			if s.net == h.net {
+				s.net = nil
+			}
+			s.mu.Unlock()
+			a.refreshGroup(s.spec.Group)
 			return h.net.Remove()
 		})
 	}

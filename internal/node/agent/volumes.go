@@ -171,8 +171,11 @@ func (m *vms) volumeServer(ctx context.Context, dir, nsPath string, mounts []sta
 	if m.volumes == nil {
 		return nil, errors.New("this node keeps no volumes")
 	}
+	if m.volumeServerErr != nil {
+		return nil, m.volumeServerErr
+	}
 	spec := volume.ServerSpec{Root: filepath.Join(dir, volumeJailRoot), UID: volumeServerUID, GID: volumeServerUID, NLMPort: lockPort,
-		Peer: network.GuestAddr.String()}
+		Peer: network.GuestAddr.String(), Binary: m.volumeServerBin}
 	for _, mt := range mounts {
 		if err := m.volumes.Mount(ctx, mt.Volume); err != nil {
 			return nil, fmt.Errorf("volume %s: %w", mt.Volume, err)

@@ -33,6 +33,8 @@ type ServerSpec struct {
 	GID int `json:"-"`
 	// Cgroups are the server's cgroups (made, limits set), joined before it runs.
 	Cgroups []string `json:"-"`
+	// Binary is the server's program: InstallServer's copy of fireworks-volume-server.
+	Binary string `json:"-"`
 	// Exports are served on the listeners given to ServerCommand, in order; after them
 	// come the portmapper's listener and the lock manager's, on NLMPort.
 	Exports []Export `json:"exports"`
@@ -52,33 +54,34 @@ const maxConnsPerExport = 8
 
 // serverCaps are what the server keeps of root's powers: to reach and change every file
 // of its volumes whoever owns it (guests chown), to open files by handle, nothing else.
+// Opening by handle reaches any file of the filesystem of any mount the process can
+// name, so the jail holds nothing of the node's filesystems: its program is a static
+// binary on a filesystem of its own (ServerBinary), and its volumes are whole
+// filesystems (each volume's own ext4).
 var serverCaps = []uintptr{unix.CAP_CHOWN, unix.CAP_DAC_OVERRIDE, unix.CAP_DAC_READ_SEARCH, unix.CAP_FOWNER, unix.CAP_FSETID}
 
 // ServerCommand returns the command that serves spec's exports, export i on listeners[i],
 // the portmapper on the next and the lock manager on the last (TCP listeners the caller
-// made in the sandbox's network namespace). The server runs as
-// this binary, jailed (package jail): as spec's user with only serverCaps, in a mount
-// namespace that holds the system's read-only directories and the volumes it serves
-// (read-only ones bound read-only), in a network namespace with nothing in it (it
-// answers on the listeners it was given and can reach nothing), in a PID namespace of
-// its own. A guest that found a way to run code in it would hold that and no more.
-// Start it like any exec.Cmd; it serves until killed.
+// made in the sandbox's network namespace). The server is spec.Binary (the static
+// fireworks-volume-server, on a filesystem of its own: see InstallServer), jailed
+// (package jail): as spec's user with only serverCaps, in a mount namespace that holds
+// its binary and the volumes it serves (read-only ones bound read-only) and nothing of
+// the node's filesystems, in a network namespace with nothing in it (it answers on the
+// listeners it was given and can reach nothing), in a PID namespace of its own. A guest
+// that found a way to run code in it would hold that and no more. Start it like any
+// exec.Cmd; it serves until killed.
 func ServerCommand(spec ServerSpec, listeners []*os.File) (*exec.Cmd, error) {
 	if len(spec.Exports) == 0 || len(spec.Exports)+2 != len(listeners) || spec.NLMPort == 0 {
 		return nil, fmt.Errorf("volume server: %d exports and %d listeners (want one each, the portmapper's and the lock manager's on a port)", len(spec.Exports), len(listeners))
 	}
-	self, err := os.Executable()
-	if err != nil {
-		return nil, fmt.Errorf("volume server: find this executable: %w", err)
-	}
-	if self, err = filepath.EvalSymlinks(self); err != nil {
-		return nil, fmt.Errorf("volume server: %w", err)
+	if spec.Binary == "" {
+		return nil, errors.New("volume server: no server binary (fireworks-volume-server, built beside fireworks by `make build`)")
 	}
 	b, err := json.Marshal(spec)
 	if err != nil {
 		return nil, err
 	}
-	mounts := []jail.Mount{{Path: self}}
+	mounts := []jail.Mount{{Path: spec.Binary}}
 	for _, e := range spec.Exports {
 		if !filepath.IsAbs(e.Dir) {
 			return nil, fmt.Errorf("volume server: export %q is not an absolute path", e.Dir)
@@ -86,7 +89,7 @@ func ServerCommand(spec ServerSpec, listeners []*os.File) (*exec.Cmd, error) {
 		mounts = append(mounts, jail.Mount{Path: e.Dir, Writable: !e.ReadOnly})
 	}
 	cmd, err := jail.Command(jail.Spec{Root: spec.Root, UID: spec.UID, GID: spec.GID, Mounts: mounts,
-		Caps: serverCaps, Proc: true, NoDevices: true, Cgroups: spec.Cgroups, Dir: "/", Path: self, Args: []string{ServerName, string(b)}})
+		Caps: serverCaps, Proc: true, NoDevices: true, NoSystem: true, Cgroups: spec.Cgroups, Dir: "/", Path: spec.Binary, Args: []string{ServerName, string(b)}})
 	if err != nil {
 		return nil, err
 	}
@@ -94,15 +97,17 @@ func ServerCommand(spec ServerSpec, listeners []*os.File) (*exec.Cmd, error) {
 	return cmd, nil
 }
 
-func init() {
-	// The jailed server is the first process of its PID namespace, started with the
-	// marker as its name: nothing else runs so.
+// Main is the jailed server's program (cmd/fireworks-volume-server): it serves the spec
+// its command line carries and returns only on failure. It runs only as the first
+// process of its PID namespace, started as ServerCommand starts it.
+func Main() int {
 	if len(os.Args) != 2 || os.Args[0] != ServerName || os.Getpid() != 1 {
-		return
+		fmt.Fprintln(os.Stderr, "fireworks-volume-server: runs only jailed, started by a Fireworks agent for a sandbox's volumes")
+		return 2
 	}
 	err := serveExports(os.Args[1])
 	fmt.Fprintf(os.Stderr, "fireworks volume server: %v\n", err)
-	os.Exit(1)
+	return 1
 }
 
 // serveExports is the jailed server's life: it returns only on failure.

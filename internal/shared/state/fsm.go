@@ -99,7 +99,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 		if err := decodeBody(t, body, &c); err != nil {
 			return err
 		}
-		if err := f.createSandbox(c.Sandbox, c.Quota); err != nil {
+		if err := f.createSandbox(c.Sandbox, c.Quota, false); err != nil {
 			return err
 		}
 		if c.Place != "" {
@@ -235,10 +235,14 @@ func (f *fsm) Apply(l *raft.Log) any {
 	return fmt.Errorf("%w %d at index %d (written by a newer server?)", ErrUnknownCommand, byte(t), l.Index)
 }
 
-func (f *fsm) createSandbox(sb Sandbox, q Quota) any {
+func (f *fsm) createSandbox(sb Sandbox, q Quota, inGroup bool) any {
 	sb = *sb.clone() // the decoded value is ours already, but keep ownership obvious
 	if err := sb.validateNew(); err != nil {
 		return err
+	}
+	if !inGroup && (sb.Spec.Group != nil || sb.Spec.Ready != "") {
+		// A group's members are created together (createGroup), which checks them.
+		return fmt.Errorf("%w: a group member is created with its group", ErrInvalid)
 	}
 	if q != (Quota{}) {
 		var used Quota

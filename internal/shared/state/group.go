@@ -143,10 +143,18 @@ func checkGroup(members []Sandbox) error {
 		return fmt.Errorf("%w: a group's main runs once (restart policy %q): its end ends the group; give the sidecars restart policies", ErrInvalid, main.Spec.Restart)
 	}
 	names := map[string]bool{}
+	ids := map[string]bool{}
 	volumeNode := ""
+	if g.Members[0].Name != MainMemberName || main.Spec.Ready != "" {
+		return fmt.Errorf("%w: a group's main is named %q and has no readiness check", ErrInvalid, MainMemberName)
+	}
 	for i, m := range members {
 		gm := g.Members[i]
 		switch {
+		case ids[m.ID]:
+			return fmt.Errorf("%w: member %s twice in the group", ErrInvalid, m.ID)
+		case gm.Reserved != m.Spec.Reserved():
+			return fmt.Errorf("%w: member %q: the group records %+v reserved, its spec %+v", ErrInvalid, gm.Name, gm.Reserved, m.Spec.Reserved())
 		case gm.ID != m.ID:
 			return fmt.Errorf("%w: group member %d is %s, not %s", ErrInvalid, i, gm.ID, m.ID)
 		case m.Spec.Group == nil || m.Spec.Group.Main != g.Main || len(m.Spec.Group.Members) != len(g.Members):
@@ -155,8 +163,10 @@ func checkGroup(members []Sandbox) error {
 			return fmt.Errorf("%w: member %s has another owner", ErrInvalid, m.ID)
 		case names[gm.Name]:
 			return fmt.Errorf("%w: two members named %q", ErrInvalid, gm.Name)
-		case m.Spec.SnapshotNode != "" || m.Spec.ForkOf != "":
-			return fmt.Errorf("%w: member %q: a group member starts from its image (not a snapshot or a fork)", ErrInvalid, gm.Name)
+		case m.Spec.ForkOf != "":
+			return fmt.Errorf("%w: member %q: a group member starts from its image or a snapshot (not a fork)", ErrInvalid, gm.Name)
+		case m.Spec.SnapshotNode != main.Spec.SnapshotNode:
+			return fmt.Errorf("%w: member %q starts from a snapshot on another node than its main's (a group starts on one node)", ErrInvalid, gm.Name)
 		case m.Spec.Network == NetworkNone:
 			return fmt.Errorf("%w: member %q: a group member needs the group's network (--network none)", ErrInvalid, gm.Name)
 		}
@@ -180,6 +190,7 @@ func checkGroup(members []Sandbox) error {
 			volumeNode = v
 		}
 		names[gm.Name] = true
+		ids[m.ID] = true
 	}
 	return nil
 }
@@ -208,7 +219,7 @@ func (f *fsm) createGroup(c createGroupCmd) any {
 		}
 	}
 	for _, m := range members {
-		if err, _ := f.createSandbox(m, c.Quota).(error); err != nil {
+		if err, _ := f.createSandbox(m, c.Quota, true).(error); err != nil {
 			undo()
 			return fmt.Errorf("group member %q: %w", m.Spec.Group.MemberName(m.ID), err)
 		}

@@ -85,6 +85,15 @@ func TestGroupCreatedAndPlacedAsOne(t *testing.T) {
 	if err := s.CreateGroup(ctx, bad, Quota{}, "", cfg); !errors.Is(err, ErrInvalid) {
 		t.Errorf("a member recording another group: %v", err)
 	}
+	bad = newGroup("d000000000000000", 128, "db")
+	bad[1].Spec.Group.Members[1].Reserved.MemoryMiB = 1 // under-reserving the group's room
+	if err := s.CreateGroup(ctx, bad, Quota{}, "", cfg); !errors.Is(err, ErrInvalid) {
+		t.Errorf("a member recording less than it reserves: %v", err)
+	}
+	lone := newGroup("d000000000000000", 128, "db")[1]
+	if err := s.CreateSandbox(ctx, lone); !errors.Is(err, ErrInvalid) {
+		t.Errorf("a group member created alone: %v", err)
+	}
 	bad = newGroup("d000000000000000", 128, "db", "db2")
 	if err := s.CreateGroup(ctx, bad, Quota{Sandboxes: 8}, "", cfg); !errors.Is(err, ErrQuota) {
 		t.Errorf("a group past the token's bound (6 held, 3 more): %v", err)
@@ -126,3 +135,43 @@ func TestGroupEndsWithItsMain(t *testing.T) {
 }
 
 func ptrStatus(s Status) *Status { return &s }
+
+// A group's snapshot lists parts that exist, are its own, of its owner and on its node;
+// anything else is refused.
+func TestGroupSnapshotParts(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, Options{Dir: t.TempDir()})
+	part := Snapshot{ID: "p000000000000001", Name: "g/db", Owner: "u1", Node: "n1", CreatedAt: t0, PartOf: "g000000000000001"}
+	if _, err := s.PutSnapshot(ctx, part, 0); err != nil {
+		t.Fatal(err)
+	}
+	group := Snapshot{ID: "g000000000000001", Name: "g", Owner: "u1", Node: "n1", CreatedAt: t0,
+		Members: []SnapshotMember{{Name: "db", Snapshot: part.ID, Ready: "tcp:5432", Restart: RestartOnFailure}}}
+	for _, bad := range []func(Snapshot) Snapshot{
+		func(g Snapshot) Snapshot { g.Node = "n2"; return g },
+		func(g Snapshot) Snapshot { g.Owner = "u2"; return g },
+		func(g Snapshot) Snapshot { g.ID = "g000000000000002"; return g },
+		func(g Snapshot) Snapshot {
+			g.Members = []SnapshotMember{{Name: "db", Snapshot: "nope"}}
+			return g
+		},
+		func(g Snapshot) Snapshot {
+			g.Members = []SnapshotMember{{Name: "DB", Snapshot: part.ID}}
+			return g
+		},
+		func(g Snapshot) Snapshot {
+			g.Members = []SnapshotMember{{Name: "db", Snapshot: part.ID, Ready: "udp:1"}}
+			return g
+		},
+	} {
+		if _, err := s.PutSnapshot(ctx, bad(group), 0); !errors.Is(err, ErrInvalid) {
+			t.Errorf("a group snapshot %+v: %v", bad(group), err)
+		}
+	}
+	if _, err := s.PutSnapshot(ctx, group, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.GetSnapshot(ctx, "g", "u1", false); len(got.Parts()) != 1 || got.Parts()[0] != part.ID {
+		t.Errorf("the group snapshot's parts: %v", got.Parts())
+	}
+}

@@ -28,6 +28,12 @@ type Quota struct {
 func (s SandboxSpec) Bytes() int {
 	n := len(s.Image) + len(s.WorkingDir) + len(s.User) + len(s.Policy) + len(s.Network) + len(s.Boot) + len(s.Restart)
 	n += total(s.Entrypoint) + total(s.Cmd) + total(s.Env) + total(s.InsecureRegistries) + total(s.Constraints)
+	n += len(s.Ready)
+	if s.Group != nil {
+		for _, m := range s.Group.Members {
+			n += len(m.Name) + len(m.ID) + 24
+		}
+	}
 	return n + 8*len(s.Ports)
 }
 

@@ -111,13 +111,14 @@ func SchedulerRequest(sb Sandbox) (scheduler.Request, error) {
 		// The files a start from a snapshot reads are on its node; a fork's source's
 		// saved state is fetched by another node if the holder has no room.
 		Node: sb.Spec.SnapshotNode, Prefer: sb.Spec.ForkNode}
-	if sb.IsGroupMain() {
-		// The main's placement is the group's: room for every member on one node.
-		for _, m := range sb.Spec.Group.Members[1:] {
-			req.Resources.VCPUs += m.Reserved.VCPUs
-			req.Resources.MemoryMiB += m.Reserved.MemoryMiB
-			req.Resources.DiskMiB += m.Reserved.DiskMiB
-		}
+	if sb.IsGroupMain() && sb.Status == StatusPending && sb.Node == "" {
+		// The main's first placement is the group's: room for every member on one node
+		// (its sidecars go with it). Later (a resume, a migration) each member counts
+		// for itself.
+		g := GroupReserved(sb)
+		req.Resources.VCPUs += g.VCPUs
+		req.Resources.MemoryMiB += g.MemoryMiB
+		req.Resources.DiskMiB += g.DiskMiB
 	}
 	if sb.Spec.VolumeNode != "" && req.Node == "" {
 		// A volume's data is on its node, which serves it only to sandboxes there.
@@ -249,4 +250,18 @@ func (f *fsm) placeSidecars(main *Sandbox, t time.Time) {
 		next.addEvent(Event{Time: utc(t), Status: StatusPending, Reason: next.Reason})
 		f.sandboxes[sc.ID] = next
 	}
+}
+
+// GroupReserved is what the sidecars of main's group reserve together.
+func GroupReserved(main Sandbox) Resources {
+	var r Resources
+	if !main.IsGroupMain() {
+		return r
+	}
+	for _, m := range main.Spec.Group.Members[1:] {
+		r.VCPUs += m.Reserved.VCPUs
+		r.MemoryMiB += m.Reserved.MemoryMiB
+		r.DiskMiB += m.Reserved.DiskMiB
+	}
+	return r
 }

@@ -27,6 +27,25 @@ type Snapshot struct {
 	// as it ran: a start from it carries on that sandbox's processes, in a VM of its
 	// shape. (Never changed once recorded: copies share it.)
 	MemorySpec *SandboxSpec `json:"memory_spec,omitempty"`
+	// Members, on a sandbox group's snapshot (taken of its main), are its sidecars'
+	// snapshots, in the group's order: a start from it starts the whole group.
+	Members []SnapshotMember `json:"members,omitempty"`
+	// PartOf, on a sidecar's snapshot within a group's, is the group snapshot's ID: it
+	// is used and removed with it, never alone. Its name is "<group's>/<sidecar's>".
+	PartOf string `json:"part_of,omitempty"`
+}
+
+// SnapshotMember is one sidecar of a group's snapshot: its name in the group, its own
+// snapshot, and what made it a sidecar (readiness check, restart policy).
+type SnapshotMember struct {
+	Name     string        `json:"name"`
+	Snapshot string        `json:"snapshot"`
+	Ready    string        `json:"ready,omitempty"`
+	Restart  RestartPolicy `json:"restart,omitempty"`
+	// Spec, for a snapshot without memory, is the sidecar's as it ran (its command,
+	// environment, shape, policy, volumes): a start from the group's snapshot runs it
+	// again so. (A snapshot with memory has its part's MemorySpec.)
+	Spec *SandboxSpec `json:"spec,omitempty"`
 }
 
 // MaxSnapshotsPerOwner bounds a token's snapshots (each is a disk image on a node).
@@ -54,6 +73,30 @@ func (f *fsm) putSnapshot(c putSnapshotCmd) any {
 		if err := s.MemorySpec.CheckSizes(); err != nil {
 			return err
 		}
+	}
+	if len(s.Members) > MaxSidecars {
+		return fmt.Errorf("%w: a group snapshot of %d sidecars: at most %d", ErrInvalid, len(s.Members), MaxSidecars)
+	}
+	for _, m := range s.Members {
+		// Its parts are recorded first, each of the same owner and node, and part of it.
+		p, ok := f.snapshots[m.Snapshot]
+		if !ok || p.PartOf != s.ID || p.Owner != s.Owner || p.Node != s.Node || ValidateSidecarName(m.Name) != nil {
+			return fmt.Errorf("%w: group snapshot %s: sidecar %q's snapshot %s is not a part of it", ErrInvalid, s.Name, m.Name, m.Snapshot)
+		}
+		if _, err := ParseProbe(m.Ready); err != nil {
+			return err
+		}
+		if _, err := ParseRestartPolicy(string(m.Restart)); err != nil {
+			return err
+		}
+		if m.Spec != nil {
+			if err := m.Spec.CheckSizes(); err != nil {
+				return err
+			}
+		}
+	}
+	if s.PartOf != "" && len(s.Members) > 0 {
+		return fmt.Errorf("%w: a part of a group snapshot has no parts", ErrInvalid)
 	}
 	n := 0
 	for _, o := range f.snapshots {
@@ -133,4 +176,13 @@ func (s *Store) ListSnapshots(ctx context.Context) ([]Snapshot, error) {
 		return nil, err
 	}
 	return s.fsm.listSnapshots(), nil
+}
+
+// Parts is the snapshots of s's sidecars (s a group's snapshot), as recorded.
+func (s Snapshot) Parts() []string {
+	out := make([]string, 0, len(s.Members))
+	for _, m := range s.Members {
+		out = append(out, m.Snapshot)
+	}
+	return out
 }

@@ -61,6 +61,11 @@ type Spec struct {
 	// NoDevices binds none of the base devices (/dev/null and the like): a process with
 	// file capabilities could change the node's own device nodes through them.
 	NoDevices bool `json:"no_devices,omitempty"`
+	// NoSystem binds none of the node's system directories (/usr, /lib, ...): for a
+	// static program that needs none, and holds a capability that would reach through
+	// any of the node's mounts it can name (CAP_DAC_READ_SEARCH opens any file of a
+	// mount's filesystem by handle). Its Mounts are then all it sees.
+	NoSystem bool `json:"no_system,omitempty"`
 	// Dir is the working directory; Path and Args the program (Args[0] included).
 	Dir  string   `json:"dir"`
 	Path string   `json:"path"`
@@ -140,7 +145,11 @@ func enter(s Spec) error {
 		return fmt.Errorf("mount the jail's root on %s: %w", s.Root, err)
 	}
 	in := func(p string) string { return filepath.Join(s.Root, p) }
-	for _, d := range systemDirs {
+	sysDirs, sysFiles := systemDirs, systemFiles
+	if s.NoSystem {
+		sysDirs, sysFiles = nil, nil
+	}
+	for _, d := range sysDirs {
 		fi, err := os.Lstat(d)
 		switch {
 		case err != nil:
@@ -159,7 +168,7 @@ func enter(s Spec) error {
 			}
 		}
 	}
-	for _, f := range systemFiles {
+	for _, f := range sysFiles {
 		if _, err := os.Stat(f); err == nil {
 			if err := bind(f, in(f), false, false); err != nil {
 				return err
@@ -311,6 +320,17 @@ func bind(src, dst string, writable, dir bool) error {
 		return fmt.Errorf("bind %s into the jail: %w", src, err)
 	}
 	flags := uintptr(unix.MS_REMOUNT | unix.MS_BIND | unix.MS_NOSUID)
+	// What the mount bound already has stays (in a user namespace of its own the jail
+	// could not take it away anyway: a remount that drops it is refused).
+	var st unix.Statfs_t
+	if err := unix.Statfs(dst, &st); err == nil {
+		for _, f := range []struct{ st, ms int64 }{{unix.ST_NOEXEC, unix.MS_NOEXEC}, {unix.ST_NODEV, unix.MS_NODEV},
+			{unix.ST_NOATIME, unix.MS_NOATIME}, {unix.ST_NODIRATIME, unix.MS_NODIRATIME}, {unix.ST_RELATIME, unix.MS_RELATIME}, {unix.ST_RDONLY, unix.MS_RDONLY}} {
+			if st.Flags&f.st != 0 {
+				flags |= uintptr(f.ms)
+			}
+		}
+	}
 	if !writable {
 		flags |= unix.MS_RDONLY
 	}

@@ -1161,8 +1161,10 @@ type Snapshot struct {
 	// With the sandbox's memory: a start carries on its processes from the saved instant.
 	Memory bool `protobuf:"varint,11,opt,name=memory,proto3" json:"memory,omitempty"`
 	// The shape a start from a snapshot with memory has (the saved VM's).
-	Vcpus         int32 `protobuf:"varint,12,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
-	MemoryMib     int32 `protobuf:"varint,13,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	Vcpus     int32 `protobuf:"varint,12,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	MemoryMib int32 `protobuf:"varint,13,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	// A sandbox group's snapshot: its sidecars' names (a start from it starts them too).
+	Sidecars      []string `protobuf:"bytes,14,rep,name=sidecars,proto3" json:"sidecars,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1286,6 +1288,13 @@ func (x *Snapshot) GetMemoryMib() int32 {
 		return x.MemoryMib
 	}
 	return 0
+}
+
+func (x *Snapshot) GetSidecars() []string {
+	if x != nil {
+		return x.Sidecars
+	}
+	return nil
 }
 
 type CreateSnapshotRequest struct {
@@ -6198,7 +6207,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x13PauseSandboxRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\"G\n" +
 	"\x14PauseSandboxResponse\x12/\n" +
-	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"\xdd\x02\n" +
+	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"\xf9\x02\n" +
 	"\bSnapshot\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
@@ -6215,7 +6224,8 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06memory\x18\v \x01(\bR\x06memory\x12\x14\n" +
 	"\x05vcpus\x18\f \x01(\x05R\x05vcpus\x12\x1d\n" +
 	"\n" +
-	"memory_mib\x18\r \x01(\x05R\tmemoryMib\"~\n" +
+	"memory_mib\x18\r \x01(\x05R\tmemoryMib\x12\x1a\n" +
+	"\bsidecars\x18\x0e \x03(\tR\bsidecars\"~\n" +
 	"\x15CreateSnapshotRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
