@@ -60,6 +60,7 @@ type startRun struct {
 	scratchFrom      string           // a start from a filesystem snapshot: its disk
 	migration        *state.Migration // a live migration's target: the migration
 	flows            []network.Flow   // and the guest's connections it brought (cut)
+	startEnds        func()           // the start no longer holds back background work
 }
 
 // run is the whole life of one sandbox on this node: its start's steps, then its
@@ -67,7 +68,7 @@ type startRun struct {
 func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	defer s.log.Close()
 	// While a start is in flight, the network keeper holds back (see keepSpares).
-	startEnds := a.net.StartBegins()
+	startEnds := sync.OnceFunc(a.net.StartBegins())
 	readyOnce := sync.OnceFunc(func() {
 		close(s.ready)
 		startEnds()
@@ -76,7 +77,7 @@ func (a *Agent) run(s *sandbox, sb state.Sandbox) {
 	// Reports go to the control plane while the start goes on (each is a state commit,
 	// and on a cluster a round trip to the leader), in order: each waits for the one
 	// before. Only a start's end waits for them.
-	r := &startRun{s: s, sb: sb, ctx: s.ctx, ph: newPhases(), starting: make(chan struct{})}
+	r := &startRun{s: s, sb: sb, ctx: s.ctx, ph: newPhases(), starting: make(chan struct{}), startEnds: startEnds}
 	if s.incoming != nil {
 		// A live migration's target: the sandbox runs (on its source) all along.
 		r.migration = &s.incoming.mig
@@ -416,6 +417,8 @@ func (a *Agent) commandStep(r *startRun) error {
 	waitGroup := func() error { return nil }
 	if sb.IsGroupMain() {
 		waitGroup = func() error {
+			// Waiting is not starting: the node's background work need not hold back.
+			r.startEnds()
 			err := a.waitSidecars(r.ctx, sb)
 			r.ph.mark("sidecars")
 			if err != nil {
