@@ -366,6 +366,7 @@ func (m *Manager) drain(ctx context.Context, now time.Time, nodes []state.Node, 
 			}
 		}
 	}
+	groupsSeen := map[string]bool{}
 	for _, n := range nodes {
 		if !n.Draining {
 			continue
@@ -380,15 +381,29 @@ func (m *Manager) drain(ctx context.Context, now time.Time, nodes []state.Node, 
 			if sb.Node != n.ID || sb.Status.Terminal() || !sb.StopRequestedAt.IsZero() || sb.Saved != nil || sb.Migration != nil {
 				continue
 			}
-			if sb.Spec.Group != nil && len(sb.Spec.Group.Members) > 1 {
-				// Its group runs on one node: moving one member would split it, and a
-				// group is not moved as one yet.
-				note := fmt.Sprintf("stays on draining node %s: it is a member of a sandbox group, which runs on one node and which a drain does not move yet (stop the group's main to empty the node)", n.ID)
-				if sb.Runtime[drainDetail] != note {
-					if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Runtime: map[string]string{drainDetail: note}, Time: now}); err != nil {
-						errs = append(errs, err)
+			if g := sb.Spec.Group; g != nil && len(g.Members) > 1 {
+				// Its group runs on one node: it moves as one, member by member (see
+				// drainGroup), once per group and pass.
+				if groupsSeen[g.Main] {
+					continue
+				}
+				groupsSeen[g.Main] = true
+				if inflight >= maxDrainMigrations {
+					continue
+				}
+				started, note, err := m.drainGroup(ctx, now, nodes, sbs, n, sb)
+				inflight += started
+				if err != nil {
+					errs = append(errs, err)
+				}
+				if note != "" {
+					for _, gm := range g.Members {
+						if mb, ok := byID(sbs, gm.ID); ok && !mb.Status.Terminal() && mb.Runtime[drainDetail] != note {
+							if _, err := m.store.UpdateSandbox(ctx, mb.ID, state.Update{Runtime: map[string]string{drainDetail: note}, Time: now}); err != nil {
+								errs = append(errs, err)
+							}
+						}
 					}
-					m.log.Warn("sandbox stays on a draining node: it is in a sandbox group", "sandbox", sb.ID, "node", n.ID)
 				}
 				continue
 			}
@@ -438,6 +453,112 @@ func (m *Manager) drain(ctx context.Context, now time.Time, nodes []state.Node, 
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// drainGroup moves the sandbox group of sb (a member on draining node n) off n, live, one
+// member per call: its sidecars first, then its main, all to one node chosen for the
+// whole group (or the one its first moved member went to). While it moves, the members
+// on two nodes do not reach each other. If a member's move fails, the members that moved
+// are moved back to n and the group stays, saying why (note); so does a group nothing
+// can take. It returns the migrations it started.
+func (m *Manager) drainGroup(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox, n state.Node, sb state.Sandbox) (int, string, error) {
+	g := sb.Spec.Group
+	main, ok := byID(sbs, g.Main)
+	if !ok || main.Status.Terminal() {
+		return 0, "", nil // its end stops the rest
+	}
+	var live []state.Sandbox // the main first
+	for _, gm := range g.Members {
+		mb, ok := byID(sbs, gm.ID)
+		if !ok || mb.Status.Terminal() {
+			continue
+		}
+		if mb.Migration != nil {
+			return 0, "", nil // one move at a time; the next pass goes on
+		}
+		if mb.Status != state.StatusRunning || !mb.StopRequestedAt.IsZero() || !mb.PauseRequestedAt.IsZero() {
+			return 0, fmt.Sprintf("stays on draining node %s: a member of its sandbox group (%s) is %s, and a group moves live only while all of it runs", n.ID, mb.ID, mb.Status), nil
+		}
+		live = append(live, mb)
+	}
+	var here, moved []state.Sandbox
+	failed := ""
+	for _, mb := range live {
+		if mb.Node == n.ID {
+			here = append(here, mb)
+		} else {
+			moved = append(moved, mb)
+		}
+		if why := failedSince(mb, n.DrainingSince); why != "" && failed == "" {
+			failed = why
+		}
+	}
+	if failed != "" {
+		// A member could not move: the ones that did come back, and the group stays.
+		if len(moved) > 0 {
+			started, err := m.migrateTo(ctx, now, nodes, moved[0], n.ID)
+			return started, "", err
+		}
+		return 0, fmt.Sprintf("stays on draining node %s: its sandbox group could not move live (%s)", n.ID, failed), nil
+	}
+	if len(here) == 0 {
+		return 0, "", nil
+	}
+	target := ""
+	if len(moved) > 0 {
+		target = moved[0].Node
+	} else {
+		sched, err := scheduler.New(snapshot(nodes, sbs), m.cfg.Scheduler)
+		if err != nil {
+			return 0, "", err
+		}
+		req, err := state.SchedulerRequest(main)
+		if err != nil {
+			return 0, "", err
+		}
+		extra := state.GroupReserved(main)
+		req.Resources.VCPUs += extra.VCPUs
+		req.Resources.MemoryMiB += extra.MemoryMiB
+		req.Resources.DiskMiB += extra.DiskMiB
+		req.Avoid = n.ID
+		p, err := sched.Place(req)
+		if err != nil {
+			return 0, fmt.Sprintf("stays on draining node %s: no node takes its whole sandbox group: %v", n.ID, err), nil
+		}
+		target = p.NodeID
+	}
+	next := here[0]
+	if len(here) > 1 && here[0].ID == g.Main {
+		next = here[1] // the sidecars first, the main last
+	}
+	started, err := m.migrateTo(ctx, now, nodes, next, target)
+	return started, "", err
+}
+
+// migrateTo starts the live migration of sb to node to.
+func (m *Manager) migrateTo(ctx context.Context, now time.Time, nodes []state.Node, sb state.Sandbox, to string) (int, error) {
+	var addr string
+	for _, n := range nodes {
+		if n.ID == to {
+			addr = n.Address
+		}
+	}
+	mig := state.Migration{ID: state.NewMigrationID(), From: sb.Node, To: to, ToAddress: addr, Deadline: now.Add(state.MigrationDeadline)}
+	if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{StartMigration: &mig, Time: now}); err != nil {
+		return 0, fmt.Errorf("start the live migration of %s: %w", sb.ID, err)
+	}
+	m.log.Info("draining: live migration of a group member started", "sandbox", sb.ID, "migration", mig.ID, "from", mig.From, "to", mig.To)
+	return 1, nil
+}
+
+// byID finds sandbox id in sbs.
+func byID(sbs []state.Sandbox, id string) (state.Sandbox, bool) {
+	for _, sb := range sbs {
+		if sb.ID == id {
+			return sb, true
+		}
+	}
+	return state.Sandbox{}, false
 }
 
 // maxDrainMigrations bounds the live migrations a drain runs at once off one node.

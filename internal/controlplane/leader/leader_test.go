@@ -751,26 +751,72 @@ func TestGroupPlacementAndSidecarEnds(t *testing.T) {
 	}
 }
 
-// A drain leaves a sandbox group where it is (moving one member would split it), saying
-// why on each member.
-func TestDrainLeavesGroups(t *testing.T) {
+// A drain moves a sandbox group as one: its sidecar, then its main, live, to one node;
+// a group whose move fails comes back whole to the draining node and stays, saying why.
+func TestDrainMovesGroups(t *testing.T) {
 	e := newEnv(t)
 	e.node("n1", 8, 4096, nil)
-	ids := e.group("h000000000000000", state.RestartAlways)
+	ok := e.group("h000000000000000", state.RestartAlways)
+	bad := e.group("k000000000000000", state.RestartNever)
 	e.pass()
-	for _, id := range ids {
+	for _, id := range append(append([]string{}, ok...), bad...) {
 		e.run(id)
 	}
 	e.node("n2", 8, 4096, nil)
 	if _, err := e.store.UpdateNode(e.ctx, "n1", state.NodeUpdate{Draining: ptr(true), Time: e.clock.Now()}); err != nil {
 		t.Fatal(err)
 	}
+	migrating := func(id string) *state.Migration {
+		t.Helper()
+		return e.get(id).Migration
+	}
+	commit := func(id string) {
+		t.Helper()
+		m := migrating(id)
+		if m == nil {
+			t.Fatalf("%s is not migrating", id)
+		}
+		if _, err := e.store.UpdateSandbox(e.ctx, id, state.Update{CommitMigration: m.ID, MigrationBy: m.To, Time: e.clock.Now()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.pass()
+	// One member of each group moves at a time, the sidecar first.
+	for _, g := range [][]string{ok, bad} {
+		if m := migrating(g[1]); m == nil || m.To != "n2" {
+			t.Fatalf("the sidecar %s does not migrate to n2 first: %+v", g[1], m)
+		}
+		if m := migrating(g[0]); m != nil {
+			t.Fatalf("the main %s migrates with its sidecar: %+v", g[0], m)
+		}
+		commit(g[1])
+	}
+	e.pass()
+	commit(ok[0])
+	m := migrating(bad[0])
+	if m == nil {
+		t.Fatal("the second group's main does not migrate after its sidecar")
+	}
+	if _, err := e.store.UpdateSandbox(e.ctx, bad[0], state.Update{EndMigration: m.ID, Reason: "the target failed", Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ok {
+		if sb := e.get(id); sb.Node != "n2" || sb.Status != state.StatusRunning {
+			t.Errorf("member %s of the moved group: %s on %q", id, sb.Status, sb.Node)
+		}
+	}
+	e.pass()
+	// The failed group's sidecar comes back to its main.
+	if m := migrating(bad[1]); m == nil || m.To != "n1" {
+		t.Fatalf("the failed group's moved sidecar is not moving back: %+v", m)
+	}
+	commit(bad[1])
 	e.pass()
 	e.pass()
-	for _, id := range ids {
-		got := e.get(id)
-		if got.Node != "n1" || got.Status != state.StatusRunning || got.Migration != nil || got.Restarts != 0 || !strings.Contains(got.Runtime["drain"], "sandbox group") {
-			t.Errorf("group member %s on a draining node: %s on %q migration %v details %v", id, got.Status, got.Node, got.Migration, got.Runtime)
+	for _, id := range bad {
+		sb := e.get(id)
+		if sb.Node != "n1" || sb.Migration != nil || !strings.Contains(sb.Runtime["drain"], "could not move live") {
+			t.Errorf("member %s of the group that could not move: on %q migration %+v details %v", id, sb.Node, sb.Migration, sb.Runtime)
 		}
 	}
 }
