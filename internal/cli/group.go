@@ -28,6 +28,7 @@ import (
 func parseSidecar(s string) (*pb.Sidecar, error) {
 	sc := &pb.Sidecar{Spec: &pb.SandboxSpec{}}
 	rest := s
+	seen := map[string]bool{}
 	for rest != "" {
 		var kv string
 		if strings.HasPrefix(rest, "cmd=") {
@@ -39,6 +40,10 @@ func parseSidecar(s string) (*pb.Sidecar, error) {
 		if !ok {
 			return nil, fmt.Errorf("invalid --sidecar %q: %q is not key=value", s, kv)
 		}
+		if seen[k] && k != "env" && k != "volume" {
+			return nil, fmt.Errorf("invalid --sidecar %q: %s= given twice (only env= and volume= repeat)", s, k)
+		}
+		seen[k] = true
 		if err := setSidecarKey(sc, k, v, nil); err != nil {
 			return nil, fmt.Errorf("invalid --sidecar %q: %w", s, err)
 		}
@@ -58,7 +63,7 @@ func setSidecarKey(sc *pb.Sidecar, k, v string, stdin io.Reader) error {
 		sp.Image = localImageRef(v)
 	case "ready":
 		if _, err := state.ParseProbe(v); err != nil {
-			return errors.New("ready=" + v + ": want tcp:PORT")
+			return errors.New("ready=" + v + ": want tcp:PORT with PORT in 1..65535")
 		}
 		sc.Ready = v
 	case "restart":
@@ -159,6 +164,7 @@ func shellWords(s string) ([]string, error) {
 type groupFile struct {
 	Name     string           `json:"name"`
 	Member   `json:",inline"` // the main
+	Restart  string           `json:"restart"` // refused by the server, saying why
 	Sidecars []sidecarFile    `json:"sidecars"`
 }
 
@@ -208,12 +214,18 @@ func readGroupFile(path string, stdin io.Reader) (name string, main *pb.SandboxS
 	}
 	var gf groupFile
 	if err := yaml.UnmarshalStrict(b, &gf); err != nil {
-		return "", nil, nil, fmt.Errorf("group file %s: %w", path, err)
+		// The YAML is read as JSON underneath: its wording says nothing to a YAML writer.
+		msg := err.Error()
+		for _, noise := range []string{"error unmarshaling JSON: ", "while decoding JSON: ", "json: "} {
+			msg = strings.ReplaceAll(msg, noise, "")
+		}
+		return "", nil, nil, fmt.Errorf("group file %s: %s", path, msg)
 	}
 	dir := filepath.Dir(path)
 	if main, err = gf.Member.spec(dir, "the main"); err != nil {
 		return "", nil, nil, fmt.Errorf("group file %s: %w", path, err)
 	}
+	main.Restart = gf.Restart
 	for i, sf := range gf.Sidecars {
 		what := fmt.Sprintf("sidecar %d (%q)", i+1, sf.Name)
 		spec, err := sf.Member.spec(dir, what)
@@ -222,7 +234,7 @@ func readGroupFile(path string, stdin io.Reader) (name string, main *pb.SandboxS
 		}
 		if sf.Ready != "" {
 			if _, err := state.ParseProbe(sf.Ready); err != nil {
-				return "", nil, nil, fmt.Errorf("group file %s: %s: ready %q: want tcp:PORT", path, what, sf.Ready)
+				return "", nil, nil, fmt.Errorf("group file %s: %s: ready %q: want tcp:PORT with PORT in 1..65535", path, what, sf.Ready)
 			}
 		}
 		if _, err := state.ParseRestartPolicy(sf.Restart); err != nil {

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -57,8 +58,9 @@ Attached by default: output streams back and the exit code is the command's.
 IMAGE is a registry reference, oci:DIR[:TAG] or docker-archive:FILE[:TAG].
 Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed out.`,
 		Args: func(cmd *cobra.Command, args []string) error {
-			if f.groupFile != "" {
-				return cobra.NoArgs(cmd, args) // the file names the images and commands
+			if f.groupFile != "" && len(args) > 0 {
+				// The file names the images and commands.
+				return fmt.Errorf("with -f, the file gives the image and the command: put %q in it", strings.Join(args, " "))
 			}
 			if f.snapshot != "" {
 				return nil // the image is the snapshot's; args are the command
@@ -569,12 +571,26 @@ func newPsCmd(g *globals) *cobra.Command {
 			}
 			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tNAME\tIMAGE\tSTATUS\tCREATED\tCOMMAND")
+			names := map[string]string{} // ID -> name, for the sidecars' column
+			for _, sb := range resp.Msg.GetSandboxes() {
+				names[sb.GetId()] = sb.GetName()
+			}
 			for _, sb := range resp.Msg.GetSandboxes() {
 				st := sb.GetStatus()
 				if st == "exited" {
 					st = fmt.Sprintf("exited (%d)", sb.GetExitCode())
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", short(sb.GetId()), sb.GetName(), sb.GetSpec().GetImage(), st,
+				name := sb.GetName()
+				if gr := sb.GetGroup(); name == "" && gr != nil && gr.GetMain() != sb.GetId() {
+					// A sidecar goes by MAIN/NAME (what logs, exec and inspect take too).
+					main := cmp.Or(names[gr.GetMain()], short(gr.GetMain()))
+					for _, m := range gr.GetMembers() {
+						if m.GetId() == sb.GetId() {
+							name = main + "/" + m.GetName()
+						}
+					}
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", short(sb.GetId()), printable(name), sb.GetSpec().GetImage(), st,
 					ago(sb.GetCreatedAt().AsTime()), strings.Join(sb.GetSpec().GetCmd(), " "))
 			}
 			return tw.Flush()

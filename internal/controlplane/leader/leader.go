@@ -13,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -317,6 +316,12 @@ func (m *Manager) checkHeartbeats(ctx context.Context, now time.Time, nodes []st
 	}
 	for _, sb := range sbs {
 		n, ok := downs[sb.Node]
+		if ok && sb.Spec.Group != nil {
+			// Its group's main may have ended above, ending it too: act on it as it is.
+			if cur, found := byID(m.store.LocalSandboxes(), sb.ID); found {
+				sb = cur
+			}
+		}
 		if !ok || sb.Status.Terminal() || sb.Saved != nil {
 			// A paused sandbox (or one about to resume) has its state on the node's disk:
 			// it waits for the node to come back (or for `node rm`, which gives it up).
@@ -630,8 +635,11 @@ func (m *Manager) restart(ctx context.Context, now time.Time, sbs []state.Sandbo
 		}
 		why := restartReason(sb)
 		if why == "" {
-			if sb.IsSidecar() {
-				errs = append(errs, m.failGroup(ctx, now, sbs, sb, "it ended ("+endOf(sb)+") and its restart policy does not run it again"))
+			// A sidecar that completed (exit code 0) is done: an init job, say. One that
+			// failed and does not run again fails its group.
+			if sb.IsSidecar() && !(sb.Status == state.StatusExited && sb.ExitCode == 0 && sb.Signal == 0) {
+				errs = append(errs, m.failGroup(ctx, now, sbs, sb, fmt.Sprintf("ended (%s), and its restart policy (%s) does not run it again",
+					endOf(sb), cmp.Or(string(sb.Spec.Restart), string(state.RestartNever)))))
 			}
 			continue
 		}
@@ -660,7 +668,7 @@ func (m *Manager) restart(ctx context.Context, now time.Time, sbs []state.Sandbo
 				m.log.Warn("sandbox keeps ending; restart limit reached", "sandbox", sb.ID, "restarts", sb.Restarts)
 			}
 			if sb.IsSidecar() {
-				errs = append(errs, m.failGroup(ctx, now, sbs, sb, fmt.Sprintf("it ended (%s) and reached its restart limit", endOf(sb))))
+				errs = append(errs, m.failGroup(ctx, now, sbs, sb, fmt.Sprintf("ended (%s) and reached its restart limit", endOf(sb))))
 			}
 			continue
 		}
@@ -687,13 +695,15 @@ func (m *Manager) failGroup(ctx context.Context, now time.Time, sbs []state.Sand
 		return nil
 	}
 	name := sc.Spec.Group.MemberName(sc.ID)
-	note := fmt.Sprintf("stopped: its sidecar %q (%s) %s", name, sc.ID, why)
+	reason := fmt.Sprintf("its sidecar %q (%s) %s", name, sc.ID, why)
 	grace := state.GroupStopGrace
-	u := state.Update{StopGrace: &grace, Runtime: map[string]string{groupDetail: note}, Time: now}
+	// The main is stopped, and its end is a failure with this reason (see
+	// Sandbox.StopReason): the group failed.
+	u := state.Update{StopGrace: &grace, StopReason: reason, StopFails: true, Runtime: map[string]string{groupDetail: "stopped: " + reason}, Time: now}
 	if main.Status == state.StatusPending && main.Node == "" || main.Status == state.StatusPaused {
 		// Nothing runs to stop: it is over now.
 		st, code := state.StatusFailed, 128+15
-		u.Status, u.ExitCode, u.Reason = &st, &code, "its sidecar "+strconv.Quote(name)+" "+why
+		u.Status, u.ExitCode, u.Reason = &st, &code, reason
 	}
 	if _, err := m.store.UpdateSandbox(ctx, main.ID, u); err != nil {
 		return fmt.Errorf("stop group %s after its sidecar %s ended: %w", main.ID, sc.ID, err)

@@ -734,6 +734,8 @@ func TestGroupPlacementAndSidecarEnds(t *testing.T) {
 	// s1 (on-failure) fails: restarted, and placed beside its main again.
 	e.report(ids[1], state.StatusExited, 1)
 	e.clock.Add(5 * time.Second)
+	e.m.Heartbeat("n1")
+	e.m.Heartbeat("n2")
 	e.pass()
 	if sb := e.get(ids[1]); sb.Status != state.StatusPending || sb.Node != "n2" {
 		t.Errorf("the restarted sidecar is %s on %q, want pending on n2", sb.Status, sb.Node)
@@ -741,13 +743,37 @@ func TestGroupPlacementAndSidecarEnds(t *testing.T) {
 	if sb := e.get(ids[0]); !sb.StopRequestedAt.IsZero() {
 		t.Errorf("a sidecar that restarts stopped its group: %v", sb.Runtime)
 	}
+	// A sidecar that completes (exit 0, policy never) leaves its group running.
+	done := e.group("j000000000000000", state.RestartNever)
+	e.pass()
+	for _, id := range done {
+		e.run(id)
+	}
+	e.report(done[1], state.StatusExited, 0)
+	e.clock.Add(5 * time.Second)
+	e.m.Heartbeat("n1")
+	e.m.Heartbeat("n2")
+	e.pass()
+	if sb := e.get(done[0]); !sb.StopRequestedAt.IsZero() {
+		t.Errorf("a sidecar that completed stopped its group: %v", sb.Runtime)
+	}
 	// s2 (never) exits: the group is stopped, naming it.
 	e.report(ids[2], state.StatusExited, 4)
 	e.clock.Add(5 * time.Second)
+	e.m.Heartbeat("n1")
+	e.m.Heartbeat("n2")
 	e.pass()
 	main := e.get(ids[0])
 	if main.StopRequestedAt.IsZero() || !strings.Contains(main.Runtime["group"], `sidecar "s2"`) || !strings.Contains(main.Runtime["group"], "exit code 4") {
 		t.Errorf("after its never-restarting sidecar exited 4 the main has stop %v, details %v", main.StopRequestedAt, main.Runtime)
+	}
+	// Its node reports the stop as any: the end is the group's failure, with the reason.
+	e.report(ids[0], state.StatusExited, 143)
+	if main = e.get(ids[0]); main.Status != state.StatusFailed || !strings.Contains(main.Reason, `sidecar "s2"`) {
+		t.Errorf("the main stopped for its sidecar ended %s: %q", main.Status, main.Reason)
+	}
+	if sc := e.get(ids[1]); !strings.Contains(sc.Reason+sc.StopReason, "main ended") {
+		t.Errorf("the other sidecar, stopped with its main: %s %q (stop reason %q)", sc.Status, sc.Reason, sc.StopReason)
 	}
 }
 

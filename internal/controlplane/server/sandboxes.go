@@ -129,14 +129,20 @@ func (h *sandboxService) group(ctx context.Context, who auth.Identity, main stat
 	}
 	members := []state.Sandbox{main}
 	g := &state.Group{Main: main.ID, Members: []state.GroupMember{{Name: state.MainMemberName, ID: main.ID, Reserved: main.Spec.Reserved()}}}
+	names := map[string]bool{}
 	for _, sc := range sidecars {
 		name := sc.GetName()
 		if err := state.ValidateSidecarName(name); err != nil {
 			return nil, toConnectError(err)
 		}
+		if names[name] {
+			return nil, toConnectError(invalid("two sidecars named %q: a name is how the group's members reach one", name))
+		}
+		names[name] = true
 		spec, err := h.memberSpec(ctx, who, sc.GetSpec())
 		if err != nil {
-			return nil, fmt.Errorf("sidecar %q: %w", name, err)
+			// Said of the sidecar, with the error's own code.
+			return nil, connect.NewError(connect.CodeOf(err), fmt.Errorf("sidecar %q: %s", name, connectMessage(err)))
 		}
 		if _, err := state.ParseProbe(sc.GetReady()); err != nil {
 			return nil, toConnectError(fmt.Errorf("sidecar %q: %w", name, err))
@@ -145,7 +151,7 @@ func (h *sandboxService) group(ctx context.Context, who auth.Identity, main stat
 		m := state.Sandbox{ID: state.NewID(), Spec: spec, Status: state.StatusPending, Owner: main.Owner,
 			AccessToken: newAccessToken(), CreatedAt: main.CreatedAt,
 			Events: []state.Event{{Time: main.CreatedAt, Status: state.StatusPending, Reason: "accepted as sidecar " + strconv.Quote(name) + " of " + main.ID}}}
-		g.Members = append(g.Members, state.GroupMember{Name: name, ID: m.ID, Reserved: spec.Reserved()})
+		g.Members = append(g.Members, state.GroupMember{Name: name, ID: m.ID, Reserved: spec.Reserved(), Ready: spec.Ready})
 		members = append(members, m)
 	}
 	// The group runs on one node: the one holding any member's volumes.
@@ -481,10 +487,7 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 	if g := sb.Spec.Group; g != nil {
 		out.Group = &pb.Group{Main: g.Main}
 		for _, m := range g.Members {
-			gm := &pb.GroupMember{Name: m.Name, Id: m.ID}
-			if m.ID == sb.ID {
-				gm.Ready = sb.Spec.Ready
-			}
+			gm := &pb.GroupMember{Name: m.Name, Id: m.ID, Ready: m.Ready}
 			out.Group.Members = append(out.Group.Members, gm)
 		}
 	}
@@ -825,7 +828,27 @@ func (s *Server) lookup(ctx context.Context, ref string) (state.Sandbox, error) 
 		// ID, name or prefix, so nothing confirms that it exists.
 		owner = who.TokenID
 	}
-	sb, err := s.store.GetOwnedSandbox(ctx, ref, owner)
+	var sb state.Sandbox
+	if mainRef, member, ok := strings.Cut(ref, "/"); ok {
+		// MAIN/NAME: a member of MAIN's sandbox group by its name there.
+		main, err := s.store.GetOwnedSandbox(ctx, mainRef, owner)
+		if err != nil {
+			return state.Sandbox{}, err
+		}
+		id := ""
+		if g := main.Spec.Group; g != nil && g.Main == main.ID {
+			for _, m := range g.Members {
+				if m.Name == member {
+					id = m.ID
+				}
+			}
+		}
+		if id == "" {
+			return state.Sandbox{}, fmt.Errorf("sandbox %s has no group member named %q: %w", main.ID, member, state.ErrNotFound)
+		}
+		ref = id
+	}
+	sb, err = s.store.GetOwnedSandbox(ctx, ref, owner)
 	if err != nil {
 		return state.Sandbox{}, err
 	}

@@ -246,7 +246,11 @@ func (h *sandboxService) snapshotGroup(ctx context.Context, who auth.Identity, s
 		undo()
 		return nil, err
 	}
-	return connect.NewResponse(&pb.CreateSnapshotResponse{Snapshot: snapshotView(who, snap)}), nil
+	v := snapshotView(who, snap)
+	for _, p := range parts {
+		v.Bytes += p.Bytes // the whole group's
+	}
+	return connect.NewResponse(&pb.CreateSnapshotResponse{Snapshot: v}), nil
 }
 
 // dropSnapshot removes snapshot snap: its node's files, then its record.
@@ -280,9 +284,17 @@ func (h *sandboxService) ListSnapshots(ctx context.Context, _ *connect.Request[p
 		return nil, toConnectError(err)
 	}
 	resp := &pb.ListSnapshotsResponse{}
+	parts := map[string]int64{} // a group snapshot's parts' bytes, by its ID
+	for _, s := range all {
+		if s.PartOf != "" {
+			parts[s.PartOf] += s.Bytes
+		}
+	}
 	for _, s := range all {
 		if who.CanAccess(s.Owner) && s.PartOf == "" {
-			resp.Snapshots = append(resp.Snapshots, snapshotView(who, s))
+			v := snapshotView(who, s)
+			v.Bytes += parts[s.ID] // the whole group's
+			resp.Snapshots = append(resp.Snapshots, v)
 		}
 	}
 	return connect.NewResponse(resp), nil
@@ -299,7 +311,8 @@ func (h *sandboxService) DeleteSnapshot(ctx context.Context, req *connect.Reques
 		return nil, toConnectError(err)
 	}
 	if snap.PartOf != "" {
-		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("snapshot %s is a part of a group's snapshot (%s): remove that one", snap.Name, snap.PartOf))
+		group, _, _ := strings.Cut(snap.Name, "/")
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("snapshot %s is a part of the sandbox group's snapshot %s: remove that one (its parts go with it)", snap.Name, group))
 	}
 	// A sandbox whose start (or restart) reads it keeps it; one that runs from it
 	// already does not need it.

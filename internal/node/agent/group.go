@@ -77,9 +77,11 @@ func groupHosts(g *state.Group, self string) []proto.HostEntry {
 	}
 	var out []proto.HostEntry
 	for i, m := range g.Members {
-		if m.ID != self {
-			out = append(out, proto.HostEntry{Name: m.Name, Addr: network.GroupAddr(i).String()})
+		addr := network.GroupAddr(i)
+		if m.ID == self {
+			addr = network.GuestAddr // its own name is itself (the main's "main" too)
 		}
+		out = append(out, proto.HostEntry{Name: m.Name, Addr: addr.String()})
 	}
 	return out
 }
@@ -131,6 +133,8 @@ func (a *Agent) probeSidecar(ctx context.Context, s *sandbox, sb state.Sandbox) 
 			case <-ctx.Done():
 				if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 					a.log.Warn("sidecar never ready; no longer checked", "sandbox", sb.ID, "check", sb.Spec.Ready, "err", err)
+					a.update(sb.ID, state.Update{Runtime: map[string]string{"ready": fmt.Sprintf("tcp:%d did not pass within %s", p.TCPPort, sidecarReadyTimeout)},
+						IfNode: &a.cfg.Node, IfRestarts: &sb.Restarts, IfResumes: &sb.Resumes})
 				}
 				return
 			case <-time.After(probeEvery):
@@ -154,6 +158,19 @@ func (a *Agent) waitSidecars(ctx context.Context, main state.Sandbox) error {
 	defer cancel()
 	g := main.Spec.Group
 	lastRead := time.Time{}
+	// Inspect says what the main waits for (once it has waited a moment), until it runs.
+	said, t0 := "", time.Now()
+	say := func(what string) {
+		if what != said {
+			said = what
+			a.update(main.ID, state.Update{Runtime: map[string]string{"sidecars": what}})
+		}
+	}
+	defer func() {
+		if said != "" {
+			say("")
+		}
+	}()
 	for {
 		waiting := ""
 		for _, m := range g.Members[1:] {
@@ -187,6 +204,18 @@ func (a *Agent) waitSidecars(ctx context.Context, main state.Sandbox) error {
 		}
 		if waiting == "" {
 			return nil
+		}
+		if time.Since(t0) > 2*time.Second {
+			check := ""
+			for _, m := range g.Members[1:] {
+				if m.Name == waiting {
+					check = m.Ready
+				}
+			}
+			if check == "" {
+				check = "its start"
+			}
+			say(fmt.Sprintf("waiting for sidecar %q to be ready (%s; at most %s)", waiting, check, sidecarReadyTimeout))
 		}
 		if time.Since(lastRead) >= time.Second {
 			lastRead = time.Now()

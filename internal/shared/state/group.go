@@ -36,6 +36,7 @@ type GroupMember struct {
 	Name     string    `json:"name"`
 	ID       string    `json:"id"`
 	Reserved Resources `json:"reserved"`
+	Ready    string    `json:"ready,omitempty"` // a sidecar's readiness check (its Spec.Ready)
 }
 
 const (
@@ -153,6 +154,8 @@ func checkGroup(members []Sandbox) error {
 		switch {
 		case ids[m.ID]:
 			return fmt.Errorf("%w: member %s twice in the group", ErrInvalid, m.ID)
+		case gm.Ready != m.Spec.Ready:
+			return fmt.Errorf("%w: member %q: the group records readiness check %q, its spec %q", ErrInvalid, gm.Name, gm.Ready, m.Spec.Ready)
 		case gm.Reserved != m.Spec.Reserved():
 			return fmt.Errorf("%w: member %q: the group records %+v reserved, its spec %+v", ErrInvalid, gm.Name, gm.Reserved, m.Spec.Reserved())
 		case gm.ID != m.ID:
@@ -250,6 +253,7 @@ func (f *fsm) groupEnded(main *Sandbox, t time.Time) {
 		next := cur.clone()
 		if next.StopRequestedAt.IsZero() {
 			next.StopRequestedAt, next.StopGrace = t, GroupStopGrace
+			next.StopReason = "stopped: its group's main ended (" + string(main.Status) + ")"
 		}
 		if next.Status == StatusPending && next.Node == "" || next.Status == StatusPaused {
 			code := 128 + 15

@@ -301,6 +301,11 @@ type Sandbox struct {
 	// (SIGTERM, then a kill after StopGrace) and the restart policy no longer applies.
 	StopRequestedAt time.Time     `json:"stop_requested_at,omitzero"`
 	StopGrace       time.Duration `json:"stop_grace,omitempty"`
+	// StopReason, set with a stop the control plane asked for (a sandbox group's), is
+	// the reason its end records instead of the node's ("stopped by request"); with
+	// StopFails the end is a failure (a group that a sidecar failed).
+	StopReason string `json:"stop_reason,omitempty"`
+	StopFails  bool   `json:"stop_fails,omitempty"`
 	// AccessToken opens the sandbox's private ports through the ingress (header
 	// Fireworks-Access-Token). Made at creation; shown only to its owner and admins.
 	AccessToken string `json:"access_token,omitempty"`
@@ -352,8 +357,11 @@ type Update struct {
 	// Restart re-runs the sandbox: it must come with Status pending, is allowed from any
 	// status (even a final one), clears the node and exit details and counts a restart.
 	Restart bool `json:"restart,omitempty"`
-	// StopGrace, when set, records a user's stop request (at Time) with this grace.
-	StopGrace *time.Duration `json:"stop_grace,omitempty"`
+	// StopGrace, when set, records a user's stop request (at Time) with this grace;
+	// StopReason and StopFails go with it (see Sandbox.StopReason).
+	StopGrace  *time.Duration `json:"stop_grace,omitempty"`
+	StopReason string         `json:"stop_reason,omitempty"`
+	StopFails  bool           `json:"stop_fails,omitempty"`
 	// IfNode, IfRestarts and IfResumes, when set, make the update apply only to that run
 	// of the sandbox (on that node, after that many restarts and resumes): a late report
 	// from an earlier run must not land on a new one.
@@ -550,6 +558,7 @@ func (sb *Sandbox) apply(u Update) error {
 	}
 	if u.StopGrace != nil && sb.StopRequestedAt.IsZero() {
 		sb.StopRequestedAt, sb.StopGrace = t, *u.StopGrace
+		sb.StopReason, sb.StopFails = boundReason(u.StopReason), u.StopFails
 		if m := sb.Migration; m != nil {
 			// A stop wins over a migration in progress: it cannot commit after this.
 			sb.endMigration(*m, t, "failed: the sandbox was stopped")
@@ -602,6 +611,13 @@ func (sb *Sandbox) apply(u Update) error {
 		to := *u.Status
 		if err := checkTransition(sb.Status, to); err != nil {
 			return err
+		}
+		if to.Terminal() && !sb.StopRequestedAt.IsZero() && sb.StopReason != "" && to != sb.Status {
+			// Stopped for a reason of the control plane's: that is how it ended.
+			u.Reason = sb.StopReason
+			if sb.StopFails {
+				to = StatusFailed
+			}
 		}
 		if to != sb.Status {
 			sb.Status = to
