@@ -58,9 +58,12 @@ Attached by default: output streams back and the exit code is the command's.
 IMAGE is a registry reference, oci:DIR[:TAG] or docker-archive:FILE[:TAG].
 Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed out.`,
 		Args: func(cmd *cobra.Command, args []string) error {
-			if f.groupFile != "" && len(args) > 0 {
-				// The file names the images and commands.
-				return fmt.Errorf("with -f, the file gives the image and the command: put %q in it", strings.Join(args, " "))
+			if f.groupFile != "" {
+				if len(args) > 0 {
+					// The file names the images and commands.
+					return fmt.Errorf("with -f, the file gives the image and the command: put %q in it", strings.Join(args, " "))
+				}
+				return nil
 			}
 			if f.snapshot != "" {
 				return nil // the image is the snapshot's; args are the command

@@ -132,7 +132,7 @@ func TestGroupMainTalksToSidecarByName(t *testing.T) {
 	if ls := fw(t, 0, "snapshot", "ls").stdout; !strings.Contains(ls, "group + db") || strings.Contains(ls, "grp-files/db") {
 		t.Errorf("snapshot ls shows the group's snapshot as:\n%s", ls)
 	}
-	if r := world.cli(ctx, nil, "snapshot", "rm", "grp-files/db"); r.code == 0 || !strings.Contains(r.stderr, "part of a group") {
+	if r := world.cli(ctx, nil, "snapshot", "rm", "grp-files/db"); r.code == 0 || !strings.Contains(r.stderr, "part of the sandbox group's snapshot grp-files") {
 		t.Errorf("rm of a part of a group's snapshot: exit %d %q", r.code, r.stderr)
 	}
 	if r := world.cli(ctx, nil, "run", "--rm", "--snapshot", "grp-files", "--", "sh", "-c", get("db:5432")); r.code != 0 || !strings.Contains(r.stdout, "pong-from-db") {
@@ -199,10 +199,16 @@ sidecars:
 		time.Sleep(300 * time.Millisecond)
 	}
 	d, _ := sb["details"].(map[string]any)
-	if sb["status"] != "exited" && sb["status"] != "failed" || !strings.Contains(fmt.Sprint(d["group"]), `sidecar "flaky"`) || !strings.Contains(fmt.Sprint(d["group"]), "exit code 4") {
-		t.Fatalf("after its sidecar exited 4 the main is %v, details %v", sb["status"], d)
+	if sb["status"] != "failed" || !strings.Contains(fmt.Sprint(sb["reason"]), `sidecar "flaky"`) || !strings.Contains(fmt.Sprint(d["group"]), "exit code 4") {
+		t.Fatalf("after its sidecar exited 4 the main is %v (%v), details %v", sb["status"], sb["reason"], d)
 	}
-	waitStatus(t, members["steady"], "exited")
+	steady := waitStatus(t, "grp-fail/steady", "exited") // named MAIN/NAME
+	if !strings.Contains(fmt.Sprint(steady["reason"]), "main ended") {
+		t.Errorf("the other sidecar, stopped with its main, says %q", steady["reason"])
+	}
+	if ps := fw(t, 0, "ps", "-a").stdout; !strings.Contains(ps, "grp-fail/steady") {
+		t.Errorf("ps does not name the sidecar grp-fail/steady:\n%s", ps)
+	}
 	// A bad group file is refused before anything is created, naming the mistake.
 	bad := filepath.Join(t.TempDir(), "bad.yaml")
 	os.WriteFile(bad, []byte("image: "+bb+"\nsidecars:\n  - name: DB\n    image: "+bb+"\n"), 0o644)
