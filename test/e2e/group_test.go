@@ -155,6 +155,25 @@ func TestGroupMainTalksToSidecarByName(t *testing.T) {
 	})
 	fw(t, 0, "rm", "-f", copyID)
 	fw(t, 0, "snapshot", "rm", "grp-mem", "grp-files")
+	// A fork of a member forks the whole group: a new group carrying on from the
+	// instant, whose main reaches its own db; the source runs on.
+	forkOut := strings.Fields(fw(t, 0, "fork", db).stdout)
+	if len(forkOut) != 1 {
+		t.Fatalf("fork of the group printed %q, want one new main's ID", forkOut)
+	}
+	forkMain := forkOut[0]
+	t.Cleanup(func() { world.cli(ctx, nil, "rm", "-f", forkMain) })
+	forkDB := groupMembers(t, forkMain)["db"]
+	if forkDB == "" || forkDB == db || forkMain == main {
+		t.Fatalf("the fork's group %v (source %s, %s)", groupMembers(t, forkMain), main, db)
+	}
+	waitStatus(t, forkDB, "running")
+	eventually(t, "the fork's main reaching its own db", func() (bool, string) {
+		out := world.cli(ctx, nil, "exec", forkMain, "--", "sh", "-c", get("db:5432")).stdout
+		return strings.Contains(out, "pong-from-db"), out
+	})
+	waitStatus(t, main, "running")
+	fw(t, 0, "rm", "-f", forkMain)
 	if ls := fw(t, 0, "snapshot", "ls").stdout; strings.Contains(ls, "grp-") {
 		t.Errorf("after removing the group's snapshots, snapshot ls shows:\n%s", ls)
 	}

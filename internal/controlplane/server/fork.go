@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"connectrpc.com/connect"
 
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/auth"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
@@ -85,8 +87,8 @@ func (h *sandboxService) ForkSandbox(ctx context.Context, req *connect.Request[p
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	if err := notForGroups(src, "fork"); err != nil {
-		return nil, err
+	if g := src.Spec.Group; g != nil && len(g.Members) > 1 {
+		return h.forkGroup(ctx, who, src, n)
 	}
 	if src, err = h.s.settled(ctx, src); err != nil {
 		return nil, toConnectError(err)
@@ -214,4 +216,126 @@ func connectMessage(err error) string {
 		return ce.Message()
 	}
 	return err.Error()
+}
+
+// forkGroup makes n copies of src's whole sandbox group from its members' saved states
+// (the running ones paused for the saves, at one moment, and resumed once the copies
+// run): each copy is a new group of the caller's, every member carrying on from the
+// saved instant, placed as one on one node. It answers with the copies' mains.
+func (h *sandboxService) forkGroup(ctx context.Context, who auth.Identity, src state.Sandbox, n int) (*connect.Response[pb.ForkSandboxResponse], error) {
+	members, err := h.s.groupOf(ctx, src)
+	if err != nil {
+		return nil, err
+	}
+	main := members[0]
+	var live []state.Sandbox
+	for _, m := range members {
+		if m, err = h.s.settled(ctx, m); err != nil {
+			return nil, toConnectError(err)
+		}
+		switch {
+		case m.Status.Terminal() && m.ID != main.ID:
+			continue // a sidecar that ended: the copies have none
+		case m.Status != state.StatusRunning && m.Status != state.StatusPaused:
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("sandbox %s (%q of the group of %s) is %s: a group is forked while all of it runs or is paused",
+				m.ID, main.Spec.Group.MemberName(m.ID), main.ID, m.Status))
+		}
+		if err := h.s.forksFit(m, n); err != nil {
+			return nil, err
+		}
+		check := m.Spec
+		if err := h.s.resolveVolumes(ctx, who, &check, nil); err != nil {
+			return nil, err
+		}
+		live = append(live, m)
+	}
+	var resumes []func()
+	defer func() {
+		for _, r := range resumes {
+			r()
+		}
+	}()
+	for i, m := range live {
+		got, resume, err := h.pauseForSave(ctx, m, "fork")
+		if err != nil {
+			return nil, err
+		}
+		live[i] = got
+		resumes = append(resumes, resume)
+	}
+	for _, m := range live[1:] {
+		if m.Saved.Node != live[0].Saved.Node {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the group of %s has its saved states on two nodes (%s, %s)", main.ID, live[0].Saved.Node, m.Saved.Node))
+		}
+	}
+	cp := h.s.cluster.ControlPlane
+	var mains, all []string
+	for range n {
+		now := h.s.now()
+		g := &state.Group{}
+		var copies []state.Sandbox
+		for _, m := range live {
+			spec := m.Spec
+			spec.ForkOf, spec.ForkNode, spec.ForkAddress, spec.Snapshot, spec.SnapshotNode = m.ID, m.Saved.Node, m.Saved.Address, "", ""
+			spec.PolicyAdmin = spec.PolicyAdmin && who.Admin()
+			c := state.Sandbox{ID: state.NewID(), Spec: spec, Status: state.StatusPending, Owner: who.TokenID, AccessToken: newAccessToken(), ImageDigest: m.ImageDigest,
+				CreatedAt: now, Events: []state.Event{{Time: now, Status: state.StatusPending, Reason: "forked from " + m.ID}}}
+			if len(copies) == 0 {
+				g.Main = c.ID
+			}
+			g.Members = append(g.Members, state.GroupMember{Name: main.Spec.Group.MemberName(m.ID), ID: c.ID, Reserved: spec.Reserved(), Ready: spec.Ready})
+			copies = append(copies, c)
+		}
+		for i := range copies {
+			copies[i].Spec.Group = g
+		}
+		var sched scheduler.Config
+		node := copies[0].Spec.ForkNode
+		if cp != nil {
+			node, sched = cp.Choose(copies[0])
+		}
+		if err := h.s.store.CreateGroup(ctx, copies, h.s.limits.quota(who.Admin()), node, sched); err != nil {
+			h.s.dropForks(ctx, all)
+			return nil, toConnectError(fmt.Errorf("fork %d of the group of %s: %w", len(mains)+1, main.ID, err))
+		}
+		for _, c := range copies {
+			all = append(all, c.ID)
+		}
+		mains = append(mains, copies[0].ID)
+		placed, err := h.s.store.GetSandbox(ctx, copies[0].ID)
+		if err != nil {
+			h.s.dropForks(ctx, all)
+			return nil, toConnectError(err)
+		}
+		if placed.Node == "" {
+			h.s.dropForks(ctx, all)
+			return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("fork %d of the group of %s: the cluster has room for %d of the %d copies of the group now",
+				len(mains), main.ID, len(mains)-1, n))
+		}
+	}
+	if cp != nil {
+		cp.Notify()
+	}
+	resp := &pb.ForkSandboxResponse{}
+	var failed []string
+	for _, id := range all {
+		wctx, cancel := context.WithTimeout(ctx, pauseWait)
+		sb, err := h.s.waitFor(wctx, id, true, func(sb state.Sandbox) bool {
+			return sb.Status == state.StatusRunning || sb.Status.Terminal()
+		})
+		cancel()
+		if err != nil {
+			return nil, toConnectError(fmt.Errorf("fork %s of the group of %s: %w", id, main.ID, err))
+		}
+		if sb.Status != state.StatusRunning {
+			failed = append(failed, fmt.Sprintf("%s is %s: %s", id, sb.Status, h.s.textFor(ctx, sb, sb.Reason)))
+		}
+		if slices.Contains(mains, id) {
+			resp.Forks = append(resp.Forks, h.s.view(ctx, sb))
+		}
+	}
+	if len(failed) > 0 {
+		return nil, connect.NewError(connect.CodeAborted, errors.New("copies of the group of "+main.ID+" did not start: "+strings.Join(failed, "; ")))
+	}
+	return connect.NewResponse(resp), nil
 }

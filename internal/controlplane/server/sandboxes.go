@@ -993,15 +993,6 @@ func (s *Server) validateSpec(spec *state.SandboxSpec) error {
 	return nil
 }
 
-// notForGroups refuses what does not act on sandbox groups yet (a fork): acting on one
-// member would leave the others behind.
-func notForGroups(sb state.Sandbox, what string) error {
-	if sb.Spec.Group == nil || len(sb.Spec.Group.Members) < 2 {
-		return nil
-	}
-	return connect.NewError(connect.CodeUnimplemented, fmt.Errorf("sandbox %s is a member of a sandbox group (main %s): %s does not act on sandbox groups yet", sb.ID, sb.Spec.Group.Main, what))
-}
-
 // snapshotSidecars are the sidecars a start from snapshot ref has: those of the group it
 // was taken of, each from its own part of the snapshot (none for a lone sandbox's
 // snapshot, whose sidecars are the ones asked for).

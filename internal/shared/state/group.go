@@ -166,8 +166,8 @@ func checkGroup(members []Sandbox) error {
 			return fmt.Errorf("%w: member %s has another owner", ErrInvalid, m.ID)
 		case names[gm.Name]:
 			return fmt.Errorf("%w: two members named %q", ErrInvalid, gm.Name)
-		case m.Spec.ForkOf != "":
-			return fmt.Errorf("%w: member %q: a group member starts from its image or a snapshot (not a fork)", ErrInvalid, gm.Name)
+		case m.Spec.ForkNode != main.Spec.ForkNode:
+			return fmt.Errorf("%w: member %q is forked from a saved state on another node than its main's (a group starts on one node)", ErrInvalid, gm.Name)
 		case m.Spec.SnapshotNode != main.Spec.SnapshotNode:
 			return fmt.Errorf("%w: member %q starts from a snapshot on another node than its main's (a group starts on one node)", ErrInvalid, gm.Name)
 		case m.Spec.Network == NetworkNone:
