@@ -64,6 +64,21 @@ func writeSandboxText(w io.Writer, sb *pb.Sandbox) {
 		status += ": " + r
 	}
 	row("Status", status)
+	if g := sb.GetGroup(); g != nil {
+		var ms []string
+		for _, m := range g.GetMembers() {
+			me := ""
+			if m.GetId() == sb.GetId() {
+				me = ", this one"
+			}
+			check := ""
+			if r := m.GetReady(); r != "" {
+				check = ", ready " + r
+			}
+			ms = append(ms, fmt.Sprintf("%s (%s%s%s)", m.GetName(), short(m.GetId()), check, me))
+		}
+		row("Group", strings.Join(ms, "; "))
+	}
 	if sv := sb.GetSaved(); sv != nil {
 		row("Saved state", fmt.Sprintf("%.1f MiB on node %s, taken %s", float64(sv.GetBytes())/(1<<20), sv.GetNode(), tsText(sv.GetAt())))
 	}
