@@ -249,6 +249,17 @@ func (h *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request
 				sb.ID, sb.Spec.Group.MemberName(sb.ID), main.ID, main.Status))
 		}
 	}
+	if sb.IsGroupMain() && req.Msg.GetForce() && !sb.Status.Terminal() {
+		// rm -f kills the whole group at once: its sidecars first, without the grace
+		// they would get when the main ends.
+		for _, gm := range sb.Spec.Group.Members[1:] {
+			if sc, err := h.s.store.GetSandbox(ctx, gm.ID); err == nil && sc.Owner == sb.Owner && !sc.Status.Terminal() {
+				if err := h.s.stop(ctx, sc, 0); err != nil {
+					return nil, toConnectError(fmt.Errorf("kill sidecar %q (%s) of %s: %w", gm.Name, gm.ID, sb.ID, err))
+				}
+			}
+		}
+	}
 	if err := h.remove(ctx, sb, req.Msg.GetForce()); err != nil {
 		return nil, err
 	}
