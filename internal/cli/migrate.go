@@ -28,6 +28,10 @@ func newMigrateCmd(g *globals) *cobra.Command {
 			}
 			m := r.Msg.GetMigration()
 			fmt.Fprintf(g.stdout, "%s migrated from %s to %s: %s\n", r.Msg.GetSandbox().GetId(), m.GetFrom(), m.GetTo(), migrationText(m))
+			if n := len(r.Msg.GetSandbox().GetGroup().GetMembers()); n > 1 {
+				// The whole group moved, each member live (inspect shows each one's).
+				fmt.Fprintf(g.stdout, "(with its sandbox group: %d members, all now on %s)\n", n, m.GetTo())
+			}
 			return nil
 		},
 	}

@@ -239,3 +239,20 @@ sidecars:
 		t.Errorf("a misspelt key: exit %d %q", r.code, r.stderr)
 	}
 }
+
+// A group from what users bring: a Debian root (glibc, its NSS reading /etc/hosts) as the
+// main, talking by name to a busybox sidecar with bash's /dev/tcp; and as a sidecar, whose
+// hostname is its name and which resolves the main.
+func TestGroupWithDebianMembers(t *testing.T) {
+	need(t)
+	ctx := context.Background()
+	deb, bb := debianImage(t), image("busybox:latest")
+	server := "mkdir -p /tmp/www; echo pong-from-$(hostname) > /tmp/www/index.html; exec httpd -f -p 5432 -h /tmp/www"
+	r := world.cli(ctx, nil, "run", "--rm",
+		"--sidecar", "name=web,image="+bb+",ready=tcp:5432,cmd=sh -c '"+server+"'",
+		"--sidecar", "name=deb,image="+deb+",cmd=sleep 600",
+		deb, "--", "bash", "-c", `getent hosts web deb main && exec 3<>/dev/tcp/web/5432 && printf 'GET / HTTP/1.0\r\n\r\n' >&3 && cat <&3`)
+	if r.code != 0 || !strings.Contains(r.stdout, "pong-from-web") || !strings.Contains(r.stdout, "169.254.20.11") || !strings.Contains(r.stdout, "169.254.20.12") {
+		t.Fatalf("a Debian main reaching its busybox sidecar by name: exit %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
+	}
+}
