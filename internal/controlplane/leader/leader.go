@@ -521,10 +521,7 @@ func (m *Manager) drainGroup(ctx context.Context, now time.Time, nodes []state.N
 		if err != nil {
 			return 0, "", err
 		}
-		extra := state.GroupReserved(main)
-		req.Resources.VCPUs += extra.VCPUs
-		req.Resources.MemoryMiB += extra.MemoryMiB
-		req.Resources.DiskMiB += extra.DiskMiB
+		state.ReserveMore(&req, state.GroupReserved(main))
 		req.Avoid = n.ID
 		p, err := sched.Place(req)
 		if err != nil {
@@ -639,7 +636,7 @@ func (m *Manager) restart(ctx context.Context, now time.Time, sbs []state.Sandbo
 			// failed and does not run again fails its group.
 			if sb.IsSidecar() && !(sb.Status == state.StatusExited && sb.ExitCode == 0 && sb.Signal == 0) {
 				errs = append(errs, m.failGroup(ctx, now, sbs, sb, fmt.Sprintf("ended (%s), and its restart policy (%s) does not run it again",
-					endOf(sb), cmp.Or(string(sb.Spec.Restart), string(state.RestartNever)))))
+					sb.EndText(), cmp.Or(string(sb.Spec.Restart), string(state.RestartNever)))))
 			}
 			continue
 		}
@@ -668,7 +665,7 @@ func (m *Manager) restart(ctx context.Context, now time.Time, sbs []state.Sandbo
 				m.log.Warn("sandbox keeps ending; restart limit reached", "sandbox", sb.ID, "restarts", sb.Restarts)
 			}
 			if sb.IsSidecar() {
-				errs = append(errs, m.failGroup(ctx, now, sbs, sb, fmt.Sprintf("ended (%s) and reached its restart limit", endOf(sb))))
+				errs = append(errs, m.failGroup(ctx, now, sbs, sb, fmt.Sprintf("ended (%s) and reached its restart limit", sb.EndText())))
 			}
 			continue
 		}
@@ -714,19 +711,6 @@ func (m *Manager) failGroup(ctx context.Context, now time.Time, sbs []state.Sand
 
 // groupDetail is the Sandbox.Runtime key saying why a group's main was stopped.
 const groupDetail = "group"
-
-// endOf says how sb ended, in a few words.
-func endOf(sb state.Sandbox) string {
-	switch sb.Status {
-	case state.StatusExited:
-		if sb.Signal != 0 {
-			return fmt.Sprintf("killed by signal %d", sb.Signal)
-		}
-		return fmt.Sprintf("exit code %d", sb.ExitCode)
-	default:
-		return string(sb.Status) + ": " + sb.Reason
-	}
-}
 
 // restartDetail is the Sandbox.Runtime key saying why the restart policy stopped applying.
 const restartDetail = "restart"

@@ -103,9 +103,7 @@ func (s *Server) migrationTarget(sb state.Sandbox, to string, extra state.Resour
 	if err != nil {
 		return state.Node{}, toConnectError(err)
 	}
-	req.Resources.VCPUs += extra.VCPUs
-	req.Resources.MemoryMiB += extra.MemoryMiB
-	req.Resources.DiskMiB += extra.DiskMiB
+	state.ReserveMore(&req, extra)
 	others := 0
 	for _, n := range nodes {
 		if n.ID != sb.Node {

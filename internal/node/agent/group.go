@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"strconv"
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
@@ -199,7 +198,7 @@ func (a *Agent) waitSidecars(ctx context.Context, main state.Sandbox) error {
 				return fmt.Errorf("sidecar %q (%s) is gone", m.Name, m.ID)
 			}
 			if err == nil && sb.Status.Terminal() {
-				return fmt.Errorf("sidecar %q (%s) ended before it was ready: %s", m.Name, m.ID, endReason(sb))
+				return fmt.Errorf("sidecar %q (%s) ended before it was ready: %s", m.Name, m.ID, sb.EndText())
 			}
 		}
 		if waiting == "" {
@@ -229,17 +228,6 @@ func (a *Agent) waitSidecars(ctx context.Context, main state.Sandbox) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-}
-
-// endReason says how sb ended.
-func endReason(sb state.Sandbox) string {
-	if sb.Status == state.StatusExited {
-		if sb.Signal != 0 {
-			return "killed by signal " + strconv.Itoa(sb.Signal)
-		}
-		return "exit code " + strconv.Itoa(sb.ExitCode)
-	}
-	return string(sb.Status) + ": " + sb.Reason
 }
 
 // markGroupReady says the sidecar is ready (once; a sandbox made without the channel

@@ -57,23 +57,15 @@ func (sb Sandbox) IsGroupMain() bool {
 	return sb.Spec.Group != nil && sb.Spec.Group.Main == sb.ID && len(sb.Spec.Group.Members) > 1
 }
 
-// Index is the position of member id in g (the main is 0), or -1.
-func (g *Group) Index(id string) int {
-	if g == nil {
-		return -1
-	}
-	for i, m := range g.Members {
-		if m.ID == id {
-			return i
-		}
-	}
-	return -1
-}
-
 // MemberName is id's name in g ("" if it is not a member).
 func (g *Group) MemberName(id string) string {
-	if i := g.Index(id); i >= 0 {
-		return g.Members[i].Name
+	if g == nil {
+		return ""
+	}
+	for _, m := range g.Members {
+		if m.ID == id {
+			return m.Name
+		}
 	}
 	return ""
 }
@@ -264,3 +256,15 @@ func (f *fsm) groupEnded(main *Sandbox, t time.Time) {
 }
 
 func status(s Status) *Status { return &s }
+
+// EndText says how an ended sandbox ended, in a few words: "exit code 3", "killed by
+// signal 9", or its status and reason.
+func (sb Sandbox) EndText() string {
+	if sb.Status == StatusExited {
+		if sb.Signal != 0 {
+			return "killed by signal " + strconv.Itoa(sb.Signal)
+		}
+		return "exit code " + strconv.Itoa(sb.ExitCode)
+	}
+	return string(sb.Status) + ": " + sb.Reason
+}

@@ -115,10 +115,7 @@ func SchedulerRequest(sb Sandbox) (scheduler.Request, error) {
 		// The main's first placement is the group's: room for every member on one node
 		// (its sidecars go with it). Later (a resume, a migration) each member counts
 		// for itself.
-		g := GroupReserved(sb)
-		req.Resources.VCPUs += g.VCPUs
-		req.Resources.MemoryMiB += g.MemoryMiB
-		req.Resources.DiskMiB += g.DiskMiB
+		ReserveMore(&req, GroupReserved(sb))
 	}
 	if sb.Spec.VolumeNode != "" && req.Node == "" {
 		// A volume's data is on its node, which serves it only to sandboxes there.
@@ -264,4 +261,11 @@ func GroupReserved(main Sandbox) Resources {
 		r.DiskMiB += m.Reserved.DiskMiB
 	}
 	return r
+}
+
+// ReserveMore adds r to what req asks a node for (a group's other members' room).
+func ReserveMore(req *scheduler.Request, r Resources) {
+	req.Resources.VCPUs += r.VCPUs
+	req.Resources.MemoryMiB += r.MemoryMiB
+	req.Resources.DiskMiB += r.DiskMiB
 }
