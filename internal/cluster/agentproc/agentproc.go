@@ -66,6 +66,7 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 	cfg.Agent.Node = id.Node
 	cfg.Agent.FetchSaved = savedFetcher(id)
 	cfg.Agent.DialMigration = migrationDialer(id)
+	cfg.Agent.DialVolume = volumeDialer(id)
 	link := agentlink.New(id, cfg.Servers, log)
 	ag, err := agent.New(ctx, cfg.Agent, link)
 	if err != nil {

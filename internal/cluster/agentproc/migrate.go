@@ -2,10 +2,12 @@ package agentproc
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -27,14 +29,45 @@ func migrationDialer(id *agentlink.Identity) agent.MigrationDialer {
 		}
 		// HTTP/2: the disk mirror's connections and the stream share one TLS connection,
 		// and a disk call is full duplex.
-		tr := &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: true, IdleConnTimeout: time.Minute, TLSHandshakeTimeout: 10 * time.Second,
-			// A target that stops answering (a partition, a hung node) is found out: the
-			// calls' contexts bound them, and a disk call outlives its dial.
-			HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 10 * time.Second}}
-		var d net.Dialer
-		d.Timeout = 10 * time.Second
-		tr.DialContext = d.DialContext
-		return &httpPeer{base: "https://" + m.ToAddress + nodeapi.MigratePath, c: &http.Client{Transport: tr}, node: m.To}, nil
+		return &httpPeer{base: "https://" + m.ToAddress + nodeapi.MigratePath, c: &http.Client{Transport: duplexTransport(tc)}, node: m.To}, nil
+	}
+}
+
+// duplexTransport is HTTP/2 to one peer node with tc, for full-duplex streams that may
+// outlive their dial.
+func duplexTransport(tc *tls.Config) *http.Transport {
+	tr := &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: true, IdleConnTimeout: time.Minute, TLSHandshakeTimeout: 10 * time.Second,
+		// A peer that stops answering (a partition, a hung node) is found out: the calls'
+		// contexts bound them until answered, and the pings after.
+		HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 10 * time.Second}}
+	var d net.Dialer
+	d.Timeout = 10 * time.Second
+	tr.DialContext = d.DialContext
+	return tr
+}
+
+// volumeDialer relays the volume connections of this node's sandboxes to the nodes
+// holding their volumes (see agent.VolumeDialer): node to node over the cluster's mutual
+// TLS, the holder's certificate checked to be that node's; one HTTP/2 connection per
+// node, kept.
+func volumeDialer(id *agentlink.Identity) agent.VolumeDialer {
+	var mu sync.Mutex
+	clients := map[string]*http.Client{} // by node and address
+	return func(ctx context.Context, node, address, sandbox string, index int) (net.Conn, error) {
+		key := node + "\x00" + address
+		mu.Lock()
+		c := clients[key]
+		if c == nil {
+			tc, err := nodePeerTLS(id, node, address)
+			if err != nil {
+				mu.Unlock()
+				return nil, err
+			}
+			c = &http.Client{Transport: duplexTransport(tc)}
+			clients[key] = c
+		}
+		mu.Unlock()
+		return dialDuplex(ctx, c, "https://"+address+nodeapi.VolumePath+sandbox+"/"+strconv.Itoa(index), "volume stream to node "+node)
 	}
 }
 
@@ -86,14 +119,33 @@ func (p *httpPeer) Switch(ctx context.Context, id, mid string, body io.Reader) e
 // Disk opens a full-duplex call to the target's disk service: what is written goes in
 // the request body, what comes back is the response body.
 func (p *httpPeer) Disk(ctx context.Context, id, mid string) (net.Conn, error) {
+	return dialDuplex(ctx, p.c, p.base+id+"/"+mid+"/disk", "migration disk to node "+p.node)
+}
+
+// dialDuplex opens a full-duplex POST to url as a net.Conn: what is written goes in the
+// request body, what comes back is the response body. The call lives as long as the
+// connection, not as ctx, which bounds it until the peer has answered.
+func dialDuplex(ctx context.Context, c *http.Client, url, what string) (net.Conn, error) {
 	pr, pw := io.Pipe()
-	// The call lives as long as the connection, not as the dial's context; that bounds
-	// it until the target has answered.
 	cctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	stop := context.AfterFunc(ctx, cancel)
-	resp, err := p.call(cctx, id, mid, "disk", pr)
+	req, err := http.NewRequestWithContext(cctx, http.MethodPost, url, pr)
+	if err != nil {
+		stop()
+		cancel()
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/octet-stream")
+	resp, err := c.Do(req)
+	if err != nil {
+		err = fmt.Errorf("%s: %w", what, err)
+	} else if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		err = fmt.Errorf("%s refused: %s", what, strings.TrimSpace(string(b)))
+	}
 	if !stop() && err == nil {
-		err = fmt.Errorf("migration disk to node %s: %w", p.node, context.Cause(ctx))
+		err = fmt.Errorf("%s: %w", what, context.Cause(ctx))
 		resp.Body.Close()
 	}
 	if err != nil {
@@ -105,7 +157,7 @@ func (p *httpPeer) Disk(ctx context.Context, id, mid string) (net.Conn, error) {
 }
 
 // streamConn is a net.Conn over a request body being written and a response body being
-// read (no deadlines: the mirror's owner ends it by closing).
+// read (no deadlines: its owner ends it by closing).
 type streamConn struct {
 	w      *io.PipeWriter
 	r      io.ReadCloser
@@ -132,5 +184,5 @@ func (c *streamConn) SetWriteDeadline(time.Time) error { return nil }
 
 type streamAddr struct{}
 
-func (streamAddr) Network() string { return "migration" }
-func (streamAddr) String() string  { return "migration" }
+func (streamAddr) Network() string { return "node-stream" }
+func (streamAddr) String() string  { return "node-stream" }

@@ -416,18 +416,6 @@ func (m *Manager) drain(ctx context.Context, now time.Time, nodes []state.Node, 
 				errs = append(errs, m.replace(ctx, now, sb, "drained from node "+n.ID))
 				continue
 			}
-			if sb.Spec.VolumeNode == n.ID {
-				// Its volumes' data is on this node: no other node can run it, live or
-				// afresh.
-				note := fmt.Sprintf("stays on draining node %s: it mounts volumes, whose data is on that node (remove the sandbox, or the volumes, to empty the node)", n.ID)
-				if sb.Runtime[drainDetail] != note {
-					if _, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{Runtime: map[string]string{drainDetail: note}, Time: now}); err != nil {
-						errs = append(errs, err)
-					}
-					m.log.Warn("sandbox stays on a draining node: its volumes are there", "sandbox", sb.ID, "node", n.ID)
-				}
-				continue
-			}
 			why := failedSince(sb, n.DrainingSince)
 			if why == "" {
 				if inflight >= maxDrainMigrations {

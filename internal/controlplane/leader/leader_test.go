@@ -664,32 +664,45 @@ func TestResumeOrphanedPauses(t *testing.T) {
 
 // A sandbox whose volumes are on a draining node stays there, whatever its restart
 // policy: no other node could run it. Its details say why.
-func TestDrainLeavesVolumeSandboxes(t *testing.T) {
+// A sandbox with volumes goes to its volumes' node while that has room (though
+// another has more), to another node when it has none (which relays the volume traffic),
+// and a drain of the volumes' node migrates it away live like any other.
+func TestVolumeSandboxesPreferTheirNodeAndDrainLive(t *testing.T) {
 	e := newEnv(t)
-	e.node("n1", 8, 4096, nil)
+	e.node("n1", 2, 1024, nil)
 	e.node("n2", 8, 4096, nil)
 	if _, err := e.store.PutVolume(e.ctx, state.Volume{ID: "0123456789abcdef", Name: "data", Node: "n1", SizeMiB: 64, CreatedAt: e.clock.Now()}, 0); err != nil {
 		t.Fatal(err)
 	}
-	sb := state.Sandbox{ID: "vol", Spec: state.SandboxSpec{Image: "alpine", MemoryMiB: 256, Restart: state.RestartAlways,
-		Volumes: []state.VolumeMount{{Volume: "0123456789abcdef", Path: "/data"}}, VolumeNode: "n1"}, CreatedAt: e.clock.Now()}
-	if err := e.store.CreateSandbox(e.ctx, sb); err != nil {
-		t.Fatal(err)
+	mk := func(id string, mem int) {
+		t.Helper()
+		sb := state.Sandbox{ID: id, Spec: state.SandboxSpec{Image: "alpine", MemoryMiB: mem, Restart: state.RestartAlways,
+			Volumes: []state.VolumeMount{{Volume: "0123456789abcdef", Path: "/data"}}, VolumeNode: "n1"}, CreatedAt: e.clock.Now()}
+		if err := e.store.CreateSandbox(e.ctx, sb); err != nil {
+			t.Fatal(err)
+		}
 	}
+	mk("vol", 768)
 	e.pass()
 	if got := e.get("vol"); got.Node != "n1" {
-		t.Fatalf("the volume's sandbox was placed on %q, not on the volume's node", got.Node)
+		t.Fatalf("the volume's sandbox was placed on %q, not on the volume's node (which has room)", got.Node)
 	}
 	e.run("vol")
+	mk("vol2", 768)
+	e.pass()
+	if got := e.get("vol2"); got.Node != "n2" {
+		t.Fatalf("a volume's sandbox with no room on the volume's node was placed on %q, want n2", got.Node)
+	}
 	if _, err := e.store.UpdateNode(e.ctx, "n1", state.NodeUpdate{Draining: ptr(true), Time: e.clock.Now()}); err != nil {
 		t.Fatal(err)
 	}
 	e.pass()
-	e.pass()
 	got := e.get("vol")
-	if got.Node != "n1" || got.Status != state.StatusRunning || got.Migration != nil || got.Restarts != 0 ||
-		!strings.Contains(got.Runtime["drain"], "it mounts volumes, whose data is on that node") {
-		t.Fatalf("the volume's sandbox on a draining node: %s on %q migration %v restarts %d details %v", got.Status, got.Node, got.Migration, got.Restarts, got.Runtime)
+	if got.Node != "n1" || got.Status != state.StatusRunning || got.Migration == nil || got.Migration.To != "n2" || got.Restarts != 0 {
+		t.Fatalf("the volume's sandbox on its draining node: %s on %q migration %v restarts %d details %v (want a live migration to n2)", got.Status, got.Node, got.Migration, got.Restarts, got.Runtime)
+	}
+	if on := got.VolumesOn(); on != "n1" {
+		t.Fatalf("while it migrates, its volumes are served by %q, want n1", on)
 	}
 }
 

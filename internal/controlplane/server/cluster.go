@@ -261,9 +261,10 @@ func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request
 			}
 		}
 		for _, sb := range h.s.store.LocalSandboxes() {
-			// Its own, and those whose files it holds (a saved state being resumed
-			// elsewhere, a fork's source: it serves them to the node starting it).
-			if sb.Node != node && sb.FilesOn() != node && sb.MigratingTo() != node {
+			// Its own, and those it has a part in: whose files it holds (a saved state
+			// being resumed elsewhere, a fork's source: it serves them to the node
+			// starting it), whose migration comes to it, whose volumes it serves.
+			if !sb.Involves(node) {
 				continue
 			}
 			b, err := json.Marshal(sb)

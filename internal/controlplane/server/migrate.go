@@ -121,11 +121,6 @@ func (s *Server) migrationTarget(sb state.Sandbox, to string, extra state.Resour
 		}
 		return state.Node{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("node %s is not ready", sb.Node))
 	}
-	if sb.Spec.VolumeNode != "" {
-		// Its volumes' data is on its node, whose servers serve it to sandboxes there.
-		return state.Node{}, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf(
-			"sandbox %s mounts volumes, whose data is on its node %s: it can move only within that node (migrate --to %s)", sb.ID, sb.Node, sb.Node))
-	}
 	req.Avoid = sb.Node
 	if to != "" {
 		known := false

@@ -154,19 +154,8 @@ func (h *sandboxService) group(ctx context.Context, who auth.Identity, main stat
 		g.Members = append(g.Members, state.GroupMember{Name: name, ID: m.ID, Reserved: spec.Reserved(), Ready: spec.Ready})
 		members = append(members, m)
 	}
-	// The group runs on one node: the one holding any member's volumes.
-	volumeNode := ""
 	for i := range members {
 		members[i].Spec.Group = g
-		if v := members[i].Spec.VolumeNode; v != "" {
-			if volumeNode != "" && v != volumeNode {
-				return nil, toConnectError(invalid("the group's volumes are on two nodes (%s and %s), and a group runs on one", volumeNode, v))
-			}
-			volumeNode = v
-		}
-	}
-	if volumeNode != "" {
-		members[0].Spec.VolumeNode = volumeNode
 	}
 	return members, nil
 }

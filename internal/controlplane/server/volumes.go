@@ -228,7 +228,8 @@ func (h *volumeService) ShareVolume(ctx context.Context, req *connect.Request[pb
 }
 
 // resolveVolumes fills in a create's mounts from the volumes they name (the caller's
-// own; an admin's call may name any token's) and pins the sandbox to their node.
+// own; an admin's call may name any token's) and their node, which the scheduler
+// prefers for the sandbox.
 // Mounts already by ID (a snapshot with memory carries its sandbox's) are checked the
 // same way: the caller must be allowed each volume.
 func (s *Server) resolveVolumes(ctx context.Context, who auth.Identity, spec *state.SandboxSpec, given []*pb.VolumeMount) error {
@@ -240,7 +241,7 @@ func (s *Server) resolveVolumes(ctx context.Context, who auth.Identity, spec *st
 			spec.Volumes = append(spec.Volumes, state.VolumeMount{Volume: m.GetVolume(), Path: m.GetPath(), ReadOnly: m.GetReadOnly()})
 		}
 	}
-	spec.VolumeNode = ""
+	spec.VolumeNode, spec.VolumeAddress = "", ""
 	if len(spec.Volumes) == 0 {
 		return nil
 	}
@@ -273,9 +274,12 @@ func (s *Server) resolveVolumes(ctx context.Context, who auth.Identity, spec *st
 		seen[m.Path], seenVol[v.ID] = true, true
 		spec.Volumes[i].Volume, spec.VolumeNode = v.ID, v.Node
 	}
-	if spec.SnapshotNode != "" && spec.SnapshotNode != spec.VolumeNode {
-		return toConnectError(invalid("the snapshot and the volumes are on different nodes"))
+	// A node that runs the sandbox elsewhere relays its volume traffic to theirs, there.
+	n, err := s.store.GetNode(ctx, spec.VolumeNode)
+	if err != nil {
+		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the node of volume %s: %w", spec.Volumes[0].Volume, err))
 	}
+	spec.VolumeAddress = n.Address
 	return nil
 }
 

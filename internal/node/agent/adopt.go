@@ -116,11 +116,18 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 			return fmt.Errorf("sandbox network: %w", err)
 		}
 	}
-	var vols *volServer
-	if mounts := rec.Sandbox.Spec.Volumes; len(mounts) > 0 && sn != nil {
+	var vols volumeService
+	if use := volumesOf(rec.Sandbox.ID, rec.Sandbox.Spec); len(use.mounts) > 0 && sn != nil {
 		// Its server outlived the earlier agent (it is a process of its own); one that did
-		// not is started again, and the guest's client reconnects.
-		if vols, err = a.vms.adoptVolumes(ctx, dir, filepath.Join("/run/netns", sn.Namespace()), mounts); err != nil {
+		// not is started again, and the guest's client reconnects. A relay to the
+		// volumes' node died with that agent: this one relays from now on.
+		nsPath := filepath.Join("/run/netns", sn.Namespace())
+		if use.node != "" && use.node != a.cfg.Node {
+			vols, err = a.vms.relayVolumes(nsPath, use)
+		} else {
+			vols, err = a.vms.adoptVolumes(ctx, dir, nsPath, filepath.Base(dir), use.mounts)
+		}
+		if err != nil {
 			return fmt.Errorf("volume server: %w", err)
 		}
 		defer func() {

@@ -115,6 +115,10 @@ type Config struct {
 	// DialMigration, if set, reaches the agents of other nodes to migrate sandboxes to
 	// them (the cluster's agent gives one; dev, one node, does not).
 	DialMigration MigrationDialer
+	// DialVolume, if set, reaches the volume servers of other nodes for the sandboxes
+	// here that mount their volumes (the cluster's agent gives one; dev, one node, does
+	// not).
+	DialVolume VolumeDialer
 }
 
 // debianAssets is the default of Config.Assets: Debian's cloud kernel (apt-get download)
@@ -154,6 +158,11 @@ type Agent struct {
 	ctx    context.Context // lifetime of all sandbox goroutines: a VM's life never hangs off a request
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	// relays are the volume servers this node runs for sandboxes on other nodes, by
+	// sandbox (see volumerelay.go).
+	relayMu sync.Mutex
+	relays  map[string]*relayedServer
 
 	mu   sync.Mutex
 	live map[string]*sandbox
@@ -273,7 +282,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if cfg.Assets == nil {
 		cfg.Assets = debianAssets(cfg.InitBinary)
 	}
-	m := &vms{runRoot: a.runRoot(), scratchMiB: cfg.ScratchMiB, bootTimeout: cfg.BootTimeout, log: a.log}
+	m := &vms{runRoot: a.runRoot(), scratchMiB: cfg.ScratchMiB, bootTimeout: cfg.BootTimeout, node: cfg.Node, dialVolume: cfg.DialVolume, log: a.log}
 	a.vms = m
 	if m.volumes, err = volume.NewStore(filepath.Join(cfg.DataDir, "volumes"), volumeServerUID, volumeServerUID); err != nil {
 		return nil, err
@@ -372,6 +381,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if err := a.recover(ctx); err != nil {
 		return nil, err
 	}
+	a.adoptRelays(ctx)
 	if err := a.templates.open(); err != nil {
 		return nil, err
 	}
@@ -681,6 +691,7 @@ func (a *Agent) Close() error {
 	a.pools.close()
 	a.slots.drop("")
 	a.net.Close()
+	a.releaseRelays()
 	a.unmountVolumes()
 	if a.vms.volumeServerBin != "" {
 		// Running servers keep their copy (their jails' binds hold it).

@@ -514,7 +514,7 @@ func (a *Agent) migrateVMStep(r *startRun) (err error) {
 	defer cancel()
 	h, err := a.vms.startVM(ctx, vmInput{id: cmp.Or(in.vmName, sb.ID), dir: s.dir, rootDisk: r.rootDisk, vcpus: rec.VCPUs, mem: rec.MemoryMiB,
 		net: sb.Spec.Network != state.NetworkNone, policy: policyOf(sb.Spec), incoming: snap, scratchBytes: in.hdr.ScratchBytes,
-		volumes: sb.Spec.Volumes})
+		volumes: volumesOf(sb.ID, sb.Spec)})
 	if err == nil && in.carried.Stats == (state.MigrationStats{}) && in.carried.Ran == 0 {
 		// Cannot be: the VM runs only after a switch-over (see beforeResume).
 		h.undo()

@@ -519,7 +519,7 @@ func (a *Agent) savedVMStep(r *startRun) error {
 		r.ph.mark("flatten")
 	}
 	in := vmInput{id: sb.ID, dir: s.dir, rootDisk: r.rootDisk, vcpus: rec.VCPUs, mem: rec.MemoryMiB,
-		saved: files, savedCopy: fork, net: withNet, policy: policyOf(sb.Spec), volumes: sb.Spec.Volumes}
+		saved: files, savedCopy: fork, net: withNet, policy: policyOf(sb.Spec), volumes: volumesOf(sb.ID, sb.Spec)}
 	h, err := a.vms.startVM(r.ctx, in)
 	if err != nil {
 		return fmt.Errorf("restore the saved VM: %v", err)

@@ -21,6 +21,7 @@ import (
 // start is keyed by the sandbox's incarnation (ID and restart count): each incarnation is
 // started at most once by this process, whatever the snapshots say afterwards.
 func (a *Agent) Reconcile(ctx context.Context, desired []state.Sandbox) {
+	a.sweepRelays(desired)
 	want := make(map[string]state.Sandbox, len(desired))
 	holding := map[string]bool{}  // saved states this node keeps for a resume elsewhere
 	coming := map[string]string{} // migrations in progress to this node, by sandbox

@@ -292,7 +292,7 @@ func (a *Agent) acquireVMStep(r *startRun) error {
 		if r.h.net == nil {
 			return errors.New("volumes need the sandbox's network (they are served on it)")
 		}
-		v, err := a.vms.serveVolumes(r.ctx, s.dir, filepath.Join("/run/netns", r.h.net.Namespace()), sb.Spec.Volumes)
+		v, err := a.vms.serveVolumes(r.ctx, s.dir, filepath.Join("/run/netns", r.h.net.Namespace()), volumesOf(sb.ID, sb.Spec))
 		if err != nil {
 			return fmt.Errorf("serve the sandbox's volumes: %v", err)
 		}
@@ -336,7 +336,7 @@ func (a *Agent) restoreOrBoot(r *startRun, mode state.BootMode, withNet bool) (*
 	// A placed sandbox always fits: end warm VMs that hold its capacity.
 	a.pools.makeRoom()
 	in := vmInput{id: sb.ID, dir: s.dir, rootDisk: r.rootDisk, vcpus: sb.Spec.VCPUs, mem: sb.Spec.MemoryMiB, net: withNet, policy: policyOf(sb.Spec),
-		scratchFrom: r.scratchFrom, volumes: sb.Spec.Volumes}
+		scratchFrom: r.scratchFrom, volumes: volumesOf(sb.ID, sb.Spec)}
 	r.how = "cold"
 	var tmpl *template
 	if mode != state.BootCold {

@@ -17,7 +17,6 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
 	"github.com/fireworks-sandbox/fireworks/internal/node/volume"
-	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // vms makes this node's VMs: scratch disk, guest channel, network, the VMM (a boot or a
@@ -44,7 +43,11 @@ type vms struct {
 	// volumeServerErr why there is none.
 	volumeServerBin string
 	volumeServerErr error
-	log             *slog.Logger
+	// node is this node's name; dialVolume reaches the volumes of other nodes (nil: it
+	// cannot, one node).
+	node       string
+	dialVolume VolumeDialer
+	log        *slog.Logger
 }
 
 // vmInput is one VM to start for a sandbox or a warm pool.
@@ -78,7 +81,7 @@ type vmInput struct {
 	scratchBytes int64
 	// volumes, with net, get a volume server in the VM's namespace before the VM runs
 	// (a restored guest's client reconnects to it at once).
-	volumes []state.VolumeMount
+	volumes volumeUse
 }
 
 // savedFiles are a paused sandbox's VM files (see pause.go); mem, if set, is a flattened
@@ -92,7 +95,7 @@ type vmHandle struct {
 	ln      net.Listener
 	scratch string
 	net     SandboxNet    // nil without a network
-	vols    *volServer    // nil without volumes
+	vols    volumeService // nil without volumes
 	tap     *os.File      // the tap for the VMM, closed once the VMM has its own copy
 	netTime time.Duration // making the network (namespace, NAT, programs)
 	vmmTime time.Duration // VMM create and start (with a restore: loading the state)
@@ -171,12 +174,12 @@ func (m *vms) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHa
 		}
 		nics = []vmm.NIC{{Tap: h.tap, MAC: network.GuestMAC}}
 		h.netTime = time.Since(tn)
-		if len(in.volumes) > 0 {
+		if len(in.volumes.mounts) > 0 {
 			if h.vols, err = m.serveVolumes(ctx, in.dir, filepath.Join("/run/netns", h.net.Namespace()), in.volumes); err != nil {
 				return h, fmt.Errorf("serve the sandbox's volumes: %w", volumeError{err})
 			}
 		}
-	} else if len(in.volumes) > 0 {
+	} else if len(in.volumes.mounts) > 0 {
 		return h, errors.New("volumes need the sandbox's network (they are served on it)")
 	}
 	t0 := time.Now()

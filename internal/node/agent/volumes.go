@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -104,6 +105,9 @@ func (a *Agent) RemoveVolume(ctx context.Context, id string) error {
 	if len(users) > 0 {
 		return fmt.Errorf("%w: volume %s is mounted by sandbox %v on this node", state.ErrInUse, id, users)
 	}
+	if a.relayedVolumes()[id] {
+		return fmt.Errorf("%w: volume %s is mounted by a sandbox on another node", state.ErrInUse, id)
+	}
 	if err := a.vms.volumes.Remove(ctx, id); err != nil {
 		return err
 	}
@@ -128,8 +132,9 @@ func (a *Agent) VolumeUsage(ctx context.Context, id string) (int64, error) {
 type volServer struct {
 	log    *slog.Logger
 	dir    string // the run directory
-	nsPath string // the sandbox's network namespace
+	nsPath string // the sandbox's network namespace ("" for a relayed server)
 	spec   volume.ServerSpec
+	mounts []string // the IDs of the volumes served
 	// listeners are the mounts' sockets in the sandbox's namespace, held so that a server
 	// that dies can be replaced without the guest's client noticing more than a pause
 	// (nil for a server found running: its listeners are its own).
@@ -142,14 +147,42 @@ type volServer struct {
 	pid int
 	// adopted: the server is an earlier agent's (not this process's child).
 	adopted bool
-	// cgroupParent names the directory of the node's volume servers' cgroups.
-	cgroupParent string
+	// cgroupParent names the directory of the node's volume servers' cgroups, and
+	// cgroupName the server's own in it.
+	cgroupParent, cgroupName string
 }
 
-// serveVolumes starts the volume server of the sandbox whose run directory is dir and
-// whose network namespace is at nsPath.
-func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, mounts []state.VolumeMount) (*volServer, error) {
-	v, err := m.volumeServer(ctx, dir, nsPath, mounts)
+// volumeUse is what a sandbox's VM needs served for its volumes: its mounts, whose data
+// is on node (at address).
+type volumeUse struct {
+	sandbox       string
+	mounts        []state.VolumeMount
+	node, address string
+}
+
+func volumesOf(id string, spec state.SandboxSpec) volumeUse {
+	return volumeUse{sandbox: id, mounts: spec.Volumes, node: spec.VolumeNode, address: spec.VolumeAddress}
+}
+
+// volumeService serves a sandbox's volumes in its namespace: a volume server of its own
+// (volServer), or a relay to the server on the volumes' node (volRelay).
+type volumeService interface{ Stop() }
+
+// serveVolumes serves use's volumes to the sandbox whose run directory is dir and whose
+// network namespace is at nsPath: from this node's volume store if they are here, else
+// relayed to their node.
+func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, use volumeUse) (volumeService, error) {
+	if use.node != "" && use.node != m.node {
+		return m.relayVolumes(nsPath, use)
+	}
+	return m.startVolumeServer(ctx, dir, nsPath, filepath.Base(dir), use.mounts)
+}
+
+// startVolumeServer starts a volume server for mounts: in the network namespace at
+// nsPath, or, with nsPath "", on unix sockets in dir for the relayed calls of a sandbox
+// on another node.
+func (m *vms) startVolumeServer(ctx context.Context, dir, nsPath, name string, mounts []state.VolumeMount) (*volServer, error) {
+	v, err := m.volumeServer(ctx, dir, nsPath, name, mounts)
 	if err != nil {
 		return nil, err
 	}
@@ -165,9 +198,9 @@ func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, mounts []sta
 	return v, nil
 }
 
-// volumeServer prepares (not starts) the volume server of the run at dir: its volumes
-// mounted, its jail's root and its cgroups made.
-func (m *vms) volumeServer(ctx context.Context, dir, nsPath string, mounts []state.VolumeMount) (*volServer, error) {
+// volumeServer prepares (not starts) the volume server of the run at dir (relayed, with
+// nsPath ""): its volumes mounted, its jail's root and its cgroups (named name) made.
+func (m *vms) volumeServer(ctx context.Context, dir, nsPath, name string, mounts []state.VolumeMount) (*volServer, error) {
 	if m.volumes == nil {
 		return nil, errors.New("this node keeps no volumes")
 	}
@@ -176,6 +209,9 @@ func (m *vms) volumeServer(ctx context.Context, dir, nsPath string, mounts []sta
 	}
 	spec := volume.ServerSpec{Root: filepath.Join(dir, volumeJailRoot), UID: volumeServerUID, GID: volumeServerUID, NLMPort: lockPort,
 		Peer: network.GuestAddr.String(), Binary: m.volumeServerBin}
+	if nsPath == "" {
+		spec.Peer, spec.Relayed = "", true
+	}
 	for _, mt := range mounts {
 		if err := m.volumes.Mount(ctx, mt.Volume); err != nil {
 			return nil, fmt.Errorf("volume %s: %w", mt.Volume, err)
@@ -185,7 +221,7 @@ func (m *vms) volumeServer(ctx context.Context, dir, nsPath string, mounts []sta
 	if err := os.MkdirAll(spec.Root, 0o700); err != nil {
 		return nil, fmt.Errorf("volume server's root: %w", err)
 	}
-	cgroups, missing, err := jail.MakeCgroups(m.volumeCgroup, filepath.Base(dir), volumeServerLimits)
+	cgroups, missing, err := jail.MakeCgroups(m.volumeCgroup, name, volumeServerLimits)
 	if err != nil {
 		jail.RemoveCgroups(cgroups)
 		return nil, fmt.Errorf("volume server's cgroup: %w", err)
@@ -198,18 +234,51 @@ func (m *vms) volumeServer(ctx context.Context, dir, nsPath string, mounts []sta
 		m.log.Warn("cgroup controllers are not mounted: the volume server runs without their limits", "controllers", missing)
 	}
 	spec.Cgroups = cgroups
-	return &volServer{log: m.log, dir: dir, nsPath: nsPath, spec: spec, stop: make(chan struct{}), exit: make(chan struct{}), done: make(chan struct{}),
-		cgroupParent: m.volumeCgroup}, nil
+	ids := make([]string, len(mounts))
+	for i, mt := range mounts {
+		ids[i] = mt.Volume
+	}
+	return &volServer{log: m.log, dir: dir, nsPath: nsPath, spec: spec, mounts: ids, stop: make(chan struct{}), exit: make(chan struct{}), done: make(chan struct{}),
+		cgroupParent: m.volumeCgroup, cgroupName: name}, nil
 }
 
-// listen makes the server's listeners in the sandbox's namespace: one per mount, the
-// portmapper's and the lock manager's.
-func (v *volServer) listen() error {
-	ports := make([]int, 0, len(v.spec.Exports)+2)
-	for i := range v.spec.Exports {
+// volumePorts are the ports a sandbox with n volume mounts finds its volumes on: one per
+// mount, the portmapper's and the lock manager's (in the order of a server's listeners).
+func volumePorts(n int) []int {
+	ports := make([]int, 0, n+2)
+	for i := range n {
 		ports = append(ports, volumePortBase+i)
 	}
-	ports = append(ports, portmapPort, lockPort)
+	return append(ports, portmapPort, lockPort)
+}
+
+// relaySocket is the unix socket of a relayed server's listener i in its directory.
+func relaySocket(dir string, i int) string { return filepath.Join(dir, "s"+strconv.Itoa(i)) }
+
+// listen makes the server's listeners: in the sandbox's namespace, one per mount, the
+// portmapper's and the lock manager's; for a relayed server, unix sockets in its
+// directory, in the same order.
+func (v *volServer) listen() error {
+	ports := volumePorts(len(v.spec.Exports))
+	if v.spec.Relayed {
+		for i := range ports {
+			path := relaySocket(v.dir, i)
+			_ = os.Remove(path)
+			ln, err := net.Listen("unix", path)
+			if err != nil {
+				return fmt.Errorf("listen for the relayed volume server (%d): %w", i, err)
+			}
+			ul := ln.(*net.UnixListener)
+			ul.SetUnlinkOnClose(false) // the server listens on it from now on
+			f, err := ul.File()
+			ul.Close()
+			if err != nil {
+				return err
+			}
+			v.listeners = append(v.listeners, f)
+		}
+		return nil
+	}
 	return network.Do(v.nsPath, func() error {
 		for i, port := range ports {
 			addr := net.JoinHostPort(network.GuestGateway.String(), strconv.Itoa(port))
@@ -308,11 +377,24 @@ func (v *volServer) Stop() {
 	_ = os.Remove(filepath.Join(v.dir, volumeServerPID))
 }
 
+// release stops watching the server and leaves it running, for the next agent (which
+// adopts it).
+func (v *volServer) release() {
+	select {
+	case <-v.stop:
+		return
+	default:
+	}
+	close(v.stop)
+	<-v.done
+	v.closeListeners()
+}
+
 // cgroups are the server's cgroup directories.
 func (v *volServer) cgroups() []string {
 	var dirs []string
 	for _, p := range jail.CgroupParents(v.cgroupParent) {
-		dirs = append(dirs, filepath.Join(p, filepath.Base(v.dir)))
+		dirs = append(dirs, filepath.Join(p, v.cgroupName))
 	}
 	return dirs
 }
@@ -327,12 +409,12 @@ func (v *volServer) closeListeners() {
 // adoptVolumes finds the volume server an earlier agent left serving the run at dir, or
 // starts a new one if it is gone. A server found running is watched: should it die, a
 // new one takes its place, as for a server this agent started.
-func (m *vms) adoptVolumes(ctx context.Context, dir, nsPath string, mounts []state.VolumeMount) (*volServer, error) {
+func (m *vms) adoptVolumes(ctx context.Context, dir, nsPath, name string, mounts []state.VolumeMount) (*volServer, error) {
 	pid := runningVolumeServer(dir)
 	if pid == 0 {
-		return m.serveVolumes(ctx, dir, nsPath, mounts)
+		return m.startVolumeServer(ctx, dir, nsPath, name, mounts)
 	}
-	v, err := m.volumeServer(ctx, dir, nsPath, mounts)
+	v, err := m.volumeServer(ctx, dir, nsPath, name, mounts)
 	if err != nil {
 		return nil, err
 	}
@@ -411,6 +493,26 @@ func (a *Agent) unmountVolumes() {
 			return
 		}
 		for _, m := range rec.Sandbox.Spec.Volumes {
+			keep[m.Volume] = true
+		}
+	}
+	// And the servers of sandboxes on other nodes (left running: see releaseRelays).
+	relays, _ := os.ReadDir(a.relayRoot())
+	for _, d := range relays {
+		dir := filepath.Join(a.relayRoot(), d.Name())
+		if runningVolumeServer(dir) == 0 {
+			continue
+		}
+		var rec relayRecord
+		b, err := os.ReadFile(filepath.Join(dir, relayRecordFile))
+		if err == nil {
+			err = json.Unmarshal(b, &rec)
+		}
+		if err != nil {
+			a.log.Warn("a relayed volume server runs without a record; leaving the volumes mounted", "sandbox", d.Name())
+			return
+		}
+		for _, m := range rec.Mounts {
 			keep[m.Volume] = true
 		}
 	}

@@ -182,9 +182,9 @@ func (l *Link) setAssigned(m *pb.Assignments) error {
 		if err := json.Unmarshal(b, &sb); err != nil {
 			return fmt.Errorf("decode assignment: %w", err)
 		}
-		// Its own, and those whose files it holds (see WatchAssignments); a
-		// server that sent another node's would be wrong, and is not followed.
-		if sb.Node != l.node && sb.FilesOn() != l.node && sb.MigratingTo() != l.node {
+		// Its own, and those it has a part in (see WatchAssignments); a server
+		// that sent another node's would be wrong, and is not followed.
+		if !sb.Involves(l.node) {
 			continue
 		}
 		out = append(out, sb)

@@ -3,6 +3,7 @@ package nodeapi
 import (
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -50,38 +51,7 @@ func serveMigration(ag *agent.Agent, w http.ResponseWriter, r *http.Request, res
 			callErr = err
 			break
 		}
-		defer conn.Close()
-		// Both ways at once: what the source's VMM sends (the request) to the target's
-		// disk service, and its answers back (the response, flushed as they come).
-		_ = http.NewResponseController(w).EnableFullDuplex()
-		w.Header().Set("Content-Type", "application/octet-stream")
-		w.WriteHeader(http.StatusOK)
-		fl := http.NewResponseController(w)
-		_ = fl.Flush()
-		var wg sync.WaitGroup
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			_, _ = io.Copy(conn, r.Body)
-			if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-				_ = cw.CloseWrite()
-			}
-		}()
-		buf := make([]byte, 256<<10)
-		for {
-			n, err := conn.Read(buf)
-			if n > 0 {
-				if _, werr := w.Write(buf[:n]); werr != nil {
-					break
-				}
-				_ = fl.Flush()
-			}
-			if err != nil {
-				break
-			}
-		}
-		conn.Close()
-		wg.Wait()
+		serveDuplex(w, r, conn)
 		return
 	default:
 		http.Error(w, "unknown migration call "+op, http.StatusNotFound)
@@ -93,4 +63,38 @@ func serveMigration(ag *agent.Agent, w http.ResponseWriter, r *http.Request, res
 		return
 	}
 	w.WriteHeader(http.StatusOK)
+}
+
+// serveDuplex carries conn both ways at once over a full-duplex call: what the caller
+// sends (the request body) to conn, and what conn answers back (the response body,
+// flushed as it comes), until both directions end; then it closes conn.
+func serveDuplex(w http.ResponseWriter, r *http.Request, conn net.Conn) {
+	defer conn.Close()
+	_ = http.NewResponseController(w).EnableFullDuplex()
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.WriteHeader(http.StatusOK)
+	fl := http.NewResponseController(w)
+	_ = fl.Flush()
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		_, _ = io.Copy(conn, r.Body)
+		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		}
+	})
+	buf := make([]byte, 256<<10)
+	for {
+		n, err := conn.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				break
+			}
+			_ = fl.Flush()
+		}
+		if err != nil {
+			break
+		}
+	}
+	conn.Close()
+	wg.Wait()
 }

@@ -60,6 +60,10 @@ func Handler(ag *agent.Agent, opts Options, log *slog.Logger) http.Handler {
 			serveMigration(ag, w, r, rest, log)
 			return
 		}
+		if rest, ok := strings.CutPrefix(r.URL.Path, VolumePath); ok {
+			serveVolumeStream(ag, w, r, rest, log)
+			return
+		}
 		if role, _, err := pki.PeerIdentity(r.TLS); err != nil || role != pki.RoleServer {
 			rpc.Unauthenticated(w, r, "a node's internal API serves only cluster servers")
 			return

@@ -3,11 +3,17 @@ package nodeapi
 import (
 	"context"
 	"errors"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
 
 	"connectrpc.com/connect"
 
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 )
 
 // volumeService is the node's side of volumes: the server records them, the node keeps
@@ -48,4 +54,32 @@ func (n *volumeService) DeleteVolume(ctx context.Context, req *connect.Request[p
 		return nil, toConnectError(err)
 	}
 	return connect.NewResponse(&pb.DeleteVolumeResponse{}), nil
+}
+
+// VolumePath + SANDBOX/INDEX is where the node running a sandbox relays its guest's
+// connection to listener INDEX of the sandbox's volume server on the volumes' node (a
+// mount's, the portmapper's, the lock manager's: see agent.VolumeStream); POST, full
+// duplex, node certificates only, and the volumes' node checks in the state that the
+// calling node runs that sandbox.
+const VolumePath = "/fireworks.node/volume/"
+
+func serveVolumeStream(ag *agent.Agent, w http.ResponseWriter, r *http.Request, rest string, log *slog.Logger) {
+	role, peer, err := pki.PeerIdentity(r.TLS)
+	if err != nil || role != pki.RoleAgent || r.Method != http.MethodPost {
+		http.Error(w, "volumes are relayed to nodes only, with POST", http.StatusForbidden)
+		return
+	}
+	id, idx, ok := strings.Cut(rest, "/")
+	index, err := strconv.Atoi(idx)
+	if !ok || checkID(id) != nil || err != nil || index < 0 || index > proto.MaxVolumeMounts+2 {
+		http.Error(w, "want "+VolumePath+"SANDBOX/INDEX", http.StatusBadRequest)
+		return
+	}
+	conn, err := ag.VolumeStream(r.Context(), peer, id, index)
+	if err != nil {
+		log.Warn("volume stream refused", "sandbox", id, "from", peer, "err", err)
+		http.Error(w, err.Error(), http.StatusForbidden)
+		return
+	}
+	serveDuplex(w, r, conn)
 }

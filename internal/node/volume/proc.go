@@ -41,16 +41,28 @@ type ServerSpec struct {
 	NLMPort uint16   `json:"nlm_port"`
 	// Peer is the only address served (the guest's); its calls come from reserved
 	// ports (below 1024), as a guest kernel's do: a guest's unprivileged process cannot
-	// speak to the server itself.
-	Peer string `json:"peer"`
+	// speak to the server itself (see Admit).
+	Peer string `json:"peer,omitempty"`
+	// Relayed: the listeners are unix sockets only the agent reaches, relaying the calls
+	// of a guest on another node, whose agent admitted them (Admit) before relaying; Peer
+	// is then empty.
+	Relayed bool `json:"relayed,omitempty"`
+}
+
+// Admit says whether a connection from remote may speak to a sandbox's volume server:
+// it comes from the guest's address peer and, with reserved, from a reserved port (the
+// guest kernel's NFS and lock clients bind one; an unprivileged guest process cannot).
+func Admit(remote net.Addr, peer netip.Addr, reserved bool) bool {
+	ap, err := netip.ParseAddrPort(remote.String())
+	return err == nil && ap.Addr().Unmap() == peer && (!reserved || ap.Port() < 1024)
 }
 
 // ServerName names the server's process and marks its command line as a server's (the
 // jail passes the program no environment).
 const ServerName = "fireworks-volume-server"
 
-// maxConnsPerExport bounds a mount's connections: a guest's NFS client uses one.
-const maxConnsPerExport = 8
+// MaxConnsPerExport bounds a mount's connections: a guest's NFS client uses one.
+const MaxConnsPerExport = 8
 
 // serverCaps are what the server keeps of root's powers: to reach and change every file
 // of its volumes whoever owns it (guests chown), to open files by handle, nothing else.
@@ -122,9 +134,12 @@ func serveExports(specJSON string) error {
 	nfs.Log.SetLevel(nfs.PanicLevel)
 	errc := make(chan error, len(spec.Exports)+2)
 	var servers []*Server
-	peer, err := netip.ParseAddr(spec.Peer)
-	if err != nil {
-		return fmt.Errorf("peer %q: %w", spec.Peer, err)
+	var peer netip.Addr
+	var err error
+	if !spec.Relayed {
+		if peer, err = netip.ParseAddr(spec.Peer); err != nil {
+			return fmt.Errorf("peer %q: %w", spec.Peer, err)
+		}
 	}
 	listener := func(i int, reserved bool) (net.Listener, error) {
 		f := os.NewFile(uintptr(3+i), fmt.Sprintf("listener-%d", i))
@@ -133,7 +148,7 @@ func serveExports(specJSON string) error {
 		if err != nil {
 			return nil, fmt.Errorf("listener %d: %w", i, err)
 		}
-		return &limited{Listener: ln, sem: make(chan struct{}, maxConnsPerExport), peer: peer, reserved: reserved}, nil
+		return &limited{Listener: ln, sem: make(chan struct{}, MaxConnsPerExport), peer: peer, reserved: reserved, relayed: spec.Relayed}, nil
 	}
 	for i, e := range spec.Exports {
 		ln, err := listener(i, true)
@@ -173,12 +188,13 @@ func serveExports(specJSON string) error {
 
 // limited accepts at most cap(sem) connections at a time (more wait in the backlog),
 // from peer only, and with reserved from its reserved ports only (others are closed at
-// once).
+// once); relayed, from the agent's relay, which admitted them.
 type limited struct {
 	net.Listener
 	sem      chan struct{}
 	peer     netip.Addr
 	reserved bool
+	relayed  bool
 }
 
 func (l *limited) Accept() (net.Conn, error) {
@@ -190,7 +206,7 @@ func (l *limited) Accept() (net.Conn, error) {
 			<-l.sem
 			return nil, err
 		}
-		if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil && ap.Addr().Unmap() == l.peer && (!l.reserved || ap.Port() < 1024) {
+		if l.relayed || Admit(c.RemoteAddr(), l.peer, l.reserved) {
 			break
 		}
 		c.Close()

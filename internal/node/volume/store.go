@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"time"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -160,18 +161,33 @@ func (s *Store) Mount(ctx context.Context, id string) error {
 	// another mount namespace: a server from before, or any process that copied the
 	// node's mounts) would be two filesystems writing one disk. The device it is attached
 	// to is mounted instead: one block device, one filesystem, however many mounts.
-	out, err := exec.CommandContext(ctx, "losetup", "-j", s.image(id)).Output()
-	if err != nil {
-		return fmt.Errorf("losetup -j %s: %w", s.image(id), err)
-	}
-	if lines := strings.Fields(strings.TrimSpace(string(out))); len(lines) > 0 {
+	//
+	// A device released by the last unmount is detached by the kernel a moment later
+	// (autoclear runs asynchronously): one that goes while it is being mounted is looked
+	// up again.
+	for try := 0; ; try++ {
+		out, err := exec.CommandContext(ctx, "losetup", "-j", s.image(id)).Output()
+		if err != nil {
+			return fmt.Errorf("losetup -j %s: %w", s.image(id), err)
+		}
+		lines := strings.Fields(strings.TrimSpace(string(out)))
+		if len(lines) == 0 {
+			return run(ctx, "mount", "-t", "ext4", "-o", "loop,nodev,nosuid,noexec", s.image(id), dir)
+		}
 		dev := strings.TrimSuffix(lines[0], ":")
 		if strings.Count(string(out), "\n") > 1 || !strings.HasPrefix(dev, "/dev/loop") {
 			return fmt.Errorf("volume %s's image is attached to several loop devices (%s): refusing to mount it", id, strings.TrimSpace(string(out)))
 		}
-		return run(ctx, "mount", "-t", "ext4", "-o", "nodev,nosuid,noexec", dev, dir)
+		err = run(ctx, "mount", "-t", "ext4", "-o", "nodev,nosuid,noexec", dev, dir)
+		if err == nil || try == 20 {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
-	return run(ctx, "mount", "-t", "ext4", "-o", "loop,nodev,nosuid,noexec", s.image(id), dir)
 }
 
 // Unmount unmounts volume id if it is mounted (its data stays).

@@ -137,7 +137,6 @@ func checkGroup(members []Sandbox) error {
 	}
 	names := map[string]bool{}
 	ids := map[string]bool{}
-	volumeNode := ""
 	if g.Members[0].Name != MainMemberName || main.Spec.Ready != "" {
 		return fmt.Errorf("%w: a group's main is named %q and has no readiness check", ErrInvalid, MainMemberName)
 	}
@@ -177,12 +176,6 @@ func checkGroup(members []Sandbox) error {
 			if m.Spec.Group.Members[j] != g.Members[j] {
 				return fmt.Errorf("%w: member %s records another group", ErrInvalid, m.ID)
 			}
-		}
-		if v := m.Spec.VolumeNode; v != "" {
-			if volumeNode != "" && v != volumeNode {
-				return fmt.Errorf("%w: the group's volumes are on two nodes (%s and %s); a group runs on one", ErrInvalid, volumeNode, v)
-			}
-			volumeNode = v
 		}
 		names[gm.Name] = true
 		ids[m.ID] = true

@@ -150,13 +150,33 @@ type SandboxSpec struct {
 	// state from.
 	ForkAddress string `json:"fork_address,omitempty"`
 	// Volumes are mounted in the guest, in order (see VolumeMount); their data is on
-	// VolumeNode, where the sandbox runs.
-	Volumes    []VolumeMount `json:"volumes,omitempty"`
-	VolumeNode string        `json:"volume_node,omitempty"`
+	// VolumeNode (all of them on one), whose node API is at VolumeAddress. The scheduler
+	// prefers that node; on another, the sandbox's node relays the guest's volume
+	// traffic to it (the volume node is told of the sandbox: see VolumesOn).
+	Volumes       []VolumeMount `json:"volumes,omitempty"`
+	VolumeNode    string        `json:"volume_node,omitempty"`
+	VolumeAddress string        `json:"volume_address,omitempty"`
 	// Group, if set, is the sandbox group the sandbox is a member of (see Group); Ready
 	// a sidecar's readiness check (see ParseProbe).
 	Group *Group `json:"group,omitempty"`
 	Ready string `json:"ready,omitempty"`
+}
+
+// VolumesOn names the node that serves sb's volumes to another node while sb is not
+// over, "" if none does (no volumes, or they are on sb's own node): that node is told
+// of sb (its assignments include it) so that it serves them to the node sb runs on, and
+// to no other.
+func (sb Sandbox) VolumesOn() string {
+	if v := sb.Spec.VolumeNode; v != "" && !sb.Status.Terminal() && (v != sb.Node || sb.MigratingTo() != "") {
+		return v
+	}
+	return ""
+}
+
+// Involves says whether node has a part in sb: it runs it, holds files its start reads,
+// is its migration's target, or serves its volumes (what a node's assignments hold).
+func (sb Sandbox) Involves(node string) bool {
+	return sb.Node == node || sb.FilesOn() == node || sb.MigratingTo() == node || sb.VolumesOn() == node
 }
 
 // FilesOn names the node holding the files sb's start reads when another node may have

@@ -109,17 +109,14 @@ func SchedulerRequest(sb Sandbox) (scheduler.Request, error) {
 	req := scheduler.Request{SandboxID: sb.ID, ImageDigest: img, Spread: sb.Spec.Spread,
 		Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB},
 		// The files a start from a snapshot reads are on its node; a fork's source's
-		// saved state is fetched by another node if the holder has no room.
-		Node: sb.Spec.SnapshotNode, Prefer: sb.Spec.ForkNode}
+		// saved state is fetched by another node if the holder has no room, and a
+		// sandbox's volumes are relayed to another node if theirs has none.
+		Node: sb.Spec.SnapshotNode, Prefer: cmp.Or(sb.Spec.VolumeNode, sb.Spec.ForkNode)}
 	if sb.IsGroupMain() && sb.Status == StatusPending && sb.Node == "" {
 		// The main's first placement is the group's: room for every member on one node
 		// (its sidecars go with it). Later (a resume, a migration) each member counts
 		// for itself.
 		ReserveMore(&req, GroupReserved(sb))
-	}
-	if sb.Spec.VolumeNode != "" && req.Node == "" {
-		// A volume's data is on its node, which serves it only to sandboxes there.
-		req.Node, req.NodeWhy = sb.Spec.VolumeNode, "which holds its volumes"
 	}
 	for _, c := range sb.Spec.Constraints {
 		pc, err := scheduler.ParseConstraint(c)
