@@ -85,6 +85,9 @@ func newVolumeCmd(g *globals) *cobra.Command {
 				if l := v.GetLost(); l != "" {
 					line += "\t(lost: " + printable(l) + ")"
 				}
+				if to := v.GetMovingTo(); to != "" {
+					line += "\t(moving to " + printable(to) + ")"
+				}
 				fmt.Fprintln(tw, line)
 			}
 			return tw.Flush()
@@ -125,6 +128,8 @@ func newVolumeCmd(g *globals) *cobra.Command {
 			}
 			row("Created", v.GetCreatedAt().AsTime().Local().Format(time.DateTime))
 			row("Lost", printable(v.GetLost()))
+			row("Moving to", printable(v.GetMovingTo()))
+			row("Move", printable(v.GetMoveNote()))
 			return tw.Flush()
 		},
 	}
@@ -151,7 +156,50 @@ func newVolumeCmd(g *globals) *cobra.Command {
 			_, err := c.Volumes.DeleteVolume(ctx, connect.NewRequest(&pb.DeleteVolumeRequest{Volume: ref}))
 			return ref, err
 		})
-	cmd.AddCommand(create, ls, inspect, rm, share, unshare)
+	var to string
+	var detach bool
+	move := &cobra.Command{
+		Use:   "move NAME",
+		Short: "Move a volume's data to another node (admins; refused while a sandbox that is not over mounts it)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			r, err := c.Volumes.MoveVolume(cmd.Context(), connect.NewRequest(&pb.MoveVolumeRequest{Volume: args[0], Node: to}))
+			if err != nil {
+				return err
+			}
+			v := r.Msg.GetVolume()
+			fmt.Fprintf(g.stdout, "moving volume %s to %s\n", printable(v.GetName()), printable(v.GetMovingTo()))
+			if detach {
+				return nil
+			}
+			// Until the move ends: moved, or failed (the volume stays where it was).
+			for {
+				select {
+				case <-cmd.Context().Done():
+					return cmd.Context().Err()
+				case <-time.After(500 * time.Millisecond):
+				}
+				r, err := c.Volumes.GetVolume(cmd.Context(), connect.NewRequest(&pb.GetVolumeRequest{Volume: v.GetId()}))
+				if err != nil {
+					return err
+				}
+				if now := r.Msg.GetVolume(); now.GetMovingTo() == "" {
+					if n := now.GetMoveNote(); n != "" {
+						return fmt.Errorf("volume %s: %s", printable(now.GetName()), printable(n))
+					}
+					fmt.Fprintf(g.stdout, "volume %s is on node %s\n", printable(now.GetName()), printable(now.GetNode()))
+					return nil
+				}
+			}
+		},
+	}
+	move.Flags().StringVar(&to, "to", "", "the node to move it to (default: the ready node holding the fewest volumes)")
+	move.Flags().BoolVarP(&detach, "detach", "d", false, "do not wait for the move to end (volume inspect shows it)")
+	cmd.AddCommand(create, ls, inspect, rm, share, unshare, move)
 	return cmd
 }
 

@@ -29,7 +29,8 @@ import (
 // and one's lock keeps the other out. The relayed sandbox migrates live to a third node
 // (y) and the one on the volume's node to x: both keep the volume. A sandbox without
 // the volume, beside the relayed one, finds nothing to reach, and a node that does not
-// run the sandbox is refused its volume stream.
+// run the sandbox is refused its volume stream. Once unused, the volume moves to
+// another node with its data.
 func TestVolumeFromAnotherNode(t *testing.T) {
 	need(t)
 	defer w.ensureRunning()
@@ -156,6 +157,24 @@ func TestVolumeFromAnotherNode(t *testing.T) {
 		entries, _ := os.ReadDir(filepath.Join(a0.dataDir, "volume-relays"))
 		return len(entries) == 0
 	})
+
+	// Unused now, the volume moves to y with its data; a sandbox that mounts it goes
+	// there, and a0 keeps nothing of it.
+	if out := mustFW(t, "volume", "move", vol, "--to", y); !strings.Contains(out, "is on node "+y) {
+		t.Fatalf("volume move: %q", out)
+	}
+	d := run("-v", vol+":/data")
+	defer w.fw(nil, "rm", "-f", d)
+	if n := inspect(t, d)["node"]; n != y {
+		t.Errorf("a sandbox mounting the moved volume runs on %v, not on its new node %s", n, y)
+	}
+	if got := sh(d, "cat /data/m.txt /data/a.txt /data/b2.txt"); got != "after-migrate\nfrom-a\nmore-from-b\nfrom-b" {
+		t.Errorf("the moved volume reads %q", got)
+	}
+	if imgs, _ := filepath.Glob(filepath.Join(a0.dataDir, "volumes", "images", "*")); len(imgs) != 0 {
+		t.Errorf("a0 keeps volume images after the move: %v", imgs)
+	}
+	w.fw(nil, "rm", "-f", d)
 }
 
 // pushLockImage pushes busybox plus /bin/guestlock (see internal/testutil/guestlock).

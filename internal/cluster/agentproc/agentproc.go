@@ -67,6 +67,7 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 	cfg.Agent.FetchSaved = savedFetcher(id)
 	cfg.Agent.DialMigration = migrationDialer(id)
 	cfg.Agent.DialVolume = volumeDialer(id)
+	cfg.Agent.FetchVolume = volumeFetcher(id)
 	link := agentlink.New(id, cfg.Servers, log)
 	ag, err := agent.New(ctx, cfg.Agent, link)
 	if err != nil {
@@ -121,28 +122,42 @@ func nodePeerTLS(id *agentlink.Identity, node, address string) (*tls.Config, err
 // checked to be that node's.
 func savedFetcher(id *agentlink.Identity) agent.SavedFetcher {
 	return func(ctx context.Context, from state.Saved, sandbox string) (io.ReadCloser, error) {
-		tc, err := nodePeerTLS(id, from.Node, from.Address)
-		if err != nil {
-			return nil, err
-		}
-		tr := &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: true}
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+from.Address+nodeapi.SavedPath+sandbox, nil)
-		if err != nil {
-			return nil, err
-		}
-		resp, err := (&http.Client{Transport: tr}).Do(req)
-		if err != nil {
-			tr.CloseIdleConnections()
-			return nil, err
-		}
-		if resp.StatusCode != http.StatusOK {
-			b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-			resp.Body.Close()
-			tr.CloseIdleConnections()
-			return nil, fmt.Errorf("node %s answered %s: %s", from.Node, resp.Status, strings.TrimSpace(string(b)))
-		}
-		return closeBoth{resp.Body, tr}, nil
+		return fetchFrom(ctx, id, from.Node, from.Address, nodeapi.SavedPath+sandbox)
 	}
+}
+
+// volumeFetcher fetches a volume being moved here from the node that holds it, as
+// savedFetcher does a saved state.
+func volumeFetcher(id *agentlink.Identity) agent.VolumeFetcher {
+	return func(ctx context.Context, node, address, volume string) (io.ReadCloser, error) {
+		return fetchFrom(ctx, id, node, address, nodeapi.VolumeDataPath+volume)
+	}
+}
+
+// fetchFrom GETs path from node's agent at address: this node's certificate, and the
+// peer's checked to be that node's.
+func fetchFrom(ctx context.Context, id *agentlink.Identity, node, address, path string) (io.ReadCloser, error) {
+	tc, err := nodePeerTLS(id, node, address)
+	if err != nil {
+		return nil, err
+	}
+	tr := &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: true}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+address+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		tr.CloseIdleConnections()
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		tr.CloseIdleConnections()
+		return nil, fmt.Errorf("node %s answered %s: %s", node, resp.Status, strings.TrimSpace(string(b)))
+	}
+	return closeBoth{resp.Body, tr}, nil
 }
 
 type closeBoth struct {

@@ -68,6 +68,9 @@ type Store interface {
 	UpdateSandbox(ctx context.Context, id string, u state.Update) (state.Sandbox, error)
 	PlaceSandboxes(ctx context.Context, plans []state.Plan, cfg scheduler.Config, now time.Time) ([]state.PlanResult, error)
 	ResumeSandbox(ctx context.Context, id, node string, cfg scheduler.Config, now time.Time) (state.Sandbox, error)
+	LocalVolumes() ([]state.Volume, map[string][]string)
+	MoveVolume(ctx context.Context, id, to, why string, now time.Time) (state.Volume, error)
+	NoteVolume(ctx context.Context, id, note string, now time.Time) (state.Volume, error)
 }
 
 // Manager runs the loops while its server leads.
@@ -82,6 +85,10 @@ type Manager struct {
 	leader bool // as of the last pass
 	// held are the sandboxes this server's calls paused for their saves (see Hold).
 	held map[string]int
+	// mover runs volume moves (nil: none are run); moving are those under way here.
+	mover  VolumeMover
+	moving map[string]bool
+	moves  sync.WaitGroup
 }
 
 // Hold records that a call here paused sandbox id for its save and will resume it: a
@@ -175,6 +182,7 @@ func (m *Manager) Notify() {
 func (m *Manager) Run(ctx context.Context) error {
 	t := time.NewTicker(m.cfg.Interval)
 	defer t.Stop()
+	defer m.moves.Wait()
 	for {
 		if err := m.Pass(ctx); err != nil && ctx.Err() == nil {
 			m.log.Warn("control pass", "err", err)
@@ -221,6 +229,7 @@ func (m *Manager) Pass(ctx context.Context) error {
 	// "drained" back to life against their restart policy).
 	sbs, nodes = m.store.LocalSandboxes(), m.store.LocalNodes()
 	errs = append(errs, m.drain(ctx, now, nodes, sbs))
+	errs = append(errs, m.volumes(ctx, now, nodes))
 	// Re-read: the steps above changed sandboxes the next ones look at.
 	errs = append(errs, m.restart(ctx, now, m.store.LocalSandboxes()))
 	sbs, nodes = m.store.LocalSandboxes(), m.store.LocalNodes()

@@ -534,4 +534,11 @@ func (s *Server) EnableCluster(o ClusterOptions) {
 		o.HeartbeatInterval = 5 * time.Second
 	}
 	s.cluster = o
+	if vm, ok := o.ControlPlane.(interface {
+		SetVolumeMover(func(context.Context, state.Volume) error)
+	}); ok {
+		// The leader runs volume moves; copying the data takes the nodes, which this
+		// server reaches.
+		vm.SetVolumeMover(s.MoveVolumeData)
+	}
 }

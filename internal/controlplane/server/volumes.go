@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -305,9 +306,142 @@ func volumeView(who auth.Identity, v state.Volume, users []string) *pb.Volume {
 		out.Shared, out.SharedReadOnly, out.Owner = true, s.ReadOnly, ""
 	}
 	if who.Admin() {
-		out.Node = v.Node
+		out.Node, out.MoveNote = v.Node, v.MoveNote
+		if v.Move != nil {
+			out.MovingTo = v.Move.To + " (" + v.Move.Why + ")"
+		}
 	} else {
 		out.Lost = strings.ReplaceAll(out.Lost, "node "+v.Node, "its node")
+		if v.Move != nil {
+			out.MovingTo = "another node"
+		}
 	}
 	return out
+}
+
+// MoveVolume starts moving a volume's data to another node (admins): refused while a
+// sandbox that is not over mounts it. The leader runs the move (see moveVolumeData).
+func (h *volumeService) MoveVolume(ctx context.Context, req *connect.Request[pb.MoveVolumeRequest]) (*connect.Response[pb.MoveVolumeResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if !who.Admin() {
+		return nil, connect.NewError(connect.CodePermissionDenied, errors.New("moving a volume needs an admin token"))
+	}
+	v, err := h.s.store.GetVolume(ctx, req.Msg.GetVolume(), who.TokenID, true)
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	to := req.Msg.GetNode()
+	if to == "" {
+		if to, err = h.s.volumeNodeBut(ctx, v.Node); err != nil {
+			return nil, err
+		}
+	}
+	v, err = h.s.store.MoveVolume(ctx, v.ID, to, "moved by an admin", h.s.now())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	if h.s.cluster.ControlPlane != nil {
+		h.s.cluster.ControlPlane.Notify()
+	}
+	return connect.NewResponse(&pb.MoveVolumeResponse{Volume: volumeView(who, v, nil)}), nil
+}
+
+// ExportVolume is the node API's.
+func (h *volumeService) ExportVolume(context.Context, *connect.Request[pb.ExportVolumeRequest]) (*connect.Response[pb.ExportVolumeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("ExportVolume is a node's call"))
+}
+
+// ImportVolume is the node API's.
+func (h *volumeService) ImportVolume(context.Context, *connect.Request[pb.ImportVolumeRequest]) (*connect.Response[pb.ImportVolumeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("ImportVolume is a node's call"))
+}
+
+// volumeImportTimeout bounds the copy of a volume's data to its new node (a volume of
+// a TiB at 300 MB/s takes an hour).
+const volumeImportTimeout = 2 * time.Hour
+
+// MoveVolumeData copies volume v's data to the node its move names, and records the
+// move's end: moved, or failed and the volume where it was. The leader runs it (see
+// leader.VolumeMover); it is safe to run again for a move an earlier leader began.
+func (s *Server) MoveVolumeData(ctx context.Context, v state.Volume) error {
+	if v.Move == nil {
+		return nil
+	}
+	to := v.Move.To
+	err := s.copyVolume(ctx, v)
+	why := ""
+	if err != nil {
+		why = fmt.Sprintf("moving to node %s failed: %v", to, err)
+	}
+	ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), nodeCallTimeout)
+	defer cancel()
+	if _, rerr := s.store.VolumeMoved(ectx, v.ID, to, why, s.now()); rerr != nil {
+		return fmt.Errorf("record the end of volume %s's move: %w (the move: %v)", v.ID, rerr, err)
+	}
+	if err != nil {
+		// The volume stays where it was: its node may mount it again, and the new one
+		// keeps nothing of it.
+		if c, cerr := s.node(ectx, v.Node); cerr == nil {
+			_, _ = c.volumes.ExportVolume(ectx, connect.NewRequest(&pb.ExportVolumeRequest{VolumeId: v.ID}))
+		}
+		if c, cerr := s.node(ectx, to); cerr == nil {
+			_, _ = c.volumes.DeleteVolume(ectx, connect.NewRequest(&pb.DeleteVolumeRequest{Volume: v.ID}))
+		}
+		return err
+	}
+	if c, cerr := s.node(ectx, v.Node); cerr == nil {
+		if _, derr := c.volumes.DeleteVolume(ectx, connect.NewRequest(&pb.DeleteVolumeRequest{Volume: v.ID})); derr != nil {
+			s.log.Warn("remove a moved volume's old copy", "volume", v.ID, "node", v.Node, "err", derr)
+		}
+	}
+	s.log.Info("volume moved", "volume", v.ID, "from", v.Node, "to", to)
+	return nil
+}
+
+// copyVolume has v's node export it and the move's node import it.
+func (s *Server) copyVolume(ctx context.Context, v state.Volume) error {
+	from, err := s.store.GetNode(ctx, v.Node)
+	if err != nil {
+		return fmt.Errorf("node %s: %w", v.Node, err)
+	}
+	src, err := s.node(ctx, v.Node)
+	if err != nil {
+		return err
+	}
+	dst, err := s.node(ctx, v.Move.To)
+	if err != nil {
+		return err
+	}
+	ectx, cancel := context.WithTimeout(ctx, nodeCallTimeout)
+	defer cancel()
+	if _, err := src.volumes.ExportVolume(ectx, connect.NewRequest(&pb.ExportVolumeRequest{VolumeId: v.ID, ToNode: v.Move.To})); err != nil {
+		return nodeError(src, "export volume "+v.Name, err)
+	}
+	ictx, icancel := context.WithTimeout(ctx, volumeImportTimeout)
+	defer icancel()
+	if _, err := dst.volumes.ImportVolume(ictx, connect.NewRequest(&pb.ImportVolumeRequest{VolumeId: v.ID, SizeMib: int64(v.SizeMiB),
+		FromNode: v.Node, FromAddress: from.Address})); err != nil {
+		return nodeError(dst, "import volume "+v.Name, err)
+	}
+	return nil
+}
+
+// volumeNodeBut is where a volume moved off node but goes: the ready, uncordoned,
+// undrained node other than but holding the fewest volumes.
+func (s *Server) volumeNodeBut(ctx context.Context, but string) (string, error) {
+	nodes, err := s.store.ListNodes(ctx)
+	if err != nil {
+		return "", toConnectError(err)
+	}
+	vols, _, err := s.store.ListVolumes(ctx)
+	if err != nil {
+		return "", toConnectError(err)
+	}
+	if n := state.VolumeTarget(nodes, vols, but); n != "" {
+		return n, nil
+	}
+	return "", connect.NewError(connect.CodeUnavailable, fmt.Errorf("no other ready node to move the volume to (from %s)", but))
 }

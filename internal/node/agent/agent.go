@@ -119,6 +119,9 @@ type Config struct {
 	// here that mount their volumes (the cluster's agent gives one; dev, one node, does
 	// not).
 	DialVolume VolumeDialer
+	// FetchVolume, if set, fetches a volume moved here from the node that held it (the
+	// cluster's agent gives one; dev, one node, does not).
+	FetchVolume VolumeFetcher
 }
 
 // debianAssets is the default of Config.Assets: Debian's cloud kernel (apt-get download)

@@ -154,22 +154,18 @@ func readSaved(r io.Reader, dir string, limits map[string]uint64) error {
 	br := bufio.NewReaderSize(r, 1<<20)
 	var got []string
 	for {
-		var n uint16
-		if err := binary.Read(br, binary.BigEndian, &n); err != nil {
+		name, err := readName(br)
+		if err != nil {
 			return fmt.Errorf("saved state stream: %w", err)
 		}
-		name := make([]byte, n)
-		if _, err := io.ReadFull(br, name); err != nil {
-			return fmt.Errorf("saved state stream: %w", err)
-		}
-		if n == 0 {
+		if name == "" {
 			break
 		}
-		if !slices.Contains(savedFileNames, string(name)) || slices.Contains(got, string(name)) {
+		if !slices.Contains(savedFileNames, name) || slices.Contains(got, name) {
 			return fmt.Errorf("saved state stream: unexpected file %q", name)
 		}
-		got = append(got, string(name))
-		if err := readSparse(br, filepath.Join(dir, string(name)), limits[string(name)]); err != nil {
+		got = append(got, name)
+		if err := readSparse(br, filepath.Join(dir, name), limits[name]); err != nil {
 			return fmt.Errorf("saved state stream, %s: %w", name, err)
 		}
 	}
@@ -195,6 +191,28 @@ func readSparse(r io.Reader, path string, limit uint64) error {
 	if err := f.Truncate(int64(size)); err != nil {
 		return err
 	}
+	if err := readExtents(r, f, size); err != nil {
+		return err
+	}
+	return f.Sync()
+}
+
+// readName reads a file's name in a stream ("" ends the stream).
+func readName(r io.Reader) (string, error) {
+	var n uint16
+	if err := binary.Read(r, binary.BigEndian, &n); err != nil {
+		return "", err
+	}
+	name := make([]byte, n)
+	if _, err := io.ReadFull(r, name); err != nil {
+		return "", err
+	}
+	return string(name), nil
+}
+
+// readExtents reads a file's extents into f, of size bytes (sized already), until the
+// end mark; an extent outside it, or out of order, is refused.
+func readExtents(r io.Reader, f *os.File, size uint64) error {
 	end := uint64(0)
 	for {
 		var ext [2]uint64
@@ -213,7 +231,7 @@ func readSparse(r io.Reader, path string, limit uint64) error {
 		}
 		end = off + n
 	}
-	return f.Sync()
+	return nil
 }
 
 // fetchSaved brings the saved state sandbox sb starts from, from the node that holds it

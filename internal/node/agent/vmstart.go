@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/client"
@@ -47,7 +48,10 @@ type vms struct {
 	// cannot, one node).
 	node       string
 	dialVolume VolumeDialer
-	log        *slog.Logger
+	// exports are the volumes being moved to other nodes (not mounted here meanwhile).
+	exportMu sync.Mutex
+	exports  map[string]volumeExport
+	log      *slog.Logger
 }
 
 // vmInput is one VM to start for a sandbox or a warm pool.

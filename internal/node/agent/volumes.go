@@ -111,12 +111,16 @@ func (a *Agent) RemoveVolume(ctx context.Context, id string) error {
 	if err := a.vms.volumes.Remove(ctx, id); err != nil {
 		return err
 	}
+	a.vms.setExport(id, "", time.Time{})
 	a.log.Info("volume removed", "volume", id)
 	return nil
 }
 
 // VolumeUsage is the space volume id's filesystem uses.
 func (a *Agent) VolumeUsage(ctx context.Context, id string) (int64, error) {
+	if to := a.vms.exportedTo(id); to != "" {
+		return 0, fmt.Errorf("volume %s is being moved to node %s", id, to)
+	}
 	if err := a.vms.volumes.Mount(ctx, id); err != nil {
 		return 0, fmt.Errorf("volume %s: %w", id, err)
 	}
@@ -213,6 +217,9 @@ func (m *vms) volumeServer(ctx context.Context, dir, nsPath, name string, mounts
 		spec.Peer, spec.Relayed = "", true
 	}
 	for _, mt := range mounts {
+		if to := m.exportedTo(mt.Volume); to != "" {
+			return nil, fmt.Errorf("volume %s is being moved to node %s", mt.Volume, to)
+		}
 		if err := m.volumes.Mount(ctx, mt.Volume); err != nil {
 			return nil, fmt.Errorf("volume %s: %w", mt.Volume, err)
 		}

@@ -60,6 +60,10 @@ func Handler(ag *agent.Agent, opts Options, log *slog.Logger) http.Handler {
 			serveMigration(ag, w, r, rest, log)
 			return
 		}
+		if id, ok := strings.CutPrefix(r.URL.Path, VolumeDataPath); ok {
+			serveVolumeData(ag, w, r, id, log)
+			return
+		}
 		if rest, ok := strings.CutPrefix(r.URL.Path, VolumePath); ok {
 			serveVolumeStream(ag, w, r, rest, log)
 			return

@@ -1,8 +1,10 @@
 package nodeapi
 
 import (
+	"bufio"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net/http"
 	"strconv"
@@ -54,6 +56,63 @@ func (n *volumeService) DeleteVolume(ctx context.Context, req *connect.Request[p
 		return nil, toConnectError(err)
 	}
 	return connect.NewResponse(&pb.DeleteVolumeResponse{}), nil
+}
+
+// MoveVolume is not asked of a node: the servers run a move.
+func (n *volumeService) MoveVolume(context.Context, *connect.Request[pb.MoveVolumeRequest]) (*connect.Response[pb.MoveVolumeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("a node does not move volumes: ask a server"))
+}
+
+// ExportVolume lets another node fetch a volume being moved to it (or, with no node,
+// ends that).
+func (n *volumeService) ExportVolume(ctx context.Context, req *connect.Request[pb.ExportVolumeRequest]) (*connect.Response[pb.ExportVolumeResponse], error) {
+	if err := n.ag.ExportVolume(ctx, req.Msg.GetVolumeId(), req.Msg.GetToNode()); err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.ExportVolumeResponse{}), nil
+}
+
+// ImportVolume fetches a volume being moved here from the node that exported it.
+func (n *volumeService) ImportVolume(ctx context.Context, req *connect.Request[pb.ImportVolumeRequest]) (*connect.Response[pb.ImportVolumeResponse], error) {
+	m := req.Msg
+	if err := n.ag.ImportVolume(ctx, m.GetVolumeId(), int(m.GetSizeMib()), m.GetFromNode(), m.GetFromAddress()); err != nil {
+		return nil, toConnectError(err)
+	}
+	return connect.NewResponse(&pb.ImportVolumeResponse{}), nil
+}
+
+// VolumeDataPath + VOLUME is where a node fetches a volume being moved to it from the
+// node that holds it (GET, node certificates only; the holder checks that the volume
+// was exported to the calling node).
+const VolumeDataPath = "/fireworks.node/volumedata/"
+
+func serveVolumeData(ag *agent.Agent, w http.ResponseWriter, r *http.Request, id string, log *slog.Logger) {
+	role, peer, err := pki.PeerIdentity(r.TLS)
+	if err != nil || role != pki.RoleAgent || r.Method != http.MethodGet {
+		http.Error(w, "a volume's data is served to nodes only, with GET", http.StatusForbidden)
+		return
+	}
+	if len(id) != 16 || strings.Trim(id, "0123456789abcdef") != "" {
+		http.Error(w, "not a volume ID", http.StatusBadRequest)
+		return
+	}
+	// Refused or sent, nothing is written before the check: the error is a status.
+	pr, pw := io.Pipe()
+	go func() { pw.CloseWithError(ag.SendVolume(r.Context(), id, peer, pw)) }()
+	br := bufio.NewReaderSize(pr, 64<<10)
+	if _, err := br.Peek(1); err != nil {
+		pr.CloseWithError(err)
+		log.Warn("volume data refused", "volume", id, "to", peer, "err", err)
+		http.Error(w, err.Error(), http.StatusForbidden)
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	if _, err := io.Copy(w, br); err != nil {
+		pr.CloseWithError(err)
+		log.Warn("send a volume's data", "volume", id, "to", peer, "err", err)
+		panic(http.ErrAbortHandler) // the receiver must see a broken stream, not an end
+	}
+	log.Info("sent a volume's data", "volume", id, "to", peer)
 }
 
 // VolumePath + SANDBOX/INDEX is where the node running a sandbox relays its guest's

@@ -190,6 +190,94 @@ func (s *Store) Mount(ctx context.Context, id string) error {
 	}
 }
 
+// Export unmounts volume id and returns its image, to be read whole for a move to
+// another node: once no loop device holds it, nothing on this node writes it (the caller
+// mounts it no more).
+func (s *Store) Export(ctx context.Context, id string) (string, error) {
+	if err := s.Unmount(ctx, id); err != nil {
+		return "", err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// The loop device is detached a moment after the unmount (see Mount).
+	for try := 0; ; try++ {
+		out, err := exec.CommandContext(ctx, "losetup", "-j", s.image(id)).Output()
+		if err != nil {
+			return "", fmt.Errorf("losetup -j %s: %w", s.image(id), err)
+		}
+		if strings.TrimSpace(string(out)) == "" {
+			break
+		}
+		if try == 50 {
+			return "", fmt.Errorf("volume %s's image is still attached to a loop device (%s): in use in another mount namespace", id, strings.TrimSpace(string(out)))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if _, err := os.Stat(s.image(id)); err != nil {
+		return "", fmt.Errorf("volume %s: %w", id, err)
+	}
+	return s.image(id), nil
+}
+
+// Import makes volume id of sizeMiB from another node's image of it: fill writes the
+// image into the file it is given (sized already), which is checked (e2fsck) before it
+// becomes the volume. The image came over the network from a node: a filesystem the
+// kernel mounts is not taken unchecked.
+func (s *Store) Import(ctx context.Context, id string, sizeMiB int, fill func(*os.File) error) error {
+	if err := checkID(id); err != nil {
+		return err
+	}
+	if sizeMiB < MinSizeMiB || sizeMiB > MaxSizeMiB {
+		return fmt.Errorf("volume size %d MiB: want %d MiB to %d MiB", sizeMiB, MinSizeMiB, MaxSizeMiB)
+	}
+	part := filepath.Join(s.root, "images", "."+id+".part")
+	s.mu.Lock()
+	if _, err := os.Stat(s.image(id)); err == nil {
+		s.mu.Unlock()
+		return fmt.Errorf("volume %s is on this node already", id)
+	}
+	_ = os.Remove(part) // an earlier attempt's
+	if err := s.fits(int64(sizeMiB) << 20); err != nil {
+		s.mu.Unlock()
+		return fmt.Errorf("volume %s: %w", id, err)
+	}
+	f, err := os.OpenFile(part, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+	s.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("volume %s: %w", id, err)
+	}
+	err = f.Truncate(int64(sizeMiB) << 20)
+	if err == nil {
+		err = fill(f)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		if fi, serr := os.Stat(part); serr != nil || fi.Size() != int64(sizeMiB)<<20 {
+			err = fmt.Errorf("the image received is not of the volume's size (%d MiB)", sizeMiB)
+		}
+	}
+	if err == nil {
+		// -n: report, change nothing; -f: check even a clean one.
+		err = run(ctx, "e2fsck", "-f", "-n", part)
+	}
+	if err != nil {
+		_ = os.Remove(part)
+		return fmt.Errorf("import volume %s: %w", id, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := os.Rename(part, s.image(id)); err != nil {
+		_ = os.Remove(part)
+		return fmt.Errorf("import volume %s: %w", id, err)
+	}
+	return nil
+}
+
 // Unmount unmounts volume id if it is mounted (its data stays).
 func (s *Store) Unmount(ctx context.Context, id string) error {
 	s.mu.Lock()

@@ -52,6 +52,11 @@ const (
 	// cmdCreateGroup creates a sandbox group's members in one step. Not ignorable: a
 	// server that skipped it would have none of them.
 	cmdCreateGroup cmdType = 21
+	// cmdMoveVolume starts moving an unused volume's data to another node, and
+	// cmdVolumeMoved ends that (moved, or not, with a note). Not ignorable: sandboxes
+	// mount volumes where they are, and none may while one moves.
+	cmdMoveVolume  cmdType = 22
+	cmdVolumeMoved cmdType = 23
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -104,6 +109,10 @@ func (t cmdType) String() string {
 		return "delete-volume"
 	case cmdShareVolume:
 		return "share-volume"
+	case cmdMoveVolume:
+		return "move-volume"
+	case cmdVolumeMoved:
+		return "volume-moved"
 	}
 	return fmt.Sprintf("type-%d", byte(t))
 }

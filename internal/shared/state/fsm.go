@@ -149,6 +149,18 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return err
 		}
 		return f.shareVolume(c)
+	case cmdMoveVolume:
+		var c moveVolumeCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.moveVolume(c)
+	case cmdVolumeMoved:
+		var c volumeMovedCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.volumeMoved(c)
 	case cmdResume:
 		var c resumeSandboxCmd
 		if err := decodeBody(t, body, &c); err != nil {

@@ -25,6 +25,20 @@ type Volume struct {
 	Lost string `json:"lost,omitempty"`
 	// Shares are the other tokens an admin let mount it.
 	Shares []VolumeShare `json:"shares,omitempty"`
+	// Move, while set, is a move of its data to another node: no sandbox may mount it
+	// meanwhile.
+	Move *VolumeMove `json:"move,omitempty"`
+	// MoveNote says what became of the last move (why it failed), or why a drain of its
+	// node leaves it there; MoveNoteAt when.
+	MoveNote   string    `json:"move_note,omitempty"`
+	MoveNoteAt time.Time `json:"move_note_at,omitzero"`
+}
+
+// VolumeMove is a volume's data being moved to node To (why: Why).
+type VolumeMove struct {
+	To    string    `json:"to"`
+	Why   string    `json:"why"`
+	Since time.Time `json:"since"`
 }
 
 // VolumeShare lets a token other than the owner mount a volume (only read-only, if so).
@@ -96,6 +110,8 @@ func (f *fsm) checkVolumes(spec SandboxSpec) error {
 			return fmt.Errorf("volume %s: %w", m.Volume, ErrNotFound)
 		case v.Lost != "":
 			return fmt.Errorf("%w: volume %s is lost: %s", ErrInvalid, v.Name, v.Lost)
+		case v.Move != nil:
+			return fmt.Errorf("%w: volume %s is being moved to node %s (%s); mount it once it has moved", ErrInUse, v.Name, v.Move.To, v.Move.Why)
 		case v.Node != spec.VolumeNode:
 			return fmt.Errorf("%w: volume %s is on another node than the sandbox's other volumes", ErrInvalid, v.Name)
 		case paths[m.Path]:
@@ -113,6 +129,132 @@ type putVolumeCmd struct {
 	Volume Volume `json:"volume"`
 	// Max bounds the owner's volumes (0: no bound, an admin's).
 	Max int `json:"max,omitempty"`
+}
+
+type moveVolumeCmd struct {
+	ID   string    `json:"id"`
+	To   string    `json:"to"`
+	Why  string    `json:"why"`
+	Time time.Time `json:"time"`
+}
+
+type volumeMovedCmd struct {
+	ID string `json:"id"`
+	To string `json:"to"`
+	// Err, if set, says why the move failed: the volume stays where it was.
+	Err  string    `json:"err,omitempty"`
+	Time time.Time `json:"time"`
+	// Note only records why a drain leaves the volume (no move was under way).
+	Note bool `json:"note,omitempty"`
+}
+
+// moveVolume starts a move of volume c.ID to node c.To: refused while a sandbox that
+// is not over mounts it (checked here, so that no start slips in), or a move is under
+// way, or the node cannot take it.
+func (f *fsm) moveVolume(c moveVolumeCmd) any {
+	v, ok := f.volumes[c.ID]
+	if !ok {
+		return ErrNotFound
+	}
+	n, ok := f.nodes[c.To]
+	switch {
+	case c.Time.IsZero() || c.Why == "":
+		return fmt.Errorf("%w: a volume move needs a reason and a time", ErrInvalid)
+	case v.Lost != "":
+		return fmt.Errorf("%w: volume %s is lost: %s", ErrInvalid, v.Name, v.Lost)
+	case v.Move != nil:
+		return fmt.Errorf("%w: volume %s is being moved to node %s already", ErrInUse, v.Name, v.Move.To)
+	case !ok:
+		return fmt.Errorf("node %s: %w", c.To, ErrNotFound)
+	case c.To == v.Node:
+		return fmt.Errorf("%w: volume %s is on node %s already", ErrInvalid, v.Name, c.To)
+	case n.Status != NodeReady || n.Draining || n.Cordoned:
+		return fmt.Errorf("%w: node %s is not ready to take volumes (%s)", ErrNoRoom, c.To, n.Status)
+	}
+	if users := f.volumeUsers(c.ID); len(users) > 0 {
+		return fmt.Errorf("%w: volume %s is mounted by sandbox %s, which are not over: a volume moves only while no sandbox mounts it", ErrInUse, v.Name, strings.Join(users, ", "))
+	}
+	nv := *v
+	nv.Move = &VolumeMove{To: c.To, Why: c.Why, Since: utc(c.Time)}
+	f.volumes[c.ID] = &nv
+	return nv
+}
+
+// volumeMoved ends volume c.ID's move to c.To: its data is there now, or, with c.Err,
+// the move failed and the volume stays where it was. With c.Note it only records why a
+// drain leaves the volume.
+func (f *fsm) volumeMoved(c volumeMovedCmd) any {
+	v, ok := f.volumes[c.ID]
+	if !ok {
+		return ErrNotFound
+	}
+	nv := *v
+	switch {
+	case c.Note:
+		if v.Move != nil {
+			return fmt.Errorf("%w: volume %s is being moved", ErrInUse, v.Name)
+		}
+	case v.Move == nil || v.Move.To != c.To:
+		return fmt.Errorf("%w: volume %s is not being moved to node %s", ErrStaleReport, v.Name, c.To)
+	case c.Err == "":
+		nv.Node = c.To
+		nv.Move = nil
+	default:
+		nv.Move = nil
+	}
+	nv.MoveNote, nv.MoveNoteAt = c.Err, utc(c.Time)
+	f.volumes[c.ID] = &nv
+	return nv
+}
+
+// VolumeTarget is the node a volume moving off node but goes to: the ready, uncordoned,
+// undrained node other than but holding the fewest volumes ("" if none).
+func VolumeTarget(nodes []Node, vols []Volume, but string) string {
+	count := map[string]int{}
+	for _, v := range vols {
+		count[v.Node]++
+		if v.Move != nil {
+			count[v.Move.To]++
+		}
+	}
+	best := ""
+	for _, n := range nodes {
+		if n.ID == but || n.Status != NodeReady || n.Cordoned || n.Draining {
+			continue
+		}
+		if best == "" || count[n.ID] < count[best] || count[n.ID] == count[best] && n.ID < best {
+			best = n.ID
+		}
+	}
+	return best
+}
+
+// MoveVolume starts moving volume id's data to node to (see moveVolume).
+func (s *Store) MoveVolume(ctx context.Context, id, to, why string, now time.Time) (Volume, error) {
+	return s.applyVolume(ctx, "move volume "+id, cmdMoveVolume, moveVolumeCmd{ID: id, To: to, Why: why, Time: now})
+}
+
+// VolumeMoved ends volume id's move to node to: done, or failed with why (see
+// volumeMoved).
+func (s *Store) VolumeMoved(ctx context.Context, id, to, why string, now time.Time) (Volume, error) {
+	return s.applyVolume(ctx, "end the move of volume "+id, cmdVolumeMoved, volumeMovedCmd{ID: id, To: to, Err: why, Time: now})
+}
+
+// NoteVolume records why volume id stays where it is (a drain of its node leaves it).
+func (s *Store) NoteVolume(ctx context.Context, id, note string, now time.Time) (Volume, error) {
+	return s.applyVolume(ctx, "note on volume "+id, cmdVolumeMoved, volumeMovedCmd{ID: id, Err: note, Note: true, Time: now})
+}
+
+func (s *Store) applyVolume(ctx context.Context, what string, t cmdType, c any) (Volume, error) {
+	resp, err := s.apply(ctx, t, c)
+	if err != nil {
+		return Volume{}, fmt.Errorf("%s: %w", what, err)
+	}
+	out, ok := resp.(Volume)
+	if !ok {
+		return Volume{}, fmt.Errorf("%s: state machine answered %T", what, resp)
+	}
+	return out, nil
 }
 
 type deleteVolumeCmd struct {
@@ -267,11 +409,9 @@ func (s *Store) GetVolume(ctx context.Context, ref, owner string, all bool) (Vol
 	return s.fsm.getVolume(ref, owner, all)
 }
 
-// ListVolumes lists every volume, with the sandboxes (not over) that mount each.
-func (s *Store) ListVolumes(ctx context.Context) ([]Volume, map[string][]string, error) {
-	if err := s.read(ctx); err != nil {
-		return nil, nil, err
-	}
+// LocalVolumes is ListVolumes on this server's copy, without confirming leadership (for
+// the leader's passes, which confirm it once).
+func (s *Store) LocalVolumes() ([]Volume, map[string][]string) {
 	s.fsm.mu.RLock()
 	defer s.fsm.mu.RUnlock()
 	out := make([]Volume, 0, len(s.fsm.volumes))
@@ -282,6 +422,15 @@ func (s *Store) ListVolumes(ctx context.Context) ([]Volume, map[string][]string,
 			users[id] = u
 		}
 	}
+	return out, users
+}
+
+// ListVolumes lists every volume, with the sandboxes (not over) that mount each.
+func (s *Store) ListVolumes(ctx context.Context) ([]Volume, map[string][]string, error) {
+	if err := s.read(ctx); err != nil {
+		return nil, nil, err
+	}
+	out, users := s.LocalVolumes()
 	return out, users, nil
 }
 

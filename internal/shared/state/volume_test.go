@@ -3,6 +3,7 @@ package state
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -133,5 +134,67 @@ func TestVolumeShares(t *testing.T) {
 	}
 	if _, err := s.GetVolume(ctx, "data", "u2", false); !errors.Is(err, ErrNotFound) {
 		t.Errorf("after the unshare: %v", err)
+	}
+}
+
+// A volume moves only while no sandbox that is not over mounts it, to a ready node; no
+// sandbox may mount it while it moves; its end moves it, or (failed) leaves it with a note.
+func TestVolumeMove(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, Options{Dir: t.TempDir()})
+	for _, n := range []string{"n1", "n2", "n3"} {
+		if _, err := s.RegisterNode(ctx, Node{ID: n, Address: n + ":1", Capacity: Resources{VCPUs: 4, MemoryMiB: 4096, DiskMiB: 10000}, UpdatedAt: t0}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.UpdateNode(ctx, "n3", NodeUpdate{Draining: ptr(true), Time: t0}); err != nil {
+		t.Fatal(err)
+	}
+	const id = "d000000000000001"
+	if _, err := s.PutVolume(ctx, Volume{ID: id, Name: "data", Owner: "u1", Node: "n1", SizeMiB: 64, CreatedAt: t0}, 0); err != nil {
+		t.Fatal(err)
+	}
+	user := Sandbox{ID: "e000000000000001", Owner: "u1", Status: StatusPending, CreatedAt: t0,
+		Spec: SandboxSpec{Image: "busybox", Volumes: []VolumeMount{{Volume: id, Path: "/data"}}, VolumeNode: "n1"}}
+	if err := s.CreateSandbox(ctx, user); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.MoveVolume(ctx, id, "n2", "test", t0); !errors.Is(err, ErrInUse) {
+		t.Errorf("move of a mounted volume: %v", err)
+	}
+	if _, err := s.UpdateSandbox(ctx, user.ID, Update{Status: ptr(StatusFailed), Reason: "gone", Time: t0}); err != nil {
+		t.Fatal(err)
+	}
+	for to, want := range map[string]error{"n1": ErrInvalid, "n3": ErrNoRoom, "nx": ErrNotFound} {
+		if _, err := s.MoveVolume(ctx, id, to, "test", t0); !errors.Is(err, want) {
+			t.Errorf("move to %s: %v, want %v", to, err, want)
+		}
+	}
+	if got := VolumeTarget(s.LocalNodes(), nil, "n1"); got != "n2" {
+		t.Errorf("the target of a move off n1 (n3 draining): %q", got)
+	}
+	v, err := s.MoveVolume(ctx, id, "n2", "test", t0)
+	if err != nil || v.Move == nil || v.Move.To != "n2" {
+		t.Fatalf("move: %+v %v", v, err)
+	}
+	user.ID, user.Status = "e000000000000002", StatusPending
+	if err := s.CreateSandbox(ctx, user); !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), "being moved") {
+		t.Errorf("a sandbox mounting a moving volume: %v", err)
+	}
+	if _, err := s.VolumeMoved(ctx, id, "n1", "", t0); !errors.Is(err, ErrStaleReport) {
+		t.Errorf("the end of a move elsewhere: %v", err)
+	}
+	if v, err = s.VolumeMoved(ctx, id, "n2", "the copy failed", t0); err != nil || v.Node != "n1" || v.Move != nil || v.MoveNote != "the copy failed" {
+		t.Fatalf("a failed move: %+v %v", v, err)
+	}
+	if _, err := s.MoveVolume(ctx, id, "n2", "test", t0); err != nil {
+		t.Fatal(err)
+	}
+	if v, err = s.VolumeMoved(ctx, id, "n2", "", t0); err != nil || v.Node != "n2" || v.Move != nil || v.MoveNote != "" {
+		t.Fatalf("a move: %+v %v", v, err)
+	}
+	user.Spec.VolumeNode = "n2"
+	if err := s.CreateSandbox(ctx, user); err != nil {
+		t.Errorf("a sandbox mounting the moved volume on its new node: %v", err)
 	}
 }

@@ -4881,8 +4881,12 @@ type Volume struct {
 	// For a token it is shared with: shared, and whether read-only.
 	Shared         bool `protobuf:"varint,11,opt,name=shared,proto3" json:"shared,omitempty"`
 	SharedReadOnly bool `protobuf:"varint,12,opt,name=shared_read_only,json=sharedReadOnly,proto3" json:"shared_read_only,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Where it is being moved to, and why (shown to admins).
+	MovingTo string `protobuf:"bytes,13,opt,name=moving_to,json=movingTo,proto3" json:"moving_to,omitempty"`
+	// What became of the last attempt to move it, or why a drain of its node leaves it.
+	MoveNote      string `protobuf:"bytes,14,opt,name=move_note,json=moveNote,proto3" json:"move_note,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -4997,6 +5001,20 @@ func (x *Volume) GetSharedReadOnly() bool {
 		return x.SharedReadOnly
 	}
 	return false
+}
+
+func (x *Volume) GetMovingTo() string {
+	if x != nil {
+		return x.MovingTo
+	}
+	return ""
+}
+
+func (x *Volume) GetMoveNote() string {
+	if x != nil {
+		return x.MoveNote
+	}
+	return ""
 }
 
 type VolumeShare struct {
@@ -5530,6 +5548,299 @@ func (*DeleteVolumeResponse) Descriptor() ([]byte, []int) {
 	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{85}
 }
 
+type MoveVolumeRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	// The node to move it to (empty: the ready node holding the fewest volumes).
+	Node          string `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MoveVolumeRequest) Reset() {
+	*x = MoveVolumeRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MoveVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MoveVolumeRequest) ProtoMessage() {}
+
+func (x *MoveVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MoveVolumeRequest.ProtoReflect.Descriptor instead.
+func (*MoveVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{86}
+}
+
+func (x *MoveVolumeRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *MoveVolumeRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+type MoveVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MoveVolumeResponse) Reset() {
+	*x = MoveVolumeResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MoveVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MoveVolumeResponse) ProtoMessage() {}
+
+func (x *MoveVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MoveVolumeResponse.ProtoReflect.Descriptor instead.
+func (*MoveVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{87}
+}
+
+func (x *MoveVolumeResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+// Node API only: the volume's node lets node to_node fetch the volume's data, once
+// unmounted, for a move.
+type ExportVolumeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	VolumeId      string                 `protobuf:"bytes,1,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
+	ToNode        string                 `protobuf:"bytes,2,opt,name=to_node,json=toNode,proto3" json:"to_node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportVolumeRequest) Reset() {
+	*x = ExportVolumeRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportVolumeRequest) ProtoMessage() {}
+
+func (x *ExportVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportVolumeRequest.ProtoReflect.Descriptor instead.
+func (*ExportVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{88}
+}
+
+func (x *ExportVolumeRequest) GetVolumeId() string {
+	if x != nil {
+		return x.VolumeId
+	}
+	return ""
+}
+
+func (x *ExportVolumeRequest) GetToNode() string {
+	if x != nil {
+		return x.ToNode
+	}
+	return ""
+}
+
+type ExportVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportVolumeResponse) Reset() {
+	*x = ExportVolumeResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportVolumeResponse) ProtoMessage() {}
+
+func (x *ExportVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportVolumeResponse.ProtoReflect.Descriptor instead.
+func (*ExportVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{89}
+}
+
+// Node API only: the node fetches the volume's data from its node (over the nodes'
+// mutual TLS) and keeps it as its own.
+type ImportVolumeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	VolumeId      string                 `protobuf:"bytes,1,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
+	SizeMib       int64                  `protobuf:"varint,2,opt,name=size_mib,json=sizeMib,proto3" json:"size_mib,omitempty"`
+	FromNode      string                 `protobuf:"bytes,3,opt,name=from_node,json=fromNode,proto3" json:"from_node,omitempty"`
+	FromAddress   string                 `protobuf:"bytes,4,opt,name=from_address,json=fromAddress,proto3" json:"from_address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportVolumeRequest) Reset() {
+	*x = ImportVolumeRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportVolumeRequest) ProtoMessage() {}
+
+func (x *ImportVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportVolumeRequest.ProtoReflect.Descriptor instead.
+func (*ImportVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{90}
+}
+
+func (x *ImportVolumeRequest) GetVolumeId() string {
+	if x != nil {
+		return x.VolumeId
+	}
+	return ""
+}
+
+func (x *ImportVolumeRequest) GetSizeMib() int64 {
+	if x != nil {
+		return x.SizeMib
+	}
+	return 0
+}
+
+func (x *ImportVolumeRequest) GetFromNode() string {
+	if x != nil {
+		return x.FromNode
+	}
+	return ""
+}
+
+func (x *ImportVolumeRequest) GetFromAddress() string {
+	if x != nil {
+		return x.FromAddress
+	}
+	return ""
+}
+
+type ImportVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportVolumeResponse) Reset() {
+	*x = ImportVolumeResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportVolumeResponse) ProtoMessage() {}
+
+func (x *ImportVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportVolumeResponse.ProtoReflect.Descriptor instead.
+func (*ImportVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{91}
+}
+
 type InfoRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -5538,7 +5849,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5550,7 +5861,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5563,7 +5874,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{86}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{92}
 }
 
 type InfoResponse struct {
@@ -5587,7 +5898,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5599,7 +5910,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5612,7 +5923,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{87}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *InfoResponse) GetVersion() string {
@@ -5726,7 +6037,7 @@ type Token struct {
 
 func (x *Token) Reset() {
 	*x = Token{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5738,7 +6049,7 @@ func (x *Token) String() string {
 func (*Token) ProtoMessage() {}
 
 func (x *Token) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5751,7 +6062,7 @@ func (x *Token) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Token.ProtoReflect.Descriptor instead.
 func (*Token) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{88}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *Token) GetId() string {
@@ -5824,7 +6135,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5836,7 +6147,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5849,7 +6160,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{89}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *CreateTokenRequest) GetName() string {
@@ -5891,7 +6202,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5903,7 +6214,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5916,7 +6227,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{90}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *CreateTokenResponse) GetToken() *Token {
@@ -5941,7 +6252,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5953,7 +6264,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5966,7 +6277,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{91}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{97}
 }
 
 type ListTokensResponse struct {
@@ -5978,7 +6289,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[92]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5990,7 +6301,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[92]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6003,7 +6314,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{92}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *ListTokensResponse) GetTokens() []*Token {
@@ -6022,7 +6333,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[93]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6034,7 +6345,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[93]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6047,7 +6358,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{93}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -6065,7 +6376,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[94]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6077,7 +6388,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[94]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6090,7 +6401,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{94}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{100}
 }
 
 var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
@@ -6444,7 +6755,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x14ListTemplatesRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\"M\n" +
 	"\x15ListTemplatesResponse\x124\n" +
-	"\ttemplates\x18\x01 \x03(\v2\x16.fireworks.v1.TemplateR\ttemplates\"\xed\x02\n" +
+	"\ttemplates\x18\x01 \x03(\v2\x16.fireworks.v1.TemplateR\ttemplates\"\xa7\x03\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
@@ -6460,7 +6771,9 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06shares\x18\n" +
 	" \x03(\v2\x19.fireworks.v1.VolumeShareR\x06shares\x12\x16\n" +
 	"\x06shared\x18\v \x01(\bR\x06shared\x12(\n" +
-	"\x10shared_read_only\x18\f \x01(\bR\x0esharedReadOnly\"@\n" +
+	"\x10shared_read_only\x18\f \x01(\bR\x0esharedReadOnly\x12\x1b\n" +
+	"\tmoving_to\x18\r \x01(\tR\bmovingTo\x12\x1b\n" +
+	"\tmove_note\x18\x0e \x01(\tR\bmoveNote\"@\n" +
 	"\vVolumeShare\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x1b\n" +
 	"\tread_only\x18\x02 \x01(\bR\breadOnly\"y\n" +
@@ -6487,7 +6800,22 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06volume\x18\x01 \x01(\v2\x14.fireworks.v1.VolumeR\x06volume\"-\n" +
 	"\x13DeleteVolumeRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\"\x16\n" +
-	"\x14DeleteVolumeResponse\"\r\n" +
+	"\x14DeleteVolumeResponse\"?\n" +
+	"\x11MoveVolumeRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\"B\n" +
+	"\x12MoveVolumeResponse\x12,\n" +
+	"\x06volume\x18\x01 \x01(\v2\x14.fireworks.v1.VolumeR\x06volume\"K\n" +
+	"\x13ExportVolumeRequest\x12\x1b\n" +
+	"\tvolume_id\x18\x01 \x01(\tR\bvolumeId\x12\x17\n" +
+	"\ato_node\x18\x02 \x01(\tR\x06toNode\"\x16\n" +
+	"\x14ExportVolumeResponse\"\x8d\x01\n" +
+	"\x13ImportVolumeRequest\x12\x1b\n" +
+	"\tvolume_id\x18\x01 \x01(\tR\bvolumeId\x12\x19\n" +
+	"\bsize_mib\x18\x02 \x01(\x03R\asizeMib\x12\x1b\n" +
+	"\tfrom_node\x18\x03 \x01(\tR\bfromNode\x12!\n" +
+	"\ffrom_address\x18\x04 \x01(\tR\vfromAddress\"\x16\n" +
+	"\x14ImportVolumeResponse\"\r\n" +
 	"\vInfoRequest\"\xb4\x03\n" +
 	"\fInfoResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x12\n" +
@@ -6550,13 +6878,17 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x04Exec\x12\x19.fireworks.v1.ExecRequest\x1a\x1a.fireworks.v1.ExecResponse(\x010\x01\x12L\n" +
 	"\tSetPolicy\x12\x1e.fireworks.v1.SetPolicyRequest\x1a\x1f.fireworks.v1.SetPolicyResponse\x12L\n" +
 	"\tGetPolicy\x12\x1e.fireworks.v1.GetPolicyRequest\x1a\x1f.fireworks.v1.GetPolicyResponse\x12V\n" +
-	"\vPortForward\x12 .fireworks.v1.PortForwardRequest\x1a!.fireworks.v1.PortForwardResponse(\x010\x012\xb3\x03\n" +
+	"\vPortForward\x12 .fireworks.v1.PortForwardRequest\x1a!.fireworks.v1.PortForwardResponse(\x010\x012\xb2\x05\n" +
 	"\rVolumeService\x12U\n" +
 	"\fCreateVolume\x12!.fireworks.v1.CreateVolumeRequest\x1a\".fireworks.v1.CreateVolumeResponse\x12R\n" +
 	"\vListVolumes\x12 .fireworks.v1.ListVolumesRequest\x1a!.fireworks.v1.ListVolumesResponse\x12L\n" +
 	"\tGetVolume\x12\x1e.fireworks.v1.GetVolumeRequest\x1a\x1f.fireworks.v1.GetVolumeResponse\x12U\n" +
 	"\fDeleteVolume\x12!.fireworks.v1.DeleteVolumeRequest\x1a\".fireworks.v1.DeleteVolumeResponse\x12R\n" +
-	"\vShareVolume\x12 .fireworks.v1.ShareVolumeRequest\x1a!.fireworks.v1.ShareVolumeResponse2\x92\x05\n" +
+	"\vShareVolume\x12 .fireworks.v1.ShareVolumeRequest\x1a!.fireworks.v1.ShareVolumeResponse\x12O\n" +
+	"\n" +
+	"MoveVolume\x12\x1f.fireworks.v1.MoveVolumeRequest\x1a .fireworks.v1.MoveVolumeResponse\x12U\n" +
+	"\fExportVolume\x12!.fireworks.v1.ExportVolumeRequest\x1a\".fireworks.v1.ExportVolumeResponse\x12U\n" +
+	"\fImportVolume\x12!.fireworks.v1.ImportVolumeRequest\x1a\".fireworks.v1.ImportVolumeResponse2\x92\x05\n" +
 	"\fImageService\x12N\n" +
 	"\tPullImage\x12\x1e.fireworks.v1.PullImageRequest\x1a\x1f.fireworks.v1.PullImageResponse0\x01\x12O\n" +
 	"\n" +
@@ -6588,7 +6920,7 @@ func file_fireworks_v1_fireworks_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_fireworks_proto_rawDescData
 }
 
-var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 96)
+var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 102)
 var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*SandboxSpec)(nil),            // 0: fireworks.v1.SandboxSpec
 	(*VolumeMount)(nil),            // 1: fireworks.v1.VolumeMount
@@ -6676,42 +7008,48 @@ var file_fireworks_v1_fireworks_proto_goTypes = []any{
 	(*GetVolumeResponse)(nil),      // 83: fireworks.v1.GetVolumeResponse
 	(*DeleteVolumeRequest)(nil),    // 84: fireworks.v1.DeleteVolumeRequest
 	(*DeleteVolumeResponse)(nil),   // 85: fireworks.v1.DeleteVolumeResponse
-	(*InfoRequest)(nil),            // 86: fireworks.v1.InfoRequest
-	(*InfoResponse)(nil),           // 87: fireworks.v1.InfoResponse
-	(*Token)(nil),                  // 88: fireworks.v1.Token
-	(*CreateTokenRequest)(nil),     // 89: fireworks.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),    // 90: fireworks.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),      // 91: fireworks.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),     // 92: fireworks.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),     // 93: fireworks.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),    // 94: fireworks.v1.RevokeTokenResponse
-	nil,                            // 95: fireworks.v1.Sandbox.DetailsEntry
-	(*durationpb.Duration)(nil),    // 96: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 97: google.protobuf.Timestamp
+	(*MoveVolumeRequest)(nil),      // 86: fireworks.v1.MoveVolumeRequest
+	(*MoveVolumeResponse)(nil),     // 87: fireworks.v1.MoveVolumeResponse
+	(*ExportVolumeRequest)(nil),    // 88: fireworks.v1.ExportVolumeRequest
+	(*ExportVolumeResponse)(nil),   // 89: fireworks.v1.ExportVolumeResponse
+	(*ImportVolumeRequest)(nil),    // 90: fireworks.v1.ImportVolumeRequest
+	(*ImportVolumeResponse)(nil),   // 91: fireworks.v1.ImportVolumeResponse
+	(*InfoRequest)(nil),            // 92: fireworks.v1.InfoRequest
+	(*InfoResponse)(nil),           // 93: fireworks.v1.InfoResponse
+	(*Token)(nil),                  // 94: fireworks.v1.Token
+	(*CreateTokenRequest)(nil),     // 95: fireworks.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),    // 96: fireworks.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),      // 97: fireworks.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),     // 98: fireworks.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),     // 99: fireworks.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),    // 100: fireworks.v1.RevokeTokenResponse
+	nil,                            // 101: fireworks.v1.Sandbox.DetailsEntry
+	(*durationpb.Duration)(nil),    // 102: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 103: google.protobuf.Timestamp
 }
 var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
-	96,  // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
+	102, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
 	2,   // 1: fireworks.v1.SandboxSpec.ports:type_name -> fireworks.v1.Port
 	1,   // 2: fireworks.v1.SandboxSpec.volumes:type_name -> fireworks.v1.VolumeMount
-	97,  // 3: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
+	103, // 3: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
 	0,   // 4: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
-	97,  // 5: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	97,  // 6: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
-	97,  // 7: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
+	103, // 5: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	103, // 6: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
+	103, // 7: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
 	4,   // 8: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
-	95,  // 9: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
+	101, // 9: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
 	3,   // 10: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
 	9,   // 11: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
 	6,   // 12: fireworks.v1.Sandbox.migration:type_name -> fireworks.v1.Migration
 	6,   // 13: fireworks.v1.Sandbox.migrations:type_name -> fireworks.v1.Migration
 	25,  // 14: fireworks.v1.Sandbox.group:type_name -> fireworks.v1.Group
-	97,  // 15: fireworks.v1.Migration.started:type_name -> google.protobuf.Timestamp
-	97,  // 16: fireworks.v1.Migration.ended:type_name -> google.protobuf.Timestamp
+	103, // 15: fireworks.v1.Migration.started:type_name -> google.protobuf.Timestamp
+	103, // 16: fireworks.v1.Migration.ended:type_name -> google.protobuf.Timestamp
 	5,   // 17: fireworks.v1.MigrateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
 	6,   // 18: fireworks.v1.MigrateSandboxResponse.migration:type_name -> fireworks.v1.Migration
-	97,  // 19: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
+	103, // 19: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
 	5,   // 20: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	97,  // 21: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	103, // 21: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
 	12,  // 22: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
 	12,  // 23: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
 	5,   // 24: fireworks.v1.ForkSandboxResponse.forks:type_name -> fireworks.v1.Sandbox
@@ -6723,7 +7061,7 @@ var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
 	5,   // 30: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
 	5,   // 31: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
 	5,   // 32: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
-	96,  // 33: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
+	102, // 33: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
 	5,   // 34: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
 	39,  // 35: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
 	36,  // 36: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
@@ -6736,105 +7074,112 @@ var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
 	38,  // 43: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
 	3,   // 44: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
 	3,   // 45: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	97,  // 46: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
+	103, // 46: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
 	56,  // 47: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
 	53,  // 48: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
 	53,  // 49: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
-	97,  // 50: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
+	103, // 50: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
 	62,  // 51: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
 	61,  // 52: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
 	61,  // 53: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
 	61,  // 54: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
-	97,  // 55: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
+	103, // 55: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
 	69,  // 56: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
-	96,  // 57: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
+	102, // 57: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
 	69,  // 58: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
-	97,  // 59: fireworks.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	103, // 59: fireworks.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
 	75,  // 60: fireworks.v1.Volume.shares:type_name -> fireworks.v1.VolumeShare
 	74,  // 61: fireworks.v1.ShareVolumeResponse.volume:type_name -> fireworks.v1.Volume
 	74,  // 62: fireworks.v1.CreateVolumeResponse.volume:type_name -> fireworks.v1.Volume
 	74,  // 63: fireworks.v1.ListVolumesResponse.volumes:type_name -> fireworks.v1.Volume
 	74,  // 64: fireworks.v1.GetVolumeResponse.volume:type_name -> fireworks.v1.Volume
-	97,  // 65: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
-	97,  // 66: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	96,  // 67: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	88,  // 68: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
-	88,  // 69: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
-	23,  // 70: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
-	28,  // 71: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
-	30,  // 72: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
-	32,  // 73: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
-	34,  // 74: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
-	10,  // 75: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
-	21,  // 76: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
-	7,   // 77: fireworks.v1.SandboxService.MigrateSandbox:input_type -> fireworks.v1.MigrateSandboxRequest
-	19,  // 78: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
-	13,  // 79: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
-	15,  // 80: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
-	17,  // 81: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
-	40,  // 82: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
-	42,  // 83: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
-	45,  // 84: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
-	47,  // 85: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
-	49,  // 86: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
-	51,  // 87: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
-	78,  // 88: fireworks.v1.VolumeService.CreateVolume:input_type -> fireworks.v1.CreateVolumeRequest
-	80,  // 89: fireworks.v1.VolumeService.ListVolumes:input_type -> fireworks.v1.ListVolumesRequest
-	82,  // 90: fireworks.v1.VolumeService.GetVolume:input_type -> fireworks.v1.GetVolumeRequest
-	84,  // 91: fireworks.v1.VolumeService.DeleteVolume:input_type -> fireworks.v1.DeleteVolumeRequest
-	76,  // 92: fireworks.v1.VolumeService.ShareVolume:input_type -> fireworks.v1.ShareVolumeRequest
-	54,  // 93: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
-	57,  // 94: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
-	59,  // 95: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
-	70,  // 96: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
-	72,  // 97: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
-	63,  // 98: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
-	65,  // 99: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
-	67,  // 100: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
-	86,  // 101: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
-	89,  // 102: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
-	91,  // 103: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
-	93,  // 104: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
-	27,  // 105: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
-	29,  // 106: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
-	31,  // 107: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
-	33,  // 108: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
-	35,  // 109: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
-	11,  // 110: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
-	22,  // 111: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
-	8,   // 112: fireworks.v1.SandboxService.MigrateSandbox:output_type -> fireworks.v1.MigrateSandboxResponse
-	20,  // 113: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
-	14,  // 114: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
-	16,  // 115: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
-	18,  // 116: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
-	41,  // 117: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
-	43,  // 118: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
-	46,  // 119: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
-	48,  // 120: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
-	50,  // 121: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
-	52,  // 122: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
-	79,  // 123: fireworks.v1.VolumeService.CreateVolume:output_type -> fireworks.v1.CreateVolumeResponse
-	81,  // 124: fireworks.v1.VolumeService.ListVolumes:output_type -> fireworks.v1.ListVolumesResponse
-	83,  // 125: fireworks.v1.VolumeService.GetVolume:output_type -> fireworks.v1.GetVolumeResponse
-	85,  // 126: fireworks.v1.VolumeService.DeleteVolume:output_type -> fireworks.v1.DeleteVolumeResponse
-	77,  // 127: fireworks.v1.VolumeService.ShareVolume:output_type -> fireworks.v1.ShareVolumeResponse
-	55,  // 128: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
-	58,  // 129: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
-	60,  // 130: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
-	71,  // 131: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
-	73,  // 132: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
-	64,  // 133: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
-	66,  // 134: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
-	68,  // 135: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
-	87,  // 136: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
-	90,  // 137: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
-	92,  // 138: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
-	94,  // 139: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
-	105, // [105:140] is the sub-list for method output_type
-	70,  // [70:105] is the sub-list for method input_type
-	70,  // [70:70] is the sub-list for extension type_name
-	70,  // [70:70] is the sub-list for extension extendee
-	0,   // [0:70] is the sub-list for field type_name
+	74,  // 65: fireworks.v1.MoveVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	103, // 66: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
+	103, // 67: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	102, // 68: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	94,  // 69: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
+	94,  // 70: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
+	23,  // 71: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
+	28,  // 72: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
+	30,  // 73: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
+	32,  // 74: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
+	34,  // 75: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
+	10,  // 76: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
+	21,  // 77: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
+	7,   // 78: fireworks.v1.SandboxService.MigrateSandbox:input_type -> fireworks.v1.MigrateSandboxRequest
+	19,  // 79: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
+	13,  // 80: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
+	15,  // 81: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
+	17,  // 82: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
+	40,  // 83: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
+	42,  // 84: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
+	45,  // 85: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
+	47,  // 86: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
+	49,  // 87: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
+	51,  // 88: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
+	78,  // 89: fireworks.v1.VolumeService.CreateVolume:input_type -> fireworks.v1.CreateVolumeRequest
+	80,  // 90: fireworks.v1.VolumeService.ListVolumes:input_type -> fireworks.v1.ListVolumesRequest
+	82,  // 91: fireworks.v1.VolumeService.GetVolume:input_type -> fireworks.v1.GetVolumeRequest
+	84,  // 92: fireworks.v1.VolumeService.DeleteVolume:input_type -> fireworks.v1.DeleteVolumeRequest
+	76,  // 93: fireworks.v1.VolumeService.ShareVolume:input_type -> fireworks.v1.ShareVolumeRequest
+	86,  // 94: fireworks.v1.VolumeService.MoveVolume:input_type -> fireworks.v1.MoveVolumeRequest
+	88,  // 95: fireworks.v1.VolumeService.ExportVolume:input_type -> fireworks.v1.ExportVolumeRequest
+	90,  // 96: fireworks.v1.VolumeService.ImportVolume:input_type -> fireworks.v1.ImportVolumeRequest
+	54,  // 97: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
+	57,  // 98: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
+	59,  // 99: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
+	70,  // 100: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
+	72,  // 101: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
+	63,  // 102: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
+	65,  // 103: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
+	67,  // 104: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
+	92,  // 105: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
+	95,  // 106: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
+	97,  // 107: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
+	99,  // 108: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
+	27,  // 109: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
+	29,  // 110: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
+	31,  // 111: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
+	33,  // 112: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
+	35,  // 113: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
+	11,  // 114: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
+	22,  // 115: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
+	8,   // 116: fireworks.v1.SandboxService.MigrateSandbox:output_type -> fireworks.v1.MigrateSandboxResponse
+	20,  // 117: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
+	14,  // 118: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
+	16,  // 119: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
+	18,  // 120: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
+	41,  // 121: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
+	43,  // 122: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
+	46,  // 123: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
+	48,  // 124: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
+	50,  // 125: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
+	52,  // 126: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
+	79,  // 127: fireworks.v1.VolumeService.CreateVolume:output_type -> fireworks.v1.CreateVolumeResponse
+	81,  // 128: fireworks.v1.VolumeService.ListVolumes:output_type -> fireworks.v1.ListVolumesResponse
+	83,  // 129: fireworks.v1.VolumeService.GetVolume:output_type -> fireworks.v1.GetVolumeResponse
+	85,  // 130: fireworks.v1.VolumeService.DeleteVolume:output_type -> fireworks.v1.DeleteVolumeResponse
+	77,  // 131: fireworks.v1.VolumeService.ShareVolume:output_type -> fireworks.v1.ShareVolumeResponse
+	87,  // 132: fireworks.v1.VolumeService.MoveVolume:output_type -> fireworks.v1.MoveVolumeResponse
+	89,  // 133: fireworks.v1.VolumeService.ExportVolume:output_type -> fireworks.v1.ExportVolumeResponse
+	91,  // 134: fireworks.v1.VolumeService.ImportVolume:output_type -> fireworks.v1.ImportVolumeResponse
+	55,  // 135: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
+	58,  // 136: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
+	60,  // 137: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
+	71,  // 138: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
+	73,  // 139: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
+	64,  // 140: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
+	66,  // 141: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
+	68,  // 142: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
+	93,  // 143: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
+	96,  // 144: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
+	98,  // 145: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
+	100, // 146: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
+	109, // [109:147] is the sub-list for method output_type
+	71,  // [71:109] is the sub-list for method input_type
+	71,  // [71:71] is the sub-list for extension type_name
+	71,  // [71:71] is the sub-list for extension extendee
+	0,   // [0:71] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_fireworks_proto_init() }
@@ -6874,7 +7219,7 @@ func file_fireworks_v1_fireworks_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_fireworks_proto_rawDesc), len(file_fireworks_v1_fireworks_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   96,
+			NumMessages:   102,
 			NumExtensions: 0,
 			NumServices:   5,
 		},

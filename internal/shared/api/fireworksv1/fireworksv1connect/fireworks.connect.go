@@ -109,6 +109,15 @@ const (
 	// VolumeServiceShareVolumeProcedure is the fully-qualified name of the VolumeService's ShareVolume
 	// RPC.
 	VolumeServiceShareVolumeProcedure = "/fireworks.v1.VolumeService/ShareVolume"
+	// VolumeServiceMoveVolumeProcedure is the fully-qualified name of the VolumeService's MoveVolume
+	// RPC.
+	VolumeServiceMoveVolumeProcedure = "/fireworks.v1.VolumeService/MoveVolume"
+	// VolumeServiceExportVolumeProcedure is the fully-qualified name of the VolumeService's
+	// ExportVolume RPC.
+	VolumeServiceExportVolumeProcedure = "/fireworks.v1.VolumeService/ExportVolume"
+	// VolumeServiceImportVolumeProcedure is the fully-qualified name of the VolumeService's
+	// ImportVolume RPC.
+	VolumeServiceImportVolumeProcedure = "/fireworks.v1.VolumeService/ImportVolume"
 	// ImageServicePullImageProcedure is the fully-qualified name of the ImageService's PullImage RPC.
 	ImageServicePullImageProcedure = "/fireworks.v1.ImageService/PullImage"
 	// ImageServiceListImagesProcedure is the fully-qualified name of the ImageService's ListImages RPC.
@@ -688,6 +697,12 @@ type VolumeServiceClient interface {
 	DeleteVolume(context.Context, *connect.Request[fireworksv1.DeleteVolumeRequest]) (*connect.Response[fireworksv1.DeleteVolumeResponse], error)
 	// Admins: let another token mount a volume (read-write or read-only), or stop it.
 	ShareVolume(context.Context, *connect.Request[fireworksv1.ShareVolumeRequest]) (*connect.Response[fireworksv1.ShareVolumeResponse], error)
+	// Admins: move a volume's data to another node (refused while a sandbox that is not
+	// over mounts it); the move goes on in the background, and GetVolume shows it.
+	MoveVolume(context.Context, *connect.Request[fireworksv1.MoveVolumeRequest]) (*connect.Response[fireworksv1.MoveVolumeResponse], error)
+	// Node API only.
+	ExportVolume(context.Context, *connect.Request[fireworksv1.ExportVolumeRequest]) (*connect.Response[fireworksv1.ExportVolumeResponse], error)
+	ImportVolume(context.Context, *connect.Request[fireworksv1.ImportVolumeRequest]) (*connect.Response[fireworksv1.ImportVolumeResponse], error)
 }
 
 // NewVolumeServiceClient constructs a client for the fireworks.v1.VolumeService service. By
@@ -731,6 +746,24 @@ func NewVolumeServiceClient(httpClient connect.HTTPClient, baseURL string, opts 
 			connect.WithSchema(volumeServiceMethods.ByName("ShareVolume")),
 			connect.WithClientOptions(opts...),
 		),
+		moveVolume: connect.NewClient[fireworksv1.MoveVolumeRequest, fireworksv1.MoveVolumeResponse](
+			httpClient,
+			baseURL+VolumeServiceMoveVolumeProcedure,
+			connect.WithSchema(volumeServiceMethods.ByName("MoveVolume")),
+			connect.WithClientOptions(opts...),
+		),
+		exportVolume: connect.NewClient[fireworksv1.ExportVolumeRequest, fireworksv1.ExportVolumeResponse](
+			httpClient,
+			baseURL+VolumeServiceExportVolumeProcedure,
+			connect.WithSchema(volumeServiceMethods.ByName("ExportVolume")),
+			connect.WithClientOptions(opts...),
+		),
+		importVolume: connect.NewClient[fireworksv1.ImportVolumeRequest, fireworksv1.ImportVolumeResponse](
+			httpClient,
+			baseURL+VolumeServiceImportVolumeProcedure,
+			connect.WithSchema(volumeServiceMethods.ByName("ImportVolume")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -741,6 +774,9 @@ type volumeServiceClient struct {
 	getVolume    *connect.Client[fireworksv1.GetVolumeRequest, fireworksv1.GetVolumeResponse]
 	deleteVolume *connect.Client[fireworksv1.DeleteVolumeRequest, fireworksv1.DeleteVolumeResponse]
 	shareVolume  *connect.Client[fireworksv1.ShareVolumeRequest, fireworksv1.ShareVolumeResponse]
+	moveVolume   *connect.Client[fireworksv1.MoveVolumeRequest, fireworksv1.MoveVolumeResponse]
+	exportVolume *connect.Client[fireworksv1.ExportVolumeRequest, fireworksv1.ExportVolumeResponse]
+	importVolume *connect.Client[fireworksv1.ImportVolumeRequest, fireworksv1.ImportVolumeResponse]
 }
 
 // CreateVolume calls fireworks.v1.VolumeService.CreateVolume.
@@ -768,6 +804,21 @@ func (c *volumeServiceClient) ShareVolume(ctx context.Context, req *connect.Requ
 	return c.shareVolume.CallUnary(ctx, req)
 }
 
+// MoveVolume calls fireworks.v1.VolumeService.MoveVolume.
+func (c *volumeServiceClient) MoveVolume(ctx context.Context, req *connect.Request[fireworksv1.MoveVolumeRequest]) (*connect.Response[fireworksv1.MoveVolumeResponse], error) {
+	return c.moveVolume.CallUnary(ctx, req)
+}
+
+// ExportVolume calls fireworks.v1.VolumeService.ExportVolume.
+func (c *volumeServiceClient) ExportVolume(ctx context.Context, req *connect.Request[fireworksv1.ExportVolumeRequest]) (*connect.Response[fireworksv1.ExportVolumeResponse], error) {
+	return c.exportVolume.CallUnary(ctx, req)
+}
+
+// ImportVolume calls fireworks.v1.VolumeService.ImportVolume.
+func (c *volumeServiceClient) ImportVolume(ctx context.Context, req *connect.Request[fireworksv1.ImportVolumeRequest]) (*connect.Response[fireworksv1.ImportVolumeResponse], error) {
+	return c.importVolume.CallUnary(ctx, req)
+}
+
 // VolumeServiceHandler is an implementation of the fireworks.v1.VolumeService service.
 type VolumeServiceHandler interface {
 	CreateVolume(context.Context, *connect.Request[fireworksv1.CreateVolumeRequest]) (*connect.Response[fireworksv1.CreateVolumeResponse], error)
@@ -777,6 +828,12 @@ type VolumeServiceHandler interface {
 	DeleteVolume(context.Context, *connect.Request[fireworksv1.DeleteVolumeRequest]) (*connect.Response[fireworksv1.DeleteVolumeResponse], error)
 	// Admins: let another token mount a volume (read-write or read-only), or stop it.
 	ShareVolume(context.Context, *connect.Request[fireworksv1.ShareVolumeRequest]) (*connect.Response[fireworksv1.ShareVolumeResponse], error)
+	// Admins: move a volume's data to another node (refused while a sandbox that is not
+	// over mounts it); the move goes on in the background, and GetVolume shows it.
+	MoveVolume(context.Context, *connect.Request[fireworksv1.MoveVolumeRequest]) (*connect.Response[fireworksv1.MoveVolumeResponse], error)
+	// Node API only.
+	ExportVolume(context.Context, *connect.Request[fireworksv1.ExportVolumeRequest]) (*connect.Response[fireworksv1.ExportVolumeResponse], error)
+	ImportVolume(context.Context, *connect.Request[fireworksv1.ImportVolumeRequest]) (*connect.Response[fireworksv1.ImportVolumeResponse], error)
 }
 
 // NewVolumeServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -816,6 +873,24 @@ func NewVolumeServiceHandler(svc VolumeServiceHandler, opts ...connect.HandlerOp
 		connect.WithSchema(volumeServiceMethods.ByName("ShareVolume")),
 		connect.WithHandlerOptions(opts...),
 	)
+	volumeServiceMoveVolumeHandler := connect.NewUnaryHandler(
+		VolumeServiceMoveVolumeProcedure,
+		svc.MoveVolume,
+		connect.WithSchema(volumeServiceMethods.ByName("MoveVolume")),
+		connect.WithHandlerOptions(opts...),
+	)
+	volumeServiceExportVolumeHandler := connect.NewUnaryHandler(
+		VolumeServiceExportVolumeProcedure,
+		svc.ExportVolume,
+		connect.WithSchema(volumeServiceMethods.ByName("ExportVolume")),
+		connect.WithHandlerOptions(opts...),
+	)
+	volumeServiceImportVolumeHandler := connect.NewUnaryHandler(
+		VolumeServiceImportVolumeProcedure,
+		svc.ImportVolume,
+		connect.WithSchema(volumeServiceMethods.ByName("ImportVolume")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/fireworks.v1.VolumeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case VolumeServiceCreateVolumeProcedure:
@@ -828,6 +903,12 @@ func NewVolumeServiceHandler(svc VolumeServiceHandler, opts ...connect.HandlerOp
 			volumeServiceDeleteVolumeHandler.ServeHTTP(w, r)
 		case VolumeServiceShareVolumeProcedure:
 			volumeServiceShareVolumeHandler.ServeHTTP(w, r)
+		case VolumeServiceMoveVolumeProcedure:
+			volumeServiceMoveVolumeHandler.ServeHTTP(w, r)
+		case VolumeServiceExportVolumeProcedure:
+			volumeServiceExportVolumeHandler.ServeHTTP(w, r)
+		case VolumeServiceImportVolumeProcedure:
+			volumeServiceImportVolumeHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -855,6 +936,18 @@ func (UnimplementedVolumeServiceHandler) DeleteVolume(context.Context, *connect.
 
 func (UnimplementedVolumeServiceHandler) ShareVolume(context.Context, *connect.Request[fireworksv1.ShareVolumeRequest]) (*connect.Response[fireworksv1.ShareVolumeResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.VolumeService.ShareVolume is not implemented"))
+}
+
+func (UnimplementedVolumeServiceHandler) MoveVolume(context.Context, *connect.Request[fireworksv1.MoveVolumeRequest]) (*connect.Response[fireworksv1.MoveVolumeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.VolumeService.MoveVolume is not implemented"))
+}
+
+func (UnimplementedVolumeServiceHandler) ExportVolume(context.Context, *connect.Request[fireworksv1.ExportVolumeRequest]) (*connect.Response[fireworksv1.ExportVolumeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.VolumeService.ExportVolume is not implemented"))
+}
+
+func (UnimplementedVolumeServiceHandler) ImportVolume(context.Context, *connect.Request[fireworksv1.ImportVolumeRequest]) (*connect.Response[fireworksv1.ImportVolumeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.VolumeService.ImportVolume is not implemented"))
 }
 
 // ImageServiceClient is a client for the fireworks.v1.ImageService service.
