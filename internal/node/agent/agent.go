@@ -1438,8 +1438,8 @@ func (a *Agent) recover(ctx context.Context) error {
 	}
 	var mine []state.Sandbox
 	for _, sb := range all {
-		if sb.Status.Terminal() || (sb.Node != "" && sb.Node != a.cfg.Node) {
-			continue
+		if sb.Status.Terminal() || sb.Node != a.cfg.Node {
+			continue // over, or another node's (whose files or volumes are here)
 		}
 		if sb.Status == state.StatusPaused || (sb.Status == state.StatusPending && sb.Saved != nil) {
 			// No VM: its saved state waits on disk for a resume (Reconcile starts one).

@@ -167,7 +167,7 @@ type SandboxSpec struct {
 // of sb (its assignments include it) so that it serves them to the node sb runs on, and
 // to no other.
 func (sb Sandbox) VolumesOn() string {
-	if v := sb.Spec.VolumeNode; v != "" && !sb.Status.Terminal() && (v != sb.Node || sb.MigratingTo() != "") {
+	if v := sb.Spec.VolumeNode; v != "" && sb.Node != "" && !sb.Status.Terminal() && (v != sb.Node || sb.MigratingTo() != "") {
 		return v
 	}
 	return ""

@@ -198,3 +198,29 @@ func TestVolumeMove(t *testing.T) {
 		t.Errorf("a sandbox mounting the moved volume on its new node: %v", err)
 	}
 }
+
+// The volumes' node is told of the sandboxes it serves volumes to: placed on another
+// node (or migrating off it), not over.
+func TestVolumesOn(t *testing.T) {
+	spec := SandboxSpec{Volumes: []VolumeMount{{Volume: "v", Path: "/v"}}, VolumeNode: "n1"}
+	mig := &Migration{ID: "m", From: "n1", To: "n2"}
+	for _, c := range []struct {
+		sb   Sandbox
+		want string
+	}{
+		{Sandbox{Spec: spec, Node: "n2", Status: StatusRunning}, "n1"},
+		{Sandbox{Spec: spec, Node: "n2", Status: StatusPaused}, "n1"},
+		{Sandbox{Spec: spec, Node: "n1", Status: StatusRunning}, ""},
+		{Sandbox{Spec: spec, Node: "n1", Status: StatusRunning, Migration: mig}, "n1"},
+		{Sandbox{Spec: spec, Node: "n2", Status: StatusExited}, ""},
+		{Sandbox{Spec: spec, Status: StatusPending}, ""},
+		{Sandbox{Node: "n2", Status: StatusRunning}, ""},
+	} {
+		if got := c.sb.VolumesOn(); got != c.want {
+			t.Errorf("%s on %q (migration %v): VolumesOn %q, want %q", c.sb.Status, c.sb.Node, c.sb.Migration, got, c.want)
+		}
+		if c.want != "" && !c.sb.Involves(c.want) {
+			t.Errorf("%s on %q: does not involve %s", c.sb.Status, c.sb.Node, c.want)
+		}
+	}
+}
