@@ -132,7 +132,13 @@ func ingressCert(t *testing.T, token string) (tls.Certificate, *x509.CertPool) {
 	if _, err := w.fw([]string{"FIREWORKS_TOKEN=" + token}, "ingress", "certificate", "--out", dir, "--name", "test-certs"); err != nil {
 		t.Fatal(err)
 	}
-	cert, err := pki.LoadKeyPair(dir, "ingress")
+	return loadCertDir(t, dir, "ingress")
+}
+
+// loadCertDir loads key pair name and the cluster CA from a certificate directory.
+func loadCertDir(t *testing.T, dir, name string) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
+	cert, err := pki.LoadKeyPair(dir, name)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,7 +3,6 @@ package cluster
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"io"
 	"net/http"
@@ -18,7 +17,6 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/node/nodeapi"
-	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
@@ -216,17 +214,7 @@ func volumeID(t *testing.T, name string) string {
 // node to, and returns the status and the start of the body.
 func volumeStreamAs(t *testing.T, as, to, id string) (int, string) {
 	t.Helper()
-	dir := filepath.Join(agentOf(t, as).dataDir, "pki")
-	cert, err := pki.LoadKeyPair(dir, "node")
-	if err != nil {
-		t.Fatal(err)
-	}
-	caPEM, err := os.ReadFile(filepath.Join(dir, pki.CACertFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(caPEM)
+	cert, pool := loadCertDir(t, filepath.Join(agentOf(t, as).dataDir, "pki"), "node")
 	host := agentAddr(to)
 	tr := &http.Transport{TLSClientConfig: &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: strings.Split(host, ":")[0]}, ForceAttemptHTTP2: true}
 	defer tr.CloseIdleConnections()

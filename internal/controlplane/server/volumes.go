@@ -56,7 +56,7 @@ func (h *volumeService) CreateVolume(ctx context.Context, req *connect.Request[p
 	if who.Admin() {
 		max = 0
 	}
-	node, err := h.s.volumeNode(ctx, req.Msg.GetNode())
+	node, err := h.s.volumeNode(ctx, req.Msg.GetNode(), "")
 	if err != nil {
 		return nil, err
 	}
@@ -81,41 +81,33 @@ func (h *volumeService) CreateVolume(ctx context.Context, req *connect.Request[p
 	return connect.NewResponse(&pb.CreateVolumeResponse{Volume: volumeView(who, v, nil)}), nil
 }
 
-// volumeNode is where a new volume goes: the one an admin named, else the ready,
-// uncordoned node holding the fewest volumes (their data stays there, and so do the
-// sandboxes that mount them).
-func (s *Server) volumeNode(ctx context.Context, named string) (string, error) {
+// volumeNode is where a volume goes: the node an admin named, else the ready,
+// uncordoned, undrained node other than but holding the fewest volumes (a new volume's
+// data stays there, and sandboxes that mount it prefer it).
+func (s *Server) volumeNode(ctx context.Context, named, but string) (string, error) {
 	nodes, err := s.store.ListNodes(ctx)
 	if err != nil {
 		return "", toConnectError(err)
+	}
+	if named != "" {
+		for _, n := range nodes {
+			if n.ID == named {
+				return n.ID, nil
+			}
+		}
+		return "", connect.NewError(connect.CodeNotFound, fmt.Errorf("node %q: %w", named, state.ErrNotFound))
 	}
 	vols, _, err := s.store.ListVolumes(ctx)
 	if err != nil {
 		return "", toConnectError(err)
 	}
-	count := map[string]int{}
-	for _, v := range vols {
-		count[v.Node]++
+	if n := state.VolumeTarget(nodes, vols, but); n != "" {
+		return n, nil
 	}
-	best := ""
-	for _, n := range nodes {
-		if n.ID == named {
-			return n.ID, nil
-		}
-		if named != "" || n.Status != state.NodeReady || n.Cordoned {
-			continue
-		}
-		if best == "" || count[n.ID] < count[best] {
-			best = n.ID
-		}
+	if but != "" {
+		return "", connect.NewError(connect.CodeUnavailable, fmt.Errorf("no other ready node to move the volume to (from %s)", but))
 	}
-	switch {
-	case named != "":
-		return "", connect.NewError(connect.CodeNotFound, fmt.Errorf("node %q: %w", named, state.ErrNotFound))
-	case best == "":
-		return "", connect.NewError(connect.CodeUnavailable, errors.New("no ready node to keep the volume on"))
-	}
-	return best, nil
+	return "", connect.NewError(connect.CodeUnavailable, errors.New("no ready node to keep the volume on"))
 }
 
 // ListVolumes lists the caller's volumes (an admin's: every token's).
@@ -333,11 +325,9 @@ func (h *volumeService) MoveVolume(ctx context.Context, req *connect.Request[pb.
 	if err != nil {
 		return nil, toConnectError(err)
 	}
-	to := req.Msg.GetNode()
-	if to == "" {
-		if to, err = h.s.volumeNodeBut(ctx, v.Node); err != nil {
-			return nil, err
-		}
+	to, err := h.s.volumeNode(ctx, req.Msg.GetNode(), v.Node)
+	if err != nil {
+		return nil, err
 	}
 	v, err = h.s.store.MoveVolume(ctx, v.ID, to, "moved by an admin", h.s.now())
 	if err != nil {
@@ -429,19 +419,3 @@ func (s *Server) copyVolume(ctx context.Context, v state.Volume) error {
 	return nil
 }
 
-// volumeNodeBut is where a volume moved off node but goes: the ready, uncordoned,
-// undrained node other than but holding the fewest volumes.
-func (s *Server) volumeNodeBut(ctx context.Context, but string) (string, error) {
-	nodes, err := s.store.ListNodes(ctx)
-	if err != nil {
-		return "", toConnectError(err)
-	}
-	vols, _, err := s.store.ListVolumes(ctx)
-	if err != nil {
-		return "", toConnectError(err)
-	}
-	if n := state.VolumeTarget(nodes, vols, but); n != "" {
-		return n, nil
-	}
-	return "", connect.NewError(connect.CodeUnavailable, fmt.Errorf("no other ready node to move the volume to (from %s)", but))
-}
