@@ -418,4 +418,3 @@ func (s *Server) copyVolume(ctx context.Context, v state.Volume) error {
 	}
 	return nil
 }
-
