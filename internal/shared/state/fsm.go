@@ -309,6 +309,11 @@ func (f *fsm) updateSandbox(id string, u Update) any {
 	if err := next.apply(u); err != nil {
 		return err
 	}
+	if u.Restart && len(next.Spec.Volumes) > 0 {
+		if err := f.refreshVolumeNode(&next.Spec); err != nil {
+			return err
+		}
+	}
 	f.sandboxes[id] = next
 	if next.IsGroupMain() && next.Status.Terminal() && !cur.Status.Terminal() {
 		f.groupEnded(next, utc(u.Time))

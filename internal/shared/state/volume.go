@@ -125,6 +125,24 @@ func (f *fsm) checkVolumes(spec SandboxSpec) error {
 	return nil
 }
 
+// refreshVolumeNode points a sandbox that runs again (a restart) at where its volumes
+// are now: a volume may have moved while it was over. One that is moving holds the
+// restart back (the leader tries again); one that is gone is left to fail the start.
+func (f *fsm) refreshVolumeNode(spec *SandboxSpec) error {
+	v, ok := f.volumes[spec.Volumes[0].Volume]
+	switch {
+	case !ok:
+		return nil
+	case v.Move != nil:
+		return fmt.Errorf("%w: volume %s is being moved to node %s; the sandbox runs again once it has moved", ErrInUse, v.Name, v.Move.To)
+	}
+	spec.VolumeNode = v.Node
+	if n, ok := f.nodes[v.Node]; ok {
+		spec.VolumeAddress = n.Address
+	}
+	return nil
+}
+
 type putVolumeCmd struct {
 	Volume Volume `json:"volume"`
 	// Max bounds the owner's volumes (0: no bound, an admin's).

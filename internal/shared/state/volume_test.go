@@ -224,3 +224,41 @@ func TestVolumesOn(t *testing.T) {
 		}
 	}
 }
+
+// A sandbox that runs again after its volume moved mounts it where it is now; while it
+// moves, the restart waits.
+func TestRestartFollowsAMovedVolume(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, Options{Dir: t.TempDir()})
+	for _, n := range []string{"n1", "n2"} {
+		if _, err := s.RegisterNode(ctx, Node{ID: n, Address: n + ":1", Capacity: Resources{VCPUs: 4, MemoryMiB: 4096, DiskMiB: 10000}, UpdatedAt: t0}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const id = "f000000000000001"
+	if _, err := s.PutVolume(ctx, Volume{ID: id, Name: "data", Owner: "u1", Node: "n1", SizeMiB: 64, CreatedAt: t0}, 0); err != nil {
+		t.Fatal(err)
+	}
+	sb := Sandbox{ID: "f100000000000001", Owner: "u1", Status: StatusPending, CreatedAt: t0,
+		Spec: SandboxSpec{Image: "busybox", Restart: RestartAlways, Volumes: []VolumeMount{{Volume: id, Path: "/data"}}, VolumeNode: "n1", VolumeAddress: "n1:1"}}
+	if err := s.CreateSandbox(ctx, sb); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.UpdateSandbox(ctx, sb.ID, Update{Status: ptr(StatusFailed), Reason: "crashed", Time: t0}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.MoveVolume(ctx, id, "n2", "test", t0); err != nil {
+		t.Fatal(err)
+	}
+	restart := Update{Status: ptr(StatusPending), Restart: true, Reason: "restart", Time: t0}
+	if _, err := s.UpdateSandbox(ctx, sb.ID, restart); !errors.Is(err, ErrInUse) {
+		t.Errorf("a restart while its volume moves: %v", err)
+	}
+	if _, err := s.VolumeMoved(ctx, id, "n2", "", t0); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.UpdateSandbox(ctx, sb.ID, restart)
+	if err != nil || got.Spec.VolumeNode != "n2" || got.Spec.VolumeAddress != "n2:1" {
+		t.Fatalf("restarted after its volume moved: %+v %v", got.Spec, err)
+	}
+}
