@@ -48,26 +48,29 @@ func duplexTransport(tc *tls.Config) *http.Transport {
 
 // volumeDialer relays the volume connections of this node's sandboxes to the nodes
 // holding their volumes (see agent.VolumeDialer): node to node over the cluster's mutual
-// TLS, the holder's certificate checked to be that node's; one HTTP/2 connection per
-// node, kept.
+// TLS, the holder's certificate checked to be that node's.
+//
+// Each guest connection gets a TLS connection of its own: streams sharing one would share
+// its flow control, and a guest that stops reading its answers would stall every other
+// sandbox's volume traffic between the two nodes. A guest connection is long-lived and a
+// guest has few (one per mount, the lock manager's, the portmapper's).
 func volumeDialer(id *agentlink.Identity) agent.VolumeDialer {
-	var mu sync.Mutex
-	clients := map[string]*http.Client{} // by node and address
 	return func(ctx context.Context, node, address, sandbox string, index int) (net.Conn, error) {
-		key := node + "\x00" + address
-		mu.Lock()
-		c := clients[key]
-		if c == nil {
-			tc, err := nodePeerTLS(id, node, address)
-			if err != nil {
-				mu.Unlock()
-				return nil, err
-			}
-			c = &http.Client{Transport: duplexTransport(tc)}
-			clients[key] = c
+		tc, err := nodePeerTLS(id, node, address)
+		if err != nil {
+			return nil, err
 		}
-		mu.Unlock()
-		return dialDuplex(ctx, c, "https://"+address+nodeapi.VolumePath+sandbox+"/"+strconv.Itoa(index), "volume stream to node "+node)
+		tr := duplexTransport(tc)
+		// What a stalled guest leaves buffered here is bounded per connection.
+		tr.HTTP2.MaxReceiveBufferPerStream = 256 << 10
+		tr.HTTP2.MaxReceiveBufferPerConnection = 256 << 10
+		c, err := dialDuplex(ctx, &http.Client{Transport: tr}, "https://"+address+nodeapi.VolumePath+sandbox+"/"+strconv.Itoa(index), "volume stream to node "+node)
+		if err != nil {
+			tr.CloseIdleConnections()
+			return nil, err
+		}
+		c.(*streamConn).done = tr.CloseIdleConnections
+		return c, nil
 	}
 }
 
@@ -162,6 +165,7 @@ type streamConn struct {
 	w      *io.PipeWriter
 	r      io.ReadCloser
 	cancel context.CancelFunc
+	done   func() // if set, after the close (the connection's own transport goes)
 	once   sync.Once
 }
 
@@ -173,6 +177,9 @@ func (c *streamConn) Close() error {
 		c.w.Close()
 		c.r.Close()
 		c.cancel()
+		if c.done != nil {
+			c.done()
+		}
 	})
 	return nil
 }

@@ -267,6 +267,9 @@ func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request
 			if !sb.Involves(node) {
 				continue
 			}
+			if sb.Node != node && sb.FilesOn() != node && sb.MigratingTo() != node {
+				sb = sb.ForVolumeNode() // it only serves its volumes
+			}
 			b, err := json.Marshal(sb)
 			if err != nil {
 				return connect.NewError(connect.CodeInternal, err)

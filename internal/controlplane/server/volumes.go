@@ -145,7 +145,7 @@ func (h *volumeService) GetVolume(ctx context.Context, req *connect.Request[pb.G
 		return nil, err
 	}
 	out := volumeView(who, v, users)
-	if v.Lost == "" {
+	if v.Lost == "" && v.Move == nil { // a moving volume is not mounted to be measured
 		if c, err := h.s.node(ctx, v.Node); err == nil {
 			nctx, cancel := context.WithTimeout(ctx, nodeCallTimeout)
 			if r, err := c.volumes.GetVolume(nctx, connect.NewRequest(&pb.GetVolumeRequest{Volume: v.ID})); err == nil {

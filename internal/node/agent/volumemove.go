@@ -25,8 +25,10 @@ import (
 type VolumeFetcher func(ctx context.Context, node, address, id string) (io.ReadCloser, error)
 
 // volumeExportTTL bounds how long an export waits for its fetch: a move the control
-// plane never ended (its server died) gives the volume back to this node then.
-const volumeExportTTL = time.Hour
+// plane never ended (its server died) gives the volume back to this node then. It is
+// longer than the servers give an import (2 h), so that no copy is under way when it
+// ends (the volume could be mounted again then).
+const volumeExportTTL = 3 * time.Hour
 
 // volumeStreamName names a volume's image in its stream.
 const volumeStreamName = "volume.ext4"

@@ -231,10 +231,9 @@ func (a *Agent) VolumeStream(ctx context.Context, peer, id string, index int) (n
 		return nil, fmt.Errorf("%w: %q is not a sandbox ID", state.ErrInvalid, id)
 	}
 	deadline := time.Now().Add(savedPeerWait)
-	var sb state.Sandbox
 	for {
-		var err error
-		if sb, err = a.mayRelayVolumes(ctx, id, peer); err == nil {
+		_, err := a.mayRelayVolumes(ctx, id, peer)
+		if err == nil {
 			break
 		} else if time.Now().After(deadline) {
 			return nil, err
@@ -244,6 +243,14 @@ func (a *Agent) VolumeStream(ctx context.Context, peer, id string, index int) (n
 			return nil, ctx.Err()
 		case <-time.After(100 * time.Millisecond):
 		}
+	}
+	// Checked again, and the stream taken, under relayMu: a sweep (sweepRelays) that
+	// stops the server or cuts this node's streams is wholly before or after.
+	a.relayMu.Lock()
+	defer a.relayMu.Unlock()
+	sb, err := a.mayRelayVolumes(ctx, id, peer)
+	if err != nil {
+		return nil, err
 	}
 	if index < 0 || index >= len(sb.Spec.Volumes)+2 {
 		return nil, fmt.Errorf("%w: sandbox %s has no volume listener %d", state.ErrInvalid, id, index)
@@ -303,10 +310,9 @@ func (c *relayedConn) Close() error {
 	return c.Conn.Close()
 }
 
-// relayedServer is sandbox sb's relayed volume server, started if it runs none.
+// relayedServer is sandbox sb's relayed volume server, started if it runs none (called
+// with relayMu held).
 func (a *Agent) relayedServer(ctx context.Context, sb state.Sandbox) (*relayedServer, error) {
-	a.relayMu.Lock()
-	defer a.relayMu.Unlock()
 	if rs := a.relays[sb.ID]; rs != nil {
 		return rs, nil
 	}
@@ -385,23 +391,22 @@ func (a *Agent) sweepRelays(desired []state.Sandbox) {
 	for _, sb := range desired {
 		byID[sb.ID] = sb
 	}
+	// Under relayMu, whole: a stream being opened (VolumeStream) sees the server and its
+	// node's right to it before or after, and a server started again for the sandbox
+	// finds its directory gone or new, never going.
 	a.relayMu.Lock()
-	var stop []*relayedServer
+	defer a.relayMu.Unlock()
 	for id, rs := range a.relays {
 		sb, ok := byID[id]
 		if !ok || sb.VolumesOn() != a.cfg.Node {
-			stop = append(stop, rs)
+			a.log.Info("stopping the volume server of a sandbox no longer on another node", "sandbox", id)
 			delete(a.relays, id)
+			rs.cut(nil)
+			rs.v.Stop()
+			_ = os.RemoveAll(rs.v.dir)
 			continue
 		}
 		rs.cut(func(peer string) bool { return peer != sb.Node && peer != sb.MigratingTo() })
-	}
-	a.relayMu.Unlock()
-	for _, rs := range stop {
-		a.log.Info("stopping the volume server of a sandbox no longer on another node", "run", filepath.Base(rs.v.dir))
-		rs.cut(nil)
-		rs.v.Stop()
-		_ = os.RemoveAll(rs.v.dir)
 	}
 }
 

@@ -96,5 +96,7 @@ func serveDuplex(w http.ResponseWriter, r *http.Request, conn net.Conn) {
 		}
 	}
 	conn.Close()
+	// The caller's side may never end on its own: the call is over once conn is.
+	r.Body.Close()
 	wg.Wait()
 }

@@ -172,13 +172,13 @@ func (s *Store) Mount(ctx context.Context, id string) error {
 		}
 		lines := strings.Fields(strings.TrimSpace(string(out)))
 		if len(lines) == 0 {
-			return run(ctx, "mount", "-t", "ext4", "-o", "loop,nodev,nosuid,noexec", s.image(id), dir)
+			return run(ctx, "mount", "-t", "ext4", "-o", "loop,"+mountOptions, s.image(id), dir)
 		}
 		dev := strings.TrimSuffix(lines[0], ":")
 		if strings.Count(string(out), "\n") > 1 || !strings.HasPrefix(dev, "/dev/loop") {
 			return fmt.Errorf("volume %s's image is attached to several loop devices (%s): refusing to mount it", id, strings.TrimSpace(string(out)))
 		}
-		err = run(ctx, "mount", "-t", "ext4", "-o", "nodev,nosuid,noexec", dev, dir)
+		err = run(ctx, "mount", "-t", "ext4", "-o", mountOptions, dev, dir)
 		if err == nil || try == 20 {
 			return err
 		}
@@ -262,8 +262,7 @@ func (s *Store) Import(ctx context.Context, id string, sizeMiB int, fill func(*o
 		}
 	}
 	if err == nil {
-		// -n: report, change nothing; -f: check even a clean one.
-		err = run(ctx, "e2fsck", "-f", "-n", part)
+		err = s.checkImported(ctx, part)
 	}
 	if err != nil {
 		_ = os.Remove(part)
@@ -277,6 +276,70 @@ func (s *Store) Import(ctx context.Context, id string, sizeMiB int, fill func(*o
 	}
 	return nil
 }
+
+// checkImported checks an image another node sent before the kernel mounts it: a clean
+// ext4 (no journal to replay: the sender unmounted it, and a replay is not checked)
+// with no feature this node's mkfs would not have made, whose check finds nothing
+// (e2fsck -f -n), and whose stored mount options and error behaviour are reset to this
+// node's (a stored errors=panic would be the sender's to pull).
+func (s *Store) checkImported(ctx context.Context, img string) error {
+	got, err := superblock(ctx, img)
+	if err != nil {
+		return err
+	}
+	if got["Filesystem state"] != "clean" {
+		return fmt.Errorf("the filesystem is not clean (%q): refused", got["Filesystem state"])
+	}
+	ref := filepath.Join(s.root, "images", ".reference.part")
+	_ = os.Remove(ref)
+	defer os.Remove(ref)
+	if err := os.WriteFile(ref, nil, 0o600); err != nil {
+		return err
+	}
+	if err := os.Truncate(ref, MinSizeMiB<<20); err != nil {
+		return err
+	}
+	if err := run(ctx, "mkfs.ext4", "-q", "-F", "-m", "0", "-J", "size=4", ref); err != nil {
+		return err
+	}
+	want, err := superblock(ctx, ref)
+	if err != nil {
+		return err
+	}
+	allowed := map[string]bool{}
+	for _, f := range strings.Fields(want["Filesystem features"]) {
+		allowed[f] = true
+	}
+	for _, f := range strings.Fields(got["Filesystem features"]) {
+		if !allowed[f] {
+			return fmt.Errorf("the filesystem has feature %q, which this node's volumes do not: refused", f)
+		}
+	}
+	// -n: report, change nothing; -f: check even a clean one.
+	if err := run(ctx, "e2fsck", "-f", "-n", img); err != nil {
+		return err
+	}
+	return run(ctx, "tune2fs", "-e", "remount-ro", "-E", "mount_opts=", img)
+}
+
+// superblock is what dumpe2fs -h says of img, by field.
+func superblock(ctx context.Context, img string) (map[string]string, error) {
+	out, err := exec.CommandContext(ctx, "dumpe2fs", "-h", img).Output()
+	if err != nil {
+		return nil, fmt.Errorf("dumpe2fs -h: %w", err)
+	}
+	fields := map[string]string{}
+	for _, line := range strings.Split(string(out), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok {
+			fields[strings.TrimSpace(k)] = strings.TrimSpace(v)
+		}
+	}
+	return fields, nil
+}
+
+// mountOptions mount a volume: nothing on it runs or opens a device on the node, and
+// an error the filesystem finds makes it read-only, whatever its superblock asks.
+const mountOptions = "nodev,nosuid,noexec,errors=remount-ro"
 
 // Unmount unmounts volume id if it is mounted (its data stays).
 func (s *Store) Unmount(ctx context.Context, id string) error {

@@ -145,3 +145,74 @@ func TestHandlesOutliveARemount(t *testing.T) {
 		}
 	}
 }
+
+// A volume moved to another store (another node) arrives with its data; an image that
+// is not what this node's mkfs makes (a feature it would not set) or not clean is
+// refused, and a stored errors=panic is reset.
+func TestImportChecksTheImage(t *testing.T) {
+	needMount(t)
+	ctx := context.Background()
+	from, err := NewStore(t.TempDir(), 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	to, err := NewStore(t.TempDir(), 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const id = "00000000000000c1"
+	if err := from.Create(ctx, id, 32); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(from.Dir(id), "f"), []byte("moved"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img, err := from.Export(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copyFrom := func(path string) func(*os.File) error {
+		return func(f *os.File) error {
+			b, err := os.ReadFile(path)
+			if err == nil {
+				_, err = f.WriteAt(b, 0)
+			}
+			return err
+		}
+	}
+	// Hostile variants of it first: a feature this node does not make, then a stored
+	// errors=panic (accepted, reset).
+	bad := filepath.Join(t.TempDir(), "bad.img")
+	if b, err := os.ReadFile(img); err != nil || os.WriteFile(bad, b, 0o600) != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("tune2fs", "-O", "quota", bad).CombinedOutput(); err != nil {
+		t.Fatalf("tune2fs: %v %s", err, out)
+	}
+	if err := to.Import(ctx, id, 32, copyFrom(bad)); err == nil || !strings.Contains(err.Error(), `"quota"`) {
+		t.Fatalf("an image with a feature this node does not make: %v", err)
+	}
+	if out, err := exec.Command("tune2fs", "-E", "mount_opts=errors=panic", img).CombinedOutput(); err != nil {
+		t.Fatalf("tune2fs: %v %s", err, out)
+	}
+	if err := to.Import(ctx, id, 31, copyFrom(img)); err == nil {
+		t.Fatal("an image of another size was taken")
+	}
+	if err := to.Import(ctx, id, 32, copyFrom(img)); err != nil {
+		t.Fatal(err)
+	}
+	if out, _ := exec.Command("dumpe2fs", "-h", to.image(id)).Output(); strings.Contains(string(out), "errors=panic") {
+		t.Error("the imported image keeps its stored errors=panic")
+	}
+	if err := to.Mount(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	defer to.Remove(ctx, id)
+	if b, err := os.ReadFile(filepath.Join(to.Dir(id), "f")); err != nil || string(b) != "moved" {
+		t.Fatalf("the moved volume's file: %q %v", b, err)
+	}
+	if err := to.Import(ctx, id, 32, copyFrom(img)); err == nil {
+		t.Error("an import over a volume the node has was taken")
+	}
+	_ = from.Remove(ctx, id)
+}

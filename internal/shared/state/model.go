@@ -173,6 +173,19 @@ func (sb Sandbox) VolumesOn() string {
 	return ""
 }
 
+// ForVolumeNode is what the node serving sb's volumes to another node is told of sb:
+// enough to check the node it runs on and the volumes it mounts, nothing of its
+// command, environment, policy or tokens (that node runs nothing of it).
+func (sb Sandbox) ForVolumeNode() Sandbox {
+	out := Sandbox{ID: sb.ID, Status: sb.Status, Node: sb.Node, Restarts: sb.Restarts, Resumes: sb.Resumes,
+		Spec: SandboxSpec{Volumes: sb.Spec.Volumes, VolumeNode: sb.Spec.VolumeNode}}
+	if sb.Migration != nil {
+		m := *sb.Migration
+		out.Migration = &m
+	}
+	return out
+}
+
 // Involves says whether node has a part in sb: it runs it, holds files its start reads,
 // is its migration's target, or serves its volumes (what a node's assignments hold).
 func (sb Sandbox) Involves(node string) bool {

@@ -111,7 +111,7 @@ func (f *fsm) checkVolumes(spec SandboxSpec) error {
 		case v.Lost != "":
 			return fmt.Errorf("%w: volume %s is lost: %s", ErrInvalid, v.Name, v.Lost)
 		case v.Move != nil:
-			return fmt.Errorf("%w: volume %s is being moved to node %s (%s); mount it once it has moved", ErrInUse, v.Name, v.Move.To, v.Move.Why)
+			return fmt.Errorf("%w: volume %s is being moved to another node; mount it once it has moved (volume inspect)", ErrInUse, v.Name)
 		case v.Node != spec.VolumeNode:
 			return fmt.Errorf("%w: volume %s is on another node than the sandbox's other volumes", ErrInvalid, v.Name)
 		case paths[m.Path]:
@@ -134,7 +134,7 @@ func (f *fsm) refreshVolumeNode(spec *SandboxSpec) error {
 	case !ok:
 		return nil
 	case v.Move != nil:
-		return fmt.Errorf("%w: volume %s is being moved to node %s; the sandbox runs again once it has moved", ErrInUse, v.Name, v.Move.To)
+		return fmt.Errorf("%w: volume %s is being moved to another node; the sandbox runs again once it has moved", ErrInUse, v.Name)
 	}
 	spec.VolumeNode = v.Node
 	if n, ok := f.nodes[v.Node]; ok {
@@ -340,6 +340,9 @@ func (f *fsm) deleteVolume(id string) any {
 	}
 	if users := f.volumeUsers(id); len(users) > 0 {
 		return fmt.Errorf("%w: volume %s is used by sandbox %s (stop or remove it first)", ErrInUse, v.Name, strings.Join(users, ", "))
+	}
+	if v.Move != nil {
+		return fmt.Errorf("%w: volume %s is being moved; remove it once it has moved", ErrInUse, v.Name)
 	}
 	for _, s := range f.snapshots {
 		if s.MemorySpec != nil && slices.ContainsFunc(s.MemorySpec.Volumes, func(m VolumeMount) bool { return m.Volume == id }) {

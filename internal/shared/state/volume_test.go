@@ -262,3 +262,17 @@ func TestRestartFollowsAMovedVolume(t *testing.T) {
 		t.Fatalf("restarted after its volume moved: %+v %v", got.Spec, err)
 	}
 }
+
+// The volume node's view of a sandbox it serves volumes to keeps what VolumesOn reads
+// and drops its secrets.
+func TestForVolumeNode(t *testing.T) {
+	sb := Sandbox{ID: "x", Status: StatusRunning, Node: "n2", AccessToken: "secret", Migration: &Migration{ID: "m", From: "n2", To: "n3"},
+		Spec: SandboxSpec{Image: "img", Env: []string{"K=V"}, Volumes: []VolumeMount{{Volume: "v", Path: "/v"}}, VolumeNode: "n1"}}
+	v := sb.ForVolumeNode()
+	if v.AccessToken != "" || len(v.Spec.Env) != 0 || v.Spec.Image != "" {
+		t.Errorf("the volume node's view keeps %+v", v)
+	}
+	if v.VolumesOn() != "n1" || v.MigratingTo() != sb.MigratingTo() || v.Node != "n2" || len(v.Spec.Volumes) != 1 {
+		t.Errorf("the volume node's view: VolumesOn %q, MigratingTo %q, node %q", v.VolumesOn(), v.MigratingTo(), v.Node)
+	}
+}
