@@ -7,6 +7,9 @@ tools=(
   # tool                package that brings it
   "qemu-system-x86_64   qemu-system-x86"
   "mkfs.ext4            e2fsprogs"
+  "e2fsck               e2fsprogs"
+  "dumpe2fs             e2fsprogs"
+  "tune2fs              e2fsprogs"
   "debugfs              e2fsprogs"
   "mkfs.erofs           erofs-utils"
   "fsck.erofs           erofs-utils"

@@ -710,7 +710,7 @@ func (m *Manager) failGroup(ctx context.Context, now time.Time, sbs []state.Sand
 const groupDetail = "group"
 
 // restartDetail is the Sandbox.Runtime key saying why the restart policy stopped applying.
-const restartDetail = "restart"
+const restartDetail = state.RestartGivenUp
 
 // restartReason says why sb should run again under its policy, or "" if it should not.
 func restartReason(sb state.Sandbox) string {

@@ -138,6 +138,9 @@ func (h *sandboxService) group(ctx context.Context, who auth.Identity, main stat
 		if names[name] {
 			return nil, toConnectError(invalid("two sidecars named %q: a name is how the group's members reach one", name))
 		}
+		if name == main.Name {
+			return nil, toConnectError(invalid("sidecar name %q is the main's own name (its host name, which resolves to itself): name the sidecar otherwise", name))
+		}
 		names[name] = true
 		spec, err := h.memberSpec(ctx, who, sc.GetSpec())
 		if err != nil {

@@ -105,7 +105,7 @@ func (s *Server) volumeNode(ctx context.Context, named, but string) (string, err
 		return n, nil
 	}
 	if but != "" {
-		return "", connect.NewError(connect.CodeUnavailable, fmt.Errorf("no other ready node to move the volume to (from %s)", but))
+		return "", connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("no other ready node to move the volume to (from %s)", but))
 	}
 	return "", connect.NewError(connect.CodeUnavailable, errors.New("no ready node to keep the volume on"))
 }

@@ -54,8 +54,21 @@ func (a *Agent) ExportVolume(ctx context.Context, id, to string) error {
 	if len(users) > 0 {
 		return fmt.Errorf("%w: volume %s is mounted by sandbox %v on this node", state.ErrInUse, id, users)
 	}
-	if a.relayedVolumes()[id] {
-		return fmt.Errorf("%w: volume %s is mounted by a sandbox on another node", state.ErrInUse, id)
+	// The control plane moves only a volume no sandbox mounts; a relayed server of one
+	// that ended goes with the assignment set that says so, which may come a moment
+	// after: it is waited for, a little.
+	for deadline := time.Now().Add(10 * time.Second); a.relayedVolumes()[id]; {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w: volume %s is mounted by a sandbox on another node", state.ErrInUse, id)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+		if all, err := a.store.ListSandboxes(ctx); err == nil {
+			a.sweepRelays(all)
+		}
 	}
 	a.vms.setExport(id, to, time.Now().Add(volumeExportTTL))
 	if _, err := a.vms.volumes.Export(ctx, id); err != nil {

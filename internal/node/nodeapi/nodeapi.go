@@ -171,6 +171,9 @@ var sentinels = []rpc.Sentinel{
 	{Err: image.ErrOwnerBudget, Code: connect.CodeResourceExhausted},
 	{Err: agent.ErrImageInUse, Code: connect.CodeFailedPrecondition},
 	{Err: agent.ErrSavedDiskFull, Code: connect.CodeResourceExhausted},
+	{Err: state.ErrNoRoom, Code: connect.CodeResourceExhausted},
+	{Err: state.ErrInUse, Code: connect.CodeFailedPrecondition},
+	{Err: state.ErrInvalid, Code: connect.CodeInvalidArgument},
 }
 
 func toConnectError(err error) error { return rpc.Error(err, sentinels) }

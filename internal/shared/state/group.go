@@ -93,8 +93,11 @@ func ValidateSidecarName(name string) error {
 	if strings.Trim(name, "0123456789") == "" {
 		return fmt.Errorf("%w: sidecar name %q: a name of digits only is an address to the resolver", ErrInvalid, name)
 	}
-	if name == MainMemberName || name == "localhost" {
+	if name == MainMemberName {
 		return fmt.Errorf("%w: sidecar name %q is taken (%q is the main's name on the group's network)", ErrInvalid, name, MainMemberName)
+	}
+	if name == "localhost" {
+		return fmt.Errorf("%w: sidecar name %q is taken (every member's own address)", ErrInvalid, name)
 	}
 	return nil
 }

@@ -291,6 +291,25 @@ const (
 	RestartAlways RestartPolicy = "always"
 )
 
+// RestartGivenUp is the detail (Runtime key) in which the leader says it gave up
+// restarting a sandbox (its restart limit).
+const RestartGivenUp = "restart"
+
+// MayRestart says whether sb, over, may still run again under its restart policy (the
+// leader restarts it unless it gives up): what it mounts is not free yet.
+func (sb Sandbox) MayRestart() bool {
+	if !sb.Status.Terminal() || !sb.StopRequestedAt.IsZero() || sb.Runtime[RestartGivenUp] != "" {
+		return false
+	}
+	switch sb.Spec.Restart {
+	case RestartAlways:
+		return true
+	case RestartOnFailure:
+		return !(sb.Status == StatusExited && sb.ExitCode == 0 && sb.Signal == 0)
+	}
+	return false
+}
+
 // ParseRestartPolicy accepts "", never, on-failure and always.
 func ParseRestartPolicy(s string) (RestartPolicy, error) {
 	switch RestartPolicy(s) {

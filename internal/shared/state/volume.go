@@ -190,7 +190,7 @@ func (f *fsm) moveVolume(c moveVolumeCmd) any {
 		return fmt.Errorf("%w: node %s is not ready to take volumes (%s)", ErrNoRoom, c.To, n.Status)
 	}
 	if users := f.volumeUsers(c.ID); len(users) > 0 {
-		return fmt.Errorf("%w: volume %s is mounted by sandbox %s, which are not over: a volume moves only while no sandbox mounts it", ErrInUse, v.Name, strings.Join(users, ", "))
+		return fmt.Errorf("%w: volume %s is mounted by sandbox %s (running, or to run again under its restart policy): a volume moves only while no sandbox mounts it", ErrInUse, v.Name, strings.Join(users, ", "))
 	}
 	nv := *v
 	nv.Move = &VolumeMove{To: c.To, Why: c.Why, Since: utc(c.Time)}
@@ -339,7 +339,7 @@ func (f *fsm) deleteVolume(id string) any {
 		return ErrNotFound
 	}
 	if users := f.volumeUsers(id); len(users) > 0 {
-		return fmt.Errorf("%w: volume %s is used by sandbox %s (stop or remove it first)", ErrInUse, v.Name, strings.Join(users, ", "))
+		return fmt.Errorf("%w: volume %s is used by sandbox %s, running or to run again under its restart policy (stop or remove it first)", ErrInUse, v.Name, strings.Join(users, ", "))
 	}
 	if v.Move != nil {
 		return fmt.Errorf("%w: volume %s is being moved; remove it once it has moved", ErrInUse, v.Name)
@@ -353,11 +353,12 @@ func (f *fsm) deleteVolume(id string) any {
 	return nil
 }
 
-// volumeUsers are the sandboxes, not over, that mount volume id.
+// volumeUsers are the sandboxes, not over (or over but to run again under their restart
+// policy), that mount volume id.
 func (f *fsm) volumeUsers(id string) []string {
 	var users []string
 	for _, sb := range f.sandboxes {
-		if sb.Status.Terminal() {
+		if sb.Status.Terminal() && !sb.MayRestart() {
 			continue
 		}
 		if slices.ContainsFunc(sb.Spec.Volumes, func(m VolumeMount) bool { return m.Volume == id }) {

@@ -225,7 +225,8 @@ func TestVolumesOn(t *testing.T) {
 	}
 }
 
-// A sandbox that runs again after its volume moved mounts it where it is now; while it
+// A sandbox over but to run again under its restart policy holds its volume (no move,
+// no delete); one run again after its volume moved mounts it where it is now; while it
 // moves, the restart waits.
 func TestRestartFollowsAMovedVolume(t *testing.T) {
 	ctx := context.Background()
@@ -245,6 +246,17 @@ func TestRestartFollowsAMovedVolume(t *testing.T) {
 		t.Fatal(err)
 	}
 	if _, err := s.UpdateSandbox(ctx, sb.ID, Update{Status: ptr(StatusFailed), Reason: "crashed", Time: t0}); err != nil {
+		t.Fatal(err)
+	}
+	// Over but to run again: it still uses the volume.
+	if _, err := s.MoveVolume(ctx, id, "n2", "test", t0); !errors.Is(err, ErrInUse) {
+		t.Fatalf("a move of a volume a sandbox to restart mounts: %v", err)
+	}
+	if err := s.DeleteVolume(ctx, id); !errors.Is(err, ErrInUse) {
+		t.Fatalf("a delete of a volume a sandbox to restart mounts: %v", err)
+	}
+	// Given up by the leader: no longer.
+	if _, err := s.UpdateSandbox(ctx, sb.ID, Update{Runtime: map[string]string{RestartGivenUp: "limit"}, Time: t0}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.MoveVolume(ctx, id, "n2", "test", t0); err != nil {
