@@ -40,6 +40,10 @@ generate:
 	  --go_out=internal/shared/api --go_opt=module=github.com/fireworks-sandbox/fireworks/internal/shared/api \
 	  --connect-go_out=internal/shared/api --connect-go_opt=module=github.com/fireworks-sandbox/fireworks/internal/shared/api \
 	  api/fireworks/v1/fireworks.proto api/fireworks/v1/cluster.proto api/fireworks/v1/ingress.proto
+	protoc -I api/envd -I /usr/include \
+	  --go_out=internal/guest/envd --go_opt=module=github.com/fireworks-sandbox/fireworks/internal/guest/envd \
+	  --connect-go_out=internal/guest/envd --connect-go_opt=module=github.com/fireworks-sandbox/fireworks/internal/guest/envd \
+	  api/envd/process/process.proto api/envd/filesystem/filesystem.proto
 
 clean:
 	rm -rf $(BIN)

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/guest/pty"
+
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"golang.org/x/sys/unix"
 )
@@ -188,7 +190,7 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 	sys := &syscall.SysProcAttr{Setsid: true, Credential: cred}
 	var files []uintptr
 	if req.TTY {
-		master, slave, err := openPTY(req.Rows, req.Cols)
+		master, slave, err := pty.Open(req.Rows, req.Cols)
 		if err != nil {
 			return setupErr("%w", err)
 		}
@@ -658,7 +660,7 @@ func (sess *session) handleFrame(c *gconn, f proto.Frame) {
 		if err := proto.Decode(f, &rs); err != nil || sess.master == nil {
 			return
 		}
-		if err := setWinsize(sess.master, rs.Rows, rs.Cols); err != nil {
+		if err := pty.SetSize(sess.master, rs.Rows, rs.Cols); err != nil {
 			log.Debug("resize failed", "session", sess.id, "err", err)
 		}
 	}

@@ -1,4 +1,6 @@
-package initd
+// Package pty allocates pseudo-terminals in the guest without cgo (fireworks-init's
+// exec sessions and its envd both give processes terminals).
+package pty
 
 import (
 	"errors"
@@ -8,11 +10,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// openPTY allocates a pseudo-terminal without cgo. The master is opened
+// Open allocates a pseudo-terminal without cgo. The master is opened
 // non-blocking so the Go poller serves it (reads can then be given
 // deadlines and be interrupted by Close); the slave stays blocking since it
 // is handed to the child.
-func openPTY(rows, cols uint16) (master, slave *os.File, err error) {
+func Open(rows, cols uint16) (master, slave *os.File, err error) {
 	mfd, err := unix.Open("/dev/ptmx", unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening /dev/ptmx: %w", err)
@@ -52,9 +54,9 @@ func openPTY(rows, cols uint16) (master, slave *os.File, err error) {
 	return os.NewFile(uintptr(mfd), "/dev/ptmx"), os.NewFile(sfd, "pty-slave"), nil
 }
 
-// setWinsize resizes the terminal of a pty master without switching the
+// SetSize resizes the terminal of a pty master without switching the
 // file to blocking mode (os.File.Fd would).
-func setWinsize(master *os.File, rows, cols uint16) error {
+func SetSize(master *os.File, rows, cols uint16) error {
 	rc, err := master.SyscallConn()
 	if err != nil {
 		return err

@@ -1,0 +1,182 @@
+// Package envd is the guest side of E2B's in-sandbox API, as the e2b SDK speaks it:
+// Connect-RPC process.Process and filesystem.Filesystem, HTTP /files and /health, on
+// port 49983 of a sandbox. fireworks-init serves it (no process of its own in the image);
+// processes it starts go through init's spawner (init is PID 1 and reaps every child).
+//
+// The caller's access token (X-Access-Token) is checked when the sandbox has one; the
+// user a call acts as comes in an HTTP Basic Authorization header ("user:"), as the SDK
+// sends it, and defaults to the image's user.
+package envd
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/base64"
+	"errors"
+	"log/slog"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+
+	"connectrpc.com/connect"
+
+	"github.com/fireworks-sandbox/fireworks/internal/guest/envd/filesystempb/filesystempbconnect"
+	"github.com/fireworks-sandbox/fireworks/internal/guest/envd/processpb/processpbconnect"
+)
+
+// Port is where a sandbox serves envd (the SDK's).
+const Port = 49983
+
+// Version is the envd version reported to the SDK, which switches behaviour on it (from
+// 0.4.0 it sends the user only when asked for one).
+const Version = "0.5.7"
+
+// Cmd is a process to start.
+type Cmd struct {
+	Path string // resolved by the spawner in the process's PATH if it has no slash
+	Args []string
+	Env  []string
+	Dir  string
+	// User names the user to run as ("" the image's): a name or uid[:gid].
+	User string
+	// Stdin, Stdout and Stderr are the process's (the terminal's slave, with TTY).
+	Stdin, Stdout, Stderr *os.File
+	// TTY: Stdin is a terminal, which becomes the process's controlling terminal in a
+	// session of its own.
+	TTY bool
+}
+
+// Spawner starts processes: init's, which reaps every process of the guest.
+type Spawner interface {
+	// Spawn starts c and returns its pid and a channel that gets its wait status once.
+	Spawn(c Cmd) (pid int, exited <-chan Exit, err error)
+	// User resolves a user as Cmd.User names one ("" the image's).
+	User(name string) (User, error)
+}
+
+// User is who a call acts as: files it makes are theirs, paths are relative to Home.
+type User struct {
+	UID, GID int
+	Home     string
+}
+
+// Exit is how a process ended: its exit code, or the signal that ended it.
+type Exit struct {
+	Code   int
+	Signal int
+}
+
+// Config configures a Server.
+type Config struct {
+	Spawner Spawner
+	// AccessToken, if set, must come with every call (X-Access-Token).
+	AccessToken string
+	// Env is the sandbox's environment, every process's base.
+	Env []string
+	// DefaultUser is the user of calls that name none ("" root).
+	DefaultUser string
+	Log         *slog.Logger
+}
+
+// Server is a sandbox's envd.
+type Server struct {
+	cfg   Config
+	log   *slog.Logger
+	procs *processes
+	mux   http.Handler
+
+	watchMu  sync.Mutex
+	watchers map[string]*watcher
+}
+
+// New makes the server; Handler serves it.
+func New(cfg Config) *Server {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	s := &Server{cfg: cfg, log: cfg.Log, procs: newProcesses(), watchers: map[string]*watcher{}}
+	mux := http.NewServeMux()
+	mux.Handle(processpbconnect.NewProcessHandler(&processService{s: s}, connect.WithReadMaxBytes(maxMessage)))
+	mux.Handle(filesystempbconnect.NewFilesystemHandler(&filesystemService{s: s}, connect.WithReadMaxBytes(maxMessage)))
+	mux.HandleFunc("/files", s.files)
+	mux.HandleFunc("/health", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
+	s.mux = mux
+	return s
+}
+
+// maxMessage bounds one RPC message (a SendInput's data, a path).
+const maxMessage = 4 << 20
+
+// Handler is the server's HTTP handler: every call but /health needs the access token.
+func (s *Server) Handler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/health" && s.cfg.AccessToken != "" {
+			got := r.Header.Get("X-Access-Token")
+			if subtle.ConstantTimeCompare([]byte(got), []byte(s.cfg.AccessToken)) != 1 {
+				http.Error(w, "missing or wrong X-Access-Token", http.StatusUnauthorized)
+				return
+			}
+		}
+		s.mux.ServeHTTP(w, r)
+	})
+}
+
+// Close ends what the server started: its processes (killed) and watchers.
+func (s *Server) Close() {
+	s.procs.killAll()
+	s.watchMu.Lock()
+	for id, w := range s.watchers {
+		w.close()
+		delete(s.watchers, id)
+	}
+	s.watchMu.Unlock()
+}
+
+// userOf is the user a call acts as: the Basic authorization's user name, or the
+// sandbox's default.
+func (s *Server) userOf(h http.Header) string {
+	if a, ok := strings.CutPrefix(h.Get("Authorization"), "Basic "); ok {
+		if b, err := base64.StdEncoding.DecodeString(a); err == nil {
+			if u, _, _ := strings.Cut(string(b), ":"); u != "" {
+				return u
+			}
+		}
+	}
+	return s.cfg.DefaultUser
+}
+
+// resolvePath is path as a call names it: relative to the user's home, "~" expanded.
+func (s *Server) resolvePath(h http.Header, path string) (string, error) {
+	if path == "" {
+		return "", connect.NewError(connect.CodeInvalidArgument, errors.New("no path given"))
+	}
+	if len(path) > 4096 || strings.ContainsRune(path, 0) {
+		return "", connect.NewError(connect.CodeInvalidArgument, errors.New("not a path"))
+	}
+	u, err := s.cfg.Spawner.User(s.userOf(h))
+	if err != nil {
+		return "", connect.NewError(connect.CodeInvalidArgument, err)
+	}
+	home := u.Home
+	if path == "~" {
+		return home, nil
+	}
+	if rest, ok := strings.CutPrefix(path, "~/"); ok {
+		path = home + "/" + rest
+	}
+	if !strings.HasPrefix(path, "/") {
+		path = home + "/" + path
+	}
+	return path, nil
+}
+
+var errNotRunning = errors.New("no such process")
+
+// ctxDone is a context's end as an error a stream can return.
+func ctxDone(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return connect.NewError(connect.CodeCanceled, err)
+	}
+	return nil
+}
