@@ -482,4 +482,3 @@ func (h *processService) CloseStdin(ctx context.Context, req *connect.Request[pr
 	}
 	return connect.NewResponse(&processpb.CloseStdinResponse{}), nil
 }
-
