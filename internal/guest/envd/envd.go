@@ -81,7 +81,8 @@ type Config struct {
 
 // Server is a sandbox's envd.
 type Server struct {
-	cfg   Config
+	accessMu sync.RWMutex
+	cfg      Config
 	log   *slog.Logger
 	procs *processes
 	mux   http.Handler
@@ -111,15 +112,26 @@ const maxMessage = 4 << 20
 // Handler is the server's HTTP handler: every call but /health needs the access token.
 func (s *Server) Handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/health" && s.cfg.AccessToken != "" {
+		s.accessMu.RLock()
+		want := s.cfg.AccessToken
+		s.accessMu.RUnlock()
+		if r.URL.Path != "/health" && want != "" {
 			got := r.Header.Get("X-Access-Token")
-			if subtle.ConstantTimeCompare([]byte(got), []byte(s.cfg.AccessToken)) != 1 {
+			if subtle.ConstantTimeCompare([]byte(got), []byte(want)) != 1 {
 				http.Error(w, "missing or wrong X-Access-Token", http.StatusUnauthorized)
 				return
 			}
 		}
 		s.mux.ServeHTTP(w, r)
 	})
+}
+
+// SetAccess replaces the access token and the default user (a fork of a sandbox is a
+// sandbox of its own, with a token of its own).
+func (s *Server) SetAccess(token, defaultUser string) {
+	s.accessMu.Lock()
+	s.cfg.AccessToken, s.cfg.DefaultUser = token, defaultUser
+	s.accessMu.Unlock()
 }
 
 // Close ends what the server started: its processes (killed) and watchers.
@@ -143,6 +155,8 @@ func (s *Server) userOf(h http.Header) string {
 			}
 		}
 	}
+	s.accessMu.RLock()
+	defer s.accessMu.RUnlock()
 	return s.cfg.DefaultUser
 }
 

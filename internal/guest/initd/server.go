@@ -18,6 +18,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/guest/envd"
+
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 	"golang.org/x/sys/unix"
 )
@@ -61,6 +63,9 @@ type Options struct {
 	System System
 	// Logger receives diagnostics; nil discards them.
 	Logger *slog.Logger
+	// EnvdAddr is where envd listens once asked to (default ":49983", every address of
+	// the guest; tests give a loopback one).
+	EnvdAddr string
 	// MaxSessions bounds concurrently running sessions (default 1024).
 	MaxSessions int
 	// ReattachGrace is how long a session whose connection went away is
@@ -93,6 +98,8 @@ type Server struct {
 	mu        sync.Mutex
 	setupDone bool
 	baseEnv   []string
+	envd      *envd.Server // E2B's in-sandbox API, once an identity asked for it
+	envdAddr  string
 	sessions  map[*session]struct{}
 	// byID holds the sessions that can still be addressed: attached to a
 	// connection or awaiting reattach. Session ids are unique among them
@@ -402,6 +409,11 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		s.mu.Lock()
 		s.baseEnv = append([]string(nil), req.Setup.Env...)
 		s.mu.Unlock()
+		if req.Setup.Envd != nil {
+			if err := s.serveEnvd(*req.Setup.Envd, req.Setup.Env); err != nil {
+				return reply(fmt.Errorf("setup: %w", err))
+			}
+		}
 		s.log.Info("setup done", "hostname", req.Setup.Hostname)
 		return reply(nil)
 	case proto.OpIdentity:
@@ -448,6 +460,11 @@ func (s *Server) handleRequest(ctx context.Context, c *gconn, id uint32, req pro
 		s.mu.Lock()
 		s.baseEnv = append([]string(nil), id.Env...)
 		s.mu.Unlock()
+		if id.Envd != nil {
+			if err := s.serveEnvd(*id.Envd, id.Env); err != nil {
+				return reply(fmt.Errorf("identity: %w", err))
+			}
+		}
 		s.log.Info("identity set", "hostname", id.Hostname)
 		return reply(nil)
 	case proto.OpKillAll:

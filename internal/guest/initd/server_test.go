@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"io"
+	"net/http"
 	"net"
 	"os"
 	"path/filepath"
@@ -683,5 +684,44 @@ func TestNetworkRequestsValidated(t *testing.T) {
 	}
 	if len(g.sys.hosts) != 2 || g.sys.hosts[0] != "b" {
 		t.Errorf("a refused identity changed the hostname: %v", g.sys.hosts)
+	}
+}
+
+// Init serves envd once an identity asks for it, with that identity's token; a later
+// identity (a fork's) replaces the token: the first one opens nothing from then on.
+func TestEnvdTokenFollowsIdentity(t *testing.T) {
+	g := newGuest(t, initd.Options{InitVersion: "test-1", EnvdAddr: "127.0.0.1:0"})
+	c := g.connect(t)
+	ctx := context.Background()
+	if err := c.Setup(ctx, proto.Setup{Hostname: "pool"}); err != nil {
+		t.Fatal(err)
+	}
+	if g.srv.EnvdAddr() != "" {
+		t.Fatal("envd listens before an identity asked for it")
+	}
+	status := func(token string) int {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+g.srv.EnvdAddr()+"/files?path=/etc/hostname", nil)
+		req.Header.Set("X-Access-Token", token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if err := c.Identity(ctx, proto.Identity{Hostname: "source", Envd: &proto.Envd{Token: "source-token"}}); err != nil {
+		t.Fatal(err)
+	}
+	if got := status("source-token"); got != http.StatusOK {
+		t.Fatalf("the source's token: %d", got)
+	}
+	if err := c.Identity(ctx, proto.Identity{Hostname: "fork", Envd: &proto.Envd{Token: "fork-token"}}); err != nil {
+		t.Fatal(err)
+	}
+	if got, got2 := status("source-token"), status("fork-token"); got != http.StatusUnauthorized || got2 != http.StatusOK {
+		t.Fatalf("after the fork's identity: the source's token %d (want 401), the fork's %d", got, got2)
+	}
+	if err := c.Identity(ctx, proto.Identity{Hostname: "x", Envd: &proto.Envd{}}); err == nil {
+		t.Fatal("an identity with an empty envd token was taken")
 	}
 }

@@ -150,6 +150,8 @@ type Setup struct {
 	// Nameservers replace /etc/resolv.conf in the new root (see
 	// ValidateNameservers); empty leaves the image's file.
 	Nameservers []string `json:"nameservers,omitempty"`
+	// Envd as in Identity.
+	Envd *Envd `json:"envd,omitempty"`
 	// Volumes are mounted in the new root, in order, once the network is up.
 	Volumes []VolumeMount `json:"volumes,omitempty"`
 	// Hosts are names /etc/hosts resolves besides the guest's own (see ValidateHosts):
@@ -267,7 +269,20 @@ type Identity struct {
 	Volumes []VolumeMount `json:"volumes,omitempty"`
 	// Hosts as in Setup (written with the hostname).
 	Hosts []HostEntry `json:"hosts,omitempty"`
+	// Envd, if set, has init serve E2B's in-sandbox API (package envd) on the guest's
+	// network, port 49983.
+	Envd *Envd `json:"envd,omitempty"`
 }
+
+// Envd configures the in-sandbox API: the token every call must carry, and the user of
+// calls that name none (as an image's USER; "" root).
+type Envd struct {
+	Token string `json:"token"`
+	User  string `json:"user,omitempty"`
+}
+
+// MaxEnvdToken bounds Envd.Token.
+const MaxEnvdToken = 256
 
 // HostEntry is a name /etc/hosts resolves to an IPv4 address.
 type HostEntry struct {

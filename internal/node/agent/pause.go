@@ -429,8 +429,13 @@ func (a *Agent) forkIdentityStep(r *startRun) error {
 	g := r.h.guest
 	// A group member (started from a group's snapshot with memory) learns its group
 	// again: the members are the new group's.
-	if err := g.Identity(ctx, proto.Identity{Hostname: hostname, Env: []string{"FIREWORKS_SANDBOX_ID=" + r.sb.ID},
-		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Hosts: groupHosts(r.sb.Spec.Group, r.sb.ID)}); err != nil {
+	id := proto.Identity{Hostname: hostname, Env: []string{"FIREWORKS_SANDBOX_ID=" + r.sb.ID},
+		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Hosts: groupHosts(r.sb.Spec.Group, r.sb.ID)}
+	if r.sb.AccessToken != "" && r.sb.Spec.Network != state.NetworkNone {
+		// The fork's own token: its source's opens nothing in it.
+		id.Envd = &proto.Envd{Token: r.sb.AccessToken, User: r.proc.User}
+	}
+	if err := g.Identity(ctx, id); err != nil {
 		return fmt.Errorf("give the fork its identity: %v", err)
 	}
 	return r.reattach(ctx, "of the fork", "identity+reattach")

@@ -431,11 +431,17 @@ func (a *Agent) commandStep(r *startRun) error {
 	}
 	var err error
 	vols := guestVolumes(sb.Spec.Volumes)
+	// E2B's in-sandbox API, for the holder of the sandbox's access token (see
+	// internal/guest/envd), on its network.
+	var envdCfg *proto.Envd
+	if sb.AccessToken != "" && sb.Spec.Network != state.NetworkNone {
+		envdCfg = &proto.Envd{Token: sb.AccessToken, User: r.proc.User}
+	}
 	switch {
 	case r.how != "cold" && (len(vols) > 0 || sb.IsGroupMain()):
 		// Its volumes are mounted (its sidecars ready) before the command starts:
 		// identity first, then exec.
-		err = guest.Identity(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Volumes: vols, Hosts: hosts})
+		err = guest.Identity(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Volumes: vols, Hosts: hosts, Envd: envdCfg})
 		r.ph.mark("identity")
 		if err == nil {
 			if err = waitGroup(); err != nil {
@@ -447,12 +453,12 @@ func (a *Agent) commandStep(r *startRun) error {
 	case r.how != "cold":
 		// The template's guest has its root mounted already: it only needs to become
 		// this sandbox, and the command follows in the same breath.
-		r.main, err = guest.IdentityAndExec(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Hosts: hosts}, execReq)
+		r.main, err = guest.IdentityAndExec(setupCtx, proto.Identity{Hostname: hostname, Env: baseEnv, TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Hosts: hosts, Envd: envdCfg}, execReq)
 		r.ph.mark("identity+exec")
 	default:
 		setup := proto.Setup{
 			Hostname: hostname, RootDevice: "/dev/vda", RootFSType: r.rootFS, ScratchDevice: "/dev/vdb",
-			TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Env: baseEnv, Volumes: vols, Hosts: hosts,
+			TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Env: baseEnv, Volumes: vols, Hosts: hosts, Envd: envdCfg,
 		}
 		if sb.Spec.Network != state.NetworkNone {
 			setup.Net, setup.Nameservers = guestNet(), a.cfg.Nameservers
