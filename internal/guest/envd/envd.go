@@ -83,9 +83,9 @@ type Config struct {
 type Server struct {
 	accessMu sync.RWMutex
 	cfg      Config
-	log   *slog.Logger
-	procs *processes
-	mux   http.Handler
+	log      *slog.Logger
+	procs    *processes
+	mux      http.Handler
 
 	watchMu  sync.Mutex
 	watchers map[string]*watcher
