@@ -5,10 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"os"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -31,19 +28,8 @@ func TestEnvdInTheGuest(t *testing.T) {
 	if token == "" {
 		t.Fatalf("inspect shows no access token: %v", sb)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	pf := exec.CommandContext(ctx, world.bin, "port-forward", id, fmt.Sprintf("%d:%d", port, envd.Port))
-	pf.Env = append(os.Environ(), "FIREWORKS_CONFIG="+world.config)
-	if err := pf.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cancel(); _ = pf.Wait() }()
+	port, _ := forwardPort(t, id, envd.Port)
+	ctx := t.Context()
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 	do := func(method, path, tok string, body io.Reader) (int, string) {
 		for i := 0; ; i++ {

@@ -337,6 +337,29 @@ func TestNetworkSandboxesIsolated(t *testing.T) {
 	}
 }
 
+// forwardPort runs `fireworks port-forward` from a free local port to guest port guest
+// of sandbox id; stop (also run at the test's end) ends it.
+func forwardPort(t *testing.T, id string, guest int) (local int, stop func()) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	local = ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	pf := exec.CommandContext(ctx, world.bin, "port-forward", id, fmt.Sprintf("%d:%d", local, guest))
+	pf.Env = append(os.Environ(), "FIREWORKS_CONFIG="+world.config)
+	if err := pf.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); _ = pf.Wait() }) }
+	t.Cleanup(stop)
+	return local, stop
+}
+
 // port-forward carries a local port to a guest port; a sandbox's network is gone when
 // the sandbox is; --network none gives a VM without a network interface.
 func TestPortForwardAndNetworkLifecycle(t *testing.T) {
@@ -346,20 +369,7 @@ func TestPortForwardAndNetworkLifecycle(t *testing.T) {
 	if _, err := os.Stat(filepath.Join("/run/netns", netns)); netns == "" || err != nil {
 		t.Fatalf("network namespace %q of a running sandbox: %v", netns, err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	pf := exec.CommandContext(ctx, world.bin, "port-forward", id, fmt.Sprintf("%d:8080", port))
-	pf.Env = append(os.Environ(), "FIREWORKS_CONFIG="+world.config)
-	if err := pf.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer pf.Wait()
+	port, stop := forwardPort(t, id, 8080)
 	var body string
 	for i := 0; i < 100; i++ {
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", port))
@@ -374,7 +384,7 @@ func TestPortForwardAndNetworkLifecycle(t *testing.T) {
 	if body != "hello-pf" {
 		t.Errorf("through port-forward: %q", body)
 	}
-	cancel()
+	stop()
 
 	// DNS: the guest's resolv.conf names the node's resolvers.
 	if r := fw(t, 0, "exec", id, "--", "cat", "/etc/resolv.conf"); !strings.Contains(r.stdout, "nameserver ") {
