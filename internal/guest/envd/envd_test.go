@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/guest/envd/filesystempb/filesystempbconnect"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/envd/processpb"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/envd/processpb/processpbconnect"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
 
 // These tests run the envd server in the test process, on real processes and files of
@@ -44,6 +46,9 @@ type homeSpawner struct {
 }
 
 func (h homeSpawner) User(name string) (User, error) {
+	if name == "nobody" {
+		return User{UID: 65534, GID: 65534, Home: filepath.Join(h.home, "nobody")}, nil
+	}
 	u, err := h.ExecSpawner.User("")
 	u.Home = h.home
 	return u, err
@@ -322,5 +327,57 @@ func TestAccessToken(t *testing.T) {
 	bare := processpbconnect.NewProcessClient(http.DefaultClient, f.url)
 	if _, err := bare.List(t.Context(), connect.NewRequest(&processpb.ListRequest{})); connect.CodeOf(err) != connect.CodeUnauthenticated && !errors.Is(err, err) {
 		t.Fatalf("a call without the token: %v", err)
+	}
+}
+
+// A call acting as an unprivileged user acts with that user's rights: a symbolic link
+// the user planted to a file only root may write does not make envd (root) write it.
+func TestFilesActAsTheCallsUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		testutil.Skipf(t, "acting as another user needs root")
+	}
+	f := newFixture(t)
+	// nobody may walk down to its home (t.TempDir's directories are root's, 0700).
+	for _, d := range []string{filepath.Dir(f.home), f.home} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	home := filepath.Join(f.home, "nobody")
+	if err := os.Mkdir(home, 0o755); err != nil || os.Chown(home, 65534, 65534) != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(f.home, "shadow")
+	if err := os.WriteFile(secret, []byte("root's"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(secret, filepath.Join(home, "out.txt")); err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest(http.MethodPost, f.url+"/files?path=out.txt&username=nobody", strings.NewReader("overwritten"))
+	req.Header.Set("Content-Type", "application/octet-stream")
+	req.Header.Set("X-Access-Token", token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden {
+		t.Errorf("a write as nobody through a link to root's file: %d, want 403", resp.StatusCode)
+	}
+	if b, _ := os.ReadFile(secret); string(b) != "root's" {
+		t.Fatalf("root's file was written through the link: %q", b)
+	}
+	// What nobody writes for itself is nobody's.
+	req, _ = http.NewRequest(http.MethodPost, f.url+"/files?path=mine/new.txt&username=nobody", strings.NewReader("x"))
+	req.Header.Set("Content-Type", "application/octet-stream")
+	req.Header.Set("X-Access-Token", token)
+	if resp, err = http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("a write as nobody in its home: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	fi, err := os.Stat(filepath.Join(home, "mine", "new.txt"))
+	if st, ok := fi.Sys().(*syscall.Stat_t); err != nil || !ok || st.Uid != 65534 {
+		t.Fatalf("the file nobody wrote: %v %+v", err, fi.Sys())
 	}
 }

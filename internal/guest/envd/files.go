@@ -49,8 +49,12 @@ func (s *Server) getFile(w http.ResponseWriter, r *http.Request, h http.Header) 
 		httpError(w, err)
 		return
 	}
-	f, err := os.Open(path)
-	if err != nil {
+	var f *os.File
+	if err := s.asUser(h, func(User) error {
+		var err error
+		f, err = os.Open(path)
+		return err
+	}); err != nil {
 		httpError(w, err)
 		return
 	}
@@ -128,30 +132,26 @@ func (s *Server) postFiles(w http.ResponseWriter, r *http.Request, h http.Header
 }
 
 // writeFile writes what r holds to the file name names (its directories made), as the
-// caller's user.
+// caller's user (see asUser).
 func (s *Server) writeFile(h http.Header, name string, r io.Reader) (fileEntry, error) {
 	path, err := s.resolvePath(h, name)
 	if err != nil {
 		return fileEntry{}, err
 	}
-	u, err := s.cfg.Spawner.User(s.userOf(h))
-	if err != nil {
-		return fileEntry{}, err
-	}
-	if err := s.mkdirAllAs(h, filepath.Dir(path)); err != nil {
-		return fileEntry{}, err
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return fileEntry{}, err
-	}
-	_, err = io.Copy(f, r)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chown(path, u.UID, u.GID)
-	}
+	err = s.asUser(h, func(User) error {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			return err
+		}
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+		if err != nil {
+			return err
+		}
+		_, err = io.Copy(f, r)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		return err
+	})
 	if err != nil {
 		return fileEntry{}, err
 	}

@@ -30,8 +30,8 @@ func (f *filesystemService) Stat(ctx context.Context, req *connect.Request[fspb.
 	if err != nil {
 		return nil, err
 	}
-	e, err := entryOf(path)
-	if err != nil {
+	var e *fspb.EntryInfo
+	if err := f.s.asUser(req.Header(), func(User) error { e, err = entryOf(path); return err }); err != nil {
 		return nil, fsError(err)
 	}
 	return connect.NewResponse(&fspb.StatResponse{Entry: e}), nil
@@ -42,16 +42,20 @@ func (f *filesystemService) MakeDir(ctx context.Context, req *connect.Request[fs
 	if err != nil {
 		return nil, err
 	}
-	if fi, err := os.Stat(path); err == nil {
-		if fi.IsDir() {
-			return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("directory %s exists already", path))
+	var e *fspb.EntryInfo
+	err = f.s.asUser(req.Header(), func(User) error {
+		if fi, err := os.Stat(path); err == nil {
+			if fi.IsDir() {
+				return connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("directory %s exists already", path))
+			}
+			return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("%s exists and is not a directory", path))
 		}
-		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("%s exists and is not a directory", path))
-	}
-	if err := f.s.mkdirAllAs(req.Header(), path); err != nil {
-		return nil, fsError(err)
-	}
-	e, err := entryOf(path)
+		if err := os.MkdirAll(path, 0o755); err != nil {
+			return err
+		}
+		e, err = entryOf(path)
+		return err
+	})
 	if err != nil {
 		return nil, fsError(err)
 	}
@@ -67,13 +71,17 @@ func (f *filesystemService) Move(ctx context.Context, req *connect.Request[fspb.
 	if err != nil {
 		return nil, err
 	}
-	if err := f.s.mkdirAllAs(req.Header(), filepath.Dir(dst)); err != nil {
-		return nil, fsError(err)
-	}
-	if err := os.Rename(src, dst); err != nil {
-		return nil, fsError(err)
-	}
-	e, err := entryOf(dst)
+	var e *fspb.EntryInfo
+	err = f.s.asUser(req.Header(), func(User) error {
+		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			return err
+		}
+		if err := os.Rename(src, dst); err != nil {
+			return err
+		}
+		e, err = entryOf(dst)
+		return err
+	})
 	if err != nil {
 		return nil, fsError(err)
 	}
@@ -88,13 +96,6 @@ func (f *filesystemService) ListDir(ctx context.Context, req *connect.Request[fs
 	depth := int(req.Msg.GetDepth())
 	if depth == 0 {
 		depth = 1
-	}
-	fi, err := os.Stat(path)
-	if err != nil {
-		return nil, fsError(err)
-	}
-	if !fi.IsDir() {
-		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("%s is not a directory", path))
 	}
 	var out []*fspb.EntryInfo
 	var walk func(dir string, left int) error
@@ -125,7 +126,17 @@ func (f *filesystemService) ListDir(ctx context.Context, req *connect.Request[fs
 		}
 		return nil
 	}
-	if err := walk(path, depth); err != nil {
+	err = f.s.asUser(req.Header(), func(User) error {
+		fi, err := os.Stat(path)
+		if err != nil {
+			return err
+		}
+		if !fi.IsDir() {
+			return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("%s is not a directory", path))
+		}
+		return walk(path, depth)
+	})
+	if err != nil {
 		return nil, fsError(err)
 	}
 	return connect.NewResponse(&fspb.ListDirResponse{Entries: out}), nil
@@ -136,10 +147,13 @@ func (f *filesystemService) Remove(ctx context.Context, req *connect.Request[fsp
 	if err != nil {
 		return nil, err
 	}
-	if _, err := os.Lstat(path); err != nil {
-		return nil, fsError(err)
-	}
-	if err := os.RemoveAll(path); err != nil {
+	err = f.s.asUser(req.Header(), func(User) error {
+		if _, err := os.Lstat(path); err != nil {
+			return err
+		}
+		return os.RemoveAll(path)
+	})
+	if err != nil {
 		return nil, fsError(err)
 	}
 	return connect.NewResponse(&fspb.RemoveResponse{}), nil
@@ -188,30 +202,6 @@ func nameOfGID(gid uint32) string {
 		return g.Name
 	}
 	return strconv.Itoa(int(gid))
-}
-
-// mkdirAllAs makes dir and its missing parents, owned by the caller's user.
-func (s *Server) mkdirAllAs(h map[string][]string, dir string) error {
-	u, err := s.cfg.Spawner.User(s.userOf(h))
-	if err != nil {
-		return err
-	}
-	var missing []string
-	for d := dir; ; d = filepath.Dir(d) {
-		if _, err := os.Lstat(d); err == nil || d == "/" {
-			break
-		}
-		missing = append(missing, d)
-	}
-	for i := len(missing) - 1; i >= 0; i-- {
-		if err := os.Mkdir(missing[i], 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
-			return err
-		}
-		if err := os.Lchown(missing[i], u.UID, u.GID); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // fsError is a filesystem error as the SDK maps it.

@@ -100,6 +100,12 @@ func (w *watcher) add(dir string) error {
 		return werr
 	}
 	_ = filepath.WalkDir(dir, func(p string, de os.DirEntry, err error) error {
+		w.mu.Lock()
+		full := len(w.wds) >= maxWatches
+		w.mu.Unlock()
+		if full {
+			return filepath.SkipAll
+		}
 		if err == nil && de.IsDir() && p != dir {
 			addOne(p)
 		}
@@ -236,8 +242,11 @@ func (f *filesystemService) WatchDir(ctx context.Context, req *connect.Request[f
 	if err != nil {
 		return err
 	}
-	w, err := newWatcher(path, req.Msg.GetRecursive(), req.Msg.GetIncludeEntry())
-	if err != nil {
+	var w *watcher
+	if err := f.s.asUser(req.Header(), func(User) error {
+		w, err = newWatcher(path, req.Msg.GetRecursive(), req.Msg.GetIncludeEntry())
+		return err
+	}); err != nil {
 		return fsError(err)
 	}
 	defer w.close()
@@ -275,8 +284,11 @@ func (f *filesystemService) CreateWatcher(ctx context.Context, req *connect.Requ
 	if n >= maxWatchers {
 		return nil, connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("%d watchers: remove one first", n))
 	}
-	w, err := newWatcher(path, req.Msg.GetRecursive(), req.Msg.GetIncludeEntry())
-	if err != nil {
+	var w *watcher
+	if err := f.s.asUser(req.Header(), func(User) error {
+		w, err = newWatcher(path, req.Msg.GetRecursive(), req.Msg.GetIncludeEntry())
+		return err
+	}); err != nil {
 		return nil, fsError(err)
 	}
 	b := make([]byte, 12)

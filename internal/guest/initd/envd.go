@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/net/netutil"
+
 	"github.com/fireworks-sandbox/fireworks/internal/guest/envd"
 	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 )
@@ -36,8 +38,17 @@ func (s *Server) serveEnvd(cfg proto.Envd, env []string) error {
 		return fmt.Errorf("envd: %w", err)
 	}
 	s.envdAddr = ln.Addr().String()
+	// Whoever reaches the port may try, token or not: what a connection can make PID 1
+	// hold before the token is checked is bounded (headers, idle connections, their
+	// number), or a peer could exhaust init's memory or descriptors and end the guest.
+	ln = netutil.LimitListener(ln, maxEnvdConns)
+	// The kernel refuses root a link planted by another user in a sticky directory
+	// (/tmp), as distributions set it (envd acts as its callers' users besides).
+	for _, f := range []string{"/proc/sys/fs/protected_symlinks", "/proc/sys/fs/protected_hardlinks"} {
+		_ = os.WriteFile(f, []byte("1"), 0o644)
+	}
 	srv := envd.New(envd.Config{Spawner: envdSpawner{s: s}, AccessToken: cfg.Token, Env: env, DefaultUser: cfg.User, Log: s.log})
-	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: 16 << 10, IdleTimeout: time.Minute}
 	s.envd = srv
 	go func() { _ = hs.Serve(ln) }() // for the guest's life: init never ends
 	s.log.Info("envd listening", "port", envd.Port)
@@ -50,6 +61,9 @@ func (s *Server) EnvdAddr() string {
 	defer s.mu.Unlock()
 	return s.envdAddr
 }
+
+// maxEnvdConns bounds envd's connections at once (more wait in the backlog).
+const maxEnvdConns = 128
 
 // envdSpawner starts envd's processes as init starts a session's: through the reaper
 // (init is PID 1 and reaps every child), as the user asked for.
