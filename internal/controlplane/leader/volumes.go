@@ -100,11 +100,8 @@ func (m *Manager) volumes(ctx context.Context, now time.Time, nodes []state.Node
 func (m *Manager) startMove(ctx context.Context, mover VolumeMover, v state.Volume) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.moving[v.ID] {
-		return true
-	}
 	if len(m.moving) > 0 {
-		return true
+		return true // this one, or another: one at a time
 	}
 	if m.moving == nil {
 		m.moving = map[string]bool{}

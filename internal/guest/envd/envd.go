@@ -9,7 +9,6 @@
 package envd
 
 import (
-	"context"
 	"crypto/subtle"
 	"encoding/base64"
 	"errors"
@@ -186,11 +185,3 @@ func (s *Server) resolvePath(h http.Header, path string) (string, error) {
 }
 
 var errNotRunning = errors.New("no such process")
-
-// ctxDone is a context's end as an error a stream can return.
-func ctxDone(ctx context.Context) error {
-	if err := ctx.Err(); err != nil {
-		return connect.NewError(connect.CodeCanceled, err)
-	}
-	return nil
-}

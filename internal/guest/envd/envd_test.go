@@ -26,7 +26,7 @@ import (
 )
 
 // These tests run the envd server in the test process, on real processes and files of
-// the host (ExecSpawner, a home directory of the test's), through real Connect clients
+// the host (hostSpawner, a home directory of the test's), through real Connect clients
 // over HTTP/1.1 as the SDK speaks it. The guest's spawner and the SDK itself are tested
 // end to end elsewhere.
 
@@ -39,25 +39,10 @@ type fixture struct {
 	fs   filesystempbconnect.FilesystemClient
 }
 
-// homeSpawner is ExecSpawner with the test's directory as every user's home.
-type homeSpawner struct {
-	ExecSpawner
-	home string
-}
-
-func (h homeSpawner) User(name string) (User, error) {
-	if name == "nobody" {
-		return User{UID: 65534, GID: 65534, Home: filepath.Join(h.home, "nobody")}, nil
-	}
-	u, err := h.ExecSpawner.User("")
-	u.Home = h.home
-	return u, err
-}
-
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
 	home := t.TempDir()
-	s := New(Config{Spawner: homeSpawner{home: home}, AccessToken: token, Env: []string{"PATH=/usr/bin:/bin"}})
+	s := New(Config{Spawner: hostSpawner{home: home}, AccessToken: token, Env: []string{"PATH=/usr/bin:/bin"}})
 	srv := httptest.NewServer(s.Handler())
 	t.Cleanup(func() { srv.Close(); s.Close() })
 	opt := connect.WithInterceptors(connect.UnaryInterceptorFunc(func(next connect.UnaryFunc) connect.UnaryFunc {
@@ -334,7 +319,7 @@ func TestAccessToken(t *testing.T) {
 // the user planted to a file only root may write does not make envd (root) write it.
 func TestFilesActAsTheCallsUser(t *testing.T) {
 	if os.Geteuid() != 0 {
-		testutil.Skipf(t, "acting as another user needs root")
+		testutil.Skipf(t, "acting as another user (setfsuid) needs root: run the test as root, as CI does")
 	}
 	f := newFixture(t)
 	// nobody may walk down to its home (t.TempDir's directories are root's, 0700).

@@ -2,6 +2,7 @@ package envd
 
 import (
 	"compress/gzip"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -157,6 +158,8 @@ func (s *Server) writeFile(h http.Header, name string, r io.Reader) (fileEntry, 
 	}
 	return fileEntry{Name: filepath.Base(path), Type: "file", Path: path}, nil
 }
+
+func basicUser(u string) string { return base64.StdEncoding.EncodeToString([]byte(u + ":")) }
 
 // httpError answers err with the status the SDK maps.
 func httpError(w http.ResponseWriter, err error) {

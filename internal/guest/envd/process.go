@@ -205,10 +205,7 @@ func (s *Server) start(req *connect.Request[processpb.StartRequest]) (*proc, cha
 	c := Cmd{Path: cfg.GetCmd(), Args: append([]string{cfg.GetCmd()}, cfg.GetArgs()...), Env: env, Dir: dir, User: userName}
 	p := &proc{tag: m.GetTag(), config: cfg, subs: map[chan *processpb.ProcessEvent]struct{}{}}
 	var closeAfter []*os.File // the child's ends, closed once it has them
-	var outs []struct {
-		f    *os.File
-		kind string
-	}
+	var outs []output
 	fail := func(err error) (*proc, chan *processpb.ProcessEvent, error) {
 		for _, f := range closeAfter {
 			f.Close()
@@ -231,10 +228,7 @@ func (s *Server) start(req *connect.Request[processpb.StartRequest]) (*proc, cha
 		c.Stdin, c.Stdout, c.Stderr, c.TTY = slave, slave, slave, true
 		c.Env = append(c.Env, "TERM=xterm-256color")
 		closeAfter = append(closeAfter, slave)
-		outs = append(outs, struct {
-			f    *os.File
-			kind string
-		}{master, "pty"})
+		outs = append(outs, output{master, "pty"})
 	} else {
 		if m.GetStdin() {
 			r, w, err := os.Pipe()
@@ -262,10 +256,7 @@ func (s *Server) start(req *connect.Request[processpb.StartRequest]) (*proc, cha
 				c.Stderr = w
 			}
 			closeAfter = append(closeAfter, w)
-			outs = append(outs, struct {
-				f    *os.File
-				kind string
-			}{r, kind})
+			outs = append(outs, output{r, kind})
 		}
 	}
 	ch := make(chan *processpb.ProcessEvent, 256)
@@ -315,6 +306,12 @@ func (s *Server) start(req *connect.Request[processpb.StartRequest]) (*proc, cha
 		}
 	}()
 	return p, ch, nil
+}
+
+// output is a process's output file and what it carries: stdout, stderr or pty.
+type output struct {
+	f    *os.File
+	kind string
 }
 
 // pump publishes what the process writes on f until it closes. A terminal's master

@@ -75,12 +75,13 @@ func (w *watcher) add(dir string) error {
 		return err
 	}
 	var werr error
-	addOne := func(d string) {
+	// addOne watches d; false once the watch follows as many directories as it may.
+	addOne := func(d string) bool {
 		w.mu.Lock()
 		full := len(w.wds) >= maxWatches
 		w.mu.Unlock()
 		if full {
-			return
+			return false
 		}
 		_ = rc.Control(func(fd uintptr) {
 			wd, err := unix.InotifyAddWatch(int(fd), d, watchMask)
@@ -94,20 +95,15 @@ func (w *watcher) add(dir string) error {
 			w.wds[wd] = d
 			w.mu.Unlock()
 		})
+		return true
 	}
 	addOne(dir)
 	if werr != nil || !w.recursive {
 		return werr
 	}
 	_ = filepath.WalkDir(dir, func(p string, de os.DirEntry, err error) error {
-		w.mu.Lock()
-		full := len(w.wds) >= maxWatches
-		w.mu.Unlock()
-		if full {
+		if err == nil && de.IsDir() && p != dir && !addOne(p) {
 			return filepath.SkipAll
-		}
-		if err == nil && de.IsDir() && p != dir {
-			addOne(p)
 		}
 		return nil
 	})

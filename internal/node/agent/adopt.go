@@ -122,7 +122,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		// not is started again, and the guest's client reconnects. A relay to the
 		// volumes' node died with that agent: this one relays from now on.
 		nsPath := filepath.Join("/run/netns", sn.Namespace())
-		if use.node != "" && use.node != a.cfg.Node {
+		if use.elsewhere(a.cfg.Node) {
 			vols, err = a.vms.relayVolumes(nsPath, use)
 		} else {
 			vols, err = a.vms.adoptVolumes(ctx, dir, nsPath, filepath.Base(dir), use.mounts)

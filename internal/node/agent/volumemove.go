@@ -41,18 +41,8 @@ func (a *Agent) ExportVolume(ctx context.Context, id, to string) error {
 		a.vms.setExport(id, "", time.Time{})
 		return nil
 	}
-	a.mu.Lock()
-	var users []string
-	for _, s := range a.live {
-		for _, m := range s.spec.Volumes {
-			if m.Volume == id {
-				users = append(users, s.id)
-			}
-		}
-	}
-	a.mu.Unlock()
-	if len(users) > 0 {
-		return fmt.Errorf("%w: volume %s is mounted by sandbox %v on this node", state.ErrInUse, id, users)
+	if err := a.mountedHere(id); err != nil {
+		return err
 	}
 	// The control plane moves only a volume no sandbox mounts; a relayed server of one
 	// that ended goes with the assignment set that says so, which may come a moment

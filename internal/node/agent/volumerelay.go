@@ -218,6 +218,16 @@ type relayRecord struct {
 
 const relayRecordFile = "relay.json"
 
+// readRelayRecord reads what the relayed server's directory dir records.
+func readRelayRecord(dir string) (relayRecord, error) {
+	var rec relayRecord
+	b, err := os.ReadFile(filepath.Join(dir, relayRecordFile))
+	if err == nil {
+		err = json.Unmarshal(b, &rec)
+	}
+	return rec, err
+}
+
 func (a *Agent) relayRoot() string { return filepath.Join(a.cfg.DataDir, "volume-relays") }
 
 // VolumeStream opens, for node peer, a connection to listener index of the volume
@@ -351,11 +361,7 @@ func (a *Agent) adoptRelays(ctx context.Context) {
 	entries, _ := os.ReadDir(a.relayRoot())
 	for _, e := range entries {
 		dir := filepath.Join(a.relayRoot(), e.Name())
-		var rec relayRecord
-		b, err := os.ReadFile(filepath.Join(dir, relayRecordFile))
-		if err == nil {
-			err = json.Unmarshal(b, &rec)
-		}
+		rec, err := readRelayRecord(dir)
 		if err != nil || rec.Sandbox != e.Name() || runningVolumeServer(dir) == 0 {
 			a.removeRelayDir(dir)
 			continue

@@ -3,7 +3,6 @@ package agent
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -94,16 +93,8 @@ func (a *Agent) CreateVolume(ctx context.Context, id string, sizeMiB int) error 
 // RemoveVolume removes volume id's data; a sandbox of this node that still mounts it
 // keeps it.
 func (a *Agent) RemoveVolume(ctx context.Context, id string) error {
-	a.mu.Lock()
-	var users []string
-	for _, s := range a.live {
-		if slices.ContainsFunc(s.spec.Volumes, func(m state.VolumeMount) bool { return m.Volume == id }) {
-			users = append(users, s.id)
-		}
-	}
-	a.mu.Unlock()
-	if len(users) > 0 {
-		return fmt.Errorf("%w: volume %s is mounted by sandbox %v on this node", state.ErrInUse, id, users)
+	if err := a.mountedHere(id); err != nil {
+		return err
 	}
 	if a.relayedVolumes()[id] {
 		return fmt.Errorf("%w: volume %s is mounted by a sandbox on another node", state.ErrInUse, id)
@@ -113,6 +104,22 @@ func (a *Agent) RemoveVolume(ctx context.Context, id string) error {
 	}
 	a.vms.setExport(id, "", time.Time{})
 	a.log.Info("volume removed", "volume", id)
+	return nil
+}
+
+// mountedHere refuses volume id while a sandbox live on this node mounts it.
+func (a *Agent) mountedHere(id string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var users []string
+	for _, s := range a.live {
+		if slices.ContainsFunc(s.spec.Volumes, func(m state.VolumeMount) bool { return m.Volume == id }) {
+			users = append(users, s.id)
+		}
+	}
+	if len(users) > 0 {
+		return fmt.Errorf("%w: volume %s is mounted by sandbox %v on this node", state.ErrInUse, id, users)
+	}
 	return nil
 }
 
@@ -164,6 +171,9 @@ type volumeUse struct {
 	node, address string
 }
 
+// elsewhere says whether the volumes are on another node than node (relayed there).
+func (u volumeUse) elsewhere(node string) bool { return u.node != "" && u.node != node }
+
 func volumesOf(id string, spec state.SandboxSpec) volumeUse {
 	return volumeUse{sandbox: id, mounts: spec.Volumes, node: spec.VolumeNode, address: spec.VolumeAddress}
 }
@@ -176,7 +186,7 @@ type volumeService interface{ Stop() }
 // network namespace is at nsPath: from this node's volume store if they are here, else
 // relayed to their node.
 func (m *vms) serveVolumes(ctx context.Context, dir, nsPath string, use volumeUse) (volumeService, error) {
-	if use.node != "" && use.node != m.node {
+	if use.elsewhere(m.node) {
 		return m.relayVolumes(nsPath, use)
 	}
 	return m.startVolumeServer(ctx, dir, nsPath, filepath.Base(dir), use.mounts)
@@ -510,11 +520,7 @@ func (a *Agent) unmountVolumes() {
 		if runningVolumeServer(dir) == 0 {
 			continue
 		}
-		var rec relayRecord
-		b, err := os.ReadFile(filepath.Join(dir, relayRecordFile))
-		if err == nil {
-			err = json.Unmarshal(b, &rec)
-		}
+		rec, err := readRelayRecord(dir)
 		if err != nil {
 			a.log.Warn("a relayed volume server runs without a record; leaving the volumes mounted", "sandbox", d.Name())
 			return

@@ -166,17 +166,12 @@ func (s *Store) Mount(ctx context.Context, id string) error {
 	// (autoclear runs asynchronously): one that goes while it is being mounted is looked
 	// up again.
 	for try := 0; ; try++ {
-		out, err := exec.CommandContext(ctx, "losetup", "-j", s.image(id)).Output()
+		dev, err := s.loopDevice(ctx, id)
 		if err != nil {
-			return fmt.Errorf("losetup -j %s: %w", s.image(id), err)
+			return err
 		}
-		lines := strings.Fields(strings.TrimSpace(string(out)))
-		if len(lines) == 0 {
+		if dev == "" {
 			return run(ctx, "mount", "-t", "ext4", "-o", "loop,"+mountOptions, s.image(id), dir)
-		}
-		dev := strings.TrimSuffix(lines[0], ":")
-		if strings.Count(string(out), "\n") > 1 || !strings.HasPrefix(dev, "/dev/loop") {
-			return fmt.Errorf("volume %s's image is attached to several loop devices (%s): refusing to mount it", id, strings.TrimSpace(string(out)))
 		}
 		err = run(ctx, "mount", "-t", "ext4", "-o", mountOptions, dev, dir)
 		if err == nil || try == 20 {
@@ -190,6 +185,24 @@ func (s *Store) Mount(ctx context.Context, id string) error {
 	}
 }
 
+// loopDevice is the loop device volume id's image is attached to ("" if none); an image
+// attached to several is refused (two filesystems would write one disk).
+func (s *Store) loopDevice(ctx context.Context, id string) (string, error) {
+	out, err := exec.CommandContext(ctx, "losetup", "-j", s.image(id)).Output()
+	if err != nil {
+		return "", fmt.Errorf("losetup -j %s: %w", s.image(id), err)
+	}
+	lines := strings.Fields(strings.TrimSpace(string(out)))
+	if len(lines) == 0 {
+		return "", nil
+	}
+	dev := strings.TrimSuffix(lines[0], ":")
+	if strings.Count(string(out), "\n") > 1 || !strings.HasPrefix(dev, "/dev/loop") {
+		return "", fmt.Errorf("volume %s's image is attached to several loop devices (%s): refusing to use it", id, strings.TrimSpace(string(out)))
+	}
+	return dev, nil
+}
+
 // Export unmounts volume id and returns its image, to be read whole for a move to
 // another node: once no loop device holds it, nothing on this node writes it (the caller
 // mounts it no more).
@@ -201,15 +214,15 @@ func (s *Store) Export(ctx context.Context, id string) (string, error) {
 	defer s.mu.Unlock()
 	// The loop device is detached a moment after the unmount (see Mount).
 	for try := 0; ; try++ {
-		out, err := exec.CommandContext(ctx, "losetup", "-j", s.image(id)).Output()
+		dev, err := s.loopDevice(ctx, id)
 		if err != nil {
-			return "", fmt.Errorf("losetup -j %s: %w", s.image(id), err)
+			return "", err
 		}
-		if strings.TrimSpace(string(out)) == "" {
+		if dev == "" {
 			break
 		}
 		if try == 50 {
-			return "", fmt.Errorf("volume %s's image is still attached to a loop device (%s): in use in another mount namespace", id, strings.TrimSpace(string(out)))
+			return "", fmt.Errorf("volume %s's image is still attached to loop device %s: in use in another mount namespace", id, dev)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
