@@ -40,6 +40,9 @@ tools=(
   "podman               podman"
   "runc                 runc"
   "tmux                 tmux"
+  "buildah              buildah"
+  "node                 (Node.js 20.18+: the base image's, see scripts/install-deps.sh)"
+  "npm                  (npm, with Node.js)"
   "go                   (scripts/install-deps.sh installs Go to /usr/local/go)"
 )
 missing=0

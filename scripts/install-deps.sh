@@ -15,6 +15,7 @@ pkgs=(
   debootstrap                  # image tests: a real Debian root filesystem (minbase)
   podman runc                  # differential tests: the same cases through a real container runtime
   tmux                         # TTY tests: a real pseudo-terminal
+  buildah                      # fireworks template build: Dockerfiles without a Docker daemon
   ca-certificates
 )
 missing=()
@@ -50,6 +51,19 @@ if ! qemu_ok; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
   fi
   qemu_ok || { echo "QEMU $(qemu-system-x86_64 --version | head -1) is older than 8.2, which Fireworks needs" >&2; exit 1; }
+fi
+
+# Node.js 20.18 or later with npm: the E2B compatibility test runs the real `e2b` SDK
+# (npm), which needs it. The base image has Node 20; Debian 12's own nodejs is 18, too old.
+node_ok() {
+  local v
+  v=$(node --version 2>/dev/null | sed -nE 's/^v([0-9]+)\.([0-9]+).*/\1 \2/p')
+  [ -n "$v" ] && read -r maj min <<<"$v" && { [ "$maj" -ge 22 ] || { [ "$maj" -eq 20 ] && [ "$min" -ge 18 ]; }; } && command -v npm >/dev/null
+}
+if ! node_ok; then
+  echo "installing: nodejs npm (Debian's) for the E2B SDK test"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null || true
+  node_ok || echo "warning: Node.js 20.18+ with npm is missing ($(node --version 2>/dev/null || echo none)): TestE2BSDK will fail (it needs the e2b SDK's Node)" >&2
 fi
 
 # The Go toolchain go.mod asks for, installed as /usr/local/go. Go itself fetches it,

@@ -8,12 +8,17 @@ import (
 	"runtime/debug"
 
 	"github.com/fireworks-sandbox/fireworks/internal/guest/initd"
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
 func main() {
+	if len(os.Args) == 1 && os.Args[0] == proto.IdleCommand {
+		initd.Idle() // the main process of a sandbox with no command of its own
+		return
+	}
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "fireworks-init: must run as PID 1 inside a Fireworks guest")
 		os.Exit(2)

@@ -63,6 +63,8 @@ type devFlags struct {
 	net                                      nodeNetFlags
 	// The built-in ingress, in-process, and the xDS feed (see runDevIngress).
 	ingressListen, ingressDomain, xdsListen string
+	ingressTLSCert, ingressTLSKey           string
+	noE2BAPI                                bool
 	limits                                  server.Limits
 }
 
@@ -128,7 +130,12 @@ func runDev(ctx context.Context, g *globals, f devFlags) error {
 	if err != nil {
 		return err
 	}
+	ingressTLS, err := loadServingTLS(f.ingressTLSCert, f.ingressTLSKey)
+	if err != nil {
+		return fmt.Errorf("--ingress-tls-cert/--ingress-tls-key: %w", err)
+	}
 	cfg := devproc.DevConfig{
+		IngressTLS: ingressTLS, E2BAPI: !f.noE2BAPI,
 		Labels:  labels,
 		DataDir: f.dataDir, Listen: f.listen, Limits: f.limits,
 		IngressListen: f.ingressListen, IngressDomain: f.ingressDomain, XDSListen: f.xdsListen, Log: log,

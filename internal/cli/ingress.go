@@ -17,7 +17,6 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/xds"
 	"github.com/fireworks-sandbox/fireworks/internal/edge/standalone"
-	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
@@ -25,6 +24,7 @@ import (
 
 type ingressFlags struct {
 	domain, listen, tlsCert, tlsKey, ca, name, logLevel string
+	noE2BAPI                                            bool
 }
 
 func newIngressCmd(g *globals) *cobra.Command {
@@ -55,6 +55,7 @@ With ` + "`fireworks dev`" + ` use ` + "`fireworks dev --ingress-listen ADDR`" +
 	fl.StringVar(&f.ca, "ca", "", "cluster CA certificate (PEM) to trust the servers by (default $FIREWORKS_CA or the CLI config)")
 	fl.StringVar(&f.name, "name", "", "name in this edge's certificate (default: the token's name)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fl.BoolVar(&f.noE2BAPI, "no-e2b-api", false, "do not serve E2B's REST API (requests for hosts that name no sandbox get 404)")
 	cmd.AddCommand(newIngressCertCmd(g))
 	return cmd
 }
@@ -74,10 +75,11 @@ func newIngressCertCmd(g *globals) *cobra.Command {
 			if out == "" {
 				return errors.New("--out DIR is required")
 			}
-			c, err := newIngressClient(g, ca)
+			servers, err := newIngressClient(g, ca)
 			if err != nil {
 				return err
 			}
+			c := servers.Ingress
 			certPEM, keyPEM, caPEM, notAfter, err := standalone.IssueCert(cmd.Context(), c, name, ttl)
 			if err != nil {
 				return err
@@ -103,7 +105,7 @@ func newIngressCertCmd(g *globals) *cobra.Command {
 
 // newIngressClient connects to the servers (https only: an edge needs the cluster's CA
 // and nodes) with the caller's token.
-func newIngressClient(g *globals, caFile string) (fireworksv1connect.IngressServiceClient, error) {
+func newIngressClient(g *globals, caFile string) (*client.Client, error) {
 	cfg, err := client.LoadConfig(g.server, g.token)
 	if err != nil {
 		return nil, err
@@ -121,7 +123,7 @@ func newIngressClient(g *globals, caFile string) (fireworksv1connect.IngressServ
 	if c.Scheme != "https" {
 		return nil, fmt.Errorf("server %s: a standalone ingress needs cluster servers (https://HOST:PORT); with `fireworks dev`, use `fireworks dev --ingress-listen ADDR`", cfg.Server)
 	}
-	return c.Ingress, nil
+	return c, nil
 }
 
 func loadServingTLS(certFile, keyFile string) (*tls.Config, error) {
@@ -149,7 +151,11 @@ func runIngress(ctx context.Context, g *globals, f ingressFlags) error {
 	if err != nil {
 		return err
 	}
-	return standalone.Run(ctx, standalone.Config{Client: c, Name: f.name, Domain: f.domain, DefaultDomain: routes.DefaultDomain,
+	var api *client.Client
+	if !f.noE2BAPI {
+		api = c
+	}
+	return standalone.Run(ctx, standalone.Config{Client: c.Ingress, E2BAPI: api, Name: f.name, Domain: f.domain, DefaultDomain: routes.DefaultDomain,
 		Listen: f.listen, ServeTLS: serveTLS, Log: newLogger(f.logLevel)})
 }
 
@@ -164,6 +170,9 @@ func registerDevIngressFlags(cmd *cobra.Command, f *devFlags) {
 	fl := cmd.Flags()
 	fl.StringVar(&f.ingressListen, "ingress-listen", "", "also run the HTTP ingress here, in-process (it reaches sandboxes through this node directly), e.g. 127.0.0.1:8080")
 	fl.StringVar(&f.ingressDomain, "ingress-domain", routes.DefaultDomain, "ingress domain: sandbox ports answer to <port>-<sandbox>.DOMAIN")
+	fl.StringVar(&f.ingressTLSCert, "ingress-tls-cert", "", "serve the ingress over HTTPS with this certificate chain (PEM; with --ingress-tls-key): E2B's SDK speaks only HTTPS")
+	fl.StringVar(&f.ingressTLSKey, "ingress-tls-key", "", "private key of --ingress-tls-cert (PEM)")
+	fl.BoolVar(&f.noE2BAPI, "no-e2b-api", false, "do not serve E2B's REST API on the ingress (requests for hosts that name no sandbox get 404)")
 	fl.StringVar(&f.xdsListen, "xds-listen", "", "serve the ingress routes over xDS (gRPC, no TLS) on this loopback address, for an Envoy run by the same user; also opens a loopback data listener Envoy forwards to (both refuse other local users)")
 	// Checked before dev does anything (state, assets, the CLI config).
 	prev := cmd.PreRunE

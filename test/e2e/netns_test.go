@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"time"
@@ -58,9 +59,26 @@ func inPrivateNetNS() (rc int, again bool) {
 			})
 			os.Setenv(debianRootEnv, root)
 		}
+		var serr error
+		if os.Getenv(e2bSDKEnv) == "" {
+			if _, err := exec.LookPath("npm"); err == nil {
+				if tmp == "" {
+					var err error
+					if tmp, err = os.MkdirTemp("", "fwe2e-debian"); err != nil {
+						return err
+					}
+				}
+				dir := filepath.Join(tmp, "e2b-sdk")
+				wg.Go(func() { serr = installE2BSDK(ctx, dir) })
+				os.Setenv(e2bSDKEnv, dir)
+			}
+		}
 		wg.Wait()
 		if kerr != nil {
 			return kerr
+		}
+		if serr != nil {
+			return fmt.Errorf("install the e2b SDK (npm install e2b@%s): %w", e2bSDKVersion, serr)
 		}
 		if derr != nil {
 			return fmt.Errorf("bootstrap the Debian image root: %w", derr)

@@ -4,6 +4,7 @@ package devproc
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,9 +18,11 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/leader"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/xds"
+	"github.com/fireworks-sandbox/fireworks/internal/edge/e2bapi"
 	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
 	"github.com/fireworks-sandbox/fireworks/internal/node/agentlink"
 	"github.com/fireworks-sandbox/fireworks/internal/node/nodeapi"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/ingress"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/peeruid"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
@@ -41,6 +44,11 @@ type DevConfig struct {
 	IngressListen string
 	// IngressDomain is the ingress domain (default routes.DefaultDomain).
 	IngressDomain string
+	// IngressTLS, if set, makes the ingress HTTPS (E2B's SDK speaks only HTTPS).
+	IngressTLS *tls.Config
+	// E2BAPI serves E2B's REST API on the ingress (see e2bapi), reaching this server's
+	// API over its listener as any client does.
+	E2BAPI bool
 	// XDSListen, if set (a loopback address), serves the route table over xDS there
 	// without TLS, for an Envoy run by the same user.
 	XDSListen string
@@ -183,9 +191,16 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	if ingLn != nil {
 		// The same edge as `fireworks ingress`, in-process: it dials this node directly.
 		proxy := ingress.NewProxy(srv.IngressDomain(), nodeapi.Dialer(ag), log)
+		if cfg.E2BAPI {
+			servers, err := client.New(client.Config{Server: "http://" + apiLn.Addr().String()})
+			if err != nil {
+				return err
+			}
+			proxy.API = e2bapi.New(e2bapi.Config{Servers: servers, Domain: srv.IngressDomain(), Log: log})
+		}
 		wg.Add(1)
 		go func() { defer wg.Done(); srv.FollowRoutes(ctx, proxy.SetTable) }()
-		run("ingress", func() error { return proxy.Serve(ctx, ingLn, nil) })
+		run("ingress", func() error { return proxy.Serve(ctx, ingLn, cfg.IngressTLS) })
 		log.Info("dev ingress (in-process, dials this node directly)", "listen", ingLn.Addr().String(), "domain", srv.IngressDomain())
 	}
 	if xdsLn != nil {

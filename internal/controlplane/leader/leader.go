@@ -67,7 +67,7 @@ type Store interface {
 	UpdateNode(ctx context.Context, id string, u state.NodeUpdate) (state.Node, error)
 	UpdateSandbox(ctx context.Context, id string, u state.Update) (state.Sandbox, error)
 	PlaceSandboxes(ctx context.Context, plans []state.Plan, cfg scheduler.Config, now time.Time) ([]state.PlanResult, error)
-	ResumeSandbox(ctx context.Context, id, node string, cfg scheduler.Config, now time.Time) (state.Sandbox, error)
+	ResumeSandbox(ctx context.Context, id, node string, cfg scheduler.Config, now, endAt time.Time) (state.Sandbox, error)
 	LocalVolumes() ([]state.Volume, map[string][]string)
 	MoveVolume(ctx context.Context, id, to, why string, now time.Time) (state.Volume, error)
 	NoteVolume(ctx context.Context, id, note string, now time.Time) (state.Volume, error)
@@ -224,6 +224,7 @@ func (m *Manager) Pass(ctx context.Context) error {
 	var errs []error
 	errs = append(errs, m.resumeOrphans(ctx, now, sbs))
 	errs = append(errs, m.endMigrations(ctx, now, m.store.LocalNodes(), sbs))
+	errs = append(errs, m.endLifetimes(ctx, now, sbs))
 	errs = append(errs, m.checkHeartbeats(ctx, now, nodes, sbs))
 	// Re-read: a node just declared down changed its sandboxes (lost ones must not be
 	// "drained" back to life against their restart policy).
@@ -269,6 +270,44 @@ func (m *Manager) endMigrations(ctx context.Context, now time.Time, nodes []stat
 	return errors.Join(errs...)
 }
 
+// lifetimeGrace is how long a sandbox whose lifetime ended has to stop before it is
+// killed (E2B's sandboxes end at once; a short grace lets the guest's processes flush).
+const lifetimeGrace = 2 * time.Second
+
+// endLifetimes stops, or pauses (Spec.OnEnd), the sandboxes whose lifetime has ended
+// (Sandbox.EndAt). A sandbox to pause that is not running yet waits until it is; one
+// whose pause its node refused, or a sidecar group's main (a group pauses through its
+// server, main first), is stopped instead.
+func (m *Manager) endLifetimes(ctx context.Context, now time.Time, sbs []state.Sandbox) error {
+	var errs []error
+	for _, sb := range sbs {
+		if sb.EndAt.IsZero() || now.Before(sb.EndAt) || sb.Status.Terminal() || sb.Status == state.StatusPaused ||
+			!sb.StopRequestedAt.IsZero() || !sb.PauseRequestedAt.IsZero() {
+			continue
+		}
+		if sb.Spec.OnEnd == state.LifetimePause && sb.Spec.Group == nil && sb.Runtime["pause_refused"] == "" {
+			if sb.Status != state.StatusRunning || sb.Migration != nil {
+				continue
+			}
+			_, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{RequestPause: true, Time: now})
+			if err != nil && !errors.Is(err, state.ErrInvalidTransition) {
+				errs = append(errs, fmt.Errorf("pause sandbox %s at the end of its lifetime: %w", sb.ID, err))
+				continue
+			}
+			m.log.Info("lifetime ended: pausing", "sandbox", sb.ID, "end_at", sb.EndAt)
+			continue
+		}
+		grace := lifetimeGrace
+		_, err := m.store.UpdateSandbox(ctx, sb.ID, state.Update{StopGrace: &grace, StopReason: "its lifetime ended", Time: now})
+		if err != nil && !errors.Is(err, state.ErrInvalidTransition) {
+			errs = append(errs, fmt.Errorf("stop sandbox %s at the end of its lifetime: %w", sb.ID, err))
+			continue
+		}
+		m.log.Info("lifetime ended: stopping", "sandbox", sb.ID, "end_at", sb.EndAt)
+	}
+	return errors.Join(errs...)
+}
+
 // resumeOrphans resumes the sandboxes a call paused for its save (a fork, a snapshot
 // with memory: Sandbox.PausedFor) that no call here holds (Hold): calls run on the
 // leader, so the server that made those went down or lost its leadership before it was
@@ -282,7 +321,8 @@ func (m *Manager) resumeOrphans(ctx context.Context, now time.Time, sbs []state.
 		if sb.PausedFor == "" || held || !sb.StopRequestedAt.IsZero() || sb.Status != state.StatusPaused {
 			continue
 		}
-		if _, err := m.store.ResumeSandbox(ctx, sb.ID, "", m.cfg.Scheduler, now); err != nil {
+		// Its lifetime is what it was: the pause was the call's, not a new start.
+		if _, err := m.store.ResumeSandbox(ctx, sb.ID, "", m.cfg.Scheduler, now, sb.EndAt); err != nil {
 			errs = append(errs, fmt.Errorf("resume sandbox %s, paused for an interrupted %s: %w", sb.ID, sb.PausedFor, err))
 			continue
 		}

@@ -859,3 +859,60 @@ func TestDrainMovesGroups(t *testing.T) {
 		}
 	}
 }
+
+// A sandbox's lifetime ends it (stop, or pause when asked), not before; moving its end
+// and a resume (which counts the lifetime again) are honoured.
+func TestLifetimesEnd(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 4, 4096, nil)
+	mk := func(id, onEnd string) {
+		sb := state.Sandbox{ID: id, Spec: state.SandboxSpec{Image: "alpine", MemoryMiB: 256, KeepAlive: true, Lifetime: 10 * time.Second, OnEnd: onEnd},
+			Status: state.StatusPending, CreatedAt: e.clock.Now()}
+		if err := e.store.CreateAndPlace(e.ctx, sb, state.Quota{}, "n1", scheduler.Config{}); err != nil {
+			t.Fatal(err)
+		}
+		e.run(id)
+	}
+	mk("stop", "")
+	mk("pause", state.LifetimePause)
+	mk("moved", "")
+	later := e.clock.Now().Add(time.Minute)
+	if _, err := e.store.UpdateSandbox(e.ctx, "moved", state.Update{EndAt: &later, Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Add(9 * time.Second)
+	e.pass()
+	for _, id := range []string{"stop", "pause", "moved"} {
+		if got := e.get(id); !got.StopRequestedAt.IsZero() || !got.PauseRequestedAt.IsZero() {
+			t.Fatalf("%s ended before its lifetime: %+v", id, got)
+		}
+	}
+	e.clock.Add(2 * time.Second)
+	e.pass()
+	if got := e.get("stop"); got.StopRequestedAt.IsZero() || got.StopReason != "its lifetime ended" {
+		t.Errorf("a sandbox past its lifetime is not stopped: stop at %v, reason %q", got.StopRequestedAt, got.StopReason)
+	}
+	if got := e.get("pause"); got.PauseRequestedAt.IsZero() || !got.StopRequestedAt.IsZero() {
+		t.Errorf("a sandbox to pause at its end: pause at %v, stop at %v", got.PauseRequestedAt, got.StopRequestedAt)
+	}
+	if got := e.get("moved"); !got.StopRequestedAt.IsZero() {
+		t.Errorf("a sandbox whose end was moved later was stopped")
+	}
+	// The node saves the paused one; a resume counts its lifetime from then.
+	paused := state.StatusPaused
+	if _, err := e.store.UpdateSandbox(e.ctx, "pause", state.Update{Status: &paused, Saved: &state.Saved{Node: "n1", At: e.clock.Now()}, Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Add(time.Hour)
+	e.pass()
+	if got := e.get("pause"); got.Status != state.StatusPaused || !got.StopRequestedAt.IsZero() {
+		t.Fatalf("a paused sandbox past its end: %s, stop at %v", got.Status, got.StopRequestedAt)
+	}
+	sb, err := e.store.ResumeSandbox(e.ctx, "pause", "", scheduler.Config{}, e.clock.Now(), time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := e.clock.Now().Add(10 * time.Second); !sb.EndAt.Equal(want) {
+		t.Errorf("resumed: ends at %v, want %v (its lifetime from the resume)", sb.EndAt, want)
+	}
+}

@@ -107,6 +107,7 @@ func buildRoutes(sbs []state.Sandbox, nodes []state.Node) []routes.Route {
 			addr, up = n.Address, n.Status == state.NodeReady
 		}
 		for _, p := range sb.Spec.Ports {
+			// An every-port entry is the route of port 0 (routes.Route).
 			r := routes.Route{Sandbox: sb.ID, Port: p.Port, Public: p.Public, Node: sb.Node, NodeAddr: addr,
 				Running: up && sb.Status == state.StatusRunning}
 			if !p.Public {

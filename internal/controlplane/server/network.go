@@ -47,8 +47,14 @@ func validateNetworkSpec(spec *state.SandboxSpec, admin bool) error {
 		errs = append(errs, fmt.Errorf("%d published ports: at most %d", len(spec.Ports), MaxPorts))
 	}
 	seen := map[uint16]bool{}
+	alls := 0
 	for _, p := range spec.Ports {
 		switch {
+		case p.All:
+			if alls++; alls > 1 || p.Port != 0 {
+				errs = append(errs, errors.New("every port is published once, with no port number"))
+			}
+			continue
 		case p.Port == 0:
 			errs = append(errs, errors.New("published port 0: want 1..65535"))
 		case seen[p.Port]:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"regexp"
 	"slices"
@@ -92,6 +93,9 @@ func (h *sandboxService) memberSpec(ctx context.Context, who auth.Identity, p *p
 		return spec, err
 	}
 	if err := spec.CheckSizes(); err != nil {
+		return spec, toConnectError(err)
+	}
+	if err := checkLifetime(spec.Lifetime); err != nil {
 		return spec, toConnectError(err)
 	}
 	if err := checkImageSource(ctx, spec.Image); err != nil {
@@ -227,6 +231,39 @@ func (h *sandboxService) StopSandbox(ctx context.Context, req *connect.Request[p
 		return nil, toConnectError(err)
 	}
 	return connect.NewResponse(&pb.StopSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
+}
+
+// MaxLifetime bounds a lifetime a user sets (E2B allows 24 h).
+const MaxLifetime = 24 * time.Hour
+
+func checkLifetime(d time.Duration) error {
+	if d < 0 || d > MaxLifetime {
+		return invalid("lifetime %s: want 0 to %s", d, MaxLifetime)
+	}
+	return nil
+}
+
+func (h *sandboxService) SetLifetime(ctx context.Context, req *connect.Request[pb.SetLifetimeRequest]) (*connect.Response[pb.SetLifetimeResponse], error) {
+	sb, err := h.s.lookup(ctx, req.Msg.GetSandbox())
+	if err != nil {
+		return nil, toConnectError(err)
+	}
+	d := req.Msg.GetLifetime().AsDuration()
+	if err := checkLifetime(d); err != nil {
+		return nil, toConnectError(err)
+	}
+	now := h.s.now()
+	var end time.Time
+	if d > 0 {
+		end = now.Add(d)
+	}
+	if sb, err = h.s.store.UpdateSandbox(ctx, sb.ID, state.Update{EndAt: &end, Time: now}); err != nil {
+		return nil, toConnectError(fmt.Errorf("set the lifetime of sandbox %s: %w", req.Msg.GetSandbox(), err))
+	}
+	if cp := h.s.cluster.ControlPlane; cp != nil {
+		cp.Notify()
+	}
+	return connect.NewResponse(&pb.SetLifetimeResponse{Sandbox: h.s.view(ctx, sb)}), nil
 }
 
 func (h *sandboxService) RemoveSandbox(ctx context.Context, req *connect.Request[pb.RemoveSandboxRequest]) (*connect.Response[pb.RemoveSandboxResponse], error) {
@@ -433,7 +470,10 @@ func specFromPB(p *pb.SandboxSpec) state.SandboxSpec {
 		if pp.GetPort() > 65535 {
 			port = 0 // refused by validation
 		}
-		spec.Ports = append(spec.Ports, state.Port{Port: port, Public: pp.GetPublic()})
+		if pp.GetAll() {
+			port = 0
+		}
+		spec.Ports = append(spec.Ports, state.Port{Port: port, Public: pp.GetPublic(), All: pp.GetAll()})
 	}
 	if p.GetEntrypointSet() {
 		spec.Entrypoint = append([]string{}, p.GetEntrypoint()...)
@@ -444,6 +484,14 @@ func specFromPB(p *pb.SandboxSpec) state.SandboxSpec {
 	if t := p.GetTimeout(); t != nil {
 		spec.Timeout = t.AsDuration()
 	}
+	if m := p.GetMetadata(); len(m) > 0 {
+		spec.Metadata = maps.Clone(m)
+	}
+	spec.KeepAlive = p.GetKeepAlive()
+	if l := p.GetLifetime(); l != nil {
+		spec.Lifetime = l.AsDuration()
+	}
+	spec.OnEnd, spec.Template = p.GetOnEnd(), p.GetTemplate()
 	return spec
 }
 
@@ -457,7 +505,7 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 		Network: sb.Spec.Network, Policy: sb.Spec.Policy, Snapshot: sb.Spec.Snapshot,
 	}
 	for _, p := range sb.Spec.Ports {
-		spec.Ports = append(spec.Ports, &pb.Port{Port: uint32(p.Port), Public: p.Public})
+		spec.Ports = append(spec.Ports, &pb.Port{Port: uint32(p.Port), Public: p.Public, All: p.All})
 	}
 	for _, v := range sb.Spec.Volumes {
 		spec.Volumes = append(spec.Volumes, &pb.VolumeMount{Volume: v.Volume, Path: v.Path, ReadOnly: v.ReadOnly})
@@ -467,6 +515,10 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 	}
 	if sb.Spec.Timeout > 0 {
 		spec.Timeout = durationpb.New(sb.Spec.Timeout)
+	}
+	spec.Metadata, spec.KeepAlive, spec.OnEnd, spec.Template = sb.Spec.Metadata, sb.Spec.KeepAlive, sb.Spec.OnEnd, sb.Spec.Template
+	if sb.Spec.Lifetime > 0 {
+		spec.Lifetime = durationpb.New(sb.Spec.Lifetime)
 	}
 	out := &pb.Sandbox{
 		Id: sb.ID, Name: sb.Name, Spec: spec, Status: string(sb.Status), Reason: sb.Reason,
@@ -481,6 +533,9 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 		out.Saved = &pb.SavedState{Node: sv.Node, Bytes: sv.Bytes, At: ts(sv.At)}
 	}
 	out.Resumes = int32(sb.Resumes)
+	if !sb.EndAt.IsZero() {
+		out.EndAt = ts(sb.EndAt)
+	}
 	if m := sb.Migration; m != nil {
 		out.Migration = migrationToPB(*m)
 	}
@@ -614,6 +669,15 @@ func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request
 			return nil, err
 		}
 	}
+	var endAt time.Time
+	if l := req.Msg.GetLifetime(); l != nil {
+		if err := checkLifetime(l.AsDuration()); err != nil {
+			return nil, toConnectError(err)
+		}
+		if l.AsDuration() > 0 {
+			endAt = h.s.now().Add(l.AsDuration())
+		}
+	}
 	if sb.Spec.Group != nil && len(sb.Spec.Group.Members) > 1 {
 		if node != "" {
 			return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("sandbox %s is in a group: a group resumes on the node holding its saved state, not on --node", sb.ID))
@@ -629,7 +693,7 @@ func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request
 			if m.Status != state.StatusPaused || m.Saved == nil {
 				continue
 			}
-			if _, err := h.resumeOne(ctx, m, m.Saved.Node); err != nil {
+			if _, err := h.resumeOne(ctx, m, m.Saved.Node, endAt); err != nil {
 				return nil, err
 			}
 		}
@@ -638,7 +702,7 @@ func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request
 		}
 		return connect.NewResponse(&pb.ResumeSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
 	}
-	if sb, err = h.resumeOne(ctx, sb, node); err != nil {
+	if sb, err = h.resumeOne(ctx, sb, node, endAt); err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(&pb.ResumeSandboxResponse{Sandbox: h.s.view(ctx, sb)}), nil
@@ -646,7 +710,7 @@ func (h *sandboxService) ResumeSandbox(ctx context.Context, req *connect.Request
 
 // resumeOne resumes paused sb (on node, if given) and returns it once it runs; one that
 // is resuming already is waited for.
-func (h *sandboxService) resumeOne(ctx context.Context, sb state.Sandbox, node string) (state.Sandbox, error) {
+func (h *sandboxService) resumeOne(ctx context.Context, sb state.Sandbox, node string, endAt time.Time) (state.Sandbox, error) {
 	var err error
 	if sb.Status == state.StatusPaused {
 		var sched scheduler.Config
@@ -654,7 +718,7 @@ func (h *sandboxService) resumeOne(ctx context.Context, sb state.Sandbox, node s
 			sched = cp.Scheduling()
 			defer cp.Notify() // a resume the holder cannot take waits for a pass
 		}
-		resumed, err := h.s.store.ResumeSandbox(ctx, sb.ID, node, sched, h.s.now())
+		resumed, err := h.s.store.ResumeSandbox(ctx, sb.ID, node, sched, h.s.now(), endAt)
 		if err != nil {
 			return sb, toConnectError(err) // it names the sandbox
 		}

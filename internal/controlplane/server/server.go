@@ -99,6 +99,7 @@ func (s *Server) Handler() http.Handler {
 	mux.Handle(fireworksv1connect.NewSandboxServiceHandler(&sandboxService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewImageServiceHandler(&imageService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewVolumeServiceHandler(&volumeService{s}, opts...))
+	mux.Handle(fireworksv1connect.NewTemplateServiceHandler(&templateService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewSystemServiceHandler(&systemService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewTokenServiceHandler(&tokenService{s}, opts...))
 	mux.Handle(fireworksv1connect.NewClusterServiceHandler(&clusterService{s}, opts...))

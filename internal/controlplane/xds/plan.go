@@ -60,8 +60,14 @@ func makePlan(domain string, t routes.Table) (plan, []error) {
 		byNode   = map[string]upstream{}
 	)
 	for _, r := range t.Sorted() {
-		if r.Sandbox == "" || r.Port == 0 {
-			problems = append(problems, fmt.Errorf("route %v: no sandbox or port, skipped", r))
+		if r.Sandbox == "" {
+			problems = append(problems, fmt.Errorf("route %v: no sandbox, skipped", r))
+			continue
+		}
+		if r.Port == 0 {
+			// Every port of a sandbox: Envoy's routes name a port each (the node's
+			// data address routes by host), so Envoy serves only the ports published
+			// one by one; the built-in edge serves all.
 			continue
 		}
 		host := routes.Host(r.Port, r.Sandbox, domain)

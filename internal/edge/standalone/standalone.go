@@ -19,8 +19,10 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/fireworks-sandbox/fireworks/internal/edge/e2bapi"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/ingress"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
@@ -30,6 +32,9 @@ import (
 type Config struct {
 	// Client reaches the servers with the edge's (ingress or admin) token.
 	Client fireworksv1connect.IngressServiceClient
+	// E2BAPI, if set, reaches the servers for E2B's REST API, which the edge serves for
+	// requests that name no sandbox; every call carries its caller's own key.
+	E2BAPI *client.Client
 	// Name goes in the edge's certificate ("" = the token's name).
 	Name string
 	// Domain is the ingress domain; "" takes the servers', else DefaultDomain.
@@ -71,6 +76,9 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	proxy := ingress.NewProxy(domain, &ingress.TunnelDialer{TLS: cert.tlsConfig(), Timeout: ingress.DefaultDialTimeout,
 		VerifyNode: func(node string) func(tls.ConnectionState) error { return pki.RequirePeer(pki.RoleAgent, node) }}, cfg.Log)
+	if cfg.E2BAPI != nil {
+		proxy.API = e2bapi.New(e2bapi.Config{Servers: cfg.E2BAPI, Domain: domain, Log: cfg.Log})
+	}
 	apply := applyTable(proxy, cfg.Log)
 	apply(first)
 
@@ -87,12 +95,12 @@ func Run(ctx context.Context, cfg Config) error {
 	return ingress.Serve(ctx, ln, proxy, cfg.ServeTLS, cfg.Log)
 }
 
-// TableFromPB is the inverse of what WatchRoutes sends; routes with a port outside
-// 1..65535 are dropped.
+// TableFromPB is the inverse of what WatchRoutes sends; routes with a port above 65535
+// are dropped (port 0 routes every port of its sandbox).
 func TableFromPB(m *pb.RouteTable) routes.Table {
 	t := routes.Table{Version: m.GetVersion()}
 	for _, r := range m.GetRoutes() {
-		if r.GetPort() == 0 || r.GetPort() > 65535 {
+		if r.GetPort() > 65535 {
 			continue
 		}
 		t.Routes = append(t.Routes, routes.Route{Sandbox: r.GetSandbox(), Port: uint16(r.GetPort()), Public: r.GetPublic(),

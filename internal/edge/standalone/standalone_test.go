@@ -14,8 +14,8 @@ func TestTableFromPB(t *testing.T) {
 		{Sandbox: "0123456789abcdef", Port: 0},
 		{Sandbox: "0123456789abcdef", Port: 70000},
 	}})
-	if tb.Version != 7 || len(tb.Routes) != 1 || tb.Routes[0].Port != 8080 || !tb.Routes[0].Public || tb.Routes[0].NodeAddr != "10.0.0.1:7768" {
-		t.Errorf("TableFromPB = %+v (ports outside 1..65535 must be dropped)", tb)
+	if tb.Version != 7 || len(tb.Routes) != 2 || tb.Routes[0].Port != 8080 || !tb.Routes[0].Public || tb.Routes[0].NodeAddr != "10.0.0.1:7768" || tb.Routes[1].Port != 0 {
+		t.Errorf("TableFromPB = %+v (ports above 65535 must be dropped; port 0 is a sandbox's every port)", tb)
 	}
 }
 

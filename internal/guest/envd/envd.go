@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 
@@ -127,9 +128,9 @@ func (s *Server) Handler() http.Handler {
 
 // SetAccess replaces the access token and the default user (a fork of a sandbox is a
 // sandbox of its own, with a token of its own).
-func (s *Server) SetAccess(token, defaultUser string) {
+func (s *Server) SetAccess(token, defaultUser string, env []string) {
 	s.accessMu.Lock()
-	s.cfg.AccessToken, s.cfg.DefaultUser = token, defaultUser
+	s.cfg.AccessToken, s.cfg.DefaultUser, s.cfg.Env = token, defaultUser, slices.Clone(env)
 	s.accessMu.Unlock()
 }
 

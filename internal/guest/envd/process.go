@@ -8,6 +8,7 @@ import (
 	"maps"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -197,10 +198,12 @@ func (s *Server) start(req *connect.Request[processpb.StartRequest]) (*proc, cha
 			return nil, nil, err
 		}
 	}
+	s.accessMu.Lock()
 	env := slices.Clone(s.cfg.Env)
-	env = append(env, "HOME="+u.Home, "USER="+userName)
+	s.accessMu.Unlock()
+	env = setEnv(setEnv(env, "HOME", u.Home), "USER", userName)
 	for _, k := range slices.Sorted(maps.Keys(cfg.GetEnvs())) {
-		env = append(env, k+"="+cfg.GetEnvs()[k])
+		env = setEnv(env, k, cfg.GetEnvs()[k])
 	}
 	c := Cmd{Path: cfg.GetCmd(), Args: append([]string{cfg.GetCmd()}, cfg.GetArgs()...), Env: env, Dir: dir, User: userName}
 	p := &proc{tag: m.GetTag(), config: cfg, subs: map[chan *processpb.ProcessEvent]struct{}{}}
@@ -478,4 +481,11 @@ func (h *processService) CloseStdin(ctx context.Context, req *connect.Request[pr
 		return nil, connect.NewError(connect.CodeFailedPrecondition, errors.New("the process takes no input"))
 	}
 	return connect.NewResponse(&processpb.CloseStdinResponse{}), nil
+}
+
+// setEnv sets key in env, replacing an entry of that key: a C library's getenv reads the
+// first, so a key must appear once for the latest value to be the one seen.
+func setEnv(env []string, key, value string) []string {
+	env = slices.DeleteFunc(env, func(kv string) bool { k, _, _ := strings.Cut(kv, "="); return k == key })
+	return append(env, key+"="+value)
 }

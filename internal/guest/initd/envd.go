@@ -23,10 +23,13 @@ func (s *Server) serveEnvd(cfg proto.Envd, env []string) error {
 	if cfg.Token == "" || len(cfg.Token) > proto.MaxEnvdToken {
 		return errors.New("envd: a token of 1 to 256 bytes is needed")
 	}
+	// Its processes' environment: the sandbox's (its image's and its spec's, as its main
+	// process has), over the identity's.
+	env = mergeEnv(env, cfg.Env)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.envd != nil {
-		s.envd.SetAccess(cfg.Token, cfg.User)
+		s.envd.SetAccess(cfg.Token, cfg.User, env)
 		return nil
 	}
 	addr := s.opts.EnvdAddr

@@ -129,6 +129,10 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 	if len(req.Argv) == 0 {
 		return setupErr("empty argv")
 	}
+	idle := req.Argv[0] == proto.IdleCommand
+	if idle {
+		req.User = "0"
+	}
 	u, err := resolveUser(s.opts.Root, req.User)
 	if err != nil {
 		return &startError{kind: proto.ErrKindSetup, err: err}
@@ -160,10 +164,18 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 	} else if !fi.IsDir() {
 		return setupErr("working directory %s is not a directory", dir)
 	}
-	pathList, _ := getEnv(env, "PATH")
-	path, err := lookPath(req.Argv[0], pathList, dir)
-	if err != nil {
-		return err
+	var path string
+	if idle {
+		// A sandbox with no command of its own (proto.IdleCommand): init's own binary,
+		// through the kernel's link to it (the initramfs it lies in is hidden since the
+		// switch of root), as root: it does nothing, and only root may exec that link
+		// once its credentials changed.
+		path, req.Argv = "/proc/self/exe", []string{proto.IdleCommand}
+	} else {
+		pathList, _ := getEnv(env, "PATH")
+		if path, err = lookPath(req.Argv[0], pathList, dir); err != nil {
+			return err
+		}
 	}
 
 	var cred *syscall.Credential

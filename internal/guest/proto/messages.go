@@ -70,6 +70,12 @@ const (
 	OpThaw   = "thaw"
 )
 
+// IdleCommand, as an exec's whole argv, runs init's idle program: a process that waits
+// until it is signalled, then exits 0. It is the main process of a sandbox with no
+// command of its own (E2B's model: the sandbox lives until stopped; work comes through
+// exec and envd). Init runs it as root whatever the request's user.
+const IdleCommand = "fireworks-idle"
+
 // FreezeLimit bounds how long a guest stays frozen without a thaw.
 const FreezeLimit = 60 * time.Second
 
@@ -279,6 +285,9 @@ type Identity struct {
 type Envd struct {
 	Token string `json:"token"`
 	User  string `json:"user,omitempty"`
+	// Env is the environment of the processes envd starts (the sandbox's: its image's
+	// and its spec's), over the identity's Env; a call's own variables override it.
+	Env []string `json:"env,omitempty"`
 }
 
 // MaxEnvdToken bounds Envd.Token.

@@ -540,7 +540,7 @@ func TestPauseResume(t *testing.T) {
 	}
 
 	restores := n.driver.Restores.Load()
-	if _, err := n.store.ResumeSandbox(ctx, id, "", scheduler.Config{}, time.Now()); err != nil {
+	if _, err := n.store.ResumeSandbox(ctx, id, "", scheduler.Config{}, time.Now(), time.Time{}); err != nil {
 		t.Fatal(err)
 	}
 	n.ag.Reconcile(ctx, n.store.LocalSandboxes())

@@ -38,6 +38,11 @@ func resolveProcess(spec state.SandboxSpec, cfg image.Config) (process, error) {
 		cmd = spec.Cmd
 	}
 	argv := append(append([]string{}, entry...), cmd...)
+	if spec.KeepAlive {
+		// No command of its own: init's idle program holds the sandbox up; the image's
+		// command is not run (E2B's templates start none either).
+		argv = []string{proto.IdleCommand}
+	}
 	if len(argv) == 0 {
 		return process{}, errNoCommand
 	}

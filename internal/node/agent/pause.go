@@ -433,7 +433,7 @@ func (a *Agent) forkIdentityStep(r *startRun) error {
 		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Hosts: groupHosts(r.sb.Spec.Group, r.sb.ID)}
 	if r.sb.AccessToken != "" && r.sb.Spec.Network != state.NetworkNone {
 		// The fork's own token: its source's opens nothing in it.
-		id.Envd = &proto.Envd{Token: r.sb.AccessToken, User: r.proc.User}
+		id.Envd = &proto.Envd{Token: r.sb.AccessToken, User: r.proc.User, Env: r.proc.Env}
 	}
 	if err := g.Identity(ctx, id); err != nil {
 		return fmt.Errorf("give the fork its identity: %v", err)

@@ -435,7 +435,7 @@ func (a *Agent) commandStep(r *startRun) error {
 	// internal/guest/envd), on its network.
 	var envdCfg *proto.Envd
 	if sb.AccessToken != "" && sb.Spec.Network != state.NetworkNone {
-		envdCfg = &proto.Envd{Token: sb.AccessToken, User: r.proc.User}
+		envdCfg = &proto.Envd{Token: sb.AccessToken, User: r.proc.User, Env: r.proc.Env}
 	}
 	switch {
 	case r.how != "cold" && (len(vols) > 0 || sb.IsGroupMain()):

@@ -6,13 +6,11 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"slices"
 
 	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/ingress"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
-	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // publishedDialer connects to a sandbox on this node, and only to a port the sandbox
@@ -24,7 +22,7 @@ func (d publishedDialer) DialSandbox(ctx context.Context, r routes.Route) (net.C
 	if !ok {
 		return nil, fmt.Errorf("sandbox %s is not running on this node", r.Sandbox)
 	}
-	if !slices.ContainsFunc(spec.Ports, func(p state.Port) bool { return p.Port == r.Port }) {
+	if _, ok := spec.Publishes(r.Port); !ok {
 		return nil, fmt.Errorf("sandbox %s does not publish port %d", r.Sandbox, r.Port)
 	}
 	return d.ag.DialSandbox(ctx, r.Sandbox, r.Port)

@@ -121,6 +121,7 @@ type Client struct {
 	Sandboxes fireworksv1connect.SandboxServiceClient
 	Images    fireworksv1connect.ImageServiceClient
 	Volumes   fireworksv1connect.VolumeServiceClient
+	Templates fireworksv1connect.TemplateServiceClient
 	System    fireworksv1connect.SystemServiceClient
 	Tokens    fireworksv1connect.TokenServiceClient
 	Cluster   fireworksv1connect.ClusterServiceClient
@@ -128,6 +129,11 @@ type Client struct {
 	Server    string
 	// Scheme is the servers' scheme: https for cluster servers, http for `fireworks dev`.
 	Scheme string
+
+	hc      *http.Client
+	base    string
+	timeout time.Duration
+	stale   bool
 }
 
 // New connects (lazily) to the server. HTTP/2 without TLS carries the bidirectional
@@ -169,18 +175,28 @@ func New(cfg Config) (*Client, error) {
 	if timeout <= 0 {
 		timeout = DefaultRequestTimeout
 	}
-	opts := []connect.ClientOption{connect.WithInterceptors(bearer(cfg.Token, cfg.Stale), deadline(timeout)), connect.WithReadMaxBytes(64 << 20)}
+	c := &Client{Server: strings.Join(addrs, ","), Scheme: scheme, hc: hc, base: base, timeout: timeout, stale: cfg.Stale}
+	return c.WithToken(cfg.Token), nil
+}
+
+// WithToken is c acting with another token, over the same connections: an edge that
+// serves a REST API calls the servers with each request's own key (E2B's X-API-Key).
+func (c *Client) WithToken(token string) *Client {
+	hc, base := c.hc, c.base
+	opts := []connect.ClientOption{connect.WithInterceptors(bearer(token, c.stale), deadline(c.timeout)), connect.WithReadMaxBytes(64 << 20)}
 	return &Client{
 		Sandboxes: fireworksv1connect.NewSandboxServiceClient(hc, base, opts...),
 		Images:    fireworksv1connect.NewImageServiceClient(hc, base, opts...),
 		Volumes:   fireworksv1connect.NewVolumeServiceClient(hc, base, opts...),
+		Templates: fireworksv1connect.NewTemplateServiceClient(hc, base, opts...),
 		System:    fireworksv1connect.NewSystemServiceClient(hc, base, opts...),
 		Tokens:    fireworksv1connect.NewTokenServiceClient(hc, base, opts...),
 		Cluster:   fireworksv1connect.NewClusterServiceClient(hc, base, opts...),
 		Ingress:   fireworksv1connect.NewIngressServiceClient(hc, base, opts...),
-		Server:    strings.Join(addrs, ","),
-		Scheme:    scheme,
-	}, nil
+		Server:    c.Server,
+		Scheme:    c.Scheme,
+		hc:        hc, base: base, timeout: c.timeout, stale: c.stale,
+	}
 }
 
 // caPool loads the cluster CA to trust; without one, the system roots are used.

@@ -100,6 +100,7 @@ func newForwarder(log *slog.Logger, dial func(context.Context, routes.Route) (ne
 				pr.Out.Host = pr.In.Host
 				// The token authorises the caller at the edge; the app must never see it.
 				pr.Out.Header.Del(routes.TokenHeader)
+				pr.Out.Header.Del(E2BTrafficTokenHeader)
 				rewrite(pr)
 			},
 			Transport:    tr,

@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,6 +23,10 @@ type Proxy struct {
 	// DialTimeout bounds opening a tunnel to a sandbox (DefaultDialTimeout when zero).
 	// Set it before serving.
 	DialTimeout time.Duration
+	// API, if set, serves the requests that name no sandbox (neither by host nor by
+	// E2B's headers): the control plane's REST API (E2B's, at api.<domain> or at the
+	// edge's own address). Unset, they get 404. Set it before serving.
+	API http.Handler
 
 	domain string
 	dialer Dialer
@@ -89,24 +95,69 @@ func (p *Proxy) TableVersion() uint64 {
 	return 0
 }
 
+// lookup finds the route of a sandbox's port: its own, else its sandbox's every-port
+// route (Port 0) made specific.
 func (p *Proxy) lookup(sandbox string, port uint16) (routes.Route, bool) {
 	t := p.table.Load()
 	if t == nil {
 		return routes.Route{}, false
 	}
-	r, ok := t.routes[routeID{sandbox, port}]
+	if r, ok := t.routes[routeID{sandbox, port}]; ok {
+		return r, true
+	}
+	r, ok := t.routes[routeID{sandbox, 0}]
+	r.Port = port
 	return r, ok
 }
 
-// ServeHTTP routes one request by its Host.
+// The headers E2B's SDK sends on every call into a sandbox (its envd), whatever the
+// host: routing by them lets one address (E2B_SANDBOX_URL) serve every sandbox without
+// wildcard DNS.
+const (
+	e2bSandboxHeader = "E2b-Sandbox-Id"
+	e2bPortHeader    = "E2b-Sandbox-Port"
+	// E2BTrafficTokenHeader is E2B's name for what TokenHeader carries: the edge takes
+	// either.
+	E2BTrafficTokenHeader = "E2b-Traffic-Access-Token"
+)
+
+// target names the sandbox port a request is for: by E2B's headers, else by its host.
+// named is false when the request names none (it is for the API, if any).
+func (p *Proxy) target(req *http.Request) (port uint16, sandbox string, named, ok bool) {
+	if ids := req.Header.Values(e2bSandboxHeader); len(ids) > 0 {
+		ports := req.Header.Values(e2bPortHeader)
+		if len(ids) != 1 || len(ports) != 1 {
+			return 0, "", true, false
+		}
+		n, err := strconv.ParseUint(ports[0], 10, 16)
+		if err != nil || n == 0 {
+			return 0, "", true, false
+		}
+		return uint16(n), strings.ToLower(ids[0]), true, true
+	}
+	port, sandbox, ok = routes.ParseHost(req.Host, p.domain)
+	return port, sandbox, ok, ok
+}
+
+// ServeHTTP routes one request by E2B's sandbox headers or its Host.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
-	port, sandbox, ok := routes.ParseHost(req.Host, p.domain)
+	port, sandbox, named, ok := p.target(req)
+	if !named && p.API != nil {
+		p.API.ServeHTTP(w, req)
+		return
+	}
 	if !ok || !routes.ValidSandbox(sandbox) {
 		plainError(w, http.StatusNotFound, "unknown host")
 		return
 	}
 	r, ok := p.lookup(sandbox, port)
 	if !ok {
+		if len(req.Header.Values(e2bSandboxHeader)) > 0 {
+			// E2B's SDK reads 502 as "the sandbox ended" (its proxy's answer for one
+			// that is gone); 404 would be a missing file to it.
+			plainError(w, http.StatusBadGateway, "no such sandbox port")
+			return
+		}
 		plainError(w, http.StatusNotFound, "no such sandbox port")
 		return
 	}
@@ -116,7 +167,11 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	if !r.Public {
-		if code, msg := checkToken(req.Header.Values(routes.TokenHeader), r.Token); code != 0 {
+		got := req.Header.Values(routes.TokenHeader)
+		if len(got) == 0 {
+			got = req.Header.Values(E2BTrafficTokenHeader)
+		}
+		if code, msg := checkToken(got, r.Token); code != 0 {
 			plainError(w, code, msg)
 			return
 		}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -375,4 +376,65 @@ func TestSetTableConcurrentWithRequests(t *testing.T) {
 		}
 	}
 	wg.Wait()
+}
+
+// E2B's conventions: a sandbox that publishes every port (a route of port 0) answers on
+// any port unless a port has a route of its own; E2B's headers name the sandbox and
+// port on any host; E2B's traffic-token header opens private ports like ours; requests
+// that name no sandbox go to the API when there is one.
+func TestEveryPortE2BHeadersAndAPI(t *testing.T) {
+	w := newWorld(t)
+	apps := map[uint16]*recordingApp{}
+	for _, port := range []uint16{3000, 3001, 3002} {
+		apps[port] = &recordingApp{name: fmt.Sprint(port)}
+		w.guests.set(sbA, port, startSandboxHTTP(t, apps[port]))
+	}
+	const token = "s3cret-token"
+	p := NewProxy(testDomain, w.dialer, testLog())
+	p.API = http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { fmt.Fprint(rw, "api "+r.Host) })
+	addr := serveT(t, p, nil)
+	all := w.route(sbA, 0, true, "")
+	p.SetTable(routes.Table{Version: 1, Routes: []routes.Route{all, w.route(sbA, 3001, false, token)}})
+	c := client(addr)
+	e2b := func(sandbox, port string) http.Header {
+		return http.Header{"E2b-Sandbox-Id": {sandbox}, "E2b-Sandbox-Port": {port}}
+	}
+
+	if code, body := get(t, c, "http://"+host(3000, sbA)+"/", nil); code != http.StatusOK || body != "hello from 3000" {
+		t.Errorf("a port the every-port route covers: %d %q", code, body)
+	}
+	if code, _ := get(t, c, "http://"+host(3001, sbA)+"/", nil); code != http.StatusUnauthorized {
+		t.Errorf("a port with a private route of its own, no token: %d, want 401", code)
+	}
+	if code, body := get(t, c, "http://"+host(3001, sbA)+"/", http.Header{E2BTrafficTokenHeader: {token}}); code != http.StatusOK || body != "hello from 3001" {
+		t.Errorf("E2B's traffic token: %d %q", code, body)
+	}
+	if v := apps[3001].last(t).header.Values(E2BTrafficTokenHeader); len(v) != 0 {
+		t.Errorf("the traffic token reached the app: %q", v)
+	}
+	if code, body := get(t, c, "http://edge.example/", e2b(sbA, "3002")); code != http.StatusOK || body != "hello from 3002" {
+		t.Errorf("by E2B's headers on another host: %d %q", code, body)
+	}
+	if code, _ := get(t, c, "http://edge.example/", e2b(sbA, "3001")); code != http.StatusUnauthorized {
+		t.Errorf("by E2B's headers, a private port without token: %d, want 401", code)
+	}
+	for _, h := range []http.Header{e2b(sbB, "3000"), e2b(sbA, "0"), e2b(sbA, "x"), e2b("../etc", "3000")} {
+		code, body := get(t, c, "http://edge.example/", h)
+		if code == http.StatusOK || strings.HasPrefix(body, "api") {
+			t.Errorf("E2B headers %v: %d %q", h, code, body)
+		}
+	}
+	if code, _ := get(t, c, "http://edge.example/", e2b(sbB, "3000")); code != http.StatusBadGateway {
+		t.Errorf("E2B headers naming an unknown sandbox: %d, want 502 (E2B's SDK reads it as ended)", code)
+	}
+	if code, body := get(t, c, "http://api."+testDomain+"/sandboxes", nil); code != http.StatusOK || body != "api api."+testDomain {
+		t.Errorf("the API host: %d %q", code, body)
+	}
+	if code, body := get(t, c, "http://127.0.0.1:1/sandboxes", nil); code != http.StatusOK || !strings.HasPrefix(body, "api") {
+		t.Errorf("the edge's own address: %d %q", code, body)
+	}
+	// Without an API, hosts that name no sandbox are unknown.
+	if code, _ := get(t, client(w.edgeAddr), "http://api."+testDomain+"/", nil); code != http.StatusNotFound {
+		t.Errorf("no API: %d, want 404", code)
+	}
 }

@@ -23,7 +23,9 @@ const TokenHeader = "Fireworks-Access-Token"
 // Route is one published port of one sandbox.
 type Route struct {
 	Sandbox string // sandbox ID (lowercase hex)
-	Port    uint16 // guest TCP port
+	// Port is the guest TCP port; 0 routes every port the sandbox has no route of its
+	// own for (a sandbox that publishes all: E2B's).
+	Port uint16
 	// Public ports are open to anyone who knows the host name; private ones need the
 	// sandbox's access token in TokenHeader.
 	Public bool

@@ -57,6 +57,10 @@ const (
 	// mount volumes where they are, and none may while one moves.
 	cmdMoveVolume  cmdType = 22
 	cmdVolumeMoved cmdType = 23
+	// cmdPutTemplate and cmdDeleteTemplate record and forget named templates. Ignorable:
+	// purely additive state (a server that skipped them only lacks the templates).
+	cmdPutTemplate    = cmdIgnorable | 24
+	cmdDeleteTemplate = cmdIgnorable | 25
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -113,6 +117,10 @@ func (t cmdType) String() string {
 		return "move-volume"
 	case cmdVolumeMoved:
 		return "volume-moved"
+	case cmdPutTemplate:
+		return "put-template"
+	case cmdDeleteTemplate:
+		return "delete-template"
 	}
 	return fmt.Sprintf("type-%d", byte(t))
 }
@@ -144,7 +152,9 @@ type resumeSandboxCmd struct {
 	// otherwise the holder if it has room, else whichever node the next pass finds.
 	Node      string           `json:"node,omitempty"`
 	Scheduler scheduler.Config `json:"scheduler,omitzero"`
-	Time      time.Time        `json:"time"`
+	// EndAt, if set, is the sandbox's new end of lifetime (else Spec.Lifetime from now).
+	EndAt time.Time `json:"end_at,omitzero"`
+	Time  time.Time `json:"time"`
 }
 
 type deleteSandboxCmd struct {

@@ -40,6 +40,7 @@ type fsm struct {
 	removed   map[string]time.Time   // nodes removed, when (for unrecorded certificates)
 	snapshots map[string]*Snapshot   // by ID
 	volumes   map[string]*Volume     // by ID
+	templates map[string]*Template   // by ID
 
 	// changed is closed (and replaced) after every applied command and restore, so
 	// watchers (assignment streams, the leader's loops) wake on any change.
@@ -61,6 +62,7 @@ func newFSM(log *slog.Logger) *fsm {
 		removed:   map[string]time.Time{},
 		snapshots: map[string]*Snapshot{},
 		volumes:   map[string]*Volume{},
+		templates: map[string]*Template{},
 		changed:   make(chan struct{}),
 	}
 }
@@ -149,6 +151,18 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return err
 		}
 		return f.shareVolume(c)
+	case cmdPutTemplate:
+		var c putTemplateCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.putTemplate(c)
+	case cmdDeleteTemplate:
+		var c deleteTemplateCmd
+		if err := decodeBody(t, body, &c); err != nil {
+			return err
+		}
+		return f.deleteTemplate(c.ID)
 	case cmdMoveVolume:
 		var c moveVolumeCmd
 		if err := decodeBody(t, body, &c); err != nil {
@@ -429,6 +443,8 @@ type snapshotData struct {
 	Snapshots []*Snapshot `json:"snapshots,omitempty"` // sorted by ID
 	// Volumes likewise.
 	Volumes []*Volume `json:"volumes,omitempty"` // sorted by ID
+	// Templates likewise.
+	Templates []*Template `json:"templates,omitempty"` // sorted by ID
 }
 
 // Snapshot captures the state cheaply (values are copy-on-write, so copying the maps is
@@ -446,6 +462,7 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 		removed:   maps.Clone(f.removed),
 		snapshots: slices.Collect(maps.Values(f.snapshots)),
 		volumes:   slices.Collect(maps.Values(f.volumes)),
+		templates: slices.Collect(maps.Values(f.templates)),
 	}, nil
 }
 
@@ -524,9 +541,17 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 		v.CreatedAt = utc(v.CreatedAt)
 		vols[v.ID] = v
 	}
+	tmpls := make(map[string]*Template, len(d.Templates))
+	for _, t := range d.Templates {
+		if t == nil || t.ID == "" {
+			return fmt.Errorf("state snapshot holds a template without ID")
+		}
+		t.CreatedAt = utc(t.CreatedAt)
+		tmpls[t.ID] = t
+	}
 	f.mu.Lock()
 	f.sandboxes, f.names, f.meta, f.nodes, f.tokens, f.pools = sandboxes, names, d.Meta, nodes, tokens, pools
-	f.certs, f.removed, f.snapshots, f.volumes = certs, d.Removed, snaps, vols
+	f.certs, f.removed, f.snapshots, f.volumes, f.templates = certs, d.Removed, snaps, vols, tmpls
 	f.notifyLocked()
 	f.mu.Unlock()
 	return nil
@@ -542,6 +567,7 @@ type fsmSnapshot struct {
 	removed   map[string]time.Time
 	snapshots []*Snapshot
 	volumes   []*Volume
+	templates []*Template
 }
 
 func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
@@ -564,8 +590,9 @@ func (s *fsmSnapshot) write(w io.Writer) error {
 	slices.SortFunc(s.certs, func(a, b *IssuedCert) int { return cmp.Compare(a.Serial, b.Serial) })
 	slices.SortFunc(s.snapshots, func(a, b *Snapshot) int { return cmp.Compare(a.ID, b.ID) })
 	slices.SortFunc(s.volumes, func(a, b *Volume) int { return cmp.Compare(a.ID, b.ID) })
+	slices.SortFunc(s.templates, func(a, b *Template) int { return cmp.Compare(a.ID, b.ID) })
 	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta, Nodes: s.nodes, Tokens: s.tokens, Pools: s.pools,
-		Certs: s.certs, Removed: s.removed, Snapshots: s.snapshots, Volumes: s.volumes})
+		Certs: s.certs, Removed: s.removed, Snapshots: s.snapshots, Volumes: s.volumes, Templates: s.templates})
 }
 
 func (s *fsmSnapshot) Release() {}

@@ -28,7 +28,10 @@ type Quota struct {
 func (s SandboxSpec) Bytes() int {
 	n := len(s.Image) + len(s.WorkingDir) + len(s.User) + len(s.Policy) + len(s.Network) + len(s.Boot) + len(s.Restart)
 	n += total(s.Entrypoint) + total(s.Cmd) + total(s.Env) + total(s.InsecureRegistries) + total(s.Constraints)
-	n += len(s.Ready)
+	n += len(s.Ready) + len(s.OnEnd) + len(s.Template)
+	for k, v := range s.Metadata {
+		n += len(k) + len(v)
+	}
 	if s.Group != nil {
 		for _, m := range s.Group.Members {
 			n += len(m.Name) + len(m.ID) + 24
@@ -116,6 +119,12 @@ func (s SandboxSpec) CheckSizes() error {
 	}
 	if len(s.Ports) > MaxPorts {
 		tooBig("ports", len(s.Ports), MaxPorts, "entries")
+	}
+	if err := CheckMetadata(s.Metadata); err != nil {
+		errs = append(errs, err)
+	}
+	if len(s.Template) > maxTemplateName {
+		tooBig("template", len(s.Template), maxTemplateName, "bytes")
 	}
 	if len(s.Policy) > MaxPolicyBytes {
 		tooBig("policy", len(s.Policy), MaxPolicyBytes, "bytes")

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // Status is a sandbox's lifecycle state.
@@ -160,6 +161,50 @@ type SandboxSpec struct {
 	// a sidecar's readiness check (see ParseProbe).
 	Group *Group `json:"group,omitempty"`
 	Ready string `json:"ready,omitempty"`
+	// Metadata is the user's key/value labels (E2B's sandbox metadata): listed and
+	// filtered on, never interpreted. Bounded by CheckMetadata.
+	Metadata map[string]string `json:"metadata,omitempty"`
+	// KeepAlive: the sandbox has no command of its own; its main process is init's idle
+	// program and it runs until stopped, paused or its lifetime ends. Work comes through
+	// exec and the in-sandbox API (E2B's model).
+	KeepAlive bool `json:"keep_alive,omitempty"`
+	// Lifetime, if set, ends the sandbox that long after it was created, or resumed
+	// (Sandbox.EndAt); OnEnd says how: LifetimeStop (default) or LifetimePause.
+	Lifetime time.Duration `json:"lifetime,omitempty"`
+	OnEnd    string        `json:"on_end,omitempty"`
+	// Template names the named template the sandbox was made from (informational).
+	Template string `json:"template,omitempty"`
+}
+
+// What happens when a sandbox's lifetime ends.
+const (
+	LifetimeStop  = "stop"
+	LifetimePause = "pause"
+)
+
+// Metadata bounds: a sandbox's labels are state every replica holds and every list sends.
+const (
+	MaxMetadata      = 64
+	MaxMetadataKey   = 128
+	MaxMetadataValue = 1024
+)
+
+// CheckMetadata bounds a sandbox's metadata.
+func CheckMetadata(m map[string]string) error {
+	if len(m) > MaxMetadata {
+		return fmt.Errorf("%w: %d metadata entries (at most %d)", ErrInvalid, len(m), MaxMetadata)
+	}
+	for k, v := range m {
+		switch {
+		case k == "" || len(k) > MaxMetadataKey:
+			return fmt.Errorf("%w: metadata key %.40q: 1 to %d bytes", ErrInvalid, k, MaxMetadataKey)
+		case len(v) > MaxMetadataValue:
+			return fmt.Errorf("%w: metadata %.40q: value of %d bytes (at most %d)", ErrInvalid, k, len(v), MaxMetadataValue)
+		case !utf8.ValidString(k) || !utf8.ValidString(v):
+			return fmt.Errorf("%w: metadata %.40q: not UTF-8", ErrInvalid, k)
+		}
+	}
+	return nil
 }
 
 // VolumesOn names the node that serves sb's volumes to another node while sb is not
@@ -214,6 +259,30 @@ const NetworkNone = "none"
 type Port struct {
 	Port   uint16 `json:"port"`
 	Public bool   `json:"public,omitempty"`
+	// All publishes every guest port (Port is 0): E2B's sandboxes, whose every port is
+	// reachable at `<port>-<id>.<domain>`. A port listed on its own overrides it.
+	All bool `json:"all,omitempty"`
+}
+
+// Publishes says whether the sandbox publishes guest port n, and how: its own entry,
+// else the every-port one.
+func (s SandboxSpec) Publishes(n uint16) (Port, bool) {
+	if n == 0 {
+		return Port{}, false
+	}
+	var all *Port
+	for i, p := range s.Ports {
+		switch {
+		case p.All:
+			all = &s.Ports[i]
+		case p.Port == n:
+			return p, true
+		}
+	}
+	if all != nil {
+		return Port{Port: n, Public: all.Public}, true
+	}
+	return Port{}, false
 }
 
 // ParsePort reads "PORT" or "PORT:public" (or "PORT:private").
@@ -379,6 +448,10 @@ type Sandbox struct {
 	// ended (the latest few).
 	Migration  *Migration  `json:"migration,omitempty"`
 	Migrations []Migration `json:"migrations,omitempty"`
+	// EndAt is when the sandbox's lifetime ends (Spec.Lifetime from its creation or
+	// last resume, or as Update.EndAt last set it); zero: no end. The leader stops or
+	// pauses it then (Spec.OnEnd).
+	EndAt time.Time `json:"end_at,omitzero"`
 }
 
 // Saved describes a paused sandbox's saved state: on which node (and its address, where
@@ -447,6 +520,8 @@ type Update struct {
 	// MigrationBy, with a commit or an end, is the node writing it: the commit applies
 	// only if it is the migration's target, the end only if it takes part.
 	MigrationBy string `json:"migration_by,omitempty"`
+	// EndAt, when set, moves the end of the sandbox's lifetime (a zero time: no end).
+	EndAt *time.Time `json:"end_at,omitempty"`
 	// Time is when the change happened (required). It is an input rather than read by the
 	// FSM so that every replica, and every replay, computes the same state.
 	Time time.Time `json:"time"`
@@ -491,6 +566,7 @@ func (sb *Sandbox) clone() *Sandbox {
 		c.Migration = &m
 	}
 	c.Migrations = slices.Clone(sb.Migrations)
+	c.Spec.Metadata = maps.Clone(sb.Spec.Metadata)
 	return &c
 }
 
@@ -502,6 +578,7 @@ func (sb *Sandbox) normalize() {
 	sb.FinishedAt = utc(sb.FinishedAt)
 	sb.StopRequestedAt = utc(sb.StopRequestedAt)
 	sb.PauseRequestedAt = utc(sb.PauseRequestedAt)
+	sb.EndAt = utc(sb.EndAt)
 	if sb.Saved != nil {
 		sb.Saved.At = utc(sb.Saved.At)
 	}
@@ -540,6 +617,20 @@ func (sb *Sandbox) validateNew() error {
 	}
 	if len(sb.Events) == 0 {
 		sb.Events = []Event{{Time: sb.CreatedAt, Status: sb.Status, Reason: "created"}}
+	}
+	if err := CheckMetadata(sb.Spec.Metadata); err != nil {
+		return err
+	}
+	switch sb.Spec.OnEnd {
+	case "", LifetimeStop, LifetimePause:
+	default:
+		return fmt.Errorf("%w: on-end %q: want %s or %s", ErrInvalid, sb.Spec.OnEnd, LifetimeStop, LifetimePause)
+	}
+	if sb.Spec.Lifetime < 0 {
+		return fmt.Errorf("%w: negative lifetime", ErrInvalid)
+	}
+	if sb.Spec.Lifetime > 0 && sb.EndAt.IsZero() {
+		sb.EndAt = sb.CreatedAt.Add(sb.Spec.Lifetime)
 	}
 	return nil
 }
@@ -604,6 +695,12 @@ func (sb *Sandbox) apply(u Update) error {
 			return fmt.Errorf("%w: sandbox is migrating; change its policy once it is done", ErrInvalidTransition)
 		}
 		sb.Spec.Policy, sb.Spec.PolicyAdmin = *u.Policy, u.PolicyAdmin
+	}
+	if u.EndAt != nil {
+		if sb.Status.Terminal() {
+			return fmt.Errorf("%w: sandbox is %s", ErrInvalidTransition, sb.Status)
+		}
+		sb.EndAt = utc(*u.EndAt)
 	}
 	if u.PendingReason != nil && sb.Status == StatusPending {
 		sb.Reason = boundReason(*u.PendingReason)

@@ -64,7 +64,7 @@ func TestPauseResume(t *testing.T) {
 	const b = "aaaa000000000002"
 	mk(b, 600, at(6))
 	// ...and so a resume there finds no room, says so, and changes nothing.
-	if _, err := s.ResumeSandbox(ctx, a, "n1", cfg, at(7)); !errors.Is(err, ErrNoRoom) {
+	if _, err := s.ResumeSandbox(ctx, a, "n1", cfg, at(7), time.Time{}); !errors.Is(err, ErrNoRoom) {
 		t.Fatalf("resume on a full node: %v", err)
 	}
 	if sb, _ := s.GetSandbox(ctx, a); sb.Status != StatusPaused || sb.Resumes != 0 {
@@ -73,7 +73,7 @@ func TestPauseResume(t *testing.T) {
 	if _, err := s.UpdateSandbox(ctx, b, Update{Status: st(StatusFailed), Reason: "gone", Time: at(8)}); err != nil {
 		t.Fatal(err)
 	}
-	sb, err = s.ResumeSandbox(ctx, a, "", cfg, at(9))
+	sb, err = s.ResumeSandbox(ctx, a, "", cfg, at(9), time.Time{})
 	if err != nil || sb.Status != StatusPending || sb.Node != "n1" || sb.Resumes != 1 || sb.Saved == nil || !sb.PauseRequestedAt.IsZero() {
 		t.Fatalf("resume: %+v %v", sb, err)
 	}
@@ -101,7 +101,7 @@ func TestPauseResume(t *testing.T) {
 	// fetches the saved state), keeping the saved state's place.
 	const c = "aaaa000000000003"
 	mk(c, 600, at(13))
-	sb, err = s.ResumeSandbox(ctx, a, "", cfg, at(13))
+	sb, err = s.ResumeSandbox(ctx, a, "", cfg, at(13), time.Time{})
 	if err != nil || sb.Status != StatusPending || sb.Node != "" || sb.Saved == nil || sb.Saved.Node != "n1" || !strings.Contains(sb.Reason, "cannot take it now") {
 		t.Fatalf("resume with its node full: %+v %v", sb, err)
 	}
@@ -110,7 +110,7 @@ func TestPauseResume(t *testing.T) {
 	if err != nil || sb.Saved != nil || sb.Status != StatusExited {
 		t.Fatalf("stop while paused: %+v %v", sb, err)
 	}
-	if _, err := s.ResumeSandbox(ctx, a, "", cfg, at(15)); !errors.Is(err, ErrInvalidTransition) {
+	if _, err := s.ResumeSandbox(ctx, a, "", cfg, at(15), time.Time{}); !errors.Is(err, ErrInvalidTransition) {
 		t.Errorf("resume of an exited sandbox: %v", err)
 	}
 }

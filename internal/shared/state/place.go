@@ -177,6 +177,13 @@ func (f *fsm) resumeSandbox(c resumeSandboxCmd) any {
 	next.addEvent(Event{Time: t, Status: StatusPending, Reason: next.Reason})
 	next.PauseRequestedAt, next.PausedFor = time.Time{}, ""
 	next.Resumes++
+	// A lifetime counts from each resume (E2B's connect), unless the call sets its own.
+	switch {
+	case !c.EndAt.IsZero():
+		next.EndAt = utc(c.EndAt)
+	case next.Spec.Lifetime > 0:
+		next.EndAt = t.Add(next.Spec.Lifetime)
+	}
 	f.sandboxes[c.ID] = next
 	return *next.clone()
 }

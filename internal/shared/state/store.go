@@ -525,8 +525,8 @@ func (s *Store) GetMeta(ctx context.Context, key string) ([]byte, error) {
 //
 // node, if set, is where to resume it instead (that node fetches the saved state); else
 // the holder if it has room now, or else whichever node the next placement pass finds.
-func (s *Store) ResumeSandbox(ctx context.Context, id, node string, cfg scheduler.Config, now time.Time) (Sandbox, error) {
-	resp, err := s.apply(ctx, cmdResume, resumeSandboxCmd{ID: id, Node: node, Scheduler: cfg, Time: now})
+func (s *Store) ResumeSandbox(ctx context.Context, id, node string, cfg scheduler.Config, now, endAt time.Time) (Sandbox, error) {
+	resp, err := s.apply(ctx, cmdResume, resumeSandboxCmd{ID: id, Node: node, Scheduler: cfg, Time: now, EndAt: endAt})
 	if err != nil {
 		return Sandbox{}, fmt.Errorf("resume sandbox %s: %w", id, err)
 	}

@@ -66,7 +66,19 @@ type SandboxSpec struct {
 	Snapshot string `protobuf:"bytes,22,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
 	// Volumes mounted in the guest (run -v NAME:/path[:ro]); the sandbox runs on the node
 	// that holds them.
-	Volumes       []*VolumeMount `protobuf:"bytes,23,rep,name=volumes,proto3" json:"volumes,omitempty"`
+	Volumes []*VolumeMount `protobuf:"bytes,23,rep,name=volumes,proto3" json:"volumes,omitempty"`
+	// The user's key/value labels (E2B's metadata): at most 64, keys 1..128 bytes,
+	// values up to 1024 bytes.
+	Metadata map[string]string `protobuf:"bytes,24,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// No command of its own: the sandbox runs until stopped, paused or its lifetime ends,
+	// and work comes through exec and the in-sandbox API (E2B's model).
+	KeepAlive bool `protobuf:"varint,25,opt,name=keep_alive,json=keepAlive,proto3" json:"keep_alive,omitempty"`
+	// Ends the sandbox this long after its creation or its last resume (see
+	// Sandbox.end_at), by on_end: "stop" (default) or "pause".
+	Lifetime *durationpb.Duration `protobuf:"bytes,26,opt,name=lifetime,proto3" json:"lifetime,omitempty"`
+	OnEnd    string               `protobuf:"bytes,27,opt,name=on_end,json=onEnd,proto3" json:"on_end,omitempty"`
+	// The named template the sandbox was made from (informational: E2B's templateID).
+	Template      string `protobuf:"bytes,28,opt,name=template,proto3" json:"template,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -262,6 +274,41 @@ func (x *SandboxSpec) GetVolumes() []*VolumeMount {
 	return nil
 }
 
+func (x *SandboxSpec) GetMetadata() map[string]string {
+	if x != nil {
+		return x.Metadata
+	}
+	return nil
+}
+
+func (x *SandboxSpec) GetKeepAlive() bool {
+	if x != nil {
+		return x.KeepAlive
+	}
+	return false
+}
+
+func (x *SandboxSpec) GetLifetime() *durationpb.Duration {
+	if x != nil {
+		return x.Lifetime
+	}
+	return nil
+}
+
+func (x *SandboxSpec) GetOnEnd() string {
+	if x != nil {
+		return x.OnEnd
+	}
+	return ""
+}
+
+func (x *SandboxSpec) GetTemplate() string {
+	if x != nil {
+		return x.Template
+	}
+	return ""
+}
+
 type VolumeMount struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The volume's name or ID (a sandbox's spec shows its ID).
@@ -328,7 +375,9 @@ type Port struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Port  uint32                 `protobuf:"varint,1,opt,name=port,proto3" json:"port,omitempty"`
 	// Public ports need no access token at the ingress.
-	Public        bool `protobuf:"varint,2,opt,name=public,proto3" json:"public,omitempty"`
+	Public bool `protobuf:"varint,2,opt,name=public,proto3" json:"public,omitempty"`
+	// Every guest port (port is 0); a port listed on its own overrides it.
+	All           bool `protobuf:"varint,3,opt,name=all,proto3" json:"all,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -373,6 +422,13 @@ func (x *Port) GetPort() uint32 {
 func (x *Port) GetPublic() bool {
 	if x != nil {
 		return x.Public
+	}
+	return false
+}
+
+func (x *Port) GetAll() bool {
+	if x != nil {
+		return x.All
 	}
 	return false
 }
@@ -575,7 +631,9 @@ type Sandbox struct {
 	Migration  *Migration   `protobuf:"bytes,22,opt,name=migration,proto3" json:"migration,omitempty"`
 	Migrations []*Migration `protobuf:"bytes,23,rep,name=migrations,proto3" json:"migrations,omitempty"`
 	// The group the sandbox is a member of (a main with sidecars, or a sidecar).
-	Group         *Group `protobuf:"bytes,24,opt,name=group,proto3" json:"group,omitempty"`
+	Group *Group `protobuf:"bytes,24,opt,name=group,proto3" json:"group,omitempty"`
+	// When its lifetime ends (unset: never).
+	EndAt         *timestamppb.Timestamp `protobuf:"bytes,25,opt,name=end_at,json=endAt,proto3" json:"end_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -774,6 +832,13 @@ func (x *Sandbox) GetMigrations() []*Migration {
 func (x *Sandbox) GetGroup() *Group {
 	if x != nil {
 		return x.Group
+	}
+	return nil
+}
+
+func (x *Sandbox) GetEndAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EndAt
 	}
 	return nil
 }
@@ -1674,7 +1739,9 @@ type ResumeSandboxRequest struct {
 	Sandbox string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
 	// Resume on this node (admins only); it fetches the saved state from the node that
 	// holds it. Default: that node if it has room, else any node that has.
-	Node          string `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	Node string `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	// A new lifetime from now (default: the sandbox's spec lifetime, if any).
+	Lifetime      *durationpb.Duration `protobuf:"bytes,3,opt,name=lifetime,proto3" json:"lifetime,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1721,6 +1788,13 @@ func (x *ResumeSandboxRequest) GetNode() string {
 		return x.Node
 	}
 	return ""
+}
+
+func (x *ResumeSandboxRequest) GetLifetime() *durationpb.Duration {
+	if x != nil {
+		return x.Lifetime
+	}
+	return nil
 }
 
 type ResumeSandboxResponse struct {
@@ -2233,6 +2307,103 @@ func (x *ListSandboxesResponse) GetSandboxes() []*Sandbox {
 	return nil
 }
 
+type SetLifetimeRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	// The sandbox ends this long from now (0: never).
+	Lifetime      *durationpb.Duration `protobuf:"bytes,2,opt,name=lifetime,proto3" json:"lifetime,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetLifetimeRequest) Reset() {
+	*x = SetLifetimeRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetLifetimeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetLifetimeRequest) ProtoMessage() {}
+
+func (x *SetLifetimeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetLifetimeRequest.ProtoReflect.Descriptor instead.
+func (*SetLifetimeRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *SetLifetimeRequest) GetSandbox() string {
+	if x != nil {
+		return x.Sandbox
+	}
+	return ""
+}
+
+func (x *SetLifetimeRequest) GetLifetime() *durationpb.Duration {
+	if x != nil {
+		return x.Lifetime
+	}
+	return nil
+}
+
+type SetLifetimeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox       *Sandbox               `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetLifetimeResponse) Reset() {
+	*x = SetLifetimeResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetLifetimeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetLifetimeResponse) ProtoMessage() {}
+
+func (x *SetLifetimeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetLifetimeResponse.ProtoReflect.Descriptor instead.
+func (*SetLifetimeResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *SetLifetimeResponse) GetSandbox() *Sandbox {
+	if x != nil {
+		return x.Sandbox
+	}
+	return nil
+}
+
 type StopSandboxRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Sandbox       string                 `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
@@ -2243,7 +2414,7 @@ type StopSandboxRequest struct {
 
 func (x *StopSandboxRequest) Reset() {
 	*x = StopSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2255,7 +2426,7 @@ func (x *StopSandboxRequest) String() string {
 func (*StopSandboxRequest) ProtoMessage() {}
 
 func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[32]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2268,7 +2439,7 @@ func (x *StopSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxRequest.ProtoReflect.Descriptor instead.
 func (*StopSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{32}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *StopSandboxRequest) GetSandbox() string {
@@ -2294,7 +2465,7 @@ type StopSandboxResponse struct {
 
 func (x *StopSandboxResponse) Reset() {
 	*x = StopSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2306,7 +2477,7 @@ func (x *StopSandboxResponse) String() string {
 func (*StopSandboxResponse) ProtoMessage() {}
 
 func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[33]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2319,7 +2490,7 @@ func (x *StopSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSandboxResponse.ProtoReflect.Descriptor instead.
 func (*StopSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{33}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *StopSandboxResponse) GetSandbox() *Sandbox {
@@ -2339,7 +2510,7 @@ type RemoveSandboxRequest struct {
 
 func (x *RemoveSandboxRequest) Reset() {
 	*x = RemoveSandboxRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2351,7 +2522,7 @@ func (x *RemoveSandboxRequest) String() string {
 func (*RemoveSandboxRequest) ProtoMessage() {}
 
 func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[34]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2364,7 +2535,7 @@ func (x *RemoveSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxRequest.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{34}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *RemoveSandboxRequest) GetSandbox() string {
@@ -2389,7 +2560,7 @@ type RemoveSandboxResponse struct {
 
 func (x *RemoveSandboxResponse) Reset() {
 	*x = RemoveSandboxResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2401,7 +2572,7 @@ func (x *RemoveSandboxResponse) String() string {
 func (*RemoveSandboxResponse) ProtoMessage() {}
 
 func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[35]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2414,7 +2585,7 @@ func (x *RemoveSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSandboxResponse.ProtoReflect.Descriptor instead.
 func (*RemoveSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{35}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
 }
 
 type Resize struct {
@@ -2427,7 +2598,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2439,7 +2610,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[36]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2452,7 +2623,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{36}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -2480,7 +2651,7 @@ type Output struct {
 
 func (x *Output) Reset() {
 	*x = Output{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2492,7 +2663,7 @@ func (x *Output) String() string {
 func (*Output) ProtoMessage() {}
 
 func (x *Output) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[37]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2505,7 +2676,7 @@ func (x *Output) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Output.ProtoReflect.Descriptor instead.
 func (*Output) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{37}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Output) GetStream() int32 {
@@ -2534,7 +2705,7 @@ type Exit struct {
 
 func (x *Exit) Reset() {
 	*x = Exit{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2546,7 +2717,7 @@ func (x *Exit) String() string {
 func (*Exit) ProtoMessage() {}
 
 func (x *Exit) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[38]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2559,7 +2730,7 @@ func (x *Exit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Exit.ProtoReflect.Descriptor instead.
 func (*Exit) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{38}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Exit) GetCode() int32 {
@@ -2599,7 +2770,7 @@ type AttachStart struct {
 
 func (x *AttachStart) Reset() {
 	*x = AttachStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2611,7 +2782,7 @@ func (x *AttachStart) String() string {
 func (*AttachStart) ProtoMessage() {}
 
 func (x *AttachStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[39]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2624,7 +2795,7 @@ func (x *AttachStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachStart.ProtoReflect.Descriptor instead.
 func (*AttachStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{39}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *AttachStart) GetSandbox() string {
@@ -2650,7 +2821,7 @@ type AttachRequest struct {
 
 func (x *AttachRequest) Reset() {
 	*x = AttachRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2662,7 +2833,7 @@ func (x *AttachRequest) String() string {
 func (*AttachRequest) ProtoMessage() {}
 
 func (x *AttachRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[40]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2675,7 +2846,7 @@ func (x *AttachRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachRequest.ProtoReflect.Descriptor instead.
 func (*AttachRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{40}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *AttachRequest) GetMsg() isAttachRequest_Msg {
@@ -2777,7 +2948,7 @@ type AttachResponse struct {
 
 func (x *AttachResponse) Reset() {
 	*x = AttachResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2789,7 +2960,7 @@ func (x *AttachResponse) String() string {
 func (*AttachResponse) ProtoMessage() {}
 
 func (x *AttachResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[41]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2802,7 +2973,7 @@ func (x *AttachResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttachResponse.ProtoReflect.Descriptor instead.
 func (*AttachResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{41}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *AttachResponse) GetMsg() isAttachResponse_Msg {
@@ -2856,7 +3027,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2868,7 +3039,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[42]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2881,7 +3052,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{42}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *LogsRequest) GetSandbox() string {
@@ -2907,7 +3078,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2919,7 +3090,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[43]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2932,7 +3103,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{43}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *LogsResponse) GetOutput() *Output {
@@ -2959,7 +3130,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2971,7 +3142,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[44]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2984,7 +3155,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{44}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ExecStart) GetSandbox() string {
@@ -3066,7 +3237,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3078,7 +3249,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[45]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3091,7 +3262,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{45}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -3193,7 +3364,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3205,7 +3376,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[46]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3218,7 +3389,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{46}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -3275,7 +3446,7 @@ type SetPolicyRequest struct {
 
 func (x *SetPolicyRequest) Reset() {
 	*x = SetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3287,7 +3458,7 @@ func (x *SetPolicyRequest) String() string {
 func (*SetPolicyRequest) ProtoMessage() {}
 
 func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[47]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3300,7 +3471,7 @@ func (x *SetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{47}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *SetPolicyRequest) GetSandbox() string {
@@ -3333,7 +3504,7 @@ type SetPolicyResponse struct {
 
 func (x *SetPolicyResponse) Reset() {
 	*x = SetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3345,7 +3516,7 @@ func (x *SetPolicyResponse) String() string {
 func (*SetPolicyResponse) ProtoMessage() {}
 
 func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[48]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3358,7 +3529,7 @@ func (x *SetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*SetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{48}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *SetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -3377,7 +3548,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3389,7 +3560,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[49]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3402,7 +3573,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{49}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *GetPolicyRequest) GetSandbox() string {
@@ -3421,7 +3592,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3433,7 +3604,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[50]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3446,7 +3617,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{50}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *GetPolicyResponse) GetNetwork() *NetworkStatus {
@@ -3470,7 +3641,7 @@ type PortForwardRequest struct {
 
 func (x *PortForwardRequest) Reset() {
 	*x = PortForwardRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3482,7 +3653,7 @@ func (x *PortForwardRequest) String() string {
 func (*PortForwardRequest) ProtoMessage() {}
 
 func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[51]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3495,7 +3666,7 @@ func (x *PortForwardRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardRequest.ProtoReflect.Descriptor instead.
 func (*PortForwardRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{51}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *PortForwardRequest) GetSandbox() string {
@@ -3535,7 +3706,7 @@ type PortForwardResponse struct {
 
 func (x *PortForwardResponse) Reset() {
 	*x = PortForwardResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3547,7 +3718,7 @@ func (x *PortForwardResponse) String() string {
 func (*PortForwardResponse) ProtoMessage() {}
 
 func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[52]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3560,7 +3731,7 @@ func (x *PortForwardResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortForwardResponse.ProtoReflect.Descriptor instead.
 func (*PortForwardResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{52}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *PortForwardResponse) GetData() []byte {
@@ -3586,7 +3757,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3598,7 +3769,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[53]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3611,7 +3782,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{53}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *Image) GetRef() string {
@@ -3675,7 +3846,7 @@ type PullImageRequest struct {
 
 func (x *PullImageRequest) Reset() {
 	*x = PullImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3687,7 +3858,7 @@ func (x *PullImageRequest) String() string {
 func (*PullImageRequest) ProtoMessage() {}
 
 func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[54]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3700,7 +3871,7 @@ func (x *PullImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageRequest.ProtoReflect.Descriptor instead.
 func (*PullImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{54}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *PullImageRequest) GetRef() string {
@@ -3737,7 +3908,7 @@ type PullImageResponse struct {
 
 func (x *PullImageResponse) Reset() {
 	*x = PullImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3749,7 +3920,7 @@ func (x *PullImageResponse) String() string {
 func (*PullImageResponse) ProtoMessage() {}
 
 func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[55]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3762,7 +3933,7 @@ func (x *PullImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullImageResponse.ProtoReflect.Descriptor instead.
 func (*PullImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{55}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *PullImageResponse) GetMsg() isPullImageResponse_Msg {
@@ -3818,7 +3989,7 @@ type PullProgress struct {
 
 func (x *PullProgress) Reset() {
 	*x = PullProgress{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3830,7 +4001,7 @@ func (x *PullProgress) String() string {
 func (*PullProgress) ProtoMessage() {}
 
 func (x *PullProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[56]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3843,7 +4014,7 @@ func (x *PullProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PullProgress.ProtoReflect.Descriptor instead.
 func (*PullProgress) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{56}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *PullProgress) GetLayer() string {
@@ -3883,7 +4054,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3895,7 +4066,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[57]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3908,7 +4079,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{57}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ListImagesRequest) GetNode() string {
@@ -3927,7 +4098,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3939,7 +4110,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[58]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3952,7 +4123,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{58}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -3972,7 +4143,7 @@ type RemoveImageRequest struct {
 
 func (x *RemoveImageRequest) Reset() {
 	*x = RemoveImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3984,7 +4155,7 @@ func (x *RemoveImageRequest) String() string {
 func (*RemoveImageRequest) ProtoMessage() {}
 
 func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[59]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3997,7 +4168,7 @@ func (x *RemoveImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageRequest.ProtoReflect.Descriptor instead.
 func (*RemoveImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{59}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *RemoveImageRequest) GetRef() string {
@@ -4026,7 +4197,7 @@ type RemoveImageResponse struct {
 
 func (x *RemoveImageResponse) Reset() {
 	*x = RemoveImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4038,7 +4209,7 @@ func (x *RemoveImageResponse) String() string {
 func (*RemoveImageResponse) ProtoMessage() {}
 
 func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[60]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4051,7 +4222,7 @@ func (x *RemoveImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveImageResponse.ProtoReflect.Descriptor instead.
 func (*RemoveImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{60}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *RemoveImageResponse) GetTemplatesDropped() int32 {
@@ -4088,7 +4259,7 @@ type Pool struct {
 
 func (x *Pool) Reset() {
 	*x = Pool{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4100,7 +4271,7 @@ func (x *Pool) String() string {
 func (*Pool) ProtoMessage() {}
 
 func (x *Pool) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[61]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4113,7 +4284,7 @@ func (x *Pool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pool.ProtoReflect.Descriptor instead.
 func (*Pool) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{61}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *Pool) GetImage() string {
@@ -4195,7 +4366,7 @@ type PoolNodeStatus struct {
 
 func (x *PoolNodeStatus) Reset() {
 	*x = PoolNodeStatus{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4207,7 +4378,7 @@ func (x *PoolNodeStatus) String() string {
 func (*PoolNodeStatus) ProtoMessage() {}
 
 func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[62]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4220,7 +4391,7 @@ func (x *PoolNodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolNodeStatus.ProtoReflect.Descriptor instead.
 func (*PoolNodeStatus) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{62}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *PoolNodeStatus) GetNode() string {
@@ -4309,7 +4480,7 @@ type SetPoolRequest struct {
 
 func (x *SetPoolRequest) Reset() {
 	*x = SetPoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4321,7 +4492,7 @@ func (x *SetPoolRequest) String() string {
 func (*SetPoolRequest) ProtoMessage() {}
 
 func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[63]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4334,7 +4505,7 @@ func (x *SetPoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolRequest.ProtoReflect.Descriptor instead.
 func (*SetPoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{63}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *SetPoolRequest) GetPool() *Pool {
@@ -4353,7 +4524,7 @@ type SetPoolResponse struct {
 
 func (x *SetPoolResponse) Reset() {
 	*x = SetPoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4365,7 +4536,7 @@ func (x *SetPoolResponse) String() string {
 func (*SetPoolResponse) ProtoMessage() {}
 
 func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[64]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4378,7 +4549,7 @@ func (x *SetPoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPoolResponse.ProtoReflect.Descriptor instead.
 func (*SetPoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{64}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *SetPoolResponse) GetPool() *Pool {
@@ -4396,7 +4567,7 @@ type ListPoolsRequest struct {
 
 func (x *ListPoolsRequest) Reset() {
 	*x = ListPoolsRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4408,7 +4579,7 @@ func (x *ListPoolsRequest) String() string {
 func (*ListPoolsRequest) ProtoMessage() {}
 
 func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[65]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4421,7 +4592,7 @@ func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsRequest.ProtoReflect.Descriptor instead.
 func (*ListPoolsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{65}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{67}
 }
 
 type ListPoolsResponse struct {
@@ -4433,7 +4604,7 @@ type ListPoolsResponse struct {
 
 func (x *ListPoolsResponse) Reset() {
 	*x = ListPoolsResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4445,7 +4616,7 @@ func (x *ListPoolsResponse) String() string {
 func (*ListPoolsResponse) ProtoMessage() {}
 
 func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[66]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4458,7 +4629,7 @@ func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsResponse.ProtoReflect.Descriptor instead.
 func (*ListPoolsResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{66}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *ListPoolsResponse) GetPools() []*Pool {
@@ -4477,7 +4648,7 @@ type DeletePoolRequest struct {
 
 func (x *DeletePoolRequest) Reset() {
 	*x = DeletePoolRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4489,7 +4660,7 @@ func (x *DeletePoolRequest) String() string {
 func (*DeletePoolRequest) ProtoMessage() {}
 
 func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[67]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4502,7 +4673,7 @@ func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolRequest.ProtoReflect.Descriptor instead.
 func (*DeletePoolRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{67}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *DeletePoolRequest) GetImage() string {
@@ -4520,7 +4691,7 @@ type DeletePoolResponse struct {
 
 func (x *DeletePoolResponse) Reset() {
 	*x = DeletePoolResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4532,7 +4703,7 @@ func (x *DeletePoolResponse) String() string {
 func (*DeletePoolResponse) ProtoMessage() {}
 
 func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[68]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4545,7 +4716,7 @@ func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolResponse.ProtoReflect.Descriptor instead.
 func (*DeletePoolResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{68}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{70}
 }
 
 type Template struct {
@@ -4564,7 +4735,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4576,7 +4747,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[69]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4589,7 +4760,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{69}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *Template) GetKey() string {
@@ -4661,7 +4832,7 @@ type WarmImageRequest struct {
 
 func (x *WarmImageRequest) Reset() {
 	*x = WarmImageRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4673,7 +4844,7 @@ func (x *WarmImageRequest) String() string {
 func (*WarmImageRequest) ProtoMessage() {}
 
 func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[70]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4686,7 +4857,7 @@ func (x *WarmImageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageRequest.ProtoReflect.Descriptor instead.
 func (*WarmImageRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{70}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *WarmImageRequest) GetRef() string {
@@ -4722,7 +4893,7 @@ type WarmImageResponse struct {
 
 func (x *WarmImageResponse) Reset() {
 	*x = WarmImageResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4734,7 +4905,7 @@ func (x *WarmImageResponse) String() string {
 func (*WarmImageResponse) ProtoMessage() {}
 
 func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[71]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4747,7 +4918,7 @@ func (x *WarmImageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WarmImageResponse.ProtoReflect.Descriptor instead.
 func (*WarmImageResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{71}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *WarmImageResponse) GetTemplate() *Template {
@@ -4780,7 +4951,7 @@ type ListTemplatesRequest struct {
 
 func (x *ListTemplatesRequest) Reset() {
 	*x = ListTemplatesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4792,7 +4963,7 @@ func (x *ListTemplatesRequest) String() string {
 func (*ListTemplatesRequest) ProtoMessage() {}
 
 func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[72]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4805,7 +4976,7 @@ func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesRequest.ProtoReflect.Descriptor instead.
 func (*ListTemplatesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{72}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *ListTemplatesRequest) GetNode() string {
@@ -4824,7 +4995,7 @@ type ListTemplatesResponse struct {
 
 func (x *ListTemplatesResponse) Reset() {
 	*x = ListTemplatesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4836,7 +5007,7 @@ func (x *ListTemplatesResponse) String() string {
 func (*ListTemplatesResponse) ProtoMessage() {}
 
 func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[73]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4849,7 +5020,7 @@ func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesResponse.ProtoReflect.Descriptor instead.
 func (*ListTemplatesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{73}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *ListTemplatesResponse) GetTemplates() []*Template {
@@ -4891,7 +5062,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4903,7 +5074,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[74]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4916,7 +5087,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{74}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *Volume) GetId() string {
@@ -5027,7 +5198,7 @@ type VolumeShare struct {
 
 func (x *VolumeShare) Reset() {
 	*x = VolumeShare{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5039,7 +5210,7 @@ func (x *VolumeShare) String() string {
 func (*VolumeShare) ProtoMessage() {}
 
 func (x *VolumeShare) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[75]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5052,7 +5223,7 @@ func (x *VolumeShare) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeShare.ProtoReflect.Descriptor instead.
 func (*VolumeShare) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{75}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *VolumeShare) GetToken() string {
@@ -5084,7 +5255,7 @@ type ShareVolumeRequest struct {
 
 func (x *ShareVolumeRequest) Reset() {
 	*x = ShareVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5096,7 +5267,7 @@ func (x *ShareVolumeRequest) String() string {
 func (*ShareVolumeRequest) ProtoMessage() {}
 
 func (x *ShareVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[76]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5109,7 +5280,7 @@ func (x *ShareVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareVolumeRequest.ProtoReflect.Descriptor instead.
 func (*ShareVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{76}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *ShareVolumeRequest) GetVolume() string {
@@ -5149,7 +5320,7 @@ type ShareVolumeResponse struct {
 
 func (x *ShareVolumeResponse) Reset() {
 	*x = ShareVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5161,7 +5332,7 @@ func (x *ShareVolumeResponse) String() string {
 func (*ShareVolumeResponse) ProtoMessage() {}
 
 func (x *ShareVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[77]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5174,7 +5345,7 @@ func (x *ShareVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareVolumeResponse.ProtoReflect.Descriptor instead.
 func (*ShareVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{77}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *ShareVolumeResponse) GetVolume() *Volume {
@@ -5199,7 +5370,7 @@ type CreateVolumeRequest struct {
 
 func (x *CreateVolumeRequest) Reset() {
 	*x = CreateVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5211,7 +5382,7 @@ func (x *CreateVolumeRequest) String() string {
 func (*CreateVolumeRequest) ProtoMessage() {}
 
 func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[78]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5224,7 +5395,7 @@ func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CreateVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{78}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *CreateVolumeRequest) GetName() string {
@@ -5264,7 +5435,7 @@ type CreateVolumeResponse struct {
 
 func (x *CreateVolumeResponse) Reset() {
 	*x = CreateVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5276,7 +5447,7 @@ func (x *CreateVolumeResponse) String() string {
 func (*CreateVolumeResponse) ProtoMessage() {}
 
 func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[79]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5289,7 +5460,7 @@ func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CreateVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{79}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *CreateVolumeResponse) GetVolume() *Volume {
@@ -5307,7 +5478,7 @@ type ListVolumesRequest struct {
 
 func (x *ListVolumesRequest) Reset() {
 	*x = ListVolumesRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5319,7 +5490,7 @@ func (x *ListVolumesRequest) String() string {
 func (*ListVolumesRequest) ProtoMessage() {}
 
 func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[80]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5332,7 +5503,7 @@ func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesRequest.ProtoReflect.Descriptor instead.
 func (*ListVolumesRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{80}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{82}
 }
 
 type ListVolumesResponse struct {
@@ -5344,7 +5515,7 @@ type ListVolumesResponse struct {
 
 func (x *ListVolumesResponse) Reset() {
 	*x = ListVolumesResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5356,7 +5527,7 @@ func (x *ListVolumesResponse) String() string {
 func (*ListVolumesResponse) ProtoMessage() {}
 
 func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[81]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5369,7 +5540,7 @@ func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesResponse.ProtoReflect.Descriptor instead.
 func (*ListVolumesResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{81}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *ListVolumesResponse) GetVolumes() []*Volume {
@@ -5389,7 +5560,7 @@ type GetVolumeRequest struct {
 
 func (x *GetVolumeRequest) Reset() {
 	*x = GetVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5401,7 +5572,7 @@ func (x *GetVolumeRequest) String() string {
 func (*GetVolumeRequest) ProtoMessage() {}
 
 func (x *GetVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[82]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5414,7 +5585,7 @@ func (x *GetVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVolumeRequest.ProtoReflect.Descriptor instead.
 func (*GetVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{82}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *GetVolumeRequest) GetVolume() string {
@@ -5433,7 +5604,7 @@ type GetVolumeResponse struct {
 
 func (x *GetVolumeResponse) Reset() {
 	*x = GetVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5445,7 +5616,7 @@ func (x *GetVolumeResponse) String() string {
 func (*GetVolumeResponse) ProtoMessage() {}
 
 func (x *GetVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[83]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5458,7 +5629,7 @@ func (x *GetVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVolumeResponse.ProtoReflect.Descriptor instead.
 func (*GetVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{83}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *GetVolumeResponse) GetVolume() *Volume {
@@ -5477,7 +5648,7 @@ type DeleteVolumeRequest struct {
 
 func (x *DeleteVolumeRequest) Reset() {
 	*x = DeleteVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5489,7 +5660,7 @@ func (x *DeleteVolumeRequest) String() string {
 func (*DeleteVolumeRequest) ProtoMessage() {}
 
 func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[84]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5502,7 +5673,7 @@ func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{84}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *DeleteVolumeRequest) GetVolume() string {
@@ -5520,7 +5691,7 @@ type DeleteVolumeResponse struct {
 
 func (x *DeleteVolumeResponse) Reset() {
 	*x = DeleteVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5532,7 +5703,7 @@ func (x *DeleteVolumeResponse) String() string {
 func (*DeleteVolumeResponse) ProtoMessage() {}
 
 func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[85]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5545,7 +5716,7 @@ func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{85}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{87}
 }
 
 type MoveVolumeRequest struct {
@@ -5559,7 +5730,7 @@ type MoveVolumeRequest struct {
 
 func (x *MoveVolumeRequest) Reset() {
 	*x = MoveVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5571,7 +5742,7 @@ func (x *MoveVolumeRequest) String() string {
 func (*MoveVolumeRequest) ProtoMessage() {}
 
 func (x *MoveVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[86]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5584,7 +5755,7 @@ func (x *MoveVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MoveVolumeRequest.ProtoReflect.Descriptor instead.
 func (*MoveVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{86}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *MoveVolumeRequest) GetVolume() string {
@@ -5610,7 +5781,7 @@ type MoveVolumeResponse struct {
 
 func (x *MoveVolumeResponse) Reset() {
 	*x = MoveVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5622,7 +5793,7 @@ func (x *MoveVolumeResponse) String() string {
 func (*MoveVolumeResponse) ProtoMessage() {}
 
 func (x *MoveVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[87]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5635,7 +5806,7 @@ func (x *MoveVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MoveVolumeResponse.ProtoReflect.Descriptor instead.
 func (*MoveVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{87}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *MoveVolumeResponse) GetVolume() *Volume {
@@ -5657,7 +5828,7 @@ type ExportVolumeRequest struct {
 
 func (x *ExportVolumeRequest) Reset() {
 	*x = ExportVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5669,7 +5840,7 @@ func (x *ExportVolumeRequest) String() string {
 func (*ExportVolumeRequest) ProtoMessage() {}
 
 func (x *ExportVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[88]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5682,7 +5853,7 @@ func (x *ExportVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportVolumeRequest.ProtoReflect.Descriptor instead.
 func (*ExportVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{88}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *ExportVolumeRequest) GetVolumeId() string {
@@ -5707,7 +5878,7 @@ type ExportVolumeResponse struct {
 
 func (x *ExportVolumeResponse) Reset() {
 	*x = ExportVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5719,7 +5890,7 @@ func (x *ExportVolumeResponse) String() string {
 func (*ExportVolumeResponse) ProtoMessage() {}
 
 func (x *ExportVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[89]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5732,7 +5903,7 @@ func (x *ExportVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportVolumeResponse.ProtoReflect.Descriptor instead.
 func (*ExportVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{89}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{91}
 }
 
 // Node API only: the node fetches the volume's data from its node (over the nodes'
@@ -5749,7 +5920,7 @@ type ImportVolumeRequest struct {
 
 func (x *ImportVolumeRequest) Reset() {
 	*x = ImportVolumeRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5761,7 +5932,7 @@ func (x *ImportVolumeRequest) String() string {
 func (*ImportVolumeRequest) ProtoMessage() {}
 
 func (x *ImportVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[90]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5774,7 +5945,7 @@ func (x *ImportVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportVolumeRequest.ProtoReflect.Descriptor instead.
 func (*ImportVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{90}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *ImportVolumeRequest) GetVolumeId() string {
@@ -5813,7 +5984,7 @@ type ImportVolumeResponse struct {
 
 func (x *ImportVolumeResponse) Reset() {
 	*x = ImportVolumeResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5825,7 +5996,7 @@ func (x *ImportVolumeResponse) String() string {
 func (*ImportVolumeResponse) ProtoMessage() {}
 
 func (x *ImportVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[91]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5838,7 +6009,7 @@ func (x *ImportVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportVolumeResponse.ProtoReflect.Descriptor instead.
 func (*ImportVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{91}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{93}
 }
 
 type InfoRequest struct {
@@ -5849,7 +6020,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[92]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5861,7 +6032,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[92]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5874,7 +6045,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{92}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{94}
 }
 
 type InfoResponse struct {
@@ -5898,7 +6069,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[93]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5910,7 +6081,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[93]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5923,7 +6094,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{93}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *InfoResponse) GetVersion() string {
@@ -6037,7 +6208,7 @@ type Token struct {
 
 func (x *Token) Reset() {
 	*x = Token{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[94]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6049,7 +6220,7 @@ func (x *Token) String() string {
 func (*Token) ProtoMessage() {}
 
 func (x *Token) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[94]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6062,7 +6233,7 @@ func (x *Token) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Token.ProtoReflect.Descriptor instead.
 func (*Token) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{94}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *Token) GetId() string {
@@ -6135,7 +6306,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[95]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6147,7 +6318,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[95]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6160,7 +6331,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{95}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *CreateTokenRequest) GetName() string {
@@ -6202,7 +6373,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[96]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6214,7 +6385,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[96]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6227,7 +6398,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{96}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *CreateTokenResponse) GetToken() *Token {
@@ -6252,7 +6423,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[97]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6264,7 +6435,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[97]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6277,7 +6448,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{97}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{99}
 }
 
 type ListTokensResponse struct {
@@ -6289,7 +6460,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[98]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6301,7 +6472,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[98]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6314,7 +6485,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{98}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *ListTokensResponse) GetTokens() []*Token {
@@ -6333,7 +6504,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[99]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6345,7 +6516,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[99]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6358,7 +6529,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{99}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -6376,7 +6547,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[100]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6388,7 +6559,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_fireworks_proto_msgTypes[100]
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6401,14 +6572,470 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{100}
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{102}
+}
+
+// A named template: an image and the shape of the sandboxes started from it (E2B's
+// templateID names one). Owner-scoped.
+type NamedTemplate struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Owner         string                 `protobuf:"bytes,3,opt,name=owner,proto3" json:"owner,omitempty"`
+	Image         string                 `protobuf:"bytes,4,opt,name=image,proto3" json:"image,omitempty"`
+	Vcpus         int32                  `protobuf:"varint,5,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	MemoryMib     int32                  `protobuf:"varint,6,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	DiskMib       int32                  `protobuf:"varint,7,opt,name=disk_mib,json=diskMib,proto3" json:"disk_mib,omitempty"`
+	Env           []string               `protobuf:"bytes,8,rep,name=env,proto3" json:"env,omitempty"`
+	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NamedTemplate) Reset() {
+	*x = NamedTemplate{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[103]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NamedTemplate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NamedTemplate) ProtoMessage() {}
+
+func (x *NamedTemplate) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[103]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NamedTemplate.ProtoReflect.Descriptor instead.
+func (*NamedTemplate) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{103}
+}
+
+func (x *NamedTemplate) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *NamedTemplate) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *NamedTemplate) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *NamedTemplate) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *NamedTemplate) GetVcpus() int32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
+func (x *NamedTemplate) GetMemoryMib() int32 {
+	if x != nil {
+		return x.MemoryMib
+	}
+	return 0
+}
+
+func (x *NamedTemplate) GetDiskMib() int32 {
+	if x != nil {
+		return x.DiskMib
+	}
+	return 0
+}
+
+func (x *NamedTemplate) GetEnv() []string {
+	if x != nil {
+		return x.Env
+	}
+	return nil
+}
+
+func (x *NamedTemplate) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+type CreateTemplateRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Template *NamedTemplate         `protobuf:"bytes,1,opt,name=template,proto3" json:"template,omitempty"`
+	// Replace the caller's template of the same name.
+	Replace       bool `protobuf:"varint,2,opt,name=replace,proto3" json:"replace,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateTemplateRequest) Reset() {
+	*x = CreateTemplateRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[104]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateTemplateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateTemplateRequest) ProtoMessage() {}
+
+func (x *CreateTemplateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[104]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateTemplateRequest.ProtoReflect.Descriptor instead.
+func (*CreateTemplateRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{104}
+}
+
+func (x *CreateTemplateRequest) GetTemplate() *NamedTemplate {
+	if x != nil {
+		return x.Template
+	}
+	return nil
+}
+
+func (x *CreateTemplateRequest) GetReplace() bool {
+	if x != nil {
+		return x.Replace
+	}
+	return false
+}
+
+type CreateTemplateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Template      *NamedTemplate         `protobuf:"bytes,1,opt,name=template,proto3" json:"template,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateTemplateResponse) Reset() {
+	*x = CreateTemplateResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[105]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateTemplateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateTemplateResponse) ProtoMessage() {}
+
+func (x *CreateTemplateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[105]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateTemplateResponse.ProtoReflect.Descriptor instead.
+func (*CreateTemplateResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{105}
+}
+
+func (x *CreateTemplateResponse) GetTemplate() *NamedTemplate {
+	if x != nil {
+		return x.Template
+	}
+	return nil
+}
+
+type ListNamedTemplatesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNamedTemplatesRequest) Reset() {
+	*x = ListNamedTemplatesRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[106]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNamedTemplatesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNamedTemplatesRequest) ProtoMessage() {}
+
+func (x *ListNamedTemplatesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[106]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNamedTemplatesRequest.ProtoReflect.Descriptor instead.
+func (*ListNamedTemplatesRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{106}
+}
+
+type ListNamedTemplatesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Templates     []*NamedTemplate       `protobuf:"bytes,1,rep,name=templates,proto3" json:"templates,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNamedTemplatesResponse) Reset() {
+	*x = ListNamedTemplatesResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[107]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNamedTemplatesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNamedTemplatesResponse) ProtoMessage() {}
+
+func (x *ListNamedTemplatesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[107]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNamedTemplatesResponse.ProtoReflect.Descriptor instead.
+func (*ListNamedTemplatesResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{107}
+}
+
+func (x *ListNamedTemplatesResponse) GetTemplates() []*NamedTemplate {
+	if x != nil {
+		return x.Templates
+	}
+	return nil
+}
+
+type GetTemplateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// ID or name.
+	Template      string `protobuf:"bytes,1,opt,name=template,proto3" json:"template,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetTemplateRequest) Reset() {
+	*x = GetTemplateRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[108]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetTemplateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetTemplateRequest) ProtoMessage() {}
+
+func (x *GetTemplateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[108]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetTemplateRequest.ProtoReflect.Descriptor instead.
+func (*GetTemplateRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{108}
+}
+
+func (x *GetTemplateRequest) GetTemplate() string {
+	if x != nil {
+		return x.Template
+	}
+	return ""
+}
+
+type GetTemplateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Template      *NamedTemplate         `protobuf:"bytes,1,opt,name=template,proto3" json:"template,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetTemplateResponse) Reset() {
+	*x = GetTemplateResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[109]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetTemplateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetTemplateResponse) ProtoMessage() {}
+
+func (x *GetTemplateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[109]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetTemplateResponse.ProtoReflect.Descriptor instead.
+func (*GetTemplateResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{109}
+}
+
+func (x *GetTemplateResponse) GetTemplate() *NamedTemplate {
+	if x != nil {
+		return x.Template
+	}
+	return nil
+}
+
+type DeleteTemplateRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Template      string                 `protobuf:"bytes,1,opt,name=template,proto3" json:"template,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteTemplateRequest) Reset() {
+	*x = DeleteTemplateRequest{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[110]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteTemplateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteTemplateRequest) ProtoMessage() {}
+
+func (x *DeleteTemplateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[110]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteTemplateRequest.ProtoReflect.Descriptor instead.
+func (*DeleteTemplateRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{110}
+}
+
+func (x *DeleteTemplateRequest) GetTemplate() string {
+	if x != nil {
+		return x.Template
+	}
+	return ""
+}
+
+type DeleteTemplateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteTemplateResponse) Reset() {
+	*x = DeleteTemplateResponse{}
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[111]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteTemplateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteTemplateResponse) ProtoMessage() {}
+
+func (x *DeleteTemplateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_fireworks_proto_msgTypes[111]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteTemplateResponse.ProtoReflect.Descriptor instead.
+func (*DeleteTemplateResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{111}
 }
 
 var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
 
 const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
-	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb6\x05\n" +
+	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc1\a\n" +
 	"\vSandboxSpec\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x1e\n" +
 	"\n" +
@@ -6437,14 +7064,24 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06policy\x18\x14 \x01(\tR\x06policy\x12(\n" +
 	"\x05ports\x18\x15 \x03(\v2\x12.fireworks.v1.PortR\x05ports\x12\x1a\n" +
 	"\bsnapshot\x18\x16 \x01(\tR\bsnapshot\x123\n" +
-	"\avolumes\x18\x17 \x03(\v2\x19.fireworks.v1.VolumeMountR\avolumes\"V\n" +
+	"\avolumes\x18\x17 \x03(\v2\x19.fireworks.v1.VolumeMountR\avolumes\x12C\n" +
+	"\bmetadata\x18\x18 \x03(\v2'.fireworks.v1.SandboxSpec.MetadataEntryR\bmetadata\x12\x1d\n" +
+	"\n" +
+	"keep_alive\x18\x19 \x01(\bR\tkeepAlive\x125\n" +
+	"\blifetime\x18\x1a \x01(\v2\x19.google.protobuf.DurationR\blifetime\x12\x15\n" +
+	"\x06on_end\x18\x1b \x01(\tR\x05onEnd\x12\x1a\n" +
+	"\btemplate\x18\x1c \x01(\tR\btemplate\x1a;\n" +
+	"\rMetadataEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"V\n" +
 	"\vVolumeMount\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\tR\x04path\x12\x1b\n" +
-	"\tread_only\x18\x03 \x01(\bR\breadOnly\"2\n" +
+	"\tread_only\x18\x03 \x01(\bR\breadOnly\"D\n" +
 	"\x04Port\x12\x12\n" +
 	"\x04port\x18\x01 \x01(\rR\x04port\x12\x16\n" +
-	"\x06public\x18\x02 \x01(\bR\x06public\"\xa8\x02\n" +
+	"\x06public\x18\x02 \x01(\bR\x06public\x12\x10\n" +
+	"\x03all\x18\x03 \x01(\bR\x03all\"\xa8\x02\n" +
 	"\rNetworkStatus\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12%\n" +
 	"\x0eegress_allowed\x18\x02 \x01(\x04R\regressAllowed\x12%\n" +
@@ -6457,7 +7094,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x05Event\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
 	"\x06status\x18\x02 \x01(\tR\x06status\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xd9\a\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\x8c\b\n" +
 	"\aSandbox\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12-\n" +
@@ -6488,7 +7125,8 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
 	"migrations\x18\x17 \x03(\v2\x17.fireworks.v1.MigrationR\n" +
 	"migrations\x12)\n" +
-	"\x05group\x18\x18 \x01(\v2\x13.fireworks.v1.GroupR\x05group\x1a:\n" +
+	"\x05group\x18\x18 \x01(\v2\x13.fireworks.v1.GroupR\x05group\x121\n" +
+	"\x06end_at\x18\x19 \x01(\v2\x1a.google.protobuf.TimestampR\x05endAt\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x97\x02\n" +
@@ -6555,10 +7193,11 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\x05R\x05count\"B\n" +
 	"\x13ForkSandboxResponse\x12+\n" +
-	"\x05forks\x18\x01 \x03(\v2\x15.fireworks.v1.SandboxR\x05forks\"D\n" +
+	"\x05forks\x18\x01 \x03(\v2\x15.fireworks.v1.SandboxR\x05forks\"{\n" +
 	"\x14ResumeSandboxRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x12\n" +
-	"\x04node\x18\x02 \x01(\tR\x04node\"H\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\x125\n" +
+	"\blifetime\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\blifetime\"H\n" +
 	"\x15ResumeSandboxResponse\x12/\n" +
 	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"\x8c\x01\n" +
 	"\x14CreateSandboxRequest\x12\x12\n" +
@@ -6585,7 +7224,12 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x14ListSandboxesRequest\x12\x10\n" +
 	"\x03all\x18\x01 \x01(\bR\x03all\"L\n" +
 	"\x15ListSandboxesResponse\x123\n" +
-	"\tsandboxes\x18\x01 \x03(\v2\x15.fireworks.v1.SandboxR\tsandboxes\"_\n" +
+	"\tsandboxes\x18\x01 \x03(\v2\x15.fireworks.v1.SandboxR\tsandboxes\"e\n" +
+	"\x12SetLifetimeRequest\x12\x18\n" +
+	"\asandbox\x18\x01 \x01(\tR\asandbox\x125\n" +
+	"\blifetime\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\blifetime\"F\n" +
+	"\x13SetLifetimeResponse\x12/\n" +
+	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"_\n" +
 	"\x12StopSandboxRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12/\n" +
 	"\x05grace\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05grace\"F\n" +
@@ -6858,13 +7502,41 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06tokens\x18\x01 \x03(\v2\x13.fireworks.v1.TokenR\x06tokens\"$\n" +
 	"\x12RevokeTokenRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
-	"\x13RevokeTokenResponse2\xfa\v\n" +
+	"\x13RevokeTokenResponse\"\xfc\x01\n" +
+	"\rNamedTemplate\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
+	"\x05owner\x18\x03 \x01(\tR\x05owner\x12\x14\n" +
+	"\x05image\x18\x04 \x01(\tR\x05image\x12\x14\n" +
+	"\x05vcpus\x18\x05 \x01(\x05R\x05vcpus\x12\x1d\n" +
+	"\n" +
+	"memory_mib\x18\x06 \x01(\x05R\tmemoryMib\x12\x19\n" +
+	"\bdisk_mib\x18\a \x01(\x05R\adiskMib\x12\x10\n" +
+	"\x03env\x18\b \x03(\tR\x03env\x129\n" +
+	"\n" +
+	"created_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"j\n" +
+	"\x15CreateTemplateRequest\x127\n" +
+	"\btemplate\x18\x01 \x01(\v2\x1b.fireworks.v1.NamedTemplateR\btemplate\x12\x18\n" +
+	"\areplace\x18\x02 \x01(\bR\areplace\"Q\n" +
+	"\x16CreateTemplateResponse\x127\n" +
+	"\btemplate\x18\x01 \x01(\v2\x1b.fireworks.v1.NamedTemplateR\btemplate\"\x1b\n" +
+	"\x19ListNamedTemplatesRequest\"W\n" +
+	"\x1aListNamedTemplatesResponse\x129\n" +
+	"\ttemplates\x18\x01 \x03(\v2\x1b.fireworks.v1.NamedTemplateR\ttemplates\"0\n" +
+	"\x12GetTemplateRequest\x12\x1a\n" +
+	"\btemplate\x18\x01 \x01(\tR\btemplate\"N\n" +
+	"\x13GetTemplateResponse\x127\n" +
+	"\btemplate\x18\x01 \x01(\v2\x1b.fireworks.v1.NamedTemplateR\btemplate\"3\n" +
+	"\x15DeleteTemplateRequest\x12\x1a\n" +
+	"\btemplate\x18\x01 \x01(\tR\btemplate\"\x18\n" +
+	"\x16DeleteTemplateResponse2\xce\f\n" +
 	"\x0eSandboxService\x12X\n" +
 	"\rCreateSandbox\x12\".fireworks.v1.CreateSandboxRequest\x1a#.fireworks.v1.CreateSandboxResponse\x12O\n" +
 	"\n" +
 	"GetSandbox\x12\x1f.fireworks.v1.GetSandboxRequest\x1a .fireworks.v1.GetSandboxResponse\x12X\n" +
 	"\rListSandboxes\x12\".fireworks.v1.ListSandboxesRequest\x1a#.fireworks.v1.ListSandboxesResponse\x12R\n" +
-	"\vStopSandbox\x12 .fireworks.v1.StopSandboxRequest\x1a!.fireworks.v1.StopSandboxResponse\x12X\n" +
+	"\vStopSandbox\x12 .fireworks.v1.StopSandboxRequest\x1a!.fireworks.v1.StopSandboxResponse\x12R\n" +
+	"\vSetLifetime\x12 .fireworks.v1.SetLifetimeRequest\x1a!.fireworks.v1.SetLifetimeResponse\x12X\n" +
 	"\rRemoveSandbox\x12\".fireworks.v1.RemoveSandboxRequest\x1a#.fireworks.v1.RemoveSandboxResponse\x12U\n" +
 	"\fPauseSandbox\x12!.fireworks.v1.PauseSandboxRequest\x1a\".fireworks.v1.PauseSandboxResponse\x12X\n" +
 	"\rResumeSandbox\x12\".fireworks.v1.ResumeSandboxRequest\x1a#.fireworks.v1.ResumeSandboxResponse\x12[\n" +
@@ -6906,7 +7578,12 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\vCreateToken\x12 .fireworks.v1.CreateTokenRequest\x1a!.fireworks.v1.CreateTokenResponse\x12O\n" +
 	"\n" +
 	"ListTokens\x12\x1f.fireworks.v1.ListTokensRequest\x1a .fireworks.v1.ListTokensResponse\x12R\n" +
-	"\vRevokeToken\x12 .fireworks.v1.RevokeTokenRequest\x1a!.fireworks.v1.RevokeTokenResponseBTZRgithub.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1;fireworksv1b\x06proto3"
+	"\vRevokeToken\x12 .fireworks.v1.RevokeTokenRequest\x1a!.fireworks.v1.RevokeTokenResponse2\x88\x03\n" +
+	"\x0fTemplateService\x12[\n" +
+	"\x0eCreateTemplate\x12#.fireworks.v1.CreateTemplateRequest\x1a$.fireworks.v1.CreateTemplateResponse\x12g\n" +
+	"\x12ListNamedTemplates\x12'.fireworks.v1.ListNamedTemplatesRequest\x1a(.fireworks.v1.ListNamedTemplatesResponse\x12R\n" +
+	"\vGetTemplate\x12 .fireworks.v1.GetTemplateRequest\x1a!.fireworks.v1.GetTemplateResponse\x12[\n" +
+	"\x0eDeleteTemplate\x12#.fireworks.v1.DeleteTemplateRequest\x1a$.fireworks.v1.DeleteTemplateResponseBTZRgithub.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1;fireworksv1b\x06proto3"
 
 var (
 	file_fireworks_v1_fireworks_proto_rawDescOnce sync.Once
@@ -6920,266 +7597,299 @@ func file_fireworks_v1_fireworks_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_fireworks_proto_rawDescData
 }
 
-var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 102)
+var file_fireworks_v1_fireworks_proto_msgTypes = make([]protoimpl.MessageInfo, 114)
 var file_fireworks_v1_fireworks_proto_goTypes = []any{
-	(*SandboxSpec)(nil),            // 0: fireworks.v1.SandboxSpec
-	(*VolumeMount)(nil),            // 1: fireworks.v1.VolumeMount
-	(*Port)(nil),                   // 2: fireworks.v1.Port
-	(*NetworkStatus)(nil),          // 3: fireworks.v1.NetworkStatus
-	(*Event)(nil),                  // 4: fireworks.v1.Event
-	(*Sandbox)(nil),                // 5: fireworks.v1.Sandbox
-	(*Migration)(nil),              // 6: fireworks.v1.Migration
-	(*MigrateSandboxRequest)(nil),  // 7: fireworks.v1.MigrateSandboxRequest
-	(*MigrateSandboxResponse)(nil), // 8: fireworks.v1.MigrateSandboxResponse
-	(*SavedState)(nil),             // 9: fireworks.v1.SavedState
-	(*PauseSandboxRequest)(nil),    // 10: fireworks.v1.PauseSandboxRequest
-	(*PauseSandboxResponse)(nil),   // 11: fireworks.v1.PauseSandboxResponse
-	(*Snapshot)(nil),               // 12: fireworks.v1.Snapshot
-	(*CreateSnapshotRequest)(nil),  // 13: fireworks.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil), // 14: fireworks.v1.CreateSnapshotResponse
-	(*ListSnapshotsRequest)(nil),   // 15: fireworks.v1.ListSnapshotsRequest
-	(*ListSnapshotsResponse)(nil),  // 16: fireworks.v1.ListSnapshotsResponse
-	(*DeleteSnapshotRequest)(nil),  // 17: fireworks.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil), // 18: fireworks.v1.DeleteSnapshotResponse
-	(*ForkSandboxRequest)(nil),     // 19: fireworks.v1.ForkSandboxRequest
-	(*ForkSandboxResponse)(nil),    // 20: fireworks.v1.ForkSandboxResponse
-	(*ResumeSandboxRequest)(nil),   // 21: fireworks.v1.ResumeSandboxRequest
-	(*ResumeSandboxResponse)(nil),  // 22: fireworks.v1.ResumeSandboxResponse
-	(*CreateSandboxRequest)(nil),   // 23: fireworks.v1.CreateSandboxRequest
-	(*Sidecar)(nil),                // 24: fireworks.v1.Sidecar
-	(*Group)(nil),                  // 25: fireworks.v1.Group
-	(*GroupMember)(nil),            // 26: fireworks.v1.GroupMember
-	(*CreateSandboxResponse)(nil),  // 27: fireworks.v1.CreateSandboxResponse
-	(*GetSandboxRequest)(nil),      // 28: fireworks.v1.GetSandboxRequest
-	(*GetSandboxResponse)(nil),     // 29: fireworks.v1.GetSandboxResponse
-	(*ListSandboxesRequest)(nil),   // 30: fireworks.v1.ListSandboxesRequest
-	(*ListSandboxesResponse)(nil),  // 31: fireworks.v1.ListSandboxesResponse
-	(*StopSandboxRequest)(nil),     // 32: fireworks.v1.StopSandboxRequest
-	(*StopSandboxResponse)(nil),    // 33: fireworks.v1.StopSandboxResponse
-	(*RemoveSandboxRequest)(nil),   // 34: fireworks.v1.RemoveSandboxRequest
-	(*RemoveSandboxResponse)(nil),  // 35: fireworks.v1.RemoveSandboxResponse
-	(*Resize)(nil),                 // 36: fireworks.v1.Resize
-	(*Output)(nil),                 // 37: fireworks.v1.Output
-	(*Exit)(nil),                   // 38: fireworks.v1.Exit
-	(*AttachStart)(nil),            // 39: fireworks.v1.AttachStart
-	(*AttachRequest)(nil),          // 40: fireworks.v1.AttachRequest
-	(*AttachResponse)(nil),         // 41: fireworks.v1.AttachResponse
-	(*LogsRequest)(nil),            // 42: fireworks.v1.LogsRequest
-	(*LogsResponse)(nil),           // 43: fireworks.v1.LogsResponse
-	(*ExecStart)(nil),              // 44: fireworks.v1.ExecStart
-	(*ExecRequest)(nil),            // 45: fireworks.v1.ExecRequest
-	(*ExecResponse)(nil),           // 46: fireworks.v1.ExecResponse
-	(*SetPolicyRequest)(nil),       // 47: fireworks.v1.SetPolicyRequest
-	(*SetPolicyResponse)(nil),      // 48: fireworks.v1.SetPolicyResponse
-	(*GetPolicyRequest)(nil),       // 49: fireworks.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),      // 50: fireworks.v1.GetPolicyResponse
-	(*PortForwardRequest)(nil),     // 51: fireworks.v1.PortForwardRequest
-	(*PortForwardResponse)(nil),    // 52: fireworks.v1.PortForwardResponse
-	(*Image)(nil),                  // 53: fireworks.v1.Image
-	(*PullImageRequest)(nil),       // 54: fireworks.v1.PullImageRequest
-	(*PullImageResponse)(nil),      // 55: fireworks.v1.PullImageResponse
-	(*PullProgress)(nil),           // 56: fireworks.v1.PullProgress
-	(*ListImagesRequest)(nil),      // 57: fireworks.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),     // 58: fireworks.v1.ListImagesResponse
-	(*RemoveImageRequest)(nil),     // 59: fireworks.v1.RemoveImageRequest
-	(*RemoveImageResponse)(nil),    // 60: fireworks.v1.RemoveImageResponse
-	(*Pool)(nil),                   // 61: fireworks.v1.Pool
-	(*PoolNodeStatus)(nil),         // 62: fireworks.v1.PoolNodeStatus
-	(*SetPoolRequest)(nil),         // 63: fireworks.v1.SetPoolRequest
-	(*SetPoolResponse)(nil),        // 64: fireworks.v1.SetPoolResponse
-	(*ListPoolsRequest)(nil),       // 65: fireworks.v1.ListPoolsRequest
-	(*ListPoolsResponse)(nil),      // 66: fireworks.v1.ListPoolsResponse
-	(*DeletePoolRequest)(nil),      // 67: fireworks.v1.DeletePoolRequest
-	(*DeletePoolResponse)(nil),     // 68: fireworks.v1.DeletePoolResponse
-	(*Template)(nil),               // 69: fireworks.v1.Template
-	(*WarmImageRequest)(nil),       // 70: fireworks.v1.WarmImageRequest
-	(*WarmImageResponse)(nil),      // 71: fireworks.v1.WarmImageResponse
-	(*ListTemplatesRequest)(nil),   // 72: fireworks.v1.ListTemplatesRequest
-	(*ListTemplatesResponse)(nil),  // 73: fireworks.v1.ListTemplatesResponse
-	(*Volume)(nil),                 // 74: fireworks.v1.Volume
-	(*VolumeShare)(nil),            // 75: fireworks.v1.VolumeShare
-	(*ShareVolumeRequest)(nil),     // 76: fireworks.v1.ShareVolumeRequest
-	(*ShareVolumeResponse)(nil),    // 77: fireworks.v1.ShareVolumeResponse
-	(*CreateVolumeRequest)(nil),    // 78: fireworks.v1.CreateVolumeRequest
-	(*CreateVolumeResponse)(nil),   // 79: fireworks.v1.CreateVolumeResponse
-	(*ListVolumesRequest)(nil),     // 80: fireworks.v1.ListVolumesRequest
-	(*ListVolumesResponse)(nil),    // 81: fireworks.v1.ListVolumesResponse
-	(*GetVolumeRequest)(nil),       // 82: fireworks.v1.GetVolumeRequest
-	(*GetVolumeResponse)(nil),      // 83: fireworks.v1.GetVolumeResponse
-	(*DeleteVolumeRequest)(nil),    // 84: fireworks.v1.DeleteVolumeRequest
-	(*DeleteVolumeResponse)(nil),   // 85: fireworks.v1.DeleteVolumeResponse
-	(*MoveVolumeRequest)(nil),      // 86: fireworks.v1.MoveVolumeRequest
-	(*MoveVolumeResponse)(nil),     // 87: fireworks.v1.MoveVolumeResponse
-	(*ExportVolumeRequest)(nil),    // 88: fireworks.v1.ExportVolumeRequest
-	(*ExportVolumeResponse)(nil),   // 89: fireworks.v1.ExportVolumeResponse
-	(*ImportVolumeRequest)(nil),    // 90: fireworks.v1.ImportVolumeRequest
-	(*ImportVolumeResponse)(nil),   // 91: fireworks.v1.ImportVolumeResponse
-	(*InfoRequest)(nil),            // 92: fireworks.v1.InfoRequest
-	(*InfoResponse)(nil),           // 93: fireworks.v1.InfoResponse
-	(*Token)(nil),                  // 94: fireworks.v1.Token
-	(*CreateTokenRequest)(nil),     // 95: fireworks.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),    // 96: fireworks.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),      // 97: fireworks.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),     // 98: fireworks.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),     // 99: fireworks.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil),    // 100: fireworks.v1.RevokeTokenResponse
-	nil,                            // 101: fireworks.v1.Sandbox.DetailsEntry
-	(*durationpb.Duration)(nil),    // 102: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 103: google.protobuf.Timestamp
+	(*SandboxSpec)(nil),                // 0: fireworks.v1.SandboxSpec
+	(*VolumeMount)(nil),                // 1: fireworks.v1.VolumeMount
+	(*Port)(nil),                       // 2: fireworks.v1.Port
+	(*NetworkStatus)(nil),              // 3: fireworks.v1.NetworkStatus
+	(*Event)(nil),                      // 4: fireworks.v1.Event
+	(*Sandbox)(nil),                    // 5: fireworks.v1.Sandbox
+	(*Migration)(nil),                  // 6: fireworks.v1.Migration
+	(*MigrateSandboxRequest)(nil),      // 7: fireworks.v1.MigrateSandboxRequest
+	(*MigrateSandboxResponse)(nil),     // 8: fireworks.v1.MigrateSandboxResponse
+	(*SavedState)(nil),                 // 9: fireworks.v1.SavedState
+	(*PauseSandboxRequest)(nil),        // 10: fireworks.v1.PauseSandboxRequest
+	(*PauseSandboxResponse)(nil),       // 11: fireworks.v1.PauseSandboxResponse
+	(*Snapshot)(nil),                   // 12: fireworks.v1.Snapshot
+	(*CreateSnapshotRequest)(nil),      // 13: fireworks.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil),     // 14: fireworks.v1.CreateSnapshotResponse
+	(*ListSnapshotsRequest)(nil),       // 15: fireworks.v1.ListSnapshotsRequest
+	(*ListSnapshotsResponse)(nil),      // 16: fireworks.v1.ListSnapshotsResponse
+	(*DeleteSnapshotRequest)(nil),      // 17: fireworks.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),     // 18: fireworks.v1.DeleteSnapshotResponse
+	(*ForkSandboxRequest)(nil),         // 19: fireworks.v1.ForkSandboxRequest
+	(*ForkSandboxResponse)(nil),        // 20: fireworks.v1.ForkSandboxResponse
+	(*ResumeSandboxRequest)(nil),       // 21: fireworks.v1.ResumeSandboxRequest
+	(*ResumeSandboxResponse)(nil),      // 22: fireworks.v1.ResumeSandboxResponse
+	(*CreateSandboxRequest)(nil),       // 23: fireworks.v1.CreateSandboxRequest
+	(*Sidecar)(nil),                    // 24: fireworks.v1.Sidecar
+	(*Group)(nil),                      // 25: fireworks.v1.Group
+	(*GroupMember)(nil),                // 26: fireworks.v1.GroupMember
+	(*CreateSandboxResponse)(nil),      // 27: fireworks.v1.CreateSandboxResponse
+	(*GetSandboxRequest)(nil),          // 28: fireworks.v1.GetSandboxRequest
+	(*GetSandboxResponse)(nil),         // 29: fireworks.v1.GetSandboxResponse
+	(*ListSandboxesRequest)(nil),       // 30: fireworks.v1.ListSandboxesRequest
+	(*ListSandboxesResponse)(nil),      // 31: fireworks.v1.ListSandboxesResponse
+	(*SetLifetimeRequest)(nil),         // 32: fireworks.v1.SetLifetimeRequest
+	(*SetLifetimeResponse)(nil),        // 33: fireworks.v1.SetLifetimeResponse
+	(*StopSandboxRequest)(nil),         // 34: fireworks.v1.StopSandboxRequest
+	(*StopSandboxResponse)(nil),        // 35: fireworks.v1.StopSandboxResponse
+	(*RemoveSandboxRequest)(nil),       // 36: fireworks.v1.RemoveSandboxRequest
+	(*RemoveSandboxResponse)(nil),      // 37: fireworks.v1.RemoveSandboxResponse
+	(*Resize)(nil),                     // 38: fireworks.v1.Resize
+	(*Output)(nil),                     // 39: fireworks.v1.Output
+	(*Exit)(nil),                       // 40: fireworks.v1.Exit
+	(*AttachStart)(nil),                // 41: fireworks.v1.AttachStart
+	(*AttachRequest)(nil),              // 42: fireworks.v1.AttachRequest
+	(*AttachResponse)(nil),             // 43: fireworks.v1.AttachResponse
+	(*LogsRequest)(nil),                // 44: fireworks.v1.LogsRequest
+	(*LogsResponse)(nil),               // 45: fireworks.v1.LogsResponse
+	(*ExecStart)(nil),                  // 46: fireworks.v1.ExecStart
+	(*ExecRequest)(nil),                // 47: fireworks.v1.ExecRequest
+	(*ExecResponse)(nil),               // 48: fireworks.v1.ExecResponse
+	(*SetPolicyRequest)(nil),           // 49: fireworks.v1.SetPolicyRequest
+	(*SetPolicyResponse)(nil),          // 50: fireworks.v1.SetPolicyResponse
+	(*GetPolicyRequest)(nil),           // 51: fireworks.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),          // 52: fireworks.v1.GetPolicyResponse
+	(*PortForwardRequest)(nil),         // 53: fireworks.v1.PortForwardRequest
+	(*PortForwardResponse)(nil),        // 54: fireworks.v1.PortForwardResponse
+	(*Image)(nil),                      // 55: fireworks.v1.Image
+	(*PullImageRequest)(nil),           // 56: fireworks.v1.PullImageRequest
+	(*PullImageResponse)(nil),          // 57: fireworks.v1.PullImageResponse
+	(*PullProgress)(nil),               // 58: fireworks.v1.PullProgress
+	(*ListImagesRequest)(nil),          // 59: fireworks.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),         // 60: fireworks.v1.ListImagesResponse
+	(*RemoveImageRequest)(nil),         // 61: fireworks.v1.RemoveImageRequest
+	(*RemoveImageResponse)(nil),        // 62: fireworks.v1.RemoveImageResponse
+	(*Pool)(nil),                       // 63: fireworks.v1.Pool
+	(*PoolNodeStatus)(nil),             // 64: fireworks.v1.PoolNodeStatus
+	(*SetPoolRequest)(nil),             // 65: fireworks.v1.SetPoolRequest
+	(*SetPoolResponse)(nil),            // 66: fireworks.v1.SetPoolResponse
+	(*ListPoolsRequest)(nil),           // 67: fireworks.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),          // 68: fireworks.v1.ListPoolsResponse
+	(*DeletePoolRequest)(nil),          // 69: fireworks.v1.DeletePoolRequest
+	(*DeletePoolResponse)(nil),         // 70: fireworks.v1.DeletePoolResponse
+	(*Template)(nil),                   // 71: fireworks.v1.Template
+	(*WarmImageRequest)(nil),           // 72: fireworks.v1.WarmImageRequest
+	(*WarmImageResponse)(nil),          // 73: fireworks.v1.WarmImageResponse
+	(*ListTemplatesRequest)(nil),       // 74: fireworks.v1.ListTemplatesRequest
+	(*ListTemplatesResponse)(nil),      // 75: fireworks.v1.ListTemplatesResponse
+	(*Volume)(nil),                     // 76: fireworks.v1.Volume
+	(*VolumeShare)(nil),                // 77: fireworks.v1.VolumeShare
+	(*ShareVolumeRequest)(nil),         // 78: fireworks.v1.ShareVolumeRequest
+	(*ShareVolumeResponse)(nil),        // 79: fireworks.v1.ShareVolumeResponse
+	(*CreateVolumeRequest)(nil),        // 80: fireworks.v1.CreateVolumeRequest
+	(*CreateVolumeResponse)(nil),       // 81: fireworks.v1.CreateVolumeResponse
+	(*ListVolumesRequest)(nil),         // 82: fireworks.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),        // 83: fireworks.v1.ListVolumesResponse
+	(*GetVolumeRequest)(nil),           // 84: fireworks.v1.GetVolumeRequest
+	(*GetVolumeResponse)(nil),          // 85: fireworks.v1.GetVolumeResponse
+	(*DeleteVolumeRequest)(nil),        // 86: fireworks.v1.DeleteVolumeRequest
+	(*DeleteVolumeResponse)(nil),       // 87: fireworks.v1.DeleteVolumeResponse
+	(*MoveVolumeRequest)(nil),          // 88: fireworks.v1.MoveVolumeRequest
+	(*MoveVolumeResponse)(nil),         // 89: fireworks.v1.MoveVolumeResponse
+	(*ExportVolumeRequest)(nil),        // 90: fireworks.v1.ExportVolumeRequest
+	(*ExportVolumeResponse)(nil),       // 91: fireworks.v1.ExportVolumeResponse
+	(*ImportVolumeRequest)(nil),        // 92: fireworks.v1.ImportVolumeRequest
+	(*ImportVolumeResponse)(nil),       // 93: fireworks.v1.ImportVolumeResponse
+	(*InfoRequest)(nil),                // 94: fireworks.v1.InfoRequest
+	(*InfoResponse)(nil),               // 95: fireworks.v1.InfoResponse
+	(*Token)(nil),                      // 96: fireworks.v1.Token
+	(*CreateTokenRequest)(nil),         // 97: fireworks.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),        // 98: fireworks.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),          // 99: fireworks.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),         // 100: fireworks.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),         // 101: fireworks.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil),        // 102: fireworks.v1.RevokeTokenResponse
+	(*NamedTemplate)(nil),              // 103: fireworks.v1.NamedTemplate
+	(*CreateTemplateRequest)(nil),      // 104: fireworks.v1.CreateTemplateRequest
+	(*CreateTemplateResponse)(nil),     // 105: fireworks.v1.CreateTemplateResponse
+	(*ListNamedTemplatesRequest)(nil),  // 106: fireworks.v1.ListNamedTemplatesRequest
+	(*ListNamedTemplatesResponse)(nil), // 107: fireworks.v1.ListNamedTemplatesResponse
+	(*GetTemplateRequest)(nil),         // 108: fireworks.v1.GetTemplateRequest
+	(*GetTemplateResponse)(nil),        // 109: fireworks.v1.GetTemplateResponse
+	(*DeleteTemplateRequest)(nil),      // 110: fireworks.v1.DeleteTemplateRequest
+	(*DeleteTemplateResponse)(nil),     // 111: fireworks.v1.DeleteTemplateResponse
+	nil,                                // 112: fireworks.v1.SandboxSpec.MetadataEntry
+	nil,                                // 113: fireworks.v1.Sandbox.DetailsEntry
+	(*durationpb.Duration)(nil),        // 114: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),      // 115: google.protobuf.Timestamp
 }
 var file_fireworks_v1_fireworks_proto_depIdxs = []int32{
-	102, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
+	114, // 0: fireworks.v1.SandboxSpec.timeout:type_name -> google.protobuf.Duration
 	2,   // 1: fireworks.v1.SandboxSpec.ports:type_name -> fireworks.v1.Port
 	1,   // 2: fireworks.v1.SandboxSpec.volumes:type_name -> fireworks.v1.VolumeMount
-	103, // 3: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
-	0,   // 4: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
-	103, // 5: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
-	103, // 6: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
-	103, // 7: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
-	4,   // 8: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
-	101, // 9: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
-	3,   // 10: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
-	9,   // 11: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
-	6,   // 12: fireworks.v1.Sandbox.migration:type_name -> fireworks.v1.Migration
-	6,   // 13: fireworks.v1.Sandbox.migrations:type_name -> fireworks.v1.Migration
-	25,  // 14: fireworks.v1.Sandbox.group:type_name -> fireworks.v1.Group
-	103, // 15: fireworks.v1.Migration.started:type_name -> google.protobuf.Timestamp
-	103, // 16: fireworks.v1.Migration.ended:type_name -> google.protobuf.Timestamp
-	5,   // 17: fireworks.v1.MigrateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	6,   // 18: fireworks.v1.MigrateSandboxResponse.migration:type_name -> fireworks.v1.Migration
-	103, // 19: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
-	5,   // 20: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	103, // 21: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
-	12,  // 22: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
-	12,  // 23: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
-	5,   // 24: fireworks.v1.ForkSandboxResponse.forks:type_name -> fireworks.v1.Sandbox
-	5,   // 25: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	0,   // 26: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
-	24,  // 27: fireworks.v1.CreateSandboxRequest.sidecars:type_name -> fireworks.v1.Sidecar
-	0,   // 28: fireworks.v1.Sidecar.spec:type_name -> fireworks.v1.SandboxSpec
-	26,  // 29: fireworks.v1.Group.members:type_name -> fireworks.v1.GroupMember
-	5,   // 30: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	5,   // 31: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	5,   // 32: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
-	102, // 33: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
-	5,   // 34: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
-	39,  // 35: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
-	36,  // 36: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
-	37,  // 37: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
-	38,  // 38: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
-	37,  // 39: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
-	44,  // 40: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
-	36,  // 41: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
-	37,  // 42: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
-	38,  // 43: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
-	3,   // 44: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	3,   // 45: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
-	103, // 46: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
-	56,  // 47: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
-	53,  // 48: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
-	53,  // 49: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
-	103, // 50: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
-	62,  // 51: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
-	61,  // 52: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
-	61,  // 53: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
-	61,  // 54: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
-	103, // 55: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
-	69,  // 56: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
-	102, // 57: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
-	69,  // 58: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
-	103, // 59: fireworks.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
-	75,  // 60: fireworks.v1.Volume.shares:type_name -> fireworks.v1.VolumeShare
-	74,  // 61: fireworks.v1.ShareVolumeResponse.volume:type_name -> fireworks.v1.Volume
-	74,  // 62: fireworks.v1.CreateVolumeResponse.volume:type_name -> fireworks.v1.Volume
-	74,  // 63: fireworks.v1.ListVolumesResponse.volumes:type_name -> fireworks.v1.Volume
-	74,  // 64: fireworks.v1.GetVolumeResponse.volume:type_name -> fireworks.v1.Volume
-	74,  // 65: fireworks.v1.MoveVolumeResponse.volume:type_name -> fireworks.v1.Volume
-	103, // 66: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
-	103, // 67: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
-	102, // 68: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	94,  // 69: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
-	94,  // 70: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
-	23,  // 71: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
-	28,  // 72: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
-	30,  // 73: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
-	32,  // 74: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
-	34,  // 75: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
-	10,  // 76: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
-	21,  // 77: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
-	7,   // 78: fireworks.v1.SandboxService.MigrateSandbox:input_type -> fireworks.v1.MigrateSandboxRequest
-	19,  // 79: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
-	13,  // 80: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
-	15,  // 81: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
-	17,  // 82: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
-	40,  // 83: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
-	42,  // 84: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
-	45,  // 85: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
-	47,  // 86: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
-	49,  // 87: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
-	51,  // 88: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
-	78,  // 89: fireworks.v1.VolumeService.CreateVolume:input_type -> fireworks.v1.CreateVolumeRequest
-	80,  // 90: fireworks.v1.VolumeService.ListVolumes:input_type -> fireworks.v1.ListVolumesRequest
-	82,  // 91: fireworks.v1.VolumeService.GetVolume:input_type -> fireworks.v1.GetVolumeRequest
-	84,  // 92: fireworks.v1.VolumeService.DeleteVolume:input_type -> fireworks.v1.DeleteVolumeRequest
-	76,  // 93: fireworks.v1.VolumeService.ShareVolume:input_type -> fireworks.v1.ShareVolumeRequest
-	86,  // 94: fireworks.v1.VolumeService.MoveVolume:input_type -> fireworks.v1.MoveVolumeRequest
-	88,  // 95: fireworks.v1.VolumeService.ExportVolume:input_type -> fireworks.v1.ExportVolumeRequest
-	90,  // 96: fireworks.v1.VolumeService.ImportVolume:input_type -> fireworks.v1.ImportVolumeRequest
-	54,  // 97: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
-	57,  // 98: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
-	59,  // 99: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
-	70,  // 100: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
-	72,  // 101: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
-	63,  // 102: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
-	65,  // 103: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
-	67,  // 104: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
-	92,  // 105: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
-	95,  // 106: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
-	97,  // 107: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
-	99,  // 108: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
-	27,  // 109: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
-	29,  // 110: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
-	31,  // 111: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
-	33,  // 112: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
-	35,  // 113: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
-	11,  // 114: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
-	22,  // 115: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
-	8,   // 116: fireworks.v1.SandboxService.MigrateSandbox:output_type -> fireworks.v1.MigrateSandboxResponse
-	20,  // 117: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
-	14,  // 118: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
-	16,  // 119: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
-	18,  // 120: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
-	41,  // 121: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
-	43,  // 122: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
-	46,  // 123: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
-	48,  // 124: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
-	50,  // 125: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
-	52,  // 126: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
-	79,  // 127: fireworks.v1.VolumeService.CreateVolume:output_type -> fireworks.v1.CreateVolumeResponse
-	81,  // 128: fireworks.v1.VolumeService.ListVolumes:output_type -> fireworks.v1.ListVolumesResponse
-	83,  // 129: fireworks.v1.VolumeService.GetVolume:output_type -> fireworks.v1.GetVolumeResponse
-	85,  // 130: fireworks.v1.VolumeService.DeleteVolume:output_type -> fireworks.v1.DeleteVolumeResponse
-	77,  // 131: fireworks.v1.VolumeService.ShareVolume:output_type -> fireworks.v1.ShareVolumeResponse
-	87,  // 132: fireworks.v1.VolumeService.MoveVolume:output_type -> fireworks.v1.MoveVolumeResponse
-	89,  // 133: fireworks.v1.VolumeService.ExportVolume:output_type -> fireworks.v1.ExportVolumeResponse
-	91,  // 134: fireworks.v1.VolumeService.ImportVolume:output_type -> fireworks.v1.ImportVolumeResponse
-	55,  // 135: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
-	58,  // 136: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
-	60,  // 137: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
-	71,  // 138: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
-	73,  // 139: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
-	64,  // 140: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
-	66,  // 141: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
-	68,  // 142: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
-	93,  // 143: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
-	96,  // 144: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
-	98,  // 145: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
-	100, // 146: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
-	109, // [109:147] is the sub-list for method output_type
-	71,  // [71:109] is the sub-list for method input_type
-	71,  // [71:71] is the sub-list for extension type_name
-	71,  // [71:71] is the sub-list for extension extendee
-	0,   // [0:71] is the sub-list for field type_name
+	112, // 3: fireworks.v1.SandboxSpec.metadata:type_name -> fireworks.v1.SandboxSpec.MetadataEntry
+	114, // 4: fireworks.v1.SandboxSpec.lifetime:type_name -> google.protobuf.Duration
+	115, // 5: fireworks.v1.Event.time:type_name -> google.protobuf.Timestamp
+	0,   // 6: fireworks.v1.Sandbox.spec:type_name -> fireworks.v1.SandboxSpec
+	115, // 7: fireworks.v1.Sandbox.created_at:type_name -> google.protobuf.Timestamp
+	115, // 8: fireworks.v1.Sandbox.started_at:type_name -> google.protobuf.Timestamp
+	115, // 9: fireworks.v1.Sandbox.finished_at:type_name -> google.protobuf.Timestamp
+	4,   // 10: fireworks.v1.Sandbox.events:type_name -> fireworks.v1.Event
+	113, // 11: fireworks.v1.Sandbox.details:type_name -> fireworks.v1.Sandbox.DetailsEntry
+	3,   // 12: fireworks.v1.Sandbox.network:type_name -> fireworks.v1.NetworkStatus
+	9,   // 13: fireworks.v1.Sandbox.saved:type_name -> fireworks.v1.SavedState
+	6,   // 14: fireworks.v1.Sandbox.migration:type_name -> fireworks.v1.Migration
+	6,   // 15: fireworks.v1.Sandbox.migrations:type_name -> fireworks.v1.Migration
+	25,  // 16: fireworks.v1.Sandbox.group:type_name -> fireworks.v1.Group
+	115, // 17: fireworks.v1.Sandbox.end_at:type_name -> google.protobuf.Timestamp
+	115, // 18: fireworks.v1.Migration.started:type_name -> google.protobuf.Timestamp
+	115, // 19: fireworks.v1.Migration.ended:type_name -> google.protobuf.Timestamp
+	5,   // 20: fireworks.v1.MigrateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	6,   // 21: fireworks.v1.MigrateSandboxResponse.migration:type_name -> fireworks.v1.Migration
+	115, // 22: fireworks.v1.SavedState.at:type_name -> google.protobuf.Timestamp
+	5,   // 23: fireworks.v1.PauseSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	115, // 24: fireworks.v1.Snapshot.created_at:type_name -> google.protobuf.Timestamp
+	12,  // 25: fireworks.v1.CreateSnapshotResponse.snapshot:type_name -> fireworks.v1.Snapshot
+	12,  // 26: fireworks.v1.ListSnapshotsResponse.snapshots:type_name -> fireworks.v1.Snapshot
+	5,   // 27: fireworks.v1.ForkSandboxResponse.forks:type_name -> fireworks.v1.Sandbox
+	114, // 28: fireworks.v1.ResumeSandboxRequest.lifetime:type_name -> google.protobuf.Duration
+	5,   // 29: fireworks.v1.ResumeSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	0,   // 30: fireworks.v1.CreateSandboxRequest.spec:type_name -> fireworks.v1.SandboxSpec
+	24,  // 31: fireworks.v1.CreateSandboxRequest.sidecars:type_name -> fireworks.v1.Sidecar
+	0,   // 32: fireworks.v1.Sidecar.spec:type_name -> fireworks.v1.SandboxSpec
+	26,  // 33: fireworks.v1.Group.members:type_name -> fireworks.v1.GroupMember
+	5,   // 34: fireworks.v1.CreateSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	5,   // 35: fireworks.v1.GetSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	5,   // 36: fireworks.v1.ListSandboxesResponse.sandboxes:type_name -> fireworks.v1.Sandbox
+	114, // 37: fireworks.v1.SetLifetimeRequest.lifetime:type_name -> google.protobuf.Duration
+	5,   // 38: fireworks.v1.SetLifetimeResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	114, // 39: fireworks.v1.StopSandboxRequest.grace:type_name -> google.protobuf.Duration
+	5,   // 40: fireworks.v1.StopSandboxResponse.sandbox:type_name -> fireworks.v1.Sandbox
+	41,  // 41: fireworks.v1.AttachRequest.start:type_name -> fireworks.v1.AttachStart
+	38,  // 42: fireworks.v1.AttachRequest.resize:type_name -> fireworks.v1.Resize
+	39,  // 43: fireworks.v1.AttachResponse.output:type_name -> fireworks.v1.Output
+	40,  // 44: fireworks.v1.AttachResponse.exit:type_name -> fireworks.v1.Exit
+	39,  // 45: fireworks.v1.LogsResponse.output:type_name -> fireworks.v1.Output
+	46,  // 46: fireworks.v1.ExecRequest.start:type_name -> fireworks.v1.ExecStart
+	38,  // 47: fireworks.v1.ExecRequest.resize:type_name -> fireworks.v1.Resize
+	39,  // 48: fireworks.v1.ExecResponse.output:type_name -> fireworks.v1.Output
+	40,  // 49: fireworks.v1.ExecResponse.exit:type_name -> fireworks.v1.Exit
+	3,   // 50: fireworks.v1.SetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	3,   // 51: fireworks.v1.GetPolicyResponse.network:type_name -> fireworks.v1.NetworkStatus
+	115, // 52: fireworks.v1.Image.created:type_name -> google.protobuf.Timestamp
+	58,  // 53: fireworks.v1.PullImageResponse.progress:type_name -> fireworks.v1.PullProgress
+	55,  // 54: fireworks.v1.PullImageResponse.image:type_name -> fireworks.v1.Image
+	55,  // 55: fireworks.v1.ListImagesResponse.images:type_name -> fireworks.v1.Image
+	115, // 56: fireworks.v1.Pool.updated_at:type_name -> google.protobuf.Timestamp
+	64,  // 57: fireworks.v1.Pool.nodes:type_name -> fireworks.v1.PoolNodeStatus
+	63,  // 58: fireworks.v1.SetPoolRequest.pool:type_name -> fireworks.v1.Pool
+	63,  // 59: fireworks.v1.SetPoolResponse.pool:type_name -> fireworks.v1.Pool
+	63,  // 60: fireworks.v1.ListPoolsResponse.pools:type_name -> fireworks.v1.Pool
+	115, // 61: fireworks.v1.Template.last_used:type_name -> google.protobuf.Timestamp
+	71,  // 62: fireworks.v1.WarmImageResponse.template:type_name -> fireworks.v1.Template
+	114, // 63: fireworks.v1.WarmImageResponse.build_time:type_name -> google.protobuf.Duration
+	71,  // 64: fireworks.v1.ListTemplatesResponse.templates:type_name -> fireworks.v1.Template
+	115, // 65: fireworks.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	77,  // 66: fireworks.v1.Volume.shares:type_name -> fireworks.v1.VolumeShare
+	76,  // 67: fireworks.v1.ShareVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	76,  // 68: fireworks.v1.CreateVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	76,  // 69: fireworks.v1.ListVolumesResponse.volumes:type_name -> fireworks.v1.Volume
+	76,  // 70: fireworks.v1.GetVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	76,  // 71: fireworks.v1.MoveVolumeResponse.volume:type_name -> fireworks.v1.Volume
+	115, // 72: fireworks.v1.Token.created_at:type_name -> google.protobuf.Timestamp
+	115, // 73: fireworks.v1.Token.expires_at:type_name -> google.protobuf.Timestamp
+	114, // 74: fireworks.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	96,  // 75: fireworks.v1.CreateTokenResponse.token:type_name -> fireworks.v1.Token
+	96,  // 76: fireworks.v1.ListTokensResponse.tokens:type_name -> fireworks.v1.Token
+	115, // 77: fireworks.v1.NamedTemplate.created_at:type_name -> google.protobuf.Timestamp
+	103, // 78: fireworks.v1.CreateTemplateRequest.template:type_name -> fireworks.v1.NamedTemplate
+	103, // 79: fireworks.v1.CreateTemplateResponse.template:type_name -> fireworks.v1.NamedTemplate
+	103, // 80: fireworks.v1.ListNamedTemplatesResponse.templates:type_name -> fireworks.v1.NamedTemplate
+	103, // 81: fireworks.v1.GetTemplateResponse.template:type_name -> fireworks.v1.NamedTemplate
+	23,  // 82: fireworks.v1.SandboxService.CreateSandbox:input_type -> fireworks.v1.CreateSandboxRequest
+	28,  // 83: fireworks.v1.SandboxService.GetSandbox:input_type -> fireworks.v1.GetSandboxRequest
+	30,  // 84: fireworks.v1.SandboxService.ListSandboxes:input_type -> fireworks.v1.ListSandboxesRequest
+	34,  // 85: fireworks.v1.SandboxService.StopSandbox:input_type -> fireworks.v1.StopSandboxRequest
+	32,  // 86: fireworks.v1.SandboxService.SetLifetime:input_type -> fireworks.v1.SetLifetimeRequest
+	36,  // 87: fireworks.v1.SandboxService.RemoveSandbox:input_type -> fireworks.v1.RemoveSandboxRequest
+	10,  // 88: fireworks.v1.SandboxService.PauseSandbox:input_type -> fireworks.v1.PauseSandboxRequest
+	21,  // 89: fireworks.v1.SandboxService.ResumeSandbox:input_type -> fireworks.v1.ResumeSandboxRequest
+	7,   // 90: fireworks.v1.SandboxService.MigrateSandbox:input_type -> fireworks.v1.MigrateSandboxRequest
+	19,  // 91: fireworks.v1.SandboxService.ForkSandbox:input_type -> fireworks.v1.ForkSandboxRequest
+	13,  // 92: fireworks.v1.SandboxService.CreateSnapshot:input_type -> fireworks.v1.CreateSnapshotRequest
+	15,  // 93: fireworks.v1.SandboxService.ListSnapshots:input_type -> fireworks.v1.ListSnapshotsRequest
+	17,  // 94: fireworks.v1.SandboxService.DeleteSnapshot:input_type -> fireworks.v1.DeleteSnapshotRequest
+	42,  // 95: fireworks.v1.SandboxService.Attach:input_type -> fireworks.v1.AttachRequest
+	44,  // 96: fireworks.v1.SandboxService.Logs:input_type -> fireworks.v1.LogsRequest
+	47,  // 97: fireworks.v1.SandboxService.Exec:input_type -> fireworks.v1.ExecRequest
+	49,  // 98: fireworks.v1.SandboxService.SetPolicy:input_type -> fireworks.v1.SetPolicyRequest
+	51,  // 99: fireworks.v1.SandboxService.GetPolicy:input_type -> fireworks.v1.GetPolicyRequest
+	53,  // 100: fireworks.v1.SandboxService.PortForward:input_type -> fireworks.v1.PortForwardRequest
+	80,  // 101: fireworks.v1.VolumeService.CreateVolume:input_type -> fireworks.v1.CreateVolumeRequest
+	82,  // 102: fireworks.v1.VolumeService.ListVolumes:input_type -> fireworks.v1.ListVolumesRequest
+	84,  // 103: fireworks.v1.VolumeService.GetVolume:input_type -> fireworks.v1.GetVolumeRequest
+	86,  // 104: fireworks.v1.VolumeService.DeleteVolume:input_type -> fireworks.v1.DeleteVolumeRequest
+	78,  // 105: fireworks.v1.VolumeService.ShareVolume:input_type -> fireworks.v1.ShareVolumeRequest
+	88,  // 106: fireworks.v1.VolumeService.MoveVolume:input_type -> fireworks.v1.MoveVolumeRequest
+	90,  // 107: fireworks.v1.VolumeService.ExportVolume:input_type -> fireworks.v1.ExportVolumeRequest
+	92,  // 108: fireworks.v1.VolumeService.ImportVolume:input_type -> fireworks.v1.ImportVolumeRequest
+	56,  // 109: fireworks.v1.ImageService.PullImage:input_type -> fireworks.v1.PullImageRequest
+	59,  // 110: fireworks.v1.ImageService.ListImages:input_type -> fireworks.v1.ListImagesRequest
+	61,  // 111: fireworks.v1.ImageService.RemoveImage:input_type -> fireworks.v1.RemoveImageRequest
+	72,  // 112: fireworks.v1.ImageService.WarmImage:input_type -> fireworks.v1.WarmImageRequest
+	74,  // 113: fireworks.v1.ImageService.ListTemplates:input_type -> fireworks.v1.ListTemplatesRequest
+	65,  // 114: fireworks.v1.ImageService.SetPool:input_type -> fireworks.v1.SetPoolRequest
+	67,  // 115: fireworks.v1.ImageService.ListPools:input_type -> fireworks.v1.ListPoolsRequest
+	69,  // 116: fireworks.v1.ImageService.DeletePool:input_type -> fireworks.v1.DeletePoolRequest
+	94,  // 117: fireworks.v1.SystemService.Info:input_type -> fireworks.v1.InfoRequest
+	97,  // 118: fireworks.v1.TokenService.CreateToken:input_type -> fireworks.v1.CreateTokenRequest
+	99,  // 119: fireworks.v1.TokenService.ListTokens:input_type -> fireworks.v1.ListTokensRequest
+	101, // 120: fireworks.v1.TokenService.RevokeToken:input_type -> fireworks.v1.RevokeTokenRequest
+	104, // 121: fireworks.v1.TemplateService.CreateTemplate:input_type -> fireworks.v1.CreateTemplateRequest
+	106, // 122: fireworks.v1.TemplateService.ListNamedTemplates:input_type -> fireworks.v1.ListNamedTemplatesRequest
+	108, // 123: fireworks.v1.TemplateService.GetTemplate:input_type -> fireworks.v1.GetTemplateRequest
+	110, // 124: fireworks.v1.TemplateService.DeleteTemplate:input_type -> fireworks.v1.DeleteTemplateRequest
+	27,  // 125: fireworks.v1.SandboxService.CreateSandbox:output_type -> fireworks.v1.CreateSandboxResponse
+	29,  // 126: fireworks.v1.SandboxService.GetSandbox:output_type -> fireworks.v1.GetSandboxResponse
+	31,  // 127: fireworks.v1.SandboxService.ListSandboxes:output_type -> fireworks.v1.ListSandboxesResponse
+	35,  // 128: fireworks.v1.SandboxService.StopSandbox:output_type -> fireworks.v1.StopSandboxResponse
+	33,  // 129: fireworks.v1.SandboxService.SetLifetime:output_type -> fireworks.v1.SetLifetimeResponse
+	37,  // 130: fireworks.v1.SandboxService.RemoveSandbox:output_type -> fireworks.v1.RemoveSandboxResponse
+	11,  // 131: fireworks.v1.SandboxService.PauseSandbox:output_type -> fireworks.v1.PauseSandboxResponse
+	22,  // 132: fireworks.v1.SandboxService.ResumeSandbox:output_type -> fireworks.v1.ResumeSandboxResponse
+	8,   // 133: fireworks.v1.SandboxService.MigrateSandbox:output_type -> fireworks.v1.MigrateSandboxResponse
+	20,  // 134: fireworks.v1.SandboxService.ForkSandbox:output_type -> fireworks.v1.ForkSandboxResponse
+	14,  // 135: fireworks.v1.SandboxService.CreateSnapshot:output_type -> fireworks.v1.CreateSnapshotResponse
+	16,  // 136: fireworks.v1.SandboxService.ListSnapshots:output_type -> fireworks.v1.ListSnapshotsResponse
+	18,  // 137: fireworks.v1.SandboxService.DeleteSnapshot:output_type -> fireworks.v1.DeleteSnapshotResponse
+	43,  // 138: fireworks.v1.SandboxService.Attach:output_type -> fireworks.v1.AttachResponse
+	45,  // 139: fireworks.v1.SandboxService.Logs:output_type -> fireworks.v1.LogsResponse
+	48,  // 140: fireworks.v1.SandboxService.Exec:output_type -> fireworks.v1.ExecResponse
+	50,  // 141: fireworks.v1.SandboxService.SetPolicy:output_type -> fireworks.v1.SetPolicyResponse
+	52,  // 142: fireworks.v1.SandboxService.GetPolicy:output_type -> fireworks.v1.GetPolicyResponse
+	54,  // 143: fireworks.v1.SandboxService.PortForward:output_type -> fireworks.v1.PortForwardResponse
+	81,  // 144: fireworks.v1.VolumeService.CreateVolume:output_type -> fireworks.v1.CreateVolumeResponse
+	83,  // 145: fireworks.v1.VolumeService.ListVolumes:output_type -> fireworks.v1.ListVolumesResponse
+	85,  // 146: fireworks.v1.VolumeService.GetVolume:output_type -> fireworks.v1.GetVolumeResponse
+	87,  // 147: fireworks.v1.VolumeService.DeleteVolume:output_type -> fireworks.v1.DeleteVolumeResponse
+	79,  // 148: fireworks.v1.VolumeService.ShareVolume:output_type -> fireworks.v1.ShareVolumeResponse
+	89,  // 149: fireworks.v1.VolumeService.MoveVolume:output_type -> fireworks.v1.MoveVolumeResponse
+	91,  // 150: fireworks.v1.VolumeService.ExportVolume:output_type -> fireworks.v1.ExportVolumeResponse
+	93,  // 151: fireworks.v1.VolumeService.ImportVolume:output_type -> fireworks.v1.ImportVolumeResponse
+	57,  // 152: fireworks.v1.ImageService.PullImage:output_type -> fireworks.v1.PullImageResponse
+	60,  // 153: fireworks.v1.ImageService.ListImages:output_type -> fireworks.v1.ListImagesResponse
+	62,  // 154: fireworks.v1.ImageService.RemoveImage:output_type -> fireworks.v1.RemoveImageResponse
+	73,  // 155: fireworks.v1.ImageService.WarmImage:output_type -> fireworks.v1.WarmImageResponse
+	75,  // 156: fireworks.v1.ImageService.ListTemplates:output_type -> fireworks.v1.ListTemplatesResponse
+	66,  // 157: fireworks.v1.ImageService.SetPool:output_type -> fireworks.v1.SetPoolResponse
+	68,  // 158: fireworks.v1.ImageService.ListPools:output_type -> fireworks.v1.ListPoolsResponse
+	70,  // 159: fireworks.v1.ImageService.DeletePool:output_type -> fireworks.v1.DeletePoolResponse
+	95,  // 160: fireworks.v1.SystemService.Info:output_type -> fireworks.v1.InfoResponse
+	98,  // 161: fireworks.v1.TokenService.CreateToken:output_type -> fireworks.v1.CreateTokenResponse
+	100, // 162: fireworks.v1.TokenService.ListTokens:output_type -> fireworks.v1.ListTokensResponse
+	102, // 163: fireworks.v1.TokenService.RevokeToken:output_type -> fireworks.v1.RevokeTokenResponse
+	105, // 164: fireworks.v1.TemplateService.CreateTemplate:output_type -> fireworks.v1.CreateTemplateResponse
+	107, // 165: fireworks.v1.TemplateService.ListNamedTemplates:output_type -> fireworks.v1.ListNamedTemplatesResponse
+	109, // 166: fireworks.v1.TemplateService.GetTemplate:output_type -> fireworks.v1.GetTemplateResponse
+	111, // 167: fireworks.v1.TemplateService.DeleteTemplate:output_type -> fireworks.v1.DeleteTemplateResponse
+	125, // [125:168] is the sub-list for method output_type
+	82,  // [82:125] is the sub-list for method input_type
+	82,  // [82:82] is the sub-list for extension type_name
+	82,  // [82:82] is the sub-list for extension extendee
+	0,   // [0:82] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_fireworks_proto_init() }
@@ -7187,29 +7897,29 @@ func file_fireworks_v1_fireworks_proto_init() {
 	if File_fireworks_v1_fireworks_proto != nil {
 		return
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[40].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[42].OneofWrappers = []any{
 		(*AttachRequest_Start)(nil),
 		(*AttachRequest_Stdin)(nil),
 		(*AttachRequest_StdinClose)(nil),
 		(*AttachRequest_Resize)(nil),
 		(*AttachRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[41].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[43].OneofWrappers = []any{
 		(*AttachResponse_Output)(nil),
 		(*AttachResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[45].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[47].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinClose)(nil),
 		(*ExecRequest_Resize)(nil),
 		(*ExecRequest_Signal)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[46].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[48].OneofWrappers = []any{
 		(*ExecResponse_Output)(nil),
 		(*ExecResponse_Exit)(nil),
 	}
-	file_fireworks_v1_fireworks_proto_msgTypes[55].OneofWrappers = []any{
+	file_fireworks_v1_fireworks_proto_msgTypes[57].OneofWrappers = []any{
 		(*PullImageResponse_Progress)(nil),
 		(*PullImageResponse_Image)(nil),
 	}
@@ -7219,9 +7929,9 @@ func file_fireworks_v1_fireworks_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_fireworks_proto_rawDesc), len(file_fireworks_v1_fireworks_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   102,
+			NumMessages:   114,
 			NumExtensions: 0,
-			NumServices:   5,
+			NumServices:   6,
 		},
 		GoTypes:           file_fireworks_v1_fireworks_proto_goTypes,
 		DependencyIndexes: file_fireworks_v1_fireworks_proto_depIdxs,

@@ -34,6 +34,8 @@ const (
 	SystemServiceName = "fireworks.v1.SystemService"
 	// TokenServiceName is the fully-qualified name of the TokenService service.
 	TokenServiceName = "fireworks.v1.TokenService"
+	// TemplateServiceName is the fully-qualified name of the TemplateService service.
+	TemplateServiceName = "fireworks.v1.TemplateService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -56,6 +58,9 @@ const (
 	// SandboxServiceStopSandboxProcedure is the fully-qualified name of the SandboxService's
 	// StopSandbox RPC.
 	SandboxServiceStopSandboxProcedure = "/fireworks.v1.SandboxService/StopSandbox"
+	// SandboxServiceSetLifetimeProcedure is the fully-qualified name of the SandboxService's
+	// SetLifetime RPC.
+	SandboxServiceSetLifetimeProcedure = "/fireworks.v1.SandboxService/SetLifetime"
 	// SandboxServiceRemoveSandboxProcedure is the fully-qualified name of the SandboxService's
 	// RemoveSandbox RPC.
 	SandboxServiceRemoveSandboxProcedure = "/fireworks.v1.SandboxService/RemoveSandbox"
@@ -146,6 +151,18 @@ const (
 	// TokenServiceRevokeTokenProcedure is the fully-qualified name of the TokenService's RevokeToken
 	// RPC.
 	TokenServiceRevokeTokenProcedure = "/fireworks.v1.TokenService/RevokeToken"
+	// TemplateServiceCreateTemplateProcedure is the fully-qualified name of the TemplateService's
+	// CreateTemplate RPC.
+	TemplateServiceCreateTemplateProcedure = "/fireworks.v1.TemplateService/CreateTemplate"
+	// TemplateServiceListNamedTemplatesProcedure is the fully-qualified name of the TemplateService's
+	// ListNamedTemplates RPC.
+	TemplateServiceListNamedTemplatesProcedure = "/fireworks.v1.TemplateService/ListNamedTemplates"
+	// TemplateServiceGetTemplateProcedure is the fully-qualified name of the TemplateService's
+	// GetTemplate RPC.
+	TemplateServiceGetTemplateProcedure = "/fireworks.v1.TemplateService/GetTemplate"
+	// TemplateServiceDeleteTemplateProcedure is the fully-qualified name of the TemplateService's
+	// DeleteTemplate RPC.
+	TemplateServiceDeleteTemplateProcedure = "/fireworks.v1.TemplateService/DeleteTemplate"
 )
 
 // SandboxServiceClient is a client for the fireworks.v1.SandboxService service.
@@ -154,6 +171,8 @@ type SandboxServiceClient interface {
 	GetSandbox(context.Context, *connect.Request[fireworksv1.GetSandboxRequest]) (*connect.Response[fireworksv1.GetSandboxResponse], error)
 	ListSandboxes(context.Context, *connect.Request[fireworksv1.ListSandboxesRequest]) (*connect.Response[fireworksv1.ListSandboxesResponse], error)
 	StopSandbox(context.Context, *connect.Request[fireworksv1.StopSandboxRequest]) (*connect.Response[fireworksv1.StopSandboxResponse], error)
+	// Moves the end of a sandbox's lifetime (E2B's setTimeout).
+	SetLifetime(context.Context, *connect.Request[fireworksv1.SetLifetimeRequest]) (*connect.Response[fireworksv1.SetLifetimeResponse], error)
 	RemoveSandbox(context.Context, *connect.Request[fireworksv1.RemoveSandboxRequest]) (*connect.Response[fireworksv1.RemoveSandboxResponse], error)
 	// Pause saves a running sandbox whole (memory, devices, scratch disk) on its node and
 	// ends its VM: it keeps its ID and holds no CPU or RAM until Resume. Both return once
@@ -217,6 +236,12 @@ func NewSandboxServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			httpClient,
 			baseURL+SandboxServiceStopSandboxProcedure,
 			connect.WithSchema(sandboxServiceMethods.ByName("StopSandbox")),
+			connect.WithClientOptions(opts...),
+		),
+		setLifetime: connect.NewClient[fireworksv1.SetLifetimeRequest, fireworksv1.SetLifetimeResponse](
+			httpClient,
+			baseURL+SandboxServiceSetLifetimeProcedure,
+			connect.WithSchema(sandboxServiceMethods.ByName("SetLifetime")),
 			connect.WithClientOptions(opts...),
 		),
 		removeSandbox: connect.NewClient[fireworksv1.RemoveSandboxRequest, fireworksv1.RemoveSandboxResponse](
@@ -312,6 +337,7 @@ type sandboxServiceClient struct {
 	getSandbox     *connect.Client[fireworksv1.GetSandboxRequest, fireworksv1.GetSandboxResponse]
 	listSandboxes  *connect.Client[fireworksv1.ListSandboxesRequest, fireworksv1.ListSandboxesResponse]
 	stopSandbox    *connect.Client[fireworksv1.StopSandboxRequest, fireworksv1.StopSandboxResponse]
+	setLifetime    *connect.Client[fireworksv1.SetLifetimeRequest, fireworksv1.SetLifetimeResponse]
 	removeSandbox  *connect.Client[fireworksv1.RemoveSandboxRequest, fireworksv1.RemoveSandboxResponse]
 	pauseSandbox   *connect.Client[fireworksv1.PauseSandboxRequest, fireworksv1.PauseSandboxResponse]
 	resumeSandbox  *connect.Client[fireworksv1.ResumeSandboxRequest, fireworksv1.ResumeSandboxResponse]
@@ -346,6 +372,11 @@ func (c *sandboxServiceClient) ListSandboxes(ctx context.Context, req *connect.R
 // StopSandbox calls fireworks.v1.SandboxService.StopSandbox.
 func (c *sandboxServiceClient) StopSandbox(ctx context.Context, req *connect.Request[fireworksv1.StopSandboxRequest]) (*connect.Response[fireworksv1.StopSandboxResponse], error) {
 	return c.stopSandbox.CallUnary(ctx, req)
+}
+
+// SetLifetime calls fireworks.v1.SandboxService.SetLifetime.
+func (c *sandboxServiceClient) SetLifetime(ctx context.Context, req *connect.Request[fireworksv1.SetLifetimeRequest]) (*connect.Response[fireworksv1.SetLifetimeResponse], error) {
+	return c.setLifetime.CallUnary(ctx, req)
 }
 
 // RemoveSandbox calls fireworks.v1.SandboxService.RemoveSandbox.
@@ -424,6 +455,8 @@ type SandboxServiceHandler interface {
 	GetSandbox(context.Context, *connect.Request[fireworksv1.GetSandboxRequest]) (*connect.Response[fireworksv1.GetSandboxResponse], error)
 	ListSandboxes(context.Context, *connect.Request[fireworksv1.ListSandboxesRequest]) (*connect.Response[fireworksv1.ListSandboxesResponse], error)
 	StopSandbox(context.Context, *connect.Request[fireworksv1.StopSandboxRequest]) (*connect.Response[fireworksv1.StopSandboxResponse], error)
+	// Moves the end of a sandbox's lifetime (E2B's setTimeout).
+	SetLifetime(context.Context, *connect.Request[fireworksv1.SetLifetimeRequest]) (*connect.Response[fireworksv1.SetLifetimeResponse], error)
 	RemoveSandbox(context.Context, *connect.Request[fireworksv1.RemoveSandboxRequest]) (*connect.Response[fireworksv1.RemoveSandboxResponse], error)
 	// Pause saves a running sandbox whole (memory, devices, scratch disk) on its node and
 	// ends its VM: it keeps its ID and holds no CPU or RAM until Resume. Both return once
@@ -483,6 +516,12 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 		SandboxServiceStopSandboxProcedure,
 		svc.StopSandbox,
 		connect.WithSchema(sandboxServiceMethods.ByName("StopSandbox")),
+		connect.WithHandlerOptions(opts...),
+	)
+	sandboxServiceSetLifetimeHandler := connect.NewUnaryHandler(
+		SandboxServiceSetLifetimeProcedure,
+		svc.SetLifetime,
+		connect.WithSchema(sandboxServiceMethods.ByName("SetLifetime")),
 		connect.WithHandlerOptions(opts...),
 	)
 	sandboxServiceRemoveSandboxHandler := connect.NewUnaryHandler(
@@ -579,6 +618,8 @@ func NewSandboxServiceHandler(svc SandboxServiceHandler, opts ...connect.Handler
 			sandboxServiceListSandboxesHandler.ServeHTTP(w, r)
 		case SandboxServiceStopSandboxProcedure:
 			sandboxServiceStopSandboxHandler.ServeHTTP(w, r)
+		case SandboxServiceSetLifetimeProcedure:
+			sandboxServiceSetLifetimeHandler.ServeHTTP(w, r)
 		case SandboxServiceRemoveSandboxProcedure:
 			sandboxServiceRemoveSandboxHandler.ServeHTTP(w, r)
 		case SandboxServicePauseSandboxProcedure:
@@ -630,6 +671,10 @@ func (UnimplementedSandboxServiceHandler) ListSandboxes(context.Context, *connec
 
 func (UnimplementedSandboxServiceHandler) StopSandbox(context.Context, *connect.Request[fireworksv1.StopSandboxRequest]) (*connect.Response[fireworksv1.StopSandboxResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.StopSandbox is not implemented"))
+}
+
+func (UnimplementedSandboxServiceHandler) SetLifetime(context.Context, *connect.Request[fireworksv1.SetLifetimeRequest]) (*connect.Response[fireworksv1.SetLifetimeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.SandboxService.SetLifetime is not implemented"))
 }
 
 func (UnimplementedSandboxServiceHandler) RemoveSandbox(context.Context, *connect.Request[fireworksv1.RemoveSandboxRequest]) (*connect.Response[fireworksv1.RemoveSandboxResponse], error) {
@@ -1396,4 +1441,152 @@ func (UnimplementedTokenServiceHandler) ListTokens(context.Context, *connect.Req
 
 func (UnimplementedTokenServiceHandler) RevokeToken(context.Context, *connect.Request[fireworksv1.RevokeTokenRequest]) (*connect.Response[fireworksv1.RevokeTokenResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.TokenService.RevokeToken is not implemented"))
+}
+
+// TemplateServiceClient is a client for the fireworks.v1.TemplateService service.
+type TemplateServiceClient interface {
+	CreateTemplate(context.Context, *connect.Request[fireworksv1.CreateTemplateRequest]) (*connect.Response[fireworksv1.CreateTemplateResponse], error)
+	ListNamedTemplates(context.Context, *connect.Request[fireworksv1.ListNamedTemplatesRequest]) (*connect.Response[fireworksv1.ListNamedTemplatesResponse], error)
+	GetTemplate(context.Context, *connect.Request[fireworksv1.GetTemplateRequest]) (*connect.Response[fireworksv1.GetTemplateResponse], error)
+	DeleteTemplate(context.Context, *connect.Request[fireworksv1.DeleteTemplateRequest]) (*connect.Response[fireworksv1.DeleteTemplateResponse], error)
+}
+
+// NewTemplateServiceClient constructs a client for the fireworks.v1.TemplateService service. By
+// default, it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses,
+// and sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the
+// connect.WithGRPC() or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewTemplateServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) TemplateServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	templateServiceMethods := fireworksv1.File_fireworks_v1_fireworks_proto.Services().ByName("TemplateService").Methods()
+	return &templateServiceClient{
+		createTemplate: connect.NewClient[fireworksv1.CreateTemplateRequest, fireworksv1.CreateTemplateResponse](
+			httpClient,
+			baseURL+TemplateServiceCreateTemplateProcedure,
+			connect.WithSchema(templateServiceMethods.ByName("CreateTemplate")),
+			connect.WithClientOptions(opts...),
+		),
+		listNamedTemplates: connect.NewClient[fireworksv1.ListNamedTemplatesRequest, fireworksv1.ListNamedTemplatesResponse](
+			httpClient,
+			baseURL+TemplateServiceListNamedTemplatesProcedure,
+			connect.WithSchema(templateServiceMethods.ByName("ListNamedTemplates")),
+			connect.WithClientOptions(opts...),
+		),
+		getTemplate: connect.NewClient[fireworksv1.GetTemplateRequest, fireworksv1.GetTemplateResponse](
+			httpClient,
+			baseURL+TemplateServiceGetTemplateProcedure,
+			connect.WithSchema(templateServiceMethods.ByName("GetTemplate")),
+			connect.WithClientOptions(opts...),
+		),
+		deleteTemplate: connect.NewClient[fireworksv1.DeleteTemplateRequest, fireworksv1.DeleteTemplateResponse](
+			httpClient,
+			baseURL+TemplateServiceDeleteTemplateProcedure,
+			connect.WithSchema(templateServiceMethods.ByName("DeleteTemplate")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// templateServiceClient implements TemplateServiceClient.
+type templateServiceClient struct {
+	createTemplate     *connect.Client[fireworksv1.CreateTemplateRequest, fireworksv1.CreateTemplateResponse]
+	listNamedTemplates *connect.Client[fireworksv1.ListNamedTemplatesRequest, fireworksv1.ListNamedTemplatesResponse]
+	getTemplate        *connect.Client[fireworksv1.GetTemplateRequest, fireworksv1.GetTemplateResponse]
+	deleteTemplate     *connect.Client[fireworksv1.DeleteTemplateRequest, fireworksv1.DeleteTemplateResponse]
+}
+
+// CreateTemplate calls fireworks.v1.TemplateService.CreateTemplate.
+func (c *templateServiceClient) CreateTemplate(ctx context.Context, req *connect.Request[fireworksv1.CreateTemplateRequest]) (*connect.Response[fireworksv1.CreateTemplateResponse], error) {
+	return c.createTemplate.CallUnary(ctx, req)
+}
+
+// ListNamedTemplates calls fireworks.v1.TemplateService.ListNamedTemplates.
+func (c *templateServiceClient) ListNamedTemplates(ctx context.Context, req *connect.Request[fireworksv1.ListNamedTemplatesRequest]) (*connect.Response[fireworksv1.ListNamedTemplatesResponse], error) {
+	return c.listNamedTemplates.CallUnary(ctx, req)
+}
+
+// GetTemplate calls fireworks.v1.TemplateService.GetTemplate.
+func (c *templateServiceClient) GetTemplate(ctx context.Context, req *connect.Request[fireworksv1.GetTemplateRequest]) (*connect.Response[fireworksv1.GetTemplateResponse], error) {
+	return c.getTemplate.CallUnary(ctx, req)
+}
+
+// DeleteTemplate calls fireworks.v1.TemplateService.DeleteTemplate.
+func (c *templateServiceClient) DeleteTemplate(ctx context.Context, req *connect.Request[fireworksv1.DeleteTemplateRequest]) (*connect.Response[fireworksv1.DeleteTemplateResponse], error) {
+	return c.deleteTemplate.CallUnary(ctx, req)
+}
+
+// TemplateServiceHandler is an implementation of the fireworks.v1.TemplateService service.
+type TemplateServiceHandler interface {
+	CreateTemplate(context.Context, *connect.Request[fireworksv1.CreateTemplateRequest]) (*connect.Response[fireworksv1.CreateTemplateResponse], error)
+	ListNamedTemplates(context.Context, *connect.Request[fireworksv1.ListNamedTemplatesRequest]) (*connect.Response[fireworksv1.ListNamedTemplatesResponse], error)
+	GetTemplate(context.Context, *connect.Request[fireworksv1.GetTemplateRequest]) (*connect.Response[fireworksv1.GetTemplateResponse], error)
+	DeleteTemplate(context.Context, *connect.Request[fireworksv1.DeleteTemplateRequest]) (*connect.Response[fireworksv1.DeleteTemplateResponse], error)
+}
+
+// NewTemplateServiceHandler builds an HTTP handler from the service implementation. It returns the
+// path on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewTemplateServiceHandler(svc TemplateServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	templateServiceMethods := fireworksv1.File_fireworks_v1_fireworks_proto.Services().ByName("TemplateService").Methods()
+	templateServiceCreateTemplateHandler := connect.NewUnaryHandler(
+		TemplateServiceCreateTemplateProcedure,
+		svc.CreateTemplate,
+		connect.WithSchema(templateServiceMethods.ByName("CreateTemplate")),
+		connect.WithHandlerOptions(opts...),
+	)
+	templateServiceListNamedTemplatesHandler := connect.NewUnaryHandler(
+		TemplateServiceListNamedTemplatesProcedure,
+		svc.ListNamedTemplates,
+		connect.WithSchema(templateServiceMethods.ByName("ListNamedTemplates")),
+		connect.WithHandlerOptions(opts...),
+	)
+	templateServiceGetTemplateHandler := connect.NewUnaryHandler(
+		TemplateServiceGetTemplateProcedure,
+		svc.GetTemplate,
+		connect.WithSchema(templateServiceMethods.ByName("GetTemplate")),
+		connect.WithHandlerOptions(opts...),
+	)
+	templateServiceDeleteTemplateHandler := connect.NewUnaryHandler(
+		TemplateServiceDeleteTemplateProcedure,
+		svc.DeleteTemplate,
+		connect.WithSchema(templateServiceMethods.ByName("DeleteTemplate")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/fireworks.v1.TemplateService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case TemplateServiceCreateTemplateProcedure:
+			templateServiceCreateTemplateHandler.ServeHTTP(w, r)
+		case TemplateServiceListNamedTemplatesProcedure:
+			templateServiceListNamedTemplatesHandler.ServeHTTP(w, r)
+		case TemplateServiceGetTemplateProcedure:
+			templateServiceGetTemplateHandler.ServeHTTP(w, r)
+		case TemplateServiceDeleteTemplateProcedure:
+			templateServiceDeleteTemplateHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedTemplateServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedTemplateServiceHandler struct{}
+
+func (UnimplementedTemplateServiceHandler) CreateTemplate(context.Context, *connect.Request[fireworksv1.CreateTemplateRequest]) (*connect.Response[fireworksv1.CreateTemplateResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.TemplateService.CreateTemplate is not implemented"))
+}
+
+func (UnimplementedTemplateServiceHandler) ListNamedTemplates(context.Context, *connect.Request[fireworksv1.ListNamedTemplatesRequest]) (*connect.Response[fireworksv1.ListNamedTemplatesResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.TemplateService.ListNamedTemplates is not implemented"))
+}
+
+func (UnimplementedTemplateServiceHandler) GetTemplate(context.Context, *connect.Request[fireworksv1.GetTemplateRequest]) (*connect.Response[fireworksv1.GetTemplateResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.TemplateService.GetTemplate is not implemented"))
+}
+
+func (UnimplementedTemplateServiceHandler) DeleteTemplate(context.Context, *connect.Request[fireworksv1.DeleteTemplateRequest]) (*connect.Response[fireworksv1.DeleteTemplateResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.TemplateService.DeleteTemplate is not implemented"))
 }

@@ -1,0 +1,200 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+)
+
+// newTemplateCmd: named templates, what E2B's template IDs name.
+func newTemplateCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "template", Short: "Named templates: an image and a VM shape, registered under a name (E2B's templateID)"}
+	var (
+		memory, disk string
+		cpus         int
+		env          []string
+		replace      bool
+	)
+	register := func(ctx context.Context, name, image string) error {
+		t := &pb.NamedTemplate{Name: name, Image: image, Vcpus: int32(cpus), Env: env}
+		if memory != "" {
+			mib, err := parseMemory(memory)
+			if err != nil {
+				return fmt.Errorf("--memory: %w", err)
+			}
+			t.MemoryMib = int32(mib)
+		}
+		if disk != "" {
+			mib, err := parseMemory(disk)
+			if err != nil {
+				return fmt.Errorf("--disk: %w", err)
+			}
+			t.DiskMib = int32(mib)
+		}
+		c, err := g.client()
+		if err != nil {
+			return err
+		}
+		r, err := c.Templates.CreateTemplate(ctx, connect.NewRequest(&pb.CreateTemplateRequest{Template: t, Replace: replace}))
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(g.stdout, "%s\t%s\t%s\n", printable(r.Msg.GetTemplate().GetName()), r.Msg.GetTemplate().GetId(), printable(image))
+		return nil
+	}
+	shape := func(c *cobra.Command) {
+		c.Flags().IntVar(&cpus, "cpus", 0, "vCPUs of its sandboxes (default: the node's default)")
+		c.Flags().StringVar(&memory, "memory", "", "memory of its sandboxes, e.g. 512M or 2G")
+		c.Flags().StringVar(&disk, "disk", "", "scratch disk of its sandboxes, e.g. 2G")
+		c.Flags().StringArrayVarP(&env, "env", "e", nil, "environment variable KEY=VALUE of its sandboxes (repeatable)")
+		c.Flags().BoolVar(&replace, "replace", false, "replace this token's template of the same name")
+	}
+	create := &cobra.Command{
+		Use:   "create NAME IMAGE",
+		Short: "Register IMAGE (any reference `run` takes) as template NAME",
+		Args:  cobra.ExactArgs(2),
+		RunE:  func(cmd *cobra.Command, args []string) error { return register(cmd.Context(), args[0], args[1]) },
+	}
+	shape(create)
+
+	var file, out string
+	build := &cobra.Command{
+		Use:   "build NAME -f Dockerfile [CONTEXT]",
+		Short: "Build an image from a Dockerfile with buildah (no Docker daemon) and register it as template NAME",
+		Long: `Build an image from a Dockerfile with buildah (Debian's, run as root: chroot isolation,
+vfs storage; no Docker daemon) into an OCI layout directory, then register that directory as
+template NAME (oci:DIR). The directory must be readable by the node that starts the
+template's sandboxes: on ` + "`fireworks dev`" + ` it is this machine.`,
+		Args: cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if file == "" {
+				return errors.New("-f Dockerfile is required")
+			}
+			bctx := "."
+			if len(args) == 2 {
+				bctx = args[1]
+			}
+			dir := out
+			if dir == "" {
+				dir = filepath.Join(DefaultDataDir(), "built-templates", args[0])
+			}
+			ref, err := buildahBuild(cmd.Context(), g, args[0], file, bctx, dir)
+			if err != nil {
+				return err
+			}
+			replace = true
+			return register(cmd.Context(), args[0], ref)
+		},
+	}
+	build.Flags().StringVarP(&file, "file", "f", "", "the Dockerfile")
+	build.Flags().StringVar(&out, "out", "", "OCI layout directory to write (default: DATA_DIR/built-templates/NAME)")
+	shape(build)
+
+	ls := &cobra.Command{
+		Use:   "ls",
+		Short: "List this token's templates",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			r, err := c.Templates.ListNamedTemplates(cmd.Context(), connect.NewRequest(&pb.ListNamedTemplatesRequest{}))
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(g.stdout, 2, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tID\tIMAGE\tCPUS\tMEMORY\tCREATED")
+			for _, t := range r.Msg.GetTemplates() {
+				mem := "-"
+				if t.GetMemoryMib() > 0 {
+					mem = fmt.Sprintf("%dM", t.GetMemoryMib())
+				}
+				cpu := "-"
+				if t.GetVcpus() > 0 {
+					cpu = fmt.Sprint(t.GetVcpus())
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", printable(t.GetName()), short(t.GetId()), printable(t.GetImage()), cpu, mem,
+					t.GetCreatedAt().AsTime().Local().Format(time.DateTime))
+			}
+			return tw.Flush()
+		},
+	}
+	rm := &cobra.Command{
+		Use:   "rm NAME...",
+		Short: "Remove templates (sandboxes started from them run on)",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			var errs []error
+			for _, a := range args {
+				if _, err := c.Templates.DeleteTemplate(cmd.Context(), connect.NewRequest(&pb.DeleteTemplateRequest{Template: a})); err != nil {
+					errs = append(errs, err)
+					continue
+				}
+				fmt.Fprintln(g.stdout, printable(a))
+			}
+			return errors.Join(errs...)
+		},
+	}
+	cmd.AddCommand(create, build, ls, rm)
+	return cmd
+}
+
+// buildahBuild builds dockerfile in bctx with buildah into the OCI layout dir and returns
+// the image reference (oci:DIR:latest). Its storage is a directory of its own, removed
+// afterwards: nothing of the build stays behind but the layout.
+func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir string) (string, error) {
+	if _, err := exec.LookPath("buildah"); err != nil {
+		return "", errors.New("template build needs buildah (Debian: apt-get install buildah; scripts/install-deps.sh installs it)")
+	}
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return "", err
+	}
+	store, err := os.MkdirTemp("", "fireworks-buildah-")
+	if err != nil {
+		return "", err
+	}
+	defer os.RemoveAll(store)
+	common := []string{"--root", filepath.Join(store, "root"), "--runroot", filepath.Join(store, "run"), "--storage-driver", "vfs"}
+	tag := "localhost/fireworks-template-build:latest"
+	run := func(args ...string) error {
+		c := exec.CommandContext(ctx, "buildah", append(append([]string{}, common...), args...)...)
+		c.Stdout, c.Stderr = g.stderr, g.stderr
+		// No registries configured: FROM names a local file (ADD/COPY) or scratch, or a
+		// registry reference the host's containers configuration resolves.
+		c.Env = append(os.Environ(), "BUILDAH_ISOLATION=chroot")
+		if err := c.Run(); err != nil {
+			return fmt.Errorf("buildah %s: %w", args[0], err)
+		}
+		return nil
+	}
+	if err := run("bud", "--isolation", "chroot", "--layers=false", "-f", dockerfile, "-t", tag, bctx); err != nil {
+		return "", err
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+		return "", err
+	}
+	if err := run("push", tag, "oci:"+dir+":latest"); err != nil {
+		return "", err
+	}
+	fmt.Fprintf(g.stderr, "built %s into %s\n", name, dir)
+	return "oci:" + dir + ":latest", nil
+}
