@@ -35,6 +35,7 @@ func main() {
 	flag.BoolVar(&cfg.SkipNetwork, "skip-network", false, "do not measure the network series")
 	flag.BoolVar(&cfg.OnlyMigration, "only-migration", false, "measure the live migration series alone")
 	flag.BoolVar(&cfg.SkipImages, "skip-images", false, "do not measure the first start of a large (≥1 GiB) and a small image")
+	flag.BoolVar(&cfg.SkipE2B, "skip-e2b", false, "do not measure Sandbox.create → first output through the real e2b SDK (Node.js, npm)")
 	flag.DurationVar(&cfg.NetSeconds, "net-time", 2*time.Second, "how long each throughput sample streams")
 	flag.IntVar(&cfg.NetRepeats, "net-repeats", 3, "throughput samples per direction, policy attached and detached")
 	debug := flag.Bool("debug", false, "log each measurement's details (e.g. every migration's nodes and timings); the bench cluster's processes log at debug level into DATA-DIR/cluster-logs")

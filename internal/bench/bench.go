@@ -49,6 +49,9 @@ type Config struct {
 	SkipNetwork bool
 	// SkipImages leaves out the first-start series of a large (≥1 GiB) and a small image.
 	SkipImages bool
+	// SkipE2B leaves out the E2B SDK rows (Sandbox.create → first output through the
+	// real SDK on Node.js, installed with npm).
+	SkipE2B bool
 	// OnlyMigration measures the live migration series alone (on its dev server).
 	OnlyMigration bool
 	NetSeconds    time.Duration
@@ -219,6 +222,12 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 
 	if err := measureOnDev(ctx, cfg, work, ref, rep); err != nil {
 		rep.fail(cfg.Log, "fireworks dev", err)
+	}
+
+	if !cfg.OnlyMigration && !cfg.SkipE2B {
+		if err := measureE2B(ctx, cfg, img, work, rep); err != nil {
+			rep.fail(cfg.Log, "E2B SDK", err)
+		}
 	}
 
 	if err := measureMigrationBetweenAgents(ctx, cfg, img, work, rep); err != nil {
