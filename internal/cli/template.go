@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"text/tabwriter"
 	"time"
 
@@ -67,14 +68,18 @@ func newTemplateCmd(g *globals) *cobra.Command {
 	}
 	shape(create)
 
-	var file, out string
+	var file, out, push string
+	tlsVerify := true
 	build := &cobra.Command{
-		Use:   "build NAME -f Dockerfile [CONTEXT]",
+		Use:   "build NAME -f Dockerfile [CONTEXT] [--push REGISTRY/REPO:TAG]",
 		Short: "Build an image from a Dockerfile with buildah (no Docker daemon) and register it as template NAME",
 		Long: `Build an image from a Dockerfile with buildah (Debian's, run as root: chroot isolation,
-vfs storage; no Docker daemon) into an OCI layout directory, then register that directory as
-template NAME (oci:DIR). The directory must be readable by the node that starts the
-template's sandboxes: on ` + "`fireworks dev`" + ` it is this machine.`,
+vfs storage; no Docker daemon), then register it as template NAME:
+
+  --push REF   push it to a registry and register REF (any token; the nodes pull it)
+  (default)    write an OCI layout directory (--out) and register oci:DIR: an admin's
+               token only (the node reads the directory from its own disk; on
+               ` + "`fireworks dev`" + ` that is this machine)`,
 		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if file == "" {
@@ -88,7 +93,7 @@ template's sandboxes: on ` + "`fireworks dev`" + ` it is this machine.`,
 			if dir == "" {
 				dir = filepath.Join(DefaultDataDir(), "built-templates", args[0])
 			}
-			ref, err := buildahBuild(cmd.Context(), g, args[0], file, bctx, dir)
+			ref, err := buildahBuild(cmd.Context(), g, args[0], file, bctx, dir, push, tlsVerify)
 			if err != nil {
 				return err
 			}
@@ -98,6 +103,8 @@ template's sandboxes: on ` + "`fireworks dev`" + ` it is this machine.`,
 	}
 	build.Flags().StringVarP(&file, "file", "f", "", "the Dockerfile")
 	build.Flags().StringVar(&out, "out", "", "OCI layout directory to write (default: DATA_DIR/built-templates/NAME)")
+	build.Flags().StringVar(&push, "push", "", "push the image to this registry reference and register that (instead of a local OCI layout)")
+	build.Flags().BoolVar(&tlsVerify, "tls-verify", true, "with --push: require HTTPS and a verified certificate from the registry")
 	shape(build)
 
 	ls := &cobra.Command{
@@ -154,10 +161,10 @@ template's sandboxes: on ` + "`fireworks dev`" + ` it is this machine.`,
 	return cmd
 }
 
-// buildahBuild builds dockerfile in bctx with buildah into the OCI layout dir and returns
-// the image reference (oci:DIR:latest). Its storage is a directory of its own, removed
+// buildahBuild builds dockerfile in bctx with buildah, pushes it to push (if set) or
+// writes it into the OCI layout dir, and returns the image reference. Its storage is a directory of its own, removed
 // afterwards: nothing of the build stays behind but the layout.
-func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir string) (string, error) {
+func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir, push string, tlsVerify bool) (string, error) {
 	if _, err := exec.LookPath("buildah"); err != nil {
 		return "", errors.New("template build needs buildah (Debian: apt-get install buildah; scripts/install-deps.sh installs it)")
 	}
@@ -185,6 +192,13 @@ func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir s
 	}
 	if err := run("bud", "--isolation", "chroot", "--layers=false", "-f", dockerfile, "-t", tag, bctx); err != nil {
 		return "", err
+	}
+	if push != "" {
+		if err := run("push", "--tls-verify="+strconv.FormatBool(tlsVerify), tag, "docker://"+push); err != nil {
+			return "", err
+		}
+		fmt.Fprintf(g.stderr, "built %s and pushed it to %s\n", name, push)
+		return push, nil
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		return "", err

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -206,6 +207,31 @@ func TestIngressCluster(t *testing.T) {
 		t.Errorf("unpublished port: %d, want 404", code)
 	}
 
+	// E2B's REST API on the standalone edge: each call is made with its own key (the
+	// edge's token gives none of its rights); a sandbox made through it runs on a node and
+	// its envd answers through the edge by E2B's headers.
+	e2bCall(t, e, "GET", "/v2/sandboxes", "", "", http.StatusUnauthorized)
+	e2bCall(t, e, "GET", "/v2/sandboxes", edgeToken, "", http.StatusForbidden)
+	if body := e2bCall(t, e, "GET", "/v2/sandboxes", userToken, "", http.StatusOK); strings.TrimSpace(body) != "[]" {
+		t.Errorf("the user's sandboxes through E2B's API: %s", body)
+	}
+	// (As the admin: a user's sandbox may not pull from the test registry's private address.)
+	mustFW(t, "template", "create", "cluster-e2b", image())
+	e2bCall(t, e, "POST", "/sandboxes", userToken, `{"templateID":"cluster-e2b"}`, http.StatusNotFound) // the admin's template
+	created := e2bCall(t, e, "POST", "/sandboxes", w.token, `{"templateID":"cluster-e2b","timeout":300,"metadata":{"k":"v"}}`, http.StatusCreated)
+	var sbx struct{ SandboxID, EnvdAccessToken string }
+	if err := json.Unmarshal([]byte(created), &sbx); err != nil || sbx.SandboxID == "" || sbx.EnvdAccessToken == "" {
+		t.Fatalf("create through E2B's API: %s (%v)", created, err)
+	}
+	envd := http.Header{"E2b-Sandbox-Id": {sbx.SandboxID}, "E2b-Sandbox-Port": {"49983"}}
+	// envd itself answers (through the node's tunnel): the path needs its token.
+	if body := e.waitFor(t, "anything.example", envd, http.StatusUnauthorized, minute); !strings.Contains(body, "X-Access-Token") {
+		t.Errorf("envd through the edge by E2B's headers: %q", body)
+	}
+	e2bCall(t, e, "DELETE", "/sandboxes/"+sbx.SandboxID, userToken, "", http.StatusNotFound) // not the user's
+	e2bCall(t, e, "DELETE", "/sandboxes/"+sbx.SandboxID, w.token, "", http.StatusNoContent)
+	e2bCall(t, e, "GET", "/sandboxes/"+sbx.SandboxID, w.token, "", http.StatusNotFound)
+
 	// The node side: only edges with a certificate get in, and only to published ports of
 	// sandboxes that node runs.
 	cert, pool := ingressCert(t, edgeToken)
@@ -376,4 +402,28 @@ func TestIngressCluster(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+}
+
+// e2bCall makes a call of E2B's REST API through the edge with key, wants code, and
+// returns the body.
+func e2bCall(t *testing.T, e *edge, method, path, key, body string, want int) string {
+	t.Helper()
+	req, _ := http.NewRequest(method, "http://"+e.addr+path, strings.NewReader(body))
+	req.Host = "api." + ingressDomain
+	if key != "" {
+		req.Header.Set("X-API-Key", key)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := (&http.Client{Timeout: 5 * minute}).Do(req)
+	if err != nil {
+		t.Fatalf("%s %s through the edge: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != want {
+		t.Errorf("%s %s: %d %s, want %d", method, path, resp.StatusCode, b, want)
+	}
+	return string(b)
 }

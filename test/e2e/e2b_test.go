@@ -117,6 +117,21 @@ func TestE2BSDK(t *testing.T) {
 	if r := world.cli(ctx, nil, "template", "ls"); strings.Contains(r.stdout, tmplName) {
 		t.Errorf("another token (the admin's) lists the user's template:\n%s", r.stdout)
 	}
+	// A template built from a Dockerfile (buildah, no Docker daemon): the Debian root as a
+	// tar, a RUN that makes a user, and USER.
+	built := "fw-e2b-built"
+	bctx := t.TempDir()
+	if out, err := exec.CommandContext(ctx, "tar", "-C", os.Getenv(debianRootEnv), "-cf", filepath.Join(bctx, "rootfs.tar"), ".").CombinedOutput(); err != nil {
+		t.Fatalf("tar the Debian root: %v: %s", err, out)
+	}
+	dockerfile := "FROM scratch\nADD rootfs.tar /\nRUN useradd -m -u 1000 app && echo built-by-buildah > /etc/built\nUSER app\nENV BUILT=yes\n"
+	if err := os.WriteFile(filepath.Join(bctx, "Dockerfile"), []byte(dockerfile), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r := world.cliEnv(ctx, user, nil, "template", "build", built, "-f", filepath.Join(bctx, "Dockerfile"),
+		"--push", image("built:latest"), "--tls-verify=false", bctx); r.code != 0 {
+		t.Fatalf("template build: %d\n%s", r.code, r.stderr)
+	}
 	web, err := testutil.BuildGuestTool(t.TempDir(), "guestweb")
 	if err != nil {
 		t.Fatal(err)
@@ -149,7 +164,7 @@ func TestE2BSDK(t *testing.T) {
 	cmd.Env = append(os.Environ(),
 		"NODE_PATH="+filepath.Join(sdk, "node_modules"), "NODE_EXTRA_CA_CERTS="+caFile,
 		"E2B_API_KEY="+key, "E2B_API_URL=https://"+addr, "E2B_SANDBOX_URL=https://"+addr, "E2B_DOMAIN="+e2bDomain,
-		"FW_TEMPLATE="+tmplName, "FW_RUN="+run, "FW_GUESTWEB="+web)
+		"FW_TEMPLATE="+tmplName, "FW_BUILT_TEMPLATE="+built, "FW_RUN="+run, "FW_GUESTWEB="+web)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -184,7 +199,7 @@ func TestE2BSDK(t *testing.T) {
 	if r := world.cliEnv(ctx, user, nil, "inspect", "--format", "text", facts["timed_out"]); r.code == 0 && !strings.Contains(r.stdout, "lifetime ended") {
 		t.Errorf("the sandbox whose timeout passed: %s", r.stdout)
 	}
-	if r := world.cliEnv(ctx, user, nil, "template", "rm", tmplName); r.code != 0 {
+	if r := world.cliEnv(ctx, user, nil, "template", "rm", tmplName, built); r.code != 0 {
 		t.Errorf("template rm: %d %s", r.code, r.stderr)
 	}
 }

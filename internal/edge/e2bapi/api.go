@@ -362,7 +362,9 @@ func (a *API) fromTemplate(c *call, id string, spec *pb.SandboxSpec) error {
 // waitRunning waits until a new or resumed sandbox runs (the SDK calls into it at once).
 func (a *API) waitRunning(c *call, sb *pb.Sandbox) (*pb.Sandbox, error) {
 	deadline := time.Now().Add(5 * time.Minute)
-	for delay := 20 * time.Millisecond; ; delay = min(delay*2, 500*time.Millisecond) {
+	// Polled finely: a start from a warm VM or a template takes a few hundred
+	// milliseconds, which a coarse poll would add to every create.
+	for delay := 10 * time.Millisecond; ; delay = min(delay*3/2, 100*time.Millisecond) {
 		switch state.Status(sb.GetStatus()) {
 		case state.StatusRunning:
 			return sb, nil

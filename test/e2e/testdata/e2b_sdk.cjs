@@ -154,6 +154,12 @@ async function main() {
   assert.equal(await other.isRunning(), false)
   fact('timed_out', other.sandboxId)
 
+  step = 'a template built from a Dockerfile'
+  const b = await Sandbox.create(process.env.FW_BUILT_TEMPLATE, { timeoutMs: 120_000 })
+  const who = await b.commands.run('id -un; cat /etc/built; echo $BUILT')
+  assert.equal(who.stdout, 'app\nbuilt-by-buildah\nyes\n')
+  await b.kill()
+
   step = 'errors the SDK maps'
   await assert.rejects(Sandbox.create(template, { apiKey: 'fw_not-a-real-token' }), (e) => e instanceof AuthenticationError)
   await assert.rejects(Sandbox.connect('0123456789abcdef'), (e) => e instanceof SandboxNotFoundError || e instanceof NotFoundError)
