@@ -292,18 +292,6 @@ func (a *API) create(c *call) error {
 	if body.AutoPause != nil && *body.AutoPause {
 		spec.OnEnd = state.LifetimePause
 	}
-	if err := a.fromTemplate(c, body.TemplateID, spec); err != nil {
-		return err
-	}
-	for _, k := range slices.Sorted(mapsKeys(body.EnvVars)) {
-		if k == "" || strings.ContainsAny(k, "=\x00") {
-			return fail(http.StatusBadRequest, "envVars: invalid name %.40q", k)
-		}
-		spec.Env = append(spec.Env, k+"="+body.EnvVars[k])
-	}
-	for _, v := range body.VolumeMounts {
-		spec.Volumes = append(spec.Volumes, &pb.VolumeMount{Volume: v.Name, Path: v.Path})
-	}
 	net := body.Network
 	if body.AllowInternetAccess != nil {
 		if net == nil {
@@ -315,7 +303,20 @@ func (a *API) create(c *call) error {
 	if err != nil {
 		return err
 	}
-	spec.Policy = policy
+	var env []string
+	for _, k := range slices.Sorted(mapsKeys(body.EnvVars)) {
+		if k == "" || strings.ContainsAny(k, "=\x00") {
+			return fail(http.StatusBadRequest, "envVars: invalid name %.40q", k)
+		}
+		env = append(env, k+"="+body.EnvVars[k])
+	}
+	if err := a.fromTemplate(c, body.TemplateID, spec); err != nil {
+		return err
+	}
+	spec.Env, spec.Policy = append(spec.Env, env...), policy
+	for _, v := range body.VolumeMounts {
+		spec.Volumes = append(spec.Volumes, &pb.VolumeMount{Volume: v.Name, Path: v.Path})
+	}
 	// Every guest port answers at <port>-<id>.<domain>: public, as E2B's are unless
 	// allowPublicTraffic is false (then the traffic token opens them). The in-sandbox
 	// API's port is public at the edge either way: envd checks its own token.
