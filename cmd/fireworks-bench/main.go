@@ -34,6 +34,7 @@ func main() {
 	flag.IntVar(&cfg.Creates, "creates", 500, "control-plane creates per concurrency level")
 	flag.BoolVar(&cfg.SkipNetwork, "skip-network", false, "do not measure the network series")
 	flag.BoolVar(&cfg.OnlyMigration, "only-migration", false, "measure the live migration series alone")
+	flag.BoolVar(&cfg.OnlyE2B, "only-e2b", false, "measure the E2B SDK rows (and the crun baseline) alone")
 	flag.BoolVar(&cfg.SkipImages, "skip-images", false, "do not measure the first start of a large (≥1 GiB) and a small image")
 	flag.BoolVar(&cfg.SkipE2B, "skip-e2b", false, "do not measure Sandbox.create → first output through the real e2b SDK (Node.js, npm)")
 	flag.DurationVar(&cfg.NetSeconds, "net-time", 2*time.Second, "how long each throughput sample streams")

@@ -54,6 +54,8 @@ type Config struct {
 	SkipE2B bool
 	// OnlyMigration measures the live migration series alone (on its dev server).
 	OnlyMigration bool
+	// OnlyE2B measures the E2B SDK rows and the crun baseline alone.
+	OnlyE2B bool
 	NetSeconds    time.Duration
 	NetRepeats    int
 	// Debug runs the bench cluster's processes at debug level and keeps their logs in
@@ -220,8 +222,10 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	ref := "oci:" + ociDir
 	rep := &Report{Time: time.Now().UTC(), Image: "busybox (from the host's busybox-static)", Command: cfg.Command}
 
-	if err := measureOnDev(ctx, cfg, work, ref, rep); err != nil {
-		rep.fail(cfg.Log, "fireworks dev", err)
+	if !cfg.OnlyE2B {
+		if err := measureOnDev(ctx, cfg, work, ref, rep); err != nil {
+			rep.fail(cfg.Log, "fireworks dev", err)
+		}
 	}
 
 	if !cfg.OnlyMigration && !cfg.SkipE2B {
@@ -230,8 +234,10 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 	}
 
-	if err := measureMigrationBetweenAgents(ctx, cfg, img, work, rep); err != nil {
-		rep.fail(cfg.Log, "live migration between agents", err)
+	if !cfg.OnlyE2B {
+		if err := measureMigrationBetweenAgents(ctx, cfg, img, work, rep); err != nil {
+			rep.fail(cfg.Log, "live migration between agents", err)
+		}
 	}
 
 	if !cfg.SkipCrun && !cfg.OnlyMigration {
@@ -241,7 +247,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 
 	for _, n := range []int{100, 1000, 10000} {
-		if cfg.OnlyMigration {
+		if cfg.OnlyMigration || cfg.OnlyE2B {
 			break
 		}
 		r, err := scheduler.BenchPlacement(n, 500)
@@ -253,7 +259,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			IndexMs: ms(r.Index), P50Ms: ms(r.P50), P99Ms: ms(r.P99)})
 	}
 
-	if cfg.OnlyMigration {
+	if cfg.OnlyMigration || cfg.OnlyE2B {
 	} else if cpRows, err := BenchRaft(ctx, filepath.Join(work, "raft"), cfg.Creates, []int{1, 16, 64}); err != nil {
 		rep.fail(cfg.Log, "control plane", err)
 	} else {

@@ -131,6 +131,9 @@ func measureE2B(ctx context.Context, cfg Config, img v1.Image, work string, rep 
 	if err != nil {
 		return err
 	}
+	if rep.Accelerator == "" {
+		rep.Accelerator, rep.Kernel = api.info(ctx)
+	}
 	const tmpl = "bench-e2b"
 	if _, err := servers.Templates.CreateTemplate(ctx, connect.NewRequest(&pb.CreateTemplateRequest{
 		Template: &pb.NamedTemplate{Name: tmpl, Image: ref}, Replace: true})); err != nil {

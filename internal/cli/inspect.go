@@ -3,6 +3,7 @@ package cli
 import (
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -102,6 +103,23 @@ func writeSandboxText(w io.Writer, sb *pb.Sandbox) {
 	row("Created at", tsText(sb.GetCreatedAt()))
 	row("Running since", tsText(sb.GetStartedAt()))
 	row("Finished at", tsText(sb.GetFinishedAt()))
+	if end := sb.GetEndAt(); end != nil {
+		how := "stop"
+		if sb.GetSpec().GetOnEnd() == "pause" {
+			how = "pause"
+		}
+		row("Lifetime ends", tsText(end)+" ("+how+")")
+	}
+	if sb.GetSpec().GetTemplate() != "" {
+		row("Template", sb.GetSpec().GetTemplate())
+	}
+	if m := sb.GetSpec().GetMetadata(); len(m) > 0 {
+		var kv []string
+		for _, k := range slices.Sorted(maps.Keys(m)) {
+			kv = append(kv, k+"="+m[k])
+		}
+		row("Metadata", strings.Join(kv, ", "))
+	}
 	// The restart policy's verdict, when the control plane gave up on the sandbox, goes
 	// beside the count (the status keeps how it last ended).
 	if n, verdict := sb.GetRestarts(), sb.GetDetails()["restart"]; n > 0 || verdict != "" {
