@@ -55,9 +55,9 @@ type Config struct {
 	// OnlyMigration measures the live migration series alone (on its dev server).
 	OnlyMigration bool
 	// OnlyE2B measures the E2B SDK rows and the crun baseline alone.
-	OnlyE2B bool
-	NetSeconds    time.Duration
-	NetRepeats    int
+	OnlyE2B    bool
+	NetSeconds time.Duration
+	NetRepeats int
 	// Debug runs the bench cluster's processes at debug level and keeps their logs in
 	// DataDir/cluster-logs.
 	Debug      bool
