@@ -916,3 +916,32 @@ func TestLifetimesEnd(t *testing.T) {
 		t.Errorf("resumed: ends at %v, want %v (its lifetime from the resume)", sb.EndAt, want)
 	}
 }
+
+// A pause for a call's save (a fork's, a snapshot's) does not restart the lifetime the way
+// a user's resume does: E2B's fork leaves its source's end as it was.
+func TestResumeAfterASaveKeepsTheLifetime(t *testing.T) {
+	e := newEnv(t)
+	e.node("n1", 2, 2048, nil)
+	sb := state.Sandbox{ID: "src", Spec: state.SandboxSpec{Image: "alpine", MemoryMiB: 256, KeepAlive: true, Lifetime: time.Minute},
+		Status: state.StatusPending, CreatedAt: e.clock.Now()}
+	if err := e.store.CreateAndPlace(e.ctx, sb, state.Quota{}, "n1", scheduler.Config{}); err != nil {
+		t.Fatal(err)
+	}
+	e.run("src")
+	end := e.get("src").EndAt
+	e.clock.Add(30 * time.Second)
+	if _, err := e.store.UpdateSandbox(e.ctx, "src", state.Update{RequestPause: true, PauseFor: "fork", Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	paused := state.StatusPaused
+	if _, err := e.store.UpdateSandbox(e.ctx, "src", state.Update{Status: &paused, Saved: &state.Saved{Node: "n1", At: e.clock.Now()}, Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := e.store.ResumeSandbox(e.ctx, "src", "", scheduler.Config{}, e.clock.Now(), time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !got.EndAt.Equal(end) {
+		t.Errorf("after a save's resume the lifetime ends at %v, want %v as before", got.EndAt, end)
+	}
+}

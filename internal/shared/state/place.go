@@ -177,11 +177,12 @@ func (f *fsm) resumeSandbox(c resumeSandboxCmd) any {
 	next.addEvent(Event{Time: t, Status: StatusPending, Reason: next.Reason})
 	next.PauseRequestedAt, next.PausedFor = time.Time{}, ""
 	next.Resumes++
-	// A lifetime counts from each resume (E2B's connect), unless the call sets its own.
+	// A lifetime counts from each resume (E2B's connect), unless the call sets its own;
+	// a pause for a call's save (a fork, a snapshot) leaves it as it was.
 	switch {
 	case !c.EndAt.IsZero():
 		next.EndAt = utc(c.EndAt)
-	case next.Spec.Lifetime > 0:
+	case next.Spec.Lifetime > 0 && cur.PausedFor == "":
 		next.EndAt = t.Add(next.Spec.Lifetime)
 	}
 	f.sandboxes[c.ID] = next
