@@ -9,6 +9,7 @@
 package envd
 
 import (
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/base64"
 	"errors"
@@ -16,8 +17,10 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -117,7 +120,12 @@ func (s *Server) Handler() http.Handler {
 		s.accessMu.RUnlock()
 		if r.URL.Path != "/health" && want != "" {
 			got := r.Header.Get("X-Access-Token")
-			if subtle.ConstantTimeCompare([]byte(got), []byte(want)) != 1 {
+			signed := got == "" && r.URL.Path == "/files" && r.URL.Query().Has("signature")
+			if signed && !validSignature(r, want, time.Now()) {
+				http.Error(w, "invalid or expired signature", http.StatusUnauthorized)
+				return
+			}
+			if !signed && subtle.ConstantTimeCompare([]byte(got), []byte(want)) != 1 {
 				http.Error(w, "missing or wrong X-Access-Token", http.StatusUnauthorized)
 				return
 			}
@@ -186,3 +194,27 @@ func (s *Server) resolvePath(h http.Header, path string) (string, error) {
 }
 
 var errNotRunning = errors.New("no such process")
+
+// validSignature checks the signature of a file URL the SDK made (uploadUrl,
+// downloadUrl): "v1_" and the unpadded base64 SHA-256 of
+// "path:operation:user:token[:expiration]", operation "read" for GET and "write" for
+// POST, expiration (Unix seconds), if given, not past. Whoever holds the URL may do that
+// one operation on that path as that user, until then.
+func validSignature(r *http.Request, token string, now time.Time) bool {
+	q := r.URL.Query()
+	op := "read"
+	if r.Method == http.MethodPost {
+		op = "write"
+	}
+	raw := q.Get("path") + ":" + op + ":" + q.Get("username") + ":" + token
+	if exp := q.Get("signature_expiration"); exp != "" {
+		n, err := strconv.ParseInt(exp, 10, 64)
+		if err != nil || now.Unix() > n {
+			return false
+		}
+		raw += ":" + exp
+	}
+	sum := sha256.Sum256([]byte(raw))
+	want := "v1_" + strings.TrimRight(base64.StdEncoding.EncodeToString(sum[:]), "=")
+	return subtle.ConstantTimeCompare([]byte(q.Get("signature")), []byte(want)) == 1
+}

@@ -3,13 +3,17 @@ package envd
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/base64"
 	"errors"
 	"io"
 	"mime/multipart"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -364,5 +368,60 @@ func TestFilesActAsTheCallsUser(t *testing.T) {
 	fi, err := os.Stat(filepath.Join(home, "mine", "new.txt"))
 	if st, ok := fi.Sys().(*syscall.Stat_t); err != nil || !ok || st.Uid != 65534 {
 		t.Fatalf("the file nobody wrote: %v %+v", err, fi.Sys())
+	}
+}
+
+// File URLs the SDK signs (uploadUrl, downloadUrl) open one operation on one path, as
+// one user, until they expire: E2B's "v1_" signature over the access token.
+func TestSignedFileURLs(t *testing.T) {
+	f := newFixture(t)
+	sign := func(path, op, user string, exp int64) url.Values {
+		raw := path + ":" + op + ":" + user + ":" + token
+		q := url.Values{"path": {path}}
+		if user != "" {
+			q.Set("username", user)
+		}
+		if exp != 0 {
+			raw += ":" + strconv.FormatInt(exp, 10)
+			q.Set("signature_expiration", strconv.FormatInt(exp, 10))
+		}
+		sum := sha256.Sum256([]byte(raw))
+		q.Set("signature", "v1_"+strings.TrimRight(base64.StdEncoding.EncodeToString(sum[:]), "="))
+		return q
+	}
+	do := func(method string, q url.Values, body string) int {
+		req, _ := http.NewRequest(method, f.url+"/files?"+q.Encode(), strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/octet-stream")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	p := filepath.Join(f.home, "signed.txt")
+	if code := do(http.MethodPost, sign(p, "write", "", 0), "via a signed URL"); code != http.StatusOK {
+		t.Fatalf("a signed upload: %d", code)
+	}
+	if b, err := os.ReadFile(p); err != nil || string(b) != "via a signed URL" {
+		t.Fatalf("uploaded: %q %v", b, err)
+	}
+	if code := do(http.MethodGet, sign(p, "read", "", time.Now().Add(time.Minute).Unix()), ""); code != http.StatusOK {
+		t.Errorf("a signed download: %d", code)
+	}
+	for name, q := range map[string]url.Values{
+		"a read's signature for a write": sign(p, "read", "", 0),
+		"another path":                   func() url.Values { q := sign(p, "write", "", 0); q.Set("path", p+"2"); return q }(),
+		"another user":                   func() url.Values { q := sign(p, "write", "", 0); q.Set("username", "root"); return q }(),
+		"expired":                        sign(p, "write", "", time.Now().Add(-time.Minute).Unix()),
+		"an expiration changed after signing": func() url.Values {
+			q := sign(p, "write", "", time.Now().Unix()+60)
+			q.Set("signature_expiration", "99999999999")
+			return q
+		}(),
+	} {
+		if code := do(http.MethodPost, q, "x"); code != http.StatusUnauthorized {
+			t.Errorf("%s: %d, want 401", name, code)
+		}
 	}
 }
