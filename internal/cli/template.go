@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // newTemplateCmd: named templates, what E2B's template IDs name.
@@ -74,7 +75,12 @@ func newTemplateCmd(g *globals) *cobra.Command {
 		Use:   "build NAME -f Dockerfile [CONTEXT] [--push REGISTRY/REPO:TAG]",
 		Short: "Build an image from a Dockerfile with buildah (no Docker daemon) and register it as template NAME",
 		Long: `Build an image from a Dockerfile with buildah (Debian's, run as root: chroot isolation,
-vfs storage; no Docker daemon), then register it as template NAME:
+vfs storage; no Docker daemon), then register it as template NAME.
+
+The Dockerfile's RUN steps run on THIS machine, as root, isolated by a chroot only, which is
+not a security boundary: build only Dockerfiles (and FROM images) you trust.
+
+Where the image goes:
 
   --push REF   push it to a registry and register REF (any token; the nodes pull it)
   (default)    write an OCI layout directory (--out) and register oci:DIR: an admin's
@@ -84,6 +90,9 @@ vfs storage; no Docker daemon), then register it as template NAME:
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if file == "" {
 				return errors.New("-f Dockerfile is required")
+			}
+			if !state.ValidTemplateName(args[0]) {
+				return fmt.Errorf("template name %q: letters, digits, '-', '_', '.' and '/' (no empty, . or .. parts), 1 to 128 of them", args[0])
 			}
 			bctx := "."
 			if len(args) == 2 {
@@ -200,8 +209,14 @@ func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir, 
 		fmt.Fprintf(g.stderr, "built %s and pushed it to %s\n", name, push)
 		return push, nil
 	}
-	if err := os.RemoveAll(dir); err != nil {
-		return "", err
+	// The layout replaces what an earlier build wrote there, and nothing else.
+	if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
+		if _, err := os.Stat(filepath.Join(dir, "oci-layout")); err != nil {
+			return "", fmt.Errorf("--out %s: not empty and not an OCI layout; refusing to replace it", dir)
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			return "", err
+		}
 	}
 	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
 		return "", err

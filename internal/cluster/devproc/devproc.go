@@ -191,7 +191,9 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	if ingLn != nil {
 		// The same edge as `fireworks ingress`, in-process: it dials this node directly.
 		proxy := ingress.NewProxy(srv.IngressDomain(), nodeapi.Dialer(ag), log)
-		if cfg.E2BAPI {
+		if cfg.E2BAPI && !e2bapi.Servable(cfg.IngressListen, cfg.IngressTLS != nil) {
+			log.Warn("dev ingress: not serving E2B's API: it takes API keys, which need TLS (--ingress-tls-cert) off loopback", "listen", cfg.IngressListen)
+		} else if cfg.E2BAPI {
 			servers, err := client.New(client.Config{Server: "http://" + apiLn.Addr().String()})
 			if err != nil {
 				return err

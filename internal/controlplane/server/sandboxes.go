@@ -195,7 +195,7 @@ func (h *sandboxService) ListSandboxes(ctx context.Context, req *connect.Request
 	}
 	resp := &pb.ListSandboxesResponse{}
 	for _, sb := range all {
-		if !req.Msg.GetAll() && sb.Status.Terminal() || !who.CanAccess(sb.Owner) {
+		if !req.Msg.GetAll() && sb.Status.Terminal() || !who.CanAccess(sb.Owner) || req.Msg.GetMine() && sb.Owner != who.TokenID {
 			continue
 		}
 		resp.Sandboxes = append(resp.Sandboxes, h.s.view(ctx, sb))

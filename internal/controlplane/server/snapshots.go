@@ -274,7 +274,7 @@ func (h *sandboxService) dropSnapshot(ctx context.Context, snap state.Snapshot) 
 }
 
 // ListSnapshots lists the caller's snapshots (an admin's: every token's).
-func (h *sandboxService) ListSnapshots(ctx context.Context, _ *connect.Request[pb.ListSnapshotsRequest]) (*connect.Response[pb.ListSnapshotsResponse], error) {
+func (h *sandboxService) ListSnapshots(ctx context.Context, req *connect.Request[pb.ListSnapshotsRequest]) (*connect.Response[pb.ListSnapshotsResponse], error) {
 	who, err := caller(ctx)
 	if err != nil {
 		return nil, err
@@ -291,7 +291,7 @@ func (h *sandboxService) ListSnapshots(ctx context.Context, _ *connect.Request[p
 		}
 	}
 	for _, s := range all {
-		if who.CanAccess(s.Owner) && s.PartOf == "" {
+		if who.CanAccess(s.Owner) && s.PartOf == "" && (!req.Msg.GetMine() || s.Owner == who.TokenID) {
 			v := snapshotView(who, s)
 			v.Bytes += parts[s.ID] // the whole group's
 			resp.Snapshots = append(resp.Snapshots, v)

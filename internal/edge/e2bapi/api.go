@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -42,6 +43,21 @@ const (
 	maxLogLines    = 1000
 	maxForks       = 16
 )
+
+// Servable says whether an edge listening on listen may serve the API: with TLS, or on a
+// loopback address. Callers' keys are tokens of the cluster; an edge without TLS on the
+// network would carry them in clear.
+func Servable(listen string, tls bool) bool {
+	if tls {
+		return true
+	}
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return false
+	}
+	ip := net.ParseIP(host)
+	return host == "localhost" || ip != nil && ip.IsLoopback()
+}
 
 // Config is the API's wiring.
 type Config struct {
@@ -146,6 +162,9 @@ func (a *API) serve(w http.ResponseWriter, r *http.Request, fn func(*call) error
 		}
 		if ae.code >= 500 {
 			a.cfg.Log.Warn("e2b api", "method", r.Method, "path", r.URL.Path, "code", ae.code, "err", err)
+			if ae.code == http.StatusInternalServerError && !errors.As(err, new(*apiError)) {
+				ae = &apiError{ae.code, "internal error"} // the log has it
+			}
 		}
 		writeError(w, ae)
 	}
@@ -174,7 +193,8 @@ func fromConnect(err error) *apiError {
 	case connect.CodeResourceExhausted:
 		return &apiError{http.StatusTooManyRequests, msg}
 	case connect.CodeUnavailable:
-		return &apiError{http.StatusServiceUnavailable, msg}
+		// Its message names the servers' addresses: the log has it, the caller not.
+		return &apiError{http.StatusServiceUnavailable, "the Fireworks servers are unavailable; retry"}
 	case connect.CodeDeadlineExceeded:
 		return &apiError{http.StatusGatewayTimeout, msg}
 	}
@@ -288,6 +308,9 @@ func (a *API) create(c *call) error {
 	if err != nil {
 		return err
 	}
+	if lifetime < time.Second {
+		return fail(http.StatusBadRequest, "timeout: want 1 to %d s", int64(maxTimeout/time.Second))
+	}
 	spec := &pb.SandboxSpec{KeepAlive: true, Metadata: body.Metadata, Lifetime: durationpb.New(lifetime)}
 	if body.AutoPause != nil && *body.AutoPause {
 		spec.OnEnd = state.LifetimePause
@@ -347,7 +370,7 @@ func (a *API) fromTemplate(c *call, id string, spec *pb.SandboxSpec) error {
 	if connect.CodeOf(err) != connect.CodeNotFound {
 		return err
 	}
-	snaps, err := c.c.Sandboxes.ListSnapshots(c.ctx, connect.NewRequest(&pb.ListSnapshotsRequest{}))
+	snaps, err := c.c.Sandboxes.ListSnapshots(c.ctx, connect.NewRequest(&pb.ListSnapshotsRequest{Mine: true}))
 	if err != nil {
 		return err
 	}
@@ -365,7 +388,11 @@ func (a *API) waitRunning(c *call, sb *pb.Sandbox) (*pb.Sandbox, error) {
 	deadline := time.Now().Add(5 * time.Minute)
 	// Polled finely: a start from a warm VM or a template takes a few hundred
 	// milliseconds, which a coarse poll would add to every create.
+	start := time.Now()
 	for delay := 10 * time.Millisecond; ; delay = min(delay*3/2, 100*time.Millisecond) {
+		if time.Since(start) > 2*time.Second {
+			delay = 500 * time.Millisecond // a cold boot or a pull: no need to ask often
+		}
 		switch state.Status(sb.GetStatus()) {
 		case state.StatusRunning:
 			return sb, nil
@@ -396,7 +423,9 @@ func (a *API) created(sb *pb.Sandbox) map[string]any {
 		"envdVersion": EnvdVersion, "envdAccessToken": sb.GetAccessToken(), "domain": a.cfg.Domain,
 	}
 	if !publicTraffic(sb) {
-		out["trafficAccessToken"] = sb.GetAccessToken()
+		// Opens the private ports only: handing it out (a preview link) gives no way into
+		// envd, which needs the access token.
+		out["trafficAccessToken"] = routes.TrafficToken(sb.GetAccessToken())
 	}
 	if sb.GetName() != "" {
 		out["alias"] = sb.GetName()
@@ -502,7 +531,7 @@ func (a *API) list(c *call) error {
 		limit = n
 	}
 	after := q.Get("nextToken")
-	resp, err := c.c.Sandboxes.ListSandboxes(c.ctx, connect.NewRequest(&pb.ListSandboxesRequest{All: true}))
+	resp, err := c.c.Sandboxes.ListSandboxes(c.ctx, connect.NewRequest(&pb.ListSandboxesRequest{All: true, Mine: true}))
 	if err != nil {
 		return err
 	}
@@ -620,6 +649,10 @@ func (a *API) setTimeout(c *call) error {
 	d, err := seconds(body.Timeout, 0)
 	if err != nil {
 		return err
+	}
+	if d < time.Second {
+		// Every sandbox made here has an end (0 would be none).
+		return fail(http.StatusBadRequest, "timeout: want 1 to %d s", int64(maxTimeout/time.Second))
 	}
 	sb, err := c.sandbox()
 	if err != nil {
@@ -812,7 +845,7 @@ func (a *API) snapshot(c *call) error {
 
 func (a *API) listSnapshots(c *call) error {
 	q := c.r.URL.Query()
-	resp, err := c.c.Sandboxes.ListSnapshots(c.ctx, connect.NewRequest(&pb.ListSnapshotsRequest{}))
+	resp, err := c.c.Sandboxes.ListSnapshots(c.ctx, connect.NewRequest(&pb.ListSnapshotsRequest{Mine: true}))
 	if err != nil {
 		return err
 	}
@@ -954,7 +987,7 @@ func (a *API) deleteTemplate(c *call) error {
 	_, err := c.c.Templates.DeleteTemplate(c.ctx, connect.NewRequest(&pb.DeleteTemplateRequest{Template: id}))
 	if connect.CodeOf(err) == connect.CodeNotFound {
 		// Only a snapshot named exactly (the API also takes ID prefixes).
-		snaps, lerr := c.c.Sandboxes.ListSnapshots(c.ctx, connect.NewRequest(&pb.ListSnapshotsRequest{}))
+		snaps, lerr := c.c.Sandboxes.ListSnapshots(c.ctx, connect.NewRequest(&pb.ListSnapshotsRequest{Mine: true}))
 		if lerr != nil {
 			return lerr
 		}

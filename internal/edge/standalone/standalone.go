@@ -76,7 +76,11 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	proxy := ingress.NewProxy(domain, &ingress.TunnelDialer{TLS: cert.tlsConfig(), Timeout: ingress.DefaultDialTimeout,
 		VerifyNode: func(node string) func(tls.ConnectionState) error { return pki.RequirePeer(pki.RoleAgent, node) }}, cfg.Log)
-	if cfg.E2BAPI != nil {
+	switch {
+	case cfg.E2BAPI == nil:
+	case !e2bapi.Servable(cfg.Listen, cfg.ServeTLS != nil):
+		cfg.Log.Warn("ingress: not serving E2B's API: it takes users' API keys, which need TLS (--tls-cert) off loopback", "listen", cfg.Listen)
+	default:
 		proxy.API = e2bapi.New(e2bapi.Config{Servers: cfg.E2BAPI, Domain: domain, Log: cfg.Log})
 	}
 	apply := applyTable(proxy, cfg.Log)

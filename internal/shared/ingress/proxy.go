@@ -116,8 +116,8 @@ func (p *Proxy) lookup(sandbox string, port uint16) (routes.Route, bool) {
 const (
 	e2bSandboxHeader = "E2b-Sandbox-Id"
 	e2bPortHeader    = "E2b-Sandbox-Port"
-	// E2BTrafficTokenHeader is E2B's name for what TokenHeader carries: the edge takes
-	// either.
+	// E2BTrafficTokenHeader carries E2B's traffic token (routes.TrafficToken), which
+	// opens private ports as the access token does in TokenHeader.
 	E2BTrafficTokenHeader = "E2b-Traffic-Access-Token"
 )
 
@@ -167,11 +167,12 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	if !r.Public {
-		got := req.Header.Values(routes.TokenHeader)
-		if len(got) == 0 {
-			got = req.Header.Values(E2BTrafficTokenHeader)
+		// The access token in ours, or the traffic token (which opens ports only) in E2B's.
+		got, want := req.Header.Values(routes.TokenHeader), r.Token
+		if len(got) == 0 && len(req.Header.Values(E2BTrafficTokenHeader)) > 0 {
+			got, want = req.Header.Values(E2BTrafficTokenHeader), routes.TrafficToken(r.Token)
 		}
-		if code, msg := checkToken(got, r.Token); code != 0 {
+		if code, msg := checkToken(got, want); code != 0 {
 			plainError(w, code, msg)
 			return
 		}

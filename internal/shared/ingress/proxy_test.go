@@ -406,8 +406,14 @@ func TestEveryPortE2BHeadersAndAPI(t *testing.T) {
 	if code, _ := get(t, c, "http://"+host(3001, sbA)+"/", nil); code != http.StatusUnauthorized {
 		t.Errorf("a port with a private route of its own, no token: %d, want 401", code)
 	}
-	if code, body := get(t, c, "http://"+host(3001, sbA)+"/", http.Header{E2BTrafficTokenHeader: {token}}); code != http.StatusOK || body != "hello from 3001" {
+	if code, body := get(t, c, "http://"+host(3001, sbA)+"/", http.Header{E2BTrafficTokenHeader: {routes.TrafficToken(token)}}); code != http.StatusOK || body != "hello from 3001" {
 		t.Errorf("E2B's traffic token: %d %q", code, body)
+	}
+	if code, _ := get(t, c, "http://"+host(3001, sbA)+"/", http.Header{E2BTrafficTokenHeader: {token}}); code != http.StatusForbidden {
+		t.Errorf("the access token in E2B's traffic header (which takes the traffic token): %d, want 403", code)
+	}
+	if code, _ := get(t, c, "http://"+host(3001, sbA)+"/", http.Header{routes.TokenHeader: {routes.TrafficToken(token)}}); code != http.StatusForbidden {
+		t.Errorf("the traffic token in our header (which takes the access token): %d, want 403", code)
 	}
 	if v := apps[3001].last(t).header.Values(E2BTrafficTokenHeader); len(v) != 0 {
 		t.Errorf("the traffic token reached the app: %q", v)

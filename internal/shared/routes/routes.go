@@ -5,6 +5,9 @@
 package routes
 
 import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"slices"
 	"strconv"
@@ -19,6 +22,19 @@ const DefaultDomain = "fireworks.localhost"
 
 // TokenHeader carries a sandbox's access token on requests to its private ports.
 const TokenHeader = "Fireworks-Access-Token"
+
+// TrafficToken is the token that opens a sandbox's private ports and nothing else (E2B's
+// trafficAccessToken, sent in E2B's traffic header): derived one way from the sandbox's
+// access token, which also opens its in-sandbox API. Whoever is handed a preview link
+// with it cannot run commands in the sandbox.
+func TrafficToken(accessToken string) string {
+	if accessToken == "" {
+		return ""
+	}
+	m := hmac.New(sha256.New, []byte(accessToken))
+	m.Write([]byte("fireworks e2b traffic access token v1"))
+	return hex.EncodeToString(m.Sum(nil))
+}
 
 // Route is one published port of one sandbox.
 type Route struct {

@@ -238,6 +238,12 @@ func (f *fsm) deleteToken(c deleteTokenCmd) any {
 		return fmt.Errorf("token %q: %w", c.ID, ErrNotFound)
 	}
 	delete(f.tokens, c.ID)
+	// Its templates go with it: nothing can use them any more (they are owner-scoped).
+	for id, t := range f.templates {
+		if t.Owner == c.ID {
+			delete(f.templates, id)
+		}
+	}
 	at := utc(c.Time)
 	if at.IsZero() {
 		at = time.Unix(1, 0).UTC() // deterministic on every replica; only non-zero matters

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -29,13 +30,20 @@ const (
 	MaxTemplatesPerOwner = 100
 	maxTemplateName      = 128
 	maxTemplateEnv       = 64
+	maxTemplateEnvBytes  = 16 << 10
 )
 
 // ValidTemplateName: letters, digits, '-', '_', '.', and '/' (E2B names such as
-// "team/name"), 1 to 128 bytes, not starting with '.', '-' or '/'.
+// "team/name"), 1 to 128 bytes, not starting with '.', '-' or '/', no empty, "." or
+// ".." part between slashes (a name may become a path: `template build`'s output).
 func ValidTemplateName(n string) bool {
 	if n == "" || len(n) > maxTemplateName || n[0] == '.' || n[0] == '-' || n[0] == '/' {
 		return false
+	}
+	for _, part := range strings.Split(n, "/") {
+		if part == "" || part == "." || part == ".." {
+			return false
+		}
 	}
 	for _, c := range n {
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.' || c == '/') {
@@ -64,6 +72,8 @@ func (f *fsm) putTemplate(c putTemplateCmd) any {
 		return fmt.Errorf("%w: template name %.40q: 1 to %d letters, digits, '-', '_', '.' or '/'", ErrInvalid, t.Name, maxTemplateName)
 	case len(t.Env) > maxTemplateEnv:
 		return fmt.Errorf("%w: %d environment variables (at most %d)", ErrInvalid, len(t.Env), maxTemplateEnv)
+	case total(t.Env) > maxTemplateEnvBytes:
+		return fmt.Errorf("%w: environment of %d bytes (at most %d)", ErrInvalid, total(t.Env), maxTemplateEnvBytes)
 	case len(t.Image) > 1024:
 		return fmt.Errorf("%w: image reference of %d bytes", ErrInvalid, len(t.Image))
 	case t.VCPUs < 0 || t.MemoryMiB < 0 || t.DiskMiB < 0:

@@ -23,6 +23,8 @@ func TestFSMTemplates(t *testing.T) {
 		mustCmd(t, cmdPutTemplate, putTemplateCmd{Template: Template{ID: "d", Name: "base", Owner: "u1", Image: "other", CreatedAt: t0.Add(time.Hour)}, Replace: true}),
 		mustCmd(t, cmdPutTemplate, putTemplateCmd{Template: tm("e", "../x", "u1")}),
 		mustCmd(t, cmdPutTemplate, putTemplateCmd{Template: tm("f", strings.Repeat("n", 129), "u1")}),
+		mustCmd(t, cmdPutTemplate, putTemplateCmd{Template: tm("g", "a/../..", "u1")}),
+		mustCmd(t, cmdPutTemplate, putTemplateCmd{Template: tm("h", "a//b", "u1")}),
 	})
 	if _, ok := res[0].(Template); !ok {
 		t.Fatalf("put: %v", res[0])
@@ -36,7 +38,7 @@ func TestFSMTemplates(t *testing.T) {
 	if got, _ := res[3].(Template); got.ID != "a" || got.Image != "other" || !got.CreatedAt.Equal(t0) {
 		t.Errorf("replace: %+v (want the ID and creation time kept)", res[3])
 	}
-	for i := 4; i < 6; i++ {
+	for i := 4; i < 8; i++ {
 		if err, _ := res[i].(error); !errors.Is(err, ErrInvalid) {
 			t.Errorf("bad name %d: %v", i, res[i])
 		}
@@ -54,6 +56,15 @@ func TestFSMTemplates(t *testing.T) {
 	}
 	if got, err := s.FindTemplate("u2", "base"); err != nil || got.ID != "b" {
 		t.Errorf("u2's own by name: %+v %v", got, err)
+	}
+
+	// A revoked token's templates go with it.
+	applyAll(f, [][]byte{
+		mustCmd(t, cmdCreateToken, createTokenCmd{Token{ID: "u2", Role: RoleUser, SecretHash: "h", CreatedAt: t0}}),
+		mustCmd(t, cmdDeleteToken, deleteTokenCmd{ID: "u2"}),
+	})
+	if got := (&Store{fsm: f}).Templates("u2", false); len(got) != 0 {
+		t.Errorf("a revoked token's templates: %+v", got)
 	}
 
 	var cmds [][]byte

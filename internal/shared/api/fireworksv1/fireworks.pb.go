@@ -1477,7 +1477,9 @@ func (x *CreateSnapshotResponse) GetSnapshot() *Snapshot {
 }
 
 type ListSnapshotsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only the caller's own (an admin's too), not every token's.
+	Mine          bool `protobuf:"varint,1,opt,name=mine,proto3" json:"mine,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1510,6 +1512,13 @@ func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use ListSnapshotsRequest.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsRequest) Descriptor() ([]byte, []int) {
 	return file_fireworks_v1_fireworks_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ListSnapshotsRequest) GetMine() bool {
+	if x != nil {
+		return x.Mine
+	}
+	return false
 }
 
 type ListSnapshotsResponse struct {
@@ -2220,8 +2229,10 @@ func (x *GetSandboxResponse) GetSandbox() *Sandbox {
 }
 
 type ListSandboxesRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	All           bool                   `protobuf:"varint,1,opt,name=all,proto3" json:"all,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	All   bool                   `protobuf:"varint,1,opt,name=all,proto3" json:"all,omitempty"`
+	// Only the caller's own (an admin's too), not every token's.
+	Mine          bool `protobuf:"varint,2,opt,name=mine,proto3" json:"mine,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2259,6 +2270,13 @@ func (*ListSandboxesRequest) Descriptor() ([]byte, []int) {
 func (x *ListSandboxesRequest) GetAll() bool {
 	if x != nil {
 		return x.All
+	}
+	return false
+}
+
+func (x *ListSandboxesRequest) GetMine() bool {
+	if x != nil {
+		return x.Mine
 	}
 	return false
 }
@@ -7182,8 +7200,9 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\vsnapshot_id\x18\x04 \x01(\tR\n" +
 	"snapshotId\"L\n" +
 	"\x16CreateSnapshotResponse\x122\n" +
-	"\bsnapshot\x18\x01 \x01(\v2\x16.fireworks.v1.SnapshotR\bsnapshot\"\x16\n" +
-	"\x14ListSnapshotsRequest\"M\n" +
+	"\bsnapshot\x18\x01 \x01(\v2\x16.fireworks.v1.SnapshotR\bsnapshot\"*\n" +
+	"\x14ListSnapshotsRequest\x12\x12\n" +
+	"\x04mine\x18\x01 \x01(\bR\x04mine\"M\n" +
 	"\x15ListSnapshotsResponse\x124\n" +
 	"\tsnapshots\x18\x01 \x03(\v2\x16.fireworks.v1.SnapshotR\tsnapshots\"3\n" +
 	"\x15DeleteSnapshotRequest\x12\x1a\n" +
@@ -7220,9 +7239,10 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x11GetSandboxRequest\x12\x18\n" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\"E\n" +
 	"\x12GetSandboxResponse\x12/\n" +
-	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"(\n" +
+	"\asandbox\x18\x01 \x01(\v2\x15.fireworks.v1.SandboxR\asandbox\"<\n" +
 	"\x14ListSandboxesRequest\x12\x10\n" +
-	"\x03all\x18\x01 \x01(\bR\x03all\"L\n" +
+	"\x03all\x18\x01 \x01(\bR\x03all\x12\x12\n" +
+	"\x04mine\x18\x02 \x01(\bR\x04mine\"L\n" +
 	"\x15ListSandboxesResponse\x123\n" +
 	"\tsandboxes\x18\x01 \x03(\v2\x15.fireworks.v1.SandboxR\tsandboxes\"e\n" +
 	"\x12SetLifetimeRequest\x12\x18\n" +
