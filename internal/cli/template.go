@@ -8,10 +8,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
 	"connectrpc.com/connect"
+	gcrname "github.com/google/go-containerregistry/pkg/name"
 	"github.com/spf13/cobra"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
@@ -202,12 +204,24 @@ func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir, 
 	if err := run("bud", "--isolation", "chroot", "--layers=false", "-f", dockerfile, "-t", tag, bctx); err != nil {
 		return "", err
 	}
+	// The template names exactly this build (a digest, a new tag): nodes keep images by
+	// reference, so a rebuild under the old reference would start the old image.
 	if push != "" {
-		if err := run("push", "--tls-verify="+strconv.FormatBool(tlsVerify), tag, "docker://"+push); err != nil {
+		r, err := gcrname.ParseReference(push)
+		if err != nil {
+			return "", fmt.Errorf("--push %s: %w", push, err)
+		}
+		digestFile := filepath.Join(store, "digest")
+		if err := run("push", "--tls-verify="+strconv.FormatBool(tlsVerify), "--digestfile", digestFile, tag, "docker://"+push); err != nil {
 			return "", err
 		}
-		fmt.Fprintf(g.stderr, "built %s and pushed it to %s\n", name, push)
-		return push, nil
+		d, err := os.ReadFile(digestFile)
+		if err != nil {
+			return "", fmt.Errorf("buildah push left no digest: %w", err)
+		}
+		ref := r.Context().Name() + "@" + strings.TrimSpace(string(d))
+		fmt.Fprintf(g.stderr, "built %s and pushed it to %s (%s)\n", name, push, ref)
+		return ref, nil
 	}
 	// The layout replaces what an earlier build wrote there, and nothing else.
 	if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
@@ -221,9 +235,10 @@ func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir, 
 	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
 		return "", err
 	}
-	if err := run("push", tag, "oci:"+dir+":latest"); err != nil {
+	build := "build-" + time.Now().UTC().Format("20060102t150405.000000000z")
+	if err := run("push", tag, "oci:"+dir+":"+build); err != nil {
 		return "", err
 	}
 	fmt.Fprintf(g.stderr, "built %s into %s\n", name, dir)
-	return "oci:" + dir + ":latest", nil
+	return "oci:" + dir + ":" + build, nil
 }

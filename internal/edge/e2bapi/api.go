@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -531,6 +532,17 @@ func (a *API) list(c *call) error {
 		limit = n
 	}
 	after := q.Get("nextToken")
+	template := q.Get("template")
+	var startedAfter time.Time
+	if v := q.Get("startedAfter"); v != "" {
+		if startedAfter, err = time.Parse(time.RFC3339Nano, v); err != nil {
+			return fail(http.StatusBadRequest, "startedAfter %.40q: want an RFC 3339 time", v)
+		}
+	}
+	order := strings.ToLower(q.Get("order"))
+	if order != "" && order != "asc" && order != "desc" {
+		return fail(http.StatusBadRequest, "order %.10q: want asc or desc", order)
+	}
 	resp, err := c.c.Sandboxes.ListSandboxes(c.ctx, connect.NewRequest(&pb.ListSandboxesRequest{All: true, Mine: true}))
 	if err != nil {
 		return err
@@ -544,16 +556,22 @@ func (a *API) list(c *call) error {
 			}
 			continue
 		}
-		if len(states) > 0 && !states[e2bState(sb)] || !matches(sb.GetSpec().GetMetadata(), meta) {
+		if len(states) > 0 && !states[e2bState(sb)] || !matches(sb.GetSpec().GetMetadata(), meta) ||
+			template != "" && templateOf(sb) != template && sb.GetSpec().GetSnapshot() != template ||
+			!startedAfter.IsZero() && sb.GetCreatedAt().AsTime().Before(startedAfter) {
 			continue
 		}
 		out = append(out, sb)
 	}
 	a.forget(c, ended)
-	// Newest first, as E2B lists; the token is the last ID of the page before.
+	// Newest first, as E2B lists (order=asc: oldest first); the token is the last ID of
+	// the page before.
 	slices.SortFunc(out, func(x, y *pb.Sandbox) int {
 		return cmp.Or(y.GetCreatedAt().AsTime().Compare(x.GetCreatedAt().AsTime()), cmp.Compare(x.GetId(), y.GetId()))
 	})
+	if order == "asc" {
+		slices.Reverse(out)
+	}
 	if after != "" {
 		i := slices.IndexFunc(out, func(sb *pb.Sandbox) bool { return sb.GetId() == after })
 		if i < 0 {
@@ -583,25 +601,31 @@ func (a *API) forget(c *call, ids []string) {
 	}
 }
 
-// metadataFilter reads E2B's metadata query: "k1=v1&k2=v2", URL-encoded.
+// metadataFilter reads E2B's metadata query as E2B's API does: a query string
+// ("k1=v1&k2=v2") whose keys and values are URL-encoded once more (the SDK encodes
+// each with encodeURIComponent before it builds the string).
 func metadataFilter(s string) (map[string]string, error) {
 	out := map[string]string{}
 	if s == "" {
 		return out, nil
 	}
-	for _, kv := range strings.Split(s, "&") {
-		k, v, ok := strings.Cut(kv, "=")
-		if !ok {
-			return nil, fail(http.StatusBadRequest, "metadata filter %.40q: want key=value", kv)
+	q, err := url.ParseQuery(s)
+	if err != nil {
+		return nil, fail(http.StatusBadRequest, "metadata filter: %v", err)
+	}
+	for k, vs := range q {
+		key, err := url.QueryUnescape(k)
+		if err != nil {
+			return nil, fail(http.StatusBadRequest, "metadata filter: %v", err)
 		}
-		var err1, err2 error
-		if k, err1 = urlUnescape(k); err1 != nil {
-			return nil, fail(http.StatusBadRequest, "metadata filter: %v", err1)
+		if len(vs) != 1 {
+			return nil, fail(http.StatusBadRequest, "metadata filter: key %.40q given %d times", key, len(vs))
 		}
-		if v, err2 = urlUnescape(v); err2 != nil {
-			return nil, fail(http.StatusBadRequest, "metadata filter: %v", err2)
+		v, err := url.QueryUnescape(vs[0])
+		if err != nil {
+			return nil, fail(http.StatusBadRequest, "metadata filter: %v", err)
 		}
-		out[k] = v
+		out[key] = v
 	}
 	return out, nil
 }

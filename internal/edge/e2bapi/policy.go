@@ -5,7 +5,6 @@ import (
 	"maps"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"strings"
 
 	"github.com/fireworks-sandbox/fireworks/internal/shared/netpolicy"
@@ -86,5 +85,3 @@ func prefix(s string) (netip.Prefix, error) {
 }
 
 func mapsKeys(m map[string]string) iter.Seq[string] { return maps.Keys(m) }
-
-func urlUnescape(s string) (string, error) { return url.QueryUnescape(s) }

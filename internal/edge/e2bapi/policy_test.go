@@ -83,12 +83,17 @@ func decide(p netpolicy.Policy, a netip.Addr) netpolicy.Action {
 	return verdict
 }
 
+// The SDK sends {user: 'alice@example.com', 'a b': 'x&y=z'} as E2B's API reads it: each
+// key and value encodeURIComponent'd, then the pairs as a query string.
 func TestMetadataFilter(t *testing.T) {
-	got, err := metadataFilter("user%3Did=a%26b&env=prod")
-	if err != nil || got["user=id"] != "a&b" || got["env"] != "prod" || len(got) != 2 {
+	got, err := metadataFilter("user=alice%2540example.com&a%2520b=x%2526y%253Dz")
+	if err != nil || got["user"] != "alice@example.com" || got["a b"] != "x&y=z" || len(got) != 2 {
 		t.Errorf("%v %v", got, err)
 	}
-	if _, err := metadataFilter("novalue"); err == nil {
-		t.Error("a filter without = accepted")
+	if _, err := metadataFilter("a=1&a=2"); err == nil {
+		t.Error("a key given twice accepted")
+	}
+	if _, err := metadataFilter("a=%zz"); err == nil {
+		t.Error("a bad escape accepted")
 	}
 }

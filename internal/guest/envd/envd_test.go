@@ -425,3 +425,18 @@ func TestSignedFileURLs(t *testing.T) {
 		}
 	}
 }
+
+// A process that leaves a child holding its output ends when it exits, with everything
+// it wrote (as E2B's envd does): the child's later output is not waited for.
+func TestEndDoesNotWaitForAChildHoldingTheOutput(t *testing.T) {
+	f := newFixture(t)
+	start := time.Now()
+	stdout, _, _, end := f.run(t, &processpb.StartRequest{Process: &processpb.ProcessConfig{Cmd: "/bin/sh",
+		Args: []string{"-c", "seq 1 20000; sleep 30 & echo started"}}}, nil)
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("the end came after %s: it waited for the child", took)
+	}
+	if end == nil || end.GetExitCode() != 0 || !strings.HasSuffix(stdout, "20000\nstarted\n") || !strings.HasPrefix(stdout, "1\n2\n") {
+		t.Errorf("end %v, stdout %d bytes ending %q", end, len(stdout), stdout[max(0, len(stdout)-20):])
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -37,6 +38,37 @@ type proc struct {
 	subs   map[chan *processpb.ProcessEvent]struct{}
 	end    *processpb.ProcessEvent // once it ended
 	output sync.WaitGroup          // the output pumps
+	// pumping and reading count the pumps still running and those of them waiting in a
+	// read (not handing data on): see awaitOutput.
+	pumping, reading atomic.Int32
+}
+
+// outputGrace is how long, after a process exited, its output may stay open with nothing
+// coming: then a child it left behind holds it (`sleep 300 &`), and the process's end is
+// the end, as with E2B's envd (what the child writes later is dropped).
+const outputGrace = 200 * time.Millisecond
+
+// awaitOutput returns once the output pumps are done, or, outputGrace after the exit,
+// once every one left is only waiting for data (never while data is being handed to a
+// slow follower: no byte written before the exit is lost).
+func (p *proc) awaitOutput() {
+	done := make(chan struct{})
+	go func() { p.output.Wait(); close(done) }()
+	grace := time.After(outputGrace)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-grace:
+			grace = nil
+		case <-tick.C:
+			if grace == nil && p.reading.Load() == p.pumping.Load() {
+				return
+			}
+		}
+	}
 }
 
 type processes struct {
@@ -278,11 +310,12 @@ func (s *Server) start(req *connect.Request[processpb.StartRequest]) (*proc, cha
 	s.procs.mu.Unlock()
 	for _, o := range outs {
 		p.output.Add(1)
+		p.pumping.Add(1)
 		go p.pump(o.f, o.kind)
 	}
 	go func() {
 		ex := <-exited
-		p.output.Wait() // every byte before the end
+		p.awaitOutput() // every byte before the end
 		if p.tty != nil {
 			p.tty.Close()
 		}
@@ -321,12 +354,15 @@ type output struct {
 // reads EIO once the last slave is closed (the process ended): that is its end.
 func (p *proc) pump(f *os.File, kind string) {
 	defer p.output.Done()
+	defer p.pumping.Add(-1)
 	if kind != "pty" {
 		defer f.Close()
 	}
 	buf := make([]byte, 32<<10)
 	for {
+		p.reading.Add(1)
 		n, err := f.Read(buf)
+		p.reading.Add(-1)
 		if n > 0 {
 			data := slices.Clone(buf[:n])
 			d := &processpb.ProcessEvent_DataEvent{}

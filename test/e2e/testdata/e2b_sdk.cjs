@@ -44,7 +44,7 @@ function getVia(host, path = '/') {
 async function main() {
   step = 'create'
   const t0 = Date.now()
-  const sbx = await Sandbox.create(template, { metadata: { suite: 'e2b', run }, envs: { GREETING: 'hello from envVars' }, timeoutMs: 600_000 })
+  const sbx = await Sandbox.create(template, { metadata: { suite: 'e2b', run, owner: 'alice@example.com', 'a b': 'x&y=z' }, envs: { GREETING: 'hello from envVars' }, timeoutMs: 600_000 })
   fact('sandbox', sbx.sandboxId)
   say('created', sbx.sandboxId, 'in', Date.now() - t0, 'ms')
 
@@ -56,6 +56,8 @@ async function main() {
   assert.equal(ok.stderr, 'to-stderr\n')
   assert.match(streamed, /hello from envVars/)
   await assert.rejects(sbx.commands.run('echo out; exit 3'), (e) => e instanceof CommandExitError && e.exitCode === 3 && e.stdout === 'out\n')
+  const detached = await sbx.commands.run('sleep 300 & echo started', { timeoutMs: 20_000 })
+  assert.equal(detached.stdout, 'started\n')
 
   step = 'background command with stdin, then kill'
   let bg = ''
@@ -115,7 +117,7 @@ async function main() {
 
   step = 'list with a metadata filter'
   const other = await Sandbox.create(template, { metadata: { suite: 'e2b', run: run + '-other' }, timeoutMs: 600_000 })
-  const listed = await Sandbox.list({ query: { metadata: { run } } }).nextItems()
+  const listed = await Sandbox.list({ query: { metadata: { run, owner: 'alice@example.com', 'a b': 'x&y=z' } } }).nextItems()
   assert.deepEqual(listed.map((s) => s.sandboxId), [sbx.sandboxId])
   assert.equal(listed[0].metadata.suite, 'e2b')
   assert.equal(listed[0].state, 'running')
