@@ -3,17 +3,10 @@ package e2e
 import (
 	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -47,44 +40,6 @@ func installE2BSDK(ctx context.Context, dir string) error {
 	return nil
 }
 
-// edgeCert makes a CA and, signed by it, the edge's certificate for the names the SDK
-// uses (api.DOMAIN, *.DOMAIN) and 127.0.0.1; it returns the files.
-func edgeCert(t *testing.T) (caFile, certFile, keyFile string) {
-	t.Helper()
-	dir := t.TempDir()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	ca := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "e2e test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	leaf := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "api." + e2bDomain},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		DNSNames:    []string{"api." + e2bDomain, "*." + e2bDomain},
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
-		KeyUsage:    x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
-	caCert, _ := x509.ParseCertificate(caDER)
-	der, err := x509.CreateCertificate(rand.Reader, leaf, caCert, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, _ := x509.MarshalECPrivateKey(key)
-	caFile, certFile, keyFile = filepath.Join(dir, "ca.pem"), filepath.Join(dir, "edge.pem"), filepath.Join(dir, "edge-key.pem")
-	for f, b := range map[string][]byte{
-		caFile:   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
-		certFile: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		keyFile:  pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}),
-	} {
-		if err := os.WriteFile(f, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return caFile, certFile, keyFile
-}
-
 // TestE2BSDK runs the real `e2b` SDK (npm, pinned) against `fireworks dev`: E2B's REST API
 // and the SDK's calls into sandboxes (envd) through one HTTPS address of the in-process
 // edge, as E2B_API_URL and E2B_SANDBOX_URL point it. The script (testdata/e2b_sdk.cjs)
@@ -98,7 +53,10 @@ func TestE2BSDK(t *testing.T) {
 	if _, err := exec.LookPath("node"); err != nil {
 		testutil.Skipf(t, "node not found (scripts/install-deps.sh installs Node.js)")
 	}
-	caFile, certFile, keyFile := edgeCert(t)
+	caFile, certFile, keyFile, err := testutil.ServingCert(t.TempDir(), "api."+e2bDomain, "*."+e2bDomain, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
 	addr := freeLoopbackAddr(t)
 	restartDev(t, "--ingress-listen", addr, "--ingress-tls-cert", certFile, "--ingress-tls-key", keyFile, "--ingress-domain", e2bDomain)
 	t.Cleanup(func() { restartDev(t) })

@@ -60,26 +60,31 @@ func (h *templateService) ListNamedTemplates(ctx context.Context, _ *connect.Req
 	return connect.NewResponse(out), nil
 }
 
-func (h *templateService) GetTemplate(ctx context.Context, req *connect.Request[pb.GetTemplateRequest]) (*connect.Response[pb.GetTemplateResponse], error) {
+// find resolves the caller's own template by ID or name.
+func (h *templateService) find(ctx context.Context, ref string) (state.Template, error) {
 	who, err := caller(ctx)
 	if err != nil {
-		return nil, err
+		return state.Template{}, err
 	}
-	t, err := h.s.store.FindTemplate(who.TokenID, req.Msg.GetTemplate())
+	t, err := h.s.store.FindTemplate(who.TokenID, ref)
 	if err != nil {
-		return nil, toConnectError(err)
+		return t, toConnectError(err)
+	}
+	return t, nil
+}
+
+func (h *templateService) GetTemplate(ctx context.Context, req *connect.Request[pb.GetTemplateRequest]) (*connect.Response[pb.GetTemplateResponse], error) {
+	t, err := h.find(ctx, req.Msg.GetTemplate())
+	if err != nil {
+		return nil, err
 	}
 	return connect.NewResponse(&pb.GetTemplateResponse{Template: templateToPB(t)}), nil
 }
 
 func (h *templateService) DeleteTemplate(ctx context.Context, req *connect.Request[pb.DeleteTemplateRequest]) (*connect.Response[pb.DeleteTemplateResponse], error) {
-	who, err := caller(ctx)
+	t, err := h.find(ctx, req.Msg.GetTemplate())
 	if err != nil {
 		return nil, err
-	}
-	t, err := h.s.store.FindTemplate(who.TokenID, req.Msg.GetTemplate())
-	if err != nil {
-		return nil, toConnectError(err)
 	}
 	if err := h.s.store.DeleteTemplate(ctx, t.ID); err != nil {
 		return nil, toConnectError(err)
