@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -102,7 +103,8 @@ Where the image goes:
 			}
 			dir := out
 			if dir == "" {
-				dir = filepath.Join(DefaultDataDir(), "built-templates", args[0])
+				// One directory per name ("team" and "team/name" apart).
+				dir = filepath.Join(DefaultDataDir(), "built-templates", url.PathEscape(args[0]))
 			}
 			ref, err := buildahBuild(cmd.Context(), g, args[0], file, bctx, dir, push, tlsVerify)
 			if err != nil {
@@ -223,13 +225,12 @@ func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir, 
 		fmt.Fprintf(g.stderr, "built %s and pushed it to %s (%s)\n", name, push, ref)
 		return ref, nil
 	}
-	// The layout replaces what an earlier build wrote there, and nothing else.
+	// Each build is a new tag of the layout, beside the earlier ones (the template's
+	// earlier sandboxes and snapshots name those): the directory is written to only if it
+	// is one, or empty, or new.
 	if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
 		if _, err := os.Stat(filepath.Join(dir, "oci-layout")); err != nil {
-			return "", fmt.Errorf("--out %s: not empty and not an OCI layout; refusing to replace it", dir)
-		}
-		if err := os.RemoveAll(dir); err != nil {
-			return "", err
+			return "", fmt.Errorf("--out %s: not empty and not an OCI layout; refusing to write into it", dir)
 		}
 	}
 	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {

@@ -25,6 +25,7 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/auth"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
@@ -119,6 +120,9 @@ type call struct {
 	r   *http.Request
 	ctx context.Context
 	c   *client.Client
+	// owner is the ID of the caller's token: E2B's API acts on the key's own sandboxes
+	// only, an admin's key too (the Fireworks API would let an admin act on any).
+	owner string
 }
 
 // apiError is an answer other than success, in E2B's error shape.
@@ -150,25 +154,33 @@ func (a *API) serve(w http.ResponseWriter, r *http.Request, fn func(*call) error
 		writeError(w, &apiError{http.StatusUnauthorized, "missing API key (X-API-Key: a Fireworks token)"})
 		return
 	}
-	if len(k) > 512 {
-		writeError(w, &apiError{http.StatusUnauthorized, "invalid API key"})
+	id, _, err := auth.Parse(k)
+	if err != nil && r.URL.Path != "/health" {
+		writeError(w, &apiError{http.StatusUnauthorized, "invalid API key (a Fireworks token)"})
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, maxBody)
-	c := &call{w: w, r: r, ctx: r.Context(), c: a.cfg.Servers.WithToken(k)}
+	c := &call{w: w, r: r, ctx: r.Context(), c: a.cfg.Servers.WithToken(k), owner: id}
 	if err := fn(c); err != nil {
-		var ae *apiError
-		if !errors.As(err, &ae) {
-			ae = fromConnect(err)
-		}
-		if ae.code >= 500 {
-			a.cfg.Log.Warn("e2b api", "method", r.Method, "path", r.URL.Path, "code", ae.code, "err", err)
-			if ae.code == http.StatusInternalServerError && !errors.As(err, new(*apiError)) {
-				ae = &apiError{ae.code, "internal error"} // the log has it
-			}
-		}
-		writeError(w, ae)
+		writeError(w, a.publicError(r, err))
 	}
+}
+
+// publicError is what a caller is told of err: E2B's code, and for a server-side
+// failure not of this API's making a generic message (the log has the rest).
+func (a *API) publicError(r *http.Request, err error) *apiError {
+	var ae *apiError
+	if errors.As(err, &ae) {
+		return ae
+	}
+	ae = fromConnect(err)
+	if ae.code >= 500 {
+		a.cfg.Log.Warn("e2b api", "method", r.Method, "path", r.URL.Path, "code", ae.code, "err", err)
+		if ae.code == http.StatusInternalServerError {
+			ae = &apiError{ae.code, "internal error"}
+		}
+	}
+	return ae
 }
 
 // fromConnect maps a Fireworks API error to E2B's status codes (the SDK turns 401 into
@@ -233,7 +245,7 @@ func seconds(s *int64, def time.Duration) (time.Duration, error) {
 		return def, nil
 	}
 	if *s < 0 || time.Duration(*s)*time.Second > maxTimeout {
-		return 0, fail(http.StatusBadRequest, "timeout %d s: want 0 to %d", *s, int64(maxTimeout/time.Second))
+		return 0, fail(http.StatusBadRequest, "timeout %d s: want 1 to %d", *s, int64(maxTimeout/time.Second))
 	}
 	return time.Duration(*s) * time.Second, nil
 }
@@ -250,7 +262,7 @@ func (c *call) sandbox() (*pb.Sandbox, error) {
 		return nil, err
 	}
 	sb := resp.Msg.GetSandbox()
-	if sb.GetId() != id || over(sb) {
+	if sb.GetId() != id || over(sb) || sb.GetOwner() != c.owner {
 		return nil, fail(http.StatusNotFound, "sandbox %s not found", id)
 	}
 	return sb, nil
@@ -652,7 +664,12 @@ func (a *API) kill(c *call) error {
 	return nil
 }
 
+// setLifetime ends the sandbox d from now. Every sandbox made here has an end: less than
+// a second (0 would be none to the Fireworks API) is refused.
 func (a *API) setLifetime(c *call, id string, d time.Duration) (*pb.Sandbox, error) {
+	if d < time.Second {
+		return nil, fail(http.StatusBadRequest, "timeout: want 1 to %d s", int64(maxTimeout/time.Second))
+	}
 	resp, err := c.c.Sandboxes.SetLifetime(c.ctx, connect.NewRequest(&pb.SetLifetimeRequest{Sandbox: id, Lifetime: durationpb.New(d)}))
 	if err != nil {
 		return nil, err
@@ -701,8 +718,8 @@ func (a *API) refresh(c *call) error {
 	if err != nil {
 		return err
 	}
-	if d > time.Hour {
-		return fail(http.StatusBadRequest, "duration: at most 3600 s")
+	if d < time.Second || d > time.Hour {
+		return fail(http.StatusBadRequest, "duration: want 1 to 3600 s")
 	}
 	sb, err := c.sandbox()
 	if err != nil {
@@ -828,10 +845,7 @@ func (a *API) fork(c *call) error {
 			}
 		}
 		if f, err = a.waitRunning(c, f); err != nil {
-			var ae *apiError
-			if !errors.As(err, &ae) {
-				ae = fromConnect(err)
-			}
+			ae := a.publicError(c.r, err)
 			out = append(out, map[string]any{"error": map[string]any{"code": ae.code, "message": ae.msg}})
 			continue
 		}

@@ -175,6 +175,15 @@ func TestTenantsAndListing(t *testing.T) {
 	w.want(t, "POST", "/sandboxes/"+theirs+"/timeout", w.user, `{"timeout":1}`, http.StatusNotFound)
 	w.want(t, "POST", "/sandboxes/"+theirs+"/pause", w.user, ``, http.StatusNotFound)
 	w.want(t, "PUT", "/sandboxes/"+theirs+"/network", w.user, `{"allow_internet_access":false}`, http.StatusNotFound)
+	// An admin's key acts on its own sandboxes only, here as everywhere in E2B's API.
+	w.want(t, "GET", "/sandboxes/"+theirs, w.admin, "", http.StatusNotFound)
+	w.want(t, "DELETE", "/sandboxes/"+theirs, w.admin, "", http.StatusNotFound)
+	w.want(t, "POST", "/sandboxes/"+theirs+"/timeout", w.admin, `{"timeout":60}`, http.StatusNotFound)
+	if body := w.want(t, "GET", "/v2/sandboxes", w.admin, "", http.StatusOK); strings.TrimSpace(body) != "[]" {
+		t.Errorf("an admin's key lists other tokens' sandboxes: %s", body)
+	}
+	w.want(t, "POST", "/sandboxes/"+theirs+"/refreshes", w.other, `{"duration":0}`, http.StatusBadRequest)
+	w.want(t, "POST", "/sandboxes/"+theirs+"/timeout", w.other, `{"timeout":0}`, http.StatusBadRequest)
 	detail := w.want(t, "GET", "/sandboxes/"+theirs, w.other, "", http.StatusOK)
 	if !strings.Contains(detail, `"envdAccessToken"`) || !strings.Contains(detail, `"team":"a"`) {
 		t.Errorf("the owner's detail: %s", detail)

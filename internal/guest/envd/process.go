@@ -39,8 +39,9 @@ type proc struct {
 	end    *processpb.ProcessEvent // once it ended
 	output sync.WaitGroup          // the output pumps
 	// pumping and reading count the pumps still running and those of them waiting in a
-	// read (not handing data on): see awaitOutput.
+	// read (not handing data on); reads counts the reads that returned: see awaitOutput.
 	pumping, reading atomic.Int32
+	reads           atomic.Int64
 }
 
 // outputGrace is how long, after a process exited, its output may stay open with nothing
@@ -54,19 +55,25 @@ const outputGrace = 200 * time.Millisecond
 func (p *proc) awaitOutput() {
 	done := make(chan struct{})
 	go func() { p.output.Wait(); close(done) }()
-	grace := time.After(outputGrace)
+	exit := time.Now()
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
+	last := int64(-1)
 	for {
 		select {
 		case <-done:
 			return
-		case <-grace:
-			grace = nil
 		case <-tick.C:
-			if grace == nil && p.reading.Load() == p.pumping.Load() {
+			// Idle: every pump in a read, and no read returned since the last tick (a
+			// read returning data at the instant of the check would still count as
+			// one). A child that keeps writing would keep that from ever holding: from
+			// five graces on, every pump in a read is enough (no data in hand).
+			n := p.reads.Load()
+			waited := time.Since(exit)
+			if waited >= outputGrace && p.reading.Load() == p.pumping.Load() && (n == last || waited >= 5*outputGrace) {
 				return
 			}
+			last = n
 		}
 	}
 }
@@ -362,6 +369,7 @@ func (p *proc) pump(f *os.File, kind string) {
 	for {
 		p.reading.Add(1)
 		n, err := f.Read(buf)
+		p.reads.Add(1)
 		p.reading.Add(-1)
 		if n > 0 {
 			data := slices.Clone(buf[:n])
