@@ -41,7 +41,7 @@ type proc struct {
 	// pumping and reading count the pumps still running and those of them waiting in a
 	// read (not handing data on); reads counts the reads that returned: see awaitOutput.
 	pumping, reading atomic.Int32
-	reads           atomic.Int64
+	reads            atomic.Int64
 }
 
 // outputGrace is how long, after a process exited, its output may stay open with nothing
