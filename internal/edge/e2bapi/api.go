@@ -488,7 +488,9 @@ func (a *API) listed(sb *pb.Sandbox, detail bool) map[string]any {
 			onTimeout = "pause"
 		}
 		out["lifecycle"] = map[string]any{"onTimeout": onTimeout, "autoResume": false}
-		out["network"] = map[string]any{"allowPublicTraffic": publicTraffic(sb)}
+		allow, deny, internet := rulesOf(spec.GetPolicy())
+		out["network"] = map[string]any{"allowPublicTraffic": publicTraffic(sb), "allowOut": allow, "denyOut": deny}
+		out["allowInternetAccess"] = internet
 	}
 	return out
 }

@@ -85,3 +85,25 @@ func prefix(s string) (netip.Prefix, error) {
 }
 
 func mapsKeys(m map[string]string) iter.Seq[string] { return maps.Keys(m) }
+
+// rulesOf reads back what policyOf wrote: the egress allow and deny ranges and whether
+// what no rule names may go out. Lines of other forms (a policy set with the CLI) are
+// left out.
+func rulesOf(policy string) (allowOut, denyOut []string, internet bool) {
+	internet = true
+	for line := range strings.Lines(policy) {
+		f := strings.Fields(line)
+		switch {
+		case len(f) == 2 && f[0] == "default" && f[1] == "deny":
+			internet = false
+		case len(f) == 2 && f[0] == "allow":
+			allowOut = append(allowOut, f[1])
+		case len(f) == 2 && f[0] == "deny":
+			denyOut = append(denyOut, f[1])
+		}
+	}
+	if !internet {
+		denyOut = append(denyOut, "0.0.0.0/0")
+	}
+	return allowOut, denyOut, internet
+}

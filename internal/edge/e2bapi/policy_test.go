@@ -51,6 +51,10 @@ func TestPolicyOf(t *testing.T) {
 				}
 				return
 			}
+			allow, deny, internet := rulesOf(policy)
+			if got, want := len(allow)+len(deny), len(c.n.AllowOut)+len(c.n.DenyOut); !internet && got < want || internet && got != want {
+				t.Errorf("read back: allow %v deny %v internet %v, from %+v", allow, deny, internet, c.n)
+			}
 			set, err := netpolicy.ParsePolicy(policy)
 			if err != nil {
 				t.Fatal(err)
