@@ -53,6 +53,14 @@ for entry in "${tools[@]}"; do
     missing=1
   fi
 done
+if command -v node >/dev/null 2>&1; then
+  # The e2b SDK TestE2BSDK runs needs Node.js 20.18+ (its package.json's engines).
+  read -r nmaj nmin <<<"$(node --version | sed -nE 's/^v([0-9]+)\.([0-9]+).*/\1 \2/p')"
+  if [ "${nmaj:-0}" -lt 20 ] || { [ "$nmaj" -eq 20 ] && [ "${nmin:-0}" -lt 18 ]; } || [ "$nmaj" -eq 21 ]; then
+    echo "Node.js $(node --version) is too old for the e2b SDK (20.18+ or 22+; the base image's is; scripts/install-deps.sh)" >&2
+    missing=1
+  fi
+fi
 if command -v qemu-system-x86_64 >/dev/null 2>&1; then
   v=$(qemu-system-x86_64 --version | sed -nE '1s/.*version ([0-9]+)\.([0-9]+).*/\1 \2/p')
   read -r maj min <<<"${v:-0 0}"

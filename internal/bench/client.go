@@ -13,6 +13,7 @@ import (
 type apiClient struct {
 	sandboxes fireworksv1connect.SandboxServiceClient
 	images    fireworksv1connect.ImageServiceClient
+	templates fireworksv1connect.TemplateServiceClient
 	volumes   fireworksv1connect.VolumeServiceClient
 	system    fireworksv1connect.SystemServiceClient
 	tokens    fireworksv1connect.TokenServiceClient
@@ -45,5 +46,5 @@ func newAPIClientFor(cfg client.Config) (*apiClient, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &apiClient{sandboxes: c.Sandboxes, images: c.Images, volumes: c.Volumes, system: c.System, tokens: c.Tokens, cluster: c.Cluster}, nil
+	return &apiClient{sandboxes: c.Sandboxes, images: c.Images, volumes: c.Volumes, templates: c.Templates, system: c.System, tokens: c.Tokens, cluster: c.Cluster}, nil
 }

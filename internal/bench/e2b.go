@@ -97,7 +97,8 @@ func measureE2B(ctx context.Context, cfg Config, img v1.Image, work string, rep 
 	if err != nil {
 		return err
 	}
-	caFile, certFile, keyFile, err := testutil.ServingCert(dir, "127.0.0.1", "*.e2b.bench.test")
+	const domain = "e2b.bench.test"
+	caFile, certFile, keyFile, err := testutil.ServingCert(dir, "127.0.0.1", "*."+domain)
 	if err != nil {
 		return err
 	}
@@ -105,18 +106,13 @@ func measureE2B(ctx context.Context, cfg Config, img v1.Image, work string, rep 
 	if err != nil {
 		return err
 	}
-	const domain = "e2b.bench.test"
 	dev, err := startDev(ctx, cfg, dir, "--ingress-listen", addr, "--ingress-domain", domain,
 		"--ingress-tls-cert", certFile, "--ingress-tls-key", keyFile)
 	if err != nil {
 		return err
 	}
 	defer dev.stop()
-	devCfg, err := client.ReadConfig(dev.config)
-	if err != nil {
-		return err
-	}
-	servers, err := client.New(devCfg)
+	devCfg, err := client.ReadConfig(dev.config) // its token is the SDK's key
 	if err != nil {
 		return err
 	}
@@ -128,7 +124,7 @@ func measureE2B(ctx context.Context, cfg Config, img v1.Image, work string, rep 
 		rep.Accelerator, rep.Kernel = api.info(ctx)
 	}
 	const tmpl = "bench-e2b"
-	if _, err := servers.Templates.CreateTemplate(ctx, connect.NewRequest(&pb.CreateTemplateRequest{
+	if _, err := api.templates.CreateTemplate(ctx, connect.NewRequest(&pb.CreateTemplateRequest{
 		Template: &pb.NamedTemplate{Name: tmpl, Image: ref}, Replace: true})); err != nil {
 		return fmt.Errorf("create template: %w", err)
 	}

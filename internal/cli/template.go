@@ -175,8 +175,9 @@ Where the image goes:
 }
 
 // buildahBuild builds dockerfile in bctx with buildah, pushes it to push (if set) or
-// writes it into the OCI layout dir, and returns the image reference. Its storage is a directory of its own, removed
-// afterwards: nothing of the build stays behind but the layout.
+// writes it into the OCI layout dir, and returns the image reference. buildah's storage
+// is a directory of its own, removed afterwards: nothing of the build stays behind but
+// the image.
 func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir, push string, tlsVerify bool) (string, error) {
 	if _, err := exec.LookPath("buildah"); err != nil {
 		return "", errors.New("template build needs buildah (Debian: apt-get install buildah; scripts/install-deps.sh installs it)")
@@ -184,6 +185,16 @@ func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir, 
 	dir, err := filepath.Abs(dir)
 	if err != nil {
 		return "", err
+	}
+	// Each build is a new tag of the layout, beside the earlier ones (the template's
+	// earlier sandboxes and snapshots name those): the directory is written to only if it
+	// is one, or empty, or new. Checked before a build that may take minutes.
+	if push == "" {
+		if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
+			if _, err := os.Stat(filepath.Join(dir, "oci-layout")); err != nil {
+				return "", fmt.Errorf("--out %s: not empty and not an OCI layout; refusing to write into it", dir)
+			}
+		}
 	}
 	store, err := os.MkdirTemp("", "fireworks-buildah-")
 	if err != nil {
@@ -195,9 +206,6 @@ func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir, 
 	run := func(args ...string) error {
 		c := exec.CommandContext(ctx, "buildah", append(append([]string{}, common...), args...)...)
 		c.Stdout, c.Stderr = g.stderr, g.stderr
-		// No registries configured: FROM names a local file (ADD/COPY) or scratch, or a
-		// registry reference the host's containers configuration resolves.
-		c.Env = append(os.Environ(), "BUILDAH_ISOLATION=chroot")
 		if err := c.Run(); err != nil {
 			return fmt.Errorf("buildah %s: %w", args[0], err)
 		}
@@ -224,14 +232,6 @@ func buildahBuild(ctx context.Context, g *globals, name, dockerfile, bctx, dir, 
 		ref := r.Context().Name() + "@" + strings.TrimSpace(string(d))
 		fmt.Fprintf(g.stderr, "built %s and pushed it to %s (%s)\n", name, push, ref)
 		return ref, nil
-	}
-	// Each build is a new tag of the layout, beside the earlier ones (the template's
-	// earlier sandboxes and snapshots name those): the directory is written to only if it
-	// is one, or empty, or new.
-	if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
-		if _, err := os.Stat(filepath.Join(dir, "oci-layout")); err != nil {
-			return "", fmt.Errorf("--out %s: not empty and not an OCI layout; refusing to write into it", dir)
-		}
 	}
 	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
 		return "", err

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
@@ -285,7 +286,6 @@ type createBody struct {
 	TemplateID          string            `json:"templateID"`
 	Timeout             *int64            `json:"timeout"`
 	AutoPause           *bool             `json:"autoPause"`
-	Secure              *bool             `json:"secure"`
 	AllowInternetAccess *bool             `json:"allow_internet_access"`
 	Network             *networkBody      `json:"network"`
 	Metadata            map[string]string `json:"metadata"`
@@ -340,7 +340,7 @@ func (a *API) create(c *call) error {
 		return err
 	}
 	var env []string
-	for _, k := range slices.Sorted(mapsKeys(body.EnvVars)) {
+	for _, k := range slices.Sorted(maps.Keys(body.EnvVars)) {
 		if k == "" || strings.ContainsAny(k, "=\x00") {
 			return fail(http.StatusBadRequest, "envVars: invalid name %.40q", k)
 		}
@@ -383,17 +383,30 @@ func (a *API) fromTemplate(c *call, id string, spec *pb.SandboxSpec) error {
 	if connect.CodeOf(err) != connect.CodeNotFound {
 		return err
 	}
-	snaps, err := c.c.Sandboxes.ListSnapshots(c.ctx, connect.NewRequest(&pb.ListSnapshotsRequest{Mine: true}))
+	s, err := c.snapshot(id)
 	if err != nil {
 		return err
 	}
-	for _, s := range snaps.Msg.GetSnapshots() {
-		if s.GetId() == id || s.GetName() == id {
-			spec.Snapshot, spec.Template = s.GetId(), s.GetName()
-			return nil
+	if s == nil {
+		return fail(http.StatusNotFound, "template %.64q not found (create one with `fireworks template create`)", id)
+	}
+	spec.Snapshot, spec.Template = s.GetId(), s.GetName()
+	return nil
+}
+
+// snapshot finds the caller's own snapshot of exactly this ID or name (the Fireworks
+// API also takes ID prefixes, which E2B's IDs are not); nil if there is none.
+func (c *call) snapshot(idOrName string) (*pb.Snapshot, error) {
+	resp, err := c.c.Sandboxes.ListSnapshots(c.ctx, connect.NewRequest(&pb.ListSnapshotsRequest{Mine: true}))
+	if err != nil {
+		return nil, err
+	}
+	for _, s := range resp.Msg.GetSnapshots() {
+		if s.GetId() == idOrName || s.GetName() == idOrName {
+			return s, nil
 		}
 	}
-	return fail(http.StatusNotFound, "template %.64q not found (create one with `fireworks template create`)", id)
+	return nil, nil
 }
 
 // waitRunning waits until a new or resumed sandbox runs (the SDK calls into it at once).
@@ -465,9 +478,9 @@ func (a *API) listed(sb *pb.Sandbox, detail bool) map[string]any {
 	if started == nil {
 		started = sb.GetCreatedAt()
 	}
-	end := sb.GetEndAt().AsTime()
-	if sb.GetEndAt() == nil {
-		end = time.Time{}
+	var end time.Time // none: the zero time, as E2B's API writes it
+	if e := sb.GetEndAt(); e != nil {
+		end = e.AsTime()
 	}
 	spec := sb.GetSpec()
 	out := map[string]any{
@@ -537,15 +550,6 @@ func (a *API) list(c *call) error {
 	if err != nil {
 		return err
 	}
-	limit := maxListLimit
-	if l := q.Get("limit"); l != "" {
-		n, err := strconv.Atoi(l)
-		if err != nil || n < 1 || n > maxListLimit {
-			return fail(http.StatusBadRequest, "limit %.20q: want 1 to %d", l, maxListLimit)
-		}
-		limit = n
-	}
-	after := q.Get("nextToken")
 	template := q.Get("template")
 	var startedAfter time.Time
 	if v := q.Get("startedAfter"); v != "" {
@@ -586,16 +590,8 @@ func (a *API) list(c *call) error {
 	if order == "asc" {
 		slices.Reverse(out)
 	}
-	if after != "" {
-		i := slices.IndexFunc(out, func(sb *pb.Sandbox) bool { return sb.GetId() == after })
-		if i < 0 {
-			return fail(http.StatusBadRequest, "nextToken %.40q: not from this listing", after)
-		}
-		out = out[i+1:]
-	}
-	if len(out) > limit {
-		out = out[:limit]
-		c.w.Header().Set("X-Next-Token", out[len(out)-1].GetId())
+	if out, err = page(c, out, (*pb.Sandbox).GetId); err != nil {
+		return err
 	}
 	items := make([]map[string]any, 0, len(out))
 	for _, sb := range out {
@@ -693,10 +689,6 @@ func (a *API) setTimeout(c *call) error {
 	if err != nil {
 		return err
 	}
-	if d < time.Second {
-		// Every sandbox made here has an end (0 would be none).
-		return fail(http.StatusBadRequest, "timeout: want 1 to %d s", int64(maxTimeout/time.Second))
-	}
 	sb, err := c.sandbox()
 	if err != nil {
 		return err
@@ -751,10 +743,10 @@ func (a *API) pause(c *call) error {
 	return nil
 }
 
-// resumeBody is E2B's ResumedSandbox and ConnectSandbox.
+// resumeBody is E2B's ResumedSandbox and ConnectSandbox (their autoPause is the
+// sandbox's, kept from its create).
 type resumeBody struct {
-	Timeout   *int64 `json:"timeout"`
-	AutoPause *bool  `json:"autoPause"`
+	Timeout *int64 `json:"timeout"`
 }
 
 // resume is the older call: a paused sandbox only (409 for a running one).
@@ -889,34 +881,46 @@ func (a *API) listSnapshots(c *call) error {
 	if err != nil {
 		return err
 	}
-	snaps := resp.Msg.GetSnapshots()
+	snaps := slices.DeleteFunc(resp.Msg.GetSnapshots(), func(s *pb.Snapshot) bool {
+		sid, name := q.Get("sandboxID"), q.Get("name")
+		return sid != "" && s.GetSandbox() != sid || name != "" && s.GetName() != name
+	})
 	slices.SortFunc(snaps, func(x, y *pb.Snapshot) int { return cmp.Compare(x.GetId(), y.GetId()) })
-	if after := q.Get("nextToken"); after != "" {
-		i := slices.IndexFunc(snaps, func(s *pb.Snapshot) bool { return s.GetId() == after })
-		if i < 0 {
-			return fail(http.StatusBadRequest, "nextToken %.40q: not from this listing", after)
-		}
-		snaps = snaps[i+1:]
-	}
-	limit := maxListLimit
-	if l := q.Get("limit"); l != "" {
-		if n, err := strconv.Atoi(l); err == nil && n >= 1 && n <= maxListLimit {
-			limit = n
-		}
+	if snaps, err = page(c, snaps, (*pb.Snapshot).GetId); err != nil {
+		return err
 	}
 	items := []map[string]any{}
-	for i, s := range snaps {
-		if sid := q.Get("sandboxID"); sid != "" && s.GetSandbox() != sid || q.Get("name") != "" && s.GetName() != q.Get("name") {
-			continue
-		}
-		if len(items) == limit {
-			c.w.Header().Set("X-Next-Token", snaps[i-1].GetId())
-			break
-		}
+	for _, s := range snaps {
 		items = append(items, map[string]any{"snapshotID": s.GetId(), "names": []string{s.GetName()}})
 	}
 	writeJSON(c.w, http.StatusOK, items)
 	return nil
+}
+
+// page is the page of items (in order) that the call's nextToken and limit (≤ 100)
+// ask for; when more follow, the X-Next-Token header names the page's last item.
+func page[T any](c *call, items []T, id func(T) string) ([]T, error) {
+	q := c.r.URL.Query()
+	limit := maxListLimit
+	if l := q.Get("limit"); l != "" {
+		n, err := strconv.Atoi(l)
+		if err != nil || n < 1 || n > maxListLimit {
+			return nil, fail(http.StatusBadRequest, "limit %.20q: want 1 to %d", l, maxListLimit)
+		}
+		limit = n
+	}
+	if after := q.Get("nextToken"); after != "" {
+		i := slices.IndexFunc(items, func(x T) bool { return id(x) == after })
+		if i < 0 {
+			return nil, fail(http.StatusBadRequest, "nextToken %.40q: not from this listing", after)
+		}
+		items = items[i+1:]
+	}
+	if len(items) > limit {
+		items = items[:limit]
+		c.w.Header().Set("X-Next-Token", id(items[len(items)-1]))
+	}
+	return items, nil
 }
 
 // network replaces a running sandbox's egress rules (PUT .../network).
@@ -1026,16 +1030,14 @@ func (a *API) deleteTemplate(c *call) error {
 	id := c.r.PathValue("id")
 	_, err := c.c.Templates.DeleteTemplate(c.ctx, connect.NewRequest(&pb.DeleteTemplateRequest{Template: id}))
 	if connect.CodeOf(err) == connect.CodeNotFound {
-		// Only a snapshot named exactly (the API also takes ID prefixes).
-		snaps, lerr := c.c.Sandboxes.ListSnapshots(c.ctx, connect.NewRequest(&pb.ListSnapshotsRequest{Mine: true}))
+		s, lerr := c.snapshot(id)
 		if lerr != nil {
 			return lerr
 		}
-		i := slices.IndexFunc(snaps.Msg.GetSnapshots(), func(s *pb.Snapshot) bool { return s.GetId() == id || s.GetName() == id })
-		if i < 0 {
+		if s == nil {
 			return fail(http.StatusNotFound, "template or snapshot %.64q not found", id)
 		}
-		_, err = c.c.Sandboxes.DeleteSnapshot(c.ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: snaps.Msg.GetSnapshots()[i].GetId()}))
+		_, err = c.c.Sandboxes.DeleteSnapshot(c.ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: s.GetId()}))
 	}
 	if err != nil {
 		return err

@@ -1,8 +1,6 @@
 package e2bapi
 
 import (
-	"iter"
-	"maps"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -47,16 +45,14 @@ func policyOf(n *networkBody) (policy string, public bool, err error) {
 		}
 		return nil
 	}
-	if err := add("deny", n.DenyOut); err != nil {
-		return "", false, err
-	}
-	// After the denials: the first matching rule of a prefix wins, and an address both
+	// Allows first: the first matching rule of a prefix wins, and an address both
 	// allowed and denied is allowed (E2B's precedence).
-	allowed := len(lines)
 	if err := add("allow", n.AllowOut); err != nil {
 		return "", false, err
 	}
-	lines = append(lines[allowed:], lines[:allowed]...)
+	if err := add("deny", n.DenyOut); err != nil {
+		return "", false, err
+	}
 	if !deny && len(lines) == 0 {
 		return "", public, nil
 	}
@@ -83,8 +79,6 @@ func prefix(s string) (netip.Prefix, error) {
 	return netip.Prefix{}, fail(http.StatusBadRequest,
 		"network rule %.64q: only IPv4 addresses and CIDR ranges are supported (Fireworks filters packets in the kernel; it has no egress proxy to match host names)", s)
 }
-
-func mapsKeys(m map[string]string) iter.Seq[string] { return maps.Keys(m) }
 
 // rulesOf reads back what policyOf wrote: the egress allow and deny ranges and whether
 // what no rule names may go out. Lines of other forms (a policy set with the CLI) are

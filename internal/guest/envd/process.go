@@ -237,9 +237,9 @@ func (s *Server) start(req *connect.Request[processpb.StartRequest]) (*proc, cha
 			return nil, nil, err
 		}
 	}
-	s.accessMu.Lock()
+	s.accessMu.RLock()
 	env := slices.Clone(s.cfg.Env)
-	s.accessMu.Unlock()
+	s.accessMu.RUnlock()
 	env = setEnv(setEnv(env, "HOME", u.Home), "USER", userName)
 	for _, k := range slices.Sorted(maps.Keys(cfg.GetEnvs())) {
 		env = setEnv(env, k, cfg.GetEnvs()[k])

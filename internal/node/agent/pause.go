@@ -431,10 +431,7 @@ func (a *Agent) forkIdentityStep(r *startRun) error {
 	// again: the members are the new group's.
 	id := proto.Identity{Hostname: hostname, Env: []string{"FIREWORKS_SANDBOX_ID=" + r.sb.ID},
 		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Hosts: groupHosts(r.sb.Spec.Group, r.sb.ID)}
-	if r.sb.AccessToken != "" && r.sb.Spec.Network != state.NetworkNone {
-		// The fork's own token: its source's opens nothing in it.
-		id.Envd = &proto.Envd{Token: r.sb.AccessToken, User: r.proc.User, Env: r.proc.Env}
-	}
+	id.Envd = envdFor(r.sb, r.proc) // the fork's own token: its source's opens nothing in it
 	if err := g.Identity(ctx, id); err != nil {
 		return fmt.Errorf("give the fork its identity: %v", err)
 	}

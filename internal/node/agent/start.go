@@ -431,12 +431,7 @@ func (a *Agent) commandStep(r *startRun) error {
 	}
 	var err error
 	vols := guestVolumes(sb.Spec.Volumes)
-	// E2B's in-sandbox API, for the holder of the sandbox's access token (see
-	// internal/guest/envd), on its network.
-	var envdCfg *proto.Envd
-	if sb.AccessToken != "" && sb.Spec.Network != state.NetworkNone {
-		envdCfg = &proto.Envd{Token: sb.AccessToken, User: r.proc.User, Env: r.proc.Env}
-	}
+	envdCfg := envdFor(sb, r.proc)
 	switch {
 	case r.how != "cold" && (len(vols) > 0 || sb.IsGroupMain()):
 		// Its volumes are mounted (its sidecars ready) before the command starts:
@@ -498,4 +493,14 @@ func (a *Agent) takeVM(r *startRun, h *vmHandle, how string) {
 	r.ph.last = time.Now()
 	a.ownVM(r.s, h, &r.cleanup)
 	r.h, r.how = h, how
+}
+
+// envdFor is what the guest's envd (E2B's in-sandbox API, see internal/guest/envd) serves
+// sb with: for the holder of its access token, with its main process's user and
+// environment, on its network; nil without one.
+func envdFor(sb state.Sandbox, main process) *proto.Envd {
+	if sb.AccessToken == "" || sb.Spec.Network == state.NetworkNone {
+		return nil
+	}
+	return &proto.Envd{Token: sb.AccessToken, User: main.User, Env: main.Env}
 }

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -129,11 +128,8 @@ func (p *Proxy) target(req *http.Request) (port uint16, sandbox string, named, o
 		if len(ids) != 1 || len(ports) != 1 {
 			return 0, "", true, false
 		}
-		n, err := strconv.ParseUint(ports[0], 10, 16)
-		if err != nil || n == 0 {
-			return 0, "", true, false
-		}
-		return uint16(n), strings.ToLower(ids[0]), true, true
+		n, ok := parsePort(ports[0])
+		return n, strings.ToLower(ids[0]), true, ok
 	}
 	port, sandbox, ok = routes.ParseHost(req.Host, p.domain)
 	return port, sandbox, ok, ok
