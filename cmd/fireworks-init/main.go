@@ -19,6 +19,9 @@ func main() {
 		initd.Idle() // the main process of a sandbox with no command of its own
 		return
 	}
+	if len(os.Args) > 1 && os.Args[0] == proto.BuildCommand {
+		os.Exit(initd.Build(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+	}
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "fireworks-init: must run as PID 1 inside a Fireworks guest")
 		os.Exit(2)

@@ -144,7 +144,11 @@ Where the image goes:
 				if t.GetVcpus() > 0 {
 					cpu = fmt.Sprint(t.GetVcpus())
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", printable(t.GetName()), short(t.GetId()), printable(t.GetImage()), cpu, mem,
+				img := printable(t.GetImage())
+				if t.GetSnapshot() != "" {
+					img = "snapshot " + short(t.GetSnapshot()) + " of " + img // an E2B build's
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", printable(t.GetName()), short(t.GetId()), img, cpu, mem,
 					t.GetCreatedAt().AsTime().Local().Format(time.DateTime))
 			}
 			return tw.Flush()

@@ -122,7 +122,7 @@ func TestE2BSDK(t *testing.T) {
 	cmd.Env = append(os.Environ(),
 		"NODE_PATH="+filepath.Join(sdk, "node_modules"), "NODE_EXTRA_CA_CERTS="+caFile,
 		"E2B_API_KEY="+key, "E2B_API_URL=https://"+addr, "E2B_SANDBOX_URL=https://"+addr, "E2B_DOMAIN="+e2bDomain,
-		"FW_TEMPLATE="+tmplName, "FW_BUILT_TEMPLATE="+built, "FW_RUN="+run, "FW_GUESTWEB="+web)
+		"FW_TEMPLATE="+tmplName, "FW_BUILT_TEMPLATE="+built, "FW_RUN="+run, "FW_GUESTWEB="+web, "FW_BASE_IMAGE="+debianImage(t))
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -156,6 +156,31 @@ func TestE2BSDK(t *testing.T) {
 	}
 	if r := world.cliEnv(ctx, user, nil, "inspect", "--format", "text", facts["timed_out"]); r.code == 0 && !strings.Contains(r.stdout, "lifetime ended") {
 		t.Errorf("the sandbox whose timeout passed: %s", r.stdout)
+	}
+	// The SDK's builds left their template's snapshot and nothing else: no builder
+	// sandbox, no snapshot of a step's files, none of the failed build's or of the
+	// build the rebuild replaced.
+	ids := world.cliEnv(ctx, user, nil, "ps", "-a", "-q")
+	for _, id := range strings.Fields(ids.stdout) {
+		if r := world.cliEnv(ctx, user, nil, "inspect", id); strings.Contains(r.stdout, "e2b.build") {
+			t.Errorf("a build's sandbox is left:\n%s", r.stdout)
+		}
+	}
+	snaps := world.cliEnv(ctx, user, nil, "snapshot", "ls")
+	if n := strings.Count(snaps.stdout, "e2b-build-"); snaps.code != 0 || n != 1 || strings.Contains(snaps.stdout, "-files") {
+		t.Errorf("snapshots after two builds of one template and a failed one: want the template's only:\n%s", snaps.stdout)
+	}
+	// E2B's delete of the built template takes its snapshot with it.
+	req, _ := http.NewRequest("DELETE", "https://"+addr+"/templates/"+facts["sdk_built"], nil)
+	req.Host = "api." + e2bDomain
+	req.Header.Set("X-API-Key", key)
+	if resp, err := hc.Do(req); err != nil || resp.StatusCode != http.StatusNoContent {
+		t.Errorf("DELETE /templates/%s: %v %v", facts["sdk_built"], resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	if r := world.cliEnv(ctx, user, nil, "snapshot", "ls"); strings.Contains(r.stdout, "e2b-build-") {
+		t.Errorf("the deleted template's snapshot is still there:\n%s", r.stdout)
 	}
 	if r := world.cliEnv(ctx, user, nil, "template", "rm", tmplName, built); r.code != 0 {
 		t.Errorf("template rm: %d %s", r.code, r.stderr)

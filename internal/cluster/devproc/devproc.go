@@ -198,7 +198,9 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 			if err != nil {
 				return err
 			}
-			proxy.API = e2bapi.New(e2bapi.Config{Servers: servers, Domain: srv.IngressDomain(), Log: log})
+			api := e2bapi.New(e2bapi.Config{Servers: servers, Domain: srv.IngressDomain(), Log: log, BuildDir: filepath.Join(cfg.DataDir, "e2b-builds")})
+			defer api.Close()
+			proxy.API = api
 		}
 		wg.Add(1)
 		go func() { defer wg.Done(); srv.FollowRoutes(ctx, proxy.SetTable) }()

@@ -23,8 +23,23 @@ func (h *templateService) CreateTemplate(ctx context.Context, req *connect.Reque
 	t := state.Template{ID: state.NewID(), Name: in.GetName(), Owner: who.TokenID, Image: in.GetImage(),
 		VCPUs: int(in.GetVcpus()), MemoryMiB: int(in.GetMemoryMib()), DiskMiB: int(in.GetDiskMib()),
 		Env: in.GetEnv(), CreatedAt: h.s.now()}
+	if ref := in.GetSnapshot(); ref != "" {
+		// The caller's own snapshot only (as a start from it would be): its sandboxes
+		// start from it, so its image and, with memory, its shape are the template's.
+		snap, err := h.s.store.GetSnapshot(ctx, ref, who.TokenID, false)
+		if err != nil {
+			return nil, toConnectError(fmt.Errorf("template %q: snapshot %.64q: %w", t.Name, ref, err))
+		}
+		if t.Image != "" && t.Image != snap.Image {
+			return nil, toConnectError(invalid("template %q: snapshot %s is of image %s, not %s", t.Name, snap.Name, snap.Image, t.Image))
+		}
+		t.Snapshot, t.Image = snap.ID, snap.Image
+		if m := snap.MemorySpec; m != nil {
+			t.VCPUs, t.MemoryMiB, t.DiskMiB = m.VCPUs, m.MemoryMiB, m.DiskMiB
+		}
+	}
 	if t.Image == "" {
-		return nil, toConnectError(invalid("a template needs an image"))
+		return nil, toConnectError(invalid("a template needs an image or a snapshot"))
 	}
 	if err := validateEnvPB(t.Env); err != nil {
 		return nil, toConnectError(invalid("%v", err))
@@ -94,5 +109,5 @@ func (h *templateService) DeleteTemplate(ctx context.Context, req *connect.Reque
 
 func templateToPB(t state.Template) *pb.NamedTemplate {
 	return &pb.NamedTemplate{Id: t.ID, Name: t.Name, Owner: t.Owner, Image: t.Image, Vcpus: int32(t.VCPUs),
-		MemoryMib: int32(t.MemoryMiB), DiskMib: int32(t.DiskMiB), Env: t.Env, CreatedAt: ts(t.CreatedAt)}
+		MemoryMib: int32(t.MemoryMiB), DiskMib: int32(t.DiskMiB), Env: t.Env, CreatedAt: ts(t.CreatedAt), Snapshot: t.Snapshot}
 }

@@ -70,12 +70,16 @@ type Config struct {
 	// Domain is the ingress domain the SDK builds sandbox hosts under (`<port>-<id>.<domain>`).
 	Domain string
 	Log    *slog.Logger
+	// BuildDir is where template builds' uploaded files wait for their build ("": a
+	// private directory under the system's temporary one).
+	BuildDir string
 }
 
 // API is an http.Handler for E2B's REST API.
 type API struct {
-	cfg Config
-	mux *http.ServeMux
+	cfg    Config
+	mux    *http.ServeMux
+	builds *builds
 }
 
 // New returns the API.
@@ -83,7 +87,7 @@ func New(cfg Config) *API {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	a := &API{cfg: cfg, mux: http.NewServeMux()}
+	a := &API{cfg: cfg, mux: http.NewServeMux(), builds: newBuilds(cfg.BuildDir)}
 	h := func(pattern string, fn func(*call) error) {
 		a.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) { a.serve(w, r, fn) })
 	}
@@ -109,11 +113,22 @@ func New(cfg Config) *API {
 	h("GET /templates", a.listTemplates)
 	h("GET /templates/{id}", a.getTemplate)
 	h("DELETE /templates/{id}", a.deleteTemplate)
+	h("GET /templates/aliases/{alias}", a.aliasExists)
+	h("POST /v3/templates", a.requestBuild)
+	h("GET /templates/{id}/files/{hash}", a.uploadLink)
+	h("POST /v2/templates/{id}/builds/{buildID}", a.triggerBuild)
+	h("GET /templates/{id}/builds/{buildID}/status", a.buildStatus)
+	// The SDK sends only the headers the upload link gave: no API key (see upload).
+	a.mux.HandleFunc("PUT /fireworks/e2b-builds/{build}/files/{hash}", a.upload)
 	h("GET /health", func(c *call) error { c.w.WriteHeader(http.StatusOK); return nil })
 	return a
 }
 
 func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) { a.mux.ServeHTTP(w, r) }
+
+// Close stops the template builds under way (each removes the sandboxes and snapshots it
+// made) and removes their files.
+func (a *API) Close() { a.builds.close() }
 
 // call is one request, with the servers' client acting as its caller.
 type call struct {
@@ -376,6 +391,11 @@ func (a *API) fromTemplate(c *call, id string, spec *pb.SandboxSpec) error {
 	t, err := c.c.Templates.GetTemplate(c.ctx, connect.NewRequest(&pb.GetTemplateRequest{Template: id}))
 	if err == nil {
 		tm := t.Msg.GetTemplate()
+		if tm.GetSnapshot() != "" {
+			// A built template: its snapshot's memory carries its environment and shape.
+			spec.Snapshot, spec.Template = tm.GetSnapshot(), tm.GetName()
+			return nil
+		}
 		spec.Image, spec.Vcpus, spec.MemoryMib, spec.DiskMib = tm.GetImage(), tm.GetVcpus(), tm.GetMemoryMib(), tm.GetDiskMib()
 		spec.Env, spec.Template = slices.Clone(tm.GetEnv()), tm.GetName()
 		return nil
@@ -1028,7 +1048,16 @@ func (a *API) getTemplate(c *call) error {
 // calls this with a snapshot's ID).
 func (a *API) deleteTemplate(c *call) error {
 	id := c.r.PathValue("id")
+	var built string // the snapshot a build made for it goes with it
+	if t, err := c.c.Templates.GetTemplate(c.ctx, connect.NewRequest(&pb.GetTemplateRequest{Template: id})); err == nil {
+		built = t.Msg.GetTemplate().GetSnapshot()
+	}
 	_, err := c.c.Templates.DeleteTemplate(c.ctx, connect.NewRequest(&pb.DeleteTemplateRequest{Template: id}))
+	if err == nil && built != "" {
+		if s, lerr := c.snapshot(built); lerr == nil && s != nil && strings.HasPrefix(s.GetName(), buildSnapshotPrefix) {
+			_, err = c.c.Sandboxes.DeleteSnapshot(c.ctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: s.GetId()}))
+		}
+	}
 	if connect.CodeOf(err) == connect.CodeNotFound {
 		s, lerr := c.snapshot(id)
 		if lerr != nil {

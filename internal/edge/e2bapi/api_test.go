@@ -68,7 +68,9 @@ func newWorld(t *testing.T) *world {
 	if w.fw, err = client.New(client.Config{Server: "http://" + ln.Addr().String()}); err != nil {
 		t.Fatal(err)
 	}
-	w.api = httptest.NewServer(New(Config{Servers: w.fw, Domain: "e2b.test", Log: log}))
+	api := New(Config{Servers: w.fw, Domain: "e2b.test", Log: log, BuildDir: t.TempDir()})
+	w.api = httptest.NewServer(api)
+	t.Cleanup(api.Close) // after the server's close (cleanups run last first)
 	t.Cleanup(w.api.Close)
 	return w
 }

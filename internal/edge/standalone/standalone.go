@@ -81,7 +81,9 @@ func Run(ctx context.Context, cfg Config) error {
 	case !e2bapi.Servable(cfg.Listen, cfg.ServeTLS != nil):
 		cfg.Log.Warn("ingress: not serving E2B's API: it takes users' API keys, which need TLS (--tls-cert) off loopback", "listen", cfg.Listen)
 	default:
-		proxy.API = e2bapi.New(e2bapi.Config{Servers: cfg.E2BAPI, Domain: domain, Log: cfg.Log})
+		api := e2bapi.New(e2bapi.Config{Servers: cfg.E2BAPI, Domain: domain, Log: cfg.Log})
+		defer api.Close()
+		proxy.API = api
 	}
 	apply := applyTable(proxy, cfg.Log)
 	apply(first)

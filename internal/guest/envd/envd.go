@@ -79,7 +79,10 @@ type Config struct {
 	Env []string
 	// DefaultUser is the user of calls that name none ("" root).
 	DefaultUser string
-	Log         *slog.Logger
+	// DefaultDir is the working directory of processes started without one ("" the
+	// user's home).
+	DefaultDir string
+	Log        *slog.Logger
 }
 
 // Server is a sandbox's envd.
@@ -134,11 +137,12 @@ func (s *Server) Handler() http.Handler {
 	})
 }
 
-// SetAccess replaces the access token and the default user (a fork of a sandbox is a
-// sandbox of its own, with a token of its own).
-func (s *Server) SetAccess(token, defaultUser string, env []string) {
+// SetAccess replaces the access token, the default user and working directory and the
+// environment (a fork of a sandbox, or a sandbox started from a template's snapshot, is a
+// sandbox of its own, with a token and environment of its own).
+func (s *Server) SetAccess(token, defaultUser, defaultDir string, env []string) {
 	s.accessMu.Lock()
-	s.cfg.AccessToken, s.cfg.DefaultUser, s.cfg.Env = token, defaultUser, slices.Clone(env)
+	s.cfg.AccessToken, s.cfg.DefaultUser, s.cfg.DefaultDir, s.cfg.Env = token, defaultUser, defaultDir, slices.Clone(env)
 	s.accessMu.Unlock()
 }
 

@@ -232,6 +232,11 @@ func (s *Server) start(req *connect.Request[processpb.StartRequest]) (*proc, cha
 		return nil, nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
 	dir := u.Home
+	s.accessMu.RLock()
+	if s.cfg.DefaultDir != "" {
+		dir = s.cfg.DefaultDir
+	}
+	s.accessMu.RUnlock()
 	if cfg.Cwd != nil && *cfg.Cwd != "" {
 		if dir, err = s.resolvePath(req.Header(), *cfg.Cwd); err != nil {
 			return nil, nil, err

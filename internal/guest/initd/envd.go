@@ -29,7 +29,7 @@ func (s *Server) serveEnvd(cfg proto.Envd, env []string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.envd != nil {
-		s.envd.SetAccess(cfg.Token, cfg.User, env)
+		s.envd.SetAccess(cfg.Token, cfg.User, cfg.Dir, env)
 		return nil
 	}
 	addr := s.opts.EnvdAddr
@@ -50,7 +50,7 @@ func (s *Server) serveEnvd(cfg proto.Envd, env []string) error {
 	for _, f := range []string{"/proc/sys/fs/protected_symlinks", "/proc/sys/fs/protected_hardlinks"} {
 		_ = os.WriteFile(f, []byte("1"), 0o644)
 	}
-	srv := envd.New(envd.Config{Spawner: envdSpawner{s: s}, AccessToken: cfg.Token, Env: env, DefaultUser: cfg.User, Log: s.log})
+	srv := envd.New(envd.Config{Spawner: envdSpawner{s: s}, AccessToken: cfg.Token, Env: env, DefaultUser: cfg.User, DefaultDir: cfg.Dir, Log: s.log})
 	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: 16 << 10, IdleTimeout: time.Minute}
 	s.envd = srv
 	go func() { _ = hs.Serve(ln) }() // for the guest's life: init never ends

@@ -130,7 +130,8 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 		return setupErr("empty argv")
 	}
 	idle := req.Argv[0] == proto.IdleCommand
-	if idle {
+	builtin := idle || req.Argv[0] == proto.BuildCommand
+	if builtin {
 		req.User = "0"
 	}
 	u, err := resolveUser(s.opts.Root, req.User)
@@ -165,12 +166,15 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 		return setupErr("working directory %s is not a directory", dir)
 	}
 	var path string
-	if idle {
-		// A sandbox with no command of its own (proto.IdleCommand): init's own binary,
-		// through the kernel's link to it (the initramfs it lies in is hidden since the
-		// switch of root), as root: it does nothing, and only root may exec that link
-		// once its credentials changed.
-		path, req.Argv = "/proc/self/exe", []string{proto.IdleCommand}
+	if builtin {
+		// Init's own programs (a sandbox with no command of its own: proto.IdleCommand; a
+		// template build's helper: proto.BuildCommand): init's own binary, through the
+		// kernel's link to it (the initramfs it lies in is hidden since the switch of
+		// root), as root: only root may exec that link once its credentials changed.
+		path = "/proc/self/exe"
+		if idle {
+			req.Argv = []string{proto.IdleCommand}
+		}
 	} else {
 		pathList, _ := getEnv(env, "PATH")
 		if path, err = lookPath(req.Argv[0], pathList, dir); err != nil {

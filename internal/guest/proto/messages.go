@@ -76,6 +76,11 @@ const (
 // exec and envd). Init runs it as root whatever the request's user.
 const IdleCommand = "fireworks-idle"
 
+// BuildCommand, as an exec's argv[0], runs init's template-build helper (initd.Build):
+// the steps of an E2B template build that must not depend on the image's tools (copy
+// the uploaded files, make the working directory). Init runs it as root.
+const BuildCommand = "fireworks-build"
+
 // FreezeLimit bounds how long a guest stays frozen without a thaw.
 const FreezeLimit = 60 * time.Second
 
@@ -288,6 +293,9 @@ type Envd struct {
 	// Env is the environment of the processes envd starts (the sandbox's: its image's
 	// and its spec's), over the identity's Env; a call's own variables override it.
 	Env []string `json:"env,omitempty"`
+	// Dir is the working directory of the processes envd starts that name none (E2B's
+	// template working directory); "" the user's home.
+	Dir string `json:"dir,omitempty"`
 }
 
 // MaxEnvdToken bounds Envd.Token.

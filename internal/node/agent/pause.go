@@ -431,7 +431,11 @@ func (a *Agent) forkIdentityStep(r *startRun) error {
 	// again: the members are the new group's.
 	id := proto.Identity{Hostname: hostname, Env: []string{"FIREWORKS_SANDBOX_ID=" + r.sb.ID},
 		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Hosts: groupHosts(r.sb.Spec.Group, r.sb.ID)}
-	id.Envd = envdFor(r.sb, r.proc) // the fork's own token: its source's opens nothing in it
+	// The fork's own token (its source's opens nothing in it), and its own environment
+	// for the commands it runs: a start from a template's snapshot may add to it.
+	proc := r.proc
+	proc.Env = mergeEnv(proc.Env, r.sb.Spec.Env)
+	id.Envd = envdFor(r.sb, proc)
 	if err := g.Identity(ctx, id); err != nil {
 		return fmt.Errorf("give the fork its identity: %v", err)
 	}

@@ -502,5 +502,11 @@ func envdFor(sb state.Sandbox, main process) *proto.Envd {
 	if sb.AccessToken == "" || sb.Spec.Network == state.NetworkNone {
 		return nil
 	}
-	return &proto.Envd{Token: sb.AccessToken, User: main.User, Env: main.Env}
+	// The main process's working directory is its commands' too, if the image or the
+	// spec set one (E2B's template working directory); else the user's home, as E2B's.
+	dir := main.Dir
+	if dir == "/" {
+		dir = ""
+	}
+	return &proto.Envd{Token: sb.AccessToken, User: main.User, Env: main.Env, Dir: dir}
 }

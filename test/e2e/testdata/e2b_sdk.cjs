@@ -8,7 +8,9 @@ const assert = require('node:assert/strict')
 const crypto = require('node:crypto')
 const fs = require('node:fs')
 const https = require('node:https')
-const { Sandbox, CommandExitError, AuthenticationError, NotFoundError, SandboxNotFoundError, TimeoutError } = require('e2b')
+const os = require('node:os')
+const path = require('node:path')
+const { Sandbox, Template, BuildError, CommandExitError, AuthenticationError, NotFoundError, SandboxNotFoundError, TimeoutError } = require('e2b')
 
 const template = process.env.FW_TEMPLATE
 const run = process.env.FW_RUN
@@ -161,6 +163,54 @@ async function main() {
   const who = await b.commands.run('id -un; cat /etc/built; echo $BUILT')
   assert.equal(who.stdout, 'app\nbuilt-by-buildah\nyes\n')
   await b.kill()
+
+  step = 'a template built by the SDK (Template.build): COPY, RUN, ENV, WORKDIR, USER, start and ready commands'
+  const ctxDir = fs.mkdtempSync(path.join(os.tmpdir(), 'fw-e2b-context-'))
+  fs.mkdirSync(path.join(ctxDir, 'app/sub'), { recursive: true })
+  fs.writeFileSync(path.join(ctxDir, 'app/hello.txt'), 'hello from the context\n')
+  fs.writeFileSync(path.join(ctxDir, 'app/sub/run.sh'), '#!/bin/sh\necho run-sh\n', { mode: 0o755 })
+  fs.writeFileSync(path.join(ctxDir, 'config.json'), '{"k":1}\n')
+  const sdkBuilt = 'fw-sdk-built'
+  const buildLogs = []
+  const onBuildLogs = (l) => buildLogs.push(l.message)
+  const tpl = Template({ fileContextPath: ctxDir })
+    .fromImage(process.env.FW_BASE_IMAGE)
+    .runCmd('useradd -m -u 1001 builder && echo made-user')
+    .copy('app', '/opt/app/')
+    .copy('config.json', '/etc/fw/config.json', { user: 'builder', mode: 0o600 })
+    .setEnvs({ FW_BUILT: 'by-the-sdk' })
+    .setWorkdir('/opt/app')
+    .setUser('builder')
+    .runCmd('echo "$FW_BUILT as $(id -un) in $(pwd)" > /tmp/built.txt')
+    .setStartCmd('echo started > /tmp/started; exec sleep 100000', 'test -f /tmp/started')
+  const t1 = Date.now()
+  const built1 = await Template.build(tpl, sdkBuilt, { cpuCount: 1, memoryMB: 512, onBuildLogs })
+  say('built', sdkBuilt, 'in', Date.now() - t1, 'ms')
+  assert.equal(built1.name, sdkBuilt)
+  assert.ok(buildLogs.includes('made-user'), `the build log has the RUN's output: ${JSON.stringify(buildLogs)}`)
+  assert.equal(await Template.exists(sdkBuilt), true)
+  assert.equal(await Template.exists('fw-no-such-template'), false)
+  const fromBuilt = await Sandbox.create(sdkBuilt, { envs: { EXTRA: 'given-at-create' }, timeoutMs: 120_000 })
+  const seen = await fromBuilt.commands.run('cat /tmp/built.txt /opt/app/hello.txt; /opt/app/sub/run.sh; stat -c "%U %a" /etc/fw/config.json; echo $FW_BUILT $EXTRA; id -un; pwd; cat /tmp/started; grep -l "sleep 100000" /proc/[0-9]*/cmdline >/dev/null && echo start-command-runs')
+  assert.equal(seen.stdout, 'by-the-sdk as builder in /opt/app\nhello from the context\nrun-sh\nbuilder 600\nby-the-sdk given-at-create\nbuilder\n/opt/app\nstarted\nstart-command-runs\n')
+  await fromBuilt.kill()
+
+  step = 'a rebuild of the template, from itself (fromTemplate)'
+  await Template.build(Template().fromTemplate(sdkBuilt).runCmd('echo "v2 as $(id -un) in $(pwd)" > /tmp/v2'), sdkBuilt, { onBuildLogs })
+  const v2 = await Sandbox.create(sdkBuilt, { timeoutMs: 120_000 })
+  // The base template's environment, user and working directory carry on.
+  assert.equal((await v2.commands.run('cat /tmp/built.txt /tmp/v2; echo $FW_BUILT; id -un; pwd')).stdout,
+    'by-the-sdk as builder in /opt/app\nv2 as builder in /opt/app\nby-the-sdk\nbuilder\n/opt/app\n')
+  await v2.kill()
+  fact('sdk_built', sdkBuilt)
+
+  step = 'a failing build'
+  const failLogs = []
+  await assert.rejects(
+    Template.build(Template().fromImage(process.env.FW_BASE_IMAGE).runCmd('echo failing-step; exit 7'), 'fw-sdk-fails', { onBuildLogs: (l) => failLogs.push(l.message) }),
+    (e) => e instanceof BuildError && /exited with code 7/.test(e.message))
+  assert.ok(failLogs.includes('failing-step'), `the failed build's log: ${JSON.stringify(failLogs)}`)
+  assert.equal(await Template.exists('fw-sdk-fails'), false)
 
   step = 'errors the SDK maps'
   await assert.rejects(Sandbox.create(template, { apiKey: 'fw_not-a-real-token' }), (e) => e instanceof AuthenticationError)

@@ -6596,16 +6596,20 @@ func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
 // A named template: an image and the shape of the sandboxes started from it (E2B's
 // templateID names one). Owner-scoped.
 type NamedTemplate struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	Owner         string                 `protobuf:"bytes,3,opt,name=owner,proto3" json:"owner,omitempty"`
-	Image         string                 `protobuf:"bytes,4,opt,name=image,proto3" json:"image,omitempty"`
-	Vcpus         int32                  `protobuf:"varint,5,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
-	MemoryMib     int32                  `protobuf:"varint,6,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
-	DiskMib       int32                  `protobuf:"varint,7,opt,name=disk_mib,json=diskMib,proto3" json:"disk_mib,omitempty"`
-	Env           []string               `protobuf:"bytes,8,rep,name=env,proto3" json:"env,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name      string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Owner     string                 `protobuf:"bytes,3,opt,name=owner,proto3" json:"owner,omitempty"`
+	Image     string                 `protobuf:"bytes,4,opt,name=image,proto3" json:"image,omitempty"`
+	Vcpus     int32                  `protobuf:"varint,5,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	MemoryMib int32                  `protobuf:"varint,6,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	DiskMib   int32                  `protobuf:"varint,7,opt,name=disk_mib,json=diskMib,proto3" json:"disk_mib,omitempty"`
+	Env       []string               `protobuf:"bytes,8,rep,name=env,proto3" json:"env,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// A template of a snapshot (the caller's own, by ID or name on create): its sandboxes
+	// start from it, in its shape, and image is the snapshot's. E2B's template builds
+	// make these.
+	Snapshot      string `protobuf:"bytes,10,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -6701,6 +6705,13 @@ func (x *NamedTemplate) GetCreatedAt() *timestamppb.Timestamp {
 		return x.CreatedAt
 	}
 	return nil
+}
+
+func (x *NamedTemplate) GetSnapshot() string {
+	if x != nil {
+		return x.Snapshot
+	}
+	return ""
 }
 
 type CreateTemplateRequest struct {
@@ -7522,7 +7533,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06tokens\x18\x01 \x03(\v2\x13.fireworks.v1.TokenR\x06tokens\"$\n" +
 	"\x12RevokeTokenRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
-	"\x13RevokeTokenResponse\"\xfc\x01\n" +
+	"\x13RevokeTokenResponse\"\x98\x02\n" +
 	"\rNamedTemplate\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
@@ -7534,7 +7545,9 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\bdisk_mib\x18\a \x01(\x05R\adiskMib\x12\x10\n" +
 	"\x03env\x18\b \x03(\tR\x03env\x129\n" +
 	"\n" +
-	"created_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"j\n" +
+	"created_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1a\n" +
+	"\bsnapshot\x18\n" +
+	" \x01(\tR\bsnapshot\"j\n" +
 	"\x15CreateTemplateRequest\x127\n" +
 	"\btemplate\x18\x01 \x01(\v2\x1b.fireworks.v1.NamedTemplateR\btemplate\x12\x18\n" +
 	"\areplace\x18\x02 \x01(\bR\areplace\"Q\n" +

@@ -1,0 +1,803 @@
+package e2bapi
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/fireworks-sandbox/fireworks/internal/guest/proto"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
+)
+
+// E2B's template builds (the SDK's Template.build). A build's steps are the user's own
+// code: they run in Fireworks sandboxes of the caller's, never on the edge or a server.
+//
+//  1. POST /v3/templates starts a build: it waits for its files here.
+//  2. GET /templates/{id}/files/{hash} answers, per COPY, whether its files are here and
+//     where to PUT them if not (a URL of this edge with a token of the build's).
+//  3. POST /v2/templates/{id}/builds/{buildID} gives the steps, and the build runs:
+//     a sandbox of the base image (or template) runs them (RUN through exec; COPY,
+//     WORKDIR through init's build helper, proto.BuildCommand, so no tool of the image
+//     is needed); its filesystem is snapshotted; a second sandbox starts from that
+//     snapshot with the environment, user and working directory the steps set, runs the
+//     start command until the ready command succeeds, and is snapshotted with its
+//     memory. The template (state.Template.Snapshot) names that snapshot: a sandbox
+//     created from it resumes it, start command running, in about the time of a restore.
+//  4. GET /templates/{id}/builds/{buildID}/status reports progress and the steps' output.
+//
+// A build's state (its files, its log) is this edge's, in memory and on its disk, until
+// an hour after it ends: the SDK's calls for one build must reach the same edge (one
+// edge, or a load balancer that keeps a client on one). Its outcome, the template and its
+// snapshot, is the cluster's.
+const (
+	maxBuildBytes     = 1 << 30 // files uploaded for one build
+	maxBuildsPerOwner = 2       // builds not ended, per token
+	maxBuilds         = 16      // builds not ended, on this edge
+	maxBuildSteps     = 256
+	maxBuildLog       = 10000   // log entries kept per build
+	maxBuildLogBytes  = 4 << 20 // and their bytes
+	maxBuildLogLine   = 4096
+	buildUploadWindow = time.Hour // a build whose steps never come is dropped after this
+	buildKept         = time.Hour // an ended build's status is kept this long
+	buildTimeout      = time.Hour // a build's whole run
+	readyTimeout      = 10 * time.Minute
+	// buildSnapshotPrefix names the snapshots builds make: a template's is removed with
+	// it, or when a rebuild replaces it.
+	buildSnapshotPrefix = "e2b-build-"
+	uploadTokenHeader   = "X-Fireworks-Upload-Token"
+)
+
+var filesHashRE = regexp.MustCompile(`^[0-9a-f]{16,128}$`)
+
+// builds is the edge's template builds. It owns their goroutines: Close stops them.
+type builds struct {
+	dir    string // where uploads wait ("": a private temporary directory, made at the first build)
+	made   bool   // dir is made (and emptied of a previous process's files)
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu  sync.Mutex
+	all map[string]*build
+}
+
+type build struct {
+	id, name, owner string
+	c               *client.Client // the caller's key: every call of the build is theirs
+	vcpus, memMiB   int
+	token           string // the upload URL's
+	dir             string
+	created         time.Time
+
+	mu      sync.Mutex
+	files   map[string]string // filesHash → its uploaded tar
+	pending map[string]bool   // uploads under way
+	bytes   int64             // uploaded or reserved by an upload under way
+	status  string            // waiting (for its steps), building, ready, error
+	reason  map[string]any
+	logs    []map[string]any
+	logSize int // the logs' bytes
+	dropped int // log entries past the bounds
+	ended   time.Time
+}
+
+func newBuilds(dir string) *builds {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &builds{dir: dir, ctx: ctx, cancel: cancel, all: map[string]*build{}}
+}
+
+// close stops every build, waits for their cleanup, and removes their files.
+func (bs *builds) close() {
+	bs.cancel()
+	bs.wg.Wait()
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	for id, b := range bs.all {
+		_ = os.RemoveAll(b.dir)
+		delete(bs.all, id)
+	}
+	if bs.made {
+		_ = os.RemoveAll(bs.dir)
+	}
+}
+
+// prune forgets builds whose steps never came, and ended builds kept long enough.
+func (bs *builds) prune(now time.Time) {
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	for id, b := range bs.all {
+		b.mu.Lock()
+		stale := b.status == "waiting" && now.Sub(b.created) > buildUploadWindow || !b.ended.IsZero() && now.Sub(b.ended) > buildKept
+		b.mu.Unlock()
+		if stale {
+			_ = os.RemoveAll(b.dir)
+			delete(bs.all, id)
+		}
+	}
+}
+
+// find is the caller's build by ID, of the template the path names.
+func (bs *builds) find(c *call) (*build, error) {
+	id, tmpl := c.r.PathValue("buildID"), c.r.PathValue("id")
+	bs.prune(time.Now())
+	bs.mu.Lock()
+	b := bs.all[id]
+	bs.mu.Unlock()
+	if b == nil || b.owner != c.owner || (tmpl != b.name && tmpl != b.id) {
+		return nil, fail(http.StatusNotFound, "build %.40q of template %.64q not found (a build is known to the edge that started it, until an hour after it ends)", id, tmpl)
+	}
+	return b, nil
+}
+
+func (b *build) log(level, msg string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(msg) > maxBuildLogLine {
+		msg = msg[:maxBuildLogLine] + "…"
+	}
+	if len(b.logs) >= maxBuildLog-1 || b.logSize+len(msg) > maxBuildLogBytes {
+		b.dropped++ // the last entry is kept for the note end adds
+		return
+	}
+	b.logSize += len(msg)
+	b.logs = append(b.logs, map[string]any{"timestamp": time.Now().UTC().Format(time.RFC3339Nano), "level": level, "message": msg})
+}
+
+func (b *build) logf(format string, args ...any) { b.log("info", fmt.Sprintf(format, args...)) }
+
+// end records the build's outcome (err nil: ready).
+func (b *build) end(step string, err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.dropped > 0 {
+		b.logs = append(b.logs, map[string]any{"timestamp": time.Now().UTC().Format(time.RFC3339Nano), "level": "warn",
+			"message": fmt.Sprintf("%d log entries were left out (a build keeps %d entries, %d MiB)", b.dropped, maxBuildLog, maxBuildLogBytes>>20)})
+	}
+	b.c = nil // the caller's key is no longer needed here
+	b.ended, b.status = time.Now(), "ready"
+	if err != nil {
+		b.status = "error"
+		b.reason = map[string]any{"message": err.Error(), "logEntries": []any{}}
+		if step != "" {
+			b.reason["step"] = step
+		}
+	}
+	_ = os.RemoveAll(b.dir) // its files are in the template now, or of no use
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// requestBuild is POST /v3/templates: a new build of the caller's template, waiting for
+// its files and steps.
+func (a *API) requestBuild(c *call) error {
+	var body struct {
+		Name     string   `json:"name"`
+		Alias    string   `json:"alias"` // the older SDKs'
+		Tags     []string `json:"tags"`
+		CPUCount int      `json:"cpuCount"`
+		MemoryMB int      `json:"memoryMB"`
+	}
+	if err := c.decode(&body); err != nil {
+		return err
+	}
+	name, tag, _ := strings.Cut(cmp.Or(body.Name, body.Alias), ":")
+	if !state.ValidTemplateName(name) {
+		return fail(http.StatusBadRequest, "template name %.64q: 1 to 128 letters, digits, '-', '_', '.' or '/'", name)
+	}
+	if body.CPUCount < 0 || body.CPUCount > 64 || body.MemoryMB < 0 || body.MemoryMB > 1<<20 {
+		return fail(http.StatusBadRequest, "cpuCount %d, memoryMB %d: out of bounds", body.CPUCount, body.MemoryMB)
+	}
+	// The key is checked by the servers before the edge keeps anything for it.
+	if _, err := c.c.Templates.ListNamedTemplates(c.ctx, connect.NewRequest(&pb.ListNamedTemplatesRequest{})); err != nil {
+		return err
+	}
+	bs := a.builds
+	bs.prune(time.Now())
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	mine, all := 0, 0
+	for _, o := range bs.all {
+		o.mu.Lock()
+		if o.ended.IsZero() {
+			all++
+			if o.owner == c.owner {
+				mine++
+			}
+		}
+		o.mu.Unlock()
+	}
+	if mine >= maxBuildsPerOwner || all >= maxBuilds {
+		return fail(http.StatusTooManyRequests, "too many template builds under way (at most %d per key, %d on this edge): wait for one to end", maxBuildsPerOwner, maxBuilds)
+	}
+	if !bs.made {
+		// Builds live in this process's memory: files found there are a previous one's.
+		var err error
+		if bs.dir == "" {
+			bs.dir, err = os.MkdirTemp("", "fireworks-e2b-builds-")
+		} else if err = os.RemoveAll(bs.dir); err == nil {
+			err = os.MkdirAll(bs.dir, 0o700)
+		}
+		if err != nil {
+			return fmt.Errorf("make the builds' directory: %w", err)
+		}
+		bs.made = true
+	}
+	id := randomHex(16)
+	dir := filepath.Join(bs.dir, id)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return fmt.Errorf("make build %s's directory: %w", id, err)
+	}
+	b := &build{id: id, name: name, owner: c.owner, c: c.c, vcpus: body.CPUCount, memMiB: body.MemoryMB,
+		token: randomHex(32), dir: dir, created: time.Now(), files: map[string]string{}, pending: map[string]bool{}, status: "waiting"}
+	bs.all[id] = b
+	tags := []string{}
+	if tag != "" {
+		tags = append(tags, tag)
+	}
+	writeJSON(c.w, http.StatusAccepted, map[string]any{"templateID": name, "buildID": id, "public": false,
+		"aliases": []string{name}, "names": []string{name}, "tags": append(tags, body.Tags...)})
+	return nil
+}
+
+// uploadLink is GET /templates/{id}/files/{hash}: whether a COPY's files are here, and
+// where to put them if not (a build's files are its own: no cache across builds).
+func (a *API) uploadLink(c *call) error {
+	hash := c.r.PathValue("hash")
+	if !filesHashRE.MatchString(hash) {
+		return fail(http.StatusBadRequest, "files hash %.80q: want lowercase hex", hash)
+	}
+	tmpl := c.r.PathValue("id")
+	var b *build
+	a.builds.prune(time.Now())
+	a.builds.mu.Lock()
+	for _, o := range a.builds.all {
+		o.mu.Lock()
+		if o.owner == c.owner && o.name == tmpl && o.status == "waiting" && (b == nil || o.created.After(b.created)) {
+			b = o
+		}
+		o.mu.Unlock()
+	}
+	a.builds.mu.Unlock()
+	if b == nil {
+		return fail(http.StatusNotFound, "no build of template %.64q waits for files (POST /v3/templates first)", tmpl)
+	}
+	b.mu.Lock()
+	_, present := b.files[hash]
+	b.mu.Unlock()
+	if present {
+		writeJSON(c.w, http.StatusOK, map[string]any{"present": true})
+		return nil
+	}
+	scheme := "http"
+	if c.r.TLS != nil {
+		scheme = "https"
+	}
+	url := scheme + "://" + c.r.Host + "/fireworks/e2b-builds/" + b.id + "/files/" + hash
+	writeJSON(c.w, http.StatusOK, map[string]any{"present": false, "url": url, "headers": map[string]string{uploadTokenHeader: b.token}})
+	return nil
+}
+
+// upload is the PUT of a COPY's files (a tar, gzipped or not) to the URL uploadLink
+// gave. It needs no API key (the SDK sends only the headers uploadLink returned): the
+// build's upload token is the right to add files to that build, and to nothing else.
+func (a *API) upload(w http.ResponseWriter, r *http.Request) {
+	fail := func(code int, format string, args ...any) {
+		writeError(w, &apiError{code, fmt.Sprintf(format, args...)})
+	}
+	id, hash := r.PathValue("build"), r.PathValue("hash")
+	a.builds.mu.Lock()
+	b := a.builds.all[id]
+	a.builds.mu.Unlock()
+	if b == nil || subtle.ConstantTimeCompare([]byte(r.Header.Get(uploadTokenHeader)), []byte(b.token)) != 1 {
+		fail(http.StatusNotFound, "no such upload")
+		return
+	}
+	if !filesHashRE.MatchString(hash) {
+		fail(http.StatusBadRequest, "files hash %.80q: want lowercase hex", hash)
+		return
+	}
+	size := r.ContentLength
+	b.mu.Lock()
+	switch {
+	case b.status != "waiting":
+		b.mu.Unlock()
+		fail(http.StatusConflict, "build %s takes no more files: it is %s", b.id, b.status)
+		return
+	case size < 0:
+		b.mu.Unlock()
+		fail(http.StatusLengthRequired, "an upload needs its Content-Length")
+		return
+	case b.bytes+size > maxBuildBytes:
+		b.mu.Unlock()
+		fail(http.StatusRequestEntityTooLarge, "a build's files are at most %d MiB", maxBuildBytes>>20)
+		return
+	case b.pending[hash]:
+		b.mu.Unlock()
+		fail(http.StatusConflict, "these files are being uploaded already")
+		return
+	}
+	b.bytes += size
+	b.pending[hash] = true
+	b.mu.Unlock()
+	path := filepath.Join(b.dir, hash+".tar")
+	err := receive(r.Body, path, size)
+	b.mu.Lock()
+	delete(b.pending, hash)
+	if err == nil && b.status == "waiting" {
+		if _, dup := b.files[hash]; dup {
+			b.bytes -= size
+		}
+		b.files[hash] = path
+	} else {
+		b.bytes -= size
+		if err == nil {
+			err = fmt.Errorf("build %s takes no more files: it is %s", b.id, b.status)
+		}
+	}
+	b.mu.Unlock()
+	switch {
+	case errors.Is(err, syscall.ENOSPC):
+		fail(http.StatusInsufficientStorage, "no room for the files on the edge")
+	case err != nil:
+		a.cfg.Log.Warn("e2b build upload", "build", b.id, "err", err)
+		fail(http.StatusBadRequest, "upload: %v", err)
+	default:
+		w.WriteHeader(http.StatusOK)
+	}
+}
+
+// receive writes exactly size bytes of body to path (through a temporary file: a broken
+// upload leaves nothing).
+func receive(body io.Reader, path string, size int64) error {
+	f, err := os.CreateTemp(filepath.Dir(path), ".upload-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	n, err := io.Copy(f, io.LimitReader(body, size+1))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	if n != size {
+		return fmt.Errorf("got %d bytes, Content-Length said %d", n, size)
+	}
+	return os.Rename(f.Name(), path)
+}
+
+// buildSpec is E2B's template build request: the base and the steps.
+type buildSpec struct {
+	FromImage         string          `json:"fromImage"`
+	FromTemplate      string          `json:"fromTemplate"`
+	FromImageRegistry json.RawMessage `json:"fromImageRegistry"`
+	Steps             []buildStep     `json:"steps"`
+	StartCmd          string          `json:"startCmd"`
+	ReadyCmd          string          `json:"readyCmd"`
+}
+
+type buildStep struct {
+	Type      string   `json:"type"`
+	Args      []string `json:"args"`
+	FilesHash string   `json:"filesHash"`
+}
+
+// triggerBuild is POST /v2/templates/{id}/builds/{buildID}: the steps; the build runs.
+func (a *API) triggerBuild(c *call) error {
+	b, err := a.builds.find(c)
+	if err != nil {
+		return err
+	}
+	var spec buildSpec
+	if err := c.decode(&spec); err != nil {
+		return err
+	}
+	if len(spec.FromImageRegistry) > 0 && string(spec.FromImageRegistry) != "null" {
+		return fail(http.StatusBadRequest, "fromImageRegistry: registry credentials through the SDK are not supported by Fireworks (push the image where the nodes pull from, or register it with `fireworks template create`)")
+	}
+	if (spec.FromImage == "") == (spec.FromTemplate == "") {
+		return fail(http.StatusBadRequest, "give fromImage or fromTemplate, one of them")
+	}
+	if len(spec.Steps) > maxBuildSteps {
+		return fail(http.StatusBadRequest, "%d steps: at most %d", len(spec.Steps), maxBuildSteps)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i, s := range spec.Steps {
+		if err := checkStep(s, b.files); err != nil {
+			return fail(http.StatusBadRequest, "step %d: %v", i+1, err)
+		}
+	}
+	if b.status != "waiting" {
+		return fail(http.StatusConflict, "build %s is %s already", b.id, b.status)
+	}
+	b.status = "building"
+	a.builds.wg.Add(1)
+	go func() {
+		defer a.builds.wg.Done()
+		ctx, cancel := context.WithTimeout(a.builds.ctx, buildTimeout)
+		defer cancel()
+		step, err := a.runBuild(ctx, b, spec)
+		if err != nil {
+			b.log("error", err.Error())
+		} else {
+			b.logf("Template %s is ready", b.name)
+		}
+		b.end(step, err)
+	}()
+	c.w.WriteHeader(http.StatusAccepted)
+	return nil
+}
+
+// checkStep checks a step's shape before anything runs (files: what was uploaded).
+func checkStep(s buildStep, files map[string]string) error {
+	want := map[string][2]int{"RUN": {1, 2}, "COPY": {2, 4}, "ENV": {2, 2 * 64}, "WORKDIR": {1, 1}, "USER": {1, 1}}
+	n, ok := want[s.Type]
+	switch {
+	case !ok:
+		return fmt.Errorf("instruction %.20q is not one Fireworks builds (RUN, COPY, ENV, WORKDIR, USER)", s.Type)
+	case len(s.Args) < n[0] || len(s.Args) > n[1] || s.Type == "ENV" && len(s.Args)%2 != 0:
+		return fmt.Errorf("%s with %d arguments", s.Type, len(s.Args))
+	case s.Type == "COPY" && files[s.FilesHash] == "":
+		return fmt.Errorf("COPY %.100q: its files (hash %.80q) were not uploaded", s.Args[0], s.FilesHash)
+	}
+	for _, a := range s.Args {
+		if strings.ContainsRune(a, 0) {
+			return fmt.Errorf("%s: an argument holds a NUL byte", s.Type)
+		}
+	}
+	if s.Type == "ENV" {
+		for i := 0; i < len(s.Args); i += 2 {
+			if k := s.Args[i]; k == "" || strings.ContainsAny(k, "=") {
+				return fmt.Errorf("ENV: invalid name %.40q", k)
+			}
+		}
+	}
+	return nil
+}
+
+// buildRun is what the steps so far have set.
+type buildRun struct {
+	b       *build
+	c       *call
+	sandbox string
+	env     []string
+	user    string
+	workdir string
+}
+
+// runBuild runs a build (see the top of this file); step is the failed step's name in
+// E2B's terms ("base", its number, "finalize") with the error.
+func (a *API) runBuild(ctx context.Context, b *build, spec buildSpec) (step string, err error) {
+	c := &call{ctx: ctx, c: b.c, owner: b.owner}
+	// What a caller is told of a server's failure (as for any call of theirs).
+	req := &http.Request{Method: "BUILD", URL: &url.URL{Path: "/templates/" + b.name + "/builds/" + b.id}}
+	pub := func(err error) error { return a.publicError(req, err) }
+	// Whatever happens, what the build made for itself goes (with a context of its own:
+	// a build cut short by the edge's stop cleans up too).
+	var sandboxes, snapshots []string
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+		defer cancel()
+		for _, id := range sandboxes {
+			if _, err := b.c.Sandboxes.RemoveSandbox(cctx, connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: id, Force: true})); err != nil && connect.CodeOf(err) != connect.CodeNotFound {
+				a.cfg.Log.Warn("e2b build: remove a builder sandbox", "build", b.id, "sandbox", id, "err", err)
+			}
+		}
+		for _, id := range snapshots {
+			if _, err := b.c.Sandboxes.DeleteSnapshot(cctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: id})); err != nil && connect.CodeOf(err) != connect.CodeNotFound {
+				a.cfg.Log.Warn("e2b build: delete a build snapshot", "build", b.id, "snapshot", id, "err", err)
+			}
+		}
+	}()
+	meta := map[string]string{"e2b.build": b.id, "e2b.template": b.name}
+	base := &pb.SandboxSpec{KeepAlive: true, Metadata: meta, Lifetime: durationpb.New(buildTimeout)}
+	if spec.FromTemplate != "" {
+		if err := a.fromTemplate(c, spec.FromTemplate, base); err != nil {
+			return "base", fmt.Errorf("base template %s: %w", spec.FromTemplate, pub(err))
+		}
+		b.logf("Building from template %s", spec.FromTemplate)
+	} else {
+		base.Image = spec.FromImage
+		b.logf("Building from image %s", spec.FromImage)
+	}
+	if base.GetSnapshot() == "" {
+		base.Vcpus, base.MemoryMib = int32(b.vcpus), int32(b.memMiB)
+	}
+	run := &buildRun{b: b, c: c}
+	var running *pb.Sandbox
+	start := func(spec *pb.SandboxSpec) error {
+		resp, err := b.c.Sandboxes.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Spec: spec}))
+		if err != nil {
+			return err
+		}
+		sandboxes = append(sandboxes, resp.Msg.GetSandbox().GetId())
+		sb, err := a.waitRunning(c, resp.Msg.GetSandbox())
+		if err != nil {
+			return err
+		}
+		run.sandbox, running = sb.GetId(), sb
+		return nil
+	}
+	if err := start(base); err != nil {
+		return "base", fmt.Errorf("start the build's sandbox: %w", pub(err))
+	}
+	// The steps start from what the base set: a template's environment, and a built
+	// template's user and working directory too (its sandboxes resume its builder's).
+	bspec := running.GetSpec()
+	run.env, run.user, run.workdir = slices.Clone(bspec.GetEnv()), bspec.GetUser(), bspec.GetWorkingDir()
+	for i, s := range spec.Steps {
+		if err := run.step(s); err != nil {
+			return strconv.Itoa(i + 1), fmt.Errorf("step %d (%s): %w", i+1, s.Type, err)
+		}
+	}
+
+	// Its files, then a sandbox of them as the steps left the environment, user and
+	// working directory, whose memory the template keeps.
+	fs, err := b.c.Sandboxes.CreateSnapshot(ctx, connect.NewRequest(&pb.CreateSnapshotRequest{Sandbox: run.sandbox, Name: buildSnapshotPrefix + b.id + "-files"}))
+	if err != nil {
+		return "finalize", fmt.Errorf("snapshot the build's files: %w", pub(err))
+	}
+	snapshots = append(snapshots, fs.Msg.GetSnapshot().GetId())
+	final := &pb.SandboxSpec{KeepAlive: true, Metadata: meta, Lifetime: durationpb.New(buildTimeout), Snapshot: fs.Msg.GetSnapshot().GetId(),
+		Env: run.env, User: run.user, WorkingDir: run.workdir}
+	if base.GetSnapshot() == "" {
+		final.Vcpus, final.MemoryMib = base.Vcpus, base.MemoryMib
+	}
+	if err := start(final); err != nil {
+		return "finalize", fmt.Errorf("start the template's sandbox: %w", pub(err))
+	}
+	if spec.StartCmd != "" {
+		b.logf("Starting: %s", spec.StartCmd)
+		// In the background, as E2B's start command is: it runs on in the template.
+		bg := []string{"/bin/sh", "-c", `/bin/sh -c "$1" </dev/null >/dev/null 2>&1 &`, "fireworks-start", spec.StartCmd}
+		if err := run.exec(bg, nil, run.user, true); err != nil {
+			return "finalize", fmt.Errorf("start command: %w", err)
+		}
+	}
+	if spec.ReadyCmd != "" {
+		b.logf("Waiting until ready: %s", spec.ReadyCmd)
+		deadline := time.Now().Add(readyTimeout)
+		for {
+			err := run.exec([]string{"/bin/sh", "-c", spec.ReadyCmd}, nil, run.user, true)
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				return "finalize", fmt.Errorf("ready command not ready within %s: %w", readyTimeout, err)
+			}
+			select {
+			case <-ctx.Done():
+				return "finalize", ctx.Err()
+			case <-time.After(time.Second):
+			}
+		}
+	}
+	mem, err := b.c.Sandboxes.CreateSnapshot(ctx, connect.NewRequest(&pb.CreateSnapshotRequest{Sandbox: run.sandbox, Name: buildSnapshotPrefix + b.id, Memory: true}))
+	if err != nil {
+		return "finalize", fmt.Errorf("snapshot the template: %w", pub(err))
+	}
+	snap := mem.Msg.GetSnapshot().GetId()
+	snapshots = append(snapshots, snap) // until the template holds it
+	var old string
+	if t, err := b.c.Templates.GetTemplate(ctx, connect.NewRequest(&pb.GetTemplateRequest{Template: b.name})); err == nil {
+		old = t.Msg.GetTemplate().GetSnapshot()
+	}
+	if _, err := b.c.Templates.CreateTemplate(ctx, connect.NewRequest(&pb.CreateTemplateRequest{
+		Template: &pb.NamedTemplate{Name: b.name, Snapshot: snap}, Replace: true})); err != nil {
+		return "finalize", fmt.Errorf("register template %s: %w", b.name, pub(err))
+	}
+	snapshots = slices.DeleteFunc(snapshots, func(s string) bool { return s == snap })
+	if old != "" && old != snap {
+		// The template's previous build, if a build made it (a snapshot of the user's
+		// own that a template named stays theirs).
+		if s, err := c.snapshot(old); err == nil && s != nil && strings.HasPrefix(s.GetName(), buildSnapshotPrefix) {
+			snapshots = append(snapshots, old)
+		}
+	}
+	return "", nil
+}
+
+// step runs one step in the build's sandbox.
+func (r *buildRun) step(s buildStep) error {
+	switch s.Type {
+	case "ENV":
+		for i := 0; i < len(s.Args); i += 2 {
+			r.env = slices.DeleteFunc(r.env, func(e string) bool { return strings.HasPrefix(e, s.Args[i]+"=") })
+			r.env = append(r.env, s.Args[i]+"="+s.Args[i+1])
+		}
+		r.b.logf("ENV %s", strings.Join(s.Args, " "))
+	case "USER":
+		r.user = s.Args[0]
+		r.b.logf("USER %s", r.user)
+	case "WORKDIR":
+		r.b.logf("WORKDIR %s", s.Args[0])
+		var out bytes.Buffer
+		if err := r.execOut([]string{proto.BuildCommand, "workdir", s.Args[0], r.user}, nil, &out); err != nil {
+			return err
+		}
+		r.workdir = strings.TrimSpace(out.String())
+	case "RUN":
+		user := r.user
+		if len(s.Args) > 1 && s.Args[1] != "" {
+			user = s.Args[1]
+		}
+		r.b.logf("RUN %s", s.Args[0])
+		return r.exec([]string{"/bin/sh", "-c", s.Args[0]}, nil, user, false)
+	case "COPY":
+		owner, mode := r.user, ""
+		if len(s.Args) > 2 && s.Args[2] != "" {
+			owner = s.Args[2]
+		}
+		if len(s.Args) > 3 {
+			mode = s.Args[3]
+		}
+		r.b.mu.Lock()
+		path := r.b.files[s.FilesHash]
+		r.b.mu.Unlock()
+		f, err := os.Open(path)
+		if err != nil {
+			return fmt.Errorf("the uploaded files: %w", err)
+		}
+		defer f.Close()
+		r.b.logf("COPY %s %s", s.Args[0], s.Args[1])
+		return r.exec([]string{proto.BuildCommand, "copy", s.Args[0], s.Args[1], owner, mode}, f, "", false)
+	}
+	return nil
+}
+
+// exec runs argv in the build's sandbox with the build's environment and working
+// directory, as user (init's build helper runs as root whatever is asked), its output to
+// the build's log; an exit other than 0 is an error.
+func (r *buildRun) exec(argv []string, stdin io.Reader, user string, quiet bool) error {
+	w := &logWriter{b: r.b}
+	var out io.Writer = w
+	if quiet {
+		out = io.Discard
+	}
+	err := r.execAs(argv, stdin, user, out, out)
+	w.flush()
+	return err
+}
+
+// execOut is exec with stdout captured (stderr to the log).
+func (r *buildRun) execOut(argv []string, stdin io.Reader, stdout io.Writer) error {
+	w := &logWriter{b: r.b}
+	err := r.execAs(argv, stdin, "", stdout, w)
+	w.flush()
+	return err
+}
+
+func (r *buildRun) execAs(argv []string, stdin io.Reader, user string, stdout, stderr io.Writer) error {
+	ctx, cancel := context.WithCancel(r.c.ctx)
+	defer cancel()
+	sess, err := client.Exec(r.b.c.Sandboxes.Exec(ctx), &pb.ExecStart{Sandbox: r.sandbox, Argv: argv, Env: r.env,
+		WorkingDir: r.workdir, User: user, Stdin: stdin != nil})
+	if err != nil {
+		return err
+	}
+	if stdin != nil {
+		sess.PumpStdin(stdin)
+	}
+	exit, err := sess.Wait(stdout, stderr)
+	if err != nil {
+		return fmt.Errorf("exec: %w", err)
+	}
+	if exit.GetCode() != 0 || exit.GetSignal() != 0 {
+		why := fmt.Sprintf("exited with code %d", exit.GetCode())
+		if exit.GetSignal() != 0 {
+			why = fmt.Sprintf("killed by signal %d", exit.GetSignal())
+		}
+		if exit.GetReason() != "" {
+			why += ": " + exit.GetReason()
+		}
+		return errors.New(why)
+	}
+	return nil
+}
+
+// logWriter turns a step's output into log entries, a line each.
+type logWriter struct {
+	b   *build
+	buf []byte
+}
+
+func (w *logWriter) Write(p []byte) (int, error) {
+	w.buf = append(w.buf, p...)
+	for {
+		i := bytes.IndexByte(w.buf, '\n')
+		if i < 0 {
+			break
+		}
+		w.b.log("info", strings.TrimRight(string(w.buf[:i]), "\r"))
+		w.buf = w.buf[i+1:]
+	}
+	if len(w.buf) > maxBuildLogLine {
+		w.flush()
+	}
+	return len(p), nil
+}
+
+func (w *logWriter) flush() {
+	if len(w.buf) > 0 {
+		w.b.log("info", string(w.buf))
+		w.buf = nil
+	}
+}
+
+// buildStatus is GET /templates/{id}/builds/{buildID}/status: the build's state and its
+// log entries from logsOffset on.
+func (a *API) buildStatus(c *call) error {
+	b, err := a.builds.find(c)
+	if err != nil {
+		return err
+	}
+	off := 0
+	if s := c.r.URL.Query().Get("logsOffset"); s != "" {
+		if off, err = strconv.Atoi(s); err != nil || off < 0 {
+			return fail(http.StatusBadRequest, "logsOffset %.20q: want a number ≥ 0", s)
+		}
+	}
+	b.mu.Lock()
+	entries := []map[string]any{}
+	if off < len(b.logs) {
+		entries = slices.Clone(b.logs[off:min(len(b.logs), off+1000)])
+	}
+	status := b.status
+	if status == "waiting" {
+		status = "building" // the SDK polls only once the steps were given
+	}
+	out := map[string]any{"templateID": b.name, "buildID": b.id, "status": status, "logEntries": entries}
+	if b.reason != nil {
+		out["reason"] = maps.Clone(b.reason)
+	}
+	b.mu.Unlock()
+	logs := []string{}
+	for _, e := range entries {
+		logs = append(logs, fmt.Sprintf("%s %s", e["timestamp"], e["message"]))
+	}
+	out["logs"] = logs
+	writeJSON(c.w, http.StatusOK, out)
+	return nil
+}
+
+// aliasExists is GET /templates/aliases/{alias} (the SDK's Template.exists): the
+// caller's template of that name.
+func (a *API) aliasExists(c *call) error {
+	name := c.r.PathValue("alias")
+	resp, err := c.c.Templates.GetTemplate(c.ctx, connect.NewRequest(&pb.GetTemplateRequest{Template: name}))
+	if err != nil {
+		return err
+	}
+	writeJSON(c.w, http.StatusOK, map[string]any{"templateID": resp.Msg.GetTemplate().GetId(), "public": false})
+	return nil
+}

@@ -1,0 +1,123 @@
+package e2bapi
+
+import (
+	"bufio"
+	"encoding/json"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// upload PUTs body to an upload link's URL with its headers (as the SDK does).
+func upload(t *testing.T, link map[string]any, token, body string, length int64) int {
+	t.Helper()
+	u, err := url.Parse(link["url"].(string))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Written by hand: Go's client sends no Content-Length it cannot keep, and a
+	// hostile one must be answered too.
+	conn, err := net.Dial("tcp", u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	head := "PUT " + u.RequestURI() + " HTTP/1.1\r\nHost: " + u.Host + "\r\nConnection: close\r\n"
+	if token != "" {
+		head += uploadTokenHeader + ": " + token + "\r\n"
+	}
+	if length >= 0 {
+		head += "Content-Length: " + strconv.FormatInt(length, 10) + "\r\n"
+	} else {
+		head += "Transfer-Encoding: chunked\r\n"
+		body = strconv.FormatInt(int64(len(body)), 16) + "\r\n" + body + "\r\n0\r\n\r\n"
+	}
+	if _, err := conn.Write([]byte(head + "\r\n" + body)); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// The build calls up to the point where a sandbox would run the steps (this world has no
+// node: e2e TestE2BSDK runs whole builds): the key's own builds, uploads by the build's
+// token only and bounded, steps checked before anything runs, builds bounded per key.
+func TestBuildRequests(t *testing.T) {
+	w := newWorld(t)
+	w.want(t, "POST", "/v3/templates", "", `{"name":"app"}`, http.StatusUnauthorized)
+	w.want(t, "POST", "/v3/templates", "fwk_0000000000000000_"+strings.Repeat("00", 32), `{"name":"app"}`, http.StatusUnauthorized)
+	w.want(t, "POST", "/v3/templates", w.user, `{"name":"../x"}`, http.StatusBadRequest)
+	w.want(t, "POST", "/v3/templates", w.user, `{"name":"app","cpuCount":1000}`, http.StatusBadRequest)
+	var started struct{ TemplateID, BuildID string }
+	if err := json.Unmarshal([]byte(w.want(t, "POST", "/v3/templates", w.user, `{"name":"app:v1","cpuCount":1,"memoryMB":512}`, http.StatusAccepted)), &started); err != nil || started.TemplateID != "app" || started.BuildID == "" {
+		t.Fatalf("request build: %+v %v", started, err)
+	}
+	base := "/templates/app"
+	hash := strings.Repeat("ab", 32)
+	w.want(t, "GET", base+"/files/NOT-HEX", w.user, "", http.StatusBadRequest)
+	w.want(t, "GET", base+"/files/"+hash, w.other, "", http.StatusNotFound)
+	var link map[string]any
+	_ = json.Unmarshal([]byte(w.want(t, "GET", base+"/files/"+hash, w.user, "", http.StatusOK)), &link)
+	if link["present"] != false || link["url"] == nil {
+		t.Fatalf("upload link: %v", link)
+	}
+	token := link["headers"].(map[string]any)[uploadTokenHeader].(string)
+	if code := upload(t, link, "", "data", 4); code != http.StatusNotFound {
+		t.Errorf("upload without the build's token: %d", code)
+	}
+	if code := upload(t, link, strings.Repeat("0", len(token)), "data", 4); code != http.StatusNotFound {
+		t.Errorf("upload with a wrong token: %d", code)
+	}
+	if code := upload(t, link, token, "data", maxBuildBytes+1); code != http.StatusRequestEntityTooLarge {
+		t.Errorf("upload past the build's bound: %d", code)
+	}
+	if code := upload(t, link, token, "data", -1); code != http.StatusLengthRequired {
+		t.Errorf("upload without a length: %d", code)
+	}
+	if code := upload(t, link, token, "data", 4); code != http.StatusOK {
+		t.Fatalf("upload: %d", code)
+	}
+	if body := w.want(t, "GET", base+"/files/"+hash, w.user, "", http.StatusOK); !strings.Contains(body, `"present":true`) {
+		t.Errorf("an uploaded hash: %s", body)
+	}
+
+	trigger := "/v2/templates/app/builds/" + started.BuildID
+	w.want(t, "POST", trigger, w.other, `{"fromImage":"busybox"}`, http.StatusNotFound)
+	w.want(t, "POST", "/v2/templates/app/builds/0123", w.user, `{"fromImage":"busybox"}`, http.StatusNotFound)
+	w.want(t, "POST", trigger, w.user, `{}`, http.StatusBadRequest)
+	w.want(t, "POST", trigger, w.user, `{"fromImage":"busybox","fromImageRegistry":{"type":"registry","username":"u","password":"p"}}`, http.StatusBadRequest)
+	w.want(t, "POST", trigger, w.user, `{"fromImage":"busybox","steps":[{"type":"HEALTHCHECK","args":["x"]}]}`, http.StatusBadRequest)
+	w.want(t, "POST", trigger, w.user, `{"fromImage":"busybox","steps":[{"type":"COPY","args":["a","/a"],"filesHash":"`+strings.Repeat("cd", 32)+`"}]}`, http.StatusBadRequest)
+	w.want(t, "POST", trigger, w.user, `{"fromImage":"busybox","steps":[{"type":"ENV","args":["A"]}]}`, http.StatusBadRequest)
+	w.want(t, "POST", trigger, w.user, `{"fromImage":"busybox","steps":[{"type":"ENV","args":["A=B","c"]}]}`, http.StatusBadRequest)
+	steps := `{"fromImage":"busybox","steps":[{"type":"COPY","args":["a","/a"],"filesHash":"` + hash + `"},{"type":"RUN","args":["true"]}]}`
+	w.want(t, "POST", trigger, w.user, steps, http.StatusAccepted)
+	w.want(t, "POST", trigger, w.user, steps, http.StatusConflict)
+	if code := upload(t, link, token, "late", 4); code != http.StatusConflict {
+		t.Errorf("an upload to a build under way: %d", code)
+	}
+	status := base + "/builds/" + started.BuildID + "/status"
+	w.want(t, "GET", status, w.other, "", http.StatusNotFound)
+	w.want(t, "GET", status+"?logsOffset=-1", w.user, "", http.StatusBadRequest)
+	var st struct {
+		Status     string
+		LogEntries []map[string]any
+	}
+	if err := json.Unmarshal([]byte(w.want(t, "GET", status, w.user, "", http.StatusOK)), &st); err != nil || st.Status != "building" || len(st.LogEntries) == 0 {
+		t.Errorf("status of a build under way: %+v %v", st, err)
+	}
+
+	// Two builds under way per key at most.
+	w.want(t, "POST", "/v3/templates", w.user, `{"name":"second"}`, http.StatusAccepted)
+	w.want(t, "POST", "/v3/templates", w.user, `{"name":"third"}`, http.StatusTooManyRequests)
+	w.want(t, "POST", "/v3/templates", w.other, `{"name":"third"}`, http.StatusAccepted)
+
+	w.want(t, "GET", "/templates/aliases/app", w.user, "", http.StatusNotFound)
+}
