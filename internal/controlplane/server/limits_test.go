@@ -262,16 +262,7 @@ func TestStopEndsTheRestartPolicy(t *testing.T) {
 func TestSavedStatePerToken(t *testing.T) {
 	a := newTestAPI(t, func(s *Server) { s.SetLimits(Limits{SavedMiBPerOwner: 1}) })
 	ctx := t.Context()
-	toks, err := a.store.ListTokens(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var user string
-	for _, tk := range toks {
-		if tk.Role == state.RoleUser {
-			user = tk.ID
-		}
-	}
+	user := a.userID(t)
 	if _, err := a.store.PutSnapshot(ctx, state.Snapshot{ID: state.NewID(), Name: "big", Owner: user, Node: "n1", Sandbox: "x",
 		Image: "busybox", Bytes: 2 << 20, CreatedAt: time.Now()}, 0); err != nil {
 		t.Fatal(err)

@@ -62,6 +62,22 @@ func newTestAPI(t testing.TB, setup ...func(*Server)) *testAPI {
 	return a
 }
 
+// userID is the ID of a.user's token (what records its resources' owner).
+func (a *testAPI) userID(t testing.TB) string {
+	t.Helper()
+	toks, err := a.store.ListTokens(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tk := range toks {
+		if tk.Role == state.RoleUser {
+			return tk.ID
+		}
+	}
+	t.Fatal("the test API has no user token")
+	return ""
+}
+
 func as[T any](token string, msg *T) *connect.Request[T] {
 	r := connect.NewRequest(msg)
 	r.Header().Set("Authorization", "Bearer "+token)

@@ -22,16 +22,7 @@ func TestTemplateOfSnapshot(t *testing.T) {
 	a := newTestAPI(t)
 	ctx := t.Context()
 	templates := fireworksv1connect.NewTemplateServiceClient(http.DefaultClient, a.url)
-	toks, err := a.store.ListTokens(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var user string
-	for _, tk := range toks {
-		if tk.Role == state.RoleUser {
-			user = tk.ID
-		}
-	}
+	user := a.userID(t)
 	src := state.SandboxSpec{Image: "busybox", KeepAlive: true, VCPUs: 2, MemoryMiB: 512, Env: []string{"BUILT=yes"}, User: "app",
 		WorkingDir: "/app", Lifetime: time.Hour, Metadata: map[string]string{"e2b.build": "b1"}}
 	snap := state.Snapshot{ID: state.NewID(), Name: "e2b-build-b1", Owner: user, Node: "n1", Sandbox: "x", Image: "busybox",
@@ -40,7 +31,7 @@ func TestTemplateOfSnapshot(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	_, err = templates.CreateTemplate(ctx, as(a.admin, &pb.CreateTemplateRequest{Template: &pb.NamedTemplate{Name: "app", Snapshot: snap.Name}}))
+	_, err := templates.CreateTemplate(ctx, as(a.admin, &pb.CreateTemplateRequest{Template: &pb.NamedTemplate{Name: "app", Snapshot: snap.Name}}))
 	wantCode(t, "a template of another token's snapshot (an admin's too)", err, connect.CodeNotFound, "snapshot")
 	_, err = templates.CreateTemplate(ctx, as(a.user, &pb.CreateTemplateRequest{Template: &pb.NamedTemplate{Name: "app", Snapshot: snap.Name, Image: "alpine"}}))
 	wantCode(t, "a template of a snapshot and another image", err, connect.CodeInvalidArgument, "is of image busybox")

@@ -9,6 +9,7 @@ package e2bapi
 import (
 	"cmp"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -139,6 +140,10 @@ type call struct {
 	// owner is the ID of the caller's token: E2B's API acts on the key's own sandboxes
 	// only, an admin's key too (the Fireworks API would let an admin act on any).
 	owner string
+	// keyHash is the SHA-256 of the caller's key. The owner is only the key's ID, which
+	// is not secret and is checked by nothing on the edge: what the edge keeps for a key
+	// (a template build) it gives back only to a call with the same whole key.
+	keyHash [sha256.Size]byte
 }
 
 // apiError is an answer other than success, in E2B's error shape.
@@ -176,7 +181,7 @@ func (a *API) serve(w http.ResponseWriter, r *http.Request, fn func(*call) error
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, maxBody)
-	c := &call{w: w, r: r, ctx: r.Context(), c: a.cfg.Servers.WithToken(k), owner: id}
+	c := &call{w: w, r: r, ctx: r.Context(), c: a.cfg.Servers.WithToken(k), owner: id, keyHash: sha256.Sum256([]byte(k))}
 	if err := fn(c); err != nil {
 		writeError(w, a.publicError(r, err))
 	}

@@ -5,6 +5,7 @@ import (
 	"cmp"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
 	"encoding/json"
@@ -57,13 +58,15 @@ const (
 	maxBuildBytes     = 1 << 30 // files uploaded for one build
 	maxBuildsPerOwner = 2       // builds not ended, per token
 	maxBuilds         = 16      // builds not ended, on this edge
-	maxBuildSteps     = 256
+	maxEndedPerOwner  = 16      // ended builds whose status is kept, per token
+	maxEnded          = 256     // and on this edge
+	maxBuildSteps     = 256     // and files (one per COPY)
 	maxBuildLog       = 10000   // log entries kept per build
 	maxBuildLogBytes  = 4 << 20 // and their bytes
 	maxBuildLogLine   = 4096
-	buildUploadWindow = time.Hour // a build whose steps never come is dropped after this
-	buildKept         = time.Hour // an ended build's status is kept this long
-	buildTimeout      = time.Hour // a build's whole run
+	buildUploadWindow = 30 * time.Minute // a build whose steps never come is dropped after this
+	buildKept         = time.Hour        // an ended build's status is kept this long
+	buildTimeout      = time.Hour        // a build's whole run
 	readyTimeout      = 10 * time.Minute
 	// buildSnapshotPrefix names the snapshots builds make: a template's is removed with
 	// it, or when a rebuild replaces it.
@@ -87,7 +90,8 @@ type builds struct {
 
 type build struct {
 	id, name, owner string
-	c               *client.Client // the caller's key: every call of the build is theirs
+	keyHash         [sha256.Size]byte // of the key that started it (see call.keyHash)
+	c               *client.Client    // the caller's key: every call of the build is theirs
 	vcpus, memMiB   int
 	token           string // the upload URL's
 	dir             string
@@ -125,17 +129,33 @@ func (bs *builds) close() {
 	}
 }
 
-// prune forgets builds whose steps never came, and ended builds kept long enough.
+// prune forgets builds whose steps never came (once no upload is under way: an upload's
+// read deadline is the end of the window), ended builds kept long enough, and the oldest
+// ended builds past the bounds on how many are kept.
 func (bs *builds) prune(now time.Time) {
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
+	var ended []*build
 	for id, b := range bs.all {
 		b.mu.Lock()
-		stale := b.status == "waiting" && now.Sub(b.created) > buildUploadWindow || !b.ended.IsZero() && now.Sub(b.ended) > buildKept
+		stale := b.status == "waiting" && now.Sub(b.created) > buildUploadWindow && len(b.pending) == 0 ||
+			!b.ended.IsZero() && now.Sub(b.ended) > buildKept
+		if !stale && !b.ended.IsZero() {
+			ended = append(ended, b)
+		}
 		b.mu.Unlock()
 		if stale {
 			_ = os.RemoveAll(b.dir)
 			delete(bs.all, id)
+		}
+	}
+	// Newest first; ended builds hold only their status and log.
+	slices.SortFunc(ended, func(x, y *build) int { return y.ended.Compare(x.ended) })
+	perOwner := map[string]int{}
+	for i, b := range ended {
+		perOwner[b.owner]++
+		if i >= maxEnded || perOwner[b.owner] > maxEndedPerOwner {
+			delete(bs.all, b.id)
 		}
 	}
 }
@@ -147,10 +167,15 @@ func (bs *builds) find(c *call) (*build, error) {
 	bs.mu.Lock()
 	b := bs.all[id]
 	bs.mu.Unlock()
-	if b == nil || b.owner != c.owner || (tmpl != b.name && tmpl != b.id) {
+	if b == nil || !b.mine(c) || (tmpl != b.name && tmpl != b.id) {
 		return nil, fail(http.StatusNotFound, "build %.40q of template %.64q not found (a build is known to the edge that started it, until an hour after it ends)", id, tmpl)
 	}
 	return b, nil
+}
+
+// mine says whether the call is made with the key that started the build.
+func (b *build) mine(c *call) bool {
+	return b.owner == c.owner && subtle.ConstantTimeCompare(b.keyHash[:], c.keyHash[:]) == 1
 }
 
 func (b *build) log(level, msg string) {
@@ -255,7 +280,7 @@ func (a *API) requestBuild(c *call) error {
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return fmt.Errorf("make build %s's directory: %w", id, err)
 	}
-	b := &build{id: id, name: name, owner: c.owner, c: c.c, vcpus: body.CPUCount, memMiB: body.MemoryMB,
+	b := &build{id: id, name: name, owner: c.owner, keyHash: c.keyHash, c: c.c, vcpus: body.CPUCount, memMiB: body.MemoryMB,
 		token: randomHex(32), dir: dir, created: time.Now(), files: map[string]string{}, pending: map[string]bool{}, status: "waiting"}
 	bs.all[id] = b
 	tags := []string{}
@@ -280,7 +305,7 @@ func (a *API) uploadLink(c *call) error {
 	a.builds.mu.Lock()
 	for _, o := range a.builds.all {
 		o.mu.Lock()
-		if o.owner == c.owner && o.name == tmpl && o.status == "waiting" && (b == nil || o.created.After(b.created)) {
+		if o.mine(c) && o.name == tmpl && o.status == "waiting" && (b == nil || o.created.After(b.created)) {
 			b = o
 		}
 		o.mu.Unlock()
@@ -339,22 +364,26 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 		b.mu.Unlock()
 		fail(http.StatusRequestEntityTooLarge, "a build's files are at most %d MiB", maxBuildBytes>>20)
 		return
-	case b.pending[hash]:
+	case b.pending[hash] || b.files[hash] != "":
 		b.mu.Unlock()
-		fail(http.StatusConflict, "these files are being uploaded already")
+		fail(http.StatusConflict, "these files are uploaded already")
+		return
+	case len(b.files)+len(b.pending) >= maxBuildSteps:
+		b.mu.Unlock()
+		fail(http.StatusRequestEntityTooLarge, "a build takes at most %d uploads", maxBuildSteps)
 		return
 	}
 	b.bytes += size
 	b.pending[hash] = true
 	b.mu.Unlock()
+	// A stalled upload ends with the build's window (until then, the build is not
+	// dropped and no trigger is taken: its bytes stay counted).
+	_ = http.NewResponseController(w).SetReadDeadline(b.created.Add(buildUploadWindow))
 	path := filepath.Join(b.dir, hash+".tar")
 	err := receive(r.Body, path, size)
 	b.mu.Lock()
 	delete(b.pending, hash)
 	if err == nil && b.status == "waiting" {
-		if _, dup := b.files[hash]; dup {
-			b.bytes -= size
-		}
 		b.files[hash] = path
 	} else {
 		b.bytes -= size
@@ -368,7 +397,7 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 		fail(http.StatusInsufficientStorage, "no room for the files on the edge")
 	case err != nil:
 		a.cfg.Log.Warn("e2b build upload", "build", b.id, "err", err)
-		fail(http.StatusBadRequest, "upload: %v", err)
+		fail(http.StatusBadRequest, "upload failed: the body ended before its Content-Length, or could not be stored")
 	default:
 		w.WriteHeader(http.StatusOK)
 	}
@@ -440,6 +469,9 @@ func (a *API) triggerBuild(c *call) error {
 	if b.status != "waiting" {
 		return fail(http.StatusConflict, "build %s is %s already", b.id, b.status)
 	}
+	if len(b.pending) > 0 {
+		return fail(http.StatusConflict, "build %s has uploads under way: give its steps once they end", b.id)
+	}
 	b.status = "building"
 	a.builds.wg.Add(1)
 	go func() {
@@ -501,7 +533,12 @@ func (a *API) runBuild(ctx context.Context, b *build, spec buildSpec) (step stri
 	c := &call{ctx: ctx, c: b.c, owner: b.owner}
 	// What a caller is told of a server's failure (as for any call of theirs).
 	req := &http.Request{Method: "BUILD", URL: &url.URL{Path: "/templates/" + b.name + "/builds/" + b.id}}
-	pub := func(err error) error { return a.publicError(req, err) }
+	pub := func(err error) error {
+		if ce := new(connect.Error); errors.As(err, &ce) {
+			return a.publicError(req, err) // a server's message, told as to any caller
+		}
+		return err // the build's own (a step's exit)
+	}
 	// Whatever happens, what the build made for itself goes (with a context of its own:
 	// a build cut short by the edge's stop cleans up too).
 	var sandboxes, snapshots []string
@@ -557,7 +594,7 @@ func (a *API) runBuild(ctx context.Context, b *build, spec buildSpec) (step stri
 	run.env, run.user, run.workdir = slices.Clone(bspec.GetEnv()), bspec.GetUser(), bspec.GetWorkingDir()
 	for i, s := range spec.Steps {
 		if err := run.step(s); err != nil {
-			return strconv.Itoa(i + 1), fmt.Errorf("step %d (%s): %w", i+1, s.Type, err)
+			return strconv.Itoa(i + 1), fmt.Errorf("step %d (%s): %w", i+1, s.Type, pub(err))
 		}
 	}
 
@@ -570,9 +607,9 @@ func (a *API) runBuild(ctx context.Context, b *build, spec buildSpec) (step stri
 	snapshots = append(snapshots, fs.Msg.GetSnapshot().GetId())
 	final := &pb.SandboxSpec{KeepAlive: true, Metadata: meta, Lifetime: durationpb.New(buildTimeout), Snapshot: fs.Msg.GetSnapshot().GetId(),
 		Env: run.env, User: run.user, WorkingDir: run.workdir}
-	if base.GetSnapshot() == "" {
-		final.Vcpus, final.MemoryMib = base.Vcpus, base.MemoryMib
-	}
+	// The build's shape if it asked for one, else its base's (a built template's is its
+	// snapshot's).
+	final.Vcpus, final.MemoryMib = cmp.Or(int32(b.vcpus), bspec.GetVcpus()), cmp.Or(int32(b.memMiB), bspec.GetMemoryMib())
 	if err := start(final); err != nil {
 		return "finalize", fmt.Errorf("start the template's sandbox: %w", pub(err))
 	}
@@ -581,7 +618,7 @@ func (a *API) runBuild(ctx context.Context, b *build, spec buildSpec) (step stri
 		// In the background, as E2B's start command is: it runs on in the template.
 		bg := []string{"/bin/sh", "-c", `/bin/sh -c "$1" </dev/null >/dev/null 2>&1 &`, "fireworks-start", spec.StartCmd}
 		if err := run.exec(bg, nil, run.user, true); err != nil {
-			return "finalize", fmt.Errorf("start command: %w", err)
+			return "finalize", fmt.Errorf("start command: %w", pub(err))
 		}
 	}
 	if spec.ReadyCmd != "" {
@@ -593,7 +630,7 @@ func (a *API) runBuild(ctx context.Context, b *build, spec buildSpec) (step stri
 				break
 			}
 			if time.Now().After(deadline) {
-				return "finalize", fmt.Errorf("ready command not ready within %s: %w", readyTimeout, err)
+				return "finalize", fmt.Errorf("ready command not ready within %s: %w", readyTimeout, pub(err))
 			}
 			select {
 			case <-ctx.Done():
@@ -641,9 +678,12 @@ func (r *buildRun) step(s buildStep) error {
 		r.b.logf("USER %s", r.user)
 	case "WORKDIR":
 		r.b.logf("WORKDIR %s", s.Args[0])
-		var out bytes.Buffer
-		if err := r.execOut([]string{proto.BuildCommand, "workdir", s.Args[0], r.user}, nil, &out); err != nil {
+		out := &cappedBuffer{max: 4096} // a path; the guest may write more
+		if err := r.execOut([]string{proto.BuildCommand, "workdir", s.Args[0], r.user}, nil, out); err != nil {
 			return err
+		}
+		if out.over {
+			return errors.New("the working directory's path is too long")
 		}
 		r.workdir = strings.TrimSpace(out.String())
 	case "RUN":
@@ -723,6 +763,23 @@ func (r *buildRun) execAs(argv []string, stdin io.Reader, user string, stdout, s
 		return errors.New(why)
 	}
 	return nil
+}
+
+// cappedBuffer keeps the first max bytes written to it.
+type cappedBuffer struct {
+	bytes.Buffer
+	max  int
+	over bool
+}
+
+func (c *cappedBuffer) Write(p []byte) (int, error) {
+	n := len(p) // taken whole: the rest is dropped, not refused
+	if room := c.max - c.Len(); len(p) > room {
+		c.over = true
+		p = p[:max(room, 0)]
+	}
+	c.Buffer.Write(p)
+	return n, nil
 }
 
 // logWriter turns a step's output into log entries, a line each.

@@ -9,6 +9,9 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/auth"
 )
 
 // upload PUTs body to an upload link's URL with its headers (as the SDK does).
@@ -61,6 +64,14 @@ func TestBuildRequests(t *testing.T) {
 	}
 	base := "/templates/app"
 	hash := strings.Repeat("ab", 32)
+	// A key with the user's token ID and another secret is not the user's: the edge
+	// gives a build back only to the key that started it.
+	id, _, err := auth.Parse(w.user)
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged := "fwk_" + id + "_" + strings.Repeat("00", 32)
+	w.want(t, "GET", base+"/files/"+hash, forged, "", http.StatusNotFound)
 	w.want(t, "GET", base+"/files/NOT-HEX", w.user, "", http.StatusBadRequest)
 	w.want(t, "GET", base+"/files/"+hash, w.other, "", http.StatusNotFound)
 	var link map[string]any
@@ -87,9 +98,13 @@ func TestBuildRequests(t *testing.T) {
 	if body := w.want(t, "GET", base+"/files/"+hash, w.user, "", http.StatusOK); !strings.Contains(body, `"present":true`) {
 		t.Errorf("an uploaded hash: %s", body)
 	}
+	if code := upload(t, link, token, "bigger", 6); code != http.StatusConflict {
+		t.Errorf("a second upload of the same files: %d", code)
+	}
 
 	trigger := "/v2/templates/app/builds/" + started.BuildID
 	w.want(t, "POST", trigger, w.other, `{"fromImage":"busybox"}`, http.StatusNotFound)
+	w.want(t, "POST", trigger, forged, `{"fromImage":"busybox"}`, http.StatusNotFound)
 	w.want(t, "POST", "/v2/templates/app/builds/0123", w.user, `{"fromImage":"busybox"}`, http.StatusNotFound)
 	w.want(t, "POST", trigger, w.user, `{}`, http.StatusBadRequest)
 	w.want(t, "POST", trigger, w.user, `{"fromImage":"busybox","fromImageRegistry":{"type":"registry","username":"u","password":"p"}}`, http.StatusBadRequest)
@@ -105,6 +120,7 @@ func TestBuildRequests(t *testing.T) {
 	}
 	status := base + "/builds/" + started.BuildID + "/status"
 	w.want(t, "GET", status, w.other, "", http.StatusNotFound)
+	w.want(t, "GET", status, forged, "", http.StatusNotFound)
 	w.want(t, "GET", status+"?logsOffset=-1", w.user, "", http.StatusBadRequest)
 	var st struct {
 		Status     string
@@ -120,4 +136,37 @@ func TestBuildRequests(t *testing.T) {
 	w.want(t, "POST", "/v3/templates", w.other, `{"name":"third"}`, http.StatusAccepted)
 
 	w.want(t, "GET", "/templates/aliases/app", w.user, "", http.StatusNotFound)
+}
+
+// Ended builds keep their status for a while, but only so many: a key that starts and
+// fails builds in a loop cannot grow the edge's memory.
+func TestEndedBuildsAreBounded(t *testing.T) {
+	w := newWorld(t)
+	first := ""
+	for i := range maxEndedPerOwner + 2 {
+		var started struct{ BuildID string }
+		if err := json.Unmarshal([]byte(w.want(t, "POST", "/v3/templates", w.other, `{"name":"loop"}`, http.StatusAccepted)), &started); err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			first = started.BuildID
+		}
+		// A base template that does not exist: the build fails at once.
+		w.want(t, "POST", "/v2/templates/loop/builds/"+started.BuildID, w.other, `{"fromTemplate":"nope"}`, http.StatusAccepted)
+		status := "/templates/loop/builds/" + started.BuildID + "/status"
+		for deadline := time.Now().Add(10 * time.Second); ; {
+			body := w.want(t, "GET", status, w.other, "", http.StatusOK)
+			if strings.Contains(body, `"status":"error"`) {
+				if !strings.Contains(body, `"step":"base"`) || !strings.Contains(body, "nope") {
+					t.Errorf("a build from a template that does not exist: %s", body)
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the build did not fail: %s", body)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	w.want(t, "GET", "/templates/loop/builds/"+first+"/status", w.other, "", http.StatusNotFound)
 }
