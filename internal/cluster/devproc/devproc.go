@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/cluster/agentproc"
@@ -150,7 +151,11 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 
 	// Stopping goes in the reverse order of starting: the loops and listeners, then the
 	// node's API, then the agent (the link calls into it until it stops), then the state.
-	ctx, cancel := context.WithCancel(ctx)
+	// The edge's E2B API stops first, while all else still runs: its template builds
+	// remove the sandboxes and snapshots they made through the servers and the node.
+	parent := ctx
+	ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
+	var edgeAPI atomic.Pointer[e2bapi.API]
 	var wg sync.WaitGroup
 	var ag *agent.Agent
 	waitNode := func() {}
@@ -162,6 +167,18 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 		if ag != nil {
 			ag.Close()
 		}
+	}()
+	wg.Add(1)
+	go func() { // ends with ctx, which it cancels once the parent's ends
+		defer wg.Done()
+		select {
+		case <-parent.Done():
+		case <-ctx.Done():
+		}
+		if api := edgeAPI.Load(); api != nil {
+			api.Close()
+		}
+		cancel()
 	}()
 	run := func(what string, fn func() error) {
 		wg.Add(1)
@@ -199,7 +216,7 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 				return err
 			}
 			api := e2bapi.New(e2bapi.Config{Servers: servers, Domain: srv.IngressDomain(), Log: log, BuildDir: filepath.Join(cfg.DataDir, "e2b-builds")})
-			defer api.Close()
+			edgeAPI.Store(api)
 			proxy.API = api
 		}
 		wg.Add(1)

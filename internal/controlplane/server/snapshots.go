@@ -377,11 +377,12 @@ func (s *Server) resolveSnapshot(ctx context.Context, spec *state.SandboxSpec, r
 // given.
 func withMemorySpec(spec *state.SandboxSpec, snap state.Snapshot) error {
 	src := *snap.MemorySpec
-	// A keep-alive sandbox's main process is init's idle program: an environment given
-	// is for the commands run in the new sandbox (E2B's envVars on a create from a
-	// template), which nothing running depends on.
-	envOK := src.KeepAlive
-	if len(spec.Entrypoint)+len(spec.Cmd) > 0 || len(spec.Env) > 0 && !envOK || spec.WorkingDir != "" || spec.User != "" || spec.TTY || spec.Stdin {
+	// A keep-alive sandbox's main process is init's idle program: an environment, user or
+	// working directory given is for the commands run in the new sandbox (E2B's envVars
+	// on a create from a template, a built template's USER and WORKDIR), which nothing
+	// running depends on.
+	defaults := src.KeepAlive
+	if len(spec.Entrypoint)+len(spec.Cmd) > 0 || !defaults && (len(spec.Env) > 0 || spec.WorkingDir != "" || spec.User != "") || spec.TTY || spec.Stdin {
 		return invalid("snapshot %s has memory: its processes carry on as they were (give no command, -e, -w, -u, -t or -i)", snap.Name)
 	}
 	if (spec.VCPUs != 0 && spec.VCPUs != src.VCPUs) || (spec.MemoryMiB != 0 && spec.MemoryMiB != src.MemoryMiB) {
@@ -402,6 +403,7 @@ func withMemorySpec(spec *state.SandboxSpec, snap state.Snapshot) error {
 	// Its lifetime, labels and template name are the new sandbox's, not its source's.
 	spec.Lifetime, spec.OnEnd, spec.Metadata, spec.Template = own.Lifetime, own.OnEnd, own.Metadata, own.Template
 	spec.Env = append(slices.Clone(src.Env), own.Env...)
+	spec.User, spec.WorkingDir = cmp.Or(own.User, src.User), cmp.Or(own.WorkingDir, src.WorkingDir)
 	if own.Policy != "" {
 		spec.Policy = own.Policy
 	}

@@ -22,7 +22,7 @@ func (h *templateService) CreateTemplate(ctx context.Context, req *connect.Reque
 	in := req.Msg.GetTemplate()
 	t := state.Template{ID: state.NewID(), Name: in.GetName(), Owner: who.TokenID, Image: in.GetImage(),
 		VCPUs: int(in.GetVcpus()), MemoryMiB: int(in.GetMemoryMib()), DiskMiB: int(in.GetDiskMib()),
-		Env: in.GetEnv(), CreatedAt: h.s.now()}
+		Env: in.GetEnv(), CreatedAt: h.s.now(), User: in.GetUser(), WorkingDir: in.GetWorkingDir()}
 	if ref := in.GetSnapshot(); ref != "" {
 		// The caller's own snapshot only (as a start from it would be): its sandboxes
 		// start from it, so its image and, with memory, its shape are the template's.
@@ -38,6 +38,10 @@ func (h *templateService) CreateTemplate(ctx context.Context, req *connect.Reque
 			t.VCPUs, t.MemoryMiB, t.DiskMiB = m.VCPUs, m.MemoryMiB, m.DiskMiB
 		}
 	}
+	if (t.User != "" || t.WorkingDir != "") && t.Snapshot == "" {
+		// An image's template gives its sandboxes' spec: its user is the image's or -u's.
+		return nil, toConnectError(invalid("template %q: a user or working directory is a snapshot template's", t.Name))
+	}
 	if t.Image == "" {
 		return nil, toConnectError(invalid("a template needs an image or a snapshot"))
 	}
@@ -46,7 +50,7 @@ func (h *templateService) CreateTemplate(ctx context.Context, req *connect.Reque
 	}
 	// The sandboxes it starts are checked as any: an image source this caller may not
 	// use, or a shape out of bounds, is refused now rather than at every start.
-	spec := state.SandboxSpec{Image: t.Image, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB, DiskMiB: t.DiskMiB, Env: t.Env}
+	spec := state.SandboxSpec{Image: t.Image, VCPUs: t.VCPUs, MemoryMiB: t.MemoryMiB, DiskMiB: t.DiskMiB, Env: t.Env, User: t.User, WorkingDir: t.WorkingDir}
 	if err := spec.CheckSizes(); err != nil {
 		return nil, toConnectError(err)
 	}
@@ -109,5 +113,6 @@ func (h *templateService) DeleteTemplate(ctx context.Context, req *connect.Reque
 
 func templateToPB(t state.Template) *pb.NamedTemplate {
 	return &pb.NamedTemplate{Id: t.ID, Name: t.Name, Owner: t.Owner, Image: t.Image, Vcpus: int32(t.VCPUs),
-		MemoryMib: int32(t.MemoryMiB), DiskMib: int32(t.DiskMiB), Env: t.Env, CreatedAt: ts(t.CreatedAt), Snapshot: t.Snapshot}
+		MemoryMib: int32(t.MemoryMiB), DiskMib: int32(t.DiskMiB), Env: t.Env, CreatedAt: ts(t.CreatedAt), Snapshot: t.Snapshot,
+		User: t.User, WorkingDir: t.WorkingDir}
 }

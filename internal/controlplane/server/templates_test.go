@@ -17,7 +17,8 @@ import (
 // A template may name a snapshot (E2B's builds make these): the caller's own only; it
 // takes the snapshot's image and, with memory, its shape. A start from a keep-alive
 // snapshot with memory takes the new sandbox's own environment additions, lifetime and
-// labels, never its source's; a command, user or directory of its own is refused.
+// labels, never its source's, and its own user and directory for its commands; a command
+// of its own is refused.
 func TestTemplateOfSnapshot(t *testing.T) {
 	a := newTestAPI(t)
 	ctx := t.Context()
@@ -56,6 +57,14 @@ func TestTemplateOfSnapshot(t *testing.T) {
 		s.Lifetime != time.Minute || s.Metadata["run"] != "2" || s.Metadata["e2b.build"] != "" || s.Template != "app" || s.VCPUs != 2 {
 		t.Errorf("a start from the template's snapshot: %+v", s)
 	}
-	_, err = a.sandboxes.CreateSandbox(ctx, as(a.user, &pb.CreateSandboxRequest{Spec: &pb.SandboxSpec{Snapshot: snap.ID, User: "root"}}))
-	wantCode(t, "a start from a snapshot with memory, as another user", err, connect.CodeInvalidArgument, "has memory")
+	_, err = a.sandboxes.CreateSandbox(ctx, as(a.user, &pb.CreateSandboxRequest{Spec: &pb.SandboxSpec{Snapshot: snap.ID, Cmd: []string{"sh"}}}))
+	wantCode(t, "a start from a snapshot with memory, with a command", err, connect.CodeInvalidArgument, "has memory")
+	// Its commands' user and directory may be given: its main process is init's.
+	created, err = a.sandboxes.CreateSandbox(ctx, as(a.user, &pb.CreateSandboxRequest{Spec: &pb.SandboxSpec{Snapshot: snap.ID, User: "root", WorkingDir: "/srv"}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err = a.store.GetSandbox(ctx, created.Msg.GetSandbox().GetId()); err != nil || got.Spec.User != "root" || got.Spec.WorkingDir != "/srv" {
+		t.Errorf("a start as another user, in another directory: %+v %v", got.Spec, err)
+	}
 }

@@ -397,8 +397,10 @@ func (a *API) fromTemplate(c *call, id string, spec *pb.SandboxSpec) error {
 	if err == nil {
 		tm := t.Msg.GetTemplate()
 		if tm.GetSnapshot() != "" {
-			// A built template: its snapshot's memory carries its environment and shape.
+			// A built template: its sandboxes resume its snapshot (its shape, its start
+			// command running); their commands get its environment, user and directory.
 			spec.Snapshot, spec.Template = tm.GetSnapshot(), tm.GetName()
+			spec.Env, spec.User, spec.WorkingDir = slices.Clone(tm.GetEnv()), tm.GetUser(), tm.GetWorkingDir()
 			return nil
 		}
 		spec.Image, spec.Vcpus, spec.MemoryMib, spec.DiskMib = tm.GetImage(), tm.GetVcpus(), tm.GetMemoryMib(), tm.GetDiskMib()

@@ -22,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -56,8 +57,11 @@ import (
 // snapshot, is the cluster's.
 const (
 	maxBuildBytes     = 1 << 30 // files uploaded for one build
-	maxBuildsPerOwner = 2       // builds not ended, per token
-	maxBuilds         = 16      // builds not ended, on this edge
+	maxUploadBytes    = 8 << 30 // files uploaded, on this edge
+	maxBuildsPerOwner = 2       // builds running, per token
+	maxBuilds         = 16      // builds running, on this edge
+	maxWaitingPerKey  = 4       // builds waiting for their steps, per token (the oldest give way)
+	maxWaiting        = 64      // and on this edge
 	maxEndedPerOwner  = 16      // ended builds whose status is kept, per token
 	maxEnded          = 256     // and on this edge
 	maxBuildSteps     = 256     // and files (one per COPY)
@@ -84,11 +88,15 @@ type builds struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	bytes atomic.Int64 // uploaded files on disk, or reserved by uploads under way
+
+	// mu is taken before any build's.
 	mu  sync.Mutex
 	all map[string]*build
 }
 
 type build struct {
+	bs              *builds
 	id, name, owner string
 	keyHash         [sha256.Size]byte // of the key that started it (see call.keyHash)
 	c               *client.Client    // the caller's key: every call of the build is theirs
@@ -107,11 +115,21 @@ type build struct {
 	logSize int // the logs' bytes
 	dropped int // log entries past the bounds
 	ended   time.Time
+	gone    bool // its files are removed (their bytes given back)
 }
 
 func newBuilds(dir string) *builds {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &builds{dir: dir, ctx: ctx, cancel: cancel, all: map[string]*build{}}
+}
+
+// dropFiles removes b's files and gives their bytes back (b.mu held).
+func (b *build) dropFiles() {
+	if !b.gone {
+		_ = os.RemoveAll(b.dir)
+		b.bs.bytes.Add(-b.bytes)
+		b.gone = true
+	}
 }
 
 // close stops every build, waits for their cleanup, and removes their files.
@@ -121,7 +139,9 @@ func (bs *builds) close() {
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
 	for id, b := range bs.all {
-		_ = os.RemoveAll(b.dir)
+		b.mu.Lock()
+		b.dropFiles()
+		b.mu.Unlock()
 		delete(bs.all, id)
 	}
 	if bs.made {
@@ -143,11 +163,11 @@ func (bs *builds) prune(now time.Time) {
 		if !stale && !b.ended.IsZero() {
 			ended = append(ended, b)
 		}
-		b.mu.Unlock()
 		if stale {
-			_ = os.RemoveAll(b.dir)
+			b.dropFiles()
 			delete(bs.all, id)
 		}
+		b.mu.Unlock()
 	}
 	// Newest first; ended builds hold only their status and log.
 	slices.SortFunc(ended, func(x, y *build) int { return y.ended.Compare(x.ended) })
@@ -178,29 +198,38 @@ func (b *build) mine(c *call) bool {
 	return b.owner == c.owner && subtle.ConstantTimeCompare(b.keyHash[:], c.keyHash[:]) == 1
 }
 
-func (b *build) log(level, msg string) {
+// log adds a line of a step's output to the build's log, within its bounds.
+func (b *build) log(level, msg string) { b.add(level, msg, false) }
+
+// logf adds the build's own message (a step begins, the outcome): kept whatever the
+// steps' output took, so the end of a long log still says what happened.
+func (b *build) logf(format string, args ...any) { b.add("info", fmt.Sprintf(format, args...), true) }
+
+func (b *build) add(level, msg string, own bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if len(msg) > maxBuildLogLine {
 		msg = msg[:maxBuildLogLine] + "…"
 	}
-	if len(b.logs) >= maxBuildLog-1 || b.logSize+len(msg) > maxBuildLogBytes {
-		b.dropped++ // the last entry is kept for the note end adds
+	if !own && (len(b.logs) >= maxBuildLog || b.logSize+len(msg) > maxBuildLogBytes) {
+		b.dropped++
 		return
 	}
 	b.logSize += len(msg)
 	b.logs = append(b.logs, map[string]any{"timestamp": time.Now().UTC().Format(time.RFC3339Nano), "level": level, "message": msg})
 }
 
-func (b *build) logf(format string, args ...any) { b.log("info", fmt.Sprintf(format, args...)) }
-
 // end records the build's outcome (err nil: ready).
 func (b *build) end(step string, err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.endLocked(step, err)
+}
+
+func (b *build) endLocked(step string, err error) {
 	if b.dropped > 0 {
 		b.logs = append(b.logs, map[string]any{"timestamp": time.Now().UTC().Format(time.RFC3339Nano), "level": "warn",
-			"message": fmt.Sprintf("%d log entries were left out (a build keeps %d entries, %d MiB)", b.dropped, maxBuildLog, maxBuildLogBytes>>20)})
+			"message": fmt.Sprintf("%d lines of the steps' output were left out (a build keeps %d entries, %d MiB)", b.dropped, maxBuildLog, maxBuildLogBytes>>20)})
 	}
 	b.c = nil // the caller's key is no longer needed here
 	b.ended, b.status = time.Now(), "ready"
@@ -211,7 +240,7 @@ func (b *build) end(step string, err error) {
 			b.reason["step"] = step
 		}
 	}
-	_ = os.RemoveAll(b.dir) // its files are in the template now, or of no use
+	b.dropFiles() // its files are in the template now, or of no use
 }
 
 func randomHex(n int) string {
@@ -248,19 +277,35 @@ func (a *API) requestBuild(c *call) error {
 	bs.prune(time.Now())
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
-	mine, all := 0, 0
+	// Builds waiting for their steps hold only their files: a key's oldest give way to
+	// its new ones (an SDK that gave up leaves one behind), unless an upload runs.
+	var mine []*build
+	waiting := 0
 	for _, o := range bs.all {
 		o.mu.Lock()
-		if o.ended.IsZero() {
-			all++
+		if o.status == "waiting" {
+			waiting++
 			if o.owner == c.owner {
-				mine++
+				mine = append(mine, o)
 			}
 		}
 		o.mu.Unlock()
 	}
-	if mine >= maxBuildsPerOwner || all >= maxBuilds {
-		return fail(http.StatusTooManyRequests, "too many template builds under way (at most %d per key, %d on this edge): wait for one to end", maxBuildsPerOwner, maxBuilds)
+	slices.SortFunc(mine, func(x, y *build) int { return x.created.Compare(y.created) })
+	for _, o := range mine {
+		if len(mine) < maxWaitingPerKey {
+			break
+		}
+		o.mu.Lock()
+		if len(o.pending) == 0 {
+			o.dropFiles()
+			delete(bs.all, o.id)
+			mine, waiting = mine[1:], waiting-1
+		}
+		o.mu.Unlock()
+	}
+	if len(mine) >= maxWaitingPerKey || waiting >= maxWaiting {
+		return fail(http.StatusTooManyRequests, "too many template builds wait for their files (at most %d per key, %d on this edge)", maxWaitingPerKey, maxWaiting)
 	}
 	if !bs.made {
 		// Builds live in this process's memory: files found there are a previous one's.
@@ -280,7 +325,7 @@ func (a *API) requestBuild(c *call) error {
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return fmt.Errorf("make build %s's directory: %w", id, err)
 	}
-	b := &build{id: id, name: name, owner: c.owner, keyHash: c.keyHash, c: c.c, vcpus: body.CPUCount, memMiB: body.MemoryMB,
+	b := &build{bs: bs, id: id, name: name, owner: c.owner, keyHash: c.keyHash, c: c.c, vcpus: body.CPUCount, memMiB: body.MemoryMB,
 		token: randomHex(32), dir: dir, created: time.Now(), files: map[string]string{}, pending: map[string]bool{}, status: "waiting"}
 	bs.all[id] = b
 	tags := []string{}
@@ -299,14 +344,22 @@ func (a *API) uploadLink(c *call) error {
 	if !filesHashRE.MatchString(hash) {
 		return fail(http.StatusBadRequest, "files hash %.80q: want lowercase hex", hash)
 	}
-	tmpl := c.r.PathValue("id")
+	tmpl, _, _ := strings.Cut(c.r.PathValue("id"), ":")
+	// The SDK names the template, not the build: of the key's builds of it waiting for
+	// files, the newest takes uploads, and files any of them has count as present (a
+	// build takes them from the others when its steps come: builds of one template,
+	// tags or not, may run side by side).
 	var b *build
+	present := false
 	a.builds.prune(time.Now())
 	a.builds.mu.Lock()
 	for _, o := range a.builds.all {
 		o.mu.Lock()
-		if o.mine(c) && o.name == tmpl && o.status == "waiting" && (b == nil || o.created.After(b.created)) {
-			b = o
+		if o.mine(c) && o.name == tmpl && o.status == "waiting" {
+			if b == nil || o.created.After(b.created) {
+				b = o
+			}
+			present = present || o.files[hash] != ""
 		}
 		o.mu.Unlock()
 	}
@@ -314,9 +367,6 @@ func (a *API) uploadLink(c *call) error {
 	if b == nil {
 		return fail(http.StatusNotFound, "no build of template %.64q waits for files (POST /v3/templates first)", tmpl)
 	}
-	b.mu.Lock()
-	_, present := b.files[hash]
-	b.mu.Unlock()
 	if present {
 		writeJSON(c.w, http.StatusOK, map[string]any{"present": true})
 		return nil
@@ -372,6 +422,12 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 		b.mu.Unlock()
 		fail(http.StatusRequestEntityTooLarge, "a build takes at most %d uploads", maxBuildSteps)
 		return
+	case a.builds.bytes.Add(size) > maxUploadBytes:
+		a.builds.bytes.Add(-size)
+		b.mu.Unlock()
+		fail(http.StatusInsufficientStorage, "the edge holds as many builds' files as it takes: retry later")
+		return
+		// (the last check: it reserves the bytes)
 	}
 	b.bytes += size
 	b.pending[hash] = true
@@ -383,10 +439,13 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 	err := receive(r.Body, path, size)
 	b.mu.Lock()
 	delete(b.pending, hash)
-	if err == nil && b.status == "waiting" {
+	if err == nil && b.status == "waiting" && !b.gone {
 		b.files[hash] = path
 	} else {
 		b.bytes -= size
+		if !b.gone {
+			a.builds.bytes.Add(-size) // else dropFiles gave back what b.bytes held
+		}
 		if err == nil {
 			err = fmt.Errorf("build %s takes no more files: it is %s", b.id, b.status)
 		}
@@ -450,37 +509,72 @@ func (a *API) triggerBuild(c *call) error {
 	if err := c.decode(&spec); err != nil {
 		return err
 	}
+	// A build refused here is over: its slot and its files are given back.
+	refuse := func(code int, format string, args ...any) error {
+		err := fail(code, format, args...)
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if b.status == "waiting" && len(b.pending) == 0 {
+			b.endLocked("", err)
+		}
+		return err
+	}
 	if len(spec.FromImageRegistry) > 0 && string(spec.FromImageRegistry) != "null" {
-		return fail(http.StatusBadRequest, "fromImageRegistry: registry credentials through the SDK are not supported by Fireworks (push the image where the nodes pull from, or register it with `fireworks template create`)")
+		return refuse(http.StatusBadRequest, "fromImageRegistry: registry credentials through the SDK are not supported by Fireworks (push the image where the nodes pull from, or register it with `fireworks template create`)")
 	}
 	if (spec.FromImage == "") == (spec.FromTemplate == "") {
-		return fail(http.StatusBadRequest, "give fromImage or fromTemplate, one of them")
+		return refuse(http.StatusBadRequest, "give fromImage or fromTemplate, one of them")
 	}
 	if len(spec.Steps) > maxBuildSteps {
-		return fail(http.StatusBadRequest, "%d steps: at most %d", len(spec.Steps), maxBuildSteps)
+		return refuse(http.StatusBadRequest, "%d steps: at most %d", len(spec.Steps), maxBuildSteps)
+	}
+	bs := a.builds
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	running, mine := 0, 0
+	for _, o := range bs.all {
+		if o == b {
+			continue
+		}
+		o.mu.Lock()
+		if o.status == "building" {
+			running++
+			if o.owner == b.owner {
+				mine++
+			}
+		}
+		o.mu.Unlock()
 	}
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	for i, s := range spec.Steps {
-		if err := checkStep(s, b.files); err != nil {
-			return fail(http.StatusBadRequest, "step %d: %v", i+1, err)
-		}
-	}
 	if b.status != "waiting" {
+		b.mu.Unlock()
 		return fail(http.StatusConflict, "build %s is %s already", b.id, b.status)
 	}
 	if len(b.pending) > 0 {
+		b.mu.Unlock()
 		return fail(http.StatusConflict, "build %s has uploads under way: give its steps once they end", b.id)
 	}
+	bs.takeSiblingFiles(b, spec.Steps)
+	for i, s := range spec.Steps {
+		if err := checkStep(s, b.files); err != nil {
+			b.mu.Unlock()
+			return refuse(http.StatusBadRequest, "step %d: %v", i+1, err)
+		}
+	}
+	if mine >= maxBuildsPerOwner || running >= maxBuilds {
+		b.mu.Unlock()
+		return refuse(http.StatusTooManyRequests, "too many template builds run (at most %d per key, %d on this edge): wait for one to end", maxBuildsPerOwner, maxBuilds)
+	}
 	b.status = "building"
-	a.builds.wg.Add(1)
+	b.mu.Unlock()
+	bs.wg.Add(1)
 	go func() {
-		defer a.builds.wg.Done()
-		ctx, cancel := context.WithTimeout(a.builds.ctx, buildTimeout)
+		defer bs.wg.Done()
+		ctx, cancel := context.WithTimeout(bs.ctx, buildTimeout)
 		defer cancel()
 		step, err := a.runBuild(ctx, b, spec)
 		if err != nil {
-			b.log("error", err.Error())
+			b.logf("%v", err)
 		} else {
 			b.logf("Template %s is ready", b.name)
 		}
@@ -488,6 +582,39 @@ func (a *API) triggerBuild(c *call) error {
 	}()
 	c.w.WriteHeader(http.StatusAccepted)
 	return nil
+}
+
+// takeSiblingFiles gives b (b.mu and bs.mu held) the files its COPY steps need that
+// another waiting build of the same key and template has (see uploadLink).
+func (bs *builds) takeSiblingFiles(b *build, steps []buildStep) {
+	for _, s := range steps {
+		if s.Type != "COPY" || b.files[s.FilesHash] != "" || !filesHashRE.MatchString(s.FilesHash) {
+			continue
+		}
+		for _, o := range bs.all {
+			if o == b || o.owner != b.owner || o.keyHash != b.keyHash || o.name != b.name {
+				continue
+			}
+			o.mu.Lock()
+			from := ""
+			if o.status == "waiting" {
+				from = o.files[s.FilesHash]
+			}
+			o.mu.Unlock()
+			fi, err := os.Stat(from)
+			if from == "" || err != nil {
+				continue
+			}
+			to := filepath.Join(b.dir, s.FilesHash+".tar")
+			if os.Link(from, to) == nil {
+				// Counted for both: each build gives its own back when it ends.
+				b.files[s.FilesHash] = to
+				b.bytes += fi.Size()
+				bs.bytes.Add(fi.Size())
+				break
+			}
+		}
+	}
 }
 
 // checkStep checks a step's shape before anything runs (files: what was uploaded).
@@ -527,6 +654,9 @@ type buildRun struct {
 	workdir string
 }
 
+// startLog is where a template's start command writes its output, in its sandboxes.
+const startLog = "/tmp/.e2b-start.log"
+
 // runBuild runs a build (see the top of this file); step is the failed step's name in
 // E2B's terms ("base", its number, "finalize") with the error.
 func (a *API) runBuild(ctx context.Context, b *build, spec buildSpec) (step string, err error) {
@@ -540,24 +670,25 @@ func (a *API) runBuild(ctx context.Context, b *build, spec buildSpec) (step stri
 		return err // the build's own (a step's exit)
 	}
 	// Whatever happens, what the build made for itself goes (with a context of its own:
-	// a build cut short by the edge's stop cleans up too).
-	var sandboxes, snapshots []string
+	// a build cut short by the edge's stop cleans up too). Should the edge die first,
+	// the sandbox ends with its lifetime.
+	var sandbox, snapshot string
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 		defer cancel()
-		for _, id := range sandboxes {
-			if _, err := b.c.Sandboxes.RemoveSandbox(cctx, connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: id, Force: true})); err != nil && connect.CodeOf(err) != connect.CodeNotFound {
-				a.cfg.Log.Warn("e2b build: remove a builder sandbox", "build", b.id, "sandbox", id, "err", err)
+		if sandbox != "" {
+			if _, err := b.c.Sandboxes.RemoveSandbox(cctx, connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: sandbox, Force: true})); err != nil && connect.CodeOf(err) != connect.CodeNotFound {
+				a.cfg.Log.Warn("e2b build: remove the build's sandbox", "build", b.id, "sandbox", sandbox, "err", err)
 			}
 		}
-		for _, id := range snapshots {
-			if _, err := b.c.Sandboxes.DeleteSnapshot(cctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: id})); err != nil && connect.CodeOf(err) != connect.CodeNotFound {
-				a.cfg.Log.Warn("e2b build: delete a build snapshot", "build", b.id, "snapshot", id, "err", err)
+		if snapshot != "" {
+			if _, err := b.c.Sandboxes.DeleteSnapshot(cctx, connect.NewRequest(&pb.DeleteSnapshotRequest{Snapshot: snapshot})); err != nil && connect.CodeOf(err) != connect.CodeNotFound {
+				a.cfg.Log.Warn("e2b build: delete a build snapshot", "build", b.id, "snapshot", snapshot, "err", err)
 			}
 		}
 	}()
-	meta := map[string]string{"e2b.build": b.id, "e2b.template": b.name}
-	base := &pb.SandboxSpec{KeepAlive: true, Metadata: meta, Lifetime: durationpb.New(buildTimeout)}
+	base := &pb.SandboxSpec{KeepAlive: true, Metadata: map[string]string{"e2b.build": b.id, "e2b.template": b.name},
+		Lifetime: durationpb.New(buildTimeout)}
 	if spec.FromTemplate != "" {
 		if err := a.fromTemplate(c, spec.FromTemplate, base); err != nil {
 			return "base", fmt.Errorf("base template %s: %w", spec.FromTemplate, pub(err))
@@ -567,119 +698,152 @@ func (a *API) runBuild(ctx context.Context, b *build, spec buildSpec) (step stri
 		base.Image = spec.FromImage
 		b.logf("Building from image %s", spec.FromImage)
 	}
-	if base.GetSnapshot() == "" {
-		base.Vcpus, base.MemoryMib = int32(b.vcpus), int32(b.memMiB)
+	// The build's shape if it asks for one, else its base's. (A built template's
+	// sandboxes resume its memory: they have its shape, and another is refused.)
+	base.Vcpus, base.MemoryMib = cmp.Or(int32(b.vcpus), base.Vcpus), cmp.Or(int32(b.memMiB), base.MemoryMib)
+	resp, err := b.c.Sandboxes.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Spec: base}))
+	if err != nil {
+		return "base", fmt.Errorf("start the build's sandbox: %w", pub(err))
 	}
-	run := &buildRun{b: b, c: c}
-	var running *pb.Sandbox
-	start := func(spec *pb.SandboxSpec) error {
-		resp, err := b.c.Sandboxes.CreateSandbox(ctx, connect.NewRequest(&pb.CreateSandboxRequest{Spec: spec}))
-		if err != nil {
-			return err
-		}
-		sandboxes = append(sandboxes, resp.Msg.GetSandbox().GetId())
-		sb, err := a.waitRunning(c, resp.Msg.GetSandbox())
-		if err != nil {
-			return err
-		}
-		run.sandbox, running = sb.GetId(), sb
-		return nil
-	}
-	if err := start(base); err != nil {
+	sandbox = resp.Msg.GetSandbox().GetId()
+	running, err := a.waitRunning(c, resp.Msg.GetSandbox())
+	if err != nil {
 		return "base", fmt.Errorf("start the build's sandbox: %w", pub(err))
 	}
 	// The steps start from what the base set: a template's environment, and a built
-	// template's user and working directory too (its sandboxes resume its builder's).
+	// template's user and working directory too.
 	bspec := running.GetSpec()
-	run.env, run.user, run.workdir = slices.Clone(bspec.GetEnv()), bspec.GetUser(), bspec.GetWorkingDir()
+	run := &buildRun{b: b, c: c, sandbox: sandbox, env: slices.Clone(bspec.GetEnv()), user: bspec.GetUser(), workdir: bspec.GetWorkingDir()}
 	for i, s := range spec.Steps {
 		if err := run.step(s); err != nil {
 			return strconv.Itoa(i + 1), fmt.Errorf("step %d (%s): %w", i+1, s.Type, pub(err))
 		}
 	}
+	if err := run.startAndWait(ctx, spec.StartCmd, spec.ReadyCmd); err != nil {
+		return "finalize", pub(err)
+	}
 
-	// Its files, then a sandbox of them as the steps left the environment, user and
-	// working directory, whose memory the template keeps.
-	fs, err := b.c.Sandboxes.CreateSnapshot(ctx, connect.NewRequest(&pb.CreateSnapshotRequest{Sandbox: run.sandbox, Name: buildSnapshotPrefix + b.id + "-files"}))
-	if err != nil {
-		return "finalize", fmt.Errorf("snapshot the build's files: %w", pub(err))
-	}
-	snapshots = append(snapshots, fs.Msg.GetSnapshot().GetId())
-	final := &pb.SandboxSpec{KeepAlive: true, Metadata: meta, Lifetime: durationpb.New(buildTimeout), Snapshot: fs.Msg.GetSnapshot().GetId(),
-		Env: run.env, User: run.user, WorkingDir: run.workdir}
-	// The build's shape if it asked for one, else its base's (a built template's is its
-	// snapshot's).
-	final.Vcpus, final.MemoryMib = cmp.Or(int32(b.vcpus), bspec.GetVcpus()), cmp.Or(int32(b.memMiB), bspec.GetMemoryMib())
-	if err := start(final); err != nil {
-		return "finalize", fmt.Errorf("start the template's sandbox: %w", pub(err))
-	}
-	if spec.StartCmd != "" {
-		b.logf("Starting: %s", spec.StartCmd)
-		// In the background, as E2B's start command is: it runs on in the template.
-		bg := []string{"/bin/sh", "-c", `/bin/sh -c "$1" </dev/null >/dev/null 2>&1 &`, "fireworks-start", spec.StartCmd}
-		if err := run.exec(bg, nil, run.user, true); err != nil {
-			return "finalize", fmt.Errorf("start command: %w", pub(err))
-		}
-	}
-	if spec.ReadyCmd != "" {
-		b.logf("Waiting until ready: %s", spec.ReadyCmd)
-		deadline := time.Now().Add(readyTimeout)
-		for {
-			err := run.exec([]string{"/bin/sh", "-c", spec.ReadyCmd}, nil, run.user, true)
-			if err == nil {
-				break
-			}
-			if time.Now().After(deadline) {
-				return "finalize", fmt.Errorf("ready command not ready within %s: %w", readyTimeout, pub(err))
-			}
-			select {
-			case <-ctx.Done():
-				return "finalize", ctx.Err()
-			case <-time.After(time.Second):
-			}
-		}
-	}
-	mem, err := b.c.Sandboxes.CreateSnapshot(ctx, connect.NewRequest(&pb.CreateSnapshotRequest{Sandbox: run.sandbox, Name: buildSnapshotPrefix + b.id, Memory: true}))
+	// Its memory, which the template names with the defaults the steps set for the
+	// commands its sandboxes run (the sandbox's own spec cannot change while it runs).
+	mem, err := b.c.Sandboxes.CreateSnapshot(ctx, connect.NewRequest(&pb.CreateSnapshotRequest{Sandbox: sandbox, Name: buildSnapshotPrefix + b.id, Memory: true}))
 	if err != nil {
 		return "finalize", fmt.Errorf("snapshot the template: %w", pub(err))
 	}
-	snap := mem.Msg.GetSnapshot().GetId()
-	snapshots = append(snapshots, snap) // until the template holds it
+	snapshot = mem.Msg.GetSnapshot().GetId() // until the template holds it
 	var old string
 	if t, err := b.c.Templates.GetTemplate(ctx, connect.NewRequest(&pb.GetTemplateRequest{Template: b.name})); err == nil {
 		old = t.Msg.GetTemplate().GetSnapshot()
 	}
-	if _, err := b.c.Templates.CreateTemplate(ctx, connect.NewRequest(&pb.CreateTemplateRequest{
-		Template: &pb.NamedTemplate{Name: b.name, Snapshot: snap}, Replace: true})); err != nil {
+	if _, err := b.c.Templates.CreateTemplate(ctx, connect.NewRequest(&pb.CreateTemplateRequest{Replace: true,
+		Template: &pb.NamedTemplate{Name: b.name, Snapshot: snapshot, Env: run.env, User: run.user, WorkingDir: run.workdir}})); err != nil {
 		return "finalize", fmt.Errorf("register template %s: %w", b.name, pub(err))
 	}
-	snapshots = slices.DeleteFunc(snapshots, func(s string) bool { return s == snap })
-	if old != "" && old != snap {
+	snapshot = ""
+	if old != "" {
 		// The template's previous build, if a build made it (a snapshot of the user's
 		// own that a template named stays theirs).
 		if s, err := c.snapshot(old); err == nil && s != nil && strings.HasPrefix(s.GetName(), buildSnapshotPrefix) {
-			snapshots = append(snapshots, old)
+			snapshot = old
 		}
 	}
 	return "", nil
 }
 
+// startAndWait runs the template's start command in the background (it runs on in the
+// template, its output in startLog) and its ready command until it succeeds; without
+// one, the start command must still run after two seconds. A start command that ends
+// fails the build, with its output.
+func (r *buildRun) startAndWait(ctx context.Context, startCmd, readyCmd string) error {
+	if startCmd == "" {
+		if readyCmd != "" {
+			r.b.logf("Checking readiness: %s", readyCmd)
+			return r.exec([]string{"/bin/sh", "-c", readyCmd}, nil, r.user, false)
+		}
+		return nil
+	}
+	r.b.logf("Starting: %s", startCmd)
+	pid := &cappedBuffer{max: 32}
+	bg := []string{"/bin/sh", "-c", `/bin/sh -c "$1" </dev/null >` + startLog + ` 2>&1 & echo $!`, "fireworks-start", startCmd}
+	if err := r.execAs(bg, nil, r.user, pid, io.Discard); err != nil {
+		return fmt.Errorf("start command: %w", err)
+	}
+	alive := func() bool {
+		return r.execAs([]string{"/bin/sh", "-c", "kill -0 " + strings.TrimSpace(pid.String())}, nil, "0", io.Discard, io.Discard) == nil
+	}
+	ended := func() error {
+		r.b.log("info", "The start command's output:")
+		_ = r.exec([]string{"/bin/sh", "-c", "tail -n 50 " + startLog}, nil, "0", false)
+		return errors.New("the start command ended")
+	}
+	if readyCmd == "" {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(2 * time.Second):
+		}
+		if !alive() {
+			return ended()
+		}
+		return nil
+	}
+	r.b.logf("Waiting until ready: %s", readyCmd)
+	deadline := time.Now().Add(readyTimeout)
+	for {
+		err := r.exec([]string{"/bin/sh", "-c", readyCmd}, nil, r.user, true)
+		if err == nil {
+			return nil
+		}
+		if !alive() {
+			return ended()
+		}
+		if time.Now().After(deadline) {
+			r.b.log("info", "The start command's output so far:")
+			_ = r.exec([]string{"/bin/sh", "-c", "tail -n 50 " + startLog}, nil, "0", false)
+			return fmt.Errorf("ready command not ready within %s (last: %w)", readyTimeout, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// userName is a name a USER step may make (not a uid, not user:group).
+var userName = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)
+
 // step runs one step in the build's sandbox.
 func (r *buildRun) step(s buildStep) error {
 	switch s.Type {
 	case "ENV":
+		// Values are expanded by the sandbox's shell with the environment so far, as
+		// E2B's are (PATH=/opt/bin:$PATH).
 		for i := 0; i < len(s.Args); i += 2 {
+			out := &cappedBuffer{max: 64 << 10}
+			if err := r.execAs([]string{"/bin/sh", "-c", `printf '%s' "` + s.Args[i+1] + `"`}, nil, r.user, out, &logWriter{b: r.b}); err != nil {
+				return fmt.Errorf("expand %s: %w", s.Args[i], err)
+			}
+			if out.over {
+				return fmt.Errorf("%s: a value over 64 KiB", s.Args[i])
+			}
 			r.env = slices.DeleteFunc(r.env, func(e string) bool { return strings.HasPrefix(e, s.Args[i]+"=") })
-			r.env = append(r.env, s.Args[i]+"="+s.Args[i+1])
+			r.env = append(r.env, s.Args[i]+"="+out.String())
 		}
 		r.b.logf("ENV %s", strings.Join(s.Args, " "))
 	case "USER":
+		r.b.logf("USER %s", s.Args[0])
+		if userName.MatchString(s.Args[0]) {
+			// E2B makes a user that does not exist.
+			mk := `id -u "$1" >/dev/null 2>&1 || useradd -m "$1" 2>/dev/null || adduser -D "$1"`
+			if err := r.exec([]string{"/bin/sh", "-c", mk, "fireworks-user", s.Args[0]}, nil, "0", false); err != nil {
+				return fmt.Errorf("make user %s: %w", s.Args[0], err)
+			}
+		}
 		r.user = s.Args[0]
-		r.b.logf("USER %s", r.user)
 	case "WORKDIR":
 		r.b.logf("WORKDIR %s", s.Args[0])
 		out := &cappedBuffer{max: 4096} // a path; the guest may write more
-		if err := r.execOut([]string{proto.BuildCommand, "workdir", s.Args[0], r.user}, nil, out); err != nil {
+		if err := r.execAs([]string{proto.BuildCommand, "workdir", s.Args[0], r.user}, nil, "", out, &logWriter{b: r.b}); err != nil {
 			return err
 		}
 		if out.over {
@@ -717,7 +881,7 @@ func (r *buildRun) step(s buildStep) error {
 
 // exec runs argv in the build's sandbox with the build's environment and working
 // directory, as user (init's build helper runs as root whatever is asked), its output to
-// the build's log; an exit other than 0 is an error.
+// the build's log (quiet: nowhere); an exit other than 0 is an error.
 func (r *buildRun) exec(argv []string, stdin io.Reader, user string, quiet bool) error {
 	w := &logWriter{b: r.b}
 	var out io.Writer = w
@@ -725,14 +889,6 @@ func (r *buildRun) exec(argv []string, stdin io.Reader, user string, quiet bool)
 		out = io.Discard
 	}
 	err := r.execAs(argv, stdin, user, out, out)
-	w.flush()
-	return err
-}
-
-// execOut is exec with stdout captured (stderr to the log).
-func (r *buildRun) execOut(argv []string, stdin io.Reader, stdout io.Writer) error {
-	w := &logWriter{b: r.b}
-	err := r.execAs(argv, stdin, "", stdout, w)
 	w.flush()
 	return err
 }
@@ -749,6 +905,9 @@ func (r *buildRun) execAs(argv []string, stdin io.Reader, user string, stdout, s
 		sess.PumpStdin(stdin)
 	}
 	exit, err := sess.Wait(stdout, stderr)
+	if w, ok := stderr.(*logWriter); ok {
+		w.flush()
+	}
 	if err != nil {
 		return fmt.Errorf("exec: %w", err)
 	}
@@ -829,11 +988,7 @@ func (a *API) buildStatus(c *call) error {
 	if off < len(b.logs) {
 		entries = slices.Clone(b.logs[off:min(len(b.logs), off+1000)])
 	}
-	status := b.status
-	if status == "waiting" {
-		status = "building" // the SDK polls only once the steps were given
-	}
-	out := map[string]any{"templateID": b.name, "buildID": b.id, "status": status, "logEntries": entries}
+	out := map[string]any{"templateID": b.name, "buildID": b.id, "status": b.status, "logEntries": entries}
 	if b.reason != nil {
 		out["reason"] = maps.Clone(b.reason)
 	}
@@ -850,7 +1005,7 @@ func (a *API) buildStatus(c *call) error {
 // aliasExists is GET /templates/aliases/{alias} (the SDK's Template.exists): the
 // caller's template of that name.
 func (a *API) aliasExists(c *call) error {
-	name := c.r.PathValue("alias")
+	name, _, _ := strings.Cut(c.r.PathValue("alias"), ":") // tags are not kept apart
 	resp, err := c.c.Templates.GetTemplate(c.ctx, connect.NewRequest(&pb.GetTemplateRequest{Template: name}))
 	if err != nil {
 		return err

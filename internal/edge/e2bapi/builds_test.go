@@ -49,19 +49,43 @@ func upload(t *testing.T, link map[string]any, token, body string, length int64)
 	return resp.StatusCode
 }
 
+// startBuild starts a build of template name as key; it returns the build's ID.
+func (w *world) startBuild(t *testing.T, key, name string) string {
+	t.Helper()
+	var started struct{ TemplateID, BuildID string }
+	if err := json.Unmarshal([]byte(w.want(t, "POST", "/v3/templates", key, `{"name":"`+name+`","cpuCount":1,"memoryMB":512}`, http.StatusAccepted)), &started); err != nil || started.BuildID == "" {
+		t.Fatalf("request build: %+v %v", started, err)
+	}
+	if n, _, _ := strings.Cut(name, ":"); started.TemplateID != n {
+		t.Errorf("templateID %q for a build of %q", started.TemplateID, name)
+	}
+	return started.BuildID
+}
+
+// buildState is a build's status as key sees it.
+func (w *world) buildState(t *testing.T, key, name, id string) (string, string) {
+	t.Helper()
+	var st struct {
+		Status string
+		Reason struct{ Message string }
+	}
+	if err := json.Unmarshal([]byte(w.want(t, "GET", "/templates/"+name+"/builds/"+id+"/status", key, "", http.StatusOK)), &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Status, st.Reason.Message
+}
+
 // The build calls up to the point where a sandbox would run the steps (this world has no
 // node: e2e TestE2BSDK runs whole builds): the key's own builds, uploads by the build's
-// token only and bounded, steps checked before anything runs, builds bounded per key.
+// token only and bounded, steps checked before anything runs (a refused build ends),
+// builds bounded per key.
 func TestBuildRequests(t *testing.T) {
 	w := newWorld(t)
 	w.want(t, "POST", "/v3/templates", "", `{"name":"app"}`, http.StatusUnauthorized)
 	w.want(t, "POST", "/v3/templates", "fwk_0000000000000000_"+strings.Repeat("00", 32), `{"name":"app"}`, http.StatusUnauthorized)
 	w.want(t, "POST", "/v3/templates", w.user, `{"name":"../x"}`, http.StatusBadRequest)
 	w.want(t, "POST", "/v3/templates", w.user, `{"name":"app","cpuCount":1000}`, http.StatusBadRequest)
-	var started struct{ TemplateID, BuildID string }
-	if err := json.Unmarshal([]byte(w.want(t, "POST", "/v3/templates", w.user, `{"name":"app:v1","cpuCount":1,"memoryMB":512}`, http.StatusAccepted)), &started); err != nil || started.TemplateID != "app" || started.BuildID == "" {
-		t.Fatalf("request build: %+v %v", started, err)
-	}
+	build := w.startBuild(t, w.user, "app:v1")
 	base := "/templates/app"
 	hash := strings.Repeat("ab", 32)
 	// A key with the user's token ID and another secret is not the user's: the edge
@@ -102,23 +126,42 @@ func TestBuildRequests(t *testing.T) {
 		t.Errorf("a second upload of the same files: %d", code)
 	}
 
-	trigger := "/v2/templates/app/builds/" + started.BuildID
-	w.want(t, "POST", trigger, w.other, `{"fromImage":"busybox"}`, http.StatusNotFound)
-	w.want(t, "POST", trigger, forged, `{"fromImage":"busybox"}`, http.StatusNotFound)
+	trigger := func(id string) string { return "/v2/templates/app/builds/" + id }
+	w.want(t, "POST", trigger(build), w.other, `{"fromImage":"busybox"}`, http.StatusNotFound)
+	w.want(t, "POST", trigger(build), forged, `{"fromImage":"busybox"}`, http.StatusNotFound)
 	w.want(t, "POST", "/v2/templates/app/builds/0123", w.user, `{"fromImage":"busybox"}`, http.StatusNotFound)
-	w.want(t, "POST", trigger, w.user, `{}`, http.StatusBadRequest)
-	w.want(t, "POST", trigger, w.user, `{"fromImage":"busybox","fromImageRegistry":{"type":"registry","username":"u","password":"p"}}`, http.StatusBadRequest)
-	w.want(t, "POST", trigger, w.user, `{"fromImage":"busybox","steps":[{"type":"HEALTHCHECK","args":["x"]}]}`, http.StatusBadRequest)
-	w.want(t, "POST", trigger, w.user, `{"fromImage":"busybox","steps":[{"type":"COPY","args":["a","/a"],"filesHash":"`+strings.Repeat("cd", 32)+`"}]}`, http.StatusBadRequest)
-	w.want(t, "POST", trigger, w.user, `{"fromImage":"busybox","steps":[{"type":"ENV","args":["A"]}]}`, http.StatusBadRequest)
-	w.want(t, "POST", trigger, w.user, `{"fromImage":"busybox","steps":[{"type":"ENV","args":["A=B","c"]}]}`, http.StatusBadRequest)
+	// Each refusal ends its build, with the reason as its status.
+	for _, bad := range []string{
+		`{}`,
+		`{"fromImage":"busybox","fromImageRegistry":{"type":"registry","username":"u","password":"p"}}`,
+		`{"fromImage":"busybox","steps":[{"type":"HEALTHCHECK","args":["x"]}]}`,
+		`{"fromImage":"busybox","steps":[{"type":"COPY","args":["a","/a"],"filesHash":"` + strings.Repeat("cd", 32) + `"}]}`,
+		`{"fromImage":"busybox","steps":[{"type":"ENV","args":["A"]}]}`,
+		`{"fromImage":"busybox","steps":[{"type":"ENV","args":["A=B","c"]}]}`,
+	} {
+		refused := w.startBuild(t, w.user, "app")
+		w.want(t, "POST", trigger(refused), w.user, bad, http.StatusBadRequest)
+		if st, why := w.buildState(t, w.user, "app", refused); st != "error" || why == "" {
+			t.Errorf("a build refused for %s: %s %q", bad, st, why)
+		}
+	}
+	if st, _ := w.buildState(t, w.user, "app", build); st != "waiting" {
+		t.Errorf("a build waiting for its steps: %s", st)
+	}
+	// Files uploaded to one build of a template serve another of it (the SDK names the
+	// template, not the build).
+	sibling := w.startBuild(t, w.user, "app:v2")
+	if body := w.want(t, "GET", base+"/files/"+hash, w.user, "", http.StatusOK); !strings.Contains(body, `"present":true`) {
+		t.Errorf("files another build of the template has: %s", body)
+	}
 	steps := `{"fromImage":"busybox","steps":[{"type":"COPY","args":["a","/a"],"filesHash":"` + hash + `"},{"type":"RUN","args":["true"]}]}`
-	w.want(t, "POST", trigger, w.user, steps, http.StatusAccepted)
-	w.want(t, "POST", trigger, w.user, steps, http.StatusConflict)
+	w.want(t, "POST", trigger(sibling), w.user, steps, http.StatusAccepted)
+	w.want(t, "POST", trigger(build), w.user, steps, http.StatusAccepted)
+	w.want(t, "POST", trigger(build), w.user, steps, http.StatusConflict)
 	if code := upload(t, link, token, "late", 4); code != http.StatusConflict {
 		t.Errorf("an upload to a build under way: %d", code)
 	}
-	status := base + "/builds/" + started.BuildID + "/status"
+	status := base + "/builds/" + build + "/status"
 	w.want(t, "GET", status, w.other, "", http.StatusNotFound)
 	w.want(t, "GET", status, forged, "", http.StatusNotFound)
 	w.want(t, "GET", status+"?logsOffset=-1", w.user, "", http.StatusBadRequest)
@@ -130,10 +173,21 @@ func TestBuildRequests(t *testing.T) {
 		t.Errorf("status of a build under way: %+v %v", st, err)
 	}
 
-	// Two builds under way per key at most.
-	w.want(t, "POST", "/v3/templates", w.user, `{"name":"second"}`, http.StatusAccepted)
-	w.want(t, "POST", "/v3/templates", w.user, `{"name":"third"}`, http.StatusTooManyRequests)
-	w.want(t, "POST", "/v3/templates", w.other, `{"name":"third"}`, http.StatusAccepted)
+	// Two builds run per key at most (these two wait for a node that never comes); a
+	// third is refused, and over.
+	third := w.startBuild(t, w.user, "third")
+	w.want(t, "POST", "/v2/templates/third/builds/"+third, w.user, `{"fromImage":"busybox"}`, http.StatusTooManyRequests)
+	other := w.startBuild(t, w.other, "third")
+	w.want(t, "POST", "/v2/templates/third/builds/"+other, w.other, `{"fromImage":"busybox"}`, http.StatusAccepted)
+	// Builds waiting for their steps: a key's oldest give way to its new ones.
+	var waiting []string
+	for range maxWaitingPerKey + 1 {
+		waiting = append(waiting, w.startBuild(t, w.user, "idle"))
+	}
+	w.want(t, "GET", "/templates/idle/builds/"+waiting[0]+"/status", w.user, "", http.StatusNotFound)
+	if st, _ := w.buildState(t, w.user, "idle", waiting[maxWaitingPerKey]); st != "waiting" {
+		t.Errorf("the newest waiting build: %s", st)
+	}
 
 	w.want(t, "GET", "/templates/aliases/app", w.user, "", http.StatusNotFound)
 }

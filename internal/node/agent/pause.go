@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -431,11 +432,14 @@ func (a *Agent) forkIdentityStep(r *startRun) error {
 	// again: the members are the new group's.
 	id := proto.Identity{Hostname: hostname, Env: []string{"FIREWORKS_SANDBOX_ID=" + r.sb.ID},
 		TimeUnixNano: time.Now().UnixNano(), Entropy: entropy(), Hosts: groupHosts(r.sb.Spec.Group, r.sb.ID)}
-	// The fork's own token (its source's opens nothing in it), and its own environment
-	// for the commands it runs: a start from a template's snapshot may add to it.
-	proc := r.proc
-	proc.Env = mergeEnv(proc.Env, r.sb.Spec.Env)
-	id.Envd = envdFor(r.sb, proc)
+	if spec := r.sb.Spec; spec.KeepAlive {
+		// The defaults of the commands it runs (envd's and exec's) are its own: a start
+		// from a template's snapshot gives its environment, user and working directory
+		// (its main process, init's idle program, depends on none of them).
+		r.proc.Env = mergeEnv(r.proc.Env, spec.Env)
+		r.proc.User, r.proc.Dir = cmp.Or(spec.User, r.proc.User), cmp.Or(spec.WorkingDir, r.proc.Dir)
+	}
+	id.Envd = envdFor(r.sb, r.proc) // the fork's own token: its source's opens nothing in it
 	if err := g.Identity(ctx, id); err != nil {
 		return fmt.Errorf("give the fork its identity: %v", err)
 	}

@@ -26,6 +26,10 @@ type Template struct {
 	// Snapshot, if set, is the ID of the owner's snapshot its sandboxes start from (in
 	// the snapshot's shape; Image is the snapshot's). E2B's template builds make these.
 	Snapshot string `json:"snapshot,omitempty"`
+	// User and WorkingDir, on a template of a snapshot, are the default user and working
+	// directory of the commands its sandboxes run (E2B's USER and WORKDIR).
+	User       string `json:"user,omitempty"`
+	WorkingDir string `json:"working_dir,omitempty"`
 }
 
 // Bounds on templates: they are state every replica keeps.
@@ -77,7 +81,7 @@ func (f *fsm) putTemplate(c putTemplateCmd) any {
 		return fmt.Errorf("%w: %d environment variables (at most %d)", ErrInvalid, len(t.Env), maxTemplateEnv)
 	case total(t.Env) > maxTemplateEnvBytes:
 		return fmt.Errorf("%w: environment of %d bytes (at most %d)", ErrInvalid, total(t.Env), maxTemplateEnvBytes)
-	case len(t.Image) > 1024 || len(t.Snapshot) > 128:
+	case len(t.Image) > 1024 || len(t.Snapshot) > 128 || len(t.User) > 256 || len(t.WorkingDir) > 4096:
 		return fmt.Errorf("%w: image reference of %d bytes", ErrInvalid, len(t.Image))
 	case t.VCPUs < 0 || t.MemoryMiB < 0 || t.DiskMiB < 0:
 		return fmt.Errorf("%w: negative size", ErrInvalid)

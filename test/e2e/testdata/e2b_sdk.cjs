@@ -196,11 +196,13 @@ async function main() {
   await fromBuilt.kill()
 
   step = 'a rebuild of the template, from itself (fromTemplate)'
-  await Template.build(Template().fromTemplate(sdkBuilt).runCmd('echo "v2 as $(id -un) in $(pwd)" > /tmp/v2'), sdkBuilt, { onBuildLogs })
+  // The base template's environment, working directory and running start command carry
+  // on; an ENV value is expanded; a USER that does not exist is made.
+  await Template.build(Template().fromTemplate(sdkBuilt).setEnvs({ FW_V2: '$FW_BUILT-v2' }).setUser('second')
+    .runCmd('echo "v2 as $(id -un) in $(pwd)" > /tmp/v2'), sdkBuilt, { onBuildLogs })
   const v2 = await Sandbox.create(sdkBuilt, { timeoutMs: 120_000 })
-  // The base template's environment, user and working directory carry on.
-  assert.equal((await v2.commands.run('cat /tmp/built.txt /tmp/v2; echo $FW_BUILT; id -un; pwd')).stdout,
-    'by-the-sdk as builder in /opt/app\nv2 as builder in /opt/app\nby-the-sdk\nbuilder\n/opt/app\n')
+  assert.equal((await v2.commands.run('cat /tmp/built.txt /tmp/v2; echo $FW_BUILT $FW_V2; id -un; pwd; grep -l "sleep 100000" /proc/[0-9]*/cmdline >/dev/null && echo start-command-runs')).stdout,
+    'by-the-sdk as builder in /opt/app\nv2 as second in /opt/app\nby-the-sdk by-the-sdk-v2\nsecond\n/opt/app\nstart-command-runs\n')
   await v2.kill()
   fact('sdk_built', sdkBuilt)
 
@@ -210,6 +212,12 @@ async function main() {
     Template.build(Template().fromImage(process.env.FW_BASE_IMAGE).runCmd('echo failing-step; exit 7'), 'fw-sdk-fails', { onBuildLogs: (l) => failLogs.push(l.message) }),
     (e) => e instanceof BuildError && /exited with code 7/.test(e.message))
   assert.ok(failLogs.includes('failing-step'), `the failed build's log: ${JSON.stringify(failLogs)}`)
+  // A start command that ends fails the build, which shows its output.
+  failLogs.length = 0
+  await assert.rejects(
+    Template.build(Template().fromImage(process.env.FW_BASE_IMAGE).setStartCmd('echo start-failed; exit 3', 'false'), 'fw-sdk-fails', { onBuildLogs: (l) => failLogs.push(l.message) }),
+    (e) => e instanceof BuildError && /start command ended/.test(e.message))
+  assert.ok(failLogs.includes('start-failed'), `the failed start's log: ${JSON.stringify(failLogs)}`)
   assert.equal(await Template.exists('fw-sdk-fails'), false)
 
   step = 'errors the SDK maps'

@@ -6609,7 +6609,11 @@ type NamedTemplate struct {
 	// A template of a snapshot (the caller's own, by ID or name on create): its sandboxes
 	// start from it, in its shape, and image is the snapshot's. E2B's template builds
 	// make these.
-	Snapshot      string `protobuf:"bytes,10,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	Snapshot string `protobuf:"bytes,10,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	// A template of a keep-alive snapshot: the default user and working directory of
+	// the commands its sandboxes run (E2B's USER and WORKDIR; env is their environment).
+	User          string `protobuf:"bytes,11,opt,name=user,proto3" json:"user,omitempty"`
+	WorkingDir    string `protobuf:"bytes,12,opt,name=working_dir,json=workingDir,proto3" json:"working_dir,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -6710,6 +6714,20 @@ func (x *NamedTemplate) GetCreatedAt() *timestamppb.Timestamp {
 func (x *NamedTemplate) GetSnapshot() string {
 	if x != nil {
 		return x.Snapshot
+	}
+	return ""
+}
+
+func (x *NamedTemplate) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *NamedTemplate) GetWorkingDir() string {
+	if x != nil {
+		return x.WorkingDir
 	}
 	return ""
 }
@@ -7533,7 +7551,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x06tokens\x18\x01 \x03(\v2\x13.fireworks.v1.TokenR\x06tokens\"$\n" +
 	"\x12RevokeTokenRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
-	"\x13RevokeTokenResponse\"\x98\x02\n" +
+	"\x13RevokeTokenResponse\"\xcd\x02\n" +
 	"\rNamedTemplate\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
@@ -7547,7 +7565,10 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
 	"created_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1a\n" +
 	"\bsnapshot\x18\n" +
-	" \x01(\tR\bsnapshot\"j\n" +
+	" \x01(\tR\bsnapshot\x12\x12\n" +
+	"\x04user\x18\v \x01(\tR\x04user\x12\x1f\n" +
+	"\vworking_dir\x18\f \x01(\tR\n" +
+	"workingDir\"j\n" +
 	"\x15CreateTemplateRequest\x127\n" +
 	"\btemplate\x18\x01 \x01(\v2\x1b.fireworks.v1.NamedTemplateR\btemplate\x12\x18\n" +
 	"\areplace\x18\x02 \x01(\bR\areplace\"Q\n" +
