@@ -56,17 +56,20 @@ import (
 // edge, or a load balancer that keeps a client on one). Its outcome, the template and its
 // snapshot, is the cluster's.
 const (
-	maxBuildBytes     = 1 << 30 // files uploaded for one build
-	maxUploadBytes    = 8 << 30 // files uploaded, on this edge
-	maxBuildsPerOwner = 2       // builds running, per token
-	maxBuilds         = 16      // builds running, on this edge
-	maxWaitingPerKey  = 4       // builds waiting for their steps, per token (the oldest give way)
-	maxWaiting        = 64      // and on this edge
-	maxEndedPerOwner  = 16      // ended builds whose status is kept, per token
-	maxEnded          = 256     // and on this edge
-	maxBuildSteps     = 256     // and files (one per COPY)
-	maxBuildLog       = 10000   // log entries kept per build
-	maxBuildLogBytes  = 4 << 20 // and their bytes
+	maxBuildBytes     = 1 << 30     // files uploaded for one build
+	maxUploadBytes    = 8 << 30     // files uploaded, on this edge
+	maxBuildsPerOwner = 2           // builds running, per token
+	maxBuilds         = 16          // builds running, on this edge
+	maxWaitingPerKey  = 4           // builds waiting for their steps, per token (the oldest give way)
+	maxWaiting        = 64          // and on this edge
+	maxEndedPerOwner  = 16          // ended builds whose status is kept, per token
+	maxEnded          = 64          // and on this edge
+	maxKeyBytes       = 2 << 30     // files uploaded for one key's builds
+	maxKeyUploads     = 8           // uploads under way, per key
+	uploadIdle        = time.Minute // an upload that sends nothing this long ends
+	maxBuildSteps     = 256         // and files (one per COPY)
+	maxBuildLog       = 10000       // log entries kept per build
+	maxBuildLogBytes  = 2 << 20     // and their bytes
 	maxBuildLogLine   = 4096
 	buildUploadWindow = 30 * time.Minute // a build whose steps never come is dropped after this
 	buildKept         = time.Hour        // an ended build's status is kept this long
@@ -91,8 +94,9 @@ type builds struct {
 	bytes atomic.Int64 // uploaded files on disk, or reserved by uploads under way
 
 	// mu is taken before any build's.
-	mu  sync.Mutex
-	all map[string]*build
+	mu     sync.Mutex
+	all    map[string]*build
+	closed bool // no build starts any more
 }
 
 type build struct {
@@ -108,10 +112,11 @@ type build struct {
 	mu      sync.Mutex
 	files   map[string]string // filesHash → its uploaded tar
 	pending map[string]bool   // uploads under way
-	bytes   int64             // uploaded or reserved by an upload under way
+	bytes   int64             // uploaded or reserved by an upload under way (counted on the edge)
+	linked  int64             // taken from another build of the template (counted there)
 	status  string            // waiting (for its steps), building, ready, error
 	reason  map[string]any
-	logs    []map[string]any
+	logs    []logEntry
 	logSize int // the logs' bytes
 	dropped int // log entries past the bounds
 	ended   time.Time
@@ -123,7 +128,18 @@ func newBuilds(dir string) *builds {
 	return &builds{dir: dir, ctx: ctx, cancel: cancel, all: map[string]*build{}}
 }
 
-// dropFiles removes b's files and gives their bytes back (b.mu held).
+// logEntry is a line of a build's log.
+type logEntry struct {
+	at         time.Time
+	level, msg string
+}
+
+func (e logEntry) json() map[string]any {
+	return map[string]any{"timestamp": e.at.UTC().Format(time.RFC3339Nano), "level": e.level, "message": e.msg}
+}
+
+// dropFiles removes b's files and gives their bytes back (b.mu held). A build whose
+// files are gone takes no upload and no trigger.
 func (b *build) dropFiles() {
 	if !b.gone {
 		_ = os.RemoveAll(b.dir)
@@ -134,6 +150,9 @@ func (b *build) dropFiles() {
 
 // close stops every build, waits for their cleanup, and removes their files.
 func (bs *builds) close() {
+	bs.mu.Lock()
+	bs.closed = true // before Wait: no trigger adds to bs.wg after this
+	bs.mu.Unlock()
 	bs.cancel()
 	bs.wg.Wait()
 	bs.mu.Lock()
@@ -216,7 +235,7 @@ func (b *build) add(level, msg string, own bool) {
 		return
 	}
 	b.logSize += len(msg)
-	b.logs = append(b.logs, map[string]any{"timestamp": time.Now().UTC().Format(time.RFC3339Nano), "level": level, "message": msg})
+	b.logs = append(b.logs, logEntry{at: time.Now(), level: level, msg: msg})
 }
 
 // end records the build's outcome (err nil: ready).
@@ -228,8 +247,8 @@ func (b *build) end(step string, err error) {
 
 func (b *build) endLocked(step string, err error) {
 	if b.dropped > 0 {
-		b.logs = append(b.logs, map[string]any{"timestamp": time.Now().UTC().Format(time.RFC3339Nano), "level": "warn",
-			"message": fmt.Sprintf("%d lines of the steps' output were left out (a build keeps %d entries, %d MiB)", b.dropped, maxBuildLog, maxBuildLogBytes>>20)})
+		b.logs = append(b.logs, logEntry{at: time.Now(), level: "warn",
+			msg: fmt.Sprintf("%d lines of the steps' output were left out (a build keeps %d entries, %d MiB)", b.dropped, maxBuildLog, maxBuildLogBytes>>20)})
 	}
 	b.c = nil // the caller's key is no longer needed here
 	b.ended, b.status = time.Now(), "ready"
@@ -277,6 +296,9 @@ func (a *API) requestBuild(c *call) error {
 	bs.prune(time.Now())
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
+	if bs.closed {
+		return fail(http.StatusServiceUnavailable, "the edge is stopping")
+	}
 	// Builds waiting for their steps hold only their files: a key's oldest give way to
 	// its new ones (an SDK that gave up leaves one behind), unless an upload runs.
 	var mine []*build
@@ -400,43 +422,15 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	size := r.ContentLength
-	b.mu.Lock()
-	switch {
-	case b.status != "waiting":
-		b.mu.Unlock()
-		fail(http.StatusConflict, "build %s takes no more files: it is %s", b.id, b.status)
+	if code, msg := a.builds.reserve(b, hash, size); code != 0 {
+		fail(code, "%s", msg)
 		return
-	case size < 0:
-		b.mu.Unlock()
-		fail(http.StatusLengthRequired, "an upload needs its Content-Length")
-		return
-	case b.bytes+size > maxBuildBytes:
-		b.mu.Unlock()
-		fail(http.StatusRequestEntityTooLarge, "a build's files are at most %d MiB", maxBuildBytes>>20)
-		return
-	case b.pending[hash] || b.files[hash] != "":
-		b.mu.Unlock()
-		fail(http.StatusConflict, "these files are uploaded already")
-		return
-	case len(b.files)+len(b.pending) >= maxBuildSteps:
-		b.mu.Unlock()
-		fail(http.StatusRequestEntityTooLarge, "a build takes at most %d uploads", maxBuildSteps)
-		return
-	case a.builds.bytes.Add(size) > maxUploadBytes:
-		a.builds.bytes.Add(-size)
-		b.mu.Unlock()
-		fail(http.StatusInsufficientStorage, "the edge holds as many builds' files as it takes: retry later")
-		return
-		// (the last check: it reserves the bytes)
 	}
-	b.bytes += size
-	b.pending[hash] = true
-	b.mu.Unlock()
-	// A stalled upload ends with the build's window (until then, the build is not
-	// dropped and no trigger is taken: its bytes stay counted).
-	_ = http.NewResponseController(w).SetReadDeadline(b.created.Add(buildUploadWindow))
+	// An upload that stalls ends (until it does, the build is not dropped and takes no
+	// trigger, and its bytes stay counted).
+	body := &idleReader{r: r.Body, rc: http.NewResponseController(w)}
 	path := filepath.Join(b.dir, hash+".tar")
-	err := receive(r.Body, path, size)
+	err := receive(body, path, size)
 	b.mu.Lock()
 	delete(b.pending, hash)
 	if err == nil && b.status == "waiting" && !b.gone {
@@ -460,6 +454,60 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 	default:
 		w.WriteHeader(http.StatusOK)
 	}
+}
+
+// reserve checks an upload of size bytes of files hash to b against every bound and, if
+// it may go on, counts it (code 0); else the answer's code and message.
+func (bs *builds) reserve(b *build, hash string, size int64) (int, string) {
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	var keyBytes int64
+	keyUploads := 0
+	for _, o := range bs.all {
+		if o.owner != b.owner {
+			continue
+		}
+		o.mu.Lock()
+		if !o.gone {
+			keyBytes += o.bytes
+		}
+		keyUploads += len(o.pending)
+		o.mu.Unlock()
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case b.gone || bs.all[b.id] != b || b.status != "waiting":
+		return http.StatusConflict, fmt.Sprintf("build %s takes no more files", b.id)
+	case size < 0:
+		return http.StatusLengthRequired, "an upload needs its Content-Length"
+	case b.pending[hash] || b.files[hash] != "":
+		return http.StatusConflict, "these files are uploaded already"
+	case len(b.files)+len(b.pending) >= maxBuildSteps:
+		return http.StatusRequestEntityTooLarge, fmt.Sprintf("a build takes at most %d uploads", maxBuildSteps)
+	case b.bytes+b.linked+size > maxBuildBytes:
+		return http.StatusRequestEntityTooLarge, fmt.Sprintf("a build's files are at most %d MiB", maxBuildBytes>>20)
+	case keyBytes+size > maxKeyBytes || keyUploads >= maxKeyUploads:
+		return http.StatusTooManyRequests, fmt.Sprintf("a key's builds hold at most %d MiB of files, %d uploads at once", maxKeyBytes>>20, maxKeyUploads)
+	case bs.bytes.Load()+size > maxUploadBytes:
+		return http.StatusInsufficientStorage, "the edge holds as many builds' files as it takes: retry later"
+	}
+	bs.bytes.Add(size)
+	b.bytes += size
+	b.pending[hash] = true
+	return 0, ""
+}
+
+// idleReader reads an upload's body, ending it once the client sends nothing for
+// uploadIdle.
+type idleReader struct {
+	r  io.Reader
+	rc *http.ResponseController
+}
+
+func (i *idleReader) Read(p []byte) (int, error) {
+	_ = i.rc.SetReadDeadline(time.Now().Add(uploadIdle))
+	return i.r.Read(p)
 }
 
 // receive writes exactly size bytes of body to path (through a temporary file: a broken
@@ -501,12 +549,12 @@ type buildStep struct {
 
 // triggerBuild is POST /v2/templates/{id}/builds/{buildID}: the steps; the build runs.
 func (a *API) triggerBuild(c *call) error {
-	b, err := a.builds.find(c)
-	if err != nil {
-		return err
-	}
 	var spec buildSpec
 	if err := c.decode(&spec); err != nil {
+		return err
+	}
+	b, err := a.builds.find(c)
+	if err != nil {
 		return err
 	}
 	// A build refused here is over: its slot and its files are given back.
@@ -531,6 +579,9 @@ func (a *API) triggerBuild(c *call) error {
 	bs := a.builds
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
+	if bs.closed {
+		return fail(http.StatusServiceUnavailable, "the edge is stopping")
+	}
 	running, mine := 0, 0
 	for _, o := range bs.all {
 		if o == b {
@@ -546,6 +597,10 @@ func (a *API) triggerBuild(c *call) error {
 		o.mu.Unlock()
 	}
 	b.mu.Lock()
+	if bs.all[b.id] != b || b.gone {
+		b.mu.Unlock()
+		return fail(http.StatusNotFound, "build %s is gone (a newer build of the key's took its place)", b.id)
+	}
 	if b.status != "waiting" {
 		b.mu.Unlock()
 		return fail(http.StatusConflict, "build %s is %s already", b.id, b.status)
@@ -597,7 +652,7 @@ func (bs *builds) takeSiblingFiles(b *build, steps []buildStep) {
 			}
 			o.mu.Lock()
 			from := ""
-			if o.status == "waiting" {
+			if o.status == "waiting" && !o.gone {
 				from = o.files[s.FilesHash]
 			}
 			o.mu.Unlock()
@@ -606,11 +661,10 @@ func (bs *builds) takeSiblingFiles(b *build, steps []buildStep) {
 				continue
 			}
 			to := filepath.Join(b.dir, s.FilesHash+".tar")
-			if os.Link(from, to) == nil {
-				// Counted for both: each build gives its own back when it ends.
+			if b.bytes+b.linked+fi.Size() <= maxBuildBytes && os.Link(from, to) == nil {
+				// Within the build's bound; on the edge's, the upload counts (once).
 				b.files[s.FilesHash] = to
-				b.bytes += fi.Size()
-				bs.bytes.Add(fi.Size())
+				b.linked += fi.Size()
 				break
 			}
 		}
@@ -767,8 +821,13 @@ func (r *buildRun) startAndWait(ctx context.Context, startCmd, readyCmd string) 
 	if err := r.execAs(bg, nil, r.user, pid, io.Discard); err != nil {
 		return fmt.Errorf("start command: %w", err)
 	}
+	// The PID comes from the guest: a number, or the start failed.
+	p, err := strconv.Atoi(strings.TrimSpace(pid.String()))
+	if err != nil || p <= 0 {
+		return fmt.Errorf("start command: no process ID from its shell (%.32q)", pid.String())
+	}
 	alive := func() bool {
-		return r.execAs([]string{"/bin/sh", "-c", "kill -0 " + strings.TrimSpace(pid.String())}, nil, "0", io.Discard, io.Discard) == nil
+		return r.execAs([]string{"/bin/sh", "-c", "kill -0 " + strconv.Itoa(p)}, nil, "0", io.Discard, io.Discard) == nil
 	}
 	ended := func() error {
 		r.b.log("info", "The start command's output:")
@@ -984,19 +1043,21 @@ func (a *API) buildStatus(c *call) error {
 		}
 	}
 	b.mu.Lock()
-	entries := []map[string]any{}
+	var picked []logEntry
 	if off < len(b.logs) {
-		entries = slices.Clone(b.logs[off:min(len(b.logs), off+1000)])
+		picked = slices.Clone(b.logs[off:min(len(b.logs), off+1000)])
 	}
-	out := map[string]any{"templateID": b.name, "buildID": b.id, "status": b.status, "logEntries": entries}
+	out := map[string]any{"templateID": b.name, "buildID": b.id, "status": b.status}
 	if b.reason != nil {
 		out["reason"] = maps.Clone(b.reason)
 	}
 	b.mu.Unlock()
-	logs := []string{}
-	for _, e := range entries {
-		logs = append(logs, fmt.Sprintf("%s %s", e["timestamp"], e["message"]))
+	entries, logs := []map[string]any{}, []string{}
+	for _, e := range picked {
+		entries = append(entries, e.json())
+		logs = append(logs, e.at.UTC().Format(time.RFC3339Nano)+" "+e.msg)
 	}
+	out["logEntries"] = entries
 	out["logs"] = logs
 	writeJSON(c.w, http.StatusOK, out)
 	return nil

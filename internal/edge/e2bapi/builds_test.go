@@ -185,6 +185,7 @@ func TestBuildRequests(t *testing.T) {
 		waiting = append(waiting, w.startBuild(t, w.user, "idle"))
 	}
 	w.want(t, "GET", "/templates/idle/builds/"+waiting[0]+"/status", w.user, "", http.StatusNotFound)
+	w.want(t, "POST", "/v2/templates/idle/builds/"+waiting[0], w.user, `{"fromImage":"busybox"}`, http.StatusNotFound)
 	if st, _ := w.buildState(t, w.user, "idle", waiting[maxWaitingPerKey]); st != "waiting" {
 		t.Errorf("the newest waiting build: %s", st)
 	}
