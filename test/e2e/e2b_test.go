@@ -90,6 +90,17 @@ func TestE2BSDK(t *testing.T) {
 		"--push", image("built:latest"), "--tls-verify=false", bctx); r.code != 0 {
 		t.Fatalf("template build: %d\n%s", r.code, r.stderr)
 	}
+	// What the SDK's builds leave if the script fails half-way goes with the test (other
+	// tests count the node's snapshots).
+	t.Cleanup(func() {
+		ctx := context.Background()
+		_ = world.cliEnv(ctx, user, nil, "template", "rm", "fw-sdk-built")
+		for _, line := range strings.Split(world.cliEnv(ctx, user, nil, "snapshot", "ls").stdout, "\n") {
+			if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "e2b-build-") {
+				_ = world.cliEnv(ctx, user, nil, "snapshot", "rm", f[0])
+			}
+		}
+	})
 	web, err := testutil.BuildGuestTool(t.TempDir(), "guestweb")
 	if err != nil {
 		t.Fatal(err)

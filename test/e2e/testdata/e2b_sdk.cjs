@@ -191,7 +191,7 @@ async function main() {
   assert.equal(await Template.exists(sdkBuilt), true)
   assert.equal(await Template.exists('fw-no-such-template'), false)
   const fromBuilt = await Sandbox.create(sdkBuilt, { envs: { EXTRA: 'given-at-create' }, timeoutMs: 120_000 })
-  const seen = await fromBuilt.commands.run('cat /tmp/built.txt /opt/app/hello.txt; /opt/app/sub/run.sh; stat -c "%U %a" /etc/fw/config.json; echo $FW_BUILT $EXTRA; id -un; pwd; cat /tmp/started; grep -l "sleep 100000" /proc/[0-9]*/cmdline >/dev/null && echo start-command-runs')
+  const seen = await fromBuilt.commands.run('cat /tmp/built.txt /opt/app/hello.txt; /opt/app/sub/run.sh; stat -c "%U %a" /etc/fw/config.json; echo $FW_BUILT $EXTRA; id -un; pwd; cat /tmp/started; grep -qs "sleep 100000" /proc/[0-9]*/cmdline && echo start-command-runs')
   assert.equal(seen.stdout, 'by-the-sdk as builder in /opt/app\nhello from the context\nrun-sh\nbuilder 600\nby-the-sdk given-at-create\nbuilder\n/opt/app\nstarted\nstart-command-runs\n')
   await fromBuilt.kill()
 
@@ -201,7 +201,7 @@ async function main() {
   await Template.build(Template().fromTemplate(sdkBuilt).setEnvs({ FW_V2: '$FW_BUILT-v2' }).setUser('second')
     .runCmd('echo "v2 as $(id -un) in $(pwd)" > /tmp/v2'), sdkBuilt, { onBuildLogs })
   const v2 = await Sandbox.create(sdkBuilt, { timeoutMs: 120_000 })
-  assert.equal((await v2.commands.run('cat /tmp/built.txt /tmp/v2; echo $FW_BUILT $FW_V2; id -un; pwd; grep -l "sleep 100000" /proc/[0-9]*/cmdline >/dev/null && echo start-command-runs')).stdout,
+  assert.equal((await v2.commands.run('cat /tmp/built.txt /tmp/v2; echo $FW_BUILT $FW_V2; id -un; pwd; grep -qs "sleep 100000" /proc/[0-9]*/cmdline && echo start-command-runs')).stdout,
     'by-the-sdk as builder in /opt/app\nv2 as second in /opt/app\nby-the-sdk by-the-sdk-v2\nsecond\n/opt/app\nstart-command-runs\n')
   await v2.kill()
   fact('sdk_built', sdkBuilt)
