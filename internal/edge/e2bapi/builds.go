@@ -207,7 +207,7 @@ func (bs *builds) find(c *call) (*build, error) {
 	b := bs.all[id]
 	bs.mu.Unlock()
 	if b == nil || !b.mine(c) || (tmpl != b.name && tmpl != b.id) {
-		return nil, fail(http.StatusNotFound, "build %.40q of template %.64q not found (a build is known to the edge that started it, until an hour after it ends)", id, tmpl)
+		return nil, fail(http.StatusNotFound, "build %.40q of template %.64q not found (a build is known to the edge that started it, until an hour after it ends; a key's builds that wait for their steps give way to its newer ones)", id, tmpl)
 	}
 	return b, nil
 }
@@ -875,26 +875,36 @@ var userName = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)
 func (r *buildRun) step(s buildStep) error {
 	switch s.Type {
 	case "ENV":
-		// Values are expanded by the sandbox's shell with the environment so far, as
-		// E2B's are (PATH=/opt/bin:$PATH).
+		// $VAR and ${VAR} in values are the sandbox's environment so far (the image's
+		// too: PATH=/opt/bin:$PATH), as Docker's ENV: nothing else is interpreted.
+		out := &cappedBuffer{max: 1 << 20}
+		if err := r.execAs([]string{proto.BuildCommand, "env"}, nil, "", out, &logWriter{b: r.b}); err != nil {
+			return fmt.Errorf("read the environment: %w", err)
+		}
+		if out.over {
+			return errors.New("the sandbox's environment is over 1 MiB")
+		}
+		have := map[string]string{}
+		for _, kv := range strings.Split(out.String(), "\x00") {
+			if k, v, ok := strings.Cut(kv, "="); ok {
+				have[k] = v
+			}
+		}
 		for i := 0; i < len(s.Args); i += 2 {
-			out := &cappedBuffer{max: 64 << 10}
-			if err := r.execAs([]string{"/bin/sh", "-c", `printf '%s' "` + s.Args[i+1] + `"`}, nil, r.user, out, &logWriter{b: r.b}); err != nil {
-				return fmt.Errorf("expand %s: %w", s.Args[i], err)
-			}
-			if out.over {
-				return fmt.Errorf("%s: a value over 64 KiB", s.Args[i])
-			}
-			r.env = slices.DeleteFunc(r.env, func(e string) bool { return strings.HasPrefix(e, s.Args[i]+"=") })
-			r.env = append(r.env, s.Args[i]+"="+out.String())
+			k, v := s.Args[i], os.Expand(s.Args[i+1], func(name string) string { return have[name] })
+			have[k] = v
+			r.env = slices.DeleteFunc(r.env, func(e string) bool { return strings.HasPrefix(e, k+"=") })
+			r.env = append(r.env, k+"="+v)
 		}
 		r.b.logf("ENV %s", strings.Join(s.Args, " "))
 	case "USER":
 		r.b.logf("USER %s", s.Args[0])
 		if userName.MatchString(s.Args[0]) {
-			// E2B makes a user that does not exist.
-			mk := `id -u "$1" >/dev/null 2>&1 || useradd -m "$1" 2>/dev/null || adduser -D "$1"`
-			if err := r.exec([]string{"/bin/sh", "-c", mk, "fireworks-user", s.Args[0]}, nil, "0", false); err != nil {
+			// E2B makes a user that does not exist: with the image's tools if it has
+			// them, else by init's helper (which does nothing if the user is there now).
+			mk := `id -u "$1" >/dev/null 2>&1 || useradd -m "$1" 2>/dev/null || adduser -D "$1" 2>/dev/null`
+			_ = r.exec([]string{"/bin/sh", "-c", mk, "fireworks-user", s.Args[0]}, nil, "0", true)
+			if err := r.exec([]string{proto.BuildCommand, "adduser", s.Args[0]}, nil, "", false); err != nil {
 				return fmt.Errorf("make user %s: %w", s.Args[0], err)
 			}
 		}

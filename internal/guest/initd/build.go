@@ -21,6 +21,8 @@ import (
 //
 //	copy SRC DEST [OWNER [MODE]]   a tar (gzip or not) on stdin: SRC's part of it to DEST
 //	workdir DIR [OWNER]            make DIR (relative: to the working directory), print it
+//	env                            print the environment, NUL-separated (ENV expands in it)
+//	adduser NAME                   make user NAME if there is none (an image without useradd)
 func Build(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	var err error
 	switch {
@@ -42,14 +44,87 @@ func Build(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		if dir, err = buildWorkdir(args[1], owner); err == nil {
 			fmt.Fprintln(stdout, dir)
 		}
+	case len(args) == 1 && args[0] == "env":
+		for _, e := range os.Environ() {
+			fmt.Fprint(stdout, e+"\x00")
+		}
+	case len(args) == 2 && args[0] == "adduser":
+		err = addUser(args[1])
 	default:
-		err = errors.New("usage: copy SRC DEST [OWNER [MODE]] | workdir DIR [OWNER]")
+		err = errors.New("usage: copy SRC DEST [OWNER [MODE]] | workdir DIR [OWNER] | env | adduser NAME")
 	}
 	if err != nil {
 		fmt.Fprintln(stderr, "fireworks-build:", err)
 		return 1
 	}
 	return 0
+}
+
+// addUser makes user name, with a group of its own and a home under /home, by adding to
+// /etc/passwd and /etc/group (and /etc/shadow if there is one, locked), if no user has
+// that name: for an image without useradd or adduser.
+func addUser(name string) error {
+	if _, err := resolveUser("/", name); err == nil {
+		return nil
+	}
+	if !validUserName(name) {
+		return fmt.Errorf("user name %q", name)
+	}
+	users, _ := readPasswd("/", "/etc/passwd")
+	groups, _ := readGroup("/", "/etc/group")
+	id := uint32(1000)
+	for taken := true; taken; {
+		taken = false
+		for _, u := range users {
+			taken = taken || u.uid == id
+		}
+		for _, g := range groups {
+			taken = taken || g.gid == id
+		}
+		if taken {
+			id++
+		}
+	}
+	home := "/home/" + name
+	add := func(file, line string) error {
+		f, err := os.OpenFile(file, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintln(f, line)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		return err
+	}
+	if err := add("/etc/group", fmt.Sprintf("%s:x:%d:", name, id)); err != nil {
+		return err
+	}
+	if err := add("/etc/passwd", fmt.Sprintf("%s:x:%d:%d::%s:/bin/sh", name, id, id, home)); err != nil {
+		return err
+	}
+	if _, err := os.Stat("/etc/shadow"); err == nil {
+		if err := add("/etc/shadow", name+":!:::::::"); err != nil {
+			return err
+		}
+	}
+	if err := os.MkdirAll(home, 0o755); err != nil {
+		return err
+	}
+	return lchown(home, int(id), int(id))
+}
+
+// validUserName: what useradd takes by default.
+func validUserName(n string) bool {
+	if n == "" || len(n) > 32 || !(n[0] == '_' || n[0] >= 'a' && n[0] <= 'z') {
+		return false
+	}
+	for _, c := range n {
+		if !(c == '_' || c == '-' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9') {
+			return false
+		}
+	}
+	return true
 }
 
 // owned is who copied files and made directories belong to: OWNER as Docker's --chown

@@ -156,3 +156,14 @@ func TestBuildWorkdir(t *testing.T) {
 		t.Errorf("workdir made nothing: %v", err)
 	}
 }
+
+func TestBuildEnv(t *testing.T) {
+	t.Setenv("FW_BUILD_TEST", "a b")
+	var out bytes.Buffer
+	if code := Build([]string{"env"}, nil, &out, &bytes.Buffer{}); code != 0 {
+		t.Fatalf("env: %d", code)
+	}
+	if !strings.Contains(out.String(), "\x00FW_BUILD_TEST=a b\x00") && !strings.HasPrefix(out.String(), "FW_BUILD_TEST=a b\x00") {
+		t.Errorf("env printed %q", out.String())
+	}
+}

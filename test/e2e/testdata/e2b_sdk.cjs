@@ -197,12 +197,13 @@ async function main() {
 
   step = 'a rebuild of the template, from itself (fromTemplate)'
   // The base template's environment, working directory and running start command carry
-  // on; an ENV value is expanded; a USER that does not exist is made.
-  await Template.build(Template().fromTemplate(sdkBuilt).setEnvs({ FW_V2: '$FW_BUILT-v2' }).setUser('second')
+  // on; an ENV value's variables are expanded (nothing else); a USER that does not exist
+  // is made.
+  await Template.build(Template().fromTemplate(sdkBuilt).setEnvs({ FW_V2: '${FW_BUILT}-v2', FW_QUOTED: 'it"s $(not run)' }).setUser('second')
     .runCmd('echo "v2 as $(id -un) in $(pwd)" > /tmp/v2'), sdkBuilt, { onBuildLogs })
   const v2 = await Sandbox.create(sdkBuilt, { timeoutMs: 120_000 })
-  assert.equal((await v2.commands.run('cat /tmp/built.txt /tmp/v2; echo $FW_BUILT $FW_V2; id -un; pwd; grep -qs "sleep 100000" /proc/[0-9]*/cmdline && echo start-command-runs')).stdout,
-    'by-the-sdk as builder in /opt/app\nv2 as second in /opt/app\nby-the-sdk by-the-sdk-v2\nsecond\n/opt/app\nstart-command-runs\n')
+  assert.equal((await v2.commands.run('cat /tmp/built.txt /tmp/v2; echo $FW_BUILT $FW_V2; echo "$FW_QUOTED"; id -un; pwd; grep -qs "sleep 100000" /proc/[0-9]*/cmdline && echo start-command-runs')).stdout,
+    'by-the-sdk as builder in /opt/app\nv2 as second in /opt/app\nby-the-sdk by-the-sdk-v2\nit"s $(not run)\nsecond\n/opt/app\nstart-command-runs\n')
   await v2.kill()
   fact('sdk_built', sdkBuilt)
 
