@@ -622,6 +622,8 @@ func (a *API) triggerBuild(c *call) error {
 	}
 	b.status = "building"
 	b.mu.Unlock()
+	// Before the run starts: a status read after the trigger has this at least.
+	b.logf("Building template %s: %d steps", b.name, len(spec.Steps))
 	bs.wg.Add(1)
 	go func() {
 		defer bs.wg.Done()
