@@ -832,7 +832,7 @@ func (r *buildRun) startAndWait(ctx context.Context, startCmd, readyCmd string) 
 		return r.execAs([]string{"/bin/sh", "-c", "kill -0 " + strconv.Itoa(p)}, nil, "0", io.Discard, io.Discard) == nil
 	}
 	ended := func() error {
-		r.b.log("info", "The start command's output:")
+		r.b.logf("The start command's output:")
 		_ = r.exec([]string{"/bin/sh", "-c", "tail -n 50 " + startLog}, nil, "0", false)
 		return errors.New("the start command ended")
 	}
@@ -858,7 +858,7 @@ func (r *buildRun) startAndWait(ctx context.Context, startCmd, readyCmd string) 
 			return ended()
 		}
 		if time.Now().After(deadline) {
-			r.b.log("info", "The start command's output so far:")
+			r.b.logf("The start command's output so far:")
 			_ = r.exec([]string{"/bin/sh", "-c", "tail -n 50 " + startLog}, nil, "0", false)
 			return fmt.Errorf("ready command not ready within %s (last: %w)", readyTimeout, err)
 		}
