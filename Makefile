@@ -2,7 +2,7 @@ GO      ?= go
 GOFLAGS ?=
 BIN     := bin
 
-.PHONY: all build deps test vet bench fuzz generate clean demo-image
+.PHONY: all build deps test vet bench fuzz generate generate-crds clean demo-image image
 
 all: build
 
@@ -18,6 +18,10 @@ $(BIN)/fireworks-volume-server: FORCE
 
 $(BIN)/fireworks: FORCE
 	$(GO) build $(GOFLAGS) -trimpath -o $@ ./cmd/fireworks
+
+# The container image the Helm chart runs (docker-archive tar; no Docker daemon).
+image: build
+	$(GO) run ./cmd/fireworks-image --bin $(BIN) --out $(BIN)/fireworks-image.tar
 
 deps:
 	./scripts/install-deps.sh
@@ -44,6 +48,13 @@ generate:
 	  --go_out=internal/guest/envd --go_opt=module=github.com/fireworks-sandbox/fireworks/internal/guest/envd \
 	  --connect-go_out=internal/guest/envd --connect-go_opt=module=github.com/fireworks-sandbox/fireworks/internal/guest/envd \
 	  api/envd/process/process.proto api/envd/filesystem/filesystem.proto
+
+# agent-sandbox's API as Fireworks serves it: deep copies and the chart's CRDs from the
+# Go types in internal/operator/apis.
+CONTROLLER_GEN := $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.20.1
+generate-crds:
+	GOFLAGS=-mod=mod $(CONTROLLER_GEN) object paths=./internal/operator/apis/...
+	GOFLAGS=-mod=mod $(CONTROLLER_GEN) crd:maxDescLen=0 paths=./internal/operator/apis/... output:crd:dir=deploy/helm/fireworks/crds
 
 clean:
 	rm -rf $(BIN)

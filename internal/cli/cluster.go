@@ -42,6 +42,8 @@ func newServerCmd(g *globals) *cobra.Command {
 		heartbeatTTL          time.Duration
 		envoyPort             uint32
 		envoyTLSDir           string
+		joinTok, ingressTok   string
+		controllerTok         string
 	)
 	cmd := &cobra.Command{
 		Use:   "server",
@@ -63,6 +65,15 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 			for _, s := range strings.Split(sans, ",") {
 				if s = strings.TrimSpace(s); s != "" {
 					cfg.SANs = append(cfg.SANs, s)
+				}
+			}
+			for _, bt := range []serverproc.BootstrapToken{
+				{Name: "node-pool", Role: state.RoleJoin, Token: joinTok},
+				{Name: "edge", Role: state.RoleIngress, Token: ingressTok},
+				{Name: "kubernetes-controller", Role: state.RoleAdmin, Token: controllerTok},
+			} {
+				if bt.Token != "" {
+					cfg.BootstrapTokens = append(cfg.BootstrapTokens, bt)
 				}
 			}
 			cfg.ControlPlane = func(store *state.Store, log *slog.Logger) serverproc.ControlPlane {
@@ -88,6 +99,9 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.BoolVar(&cfg.InitCA, "init-ca", false, "create the cluster CA if --ca-dir has none")
 	fl.StringVar(&sans, "san", "", "extra names/addresses for this server's certificate, comma-separated")
 	fl.StringVar(&cfg.BootstrapToken, "bootstrap-token", os.Getenv("FIREWORKS_BOOTSTRAP_TOKEN"), "an admin API token (fwk_...) to create at bootstrap ($FIREWORKS_BOOTSTRAP_TOKEN); default: one is generated into DATA/admin-token")
+	fl.StringVar(&joinTok, "bootstrap-join-token", os.Getenv("FIREWORKS_BOOTSTRAP_JOIN_TOKEN"), "a join token (fwj1_..., naming the cluster CA's fingerprint) to create at bootstrap, for a node pool: it never expires and joins any number of hosts ($FIREWORKS_BOOTSTRAP_JOIN_TOKEN)")
+	fl.StringVar(&ingressTok, "bootstrap-ingress-token", os.Getenv("FIREWORKS_BOOTSTRAP_INGRESS_TOKEN"), "an ingress token (fwk_...) to create at bootstrap, for the edges ($FIREWORKS_BOOTSTRAP_INGRESS_TOKEN)")
+	fl.StringVar(&controllerTok, "bootstrap-controller-token", os.Getenv("FIREWORKS_BOOTSTRAP_CONTROLLER_TOKEN"), "an admin token (fwk_...) named kubernetes-controller to create at bootstrap, for the Kubernetes controller: it sets warm pools, which are cluster-wide ($FIREWORKS_BOOTSTRAP_CONTROLLER_TOKEN)")
 	fl.DurationVar(&heartbeatTTL, "heartbeat-ttl", 15*time.Second, "a node silent this long is declared down (agents beat every third of it)")
 	fl.StringVar(&cfg.IngressDomain, "ingress-domain", routes.DefaultDomain, "ingress domain: sandbox ports answer to <port>-<sandbox>.DOMAIN (same on servers, agents and edges)")
 	fl.StringVar(&cfg.XDSListen, "xds-listen", "", "serve the ingress routes over xDS (gRPC) here, for Envoy; mutual TLS: clients need an ingress certificate (from 'fireworks ingress certificate')")

@@ -77,7 +77,7 @@ func newRoot() (*cobra.Command, *globals) {
 		newStopCmd(g), newPauseCmd(g), newResumeCmd(g), newMigrateCmd(g), newForkCmd(g), newSnapshotCmd(g), newVolumeCmd(g), newRmCmd(g), newInfoCmd(g), newImageCmd(g), newDevCmd(g), newSetupCmd(g),
 		newDemoImageCmd(g), newTokenCmd(g),
 		newServerCmd(g), newAgentCmd(g), newNodeCmd(g), newCACmd(g), newPoolCmd(g),
-		newPolicyCmd(g), newPortForwardCmd(g), newIngressCmd(g), newTemplateCmd(g),
+		newPolicyCmd(g), newPortForwardCmd(g), newIngressCmd(g), newTemplateCmd(g), newKubeControllerCmd(g),
 	)
 	return root, g
 }

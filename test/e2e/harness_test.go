@@ -98,6 +98,7 @@ func TestMain(m *testing.M) {
 			world.dumpDevLog()
 			return 1
 		}
+		defer stopKube()
 		defer func() {
 			world.stopDev()
 			// A graceful stop leaves running VMs (and VMMs launched ahead) for the next

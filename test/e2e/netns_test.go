@@ -12,6 +12,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
 	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/kubetest"
 )
 
 // debianRootEnv names the Debian minbase tree the image tests import (made by the outer
@@ -59,6 +60,20 @@ func inPrivateNetNS() (rc int, again bool) {
 			})
 			os.Setenv(debianRootEnv, root)
 		}
+		// The Kubernetes tools build from the Go module proxy (cached between runs).
+		var kuberr error
+		if os.Getenv(kubeToolsEnv) == "" {
+			wg.Go(func() {
+				start := time.Now()
+				dir, err := kubetest.ToolsDir(ctx, "../..")
+				if err != nil {
+					kuberr = err
+					return
+				}
+				fmt.Fprintf(os.Stderr, "e2e: Kubernetes tools ready in %s (%s)\n", time.Since(start).Round(time.Second), dir)
+				os.Setenv(kubeToolsEnv, dir)
+			})
+		}
 		var serr error
 		if os.Getenv(e2bSDKEnv) == "" {
 			if _, err := exec.LookPath("npm"); err == nil {
@@ -82,6 +97,11 @@ func inPrivateNetNS() (rc int, again bool) {
 		}
 		if derr != nil {
 			return fmt.Errorf("bootstrap the Debian image root: %w", derr)
+		}
+		if kuberr != nil {
+			// Only the Kubernetes tests need them: they fail (or skip, outside CI) naming
+			// this, and the rest run.
+			os.Setenv(kubeToolsErrEnv, kuberr.Error())
 		}
 		return nil
 	})

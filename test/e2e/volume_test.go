@@ -31,14 +31,21 @@ func volumeDir(t *testing.T, name string) string {
 // eventually retries check (a few times a second) until it passes or a minute is over.
 func eventually(t *testing.T, what string, check func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(time.Minute)
+	eventuallyWithin(t, time.Minute, what, check)
+}
+
+// eventuallyWithin retries check until it passes or timeout is over; the failure says
+// what check last reported.
+func eventuallyWithin(t *testing.T, timeout time.Duration, what string, check func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
 	for {
 		ok, got := check()
 		if ok {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: still %s after a minute", what, got)
+			t.Fatalf("%s: still %s after %s", what, got, timeout)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}

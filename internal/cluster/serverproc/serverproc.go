@@ -147,6 +147,10 @@ type ServerConfig struct {
 	// an admin token, so operators hold a credential from the first start. Without it, a
 	// generated admin token is written to DataDir/admin-token by the server that creates it.
 	BootstrapToken string
+	// BootstrapTokens are more tokens the leader makes sure exist, each with its role: an
+	// installer (the Helm chart) generates them once, so the agents of a node pool join,
+	// edges follow routes and the Kubernetes controller acts with no operator step between.
+	BootstrapTokens []BootstrapToken
 	// ControlPlane builds the leader's loops over the open store; nil runs none.
 	ControlPlane func(store *state.Store, log *slog.Logger) ControlPlane
 	// HeartbeatInterval is how often agents beat (a third of the control plane's TTL).
@@ -167,6 +171,34 @@ type ServerConfig struct {
 	Log    *slog.Logger
 	// Ready, if set, is called once the API serves.
 	Ready func(apiAddr string)
+}
+
+// BootstrapToken is a token an installer hands every server (see
+// ServerConfig.BootstrapTokens). A join token made this way never expires and joins any
+// number of hosts: it stands for a node pool, whose nodes come and go; revoke it with
+// `fireworks token rm` to stop joins.
+type BootstrapToken struct {
+	Name  string
+	Role  state.Role
+	Token string
+}
+
+// parse reads the token in its role's format: a join token (fwj1_...) carries the
+// cluster CA's fingerprint, which RunServer checks against the CA; the others are API
+// tokens (fwk_...).
+func (bt BootstrapToken) parse() (id, secret string, err error) {
+	if bt.Role == state.RoleJoin {
+		jt, err := pki.ParseJoinToken(bt.Token)
+		if err != nil {
+			return "", "", fmt.Errorf("bootstrap join token %q: %w", bt.Name, err)
+		}
+		return jt.ID, jt.Secret, nil
+	}
+	id, secret, err = auth.Parse(bt.Token)
+	if err != nil {
+		return "", "", fmt.Errorf("bootstrap %s token %q: %w", bt.Role, bt.Name, err)
+	}
+	return id, secret, nil
 }
 
 // ControlPlane is the leader's loops as the server runs them.
@@ -213,6 +245,23 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 			return fmt.Errorf("--bootstrap-token: %w (e.g. fwk_$(openssl rand -hex 8)_$(openssl rand -hex 32); or leave it out to have one generated into %s)", err, filepath.Join(cfg.DataDir, "admin-token"))
 		}
 	}
+	seenIDs := map[string]string{}
+	if id, _, err := auth.Parse(cfg.BootstrapToken); err == nil {
+		seenIDs[id] = "admin"
+	}
+	for _, bt := range cfg.BootstrapTokens {
+		if bt.Role != state.RoleJoin && bt.Role != state.RoleIngress && bt.Role != state.RoleUser && bt.Role != state.RoleAdmin {
+			return fmt.Errorf("bootstrap token %q: unknown role %q", bt.Name, bt.Role)
+		}
+		id, _, err := bt.parse()
+		if err != nil {
+			return err
+		}
+		if other, dup := seenIDs[id]; dup {
+			return fmt.Errorf("bootstrap %s token %q has the same ID as the %s one: each needs its own", bt.Role, bt.Name, other)
+		}
+		seenIDs[id] = string(bt.Role)
+	}
 	myAPI, err := advertisedAPI(cfg, *self)
 	if err != nil {
 		return err
@@ -230,6 +279,16 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 	}
 	if err != nil {
 		return err
+	}
+	// A join token names the CA its agents will trust; one made for another CA would let
+	// agents join that no server here could answer.
+	for _, bt := range cfg.BootstrapTokens {
+		if bt.Role != state.RoleJoin {
+			continue
+		}
+		if jt, _ := pki.ParseJoinToken(bt.Token); jt.CAFingerprint != ca.Fingerprint() {
+			return fmt.Errorf("bootstrap join token %q names CA %s, but this cluster's CA (%s) is %s", bt.Name, jt.CAFingerprint, cfg.CADir, ca.Fingerprint())
+		}
 	}
 	cert, err := issueServerCert(ca, cfg.NodeID, *self, cfg.SANs)
 	if err != nil {
@@ -337,7 +396,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	handler := rpc.BoundBody(forwardToLeader(store, srv.Handler(), srv.PreAuthenticate, *self, apiOf, cfg.MaxStale, ca, cert, log))
+	handler := withHealth(store, rpc.BoundBody(forwardToLeader(store, srv.Handler(), srv.PreAuthenticate, *self, apiOf, cfg.MaxStale, ca, cert, log)))
 	// IdleTimeout: a connection that sends nothing for a while is closed (streams keep
 	// theirs alive); ReadHeaderTimeout bounds a request's start.
 	hs := &http.Server{Handler: handler, TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Minute}
@@ -412,19 +471,13 @@ func ensureBootstrapToken(ctx context.Context, store *state.Store, cfg ServerCon
 }
 
 func bootstrapToken(ctx context.Context, store *state.Store, cfg ServerConfig, log *slog.Logger) error {
+	for _, bt := range cfg.BootstrapTokens {
+		if err := ensureToken(ctx, store, bt); err != nil {
+			return err
+		}
+	}
 	if cfg.BootstrapToken != "" {
-		id, secret, err := auth.Parse(cfg.BootstrapToken)
-		if err != nil {
-			return fmt.Errorf("--bootstrap-token: %w", err)
-		}
-		if rec, err := store.GetToken(ctx, id); err == nil {
-			if !auth.Verify(rec, secret, time.Now()) {
-				return fmt.Errorf("--bootstrap-token: a different token with ID %s exists", id)
-			}
-			return nil
-		}
-		return store.CreateToken(ctx, state.Token{ID: id, Name: "bootstrap", Role: state.RoleAdmin,
-			SecretHash: auth.HashSecret(secret), CreatedAt: time.Now(), CreatedBy: "bootstrap"})
+		return ensureToken(ctx, store, BootstrapToken{Name: "bootstrap", Role: state.RoleAdmin, Token: cfg.BootstrapToken})
 	}
 	toks, err := store.ListTokens(ctx)
 	if err != nil {
@@ -441,6 +494,49 @@ func bootstrapToken(ctx context.Context, store *state.Store, cfg ServerConfig, l
 	}
 	log.Info("created the first admin token", "file", path)
 	return nil
+}
+
+// withHealth answers the probes of an orchestrator (Kubernetes) without a token:
+// GET /healthz is 200 while the process serves; GET /readyz is 200 once this server knows
+// a leader, so it can answer (or forward) API calls, and 503 before. They say nothing
+// else: no peer, address or term leaves the server through them.
+func withHealth(store *state.Store, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet {
+			switch r.URL.Path {
+			case "/healthz":
+				_, _ = io.WriteString(w, "ok\n")
+				return
+			case "/readyz":
+				if id, _ := store.Leader(); id == "" {
+					http.Error(w, "no leader", http.StatusServiceUnavailable)
+					return
+				}
+				_, _ = io.WriteString(w, "ok\n")
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// ensureToken creates bt unless a token with its ID exists. One that exists with another
+// secret or role is an error, never overwritten: it may be a token someone made since.
+// A bootstrap token that was revoked is created again at the next start of a leader, so
+// revoking one for good takes it out of the installer's configuration too.
+func ensureToken(ctx context.Context, store *state.Store, bt BootstrapToken) error {
+	id, secret, err := bt.parse()
+	if err != nil {
+		return err
+	}
+	if rec, err := store.GetToken(ctx, id); err == nil {
+		if !auth.Verify(rec, secret, time.Now()) || rec.Role != bt.Role {
+			return fmt.Errorf("bootstrap %s token %q: a different token with ID %s exists", bt.Role, bt.Name, id)
+		}
+		return nil
+	}
+	return store.CreateToken(ctx, state.Token{ID: id, Name: bt.Name, Role: bt.Role,
+		SecretHash: auth.HashSecret(secret), CreatedAt: time.Now(), CreatedBy: "bootstrap"})
 }
 
 // forwardedHeader marks a request one server forwarded to another (its value is the

@@ -50,10 +50,14 @@ func freePorts(t *testing.T, n int) []int {
 func TestThreeServersOnOneHost(t *testing.T) {
 	root := t.TempDir()
 	caDir := filepath.Join(root, "ca")
-	if _, err := pki.CreateCA(caDir, "fireworks"); err != nil {
+	clusterCA, err := pki.CreateCA(caDir, "fireworks")
+	if err != nil {
 		t.Fatal(err)
 	}
 	token, _ := auth.New(state.RoleAdmin, "", "", time.Now(), 0)
+	joinTok, joinID, _ := pki.NewJoinToken(clusterCA)
+	userTok, userRec := auth.New(state.RoleUser, "", "", time.Now(), 0)
+	boot := []serverproc.BootstrapToken{{Name: "pool", Role: state.RoleJoin, Token: joinTok}, {Name: "kubernetes", Role: state.RoleUser, Token: userTok}}
 	ports := freePorts(t, 6)
 	var peers []string
 	for i := range 3 {
@@ -72,7 +76,7 @@ func TestThreeServersOnOneHost(t *testing.T) {
 		cfg := serverproc.ServerConfig{
 			NodeID: fmt.Sprintf("s%d", i+1), DataDir: filepath.Join(root, fmt.Sprint(i)), CADir: caDir,
 			Listen: fmt.Sprintf("127.0.0.1:%d", ports[i]), RaftListen: fmt.Sprintf("127.0.0.1:%d", ports[3+i]),
-			Peers: append([]serverproc.Peer(nil), parsed...), BootstrapToken: token, Log: log,
+			Peers: append([]serverproc.Peer(nil), parsed...), BootstrapToken: token, BootstrapTokens: boot, Log: log,
 		}
 		apis[i] = cfg.Listen
 		wg.Add(1)
@@ -104,6 +108,28 @@ func TestThreeServersOnOneHost(t *testing.T) {
 		}
 		time.Sleep(300 * time.Millisecond)
 	}
+	// The installer's tokens exist with their roles; the join token never expires and has
+	// no bound on its uses (it stands for a node pool).
+	toks, err := client(0).Tokens.ListTokens(ctx, connect.NewRequest(&pb.ListTokensRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := map[string]*pb.Token{}
+	for _, tk := range toks.Msg.Tokens {
+		found[tk.Id] = tk
+	}
+	for _, want := range []struct {
+		id, name, role string
+	}{{joinID, "pool", "join"}, {userRec.ID, "kubernetes", "user"}} {
+		tk := found[want.id]
+		if tk == nil {
+			t.Errorf("bootstrap %s token %s was not created (tokens: %v)", want.role, want.id, toks.Msg.Tokens)
+			continue
+		}
+		if tk.Name != want.name || tk.Role != want.role || tk.MaxUses != 0 || tk.ExpiresAt != nil {
+			t.Errorf("bootstrap token %s = %v, want name %s role %s, no expiry, no bound on uses", want.id, tk, want.name, want.role)
+		}
+	}
 	for i := range 3 {
 		c := client(i)
 		start := time.Now()
@@ -117,6 +143,23 @@ func TestThreeServersOnOneHost(t *testing.T) {
 		ccancel()
 		if d := time.Since(start); d > 5*time.Second {
 			t.Errorf("server %d took %s to answer", i+1, d)
+		}
+	}
+	// Every server answers the orchestrator's probes without a token once a leader is
+	// known, and nothing but "ok".
+	for i := range 3 {
+		c, _ := pki.LoadCA(caDir)
+		hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: pki.ClientTLS(c, nil, "127.0.0.1", pki.RoleServer)}}
+		for _, path := range []string{"/healthz", "/readyz"} {
+			resp, err := hc.Get("https://" + apis[i] + path)
+			if err != nil {
+				t.Fatalf("server %d %s: %v", i+1, path, err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK || string(body) != "ok\n" {
+				t.Errorf("server %d %s: HTTP %d %q", i+1, path, resp.StatusCode, body)
+			}
 		}
 	}
 	// A request marked as forwarded is refused by a follower instead of forwarded again.
@@ -178,5 +221,35 @@ func TestMalformedBootstrapTokenRefused(t *testing.T) {
 		Listen: "127.0.0.1:0", RaftListen: "127.0.0.1:0", BootstrapToken: "fwk_not-a-token"})
 	if err == nil || !errors.Is(err, auth.ErrMalformed) || !strings.Contains(err.Error(), "--bootstrap-token") {
 		t.Errorf("RunServer with a malformed bootstrap token: %v", err)
+	}
+}
+
+// Installer tokens are checked at start too: a malformed one, an unknown role, or two
+// that share an ID (one would shadow the other's role) are refused before anything runs.
+func TestBadBootstrapTokensRefused(t *testing.T) {
+	admin, _ := auth.New(state.RoleAdmin, "", "", time.Now(), 0)
+	user, _ := auth.New(state.RoleUser, "", "", time.Now(), 0)
+	otherCA, err := pki.CreateCA(filepath.Join(t.TempDir(), "ca"), "other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	join, _, _ := pki.NewJoinToken(otherCA)
+	for _, tc := range []struct {
+		name string
+		toks []serverproc.BootstrapToken
+		want string
+	}{
+		{"malformed", []serverproc.BootstrapToken{{Name: "edge", Role: state.RoleIngress, Token: "fwk_nope"}}, "malformed"},
+		{"an API token as join token", []serverproc.BootstrapToken{{Name: "pool", Role: state.RoleJoin, Token: user}}, "not a join token"},
+		{"unknown role", []serverproc.BootstrapToken{{Name: "x", Role: "root", Token: user}}, "unknown role"},
+		{"same ID as admin", []serverproc.BootstrapToken{{Name: "k", Role: state.RoleUser, Token: admin}}, "same ID"},
+		{"same ID twice", []serverproc.BootstrapToken{{Name: "a", Role: state.RoleIngress, Token: user}, {Name: "b", Role: state.RoleUser, Token: user}}, "same ID"},
+		{"join token of another CA", []serverproc.BootstrapToken{{Name: "pool", Role: state.RoleJoin, Token: join}}, "names CA"},
+	} {
+		err := serverproc.RunServer(context.Background(), serverproc.ServerConfig{NodeID: "s1", DataDir: t.TempDir(),
+			Listen: "127.0.0.1:0", RaftListen: "127.0.0.1:0", BootstrapToken: admin, BootstrapTokens: tc.toks})
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: RunServer = %v, want an error with %q", tc.name, err, tc.want)
+		}
 	}
 }

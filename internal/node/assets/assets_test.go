@@ -96,6 +96,26 @@ func TestEnsureKernel(t *testing.T) {
 	if k2.Vmlinux != k.Vmlinux || !before.ModTime().Equal(after.ModTime()) {
 		t.Errorf("second call rebuilt the kernel cache")
 	}
+
+	// An empty cache seeded from this one (as the node image seeds an agent's) has the
+	// same kernel with neither apt nor the mirror: nothing is on PATH.
+	seeded := t.TempDir()
+	t.Setenv(KernelSeedEnv, cache)
+	t.Setenv("PATH", t.TempDir())
+	k3, err := EnsureKernel(context.Background(), seeded)
+	if err != nil {
+		t.Fatalf("EnsureKernel from the seed %s: %v", cache, err)
+	}
+	if k3.Version != k.Version || !strings.HasPrefix(k3.Vmlinux, seeded) || !slices.Equal(k3.Modules, k.Modules) {
+		t.Errorf("seeded kernel = %+v, want version %s under %s", k3, k.Version, seeded)
+	}
+	if err := checkPVH(k3.Vmlinux); err != nil {
+		t.Errorf("seeded vmlinux: %v", err)
+	}
+	// A cache that has a kernel is never overwritten by the seed.
+	if err := seedKernel(t.TempDir(), filepath.Join(seeded, "kernel")); err != nil {
+		t.Errorf("a seed over a filled cache: %v", err)
+	}
 }
 
 func TestBuildInitramfs(t *testing.T) {

@@ -106,6 +106,9 @@ func EnsureKernel(ctx context.Context, cacheDir string) (*Kernel, error) {
 		return nil, err
 	}
 	defer unlock()
+	if err := seedKernel(os.Getenv(KernelSeedEnv), root); err != nil {
+		slog.Warn("cannot seed the guest kernel cache", "seed", os.Getenv(KernelSeedEnv), "err", err)
+	}
 
 	pkg, version, err := resolvePackage(ctx, root)
 	if err != nil {
@@ -120,6 +123,82 @@ func EnsureKernel(ctx context.Context, cacheDir string) (*Kernel, error) {
 		return nil, err
 	}
 	return loadKernel(dir)
+}
+
+// KernelSeedEnv names a cache directory that EnsureKernel filled, which an empty cache
+// starts from: the node image carries one, so an agent in a container needs
+// neither apt's package lists nor the package mirror to boot its first VM. apt is still
+// asked for a newer kernel when it can answer.
+const KernelSeedEnv = "FIREWORKS_KERNEL_SEED"
+
+// seedKernel copies the resolved kernel of the cache directory seed into root (a
+// cache's kernel directory) when root has none yet.
+func seedKernel(seed, root string) error {
+	if seed == "" {
+		return nil
+	}
+	seed = filepath.Join(seed, "kernel")
+	if _, err := os.Stat(filepath.Join(root, "resolved.json")); err == nil {
+		return nil
+	}
+	b, err := os.ReadFile(filepath.Join(seed, "resolved.json"))
+	if err != nil {
+		return err
+	}
+	var r resolved
+	if err := json.Unmarshal(b, &r); err != nil || r.Version == "" {
+		return fmt.Errorf("%s/resolved.json names no kernel version (%v)", seed, err)
+	}
+	name := sanitize(r.Version)
+	if _, err := loadKernel(filepath.Join(seed, name)); err != nil {
+		return err
+	}
+	work, err := os.MkdirTemp(root, "seed-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	if err := copyTree(filepath.Join(seed, name), filepath.Join(work, name)); err != nil {
+		return err
+	}
+	if _, err := os.Stat(filepath.Join(root, name)); errors.Is(err, os.ErrNotExist) {
+		if err := os.Rename(filepath.Join(work, name), filepath.Join(root, name)); err != nil {
+			return err
+		}
+	}
+	return writeFileAtomic(filepath.Join(root, "resolved.json"), b, 0o644)
+}
+
+// copyTree copies a kernel directory: directories and regular files, nothing else.
+func copyTree(from, to string) error {
+	return filepath.WalkDir(from, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(from, p)
+		dst := filepath.Join(to, rel)
+		switch {
+		case d.IsDir():
+			return os.MkdirAll(dst, 0o755)
+		case d.Type().IsRegular():
+			src, err := os.Open(p)
+			if err != nil {
+				return err
+			}
+			defer src.Close()
+			out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+			if err != nil {
+				return err
+			}
+			if _, err := io.Copy(out, src); err != nil {
+				out.Close()
+				return fmt.Errorf("copy %s: %w", p, err)
+			}
+			return out.Close()
+		default:
+			return fmt.Errorf("%s: not a file or directory", p)
+		}
+	})
 }
 
 var unsafeChars = regexp.MustCompile(`[^A-Za-z0-9._+-]`)

@@ -1,0 +1,260 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+
+	agentsv1 "github.com/fireworks-sandbox/fireworks/internal/operator/apis/agents/v1beta1"
+	extv1 "github.com/fireworks-sandbox/fireworks/internal/operator/apis/extensions/v1beta1"
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+)
+
+// SandboxTemplateReconciler registers every SandboxTemplate as a Fireworks template
+// (image, shape and environment), so that it is listed beside the others and E2B's API
+// can start it by name too.
+type SandboxTemplateReconciler struct {
+	Kube client.Client
+	FW   Fireworks
+	Cfg  Config
+}
+
+// templateSpec is the Fireworks spec a SandboxTemplate's sandboxes start with.
+func templateSpec(ctx context.Context, kube client.Client, t *extv1.SandboxTemplate) (*pb.SandboxSpec, error) {
+	return specFromPod(ctx, t.Spec.PodTemplate, objectRef{kind: "SandboxTemplate", namespace: t.Namespace, name: t.Name, uid: string(t.UID)}, kubeLookup{kube, t.Namespace})
+}
+
+func (r *SandboxTemplateReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	var t extv1.SandboxTemplate
+	if err := r.Kube.Get(ctx, req.NamespacedName, &t); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	name := fireworksName("", t.Name, string(t.UID))
+	if !t.DeletionTimestamp.IsZero() {
+		if !controllerutil.ContainsFinalizer(&t, Finalizer) {
+			return ctrl.Result{}, nil
+		}
+		if err := r.FW.deleteTemplate(ctx, name); err != nil {
+			return ctrl.Result{}, err
+		}
+		controllerutil.RemoveFinalizer(&t, Finalizer)
+		return ctrl.Result{}, client.IgnoreNotFound(r.Kube.Update(ctx, &t))
+	}
+	if controllerutil.AddFinalizer(&t, Finalizer) {
+		if err := r.Kube.Update(ctx, &t); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
+	before := t.Status.DeepCopy()
+	res := ctrl.Result{}
+	spec, err := templateSpec(ctx, r.Kube, &t)
+	if err == nil {
+		_, err = r.FW.putTemplate(ctx, &pb.NamedTemplate{Name: name, Image: spec.GetImage(), Vcpus: spec.GetVcpus(), MemoryMib: spec.GetMemoryMib(), Env: spec.GetEnv()})
+	}
+	if err != nil {
+		setCond(&t.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, err.Error(), t.Generation)
+		if !errors.Is(err, errUnsupported) {
+			res.RequeueAfter = pollError
+		}
+	} else {
+		t.Status.Template = name
+		setCond(&t.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionTrue, "TemplateRegistered", "Fireworks template "+name+" ("+spec.GetImage()+")", t.Generation)
+	}
+	if !equalTemplateStatus(before, &t.Status) {
+		if err := r.Kube.Status().Update(ctx, &t); err != nil && !apierrors.IsNotFound(err) {
+			return ctrl.Result{}, err
+		}
+	}
+	return res, nil
+}
+
+// poolKey is what a Fireworks warm pool is kept for: an image and a VM shape. Several
+// SandboxWarmPools of templates with the same image and shape share one Fireworks pool,
+// whose size is the sum of theirs.
+type poolKey struct {
+	image       string
+	vcpus, mem  int32
+	templateRef string // one of the templates, for messages
+}
+
+// SandboxWarmPoolReconciler keeps Fireworks warm pools as the SandboxWarmPools say.
+type SandboxWarmPoolReconciler struct {
+	Kube client.Client
+	FW   Fireworks
+	Cfg  Config
+}
+
+// SelectorLabel marks what a warm pool's claims made (the scale subresource's selector).
+const SelectorLabel = "agents.x-k8s.io/warm-pool-sandbox"
+
+func (r *SandboxWarmPoolReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	var wp extv1.SandboxWarmPool
+	if err := r.Kube.Get(ctx, req.NamespacedName, &wp); err != nil {
+		if apierrors.IsNotFound(err) {
+			// Gone before its finalizer was added: the sum is what the others ask.
+			return ctrl.Result{}, r.sync(ctx, "")
+		}
+		return ctrl.Result{}, err
+	}
+	if !wp.DeletionTimestamp.IsZero() {
+		if !controllerutil.ContainsFinalizer(&wp, Finalizer) {
+			return ctrl.Result{}, nil
+		}
+		if err := r.sync(ctx, wp.Status.Image); err != nil {
+			return ctrl.Result{}, err
+		}
+		controllerutil.RemoveFinalizer(&wp, Finalizer)
+		return ctrl.Result{}, client.IgnoreNotFound(r.Kube.Update(ctx, &wp))
+	}
+	if controllerutil.AddFinalizer(&wp, Finalizer) {
+		if err := r.Kube.Update(ctx, &wp); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
+	before := wp.Status.DeepCopy()
+	wp.Status.ObservedGeneration = wp.Generation
+	wp.Status.Replicas = replicasOf(&wp)
+	wp.Status.Selector = SelectorLabel + "=" + wp.Name
+	res := ctrl.Result{RequeueAfter: pollSettled}
+	key, err := r.keyOf(ctx, &wp)
+	if err == nil {
+		// A template whose image changed leaves the old image's pool to whoever else
+		// asks for it, or to nobody.
+		err = r.sync(ctx, wp.Status.Image)
+		wp.Status.Image = key.image
+	}
+	if err != nil {
+		wp.Status.ReadyReplicas = 0
+		setCond(&wp.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, err.Error(), wp.Generation)
+		res.RequeueAfter = pollError
+	} else {
+		ready, perr := r.ready(ctx, key)
+		if perr != nil {
+			return ctrl.Result{}, perr
+		}
+		wp.Status.ReadyReplicas = min(ready, wp.Status.Replicas)
+		status, reason := metav1.ConditionTrue, "PoolFilled"
+		if wp.Status.ReadyReplicas < wp.Status.Replicas {
+			status, reason = metav1.ConditionFalse, "PoolFilling"
+			res.RequeueAfter = pollStarting
+		}
+		setCond(&wp.Status.Conditions, agentsv1.ConditionReady, status, reason, fmt.Sprintf("%d of %d warm microVMs of %s are booted and waiting", wp.Status.ReadyReplicas, wp.Status.Replicas, key.image), wp.Generation)
+	}
+	if !equalPoolStatus(before, &wp.Status) {
+		if err := r.Kube.Status().Update(ctx, &wp); err != nil && !apierrors.IsNotFound(err) {
+			return ctrl.Result{}, err
+		}
+	}
+	return res, nil
+}
+
+func replicasOf(wp *extv1.SandboxWarmPool) int32 {
+	if wp.Spec.Replicas == nil {
+		return 1
+	}
+	return *wp.Spec.Replicas
+}
+
+// keyOf resolves a warm pool's template to the Fireworks pool it fills.
+func (r *SandboxWarmPoolReconciler) keyOf(ctx context.Context, wp *extv1.SandboxWarmPool) (poolKey, error) {
+	var t extv1.SandboxTemplate
+	if err := r.Kube.Get(ctx, client.ObjectKey{Namespace: wp.Namespace, Name: wp.Spec.TemplateRef.Name}, &t); err != nil {
+		return poolKey{}, fmt.Errorf("SandboxTemplate %s: %w", wp.Spec.TemplateRef.Name, err)
+	}
+	spec, err := templateSpec(ctx, r.Kube, &t)
+	if err != nil {
+		return poolKey{}, fmt.Errorf("SandboxTemplate %s: %w", t.Name, err)
+	}
+	return poolKey{image: spec.GetImage(), vcpus: spec.GetVcpus(), mem: spec.GetMemoryMib(), templateRef: wp.Namespace + "/" + t.Name}, nil
+}
+
+// sync sets every Fireworks pool the SandboxWarmPools ask for to the sum of their
+// replicas, and removes the pool of released (an image a warm pool asked for before)
+// when none asks for it any more. It looks at all of them each time, since pools of one
+// image are shared. Pools it never set (an operator's `fireworks pool set`) it leaves.
+func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) error {
+	var all extv1.SandboxWarmPoolList
+	if err := r.Kube.List(ctx, &all); err != nil {
+		return err
+	}
+	want := map[string]*pb.Pool{}
+	for i := range all.Items {
+		wp := &all.Items[i]
+		if !wp.DeletionTimestamp.IsZero() {
+			continue
+		}
+		key, err := r.keyOf(ctx, wp)
+		if err != nil {
+			continue // its own reconcile reports it
+		}
+		p := want[key.image]
+		if p == nil {
+			p = &pb.Pool{Image: key.image, Vcpus: key.vcpus, MemoryMib: key.mem, InsecureRegistries: r.Cfg.insecureFor(key.image)}
+			want[key.image] = p
+		}
+		if p.GetVcpus() != key.vcpus || p.GetMemoryMib() != key.mem {
+			// One Fireworks pool per image: the first shape keeps it.
+			continue
+		}
+		p.Size += replicasOf(wp)
+	}
+	have, err := r.FW.pools(ctx)
+	if err != nil {
+		return err
+	}
+	for _, p := range want {
+		if i := slices.IndexFunc(have, func(h *pb.Pool) bool { return h.GetImage() == p.GetImage() }); i >= 0 {
+			h := have[i]
+			if h.GetSize() == p.GetSize() && h.GetVcpus() == p.GetVcpus() && h.GetMemoryMib() == p.GetMemoryMib() {
+				continue
+			}
+		}
+		if err := r.FW.setPool(ctx, p); err != nil {
+			return err
+		}
+	}
+	if _, ok := want[released]; released != "" && !ok {
+		return r.FW.deletePool(ctx, released)
+	}
+	return nil
+}
+
+// ready counts the warm microVMs of key's pool booted and waiting on all nodes.
+func (r *SandboxWarmPoolReconciler) ready(ctx context.Context, key poolKey) (int32, error) {
+	pools, err := r.FW.pools(ctx)
+	if err != nil {
+		return 0, err
+	}
+	var n int32
+	for _, p := range pools {
+		if p.GetImage() != key.image {
+			continue
+		}
+		for _, node := range p.GetNodes() {
+			n += node.GetReady()
+		}
+	}
+	return n, nil
+}
+
+func poolsOfTemplate(ctx context.Context, kube client.Client, ns, template string) ([]ctrl.Request, error) {
+	var all extv1.SandboxWarmPoolList
+	if err := kube.List(ctx, &all, client.InNamespace(ns)); err != nil {
+		return nil, err
+	}
+	var out []ctrl.Request
+	for _, wp := range all.Items {
+		if strings.EqualFold(wp.Spec.TemplateRef.Name, template) {
+			out = append(out, ctrl.Request{NamespacedName: client.ObjectKeyFromObject(&wp)})
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,519 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/kubetest"
+)
+
+// kubeToolsEnv carries the directory of the Kubernetes tools (scripts/kube-tools.sh)
+// from the outer run, which builds them with the machine's network, into the run in the
+// private network namespace; kubeToolsErrEnv says why there are none.
+const (
+	kubeToolsEnv    = "FIREWORKS_KUBE_TOOLS"
+	kubeToolsErrEnv = "FIREWORKS_KUBE_TOOLS_ERROR"
+)
+
+// chartDir is the Helm chart, from this package's directory.
+const chartDir = "../../deploy/helm/fireworks"
+
+// kube is the e2e world's Kubernetes control plane (etcd, kube-apiserver,
+// kube-controller-manager, kube-scheduler), started by the first test that needs it and
+// shared by the rest; TestMain stops it.
+var kube struct {
+	once sync.Once
+	cp   *kubetest.ControlPlane
+	err  error
+}
+
+func needKube(t *testing.T) *kubetest.ControlPlane {
+	t.Helper()
+	need(t)
+	tools := os.Getenv(kubeToolsEnv)
+	if tools == "" {
+		testutil.Skipf(t, "the Kubernetes tools were not built (scripts/kube-tools.sh): %s", os.Getenv(kubeToolsErrEnv))
+	}
+	kube.once.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		kube.cp, kube.err = kubetest.Start(ctx, tools, filepath.Join(world.root, "kube"))
+	})
+	if kube.err != nil {
+		t.Fatalf("start the Kubernetes control plane: %v", kube.err)
+	}
+	return kube.cp
+}
+
+func stopKube() {
+	if kube.cp != nil {
+		kube.cp.Stop()
+	}
+}
+
+func kubectl(t *testing.T, cp *kubetest.ControlPlane, stdin string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out, err := cp.Kubectl(ctx, stdin, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func helm(t *testing.T, cp *kubetest.ControlPlane, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	out, err := cp.Helm(ctx, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// kubeJSON reads one object (or a list) as JSON into v.
+func kubeJSON(t *testing.T, cp *kubetest.ControlPlane, v any, args ...string) {
+	t.Helper()
+	out := kubectl(t, cp, "", append(args, "-o", "json")...)
+	if err := json.Unmarshal([]byte(out), v); err != nil {
+		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// The chart is checked the way CI checks any chart, against this very Kubernetes:
+// helm lint, then helm template with several sets of values validated by kubeconform
+// -strict against schemas generated from the API server (its CRDs included), and the
+// same schemas refuse a misspelt field (so the check can fail).
+func TestHelmChartValidates(t *testing.T) {
+	cp := needKube(t)
+	helm(t, cp, "lint", "--strict", chartDir)
+	// The CRDs first, so that their kinds have schemas too.
+	kubectl(t, cp, "", "apply", "--server-side", "-f", filepath.Join(chartDir, "crds"))
+	schemas := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	n, err := kubetest.WriteSchemas(ctx, cp, schemas)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n < 50 {
+		t.Fatalf("only %d schemas written", n)
+	}
+	kubeconform := func(manifests string) (string, error) {
+		cmd := exec.Command(filepath.Join(cp.Tools, "kubeconform"), "-strict", "-summary", "-output", "text",
+			"-schema-location", kubetest.SchemaLocation(schemas), "-")
+		cmd.Stdin = strings.NewReader(manifests)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	for _, values := range [][]string{
+		nil,
+		{"--set", "server.replicas=5", "--set", "edge.tlsSecret=edge-tls", "--set", "edge.e2bAPI=false"},
+		{"--set", "agent.nodeSelector.fireworks\\.dev/agent=true", "--set", "agent.cpus=8", "--set", "agent.memoryMiB=16384", "--set", "agent.labels.zone=a", "--set", "server.persistence.storageClassName=local"},
+		{"--set", "agent.enabled=false", "--set", "edge.enabled=false", "--set", "secrets.existingSecret=mine"},
+	} {
+		args := append([]string{"template", "fw", chartDir, "--namespace", "fireworks", "--include-crds"}, values...)
+		manifests := helm(t, cp, args...)
+		out, err := kubeconform(manifests)
+		if err != nil || !strings.Contains(out, "Invalid: 0, Errors: 0, Skipped: 0") {
+			t.Errorf("kubeconform of helm template %v: %v\n%s", values, err, out)
+		}
+	}
+	// The check can fail: a misspelt field and a wrong type are refused.
+	bad := `apiVersion: apps/v1
+kind: Deployment
+metadata: {name: x}
+spec:
+  replicas: "two"
+  selector: {matchLabels: {a: b}}
+  template:
+    metadata: {labels: {a: b}}
+    spec:
+      containers: [{name: c, image: i, imagePullPolicy: Always, comand: [x]}]
+`
+	if out, err := kubeconform(bad); err == nil || !strings.Contains(out, "comand") || !strings.Contains(out, "replicas") {
+		t.Errorf("kubeconform passed a manifest with a misspelt field and a string for replicas: %v\n%s", err, out)
+	}
+	badSandbox := `apiVersion: agents.x-k8s.io/v1beta1
+kind: Sandbox
+metadata: {name: x}
+spec:
+  operatingMode: Sleeping
+  podTemplate: {spec: {containers: [{name: c, image: i}]}}
+`
+	if out, err := kubeconform(badSandbox); err == nil || !strings.Contains(out, "operatingMode") {
+		t.Errorf("kubeconform passed a Sandbox with an unknown operatingMode: %v\n%s", err, out)
+	}
+}
+
+// helm install against the real API server: every object is accepted by its validation
+// and admission, the StatefulSet and DaemonSet controllers make what they should, and an
+// upgrade keeps the cluster CA and tokens (a new CA would orphan every node certificate
+// and the Raft data).
+func TestHelmChartInstalls(t *testing.T) {
+	cp := needKube(t)
+	ns := "fw-install"
+	helm(t, cp, "install", "fw", chartDir, "--namespace", ns, "--create-namespace", "--set", "server.replicas=3")
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		_, _ = cp.Helm(ctx, "uninstall", "fw", "--namespace", ns)
+		_, _ = cp.Kubectl(ctx, "", "delete", "namespace", ns, "--wait=false")
+	})
+	var secret struct {
+		Data map[string]string `json:"data"`
+	}
+	kubeJSON(t, cp, &secret, "-n", ns, "get", "secret", "fw-fireworks-secrets")
+	for _, k := range []string{"ca.pem", "ca-key.pem", "admin-token", "join-token", "ingress-token", "controller-token"} {
+		if secret.Data[k] == "" {
+			t.Errorf("the chart's Secret has no %s", k)
+		}
+	}
+	var sts struct {
+		Spec struct {
+			Replicas    int    `json:"replicas"`
+			ServiceName string `json:"serviceName"`
+		} `json:"spec"`
+	}
+	kubeJSON(t, cp, &sts, "-n", ns, "get", "statefulset", "fw-fireworks-server")
+	if sts.Spec.Replicas != 3 || sts.Spec.ServiceName != "fw-fireworks-server-peers" {
+		t.Errorf("server StatefulSet: %+v", sts.Spec)
+	}
+	// The StatefulSet controller makes its three pods and their data claims at once
+	// (Parallel), whatever nodes there are.
+	eventuallyWithin(t, time.Minute, "3 server pods and 3 data claims", func() (bool, string) {
+		out := kubectl(t, cp, "", "-n", ns, "get", "pods,pvc", "-o", "name")
+		pods, pvcs := strings.Count(out, "pod/fw-fireworks-server-"), strings.Count(out, "persistentvolumeclaim/data-fw-fireworks-server-")
+		return pods == 3 && pvcs == 3, out
+	})
+	for _, kind := range []string{"daemonset/fw-fireworks-agent", "deployment/fw-fireworks-edge", "poddisruptionbudget/fw-fireworks-server", "service/fw-fireworks-server-peers", "service/fw-fireworks-edge"} {
+		kubectl(t, cp, "", "-n", ns, "get", kind)
+	}
+	helm(t, cp, "upgrade", "fw", chartDir, "--namespace", ns, "--set", "edge.replicas=3")
+	var after struct {
+		Data map[string]string `json:"data"`
+	}
+	kubeJSON(t, cp, &after, "-n", ns, "get", "secret", "fw-fireworks-secrets")
+	for k, v := range secret.Data {
+		if after.Data[k] != v {
+			t.Errorf("helm upgrade changed the Secret's %s", k)
+		}
+	}
+}
+
+// runKubeController starts `fireworks kube-controller` against the control plane and
+// the e2e dev server (its admin token, from the CLI config); it ends with the test.
+func runKubeController(t *testing.T, cp *kubetest.ControlPlane) {
+	t.Helper()
+	logf, err := os.Create(filepath.Join(world.root, "kube-controller.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(world.bin, "kube-controller", "--kubeconfig", cp.Kubeconfig, "--insecure-registry", world.registry,
+		"--health-addr", "0", "--log-level", "debug")
+	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+world.config)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(15 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+		logf.Close()
+		if t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			if len(b) > 8000 {
+				b = b[len(b)-8000:]
+			}
+			t.Logf("kube-controller log (tail):\n%s", b)
+		}
+	})
+}
+
+// sandboxStatus is what the tests read of a Sandbox's status.
+type sandboxStatus struct {
+	Metadata struct {
+		Finalizers []string          `json:"finalizers"`
+		Labels     map[string]string `json:"labels"`
+	} `json:"metadata"`
+	Status struct {
+		SandboxID   string   `json:"sandboxID"`
+		NodeName    string   `json:"nodeName"`
+		ServiceFQDN string   `json:"serviceFQDN"`
+		PodIPs      []string `json:"podIPs"`
+		Conditions  []struct {
+			Type, Status, Reason, Message string
+		} `json:"conditions"`
+	} `json:"status"`
+}
+
+func (s sandboxStatus) cond(typ string) (status, reason, msg string) {
+	for _, c := range s.Status.Conditions {
+		if c.Type == typ {
+			return c.Status, c.Reason, c.Message
+		}
+	}
+	return "", "", ""
+}
+
+func waitSandboxCond(t *testing.T, cp *kubetest.ControlPlane, ns, name, typ, want string, timeout time.Duration) sandboxStatus {
+	t.Helper()
+	var s sandboxStatus
+	eventuallyWithin(t, timeout, fmt.Sprintf("Sandbox %s/%s %s=%s", ns, name, typ, want), func() (bool, string) {
+		s = sandboxStatus{}
+		out, err := cp.Kubectl(context.Background(), "", "-n", ns, "get", "sandboxes.agents.x-k8s.io", name, "-o", "json")
+		if err != nil {
+			return false, err.Error()
+		}
+		if err := json.Unmarshal([]byte(out), &s); err != nil {
+			return false, err.Error()
+		}
+		st, reason, msg := s.cond(typ)
+		return st == want, fmt.Sprintf("%s=%s (%s: %s)", typ, st, reason, msg)
+	})
+	return s
+}
+
+// agent-sandbox's API, served by Fireworks against a real API server: its example
+// manifests' fields (hello-world's Sandbox; a SandboxTemplate, SandboxWarmPool and
+// SandboxClaim as in its aider example) applied with kubectl become microVMs, their
+// status is written back, Suspended pauses and Running resumes with the state kept,
+// the scale subresource sizes the warm pool, a claim takes a warm VM, shutdownTime ends
+// a sandbox, and every delete leaves nothing behind in Fireworks.
+func TestAgentSandboxCRDs(t *testing.T) {
+	cp := needKube(t)
+	kubectl(t, cp, "", "apply", "--server-side", "-f", filepath.Join(chartDir, "crds"))
+	kubectl(t, cp, "", "wait", "--for=condition=Established", "--timeout=60s",
+		"crd/sandboxes.agents.x-k8s.io", "crd/sandboxtemplates.extensions.agents.x-k8s.io",
+		"crd/sandboxwarmpools.extensions.agents.x-k8s.io", "crd/sandboxclaims.extensions.agents.x-k8s.io")
+	runKubeController(t, cp)
+	const ns = "agents"
+	kubectl(t, cp, "", "create", "namespace", ns)
+	kubectl(t, cp, "", "-n", ns, "create", "secret", "generic", "greet", "--from-literal=word=hi")
+	img := image("busybox:latest")
+
+	// hello-world, with a command that leaves a mark and an env from a Secret.
+	hello := fmt.Sprintf(`apiVersion: agents.x-k8s.io/v1beta1
+kind: Sandbox
+metadata:
+  name: hello-world
+spec:
+  podTemplate:
+    spec:
+      containers:
+      - name: my-container
+        image: %s
+        command: ["sh", "-c", "echo hello > /tmp/hello; exec sleep 3600"]
+        env:
+        - name: GREETING
+          valueFrom: {secretKeyRef: {name: greet, key: word}}
+        resources: {limits: {cpu: "1", memory: 256Mi}}
+      restartPolicy: Never
+`, img)
+	kubectl(t, cp, hello, "-n", ns, "apply", "-f", "-")
+	s := waitSandboxCond(t, cp, ns, "hello-world", "Ready", "True", 3*time.Minute)
+	id := s.Status.SandboxID
+	if id == "" || s.Status.NodeName == "" || s.Status.ServiceFQDN != id+".fireworks.localhost" || len(s.Status.PodIPs) != 1 {
+		t.Errorf("Ready Sandbox's status: %+v", s.Status)
+	}
+	if !strings.Contains(strings.Join(s.Metadata.Finalizers, ","), "fireworks.dev/sandbox") {
+		t.Errorf("the Sandbox has no finalizer: %v", s.Metadata.Finalizers)
+	}
+	// From Fireworks' side: a microVM that runs the container's command with its env and
+	// shape, and names its object.
+	waitFile := func(path, want string) {
+		t.Helper()
+		eventuallyWithin(t, time.Minute, "the sandbox's "+path, func() (bool, string) {
+			r := world.cli(context.Background(), nil, "exec", id, "--", "sh", "-c", "cat "+path+"; echo $GREETING")
+			return r.stdout == want, r.stdout + r.stderr
+		})
+	}
+	waitFile("/tmp/hello", "hello\nhi\n")
+	sb := inspect(t, id)
+	spec, _ := sb["spec"].(map[string]any)
+	if meta, _ := spec["metadata"].(map[string]any); meta["k8s.name"] != "hello-world" || meta["k8s.namespace"] != ns {
+		t.Errorf("the microVM's metadata does not name its object: %v", spec["metadata"])
+	}
+	if spec["memory_mib"] != float64(256) || spec["vcpus"] != float64(1) {
+		t.Errorf("the microVM's shape is not the container's limits: vcpus %v memory %v", spec["vcpus"], spec["memory_mib"])
+	}
+
+	// operatingMode Suspended pauses the microVM; Running resumes it with its files.
+	kubectl(t, cp, "", "-n", ns, "patch", "sandboxes.agents.x-k8s.io", "hello-world", "--type=merge", "-p", `{"spec":{"operatingMode":"Suspended"}}`)
+	waitSandboxCond(t, cp, ns, "hello-world", "Suspended", "True", 2*time.Minute)
+	if st := str(inspect(t, id), "status"); st != "paused" {
+		t.Errorf("a Suspended Sandbox's microVM is %s, want paused", st)
+	}
+	kubectl(t, cp, "", "-n", ns, "patch", "sandboxes.agents.x-k8s.io", "hello-world", "--type=merge", "-p", `{"spec":{"operatingMode":"Running"}}`)
+	waitSandboxCond(t, cp, ns, "hello-world", "Ready", "True", 2*time.Minute)
+	waitFile("/tmp/hello", "hello\nhi\n")
+
+	// Deleting the object removes the microVM before the object goes.
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxes.agents.x-k8s.io", "hello-world", "--timeout=2m")
+	if r := world.cli(context.Background(), nil, "inspect", id); r.code == 0 {
+		t.Errorf("the deleted Sandbox's microVM %s still exists: %s", id, r.stdout)
+	}
+
+	// What a microVM cannot run as written is refused with a reason, not half-run.
+	two := fmt.Sprintf(`apiVersion: agents.x-k8s.io/v1beta1
+kind: Sandbox
+metadata: {name: two}
+spec:
+  podTemplate:
+    spec:
+      containers:
+      - {name: a, image: %[1]s}
+      - {name: b, image: %[1]s}
+`, img)
+	kubectl(t, cp, two, "-n", ns, "apply", "-f", "-")
+	eventuallyWithin(t, time.Minute, "the two-container Sandbox refused", func() (bool, string) {
+		var s sandboxStatus
+		kubeJSON(t, cp, &s, "-n", ns, "get", "sandboxes.agents.x-k8s.io", "two")
+		st, reason, msg := s.cond("Ready")
+		return st == "False" && strings.Contains(msg, "2 containers") && s.Status.SandboxID == "", st + " " + reason + " " + msg
+	})
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxes.agents.x-k8s.io", "two", "--timeout=1m")
+
+	// shutdownTime with shutdownPolicy Delete: the microVM and the object go at that time.
+	soon := time.Now().Add(20 * time.Second).UTC().Format(time.RFC3339)
+	short := fmt.Sprintf(`apiVersion: agents.x-k8s.io/v1beta1
+kind: Sandbox
+metadata: {name: short}
+spec:
+  shutdownTime: %s
+  shutdownPolicy: Delete
+  podTemplate:
+    spec:
+      containers:
+      - {name: c, image: %s, command: [sleep, "3600"]}
+`, soon, img)
+	kubectl(t, cp, short, "-n", ns, "apply", "-f", "-")
+	shortID := waitSandboxCond(t, cp, ns, "short", "Ready", "True", 3*time.Minute).Status.SandboxID
+	eventuallyWithin(t, 2*time.Minute, "the expired Sandbox deleted", func() (bool, string) {
+		out, _ := cp.Kubectl(context.Background(), "", "-n", ns, "get", "sandboxes.agents.x-k8s.io", "short", "--ignore-not-found", "-o", "name")
+		return strings.TrimSpace(out) == "", out
+	})
+	if r := world.cli(context.Background(), nil, "inspect", shortID); r.code == 0 {
+		t.Errorf("the expired Sandbox's microVM %s still exists", shortID)
+	}
+
+	// A template, a warm pool of it, and a claim that takes a warm microVM.
+	objs := fmt.Sprintf(`apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxTemplate
+metadata: {name: shell-template}
+spec:
+  envVarsInjectionPolicy: Allowed
+  podTemplate:
+    spec:
+      containers:
+      - name: shell
+        image: %s
+        command: [sh, -c, "echo ready > /tmp/ready; exec sleep 3600"]
+        resources: {requests: {cpu: 500m, memory: 200Mi}}
+---
+apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxWarmPool
+metadata: {name: shell-pool}
+spec:
+  replicas: 1
+  sandboxTemplateRef: {name: shell-template}
+`, img)
+	kubectl(t, cp, objs, "-n", ns, "apply", "-f", "-")
+	var tmpl struct {
+		Status struct {
+			Template string `json:"template"`
+		} `json:"status"`
+	}
+	eventuallyWithin(t, time.Minute, "the SandboxTemplate registered", func() (bool, string) {
+		kubeJSON(t, cp, &tmpl, "-n", ns, "get", "sandboxtemplates.extensions.agents.x-k8s.io", "shell-template")
+		return tmpl.Status.Template != "", "no status.template"
+	})
+	if out := fw(t, 0, "template", "ls").stdout; !strings.Contains(out, tmpl.Status.Template) {
+		t.Errorf("template ls lacks %s:\n%s", tmpl.Status.Template, out)
+	}
+	waitPool(t, img, func(s poolState) bool { return s.Ready >= 1 })
+	readyReplicas := func() int {
+		var wp struct {
+			Status struct {
+				Replicas      int `json:"replicas"`
+				ReadyReplicas int `json:"readyReplicas"`
+			} `json:"status"`
+		}
+		kubeJSON(t, cp, &wp, "-n", ns, "get", "sandboxwarmpools.extensions.agents.x-k8s.io", "shell-pool")
+		return wp.Status.ReadyReplicas
+	}
+	eventuallyWithin(t, time.Minute, "the SandboxWarmPool's readyReplicas", func() (bool, string) {
+		n := readyReplicas()
+		return n == 1, fmt.Sprint(n)
+	})
+	claim := `apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxClaim
+metadata: {name: user-session}
+spec:
+  warmPoolRef: {name: shell-pool}
+  env: [{name: GREETING, value: claimed}]
+`
+	kubectl(t, cp, claim, "-n", ns, "apply", "-f", "-")
+	cs := waitSandboxCond(t, cp, ns, "user-session", "Ready", "True", 3*time.Minute)
+	if cs.Metadata.Labels["agents.x-k8s.io/launch-type"] != "warm" {
+		t.Errorf("the claim's Sandbox labels: %v", cs.Metadata.Labels)
+	}
+	var claimSt struct {
+		Status struct {
+			Sandbox struct {
+				Name string `json:"name"`
+			} `json:"sandbox"`
+		} `json:"status"`
+	}
+	eventuallyWithin(t, time.Minute, "the claim's status names its Sandbox", func() (bool, string) {
+		kubeJSON(t, cp, &claimSt, "-n", ns, "get", "sandboxclaims.extensions.agents.x-k8s.io", "user-session")
+		return claimSt.Status.Sandbox.Name == "user-session", claimSt.Status.Sandbox.Name
+	})
+	claimID := cs.Status.SandboxID
+	if mode := str(details(t, inspect(t, claimID)), "start_mode"); mode != "warm" {
+		t.Errorf("the claim's microVM started %q, want warm (from the pool)", mode)
+	}
+	id = claimID
+	waitFile("/tmp/ready", "ready\nclaimed\n")
+
+	// The scale subresource sizes the Fireworks pool.
+	kubectl(t, cp, "", "-n", ns, "scale", "sandboxwarmpools.extensions.agents.x-k8s.io", "shell-pool", "--replicas=2")
+	waitPool(t, img, func(s poolState) bool { return s.Target == 2 })
+
+	// Deleting the claim deletes its Sandbox (the garbage collector) and so its microVM.
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxclaims.extensions.agents.x-k8s.io", "user-session", "--timeout=1m")
+	eventuallyWithin(t, 2*time.Minute, "the claim's microVM removed", func() (bool, string) {
+		r := world.cli(context.Background(), nil, "inspect", claimID)
+		return r.code != 0, "inspect still finds it: " + str(map[string]any{"s": r.stdout}, "s")
+	})
+	// Deleting the pool and the template removes the Fireworks pool and template.
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxwarmpools.extensions.agents.x-k8s.io", "shell-pool", "--timeout=1m")
+	eventuallyWithin(t, time.Minute, "the Fireworks pool removed", func() (bool, string) {
+		_, found := poolOf(t, img)
+		return !found, "still listed"
+	})
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxtemplates.extensions.agents.x-k8s.io", "shell-template", "--timeout=1m")
+	if out := fw(t, 0, "template", "ls").stdout; strings.Contains(out, tmpl.Status.Template) {
+		t.Errorf("template ls still lists %s:\n%s", tmpl.Status.Template, out)
+	}
+}
