@@ -100,7 +100,9 @@ func TestSpecFromPod(t *testing.T) {
 		unsupported bool
 	}{
 		{"no container", agentsv1.PodTemplate{}, "no container", true},
-		{"two containers", pod(corev1.Container{Name: "a", Image: "i"}, func(ps *corev1.PodSpec) { ps.Containers = append(ps.Containers, corev1.Container{Name: "b", Image: "i"}) }), "2 containers", true},
+		{"two containers", pod(corev1.Container{Name: "a", Image: "i"}, func(ps *corev1.PodSpec) {
+			ps.Containers = append(ps.Containers, corev1.Container{Name: "b", Image: "i"})
+		}), "2 containers", true},
 		{"init container", pod(corev1.Container{Name: "a", Image: "i"}, func(ps *corev1.PodSpec) { ps.InitContainers = []corev1.Container{{Name: "git", Image: "i"}} }), "init containers", true},
 		{"volumes", pod(corev1.Container{Name: "a", Image: "i"}, func(ps *corev1.PodSpec) { ps.Volumes = []corev1.Volume{{Name: "v"}} }), "volumes", true},
 		{"no image", pod(corev1.Container{Name: "a"}), "no image", true},
