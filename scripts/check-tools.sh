@@ -41,6 +41,7 @@ tools=(
   "runc                 runc"
   "tmux                 tmux"
   "buildah              buildah"
+  "etcd                 etcd-server"
   "node                 (Node.js 20.18+: the base image's, see scripts/install-deps.sh)"
   "npm                  (npm, with Node.js)"
   "go                   (scripts/install-deps.sh installs Go to /usr/local/go)"

@@ -16,6 +16,7 @@ pkgs=(
   podman runc                  # differential tests: the same cases through a real container runtime
   tmux                         # TTY tests: a real pseudo-terminal
   buildah                      # fireworks template build: Dockerfiles without a Docker daemon
+  etcd-server                  # the Kubernetes tests' API server stores in it (scripts/kube-tools.sh builds the rest)
   ca-certificates
 )
 missing=()

@@ -2,7 +2,7 @@
 # Builds the Kubernetes tools the Kubernetes tests and the chart checks run, from the Go
 # module proxy (no release binary can be downloaded here), into a cache that later runs on
 # the same machine reuse: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
-# kube-proxy and kubectl of one Kubernetes release, helm, kubeconform and CoreDNS.
+# kube-proxy and kubectl of one Kubernetes release, helm and kubeconform.
 # etcd, containerd, runc and the CNI plugins come from Debian (scripts/install-deps.sh).
 #
 # Prints the directory that holds the binaries. A fresh machine takes ~10-15 minutes on
@@ -18,12 +18,11 @@ KUBE_VERSION=1.35.4
 STAGING_VERSION=0.35.4
 HELM_VERSION=4.3.2
 KUBECONFORM_VERSION=0.7.0
-COREDNS_VERSION=1.14.7
 
 root=${FIREWORKS_KUBE_CACHE:-/var/cache/fireworks/kube}
 # The stamp names every version: a change of any of them builds a new directory.
-out="$root/k${KUBE_VERSION}-h${HELM_VERSION}-c${KUBECONFORM_VERSION}-d${COREDNS_VERSION}"
-bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl helm kubeconform coredns)
+out="$root/k${KUBE_VERSION}-h${HELM_VERSION}-c${KUBECONFORM_VERSION}"
+bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl helm kubeconform)
 
 complete() {
   local b
@@ -96,7 +95,6 @@ start=$(date +%s)
 (build_kubernetes)
 build_module_cmd helm.sh/helm/v4/cmd/helm "v$HELM_VERSION"
 build_module_cmd github.com/yannh/kubeconform/cmd/kubeconform "v$KUBECONFORM_VERSION"
-build_module_cmd github.com/coredns/coredns "v$COREDNS_VERSION"
 log "built in $(( $(date +%s) - start ))s"
 
 rm -rf "$out"

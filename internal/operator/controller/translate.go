@@ -112,7 +112,7 @@ func specFromPod(ctx context.Context, pt agentsv1.PodTemplate, meta objectRef, l
 	case corev1.RestartPolicyOnFailure:
 		spec.Restart = "on-failure"
 	case corev1.RestartPolicyNever:
-		spec.Restart = "no"
+		spec.Restart = "never"
 	}
 	spec.Metadata = map[string]string{MetaNamespace: meta.namespace, MetaName: meta.name, MetaUID: meta.uid, MetaKind: meta.kind}
 	return spec, nil
