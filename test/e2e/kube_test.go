@@ -129,7 +129,8 @@ func TestHelmChartValidates(t *testing.T) {
 		nil,
 		{"--set", "server.replicas=5", "--set", "edge.tlsSecret=edge-tls", "--set", "edge.e2bAPI=false"},
 		{"--set", "agent.nodeSelector.fireworks\\.dev/agent=true", "--set", "agent.cpus=8", "--set", "agent.memoryMiB=16384", "--set", "agent.labels.zone=a", "--set", "server.persistence.storageClassName=local"},
-		{"--set", "agent.enabled=false", "--set", "edge.enabled=false", "--set", "secrets.existingSecret=mine"},
+		{"--set", "agent.enabled=false", "--set", "edge.enabled=false", "--set", "secrets.existingSecret=mine", "--set", "controller.enabled=false"},
+		{"--set", "controller.replicas=2", "--set", "controller.insecureRegistries={registry.local:5000}"},
 	} {
 		args := append([]string{"template", "fw", chartDir, "--namespace", "fireworks", "--include-crds"}, values...)
 		manifests := helm(t, cp, args...)
@@ -205,7 +206,8 @@ func TestHelmChartInstalls(t *testing.T) {
 		pods, pvcs := strings.Count(out, "pod/fw-fireworks-server-"), strings.Count(out, "persistentvolumeclaim/data-fw-fireworks-server-")
 		return pods == 3 && pvcs == 3, out
 	})
-	for _, kind := range []string{"daemonset/fw-fireworks-agent", "deployment/fw-fireworks-edge", "poddisruptionbudget/fw-fireworks-server", "service/fw-fireworks-server-peers", "service/fw-fireworks-edge"} {
+	for _, kind := range []string{"daemonset/fw-fireworks-agent", "deployment/fw-fireworks-edge", "poddisruptionbudget/fw-fireworks-server",
+		"service/fw-fireworks-server-peers", "service/fw-fireworks-edge", "deployment/fw-fireworks-controller", "clusterrole/fw-fireworks-controller"} {
 		kubectl(t, cp, "", "-n", ns, "get", kind)
 	}
 	helm(t, cp, "upgrade", "fw", chartDir, "--namespace", ns, "--set", "edge.replicas=3")

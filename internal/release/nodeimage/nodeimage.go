@@ -116,7 +116,8 @@ func Build(ctx context.Context, o Options) (v1.Image, error) {
 			"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 			assets.KernelSeedEnv + "=" + KernelSeedDir,
 		},
-		Entrypoint: []string{"/usr/local/bin/fireworks"},
+		// No entrypoint: every component names its command (`fireworks server`, ...).
+		Cmd: []string{"fireworks", "--help"},
 		Labels: map[string]string{
 			"org.opencontainers.image.title":   "fireworks",
 			"org.opencontainers.image.version": o.Version,
