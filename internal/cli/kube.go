@@ -9,14 +9,15 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/fireworks-sandbox/fireworks/internal/operator/controller"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
 )
 
 func newKubeControllerCmd(g *globals) *cobra.Command {
 	var (
 		kubeconfig, domain, logLevel, ns, health, metrics string
+		tokensNS                                          string
 		leaderElect                                       bool
-		insecure                                          []string
 	)
 	cmd := &cobra.Command{
 		Use:   "kube-controller",
@@ -24,7 +25,9 @@ func newKubeControllerCmd(g *globals) *cobra.Command {
 		Long: `Run the Kubernetes controller that turns kubernetes-sigs/agent-sandbox objects into
 Fireworks sandboxes, templates and warm pools and writes their status back. It talks to
 the Kubernetes API (in-cluster, or --kubeconfig / $KUBECONFIG) and to the Fireworks API
-(--server, --token: an admin token, since warm pools are cluster-wide). The Helm chart
+(--server, --token: an admin token, since warm pools are cluster-wide; every namespace's
+sandboxes and templates are made with a user token of that namespace's own, which it
+makes once and keeps in the Secret "` + controller.TokensSecret + `" in --tokens-namespace). The Helm chart
 runs it; install the CRDs from deploy/helm/fireworks/crds first when running it by hand.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -36,12 +39,20 @@ runs it; install the CRDs from deploy/helm/fireworks/crds first when running it 
 			if err != nil {
 				return err
 			}
+			base, err := client.LoadConfig(g.server, g.token)
+			if err != nil {
+				return err
+			}
 			fw, err := g.client()
 			if err != nil {
 				return err
 			}
+			if tokensNS == "" {
+				tokensNS = "default"
+			}
 			return controller.Run(ctx, controller.RunConfig{
-				Kube: kc, FW: controller.Fireworks{C: fw}, Cfg: controller.Config{IngressDomain: domain, InsecureRegistries: insecure},
+				Kube: kc, Admin: controller.Fireworks{C: fw}, Base: base, TokensNamespace: tokensNS,
+				Cfg:            controller.Config{IngressDomain: domain},
 				LeaderElection: leaderElect, LeaderElectionNamespace: ns,
 				HealthAddr: health, MetricsAddr: metrics, Log: newLogger(logLevel),
 			})
@@ -50,9 +61,9 @@ runs it; install the CRDs from deploy/helm/fireworks/crds first when running it 
 	fl := cmd.Flags()
 	fl.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster, else $KUBECONFIG or ~/.kube/config)")
 	fl.StringVar(&domain, "ingress-domain", routes.DefaultDomain, "the edge's domain (as on the servers): a Sandbox's serviceFQDN is <sandbox>.DOMAIN")
-	fl.StringSliceVar(&insecure, "insecure-registry", nil, "registries (host[:port]) the Sandboxes' images may be pulled from over plain HTTP or unverified TLS")
 	fl.BoolVar(&leaderElect, "leader-elect", false, "run several replicas with one active (a Lease in --leader-election-namespace)")
 	fl.StringVar(&ns, "leader-election-namespace", os.Getenv("POD_NAMESPACE"), "namespace of the leader election Lease ($POD_NAMESPACE)")
+	fl.StringVar(&tokensNS, "tokens-namespace", os.Getenv("POD_NAMESPACE"), "namespace of the Secret "+controller.TokensSecret+" that keeps each Kubernetes namespace's Fireworks user token ($POD_NAMESPACE, else default)")
 	fl.StringVar(&health, "health-addr", ":8081", "serve /healthz and /readyz here (0: off)")
 	fl.StringVar(&metrics, "metrics-addr", "0", "serve the controller's Prometheus metrics here (0: off)")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

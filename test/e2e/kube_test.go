@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -53,6 +54,15 @@ func needKube(t *testing.T) *kubetest.ControlPlane {
 		t.Fatalf("start the Kubernetes control plane: %v", kube.err)
 	}
 	return kube.cp
+}
+
+func decodeB64(t *testing.T, s string) []byte {
+	t.Helper()
+	b, err := base64.StdEncoding.DecodeString(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 func stopKube() {
@@ -130,7 +140,7 @@ func TestHelmChartValidates(t *testing.T) {
 		{"--set", "server.replicas=5", "--set", "edge.tlsSecret=edge-tls", "--set", "edge.e2bAPI=false"},
 		{"--set", "agent.nodeSelector.fireworks\\.dev/agent=true", "--set", "agent.cpus=8", "--set", "agent.memoryMiB=16384", "--set", "agent.labels.zone=a", "--set", "server.persistence.storageClassName=local"},
 		{"--set", "agent.enabled=false", "--set", "edge.enabled=false", "--set", "secrets.existingSecret=mine", "--set", "controller.enabled=false"},
-		{"--set", "controller.replicas=2", "--set", "controller.insecureRegistries={registry.local:5000}"},
+		{"--set", "controller.replicas=2"},
 	} {
 		args := append([]string{"template", "fw", chartDir, "--namespace", "fireworks", "--include-crds"}, values...)
 		manifests := helm(t, cp, args...)
@@ -230,7 +240,9 @@ func runKubeController(t *testing.T, cp *kubetest.ControlPlane) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(world.bin, "kube-controller", "--kubeconfig", cp.Kubeconfig, "--insecure-registry", world.registry,
+	// The test registry is on loopback, which the node pulls from over plain HTTP for any
+	// token (dev runs with --registry-allow 127.0.0.1/32).
+	cmd := exec.Command(world.bin, "kube-controller", "--kubeconfig", cp.Kubeconfig,
 		"--health-addr", "0", "--log-level", "debug")
 	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+world.config)
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -359,6 +371,25 @@ spec:
 	}
 	waitFile("/tmp/hello", "hello\nhi\n")
 	sb := inspect(t, id)
+	// It belongs to the namespace's own user token, which the controller made and keeps
+	// in a Secret, not to the controller's admin token.
+	toks := fw(t, 0, "token", "ls").stdout
+	nsTok := ""
+	for _, line := range strings.Split(toks, "\n") {
+		if f := strings.Fields(line); len(f) >= 3 && f[1] == "k8s-ns-"+ns && f[2] == "user" {
+			nsTok = f[0]
+		}
+	}
+	if nsTok == "" || str(sb, "owner") != nsTok {
+		t.Errorf("the microVM's owner is %q, want the user token k8s-ns-%s (%q):\n%s", str(sb, "owner"), ns, nsTok, toks)
+	}
+	var tokSecret struct {
+		Data map[string]string `json:"data"`
+	}
+	kubeJSON(t, cp, &tokSecret, "-n", "default", "get", "secret", "fireworks-namespace-tokens")
+	if tokSecret.Data[ns] == "" {
+		t.Errorf("the namespace tokens' Secret has no %s", ns)
+	}
 	spec, _ := sb["spec"].(map[string]any)
 	if meta, _ := spec["metadata"].(map[string]any); meta["k8s.name"] != "hello-world" || meta["k8s.namespace"] != ns {
 		t.Errorf("the microVM's metadata does not name its object: %v", spec["metadata"])
@@ -457,8 +488,13 @@ spec:
 		kubeJSON(t, cp, &tmpl, "-n", ns, "get", "sandboxtemplates.extensions.agents.x-k8s.io", "shell-template")
 		return tmpl.Status.Template != "", "no status.template"
 	})
-	if out := fw(t, 0, "template", "ls").stdout; !strings.Contains(out, tmpl.Status.Template) {
-		t.Errorf("template ls lacks %s:\n%s", tmpl.Status.Template, out)
+	// Templates are their owner's: the namespace's token lists it.
+	nsTokenEnv := []string{"FIREWORKS_TOKEN=" + string(decodeB64(t, tokSecret.Data[ns]))}
+	templates := func() string {
+		return world.cliEnv(context.Background(), nsTokenEnv, nil, "template", "ls").stdout
+	}
+	if out := templates(); !strings.Contains(out, tmpl.Status.Template) {
+		t.Errorf("template ls with the namespace's token lacks %s:\n%s", tmpl.Status.Template, out)
 	}
 	waitPool(t, img, func(s poolState) bool { return s.Ready >= 1 })
 	readyReplicas := func() int {
@@ -522,7 +558,7 @@ spec:
 		return !found, "still listed"
 	})
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxtemplates.extensions.agents.x-k8s.io", "shell-template", "--timeout=1m")
-	if out := fw(t, 0, "template", "ls").stdout; strings.Contains(out, tmpl.Status.Template) {
+	if out := templates(); strings.Contains(out, tmpl.Status.Template) {
 		t.Errorf("template ls still lists %s:\n%s", tmpl.Status.Template, out)
 	}
 }

@@ -8,8 +8,6 @@ package controller
 import (
 	"context"
 	"fmt"
-	"slices"
-	"strings"
 
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -28,19 +26,6 @@ type Config struct {
 	// IngressDomain is the edge's domain: a sandbox's ports answer at
 	// <port>-<sandbox>.<IngressDomain> (its serviceFQDN is <sandbox>.<IngressDomain>).
 	IngressDomain string
-	// InsecureRegistries are registries (host[:port]) pulled from over plain HTTP or
-	// unverified TLS, for the images of every Sandbox (Kubernetes has no per-pod
-	// setting for it; a node's container runtime is configured the same way).
-	InsecureRegistries []string
-}
-
-// insecureFor lists the insecure registries image is pulled from (its registry's, or none).
-func (c Config) insecureFor(image string) []string {
-	host, _, _ := strings.Cut(image, "/")
-	if slices.Contains(c.InsecureRegistries, host) {
-		return []string{host}
-	}
-	return nil
 }
 
 // Scheme is the scheme the controller's client reads and writes: Kubernetes' own kinds
@@ -55,15 +40,16 @@ func Scheme() (*runtime.Scheme, error) {
 	return s, nil
 }
 
-// Setup registers the four reconcilers with mgr.
-func Setup(mgr ctrl.Manager, fw Fireworks, cfg Config) error {
+// Setup registers the four reconcilers with mgr: admin sets warm pools; tenants give
+// each namespace's Sandboxes and SandboxTemplates that namespace's own token.
+func Setup(mgr ctrl.Manager, admin Fireworks, tenants *Tenants, cfg Config) error {
 	kube := mgr.GetClient()
 	if err := ctrl.NewControllerManagedBy(mgr).For(&agentsv1.Sandbox{}).Named("sandbox").
-		Complete(&SandboxReconciler{Kube: kube, FW: fw, Cfg: cfg}); err != nil {
+		Complete(&SandboxReconciler{Kube: kube, Tenants: tenants, Admin: admin, Cfg: cfg}); err != nil {
 		return fmt.Errorf("sandbox controller: %w", err)
 	}
 	if err := ctrl.NewControllerManagedBy(mgr).For(&extv1.SandboxTemplate{}).Named("sandboxtemplate").
-		Complete(&SandboxTemplateReconciler{Kube: kube, FW: fw, Cfg: cfg}); err != nil {
+		Complete(&SandboxTemplateReconciler{Kube: kube, Tenants: tenants, Cfg: cfg}); err != nil {
 		return fmt.Errorf("sandboxtemplate controller: %w", err)
 	}
 	// A template's change (its image, its shape) moves its warm pools' Fireworks pool.
@@ -73,7 +59,7 @@ func Setup(mgr ctrl.Manager, fw Fireworks, cfg Config) error {
 	})
 	if err := ctrl.NewControllerManagedBy(mgr).For(&extv1.SandboxWarmPool{}).Named("sandboxwarmpool").
 		Watches(&extv1.SandboxTemplate{}, poolsOf).
-		Complete(&SandboxWarmPoolReconciler{Kube: kube, FW: fw, Cfg: cfg}); err != nil {
+		Complete(&SandboxWarmPoolReconciler{Kube: kube, FW: admin, Cfg: cfg}); err != nil {
 		return fmt.Errorf("sandboxwarmpool controller: %w", err)
 	}
 	if err := ctrl.NewControllerManagedBy(mgr).For(&extv1.SandboxClaim{}).Named("sandboxclaim").

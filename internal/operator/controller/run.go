@@ -10,13 +10,20 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	fwclient "github.com/fireworks-sandbox/fireworks/internal/shared/client"
 )
 
 // RunConfig is how the controller process runs.
 type RunConfig struct {
 	Kube *rest.Config
-	FW   Fireworks
-	Cfg  Config
+	// Admin is the controller's own (admin) token's client; Base reaches the same servers
+	// and is what namespaces' clients are made from (Tenants).
+	Admin Fireworks
+	Base  fwclient.Config
+	// TokensNamespace keeps the namespaces' tokens (TokensSecret).
+	TokensNamespace string
+	Cfg             Config
 	// LeaderElection lets several replicas run with one active; its Lease lives in
 	// LeaderElectionNamespace.
 	LeaderElection          bool
@@ -65,7 +72,8 @@ func Run(ctx context.Context, rc RunConfig) error {
 			return err
 		}
 	}
-	if err := Setup(mgr, rc.FW, rc.Cfg); err != nil {
+	tenants := &Tenants{Admin: rc.Admin.C, Base: rc.Base, Kube: mgr.GetClient(), Namespace: rc.TokensNamespace}
+	if err := Setup(mgr, rc.Admin, tenants, rc.Cfg); err != nil {
 		return err
 	}
 	log.Info("agent-sandbox controller starting", "ingress_domain", rc.Cfg.IngressDomain, "leader_election", rc.LeaderElection)

@@ -36,9 +36,12 @@ const (
 
 // SandboxReconciler runs a microVM for every Sandbox.
 type SandboxReconciler struct {
-	Kube client.Client
-	FW   Fireworks
-	Cfg  Config
+	Kube    client.Client
+	Tenants *Tenants
+	// Admin reads where a microVM runs (its node and address), which a user token is
+	// not told.
+	Admin Fireworks
+	Cfg   Config
 }
 
 func (r *SandboxReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
@@ -47,11 +50,16 @@ func (r *SandboxReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ct
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
 	name := fireworksName("", sb.Name, string(sb.UID))
+	fw, err := r.Tenants.For(ctx, sb.Namespace)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
 	if !sb.DeletionTimestamp.IsZero() {
 		if !controllerutil.ContainsFinalizer(&sb, Finalizer) {
 			return ctrl.Result{}, nil
 		}
-		if err := r.FW.remove(ctx, name); err != nil {
+		if err := fw.remove(ctx, name); err != nil {
+			r.forgetIfRevoked(ctx, sb.Namespace, err)
 			return ctrl.Result{}, err
 		}
 		controllerutil.RemoveFinalizer(&sb, Finalizer)
@@ -63,7 +71,7 @@ func (r *SandboxReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ct
 		}
 	}
 	before := sb.Status.DeepCopy()
-	res, err := r.reconcile(ctx, &sb, name)
+	res, err := r.reconcile(ctx, fw, &sb, name)
 	if sb.Status.SandboxID == "" && errors.Is(err, errGone) {
 		return ctrl.Result{}, nil
 	}
@@ -82,11 +90,18 @@ func (r *SandboxReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ct
 // policy is Delete); there is no status to write.
 var errGone = errors.New("deleted")
 
-func (r *SandboxReconciler) reconcile(ctx context.Context, sb *agentsv1.Sandbox, name string) (ctrl.Result, error) {
+// forgetIfRevoked drops a namespace's token the servers no longer take.
+func (r *SandboxReconciler) forgetIfRevoked(ctx context.Context, ns string, err error) {
+	if connect.CodeOf(err) == connect.CodeUnauthenticated {
+		r.Tenants.Forget(ctx, ns)
+	}
+}
+
+func (r *SandboxReconciler) reconcile(ctx context.Context, fwc Fireworks, sb *agentsv1.Sandbox, name string) (ctrl.Result, error) {
 	gen := sb.Generation
 	now := time.Now()
 	if t := sb.Spec.ShutdownTime; t != nil && !now.Before(t.Time) {
-		if err := r.FW.remove(ctx, name); err != nil {
+		if err := fwc.remove(ctx, name); err != nil {
 			return ctrl.Result{}, err
 		}
 		if p := sb.Spec.ShutdownPolicy; p != nil && *p == agentsv1.ShutdownPolicyDelete {
@@ -100,8 +115,9 @@ func (r *SandboxReconciler) reconcile(ctx context.Context, sb *agentsv1.Sandbox,
 		return ctrl.Result{}, nil
 	}
 	suspended := sb.Spec.OperatingMode == agentsv1.OperatingModeSuspended
-	fw, err := r.FW.get(ctx, name)
+	fw, err := fwc.get(ctx, name)
 	if err != nil {
+		r.forgetIfRevoked(ctx, sb.Namespace, err)
 		setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, "Fireworks: "+err.Error(), gen)
 		return ctrl.Result{RequeueAfter: pollError}, nil
 	}
@@ -128,8 +144,7 @@ func (r *SandboxReconciler) reconcile(ctx context.Context, sb *agentsv1.Sandbox,
 			return ctrl.Result{RequeueAfter: pollError}, nil // a Secret may appear
 		}
 		spec.Template = sb.Annotations[TemplateRefAnnotation]
-		spec.InsecureRegistries = r.Cfg.insecureFor(spec.GetImage())
-		if fw, err = r.FW.create(ctx, name, spec); err != nil {
+		if fw, err = fwc.create(ctx, name, spec); err != nil {
 			setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, "Fireworks: "+err.Error(), gen)
 			if connect.CodeOf(err) == connect.CodeInvalidArgument {
 				return ctrl.Result{}, nil
@@ -140,19 +155,22 @@ func (r *SandboxReconciler) reconcile(ctx context.Context, sb *agentsv1.Sandbox,
 	status := fw.GetStatus()
 	switch {
 	case suspended && (status == "running" || status == "starting"):
-		p, err := r.FW.pause(ctx, fw.GetId())
+		p, err := fwc.pause(ctx, fw.GetId())
 		if err != nil {
 			setCond(&sb.Status.Conditions, agentsv1.ConditionSuspended, metav1.ConditionFalse, agentsv1.ReasonSuspendedTerminating, "pause: "+err.Error(), gen)
 			return ctrl.Result{RequeueAfter: pollError}, nil
 		}
 		fw = p
 	case !suspended && status == "paused":
-		p, err := r.FW.resume(ctx, fw.GetId())
+		p, err := fwc.resume(ctx, fw.GetId())
 		if err != nil {
 			setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, "resume: "+err.Error(), gen)
 			return ctrl.Result{RequeueAfter: pollError}, nil
 		}
 		fw = p
+	}
+	if full, err := r.Admin.get(ctx, fw.GetId()); err == nil && full != nil {
+		fw = full
 	}
 	return withShutdown(r.observe(sb, fw, gen), sb, now), nil
 }

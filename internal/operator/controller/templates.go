@@ -22,9 +22,9 @@ import (
 // (image, shape and environment), so that it is listed beside the others and E2B's API
 // can start it by name too.
 type SandboxTemplateReconciler struct {
-	Kube client.Client
-	FW   Fireworks
-	Cfg  Config
+	Kube    client.Client
+	Tenants *Tenants
+	Cfg     Config
 }
 
 // templateSpec is the Fireworks spec a SandboxTemplate's sandboxes start with.
@@ -38,11 +38,15 @@ func (r *SandboxTemplateReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
 	name := fireworksName("", t.Name, string(t.UID))
+	fw, err := r.Tenants.For(ctx, t.Namespace)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
 	if !t.DeletionTimestamp.IsZero() {
 		if !controllerutil.ContainsFinalizer(&t, Finalizer) {
 			return ctrl.Result{}, nil
 		}
-		if err := r.FW.deleteTemplate(ctx, name); err != nil {
+		if err := fw.deleteTemplate(ctx, name); err != nil {
 			return ctrl.Result{}, err
 		}
 		controllerutil.RemoveFinalizer(&t, Finalizer)
@@ -57,7 +61,7 @@ func (r *SandboxTemplateReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 	res := ctrl.Result{}
 	spec, err := templateSpec(ctx, r.Kube, &t)
 	if err == nil {
-		_, err = r.FW.putTemplate(ctx, &pb.NamedTemplate{Name: name, Image: spec.GetImage(), Vcpus: spec.GetVcpus(), MemoryMib: spec.GetMemoryMib(), Env: spec.GetEnv()})
+		_, err = fw.putTemplate(ctx, &pb.NamedTemplate{Name: name, Image: spec.GetImage(), Vcpus: spec.GetVcpus(), MemoryMib: spec.GetMemoryMib(), Env: spec.GetEnv()})
 	}
 	if err != nil {
 		setCond(&t.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, err.Error(), t.Generation)
@@ -197,7 +201,7 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) e
 		}
 		p := want[key.image]
 		if p == nil {
-			p = &pb.Pool{Image: key.image, Vcpus: key.vcpus, MemoryMib: key.mem, InsecureRegistries: r.Cfg.insecureFor(key.image)}
+			p = &pb.Pool{Image: key.image, Vcpus: key.vcpus, MemoryMib: key.mem}
 			want[key.image] = p
 		}
 		if p.GetVcpus() != key.vcpus || p.GetMemoryMib() != key.mem {
