@@ -17,6 +17,7 @@ pkgs=(
   tmux                         # TTY tests: a real pseudo-terminal
   buildah                      # fireworks template build: Dockerfiles without a Docker daemon
   etcd-server                  # the Kubernetes tests' API server stores in it (scripts/kube-tools.sh builds the rest)
+  containerd containernetworking-plugins  # the Kubernetes tests' node: the kubelet's container runtime and pod network (bridge, host-local)
   ca-certificates
 )
 missing=()

@@ -2,7 +2,8 @@
 # Builds the Kubernetes tools the Kubernetes tests and the chart checks run, from the Go
 # module proxy (no release binary can be downloaded here), into a cache that later runs on
 # the same machine reuse: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
-# kube-proxy and kubectl of one Kubernetes release, helm and kubeconform.
+# kube-proxy and kubectl of one Kubernetes release, CoreDNS (the test node's cluster DNS),
+# helm and kubeconform.
 # etcd, containerd, runc and the CNI plugins come from Debian (scripts/install-deps.sh).
 #
 # Prints the directory that holds the binaries. A fresh machine takes ~10-15 minutes on
@@ -18,11 +19,13 @@ KUBE_VERSION=1.35.4
 STAGING_VERSION=0.35.4
 HELM_VERSION=4.3.2
 KUBECONFORM_VERSION=0.7.0
+# Built against the same client-go (v0.35.4) as the rest.
+COREDNS_VERSION=1.14.7
 
 root=${FIREWORKS_KUBE_CACHE:-/var/cache/fireworks/kube}
 # The stamp names every version: a change of any of them builds a new directory.
-out="$root/k${KUBE_VERSION}-h${HELM_VERSION}-c${KUBECONFORM_VERSION}"
-bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl helm kubeconform)
+out="$root/k${KUBE_VERSION}-h${HELM_VERSION}-c${KUBECONFORM_VERSION}-d${COREDNS_VERSION}"
+bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl coredns helm kubeconform)
 
 complete() {
   local b
@@ -84,6 +87,39 @@ build_kubernetes() {
     k8s.io/kubernetes/cmd/kube-proxy k8s.io/kubernetes/cmd/kubectl
 }
 
+# CoreDNS with the plugins a cluster's DNS needs and no more (its own main imports every
+# plugin, cloud providers' SDKs included): its documented way to choose plugins is a main
+# of one's own that imports them and sets the directive order.
+build_coredns() {
+  local m=$work/coredns
+  mkdir -p "$m"
+  cd "$m"
+  printf 'module fireworks.local/corednsbuild\n\ngo 1.25.0\n\nrequire github.com/coredns/coredns v%s\n' "$COREDNS_VERSION" >go.mod
+  cat >main.go <<'EOF'
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func main() {
+	// The order in which the plugins see a query.
+	dnsserver.Directives = []string{"log", "errors", "health", "ready", "cache", "kubernetes"}
+	coremain.Run()
+}
+EOF
+  log "building CoreDNS v$COREDNS_VERSION (cache, errors, health, kubernetes, log, ready)"
+  CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$work/bin/coredns" .
+}
+
 # The others publish ordinary modules.
 build_module_cmd() {
   local pkg=$1 ver=$2
@@ -93,6 +129,7 @@ build_module_cmd() {
 
 start=$(date +%s)
 (build_kubernetes)
+(build_coredns)
 build_module_cmd helm.sh/helm/v4/cmd/helm "v$HELM_VERSION"
 build_module_cmd github.com/yannh/kubeconform/cmd/kubeconform "v$KUBECONFORM_VERSION"
 log "built in $(( $(date +%s) - start ))s"
@@ -100,5 +137,9 @@ log "built in $(( $(date +%s) - start ))s"
 rm -rf "$out"
 mkdir -p "$out"
 mv "$work/bin" "$out/bin"
+# Builds of other versions are not used any more.
+for d in "$root"/k*; do
+  [ "$d" = "$out" ] || rm -rf "$d"
+done
 complete || { log "missing binaries in $out/bin"; exit 1; }
 echo "$out/bin"

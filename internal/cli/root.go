@@ -103,7 +103,9 @@ func Main(ctx context.Context, args []string) int {
 func (g *globals) describe(err error) string {
 	where := g.contacted
 	if where == "" {
-		where = client.DefaultServer
+		// No API client was made: the error is a long-running command's own (an agent
+		// that cannot reach its --server says which itself), not the CLI's.
+		return err.Error()
 	}
 	unreachable := "cannot reach the Fireworks server at " + where
 	if where == client.DefaultServer {

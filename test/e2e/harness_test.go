@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
@@ -26,17 +27,19 @@ import (
 
 // env is the shared world of the e2e tests.
 type env struct {
-	root      string // temp dir for everything below
-	bin       string // fireworks binary
-	initBin   string
-	dataDir   string
-	config    string // CLI config path
-	registry  string // host:port of the in-process registry
-	skip      string // why the e2e tests cannot run here, if they cannot
-	mu        sync.Mutex
-	dev       *exec.Cmd
-	devLog    *os.File
-	devExited chan struct{}
+	root     string // temp dir for everything below
+	bin      string // fireworks binary
+	initBin  string
+	dataDir  string
+	config   string // CLI config path
+	registry string // host:port of the in-process registry
+	// registryHandler serves it (tests serve it at other addresses too).
+	registryHandler http.Handler
+	skip            string // why the e2e tests cannot run here, if they cannot
+	mu              sync.Mutex
+	dev             *exec.Cmd
+	devLog          *os.File
+	devExited       chan struct{}
 }
 
 var world env
@@ -70,7 +73,8 @@ func TestMain(m *testing.M) {
 			fmt.Fprintln(os.Stderr, "e2e: build:", err)
 			return 1
 		}
-		reg := httptest.NewServer(registry.New(registry.Logger(nopLogger())))
+		world.registryHandler = registry.New(registry.Logger(nopLogger()))
+		reg := httptest.NewServer(world.registryHandler)
 		defer reg.Close()
 		world.registry = strings.TrimPrefix(reg.URL, "http://")
 		if err := pushTestImages(world.registry); err != nil {

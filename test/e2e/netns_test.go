@@ -74,6 +74,27 @@ func inPrivateNetNS() (rc int, again bool) {
 				os.Setenv(kubeToolsEnv, dir)
 			})
 		}
+		// The node image (make image's), for the chart on a real kubelet: its base root
+		// comes from the Debian mirror (cached between runs) and its kernel seed from apt.
+		if os.Getenv(nodeImageEnv) == "" {
+			if tmp == "" {
+				var err error
+				if tmp, err = os.MkdirTemp("", "fwe2e-debian"); err != nil {
+					return err
+				}
+			}
+			dir := filepath.Join(tmp, "node-image")
+			wg.Go(func() {
+				start := time.Now()
+				path, err := buildNodeImage(ctx, dir)
+				if err != nil {
+					os.Setenv(nodeImageErrEnv, err.Error())
+					return
+				}
+				fmt.Fprintf(os.Stderr, "e2e: node image built in %s\n", time.Since(start).Round(time.Second))
+				os.Setenv(nodeImageEnv, path)
+			})
+		}
 		var serr error
 		if os.Getenv(e2bSDKEnv) == "" {
 			if _, err := exec.LookPath("npm"); err == nil {

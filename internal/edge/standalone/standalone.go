@@ -26,6 +26,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/shared/ingress"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
 )
 
 // Config is an edge.
@@ -45,8 +46,10 @@ type Config struct {
 	Log      *slog.Logger
 }
 
-// Run serves the edge until ctx ends. Start-up fails fast (bad token, wrong CA, no
-// server): those are configuration errors; once running, the edge rides out outages.
+// Run serves the edge until ctx ends. Start-up waits for the servers while none answers
+// (edges are started with them, e.g. by one Helm install) and fails fast when refused (a
+// bad token, a wrong CA): those are configuration errors. Once running, the edge rides
+// out outages.
 func Run(ctx context.Context, cfg Config) error {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
@@ -57,13 +60,26 @@ func Run(ctx context.Context, cfg Config) error {
 	var wg sync.WaitGroup
 	defer func() { cancel(); wg.Wait() }()
 	var cert edgeCert
-	next, err := cert.renew(bg, cfg.Client, cfg.Name)
-	if err != nil {
-		return err
-	}
-	stream, first, err := openRoutes(bg, cfg.Client)
-	if err != nil {
-		return err
+	var next time.Time
+	var stream *connect.ServerStreamForClient[pb.RouteTable]
+	var first *pb.RouteTable
+	for wait := time.Second; ; wait = min(2*wait, 15*time.Second) {
+		var err error
+		if next, err = cert.renew(bg, cfg.Client, cfg.Name); err == nil {
+			stream, first, err = openRoutes(bg, cfg.Client)
+		}
+		if err == nil {
+			break
+		}
+		if !rpc.NoServerYet(err) {
+			return err
+		}
+		cfg.Log.Warn("ingress: no server answered yet; trying again", "in", wait, "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (gave up: %w)", err, ctx.Err())
+		case <-time.After(wait):
+		}
 	}
 	domain := cfg.Domain
 	if domain == "" {

@@ -9,10 +9,12 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"connectrpc.com/connect"
@@ -20,6 +22,7 @@ import (
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
 )
 
 // Identity is the node's credentials in the cluster.
@@ -69,6 +72,25 @@ func EnsureIdentity(ctx context.Context, dir, node, joinToken string, servers, a
 	if err != nil {
 		return nil, err
 	}
+	// Servers that are not up yet (a DaemonSet's agents start with the servers) are waited
+	// for: the join is tried again until ctx ends. A refusal (a bad token, another
+	// cluster's CA) ends it at once.
+	for wait := time.Second; ; wait = min(2*wait, 15*time.Second) {
+		id, err := join(ctx, dir, node, tok, pin, csr, keyPEM, slices.Clone(servers), addresses)
+		if err == nil || !rpc.NoServerYet(err) {
+			return id, err
+		}
+		slog.Warn("joining the cluster: no server answered yet; trying again", "in", wait, "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w (gave up: %w)", err, ctx.Err())
+		case <-time.After(wait):
+		}
+	}
+}
+
+// join asks each server in turn to sign the node's certificate.
+func join(ctx context.Context, dir, node string, tok pki.JoinToken, pin *pki.PinnedCA, csr, keyPEM []byte, servers, addresses []string) (*Identity, error) {
 	var lastErr error
 	for _, srv := range servers {
 		cfg := pin.ClientTLS(nil)

@@ -163,6 +163,20 @@ func baseLayerTar(ctx context.Context, o Options) (string, error) {
 		o.Log.Info("reusing the cached base root", "layer", path)
 		return path, nil
 	}
+	// One debootstrap at a time per cache: the tests of two packages build the image at
+	// once on a fresh machine, and the second takes what the first made.
+	lock, err := os.OpenFile(filepath.Join(o.CacheDir, ".base.lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return "", err
+	}
+	defer lock.Close() // closing releases the lock
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return "", fmt.Errorf("lock the image cache %s: %w", o.CacheDir, err)
+	}
+	if _, err := os.Stat(path); err == nil {
+		o.Log.Info("reusing the base root another build made", "layer", path)
+		return path, nil
+	}
 	work, err := os.MkdirTemp(o.CacheDir, "base-")
 	if err != nil {
 		return "", err
@@ -286,11 +300,13 @@ func appLayerTar(ctx context.Context, o Options) (string, error) {
 	return path, nil
 }
 
-// sweepOld removes the work directories of earlier builds (keep is this build's).
+// sweepOld removes the work directories of earlier builds (keep is this build's). Only
+// those an hour old: another build (tests of two packages make the image at once) may
+// still be writing its image from its own.
 func sweepOld(dir, prefix, keep string) {
 	old, _ := filepath.Glob(filepath.Join(dir, prefix+"*"))
 	for _, p := range old {
-		if p != keep {
+		if fi, err := os.Stat(p); err == nil && p != keep && time.Since(fi.ModTime()) > time.Hour {
 			_ = os.RemoveAll(p)
 		}
 	}

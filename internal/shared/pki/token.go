@@ -146,8 +146,19 @@ func PinnedCAVerifier(fingerprint string) (*PinnedCA, error) {
 	return &PinnedCA{pin: pin}, nil
 }
 
+// ErrPinRefused is in the chain of every error VerifyPeerCertificate returns: a server
+// that is not the pinned cluster's (trying again will not help).
+var ErrPinRefused = errors.New("server refused by the join token's CA pin")
+
 // VerifyPeerCertificate has the signature of tls.Config.VerifyPeerCertificate.
 func (p *PinnedCA) VerifyPeerCertificate(rawCerts [][]byte, _ [][]*x509.Certificate) error {
+	if err := p.verify(rawCerts); err != nil {
+		return fmt.Errorf("%w: %w", ErrPinRefused, err)
+	}
+	return nil
+}
+
+func (p *PinnedCA) verify(rawCerts [][]byte) error {
 	if len(rawCerts) == 0 {
 		return errors.New("pinned CA: server presented no certificate")
 	}

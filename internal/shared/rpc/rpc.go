@@ -6,6 +6,8 @@ package rpc
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,6 +20,7 @@ import (
 	"connectrpc.com/connect"
 
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 )
 
 // MaxRequestBytes bounds one request message, decompressed (Connect decompresses a gzip
@@ -167,3 +170,22 @@ func ReadExecStart(stream interface {
 // changed (NodeService.WatchAssignments): the node's proof that the stream lives (it
 // starts its session over after three silent periods).
 const AssignmentsRefresh = 20 * time.Second
+
+// NoServerYet says whether a call failed for want of a server (none reachable, none
+// leading, none answering in time), not because one refused it: a process started
+// together with its servers (an agent, an edge) waits on the first and stops on the
+// second. A server that fails certificate verification (another cluster's, an impostor)
+// is a refusal.
+func NoServerYet(err error) bool {
+	var cv *tls.CertificateVerificationError
+	var ua x509.UnknownAuthorityError
+	var hn x509.HostnameError
+	if errors.As(err, &cv) || errors.As(err, &ua) || errors.As(err, &hn) || errors.Is(err, pki.ErrPinRefused) {
+		return false
+	}
+	switch connect.CodeOf(err) {
+	case connect.CodeUnavailable, connect.CodeDeadlineExceeded:
+		return true
+	}
+	return false
+}

@@ -53,6 +53,11 @@ type ControlPlane struct {
 	// issued from them).
 	CAFile, CAKeyFile string
 
+	port   int
+	ca     *x509.Certificate
+	caKey  *ecdsa.PrivateKey
+	issued int64 // serial numbers of certificates issued
+
 	mu    sync.Mutex
 	procs []*proc
 }
@@ -99,16 +104,22 @@ func Start(ctx context.Context, tools, dir string) (_ *ControlPlane, err error) 
 		return nil, err
 	}
 	cp.URL = fmt.Sprintf("https://127.0.0.1:%d", ports[2])
+	cp.port = ports[2]
+	// It listens on every address (the tests run in a network namespace of their own) so
+	// that a node (StartNode) reaches it at HostLinkIP, and advertises that address: pods
+	// reach the `kubernetes` Service through kube-proxy to there.
 	if err := cp.start("kube-apiserver", filepath.Join(tools, "kube-apiserver"),
 		"--etcd-servers="+etcdClient,
-		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--secure-port="+strconv.Itoa(ports[2]),
+		"--bind-address=0.0.0.0", "--advertise-address="+HostLinkIP, "--secure-port="+strconv.Itoa(ports[2]),
 		"--tls-cert-file="+pki["apiserver.crt"], "--tls-private-key-file="+pki["apiserver.key"],
 		"--client-ca-file="+pki["ca.crt"],
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file="+pki["sa.pub"], "--service-account-signing-key-file="+pki["sa.key"],
-		"--service-cluster-ip-range=10.96.0.0/16",
+		"--service-cluster-ip-range="+ServiceCIDR,
 		"--authorization-mode=Node,RBAC", "--allow-privileged=true",
 		"--kubelet-client-certificate="+pki["admin.crt"], "--kubelet-client-key="+pki["admin.key"],
+		// Nodes by their InternalIP, not by a name the machine's resolver does not know.
+		"--kubelet-preferred-address-types=InternalIP",
 		"--enable-priority-and-fairness=false", "--v=0"); err != nil {
 		return nil, err
 	}
@@ -283,7 +294,7 @@ func (cp *ControlPlane) makePKI() (map[string]string, error) {
 		if server {
 			t.ExtKeyUsage = append(t.ExtKeyUsage, x509.ExtKeyUsageServerAuth)
 			t.DNSNames = []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"}
-			t.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1), net.ParseIP("10.96.0.1")}
+			t.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1), net.ParseIP("10.96.0.1"), net.ParseIP(HostLinkIP)}
 		}
 		der, err := x509.CreateCertificate(rand.Reader, t, ca, k.Public(), caKey)
 		if err != nil {
@@ -323,6 +334,7 @@ func (cp *ControlPlane) makePKI() (map[string]string, error) {
 	errs = append(errs, write("sa.key", pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: saDER})),
 		write("sa.pub", pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: saPub})))
 	cp.CAFile, cp.CAKeyFile = paths["ca.crt"], paths["ca.key"]
+	cp.ca, cp.caKey, cp.issued = ca, caKey, 10
 	return paths, errors.Join(errs...)
 }
 
