@@ -25,6 +25,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
@@ -44,6 +45,7 @@ func newServerCmd(g *globals) *cobra.Command {
 		envoyTLSDir           string
 		joinTok, ingressTok   string
 		controllerTok         string
+		nodeScale             nodeScaleFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "server",
@@ -76,8 +78,18 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 					cfg.BootstrapTokens = append(cfg.BootstrapTokens, bt)
 				}
 			}
+			if err := nodeScale.check(); err != nil {
+				return err
+			}
 			cfg.ControlPlane = func(store *state.Store, log *slog.Logger) serverproc.ControlPlane {
-				return leader.New(store, leader.Config{HeartbeatTTL: heartbeatTTL}, log)
+				m := leader.New(store, leader.Config{HeartbeatTTL: heartbeatTTL}, log)
+				// Validated by check above: an error here is not expected.
+				if a, err := nodeScale.autoscaler(store, scheduler.Config{}, log); err != nil {
+					log.Error("node autoscaler not started", "err", err)
+				} else if a != nil {
+					m.SetNodeScaler(a)
+				}
+				return m
 			}
 			cfg.HeartbeatInterval = heartbeatTTL / 3
 			cfg.XDS = xds.Config{ListenPort: envoyPort}
@@ -110,6 +122,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	fl.DurationVar(&cfg.MaxStale, "max-stale", serverproc.DefaultMaxStale, "serve --stale reads only while this server heard from the leader within this long (a token revoked meanwhile reads here until then)")
 	registerLimitFlags(fl, &cfg.Limits)
+	nodeScale.register(fl)
 	return cmd
 }
 

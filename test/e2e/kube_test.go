@@ -48,7 +48,9 @@ func needKube(t *testing.T) *kubetest.ControlPlane {
 	kube.once.Do(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
-		kube.cp, kube.err = kubetest.Start(ctx, tools, filepath.Join(world.root, "kube"))
+		// The e2e run has a network namespace of its own: the API server may listen on
+		// every address of it, for the node of TestHelmChartOnARealNode.
+		kube.cp, kube.err = kubetest.Start(ctx, tools, filepath.Join(world.root, "kube"), kubetest.ForNodes())
 	})
 	if kube.err != nil {
 		t.Fatalf("start the Kubernetes control plane: %v", kube.err)
@@ -141,6 +143,8 @@ func TestHelmChartValidates(t *testing.T) {
 		{"--set", "agent.nodeSelector.fireworks\\.dev/agent=true", "--set", "agent.cpus=8", "--set", "agent.memoryMiB=16384", "--set", "agent.labels.zone=a", "--set", "server.persistence.storageClassName=local"},
 		{"--set", "agent.enabled=false", "--set", "edge.enabled=false", "--set", "secrets.existingSecret=mine", "--set", "controller.enabled=false"},
 		{"--set", "controller.replicas=2"},
+		{"--set", "autoscaler.enabled=true", "--set", "autoscaler.max=10", "--set", "agent.nodeSelector.pool=sandboxes",
+			"--set", "agent.tolerations[0].key=pool", "--set", "agent.tolerations[0].operator=Exists", "--set", "agent.hostModules=false"},
 	} {
 		args := append([]string{"template", "fw", chartDir, "--namespace", "fireworks", "--include-crds"}, values...)
 		manifests := helm(t, cp, args...)

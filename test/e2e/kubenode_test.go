@@ -134,6 +134,9 @@ agent:
   extraArgs: ["--registry-allow=%[4]s/32"]
 edge: {tolerations: %[2]s, replicas: 1}
 controller: {tolerations: %[2]s}
+# The node autoscaler, on the leader: with one node and min 1 it orders and gives back
+# nothing here, but marks the node in use for cluster-autoscaler.
+autoscaler: {enabled: true, max: 1}
 `, nodeImageTag, tol, filepath.Join(dir, "agent-data"), kubetest.HostLinkIP)), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -227,6 +230,14 @@ spec:
 	if got := cli(t, 0, "exec", sandboxID, "--", "cat", "/tmp/hello"); strings.TrimSpace(got) != "from-a-sandbox-object" {
 		t.Fatalf("the Sandbox's microVM: /tmp/hello = %q", got)
 	}
+
+	// The node autoscaler in the servers reached the Kubernetes API with the chart's
+	// RBAC: node-1 is marked as registered and in use (cluster-autoscaler leaves it be).
+	eventuallyWithin(t, time.Minute, "node-1 marked by the node autoscaler", func() (bool, string) {
+		out := kubectl(t, cp, "", "get", "node", "node-1", "-o",
+			`jsonpath={.metadata.labels.fireworks\.dev/registered} {.metadata.annotations.cluster-autoscaler\.kubernetes\.io/scale-down-disabled}`)
+		return out == "true true", out
+	})
 
 	// Every record, then a rolling restart of the servers (each comes back with its
 	// volume; the Raft log and snapshots are on it).

@@ -89,6 +89,8 @@ type Manager struct {
 	mover  VolumeMover
 	moving map[string]bool
 	moves  sync.WaitGroup
+	// nodeScaler asks for nodes and gives idle ones back (nil: none).
+	nodeScaler NodeScaler
 }
 
 // Hold records that a call here paused sandbox id for its save and will resume it: a
@@ -235,7 +237,27 @@ func (m *Manager) Pass(ctx context.Context) error {
 	errs = append(errs, m.restart(ctx, now, m.store.LocalSandboxes()))
 	sbs, nodes = m.store.LocalSandboxes(), m.store.LocalNodes()
 	errs = append(errs, m.place(ctx, now, nodes, sbs))
+	// Last: the autoscaler sees what placement could not place.
+	m.mu.Lock()
+	ns := m.nodeScaler
+	m.mu.Unlock()
+	if ns != nil {
+		errs = append(errs, ns.Pass(ctx, now))
+	}
 	return errors.Join(errs...)
+}
+
+// NodeScaler is the node autoscaler (internal/controlplane/nodescale), run at the end
+// of every pass while this server leads.
+type NodeScaler interface {
+	Pass(ctx context.Context, now time.Time) error
+}
+
+// SetNodeScaler sets the node autoscaler (nil: none).
+func (m *Manager) SetNodeScaler(ns NodeScaler) {
+	m.mu.Lock()
+	m.nodeScaler = ns
+	m.mu.Unlock()
 }
 
 // endMigrations ends the live migrations that cannot commit any more: past their

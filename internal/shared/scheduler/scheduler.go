@@ -156,6 +156,10 @@ func DefaultConfig() Config {
 	}
 }
 
+// Resolved is c with its defaults filled in, or an error for values that would make
+// capacity meaningless.
+func (c Config) Resolved() (Config, error) { return c.resolve() }
+
 // resolve fills defaults and rejects values that would make capacity meaningless.
 func (c Config) resolve() (Config, error) {
 	def := DefaultConfig()

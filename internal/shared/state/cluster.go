@@ -50,8 +50,11 @@ type Node struct {
 	// DrainingSince is when the drain began (a live migration that failed since is
 	// not tried again for the drain).
 	DrainingSince time.Time `json:"draining_since,omitzero"`
-	RegisteredAt  time.Time `json:"registered_at"`
-	UpdatedAt     time.Time `json:"updated_at"`
+	// Parked nodes were given back by the node autoscaler (drained, then released to
+	// their provider): cordoned while parked, until it takes them back.
+	Parked       bool      `json:"parked,omitempty"`
+	RegisteredAt time.Time `json:"registered_at"`
+	UpdatedAt    time.Time `json:"updated_at"`
 }
 
 func (n *Node) clone() *Node {
@@ -68,9 +71,11 @@ type NodeUpdate struct {
 	StatusReason *string     `json:"status_reason,omitempty"`
 	Cordoned     *bool       `json:"cordoned,omitempty"`
 	Draining     *bool       `json:"draining,omitempty"`
-	Images       *[]string   `json:"images,omitempty"`
-	Warm         *[]string   `json:"warm,omitempty"`
-	Time         time.Time   `json:"time"`
+	// Parked sets or clears Node.Parked, and the cordon that comes with it.
+	Parked *bool     `json:"parked,omitempty"`
+	Images *[]string `json:"images,omitempty"`
+	Warm   *[]string `json:"warm,omitempty"`
+	Time   time.Time `json:"time"`
 }
 
 // Role is what an API token may do.
@@ -154,7 +159,7 @@ func (f *fsm) upsertNode(n Node) any {
 	n.Status, n.StatusReason = NodeReady, "registered"
 	if cur, ok := f.nodes[n.ID]; ok {
 		n.RegisteredAt = cur.RegisteredAt
-		n.Cordoned, n.Draining = cur.Cordoned, cur.Draining
+		n.Cordoned, n.Draining, n.Parked = cur.Cordoned, cur.Draining, cur.Parked
 	} else {
 		n.RegisteredAt = n.UpdatedAt
 	}
@@ -182,6 +187,10 @@ func (f *fsm) updateNode(id string, u NodeUpdate) any {
 	}
 	if u.Cordoned != nil {
 		n.Cordoned = *u.Cordoned
+	}
+	if u.Parked != nil {
+		n.Parked = *u.Parked
+		n.Cordoned = *u.Parked
 	}
 	if u.Draining != nil {
 		if *u.Draining && !n.Draining {

@@ -68,9 +68,23 @@ type proc struct {
 	done chan struct{}
 }
 
+// Option changes how Start runs the control plane.
+type Option func(*options)
+
+type options struct{ bind string }
+
+// ForNodes makes the API server listen on every address, not only loopback, so that a
+// node (StartNode) reaches it at HostLinkIP: for tests in a network namespace of their
+// own.
+func ForNodes() Option { return func(o *options) { o.bind = "0.0.0.0" } }
+
 // Start runs etcd, kube-apiserver, kube-controller-manager and kube-scheduler with
 // everything under dir, and waits for the API server to be ready. Stop ends them.
-func Start(ctx context.Context, tools, dir string) (_ *ControlPlane, err error) {
+func Start(ctx context.Context, tools, dir string, opts ...Option) (_ *ControlPlane, err error) {
+	o := options{bind: "127.0.0.1"}
+	for _, f := range opts {
+		f(&o)
+	}
 	cp := &ControlPlane{Dir: dir, Tools: tools}
 	defer func() {
 		if err != nil {
@@ -105,12 +119,11 @@ func Start(ctx context.Context, tools, dir string) (_ *ControlPlane, err error) 
 	}
 	cp.URL = fmt.Sprintf("https://127.0.0.1:%d", ports[2])
 	cp.port = ports[2]
-	// It listens on every address (the tests run in a network namespace of their own) so
-	// that a node (StartNode) reaches it at HostLinkIP, and advertises that address: pods
-	// reach the `kubernetes` Service through kube-proxy to there.
+	// It advertises HostLinkIP: pods on a node (StartNode) reach the `kubernetes` Service
+	// through kube-proxy to there.
 	if err := cp.start("kube-apiserver", filepath.Join(tools, "kube-apiserver"),
 		"--etcd-servers="+etcdClient,
-		"--bind-address=0.0.0.0", "--advertise-address="+HostLinkIP, "--secure-port="+strconv.Itoa(ports[2]),
+		"--bind-address="+o.bind, "--advertise-address="+HostLinkIP, "--secure-port="+strconv.Itoa(ports[2]),
 		"--tls-cert-file="+pki["apiserver.crt"], "--tls-private-key-file="+pki["apiserver.key"],
 		"--client-ca-file="+pki["ca.crt"],
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",

@@ -51,3 +51,12 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 {{- join "," $peers -}}
 {{- end -}}
+
+{{/* The agents' nodeSelector as key=value,... (the node autoscaler's pool). */}}
+{{- define "fireworks.agentSelector" -}}
+{{- $kv := list -}}
+{{- range $k, $v := .Values.agent.nodeSelector -}}
+{{- $kv = append $kv (printf "%s=%v" $k $v) -}}
+{{- end -}}
+{{- join "," $kv -}}
+{{- end -}}
