@@ -191,6 +191,9 @@ func newAgentCmd(g *globals) *cobra.Command {
 				return err
 			}
 			cfg.Agent.Accel, cfg.Agent.InitBinary = a, initBin
+			if p := cfg.Agent.CgroupParent; p != "" && (!filepath.IsAbs(p) || filepath.Clean(p) != p) {
+				return fmt.Errorf("--cgroup-parent %q: want an absolute, clean path from the top of the cgroup hierarchy (e.g. /fireworks)", p)
+			}
 			netf.apply(&cfg.Agent)
 			if err := warm.apply(&cfg.Agent); err != nil {
 				return err
@@ -212,6 +215,8 @@ func newAgentCmd(g *globals) *cobra.Command {
 	fl.IntVar(&cfg.Agent.MaxMemoryMiB, "memory", 0, "memory offered to sandboxes, MiB (default: 75% of the host's)")
 	fl.StringVar(&accel, "accel", "auto", "accelerator: auto, kvm or tcg")
 	fl.StringVar(&ini, "init-binary", "", "guest init binary")
+	fl.StringVar(&cfg.Agent.CgroupParent, "cgroup-parent", "", "cgroup directory for the VMs and volume servers, from the top of the hierarchy (e.g. /fireworks); default: under the agent's own cgroup. Set it when the agent runs in a container, so they outlive the container (with --cgroup-root)")
+	fl.StringVar(&cfg.Agent.CgroupRoot, "cgroup-root", "/sys/fs/cgroup", "where the host's cgroup filesystem is mounted (an agent in a pod mounts the host's elsewhere: its own /sys/fs/cgroup shows only its container's)")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	warm.register(fl)
 	netf.register(fl)

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/fireworks-sandbox/fireworks/internal/node/agent"
+	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/netpolicy"
@@ -247,7 +248,7 @@ func forwardConn(ctx context.Context, c *client.Client, sandbox string, port uin
 
 // nodeNetFlags are a node's networking options (dev and agent).
 type nodeNetFlags struct {
-	metrics, cidr             string
+	metrics, cidr, resolvConf string
 	nameservers, denys, allow []string
 }
 
@@ -256,12 +257,16 @@ func (f *nodeNetFlags) register(fl *pflag.FlagSet) {
 	fl.StringVar(&f.cidr, "sandbox-cidr", agent.DefaultSandboxCIDR, "IPv4 range sandbox addresses come from (a /30 per sandbox)")
 	fl.StringArrayVar(&f.denys, "deny-cidr", nil, "a range sandboxes may not reach unless an admin's policy allows it, beyond the node's own addresses (repeatable; e.g. the cluster's management network)")
 	fl.StringArrayVar(&f.allow, "registry-allow", nil, "a range a user's image pull may reach besides public addresses, e.g. an internal registry's (repeatable; admins' pulls reach anything)")
-	fl.StringArrayVar(&f.nameservers, "nameserver", nil, "DNS server for guests (repeatable, at most 3; default: the node's own from /etc/resolv.conf that guests can reach)")
+	fl.StringArrayVar(&f.nameservers, "nameserver", nil, "DNS server for guests (repeatable, at most 3; default: the node's own from --resolv-conf that guests can reach)")
+	fl.StringVar(&f.resolvConf, "resolv-conf", "", "the resolv.conf whose nameservers guests get (default /etc/resolv.conf, else systemd-resolved's); an agent in a pod reads the host's, mounted (its own names the cluster's DNS)")
 }
 
 func (f *nodeNetFlags) apply(cfg *agent.Config) {
 	cfg.MetricsListen, cfg.SandboxCIDR, cfg.DenyCIDRs, cfg.RegistryAllow = f.metrics, f.cidr, f.denys, f.allow
 	if len(f.nameservers) > 0 {
 		cfg.Nameservers = f.nameservers
+	} else if f.resolvConf != "" {
+		// An empty list, not nil: the agent does not fall back to its own resolv.conf.
+		cfg.Nameservers = append([]string{}, network.Nameservers(f.resolvConf)...)
 	}
 }

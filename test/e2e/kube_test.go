@@ -474,6 +474,10 @@ spec:
         image: %s
         command: [sh, -c, "echo ready > /tmp/ready; exec sleep 3600"]
         resources: {requests: {cpu: 500m, memory: 200Mi}}
+  networkPolicy:
+    egress:
+    - to: [{ipBlock: {cidr: %s/32}}]
+      ports: [{protocol: TCP, port: 8080}]
 ---
 apiVersion: extensions.agents.x-k8s.io/v1beta1
 kind: SandboxWarmPool
@@ -481,7 +485,7 @@ metadata: {name: shell-pool}
 spec:
   replicas: 1
   sandboxTemplateRef: {name: shell-template}
-`, img)
+`, img, outsideAddr)
 	kubectl(t, cp, objs, "-n", ns, "apply", "-f", "-")
 	var tmpl struct {
 		Status struct {
@@ -544,6 +548,15 @@ spec:
 	}
 	id = claimID
 	waitFile("/tmp/ready", "ready\nclaimed\n")
+	// The template's networkPolicy is the microVM's eBPF egress policy: the outside
+	// host's port 8080 and nothing else.
+	setUpOutside(t)
+	if got := fetch(t, claimID, outsideAddr, 8080); got != "outside-8080" {
+		t.Errorf("the claim's microVM to %s:8080, which its template allows: %q", outsideAddr, got)
+	}
+	if got := fetch(t, claimID, outsideAddr, 9090); got != "" {
+		t.Errorf("the claim's microVM reached %s:9090, which its template does not allow: %q", outsideAddr, got)
+	}
 
 	// The scale subresource sizes the Fireworks pool.
 	kubectl(t, cp, "", "-n", ns, "scale", "sandboxwarmpools.extensions.agents.x-k8s.io", "shell-pool", "--replicas=2")

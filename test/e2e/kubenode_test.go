@@ -130,6 +130,8 @@ agent:
   dataDir: %[3]q
   # This test machine has no /lib/modules (its kernel's modules are built in).
   hostModules: false
+  # Under the node's own cgroups, so that they end with the node.
+  cgroupParent: %[5]s/fireworks
   memoryMiB: 3072
   extraArgs: ["--registry-allow=%[4]s/32"]
 edge: {tolerations: %[2]s, replicas: 1}
@@ -137,7 +139,7 @@ controller: {tolerations: %[2]s}
 # The node autoscaler, on the leader: with one node and min 1 it orders and gives back
 # nothing here, but marks the node in use for cluster-autoscaler.
 autoscaler: {enabled: true, max: 1}
-`, nodeImageTag, tol, filepath.Join(dir, "agent-data"), kubetest.HostLinkIP)), 0o644); err != nil {
+`, nodeImageTag, tol, filepath.Join(dir, "agent-data"), kubetest.HostLinkIP, node.CgroupRoot())), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	// The README's install, with this node's values.
@@ -275,6 +277,26 @@ spec:
 	}
 	if got := cli(t, 0, "exec", running, "--", "cat", "/tmp/state"); strings.TrimSpace(got) != "kept" {
 		t.Fatalf("the running sandbox after the restart: /tmp/state = %q", got)
+	}
+
+	// The agent's pod goes (an upgrade of the DaemonSet, a crash): its VMs do not (their
+	// cgroups are outside the pod's, the agent is in the host's PID namespace), and the
+	// next agent takes them back.
+	oldAgent := kubectl(t, cp, "", "-n", ns, "get", "pods", "-l", "app.kubernetes.io/component=agent", "-o", "jsonpath={.items[0].metadata.name}")
+	kubectl(t, cp, "", "-n", ns, "delete", "pod", oldAgent, "--timeout=2m")
+	kubectlTimeout(t, cp, 5*time.Minute, "-n", ns, "rollout", "status", "daemonset/fw-fireworks-agent", "--timeout=5m")
+	eventuallyWithin(t, 2*time.Minute, "the new agent back in the cluster", func() (bool, string) {
+		out := cli(t, 0, "node", "ls")
+		return regexp.MustCompile(`(?m)^node-1\s+ready\s`).MatchString(out), out
+	})
+	if got := cli(t, 0, "exec", running, "--", "cat", "/tmp/state"); strings.TrimSpace(got) != "kept" {
+		t.Fatalf("the running sandbox after the agent's pod was replaced: /tmp/state = %q", got)
+	}
+	if got := cli(t, 0, "exec", sandboxID, "--", "cat", "/tmp/hello"); strings.TrimSpace(got) != "from-a-sandbox-object" {
+		t.Fatalf("the Sandbox's microVM after the agent's pod was replaced: /tmp/hello = %q", got)
+	}
+	if after := records(); !mapsEqual(before, after) {
+		t.Fatalf("records changed over the agent's replacement:\nbefore %v\nafter  %v", before, after)
 	}
 	cli(t, 0, "rm", "-f", running)
 	kubectl(t, cp, "", "-n", "team-a", "delete", "sandbox", "hello", "--timeout=2m")

@@ -520,10 +520,11 @@ func withHealth(store *state.Store, next http.Handler) http.Handler {
 	})
 }
 
-// ensureToken creates bt unless a token with its ID exists. One that exists with another
-// secret or role is an error, never overwritten: it may be a token someone made since.
-// A bootstrap token that was revoked is created again at the next start of a leader, so
-// revoking one for good takes it out of the installer's configuration too.
+// ensureToken creates bt unless a token with its ID exists or ever existed. One that
+// exists with another secret or role is an error, never overwritten: it may be a token
+// someone made since. The state remembers every bootstrap token it made, so one revoked
+// (`fireworks token rm`) stays revoked, whatever the installer still hands the servers
+// at their next start.
 func ensureToken(ctx context.Context, store *state.Store, bt BootstrapToken) error {
 	id, secret, err := bt.parse()
 	if err != nil {
@@ -533,11 +534,27 @@ func ensureToken(ctx context.Context, store *state.Store, bt BootstrapToken) err
 		if !auth.Verify(rec, secret, time.Now()) || rec.Role != bt.Role {
 			return fmt.Errorf("bootstrap %s token %q: a different token with ID %s exists", bt.Role, bt.Name, id)
 		}
+		// (Made by a server from before the record was kept: record it now.)
+		if _, err := store.GetMeta(ctx, bootstrapMetaKey(id)); errors.Is(err, state.ErrNotFound) {
+			return store.PutMeta(ctx, bootstrapMetaKey(id), []byte(bt.Role))
+		}
 		return nil
 	}
-	return store.CreateToken(ctx, state.Token{ID: id, Name: bt.Name, Role: bt.Role,
-		SecretHash: auth.HashSecret(secret), CreatedAt: time.Now(), CreatedBy: "bootstrap"})
+	made := bootstrapMetaKey(id)
+	if _, err := store.GetMeta(ctx, made); err == nil {
+		return nil // made once and revoked since: not made again
+	} else if !errors.Is(err, state.ErrNotFound) {
+		return err
+	}
+	if err := store.CreateToken(ctx, state.Token{ID: id, Name: bt.Name, Role: bt.Role,
+		SecretHash: auth.HashSecret(secret), CreatedAt: time.Now(), CreatedBy: "bootstrap"}); err != nil {
+		return err
+	}
+	return store.PutMeta(ctx, made, []byte(bt.Role))
 }
+
+// bootstrapMetaKey records in the state that the bootstrap token id was made.
+func bootstrapMetaKey(id string) string { return "bootstrap-token/" + id }
 
 // forwardedHeader marks a request one server forwarded to another (its value is the
 // forwarding server's ID). A request that carries it is never forwarded again: a server

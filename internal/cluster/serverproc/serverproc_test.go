@@ -253,3 +253,73 @@ func TestBadBootstrapTokensRefused(t *testing.T) {
 		}
 	}
 }
+
+// A bootstrap token revoked with `fireworks token rm` stays revoked when the servers
+// start again with it in their configuration (the chart keeps handing it to them).
+func TestRevokedBootstrapTokenStaysRevoked(t *testing.T) {
+	root := t.TempDir()
+	caDir := filepath.Join(root, "ca")
+	clusterCA, err := pki.CreateCA(caDir, "fireworks")
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, _ := auth.New(state.RoleAdmin, "", "", time.Now(), 0)
+	joinTok, joinID, _ := pki.NewJoinToken(clusterCA)
+	ingressTok, ingressRec := auth.New(state.RoleIngress, "", "", time.Now(), 0)
+	boot := []serverproc.BootstrapToken{{Name: "node-pool", Role: state.RoleJoin, Token: joinTok}, {Name: "edge", Role: state.RoleIngress, Token: ingressTok}}
+	run := func() (ids map[string]bool, revoke func(id string), stop func()) {
+		ctx, cancel := context.WithCancel(context.Background())
+		ports := freePorts(t, 2)
+		cfg := serverproc.ServerConfig{NodeID: "s1", DataDir: filepath.Join(root, "data"), CADir: caDir,
+			Listen: fmt.Sprintf("127.0.0.1:%d", ports[0]), RaftListen: fmt.Sprintf("127.0.0.1:%d", ports[1]), BootstrapToken: admin, BootstrapTokens: boot,
+			Log: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			if err := serverproc.RunServer(ctx, cfg); err != nil {
+				t.Errorf("server: %v", err)
+			}
+		}()
+		c, err := client.New(client.Config{Server: "https://" + cfg.Listen, Token: admin, CA: filepath.Join(caDir, "ca.pem"), RequestTimeout: 10 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The bootstrap tokens are made a moment after the server answers: wait for the
+		// ingress one, which is never revoked here.
+		deadline := time.Now().Add(time.Minute)
+		for {
+			ids = map[string]bool{}
+			if resp, err := c.Tokens.ListTokens(ctx, connect.NewRequest(&pb.ListTokensRequest{})); err == nil {
+				for _, tk := range resp.Msg.Tokens {
+					ids[tk.Id] = true
+				}
+			}
+			if ids[ingressRec.ID] {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the bootstrap tokens were not made within a minute: %v", ids)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		return ids, func(id string) {
+				if _, err := c.Tokens.RevokeToken(ctx, connect.NewRequest(&pb.RevokeTokenRequest{Id: id})); err != nil {
+					t.Fatal(err)
+				}
+			}, func() {
+				cancel()
+				<-done
+			}
+	}
+	ids, revoke, stop := run()
+	if !ids[joinID] {
+		t.Fatalf("the bootstrap join token was not made: %v", ids)
+	}
+	revoke(joinID)
+	stop()
+	ids, _, stop = run()
+	defer stop()
+	if ids[joinID] {
+		t.Fatal("the revoked bootstrap join token was made again at the next start")
+	}
+}

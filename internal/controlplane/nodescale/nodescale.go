@@ -47,9 +47,10 @@ type Autoscaler struct {
 	store    Store
 	log      *slog.Logger
 
-	mu   sync.Mutex
-	mem  memory
-	last Plan
+	mu       sync.Mutex
+	mem      memory
+	last     Plan
+	lastPass time.Time
 }
 
 // New returns an autoscaler of provider's nodes.
@@ -67,10 +68,25 @@ func New(cfg Config, sched scheduler.Config, provider Provider, store Store, log
 		mem: memory{idleSince: map[string]time.Time{}}}, nil
 }
 
-// Pass decides and acts once.
+// Interval is the shortest time between two passes that act: the leader's passes come
+// every second and after every change users make, and each of the provider's costs API
+// calls (a Kubernetes API server's, for one).
+const Interval = 5 * time.Second
+
+// passTimeout bounds one pass's calls to the provider: a slow platform API delays the
+// leader's other loops by no more.
+const passTimeout = 10 * time.Second
+
+// Pass decides and acts, at most once per Interval (by now).
 func (a *Autoscaler) Pass(ctx context.Context, now time.Time) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if !a.lastPass.IsZero() && now.Sub(a.lastPass) < Interval && now.After(a.lastPass) {
+		return nil
+	}
+	a.lastPass = now
+	ctx, cancel := context.WithTimeout(ctx, passTimeout)
+	defer cancel()
 	p := plan(now, a.cfg, a.sched, a.store.LocalNodes(), a.store.LocalSandboxes(), &a.mem)
 	var errs []error
 	no, yes := false, true

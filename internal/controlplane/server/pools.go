@@ -107,6 +107,9 @@ func (s *Server) validatePool(p state.Pool) error {
 	if p.VCPUs < 0 || p.MemoryMiB < 0 {
 		return invalid("pool %s: negative --cpus %d or --memory %d", p.Image, p.VCPUs, p.MemoryMiB)
 	}
+	if err := spec.CheckSizes(); err != nil {
+		return invalid("pool: %v", err)
+	}
 	if err := s.validateSpec(&spec); err != nil {
 		return invalid("pool %s: %v", p.Image, err)
 	}

@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -33,15 +34,21 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/node/sandboxlog"
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/jail"
 	"github.com/fireworks-sandbox/fireworks/internal/node/volume"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // Config is the node's configuration.
 type Config struct {
-	DataDir    string
-	Node       string
-	InitBinary string
+	DataDir string
+	// CgroupRoot is where the cgroup filesystem is mounted (default /sys/fs/cgroup), and
+	// CgroupParent the directory the VMs' and volume servers' cgroups go in: "" under the
+	// agent's own cgroup; an absolute path from the hierarchy's top (jail.Place). An agent
+	// in a pod puts them outside its container's cgroup, so they outlive the container.
+	CgroupRoot, CgroupParent string
+	Node                     string
+	InitBinary               string
 	// VolumeServer is the static volume server binary (fireworks-volume-server); ""
 	// looks for it in $FIREWORKS_VOLUME_SERVER, then beside this executable. Without one
 	// the node runs no sandbox that mounts volumes (it says why).
@@ -290,7 +297,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	if m.volumes, err = volume.NewStore(filepath.Join(cfg.DataDir, "volumes"), volumeServerUID, volumeServerUID); err != nil {
 		return nil, err
 	}
-	m.volumeCgroup = volumeCgroupFor(cfg.DataDir)
+	m.volumeCgroup = jail.Place{Root: cfg.CgroupRoot, Parent: path.Join(cfg.CgroupParent, volumeCgroupFor(cfg.DataDir))}
 	if src := findVolumeServer(cfg.VolumeServer); src == "" {
 		m.volumeServerErr = errors.New("this node has no volume server binary (fireworks-volume-server: `make build` puts it beside fireworks; or set FIREWORKS_VOLUME_SERVER)")
 		a.log.Warn("no volume server binary: sandboxes that mount volumes cannot start here", "looked_for", "fireworks-volume-server beside "+os.Args[0])
@@ -310,7 +317,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	} else {
 		m.accel = vmm.DetectAccel(ctx, a.assetDir(), cfg.Accel, m.kernel.Vmlinux)
 		limits := vmm.Limits{MaxVCPUs: cfg.MaxVCPUs, MinMemoryMiB: minMemoryMiB, MaxMemoryMiB: cfg.MaxMemoryMiB}
-		if m.driver, err = newDriver(m.accel, limits, cfg.DataDir, cfg.Logger); err != nil {
+		if m.driver, err = newDriver(m.accel, limits, cfg); err != nil {
 			return nil, err
 		}
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/fireworks-sandbox/fireworks/internal/node/assets"
 	"github.com/fireworks-sandbox/fireworks/internal/node/network"
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/jail"
 	"github.com/fireworks-sandbox/fireworks/internal/node/volume"
 )
 
@@ -39,7 +40,7 @@ type vms struct {
 	net         Networks
 	volumes     *volume.Store // the node's volumes' data
 	// volumeCgroup names the directory of this agent's volume servers' cgroups.
-	volumeCgroup string
+	volumeCgroup jail.Place
 	// volumeServerBin is the agent's copy of the volume server binary (InstallServer);
 	// volumeServerErr why there is none.
 	volumeServerBin string

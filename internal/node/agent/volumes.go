@@ -160,7 +160,8 @@ type volServer struct {
 	adopted bool
 	// cgroupParent names the directory of the node's volume servers' cgroups, and
 	// cgroupName the server's own in it.
-	cgroupParent, cgroupName string
+	cgroupParent jail.Place
+	cgroupName   string
 }
 
 // volumeUse is what a sandbox's VM needs served for its volumes: its mounts, whose data

@@ -160,7 +160,7 @@ func (r *SandboxClaimReconciler) sandboxFor(ctx context.Context, c *extv1.Sandbo
 	sb := &agentsv1.Sandbox{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: c.Name, Namespace: c.Namespace, Labels: labels,
-			Annotations: map[string]string{TemplateRefAnnotation: t.Status.Template},
+			Annotations: map[string]string{TemplateRefAnnotation: t.Status.Template, SandboxTemplateAnnotation: t.Name},
 		},
 		Spec: agentsv1.SandboxSpec{SandboxBlueprint: bp, OperatingMode: agentsv1.OperatingModeRunning},
 	}

@@ -26,6 +26,9 @@ type Config struct {
 	// IngressDomain is the edge's domain: a sandbox's ports answer at
 	// <port>-<sandbox>.<IngressDomain> (its serviceFQDN is <sandbox>.<IngressDomain>).
 	IngressDomain string
+	// OwnNamespace is the controller's (it keeps the namespaces' tokens there, beside the
+	// chart's Secret): no Secret or ConfigMap there is ever read into a sandbox's env.
+	OwnNamespace string
 }
 
 // Scheme is the scheme the controller's client reads and writes: Kubernetes' own kinds

@@ -6,8 +6,10 @@ import (
 	"log/slog"
 
 	"github.com/go-logr/logr"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
@@ -52,7 +54,10 @@ func Run(ctx context.Context, rc RunConfig) error {
 		rc.HealthAddr = ""
 	}
 	mgr, err := ctrl.NewManager(rc.Kube, ctrl.Options{
-		Scheme:                  scheme,
+		Scheme: scheme,
+		// Secrets and ConfigMaps are read one by one, when a sandbox's env names them: no
+		// cache holding every Secret of the cluster (nor the rights to list them).
+		Client:                  client.Options{Cache: &client.CacheOptions{DisableFor: []client.Object{&corev1.Secret{}, &corev1.ConfigMap{}}}},
 		Metrics:                 metricsserver.Options{BindAddress: rc.MetricsAddr},
 		HealthProbeBindAddress:  rc.HealthAddr,
 		LeaderElection:          rc.LeaderElection,
@@ -73,6 +78,7 @@ func Run(ctx context.Context, rc RunConfig) error {
 		}
 	}
 	tenants := &Tenants{Admin: rc.Admin.C, Base: rc.Base, Kube: mgr.GetClient(), Namespace: rc.TokensNamespace}
+	rc.Cfg.OwnNamespace = rc.TokensNamespace
 	if err := Setup(mgr, rc.Admin, tenants, rc.Cfg); err != nil {
 		return err
 	}

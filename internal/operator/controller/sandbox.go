@@ -16,6 +16,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 
 	agentsv1 "github.com/fireworks-sandbox/fireworks/internal/operator/apis/agents/v1beta1"
+	extv1 "github.com/fireworks-sandbox/fireworks/internal/operator/apis/extensions/v1beta1"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 )
 
@@ -135,7 +136,7 @@ func (r *SandboxReconciler) reconcile(ctx context.Context, fwc Fireworks, sb *ag
 			setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, "the microVM "+sb.Status.SandboxID+" no longer exists in Fireworks", gen)
 			return withShutdown(ctrl.Result{RequeueAfter: pollSettled}, sb, now), nil
 		}
-		spec, err := specFromPod(ctx, sb.Spec.PodTemplate, objectRef{kind: "Sandbox", namespace: sb.Namespace, name: sb.Name, uid: string(sb.UID)}, kubeLookup{r.Kube, sb.Namespace})
+		spec, err := specFromPod(ctx, sb.Spec.PodTemplate, objectRef{kind: "Sandbox", namespace: sb.Namespace, name: sb.Name, uid: string(sb.UID)}, kubeLookup{r.Kube, sb.Namespace, r.Cfg.OwnNamespace})
 		if err != nil {
 			setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, err.Error(), gen)
 			if errors.Is(err, errUnsupported) {
@@ -144,6 +145,18 @@ func (r *SandboxReconciler) reconcile(ctx context.Context, fwc Fireworks, sb *ag
 			return ctrl.Result{RequeueAfter: pollError}, nil // a Secret may appear
 		}
 		spec.Template = sb.Annotations[TemplateRefAnnotation]
+		if tn := sb.Annotations[SandboxTemplateAnnotation]; tn != "" {
+			// The template's network policy, or no microVM: never one looser than asked.
+			var t extv1.SandboxTemplate
+			if err := r.Kube.Get(ctx, client.ObjectKey{Namespace: sb.Namespace, Name: tn}, &t); err != nil {
+				setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, "SandboxTemplate "+tn+" (its network policy): "+err.Error(), gen)
+				return ctrl.Result{RequeueAfter: pollError}, nil
+			}
+			if spec.Policy, err = egressPolicy(&t.Spec); err != nil {
+				setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, "SandboxTemplate "+tn+": "+err.Error(), gen)
+				return ctrl.Result{}, nil // until the object changes
+			}
+		}
 		if fw, err = fwc.create(ctx, name, spec); err != nil {
 			setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, "Fireworks: "+err.Error(), gen)
 			if connect.CodeOf(err) == connect.CodeInvalidArgument {
@@ -240,9 +253,22 @@ func setCond(conds *[]metav1.Condition, typ string, status metav1.ConditionStatu
 type kubeLookup struct {
 	c  client.Client
 	ns string
+	// own is the controller's namespace, whose Secrets (tokens, the cluster CA) no
+	// sandbox may have.
+	own string
+}
+
+func (l kubeLookup) guard() error {
+	if l.own != "" && l.ns == l.own {
+		return fmt.Errorf("%w: env from Secrets and ConfigMaps of %s, the Fireworks controller's own namespace (its tokens), is not read into sandboxes", errUnsupported, l.own)
+	}
+	return nil
 }
 
 func (l kubeLookup) secret(ctx context.Context, name string) (map[string][]byte, error) {
+	if err := l.guard(); err != nil {
+		return nil, err
+	}
 	var s corev1.Secret
 	if err := l.c.Get(ctx, client.ObjectKey{Namespace: l.ns, Name: name}, &s); err != nil {
 		return nil, err
@@ -251,6 +277,9 @@ func (l kubeLookup) secret(ctx context.Context, name string) (map[string][]byte,
 }
 
 func (l kubeLookup) configMap(ctx context.Context, name string) (map[string]string, error) {
+	if err := l.guard(); err != nil {
+		return nil, err
+	}
 	var m corev1.ConfigMap
 	if err := l.c.Get(ctx, client.ObjectKey{Namespace: l.ns, Name: name}, &m); err != nil {
 		return nil, err

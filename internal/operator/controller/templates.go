@@ -16,6 +16,7 @@ import (
 	agentsv1 "github.com/fireworks-sandbox/fireworks/internal/operator/apis/agents/v1beta1"
 	extv1 "github.com/fireworks-sandbox/fireworks/internal/operator/apis/extensions/v1beta1"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
 )
 
 // SandboxTemplateReconciler registers every SandboxTemplate as a Fireworks template
@@ -28,8 +29,8 @@ type SandboxTemplateReconciler struct {
 }
 
 // templateSpec is the Fireworks spec a SandboxTemplate's sandboxes start with.
-func templateSpec(ctx context.Context, kube client.Client, t *extv1.SandboxTemplate) (*pb.SandboxSpec, error) {
-	return specFromPod(ctx, t.Spec.PodTemplate, objectRef{kind: "SandboxTemplate", namespace: t.Namespace, name: t.Name, uid: string(t.UID)}, kubeLookup{kube, t.Namespace})
+func templateSpec(ctx context.Context, kube client.Client, cfg Config, t *extv1.SandboxTemplate) (*pb.SandboxSpec, error) {
+	return specFromPod(ctx, t.Spec.PodTemplate, objectRef{kind: "SandboxTemplate", namespace: t.Namespace, name: t.Name, uid: string(t.UID)}, kubeLookup{kube, t.Namespace, cfg.OwnNamespace})
 }
 
 func (r *SandboxTemplateReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
@@ -59,7 +60,7 @@ func (r *SandboxTemplateReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 	}
 	before := t.Status.DeepCopy()
 	res := ctrl.Result{}
-	spec, err := templateSpec(ctx, r.Kube, &t)
+	spec, err := templateSpec(ctx, r.Kube, r.Cfg, &t)
 	if err == nil {
 		_, err = fw.putTemplate(ctx, &pb.NamedTemplate{Name: name, Image: spec.GetImage(), Vcpus: spec.GetVcpus(), MemoryMib: spec.GetMemoryMib(), Env: spec.GetEnv()})
 	}
@@ -173,11 +174,21 @@ func (r *SandboxWarmPoolReconciler) keyOf(ctx context.Context, wp *extv1.Sandbox
 	if err := r.Kube.Get(ctx, client.ObjectKey{Namespace: wp.Namespace, Name: wp.Spec.TemplateRef.Name}, &t); err != nil {
 		return poolKey{}, fmt.Errorf("SandboxTemplate %s: %w", wp.Spec.TemplateRef.Name, err)
 	}
-	spec, err := templateSpec(ctx, r.Kube, &t)
+	spec, err := templateSpec(ctx, r.Kube, r.Cfg, &t)
 	if err != nil {
 		return poolKey{}, fmt.Errorf("SandboxTemplate %s: %w", t.Name, err)
 	}
-	return poolKey{image: spec.GetImage(), vcpus: spec.GetVcpus(), mem: spec.GetMemoryMib(), templateRef: wp.Namespace + "/" + t.Name}, nil
+	// The pool is set with the controller's admin token, for a template any namespace
+	// user writes: only what a user's own sandbox could start from is pooled (a registry
+	// image, not a path on the nodes), and within the sizes the servers hold a user to.
+	img := spec.GetImage()
+	if strings.HasPrefix(img, state.OCIPrefix) || strings.HasPrefix(img, state.DockerArchivePrefix) {
+		return poolKey{}, fmt.Errorf("%w: SandboxTemplate %s: image %q is a path on the nodes; a warm pool is of a registry image", errUnsupported, t.Name, img)
+	}
+	if err := (state.SandboxSpec{Image: img}).CheckSizes(); err != nil {
+		return poolKey{}, fmt.Errorf("%w: SandboxTemplate %s: %w", errUnsupported, t.Name, err)
+	}
+	return poolKey{image: img, vcpus: spec.GetVcpus(), mem: spec.GetMemoryMib(), templateRef: wp.Namespace + "/" + t.Name}, nil
 }
 
 // sync sets every Fireworks pool the SandboxWarmPools ask for to the sum of their

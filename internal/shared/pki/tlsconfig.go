@@ -55,23 +55,27 @@ func ClientTLS(ca *CA, cert *tls.Certificate, serverName string, want Role) *tls
 	return cfg
 }
 
+// ErrPeerRefused is in the chain of the errors RequirePeer and VerifyPeerRole return: the
+// peer is not who it must be (another role, another name, a certificate of no role).
+var ErrPeerRefused = errors.New("peer refused")
+
 // RequirePeer returns a tls.Config.VerifyConnection function, for a configuration that
 // verifies the chain itself (RootCAs), that accepts the peer only if its certificate
 // carries role and, when name is not empty, that common name (a node's name).
 func RequirePeer(role Role, name string) func(tls.ConnectionState) error {
 	return func(cs tls.ConnectionState) error {
 		if len(cs.PeerCertificates) == 0 {
-			return errors.New("peer sent no certificate")
+			return fmt.Errorf("%w: peer sent no certificate", ErrPeerRefused)
 		}
 		got, cn, err := RoleOf(cs.PeerCertificates[0])
 		if err != nil {
-			return fmt.Errorf("peer certificate: %w", err)
+			return fmt.Errorf("%w: peer certificate: %w", ErrPeerRefused, err)
 		}
 		if got != role {
-			return fmt.Errorf("peer %q has a %s certificate, want a %s's", cn, got, role)
+			return fmt.Errorf("%w: peer %q has a %s certificate, want a %s's", ErrPeerRefused, cn, got, role)
 		}
 		if name != "" && cn != name {
-			return fmt.Errorf("peer is %q, want %q", cn, name)
+			return fmt.Errorf("%w: peer is %q, want %q", ErrPeerRefused, cn, name)
 		}
 		return nil
 	}
@@ -87,14 +91,14 @@ func VerifyPeerRole(ca *CA, usage x509.ExtKeyUsage, roles ...Role) func(tls.Conn
 	return func(cs tls.ConnectionState) error {
 		leaf, err := verifyChain(cs.PeerCertificates, pool, usage)
 		if err != nil {
-			return err
+			return fmt.Errorf("%w: %w", ErrPeerRefused, err)
 		}
 		role, cn, err := RoleOf(leaf)
 		if err != nil {
-			return fmt.Errorf("peer certificate: %w", err)
+			return fmt.Errorf("%w: peer certificate: %w", ErrPeerRefused, err)
 		}
 		if !slices.Contains(roles, role) {
-			return fmt.Errorf("peer %q has role %s, want one of %v", cn, role, roles)
+			return fmt.Errorf("%w: peer %q has role %s, want one of %v", ErrPeerRefused, cn, role, roles)
 		}
 		return nil
 	}

@@ -24,6 +24,7 @@ func TestNoServerYet(t *testing.T) {
 		{"timed out", connect.NewError(connect.CodeDeadlineExceeded, errors.New("deadline")), true},
 		{"another cluster's CA", connect.NewError(connect.CodeUnavailable, fmt.Errorf("tls: %w: chain", pki.ErrPinRefused)), false},
 		{"a certificate from another CA", connect.NewError(connect.CodeUnavailable, fmt.Errorf("tls: %w", &tls.CertificateVerificationError{Err: x509.UnknownAuthorityError{}})), false},
+		{"a peer of another role", connect.NewError(connect.CodeUnavailable, fmt.Errorf("tls: %w: peer \"node-a\" has a agent certificate, want a server's", pki.ErrPeerRefused)), false},
 		{"token refused", connect.NewError(connect.CodePermissionDenied, errors.New("join token expired")), false},
 		{"bad request", connect.NewError(connect.CodeInvalidArgument, errors.New("node name")), false},
 	} {

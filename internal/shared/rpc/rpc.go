@@ -180,7 +180,7 @@ func NoServerYet(err error) bool {
 	var cv *tls.CertificateVerificationError
 	var ua x509.UnknownAuthorityError
 	var hn x509.HostnameError
-	if errors.As(err, &cv) || errors.As(err, &ua) || errors.As(err, &hn) || errors.Is(err, pki.ErrPinRefused) {
+	if errors.As(err, &cv) || errors.As(err, &ua) || errors.As(err, &hn) || errors.Is(err, pki.ErrPinRefused) || errors.Is(err, pki.ErrPeerRefused) {
 		return false
 	}
 	switch connect.CodeOf(err) {

@@ -22,7 +22,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"k8s.io/client-go/rest"
@@ -58,14 +57,8 @@ type ControlPlane struct {
 	caKey  *ecdsa.PrivateKey
 	issued int64 // serial numbers of certificates issued
 
-	mu    sync.Mutex
-	procs []*proc
-}
-
-type proc struct {
-	name string
-	cmd  *exec.Cmd
-	done chan struct{}
+	mu    sync.Mutex // guards issued
+	procs procGroup
 }
 
 // Option changes how Start runs the control plane.
@@ -85,7 +78,7 @@ func Start(ctx context.Context, tools, dir string, opts ...Option) (_ *ControlPl
 	for _, f := range opts {
 		f(&o)
 	}
-	cp := &ControlPlane{Dir: dir, Tools: tools}
+	cp := &ControlPlane{Dir: dir, Tools: tools, procs: procGroup{logDir: dir}}
 	defer func() {
 		if err != nil {
 			cp.Stop()
@@ -186,55 +179,14 @@ func (cp *ControlPlane) run(ctx context.Context, stdin, tool string, args ...str
 }
 
 // Log returns the tail of a component's log (for a failing test's message).
-func (cp *ControlPlane) Log(name string, n int) string {
-	b, _ := os.ReadFile(filepath.Join(cp.Dir, name+".log"))
-	if len(b) > n {
-		b = b[len(b)-n:]
-	}
-	return string(b)
-}
+func (cp *ControlPlane) Log(name string, n int) string { return cp.procs.logTail(name, n) }
 
 func (cp *ControlPlane) start(name, bin string, args ...string) error {
-	logf, err := os.Create(filepath.Join(cp.Dir, name+".log"))
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		return fmt.Errorf("start %s: %w", name, err)
-	}
-	p := &proc{name: name, cmd: cmd, done: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		logf.Close()
-		close(p.done)
-	}()
-	cp.mu.Lock()
-	cp.procs = append(cp.procs, p)
-	cp.mu.Unlock()
-	return nil
+	return cp.procs.start(name, exec.Command(bin, args...))
 }
 
 // Stop ends the components, the last started first.
-func (cp *ControlPlane) Stop() {
-	cp.mu.Lock()
-	procs := cp.procs
-	cp.procs = nil
-	cp.mu.Unlock()
-	for i := len(procs) - 1; i >= 0; i-- {
-		p := procs[i]
-		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-			<-p.done
-		}
-	}
-}
+func (cp *ControlPlane) Stop() { cp.procs.stopAll(nil) }
 
 func (cp *ControlPlane) waitReady(ctx context.Context) error {
 	tc, err := rest.TLSConfigFor(cp.Rest)
@@ -245,12 +197,8 @@ func (cp *ControlPlane) waitReady(ctx context.Context) error {
 	deadline := time.Now().Add(2 * time.Minute)
 	var last error
 	for time.Now().Before(deadline) {
-		for _, p := range cp.procs {
-			select {
-			case <-p.done:
-				return fmt.Errorf("%s exited: %s", p.name, cp.Log(p.name, 3000))
-			default:
-			}
+		if err := cp.procs.exited(); err != nil {
+			return err
 		}
 		resp, err := hc.Get(cp.URL + "/readyz")
 		if err == nil {

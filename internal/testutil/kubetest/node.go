@@ -20,7 +20,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -62,9 +61,7 @@ type Node struct {
 	holder *exec.Cmd
 	sock   string // containerd's
 	cgroup string // the kubelet's cgroup root (cgroup v1 and v2 alike)
-
-	mu    sync.Mutex
-	procs []*proc
+	procs  procGroup
 }
 
 // StartNode runs one node named name under dir and waits until it is Ready. images are
@@ -72,7 +69,7 @@ type Node struct {
 // pods with imagePullPolicy IfNotPresent run them). One node per control plane: its
 // addresses are fixed.
 func (cp *ControlPlane) StartNode(ctx context.Context, name, dir string, images ...string) (_ *Node, err error) {
-	n := &Node{Name: name, Dir: dir, cp: cp, sock: filepath.Join(dir, "containerd.sock"), cgroup: "/fwkube-" + name}
+	n := &Node{Name: name, Dir: dir, cp: cp, sock: filepath.Join(dir, "containerd.sock"), cgroup: "/fwkube-" + name, procs: procGroup{logDir: dir}}
 	defer func() {
 		if err != nil {
 			n.Stop()
@@ -285,38 +282,17 @@ conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeou
 
 // start runs a component inside the node's namespaces.
 func (n *Node) start(name, bin string, args ...string) error {
-	logf, err := os.Create(filepath.Join(n.Dir, name+".log"))
-	if err != nil {
-		return err
-	}
 	cmd := exec.Command("nsenter", append([]string{"-t", strconv.Itoa(n.holder.Process.Pid), "--net", "--mount", "--", bin}, args...)...)
-	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = n.Dir
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		return fmt.Errorf("start %s: %w", name, err)
-	}
-	p := &proc{name: name, cmd: cmd, done: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		logf.Close()
-		close(p.done)
-	}()
-	n.mu.Lock()
-	n.procs = append(n.procs, p)
-	n.mu.Unlock()
-	return nil
+	return n.procs.start(name, cmd)
 }
 
+// CgroupRoot is the kubelet's cgroup root (from the top of each hierarchy): what a test
+// puts under it is ended with the node.
+func (n *Node) CgroupRoot() string { return n.cgroup }
+
 // Log returns the tail of a node component's log.
-func (n *Node) Log(name string, max int) string {
-	b, _ := os.ReadFile(filepath.Join(n.Dir, name+".log"))
-	if len(b) > max {
-		b = b[len(b)-max:]
-	}
-	return string(b)
-}
+func (n *Node) Log(name string, max int) string { return n.procs.logTail(name, max) }
 
 // Exec runs a command in the node's namespaces (the way a host's shell would).
 func (n *Node) Exec(ctx context.Context, bin string, args ...string) (string, error) {
@@ -329,19 +305,6 @@ func (n *Node) Exec(ctx context.Context, bin string, args ...string) (string, er
 
 func (n *Node) ctr(ctx context.Context, args ...string) (string, error) {
 	return n.Exec(ctx, "ctr", append([]string{"--address", n.sock, "--namespace", "k8s.io"}, args...)...)
-}
-
-func (n *Node) exited() error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	for _, p := range n.procs {
-		select {
-		case <-p.done:
-			return fmt.Errorf("%s exited:\n%s", p.name, n.Log(p.name, 3000))
-		default:
-		}
-	}
-	return nil
 }
 
 func (n *Node) waitContainerd(ctx context.Context) error {
@@ -377,7 +340,7 @@ func (n *Node) poll(ctx context.Context, limit time.Duration, what string, f fun
 	deadline := time.Now().Add(limit)
 	var last error
 	for {
-		if err := n.exited(); err != nil {
+		if err := n.procs.exited(); err != nil {
 			return err
 		}
 		if last = f(); last == nil {
@@ -398,24 +361,12 @@ func (n *Node) poll(ctx context.Context, limit time.Duration, what string, f fun
 // cgroups), containerd and its shims, then the namespaces. Pods are not drained: delete
 // what should stop cleanly before.
 func (n *Node) Stop() {
-	n.mu.Lock()
-	procs := n.procs
-	n.procs = nil
-	n.mu.Unlock()
-	for i := len(procs) - 1; i >= 0; i-- {
-		p := procs[i]
-		if p.name == "containerd" {
+	n.procs.stopAll(func(name string) {
+		if name == "containerd" {
 			// The containers first, while containerd can still report on them.
 			n.killCgroup()
 		}
-		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-			<-p.done
-		}
-	}
+	})
 	n.killCgroup()
 	n.killShims()
 	if n.holder != nil && n.holder.Process != nil {

@@ -20,18 +20,56 @@ type Limits struct {
 	CPUs int
 }
 
-// MakeCgroups makes cgroup id, with limits, in the directory parent under this process's
-// own cgroup (on cgroup v2; on v1 one per controller) and returns the directories, for
-// Spec.Cgroups. Missing lists the v1 controllers that are not mounted (their limits are
-// not applied); with no cgroup support at all, none is made.
-func MakeCgroups(parent, id string, l Limits) (dirs, missing []string, err error) {
+// DefaultCgroupRoot is where the cgroup filesystem is mounted on a host.
+const DefaultCgroupRoot = "/sys/fs/cgroup"
+
+// Place says where a jail's cgroups go. Root is where the cgroup filesystem is mounted
+// (DefaultCgroupRoot when empty; an agent in a pod mounts the host's elsewhere). Parent
+// is the directory they go in: relative, under this process's own cgroup; absolute, from
+// the top of the hierarchy (so they are not in this process's cgroup, and outlive what
+// ends it: a pod's container takes its cgroup's processes with it).
+type Place struct {
+	Root, Parent string
+}
+
+func (p Place) root() string {
+	if p.Root == "" {
+		return DefaultCgroupRoot
+	}
+	return p.Root
+}
+
+func (p Place) v2() bool {
 	var st unix.Statfs_t
-	if err := unix.Statfs("/sys/fs/cgroup", &st); err == nil && st.Type == unix.CGROUP2_SUPER_MAGIC {
-		self, err := ownCgroup("")
+	return unix.Statfs(p.root(), &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC
+}
+
+// dir is Parent's directory in controller ctrl's hierarchy ("" = the v2 hierarchy).
+func (p Place) dir(ctrl string) (string, error) {
+	base := filepath.Join(p.root(), ctrl)
+	if filepath.IsAbs(p.Parent) {
+		if _, err := os.Stat(base); err != nil {
+			return "", fmt.Errorf("no %q cgroup: %w", ctrl, err)
+		}
+		return filepath.Join(base, p.Parent), nil
+	}
+	self, err := ownCgroup(ctrl)
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(base, self, p.Parent), nil
+}
+
+// MakeCgroups makes cgroup id, with limits, in place (on cgroup v2; on v1 one per
+// controller) and returns the directories, for Spec.Cgroups. Missing lists the v1
+// controllers that are not mounted (their limits are not applied); with no cgroup support
+// at all, none is made.
+func MakeCgroups(place Place, id string, l Limits) (dirs, missing []string, err error) {
+	if place.v2() {
+		p, err := place.dir("")
 		if err != nil {
 			return nil, nil, err
 		}
-		p := filepath.Join("/sys/fs/cgroup", self, parent)
 		if err := os.MkdirAll(p, 0o755); err != nil {
 			return nil, nil, fmt.Errorf("cgroup %s: %w", p, err)
 		}
@@ -57,18 +95,28 @@ func MakeCgroups(parent, id string, l Limits) (dirs, missing []string, err error
 		limits["cpu"] = map[string]string{"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": strconv.Itoa(l.CPUs * 100000)}
 	}
 	var errs []error
-	for ctrl, kv := range limits {
-		self, err := ownCgroup(ctrl)
+	for _, ctrl := range place.v1Hierarchies() {
+		p, err := place.dir(ctrl)
 		if err != nil {
-			missing = append(missing, ctrl)
+			if limits[ctrl] != nil {
+				missing = append(missing, ctrl)
+			}
 			continue
 		}
-		dir := filepath.Join("/sys/fs/cgroup", ctrl, self, parent, id)
+		dir := filepath.Join(p, id)
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			errs = append(errs, fmt.Errorf("cgroup %s: %w", dir, err))
 			continue
 		}
-		for k, v := range kv {
+		if ctrl == "cpuset" {
+			// A new cpuset cgroup has no CPUs or memory nodes: a process cannot join it
+			// until they are copied down from above.
+			if err := fillCpuset(filepath.Join(place.root(), ctrl), dir); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+		}
+		for k, v := range limits[ctrl] {
 			errs = append(errs, os.WriteFile(filepath.Join(dir, k), []byte(v), 0))
 		}
 		dirs = append(dirs, dir)
@@ -76,20 +124,82 @@ func MakeCgroups(parent, id string, l Limits) (dirs, missing []string, err error
 	return dirs, missing, errors.Join(errs...)
 }
 
-// CgroupParents are the directories MakeCgroups makes parent's cgroups in (one on v2,
+// v1Hierarchies are the cgroup v1 hierarchies a jail's cgroups are made in: those of the
+// limits (memory, pids, cpu) under this process's own cgroup; with an absolute Parent,
+// every mounted one, so the jailed process leaves this process's cgroups altogether
+// (a container's runtime ends whatever is left in the container's: runc lists them in
+// the devices hierarchy, freezes them in the freezer one).
+func (p Place) v1Hierarchies() []string {
+	out := []string{"memory", "pids", "cpu"}
+	if !filepath.IsAbs(p.Parent) {
+		return out
+	}
+	seen := map[string]bool{}
+	for _, c := range out {
+		if r, err := filepath.EvalSymlinks(filepath.Join(p.root(), c)); err == nil {
+			seen[r] = true
+		}
+	}
+	ents, _ := os.ReadDir(p.root())
+	for _, e := range ents {
+		full := filepath.Join(p.root(), e.Name())
+		r, err := filepath.EvalSymlinks(full)
+		if err != nil || seen[r] {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(full, "cgroup.procs")); err != nil {
+			continue
+		}
+		seen[r] = true
+		out = append(out, e.Name())
+	}
+	return out
+}
+
+// fillCpuset gives every cpuset cgroup from top down to dir the CPUs and memory nodes of
+// its parent where it has none.
+func fillCpuset(top, dir string) error {
+	rel, err := filepath.Rel(top, dir)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		return fmt.Errorf("cpuset cgroup %s is not under %s", dir, top)
+	}
+	parent := top
+	for _, part := range strings.Split(rel, string(filepath.Separator)) {
+		cur := filepath.Join(parent, part)
+		for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+			b, err := os.ReadFile(filepath.Join(cur, f))
+			if err != nil {
+				return fmt.Errorf("cpuset cgroup %s: %w", cur, err)
+			}
+			if strings.TrimSpace(string(b)) != "" {
+				continue
+			}
+			up, err := os.ReadFile(filepath.Join(parent, f))
+			if err != nil {
+				return fmt.Errorf("cpuset cgroup %s: %w", parent, err)
+			}
+			if err := os.WriteFile(filepath.Join(cur, f), up, 0); err != nil {
+				return fmt.Errorf("cpuset cgroup %s: %w", cur, err)
+			}
+		}
+		parent = cur
+	}
+	return nil
+}
+
+// CgroupParents are the directories MakeCgroups makes place's cgroups in (one on v2,
 // one per controller on v1).
-func CgroupParents(parent string) []string {
-	var st unix.Statfs_t
-	if err := unix.Statfs("/sys/fs/cgroup", &st); err == nil && st.Type == unix.CGROUP2_SUPER_MAGIC {
-		if self, err := ownCgroup(""); err == nil {
-			return []string{filepath.Join("/sys/fs/cgroup", self, parent)}
+func CgroupParents(place Place) []string {
+	if place.v2() {
+		if d, err := place.dir(""); err == nil {
+			return []string{d}
 		}
 		return nil
 	}
 	var out []string
-	for _, ctrl := range []string{"memory", "pids", "cpu"} {
-		if self, err := ownCgroup(ctrl); err == nil {
-			out = append(out, filepath.Join("/sys/fs/cgroup", ctrl, self, parent))
+	for _, ctrl := range place.v1Hierarchies() {
+		if d, err := place.dir(ctrl); err == nil {
+			out = append(out, d)
 		}
 	}
 	return out

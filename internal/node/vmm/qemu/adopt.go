@@ -1,18 +1,21 @@
 package qemu
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/fireworks-sandbox/fireworks/internal/node/vmm"
+	"github.com/fireworks-sandbox/fireworks/internal/node/vmm/jail"
 )
 
 // Adopt reattaches to a QEMU started by an earlier process in dir: it checks that the
@@ -34,8 +37,19 @@ func (d *Driver) Adopt(ctx context.Context, dir string) (vmm.VM, error) {
 	if st.QMP != filepath.Join(dir, qmpSocket) && st.QMP != filepath.Join(dir, "qmp.sock") {
 		return nil, fmt.Errorf("adopt VM in %s: %s names QMP socket %s outside it", dir, stateFile, st.QMP)
 	}
+	// (Under this driver's cgroup directory as placed now, or, for a directory under the
+	// agent's own cgroup, as placed by an agent that ran in another cgroup.)
+	parents := d.cgroupParents()
+	ours := func(cg string) bool {
+		if d.cfg.Jail == nil || filepath.Base(cg) != st.ID {
+			return false
+		}
+		root := cmp.Or(d.cfg.Jail.CgroupRoot, jail.DefaultCgroupRoot) + "/"
+		return slices.Contains(parents, filepath.Dir(cg)) ||
+			!filepath.IsAbs(d.cfg.Jail.CgroupName) && strings.HasPrefix(cg, root) && filepath.Base(filepath.Dir(cg)) == d.cfg.Jail.CgroupName
+	}
 	for _, cg := range st.Cgroups {
-		if !strings.HasPrefix(cg, "/sys/fs/cgroup/") || filepath.Base(cg) != st.ID || d.cfg.Jail == nil || filepath.Base(filepath.Dir(cg)) != d.cfg.Jail.CgroupName {
+		if !ours(cg) {
 			return nil, fmt.Errorf("adopt VM in %s: %s names cgroup %s, not this VM's", dir, stateFile, cg)
 		}
 	}

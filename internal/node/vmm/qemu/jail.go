@@ -28,9 +28,17 @@ type JailConfig struct {
 	// GID is every VMM's group: files several VMMs read (kernel, initramfs, image disks)
 	// or map (a template's memory) are made readable to it, not to everyone.
 	GID int
-	// CgroupName names this driver's cgroup directory (default "fireworks-vmm"), under the
-	// agent's own cgroup.
+	// CgroupName names this driver's cgroup directory (default "fireworks-vmm-<slot>"):
+	// relative, under the agent's own cgroup; absolute, from the top of the hierarchy (see
+	// jail.Place).
 	CgroupName string
+	// CgroupRoot is where the cgroup filesystem is mounted (default /sys/fs/cgroup).
+	CgroupRoot string
+}
+
+// cgroupPlace is where the driver's VM cgroups go.
+func (j *JailConfig) cgroupPlace() jail.Place {
+	return jail.Place{Root: j.CgroupRoot, Parent: j.CgroupName}
 }
 
 // DefaultJail is JailFor("").
@@ -404,7 +412,7 @@ func (d *Driver) cgroupsFor(id string, vcpus, memMiB int) ([]string, error) {
 	if d.cfg.Accel == "tcg" {
 		overhead += 1024 // QEMU's translation cache grows up to 1 GiB by default
 	}
-	dirs, missing, err := jail.MakeCgroups(d.cfg.Jail.CgroupName, id, jail.Limits{MemoryBytes: int64(memMiB+overhead) << 20, Pids: 512, CPUs: vcpus + 1})
+	dirs, missing, err := jail.MakeCgroups(d.cfg.Jail.cgroupPlace(), id, jail.Limits{MemoryBytes: int64(memMiB+overhead) << 20, Pids: 512, CPUs: vcpus + 1})
 	for _, ctrl := range missing {
 		d.cgroupWarn.Do(func() {
 			d.log.Warn("a cgroup controller is not mounted: jailed VMMs run without its limit", "controller", ctrl)
@@ -419,7 +427,7 @@ func (d *Driver) cgroupParents() []string {
 	if d.cfg.Jail == nil {
 		return nil
 	}
-	return jail.CgroupParents(d.cfg.Jail.CgroupName)
+	return jail.CgroupParents(d.cfg.Jail.cgroupPlace())
 }
 
 // SweepCgroups implements vmm.CgroupSweeper.
