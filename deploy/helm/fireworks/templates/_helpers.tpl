@@ -60,3 +60,8 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 {{- join "," $kv -}}
 {{- end -}}
+
+{{/* The node autoscaler's placeholder pods' namespace. */}}
+{{- define "fireworks.capacityNamespace" -}}
+{{- .Values.autoscaler.namespace | default (printf "%s-capacity" .Release.Namespace) -}}
+{{- end -}}
