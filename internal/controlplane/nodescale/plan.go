@@ -28,7 +28,7 @@ type Config struct {
 	// this rule prevents).
 	ScaleDownDelay time.Duration
 	// NodeShape is what one new node offers sandboxes, before overcommit. Zero: the
-	// largest node the cluster has.
+	// cluster's median node (by memory).
 	NodeShape state.Resources
 }
 
@@ -117,15 +117,14 @@ func plan(now time.Time, cfg Config, sched scheduler.Config, nodes []state.Node,
 
 	shape := cfg.NodeShape
 	var parked []string
+	var sizes []state.Resources
 	total := 0
 	for _, n := range nodes {
 		if n.Status != state.NodeReady {
 			continue
 		}
 		total++
-		if cfg.NodeShape == (state.Resources{}) && n.Capacity.MemoryMiB > shape.MemoryMiB {
-			shape = n.Capacity
-		}
+		sizes = append(sizes, n.Capacity)
 		switch {
 		case n.Parked && load[n.ID] > 0:
 			// Being given back: its drain moves what is left.
@@ -151,6 +150,13 @@ func plan(now time.Time, cfg Config, sched scheduler.Config, nodes []state.Node,
 		if !slices.ContainsFunc(nodes, func(n state.Node) bool { return n.ID == id && n.Status == state.NodeReady }) {
 			delete(mem.idleSince, id)
 		}
+	}
+
+	if shape == (state.Resources{}) && len(sizes) > 0 {
+		// The median node (by memory): one node that declares an outsized capacity (a
+		// node's agent says what it offers) does not make the pool look roomier.
+		slices.SortFunc(sizes, func(a, b state.Resources) int { return cmp.Compare(a.MemoryMiB, b.MemoryMiB) })
+		shape = sizes[len(sizes)/2]
 	}
 
 	// Scale up: the waiting sandboxes packed, largest first, onto nodes of the shape.

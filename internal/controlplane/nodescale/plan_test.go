@@ -57,6 +57,13 @@ func TestScaleUpForWaitingSandboxes(t *testing.T) {
 	if p := plan(t0.Add(time.Minute), Config{}, scheduler.Config{}, nodes, []state.Sandbox{pinned}, newMem()); p.Want != 0 {
 		t.Fatalf("a constrained sandbox: %+v", p)
 	}
+	// One node declaring an outsized capacity does not shrink the order: the shape is the
+	// median node's.
+	huge := node("huge")
+	huge.Capacity.MemoryMiB = 1 << 20
+	if p := plan(t0.Add(time.Minute), Config{}, scheduler.Config{}, []state.Node{node("a"), node("b"), huge}, sbs, newMem()); p.Want != 2 {
+		t.Fatalf("with an outsized node: %+v", p)
+	}
 	// No node yet to learn the shape from: one.
 	if p := plan(t0.Add(time.Minute), Config{}, scheduler.Config{}, nil, sbs[1:], newMem()); p.Want != 1 {
 		t.Fatalf("no nodes: %+v", p)
