@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 
@@ -105,7 +106,8 @@ func (r *SandboxWarmPoolReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 	if err := r.Kube.Get(ctx, req.NamespacedName, &wp); err != nil {
 		if apierrors.IsNotFound(err) {
 			// Gone before its finalizer was added: the sum is what the others ask.
-			return ctrl.Result{}, r.sync(ctx, "")
+			_, err := r.sync(ctx, "")
+			return ctrl.Result{}, err
 		}
 		return ctrl.Result{}, err
 	}
@@ -113,7 +115,7 @@ func (r *SandboxWarmPoolReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 		if !controllerutil.ContainsFinalizer(&wp, Finalizer) {
 			return ctrl.Result{}, nil
 		}
-		if err := r.sync(ctx, wp.Status.Image); err != nil {
+		if _, err := r.sync(ctx, wp.Status.Image); err != nil {
 			return ctrl.Result{}, err
 		}
 		controllerutil.RemoveFinalizer(&wp, Finalizer)
@@ -130,17 +132,30 @@ func (r *SandboxWarmPoolReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 	wp.Status.Selector = SelectorLabel + "=" + wp.Name
 	res := ctrl.Result{RequeueAfter: pollSettled}
 	key, err := r.keyOf(ctx, &wp)
+	var conflict string
 	if err == nil {
 		// A template whose image changed leaves the old image's pool to whoever else
 		// asks for it, or to nobody.
-		err = r.sync(ctx, wp.Status.Image)
+		var kept map[string]poolKey
+		kept, err = r.sync(ctx, wp.Status.Image)
 		wp.Status.Image = key.image
+		if err != nil {
+			// The error may name other namespaces' images: the log has it, not the status.
+			slog.Error("set the Fireworks warm pools", "err", err)
+			err = fmt.Errorf("the Fireworks warm pool of %s could not be set (the controller's log says why)", key.image)
+		} else if k, ok := kept[key.image]; ok && (k.vcpus != key.vcpus || k.mem != key.mem) {
+			conflict = fmt.Sprintf("the Fireworks warm pool of %s keeps the shape of %s (%d vCPUs, %d MiB): one warm pool per image; this template asks %d vCPUs, %d MiB", key.image, k.templateRef, k.vcpus, k.mem, key.vcpus, key.mem)
+		}
 	}
-	if err != nil {
+	switch {
+	case conflict != "":
+		wp.Status.ReadyReplicas = 0
+		setCond(&wp.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, "ShapeConflict", conflict, wp.Generation)
+	case err != nil:
 		wp.Status.ReadyReplicas = 0
 		setCond(&wp.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, err.Error(), wp.Generation)
 		res.RequeueAfter = pollError
-	} else {
+	default:
 		ready, perr := r.ready(ctx, key)
 		if perr != nil {
 			return ctrl.Result{}, perr
@@ -195,12 +210,16 @@ func (r *SandboxWarmPoolReconciler) keyOf(ctx context.Context, wp *extv1.Sandbox
 // replicas, and removes the pool of released (an image a warm pool asked for before)
 // when none asks for it any more. It looks at all of them each time, since pools of one
 // image are shared. Pools it never set (an operator's `fireworks pool set`) it leaves.
-func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) error {
+//
+// It returns, per image, the key whose shape the pool keeps (the first SandboxWarmPool's
+// in list order: one Fireworks pool per image).
+func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (map[string]poolKey, error) {
 	var all extv1.SandboxWarmPoolList
 	if err := r.Kube.List(ctx, &all); err != nil {
-		return err
+		return nil, err
 	}
 	want := map[string]*pb.Pool{}
+	kept := map[string]poolKey{}
 	for i := range all.Items {
 		wp := &all.Items[i]
 		if !wp.DeletionTimestamp.IsZero() {
@@ -214,6 +233,7 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) e
 		if p == nil {
 			p = &pb.Pool{Image: key.image, Vcpus: key.vcpus, MemoryMib: key.mem}
 			want[key.image] = p
+			kept[key.image] = key
 		}
 		if p.GetVcpus() != key.vcpus || p.GetMemoryMib() != key.mem {
 			// One Fireworks pool per image: the first shape keeps it.
@@ -223,7 +243,7 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) e
 	}
 	have, err := r.FW.pools(ctx)
 	if err != nil {
-		return err
+		return kept, err
 	}
 	for _, p := range want {
 		if i := slices.IndexFunc(have, func(h *pb.Pool) bool { return h.GetImage() == p.GetImage() }); i >= 0 {
@@ -233,13 +253,13 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) e
 			}
 		}
 		if err := r.FW.setPool(ctx, p); err != nil {
-			return err
+			return kept, err
 		}
 	}
 	if _, ok := want[released]; released != "" && !ok {
-		return r.FW.deletePool(ctx, released)
+		return kept, r.FW.deletePool(ctx, released)
 	}
-	return nil
+	return kept, nil
 }
 
 // ready counts the warm microVMs of key's pool booted and waiting on all nodes.
