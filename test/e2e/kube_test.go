@@ -578,4 +578,44 @@ spec:
 	if out := templates(); strings.Contains(out, tmpl.Status.Template) {
 		t.Errorf("template ls still lists %s:\n%s", tmpl.Status.Template, out)
 	}
+
+	// A warm pool is set with the controller's admin token, but only of an image the
+	// namespace's own token may pull: one on a private address is refused, and no pool
+	// is set for it.
+	private := outsideAddr + ":5000/busybox:latest"
+	kubectl(t, cp, fmt.Sprintf(`apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxTemplate
+metadata: {name: private-template}
+spec:
+  podTemplate:
+    spec:
+      containers: [{name: c, image: %q}]
+---
+apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxWarmPool
+metadata: {name: private-pool}
+spec:
+  replicas: 1
+  sandboxTemplateRef: {name: private-template}
+`, private), "-n", ns, "apply", "-f", "-")
+	eventuallyWithin(t, 2*time.Minute, "the private image's pool refused", func() (bool, string) {
+		var wp struct {
+			Status struct {
+				Conditions []struct{ Type, Status, Message string } `json:"conditions"`
+			} `json:"status"`
+		}
+		kubeJSON(t, cp, &wp, "-n", ns, "get", "sandboxwarmpools.extensions.agents.x-k8s.io", "private-pool")
+		for _, c := range wp.Status.Conditions {
+			if c.Type == "Ready" && c.Status == "False" && strings.Contains(c.Message, "pulled as namespace "+ns) {
+				return true, ""
+			}
+		}
+		b, _ := json.Marshal(wp.Status)
+		return false, string(b)
+	})
+	if _, found := poolOf(t, private); found {
+		t.Errorf("a Fireworks pool was set for %s, which the namespace may not pull", private)
+	}
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxwarmpools.extensions.agents.x-k8s.io", "private-pool", "--timeout=1m")
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxtemplates.extensions.agents.x-k8s.io", "private-template", "--timeout=1m")
 }

@@ -188,7 +188,12 @@ autoscaler: {enabled: true, max: 1}
 	running := strings.TrimSpace(cli(t, 0, "run", "-d", img, "--", "sh", "-c", "echo kept > /tmp/state; exec sleep 3600"))
 	eventuallyWithin(t, 2*time.Minute, "the detached sandbox running", func() (bool, string) {
 		out := cli(t, 0, "inspect", running)
-		return strings.Contains(out, `"status": "running"`), out
+		var sb map[string]any
+		// (protojson varies its whitespace on purpose: parse, never match the text.)
+		if err := json.Unmarshal([]byte(out), &sb); err != nil {
+			t.Fatalf("inspect %s: %v\n%s", running, err, out)
+		}
+		return sb["status"] == "running", out
 	})
 
 	// An agent-sandbox Sandbox, served by the controller in the cluster with its

@@ -62,7 +62,7 @@ func Setup(mgr ctrl.Manager, admin Fireworks, tenants *Tenants, cfg Config) erro
 	})
 	if err := ctrl.NewControllerManagedBy(mgr).For(&extv1.SandboxWarmPool{}).Named("sandboxwarmpool").
 		Watches(&extv1.SandboxTemplate{}, poolsOf).
-		Complete(&SandboxWarmPoolReconciler{Kube: kube, FW: admin, Cfg: cfg}); err != nil {
+		Complete(&SandboxWarmPoolReconciler{Kube: kube, FW: admin, Tenants: tenants, Cfg: cfg}); err != nil {
 		return fmt.Errorf("sandboxwarmpool controller: %w", err)
 	}
 	if err := ctrl.NewControllerManagedBy(mgr).For(&extv1.SandboxClaim{}).Named("sandboxclaim").

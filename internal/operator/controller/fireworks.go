@@ -97,3 +97,19 @@ func (f Fireworks) pools(ctx context.Context) ([]*pb.Pool, error) {
 	}
 	return r.Msg.GetPools(), nil
 }
+
+// pull pulls ref with f's token onto a node of the cluster's choosing (a user's pull:
+// what that user's own sandbox could start from).
+func (f Fireworks) pull(ctx context.Context, ref string) error {
+	s, err := f.C.Images.PullImage(ctx, connect.NewRequest(&pb.PullImageRequest{Ref: ref}))
+	if err != nil {
+		return fmt.Errorf("pull %s: %w", ref, err)
+	}
+	defer s.Close()
+	for s.Receive() {
+	}
+	if err := s.Err(); err != nil {
+		return fmt.Errorf("pull %s: %w", ref, err)
+	}
+	return nil
+}

@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
+	"sync"
+	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -95,7 +97,51 @@ type poolKey struct {
 type SandboxWarmPoolReconciler struct {
 	Kube client.Client
 	FW   Fireworks
-	Cfg  Config
+	// Tenants pull a pool's image as its namespace first: the pool is set with the admin
+	// token, whose pulls reach what the namespace's may not (private registries, the
+	// images an admin pulled with credentials).
+	Tenants *Tenants
+	Cfg     Config
+
+	pullMu sync.Mutex
+	pulled map[string]pullCheck // by namespace and image
+}
+
+// pullCheck is a namespace's pull of an image: a success is kept, a refusal for a while
+// (sync looks at every namespace's pools on each reconcile).
+type pullCheck struct {
+	err error
+	at  time.Time
+}
+
+// pullFailureTTL is how long a refused pull is believed before it is tried again.
+const pullFailureTTL = time.Minute
+
+func (r *SandboxWarmPoolReconciler) canPull(ctx context.Context, ns, img string) error {
+	if r.Tenants == nil {
+		return nil
+	}
+	k := ns + "\x00" + img
+	r.pullMu.Lock()
+	c, ok := r.pulled[k]
+	r.pullMu.Unlock()
+	if ok && (c.err == nil || time.Since(c.at) < pullFailureTTL) {
+		return c.err
+	}
+	fwc, err := r.Tenants.For(ctx, ns)
+	if err != nil {
+		return err
+	}
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	err = fwc.pull(pctx, img)
+	r.pullMu.Lock()
+	if r.pulled == nil {
+		r.pulled = map[string]pullCheck{}
+	}
+	r.pulled[k] = pullCheck{err: err, at: time.Now()}
+	r.pullMu.Unlock()
+	return err
 }
 
 // SelectorLabel marks what a warm pool's claims made (the scale subresource's selector).
@@ -202,6 +248,9 @@ func (r *SandboxWarmPoolReconciler) keyOf(ctx context.Context, wp *extv1.Sandbox
 	}
 	if err := (state.SandboxSpec{Image: img}).CheckSizes(); err != nil {
 		return poolKey{}, fmt.Errorf("%w: SandboxTemplate %s: %w", errUnsupported, t.Name, err)
+	}
+	if err := r.canPull(ctx, wp.Namespace, img); err != nil {
+		return poolKey{}, fmt.Errorf("SandboxTemplate %s: its image, pulled as namespace %s: %w", t.Name, wp.Namespace, err)
 	}
 	return poolKey{image: img, vcpus: spec.GetVcpus(), mem: spec.GetMemoryMib(), templateRef: wp.Namespace + "/" + t.Name}, nil
 }
