@@ -294,12 +294,23 @@ spec:
 		out := cli(t, 0, "node", "ls")
 		return regexp.MustCompile(`(?m)^node-1\s+ready\s`).MatchString(out), out
 	})
-	if got := cli(t, 0, "exec", running, "--", "cat", "/tmp/state"); strings.TrimSpace(got) != "kept" {
-		t.Fatalf("the running sandbox after the agent's pod was replaced: /tmp/state = %q", got)
+	// A just-adopted sandbox's guest channel reconnects a moment later: each try is
+	// bounded (an exec once hung for 5 minutes here, in CI, right after the adoption: to
+	// investigate), the check is not.
+	execIn := func(id, file, want string) {
+		t.Helper()
+		eventuallyWithin(t, 3*time.Minute, "exec in "+id+" after the agent's pod was replaced", func() (bool, string) {
+			addr := portForward(t, cp, ns, "svc/fw-fireworks-server", 7766)
+			env := []string{"FIREWORKS_CONFIG=" + filepath.Join(dir, "no-cli-config.json"), "FIREWORKS_SERVER=https://" + addr,
+				"FIREWORKS_CA=" + caFile, "FIREWORKS_TOKEN=" + adminToken}
+			tctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			r := world.cliEnv(tctx, env, nil, "exec", id, "--", "cat", file)
+			return r.code == 0 && strings.TrimSpace(r.stdout) == want, fmt.Sprintf("exit %d %q %q", r.code, r.stdout, r.stderr)
+		})
 	}
-	if got := cli(t, 0, "exec", sandboxID, "--", "cat", "/tmp/hello"); strings.TrimSpace(got) != "from-a-sandbox-object" {
-		t.Fatalf("the Sandbox's microVM after the agent's pod was replaced: /tmp/hello = %q", got)
-	}
+	execIn(running, "/tmp/state", "kept")
+	execIn(sandboxID, "/tmp/hello", "from-a-sandbox-object")
 	if after := records(); !mapsEqual(before, after) {
 		t.Fatalf("records changed over the agent's replacement:\nbefore %v\nafter  %v", before, after)
 	}
