@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 )
 
 // pushLockImage pushes busybox plus /bin/guestlock (see internal/testutil/guestlock) as
@@ -38,17 +40,7 @@ func eventually(t *testing.T, what string, check func() (bool, string)) {
 // what check last reported.
 func eventuallyWithin(t *testing.T, timeout time.Duration, what string, check func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, got := check()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still %s after %s", what, got, timeout)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	testutil.Eventually(t, timeout, what, check)
 }
 
 // Two sandboxes running at once share a volume: each sees what the other writes,

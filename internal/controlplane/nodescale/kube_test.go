@@ -48,7 +48,7 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Pods need the namespace's default service account, which a controller makes.
-	eventually(t, time.Minute, "the namespace's default service account", func() (bool, string) {
+	testutil.Eventually(t, time.Minute, "the namespace's default service account", func() (bool, string) {
 		_, err := cs.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
 		return err == nil, fmt.Sprint(err)
 	})
@@ -204,7 +204,7 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 	if p := pass(15 * time.Second); p.Want != 2 || p.Waiting != 2 {
 		t.Fatalf("want 2 nodes: %+v", p)
 	}
-	eventually(t, time.Minute, "2 placeholders Unschedulable", func() (bool, string) {
+	testutil.Eventually(t, time.Minute, "2 placeholders Unschedulable", func() (bool, string) {
 		pending, bound := placeholders()
 		n := 0
 		for _, r := range pending {
@@ -224,7 +224,7 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 	// each other) lands on it.
 	came := time.Now()
 	addNode("pool-b")
-	eventually(t, time.Minute, "a placeholder on pool-b", func() (bool, string) {
+	testutil.Eventually(t, time.Minute, "a placeholder on pool-b", func() (bool, string) {
 		pending, bound := placeholders()
 		return len(bound) == 1 && slices.Contains(mapValues(bound), "pool-b") && len(pending) == 1, fmt.Sprint(pending, bound)
 	})
@@ -245,7 +245,7 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 	if p := pass(25 * time.Second); p.Want != 1 {
 		t.Fatalf("after pool-b registered: %+v", p)
 	}
-	eventually(t, time.Minute, "pool-b's placeholder gone", func() (bool, string) {
+	testutil.Eventually(t, time.Minute, "pool-b's placeholder gone", func() (bool, string) {
 		pending, bound := placeholders()
 		return len(bound) == 0 && len(pending) == 1, fmt.Sprint(pending, bound)
 	})
@@ -257,7 +257,7 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 	if p := pass(30 * time.Second); p.Want != 0 {
 		t.Fatalf("nothing waits: %+v", p)
 	}
-	eventually(t, time.Minute, "no placeholder left", func() (bool, string) {
+	testutil.Eventually(t, time.Minute, "no placeholder left", func() (bool, string) {
 		pending, bound := placeholders()
 		return len(pending)+len(bound) == 0, fmt.Sprint(pending, bound)
 	})
@@ -376,19 +376,4 @@ func startKube(ctx context.Context, t *testing.T) *kubetest.ControlPlane {
 	}
 	t.Cleanup(cp.Stop)
 	return cp
-}
-
-func eventually(t *testing.T, timeout time.Duration, what string, check func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, got := check()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still %s after %s", what, got, timeout)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
 }
