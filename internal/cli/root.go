@@ -116,6 +116,9 @@ func (g *globals) describe(err error) string {
 		msg := ce.Message()
 		switch ce.Code() {
 		case connect.CodeUnavailable:
+			if connect.IsWireError(ce) {
+				return msg // the server answered: what it could not reach is in its message
+			}
 			return unreachable + ": " + msg
 		case connect.CodeDeadlineExceeded:
 			return "the Fireworks server at " + where + " did not answer in time (--request-timeout): " + msg

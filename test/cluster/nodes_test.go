@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -195,6 +196,11 @@ func TestAgentRestartKeepsVM(t *testing.T) {
 	pid := sb["details"].(map[string]any)["pid"]
 	mustFW(t, "exec", id, "--", "sh", "-c", "echo before > /tmp/marker")
 
+	// Execs keep coming while the agent restarts, as users' would: each one runs, at
+	// worst after waiting for the new agent (the servers try a node that refuses them
+	// again for a while), and none hangs (one did, on Kubernetes: a follower's forward of
+	// the stream waited for the client, which waited for it).
+	execs := execsThroughout(id)
 	w.stop(w.agents[2], false)
 	w.ensureRunning()
 	if err := w.waitNodes(3, "ready", 2*minute); err != nil {
@@ -205,6 +211,7 @@ func TestAgentRestartKeepsVM(t *testing.T) {
 		d, _ := sb["details"].(map[string]any)
 		return sb["status"] == "running" && d["adopted_at"] != nil
 	})
+	execs.stopAndCheck(t)
 	sb = inspect(t, id)
 	if got := sb["details"].(map[string]any)["pid"]; got != pid {
 		t.Fatalf("VMM pid %v after the agent restart, was %v: the VM was replaced, not kept", got, pid)
@@ -225,6 +232,84 @@ func TestAgentRestartKeepsVM(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// execLoad runs `fireworks exec` into one sandbox again and again until stopped.
+type execLoad struct {
+	stop    chan struct{}
+	done    chan struct{}
+	mu      sync.Mutex
+	results []execResult
+}
+
+type execResult struct {
+	at   time.Time
+	took time.Duration
+	code int
+	out  string
+}
+
+// execHangAfter is how long one exec may take before it counts as hung: an agent's
+// graceful restart (detach, adopt) takes a few seconds, a dial that nobody answers 5.
+const execHangAfter = 45 * time.Second
+
+// execsThroughout starts three users' worth of execs into sandbox id, one after another
+// each, until stopAndCheck.
+func execsThroughout(id string) *execLoad {
+	l := &execLoad{stop: make(chan struct{}), done: make(chan struct{})}
+	var wg sync.WaitGroup
+	wg.Add(3)
+	for range 3 {
+		go func() { // ends at stopAndCheck
+			defer wg.Done()
+			l.run(id)
+		}()
+	}
+	go func() { wg.Wait(); close(l.done) }()
+	return l
+}
+
+func (l *execLoad) run(id string) {
+	for {
+		select {
+		case <-l.stop:
+			return
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), execHangAfter+15*time.Second)
+		start := time.Now()
+		out, errOut, code := w.cli(ctx, nil, "exec", id, "--", "cat", "/tmp/marker")
+		cancel()
+		l.mu.Lock()
+		l.results = append(l.results, execResult{at: start, took: time.Since(start), code: code, out: strings.TrimSpace(out) + " " + strings.TrimSpace(errOut)})
+		l.mu.Unlock()
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// stopAndCheck ends the load and fails t if an exec hung or if none ran after the
+// restart.
+func (l *execLoad) stopAndCheck(t *testing.T) {
+	t.Helper()
+	close(l.stop)
+	<-l.done
+	var hung, failed, ok int
+	for _, r := range l.results {
+		switch {
+		case r.took > execHangAfter || r.code < 0:
+			hung++
+			t.Errorf("an exec started at %s took %s (exit %d): %s", r.at.Format("15:04:05.000"), r.took.Round(time.Millisecond), r.code, r.out)
+		case r.code != 0 || r.out != "before ":
+			failed++
+			t.Errorf("an exec started at %s failed in %s (exit %d): %s", r.at.Format("15:04:05.000"), r.took.Round(time.Millisecond), r.code, r.out)
+		default:
+			ok++
+		}
+	}
+	t.Logf("execs during the restart: %d ran, %d failed, %d hung", ok, failed, hung)
+	if ok == 0 {
+		t.Error("no exec ran during the restart")
+	}
+}
 
 // hasEvent reports whether the sandbox's events hold one with status and a reason
 // containing reason.

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -88,6 +90,39 @@ func TestStateSurvivesServerRestart(t *testing.T) {
 	}
 	if r := fw(t, 0, "exec", running, "--", "cat", "/tmp/marker"); strings.TrimSpace(r.stdout) != "before" {
 		t.Errorf("exec after re-adoption: %q", r.stdout)
+	}
+	// A restart stopped while it takes the VM back leaves the VM for the next start
+	// (as a rolling update that replaces an agent twice in a row would). The VMM is
+	// frozen (SIGSTOP) so that the adoption is surely under way, and cannot finish,
+	// when the stop comes.
+	vmmPID, err := strconv.Atoi(fmt.Sprint(pid))
+	if err != nil {
+		t.Fatalf("VMM pid %v: %v", pid, err)
+	}
+	if err := syscall.Kill(vmmPID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	world.stopDev()
+	err = world.startDevUntil(`msg="taking back a running sandbox"`)
+	_ = syscall.Kill(vmmPID, syscall.SIGCONT)
+	if err != nil {
+		world.dumpDevLog()
+		t.Fatalf("a start stopped while it takes the VM back: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(world.root, "dev.log")); !strings.Contains(string(b), "stopped while taking back this node's sandboxes") {
+		world.dumpDevLog()
+		t.Fatal("the start stopped during the adoption did not say it left the VMs for the next one")
+	}
+	if err := world.startDev(); err != nil {
+		world.dumpDevLog()
+		t.Fatalf("restart fireworks dev: %v", err)
+	}
+	if again := inspect(t, running); again["status"] != "running" || again["details"].(map[string]any)["pid"] != pid {
+		t.Fatalf("after a restart stopped during the adoption: status %v pid %v (was %v), reason %v",
+			again["status"], again["details"].(map[string]any)["pid"], pid, again["reason"])
+	}
+	if r := fw(t, 0, "exec", running, "--", "cat", "/tmp/marker"); strings.TrimSpace(r.stdout) != "before" {
+		t.Errorf("exec after the second re-adoption: %q", r.stdout)
 	}
 	time.Sleep(time.Second)
 	fw(t, 0, "stop", running)

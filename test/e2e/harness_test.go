@@ -128,12 +128,22 @@ func (e *env) build() error {
 func (e *env) startDev() error { return e.startDevWith() }
 
 // startDevWith is startDev with extra flags (later flags override earlier ones).
-func (e *env) startDevWith(extra ...string) error {
+func (e *env) startDevWith(extra ...string) error { return e.startDevUntil("", extra...) }
+
+// startDevUntil starts `fireworks dev` and, if stopAt is not empty, stops it (SIGTERM)
+// as soon as its log from this start has a line containing stopAt; it fails if the server
+// was ready or exited first. With stopAt empty it waits until the API answers.
+func (e *env) startDevUntil(stopAt string, extra ...string) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	logf, err := os.OpenFile(filepath.Join(e.root, "dev.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	logPath := filepath.Join(e.root, "dev.log")
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		return err
+	}
+	var from int64
+	if fi, err := logf.Stat(); err == nil {
+		from = fi.Size()
 	}
 	_ = os.Remove(e.config)
 	args := append([]string{"dev", "--data-dir", e.dataDir, "--listen", "127.0.0.1:0", "--init-binary", e.initBin, "--log-level", "debug",
@@ -158,6 +168,26 @@ func (e *env) startDevWith(extra ...string) error {
 		case <-exited:
 			return errors.New("fireworks dev exited during start-up")
 		default:
+		}
+		if stopAt != "" {
+			if b, err := os.ReadFile(logPath); err == nil && int64(len(b)) > from && strings.Contains(string(b[from:]), stopAt) {
+				_ = cmd.Process.Signal(syscall.SIGTERM)
+				select {
+				case <-exited:
+				case <-time.After(30 * time.Second):
+					_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+					<-exited
+					return fmt.Errorf("fireworks dev, stopped at %q, did not exit within 30s", stopAt)
+				}
+				e.dev = nil
+				_ = logf.Close()
+				return nil
+			}
+			if _, err := os.Stat(e.config); err == nil {
+				return fmt.Errorf("fireworks dev was ready before its log said %q", stopAt)
+			}
+			time.Sleep(20 * time.Millisecond)
+			continue
 		}
 		if _, err := os.Stat(e.config); err == nil {
 			if r := e.cli(context.Background(), nil, "info"); r.code == 0 {

@@ -591,7 +591,10 @@ func forwardToLeader(store *state.Store, local http.Handler, preauth func(http.R
 		tcfg := pki.ClientTLS(ca, &cert, host, pki.RoleServer) // only a server may get a user's call
 		tcfg.NextProtos = []string{"h2"}
 		t := &http.Transport{TLSClientConfig: tcfg, ForceAttemptHTTP2: true,
-			DialContext: (&net.Dialer{Timeout: 3 * time.Second}).DialContext}
+			DialContext: (&net.Dialer{Timeout: 3 * time.Second}).DialContext,
+			// A leader that vanished without closing the connection (host down, partition)
+			// is noticed by unanswered pings, so calls forwarded to it end instead of hanging.
+			HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 10 * time.Second}}
 		transports[addr] = t
 		return t
 	}
@@ -696,7 +699,7 @@ func forwardToLeader(store *state.Store, local http.Handler, preauth func(http.R
 					http.Error(w, "the leader ("+addr+") is unreachable: "+err.Error(), http.StatusBadGateway)
 				},
 			}
-			p.ServeHTTP(w, r)
+			rpc.EndWithResponse(p).ServeHTTP(w, r)
 			if !dialFailed {
 				return
 			}

@@ -87,7 +87,7 @@ func TestThreeServersOnOneHost(t *testing.T) {
 			}
 		}()
 	}
-	client := func(i int) *client.Client {
+	clientOf := func(i int) *client.Client {
 		c, err := client.New(client.Config{Server: "https://" + apis[i], Token: token, CA: filepath.Join(caDir, "ca.pem"), RequestTimeout: 30 * time.Second})
 		if err != nil {
 			t.Fatal(err)
@@ -98,7 +98,7 @@ func TestThreeServersOnOneHost(t *testing.T) {
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		cctx, ccancel := context.WithTimeout(ctx, 5*time.Second)
-		_, err := client(0).Cluster.ListNodes(cctx, connect.NewRequest(&pb.ListNodesRequest{}))
+		_, err := clientOf(0).Cluster.ListNodes(cctx, connect.NewRequest(&pb.ListNodesRequest{}))
 		ccancel()
 		if err == nil {
 			break
@@ -110,7 +110,7 @@ func TestThreeServersOnOneHost(t *testing.T) {
 	}
 	// The installer's tokens exist with their roles; the join token never expires and has
 	// no bound on its uses (it stands for a node pool).
-	toks, err := client(0).Tokens.ListTokens(ctx, connect.NewRequest(&pb.ListTokensRequest{}))
+	toks, err := clientOf(0).Tokens.ListTokens(ctx, connect.NewRequest(&pb.ListTokensRequest{}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,7 +131,7 @@ func TestThreeServersOnOneHost(t *testing.T) {
 		}
 	}
 	for i := range 3 {
-		c := client(i)
+		c := clientOf(i)
 		start := time.Now()
 		cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
 		if _, err := c.Cluster.ListNodes(cctx, connect.NewRequest(&pb.ListNodesRequest{})); err != nil {
@@ -143,6 +143,21 @@ func TestThreeServersOnOneHost(t *testing.T) {
 		ccancel()
 		if d := time.Since(start); d > 5*time.Second {
 			t.Errorf("server %d took %s to answer", i+1, d)
+		}
+	}
+	// A stream whose call the leader ends with an error reaches its client through every
+	// server, the followers' forwarding included, while the client still holds its side
+	// open (as `fireworks exec` does, to pass on a signal): a follower's proxy once waited
+	// for the client's side to end, and the client for the proxy's.
+	for i := range 3 {
+		cctx, ccancel := context.WithTimeout(ctx, 20*time.Second)
+		sess, err := client.Exec(clientOf(i).Sandboxes.Exec(cctx), &pb.ExecStart{Sandbox: "no-such-sandbox", Argv: []string{"true"}})
+		if err == nil {
+			_, err = sess.Wait(io.Discard, io.Discard)
+		}
+		ccancel()
+		if connect.CodeOf(err) != connect.CodeNotFound {
+			t.Errorf("exec in an unknown sandbox through server %d: %v, want not found at once", i+1, err)
 		}
 	}
 	// Every server answers the orchestrator's probes without a token once a leader is

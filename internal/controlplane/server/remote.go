@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -217,8 +219,30 @@ func (s *Server) execOnNode(ctx context.Context, sb state.Sandbox, first *pb.Exe
 	// call: an exec the node refuses because the sandbox just moved is started again
 	// where it runs now (see below), from the same stream.
 	reqs := clientMessages(ctx, stream.Receive)
+	began := time.Now()
 	for attempt := 1; ; attempt++ {
 		used, err := s.execOnce(ctx, sb, first, reqs, stream)
+		// A node whose agent is restarting (an upgrade) refuses connections for a few
+		// seconds: nothing reached it, so the exec is tried again for a while.
+		if !used && nodeRefused(err) {
+			if time.Since(began) < nodeRedialFor {
+				select {
+				case <-time.After(500 * time.Millisecond):
+				case <-ctx.Done():
+					return toConnectError(ctx.Err())
+				}
+				now, lerr := s.store.GetSandbox(ctx, sb.ID)
+				if lerr != nil {
+					return toConnectError(lerr)
+				}
+				if sb, lerr = s.waitRunning(ctx, now); lerr != nil {
+					return lerr // it ended meanwhile (its node was declared down...)
+				}
+				attempt--
+				continue
+			}
+			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("node %s did not answer for %s (its agent may be restarting or down): %w", sb.Node, nodeRedialFor, err))
+		}
 		// A node answers Aborted when a live migration moved the sandbox away before the
 		// command started there: nothing ran, so it is started where the sandbox runs
 		// now, unless the client's input or the command's output went through already.
@@ -271,6 +295,18 @@ func (s *Server) execOnce(ctx context.Context, sb state.Sandbox, first *pb.ExecR
 	cancel()
 	wg.Wait()
 	return answered || relayed.Load(), err
+}
+
+// nodeRedialFor is how long an exec is tried again while its node refuses connections.
+const nodeRedialFor = 15 * time.Second
+
+// nodeRefused reports whether err says that the node did not take the call: its agent
+// is not listening (the dial failed), or is shutting down and said so (an HTTP/2 GOAWAY
+// that this call came after, which the server promises it did not process; Go's
+// transport reports it only in its text).
+func nodeRefused(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial" || err != nil && strings.Contains(err.Error(), "graceful shutdown GOAWAY")
 }
 
 // clientMessages reads a client's stream messages into a channel, closed when the

@@ -88,10 +88,19 @@ func (a *Agent) detachForAdoption(s *sandbox, vm vmm.VM) bool {
 	return true
 }
 
+// adoptTimeout bounds one sandbox's adoption (the guest channel's reconnect is most of it).
+const adoptTimeout = 30 * time.Second
+
 // adopt takes back a sandbox whose VM an earlier agent process left running: it
 // reattaches to the VMM, lets QEMU reconnect the guest channel, reattaches to the main
-// process in the guest and supervises it as if it had started it.
+// process in the guest and supervises it as if it had started it. An adoption that fails
+// ends the VM, unless it failed because this agent is being stopped (ctx ended): then the
+// VM, its network and its volumes are left as they were, for the next agent.
 func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
+	a.log.Info("taking back a running sandbox", "sandbox", sb.ID)
+	stopping := func() bool { return ctx.Err() != nil }
+	actx, cancel := context.WithTimeout(ctx, adoptTimeout)
+	defer cancel()
 	dir := filepath.Join(a.runRoot(), sb.ID)
 	rec, err := readAdoptRecord(dir)
 	if err != nil {
@@ -107,7 +116,7 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 	// the policy the state holds now (it may have changed while no agent ran).
 	var sn SandboxNet
 	defer func() {
-		if err != nil && sn != nil {
+		if err != nil && sn != nil && !stopping() {
 			_ = sn.Remove() // the VM is gone (killed below), and so is its network
 		}
 	}()
@@ -125,50 +134,58 @@ func (a *Agent) adopt(ctx context.Context, sb state.Sandbox) (err error) {
 		if use.elsewhere(a.cfg.Node) {
 			vols, err = a.vms.relayVolumes(nsPath, use)
 		} else {
-			vols, err = a.vms.adoptVolumes(ctx, dir, nsPath, filepath.Base(dir), use.mounts)
+			vols, err = a.vms.adoptVolumes(actx, dir, nsPath, filepath.Base(dir), use.mounts)
 		}
 		if err != nil {
 			return fmt.Errorf("volume server: %w", err)
 		}
 		defer func() {
-			if err != nil {
+			if err != nil && !stopping() {
 				vols.Stop()
 			}
 		}()
 	}
-	vm, err := a.vms.driver.Adopt(ctx, real)
+	vm, err := a.vms.driver.Adopt(actx, real)
 	if err != nil {
 		return err
+	}
+	// giveUp ends the VM of a failed adoption, or leaves it running when the agent stops.
+	giveUp := func() {
+		if d, ok := vm.(vmm.Detacher); ok && stopping() {
+			_ = d.Detach()
+			return
+		}
+		_ = vm.Kill()
 	}
 	sock := filepath.Join(dir, "agent.sock")
 	_ = os.Remove(sock)
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
-		_ = vm.Kill()
+		giveUp()
 		return fmt.Errorf("listen on guest channel %s: %w", sock, err)
 	}
 	if err := vmm.ShareSocket(a.vms.driver, sock); err != nil {
-		_ = vm.Kill()
+		giveUp()
 		return fmt.Errorf("listen on guest channel %s: %w", sock, err)
 	}
-	guest, err := a.vms.connectGuest(ctx, ln, vm)
+	guest, err := a.vms.connectGuest(actx, ln, vm)
 	if err != nil {
 		ln.Close()
-		_ = vm.Kill()
+		giveUp()
 		return fmt.Errorf("guest channel after adoption: %w", err)
 	}
-	main, err := guest.Reattach(ctx, rec.Main)
+	main, err := guest.Reattach(actx, rec.Main)
 	if err != nil {
 		guest.Close()
 		ln.Close()
-		_ = vm.Kill()
+		giveUp()
 		return fmt.Errorf("reattach to the main process (session %d): %w", rec.Main, err)
 	}
 	w, err := a.openLog(sb)
 	if err != nil {
 		guest.Close()
 		ln.Close()
-		_ = vm.Kill()
+		giveUp()
 		return err
 	}
 	s := &sandbox{id: sb.ID, dir: dir, log: w, ready: make(chan struct{}), done: make(chan struct{}), spec: rec.Sandbox.Spec,
@@ -214,9 +231,7 @@ func (a *Agent) adoptAll(ctx context.Context, sbs []state.Sandbox) map[string]er
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			actx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			defer cancel()
-			err := a.adopt(actx, sb)
+			err := a.adopt(ctx, sb)
 			if err == nil {
 				a.log.Info("re-adopted a running sandbox", "sandbox", sb.ID)
 				return

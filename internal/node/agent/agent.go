@@ -389,6 +389,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 		a.pools.templateGone(hash)
 	}
 	if err := a.recover(ctx); err != nil {
+		a.Close() // the sandboxes adopted so far are left running for the next agent
 		return nil, err
 	}
 	a.adoptRelays(ctx)
@@ -1463,6 +1464,11 @@ func (a *Agent) recover(ctx context.Context) error {
 		}
 	}
 	failed := a.adoptAll(ctx, running)
+	if ctx.Err() != nil {
+		// Stopped while taking its sandboxes back: the VMs not adopted yet were left
+		// running, and nothing is marked lost or swept; the next agent takes them all.
+		return fmt.Errorf("stopped while taking back this node's sandboxes: %w", ctx.Err())
+	}
 	for _, sb := range mine {
 		if a.isLive(sb.ID) {
 			continue

@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/rpc"
 )
 
 // Dialer opens a TCP connection to a sandbox's guest port.
@@ -57,7 +58,7 @@ func routeFrom(ctx context.Context) (routes.Route, bool) {
 // It keeps two transports because the choice of protocol is per request: gRPC needs
 // HTTP/2, WebSocket upgrades need HTTP/1.1.
 type forwarder struct {
-	h1, h2c *httputil.ReverseProxy
+	h1, h2c http.Handler
 	log     *slog.Logger
 }
 
@@ -90,8 +91,8 @@ func newForwarder(log *slog.Logger, dial func(context.Context, routes.Route) (ne
 
 	f := &forwarder{log: log}
 	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)
-	mk := func(tr *http.Transport) *httputil.ReverseProxy {
-		return &httputil.ReverseProxy{
+	mk := func(tr *http.Transport) http.Handler {
+		return rpc.EndWithResponse(&httputil.ReverseProxy{
 			Rewrite: func(pr *httputil.ProxyRequest) {
 				r, _ := routeFrom(pr.In.Context())
 				pr.SetURL(&url.URL{Scheme: "http", Host: poolHost(r)})
@@ -106,7 +107,7 @@ func newForwarder(log *slog.Logger, dial func(context.Context, routes.Route) (ne
 			Transport:    tr,
 			ErrorHandler: f.proxyError,
 			ErrorLog:     errLog,
-		}
+		})
 	}
 	f.h1 = mk(newTransport(p1))
 	f.h2c = mk(newTransport(p2))
