@@ -61,7 +61,11 @@ func TestHelmChartOnARealNode(t *testing.T) {
 	if imageTar == "" {
 		testutil.Skipf(t, "the node image was not built: %s", os.Getenv(nodeImageErrEnv))
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
+	limit := 25 * time.Minute
+	if os.Getenv("FIREWORKS_KUBE_HOLD") != "" {
+		limit = 2 * time.Hour // a person's session (go test's -timeout must allow it too)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	dir := filepath.Join(world.root, "kube-node")
 	start := time.Now()
@@ -141,6 +145,10 @@ controller: {tolerations: %[2]s}
 autoscaler: {enabled: true, max: 1}
 `, nodeImageTag, tol, filepath.Join(dir, "agent-data"), kubetest.HostLinkIP, node.CgroupRoot())), 0o644); err != nil {
 		t.Fatal(err)
+	}
+	if hold := os.Getenv("FIREWORKS_KUBE_HOLD"); hold != "" {
+		holdForAPerson(t, ctx, hold, cp, node, values, reg, imageTar)
+		return
 	}
 	// The README's install, with this node's values.
 	helm(t, cp, "install", release, chartDir, "--namespace", ns, "--create-namespace", "-f", values)
@@ -311,6 +319,40 @@ spec:
 		out := cli(t, 0, "ps", "-q")
 		return !strings.Contains(out, sandboxID), out
 	})
+}
+
+// holdForAPerson leaves the node, its cluster and the test registry to a person (a
+// reviewer trying the README): it writes to the file hold how to reach them, and waits
+// until that file is removed (or the test's time is up). Nothing is installed: the
+// person does what the README says. (FIREWORKS_KUBE_HOLD=FILE; see HACKING.md.)
+func holdForAPerson(t *testing.T, ctx context.Context, hold string, cp *kubetest.ControlPlane, node *kubetest.Node, values, reg, imageTar string) {
+	t.Helper()
+	info := fmt.Sprintf(`# A Kubernetes cluster with one real node (kubelet, containerd, runc, kube-proxy, CoreDNS),
+# held for you by TestHelmChartOnARealNode. Remove this file to end it.
+# The e2e run lives in a network namespace of its own: run kubectl, helm and the CLI
+# through $IN (e.g. $IN kubectl get nodes); a shell on the node is $NODE_SHELL ...
+IN="nsenter -t %d --net --"
+export KUBECONFIG=%s
+export PATH=%s:$PATH          # kubectl, helm
+NODE_SHELL="%s"               # prefix: runs a command on the node, e.g. $NODE_SHELL ctr --address %s -n k8s.io images ls
+NODE_IMAGE_TAR=%s             # what `+"`make image`"+` builds, from this checkout (already imported as fireworks:%s)
+VALUES=%s                     # the values this node needs (static volumes, taint tolerations, paths); the PersistentVolumes exist
+REGISTRY=%s                   # a registry with test images (busybox:latest, ...), reachable from the node
+`, os.Getpid(), cp.Kubeconfig, cp.Tools, node.Enter(), node.Containerd(), imageTar, nodeImageTag, values, reg)
+	if err := os.WriteFile(hold, []byte(info), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("holding the cluster for a person: see %s; remove it to end", hold)
+	for {
+		if _, err := os.Stat(hold); err != nil {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 func mapsEqual(a, b map[string]string) bool {

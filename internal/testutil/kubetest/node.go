@@ -291,6 +291,15 @@ func (n *Node) start(name, bin string, args ...string) error {
 // puts under it is ended with the node.
 func (n *Node) CgroupRoot() string { return n.cgroup }
 
+// Enter is the command line that runs a command in the node's namespaces, as a shell on
+// the node would (append the command).
+func (n *Node) Enter() string {
+	return "nsenter -t " + strconv.Itoa(n.holder.Process.Pid) + " --net --mount --"
+}
+
+// Containerd is the node's containerd socket (for `ctr --address`).
+func (n *Node) Containerd() string { return n.sock }
+
 // Log returns the tail of a node component's log.
 func (n *Node) Log(name string, max int) string { return n.procs.logTail(name, max) }
 
