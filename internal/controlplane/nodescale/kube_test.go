@@ -13,10 +13,14 @@ import (
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/util/retry"
+	"sigs.k8s.io/yaml"
 
 	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
@@ -42,11 +46,12 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const ns = "fw-nodescale"
+	// The autoscaler acts with the chart's rights: the servers' ServiceAccount as the
+	// chart binds it (a Role in the placeholder namespace, a ClusterRole on nodes), under
+	// the chart's admission policy on what it may change on a node.
+	const chartNS, ns = "fireworks", "fireworks-capacity"
+	sa := applyChartRights(ctx, t, cp, chartNS)
 	pool := map[string]string{"fireworks.dev/pool": "nodescale-test"}
-	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
 	// Pods need the namespace's default service account, which a controller makes.
 	testutil.Eventually(t, time.Minute, "the namespace's default service account", func() (bool, string) {
 		_, err := cs.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
@@ -56,7 +61,8 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
 		_ = cs.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{})
-		for _, n := range []string{"pool-a", "pool-b", "pool-c"} {
+		_ = cs.CoreV1().Namespaces().Delete(ctx, chartNS, metav1.DeleteOptions{})
+		for _, n := range []string{"pool-a", "pool-b", "pool-c", "not-fireworks"} {
 			_ = cs.CoreV1().Nodes().Delete(ctx, n, metav1.DeleteOptions{})
 		}
 	})
@@ -152,7 +158,7 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 	sandbox("wait-1", 1536, "") // neither fits beside busy on pool-a, nor two on one node
 	sandbox("wait-2", 1536, "")
 
-	provider := &Kubernetes{Client: cs, Namespace: ns, NodeSelector: pool, Image: "fireworks.test/pause:1",
+	provider := &Kubernetes{Client: sa, Namespace: ns, NodeSelector: pool, Image: "fireworks.test/pause:1",
 		CPU: resource.MustParse("100m"), Memory: resource.MustParse("64Mi")}
 	cfg := Config{Min: 1, Max: 3, ScaleUpAfter: 10 * time.Second, IdleAfter: time.Minute, ScaleDownDelay: 2 * time.Minute}
 	as, err := New(cfg, scheduler.Config{}, provider, store, log)
@@ -311,6 +317,68 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 	if len(made) != 2 {
 		t.Fatalf("%d placeholders made over the run, want 2: %v", len(made), made)
 	}
+
+	// What the chart lets the servers do to a node is only that: another label, a
+	// taint, an annotation of someone else's, or taking away a scale-down-disabled they
+	// did not set, is refused; so is deleting a node.
+	other := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "not-fireworks", Annotations: map[string]string{ScaleDownDisabled: "true"}}} // an operator's own
+	if _, err := cs.CoreV1().Nodes().Create(ctx, other, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ what, patch, want string }{
+		{"another label", `{"metadata":{"labels":{"node-role.kubernetes.io/worker":"x"}}}`, "only the label"},
+		{"a taint", `{"spec":{"taints":[{"key":"evil","effect":"NoSchedule"}]}}`, "a node's spec"},
+		{"an unschedulable flag", `{"spec":{"unschedulable":true}}`, "a node's spec"},
+		{"another annotation", `{"metadata":{"annotations":{"example.com/x":"y"}}}`, "only the autoscaler's annotations"},
+		{"an operator's scale-down-disabled", `{"metadata":{"annotations":{"` + ScaleDownDisabled + `":null}}}`, "only where they set it"},
+	} {
+		testutil.Eventually(t, 30*time.Second, "the servers refused "+tc.what, func() (bool, string) {
+			_, err := sa.CoreV1().Nodes().Patch(ctx, other.Name, types.MergePatchType, []byte(tc.patch), metav1.PatchOptions{})
+			return err != nil && strings.Contains(err.Error(), tc.want), fmt.Sprint(err)
+		})
+	}
+	if err := sa.CoreV1().Nodes().Delete(ctx, other.Name, metav1.DeleteOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("the servers deleting a node: %v, want forbidden", err)
+	}
+}
+
+// applyChartRights applies the chart's objects that give the servers (with the
+// autoscaler on) their rights in namespace chartNS, and returns a client that acts as the
+// servers' ServiceAccount.
+func applyChartRights(ctx context.Context, t *testing.T, cp *kubetest.ControlPlane, chartNS string) kubernetes.Interface {
+	t.Helper()
+	out, err := cp.Helm(ctx, "template", "fw", "../../../deploy/helm/fireworks", "--namespace", chartNS,
+		"--set", "autoscaler.enabled=true", "--show-only", "templates/server.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cp.Kubectl(ctx, "", "create", "namespace", chartNS); err != nil {
+		t.Fatal(err)
+	}
+	rights := map[string]bool{"Namespace": true, "ServiceAccount": true, "Role": true, "RoleBinding": true, "ClusterRole": true,
+		"ClusterRoleBinding": true, "ValidatingAdmissionPolicy": true, "ValidatingAdmissionPolicyBinding": true}
+	applied := 0
+	for _, doc := range strings.Split(out, "\n---") {
+		var obj struct{ Kind string }
+		if err := yaml.Unmarshal([]byte(doc), &obj); err != nil || !rights[obj.Kind] {
+			continue
+		}
+		if _, err := cp.Kubectl(ctx, doc, "apply", "-f", "-"); err != nil {
+			t.Fatal(err)
+		}
+		applied++
+	}
+	if applied != len(rights) {
+		t.Fatalf("applied %d of the chart's %d kinds of rights objects:\n%s", applied, len(rights), out)
+	}
+	cfg := rest.CopyConfig(cp.Rest)
+	cfg.Impersonate = rest.ImpersonationConfig{UserName: "system:serviceaccount:" + chartNS + ":fw-fireworks-server",
+		Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + chartNS, "system:authenticated"}}
+	sa, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sa
 }
 
 func mapValues(m map[string]string) []string {
