@@ -5,9 +5,11 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -391,8 +393,9 @@ spec:
 		Data map[string]string `json:"data"`
 	}
 	kubeJSON(t, cp, &tokSecret, "-n", "default", "get", "secret", "fireworks-namespace-tokens")
-	if tokSecret.Data[ns] == "" {
-		t.Errorf("the namespace tokens' Secret has no %s", ns)
+	nsUID := strings.TrimSpace(kubectl(t, cp, "", "get", "namespace", ns, "-o", "jsonpath={.metadata.uid}"))
+	if tokSecret.Data[ns+"."+nsUID] == "" {
+		t.Errorf("the namespace tokens' Secret has no key %s.%s (the namespace's name and UID): %v", ns, nsUID, slices.Collect(maps.Keys(tokSecret.Data)))
 	}
 	spec, _ := sb["spec"].(map[string]any)
 	if meta, _ := spec["metadata"].(map[string]any); meta["k8s.name"] != "hello-world" || meta["k8s.namespace"] != ns {
@@ -497,7 +500,7 @@ spec:
 		return tmpl.Status.Template != "", "no status.template"
 	})
 	// Templates are their owner's: the namespace's token lists it.
-	nsTokenEnv := []string{"FIREWORKS_TOKEN=" + string(decodeB64(t, tokSecret.Data[ns]))}
+	nsTokenEnv := []string{"FIREWORKS_TOKEN=" + string(decodeB64(t, tokSecret.Data[ns+"."+nsUID]))}
 	templates := func() string {
 		return world.cliEnv(context.Background(), nsTokenEnv, nil, "template", "ls").stdout
 	}
@@ -618,4 +621,22 @@ spec:
 	}
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxwarmpools.extensions.agents.x-k8s.io", "private-pool", "--timeout=1m")
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxtemplates.extensions.agents.x-k8s.io", "private-template", "--timeout=1m")
+
+	// The namespace deleted (its objects' finalizers run first, with its token): its token
+	// is revoked and forgotten, so a namespace made again under the name (by anyone) starts
+	// with a token of its own, not this one's templates, snapshots and volumes.
+	kubectl(t, cp, "", "delete", "namespace", ns, "--timeout=3m")
+	eventuallyWithin(t, time.Minute, "the deleted namespace's token revoked", func() (bool, string) {
+		toks := fw(t, 0, "token", "ls").stdout
+		var sec struct {
+			Data map[string]string `json:"data"`
+		}
+		kubeJSON(t, cp, &sec, "-n", "default", "get", "secret", "fireworks-namespace-tokens")
+		for k := range sec.Data {
+			if strings.HasPrefix(k, ns+".") || k == ns {
+				return false, "still in the Secret: " + k
+			}
+		}
+		return !strings.Contains(toks, "k8s-ns-"+ns+" "), toks
+	})
 }

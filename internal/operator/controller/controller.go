@@ -9,12 +9,17 @@ import (
 	"context"
 	"fmt"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	agentsv1 "github.com/fireworks-sandbox/fireworks/internal/operator/apis/agents/v1beta1"
@@ -64,6 +69,26 @@ func Setup(mgr ctrl.Manager, admin Fireworks, tenants *Tenants, cfg Config) erro
 		Watches(&extv1.SandboxTemplate{}, poolsOf).
 		Complete(&SandboxWarmPoolReconciler{Kube: kube, FW: admin, Tenants: tenants, Cfg: cfg}); err != nil {
 		return fmt.Errorf("sandboxwarmpool controller: %w", err)
+	}
+	// A namespace's deletion retires its token (the start's sweep covers the rest).
+	if err := ctrl.NewControllerManagedBy(mgr).For(&corev1.Namespace{}, builder.WithPredicates(predicate.Funcs{
+		CreateFunc: func(event.CreateEvent) bool { return false }, UpdateFunc: func(event.UpdateEvent) bool { return false },
+		GenericFunc: func(event.GenericEvent) bool { return false }})).Named("namespace").
+		Complete(&NamespaceReconciler{Kube: kube, Tenants: tenants}); err != nil {
+		return fmt.Errorf("namespace controller: %w", err)
+	}
+	// Namespaces deleted while no controller ran get no event: their tokens go at start
+	// (on the leader, like every reconciler).
+	if err := mgr.Add(manager.RunnableFunc(func(ctx context.Context) error {
+		if !mgr.GetCache().WaitForCacheSync(ctx) {
+			return nil
+		}
+		if err := sweepTenants(ctx, kube, tenants); err != nil {
+			mgr.GetLogger().Error(err, "retire the tokens of deleted namespaces")
+		}
+		return nil
+	})); err != nil {
+		return err
 	}
 	if err := ctrl.NewControllerManagedBy(mgr).For(&extv1.SandboxClaim{}).Named("sandboxclaim").
 		Owns(&agentsv1.Sandbox{}).
