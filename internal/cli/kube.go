@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"errors"
 	"os"
 	"os/signal"
 	"syscall"
@@ -48,7 +49,9 @@ runs it; install the CRDs from deploy/helm/fireworks/crds first when running it 
 				return err
 			}
 			if tokensNS == "" {
-				tokensNS = "default"
+				// Where the namespaces' tokens are kept must be chosen: a namespace any user
+				// can write to would hand them out.
+				return errors.New("--tokens-namespace (or $POD_NAMESPACE) is required: the namespace, the controller's own, that keeps every namespace's Fireworks token")
 			}
 			return controller.Run(ctx, controller.RunConfig{
 				Kube: kc, Admin: controller.Fireworks{C: fw}, Base: base, TokensNamespace: tokensNS,
@@ -63,7 +66,7 @@ runs it; install the CRDs from deploy/helm/fireworks/crds first when running it 
 	fl.StringVar(&domain, "ingress-domain", routes.DefaultDomain, "the edge's domain (as on the servers): a Sandbox's serviceFQDN is <sandbox>.DOMAIN")
 	fl.BoolVar(&leaderElect, "leader-elect", false, "run several replicas with one active (a Lease in --leader-election-namespace)")
 	fl.StringVar(&ns, "leader-election-namespace", os.Getenv("POD_NAMESPACE"), "namespace of the leader election Lease ($POD_NAMESPACE)")
-	fl.StringVar(&tokensNS, "tokens-namespace", os.Getenv("POD_NAMESPACE"), "namespace of the Secret "+controller.TokensSecret+" that keeps each Kubernetes namespace's Fireworks user token ($POD_NAMESPACE, else default)")
+	fl.StringVar(&tokensNS, "tokens-namespace", os.Getenv("POD_NAMESPACE"), "namespace of the Secret "+controller.TokensSecret+" that keeps each Kubernetes namespace's Fireworks user token (default $POD_NAMESPACE; required)")
 	fl.StringVar(&health, "health-addr", ":8081", "serve /healthz and /readyz here (0: off)")
 	fl.StringVar(&metrics, "metrics-addr", "0", "serve the controller's Prometheus metrics here (0: off)")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

@@ -248,7 +248,7 @@ func runKubeController(t *testing.T, cp *kubetest.ControlPlane) {
 	}
 	// The test registry is on loopback, which the node pulls from over plain HTTP for any
 	// token (dev runs with --registry-allow 127.0.0.1/32).
-	cmd := exec.Command(world.bin, "kube-controller", "--kubeconfig", cp.Kubeconfig,
+	cmd := exec.Command(world.bin, "kube-controller", "--kubeconfig", cp.Kubeconfig, "--tokens-namespace", "default",
 		"--health-addr", "0", "--log-level", "debug")
 	cmd.Env = append(os.Environ(), "FIREWORKS_CONFIG="+world.config)
 	cmd.Stdout, cmd.Stderr = logf, logf

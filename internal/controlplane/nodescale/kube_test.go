@@ -330,6 +330,8 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 		{"a taint", `{"spec":{"taints":[{"key":"evil","effect":"NoSchedule"}]}}`, "a node's spec"},
 		{"an unschedulable flag", `{"spec":{"unschedulable":true}}`, "a node's spec"},
 		{"another annotation", `{"metadata":{"annotations":{"example.com/x":"y"}}}`, "only the autoscaler's annotations"},
+		{"an owner", `{"metadata":{"ownerReferences":[{"apiVersion":"v1","kind":"Namespace","name":"gone","uid":"00000000-0000-0000-0000-000000000001"}]}}`, "owners or finalizers"},
+		{"a finalizer", `{"metadata":{"finalizers":["example.com/keep"]}}`, "owners or finalizers"},
 		{"an operator's scale-down-disabled", `{"metadata":{"annotations":{"` + ScaleDownDisabled + `":null}}}`, "only where they set it"},
 	} {
 		testutil.Eventually(t, 30*time.Second, "the servers refused "+tc.what, func() (bool, string) {

@@ -305,8 +305,11 @@ const nodeRedialFor = 15 * time.Second
 // that this call came after, which the server promises it did not process; Go's
 // transport reports it only in its text).
 func nodeRefused(err error) bool {
+	if err == nil || connect.IsWireError(err) {
+		return false // the node (or the guest through it) answered
+	}
 	var op *net.OpError
-	return errors.As(err, &op) && op.Op == "dial" || err != nil && strings.Contains(err.Error(), "graceful shutdown GOAWAY")
+	return errors.As(err, &op) && op.Op == "dial" || strings.Contains(err.Error(), "graceful shutdown GOAWAY")
 }
 
 // clientMessages reads a client's stream messages into a channel, closed when the
