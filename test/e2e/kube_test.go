@@ -16,8 +16,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/kubetest"
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
 
 // kubeToolsEnv carries the directory of the Kubernetes tools (scripts/kube-tools.sh)
@@ -508,6 +512,10 @@ spec:
 		t.Errorf("template ls with the namespace's token lacks %s:\n%s", tmpl.Status.Template, out)
 	}
 	waitPool(t, img, func(s poolState) bool { return s.Ready >= 1 })
+	// The controller's pools say they are its (and are pulled as users' pulls are).
+	if m := poolManager(t, img); m != "agent-sandbox" {
+		t.Errorf("the controller's pool of %s is managed by %q, want agent-sandbox", img, m)
+	}
 	readyReplicas := func() int {
 		var wp struct {
 			Status struct {
@@ -622,6 +630,65 @@ spec:
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxwarmpools.extensions.agents.x-k8s.io", "private-pool", "--timeout=1m")
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxtemplates.extensions.agents.x-k8s.io", "private-template", "--timeout=1m")
 
+	// An operator's pool is the operator's: a namespace's SandboxWarmPool of its image
+	// neither resizes nor removes it, and says so. (The controller's own pools say they
+	// are its, and are pulled as users' pulls are.)
+	opImg := world.registry + "/operators-own:1"
+	pushTestImage(t, opImg)
+	fw(t, 0, "pool", "set", opImg, "--size", "0", "--max", "1")
+	kubectl(t, cp, fmt.Sprintf(`apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxTemplate
+metadata: {name: ops-template}
+spec:
+  podTemplate:
+    spec:
+      containers: [{name: c, image: %q}]
+---
+apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxWarmPool
+metadata: {name: ops-pool}
+spec:
+  replicas: 3
+  sandboxTemplateRef: {name: ops-template}
+`, opImg), "-n", ns, "apply", "-f", "-")
+	waitPoolCond := func(name, want string) {
+		t.Helper()
+		eventuallyWithin(t, 2*time.Minute, name+" says "+want, func() (bool, string) {
+			var wp struct {
+				Status struct {
+					Conditions []struct{ Type, Status, Message string } `json:"conditions"`
+				} `json:"status"`
+			}
+			kubeJSON(t, cp, &wp, "-n", ns, "get", "sandboxwarmpools.extensions.agents.x-k8s.io", name)
+			for _, c := range wp.Status.Conditions {
+				if c.Type == "Ready" && c.Status == "False" && strings.Contains(c.Message, want) {
+					return true, ""
+				}
+			}
+			b, _ := json.Marshal(wp.Status)
+			return false, string(b)
+		})
+	}
+	waitPoolCond("ops-pool", "is the operator's")
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxwarmpools.extensions.agents.x-k8s.io", "ops-pool", "--timeout=1m")
+	if out := fw(t, 0, "pool", "ls").stdout; !strings.Contains(out, opImg) {
+		t.Errorf("the operator's pool of %s went with a namespace's SandboxWarmPool of it:\n%s", opImg, out)
+	}
+	if m := poolManager(t, opImg); m != "" {
+		t.Errorf("the operator's pool of %s is now managed by %q", opImg, m)
+	}
+	fw(t, 0, "pool", "rm", opImg)
+	// A SandboxWarmPool asking more than a pool may hold is refused by the API server.
+	if _, err := cp.Kubectl(context.Background(), `apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxWarmPool
+metadata: {name: too-big}
+spec:
+  replicas: 65
+  sandboxTemplateRef: {name: ops-template}
+`, "-n", ns, "apply", "-f", "-"); err == nil || !strings.Contains(err.Error(), "64") {
+		t.Errorf("a SandboxWarmPool of 65 replicas: %v, want refused (at most 64)", err)
+	}
+
 	// The namespace deleted (its objects' finalizers run first, with its token): its token
 	// is revoked and forgotten, so a namespace made again under the name (by anyone) starts
 	// with a token of its own, not this one's templates, snapshots and volumes.
@@ -639,4 +706,38 @@ spec:
 		}
 		return !strings.Contains(toks, "k8s-ns-"+ns+" "), toks
 	})
+}
+
+// poolManager is who manages the warm pool of img ("" = an operator), as pool ls says.
+func poolManager(t *testing.T, img string) string {
+	t.Helper()
+	var resp struct {
+		Pools []struct {
+			Image     string `json:"image"`
+			ManagedBy string `json:"managed_by"`
+		} `json:"pools"`
+	}
+	out := fw(t, 0, "pool", "ls", "--json").stdout
+	if err := json.Unmarshal([]byte(out), &resp); err != nil {
+		t.Fatalf("pool ls --json: %v\n%s", err, out)
+	}
+	for _, p := range resp.Pools {
+		if p.Image == img {
+			return p.ManagedBy
+		}
+	}
+	t.Fatalf("no pool of %s:\n%s", img, out)
+	return ""
+}
+
+// pushTestImage pushes the test busybox image to ref (in the test registry).
+func pushTestImage(t *testing.T, ref string) {
+	t.Helper()
+	r, err := name.ParseReference(ref, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(r, testimage.Busybox(t)); err != nil {
+		t.Fatalf("push %s: %v", ref, err)
+	}
 }

@@ -86,9 +86,19 @@ func (h *imageService) SetPool(ctx context.Context, req *connect.Request[pb.SetP
 	p := state.Pool{
 		Image: in.GetImage(), Size: int(in.GetSize()), Max: int(in.GetMax()), VCPUs: int(in.GetVcpus()),
 		MemoryMiB: int(in.GetMemoryMib()), InsecureRegistries: in.GetInsecureRegistries(), UpdatedAt: h.s.now(),
+		ManagedBy: in.GetManagedBy(),
 	}
 	if err := h.s.validatePool(p); err != nil {
 		return nil, toConnectError(err)
+	}
+	// A manager (the Kubernetes controller) changes only the pools it manages: never an
+	// operator's, whatever its namespaces ask for. (An operator may take any pool over.)
+	if p.ManagedBy != "" {
+		for _, cur := range h.s.store.LocalPools() {
+			if cur.Image == p.Image && cur.ManagedBy != p.ManagedBy {
+				return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the warm pool of %s is %s; %s may not change it", p.Image, poolOwnerText(cur.ManagedBy), p.ManagedBy))
+			}
+		}
 	}
 	out, err := h.s.store.SetPool(ctx, p)
 	if err != nil {
@@ -214,8 +224,16 @@ func (s *Server) livePools(ctx context.Context, node string) ([]*pb.PoolNodeStat
 	return boundPoolReport(node, out), true // bounded and attributed as a heartbeat's report is
 }
 
+// poolOwnerText says whose a pool is, for errors.
+func poolOwnerText(managedBy string) string {
+	if managedBy == "" {
+		return "an operator's"
+	}
+	return "managed by " + managedBy
+}
+
 func poolToPB(p state.Pool) *pb.Pool {
-	return &pb.Pool{Image: p.Image, Size: int32(p.Size), Max: int32(p.Max), Vcpus: int32(p.VCPUs),
+	return &pb.Pool{Image: p.Image, Size: int32(p.Size), Max: int32(p.Max), Vcpus: int32(p.VCPUs), ManagedBy: p.ManagedBy,
 		MemoryMib: int32(p.MemoryMiB), InsecureRegistries: p.InsecureRegistries, UpdatedAt: ts(p.UpdatedAt)}
 }
 

@@ -116,6 +116,20 @@ func TestPoolAPI(t *testing.T) {
 	if _, err := set(a.admin, &pb.Pool{Image: "reg/other:1", Size: 1, Max: 3}); err != nil {
 		t.Fatal(err)
 	}
+	// A manager changes only the pools it manages; an operator may take any over.
+	_, err = set(a.admin, &pb.Pool{Image: "reg/app:1", Size: 5, ManagedBy: "agent-sandbox"})
+	wantCode(t, "a manager changes an operator's pool", err, connect.CodeFailedPrecondition, "an operator's")
+	if got, err := set(a.admin, &pb.Pool{Image: "reg/managed:1", Size: 1, ManagedBy: "agent-sandbox"}); err != nil || got.GetManagedBy() != "agent-sandbox" {
+		t.Fatalf("a managed pool: %v, %v", got, err)
+	}
+	_, err = set(a.admin, &pb.Pool{Image: "reg/managed:1", Size: 2, ManagedBy: "someone-else"})
+	wantCode(t, "another manager changes a managed pool", err, connect.CodeFailedPrecondition, "managed by agent-sandbox")
+	if got, err := set(a.admin, &pb.Pool{Image: "reg/managed:1", Size: 2}); err != nil || got.GetManagedBy() != "" {
+		t.Fatalf("an operator taking a managed pool over: %v, %v", got, err)
+	}
+	if _, err := a.images.DeletePool(ctx, as(a.admin, &pb.DeletePoolRequest{Image: "reg/managed:1"})); err != nil {
+		t.Fatal(err)
+	}
 
 	for _, tc := range []struct {
 		pool *pb.Pool

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -43,8 +44,9 @@ const (
 // node's own --warm-pool ones), their ready VMs, the autoscaler's record of claims, and
 // the capacity their VMs take (only what placed sandboxes leave free).
 type warmPools struct {
-	static      []state.Pool // the node's own (--warm-pool)
-	templates   *templates   // a pool's VMs restore from its image's template
+	static      []state.Pool      // the node's own (--warm-pool)
+	userPulls   http.RoundTripper // the registry guard of users' pulls, for managed pools
+	templates   *templates        // a pool's VMs restore from its image's template
 	vms         *vms
 	images      *image.Store
 	pullTimeout time.Duration
@@ -275,7 +277,13 @@ func (wp *warmPools) step(ctx context.Context) bool {
 func (wp *warmPools) resolve(ctx context.Context, p *pool) {
 	ctx, cancel := context.WithTimeout(ctx, wp.pullTimeout)
 	defer cancel()
-	img, err := wp.images.Ensure(ctx, p.cfg.Image, image.PullOptions{InsecureRegistries: p.cfg.InsecureRegistries})
+	opts := image.PullOptions{InsecureRegistries: p.cfg.InsecureRegistries}
+	if p.cfg.ManagedBy != "" {
+		// Kept for others (a Kubernetes namespace's SandboxWarmPool): its image is
+		// pulled as theirs would be, through the registry guard.
+		opts.Transport, opts.User = wp.userPulls, true
+	}
+	img, err := wp.images.Ensure(ctx, p.cfg.Image, opts)
 	var disk, fs string
 	if err == nil {
 		disk, fs, err = wp.images.RootDisk(ctx, img)

@@ -242,7 +242,7 @@ func poolsFromPB(in []*pb.Pool) []state.Pool {
 	out := make([]state.Pool, 0, len(in))
 	for _, p := range in {
 		sp := state.Pool{Image: p.GetImage(), Size: int(p.GetSize()), Max: int(p.GetMax()), VCPUs: int(p.GetVcpus()),
-			MemoryMiB: int(p.GetMemoryMib()), InsecureRegistries: p.GetInsecureRegistries()}
+			MemoryMiB: int(p.GetMemoryMib()), InsecureRegistries: p.GetInsecureRegistries(), ManagedBy: p.GetManagedBy()}
 		if t := p.GetUpdatedAt(); t != nil {
 			sp.UpdatedAt = t.AsTime()
 		}

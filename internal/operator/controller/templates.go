@@ -152,7 +152,7 @@ func (r *SandboxWarmPoolReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 	if err := r.Kube.Get(ctx, req.NamespacedName, &wp); err != nil {
 		if apierrors.IsNotFound(err) {
 			// Gone before its finalizer was added: the sum is what the others ask.
-			_, err := r.sync(ctx, "")
+			_, _, err := r.sync(ctx, "")
 			return ctrl.Result{}, err
 		}
 		return ctrl.Result{}, err
@@ -161,7 +161,7 @@ func (r *SandboxWarmPoolReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 		if !controllerutil.ContainsFinalizer(&wp, Finalizer) {
 			return ctrl.Result{}, nil
 		}
-		if _, err := r.sync(ctx, wp.Status.Image); err != nil {
+		if _, _, err := r.sync(ctx, wp.Status.Image); err != nil {
 			return ctrl.Result{}, err
 		}
 		controllerutil.RemoveFinalizer(&wp, Finalizer)
@@ -182,15 +182,28 @@ func (r *SandboxWarmPoolReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 	if err == nil {
 		// A template whose image changed leaves the old image's pool to whoever else
 		// asks for it, or to nobody.
-		var kept map[string]poolKey
-		kept, err = r.sync(ctx, wp.Status.Image)
+		kept, failed, serr := r.sync(ctx, wp.Status.Image)
 		wp.Status.Image = key.image
-		if err != nil {
-			// The error may name other namespaces' images: the log has it, not the status.
-			slog.Error("set the Fireworks warm pools", "err", err)
+		switch {
+		case serr != nil:
+			// It may name another image (the one this pool asked for before): the log
+			// has it, not the status.
+			slog.Error("set the Fireworks warm pools", "err", serr)
 			err = fmt.Errorf("the Fireworks warm pool of %s could not be set (the controller's log says why)", key.image)
-		} else if k, ok := kept[key.image]; ok && (k.vcpus != key.vcpus || k.mem != key.mem) {
-			conflict = fmt.Sprintf("the Fireworks warm pool of %s keeps the shape of %s (%d vCPUs, %d MiB): one warm pool per image; this template asks %d vCPUs, %d MiB", key.image, k.templateRef, k.vcpus, k.mem, key.vcpus, key.mem)
+		case failed[key.image] != nil && errors.Is(failed[key.image], errUnsupported):
+			err = failed[key.image]
+		case failed[key.image] != nil:
+			slog.Error("set the Fireworks warm pool", "image", key.image, "err", failed[key.image])
+			err = fmt.Errorf("the Fireworks warm pool of %s could not be set (the controller's log says why)", key.image)
+		default:
+			if k, ok := kept[key.image]; ok && (k.vcpus != key.vcpus || k.mem != key.mem) {
+				// Another namespace's template is not named to this one.
+				whose := "another namespace's template"
+				if ns, name, _ := strings.Cut(k.templateRef, "/"); ns == wp.Namespace {
+					whose = "SandboxTemplate " + name
+				}
+				conflict = fmt.Sprintf("the Fireworks warm pool of %s keeps the shape of %s (%d vCPUs, %d MiB): one warm pool per image; this template asks %d vCPUs, %d MiB", key.image, whose, k.vcpus, k.mem, key.vcpus, key.mem)
+			}
 		}
 	}
 	switch {
@@ -255,17 +268,24 @@ func (r *SandboxWarmPoolReconciler) keyOf(ctx context.Context, wp *extv1.Sandbox
 	return poolKey{image: img, vcpus: spec.GetVcpus(), mem: spec.GetMemoryMib(), templateRef: wp.Namespace + "/" + t.Name}, nil
 }
 
+// PoolManager is how the controller's Fireworks warm pools say they are its (and are
+// pulled as users' pulls are): it changes and removes only those, never an operator's.
+const PoolManager = "agent-sandbox"
+
 // sync sets every Fireworks pool the SandboxWarmPools ask for to the sum of their
-// replicas, and removes the pool of released (an image a warm pool asked for before)
-// when none asks for it any more. It looks at all of them each time, since pools of one
-// image are shared. Pools it never set (an operator's `fireworks pool set`) it leaves.
+// replicas (at most state.MaxPoolSize), and removes the pool of released (an image a
+// warm pool asked for before) when none asks for it any more. It looks at all of them
+// each time, since pools of one image are shared. A pool it does not manage (an
+// operator's `fireworks pool set`) it leaves as it is.
 //
 // It returns, per image, the key whose shape the pool keeps (the first SandboxWarmPool's
-// in list order: one Fireworks pool per image).
-func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (map[string]poolKey, error) {
+// in list order: one Fireworks pool per image) and what failed for that image: one
+// image's failure stops no other's. The error is what failed for released (a
+// deletion waits only on its own image).
+func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (map[string]poolKey, map[string]error, error) {
 	var all extv1.SandboxWarmPoolList
 	if err := r.Kube.List(ctx, &all); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	want := map[string]*pb.Pool{}
 	kept := map[string]poolKey{}
@@ -280,7 +300,7 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (
 		}
 		p := want[key.image]
 		if p == nil {
-			p = &pb.Pool{Image: key.image, Vcpus: key.vcpus, MemoryMib: key.mem}
+			p = &pb.Pool{Image: key.image, Vcpus: key.vcpus, MemoryMib: key.mem, ManagedBy: PoolManager}
 			want[key.image] = p
 			kept[key.image] = key
 		}
@@ -288,27 +308,39 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (
 			// One Fireworks pool per image: the first shape keeps it.
 			continue
 		}
-		p.Size += replicasOf(wp)
+		p.Size = min(p.Size+max(replicasOf(wp), 0), state.MaxPoolSize)
 	}
 	have, err := r.FW.pools(ctx)
 	if err != nil {
-		return kept, err
+		return kept, nil, err
 	}
+	haveOf := func(image string) *pb.Pool {
+		if i := slices.IndexFunc(have, func(h *pb.Pool) bool { return h.GetImage() == image }); i >= 0 {
+			return have[i]
+		}
+		return nil
+	}
+	failed := map[string]error{}
 	for _, p := range want {
-		if i := slices.IndexFunc(have, func(h *pb.Pool) bool { return h.GetImage() == p.GetImage() }); i >= 0 {
-			h := have[i]
+		if h := haveOf(p.GetImage()); h != nil {
+			if h.GetManagedBy() != PoolManager {
+				failed[p.GetImage()] = fmt.Errorf("%w: the warm pool of %s is the operator's: its warm microVMs serve this template's claims as they are, and no SandboxWarmPool changes it", errUnsupported, p.GetImage())
+				continue
+			}
 			if h.GetSize() == p.GetSize() && h.GetVcpus() == p.GetVcpus() && h.GetMemoryMib() == p.GetMemoryMib() {
 				continue
 			}
 		}
 		if err := r.FW.setPool(ctx, p); err != nil {
-			return kept, err
+			failed[p.GetImage()] = err
 		}
 	}
 	if _, ok := want[released]; released != "" && !ok {
-		return kept, r.FW.deletePool(ctx, released)
+		if h := haveOf(released); h != nil && h.GetManagedBy() == PoolManager {
+			return kept, failed, r.FW.deletePool(ctx, released)
+		}
 	}
-	return kept, nil
+	return kept, failed, nil
 }
 
 // ready counts the warm microVMs of key's pool booted and waiting on all nodes.

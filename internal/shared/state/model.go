@@ -343,7 +343,13 @@ type Pool struct {
 	// InsecureRegistries as in SandboxSpec, for pulling Image.
 	InsecureRegistries []string  `json:"insecure_registries,omitempty"`
 	UpdatedAt          time.Time `json:"updated_at"`
+	// ManagedBy names who manages the pool for others ("" = an operator's own): such a
+	// pool's image is pulled as a user's pull is.
+	ManagedBy string `json:"managed_by,omitempty"`
 }
+
+// MaxPoolManager bounds Pool.ManagedBy.
+const MaxPoolManager = 63
 
 // MaxPoolSize bounds Pool.Size and Pool.Max per node.
 const MaxPoolSize = 64

@@ -39,6 +39,8 @@ func (p Pool) validate() error {
 		return fmt.Errorf("%w: pool %s: max %d must be between the size (%d) and %d", ErrInvalid, p.Image, p.Max, p.Size, MaxPoolSize)
 	case p.VCPUs < 0 || p.MemoryMiB < 0:
 		return fmt.Errorf("%w: pool %s: negative vCPUs (%d) or memory (%d MiB)", ErrInvalid, p.Image, p.VCPUs, p.MemoryMiB)
+	case len(p.ManagedBy) > MaxPoolManager:
+		return fmt.Errorf("%w: pool %s: managed_by longer than %d bytes", ErrInvalid, p.Image, MaxPoolManager)
 	case p.UpdatedAt.IsZero():
 		return fmt.Errorf("%w: pool %s without time", ErrInvalid, p.Image)
 	}

@@ -4270,7 +4270,12 @@ type Pool struct {
 	UpdatedAt          *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
 	// What nodes report (one entry per node that runs sandboxes in this server's reach;
 	// in a cluster, what each node last reported).
-	Nodes         []*PoolNodeStatus `protobuf:"bytes,8,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	Nodes []*PoolNodeStatus `protobuf:"bytes,8,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	// Who manages the pool for others ("" = an operator's own; "agent-sandbox" = the
+	// Kubernetes controller, for its namespaces' SandboxWarmPools). A managed pool's image
+	// is pulled as a user's pull is (public registries and the nodes' --registry-allow
+	// ranges only), and its manager changes only the pools it manages. At most 63 bytes.
+	ManagedBy     string `protobuf:"bytes,9,opt,name=managed_by,json=managedBy,proto3" json:"managed_by,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4359,6 +4364,13 @@ func (x *Pool) GetNodes() []*PoolNodeStatus {
 		return x.Nodes
 	}
 	return nil
+}
+
+func (x *Pool) GetManagedBy() string {
+	if x != nil {
+		return x.ManagedBy
+	}
+	return ""
 }
 
 type PoolNodeStatus struct {
@@ -7391,7 +7403,7 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x04node\x18\x02 \x01(\tR\x04node\"k\n" +
 	"\x13RemoveImageResponse\x12+\n" +
 	"\x11templates_dropped\x18\x01 \x01(\x05R\x10templatesDropped\x12'\n" +
-	"\x0fsandboxes_using\x18\x02 \x01(\x05R\x0esandboxesUsing\"\x97\x02\n" +
+	"\x0fsandboxes_using\x18\x02 \x01(\x05R\x0esandboxesUsing\"\xb6\x02\n" +
 	"\x04Pool\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x05R\x04size\x12\x10\n" +
@@ -7402,7 +7414,9 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\x13insecure_registries\x18\x06 \x03(\tR\x12insecureRegistries\x129\n" +
 	"\n" +
 	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x122\n" +
-	"\x05nodes\x18\b \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05nodes\"\x9a\x02\n" +
+	"\x05nodes\x18\b \x03(\v2\x1c.fireworks.v1.PoolNodeStatusR\x05nodes\x12\x1d\n" +
+	"\n" +
+	"managed_by\x18\t \x01(\tR\tmanagedBy\"\x9a\x02\n" +
 	"\x0ePoolNodeStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x16\n" +

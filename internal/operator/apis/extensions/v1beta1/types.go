@@ -104,7 +104,9 @@ type SandboxWarmPoolUpdateStrategy struct {
 
 // SandboxWarmPoolSpec is a warm pool's desired state.
 type SandboxWarmPoolSpec struct {
+	// At most 64: a Fireworks warm pool keeps at most that many microVMs per node.
 	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=64
 	// +optional
 	Replicas *int32 `json:"replicas,omitempty"`
 	// +required
