@@ -633,6 +633,32 @@ spec:
 	// An operator's pool is the operator's: a namespace's SandboxWarmPool of its image
 	// neither resizes nor removes it, and says so. (The controller's own pools say they
 	// are its, and are pulled as users' pulls are.)
+	// A Sandbox whose image is not there yet says its microVM failed and why (not an exit
+	// code it never had); once the image comes, Fireworks starts it again (restartPolicy
+	// Always) and the status follows it back to Ready.
+	lateImg := world.registry + "/late:1"
+	kubectl(t, cp, fmt.Sprintf(`apiVersion: agents.x-k8s.io/v1beta1
+kind: Sandbox
+metadata: {name: late}
+spec:
+  podTemplate:
+    spec:
+      containers: [{name: c, image: %q, command: [sleep, "3600"]}]
+`, lateImg), "-n", ns, "apply", "-f", "-")
+	eventuallyWithin(t, 2*time.Minute, "the late Sandbox's failed pull reported", func() (bool, string) {
+		var s sandboxStatus
+		out, err := cp.Kubectl(context.Background(), "", "-n", ns, "get", "sandboxes.agents.x-k8s.io", "late", "-o", "json")
+		if err != nil || json.Unmarshal([]byte(out), &s) != nil {
+			return false, fmt.Sprint(err)
+		}
+		st, reason, msg := s.cond("Ready")
+		return st == "False" && reason == "PodFailed" && strings.Contains(msg, "the microVM failed: ") && strings.Contains(msg, "late:1") && !strings.Contains(msg, "exit code"),
+			fmt.Sprintf("%s (%s: %s)", st, reason, msg)
+	})
+	pushTestImage(t, lateImg)
+	waitSandboxCond(t, cp, ns, "late", "Ready", "True", 3*time.Minute)
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxes.agents.x-k8s.io", "late", "--timeout=2m")
+
 	opImg := world.registry + "/operators-own:1"
 	pushTestImage(t, opImg)
 	fw(t, 0, "pool", "set", opImg, "--size", "0", "--max", "1")

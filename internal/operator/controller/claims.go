@@ -87,7 +87,7 @@ func (r *SandboxClaimReconciler) reconcile(ctx context.Context, c *extv1.Sandbox
 	if !exists {
 		want, err := r.sandboxFor(ctx, c)
 		if err != nil {
-			setCond(&c.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, err.Error(), gen)
+			setCond(&c.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, reasonOf(err), err.Error(), gen)
 			return ctrl.Result{RequeueAfter: pollError}, nil
 		}
 		if err := r.Kube.Create(ctx, want); err != nil {

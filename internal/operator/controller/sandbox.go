@@ -138,7 +138,7 @@ func (r *SandboxReconciler) reconcile(ctx context.Context, fwc Fireworks, sb *ag
 		}
 		spec, err := specFromPod(ctx, sb.Spec.PodTemplate, objectRef{kind: "Sandbox", namespace: sb.Namespace, name: sb.Name, uid: string(sb.UID)}, kubeLookup{r.Kube, sb.Namespace, r.Cfg.OwnNamespace})
 		if err != nil {
-			setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, err.Error(), gen)
+			setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, reasonOf(err), err.Error(), gen)
 			if errors.Is(err, errUnsupported) {
 				return ctrl.Result{}, nil // until the object changes
 			}
@@ -149,11 +149,11 @@ func (r *SandboxReconciler) reconcile(ctx context.Context, fwc Fireworks, sb *ag
 			// The template's network policy, or no microVM: never one looser than asked.
 			var t extv1.SandboxTemplate
 			if err := r.Kube.Get(ctx, client.ObjectKey{Namespace: sb.Namespace, Name: tn}, &t); err != nil {
-				setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, "SandboxTemplate "+tn+" (its network policy): "+err.Error(), gen)
+				setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, reasonOf(err), "SandboxTemplate "+tn+" (its network policy): "+err.Error(), gen)
 				return ctrl.Result{RequeueAfter: pollError}, nil
 			}
 			if spec.Policy, err = egressPolicy(&t.Spec); err != nil {
-				setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, "SandboxTemplate "+tn+": "+err.Error(), gen)
+				setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, reasonOf(err), "SandboxTemplate "+tn+": "+err.Error(), gen)
 				return ctrl.Result{}, nil // until the object changes
 			}
 		}
@@ -212,13 +212,24 @@ func (r *SandboxReconciler) observe(sb *agentsv1.Sandbox, fw *pb.Sandbox, gen in
 		setCond(&st.Conditions, agentsv1.ConditionSuspended, metav1.ConditionTrue, agentsv1.ReasonSuspendedTerminated, "the microVM is paused", gen)
 		return ctrl.Result{RequeueAfter: pollSettled}
 	case "exited", "failed":
-		reason, msg := agentsv1.ReasonPodSucceeded, "the command exited 0"
-		if fw.GetStatus() == "failed" || fw.GetExitCode() != 0 {
-			reason, msg = agentsv1.ReasonPodFailed, fmt.Sprintf("the command ended with exit code %d %s", fw.GetExitCode(), fw.GetReason())
+		var reason, msg string
+		switch {
+		case fw.GetStatus() == "exited" && fw.GetExitCode() == 0:
+			reason, msg = agentsv1.ReasonPodSucceeded, "the command exited 0"
+		case fw.GetStatus() == "exited":
+			reason, msg = agentsv1.ReasonPodFailed, fmt.Sprintf("the command exited %d", fw.GetExitCode())
+		case fw.GetExitCode() != 0:
+			reason, msg = agentsv1.ReasonPodFailed, fmt.Sprintf("the microVM failed (exit code %d): %s", fw.GetExitCode(), fw.GetReason())
+		default: // it never ran its command to an end (a pull that failed, a VMM that died...)
+			reason, msg = agentsv1.ReasonPodFailed, "the microVM failed: "+fw.GetReason()
 		}
 		st.PodIPs = nil
 		setCond(&st.Conditions, agentsv1.ConditionFinished, metav1.ConditionTrue, reason, msg, gen)
 		setCond(&st.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, reason, msg, gen)
+		if fw.GetSpec().GetRestart() != "never" {
+			// Fireworks may start it again (its restart policy): the status follows.
+			return ctrl.Result{RequeueAfter: pollSettled}
+		}
 		return ctrl.Result{}
 	case "lost":
 		setCond(&st.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, "the microVM's node was lost: "+fw.GetReason(), gen)
@@ -288,3 +299,12 @@ func (l kubeLookup) configMap(ctx context.Context, name string) (map[string]stri
 }
 
 func isNotFound(err error) bool { return apierrors.IsNotFound(err) }
+
+// reasonOf is the condition reason of a failed reconcile: Unsupported for what the
+// object asks that cannot be done (errUnsupported), ReconcilerError for the rest.
+func reasonOf(err error) string {
+	if errors.Is(err, errUnsupported) {
+		return agentsv1.ReasonUnsupported
+	}
+	return agentsv1.ReasonReconcilerError
+}

@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -68,7 +69,7 @@ func (r *SandboxTemplateReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 		_, err = fw.putTemplate(ctx, &pb.NamedTemplate{Name: name, Image: spec.GetImage(), Vcpus: spec.GetVcpus(), MemoryMib: spec.GetMemoryMib(), Env: spec.GetEnv()})
 	}
 	if err != nil {
-		setCond(&t.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, err.Error(), t.Generation)
+		setCond(&t.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, reasonOf(err), err.Error(), t.Generation)
 		if !errors.Is(err, errUnsupported) {
 			res.RequeueAfter = pollError
 		}
@@ -212,7 +213,7 @@ func (r *SandboxWarmPoolReconciler) Reconcile(ctx context.Context, req ctrl.Requ
 		setCond(&wp.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, "ShapeConflict", conflict, wp.Generation)
 	case err != nil:
 		wp.Status.ReadyReplicas = 0
-		setCond(&wp.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, err.Error(), wp.Generation)
+		setCond(&wp.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, reasonOf(err), err.Error(), wp.Generation)
 		res.RequeueAfter = pollError
 	default:
 		ready, perr := r.ready(ctx, key)
@@ -289,6 +290,10 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (
 	}
 	want := map[string]*pb.Pool{}
 	kept := map[string]poolKey{}
+	// The shape is the first asking pool's: one scaled to zero asks for nothing.
+	slices.SortStableFunc(all.Items, func(a, b extv1.SandboxWarmPool) int {
+		return cmp.Compare(min(replicasOf(&b), 1), min(replicasOf(&a), 1))
+	})
 	for i := range all.Items {
 		wp := &all.Items[i]
 		if !wp.DeletionTimestamp.IsZero() {

@@ -113,6 +113,8 @@ func specFromPod(ctx context.Context, pt agentsv1.PodTemplate, meta objectRef, l
 		spec.Restart = "on-failure"
 	case corev1.RestartPolicyNever:
 		spec.Restart = "never"
+	default:
+		return nil, unsupported("restartPolicy %q: want Always, OnFailure or Never", ps.RestartPolicy)
 	}
 	spec.Metadata = map[string]string{MetaNamespace: meta.namespace, MetaName: meta.name, MetaUID: meta.uid, MetaKind: meta.kind}
 	return spec, nil

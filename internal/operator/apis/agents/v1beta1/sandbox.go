@@ -16,6 +16,9 @@ const (
 	ReasonSuspended            = "SandboxSuspended"
 	ReasonExpired              = "SandboxExpired"
 	ReasonReconcilerError      = "ReconcilerError"
+	// ReasonUnsupported (Fireworks' own) says the object asks for what Fireworks cannot
+	// do, or asks it wrongly: the message says what; nothing is retried until it changes.
+	ReasonUnsupported          = "Unsupported"
 	ReasonPodSucceeded         = "PodSucceeded"
 	ReasonPodFailed            = "PodFailed"
 	ReasonSuspendedTerminated  = "PodTerminated"
