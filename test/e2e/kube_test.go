@@ -594,36 +594,8 @@ spec:
 	// namespace's own token may pull: one on a private address is refused, and no pool
 	// is set for it.
 	private := outsideAddr + ":5000/busybox:latest"
-	kubectl(t, cp, fmt.Sprintf(`apiVersion: extensions.agents.x-k8s.io/v1beta1
-kind: SandboxTemplate
-metadata: {name: private-template}
-spec:
-  podTemplate:
-    spec:
-      containers: [{name: c, image: %q}]
----
-apiVersion: extensions.agents.x-k8s.io/v1beta1
-kind: SandboxWarmPool
-metadata: {name: private-pool}
-spec:
-  replicas: 1
-  sandboxTemplateRef: {name: private-template}
-`, private), "-n", ns, "apply", "-f", "-")
-	eventuallyWithin(t, 2*time.Minute, "the private image's pool refused", func() (bool, string) {
-		var wp struct {
-			Status struct {
-				Conditions []struct{ Type, Status, Message string } `json:"conditions"`
-			} `json:"status"`
-		}
-		kubeJSON(t, cp, &wp, "-n", ns, "get", "sandboxwarmpools.extensions.agents.x-k8s.io", "private-pool")
-		for _, c := range wp.Status.Conditions {
-			if c.Type == "Ready" && c.Status == "False" && strings.Contains(c.Message, "pulled as namespace "+ns) {
-				return true, ""
-			}
-		}
-		b, _ := json.Marshal(wp.Status)
-		return false, string(b)
-	})
+	kubectl(t, cp, templateAndPool("private", private, 1), "-n", ns, "apply", "-f", "-")
+	waitWarmPoolRefused(t, cp, ns, "private-pool", "pulled as namespace "+ns)
 	if _, found := poolOf(t, private); found {
 		t.Errorf("a Fireworks pool was set for %s, which the namespace may not pull", private)
 	}
@@ -662,40 +634,8 @@ spec:
 	opImg := world.registry + "/operators-own:1"
 	pushTestImage(t, opImg)
 	fw(t, 0, "pool", "set", opImg, "--size", "0", "--max", "1")
-	kubectl(t, cp, fmt.Sprintf(`apiVersion: extensions.agents.x-k8s.io/v1beta1
-kind: SandboxTemplate
-metadata: {name: ops-template}
-spec:
-  podTemplate:
-    spec:
-      containers: [{name: c, image: %q}]
----
-apiVersion: extensions.agents.x-k8s.io/v1beta1
-kind: SandboxWarmPool
-metadata: {name: ops-pool}
-spec:
-  replicas: 3
-  sandboxTemplateRef: {name: ops-template}
-`, opImg), "-n", ns, "apply", "-f", "-")
-	waitPoolCond := func(name, want string) {
-		t.Helper()
-		eventuallyWithin(t, 2*time.Minute, name+" says "+want, func() (bool, string) {
-			var wp struct {
-				Status struct {
-					Conditions []struct{ Type, Status, Message string } `json:"conditions"`
-				} `json:"status"`
-			}
-			kubeJSON(t, cp, &wp, "-n", ns, "get", "sandboxwarmpools.extensions.agents.x-k8s.io", name)
-			for _, c := range wp.Status.Conditions {
-				if c.Type == "Ready" && c.Status == "False" && strings.Contains(c.Message, want) {
-					return true, ""
-				}
-			}
-			b, _ := json.Marshal(wp.Status)
-			return false, string(b)
-		})
-	}
-	waitPoolCond("ops-pool", "is the operator's")
+	kubectl(t, cp, templateAndPool("ops", opImg, 3), "-n", ns, "apply", "-f", "-")
+	waitWarmPoolRefused(t, cp, ns, "ops-pool", "is the operator's")
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxwarmpools.extensions.agents.x-k8s.io", "ops-pool", "--timeout=1m")
 	if out := fw(t, 0, "pool", "ls").stdout; !strings.Contains(out, opImg) {
 		t.Errorf("the operator's pool of %s went with a namespace's SandboxWarmPool of it:\n%s", opImg, out)
@@ -766,4 +706,45 @@ func pushTestImage(t *testing.T, ref string) {
 	if err := remote.Write(r, testimage.Busybox(t)); err != nil {
 		t.Fatalf("push %s: %v", ref, err)
 	}
+}
+
+// templateAndPool is a SandboxTemplate <name>-template of image and a SandboxWarmPool
+// <name>-pool of it.
+func templateAndPool(name, image string, replicas int) string {
+	return fmt.Sprintf(`apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxTemplate
+metadata: {name: %[1]s-template}
+spec:
+  podTemplate:
+    spec:
+      containers: [{name: c, image: %[2]q}]
+---
+apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxWarmPool
+metadata: {name: %[1]s-pool}
+spec:
+  replicas: %[3]d
+  sandboxTemplateRef: {name: %[1]s-template}
+`, name, image, replicas)
+}
+
+// waitWarmPoolRefused waits for SandboxWarmPool ns/name to say Ready=False with a message
+// containing want.
+func waitWarmPoolRefused(t *testing.T, cp *kubetest.ControlPlane, ns, name, want string) {
+	t.Helper()
+	eventuallyWithin(t, 2*time.Minute, name+" says "+want, func() (bool, string) {
+		var wp struct {
+			Status struct {
+				Conditions []struct{ Type, Status, Message string } `json:"conditions"`
+			} `json:"status"`
+		}
+		kubeJSON(t, cp, &wp, "-n", ns, "get", "sandboxwarmpools.extensions.agents.x-k8s.io", name)
+		for _, c := range wp.Status.Conditions {
+			if c.Type == "Ready" && c.Status == "False" && strings.Contains(c.Message, want) {
+				return true, ""
+			}
+		}
+		b, _ := json.Marshal(wp.Status)
+		return false, string(b)
+	})
 }
