@@ -16,9 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/kubetest"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
@@ -605,6 +602,24 @@ spec:
 	// An operator's pool is the operator's: a namespace's SandboxWarmPool of its image
 	// neither resizes nor removes it, and says so. (The controller's own pools say they
 	// are its, and are pulled as users' pulls are.)
+	// What users bring: a Debian root (debootstrap's, with its device nodes, setuid files
+	// and hardlinks) as a Sandbox, run as the pod's runAsUser.
+	debian := debianImage(t)
+	kubectl(t, cp, fmt.Sprintf(`apiVersion: agents.x-k8s.io/v1beta1
+kind: Sandbox
+metadata: {name: debian}
+spec:
+  podTemplate:
+    spec:
+      securityContext: {runAsUser: 1000, runAsGroup: 1000}
+      containers: [{name: c, image: %q, command: [sleep, "3600"]}]
+`, debian), "-n", ns, "apply", "-f", "-")
+	debianID := waitSandboxCond(t, cp, ns, "debian", "Ready", "True", 3*time.Minute).Status.SandboxID
+	if got := fw(t, 0, "exec", debianID, "--", "sh", "-c", ". /etc/os-release; echo $ID $VERSION_ID; id -u; stat -c %a /usr/bin/passwd; test -c /dev/full && echo dev-full").stdout; got != "debian 12\n1000\n4755\ndev-full\n" {
+		t.Errorf("the Debian Sandbox: %q, want Debian 12, uid 1000, setuid passwd and /dev/full", got)
+	}
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxes.agents.x-k8s.io", "debian", "--timeout=2m")
+
 	// A Sandbox whose image is not there yet says its microVM failed and why (not an exit
 	// code it never had); once the image comes, Fireworks starts it again (restartPolicy
 	// Always) and the status follows it back to Ready.
@@ -627,12 +642,12 @@ spec:
 		return st == "False" && reason == "PodFailed" && strings.Contains(msg, "the microVM failed: ") && strings.Contains(msg, "late:1") && !strings.Contains(msg, "exit code"),
 			fmt.Sprintf("%s (%s: %s)", st, reason, msg)
 	})
-	pushTestImage(t, lateImg)
+	testimage.Push(t, world.registry, "late:1", testimage.Busybox(t))
 	waitSandboxCond(t, cp, ns, "late", "Ready", "True", 3*time.Minute)
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxes.agents.x-k8s.io", "late", "--timeout=2m")
 
 	opImg := world.registry + "/operators-own:1"
-	pushTestImage(t, opImg)
+	testimage.Push(t, world.registry, "operators-own:1", testimage.Busybox(t))
 	fw(t, 0, "pool", "set", opImg, "--size", "0", "--max", "1")
 	kubectl(t, cp, templateAndPool("ops", opImg, 3), "-n", ns, "apply", "-f", "-")
 	waitWarmPoolRefused(t, cp, ns, "ops-pool", "is the operator's")
@@ -694,18 +709,6 @@ func poolManager(t *testing.T, img string) string {
 	}
 	t.Fatalf("no pool of %s:\n%s", img, out)
 	return ""
-}
-
-// pushTestImage pushes the test busybox image to ref (in the test registry).
-func pushTestImage(t *testing.T, ref string) {
-	t.Helper()
-	r, err := name.ParseReference(ref, name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(r, testimage.Busybox(t)); err != nil {
-		t.Fatalf("push %s: %v", ref, err)
-	}
 }
 
 // templateAndPool is a SandboxTemplate <name>-template of image and a SandboxWarmPool
