@@ -245,6 +245,8 @@ func newNodeCmd(g *globals) *cobra.Command {
 				switch {
 				case n.GetDraining():
 					sched = "draining"
+				case n.GetParked():
+					sched = "parked (autoscaler)"
 				case n.GetCordoned():
 					sched = "cordoned"
 				}

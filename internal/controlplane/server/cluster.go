@@ -509,7 +509,7 @@ func (s *Server) nodeToPB(n state.Node, sbs []state.Sandbox) *pb.Node {
 		Id: n.ID, Address: n.Address, Labels: n.Labels, Vcpus: int32(n.Capacity.VCPUs),
 		MemoryMib: int64(n.Capacity.MemoryMiB), DiskMib: int64(n.Capacity.DiskMiB), Accel: n.Accel,
 		Kernel: n.Kernel, Version: n.Version, Status: string(n.Status), StatusReason: n.StatusReason,
-		Cordoned: n.Cordoned, Draining: n.Draining, Images: n.Images, Warm: n.Warm,
+		Cordoned: n.Cordoned, Draining: n.Draining, Parked: n.Parked, Images: n.Images, Warm: n.Warm,
 		RegisteredAt: timestamppb.New(n.RegisteredAt), UpdatedAt: timestamppb.New(n.UpdatedAt),
 	}
 	var cfg scheduler.Config

@@ -115,3 +115,38 @@ func TestNodeCallsCarryTheCallerOnly(t *testing.T) {
 		t.Errorf("the images pulled are said to be on %v, want [n1 n2] (not what the nodes claim)", named)
 	}
 }
+
+// A node the autoscaler parked says so in the API (node ls shows it apart from an
+// operator's cordon), and an operator's uncordon takes it back.
+func TestParkedNodeShown(t *testing.T) {
+	a := newTestAPI(t)
+	ctx := t.Context()
+	if _, err := a.store.RegisterNode(ctx, state.Node{ID: "n1", Address: "127.0.0.1:1", UpdatedAt: time.Now(),
+		Capacity: state.Resources{VCPUs: 2, MemoryMiB: 2048, DiskMiB: 1000}}); err != nil {
+		t.Fatal(err)
+	}
+	node := func() *pb.Node {
+		t.Helper()
+		r, err := a.cluster.ListNodes(ctx, as(a.admin, &pb.ListNodesRequest{}))
+		if err != nil || len(r.Msg.GetNodes()) != 1 {
+			t.Fatalf("list nodes: %v %v", r, err)
+		}
+		return r.Msg.GetNodes()[0]
+	}
+	if n := node(); n.GetParked() || n.GetCordoned() {
+		t.Fatalf("a new node: parked %v cordoned %v", n.GetParked(), n.GetCordoned())
+	}
+	yes := true
+	if _, err := a.store.UpdateNode(ctx, "n1", state.NodeUpdate{Time: time.Now(), Parked: &yes}); err != nil {
+		t.Fatal(err)
+	}
+	if n := node(); !n.GetParked() || !n.GetCordoned() {
+		t.Fatalf("a parked node: parked %v cordoned %v", n.GetParked(), n.GetCordoned())
+	}
+	if _, err := a.cluster.UncordonNode(ctx, as(a.admin, &pb.NodeActionRequest{Node: "n1"})); err != nil {
+		t.Fatal(err)
+	}
+	if n := node(); n.GetParked() || n.GetCordoned() {
+		t.Fatalf("a parked node uncordoned: parked %v cordoned %v", n.GetParked(), n.GetCordoned())
+	}
+}

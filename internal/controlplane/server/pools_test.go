@@ -25,6 +25,7 @@ type testAPI struct {
 	store       *state.Store
 	images      fireworksv1connect.ImageServiceClient
 	sandboxes   fireworksv1connect.SandboxServiceClient
+	cluster     fireworksv1connect.ClusterServiceClient
 	admin, user string
 	url         string
 }
@@ -59,6 +60,7 @@ func newTestAPI(t testing.TB, setup ...func(*Server)) *testAPI {
 	a.url = hs.URL
 	a.images = fireworksv1connect.NewImageServiceClient(hs.Client(), hs.URL)
 	a.sandboxes = fireworksv1connect.NewSandboxServiceClient(hs.Client(), hs.URL)
+	a.cluster = fireworksv1connect.NewClusterServiceClient(hs.Client(), hs.URL)
 	return a
 }
 

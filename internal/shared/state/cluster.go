@@ -187,6 +187,9 @@ func (f *fsm) updateNode(id string, u NodeUpdate) any {
 	}
 	if u.Cordoned != nil {
 		n.Cordoned = *u.Cordoned
+		if !n.Cordoned {
+			n.Parked = false // an operator's uncordon takes a parked node back
+		}
 	}
 	if u.Parked != nil {
 		n.Parked = *u.Parked

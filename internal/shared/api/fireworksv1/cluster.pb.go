@@ -55,8 +55,11 @@ type Node struct {
 	// overcommit factors (vCPUs 4x by default).
 	SchedulableVcpus     int32 `protobuf:"varint,21,opt,name=schedulable_vcpus,json=schedulableVcpus,proto3" json:"schedulable_vcpus,omitempty"`
 	SchedulableMemoryMib int64 `protobuf:"varint,22,opt,name=schedulable_memory_mib,json=schedulableMemoryMib,proto3" json:"schedulable_memory_mib,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// Given back by the node autoscaler: drained and cordoned by it, and the first taken
+	// back when sandboxes wait for room (uncordoning it by hand takes it back too).
+	Parked        bool `protobuf:"varint,23,opt,name=parked,proto3" json:"parked,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Node) Reset() {
@@ -241,6 +244,13 @@ func (x *Node) GetSchedulableMemoryMib() int64 {
 		return x.SchedulableMemoryMib
 	}
 	return 0
+}
+
+func (x *Node) GetParked() bool {
+	if x != nil {
+		return x.Parked
+	}
+	return false
 }
 
 type ListNodesRequest struct {
@@ -987,7 +997,7 @@ var File_fireworks_v1_cluster_proto protoreflect.FileDescriptor
 
 const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\n" +
-	"\x1afireworks/v1/cluster.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cfireworks/v1/fireworks.proto\"\xa0\x06\n" +
+	"\x1afireworks/v1/cluster.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cfireworks/v1/fireworks.proto\"\xb8\x06\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x126\n" +
@@ -1014,7 +1024,8 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\x06images\x18\x13 \x03(\tR\x06images\x12\x12\n" +
 	"\x04warm\x18\x14 \x03(\tR\x04warm\x12+\n" +
 	"\x11schedulable_vcpus\x18\x15 \x01(\x05R\x10schedulableVcpus\x124\n" +
-	"\x16schedulable_memory_mib\x18\x16 \x01(\x03R\x14schedulableMemoryMib\x1a9\n" +
+	"\x16schedulable_memory_mib\x18\x16 \x01(\x03R\x14schedulableMemoryMib\x12\x16\n" +
+	"\x06parked\x18\x17 \x01(\bR\x06parked\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x12\n" +
