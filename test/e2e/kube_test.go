@@ -670,6 +670,47 @@ spec:
 		t.Errorf("a SandboxWarmPool of 65 replicas: %v, want refused (at most 64)", err)
 	}
 
+	// A claim whose sandbox finished goes ttlSecondsAfterFinished later (shutdownPolicy
+	// Delete), as agent-sandbox's own controller does it.
+	kubectl(t, cp, fmt.Sprintf(`apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxTemplate
+metadata: {name: once-template}
+spec:
+  podTemplate:
+    spec:
+      restartPolicy: Never
+      containers: [{name: c, image: %q, command: ["true"]}]
+---
+apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxWarmPool
+metadata: {name: once-pool}
+spec:
+  replicas: 0
+  sandboxTemplateRef: {name: once-template}
+`, img), "-n", ns, "apply", "-f", "-")
+	eventuallyWithin(t, time.Minute, "once-template registered", func() (bool, string) {
+		var tm struct {
+			Status struct {
+				Template string `json:"template"`
+			} `json:"status"`
+		}
+		kubeJSON(t, cp, &tm, "-n", ns, "get", "sandboxtemplates.extensions.agents.x-k8s.io", "once-template")
+		return tm.Status.Template != "", "not yet"
+	})
+	kubectl(t, cp, `apiVersion: extensions.agents.x-k8s.io/v1beta1
+kind: SandboxClaim
+metadata: {name: once}
+spec:
+  warmPoolRef: {name: once-pool}
+  lifecycle: {ttlSecondsAfterFinished: 2, shutdownPolicy: Delete}
+`, "-n", ns, "apply", "-f", "-")
+	eventuallyWithin(t, 3*time.Minute, "the finished claim deleted after its TTL", func() (bool, string) {
+		out, err := cp.Kubectl(context.Background(), "", "-n", ns, "get", "sandboxclaims.extensions.agents.x-k8s.io", "once", "-o", "jsonpath={.status.conditions}")
+		return err != nil && strings.Contains(err.Error(), "NotFound"), out + fmt.Sprint(err)
+	})
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxwarmpools.extensions.agents.x-k8s.io", "once-pool", "--timeout=1m")
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxtemplates.extensions.agents.x-k8s.io", "once-template", "--timeout=1m")
+
 	// The namespace deleted (its objects' finalizers run first, with its token): its token
 	// is revoked and forgotten, so a namespace made again under the name (by anyone) starts
 	// with a token of its own, not this one's templates, snapshots and volumes.

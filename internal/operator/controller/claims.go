@@ -68,7 +68,8 @@ func (r *SandboxClaimReconciler) reconcile(ctx context.Context, c *extv1.Sandbox
 		setCond(&c.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, "a Sandbox named "+c.Name+" exists and is not this claim's", gen)
 		return ctrl.Result{RequeueAfter: pollSettled}, nil
 	}
-	if lc := c.Spec.Lifecycle; lc != nil && lc.ShutdownTime != nil && !time.Now().Before(lc.ShutdownTime.Time) {
+	expiry := claimExpiry(c, &sb, exists)
+	if lc := c.Spec.Lifecycle; expiry != nil && !time.Now().Before(*expiry) {
 		if exists {
 			if err := r.Kube.Delete(ctx, &sb); err != nil && !apierrors.IsNotFound(err) {
 				return ctrl.Result{}, err
@@ -81,7 +82,7 @@ func (r *SandboxClaimReconciler) reconcile(ctx context.Context, c *extv1.Sandbox
 			return ctrl.Result{}, errGone
 		}
 		c.Status.SandboxStatus = extv1.ClaimedSandbox{}
-		setCond(&c.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, ReasonClaimExpired, "the claim reached its shutdownTime; its sandbox was deleted", gen)
+		setCond(&c.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, ReasonClaimExpired, "the claim expired (its shutdownTime, or ttlSecondsAfterFinished after its sandbox finished); its sandbox was deleted", gen)
 		return ctrl.Result{}, nil
 	}
 	if !exists {
@@ -103,10 +104,37 @@ func (r *SandboxClaimReconciler) reconcile(ctx context.Context, c *extv1.Sandbox
 		setCond(&c.Status.Conditions, agentsv1.ConditionReady, ready.Status, ready.Reason, ready.Message, gen)
 	}
 	res := ctrl.Result{}
-	if lc := c.Spec.Lifecycle; lc != nil && lc.ShutdownTime != nil {
-		res.RequeueAfter = time.Until(lc.ShutdownTime.Time) + 100*time.Millisecond
+	if expiry != nil {
+		res.RequeueAfter = time.Until(*expiry) + 100*time.Millisecond
+	}
+	if lc := c.Spec.Lifecycle; lc != nil && lc.TTLSecondsAfterFinished != nil && (res.RequeueAfter <= 0 || res.RequeueAfter > pollSettled) {
+		res.RequeueAfter = pollSettled // to see its sandbox finish
 	}
 	return res, nil
+}
+
+// claimExpiry is when a claim ends, as agent-sandbox computes it: its shutdownTime, or
+// ttlSecondsAfterFinished after its sandbox finished (the Sandbox's Finished condition),
+// whichever comes first; nil for never.
+func claimExpiry(c *extv1.SandboxClaim, sb *agentsv1.Sandbox, exists bool) *time.Time {
+	lc := c.Spec.Lifecycle
+	if lc == nil {
+		return nil
+	}
+	var at *time.Time
+	if lc.ShutdownTime != nil {
+		t := lc.ShutdownTime.Time
+		at = &t
+	}
+	if lc.TTLSecondsAfterFinished != nil && exists {
+		if f := meta.FindStatusCondition(sb.Status.Conditions, agentsv1.ConditionFinished); f != nil && f.Status == metav1.ConditionTrue && !f.LastTransitionTime.IsZero() {
+			t := f.LastTransitionTime.Add(time.Duration(*lc.TTLSecondsAfterFinished) * time.Second)
+			if at == nil || t.Before(*at) {
+				at = &t
+			}
+		}
+	}
+	return at
 }
 
 // sandboxFor is the Sandbox a claim gets: its pool's template's blueprint, the claim's
