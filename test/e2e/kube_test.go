@@ -491,22 +491,14 @@ spec:
   sandboxTemplateRef: {name: shell-template}
 `, img, outsideAddr)
 	kubectl(t, cp, objs, "-n", ns, "apply", "-f", "-")
-	var tmpl struct {
-		Status struct {
-			Template string `json:"template"`
-		} `json:"status"`
-	}
-	eventuallyWithin(t, time.Minute, "the SandboxTemplate registered", func() (bool, string) {
-		kubeJSON(t, cp, &tmpl, "-n", ns, "get", "sandboxtemplates.extensions.agents.x-k8s.io", "shell-template")
-		return tmpl.Status.Template != "", "no status.template"
-	})
+	shellTemplate := waitTemplateRegistered(t, cp, ns, "shell-template")
 	// Templates are their owner's: the namespace's token lists it.
 	nsTokenEnv := []string{"FIREWORKS_TOKEN=" + string(decodeB64(t, tokSecret.Data[ns+"."+nsUID]))}
 	templates := func() string {
 		return world.cliEnv(context.Background(), nsTokenEnv, nil, "template", "ls").stdout
 	}
-	if out := templates(); !strings.Contains(out, tmpl.Status.Template) {
-		t.Errorf("template ls with the namespace's token lacks %s:\n%s", tmpl.Status.Template, out)
+	if out := templates(); !strings.Contains(out, shellTemplate) {
+		t.Errorf("template ls with the namespace's token lacks %s:\n%s", shellTemplate, out)
 	}
 	waitPool(t, img, func(s poolState) bool { return s.Ready >= 1 })
 	// The controller's pools say they are its (and are pulled as users' pulls are).
@@ -583,15 +575,15 @@ spec:
 		return !found, "still listed"
 	})
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxtemplates.extensions.agents.x-k8s.io", "shell-template", "--timeout=1m")
-	if out := templates(); strings.Contains(out, tmpl.Status.Template) {
-		t.Errorf("template ls still lists %s:\n%s", tmpl.Status.Template, out)
+	if out := templates(); strings.Contains(out, shellTemplate) {
+		t.Errorf("template ls still lists %s:\n%s", shellTemplate, out)
 	}
 
 	// A warm pool is set with the controller's admin token, but only of an image the
 	// namespace's own token may pull: one on a private address is refused, and no pool
 	// is set for it.
 	private := outsideAddr + ":5000/busybox:latest"
-	kubectl(t, cp, templateAndPool("private", private, 1), "-n", ns, "apply", "-f", "-")
+	kubectl(t, cp, templateAndPool("private", 1, fmt.Sprintf(`{containers: [{name: c, image: %q}]}`, private)), "-n", ns, "apply", "-f", "-")
 	waitWarmPoolRefused(t, cp, ns, "private-pool", "pulled as namespace "+ns)
 	if _, found := poolOf(t, private); found {
 		t.Errorf("a Fireworks pool was set for %s, which the namespace may not pull", private)
@@ -649,7 +641,7 @@ spec:
 	opImg := world.registry + "/operators-own:1"
 	testimage.Push(t, world.registry, "operators-own:1", testimage.Busybox(t))
 	fw(t, 0, "pool", "set", opImg, "--size", "0", "--max", "1")
-	kubectl(t, cp, templateAndPool("ops", opImg, 3), "-n", ns, "apply", "-f", "-")
+	kubectl(t, cp, templateAndPool("ops", 3, fmt.Sprintf(`{containers: [{name: c, image: %q}]}`, opImg)), "-n", ns, "apply", "-f", "-")
 	waitWarmPoolRefused(t, cp, ns, "ops-pool", "is the operator's")
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxwarmpools.extensions.agents.x-k8s.io", "ops-pool", "--timeout=1m")
 	if out := fw(t, 0, "pool", "ls").stdout; !strings.Contains(out, opImg) {
@@ -672,31 +664,8 @@ spec:
 
 	// A claim whose sandbox finished goes ttlSecondsAfterFinished later (shutdownPolicy
 	// Delete), as agent-sandbox's own controller does it.
-	kubectl(t, cp, fmt.Sprintf(`apiVersion: extensions.agents.x-k8s.io/v1beta1
-kind: SandboxTemplate
-metadata: {name: once-template}
-spec:
-  podTemplate:
-    spec:
-      restartPolicy: Never
-      containers: [{name: c, image: %q, command: ["true"]}]
----
-apiVersion: extensions.agents.x-k8s.io/v1beta1
-kind: SandboxWarmPool
-metadata: {name: once-pool}
-spec:
-  replicas: 0
-  sandboxTemplateRef: {name: once-template}
-`, img), "-n", ns, "apply", "-f", "-")
-	eventuallyWithin(t, time.Minute, "once-template registered", func() (bool, string) {
-		var tm struct {
-			Status struct {
-				Template string `json:"template"`
-			} `json:"status"`
-		}
-		kubeJSON(t, cp, &tm, "-n", ns, "get", "sandboxtemplates.extensions.agents.x-k8s.io", "once-template")
-		return tm.Status.Template != "", "not yet"
-	})
+	kubectl(t, cp, templateAndPool("once", 0, fmt.Sprintf(`{restartPolicy: Never, containers: [{name: c, image: %q, command: ["true"]}]}`, img)), "-n", ns, "apply", "-f", "-")
+	waitTemplateRegistered(t, cp, ns, "once-template")
 	kubectl(t, cp, `apiVersion: extensions.agents.x-k8s.io/v1beta1
 kind: SandboxClaim
 metadata: {name: once}
@@ -752,24 +721,39 @@ func poolManager(t *testing.T, img string) string {
 	return ""
 }
 
-// templateAndPool is a SandboxTemplate <name>-template of image and a SandboxWarmPool
-// <name>-pool of it.
-func templateAndPool(name, image string, replicas int) string {
+// templateAndPool is a SandboxTemplate <name>-template of podSpec (a YAML flow mapping)
+// and a SandboxWarmPool <name>-pool of it.
+func templateAndPool(name string, replicas int, podSpec string) string {
 	return fmt.Sprintf(`apiVersion: extensions.agents.x-k8s.io/v1beta1
 kind: SandboxTemplate
 metadata: {name: %[1]s-template}
 spec:
   podTemplate:
-    spec:
-      containers: [{name: c, image: %[2]q}]
+    spec: %[3]s
 ---
 apiVersion: extensions.agents.x-k8s.io/v1beta1
 kind: SandboxWarmPool
 metadata: {name: %[1]s-pool}
 spec:
-  replicas: %[3]d
+  replicas: %[2]d
   sandboxTemplateRef: {name: %[1]s-template}
-`, name, image, replicas)
+`, name, replicas, podSpec)
+}
+
+// waitTemplateRegistered waits for SandboxTemplate ns/name to be a Fireworks template and
+// returns that template's name.
+func waitTemplateRegistered(t *testing.T, cp *kubetest.ControlPlane, ns, name string) string {
+	t.Helper()
+	var tmpl struct {
+		Status struct {
+			Template string `json:"template"`
+		} `json:"status"`
+	}
+	eventuallyWithin(t, time.Minute, "SandboxTemplate "+name+" registered", func() (bool, string) {
+		kubeJSON(t, cp, &tmpl, "-n", ns, "get", "sandboxtemplates.extensions.agents.x-k8s.io", name)
+		return tmpl.Status.Template != "", "no status.template"
+	})
+	return tmpl.Status.Template
 }
 
 // waitWarmPoolRefused waits for SandboxWarmPool ns/name to say Ready=False with a message
