@@ -18,6 +18,7 @@ import (
 
 	"github.com/fireworks-sandbox/fireworks/internal/cluster/agentproc"
 	"github.com/fireworks-sandbox/fireworks/internal/cluster/serverproc"
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/kubejoin"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/leader"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/server"
 	"github.com/fireworks-sandbox/fireworks/internal/controlplane/xds"
@@ -46,6 +47,7 @@ func newServerCmd(g *globals) *cobra.Command {
 		joinTok, ingressTok   string
 		controllerTok         string
 		nodeScale             nodeScaleFlags
+		kubeJoinSA            string
 	)
 	cmd := &cobra.Command{
 		Use:   "server",
@@ -80,6 +82,15 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 			}
 			if err := nodeScale.check(); err != nil {
 				return err
+			}
+			if kubeJoinSA != "" {
+				kc, err := kubeClient(nodeScale.kubeconfig)
+				if err != nil {
+					return fmt.Errorf("--kube-join-service-account: %w", err)
+				}
+				if cfg.KubeJoin, err = kubejoin.New(kc, kubeJoinSA); err != nil {
+					return fmt.Errorf("--kube-join-service-account: %w", err)
+				}
 			}
 			cfg.ControlPlane = func(store *state.Store, log *slog.Logger) serverproc.ControlPlane {
 				m := leader.New(store, leader.Config{HeartbeatTTL: heartbeatTTL}, log)
@@ -121,6 +132,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.StringVar(&envoyTLSDir, "xds-envoy-tls-dir", "/etc/fireworks/ingress", "directory on Envoy's host with the files 'fireworks ingress certificate --out' writes (Envoy's client certificate for the nodes); empty: Envoy speaks plain HTTP to nodes (which refuse it)")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	fl.DurationVar(&cfg.MaxStale, "max-stale", serverproc.DefaultMaxStale, "serve --stale reads only while this server heard from the leader within this long (a token revoked meanwhile reads here until then)")
+	fl.StringVar(&kubeJoinSA, "kube-join-service-account", "", "admit agents that join with a projected token of this Kubernetes ServiceAccount (namespace/name; the agent DaemonSet's), checked with the API server (TokenReview): each joins only as the node its pod runs on")
 	registerLimitFlags(fl, &cfg.Limits)
 	nodeScale.register(fl)
 	return cmd
@@ -203,7 +215,9 @@ func newAgentCmd(g *globals) *cobra.Command {
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&servers, "server", os.Getenv("FIREWORKS_SERVER"), "servers' API addresses, comma-separated ($FIREWORKS_SERVER)")
-	fl.StringVar(&cfg.JoinToken, "join-token", os.Getenv("FIREWORKS_JOIN_TOKEN"), "join token for the first start ($FIREWORKS_JOIN_TOKEN)")
+	fl.StringVar(&cfg.Join.Token, "join-token", os.Getenv("FIREWORKS_JOIN_TOKEN"), "join token for the first start ($FIREWORKS_JOIN_TOKEN)")
+	fl.StringVar(&cfg.Join.KubeTokenFile, "kube-token-file", os.Getenv("FIREWORKS_KUBE_TOKEN_FILE"), "instead of a join token: a file with the agent pod's projected ServiceAccount token (audience "+kubejoin.Audience+"), for servers run with --kube-join-service-account; the node joins as the Kubernetes node its pod runs on (--node must be that name) ($FIREWORKS_KUBE_TOKEN_FILE)")
+	fl.StringVar(&cfg.Join.CAFile, "join-ca-file", os.Getenv("FIREWORKS_JOIN_CA_FILE"), "with --kube-token-file: the cluster CA's certificate (PEM) the servers must chain to ($FIREWORKS_JOIN_CA_FILE)")
 	fl.StringVar(&cfg.Agent.DataDir, "data-dir", envOr("FIREWORKS_DATA_DIR", "/var/lib/fireworks-agent"), "node data directory")
 	fl.StringVar(&cfg.Agent.Node, "node", "", "node name (default: hostname; fixed by the node certificate once joined)")
 	fl.StringVar(&cfg.Listen, "listen", ":7768", "internal node API (mutual TLS)")

@@ -43,7 +43,7 @@ func (f *nodeScaleFlags) register(fl *pflag.FlagSet) {
 	fl.StringVar(&f.memory, "kube-placeholder-memory", "64Mi", "kubernetes provider: a placeholder's memory request")
 	fl.StringVar(&f.tolerations, "kube-placeholder-tolerations", "", "kubernetes provider: the placeholders' tolerations, as JSON (the agent DaemonSet's)")
 	fl.StringVar(&f.priority, "kube-placeholder-priority-class", "", "kubernetes provider: the placeholders' priorityClassName")
-	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubernetes provider: kubeconfig file (default: in-cluster, else $KUBECONFIG)")
+	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "the Kubernetes API (node provider kubernetes, --kube-join-service-account): kubeconfig file (default: in-cluster, else $KUBECONFIG)")
 }
 
 // check validates the flags before the server starts (a bad value fails at once).
@@ -89,17 +89,23 @@ func (f *nodeScaleFlags) check() error {
 		}
 		k.Tolerations = tols
 	}
-	rules := clientcmd.NewDefaultClientConfigLoadingRules()
-	rules.ExplicitPath = f.kubeconfig
-	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
-	if err != nil {
-		return fmt.Errorf("--node-provider kubernetes: the Kubernetes API: %w", err)
-	}
-	if k.Client, err = kubernetes.NewForConfig(rc); err != nil {
+	if k.Client, err = kubeClient(f.kubeconfig); err != nil {
 		return fmt.Errorf("--node-provider kubernetes: %w", err)
 	}
 	f.kube = k
 	return nil
+}
+
+// kubeClient is a client of the Kubernetes API server: in-cluster, or from kubeconfig
+// (else $KUBECONFIG).
+func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = kubeconfig
+	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("the Kubernetes API: %w", err)
+	}
+	return kubernetes.NewForConfig(rc)
 }
 
 // autoscaler builds the autoscaler over the open store (nil for none).

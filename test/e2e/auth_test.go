@@ -10,6 +10,10 @@ import (
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
+	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
 
@@ -225,4 +229,49 @@ func TestImageSharePerToken(t *testing.T) {
 	}
 	// The operator is not bounded by a token's share.
 	fw(t, 0, "image", "pull", image("share-big:latest"))
+
+	// A pool the agent-sandbox controller keeps for its namespaces is charged as their
+	// pulls are, to a share of its own: a pool of an image whose root disk passes it does
+	// not fill, and says why.
+	cfg, err := client.ReadConfig(world.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	zero := image("share-zero:latest")
+	if _, err := c.Images.SetPool(ctx, connect.NewRequest(&pb.SetPoolRequest{Pool: &pb.Pool{Image: zero, Size: 1, ManagedBy: "agent-sandbox"}})); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_, _ = c.Images.DeletePool(context.Background(), connect.NewRequest(&pb.DeletePoolRequest{Image: zero}))
+	})
+	eventuallyWithin(t, time.Minute, "the managed pool of share-zero refused, naming the share", func() (bool, string) {
+		var resp struct {
+			Pools []struct {
+				Image string `json:"image"`
+				Nodes []struct {
+					Ready int    `json:"ready"`
+					Error string `json:"error"`
+				} `json:"nodes"`
+			} `json:"pools"`
+		}
+		out := fw(t, 0, "pool", "ls", "--json").stdout
+		if err := json.Unmarshal([]byte(out), &resp); err != nil {
+			t.Fatalf("pool ls --json: %v\n%s", err, out)
+		}
+		for _, p := range resp.Pools {
+			for _, n := range p.Nodes {
+				if p.Image == zero && n.Ready > 0 {
+					t.Fatalf("the managed pool of an image past the share filled:\n%s", out)
+				}
+				if p.Image == zero && strings.Contains(n.Error, "--image-mib-per-token") {
+					return true, out
+				}
+			}
+		}
+		return false, out
+	})
 }

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/kubetest"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
@@ -140,8 +141,18 @@ func TestHelmChartValidates(t *testing.T) {
 		out, err := cmd.CombinedOutput()
 		return string(out), err
 	}
+	// A CA of one's own, brought in a Secret: the agents get its certificate from the value.
+	myCA, err := pki.CreateCA(filepath.Join(t.TempDir(), "ca"), "mine")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caFile := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(caFile, myCA.CertPEM(), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for _, values := range [][]string{
 		nil,
+		{"--set", "secrets.existingSecret=mine", "--set-file", "secrets.caCert=" + caFile},
 		{"--set", "server.replicas=5", "--set", "edge.tlsSecret=edge-tls", "--set", "edge.e2bAPI=false"},
 		{"--set", "agent.nodeSelector.fireworks\\.dev/agent=true", "--set", "agent.cpus=8", "--set", "agent.memoryMiB=16384", "--set", "agent.labels.zone=a", "--set", "server.persistence.storageClassName=local"},
 		{"--set", "agent.enabled=false", "--set", "edge.enabled=false", "--set", "secrets.existingSecret=mine", "--set", "controller.enabled=false"},
@@ -155,6 +166,11 @@ func TestHelmChartValidates(t *testing.T) {
 		if err != nil || !strings.Contains(out, "Invalid: 0, Errors: 0, Skipped: 0") {
 			t.Errorf("kubeconform of helm template %v: %v\n%s", values, err, out)
 		}
+	}
+	// Helm cannot read a Secret of one's own in `helm template`: without its certificate
+	// the agents would have no CA to trust, and the chart says what it needs.
+	if out, err := cp.Helm(ctx, "template", "fw", chartDir, "--set", "secrets.existingSecret=mine"); err == nil || !strings.Contains(out, "secrets.caCert") {
+		t.Errorf("helm template with an existing Secret and no caCert: %v\n%s", err, out)
 	}
 	// The check can fail: a misspelt field and a wrong type are refused.
 	bad := `apiVersion: apps/v1
@@ -201,10 +217,26 @@ func TestHelmChartInstalls(t *testing.T) {
 		Data map[string]string `json:"data"`
 	}
 	kubeJSON(t, cp, &secret, "-n", ns, "get", "secret", "fw-fireworks-secrets")
-	for _, k := range []string{"ca.pem", "ca-key.pem", "admin-token", "join-token", "ingress-token", "controller-token"} {
+	for _, k := range []string{"ca.pem", "ca-key.pem", "admin-token", "ingress-token", "controller-token"} {
 		if secret.Data[k] == "" {
 			t.Errorf("the chart's Secret has no %s", k)
 		}
+	}
+	// The agents join with their pods' tokens: no join token is made, and the agents get
+	// the CA's certificate alone, from a ConfigMap (their pods reference no Secret).
+	if secret.Data["join-token"] != "" {
+		t.Error("the chart made a join token")
+	}
+	var caMap struct {
+		Data map[string]string `json:"data"`
+	}
+	kubeJSON(t, cp, &caMap, "-n", ns, "get", "configmap", "fw-fireworks-ca")
+	if strings.TrimSpace(caMap.Data["ca.pem"]) != strings.TrimSpace(string(decodeB64(t, secret.Data["ca.pem"]))) {
+		t.Errorf("the agents' CA ConfigMap holds %q, not the Secret's ca.pem", caMap.Data["ca.pem"])
+	}
+	agentPods := kubectl(t, cp, "", "-n", ns, "get", "daemonset", "fw-fireworks-agent", "-o", "yaml")
+	if strings.Contains(agentPods, "fw-fireworks-secrets") {
+		t.Errorf("the agents' pods reference the chart's Secret:\n%s", agentPods)
 	}
 	var sts struct {
 		Spec struct {

@@ -51,7 +51,7 @@ func buildNodeImage(ctx context.Context, dir string) (string, error) {
 
 // The chart on a real node: the kubelet (with containerd, runc, the CNI bridge,
 // kube-proxy and CoreDNS) runs the node image, the three servers find each other by
-// DNS and form a Raft cluster, the agent joins with the chart's token and boots microVMs
+// DNS and form a Raft cluster, the agent joins with its pod's ServiceAccount token and boots microVMs
 // (a `fireworks run` through a port-forward, and an agent-sandbox Sandbox through the
 // controller in the cluster), and a rolling restart of the servers keeps every sandbox
 // record and the running sandbox.
@@ -181,11 +181,16 @@ autoscaler: {enabled: true, max: 1}
 		return r.stdout
 	}
 
-	// The agent joined with the chart's join token, under its Kubernetes node's name.
+	// The agent joined with its pod's ServiceAccount token, which the servers checked
+	// with the API server: under its Kubernetes node's name, and with no join token (the
+	// chart makes none).
 	eventuallyWithin(t, 2*time.Minute, "node-1 ready in Fireworks", func() (bool, string) {
 		out := cli(t, 0, "node", "ls")
 		return regexp.MustCompile(`(?m)^node-1\s+ready\s`).MatchString(out), out
 	})
+	if out := cli(t, 0, "token", "ls"); regexp.MustCompile(`(?m)\sjoin\s`).MatchString(out) {
+		t.Errorf("the chart's cluster holds a join token:\n%s", out)
+	}
 	// A microVM from inside Kubernetes: the guest's kernel is not the host's.
 	img := reg + "/busybox:latest"
 	out := cli(t, 0, "run", img, "--", "sh", "-c", "echo hello-from-kubernetes; uname -r")

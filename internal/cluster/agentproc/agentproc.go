@@ -30,8 +30,9 @@ import (
 // AgentConfig configures `fireworks agent`.
 type AgentConfig struct {
 	// Servers are the servers' API addresses (host:port); any one will do.
-	Servers   []string
-	JoinToken string
+	Servers []string
+	// Join is what the node joins with on its first start (no certificate yet).
+	Join agentlink.JoinWith
 	// Listen is the node's internal API (mutual TLS; servers relay attach/logs/exec to it).
 	Listen string
 	// Advertise is how servers reach Listen (host:port); default Listen. It is also the
@@ -59,7 +60,7 @@ func RunAgent(ctx context.Context, cfg AgentConfig) error {
 	if cfg.Advertise == "" {
 		cfg.Advertise = cfg.Listen
 	}
-	id, err := agentlink.EnsureIdentity(ctx, filepath.Join(cfg.Agent.DataDir, "pki"), cfg.Agent.Node, cfg.JoinToken, cfg.Servers, []string{cfg.Advertise})
+	id, err := agentlink.EnsureIdentity(ctx, filepath.Join(cfg.Agent.DataDir, "pki"), cfg.Agent.Node, cfg.Join, cfg.Servers, []string{cfg.Advertise})
 	if err != nil {
 		return err
 	}

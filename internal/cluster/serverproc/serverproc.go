@@ -168,7 +168,10 @@ type ServerConfig struct {
 	MaxStale time.Duration
 	// Limits bound what one non-admin token may hold (zero: unlimited).
 	Limits server.Limits
-	Log    *slog.Logger
+	// KubeJoin, when set, admits agents by Kubernetes ServiceAccount token
+	// (kubejoin.Reviewer), each only as the node its pod runs on.
+	KubeJoin server.NodeProver
+	Log      *slog.Logger
 	// Ready, if set, is called once the API serves.
 	Ready func(apiAddr string)
 }
@@ -347,6 +350,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 		},
 		LeaderAPI:         apiOf,
 		HeartbeatInterval: cfg.HeartbeatInterval,
+		KubeJoin:          cfg.KubeJoin,
 	}
 	if cp != nil {
 		opts.ControlPlane = cp

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -18,9 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 	"k8s.io/client-go/util/retry"
-	"sigs.k8s.io/yaml"
 
 	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
@@ -349,36 +346,14 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 // servers' ServiceAccount.
 func applyChartRights(ctx context.Context, t *testing.T, cp *kubetest.ControlPlane, chartNS string) kubernetes.Interface {
 	t.Helper()
-	out, err := cp.Helm(ctx, "template", "fw", "../../../deploy/helm/fireworks", "--namespace", chartNS,
+	sa, kinds, err := kubetest.ApplyChartRights(ctx, cp, "../../../deploy/helm/fireworks", chartNS, "server",
 		"--set", "autoscaler.enabled=true", "--show-only", "templates/server.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cp.Kubectl(ctx, "", "create", "namespace", chartNS); err != nil {
-		t.Fatal(err)
-	}
-	rights := map[string]bool{"Namespace": true, "ServiceAccount": true, "Role": true, "RoleBinding": true, "ClusterRole": true,
-		"ClusterRoleBinding": true, "ValidatingAdmissionPolicy": true, "ValidatingAdmissionPolicyBinding": true}
-	applied := 0
-	for _, doc := range strings.Split(out, "\n---") {
-		var obj struct{ Kind string }
-		if err := yaml.Unmarshal([]byte(doc), &obj); err != nil || !rights[obj.Kind] {
-			continue
-		}
-		if _, err := cp.Kubectl(ctx, doc, "apply", "-f", "-"); err != nil {
-			t.Fatal(err)
-		}
-		applied++
-	}
-	if applied != len(rights) {
-		t.Fatalf("applied %d of the chart's %d kinds of rights objects:\n%s", applied, len(rights), out)
-	}
-	cfg := rest.CopyConfig(cp.Rest)
-	cfg.Impersonate = rest.ImpersonationConfig{UserName: "system:serviceaccount:" + chartNS + ":fw-fireworks-server",
-		Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + chartNS, "system:authenticated"}}
-	sa, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		t.Fatal(err)
+	// Every kind of rights object is in the servers' template with the autoscaler on.
+	if len(kinds) != 8 {
+		t.Fatalf("applied the chart's %v, want all 8 kinds of rights objects", kinds)
 	}
 	return sa
 }
@@ -429,21 +404,8 @@ func renewLease(ctx context.Context, cs kubernetes.Interface, node string) {
 	}
 }
 
-// startKube runs a Kubernetes control plane for the test (the tools are built, or found
-// cached, by scripts/kube-tools.sh).
+// startKube runs a Kubernetes control plane for the test.
 func startKube(ctx context.Context, t *testing.T) *kubetest.ControlPlane {
 	t.Helper()
-	if _, err := exec.LookPath("etcd"); err != nil {
-		testutil.Skipf(t, "etcd not found (Debian's etcd-server; scripts/install-deps.sh installs it)")
-	}
-	tools, err := kubetest.ToolsDir(ctx, "../../..")
-	if err != nil {
-		testutil.Skipf(t, "the Kubernetes tools were not built (scripts/kube-tools.sh): %v", err)
-	}
-	cp, err := kubetest.Start(ctx, tools, t.TempDir())
-	if err != nil {
-		t.Fatalf("start the Kubernetes control plane: %v", err)
-	}
-	t.Cleanup(cp.Stop)
-	return cp
+	return kubetest.ForTest(ctx, t, "../../..")
 }

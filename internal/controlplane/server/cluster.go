@@ -17,6 +17,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/kubejoin"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
@@ -52,6 +53,17 @@ type ClusterOptions struct {
 	AgentClientTLS func(host, node string) *tls.Config
 	// LeaderAPI maps a Raft server ID to its API address, for leader hints.
 	LeaderAPI func(id string) string
+	// KubeJoin, when set, admits agents that join with a Kubernetes ServiceAccount token
+	// instead of a join token (internal/controlplane/kubejoin): the node name is then
+	// the one the token proves, not one the agent may choose.
+	KubeJoin NodeProver
+}
+
+// NodeProver says which node a credential proves (a Kubernetes ServiceAccount token of
+// an agent's pod: kubejoin.Reviewer). Errors wrapping kubejoin.ErrRefused are refusals;
+// others mean it could not be checked now.
+type NodeProver interface {
+	Node(ctx context.Context, token string) (string, error)
 }
 
 // nodeHeader carries the leader's API address when a node call reaches a follower.
@@ -108,19 +120,20 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 		return nil, err
 	}
 	m := req.Msg
-	// One message for every token problem: no oracle for guessing.
-	bad := connect.NewError(connect.CodeUnauthenticated, errors.New("join token unknown, expired or not a join token"))
-	tok, err := h.s.store.GetToken(ctx, m.GetTokenId())
-	if err != nil || tok.Role != state.RoleJoin || !tok.ValidAt(h.s.now()) || !pki.VerifySecret(m.GetTokenSecret(), tok.SecretHash) {
-		return nil, bad
-	}
-	if tok.Uses >= max(tok.MaxUses, 1) {
-		return nil, connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token %s was used %d times, all it may be (`fireworks token create --role join --uses N` makes one for N hosts)", tok.ID, tok.Uses))
-	}
 	if err := validNodeName(m.GetNode()); err != nil {
 		return nil, connect.NewError(connect.CodeInvalidArgument, err)
 	}
-	// A join token must not buy a certificate for a name that is taken (a node that is
+	rec := state.JoinRecord{Node: m.GetNode()}
+	var err error
+	if m.GetKubeToken() != "" {
+		rec.Via, err = h.admitKube(ctx, m)
+	} else {
+		rec.Token, err = h.admitToken(ctx, m)
+	}
+	if err != nil {
+		return nil, err
+	}
+	// A join must not buy a certificate for a name that is taken (a node that is
 	// registered, in any state, or holds a certificate): its holder could pass for that
 	// node. A host rebuilt under the same name joins after `fireworks node rm`.
 	if _, err := h.s.store.GetNode(ctx, m.GetNode()); err == nil || h.s.store.HasLiveCerts(m.GetNode(), h.s.now()) {
@@ -140,14 +153,55 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 	}
 	// The use is committed before the certificate leaves: a token whose uses ran out
 	// meanwhile (another host joined at the same moment) buys nothing.
-	if err := h.s.store.RecordJoin(ctx, state.JoinRecord{Token: tok.ID, Node: m.GetNode(), Serial: serial, NotAfter: notAfter, Time: h.s.now()}); err != nil {
+	rec.Serial, rec.NotAfter, rec.Time = serial, notAfter, h.s.now()
+	if err := h.s.store.RecordJoin(ctx, rec); err != nil {
 		if errors.Is(err, state.ErrQuota) {
 			return nil, connect.NewError(connect.CodePermissionDenied, err)
 		}
 		return nil, toConnectError(err)
 	}
-	h.s.log.Info("node joined", "node", m.GetNode(), "token", tok.ID)
+	h.s.log.Info("node joined", "node", m.GetNode(), "token", rec.Token, "via", rec.Via)
 	return connect.NewResponse(&pb.JoinResponse{CertPem: certPEM, CaPem: h.s.cluster.CA.CertPEM()}), nil
+}
+
+// admitToken checks a join by join token and returns the token's ID.
+func (h *nodeService) admitToken(ctx context.Context, m *pb.JoinRequest) (string, error) {
+	// One message for every token problem: no oracle for guessing.
+	bad := connect.NewError(connect.CodeUnauthenticated, errors.New("join token unknown, expired or not a join token"))
+	tok, err := h.s.store.GetToken(ctx, m.GetTokenId())
+	if err != nil || tok.Role != state.RoleJoin || !tok.ValidAt(h.s.now()) || !pki.VerifySecret(m.GetTokenSecret(), tok.SecretHash) {
+		return "", bad
+	}
+	if tok.Uses >= max(tok.MaxUses, 1) {
+		return "", connect.NewError(connect.CodePermissionDenied, fmt.Errorf("join token %s was used %d times, all it may be (`fireworks token create --role join --uses N` makes one for N hosts)", tok.ID, tok.Uses))
+	}
+	return tok.ID, nil
+}
+
+// admitKube checks a join by Kubernetes ServiceAccount token: the node it proves must be
+// the node the agent asks to join as. It returns what the join is recorded under.
+func (h *nodeService) admitKube(ctx context.Context, m *pb.JoinRequest) (string, error) {
+	if m.GetTokenId() != "" || m.GetTokenSecret() != "" {
+		return "", connect.NewError(connect.CodeInvalidArgument, errors.New("a join carries a join token or a Kubernetes token, not both"))
+	}
+	if h.s.cluster.KubeJoin == nil {
+		return "", connect.NewError(connect.CodeUnauthenticated, errors.New("this cluster does not admit agents by Kubernetes ServiceAccount token (its servers run without --kube-join-service-account): join with a join token"))
+	}
+	node, err := h.s.cluster.KubeJoin.Node(ctx, m.GetKubeToken())
+	if errors.Is(err, kubejoin.ErrRefused) {
+		h.s.log.Warn("join refused", "node", m.GetNode(), "err", err)
+		return "", connect.NewError(connect.CodeUnauthenticated, err)
+	}
+	if err != nil {
+		// The agent tries again: the API server may be back by then.
+		h.s.log.Error("join: cannot check the agent's Kubernetes token", "node", m.GetNode(), "err", err)
+		return "", connect.NewError(connect.CodeUnavailable, fmt.Errorf("the server cannot check Kubernetes tokens now: %w", err))
+	}
+	if node != m.GetNode() {
+		h.s.log.Warn("join refused: the agent asked for another node's name", "node", m.GetNode(), "token_node", node)
+		return "", connect.NewError(connect.CodePermissionDenied, fmt.Errorf("the Kubernetes token is of a pod on node %q: an agent joins only as the node it runs on, not as %q", node, m.GetNode()))
+	}
+	return "kubernetes", nil
 }
 
 func (h *nodeService) Register(ctx context.Context, req *connect.Request[pb.RegisterRequest]) (*connect.Response[pb.RegisterResponse], error) {

@@ -1,7 +1,10 @@
 package server
 
 import (
+	"context"
 	"crypto/tls"
+	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -10,6 +13,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/fireworks-sandbox/fireworks/internal/controlplane/kubejoin"
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1/fireworksv1connect"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
@@ -22,28 +26,8 @@ func TestJoinUsesAndRemovedNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := newTestAPI(t, func(s *Server) { s.EnableCluster(ClusterOptions{CA: ca}) })
+	a, httpClient, nodeClient, base := joinServer(t, ClusterOptions{CA: ca})
 	ctx := t.Context()
-	// The node protocol over mutual TLS, as agents speak it.
-	srvPEM, srvKey, err := ca.Issue(pki.IssueRequest{CommonName: "s1", Role: pki.RoleServer, DNSNames: []string{"localhost"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvCert, err := pki.KeyPair(srvPEM, srvKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := httptest.NewUnstartedServer(a.srv.Handler())
-	hs.TLS = pki.ServerTLS(ca, srvCert, false)
-	hs.StartTLS()
-	t.Cleanup(hs.Close)
-	base := strings.Replace(hs.URL, "127.0.0.1", "localhost", 1)
-	httpClient := func(cert *tls.Certificate) *http.Client {
-		return &http.Client{Transport: &http.Transport{TLSClientConfig: pki.ClientTLS(ca, cert, "localhost", pki.RoleServer)}}
-	}
-	nodeClient := func(cert *tls.Certificate) fireworksv1connect.NodeServiceClient {
-		return fireworksv1connect.NewNodeServiceClient(httpClient(cert), base)
-	}
 	created, err := fireworksv1connect.NewTokenServiceClient(httpClient(nil), base).
 		CreateToken(ctx, as(a.admin, &pb.CreateTokenRequest{Role: "join", MaxUses: 2}))
 	if err != nil {
@@ -110,5 +94,97 @@ func TestJoinUsesAndRemovedNode(t *testing.T) {
 	wantCode(t, "a join under a name with a live certificate", err, connect.CodeAlreadyExists, "node rm")
 	if _, err := join("n1", "10.0.0.5:7768"); err != nil {
 		t.Errorf("a join under a removed node's name: %v", err)
+	}
+}
+
+// joinServer serves a test API with opts over TLS, as servers do, and returns it with
+// its clients: httpClient and nodeClient dial it as an agent (cert nil: none yet) would.
+func joinServer(t *testing.T, opts ClusterOptions) (*testAPI, func(*tls.Certificate) *http.Client, func(*tls.Certificate) fireworksv1connect.NodeServiceClient, string) {
+	t.Helper()
+	ca := opts.CA
+	a := newTestAPI(t, func(s *Server) { s.EnableCluster(opts) })
+	srvPEM, srvKey, err := ca.Issue(pki.IssueRequest{CommonName: "s1", Role: pki.RoleServer, DNSNames: []string{"localhost"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvCert, err := pki.KeyPair(srvPEM, srvKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewUnstartedServer(a.srv.Handler())
+	hs.TLS = pki.ServerTLS(ca, srvCert, false)
+	hs.StartTLS()
+	t.Cleanup(hs.Close)
+	base := strings.Replace(hs.URL, "127.0.0.1", "localhost", 1)
+	httpClient := func(cert *tls.Certificate) *http.Client {
+		return &http.Client{Transport: &http.Transport{TLSClientConfig: pki.ClientTLS(ca, cert, "localhost", pki.RoleServer)}}
+	}
+	nodeClient := func(cert *tls.Certificate) fireworksv1connect.NodeServiceClient {
+		return fireworksv1connect.NewNodeServiceClient(httpClient(cert), base)
+	}
+	return a, httpClient, nodeClient, base
+}
+
+// proverDouble is a test double of kubejoin.Reviewer (the API server's TokenReview, which
+// kubejoin's own test runs against a real API server): token "node:NAME" proves NAME,
+// "down" cannot be checked, anything else is refused.
+type proverDouble struct{}
+
+func (proverDouble) Node(_ context.Context, token string) (string, error) {
+	if n, ok := strings.CutPrefix(token, "node:"); ok {
+		return n, nil
+	}
+	if token == "down" {
+		return "", errors.New("the API server did not answer")
+	}
+	return "", fmt.Errorf("%w: test double", kubejoin.ErrRefused)
+}
+
+// An agent that joins with a Kubernetes token joins only as the node the token proves,
+// and only where the servers admit such tokens; a refused token is refused, one that
+// cannot be checked now is "unavailable" (the agent tries again); a name taken stays
+// taken; no join token is spent or needed.
+func TestJoinByKubernetesToken(t *testing.T) {
+	ca, err := pki.CreateCA(filepath.Join(t.TempDir(), "ca"), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	join := func(nc fireworksv1connect.NodeServiceClient, node, kubeToken, tokenID string) error {
+		csr, key, err := pki.NewCSR(node)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := nc.Join(ctx, connect.NewRequest(&pb.JoinRequest{KubeToken: kubeToken, TokenId: tokenID, Node: node, Csr: csr, Addresses: []string{"10.0.0.5:7768"}}))
+		if err == nil {
+			kp, err := pki.KeyPair(resp.Msg.GetCertPem(), key)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if role, cn, err := pki.RoleOf(kp.Leaf); err != nil || role != pki.RoleAgent || cn != node {
+				t.Errorf("the certificate a join as %s bought: %s %s %v", node, role, cn, err)
+			}
+		}
+		return err
+	}
+
+	_, _, plain, _ := joinServer(t, ClusterOptions{CA: ca})
+	wantCode(t, "a Kubernetes token where servers do not admit them", join(plain(nil), "node-a", "node:node-a", ""), connect.CodeUnauthenticated, "--kube-join-service-account")
+
+	a, httpClient, nc, base := joinServer(t, ClusterOptions{CA: ca, KubeJoin: proverDouble{}})
+	wantCode(t, "a token of node-a joining as node-b", join(nc(nil), "node-b", "node:node-a", ""), connect.CodePermissionDenied, "only as the node it runs on")
+	wantCode(t, "a refused token", join(nc(nil), "node-a", "forged", ""), connect.CodeUnauthenticated, "")
+	wantCode(t, "a token that cannot be checked now", join(nc(nil), "node-a", "down", ""), connect.CodeUnavailable, "")
+	wantCode(t, "a join token and a Kubernetes token", join(nc(nil), "node-a", "node:node-a", "abc"), connect.CodeInvalidArgument, "not both")
+	if err := join(nc(nil), "node-a", "node:node-a", ""); err != nil {
+		t.Fatalf("node-a joining with its token: %v", err)
+	}
+	wantCode(t, "node-a's token again, while node-a holds a certificate", join(nc(nil), "node-a", "node:node-a", ""), connect.CodeAlreadyExists, "node rm")
+	cluster := fireworksv1connect.NewClusterServiceClient(httpClient(nil), base)
+	if _, err := cluster.RemoveNode(ctx, as(a.admin, &pb.NodeActionRequest{Node: "node-a"})); err != nil {
+		t.Fatalf("remove node-a: %v", err)
+	}
+	if err := join(nc(nil), "node-a", "node:node-a", ""); err != nil {
+		t.Errorf("node-a joining again after node rm: %v", err)
 	}
 }

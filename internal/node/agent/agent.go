@@ -379,7 +379,7 @@ func New(ctx context.Context, cfg Config, store Store) (*Agent, error) {
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	a.fillWake = make(chan struct{}, 1)
 	a.templates = newTemplates(filepath.Join(cfg.DataDir, "templates"), int64(cfg.TemplateDiskMiB)<<20, m, a.log)
-	a.pools = &warmPools{static: cfg.Pools, userPulls: a.userPulls, templates: a.templates, vms: m, images: a.images, pullTimeout: cfg.PullTimeout,
+	a.pools = &warmPools{static: cfg.Pools, pullOptions: a.PullOptions, userRootDisk: a.userRootDisk, templates: a.templates, vms: m, images: a.images, pullTimeout: cfg.PullTimeout,
 		shape: a.shape, sandboxUsage: a.sandboxUsage, maxVCPUs: cfg.MaxVCPUs, maxMemoryMiB: cfg.MaxMemoryMiB,
 		wake: a.wakeFill, log: a.log.With("part", "pools"), pools: map[string]*pool{}}
 	a.slots = newRestoreSlots(a.templates, m, a.wakeFill, a.log)

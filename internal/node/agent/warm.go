@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"maps"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -44,12 +43,15 @@ const (
 // node's own --warm-pool ones), their ready VMs, the autoscaler's record of claims, and
 // the capacity their VMs take (only what placed sandboxes leave free).
 type warmPools struct {
-	static      []state.Pool      // the node's own (--warm-pool)
-	userPulls   http.RoundTripper // the registry guard of users' pulls, for managed pools
-	templates   *templates        // a pool's VMs restore from its image's template
-	vms         *vms
-	images      *image.Store
-	pullTimeout time.Duration
+	static []state.Pool // the node's own (--warm-pool)
+	// pullOptions and userRootDisk are the agent's for users' images: managed pools'
+	// images are pulled and built as theirs, charged to PoolOwner(manager).
+	pullOptions  func(insecure []string, private bool, owner string) image.PullOptions
+	userRootDisk func(ctx context.Context, owner string, img *image.Image) (string, string, error)
+	templates    *templates // a pool's VMs restore from its image's template
+	vms          *vms
+	images       *image.Store
+	pullTimeout  time.Duration
 	// shape fills in the node's default shape; sandboxUsage is what the sandboxes live
 	// on the node reserve, of maxVCPUs and maxMemoryMiB (pools fill only what they leave).
 	shape                  func(vcpus, memMiB int) (int, int)
@@ -272,21 +274,33 @@ func (wp *warmPools) step(ctx context.Context) bool {
 	return false
 }
 
+// PoolOwner is whom a managed pool's images are charged to on a node: a share of the
+// image disk of its own, as a token's (--image-mib-per-token), which no token's ID is.
+func PoolOwner(manager string) string { return "pools:" + manager }
+
 // resolve pulls a pool's image and builds its root disk, which name the template its VMs
 // come from.
 func (wp *warmPools) resolve(ctx context.Context, p *pool) {
 	ctx, cancel := context.WithTimeout(ctx, wp.pullTimeout)
 	defer cancel()
 	opts := image.PullOptions{InsecureRegistries: p.cfg.InsecureRegistries}
-	if p.cfg.ManagedBy != "" {
+	rootDisk := func(ctx context.Context, img *image.Image) (string, string, error) {
+		return wp.images.RootDisk(ctx, img)
+	}
+	if m := p.cfg.ManagedBy; m != "" {
 		// Kept for others (a Kubernetes namespace's SandboxWarmPool): its image is
-		// pulled as theirs would be, through the registry guard.
-		opts.Transport, opts.User = wp.userPulls, true
+		// pulled as theirs would be, through the registry guard, and what the images of
+		// one manager's pools take on the node is bounded as one token's are.
+		owner := PoolOwner(m)
+		opts = wp.pullOptions(p.cfg.InsecureRegistries, false, owner)
+		rootDisk = func(ctx context.Context, img *image.Image) (string, string, error) {
+			return wp.userRootDisk(ctx, owner, img)
+		}
 	}
 	img, err := wp.images.Ensure(ctx, p.cfg.Image, opts)
 	var disk, fs string
 	if err == nil {
-		disk, fs, err = wp.images.RootDisk(ctx, img)
+		disk, fs, err = rootDisk(ctx, img)
 	}
 	wp.mu.Lock()
 	defer wp.mu.Unlock()

@@ -1,5 +1,6 @@
 // Package agentlink is a node agent's connection to the control plane: joining the
-// cluster with a join token (certificate through a pinned-CA handshake), registering,
+// cluster with a join token or a Kubernetes ServiceAccount token (certificate through a
+// pinned-CA handshake), registering,
 // heartbeats, following its assignments, and reporting sandbox progress — all over mutual
 // TLS to whichever server leads.
 package agentlink
@@ -15,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -35,9 +37,23 @@ type Identity struct {
 // certName is the key pair's name in the node's pki directory.
 const certName = "node"
 
-// EnsureIdentity loads the node's certificate from dir, or joins the cluster with
-// joinToken to get one. The node name is fixed by the certificate once joined.
-func EnsureIdentity(ctx context.Context, dir, node, joinToken string, servers, addresses []string) (*Identity, error) {
+// JoinWith is what a node that has no certificate yet joins the cluster with: a join
+// token, or a Kubernetes ServiceAccount token and the cluster CA's certificate.
+type JoinWith struct {
+	// Token is a join token (fwj1_...): it names the cluster CA's fingerprint too.
+	Token string
+	// KubeTokenFile holds a projected ServiceAccount token of the agent's pod (read at
+	// each try: the kubelet renews it). The servers check it with the API server and
+	// admit the agent only as the node its pod runs on.
+	KubeTokenFile string
+	// CAFile is the cluster CA's certificate (PEM), which servers must chain to; with
+	// KubeTokenFile, which names no CA.
+	CAFile string
+}
+
+// EnsureIdentity loads the node's certificate from dir, or joins the cluster as node with
+// with to get one. The node name is fixed by the certificate once joined.
+func EnsureIdentity(ctx context.Context, dir, node string, with JoinWith, servers, addresses []string) (*Identity, error) {
 	if caPEM, err := os.ReadFile(filepath.Join(dir, pki.CACertFile)); err == nil {
 		ca, err := pki.ParseCA(caPEM, nil)
 		if err != nil {
@@ -54,19 +70,12 @@ func EnsureIdentity(ctx context.Context, dir, node, joinToken string, servers, a
 			return &Identity{Node: cn, CA: ca, Cert: cert}, nil
 		}
 	}
-	if joinToken == "" {
-		return nil, fmt.Errorf("no node certificate in %s: pass a join token (`fireworks token create --role join` on a server) to join the cluster", dir)
-	}
 	if node == "" {
 		node, _ = os.Hostname()
 	}
-	tok, err := pki.ParseJoinToken(joinToken)
+	cred, pin, err := with.credentials()
 	if err != nil {
-		return nil, err
-	}
-	pin, err := pki.PinnedCAVerifier(tok.CAFingerprint)
-	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("no node certificate in %s: %w", dir, err)
 	}
 	csr, keyPEM, err := pki.NewCSR(node)
 	if err != nil {
@@ -76,7 +85,11 @@ func EnsureIdentity(ctx context.Context, dir, node, joinToken string, servers, a
 	// for: the join is tried again until ctx ends. A refusal (a bad token, another
 	// cluster's CA) ends it at once.
 	for wait := time.Second; ; wait = min(2*wait, 15*time.Second) {
-		id, err := join(ctx, dir, node, tok, pin, csr, keyPEM, slices.Clone(servers), addresses)
+		req := &pb.JoinRequest{Node: node, Csr: csr, Addresses: addresses}
+		if err := cred(req); err != nil {
+			return nil, err
+		}
+		id, err := join(ctx, dir, req, pin, keyPEM, slices.Clone(servers))
 		if err == nil || !rpc.NoServerYet(err) {
 			return id, err
 		}
@@ -89,8 +102,56 @@ func EnsureIdentity(ctx context.Context, dir, node, joinToken string, servers, a
 	}
 }
 
+// credentials checks with and returns what fills a join request's credential, and the
+// verifier of the servers' CA.
+func (with JoinWith) credentials() (func(*pb.JoinRequest) error, *pki.PinnedCA, error) {
+	switch {
+	case with.Token != "" && with.KubeTokenFile != "":
+		return nil, nil, errors.New("join with a join token or a Kubernetes token file, not both")
+	case with.Token != "":
+		tok, err := pki.ParseJoinToken(with.Token)
+		if err != nil {
+			return nil, nil, err
+		}
+		pin, err := pki.PinnedCAVerifier(tok.CAFingerprint)
+		if err != nil {
+			return nil, nil, err
+		}
+		return func(r *pb.JoinRequest) error { r.TokenId, r.TokenSecret = tok.ID, tok.Secret; return nil }, pin, nil
+	case with.KubeTokenFile != "":
+		if with.CAFile == "" {
+			return nil, nil, errors.New("joining with a Kubernetes token needs the cluster CA's certificate (--join-ca-file)")
+		}
+		caPEM, err := os.ReadFile(with.CAFile)
+		if err != nil {
+			return nil, nil, fmt.Errorf("the cluster CA to join: %w", err)
+		}
+		ca, err := pki.ParseCA(caPEM, nil)
+		if err != nil {
+			return nil, nil, fmt.Errorf("the cluster CA to join, %s: %w", with.CAFile, err)
+		}
+		pin, err := pki.PinnedCAVerifier(ca.Fingerprint())
+		if err != nil {
+			return nil, nil, err
+		}
+		return func(r *pb.JoinRequest) error {
+			b, err := os.ReadFile(with.KubeTokenFile)
+			if err != nil {
+				return fmt.Errorf("the Kubernetes token to join with: %w", err)
+			}
+			if len(b) > 64<<10 {
+				return fmt.Errorf("the Kubernetes token in %s is %d bytes: not a ServiceAccount token", with.KubeTokenFile, len(b))
+			}
+			r.KubeToken = strings.TrimSpace(string(b))
+			return nil
+		}, pin, nil
+	}
+	return nil, nil, errors.New("pass a join token (`fireworks token create --role join` on a server), or a Kubernetes token file and the cluster CA, to join the cluster")
+}
+
 // join asks each server in turn to sign the node's certificate.
-func join(ctx context.Context, dir, node string, tok pki.JoinToken, pin *pki.PinnedCA, csr, keyPEM []byte, servers, addresses []string) (*Identity, error) {
+func join(ctx context.Context, dir string, req *pb.JoinRequest, pin *pki.PinnedCA, keyPEM []byte, servers []string) (*Identity, error) {
+	node := req.GetNode()
 	var lastErr error
 	for _, srv := range servers {
 		cfg := pin.ClientTLS(nil)
@@ -98,7 +159,7 @@ func join(ctx context.Context, dir, node string, tok pki.JoinToken, pin *pki.Pin
 		hc := &http.Client{Transport: &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true,
 			DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext}, Timeout: 30 * time.Second}
 		c := fireworksv1connect.NewNodeServiceClient(hc, "https://"+srv)
-		resp, err := c.Join(ctx, connect.NewRequest(&pb.JoinRequest{TokenId: tok.ID, TokenSecret: tok.Secret, Node: node, Csr: csr, Addresses: addresses}))
+		resp, err := c.Join(ctx, connect.NewRequest(req))
 		if err != nil {
 			var ce *connect.Error
 			if errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable {

@@ -20,9 +20,12 @@ type IssuedCert struct {
 	RevokedAt time.Time `json:"revoked_at,omitzero"`
 }
 
-// JoinRecord is one use of a join token: the certificate it bought.
+// JoinRecord is one join: the certificate it bought, with a use of a join token (Token)
+// or with another proof the server checked (Via, e.g. "kubernetes": a ServiceAccount
+// token of a pod on the node), which spends nothing.
 type JoinRecord struct {
 	Token    string    `json:"token"`
+	Via      string    `json:"via,omitempty"`
 	Node     string    `json:"node"`
 	Serial   string    `json:"serial"`
 	NotAfter time.Time `json:"not_after"`
@@ -167,8 +170,13 @@ func (s *Store) CertRevoked(serial, node string) bool {
 }
 
 func (f *fsm) recordJoin(r JoinRecord) any {
-	if r.Serial == "" || r.Node == "" || r.Time.IsZero() {
-		return fmt.Errorf("%w: a join record needs a serial, a node and a time", ErrInvalid)
+	if r.Serial == "" || r.Node == "" || r.Time.IsZero() || (r.Token == "") == (r.Via == "") {
+		return fmt.Errorf("%w: a join record needs a serial, a node, a time, and a join token or another proof", ErrInvalid)
+	}
+	if r.Via != "" {
+		f.pruneCerts(r.Time)
+		f.certs[r.Serial] = &IssuedCert{Serial: r.Serial, Node: r.Node, NotAfter: utc(r.NotAfter)}
+		return nil
 	}
 	t, ok := f.tokens[r.Token]
 	if !ok {

@@ -192,3 +192,28 @@ func TestStaleReportsRefused(t *testing.T) {
 		t.Fatalf("current report refused")
 	}
 }
+
+// A join is recorded with a join token's use or with another proof the server checked
+// (Via), never both or neither; one by proof spends nothing and takes the node's name.
+func TestRecordJoinVia(t *testing.T) {
+	s := openStore(t, Options{Dir: t.TempDir()})
+	ctx := context.Background()
+	now := time.Now()
+	for _, bad := range []JoinRecord{
+		{Node: "n1", Serial: "a1", Time: now, NotAfter: now.Add(time.Hour)},
+		{Node: "n1", Serial: "a1", Time: now, NotAfter: now.Add(time.Hour), Token: "t", Via: "kubernetes"},
+	} {
+		if err := s.RecordJoin(ctx, bad); !errors.Is(err, ErrInvalid) {
+			t.Errorf("RecordJoin(%+v) = %v, want ErrInvalid", bad, err)
+		}
+	}
+	if s.HasLiveCerts("n1", now) {
+		t.Fatal("a refused join took the name")
+	}
+	if err := s.RecordJoin(ctx, JoinRecord{Node: "n1", Serial: "a1", Time: now, NotAfter: now.Add(time.Hour), Via: "kubernetes"}); err != nil {
+		t.Fatal(err)
+	}
+	if !s.HasLiveCerts("n1", now) {
+		t.Error("a join by Kubernetes token did not take the node's name")
+	}
+}

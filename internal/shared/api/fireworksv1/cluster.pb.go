@@ -431,7 +431,12 @@ type JoinRequest struct {
 	// DER certificate signing request; only its public key is used.
 	Csr []byte `protobuf:"bytes,4,opt,name=csr,proto3" json:"csr,omitempty"`
 	// Addresses the agent serves its internal API on, for the certificate's SANs.
-	Addresses     []string `protobuf:"bytes,5,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	Addresses []string `protobuf:"bytes,5,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	// Instead of a join token: a Kubernetes ServiceAccount token of the agent's pod
+	// (projected, for the audience the server names), which a server configured for it
+	// reviews with the API server. It binds the join to the Kubernetes node the pod runs
+	// on: node must be that node's name.
+	KubeToken     string `protobuf:"bytes,6,opt,name=kube_token,json=kubeToken,proto3" json:"kube_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -499,6 +504,13 @@ func (x *JoinRequest) GetAddresses() []string {
 		return x.Addresses
 	}
 	return nil
+}
+
+func (x *JoinRequest) GetKubeToken() string {
+	if x != nil {
+		return x.KubeToken
+	}
+	return ""
 }
 
 type JoinResponse struct {
@@ -1035,13 +1047,15 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\x11NodeActionRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\"<\n" +
 	"\x12NodeActionResponse\x12&\n" +
-	"\x04node\x18\x01 \x01(\v2\x12.fireworks.v1.NodeR\x04node\"\x8f\x01\n" +
+	"\x04node\x18\x01 \x01(\v2\x12.fireworks.v1.NodeR\x04node\"\xae\x01\n" +
 	"\vJoinRequest\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\tR\atokenId\x12!\n" +
 	"\ftoken_secret\x18\x02 \x01(\tR\vtokenSecret\x12\x12\n" +
 	"\x04node\x18\x03 \x01(\tR\x04node\x12\x10\n" +
 	"\x03csr\x18\x04 \x01(\fR\x03csr\x12\x1c\n" +
-	"\taddresses\x18\x05 \x03(\tR\taddresses\"@\n" +
+	"\taddresses\x18\x05 \x03(\tR\taddresses\x12\x1d\n" +
+	"\n" +
+	"kube_token\x18\x06 \x01(\tR\tkubeToken\"@\n" +
 	"\fJoinResponse\x12\x19\n" +
 	"\bcert_pem\x18\x01 \x01(\fR\acertPem\x12\x15\n" +
 	"\x06ca_pem\x18\x02 \x01(\fR\x05caPem\"S\n" +
