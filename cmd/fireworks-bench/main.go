@@ -36,6 +36,8 @@ func main() {
 	flag.BoolVar(&cfg.OnlyMigration, "only-migration", false, "measure the live migration series alone")
 	flag.BoolVar(&cfg.OnlyE2B, "only-e2b", false, "measure the E2B SDK rows (and the crun baseline) alone")
 	flag.BoolVar(&cfg.SkipImages, "skip-images", false, "do not measure the first start of a large (≥1 GiB) and a small image")
+	flag.BoolVar(&cfg.SkipNodeScale, "skip-nodescale", false, "do not measure the node autoscaler's scale-up on a Kubernetes control plane (its tools are built by scripts/kube-tools.sh, cached)")
+	flag.IntVar(&cfg.NodeScaleRuns, "nodescale-runs", 5, "scale-ups the node autoscaler series measures")
 	flag.BoolVar(&cfg.SkipE2B, "skip-e2b", false, "do not measure Sandbox.create → first output through the real e2b SDK (Node.js, npm)")
 	flag.DurationVar(&cfg.NetSeconds, "net-time", 2*time.Second, "how long each throughput sample streams")
 	flag.IntVar(&cfg.NetRepeats, "net-repeats", 3, "throughput samples per direction, policy attached and detached")

@@ -9,6 +9,7 @@ package bench
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -55,9 +56,15 @@ type Config struct {
 	// OnlyMigration measures the live migration series alone (on its dev server).
 	OnlyMigration bool
 	// OnlyE2B measures the E2B SDK rows and the crun baseline alone.
-	OnlyE2B    bool
-	NetSeconds time.Duration
-	NetRepeats int
+	OnlyE2B bool
+	// SkipNodeScale leaves out the node autoscaler's scale-up on a Kubernetes control
+	// plane (built from the module proxy by Repo/scripts/kube-tools.sh, cached);
+	// NodeScaleRuns is how many scale-ups it measures (default 5).
+	SkipNodeScale bool
+	NodeScaleRuns int
+	Repo          string // the source tree (default "."), for scripts/kube-tools.sh
+	NetSeconds    time.Duration
+	NetRepeats    int
 	// Debug runs the bench cluster's processes at debug level and keeps their logs in
 	// DataDir/cluster-logs.
 	Debug      bool
@@ -138,6 +145,9 @@ type Report struct {
 	Scheduler []SchedulerRow `json:"scheduler,omitempty"`
 	// ControlPlane is create commit throughput and latency through 3 Raft servers.
 	ControlPlane []RaftRow `json:"control_plane,omitempty"`
+	// NodeScale is the node autoscaler's scale-up on Kubernetes, beside kube-scheduler's
+	// own latency in the same control plane.
+	NodeScale []NodeScaleRow `json:"node_scale,omitempty"`
 	// Network is guest↔host TCP and ingress HTTP (nil: not measured).
 	Network *NetworkReport `json:"network,omitempty"`
 	// Images is the first start of images the node does not have: pull, root disk, boot.
@@ -264,6 +274,14 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		rep.fail(cfg.Log, "control plane", err)
 	} else {
 		rep.ControlPlane = cpRows
+	}
+
+	if !cfg.OnlyMigration && !cfg.OnlyE2B && !cfg.SkipNodeScale {
+		rows, err := BenchNodeScale(ctx, cmp.Or(cfg.Repo, "."), filepath.Join(work, "nodescale"), cmp.Or(cfg.NodeScaleRuns, 5), cfg.Log)
+		if err != nil {
+			rep.fail(cfg.Log, "node autoscaler", err)
+		}
+		rep.NodeScale = rows
 	}
 
 	var errs []error
@@ -588,6 +606,12 @@ func PrintTable(w io.Writer, rep *Report) {
 		fmt.Fprintf(w, "\n%-28s %8s %12s %12s %12s\n", "control plane (3 servers)", "creates", "creates/s", "commit p50", "commit p99")
 		for _, r := range rep.ControlPlane {
 			fmt.Fprintf(w, "%-28s %8d %12.0f %10.2fms %10.2fms\n", fmt.Sprintf("%d concurrent clients", r.Concurrency), r.Creates, r.PerSecond, r.P50Ms, r.P99Ms)
+		}
+	}
+	if len(rep.NodeScale) > 0 {
+		fmt.Fprintf(w, "\n%-72s %4s %9s %9s %9s  %s\n", "node autoscaler on Kubernetes (real control plane, simulated pool)", "runs", "p50 ms", "p99 ms", "max ms", "each run checked")
+		for _, r := range rep.NodeScale {
+			fmt.Fprintf(w, "%-72s %4d %9.1f %9.1f %9.1f  %s\n", r.Path, r.Runs, r.Latency.P50, r.Latency.P99, r.Latency.Max, r.Checked)
 		}
 	}
 	if len(rep.Errors) > 0 {

@@ -105,7 +105,7 @@ func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
 	if err != nil {
 		return nil, fmt.Errorf("the Kubernetes API: %w", err)
 	}
-	return kubernetes.NewForConfig(rc)
+	return kubernetes.NewForConfig(nodescale.ClientConfig(rc))
 }
 
 // autoscaler builds the autoscaler over the open store (nil for none).

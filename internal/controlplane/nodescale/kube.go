@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 )
 
 // The annotations Kubernetes' cluster-autoscaler reads, and the one that says Fireworks
@@ -69,6 +70,15 @@ func (k *Kubernetes) poolNodes(ctx context.Context) ([]corev1.Node, error) {
 // Request keeps n placeholders on order. One bound to a node whose agent has not
 // registered yet is that node arriving (it holds the node until then); one bound to a
 // registered node is done and deleted.
+// ClientConfig is cfg for the servers' client of the API server (the autoscaler's
+// calls, the joins' TokenReviews): client-go's default of 5 requests a second would make
+// a pass that marks a few nodes and orders a node take seconds, which users wait.
+func ClientConfig(cfg *rest.Config) *rest.Config {
+	c := rest.CopyConfig(cfg)
+	c.QPS, c.Burst = 50, 100
+	return c
+}
+
 func (k *Kubernetes) Request(ctx context.Context, n int, registered []string) error {
 	pods, err := k.Client.CoreV1().Pods(k.Namespace).List(ctx, metav1.ListOptions{LabelSelector: labels.SelectorFromSet(placeholderLabels).String()})
 	if err != nil {

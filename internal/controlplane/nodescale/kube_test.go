@@ -6,18 +6,15 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/util/retry"
 
 	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
@@ -67,50 +64,13 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 	// them): no need is ordered twice.
 	made := map[string]bool{}
 	// The simulated pool: nodes with the pool's label, Ready, their leases renewed.
-	var beatMu sync.Mutex
-	beating := []string{}
-	beatCtx, stopBeats := context.WithCancel(ctx)
-	defer stopBeats()
-	var beats sync.WaitGroup
-	beats.Go(func() {
-		for {
-			beatMu.Lock()
-			names := slices.Clone(beating)
-			beatMu.Unlock()
-			for _, n := range names {
-				renewLease(beatCtx, cs, n)
-			}
-			select {
-			case <-beatCtx.Done():
-				return
-			case <-time.After(5 * time.Second):
-			}
-		}
-	})
+	nodes := kubetest.NewNodePool(cs, pool)
+	defer nodes.Stop()
 	addNode := func(name string) {
 		t.Helper()
-		n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{"fireworks.dev/pool": "nodescale-test", corev1.LabelHostname: name}}}
-		if _, err := cs.CoreV1().Nodes().Create(ctx, n, metav1.CreateOptions{}); err != nil {
+		if err := nodes.Add(ctx, name); err != nil {
 			t.Fatal(err)
 		}
-		res := corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("4"), corev1.ResourceMemory: resource.MustParse("8Gi"), corev1.ResourcePods: resource.MustParse("110")}
-		// The node lifecycle controller writes to a new node too: retry on its conflicts.
-		if err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
-			n, err := cs.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
-			if err != nil {
-				return err
-			}
-			n.Status = corev1.NodeStatus{Capacity: res, Allocatable: res, Conditions: []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue,
-				Reason: "KubeletReady", LastHeartbeatTime: metav1.Now(), LastTransitionTime: metav1.Now()}}}
-			_, err = cs.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{})
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-		renewLease(ctx, cs, name)
-		beatMu.Lock()
-		beating = append(beating, name)
-		beatMu.Unlock()
 	}
 	addNode("pool-a")
 
@@ -384,24 +344,6 @@ func findNode(t *testing.T, store *state.Store, id string) state.Node {
 	}
 	t.Fatalf("node %s not in the state", id)
 	return state.Node{}
-}
-
-// renewLease is a kubelet's heartbeat: without it the node lifecycle controller marks a
-// node unreachable and taints it after 40 seconds.
-func renewLease(ctx context.Context, cs kubernetes.Interface, node string) {
-	now := metav1.NowMicro()
-	secs := int32(40)
-	leases := cs.CoordinationV1().Leases(corev1.NamespaceNodeLease)
-	l, err := leases.Get(ctx, node, metav1.GetOptions{})
-	if err != nil {
-		_, _ = leases.Create(ctx, &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: node},
-			Spec: coordinationv1.LeaseSpec{HolderIdentity: &node, LeaseDurationSeconds: &secs, RenewTime: &now}}, metav1.CreateOptions{})
-		return
-	}
-	l.Spec.RenewTime = &now
-	if _, err := leases.Update(ctx, l, metav1.UpdateOptions{}); err != nil && !strings.Contains(err.Error(), "modified") {
-		return
-	}
 }
 
 // startKube runs a Kubernetes control plane for the test.

@@ -70,24 +70,28 @@ func New(cfg Config, sched scheduler.Config, provider Provider, store Store, log
 
 // Interval is the shortest time between two passes that act: the leader's passes come
 // every second and after every change users make, and each of the provider's costs API
-// calls (a Kubernetes API server's, for one).
+// calls (a Kubernetes API server's, for one). A pass that finds sandboxes waiting for
+// more than the last one ordered acts at once: that wait is what users feel.
 const Interval = 5 * time.Second
 
 // passTimeout bounds one pass's calls to the provider: a slow platform API delays the
 // leader's other loops by no more.
 const passTimeout = 10 * time.Second
 
-// Pass decides and acts, at most once per Interval (by now).
+// Pass decides, and acts at most once per Interval (by now) unless more is needed at
+// once: nodes to take back or to order beyond the last pass's.
 func (a *Autoscaler) Pass(ctx context.Context, now time.Time) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if !a.lastPass.IsZero() && now.Sub(a.lastPass) < Interval && now.After(a.lastPass) {
+	// Deciding costs no API call; only acting does.
+	p := plan(now, a.cfg, a.sched, a.store.LocalNodes(), a.store.LocalSandboxes(), &a.mem)
+	recent := !a.lastPass.IsZero() && now.Sub(a.lastPass) < Interval && now.After(a.lastPass)
+	if recent && len(p.Unpark) == 0 && p.Want <= a.last.Want {
 		return nil
 	}
 	a.lastPass = now
 	ctx, cancel := context.WithTimeout(ctx, passTimeout)
 	defer cancel()
-	p := plan(now, a.cfg, a.sched, a.store.LocalNodes(), a.store.LocalSandboxes(), &a.mem)
 	var errs []error
 	no, yes := false, true
 	for _, id := range p.Unpark {

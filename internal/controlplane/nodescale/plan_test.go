@@ -1,6 +1,7 @@
 package nodescale
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"testing"
@@ -157,5 +158,71 @@ func TestNoFlappingUnderOscillatingLoad(t *testing.T) {
 	}
 	if ups != 0 || len(drains) != 1 || drains["b"] != 1 {
 		t.Fatalf("oscillating load: %d scale-ups, drains %v (want none, and b once)", ups, drains)
+	}
+}
+
+// storeDouble and providerDouble are test doubles above the autoscaler's seams (the
+// replicated state, the platform); the real ones run in TestNodeAutoscalerOnKubernetes.
+type storeDouble struct {
+	nodes []state.Node
+	sbs   []state.Sandbox
+}
+
+func (s *storeDouble) LocalNodes() []state.Node        { return s.nodes }
+func (s *storeDouble) LocalSandboxes() []state.Sandbox { return s.sbs }
+func (s *storeDouble) UpdateNode(_ context.Context, id string, _ state.NodeUpdate) (state.Node, error) {
+	return state.Node{ID: id}, nil
+}
+
+type providerDouble struct{ requests []int }
+
+func (p *providerDouble) Name() string { return "double" }
+func (p *providerDouble) Request(_ context.Context, n int, _ []string) error {
+	p.requests = append(p.requests, n)
+	return nil
+}
+func (p *providerDouble) Keep(context.Context, []string) error  { return nil }
+func (p *providerDouble) Release(context.Context, string) error { return nil }
+
+// Passes act at most once per Interval (each costs the platform's API calls), except
+// one that finds more waiting than the last one ordered for: it acts at once.
+func TestPassActsAtOnceOnNewNeed(t *testing.T) {
+	st := &storeDouble{nodes: []state.Node{node("a")}, sbs: []state.Sandbox{running("r", "a")}}
+	pr := &providerDouble{}
+	a, err := New(Config{Max: 10, ScaleUpAfter: time.Second}, scheduler.Config{}, pr, st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	pass := func(at time.Duration) {
+		t.Helper()
+		if err := a.Pass(ctx, t0.Add(at)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pass(0)
+	pass(time.Second) // nothing new: not acted on
+	if !slices.Equal(pr.requests, []int{0}) {
+		t.Fatalf("requests after two quiet passes a second apart: %v", pr.requests)
+	}
+	st.sbs = append(st.sbs, waitingSince("w1", 1536, t0.Add(time.Second)))
+	pass(2 * time.Second) // waiting its ScaleUpAfter: one node, at once
+	if !slices.Equal(pr.requests, []int{0, 1}) {
+		t.Fatalf("requests after a sandbox waited: %v", pr.requests)
+	}
+	pass(3 * time.Second) // the same need: not again until Interval
+	st.sbs = append(st.sbs, waitingSince("w2", 1536, t0.Add(2*time.Second)))
+	pass(3*time.Second + 500*time.Millisecond) // more: at once
+	if !slices.Equal(pr.requests, []int{0, 1, 2}) {
+		t.Fatalf("requests after a second sandbox waited: %v", pr.requests)
+	}
+	st.sbs = st.sbs[:1] // both gone: less is needed, which waits for Interval
+	pass(4 * time.Second)
+	if len(pr.requests) != 3 {
+		t.Fatalf("a smaller need acted on within Interval: %v", pr.requests)
+	}
+	pass(3*time.Second + 500*time.Millisecond + Interval)
+	if !slices.Equal(pr.requests, []int{0, 1, 2, 0}) {
+		t.Fatalf("requests once Interval passed: %v", pr.requests)
 	}
 }
