@@ -31,7 +31,7 @@ type runFlags struct {
 	detach, interactive, tty, rm bool
 	name, workdir, user          string
 	entrypoint                   string
-	entrypointSet                bool
+	entrypointSet, nonRoot       bool
 	env, insecure, volumes       []string
 	cpus                         int
 	restart                      string
@@ -105,6 +105,7 @@ Exit codes: 125 Fireworks error, 126 not executable, 127 not found, 124 timed ou
 	fl.StringArrayVarP(&f.env, "env", "e", nil, "set an environment variable (KEY=VALUE, or KEY to pass the local value)")
 	fl.StringVarP(&f.workdir, "workdir", "w", "", "working directory inside the sandbox")
 	fl.StringVarP(&f.user, "user", "u", "", "user: name, uid, uid:gid or name:group")
+	fl.BoolVar(&f.nonRoot, "non-root", false, "refuse to run the command as root: the user (--user, or the image's) must resolve to a uid other than 0 (Kubernetes' runAsNonRoot)")
 	fl.StringVar(&f.entrypoint, "entrypoint", "", "override the image's entrypoint (\"\" clears it)")
 	fl.IntVar(&f.cpus, "cpus", 0, "vCPUs (default 1)")
 	fl.StringVar(&f.memory, "memory", "", "memory, e.g. 512M or 1G (default 256M)")
@@ -269,7 +270,7 @@ func runSandbox(ctx context.Context, g *globals, f runFlags, args []string) erro
 	spec := &pb.SandboxSpec{
 		Snapshot: f.snapshot,
 		Image:    image, Cmd: args[1:], Env: expandEnv(f.env), WorkingDir: f.workdir,
-		User: f.user, Vcpus: int32(f.cpus), MemoryMib: int32(mem), Tty: f.tty, Stdin: f.interactive,
+		User: f.user, NonRoot: f.nonRoot, Vcpus: int32(f.cpus), MemoryMib: int32(mem), Tty: f.tty, Stdin: f.interactive,
 		InsecureRegistries: f.insecure, Restart: f.restart, Constraints: f.constraints, Spread: f.spread,
 		Boot: f.boot, Network: f.network, Policy: policy, Ports: ports, Volumes: vols,
 	}

@@ -623,11 +623,9 @@ spec:
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxwarmpools.extensions.agents.x-k8s.io", "private-pool", "--timeout=1m")
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxtemplates.extensions.agents.x-k8s.io", "private-template", "--timeout=1m")
 
-	// An operator's pool is the operator's: a namespace's SandboxWarmPool of its image
-	// neither resizes nor removes it, and says so. (The controller's own pools say they
-	// are its, and are pulled as users' pulls are.)
 	// What users bring: a Debian root (debootstrap's, with its device nodes, setuid files
-	// and hardlinks) as a Sandbox, run as the pod's runAsUser.
+	// and hardlinks) as a Sandbox, run as the pod's runAsUser, with runAsNonRoot (the
+	// restricted pod security level's rule), which the guest checks.
 	debian := debianImage(t)
 	kubectl(t, cp, fmt.Sprintf(`apiVersion: agents.x-k8s.io/v1beta1
 kind: Sandbox
@@ -635,7 +633,7 @@ metadata: {name: debian}
 spec:
   podTemplate:
     spec:
-      securityContext: {runAsUser: 1000, runAsGroup: 1000}
+      securityContext: {runAsUser: 1000, runAsGroup: 1000, runAsNonRoot: true}
       containers: [{name: c, image: %q, command: [sleep, "3600"]}]
 `, debian), "-n", ns, "apply", "-f", "-")
 	debianID := waitSandboxCond(t, cp, ns, "debian", "Ready", "True", 3*time.Minute).Status.SandboxID
@@ -643,6 +641,26 @@ spec:
 		t.Errorf("the Debian Sandbox: %q, want Debian 12, uid 1000, setuid passwd and /dev/full", got)
 	}
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxes.agents.x-k8s.io", "debian", "--timeout=2m")
+	// runAsNonRoot on an image whose user is root: its command is not run, and the
+	// Sandbox says why.
+	rootImg := world.registry + "/root-user:2"
+	testimage.Push(t, world.registry, "root-user:2", testimage.Busybox(t))
+	kubectl(t, cp, fmt.Sprintf(`apiVersion: agents.x-k8s.io/v1beta1
+kind: Sandbox
+metadata: {name: rootless}
+spec:
+  podTemplate:
+    spec:
+      restartPolicy: Never
+      containers: [{name: c, image: %q, command: [sh, -c, "echo ran-as-root > /tmp/x"], securityContext: {runAsNonRoot: true}}]
+`, rootImg), "-n", ns, "apply", "-f", "-")
+	eventuallyWithin(t, 3*time.Minute, "the runAsNonRoot Sandbox of a root image refused", func() (bool, string) {
+		var s sandboxStatus
+		kubeJSON(t, cp, &s, "-n", ns, "get", "sandboxes.agents.x-k8s.io", "rootless")
+		st, reason, msg := s.cond("Ready")
+		return st == "False" && strings.Contains(msg, "runAsNonRoot"), fmt.Sprintf("Ready=%s (%s: %s)", st, reason, msg)
+	})
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxes.agents.x-k8s.io", "rootless", "--timeout=2m")
 
 	// A Sandbox whose image is not there yet says its microVM failed and why (not an exit
 	// code it never had); once the image comes, Fireworks starts it again (restartPolicy
@@ -670,6 +688,9 @@ spec:
 	waitSandboxCond(t, cp, ns, "late", "Ready", "True", 3*time.Minute)
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxes.agents.x-k8s.io", "late", "--timeout=2m")
 
+	// An operator's pool is the operator's: a namespace's SandboxWarmPool of its image
+	// neither resizes nor removes it, and says so. (The controller's own pools say they
+	// are its, and are pulled as users' pulls are.)
 	opImg := world.registry + "/operators-own:1"
 	testimage.Push(t, world.registry, "operators-own:1", testimage.Busybox(t))
 	fw(t, 0, "pool", "set", opImg, "--size", "0", "--max", "1")

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/fireworks-sandbox/fireworks/internal/testutil/testimage"
 )
 
 // One boot answers several questions: the streams are kept apart, and the guest runs its
@@ -75,6 +77,32 @@ func TestRunOverridesEnvWorkdirUser(t *testing.T) {
 	fmt.Sscan(f[4], &memKB)
 	if memKB < 200*1024 || memKB > 320*1024 {
 		t.Errorf("guest MemTotal %d kB does not match --memory 320M", memKB)
+	}
+}
+
+// --non-root (Kubernetes' runAsNonRoot): the guest refuses to run the command as root —
+// the image's user (root in a plain busybox) or a --user that resolves to uid 0 — and
+// says so; the image's own non-root user (busybox:latest's app) runs, and so do execs
+// that take its user.
+func TestRunNonRoot(t *testing.T) {
+	need(t)
+	testimage.Push(t, world.registry, "root-user:1", testimage.Busybox(t))
+	for i, c := range []struct{ img, user string }{{image("root-user:1"), ""}, {image("busybox:latest"), "root"}, {image("busybox:latest"), "0:0"}} {
+		name := fmt.Sprintf("nonroot-%d", i)
+		args := []string{"run", "--non-root", "--name", name}
+		if c.user != "" {
+			args = append(args, "--user", c.user)
+		}
+		r := world.cli(context.Background(), nil, append(args, c.img, "--", "echo", "ran")...)
+		if r.code == 0 || strings.Contains(r.stdout, "ran") || !strings.Contains(r.stderr, "runAsNonRoot") {
+			t.Errorf("--non-root, %s as %q: exit %d, stdout %q, stderr %q; want refused naming runAsNonRoot", c.img, c.user, r.code, r.stdout, r.stderr)
+		}
+	}
+	id := strings.TrimSpace(fw(t, 0, "run", "-d", "--non-root", image("busybox:latest"), "--", "sleep", "600").stdout)
+	t.Cleanup(func() { world.cli(context.Background(), nil, "rm", "-f", id) })
+	waitStatus(t, id, "running")
+	if got := fw(t, 0, "exec", id, "--", "id", "-u").stdout; got != "1000\n" {
+		t.Errorf("an exec in a --non-root sandbox of an image whose user is app runs as %q", got)
 	}
 }
 

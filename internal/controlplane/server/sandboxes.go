@@ -487,7 +487,7 @@ func specFromPB(p *pb.SandboxSpec) state.SandboxSpec {
 	if m := p.GetMetadata(); len(m) > 0 {
 		spec.Metadata = maps.Clone(m)
 	}
-	spec.KeepAlive = p.GetKeepAlive()
+	spec.KeepAlive, spec.NonRoot = p.GetKeepAlive(), p.GetNonRoot()
 	if l := p.GetLifetime(); l != nil {
 		spec.Lifetime = l.AsDuration()
 	}
@@ -517,6 +517,7 @@ func sandboxToPB(sb state.Sandbox) *pb.Sandbox {
 		spec.Timeout = durationpb.New(sb.Spec.Timeout)
 	}
 	spec.Metadata, spec.KeepAlive, spec.OnEnd, spec.Template = sb.Spec.Metadata, sb.Spec.KeepAlive, sb.Spec.OnEnd, sb.Spec.Template
+	spec.NonRoot = sb.Spec.NonRoot
 	if sb.Spec.Lifetime > 0 {
 		spec.Lifetime = durationpb.New(sb.Spec.Lifetime)
 	}

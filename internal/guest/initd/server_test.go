@@ -725,3 +725,22 @@ func TestEnvdTokenFollowsIdentity(t *testing.T) {
 		t.Fatal("an identity with an empty envd token was taken")
 	}
 }
+
+// runAsNonRoot: a process whose user resolves to uid 0 (none given, "root", "0:0") is not
+// started, and says why; another user is.
+func TestExecNonRoot(t *testing.T) {
+	if os.Getuid() != 0 {
+		testutil.Skipf(t, "running as another user needs root (setuid in the test guest)")
+	}
+	_, c := startGuest(t)
+	for _, user := range []string{"", "root", "0:0"} {
+		r := run(t, c, proto.ExecRequest{Argv: []string{"id", "-u"}, User: user, NonRoot: true}, nil)
+		if r.status.ErrKind != proto.ErrKindSetup || !strings.Contains(r.status.Err, "runAsNonRoot") || r.stdout != "" {
+			t.Errorf("user %q with NonRoot: %+v", user, r)
+		}
+	}
+	r := run(t, c, proto.ExecRequest{Argv: []string{"id", "-u"}, User: "65534", NonRoot: true}, nil)
+	if r.status != (proto.ExitStatus{}) || r.stdout != "65534\n" {
+		t.Errorf("uid 65534 with NonRoot: %+v", r)
+	}
+}

@@ -138,6 +138,13 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 	if err != nil {
 		return &startError{kind: proto.ErrKindSetup, err: err}
 	}
+	if req.NonRoot && !builtin && u.UID == 0 {
+		who := req.User
+		if who == "" {
+			who = "the image's default, root"
+		}
+		return &startError{kind: proto.ErrKindSetup, err: fmt.Errorf("runAsNonRoot: the process would run as root (uid 0; user %q): give a user other than root", who)}
+	}
 	env := mergeEnv(baseEnv, req.Env)
 	if _, ok := getEnv(env, "PATH"); !ok {
 		env = append(env, "PATH="+defaultPath)

@@ -412,6 +412,9 @@ type ExecRequest struct {
 	// User is "", "name", "uid", "uid:gid", "name:group" (or mixed), looked
 	// up in the guest root's /etc/passwd and /etc/group. Empty means root.
 	User string `json:"user,omitempty"`
+	// NonRoot refuses to start the process if User resolves to uid 0 (Kubernetes'
+	// runAsNonRoot).
+	NonRoot bool `json:"non_root,omitempty"`
 	// TTY runs the process on a pseudo-terminal: one output stream
 	// (TypeStdout) and a controlling terminal sized Rows x Cols.
 	TTY  bool   `json:"tty,omitempty"`

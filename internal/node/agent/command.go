@@ -12,10 +12,11 @@ import (
 // process is what the main command of a sandbox runs as, after the image config and the
 // request are merged the way Docker merges them.
 type process struct {
-	Argv []string
-	Env  []string
-	Dir  string
-	User string
+	Argv    []string
+	Env     []string
+	Dir     string
+	User    string
+	NonRoot bool // the spec's: User must not resolve to root
 }
 
 // errNoCommand is a user error: neither the request nor the image names a command.
@@ -61,6 +62,7 @@ func resolveProcess(spec state.SandboxSpec, cfg image.Config) (process, error) {
 	if spec.User != "" {
 		p.User = spec.User
 	}
+	p.NonRoot = spec.NonRoot
 	if !hasKey(p.Env, "PATH") {
 		p.Env = append(p.Env, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 	}
@@ -76,7 +78,7 @@ func execDefaults(main process, req proto.ExecRequest) proto.ExecRequest {
 		req.Dir = main.Dir
 	}
 	if req.User == "" {
-		req.User = main.User
+		req.User, req.NonRoot = main.User, main.NonRoot
 	}
 	return req
 }

@@ -407,7 +407,7 @@ func (a *Agent) commandStep(r *startRun) error {
 	}
 	baseEnv := []string{"FIREWORKS_SANDBOX_ID=" + sb.ID}
 	execReq := proto.ExecRequest{
-		Argv: r.proc.Argv, Env: r.proc.Env, Dir: r.proc.Dir, CreateDir: true, User: r.proc.User, // Docker creates a missing WORKDIR
+		Argv: r.proc.Argv, Env: r.proc.Env, Dir: r.proc.Dir, CreateDir: true, User: r.proc.User, NonRoot: r.proc.NonRoot, // Docker creates a missing WORKDIR
 		TTY: sb.Spec.TTY, Stdin: sb.Spec.Stdin, Rows: 24, Cols: 80,
 	}
 	setupCtx, cancel := context.WithTimeout(r.ctx, 30*time.Second)

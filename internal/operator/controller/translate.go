@@ -91,6 +91,10 @@ func specFromPod(ctx context.Context, pt agentsv1.PodTemplate, meta objectRef, l
 	} else {
 		spec.User = u
 	}
+	if spec.NonRoot = nonRootOf(ps.SecurityContext, c.SecurityContext); spec.NonRoot && (spec.User == "0" || strings.HasPrefix(spec.User, "0:")) {
+		// As the kubelet refuses it: the two settings contradict each other.
+		return nil, unsupported("runAsNonRoot with runAsUser 0")
+	}
 	if spec.Vcpus, spec.MemoryMib, err = shapeOf(c.Resources); err != nil {
 		return nil, err
 	}
@@ -254,6 +258,17 @@ func userOf(pod *corev1.PodSecurityContext, c *corev1.SecurityContext) (string, 
 	default:
 		return strconv.FormatInt(*uid, 10) + ":" + strconv.FormatInt(*gid, 10), nil
 	}
+}
+
+// nonRootOf is runAsNonRoot, the container's over the pod's. The guest enforces it when
+// it starts the command: the user (runAsUser, else the image's) must resolve to a uid
+// other than 0 — checked after name lookup in the image's /etc/passwd, where the kubelet
+// refuses a non-numeric image user it cannot check.
+func nonRootOf(pod *corev1.PodSecurityContext, c *corev1.SecurityContext) bool {
+	if c != nil && c.RunAsNonRoot != nil {
+		return *c.RunAsNonRoot
+	}
+	return pod != nil && pod.RunAsNonRoot != nil && *pod.RunAsNonRoot
 }
 
 // shapeOf reads the VM's shape from the container's resources: limits first (what the

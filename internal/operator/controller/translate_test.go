@@ -65,7 +65,7 @@ func TestSpecFromPod(t *testing.T) {
 		Ports:     []corev1.ContainerPort{{ContainerPort: 8000}},
 		Resources: corev1.ResourceRequirements{Limits: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("1500m"), corev1.ResourceMemory: resource.MustParse("1Gi")}, Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("100m")}},
 	}, func(ps *corev1.PodSpec) {
-		ps.SecurityContext = &corev1.PodSecurityContext{RunAsUser: &uid, RunAsGroup: &gid}
+		ps.SecurityContext = &corev1.PodSecurityContext{RunAsUser: &uid, RunAsGroup: &gid, RunAsNonRoot: &yes}
 		ps.RestartPolicy = corev1.RestartPolicyOnFailure
 	}), ref, look)
 	if err != nil {
@@ -78,7 +78,7 @@ func TestSpecFromPod(t *testing.T) {
 	if want := []string{"CM=cm-v", "ME=n", "PLAIN=v", "SEC=secret-v", "S_A=from-secret", "S_k=secret-v"}; !slices.Equal(spec.Env, want) {
 		t.Errorf("env = %v, want %v", spec.Env, want)
 	}
-	if spec.Vcpus != 2 || spec.MemoryMib != 1024 || spec.User != "1000:100" || spec.WorkingDir != "/srv" || !spec.Tty || spec.Restart != "on-failure" {
+	if spec.Vcpus != 2 || spec.MemoryMib != 1024 || spec.User != "1000:100" || !spec.NonRoot || spec.WorkingDir != "/srv" || !spec.Tty || spec.Restart != "on-failure" {
 		t.Errorf("shape/user/dir/tty/restart: %v", spec)
 	}
 	if len(spec.Ports) != 1 || spec.Ports[0].Port != 8000 || spec.Ports[0].Public {
@@ -113,6 +113,9 @@ func TestSpecFromPod(t *testing.T) {
 		{"unknown fieldRef", pod(corev1.Container{Name: "a", Image: "i", Env: []corev1.EnvVar{{Name: "X", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "status.podIP"}}}}}), "fieldRef", true},
 		{"missing secret", pod(corev1.Container{Name: "a", Image: "i", Env: []corev1.EnvVar{{Name: "X", ValueFrom: &corev1.EnvVarSource{SecretKeyRef: &corev1.SecretKeySelector{LocalObjectReference: corev1.LocalObjectReference{Name: "nope"}, Key: "k"}}}}}), "secret nope", false},
 		{"missing key", pod(corev1.Container{Name: "a", Image: "i", Env: []corev1.EnvVar{{Name: "X", ValueFrom: &corev1.EnvVarSource{SecretKeyRef: &corev1.SecretKeySelector{LocalObjectReference: corev1.LocalObjectReference{Name: "s"}, Key: "zz"}}}}}), "no key zz", false},
+		{"runAsNonRoot as root", pod(corev1.Container{Name: "a", Image: "i", SecurityContext: &corev1.SecurityContext{RunAsUser: new(int64(0))}}, func(ps *corev1.PodSpec) {
+			ps.SecurityContext = &corev1.PodSecurityContext{RunAsNonRoot: &yes}
+		}), "runAsNonRoot", true},
 		{"too many env", pod(corev1.Container{Name: "a", Image: "i", Env: slices.Repeat([]corev1.EnvVar{{Name: "X", Value: "y"}}, maxEnv+1)}), "environment variables", true},
 	} {
 		_, err := specFromPod(context.Background(), tc.pt, ref, look)

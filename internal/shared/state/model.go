@@ -168,6 +168,9 @@ type SandboxSpec struct {
 	// program and it runs until stopped, paused or its lifetime ends. Work comes through
 	// exec and the in-sandbox API (E2B's model).
 	KeepAlive bool `json:"keep_alive,omitempty"`
+	// NonRoot: the command (and execs that take its user) must not run as uid 0; the
+	// guest refuses to start it otherwise (Kubernetes' runAsNonRoot).
+	NonRoot bool `json:"non_root,omitempty"`
 	// Lifetime, if set, ends the sandbox that long after it was created, or resumed
 	// (Sandbox.EndAt); OnEnd says how: LifetimeStop (default) or LifetimePause.
 	Lifetime time.Duration `json:"lifetime,omitempty"`

@@ -78,7 +78,11 @@ type SandboxSpec struct {
 	Lifetime *durationpb.Duration `protobuf:"bytes,26,opt,name=lifetime,proto3" json:"lifetime,omitempty"`
 	OnEnd    string               `protobuf:"bytes,27,opt,name=on_end,json=onEnd,proto3" json:"on_end,omitempty"`
 	// The named template the sandbox was made from (informational: E2B's templateID).
-	Template      string `protobuf:"bytes,28,opt,name=template,proto3" json:"template,omitempty"`
+	Template string `protobuf:"bytes,28,opt,name=template,proto3" json:"template,omitempty"`
+	// The command (and execs that take its user) must not run as root: the user (user, or
+	// the image's) must resolve in the guest to a uid other than 0, or the start fails.
+	// Kubernetes' runAsNonRoot.
+	NonRoot       bool `protobuf:"varint,29,opt,name=non_root,json=nonRoot,proto3" json:"non_root,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -307,6 +311,13 @@ func (x *SandboxSpec) GetTemplate() string {
 		return x.Template
 	}
 	return ""
+}
+
+func (x *SandboxSpec) GetNonRoot() bool {
+	if x != nil {
+		return x.NonRoot
+	}
+	return false
 }
 
 type VolumeMount struct {
@@ -7094,7 +7105,7 @@ var File_fireworks_v1_fireworks_proto protoreflect.FileDescriptor
 
 const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"\n" +
-	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc1\a\n" +
+	"\x1cfireworks/v1/fireworks.proto\x12\ffireworks.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\a\n" +
 	"\vSandboxSpec\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x1e\n" +
 	"\n" +
@@ -7129,7 +7140,8 @@ const file_fireworks_v1_fireworks_proto_rawDesc = "" +
 	"keep_alive\x18\x19 \x01(\bR\tkeepAlive\x125\n" +
 	"\blifetime\x18\x1a \x01(\v2\x19.google.protobuf.DurationR\blifetime\x12\x15\n" +
 	"\x06on_end\x18\x1b \x01(\tR\x05onEnd\x12\x1a\n" +
-	"\btemplate\x18\x1c \x01(\tR\btemplate\x1a;\n" +
+	"\btemplate\x18\x1c \x01(\tR\btemplate\x12\x19\n" +
+	"\bnon_root\x18\x1d \x01(\bR\anonRoot\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"V\n" +
