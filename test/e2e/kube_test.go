@@ -410,6 +410,25 @@ spec:
 	}
 	waitFile("/tmp/hello", "hello\nhi\n")
 	sb := inspect(t, id)
+	// Whoever may read Secrets in the namespace gets the microVM's access token (what
+	// opens its private ports at the edge and its in-sandbox API, TestIngress and the
+	// envd tests show): in a Secret the Sandbox owns.
+	var access struct {
+		Type     string `json:"type"`
+		Metadata struct {
+			OwnerReferences []struct{ Kind, Name string } `json:"ownerReferences"`
+		} `json:"metadata"`
+		Data map[string]string `json:"data"`
+	}
+	eventuallyWithin(t, time.Minute, "the Sandbox's access Secret", func() (bool, string) {
+		out, err := cp.Kubectl(context.Background(), "", "-n", ns, "get", "secret", "hello-world-fireworks-access", "-o", "json")
+		return err == nil && json.Unmarshal([]byte(out), &access) == nil, out
+	})
+	if access.Type != "fireworks.dev/sandbox-access" || len(access.Metadata.OwnerReferences) != 1 || access.Metadata.OwnerReferences[0].Kind != "Sandbox" ||
+		access.Metadata.OwnerReferences[0].Name != "hello-world" || string(decodeB64(t, access.Data["token"])) != str(sb, "access_token") ||
+		string(decodeB64(t, access.Data["sandbox-id"])) != id || string(decodeB64(t, access.Data["host"])) != s.Status.ServiceFQDN {
+		t.Errorf("the access Secret: %+v; want type fireworks.dev/sandbox-access, owned by the Sandbox, with the token, ID and host of %s", access, id)
+	}
 	// It belongs to the namespace's own user token, which the controller made and keeps
 	// in a Secret, not to the controller's admin token.
 	toks := fw(t, 0, "token", "ls").stdout
@@ -453,6 +472,10 @@ spec:
 	if r := world.cli(context.Background(), nil, "inspect", id); r.code == 0 {
 		t.Errorf("the deleted Sandbox's microVM %s still exists: %s", id, r.stdout)
 	}
+	eventuallyWithin(t, time.Minute, "the access Secret collected with its Sandbox", func() (bool, string) {
+		_, err := cp.Kubectl(context.Background(), "", "-n", ns, "get", "secret", "hello-world-fireworks-access")
+		return err != nil, "still there"
+	})
 
 	// What a microVM cannot run as written is refused with a reason, not half-run.
 	two := fmt.Sprintf(`apiVersion: agents.x-k8s.io/v1beta1

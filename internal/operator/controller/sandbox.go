@@ -43,6 +43,8 @@ type SandboxReconciler struct {
 	// not told.
 	Admin Fireworks
 	Cfg   Config
+
+	access accessSecrets
 }
 
 func (r *SandboxReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
@@ -64,6 +66,7 @@ func (r *SandboxReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ct
 			return ctrl.Result{}, err
 		}
 		controllerutil.RemoveFinalizer(&sb, Finalizer)
+		r.access.forget(sb.UID)
 		return ctrl.Result{}, client.IgnoreNotFound(r.Kube.Update(ctx, &sb))
 	}
 	if controllerutil.AddFinalizer(&sb, Finalizer) {
@@ -185,7 +188,13 @@ func (r *SandboxReconciler) reconcile(ctx context.Context, fwc Fireworks, sb *ag
 	if full, err := r.Admin.get(ctx, fw.GetId()); err == nil && full != nil {
 		fw = full
 	}
-	return withShutdown(r.observe(sb, fw, gen), sb, now), nil
+	res := r.observe(sb, fw, gen)
+	if err := r.access.ensure(ctx, r.Kube, sb, fw, sb.Status.ServiceFQDN); err != nil {
+		// The microVM runs; only its token is not handed out yet: say so, and try again.
+		setCond(&sb.Status.Conditions, agentsv1.ConditionReady, metav1.ConditionFalse, agentsv1.ReasonReconcilerError, err.Error(), gen)
+		res = ctrl.Result{RequeueAfter: pollError}
+	}
+	return withShutdown(res, sb, now), nil
 }
 
 // observe writes what the microVM is into the Sandbox's status.
