@@ -9,6 +9,8 @@ package kubejoin
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -35,6 +37,37 @@ const (
 	extraPodName  = "authentication.kubernetes.io/pod-name"
 )
 
+// plausible checks, without trusting it, that token looks like a JWT minted for Audience
+// (its signature and everything else are the API server's to check).
+func plausible(token string) error {
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		return errors.New("not a JWT")
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		return errors.New("not a JWT")
+	}
+	var claims struct {
+		Aud json.RawMessage `json:"aud"`
+	}
+	if err := json.Unmarshal(payload, &claims); err != nil {
+		return errors.New("not a JWT")
+	}
+	var auds []string
+	if err := json.Unmarshal(claims.Aud, &auds); err != nil {
+		var one string
+		if json.Unmarshal(claims.Aud, &one) != nil {
+			return errors.New("a JWT with no audience")
+		}
+		auds = []string{one}
+	}
+	if !slices.Contains(auds, Audience) {
+		return fmt.Errorf("a JWT not for the audience %q", Audience)
+	}
+	return nil
+}
+
 // ErrRefused: the token does not prove a node (not live, wrong audience, another
 // ServiceAccount, not bound to a scheduled pod). Other errors mean the API server could
 // not be asked, and the join may be tried again.
@@ -46,7 +79,17 @@ type Reviewer struct {
 	// Namespace and ServiceAccount name the agents' ServiceAccount: the only one whose
 	// tokens join.
 	Namespace, ServiceAccount string
+
+	inflight chan struct{} // reviews under way (made by New)
 }
+
+// MaxReviews bounds the reviews under way at once: Join is open to anyone who reaches
+// the servers, and each review is a call to the API server. A join past it is told to
+// try again (agents do).
+const MaxReviews = 4
+
+// ErrBusy: MaxReviews reviews are under way; try again.
+var ErrBusy = errors.New("too many joins are being checked; try again")
 
 // New checks serviceAccount ("namespace/name") and returns a Reviewer over client.
 func New(client kubernetes.Interface, serviceAccount string) (*Reviewer, error) {
@@ -54,7 +97,7 @@ func New(client kubernetes.Interface, serviceAccount string) (*Reviewer, error) 
 	if !ok || len(validation.IsDNS1123Label(ns)) > 0 || len(validation.IsDNS1123Subdomain(name)) > 0 {
 		return nil, fmt.Errorf("agents' ServiceAccount %q: want namespace/name", serviceAccount)
 	}
-	return &Reviewer{Client: client, Namespace: ns, ServiceAccount: name}, nil
+	return &Reviewer{Client: client, Namespace: ns, ServiceAccount: name, inflight: make(chan struct{}, MaxReviews)}, nil
 }
 
 // Node returns the name of the Kubernetes node whose pod holds token, once the API
@@ -62,6 +105,17 @@ func New(client kubernetes.Interface, serviceAccount string) (*Reviewer, error) 
 func (r *Reviewer) Node(ctx context.Context, token string) (string, error) {
 	if token == "" || len(token) > MaxTokenBytes {
 		return "", fmt.Errorf("%w: a token of 1 to %d bytes is needed, not %d", ErrRefused, MaxTokenBytes, len(token))
+	}
+	// Join runs before any credential: what cannot be a projected token for this
+	// audience is refused here, without a call to the API server on a stranger's behalf.
+	if err := plausible(token); err != nil {
+		return "", fmt.Errorf("%w: %w", ErrRefused, err)
+	}
+	select {
+	case r.inflight <- struct{}{}:
+		defer func() { <-r.inflight }()
+	default:
+		return "", ErrBusy
 	}
 	tr, err := r.Client.AuthenticationV1().TokenReviews().Create(ctx, &authnv1.TokenReview{
 		Spec: authnv1.TokenReviewSpec{Token: token, Audiences: []string{Audience}},

@@ -2,6 +2,7 @@ package kubejoin
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"strings"
@@ -102,6 +103,7 @@ func TestReviewerOnKubernetes(t *testing.T) {
 	other := pod("other-a", "default", "node-a")
 	refused("another ServiceAccount's token, of a pod on the node", token("default", Audience, other))
 	refused("garbage", "not-a-token")
+	refused("a JWT for another audience, unsigned", "eyJhbGciOiJub25lIn0."+base64.RawURLEncoding.EncodeToString([]byte(`{"aud":["api"]}`))+".x")
 	refused("an empty token", "")
 	refused("an oversized token", strings.Repeat("a", MaxTokenBytes+1))
 
