@@ -48,6 +48,7 @@ func newServerCmd(g *globals) *cobra.Command {
 		controllerTok         string
 		nodeScale             nodeScaleFlags
 		kubeJoinSA            string
+		allowJoinTokens       bool
 	)
 	cmd := &cobra.Command{
 		Use:   "server",
@@ -91,6 +92,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 				if cfg.KubeJoin, err = kubejoin.New(kc, kubeJoinSA); err != nil {
 					return fmt.Errorf("--kube-join-service-account: %w", err)
 				}
+				cfg.NoJoinTokens = !allowJoinTokens
 			}
 			cfg.ControlPlane = func(store *state.Store, log *slog.Logger) serverproc.ControlPlane {
 				m := leader.New(store, leader.Config{HeartbeatTTL: heartbeatTTL}, log)
@@ -133,6 +135,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	fl.DurationVar(&cfg.MaxStale, "max-stale", serverproc.DefaultMaxStale, "serve --stale reads only while this server heard from the leader within this long (a token revoked meanwhile reads here until then)")
 	fl.StringVar(&kubeJoinSA, "kube-join-service-account", "", "admit agents that join with a projected token of this Kubernetes ServiceAccount (namespace/name; the agent DaemonSet's), checked with the API server (TokenReview): each joins only as the node its pod runs on")
+	fl.BoolVar(&allowJoinTokens, "allow-join-tokens", false, "with --kube-join-service-account: admit agents by join token too (hosts outside Kubernetes; a join token may name any node, so it gets around the binding to Kubernetes nodes)")
 	registerLimitFlags(fl, &cfg.Limits)
 	nodeScale.register(fl)
 	return cmd

@@ -171,7 +171,9 @@ type ServerConfig struct {
 	// KubeJoin, when set, admits agents by Kubernetes ServiceAccount token
 	// (kubejoin.Reviewer), each only as the node its pod runs on.
 	KubeJoin server.NodeProver
-	Log      *slog.Logger
+	// NoJoinTokens refuses joins by join token (see server.ClusterOptions).
+	NoJoinTokens bool
+	Log          *slog.Logger
 	// Ready, if set, is called once the API serves.
 	Ready func(apiAddr string)
 }
@@ -351,6 +353,7 @@ func RunServer(ctx context.Context, cfg ServerConfig) error {
 		LeaderAPI:         apiOf,
 		HeartbeatInterval: cfg.HeartbeatInterval,
 		KubeJoin:          cfg.KubeJoin,
+		NoJoinTokens:      cfg.NoJoinTokens,
 	}
 	if cp != nil {
 		opts.ControlPlane = cp

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	authnv1 "k8s.io/api/authentication/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -86,7 +87,10 @@ type Reviewer struct {
 // MaxReviews bounds the reviews under way at once: Join is open to anyone who reaches
 // the servers, and each review is a call to the API server. A join past it is told to
 // try again (agents do).
-const MaxReviews = 4
+const MaxReviews = 8
+
+// reviewTimeout bounds one review: a slow API server must not hold a slot for long.
+const reviewTimeout = 10 * time.Second
 
 // ErrBusy: MaxReviews reviews are under way; try again.
 var ErrBusy = errors.New("too many joins are being checked; try again")
@@ -117,6 +121,8 @@ func (r *Reviewer) Node(ctx context.Context, token string) (string, error) {
 	default:
 		return "", ErrBusy
 	}
+	ctx, cancel := context.WithTimeout(ctx, reviewTimeout)
+	defer cancel()
 	tr, err := r.Client.AuthenticationV1().TokenReviews().Create(ctx, &authnv1.TokenReview{
 		Spec: authnv1.TokenReviewSpec{Token: token, Audiences: []string{Audience}},
 	}, metav1.CreateOptions{})

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -57,6 +58,10 @@ type ClusterOptions struct {
 	// instead of a join token (internal/controlplane/kubejoin): the node name is then
 	// the one the token proves, not one the agent may choose.
 	KubeJoin NodeProver
+	// NoJoinTokens refuses joins by join token: with KubeJoin, every node is a
+	// Kubernetes node proven by its pod, and a join token (any name) would get around
+	// that binding.
+	NoJoinTokens bool
 }
 
 // NodeProver says which node a credential proves (a Kubernetes ServiceAccount token of
@@ -126,7 +131,7 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 	rec := state.JoinRecord{Node: m.GetNode()}
 	var err error
 	if m.GetKubeToken() != "" {
-		rec.Via, err = h.admitKube(ctx, m)
+		rec.Via, err = h.admitKube(ctx, m, req.Peer().Addr)
 	} else {
 		rec.Token, err = h.admitToken(ctx, m)
 	}
@@ -158,14 +163,54 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 		if errors.Is(err, state.ErrQuota) {
 			return nil, connect.NewError(connect.CodePermissionDenied, err)
 		}
+		if errors.Is(err, state.ErrExists) {
+			return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("%w; remove the old node first (`fireworks node rm %s`) to join a host under it", err, m.GetNode()))
+		}
 		return nil, toConnectError(err)
 	}
 	h.s.log.Info("node joined", "node", m.GetNode(), "token", rec.Token, "via", rec.Via)
 	return connect.NewResponse(&pb.JoinResponse{CertPem: certPEM, CaPem: h.s.cluster.CA.CertPEM()}), nil
 }
 
+// inFlight counts calls under way per key (a peer's address).
+type inFlight struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+// take admits one call for key if none is under way, and returns its release.
+func (f *inFlight) take(key string) (func(), bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.n == nil {
+		f.n = map[string]int{}
+	}
+	if f.n[key] > 0 {
+		return nil, false
+	}
+	f.n[key]++
+	return func() {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		if f.n[key]--; f.n[key] <= 0 {
+			delete(f.n, key)
+		}
+	}, true
+}
+
+// peerHost is the host of a peer's address (the address itself if it has no port).
+func peerHost(addr string) string {
+	if h, _, err := net.SplitHostPort(addr); err == nil {
+		return h
+	}
+	return addr
+}
+
 // admitToken checks a join by join token and returns the token's ID.
 func (h *nodeService) admitToken(ctx context.Context, m *pb.JoinRequest) (string, error) {
+	if h.s.cluster.NoJoinTokens {
+		return "", connect.NewError(connect.CodeUnauthenticated, errors.New("this cluster admits agents by Kubernetes ServiceAccount token only, not by join token (its servers run with --kube-join-service-account; --allow-join-tokens admits join tokens too)"))
+	}
 	// One message for every token problem: no oracle for guessing.
 	bad := connect.NewError(connect.CodeUnauthenticated, errors.New("join token unknown, expired or not a join token"))
 	tok, err := h.s.store.GetToken(ctx, m.GetTokenId())
@@ -180,13 +225,21 @@ func (h *nodeService) admitToken(ctx context.Context, m *pb.JoinRequest) (string
 
 // admitKube checks a join by Kubernetes ServiceAccount token: the node it proves must be
 // the node the agent asks to join as. It returns what the join is recorded under.
-func (h *nodeService) admitKube(ctx context.Context, m *pb.JoinRequest) (string, error) {
+func (h *nodeService) admitKube(ctx context.Context, m *pb.JoinRequest, peer string) (string, error) {
 	if m.GetTokenId() != "" || m.GetTokenSecret() != "" {
 		return "", connect.NewError(connect.CodeInvalidArgument, errors.New("a join carries a join token or a Kubernetes token, not both"))
 	}
 	if h.s.cluster.KubeJoin == nil {
 		return "", connect.NewError(connect.CodeUnauthenticated, errors.New("this cluster does not admit agents by Kubernetes ServiceAccount token (its servers run without --kube-join-service-account): join with a join token"))
 	}
+	// One review at a time per address: Join runs before any credential, and a stranger
+	// must not hold every review the servers make at once (agents, one per node address,
+	// are told to try again).
+	release, ok := h.s.joinsFrom.take(peerHost(peer))
+	if !ok {
+		return "", connect.NewError(connect.CodeUnavailable, fmt.Errorf("a join from %s is being checked already; try again", peerHost(peer)))
+	}
+	defer release()
 	node, err := h.s.cluster.KubeJoin.Node(ctx, m.GetKubeToken())
 	if errors.Is(err, kubejoin.ErrRefused) {
 		h.s.log.Warn("join refused", "node", m.GetNode(), "err", err)

@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"connectrpc.com/connect"
@@ -171,13 +172,51 @@ func TestJoinByKubernetesToken(t *testing.T) {
 	_, _, plain, _ := joinServer(t, ClusterOptions{CA: ca})
 	wantCode(t, "a Kubernetes token where servers do not admit them", join(plain(nil), "node-a", "node:node-a", ""), connect.CodeUnauthenticated, "--kube-join-service-account")
 
-	a, httpClient, nc, base := joinServer(t, ClusterOptions{CA: ca, KubeJoin: proverDouble{}})
+	a, httpClient, nc, base := joinServer(t, ClusterOptions{CA: ca, KubeJoin: proverDouble{}, NoJoinTokens: true})
+	// On Kubernetes no join token is admitted: it could name any node.
+	created, err := fireworksv1connect.NewTokenServiceClient(httpClient(nil), base).CreateToken(ctx, as(a.admin, &pb.CreateTokenRequest{Role: "join"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	jt, err := pki.ParseJoinToken(created.Msg.GetSecret())
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, _, err := pki.NewCSR("node-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = nc(nil).Join(ctx, connect.NewRequest(&pb.JoinRequest{TokenId: jt.ID, TokenSecret: jt.Secret, Node: "node-b", Csr: csr}))
+	wantCode(t, "a join token where joins are bound to Kubernetes nodes", err, connect.CodeUnauthenticated, "ServiceAccount token only")
 	wantCode(t, "a token of node-a joining as node-b", join(nc(nil), "node-b", "node:node-a", ""), connect.CodePermissionDenied, "only as the node it runs on")
 	wantCode(t, "a refused token", join(nc(nil), "node-a", "forged", ""), connect.CodeUnauthenticated, "")
 	wantCode(t, "a token that cannot be checked now", join(nc(nil), "node-a", "down", ""), connect.CodeUnavailable, "")
 	wantCode(t, "a join token and a Kubernetes token", join(nc(nil), "node-a", "node:node-a", "abc"), connect.CodeInvalidArgument, "not both")
-	if err := join(nc(nil), "node-a", "node:node-a", ""); err != nil {
-		t.Fatalf("node-a joining with its token: %v", err)
+	// Eight joins racing for node-a: one certificate, however they interleave (the
+	// state decides: TestRecordJoinVia).
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	won := 0
+	for range 8 {
+		wg.Go(func() {
+			if err := join(nc(nil), "node-a", "node:node-a", ""); err == nil {
+				mu.Lock()
+				won++
+				mu.Unlock()
+			} else if c := connect.CodeOf(err); c != connect.CodeAlreadyExists && c != connect.CodeUnavailable {
+				// (Unavailable: one join per address is reviewed at a time.)
+				t.Errorf("a racing join of node-a: %v, want already exists or try again", err)
+			}
+		})
+	}
+	wg.Wait()
+	if won > 1 {
+		t.Fatalf("%d of 8 racing joins of node-a got a certificate, want 1", won)
+	}
+	if won == 0 {
+		if err := join(nc(nil), "node-a", "node:node-a", ""); err != nil {
+			t.Fatalf("node-a joining with its token: %v", err)
+		}
 	}
 	wantCode(t, "node-a's token again, while node-a holds a certificate", join(nc(nil), "node-a", "node:node-a", ""), connect.CodeAlreadyExists, "node rm")
 	cluster := fireworksv1connect.NewClusterServiceClient(httpClient(nil), base)
@@ -186,5 +225,28 @@ func TestJoinByKubernetesToken(t *testing.T) {
 	}
 	if err := join(nc(nil), "node-a", "node:node-a", ""); err != nil {
 		t.Errorf("node-a joining again after node rm: %v", err)
+	}
+}
+
+func TestInFlightPerPeer(t *testing.T) {
+	var f inFlight
+	rel, ok := f.take("10.0.0.1")
+	if !ok {
+		t.Fatal("the first call from an address was not admitted")
+	}
+	if _, ok := f.take("10.0.0.1"); ok {
+		t.Error("a second call from the same address was admitted while the first runs")
+	}
+	rel2, ok := f.take("10.0.0.2")
+	if !ok {
+		t.Error("a call from another address was not admitted")
+	}
+	rel()
+	rel2()
+	if _, ok := f.take("10.0.0.1"); !ok {
+		t.Error("a call after the first ended was not admitted")
+	}
+	if peerHost("10.0.0.1:5555") != "10.0.0.1" || peerHost("[::1]:1") != "::1" || peerHost("x") != "x" {
+		t.Error("peerHost")
 	}
 }

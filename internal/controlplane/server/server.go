@@ -37,6 +37,8 @@ type Server struct {
 	// cluster is set by EnableCluster; its CA is nil on a single-node dev server.
 	cluster ClusterOptions
 	nodes   nodeConns
+	// joinsFrom counts the Kubernetes-token joins under review per peer address.
+	joinsFrom inFlight
 	// pools holds the nodes' last warm-pool reports (cluster leader).
 	pools poolReports
 	// ingress configures the route feed; routes is its current table.

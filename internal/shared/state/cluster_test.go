@@ -216,4 +216,9 @@ func TestRecordJoinVia(t *testing.T) {
 	if !s.HasLiveCerts("n1", now) {
 		t.Error("a join by Kubernetes token did not take the node's name")
 	}
+	// A second join for the name, however it got past the server's own check (two
+	// racing), gets nothing: the state decides, in the log's order.
+	if err := s.RecordJoin(ctx, JoinRecord{Node: "n1", Serial: "a2", Time: now, NotAfter: now.Add(time.Hour), Via: "kubernetes"}); !errors.Is(err, ErrExists) {
+		t.Errorf("a second join of n1: %v, want ErrExists", err)
+	}
 }
