@@ -83,7 +83,7 @@ func TestRunOverridesEnvWorkdirUser(t *testing.T) {
 // --non-root (Kubernetes' runAsNonRoot): the guest refuses to run the command as root —
 // the image's user (root in a plain busybox) or a --user that resolves to uid 0 — and
 // says so; the image's own non-root user (busybox:latest's app) runs, and so do execs
-// that take its user.
+// as non-root users, not an exec as root.
 func TestRunNonRoot(t *testing.T) {
 	need(t)
 	testimage.Push(t, world.registry, "root-user:1", testimage.Busybox(t))
@@ -103,6 +103,10 @@ func TestRunNonRoot(t *testing.T) {
 	waitStatus(t, id, "running")
 	if got := fw(t, 0, "exec", id, "--", "id", "-u").stdout; got != "1000\n" {
 		t.Errorf("an exec in a --non-root sandbox of an image whose user is app runs as %q", got)
+	}
+	// The rule holds for every exec, whatever user it names.
+	if r := world.cli(context.Background(), nil, "exec", "--user", "root", id, "--", "id", "-u"); r.code == 0 || !strings.Contains(r.stderr, "runAsNonRoot") {
+		t.Errorf("an exec as root in a --non-root sandbox: exit %d, %q %q; want refused naming runAsNonRoot", r.code, r.stdout, r.stderr)
 	}
 }
 

@@ -28,6 +28,7 @@ func (s *Server) serveEnvd(cfg proto.Envd, env []string) error {
 	env = mergeEnv(env, cfg.Env)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.envdNonRoot = cfg.NonRoot
 	if s.envd != nil {
 		s.envd.SetAccess(cfg.Token, cfg.User, cfg.Dir, env)
 		return nil
@@ -73,15 +74,30 @@ const maxEnvdConns = 128
 type envdSpawner struct{ s *Server }
 
 func (sp envdSpawner) User(name string) (envd.User, error) {
-	u, err := resolveUser(sp.s.opts.Root, name)
+	u, err := sp.resolve(name)
 	if err != nil {
 		return envd.User{}, err
 	}
 	return envd.User{UID: int(u.UID), GID: int(u.GID), Home: u.Home}, nil
 }
 
+// resolve is the user envd acts as for name; never root in a runAsNonRoot sandbox.
+func (sp envdSpawner) resolve(name string) (execUser, error) {
+	u, err := resolveUser(sp.s.opts.Root, name)
+	if err != nil {
+		return u, err
+	}
+	sp.s.mu.Lock()
+	nonRoot := sp.s.envdNonRoot
+	sp.s.mu.Unlock()
+	if nonRoot && u.UID == 0 {
+		return execUser{}, fmt.Errorf("runAsNonRoot: user %q is root (uid 0)", name)
+	}
+	return u, nil
+}
+
 func (sp envdSpawner) Spawn(c envd.Cmd) (int, <-chan envd.Exit, error) {
-	u, err := resolveUser(sp.s.opts.Root, c.User)
+	u, err := sp.resolve(c.User)
 	if err != nil {
 		return 0, nil, err
 	}

@@ -95,12 +95,13 @@ type Server struct {
 
 	wg sync.WaitGroup // session goroutines
 
-	mu        sync.Mutex
-	setupDone bool
-	baseEnv   []string
-	envd      *envd.Server // E2B's in-sandbox API, once an identity asked for it
-	envdAddr  string
-	sessions  map[*session]struct{}
+	mu          sync.Mutex
+	setupDone   bool
+	baseEnv     []string
+	envd        *envd.Server // E2B's in-sandbox API, once an identity asked for it
+	envdNonRoot bool         // the sandbox's runAsNonRoot: envd acts as no root user
+	envdAddr    string
+	sessions    map[*session]struct{}
 	// byID holds the sessions that can still be addressed: attached to a
 	// connection or awaiting reattach. Session ids are unique among them
 	// across connections, so a reattached session never meets a namesake.

@@ -739,6 +739,10 @@ func TestExecNonRoot(t *testing.T) {
 			t.Errorf("user %q with NonRoot: %+v", user, r)
 		}
 	}
+	// Init's built-in that runs as root is refused too.
+	if r := run(t, c, proto.ExecRequest{Argv: []string{proto.BuildCommand}, NonRoot: true}, nil); r.status.ErrKind != proto.ErrKindSetup || !strings.Contains(r.status.Err, "runAsNonRoot") {
+		t.Errorf("the build built-in with NonRoot: %+v", r)
+	}
 	r := run(t, c, proto.ExecRequest{Argv: []string{"id", "-u"}, User: "65534", NonRoot: true}, nil)
 	if r.status != (proto.ExitStatus{}) || r.stdout != "65534\n" {
 		t.Errorf("uid 65534 with NonRoot: %+v", r)

@@ -138,7 +138,9 @@ func (s *Server) spawn(c *gconn, id uint32, req proto.ExecRequest, baseEnv []str
 	if err != nil {
 		return &startError{kind: proto.ErrKindSetup, err: err}
 	}
-	if req.NonRoot && !builtin && u.UID == 0 {
+	// (The idle program holds a keep-alive sandbox up and does nothing else; init's
+	// other built-in runs as root, so it is refused.)
+	if req.NonRoot && !idle && (builtin || u.UID == 0) {
 		who := req.User
 		if who == "" {
 			who = "the image's default, root"

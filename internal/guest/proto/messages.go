@@ -296,6 +296,8 @@ type Envd struct {
 	// Dir is the working directory of the processes envd starts that name none (E2B's
 	// template working directory); "" the user's home.
 	Dir string `json:"dir,omitempty"`
+	// NonRoot: envd acts as no user that resolves to uid 0 (the sandbox's runAsNonRoot).
+	NonRoot bool `json:"non_root,omitempty"`
 }
 
 // MaxEnvdToken bounds Envd.Token.

@@ -78,8 +78,10 @@ func execDefaults(main process, req proto.ExecRequest) proto.ExecRequest {
 		req.Dir = main.Dir
 	}
 	if req.User == "" {
-		req.User, req.NonRoot = main.User, main.NonRoot
+		req.User = main.User
 	}
+	// The sandbox's runAsNonRoot holds for every exec, whatever user it names.
+	req.NonRoot = main.NonRoot
 	return req
 }
 

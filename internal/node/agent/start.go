@@ -508,5 +508,5 @@ func envdFor(sb state.Sandbox, main process) *proto.Envd {
 	if dir == "/" {
 		dir = ""
 	}
-	return &proto.Envd{Token: sb.AccessToken, User: main.User, Env: main.Env, Dir: dir}
+	return &proto.Envd{Token: sb.AccessToken, User: main.User, Env: main.Env, Dir: dir, NonRoot: main.NonRoot}
 }
