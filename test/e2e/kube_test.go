@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/kubetest"
@@ -152,7 +154,8 @@ func TestHelmChartValidates(t *testing.T) {
 	}
 	for _, values := range [][]string{
 		nil,
-		{"--set", "secrets.existingSecret=mine", "--set-file", "secrets.caCert=" + caFile},
+		{"--set", "secrets.existingSecret=mine", "--set-file", "secrets.caCert=" + caFile, "--set", "secrets.existingEdgeSecret=mine-edge",
+			"--set", "secrets.existingControllerSecret=mine-controller"},
 		{"--set", "server.replicas=5", "--set", "edge.tlsSecret=edge-tls", "--set", "edge.e2bAPI=false"},
 		{"--set", "agent.nodeSelector.fireworks\\.dev/agent=true", "--set", "agent.cpus=8", "--set", "agent.memoryMiB=16384", "--set", "agent.labels.zone=a", "--set", "server.persistence.storageClassName=local"},
 		{"--set", "agent.enabled=false", "--set", "edge.enabled=false", "--set", "secrets.existingSecret=mine", "--set", "controller.enabled=false"},
@@ -234,9 +237,34 @@ func TestHelmChartInstalls(t *testing.T) {
 	if strings.TrimSpace(caMap.Data["ca.pem"]) != strings.TrimSpace(string(decodeB64(t, secret.Data["ca.pem"]))) {
 		t.Errorf("the agents' CA ConfigMap holds %q, not the Secret's ca.pem", caMap.Data["ca.pem"])
 	}
-	agentPods := kubectl(t, cp, "", "-n", ns, "get", "daemonset", "fw-fireworks-agent", "-o", "yaml")
-	if strings.Contains(agentPods, "fw-fireworks-secrets") {
-		t.Errorf("the agents' pods reference the chart's Secret:\n%s", agentPods)
+	// A node's kubelet may read the Secrets its pods reference: only the servers
+	// reference the one with the CA's key and the admin token; the edge and the controller
+	// each their own token's alone; the agents none.
+	for _, c := range []struct{ kind, may string }{{"daemonset/fw-fireworks-agent", ""}, {"deployment/fw-fireworks-edge", "fw-fireworks-edge"},
+		{"deployment/fw-fireworks-controller", "fw-fireworks-controller"}} {
+		pods := kubectl(t, cp, "", "-n", ns, "get", c.kind, "-o", "json")
+		var obj struct {
+			Spec struct {
+				Template struct {
+					Spec corev1.PodSpec `json:"spec"`
+				} `json:"template"`
+			} `json:"spec"`
+		}
+		if err := json.Unmarshal([]byte(pods), &obj); err != nil {
+			t.Fatal(err)
+		}
+		for _, name := range secretsOf(obj.Spec.Template.Spec) {
+			if name != c.may {
+				t.Errorf("%s's pods reference the Secret %s", c.kind, name)
+			}
+		}
+	}
+	var edgeSecret struct {
+		Data map[string]string `json:"data"`
+	}
+	kubeJSON(t, cp, &edgeSecret, "-n", ns, "get", "secret", "fw-fireworks-edge")
+	if len(edgeSecret.Data) != 1 || edgeSecret.Data["ingress-token"] != secret.Data["ingress-token"] {
+		t.Errorf("the edge's Secret holds %v, want the ingress token alone", slices.Collect(maps.Keys(edgeSecret.Data)))
 	}
 	var sts struct {
 		Spec struct {
@@ -851,4 +879,34 @@ func waitWarmPoolRefused(t *testing.T, cp *kubetest.ControlPlane, ns, name, want
 		b, _ := json.Marshal(wp.Status)
 		return false, string(b)
 	})
+}
+
+// secretsOf lists the Secrets a pod spec references (volumes, env, envFrom).
+func secretsOf(ps corev1.PodSpec) []string {
+	var out []string
+	for _, v := range ps.Volumes {
+		if v.Secret != nil {
+			out = append(out, v.Secret.SecretName)
+		}
+		if v.Projected != nil {
+			for _, src := range v.Projected.Sources {
+				if src.Secret != nil {
+					out = append(out, src.Secret.Name)
+				}
+			}
+		}
+	}
+	for _, c := range append(ps.InitContainers, ps.Containers...) {
+		for _, e := range c.Env {
+			if e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil {
+				out = append(out, e.ValueFrom.SecretKeyRef.Name)
+			}
+		}
+		for _, e := range c.EnvFrom {
+			if e.SecretRef != nil {
+				out = append(out, e.SecretRef.Name)
+			}
+		}
+	}
+	return out
 }

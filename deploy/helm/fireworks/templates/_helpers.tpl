@@ -31,6 +31,15 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- .Values.secrets.existingSecret | default (printf "%s-secrets" (include "fireworks.fullname" .)) -}}
 {{- end -}}
 
+{{- /* The edge's and the controller's own Secrets: each holds its token alone. */ -}}
+{{- define "fireworks.edgeSecretName" -}}
+{{- .Values.secrets.existingEdgeSecret | default (printf "%s-edge" (include "fireworks.fullname" .)) -}}
+{{- end -}}
+
+{{- define "fireworks.controllerSecretName" -}}
+{{- .Values.secrets.existingControllerSecret | default (printf "%s-controller" (include "fireworks.fullname" .)) -}}
+{{- end -}}
+
 {{- define "fireworks.serverPeersService" -}}
 {{ include "fireworks.fullname" . }}-server-peers
 {{- end -}}
