@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"strings"
@@ -249,29 +250,10 @@ func TestImageSharePerToken(t *testing.T) {
 		_, _ = c.Images.DeletePool(context.Background(), connect.NewRequest(&pb.DeletePoolRequest{Image: zero}))
 	})
 	eventuallyWithin(t, time.Minute, "the managed pool of share-zero refused, naming the share", func() (bool, string) {
-		var resp struct {
-			Pools []struct {
-				Image string `json:"image"`
-				Nodes []struct {
-					Ready int    `json:"ready"`
-					Error string `json:"error"`
-				} `json:"nodes"`
-			} `json:"pools"`
+		p, _ := poolOf(t, zero)
+		if p.Ready > 0 {
+			t.Fatalf("the managed pool of an image past the share filled: %+v", p)
 		}
-		out := fw(t, 0, "pool", "ls", "--json").stdout
-		if err := json.Unmarshal([]byte(out), &resp); err != nil {
-			t.Fatalf("pool ls --json: %v\n%s", err, out)
-		}
-		for _, p := range resp.Pools {
-			for _, n := range p.Nodes {
-				if p.Image == zero && n.Ready > 0 {
-					t.Fatalf("the managed pool of an image past the share filled:\n%s", out)
-				}
-				if p.Image == zero && strings.Contains(n.Error, "--image-mib-per-token") {
-					return true, out
-				}
-			}
-		}
-		return false, out
+		return strings.Contains(p.Error, "--image-mib-per-token"), fmt.Sprintf("%+v", p)
 	})
 }

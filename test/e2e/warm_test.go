@@ -153,6 +153,7 @@ func TestTemplateRestoresAreIndependent(t *testing.T) {
 // poolState is what `pool ls --json` says about one pool on the dev node.
 type poolState struct {
 	Ready, Target, Filling, Claims int
+	Error                          string
 }
 
 func poolOf(t *testing.T, img string) (poolState, bool) {
@@ -161,10 +162,11 @@ func poolOf(t *testing.T, img string) (poolState, bool) {
 		Pools []struct {
 			Image string `json:"image"`
 			Nodes []struct {
-				Target  int `json:"target"`
-				Ready   int `json:"ready"`
-				Filling int `json:"filling"`
-				Claims  int `json:"claims_last_minute"`
+				Target  int    `json:"target"`
+				Ready   int    `json:"ready"`
+				Filling int    `json:"filling"`
+				Claims  int    `json:"claims_last_minute"`
+				Error   string `json:"error"`
 			} `json:"nodes"`
 		} `json:"pools"`
 	}
@@ -175,7 +177,7 @@ func poolOf(t *testing.T, img string) (poolState, bool) {
 	for _, p := range resp.Pools {
 		if p.Image == img && len(p.Nodes) > 0 {
 			n := p.Nodes[0]
-			return poolState{Ready: n.Ready, Target: n.Target, Filling: n.Filling, Claims: n.Claims}, true
+			return poolState{Ready: n.Ready, Target: n.Target, Filling: n.Filling, Claims: n.Claims, Error: n.Error}, true
 		}
 	}
 	return poolState{}, false
