@@ -153,7 +153,9 @@ func (with JoinWith) credentials() (func(*pb.JoinRequest) error, *pki.PinnedCA, 
 func join(ctx context.Context, dir string, req *pb.JoinRequest, pin *pki.PinnedCA, keyPEM []byte, servers []string) (*Identity, error) {
 	node := req.GetNode()
 	var lastErr error
-	for _, srv := range servers {
+	// (By index: a follower's leader hint is appended, and tried in this same pass.)
+	for i := 0; i < len(servers); i++ {
+		srv := servers[i]
 		cfg := pin.ClientTLS(nil)
 		cfg.NextProtos = []string{"h2"}
 		hc := &http.Client{Transport: &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true,
