@@ -79,7 +79,27 @@ func newRoot() (*cobra.Command, *globals) {
 		newServerCmd(g), newAgentCmd(g), newNodeCmd(g), newCACmd(g), newPoolCmd(g),
 		newPolicyCmd(g), newPortForwardCmd(g), newIngressCmd(g), newTemplateCmd(g), newKubeControllerCmd(g),
 	)
+	refuseUnknownSubcommands(root)
 	return root, g
+}
+
+// refuseUnknownSubcommands makes a command group (`token`, `node`, ...) fail on a
+// subcommand it does not have: cobra would print its help and exit 0, and a script's
+// `fireworks token rm ID` would seem to have worked.
+func refuseUnknownSubcommands(c *cobra.Command) {
+	for _, sub := range c.Commands() {
+		refuseUnknownSubcommands(sub)
+	}
+	if !c.HasSubCommands() || c.Run != nil || c.RunE != nil || c == c.Root() {
+		return
+	}
+	c.Args = cobra.ArbitraryArgs
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		if len(args) > 0 {
+			return fmt.Errorf("%q is not a %s command (see `%s --help`)", args[0], cmd.CommandPath(), cmd.CommandPath())
+		}
+		return cmd.Help()
+	}
 }
 
 // Main runs the CLI and returns the process exit code.

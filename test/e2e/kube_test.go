@@ -645,6 +645,28 @@ spec:
 	kubectl(t, cp, "", "-n", ns, "scale", "sandboxwarmpools.extensions.agents.x-k8s.io", "shell-pool", "--replicas=2")
 	waitPool(t, img, func(s poolState) bool { return s.Target == 2 })
 
+	// A newcomer of the same image and another shape (named to sort first) gets
+	// ShapeConflict: the pool keeps the shape of the SandboxWarmPools it serves.
+	kubectl(t, cp, templateAndPool("aaa-newcomer", 1, fmt.Sprintf(`{containers: [{name: c, image: %q, resources: {limits: {memory: 128Mi}}}]}`, img)), "-n", ns, "apply", "-f", "-")
+	waitWarmPoolRefused(t, cp, ns, "aaa-newcomer-pool", "shape")
+	var pools struct {
+		Pools []struct {
+			Image     string `json:"image"`
+			MemoryMib int    `json:"memory_mib"`
+			Size      int    `json:"size"`
+		} `json:"pools"`
+	}
+	if err := json.Unmarshal([]byte(fw(t, 0, "pool", "ls", "--json").stdout), &pools); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pools.Pools {
+		if p.Image == img && (p.MemoryMib != 200 || p.Size != 2) {
+			t.Errorf("the pool of %s after a newcomer of another shape: %d MiB, size %d; want shell-pool's 200 MiB, 2", img, p.MemoryMib, p.Size)
+		}
+	}
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxwarmpools.extensions.agents.x-k8s.io", "aaa-newcomer-pool", "--timeout=1m")
+	kubectl(t, cp, "", "-n", ns, "delete", "sandboxtemplates.extensions.agents.x-k8s.io", "aaa-newcomer-template", "--timeout=1m")
+
 	// Deleting the claim deletes its Sandbox (the garbage collector) and so its microVM.
 	kubectl(t, cp, "", "-n", ns, "delete", "sandboxclaims.extensions.agents.x-k8s.io", "user-session", "--timeout=1m")
 	eventuallyWithin(t, 2*time.Minute, "the claim's microVM removed", func() (bool, string) {

@@ -132,8 +132,11 @@ func (a *Autoscaler) Pass(ctx context.Context, now time.Time) error {
 	if err := a.provider.Request(ctx, p.Want, registered); err != nil {
 		errs = append(errs, fmt.Errorf("%s: order %d nodes: %w", a.provider.Name(), p.Want, err))
 	}
-	if p.Want != a.last.Want || p.Unplaceable != a.last.Unplaceable {
-		a.log.Info("nodes on order", "want", p.Want, "waiting_sandboxes", p.Waiting, "larger_than_a_node", p.Unplaceable)
+	if p.Want != a.last.Want || p.Unplaceable != a.last.Unplaceable || p.Capped != a.last.Capped {
+		a.log.Info("nodes on order", "want", p.Want, "waiting_sandboxes", p.Waiting, "larger_than_a_node", p.Unplaceable, "beyond_max", p.Capped)
+		if p.Capped > 0 {
+			a.log.Warn("sandboxes wait for more nodes than the pool's max allows", "more_nodes_needed", p.Capped, "max", a.cfg.Max)
+		}
 	}
 	a.last = p
 	return errors.Join(errs...)

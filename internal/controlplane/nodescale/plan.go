@@ -70,6 +70,8 @@ type Plan struct {
 	// Waiting counts the sandboxes that have waited ScaleUpAfter for room; Unplaceable
 	// those of them no node of the pool's shape could hold (more nodes will not help).
 	Waiting, Unplaceable int
+	// Capped is how many nodes more the waiting sandboxes need than Max allows.
+	Capped int
 }
 
 // plan decides one pass. It reads nodes and sandboxes as the state has them and updates
@@ -194,7 +196,9 @@ func plan(now time.Time, cfg Config, sched scheduler.Config, nodes []state.Node,
 			need--
 		}
 		if cfg.Max > 0 {
-			need = min(need, max(0, cfg.Max-total))
+			allowed := max(0, cfg.Max-total)
+			p.Capped = max(0, need-allowed)
+			need = min(need, allowed)
 		}
 		p.Want = need
 		if p.Want > 0 || len(p.Unpark) > 0 {

@@ -44,7 +44,7 @@ func TestScaleUpForWaitingSandboxes(t *testing.T) {
 	}
 	// Max bounds the pool: one node exists, so one more.
 	cfg.Max = 2
-	if p := plan(t0.Add(time.Minute), cfg, scheduler.Config{}, nodes, sbs, newMem()); p.Want != 1 {
+	if p := plan(t0.Add(time.Minute), cfg, scheduler.Config{}, nodes, sbs, newMem()); p.Want != 1 || p.Capped != 1 {
 		t.Fatalf("Max 2: %+v", p)
 	}
 	// A sandbox no node of the shape can hold asks for none.

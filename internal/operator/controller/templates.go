@@ -279,8 +279,9 @@ const PoolManager = "agent-sandbox"
 // each time, since pools of one image are shared. A pool it does not manage (an
 // operator's `fireworks pool set`) it leaves as it is.
 //
-// It returns, per image, the key whose shape the pool keeps (the first SandboxWarmPool's
-// in list order: one Fireworks pool per image) and what failed for that image: one
+// It returns, per image, the key whose shape the pool keeps (the shape the pool has, while
+// a SandboxWarmPool asks for it; else the oldest asking one's: one Fireworks pool per
+// image) and what failed for that image: one
 // image's failure stops no other's. The error is what failed for released (a
 // deletion waits only on its own image).
 func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (map[string]poolKey, map[string]error, error) {
@@ -288,12 +289,22 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (
 	if err := r.Kube.List(ctx, &all); err != nil {
 		return nil, nil, err
 	}
-	want := map[string]*pb.Pool{}
-	kept := map[string]poolKey{}
-	// The shape is the first asking pool's: one scaled to zero asks for nothing.
-	slices.SortStableFunc(all.Items, func(a, b extv1.SandboxWarmPool) int {
-		return cmp.Compare(min(replicasOf(&b), 1), min(replicasOf(&a), 1))
-	})
+	have, err := r.FW.pools(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	haveOf := func(image string) *pb.Pool {
+		if i := slices.IndexFunc(have, func(h *pb.Pool) bool { return h.GetImage() == image }); i >= 0 {
+			return have[i]
+		}
+		return nil
+	}
+	type asking struct {
+		wp  *extv1.SandboxWarmPool
+		key poolKey
+	}
+	var asks []asking
+	unknown := false // a pool whose image or shape could not be read this time
 	for i := range all.Items {
 		wp := &all.Items[i]
 		if !wp.DeletionTimestamp.IsZero() {
@@ -301,8 +312,38 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (
 		}
 		key, err := r.keyOf(ctx, wp)
 		if err != nil {
+			unknown = true
 			continue // its own reconcile reports it
 		}
+		asks = append(asks, asking{wp, key})
+	}
+	// The shape is kept by the pool that has it: a pool asking for some (one scaled to
+	// zero asks for nothing) whose shape the Fireworks pool already has comes first, then
+	// the oldest. A newcomer, of any namespace, never takes an image's pool from under
+	// the SandboxWarmPools it serves; it gets ShapeConflict.
+	holds := func(a asking) bool {
+		h := haveOf(a.key.image)
+		return h != nil && h.GetManagedBy() == PoolManager && h.GetVcpus() == a.key.vcpus && h.GetMemoryMib() == a.key.mem
+	}
+	slices.SortStableFunc(asks, func(a, b asking) int {
+		if c := cmp.Compare(min(replicasOf(b.wp), 1), min(replicasOf(a.wp), 1)); c != 0 {
+			return c
+		}
+		if ha, hb := holds(a), holds(b); ha != hb {
+			if ha {
+				return -1
+			}
+			return 1
+		}
+		if c := a.wp.CreationTimestamp.Compare(b.wp.CreationTimestamp.Time); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.wp.Namespace+"/"+a.wp.Name, b.wp.Namespace+"/"+b.wp.Name)
+	})
+	want := map[string]*pb.Pool{}
+	kept := map[string]poolKey{}
+	for _, a := range asks {
+		key := a.key
 		p := want[key.image]
 		if p == nil {
 			p = &pb.Pool{Image: key.image, Vcpus: key.vcpus, MemoryMib: key.mem, ManagedBy: PoolManager}
@@ -313,17 +354,7 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (
 			// One Fireworks pool per image: the first shape keeps it.
 			continue
 		}
-		p.Size = min(p.Size+max(replicasOf(wp), 0), state.MaxPoolSize)
-	}
-	have, err := r.FW.pools(ctx)
-	if err != nil {
-		return kept, nil, err
-	}
-	haveOf := func(image string) *pb.Pool {
-		if i := slices.IndexFunc(have, func(h *pb.Pool) bool { return h.GetImage() == image }); i >= 0 {
-			return have[i]
-		}
-		return nil
+		p.Size = min(p.Size+max(replicasOf(a.wp), 0), state.MaxPoolSize)
 	}
 	failed := map[string]error{}
 	for _, p := range want {
@@ -333,6 +364,11 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (
 				continue
 			}
 			if h.GetSize() == p.GetSize() && h.GetVcpus() == p.GetVcpus() && h.GetMemoryMib() == p.GetMemoryMib() {
+				continue
+			}
+			if unknown && (h.GetVcpus() != p.GetVcpus() || h.GetMemoryMib() != p.GetMemoryMib()) {
+				// The pool that holds the shape may be among those not read this time
+				// (a pull check that failed for a moment): no change of shape on that.
 				continue
 			}
 		}
