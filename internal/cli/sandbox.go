@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -594,8 +595,14 @@ func newPsCmd(g *globals) *cobra.Command {
 						}
 					}
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", short(sb.GetId()), printable(name), sb.GetSpec().GetImage(), st,
-					ago(sb.GetCreatedAt().AsTime()), strings.Join(sb.GetSpec().GetCmd(), " "))
+				// The command as given: an entrypoint set (a Kubernetes container's command)
+				// and the arguments, on one line and printable (they are the user's bytes).
+				command := sb.GetSpec().GetCmd()
+				if sp := sb.GetSpec(); sp.GetEntrypointSet() {
+					command = append(slices.Clone(sp.GetEntrypoint()), command...)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", short(sb.GetId()), printable(name), printable(sb.GetSpec().GetImage()), st,
+					ago(sb.GetCreatedAt().AsTime()), oneLine(strings.Join(command, " ")))
 			}
 			return tw.Flush()
 		},
