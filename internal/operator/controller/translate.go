@@ -73,6 +73,10 @@ func specFromPod(ctx context.Context, pt agentsv1.PodTemplate, meta objectRef, l
 	if c.Image == "" {
 		return nil, unsupported("container %s has no image", c.Name)
 	}
+	if strings.HasPrefix(c.Image, "oci:") || strings.HasPrefix(c.Image, "docker-archive:") {
+		// Paths on the nodes: a user's pull takes registry images only.
+		return nil, unsupported("image %q is a path on the nodes: a Sandbox's image comes from a registry", c.Image)
+	}
 	spec := &pb.SandboxSpec{Image: c.Image, WorkingDir: c.WorkingDir, Tty: c.TTY, Stdin: c.Stdin}
 	if len(c.Command) > 0 {
 		spec.Entrypoint, spec.EntrypointSet = c.Command, true

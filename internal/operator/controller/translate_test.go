@@ -106,6 +106,7 @@ func TestSpecFromPod(t *testing.T) {
 		{"init container", pod(corev1.Container{Name: "a", Image: "i"}, func(ps *corev1.PodSpec) { ps.InitContainers = []corev1.Container{{Name: "git", Image: "i"}} }), "init containers", true},
 		{"volumes", pod(corev1.Container{Name: "a", Image: "i"}, func(ps *corev1.PodSpec) { ps.Volumes = []corev1.Volume{{Name: "v"}} }), "volumes", true},
 		{"no image", pod(corev1.Container{Name: "a"}), "no image", true},
+		{"image from a path", pod(corev1.Container{Name: "a", Image: "oci:/var/lib/x"}), "registry", true},
 		{"unknown restartPolicy", pod(corev1.Container{Name: "a", Image: "i"}, func(ps *corev1.PodSpec) { ps.RestartPolicy = "Sometimes" }), "restartPolicy", true},
 		{"udp port", pod(corev1.Container{Name: "a", Image: "i", Ports: []corev1.ContainerPort{{ContainerPort: 53, Protocol: corev1.ProtocolUDP}}}), "TCP", true},
 		{"tiny memory", pod(corev1.Container{Name: "a", Image: "i", Resources: corev1.ResourceRequirements{Limits: corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("1Mi")}}}), "memory", true},
