@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"time"
+	"unicode"
 
 	"connectrpc.com/connect"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
@@ -159,7 +160,8 @@ func (g *globals) describe(err error) string {
 // sequences to the user's terminal.
 func printable(s string) string {
 	return strings.Map(func(r rune) rune {
-		if r == '\n' || r == '\t' || (r >= 0x20 && r != 0x7f && !(r >= 0x80 && r < 0xa0)) {
+		// (Format characters, such as bidirectional overrides, would reorder what follows.)
+		if r == '\n' || r == '\t' || (r >= 0x20 && r != 0x7f && !(r >= 0x80 && r < 0xa0) && !unicode.Is(unicode.Cf, r)) {
 			return r
 		}
 		return '?'

@@ -8,8 +8,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -601,7 +601,7 @@ func newPsCmd(g *globals) *cobra.Command {
 				if sp := sb.GetSpec(); sp.GetEntrypointSet() {
 					command = append(slices.Clone(sp.GetEntrypoint()), command...)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", short(sb.GetId()), printable(name), printable(sb.GetSpec().GetImage()), st,
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", short(sb.GetId()), oneLine(name), oneLine(sb.GetSpec().GetImage()), st,
 					ago(sb.GetCreatedAt().AsTime()), oneLine(strings.Join(command, " ")))
 			}
 			return tw.Flush()

@@ -138,10 +138,12 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 	if err != nil {
 		return nil, err
 	}
-	// A join must not buy a certificate for a name that is taken (a node that is
+	// A join token must not buy a certificate for a name that is taken (a node that is
 	// registered, in any state, or holds a certificate): its holder could pass for that
-	// node. A host rebuilt under the same name joins after `fireworks node rm`.
-	if _, err := h.s.store.GetNode(ctx, m.GetNode()); err == nil || h.s.store.HasLiveCerts(m.GetNode(), h.s.now()) {
+	// node. A host rebuilt under the same name joins after `fireworks node rm`. A node
+	// its Kubernetes pod proves is that node: its new certificate replaces its old ones
+	// (the state revokes them).
+	if rec.Via == "" && h.nameTaken(ctx, m.GetNode()) {
 		return nil, connect.NewError(connect.CodeAlreadyExists, fmt.Errorf("node name %q is taken; remove the old node first (`fireworks node rm %s`) to join a host under it", m.GetNode(), m.GetNode()))
 	}
 	names, ips, err := joinNames(m.GetAddresses())
@@ -168,7 +170,7 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 		}
 		return nil, toConnectError(err)
 	}
-	h.s.log.Info("node joined", "node", m.GetNode(), "token", rec.Token, "via", rec.Via)
+	h.s.log.Info("node joined", "node", m.GetNode(), "token", rec.Token, "via", rec.Via, "replaces_its_certificates", rec.Via != "")
 	return connect.NewResponse(&pb.JoinResponse{CertPem: certPEM, CaPem: h.s.cluster.CA.CertPEM()}), nil
 }
 
@@ -204,6 +206,12 @@ func peerHost(addr string) string {
 		return h
 	}
 	return addr
+}
+
+// nameTaken says whether node is registered (in any state) or holds a live certificate.
+func (h *nodeService) nameTaken(ctx context.Context, node string) bool {
+	_, err := h.s.store.GetNode(ctx, node)
+	return err == nil || h.s.store.HasLiveCerts(node, h.s.now())
 }
 
 // admitToken checks a join by join token and returns the token's ID.

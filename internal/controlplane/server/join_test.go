@@ -151,6 +151,8 @@ func TestJoinByKubernetesToken(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := t.Context()
+	var lastCert *tls.Certificate
+	var certMu sync.Mutex
 	join := func(nc fireworksv1connect.NodeServiceClient, node, kubeToken, tokenID string) error {
 		csr, key, err := pki.NewCSR(node)
 		if err != nil {
@@ -165,6 +167,9 @@ func TestJoinByKubernetesToken(t *testing.T) {
 			if role, cn, err := pki.RoleOf(kp.Leaf); err != nil || role != pki.RoleAgent || cn != node {
 				t.Errorf("the certificate a join as %s bought: %s %s %v", node, role, cn, err)
 			}
+			certMu.Lock()
+			lastCert = &kp
+			certMu.Unlock()
 		}
 		return err
 	}
@@ -192,33 +197,47 @@ func TestJoinByKubernetesToken(t *testing.T) {
 	wantCode(t, "a refused token", join(nc(nil), "node-a", "forged", ""), connect.CodeUnauthenticated, "")
 	wantCode(t, "a token that cannot be checked now", join(nc(nil), "node-a", "down", ""), connect.CodeUnavailable, "")
 	wantCode(t, "a join token and a Kubernetes token", join(nc(nil), "node-a", "node:node-a", "abc"), connect.CodeInvalidArgument, "not both")
-	// Eight joins racing for node-a: one certificate, however they interleave (the
-	// state decides: TestRecordJoinVia).
+	// A node its pod proves is that node: each join replaces its certificate (a join
+	// whose answer was lost, a wiped data directory), and the one before is refused
+	// from then on (the state revokes it). Of joins racing, one certificate lives.
+	works := func(c *tls.Certificate) bool {
+		_, err := nc(c).Heartbeat(ctx, connect.NewRequest(&pb.HeartbeatRequest{}))
+		return connect.CodeOf(err) != connect.CodeUnauthenticated // (not registered: NotFound)
+	}
+	if err := join(nc(nil), "node-a", "node:node-a", ""); err != nil {
+		t.Fatalf("node-a joining with its token: %v", err)
+	}
+	first := lastCert
+	if err := join(nc(nil), "node-a", "node:node-a", ""); err != nil {
+		t.Fatalf("node-a joining again with its token: %v", err)
+	}
+	if works(first) || !works(lastCert) {
+		t.Errorf("after node-a joined again: its first certificate works %v (want false), its new one %v (want true)", works(first), works(lastCert))
+	}
+	var certs []*tls.Certificate
 	var wg sync.WaitGroup
-	var mu sync.Mutex
-	won := 0
 	for range 8 {
 		wg.Go(func() {
 			if err := join(nc(nil), "node-a", "node:node-a", ""); err == nil {
-				mu.Lock()
-				won++
-				mu.Unlock()
-			} else if c := connect.CodeOf(err); c != connect.CodeAlreadyExists && c != connect.CodeUnavailable {
+				certMu.Lock()
+				certs = append(certs, lastCert)
+				certMu.Unlock()
+			} else if connect.CodeOf(err) != connect.CodeUnavailable {
 				// (Unavailable: one join per address is reviewed at a time.)
-				t.Errorf("a racing join of node-a: %v, want already exists or try again", err)
+				t.Errorf("a racing join of node-a: %v, want it done or try again", err)
 			}
 		})
 	}
 	wg.Wait()
-	if won > 1 {
-		t.Fatalf("%d of 8 racing joins of node-a got a certificate, want 1", won)
-	}
-	if won == 0 {
-		if err := join(nc(nil), "node-a", "node:node-a", ""); err != nil {
-			t.Fatalf("node-a joining with its token: %v", err)
+	live := 0
+	for _, c := range append(certs, first) {
+		if works(c) {
+			live++
 		}
 	}
-	wantCode(t, "node-a's token again, while node-a holds a certificate", join(nc(nil), "node-a", "node:node-a", ""), connect.CodeAlreadyExists, "node rm")
+	if len(certs) > 0 && live != 1 {
+		t.Errorf("%d of node-a's certificates work after %d racing joins, want 1", live, len(certs))
+	}
 	cluster := fireworksv1connect.NewClusterServiceClient(httpClient(nil), base)
 	if _, err := cluster.RemoveNode(ctx, as(a.admin, &pb.NodeActionRequest{Node: "node-a"})); err != nil {
 		t.Fatalf("remove node-a: %v", err)
@@ -226,6 +245,22 @@ func TestJoinByKubernetesToken(t *testing.T) {
 	if err := join(nc(nil), "node-a", "node:node-a", ""); err != nil {
 		t.Errorf("node-a joining again after node rm: %v", err)
 	}
+	// A join token still may not take a name that is taken.
+	a2, httpClient2, nc2, base2 := joinServer(t, ClusterOptions{CA: ca, KubeJoin: proverDouble{}})
+	created2, err := fireworksv1connect.NewTokenServiceClient(httpClient2(nil), base2).CreateToken(ctx, as(a2.admin, &pb.CreateTokenRequest{Role: "join", MaxUses: 2}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	jt2, err := pki.ParseJoinToken(created2.Msg.GetSecret())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := join(nc2(nil), "node-c", "node:node-c", ""); err != nil {
+		t.Fatal(err)
+	}
+	csr2, _, _ := pki.NewCSR("node-c")
+	_, err = nc2(nil).Join(ctx, connect.NewRequest(&pb.JoinRequest{TokenId: jt2.ID, TokenSecret: jt2.Secret, Node: "node-c", Csr: csr2}))
+	wantCode(t, "a join token naming a node its pod proved", err, connect.CodeAlreadyExists, "node rm")
 }
 
 func TestInFlightPerPeer(t *testing.T) {

@@ -439,6 +439,13 @@ func (a *Agent) forkIdentityStep(r *startRun) error {
 		r.proc.Env = mergeEnv(r.proc.Env, spec.Env)
 		r.proc.User, r.proc.Dir = cmp.Or(spec.User, r.proc.User), cmp.Or(spec.WorkingDir, r.proc.Dir)
 	}
+	if r.sb.Spec.NonRoot && !r.proc.NonRoot && !r.sb.Spec.KeepAlive {
+		// Its running process came from the snapshot, started under no such rule: it may
+		// run as root, and cannot be checked now.
+		return fmt.Errorf("runAsNonRoot: the snapshot's process was not started with it; start from a snapshot of a --non-root sandbox")
+	}
+	// The rule holds for its execs and envd from now on.
+	r.proc.NonRoot = r.proc.NonRoot || r.sb.Spec.NonRoot
 	id.Envd = envdFor(r.sb, r.proc) // the fork's own token: its source's opens nothing in it
 	if err := g.Identity(ctx, id); err != nil {
 		return fmt.Errorf("give the fork its identity: %v", err)

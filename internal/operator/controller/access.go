@@ -34,16 +34,13 @@ const (
 	AccessKeyHost    = "host"       // the sandbox's serviceFQDN: its ports at <port>-<host>
 )
 
-// AccessSecretName is the name of Sandbox name's access Secret (a long name is cut and
-// given a hash, to stay a valid object name).
-func AccessSecretName(sandbox string) string {
-	const max = 253
-	if len(sandbox)+len(AccessSecretSuffix) <= max {
-		return sandbox + AccessSecretSuffix
+// AccessSecretName is the name of Sandbox name's access Secret; false if the name is too
+// long to carry the suffix (a cut name could be another Sandbox's).
+func AccessSecretName(sandbox string) (string, bool) {
+	if len(sandbox)+len(AccessSecretSuffix) > 253 {
+		return "", false
 	}
-	sum := sha256.Sum256([]byte(sandbox))
-	h := hex.EncodeToString(sum[:4])
-	return sandbox[:max-len(AccessSecretSuffix)-len(h)-1] + "-" + h + AccessSecretSuffix
+	return sandbox + AccessSecretSuffix, true
 }
 
 // accessSecrets remembers the Sandboxes (by UID) whose Secret is made, so that a settled
@@ -61,7 +58,10 @@ func (a *accessSecrets) ensure(ctx context.Context, kube client.Client, sb *agen
 	if v, ok := a.done.Load(sb.UID); ok && v == fw.GetId() {
 		return nil
 	}
-	name := AccessSecretName(sb.Name)
+	name, ok := AccessSecretName(sb.Name)
+	if !ok {
+		return fmt.Errorf("the Sandbox's name is too long (%d bytes) for its access Secret %q: at most %d", len(sb.Name), "<name>"+AccessSecretSuffix, 253-len(AccessSecretSuffix))
+	}
 	s := &corev1.Secret{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: sb.Namespace,
 			Labels: map[string]string{"app.kubernetes.io/managed-by": "fireworks", "fireworks.dev/sandbox": shortLabel(sb.Name)},

@@ -106,6 +106,10 @@ type SandboxWarmPoolReconciler struct {
 
 	pullMu sync.Mutex
 	pulled map[string]pullCheck // by namespace and image
+
+	// lastKey is each SandboxWarmPool's last resolved pool (by UID): while one cannot be
+	// read, the pool of its image keeps its shape, and no other image's is held back.
+	lastKey sync.Map
 }
 
 // pullCheck is a namespace's pull of an image: a success is kept, a refusal for a while
@@ -304,17 +308,21 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (
 		key poolKey
 	}
 	var asks []asking
-	unknown := false // a pool whose image or shape could not be read this time
+	unknown := map[string]bool{} // images of pools not read this time (by what they were)
 	for i := range all.Items {
 		wp := &all.Items[i]
 		if !wp.DeletionTimestamp.IsZero() {
+			r.lastKey.Delete(wp.UID)
 			continue
 		}
 		key, err := r.keyOf(ctx, wp)
 		if err != nil {
-			unknown = true
+			if k, ok := r.lastKey.Load(wp.UID); ok {
+				unknown[k.(poolKey).image] = true
+			}
 			continue // its own reconcile reports it
 		}
+		r.lastKey.Store(wp.UID, key)
 		asks = append(asks, asking{wp, key})
 	}
 	// The shape is kept by the pool that has it: a pool asking for some (one scaled to
@@ -366,7 +374,7 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (
 			if h.GetSize() == p.GetSize() && h.GetVcpus() == p.GetVcpus() && h.GetMemoryMib() == p.GetMemoryMib() {
 				continue
 			}
-			if unknown && (h.GetVcpus() != p.GetVcpus() || h.GetMemoryMib() != p.GetMemoryMib()) {
+			if unknown[p.GetImage()] && (h.GetVcpus() != p.GetVcpus() || h.GetMemoryMib() != p.GetMemoryMib()) {
 				// The pool that holds the shape may be among those not read this time
 				// (a pull check that failed for a moment): no change of shape on that.
 				continue
@@ -376,7 +384,7 @@ func (r *SandboxWarmPoolReconciler) sync(ctx context.Context, released string) (
 			failed[p.GetImage()] = err
 		}
 	}
-	if _, ok := want[released]; released != "" && !ok {
+	if _, ok := want[released]; released != "" && !ok && !unknown[released] {
 		if h := haveOf(released); h != nil && h.GetManagedBy() == PoolManager {
 			return kept, failed, r.FW.deletePool(ctx, released)
 		}

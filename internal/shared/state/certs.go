@@ -173,8 +173,25 @@ func (f *fsm) recordJoin(r JoinRecord) any {
 	if r.Serial == "" || r.Node == "" || r.Time.IsZero() || (r.Token == "") == (r.Via == "") {
 		return fmt.Errorf("%w: a join record needs a serial, a node, a time, and a join token or another proof", ErrInvalid)
 	}
-	// The name must be free (no node registered under it, no live certificate for it),
-	// decided here, in the log's order: two joins racing for one name get one certificate.
+	if r.Via != "" {
+		// A node proven by its platform (its Kubernetes pod's token) is that node: its new
+		// certificate replaces the ones it had (a join whose answer was lost, a data
+		// directory wiped, a node made again under its name), which are revoked here,
+		// in the log's order: of joins racing for one name, the last holds.
+		for s, c := range f.certs {
+			if c.Node == r.Node && c.Token == "" && c.RevokedAt.IsZero() {
+				n := *c
+				n.RevokedAt = utc(r.Time)
+				f.certs[s] = &n
+			}
+		}
+		f.pruneCerts(r.Time)
+		f.certs[r.Serial] = &IssuedCert{Serial: r.Serial, Node: r.Node, NotAfter: utc(r.NotAfter)}
+		return nil
+	}
+	// A join token proves no node: the name must be free (no node registered under it,
+	// no live certificate for it), decided here, in the log's order: two joins racing
+	// for one name get one certificate.
 	if _, ok := f.nodes[r.Node]; ok {
 		return fmt.Errorf("node name %q: %w: a node is registered under it", r.Node, ErrExists)
 	}
@@ -182,11 +199,6 @@ func (f *fsm) recordJoin(r JoinRecord) any {
 		if c.Node == r.Node && c.Token == "" && c.RevokedAt.IsZero() && c.NotAfter.After(r.Time) {
 			return fmt.Errorf("node name %q: %w: a live certificate is issued for it", r.Node, ErrExists)
 		}
-	}
-	if r.Via != "" {
-		f.pruneCerts(r.Time)
-		f.certs[r.Serial] = &IssuedCert{Serial: r.Serial, Node: r.Node, NotAfter: utc(r.NotAfter)}
-		return nil
 	}
 	t, ok := f.tokens[r.Token]
 	if !ok {

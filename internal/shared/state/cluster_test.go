@@ -216,9 +216,20 @@ func TestRecordJoinVia(t *testing.T) {
 	if !s.HasLiveCerts("n1", now) {
 		t.Error("a join by Kubernetes token did not take the node's name")
 	}
-	// A second join for the name, however it got past the server's own check (two
-	// racing), gets nothing: the state decides, in the log's order.
-	if err := s.RecordJoin(ctx, JoinRecord{Node: "n1", Serial: "a2", Time: now, NotAfter: now.Add(time.Hour), Via: "kubernetes"}); !errors.Is(err, ErrExists) {
-		t.Errorf("a second join of n1: %v, want ErrExists", err)
+	// The node proven again (a join whose answer was lost, a wiped data directory): its
+	// new certificate replaces the old, which is revoked.
+	if err := s.RecordJoin(ctx, JoinRecord{Node: "n1", Serial: "a2", Time: now, NotAfter: now.Add(time.Hour), Via: "kubernetes"}); err != nil {
+		t.Fatalf("n1 proven again: %v", err)
+	}
+	if !s.CertRevoked("a1", "n1") || s.CertRevoked("a2", "n1") {
+		t.Errorf("after n1 joined again: a1 revoked %v (want true), a2 revoked %v (want false)", s.CertRevoked("a1", "n1"), s.CertRevoked("a2", "n1"))
+	}
+	// A join token proves no node: a name with a live certificate is not its, however
+	// the join got past the server's own check (two racing): the state decides.
+	if err := s.CreateToken(ctx, Token{ID: "jt", Name: "j", Role: RoleJoin, SecretHash: "h", MaxUses: 5, CreatedAt: now}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RecordJoin(ctx, JoinRecord{Node: "n1", Serial: "a3", Time: now, NotAfter: now.Add(time.Hour), Token: "jt"}); !errors.Is(err, ErrExists) {
+		t.Errorf("a join token's join of n1: %v, want ErrExists", err)
 	}
 }
