@@ -12,7 +12,6 @@ import (
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 
 	"github.com/fireworks-sandbox/fireworks/internal/testutil"
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/kubetest"
@@ -26,18 +25,9 @@ import (
 func TestReviewerOnKubernetes(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	cp := kubetest.ForTest(ctx, t, "../../..")
-	admin, err := kubernetes.NewForConfig(cp.Rest)
-	if err != nil {
-		t.Fatal(err)
-	}
 	const ns = "fireworks"
-	servers, kinds, err := kubetest.ApplyChartRights(ctx, cp, "../../../deploy/helm/fireworks", ns, "server",
+	_, admin, servers, _ := kubetest.ChartTest(ctx, t, "../../..", ns, "server",
 		"--show-only", "templates/server.yaml", "--show-only", "templates/agent.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("applied the chart's %v", kinds)
 	r, err := New(servers, ns+"/fw-fireworks-agent")
 	if err != nil {
 		t.Fatal(err)

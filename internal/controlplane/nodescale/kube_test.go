@@ -35,16 +35,16 @@ import (
 func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
-	cp := startKube(ctx, t)
-	cs, err := kubernetes.NewForConfig(cp.Rest)
-	if err != nil {
-		t.Fatal(err)
-	}
 	// The autoscaler acts with the chart's rights: the servers' ServiceAccount as the
 	// chart binds it (a Role in the placeholder namespace, a ClusterRole on nodes), under
 	// the chart's admission policy on what it may change on a node.
 	const chartNS, ns = "fireworks", "fireworks-capacity"
-	sa := applyChartRights(ctx, t, cp, chartNS)
+	_, cs, sa, kinds := kubetest.ChartTest(ctx, t, "../../..", chartNS, "server",
+		"--set", "autoscaler.enabled=true", "--show-only", "templates/server.yaml")
+	// Every kind of rights object is in the servers' template with the autoscaler on.
+	if len(kinds) != 8 {
+		t.Fatalf("applied the chart's %v, want all 8 kinds of rights objects", kinds)
+	}
 	pool := map[string]string{"fireworks.dev/pool": "nodescale-test"}
 	// Pods need the namespace's default service account, which a controller makes.
 	testutil.Eventually(t, time.Minute, "the namespace's default service account", func() (bool, string) {
@@ -301,23 +301,6 @@ func TestNodeAutoscalerOnKubernetes(t *testing.T) {
 	}
 }
 
-// applyChartRights applies the chart's objects that give the servers (with the
-// autoscaler on) their rights in namespace chartNS, and returns a client that acts as the
-// servers' ServiceAccount.
-func applyChartRights(ctx context.Context, t *testing.T, cp *kubetest.ControlPlane, chartNS string) kubernetes.Interface {
-	t.Helper()
-	sa, kinds, err := kubetest.ApplyChartRights(ctx, cp, "../../../deploy/helm/fireworks", chartNS, "server",
-		"--set", "autoscaler.enabled=true", "--show-only", "templates/server.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Every kind of rights object is in the servers' template with the autoscaler on.
-	if len(kinds) != 8 {
-		t.Fatalf("applied the chart's %v, want all 8 kinds of rights objects", kinds)
-	}
-	return sa
-}
-
 func mapValues(m map[string]string) []string {
 	var v []string
 	for _, x := range m {
@@ -344,10 +327,4 @@ func findNode(t *testing.T, store *state.Store, id string) state.Node {
 	}
 	t.Fatalf("node %s not in the state", id)
 	return state.Node{}
-}
-
-// startKube runs a Kubernetes control plane for the test.
-func startKube(ctx context.Context, t *testing.T) *kubetest.ControlPlane {
-	t.Helper()
-	return kubetest.ForTest(ctx, t, "../../..")
 }

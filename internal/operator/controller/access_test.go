@@ -9,7 +9,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 
 	"github.com/fireworks-sandbox/fireworks/internal/testutil/kubetest"
 )
@@ -35,17 +34,8 @@ func TestAccessSecretName(t *testing.T) {
 func TestControllerSecretRights(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	cp := kubetest.ForTest(ctx, t, "../../..")
-	admin, err := kubernetes.NewForConfig(cp.Rest)
-	if err != nil {
-		t.Fatal(err)
-	}
 	const own, team = "fireworks", "team-a"
-	ctl, kinds, err := kubetest.ApplyChartRights(ctx, cp, "../../../deploy/helm/fireworks", own, "controller", "--show-only", "templates/controller.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("applied the chart's %v", kinds)
+	_, admin, ctl, _ := kubetest.ChartTest(ctx, t, "../../..", own, "controller", "--show-only", "templates/controller.yaml")
 	if _, err := admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: team}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}

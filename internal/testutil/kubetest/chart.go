@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -70,4 +71,23 @@ func ForTest(ctx context.Context, t *testing.T, repo string) *ControlPlane {
 	}
 	t.Cleanup(cp.Stop)
 	return cp
+}
+
+// ChartTest is ForTest with the chart at repo/deploy/helm/fireworks's rights objects
+// applied in namespace ns (ApplyChartRights, with helmArgs): it returns the control
+// plane, a client acting as its admin, one acting as the chart's ServiceAccount
+// fw-fireworks-<component>, and the kinds applied.
+func ChartTest(ctx context.Context, t *testing.T, repo, ns, component string, helmArgs ...string) (cp *ControlPlane, admin, as kubernetes.Interface, kinds []string) {
+	t.Helper()
+	cp = ForTest(ctx, t, repo)
+	admin, err := kubernetes.NewForConfig(cp.Rest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	as, kinds, err = ApplyChartRights(ctx, cp, filepath.Join(repo, "deploy/helm/fireworks"), ns, component, helmArgs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("applied the chart's %v", kinds)
+	return cp, admin, as, kinds
 }
