@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"slices"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -102,10 +103,8 @@ func BenchNodeScale(ctx context.Context, repo, dir string, runs int, log *slog.L
 	if err != nil {
 		return nil, err
 	}
-	node := func(name string) error {
-		if err := pool.Add(ctx, name); err != nil {
-			return err
-		}
+	// A node's agent registering (2 vCPUs, 2 GiB: one sandbox of 2 GiB fills it).
+	register := func(name string) error {
 		_, err := store.RegisterNode(ctx, state.Node{ID: name, Address: name + ":7768", Capacity: state.Resources{VCPUs: 2, MemoryMiB: 2048, DiskMiB: 20000}, UpdatedAt: time.Now()})
 		return err
 	}
@@ -119,7 +118,10 @@ func BenchNodeScale(ctx context.Context, repo, dir string, runs int, log *slog.L
 		}
 		return store.CreateSandbox(ctx, sb)
 	}
-	if err := node("pool-0"); err != nil {
+	if err := pool.Add(ctx, "pool-0"); err != nil {
+		return nil, err
+	}
+	if err := register("pool-0"); err != nil {
 		return nil, err
 	}
 	if err := sandbox("busy-0", "pool-0"); err != nil {
@@ -219,11 +221,11 @@ func BenchNodeScale(ctx context.Context, repo, dir string, runs int, log *slog.L
 		if err := pool.Add(ctx, name); err != nil {
 			return nil, err
 		}
-		if err := untilPod(ctx, cs, ns, ph, func(p *corev1.Pod) bool { return p.Spec.NodeName == name }); err != nil {
+		if _, err := firstPod(ctx, cs, ns, metav1.ListOptions{FieldSelector: "metadata.name=" + ph}, func(p *corev1.Pod) bool { return p.Spec.NodeName == name }); err != nil {
 			return nil, fmt.Errorf("scale-up run %d: the placeholder on the new node: %w", i, err)
 		}
 		t0 = time.Now()
-		if _, err := store.RegisterNode(ctx, state.Node{ID: name, Address: name + ":7768", Capacity: state.Resources{VCPUs: 2, MemoryMiB: 2048, DiskMiB: 20000}, UpdatedAt: t0}); err != nil {
+		if err := register(name); err != nil {
 			return nil, err
 		}
 		if _, err := store.PlaceSandboxes(ctx, []state.Plan{{SandboxID: wait, NodeID: name}}, scheduler.Config{}, time.Now()); err != nil {
@@ -259,56 +261,34 @@ func unschedulable(p *corev1.Pod) bool {
 	return false
 }
 
-// firstPod is when a pod of sel was first seen to meet ok, polled every 5 ms (a watch
+// poll is when cond was first seen true, polled every 5 ms for at most a minute (a watch
 // of an API server just started may be refused until its cache catches up).
-func firstPod(ctx context.Context, cs kubernetes.Interface, ns string, sel metav1.ListOptions, ok func(*corev1.Pod) bool) (time.Time, error) {
+func poll(ctx context.Context, what string, cond func(ctx context.Context) bool) (time.Time, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	for {
-		list, err := cs.CoreV1().Pods(ns).List(ctx, sel)
-		if err == nil {
-			for i := range list.Items {
-				if list.Items[i].DeletionTimestamp == nil && ok(&list.Items[i]) {
-					return time.Now(), nil
-				}
-			}
-		}
+	for !cond(ctx) {
 		select {
 		case <-ctx.Done():
-			return time.Time{}, fmt.Errorf("no pod came to the state wanted: %w", ctx.Err())
+			return time.Time{}, fmt.Errorf("%s: %w", what, ctx.Err())
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
+	return time.Now(), nil
 }
 
-// untilPod polls pod name until ok.
-func untilPod(ctx context.Context, cs kubernetes.Interface, ns, name string, ok func(*corev1.Pod) bool) error {
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	for {
-		if p, err := cs.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{}); err == nil && ok(p) {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+// firstPod is when a pod of sel (not being deleted) was first seen to meet ok.
+func firstPod(ctx context.Context, cs kubernetes.Interface, ns string, sel metav1.ListOptions, ok func(*corev1.Pod) bool) (time.Time, error) {
+	return poll(ctx, "no pod came to the state wanted", func(ctx context.Context) bool {
+		list, err := cs.CoreV1().Pods(ns).List(ctx, sel)
+		return err == nil && slices.ContainsFunc(list.Items, func(p corev1.Pod) bool { return p.DeletionTimestamp == nil && ok(&p) })
+	})
 }
 
 // waitGone waits for pod name, bound to no node, to be deleted.
 func waitGone(ctx context.Context, cs kubernetes.Interface, ns, name string) error {
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	for {
-		if _, err := cs.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{}); err != nil {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("pod %s not gone: %w", name, ctx.Err())
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	_, err := poll(ctx, "pod "+name+" not gone", func(ctx context.Context) bool {
+		_, err := cs.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+		return err != nil
+	})
+	return err
 }
