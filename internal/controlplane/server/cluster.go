@@ -174,29 +174,27 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 	return connect.NewResponse(&pb.JoinResponse{CertPem: certPEM, CaPem: h.s.cluster.CA.CertPEM()}), nil
 }
 
-// inFlight counts calls under way per key (a peer's address).
+// inFlight holds the keys (peers' addresses) with a call under way.
 type inFlight struct {
-	mu sync.Mutex
-	n  map[string]int
+	mu   sync.Mutex
+	busy map[string]bool
 }
 
 // take admits one call for key if none is under way, and returns its release.
 func (f *inFlight) take(key string) (func(), bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.n == nil {
-		f.n = map[string]int{}
-	}
-	if f.n[key] > 0 {
+	if f.busy[key] {
 		return nil, false
 	}
-	f.n[key]++
+	if f.busy == nil {
+		f.busy = map[string]bool{}
+	}
+	f.busy[key] = true
 	return func() {
 		f.mu.Lock()
 		defer f.mu.Unlock()
-		if f.n[key]--; f.n[key] <= 0 {
-			delete(f.n, key)
-		}
+		delete(f.busy, key)
 	}, true
 }
 

@@ -37,7 +37,7 @@ type Server struct {
 	// cluster is set by EnableCluster; its CA is nil on a single-node dev server.
 	cluster ClusterOptions
 	nodes   nodeConns
-	// joinsFrom counts the Kubernetes-token joins under review per peer address.
+	// joinsFrom holds the peer addresses with a Kubernetes-token join under review.
 	joinsFrom inFlight
 	// pools holds the nodes' last warm-pool reports (cluster leader).
 	pools poolReports

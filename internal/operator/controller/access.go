@@ -2,8 +2,6 @@ package controller
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"sync"
 
@@ -64,7 +62,7 @@ func (a *accessSecrets) ensure(ctx context.Context, kube client.Client, sb *agen
 	}
 	s := &corev1.Secret{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: sb.Namespace,
-			Labels: map[string]string{"app.kubernetes.io/managed-by": "fireworks", "fireworks.dev/sandbox": shortLabel(sb.Name)},
+			Labels: map[string]string{"app.kubernetes.io/managed-by": "fireworks"},
 			OwnerReferences: []metav1.OwnerReference{{APIVersion: agentsv1.GroupVersion.String(), Kind: "Sandbox", Name: sb.Name, UID: sb.UID,
 				Controller: new(true)}}},
 		Type: AccessSecretType,
@@ -76,7 +74,7 @@ func (a *accessSecrets) ensure(ctx context.Context, kube client.Client, sb *agen
 		if err := kube.Get(ctx, types.NamespacedName{Namespace: sb.Namespace, Name: name}, &have); err != nil {
 			return fmt.Errorf("access Secret %s: %w", name, err)
 		}
-		if !ownedBy(&have, sb.UID) || have.Type != AccessSecretType {
+		if !metav1.IsControlledBy(&have, sb) || have.Type != AccessSecretType {
 			return fmt.Errorf("a Secret %s that is not this Sandbox's is in the way of its access Secret (an earlier Sandbox's, until it is collected, or another one: remove it)", name)
 		}
 		if string(have.Data[AccessKeySandbox]) != fw.GetId() || string(have.Data[AccessKeyToken]) != tok {
@@ -93,21 +91,3 @@ func (a *accessSecrets) ensure(ctx context.Context, kube client.Client, sb *agen
 
 // forget drops what is remembered of a Sandbox that is gone.
 func (a *accessSecrets) forget(uid types.UID) { a.done.Delete(uid) }
-
-func ownedBy(o metav1.Object, uid types.UID) bool {
-	for _, r := range o.GetOwnerReferences() {
-		if r.UID == uid {
-			return true
-		}
-	}
-	return false
-}
-
-// shortLabel is name as a label value (at most 63 bytes).
-func shortLabel(name string) string {
-	if len(name) <= 63 {
-		return name
-	}
-	sum := sha256.Sum256([]byte(name))
-	return name[:54] + "-" + hex.EncodeToString(sum[:4])
-}
