@@ -5,8 +5,8 @@
 package hostnet
 
 import (
+	"crypto/rand"
 	"fmt"
-	"os"
 	"os/exec"
 	"strings"
 )
@@ -27,8 +27,11 @@ type Net struct {
 }
 
 // Make creates bridge with address subnet.1/24 and n hosts at subnet.10, subnet.11, ...,
-// their namespaces named tag<pid>-h<i> and veths tag-v<i>. What an earlier run killed
-// midway left under the same names goes first. On failure what was made is removed.
+// their namespaces named tag<random>-h<i> and veths tag-v<i>. What an earlier run killed
+// midway left under the same bridge and veth names goes first. The namespaces' names are
+// random, not the pid: a fresh machine's pids repeat from boot to boot, and a namespace an
+// earlier run left in /run/netns made "ip netns add" fail with "File exists" (seen in CI).
+// On failure what was made is removed.
 func Make(bridge, subnet, tag string, n int) (_ *Net, err error) {
 	nt := &Net{Bridge: bridge, BridgeIP: subnet + ".1"}
 	defer func() {
@@ -46,8 +49,12 @@ func Make(bridge, subnet, tag string, n int) (_ *Net, err error) {
 			return nil, err
 		}
 	}
+	var rnd [4]byte
+	if _, err := rand.Read(rnd[:]); err != nil {
+		return nil, err
+	}
 	for i := range n {
-		h := &Host{Name: fmt.Sprintf("h%d", i), NS: fmt.Sprintf("%s%d-h%d", tag, os.Getpid()%10000, i),
+		h := &Host{Name: fmt.Sprintf("h%d", i), NS: fmt.Sprintf("%s%x-h%d", tag, rnd, i),
 			Veth: fmt.Sprintf("%sv%d", tag, i), IP: fmt.Sprintf("%s.%d", subnet, 10+i)}
 		_ = run("ip", "link", "del", h.Veth)
 		nt.Hosts = append(nt.Hosts, h)
