@@ -30,7 +30,7 @@ func main() {
 	flag.StringVar(&cfg.PNG, "png", "", "chart path (default: the JSON path with .png; \"-\" for none)")
 	flag.IntVar(&cfg.PoolSize, "pool-size", 2, "warm VMs the warm-pool series keeps ready")
 	flag.StringVar(&command, "command", "echo ready", "command to run (split on spaces)")
-	flag.BoolVar(&cfg.SkipCrun, "skip-crun", false, "do not measure the crun baseline")
+	flag.BoolVar(&cfg.SkipCrun, "skip-crun", false, "do not measure the container baselines (crun, podman run --rm)")
 	flag.IntVar(&cfg.Creates, "creates", 500, "control-plane creates per concurrency level")
 	flag.BoolVar(&cfg.SkipNetwork, "skip-network", false, "do not measure the network series")
 	flag.BoolVar(&cfg.OnlyMigration, "only-migration", false, "measure the live migration series alone")

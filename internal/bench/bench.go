@@ -254,6 +254,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		if err := measureCrun(ctx, cfg, img, work, rep); err != nil {
 			rep.fail(cfg.Log, KeyCrun, err)
 		}
+		if err := measurePodman(ctx, cfg, ociDir, rep); err != nil {
+			rep.fail(cfg.Log, KeyPodman, err)
+		}
 	}
 
 	for _, n := range []int{100, 1000, 10000} {
@@ -542,7 +545,7 @@ func PrintTable(w io.Writer, rep *Report) {
 	case rep.TemplateReused:
 		fmt.Fprintf(w, "template snapshot: kept in the data dir from an earlier run\n")
 	}
-	fmt.Fprintf(w, "first byte = API call to the command's first stdout byte (crun: process start); exit = to the exit; all in ms\n")
+	fmt.Fprintf(w, "first byte = API call to the command's first stdout byte (crun, podman: process start); exit = to the exit; all in ms\n")
 	fmt.Fprintf(w, "%-42s %4s %9s %9s %9s %9s %9s %9s %9s  %-10s %-4s %s\n",
 		"start path", "runs", "p50", "p95", "p99", "min", "max", "p50 exit", "p95 exit", "target p50", "met?", "started by (node says)")
 	for _, s := range rep.Series {

@@ -79,6 +79,7 @@ func newRoot() (*cobra.Command, *globals) {
 		newDemoImageCmd(g), newTokenCmd(g),
 		newServerCmd(g), newAgentCmd(g), newNodeCmd(g), newCACmd(g), newPoolCmd(g),
 		newPolicyCmd(g), newPortForwardCmd(g), newIngressCmd(g), newTemplateCmd(g), newKubeControllerCmd(g),
+		newAuditCmd(g), newStateCmd(g),
 	)
 	refuseUnknownSubcommands(root)
 	return root, g

@@ -182,6 +182,8 @@ func (m *Manager) Notify() {
 
 // Run makes passes until ctx ends.
 func (m *Manager) Run(ctx context.Context) error {
+	// What the passes change is the scheduler's and the lifecycle timers' doing.
+	ctx = state.WithActor(ctx, state.Actor{Kind: "system", Name: "leader"})
 	t := time.NewTicker(m.cfg.Interval)
 	defer t.Stop()
 	defer m.moves.Wait()

@@ -81,6 +81,7 @@ const passTimeout = 10 * time.Second
 // Pass decides, and acts at most once per Interval (by now) unless more is needed at
 // once: nodes to take back or to order beyond the last pass's.
 func (a *Autoscaler) Pass(ctx context.Context, now time.Time) error {
+	ctx = state.WithActor(ctx, state.Actor{Kind: "system", Name: "node-autoscaler"})
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	// Deciding costs no API call; only acting does.

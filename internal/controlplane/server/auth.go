@@ -41,6 +41,7 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 			return
 		}
 		ctx := auth.With(r.Context(), id)
+		ctx = state.WithActor(ctx, state.Actor{Kind: "token", ID: id.TokenID, Name: id.Name, Role: id.Role})
 		if StaleRead(r) {
 			ctx = state.WithStaleReads(ctx)
 		}

@@ -101,7 +101,8 @@ func (s *Server) authenticateAgent(w http.ResponseWriter, r *http.Request, next 
 		rpc.Unauthenticated(w, r, fmt.Sprintf("node %s was removed from the cluster: its certificate is refused (join again with a new join token)", node))
 		return
 	}
-	next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), agentKey{}, node)))
+	ctx := context.WithValue(r.Context(), agentKey{}, node)
+	next.ServeHTTP(w, r.WithContext(state.WithActor(ctx, state.Actor{Kind: "node", ID: node})))
 }
 
 type nodeService struct{ s *Server }
@@ -161,7 +162,8 @@ func (h *nodeService) Join(ctx context.Context, req *connect.Request[pb.JoinRequ
 	// The use is committed before the certificate leaves: a token whose uses ran out
 	// meanwhile (another host joined at the same moment) buys nothing.
 	rec.Serial, rec.NotAfter, rec.Time = serial, notAfter, h.s.now()
-	if err := h.s.store.RecordJoin(ctx, rec); err != nil {
+	joiner := state.Actor{Kind: "join", ID: rec.Token, Name: rec.Via}
+	if err := h.s.store.RecordJoin(state.WithActor(ctx, joiner), rec); err != nil {
 		if errors.Is(err, state.ErrQuota) {
 			return nil, connect.NewError(connect.CodePermissionDenied, err)
 		}

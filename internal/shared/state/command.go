@@ -61,6 +61,9 @@ const (
 	// purely additive state (a server that skipped them only lacks the templates).
 	cmdPutTemplate    = cmdIgnorable | 24
 	cmdDeleteTemplate = cmdIgnorable | 25
+	// cmdRestored records in the audit log that the state was restored from a state
+	// file. Ignorable: it changes nothing else.
+	cmdRestored = cmdIgnorable | 26
 
 	// cmdIgnorable marks command types that an FSM which does not know them may skip
 	// without diverging in anything it does know (e.g. new, purely additive state). A
@@ -121,6 +124,8 @@ func (t cmdType) String() string {
 		return "put-template"
 	case cmdDeleteTemplate:
 		return "delete-template"
+	case cmdRestored:
+		return "restore-state"
 	}
 	return fmt.Sprintf("type-%d", byte(t))
 }
@@ -168,9 +173,13 @@ type setMetaCmd struct {
 	Delete bool   `json:"delete,omitempty"`
 }
 
-func encodeCommand(t cmdType, body any) ([]byte, error) {
+// encodeCommand encodes body as a command of type t with its audit stamp.
+func encodeCommand(t cmdType, body any, st auditStamp) ([]byte, error) {
 	b, err := json.Marshal(body)
 	if err != nil {
+		return nil, fmt.Errorf("encode %s command: %w", t, err)
+	}
+	if b, err = stampAudit(b, st); err != nil {
 		return nil, fmt.Errorf("encode %s command: %w", t, err)
 	}
 	data := make([]byte, 0, 1+len(b))

@@ -41,6 +41,12 @@ type fsm struct {
 	snapshots map[string]*Snapshot   // by ID
 	volumes   map[string]*Volume     // by ID
 	templates map[string]*Template   // by ID
+	// audit is the audit log, oldest first (see audit.go). Entries are values, appended
+	// only; trimming makes a new array, so a snapshot's slice of it never changes.
+	audit []AuditEntry
+	// index is the last log index applied (0 after a restore until the next command):
+	// the point a state file is taken at.
+	index uint64
 
 	// changed is closed (and replaced) after every applied command and restore, so
 	// watchers (assignment streams, the leader's loops) wake on any change.
@@ -95,7 +101,17 @@ func (f *fsm) Apply(l *raft.Log) any {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	defer f.notifyLocked()
+	res := f.applyLocked(l.Index, t, body)
+	f.recordAudit(l.Index, t, body, res)
+	f.index = l.Index
+	return res
+}
+
+// applyLocked executes one command; f.mu is held for writing.
+func (f *fsm) applyLocked(index uint64, t cmdType, body []byte) any {
 	switch t {
+	case cmdRestored:
+		return nil // the audit entry is all it makes
 	case cmdCreateSandbox:
 		var c createSandboxCmd
 		if err := decodeBody(t, body, &c); err != nil {
@@ -255,10 +271,10 @@ func (f *fsm) Apply(l *raft.Log) any {
 		return f.issueEdgeCert(c)
 	}
 	if t&cmdIgnorable != 0 {
-		f.log.Warn("skipping unknown ignorable state command; a newer server wrote it", "type", byte(t), "index", l.Index)
+		f.log.Warn("skipping unknown ignorable state command; a newer server wrote it", "type", byte(t), "index", index)
 		return nil
 	}
-	return fmt.Errorf("%w %d at index %d (written by a newer server?)", ErrUnknownCommand, byte(t), l.Index)
+	return fmt.Errorf("%w %d at index %d (written by a newer server?)", ErrUnknownCommand, byte(t), index)
 }
 
 func (f *fsm) createSandbox(sb Sandbox, q Quota, inGroup bool) any {
@@ -445,6 +461,8 @@ type snapshotData struct {
 	Volumes []*Volume `json:"volumes,omitempty"` // sorted by ID
 	// Templates likewise.
 	Templates []*Template `json:"templates,omitempty"` // sorted by ID
+	// Audit is the audit log, oldest first.
+	Audit []AuditEntry `json:"audit,omitempty"`
 }
 
 // Snapshot captures the state cheaply (values are copy-on-write, so copying the maps is
@@ -463,6 +481,7 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 		snapshots: slices.Collect(maps.Values(f.snapshots)),
 		volumes:   slices.Collect(maps.Values(f.volumes)),
 		templates: slices.Collect(maps.Values(f.templates)),
+		audit:     f.audit[:len(f.audit):len(f.audit)],
 	}, nil
 }
 
@@ -552,6 +571,10 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	f.mu.Lock()
 	f.sandboxes, f.names, f.meta, f.nodes, f.tokens, f.pools = sandboxes, names, d.Meta, nodes, tokens, pools
 	f.certs, f.removed, f.snapshots, f.volumes, f.templates = certs, d.Removed, snaps, vols, tmpls
+	if len(d.Audit) > MaxAudit+MaxAudit/4 {
+		d.Audit = d.Audit[len(d.Audit)-MaxAudit:]
+	}
+	f.audit, f.index = d.Audit, 0
 	f.notifyLocked()
 	f.mu.Unlock()
 	return nil
@@ -568,6 +591,7 @@ type fsmSnapshot struct {
 	snapshots []*Snapshot
 	volumes   []*Volume
 	templates []*Template
+	audit     []AuditEntry
 }
 
 func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
@@ -592,7 +616,7 @@ func (s *fsmSnapshot) write(w io.Writer) error {
 	slices.SortFunc(s.volumes, func(a, b *Volume) int { return cmp.Compare(a.ID, b.ID) })
 	slices.SortFunc(s.templates, func(a, b *Template) int { return cmp.Compare(a.ID, b.ID) })
 	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta, Nodes: s.nodes, Tokens: s.tokens, Pools: s.pools,
-		Certs: s.certs, Removed: s.removed, Snapshots: s.snapshots, Volumes: s.volumes, Templates: s.templates})
+		Certs: s.certs, Removed: s.removed, Snapshots: s.snapshots, Volumes: s.volumes, Templates: s.templates, Audit: s.audit})
 }
 
 func (s *fsmSnapshot) Release() {}

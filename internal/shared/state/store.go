@@ -70,6 +70,7 @@ const defaultApplyTimeout = 30 * time.Second
 // verdict; reads are linearizable and return copies.
 type Store struct {
 	log   *slog.Logger
+	id    string // this server's Raft ID, stamped into its commands' audit entries
 	raft  *raft.Raft
 	fsm   *fsm
 	bolt  *raftboltdb.BoltStore
@@ -188,7 +189,7 @@ func Open(ctx context.Context, opts Options) (_ *Store, err error) {
 	// Registered after bolt's cleanup so it runs first: raft must stop before its log.
 	cleanup = append(cleanup, func() { _ = r.Shutdown().Error() })
 
-	s := &Store{log: log, raft: r, fsm: f, bolt: bolt, snaps: snaps}
+	s := &Store{log: log, id: opts.NodeID, raft: r, fsm: f, bolt: bolt, snaps: snaps}
 	if err := s.checkMember(opts.NodeID); err != nil {
 		return nil, err
 	}
@@ -328,7 +329,7 @@ func timeoutOf(ctx context.Context, def time.Duration) time.Duration {
 // commits, or leadership is lost, or raft shuts down), so a cancelled ctx cannot leave
 // the caller unsure whether a write it gave up on happened.
 func (s *Store) apply(ctx context.Context, t cmdType, body any) (any, error) {
-	data, err := encodeCommand(t, body)
+	data, err := encodeCommand(t, body, newStamp(ctx, s.id, body, time.Now()))
 	if err != nil {
 		return nil, err
 	}

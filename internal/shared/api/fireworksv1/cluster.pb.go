@@ -421,6 +421,407 @@ func (x *NodeActionResponse) GetNode() *Node {
 	return nil
 }
 
+// AuditEntry is one state change: who, what, when, and the state's verdict.
+type AuditEntry struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"` // the Raft log index: unique, increasing
+	At            *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=at,proto3" json:"at,omitempty"`
+	ActorKind     string                 `protobuf:"bytes,3,opt,name=actor_kind,json=actorKind,proto3" json:"actor_kind,omitempty"` // token, node, join or system
+	ActorId       string                 `protobuf:"bytes,4,opt,name=actor_id,json=actorId,proto3" json:"actor_id,omitempty"`
+	ActorName     string                 `protobuf:"bytes,5,opt,name=actor_name,json=actorName,proto3" json:"actor_name,omitempty"`
+	ActorRole     string                 `protobuf:"bytes,6,opt,name=actor_role,json=actorRole,proto3" json:"actor_role,omitempty"`
+	Server        string                 `protobuf:"bytes,7,opt,name=server,proto3" json:"server,omitempty"` // the server that proposed the change
+	Op            string                 `protobuf:"bytes,8,opt,name=op,proto3" json:"op,omitempty"`
+	Target        string                 `protobuf:"bytes,9,opt,name=target,proto3" json:"target,omitempty"`
+	Detail        string                 `protobuf:"bytes,10,opt,name=detail,proto3" json:"detail,omitempty"`
+	Error         string                 `protobuf:"bytes,11,opt,name=error,proto3" json:"error,omitempty"` // why the state refused it; empty when applied
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditEntry) Reset() {
+	*x = AuditEntry{}
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditEntry) ProtoMessage() {}
+
+func (x *AuditEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditEntry.ProtoReflect.Descriptor instead.
+func (*AuditEntry) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *AuditEntry) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *AuditEntry) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
+func (x *AuditEntry) GetActorKind() string {
+	if x != nil {
+		return x.ActorKind
+	}
+	return ""
+}
+
+func (x *AuditEntry) GetActorId() string {
+	if x != nil {
+		return x.ActorId
+	}
+	return ""
+}
+
+func (x *AuditEntry) GetActorName() string {
+	if x != nil {
+		return x.ActorName
+	}
+	return ""
+}
+
+func (x *AuditEntry) GetActorRole() string {
+	if x != nil {
+		return x.ActorRole
+	}
+	return ""
+}
+
+func (x *AuditEntry) GetServer() string {
+	if x != nil {
+		return x.Server
+	}
+	return ""
+}
+
+func (x *AuditEntry) GetOp() string {
+	if x != nil {
+		return x.Op
+	}
+	return ""
+}
+
+func (x *AuditEntry) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *AuditEntry) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+func (x *AuditEntry) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type ListAuditRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	After         uint64                 `protobuf:"varint,1,opt,name=after,proto3" json:"after,omitempty"`  // entries with a larger index
+	Actor         string                 `protobuf:"bytes,2,opt,name=actor,proto3" json:"actor,omitempty"`   // a token's or node's ID or name, or an actor kind
+	Target        string                 `protobuf:"bytes,3,opt,name=target,proto3" json:"target,omitempty"` // a substring of what the change acted on
+	Op            string                 `protobuf:"bytes,4,opt,name=op,proto3" json:"op,omitempty"`         // e.g. delete-sandbox
+	Limit         int32                  `protobuf:"varint,5,opt,name=limit,proto3" json:"limit,omitempty"`  // the newest this many of those selected (0: 100)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAuditRequest) Reset() {
+	*x = ListAuditRequest{}
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAuditRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAuditRequest) ProtoMessage() {}
+
+func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAuditRequest.ProtoReflect.Descriptor instead.
+func (*ListAuditRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ListAuditRequest) GetAfter() uint64 {
+	if x != nil {
+		return x.After
+	}
+	return 0
+}
+
+func (x *ListAuditRequest) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+func (x *ListAuditRequest) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *ListAuditRequest) GetOp() string {
+	if x != nil {
+		return x.Op
+	}
+	return ""
+}
+
+func (x *ListAuditRequest) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+type ListAuditResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Entries       []*AuditEntry          `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAuditResponse) Reset() {
+	*x = ListAuditResponse{}
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAuditResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAuditResponse) ProtoMessage() {}
+
+func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAuditResponse.ProtoReflect.Descriptor instead.
+func (*ListAuditResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ListAuditResponse) GetEntries() []*AuditEntry {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+type SnapshotStateRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotStateRequest) Reset() {
+	*x = SnapshotStateRequest{}
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotStateRequest) ProtoMessage() {}
+
+func (x *SnapshotStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotStateRequest.ProtoReflect.Descriptor instead.
+func (*SnapshotStateRequest) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{8}
+}
+
+type StateChunk struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StateChunk) Reset() {
+	*x = StateChunk{}
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StateChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StateChunk) ProtoMessage() {}
+
+func (x *StateChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StateChunk.ProtoReflect.Descriptor instead.
+func (*StateChunk) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *StateChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type RestoreStateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"` // the log index the state file was taken at
+	TakenAt       *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=taken_at,json=takenAt,proto3" json:"taken_at,omitempty"`
+	Sandboxes     int32                  `protobuf:"varint,3,opt,name=sandboxes,proto3" json:"sandboxes,omitempty"`
+	Nodes         int32                  `protobuf:"varint,4,opt,name=nodes,proto3" json:"nodes,omitempty"`
+	Tokens        int32                  `protobuf:"varint,5,opt,name=tokens,proto3" json:"tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreStateResponse) Reset() {
+	*x = RestoreStateResponse{}
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreStateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreStateResponse) ProtoMessage() {}
+
+func (x *RestoreStateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreStateResponse.ProtoReflect.Descriptor instead.
+func (*RestoreStateResponse) Descriptor() ([]byte, []int) {
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *RestoreStateResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *RestoreStateResponse) GetTakenAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.TakenAt
+	}
+	return nil
+}
+
+func (x *RestoreStateResponse) GetSandboxes() int32 {
+	if x != nil {
+		return x.Sandboxes
+	}
+	return 0
+}
+
+func (x *RestoreStateResponse) GetNodes() int32 {
+	if x != nil {
+		return x.Nodes
+	}
+	return 0
+}
+
+func (x *RestoreStateResponse) GetTokens() int32 {
+	if x != nil {
+		return x.Tokens
+	}
+	return 0
+}
+
 type JoinRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The join token's ID and secret (the CA pin stays with the agent).
@@ -443,7 +844,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[5]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -455,7 +856,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[5]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -468,7 +869,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{5}
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *JoinRequest) GetTokenId() string {
@@ -523,7 +924,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[6]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -535,7 +936,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[6]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -548,7 +949,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{6}
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *JoinResponse) GetCertPem() []byte {
@@ -576,7 +977,7 @@ type RegisterRequest struct {
 
 func (x *RegisterRequest) Reset() {
 	*x = RegisterRequest{}
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[7]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -588,7 +989,7 @@ func (x *RegisterRequest) String() string {
 func (*RegisterRequest) ProtoMessage() {}
 
 func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[7]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -601,7 +1002,7 @@ func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterRequest.ProtoReflect.Descriptor instead.
 func (*RegisterRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{7}
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RegisterRequest) GetNode() *Node {
@@ -628,7 +1029,7 @@ type RegisterResponse struct {
 
 func (x *RegisterResponse) Reset() {
 	*x = RegisterResponse{}
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[8]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -640,7 +1041,7 @@ func (x *RegisterResponse) String() string {
 func (*RegisterResponse) ProtoMessage() {}
 
 func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[8]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -653,7 +1054,7 @@ func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterResponse.ProtoReflect.Descriptor instead.
 func (*RegisterResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{8}
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RegisterResponse) GetNode() *Node {
@@ -688,7 +1089,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[9]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -700,7 +1101,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[9]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -713,7 +1114,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{9}
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *HeartbeatRequest) GetNode() string {
@@ -770,7 +1171,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[10]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -782,7 +1183,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[10]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -795,7 +1196,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{10}
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *HeartbeatResponse) GetRevokedEdgeCerts() []string {
@@ -814,7 +1215,7 @@ type WatchAssignmentsRequest struct {
 
 func (x *WatchAssignmentsRequest) Reset() {
 	*x = WatchAssignmentsRequest{}
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[11]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -826,7 +1227,7 @@ func (x *WatchAssignmentsRequest) String() string {
 func (*WatchAssignmentsRequest) ProtoMessage() {}
 
 func (x *WatchAssignmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[11]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -839,7 +1240,7 @@ func (x *WatchAssignmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchAssignmentsRequest.ProtoReflect.Descriptor instead.
 func (*WatchAssignmentsRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{11}
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *WatchAssignmentsRequest) GetNode() string {
@@ -866,7 +1267,7 @@ type Assignments struct {
 
 func (x *Assignments) Reset() {
 	*x = Assignments{}
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[12]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -878,7 +1279,7 @@ func (x *Assignments) String() string {
 func (*Assignments) ProtoMessage() {}
 
 func (x *Assignments) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[12]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -891,7 +1292,7 @@ func (x *Assignments) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Assignments.ProtoReflect.Descriptor instead.
 func (*Assignments) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{12}
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Assignments) GetSandboxesJson() [][]byte {
@@ -927,7 +1328,7 @@ type ReportSandboxRequest struct {
 
 func (x *ReportSandboxRequest) Reset() {
 	*x = ReportSandboxRequest{}
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[13]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -939,7 +1340,7 @@ func (x *ReportSandboxRequest) String() string {
 func (*ReportSandboxRequest) ProtoMessage() {}
 
 func (x *ReportSandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[13]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -952,7 +1353,7 @@ func (x *ReportSandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportSandboxRequest.ProtoReflect.Descriptor instead.
 func (*ReportSandboxRequest) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{13}
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ReportSandboxRequest) GetSandbox() string {
@@ -977,7 +1378,7 @@ type ReportSandboxResponse struct {
 
 func (x *ReportSandboxResponse) Reset() {
 	*x = ReportSandboxResponse{}
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[14]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -989,7 +1390,7 @@ func (x *ReportSandboxResponse) String() string {
 func (*ReportSandboxResponse) ProtoMessage() {}
 
 func (x *ReportSandboxResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fireworks_v1_cluster_proto_msgTypes[14]
+	mi := &file_fireworks_v1_cluster_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1002,7 +1403,7 @@ func (x *ReportSandboxResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportSandboxResponse.ProtoReflect.Descriptor instead.
 func (*ReportSandboxResponse) Descriptor() ([]byte, []int) {
-	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{14}
+	return file_fireworks_v1_cluster_proto_rawDescGZIP(), []int{20}
 }
 
 var File_fireworks_v1_cluster_proto protoreflect.FileDescriptor
@@ -1047,7 +1448,42 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\x11NodeActionRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\"<\n" +
 	"\x12NodeActionResponse\x12&\n" +
-	"\x04node\x18\x01 \x01(\v2\x12.fireworks.v1.NodeR\x04node\"\xae\x01\n" +
+	"\x04node\x18\x01 \x01(\v2\x12.fireworks.v1.NodeR\x04node\"\xb4\x02\n" +
+	"\n" +
+	"AuditEntry\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12*\n" +
+	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x1d\n" +
+	"\n" +
+	"actor_kind\x18\x03 \x01(\tR\tactorKind\x12\x19\n" +
+	"\bactor_id\x18\x04 \x01(\tR\aactorId\x12\x1d\n" +
+	"\n" +
+	"actor_name\x18\x05 \x01(\tR\tactorName\x12\x1d\n" +
+	"\n" +
+	"actor_role\x18\x06 \x01(\tR\tactorRole\x12\x16\n" +
+	"\x06server\x18\a \x01(\tR\x06server\x12\x0e\n" +
+	"\x02op\x18\b \x01(\tR\x02op\x12\x16\n" +
+	"\x06target\x18\t \x01(\tR\x06target\x12\x16\n" +
+	"\x06detail\x18\n" +
+	" \x01(\tR\x06detail\x12\x14\n" +
+	"\x05error\x18\v \x01(\tR\x05error\"|\n" +
+	"\x10ListAuditRequest\x12\x14\n" +
+	"\x05after\x18\x01 \x01(\x04R\x05after\x12\x14\n" +
+	"\x05actor\x18\x02 \x01(\tR\x05actor\x12\x16\n" +
+	"\x06target\x18\x03 \x01(\tR\x06target\x12\x0e\n" +
+	"\x02op\x18\x04 \x01(\tR\x02op\x12\x14\n" +
+	"\x05limit\x18\x05 \x01(\x05R\x05limit\"G\n" +
+	"\x11ListAuditResponse\x122\n" +
+	"\aentries\x18\x01 \x03(\v2\x18.fireworks.v1.AuditEntryR\aentries\"\x16\n" +
+	"\x14SnapshotStateRequest\" \n" +
+	"\n" +
+	"StateChunk\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"\xaf\x01\n" +
+	"\x14RestoreStateResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x125\n" +
+	"\btaken_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\atakenAt\x12\x1c\n" +
+	"\tsandboxes\x18\x03 \x01(\x05R\tsandboxes\x12\x14\n" +
+	"\x05nodes\x18\x04 \x01(\x05R\x05nodes\x12\x16\n" +
+	"\x06tokens\x18\x05 \x01(\x05R\x06tokens\"\xae\x01\n" +
 	"\vJoinRequest\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\tR\atokenId\x12!\n" +
 	"\ftoken_secret\x18\x02 \x01(\tR\vtokenSecret\x12\x12\n" +
@@ -1084,7 +1520,7 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\asandbox\x18\x01 \x01(\tR\asandbox\x12\x1f\n" +
 	"\vupdate_json\x18\x02 \x01(\fR\n" +
 	"updateJson\"\x17\n" +
-	"\x15ReportSandboxResponse2\xa3\x03\n" +
+	"\x15ReportSandboxResponse2\x92\x05\n" +
 	"\x0eClusterService\x12L\n" +
 	"\tListNodes\x12\x1e.fireworks.v1.ListNodesRequest\x1a\x1f.fireworks.v1.ListNodesResponse\x12O\n" +
 	"\n" +
@@ -1092,7 +1528,10 @@ const file_fireworks_v1_cluster_proto_rawDesc = "" +
 	"\fUncordonNode\x12\x1f.fireworks.v1.NodeActionRequest\x1a .fireworks.v1.NodeActionResponse\x12N\n" +
 	"\tDrainNode\x12\x1f.fireworks.v1.NodeActionRequest\x1a .fireworks.v1.NodeActionResponse\x12O\n" +
 	"\n" +
-	"RemoveNode\x12\x1f.fireworks.v1.NodeActionRequest\x1a .fireworks.v1.NodeActionResponse2\x97\x03\n" +
+	"RemoveNode\x12\x1f.fireworks.v1.NodeActionRequest\x1a .fireworks.v1.NodeActionResponse\x12L\n" +
+	"\tListAudit\x12\x1e.fireworks.v1.ListAuditRequest\x1a\x1f.fireworks.v1.ListAuditResponse\x12O\n" +
+	"\rSnapshotState\x12\".fireworks.v1.SnapshotStateRequest\x1a\x18.fireworks.v1.StateChunk0\x01\x12N\n" +
+	"\fRestoreState\x12\x18.fireworks.v1.StateChunk\x1a\".fireworks.v1.RestoreStateResponse(\x012\x97\x03\n" +
 	"\vNodeService\x12=\n" +
 	"\x04Join\x12\x19.fireworks.v1.JoinRequest\x1a\x1a.fireworks.v1.JoinResponse\x12I\n" +
 	"\bRegister\x12\x1d.fireworks.v1.RegisterRequest\x1a\x1e.fireworks.v1.RegisterResponse\x12L\n" +
@@ -1112,65 +1551,80 @@ func file_fireworks_v1_cluster_proto_rawDescGZIP() []byte {
 	return file_fireworks_v1_cluster_proto_rawDescData
 }
 
-var file_fireworks_v1_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_fireworks_v1_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_fireworks_v1_cluster_proto_goTypes = []any{
 	(*Node)(nil),                    // 0: fireworks.v1.Node
 	(*ListNodesRequest)(nil),        // 1: fireworks.v1.ListNodesRequest
 	(*ListNodesResponse)(nil),       // 2: fireworks.v1.ListNodesResponse
 	(*NodeActionRequest)(nil),       // 3: fireworks.v1.NodeActionRequest
 	(*NodeActionResponse)(nil),      // 4: fireworks.v1.NodeActionResponse
-	(*JoinRequest)(nil),             // 5: fireworks.v1.JoinRequest
-	(*JoinResponse)(nil),            // 6: fireworks.v1.JoinResponse
-	(*RegisterRequest)(nil),         // 7: fireworks.v1.RegisterRequest
-	(*RegisterResponse)(nil),        // 8: fireworks.v1.RegisterResponse
-	(*HeartbeatRequest)(nil),        // 9: fireworks.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),       // 10: fireworks.v1.HeartbeatResponse
-	(*WatchAssignmentsRequest)(nil), // 11: fireworks.v1.WatchAssignmentsRequest
-	(*Assignments)(nil),             // 12: fireworks.v1.Assignments
-	(*ReportSandboxRequest)(nil),    // 13: fireworks.v1.ReportSandboxRequest
-	(*ReportSandboxResponse)(nil),   // 14: fireworks.v1.ReportSandboxResponse
-	nil,                             // 15: fireworks.v1.Node.LabelsEntry
-	(*timestamppb.Timestamp)(nil),   // 16: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),     // 17: google.protobuf.Duration
-	(*PoolNodeStatus)(nil),          // 18: fireworks.v1.PoolNodeStatus
-	(*Pool)(nil),                    // 19: fireworks.v1.Pool
+	(*AuditEntry)(nil),              // 5: fireworks.v1.AuditEntry
+	(*ListAuditRequest)(nil),        // 6: fireworks.v1.ListAuditRequest
+	(*ListAuditResponse)(nil),       // 7: fireworks.v1.ListAuditResponse
+	(*SnapshotStateRequest)(nil),    // 8: fireworks.v1.SnapshotStateRequest
+	(*StateChunk)(nil),              // 9: fireworks.v1.StateChunk
+	(*RestoreStateResponse)(nil),    // 10: fireworks.v1.RestoreStateResponse
+	(*JoinRequest)(nil),             // 11: fireworks.v1.JoinRequest
+	(*JoinResponse)(nil),            // 12: fireworks.v1.JoinResponse
+	(*RegisterRequest)(nil),         // 13: fireworks.v1.RegisterRequest
+	(*RegisterResponse)(nil),        // 14: fireworks.v1.RegisterResponse
+	(*HeartbeatRequest)(nil),        // 15: fireworks.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),       // 16: fireworks.v1.HeartbeatResponse
+	(*WatchAssignmentsRequest)(nil), // 17: fireworks.v1.WatchAssignmentsRequest
+	(*Assignments)(nil),             // 18: fireworks.v1.Assignments
+	(*ReportSandboxRequest)(nil),    // 19: fireworks.v1.ReportSandboxRequest
+	(*ReportSandboxResponse)(nil),   // 20: fireworks.v1.ReportSandboxResponse
+	nil,                             // 21: fireworks.v1.Node.LabelsEntry
+	(*timestamppb.Timestamp)(nil),   // 22: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),     // 23: google.protobuf.Duration
+	(*PoolNodeStatus)(nil),          // 24: fireworks.v1.PoolNodeStatus
+	(*Pool)(nil),                    // 25: fireworks.v1.Pool
 }
 var file_fireworks_v1_cluster_proto_depIdxs = []int32{
-	15, // 0: fireworks.v1.Node.labels:type_name -> fireworks.v1.Node.LabelsEntry
-	16, // 1: fireworks.v1.Node.registered_at:type_name -> google.protobuf.Timestamp
-	16, // 2: fireworks.v1.Node.updated_at:type_name -> google.protobuf.Timestamp
+	21, // 0: fireworks.v1.Node.labels:type_name -> fireworks.v1.Node.LabelsEntry
+	22, // 1: fireworks.v1.Node.registered_at:type_name -> google.protobuf.Timestamp
+	22, // 2: fireworks.v1.Node.updated_at:type_name -> google.protobuf.Timestamp
 	0,  // 3: fireworks.v1.ListNodesResponse.nodes:type_name -> fireworks.v1.Node
 	0,  // 4: fireworks.v1.NodeActionResponse.node:type_name -> fireworks.v1.Node
-	0,  // 5: fireworks.v1.RegisterRequest.node:type_name -> fireworks.v1.Node
-	0,  // 6: fireworks.v1.RegisterResponse.node:type_name -> fireworks.v1.Node
-	17, // 7: fireworks.v1.RegisterResponse.heartbeat_interval:type_name -> google.protobuf.Duration
-	18, // 8: fireworks.v1.HeartbeatRequest.pools:type_name -> fireworks.v1.PoolNodeStatus
-	19, // 9: fireworks.v1.Assignments.pools:type_name -> fireworks.v1.Pool
-	1,  // 10: fireworks.v1.ClusterService.ListNodes:input_type -> fireworks.v1.ListNodesRequest
-	3,  // 11: fireworks.v1.ClusterService.CordonNode:input_type -> fireworks.v1.NodeActionRequest
-	3,  // 12: fireworks.v1.ClusterService.UncordonNode:input_type -> fireworks.v1.NodeActionRequest
-	3,  // 13: fireworks.v1.ClusterService.DrainNode:input_type -> fireworks.v1.NodeActionRequest
-	3,  // 14: fireworks.v1.ClusterService.RemoveNode:input_type -> fireworks.v1.NodeActionRequest
-	5,  // 15: fireworks.v1.NodeService.Join:input_type -> fireworks.v1.JoinRequest
-	7,  // 16: fireworks.v1.NodeService.Register:input_type -> fireworks.v1.RegisterRequest
-	9,  // 17: fireworks.v1.NodeService.Heartbeat:input_type -> fireworks.v1.HeartbeatRequest
-	11, // 18: fireworks.v1.NodeService.WatchAssignments:input_type -> fireworks.v1.WatchAssignmentsRequest
-	13, // 19: fireworks.v1.NodeService.ReportSandbox:input_type -> fireworks.v1.ReportSandboxRequest
-	2,  // 20: fireworks.v1.ClusterService.ListNodes:output_type -> fireworks.v1.ListNodesResponse
-	4,  // 21: fireworks.v1.ClusterService.CordonNode:output_type -> fireworks.v1.NodeActionResponse
-	4,  // 22: fireworks.v1.ClusterService.UncordonNode:output_type -> fireworks.v1.NodeActionResponse
-	4,  // 23: fireworks.v1.ClusterService.DrainNode:output_type -> fireworks.v1.NodeActionResponse
-	4,  // 24: fireworks.v1.ClusterService.RemoveNode:output_type -> fireworks.v1.NodeActionResponse
-	6,  // 25: fireworks.v1.NodeService.Join:output_type -> fireworks.v1.JoinResponse
-	8,  // 26: fireworks.v1.NodeService.Register:output_type -> fireworks.v1.RegisterResponse
-	10, // 27: fireworks.v1.NodeService.Heartbeat:output_type -> fireworks.v1.HeartbeatResponse
-	12, // 28: fireworks.v1.NodeService.WatchAssignments:output_type -> fireworks.v1.Assignments
-	14, // 29: fireworks.v1.NodeService.ReportSandbox:output_type -> fireworks.v1.ReportSandboxResponse
-	20, // [20:30] is the sub-list for method output_type
-	10, // [10:20] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	22, // 5: fireworks.v1.AuditEntry.at:type_name -> google.protobuf.Timestamp
+	5,  // 6: fireworks.v1.ListAuditResponse.entries:type_name -> fireworks.v1.AuditEntry
+	22, // 7: fireworks.v1.RestoreStateResponse.taken_at:type_name -> google.protobuf.Timestamp
+	0,  // 8: fireworks.v1.RegisterRequest.node:type_name -> fireworks.v1.Node
+	0,  // 9: fireworks.v1.RegisterResponse.node:type_name -> fireworks.v1.Node
+	23, // 10: fireworks.v1.RegisterResponse.heartbeat_interval:type_name -> google.protobuf.Duration
+	24, // 11: fireworks.v1.HeartbeatRequest.pools:type_name -> fireworks.v1.PoolNodeStatus
+	25, // 12: fireworks.v1.Assignments.pools:type_name -> fireworks.v1.Pool
+	1,  // 13: fireworks.v1.ClusterService.ListNodes:input_type -> fireworks.v1.ListNodesRequest
+	3,  // 14: fireworks.v1.ClusterService.CordonNode:input_type -> fireworks.v1.NodeActionRequest
+	3,  // 15: fireworks.v1.ClusterService.UncordonNode:input_type -> fireworks.v1.NodeActionRequest
+	3,  // 16: fireworks.v1.ClusterService.DrainNode:input_type -> fireworks.v1.NodeActionRequest
+	3,  // 17: fireworks.v1.ClusterService.RemoveNode:input_type -> fireworks.v1.NodeActionRequest
+	6,  // 18: fireworks.v1.ClusterService.ListAudit:input_type -> fireworks.v1.ListAuditRequest
+	8,  // 19: fireworks.v1.ClusterService.SnapshotState:input_type -> fireworks.v1.SnapshotStateRequest
+	9,  // 20: fireworks.v1.ClusterService.RestoreState:input_type -> fireworks.v1.StateChunk
+	11, // 21: fireworks.v1.NodeService.Join:input_type -> fireworks.v1.JoinRequest
+	13, // 22: fireworks.v1.NodeService.Register:input_type -> fireworks.v1.RegisterRequest
+	15, // 23: fireworks.v1.NodeService.Heartbeat:input_type -> fireworks.v1.HeartbeatRequest
+	17, // 24: fireworks.v1.NodeService.WatchAssignments:input_type -> fireworks.v1.WatchAssignmentsRequest
+	19, // 25: fireworks.v1.NodeService.ReportSandbox:input_type -> fireworks.v1.ReportSandboxRequest
+	2,  // 26: fireworks.v1.ClusterService.ListNodes:output_type -> fireworks.v1.ListNodesResponse
+	4,  // 27: fireworks.v1.ClusterService.CordonNode:output_type -> fireworks.v1.NodeActionResponse
+	4,  // 28: fireworks.v1.ClusterService.UncordonNode:output_type -> fireworks.v1.NodeActionResponse
+	4,  // 29: fireworks.v1.ClusterService.DrainNode:output_type -> fireworks.v1.NodeActionResponse
+	4,  // 30: fireworks.v1.ClusterService.RemoveNode:output_type -> fireworks.v1.NodeActionResponse
+	7,  // 31: fireworks.v1.ClusterService.ListAudit:output_type -> fireworks.v1.ListAuditResponse
+	9,  // 32: fireworks.v1.ClusterService.SnapshotState:output_type -> fireworks.v1.StateChunk
+	10, // 33: fireworks.v1.ClusterService.RestoreState:output_type -> fireworks.v1.RestoreStateResponse
+	12, // 34: fireworks.v1.NodeService.Join:output_type -> fireworks.v1.JoinResponse
+	14, // 35: fireworks.v1.NodeService.Register:output_type -> fireworks.v1.RegisterResponse
+	16, // 36: fireworks.v1.NodeService.Heartbeat:output_type -> fireworks.v1.HeartbeatResponse
+	18, // 37: fireworks.v1.NodeService.WatchAssignments:output_type -> fireworks.v1.Assignments
+	20, // 38: fireworks.v1.NodeService.ReportSandbox:output_type -> fireworks.v1.ReportSandboxResponse
+	26, // [26:39] is the sub-list for method output_type
+	13, // [13:26] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_fireworks_v1_cluster_proto_init() }
@@ -1185,7 +1639,7 @@ func file_fireworks_v1_cluster_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fireworks_v1_cluster_proto_rawDesc), len(file_fireworks_v1_cluster_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

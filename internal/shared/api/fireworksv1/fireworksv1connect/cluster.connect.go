@@ -54,6 +54,15 @@ const (
 	// ClusterServiceRemoveNodeProcedure is the fully-qualified name of the ClusterService's RemoveNode
 	// RPC.
 	ClusterServiceRemoveNodeProcedure = "/fireworks.v1.ClusterService/RemoveNode"
+	// ClusterServiceListAuditProcedure is the fully-qualified name of the ClusterService's ListAudit
+	// RPC.
+	ClusterServiceListAuditProcedure = "/fireworks.v1.ClusterService/ListAudit"
+	// ClusterServiceSnapshotStateProcedure is the fully-qualified name of the ClusterService's
+	// SnapshotState RPC.
+	ClusterServiceSnapshotStateProcedure = "/fireworks.v1.ClusterService/SnapshotState"
+	// ClusterServiceRestoreStateProcedure is the fully-qualified name of the ClusterService's
+	// RestoreState RPC.
+	ClusterServiceRestoreStateProcedure = "/fireworks.v1.ClusterService/RestoreState"
 	// NodeServiceJoinProcedure is the fully-qualified name of the NodeService's Join RPC.
 	NodeServiceJoinProcedure = "/fireworks.v1.NodeService/Join"
 	// NodeServiceRegisterProcedure is the fully-qualified name of the NodeService's Register RPC.
@@ -81,6 +90,14 @@ type ClusterServiceClient interface {
 	// name is free for a host to join with a new join token. The response's node is the
 	// last state known.
 	RemoveNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
+	// ListAudit returns the audit log of state changes (admin only), oldest first.
+	ListAudit(context.Context, *connect.Request[fireworksv1.ListAuditRequest]) (*connect.Response[fireworksv1.ListAuditResponse], error)
+	// SnapshotState streams a backup of the whole replicated state (admin only): the
+	// bytes of a state file, header first (see `fireworks state snapshot`).
+	SnapshotState(context.Context, *connect.Request[fireworksv1.SnapshotStateRequest]) (*connect.ServerStreamForClient[fireworksv1.StateChunk], error)
+	// RestoreState replaces the whole replicated state with a state file's (admin only),
+	// on every server. The file is checked whole before anything changes.
+	RestoreState(context.Context) *connect.ClientStreamForClient[fireworksv1.StateChunk, fireworksv1.RestoreStateResponse]
 }
 
 // NewClusterServiceClient constructs a client for the fireworks.v1.ClusterService service. By
@@ -124,16 +141,37 @@ func NewClusterServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			connect.WithSchema(clusterServiceMethods.ByName("RemoveNode")),
 			connect.WithClientOptions(opts...),
 		),
+		listAudit: connect.NewClient[fireworksv1.ListAuditRequest, fireworksv1.ListAuditResponse](
+			httpClient,
+			baseURL+ClusterServiceListAuditProcedure,
+			connect.WithSchema(clusterServiceMethods.ByName("ListAudit")),
+			connect.WithClientOptions(opts...),
+		),
+		snapshotState: connect.NewClient[fireworksv1.SnapshotStateRequest, fireworksv1.StateChunk](
+			httpClient,
+			baseURL+ClusterServiceSnapshotStateProcedure,
+			connect.WithSchema(clusterServiceMethods.ByName("SnapshotState")),
+			connect.WithClientOptions(opts...),
+		),
+		restoreState: connect.NewClient[fireworksv1.StateChunk, fireworksv1.RestoreStateResponse](
+			httpClient,
+			baseURL+ClusterServiceRestoreStateProcedure,
+			connect.WithSchema(clusterServiceMethods.ByName("RestoreState")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // clusterServiceClient implements ClusterServiceClient.
 type clusterServiceClient struct {
-	listNodes    *connect.Client[fireworksv1.ListNodesRequest, fireworksv1.ListNodesResponse]
-	cordonNode   *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
-	uncordonNode *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
-	drainNode    *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
-	removeNode   *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
+	listNodes     *connect.Client[fireworksv1.ListNodesRequest, fireworksv1.ListNodesResponse]
+	cordonNode    *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
+	uncordonNode  *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
+	drainNode     *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
+	removeNode    *connect.Client[fireworksv1.NodeActionRequest, fireworksv1.NodeActionResponse]
+	listAudit     *connect.Client[fireworksv1.ListAuditRequest, fireworksv1.ListAuditResponse]
+	snapshotState *connect.Client[fireworksv1.SnapshotStateRequest, fireworksv1.StateChunk]
+	restoreState  *connect.Client[fireworksv1.StateChunk, fireworksv1.RestoreStateResponse]
 }
 
 // ListNodes calls fireworks.v1.ClusterService.ListNodes.
@@ -161,6 +199,21 @@ func (c *clusterServiceClient) RemoveNode(ctx context.Context, req *connect.Requ
 	return c.removeNode.CallUnary(ctx, req)
 }
 
+// ListAudit calls fireworks.v1.ClusterService.ListAudit.
+func (c *clusterServiceClient) ListAudit(ctx context.Context, req *connect.Request[fireworksv1.ListAuditRequest]) (*connect.Response[fireworksv1.ListAuditResponse], error) {
+	return c.listAudit.CallUnary(ctx, req)
+}
+
+// SnapshotState calls fireworks.v1.ClusterService.SnapshotState.
+func (c *clusterServiceClient) SnapshotState(ctx context.Context, req *connect.Request[fireworksv1.SnapshotStateRequest]) (*connect.ServerStreamForClient[fireworksv1.StateChunk], error) {
+	return c.snapshotState.CallServerStream(ctx, req)
+}
+
+// RestoreState calls fireworks.v1.ClusterService.RestoreState.
+func (c *clusterServiceClient) RestoreState(ctx context.Context) *connect.ClientStreamForClient[fireworksv1.StateChunk, fireworksv1.RestoreStateResponse] {
+	return c.restoreState.CallClientStream(ctx)
+}
+
 // ClusterServiceHandler is an implementation of the fireworks.v1.ClusterService service.
 type ClusterServiceHandler interface {
 	ListNodes(context.Context, *connect.Request[fireworksv1.ListNodesRequest]) (*connect.Response[fireworksv1.ListNodesResponse], error)
@@ -174,6 +227,14 @@ type ClusterServiceHandler interface {
 	// name is free for a host to join with a new join token. The response's node is the
 	// last state known.
 	RemoveNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error)
+	// ListAudit returns the audit log of state changes (admin only), oldest first.
+	ListAudit(context.Context, *connect.Request[fireworksv1.ListAuditRequest]) (*connect.Response[fireworksv1.ListAuditResponse], error)
+	// SnapshotState streams a backup of the whole replicated state (admin only): the
+	// bytes of a state file, header first (see `fireworks state snapshot`).
+	SnapshotState(context.Context, *connect.Request[fireworksv1.SnapshotStateRequest], *connect.ServerStream[fireworksv1.StateChunk]) error
+	// RestoreState replaces the whole replicated state with a state file's (admin only),
+	// on every server. The file is checked whole before anything changes.
+	RestoreState(context.Context, *connect.ClientStream[fireworksv1.StateChunk]) (*connect.Response[fireworksv1.RestoreStateResponse], error)
 }
 
 // NewClusterServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -213,6 +274,24 @@ func NewClusterServiceHandler(svc ClusterServiceHandler, opts ...connect.Handler
 		connect.WithSchema(clusterServiceMethods.ByName("RemoveNode")),
 		connect.WithHandlerOptions(opts...),
 	)
+	clusterServiceListAuditHandler := connect.NewUnaryHandler(
+		ClusterServiceListAuditProcedure,
+		svc.ListAudit,
+		connect.WithSchema(clusterServiceMethods.ByName("ListAudit")),
+		connect.WithHandlerOptions(opts...),
+	)
+	clusterServiceSnapshotStateHandler := connect.NewServerStreamHandler(
+		ClusterServiceSnapshotStateProcedure,
+		svc.SnapshotState,
+		connect.WithSchema(clusterServiceMethods.ByName("SnapshotState")),
+		connect.WithHandlerOptions(opts...),
+	)
+	clusterServiceRestoreStateHandler := connect.NewClientStreamHandler(
+		ClusterServiceRestoreStateProcedure,
+		svc.RestoreState,
+		connect.WithSchema(clusterServiceMethods.ByName("RestoreState")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/fireworks.v1.ClusterService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ClusterServiceListNodesProcedure:
@@ -225,6 +304,12 @@ func NewClusterServiceHandler(svc ClusterServiceHandler, opts ...connect.Handler
 			clusterServiceDrainNodeHandler.ServeHTTP(w, r)
 		case ClusterServiceRemoveNodeProcedure:
 			clusterServiceRemoveNodeHandler.ServeHTTP(w, r)
+		case ClusterServiceListAuditProcedure:
+			clusterServiceListAuditHandler.ServeHTTP(w, r)
+		case ClusterServiceSnapshotStateProcedure:
+			clusterServiceSnapshotStateHandler.ServeHTTP(w, r)
+		case ClusterServiceRestoreStateProcedure:
+			clusterServiceRestoreStateHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -252,6 +337,18 @@ func (UnimplementedClusterServiceHandler) DrainNode(context.Context, *connect.Re
 
 func (UnimplementedClusterServiceHandler) RemoveNode(context.Context, *connect.Request[fireworksv1.NodeActionRequest]) (*connect.Response[fireworksv1.NodeActionResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ClusterService.RemoveNode is not implemented"))
+}
+
+func (UnimplementedClusterServiceHandler) ListAudit(context.Context, *connect.Request[fireworksv1.ListAuditRequest]) (*connect.Response[fireworksv1.ListAuditResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ClusterService.ListAudit is not implemented"))
+}
+
+func (UnimplementedClusterServiceHandler) SnapshotState(context.Context, *connect.Request[fireworksv1.SnapshotStateRequest], *connect.ServerStream[fireworksv1.StateChunk]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ClusterService.SnapshotState is not implemented"))
+}
+
+func (UnimplementedClusterServiceHandler) RestoreState(context.Context, *connect.ClientStream[fireworksv1.StateChunk]) (*connect.Response[fireworksv1.RestoreStateResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("fireworks.v1.ClusterService.RestoreState is not implemented"))
 }
 
 // NodeServiceClient is a client for the fireworks.v1.NodeService service.
