@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -33,6 +34,8 @@ func main() {
 	flag.BoolVar(&cfg.SkipCrun, "skip-crun", false, "do not measure the container baselines (crun, podman run --rm)")
 	flag.IntVar(&cfg.Creates, "creates", 500, "control-plane creates per concurrency level")
 	flag.BoolVar(&cfg.SkipNetwork, "skip-network", false, "do not measure the network series")
+	density := flag.String("density", "10,100", "idle sandboxes per density step, comma-separated (\"\": skip the density rows)")
+	flag.BoolVar(&cfg.OnlyControlPlane, "only-control-plane", false, "measure the control-plane rows alone (creates through the store and through the API)")
 	flag.BoolVar(&cfg.OnlyMigration, "only-migration", false, "measure the live migration series alone")
 	flag.BoolVar(&cfg.OnlyE2B, "only-e2b", false, "measure the E2B SDK rows (and the crun baseline) alone")
 	flag.BoolVar(&cfg.SkipImages, "skip-images", false, "do not measure the first start of a large (≥1 GiB) and a small image")
@@ -44,6 +47,17 @@ func main() {
 	debug := flag.Bool("debug", false, "log each measurement's details (e.g. every migration's nodes and timings); the bench cluster's processes log at debug level into DATA-DIR/cluster-logs")
 	hostNetwork := flag.Bool("host-network", false, "run in the machine's network namespace instead of a private one (sandbox networks and NAT rules then land on the machine)")
 	flag.Parse()
+	for _, f := range strings.Split(*density, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 1 {
+			fmt.Fprintf(os.Stderr, "-density %q: want counts like 10,100\n", *density)
+			os.Exit(2)
+		}
+		cfg.DensitySteps = append(cfg.DensitySteps, n)
+	}
 	cfg.Command = strings.Fields(command)
 	switch {
 	case cfg.PNG == "-" || (cfg.PNG == "" && cfg.Out == ""):

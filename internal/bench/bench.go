@@ -43,8 +43,11 @@ type Config struct {
 	PNG       string // chart path ("" = none)
 	Command   []string
 	SkipCrun  bool
-	PoolSize  int // warm VMs the pool series keeps ready (default 2)
-	Creates   int // control-plane creates per concurrency level (default 500)
+	// DensitySteps are the idle-sandbox counts the density rows measure, ascending
+	// (none: no density rows).
+	DensitySteps []int
+	PoolSize     int // warm VMs the pool series keeps ready (default 2)
+	Creates      int // control-plane creates per concurrency level (default 500)
 	// The network series: SkipNetwork leaves it out; each throughput sample streams
 	// NetSeconds (default 2s), NetRepeats times per direction and policy (default 3).
 	SkipNetwork bool
@@ -57,6 +60,10 @@ type Config struct {
 	OnlyMigration bool
 	// OnlyE2B measures the E2B SDK rows and the crun baseline alone.
 	OnlyE2B bool
+	// OnlyControlPlane measures the control-plane rows alone (store and API).
+	OnlyControlPlane bool
+	// APIClients are the client counts of the API rows (default 1, 16, 64, 256).
+	APIClients []int
 	// SkipNodeScale leaves out the node autoscaler's scale-up on a Kubernetes control
 	// plane (built from the module proxy by Repo/scripts/kube-tools.sh, cached);
 	// NodeScaleRuns is how many scale-ups it measures (default 5).
@@ -145,6 +152,12 @@ type Report struct {
 	Scheduler []SchedulerRow `json:"scheduler,omitempty"`
 	// ControlPlane is create commit throughput and latency through 3 Raft servers.
 	ControlPlane []RaftRow `json:"control_plane,omitempty"`
+	// ControlPlaneAPI is the same through the real API: 3 `fireworks server` processes,
+	// user tokens over HTTP/2, placement on simulated nodes (the store rows above are its
+	// baseline: the commit alone).
+	ControlPlaneAPI []APIRow `json:"control_plane_api,omitempty"`
+	// Density is what idle sandboxes cost a node, per node setting.
+	Density []DensityRow `json:"density,omitempty"`
 	// NodeScale is the node autoscaler's scale-up on Kubernetes, beside kube-scheduler's
 	// own latency in the same control plane.
 	NodeScale []NodeScaleRow `json:"node_scale,omitempty"`
@@ -231,10 +244,27 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	ref := "oci:" + ociDir
 	rep := &Report{Time: time.Now().UTC(), Image: "busybox (from the host's busybox-static)", Command: cfg.Command}
+	if cfg.OnlyControlPlane {
+		measureControlPlane(ctx, cfg, work, rep)
+		return rep, finish(cfg, rep)
+	}
 
 	if !cfg.OnlyE2B {
 		if err := measureOnDev(ctx, cfg, work, ref, rep); err != nil {
 			rep.fail(cfg.Log, "fireworks dev", err)
+		}
+	}
+
+	if !cfg.OnlyMigration && !cfg.OnlyE2B && len(cfg.DensitySteps) > 0 {
+		rows, err := measureDensity(ctx, cfg, work, ref, cfg.DensitySteps, []densitySetting{
+			{name: "TCG cache 1024 MiB (QEMU's)", tcgCache: 1024},
+			{name: "TCG cache 256 MiB", tcgCache: 256},
+			{name: "TCG cache 64 MiB", tcgCache: 64},
+			{name: "TCG cache 64 MiB, KSM on", tcgCache: 64, ksm: true},
+		})
+		rep.Density = rows
+		if err != nil {
+			rep.fail(cfg.Log, "density", err)
 		}
 	}
 
@@ -272,11 +302,8 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			IndexMs: ms(r.Index), P50Ms: ms(r.P50), P99Ms: ms(r.P99)})
 	}
 
-	if cfg.OnlyMigration || cfg.OnlyE2B {
-	} else if cpRows, err := BenchRaft(ctx, filepath.Join(work, "raft"), cfg.Creates, []int{1, 16, 64}); err != nil {
-		rep.fail(cfg.Log, "control plane", err)
-	} else {
-		rep.ControlPlane = cpRows
+	if !cfg.OnlyMigration && !cfg.OnlyE2B {
+		measureControlPlane(ctx, cfg, work, rep)
 	}
 
 	if !cfg.OnlyMigration && !cfg.OnlyE2B && !cfg.SkipNodeScale {
@@ -287,6 +314,30 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		rep.NodeScale = rows
 	}
 
+	return rep, finish(cfg, rep)
+}
+
+// measureControlPlane measures creates committed through the store of 3 servers (the
+// baseline) and through the real API of 3 server processes.
+func measureControlPlane(ctx context.Context, cfg Config, work string, rep *Report) {
+	if rows, err := BenchRaft(ctx, filepath.Join(work, "raft"), cfg.Creates, []int{1, 16, 64}); err != nil {
+		rep.fail(cfg.Log, "control plane", err)
+	} else {
+		rep.ControlPlane = rows
+	}
+	clients := cfg.APIClients
+	if len(clients) == 0 {
+		clients = []int{1, 16, 64, 256}
+	}
+	rows, err := BenchAPI(ctx, cfg.Fireworks, filepath.Join(work, "api"), cfg.Creates, clients, 100, cfg.Log)
+	rep.ControlPlaneAPI = rows
+	if err != nil {
+		rep.fail(cfg.Log, "control plane through the API", err)
+	}
+}
+
+// finish writes the report where cfg says and returns every failure in it.
+func finish(cfg Config, rep *Report) error {
 	var errs []error
 	if cfg.Out != "" {
 		data, _ := json.MarshalIndent(rep, "", "  ")
@@ -305,7 +356,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	for _, e := range rep.Errors {
 		errs = append(errs, fmt.Errorf("series %q failed: %s", e.Series, e.Error))
 	}
-	return rep, errors.Join(errs...)
+	return errors.Join(errs...)
 }
 
 // measureOnDev starts a `fireworks dev` server and measures every series that needs one:
@@ -590,6 +641,9 @@ func PrintTable(w io.Writer, rep *Report) {
 	if len(rep.Pause) > 0 {
 		printPause(w, rep.Pause, rep.Accelerator)
 	}
+	if len(rep.Density) > 0 {
+		printDensity(w, rep.Density, rep.Accelerator)
+	}
 	if len(rep.Volumes) > 0 {
 		printVolumes(w, rep.Volumes, rep.Accelerator)
 	}
@@ -610,6 +664,13 @@ func PrintTable(w io.Writer, rep *Report) {
 		for _, r := range rep.ControlPlane {
 			fmt.Fprintf(w, "%-28s %8d %12.0f %10.2fms %10.2fms\n", fmt.Sprintf("%d concurrent clients", r.Concurrency), r.Creates, r.PerSecond, r.P50Ms, r.P99Ms)
 		}
+	}
+	if len(rep.ControlPlaneAPI) > 0 {
+		fmt.Fprintf(w, "\n%-40s %8s %12s %12s %12s  %s\n", "creates through the API (3 servers)", "creates", "creates/s", "create p50", "create p99", "checked: placed on a simulated node / via a follower")
+		for _, r := range rep.ControlPlaneAPI {
+			fmt.Fprintf(w, "%-40s %8d %12.0f %10.2fms %10.2fms  %d/%d placed on %d nodes, %d forwarded\n", fmt.Sprintf("%d clients, %d nodes", r.Clients, r.Nodes), r.Creates, r.PerSecond, r.P50Ms, r.P99Ms, r.Placed, r.Creates, r.Nodes, r.Forwarded)
+		}
+		fmt.Fprintf(w, "goal: >= %d creates/s and p99 <= %d ms at %d clients\n", apiGoalPerSecond, apiGoalP99Ms, apiGoalClients)
 	}
 	if len(rep.NodeScale) > 0 {
 		fmt.Fprintf(w, "\n%-72s %4s %9s %9s %9s  %s\n", "node autoscaler on Kubernetes (real control plane, simulated pool)", "runs", "p50 ms", "p99 ms", "max ms", "each run checked")

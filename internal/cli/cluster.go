@@ -25,6 +25,7 @@ import (
 	pb "github.com/fireworks-sandbox/fireworks/internal/shared/api/fireworksv1"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/client"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/pki"
+	"github.com/fireworks-sandbox/fireworks/internal/shared/pprofserve"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/routes"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/fireworks-sandbox/fireworks/internal/shared/state"
@@ -49,6 +50,7 @@ func newServerCmd(g *globals) *cobra.Command {
 		nodeScale             nodeScaleFlags
 		kubeJoinSA            string
 		allowJoinTokens       bool
+		pprofListen           string
 	)
 	cmd := &cobra.Command{
 		Use:   "server",
@@ -63,6 +65,11 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 			defer stop()
 			log := newLogger(logLevel)
 			cfg.Log = log
+			if pprofListen != "" {
+				if err := pprofserve.Start(ctx, pprofListen, log); err != nil {
+					return err
+				}
+			}
 			var err error
 			if cfg.Peers, err = serverproc.ParsePeers(peers); err != nil {
 				return err
@@ -136,6 +143,7 @@ join token from ` + "`fireworks token create --role join`" + `.`,
 	fl.DurationVar(&cfg.MaxStale, "max-stale", serverproc.DefaultMaxStale, "serve --stale reads only while this server heard from the leader within this long (a token revoked meanwhile reads here until then)")
 	fl.StringVar(&kubeJoinSA, "kube-join-service-account", "", "admit agents that join with a projected token of this Kubernetes ServiceAccount (namespace/name; the agent DaemonSet's), checked with the API server (TokenReview): each joins only as the node its pod runs on")
 	fl.BoolVar(&allowJoinTokens, "allow-join-tokens", false, "with --kube-join-service-account: admit agents by join token too (hosts outside Kubernetes; a join token may name any node, so it gets around the binding to Kubernetes nodes)")
+	fl.StringVar(&pprofListen, "pprof-listen", "", "serve Go runtime profiles (net/http/pprof) on this loopback address, e.g. 127.0.0.1:6060")
 	registerLimitFlags(fl, &cfg.Limits)
 	nodeScale.register(fl)
 	return cmd

@@ -14,6 +14,7 @@ import (
 // warmFlags are a node's own template and warm-pool settings (dev and agent).
 type warmFlags struct {
 	templateDiskMiB, imageDiskMiB, imageMiBPerToken, logMiBPerToken, savedDiskMiB int
+	tcgCacheMiB                                                                   int
 	pools                                                                         []string
 }
 
@@ -23,6 +24,7 @@ func (w *warmFlags) register(fl *pflag.FlagSet) {
 	fl.IntVar(&w.logMiBPerToken, "log-mib-per-token", 4096, "stored output of one token's sandboxes on this node together, MiB; past it their output is discarded until finished ones are removed")
 	fl.IntVar(&w.imageDiskMiB, "image-disk-mib", 32768, "disk space for images (layers and root disks), MiB; the least recently used that nothing runs from are removed past it")
 	fl.IntVar(&w.imageMiBPerToken, "image-mib-per-token", 16384, "disk space the images one user token pulled or ran may take on this node, MiB; past it that token's least recently used images go first, then its pull fails")
+	fl.IntVar(&w.tcgCacheMiB, "tcg-cache-mib", agent.DefaultTCGCacheMiB, "under TCG: each VM's translation cache, MiB (QEMU's tb-size; its own default is 1024); most of an idle VM's memory, and re-translation costs CPU-bound guests time when it is too small")
 	fl.StringArrayVar(&w.pools, "warm-pool", nil, "keep warm VMs of an image on this node: IMAGE=SIZE[:MAX] (repeatable; 'fireworks pool set' overrides it cluster-wide)")
 }
 
@@ -45,6 +47,10 @@ func (w *warmFlags) apply(cfg *agent.Config) error {
 	cfg.TemplateDiskMiB, cfg.ImageDiskMiB, cfg.ImageMiBPerOwner = w.templateDiskMiB, w.imageDiskMiB, w.imageMiBPerToken
 	cfg.MaxLogBytesPerOwner = int64(w.logMiBPerToken) << 20
 	cfg.SavedDiskMiB = w.savedDiskMiB
+	if w.tcgCacheMiB < 1 || w.tcgCacheMiB > 4096 {
+		return fmt.Errorf("--tcg-cache-mib %d: want 1 to 4096", w.tcgCacheMiB)
+	}
+	cfg.TCGCacheMiB = w.tcgCacheMiB
 	for _, p := range w.pools {
 		pool, err := parseWarmPool(p)
 		if err != nil {

@@ -13,7 +13,12 @@ import (
 // volume server goes beside them (where the agent looks for it).
 func BuildBinaries(dir string) (fireworks, initBin string, err error) {
 	_, self, _, _ := runtime.Caller(0)
-	modRoot := filepath.Join(filepath.Dir(self), "..", "..")
+	return BuildBinariesIn(filepath.Join(filepath.Dir(self), "..", ".."), dir)
+}
+
+// BuildBinariesIn is BuildBinaries of the source tree at modRoot (e.g. an earlier
+// release checked out, for an upgrade test).
+func BuildBinariesIn(modRoot, dir string) (fireworks, initBin string, err error) {
 	fireworks = filepath.Join(dir, "fireworks")
 	initBin = filepath.Join(dir, "fireworks-init")
 	cmd := exec.Command("go", "build", "-o", fireworks, "./cmd/fireworks")

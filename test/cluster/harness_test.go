@@ -6,6 +6,7 @@ package cluster
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -48,6 +49,7 @@ const (
 // proc is a fireworks process running in a host.
 type proc struct {
 	h       *hostnet.Host
+	bin     string // the fireworks binary it runs ("": w.bin)
 	args    []string
 	log     string
 	cmd     *exec.Cmd
@@ -63,6 +65,12 @@ type world struct {
 	token                     string
 	skip                      string
 	mu                        sync.Mutex
+	// netnsBefore is /run/netns before the cluster started: the sandbox namespaces of
+	// agents killed midway (and never adopted again) are what appeared since.
+	netnsBefore map[string]bool
+	// pinsBefore is /sys/fs/bpf/fireworks before: the agents' pin directories are what
+	// appeared since.
+	pinsBefore map[string]bool
 }
 
 var w world
@@ -86,6 +94,8 @@ func TestMain(m *testing.M) {
 		}
 		defer os.RemoveAll(root)
 		w.root = root
+		w.netnsBefore = netnsNames()
+		w.pinsBefore = pinDirs()
 		defer w.teardown()
 		if err := w.setup(); err != nil {
 			fmt.Fprintln(os.Stderr, "cluster setup:", err)
@@ -225,7 +235,7 @@ func (w *world) start(p *proc) error {
 	// an agent pins its sandboxes' policy programs in would die with the process, and a
 	// restarted agent could not take them back (on a real host the agent shares the
 	// host's /sys/fs/bpf).
-	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + p.h.NS, "--", w.bin}, p.args...)...)
+	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + p.h.NS, "--", cmp.Or(p.bin, w.bin)}, p.args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -270,9 +280,40 @@ func (w *world) teardown() {
 	for _, p := range w.agents {
 		_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+p.dataDir+"/run/").Run()
 	}
+	// Nor their sandboxes' network namespaces, which no agent sweeps now.
+	for n := range netnsNames() {
+		if strings.HasPrefix(n, "fw-") && !w.netnsBefore[n] {
+			_ = run("ip", "netns", "del", n)
+		}
+	}
+	for d := range pinDirs() {
+		if !w.pinsBefore[d] {
+			_ = os.RemoveAll(d)
+		}
+	}
 	if w.net != nil {
 		w.net.Remove()
 	}
+}
+
+// pinDirs is the set of the agents' eBPF pin directories (/sys/fs/bpf/fireworks/*).
+func pinDirs() map[string]bool {
+	m := map[string]bool{}
+	dirs, _ := filepath.Glob("/sys/fs/bpf/fireworks/*")
+	for _, d := range dirs {
+		m[d] = true
+	}
+	return m
+}
+
+// netnsNames is the set of named network namespaces (/run/netns).
+func netnsNames() map[string]bool {
+	m := map[string]bool{}
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		m[e.Name()] = true
+	}
+	return m
 }
 
 func (w *world) dumpLogs() {

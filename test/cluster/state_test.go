@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -19,11 +18,14 @@ func TestAuditAndStateBackup(t *testing.T) {
 	need(t)
 	user := strings.TrimSpace(mustFW(t, "token", "create", "--name", "audit-user"))
 	asUser := []string{"FIREWORKS_TOKEN=" + user}
-	id, err := w.fw(asUser, "run", "-d", "--name", "audited", "--insecure-registry", w.registry, image(), "--", "sleep", "600")
+	// The user's sandbox waits for a label no node has (a user may not name a plain-HTTP
+	// registry); the admin's runs, and its node reports it.
+	userSB, err := w.fw(asUser, "run", "-d", "--name", "users-own", "--constraint", "nosuch==x", image(), "--", "true")
 	if err != nil {
 		t.Fatal(err)
 	}
-	id = strings.TrimSpace(id)
+	userSB = strings.TrimSpace(userSB)
+	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "audited", "--insecure-registry", w.registry, image(), "--", "sleep", "600"))
 	sb := waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
 	node, _ := sb["node"].(string)
 
@@ -48,7 +50,7 @@ func TestAuditAndStateBackup(t *testing.T) {
 		return out
 	}
 	created := audit("--actor", "audit-user", "--op", "create-sandbox")
-	if len(created) != 1 || created[0].Target != id || created[0].ActorKind != "token" || created[0].ActorRole != "user" || !strings.HasPrefix(created[0].Server, "s") {
+	if len(created) != 1 || created[0].Target != userSB || created[0].ActorKind != "token" || created[0].ActorRole != "user" || !strings.HasPrefix(created[0].Server, "s") {
 		t.Errorf("the user's create in the audit log: %+v", created)
 	}
 	reported := false
@@ -70,8 +72,7 @@ func TestAuditAndStateBackup(t *testing.T) {
 	mustFW(t, "state", "snapshot", file)
 	later := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "after-backup", "--insecure-registry", w.registry, image(), "--", "sleep", "600"))
 	waitSandbox(t, later, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
-	userID := strings.SplitN(strings.TrimPrefix(user, "fwk_"), "_", 2)[0]
-	mustFW(t, "token", "rm", "fwk_"+userID)
+	mustFW(t, "token", "revoke", strings.Split(user, "_")[1])
 	if _, _, code := w.cli(context.Background(), asUser, "ps"); code == 0 {
 		t.Fatal("a revoked token still works")
 	}
@@ -95,7 +96,14 @@ func TestAuditAndStateBackup(t *testing.T) {
 	if ps := psAll(t, false, ""); !hasName(ps, "after-backup") {
 		t.Fatalf("a refused restore changed the state: %v", ps)
 	}
-	qemuOf := func(id string) bool { return exec.Command("pgrep", "-f", "qemu.*guest="+id).Run() == nil }
+	qemuOf := func(id string) bool {
+		for _, a := range w.agents {
+			if len(w.vmsOf(a, id)) > 0 {
+				return true
+			}
+		}
+		return false
+	}
 	if !qemuOf(later) {
 		t.Fatalf("no QEMU process names %s (the check below would prove nothing)", later)
 	}
@@ -121,7 +129,7 @@ func TestAuditAndStateBackup(t *testing.T) {
 	if _, errOut, code := w.cli(context.Background(), asUser, "ps"); code != 0 {
 		t.Errorf("the token revoked after the backup does not work after the restore: %s", errOut)
 	}
-	if out, err := w.fw(asUser, "exec", "audited", "--", "echo", "still-here"); err != nil || strings.TrimSpace(out) != "still-here" {
+	if out, err := w.fw(nil, "exec", "audited", "--", "echo", "still-here"); err != nil || strings.TrimSpace(out) != "still-here" {
 		t.Errorf("the sandbox that ran before the backup: %q %v", out, err)
 	}
 	// The sandbox the state no longer knows is stopped by its node: no QEMU of it runs.
@@ -136,7 +144,7 @@ func TestAuditAndStateBackup(t *testing.T) {
 	if len(restored) != 1 || restored[0].ActorKind != "token" {
 		t.Errorf("the restore in the audit log: %+v", restored)
 	}
-	mustFW(t, "rm", "-f", "audited")
+	mustFW(t, "rm", "-f", "audited", userSB)
 }
 
 // hasName reports whether a ps listing (short ID → name) holds a sandbox named name.

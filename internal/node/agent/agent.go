@@ -42,6 +42,9 @@ import (
 // Config is the node's configuration.
 type Config struct {
 	DataDir string
+	// TCGCacheMiB is each VM's translation cache under TCG (QEMU's tb-size); 0 is
+	// DefaultTCGCacheMiB.
+	TCGCacheMiB int
 	// CgroupRoot is where the cgroup filesystem is mounted (default /sys/fs/cgroup), and
 	// CgroupParent the directory the VMs' and volume servers' cgroups go in: "" under the
 	// agent's own cgroup; an absolute path from the hierarchy's top (jail.Place). An agent

@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -410,7 +411,7 @@ func (d *Driver) jailCommand(s vmm.Spec, uid int, cgroups []string) (*exec.Cmd, 
 func (d *Driver) cgroupsFor(id string, vcpus, memMiB int) ([]string, error) {
 	overhead := 256
 	if d.cfg.Accel == "tcg" {
-		overhead += 1024 // QEMU's translation cache grows up to 1 GiB by default
+		overhead += cmp.Or(d.cfg.TCGCacheMiB, 1024) // QEMU's translation cache grows up to this
 	}
 	dirs, missing, err := jail.MakeCgroups(d.cfg.Jail.cgroupPlace(), id, jail.Limits{MemoryBytes: int64(memMiB+overhead) << 20, Pids: 512, CPUs: vcpus + 1})
 	for _, ctrl := range missing {

@@ -80,6 +80,9 @@ type Config struct {
 	// ConsoleLogMax bounds console.log: when it grows past this, it is cut down to its last
 	// quarter. The guest writes the console, so it is untrusted output. Default 8 MiB.
 	ConsoleLogMax int64
+	// TCGCacheMiB, under TCG, is each VM's translation cache (tb-size); 0 is QEMU's
+	// default (1 GiB).
+	TCGCacheMiB int
 	// Jail, when set, runs every QEMU jailed (see JailConfig); nil runs it as this
 	// process's user, confined by QEMU's seccomp filter only.
 	Jail   *JailConfig
@@ -195,6 +198,14 @@ func (d *Driver) Name() string { return "qemu" }
 
 // Accel implements vmm.Driver.
 func (d *Driver) Accel() string { return d.cfg.Accel }
+
+// accelArg is QEMU's -accel value: the accelerator, under TCG with its cache size.
+func (d *Driver) accelArg() string {
+	if d.cfg.Accel == "tcg" && d.cfg.TCGCacheMiB > 0 {
+		return "tcg,tb-size=" + strconv.Itoa(d.cfg.TCGCacheMiB)
+	}
+	return d.cfg.Accel
+}
 
 // Create implements vmm.Driver.
 func (d *Driver) Create(ctx context.Context, spec vmm.Spec) (vmm.VM, error) {
@@ -331,7 +342,7 @@ func (d *Driver) args(s vmm.Spec) []string {
 		// possible; snapshots must use fd: or a socket.)
 		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 		"-M", machine,
-		"-accel", d.cfg.Accel,
+		"-accel", d.accelArg(),
 		"-cpu", d.cfg.CPU,
 		"-m", strconv.Itoa(s.MemoryMiB) + "M",
 		"-smp", strconv.Itoa(s.VCPUs),
