@@ -140,7 +140,11 @@ func startAPICluster(ctx context.Context, bin, dir string, nodes int, log *slog.
 		}
 		args := []string{"server", "--node-id", fmt.Sprintf("s%d", i), "--data-dir", filepath.Join(dir, fmt.Sprintf("s%d", i)),
 			"--listen", ports[2*i], "--raft-listen", ports[2*i+1], "--peers", strings.Join(peers, ","), "--ca-dir", c.ca,
-			"--bootstrap-token", c.admin, "--log-level", "warn"}
+			"--bootstrap-token", c.admin, "--log-level", "warn",
+			// Each client is one user whose sandboxes never end (the nodes are simulated):
+			// per-token bounds far above the run's, so the quota checks run and pass.
+			"--max-sandboxes-per-token", "1000000", "--max-vcpus-per-token", "1000000", "--max-memory-per-token", "1000000000",
+			"--max-spec-bytes-per-token", "1000000000"}
 		if os.Getenv("FIREWORKS_BENCH_PPROF") != "" {
 			// For finding what limits it: `go tool pprof http://127.0.0.1:6060/debug/pprof/profile`.
 			args = append(args, "--pprof-listen", fmt.Sprintf("127.0.0.1:%d", 6060+i))
@@ -305,20 +309,28 @@ func (c *apiCluster) measure(ctx context.Context, n, creates int) (APIRow, error
 	if len(errs) > 0 {
 		return APIRow{}, fmt.Errorf("creates failed: %w", errors.Join(errs...))
 	}
-	// The path, checked: every create is in the state, placed on a simulated node.
-	list, err := admin.Sandboxes.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{All: true}))
-	if err != nil {
-		return APIRow{}, err
-	}
+	// The path, checked: every create is in the state, placed on a simulated node (those
+	// the create could not place at once, the leader's next pass places).
 	want := map[string]bool{}
 	for _, id := range ids {
 		want[id] = true
 	}
 	placed := 0
-	for _, sb := range list.Msg.GetSandboxes() {
-		if want[sb.GetId()] && c.sims[sb.GetNode()] {
-			placed++
+	for deadline := time.Now().Add(15 * time.Second); ; {
+		list, err := admin.Sandboxes.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{All: true}))
+		if err != nil {
+			return APIRow{}, err
 		}
+		placed = 0
+		for _, sb := range list.Msg.GetSandboxes() {
+			if want[sb.GetId()] && c.sims[sb.GetNode()] {
+				placed++
+			}
+		}
+		if placed == creates || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 	s := summarize(lat)
 	return APIRow{Servers: len(c.apis), Nodes: len(c.sims), Clients: n, Creates: creates, PerSecond: float64(creates) / el.Seconds(),

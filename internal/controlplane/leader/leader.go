@@ -64,6 +64,9 @@ type Store interface {
 	// here before they return.
 	LocalSandboxes() []state.Sandbox
 	LocalNodes() []state.Node
+	// PlacementView is what a create's placement needs, read without copying every
+	// sandbox: whether one waits (waiting) and the scheduler's snapshot.
+	PlacementView(waiting func(*state.Sandbox) bool) (bool, *scheduler.Snapshot)
 	UpdateNode(ctx context.Context, id string, u state.NodeUpdate) (state.Node, error)
 	UpdateSandbox(ctx context.Context, id string, u state.Update) (state.Sandbox, error)
 	PlaceSandboxes(ctx context.Context, plans []state.Plan, cfg scheduler.Config, now time.Time) ([]state.PlanResult, error)
@@ -140,17 +143,17 @@ func (m *Manager) Choose(sb state.Sandbox) (string, scheduler.Config) {
 	if !m.store.IsLeader() || !sb.StopRequestedAt.IsZero() {
 		return "", m.cfg.Scheduler
 	}
-	sbs := m.store.LocalSandboxes()
-	for _, o := range sbs {
-		// An older sandbox waiting for a node goes first, through the pass, unless the
-		// last pass found no node for it (a constraint no node meets, a shape that does
-		// not fit): the pass places later ones past it too, and one such sandbox must not
-		// take every later create off this path.
-		if o.Status == state.StatusPending && o.Node == "" && o.StopRequestedAt.IsZero() && !strings.Contains(o.Reason, noFitPrefix) && !o.IsSidecar() {
-			return "", m.cfg.Scheduler
-		}
+	// An older sandbox waiting for a node goes first, through the pass, unless the last
+	// pass found no node for it (a constraint no node meets, a shape that does not fit):
+	// the pass places later ones past it too, and one such sandbox must not take every
+	// later create off this path.
+	waits, snap := m.store.PlacementView(func(o *state.Sandbox) bool {
+		return o.Status == state.StatusPending && o.Node == "" && o.StopRequestedAt.IsZero() && !strings.Contains(o.Reason, noFitPrefix) && !o.IsSidecar()
+	})
+	if waits {
+		return "", m.cfg.Scheduler
 	}
-	sched, err := scheduler.New(snapshot(m.store.LocalNodes(), sbs), m.cfg.Scheduler)
+	sched, err := scheduler.New(snap, m.cfg.Scheduler)
 	if err != nil {
 		return "", m.cfg.Scheduler
 	}

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -359,53 +360,60 @@ func (h *nodeService) WatchAssignments(ctx context.Context, req *connect.Request
 	}
 	node, _ := agentFrom(ctx)
 	var last *pb.Assignments
+	var lastVer uint64
+	var sandboxes [][]byte
 	refresh := false
+	// One timer for the stream's life (a stream wakes on every change anywhere).
+	tick := time.NewTimer(rpc.AssignmentsRefresh)
+	defer tick.Stop()
 	for {
 		changed := h.s.store.Changed()
 		if !h.s.store.IsLeader() {
 			return h.leaderOnly()
 		}
-		cur := &pb.Assignments{SandboxesJson: [][]byte{}}
-		snaps, err := h.s.store.ListSnapshots(ctx)
-		if err != nil {
-			return toConnectError(err)
-		}
-		for _, sn := range snaps {
-			if sn.Node == node {
-				cur.Snapshots = append(cur.Snapshots, sn.ID)
-			}
-		}
-		for _, sb := range h.s.store.LocalSandboxes() {
-			// Its own, and those it has a part in: whose files it holds (a saved state
-			// being resumed elsewhere, a fork's source: it serves them to the node
-			// starting it), whose migration comes to it, whose volumes it serves.
-			if !sb.Involves(node) {
-				continue
-			}
-			if sb.Node != node && sb.FilesOn() != node && sb.MigratingTo() != node {
-				sb = sb.ForVolumeNode() // it only serves its volumes
-			}
-			b, err := json.Marshal(sb)
-			if err != nil {
-				return connect.NewError(connect.CodeInternal, err)
-			}
-			cur.SandboxesJson = append(cur.SandboxesJson, b)
-		}
+		// Read from the leader's own copy (it leads: checked above): a linearizable
+		// read per stream per commit would cost every node's stream a round trip to
+		// the followers on every change anywhere.
+		cur := &pb.Assignments{SandboxesJson: [][]byte{}, Snapshots: h.s.store.LocalSnapshotsOn(node)}
 		for _, p := range h.s.store.LocalPools() {
 			cur.Pools = append(cur.Pools, poolToPB(p))
 		}
-		if last == nil || !proto.Equal(cur, last) || refresh {
+		// The node's sandboxes are marshalled again only when their version moved: every
+		// stream wakes on every change anywhere, and most are not its.
+		newSandboxes := false
+		if ver := h.s.store.AssignedVersion(node); last == nil || ver != lastVer {
+			// Its own, and those it has a part in: whose files it holds (a saved state
+			// being resumed elsewhere, a fork's source: it serves them to the node
+			// starting it), whose migration comes to it, whose volumes it serves.
+			sbs, ver := h.s.store.Assigned(node)
+			var next [][]byte
+			for _, sb := range sbs {
+				if sb.Node != node && sb.FilesOn() != node && sb.MigratingTo() != node {
+					sb = sb.ForVolumeNode() // it only serves its volumes
+				}
+				b, err := json.Marshal(sb)
+				if err != nil {
+					return connect.NewError(connect.CodeInternal, err)
+				}
+				next = append(next, b)
+			}
+			newSandboxes = !slices.EqualFunc(next, sandboxes, bytes.Equal)
+			sandboxes, lastVer = next, ver
+		}
+		cur.SandboxesJson = append(cur.SandboxesJson, sandboxes...)
+		if last == nil || newSandboxes || refresh || !slices.Equal(cur.Snapshots, last.Snapshots) || !poolsEqual(cur.Pools, last.Pools) {
 			if err := stream.Send(cur); err != nil {
 				return err
 			}
 			last = cur
 		}
 		refresh = false
+		tick.Reset(rpc.AssignmentsRefresh)
 		select {
 		case <-changed:
 		case <-ctx.Done():
 			return nil
-		case <-time.After(rpc.AssignmentsRefresh):
+		case <-tick.C:
 			// Also re-check leadership now and then when nothing changes, and send the
 			// assignments again: the node takes a silent stream for a stuck one.
 			refresh = true
@@ -659,4 +667,9 @@ func (s *Server) EnableCluster(o ClusterOptions) {
 		// server reaches.
 		vm.SetVolumeMover(s.MoveVolumeData)
 	}
+}
+
+// poolsEqual compares two pool configurations as sent to nodes.
+func poolsEqual(a, b []*pb.Pool) bool {
+	return slices.EqualFunc(a, b, func(x, y *pb.Pool) bool { return proto.Equal(x, y) })
 }

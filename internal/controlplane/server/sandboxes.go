@@ -69,10 +69,13 @@ func (h *sandboxService) CreateSandbox(ctx context.Context, req *connect.Request
 	if err != nil {
 		return nil, toConnectError(fmt.Errorf("create sandbox: %w", err))
 	}
-	if cp != nil {
-		cp.Notify()
+	if cp != nil && node == "" {
+		cp.Notify() // not placed in its commit: the pass places it (placed ones need no pass)
 	}
-	got, err := h.s.store.GetSandbox(ctx, sb.ID)
+	// Read back from this server's copy: the create is applied here (Apply answers after
+	// the state machine ran it), and the answer may be ordered right after it. A
+	// linearizable read would cost every create a round of heartbeats to the followers.
+	got, err := h.s.store.GetSandbox(state.WithStaleReads(ctx), sb.ID)
 	if err != nil {
 		return nil, toConnectError(err)
 	}

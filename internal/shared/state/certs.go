@@ -239,7 +239,7 @@ func (f *fsm) removeNode(c removeNodeCmd) any {
 		// Revoked first, then its sandboxes given up as lost (the restart policies place
 		// them elsewhere): a node that keeps reporting them live must not be able to
 		// keep itself from being removed.
-		for id, sb := range f.sandboxes {
+		for _, sb := range f.sandboxes {
 			holds := sb.Saved != nil && sb.Saved.Node == c.ID
 			if (sb.Node != c.ID && !holds) || sb.Status.Terminal() {
 				continue
@@ -260,7 +260,7 @@ func (f *fsm) removeNode(c removeNodeCmd) any {
 			} else if err := next.apply(Update{Status: ptrTo(StatusLost), Reason: "node " + c.ID + " was removed from the cluster", Time: c.Time}); err != nil {
 				return err
 			}
-			f.sandboxes[id] = next
+			f.putSandbox(next)
 		}
 		for id, s := range f.snapshots {
 			if s.Node == c.ID && s.Lost == "" {

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 	"github.com/hashicorp/raft"
 )
 
@@ -44,6 +45,13 @@ type fsm struct {
 	// audit is the audit log, oldest first (see audit.go). Entries are values, appended
 	// only; trimming makes a new array, so a snapshot's slice of it never changes.
 	audit []AuditEntry
+	// involved indexes, per node, the sandboxes it has a part in; assignVer versions
+	// each node's set (see assign.go).
+	involved  map[string]map[string]bool
+	nodeUse   map[string]scheduler.Resources
+	ownerUse  map[string]Quota // what each owner's sandboxes hold, as quotas count it
+	assignVer map[string]uint64
+	assignSeq uint64
 	// index is the last log index applied (0 after a restore until the next command):
 	// the point a state file is taken at.
 	index uint64
@@ -69,6 +77,10 @@ func newFSM(log *slog.Logger) *fsm {
 		snapshots: map[string]*Snapshot{},
 		volumes:   map[string]*Volume{},
 		templates: map[string]*Template{},
+		involved:  map[string]map[string]bool{},
+		nodeUse:   map[string]scheduler.Resources{},
+		ownerUse:  map[string]Quota{},
+		assignVer: map[string]uint64{},
 		changed:   make(chan struct{}),
 	}
 }
@@ -287,20 +299,7 @@ func (f *fsm) createSandbox(sb Sandbox, q Quota, inGroup bool) any {
 		return fmt.Errorf("%w: a group member is created with its group", ErrInvalid)
 	}
 	if q != (Quota{}) {
-		var used Quota
-		for _, o := range f.sandboxes {
-			if o.Owner != sb.Owner {
-				continue
-			}
-			used.Sandboxes++
-			used.SpecBytes += o.Spec.Bytes()
-			if !o.Status.Terminal() {
-				used.VCPUs += o.Spec.VCPUs
-				used.MemoryMiB += o.Spec.MemoryMiB
-				used.DiskMiB += o.Spec.DiskMiB
-			}
-		}
-		if err := q.check(sb.Owner, used, sb); err != nil {
+		if err := q.check(sb.Owner, f.ownerUse[sb.Owner], sb); err != nil {
 			return err
 		}
 	}
@@ -326,7 +325,7 @@ func (f *fsm) createSandbox(sb Sandbox, q Quota, inGroup bool) any {
 		}
 		f.names[sb.Name] = sb.ID
 	}
-	f.sandboxes[sb.ID] = &sb
+	f.putSandbox(&sb)
 	return nil
 }
 
@@ -344,7 +343,7 @@ func (f *fsm) updateSandbox(id string, u Update) any {
 			return err
 		}
 	}
-	f.sandboxes[id] = next
+	f.putSandbox(next)
 	if next.IsGroupMain() && next.Status.Terminal() && !cur.Status.Terminal() {
 		f.groupEnded(next, utc(u.Time))
 	}
@@ -356,7 +355,7 @@ func (f *fsm) deleteSandbox(id string) any {
 	if !ok {
 		return ErrNotFound
 	}
-	delete(f.sandboxes, id)
+	f.dropSandbox(id)
 	if sb.Name != "" {
 		delete(f.names, sb.Name)
 	}
@@ -415,17 +414,20 @@ func (f *fsm) getOwned(idOrName, owner string) (Sandbox, error) {
 // list returns copies sorted by creation time, then ID, so the order is stable.
 func (f *fsm) list() []Sandbox {
 	f.mu.RLock()
-	out := make([]Sandbox, 0, len(f.sandboxes))
-	for _, sb := range f.sandboxes {
-		out = append(out, *sb.clone())
-	}
+	ptrs := slices.Collect(maps.Values(f.sandboxes))
 	f.mu.RUnlock()
-	slices.SortFunc(out, func(a, b Sandbox) int {
+	// Sorted as pointers, then copied: stored values never change (copy-on-write), and
+	// sorting the copies moved kilobytes per swap.
+	slices.SortFunc(ptrs, func(a, b *Sandbox) int {
 		if c := a.CreatedAt.Compare(b.CreatedAt); c != 0 {
 			return c
 		}
 		return cmp.Compare(a.ID, b.ID)
 	})
+	out := make([]Sandbox, len(ptrs))
+	for i, sb := range ptrs {
+		out[i] = *sb.clone()
+	}
 	return out
 }
 
@@ -575,6 +577,7 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 		d.Audit = d.Audit[len(d.Audit)-MaxAudit:]
 	}
 	f.audit, f.index = d.Audit, 0
+	f.reindex()
 	f.notifyLocked()
 	f.mu.Unlock()
 	return nil

@@ -247,7 +247,7 @@ func (f *fsm) groupEnded(main *Sandbox, t time.Time) {
 			code := 128 + 15
 			_ = next.apply(Update{Status: status(StatusExited), ExitCode: &code, Reason: "stopped with its group's main before it ran", Time: t})
 		}
-		f.sandboxes[gm.ID] = next
+		f.putSandbox(next)
 	}
 }
 

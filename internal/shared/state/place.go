@@ -51,33 +51,43 @@ func (spec SandboxSpec) Reserved() Resources {
 // SchedulerSnapshot is the scheduler's view of a state: nodes, and what every live
 // sandbox already reserves on its node.
 func SchedulerSnapshot(nodes []*Node, sbs []*Sandbox) *scheduler.Snapshot {
-	snap := &scheduler.Snapshot{}
+	snap := &scheduler.Snapshot{Nodes: schedulerNodes(nodes)}
+	for _, sb := range sbs {
+		snap.Allocations = append(snap.Allocations, allocationsOf(sb)...)
+	}
+	return snap
+}
+
+func schedulerNodes(nodes []*Node) []scheduler.Node {
+	out := make([]scheduler.Node, 0, len(nodes))
 	for _, n := range nodes {
-		snap.Nodes = append(snap.Nodes, scheduler.Node{
+		out = append(out, scheduler.Node{
 			ID: n.ID, Labels: n.Labels, Status: scheduler.NodeStatus(n.Status), Cordoned: n.Cordoned, Draining: n.Draining,
 			Capacity: scheduler.Resources{VCPUs: n.Capacity.VCPUs, MemoryMiB: n.Capacity.MemoryMiB, DiskMiB: n.Capacity.DiskMiB},
 			Images:   n.Images, Warm: n.Warm,
 		})
 	}
-	for _, sb := range sbs {
-		if sb.Node == "" || sb.Status.Terminal() {
-			continue
-		}
-		r := sb.Spec.Reserved()
-		if sb.Status == StatusPaused {
-			// A paused sandbox holds no CPU or RAM on its node, only the disk its saved
-			// state takes (at most its RAM beside its scratch disk).
-			r = Resources{DiskMiB: r.DiskMiB + r.MemoryMiB}
-		}
-		snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: sb.ID, NodeID: sb.Node,
-			Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}})
-		if m := sb.Migration; m != nil && m.To != sb.Node {
-			// The target of a live migration holds a VM for it until it ends.
-			snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: sb.ID + "~migration", NodeID: m.To,
-				Resources: scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}})
-		}
+	return out
+}
+
+// allocationsOf is what sb holds on nodes: nothing unless placed and not ended.
+func allocationsOf(sb *Sandbox) []scheduler.Allocation {
+	if sb.Node == "" || sb.Status.Terminal() {
+		return nil
 	}
-	return snap
+	r := sb.Spec.Reserved()
+	if sb.Status == StatusPaused {
+		// A paused sandbox holds no CPU or RAM on its node, only the disk its saved
+		// state takes (at most its RAM beside its scratch disk).
+		r = Resources{DiskMiB: r.DiskMiB + r.MemoryMiB}
+	}
+	res := scheduler.Resources{VCPUs: r.VCPUs, MemoryMiB: r.MemoryMiB, DiskMiB: r.DiskMiB}
+	out := []scheduler.Allocation{{SandboxID: sb.ID, NodeID: sb.Node, Resources: res}}
+	if m := sb.Migration; m != nil && m.To != sb.Node {
+		// The target of a live migration holds a VM for it until it ends.
+		out = append(out, scheduler.Allocation{SandboxID: sb.ID + "~migration", NodeID: m.To, Resources: res})
+	}
+	return out
 }
 
 // SchedulerSnapshotOf is SchedulerSnapshot of copies (as Store.LocalNodes and
@@ -94,8 +104,15 @@ func SchedulerSnapshotOf(nodes []Node, sbs []Sandbox) *scheduler.Snapshot {
 	return SchedulerSnapshot(np, sp)
 }
 
+// schedulerSnapshot is the scheduler's view of the state: the nodes, and what each holds
+// as one allocation per node (kept as sandboxes change: see assign.go), so that a
+// placement costs the nodes, not every sandbox.
 func (f *fsm) schedulerSnapshot() *scheduler.Snapshot {
-	return SchedulerSnapshot(slices.Collect(maps.Values(f.nodes)), slices.Collect(maps.Values(f.sandboxes)))
+	snap := &scheduler.Snapshot{Nodes: schedulerNodes(slices.Collect(maps.Values(f.nodes)))}
+	for n, r := range f.nodeUse {
+		snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: "sandboxes on " + n, NodeID: n, Resources: r})
+	}
+	return snap
 }
 
 // SchedulerRequest is the scheduler's view of placing sb. Before its first pull a
@@ -185,7 +202,7 @@ func (f *fsm) resumeSandbox(c resumeSandboxCmd) any {
 	case next.Spec.Lifetime > 0 && cur.PausedFor == "":
 		next.EndAt = t.Add(next.Spec.Lifetime)
 	}
-	f.sandboxes[c.ID] = next
+	f.putSandbox(next)
 	return *next.clone()
 }
 
@@ -226,7 +243,7 @@ func (f *fsm) placeSandboxes(c placeSandboxesCmd) any {
 				next.Node = p.NodeID
 				next.Reason = "placed on node " + p.NodeID
 				next.addEvent(Event{Time: utc(c.Time), Status: StatusPending, Reason: next.Reason})
-				f.sandboxes[sb.ID] = next
+				f.putSandbox(next)
 				snap.Allocations = append(snap.Allocations, scheduler.Allocation{SandboxID: sb.ID, NodeID: p.NodeID, Resources: req.Resources})
 				if next.IsGroupMain() {
 					// Its sidecars go with it (the main's request reserved their room).
@@ -250,7 +267,7 @@ func (f *fsm) placeSidecars(main *Sandbox, t time.Time) {
 		next.Node = main.Node
 		next.Reason = "placed on node " + main.Node + " with its group"
 		next.addEvent(Event{Time: utc(t), Status: StatusPending, Reason: next.Reason})
-		f.sandboxes[sc.ID] = next
+		f.putSandbox(next)
 	}
 }
 

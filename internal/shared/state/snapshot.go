@@ -178,6 +178,21 @@ func (s *Store) ListSnapshots(ctx context.Context) ([]Snapshot, error) {
 	return s.fsm.listSnapshots(), nil
 }
 
+// LocalSnapshotsOn lists the IDs of the snapshots recorded on node, sorted, from this
+// server's copy of the state (the leader's assignments streams read it).
+func (s *Store) LocalSnapshotsOn(node string) []string {
+	s.fsm.mu.RLock()
+	defer s.fsm.mu.RUnlock()
+	var out []string
+	for id, sn := range s.fsm.snapshots {
+		if sn.Node == node {
+			out = append(out, id)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
 // Parts is the snapshots of s's sidecars (s a group's snapshot), as recorded.
 func (s Snapshot) Parts() []string {
 	out := make([]string, 0, len(s.Members))

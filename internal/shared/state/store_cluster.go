@@ -125,6 +125,21 @@ func (s *Store) PlaceSandboxes(ctx context.Context, plans []Plan, cfg scheduler.
 }
 
 // SchedulerSnapshot returns the scheduler's view of this server's state.
+// PlacementView answers, from this server's copy and without copying every sandbox
+// (the create path calls it once per create): whether some sandbox waits for which
+// waiting reports true (it sees each sandbox read-only, under the state's lock), and the
+// scheduler's snapshot of nodes and allocations.
+func (s *Store) PlacementView(waiting func(*Sandbox) bool) (bool, *scheduler.Snapshot) {
+	s.fsm.mu.RLock()
+	defer s.fsm.mu.RUnlock()
+	for _, sb := range s.fsm.sandboxes {
+		if waiting(sb) {
+			return true, nil
+		}
+	}
+	return false, s.fsm.schedulerSnapshot()
+}
+
 func (s *Store) SchedulerSnapshot() *scheduler.Snapshot {
 	s.fsm.mu.RLock()
 	defer s.fsm.mu.RUnlock()
