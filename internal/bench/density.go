@@ -79,7 +79,11 @@ func densityOn(ctx context.Context, cfg Config, work, ref string, steps []int, s
 	if st.tcgCache > 0 {
 		flags = append(flags, "--tcg-cache-mib", strconv.Itoa(st.tcgCache))
 	}
-	dev, err := startDev(ctx, cfg, filepath.Join(work, "density-"+strings.ReplaceAll(st.name, " ", "-")), flags...)
+	dir := filepath.Join(work, fmt.Sprintf("density-%d-%v", st.tcgCache, st.ksm))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	dev, err := startDev(ctx, cfg, dir, flags...)
 	if err != nil {
 		return nil, err
 	}

@@ -52,7 +52,7 @@ periodically: ` + "`fireworks audit --after INDEX --limit 5000 --json`" + ` page
 					detail = strings.TrimSpace(detail + " REFUSED: " + e.GetError())
 				}
 				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", e.GetIndex(), e.GetAt().AsTime().Local().Format(time.DateTime),
-					printable(by), printable(e.GetOp()), printable(e.GetTarget()), printable(detail))
+					auditCell(by), auditCell(e.GetOp()), auditCell(e.GetTarget()), auditCell(detail))
 			}
 			return tw.Flush()
 		},
@@ -65,6 +65,13 @@ periodically: ` + "`fireworks audit --after INDEX --limit 5000 --json`" + ` page
 	f.Int32Var(&q.Limit, "limit", 100, "the newest this many entries (at most 5000 a call)")
 	f.BoolVar(&asJSON, "json", false, "print the API's answer as JSON")
 	return cmd
+}
+
+// auditCell is one cell of the audit table: printable, and with line breaks and tabs
+// shown escaped, so that text a user or a node put in a field (an image name, a reason)
+// cannot draw rows of its own.
+func auditCell(s string) string {
+	return strings.NewReplacer("\n", `\n`, "\r", `\r`, "\t", `\t`).Replace(printable(s))
 }
 
 func newStateCmd(g *globals) *cobra.Command {

@@ -16,7 +16,7 @@ func TestPauseResumeOnTheCluster(t *testing.T) {
 	need(t)
 	defer w.ensureRunning()
 	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "sleeper", "--constraint", "host==a1", "--insecure-registry", w.registry, image(), "--",
-		"sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"))
+		"sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.2; done"))
 	defer mustFW(t, "rm", "-f", id)
 	waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
 	count := func() int {
@@ -79,7 +79,9 @@ func TestResumeOnAnotherNode(t *testing.T) {
 	need(t)
 	defer w.ensureRunning()
 	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "mover", "--insecure-registry", w.registry, image(), "--",
-		"sh", "-c", "echo moved-file > /tmp/f; i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"))
+		// The count is replaced whole (mv), never seen half-written: `echo > /tmp/count`
+		// truncates first, and an exec's read in between saw it empty.
+		"sh", "-c", "echo moved-file > /tmp/f; i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.2; done"))
 	defer mustFW(t, "rm", "-f", id)
 	waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
 	waitFor(t, minute, "the counter", func() bool {
@@ -148,7 +150,7 @@ func TestForkOnAnotherNode(t *testing.T) {
 	need(t)
 	defer w.ensureRunning()
 	id := strings.TrimSpace(mustFW(t, "run", "-d", "--name", "fork-far", "--insecure-registry", w.registry, image(), "--",
-		"sh", "-c", "echo fork-file > /tmp/f; i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"))
+		"sh", "-c", "echo fork-file > /tmp/f; i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.2; done"))
 	defer mustFW(t, "rm", "-f", id)
 	waitSandbox(t, id, 2*minute, "running", func(sb map[string]any) bool { return sb["status"] == "running" })
 	count := func(id string) int {

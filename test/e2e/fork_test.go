@@ -20,7 +20,7 @@ func TestFork(t *testing.T) {
 	need(t)
 	img := image("busybox:latest")
 	src := strings.TrimSpace(fw(t, 0, "run", "-d", "-u", "0", "--name", "fork-source", img, "--", "sh", "-c",
-		"mkdir -p /data && echo seed > /data/f && i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done").stdout)
+		"mkdir -p /data && echo seed > /data/f && i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.2; done").stdout)
 	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", src) })
 	waitStatus(t, src, "running")
 	count := func(id string) int {
@@ -105,7 +105,7 @@ func TestFork(t *testing.T) {
 // image carries on its bash loop, on Debian's files.
 func testForkDebian(t *testing.T) {
 	ref := debianImage(t)
-	src := strings.TrimSpace(fw(t, 0, "run", "-d", ref, "--", "bash", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done").stdout)
+	src := strings.TrimSpace(fw(t, 0, "run", "-d", ref, "--", "bash", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.2; done").stdout)
 	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", src) })
 	waitStatus(t, src, "running")
 	count := func(id string) int {

@@ -26,7 +26,7 @@ func TestPauseResume(t *testing.T) {
 	}
 	id := strings.TrimSpace(fw(t, 0, "run", "-d", "--name", "pausable", "--policy", policy, img, "--", "sh", "-c",
 		"mkdir -p /tmp/www && echo served > /tmp/www/index.html && httpd -p 8000 -h /tmp/www && "+
-			"i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo tick $i; sleep 0.2; done").stdout)
+			"i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; echo tick $i; sleep 0.2; done").stdout)
 	t.Cleanup(func() { _ = world.cli(context.Background(), nil, "rm", "-f", id) })
 	waitStatus(t, id, "running")
 	count := func() int {

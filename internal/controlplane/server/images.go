@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"time"
+	"unicode"
 
 	"connectrpc.com/connect"
 
@@ -192,6 +193,11 @@ func (h *systemService) info(ctx context.Context) (*connect.Response[pb.InfoResp
 // checkImageSource keeps local image sources to admins: oci:DIR and docker-archive:FILE are
 // read by the server with its own privileges, so a user token must not name server paths.
 func checkImageSource(ctx context.Context, ref string) error {
+	// No image reference or path has control characters or spaces; refused here, they
+	// never reach logs, the audit log or a terminal that shows them.
+	if i := strings.IndexFunc(ref, func(r rune) bool { return r <= ' ' || r == 0x7f || unicode.IsControl(r) || unicode.Is(unicode.Cf, r) }); i >= 0 {
+		return invalid("image %q: a reference has no spaces or control characters", ref)
+	}
 	if !strings.HasPrefix(ref, state.OCIPrefix) && !strings.HasPrefix(ref, state.DockerArchivePrefix) {
 		return nil
 	}

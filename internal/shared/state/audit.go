@@ -14,6 +14,9 @@ import (
 // holds the same log, it survives restarts, leader changes and snapshots, and an admin
 // reads it from any server (`fireworks audit`).
 //
+// Refused changes are recorded with why when an admin or the servers made them; a
+// user's or a node's refusals are not (they changed nothing, and cost nothing to repeat).
+//
 // Who and when come from the server that proposed the command: it stamps them into the
 // log entry (see stampAudit), so the FSM stays deterministic. Reads are not state changes
 // and are not recorded; neither are calls refused before they reached the state (an
@@ -160,6 +163,12 @@ func (f *fsm) recordAudit(index uint64, t cmdType, body []byte, res any) {
 		e.By.Role = Role(clip(string(e.By.Role)))
 	}
 	if err, ok := res.(error); ok {
+		// A refusal changed nothing. Those of users and nodes are not kept: looping
+		// refused writes (over quota, stale reports) would otherwise flush the log of
+		// everyone's changes for free. An admin's and the servers' are kept.
+		if e.By.Kind == "node" || e.By.Kind == "token" && e.By.Role != RoleAdmin {
+			return
+		}
 		e.Error = clip(err.Error())
 	}
 	f.audit = append(f.audit, e)

@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -105,11 +107,15 @@ func ReadStateFile(r io.Reader) ([]byte, StateSummary, error) {
 	if h.Size <= 0 || h.Size > MaxStateBytes {
 		return nil, StateSummary{}, fmt.Errorf("%w: state file payload of %d bytes (limit %d)", ErrInvalid, h.Size, MaxStateBytes)
 	}
-	payload := make([]byte, h.Size)
-	if _, err := io.ReadFull(br, payload); err != nil {
-		return nil, StateSummary{}, fmt.Errorf("%w: state file is truncated: %v", ErrInvalid, err)
-	}
-	if n, _ := br.Read(make([]byte, 1)); n != 0 {
+	// Read as it arrives (not allocated at the header's word), one byte past the size to
+	// catch trailing data.
+	payload, err := io.ReadAll(io.LimitReader(br, h.Size+1))
+	switch {
+	case err != nil:
+		return nil, StateSummary{}, fmt.Errorf("%w: read state file: %v", ErrInvalid, err)
+	case int64(len(payload)) < h.Size:
+		return nil, StateSummary{}, fmt.Errorf("%w: state file is truncated (%d of %d payload bytes)", ErrInvalid, len(payload), h.Size)
+	case int64(len(payload)) > h.Size:
 		return nil, StateSummary{}, fmt.Errorf("%w: state file has bytes after its %d-byte payload", ErrInvalid, h.Size)
 	}
 	if sum := sha256.Sum256(payload); hex.EncodeToString(sum[:]) != h.SHA256 {
@@ -144,10 +150,18 @@ func (s *Store) RestoreState(ctx context.Context, r io.Reader) (StateSummary, er
 	if err != nil {
 		return StateSummary{}, err
 	}
+	// Revocations made since the file was taken stay made: tokens revoked and nodes
+	// removed in this cluster are revoked and removed again after the restore (a restore
+	// after an incident must not re-admit what was shut out). A new cluster has none.
+	s.fsm.mu.RLock()
+	tombs, removed := maps.Clone(s.fsm.tokenTombs), maps.Clone(s.fsm.removed)
+	s.fsm.mu.RUnlock()
 	if err := s.enter(); err != nil {
 		return StateSummary{}, err
 	}
-	meta := &raft.SnapshotMeta{Version: raft.SnapshotVersionMax, Size: int64(len(payload))}
+	// The file's index: raft then continues past it, so entries written after the restore
+	// keep indexes above the restored audit log's (even in a younger cluster).
+	meta := &raft.SnapshotMeta{Version: raft.SnapshotVersionMax, Size: int64(len(payload)), Index: sum.Header.Index}
 	err = s.raft.Restore(meta, bytes.NewReader(payload), timeoutOf(ctx, 5*time.Minute))
 	s.mu.RUnlock()
 	if err != nil {
@@ -157,7 +171,30 @@ func (s *Store) RestoreState(ctx context.Context, r io.Reader) (StateSummary, er
 	s.readyTerm.Store(0)
 	c := restoredCmd{Index: sum.Header.Index, TakenAt: sum.Header.TakenAt, SHA256: sum.Header.SHA256}
 	if _, err := s.apply(ctx, cmdRestored, c); err != nil {
-		s.log.Warn("record the restore in the audit log", "err", err)
+		return sum, fmt.Errorf("state restored, but recording the restore failed (the revocations made since the file was taken must be checked by hand: tokens %d, nodes %d): %w", len(tombs), len(removed), err)
+	}
+	var errs []error
+	for _, id := range slices.Sorted(maps.Keys(tombs)) {
+		if _, err := s.fsm.getToken(id); err != nil {
+			continue // not in the file
+		}
+		if _, err := s.apply(ctx, cmdDeleteToken, deleteTokenCmd{ID: id, Time: time.Now()}); err != nil && !errors.Is(err, ErrNotFound) {
+			errs = append(errs, fmt.Errorf("revoke token %s again: %w", id, err))
+		}
+	}
+	for _, node := range slices.Sorted(maps.Keys(removed)) {
+		s.fsm.mu.RLock()
+		_, known := s.fsm.nodes[node]
+		_, gone := s.fsm.removed[node]
+		s.fsm.mu.RUnlock()
+		if known || !gone || s.HasLiveCerts(node, time.Now()) {
+			if _, err := s.apply(ctx, cmdRemoveNode, removeNodeCmd{ID: node, Time: time.Now()}); err != nil && !errors.Is(err, ErrNotFound) {
+				errs = append(errs, fmt.Errorf("remove node %s again: %w", node, err))
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return sum, fmt.Errorf("state restored, but not every revocation made since the file was taken was made again: %w", err)
 	}
 	s.log.Info("state restored from a state file", "taken_at", sum.Header.TakenAt, "index", sum.Header.Index, "sandboxes", sum.Sandboxes)
 	return sum, nil

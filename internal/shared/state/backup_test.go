@@ -52,6 +52,27 @@ func TestStateSnapshotRestore(t *testing.T) {
 		}
 	}
 
+	// Revoked after the file was taken, in the cluster it is restored into: stays revoked.
+	if err := src.CreateToken(ctx, Token{ID: "fwk_gone", Role: RoleUser, SecretHash: "h", CreatedAt: t0}); err != nil {
+		t.Fatal(err)
+	}
+	var withGone bytes.Buffer
+	if _, err := src.SnapshotState(ctx, &withGone); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.DeleteToken(ctx, "fwk_gone"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.RestoreState(ctx, bytes.NewReader(withGone.Bytes())); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.LocalToken("fwk_gone"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("a token revoked after the file was taken is back after the restore: %v", err)
+	}
+	if _, err := src.LocalToken("fwk_keep"); err != nil {
+		t.Errorf("a token in the file, never revoked, is gone: %v", err)
+	}
+
 	c := newTestCluster(t, 3)
 	li, leader := c.leader()
 	if err := leader.CreateSandbox(ctx, newSandbox("ffff000000000000", "later", t0)); err != nil {

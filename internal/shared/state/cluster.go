@@ -221,8 +221,10 @@ func (f *fsm) deleteNode(id string) any {
 	if _, ok := f.nodes[id]; !ok {
 		return fmt.Errorf("node %q: %w", id, ErrNotFound)
 	}
-	for _, sb := range f.sandboxes {
-		if sb.Node == id && !sb.Status.Terminal() {
+	// In ID order: the error is recorded in the audit log, which every server must
+	// write alike (map order differs between servers).
+	for _, sid := range slices.Sorted(maps.Keys(f.involved[id])) {
+		if sb := f.sandboxes[sid]; sb.Node == id && !sb.Status.Terminal() {
 			return fmt.Errorf("%w: node %s still has sandbox %s (%s)", ErrInvalid, id, sb.ID, sb.Status)
 		}
 	}
@@ -250,6 +252,8 @@ func (f *fsm) deleteToken(c deleteTokenCmd) any {
 		return fmt.Errorf("token %q: %w", c.ID, ErrNotFound)
 	}
 	delete(f.tokens, c.ID)
+	// Remembered, so that restoring an older state file cannot bring it back.
+	f.tokenTombs[c.ID] = utc(c.Time)
 	// Its templates go with it: nothing can use them any more (they are owner-scoped).
 	for id, t := range f.templates {
 		if t.Owner == c.ID {

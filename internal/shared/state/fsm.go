@@ -39,9 +39,12 @@ type fsm struct {
 	pools     map[string]*Pool       // by image
 	certs     map[string]*IssuedCert // agent certificates joins issued and edge certificates, by serial
 	removed   map[string]time.Time   // nodes removed, when (for unrecorded certificates)
-	snapshots map[string]*Snapshot   // by ID
-	volumes   map[string]*Volume     // by ID
-	templates map[string]*Template   // by ID
+	// tokenTombs are the tokens revoked, when: a restore of an older state file revokes
+	// them again (see RestoreState).
+	tokenTombs map[string]time.Time
+	snapshots  map[string]*Snapshot // by ID
+	volumes    map[string]*Volume   // by ID
+	templates  map[string]*Template // by ID
 	// audit is the audit log, oldest first (see audit.go). Entries are values, appended
 	// only; trimming makes a new array, so a snapshot's slice of it never changes.
 	audit []AuditEntry
@@ -65,23 +68,24 @@ var _ raft.FSM = (*fsm)(nil)
 
 func newFSM(log *slog.Logger) *fsm {
 	return &fsm{
-		log:       log,
-		sandboxes: map[string]*Sandbox{},
-		names:     map[string]string{},
-		meta:      map[string][]byte{},
-		nodes:     map[string]*Node{},
-		tokens:    map[string]*Token{},
-		pools:     map[string]*Pool{},
-		certs:     map[string]*IssuedCert{},
-		removed:   map[string]time.Time{},
-		snapshots: map[string]*Snapshot{},
-		volumes:   map[string]*Volume{},
-		templates: map[string]*Template{},
-		involved:  map[string]map[string]bool{},
-		nodeUse:   map[string]scheduler.Resources{},
-		ownerUse:  map[string]Quota{},
-		assignVer: map[string]uint64{},
-		changed:   make(chan struct{}),
+		log:        log,
+		sandboxes:  map[string]*Sandbox{},
+		names:      map[string]string{},
+		meta:       map[string][]byte{},
+		nodes:      map[string]*Node{},
+		tokens:     map[string]*Token{},
+		pools:      map[string]*Pool{},
+		certs:      map[string]*IssuedCert{},
+		removed:    map[string]time.Time{},
+		tokenTombs: map[string]time.Time{},
+		snapshots:  map[string]*Snapshot{},
+		volumes:    map[string]*Volume{},
+		templates:  map[string]*Template{},
+		involved:   map[string]map[string]bool{},
+		nodeUse:    map[string]scheduler.Resources{},
+		ownerUse:   map[string]Quota{},
+		assignVer:  map[string]uint64{},
+		changed:    make(chan struct{}),
 	}
 }
 
@@ -465,6 +469,8 @@ type snapshotData struct {
 	Templates []*Template `json:"templates,omitempty"` // sorted by ID
 	// Audit is the audit log, oldest first.
 	Audit []AuditEntry `json:"audit,omitempty"`
+	// TokenTombs are the revoked tokens' IDs, when.
+	TokenTombs map[string]time.Time `json:"token_tombs,omitempty"`
 }
 
 // Snapshot captures the state cheaply (values are copy-on-write, so copying the maps is
@@ -484,6 +490,7 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 		volumes:   slices.Collect(maps.Values(f.volumes)),
 		templates: slices.Collect(maps.Values(f.templates)),
 		audit:     f.audit[:len(f.audit):len(f.audit)],
+		tombs:     maps.Clone(f.tokenTombs),
 	}, nil
 }
 
@@ -577,6 +584,10 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 		d.Audit = d.Audit[len(d.Audit)-MaxAudit:]
 	}
 	f.audit, f.index = d.Audit, 0
+	if d.TokenTombs == nil {
+		d.TokenTombs = map[string]time.Time{}
+	}
+	f.tokenTombs = d.TokenTombs
 	f.reindex()
 	f.notifyLocked()
 	f.mu.Unlock()
@@ -595,6 +606,7 @@ type fsmSnapshot struct {
 	volumes   []*Volume
 	templates []*Template
 	audit     []AuditEntry
+	tombs     map[string]time.Time
 }
 
 func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
@@ -619,7 +631,7 @@ func (s *fsmSnapshot) write(w io.Writer) error {
 	slices.SortFunc(s.volumes, func(a, b *Volume) int { return cmp.Compare(a.ID, b.ID) })
 	slices.SortFunc(s.templates, func(a, b *Template) int { return cmp.Compare(a.ID, b.ID) })
 	return json.NewEncoder(w).Encode(snapshotData{Version: snapshotVersion, Sandboxes: s.sandboxes, Meta: s.meta, Nodes: s.nodes, Tokens: s.tokens, Pools: s.pools,
-		Certs: s.certs, Removed: s.removed, Snapshots: s.snapshots, Volumes: s.volumes, Templates: s.templates, Audit: s.audit})
+		Certs: s.certs, Removed: s.removed, Snapshots: s.snapshots, Volumes: s.volumes, Templates: s.templates, Audit: s.audit, TokenTombs: s.tombs})
 }
 
 func (s *fsmSnapshot) Release() {}

@@ -184,3 +184,44 @@ func TestSnapshotRecords(t *testing.T) {
 		t.Errorf("after delete: %v", err)
 	}
 }
+
+// A paused sandbox's own saved state is not counted against its resume on its node (the
+// scheduler's view sums each node: its share is taken out).
+func TestResumeDoesNotCountItsOwnSavedState(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, Options{Dir: t.TempDir()})
+	const a = "aaaa000000000009"
+	sb := newSandbox(a, "", t0)
+	sb.Spec.MemoryMiB, sb.Spec.DiskMiB = 600, 200
+	// Room for the sandbox's disk and a little: not for it twice, nor for its disk and
+	// its saved memory beside a second copy of it.
+	disk := sb.Spec.Reserved().DiskMiB + 100
+	if _, err := s.RegisterNode(ctx, Node{ID: "n1", Address: "a:1", Capacity: Resources{VCPUs: 1, MemoryMiB: 1024, DiskMiB: disk}, UpdatedAt: t0}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := scheduler.Config{CPUOvercommit: 1, MemoryOvercommit: 1}
+	at := func(s int) time.Time { return t0.Add(time.Duration(s) * time.Second) }
+	st := func(s Status) *Status { return &s }
+	if err := s.CreateSandbox(ctx, sb); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := s.PlaceSandboxes(ctx, []Plan{{a, "n1"}}, cfg, at(0)); err != nil || res[0].Err != "" {
+		t.Fatalf("place: %+v %v", res, err)
+	}
+	node, zero := "n1", 0
+	for _, to := range []Status{StatusStarting, StatusRunning} {
+		if _, err := s.UpdateSandbox(ctx, a, Update{Status: st(to), IfNode: &node, IfRestarts: &zero, IfResumes: &zero, Time: at(1)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.UpdateSandbox(ctx, a, Update{RequestPause: true, Time: at(2)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.UpdateSandbox(ctx, a, Update{Status: st(StatusPaused), Saved: &Saved{Node: "n1", Bytes: 300 << 20, At: at(3)}, IfNode: &node, IfResumes: &zero, Time: at(3)}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.ResumeSandbox(ctx, a, "", cfg, at(4), time.Time{})
+	if err != nil || got.Node != "n1" || got.Status != StatusPending {
+		t.Fatalf("resume on the node holding only it: node %q, %s (%s), %v", got.Node, got.Status, got.Reason, err)
+	}
+}

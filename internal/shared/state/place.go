@@ -163,9 +163,16 @@ func (f *fsm) resumeSandbox(c resumeSandboxCmd) any {
 		return fmt.Errorf("%w: sandbox has no saved state on its node", ErrInvalid)
 	}
 	snap := f.schedulerSnapshot()
-	// Without its own entry: paused, it counts only its saved state's disk, which the
-	// resume keeps using.
-	snap.Allocations = slices.DeleteFunc(snap.Allocations, func(a scheduler.Allocation) bool { return a.SandboxID == c.ID })
+	// Without its own share: paused, it counts only its saved state's disk, which the
+	// resume keeps using. (The snapshot holds one sum per node: take its part out.)
+	for _, own := range allocationsOf(cur) {
+		for i := range snap.Allocations {
+			if a := &snap.Allocations[i]; a.NodeID == own.NodeID {
+				a.Resources = scheduler.Resources{VCPUs: a.Resources.VCPUs - own.Resources.VCPUs,
+					MemoryMiB: a.Resources.MemoryMiB - own.Resources.MemoryMiB, DiskMiB: a.Resources.DiskMiB - own.Resources.DiskMiB}
+			}
+		}
+	}
 	req, err := SchedulerRequest(*cur)
 	if err != nil {
 		return err
