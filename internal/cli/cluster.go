@@ -181,6 +181,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	var (
 		cfg                                   agentproc.AgentConfig
 		servers, labels, logLevel, accel, ini string
+		pprofListen                           string
 		warm                                  warmFlags
 		netf                                  nodeNetFlags
 	)
@@ -192,6 +193,11 @@ func newAgentCmd(g *globals) *cobra.Command {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			log := newLogger(logLevel)
+			if pprofListen != "" {
+				if err := pprofserve.Start(ctx, pprofListen, log); err != nil {
+					return err
+				}
+			}
 			cfg.Log = log
 			for _, s := range strings.Split(servers, ",") {
 				if s = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(s), "https://")); s != "" {
@@ -242,6 +248,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	fl.StringVar(&ini, "init-binary", "", "guest init binary")
 	fl.StringVar(&cfg.Agent.CgroupParent, "cgroup-parent", "", "cgroup directory for the VMs and volume servers, from the top of the hierarchy (e.g. /fireworks); default: under the agent's own cgroup. Set it when the agent runs in a container, so they outlive the container (with --cgroup-root)")
 	fl.StringVar(&cfg.Agent.CgroupRoot, "cgroup-root", "/sys/fs/cgroup", "where the host's cgroup filesystem is mounted (an agent in a pod mounts the host's elsewhere: its own /sys/fs/cgroup shows only its container's)")
+	fl.StringVar(&pprofListen, "pprof-listen", "", "serve Go runtime profiles (net/http/pprof) on this loopback address, e.g. 127.0.0.1:6060")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	warm.register(fl)
 	netf.register(fl)

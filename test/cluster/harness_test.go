@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -42,6 +43,7 @@ const (
 	raftPort   = "7767"
 	nodePort   = "7768"
 	heartbeat  = "6s" // TTL: a killed agent is declared down quickly
+	pprofPort  = "6060"
 	maxStale   = "10s"
 	nodeMemory = "700"
 )
@@ -235,7 +237,13 @@ func (w *world) start(p *proc) error {
 	// an agent pins its sandboxes' policy programs in would die with the process, and a
 	// restarted agent could not take them back (on a real host the agent shares the
 	// host's /sys/fs/bpf).
-	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + p.h.NS, "--", cmp.Or(p.bin, w.bin)}, p.args...)...)
+	args := p.args
+	if p.bin == "" {
+		// Runtime profiles on the host's own loopback (TestSoak counts goroutines); an
+		// earlier release (TestRollingUpgrade) may not have the flag.
+		args = append(slices.Clone(args), "--pprof-listen", "127.0.0.1:"+pprofPort)
+	}
+	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + p.h.NS, "--", cmp.Or(p.bin, w.bin)}, args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
