@@ -347,14 +347,4 @@ func (c *apiCluster) stop() {
 	}
 }
 
-func (c *apiCluster) logTail() string {
-	var b strings.Builder
-	for _, p := range c.procs {
-		data, _ := os.ReadFile(p.log)
-		if len(data) > 2000 {
-			data = data[len(data)-2000:]
-		}
-		fmt.Fprintf(&b, "---- %s ----\n%s\n", filepath.Base(p.log), data)
-	}
-	return b.String()
-}
+func (c *apiCluster) logTail() string { return logTails(c.procs, 2000) }

@@ -211,12 +211,15 @@ func (c *benchCluster) stop() {
 }
 
 // logTail is the end of each process's log, for an error that needs them.
-func (c *benchCluster) logTail() string {
+func (c *benchCluster) logTail() string { return logTails(c.procs, 3000) }
+
+// logTails is the last max bytes of each process's log, headed by its name.
+func logTails(procs []*benchProc, max int) string {
 	var b strings.Builder
-	for _, p := range c.procs {
+	for _, p := range procs {
 		data, _ := os.ReadFile(p.log)
-		if len(data) > 3000 {
-			data = data[len(data)-3000:]
+		if len(data) > max {
+			data = data[len(data)-max:]
 		}
 		fmt.Fprintf(&b, "---- %s ----\n%s\n", filepath.Base(p.log), data)
 	}

@@ -97,17 +97,7 @@ func TestLinearizableUnderFaults(t *testing.T) {
 						return linOutput{Value: sandboxValue(r.Msg.GetSandbox().GetStatus())}
 					})
 				case op < 8:
-					h.list(ci, run, keyName, func() (map[string]string, error) {
-						r, err := c.Sandboxes.ListSandboxes(cctx, connect.NewRequest(&pb.ListSandboxesRequest{All: true}))
-						if err != nil {
-							return nil, err
-						}
-						m := map[string]string{}
-						for _, sb := range r.Msg.GetSandboxes() {
-							m[sb.GetName()] = sb.GetStatus()
-						}
-						return m, nil
-					})
+					h.list(ci, run, keyName, func() (map[string]string, error) { return statusesByName(cctx, c) })
 				case op < 9:
 					size := rng.IntN(3)
 					pk := rng.IntN(3)
@@ -142,17 +132,7 @@ func TestLinearizableUnderFaults(t *testing.T) {
 	}
 	// Final reads once healed: whatever a lost answer left is visible now.
 	c := newClient(0)
-	h.list(clients, run, keyName, func() (map[string]string, error) {
-		r, err := c.Sandboxes.ListSandboxes(context.Background(), connect.NewRequest(&pb.ListSandboxesRequest{All: true}))
-		if err != nil {
-			return nil, err
-		}
-		m := map[string]string{}
-		for _, sb := range r.Msg.GetSandboxes() {
-			m[sb.GetName()] = sb.GetStatus()
-		}
-		return m, nil
-	})
+	h.list(clients, run, keyName, func() (map[string]string, error) { return statusesByName(context.Background(), c) })
 
 	ops, counts := h.operations()
 	t.Logf("history: %s; faults: %s", counts, strings.Join(h.faultList(), ", "))
@@ -177,6 +157,19 @@ func TestLinearizableUnderFaults(t *testing.T) {
 	for k := range h.maxKeyIssued() + 1 {
 		_, _ = c.Sandboxes.RemoveSandbox(context.Background(), connect.NewRequest(&pb.RemoveSandboxRequest{Sandbox: keyName(k), Force: true}))
 	}
+}
+
+// statusesByName lists every sandbox's status by name.
+func statusesByName(ctx context.Context, c *client.Client) (map[string]string, error) {
+	r, err := c.Sandboxes.ListSandboxes(ctx, connect.NewRequest(&pb.ListSandboxesRequest{All: true}))
+	if err != nil {
+		return nil, err
+	}
+	m := map[string]string{}
+	for _, sb := range r.Msg.GetSandboxes() {
+		m[sb.GetName()] = sb.GetStatus()
+	}
+	return m, nil
 }
 
 // linInput is one operation on one key (a sandbox name or a pool's image).
