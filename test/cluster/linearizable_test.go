@@ -33,7 +33,7 @@ func TestLinearizableUnderFaults(t *testing.T) {
 	need(t)
 	const (
 		clients  = 8
-		runFor   = 40 * time.Second
+		runFor   = 30 * time.Second
 		keySpan  = 4               // keys a client picks among at a time
 		keyEvery = 2 * time.Second // a new key enters the window this often
 	)

@@ -125,6 +125,12 @@ func TestCordonAndDrain(t *testing.T) {
 	agentsListening(t)
 	mustFW(t, "node", "cordon", "a0")
 	mustFW(t, "node", "cordon", "a1")
+	// Uncordoned whatever happens: the tests after this one share the nodes.
+	t.Cleanup(func() {
+		for _, n := range []string{"a0", "a1", "a2"} {
+			_, _ = w.fw(nil, "node", "uncordon", n)
+		}
+	})
 	var ids []string
 	for i := range 3 {
 		ids = append(ids, strings.TrimSpace(mustFW(t, "run", "-d", "--name", fmt.Sprintf("drained-%d", i), "--memory", "128",

@@ -113,6 +113,8 @@ func TestResumeOnAnotherNode(t *testing.T) {
 			// the first node too, so that it is the third.
 			mustFW(t, "node", "cordon", step.from)
 			mustFW(t, "node", "cordon", first)
+			// Uncordoned whatever happens: the tests after this one share the nodes.
+			t.Cleanup(func() { _, _ = w.fw(nil, "node", "uncordon", step.from); _, _ = w.fw(nil, "node", "uncordon", first) })
 			mustFW(t, "resume", id)
 			mustFW(t, "node", "uncordon", step.from)
 			mustFW(t, "node", "uncordon", first)

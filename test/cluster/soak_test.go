@@ -24,7 +24,7 @@ func soakDuration() time.Duration {
 	if d, err := time.ParseDuration(os.Getenv("FIREWORKS_SOAK")); err == nil && d > 0 {
 		return d
 	}
-	return 90 * time.Second
+	return time.Minute
 }
 
 // sample is one process's resources at one time.
