@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -136,7 +137,7 @@ func densityOn(ctx context.Context, cfg Config, work, ref string, steps []int, s
 			return rows, err
 		}
 		row := DensityRow{Setting: st.name, Sandboxes: n, PSSMiB: pss / float64(n), AvailMiB: (availBefore - avail) / float64(n),
-			StartP50Ms: summarize(starts).P50, StartedBy: copyCounts(how)}
+			StartP50Ms: summarize(starts).P50, StartedBy: maps.Clone(how)}
 		per := max(row.PSSMiB, row.AvailMiB)
 		if per > 0 {
 			row.FitFor24GiB = int((22 * 1024) / per)
@@ -151,14 +152,6 @@ func densityOn(ctx context.Context, cfg Config, work, ref string, steps []int, s
 		cfg.Log.Info("density", "setting", st.name, "sandboxes", n, "pss_mib", row.PSSMiB, "avail_drop_mib", row.AvailMiB)
 	}
 	return rows, nil
-}
-
-func copyCounts(m map[string]int) map[string]int {
-	out := make(map[string]int, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
 }
 
 // memAvailableMiB is the host's MemAvailable.

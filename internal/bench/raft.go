@@ -34,25 +34,15 @@ func BenchRaft(ctx context.Context, dir string, creates int, concurrencies []int
 	if err != nil {
 		return nil, err
 	}
-	var peers []state.Peer
-	var lns []string
-	// Held open until all three are picked: a port closed at once may be handed out
-	// again for the next (two servers at one address).
-	var held []net.Listener
-	for i := range 3 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			for _, l := range held {
-				l.Close()
-			}
-			return nil, err
-		}
-		held = append(held, ln)
-		lns = append(lns, ln.Addr().String())
-		peers = append(peers, state.Peer{ID: fmt.Sprintf("s%d", i), Address: lns[i]})
+	// Picked together: a port closed at once may be handed out again for the next (two
+	// servers at one address).
+	lns, err := freeLoopbackPorts(3)
+	if err != nil {
+		return nil, err
 	}
-	for _, l := range held {
-		l.Close()
+	var peers []state.Peer
+	for i := range 3 {
+		peers = append(peers, state.Peer{ID: fmt.Sprintf("s%d", i), Address: lns[i]})
 	}
 	stores := make([]*state.Store, 3)
 	errs := make([]error, 3)

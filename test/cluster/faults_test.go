@@ -83,7 +83,7 @@ func TestFaultsUnderLoad(t *testing.T) {
 	// Whatever happens to the test, nothing of it stays to take later tests' room: its
 	// sandboxes go (by name: a create whose answer was lost is found too), then its pool.
 	t.Cleanup(func() {
-		for id := range runSandboxes(t, run) {
+		for id := range runSandboxes(t, c, run) {
 			_, _ = w.fw(nil, "rm", "-f", id)
 		}
 		_, _ = w.fw(nil, "pool", "rm", image())
@@ -212,7 +212,7 @@ func TestFaultsUnderLoad(t *testing.T) {
 	// Every sandbox of the run ends, with a status that matches what happened.
 	var ours map[string]map[string]any
 	waitFor(t, 3*time.Minute, "every sandbox of the run ended", func() bool {
-		ours = runSandboxes(t, run)
+		ours = runSandboxes(t, c, run)
 		for _, sb := range ours {
 			if !terminal(sb["status"]) {
 				return false
@@ -290,24 +290,19 @@ func terminal(s any) bool {
 	return false
 }
 
-// runSandboxes is every sandbox whose name starts with run, by ID (inspect's JSON).
-func runSandboxes(t *testing.T, run string) map[string]map[string]any {
+// runSandboxes is every sandbox whose name starts with run, by ID, in one list call (the
+// wait below polls it): the fields the checks read, named as inspect's JSON names them.
+func runSandboxes(t *testing.T, c *client.Client, run string) map[string]map[string]any {
 	t.Helper()
 	out := map[string]map[string]any{}
-	ps, err := tryPs(false, "")
+	r, err := c.Sandboxes.ListSandboxes(context.Background(), connect.NewRequest(&pb.ListSandboxesRequest{All: true}))
 	if err != nil {
-		return out
+		return out // the servers are coming back: the caller polls
 	}
-	for short, name := range ps {
-		if strings.HasPrefix(name, run+"-") {
-			if sb, err := w.fw(nil, "inspect", short); err == nil {
-				var m map[string]any
-				if json.Unmarshal([]byte(sb), &m) == nil {
-					if id, _ := m["id"].(string); id != "" {
-						out[id] = m
-					}
-				}
-			}
+	for _, sb := range r.Msg.GetSandboxes() {
+		if strings.HasPrefix(sb.GetName(), run+"-") {
+			out[sb.GetId()] = map[string]any{"name": sb.GetName(), "status": sb.GetStatus(), "reason": sb.GetReason(),
+				"exit_code": float64(sb.GetExitCode()), "node": sb.GetNode()}
 		}
 	}
 	return out
