@@ -260,6 +260,9 @@ func TestFaultsUnderLoad(t *testing.T) {
 		case status == "exited" && code == 0:
 		case status == "lost" && node == "a1":
 			// On the agent that stayed away past the TTL.
+		case status == "lost" && node == "a0" && strings.Contains(reason, "agent restarted while the sandbox was starting"):
+			// Starting on a0 when its agent was killed: a VM half started by a dead agent
+			// is not adopted (it may never have reached the guest's init), by design.
 		default:
 			t.Errorf("sandbox %s (%s) on %s ended %s, exit %v (%s): nothing that happened explains it", id, name, node, status, code, reason)
 		}
