@@ -10,8 +10,32 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"strconv"
 	"time"
 )
+
+// MaxSeconds bounds a profile's or a trace's ?seconds=: a local user's request for an
+// hour-long trace would otherwise hold the process's tracer (and its memory) that long.
+const MaxSeconds = 60
+
+// Handler serves the profiles, refusing a ?seconds= above MaxSeconds.
+func Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if v := r.URL.Query().Get("seconds"); v != "" {
+			if n, err := strconv.ParseFloat(v, 64); err != nil || !(n >= 0 && n <= MaxSeconds) { // NaN too
+				http.Error(w, fmt.Sprintf("seconds=%q: a number from 0 to %d", v, MaxSeconds), http.StatusBadRequest)
+				return
+			}
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
 
 // Start serves the profiles on addr until ctx ends. Only a loopback address is taken:
 // profiles show what the process holds and cost it CPU, so they are for whoever is on
@@ -32,13 +56,7 @@ func Start(ctx context.Context, addr string, log *slog.Logger) error {
 		ln.Close()
 		return fmt.Errorf("--pprof-listen %q listens on %s, not a loopback address", addr, ln.Addr())
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: Handler(), ReadHeaderTimeout: 10 * time.Second}
 	go func() { // ends when ctx does (Shutdown below closes the listener)
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Warn("pprof server", "err", err)
