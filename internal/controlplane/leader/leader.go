@@ -65,8 +65,8 @@ type Store interface {
 	LocalSandboxes() []state.Sandbox
 	LocalNodes() []state.Node
 	// PlacementView is what a create's placement needs, read without copying every
-	// sandbox: whether one waits (waiting) and the scheduler's snapshot.
-	PlacementView(waiting func(*state.Sandbox) bool) (bool, *scheduler.Snapshot)
+	// sandbox: whether one waits in the queue and the scheduler's snapshot.
+	PlacementView() (queued bool, _ *scheduler.Snapshot)
 	UpdateNode(ctx context.Context, id string, u state.NodeUpdate) (state.Node, error)
 	UpdateSandbox(ctx context.Context, id string, u state.Update) (state.Sandbox, error)
 	PlaceSandboxes(ctx context.Context, plans []state.Plan, cfg scheduler.Config, now time.Time) ([]state.PlanResult, error)
@@ -147,10 +147,8 @@ func (m *Manager) Choose(sb state.Sandbox) (string, scheduler.Config) {
 	// pass found no node for it (a constraint no node meets, a shape that does not fit):
 	// the pass places later ones past it too, and one such sandbox must not take every
 	// later create off this path.
-	waits, snap := m.store.PlacementView(func(o *state.Sandbox) bool {
-		return o.Status == state.StatusPending && o.Node == "" && o.StopRequestedAt.IsZero() && !strings.Contains(o.Reason, noFitPrefix) && !o.IsSidecar()
-	})
-	if waits {
+	queued, snap := m.store.PlacementView()
+	if queued {
 		return "", m.cfg.Scheduler
 	}
 	sched, err := scheduler.New(snap, m.cfg.Scheduler)
@@ -170,10 +168,6 @@ func (m *Manager) Choose(sb state.Sandbox) (string, scheduler.Config) {
 
 // Scheduling is the scheduler configuration the leader's placements use.
 func (m *Manager) Scheduling() scheduler.Config { return m.cfg.Scheduler }
-
-// noFitPrefix is in the reason of a sandbox the last pass could not place
-// (scheduler.NoFitError).
-const noFitPrefix = "no node fits:"
 
 // Notify asks for a pass now.
 func (m *Manager) Notify() {

@@ -27,15 +27,19 @@ type NoFitReason struct {
 	Text string
 }
 
+// NoFitText begins every NoFitError's text: a pending sandbox's reason that contains it
+// fits on no node as the cluster stands.
+const NoFitText = "no node fits:"
+
 func (e *NoFitError) Error() string {
 	if e.Considered == 0 {
-		return "no node fits: the cluster has no nodes"
+		return NoFitText + " the cluster has no nodes"
 	}
 	parts := make([]string, len(e.Reasons))
 	for i, r := range e.Reasons {
 		parts[i] = r.Text
 	}
-	return "no node fits: " + strings.Join(parts, ", ")
+	return NoFitText + " " + strings.Join(parts, ", ")
 }
 
 // nodes renders a count with agreement: "1 node lacks" / "3 nodes lack".

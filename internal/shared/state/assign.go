@@ -3,6 +3,7 @@ package state
 import (
 	"cmp"
 	"slices"
+	"strings"
 
 	"github.com/fireworks-sandbox/fireworks/internal/shared/scheduler"
 )
@@ -22,6 +23,18 @@ import (
 //
 // Each node's set has a version, changed whenever the set or one of its sandboxes
 // changes, so a stream woken by an unrelated change sees at once that it has nothing new.
+
+// Per the whole state, how many sandboxes wait in the leader's queue (queued): a create
+// asked it by a pass over every sandbox.
+
+// Queued reports whether sb waits for the leader's pass to place it, in order: pending,
+// on no node, no stop asked, not a sidecar (those go beside their main), and not known to
+// fit nowhere (a reason with scheduler.NoFitText: those wait for the cluster to change,
+// and a create that fits goes ahead of them).
+func (sb *Sandbox) Queued() bool {
+	return sb.Status == StatusPending && sb.Node == "" && sb.StopRequestedAt.IsZero() && !sb.IsSidecar() &&
+		!strings.Contains(sb.Reason, scheduler.NoFitText)
+}
 
 // involvedNodes lists the nodes sb involves, without repeats.
 func involvedNodes(sb *Sandbox) []string {
@@ -52,6 +65,9 @@ func (f *fsm) dropSandbox(id string) {
 }
 
 func (f *fsm) indexSandbox(sb *Sandbox) {
+	if sb.Queued() {
+		f.queued++
+	}
 	f.ownerUse[sb.Owner] = f.ownerUse[sb.Owner].plus(quotaUse(sb), 1)
 	for _, a := range allocationsOf(sb) {
 		u := f.nodeUse[a.NodeID]
@@ -69,6 +85,9 @@ func (f *fsm) indexSandbox(sb *Sandbox) {
 }
 
 func (f *fsm) unindexSandbox(sb *Sandbox) {
+	if sb.Queued() {
+		f.queued--
+	}
 	if u := f.ownerUse[sb.Owner].plus(quotaUse(sb), -1); u == (Quota{}) {
 		delete(f.ownerUse, sb.Owner)
 	} else {
@@ -109,6 +128,7 @@ func (f *fsm) reindex() {
 	f.involved = map[string]map[string]bool{}
 	f.nodeUse = map[string]scheduler.Resources{}
 	f.ownerUse = map[string]Quota{}
+	f.queued = 0
 	for _, sb := range f.sandboxes {
 		f.indexSandbox(sb)
 	}

@@ -76,6 +76,15 @@ func TestAssignedIndexMatchesAScan(t *testing.T) {
 		if !maps.Equal(owners, keptOwners) {
 			t.Fatalf("%s: per-owner use kept %v, a scan gives %v", step, keptOwners, owners)
 		}
+		queued := 0
+		for _, sb := range s.LocalSandboxes() {
+			if sb.Queued() {
+				queued++
+			}
+		}
+		if q, _ := s.PlacementView(); q != (queued > 0) || s.fsm.queued != queued {
+			t.Fatalf("%s: %d queued kept (view says %v), a scan finds %d", step, s.fsm.queued, q, queued)
+		}
 	}
 	cfg := scheduler.Config{CPUOvercommit: 4, MemoryOvercommit: 1}
 	var ids []string
@@ -104,6 +113,28 @@ func TestAssignedIndexMatchesAScan(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("a node removed")
+	// The leader's queue: sandboxes created without a node.
+	q := []string{"cccc000000000000", "cccc000000000001", "cccc000000000002"}
+	for _, id := range q {
+		if err := s.CreateSandbox(ctx, newSandbox(id, "", t0)); err != nil {
+			t.Fatal(err)
+		}
+		check("a create left to the pass " + id)
+	}
+	noFit := "waiting for a node: " + (&scheduler.NoFitError{}).Error()
+	if _, err := s.UpdateSandbox(ctx, q[0], Update{PendingReason: &noFit, Time: t0.Add(4 * time.Second)}); err != nil {
+		t.Fatal(err)
+	}
+	check("a queued sandbox that fits nowhere")
+	grace := time.Second
+	if _, err := s.UpdateSandbox(ctx, q[1], Update{StopGrace: &grace, StopReason: "test", Time: t0.Add(4 * time.Second)}); err != nil {
+		t.Fatal(err)
+	}
+	check("a queued sandbox asked to stop")
+	if res, err := s.PlaceSandboxes(ctx, []Plan{{SandboxID: q[0], NodeID: "n1"}}, cfg, t0.Add(5*time.Second)); err != nil || res[0].Err != "" {
+		t.Fatal(err, res)
+	}
+	check("a queued sandbox placed")
 	snap, err := s.fsm.Snapshot()
 	if err != nil {
 		t.Fatal(err)

@@ -1,6 +1,7 @@
 package state
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -149,14 +150,28 @@ func clip(s string) string {
 	return s[:cut] + "..."
 }
 
-// recordAudit appends the entry of one applied command; f.mu is held for writing.
-func (f *fsm) recordAudit(index uint64, t cmdType, body []byte, res any) {
+// stampOf reads the stamp of a command body, or nil. stampAudit puts it first, so only
+// the stamp is decoded, not the whole body: this runs on every apply, under the state's
+// write lock. A body stamped otherwise (or not at all) is decoded whole.
+func stampOf(body []byte) *auditStamp {
+	var st auditStamp
+	if rest, ok := bytes.CutPrefix(body, []byte(`{"_audit":`)); ok {
+		if json.NewDecoder(bytes.NewReader(rest)).Decode(&st) == nil {
+			return &st
+		}
+		return nil
+	}
 	var c struct {
 		Audit *auditStamp `json:"_audit"`
 	}
 	_ = json.Unmarshal(body, &c) // a body that did not decode was refused: res says so
+	return c.Audit
+}
+
+// recordAudit appends the entry of one applied command; f.mu is held for writing.
+func (f *fsm) recordAudit(index uint64, t cmdType, body []byte, res any) {
 	e := AuditEntry{Index: index, Op: t.String()}
-	if st := c.Audit; st != nil {
+	if st := stampOf(body); st != nil {
 		e.At, e.By, e.Server = st.At.UTC(), st.By, clip(st.Server)
 		e.Target, e.Detail = clip(st.Target), clip(st.Detail)
 		e.By.ID, e.By.Name, e.By.Kind = clip(e.By.ID), clip(e.By.Name), clip(e.By.Kind)

@@ -53,6 +53,7 @@ type fsm struct {
 	involved  map[string]map[string]bool
 	nodeUse   map[string]scheduler.Resources
 	ownerUse  map[string]Quota // what each owner's sandboxes hold, as quotas count it
+	queued    int              // how many sandboxes wait in the leader's queue (Queued)
 	assignVer map[string]uint64
 	assignSeq uint64
 	// index is the last log index applied (0 after a restore until the next command):

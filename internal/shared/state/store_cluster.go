@@ -124,22 +124,20 @@ func (s *Store) PlaceSandboxes(ctx context.Context, plans []Plan, cfg scheduler.
 	return out, nil
 }
 
-// SchedulerSnapshot returns the scheduler's view of this server's state.
 // PlacementView answers, from this server's copy and without copying every sandbox
-// (the create path calls it once per create): whether some sandbox waits for which
-// waiting reports true (it sees each sandbox read-only, under the state's lock), and the
-// scheduler's snapshot of nodes and allocations.
-func (s *Store) PlacementView(waiting func(*Sandbox) bool) (bool, *scheduler.Snapshot) {
+// (the create path calls it once per create): whether some sandbox waits in the leader's
+// queue (Sandbox.Queued), and if none does, the scheduler's snapshot of nodes and
+// allocations.
+func (s *Store) PlacementView() (queued bool, _ *scheduler.Snapshot) {
 	s.fsm.mu.RLock()
 	defer s.fsm.mu.RUnlock()
-	for _, sb := range s.fsm.sandboxes {
-		if waiting(sb) {
-			return true, nil
-		}
+	if s.fsm.queued > 0 {
+		return true, nil
 	}
 	return false, s.fsm.schedulerSnapshot()
 }
 
+// SchedulerSnapshot returns the scheduler's view of this server's state.
 func (s *Store) SchedulerSnapshot() *scheduler.Snapshot {
 	s.fsm.mu.RLock()
 	defer s.fsm.mu.RUnlock()
