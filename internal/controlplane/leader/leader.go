@@ -58,12 +58,15 @@ func (c *Config) defaults() {
 // Store is what the loops need from the replicated state.
 type Store interface {
 	IsLeader() bool
-	ListSandboxes(ctx context.Context) ([]state.Sandbox, error)
-	// LocalSandboxes and LocalNodes read this server's copy without confirming
-	// leadership: a pass confirms it once (ListSandboxes), and its own writes are applied
-	// here before they return.
-	LocalSandboxes() []state.Sandbox
+	// The Local reads read this server's copy without confirming leadership: a pass
+	// confirms it once (Sync), and its own writes are applied here before they return.
+	LocalSandboxesWhere(keep func(*state.Sandbox) bool) []state.Sandbox
+	LocalSandbox(id string) (state.Sandbox, bool)
 	LocalNodes() []state.Node
+	// Sync confirms this server leads and has applied what was committed before it.
+	Sync(ctx context.Context) error
+	// SchedulerSnapshot is the scheduler's view of every node and allocation.
+	SchedulerSnapshot() *scheduler.Snapshot
 	// PlacementView is what a create's placement needs, read without copying every
 	// sandbox: whether one waits in the queue and the scheduler's snapshot.
 	PlacementView() (queued bool, _ *scheduler.Snapshot)
@@ -94,6 +97,9 @@ type Manager struct {
 	moves  sync.WaitGroup
 	// nodeScaler asks for nodes and gives idle ones back (nil: none).
 	nodeScaler NodeScaler
+	// attention is attention; the tests make it select everything, to check that the
+	// pass then acts on nothing attention would have left out.
+	attention func([]state.Node) func(*state.Sandbox) bool
 }
 
 // Hold records that a call here paused sandbox id for its save and will resume it: a
@@ -123,7 +129,7 @@ func New(store Store, cfg Config, log *slog.Logger) *Manager {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Manager{store: store, cfg: cfg, log: log.With("component", "controlplane"), notify: make(chan struct{}, 1), beats: map[string]time.Time{}}
+	return &Manager{store: store, cfg: cfg, log: log.With("component", "controlplane"), notify: make(chan struct{}, 1), beats: map[string]time.Time{}, attention: attention}
 }
 
 // Heartbeat records that node's agent is alive.
@@ -217,24 +223,26 @@ func (m *Manager) Pass(ctx context.Context) error {
 	// One linearizable read per pass (a leader's confirmation costs a round trip to a
 	// quorum); the re-reads below see this pass's own writes, applied here before they
 	// returned. Placement is re-checked by the state machine at commit anyway.
-	sbs, err := m.store.ListSandboxes(ctx)
-	if err != nil {
+	if err := m.store.Sync(ctx); err != nil {
 		return err
 	}
 	nodes := m.store.LocalNodes()
+	sbs := m.store.LocalSandboxesWhere(m.attention(nodes))
 	var errs []error
 	errs = append(errs, m.resumeOrphans(ctx, now, sbs))
 	errs = append(errs, m.endMigrations(ctx, now, m.store.LocalNodes(), sbs))
 	errs = append(errs, m.endLifetimes(ctx, now, sbs))
-	errs = append(errs, m.checkHeartbeats(ctx, now, nodes, sbs))
+	errs = append(errs, m.checkHeartbeats(ctx, now, nodes))
 	// Re-read: a node just declared down changed its sandboxes (lost ones must not be
 	// "drained" back to life against their restart policy).
-	sbs, nodes = m.store.LocalSandboxes(), m.store.LocalNodes()
+	nodes = m.store.LocalNodes()
+	sbs = m.store.LocalSandboxesWhere(m.attention(nodes))
 	errs = append(errs, m.drain(ctx, now, nodes, sbs))
 	errs = append(errs, m.volumes(ctx, now, nodes))
 	// Re-read: the steps above changed sandboxes the next ones look at.
-	errs = append(errs, m.restart(ctx, now, m.store.LocalSandboxes()))
-	sbs, nodes = m.store.LocalSandboxes(), m.store.LocalNodes()
+	errs = append(errs, m.restart(ctx, now, m.store.LocalSandboxesWhere(m.attention(m.store.LocalNodes()))))
+	nodes = m.store.LocalNodes()
+	sbs = m.store.LocalSandboxesWhere(m.attention(nodes))
 	errs = append(errs, m.place(ctx, now, nodes, sbs))
 	// Last: the autoscaler sees what placement could not place.
 	m.mu.Lock()
@@ -244,6 +252,35 @@ func (m *Manager) Pass(ctx context.Context) error {
 		errs = append(errs, ns.Pass(ctx, now))
 	}
 	return errors.Join(errs...)
+}
+
+// attention selects what a pass looks at, given the nodes: every sandbox one of its
+// loops may act on. The rest need nothing from the leader until they change: running
+// or placed on a ready node that is not draining, with no lifetime, migration, group or
+// call's pause; or ended with no restart to come. A pass used to copy every sandbox
+// four times a second, and with thousands placed that was the leader's largest cost
+// under a stream of creates (found by the API throughput bench).
+//
+// A loop of the pass that starts to look at another kind of sandbox must be given it
+// here. The leader's tests check it: their passes see every sandbox, and a write to one
+// attention leaves out fails the test (gatedStore).
+func attention(nodes []state.Node) func(*state.Sandbox) bool {
+	calm := make(map[string]bool, len(nodes))
+	for _, n := range nodes {
+		calm[n.ID] = n.Status == state.NodeReady && !n.Draining
+	}
+	return func(sb *state.Sandbox) bool {
+		switch {
+		case sb.Spec.Group != nil || sb.PausedFor != "" || sb.Migration != nil || sb.Runtime[drainDetail] != "":
+			return true // groups (members look each other up), a call's pause, a move, a drain's word
+		case sb.Status.Terminal():
+			// restart: ended, and its policy may run it again
+			return sb.StopRequestedAt.IsZero() && (sb.Spec.Restart == state.RestartAlways || sb.Spec.Restart == state.RestartOnFailure)
+		}
+		// endLifetimes; place (no node); checkHeartbeats and drain (its node is down,
+		// draining or otherwise not ready)
+		return !sb.EndAt.IsZero() || !calm[sb.Node]
+	}
 }
 
 // NodeScaler is the node autoscaler (internal/controlplane/nodescale), run at the end
@@ -356,7 +393,7 @@ func (m *Manager) resumeOrphans(ctx context.Context, now time.Time, sbs []state.
 // held. The second step looks at all down nodes, not only the ones this pass declared:
 // a leader that stopped between the two writes (or a write that failed) leaves sandboxes
 // "running" on a dead node, and only a later pass, maybe another leader's, can finish.
-func (m *Manager) checkHeartbeats(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox) error {
+func (m *Manager) checkHeartbeats(ctx context.Context, now time.Time, nodes []state.Node) error {
 	var errs []error
 	for i, n := range nodes {
 		m.mu.Lock()
@@ -384,11 +421,15 @@ func (m *Manager) checkHeartbeats(ctx context.Context, now time.Time, nodes []st
 			downs[n.ID] = n
 		}
 	}
-	for _, sb := range sbs {
+	if len(downs) == 0 {
+		return errors.Join(errs...)
+	}
+	// Read after the nodes declared down above: the pass's read saw them up.
+	for _, sb := range m.store.LocalSandboxesWhere(func(sb *state.Sandbox) bool { _, down := downs[sb.Node]; return down }) {
 		n, ok := downs[sb.Node]
 		if ok && sb.Spec.Group != nil {
 			// Its group's main may have ended above, ending it too: act on it as it is.
-			if cur, found := byID(m.store.LocalSandboxes(), sb.ID); found {
+			if cur, found := m.store.LocalSandbox(sb.ID); found {
 				sb = cur
 			}
 		}
@@ -571,7 +612,7 @@ func (m *Manager) drainGroup(ctx context.Context, now time.Time, nodes []state.N
 	if len(moved) > 0 {
 		target = moved[0].Node
 	} else {
-		sched, err := scheduler.New(snapshot(nodes, sbs), m.cfg.Scheduler)
+		sched, err := scheduler.New(m.store.SchedulerSnapshot(), m.cfg.Scheduler)
 		if err != nil {
 			return 0, "", err
 		}
@@ -643,7 +684,7 @@ func failedSince(sb state.Sandbox, since time.Time) string {
 // migrateAway starts a live migration of running sb to the scheduler's choice among
 // the other nodes; it returns 1 if it started one.
 func (m *Manager) migrateAway(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox, sb state.Sandbox) (int, error) {
-	sched, err := scheduler.New(snapshot(nodes, sbs), m.cfg.Scheduler)
+	sched, err := scheduler.New(m.store.SchedulerSnapshot(), m.cfg.Scheduler)
 	if err != nil {
 		return 0, err
 	}
@@ -810,14 +851,15 @@ func (m *Manager) place(ctx context.Context, now time.Time, nodes []state.Node, 
 	if len(waiting) == 0 {
 		return nil
 	}
-	snap := snapshot(nodes, sbs)
-	sched, err := scheduler.New(snap, m.cfg.Scheduler)
+	// Every sandbox's allocation, from the state's per-node sums (sbs holds only the
+	// ones the pass looks at).
+	sched, err := scheduler.New(m.store.SchedulerSnapshot(), m.cfg.Scheduler)
 	if err != nil {
 		return fmt.Errorf("scheduler: %w", err)
 	}
 	var plans []state.Plan
 	var errs []error
-	for _, sb := range waiting { // ListSandboxes is oldest first
+	for _, sb := range waiting { // LocalSandboxesWhere is oldest first
 		if sb.IsSidecar() {
 			// A sidecar goes where its main runs (placed with it, or restarted beside
 			// it), never through the scheduler: a group is never split.
@@ -862,8 +904,4 @@ func (m *Manager) place(ctx context.Context, now time.Time, nodes []state.Node, 
 		m.log.Info("sandbox placed", "sandbox", r.SandboxID, "node", r.NodeID)
 	}
 	return errors.Join(errs...)
-}
-
-func snapshot(nodes []state.Node, sbs []state.Sandbox) *scheduler.Snapshot {
-	return state.SchedulerSnapshotOf(nodes, sbs)
 }

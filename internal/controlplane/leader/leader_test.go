@@ -33,12 +33,49 @@ func (c *clock) Add(d time.Duration) {
 }
 
 // gatedStore is a real single-node Store whose leadership the test decides.
+//
+// It also checks the pass's filter (attention): the tests' passes see every sandbox
+// (env.pass), and the pass's every write to a sandbox must be to one attention selects
+// as the state stands then, or a pass that sees only those would have missed it.
 type gatedStore struct {
 	*state.Store
 	follower atomic.Bool
+	t        *testing.T
+	inPass   atomic.Bool
 }
 
 func (g *gatedStore) IsLeader() bool { return !g.follower.Load() && g.Store.IsLeader() }
+
+func (g *gatedStore) checkAttention(id, what string) {
+	if !g.inPass.Load() {
+		return
+	}
+	if sb, ok := g.Store.LocalSandbox(id); ok && !attention(g.Store.LocalNodes())(&sb) {
+		g.t.Errorf("a pass %s sandbox %s, which attention leaves out of the pass's reads: %+v", what, id, sb)
+	}
+}
+
+func (g *gatedStore) UpdateSandbox(ctx context.Context, id string, u state.Update) (state.Sandbox, error) {
+	g.checkAttention(id, "updated")
+	return g.Store.UpdateSandbox(ctx, id, u)
+}
+
+func (g *gatedStore) PlaceSandboxes(ctx context.Context, plans []state.Plan, cfg scheduler.Config, now time.Time) ([]state.PlanResult, error) {
+	for _, p := range plans {
+		g.checkAttention(p.SandboxID, "placed")
+	}
+	return g.Store.PlaceSandboxes(ctx, plans, cfg, now)
+}
+
+func (g *gatedStore) ResumeSandbox(ctx context.Context, id, node string, cfg scheduler.Config, now, endAt time.Time) (state.Sandbox, error) {
+	g.checkAttention(id, "resumed")
+	return g.Store.ResumeSandbox(ctx, id, node, cfg, now, endAt)
+}
+
+// everything is the pass's filter in the tests: every sandbox.
+func everything([]state.Node) func(*state.Sandbox) bool {
+	return func(*state.Sandbox) bool { return true }
+}
 
 type env struct {
 	t     *testing.T
@@ -59,8 +96,10 @@ func newEnv(t *testing.T) *env {
 	}
 	t.Cleanup(func() { _ = s.Close() })
 	c := &clock{now: t0}
-	g := &gatedStore{Store: s}
-	return &env{t: t, ctx: ctx, store: g, clock: c, m: New(g, Config{Now: c.Now}, quiet())}
+	g := &gatedStore{Store: s, t: t}
+	m := New(g, Config{Now: c.Now}, quiet())
+	m.attention = everything
+	return &env{t: t, ctx: ctx, store: g, clock: c, m: m}
 }
 
 func (e *env) node(id string, vcpus, mem int, labels map[string]string) {
@@ -85,6 +124,8 @@ func (e *env) sandbox(id string, mem int, policy state.RestartPolicy) {
 
 func (e *env) pass() {
 	e.t.Helper()
+	e.store.inPass.Store(true)
+	defer e.store.inPass.Store(false)
 	if err := e.m.Pass(e.ctx); err != nil {
 		e.t.Fatalf("pass: %v", err)
 	}

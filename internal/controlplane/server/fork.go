@@ -31,7 +31,7 @@ func (s *Server) forksFit(src state.Sandbox, n int) error {
 	if cp := s.cluster.ControlPlane; cp != nil {
 		cfg = cp.Scheduling()
 	}
-	sched, err := scheduler.New(state.SchedulerSnapshotOf(s.store.LocalNodes(), s.store.LocalSandboxes()), cfg)
+	sched, err := scheduler.New(s.store.SchedulerSnapshot(), cfg)
 	if err != nil {
 		return toConnectError(err)
 	}

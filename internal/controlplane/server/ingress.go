@@ -77,7 +77,9 @@ type routeFeed struct {
 // depend on that (see cli's ingress, which orders tables by stream), xDS clients compare
 // versions only for equality.
 func (s *Server) RouteTable() routes.Table {
-	rs := buildRoutes(s.store.LocalSandboxes(), s.store.LocalNodes())
+	// Only the sandboxes that publish ports are copied: this runs on every change while
+	// an edge follows the table.
+	rs := buildRoutes(s.store.LocalSandboxesWhere(func(sb *state.Sandbox) bool { return len(sb.Spec.Ports) > 0 }), s.store.LocalNodes())
 	f := &s.routes
 	f.mu.Lock()
 	defer f.mu.Unlock()

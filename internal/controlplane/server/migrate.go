@@ -95,7 +95,7 @@ func (s *Server) migrationTarget(sb state.Sandbox, to string, extra state.Resour
 		cfg = cp.Scheduling()
 	}
 	nodes := s.store.LocalNodes()
-	sched, err := scheduler.New(state.SchedulerSnapshotOf(nodes, s.store.LocalSandboxes()), cfg)
+	sched, err := scheduler.New(s.store.SchedulerSnapshot(), cfg)
 	if err != nil {
 		return state.Node{}, toConnectError(err)
 	}

@@ -317,7 +317,7 @@ func (h *sandboxService) DeleteSnapshot(ctx context.Context, req *connect.Reques
 	// A sandbox whose start (or restart) reads it keeps it; one that runs from it
 	// already does not need it.
 	ids := append([]string{snap.ID}, snap.Parts()...)
-	for _, sb := range h.s.store.LocalSandboxes() {
+	for _, sb := range h.s.store.LocalSandboxesWhere(func(sb *state.Sandbox) bool { return sb.Spec.Snapshot != "" }) {
 		if !slices.Contains(ids, sb.Spec.Snapshot) || sb.Status.Terminal() {
 			continue
 		}
@@ -444,8 +444,8 @@ func (s *Server) savedRoom(ctx context.Context, who auth.Identity, need int64) (
 		return func() {}, nil
 	}
 	var used int64
-	for _, sb := range s.store.LocalSandboxes() {
-		if sb.Owner == who.TokenID && sb.Saved != nil {
+	for _, sb := range s.store.LocalSandboxesWhere(func(sb *state.Sandbox) bool { return sb.Saved != nil }) {
+		if sb.Owner == who.TokenID {
 			used += sb.Saved.Bytes
 		}
 	}

@@ -32,7 +32,8 @@ import (
 // fit nowhere (a reason with scheduler.NoFitText: those wait for the cluster to change,
 // and a create that fits goes ahead of them).
 func (sb *Sandbox) Queued() bool {
-	return sb.Status == StatusPending && sb.Node == "" && sb.StopRequestedAt.IsZero() && !sb.IsSidecar() &&
+	sidecar := sb.Spec.Group != nil && sb.Spec.Group.Main != sb.ID // IsSidecar copies the record
+	return sb.Status == StatusPending && sb.Node == "" && sb.StopRequestedAt.IsZero() && !sidecar &&
 		!strings.Contains(sb.Reason, scheduler.NoFitText)
 }
 

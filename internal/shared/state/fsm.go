@@ -417,9 +417,21 @@ func (f *fsm) getOwned(idOrName, owner string) (Sandbox, error) {
 }
 
 // list returns copies sorted by creation time, then ID, so the order is stable.
-func (f *fsm) list() []Sandbox {
+func (f *fsm) list() []Sandbox { return f.listWhere(nil) }
+
+// listWhere is list of the sandboxes keep selects (nil: all).
+func (f *fsm) listWhere(keep func(*Sandbox) bool) []Sandbox {
 	f.mu.RLock()
-	ptrs := slices.Collect(maps.Values(f.sandboxes))
+	var ptrs []*Sandbox
+	if keep == nil {
+		ptrs = slices.Collect(maps.Values(f.sandboxes))
+	} else {
+		for _, sb := range f.sandboxes {
+			if keep(sb) {
+				ptrs = append(ptrs, sb)
+			}
+		}
+	}
 	f.mu.RUnlock()
 	// Sorted as pointers, then copied: stored values never change (copy-on-write), and
 	// sorting the copies moved kilobytes per swap.

@@ -107,6 +107,34 @@ func (s *Store) Changed() <-chan struct{} { return s.fsm.watch() }
 // replication and corrected by the next change.
 func (s *Store) LocalSandboxes() []Sandbox { return s.fsm.list() }
 
+// LocalSandboxesWhere is LocalSandboxes of only the sandboxes keep selects (it sees each
+// record read-only, under the state's lock): only those are copied. Oldest first, as
+// ListSandboxes.
+func (s *Store) LocalSandboxesWhere(keep func(*Sandbox) bool) []Sandbox {
+	return s.fsm.listWhere(keep)
+}
+
+// LocalSandbox is this server's copy of sandbox id, without a Raft round trip.
+func (s *Store) LocalSandbox(id string) (Sandbox, bool) {
+	s.fsm.mu.RLock()
+	defer s.fsm.mu.RUnlock()
+	sb := s.fsm.sandboxes[id]
+	if sb == nil {
+		return Sandbox{}, false
+	}
+	return *sb.clone(), true
+}
+
+// Sync returns once this server has applied every change committed before the call, and
+// (a leader) still leads: what a linearizable read waits for, for a caller that then
+// reads the Local copies.
+func (s *Store) Sync(ctx context.Context) error {
+	if err := s.read(ctx); err != nil {
+		return fmt.Errorf("sync with the cluster's state: %w", err)
+	}
+	return nil
+}
+
 // LocalNodes is LocalSandboxes for nodes.
 func (s *Store) LocalNodes() []Node { return s.fsm.listNodes() }
 
