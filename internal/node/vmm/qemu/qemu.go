@@ -376,10 +376,16 @@ func (d *Driver) args(s vmm.Spec) []string {
 		}
 		id := "disk" + strconv.Itoa(i)
 		opts := ""
+		if !disk.ReadOnly {
+			// A write the host cannot take (the node's disk is full: scratch disks are
+			// sparse) is an I/O error the guest sees. QEMU's default stops the whole VM
+			// until someone frees space, and a sandbox would hang "running".
+			opts = ",werror=report,rerror=report"
+		}
 		if !disk.ReadOnly && s.Restore != nil && s.Restore.ReceiveDisks != nil {
 			// A migration's target: the zeros the mirror writes over what the source
 			// never wrote punch holes, so the disk stays as sparse as the source's.
-			opts = ",discard=unmap"
+			opts += ",discard=unmap"
 		}
 		a = append(a,
 			// node-name: what a migration's target exports its disks by.

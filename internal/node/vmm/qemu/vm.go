@@ -73,17 +73,19 @@ type vm struct {
 
 	done chan struct{} // closed when the VMM process has ended
 
-	mu        sync.Mutex
-	state     string // created, running, ended
-	pid       int
-	p         proc
-	qmp       *qmp.Client
-	detached  bool
-	shutdown  string // reason of the last SHUTDOWN event
-	stopping  bool   // the host asked for the end (Stop or Kill)
-	killed    string // set when the host sent SIGKILL: why
-	exitErr   error
-	guardStop chan struct{}
+	mu       sync.Mutex
+	state    string // created, running, ended
+	pid      int
+	p        proc
+	qmp      *qmp.Client
+	detached bool
+	shutdown string // reason of the last SHUTDOWN event
+	// ioErrorSeen: a BLOCK_IO_ERROR was logged for this VM.
+	ioErrorSeen bool
+	stopping    bool   // the host asked for the end (Stop or Kill)
+	killed      string // set when the host sent SIGKILL: why
+	exitErr     error
+	guardStop   chan struct{}
 
 	memFile     string     // Spec.MemoryFile: the VM can be snapshotted
 	taps        []*os.File // Spec.NICs' taps, the caller's: passed to QEMU at launch
@@ -452,6 +454,27 @@ func (v *vm) onEvent(ev qmp.Event) {
 		v.mu.Lock()
 		v.shutdown = "guest-panic"
 		v.mu.Unlock()
+	case "BLOCK_IO_ERROR":
+		// The guest got an I/O error from its disk (see werror=report). Said once per
+		// VM: a guest that keeps writing makes one event per failed request.
+		var data struct {
+			Node      string `json:"node-name"`
+			Operation string `json:"operation"`
+			NoSpace   bool   `json:"nospace"`
+			Reason    string `json:"reason"`
+		}
+		_ = json.Unmarshal(ev.Data, &data)
+		v.mu.Lock()
+		first := !v.ioErrorSeen
+		v.ioErrorSeen = true
+		v.mu.Unlock()
+		if first {
+			what := "a disk error"
+			if data.NoSpace {
+				what = "the node's disk is full"
+			}
+			v.log.Warn("the guest's disk "+data.Operation+"s fail: "+what, "disk", data.Node, "reason", data.Reason, "vm", v.id)
+		}
 	}
 }
 
