@@ -496,6 +496,14 @@ func TestDrainMovesSandboxes(t *testing.T) {
 	if sb := e.get("stopping"); sb.Node != "n1" || sb.Status != state.StatusRunning || sb.Migration != nil {
 		t.Errorf("stopping: %s on %q", sb.Status, sb.Node)
 	}
+	// The drain ends (uncordon): what stayed takes back its word.
+	if _, err := e.store.UpdateNode(e.ctx, "n1", state.NodeUpdate{Draining: ptr(false), Time: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	e.pass()
+	if sb := e.get("web"); sb.Runtime["drain"] != "" {
+		t.Errorf("web still says why it stays on a node no longer draining: %v", sb.Runtime)
+	}
 }
 
 func TestCordonedNodeGetsNothingNew(t *testing.T) {

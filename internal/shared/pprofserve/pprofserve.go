@@ -27,7 +27,13 @@ func Handler() http.Handler {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if v := r.URL.Query().Get("seconds"); v != "" {
+		// Every value, from the query and a POST body both: the handlers read
+		// FormValue, which takes the body's first.
+		if err := r.ParseForm(); err != nil {
+			http.Error(w, "bad form: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		for _, v := range r.Form["seconds"] {
 			if n, err := strconv.ParseFloat(v, 64); err != nil || !(n >= 0 && n <= MaxSeconds) { // NaN too
 				http.Error(w, fmt.Sprintf("seconds=%q: a number from 0 to %d", v, MaxSeconds), http.StatusBadRequest)
 				return

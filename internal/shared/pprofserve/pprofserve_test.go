@@ -3,11 +3,19 @@ package pprofserve
 import (
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 )
 
 func TestSecondsBounded(t *testing.T) {
 	h := Handler()
+	post := httptest.NewRequest("POST", "/debug/pprof/trace", strings.NewReader("seconds=3600"))
+	post.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, post)
+	if rec.Code != http.StatusBadRequest {
+		t.Errorf("POST seconds=3600: %d, want 400", rec.Code)
+	}
 	for _, tc := range []struct {
 		url  string
 		code int

@@ -80,8 +80,9 @@ type vm struct {
 	qmp      *qmp.Client
 	detached bool
 	shutdown string // reason of the last SHUTDOWN event
-	// ioErrorSeen: a BLOCK_IO_ERROR was logged for this VM.
-	ioErrorSeen bool
+	// ioErrors counts BLOCK_IO_ERROR events; ioErrorSaid is when one was last logged.
+	ioErrors    int
+	ioErrorSaid time.Time
 	stopping    bool   // the host asked for the end (Stop or Kill)
 	killed      string // set when the host sent SIGKILL: why
 	exitErr     error
@@ -455,8 +456,21 @@ func (v *vm) onEvent(ev qmp.Event) {
 		v.shutdown = "guest-panic"
 		v.mu.Unlock()
 	case "BLOCK_IO_ERROR":
-		// The guest got an I/O error from its disk (see werror=report). Said once per
-		// VM: a guest that keeps writing makes one event per failed request.
+		// The guest got an I/O error from its disk (see werror=report). A guest that
+		// keeps writing makes one event per failed request, which QEMU does not rate
+		// limit: they are counted, and said at most once a minute.
+		now := time.Now()
+		v.mu.Lock()
+		v.ioErrors++
+		n := v.ioErrors
+		due := now.Sub(v.ioErrorSaid) >= time.Minute
+		if due {
+			v.ioErrorSaid = now
+		}
+		v.mu.Unlock()
+		if !due {
+			return
+		}
 		var data struct {
 			Node      string `json:"node-name"`
 			Operation string `json:"operation"`
@@ -464,17 +478,11 @@ func (v *vm) onEvent(ev qmp.Event) {
 			Reason    string `json:"reason"`
 		}
 		_ = json.Unmarshal(ev.Data, &data)
-		v.mu.Lock()
-		first := !v.ioErrorSeen
-		v.ioErrorSeen = true
-		v.mu.Unlock()
-		if first {
-			what := "a disk error"
-			if data.NoSpace {
-				what = "the node's disk is full"
-			}
-			v.log.Warn("the guest's disk "+data.Operation+"s fail: "+what, "disk", data.Node, "reason", data.Reason, "vm", v.id)
+		what := "a disk error"
+		if data.NoSpace {
+			what = "the node's disk is full"
 		}
+		v.log.Warn("the guest's disk "+data.Operation+"s fail: "+what, "disk", data.Node, "reason", data.Reason, "vm", v.id, "errors_so_far", n)
 	}
 }
 
