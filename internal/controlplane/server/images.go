@@ -196,7 +196,7 @@ func checkImageSource(ctx context.Context, ref string) error {
 	// No image reference or path has control characters or spaces; refused here, they
 	// never reach logs, the audit log or a terminal that shows them.
 	if i := strings.IndexFunc(ref, func(r rune) bool { return r <= ' ' || r == 0x7f || unicode.IsControl(r) || unicode.Is(unicode.Cf, r) }); i >= 0 {
-		return invalid("image %q: a reference has no spaces or control characters", ref)
+		return toConnectError(invalid("image %q: a reference has no spaces or control characters", ref))
 	}
 	if !strings.HasPrefix(ref, state.OCIPrefix) && !strings.HasPrefix(ref, state.DockerArchivePrefix) {
 		return nil
