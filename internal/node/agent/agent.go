@@ -1628,6 +1628,29 @@ func fileHash(path string) (string, error) {
 // copySparse copies src to dst keeping holes (cp knows SEEK_HOLE).
 func copySparse(src, dst string) error { return copySparseCtx(context.Background(), src, dst) }
 
+// moveFile renames src to dst, or copies it (sparse) and removes src when they are on
+// different filesystems: an operator may mount the data directory's run/ apart (a
+// tmpfs, a faster disk).
+func moveFile(src, dst string) error {
+	err := os.Rename(src, dst)
+	if !errors.Is(err, syscall.EXDEV) {
+		return err
+	}
+	if err := copySparse(src, dst); err != nil {
+		return err
+	}
+	return os.Remove(src)
+}
+
+// linkOrCopy hard-links src at dst, or copies it (sparse) across filesystems.
+func linkOrCopy(src, dst string) error {
+	err := os.Link(src, dst)
+	if !errors.Is(err, syscall.EXDEV) {
+		return err
+	}
+	return copySparse(src, dst)
+}
+
 // copySparseCtx is copySparse that ends with ctx.
 func copySparseCtx(ctx context.Context, src, dst string) error {
 	out, err := exec.CommandContext(ctx, "cp", "--sparse=always", src, dst).CombinedOutput()

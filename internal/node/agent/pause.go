@@ -277,7 +277,7 @@ func (a *Agent) save(ctx context.Context, s *sandbox, saver vmm.Saver, dir strin
 		return 0, err
 	}
 	// The disk the guest wrote, as the saved memory knows it (the VMM flushed it).
-	if err := os.Rename(filepath.Join(s.dir, "scratch.img"), filepath.Join(dir, "scratch.img")); err != nil {
+	if err := moveFile(filepath.Join(s.dir, "scratch.img"), filepath.Join(dir, "scratch.img")); err != nil {
 		return 0, fmt.Errorf("keep the scratch disk: %w", err)
 	}
 	b, err := json.Marshal(rec)

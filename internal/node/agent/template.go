@@ -448,7 +448,7 @@ func (ts *templates) buildFiles(ctx context.Context, t *template, rootDisk strin
 	// The VMM must be gone before the memory file is final: it maps it shared.
 	_ = vm.Kill()
 	<-vm.Wait()
-	if err := os.Rename(scratch, filepath.Join(tmp, "scratch.img")); err != nil {
+	if err := moveFile(scratch, filepath.Join(tmp, "scratch.img")); err != nil {
 		return fmt.Errorf("keep the template's scratch disk: %w", err)
 	}
 	for _, f := range []string{"mem", "state", "scratch.img"} {

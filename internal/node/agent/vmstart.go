@@ -147,7 +147,7 @@ func (m *vms) prepareVM(ctx context.Context, in vmInput, prestart bool) (h *vmHa
 	} else if in.saved != nil {
 		snap = &vmm.Snapshot{StateFile: in.saved.state, MemoryFile: in.saved.mem}
 		_ = os.Remove(h.scratch)
-		take := os.Link
+		take := linkOrCopy
 		if in.savedCopy {
 			take = copySparse
 		}

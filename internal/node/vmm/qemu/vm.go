@@ -479,7 +479,9 @@ func (v *vm) onEvent(ev qmp.Event) {
 		}
 		_ = json.Unmarshal(ev.Data, &data)
 		what := "a disk error"
-		if data.NoSpace {
+		// nospace is there only when the device keeps an I/O status; the host's
+		// error text says it too.
+		if data.NoSpace || strings.Contains(data.Reason, "No space left") {
 			what = "the node's disk is full"
 		}
 		v.log.Warn("the guest's disk "+data.Operation+"s fail: "+what, "disk", data.Node, "reason", data.Reason, "vm", v.id, "errors_so_far", n)
