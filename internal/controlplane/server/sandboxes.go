@@ -1048,14 +1048,10 @@ func (s *Server) validateSpec(spec *state.SandboxSpec) error {
 	if err := state.ValidateEnv(spec.Env); err != nil {
 		return err
 	}
-	var most state.Resources
-	nodes := s.store.LocalNodes()
-	for _, n := range nodes {
-		most.VCPUs = max(most.VCPUs, n.Capacity.VCPUs)
-		most.MemoryMiB = max(most.MemoryMiB, n.Capacity.MemoryMiB)
-	}
+	// Without copying the nodes: this runs on every create.
+	most, nodes := s.store.LargestNode()
 	switch {
-	case len(nodes) == 0:
+	case nodes == 0:
 	case spec.VCPUs > most.VCPUs:
 		return fmt.Errorf("--cpus %d: no node offers that many vCPUs to a sandbox (the most is %d)", spec.VCPUs, most.VCPUs)
 	case spec.MemoryMiB > most.MemoryMiB:

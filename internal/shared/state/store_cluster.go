@@ -135,6 +135,18 @@ func (s *Store) Sync(ctx context.Context) error {
 	return nil
 }
 
+// LargestNode is, from this server's copy, the most vCPUs and the most memory any node
+// offers to sandboxes, and how many nodes there are.
+func (s *Store) LargestNode() (most Resources, nodes int) {
+	s.fsm.mu.RLock()
+	defer s.fsm.mu.RUnlock()
+	for _, n := range s.fsm.nodes {
+		most.VCPUs = max(most.VCPUs, n.Capacity.VCPUs)
+		most.MemoryMiB = max(most.MemoryMiB, n.Capacity.MemoryMiB)
+	}
+	return most, len(s.fsm.nodes)
+}
+
 // LocalNodes is LocalSandboxes for nodes.
 func (s *Store) LocalNodes() []Node { return s.fsm.listNodes() }
 
