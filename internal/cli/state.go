@@ -25,11 +25,13 @@ func newAuditCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "audit",
 		Short: "Show the audit log of state changes: who changed what, when (admin)",
-		Long: `Show the newest entries of the audit log: every change to the cluster's state, with
+		Long: `Show the newest entries of the audit log (with --after, the oldest after that index,
+so that pages follow on): every change to the cluster's state, with
 who made it (a token, a node, a joining host, or the servers themselves), what it acted
 on, when, and whether the state refused it. The log is replicated with the state; it keeps
 at least the last ` + fmt.Sprint(state.MaxAudit) + ` changes. For longer retention export it
-periodically: ` + "`fireworks audit --after INDEX --limit 5000 --json`" + ` pages on from INDEX.`,
+periodically: ` + "`fireworks audit --after INDEX --limit 5000 --json`" + ` pages on from INDEX (start a
+full export at --after 1).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, err := g.client()
@@ -59,10 +61,10 @@ periodically: ` + "`fireworks audit --after INDEX --limit 5000 --json`" + ` page
 	}
 	f := cmd.Flags()
 	f.StringVar(&q.Actor, "actor", "", "only changes by this token or node (ID or name), or by a kind: token, node, join, system")
-	f.StringVar(&q.Target, "target", "", "only changes to this (a sandbox, token, node ID or name; a substring)")
+	f.StringVar(&q.Target, "target", "", "only changes to this (a sandbox, token or node ID; a substring)")
 	f.StringVar(&q.Op, "op", "", "only this change, e.g. create-sandbox, delete-token, join")
 	f.Uint64Var(&q.After, "after", 0, "only entries after this index")
-	f.Int32Var(&q.Limit, "limit", 100, "the newest this many entries (at most 5000 a call)")
+	f.Int32Var(&q.Limit, "limit", 100, "at most this many entries (at most 5000 a call): the newest, or with --after the oldest after it")
 	f.BoolVar(&asJSON, "json", false, "print the API's answer as JSON")
 	return cmd
 }
@@ -72,6 +74,29 @@ periodically: ` + "`fireworks audit --after INDEX --limit 5000 --json`" + ` page
 // cannot draw rows of its own.
 func auditCell(s string) string {
 	return strings.NewReplacer("\n", `\n`, "\r", `\r`, "\t", `\t`).Replace(printable(s))
+}
+
+// stateFileTarget is where a state file named path is written: path, or through a symbolic
+// link the file it names. Only a regular file is ever replaced (the file is renamed into
+// place): a device, a pipe or a directory there is refused, never turned into a file.
+func stateFileTarget(path string) (string, error) {
+	if resolved, err := filepath.EvalSymlinks(path); err == nil {
+		path = resolved
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
+	fi, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return path, nil // a new file
+	case err != nil:
+		return "", err
+	case fi.Mode()&os.ModeSymlink != 0:
+		return "", fmt.Errorf("%s is a symbolic link to nothing: name the file itself", path)
+	case !fi.Mode().IsRegular():
+		return "", fmt.Errorf("%s is not a regular file (%s): a state file replaces only a file (use - for stdout)", path, fi.Mode().Type())
+	}
+	return path, nil
 }
 
 func newStateCmd(g *globals) *cobra.Command {
@@ -96,9 +121,13 @@ on the nodes, not in it.`,
 			defer stream.Close()
 			var w io.Writer = g.stdout
 			var tmp *os.File
-			if args[0] != "-" {
+			target := args[0]
+			if target != "-" {
+				if target, err = stateFileTarget(target); err != nil {
+					return fmt.Errorf("state snapshot: %w", err)
+				}
 				// Written aside and renamed: a failed backup never replaces a good one.
-				if tmp, err = os.CreateTemp(filepath.Dir(args[0]), ".fireworks-state-*"); err != nil {
+				if tmp, err = os.CreateTemp(filepath.Dir(target), ".fireworks-state-*"); err != nil {
 					return fmt.Errorf("state snapshot: %w", err)
 				}
 				defer func() {
@@ -139,7 +168,7 @@ on the nodes, not in it.`,
 			if err != nil {
 				return fmt.Errorf("the server's state file does not check out: %w", err)
 			}
-			if err := os.Rename(tmp.Name(), args[0]); err != nil {
+			if err := os.Rename(tmp.Name(), target); err != nil {
 				return fmt.Errorf("state snapshot: %w", err)
 			}
 			fmt.Fprintf(g.stderr, "wrote %s: %d bytes, state at index %d (%d sandboxes, %d nodes, %d tokens)\n",

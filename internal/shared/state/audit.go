@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sort"
 	"strings"
 	"time"
 )
@@ -199,7 +200,9 @@ type AuditQuery struct {
 	Actor  string // by this token, node or kind (ID, name or kind, exact)
 	Target string // acting on this (a substring of the target: an ID, a name)
 	Op     string // this command (exact, e.g. delete-sandbox)
-	Limit  int    // at most this many, the newest of those selected (0: all kept)
+	// Limit: at most this many (0: all kept): the newest of those selected, or with After
+	// the oldest, so that a reader paging on from the last index it saw misses nothing.
+	Limit int
 }
 
 func (q AuditQuery) match(e AuditEntry) bool {
@@ -220,6 +223,19 @@ func (f *fsm) queryAudit(q AuditQuery) []AuditEntry {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	var out []AuditEntry
+	if q.After > 0 {
+		// A page after an index: the oldest first, from the first entry past it.
+		// (Entries are in index order: a restore continues the index past the file's.)
+		for i := sort.Search(len(f.audit), func(i int) bool { return f.audit[i].Index > q.After }); i < len(f.audit); i++ {
+			if q.match(f.audit[i]) {
+				out = append(out, f.audit[i])
+				if q.Limit > 0 && len(out) == q.Limit {
+					break
+				}
+			}
+		}
+		return out
+	}
 	for i := len(f.audit) - 1; i >= 0; i-- { // newest first, so Limit keeps the newest
 		e := f.audit[i]
 		if e.Index <= q.After {
