@@ -241,9 +241,7 @@ func (m *Manager) Pass(ctx context.Context) error {
 	errs = append(errs, m.volumes(ctx, now, nodes))
 	// Re-read: the steps above changed sandboxes the next ones look at.
 	errs = append(errs, m.restart(ctx, now, m.store.LocalSandboxesWhere(m.attention(m.store.LocalNodes()))))
-	nodes = m.store.LocalNodes()
-	sbs = m.store.LocalSandboxesWhere(m.attention(nodes))
-	errs = append(errs, m.place(ctx, now, nodes, sbs))
+	errs = append(errs, m.place(ctx, now, m.store.LocalSandboxesWhere(m.attention(m.store.LocalNodes()))))
 	// Last: the autoscaler sees what placement could not place.
 	m.mu.Lock()
 	ns := m.nodeScaler
@@ -839,7 +837,7 @@ func restartReason(sb state.Sandbox) string {
 
 // place schedules every pending sandbox that has no node (oldest first) and records why
 // the ones that fit nowhere wait.
-func (m *Manager) place(ctx context.Context, now time.Time, nodes []state.Node, sbs []state.Sandbox) error {
+func (m *Manager) place(ctx context.Context, now time.Time, sbs []state.Sandbox) error {
 	var waiting []state.Sandbox
 	byID := map[string]state.Sandbox{}
 	for _, sb := range sbs {
